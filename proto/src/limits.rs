@@ -1,0 +1,62 @@
+//! Protocol maxima. Operational limits in the node's config are validated against these; the
+//! compile-time assertions below keep related limits consistent.
+
+/// Largest message body, in bytes.
+pub const MESSAGE_BODY_BYTES_MAX: usize = 64 * 1024;
+/// Largest inline media thumbnail, in bytes.
+pub const THUMBNAIL_BYTES_MAX: usize = 32 * 1024;
+/// Largest media URL, in bytes.
+pub const MEDIA_URL_BYTES_MAX: usize = 2048;
+/// Largest media MIME type, in bytes.
+pub const MIME_TYPE_BYTES_MAX: usize = 128;
+/// Largest client message id, in bytes (ids are 1..=64 bytes).
+pub const CLIENT_MSG_ID_BYTES_MAX: usize = 64;
+/// Largest device name, in bytes.
+pub const DEVICE_NAME_BYTES_MAX: usize = 64;
+/// Largest group name, in bytes.
+pub const GROUP_NAME_BYTES_MAX: usize = 128;
+/// Largest phone number, in bytes (E.164 is at most 15 digits plus `+`).
+pub const PHONE_NUMBER_BYTES_MAX: usize = 16;
+/// Smallest phone number, in bytes.
+pub const PHONE_NUMBER_BYTES_MIN: usize = 8;
+/// Length of a registration code, in digits.
+pub const REGISTRATION_CODE_DIGITS: usize = 6;
+/// Length of a device token, in bytes.
+pub const DEVICE_TOKEN_BYTES: usize = 32;
+/// Largest number of companion devices linked to one user.
+pub const COMPANION_DEVICES_MAX: u32 = 4;
+/// Largest group, in members (the configured limit may be lower).
+pub const GROUP_MEMBERS_MAX: u32 = 1024;
+/// Largest number of message ids in one receipts lookup.
+pub const RECEIPT_LOOKUP_IDS_MAX: usize = 256;
+/// Largest number of shards a cluster can be created with.
+pub const SHARD_COUNT_MAX: u32 = 4096;
+/// Largest replication factor.
+pub const REPLICATION_FACTOR_MAX: u32 = 7;
+/// Largest encoded raft entry payload (one batch of events), in bytes.
+pub const PROPOSAL_BYTES_MAX: usize = 1024 * 1024;
+/// Largest number of events forwarded to another shard in one batch.
+pub const FORWARD_BATCH_EVENTS_MAX: usize = 512;
+/// Largest gRPC message a node decodes, in bytes.
+pub const GRPC_MESSAGE_BYTES_MAX: usize = 4 * 1024 * 1024;
+
+/// Upper bound of one message's encoded content: body, thumbnail, URL, MIME type, framing.
+pub const MESSAGE_CONTENT_BYTES_MAX: usize = MESSAGE_BODY_BYTES_MAX
+    + THUMBNAIL_BYTES_MAX
+    + MEDIA_URL_BYTES_MAX
+    + MIME_TYPE_BYTES_MAX
+    + 256;
+
+const _: () = assert!(
+    MESSAGE_CONTENT_BYTES_MAX * 4 <= PROPOSAL_BYTES_MAX,
+    "several maximal messages fit in one proposal"
+);
+const _: () = assert!(
+    PROPOSAL_BYTES_MAX * 2 <= GRPC_MESSAGE_BYTES_MAX,
+    "an append-entries RPC carries at least two maximal proposals"
+);
+const _: () = assert!(
+    THUMBNAIL_BYTES_MAX <= MESSAGE_BODY_BYTES_MAX,
+    "a thumbnail is smaller than a body"
+);
+const _: () = assert!(SHARD_COUNT_MAX <= 1 << 16, "shard ids fit in u16");

@@ -1,0 +1,82 @@
+//! Storage errors. Every variant is a **fault**: the replica that meets one stops. Rejections of
+//! client input never reach this layer (the leader validates before proposing), so nothing here
+//! is retried or skipped.
+
+use courier_proto::{LogIndex, ShardId};
+
+/// A fault of the storage layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// RocksDB failed (I/O, fsync, corruption found by RocksDB itself).
+    #[error("rocksdb {op} on column family `{cf}` failed: {source}")]
+    Db {
+        /// What was being done (`get`, `write`, `open`, …).
+        op: &'static str,
+        /// The column family, or `*` for the whole database.
+        cf: &'static str,
+        /// RocksDB's error.
+        #[source]
+        source: rocksdb::Error,
+    },
+    /// A stored log entry or raft state value does not match its checksum.
+    #[error("checksum mismatch in `{cf}` for {shard} at {what}: stored {stored:#010x}, computed {computed:#010x}")]
+    Checksum {
+        /// The column family.
+        cf: &'static str,
+        /// The shard whose data is corrupt.
+        shard: ShardId,
+        /// Which record (`index 42`, `vote`, …).
+        what: String,
+        /// The checksum stored with the record.
+        stored: u32,
+        /// The checksum of the bytes read.
+        computed: u32,
+    },
+    /// A stored value cannot be decoded.
+    #[error("cannot decode `{cf}` value for {shard} at {what}: {reason}")]
+    Decode {
+        /// The column family.
+        cf: &'static str,
+        /// The shard.
+        shard: ShardId,
+        /// Which record.
+        what: String,
+        /// The decoder's complaint.
+        reason: String,
+    },
+    /// A log entry holds an event this build does not know, or a newer format version.
+    /// Skipping it would fork the projections, so the replica stops.
+    #[error("{shard} log index {index}: {reason}")]
+    UnknownEvent {
+        /// The shard.
+        shard: ShardId,
+        /// The log index of the entry.
+        index: LogIndex,
+        /// What is unknown.
+        reason: String,
+    },
+    /// The log does not hold an entry the caller needs (purged or never written).
+    #[error("{shard} log has no entry at index {index}")]
+    MissingEntry {
+        /// The shard.
+        shard: ShardId,
+        /// The missing index.
+        index: LogIndex,
+    },
+    /// A snapshot stream is malformed.
+    #[error("snapshot for {shard} is malformed: {reason}")]
+    Snapshot {
+        /// The shard.
+        shard: ShardId,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = StorageError> = std::result::Result<T, E>;
+
+/// Returns a closure mapping a RocksDB error to [`StorageError::Db`].
+pub(crate) fn db_err(op: &'static str, cf: &'static str) -> impl FnOnce(rocksdb::Error) -> StorageError {
+    move |source| StorageError::Db { op, cf, source }
+}

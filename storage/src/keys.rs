@@ -1,0 +1,329 @@
+//! Every key of every column family, built from big-endian integers so that byte order equals
+//! numeric order: iterating a prefix walks sequences and log indexes in order.
+//!
+//! All keys start with the shard id (`u16`). Projection families then carry a one-byte record
+//! tag. Layout (`|` concatenates; integers big-endian; `conv` is 9 bytes, a kind byte 1 = user,
+//! 2 = group, then the id):
+//!
+//! | family | key | value |
+//! | --- | --- | --- |
+//! | log | shard \| index:u64 | crc32c:u32 \| term:u64 \| payload |
+//! | raftstate | shard \| tag:u8 (1 vote, 2 committed, 3 purged) | crc32c:u32 \| bytes |
+//! | meta | shard \| 1 | AppliedState |
+//! | inbox | shard \| 1 \| user \| seq | InboxEntry |
+//! | inbox | shard \| 2 \| user | InboxState |
+//! | inbox | shard \| 3 \| user \| message_id:16 | seq:u64 |
+//! | cursors | shard \| 1 \| user \| device:u32 | acked seq:u64 |
+//! | readstate | shard \| 1 \| user \| conv | ReadState |
+//! | readstate | shard \| 2 \| user \| seq | SeqPosition |
+//! | receipts | shard \| 1 \| sender \| message_id:16 \| recipient | Receipt |
+//! | dedup | shard \| 1 \| user \| device \| client_msg_id | SendResult |
+//! | outbox | shard \| 1 \| dest:u16 \| pos:u64 | OutboxEntry |
+//! | outbox | shard \| 2 \| dest:u16 | OutboxState |
+//! | outbox | shard \| 3 \| source:u16 | InboundState |
+//! | devices | shard \| 1 \| phone_hash:16 | user:u64 |
+//! | devices | shard \| 2 \| user | UserRecord |
+//! | devices | shard \| 3 \| user \| device | DeviceRecord |
+//! | groups | shard \| 1 \| group | GroupRecord |
+//! | groups | shard \| 2 \| group \| user | MemberRecord |
+//! | expiry | shard \| 1 \| stored_at_ms:u64 \| user \| seq | ExpiryEntry |
+//!
+//! Projection values are framed by `value.rs` (`set_at` index, then the message).
+
+use courier_proto::{
+    ConversationId, DeviceId, GroupId, InboxSeq, LogIndex, MessageId, ShardId, UserId,
+};
+
+/// Record tags inside the raftstate family.
+pub mod raft_tag {
+    /// The last vote.
+    pub const VOTE: u8 = 1;
+    /// The last known committed log id.
+    pub const COMMITTED: u8 = 2;
+    /// The last purged log id.
+    pub const PURGED: u8 = 3;
+}
+
+/// Record tags inside projection families (see the module table).
+pub mod tag {
+    /// inbox: a message; cursors, readstate, receipts, dedup, devices: the main record.
+    pub const PRIMARY: u8 = 1;
+    /// inbox: per-user state; readstate: seq → position; outbox: per-destination state;
+    /// devices: user record; groups: member record.
+    pub const SECONDARY: u8 = 2;
+    /// inbox: message id → seq; outbox: inbound watermark; devices: device record.
+    pub const TERTIARY: u8 = 3;
+}
+
+/// Appends big-endian fields to a key.
+#[derive(Debug, Default)]
+pub struct KeyBuf(Vec<u8>);
+
+impl KeyBuf {
+    /// Starts a key with the shard prefix.
+    pub fn shard(shard: ShardId) -> Self {
+        let mut key = Vec::with_capacity(48);
+        key.extend_from_slice(&shard.get().to_be_bytes());
+        Self(key)
+    }
+
+    /// Appends one byte.
+    pub fn u8(mut self, v: u8) -> Self {
+        self.0.push(v);
+        self
+    }
+
+    /// Appends a `u16`.
+    pub fn u16(mut self, v: u16) -> Self {
+        self.0.extend_from_slice(&v.to_be_bytes());
+        self
+    }
+
+    /// Appends a `u32`.
+    pub fn u32(mut self, v: u32) -> Self {
+        self.0.extend_from_slice(&v.to_be_bytes());
+        self
+    }
+
+    /// Appends a `u64`.
+    pub fn u64(mut self, v: u64) -> Self {
+        self.0.extend_from_slice(&v.to_be_bytes());
+        self
+    }
+
+    /// Appends raw bytes (only as the last field, or with a fixed length).
+    pub fn bytes(mut self, v: &[u8]) -> Self {
+        self.0.extend_from_slice(v);
+        self
+    }
+
+    /// Appends a conversation (9 bytes).
+    pub fn conv(self, conversation: ConversationId) -> Self {
+        match conversation {
+            ConversationId::Direct(user) => self.u8(1).u64(user.get()),
+            ConversationId::Group(group) => self.u8(2).u64(group.get()),
+        }
+    }
+
+    /// Returns the key.
+    pub fn done(self) -> Vec<u8> {
+        self.0
+    }
+}
+
+/// The first key after every key that starts with `prefix` (for range ends), or `None` when the
+/// prefix is all `0xff`.
+pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last.wrapping_add(1));
+            return Some(end);
+        }
+    }
+    None
+}
+
+/// The shard's whole key range in any family: `[shard, shard + 1)`.
+pub fn shard_range(shard: ShardId) -> (Vec<u8>, Vec<u8>) {
+    let start = KeyBuf::shard(shard).done();
+    let end = prefix_end(&start).unwrap_or_else(|| vec![0xff; 3]);
+    (start, end)
+}
+
+/// log: one entry.
+pub fn log_entry(shard: ShardId, index: LogIndex) -> Vec<u8> {
+    KeyBuf::shard(shard).u64(index.get()).done()
+}
+
+/// Decodes the index of a log key.
+pub fn log_entry_index(key: &[u8]) -> Option<LogIndex> {
+    let bytes: [u8; 8] = key.get(2..10)?.try_into().ok()?;
+    Some(LogIndex::new(u64::from_be_bytes(bytes)))
+}
+
+/// raftstate: one record.
+pub fn raft_state(shard: ShardId, tag: u8) -> Vec<u8> {
+    KeyBuf::shard(shard).u8(tag).done()
+}
+
+/// meta: the shard's applied state.
+pub fn applied_state(shard: ShardId) -> Vec<u8> {
+    KeyBuf::shard(shard).u8(1).done()
+}
+
+/// inbox: one message.
+pub fn inbox_message(shard: ShardId, user: UserId, seq: InboxSeq) -> Vec<u8> {
+    KeyBuf::shard(shard).u8(tag::PRIMARY).u64(user.get()).u64(seq.get()).done()
+}
+
+/// inbox: prefix of one user's messages.
+pub fn inbox_user_prefix(shard: ShardId, user: UserId) -> Vec<u8> {
+    KeyBuf::shard(shard).u8(tag::PRIMARY).u64(user.get()).done()
+}
+
+/// inbox: one user's state.
+pub fn inbox_state(shard: ShardId, user: UserId) -> Vec<u8> {
+    KeyBuf::shard(shard).u8(tag::SECONDARY).u64(user.get()).done()
+}
+
+/// inbox: message id → seq, for delivery dedup.
+pub fn inbox_message_id(shard: ShardId, user: UserId, message: MessageId) -> Vec<u8> {
+    KeyBuf::shard(shard).u8(tag::TERTIARY).u64(user.get()).bytes(message.as_bytes()).done()
+}
+
+/// cursors: one device's acked sequence.
+pub fn cursor(shard: ShardId, user: UserId, device: DeviceId) -> Vec<u8> {
+    KeyBuf::shard(shard).u8(tag::PRIMARY).u64(user.get()).u32(device.get()).done()
+}
+
+/// readstate: one conversation of one user.
+pub fn read_state(shard: ShardId, user: UserId, conversation: ConversationId) -> Vec<u8> {
+    KeyBuf::shard(shard).u8(tag::PRIMARY).u64(user.get()).conv(conversation).done()
+}
+
+/// readstate: prefix of one user's conversations.
+pub fn read_state_user_prefix(shard: ShardId, user: UserId) -> Vec<u8> {
+    KeyBuf::shard(shard).u8(tag::PRIMARY).u64(user.get()).done()
+}
+
+/// readstate: where inbox message `seq` sits in its conversation.
+pub fn seq_position(shard: ShardId, user: UserId, seq: InboxSeq) -> Vec<u8> {
+    KeyBuf::shard(shard).u8(tag::SECONDARY).u64(user.get()).u64(seq.get()).done()
+}
+
+/// receipts: one recipient's state of one message.
+pub fn receipt(shard: ShardId, sender: UserId, message: MessageId, recipient: UserId) -> Vec<u8> {
+    receipt_message_prefix(shard, sender, message).into_iter().chain(recipient.get().to_be_bytes()).collect()
+}
+
+/// receipts: prefix of all recipients of one message.
+pub fn receipt_message_prefix(shard: ShardId, sender: UserId, message: MessageId) -> Vec<u8> {
+    KeyBuf::shard(shard).u8(tag::PRIMARY).u64(sender.get()).bytes(message.as_bytes()).done()
+}
+
+/// dedup: one client send.
+pub fn dedup(shard: ShardId, user: UserId, device: DeviceId, client_msg_id: &str) -> Vec<u8> {
+    KeyBuf::shard(shard)
+        .u8(tag::PRIMARY)
+        .u64(user.get())
+        .u32(device.get())
+        .bytes(client_msg_id.as_bytes())
+        .done()
+}
+
+/// outbox: one entry to a destination shard.
+pub fn outbox_entry(shard: ShardId, dest: ShardId, pos: u64) -> Vec<u8> {
+    KeyBuf::shard(shard).u8(tag::PRIMARY).u16(dest.get()).u64(pos).done()
+}
+
+/// outbox: prefix of the entries to one destination.
+pub fn outbox_dest_prefix(shard: ShardId, dest: ShardId) -> Vec<u8> {
+    KeyBuf::shard(shard).u8(tag::PRIMARY).u16(dest.get()).done()
+}
+
+/// outbox: state of the queue to one destination.
+pub fn outbox_state(shard: ShardId, dest: ShardId) -> Vec<u8> {
+    KeyBuf::shard(shard).u8(tag::SECONDARY).u16(dest.get()).done()
+}
+
+/// outbox: prefix of every destination's state.
+pub fn outbox_state_prefix(shard: ShardId) -> Vec<u8> {
+    KeyBuf::shard(shard).u8(tag::SECONDARY).done()
+}
+
+/// outbox: the inbound watermark from one source shard.
+pub fn inbound_state(shard: ShardId, source: ShardId) -> Vec<u8> {
+    KeyBuf::shard(shard).u8(tag::TERTIARY).u16(source.get()).done()
+}
+
+/// devices: phone hash → user.
+pub fn phone(shard: ShardId, phone_hash: &[u8]) -> Vec<u8> {
+    KeyBuf::shard(shard).u8(tag::PRIMARY).bytes(phone_hash).done()
+}
+
+/// devices: one user.
+pub fn user_record(shard: ShardId, user: UserId) -> Vec<u8> {
+    KeyBuf::shard(shard).u8(tag::SECONDARY).u64(user.get()).done()
+}
+
+/// devices: one device.
+pub fn device_record(shard: ShardId, user: UserId, device: DeviceId) -> Vec<u8> {
+    KeyBuf::shard(shard).u8(tag::TERTIARY).u64(user.get()).u32(device.get()).done()
+}
+
+/// devices: prefix of one user's devices.
+pub fn device_user_prefix(shard: ShardId, user: UserId) -> Vec<u8> {
+    KeyBuf::shard(shard).u8(tag::TERTIARY).u64(user.get()).done()
+}
+
+/// groups: one group.
+pub fn group(shard: ShardId, group: GroupId) -> Vec<u8> {
+    KeyBuf::shard(shard).u8(tag::PRIMARY).u64(group.get()).done()
+}
+
+/// groups: one member of one group.
+pub fn group_member(shard: ShardId, group: GroupId, user: UserId) -> Vec<u8> {
+    KeyBuf::shard(shard).u8(tag::SECONDARY).u64(group.get()).u64(user.get()).done()
+}
+
+/// groups: prefix of one group's members.
+pub fn group_member_prefix(shard: ShardId, group: GroupId) -> Vec<u8> {
+    KeyBuf::shard(shard).u8(tag::SECONDARY).u64(group.get()).done()
+}
+
+/// expiry: an undelivered message, ordered by when it was stored.
+pub fn expiry(shard: ShardId, stored_at_ms: u64, user: UserId, seq: InboxSeq) -> Vec<u8> {
+    KeyBuf::shard(shard)
+        .u8(tag::PRIMARY)
+        .u64(stored_at_ms)
+        .u64(user.get())
+        .u64(seq.get())
+        .done()
+}
+
+/// expiry: prefix of every entry of the shard.
+pub fn expiry_prefix(shard: ShardId) -> Vec<u8> {
+    KeyBuf::shard(shard).u8(tag::PRIMARY).done()
+}
+
+/// Decodes `(stored_at_ms, user, seq)` from an expiry key.
+pub fn expiry_parts(key: &[u8]) -> Option<(u64, UserId, InboxSeq)> {
+    let field = |at: usize| -> Option<u64> {
+        Some(u64::from_be_bytes(key.get(at..at.checked_add(8)?)?.try_into().ok()?))
+    };
+    Some((field(3)?, UserId::new(field(11)?)?, InboxSeq::new(field(19)?)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_order_is_numeric_order() {
+        let shard = ShardId::new(1);
+        let user = UserId::new(7).expect("nonzero");
+        let a = inbox_message(shard, user, InboxSeq::new(255));
+        let b = inbox_message(shard, user, InboxSeq::new(256));
+        assert!(a < b, "seq 255 sorts before 256");
+        let a = log_entry(shard, LogIndex::new(9));
+        let b = log_entry(ShardId::new(2), LogIndex::new(1));
+        assert!(a < b, "shards are contiguous ranges");
+        assert_eq!(log_entry_index(&log_entry(shard, LogIndex::new(77))), Some(LogIndex::new(77)));
+    }
+
+    #[test]
+    fn prefix_end_carries() {
+        assert_eq!(prefix_end(&[1, 0xff]), Some(vec![2]));
+        assert_eq!(prefix_end(&[0xff, 0xff]), None);
+        let (start, end) = shard_range(ShardId::new(3));
+        assert_eq!((start, end), (vec![0, 3], vec![0, 4]));
+    }
+
+    #[test]
+    fn expiry_keys_decode() {
+        let user = UserId::new(5).expect("nonzero");
+        let key = expiry(ShardId::new(0), 1234, user, InboxSeq::new(9));
+        assert_eq!(expiry_parts(&key), Some((1234, user, InboxSeq::new(9))));
+    }
+}

@@ -1,0 +1,223 @@
+//! The key-value seam under projections: a read trait implemented by RocksDB and by an in-memory
+//! map, and [`Staged`], the write overlay one apply batch fills before it is committed atomically.
+//!
+//! ```text
+//!   projection::apply ──put/delete──▶ Staged (overlay + digest deltas) ──commit──▶ WriteBatch
+//!          │                              │ read-through
+//!          └──────────get/scan────────────┴──────────▶ ReadKv (RocksDB | MemKv)
+//! ```
+//!
+//! Reads inside a batch see the batch's own earlier writes, so applying N entries in one batch
+//! gives exactly the state of applying them one by one.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::cf::Cf;
+use crate::error::Result;
+use crate::projection::Projection;
+
+/// One key/value pair, as returned by scans.
+pub type Pair = (Vec<u8>, Vec<u8>);
+
+/// Read access to stored data.
+pub trait ReadKv {
+    /// Returns the value of `key` in `cf`.
+    ///
+    /// # Errors
+    /// A storage fault.
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>>;
+
+    /// Returns up to `limit` pairs with `from <= key < to`, in key order.
+    ///
+    /// # Errors
+    /// A storage fault.
+    fn scan(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<Pair>>;
+}
+
+/// A write to be committed: `None` deletes the key.
+pub type Change = (Cf, Vec<u8>, Option<Vec<u8>>);
+
+/// An in-memory store, for unit tests, rebuilds into scratch space and `inspect --at`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MemKv {
+    families: BTreeMap<Cf, BTreeMap<Vec<u8>, Vec<u8>>>,
+}
+
+impl MemKv {
+    /// Applies committed changes.
+    pub fn write(&mut self, changes: impl IntoIterator<Item = Change>) {
+        for (cf, key, value) in changes {
+            let family = self.families.entry(cf).or_default();
+            match value {
+                Some(value) => family.insert(key, value),
+                None => family.remove(&key),
+            };
+        }
+    }
+
+    /// Clears `ranges`, then applies `changes`.
+    pub fn replace_ranges(&mut self, ranges: &[(Cf, Vec<u8>, Vec<u8>)], changes: Vec<Change>) {
+        for (cf, from, to) in ranges {
+            if let Some(family) = self.families.get_mut(cf) {
+                let doomed: Vec<Vec<u8>> = family
+                    .range::<[u8], _>((Bound::Included(from.as_slice()), Bound::Excluded(to.as_slice())))
+                    .map(|(key, _)| key.clone())
+                    .collect();
+                for key in doomed {
+                    family.remove(&key);
+                }
+            }
+        }
+        self.write(changes);
+    }
+
+    /// Returns every pair of `cf` in `[from, to)`.
+    pub fn range(&self, cf: Cf, from: &[u8], to: &[u8]) -> impl Iterator<Item = (&Vec<u8>, &Vec<u8>)> {
+        self.families.get(&cf).into_iter().flat_map(move |family| {
+            family.range::<[u8], _>((Bound::Included(from), Bound::Excluded(to)))
+        })
+    }
+}
+
+impl ReadKv for MemKv {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.families.get(&cf).and_then(|family| family.get(key)).cloned())
+    }
+
+    fn scan(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<Pair>> {
+        Ok(self.range(cf, from, to).take(limit).map(|(k, v)| (k.clone(), v.clone())).collect())
+    }
+}
+
+/// An order-independent digest of a projection's live key/value pairs: the wrapping sum of
+/// xxh3-128 over each pair, and the pair count. Two replicas (or a replica and a rebuild) with
+/// equal digests at the same applied index hold the same data, up to hash collisions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Digest {
+    /// Wrapping sum of the pair hashes.
+    pub sum: u128,
+    /// Number of live pairs.
+    pub entries: u64,
+}
+
+impl Digest {
+    /// Hashes one pair; the key length is included so that (k, v) splits cannot collide.
+    pub fn pair_hash(key: &[u8], value: &[u8]) -> u128 {
+        let mut hasher = Xxh3::new();
+        let key_len = u32::try_from(key.len()).unwrap_or(u32::MAX);
+        hasher.update(&key_len.to_be_bytes());
+        hasher.update(key);
+        hasher.update(value);
+        hasher.digest128()
+    }
+
+    /// Accounts for a pair that became live.
+    pub fn add(&mut self, key: &[u8], value: &[u8]) {
+        self.sum = self.sum.wrapping_add(Self::pair_hash(key, value));
+        self.entries = self.entries.checked_add(1).expect("digest entry count overflow");
+    }
+
+    /// Accounts for a pair that stopped being live.
+    pub fn remove(&mut self, key: &[u8], value: &[u8]) {
+        self.sum = self.sum.wrapping_sub(Self::pair_hash(key, value));
+        self.entries = self.entries.checked_sub(1).expect("digest removes a pair it never added");
+    }
+
+    /// The 16-byte big-endian form stored in `AppliedState`.
+    pub fn to_bytes(self) -> Vec<u8> {
+        self.sum.to_be_bytes().to_vec()
+    }
+
+    /// Parses the stored form.
+    pub fn from_parts(bytes: &[u8], entries: u64) -> Option<Self> {
+        Some(Self { sum: u128::from_be_bytes(bytes.try_into().ok()?), entries })
+    }
+}
+
+/// The write overlay of one apply batch, with the projections' digests kept up to date.
+pub struct Staged<'a> {
+    base: &'a dyn ReadKv,
+    writes: BTreeMap<(Cf, Vec<u8>), Option<Vec<u8>>>,
+    digests: BTreeMap<Projection, Digest>,
+}
+
+impl<'a> Staged<'a> {
+    /// Starts a batch over `base`, whose projections currently have `digests`.
+    pub fn new(base: &'a dyn ReadKv, digests: BTreeMap<Projection, Digest>) -> Self {
+        Self { base, writes: BTreeMap::new(), digests }
+    }
+
+    /// Returns the value of `key`, seeing this batch's writes.
+    ///
+    /// # Errors
+    /// A storage fault.
+    pub fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        match self.writes.get(&(cf, key.to_vec())) {
+            Some(staged) => Ok(staged.clone()),
+            None => self.base.get(cf, key),
+        }
+    }
+
+    /// Returns up to `limit` pairs of `cf` in `[from, to)`, seeing this batch's writes.
+    ///
+    /// # Errors
+    /// A storage fault.
+    pub fn scan(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<Pair>> {
+        let lower = (cf, from.to_vec());
+        let upper = (cf, to.to_vec());
+        let staged: Vec<_> = self
+            .writes
+            .range((Bound::Included(lower), Bound::Excluded(upper)))
+            .map(|((_, key), value)| (key.clone(), value.clone()))
+            .collect();
+        // Each staged delete can hide at most one base pair, so this many base pairs suffice.
+        let base_limit = limit.saturating_add(staged.len());
+        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> =
+            self.base.scan(cf, from, to, base_limit)?.into_iter().collect();
+        for (key, value) in staged {
+            match value {
+                Some(value) => merged.insert(key, value),
+                None => merged.remove(&key),
+            };
+        }
+        Ok(merged.into_iter().take(limit).collect())
+    }
+
+    /// Writes `value` under `key` in a projection's family.
+    ///
+    /// # Errors
+    /// A storage fault while reading the old value (needed for the digest).
+    pub fn put(&mut self, projection: Projection, key: Vec<u8>, value: Vec<u8>) -> Result<()> {
+        let cf = Cf::Projection(projection);
+        let old = self.get(cf, &key)?;
+        let digest = self.digests.entry(projection).or_default();
+        if let Some(old) = &old {
+            digest.remove(&key, old);
+        }
+        digest.add(&key, &value);
+        self.writes.insert((cf, key), Some(value));
+        Ok(())
+    }
+
+    /// Deletes `key` from a projection's family (a no-op when absent).
+    ///
+    /// # Errors
+    /// A storage fault while reading the old value.
+    pub fn delete(&mut self, projection: Projection, key: Vec<u8>) -> Result<()> {
+        let cf = Cf::Projection(projection);
+        if let Some(old) = self.get(cf, &key)? {
+            self.digests.entry(projection).or_default().remove(&key, &old);
+            self.writes.insert((cf, key), None);
+        }
+        Ok(())
+    }
+
+    /// Ends the batch: the changes to commit and the projections' new digests.
+    pub fn finish(self) -> (Vec<Change>, BTreeMap<Projection, Digest>) {
+        let changes = self.writes.into_iter().map(|((cf, key), value)| (cf, key, value)).collect();
+        (changes, self.digests)
+    }
+}

@@ -1,0 +1,36 @@
+//! courier's storage: the raft log and the projections folded from it, in one RocksDB per node.
+//!
+//! ```text
+//!   consensus ──append/read/truncate/purge──▶ log::LogStore ──▶ cf `log`, `raftstate`
+//!       │
+//!       └──committed entries──▶ shard::ShardState::apply_batch ──▶ projection::apply_event
+//!                                     │ one WriteBatch: projections + applied index + digests
+//!                                     ▼
+//!                              db::Db (RocksDB) | kv::MemKv (tests, scratch rebuilds)
+//! ```
+//!
+//! This crate knows nothing of openraft or tonic: consensus adapts to it. Projections are pure
+//! folds (`projection::*::apply`); rebuild and verify replay the same folds (`rebuild`);
+//! snapshots export and install a shard's projections (`snapshot`). Every error is a fault
+//! that stops the replica (`error`).
+
+#![warn(clippy::arithmetic_side_effects, clippy::as_conversions)]
+
+pub mod cf;
+pub mod db;
+pub mod error;
+pub mod keys;
+pub mod kv;
+pub mod log;
+pub mod projection;
+pub mod rebuild;
+pub mod shard;
+pub mod snapshot;
+
+pub use cf::Cf;
+pub use db::{Db, OpenMode};
+pub use error::{Result, StorageError};
+pub use kv::{Digest, MemKv, ReadKv};
+pub use log::{LogRecord, LogStore};
+pub use projection::{Applied, Projection};
+pub use shard::{Batch, Committed, ShardState};

@@ -1,0 +1,232 @@
+//! The raft log of one shard replica, without openraft: entries are `(index, term, payload)`
+//! with a crc32c per entry, verified on every read. The consensus crate serializes openraft's
+//! entries into `payload` and its vote/committed/purged ids into raft state records.
+//!
+//! Invariants:
+//! - Appends are durable (WAL fsynced) before [`LogStore::append`] returns.
+//! - Stored indexes are contiguous; a read that finds a gap or a checksum mismatch is a fault.
+
+use std::sync::Arc;
+
+use courier_proto::{LogIndex, ShardId};
+
+use crate::cf::Cf;
+use crate::db::Db;
+use crate::error::{Result, StorageError};
+use crate::keys;
+use crate::kv::ReadKv;
+
+const CHECKSUM_BYTES: usize = 4;
+const TERM_BYTES: usize = 8;
+const HEADER_BYTES: usize = CHECKSUM_BYTES + TERM_BYTES;
+
+/// One log entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogRecord {
+    /// Its index in the shard's log.
+    pub index: LogIndex,
+    /// The raft term it was proposed in.
+    pub term: u64,
+    /// The serialized raft entry.
+    pub payload: Vec<u8>,
+}
+
+fn checksum(index: LogIndex, term: u64, payload: &[u8]) -> u32 {
+    let crc = crc32c::crc32c(&index.get().to_be_bytes());
+    let crc = crc32c::crc32c_append(crc, &term.to_be_bytes());
+    crc32c::crc32c_append(crc, payload)
+}
+
+/// Encodes a record as stored: `crc32c | term | payload`.
+pub fn encode_record(record: &LogRecord) -> Vec<u8> {
+    let mut value = Vec::with_capacity(HEADER_BYTES.saturating_add(record.payload.len()));
+    value.extend_from_slice(&checksum(record.index, record.term, &record.payload).to_be_bytes());
+    value.extend_from_slice(&record.term.to_be_bytes());
+    value.extend_from_slice(&record.payload);
+    value
+}
+
+/// Decodes and verifies a stored record.
+///
+/// # Errors
+/// [`StorageError::Checksum`] on a mismatch, [`StorageError::Decode`] on a short value.
+pub fn decode_record(shard: ShardId, index: LogIndex, value: &[u8]) -> Result<LogRecord> {
+    let short = || StorageError::Decode {
+        cf: Cf::Log.name(),
+        shard,
+        what: format!("index {index}"),
+        reason: format!("{} bytes, shorter than the {HEADER_BYTES}-byte header", value.len()),
+    };
+    let stored = u32::from_be_bytes(value.get(..CHECKSUM_BYTES).ok_or_else(short)?.try_into().map_err(|_| short())?);
+    let term = u64::from_be_bytes(
+        value.get(CHECKSUM_BYTES..HEADER_BYTES).ok_or_else(short)?.try_into().map_err(|_| short())?,
+    );
+    let payload = value.get(HEADER_BYTES..).ok_or_else(short)?;
+    let computed = checksum(index, term, payload);
+    if stored != computed {
+        return Err(StorageError::Checksum {
+            cf: Cf::Log.name(),
+            shard,
+            what: format!("index {index}"),
+            stored,
+            computed,
+        });
+    }
+    Ok(LogRecord { index, term, payload: payload.to_vec() })
+}
+
+/// The raft log and raft state of one shard replica.
+#[derive(Clone, Debug)]
+pub struct LogStore {
+    db: Arc<Db>,
+    shard: ShardId,
+}
+
+impl LogStore {
+    /// The log of `shard` in `db`.
+    pub fn new(db: Arc<Db>, shard: ShardId) -> Self {
+        Self { db, shard }
+    }
+
+    /// The shard this log belongs to.
+    pub fn shard(&self) -> ShardId {
+        self.shard
+    }
+
+    /// Appends `records` (contiguous indexes) in one synced write batch.
+    ///
+    /// # Errors
+    /// [`StorageError::Db`]: the replica must stop.
+    pub fn append(&self, records: &[LogRecord]) -> Result<()> {
+        for pair in records.windows(2) {
+            assert_eq!(
+                pair[0].index.next(),
+                pair[1].index,
+                "appended log entries are contiguous"
+            );
+        }
+        let changes = records.iter().map(|record| {
+            (Cf::Log, keys::log_entry(self.shard, record.index), Some(encode_record(record)))
+        });
+        self.db.commit(changes, true)
+    }
+
+    /// Reads entries `[from, to)`, verifying each checksum and that indexes are contiguous.
+    ///
+    /// # Errors
+    /// [`StorageError::Checksum`], [`StorageError::Decode`] or [`StorageError::Db`]: faults.
+    pub fn read_range(&self, from: LogIndex, to: LogIndex) -> Result<Vec<LogRecord>> {
+        if from >= to {
+            return Ok(Vec::new());
+        }
+        let start = keys::log_entry(self.shard, from);
+        let end = keys::log_entry(self.shard, to);
+        let limit = usize::try_from(to.get().saturating_sub(from.get())).unwrap_or(usize::MAX);
+        let pairs = self.db.scan(Cf::Log, &start, &end, limit)?;
+        let mut records = Vec::with_capacity(pairs.len());
+        let mut expected = from;
+        for (key, value) in pairs {
+            let index = keys::log_entry_index(&key).ok_or_else(|| StorageError::Decode {
+                cf: Cf::Log.name(),
+                shard: self.shard,
+                what: "key".to_owned(),
+                reason: format!("{} bytes", key.len()),
+            })?;
+            if index != expected && !records.is_empty() {
+                return Err(StorageError::MissingEntry { shard: self.shard, index: expected });
+            }
+            expected = index.next();
+            records.push(decode_record(self.shard, index, &value)?);
+        }
+        Ok(records)
+    }
+
+    /// Returns the last stored entry.
+    ///
+    /// # Errors
+    /// Faults, as for [`LogStore::read_range`].
+    pub fn last(&self) -> Result<Option<LogRecord>> {
+        let (start, end) = keys::shard_range(self.shard);
+        match self.db.last_in(Cf::Log, &start, &end)? {
+            None => Ok(None),
+            Some((key, value)) => {
+                let index = keys::log_entry_index(&key).ok_or_else(|| StorageError::Decode {
+                    cf: Cf::Log.name(),
+                    shard: self.shard,
+                    what: "key".to_owned(),
+                    reason: format!("{} bytes", key.len()),
+                })?;
+                decode_record(self.shard, index, &value).map(Some)
+            }
+        }
+    }
+
+    /// Returns the first stored entry's index.
+    ///
+    /// # Errors
+    /// Faults.
+    pub fn first_index(&self) -> Result<Option<LogIndex>> {
+        let (start, end) = keys::shard_range(self.shard);
+        Ok(self.db.scan(Cf::Log, &start, &end, 1)?.first().and_then(|(key, _)| keys::log_entry_index(key)))
+    }
+
+    /// Deletes every entry at or after `since` (a conflicting suffix), durably.
+    ///
+    /// # Errors
+    /// [`StorageError::Db`].
+    pub fn truncate_from(&self, since: LogIndex) -> Result<()> {
+        let (_, end) = keys::shard_range(self.shard);
+        self.db.delete_range(Cf::Log, &keys::log_entry(self.shard, since), &end, true)
+    }
+
+    /// Deletes every entry up to and including `up_to`. Everything written before (the applied
+    /// state a snapshot covers) is made durable first.
+    ///
+    /// # Errors
+    /// [`StorageError::Db`].
+    pub fn purge_up_to(&self, up_to: LogIndex) -> Result<()> {
+        self.db.sync_wal()?;
+        let (start, _) = keys::shard_range(self.shard);
+        let end = keys::log_entry(self.shard, up_to.next());
+        self.db.delete_range(Cf::Log, &start, &end, true)
+    }
+
+    /// Durably stores a raft state record (vote, committed, purged), checksummed.
+    ///
+    /// # Errors
+    /// [`StorageError::Db`].
+    pub fn save_state(&self, tag: u8, bytes: &[u8]) -> Result<()> {
+        let mut value = crc32c::crc32c(bytes).to_be_bytes().to_vec();
+        value.extend_from_slice(bytes);
+        self.db.commit([(Cf::RaftState, keys::raft_state(self.shard, tag), Some(value))], true)
+    }
+
+    /// Reads a raft state record, verifying its checksum.
+    ///
+    /// # Errors
+    /// [`StorageError::Checksum`] or [`StorageError::Db`].
+    pub fn read_state(&self, tag: u8) -> Result<Option<Vec<u8>>> {
+        let Some(value) = self.db.get(Cf::RaftState, &keys::raft_state(self.shard, tag))? else {
+            return Ok(None);
+        };
+        let what = || format!("raft state tag {tag}");
+        let (head, bytes) = value.split_at_checked(CHECKSUM_BYTES).ok_or_else(|| StorageError::Decode {
+            cf: Cf::RaftState.name(),
+            shard: self.shard,
+            what: what(),
+            reason: "shorter than its checksum".to_owned(),
+        })?;
+        let stored = u32::from_be_bytes(head.try_into().expect("split at 4 bytes"));
+        let computed = crc32c::crc32c(bytes);
+        if stored != computed {
+            return Err(StorageError::Checksum {
+                cf: Cf::RaftState.name(),
+                shard: self.shard,
+                what: what(),
+                stored,
+                computed,
+            });
+        }
+        Ok(Some(bytes.to_vec()))
+    }
+}

@@ -1,0 +1,74 @@
+//! Expiry: undelivered inbox messages ordered by the time they were stored, so the leader can
+//! find what passed the retention limit with one bounded scan and propose `MessageExpired`.
+//! Expiry itself is an event, so every replica and every rebuild agree on what expired.
+//!
+//! Invariants: an entry exists exactly for each stored message above the user's
+//! `delivered_up_to` that has not expired.
+
+use courier_proto::pb::events::event::Kind;
+use courier_proto::pb::store::ExpiryEntry;
+use courier_proto::{InboxSeq, UserId};
+
+use super::{Projection, View, inbox};
+use crate::error::Result;
+use crate::keys;
+
+/// Returns up to `limit` entries stored before `cutoff_ms`: `(stored_at_ms, user, seq)`.
+///
+/// # Errors
+/// A storage fault.
+pub fn due(view: &View<'_, '_>, cutoff_ms: u64, limit: usize) -> Result<Vec<(u64, UserId, InboxSeq, Vec<u8>)>> {
+    let from = keys::expiry_prefix(view.shard());
+    let to = keys::KeyBuf::shard(view.shard()).u8(keys::tag::PRIMARY).u64(cutoff_ms).done();
+    Ok(view
+        .scan::<ExpiryEntry>(Projection::Expiry, &from, &to, limit)?
+        .into_iter()
+        .filter_map(|(key, entry)| {
+            let (at, user, seq) = keys::expiry_parts(&key)?;
+            Some((at, user, seq, entry.message_id))
+        })
+        .collect())
+}
+
+/// Folds one event into the expiry index.
+///
+/// # Errors
+/// A storage fault.
+pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
+    let shard = view.shard();
+    match event {
+        Kind::MessageDelivered(delivered) => {
+            let user = UserId::new(delivered.recipient_user).expect("leader validated the user");
+            let seq = inbox::tail(view, user)?.next();
+            view.put(
+                keys::expiry(shard, delivered.stored_at_ms, user, seq),
+                &ExpiryEntry { message_id: delivered.message_id.clone() },
+            )
+        }
+        Kind::DeliveryAcked(acked) => {
+            let user = UserId::new(acked.user).expect("leader validated the user");
+            let state = inbox::state(view, user)?;
+            let after = InboxSeq::new(state.delivered_up_to);
+            for (seq, entry) in inbox::entries_between(view, user, after, InboxSeq::new(acked.up_to_seq))? {
+                view.delete(keys::expiry(shard, entry.stored_at_ms, user, seq))?;
+            }
+            Ok(())
+        }
+        Kind::MessageExpired(expired) => {
+            let user = UserId::new(expired.user).expect("leader validated the user");
+            let seq = InboxSeq::new(expired.seq);
+            let entry = inbox::entry(view, user, seq)?.expect("an expiring message is in the inbox");
+            view.delete(keys::expiry(shard, entry.stored_at_ms, user, seq))
+        }
+        Kind::MessageSent(_)
+        | Kind::ReadUpTo(_)
+        | Kind::ReceiptRecorded(_)
+        | Kind::OutboxTrimmed(_)
+        | Kind::UserRegistered(_)
+        | Kind::DeviceRegistered(_)
+        | Kind::DeviceRevoked(_)
+        | Kind::GroupCreated(_)
+        | Kind::MemberAdded(_)
+        | Kind::MemberRemoved(_) => Ok(()),
+    }
+}

@@ -1,0 +1,150 @@
+//! Inbox projection: for each user, the gap-free sequence of messages stored for them, the tail,
+//! and the highest sequence any device acked (`delivered_up_to`).
+//!
+//! Invariants (asserted in `apply`):
+//! - A user's `InboxSeq` values are 1, 2, 3, … with no gaps; an expired message leaves a hole
+//!   that is never reused.
+//! - `delivered_up_to` only moves forward and never passes the tail.
+//! - Only undelivered messages expire.
+
+use courier_proto::pb::events::event::Kind;
+use courier_proto::pb::store::{InboxEntry, InboxState};
+use courier_proto::{InboxSeq, MessageId, UserId};
+
+use super::{Projection, View};
+use crate::error::Result;
+use crate::keys;
+
+fn user_id(raw: u64) -> UserId {
+    UserId::new(raw).expect("leader validated the user id")
+}
+
+/// Returns a user's inbox state (zeroes for a user with no messages).
+///
+/// # Errors
+/// A storage fault.
+pub fn state(view: &View<'_, '_>, user: UserId) -> Result<InboxState> {
+    Ok(view.get(Projection::Inbox, &keys::inbox_state(view.shard(), user))?.unwrap_or_default())
+}
+
+/// Returns the last sequence stored for `user`.
+///
+/// # Errors
+/// A storage fault.
+pub fn tail(view: &View<'_, '_>, user: UserId) -> Result<InboxSeq> {
+    Ok(InboxSeq::new(state(view, user)?.tail_seq))
+}
+
+/// Returns where a message id was stored for `user`, if it was.
+///
+/// # Errors
+/// A storage fault.
+pub fn stored_seq(view: &View<'_, '_>, user: UserId, message_id: &[u8]) -> Result<Option<InboxSeq>> {
+    let Ok(message) = MessageId::from_wire(message_id, "message_id") else {
+        return Ok(None);
+    };
+    let key = keys::inbox_message_id(view.shard(), user, message);
+    Ok(view.get_u64(Projection::Inbox, &key)?.map(InboxSeq::new))
+}
+
+/// Returns one stored message.
+///
+/// # Errors
+/// A storage fault.
+pub fn entry(view: &View<'_, '_>, user: UserId, seq: InboxSeq) -> Result<Option<InboxEntry>> {
+    view.get(Projection::Inbox, &keys::inbox_message(view.shard(), user, seq))
+}
+
+/// Returns the stored messages with `after < seq <= up_to`, in order (expired ones are absent).
+///
+/// # Errors
+/// A storage fault.
+pub fn entries_between(
+    view: &View<'_, '_>,
+    user: UserId,
+    after: InboxSeq,
+    up_to: InboxSeq,
+) -> Result<Vec<(InboxSeq, InboxEntry)>> {
+    if up_to <= after {
+        return Ok(Vec::new());
+    }
+    let from = keys::inbox_message(view.shard(), user, after.next());
+    let to = keys::inbox_message(view.shard(), user, up_to.next());
+    let limit = usize::try_from(up_to.get().saturating_sub(after.get())).unwrap_or(usize::MAX);
+    view.scan::<InboxEntry>(Projection::Inbox, &from, &to, limit)?
+        .into_iter()
+        .map(|(key, entry)| {
+            let seq = key
+                .get(key.len().saturating_sub(8)..)
+                .and_then(|bytes| bytes.try_into().ok())
+                .map(u64::from_be_bytes)
+                .expect("inbox keys end with the sequence");
+            Ok((InboxSeq::new(seq), entry))
+        })
+        .collect()
+}
+
+/// Folds one event into the inbox.
+///
+/// # Errors
+/// A storage fault.
+pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
+    let shard = view.shard();
+    match event {
+        Kind::MessageDelivered(delivered) => {
+            let user = user_id(delivered.recipient_user);
+            let message = MessageId::from_wire(&delivered.message_id, "message_id")
+                .expect("leader validated the message id");
+            let mut inbox = state(view, user)?;
+            let seq = InboxSeq::new(inbox.tail_seq).next();
+            inbox.tail_seq = seq.get();
+            view.put(
+                keys::inbox_message(shard, user, seq),
+                &InboxEntry {
+                    message_id: delivered.message_id.clone(),
+                    sender_user: delivered.sender_user,
+                    sender_device: delivered.sender_device,
+                    conversation: delivered.conversation,
+                    content: delivered.content.clone(),
+                    sent_at_ms: delivered.sent_at_ms,
+                    stored_at_ms: delivered.stored_at_ms,
+                    source_shard: delivered.source_shard,
+                },
+            )?;
+            view.put_u64(keys::inbox_message_id(shard, user, message), seq.get())?;
+            view.put(keys::inbox_state(shard, user), &inbox)
+        }
+        Kind::DeliveryAcked(acked) => {
+            let user = user_id(acked.user);
+            let mut inbox = state(view, user)?;
+            assert!(acked.up_to_seq <= inbox.tail_seq, "acks never pass the inbox tail");
+            if acked.up_to_seq > inbox.delivered_up_to {
+                inbox.delivered_up_to = acked.up_to_seq;
+                view.put(keys::inbox_state(shard, user), &inbox)?;
+            }
+            Ok(())
+        }
+        Kind::MessageExpired(expired) => {
+            let user = user_id(expired.user);
+            let seq = InboxSeq::new(expired.seq);
+            let inbox = state(view, user)?;
+            assert!(expired.seq > inbox.delivered_up_to, "only undelivered messages expire");
+            let stored = entry(view, user, seq)?.expect("an expiring message is in the inbox");
+            assert_eq!(stored.message_id, expired.message_id, "expiry names the stored message");
+            let message = MessageId::from_wire(&stored.message_id, "message_id")
+                .expect("stored message ids are valid");
+            view.delete(keys::inbox_message(shard, user, seq))?;
+            view.delete(keys::inbox_message_id(shard, user, message))
+        }
+        Kind::MessageSent(_)
+        | Kind::ReadUpTo(_)
+        | Kind::ReceiptRecorded(_)
+        | Kind::OutboxTrimmed(_)
+        | Kind::UserRegistered(_)
+        | Kind::DeviceRegistered(_)
+        | Kind::DeviceRevoked(_)
+        | Kind::GroupCreated(_)
+        | Kind::MemberAdded(_)
+        | Kind::MemberRemoved(_) => Ok(()),
+    }
+}

@@ -1,0 +1,373 @@
+//! Projections: every state the cluster serves, folded from the shard's event log.
+//!
+//! Each projection lives in its own file with a pure `apply(&mut View, &Kind)`: no clock, no
+//! randomness, no I/O but reads and staged writes through the [`View`]. Anything
+//! non-deterministic was decided by the leader and travels inside the event.
+//!
+//! Order: for each event, projections apply in [`Projection::APPLY_ORDER`]. A projection may
+//! read any family but writes only its own. Inbox applies last and outbox first, so that every
+//! projection reading the inbox or the read state sees them as they were *before* the event.
+//!
+//! Duplicates are decided once, here, before any projection runs: a `MessageSent` whose client
+//! id is known, a local `MessageDelivered` whose message id is stored, and a forwarded event at
+//! or below the inbound watermark of its source shard change nothing.
+
+pub mod cursors;
+pub mod dedup;
+pub mod devices;
+pub mod expiry;
+pub mod groups;
+pub mod inbox;
+pub mod outbox;
+pub mod readstate;
+pub mod receipts;
+
+#[cfg(test)]
+mod projection_test;
+
+use courier_proto::pb::events::Event;
+use courier_proto::pb::events::event::Kind;
+use courier_proto::pb::store::SendResult;
+use courier_proto::{DeviceId, InboxSeq, LogIndex, ShardId, UserId};
+use prost::Message;
+
+use crate::cf::Cf;
+use crate::error::{Result, StorageError};
+use crate::kv::{Pair, Staged};
+
+/// A projection, and its column family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Projection {
+    /// Per user, gap-free `InboxSeq` → message.
+    Inbox,
+    /// Per device, the acked-up-to sequence.
+    Cursors,
+    /// Per user and conversation, read-up-to and exact unread counts.
+    ReadState,
+    /// Per sent message and recipient: sent → delivered → read.
+    Receipts,
+    /// (sender device, client message id) → the first send result.
+    Dedup,
+    /// Per destination shard, events still to forward; per source shard, the inbound watermark.
+    Outbox,
+    /// Phone → user, devices with token hashes, revocations.
+    Devices,
+    /// Group records, members and membership epochs.
+    Groups,
+    /// Undelivered messages by the time they were stored, for retention.
+    Expiry,
+}
+
+impl Projection {
+    /// Every projection.
+    pub const ALL: [Projection; 9] = [
+        Projection::Inbox,
+        Projection::Cursors,
+        Projection::ReadState,
+        Projection::Receipts,
+        Projection::Dedup,
+        Projection::Outbox,
+        Projection::Devices,
+        Projection::Groups,
+        Projection::Expiry,
+    ];
+
+    /// The order in which projections apply each event (see the module docs).
+    pub const APPLY_ORDER: [Projection; 9] = [
+        Projection::Dedup,
+        Projection::Devices,
+        Projection::Groups,
+        Projection::Outbox,
+        Projection::Receipts,
+        Projection::Expiry,
+        Projection::Cursors,
+        Projection::ReadState,
+        Projection::Inbox,
+    ];
+
+    /// The projection's (and its column family's) name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Projection::Inbox => "inbox",
+            Projection::Cursors => "cursors",
+            Projection::ReadState => "readstate",
+            Projection::Receipts => "receipts",
+            Projection::Dedup => "dedup",
+            Projection::Outbox => "outbox",
+            Projection::Devices => "devices",
+            Projection::Groups => "groups",
+            Projection::Expiry => "expiry",
+        }
+    }
+
+    /// Parses a name as printed by [`Projection::name`].
+    pub fn from_name(name: &str) -> Option<Projection> {
+        Projection::ALL.into_iter().find(|projection| projection.name() == name)
+    }
+
+    fn apply(self, view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
+        match self {
+            Projection::Inbox => inbox::apply(view, event),
+            Projection::Cursors => cursors::apply(view, event),
+            Projection::ReadState => readstate::apply(view, event),
+            Projection::Receipts => receipts::apply(view, event),
+            Projection::Dedup => dedup::apply(view, event),
+            Projection::Outbox => outbox::apply(view, event),
+            Projection::Devices => devices::apply(view, event),
+            Projection::Groups => groups::apply(view, event),
+            Projection::Expiry => expiry::apply(view, event),
+        }
+    }
+}
+
+const SET_AT_BYTES: usize = 8;
+
+/// Frames a projection value: the log index that set it, then the encoded message.
+pub fn frame(at: LogIndex, body: &[u8]) -> Vec<u8> {
+    let mut value = Vec::with_capacity(SET_AT_BYTES.saturating_add(body.len()));
+    value.extend_from_slice(&at.get().to_be_bytes());
+    value.extend_from_slice(body);
+    value
+}
+
+/// Splits a framed value into the index that set it and the message bytes.
+pub fn unframe(value: &[u8]) -> Option<(LogIndex, &[u8])> {
+    let (head, body) = value.split_at_checked(SET_AT_BYTES)?;
+    Some((LogIndex::new(u64::from_be_bytes(head.try_into().ok()?)), body))
+}
+
+/// What one projection sees while applying one event at one log index.
+pub struct View<'s, 'a> {
+    staged: &'s mut Staged<'a>,
+    shard: ShardId,
+    at: LogIndex,
+    projection: Projection,
+}
+
+impl<'s, 'a> View<'s, 'a> {
+    /// A view for `projection` of `shard`, applying the entry at `at`.
+    pub fn new(
+        staged: &'s mut Staged<'a>,
+        shard: ShardId,
+        at: LogIndex,
+        projection: Projection,
+    ) -> Self {
+        Self { staged, shard, at, projection }
+    }
+
+    /// The shard being applied.
+    pub fn shard(&self) -> ShardId {
+        self.shard
+    }
+
+    /// The log index being applied.
+    pub fn at(&self) -> LogIndex {
+        self.at
+    }
+
+    fn decode_err(&self, projection: Projection, key: &[u8], reason: String) -> StorageError {
+        StorageError::Decode {
+            cf: projection.name(),
+            shard: self.shard,
+            what: format!("key {}", hex(key)),
+            reason,
+        }
+    }
+
+    /// Reads and decodes a value of any projection.
+    ///
+    /// # Errors
+    /// A storage fault or an undecodable value.
+    pub fn get<M: Message + Default>(&self, projection: Projection, key: &[u8]) -> Result<Option<M>> {
+        let Some(value) = self.staged.get(Cf::Projection(projection), key)? else {
+            return Ok(None);
+        };
+        self.decode(projection, key, &value).map(Some)
+    }
+
+    fn decode<M: Message + Default>(&self, projection: Projection, key: &[u8], value: &[u8]) -> Result<M> {
+        let (_, body) = unframe(value)
+            .ok_or_else(|| self.decode_err(projection, key, "shorter than its frame".to_owned()))?;
+        M::decode(body).map_err(|error| self.decode_err(projection, key, error.to_string()))
+    }
+
+    /// Reads a raw `u64` value of any projection.
+    ///
+    /// # Errors
+    /// A storage fault or a value that is not 8 bytes.
+    pub fn get_u64(&self, projection: Projection, key: &[u8]) -> Result<Option<u64>> {
+        let Some(value) = self.staged.get(Cf::Projection(projection), key)? else {
+            return Ok(None);
+        };
+        let body = unframe(&value).map(|(_, body)| body).unwrap_or_default();
+        let bytes: [u8; 8] = body
+            .try_into()
+            .map_err(|_| self.decode_err(projection, key, format!("{} bytes, not 8", body.len())))?;
+        Ok(Some(u64::from_be_bytes(bytes)))
+    }
+
+    /// Scans and decodes up to `limit` values of any projection in `[from, to)`.
+    ///
+    /// # Errors
+    /// A storage fault or an undecodable value.
+    pub fn scan<M: Message + Default>(
+        &self,
+        projection: Projection,
+        from: &[u8],
+        to: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, M)>> {
+        let pairs: Vec<Pair> = self.staged.scan(Cf::Projection(projection), from, to, limit)?;
+        pairs
+            .into_iter()
+            .map(|(key, value)| {
+                let message = self.decode(projection, &key, &value)?;
+                Ok((key, message))
+            })
+            .collect()
+    }
+
+    /// Writes a message into this view's own projection, framed with the current index.
+    ///
+    /// # Errors
+    /// A storage fault.
+    pub fn put<M: Message>(&mut self, key: Vec<u8>, message: &M) -> Result<()> {
+        let value = frame(self.at, &message.encode_to_vec());
+        self.staged.put(self.projection, key, value)
+    }
+
+    /// Writes a raw `u64` into this view's own projection.
+    ///
+    /// # Errors
+    /// A storage fault.
+    pub fn put_u64(&mut self, key: Vec<u8>, value: u64) -> Result<()> {
+        let value = frame(self.at, &value.to_be_bytes());
+        self.staged.put(self.projection, key, value)
+    }
+
+    /// Deletes a key of this view's own projection.
+    ///
+    /// # Errors
+    /// A storage fault.
+    pub fn delete(&mut self, key: Vec<u8>) -> Result<()> {
+        self.staged.delete(self.projection, key)
+    }
+}
+
+/// Lower-case hex, for keys in errors and reports (keys hold ids, never bodies or phones).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// What applying one event produced, for the caller waiting on the proposal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// A `MessageSent`: the send's result; `duplicate` when the client id was already known
+    /// (then `result` is the first send's).
+    Sent {
+        /// The (first) result.
+        result: SendResult,
+        /// Whether this was a retry.
+        duplicate: bool,
+    },
+    /// A `MessageDelivered`: where the message sits in the recipient's inbox.
+    Stored {
+        /// The recipient.
+        user: UserId,
+        /// Its inbox sequence.
+        seq: InboxSeq,
+        /// Whether it was already stored.
+        duplicate: bool,
+    },
+    /// A forwarded event at or below its source's inbound watermark: nothing changed.
+    DuplicateForward,
+    /// Any other event.
+    Done,
+}
+
+/// Returns whether a forwarded event (source shard, position) was already applied.
+fn forwarded_duplicate(
+    staged: &mut Staged<'_>,
+    shard: ShardId,
+    at: LogIndex,
+    source_shard: u32,
+    source_pos: u64,
+) -> Result<bool> {
+    let view = View::new(staged, shard, at, Projection::Outbox);
+    let applied = outbox::inbound_applied(&view, source_shard)?;
+    if source_pos <= applied {
+        return Ok(true);
+    }
+    assert_eq!(
+        source_pos,
+        applied.checked_add(1).expect("outbox position overflow"),
+        "forwarded events from shard {source_shard} apply in position order without gaps"
+    );
+    Ok(false)
+}
+
+/// Folds one committed event into every projection.
+///
+/// # Errors
+/// A storage fault, or [`StorageError::UnknownEvent`] for an event this build does not know.
+///
+/// # Panics
+/// When the event breaks an invariant the leader validated (an ack past the inbox tail, a
+/// receipt moving backwards, …): a bug, never bad client input.
+pub fn apply_event(
+    staged: &mut Staged<'_>,
+    shard: ShardId,
+    at: LogIndex,
+    event: &Event,
+) -> Result<Applied> {
+    let Some(kind) = &event.kind else {
+        return Err(StorageError::UnknownEvent {
+            shard,
+            index: at,
+            reason: "event of an unknown kind (a newer build wrote it)".to_owned(),
+        });
+    };
+    let outcome = match kind {
+        Kind::MessageSent(sent) => {
+            let view = View::new(staged, shard, at, Projection::Dedup);
+            let device = DeviceId::new(sent.sender_device).expect("leader validated the device");
+            let user = UserId::new(sent.sender_user).expect("leader validated the sender");
+            if let Some(result) = dedup::lookup(&view, user, device, &sent.client_msg_id)? {
+                return Ok(Applied::Sent { result, duplicate: true });
+            }
+            Applied::Sent {
+                result: SendResult {
+                    message_id: sent.message_id.clone(),
+                    sent_at_ms: sent.sent_at_ms,
+                    log_index: at.get(),
+                },
+                duplicate: false,
+            }
+        }
+        Kind::MessageDelivered(delivered) => {
+            let user = UserId::new(delivered.recipient_user).expect("leader validated the recipient");
+            if delivered.source_pos > 0
+                && forwarded_duplicate(staged, shard, at, delivered.source_shard, delivered.source_pos)?
+            {
+                return Ok(Applied::DuplicateForward);
+            }
+            let view = View::new(staged, shard, at, Projection::Inbox);
+            if let Some(seq) = inbox::stored_seq(&view, user, &delivered.message_id)? {
+                return Ok(Applied::Stored { user, seq, duplicate: true });
+            }
+            Applied::Stored { user, seq: inbox::tail(&view, user)?.next(), duplicate: false }
+        }
+        Kind::ReceiptRecorded(receipt) => {
+            if forwarded_duplicate(staged, shard, at, receipt.source_shard, receipt.source_pos)? {
+                return Ok(Applied::DuplicateForward);
+            }
+            Applied::Done
+        }
+        _ => Applied::Done,
+    };
+    for projection in Projection::APPLY_ORDER {
+        let mut view = View::new(staged, shard, at, projection);
+        projection.apply(&mut view, kind)?;
+    }
+    Ok(outcome)
+}

@@ -1,0 +1,150 @@
+//! Read state: per user and conversation, how many messages were stored, how far the user read,
+//! and how many unread ones expired, so that `unread = count - read_pos - expired_unread` is
+//! exact without scanning. Per inbox sequence it records the message's conversation and position.
+//!
+//! Invariants (asserted): a read names a stored message of that conversation; `read_pos` only
+//! moves forward (a read at or below it changes nothing); `expired_unread` never underflows.
+
+use courier_proto::pb::events::event::Kind;
+use courier_proto::pb::store::{ReadState, SeqPosition};
+use courier_proto::{ConversationId, InboxSeq, UserId};
+
+use super::{Projection, View, inbox};
+use crate::error::Result;
+use crate::keys;
+
+fn user_id(raw: u64) -> UserId {
+    UserId::new(raw).expect("leader validated the user id")
+}
+
+fn conversation(wire: Option<&courier_proto::pb::events::Conversation>) -> ConversationId {
+    ConversationId::try_from(wire.expect("leader validated the conversation"))
+        .expect("leader validated the conversation")
+}
+
+/// Returns the read state of one conversation of `user`.
+///
+/// # Errors
+/// A storage fault.
+pub fn get(view: &View<'_, '_>, user: UserId, conv: ConversationId) -> Result<ReadState> {
+    Ok(view.get(Projection::ReadState, &keys::read_state(view.shard(), user, conv))?.unwrap_or_default())
+}
+
+/// Returns where inbox message `seq` of `user` sits in its conversation.
+///
+/// # Errors
+/// A storage fault.
+pub fn position(view: &View<'_, '_>, user: UserId, seq: InboxSeq) -> Result<Option<SeqPosition>> {
+    view.get(Projection::ReadState, &keys::seq_position(view.shard(), user, seq))
+}
+
+/// Returns the positions of `user`'s messages with `after < seq <= up_to` in `conv`.
+///
+/// # Errors
+/// A storage fault.
+pub fn positions_between(
+    view: &View<'_, '_>,
+    user: UserId,
+    conv: ConversationId,
+    after: InboxSeq,
+    up_to: InboxSeq,
+) -> Result<Vec<(InboxSeq, SeqPosition)>> {
+    if up_to <= after {
+        return Ok(Vec::new());
+    }
+    let from = keys::seq_position(view.shard(), user, after.next());
+    let to = keys::seq_position(view.shard(), user, up_to.next());
+    let limit = usize::try_from(up_to.get().saturating_sub(after.get())).unwrap_or(usize::MAX);
+    let wire_conv = courier_proto::pb::events::Conversation::from(conv);
+    Ok(view
+        .scan::<SeqPosition>(Projection::ReadState, &from, &to, limit)?
+        .into_iter()
+        .filter(|(_, position)| position.conversation.as_ref() == Some(&wire_conv))
+        .map(|(key, position)| {
+            let seq = key
+                .get(key.len().saturating_sub(8)..)
+                .and_then(|bytes| bytes.try_into().ok())
+                .map(u64::from_be_bytes)
+                .expect("position keys end with the sequence");
+            (InboxSeq::new(seq), position)
+        })
+        .collect())
+}
+
+/// Folds one event into the read state.
+///
+/// # Errors
+/// A storage fault.
+pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
+    let shard = view.shard();
+    match event {
+        Kind::MessageDelivered(delivered) => {
+            let user = user_id(delivered.recipient_user);
+            let conv = conversation(delivered.conversation.as_ref());
+            let seq = inbox::tail(view, user)?.next();
+            let mut state = get(view, user, conv)?;
+            state.count = state.count.checked_add(1).expect("conversation count overflow");
+            view.put(
+                keys::seq_position(shard, user, seq),
+                &SeqPosition { conversation: delivered.conversation, pos: state.count, expired: false },
+            )?;
+            view.put(keys::read_state(shard, user, conv), &state)
+        }
+        Kind::ReadUpTo(read) => {
+            let user = user_id(read.user);
+            let conv = conversation(read.conversation.as_ref());
+            let up_to = InboxSeq::new(read.up_to_seq);
+            let target = position(view, user, up_to)?.expect("reads name a stored message");
+            assert_eq!(target.conversation, read.conversation, "reads name a message of their conversation");
+            let mut state = get(view, user, conv)?;
+            if target.pos <= state.read_pos {
+                return Ok(());
+            }
+            let expired_now_read = positions_between(view, user, conv, InboxSeq::new(state.read_seq), up_to)?
+                .into_iter()
+                .filter(|(_, position)| position.expired)
+                .count();
+            let expired_now_read = u64::try_from(expired_now_read).expect("count fits u64");
+            state.expired_unread = state
+                .expired_unread
+                .checked_sub(expired_now_read)
+                .expect("expired unread messages were counted when they expired");
+            state.read_pos = target.pos;
+            state.read_seq = up_to.get();
+            view.put(keys::read_state(shard, user, conv), &state)
+        }
+        Kind::MessageExpired(expired) => {
+            let user = user_id(expired.user);
+            let seq = InboxSeq::new(expired.seq);
+            let mut target = position(view, user, seq)?.expect("expiring messages have a position");
+            assert!(!target.expired, "a message expires once");
+            target.expired = true;
+            let conv = conversation(target.conversation.as_ref());
+            let mut state = get(view, user, conv)?;
+            if target.pos > state.read_pos {
+                state.expired_unread = state.expired_unread.checked_add(1).expect("count overflow");
+                view.put(keys::read_state(shard, user, conv), &state)?;
+            }
+            view.put(keys::seq_position(shard, user, seq), &target)
+        }
+        Kind::MessageSent(_)
+        | Kind::DeliveryAcked(_)
+        | Kind::ReceiptRecorded(_)
+        | Kind::OutboxTrimmed(_)
+        | Kind::UserRegistered(_)
+        | Kind::DeviceRegistered(_)
+        | Kind::DeviceRevoked(_)
+        | Kind::GroupCreated(_)
+        | Kind::MemberAdded(_)
+        | Kind::MemberRemoved(_) => Ok(()),
+    }
+}
+
+/// Returns the exact unread count of a read state.
+pub fn unread(state: &ReadState) -> u64 {
+    state
+        .count
+        .checked_sub(state.read_pos)
+        .and_then(|unread| unread.checked_sub(state.expired_unread))
+        .expect("read_pos + expired_unread never exceed count")
+}

@@ -1,0 +1,89 @@
+//! Receipts: on the sender's shard, per sent message and recipient, the state the recipient's
+//! copy reached: sent → delivered → read.
+//!
+//! Invariants (asserted): a recorded receipt moves strictly forward. Receipts arrive through the
+//! outbox, exactly once and in order per source shard (duplicates were dropped by the
+//! dispatcher), and the recipient's shard emits DELIVERED before READ for each message, so a
+//! receipt that does not move forward is a bug.
+
+use courier_proto::pb::events::event::Kind;
+use courier_proto::pb::events::{ReceiptState, conversation};
+use courier_proto::pb::store::Receipt;
+use courier_proto::{MessageId, UserId};
+
+use super::{Projection, View};
+use crate::error::Result;
+use crate::keys;
+
+fn message_id(raw: &[u8]) -> MessageId {
+    MessageId::from_wire(raw, "message_id").expect("leader validated the message id")
+}
+
+fn user_id(raw: u64) -> UserId {
+    UserId::new(raw).expect("leader validated the user id")
+}
+
+/// Returns every recipient's receipt of one message, by recipient.
+///
+/// # Errors
+/// A storage fault.
+pub fn of_message(
+    view: &View<'_, '_>,
+    sender: UserId,
+    message: MessageId,
+) -> Result<Vec<(UserId, Receipt)>> {
+    let prefix = keys::receipt_message_prefix(view.shard(), sender, message);
+    let end = keys::prefix_end(&prefix).expect("receipt prefixes end below 0xff..");
+    Ok(view
+        .scan::<Receipt>(Projection::Receipts, &prefix, &end, usize::MAX)?
+        .into_iter()
+        .filter_map(|(key, receipt)| {
+            let raw = key.get(prefix.len()..)?.try_into().ok().map(u64::from_be_bytes)?;
+            Some((UserId::new(raw)?, receipt))
+        })
+        .collect())
+}
+
+/// Folds one event into the receipts.
+///
+/// # Errors
+/// A storage fault.
+pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
+    let shard = view.shard();
+    match event {
+        Kind::MessageSent(sent) => {
+            // Group receipts are kept per member on the group's shard (issue #7); a 1:1 message
+            // has exactly one recipient.
+            let Some(conversation::With::User(recipient)) =
+                sent.to.as_ref().and_then(|to| to.with)
+            else {
+                return Ok(());
+            };
+            let key = keys::receipt(shard, user_id(sent.sender_user), message_id(&sent.message_id), user_id(recipient));
+            view.put(key, &Receipt { state: ReceiptState::Sent.into(), at_ms: sent.sent_at_ms })
+        }
+        Kind::ReceiptRecorded(recorded) => {
+            let key = keys::receipt(
+                shard,
+                user_id(recorded.sender_user),
+                message_id(&recorded.message_id),
+                user_id(recorded.recipient_user),
+            );
+            let old = view.get::<Receipt>(Projection::Receipts, &key)?.map_or(ReceiptState::Unspecified, |r| r.state());
+            let new = recorded.state();
+            assert!(new > old, "receipts only move forward: {old:?} -> {new:?}");
+            view.put(key, &Receipt { state: recorded.state, at_ms: recorded.at_ms })
+        }
+        Kind::MessageDelivered(_)
+        | Kind::DeliveryAcked(_)
+        | Kind::ReadUpTo(_)
+        | Kind::OutboxTrimmed(_)
+        | Kind::UserRegistered(_)
+        | Kind::DeviceRegistered(_)
+        | Kind::DeviceRevoked(_)
+        | Kind::GroupCreated(_)
+        | Kind::MemberAdded(_)
+        | Kind::MemberRemoved(_)
+        | Kind::MessageExpired(_) => Ok(()),
+    }
+}

@@ -1,0 +1,174 @@
+//! One shard replica's state machine over storage: folds batches of committed entries into the
+//! projections and stages them, with the applied index and digests, as one atomic write.
+//!
+//! ```text
+//!   committed entries ──▶ ShardState::apply_batch ──▶ Batch { changes, next, results }
+//!                                                          │ Db::commit (one WriteBatch)
+//!                                                          ▼ then: state = next
+//! ```
+//!
+//! Invariants (asserted): entries apply once, in log order, with no gaps (raft blank and
+//! membership entries take indexes too and are passed with no payload); the applied index and
+//! the digests are written in the same batch as the projections they describe.
+
+use std::collections::BTreeMap;
+
+use courier_proto::pb::events::EntryPayload;
+use courier_proto::pb::store::{AppliedState, ProjectionDigest};
+use courier_proto::{FORMAT_VERSION, LogIndex, ShardId};
+use prost::Message;
+
+use crate::cf::Cf;
+use crate::error::{Result, StorageError};
+use crate::keys;
+use crate::kv::{Change, Digest, ReadKv, Staged};
+use crate::projection::{self, Applied, Projection};
+
+/// One committed entry to apply: its index and, unless it is a raft blank or membership entry,
+/// its events.
+#[derive(Clone, Debug)]
+pub struct Committed<'p> {
+    /// The entry's log index.
+    pub index: LogIndex,
+    /// The events, or `None` for an entry without application payload.
+    pub payload: Option<&'p EntryPayload>,
+}
+
+/// What a shard replica has applied: the index, the digests, and the consensus layer's opaque
+/// state (last applied log id and membership).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ShardState {
+    /// The shard.
+    pub shard: Option<ShardId>,
+    /// The last applied log index.
+    pub applied: LogIndex,
+    /// Each projection's digest at `applied`.
+    pub digests: BTreeMap<Projection, Digest>,
+    /// Opaque bytes owned by the consensus layer.
+    pub consensus_state: Vec<u8>,
+}
+
+/// The staged result of applying a batch: commit `changes`, then adopt `next`.
+#[derive(Debug)]
+pub struct Batch {
+    /// Everything to write, including the new applied state.
+    pub changes: Vec<Change>,
+    /// The state after the batch.
+    pub next: ShardState,
+    /// Per entry, per event, what applying produced.
+    pub results: Vec<Vec<Applied>>,
+}
+
+impl ShardState {
+    /// A shard with nothing applied.
+    pub fn empty(shard: ShardId) -> Self {
+        Self { shard: Some(shard), ..Self::default() }
+    }
+
+    fn shard_id(&self) -> ShardId {
+        self.shard.expect("shard state belongs to a shard")
+    }
+
+    /// Loads the applied state of `shard` from `kv`.
+    ///
+    /// # Errors
+    /// A storage fault or an undecodable applied state.
+    pub fn load(kv: &dyn ReadKv, shard: ShardId) -> Result<Self> {
+        let Some(value) = kv.get(Cf::Meta, &keys::applied_state(shard))? else {
+            return Ok(Self::empty(shard));
+        };
+        let decode_err = |reason: String| StorageError::Decode {
+            cf: Cf::Meta.name(),
+            shard,
+            what: "applied state".to_owned(),
+            reason,
+        };
+        let stored = AppliedState::decode(value.as_slice()).map_err(|e| decode_err(e.to_string()))?;
+        let mut digests = BTreeMap::new();
+        for digest in stored.digests {
+            let projection = Projection::from_name(&digest.projection)
+                .ok_or_else(|| decode_err(format!("unknown projection {}", digest.projection)))?;
+            let value = Digest::from_parts(&digest.digest, digest.entries)
+                .ok_or_else(|| decode_err("digest is not 16 bytes".to_owned()))?;
+            digests.insert(projection, value);
+        }
+        Ok(Self {
+            shard: Some(shard),
+            applied: LogIndex::new(stored.applied_index),
+            digests,
+            consensus_state: stored.consensus_state,
+        })
+    }
+
+    /// The stored form of this state.
+    pub fn to_applied_state(&self) -> AppliedState {
+        AppliedState {
+            applied_index: self.applied.get(),
+            digests: Projection::ALL
+                .into_iter()
+                .map(|projection| {
+                    let digest = self.digests.get(&projection).copied().unwrap_or_default();
+                    ProjectionDigest {
+                        projection: projection.name().to_owned(),
+                        digest: digest.to_bytes(),
+                        entries: digest.entries,
+                    }
+                })
+                .collect(),
+            consensus_state: self.consensus_state.clone(),
+        }
+    }
+
+    /// Returns the digest of one projection.
+    pub fn digest(&self, projection: Projection) -> Digest {
+        self.digests.get(&projection).copied().unwrap_or_default()
+    }
+
+    /// Folds `entries` (contiguous, starting right after `applied`) into a staged batch.
+    /// `consensus_state` is stored as the consensus layer's state after the last entry.
+    ///
+    /// # Errors
+    /// A storage fault, or [`StorageError::UnknownEvent`] for an event or format version this
+    /// build does not know: the replica stops.
+    ///
+    /// # Panics
+    /// On a gap or a repeated index, or an event breaking a projection invariant.
+    pub fn apply_batch(
+        &self,
+        kv: &dyn ReadKv,
+        entries: &[Committed<'_>],
+        consensus_state: Vec<u8>,
+    ) -> Result<Batch> {
+        let shard = self.shard_id();
+        let mut staged = Staged::new(kv, self.digests.clone());
+        let mut applied = self.applied;
+        let mut results = Vec::with_capacity(entries.len());
+        for entry in entries {
+            assert_eq!(entry.index, applied.next(), "log entries apply once, in order, without gaps");
+            applied = entry.index;
+            let Some(payload) = entry.payload else {
+                results.push(Vec::new());
+                continue;
+            };
+            if payload.format_version > FORMAT_VERSION || payload.format_version == 0 {
+                return Err(StorageError::UnknownEvent {
+                    shard,
+                    index: entry.index,
+                    reason: format!(
+                        "format version {} (this build reads 1..={FORMAT_VERSION})",
+                        payload.format_version
+                    ),
+                });
+            }
+            let mut entry_results = Vec::with_capacity(payload.events.len());
+            for event in &payload.events {
+                entry_results.push(projection::apply_event(&mut staged, shard, entry.index, event)?);
+            }
+            results.push(entry_results);
+        }
+        let (mut changes, digests) = staged.finish();
+        let next = ShardState { shard: Some(shard), applied, digests, consensus_state };
+        changes.push((Cf::Meta, keys::applied_state(shard), Some(next.to_applied_state().encode_to_vec())));
+        Ok(Batch { changes, next, results })
+    }
+}

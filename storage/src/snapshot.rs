@@ -1,0 +1,139 @@
+//! Shard snapshots: a shard's projections and applied state at one index, as a stream of
+//! chunks, for raft snapshots and for seeding a new replica. After a snapshot is durable, the
+//! log below it can be purged.
+//!
+//! Installing verifies the data against the digests the snapshot carries before anything is
+//! written, then replaces the shard's projections and applied state in one atomic batch.
+
+use courier_proto::ShardId;
+use courier_proto::pb::store::{SnapshotChunk, SnapshotRecord};
+use prost::Message;
+
+use crate::cf::Cf;
+use crate::error::{Result, StorageError};
+use crate::keys;
+use crate::kv::{Change, Digest, ReadKv};
+use crate::projection::Projection;
+use crate::shard::ShardState;
+
+/// Records per chunk when exporting.
+pub const SNAPSHOT_CHUNK_RECORDS: usize = 4096;
+
+/// Exports the projections of `state`'s shard, read from `kv` at `state.applied`.
+///
+/// # Errors
+/// A storage fault.
+pub fn export(kv: &dyn ReadKv, state: &ShardState) -> Result<Vec<SnapshotChunk>> {
+    let shard = state.shard.expect("state names its shard");
+    let mut chunks = vec![SnapshotChunk { applied: Some(state.to_applied_state()), records: Vec::new(), last: false }];
+    for projection in Projection::ALL {
+        let cf = Cf::Projection(projection);
+        let (mut from, to) = keys::shard_range(shard);
+        loop {
+            let page = kv.scan(cf, &from, &to, SNAPSHOT_CHUNK_RECORDS)?;
+            let Some((last_key, _)) = page.last() else { break };
+            let mut next = last_key.clone();
+            next.push(0);
+            let full = page.len() == SNAPSHOT_CHUNK_RECORDS;
+            chunks.push(SnapshotChunk {
+                applied: None,
+                records: page
+                    .into_iter()
+                    .map(|(key, value)| SnapshotRecord { cf: cf.name().to_owned(), key, value })
+                    .collect(),
+                last: false,
+            });
+            if !full {
+                break;
+            }
+            from = next;
+        }
+    }
+    if let Some(last) = chunks.last_mut() {
+        last.last = true;
+    }
+    Ok(chunks)
+}
+
+/// Encodes chunks as one byte stream (length-delimited), for transports that want one blob.
+pub fn encode(chunks: &[SnapshotChunk]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for chunk in chunks {
+        chunk.encode_length_delimited(&mut out).expect("a Vec grows as needed");
+    }
+    out
+}
+
+/// Decodes a byte stream written by [`encode`].
+///
+/// # Errors
+/// [`StorageError::Snapshot`] on malformed input.
+pub fn decode(shard: ShardId, mut bytes: &[u8]) -> Result<Vec<SnapshotChunk>> {
+    let mut chunks = Vec::new();
+    while !bytes.is_empty() {
+        let chunk = SnapshotChunk::decode_length_delimited(&mut bytes)
+            .map_err(|error| StorageError::Snapshot { shard, reason: error.to_string() })?;
+        chunks.push(chunk);
+    }
+    Ok(chunks)
+}
+
+/// A verified snapshot, ready to replace a shard's projections.
+#[derive(Debug)]
+pub struct Install {
+    /// Key ranges to clear first: each projection's range of the shard.
+    pub clear: Vec<(Cf, Vec<u8>, Vec<u8>)>,
+    /// Records and the applied state to write.
+    pub changes: Vec<Change>,
+    /// The shard's state once installed.
+    pub state: ShardState,
+}
+
+/// Verifies `chunks` for `shard` and prepares their installation.
+///
+/// # Errors
+/// [`StorageError::Snapshot`] when the chunks are out of shape, name an unknown family, hold a
+/// key outside the shard, or do not match their own digests.
+pub fn prepare_install(shard: ShardId, chunks: Vec<SnapshotChunk>) -> Result<Install> {
+    let bad = |reason: String| StorageError::Snapshot { shard, reason };
+    let mut chunks = chunks.into_iter();
+    let first = chunks.next().ok_or_else(|| bad("no chunks".to_owned()))?;
+    let applied = first.applied.clone().ok_or_else(|| bad("first chunk carries no applied state".to_owned()))?;
+    let (start, end) = keys::shard_range(shard);
+    let mut digests = std::collections::BTreeMap::<Projection, Digest>::new();
+    let mut changes = Vec::new();
+    let mut saw_last = first.last;
+    for chunk in std::iter::once(first).chain(chunks) {
+        if saw_last && !chunk.records.is_empty() && chunk.applied.is_none() {
+            return Err(bad("records after the last chunk".to_owned()));
+        }
+        saw_last |= chunk.last;
+        for record in chunk.records {
+            let projection = Projection::from_name(&record.cf)
+                .ok_or_else(|| bad(format!("unknown column family {:?}", record.cf)))?;
+            if record.key < start || record.key >= end {
+                return Err(bad(format!("key {} outside the shard", crate::projection::hex(&record.key))));
+            }
+            digests.entry(projection).or_default().add(&record.key, &record.value);
+            changes.push((Cf::Projection(projection), record.key, Some(record.value)));
+        }
+    }
+    if !saw_last {
+        return Err(bad("stream ended before the last chunk".to_owned()));
+    }
+    let mut kv = crate::kv::MemKv::default();
+    kv.write([(Cf::Meta, keys::applied_state(shard), Some(applied.encode_to_vec()))]);
+    let state = ShardState::load(&kv, shard)?;
+    for projection in Projection::ALL {
+        let got = digests.get(&projection).copied().unwrap_or_default();
+        if got != state.digest(projection) {
+            return Err(bad(format!("projection {} does not match its digest", projection.name())));
+        }
+    }
+    changes.push((Cf::Meta, keys::applied_state(shard), Some(applied.encode_to_vec())));
+    let clear = Projection::ALL
+        .into_iter()
+        .map(|projection| (Cf::Projection(projection), start.clone(), end.clone()))
+        .collect();
+    Ok(Install { clear, changes, state })
+}
