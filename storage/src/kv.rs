@@ -56,6 +56,8 @@ impl MemKv {
                 None => family.remove(&key),
             };
         }
+        // Empty families are dropped so that equal contents compare equal.
+        self.families.retain(|_, family| !family.is_empty());
     }
 
     /// Clears `ranges`, then applies `changes`.

@@ -26,6 +26,8 @@ pub mod projection;
 pub mod rebuild;
 pub mod shard;
 pub mod snapshot;
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit;
 
 pub use cf::Cf;
 pub use db::{Db, OpenMode};

@@ -34,6 +34,11 @@ pub struct Committed<'p> {
     pub payload: Option<&'p EntryPayload>,
 }
 
+/// Every projection with an empty digest, so that states compare equal however they were made.
+fn all_zero() -> BTreeMap<Projection, Digest> {
+    Projection::ALL.into_iter().map(|projection| (projection, Digest::default())).collect()
+}
+
 /// What a shard replica has applied: the index, the digests, and the consensus layer's opaque
 /// state (last applied log id and membership).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -62,7 +67,7 @@ pub struct Batch {
 impl ShardState {
     /// A shard with nothing applied.
     pub fn empty(shard: ShardId) -> Self {
-        Self { shard: Some(shard), ..Self::default() }
+        Self { shard: Some(shard), digests: all_zero(), ..Self::default() }
     }
 
     fn shard_id(&self) -> ShardId {
@@ -84,7 +89,7 @@ impl ShardState {
             reason,
         };
         let stored = AppliedState::decode(value.as_slice()).map_err(|e| decode_err(e.to_string()))?;
-        let mut digests = BTreeMap::new();
+        let mut digests = all_zero();
         for digest in stored.digests {
             let projection = Projection::from_name(&digest.projection)
                 .ok_or_else(|| decode_err(format!("unknown projection {}", digest.projection)))?;

@@ -1,0 +1,387 @@
+//! Generators of valid random event histories, for property tests, conformance suites, crash
+//! tests and benchmarks. Deterministic per seed. Not part of the production surface: built for
+//! tests and behind the `testkit` feature.
+//!
+//! The generator keeps a small model of what it generated (users, inbox tails, reads, group
+//! membership) and, for derived values it cannot cheaply model (outbox positions), reads an
+//! oracle store that it applies every event to.
+
+#![allow(clippy::arithmetic_side_effects, clippy::as_conversions)]
+
+use std::collections::BTreeMap;
+
+use courier_proto::pb::events::event::Kind;
+use courier_proto::pb::events::{self, EntryPayload, Event, ReceiptState};
+use courier_proto::{ConversationId, FORMAT_VERSION, LogIndex, ShardId, UserId};
+
+use crate::kv::{MemKv, Staged};
+use crate::projection::{Projection, View, outbox};
+use crate::shard::{Committed, ShardState};
+
+/// Shards the generated histories talk to (the generated shard is one of them).
+pub const GEN_SHARDS: u16 = 3;
+
+/// A tiny deterministic PRNG (xorshift64*), so tests need no `rand` and replay from a seed.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// Seeds the generator (zero is remapped).
+    pub fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+
+    /// Returns the next value.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Returns a value in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    /// Returns true with probability `percent`/100.
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+struct UserModel {
+    tail: u64,
+    delivered: u64,
+    /// seq → (conversation peer, expired)
+    messages: BTreeMap<u64, (u64, bool, Vec<u8>)>,
+}
+
+/// Generates valid event histories for one shard.
+#[derive(Debug)]
+pub struct EventGen {
+    rng: Rng,
+    shard: ShardId,
+    oracle: MemKv,
+    oracle_state: ShardState,
+    users: BTreeMap<u64, UserModel>,
+    next_message: u64,
+    now_ms: u64,
+    inbound: BTreeMap<u32, u64>,
+    sent: Vec<(Vec<u8>, u64, u64, ReceiptState)>,
+    registered: BTreeMap<u64, u32>,
+    next_user: u64,
+    groups: BTreeMap<u64, Vec<u64>>,
+    client_ids: u64,
+    /// Body size of generated messages, in bytes.
+    pub body_bytes: usize,
+}
+
+impl EventGen {
+    /// A generator for `shard`, seeded.
+    pub fn new(shard: ShardId, seed: u64) -> Self {
+        Self {
+            rng: Rng::new(seed),
+            shard,
+            oracle: MemKv::default(),
+            oracle_state: ShardState::empty(shard),
+            users: (1..=4).map(|user| (user, UserModel::default())).collect(),
+            next_message: 1,
+            now_ms: 1_700_000_000_000,
+            inbound: BTreeMap::new(),
+            sent: Vec::new(),
+            registered: BTreeMap::new(),
+            next_user: 100,
+            groups: BTreeMap::new(),
+            client_ids: 0,
+            body_bytes: 16,
+        }
+    }
+
+    fn message_id(&mut self) -> Vec<u8> {
+        let mut id = [0_u8; 16];
+        id[..8].copy_from_slice(&self.next_message.to_be_bytes());
+        id[15] = 1;
+        self.next_message += 1;
+        id.to_vec()
+    }
+
+    fn pick_user(&mut self) -> u64 {
+        let n = self.users.len() as u64;
+        *self.users.keys().nth(self.rng.below(n) as usize).expect("users exist")
+    }
+
+    fn body(&mut self) -> Option<events::Content> {
+        Some(events::Content { body: vec![b'm'; self.body_bytes], media: None })
+    }
+
+    /// Returns the next valid event (and applies it to the oracle).
+    pub fn next_event(&mut self) -> Event {
+        self.now_ms += 1 + self.rng.below(1000);
+        let kind = loop {
+            if let Some(kind) = self.try_kind() {
+                break kind;
+            }
+        };
+        let event = Event { kind: Some(kind) };
+        self.feed_oracle(&event);
+        event
+    }
+
+    /// Returns `n` entries of 1..=`events_max` events each, as payloads.
+    pub fn payloads(&mut self, n: usize, events_max: u64) -> Vec<EntryPayload> {
+        (0..n)
+            .map(|_| {
+                let count = 1 + self.rng.below(events_max);
+                EntryPayload {
+                    format_version: FORMAT_VERSION,
+                    events: (0..count).map(|_| self.next_event()).collect(),
+                }
+            })
+            .collect()
+    }
+
+    fn feed_oracle(&mut self, event: &Event) {
+        let at = self.oracle_state.applied.next();
+        let payload = EntryPayload { format_version: FORMAT_VERSION, events: vec![event.clone()] };
+        let batch = self
+            .oracle_state
+            .apply_batch(&self.oracle, &[Committed { index: at, payload: Some(&payload) }], Vec::new())
+            .expect("memory never faults");
+        self.oracle.write(batch.changes);
+        self.oracle_state = batch.next;
+    }
+
+    fn try_kind(&mut self) -> Option<Kind> {
+        match self.rng.below(100) {
+            0..=19 => Some(self.message_sent()),
+            20..=44 => Some(self.message_delivered()),
+            45..=56 => self.delivery_acked(),
+            57..=66 => self.read_up_to(),
+            67..=72 => self.message_expired(),
+            73..=80 => self.receipt_recorded(),
+            81..=86 => self.outbox_trimmed(),
+            87..=92 => Some(self.registration()),
+            _ => self.group_change(),
+        }
+    }
+
+    fn message_sent(&mut self) -> Kind {
+        let sender = self.pick_user();
+        let recipient = 1 + self.rng.below(8);
+        let recipient_shard = self.rng.below(u64::from(GEN_SHARDS)) as u32;
+        // Now and then retry an earlier client id: the fold must treat it as a duplicate.
+        let client = if self.client_ids > 0 && self.rng.chance(10) {
+            self.rng.below(self.client_ids)
+        } else {
+            self.client_ids += 1;
+            self.client_ids - 1
+        };
+        let message_id = self.message_id();
+        if recipient_shard != u32::from(self.shard.get()) {
+            self.sent.push((message_id.clone(), sender, recipient, ReceiptState::Sent));
+        }
+        Kind::MessageSent(events::MessageSent {
+            message_id,
+            sender_user: sender,
+            sender_device: 1,
+            client_msg_id: format!("c-{client}"),
+            to: Some(ConversationId::Direct(UserId::new(recipient).expect("nonzero")).into()),
+            content: self.body(),
+            sent_at_ms: self.now_ms,
+            recipient_shard,
+            group_epoch: 0,
+        })
+    }
+
+    fn message_delivered(&mut self) -> Kind {
+        let user = self.pick_user();
+        let peer = 1 + self.rng.below(8);
+        let own = u32::from(self.shard.get());
+        let source_shard = self.rng.below(u64::from(GEN_SHARDS)) as u32;
+        let forwarded = source_shard != own;
+        let mut source_pos = 0;
+        if forwarded {
+            let applied = self.inbound.get(&source_shard).copied().unwrap_or(0);
+            if applied > 0 && self.rng.chance(10) {
+                // A retried forward: a duplicate, applied as a no-op. Reuse any content.
+                source_pos = 1 + self.rng.below(applied);
+                return Kind::MessageDelivered(events::MessageDelivered {
+                    message_id: self.message_id(),
+                    recipient_user: user,
+                    sender_user: peer,
+                    sender_device: 1,
+                    conversation: Some(ConversationId::Direct(UserId::new(peer).expect("nonzero")).into()),
+                    content: self.body(),
+                    sent_at_ms: self.now_ms,
+                    stored_at_ms: self.now_ms,
+                    source_shard,
+                    source_pos,
+                });
+            }
+            source_pos = applied + 1;
+            self.inbound.insert(source_shard, source_pos);
+        }
+        let message_id = self.message_id();
+        let model = self.users.get_mut(&user).expect("picked");
+        model.tail += 1;
+        model.messages.insert(model.tail, (peer, false, message_id.clone()));
+        Kind::MessageDelivered(events::MessageDelivered {
+            message_id,
+            recipient_user: user,
+            sender_user: peer,
+            sender_device: 1,
+            conversation: Some(ConversationId::Direct(UserId::new(peer).expect("nonzero")).into()),
+            content: self.body(),
+            sent_at_ms: self.now_ms.saturating_sub(5),
+            stored_at_ms: self.now_ms,
+            source_shard: if forwarded { source_shard } else { own },
+            source_pos,
+        })
+    }
+
+    fn delivery_acked(&mut self) -> Option<Kind> {
+        let user = self.pick_user();
+        let tail = self.users[&user].tail;
+        if tail == 0 {
+            return None;
+        }
+        let up_to = 1 + self.rng.below(tail);
+        let model = self.users.get_mut(&user).expect("picked");
+        model.delivered = model.delivered.max(up_to);
+        Some(Kind::DeliveryAcked(events::DeliveryAcked {
+            user,
+            device: 1 + self.rng.below(2) as u32,
+            up_to_seq: up_to,
+            acked_at_ms: self.now_ms,
+        }))
+    }
+
+    fn read_up_to(&mut self) -> Option<Kind> {
+        let user = self.pick_user();
+        let model = &self.users[&user];
+        if model.messages.is_empty() {
+            return None;
+        }
+        let n = model.messages.len() as u64;
+        let (&seq, &(peer, _, _)) = model.messages.iter().nth(self.rng.below(n) as usize)?;
+        Some(Kind::ReadUpTo(events::ReadUpTo {
+            user,
+            conversation: Some(ConversationId::Direct(UserId::new(peer).expect("nonzero")).into()),
+            up_to_seq: seq,
+            read_at_ms: self.now_ms,
+        }))
+    }
+
+    fn message_expired(&mut self) -> Option<Kind> {
+        let user = self.pick_user();
+        let model = self.users.get_mut(&user).expect("picked");
+        let delivered = model.delivered;
+        let (&seq, entry) = model.messages.iter_mut().find(|(seq, (_, expired, _))| **seq > delivered && !expired)?;
+        entry.1 = true;
+        Some(Kind::MessageExpired(events::MessageExpired {
+            user,
+            seq,
+            message_id: entry.2.clone(),
+            at_ms: self.now_ms,
+        }))
+    }
+
+    fn receipt_recorded(&mut self) -> Option<Kind> {
+        if self.sent.is_empty() {
+            return None;
+        }
+        let i = self.rng.below(self.sent.len() as u64) as usize;
+        let (message_id, sender, recipient, state) = self.sent[i].clone();
+        let next = match state {
+            ReceiptState::Sent | ReceiptState::Unspecified => ReceiptState::Delivered,
+            ReceiptState::Delivered => ReceiptState::Read,
+            ReceiptState::Read => return None,
+        };
+        self.sent[i].3 = next;
+        let source_shard = (u32::from(self.shard.get()) + 1) % u32::from(GEN_SHARDS);
+        let pos = self.inbound.get(&source_shard).copied().unwrap_or(0) + 1;
+        self.inbound.insert(source_shard, pos);
+        Some(Kind::ReceiptRecorded(events::ReceiptRecorded {
+            message_id,
+            sender_user: sender,
+            recipient_user: recipient,
+            state: next.into(),
+            at_ms: self.now_ms,
+            source_shard,
+            source_pos: pos,
+        }))
+    }
+
+    fn outbox_trimmed(&mut self) -> Option<Kind> {
+        let dest = ShardId::new(self.rng.below(u64::from(GEN_SHARDS)) as u16);
+        let mut staged = Staged::new(&self.oracle, BTreeMap::new());
+        let view = View::new(&mut staged, self.shard, LogIndex::ZERO, Projection::Outbox);
+        let state = outbox::state(&view, dest).expect("memory never faults");
+        if state.last_pos == 0 {
+            return None;
+        }
+        // Mostly forward trims; sometimes a retried (stale) one.
+        let up_to = if state.last_pos > state.trimmed_up_to && !self.rng.chance(15) {
+            state.trimmed_up_to + 1 + self.rng.below(state.last_pos - state.trimmed_up_to)
+        } else {
+            self.rng.below(state.trimmed_up_to + 1)
+        };
+        Some(Kind::OutboxTrimmed(events::OutboxTrimmed { dest_shard: u32::from(dest.get()), up_to }))
+    }
+
+    fn registration(&mut self) -> Kind {
+        let known: Vec<u64> = self.registered.keys().copied().collect();
+        if !known.is_empty() && self.rng.chance(60) {
+            let user = known[self.rng.below(known.len() as u64) as usize];
+            let devices = self.registered[&user];
+            if devices > 0 && self.rng.chance(30) {
+                return Kind::DeviceRevoked(events::DeviceRevoked {
+                    user,
+                    device: 1 + self.rng.below(u64::from(devices)) as u32,
+                    at_ms: self.now_ms,
+                });
+            }
+            let device = devices + 1;
+            self.registered.insert(user, device);
+            return Kind::DeviceRegistered(events::DeviceRegistered {
+                user,
+                device,
+                token_hash: vec![device as u8; 32],
+                primary: device == 1,
+                at_ms: self.now_ms,
+            });
+        }
+        let user = self.next_user;
+        self.next_user += 1;
+        self.registered.insert(user, 0);
+        let mut phone_hash = vec![0_u8; 16];
+        phone_hash[..8].copy_from_slice(&user.to_be_bytes());
+        Kind::UserRegistered(events::UserRegistered { user, phone_hash, at_ms: self.now_ms })
+    }
+
+    fn group_change(&mut self) -> Option<Kind> {
+        if self.groups.is_empty() || self.rng.chance(20) {
+            let group = 1_000 + self.groups.len() as u64;
+            let creator = self.pick_user();
+            self.groups.insert(group, vec![creator]);
+            return Some(Kind::GroupCreated(events::GroupCreated {
+                group,
+                creator,
+                name: format!("g{group}"),
+                at_ms: self.now_ms,
+            }));
+        }
+        let group = *self.groups.keys().nth(self.rng.below(self.groups.len() as u64) as usize)?;
+        let members = self.groups.get_mut(&group)?;
+        let candidate = 1 + self.rng.below(8);
+        if let Some(i) = members.iter().position(|m| *m == candidate) {
+            members.remove(i);
+            Some(Kind::MemberRemoved(events::MemberRemoved { group, user: candidate, by: candidate, at_ms: self.now_ms }))
+        } else {
+            members.push(candidate);
+            Some(Kind::MemberAdded(events::MemberAdded { group, user: candidate, by: members[0], admin: false, at_ms: self.now_ms }))
+        }
+    }
+}
