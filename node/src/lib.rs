@@ -1,1 +1,19 @@
-//! placeholder
+//! The courier server.
+//!
+//! Layout:
+//! - [`config`]: the TOML config, validated once.
+//! - [`server`]: startup and shutdown as a story: storage, then gRPC services.
+//! - [`services`]: the client and peer gRPC services.
+//! - [`telemetry`]: structured logs and the panic hook.
+//!
+//! `main.rs` only parses flags, loads the config and calls [`server::start`]; tests start whole
+//! nodes in-process on port 0 the same way.
+
+pub mod config;
+pub mod server;
+pub mod services;
+pub mod telemetry;
+pub mod units;
+
+pub use config::Config;
+pub use server::{NodeHandle, start};

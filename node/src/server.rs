@@ -1,0 +1,204 @@
+//! Startup and shutdown, in order.
+//!
+//! ```text
+//!   start: data dir ─▶ RocksDB ─▶ bind client + peer listeners ─▶ node.addr ─▶ serve
+//!   stop:  cancel ─▶ gRPC servers drain ─▶ tasks joined ─▶ RocksDB closed (WAL synced)
+//! ```
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use courier_proto::pb::client::groups_server::GroupsServer;
+use courier_proto::pb::client::messaging_server::MessagingServer;
+use courier_proto::pb::client::registration_server::RegistrationServer;
+use courier_proto::pb::peer::admin_server::AdminServer;
+use courier_proto::pb::peer::forward_server::ForwardServer;
+use courier_proto::pb::peer::raft_server::RaftServer;
+use courier_proto::limits::GRPC_MESSAGE_BYTES_MAX;
+use courier_storage::{Db, OpenMode};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::info;
+
+use crate::config::Config;
+use crate::services::{ClientApi, PeerApi};
+
+/// How long shutdown waits for in-flight RPCs before giving up on them.
+pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Why a node failed to start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The data directory could not be created.
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Storage failed to open (for example: another node process holds this data directory).
+    #[error("storage: {0}")]
+    Storage(#[from] courier_storage::StorageError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The addresses file could not be written.
+    #[error("cannot write {path}: {source}")]
+    AddrFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// gRPC reflection could not load the descriptors.
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// A gRPC server failed.
+    #[error("grpc server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// A running node.
+#[derive(Debug)]
+pub struct NodeHandle {
+    /// The bound client API address.
+    pub client_addr: SocketAddr,
+    /// The bound peer API address.
+    pub peer_addr: SocketAddr,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+    errors: tokio::sync::mpsc::Receiver<ServerError>,
+}
+
+impl NodeHandle {
+    /// Stops the node: servers drain (up to [`SHUTDOWN_DEADLINE`]), tasks are joined.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(SHUTDOWN_DEADLINE, self.tasks.wait()).await.is_err() {
+            tracing::warn!(deadline_s = SHUTDOWN_DEADLINE.as_secs(), "shutdown deadline passed");
+        }
+    }
+
+    /// Waits until `signal` resolves or a server fails, then stops the node.
+    ///
+    /// # Errors
+    /// The first server error, if one happened before the signal.
+    pub async fn run_until(mut self, signal: impl Future<Output = ()>) -> Result<(), ServerError> {
+        let outcome = tokio::select! {
+            () = signal => Ok(()),
+            Some(error) = self.errors.recv() => Err(error),
+        };
+        self.stop().await;
+        outcome
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })
+}
+
+/// Starts a node: opens storage, binds both listeners and serves until stopped.
+///
+/// # Errors
+/// [`ServerError`] when the data directory, storage, or a listener cannot be set up.
+pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
+    info!(node_id = config.node_id, data_dir = %config.data_dir.display(), "starting node");
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|source| ServerError::DataDir { path: config.data_dir.clone(), source })?;
+
+    let db_path = config.data_dir.join("db");
+    let db = Arc::new(Db::open(&db_path, OpenMode::ReadWrite)?);
+    info!(path = %db_path.display(), "storage open");
+
+    let client_listener = bind(config.listen.client).await?;
+    let peer_listener = bind(config.listen.peer).await?;
+    let client_addr = client_listener.local_addr().map_err(|source| ServerError::Bind { addr: config.listen.client, source })?;
+    let peer_addr = peer_listener.local_addr().map_err(|source| ServerError::Bind { addr: config.listen.peer, source })?;
+    write_addr_file(&config, client_addr, peer_addr)?;
+    info!(%client_addr, %peer_addr, "listening");
+
+    let shutdown = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let (error_tx, errors) = tokio::sync::mpsc::channel(2);
+
+    let client_router = client_router(&config).await?;
+    let peer_router = peer_router().await?;
+    for (name, router, listener) in [("client", client_router, client_listener), ("peer", peer_router, peer_listener)] {
+        let shutdown = shutdown.clone();
+        let error_tx = error_tx.clone();
+        let db = db.clone();
+        tasks.spawn(async move {
+            let incoming = TcpListenerStream::new(listener);
+            let served = router.serve_with_incoming_shutdown(incoming, shutdown.cancelled()).await;
+            if let Err(error) = served {
+                tracing::error!(server = name, %error, "grpc server failed");
+                let _ = error_tx.try_send(ServerError::Transport(error));
+            }
+            info!(server = name, "grpc server stopped");
+            drop(db);
+        });
+    }
+    Ok(NodeHandle { client_addr, peer_addr, shutdown, tasks, errors })
+}
+
+fn write_addr_file(config: &Config, client: SocketAddr, peer: SocketAddr) -> Result<(), ServerError> {
+    let path = config.data_dir.join("node.addr");
+    let body = serde_json::json!({ "node_id": config.node_id, "client": client, "peer": peer });
+    let tmp = path.with_extension("addr.tmp");
+    std::fs::write(&tmp, body.to_string())
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|source| ServerError::AddrFile { path, source })
+}
+
+fn reflection() -> Result<
+    tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
+    ServerError,
+> {
+    Ok(tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(courier_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?)
+}
+
+async fn client_router(config: &Config) -> Result<tonic::transport::server::Router, ServerError> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<RegistrationServer<ClientApi>>().await;
+    reporter.set_serving::<MessagingServer<ClientApi>>().await;
+    reporter.set_serving::<GroupsServer<ClientApi>>().await;
+    let api = ClientApi;
+    Ok(tonic::transport::Server::builder()
+        .concurrency_limit_per_connection(usize::try_from(config.limits.streams_per_connection_max).unwrap_or(usize::MAX))
+        .max_concurrent_streams(Some(config.limits.streams_per_connection_max))
+        .add_service(health)
+        .add_service(reflection()?)
+        .add_service(RegistrationServer::new(api.clone()).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX))
+        .add_service(MessagingServer::new(api.clone()).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX))
+        .add_service(GroupsServer::new(api).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)))
+}
+
+async fn peer_router() -> Result<tonic::transport::server::Router, ServerError> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<RaftServer<PeerApi>>().await;
+    reporter.set_serving::<ForwardServer<PeerApi>>().await;
+    reporter.set_serving::<AdminServer<PeerApi>>().await;
+    let api = PeerApi;
+    Ok(tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection()?)
+        .add_service(RaftServer::new(api.clone()).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX))
+        .add_service(ForwardServer::new(api.clone()).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX))
+        .add_service(AdminServer::new(api).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)))
+}

@@ -1,0 +1,5 @@
+//! Node integration tests: one binary, one module per area. Nodes run in-process on port 0, or
+//! as real `courier-node` processes with configs and data directories in a temp dir.
+
+mod foundation;
+mod support;

@@ -1,0 +1,94 @@
+//! Helpers shared by the integration tests: configs on port 0, and real node processes that are
+//! killed when dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A config for node `id` listening on port 0 under `dir`.
+pub(crate) fn config_text(id: u64, dir: &Path) -> String {
+    format!(
+        r#"
+node-id = {id}
+data-dir = "{}"
+[listen]
+client = "127.0.0.1:0"
+peer = "127.0.0.1:0"
+[log]
+format = "json"
+level = "info"
+"#,
+        dir.display()
+    )
+}
+
+/// The addresses a node wrote to `<data-dir>/node.addr`.
+#[derive(Debug, Clone)]
+pub(crate) struct Addrs {
+    pub(crate) client: String,
+    pub(crate) peer: String,
+}
+
+/// Waits for `<data-dir>/node.addr` to appear and reads it.
+pub(crate) fn wait_addrs(data_dir: &Path, timeout: Duration) -> Addrs {
+    let path = data_dir.join("node.addr");
+    let started = Instant::now();
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            let value: serde_json::Value = serde_json::from_str(&text).expect("node.addr is JSON");
+            return Addrs {
+                client: value["client"].as_str().expect("client").to_owned(),
+                peer: value["peer"].as_str().expect("peer").to_owned(),
+            };
+        }
+        assert!(started.elapsed() < timeout, "node did not write {} in {timeout:?}", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A `courier-node` process, SIGKILLed on drop if still running.
+pub(crate) struct NodeProcess {
+    pub(crate) child: Child,
+    pub(crate) data_dir: PathBuf,
+}
+
+impl NodeProcess {
+    /// Starts node `id` with its data in `root/node<id>`.
+    pub(crate) fn start(id: u64, root: &Path) -> Self {
+        let data_dir = root.join(format!("node{id}"));
+        std::fs::create_dir_all(&data_dir).expect("data dir");
+        let config = root.join(format!("node{id}.toml"));
+        std::fs::write(&config, config_text(id, &data_dir)).expect("config");
+        let log = std::fs::File::create(root.join(format!("node{id}.log"))).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_courier-node"))
+            .arg("--config")
+            .arg(&config)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn courier-node");
+        Self { child, data_dir }
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for a clean exit.
+    pub(crate) fn terminate(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().expect("kill -TERM");
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(started.elapsed() < timeout, "node did not stop within {timeout:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
