@@ -39,7 +39,9 @@ pub enum ConfigError {
     },
     /// The election timeout does not exceed the heartbeat interval enough to tolerate a lost
     /// heartbeat.
-    #[error("raft.election-timeout-min ({election_timeout_ms_min} ms) must be at least 3 x raft.heartbeat ({heartbeat_ms} ms)")]
+    #[error(
+        "raft.election-timeout-min ({election_timeout_ms_min} ms) must be at least 3 x raft.heartbeat ({heartbeat_ms} ms)"
+    )]
     ElectionTimeoutNotAboveHeartbeat {
         /// The minimum election timeout.
         election_timeout_ms_min: u64,
@@ -47,7 +49,9 @@ pub enum ConfigError {
         heartbeat_ms: u64,
     },
     /// The election timeout range is empty.
-    #[error("raft.election-timeout-max ({election_timeout_ms_max} ms) must exceed raft.election-timeout-min ({election_timeout_ms_min} ms)")]
+    #[error(
+        "raft.election-timeout-max ({election_timeout_ms_max} ms) must exceed raft.election-timeout-min ({election_timeout_ms_min} ms)"
+    )]
     ElectionTimeoutRangeEmpty {
         /// The minimum.
         election_timeout_ms_min: u64,
@@ -295,8 +299,10 @@ impl Config {
     /// # Errors
     /// [`ConfigError`] naming what is wrong.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Self::parse(&text)
     }
 
@@ -320,7 +326,11 @@ fn bounded(name: &'static str, value: u64, max: u64) -> Result<(), ConfigError> 
 }
 
 fn nonzero(name: &'static str, value: u32) -> Result<(), ConfigError> {
-    if value == 0 { Err(ConfigError::ZeroLimit { name }) } else { Ok(()) }
+    if value == 0 {
+        Err(ConfigError::ZeroLimit { name })
+    } else {
+        Ok(())
+    }
 }
 
 impl RawConfig {
@@ -333,7 +343,9 @@ impl RawConfig {
             return Err(ConfigError::NodeIdZero);
         }
         if self.listen.client == self.listen.peer && self.listen.client.port() != 0 {
-            return Err(ConfigError::SameListenAddress { addr: self.listen.client });
+            return Err(ConfigError::SameListenAddress {
+                addr: self.listen.client,
+            });
         }
         let ms = |d: HumanDuration| u64::try_from(d.0.as_millis()).unwrap_or(u64::MAX);
         let (heartbeat_ms, min_ms, max_ms) = (
@@ -342,7 +354,9 @@ impl RawConfig {
             ms(self.raft.election_timeout_max),
         );
         if heartbeat_ms == 0 {
-            return Err(ConfigError::ZeroLimit { name: "raft.heartbeat" });
+            return Err(ConfigError::ZeroLimit {
+                name: "raft.heartbeat",
+            });
         }
         if min_ms < heartbeat_ms.saturating_mul(3) {
             return Err(ConfigError::ElectionTimeoutNotAboveHeartbeat {
@@ -357,20 +371,40 @@ impl RawConfig {
             });
         }
         if ms(self.raft.rpc_timeout) == 0 {
-            return Err(ConfigError::ZeroLimit { name: "raft.rpc-timeout" });
+            return Err(ConfigError::ZeroLimit {
+                name: "raft.rpc-timeout",
+            });
         }
         let l = &self.limits;
-        bounded("limits.message-body-max", l.message_body_max.0, limits::MESSAGE_BODY_BYTES_MAX as u64)?;
-        bounded("limits.thumbnail-max", l.thumbnail_max.0, limits::THUMBNAIL_BYTES_MAX as u64)?;
-        bounded("limits.group-members-max", u64::from(l.group_members_max), u64::from(limits::GROUP_MEMBERS_MAX))?;
+        bounded(
+            "limits.message-body-max",
+            l.message_body_max.0,
+            limits::MESSAGE_BODY_BYTES_MAX as u64,
+        )?;
+        bounded(
+            "limits.thumbnail-max",
+            l.thumbnail_max.0,
+            limits::THUMBNAIL_BYTES_MAX as u64,
+        )?;
+        bounded(
+            "limits.group-members-max",
+            u64::from(l.group_members_max),
+            u64::from(limits::GROUP_MEMBERS_MAX),
+        )?;
         bounded(
             "limits.companion-devices-max",
             u64::from(l.companion_devices_max),
             u64::from(limits::COMPANION_DEVICES_MAX),
         )?;
         nonzero("limits.connections-max", l.connections_max)?;
-        nonzero("limits.streams-per-connection-max", l.streams_per_connection_max)?;
-        nonzero("limits.sends-per-second-per-device", l.sends_per_second_per_device)?;
+        nonzero(
+            "limits.streams-per-connection-max",
+            l.streams_per_connection_max,
+        )?;
+        nonzero(
+            "limits.sends-per-second-per-device",
+            l.sends_per_second_per_device,
+        )?;
         nonzero("limits.send-burst-per-device", l.send_burst_per_device)?;
         nonzero("limits.stream-buffer-frames", l.stream_buffer_frames)?;
         Ok(Config {
@@ -437,10 +471,16 @@ mod tests {
         let zero = MINIMAL.replace("node-id = 1", "node-id = 0");
         assert!(matches!(Config::parse(&zero), Err(ConfigError::NodeIdZero)));
         let same = MINIMAL.replace("7101", "7001");
-        assert!(matches!(Config::parse(&same), Err(ConfigError::SameListenAddress { .. })));
+        assert!(matches!(
+            Config::parse(&same),
+            Err(ConfigError::SameListenAddress { .. })
+        ));
         assert!(matches!(
             with("[raft]\nheartbeat = \"200ms\"\nelection-timeout-min = \"300ms\""),
-            Err(ConfigError::ElectionTimeoutNotAboveHeartbeat { election_timeout_ms_min: 300, heartbeat_ms: 200 })
+            Err(ConfigError::ElectionTimeoutNotAboveHeartbeat {
+                election_timeout_ms_min: 300,
+                heartbeat_ms: 200
+            })
         ));
         assert!(matches!(
             with("[raft]\nelection-timeout-min = \"900ms\"\nelection-timeout-max = \"900ms\""),
@@ -448,17 +488,30 @@ mod tests {
         ));
         assert!(matches!(
             with("[limits]\nmessage-body-max = \"65KiB\""),
-            Err(ConfigError::AboveProtocolMax { name: "limits.message-body-max", .. })
+            Err(ConfigError::AboveProtocolMax {
+                name: "limits.message-body-max",
+                ..
+            })
         ));
         assert!(matches!(
             with("[limits]\ngroup-members-max = 0"),
-            Err(ConfigError::ZeroLimit { name: "limits.group-members-max" })
+            Err(ConfigError::ZeroLimit {
+                name: "limits.group-members-max"
+            })
         ));
         assert!(matches!(
             with("[limits]\nsends-per-second-per-device = 0"),
-            Err(ConfigError::ZeroLimit { name: "limits.sends-per-second-per-device" })
+            Err(ConfigError::ZeroLimit {
+                name: "limits.sends-per-second-per-device"
+            })
         ));
-        assert!(matches!(with("[limits]\nmessage-body-max = \"64kb\""), Err(ConfigError::Parse(_))));
-        assert!(matches!(with("unknown-key = 1"), Err(ConfigError::Parse(_))));
+        assert!(matches!(
+            with("[limits]\nmessage-body-max = \"64kb\""),
+            Err(ConfigError::Parse(_))
+        ));
+        assert!(matches!(
+            with("unknown-key = 1"),
+            Err(ConfigError::Parse(_))
+        ));
     }
 }

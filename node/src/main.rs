@@ -20,7 +20,9 @@ fn main() -> anyhow::Result<()> {
         .with_context(|| format!("loading {}", args.config.display()))?;
     courier_node::telemetry::init(&config.log);
     courier_node::telemetry::set_panic_hook();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         let node = courier_node::start(config).await?;
         node.run_until(shutdown_signal()).await?;

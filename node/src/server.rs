@@ -9,18 +9,19 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use courier_proto::limits::GRPC_MESSAGE_BYTES_MAX;
 use courier_proto::pb::client::groups_server::GroupsServer;
 use courier_proto::pb::client::messaging_server::MessagingServer;
 use courier_proto::pb::client::registration_server::RegistrationServer;
 use courier_proto::pb::peer::admin_server::AdminServer;
 use courier_proto::pb::peer::forward_server::ForwardServer;
 use courier_proto::pb::peer::raft_server::RaftServer;
-use courier_proto::limits::GRPC_MESSAGE_BYTES_MAX;
 use courier_storage::{Db, OpenMode};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tonic::server::NamedService;
 use tracing::info;
 
 use crate::config::Config;
@@ -87,8 +88,14 @@ impl NodeHandle {
     pub async fn stop(self) {
         self.shutdown.cancel();
         self.tasks.close();
-        if tokio::time::timeout(SHUTDOWN_DEADLINE, self.tasks.wait()).await.is_err() {
-            tracing::warn!(deadline_s = SHUTDOWN_DEADLINE.as_secs(), "shutdown deadline passed");
+        if tokio::time::timeout(SHUTDOWN_DEADLINE, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                deadline_s = SHUTDOWN_DEADLINE.as_secs(),
+                "shutdown deadline passed"
+            );
         }
     }
 
@@ -107,7 +114,9 @@ impl NodeHandle {
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
-    TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { addr, source })
 }
 
 /// Starts a node: opens storage, binds both listeners and serves until stopped.
@@ -116,8 +125,10 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
 /// [`ServerError`] when the data directory, storage, or a listener cannot be set up.
 pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
     info!(node_id = config.node_id, data_dir = %config.data_dir.display(), "starting node");
-    std::fs::create_dir_all(&config.data_dir)
-        .map_err(|source| ServerError::DataDir { path: config.data_dir.clone(), source })?;
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
 
     let db_path = config.data_dir.join("db");
     let db = Arc::new(Db::open(&db_path, OpenMode::ReadWrite)?);
@@ -125,8 +136,18 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
 
     let client_listener = bind(config.listen.client).await?;
     let peer_listener = bind(config.listen.peer).await?;
-    let client_addr = client_listener.local_addr().map_err(|source| ServerError::Bind { addr: config.listen.client, source })?;
-    let peer_addr = peer_listener.local_addr().map_err(|source| ServerError::Bind { addr: config.listen.peer, source })?;
+    let client_addr = client_listener
+        .local_addr()
+        .map_err(|source| ServerError::Bind {
+            addr: config.listen.client,
+            source,
+        })?;
+    let peer_addr = peer_listener
+        .local_addr()
+        .map_err(|source| ServerError::Bind {
+            addr: config.listen.peer,
+            source,
+        })?;
     write_addr_file(&config, client_addr, peer_addr)?;
     info!(%client_addr, %peer_addr, "listening");
 
@@ -136,13 +157,18 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
 
     let client_router = client_router(&config).await?;
     let peer_router = peer_router().await?;
-    for (name, router, listener) in [("client", client_router, client_listener), ("peer", peer_router, peer_listener)] {
+    for (name, router, listener) in [
+        ("client", client_router, client_listener),
+        ("peer", peer_router, peer_listener),
+    ] {
         let shutdown = shutdown.clone();
         let error_tx = error_tx.clone();
         let db = db.clone();
         tasks.spawn(async move {
             let incoming = TcpListenerStream::new(listener);
-            let served = router.serve_with_incoming_shutdown(incoming, shutdown.cancelled()).await;
+            let served = router
+                .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
+                .await;
             if let Err(error) = served {
                 tracing::error!(server = name, %error, "grpc server failed");
                 let _ = error_tx.try_send(ServerError::Transport(error));
@@ -151,10 +177,20 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
             drop(db);
         });
     }
-    Ok(NodeHandle { client_addr, peer_addr, shutdown, tasks, errors })
+    Ok(NodeHandle {
+        client_addr,
+        peer_addr,
+        shutdown,
+        tasks,
+        errors,
+    })
 }
 
-fn write_addr_file(config: &Config, client: SocketAddr, peer: SocketAddr) -> Result<(), ServerError> {
+fn write_addr_file(
+    config: &Config,
+    client: SocketAddr,
+    peer: SocketAddr,
+) -> Result<(), ServerError> {
     let path = config.data_dir.join("node.addr");
     let body = serde_json::json!({ "node_id": config.node_id, "client": client, "peer": peer });
     let tmp = path.with_extension("addr.tmp");
@@ -163,29 +199,51 @@ fn write_addr_file(config: &Config, client: SocketAddr, peer: SocketAddr) -> Res
         .map_err(|source| ServerError::AddrFile { path, source })
 }
 
-fn reflection() -> Result<
-    tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
+/// Reflection listing exactly the services of one listener (`services`), plus health and
+/// reflection itself.
+fn reflection(
+    services: &[&str],
+) -> Result<
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
     ServerError,
 > {
-    Ok(tonic_reflection::server::Builder::configure()
+    let mut builder = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(courier_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?)
+        .with_service_name("grpc.health.v1.Health");
+    for service in services {
+        builder = builder.with_service_name(*service);
+    }
+    Ok(builder.build_v1()?)
 }
 
 async fn client_router(config: &Config) -> Result<tonic::transport::server::Router, ServerError> {
     let (reporter, health) = tonic_health::server::health_reporter();
-    reporter.set_serving::<RegistrationServer<ClientApi>>().await;
+    reporter
+        .set_serving::<RegistrationServer<ClientApi>>()
+        .await;
     reporter.set_serving::<MessagingServer<ClientApi>>().await;
     reporter.set_serving::<GroupsServer<ClientApi>>().await;
     let api = ClientApi;
     Ok(tonic::transport::Server::builder()
-        .concurrency_limit_per_connection(usize::try_from(config.limits.streams_per_connection_max).unwrap_or(usize::MAX))
+        .concurrency_limit_per_connection(
+            usize::try_from(config.limits.streams_per_connection_max).unwrap_or(usize::MAX),
+        )
         .max_concurrent_streams(Some(config.limits.streams_per_connection_max))
         .add_service(health)
-        .add_service(reflection()?)
-        .add_service(RegistrationServer::new(api.clone()).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX))
-        .add_service(MessagingServer::new(api.clone()).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX))
+        .add_service(reflection(&[
+            <RegistrationServer<ClientApi> as NamedService>::NAME,
+            <MessagingServer<ClientApi> as NamedService>::NAME,
+            <GroupsServer<ClientApi> as NamedService>::NAME,
+        ])?)
+        .add_service(
+            RegistrationServer::new(api.clone()).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX),
+        )
+        .add_service(
+            MessagingServer::new(api.clone()).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX),
+        )
         .add_service(GroupsServer::new(api).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)))
 }
 
@@ -197,8 +255,14 @@ async fn peer_router() -> Result<tonic::transport::server::Router, ServerError> 
     let api = PeerApi;
     Ok(tonic::transport::Server::builder()
         .add_service(health)
-        .add_service(reflection()?)
+        .add_service(reflection(&[
+            <RaftServer<PeerApi> as NamedService>::NAME,
+            <ForwardServer<PeerApi> as NamedService>::NAME,
+            <AdminServer<PeerApi> as NamedService>::NAME,
+        ])?)
         .add_service(RaftServer::new(api.clone()).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX))
-        .add_service(ForwardServer::new(api.clone()).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX))
+        .add_service(
+            ForwardServer::new(api.clone()).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX),
+        )
         .add_service(AdminServer::new(api).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)))
 }

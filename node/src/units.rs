@@ -3,8 +3,8 @@
 use std::fmt;
 use std::time::Duration;
 
-use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
+use serde::de::{self, Deserializer, Visitor};
 
 /// A size in bytes, written `"512B"`, `"64KiB"`, `"4MiB"` or `"1GiB"` (or a bare integer).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -16,7 +16,9 @@ pub struct HumanDuration(pub Duration);
 
 fn split_unit(text: &str) -> Option<(u64, &str)> {
     let text = text.trim();
-    let digits = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(digits);
     Some((number.parse().ok()?, unit.trim()))
 }
@@ -87,7 +89,10 @@ impl<'de> Deserialize<'de> for ByteSize {
 
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_str(UnitVisitor(HumanDuration::parse, "a duration such as \"300ms\""))
+        d.deserialize_str(UnitVisitor(
+            HumanDuration::parse,
+            "a duration such as \"300ms\"",
+        ))
     }
 }
 
@@ -101,8 +106,14 @@ mod tests {
         assert_eq!(ByteSize::parse("3"), Some(ByteSize(3)));
         assert_eq!(ByteSize::parse("1GiB"), Some(ByteSize(1 << 30)));
         assert_eq!(ByteSize::parse("5kb"), None);
-        assert_eq!(HumanDuration::parse("300ms"), Some(HumanDuration(Duration::from_millis(300))));
-        assert_eq!(HumanDuration::parse("30d"), Some(HumanDuration(Duration::from_secs(2_592_000))));
+        assert_eq!(
+            HumanDuration::parse("300ms"),
+            Some(HumanDuration(Duration::from_millis(300)))
+        );
+        assert_eq!(
+            HumanDuration::parse("30d"),
+            Some(HumanDuration(Duration::from_secs(2_592_000)))
+        );
         assert_eq!(HumanDuration::parse("1 fortnight"), None);
     }
 }

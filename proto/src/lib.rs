@@ -58,14 +58,14 @@ pub mod pb {
             }
         }
     }
-    /// `courier.events.v1`: the event log's on-disk format.
-    pub use courier::events::v1 as events;
-    /// `courier.store.v1`: projection values stored in RocksDB.
-    pub use courier::store::v1 as store;
     /// `courier.client.v1`: the phone-facing API.
     pub use courier::client::v1 as client;
+    /// `courier.events.v1`: the event log's on-disk format.
+    pub use courier::events::v1 as events;
     /// `courier.peer.v1`: raft transport, forwarding and admin between nodes.
     pub use courier::peer::v1 as peer;
+    /// `courier.store.v1`: projection values stored in RocksDB.
+    pub use courier::store::v1 as store;
 }
 
 /// The encoded `FileDescriptorSet` of every courier proto, for gRPC server reflection.

@@ -41,11 +41,8 @@ pub const FORWARD_BATCH_EVENTS_MAX: usize = 512;
 pub const GRPC_MESSAGE_BYTES_MAX: usize = 4 * 1024 * 1024;
 
 /// Upper bound of one message's encoded content: body, thumbnail, URL, MIME type, framing.
-pub const MESSAGE_CONTENT_BYTES_MAX: usize = MESSAGE_BODY_BYTES_MAX
-    + THUMBNAIL_BYTES_MAX
-    + MEDIA_URL_BYTES_MAX
-    + MIME_TYPE_BYTES_MAX
-    + 256;
+pub const MESSAGE_CONTENT_BYTES_MAX: usize =
+    MESSAGE_BODY_BYTES_MAX + THUMBNAIL_BYTES_MAX + MEDIA_URL_BYTES_MAX + MIME_TYPE_BYTES_MAX + 256;
 
 const _: () = assert!(
     MESSAGE_CONTENT_BYTES_MAX * 4 <= PROPOSAL_BYTES_MAX,

@@ -27,7 +27,10 @@ fn reduce(hash: u64, shard_count: u16) -> ShardId {
 /// # Panics
 /// Panics if `shard_count` is zero (a validated cluster config never has zero shards).
 pub fn shard_of(user: UserId, shard_count: u16) -> ShardId {
-    reduce(xxh3_64_with_seed(&user.get().to_be_bytes(), SHARD_HASH_SEED), shard_count)
+    reduce(
+        xxh3_64_with_seed(&user.get().to_be_bytes(), SHARD_HASH_SEED),
+        shard_count,
+    )
 }
 
 /// Returns the shard that owns `group` in a cluster of `shard_count` shards.
@@ -36,7 +39,10 @@ pub fn shard_of(user: UserId, shard_count: u16) -> ShardId {
 /// Panics if `shard_count` is zero.
 pub fn shard_of_group(group: GroupId, shard_count: u16) -> ShardId {
     let seed = SHARD_HASH_SEED ^ GROUP_DOMAIN;
-    reduce(xxh3_64_with_seed(&group.get().to_be_bytes(), seed), shard_count)
+    reduce(
+        xxh3_64_with_seed(&group.get().to_be_bytes(), seed),
+        shard_count,
+    )
 }
 
 #[cfg(test)]

@@ -163,9 +163,10 @@ impl MessageId {
     /// [`WireError::Malformed`] unless `raw` is exactly 16 bytes; [`WireError::Zero`] for the
     /// nil id.
     pub fn from_wire(raw: &[u8], field: &'static str) -> Result<Self, WireError> {
-        let bytes: [u8; 16] = raw
-            .try_into()
-            .map_err(|_| WireError::Malformed { field, reason: "expected 16 bytes" })?;
+        let bytes: [u8; 16] = raw.try_into().map_err(|_| WireError::Malformed {
+            field,
+            reason: "expected 16 bytes",
+        })?;
         if bytes == [0; 16] {
             return Err(WireError::Zero { field });
         }

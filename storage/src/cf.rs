@@ -22,9 +22,11 @@ pub enum Cf {
 impl Cf {
     /// Every family, in a fixed order.
     pub fn all() -> impl Iterator<Item = Cf> {
-        [Cf::Log, Cf::RaftState, Cf::Meta]
-            .into_iter()
-            .chain(crate::projection::Projection::ALL.into_iter().map(Cf::Projection))
+        [Cf::Log, Cf::RaftState, Cf::Meta].into_iter().chain(
+            crate::projection::Projection::ALL
+                .into_iter()
+                .map(Cf::Projection),
+        )
     }
 
     /// The family's name in RocksDB.

@@ -31,7 +31,9 @@ pub struct Db {
 
 impl std::fmt::Debug for Db {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Db").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("Db")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
     }
 }
 
@@ -47,8 +49,9 @@ impl Db {
         options.create_missing_column_families(true);
         options.set_paranoid_checks(true);
         options.set_max_background_jobs(2);
-        let families: Vec<_> =
-            Cf::all().map(|cf| ColumnFamilyDescriptor::new(cf.name(), cf.options())).collect();
+        let families: Vec<_> = Cf::all()
+            .map(|cf| ColumnFamilyDescriptor::new(cf.name(), cf.options()))
+            .collect();
         let db = match mode {
             OpenMode::ReadWrite => DB::open_cf_descriptors(&options, path, families),
             OpenMode::ReadOnly => {
@@ -56,7 +59,10 @@ impl Db {
             }
         }
         .map_err(db_err("open", "*"))?;
-        Ok(Self { db, path: path.to_path_buf() })
+        Ok(Self {
+            db,
+            path: path.to_path_buf(),
+        })
     }
 
     /// The directory this database lives in.
@@ -66,7 +72,9 @@ impl Db {
 
     fn handle(&self, cf: Cf) -> &rocksdb::ColumnFamily {
         // Every `Cf` is created at open (create_missing_column_families), so the handle exists.
-        self.db.cf_handle(cf.name()).expect("column family declared in cf.rs exists")
+        self.db
+            .cf_handle(cf.name())
+            .expect("column family declared in cf.rs exists")
     }
 
     /// Commits `changes` in one atomic write batch. With `sync` the WAL is fsynced before this
@@ -113,7 +121,9 @@ impl Db {
     fn write(&self, batch: WriteBatch, sync: bool) -> Result<()> {
         let mut options = WriteOptions::default();
         options.set_sync(sync);
-        self.db.write_opt(batch, &options).map_err(db_err("write", "*"))
+        self.db
+            .write_opt(batch, &options)
+            .map_err(db_err("write", "*"))
     }
 
     /// Fsyncs the WAL, making every earlier write durable.
@@ -132,10 +142,16 @@ impl Db {
         let mut options = ReadOptions::default();
         options.set_iterate_lower_bound(from.to_vec());
         options.set_iterate_upper_bound(to.to_vec());
-        let mut iter = self.db.iterator_cf_opt(self.handle(cf), options, IteratorMode::End);
+        let mut iter = self
+            .db
+            .iterator_cf_opt(self.handle(cf), options, IteratorMode::End);
         match iter.next() {
             Some(Ok((key, value))) => Ok(Some((key.to_vec(), value.to_vec()))),
-            Some(Err(source)) => Err(StorageError::Db { op: "iterate", cf: cf.name(), source }),
+            Some(Err(source)) => Err(StorageError::Db {
+                op: "iterate",
+                cf: cf.name(),
+                source,
+            }),
             None => Ok(None),
         }
     }
@@ -148,13 +164,17 @@ impl Db {
     pub fn checkpoint(&self, dir: &Path) -> Result<()> {
         let checkpoint =
             rocksdb::checkpoint::Checkpoint::new(&self.db).map_err(db_err("checkpoint", "*"))?;
-        checkpoint.create_checkpoint(dir).map_err(db_err("checkpoint", "*"))
+        checkpoint
+            .create_checkpoint(dir)
+            .map_err(db_err("checkpoint", "*"))
     }
 }
 
 impl ReadKv for Db {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        self.db.get_cf(self.handle(cf), key).map_err(db_err("get", cf.name()))
+        self.db
+            .get_cf(self.handle(cf), key)
+            .map_err(db_err("get", cf.name()))
     }
 
     fn scan(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<Pair>> {
@@ -167,8 +187,11 @@ impl ReadKv for Db {
         );
         let mut pairs = Vec::new();
         for item in iter.take(limit) {
-            let (key, value) =
-                item.map_err(|source| StorageError::Db { op: "iterate", cf: cf.name(), source })?;
+            let (key, value) = item.map_err(|source| StorageError::Db {
+                op: "iterate",
+                cf: cf.name(),
+                source,
+            })?;
             pairs.push((key.to_vec(), value.to_vec()));
         }
         Ok(pairs)

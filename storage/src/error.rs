@@ -19,7 +19,9 @@ pub enum StorageError {
         source: rocksdb::Error,
     },
     /// A stored log entry or raft state value does not match its checksum.
-    #[error("checksum mismatch in `{cf}` for {shard} at {what}: stored {stored:#010x}, computed {computed:#010x}")]
+    #[error(
+        "checksum mismatch in `{cf}` for {shard} at {what}: stored {stored:#010x}, computed {computed:#010x}"
+    )]
     Checksum {
         /// The column family.
         cf: &'static str,
@@ -77,6 +79,9 @@ pub enum StorageError {
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;
 
 /// Returns a closure mapping a RocksDB error to [`StorageError::Db`].
-pub(crate) fn db_err(op: &'static str, cf: &'static str) -> impl FnOnce(rocksdb::Error) -> StorageError {
+pub(crate) fn db_err(
+    op: &'static str,
+    cf: &'static str,
+) -> impl FnOnce(rocksdb::Error) -> StorageError {
     move |source| StorageError::Db { op, cf, source }
 }

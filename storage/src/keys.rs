@@ -154,7 +154,11 @@ pub fn applied_state(shard: ShardId) -> Vec<u8> {
 
 /// inbox: one message.
 pub fn inbox_message(shard: ShardId, user: UserId, seq: InboxSeq) -> Vec<u8> {
-    KeyBuf::shard(shard).u8(tag::PRIMARY).u64(user.get()).u64(seq.get()).done()
+    KeyBuf::shard(shard)
+        .u8(tag::PRIMARY)
+        .u64(user.get())
+        .u64(seq.get())
+        .done()
 }
 
 /// inbox: prefix of one user's messages.
@@ -164,22 +168,37 @@ pub fn inbox_user_prefix(shard: ShardId, user: UserId) -> Vec<u8> {
 
 /// inbox: one user's state.
 pub fn inbox_state(shard: ShardId, user: UserId) -> Vec<u8> {
-    KeyBuf::shard(shard).u8(tag::SECONDARY).u64(user.get()).done()
+    KeyBuf::shard(shard)
+        .u8(tag::SECONDARY)
+        .u64(user.get())
+        .done()
 }
 
 /// inbox: message id → seq, for delivery dedup.
 pub fn inbox_message_id(shard: ShardId, user: UserId, message: MessageId) -> Vec<u8> {
-    KeyBuf::shard(shard).u8(tag::TERTIARY).u64(user.get()).bytes(message.as_bytes()).done()
+    KeyBuf::shard(shard)
+        .u8(tag::TERTIARY)
+        .u64(user.get())
+        .bytes(message.as_bytes())
+        .done()
 }
 
 /// cursors: one device's acked sequence.
 pub fn cursor(shard: ShardId, user: UserId, device: DeviceId) -> Vec<u8> {
-    KeyBuf::shard(shard).u8(tag::PRIMARY).u64(user.get()).u32(device.get()).done()
+    KeyBuf::shard(shard)
+        .u8(tag::PRIMARY)
+        .u64(user.get())
+        .u32(device.get())
+        .done()
 }
 
 /// readstate: one conversation of one user.
 pub fn read_state(shard: ShardId, user: UserId, conversation: ConversationId) -> Vec<u8> {
-    KeyBuf::shard(shard).u8(tag::PRIMARY).u64(user.get()).conv(conversation).done()
+    KeyBuf::shard(shard)
+        .u8(tag::PRIMARY)
+        .u64(user.get())
+        .conv(conversation)
+        .done()
 }
 
 /// readstate: prefix of one user's conversations.
@@ -189,17 +208,28 @@ pub fn read_state_user_prefix(shard: ShardId, user: UserId) -> Vec<u8> {
 
 /// readstate: where inbox message `seq` sits in its conversation.
 pub fn seq_position(shard: ShardId, user: UserId, seq: InboxSeq) -> Vec<u8> {
-    KeyBuf::shard(shard).u8(tag::SECONDARY).u64(user.get()).u64(seq.get()).done()
+    KeyBuf::shard(shard)
+        .u8(tag::SECONDARY)
+        .u64(user.get())
+        .u64(seq.get())
+        .done()
 }
 
 /// receipts: one recipient's state of one message.
 pub fn receipt(shard: ShardId, sender: UserId, message: MessageId, recipient: UserId) -> Vec<u8> {
-    receipt_message_prefix(shard, sender, message).into_iter().chain(recipient.get().to_be_bytes()).collect()
+    receipt_message_prefix(shard, sender, message)
+        .into_iter()
+        .chain(recipient.get().to_be_bytes())
+        .collect()
 }
 
 /// receipts: prefix of all recipients of one message.
 pub fn receipt_message_prefix(shard: ShardId, sender: UserId, message: MessageId) -> Vec<u8> {
-    KeyBuf::shard(shard).u8(tag::PRIMARY).u64(sender.get()).bytes(message.as_bytes()).done()
+    KeyBuf::shard(shard)
+        .u8(tag::PRIMARY)
+        .u64(sender.get())
+        .bytes(message.as_bytes())
+        .done()
 }
 
 /// dedup: one client send.
@@ -214,7 +244,11 @@ pub fn dedup(shard: ShardId, user: UserId, device: DeviceId, client_msg_id: &str
 
 /// outbox: one entry to a destination shard.
 pub fn outbox_entry(shard: ShardId, dest: ShardId, pos: u64) -> Vec<u8> {
-    KeyBuf::shard(shard).u8(tag::PRIMARY).u16(dest.get()).u64(pos).done()
+    KeyBuf::shard(shard)
+        .u8(tag::PRIMARY)
+        .u16(dest.get())
+        .u64(pos)
+        .done()
 }
 
 /// outbox: prefix of the entries to one destination.
@@ -224,7 +258,10 @@ pub fn outbox_dest_prefix(shard: ShardId, dest: ShardId) -> Vec<u8> {
 
 /// outbox: state of the queue to one destination.
 pub fn outbox_state(shard: ShardId, dest: ShardId) -> Vec<u8> {
-    KeyBuf::shard(shard).u8(tag::SECONDARY).u16(dest.get()).done()
+    KeyBuf::shard(shard)
+        .u8(tag::SECONDARY)
+        .u16(dest.get())
+        .done()
 }
 
 /// outbox: prefix of every destination's state.
@@ -234,42 +271,68 @@ pub fn outbox_state_prefix(shard: ShardId) -> Vec<u8> {
 
 /// outbox: the inbound watermark from one source shard.
 pub fn inbound_state(shard: ShardId, source: ShardId) -> Vec<u8> {
-    KeyBuf::shard(shard).u8(tag::TERTIARY).u16(source.get()).done()
+    KeyBuf::shard(shard)
+        .u8(tag::TERTIARY)
+        .u16(source.get())
+        .done()
 }
 
 /// devices: phone hash → user.
 pub fn phone(shard: ShardId, phone_hash: &[u8]) -> Vec<u8> {
-    KeyBuf::shard(shard).u8(tag::PRIMARY).bytes(phone_hash).done()
+    KeyBuf::shard(shard)
+        .u8(tag::PRIMARY)
+        .bytes(phone_hash)
+        .done()
 }
 
 /// devices: one user.
 pub fn user_record(shard: ShardId, user: UserId) -> Vec<u8> {
-    KeyBuf::shard(shard).u8(tag::SECONDARY).u64(user.get()).done()
+    KeyBuf::shard(shard)
+        .u8(tag::SECONDARY)
+        .u64(user.get())
+        .done()
 }
 
 /// devices: one device.
 pub fn device_record(shard: ShardId, user: UserId, device: DeviceId) -> Vec<u8> {
-    KeyBuf::shard(shard).u8(tag::TERTIARY).u64(user.get()).u32(device.get()).done()
+    KeyBuf::shard(shard)
+        .u8(tag::TERTIARY)
+        .u64(user.get())
+        .u32(device.get())
+        .done()
 }
 
 /// devices: prefix of one user's devices.
 pub fn device_user_prefix(shard: ShardId, user: UserId) -> Vec<u8> {
-    KeyBuf::shard(shard).u8(tag::TERTIARY).u64(user.get()).done()
+    KeyBuf::shard(shard)
+        .u8(tag::TERTIARY)
+        .u64(user.get())
+        .done()
 }
 
 /// groups: one group.
 pub fn group(shard: ShardId, group: GroupId) -> Vec<u8> {
-    KeyBuf::shard(shard).u8(tag::PRIMARY).u64(group.get()).done()
+    KeyBuf::shard(shard)
+        .u8(tag::PRIMARY)
+        .u64(group.get())
+        .done()
 }
 
 /// groups: one member of one group.
 pub fn group_member(shard: ShardId, group: GroupId, user: UserId) -> Vec<u8> {
-    KeyBuf::shard(shard).u8(tag::SECONDARY).u64(group.get()).u64(user.get()).done()
+    KeyBuf::shard(shard)
+        .u8(tag::SECONDARY)
+        .u64(group.get())
+        .u64(user.get())
+        .done()
 }
 
 /// groups: prefix of one group's members.
 pub fn group_member_prefix(shard: ShardId, group: GroupId) -> Vec<u8> {
-    KeyBuf::shard(shard).u8(tag::SECONDARY).u64(group.get()).done()
+    KeyBuf::shard(shard)
+        .u8(tag::SECONDARY)
+        .u64(group.get())
+        .done()
 }
 
 /// expiry: an undelivered message, ordered by when it was stored.
@@ -290,9 +353,15 @@ pub fn expiry_prefix(shard: ShardId) -> Vec<u8> {
 /// Decodes `(stored_at_ms, user, seq)` from an expiry key.
 pub fn expiry_parts(key: &[u8]) -> Option<(u64, UserId, InboxSeq)> {
     let field = |at: usize| -> Option<u64> {
-        Some(u64::from_be_bytes(key.get(at..at.checked_add(8)?)?.try_into().ok()?))
+        Some(u64::from_be_bytes(
+            key.get(at..at.checked_add(8)?)?.try_into().ok()?,
+        ))
     };
-    Some((field(3)?, UserId::new(field(11)?)?, InboxSeq::new(field(19)?)))
+    Some((
+        field(3)?,
+        UserId::new(field(11)?)?,
+        InboxSeq::new(field(19)?),
+    ))
 }
 
 #[cfg(test)]
@@ -309,7 +378,10 @@ mod tests {
         let a = log_entry(shard, LogIndex::new(9));
         let b = log_entry(ShardId::new(2), LogIndex::new(1));
         assert!(a < b, "shards are contiguous ranges");
-        assert_eq!(log_entry_index(&log_entry(shard, LogIndex::new(77))), Some(LogIndex::new(77)));
+        assert_eq!(
+            log_entry_index(&log_entry(shard, LogIndex::new(77))),
+            Some(LogIndex::new(77))
+        );
     }
 
     #[test]

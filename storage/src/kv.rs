@@ -65,7 +65,10 @@ impl MemKv {
         for (cf, from, to) in ranges {
             if let Some(family) = self.families.get_mut(cf) {
                 let doomed: Vec<Vec<u8>> = family
-                    .range::<[u8], _>((Bound::Included(from.as_slice()), Bound::Excluded(to.as_slice())))
+                    .range::<[u8], _>((
+                        Bound::Included(from.as_slice()),
+                        Bound::Excluded(to.as_slice()),
+                    ))
                     .map(|(key, _)| key.clone())
                     .collect();
                 for key in doomed {
@@ -77,7 +80,12 @@ impl MemKv {
     }
 
     /// Returns every pair of `cf` in `[from, to)`.
-    pub fn range(&self, cf: Cf, from: &[u8], to: &[u8]) -> impl Iterator<Item = (&Vec<u8>, &Vec<u8>)> {
+    pub fn range(
+        &self,
+        cf: Cf,
+        from: &[u8],
+        to: &[u8],
+    ) -> impl Iterator<Item = (&Vec<u8>, &Vec<u8>)> {
         self.families.get(&cf).into_iter().flat_map(move |family| {
             family.range::<[u8], _>((Bound::Included(from), Bound::Excluded(to)))
         })
@@ -86,11 +94,19 @@ impl MemKv {
 
 impl ReadKv for MemKv {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        Ok(self.families.get(&cf).and_then(|family| family.get(key)).cloned())
+        Ok(self
+            .families
+            .get(&cf)
+            .and_then(|family| family.get(key))
+            .cloned())
     }
 
     fn scan(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<Pair>> {
-        Ok(self.range(cf, from, to).take(limit).map(|(k, v)| (k.clone(), v.clone())).collect())
+        Ok(self
+            .range(cf, from, to)
+            .take(limit)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
     }
 }
 
@@ -119,13 +135,19 @@ impl Digest {
     /// Accounts for a pair that became live.
     pub fn add(&mut self, key: &[u8], value: &[u8]) {
         self.sum = self.sum.wrapping_add(Self::pair_hash(key, value));
-        self.entries = self.entries.checked_add(1).expect("digest entry count overflow");
+        self.entries = self
+            .entries
+            .checked_add(1)
+            .expect("digest entry count overflow");
     }
 
     /// Accounts for a pair that stopped being live.
     pub fn remove(&mut self, key: &[u8], value: &[u8]) {
         self.sum = self.sum.wrapping_sub(Self::pair_hash(key, value));
-        self.entries = self.entries.checked_sub(1).expect("digest removes a pair it never added");
+        self.entries = self
+            .entries
+            .checked_sub(1)
+            .expect("digest removes a pair it never added");
     }
 
     /// The 16-byte big-endian form stored in `AppliedState`.
@@ -135,7 +157,10 @@ impl Digest {
 
     /// Parses the stored form.
     pub fn from_parts(bytes: &[u8], entries: u64) -> Option<Self> {
-        Some(Self { sum: u128::from_be_bytes(bytes.try_into().ok()?), entries })
+        Some(Self {
+            sum: u128::from_be_bytes(bytes.try_into().ok()?),
+            entries,
+        })
     }
 }
 
@@ -149,7 +174,11 @@ pub struct Staged<'a> {
 impl<'a> Staged<'a> {
     /// Starts a batch over `base`, whose projections currently have `digests`.
     pub fn new(base: &'a dyn ReadKv, digests: BTreeMap<Projection, Digest>) -> Self {
-        Self { base, writes: BTreeMap::new(), digests }
+        Self {
+            base,
+            writes: BTreeMap::new(),
+            digests,
+        }
     }
 
     /// Returns the value of `key`, seeing this batch's writes.
@@ -177,8 +206,11 @@ impl<'a> Staged<'a> {
             .collect();
         // Each staged delete can hide at most one base pair, so this many base pairs suffice.
         let base_limit = limit.saturating_add(staged.len());
-        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> =
-            self.base.scan(cf, from, to, base_limit)?.into_iter().collect();
+        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = self
+            .base
+            .scan(cf, from, to, base_limit)?
+            .into_iter()
+            .collect();
         for (key, value) in staged {
             match value {
                 Some(value) => merged.insert(key, value),
@@ -211,7 +243,10 @@ impl<'a> Staged<'a> {
     pub fn delete(&mut self, projection: Projection, key: Vec<u8>) -> Result<()> {
         let cf = Cf::Projection(projection);
         if let Some(old) = self.get(cf, &key)? {
-            self.digests.entry(projection).or_default().remove(&key, &old);
+            self.digests
+                .entry(projection)
+                .or_default()
+                .remove(&key, &old);
             self.writes.insert((cf, key), None);
         }
         Ok(())
@@ -219,7 +254,11 @@ impl<'a> Staged<'a> {
 
     /// Ends the batch: the changes to commit and the projections' new digests.
     pub fn finish(self) -> (Vec<Change>, BTreeMap<Projection, Digest>) {
-        let changes = self.writes.into_iter().map(|((cf, key), value)| (cf, key, value)).collect();
+        let changes = self
+            .writes
+            .into_iter()
+            .map(|((cf, key), value)| (cf, key, value))
+            .collect();
         (changes, self.digests)
     }
 }

@@ -55,11 +55,24 @@ pub fn decode_record(shard: ShardId, index: LogIndex, value: &[u8]) -> Result<Lo
         cf: Cf::Log.name(),
         shard,
         what: format!("index {index}"),
-        reason: format!("{} bytes, shorter than the {HEADER_BYTES}-byte header", value.len()),
+        reason: format!(
+            "{} bytes, shorter than the {HEADER_BYTES}-byte header",
+            value.len()
+        ),
     };
-    let stored = u32::from_be_bytes(value.get(..CHECKSUM_BYTES).ok_or_else(short)?.try_into().map_err(|_| short())?);
+    let stored = u32::from_be_bytes(
+        value
+            .get(..CHECKSUM_BYTES)
+            .ok_or_else(short)?
+            .try_into()
+            .map_err(|_| short())?,
+    );
     let term = u64::from_be_bytes(
-        value.get(CHECKSUM_BYTES..HEADER_BYTES).ok_or_else(short)?.try_into().map_err(|_| short())?,
+        value
+            .get(CHECKSUM_BYTES..HEADER_BYTES)
+            .ok_or_else(short)?
+            .try_into()
+            .map_err(|_| short())?,
     );
     let payload = value.get(HEADER_BYTES..).ok_or_else(short)?;
     let computed = checksum(index, term, payload);
@@ -72,7 +85,11 @@ pub fn decode_record(shard: ShardId, index: LogIndex, value: &[u8]) -> Result<Lo
             computed,
         });
     }
-    Ok(LogRecord { index, term, payload: payload.to_vec() })
+    Ok(LogRecord {
+        index,
+        term,
+        payload: payload.to_vec(),
+    })
 }
 
 /// The raft log and raft state of one shard replica.
@@ -106,7 +123,11 @@ impl LogStore {
             );
         }
         let changes = records.iter().map(|record| {
-            (Cf::Log, keys::log_entry(self.shard, record.index), Some(encode_record(record)))
+            (
+                Cf::Log,
+                keys::log_entry(self.shard, record.index),
+                Some(encode_record(record)),
+            )
         });
         self.db.commit(changes, true)
     }
@@ -133,7 +154,10 @@ impl LogStore {
                 reason: format!("{} bytes", key.len()),
             })?;
             if index != expected && !records.is_empty() {
-                return Err(StorageError::MissingEntry { shard: self.shard, index: expected });
+                return Err(StorageError::MissingEntry {
+                    shard: self.shard,
+                    index: expected,
+                });
             }
             expected = index.next();
             records.push(decode_record(self.shard, index, &value)?);
@@ -167,7 +191,11 @@ impl LogStore {
     /// Faults.
     pub fn first_index(&self) -> Result<Option<LogIndex>> {
         let (start, end) = keys::shard_range(self.shard);
-        Ok(self.db.scan(Cf::Log, &start, &end, 1)?.first().and_then(|(key, _)| keys::log_entry_index(key)))
+        Ok(self
+            .db
+            .scan(Cf::Log, &start, &end, 1)?
+            .first()
+            .and_then(|(key, _)| keys::log_entry_index(key)))
     }
 
     /// Deletes every entry at or after `since` (a conflicting suffix), durably.
@@ -176,7 +204,8 @@ impl LogStore {
     /// [`StorageError::Db`].
     pub fn truncate_from(&self, since: LogIndex) -> Result<()> {
         let (_, end) = keys::shard_range(self.shard);
-        self.db.delete_range(Cf::Log, &keys::log_entry(self.shard, since), &end, true)
+        self.db
+            .delete_range(Cf::Log, &keys::log_entry(self.shard, since), &end, true)
     }
 
     /// Deletes every entry up to and including `up_to`. Everything written before (the applied
@@ -198,7 +227,14 @@ impl LogStore {
     pub fn save_state(&self, tag: u8, bytes: &[u8]) -> Result<()> {
         let mut value = crc32c::crc32c(bytes).to_be_bytes().to_vec();
         value.extend_from_slice(bytes);
-        self.db.commit([(Cf::RaftState, keys::raft_state(self.shard, tag), Some(value))], true)
+        self.db.commit(
+            [(
+                Cf::RaftState,
+                keys::raft_state(self.shard, tag),
+                Some(value),
+            )],
+            true,
+        )
     }
 
     /// Reads a raft state record, verifying its checksum.
@@ -206,16 +242,22 @@ impl LogStore {
     /// # Errors
     /// [`StorageError::Checksum`] or [`StorageError::Db`].
     pub fn read_state(&self, tag: u8) -> Result<Option<Vec<u8>>> {
-        let Some(value) = self.db.get(Cf::RaftState, &keys::raft_state(self.shard, tag))? else {
+        let Some(value) = self
+            .db
+            .get(Cf::RaftState, &keys::raft_state(self.shard, tag))?
+        else {
             return Ok(None);
         };
         let what = || format!("raft state tag {tag}");
-        let (head, bytes) = value.split_at_checked(CHECKSUM_BYTES).ok_or_else(|| StorageError::Decode {
-            cf: Cf::RaftState.name(),
-            shard: self.shard,
-            what: what(),
-            reason: "shorter than its checksum".to_owned(),
-        })?;
+        let (head, bytes) =
+            value
+                .split_at_checked(CHECKSUM_BYTES)
+                .ok_or_else(|| StorageError::Decode {
+                    cf: Cf::RaftState.name(),
+                    shard: self.shard,
+                    what: what(),
+                    reason: "shorter than its checksum".to_owned(),
+                })?;
         let stored = u32::from_be_bytes(head.try_into().expect("split at 4 bytes"));
         let computed = crc32c::crc32c(bytes);
         if stored != computed {

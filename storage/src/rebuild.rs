@@ -69,12 +69,17 @@ pub fn replay(
         if records.first().map(|record| record.index) != Some(from) {
             return Err(StorageError::MissingEntry { shard, index: from });
         }
-        let entries: Vec<LogEntry> =
-            records.iter().map(|record| decode_entry(shard, record)).collect::<Result<_>>()?;
+        let entries: Vec<LogEntry> = records
+            .iter()
+            .map(|record| decode_entry(shard, record))
+            .collect::<Result<_>>()?;
         let committed: Vec<Committed<'_>> = records
             .iter()
             .zip(&entries)
-            .map(|(record, entry)| Committed { index: record.index, payload: entry.events.as_ref() })
+            .map(|(record, entry)| Committed {
+                index: record.index,
+                payload: entry.events.as_ref(),
+            })
             .collect();
         let consensus_state = entries.last().map(|e| e.raft.clone()).unwrap_or_default();
         let batch = state.apply_batch(&kv, &committed, consensus_state)?;
@@ -150,7 +155,12 @@ fn for_each_pair(kv: &dyn ReadKv, cf: Cf, shard: ShardId, f: &mut dyn FnMut(Pair
 /// A storage fault.
 pub fn digest_of(kv: &dyn ReadKv, shard: ShardId, projection: Projection) -> Result<Digest> {
     let mut digest = Digest::default();
-    for_each_pair(kv, Cf::Projection(projection), shard, &mut |(key, value)| digest.add(&key, &value))?;
+    for_each_pair(kv, Cf::Projection(projection), shard, &mut |(
+        key,
+        value,
+    )| {
+        digest.add(&key, &value)
+    })?;
     Ok(digest)
 }
 
@@ -172,7 +182,10 @@ pub fn compare(
     projections: &[Projection],
     mismatches_max: usize,
 ) -> Result<Vec<Comparison>> {
-    assert_eq!(live_state.applied, rebuilt.state.applied, "comparisons are at one applied index");
+    assert_eq!(
+        live_state.applied, rebuilt.state.applied,
+        "comparisons are at one applied index"
+    );
     let shard = live_state.shard.expect("live state names its shard");
     let mut out = Vec::with_capacity(projections.len());
     for &projection in projections {
@@ -213,11 +226,22 @@ pub fn compare(
     Ok(out)
 }
 
-fn mismatch(projection: Projection, key: Vec<u8>, expected: Option<Vec<u8>>, actual: Option<Vec<u8>>) -> Mismatch {
+fn mismatch(
+    projection: Projection,
+    key: Vec<u8>,
+    expected: Option<Vec<u8>>,
+    actual: Option<Vec<u8>>,
+) -> Mismatch {
     let first_divergent_index = [set_at(expected.as_ref()), set_at(actual.as_ref())]
         .into_iter()
         .flatten()
         .min()
         .unwrap_or_default();
-    Mismatch { projection, key, expected, actual, first_divergent_index }
+    Mismatch {
+        projection,
+        key,
+        expected,
+        actual,
+        first_divergent_index,
+    }
 }

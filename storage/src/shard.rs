@@ -36,7 +36,10 @@ pub struct Committed<'p> {
 
 /// Every projection with an empty digest, so that states compare equal however they were made.
 fn all_zero() -> BTreeMap<Projection, Digest> {
-    Projection::ALL.into_iter().map(|projection| (projection, Digest::default())).collect()
+    Projection::ALL
+        .into_iter()
+        .map(|projection| (projection, Digest::default()))
+        .collect()
 }
 
 /// What a shard replica has applied: the index, the digests, and the consensus layer's opaque
@@ -67,7 +70,11 @@ pub struct Batch {
 impl ShardState {
     /// A shard with nothing applied.
     pub fn empty(shard: ShardId) -> Self {
-        Self { shard: Some(shard), digests: all_zero(), ..Self::default() }
+        Self {
+            shard: Some(shard),
+            digests: all_zero(),
+            ..Self::default()
+        }
     }
 
     fn shard_id(&self) -> ShardId {
@@ -88,7 +95,8 @@ impl ShardState {
             what: "applied state".to_owned(),
             reason,
         };
-        let stored = AppliedState::decode(value.as_slice()).map_err(|e| decode_err(e.to_string()))?;
+        let stored =
+            AppliedState::decode(value.as_slice()).map_err(|e| decode_err(e.to_string()))?;
         let mut digests = all_zero();
         for digest in stored.digests {
             let projection = Projection::from_name(&digest.projection)
@@ -149,7 +157,11 @@ impl ShardState {
         let mut applied = self.applied;
         let mut results = Vec::with_capacity(entries.len());
         for entry in entries {
-            assert_eq!(entry.index, applied.next(), "log entries apply once, in order, without gaps");
+            assert_eq!(
+                entry.index,
+                applied.next(),
+                "log entries apply once, in order, without gaps"
+            );
             applied = entry.index;
             let Some(payload) = entry.payload else {
                 results.push(Vec::new());
@@ -167,13 +179,31 @@ impl ShardState {
             }
             let mut entry_results = Vec::with_capacity(payload.events.len());
             for event in &payload.events {
-                entry_results.push(projection::apply_event(&mut staged, shard, entry.index, event)?);
+                entry_results.push(projection::apply_event(
+                    &mut staged,
+                    shard,
+                    entry.index,
+                    event,
+                )?);
             }
             results.push(entry_results);
         }
         let (mut changes, digests) = staged.finish();
-        let next = ShardState { shard: Some(shard), applied, digests, consensus_state };
-        changes.push((Cf::Meta, keys::applied_state(shard), Some(next.to_applied_state().encode_to_vec())));
-        Ok(Batch { changes, next, results })
+        let next = ShardState {
+            shard: Some(shard),
+            applied,
+            digests,
+            consensus_state,
+        };
+        changes.push((
+            Cf::Meta,
+            keys::applied_state(shard),
+            Some(next.to_applied_state().encode_to_vec()),
+        ));
+        Ok(Batch {
+            changes,
+            next,
+            results,
+        })
     }
 }

@@ -25,13 +25,19 @@ pub const SNAPSHOT_CHUNK_RECORDS: usize = 4096;
 /// A storage fault.
 pub fn export(kv: &dyn ReadKv, state: &ShardState) -> Result<Vec<SnapshotChunk>> {
     let shard = state.shard.expect("state names its shard");
-    let mut chunks = vec![SnapshotChunk { applied: Some(state.to_applied_state()), records: Vec::new(), last: false }];
+    let mut chunks = vec![SnapshotChunk {
+        applied: Some(state.to_applied_state()),
+        records: Vec::new(),
+        last: false,
+    }];
     for projection in Projection::ALL {
         let cf = Cf::Projection(projection);
         let (mut from, to) = keys::shard_range(shard);
         loop {
             let page = kv.scan(cf, &from, &to, SNAPSHOT_CHUNK_RECORDS)?;
-            let Some((last_key, _)) = page.last() else { break };
+            let Some((last_key, _)) = page.last() else {
+                break;
+            };
             let mut next = last_key.clone();
             next.push(0);
             let full = page.len() == SNAPSHOT_CHUNK_RECORDS;
@@ -39,7 +45,11 @@ pub fn export(kv: &dyn ReadKv, state: &ShardState) -> Result<Vec<SnapshotChunk>>
                 applied: None,
                 records: page
                     .into_iter()
-                    .map(|(key, value)| SnapshotRecord { cf: cf.name().to_owned(), key, value })
+                    .map(|(key, value)| SnapshotRecord {
+                        cf: cf.name().to_owned(),
+                        key,
+                        value,
+                    })
                     .collect(),
                 last: false,
             });
@@ -59,7 +69,9 @@ pub fn export(kv: &dyn ReadKv, state: &ShardState) -> Result<Vec<SnapshotChunk>>
 pub fn encode(chunks: &[SnapshotChunk]) -> Vec<u8> {
     let mut out = Vec::new();
     for chunk in chunks {
-        chunk.encode_length_delimited(&mut out).expect("a Vec grows as needed");
+        chunk
+            .encode_length_delimited(&mut out)
+            .expect("a Vec grows as needed");
     }
     out
 }
@@ -71,8 +83,12 @@ pub fn encode(chunks: &[SnapshotChunk]) -> Vec<u8> {
 pub fn decode(shard: ShardId, mut bytes: &[u8]) -> Result<Vec<SnapshotChunk>> {
     let mut chunks = Vec::new();
     while !bytes.is_empty() {
-        let chunk = SnapshotChunk::decode_length_delimited(&mut bytes)
-            .map_err(|error| StorageError::Snapshot { shard, reason: error.to_string() })?;
+        let chunk = SnapshotChunk::decode_length_delimited(&mut bytes).map_err(|error| {
+            StorageError::Snapshot {
+                shard,
+                reason: error.to_string(),
+            }
+        })?;
         chunks.push(chunk);
     }
     Ok(chunks)
@@ -98,7 +114,10 @@ pub fn prepare_install(shard: ShardId, chunks: Vec<SnapshotChunk>) -> Result<Ins
     let bad = |reason: String| StorageError::Snapshot { shard, reason };
     let mut chunks = chunks.into_iter();
     let first = chunks.next().ok_or_else(|| bad("no chunks".to_owned()))?;
-    let applied = first.applied.clone().ok_or_else(|| bad("first chunk carries no applied state".to_owned()))?;
+    let applied = first
+        .applied
+        .clone()
+        .ok_or_else(|| bad("first chunk carries no applied state".to_owned()))?;
     let (start, end) = keys::shard_range(shard);
     let mut digests = std::collections::BTreeMap::<Projection, Digest>::new();
     let mut changes = Vec::new();
@@ -112,9 +131,15 @@ pub fn prepare_install(shard: ShardId, chunks: Vec<SnapshotChunk>) -> Result<Ins
             let projection = Projection::from_name(&record.cf)
                 .ok_or_else(|| bad(format!("unknown column family {:?}", record.cf)))?;
             if record.key < start || record.key >= end {
-                return Err(bad(format!("key {} outside the shard", crate::projection::hex(&record.key))));
+                return Err(bad(format!(
+                    "key {} outside the shard",
+                    crate::projection::hex(&record.key)
+                )));
             }
-            digests.entry(projection).or_default().add(&record.key, &record.value);
+            digests
+                .entry(projection)
+                .or_default()
+                .add(&record.key, &record.value);
             changes.push((Cf::Projection(projection), record.key, Some(record.value)));
         }
     }
@@ -122,18 +147,33 @@ pub fn prepare_install(shard: ShardId, chunks: Vec<SnapshotChunk>) -> Result<Ins
         return Err(bad("stream ended before the last chunk".to_owned()));
     }
     let mut kv = crate::kv::MemKv::default();
-    kv.write([(Cf::Meta, keys::applied_state(shard), Some(applied.encode_to_vec()))]);
+    kv.write([(
+        Cf::Meta,
+        keys::applied_state(shard),
+        Some(applied.encode_to_vec()),
+    )]);
     let state = ShardState::load(&kv, shard)?;
     for projection in Projection::ALL {
         let got = digests.get(&projection).copied().unwrap_or_default();
         if got != state.digest(projection) {
-            return Err(bad(format!("projection {} does not match its digest", projection.name())));
+            return Err(bad(format!(
+                "projection {} does not match its digest",
+                projection.name()
+            )));
         }
     }
-    changes.push((Cf::Meta, keys::applied_state(shard), Some(applied.encode_to_vec())));
+    changes.push((
+        Cf::Meta,
+        keys::applied_state(shard),
+        Some(applied.encode_to_vec()),
+    ));
     let clear = Projection::ALL
         .into_iter()
         .map(|projection| (Cf::Projection(projection), start.clone(), end.clone()))
         .collect();
-    Ok(Install { clear, changes, state })
+    Ok(Install {
+        clear,
+        changes,
+        state,
+    })
 }

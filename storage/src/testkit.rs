@@ -109,11 +109,18 @@ impl EventGen {
 
     fn pick_user(&mut self) -> u64 {
         let n = self.users.len() as u64;
-        *self.users.keys().nth(self.rng.below(n) as usize).expect("users exist")
+        *self
+            .users
+            .keys()
+            .nth(self.rng.below(n) as usize)
+            .expect("users exist")
     }
 
     fn body(&mut self) -> Option<events::Content> {
-        Some(events::Content { body: vec![b'm'; self.body_bytes], media: None })
+        Some(events::Content {
+            body: vec![b'm'; self.body_bytes],
+            media: None,
+        })
     }
 
     /// Returns the next valid event (and applies it to the oracle).
@@ -144,10 +151,20 @@ impl EventGen {
 
     fn feed_oracle(&mut self, event: &Event) {
         let at = self.oracle_state.applied.next();
-        let payload = EntryPayload { format_version: FORMAT_VERSION, events: vec![event.clone()] };
+        let payload = EntryPayload {
+            format_version: FORMAT_VERSION,
+            events: vec![event.clone()],
+        };
         let batch = self
             .oracle_state
-            .apply_batch(&self.oracle, &[Committed { index: at, payload: Some(&payload) }], Vec::new())
+            .apply_batch(
+                &self.oracle,
+                &[Committed {
+                    index: at,
+                    payload: Some(&payload),
+                }],
+                Vec::new(),
+            )
             .expect("memory never faults");
         self.oracle.write(batch.changes);
         self.oracle_state = batch.next;
@@ -180,7 +197,8 @@ impl EventGen {
         };
         let message_id = self.message_id();
         if recipient_shard != u32::from(self.shard.get()) {
-            self.sent.push((message_id.clone(), sender, recipient, ReceiptState::Sent));
+            self.sent
+                .push((message_id.clone(), sender, recipient, ReceiptState::Sent));
         }
         Kind::MessageSent(events::MessageSent {
             message_id,
@@ -212,7 +230,9 @@ impl EventGen {
                     recipient_user: user,
                     sender_user: peer,
                     sender_device: 1,
-                    conversation: Some(ConversationId::Direct(UserId::new(peer).expect("nonzero")).into()),
+                    conversation: Some(
+                        ConversationId::Direct(UserId::new(peer).expect("nonzero")).into(),
+                    ),
                     content: self.body(),
                     sent_at_ms: self.now_ms,
                     stored_at_ms: self.now_ms,
@@ -226,7 +246,9 @@ impl EventGen {
         let message_id = self.message_id();
         let model = self.users.get_mut(&user).expect("picked");
         model.tail += 1;
-        model.messages.insert(model.tail, (peer, false, message_id.clone()));
+        model
+            .messages
+            .insert(model.tail, (peer, false, message_id.clone()));
         Kind::MessageDelivered(events::MessageDelivered {
             message_id,
             recipient_user: user,
@@ -278,7 +300,10 @@ impl EventGen {
         let user = self.pick_user();
         let model = self.users.get_mut(&user).expect("picked");
         let delivered = model.delivered;
-        let (&seq, entry) = model.messages.iter_mut().find(|(seq, (_, expired, _))| **seq > delivered && !expired)?;
+        let (&seq, entry) = model
+            .messages
+            .iter_mut()
+            .find(|(seq, (_, expired, _))| **seq > delivered && !expired)?;
         entry.1 = true;
         Some(Kind::MessageExpired(events::MessageExpired {
             user,
@@ -328,7 +353,10 @@ impl EventGen {
         } else {
             self.rng.below(state.trimmed_up_to + 1)
         };
-        Some(Kind::OutboxTrimmed(events::OutboxTrimmed { dest_shard: u32::from(dest.get()), up_to }))
+        Some(Kind::OutboxTrimmed(events::OutboxTrimmed {
+            dest_shard: u32::from(dest.get()),
+            up_to,
+        }))
     }
 
     fn registration(&mut self) -> Kind {
@@ -358,7 +386,11 @@ impl EventGen {
         self.registered.insert(user, 0);
         let mut phone_hash = vec![0_u8; 16];
         phone_hash[..8].copy_from_slice(&user.to_be_bytes());
-        Kind::UserRegistered(events::UserRegistered { user, phone_hash, at_ms: self.now_ms })
+        Kind::UserRegistered(events::UserRegistered {
+            user,
+            phone_hash,
+            at_ms: self.now_ms,
+        })
     }
 
     fn group_change(&mut self) -> Option<Kind> {
@@ -373,15 +405,29 @@ impl EventGen {
                 at_ms: self.now_ms,
             }));
         }
-        let group = *self.groups.keys().nth(self.rng.below(self.groups.len() as u64) as usize)?;
+        let group = *self
+            .groups
+            .keys()
+            .nth(self.rng.below(self.groups.len() as u64) as usize)?;
         let members = self.groups.get_mut(&group)?;
         let candidate = 1 + self.rng.below(8);
         if let Some(i) = members.iter().position(|m| *m == candidate) {
             members.remove(i);
-            Some(Kind::MemberRemoved(events::MemberRemoved { group, user: candidate, by: candidate, at_ms: self.now_ms }))
+            Some(Kind::MemberRemoved(events::MemberRemoved {
+                group,
+                user: candidate,
+                by: candidate,
+                at_ms: self.now_ms,
+            }))
         } else {
             members.push(candidate);
-            Some(Kind::MemberAdded(events::MemberAdded { group, user: candidate, by: members[0], admin: false, at_ms: self.now_ms }))
+            Some(Kind::MemberAdded(events::MemberAdded {
+                group,
+                user: candidate,
+                by: members[0],
+                admin: false,
+                at_ms: self.now_ms,
+            }))
         }
     }
 }

@@ -13,7 +13,9 @@ use courier_storage::kv::Change;
 use courier_storage::rebuild::{self, Rebuilt};
 use courier_storage::shard::Committed;
 use courier_storage::testkit::{EventGen, Rng};
-use courier_storage::{Cf, Db, LogRecord, LogStore, MemKv, OpenMode, Projection, ReadKv, ShardState, StorageError};
+use courier_storage::{
+    Cf, Db, LogRecord, LogStore, MemKv, OpenMode, Projection, ReadKv, ShardState, StorageError,
+};
 use prost::Message;
 
 const SHARD: ShardId = ShardId::new(2);
@@ -23,7 +25,14 @@ fn open(dir: &std::path::Path) -> Arc<Db> {
 }
 
 /// Appends `payloads` to the log and applies them, `batch` entries at a time, as a replica would.
-fn append_and_apply(db: &Db, log: &LogStore, state: &mut ShardState, generator: &mut EventGen, entries: usize, batch: usize) {
+fn append_and_apply(
+    db: &Db,
+    log: &LogStore,
+    state: &mut ShardState,
+    generator: &mut EventGen,
+    entries: usize,
+    batch: usize,
+) {
     let mut left = entries;
     while left > 0 {
         let n = batch.min(left);
@@ -36,23 +45,33 @@ fn append_and_apply(db: &Db, log: &LogStore, state: &mut ShardState, generator: 
             .map(|(i, payload)| LogRecord {
                 index: LogIndex::new(first.get() + i as u64),
                 term: 1,
-                payload: LogEntry { raft: Vec::new(), events: Some(payload.clone()) }.encode_to_vec(),
+                payload: LogEntry {
+                    raft: Vec::new(),
+                    events: Some(payload.clone()),
+                }
+                .encode_to_vec(),
             })
             .collect();
         log.append(&records).expect("append");
         let committed: Vec<Committed<'_>> = records
             .iter()
             .zip(&payloads)
-            .map(|(record, payload)| Committed { index: record.index, payload: Some(payload) })
+            .map(|(record, payload)| Committed {
+                index: record.index,
+                payload: Some(payload),
+            })
             .collect();
-        let applied = state.apply_batch(db, &committed, Vec::new()).expect("apply");
+        let applied = state
+            .apply_batch(db, &committed, Vec::new())
+            .expect("apply");
         db.commit(applied.changes, false).expect("commit");
         *state = applied.next;
     }
 }
 
 fn all_pairs(kv: &dyn ReadKv, cf: Cf) -> Vec<(Vec<u8>, Vec<u8>)> {
-    kv.scan(cf, &[], &[0xff, 0xff, 0xff], usize::MAX).expect("scan")
+    kv.scan(cf, &[], &[0xff, 0xff, 0xff], usize::MAX)
+        .expect("scan")
 }
 
 /// The conformance suite: RocksDB and memory hold the same pairs and digests after the same
@@ -70,20 +89,44 @@ fn rocksdb_and_memory_agree() {
     let mut generator = EventGen::new(SHARD, 7);
     for payload in generator.payloads(400, 4) {
         let index = mem_state.applied.next();
-        let batch = mem_state.apply_batch(&mem, &[Committed { index, payload: Some(&payload) }], Vec::new()).expect("memory");
+        let batch = mem_state
+            .apply_batch(
+                &mem,
+                &[Committed {
+                    index,
+                    payload: Some(&payload),
+                }],
+                Vec::new(),
+            )
+            .expect("memory");
         mem.write(batch.changes);
         mem_state = batch.next;
     }
     assert_eq!(state, mem_state, "same applied index and digests");
     for projection in Projection::ALL {
         let cf = Cf::Projection(projection);
-        assert_eq!(all_pairs(db.as_ref(), cf), all_pairs(&mem, cf), "{}", projection.name());
+        assert_eq!(
+            all_pairs(db.as_ref(), cf),
+            all_pairs(&mem, cf),
+            "{}",
+            projection.name()
+        );
     }
     let reopened = ShardState::load(db.as_ref(), SHARD).expect("load");
-    assert_eq!(reopened, state, "the applied state is stored with the projections");
+    assert_eq!(
+        reopened, state,
+        "the applied state is stored with the projections"
+    );
 
-    let rebuilt = rebuild::replay(&log, (MemKv::default(), ShardState::empty(SHARD)), state.applied, &mut |_, _| {}).expect("replay");
-    let comparisons = rebuild::compare(db.as_ref(), &state, &rebuilt, &Projection::ALL, 5).expect("compare");
+    let rebuilt = rebuild::replay(
+        &log,
+        (MemKv::default(), ShardState::empty(SHARD)),
+        state.applied,
+        &mut |_, _| {},
+    )
+    .expect("replay");
+    let comparisons =
+        rebuild::compare(db.as_ref(), &state, &rebuilt, &Projection::ALL, 5).expect("compare");
     for comparison in comparisons {
         assert!(comparison.is_equal(), "{comparison:?}");
     }
@@ -95,18 +138,33 @@ fn log_store_append_read_truncate_purge() {
     let db = open(dir.path());
     let log = LogStore::new(db.clone(), SHARD);
     let other = LogStore::new(db, ShardId::new(3));
-    let record = |i: u64| LogRecord { index: LogIndex::new(i), term: 1 + i / 10, payload: vec![i as u8; 8] };
-    log.append(&(1..=30).map(record).collect::<Vec<_>>()).expect("append");
+    let record = |i: u64| LogRecord {
+        index: LogIndex::new(i),
+        term: 1 + i / 10,
+        payload: vec![i as u8; 8],
+    };
+    log.append(&(1..=30).map(record).collect::<Vec<_>>())
+        .expect("append");
     other.append(&[record(1)]).expect("append to another shard");
-    assert_eq!(log.read_range(LogIndex::new(5), LogIndex::new(8)).expect("read"), (5..8).map(record).collect::<Vec<_>>());
+    assert_eq!(
+        log.read_range(LogIndex::new(5), LogIndex::new(8))
+            .expect("read"),
+        (5..8).map(record).collect::<Vec<_>>()
+    );
     assert_eq!(log.last().expect("last"), Some(record(30)));
     log.truncate_from(LogIndex::new(21)).expect("truncate");
     assert_eq!(log.last().expect("last"), Some(record(20)));
     log.purge_up_to(LogIndex::new(10)).expect("purge");
     assert_eq!(log.first_index().expect("first"), Some(LogIndex::new(11)));
-    assert_eq!(other.last().expect("other shard untouched"), Some(record(1)));
+    assert_eq!(
+        other.last().expect("other shard untouched"),
+        Some(record(1))
+    );
     log.save_state(1, b"vote-bytes").expect("save");
-    assert_eq!(log.read_state(1).expect("read").as_deref(), Some(&b"vote-bytes"[..]));
+    assert_eq!(
+        log.read_state(1).expect("read").as_deref(),
+        Some(&b"vote-bytes"[..])
+    );
     assert_eq!(other.read_state(1).expect("read"), None);
 }
 
@@ -116,8 +174,13 @@ fn corrupted_entry_is_a_checksum_fault() {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = open(dir.path());
     let log = LogStore::new(db.clone(), SHARD);
-    let records: Vec<LogRecord> =
-        (1..=3).map(|i| LogRecord { index: LogIndex::new(i), term: 1, payload: b"payload".to_vec() }).collect();
+    let records: Vec<LogRecord> = (1..=3)
+        .map(|i| LogRecord {
+            index: LogIndex::new(i),
+            term: 1,
+            payload: b"payload".to_vec(),
+        })
+        .collect();
     log.append(&records).expect("append");
     let key = courier_storage::keys::log_entry(SHARD, LogIndex::new(2));
     let mut value = db.get(Cf::Log, &key).expect("get").expect("stored");
@@ -125,16 +188,25 @@ fn corrupted_entry_is_a_checksum_fault() {
     value[last] ^= 0x01;
     let change: Change = (Cf::Log, key, Some(value));
     db.commit([change], true).expect("overwrite");
-    let err = log.read_range(LogIndex::new(1), LogIndex::new(4)).expect_err("corruption is detected");
+    let err = log
+        .read_range(LogIndex::new(1), LogIndex::new(4))
+        .expect_err("corruption is detected");
     assert!(matches!(err, StorageError::Checksum { .. }), "{err}");
-    assert!(err.to_string().contains("index 2"), "names the entry: {err}");
+    assert!(
+        err.to_string().contains("index 2"),
+        "names the entry: {err}"
+    );
 
     log.save_state(1, b"vote").expect("save");
     let key = courier_storage::keys::raft_state(SHARD, 1);
     let mut value = db.get(Cf::RaftState, &key).expect("get").expect("stored");
     value[5] ^= 0xff;
-    db.commit([(Cf::RaftState, key, Some(value))], true).expect("overwrite");
-    assert!(matches!(log.read_state(1), Err(StorageError::Checksum { .. })));
+    db.commit([(Cf::RaftState, key, Some(value))], true)
+        .expect("overwrite");
+    assert!(matches!(
+        log.read_state(1),
+        Err(StorageError::Checksum { .. })
+    ));
 }
 
 /// A second process cannot open a database in use.
@@ -143,7 +215,10 @@ fn database_in_use_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let _db = open(dir.path());
     let err = Db::open(dir.path(), OpenMode::ReadWrite).expect_err("locked");
-    assert!(err.to_string().contains("LOCK") || err.to_string().contains("lock"), "{err}");
+    assert!(
+        err.to_string().contains("LOCK") || err.to_string().contains("lock"),
+        "{err}"
+    );
 }
 
 /// A snapshot from one replica installs on another database and matches digest for digest.
@@ -153,18 +228,31 @@ fn snapshot_installs_on_rocksdb() {
     let db = open(dir.path());
     let log = LogStore::new(db.clone(), SHARD);
     let mut state = ShardState::empty(SHARD);
-    append_and_apply(&db, &log, &mut state, &mut EventGen::new(SHARD, 11), 200, 10);
+    append_and_apply(
+        &db,
+        &log,
+        &mut state,
+        &mut EventGen::new(SHARD, 11),
+        200,
+        10,
+    );
     let chunks = courier_storage::snapshot::export(db.as_ref(), &state).expect("export");
     assert!(chunks.len() >= 2, "applied state plus records");
 
     let dir2 = tempfile::tempdir().expect("tempdir");
     let db2 = open(dir2.path());
     let install = courier_storage::snapshot::prepare_install(SHARD, chunks).expect("verifies");
-    db2.replace_ranges(&install.clear, install.changes, true).expect("install");
+    db2.replace_ranges(&install.clear, install.changes, true)
+        .expect("install");
     assert_eq!(ShardState::load(db2.as_ref(), SHARD).expect("load"), state);
     for projection in Projection::ALL {
         let cf = Cf::Projection(projection);
-        assert_eq!(all_pairs(db.as_ref(), cf), all_pairs(db2.as_ref(), cf), "{}", projection.name());
+        assert_eq!(
+            all_pairs(db.as_ref(), cf),
+            all_pairs(db2.as_ref(), cf),
+            "{}",
+            projection.name()
+        );
     }
 }
 
@@ -177,11 +265,19 @@ fn crash_child(dir: &str, shard: ShardId, seed: u64) {
     let db = open(std::path::Path::new(dir));
     let log = LogStore::new(db.clone(), shard);
     let mut state = ShardState::load(db.as_ref(), shard).expect("load");
-    assert_eq!(state.applied, LogIndex::ZERO, "each child starts a fresh shard");
+    assert_eq!(
+        state.applied,
+        LogIndex::ZERO,
+        "each child starts a fresh shard"
+    );
     let mut generator = EventGen::new(shard, seed);
     let mut stdout = std::io::stdout();
     loop {
-        let records_from = log.last().expect("last").map_or(LogIndex::ZERO, |r| r.index).next();
+        let records_from = log
+            .last()
+            .expect("last")
+            .map_or(LogIndex::ZERO, |r| r.index)
+            .next();
         let payloads = generator.payloads(4, 3);
         let records: Vec<LogRecord> = payloads
             .iter()
@@ -189,7 +285,11 @@ fn crash_child(dir: &str, shard: ShardId, seed: u64) {
             .map(|(i, payload)| LogRecord {
                 index: LogIndex::new(records_from.get() + i as u64),
                 term: 1,
-                payload: LogEntry { raft: Vec::new(), events: Some(payload.clone()) }.encode_to_vec(),
+                payload: LogEntry {
+                    raft: Vec::new(),
+                    events: Some(payload.clone()),
+                }
+                .encode_to_vec(),
             })
             .collect();
         log.append(&records).expect("append");
@@ -200,9 +300,14 @@ fn crash_child(dir: &str, shard: ShardId, seed: u64) {
             let committed: Vec<Committed<'_>> = records
                 .iter()
                 .zip(&payloads)
-                .map(|(record, payload)| Committed { index: record.index, payload: Some(payload) })
+                .map(|(record, payload)| Committed {
+                    index: record.index,
+                    payload: Some(payload),
+                })
                 .collect();
-            let batch = state.apply_batch(db.as_ref(), &committed, Vec::new()).expect("apply");
+            let batch = state
+                .apply_batch(db.as_ref(), &committed, Vec::new())
+                .expect("apply");
             db.commit(batch.changes, false).expect("commit");
             state = batch.next;
         }
@@ -215,7 +320,10 @@ fn crash_child(dir: &str, shard: ShardId, seed: u64) {
 #[test]
 fn crash_keeps_every_durable_append() {
     if let Ok(dir) = std::env::var(CHILD_ENV) {
-        let shard: u16 = std::env::var(CHILD_SHARD_ENV).expect("shard").parse().expect("a shard");
+        let shard: u16 = std::env::var(CHILD_SHARD_ENV)
+            .expect("shard")
+            .parse()
+            .expect("a shard");
         crash_child(&dir, ShardId::new(shard), 99);
         return;
     }
@@ -225,7 +333,12 @@ fn crash_keeps_every_durable_append() {
     for iteration in 0..iterations {
         let shard = ShardId::new(iteration);
         let mut child = Command::new(std::env::current_exe().expect("test binary"))
-            .args(["--exact", "crash_keeps_every_durable_append", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "crash_keeps_every_durable_append",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(CHILD_ENV, dir.path())
             .env(CHILD_SHARD_ENV, iteration.to_string())
             .stdout(Stdio::piped())
@@ -254,14 +367,34 @@ fn crash_keeps_every_durable_append() {
 
         let db = open(dir.path());
         let log = LogStore::new(db.clone(), shard);
-        let last = log.last().expect("last").map_or(LogIndex::ZERO, |r| r.index);
-        assert!(durable > LogIndex::ZERO, "iteration {iteration}: the child appended before it was killed");
-        assert!(last >= durable, "iteration {iteration}: log ends at {last}, child reported {durable} durable");
+        let last = log
+            .last()
+            .expect("last")
+            .map_or(LogIndex::ZERO, |r| r.index);
+        assert!(
+            durable > LogIndex::ZERO,
+            "iteration {iteration}: the child appended before it was killed"
+        );
+        assert!(
+            last >= durable,
+            "iteration {iteration}: log ends at {last}, child reported {durable} durable"
+        );
         let state = ShardState::load(db.as_ref(), shard).expect("load");
         assert!(state.applied <= last, "nothing is applied beyond the log");
-        let rebuilt: Rebuilt = rebuild::replay(&log, (MemKv::default(), ShardState::empty(shard)), state.applied, &mut |_, _| {}).expect("replay");
-        for comparison in rebuild::compare(db.as_ref(), &state, &rebuilt, &Projection::ALL, 3).expect("compare") {
-            assert!(comparison.is_equal(), "iteration {iteration}: {comparison:?}");
+        let rebuilt: Rebuilt = rebuild::replay(
+            &log,
+            (MemKv::default(), ShardState::empty(shard)),
+            state.applied,
+            &mut |_, _| {},
+        )
+        .expect("replay");
+        for comparison in
+            rebuild::compare(db.as_ref(), &state, &rebuilt, &Projection::ALL, 3).expect("compare")
+        {
+            assert!(
+                comparison.is_equal(),
+                "iteration {iteration}: {comparison:?}"
+            );
         }
         drop(log);
         drop(db);

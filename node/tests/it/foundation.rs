@@ -4,21 +4,28 @@
 
 use std::time::Duration;
 
-use courier_proto::pb::client::messaging_client::MessagingClient;
 use courier_proto::pb::client::SendRequest;
+use courier_proto::pb::client::messaging_client::MessagingClient;
+use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
 use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-use tonic_reflection::pb::v1::ServerReflectionRequest;
 
 use crate::support::{NodeProcess, config_text, wait_addrs};
 
-const CLIENT_SERVICES: [&str; 3] =
-    ["courier.client.v1.Registration", "courier.client.v1.Messaging", "courier.client.v1.Groups"];
-const PEER_SERVICES: [&str; 3] = ["courier.peer.v1.Raft", "courier.peer.v1.Forward", "courier.peer.v1.Admin"];
+const CLIENT_SERVICES: [&str; 3] = [
+    "courier.client.v1.Registration",
+    "courier.client.v1.Messaging",
+    "courier.client.v1.Groups",
+];
+const PEER_SERVICES: [&str; 3] = [
+    "courier.peer.v1.Raft",
+    "courier.peer.v1.Forward",
+    "courier.peer.v1.Admin",
+];
 
 async fn channel(addr: &str) -> tonic::transport::Channel {
     tonic::transport::Channel::from_shared(format!("http://{addr}"))
@@ -39,9 +46,15 @@ async fn list_services(addr: &str) -> Vec<String> {
         .await
         .expect("reflection")
         .into_inner();
-    let response = responses.message().await.expect("a response").expect("one message");
+    let response = responses
+        .message()
+        .await
+        .expect("a response")
+        .expect("one message");
     match response.message_response {
-        Some(MessageResponse::ListServicesResponse(list)) => list.service.into_iter().map(|s| s.name).collect(),
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            list.service.into_iter().map(|s| s.name).collect()
+        }
         other => panic!("unexpected reflection answer {other:?}"),
     }
 }
@@ -49,7 +62,9 @@ async fn list_services(addr: &str) -> Vec<String> {
 async fn health(addr: &str, service: &str) -> ServingStatus {
     let mut client = HealthClient::new(channel(addr).await);
     let response = client
-        .check(HealthCheckRequest { service: service.to_owned() })
+        .check(HealthCheckRequest {
+            service: service.to_owned(),
+        })
         .await
         .expect("health check")
         .into_inner();
@@ -58,13 +73,38 @@ async fn health(addr: &str, service: &str) -> ServingStatus {
 
 async fn assert_serves(client: &str, peer: &str) {
     for (addr, services) in [(client, CLIENT_SERVICES), (peer, PEER_SERVICES)] {
-        assert_eq!(health(addr, "").await, ServingStatus::Serving, "{addr} overall");
+        assert_eq!(
+            health(addr, "").await,
+            ServingStatus::Serving,
+            "{addr} overall"
+        );
         let listed = list_services(addr).await;
         for service in services {
-            assert!(listed.iter().any(|s| s == service), "{addr} lists {service}: {listed:?}");
-            assert_eq!(health(addr, service).await, ServingStatus::Serving, "{service}");
+            assert!(
+                listed.iter().any(|s| s == service),
+                "{addr} lists {service}: {listed:?}"
+            );
+            assert_eq!(
+                health(addr, service).await,
+                ServingStatus::Serving,
+                "{service}"
+            );
         }
-        assert!(listed.iter().any(|s| s == "grpc.health.v1.Health"), "{listed:?}");
+        assert!(
+            listed.iter().any(|s| s == "grpc.health.v1.Health"),
+            "{listed:?}"
+        );
+        let other = if services == CLIENT_SERVICES {
+            PEER_SERVICES
+        } else {
+            CLIENT_SERVICES
+        };
+        for service in other {
+            assert!(
+                !listed.iter().any(|s| s == service),
+                "{addr} does not list {service}"
+            );
+        }
     }
 }
 
@@ -74,19 +114,30 @@ async fn assert_serves(client: &str, peer: &str) {
 async fn node_serves_health_and_reflection() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = courier_node::Config::parse(&config_text(1, dir.path())).expect("config");
-    let node = courier_node::start(config.clone()).await.expect("node starts");
+    let node = courier_node::start(config.clone())
+        .await
+        .expect("node starts");
     let (client, peer) = (node.client_addr.to_string(), node.peer_addr.to_string());
     assert_serves(&client, &peer).await;
 
     {
-        tracing::info!("an RPC that later issues implement answers UNIMPLEMENTED, never a fake success");
-        let mut messaging = MessagingClient::connect(format!("http://{client}")).await.expect("connect");
-        let status = messaging.send(SendRequest::default()).await.expect_err("not implemented yet");
+        tracing::info!(
+            "an RPC that later issues implement answers UNIMPLEMENTED, never a fake success"
+        );
+        let mut messaging = MessagingClient::connect(format!("http://{client}"))
+            .await
+            .expect("connect");
+        let status = messaging
+            .send(SendRequest::default())
+            .await
+            .expect_err("not implemented yet");
         assert_eq!(status.code(), tonic::Code::Unimplemented);
     }
     {
         tracing::info!("a second node on the same data directory is refused with a clear error");
-        let err = courier_node::start(config).await.expect_err("data dir in use");
+        let err = courier_node::start(config)
+            .await
+            .expect_err("data dir in use");
         assert!(err.to_string().to_lowercase().contains("lock"), "{err}");
     }
     node.stop().await;
@@ -97,7 +148,9 @@ async fn node_serves_health_and_reflection() {
 #[tokio::test]
 async fn three_node_processes_serve_and_stop_on_sigterm() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut nodes: Vec<NodeProcess> = (1..=3).map(|id| NodeProcess::start(id, dir.path())).collect();
+    let mut nodes: Vec<NodeProcess> = (1..=3)
+        .map(|id| NodeProcess::start(id, dir.path()))
+        .collect();
     for node in &nodes {
         let addrs = wait_addrs(&node.data_dir, Duration::from_secs(20));
         assert_serves(&addrs.client, &addrs.peer).await;

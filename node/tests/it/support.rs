@@ -41,7 +41,11 @@ pub(crate) fn wait_addrs(data_dir: &Path, timeout: Duration) -> Addrs {
                 peer: value["peer"].as_str().expect("peer").to_owned(),
             };
         }
-        assert!(started.elapsed() < timeout, "node did not write {} in {timeout:?}", path.display());
+        assert!(
+            started.elapsed() < timeout,
+            "node did not write {} in {timeout:?}",
+            path.display()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -74,13 +78,19 @@ impl NodeProcess {
     /// Sends SIGTERM and waits up to `timeout` for a clean exit.
     pub(crate) fn terminate(&mut self, timeout: Duration) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().expect("kill -TERM");
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill -TERM");
         let started = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 return status;
             }
-            assert!(started.elapsed() < timeout, "node did not stop within {timeout:?}");
+            assert!(
+                started.elapsed() < timeout,
+                "node did not stop within {timeout:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

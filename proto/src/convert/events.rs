@@ -15,10 +15,13 @@ impl TryFrom<&pb::Conversation> for ConversationId {
             Some(pb::conversation::With::User(user)) => {
                 Ok(Self::Direct(UserId::from_wire(user, "conversation.user")?))
             }
-            Some(pb::conversation::With::Group(group)) => {
-                Ok(Self::Group(GroupId::from_wire(group, "conversation.group")?))
-            }
-            None => Err(WireError::Missing { field: "conversation" }),
+            Some(pb::conversation::With::Group(group)) => Ok(Self::Group(GroupId::from_wire(
+                group,
+                "conversation.group",
+            )?)),
+            None => Err(WireError::Missing {
+                field: "conversation",
+            }),
         }
     }
 }
@@ -34,7 +37,11 @@ impl From<ConversationId> for pb::Conversation {
 }
 
 fn check_len(field: &'static str, len: usize, max: usize) -> Result<(), WireError> {
-    if len > max { Err(WireError::TooLong { field, len, max }) } else { Ok(()) }
+    if len > max {
+        Err(WireError::TooLong { field, len, max })
+    } else {
+        Ok(())
+    }
 }
 
 /// Validated message content: a body of at most 64 KiB and/or media with a thumbnail of at most
@@ -50,7 +57,12 @@ impl ValidContent {
 
     /// Returns the stored size in bytes (body plus thumbnail), for metrics and limits.
     pub fn size_bytes(&self) -> usize {
-        self.0.body.len() + self.0.media.as_ref().map_or(0, |media| media.thumbnail.len())
+        self.0.body.len()
+            + self
+                .0
+                .media
+                .as_ref()
+                .map_or(0, |media| media.thumbnail.len())
     }
 }
 
@@ -63,7 +75,9 @@ impl TryFrom<Option<pb::Content>> for ValidContent {
         match &content.media {
             Some(media) => {
                 if media.url.is_empty() {
-                    return Err(WireError::Missing { field: "content.media.url" });
+                    return Err(WireError::Missing {
+                        field: "content.media.url",
+                    });
                 }
                 check_len("content.media.url", media.url.len(), MEDIA_URL_BYTES_MAX)?;
                 check_len(
@@ -71,10 +85,16 @@ impl TryFrom<Option<pb::Content>> for ValidContent {
                     media.thumbnail.len(),
                     THUMBNAIL_BYTES_MAX,
                 )?;
-                check_len("content.media.mime_type", media.mime_type.len(), MIME_TYPE_BYTES_MAX)?;
+                check_len(
+                    "content.media.mime_type",
+                    media.mime_type.len(),
+                    MIME_TYPE_BYTES_MAX,
+                )?;
             }
             None if content.body.is_empty() => {
-                return Err(WireError::Missing { field: "content.body" });
+                return Err(WireError::Missing {
+                    field: "content.body",
+                });
             }
             None => {}
         }

@@ -86,21 +86,29 @@ impl TryFrom<pb::ClientFrame> for StreamCommand {
 
     fn try_from(wire: pb::ClientFrame) -> Result<Self, WireError> {
         let conversation = |c: Option<crate::pb::events::Conversation>| {
-            ConversationId::try_from(&c.ok_or(WireError::Missing { field: "conversation" })?)
+            ConversationId::try_from(&c.ok_or(WireError::Missing {
+                field: "conversation",
+            })?)
         };
         match wire.frame.ok_or(WireError::Missing { field: "frame" })? {
-            pb::client_frame::Frame::Open(open) => {
-                Ok(Self::Open { resume_after: InboxSeq::new(open.resume_after_seq) })
-            }
+            pb::client_frame::Frame::Open(open) => Ok(Self::Open {
+                resume_after: InboxSeq::new(open.resume_after_seq),
+            }),
             pb::client_frame::Frame::Ack(ack) => {
                 if ack.up_to_seq == 0 {
-                    return Err(WireError::Zero { field: "ack.up_to_seq" });
+                    return Err(WireError::Zero {
+                        field: "ack.up_to_seq",
+                    });
                 }
-                Ok(Self::Ack { up_to: InboxSeq::new(ack.up_to_seq) })
+                Ok(Self::Ack {
+                    up_to: InboxSeq::new(ack.up_to_seq),
+                })
             }
             pb::client_frame::Frame::Read(read) => {
                 if read.up_to_seq == 0 {
-                    return Err(WireError::Zero { field: "read.up_to_seq" });
+                    return Err(WireError::Zero {
+                        field: "read.up_to_seq",
+                    });
                 }
                 Ok(Self::Read {
                     conversation: conversation(read.conversation)?,
@@ -121,7 +129,9 @@ impl TryFrom<pb::ClientFrame> for StreamCommand {
 /// [`WireError`] for an empty or oversize list or a malformed id.
 pub fn receipt_lookup(wire: pb::GetReceiptsRequest) -> Result<Vec<MessageId>, WireError> {
     if wire.message_ids.is_empty() {
-        return Err(WireError::Missing { field: "message_ids" });
+        return Err(WireError::Missing {
+            field: "message_ids",
+        });
     }
     if wire.message_ids.len() > RECEIPT_LOOKUP_IDS_MAX {
         return Err(WireError::TooLong {
@@ -130,7 +140,10 @@ pub fn receipt_lookup(wire: pb::GetReceiptsRequest) -> Result<Vec<MessageId>, Wi
             max: RECEIPT_LOOKUP_IDS_MAX,
         });
     }
-    wire.message_ids.iter().map(|id| MessageId::from_wire(id, "message_ids")).collect()
+    wire.message_ids
+        .iter()
+        .map(|id| MessageId::from_wire(id, "message_ids"))
+        .collect()
 }
 
 /// A validated group creation.
@@ -158,7 +171,11 @@ impl TryFrom<pb::CreateGroupRequest> for CreateGroupCommand {
         }
         let max = usize::try_from(GROUP_MEMBERS_MAX).unwrap_or(usize::MAX);
         if wire.members.len() >= max {
-            return Err(WireError::TooLong { field: "members", len: wire.members.len(), max });
+            return Err(WireError::TooLong {
+                field: "members",
+                len: wire.members.len(),
+                max,
+            });
         }
         let mut members = wire
             .members
@@ -167,7 +184,10 @@ impl TryFrom<pb::CreateGroupRequest> for CreateGroupCommand {
             .collect::<Result<Vec<_>, _>>()?;
         members.sort_unstable();
         members.dedup();
-        Ok(Self { name: wire.name, members })
+        Ok(Self {
+            name: wire.name,
+            members,
+        })
     }
 }
 

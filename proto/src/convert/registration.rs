@@ -2,8 +2,7 @@
 
 use crate::error::WireError;
 use crate::limits::{
-    DEVICE_NAME_BYTES_MAX, PHONE_NUMBER_BYTES_MAX, PHONE_NUMBER_BYTES_MIN,
-    REGISTRATION_CODE_DIGITS,
+    DEVICE_NAME_BYTES_MAX, PHONE_NUMBER_BYTES_MAX, PHONE_NUMBER_BYTES_MIN, REGISTRATION_CODE_DIGITS,
 };
 use crate::pb::client as pb;
 use crate::types::DeviceId;
@@ -45,7 +44,10 @@ impl TryFrom<String> for PhoneNumber {
             reason: "must start with + (E.164)",
         })?;
         if raw.len() < PHONE_NUMBER_BYTES_MIN || !digits.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(WireError::Malformed { field: FIELD, reason: "expected + and 7-15 digits" });
+            return Err(WireError::Malformed {
+                field: FIELD,
+                reason: "expected + and 7-15 digits",
+            });
         }
         Ok(Self(raw))
     }
@@ -88,9 +90,16 @@ impl TryFrom<pb::RegisterRequest> for RegisterCommand {
         if wire.code.len() != REGISTRATION_CODE_DIGITS
             || !wire.code.bytes().all(|b| b.is_ascii_digit())
         {
-            return Err(WireError::Malformed { field: "code", reason: "expected 6 digits" });
+            return Err(WireError::Malformed {
+                field: "code",
+                reason: "expected 6 digits",
+            });
         }
-        Ok(Self { phone, code: wire.code, device_name: device_name(wire.device_name)? })
+        Ok(Self {
+            phone,
+            code: wire.code,
+            device_name: device_name(wire.device_name)?,
+        })
     }
 }
 

@@ -14,11 +14,22 @@ use crate::pb::{client, events};
 use crate::types::{ConversationId, InboxSeq, MessageId, UserId};
 
 fn body(bytes: usize) -> Option<events::Content> {
-    Some(events::Content { body: vec![7; bytes], media: None })
+    Some(events::Content {
+        body: vec![7; bytes],
+        media: None,
+    })
 }
 
-fn send(client_msg_id: &str, to_user: u64, content: Option<events::Content>) -> client::SendRequest {
-    client::SendRequest { client_msg_id: client_msg_id.to_owned(), to_user, content }
+fn send(
+    client_msg_id: &str,
+    to_user: u64,
+    content: Option<events::Content>,
+) -> client::SendRequest {
+    client::SendRequest {
+        client_msg_id: client_msg_id.to_owned(),
+        to_user,
+        content,
+    }
 }
 
 #[test]
@@ -34,7 +45,12 @@ fn send_accepts_a_valid_request() {
 fn send_rejects_each_bad_field() {
     let long_id = "x".repeat(CLIENT_MSG_ID_BYTES_MAX + 1);
     let cases = [
-        (send("", 9, body(1)), WireError::Missing { field: "client_msg_id" }),
+        (
+            send("", 9, body(1)),
+            WireError::Missing {
+                field: "client_msg_id",
+            },
+        ),
         (
             send(&long_id, 9, body(1)),
             WireError::TooLong {
@@ -45,7 +61,12 @@ fn send_rejects_each_bad_field() {
         ),
         (send("a", 0, body(1)), WireError::Zero { field: "to_user" }),
         (send("a", 9, None), WireError::Missing { field: "content" }),
-        (send("a", 9, body(0)), WireError::Missing { field: "content.body" }),
+        (
+            send("a", 9, body(0)),
+            WireError::Missing {
+                field: "content.body",
+            },
+        ),
         (
             send("a", 9, body(MESSAGE_BODY_BYTES_MAX + 1)),
             WireError::TooLong {
@@ -84,12 +105,17 @@ fn media_limits() {
     );
     assert_eq!(
         ValidContent::try_from(media("", 1)),
-        Err(WireError::Missing { field: "content.media.url" })
+        Err(WireError::Missing {
+            field: "content.media.url"
+        })
     );
     let long_url = "u".repeat(MEDIA_URL_BYTES_MAX + 1);
     assert!(matches!(
         ValidContent::try_from(media(&long_url, 1)),
-        Err(WireError::TooLong { field: "content.media.url", .. })
+        Err(WireError::TooLong {
+            field: "content.media.url",
+            ..
+        })
     ));
 }
 
@@ -100,7 +126,9 @@ fn stream_frames() {
         StreamCommand::try_from(frame(client::client_frame::Frame::Open(client::Open {
             resume_after_seq: 0
         }))),
-        Ok(StreamCommand::Open { resume_after: InboxSeq::ZERO })
+        Ok(StreamCommand::Open {
+            resume_after: InboxSeq::ZERO
+        })
     );
     assert_eq!(
         StreamCommand::try_from(client::ClientFrame { frame: None }),
@@ -110,14 +138,18 @@ fn stream_frames() {
         StreamCommand::try_from(frame(client::client_frame::Frame::Ack(client::Ack {
             up_to_seq: 0
         }))),
-        Err(WireError::Zero { field: "ack.up_to_seq" })
+        Err(WireError::Zero {
+            field: "ack.up_to_seq"
+        })
     );
     assert_eq!(
         StreamCommand::try_from(frame(client::client_frame::Frame::Read(client::Read {
             conversation: None,
             up_to_seq: 3
         }))),
-        Err(WireError::Missing { field: "conversation" })
+        Err(WireError::Missing {
+            field: "conversation"
+        })
     );
     let read = StreamCommand::try_from(frame(client::client_frame::Frame::Read(client::Read {
         conversation: Some(events::Conversation {
@@ -136,36 +168,65 @@ fn stream_frames() {
         ConversationId::try_from(&events::Conversation {
             with: Some(events::conversation::With::Group(0))
         }),
-        Err(WireError::Zero { field: "conversation.group" })
+        Err(WireError::Zero {
+            field: "conversation.group"
+        })
     );
 }
 
 #[test]
 fn message_ids_and_receipt_lookups() {
-    assert!(matches!(MessageId::from_wire(&[1; 15], "id"), Err(WireError::Malformed { .. })));
-    assert_eq!(MessageId::from_wire(&[0; 16], "id"), Err(WireError::Zero { field: "id" }));
+    assert!(matches!(
+        MessageId::from_wire(&[1; 15], "id"),
+        Err(WireError::Malformed { .. })
+    ));
     assert_eq!(
-        receipt_lookup(client::GetReceiptsRequest { message_ids: vec![] }),
-        Err(WireError::Missing { field: "message_ids" })
+        MessageId::from_wire(&[0; 16], "id"),
+        Err(WireError::Zero { field: "id" })
+    );
+    assert_eq!(
+        receipt_lookup(client::GetReceiptsRequest {
+            message_ids: vec![]
+        }),
+        Err(WireError::Missing {
+            field: "message_ids"
+        })
     );
     let too_many = vec![vec![1_u8; 16]; RECEIPT_LOOKUP_IDS_MAX + 1];
     assert!(matches!(
-        receipt_lookup(client::GetReceiptsRequest { message_ids: too_many }),
+        receipt_lookup(client::GetReceiptsRequest {
+            message_ids: too_many
+        }),
         Err(WireError::TooLong { .. })
     ));
     assert_eq!(
-        receipt_lookup(client::GetReceiptsRequest { message_ids: vec![vec![2; 16]] }),
+        receipt_lookup(client::GetReceiptsRequest {
+            message_ids: vec![vec![2; 16]]
+        }),
         Ok(vec![MessageId::from_bytes([2; 16])])
     );
 }
 
 #[test]
 fn registration() {
-    for bad in ["", "15551234567", "+1555abc4567", "+12345", "+1234567890123456"] {
-        assert!(PhoneNumber::try_from(bad.to_owned()).is_err(), "{bad:?} is rejected");
+    for bad in [
+        "",
+        "15551234567",
+        "+1555abc4567",
+        "+12345",
+        "+1234567890123456",
+    ] {
+        assert!(
+            PhoneNumber::try_from(bad.to_owned()).is_err(),
+            "{bad:?} is rejected"
+        );
     }
     let phone = PhoneNumber::try_from("+15551234567".to_owned()).expect("valid E.164");
-    assert_eq!(format!("{phone:?}"), "PhoneNumber(<redacted>)", "Debug never shows the number");
+    assert_eq!(
+        format!("{phone:?}"),
+        "PhoneNumber(<redacted>)",
+        "Debug never shows the number"
+    );
     let register = |code: &str| client::RegisterRequest {
         phone_number: "+15551234567".to_owned(),
         code: code.to_owned(),
@@ -250,8 +311,15 @@ fn events_round_trip_through_prost() {
             source_shard: 2,
             source_pos: 3,
         }),
-        Kind::OutboxTrimmed(events::OutboxTrimmed { dest_shard: 2, up_to: 10 }),
-        Kind::UserRegistered(events::UserRegistered { user: 1, phone_hash: vec![1; 16], at_ms: 1 }),
+        Kind::OutboxTrimmed(events::OutboxTrimmed {
+            dest_shard: 2,
+            up_to: 10,
+        }),
+        Kind::UserRegistered(events::UserRegistered {
+            user: 1,
+            phone_hash: vec![1; 16],
+            at_ms: 1,
+        }),
         Kind::DeviceRegistered(events::DeviceRegistered {
             user: 1,
             device: 2,
@@ -259,21 +327,44 @@ fn events_round_trip_through_prost() {
             primary: false,
             at_ms: 6,
         }),
-        Kind::DeviceRevoked(events::DeviceRevoked { user: 1, device: 1, at_ms: 7 }),
+        Kind::DeviceRevoked(events::DeviceRevoked {
+            user: 1,
+            device: 1,
+            at_ms: 7,
+        }),
         Kind::GroupCreated(events::GroupCreated {
             group: 4,
             creator: 1,
             name: "g".to_owned(),
             at_ms: 8,
         }),
-        Kind::MemberAdded(events::MemberAdded { group: 4, user: 2, by: 1, admin: false, at_ms: 9 }),
-        Kind::MemberRemoved(events::MemberRemoved { group: 4, user: 2, by: 2, at_ms: 10 }),
-        Kind::MessageExpired(events::MessageExpired { user: 2, seq: 1, message_id, at_ms: 11 }),
+        Kind::MemberAdded(events::MemberAdded {
+            group: 4,
+            user: 2,
+            by: 1,
+            admin: false,
+            at_ms: 9,
+        }),
+        Kind::MemberRemoved(events::MemberRemoved {
+            group: 4,
+            user: 2,
+            by: 2,
+            at_ms: 10,
+        }),
+        Kind::MessageExpired(events::MessageExpired {
+            user: 2,
+            seq: 1,
+            message_id,
+            at_ms: 11,
+        }),
     ];
     assert_eq!(kinds.len(), 13, "one case per event variant");
     let payload = events::EntryPayload {
         format_version: crate::FORMAT_VERSION,
-        events: kinds.into_iter().map(|kind| events::Event { kind: Some(kind) }).collect(),
+        events: kinds
+            .into_iter()
+            .map(|kind| events::Event { kind: Some(kind) })
+            .collect(),
     };
     let bytes = payload.encode_to_vec();
     let decoded = events::EntryPayload::decode(bytes.as_slice()).expect("decodes");

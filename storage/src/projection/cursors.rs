@@ -16,7 +16,9 @@ use crate::keys;
 /// A storage fault.
 pub fn acked(view: &View<'_, '_>, user: UserId, device: DeviceId) -> Result<InboxSeq> {
     let key = keys::cursor(view.shard(), user, device);
-    Ok(InboxSeq::new(view.get_u64(Projection::Cursors, &key)?.unwrap_or(0)))
+    Ok(InboxSeq::new(
+        view.get_u64(Projection::Cursors, &key)?.unwrap_or(0),
+    ))
 }
 
 /// Folds one event into the cursors.
@@ -29,7 +31,10 @@ pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
             let user = UserId::new(ack.user).expect("leader validated the user");
             let device = DeviceId::new(ack.device).expect("leader validated the device");
             let up_to = InboxSeq::new(ack.up_to_seq);
-            assert!(up_to <= inbox::tail(view, user)?, "acks never pass the inbox tail");
+            assert!(
+                up_to <= inbox::tail(view, user)?,
+                "acks never pass the inbox tail"
+            );
             if up_to > acked(view, user, device)? {
                 view.put_u64(keys::cursor(view.shard(), user, device), up_to.get())?;
             }

@@ -22,7 +22,10 @@ pub fn lookup(
     device: DeviceId,
     client_msg_id: &str,
 ) -> Result<Option<SendResult>> {
-    view.get(Projection::Dedup, &keys::dedup(view.shard(), user, device, client_msg_id))
+    view.get(
+        Projection::Dedup,
+        &keys::dedup(view.shard(), user, device, client_msg_id),
+    )
 }
 
 /// Folds one event into the dedup projection.

@@ -26,7 +26,9 @@ fn device_id(raw: u32) -> DeviceId {
 /// # Errors
 /// A storage fault.
 pub fn user_by_phone(view: &View<'_, '_>, phone_hash: &[u8]) -> Result<Option<UserId>> {
-    Ok(view.get_u64(Projection::Devices, &keys::phone(view.shard(), phone_hash))?.and_then(UserId::new))
+    Ok(view
+        .get_u64(Projection::Devices, &keys::phone(view.shard(), phone_hash))?
+        .and_then(UserId::new))
 }
 
 /// Folds one event into the devices projection.
@@ -50,7 +52,10 @@ pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
             view.put_u64(keys::phone(shard, &registered.phone_hash), user.get())?;
             view.put(
                 key,
-                &UserRecord { phone_hash: registered.phone_hash.clone(), devices_registered: 0 },
+                &UserRecord {
+                    phone_hash: registered.phone_hash.clone(),
+                    devices_registered: 0,
+                },
             )
         }
         Kind::DeviceRegistered(registered) => {
@@ -59,7 +64,10 @@ pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
             let mut record: UserRecord = view
                 .get(Projection::Devices, &key)?
                 .expect("devices are registered for registered users");
-            let next = record.devices_registered.checked_add(1).expect("device id overflow");
+            let next = record
+                .devices_registered
+                .checked_add(1)
+                .expect("device id overflow");
             assert_eq!(registered.device, next, "device ids are assigned in order");
             record.devices_registered = next;
             view.put(key, &record)?;
@@ -76,8 +84,9 @@ pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
         }
         Kind::DeviceRevoked(revoked) => {
             let key = keys::device_record(shard, user_id(revoked.user), device_id(revoked.device));
-            let mut record: DeviceRecord =
-                view.get(Projection::Devices, &key)?.expect("only registered devices are revoked");
+            let mut record: DeviceRecord = view
+                .get(Projection::Devices, &key)?
+                .expect("only registered devices are revoked");
             if record.revoked {
                 return Ok(());
             }

@@ -17,9 +17,16 @@ use crate::keys;
 ///
 /// # Errors
 /// A storage fault.
-pub fn due(view: &View<'_, '_>, cutoff_ms: u64, limit: usize) -> Result<Vec<(u64, UserId, InboxSeq, Vec<u8>)>> {
+pub fn due(
+    view: &View<'_, '_>,
+    cutoff_ms: u64,
+    limit: usize,
+) -> Result<Vec<(u64, UserId, InboxSeq, Vec<u8>)>> {
     let from = keys::expiry_prefix(view.shard());
-    let to = keys::KeyBuf::shard(view.shard()).u8(keys::tag::PRIMARY).u64(cutoff_ms).done();
+    let to = keys::KeyBuf::shard(view.shard())
+        .u8(keys::tag::PRIMARY)
+        .u64(cutoff_ms)
+        .done();
     Ok(view
         .scan::<ExpiryEntry>(Projection::Expiry, &from, &to, limit)?
         .into_iter()
@@ -42,14 +49,18 @@ pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
             let seq = inbox::tail(view, user)?.next();
             view.put(
                 keys::expiry(shard, delivered.stored_at_ms, user, seq),
-                &ExpiryEntry { message_id: delivered.message_id.clone() },
+                &ExpiryEntry {
+                    message_id: delivered.message_id.clone(),
+                },
             )
         }
         Kind::DeliveryAcked(acked) => {
             let user = UserId::new(acked.user).expect("leader validated the user");
             let state = inbox::state(view, user)?;
             let after = InboxSeq::new(state.delivered_up_to);
-            for (seq, entry) in inbox::entries_between(view, user, after, InboxSeq::new(acked.up_to_seq))? {
+            for (seq, entry) in
+                inbox::entries_between(view, user, after, InboxSeq::new(acked.up_to_seq))?
+            {
                 view.delete(keys::expiry(shard, entry.stored_at_ms, user, seq))?;
             }
             Ok(())
@@ -57,7 +68,8 @@ pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
         Kind::MessageExpired(expired) => {
             let user = UserId::new(expired.user).expect("leader validated the user");
             let seq = InboxSeq::new(expired.seq);
-            let entry = inbox::entry(view, user, seq)?.expect("an expiring message is in the inbox");
+            let entry =
+                inbox::entry(view, user, seq)?.expect("an expiring message is in the inbox");
             view.delete(keys::expiry(shard, entry.stored_at_ms, user, seq))
         }
         Kind::MessageSent(_)

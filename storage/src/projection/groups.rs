@@ -51,7 +51,10 @@ pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
             )?;
             view.put(
                 keys::group_member(shard, group, user_id(created.creator)),
-                &MemberRecord { admin: true, joined_epoch: 1 },
+                &MemberRecord {
+                    admin: true,
+                    joined_epoch: 1,
+                },
             )
         }
         Kind::MemberAdded(added) => {
@@ -59,12 +62,22 @@ pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
             let mut record = load(view, group)?;
             let member_key = keys::group_member(shard, group, user_id(added.user));
             assert!(
-                view.get::<MemberRecord>(Projection::Groups, &member_key)?.is_none(),
+                view.get::<MemberRecord>(Projection::Groups, &member_key)?
+                    .is_none(),
                 "a member is added once"
             );
             record.epoch = record.epoch.checked_add(1).expect("group epoch overflow");
-            record.members = record.members.checked_add(1).expect("member count overflow");
-            view.put(member_key, &MemberRecord { admin: added.admin, joined_epoch: record.epoch })?;
+            record.members = record
+                .members
+                .checked_add(1)
+                .expect("member count overflow");
+            view.put(
+                member_key,
+                &MemberRecord {
+                    admin: added.admin,
+                    joined_epoch: record.epoch,
+                },
+            )?;
             view.put(keys::group(shard, group), &record)
         }
         Kind::MemberRemoved(removed) => {
@@ -72,11 +85,15 @@ pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
             let mut record = load(view, group)?;
             let member_key = keys::group_member(shard, group, user_id(removed.user));
             assert!(
-                view.get::<MemberRecord>(Projection::Groups, &member_key)?.is_some(),
+                view.get::<MemberRecord>(Projection::Groups, &member_key)?
+                    .is_some(),
                 "only members are removed"
             );
             record.epoch = record.epoch.checked_add(1).expect("group epoch overflow");
-            record.members = record.members.checked_sub(1).expect("member count matches members");
+            record.members = record
+                .members
+                .checked_sub(1)
+                .expect("member count matches members");
             view.delete(member_key)?;
             view.put(keys::group(shard, group), &record)
         }

@@ -24,7 +24,9 @@ fn user_id(raw: u64) -> UserId {
 /// # Errors
 /// A storage fault.
 pub fn state(view: &View<'_, '_>, user: UserId) -> Result<InboxState> {
-    Ok(view.get(Projection::Inbox, &keys::inbox_state(view.shard(), user))?.unwrap_or_default())
+    Ok(view
+        .get(Projection::Inbox, &keys::inbox_state(view.shard(), user))?
+        .unwrap_or_default())
 }
 
 /// Returns the last sequence stored for `user`.
@@ -39,7 +41,11 @@ pub fn tail(view: &View<'_, '_>, user: UserId) -> Result<InboxSeq> {
 ///
 /// # Errors
 /// A storage fault.
-pub fn stored_seq(view: &View<'_, '_>, user: UserId, message_id: &[u8]) -> Result<Option<InboxSeq>> {
+pub fn stored_seq(
+    view: &View<'_, '_>,
+    user: UserId,
+    message_id: &[u8],
+) -> Result<Option<InboxSeq>> {
     let Ok(message) = MessageId::from_wire(message_id, "message_id") else {
         return Ok(None);
     };
@@ -52,7 +58,10 @@ pub fn stored_seq(view: &View<'_, '_>, user: UserId, message_id: &[u8]) -> Resul
 /// # Errors
 /// A storage fault.
 pub fn entry(view: &View<'_, '_>, user: UserId, seq: InboxSeq) -> Result<Option<InboxEntry>> {
-    view.get(Projection::Inbox, &keys::inbox_message(view.shard(), user, seq))
+    view.get(
+        Projection::Inbox,
+        &keys::inbox_message(view.shard(), user, seq),
+    )
 }
 
 /// Returns the stored messages with `after < seq <= up_to`, in order (expired ones are absent).
@@ -117,7 +126,10 @@ pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
         Kind::DeliveryAcked(acked) => {
             let user = user_id(acked.user);
             let mut inbox = state(view, user)?;
-            assert!(acked.up_to_seq <= inbox.tail_seq, "acks never pass the inbox tail");
+            assert!(
+                acked.up_to_seq <= inbox.tail_seq,
+                "acks never pass the inbox tail"
+            );
             if acked.up_to_seq > inbox.delivered_up_to {
                 inbox.delivered_up_to = acked.up_to_seq;
                 view.put(keys::inbox_state(shard, user), &inbox)?;
@@ -128,9 +140,15 @@ pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
             let user = user_id(expired.user);
             let seq = InboxSeq::new(expired.seq);
             let inbox = state(view, user)?;
-            assert!(expired.seq > inbox.delivered_up_to, "only undelivered messages expire");
+            assert!(
+                expired.seq > inbox.delivered_up_to,
+                "only undelivered messages expire"
+            );
             let stored = entry(view, user, seq)?.expect("an expiring message is in the inbox");
-            assert_eq!(stored.message_id, expired.message_id, "expiry names the stored message");
+            assert_eq!(
+                stored.message_id, expired.message_id,
+                "expiry names the stored message"
+            );
             let message = MessageId::from_wire(&stored.message_id, "message_id")
                 .expect("stored message ids are valid");
             view.delete(keys::inbox_message(shard, user, seq))?;

@@ -102,7 +102,9 @@ impl Projection {
 
     /// Parses a name as printed by [`Projection::name`].
     pub fn from_name(name: &str) -> Option<Projection> {
-        Projection::ALL.into_iter().find(|projection| projection.name() == name)
+        Projection::ALL
+            .into_iter()
+            .find(|projection| projection.name() == name)
     }
 
     fn apply(self, view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
@@ -133,7 +135,10 @@ pub fn frame(at: LogIndex, body: &[u8]) -> Vec<u8> {
 /// Splits a framed value into the index that set it and the message bytes.
 pub fn unframe(value: &[u8]) -> Option<(LogIndex, &[u8])> {
     let (head, body) = value.split_at_checked(SET_AT_BYTES)?;
-    Some((LogIndex::new(u64::from_be_bytes(head.try_into().ok()?)), body))
+    Some((
+        LogIndex::new(u64::from_be_bytes(head.try_into().ok()?)),
+        body,
+    ))
 }
 
 /// What one projection sees while applying one event at one log index.
@@ -152,7 +157,12 @@ impl<'s, 'a> View<'s, 'a> {
         at: LogIndex,
         projection: Projection,
     ) -> Self {
-        Self { staged, shard, at, projection }
+        Self {
+            staged,
+            shard,
+            at,
+            projection,
+        }
     }
 
     /// The shard being applied.
@@ -178,14 +188,23 @@ impl<'s, 'a> View<'s, 'a> {
     ///
     /// # Errors
     /// A storage fault or an undecodable value.
-    pub fn get<M: Message + Default>(&self, projection: Projection, key: &[u8]) -> Result<Option<M>> {
+    pub fn get<M: Message + Default>(
+        &self,
+        projection: Projection,
+        key: &[u8],
+    ) -> Result<Option<M>> {
         let Some(value) = self.staged.get(Cf::Projection(projection), key)? else {
             return Ok(None);
         };
         self.decode(projection, key, &value).map(Some)
     }
 
-    fn decode<M: Message + Default>(&self, projection: Projection, key: &[u8], value: &[u8]) -> Result<M> {
+    fn decode<M: Message + Default>(
+        &self,
+        projection: Projection,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<M> {
         let (_, body) = unframe(value)
             .ok_or_else(|| self.decode_err(projection, key, "shorter than its frame".to_owned()))?;
         M::decode(body).map_err(|error| self.decode_err(projection, key, error.to_string()))
@@ -200,9 +219,9 @@ impl<'s, 'a> View<'s, 'a> {
             return Ok(None);
         };
         let body = unframe(&value).map(|(_, body)| body).unwrap_or_default();
-        let bytes: [u8; 8] = body
-            .try_into()
-            .map_err(|_| self.decode_err(projection, key, format!("{} bytes, not 8", body.len())))?;
+        let bytes: [u8; 8] = body.try_into().map_err(|_| {
+            self.decode_err(projection, key, format!("{} bytes, not 8", body.len()))
+        })?;
         Ok(Some(u64::from_be_bytes(bytes)))
     }
 
@@ -217,7 +236,9 @@ impl<'s, 'a> View<'s, 'a> {
         to: &[u8],
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, M)>> {
-        let pairs: Vec<Pair> = self.staged.scan(Cf::Projection(projection), from, to, limit)?;
+        let pairs: Vec<Pair> = self
+            .staged
+            .scan(Cf::Projection(projection), from, to, limit)?;
         pairs
             .into_iter()
             .map(|(key, value)| {
@@ -333,7 +354,10 @@ pub fn apply_event(
             let device = DeviceId::new(sent.sender_device).expect("leader validated the device");
             let user = UserId::new(sent.sender_user).expect("leader validated the sender");
             if let Some(result) = dedup::lookup(&view, user, device, &sent.client_msg_id)? {
-                return Ok(Applied::Sent { result, duplicate: true });
+                return Ok(Applied::Sent {
+                    result,
+                    duplicate: true,
+                });
             }
             Applied::Sent {
                 result: SendResult {
@@ -345,17 +369,32 @@ pub fn apply_event(
             }
         }
         Kind::MessageDelivered(delivered) => {
-            let user = UserId::new(delivered.recipient_user).expect("leader validated the recipient");
+            let user =
+                UserId::new(delivered.recipient_user).expect("leader validated the recipient");
             if delivered.source_pos > 0
-                && forwarded_duplicate(staged, shard, at, delivered.source_shard, delivered.source_pos)?
+                && forwarded_duplicate(
+                    staged,
+                    shard,
+                    at,
+                    delivered.source_shard,
+                    delivered.source_pos,
+                )?
             {
                 return Ok(Applied::DuplicateForward);
             }
             let view = View::new(staged, shard, at, Projection::Inbox);
             if let Some(seq) = inbox::stored_seq(&view, user, &delivered.message_id)? {
-                return Ok(Applied::Stored { user, seq, duplicate: true });
+                return Ok(Applied::Stored {
+                    user,
+                    seq,
+                    duplicate: true,
+                });
             }
-            Applied::Stored { user, seq: inbox::tail(&view, user)?.next(), duplicate: false }
+            Applied::Stored {
+                user,
+                seq: inbox::tail(&view, user)?.next(),
+                duplicate: false,
+            }
         }
         Kind::ReceiptRecorded(receipt) => {
             if forwarded_duplicate(staged, shard, at, receipt.source_shard, receipt.source_pos)? {

@@ -33,7 +33,9 @@ fn shard_id(raw: u32) -> ShardId {
 /// A storage fault.
 pub fn inbound_applied(view: &View<'_, '_>, source: u32) -> Result<u64> {
     let key = keys::inbound_state(view.shard(), shard_id(source));
-    Ok(view.get::<InboundState>(Projection::Outbox, &key)?.map_or(0, |state| state.applied_pos))
+    Ok(view
+        .get::<InboundState>(Projection::Outbox, &key)?
+        .map_or(0, |state| state.applied_pos))
 }
 
 /// Returns the state of the queue to `dest`.
@@ -41,14 +43,21 @@ pub fn inbound_applied(view: &View<'_, '_>, source: u32) -> Result<u64> {
 /// # Errors
 /// A storage fault.
 pub fn state(view: &View<'_, '_>, dest: ShardId) -> Result<OutboxState> {
-    Ok(view.get(Projection::Outbox, &keys::outbox_state(view.shard(), dest))?.unwrap_or_default())
+    Ok(view
+        .get(Projection::Outbox, &keys::outbox_state(view.shard(), dest))?
+        .unwrap_or_default())
 }
 
 /// Returns up to `limit` pending entries to `dest` from position `from_pos` on.
 ///
 /// # Errors
 /// A storage fault.
-pub fn pending(view: &View<'_, '_>, dest: ShardId, from_pos: u64, limit: usize) -> Result<Vec<(u64, Event)>> {
+pub fn pending(
+    view: &View<'_, '_>,
+    dest: ShardId,
+    from_pos: u64,
+    limit: usize,
+) -> Result<Vec<(u64, Event)>> {
     let from = keys::outbox_entry(view.shard(), dest, from_pos);
     let prefix = keys::outbox_dest_prefix(view.shard(), dest);
     let to = keys::prefix_end(&prefix).expect("outbox prefixes end below 0xff..");
@@ -56,7 +65,11 @@ pub fn pending(view: &View<'_, '_>, dest: ShardId, from_pos: u64, limit: usize) 
         .scan::<OutboxEntry>(Projection::Outbox, &from, &to, limit)?
         .into_iter()
         .filter_map(|(key, entry)| {
-            let pos = key.get(prefix.len()..)?.try_into().ok().map(u64::from_be_bytes)?;
+            let pos = key
+                .get(prefix.len()..)?
+                .try_into()
+                .ok()
+                .map(u64::from_be_bytes)?;
             Some((pos, entry.event?))
         })
         .collect())
@@ -64,7 +77,10 @@ pub fn pending(view: &View<'_, '_>, dest: ShardId, from_pos: u64, limit: usize) 
 
 fn push(view: &mut View<'_, '_>, dest: ShardId, mut kind: Kind) -> Result<()> {
     let mut state = state(view, dest)?;
-    let pos = state.last_pos.checked_add(1).expect("outbox position overflow");
+    let pos = state
+        .last_pos
+        .checked_add(1)
+        .expect("outbox position overflow");
     let source_shard = u32::from(view.shard().get());
     match &mut kind {
         Kind::MessageDelivered(delivered) => {
@@ -78,11 +94,22 @@ fn push(view: &mut View<'_, '_>, dest: ShardId, mut kind: Kind) -> Result<()> {
         _ => unreachable!("only deliveries and receipts are forwarded"),
     }
     state.last_pos = pos;
-    view.put(keys::outbox_entry(view.shard(), dest, pos), &OutboxEntry { event: Some(Event { kind: Some(kind) }) })?;
+    view.put(
+        keys::outbox_entry(view.shard(), dest, pos),
+        &OutboxEntry {
+            event: Some(Event { kind: Some(kind) }),
+        },
+    )?;
     view.put(keys::outbox_state(view.shard(), dest), &state)
 }
 
-fn push_receipt(view: &mut View<'_, '_>, recipient: UserId, entry: &InboxEntry, state: ReceiptState, at_ms: u64) -> Result<()> {
+fn push_receipt(
+    view: &mut View<'_, '_>,
+    recipient: UserId,
+    entry: &InboxEntry,
+    state: ReceiptState,
+    at_ms: u64,
+) -> Result<()> {
     let receipt = events::ReceiptRecorded {
         message_id: entry.message_id.clone(),
         sender_user: entry.sender_user,
@@ -92,7 +119,11 @@ fn push_receipt(view: &mut View<'_, '_>, recipient: UserId, entry: &InboxEntry, 
         source_shard: 0,
         source_pos: 0,
     };
-    push(view, shard_id(entry.source_shard), Kind::ReceiptRecorded(receipt))
+    push(
+        view,
+        shard_id(entry.source_shard),
+        Kind::ReceiptRecorded(receipt),
+    )
 }
 
 fn set_inbound(view: &mut View<'_, '_>, source: u32, pos: u64) -> Result<()> {
@@ -107,7 +138,9 @@ fn set_inbound(view: &mut View<'_, '_>, source: u32, pos: u64) -> Result<()> {
 pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
     match event {
         Kind::MessageSent(sent) => {
-            let Some(events::conversation::With::User(recipient)) = sent.to.as_ref().and_then(|to| to.with) else {
+            let Some(events::conversation::With::User(recipient)) =
+                sent.to.as_ref().and_then(|to| to.with)
+            else {
                 return Ok(()); // group fan-out: issue #7
             };
             if sent.recipient_shard == u32::from(view.shard().get()) {
@@ -118,14 +151,23 @@ pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
                 recipient_user: recipient,
                 sender_user: sent.sender_user,
                 sender_device: sent.sender_device,
-                conversation: Some(ConversationId::Direct(UserId::new(sent.sender_user).expect("leader validated the sender")).into()),
+                conversation: Some(
+                    ConversationId::Direct(
+                        UserId::new(sent.sender_user).expect("leader validated the sender"),
+                    )
+                    .into(),
+                ),
                 content: sent.content.clone(),
                 sent_at_ms: sent.sent_at_ms,
                 stored_at_ms: 0, // decided by the destination leader
                 source_shard: 0,
                 source_pos: 0,
             };
-            push(view, shard_id(sent.recipient_shard), Kind::MessageDelivered(delivered))
+            push(
+                view,
+                shard_id(sent.recipient_shard),
+                Kind::MessageDelivered(delivered),
+            )
         }
         Kind::MessageDelivered(delivered) => {
             if delivered.source_pos > 0 {
@@ -133,30 +175,51 @@ pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
             }
             Ok(())
         }
-        Kind::ReceiptRecorded(receipt) => set_inbound(view, receipt.source_shard, receipt.source_pos),
+        Kind::ReceiptRecorded(receipt) => {
+            set_inbound(view, receipt.source_shard, receipt.source_pos)
+        }
         Kind::DeliveryAcked(acked) => {
             let user = UserId::new(acked.user).expect("leader validated the user");
             let after = InboxSeq::new(inbox::state(view, user)?.delivered_up_to);
-            for (seq, entry) in inbox::entries_between(view, user, after, InboxSeq::new(acked.up_to_seq))? {
+            for (seq, entry) in
+                inbox::entries_between(view, user, after, InboxSeq::new(acked.up_to_seq))?
+            {
                 if already_read(view, user, seq)? {
                     continue; // the read already carried DELIVERED and READ
                 }
-                push_receipt(view, user, &entry, ReceiptState::Delivered, acked.acked_at_ms)?;
+                push_receipt(
+                    view,
+                    user,
+                    &entry,
+                    ReceiptState::Delivered,
+                    acked.acked_at_ms,
+                )?;
             }
             Ok(())
         }
         Kind::ReadUpTo(read) => {
             let user = UserId::new(read.user).expect("leader validated the user");
-            let conv = ConversationId::try_from(read.conversation.as_ref().expect("leader validated the conversation"))
-                .expect("leader validated the conversation");
+            let conv = ConversationId::try_from(
+                read.conversation
+                    .as_ref()
+                    .expect("leader validated the conversation"),
+            )
+            .expect("leader validated the conversation");
             let state = readstate::get(view, user, conv)?;
             let delivered_up_to = inbox::state(view, user)?.delivered_up_to;
             let up_to = InboxSeq::new(read.up_to_seq);
-            for (seq, position) in readstate::positions_between(view, user, conv, InboxSeq::new(state.read_seq), up_to)? {
+            for (seq, position) in readstate::positions_between(
+                view,
+                user,
+                conv,
+                InboxSeq::new(state.read_seq),
+                up_to,
+            )? {
                 if position.expired || position.pos <= state.read_pos {
                     continue;
                 }
-                let entry = inbox::entry(view, user, seq)?.expect("unexpired positions are in the inbox");
+                let entry =
+                    inbox::entry(view, user, seq)?.expect("unexpired positions are in the inbox");
                 if seq.get() > delivered_up_to {
                     push_receipt(view, user, &entry, ReceiptState::Delivered, read.read_at_ms)?;
                 }
@@ -167,7 +230,10 @@ pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
         Kind::OutboxTrimmed(trimmed) => {
             let dest = shard_id(trimmed.dest_shard);
             let mut state = state(view, dest)?;
-            assert!(trimmed.up_to <= state.last_pos, "trims never pass the last outbox position");
+            assert!(
+                trimmed.up_to <= state.last_pos,
+                "trims never pass the last outbox position"
+            );
             if trimmed.up_to <= state.trimmed_up_to {
                 return Ok(()); // a retried trim
             }
@@ -195,7 +261,12 @@ fn already_read(view: &View<'_, '_>, user: UserId, seq: InboxSeq) -> Result<bool
     let Some(position) = readstate::position(view, user, seq)? else {
         return Ok(false);
     };
-    let conv = ConversationId::try_from(position.conversation.as_ref().expect("positions name a conversation"))
-        .expect("stored conversations are valid");
+    let conv = ConversationId::try_from(
+        position
+            .conversation
+            .as_ref()
+            .expect("positions name a conversation"),
+    )
+    .expect("stored conversations are valid");
     Ok(position.pos <= readstate::get(view, user, conv)?.read_pos)
 }

@@ -27,7 +27,9 @@ fn fold(payloads: &[EntryPayload], sizes: &mut Rng, batch_max: u64) -> (MemKv, S
     let mut state = ShardState::empty(SHARD);
     let mut rest = payloads;
     while !rest.is_empty() {
-        let n = usize::try_from(1 + sizes.below(batch_max)).expect("small").min(rest.len());
+        let n = usize::try_from(1 + sizes.below(batch_max))
+            .expect("small")
+            .min(rest.len());
         let (now, later) = rest.split_at(n);
         let entries: Vec<Committed<'_>> = now
             .iter()
@@ -37,7 +39,9 @@ fn fold(payloads: &[EntryPayload], sizes: &mut Rng, batch_max: u64) -> (MemKv, S
                 payload: Some(payload),
             })
             .collect();
-        let batch = state.apply_batch(&kv, &entries, Vec::new()).expect("memory never faults");
+        let batch = state
+            .apply_batch(&kv, &entries, Vec::new())
+            .expect("memory never faults");
         kv.write(batch.changes);
         state = batch.next;
         rest = later;
@@ -48,11 +52,22 @@ fn fold(payloads: &[EntryPayload], sizes: &mut Rng, batch_max: u64) -> (MemKv, S
 fn apply_one(kv: &mut MemKv, state: &mut ShardState, kinds: Vec<Kind>) -> Vec<Applied> {
     let payload = EntryPayload {
         format_version: FORMAT_VERSION,
-        events: kinds.into_iter().map(|kind| Event { kind: Some(kind) }).collect(),
+        events: kinds
+            .into_iter()
+            .map(|kind| Event { kind: Some(kind) })
+            .collect(),
     };
     let index = state.applied.next();
-    let mut batch =
-        state.apply_batch(kv, &[Committed { index, payload: Some(&payload) }], Vec::new()).expect("memory");
+    let mut batch = state
+        .apply_batch(
+            kv,
+            &[Committed {
+                index,
+                payload: Some(&payload),
+            }],
+            Vec::new(),
+        )
+        .expect("memory");
     kv.write(batch.changes);
     *state = batch.next;
     batch.results.pop().expect("one entry")
@@ -102,7 +117,10 @@ fn delivered(user: u64, from: u64, id: u8) -> Kind {
         sender_user: from,
         sender_device: 1,
         conversation: direct(from),
-        content: Some(events::Content { body: b"hi".to_vec(), media: None }),
+        content: Some(events::Content {
+            body: b"hi".to_vec(),
+            media: None,
+        }),
         sent_at_ms: 10,
         stored_at_ms: 11,
         source_shard: u32::from(SHARD.get()),
@@ -120,11 +138,24 @@ fn inbox_readstate_and_receipts_table() {
     let mut kv = MemKv::default();
     let mut state = ShardState::empty(SHARD);
     tracing_phase("three messages from user 2 and one from user 3 land in user 1's inbox");
-    let results = apply_one(&mut kv, &mut state, vec![delivered(1, 2, 1), delivered(1, 2, 2), delivered(1, 3, 3), delivered(1, 2, 4)]);
+    let results = apply_one(
+        &mut kv,
+        &mut state,
+        vec![
+            delivered(1, 2, 1),
+            delivered(1, 2, 2),
+            delivered(1, 3, 3),
+            delivered(1, 2, 4),
+        ],
+    );
     let seqs: Vec<u64> = results
         .iter()
         .map(|r| match r {
-            Applied::Stored { seq, duplicate: false, .. } => seq.get(),
+            Applied::Stored {
+                seq,
+                duplicate: false,
+                ..
+            } => seq.get(),
             other => panic!("unexpected {other:?}"),
         })
         .collect();
@@ -132,26 +163,73 @@ fn inbox_readstate_and_receipts_table() {
     tracing_phase("the same message id again is a duplicate and changes nothing");
     let before = kv.clone();
     let again = apply_one(&mut kv, &mut state, vec![delivered(1, 2, 2)]);
-    assert_eq!(again, vec![Applied::Stored { user: UserId::new(1).expect("nonzero"), seq: courier_proto::InboxSeq::new(2), duplicate: true }]);
     assert_eq!(
-        before.scan(Cf::Projection(Projection::Inbox), &[], &[0xff], usize::MAX).expect("memory"),
-        kv.scan(Cf::Projection(Projection::Inbox), &[], &[0xff], usize::MAX).expect("memory"),
+        again,
+        vec![Applied::Stored {
+            user: UserId::new(1).expect("nonzero"),
+            seq: courier_proto::InboxSeq::new(2),
+            duplicate: true
+        }]
+    );
+    assert_eq!(
+        before
+            .scan(Cf::Projection(Projection::Inbox), &[], &[0xff], usize::MAX)
+            .expect("memory"),
+        kv.scan(Cf::Projection(Projection::Inbox), &[], &[0xff], usize::MAX)
+            .expect("memory"),
         "a duplicate changes no inbox entry"
     );
     tracing_phase("reading the conversation with user 2 up to seq 2 leaves 1 unread there");
-    apply_one(&mut kv, &mut state, vec![Kind::ReadUpTo(events::ReadUpTo { user: 1, conversation: direct(2), up_to_seq: 2, read_at_ms: 20 })]);
+    apply_one(
+        &mut kv,
+        &mut state,
+        vec![Kind::ReadUpTo(events::ReadUpTo {
+            user: 1,
+            conversation: direct(2),
+            up_to_seq: 2,
+            read_at_ms: 20,
+        })],
+    );
     let mut staged = Staged::new(&kv, BTreeMap::new());
     let view = view_of(&mut staged);
-    let with_2 = readstate::get(&view, UserId::new(1).expect("nonzero"), ConversationId::Direct(UserId::new(2).expect("nonzero"))).expect("memory");
+    let with_2 = readstate::get(
+        &view,
+        UserId::new(1).expect("nonzero"),
+        ConversationId::Direct(UserId::new(2).expect("nonzero")),
+    )
+    .expect("memory");
     assert_eq!(readstate::unread(&with_2), 1);
-    let with_3 = readstate::get(&view, UserId::new(1).expect("nonzero"), ConversationId::Direct(UserId::new(3).expect("nonzero"))).expect("memory");
+    let with_3 = readstate::get(
+        &view,
+        UserId::new(1).expect("nonzero"),
+        ConversationId::Direct(UserId::new(3).expect("nonzero")),
+    )
+    .expect("memory");
     assert_eq!(readstate::unread(&with_3), 1);
     tracing_phase("the unread message from user 3 expires: its conversation has 0 unread");
-    apply_one(&mut kv, &mut state, vec![Kind::MessageExpired(events::MessageExpired { user: 1, seq: 3, message_id: vec![3; 16], at_ms: 30 })]);
+    apply_one(
+        &mut kv,
+        &mut state,
+        vec![Kind::MessageExpired(events::MessageExpired {
+            user: 1,
+            seq: 3,
+            message_id: vec![3; 16],
+            at_ms: 30,
+        })],
+    );
     let mut staged = Staged::new(&kv, BTreeMap::new());
     let view = view_of(&mut staged);
-    let with_3 = readstate::get(&view, UserId::new(1).expect("nonzero"), ConversationId::Direct(UserId::new(3).expect("nonzero"))).expect("memory");
-    assert_eq!(readstate::unread(&with_3), 0, "expired unread messages are not unread");
+    let with_3 = readstate::get(
+        &view,
+        UserId::new(1).expect("nonzero"),
+        ConversationId::Direct(UserId::new(3).expect("nonzero")),
+    )
+    .expect("memory");
+    assert_eq!(
+        readstate::unread(&with_3),
+        0,
+        "expired unread messages are not unread"
+    );
     tracing_phase("outbox: the read emitted DELIVERED+READ for seqs 1 and 2, to this shard");
     let mut staged = Staged::new(&kv, BTreeMap::new());
     let view = View::new(&mut staged, SHARD, LogIndex::ZERO, Projection::Outbox);
@@ -163,10 +241,22 @@ fn inbox_readstate_and_receipts_table() {
             other => panic!("unexpected {other:?}"),
         })
         .collect();
-    let (d, r) = (i32::from(ReceiptState::Delivered), i32::from(ReceiptState::Read));
+    let (d, r) = (
+        i32::from(ReceiptState::Delivered),
+        i32::from(ReceiptState::Read),
+    );
     assert_eq!(states, vec![(1, d), (1, r), (2, d), (2, r)]);
     tracing_phase("a device acks up to 4: only seq 4 gets DELIVERED (1, 2 were read, 3 expired)");
-    apply_one(&mut kv, &mut state, vec![Kind::DeliveryAcked(events::DeliveryAcked { user: 1, device: 1, up_to_seq: 4, acked_at_ms: 40 })]);
+    apply_one(
+        &mut kv,
+        &mut state,
+        vec![Kind::DeliveryAcked(events::DeliveryAcked {
+            user: 1,
+            device: 1,
+            up_to_seq: 4,
+            acked_at_ms: 40,
+        })],
+    );
     let mut staged = Staged::new(&kv, BTreeMap::new());
     let view = View::new(&mut staged, SHARD, LogIndex::ZERO, Projection::Outbox);
     let pending = crate::projection::outbox::pending(&view, SHARD, 5, 100).expect("memory");
@@ -183,7 +273,16 @@ fn ack_past_tail_panics() {
     let mut kv = MemKv::default();
     let mut state = ShardState::empty(SHARD);
     apply_one(&mut kv, &mut state, vec![delivered(1, 2, 1)]);
-    apply_one(&mut kv, &mut state, vec![Kind::DeliveryAcked(events::DeliveryAcked { user: 1, device: 1, up_to_seq: 2, acked_at_ms: 1 })]);
+    apply_one(
+        &mut kv,
+        &mut state,
+        vec![Kind::DeliveryAcked(events::DeliveryAcked {
+            user: 1,
+            device: 1,
+            up_to_seq: 2,
+            acked_at_ms: 1,
+        })],
+    );
 }
 
 #[test]
@@ -203,7 +302,11 @@ fn receipt_going_backwards_panics() {
         })
     };
     apply_one(&mut kv, &mut state, vec![receipt(ReceiptState::Read, 1)]);
-    apply_one(&mut kv, &mut state, vec![receipt(ReceiptState::Delivered, 2)]);
+    apply_one(
+        &mut kv,
+        &mut state,
+        vec![receipt(ReceiptState::Delivered, 2)],
+    );
 }
 
 #[test]
@@ -212,8 +315,18 @@ fn applied_index_not_increasing_panics() {
     let kv = MemKv::default();
     let mut state = ShardState::empty(SHARD);
     state.applied = LogIndex::new(5);
-    let payload = EntryPayload { format_version: FORMAT_VERSION, events: vec![] };
-    let _ = state.apply_batch(&kv, &[Committed { index: LogIndex::new(5), payload: Some(&payload) }], Vec::new());
+    let payload = EntryPayload {
+        format_version: FORMAT_VERSION,
+        events: vec![],
+    };
+    let _ = state.apply_batch(
+        &kv,
+        &[Committed {
+            index: LogIndex::new(5),
+            payload: Some(&payload),
+        }],
+        Vec::new(),
+    );
 }
 
 #[test]
@@ -233,14 +346,37 @@ fn forwarded_gap_panics() {
 fn unknown_event_and_future_format_are_faults() {
     let kv = MemKv::default();
     let state = ShardState::empty(SHARD);
-    let unknown = EntryPayload { format_version: FORMAT_VERSION, events: vec![Event { kind: None }] };
+    let unknown = EntryPayload {
+        format_version: FORMAT_VERSION,
+        events: vec![Event { kind: None }],
+    };
     let err = state
-        .apply_batch(&kv, &[Committed { index: LogIndex::new(1), payload: Some(&unknown) }], Vec::new())
+        .apply_batch(
+            &kv,
+            &[Committed {
+                index: LogIndex::new(1),
+                payload: Some(&unknown),
+            }],
+            Vec::new(),
+        )
         .expect_err("an unknown event is fatal");
-    assert!(matches!(err, crate::StorageError::UnknownEvent { .. }), "{err}");
-    let future = EntryPayload { format_version: FORMAT_VERSION + 1, events: vec![] };
+    assert!(
+        matches!(err, crate::StorageError::UnknownEvent { .. }),
+        "{err}"
+    );
+    let future = EntryPayload {
+        format_version: FORMAT_VERSION + 1,
+        events: vec![],
+    };
     let err = state
-        .apply_batch(&kv, &[Committed { index: LogIndex::new(1), payload: Some(&future) }], Vec::new())
+        .apply_batch(
+            &kv,
+            &[Committed {
+                index: LogIndex::new(1),
+                payload: Some(&future),
+            }],
+            Vec::new(),
+        )
         .expect_err("a newer format is fatal");
     assert!(err.to_string().contains("format version"), "{err}");
 }
@@ -256,7 +392,10 @@ fn dedup_returns_the_first_result() {
             sender_device: 1,
             client_msg_id: "same".to_owned(),
             to: direct(2),
-            content: Some(events::Content { body: b"x".to_vec(), media: None }),
+            content: Some(events::Content {
+                body: b"x".to_vec(),
+                media: None,
+            }),
             sent_at_ms: u64::from(id),
             recipient_shard: 0,
             group_epoch: 0,
@@ -266,7 +405,16 @@ fn dedup_returns_the_first_result() {
     let before = kv.clone();
     let second = apply_one(&mut kv, &mut state, vec![sent(2)]);
     match (&first[0], &second[0]) {
-        (Applied::Sent { result: a, duplicate: false }, Applied::Sent { result: b, duplicate: true }) => {
+        (
+            Applied::Sent {
+                result: a,
+                duplicate: false,
+            },
+            Applied::Sent {
+                result: b,
+                duplicate: true,
+            },
+        ) => {
             assert_eq!(a, b, "the retry gets the first result");
         }
         other => panic!("unexpected {other:?}"),

@@ -27,7 +27,12 @@ fn conversation(wire: Option<&courier_proto::pb::events::Conversation>) -> Conve
 /// # Errors
 /// A storage fault.
 pub fn get(view: &View<'_, '_>, user: UserId, conv: ConversationId) -> Result<ReadState> {
-    Ok(view.get(Projection::ReadState, &keys::read_state(view.shard(), user, conv))?.unwrap_or_default())
+    Ok(view
+        .get(
+            Projection::ReadState,
+            &keys::read_state(view.shard(), user, conv),
+        )?
+        .unwrap_or_default())
 }
 
 /// Returns where inbox message `seq` of `user` sits in its conversation.
@@ -35,7 +40,10 @@ pub fn get(view: &View<'_, '_>, user: UserId, conv: ConversationId) -> Result<Re
 /// # Errors
 /// A storage fault.
 pub fn position(view: &View<'_, '_>, user: UserId, seq: InboxSeq) -> Result<Option<SeqPosition>> {
-    view.get(Projection::ReadState, &keys::seq_position(view.shard(), user, seq))
+    view.get(
+        Projection::ReadState,
+        &keys::seq_position(view.shard(), user, seq),
+    )
 }
 
 /// Returns the positions of `user`'s messages with `after < seq <= up_to` in `conv`.
@@ -83,10 +91,17 @@ pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
             let conv = conversation(delivered.conversation.as_ref());
             let seq = inbox::tail(view, user)?.next();
             let mut state = get(view, user, conv)?;
-            state.count = state.count.checked_add(1).expect("conversation count overflow");
+            state.count = state
+                .count
+                .checked_add(1)
+                .expect("conversation count overflow");
             view.put(
                 keys::seq_position(shard, user, seq),
-                &SeqPosition { conversation: delivered.conversation, pos: state.count, expired: false },
+                &SeqPosition {
+                    conversation: delivered.conversation,
+                    pos: state.count,
+                    expired: false,
+                },
             )?;
             view.put(keys::read_state(shard, user, conv), &state)
         }
@@ -95,15 +110,19 @@ pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
             let conv = conversation(read.conversation.as_ref());
             let up_to = InboxSeq::new(read.up_to_seq);
             let target = position(view, user, up_to)?.expect("reads name a stored message");
-            assert_eq!(target.conversation, read.conversation, "reads name a message of their conversation");
+            assert_eq!(
+                target.conversation, read.conversation,
+                "reads name a message of their conversation"
+            );
             let mut state = get(view, user, conv)?;
             if target.pos <= state.read_pos {
                 return Ok(());
             }
-            let expired_now_read = positions_between(view, user, conv, InboxSeq::new(state.read_seq), up_to)?
-                .into_iter()
-                .filter(|(_, position)| position.expired)
-                .count();
+            let expired_now_read =
+                positions_between(view, user, conv, InboxSeq::new(state.read_seq), up_to)?
+                    .into_iter()
+                    .filter(|(_, position)| position.expired)
+                    .count();
             let expired_now_read = u64::try_from(expired_now_read).expect("count fits u64");
             state.expired_unread = state
                 .expired_unread

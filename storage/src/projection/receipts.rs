@@ -38,7 +38,11 @@ pub fn of_message(
         .scan::<Receipt>(Projection::Receipts, &prefix, &end, usize::MAX)?
         .into_iter()
         .filter_map(|(key, receipt)| {
-            let raw = key.get(prefix.len()..)?.try_into().ok().map(u64::from_be_bytes)?;
+            let raw = key
+                .get(prefix.len()..)?
+                .try_into()
+                .ok()
+                .map(u64::from_be_bytes)?;
             Some((UserId::new(raw)?, receipt))
         })
         .collect())
@@ -54,13 +58,23 @@ pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
         Kind::MessageSent(sent) => {
             // Group receipts are kept per member on the group's shard (issue #7); a 1:1 message
             // has exactly one recipient.
-            let Some(conversation::With::User(recipient)) =
-                sent.to.as_ref().and_then(|to| to.with)
+            let Some(conversation::With::User(recipient)) = sent.to.as_ref().and_then(|to| to.with)
             else {
                 return Ok(());
             };
-            let key = keys::receipt(shard, user_id(sent.sender_user), message_id(&sent.message_id), user_id(recipient));
-            view.put(key, &Receipt { state: ReceiptState::Sent.into(), at_ms: sent.sent_at_ms })
+            let key = keys::receipt(
+                shard,
+                user_id(sent.sender_user),
+                message_id(&sent.message_id),
+                user_id(recipient),
+            );
+            view.put(
+                key,
+                &Receipt {
+                    state: ReceiptState::Sent.into(),
+                    at_ms: sent.sent_at_ms,
+                },
+            )
         }
         Kind::ReceiptRecorded(recorded) => {
             let key = keys::receipt(
@@ -69,10 +83,18 @@ pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
                 message_id(&recorded.message_id),
                 user_id(recorded.recipient_user),
             );
-            let old = view.get::<Receipt>(Projection::Receipts, &key)?.map_or(ReceiptState::Unspecified, |r| r.state());
+            let old = view
+                .get::<Receipt>(Projection::Receipts, &key)?
+                .map_or(ReceiptState::Unspecified, |r| r.state());
             let new = recorded.state();
             assert!(new > old, "receipts only move forward: {old:?} -> {new:?}");
-            view.put(key, &Receipt { state: recorded.state, at_ms: recorded.at_ms })
+            view.put(
+                key,
+                &Receipt {
+                    state: recorded.state,
+                    at_ms: recorded.at_ms,
+                },
+            )
         }
         Kind::MessageDelivered(_)
         | Kind::DeliveryAcked(_)
