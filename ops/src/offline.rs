@@ -183,8 +183,8 @@ fn print_table(
         elapsed.as_secs_f64()
     );
     println!(
-        "{:<10} {:>8} {:<34} {}",
-        "projection", "entries", "digest", "result"
+        "{:<10} {:>8} {:<34} result",
+        "projection", "entries", "digest"
     );
     for c in comparisons {
         let result = if c.is_equal() {

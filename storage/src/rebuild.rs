@@ -83,7 +83,8 @@ pub fn replay(
             .collect();
         let consensus_state = entries.last().map(|e| e.raft.clone()).unwrap_or_default();
         let batch = state.apply_batch(&kv, &committed, consensus_state)?;
-        events = events.saturating_add(batch.results.iter().map(|r| r.len() as u64).sum::<u64>());
+        let applied_events: usize = batch.results.iter().map(Vec::len).sum();
+        events = events.saturating_add(u64::try_from(applied_events).unwrap_or(u64::MAX));
         kv.write(batch.changes);
         state = batch.next;
         progress(state.applied, events);

@@ -13,15 +13,24 @@ use super::{Projection, View, inbox};
 use crate::error::Result;
 use crate::keys;
 
-/// Returns up to `limit` entries stored before `cutoff_ms`: `(stored_at_ms, user, seq)`.
+/// An undelivered message due for expiry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Due {
+    /// When it was stored in the inbox (leader clock, unix ms).
+    pub stored_at_ms: u64,
+    /// The recipient.
+    pub user: UserId,
+    /// Its inbox sequence.
+    pub seq: InboxSeq,
+    /// Its message id.
+    pub message_id: Vec<u8>,
+}
+
+/// Returns up to `limit` undelivered messages stored before `cutoff_ms`, oldest first.
 ///
 /// # Errors
 /// A storage fault.
-pub fn due(
-    view: &View<'_, '_>,
-    cutoff_ms: u64,
-    limit: usize,
-) -> Result<Vec<(u64, UserId, InboxSeq, Vec<u8>)>> {
+pub fn due(view: &View<'_, '_>, cutoff_ms: u64, limit: usize) -> Result<Vec<Due>> {
     let from = keys::expiry_prefix(view.shard());
     let to = keys::KeyBuf::shard(view.shard())
         .u8(keys::tag::PRIMARY)
@@ -31,8 +40,13 @@ pub fn due(
         .scan::<ExpiryEntry>(Projection::Expiry, &from, &to, limit)?
         .into_iter()
         .filter_map(|(key, entry)| {
-            let (at, user, seq) = keys::expiry_parts(&key)?;
-            Some((at, user, seq, entry.message_id))
+            let (stored_at_ms, user, seq) = keys::expiry_parts(&key)?;
+            Some(Due {
+                stored_at_ms,
+                user,
+                seq,
+                message_id: entry.message_id,
+            })
         })
         .collect())
 }
