@@ -167,7 +167,8 @@ impl Digest {
 /// The write overlay of one apply batch, with the projections' digests kept up to date.
 pub struct Staged<'a> {
     base: &'a dyn ReadKv,
-    writes: BTreeMap<(Cf, Vec<u8>), Option<Vec<u8>>>,
+    // Per family, so that lookups borrow the key instead of allocating one.
+    writes: BTreeMap<Cf, BTreeMap<Vec<u8>, Option<Vec<u8>>>>,
     digests: BTreeMap<Projection, Digest>,
 }
 
@@ -186,7 +187,7 @@ impl<'a> Staged<'a> {
     /// # Errors
     /// A storage fault.
     pub fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        match self.writes.get(&(cf, key.to_vec())) {
+        match self.writes.get(&cf).and_then(|family| family.get(key)) {
             Some(staged) => Ok(staged.clone()),
             None => self.base.get(cf, key),
         }
@@ -197,12 +198,12 @@ impl<'a> Staged<'a> {
     /// # Errors
     /// A storage fault.
     pub fn scan(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<Pair>> {
-        let lower = (cf, from.to_vec());
-        let upper = (cf, to.to_vec());
         let staged: Vec<_> = self
             .writes
-            .range((Bound::Included(lower), Bound::Excluded(upper)))
-            .map(|((_, key), value)| (key.clone(), value.clone()))
+            .get(&cf)
+            .into_iter()
+            .flat_map(|family| family.range::<[u8], _>((Bound::Included(from), Bound::Excluded(to))))
+            .map(|(key, value)| (key.clone(), value.clone()))
             .collect();
         // Each staged delete can hide at most one base pair, so this many base pairs suffice.
         let base_limit = limit.saturating_add(staged.len());
@@ -232,7 +233,7 @@ impl<'a> Staged<'a> {
             digest.remove(&key, old);
         }
         digest.add(&key, &value);
-        self.writes.insert((cf, key), Some(value));
+        self.writes.entry(cf).or_default().insert(key, Some(value));
         Ok(())
     }
 
@@ -247,7 +248,7 @@ impl<'a> Staged<'a> {
                 .entry(projection)
                 .or_default()
                 .remove(&key, &old);
-            self.writes.insert((cf, key), None);
+            self.writes.entry(cf).or_default().insert(key, None);
         }
         Ok(())
     }
@@ -257,7 +258,7 @@ impl<'a> Staged<'a> {
         let changes = self
             .writes
             .into_iter()
-            .map(|((cf, key), value)| (cf, key, value))
+            .flat_map(|(cf, family)| family.into_iter().map(move |(key, value)| (cf, key, value)))
             .collect();
         (changes, self.digests)
     }
