@@ -5,7 +5,11 @@
 //! Run: `cargo bench -p courier-storage --features testkit --bench storage`
 //! (`BENCH_ENTRIES` sets the log length; default 20000 entries of 1..=4 events.)
 
-#![allow(clippy::arithmetic_side_effects, clippy::as_conversions, clippy::disallowed_methods)]
+#![allow(
+    clippy::arithmetic_side_effects,
+    clippy::as_conversions,
+    clippy::disallowed_methods
+)]
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -23,7 +27,10 @@ const SHARD: ShardId = ShardId::new(0);
 const BATCH_ENTRIES: usize = 64;
 
 fn main() {
-    let entries: usize = std::env::var("BENCH_ENTRIES").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
+    let entries: usize = std::env::var("BENCH_ENTRIES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
     eprintln!("generating {entries} entries...");
     let mut generator = EventGen::new(SHARD, 42);
     generator.body_bytes = 200;
@@ -35,18 +42,31 @@ fn main() {
         .map(|(i, p)| LogRecord {
             index: LogIndex::new(i as u64 + 1),
             term: 1,
-            payload: LogEntry { raft: Vec::new(), events: Some(p.clone()) }.encode_to_vec(),
+            payload: LogEntry {
+                raft: Vec::new(),
+                events: Some(p.clone()),
+            }
+            .encode_to_vec(),
         })
         .collect();
     let log_bytes: usize = records.iter().map(|r| r.payload.len()).sum();
-    eprintln!("{entries} entries, {events} events, {} MiB of log payload", log_bytes >> 20);
+    eprintln!(
+        "{entries} entries, {events} events, {} MiB of log payload",
+        log_bytes >> 20
+    );
 
     // Baseline: the same bytes as raw synced batches, no checksums, no projections.
     let dir = tempfile::tempdir().expect("tempdir");
     let db = Db::open(dir.path(), OpenMode::ReadWrite).expect("open");
     let started = Instant::now();
     for chunk in records.chunks(BATCH_ENTRIES) {
-        let changes = chunk.iter().map(|r| (Cf::Log, r.index.get().to_be_bytes().to_vec(), Some(r.payload.clone())));
+        let changes = chunk.iter().map(|r| {
+            (
+                Cf::Log,
+                r.index.get().to_be_bytes().to_vec(),
+                Some(r.payload.clone()),
+            )
+        });
         db.commit(changes, true).expect("write");
     }
     let baseline = started.elapsed();
@@ -58,11 +78,22 @@ fn main() {
     let log = LogStore::new(db.clone(), SHARD);
     let mut state = ShardState::empty(SHARD);
     let started = Instant::now();
-    for (chunk, chunk_payloads) in records.chunks(BATCH_ENTRIES).zip(payloads.chunks(BATCH_ENTRIES)) {
+    for (chunk, chunk_payloads) in records
+        .chunks(BATCH_ENTRIES)
+        .zip(payloads.chunks(BATCH_ENTRIES))
+    {
         log.append(chunk).expect("append");
-        let committed: Vec<Committed<'_>> =
-            chunk.iter().zip(chunk_payloads).map(|(r, p)| Committed { index: r.index, payload: Some(p) }).collect();
-        let batch = state.apply_batch(db.as_ref(), &committed, Vec::new()).expect("apply");
+        let committed: Vec<Committed<'_>> = chunk
+            .iter()
+            .zip(chunk_payloads)
+            .map(|(r, p)| Committed {
+                index: r.index,
+                payload: Some(p),
+            })
+            .collect();
+        let batch = state
+            .apply_batch(db.as_ref(), &committed, Vec::new())
+            .expect("apply");
         db.commit(batch.changes, false).expect("commit");
         state = batch.next;
     }
@@ -70,8 +101,13 @@ fn main() {
 
     // Rebuild: replay the whole log from RocksDB into memory, one core.
     let started = Instant::now();
-    let rebuilt = rebuild::replay(&log, (MemKv::default(), ShardState::empty(SHARD)), state.applied, &mut |_, _| {})
-        .expect("replay");
+    let rebuilt = rebuild::replay(
+        &log,
+        (MemKv::default(), ShardState::empty(SHARD)),
+        state.applied,
+        &mut |_, _| {},
+    )
+    .expect("replay");
     let rebuild_time = started.elapsed();
     assert_eq!(rebuilt.state, state, "the rebuild matches the live state");
 
@@ -79,7 +115,11 @@ fn main() {
     let fsyncs = records.len().div_ceil(BATCH_ENTRIES);
     println!("| measurement | time (s) | events/s | ratio to baseline |");
     println!("| --- | ---: | ---: | ---: |");
-    println!("| baseline: raw synced RocksDB batches, same bytes | {:.2} | {:.0} | 1.00 |", baseline.as_secs_f64(), rate(baseline));
+    println!(
+        "| baseline: raw synced RocksDB batches, same bytes | {:.2} | {:.0} | 1.00 |",
+        baseline.as_secs_f64(),
+        rate(baseline)
+    );
     println!(
         "| append (crc32c, synced) + apply (9 projections, digests) | {:.2} | {:.0} | {:.2} |",
         append_apply.as_secs_f64(),
@@ -93,5 +133,8 @@ fn main() {
         rate(rebuild_time) / rate(baseline)
     );
     println!();
-    println!("{entries} entries, {events} events, {fsyncs} fsyncs ({BATCH_ENTRIES} entries per fsync), {} MiB", log_bytes >> 20);
+    println!(
+        "{entries} entries, {events} events, {fsyncs} fsyncs ({BATCH_ENTRIES} entries per fsync), {} MiB",
+        log_bytes >> 20
+    );
 }

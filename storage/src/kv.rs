@@ -202,7 +202,9 @@ impl<'a> Staged<'a> {
             .writes
             .get(&cf)
             .into_iter()
-            .flat_map(|family| family.range::<[u8], _>((Bound::Included(from), Bound::Excluded(to))))
+            .flat_map(|family| {
+                family.range::<[u8], _>((Bound::Included(from), Bound::Excluded(to)))
+            })
             .map(|(key, value)| (key.clone(), value.clone()))
             .collect();
         // Each staged delete can hide at most one base pair, so this many base pairs suffice.

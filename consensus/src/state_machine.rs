@@ -1,0 +1,240 @@
+//! openraft's `RaftStateMachine` over the storage fold: committed entries are applied through
+//! `ShardState::apply_batch` into one write batch together with the applied index, the digests,
+//! and this layer's own state (last applied log id, membership, cluster settings).
+//!
+//! Snapshots are the storage crate's shard snapshot (projections + applied state), encoded as
+//! length-delimited chunks; openraft streams them to followers in chunks of
+//! `snapshot_max_chunk_size` bytes.
+
+use std::io::Cursor;
+use std::sync::{Arc, RwLock};
+
+use courier_storage::shard::Committed;
+use courier_storage::{Db, ShardState, snapshot};
+use openraft::storage::RaftStateMachine;
+use openraft::{Entry, EntryPayload, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta};
+use serde::{Deserialize, Serialize};
+
+use crate::log_store::{fault, storage_index};
+use crate::types::{
+    ClusterSettings, GroupId, LogId, Node, NodeId, Proposal, ProposalResponse, RaftStorageError,
+    StoredMembership, TypeConfig,
+};
+
+/// This layer's part of the applied state, stored opaquely by storage.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RaftApplied {
+    /// The last applied log id.
+    pub last_applied: Option<LogId>,
+    /// The last applied membership.
+    pub membership: StoredMembership,
+    /// Cluster settings (metadata group only).
+    pub settings: Option<ClusterSettings>,
+}
+
+impl RaftApplied {
+    fn decode(bytes: &[u8]) -> Result<Self, RaftStorageError> {
+        if bytes.is_empty() {
+            return Ok(Self::default());
+        }
+        postcard::from_bytes(bytes).map_err(|e| {
+            openraft::StorageIOError::read(&std::io::Error::other(e.to_string())).into()
+        })
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("postcard encodes plain data")
+    }
+}
+
+/// What a group has applied, shared read-only with status and metrics.
+#[derive(Clone, Debug, Default)]
+pub struct AppliedView {
+    /// The storage-level state (index, digests).
+    pub shard: ShardState,
+    /// The raft-level state.
+    pub raft: RaftApplied,
+}
+
+/// One raft group's state machine.
+#[derive(Debug)]
+pub struct StateMachine {
+    db: Arc<Db>,
+    group: GroupId,
+    state: ShardState,
+    raft: RaftApplied,
+    shared: Arc<RwLock<AppliedView>>,
+}
+
+impl StateMachine {
+    /// Loads a group's state machine from `db`.
+    ///
+    /// # Errors
+    /// A storage fault.
+    pub fn open(db: Arc<Db>, group: GroupId) -> Result<Self, RaftStorageError> {
+        let state = ShardState::load(db.as_ref(), group.storage_prefix()).map_err(fault)?;
+        let raft = RaftApplied::decode(&state.consensus_state)?;
+        let shared = Arc::new(RwLock::new(AppliedView {
+            shard: state.clone(),
+            raft: raft.clone(),
+        }));
+        Ok(Self {
+            db,
+            group,
+            state,
+            raft,
+            shared,
+        })
+    }
+
+    /// A read-only view of what this group applied, updated after every batch.
+    pub fn shared(&self) -> Arc<RwLock<AppliedView>> {
+        self.shared.clone()
+    }
+
+    fn publish(&self) {
+        let mut view = self
+            .shared
+            .write()
+            .expect("applied view lock is never poisoned");
+        view.shard = self.state.clone();
+        view.raft = self.raft.clone();
+    }
+
+    fn build(&self) -> Result<Snapshot<TypeConfig>, RaftStorageError> {
+        let chunks = snapshot::export(self.db.as_ref(), &self.state).map_err(fault)?;
+        let last = self.raft.last_applied;
+        let meta = SnapshotMeta {
+            last_log_id: last,
+            last_membership: self.raft.membership.clone(),
+            // Determined by the applied log id alone, so a follower that installed this snapshot
+            // reports the same id.
+            snapshot_id: last.map_or_else(
+                || "empty".to_owned(),
+                |l| format!("{}-{}-{}", l.leader_id.term, l.leader_id.node_id, l.index),
+            ),
+        };
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(snapshot::encode(&chunks))),
+        })
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, RaftStorageError> {
+        self.build()
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId>, StoredMembership), RaftStorageError> {
+        Ok((self.raft.last_applied, self.raft.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<ProposalResponse>, RaftStorageError>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
+        let mut raft = self.raft.clone();
+        let mut committed = Vec::with_capacity(entries.len());
+        for entry in &entries {
+            raft.last_applied = Some(entry.log_id);
+            let payload = match &entry.payload {
+                EntryPayload::Normal(Proposal::Events(payload)) => Some(payload),
+                EntryPayload::Normal(Proposal::Cluster(settings)) => {
+                    raft.settings.get_or_insert(*settings);
+                    None
+                }
+                EntryPayload::Membership(membership) => {
+                    raft.membership = StoredMembership::new(Some(entry.log_id), membership.clone());
+                    None
+                }
+                EntryPayload::Blank => None,
+            };
+            committed.push(Committed {
+                index: storage_index(entry.log_id.index),
+                payload,
+            });
+        }
+        let batch = self
+            .state
+            .apply_batch(self.db.as_ref(), &committed, raft.encode())
+            .map_err(fault)?;
+        // Not synced on its own: the entries are durable in the log and ordered before this write
+        // in the WAL, so a crash replays them; purges sync the WAL first.
+        self.db.commit(batch.changes, false).map_err(fault)?;
+        self.state = batch.next;
+        self.raft = raft;
+        self.publish();
+        Ok(batch
+            .results
+            .into_iter()
+            .map(|outcomes| ProposalResponse {
+                outcomes: outcomes.into_iter().map(Into::into).collect(),
+            })
+            .collect())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        // Building reads the live data, so it must happen at this applied index: build now.
+        SnapshotBuilder {
+            snapshot: Some(self.build()),
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, RaftStorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, Node>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), RaftStorageError> {
+        let prefix = self.group.storage_prefix();
+        let chunks = snapshot::decode(prefix, snapshot.get_ref()).map_err(fault)?;
+        let install = snapshot::prepare_install(prefix, chunks).map_err(fault)?;
+        let raft = RaftApplied::decode(&install.state.consensus_state)?;
+        assert_eq!(
+            raft.last_applied, meta.last_log_id,
+            "a snapshot's data matches its meta"
+        );
+        self.db
+            .replace_ranges(&install.clear, install.changes, true)
+            .map_err(fault)?;
+        self.state = install.state;
+        self.raft = raft;
+        self.publish();
+        Ok(())
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<TypeConfig>>, RaftStorageError> {
+        if self.raft.last_applied.is_none() {
+            return Ok(None);
+        }
+        self.build().map(Some)
+    }
+}
+
+/// A snapshot built at the moment openraft asked for the builder.
+#[derive(Debug)]
+pub struct SnapshotBuilder {
+    snapshot: Option<Result<Snapshot<TypeConfig>, RaftStorageError>>,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, RaftStorageError> {
+        self.snapshot
+            .take()
+            .expect("openraft builds each snapshot once")
+    }
+}

@@ -1,0 +1,181 @@
+//! The openraft type configuration and what travels through raft: proposals (a batch of events
+//! for a shard, or cluster settings for the metadata group) and their responses.
+
+use std::io::Cursor;
+
+use courier_proto::pb::events::EntryPayload;
+use courier_proto::{InboxSeq, ShardId, UserId};
+use courier_storage::Applied;
+use prost::Message;
+use serde::{Deserialize, Serialize};
+
+/// A node of the cluster, as raft knows it: its peer address.
+pub type Node = openraft::BasicNode;
+/// A node id (at least 1).
+pub type NodeId = u64;
+
+openraft::declare_raft_types!(
+    /// courier's raft types.
+    pub TypeConfig:
+        D = Proposal,
+        R = ProposalResponse,
+);
+
+/// One raft group's handle.
+pub type Raft = openraft::Raft<TypeConfig>;
+/// A raft log id.
+pub type LogId = openraft::LogId<NodeId>;
+/// A stored membership.
+pub type StoredMembership = openraft::StoredMembership<NodeId, Node>;
+/// openraft's storage error, as the storage traits return it.
+pub type RaftStorageError = openraft::StorageError<NodeId>;
+
+/// The storage prefix of the metadata group (shard ids are below `SHARD_COUNT_MAX`).
+pub const METADATA_PREFIX: ShardId = ShardId::new(u16::MAX);
+
+/// A raft group: one per shard, plus the cluster metadata group on every node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum GroupId {
+    /// The metadata group: cluster settings and the node list (its membership).
+    Metadata,
+    /// A data shard.
+    Shard(ShardId),
+}
+
+impl GroupId {
+    /// Where the group's log and state live in the node's RocksDB.
+    pub fn storage_prefix(self) -> ShardId {
+        match self {
+            GroupId::Metadata => METADATA_PREFIX,
+            GroupId::Shard(shard) => shard,
+        }
+    }
+
+    /// The group that owns a storage prefix.
+    pub fn from_storage_prefix(prefix: ShardId) -> Self {
+        if prefix == METADATA_PREFIX {
+            GroupId::Metadata
+        } else {
+            GroupId::Shard(prefix)
+        }
+    }
+}
+
+impl std::fmt::Display for GroupId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GroupId::Metadata => f.write_str("metadata"),
+            GroupId::Shard(shard) => shard.fmt(f),
+        }
+    }
+}
+
+/// Cluster-wide settings, fixed when the cluster is created and stored in the metadata group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterSettings {
+    /// Number of shards `S`.
+    pub shard_count: u16,
+    /// Replicas per shard `R`.
+    pub replication_factor: u16,
+}
+
+/// What a client of raft proposes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(into = "ProposalWire", try_from = "ProposalWire")]
+pub enum Proposal {
+    /// A batch of events for a shard (several client commands share one entry).
+    Events(EntryPayload),
+    /// Cluster settings, proposed once to the metadata group at bootstrap.
+    Cluster(ClusterSettings),
+}
+
+#[derive(Serialize, Deserialize)]
+enum ProposalWire {
+    Events(Vec<u8>),
+    Cluster(ClusterSettings),
+}
+
+impl From<Proposal> for ProposalWire {
+    fn from(proposal: Proposal) -> Self {
+        match proposal {
+            Proposal::Events(payload) => ProposalWire::Events(payload.encode_to_vec()),
+            Proposal::Cluster(settings) => ProposalWire::Cluster(settings),
+        }
+    }
+}
+
+impl TryFrom<ProposalWire> for Proposal {
+    type Error = prost::DecodeError;
+
+    fn try_from(wire: ProposalWire) -> Result<Self, Self::Error> {
+        match wire {
+            ProposalWire::Events(bytes) => {
+                Ok(Proposal::Events(EntryPayload::decode(bytes.as_slice())?))
+            }
+            ProposalWire::Cluster(settings) => Ok(Proposal::Cluster(settings)),
+        }
+    }
+}
+
+/// What applying one event produced (see `courier_storage::Applied`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventOutcome {
+    /// A send: its (first) result.
+    Sent {
+        /// 16 bytes.
+        message_id: Vec<u8>,
+        /// Leader clock at the first send, unix ms.
+        sent_at_ms: u64,
+        /// Log index of the first send.
+        log_index: u64,
+        /// Whether this was a retry of a known client id.
+        duplicate: bool,
+    },
+    /// A message stored in an inbox.
+    Stored {
+        /// The recipient.
+        user: u64,
+        /// Its inbox sequence.
+        seq: u64,
+        /// Whether it was already stored.
+        duplicate: bool,
+    },
+    /// A forwarded event that was already applied.
+    DuplicateForward,
+    /// Anything else.
+    Done,
+}
+
+impl From<Applied> for EventOutcome {
+    fn from(applied: Applied) -> Self {
+        match applied {
+            Applied::Sent { result, duplicate } => EventOutcome::Sent {
+                message_id: result.message_id,
+                sent_at_ms: result.sent_at_ms,
+                log_index: result.log_index,
+                duplicate,
+            },
+            Applied::Stored {
+                user,
+                seq,
+                duplicate,
+            } => EventOutcome::Stored {
+                user: UserId::get(user),
+                seq: InboxSeq::get(seq),
+                duplicate,
+            },
+            Applied::DuplicateForward => EventOutcome::DuplicateForward,
+            Applied::Done => EventOutcome::Done,
+        }
+    }
+}
+
+/// The response to one proposal: one outcome per event, in order.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProposalResponse {
+    /// Per event.
+    pub outcomes: Vec<EventOutcome>,
+}
+
+/// Keeps `Cursor` in scope for the macro's default snapshot type (BUILD.md trap).
+pub type SnapshotData = Cursor<Vec<u8>>;
