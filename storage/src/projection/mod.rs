@@ -384,11 +384,13 @@ pub fn apply_event(
             }
             let view = View::new(staged, shard, at, Projection::Inbox);
             if let Some(seq) = inbox::stored_seq(&view, user, &delivered.message_id)? {
-                return Ok(Applied::Stored {
-                    user,
-                    seq,
-                    duplicate: true,
-                });
+                if delivered.source_pos > 0 {
+                    // The position is new even though the message is not: the watermark moves,
+                    // or the next forward from that shard would look like a gap.
+                    let mut outbox = View::new(staged, shard, at, Projection::Outbox);
+                    outbox::set_inbound(&mut outbox, delivered.source_shard, delivered.source_pos)?;
+                }
+                return Ok(Applied::Stored { user, seq, duplicate: true });
             }
             Applied::Stored {
                 user,

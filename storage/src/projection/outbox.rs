@@ -126,7 +126,11 @@ fn push_receipt(
     )
 }
 
-fn set_inbound(view: &mut View<'_, '_>, source: u32, pos: u64) -> Result<()> {
+/// Raises the inbound watermark from `source` to `pos`.
+///
+/// # Errors
+/// A storage fault.
+pub fn set_inbound(view: &mut View<'_, '_>, source: u32, pos: u64) -> Result<()> {
     let key = keys::inbound_state(view.shard(), shard_id(source));
     view.put(key, &InboundState { applied_pos: pos })
 }

@@ -432,3 +432,24 @@ fn dedup_returns_the_first_result() {
         );
     }
 }
+
+/// A forwarded copy of an already stored message at a new position is a duplicate, yet it moves
+/// the inbound watermark, so the next forwarded position still applies.
+#[test]
+fn forwarded_duplicate_message_moves_the_watermark() {
+    let mut kv = MemKv::default();
+    let mut state = ShardState::empty(SHARD);
+    let forwarded = |pos: u64, id: u8| {
+        let mut event = delivered(1, 2, id);
+        if let Kind::MessageDelivered(d) = &mut event {
+            d.source_shard = 2;
+            d.source_pos = pos;
+        }
+        event
+    };
+    apply_one(&mut kv, &mut state, vec![forwarded(1, 7)]);
+    let again = apply_one(&mut kv, &mut state, vec![forwarded(2, 7)]);
+    assert!(matches!(again[0], Applied::Stored { duplicate: true, .. }), "{again:?}");
+    let next = apply_one(&mut kv, &mut state, vec![forwarded(3, 8)]);
+    assert!(matches!(next[0], Applied::Stored { duplicate: false, .. }), "{next:?}");
+}
