@@ -11,6 +11,7 @@
 //! Storage never sees openraft: this crate encodes openraft's entries, votes and log ids into the
 //! storage crate's records.
 
+pub mod groups;
 pub mod log_store;
 pub mod network;
 pub mod state_machine;

@@ -1,1 +1,266 @@
-//! placeholder
+//! The raft transport over gRPC.
+//!
+//! Client side: one lazily connected tonic `Channel` per peer address ([`ChannelPool`]), shared by
+//! every raft group that talks to that peer; each RPC carries its group id. Server side:
+//! [`RaftService`] decodes the group id and dispatches to that group's `Raft`, creating the group
+//! on first contact (a node learns of a shard when its leader first replicates to it).
+//!
+//! Payloads are openraft's own request and response types in postcard. Every call has the
+//! deadline openraft gives it (`RPCOption::hard_ttl`), bounded by the configured RPC timeout.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use courier_proto::ShardId;
+use courier_proto::pb::peer::{self, RaftRequest, RaftResponse, raft_client::RaftClient};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable,
+};
+use openraft::network::{RPCOption, RPCTypes, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tonic::transport::Channel;
+
+use crate::types::{GroupId, Node, NodeId, Raft, TypeConfig};
+
+/// Largest raft message sent or accepted, in bytes.
+pub const RAFT_MESSAGE_BYTES_MAX: usize = courier_proto::limits::GRPC_MESSAGE_BYTES_MAX;
+
+/// Converts a group id to its wire form.
+pub fn group_to_wire(group: GroupId) -> peer::GroupId {
+    let kind = match group {
+        GroupId::Metadata => peer::group_id::Kind::Metadata(true),
+        GroupId::Shard(shard) => peer::group_id::Kind::Shard(u32::from(shard.get())),
+    };
+    peer::GroupId { kind: Some(kind) }
+}
+
+/// Converts a wire group id, rejecting shards outside the protocol's range.
+///
+/// # Errors
+/// A client-facing description of what is wrong.
+pub fn group_from_wire(wire: Option<&peer::GroupId>) -> Result<GroupId, String> {
+    match wire.and_then(|g| g.kind.as_ref()) {
+        Some(peer::group_id::Kind::Metadata(_)) => Ok(GroupId::Metadata),
+        Some(peer::group_id::Kind::Shard(shard)) => u16::try_from(*shard)
+            .ok()
+            .filter(|s| u32::from(*s) < courier_proto::limits::SHARD_COUNT_MAX)
+            .map(|s| GroupId::Shard(ShardId::new(s)))
+            .ok_or_else(|| format!("shard {shard} is out of range")),
+        None => Err("missing group id".to_owned()),
+    }
+}
+
+/// One channel per peer address, shared by all groups.
+#[derive(Debug, Default)]
+pub struct ChannelPool {
+    channels: Mutex<BTreeMap<String, Channel>>,
+    connect_timeout: Duration,
+}
+
+impl ChannelPool {
+    /// A pool whose channels give up connecting after `connect_timeout`.
+    pub fn new(connect_timeout: Duration) -> Self {
+        Self { channels: Mutex::default(), connect_timeout }
+    }
+
+    /// Returns the channel to `addr` (host:port), creating it lazily; `None` when `addr` is not a
+    /// valid authority.
+    pub fn channel(&self, addr: &str) -> Option<Channel> {
+        let mut channels = self.channels.lock().expect("channel pool lock is never poisoned");
+        if let Some(channel) = channels.get(addr) {
+            return Some(channel.clone());
+        }
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .ok()?
+            .connect_timeout(self.connect_timeout)
+            .tcp_nodelay(true)
+            .connect_lazy();
+        channels.insert(addr.to_owned(), channel.clone());
+        Some(channel)
+    }
+}
+
+/// Creates per-target raft clients for one group.
+#[derive(Clone, Debug)]
+pub struct PeerNetwork {
+    group: GroupId,
+    pool: Arc<ChannelPool>,
+    rpc_timeout: Duration,
+}
+
+impl PeerNetwork {
+    /// The network of `group`, over `pool`.
+    pub fn new(group: GroupId, pool: Arc<ChannelPool>, rpc_timeout: Duration) -> Self {
+        Self { group, pool, rpc_timeout }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
+    type Network = GroupClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &Node) -> GroupClient {
+        GroupClient {
+            group: self.group,
+            target,
+            channel: self.pool.channel(&node.addr),
+            rpc_timeout: self.rpc_timeout,
+        }
+    }
+}
+
+/// Raft RPCs of one group to one target node.
+#[derive(Debug)]
+pub struct GroupClient {
+    group: GroupId,
+    target: NodeId,
+    channel: Option<Channel>,
+    rpc_timeout: Duration,
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, NetworkError> {
+    postcard::to_stdvec(value).map_err(|e| NetworkError::new(&e))
+}
+
+impl GroupClient {
+    async fn call<Req, Resp, E>(
+        &mut self,
+        action: RPCTypes,
+        rpc: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, Node, RaftError<NodeId, E>>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let channel = self.channel.clone().ok_or_else(|| {
+            RPCError::Unreachable(Unreachable::new(&std::io::Error::other("invalid peer address")))
+        })?;
+        let timeout = option.hard_ttl().min(self.rpc_timeout);
+        let mut client = RaftClient::new(channel)
+            .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
+        let mut request = tonic::Request::new(RaftRequest {
+            group: Some(group_to_wire(self.group)),
+            payload: encode(rpc).map_err(RPCError::Network)?,
+        });
+        request.set_timeout(timeout);
+        let call = async {
+            match action {
+                RPCTypes::AppendEntries => client.append_entries(request).await,
+                RPCTypes::Vote => client.vote(request).await,
+                RPCTypes::InstallSnapshot => client.install_snapshot(request).await,
+            }
+        };
+        let response = match tokio::time::timeout(timeout, call).await {
+            Err(_) => {
+                return Err(RPCError::Timeout(Timeout { action, id: 0, target: self.target, timeout }));
+            }
+            Ok(Err(status)) if status.code() == tonic::Code::DeadlineExceeded => {
+                return Err(RPCError::Timeout(Timeout { action, id: 0, target: self.target, timeout }));
+            }
+            Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
+                return Err(RPCError::Unreachable(Unreachable::new(&status)));
+            }
+            Ok(Err(status)) => return Err(RPCError::Network(NetworkError::new(&status))),
+            Ok(Ok(response)) => response.into_inner(),
+        };
+        let result: Result<Resp, RaftError<NodeId, E>> =
+            postcard::from_bytes(&response.payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for GroupClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
+        self.call(RPCTypes::AppendEntries, &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId, InstallSnapshotError>>>
+    {
+        self.call(RPCTypes::InstallSnapshot, &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
+        self.call(RPCTypes::Vote, &rpc, &option).await
+    }
+}
+
+/// Finds (or creates) the `Raft` of a group, for the server side.
+pub trait GroupRouter: Send + Sync + 'static {
+    /// Returns the group's raft, creating an empty member on first contact.
+    fn raft(&self, group: GroupId) -> impl Future<Output = Result<Raft, tonic::Status>> + Send;
+}
+
+/// The gRPC raft service: decodes the group id and dispatches.
+#[derive(Debug)]
+pub struct RaftService<R> {
+    router: Arc<R>,
+}
+
+impl<R> RaftService<R> {
+    /// A service dispatching through `router`.
+    pub fn new(router: Arc<R>) -> Self {
+        Self { router }
+    }
+}
+
+fn decode_request<T: DeserializeOwned>(payload: &[u8]) -> Result<T, tonic::Status> {
+    postcard::from_bytes(payload).map_err(|e| tonic::Status::invalid_argument(format!("undecodable raft payload: {e}")))
+}
+
+fn encode_response<T: Serialize>(value: &T) -> Result<tonic::Response<RaftResponse>, tonic::Status> {
+    let payload = postcard::to_stdvec(value).map_err(|e| tonic::Status::internal(format!("encode: {e}")))?;
+    Ok(tonic::Response::new(RaftResponse { payload }))
+}
+
+#[tonic::async_trait]
+impl<R: GroupRouter> peer::raft_server::Raft for RaftService<R> {
+    async fn append_entries(
+        &self,
+        request: tonic::Request<RaftRequest>,
+    ) -> Result<tonic::Response<RaftResponse>, tonic::Status> {
+        let request = request.into_inner();
+        let group = group_from_wire(request.group.as_ref()).map_err(tonic::Status::invalid_argument)?;
+        let rpc: AppendEntriesRequest<TypeConfig> = decode_request(&request.payload)?;
+        let raft = self.router.raft(group).await?;
+        encode_response(&raft.append_entries(rpc).await)
+    }
+
+    async fn vote(&self, request: tonic::Request<RaftRequest>) -> Result<tonic::Response<RaftResponse>, tonic::Status> {
+        let request = request.into_inner();
+        let group = group_from_wire(request.group.as_ref()).map_err(tonic::Status::invalid_argument)?;
+        let rpc: VoteRequest<NodeId> = decode_request(&request.payload)?;
+        let raft = self.router.raft(group).await?;
+        encode_response(&raft.vote(rpc).await)
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: tonic::Request<RaftRequest>,
+    ) -> Result<tonic::Response<RaftResponse>, tonic::Status> {
+        let request = request.into_inner();
+        let group = group_from_wire(request.group.as_ref()).map_err(tonic::Status::invalid_argument)?;
+        let rpc: InstallSnapshotRequest<TypeConfig> = decode_request(&request.payload)?;
+        let raft = self.router.raft(group).await?;
+        encode_response(&raft.install_snapshot(rpc).await)
+    }
+}

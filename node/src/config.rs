@@ -103,6 +103,18 @@ pub struct RaftRaw {
     /// Deadline of one raft or forward RPC. Default `"2s"`.
     #[serde(default = "defaults::rpc_timeout")]
     pub rpc_timeout: HumanDuration,
+    /// Log entries between snapshots of a shard. Default 10000.
+    #[serde(default = "defaults::snapshot_logs")]
+    pub snapshot_logs_since_last: u64,
+    /// Log entries kept below a snapshot for slow followers. Default 1000.
+    #[serde(default = "defaults::logs_to_keep")]
+    pub logs_to_keep: u64,
+    /// Snapshot chunk size on the wire. Default `"1MiB"`.
+    #[serde(default = "defaults::snapshot_chunk")]
+    pub snapshot_chunk: ByteSize,
+    /// Largest number of entries in one append-entries RPC. Default 256.
+    #[serde(default = "defaults::append_entries")]
+    pub append_entries_max: u64,
 }
 
 /// `[limits]`: everything a client can exhaust.
@@ -196,6 +208,18 @@ mod defaults {
     pub(super) fn rpc_timeout() -> HumanDuration {
         HumanDuration(Duration::from_secs(2))
     }
+    pub(super) fn snapshot_logs() -> u64 {
+        10_000
+    }
+    pub(super) fn logs_to_keep() -> u64 {
+        1_000
+    }
+    pub(super) fn snapshot_chunk() -> ByteSize {
+        ByteSize(1 << 20)
+    }
+    pub(super) fn append_entries() -> u64 {
+        256
+    }
     pub(super) fn message_body() -> ByteSize {
         ByteSize(limits::MESSAGE_BODY_BYTES_MAX as u64)
     }
@@ -251,6 +275,14 @@ pub struct RaftConfig {
     pub election_timeout_max: Duration,
     /// Deadline of one peer RPC.
     pub rpc_timeout: Duration,
+    /// Log entries between snapshots.
+    pub snapshot_logs_since_last: u64,
+    /// Log entries kept below a snapshot.
+    pub logs_to_keep: u64,
+    /// Snapshot chunk size, bytes.
+    pub snapshot_chunk_bytes: u64,
+    /// Entries per append-entries RPC.
+    pub append_entries_max: u64,
 }
 
 /// Limits, validated against the protocol maxima.
@@ -416,6 +448,10 @@ impl RawConfig {
                 election_timeout_min: self.raft.election_timeout_min.0,
                 election_timeout_max: self.raft.election_timeout_max.0,
                 rpc_timeout: self.raft.rpc_timeout.0,
+                snapshot_logs_since_last: self.raft.snapshot_logs_since_last,
+                logs_to_keep: self.raft.logs_to_keep,
+                snapshot_chunk_bytes: self.raft.snapshot_chunk.0,
+                append_entries_max: self.raft.append_entries_max,
             },
             limits: Limits {
                 message_body_bytes_max: l.message_body_max.bytes(),

@@ -9,9 +9,11 @@
 //! `main.rs` only parses flags, loads the config and calls [`server::start`]; tests start whole
 //! nodes in-process on port 0 the same way.
 
+pub mod cluster;
 pub mod config;
 pub mod server;
 pub mod services;
+pub mod status;
 pub mod telemetry;
 pub mod units;
 

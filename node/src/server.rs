@@ -24,6 +24,10 @@ use tokio_util::task::TaskTracker;
 use tonic::server::NamedService;
 use tracing::info;
 
+use courier_consensus::groups::{ConsensusError, Groups, RaftTiming};
+use courier_consensus::network::RaftService;
+
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::services::{ClientApi, PeerApi};
 
@@ -45,6 +49,9 @@ pub enum ServerError {
     /// Storage failed to open (for example: another node process holds this data directory).
     #[error("storage: {0}")]
     Storage(#[from] courier_storage::StorageError),
+    /// Raft groups failed to start.
+    #[error("consensus: {0}")]
+    Consensus(#[from] ConsensusError),
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -81,6 +88,7 @@ pub struct NodeHandle {
     shutdown: CancellationToken,
     tasks: TaskTracker,
     errors: tokio::sync::mpsc::Receiver<ServerError>,
+    groups: Arc<Groups>,
 }
 
 impl NodeHandle {
@@ -97,6 +105,13 @@ impl NodeHandle {
                 "shutdown deadline passed"
             );
         }
+        self.groups.shutdown().await;
+        info!("raft groups stopped");
+    }
+
+    /// This node's raft groups (for tests and status).
+    pub fn groups(&self) -> &Arc<Groups> {
+        &self.groups
     }
 
     /// Waits until `signal` resolves or a server fails, then stops the node.
@@ -134,6 +149,20 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
     let db = Arc::new(Db::open(&db_path, OpenMode::ReadWrite)?);
     info!(path = %db_path.display(), "storage open");
 
+    let timing = RaftTiming {
+        heartbeat: config.raft.heartbeat,
+        election_timeout_min: config.raft.election_timeout_min,
+        election_timeout_max: config.raft.election_timeout_max,
+        rpc_timeout: config.raft.rpc_timeout,
+        snapshot_logs_since_last: config.raft.snapshot_logs_since_last,
+        logs_to_keep: config.raft.logs_to_keep,
+        snapshot_chunk_bytes: config.raft.snapshot_chunk_bytes,
+        append_entries_max: config.raft.append_entries_max,
+    };
+    let groups = Groups::open(config.node_id, db.clone(), &timing).await?;
+    info!(groups = groups.list().len(), "raft groups open");
+    let cluster = Cluster::new(groups.clone(), db.clone(), config.raft.rpc_timeout);
+
     let client_listener = bind(config.listen.client).await?;
     let peer_listener = bind(config.listen.peer).await?;
     let client_addr = client_listener
@@ -156,7 +185,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
     let (error_tx, errors) = tokio::sync::mpsc::channel(2);
 
     let client_router = client_router(&config).await?;
-    let peer_router = peer_router().await?;
+    let peer_router = peer_router(cluster, groups.clone()).await?;
     for (name, router, listener) in [
         ("client", client_router, client_listener),
         ("peer", peer_router, peer_listener),
@@ -183,6 +212,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
         shutdown,
         tasks,
         errors,
+        groups,
     })
 }
 
@@ -247,20 +277,25 @@ async fn client_router(config: &Config) -> Result<tonic::transport::server::Rout
         .add_service(GroupsServer::new(api).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)))
 }
 
-async fn peer_router() -> Result<tonic::transport::server::Router, ServerError> {
+async fn peer_router(cluster: Cluster, groups: Arc<Groups>) -> Result<tonic::transport::server::Router, ServerError> {
     let (reporter, health) = tonic_health::server::health_reporter();
-    reporter.set_serving::<RaftServer<PeerApi>>().await;
+    reporter.set_serving::<RaftServer<RaftService<Groups>>>().await;
     reporter.set_serving::<ForwardServer<PeerApi>>().await;
     reporter.set_serving::<AdminServer<PeerApi>>().await;
-    let api = PeerApi;
+    let api = PeerApi::new(cluster);
+    let raft = RaftService::new(groups);
     Ok(tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection(&[
-            <RaftServer<PeerApi> as NamedService>::NAME,
+            <RaftServer<RaftService<Groups>> as NamedService>::NAME,
             <ForwardServer<PeerApi> as NamedService>::NAME,
             <AdminServer<PeerApi> as NamedService>::NAME,
         ])?)
-        .add_service(RaftServer::new(api.clone()).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX))
+        .add_service(
+            RaftServer::new(raft)
+                .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+                .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX),
+        )
         .add_service(
             ForwardServer::new(api.clone()).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX),
         )

@@ -1,12 +1,19 @@
-//! The gRPC services. Until the messaging and consensus issues fill them in, every RPC answers
-//! `UNIMPLEMENTED` through the generated default stubs: never a fake success.
+//! The gRPC services. The peer services (raft transport, forwarding, admin) are live; client
+//! RPCs answer `UNIMPLEMENTED` through the generated default stubs until the messaging issue
+//! implements them: never a fake success.
 
 use courier_proto::pb::client::groups_server::Groups;
 use courier_proto::pb::client::messaging_server::Messaging;
 use courier_proto::pb::client::registration_server::Registration;
 use courier_proto::pb::peer::admin_server::Admin;
 use courier_proto::pb::peer::forward_server::Forward;
-use courier_proto::pb::peer::raft_server::Raft;
+use courier_proto::pb::peer::{
+    ForwardBatchRequest, ForwardBatchResponse, InitClusterRequest, InitClusterResponse, StatusRequest,
+    StatusResponse, TransferLeaderRequest, TransferLeaderResponse,
+};
+use tonic::{Request, Response, Status};
+
+use crate::cluster::{Cluster, was_forwarded};
 
 /// The client-facing services of one node.
 #[derive(Clone, Debug, Default)]
@@ -16,10 +23,49 @@ impl Registration for ClientApi {}
 impl Messaging for ClientApi {}
 impl Groups for ClientApi {}
 
-/// The peer-facing services of one node.
-#[derive(Clone, Debug, Default)]
-pub struct PeerApi;
+/// The peer-facing forwarding and admin services of one node (raft is
+/// `courier_consensus::network::RaftService`).
+#[derive(Clone, Debug)]
+pub struct PeerApi {
+    cluster: Cluster,
+}
 
-impl Raft for PeerApi {}
-impl Forward for PeerApi {}
-impl Admin for PeerApi {}
+impl PeerApi {
+    /// The services over this node's cluster view.
+    pub fn new(cluster: Cluster) -> Self {
+        Self { cluster }
+    }
+}
+
+#[tonic::async_trait]
+impl Forward for PeerApi {
+    async fn forward_batch(
+        &self,
+        request: Request<ForwardBatchRequest>,
+    ) -> Result<Response<ForwardBatchResponse>, Status> {
+        let forwarded = was_forwarded(request.metadata());
+        Ok(Response::new(self.cluster.forward_batch(request.into_inner(), forwarded).await?))
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for PeerApi {
+    async fn init_cluster(
+        &self,
+        request: Request<InitClusterRequest>,
+    ) -> Result<Response<InitClusterResponse>, Status> {
+        Ok(Response::new(self.cluster.init(request.into_inner()).await?))
+    }
+
+    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        Ok(Response::new(self.cluster.status()))
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<TransferLeaderRequest>,
+    ) -> Result<Response<TransferLeaderResponse>, Status> {
+        self.cluster.transfer_leader(request.into_inner()).await?;
+        Ok(Response::new(TransferLeaderResponse {}))
+    }
+}

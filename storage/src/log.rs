@@ -105,6 +105,21 @@ impl LogStore {
         Self { db, shard }
     }
 
+    /// Returns every shard prefix that has raft state (a vote or a log) in `db`: the groups this
+    /// node is a member of.
+    ///
+    /// # Errors
+    /// [`StorageError::Db`].
+    pub fn stored_shards(db: &Db) -> Result<Vec<ShardId>> {
+        let pairs = db.scan(Cf::RaftState, &[], &[0xff, 0xff, 0xff], usize::MAX)?;
+        let mut shards: Vec<ShardId> = pairs
+            .iter()
+            .filter_map(|(key, _)| Some(ShardId::new(u16::from_be_bytes(key.get(..2)?.try_into().ok()?))))
+            .collect();
+        shards.dedup();
+        Ok(shards)
+    }
+
     /// The shard this log belongs to.
     pub fn shard(&self) -> ShardId {
         self.shard

@@ -1,0 +1,223 @@
+//! The raft groups of one node: the metadata group and one group per shard replica, all sharing
+//! the node's RocksDB and one gRPC channel per peer.
+//!
+//! Groups found on disk are started at open; a group a peer replicates to for the first time is
+//! created empty on first contact (bounded by the cluster's shard count once it is known).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use courier_storage::Db;
+use openraft::{Config, SnapshotPolicy};
+use tracing::info;
+
+use crate::log_store::{AppendStats, LogStore};
+use crate::network::{ChannelPool, GroupRouter, PeerNetwork};
+use crate::state_machine::{AppliedView, StateMachine};
+use crate::types::{GroupId, NodeId, Raft, RaftStorageError};
+
+/// Why a group could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsensusError {
+    /// Storage failed while opening the group.
+    #[error("storage of {group}: {source}")]
+    Storage {
+        /// The group.
+        group: GroupId,
+        /// The fault.
+        #[source]
+        source: RaftStorageError,
+    },
+    /// The raft configuration was refused by openraft.
+    #[error("raft config: {0}")]
+    Config(#[from] openraft::ConfigError),
+    /// openraft failed to start the group.
+    #[error("raft of {group}: {reason}")]
+    Raft {
+        /// The group.
+        group: GroupId,
+        /// openraft's error.
+        reason: String,
+    },
+    /// A shard outside the cluster's shard count.
+    #[error("{group} is not a group of this cluster (shard count {shard_count})")]
+    UnknownGroup {
+        /// The group.
+        group: GroupId,
+        /// The cluster's shard count.
+        shard_count: u16,
+    },
+}
+
+/// Raft timing and log retention, from the node's config.
+#[derive(Clone, Debug)]
+pub struct RaftTiming {
+    /// Leader heartbeat.
+    pub heartbeat: Duration,
+    /// Election timeout range.
+    pub election_timeout_min: Duration,
+    /// Election timeout range.
+    pub election_timeout_max: Duration,
+    /// Deadline of one peer RPC.
+    pub rpc_timeout: Duration,
+    /// Entries between snapshots.
+    pub snapshot_logs_since_last: u64,
+    /// Entries kept in the log below a snapshot, for slow followers.
+    pub logs_to_keep: u64,
+    /// Snapshot chunk size on the wire, bytes.
+    pub snapshot_chunk_bytes: u64,
+    /// Largest number of entries in one append-entries RPC.
+    pub append_entries_max: u64,
+}
+
+impl RaftTiming {
+    fn openraft_config(&self) -> Result<Config, openraft::ConfigError> {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        Config {
+            cluster_name: "courier".to_owned(),
+            heartbeat_interval: ms(self.heartbeat),
+            election_timeout_min: ms(self.election_timeout_min),
+            election_timeout_max: ms(self.election_timeout_max),
+            install_snapshot_timeout: ms(self.rpc_timeout),
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_logs_since_last),
+            max_in_snapshot_log_to_keep: self.logs_to_keep,
+            snapshot_max_chunk_size: self.snapshot_chunk_bytes,
+            max_payload_entries: self.append_entries_max,
+            ..Config::default()
+        }
+        .validate()
+    }
+}
+
+/// One group's handles.
+#[derive(Clone)]
+pub struct GroupHandle {
+    /// The raft.
+    pub raft: Raft,
+    /// What it applied.
+    pub applied: Arc<RwLock<AppliedView>>,
+    /// Group-commit counters.
+    pub stats: Arc<AppendStats>,
+}
+
+/// Every raft group of this node.
+pub struct Groups {
+    node_id: NodeId,
+    db: Arc<Db>,
+    pool: Arc<ChannelPool>,
+    config: Arc<Config>,
+    rpc_timeout: Duration,
+    groups: RwLock<BTreeMap<GroupId, GroupHandle>>,
+    creating: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Groups {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Groups").field("node_id", &self.node_id).finish_non_exhaustive()
+    }
+}
+
+impl Groups {
+    /// Opens the node's groups: every group with raft state on disk is started.
+    ///
+    /// # Errors
+    /// [`ConsensusError`] when a group cannot be started.
+    pub async fn open(node_id: NodeId, db: Arc<Db>, timing: &RaftTiming) -> Result<Arc<Self>, ConsensusError> {
+        let groups = Arc::new(Self {
+            node_id,
+            db: db.clone(),
+            pool: Arc::new(ChannelPool::new(timing.rpc_timeout)),
+            config: Arc::new(timing.openraft_config()?),
+            rpc_timeout: timing.rpc_timeout,
+            groups: RwLock::default(),
+            creating: tokio::sync::Mutex::new(()),
+        });
+        let stored = courier_storage::LogStore::stored_shards(db.as_ref())
+            .map_err(|e| ConsensusError::Storage { group: GroupId::Metadata, source: crate::log_store::fault(e) })?;
+        for prefix in stored {
+            groups.get_or_create(GroupId::from_storage_prefix(prefix)).await?;
+        }
+        Ok(groups)
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.node_id
+    }
+
+    /// The shared channel pool (also used for forwarding to other nodes).
+    pub fn pool(&self) -> Arc<ChannelPool> {
+        self.pool.clone()
+    }
+
+    /// Returns a running group.
+    pub fn get(&self, group: GroupId) -> Option<GroupHandle> {
+        self.groups.read().expect("groups lock is never poisoned").get(&group).cloned()
+    }
+
+    /// Returns every running group, in order.
+    pub fn list(&self) -> Vec<(GroupId, GroupHandle)> {
+        self.groups.read().expect("groups lock is never poisoned").iter().map(|(g, h)| (*g, h.clone())).collect()
+    }
+
+    /// The cluster's shard count, once the metadata group applied the settings.
+    pub fn shard_count(&self) -> Option<u16> {
+        let metadata = self.get(GroupId::Metadata)?;
+        let view = metadata.applied.read().expect("applied view lock is never poisoned");
+        view.raft.settings.map(|s| s.shard_count)
+    }
+
+    /// Returns a group, starting it (empty) if this node does not run it yet.
+    ///
+    /// # Errors
+    /// [`ConsensusError`] when it cannot be started or is outside the cluster's shard count.
+    pub async fn get_or_create(&self, group: GroupId) -> Result<GroupHandle, ConsensusError> {
+        if let Some(handle) = self.get(group) {
+            return Ok(handle);
+        }
+        if let (GroupId::Shard(shard), Some(shard_count)) = (group, self.shard_count())
+            && shard.get() >= shard_count
+        {
+            return Err(ConsensusError::UnknownGroup { group, shard_count });
+        }
+        let _creating = self.creating.lock().await;
+        if let Some(handle) = self.get(group) {
+            return Ok(handle);
+        }
+        let prefix = group.storage_prefix();
+        let log = LogStore::new(courier_storage::LogStore::new(self.db.clone(), prefix));
+        let stats = log.stats.clone();
+        let sm = StateMachine::open(self.db.clone(), group).map_err(|source| ConsensusError::Storage { group, source })?;
+        let applied = sm.shared();
+        let network = PeerNetwork::new(group, self.pool.clone(), self.rpc_timeout);
+        let raft = Raft::new(self.node_id, self.config.clone(), network, log, sm)
+            .await
+            .map_err(|e| ConsensusError::Raft { group, reason: e.to_string() })?;
+        info!(%group, node_id = self.node_id, "raft group started");
+        let handle = GroupHandle { raft, applied, stats };
+        self.groups.write().expect("groups lock is never poisoned").insert(group, handle.clone());
+        Ok(handle)
+    }
+
+    /// Stops every group.
+    pub async fn shutdown(&self) {
+        for (group, handle) in self.list() {
+            if let Err(error) = handle.raft.shutdown().await {
+                tracing::warn!(%group, %error, "raft group did not stop cleanly");
+            }
+        }
+    }
+}
+
+impl GroupRouter for Groups {
+    async fn raft(&self, group: GroupId) -> Result<Raft, tonic::Status> {
+        match self.get_or_create(group).await {
+            Ok(handle) => Ok(handle.raft),
+            Err(ConsensusError::UnknownGroup { .. }) => {
+                Err(tonic::Status::not_found(format!("{group} is not a group of this cluster")))
+            }
+            Err(error) => Err(tonic::Status::unavailable(error.to_string())),
+        }
+    }
+}

@@ -1,0 +1,422 @@
+//! The cluster as this node sees it: bootstrap, status, leader transfer, and proposing to a
+//! shard's leader wherever it is.
+//!
+//! ```text
+//!   ForwardBatch(dest shard) ─▶ local raft leads it? ─yes─▶ client_write ─▶ answer after commit
+//!                                   │ no
+//!                                   ├─ leader known ─▶ ForwardBatch to the leader's node (one hop)
+//!                                   └─ no leader    ─▶ UNAVAILABLE + retry-after-ms
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use courier_consensus::groups::{GroupHandle, Groups};
+use courier_consensus::types::{ClusterSettings, GroupId, Node, NodeId, Proposal, ProposalResponse};
+use courier_proto::limits::{FORWARD_BATCH_EVENTS_MAX, SHARD_COUNT_MAX};
+use courier_proto::pb::events::{EntryPayload, Event, event::Kind};
+use courier_proto::pb::peer::{
+    self, ForwardBatchRequest, ForwardBatchResponse, InitClusterRequest, InitClusterResponse, ShardStatus,
+    StatusResponse,
+};
+use courier_proto::{FORMAT_VERSION, LogIndex, ShardId};
+use courier_storage::kv::Staged;
+use courier_storage::projection::{Projection, View, outbox};
+use courier_storage::Db;
+use openraft::ServerState;
+use tracing::info;
+
+use crate::status::ApiError;
+
+/// How long bootstrap waits for the metadata group to elect this node.
+const INIT_LEADER_WAIT: Duration = Duration::from_secs(10);
+/// Retry hint when a shard has no leader, ms.
+const NO_LEADER_RETRY_MS: u64 = 500;
+/// Metadata marking a forward that already took its one hop.
+const FORWARDED_KEY: &str = "courier-forwarded";
+
+/// This node's view of the cluster.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    groups: Arc<Groups>,
+    db: Arc<Db>,
+    rpc_timeout: Duration,
+}
+
+fn unavailable(message: String, leader: Option<NodeId>) -> ApiError {
+    ApiError::Unavailable { code: "COURIER:Shard:NoLeader", message, retry_after_ms: NO_LEADER_RETRY_MS, leader }
+}
+
+fn internal(message: String) -> ApiError {
+    ApiError::Internal { code: "COURIER:Node:Fault", message }
+}
+
+fn invalid(code: &'static str, message: String) -> ApiError {
+    ApiError::Invalid { code, message }
+}
+
+impl Cluster {
+    /// The cluster view over this node's groups.
+    pub fn new(groups: Arc<Groups>, db: Arc<Db>, rpc_timeout: Duration) -> Self {
+        Self { groups, db, rpc_timeout }
+    }
+
+    /// The node's raft groups.
+    pub fn groups(&self) -> &Arc<Groups> {
+        &self.groups
+    }
+
+    /// Bootstraps a new cluster from this node: the metadata group with every member, the
+    /// settings, and one raft group per shard with every member; then spreads shard leadership
+    /// over the members. Safe to retry with the same members.
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT` for a malformed member list or settings, `FAILED_PRECONDITION` when the
+    /// cluster exists with other members, `UNAVAILABLE` when no leader emerges in time.
+    pub async fn init(&self, request: InitClusterRequest) -> Result<InitClusterResponse, ApiError> {
+        let members = self.validate_init(&request)?;
+        let shard_count = u16::try_from(request.shard_count).expect("validated");
+        let metadata = self.group(GroupId::Metadata).await?;
+        let already = metadata.raft.is_initialized().await.map_err(|e| internal(e.to_string()))?;
+        if already {
+            let existing: BTreeSet<NodeId> = metadata.raft.metrics().borrow().membership_config.voter_ids().collect();
+            let wanted: BTreeSet<NodeId> = members.keys().copied().collect();
+            if existing != wanted {
+                return Err(ApiError::FailedPrecondition {
+                    code: "COURIER:Cluster:AlreadyInitialized",
+                    message: format!("the cluster exists with members {existing:?}"),
+                });
+            }
+        } else {
+            info!(members = ?members.keys().collect::<Vec<_>>(), shard_count, "initializing cluster");
+            ignore_not_allowed(metadata.raft.initialize(members.clone()).await)?;
+        }
+        self.wait_leader(&metadata).await?;
+        let settings = ClusterSettings {
+            shard_count,
+            replication_factor: u16::try_from(members.len()).expect("validated"),
+        };
+        let known = metadata.applied.read().expect("applied view lock").raft.settings;
+        match known {
+            Some(existing) if existing != settings => {
+                return Err(ApiError::FailedPrecondition {
+                    code: "COURIER:Cluster:AlreadyInitialized",
+                    message: format!("the cluster exists with {existing:?}"),
+                });
+            }
+            Some(_) => {}
+            None => {
+                metadata.raft.client_write(Proposal::Cluster(settings)).await.map_err(|e| unavailable(e.to_string(), None))?;
+            }
+        }
+        for shard in 0..shard_count {
+            let handle = self.group(GroupId::Shard(ShardId::new(shard))).await?;
+            if !handle.raft.is_initialized().await.map_err(|e| internal(e.to_string()))? {
+                ignore_not_allowed(handle.raft.initialize(members.clone()).await)?;
+            }
+        }
+        self.spread_leaders(shard_count, &members).await;
+        Ok(InitClusterResponse { already_initialized: already })
+    }
+
+    fn validate_init(&self, request: &InitClusterRequest) -> Result<BTreeMap<NodeId, Node>, ApiError> {
+        if request.members.is_empty() {
+            return Err(invalid("COURIER:Cluster:NoMembers", "members must not be empty".to_owned()));
+        }
+        let mut members = BTreeMap::new();
+        for member in &request.members {
+            if member.node_id == 0 || member.peer_addr.parse::<std::net::SocketAddr>().is_err() {
+                return Err(invalid(
+                    "COURIER:Cluster:BadMember",
+                    format!("member {} needs a node id >= 1 and a host:port peer address", member.node_id),
+                ));
+            }
+            if members.insert(member.node_id, Node::new(member.peer_addr.clone())).is_some() {
+                return Err(invalid("COURIER:Cluster:BadMember", format!("node id {} appears twice", member.node_id)));
+            }
+        }
+        if !members.contains_key(&self.groups.node_id()) {
+            return Err(invalid(
+                "COURIER:Cluster:NotAMember",
+                format!("this node ({}) must be one of the members", self.groups.node_id()),
+            ));
+        }
+        if request.shard_count == 0 || request.shard_count > SHARD_COUNT_MAX {
+            return Err(invalid(
+                "COURIER:Cluster:ShardCount",
+                format!("shard_count must be 1..={SHARD_COUNT_MAX}, got {}", request.shard_count),
+            ));
+        }
+        let members_len = u32::try_from(members.len()).unwrap_or(u32::MAX);
+        if request.replication_factor != 0 && request.replication_factor != members_len {
+            return Err(invalid(
+                "COURIER:Cluster:ReplicationFactor",
+                format!(
+                    "this version places every shard on every member: replication_factor must be 0 or {members_len}"
+                ),
+            ));
+        }
+        Ok(members)
+    }
+
+    async fn group(&self, group: GroupId) -> Result<GroupHandle, ApiError> {
+        self.groups.get_or_create(group).await.map_err(|e| internal(e.to_string()))
+    }
+
+    async fn wait_leader(&self, handle: &GroupHandle) -> Result<NodeId, ApiError> {
+        let mut metrics = handle.raft.metrics();
+        let wait = async {
+            loop {
+                if let Some(leader) = metrics.borrow().current_leader {
+                    return leader;
+                }
+                if metrics.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::time::timeout(INIT_LEADER_WAIT, wait)
+            .await
+            .map_err(|_| unavailable("no leader elected in time".to_owned(), None))
+    }
+
+    /// Asks member `i mod N` to lead shard `i`, so leaders spread over the nodes.
+    async fn spread_leaders(&self, shard_count: u16, members: &BTreeMap<NodeId, Node>) {
+        let nodes: Vec<(&NodeId, &Node)> = members.iter().collect();
+        for shard in 0..shard_count {
+            let (id, node) = nodes[usize::from(shard) % nodes.len()];
+            let request = peer::TransferLeaderRequest { shard: u32::from(shard), to_node: *id };
+            if *id == self.groups.node_id() {
+                let _ = self.transfer_leader(request).await;
+                continue;
+            }
+            let Some(channel) = self.groups.pool().channel(&node.addr) else { continue };
+            let mut client = peer::admin_client::AdminClient::new(channel);
+            let mut request = tonic::Request::new(request);
+            request.set_timeout(self.rpc_timeout);
+            if let Err(status) = client.transfer_leader(request).await {
+                tracing::warn!(shard, to_node = id, %status, "leader transfer failed; the shard keeps its leader");
+            }
+        }
+    }
+
+    /// Makes this node start an election for a shard (leader transfer towards this node).
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT` when sent to another node than `to_node`; `NOT_FOUND` for an unknown
+    /// shard.
+    pub async fn transfer_leader(&self, request: peer::TransferLeaderRequest) -> Result<(), ApiError> {
+        if request.to_node != self.groups.node_id() {
+            return Err(invalid(
+                "COURIER:Cluster:WrongNode",
+                format!("send the transfer to node {}, this is node {}", request.to_node, self.groups.node_id()),
+            ));
+        }
+        let shard = u16::try_from(request.shard).map_err(|_| invalid("COURIER:Cluster:BadShard", "shard out of range".to_owned()))?;
+        let handle = self.groups.get(GroupId::Shard(ShardId::new(shard))).ok_or_else(|| ApiError::NotFound {
+            code: "COURIER:Cluster:UnknownShard",
+            message: format!("shard {shard} is not replicated here"),
+        })?;
+        if handle.raft.metrics().borrow().state != ServerState::Leader {
+            handle.raft.trigger().elect().await.map_err(|e| internal(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Reports every group this node runs.
+    pub fn status(&self) -> StatusResponse {
+        let mut shards = Vec::new();
+        let mut nodes = Vec::new();
+        for (group, handle) in self.groups.list() {
+            let metrics = handle.raft.metrics().borrow().clone();
+            let view = handle.applied.read().expect("applied view lock").clone();
+            let GroupId::Shard(shard) = group else {
+                nodes = metrics
+                    .membership_config
+                    .nodes()
+                    .map(|(id, node)| peer::NodeInfo { node_id: *id, peer_addr: node.addr.clone(), client_addr: String::new() })
+                    .collect();
+                continue;
+            };
+            let last_log_index = metrics.last_log_index.map_or(0, |i| i.saturating_add(1));
+            let applied = view.shard.applied.get();
+            let digest = view.shard.digests.values().fold(0_u128, |sum, d| sum.wrapping_add(d.sum));
+            shards.push(ShardStatus {
+                shard: u32::from(shard.get()),
+                role: role(metrics.state).to_owned(),
+                term: metrics.current_term,
+                leader: metrics.current_leader.unwrap_or(0),
+                replicas: metrics.membership_config.voter_ids().collect(),
+                last_log_index,
+                committed: applied,
+                applied,
+                apply_lag: last_log_index.saturating_sub(applied),
+                outbox_len_entries: self.outbox_len(shard),
+                digest: format!("{digest:032x}"),
+                fsyncs: handle.stats.fsyncs.load(std::sync::atomic::Ordering::Relaxed),
+                entries_appended: handle.stats.entries.load(std::sync::atomic::Ordering::Relaxed),
+            });
+        }
+        StatusResponse { node_id: self.groups.node_id(), shards, nodes }
+    }
+
+    fn outbox_len(&self, shard: ShardId) -> u64 {
+        let mut staged = Staged::new(self.db.as_ref(), BTreeMap::new());
+        let view = View::new(&mut staged, shard, LogIndex::ZERO, Projection::Outbox);
+        let shard_count = self.groups.shard_count().unwrap_or(0);
+        (0..shard_count)
+            .filter_map(|dest| outbox::state(&view, ShardId::new(dest)).ok())
+            .map(|state| state.last_pos.saturating_sub(state.trimmed_up_to))
+            .sum()
+    }
+
+    /// Stores a forwarded batch on the destination shard's leader, here or one hop away.
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT` for a malformed batch; `UNAVAILABLE` when the shard has no leader.
+    pub async fn forward_batch(
+        &self,
+        request: ForwardBatchRequest,
+        already_forwarded: bool,
+    ) -> Result<ForwardBatchResponse, ApiError> {
+        let shard_count = self.groups.shard_count().ok_or_else(|| unavailable("the cluster is not initialized".to_owned(), None))?;
+        let dest = ShardId::from_wire(request.dest_shard, shard_count)?;
+        let source = ShardId::from_wire(request.source_shard, shard_count)?;
+        let events = validate_batch(&request, source)?;
+        let handle = self.group(GroupId::Shard(dest)).await?;
+        let metrics = handle.raft.metrics().borrow().clone();
+        if metrics.state != ServerState::Leader {
+            let leader = metrics.current_leader;
+            let addr = leader.and_then(|id| metrics.membership_config.nodes().find(|(n, _)| **n == id).map(|(_, node)| node.addr.clone()));
+            return match addr {
+                Some(addr) if !already_forwarded => self.forward_to(&addr, request, leader).await,
+                _ => Err(unavailable(format!("{dest} has no leader reachable from here"), leader)),
+            };
+        }
+        let last = request.first_pos.saturating_add(u64::try_from(events.len()).unwrap_or(u64::MAX)).saturating_sub(1);
+        let applied = {
+            let mut staged = Staged::new(self.db.as_ref(), BTreeMap::new());
+            let view = View::new(&mut staged, dest, LogIndex::ZERO, Projection::Outbox);
+            outbox::inbound_applied(&view, request.source_shard).map_err(|e| internal(e.to_string()))?
+        };
+        if applied.saturating_add(1) < request.first_pos {
+            return Err(invalid(
+                "COURIER:Forward:Gap",
+                format!("{dest} applied up to {applied} from {source}; the batch starts at {}", request.first_pos),
+            ));
+        }
+        let fresh: Vec<Event> = events
+            .into_iter()
+            .zip(request.first_pos..)
+            .filter(|(_, pos)| *pos > applied)
+            .map(|(event, _)| event)
+            .collect();
+        if !fresh.is_empty() {
+            let payload = EntryPayload { format_version: FORMAT_VERSION, events: fresh };
+            let _response: ProposalResponse = handle
+                .raft
+                .client_write(Proposal::Events(payload))
+                .await
+                .map_err(|e| unavailable(e.to_string(), e.forward_to_leader().and_then(|f| f.leader_id)))?
+                .data;
+        }
+        // Everything up to `last` is now committed here (fresh events just now, the rest earlier).
+        Ok(ForwardBatchResponse { stored_up_to: last })
+    }
+
+    async fn forward_to(
+        &self,
+        addr: &str,
+        request: ForwardBatchRequest,
+        leader: Option<NodeId>,
+    ) -> Result<ForwardBatchResponse, ApiError> {
+        let channel = self.groups.pool().channel(addr).ok_or_else(|| unavailable(format!("bad leader address {addr}"), leader))?;
+        let mut client = peer::forward_client::ForwardClient::new(channel);
+        let mut request = tonic::Request::new(request);
+        request.set_timeout(self.rpc_timeout);
+        request.metadata_mut().insert(FORWARDED_KEY, tonic::metadata::MetadataValue::from_static("1"));
+        client
+            .forward_batch(request)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|status| unavailable(format!("leader {leader:?} at {addr}: {}", status.message()), leader))
+    }
+}
+
+/// Whether a request already took its one forwarding hop.
+pub fn was_forwarded(metadata: &tonic::metadata::MetadataMap) -> bool {
+    metadata.contains_key(FORWARDED_KEY)
+}
+
+fn role(state: ServerState) -> &'static str {
+    match state {
+        ServerState::Leader => "leader",
+        ServerState::Follower => "follower",
+        ServerState::Candidate => "candidate",
+        ServerState::Learner => "learner",
+        ServerState::Shutdown => "shutdown",
+    }
+}
+
+/// Treats "already initialized" as success, so bootstrap is safe to retry.
+fn ignore_not_allowed(
+    result: Result<(), openraft::error::RaftError<NodeId, openraft::error::InitializeError<NodeId, Node>>>,
+) -> Result<(), ApiError> {
+    match result {
+        Ok(()) => Ok(()),
+        Err(openraft::error::RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => Ok(()),
+        Err(error) => Err(internal(error.to_string())),
+    }
+}
+
+/// Checks a forwarded batch: only deliveries and receipts, from `source`, at consecutive
+/// positions starting at `first_pos`, within the batch limit.
+fn validate_batch(request: &ForwardBatchRequest, source: ShardId) -> Result<Vec<Event>, ApiError> {
+    if request.events.is_empty() || request.events.len() > FORWARD_BATCH_EVENTS_MAX {
+        return Err(invalid(
+            "COURIER:Forward:BatchSize",
+            format!("a batch holds 1..={FORWARD_BATCH_EVENTS_MAX} events, got {}", request.events.len()),
+        ));
+    }
+    if request.first_pos == 0 {
+        return Err(invalid("COURIER:Forward:Position", "positions start at 1".to_owned()));
+    }
+    let mut events = request.events.clone();
+    let now_ms = now_ms();
+    for (event, pos) in events.iter_mut().zip(request.first_pos..) {
+        let source_shard = u32::from(source.get());
+        match event.kind.as_mut() {
+            Some(Kind::MessageDelivered(delivered)) => {
+                courier_proto::MessageId::from_wire(&delivered.message_id, "message_id")?;
+                courier_proto::UserId::from_wire(delivered.recipient_user, "recipient_user")?;
+                if delivered.source_shard != source_shard || delivered.source_pos != pos {
+                    return Err(invalid("COURIER:Forward:Position", format!("event at {pos} names another position")));
+                }
+                if delivered.stored_at_ms == 0 {
+                    // The destination leader decides when the message was stored.
+                    delivered.stored_at_ms = now_ms;
+                }
+            }
+            Some(Kind::ReceiptRecorded(receipt)) => {
+                courier_proto::MessageId::from_wire(&receipt.message_id, "message_id")?;
+                if receipt.source_shard != source_shard || receipt.source_pos != pos {
+                    return Err(invalid("COURIER:Forward:Position", format!("event at {pos} names another position")));
+                }
+            }
+            _ => {
+                return Err(invalid(
+                    "COURIER:Forward:EventKind",
+                    "only MessageDelivered and ReceiptRecorded are forwarded".to_owned(),
+                ));
+            }
+        }
+    }
+    Ok(events)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}

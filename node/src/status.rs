@@ -1,0 +1,95 @@
+//! The one mapping from courier errors to gRPC statuses. Every status carries a stable code
+//! string in the `courier-code` metadata entry (listed in docs/API.md); `UNAVAILABLE` also
+//! carries `retry-after-ms` and, when known, `leader-node`.
+
+use tonic::Status;
+use tonic::metadata::MetadataValue;
+
+/// Metadata key of the stable error code.
+pub const CODE_KEY: &str = "courier-code";
+/// Metadata key of the retry hint, in milliseconds.
+pub const RETRY_AFTER_KEY: &str = "retry-after-ms";
+/// Metadata key of the current leader's node id, when known.
+pub const LEADER_KEY: &str = "leader-node";
+
+/// A rejection or an unavailability, mapped exhaustively to a status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    /// A malformed request (from the wire conversions).
+    #[error("{0}")]
+    Wire(#[from] courier_proto::WireError),
+    /// A request that is well-formed but not allowed in this state.
+    #[error("{message}")]
+    Invalid {
+        /// Stable code.
+        code: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// The cluster is already set up differently.
+    #[error("{message}")]
+    FailedPrecondition {
+        /// Stable code.
+        code: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// Something named does not exist.
+    #[error("{message}")]
+    NotFound {
+        /// Stable code.
+        code: &'static str,
+        /// What is missing.
+        message: String,
+    },
+    /// No leader, no quorum, or a peer did not answer in time: retry later.
+    #[error("{message}")]
+    Unavailable {
+        /// Stable code.
+        code: &'static str,
+        /// What happened.
+        message: String,
+        /// Suggested wait before retrying, ms.
+        retry_after_ms: u64,
+        /// The leader, when known.
+        leader: Option<u64>,
+    },
+    /// A fault inside this node (storage, raft fatal): the operation may or may not have happened.
+    #[error("{message}")]
+    Internal {
+        /// Stable code.
+        code: &'static str,
+        /// What happened (no bodies, phone numbers or tokens).
+        message: String,
+    },
+}
+
+fn with_code(mut status: Status, code: &'static str) -> Status {
+    status.metadata_mut().insert(CODE_KEY, MetadataValue::from_static(code));
+    status
+}
+
+impl From<ApiError> for Status {
+    fn from(error: ApiError) -> Status {
+        let message = error.to_string();
+        match error {
+            ApiError::Wire(wire) => with_code(Status::invalid_argument(message), wire.code()),
+            ApiError::Invalid { code, .. } => with_code(Status::invalid_argument(message), code),
+            ApiError::FailedPrecondition { code, .. } => with_code(Status::failed_precondition(message), code),
+            ApiError::NotFound { code, .. } => with_code(Status::not_found(message), code),
+            ApiError::Unavailable { code, retry_after_ms, leader, .. } => {
+                let mut status = with_code(Status::unavailable(message), code);
+                if let Ok(value) = retry_after_ms.to_string().parse() {
+                    status.metadata_mut().insert(RETRY_AFTER_KEY, value);
+                }
+                if let Some(leader) = leader
+                    && let Ok(value) = leader.to_string().parse()
+                {
+                    status.metadata_mut().insert(LEADER_KEY, value);
+                }
+                status
+            }
+            ApiError::Internal { code, .. } => with_code(Status::internal(message), code),
+        }
+    }
+}
