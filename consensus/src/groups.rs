@@ -114,7 +114,9 @@ pub struct Groups {
 
 impl std::fmt::Debug for Groups {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Groups").field("node_id", &self.node_id).finish_non_exhaustive()
+        f.debug_struct("Groups")
+            .field("node_id", &self.node_id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -123,7 +125,11 @@ impl Groups {
     ///
     /// # Errors
     /// [`ConsensusError`] when a group cannot be started.
-    pub async fn open(node_id: NodeId, db: Arc<Db>, timing: &RaftTiming) -> Result<Arc<Self>, ConsensusError> {
+    pub async fn open(
+        node_id: NodeId,
+        db: Arc<Db>,
+        timing: &RaftTiming,
+    ) -> Result<Arc<Self>, ConsensusError> {
         let groups = Arc::new(Self {
             node_id,
             db: db.clone(),
@@ -133,10 +139,16 @@ impl Groups {
             groups: RwLock::default(),
             creating: tokio::sync::Mutex::new(()),
         });
-        let stored = courier_storage::LogStore::stored_shards(db.as_ref())
-            .map_err(|e| ConsensusError::Storage { group: GroupId::Metadata, source: crate::log_store::fault(e) })?;
+        let stored = courier_storage::LogStore::stored_shards(db.as_ref()).map_err(|e| {
+            ConsensusError::Storage {
+                group: GroupId::Metadata,
+                source: crate::log_store::fault(e),
+            }
+        })?;
         for prefix in stored {
-            groups.get_or_create(GroupId::from_storage_prefix(prefix)).await?;
+            groups
+                .get_or_create(GroupId::from_storage_prefix(prefix))
+                .await?;
         }
         Ok(groups)
     }
@@ -153,18 +165,30 @@ impl Groups {
 
     /// Returns a running group.
     pub fn get(&self, group: GroupId) -> Option<GroupHandle> {
-        self.groups.read().expect("groups lock is never poisoned").get(&group).cloned()
+        self.groups
+            .read()
+            .expect("groups lock is never poisoned")
+            .get(&group)
+            .cloned()
     }
 
     /// Returns every running group, in order.
     pub fn list(&self) -> Vec<(GroupId, GroupHandle)> {
-        self.groups.read().expect("groups lock is never poisoned").iter().map(|(g, h)| (*g, h.clone())).collect()
+        self.groups
+            .read()
+            .expect("groups lock is never poisoned")
+            .iter()
+            .map(|(g, h)| (*g, h.clone()))
+            .collect()
     }
 
     /// The cluster's shard count, once the metadata group applied the settings.
     pub fn shard_count(&self) -> Option<u16> {
         let metadata = self.get(GroupId::Metadata)?;
-        let view = metadata.applied.read().expect("applied view lock is never poisoned");
+        let view = metadata
+            .applied
+            .read()
+            .expect("applied view lock is never poisoned");
         view.raft.settings.map(|s| s.shard_count)
     }
 
@@ -188,15 +212,26 @@ impl Groups {
         let prefix = group.storage_prefix();
         let log = LogStore::new(courier_storage::LogStore::new(self.db.clone(), prefix));
         let stats = log.stats.clone();
-        let sm = StateMachine::open(self.db.clone(), group).map_err(|source| ConsensusError::Storage { group, source })?;
+        let sm = StateMachine::open(self.db.clone(), group)
+            .map_err(|source| ConsensusError::Storage { group, source })?;
         let applied = sm.shared();
         let network = PeerNetwork::new(group, self.pool.clone(), self.rpc_timeout);
         let raft = Raft::new(self.node_id, self.config.clone(), network, log, sm)
             .await
-            .map_err(|e| ConsensusError::Raft { group, reason: e.to_string() })?;
+            .map_err(|e| ConsensusError::Raft {
+                group,
+                reason: e.to_string(),
+            })?;
         info!(%group, node_id = self.node_id, "raft group started");
-        let handle = GroupHandle { raft, applied, stats };
-        self.groups.write().expect("groups lock is never poisoned").insert(group, handle.clone());
+        let handle = GroupHandle {
+            raft,
+            applied,
+            stats,
+        };
+        self.groups
+            .write()
+            .expect("groups lock is never poisoned")
+            .insert(group, handle.clone());
         Ok(handle)
     }
 
@@ -214,9 +249,9 @@ impl GroupRouter for Groups {
     async fn raft(&self, group: GroupId) -> Result<Raft, tonic::Status> {
         match self.get_or_create(group).await {
             Ok(handle) => Ok(handle.raft),
-            Err(ConsensusError::UnknownGroup { .. }) => {
-                Err(tonic::Status::not_found(format!("{group} is not a group of this cluster")))
-            }
+            Err(ConsensusError::UnknownGroup { .. }) => Err(tonic::Status::not_found(format!(
+                "{group} is not a group of this cluster"
+            ))),
             Err(error) => Err(tonic::Status::unavailable(error.to_string())),
         }
     }

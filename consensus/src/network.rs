@@ -66,13 +66,19 @@ pub struct ChannelPool {
 impl ChannelPool {
     /// A pool whose channels give up connecting after `connect_timeout`.
     pub fn new(connect_timeout: Duration) -> Self {
-        Self { channels: Mutex::default(), connect_timeout }
+        Self {
+            channels: Mutex::default(),
+            connect_timeout,
+        }
     }
 
     /// Returns the channel to `addr` (host:port), creating it lazily; `None` when `addr` is not a
     /// valid authority.
     pub fn channel(&self, addr: &str) -> Option<Channel> {
-        let mut channels = self.channels.lock().expect("channel pool lock is never poisoned");
+        let mut channels = self
+            .channels
+            .lock()
+            .expect("channel pool lock is never poisoned");
         if let Some(channel) = channels.get(addr) {
             return Some(channel.clone());
         }
@@ -97,7 +103,11 @@ pub struct PeerNetwork {
 impl PeerNetwork {
     /// The network of `group`, over `pool`.
     pub fn new(group: GroupId, pool: Arc<ChannelPool>, rpc_timeout: Duration) -> Self {
-        Self { group, pool, rpc_timeout }
+        Self {
+            group,
+            pool,
+            rpc_timeout,
+        }
     }
 }
 
@@ -140,7 +150,9 @@ impl GroupClient {
         E: std::error::Error + DeserializeOwned,
     {
         let channel = self.channel.clone().ok_or_else(|| {
-            RPCError::Unreachable(Unreachable::new(&std::io::Error::other("invalid peer address")))
+            RPCError::Unreachable(Unreachable::new(&std::io::Error::other(
+                "invalid peer address",
+            )))
         })?;
         let timeout = option.hard_ttl().min(self.rpc_timeout);
         let mut client = RaftClient::new(channel)
@@ -160,10 +172,20 @@ impl GroupClient {
         };
         let response = match tokio::time::timeout(timeout, call).await {
             Err(_) => {
-                return Err(RPCError::Timeout(Timeout { action, id: 0, target: self.target, timeout }));
+                return Err(RPCError::Timeout(Timeout {
+                    action,
+                    id: 0,
+                    target: self.target,
+                    timeout,
+                }));
             }
             Ok(Err(status)) if status.code() == tonic::Code::DeadlineExceeded => {
-                return Err(RPCError::Timeout(Timeout { action, id: 0, target: self.target, timeout }));
+                return Err(RPCError::Timeout(Timeout {
+                    action,
+                    id: 0,
+                    target: self.target,
+                    timeout,
+                }));
             }
             Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
                 return Err(RPCError::Unreachable(Unreachable::new(&status)));
@@ -171,8 +193,8 @@ impl GroupClient {
             Ok(Err(status)) => return Err(RPCError::Network(NetworkError::new(&status))),
             Ok(Ok(response)) => response.into_inner(),
         };
-        let result: Result<Resp, RaftError<NodeId, E>> =
-            postcard::from_bytes(&response.payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let result: Result<Resp, RaftError<NodeId, E>> = postcard::from_bytes(&response.payload)
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }
@@ -190,8 +212,10 @@ impl RaftNetwork<TypeConfig> for GroupClient {
         &mut self,
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId, InstallSnapshotError>>>
-    {
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, Node, RaftError<NodeId, InstallSnapshotError>>,
+    > {
         self.call(RPCTypes::InstallSnapshot, &rpc, &option).await
     }
 
@@ -224,11 +248,15 @@ impl<R> RaftService<R> {
 }
 
 fn decode_request<T: DeserializeOwned>(payload: &[u8]) -> Result<T, tonic::Status> {
-    postcard::from_bytes(payload).map_err(|e| tonic::Status::invalid_argument(format!("undecodable raft payload: {e}")))
+    postcard::from_bytes(payload)
+        .map_err(|e| tonic::Status::invalid_argument(format!("undecodable raft payload: {e}")))
 }
 
-fn encode_response<T: Serialize>(value: &T) -> Result<tonic::Response<RaftResponse>, tonic::Status> {
-    let payload = postcard::to_stdvec(value).map_err(|e| tonic::Status::internal(format!("encode: {e}")))?;
+fn encode_response<T: Serialize>(
+    value: &T,
+) -> Result<tonic::Response<RaftResponse>, tonic::Status> {
+    let payload =
+        postcard::to_stdvec(value).map_err(|e| tonic::Status::internal(format!("encode: {e}")))?;
     Ok(tonic::Response::new(RaftResponse { payload }))
 }
 
@@ -239,15 +267,20 @@ impl<R: GroupRouter> peer::raft_server::Raft for RaftService<R> {
         request: tonic::Request<RaftRequest>,
     ) -> Result<tonic::Response<RaftResponse>, tonic::Status> {
         let request = request.into_inner();
-        let group = group_from_wire(request.group.as_ref()).map_err(tonic::Status::invalid_argument)?;
+        let group =
+            group_from_wire(request.group.as_ref()).map_err(tonic::Status::invalid_argument)?;
         let rpc: AppendEntriesRequest<TypeConfig> = decode_request(&request.payload)?;
         let raft = self.router.raft(group).await?;
         encode_response(&raft.append_entries(rpc).await)
     }
 
-    async fn vote(&self, request: tonic::Request<RaftRequest>) -> Result<tonic::Response<RaftResponse>, tonic::Status> {
+    async fn vote(
+        &self,
+        request: tonic::Request<RaftRequest>,
+    ) -> Result<tonic::Response<RaftResponse>, tonic::Status> {
         let request = request.into_inner();
-        let group = group_from_wire(request.group.as_ref()).map_err(tonic::Status::invalid_argument)?;
+        let group =
+            group_from_wire(request.group.as_ref()).map_err(tonic::Status::invalid_argument)?;
         let rpc: VoteRequest<NodeId> = decode_request(&request.payload)?;
         let raft = self.router.raft(group).await?;
         encode_response(&raft.vote(rpc).await)
@@ -258,7 +291,8 @@ impl<R: GroupRouter> peer::raft_server::Raft for RaftService<R> {
         request: tonic::Request<RaftRequest>,
     ) -> Result<tonic::Response<RaftResponse>, tonic::Status> {
         let request = request.into_inner();
-        let group = group_from_wire(request.group.as_ref()).map_err(tonic::Status::invalid_argument)?;
+        let group =
+            group_from_wire(request.group.as_ref()).map_err(tonic::Status::invalid_argument)?;
         let rpc: InstallSnapshotRequest<TypeConfig> = decode_request(&request.payload)?;
         let raft = self.router.raft(group).await?;
         encode_response(&raft.install_snapshot(rpc).await)

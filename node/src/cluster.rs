@@ -13,17 +13,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use courier_consensus::groups::{GroupHandle, Groups};
-use courier_consensus::types::{ClusterSettings, GroupId, Node, NodeId, Proposal, ProposalResponse};
+use courier_consensus::types::{
+    ClusterSettings, GroupId, Node, NodeId, Proposal, ProposalResponse,
+};
 use courier_proto::limits::{FORWARD_BATCH_EVENTS_MAX, SHARD_COUNT_MAX};
 use courier_proto::pb::events::{EntryPayload, Event, event::Kind};
 use courier_proto::pb::peer::{
-    self, ForwardBatchRequest, ForwardBatchResponse, InitClusterRequest, InitClusterResponse, ShardStatus,
-    StatusResponse,
+    self, ForwardBatchRequest, ForwardBatchResponse, InitClusterRequest, InitClusterResponse,
+    ShardStatus, StatusResponse,
 };
 use courier_proto::{FORMAT_VERSION, LogIndex, ShardId};
+use courier_storage::Db;
 use courier_storage::kv::Staged;
 use courier_storage::projection::{Projection, View, outbox};
-use courier_storage::Db;
 use openraft::ServerState;
 use tracing::info;
 
@@ -45,11 +47,19 @@ pub struct Cluster {
 }
 
 fn unavailable(message: String, leader: Option<NodeId>) -> ApiError {
-    ApiError::Unavailable { code: "COURIER:Shard:NoLeader", message, retry_after_ms: NO_LEADER_RETRY_MS, leader }
+    ApiError::Unavailable {
+        code: "COURIER:Shard:NoLeader",
+        message,
+        retry_after_ms: NO_LEADER_RETRY_MS,
+        leader,
+    }
 }
 
 fn internal(message: String) -> ApiError {
-    ApiError::Internal { code: "COURIER:Node:Fault", message }
+    ApiError::Internal {
+        code: "COURIER:Node:Fault",
+        message,
+    }
 }
 
 fn invalid(code: &'static str, message: String) -> ApiError {
@@ -59,7 +69,11 @@ fn invalid(code: &'static str, message: String) -> ApiError {
 impl Cluster {
     /// The cluster view over this node's groups.
     pub fn new(groups: Arc<Groups>, db: Arc<Db>, rpc_timeout: Duration) -> Self {
-        Self { groups, db, rpc_timeout }
+        Self {
+            groups,
+            db,
+            rpc_timeout,
+        }
     }
 
     /// The node's raft groups.
@@ -77,10 +91,30 @@ impl Cluster {
     pub async fn init(&self, request: InitClusterRequest) -> Result<InitClusterResponse, ApiError> {
         let members = self.validate_init(&request)?;
         let shard_count = u16::try_from(request.shard_count).expect("validated");
+        if !request.init_shards.is_empty() {
+            // A bootstrapping peer asks this node to start some shards as their first leader.
+            for shard in &request.init_shards {
+                let shard = ShardId::from_wire(*shard, shard_count)?;
+                self.init_group(GroupId::Shard(shard), &members).await?;
+            }
+            return Ok(InitClusterResponse {
+                already_initialized: false,
+            });
+        }
         let metadata = self.group(GroupId::Metadata).await?;
-        let already = metadata.raft.is_initialized().await.map_err(|e| internal(e.to_string()))?;
+        let already = metadata
+            .raft
+            .is_initialized()
+            .await
+            .map_err(|e| internal(e.to_string()))?;
         if already {
-            let existing: BTreeSet<NodeId> = metadata.raft.metrics().borrow().membership_config.voter_ids().collect();
+            let existing: BTreeSet<NodeId> = metadata
+                .raft
+                .metrics()
+                .borrow()
+                .membership_config
+                .voter_ids()
+                .collect();
             let wanted: BTreeSet<NodeId> = members.keys().copied().collect();
             if existing != wanted {
                 return Err(ApiError::FailedPrecondition {
@@ -90,14 +124,19 @@ impl Cluster {
             }
         } else {
             info!(members = ?members.keys().collect::<Vec<_>>(), shard_count, "initializing cluster");
-            ignore_not_allowed(metadata.raft.initialize(members.clone()).await)?;
+            self.init_group(GroupId::Metadata, &members).await?;
         }
         self.wait_leader(&metadata).await?;
         let settings = ClusterSettings {
             shard_count,
             replication_factor: u16::try_from(members.len()).expect("validated"),
         };
-        let known = metadata.applied.read().expect("applied view lock").raft.settings;
+        let known = metadata
+            .applied
+            .read()
+            .expect("applied view lock")
+            .raft
+            .settings;
         match known {
             Some(existing) if existing != settings => {
                 return Err(ApiError::FailedPrecondition {
@@ -107,45 +146,139 @@ impl Cluster {
             }
             Some(_) => {}
             None => {
-                metadata.raft.client_write(Proposal::Cluster(settings)).await.map_err(|e| unavailable(e.to_string(), None))?;
+                metadata
+                    .raft
+                    .client_write(Proposal::Cluster(settings))
+                    .await
+                    .map_err(|e| unavailable(e.to_string(), None))?;
             }
         }
-        for shard in 0..shard_count {
-            let handle = self.group(GroupId::Shard(ShardId::new(shard))).await?;
-            if !handle.raft.is_initialized().await.map_err(|e| internal(e.to_string()))? {
-                ignore_not_allowed(handle.raft.initialize(members.clone()).await)?;
-            }
-        }
-        self.spread_leaders(shard_count, &members).await;
-        Ok(InitClusterResponse { already_initialized: already })
+        self.init_shards(&request, shard_count, &members).await?;
+        Ok(InitClusterResponse {
+            already_initialized: already,
+        })
     }
 
-    fn validate_init(&self, request: &InitClusterRequest) -> Result<BTreeMap<NodeId, Node>, ApiError> {
+    /// Starts shard `i` on member `i mod N`, which becomes its first leader: leaders spread over
+    /// the nodes from the start (openraft 0.9 has no leader transfer).
+    async fn init_shards(
+        &self,
+        request: &InitClusterRequest,
+        shard_count: u16,
+        members: &BTreeMap<NodeId, Node>,
+    ) -> Result<(), ApiError> {
+        let nodes: Vec<(&NodeId, &Node)> = members.iter().collect();
+        let mut per_node: BTreeMap<NodeId, Vec<u32>> = BTreeMap::new();
+        for shard in 0..shard_count {
+            let (id, _) = nodes[usize::from(shard) % nodes.len()];
+            per_node.entry(*id).or_default().push(u32::from(shard));
+        }
+        for (id, shards) in per_node {
+            let local = id == self.groups.node_id();
+            let delegated = !local
+                && self
+                    .delegate_init(request, &members[&id], &shards)
+                    .await
+                    .is_ok();
+            if !delegated {
+                // This node, or a member that did not answer: start the shards here.
+                for shard in shards {
+                    let shard = ShardId::new(u16::try_from(shard).expect("below shard_count"));
+                    self.init_group(GroupId::Shard(shard), members).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn delegate_init(
+        &self,
+        request: &InitClusterRequest,
+        node: &Node,
+        shards: &[u32],
+    ) -> Result<(), ApiError> {
+        let channel = self
+            .groups
+            .pool()
+            .channel(&node.addr)
+            .ok_or_else(|| internal(format!("bad address {}", node.addr)))?;
+        let mut client = peer::admin_client::AdminClient::new(channel);
+        let mut delegated = tonic::Request::new(InitClusterRequest {
+            init_shards: shards.to_vec(),
+            ..request.clone()
+        });
+        delegated.set_timeout(self.rpc_timeout);
+        client.init_cluster(delegated).await.map_err(|status| {
+            tracing::warn!(addr = %node.addr, %status, "could not delegate shard start; starting here");
+            unavailable(status.message().to_owned(), None)
+        })?;
+        Ok(())
+    }
+
+    async fn init_group(
+        &self,
+        group: GroupId,
+        members: &BTreeMap<NodeId, Node>,
+    ) -> Result<(), ApiError> {
+        let handle = self.group(group).await?;
+        if handle
+            .raft
+            .is_initialized()
+            .await
+            .map_err(|e| internal(e.to_string()))?
+        {
+            return Ok(());
+        }
+        ignore_not_allowed(handle.raft.initialize(members.clone()).await)
+    }
+
+    fn validate_init(
+        &self,
+        request: &InitClusterRequest,
+    ) -> Result<BTreeMap<NodeId, Node>, ApiError> {
         if request.members.is_empty() {
-            return Err(invalid("COURIER:Cluster:NoMembers", "members must not be empty".to_owned()));
+            return Err(invalid(
+                "COURIER:Cluster:NoMembers",
+                "members must not be empty".to_owned(),
+            ));
         }
         let mut members = BTreeMap::new();
         for member in &request.members {
             if member.node_id == 0 || member.peer_addr.parse::<std::net::SocketAddr>().is_err() {
                 return Err(invalid(
                     "COURIER:Cluster:BadMember",
-                    format!("member {} needs a node id >= 1 and a host:port peer address", member.node_id),
+                    format!(
+                        "member {} needs a node id >= 1 and a host:port peer address",
+                        member.node_id
+                    ),
                 ));
             }
-            if members.insert(member.node_id, Node::new(member.peer_addr.clone())).is_some() {
-                return Err(invalid("COURIER:Cluster:BadMember", format!("node id {} appears twice", member.node_id)));
+            if members
+                .insert(member.node_id, Node::new(member.peer_addr.clone()))
+                .is_some()
+            {
+                return Err(invalid(
+                    "COURIER:Cluster:BadMember",
+                    format!("node id {} appears twice", member.node_id),
+                ));
             }
         }
         if !members.contains_key(&self.groups.node_id()) {
             return Err(invalid(
                 "COURIER:Cluster:NotAMember",
-                format!("this node ({}) must be one of the members", self.groups.node_id()),
+                format!(
+                    "this node ({}) must be one of the members",
+                    self.groups.node_id()
+                ),
             ));
         }
         if request.shard_count == 0 || request.shard_count > SHARD_COUNT_MAX {
             return Err(invalid(
                 "COURIER:Cluster:ShardCount",
-                format!("shard_count must be 1..={SHARD_COUNT_MAX}, got {}", request.shard_count),
+                format!(
+                    "shard_count must be 1..={SHARD_COUNT_MAX}, got {}",
+                    request.shard_count
+                ),
             ));
         }
         let members_len = u32::try_from(members.len()).unwrap_or(u32::MAX);
@@ -161,7 +294,10 @@ impl Cluster {
     }
 
     async fn group(&self, group: GroupId) -> Result<GroupHandle, ApiError> {
-        self.groups.get_or_create(group).await.map_err(|e| internal(e.to_string()))
+        self.groups
+            .get_or_create(group)
+            .await
+            .map_err(|e| internal(e.to_string()))
     }
 
     async fn wait_leader(&self, handle: &GroupHandle) -> Result<NodeId, ApiError> {
@@ -181,45 +317,41 @@ impl Cluster {
             .map_err(|_| unavailable("no leader elected in time".to_owned(), None))
     }
 
-    /// Asks member `i mod N` to lead shard `i`, so leaders spread over the nodes.
-    async fn spread_leaders(&self, shard_count: u16, members: &BTreeMap<NodeId, Node>) {
-        let nodes: Vec<(&NodeId, &Node)> = members.iter().collect();
-        for shard in 0..shard_count {
-            let (id, node) = nodes[usize::from(shard) % nodes.len()];
-            let request = peer::TransferLeaderRequest { shard: u32::from(shard), to_node: *id };
-            if *id == self.groups.node_id() {
-                let _ = self.transfer_leader(request).await;
-                continue;
-            }
-            let Some(channel) = self.groups.pool().channel(&node.addr) else { continue };
-            let mut client = peer::admin_client::AdminClient::new(channel);
-            let mut request = tonic::Request::new(request);
-            request.set_timeout(self.rpc_timeout);
-            if let Err(status) = client.transfer_leader(request).await {
-                tracing::warn!(shard, to_node = id, %status, "leader transfer failed; the shard keeps its leader");
-            }
-        }
-    }
-
     /// Makes this node start an election for a shard (leader transfer towards this node).
     ///
     /// # Errors
     /// `INVALID_ARGUMENT` when sent to another node than `to_node`; `NOT_FOUND` for an unknown
     /// shard.
-    pub async fn transfer_leader(&self, request: peer::TransferLeaderRequest) -> Result<(), ApiError> {
+    pub async fn transfer_leader(
+        &self,
+        request: peer::TransferLeaderRequest,
+    ) -> Result<(), ApiError> {
         if request.to_node != self.groups.node_id() {
             return Err(invalid(
                 "COURIER:Cluster:WrongNode",
-                format!("send the transfer to node {}, this is node {}", request.to_node, self.groups.node_id()),
+                format!(
+                    "send the transfer to node {}, this is node {}",
+                    request.to_node,
+                    self.groups.node_id()
+                ),
             ));
         }
-        let shard = u16::try_from(request.shard).map_err(|_| invalid("COURIER:Cluster:BadShard", "shard out of range".to_owned()))?;
-        let handle = self.groups.get(GroupId::Shard(ShardId::new(shard))).ok_or_else(|| ApiError::NotFound {
-            code: "COURIER:Cluster:UnknownShard",
-            message: format!("shard {shard} is not replicated here"),
-        })?;
+        let shard = u16::try_from(request.shard)
+            .map_err(|_| invalid("COURIER:Cluster:BadShard", "shard out of range".to_owned()))?;
+        let handle = self
+            .groups
+            .get(GroupId::Shard(ShardId::new(shard)))
+            .ok_or_else(|| ApiError::NotFound {
+                code: "COURIER:Cluster:UnknownShard",
+                message: format!("shard {shard} is not replicated here"),
+            })?;
         if handle.raft.metrics().borrow().state != ServerState::Leader {
-            handle.raft.trigger().elect().await.map_err(|e| internal(e.to_string()))?;
+            handle
+                .raft
+                .trigger()
+                .elect()
+                .await
+                .map_err(|e| internal(e.to_string()))?;
         }
         Ok(())
     }
@@ -235,13 +367,21 @@ impl Cluster {
                 nodes = metrics
                     .membership_config
                     .nodes()
-                    .map(|(id, node)| peer::NodeInfo { node_id: *id, peer_addr: node.addr.clone(), client_addr: String::new() })
+                    .map(|(id, node)| peer::NodeInfo {
+                        node_id: *id,
+                        peer_addr: node.addr.clone(),
+                        client_addr: String::new(),
+                    })
                     .collect();
                 continue;
             };
             let last_log_index = metrics.last_log_index.map_or(0, |i| i.saturating_add(1));
             let applied = view.shard.applied.get();
-            let digest = view.shard.digests.values().fold(0_u128, |sum, d| sum.wrapping_add(d.sum));
+            let digest = view
+                .shard
+                .digests
+                .values()
+                .fold(0_u128, |sum, d| sum.wrapping_add(d.sum));
             shards.push(ShardStatus {
                 shard: u32::from(shard.get()),
                 role: role(metrics.state).to_owned(),
@@ -254,11 +394,24 @@ impl Cluster {
                 apply_lag: last_log_index.saturating_sub(applied),
                 outbox_len_entries: self.outbox_len(shard),
                 digest: format!("{digest:032x}"),
-                fsyncs: handle.stats.fsyncs.load(std::sync::atomic::Ordering::Relaxed),
-                entries_appended: handle.stats.entries.load(std::sync::atomic::Ordering::Relaxed),
+                fsyncs: handle
+                    .stats
+                    .fsyncs
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                entries_appended: handle
+                    .stats
+                    .entries
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                // Reported as storage indexes (raft index + 1), like every index here.
+                snapshot_index: metrics.snapshot.map_or(0, |l| l.index.saturating_add(1)),
+                purged_index: metrics.purged.map_or(0, |l| l.index.saturating_add(1)),
             });
         }
-        StatusResponse { node_id: self.groups.node_id(), shards, nodes }
+        StatusResponse {
+            node_id: self.groups.node_id(),
+            shards,
+            nodes,
+        }
     }
 
     fn outbox_len(&self, shard: ShardId) -> u64 {
@@ -280,7 +433,10 @@ impl Cluster {
         request: ForwardBatchRequest,
         already_forwarded: bool,
     ) -> Result<ForwardBatchResponse, ApiError> {
-        let shard_count = self.groups.shard_count().ok_or_else(|| unavailable("the cluster is not initialized".to_owned(), None))?;
+        let shard_count = self
+            .groups
+            .shard_count()
+            .ok_or_else(|| unavailable("the cluster is not initialized".to_owned(), None))?;
         let dest = ShardId::from_wire(request.dest_shard, shard_count)?;
         let source = ShardId::from_wire(request.source_shard, shard_count)?;
         let events = validate_batch(&request, source)?;
@@ -288,22 +444,38 @@ impl Cluster {
         let metrics = handle.raft.metrics().borrow().clone();
         if metrics.state != ServerState::Leader {
             let leader = metrics.current_leader;
-            let addr = leader.and_then(|id| metrics.membership_config.nodes().find(|(n, _)| **n == id).map(|(_, node)| node.addr.clone()));
+            let addr = leader.and_then(|id| {
+                metrics
+                    .membership_config
+                    .nodes()
+                    .find(|(n, _)| **n == id)
+                    .map(|(_, node)| node.addr.clone())
+            });
             return match addr {
                 Some(addr) if !already_forwarded => self.forward_to(&addr, request, leader).await,
-                _ => Err(unavailable(format!("{dest} has no leader reachable from here"), leader)),
+                _ => Err(unavailable(
+                    format!("{dest} has no leader reachable from here"),
+                    leader,
+                )),
             };
         }
-        let last = request.first_pos.saturating_add(u64::try_from(events.len()).unwrap_or(u64::MAX)).saturating_sub(1);
+        let last = request
+            .first_pos
+            .saturating_add(u64::try_from(events.len()).unwrap_or(u64::MAX))
+            .saturating_sub(1);
         let applied = {
             let mut staged = Staged::new(self.db.as_ref(), BTreeMap::new());
             let view = View::new(&mut staged, dest, LogIndex::ZERO, Projection::Outbox);
-            outbox::inbound_applied(&view, request.source_shard).map_err(|e| internal(e.to_string()))?
+            outbox::inbound_applied(&view, request.source_shard)
+                .map_err(|e| internal(e.to_string()))?
         };
         if applied.saturating_add(1) < request.first_pos {
             return Err(invalid(
                 "COURIER:Forward:Gap",
-                format!("{dest} applied up to {applied} from {source}; the batch starts at {}", request.first_pos),
+                format!(
+                    "{dest} applied up to {applied} from {source}; the batch starts at {}",
+                    request.first_pos
+                ),
             ));
         }
         let fresh: Vec<Event> = events
@@ -313,12 +485,20 @@ impl Cluster {
             .map(|(event, _)| event)
             .collect();
         if !fresh.is_empty() {
-            let payload = EntryPayload { format_version: FORMAT_VERSION, events: fresh };
+            let payload = EntryPayload {
+                format_version: FORMAT_VERSION,
+                events: fresh,
+            };
             let _response: ProposalResponse = handle
                 .raft
                 .client_write(Proposal::Events(payload))
                 .await
-                .map_err(|e| unavailable(e.to_string(), e.forward_to_leader().and_then(|f| f.leader_id)))?
+                .map_err(|e| {
+                    unavailable(
+                        e.to_string(),
+                        e.forward_to_leader().and_then(|f| f.leader_id),
+                    )
+                })?
                 .data;
         }
         // Everything up to `last` is now committed here (fresh events just now, the rest earlier).
@@ -331,16 +511,28 @@ impl Cluster {
         request: ForwardBatchRequest,
         leader: Option<NodeId>,
     ) -> Result<ForwardBatchResponse, ApiError> {
-        let channel = self.groups.pool().channel(addr).ok_or_else(|| unavailable(format!("bad leader address {addr}"), leader))?;
+        let channel = self
+            .groups
+            .pool()
+            .channel(addr)
+            .ok_or_else(|| unavailable(format!("bad leader address {addr}"), leader))?;
         let mut client = peer::forward_client::ForwardClient::new(channel);
         let mut request = tonic::Request::new(request);
         request.set_timeout(self.rpc_timeout);
-        request.metadata_mut().insert(FORWARDED_KEY, tonic::metadata::MetadataValue::from_static("1"));
+        request.metadata_mut().insert(
+            FORWARDED_KEY,
+            tonic::metadata::MetadataValue::from_static("1"),
+        );
         client
             .forward_batch(request)
             .await
             .map(tonic::Response::into_inner)
-            .map_err(|status| unavailable(format!("leader {leader:?} at {addr}: {}", status.message()), leader))
+            .map_err(|status| {
+                unavailable(
+                    format!("leader {leader:?} at {addr}: {}", status.message()),
+                    leader,
+                )
+            })
     }
 }
 
@@ -361,11 +553,16 @@ fn role(state: ServerState) -> &'static str {
 
 /// Treats "already initialized" as success, so bootstrap is safe to retry.
 fn ignore_not_allowed(
-    result: Result<(), openraft::error::RaftError<NodeId, openraft::error::InitializeError<NodeId, Node>>>,
+    result: Result<
+        (),
+        openraft::error::RaftError<NodeId, openraft::error::InitializeError<NodeId, Node>>,
+    >,
 ) -> Result<(), ApiError> {
     match result {
         Ok(()) => Ok(()),
-        Err(openraft::error::RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => Ok(()),
+        Err(openraft::error::RaftError::APIError(
+            openraft::error::InitializeError::NotAllowed(_),
+        )) => Ok(()),
         Err(error) => Err(internal(error.to_string())),
     }
 }
@@ -376,11 +573,17 @@ fn validate_batch(request: &ForwardBatchRequest, source: ShardId) -> Result<Vec<
     if request.events.is_empty() || request.events.len() > FORWARD_BATCH_EVENTS_MAX {
         return Err(invalid(
             "COURIER:Forward:BatchSize",
-            format!("a batch holds 1..={FORWARD_BATCH_EVENTS_MAX} events, got {}", request.events.len()),
+            format!(
+                "a batch holds 1..={FORWARD_BATCH_EVENTS_MAX} events, got {}",
+                request.events.len()
+            ),
         ));
     }
     if request.first_pos == 0 {
-        return Err(invalid("COURIER:Forward:Position", "positions start at 1".to_owned()));
+        return Err(invalid(
+            "COURIER:Forward:Position",
+            "positions start at 1".to_owned(),
+        ));
     }
     let mut events = request.events.clone();
     let now_ms = now_ms();
@@ -391,7 +594,10 @@ fn validate_batch(request: &ForwardBatchRequest, source: ShardId) -> Result<Vec<
                 courier_proto::MessageId::from_wire(&delivered.message_id, "message_id")?;
                 courier_proto::UserId::from_wire(delivered.recipient_user, "recipient_user")?;
                 if delivered.source_shard != source_shard || delivered.source_pos != pos {
-                    return Err(invalid("COURIER:Forward:Position", format!("event at {pos} names another position")));
+                    return Err(invalid(
+                        "COURIER:Forward:Position",
+                        format!("event at {pos} names another position"),
+                    ));
                 }
                 if delivered.stored_at_ms == 0 {
                     // The destination leader decides when the message was stored.
@@ -401,7 +607,10 @@ fn validate_batch(request: &ForwardBatchRequest, source: ShardId) -> Result<Vec<
             Some(Kind::ReceiptRecorded(receipt)) => {
                 courier_proto::MessageId::from_wire(&receipt.message_id, "message_id")?;
                 if receipt.source_shard != source_shard || receipt.source_pos != pos {
-                    return Err(invalid("COURIER:Forward:Position", format!("event at {pos} names another position")));
+                    return Err(invalid(
+                        "COURIER:Forward:Position",
+                        format!("event at {pos} names another position"),
+                    ));
                 }
             }
             _ => {

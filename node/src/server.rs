@@ -277,9 +277,14 @@ async fn client_router(config: &Config) -> Result<tonic::transport::server::Rout
         .add_service(GroupsServer::new(api).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)))
 }
 
-async fn peer_router(cluster: Cluster, groups: Arc<Groups>) -> Result<tonic::transport::server::Router, ServerError> {
+async fn peer_router(
+    cluster: Cluster,
+    groups: Arc<Groups>,
+) -> Result<tonic::transport::server::Router, ServerError> {
     let (reporter, health) = tonic_health::server::health_reporter();
-    reporter.set_serving::<RaftServer<RaftService<Groups>>>().await;
+    reporter
+        .set_serving::<RaftServer<RaftService<Groups>>>()
+        .await;
     reporter.set_serving::<ForwardServer<PeerApi>>().await;
     reporter.set_serving::<AdminServer<PeerApi>>().await;
     let api = PeerApi::new(cluster);

@@ -8,8 +8,8 @@ use courier_proto::pb::client::registration_server::Registration;
 use courier_proto::pb::peer::admin_server::Admin;
 use courier_proto::pb::peer::forward_server::Forward;
 use courier_proto::pb::peer::{
-    ForwardBatchRequest, ForwardBatchResponse, InitClusterRequest, InitClusterResponse, StatusRequest,
-    StatusResponse, TransferLeaderRequest, TransferLeaderResponse,
+    ForwardBatchRequest, ForwardBatchResponse, InitClusterRequest, InitClusterResponse,
+    StatusRequest, StatusResponse, TransferLeaderRequest, TransferLeaderResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -44,7 +44,11 @@ impl Forward for PeerApi {
         request: Request<ForwardBatchRequest>,
     ) -> Result<Response<ForwardBatchResponse>, Status> {
         let forwarded = was_forwarded(request.metadata());
-        Ok(Response::new(self.cluster.forward_batch(request.into_inner(), forwarded).await?))
+        Ok(Response::new(
+            self.cluster
+                .forward_batch(request.into_inner(), forwarded)
+                .await?,
+        ))
     }
 }
 
@@ -54,10 +58,15 @@ impl Admin for PeerApi {
         &self,
         request: Request<InitClusterRequest>,
     ) -> Result<Response<InitClusterResponse>, Status> {
-        Ok(Response::new(self.cluster.init(request.into_inner()).await?))
+        Ok(Response::new(
+            self.cluster.init(request.into_inner()).await?,
+        ))
     }
 
-    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+    async fn status(
+        &self,
+        _request: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
         Ok(Response::new(self.cluster.status()))
     }
 

@@ -65,7 +65,9 @@ pub enum ApiError {
 }
 
 fn with_code(mut status: Status, code: &'static str) -> Status {
-    status.metadata_mut().insert(CODE_KEY, MetadataValue::from_static(code));
+    status
+        .metadata_mut()
+        .insert(CODE_KEY, MetadataValue::from_static(code));
     status
 }
 
@@ -75,9 +77,16 @@ impl From<ApiError> for Status {
         match error {
             ApiError::Wire(wire) => with_code(Status::invalid_argument(message), wire.code()),
             ApiError::Invalid { code, .. } => with_code(Status::invalid_argument(message), code),
-            ApiError::FailedPrecondition { code, .. } => with_code(Status::failed_precondition(message), code),
+            ApiError::FailedPrecondition { code, .. } => {
+                with_code(Status::failed_precondition(message), code)
+            }
             ApiError::NotFound { code, .. } => with_code(Status::not_found(message), code),
-            ApiError::Unavailable { code, retry_after_ms, leader, .. } => {
+            ApiError::Unavailable {
+                code,
+                retry_after_ms,
+                leader,
+                ..
+            } => {
                 let mut status = with_code(Status::unavailable(message), code);
                 if let Ok(value) = retry_after_ms.to_string().parse() {
                     status.metadata_mut().insert(RETRY_AFTER_KEY, value);

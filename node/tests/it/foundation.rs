@@ -14,7 +14,7 @@ use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
-use crate::support::{NodeProcess, config_text, wait_addrs};
+use crate::support::{NodeProcess, channel, config_text, wait_addrs};
 
 const CLIENT_SERVICES: [&str; 3] = [
     "courier.client.v1.Registration",
@@ -26,14 +26,6 @@ const PEER_SERVICES: [&str; 3] = [
     "courier.peer.v1.Forward",
     "courier.peer.v1.Admin",
 ];
-
-async fn channel(addr: &str) -> tonic::transport::Channel {
-    tonic::transport::Channel::from_shared(format!("http://{addr}"))
-        .expect("a valid uri")
-        .connect()
-        .await
-        .expect("connect")
-}
 
 async fn list_services(addr: &str) -> Vec<String> {
     let mut client = ServerReflectionClient::new(channel(addr).await);

@@ -22,6 +22,29 @@ level = "info"
     )
 }
 
+/// A port that was free a moment ago (bind port 0, read it, release it), for nodes that must
+/// keep their address across restarts.
+pub(crate) fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A config for node `id` on fixed ports.
+pub(crate) fn config_on_ports(id: u64, dir: &Path, client: u16, peer: u16) -> String {
+    config_text(id, dir)
+        .replace(
+            "client = \"127.0.0.1:0\"",
+            &format!("client = \"127.0.0.1:{client}\""),
+        )
+        .replace(
+            "peer = \"127.0.0.1:0\"",
+            &format!("peer = \"127.0.0.1:{peer}\""),
+        )
+}
+
 /// The addresses a node wrote to `<data-dir>/node.addr`.
 #[derive(Debug, Clone)]
 pub(crate) struct Addrs {
@@ -59,11 +82,25 @@ pub(crate) struct NodeProcess {
 impl NodeProcess {
     /// Starts node `id` with its data in `root/node<id>`.
     pub(crate) fn start(id: u64, root: &Path) -> Self {
+        Self::start_with(id, root, &|id, dir| config_text(id, dir))
+    }
+
+    /// Starts node `id` with the config `make_config(id, data_dir)`.
+    pub(crate) fn start_with(
+        id: u64,
+        root: &Path,
+        make_config: &dyn Fn(u64, &Path) -> String,
+    ) -> Self {
         let data_dir = root.join(format!("node{id}"));
         std::fs::create_dir_all(&data_dir).expect("data dir");
         let config = root.join(format!("node{id}.toml"));
-        std::fs::write(&config, config_text(id, &data_dir)).expect("config");
-        let log = std::fs::File::create(root.join(format!("node{id}.log"))).expect("log file");
+        std::fs::write(&config, make_config(id, &data_dir)).expect("config");
+        let _ = std::fs::remove_file(data_dir.join("node.addr"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(root.join(format!("node{id}.log")))
+            .expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_courier-node"))
             .arg("--config")
             .arg(&config)
@@ -101,4 +138,14 @@ impl Drop for NodeProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A channel to `addr` (host:port).
+pub(crate) async fn channel(addr: &str) -> tonic::transport::Channel {
+    tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .expect("a valid uri")
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .expect("connect")
 }

@@ -390,7 +390,11 @@ pub fn apply_event(
                     let mut outbox = View::new(staged, shard, at, Projection::Outbox);
                     outbox::set_inbound(&mut outbox, delivered.source_shard, delivered.source_pos)?;
                 }
-                return Ok(Applied::Stored { user, seq, duplicate: true });
+                return Ok(Applied::Stored {
+                    user,
+                    seq,
+                    duplicate: true,
+                });
             }
             Applied::Stored {
                 user,

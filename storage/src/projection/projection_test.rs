@@ -449,7 +449,25 @@ fn forwarded_duplicate_message_moves_the_watermark() {
     };
     apply_one(&mut kv, &mut state, vec![forwarded(1, 7)]);
     let again = apply_one(&mut kv, &mut state, vec![forwarded(2, 7)]);
-    assert!(matches!(again[0], Applied::Stored { duplicate: true, .. }), "{again:?}");
+    assert!(
+        matches!(
+            again[0],
+            Applied::Stored {
+                duplicate: true,
+                ..
+            }
+        ),
+        "{again:?}"
+    );
     let next = apply_one(&mut kv, &mut state, vec![forwarded(3, 8)]);
-    assert!(matches!(next[0], Applied::Stored { duplicate: false, .. }), "{next:?}");
+    assert!(
+        matches!(
+            next[0],
+            Applied::Stored {
+                duplicate: false,
+                ..
+            }
+        ),
+        "{next:?}"
+    );
 }

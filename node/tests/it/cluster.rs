@@ -1,0 +1,395 @@
+//! A real cluster: nodes elect a leader per shard, forwarded batches commit on a quorum and apply
+//! on every replica with equal digests; in the multi-process test a node leading shards is
+//! SIGKILLed, its shards fail over, and after a restart it catches up (by snapshot when the log
+//! was purged meanwhile).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use courier_proto::pb::events::{self, Event, event::Kind};
+use courier_proto::pb::peer::admin_client::AdminClient;
+use courier_proto::pb::peer::forward_client::ForwardClient;
+use courier_proto::pb::peer::{
+    ForwardBatchRequest, InitClusterRequest, NodeInfo, StatusRequest, StatusResponse,
+};
+
+use crate::support::{NodeProcess, channel, config_on_ports, config_text, free_port, wait_addrs};
+
+pub(crate) const SHARDS: u32 = 4;
+/// The source shard id used for test forwards (a shard outside the data shards would be refused,
+/// so tests forward "from" shard 0 to every shard, itself included).
+const SOURCE: u32 = 0;
+
+pub(crate) async fn status(peer: &str) -> StatusResponse {
+    AdminClient::new(channel(peer).await)
+        .status(StatusRequest {})
+        .await
+        .expect("status")
+        .into_inner()
+}
+
+async fn try_status(peer: &str) -> Result<StatusResponse, tonic::Status> {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{peer}"))
+        .expect("a valid uri")
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    Ok(AdminClient::new(channel)
+        .status(StatusRequest {})
+        .await?
+        .into_inner())
+}
+
+pub(crate) async fn init(peer: &str, members: &[(u64, String)]) {
+    let request = InitClusterRequest {
+        members: members
+            .iter()
+            .map(|(id, addr)| NodeInfo {
+                node_id: *id,
+                peer_addr: addr.clone(),
+                client_addr: String::new(),
+            })
+            .collect(),
+        shard_count: SHARDS,
+        replication_factor: 0,
+        init_shards: Vec::new(),
+    };
+    AdminClient::new(channel(peer).await)
+        .init_cluster(request)
+        .await
+        .expect("init");
+}
+
+/// Waits until every shard has the same leader on every given node.
+pub(crate) async fn wait_leaders(peers: &[String], timeout: Duration) -> BTreeMap<u32, u64> {
+    let started = Instant::now();
+    loop {
+        let mut leaders: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+        for peer in peers {
+            if let Ok(mut client) = tokio::time::timeout(Duration::from_secs(2), async {
+                AdminClient::new(channel(peer).await)
+            })
+            .await
+                && let Ok(response) = client.status(StatusRequest {}).await
+            {
+                for shard in response.into_inner().shards {
+                    leaders.entry(shard.shard).or_default().push(shard.leader);
+                }
+            }
+        }
+        let agreed: BTreeMap<u32, u64> = leaders
+            .iter()
+            .filter(|(_, ls)| {
+                ls.len() == peers.len() && ls[0] != 0 && ls.iter().all(|l| *l == ls[0])
+            })
+            .map(|(s, ls)| (*s, ls[0]))
+            .collect();
+        if agreed.len() == usize::try_from(SHARDS).expect("small") {
+            return agreed;
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "no agreed leader for every shard within {timeout:?}: {leaders:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub(crate) fn delivered(dest_user: u64, pos: u64, id: u64) -> Event {
+    let mut message_id = [0_u8; 16];
+    message_id[..8].copy_from_slice(&id.to_be_bytes());
+    message_id[15] = 7;
+    Event {
+        kind: Some(Kind::MessageDelivered(events::MessageDelivered {
+            message_id: message_id.to_vec(),
+            recipient_user: dest_user,
+            sender_user: 1,
+            sender_device: 1,
+            conversation: Some(events::Conversation {
+                with: Some(events::conversation::With::User(1)),
+            }),
+            content: Some(events::Content {
+                body: vec![b'x'; 64],
+                media: None,
+            }),
+            sent_at_ms: 1,
+            stored_at_ms: 0,
+            source_shard: SOURCE,
+            source_pos: pos,
+        })),
+    }
+}
+
+/// Forwards `count` messages starting at position `first` to `dest` through `peer`.
+pub(crate) async fn forward(
+    peer: &str,
+    dest: u32,
+    first: u64,
+    count: u64,
+) -> Result<u64, tonic::Status> {
+    let events = (first..first + count)
+        .map(|pos| delivered(100 + u64::from(dest), pos, u64::from(dest) << 32 | pos))
+        .collect();
+    let request = ForwardBatchRequest {
+        source_shard: SOURCE,
+        dest_shard: dest,
+        first_pos: first,
+        events,
+    };
+    let mut client = ForwardClient::new(channel(peer).await);
+    let mut request = tonic::Request::new(request);
+    request.set_timeout(Duration::from_secs(5));
+    client
+        .forward_batch(request)
+        .await
+        .map(|r| r.into_inner().stored_up_to)
+}
+
+/// Waits until every node reports the same applied index and digest for every shard.
+pub(crate) async fn wait_converged(
+    peers: &[String],
+    timeout: Duration,
+) -> BTreeMap<u32, (u64, String)> {
+    let started = Instant::now();
+    loop {
+        let mut seen: BTreeMap<u32, Vec<(u64, String)>> = BTreeMap::new();
+        for peer in peers {
+            // A node that is still starting does not answer yet: try again next round.
+            let Ok(Ok(response)) =
+                tokio::time::timeout(Duration::from_secs(2), try_status(peer)).await
+            else {
+                continue;
+            };
+            for shard in response.shards {
+                seen.entry(shard.shard)
+                    .or_default()
+                    .push((shard.applied, shard.digest));
+            }
+        }
+        let converged = seen.len() == usize::try_from(SHARDS).expect("small")
+            && seen
+                .values()
+                .all(|v| v.len() == peers.len() && v.iter().all(|x| *x == v[0]));
+        if converged {
+            return seen.into_iter().map(|(s, v)| (s, v[0].clone())).collect();
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "replicas did not converge within {timeout:?}: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Three in-process nodes: each shard elects a leader, leaders spread over the nodes, forwarded
+/// batches routed through any node commit, and every replica ends with the same digest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_elect_commit_and_converge() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut nodes = Vec::new();
+    for id in 1..=3 {
+        let config =
+            courier_node::Config::parse(&fast_config(id, &dir.path().join(format!("n{id}"))))
+                .expect("config");
+        nodes.push(courier_node::start(config).await.expect("start"));
+    }
+    let peers: Vec<String> = nodes.iter().map(|n| n.peer_addr.to_string()).collect();
+    let members: Vec<(u64, String)> = peers
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (i as u64 + 1, p.clone()))
+        .collect();
+    {
+        tracing::info!("bootstrap from node 1; a retry with the same members is accepted");
+        init(&peers[0], &members).await;
+        init(&peers[0], &members).await;
+    }
+    let leaders = wait_leaders(&peers, Duration::from_secs(20)).await;
+    {
+        tracing::info!("leaders are spread: more than one node leads a shard");
+        let distinct: std::collections::BTreeSet<u64> = leaders.values().copied().collect();
+        assert!(
+            distinct.len() >= 2,
+            "leaders spread over nodes: {leaders:?}"
+        );
+    }
+    {
+        tracing::info!(
+            "forward 3 batches of 20 to every shard through node 2 (routing to leaders)"
+        );
+        for shard in 0..SHARDS {
+            for batch in 0..3_u64 {
+                let stored = forward(&peers[1], shard, 1 + batch * 20, 20)
+                    .await
+                    .expect("forward commits");
+                assert_eq!(stored, 20 * (batch + 1));
+            }
+            tracing::info!("a retried batch is answered without applying twice");
+            assert_eq!(forward(&peers[2], shard, 21, 20).await.expect("retry"), 40);
+        }
+    }
+    let converged = wait_converged(&peers, Duration::from_secs(20)).await;
+    for (shard, (applied, _)) in &converged {
+        assert!(
+            *applied >= 4,
+            "shard {shard} applied its entries: {applied}"
+        );
+    }
+    {
+        tracing::info!("every message was stored exactly once: 60 per shard on every replica");
+        for node in &nodes {
+            let db = node.groups().list();
+            assert!(
+                db.len() == usize::try_from(SHARDS).expect("small") + 1,
+                "metadata + shards"
+            );
+        }
+        let status = status(&peers[0]).await;
+        for shard in status.shards {
+            assert!(
+                shard.fsyncs > 0 && shard.entries_appended >= shard.fsyncs,
+                "{shard:?}"
+            );
+        }
+    }
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
+/// Fast elections for tests; snapshots every 50 entries, keeping 10, so a lagging node is caught
+/// up by snapshot.
+pub(crate) fn fast_config(id: u64, dir: &std::path::Path) -> String {
+    with_fast_raft(config_text(id, dir))
+}
+
+/// Adds fast raft timing to a config.
+pub(crate) fn with_fast_raft(config: String) -> String {
+    format!(
+        "{}\n[raft]\nheartbeat = \"50ms\"\nelection-timeout-min = \"300ms\"\nelection-timeout-max = \"600ms\"\nrpc-timeout = \"1s\"\nsnapshot-logs-since-last = 50\nlogs-to-keep = 10\n",
+        config
+    )
+}
+
+/// Three `courier-node` processes: writes flow, the node leading shard 0 is SIGKILLed, its
+/// shards elect new leaders and accept writes again; the node restarts and catches up (by
+/// snapshot: it missed more than the log keeps) and every replica converges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_a_leader_fails_over_and_the_node_catches_up() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Fixed ports: a restarted node must come back at the address its peers know.
+    let ports: BTreeMap<u64, (u16, u16)> =
+        (1..=3).map(|id| (id, (free_port(), free_port()))).collect();
+    let make_config = |id: u64, data_dir: &std::path::Path| {
+        let (client, peer) = ports[&id];
+        with_fast_raft(config_on_ports(id, data_dir, client, peer))
+    };
+    let mut procs: Vec<NodeProcess> = (1..=3)
+        .map(|id| NodeProcess::start_with(id, dir.path(), &make_config))
+        .collect();
+    let addrs: Vec<_> = procs
+        .iter()
+        .map(|p| wait_addrs(&p.data_dir, Duration::from_secs(20)))
+        .collect();
+    let peers: Vec<String> = addrs.iter().map(|a| a.peer.clone()).collect();
+    let members: Vec<(u64, String)> = peers
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (i as u64 + 1, p.clone()))
+        .collect();
+    init(&peers[0], &members).await;
+    let leaders = wait_leaders(&peers, Duration::from_secs(30)).await;
+    let mut next_pos: BTreeMap<u32, u64> = (0..SHARDS).map(|s| (s, 1)).collect();
+    for shard in 0..SHARDS {
+        let pos = next_pos[&shard];
+        forward(&peers[0], shard, pos, 10)
+            .await
+            .expect("writes before the kill");
+        next_pos.insert(shard, pos + 10);
+    }
+
+    let victim = leaders[&0];
+    let victim_index = usize::try_from(victim - 1).expect("small");
+    let survivors: Vec<String> = peers
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != victim_index)
+        .map(|(_, p)| p.clone())
+        .collect();
+    let led: Vec<u32> = leaders
+        .iter()
+        .filter(|(_, l)| **l == victim)
+        .map(|(s, _)| *s)
+        .collect();
+    let victim_applied_at_kill = status(&peers[victim_index])
+        .await
+        .shards
+        .iter()
+        .map(|s| s.applied)
+        .max()
+        .unwrap_or(0);
+    let killed_at = Instant::now();
+    procs[victim_index].child.kill().expect("SIGKILL");
+    procs[victim_index].child.wait().expect("reaped");
+    {
+        tracing::info!("the shards the victim led accept writes again through a survivor");
+        for &shard in &led {
+            loop {
+                let pos = next_pos[&shard];
+                match forward(&survivors[0], shard, pos, 10).await {
+                    Ok(_) => {
+                        next_pos.insert(shard, pos + 10);
+                        break;
+                    }
+                    Err(status) => {
+                        assert!(
+                            killed_at.elapsed() < Duration::from_secs(15),
+                            "shard {shard} still refuses writes: {status}"
+                        );
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        }
+        let failover = killed_at.elapsed();
+        eprintln!(
+            "failover: shards {led:?} accepted writes {failover:?} after SIGKILL of node {victim}"
+        );
+    }
+    {
+        tracing::info!("keep writing past the snapshot threshold while the victim is down");
+        for shard in 0..SHARDS {
+            for _ in 0..70 {
+                let pos = next_pos[&shard];
+                forward(&survivors[0], shard, pos, 2)
+                    .await
+                    .expect("writes with one node down");
+                next_pos.insert(shard, pos + 2);
+            }
+        }
+        tracing::info!("the survivors snapshotted and purged past what the victim has");
+        let survivor = status(&survivors[0]).await;
+        for shard in &survivor.shards {
+            assert!(
+                shard.purged_index > victim_applied_at_kill,
+                "shard {} purged past the victim: {shard:?}",
+                shard.shard
+            );
+        }
+    }
+    {
+        tracing::info!("restart the victim: it catches up and every replica converges");
+        procs[victim_index] = NodeProcess::start_with(victim, dir.path(), &make_config);
+        wait_addrs(&procs[victim_index].data_dir, Duration::from_secs(20));
+        let converged = wait_converged(&peers, Duration::from_secs(60)).await;
+        eprintln!("converged after restart: {converged:?}");
+    }
+    let victim_status = status(&peers[victim_index]).await;
+    for shard in victim_status.shards {
+        assert!(
+            shard.applied > 50,
+            "shard {} caught up: {shard:?}",
+            shard.shard
+        );
+    }
+}
