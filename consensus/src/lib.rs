@@ -11,6 +11,11 @@
 //! Storage never sees openraft: this crate encodes openraft's entries, votes and log ids into the
 //! storage crate's records.
 
+// openraft's storage traits return `openraft::StorageError` (224 bytes) by value; our helpers
+// return the same type so that `?` works inside the trait methods.
+#![allow(clippy::result_large_err)]
+#![warn(clippy::arithmetic_side_effects, clippy::as_conversions)]
+
 pub mod groups;
 pub mod log_store;
 pub mod network;

@@ -51,7 +51,7 @@ pub enum ServerError {
     Storage(#[from] courier_storage::StorageError),
     /// Raft groups failed to start.
     #[error("consensus: {0}")]
-    Consensus(#[from] ConsensusError),
+    Consensus(#[from] Box<ConsensusError>),
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -159,7 +159,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
         snapshot_chunk_bytes: config.raft.snapshot_chunk_bytes,
         append_entries_max: config.raft.append_entries_max,
     };
-    let groups = Groups::open(config.node_id, db.clone(), &timing).await?;
+    let groups = Groups::open(config.node_id, db.clone(), &timing).await.map_err(Box::new)?;
     info!(groups = groups.list().len(), "raft groups open");
     let cluster = Cluster::new(groups.clone(), db.clone(), config.raft.rpc_timeout);
 
