@@ -39,6 +39,9 @@ enum Command {
         #[arg(long)]
         addr: String,
     },
+    /// Cluster administration over the admin gRPC API (a node's peer address).
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Reads a shard's event log.
     #[command(subcommand)]
     Log(LogCommand),
@@ -57,6 +60,43 @@ enum Command {
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// Bootstraps a new cluster from the node at `--addr`. Safe to retry with the same members.
+    Init {
+        /// Peer address of the node to bootstrap from.
+        #[arg(long)]
+        addr: String,
+        /// Members as `ID=HOST:PORT` (peer addresses), repeated or comma-separated.
+        #[arg(long = "member", value_delimiter = ',', required = true)]
+        members: Vec<String>,
+        /// Number of shards `S` (fixed for the life of the cluster).
+        #[arg(long, default_value_t = 8)]
+        shards: u32,
+    },
+    /// Prints a table of every shard on every node: role, term, leader, applied, lag, outbox.
+    Status {
+        /// Peer address of any node; the others are found through its membership.
+        #[arg(long)]
+        addr: String,
+        /// One JSON object per node instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Moves leadership of a shard to a node (that node starts an election).
+    TransferLeader {
+        /// Peer address of the node that should lead.
+        #[arg(long)]
+        addr: String,
+        /// Its node id.
+        #[arg(long)]
+        node: u64,
+        /// The shard.
+        #[arg(long)]
+        shard: u32,
     },
 }
 
@@ -103,6 +143,15 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 println!("{service}");
             }
             Ok(true)
+        }
+        Command::Cluster(ClusterCommand::Init { addr, members, shards }) => {
+            runtime()?.block_on(online::cluster_init(&addr, &members, shards)).map(|()| true)
+        }
+        Command::Cluster(ClusterCommand::Status { addr, json }) => {
+            runtime()?.block_on(online::cluster_status(&addr, json))
+        }
+        Command::Cluster(ClusterCommand::TransferLeader { addr, node, shard }) => {
+            runtime()?.block_on(online::transfer_leader(&addr, node, shard)).map(|()| true)
         }
         Command::Log(LogCommand::Dump {
             data_dir,

@@ -3,6 +3,8 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use courier_proto::pb::peer::admin_client::AdminClient;
+use courier_proto::pb::peer::{InitClusterRequest, NodeInfo, StatusRequest, TransferLeaderRequest};
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -79,4 +81,106 @@ pub(crate) async fn services(addr: &str) -> anyhow::Result<Vec<String>> {
         }
         other => bail!("unexpected reflection answer: {other:?}"),
     }
+}
+
+fn admin(channel: Channel) -> AdminClient<Channel> {
+    AdminClient::new(channel)
+}
+
+/// Bootstraps a cluster from `addr` with `members` (`ID=HOST:PORT`).
+///
+/// # Errors
+/// Malformed members, connection errors, or the node's refusal (printed with its code).
+pub(crate) async fn cluster_init(addr: &str, members: &[String], shards: u32) -> anyhow::Result<()> {
+    let members = members
+        .iter()
+        .map(|member| {
+            let (id, peer) = member.split_once('=').with_context(|| format!("{member:?} is not ID=HOST:PORT"))?;
+            let node_id: u64 = id.parse().with_context(|| format!("{id:?} is not a node id"))?;
+            Ok(NodeInfo { node_id, peer_addr: peer.to_owned(), client_addr: String::new() })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let request = InitClusterRequest { members, shard_count: shards, replication_factor: 0, init_shards: Vec::new() };
+    let response = admin(channel(addr).await?).init_cluster(request).await.map_err(describe)?.into_inner();
+    if response.already_initialized {
+        println!("cluster already initialized with these members; shards checked");
+    } else {
+        println!("cluster initialized: {shards} shards");
+    }
+    Ok(())
+}
+
+fn describe(status: tonic::Status) -> anyhow::Error {
+    let code = status.metadata().get("courier-code").and_then(|v| v.to_str().ok()).unwrap_or("-").to_owned();
+    anyhow::anyhow!("{}: {} ({code})", status.code(), status.message())
+}
+
+/// Prints every node's status; returns whether every shard has a leader on every node.
+///
+/// # Errors
+/// When the first node cannot be reached.
+pub(crate) async fn cluster_status(addr: &str, json: bool) -> anyhow::Result<bool> {
+    let first = admin(channel(addr).await?).status(StatusRequest {}).await.map_err(describe)?.into_inner();
+    let mut nodes = vec![(first.node_id, addr.to_owned(), Ok(first.clone()))];
+    for node in &first.nodes {
+        if node.node_id == first.node_id {
+            continue;
+        }
+        let status = match channel(&node.peer_addr).await {
+            Ok(channel) => admin(channel).status(StatusRequest {}).await.map(tonic::Response::into_inner).map_err(describe),
+            Err(error) => Err(error),
+        };
+        nodes.push((node.node_id, node.peer_addr.clone(), status));
+    }
+    let mut healthy = true;
+    if !json {
+        println!("{:>4} {:<21} {:>5} {:<9} {:>5} {:>6} {:>8} {:>8} {:>5} {:>7} {:>6}", "node", "peer", "shard", "role", "term", "leader", "last_log", "applied", "lag", "outbox", "e/sync");
+    }
+    for (id, peer, status) in nodes {
+        match status {
+            Err(error) => {
+                healthy = false;
+                if json {
+                    println!("{}", serde_json::json!({"node_id": id, "peer": peer, "error": error.to_string()}));
+                } else {
+                    println!("{id:>4} {peer:<21} UNREACHABLE: {error}");
+                }
+            }
+            Ok(status) => {
+                healthy &= status.shards.iter().all(|s| s.leader != 0);
+                if json {
+                    let shards: Vec<_> = status.shards.iter().map(|s| serde_json::json!({
+                        "shard": s.shard, "role": s.role, "term": s.term, "leader": s.leader,
+                        "replicas": s.replicas, "last_log_index": s.last_log_index, "applied": s.applied,
+                        "apply_lag": s.apply_lag, "outbox_len_entries": s.outbox_len_entries, "digest": s.digest,
+                        "fsyncs": s.fsyncs, "entries_appended": s.entries_appended,
+                        "snapshot_index": s.snapshot_index, "purged_index": s.purged_index,
+                    })).collect();
+                    println!("{}", serde_json::json!({"node_id": id, "peer": peer, "shards": shards}));
+                    continue;
+                }
+                for s in status.shards {
+                    let per_sync = if s.fsyncs == 0 { 0.0 } else { s.entries_appended as f64 / s.fsyncs as f64 };
+                    println!(
+                        "{id:>4} {peer:<21} {:>5} {:<9} {:>5} {:>6} {:>8} {:>8} {:>5} {:>7} {:>6.1}",
+                        s.shard, s.role, s.term, s.leader, s.last_log_index, s.applied, s.apply_lag, s.outbox_len_entries, per_sync
+                    );
+                }
+            }
+        }
+    }
+    Ok(healthy)
+}
+
+/// Asks the node at `addr` (node id `node`) to take leadership of `shard`.
+///
+/// # Errors
+/// Connection errors or the node's refusal.
+pub(crate) async fn transfer_leader(addr: &str, node: u64, shard: u32) -> anyhow::Result<()> {
+    admin(channel(addr).await?)
+        .transfer_leader(TransferLeaderRequest { shard, to_node: node })
+        .await
+        .map_err(describe)?;
+    println!("node {node} started an election for shard {shard}");
+    Ok(())
 }
