@@ -158,6 +158,11 @@ impl Groups {
         self.node_id
     }
 
+    /// The node's database (shared by every group).
+    pub fn db(&self) -> &Arc<Db> {
+        &self.db
+    }
+
     /// The shared channel pool (also used for forwarding to other nodes).
     pub fn pool(&self) -> Arc<ChannelPool> {
         self.pool.clone()

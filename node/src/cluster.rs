@@ -38,6 +38,18 @@ const NO_LEADER_RETRY_MS: u64 = 500;
 /// Metadata marking a forward that already took its one hop.
 const FORWARDED_KEY: &str = "courier-forwarded";
 
+/// How long one group's membership change may wait for a leader.
+const MEMBERSHIP_WAIT: Duration = Duration::from_secs(30);
+/// Voters every group keeps: a membership change never leaves fewer.
+pub const VOTERS_MIN: usize = 3;
+
+/// A membership change.
+#[derive(Debug, Clone)]
+enum Change {
+    Add(NodeId, Node),
+    Remove(NodeId),
+}
+
 /// This node's view of the cluster.
 #[derive(Debug, Clone)]
 pub struct Cluster {
@@ -315,6 +327,185 @@ impl Cluster {
         tokio::time::timeout(INIT_LEADER_WAIT, wait)
             .await
             .map_err(|_| unavailable("no leader elected in time".to_owned(), None))
+    }
+
+    /// Adds a node to every group (or to `scope` only, on its leader): as a learner first, so it
+    /// catches up, then as a voter. Safe to retry.
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT` for a bad node; `UNAVAILABLE` when a group has no leader in time.
+    pub async fn add_node(&self, request: peer::AddNodeRequest) -> Result<(), ApiError> {
+        let node = request
+            .node
+            .clone()
+            .ok_or_else(|| invalid("COURIER:Cluster:BadMember", "missing node".to_owned()))?;
+        if node.node_id == 0 || node.peer_addr.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(
+                "COURIER:Cluster:BadMember",
+                "a node needs an id >= 1 and a host:port peer address".to_owned(),
+            ));
+        }
+        let change = Change::Add(node.node_id, Node::new(node.peer_addr));
+        self.change_members(change, request.group.as_ref()).await
+    }
+
+    /// Removes a node from every group (or from `scope` only, on its leader).
+    ///
+    /// # Errors
+    /// `FAILED_PRECONDITION` when fewer than [`VOTERS_MIN`] voters would remain; `UNAVAILABLE`
+    /// when a group has no leader in time.
+    pub async fn remove_node(&self, request: peer::RemoveNodeRequest) -> Result<(), ApiError> {
+        self.change_members(Change::Remove(request.node_id), request.group.as_ref())
+            .await
+    }
+
+    async fn change_members(
+        &self,
+        change: Change,
+        scope: Option<&peer::GroupId>,
+    ) -> Result<(), ApiError> {
+        let groups: Vec<GroupId> = match scope {
+            Some(wire) => vec![
+                courier_consensus::network::group_from_wire(Some(wire))
+                    .map_err(|m| invalid("COURIER:Cluster:BadGroup", m))?,
+            ],
+            None => {
+                let shard_count = self.groups.shard_count().ok_or_else(|| {
+                    unavailable("the cluster is not initialized".to_owned(), None)
+                })?;
+                std::iter::once(GroupId::Metadata)
+                    .chain((0..shard_count).map(|s| GroupId::Shard(ShardId::new(s))))
+                    .collect()
+            }
+        };
+        for group in groups {
+            self.change_group(group, &change, scope.is_some()).await?;
+        }
+        Ok(())
+    }
+
+    async fn change_group(
+        &self,
+        group: GroupId,
+        change: &Change,
+        scoped: bool,
+    ) -> Result<(), ApiError> {
+        let deadline = tokio::time::Instant::now() + MEMBERSHIP_WAIT;
+        loop {
+            let handle = self.group(group).await?;
+            let metrics = handle.raft.metrics().borrow().clone();
+            let mut voters: BTreeSet<NodeId> = metrics.membership_config.voter_ids().collect();
+            if metrics.current_leader == Some(self.groups.node_id()) {
+                match change {
+                    Change::Add(id, node) => {
+                        if !voters.contains(id) {
+                            handle
+                                .raft
+                                .add_learner(*id, node.clone(), true)
+                                .await
+                                .map_err(|e| unavailable(e.to_string(), None))?;
+                            voters.insert(*id);
+                            handle
+                                .raft
+                                .change_membership(voters, false)
+                                .await
+                                .map_err(|e| unavailable(e.to_string(), None))?;
+                        }
+                    }
+                    Change::Remove(id) => {
+                        if voters.remove(id) {
+                            if voters.len() < VOTERS_MIN {
+                                return Err(ApiError::FailedPrecondition {
+                                    code: "COURIER:Cluster:TooFewVoters",
+                                    message: format!(
+                                        "removing node {id} from {group} would leave {} voters (minimum {VOTERS_MIN})",
+                                        voters.len()
+                                    ),
+                                });
+                            }
+                            handle
+                                .raft
+                                .change_membership(voters, false)
+                                .await
+                                .map_err(|e| unavailable(e.to_string(), None))?;
+                        }
+                    }
+                }
+                info!(%group, ?change, "membership changed");
+                return Ok(());
+            }
+            let leader_addr = metrics.current_leader.and_then(|id| {
+                metrics
+                    .membership_config
+                    .nodes()
+                    .find(|(n, _)| **n == id)
+                    .map(|(_, n)| n.addr.clone())
+            });
+            if let (Some(addr), false) = (leader_addr, scoped) {
+                match self.delegate_change(&addr, group, change).await {
+                    Ok(()) => return Ok(()),
+                    Err(error @ ApiError::FailedPrecondition { .. }) => return Err(error),
+                    Err(_) => {}
+                }
+            } else if scoped && metrics.current_leader.is_some() {
+                return Err(unavailable(
+                    format!("this node no longer leads {group}"),
+                    metrics.current_leader,
+                ));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(unavailable(
+                    format!("{group} had no reachable leader for the membership change"),
+                    metrics.current_leader,
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn delegate_change(
+        &self,
+        addr: &str,
+        group: GroupId,
+        change: &Change,
+    ) -> Result<(), ApiError> {
+        let channel = self
+            .groups
+            .pool()
+            .channel(addr)
+            .ok_or_else(|| internal(format!("bad address {addr}")))?;
+        let mut client = peer::admin_client::AdminClient::new(channel);
+        let group = Some(courier_consensus::network::group_to_wire(group));
+        let result = match change {
+            Change::Add(id, node) => {
+                let node = peer::NodeInfo {
+                    node_id: *id,
+                    peer_addr: node.addr.clone(),
+                    client_addr: String::new(),
+                };
+                let mut request = tonic::Request::new(peer::AddNodeRequest {
+                    node: Some(node),
+                    group,
+                });
+                request.set_timeout(MEMBERSHIP_WAIT);
+                client.add_node(request).await.map(|_| ())
+            }
+            Change::Remove(id) => {
+                let mut request = tonic::Request::new(peer::RemoveNodeRequest {
+                    node_id: *id,
+                    group,
+                });
+                request.set_timeout(MEMBERSHIP_WAIT);
+                client.remove_node(request).await.map(|_| ())
+            }
+        };
+        result.map_err(|status| match status.code() {
+            tonic::Code::FailedPrecondition => ApiError::FailedPrecondition {
+                code: "COURIER:Cluster:TooFewVoters",
+                message: status.message().to_owned(),
+            },
+            _ => unavailable(status.message().to_owned(), None),
+        })
     }
 
     /// Makes this node start an election for a shard (leader transfer towards this node).

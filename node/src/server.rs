@@ -159,7 +159,9 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
         snapshot_chunk_bytes: config.raft.snapshot_chunk_bytes,
         append_entries_max: config.raft.append_entries_max,
     };
-    let groups = Groups::open(config.node_id, db.clone(), &timing).await.map_err(Box::new)?;
+    let groups = Groups::open(config.node_id, db.clone(), &timing)
+        .await
+        .map_err(Box::new)?;
     info!(groups = groups.list().len(), "raft groups open");
     let cluster = Cluster::new(groups.clone(), db.clone(), config.raft.rpc_timeout);
 

@@ -8,8 +8,9 @@ use courier_proto::pb::client::registration_server::Registration;
 use courier_proto::pb::peer::admin_server::Admin;
 use courier_proto::pb::peer::forward_server::Forward;
 use courier_proto::pb::peer::{
-    ForwardBatchRequest, ForwardBatchResponse, InitClusterRequest, InitClusterResponse,
-    StatusRequest, StatusResponse, TransferLeaderRequest, TransferLeaderResponse,
+    AddNodeRequest, AddNodeResponse, ForwardBatchRequest, ForwardBatchResponse, InitClusterRequest,
+    InitClusterResponse, RemoveNodeRequest, RemoveNodeResponse, StatusRequest, StatusResponse,
+    TransferLeaderRequest, TransferLeaderResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -68,6 +69,22 @@ impl Admin for PeerApi {
         _request: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
         Ok(Response::new(self.cluster.status()))
+    }
+
+    async fn add_node(
+        &self,
+        request: Request<AddNodeRequest>,
+    ) -> Result<Response<AddNodeResponse>, Status> {
+        self.cluster.add_node(request.into_inner()).await?;
+        Ok(Response::new(AddNodeResponse {}))
+    }
+
+    async fn remove_node(
+        &self,
+        request: Request<RemoveNodeRequest>,
+    ) -> Result<Response<RemoveNodeResponse>, Status> {
+        self.cluster.remove_node(request.into_inner()).await?;
+        Ok(Response::new(RemoveNodeResponse {}))
     }
 
     async fn transfer_leader(

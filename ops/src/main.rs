@@ -144,15 +144,19 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             }
             Ok(true)
         }
-        Command::Cluster(ClusterCommand::Init { addr, members, shards }) => {
-            runtime()?.block_on(online::cluster_init(&addr, &members, shards)).map(|()| true)
-        }
+        Command::Cluster(ClusterCommand::Init {
+            addr,
+            members,
+            shards,
+        }) => runtime()?
+            .block_on(online::cluster_init(&addr, &members, shards))
+            .map(|()| true),
         Command::Cluster(ClusterCommand::Status { addr, json }) => {
             runtime()?.block_on(online::cluster_status(&addr, json))
         }
-        Command::Cluster(ClusterCommand::TransferLeader { addr, node, shard }) => {
-            runtime()?.block_on(online::transfer_leader(&addr, node, shard)).map(|()| true)
-        }
+        Command::Cluster(ClusterCommand::TransferLeader { addr, node, shard }) => runtime()?
+            .block_on(online::transfer_leader(&addr, node, shard))
+            .map(|()| true),
         Command::Log(LogCommand::Dump {
             data_dir,
             shard,

@@ -91,17 +91,38 @@ fn admin(channel: Channel) -> AdminClient<Channel> {
 ///
 /// # Errors
 /// Malformed members, connection errors, or the node's refusal (printed with its code).
-pub(crate) async fn cluster_init(addr: &str, members: &[String], shards: u32) -> anyhow::Result<()> {
+pub(crate) async fn cluster_init(
+    addr: &str,
+    members: &[String],
+    shards: u32,
+) -> anyhow::Result<()> {
     let members = members
         .iter()
         .map(|member| {
-            let (id, peer) = member.split_once('=').with_context(|| format!("{member:?} is not ID=HOST:PORT"))?;
-            let node_id: u64 = id.parse().with_context(|| format!("{id:?} is not a node id"))?;
-            Ok(NodeInfo { node_id, peer_addr: peer.to_owned(), client_addr: String::new() })
+            let (id, peer) = member
+                .split_once('=')
+                .with_context(|| format!("{member:?} is not ID=HOST:PORT"))?;
+            let node_id: u64 = id
+                .parse()
+                .with_context(|| format!("{id:?} is not a node id"))?;
+            Ok(NodeInfo {
+                node_id,
+                peer_addr: peer.to_owned(),
+                client_addr: String::new(),
+            })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let request = InitClusterRequest { members, shard_count: shards, replication_factor: 0, init_shards: Vec::new() };
-    let response = admin(channel(addr).await?).init_cluster(request).await.map_err(describe)?.into_inner();
+    let request = InitClusterRequest {
+        members,
+        shard_count: shards,
+        replication_factor: 0,
+        init_shards: Vec::new(),
+    };
+    let response = admin(channel(addr).await?)
+        .init_cluster(request)
+        .await
+        .map_err(describe)?
+        .into_inner();
     if response.already_initialized {
         println!("cluster already initialized with these members; shards checked");
     } else {
@@ -111,7 +132,12 @@ pub(crate) async fn cluster_init(addr: &str, members: &[String], shards: u32) ->
 }
 
 fn describe(status: tonic::Status) -> anyhow::Error {
-    let code = status.metadata().get("courier-code").and_then(|v| v.to_str().ok()).unwrap_or("-").to_owned();
+    let code = status
+        .metadata()
+        .get("courier-code")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_owned();
     anyhow::anyhow!("{}: {} ({code})", status.code(), status.message())
 }
 
@@ -120,28 +146,52 @@ fn describe(status: tonic::Status) -> anyhow::Error {
 /// # Errors
 /// When the first node cannot be reached.
 pub(crate) async fn cluster_status(addr: &str, json: bool) -> anyhow::Result<bool> {
-    let first = admin(channel(addr).await?).status(StatusRequest {}).await.map_err(describe)?.into_inner();
+    let first = admin(channel(addr).await?)
+        .status(StatusRequest {})
+        .await
+        .map_err(describe)?
+        .into_inner();
     let mut nodes = vec![(first.node_id, addr.to_owned(), Ok(first.clone()))];
     for node in &first.nodes {
         if node.node_id == first.node_id {
             continue;
         }
         let status = match channel(&node.peer_addr).await {
-            Ok(channel) => admin(channel).status(StatusRequest {}).await.map(tonic::Response::into_inner).map_err(describe),
+            Ok(channel) => admin(channel)
+                .status(StatusRequest {})
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(describe),
             Err(error) => Err(error),
         };
         nodes.push((node.node_id, node.peer_addr.clone(), status));
     }
     let mut healthy = true;
     if !json {
-        println!("{:>4} {:<21} {:>5} {:<9} {:>5} {:>6} {:>8} {:>8} {:>5} {:>7} {:>6}", "node", "peer", "shard", "role", "term", "leader", "last_log", "applied", "lag", "outbox", "e/sync");
+        println!(
+            "{:>4} {:<21} {:>5} {:<9} {:>5} {:>6} {:>8} {:>8} {:>5} {:>7} {:>6}",
+            "node",
+            "peer",
+            "shard",
+            "role",
+            "term",
+            "leader",
+            "last_log",
+            "applied",
+            "lag",
+            "outbox",
+            "e/sync"
+        );
     }
     for (id, peer, status) in nodes {
         match status {
             Err(error) => {
                 healthy = false;
                 if json {
-                    println!("{}", serde_json::json!({"node_id": id, "peer": peer, "error": error.to_string()}));
+                    println!(
+                        "{}",
+                        serde_json::json!({"node_id": id, "peer": peer, "error": error.to_string()})
+                    );
                 } else {
                     println!("{id:>4} {peer:<21} UNREACHABLE: {error}");
                 }
@@ -156,14 +206,29 @@ pub(crate) async fn cluster_status(addr: &str, json: bool) -> anyhow::Result<boo
                         "fsyncs": s.fsyncs, "entries_appended": s.entries_appended,
                         "snapshot_index": s.snapshot_index, "purged_index": s.purged_index,
                     })).collect();
-                    println!("{}", serde_json::json!({"node_id": id, "peer": peer, "shards": shards}));
+                    println!(
+                        "{}",
+                        serde_json::json!({"node_id": id, "peer": peer, "shards": shards})
+                    );
                     continue;
                 }
                 for s in status.shards {
-                    let per_sync = if s.fsyncs == 0 { 0.0 } else { s.entries_appended as f64 / s.fsyncs as f64 };
+                    let per_sync = if s.fsyncs == 0 {
+                        0.0
+                    } else {
+                        s.entries_appended as f64 / s.fsyncs as f64
+                    };
                     println!(
                         "{id:>4} {peer:<21} {:>5} {:<9} {:>5} {:>6} {:>8} {:>8} {:>5} {:>7} {:>6.1}",
-                        s.shard, s.role, s.term, s.leader, s.last_log_index, s.applied, s.apply_lag, s.outbox_len_entries, per_sync
+                        s.shard,
+                        s.role,
+                        s.term,
+                        s.leader,
+                        s.last_log_index,
+                        s.applied,
+                        s.apply_lag,
+                        s.outbox_len_entries,
+                        per_sync
                     );
                 }
             }
@@ -178,7 +243,10 @@ pub(crate) async fn cluster_status(addr: &str, json: bool) -> anyhow::Result<boo
 /// Connection errors or the node's refusal.
 pub(crate) async fn transfer_leader(addr: &str, node: u64, shard: u32) -> anyhow::Result<()> {
     admin(channel(addr).await?)
-        .transfer_leader(TransferLeaderRequest { shard, to_node: node })
+        .transfer_leader(TransferLeaderRequest {
+            shard,
+            to_node: node,
+        })
         .await
         .map_err(describe)?;
     println!("node {node} started an election for shard {shard}");

@@ -393,3 +393,147 @@ async fn sigkill_a_leader_fails_over_and_the_node_catches_up() {
         );
     }
 }
+
+/// Returns the inbox tail of `user` on `shard` in a node's database.
+fn inbox_tail(node: &courier_node::NodeHandle, shard: u32, user: u64) -> u64 {
+    use courier_storage::kv::Staged;
+    use courier_storage::projection::{Projection, View, inbox};
+    let db = node.groups().db().clone();
+    let mut staged = Staged::new(db.as_ref(), BTreeMap::new());
+    let shard = courier_proto::ShardId::new(u16::try_from(shard).expect("small"));
+    let view = View::new(
+        &mut staged,
+        shard,
+        courier_proto::LogIndex::ZERO,
+        Projection::Inbox,
+    );
+    inbox::tail(&view, courier_proto::UserId::new(user).expect("nonzero"))
+        .expect("read")
+        .get()
+}
+
+/// Grows the cluster 3 -> 4 and shrinks it back while a writer keeps forwarding: every
+/// acknowledged message is stored exactly once on every replica, including the new node while it
+/// was a member; removing below 3 voters is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grow_to_four_and_shrink_back_while_writing() {
+    use courier_proto::pb::peer::{AddNodeRequest, RemoveNodeRequest};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut nodes = Vec::new();
+    for id in 1..=4 {
+        let config =
+            courier_node::Config::parse(&fast_config(id, &dir.path().join(format!("n{id}"))))
+                .expect("config");
+        nodes.push(courier_node::start(config).await.expect("start"));
+    }
+    let peers: Vec<String> = nodes.iter().map(|n| n.peer_addr.to_string()).collect();
+    let members: Vec<(u64, String)> = peers[..3]
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (i as u64 + 1, p.clone()))
+        .collect();
+    init(&peers[0], &members).await;
+    wait_leaders(&peers[..3], Duration::from_secs(20)).await;
+
+    let writer_peer = peers[0].clone();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut acked: BTreeMap<u32, u64> = BTreeMap::new();
+            let mut next: BTreeMap<u32, u64> = (0..SHARDS).map(|s| (s, 1)).collect();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for shard in 0..SHARDS {
+                    let pos = next[&shard];
+                    // A failed or unknown attempt is retried at the same position (dedup makes
+                    // the retry safe).
+                    if let Ok(stored) = forward(&writer_peer, shard, pos, 5).await {
+                        acked.insert(shard, stored);
+                        next.insert(shard, pos + 5);
+                    }
+                }
+            }
+            acked
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    {
+        tracing::info!("add node 4 through node 2 while the writer runs");
+        let node4 = NodeInfo {
+            node_id: 4,
+            peer_addr: peers[3].clone(),
+            client_addr: String::new(),
+        };
+        AdminClient::new(channel(&peers[1]).await)
+            .add_node(AddNodeRequest {
+                node: Some(node4),
+                group: None,
+            })
+            .await
+            .expect("add node 4");
+        let status = status(&peers[0]).await;
+        for shard in &status.shards {
+            assert_eq!(
+                shard.replicas,
+                vec![1, 2, 3, 4],
+                "shard {} has four voters",
+                shard.shard
+            );
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acked = writer.await.expect("writer");
+    assert!(
+        acked.values().all(|stored| *stored >= 10),
+        "the writer made progress on every shard: {acked:?}"
+    );
+    {
+        tracing::info!("all four replicas converge and hold every acknowledged message once");
+        wait_converged(&peers, Duration::from_secs(30)).await;
+        for node in &nodes {
+            for (shard, stored) in &acked {
+                assert_eq!(
+                    inbox_tail(node, *shard, 100 + u64::from(*shard)),
+                    *stored,
+                    "shard {shard} on node at {}",
+                    node.peer_addr
+                );
+            }
+        }
+    }
+    {
+        tracing::info!("remove node 4 again; a further removal below 3 voters is refused");
+        AdminClient::new(channel(&peers[2]).await)
+            .remove_node(RemoveNodeRequest {
+                node_id: 4,
+                group: None,
+            })
+            .await
+            .expect("remove node 4");
+        let status = status(&peers[0]).await;
+        for shard in &status.shards {
+            assert_eq!(
+                shard.replicas,
+                vec![1, 2, 3],
+                "shard {} is back to three voters",
+                shard.shard
+            );
+        }
+        let refused = AdminClient::new(channel(&peers[0]).await)
+            .remove_node(RemoveNodeRequest {
+                node_id: 3,
+                group: None,
+            })
+            .await
+            .expect_err("2 voters would remain");
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused}");
+        let more = forward(&peers[0], 0, acked[&0] + 1, 5)
+            .await
+            .expect("writes after shrinking");
+        assert_eq!(more, acked[&0] + 5);
+    }
+    for node in nodes {
+        node.stop().await;
+    }
+}
