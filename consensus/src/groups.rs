@@ -14,6 +14,7 @@ use tracing::info;
 
 use crate::log_store::{AppendStats, LogStore};
 use crate::network::{ChannelPool, GroupRouter, PeerNetwork};
+use crate::proposer::Proposer;
 use crate::state_machine::{AppliedView, StateMachine};
 use crate::types::{GroupId, NodeId, Raft, RaftStorageError};
 
@@ -99,6 +100,8 @@ pub struct GroupHandle {
     pub applied: Arc<RwLock<AppliedView>>,
     /// Group-commit counters.
     pub stats: Arc<AppendStats>,
+    /// The group-commit front: propose events through it.
+    pub proposer: Proposer,
 }
 
 /// Every raft group of this node.
@@ -228,10 +231,12 @@ impl Groups {
                 reason: e.to_string(),
             })?;
         info!(%group, node_id = self.node_id, "raft group started");
+        let proposer = Proposer::start(raft.clone());
         let handle = GroupHandle {
             raft,
             applied,
             stats,
+            proposer,
         };
         self.groups
             .write()

@@ -19,6 +19,7 @@
 pub mod groups;
 pub mod log_store;
 pub mod network;
+pub mod proposer;
 pub mod state_machine;
 pub mod types;
 

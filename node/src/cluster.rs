@@ -13,16 +13,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use courier_consensus::groups::{GroupHandle, Groups};
-use courier_consensus::types::{
-    ClusterSettings, GroupId, Node, NodeId, Proposal, ProposalResponse,
-};
+use courier_consensus::proposer::ProposeError;
+use courier_consensus::types::{ClusterSettings, GroupId, Node, NodeId, Proposal};
 use courier_proto::limits::{FORWARD_BATCH_EVENTS_MAX, SHARD_COUNT_MAX};
-use courier_proto::pb::events::{EntryPayload, Event, event::Kind};
+use courier_proto::pb::events::{Event, event::Kind};
 use courier_proto::pb::peer::{
     self, ForwardBatchRequest, ForwardBatchResponse, InitClusterRequest, InitClusterResponse,
     ShardStatus, StatusResponse,
 };
-use courier_proto::{FORMAT_VERSION, LogIndex, ShardId};
+use courier_proto::{LogIndex, ShardId};
 use courier_storage::Db;
 use courier_storage::kv::Staged;
 use courier_storage::projection::{Projection, View, outbox};
@@ -676,21 +675,11 @@ impl Cluster {
             .map(|(event, _)| event)
             .collect();
         if !fresh.is_empty() {
-            let payload = EntryPayload {
-                format_version: FORMAT_VERSION,
-                events: fresh,
-            };
-            let _response: ProposalResponse = handle
-                .raft
-                .client_write(Proposal::Events(payload))
+            handle
+                .proposer
+                .propose(fresh)
                 .await
-                .map_err(|e| {
-                    unavailable(
-                        e.to_string(),
-                        e.forward_to_leader().and_then(|f| f.leader_id),
-                    )
-                })?
-                .data;
+                .map_err(propose_error)?;
         }
         // Everything up to `last` is now committed here (fresh events just now, the rest earlier).
         Ok(ForwardBatchResponse { stored_up_to: last })
@@ -724,6 +713,25 @@ impl Cluster {
                     leader,
                 )
             })
+    }
+}
+
+/// Maps a proposal failure to the API.
+fn propose_error(error: ProposeError) -> ApiError {
+    match error {
+        ProposeError::NotLeader { leader } => {
+            unavailable("leadership moved; retry".to_owned(), leader)
+        }
+        ProposeError::Overloaded => ApiError::Unavailable {
+            code: "COURIER:Shard:Overloaded",
+            message: error.to_string(),
+            retry_after_ms: NO_LEADER_RETRY_MS,
+            leader: None,
+        },
+        ProposeError::TooLarge { .. } => {
+            invalid("COURIER:Shard:ProposalTooLarge", error.to_string())
+        }
+        ProposeError::Raft(message) => internal(message),
     }
 }
 
