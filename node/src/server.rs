@@ -89,6 +89,7 @@ pub struct NodeHandle {
     tasks: TaskTracker,
     errors: tokio::sync::mpsc::Receiver<ServerError>,
     groups: Arc<Groups>,
+    cluster: Cluster,
 }
 
 impl NodeHandle {
@@ -107,6 +108,11 @@ impl NodeHandle {
         }
         self.groups.shutdown().await;
         info!("raft groups stopped");
+    }
+
+    /// This node's view of the cluster (reads, admin).
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
     }
 
     /// This node's raft groups (for tests and status).
@@ -187,7 +193,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
     let (error_tx, errors) = tokio::sync::mpsc::channel(2);
 
     let client_router = client_router(&config).await?;
-    let peer_router = peer_router(cluster, groups.clone()).await?;
+    let peer_router = peer_router(cluster.clone(), groups.clone()).await?;
     for (name, router, listener) in [
         ("client", client_router, client_listener),
         ("peer", peer_router, peer_listener),
@@ -215,6 +221,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
         tasks,
         errors,
         groups,
+        cluster,
     })
 }
 

@@ -236,6 +236,42 @@ async fn three_nodes_elect_commit_and_converge() {
         );
     }
     {
+        tracing::info!(
+            "a linearizable read on each shard's leader sees all 60; a follower refuses it"
+        );
+        use courier_node::cluster::ReadConsistency;
+        for (shard, leader) in &leaders {
+            let shard_id = courier_proto::ShardId::new(u16::try_from(*shard).expect("small"));
+            let leader_node = &nodes[usize::try_from(*leader - 1).expect("small")];
+            leader_node
+                .cluster()
+                .read_barrier(shard_id, ReadConsistency::Linearizable)
+                .await
+                .expect("leader read");
+            assert_eq!(inbox_tail(leader_node, *shard, 100 + u64::from(*shard)), 60);
+            let follower = nodes
+                .iter()
+                .find(|n| n.peer_addr != leader_node.peer_addr)
+                .expect("a follower");
+            let refused = follower
+                .cluster()
+                .read_barrier(shard_id, ReadConsistency::Linearizable)
+                .await;
+            assert!(
+                refused.is_err(),
+                "a follower cannot serve a linearizable read"
+            );
+            tracing::info!("a follower serves a read at the leader's applied index");
+            let index = courier_proto::LogIndex::new(converged[shard].0);
+            follower
+                .cluster()
+                .read_barrier(shard_id, ReadConsistency::AtLeast(index))
+                .await
+                .expect("follower read");
+            assert_eq!(inbox_tail(follower, *shard, 100 + u64::from(*shard)), 60);
+        }
+    }
+    {
         tracing::info!("every message was stored exactly once: 60 per shard on every replica");
         for node in &nodes {
             let db = node.groups().list();
