@@ -42,6 +42,9 @@ enum Command {
     /// Cluster administration over the admin gRPC API (a node's peer address).
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Adds or removes a node (every group, each on its leader).
+    #[command(subcommand)]
+    Node(NodeCommand),
     /// Reads a shard's event log.
     #[command(subcommand)]
     Log(LogCommand),
@@ -101,6 +104,31 @@ enum ClusterCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum NodeCommand {
+    /// Adds a started, empty node: learner first (it catches up), then voter.
+    Add {
+        /// Peer address of any current member.
+        #[arg(long)]
+        addr: String,
+        /// The new node's id.
+        #[arg(long)]
+        id: u64,
+        /// The new node's peer address.
+        #[arg(long)]
+        peer: String,
+    },
+    /// Removes a node; refused when fewer than 3 voters would remain.
+    Remove {
+        /// Peer address of any member.
+        #[arg(long)]
+        addr: String,
+        /// The node to remove.
+        #[arg(long)]
+        id: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum LogCommand {
     /// Prints the events of a shard's log, one entry per line.
     Dump {
@@ -156,6 +184,12 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         }
         Command::Cluster(ClusterCommand::TransferLeader { addr, node, shard }) => runtime()?
             .block_on(online::transfer_leader(&addr, node, shard))
+            .map(|()| true),
+        Command::Node(NodeCommand::Add { addr, id, peer }) => runtime()?
+            .block_on(online::node_add(&addr, id, &peer))
+            .map(|()| true),
+        Command::Node(NodeCommand::Remove { addr, id }) => runtime()?
+            .block_on(online::node_remove(&addr, id))
             .map(|()| true),
         Command::Log(LogCommand::Dump {
             data_dir,

@@ -4,7 +4,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use courier_proto::pb::peer::admin_client::AdminClient;
-use courier_proto::pb::peer::{InitClusterRequest, NodeInfo, StatusRequest, TransferLeaderRequest};
+use courier_proto::pb::peer::{
+    AddNodeRequest, InitClusterRequest, NodeInfo, RemoveNodeRequest, StatusRequest,
+    TransferLeaderRequest,
+};
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -250,5 +253,42 @@ pub(crate) async fn transfer_leader(addr: &str, node: u64, shard: u32) -> anyhow
         .await
         .map_err(describe)?;
     println!("node {node} started an election for shard {shard}");
+    Ok(())
+}
+
+/// Adds node `id` at `peer` to the cluster that `addr` belongs to.
+///
+/// # Errors
+/// Connection errors or the cluster's refusal.
+pub(crate) async fn node_add(addr: &str, id: u64, peer: &str) -> anyhow::Result<()> {
+    let node = NodeInfo {
+        node_id: id,
+        peer_addr: peer.to_owned(),
+        client_addr: String::new(),
+    };
+    admin(channel(addr).await?)
+        .add_node(AddNodeRequest {
+            node: Some(node),
+            group: None,
+        })
+        .await
+        .map_err(describe)?;
+    println!("node {id} added to every group as a voter");
+    Ok(())
+}
+
+/// Removes node `id` from the cluster that `addr` belongs to.
+///
+/// # Errors
+/// Connection errors or the cluster's refusal.
+pub(crate) async fn node_remove(addr: &str, id: u64) -> anyhow::Result<()> {
+    admin(channel(addr).await?)
+        .remove_node(RemoveNodeRequest {
+            node_id: id,
+            group: None,
+        })
+        .await
+        .map_err(describe)?;
+    println!("node {id} removed from every group");
     Ok(())
 }
