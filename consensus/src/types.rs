@@ -142,6 +142,13 @@ pub enum EventOutcome {
     },
     /// A forwarded event that was already applied.
     DuplicateForward,
+    /// A device registration: the id assigned at apply.
+    DeviceRegistered {
+        /// The user.
+        user: u64,
+        /// The device id.
+        device: u32,
+    },
     /// Anything else.
     Done,
 }
@@ -165,6 +172,10 @@ impl From<Applied> for EventOutcome {
                 duplicate,
             },
             Applied::DuplicateForward => EventOutcome::DuplicateForward,
+            Applied::DeviceRegistered { user, device } => EventOutcome::DeviceRegistered {
+                user: user.get(),
+                device,
+            },
             Applied::Done => EventOutcome::Done,
         }
     }

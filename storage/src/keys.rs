@@ -17,6 +17,7 @@
 //! | readstate | shard \| 1 \| user \| conv | ReadState |
 //! | readstate | shard \| 2 \| user \| seq | SeqPosition |
 //! | receipts | shard \| 1 \| sender \| message_id:16 \| recipient | Receipt |
+//! | receipts | shard \| 2 \| sender \| set_at:u64 \| message_id:16 \| recipient | Receipt (feed) |
 //! | dedup | shard \| 1 \| user \| device \| client_msg_id | SendResult |
 //! | outbox | shard \| 1 \| dest:u16 \| pos:u64 | OutboxEntry |
 //! | outbox | shard \| 2 \| dest:u16 | OutboxState |
@@ -229,6 +230,31 @@ pub fn receipt_message_prefix(shard: ShardId, sender: UserId, message: MessageId
         .u8(tag::PRIMARY)
         .u64(sender.get())
         .bytes(message.as_bytes())
+        .done()
+}
+
+/// receipts: one entry of a sender's receipt feed, ordered by the log index that set it.
+pub fn receipt_feed(
+    shard: ShardId,
+    sender: UserId,
+    set_at: LogIndex,
+    message: MessageId,
+    recipient: UserId,
+) -> Vec<u8> {
+    KeyBuf::shard(shard)
+        .u8(tag::SECONDARY)
+        .u64(sender.get())
+        .u64(set_at.get())
+        .bytes(message.as_bytes())
+        .u64(recipient.get())
+        .done()
+}
+
+/// receipts: prefix of a sender's receipt feed.
+pub fn receipt_feed_prefix(shard: ShardId, sender: UserId) -> Vec<u8> {
+    KeyBuf::shard(shard)
+        .u8(tag::SECONDARY)
+        .u64(sender.get())
         .done()
 }
 

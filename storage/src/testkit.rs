@@ -74,6 +74,7 @@ pub struct EventGen {
     next_user: u64,
     groups: BTreeMap<u64, Vec<u64>>,
     client_ids: u64,
+    used_client_ids: std::collections::BTreeSet<(u64, u64)>,
     /// Body size of generated messages, in bytes.
     pub body_bytes: usize,
 }
@@ -95,6 +96,7 @@ impl EventGen {
             next_user: 100,
             groups: BTreeMap::new(),
             client_ids: 0,
+            used_client_ids: std::collections::BTreeSet::new(),
             body_bytes: 16,
         }
     }
@@ -186,8 +188,15 @@ impl EventGen {
 
     fn message_sent(&mut self) -> Kind {
         let sender = self.pick_user();
-        let recipient = 1 + self.rng.below(8);
         let recipient_shard = self.rng.below(u64::from(GEN_SHARDS)) as u32;
+        // A send within the shard stores the message in the recipient's inbox in the same entry;
+        // those recipients (5..=8) are outside the modelled users (1..=4), whose inboxes the
+        // generator tracks message by message.
+        let recipient = if recipient_shard == u32::from(self.shard.get()) {
+            5 + self.rng.below(4)
+        } else {
+            1 + self.rng.below(8)
+        };
         // Now and then retry an earlier client id: the fold must treat it as a duplicate.
         let client = if self.client_ids > 0 && self.rng.chance(10) {
             self.rng.below(self.client_ids)

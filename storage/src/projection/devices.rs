@@ -31,6 +31,33 @@ pub fn user_by_phone(view: &View<'_, '_>, phone_hash: &[u8]) -> Result<Option<Us
         .and_then(UserId::new))
 }
 
+/// Returns how many devices `user` registered (the id of the last one).
+///
+/// # Errors
+/// A storage fault.
+pub fn devices_registered(view: &View<'_, '_>, user: UserId) -> Result<u32> {
+    let record: Option<UserRecord> =
+        view.get(Projection::Devices, &keys::user_record(view.shard(), user))?;
+    Ok(record.map_or(0, |r| r.devices_registered))
+}
+
+/// Returns a user's devices, by id.
+///
+/// # Errors
+/// A storage fault.
+pub fn devices_of(view: &View<'_, '_>, user: UserId) -> Result<Vec<(u32, DeviceRecord)>> {
+    let prefix = keys::device_user_prefix(view.shard(), user);
+    let end = keys::prefix_end(&prefix).expect("device prefixes end below 0xff..");
+    Ok(view
+        .scan::<DeviceRecord>(Projection::Devices, &prefix, &end, usize::MAX)?
+        .into_iter()
+        .filter_map(|(key, record)| {
+            let id = u32::from_be_bytes(key.get(prefix.len()..)?.try_into().ok()?);
+            Some((id, record))
+        })
+        .collect())
+}
+
 /// Folds one event into the devices projection.
 ///
 /// # Errors
@@ -40,15 +67,15 @@ pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
     match event {
         Kind::UserRegistered(registered) => {
             let user = user_id(registered.user);
-            assert!(
-                user_by_phone(view, &registered.phone_hash)?.is_none(),
-                "a phone hash registers one user"
-            );
+            if let Some(existing) = user_by_phone(view, &registered.phone_hash)? {
+                // Two registrations of a new number raced: the first one created the user.
+                assert_eq!(existing, user, "a phone hash registers one user");
+                return Ok(());
+            }
             let key = keys::user_record(shard, user);
-            assert!(
-                view.get::<UserRecord>(Projection::Devices, &key)?.is_none(),
-                "user ids are registered once"
-            );
+            if view.get::<UserRecord>(Projection::Devices, &key)?.is_some() {
+                return Ok(()); // the same user id from another phone hash: a 64-bit collision
+            }
             view.put_u64(keys::phone(shard, &registered.phone_hash), user.get())?;
             view.put(
                 key,
@@ -64,15 +91,30 @@ pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
             let mut record: UserRecord = view
                 .get(Projection::Devices, &key)?
                 .expect("devices are registered for registered users");
+            // The id is assigned here, at apply, so concurrent registrations never collide; an
+            // event that names its id must name this one.
             let next = record
                 .devices_registered
                 .checked_add(1)
                 .expect("device id overflow");
-            assert_eq!(registered.device, next, "device ids are assigned in order");
+            assert!(
+                registered.device == 0 || registered.device == next,
+                "device ids are assigned in order"
+            );
+            if registered.primary {
+                // A new primary device revokes the previous primary (as WhatsApp does).
+                for (id, mut device) in devices_of(view, user)? {
+                    if device.primary && !device.revoked {
+                        device.revoked = true;
+                        device.revoked_at_ms = registered.at_ms;
+                        view.put(keys::device_record(shard, user, device_id(id)), &device)?;
+                    }
+                }
+            }
             record.devices_registered = next;
             view.put(key, &record)?;
             view.put(
-                keys::device_record(shard, user, device_id(registered.device)),
+                keys::device_record(shard, user, device_id(next)),
                 &DeviceRecord {
                     token_hash: registered.token_hash.clone(),
                     primary: registered.primary,

@@ -199,6 +199,22 @@ impl<'s, 'a> View<'s, 'a> {
         self.decode(projection, key, &value).map(Some)
     }
 
+    /// Reads and decodes a value of any projection with the log index that last set it.
+    ///
+    /// # Errors
+    /// A storage fault or an undecodable value.
+    pub fn get_with_index<M: Message + Default>(
+        &self,
+        projection: Projection,
+        key: &[u8],
+    ) -> Result<Option<(LogIndex, M)>> {
+        let Some(value) = self.staged.get(Cf::Projection(projection), key)? else {
+            return Ok(None);
+        };
+        let set_at = unframe(&value).map(|(at, _)| at).unwrap_or_default();
+        Ok(Some((set_at, self.decode(projection, key, &value)?)))
+    }
+
     fn decode<M: Message + Default>(
         &self,
         projection: Projection,
@@ -302,6 +318,13 @@ pub enum Applied {
     },
     /// A forwarded event at or below its source's inbound watermark: nothing changed.
     DuplicateForward,
+    /// A `DeviceRegistered`: the device id it was given.
+    DeviceRegistered {
+        /// The user.
+        user: UserId,
+        /// The device id assigned at apply (1, 2, 3, … per user).
+        device: u32,
+    },
     /// Any other event.
     Done,
 }
@@ -413,6 +436,28 @@ pub fn apply_event(
     for projection in Projection::APPLY_ORDER {
         let mut view = View::new(staged, shard, at, projection);
         projection.apply(&mut view, kind)?;
+    }
+    if let Kind::MessageSent(sent) = kind
+        && sent.recipient_shard == u32::from(shard.get())
+        && let Some(delivered) = outbox::delivery_of(sent, sent.sent_at_ms)
+    {
+        // Sender and recipient share the shard: the same entry stores the message in the
+        // recipient's inbox (no forward). Derived here, after dedup, so a retried send stores
+        // nothing twice.
+        apply_event(
+            staged,
+            shard,
+            at,
+            &Event {
+                kind: Some(Kind::MessageDelivered(delivered)),
+            },
+        )?;
+    }
+    if let (Kind::DeviceRegistered(registered), Applied::Done) = (kind, &outcome) {
+        let view = View::new(staged, shard, at, Projection::Devices);
+        let user = UserId::new(registered.user).expect("leader validated the user");
+        let device = devices::devices_registered(&view, user)?;
+        return Ok(Applied::DeviceRegistered { user, device });
     }
     Ok(outcome)
 }

@@ -75,6 +75,31 @@ pub fn pending(
         .collect())
 }
 
+/// The `MessageDelivered` a 1:1 `MessageSent` becomes on the recipient's shard (`None` for a
+/// group message); `source_shard`/`source_pos` are filled in when it is queued for forwarding.
+pub fn delivery_of(
+    sent: &events::MessageSent,
+    stored_at_ms: u64,
+) -> Option<events::MessageDelivered> {
+    let Some(events::conversation::With::User(recipient)) = sent.to.as_ref().and_then(|to| to.with)
+    else {
+        return None;
+    };
+    let sender = UserId::new(sent.sender_user).expect("leader validated the sender");
+    Some(events::MessageDelivered {
+        message_id: sent.message_id.clone(),
+        recipient_user: recipient,
+        sender_user: sent.sender_user,
+        sender_device: sent.sender_device,
+        conversation: Some(ConversationId::Direct(sender).into()),
+        content: sent.content.clone(),
+        sent_at_ms: sent.sent_at_ms,
+        stored_at_ms,
+        source_shard: 0,
+        source_pos: 0,
+    })
+}
+
 fn push(view: &mut View<'_, '_>, dest: ShardId, mut kind: Kind) -> Result<()> {
     let mut state = state(view, dest)?;
     let pos = state
@@ -142,36 +167,18 @@ pub fn set_inbound(view: &mut View<'_, '_>, source: u32, pos: u64) -> Result<()>
 pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
     match event {
         Kind::MessageSent(sent) => {
-            let Some(events::conversation::With::User(recipient)) =
-                sent.to.as_ref().and_then(|to| to.with)
-            else {
-                return Ok(()); // group fan-out: issue #7
-            };
             if sent.recipient_shard == u32::from(view.shard().get()) {
-                return Ok(()); // the leader stored it in the same entry
+                return Ok(()); // stored in the same entry (see `apply_event`)
             }
-            let delivered = events::MessageDelivered {
-                message_id: sent.message_id.clone(),
-                recipient_user: recipient,
-                sender_user: sent.sender_user,
-                sender_device: sent.sender_device,
-                conversation: Some(
-                    ConversationId::Direct(
-                        UserId::new(sent.sender_user).expect("leader validated the sender"),
-                    )
-                    .into(),
+            match delivery_of(sent, 0) {
+                // The destination leader decides `stored_at_ms`.
+                Some(delivered) => push(
+                    view,
+                    shard_id(sent.recipient_shard),
+                    Kind::MessageDelivered(delivered),
                 ),
-                content: sent.content.clone(),
-                sent_at_ms: sent.sent_at_ms,
-                stored_at_ms: 0, // decided by the destination leader
-                source_shard: 0,
-                source_pos: 0,
-            };
-            push(
-                view,
-                shard_id(sent.recipient_shard),
-                Kind::MessageDelivered(delivered),
-            )
+                None => Ok(()), // group fan-out: issue #7
+            }
         }
         Kind::MessageDelivered(delivered) => {
             if delivered.source_pos > 0 {

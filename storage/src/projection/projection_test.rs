@@ -471,3 +471,44 @@ fn forwarded_duplicate_message_moves_the_watermark() {
         "{next:?}"
     );
 }
+
+/// A send within one shard stores the message in the recipient's inbox in the same entry; its
+/// retry (same client id, new message id) stores nothing.
+#[test]
+fn same_shard_send_stores_once() {
+    let mut kv = MemKv::default();
+    let mut state = ShardState::empty(SHARD);
+    let sent = |id: u8| {
+        Kind::MessageSent(events::MessageSent {
+            message_id: vec![id; 16],
+            sender_user: 1,
+            sender_device: 1,
+            client_msg_id: "only-once".to_owned(),
+            to: direct(2),
+            content: Some(events::Content {
+                body: b"x".to_vec(),
+                media: None,
+            }),
+            sent_at_ms: 5,
+            recipient_shard: u32::from(SHARD.get()),
+            group_epoch: 0,
+        })
+    };
+    apply_one(&mut kv, &mut state, vec![sent(1)]);
+    apply_one(&mut kv, &mut state, vec![sent(2)]);
+    let mut staged = Staged::new(&kv, BTreeMap::new());
+    let view = View::new(&mut staged, SHARD, LogIndex::ZERO, Projection::Inbox);
+    let user = UserId::new(2).expect("nonzero");
+    assert_eq!(
+        crate::projection::inbox::tail(&view, user)
+            .expect("memory")
+            .get(),
+        1,
+        "stored once"
+    );
+    let entry = crate::projection::inbox::entry(&view, user, courier_proto::InboxSeq::new(1))
+        .expect("memory")
+        .expect("stored");
+    assert_eq!(entry.message_id, vec![1; 16], "the first send's message");
+    assert_eq!(entry.stored_at_ms, 5, "stored when it was sent");
+}

@@ -48,6 +48,77 @@ pub fn of_message(
         .collect())
 }
 
+/// One change in a sender's receipt feed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FeedItem {
+    /// The log index that set this state (the feed is ordered by it).
+    pub set_at: courier_proto::LogIndex,
+    /// The message.
+    pub message: MessageId,
+    /// The recipient whose copy moved.
+    pub recipient: UserId,
+    /// Its state.
+    pub receipt: Receipt,
+}
+
+/// Returns up to `limit` receipt changes of `sender`'s messages set after log index `after`, in
+/// log order: what a sender's device stream pushes.
+///
+/// # Errors
+/// A storage fault.
+pub fn feed(
+    view: &View<'_, '_>,
+    sender: UserId,
+    after: courier_proto::LogIndex,
+    limit: usize,
+) -> Result<Vec<FeedItem>> {
+    let prefix = keys::receipt_feed_prefix(view.shard(), sender);
+    let from = keys::KeyBuf::shard(view.shard())
+        .u8(keys::tag::SECONDARY)
+        .u64(sender.get())
+        .u64(after.get().saturating_add(1))
+        .done();
+    let to = keys::prefix_end(&prefix).expect("feed prefixes end below 0xff..");
+    Ok(view
+        .scan::<Receipt>(Projection::Receipts, &from, &to, limit)?
+        .into_iter()
+        .filter_map(|(key, receipt)| {
+            let rest = key.get(prefix.len()..)?;
+            let set_at = u64::from_be_bytes(rest.get(..8)?.try_into().ok()?);
+            let message = MessageId::from_bytes(rest.get(8..24)?.try_into().ok()?);
+            let recipient = UserId::new(u64::from_be_bytes(rest.get(24..32)?.try_into().ok()?))?;
+            Some(FeedItem {
+                set_at: courier_proto::LogIndex::new(set_at),
+                message,
+                recipient,
+                receipt,
+            })
+        })
+        .collect())
+}
+
+/// Writes a receipt and moves its feed entry to the current index.
+fn record(
+    view: &mut View<'_, '_>,
+    sender: UserId,
+    message: MessageId,
+    recipient: UserId,
+    receipt: &Receipt,
+) -> Result<()> {
+    let shard = view.shard();
+    let key = keys::receipt(shard, sender, message, recipient);
+    if let Some((old_at, _)) = view.get_with_index::<Receipt>(Projection::Receipts, &key)? {
+        view.delete(keys::receipt_feed(
+            shard, sender, old_at, message, recipient,
+        ))?;
+    }
+    view.put(
+        keys::receipt_feed(shard, sender, view.at(), message, recipient),
+        receipt,
+    )?;
+    view.put(key, receipt)
+}
+
 /// Folds one event into the receipts.
 ///
 /// # Errors
@@ -62,34 +133,35 @@ pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
             else {
                 return Ok(());
             };
-            let key = keys::receipt(
-                shard,
+            let receipt = Receipt {
+                state: ReceiptState::Sent.into(),
+                at_ms: sent.sent_at_ms,
+            };
+            record(
+                view,
                 user_id(sent.sender_user),
                 message_id(&sent.message_id),
                 user_id(recipient),
-            );
-            view.put(
-                key,
-                &Receipt {
-                    state: ReceiptState::Sent.into(),
-                    at_ms: sent.sent_at_ms,
-                },
+                &receipt,
             )
         }
         Kind::ReceiptRecorded(recorded) => {
-            let key = keys::receipt(
-                shard,
+            let (sender, message, recipient) = (
                 user_id(recorded.sender_user),
                 message_id(&recorded.message_id),
                 user_id(recorded.recipient_user),
             );
+            let key = keys::receipt(shard, sender, message, recipient);
             let old = view
                 .get::<Receipt>(Projection::Receipts, &key)?
                 .map_or(ReceiptState::Unspecified, |r| r.state());
             let new = recorded.state();
             assert!(new > old, "receipts only move forward: {old:?} -> {new:?}");
-            view.put(
-                key,
+            record(
+                view,
+                sender,
+                message,
+                recipient,
                 &Receipt {
                     state: recorded.state,
                     at_ms: recorded.at_ms,
