@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use courier_consensus::groups::{GroupHandle, Groups};
 use courier_consensus::proposer::ProposeError;
-use courier_consensus::types::{ClusterSettings, GroupId, Node, NodeId, Proposal};
+use courier_consensus::types::{ClusterSettings, EventOutcome, GroupId, Node, NodeId, Proposal};
 use courier_proto::limits::{FORWARD_BATCH_EVENTS_MAX, SHARD_COUNT_MAX};
 use courier_proto::pb::events::{Event, event::Kind};
 use courier_proto::pb::peer::{
@@ -680,6 +680,74 @@ impl Cluster {
             .sum()
     }
 
+    /// Where a shard's leader is, from this node's point of view.
+    async fn route(&self, shard: ShardId) -> Result<Route, ApiError> {
+        let handle = self.group(GroupId::Shard(shard)).await?;
+        let metrics = handle.raft.metrics().borrow().clone();
+        if metrics.state == ServerState::Leader {
+            return Ok(Route::Local(handle));
+        }
+        let leader = metrics.current_leader;
+        let addr = leader.and_then(|id| {
+            metrics
+                .membership_config
+                .nodes()
+                .find(|(n, _)| **n == id)
+                .map(|(_, node)| node.addr.clone())
+        });
+        match addr {
+            Some(addr) => Ok(Route::Remote { addr, leader }),
+            None => Err(unavailable(format!("{shard} has no leader"), leader)),
+        }
+    }
+
+    /// Proposes events decided on this node to `shard`'s leader, here or one hop away, and
+    /// returns one outcome per event after they applied.
+    ///
+    /// # Errors
+    /// `UNAVAILABLE` when the shard has no leader or leadership moved; the caller retries with
+    /// the same ids (idempotent).
+    pub async fn propose(
+        &self,
+        shard: ShardId,
+        events: Vec<Event>,
+        already_forwarded: bool,
+    ) -> Result<Vec<EventOutcome>, ApiError> {
+        match self.route(shard).await? {
+            Route::Local(handle) => handle.proposer.propose(events).await.map_err(propose_error),
+            Route::Remote { leader, .. } if already_forwarded => Err(unavailable(
+                format!("{shard} moved its leader; retry"),
+                leader,
+            )),
+            Route::Remote { addr, leader } => {
+                let channel = self
+                    .groups
+                    .pool()
+                    .channel(&addr)
+                    .ok_or_else(|| unavailable(format!("bad leader address {addr}"), leader))?;
+                let mut client = peer::forward_client::ForwardClient::new(channel);
+                let mut request = tonic::Request::new(peer::ProposeRequest {
+                    shard: u32::from(shard.get()),
+                    events,
+                });
+                request.set_timeout(self.rpc_timeout);
+                request.metadata_mut().insert(
+                    FORWARDED_KEY,
+                    tonic::metadata::MetadataValue::from_static("1"),
+                );
+                let response = client.propose(request).await.map_err(|status| {
+                    unavailable(format!("leader {leader:?}: {}", status.message()), leader)
+                })?;
+                response
+                    .into_inner()
+                    .outcomes
+                    .into_iter()
+                    .map(outcome_from_wire)
+                    .collect()
+            }
+        }
+    }
+
     /// Stores a forwarded batch on the destination shard's leader, here or one hop away.
     ///
     /// # Errors
@@ -696,25 +764,18 @@ impl Cluster {
         let dest = ShardId::from_wire(request.dest_shard, shard_count)?;
         let source = ShardId::from_wire(request.source_shard, shard_count)?;
         let events = validate_batch(&request, source)?;
-        let handle = self.group(GroupId::Shard(dest)).await?;
-        let metrics = handle.raft.metrics().borrow().clone();
-        if metrics.state != ServerState::Leader {
-            let leader = metrics.current_leader;
-            let addr = leader.and_then(|id| {
-                metrics
-                    .membership_config
-                    .nodes()
-                    .find(|(n, _)| **n == id)
-                    .map(|(_, node)| node.addr.clone())
-            });
-            return match addr {
-                Some(addr) if !already_forwarded => self.forward_to(&addr, request, leader).await,
-                _ => Err(unavailable(
-                    format!("{dest} has no leader reachable from here"),
+        let handle = match self.route(dest).await? {
+            Route::Local(handle) => handle,
+            Route::Remote { addr, leader } if !already_forwarded => {
+                return self.forward_to(&addr, request, leader).await;
+            }
+            Route::Remote { leader, .. } => {
+                return Err(unavailable(
+                    format!("{dest} moved its leader; retry"),
                     leader,
-                )),
-            };
-        }
+                ));
+            }
+        };
         let last = request
             .first_pos
             .saturating_add(u64::try_from(events.len()).unwrap_or(u64::MAX))
@@ -780,6 +841,76 @@ impl Cluster {
                 )
             })
     }
+}
+
+/// Where a shard's leader runs.
+enum Route {
+    Local(GroupHandle),
+    Remote {
+        addr: String,
+        leader: Option<NodeId>,
+    },
+}
+
+/// An outcome in its wire form (peer `Propose`).
+pub fn outcome_to_wire(outcome: EventOutcome) -> peer::EventOutcome {
+    use peer::event_outcome::Kind as W;
+    let kind = match outcome {
+        EventOutcome::Sent {
+            message_id,
+            sent_at_ms,
+            log_index,
+            duplicate,
+        } => W::Sent(peer::event_outcome::Sent {
+            message_id,
+            sent_at_ms,
+            log_index,
+            duplicate,
+        }),
+        EventOutcome::Stored {
+            user,
+            seq,
+            duplicate,
+        } => W::Stored(peer::event_outcome::Stored {
+            user,
+            seq,
+            duplicate,
+        }),
+        EventOutcome::DuplicateForward => W::DuplicateForward(true),
+        EventOutcome::DeviceRegistered { user, device } => {
+            W::DeviceRegistered(peer::event_outcome::DeviceRegistered { user, device })
+        }
+        EventOutcome::Done => W::Done(true),
+    };
+    peer::EventOutcome { kind: Some(kind) }
+}
+
+fn outcome_from_wire(wire: peer::EventOutcome) -> Result<EventOutcome, ApiError> {
+    use peer::event_outcome::Kind as W;
+    Ok(match wire.kind {
+        Some(W::Sent(s)) => EventOutcome::Sent {
+            message_id: s.message_id,
+            sent_at_ms: s.sent_at_ms,
+            log_index: s.log_index,
+            duplicate: s.duplicate,
+        },
+        Some(W::Stored(s)) => EventOutcome::Stored {
+            user: s.user,
+            seq: s.seq,
+            duplicate: s.duplicate,
+        },
+        Some(W::DuplicateForward(_)) => EventOutcome::DuplicateForward,
+        Some(W::DeviceRegistered(d)) => EventOutcome::DeviceRegistered {
+            user: d.user,
+            device: d.device,
+        },
+        Some(W::Done(_)) => EventOutcome::Done,
+        None => {
+            return Err(internal(
+                "a peer answered an outcome of unknown kind".to_owned(),
+            ));
+        }
+    })
 }
 
 /// Maps a proposal failure to the API.

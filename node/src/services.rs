@@ -9,12 +9,13 @@ use courier_proto::pb::peer::admin_server::Admin;
 use courier_proto::pb::peer::forward_server::Forward;
 use courier_proto::pb::peer::{
     AddNodeRequest, AddNodeResponse, ForwardBatchRequest, ForwardBatchResponse, InitClusterRequest,
-    InitClusterResponse, RemoveNodeRequest, RemoveNodeResponse, StatusRequest, StatusResponse,
-    TransferLeaderRequest, TransferLeaderResponse,
+    InitClusterResponse, ProposeRequest, ProposeResponse, RemoveNodeRequest, RemoveNodeResponse,
+    StatusRequest, StatusResponse, TransferLeaderRequest, TransferLeaderResponse,
 };
 use tonic::{Request, Response, Status};
 
-use crate::cluster::{Cluster, was_forwarded};
+use crate::cluster::{Cluster, outcome_to_wire, was_forwarded};
+use crate::status::ApiError;
 
 /// The client-facing services of one node.
 #[derive(Clone, Debug, Default)]
@@ -40,6 +41,24 @@ impl PeerApi {
 
 #[tonic::async_trait]
 impl Forward for PeerApi {
+    async fn propose(
+        &self,
+        request: Request<ProposeRequest>,
+    ) -> Result<Response<ProposeResponse>, Status> {
+        let forwarded = was_forwarded(request.metadata());
+        let request = request.into_inner();
+        let shard_count = self.cluster.groups().shard_count().unwrap_or(0);
+        let shard = courier_proto::ShardId::from_wire(request.shard, shard_count)
+            .map_err(ApiError::from)?;
+        let outcomes = self
+            .cluster
+            .propose(shard, request.events, forwarded)
+            .await?;
+        Ok(Response::new(ProposeResponse {
+            outcomes: outcomes.into_iter().map(outcome_to_wire).collect(),
+        }))
+    }
+
     async fn forward_batch(
         &self,
         request: Request<ForwardBatchRequest>,
