@@ -9,8 +9,10 @@
 //! `main.rs` only parses flags, loads the config and calls [`server::start`]; tests start whole
 //! nodes in-process on port 0 the same way.
 
+pub mod client;
 pub mod cluster;
 pub mod config;
+pub mod forwarder;
 pub mod server;
 pub mod services;
 pub mod status;

@@ -27,9 +27,11 @@ use tracing::info;
 use courier_consensus::groups::{ConsensusError, Groups, RaftTiming};
 use courier_consensus::network::RaftService;
 
+use crate::client::ClientApi;
+use crate::client::registration::DevFileSms;
 use crate::cluster::Cluster;
 use crate::config::Config;
-use crate::services::{ClientApi, PeerApi};
+use crate::services::PeerApi;
 
 /// How long shutdown waits for in-flight RPCs before giving up on them.
 pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
@@ -192,7 +194,15 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
     let tasks = TaskTracker::new();
     let (error_tx, errors) = tokio::sync::mpsc::channel(2);
 
-    let client_router = client_router(&config).await?;
+    let sms = Arc::new(DevFileSms::new(config.data_dir.join("sms-outbox.log")));
+    let client_api = ClientApi::new(
+        cluster.clone(),
+        db.clone(),
+        config.limits.clone(),
+        sms,
+        shutdown.clone(),
+    );
+    let client_router = client_router(&config, client_api).await?;
     let peer_router = peer_router(cluster.clone(), groups.clone()).await?;
     for (name, router, listener) in [
         ("client", client_router, client_listener),
@@ -214,6 +224,12 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
             drop(db);
         });
     }
+    {
+        let cluster = cluster.clone();
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move { crate::forwarder::run(cluster, shutdown).await });
+    }
+    info!("outbox forwarders running");
     Ok(NodeHandle {
         client_addr,
         peer_addr,
@@ -258,14 +274,16 @@ fn reflection(
     Ok(builder.build_v1()?)
 }
 
-async fn client_router(config: &Config) -> Result<tonic::transport::server::Router, ServerError> {
+async fn client_router(
+    config: &Config,
+    api: ClientApi,
+) -> Result<tonic::transport::server::Router, ServerError> {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
         .set_serving::<RegistrationServer<ClientApi>>()
         .await;
     reporter.set_serving::<MessagingServer<ClientApi>>().await;
     reporter.set_serving::<GroupsServer<ClientApi>>().await;
-    let api = ClientApi;
     Ok(tonic::transport::Server::builder()
         .concurrency_limit_per_connection(
             usize::try_from(config.limits.streams_per_connection_max).unwrap_or(usize::MAX),

@@ -1,10 +1,16 @@
-//! The gRPC services. The peer services (raft transport, forwarding, admin) are live; client
-//! RPCs answer `UNIMPLEMENTED` through the generated default stubs until the messaging issue
-//! implements them: never a fake success.
+//! The gRPC services: client (registration, messaging; groups answer `UNIMPLEMENTED` until
+//! issue #7) and peer (forwarding, proposing, admin; raft is
+//! `courier_consensus::network::RaftService`).
 
 use courier_proto::pb::client::groups_server::Groups;
 use courier_proto::pb::client::messaging_server::Messaging;
 use courier_proto::pb::client::registration_server::Registration;
+use courier_proto::pb::client::{
+    ClientFrame, GetReceiptsRequest, GetReceiptsResponse, LinkDeviceRequest,
+    ListConversationsRequest, ListConversationsResponse, ListDevicesRequest, ListDevicesResponse,
+    RegisterRequest, RegisterResponse, RequestCodeRequest, RequestCodeResponse,
+    RevokeDeviceRequest, RevokeDeviceResponse, SendRequest, SendResponse,
+};
 use courier_proto::pb::peer::admin_server::Admin;
 use courier_proto::pb::peer::forward_server::Forward;
 use courier_proto::pb::peer::{
@@ -12,17 +18,103 @@ use courier_proto::pb::peer::{
     InitClusterResponse, ProposeRequest, ProposeResponse, RemoveNodeRequest, RemoveNodeResponse,
     StatusRequest, StatusResponse, TransferLeaderRequest, TransferLeaderResponse,
 };
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
+
+pub use crate::client::ClientApi;
+use crate::client::stream::ServerStream;
 
 use crate::cluster::{Cluster, outcome_to_wire, was_forwarded};
 use crate::status::ApiError;
 
-/// The client-facing services of one node.
-#[derive(Clone, Debug, Default)]
-pub struct ClientApi;
+#[tonic::async_trait]
+impl Registration for ClientApi {
+    async fn request_code(
+        &self,
+        request: Request<RequestCodeRequest>,
+    ) -> Result<Response<RequestCodeResponse>, Status> {
+        Ok(Response::new(
+            ClientApi::request_code(self, request.into_inner()).await?,
+        ))
+    }
 
-impl Registration for ClientApi {}
-impl Messaging for ClientApi {}
+    async fn register(
+        &self,
+        request: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
+        Ok(Response::new(
+            ClientApi::register(self, request.into_inner()).await?,
+        ))
+    }
+
+    async fn link_device(
+        &self,
+        request: Request<LinkDeviceRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
+        let caller = self.authenticate(request.metadata())?;
+        Ok(Response::new(
+            ClientApi::link_device(self, caller, request.into_inner()).await?,
+        ))
+    }
+
+    async fn list_devices(
+        &self,
+        request: Request<ListDevicesRequest>,
+    ) -> Result<Response<ListDevicesResponse>, Status> {
+        let caller = self.authenticate(request.metadata())?;
+        Ok(Response::new(ClientApi::list_devices(self, caller)?))
+    }
+
+    async fn revoke_device(
+        &self,
+        request: Request<RevokeDeviceRequest>,
+    ) -> Result<Response<RevokeDeviceResponse>, Status> {
+        let caller = self.authenticate(request.metadata())?;
+        ClientApi::revoke_device(self, caller, request.into_inner()).await?;
+        Ok(Response::new(RevokeDeviceResponse {}))
+    }
+}
+
+#[tonic::async_trait]
+impl Messaging for ClientApi {
+    async fn send(&self, request: Request<SendRequest>) -> Result<Response<SendResponse>, Status> {
+        let caller = self.authenticate(request.metadata())?;
+        Ok(Response::new(
+            ClientApi::send(self, caller, request.into_inner()).await?,
+        ))
+    }
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<ClientFrame>>,
+    ) -> Result<Response<ServerStream>, Status> {
+        let caller = self.authenticate(request.metadata())?;
+        Ok(Response::new(
+            self.open_stream(caller, request.into_inner()).await?,
+        ))
+    }
+
+    async fn get_receipts(
+        &self,
+        request: Request<GetReceiptsRequest>,
+    ) -> Result<Response<GetReceiptsResponse>, Status> {
+        let caller = self.authenticate(request.metadata())?;
+        Ok(Response::new(ClientApi::get_receipts(
+            self,
+            caller,
+            request.into_inner(),
+        )?))
+    }
+
+    async fn list_conversations(
+        &self,
+        request: Request<ListConversationsRequest>,
+    ) -> Result<Response<ListConversationsResponse>, Status> {
+        let caller = self.authenticate(request.metadata())?;
+        Ok(Response::new(ClientApi::list_conversations(self, caller)?))
+    }
+}
+
+// Groups are issue #7: every RPC answers UNIMPLEMENTED.
 impl Groups for ClientApi {}
 
 /// The peer-facing forwarding and admin services of one node (raft is

@@ -34,6 +34,30 @@ pub enum ApiError {
         /// What is wrong.
         message: String,
     },
+    /// No valid credential.
+    #[error("{message}")]
+    Unauthenticated {
+        /// Stable code.
+        code: &'static str,
+        /// What is wrong (never the token).
+        message: String,
+    },
+    /// A valid credential acting beyond its rights.
+    #[error("{message}")]
+    PermissionDenied {
+        /// Stable code.
+        code: &'static str,
+        /// What is not allowed.
+        message: String,
+    },
+    /// A limit was reached.
+    #[error("{message}")]
+    ResourceExhausted {
+        /// Stable code.
+        code: &'static str,
+        /// Which limit.
+        message: String,
+    },
     /// Something named does not exist.
     #[error("{message}")]
     NotFound {
@@ -81,6 +105,15 @@ impl From<ApiError> for Status {
                 with_code(Status::failed_precondition(message), code)
             }
             ApiError::NotFound { code, .. } => with_code(Status::not_found(message), code),
+            ApiError::Unauthenticated { code, .. } => {
+                with_code(Status::unauthenticated(message), code)
+            }
+            ApiError::PermissionDenied { code, .. } => {
+                with_code(Status::permission_denied(message), code)
+            }
+            ApiError::ResourceExhausted { code, .. } => {
+                with_code(Status::resource_exhausted(message), code)
+            }
             ApiError::Unavailable {
                 code,
                 retry_after_ms,

@@ -3,4 +3,5 @@
 
 mod cluster;
 mod foundation;
+mod messaging;
 mod support;

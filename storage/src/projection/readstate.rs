@@ -159,6 +159,32 @@ pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
     }
 }
 
+/// Returns every conversation of `user` with its read state.
+///
+/// # Errors
+/// A storage fault.
+pub fn conversations(
+    view: &View<'_, '_>,
+    user: UserId,
+) -> Result<Vec<(ConversationId, ReadState)>> {
+    let prefix = keys::read_state_user_prefix(view.shard(), user);
+    let end = keys::prefix_end(&prefix).expect("read state prefixes end below 0xff..");
+    Ok(view
+        .scan::<ReadState>(Projection::ReadState, &prefix, &end, usize::MAX)?
+        .into_iter()
+        .filter_map(|(key, state)| {
+            let rest = key.get(prefix.len()..)?;
+            let id = u64::from_be_bytes(rest.get(1..9)?.try_into().ok()?);
+            let conversation = match rest.first()? {
+                1 => ConversationId::Direct(UserId::new(id)?),
+                2 => ConversationId::Group(courier_proto::GroupId::new(id)?),
+                _ => return None,
+            };
+            Some((conversation, state))
+        })
+        .collect())
+}
+
 /// Returns the exact unread count of a read state.
 pub fn unread(state: &ReadState) -> u64 {
     state

@@ -1,0 +1,99 @@
+//! The client (phone) API: registration, authentication, sends, device streams, receipts.
+//!
+//! Every node serves it. Writes are events decided here (ids, timestamps) and proposed to the
+//! owning shard's leader through [`Cluster::propose`]; reads come from this node's replica,
+//! which holds every shard (every shard is replicated on every member in this version).
+
+pub mod auth;
+pub mod messaging;
+pub mod registration;
+pub mod stream;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use courier_proto::{LogIndex, ShardId, UserId, shard_of};
+use courier_storage::Db;
+use courier_storage::kv::Staged;
+use courier_storage::projection::{Projection, View};
+use tokio_util::sync::CancellationToken;
+
+use crate::cluster::Cluster;
+use crate::config::Limits;
+use crate::status::ApiError;
+
+/// Shared state of the client services.
+#[derive(Clone)]
+pub struct ClientApi {
+    pub(crate) cluster: Cluster,
+    pub(crate) db: Arc<Db>,
+    pub(crate) limits: Limits,
+    pub(crate) codes: Arc<registration::CodeStore>,
+    pub(crate) sms: Arc<dyn registration::SmsSender>,
+    pub(crate) shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for ClientApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientApi").finish_non_exhaustive()
+    }
+}
+
+impl ClientApi {
+    /// The client services of one node.
+    pub fn new(
+        cluster: Cluster,
+        db: Arc<Db>,
+        limits: Limits,
+        sms: Arc<dyn registration::SmsSender>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            cluster,
+            db,
+            limits,
+            codes: Arc::new(registration::CodeStore::default()),
+            sms,
+            shutdown,
+        }
+    }
+
+    /// The cluster's shard count.
+    pub(crate) fn shard_count(&self) -> Result<u16, ApiError> {
+        self.cluster
+            .groups()
+            .shard_count()
+            .ok_or_else(|| ApiError::Unavailable {
+                code: "COURIER:Cluster:NotInitialized",
+                message: "the cluster is not initialized yet".to_owned(),
+                retry_after_ms: 1000,
+                leader: None,
+            })
+    }
+
+    /// The shard that owns `user`.
+    pub(crate) fn shard_of(&self, user: UserId) -> Result<ShardId, ApiError> {
+        Ok(shard_of(user, self.shard_count()?))
+    }
+
+    /// Reads this replica's state of `shard` through a projection view.
+    pub(crate) fn read<R>(
+        &self,
+        shard: ShardId,
+        f: impl FnOnce(&View<'_, '_>) -> courier_storage::Result<R>,
+    ) -> Result<R, ApiError> {
+        let mut staged = Staged::new(self.db.as_ref(), BTreeMap::new());
+        let view = View::new(&mut staged, shard, LogIndex::ZERO, Projection::Inbox);
+        f(&view).map_err(|error| ApiError::Internal {
+            code: "COURIER:Node:Storage",
+            message: error.to_string(),
+        })
+    }
+}
+
+/// The current time, unix ms: decided here, carried in events (projections never read a clock).
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}

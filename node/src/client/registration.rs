@@ -1,0 +1,326 @@
+//! Registration: one-time codes by SMS, registering a primary device, linking companions,
+//! listing and revoking devices.
+//!
+//! Codes live in memory on the node that issued them (10 minutes, 5 attempts, bounded), so a
+//! phone registers against the node it asked for the code; a node restart forgets them (the user
+//! asks again). Phone numbers never reach logs or errors: the log holds a 128-bit hash.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use courier_proto::convert::registration::{PhoneNumber, RegisterCommand, device_name};
+use courier_proto::pb::client::{
+    DeviceInfo, LinkDeviceRequest, ListDevicesResponse, RegisterRequest, RegisterResponse,
+    RequestCodeRequest, RequestCodeResponse, RevokeDeviceRequest,
+};
+use courier_proto::pb::events::{self, Event, event::Kind};
+use courier_proto::{DeviceId, UserId, limits};
+use rand::Rng as _;
+use xxhash_rust::xxh3::{xxh3_64_with_seed, xxh3_128_with_seed};
+
+use super::{ClientApi, auth, now_ms};
+use crate::client::auth::Caller;
+use crate::status::ApiError;
+use courier_consensus::types::EventOutcome;
+
+/// How long a code is valid.
+pub const CODE_TTL: Duration = Duration::from_secs(600);
+/// Wrong codes allowed before the code is void.
+pub const CODE_ATTEMPTS_MAX: u32 = 5;
+/// Codes outstanding per node at most.
+pub const CODES_MAX: usize = 100_000;
+
+/// Seed of the phone → user id hash.
+const USER_SEED: u64 = 0x7573_6572_6964_0001;
+/// Seed of the logged phone hash.
+const PHONE_SEED: u64 = 0x7068_6f6e_6568_0001;
+
+/// The user a phone number registers as: a stable hash, so every node agrees without a lookup.
+pub fn user_of_phone(phone: &PhoneNumber) -> UserId {
+    let hash = xxh3_64_with_seed(phone.expose().as_bytes(), USER_SEED);
+    UserId::new(hash).unwrap_or(UserId::new(1).expect("1 is nonzero"))
+}
+
+/// The 16-byte hash of a phone number stored in the log.
+pub fn phone_hash(phone: &PhoneNumber) -> Vec<u8> {
+    xxh3_128_with_seed(phone.expose().as_bytes(), PHONE_SEED)
+        .to_be_bytes()
+        .to_vec()
+}
+
+/// Delivers registration codes.
+pub trait SmsSender: Send + Sync {
+    /// Sends `code` to `phone`.
+    ///
+    /// # Errors
+    /// When the code could not be handed over.
+    fn send(&self, phone: &PhoneNumber, code: &str) -> std::io::Result<()>;
+}
+
+/// Dev mode: appends `phone code` lines to `<data-dir>/sms-outbox.log` (never to the logs).
+#[derive(Debug)]
+pub struct DevFileSms {
+    path: PathBuf,
+}
+
+impl DevFileSms {
+    /// Writes into `path`.
+    pub fn new(path: PathBuf) -> Self {
+        Self { path }
+    }
+}
+
+impl SmsSender for DevFileSms {
+    fn send(&self, phone: &PhoneNumber, code: &str) -> std::io::Result<()> {
+        use std::io::Write as _;
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)?;
+        writeln!(file, "{} {code}", phone.expose())
+    }
+}
+
+#[derive(Debug)]
+struct Code {
+    code: String,
+    expires: Instant,
+    attempts_left: u32,
+}
+
+/// Outstanding codes by phone hash.
+#[derive(Debug, Default)]
+pub struct CodeStore {
+    codes: Mutex<BTreeMap<Vec<u8>, Code>>,
+}
+
+impl CodeStore {
+    fn issue(&self, phone: &[u8]) -> Result<String, ApiError> {
+        let mut codes = self
+            .codes
+            .lock()
+            .expect("code store lock is never poisoned");
+        let now = Instant::now();
+        codes.retain(|_, c| c.expires > now);
+        if codes.len() >= CODES_MAX && !codes.contains_key(phone) {
+            return Err(ApiError::ResourceExhausted {
+                code: "COURIER:Registration:TooManyCodes",
+                message: format!("{CODES_MAX} codes are outstanding on this node; retry later"),
+            });
+        }
+        let code: String = (0..limits::REGISTRATION_CODE_DIGITS)
+            .map(|_| char::from(b'0' + rand::rng().random_range(0..10_u8)))
+            .collect();
+        codes.insert(
+            phone.to_vec(),
+            Code {
+                code: code.clone(),
+                expires: now + CODE_TTL,
+                attempts_left: CODE_ATTEMPTS_MAX,
+            },
+        );
+        Ok(code)
+    }
+
+    fn check(&self, phone: &[u8], code: &str) -> Result<(), ApiError> {
+        let mut codes = self
+            .codes
+            .lock()
+            .expect("code store lock is never poisoned");
+        let bad = |message: &str| ApiError::Unauthenticated {
+            code: "COURIER:Registration:BadCode",
+            message: message.to_owned(),
+        };
+        let Some(entry) = codes.get_mut(phone) else {
+            return Err(bad(
+                "no code was requested for this number on this node, or it expired",
+            ));
+        };
+        if entry.expires <= Instant::now() {
+            codes.remove(phone);
+            return Err(bad("the code expired; request a new one"));
+        }
+        if !auth::constant_time_eq(entry.code.as_bytes(), code.as_bytes()) {
+            entry.attempts_left = entry.attempts_left.saturating_sub(1);
+            if entry.attempts_left == 0 {
+                codes.remove(phone);
+                return Err(bad("wrong code; no attempts left, request a new one"));
+            }
+            return Err(bad("wrong code"));
+        }
+        codes.remove(phone);
+        Ok(())
+    }
+}
+
+impl ClientApi {
+    /// `RequestCode`.
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT` for a malformed number; `RESOURCE_EXHAUSTED` when too many codes wait.
+    pub async fn request_code(
+        &self,
+        request: RequestCodeRequest,
+    ) -> Result<RequestCodeResponse, ApiError> {
+        let phone = PhoneNumber::try_from(request.phone_number)?;
+        let code = self.codes.issue(&phone_hash(&phone))?;
+        self.sms
+            .send(&phone, &code)
+            .map_err(|error| ApiError::Unavailable {
+                code: "COURIER:Registration:SmsFailed",
+                message: format!("the SMS sender failed: {}", error.kind()),
+                retry_after_ms: 1000,
+                leader: None,
+            })?;
+        tracing::info!(phone_hash = %auth::hex(&phone_hash(&phone)[..4]), "registration code issued");
+        Ok(RequestCodeResponse {
+            expires_in_s: u32::try_from(CODE_TTL.as_secs()).unwrap_or(u32::MAX),
+        })
+    }
+
+    async fn register_device(
+        &self,
+        user: UserId,
+        phone: Option<Vec<u8>>,
+        primary: bool,
+    ) -> Result<RegisterResponse, ApiError> {
+        let token: [u8; limits::DEVICE_TOKEN_BYTES] = rand::rng().random();
+        let mut events = Vec::new();
+        if let Some(phone_hash) = phone {
+            events.push(Event {
+                kind: Some(Kind::UserRegistered(events::UserRegistered {
+                    user: user.get(),
+                    phone_hash,
+                    at_ms: now_ms(),
+                })),
+            });
+        }
+        events.push(Event {
+            kind: Some(Kind::DeviceRegistered(events::DeviceRegistered {
+                user: user.get(),
+                device: 0, // assigned at apply
+                token_hash: auth::token_hash(&token),
+                primary,
+                at_ms: now_ms(),
+            })),
+        });
+        let outcomes = self
+            .cluster
+            .propose(self.shard_of(user)?, events, false)
+            .await?;
+        match outcomes.last() {
+            Some(EventOutcome::DeviceRegistered { device, .. }) => {
+                tracing::info!(user = user.get(), device, primary, "device registered");
+                Ok(RegisterResponse {
+                    user_id: user.get(),
+                    device_id: *device,
+                    device_token: token.to_vec(),
+                })
+            }
+            other => Err(ApiError::Internal {
+                code: "COURIER:Node:Outcome",
+                message: format!("unexpected outcome {other:?}"),
+            }),
+        }
+    }
+
+    /// `Register`: a new primary device for the number; the previous primary is revoked.
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT` for malformed input, `UNAUTHENTICATED` for a wrong or expired code.
+    pub async fn register(&self, request: RegisterRequest) -> Result<RegisterResponse, ApiError> {
+        let command = RegisterCommand::try_from(request)?;
+        let phone = phone_hash(&command.phone);
+        self.codes.check(&phone, &command.code)?;
+        self.register_device(user_of_phone(&command.phone), Some(phone), true)
+            .await
+    }
+
+    /// `LinkDevice`: a companion device, from an existing device.
+    ///
+    /// # Errors
+    /// `RESOURCE_EXHAUSTED` past the companion limit.
+    pub async fn link_device(
+        &self,
+        caller: Caller,
+        request: LinkDeviceRequest,
+    ) -> Result<RegisterResponse, ApiError> {
+        device_name(request.device_name)?;
+        let companions = self
+            .devices(caller.user)?
+            .iter()
+            .filter(|d| !d.primary && !d.revoked)
+            .count();
+        let max = usize::try_from(self.limits.companion_devices_max).unwrap_or(usize::MAX);
+        if companions >= max {
+            return Err(ApiError::ResourceExhausted {
+                code: "COURIER:Registration:TooManyCompanions",
+                message: format!("a user links at most {max} companion devices"),
+            });
+        }
+        self.register_device(caller.user, None, false).await
+    }
+
+    pub(crate) fn devices(&self, user: UserId) -> Result<Vec<DeviceInfo>, ApiError> {
+        let shard = self.shard_of(user)?;
+        self.read(shard, |view| {
+            courier_storage::projection::devices::devices_of(view, user)
+        })
+        .map(|devices| {
+            devices
+                .into_iter()
+                .map(|(id, r)| DeviceInfo {
+                    device_id: id,
+                    primary: r.primary,
+                    revoked: r.revoked,
+                    registered_at_ms: r.registered_at_ms,
+                })
+                .collect()
+        })
+    }
+
+    /// `ListDevices`.
+    ///
+    /// # Errors
+    /// Storage faults.
+    pub fn list_devices(&self, caller: Caller) -> Result<ListDevicesResponse, ApiError> {
+        Ok(ListDevicesResponse {
+            devices: self.devices(caller.user)?,
+        })
+    }
+
+    /// `RevokeDevice`: one of the caller's own devices.
+    ///
+    /// # Errors
+    /// `NOT_FOUND` for a device the caller does not have.
+    pub async fn revoke_device(
+        &self,
+        caller: Caller,
+        request: RevokeDeviceRequest,
+    ) -> Result<(), ApiError> {
+        let device = DeviceId::try_from(request)?;
+        if !self
+            .devices(caller.user)?
+            .iter()
+            .any(|d| d.device_id == device.get())
+        {
+            return Err(ApiError::NotFound {
+                code: "COURIER:Registration:UnknownDevice",
+                message: format!("{device} is not one of your devices"),
+            });
+        }
+        let event = Event {
+            kind: Some(Kind::DeviceRevoked(events::DeviceRevoked {
+                user: caller.user.get(),
+                device: device.get(),
+                at_ms: now_ms(),
+            })),
+        };
+        self.cluster
+            .propose(self.shard_of(caller.user)?, vec![event], false)
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,238 @@
+//! Device streams: one bidirectional stream per connected device.
+//!
+//! ```text
+//!  client ──Open{resume_after}──▶ pusher: backlog from the inbox, then new messages, in seq order
+//!         ◀── InboxMessage / ReceiptUpdate (bounded channel: a slow device pauses the pusher,
+//!                                           which later reads on from the inbox; memory stays flat)
+//!         ──Ack / Read──▶ DeliveryAcked / ReadUpTo proposed on the user's shard
+//! ```
+//!
+//! The pusher polls this node's replica of the user's shard every [`POLL_INTERVAL`]; every
+//! shard is on every node, so a stream on any node sees the user's inbox.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use courier_proto::convert::messaging::StreamCommand;
+use courier_proto::pb::client::{
+    ClientFrame, InboxMessage, ReceiptUpdate, ServerFrame, server_frame,
+};
+use courier_proto::pb::events::{self, Event, event::Kind};
+use courier_proto::{InboxSeq, LogIndex};
+use courier_storage::projection::{inbox, readstate, receipts};
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+
+use super::{ClientApi, auth::Caller, now_ms};
+use crate::status::ApiError;
+
+/// How often a stream looks for new messages and receipts.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// Messages read from the inbox per step.
+pub const PAGE_MESSAGES: usize = 256;
+/// How long the client has to send `Open`.
+pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The server half of a device stream.
+pub type ServerStream = Pin<Box<dyn Stream<Item = Result<ServerFrame, Status>> + Send>>;
+
+impl ClientApi {
+    /// Opens a device stream.
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT` when the first frame is not `Open`.
+    pub async fn open_stream(
+        &self,
+        caller: Caller,
+        mut frames: tonic::Streaming<ClientFrame>,
+    ) -> Result<ServerStream, ApiError> {
+        let first = tokio::time::timeout(OPEN_TIMEOUT, frames.message()).await;
+        let resume_after = match first {
+            Ok(Ok(Some(frame))) => match StreamCommand::try_from(frame)? {
+                StreamCommand::Open { resume_after } => resume_after,
+                _ => return Err(open_first()),
+            },
+            _ => return Err(open_first()),
+        };
+        let buffer = usize::try_from(self.limits.stream_buffer_frames).unwrap_or(256);
+        let (tx, rx) = mpsc::channel(buffer);
+        let shard = self.shard_of(caller.user)?;
+        // Receipts that change from now on are pushed; earlier ones are a GetReceipts away.
+        let receipts_after = self
+            .cluster
+            .groups()
+            .get(courier_consensus::types::GroupId::Shard(shard))
+            .map_or(LogIndex::ZERO, |handle| {
+                handle
+                    .applied
+                    .read()
+                    .expect("applied view lock")
+                    .shard
+                    .applied
+            });
+        tracing::info!(
+            user = caller.user.get(),
+            device = caller.device.get(),
+            resume_after = resume_after.get(),
+            "device stream opened"
+        );
+        let pusher = self.clone();
+        let pusher_tx = tx.clone();
+        tokio::spawn(async move {
+            pusher
+                .push(caller, resume_after, receipts_after, pusher_tx)
+                .await
+        });
+        let reader = self.clone();
+        tokio::spawn(async move { reader.read_frames(caller, frames, tx).await });
+        Ok(Box::pin(ReceiverStream::new(rx)))
+    }
+
+    async fn push(
+        &self,
+        caller: Caller,
+        mut cursor: InboxSeq,
+        mut receipts_after: LogIndex,
+        tx: mpsc::Sender<Result<ServerFrame, Status>>,
+    ) {
+        let Ok(shard) = self.shard_of(caller.user) else {
+            return;
+        };
+        loop {
+            let page = self.read(shard, |view| {
+                let tail = inbox::tail(view, caller.user)?;
+                let up_to = InboxSeq::new(
+                    tail.get()
+                        .min(cursor.get().saturating_add(PAGE_MESSAGES as u64)),
+                );
+                let messages = inbox::entries_between(view, caller.user, cursor, up_to)?;
+                let feed = receipts::feed(view, caller.user, receipts_after, PAGE_MESSAGES)?;
+                Ok((up_to, messages, feed))
+            });
+            let Ok((up_to, messages, feed)) = page else {
+                return;
+            };
+            for (seq, entry) in messages {
+                let frame = ServerFrame {
+                    frame: Some(server_frame::Frame::Message(InboxMessage {
+                        seq: seq.get(),
+                        message_id: entry.message_id,
+                        sender_user: entry.sender_user,
+                        sender_device: entry.sender_device,
+                        conversation: entry.conversation,
+                        content: entry.content,
+                        sent_at_ms: entry.sent_at_ms,
+                        stored_at_ms: entry.stored_at_ms,
+                    })),
+                };
+                // Backpressure: a slow device holds the pusher here; nothing else buffers.
+                if tx.send(Ok(frame)).await.is_err() {
+                    return;
+                }
+            }
+            cursor = cursor.max(up_to);
+            for item in feed {
+                receipts_after = item.set_at;
+                let frame = ServerFrame {
+                    frame: Some(server_frame::Frame::Receipt(ReceiptUpdate {
+                        message_id: item.message.as_bytes().to_vec(),
+                        recipient_user: item.recipient.get(),
+                        state: item.receipt.state,
+                        at_ms: item.receipt.at_ms,
+                    })),
+                };
+                if tx.send(Ok(frame)).await.is_err() {
+                    return;
+                }
+            }
+            tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                () = tx.closed() => return,
+                () = tokio::time::sleep(POLL_INTERVAL) => {}
+            }
+        }
+    }
+
+    async fn read_frames(
+        &self,
+        caller: Caller,
+        mut frames: tonic::Streaming<ClientFrame>,
+        tx: mpsc::Sender<Result<ServerFrame, Status>>,
+    ) {
+        loop {
+            let frame = tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                frame = frames.message() => frame,
+            };
+            let frame = match frame {
+                Ok(Some(frame)) => frame,
+                Ok(None) | Err(_) => return,
+            };
+            if let Err(error) = self.handle_frame(caller, frame).await {
+                let _ = tx.send(Err(error.into())).await;
+                return;
+            }
+        }
+    }
+
+    async fn handle_frame(&self, caller: Caller, frame: ClientFrame) -> Result<(), ApiError> {
+        let shard = self.shard_of(caller.user)?;
+        let event = match StreamCommand::try_from(frame)? {
+            StreamCommand::Open { .. } => {
+                return Err(ApiError::Invalid {
+                    code: "COURIER:Stream:Reopen",
+                    message: "the stream is already open".to_owned(),
+                });
+            }
+            StreamCommand::Typing { .. } => return Ok(()), // ephemeral: issue #7
+            StreamCommand::Ack { up_to } => {
+                let tail = self.read(shard, |view| inbox::tail(view, caller.user))?;
+                if up_to > tail {
+                    return Err(ApiError::Invalid {
+                        code: "COURIER:Stream:AckPastTail",
+                        message: format!("ack {up_to} is past the inbox tail {tail}"),
+                    });
+                }
+                Kind::DeliveryAcked(events::DeliveryAcked {
+                    user: caller.user.get(),
+                    device: caller.device.get(),
+                    up_to_seq: up_to.get(),
+                    acked_at_ms: now_ms(),
+                })
+            }
+            StreamCommand::Read {
+                conversation,
+                up_to,
+            } => {
+                let wire = events::Conversation::from(conversation);
+                let position =
+                    self.read(shard, |view| readstate::position(view, caller.user, up_to))?;
+                if position.and_then(|p| p.conversation) != Some(wire) {
+                    return Err(ApiError::Invalid {
+                        code: "COURIER:Stream:ReadUnknown",
+                        message: format!("seq {up_to} is not a message of that conversation"),
+                    });
+                }
+                Kind::ReadUpTo(events::ReadUpTo {
+                    user: caller.user.get(),
+                    conversation: Some(wire),
+                    up_to_seq: up_to.get(),
+                    read_at_ms: now_ms(),
+                })
+            }
+        };
+        self.cluster
+            .propose(shard, vec![Event { kind: Some(event) }], false)
+            .await?;
+        Ok(())
+    }
+}
+
+fn open_first() -> ApiError {
+    ApiError::Invalid {
+        code: "COURIER:Stream:OpenFirst",
+        message: "the first frame of a stream must be Open".to_owned(),
+    }
+}

@@ -1,0 +1,127 @@
+//! Outbox forwarders: on every shard this node leads, the events queued for each destination
+//! shard are sent in order, in batches, to the destination leader; once it answers
+//! `stored_up_to` (after its commit), `OutboxTrimmed` is proposed here.
+//!
+//! A new leader resumes from the replicated outbox, so nothing is lost; the destination's inbound
+//! watermark drops re-sent positions, so nothing is stored twice. Failures back off
+//! exponentially with jitter, per (source, destination), up to [`BACKOFF_MAX`].
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use courier_consensus::types::GroupId;
+use courier_proto::limits::FORWARD_BATCH_EVENTS_MAX;
+use courier_proto::pb::events::{self, Event, event::Kind};
+use courier_proto::pb::peer::ForwardBatchRequest;
+use courier_proto::{LogIndex, ShardId};
+use courier_storage::kv::Staged;
+use courier_storage::projection::{Projection, View, outbox};
+use openraft::ServerState;
+use rand::Rng as _;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::cluster::Cluster;
+
+/// How often the forwarder looks for queued events.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// First retry delay after a failed forward.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(50);
+/// Longest retry delay.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// Runs the forwarders of this node until `shutdown`.
+pub async fn run(cluster: Cluster, shutdown: CancellationToken) {
+    let mut backoff: BTreeMap<(u16, u16), (Instant, Duration)> = BTreeMap::new();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(POLL_INTERVAL) => {}
+        }
+        let Some(shard_count) = cluster.groups().shard_count() else {
+            continue;
+        };
+        for source in 0..shard_count {
+            let Some(handle) = cluster.groups().get(GroupId::Shard(ShardId::new(source))) else {
+                continue;
+            };
+            if handle.raft.metrics().borrow().state != ServerState::Leader {
+                continue;
+            }
+            for dest in 0..shard_count {
+                if backoff
+                    .get(&(source, dest))
+                    .is_some_and(|(at, _)| *at > Instant::now())
+                {
+                    continue;
+                }
+                match forward_once(&cluster, ShardId::new(source), ShardId::new(dest)).await {
+                    Ok(()) => {
+                        backoff.remove(&(source, dest));
+                    }
+                    Err(error) => {
+                        let delay = backoff
+                            .get(&(source, dest))
+                            .map_or(BACKOFF_MIN, |(_, d)| (*d * 2).min(BACKOFF_MAX));
+                        let jitter = rand::rng().random_range(0..=delay.as_millis() / 2);
+                        let jitter = Duration::from_millis(u64::try_from(jitter).unwrap_or(0));
+                        tracing::warn!(source, dest, %error, retry_ms = (delay + jitter).as_millis(), "forward failed");
+                        backoff.insert((source, dest), (Instant::now() + delay + jitter, delay));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Sends one batch from `source` to `dest` if anything is queued, then trims.
+async fn forward_once(
+    cluster: &Cluster,
+    source: ShardId,
+    dest: ShardId,
+) -> Result<(), crate::status::ApiError> {
+    let (state, pending) = {
+        let db = cluster.groups().db().clone();
+        let mut staged = Staged::new(db.as_ref(), BTreeMap::new());
+        let view = View::new(&mut staged, source, LogIndex::ZERO, Projection::Outbox);
+        let state = outbox::state(&view, dest).map_err(storage_error)?;
+        if state.last_pos <= state.trimmed_up_to {
+            return Ok(());
+        }
+        let pending = outbox::pending(
+            &view,
+            dest,
+            state.trimmed_up_to.saturating_add(1),
+            FORWARD_BATCH_EVENTS_MAX,
+        )
+        .map_err(storage_error)?;
+        (state, pending)
+    };
+    let Some((first_pos, _)) = pending.first() else {
+        return Ok(());
+    };
+    let request = ForwardBatchRequest {
+        source_shard: u32::from(source.get()),
+        dest_shard: u32::from(dest.get()),
+        first_pos: *first_pos,
+        events: pending.into_iter().map(|(_, event)| event).collect(),
+    };
+    let response = cluster.forward_batch(request, false).await?;
+    if response.stored_up_to > state.trimmed_up_to {
+        let trim = Event {
+            kind: Some(Kind::OutboxTrimmed(events::OutboxTrimmed {
+                dest_shard: u32::from(dest.get()),
+                up_to: response.stored_up_to,
+            })),
+        };
+        cluster.propose(source, vec![trim], false).await?;
+    }
+    Ok(())
+}
+
+fn storage_error(error: courier_storage::StorageError) -> crate::status::ApiError {
+    crate::status::ApiError::Internal {
+        code: "COURIER:Node:Storage",
+        message: error.to_string(),
+    }
+}

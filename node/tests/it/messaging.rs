@@ -1,0 +1,474 @@
+//! Messaging end to end on three in-process nodes (real gRPC, RocksDB, raft): registration,
+//! sends across shards to an offline recipient, device streams with backlog and live delivery,
+//! acks and reads, receipts pushed to the sender, dedup of retries, auth and validation errors
+//! that change nothing.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use courier_proto::convert::registration::PhoneNumber;
+use courier_proto::pb::client::messaging_client::MessagingClient;
+use courier_proto::pb::client::registration_client::RegistrationClient;
+use courier_proto::pb::client::{
+    Ack, ClientFrame, LinkDeviceRequest, ListConversationsRequest, Open, Read, RegisterRequest,
+    RequestCodeRequest, SendRequest, ServerFrame, client_frame, server_frame,
+};
+use courier_proto::pb::events::{self, ReceiptState};
+use courier_proto::{ShardId, UserId, shard_of};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::cluster::{SHARDS, fast_config, init, status, wait_leaders};
+use crate::support::channel;
+
+/// A registered device.
+#[derive(Clone, Debug)]
+struct Device {
+    user: u64,
+    device: u32,
+    bearer: String,
+}
+
+fn user_of(phone: &str) -> UserId {
+    courier_node::client::registration::user_of_phone(
+        &PhoneNumber::try_from(phone.to_owned()).expect("valid"),
+    )
+}
+
+async fn register(client_addr: &str, data_dir: &std::path::Path, phone: &str) -> Device {
+    let mut client = RegistrationClient::new(channel(client_addr).await);
+    client
+        .request_code(RequestCodeRequest {
+            phone_number: phone.to_owned(),
+        })
+        .await
+        .expect("code");
+    let outbox = std::fs::read_to_string(data_dir.join("sms-outbox.log")).expect("dev sms file");
+    let code = outbox
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix(&format!("{phone} ")))
+        .expect("a code for the phone")
+        .to_owned();
+    let response = client
+        .register(RegisterRequest {
+            phone_number: phone.to_owned(),
+            code,
+            device_name: "phone".to_owned(),
+        })
+        .await
+        .expect("register")
+        .into_inner();
+    Device {
+        user: response.user_id,
+        device: response.device_id,
+        bearer: courier_node::client::auth::bearer(
+            response.user_id,
+            response.device_id,
+            &response.device_token,
+        ),
+    }
+}
+
+fn authed<T>(device: &Device, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", device.bearer.parse().expect("ascii"));
+    request
+}
+
+fn body(text: &str) -> Option<events::Content> {
+    Some(events::Content {
+        body: text.as_bytes().to_vec(),
+        media: None,
+    })
+}
+
+/// An open device stream: frames arrive on `frames`, acks and reads go out on `out`.
+struct Stream {
+    frames: tonic::Streaming<ServerFrame>,
+    out: mpsc::Sender<ClientFrame>,
+}
+
+async fn open_stream(addr: &str, device: &Device, resume_after: u64) -> Stream {
+    let (out, rx) = mpsc::channel(16);
+    out.send(ClientFrame {
+        frame: Some(client_frame::Frame::Open(Open {
+            resume_after_seq: resume_after,
+        })),
+    })
+    .await
+    .expect("open");
+    let frames = MessagingClient::new(channel(addr).await)
+        .stream(authed(device, ReceiverStream::new(rx)))
+        .await
+        .expect("stream")
+        .into_inner();
+    Stream { frames, out }
+}
+
+/// Reads frames until `want` returns true or `timeout` passes; returns everything read.
+async fn collect(
+    stream: &mut Stream,
+    timeout: Duration,
+    mut done: impl FnMut(&[ServerFrame]) -> bool,
+) -> Vec<ServerFrame> {
+    let deadline = Instant::now() + timeout;
+    let mut frames = Vec::new();
+    while !done(&frames) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, stream.frames.message()).await {
+            Ok(Ok(Some(frame))) => frames.push(frame),
+            _ => break,
+        }
+    }
+    frames
+}
+
+fn messages(frames: &[ServerFrame]) -> Vec<(u64, Vec<u8>)> {
+    frames
+        .iter()
+        .filter_map(|f| match &f.frame {
+            Some(server_frame::Frame::Message(m)) => Some((m.seq, m.message_id.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+struct Cluster {
+    nodes: Vec<courier_node::NodeHandle>,
+    dirs: Vec<std::path::PathBuf>,
+    _root: tempfile::TempDir,
+}
+
+async fn cluster() -> Cluster {
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut nodes = Vec::new();
+    let mut dirs = Vec::new();
+    for id in 1..=3 {
+        let dir = root.path().join(format!("n{id}"));
+        let config = courier_node::Config::parse(&fast_config(id, &dir)).expect("config");
+        nodes.push(courier_node::start(config).await.expect("start"));
+        dirs.push(dir);
+    }
+    let peers: Vec<String> = nodes.iter().map(|n| n.peer_addr.to_string()).collect();
+    let members: Vec<(u64, String)> = peers
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (i as u64 + 1, p.clone()))
+        .collect();
+    init(&peers[0], &members).await;
+    wait_leaders(&peers, Duration::from_secs(20)).await;
+    Cluster {
+        nodes,
+        dirs,
+        _root: root,
+    }
+}
+
+/// Two phone numbers whose users live on different shards.
+fn phones_on_different_shards() -> (String, String) {
+    let count = u16::try_from(SHARDS).expect("small");
+    let alice = "+15550000001".to_owned();
+    let alice_shard = shard_of(user_of(&alice), count);
+    let bob = (2..100)
+        .map(|i| format!("+155500000{i:02}"))
+        .find(|p| shard_of(user_of(p), count) != alice_shard)
+        .expect("a number elsewhere");
+    (alice, bob)
+}
+
+/// Alice and Bob on different shards; Bob is offline while Alice sends 200; Bob's two devices
+/// each receive exactly those 200, in order; acks and a read reach Alice's stream as SENT,
+/// DELIVERED, READ for every message, never backwards; a retried send is answered with the first
+/// result and stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_recipient_gets_everything_in_order_and_receipts_flow_back() {
+    let c = cluster().await;
+    let addr = |i: usize| c.nodes[i].client_addr.to_string();
+    let (alice_phone, bob_phone) = phones_on_different_shards();
+    let alice = register(&addr(0), &c.dirs[0], &alice_phone).await;
+    let bob = register(&addr(1), &c.dirs[1], &bob_phone).await;
+    assert_ne!(
+        shard_of(UserId::new(alice.user).expect("id"), 4),
+        shard_of(UserId::new(bob.user).expect("id"), 4)
+    );
+
+    let mut alice_stream = open_stream(&addr(0), &alice, 0).await;
+    let mut sent = Vec::new();
+    {
+        tracing::info!("Alice sends 200 through node 2 while Bob is offline");
+        let mut messaging = MessagingClient::new(channel(&addr(1)).await);
+        for i in 0..200 {
+            let request = SendRequest {
+                client_msg_id: format!("a-{i}"),
+                to_user: bob.user,
+                content: body(&format!("hello {i}")),
+            };
+            let response = messaging
+                .send(authed(&alice, request))
+                .await
+                .expect("send")
+                .into_inner();
+            assert!(!response.duplicate);
+            sent.push(response.message_id);
+        }
+        let retry = SendRequest {
+            client_msg_id: "a-0".to_owned(),
+            to_user: bob.user,
+            content: body("hello 0"),
+        };
+        let again = messaging
+            .send(authed(&alice, retry))
+            .await
+            .expect("retry")
+            .into_inner();
+        assert!(again.duplicate, "a retry is recognised");
+        assert_eq!(again.message_id, sent[0], "a retry gets the first result");
+    }
+    let want: Vec<(u64, Vec<u8>)> = sent
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (i as u64 + 1, id.clone()))
+        .collect();
+    let bob2 = {
+        tracing::info!("Bob links a second device");
+        let response = RegistrationClient::new(channel(&addr(2)).await)
+            .link_device(authed(
+                &bob,
+                LinkDeviceRequest {
+                    device_name: "tablet".to_owned(),
+                },
+            ))
+            .await
+            .expect("link")
+            .into_inner();
+        Device {
+            user: bob.user,
+            device: response.device_id,
+            bearer: courier_node::client::auth::bearer(
+                bob.user,
+                response.device_id,
+                &response.device_token,
+            ),
+        }
+    };
+    {
+        tracing::info!("each of Bob's devices receives exactly the 200, in order, on any node");
+        for (node, device) in [(2, &bob), (0, &bob2)] {
+            let mut stream = open_stream(&addr(node), device, 0).await;
+            let frames = collect(&mut stream, Duration::from_secs(30), |f| {
+                messages(f).len() >= 200
+            })
+            .await;
+            assert_eq!(messages(&frames), want, "device {} of Bob", device.device);
+            let extra = collect(&mut stream, Duration::from_millis(300), |f| !f.is_empty()).await;
+            assert!(
+                messages(&extra).is_empty(),
+                "nothing beyond the 200, no duplicate of the retry"
+            );
+        }
+    }
+    {
+        tracing::info!("Bob's first device acks and reads everything");
+        let stream = open_stream(&addr(2), &bob, 200).await;
+        stream
+            .out
+            .send(ClientFrame {
+                frame: Some(client_frame::Frame::Ack(Ack { up_to_seq: 200 })),
+            })
+            .await
+            .expect("ack");
+        let conversation = Some(events::Conversation {
+            with: Some(events::conversation::With::User(alice.user)),
+        });
+        stream
+            .out
+            .send(ClientFrame {
+                frame: Some(client_frame::Frame::Read(Read {
+                    conversation,
+                    up_to_seq: 200,
+                })),
+            })
+            .await
+            .expect("read");
+        let cursor = {
+            let db = c.nodes[2].groups().db().clone();
+            let shard = shard_of(UserId::new(bob.user).expect("id"), 4);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let acked = read_cursor(&db, shard, bob.user, bob.device);
+                if acked == 200 || Instant::now() > deadline {
+                    break (acked, read_cursor(&db, shard, bob.user, bob2.device));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        assert_eq!(cursor, (200, 0), "the ack moved only that device's cursor");
+        drop(stream);
+    }
+    {
+        tracing::info!(
+            "Alice's stream shows SENT, DELIVERED, READ for each message, never backwards"
+        );
+        let frames = collect(&mut alice_stream, Duration::from_secs(30), |f| {
+            f.iter().filter(|x| matches!(&x.frame, Some(server_frame::Frame::Receipt(r)) if r.state == i32::from(ReceiptState::Read))).count() >= 200
+        })
+        .await;
+        let mut states: BTreeMap<Vec<u8>, Vec<i32>> = BTreeMap::new();
+        for frame in frames {
+            if let Some(server_frame::Frame::Receipt(r)) = frame.frame {
+                states.entry(r.message_id).or_default().push(r.state);
+            }
+        }
+        assert_eq!(states.len(), 200, "a receipt for every message");
+        for (id, seen) in states {
+            let (s, d, r) = (
+                i32::from(ReceiptState::Sent),
+                i32::from(ReceiptState::Delivered),
+                i32::from(ReceiptState::Read),
+            );
+            assert_eq!(
+                seen,
+                vec![s, d, r],
+                "message {id:?}: sent, delivered, read, once each and in order"
+            );
+        }
+    }
+    {
+        tracing::info!("Bob's conversation list shows nothing unread");
+        let list = MessagingClient::new(channel(&addr(0)).await)
+            .list_conversations(authed(&bob, ListConversationsRequest {}))
+            .await
+            .expect("list")
+            .into_inner();
+        assert_eq!(list.conversations.len(), 1);
+        assert_eq!(list.conversations[0].unread, 0);
+    }
+    for node in c.nodes {
+        node.stop().await;
+    }
+}
+
+fn read_cursor(
+    db: &std::sync::Arc<courier_storage::Db>,
+    shard: ShardId,
+    user: u64,
+    device: u32,
+) -> u64 {
+    use courier_storage::kv::Staged;
+    use courier_storage::projection::{Projection, View, cursors};
+    let mut staged = Staged::new(db.as_ref(), BTreeMap::new());
+    let view = View::new(
+        &mut staged,
+        shard,
+        courier_proto::LogIndex::ZERO,
+        Projection::Cursors,
+    );
+    let user = UserId::new(user).expect("id");
+    let device = courier_proto::DeviceId::new(device).expect("id");
+    cursors::acked(&view, user, device).expect("read").get()
+}
+
+async fn last_log_indexes(peer: &str) -> Vec<u64> {
+    status(peer)
+        .await
+        .shards
+        .iter()
+        .map(|s| s.last_log_index)
+        .collect()
+}
+
+fn code_of(status: &tonic::Status) -> String {
+    status
+        .metadata()
+        .get("courier-code")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned()
+}
+
+/// Missing, malformed and revoked tokens get UNAUTHENTICATED; oversize bodies, empty client ids
+/// and unknown recipients get INVALID_ARGUMENT / NOT_FOUND; none of them appends to any log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejections_change_nothing() {
+    let c = cluster().await;
+    let addr = c.nodes[0].client_addr.to_string();
+    let peer = c.nodes[0].peer_addr.to_string();
+    let (alice_phone, bob_phone) = phones_on_different_shards();
+    let alice = register(&addr, &c.dirs[0], &alice_phone).await;
+    let bob = register(&addr, &c.dirs[0], &bob_phone).await;
+    let again = register(&addr, &c.dirs[0], &alice_phone).await;
+    assert_eq!(again.user, alice.user, "the same number is the same user");
+    assert_eq!(again.device, alice.device + 1, "a new primary device");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = last_log_indexes(&peer).await;
+    let mut messaging = MessagingClient::new(channel(&addr).await);
+    let send = |id: &str, to: u64, content| SendRequest {
+        client_msg_id: id.to_owned(),
+        to_user: to,
+        content,
+    };
+
+    let status = messaging
+        .send(tonic::Request::new(send("x", bob.user, body("hi"))))
+        .await
+        .expect_err("no token");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+    let garbage = Device {
+        bearer: "Bearer 1.1.00".to_owned(),
+        ..alice.clone()
+    };
+    let status = messaging
+        .send(authed(&garbage, send("x", bob.user, body("hi"))))
+        .await
+        .expect_err("bad token");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+    let status = messaging
+        .send(authed(&alice, send("x", bob.user, body("hi"))))
+        .await
+        .expect_err("revoked by re-registration");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+    assert!(
+        !status.message().contains(&again.bearer[7..]),
+        "errors never echo tokens"
+    );
+
+    let oversize = Some(events::Content {
+        body: vec![0; 64 * 1024 + 1],
+        media: None,
+    });
+    let status = messaging
+        .send(authed(&again, send("x", bob.user, oversize)))
+        .await
+        .expect_err("oversize");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert_eq!(code_of(&status), "COURIER:Wire:TooLong");
+    let status = messaging
+        .send(authed(&again, send("", bob.user, body("hi"))))
+        .await
+        .expect_err("empty id");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    let status = messaging
+        .send(authed(&again, send("x", 12345, body("hi"))))
+        .await
+        .expect_err("unknown recipient");
+    assert_eq!(status.code(), tonic::Code::NotFound);
+    assert_eq!(code_of(&status), "COURIER:Messaging:UnknownRecipient");
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        last_log_indexes(&peer).await,
+        before,
+        "no rejected request appended anything"
+    );
+    let ok = messaging
+        .send(authed(&again, send("x", bob.user, body("hi"))))
+        .await
+        .expect("the new device sends");
+    assert!(!ok.into_inner().duplicate);
+    for node in c.nodes {
+        node.stop().await;
+    }
+}
