@@ -33,7 +33,7 @@ impl Registration for ClientApi {
         request: Request<RequestCodeRequest>,
     ) -> Result<Response<RequestCodeResponse>, Status> {
         Ok(Response::new(
-            ClientApi::request_code(self, request.into_inner()).await?,
+            ClientApi::request_code(self, request.into_inner())?,
         ))
     }
 

@@ -74,7 +74,6 @@ pub struct EventGen {
     next_user: u64,
     groups: BTreeMap<u64, Vec<u64>>,
     client_ids: u64,
-    used_client_ids: std::collections::BTreeSet<(u64, u64)>,
     /// Body size of generated messages, in bytes.
     pub body_bytes: usize,
 }
@@ -96,7 +95,6 @@ impl EventGen {
             next_user: 100,
             groups: BTreeMap::new(),
             client_ids: 0,
-            used_client_ids: std::collections::BTreeSet::new(),
             body_bytes: 16,
         }
     }

@@ -160,7 +160,7 @@ impl ClientApi {
     ///
     /// # Errors
     /// `INVALID_ARGUMENT` for a malformed number; `RESOURCE_EXHAUSTED` when too many codes wait.
-    pub async fn request_code(
+    pub fn request_code(
         &self,
         request: RequestCodeRequest,
     ) -> Result<RequestCodeResponse, ApiError> {
