@@ -472,3 +472,66 @@ async fn rejections_change_nothing() {
         node.stop().await;
     }
 }
+
+/// Three node processes; Alice sends 100 messages to Bob through a node that does not lead her
+/// shard, retrying each send with the same client id until it is acknowledged; after 30 sends the
+/// leader of Alice's shard is SIGKILLed. Afterwards Bob's inbox holds every acknowledged message
+/// exactly once, in send order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_the_senders_leader_loses_and_duplicates_nothing() {
+    use crate::cluster::{with_fast_raft};
+    use crate::support::{NodeProcess, config_on_ports, free_port, wait_addrs};
+    let root = tempfile::tempdir().expect("tempdir");
+    let ports: BTreeMap<u64, (u16, u16)> = (1..=3).map(|id| (id, (free_port(), free_port()))).collect();
+    let make_config = |id: u64, dir: &std::path::Path| {
+        let (client, peer) = ports[&id];
+        with_fast_raft(config_on_ports(id, dir, client, peer))
+    };
+    let mut procs: Vec<NodeProcess> = (1..=3).map(|id| NodeProcess::start_with(id, root.path(), &make_config)).collect();
+    let addrs: Vec<_> = procs.iter().map(|p| wait_addrs(&p.data_dir, Duration::from_secs(20))).collect();
+    let peers: Vec<String> = addrs.iter().map(|a| a.peer.clone()).collect();
+    let members: Vec<(u64, String)> = peers.iter().enumerate().map(|(i, p)| (i as u64 + 1, p.clone())).collect();
+    init(&peers[0], &members).await;
+    let leaders = wait_leaders(&peers, Duration::from_secs(30)).await;
+
+    let (alice_phone, bob_phone) = phones_on_different_shards();
+    let alice = register(&addrs[0].client, &procs[0].data_dir, &alice_phone).await;
+    let bob = register(&addrs[0].client, &procs[0].data_dir, &bob_phone).await;
+    let alice_shard = u32::from(shard_of(UserId::new(alice.user).expect("id"), 4).get());
+    let victim = usize::try_from(leaders[&alice_shard] - 1).expect("small");
+    let via = (victim + 1) % 3;
+    let client_addr = addrs[via].client.clone();
+
+    let mut acked = Vec::new();
+    let mut retries = 0;
+    for i in 0..100 {
+        if i == 30 {
+            tracing::info!("SIGKILL the leader of Alice's shard mid-stream");
+            procs[victim].child.kill().expect("SIGKILL");
+            procs[victim].child.wait().expect("reaped");
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let request = SendRequest { client_msg_id: format!("k-{i}"), to_user: bob.user, content: body(&format!("m{i}")) };
+            let attempt = async { MessagingClient::new(channel(&client_addr).await).send(authed(&alice, request)).await };
+            match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+                Ok(Ok(response)) => {
+                    acked.push(response.into_inner().message_id);
+                    break;
+                }
+                _ => {
+                    retries += 1;
+                    assert!(Instant::now() < deadline, "send {i} not acknowledged within 30 s");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+    eprintln!("100 sends acknowledged, {retries} retries across the failover");
+    let mut stream = open_stream(&client_addr, &bob, 0).await;
+    let frames = collect(&mut stream, Duration::from_secs(30), |f| messages(f).len() >= 100).await;
+    let extra = collect(&mut stream, Duration::from_millis(500), |f| !f.is_empty()).await;
+    let got: Vec<Vec<u8>> = messages(&frames).into_iter().chain(messages(&extra)).map(|(_, id)| id).collect();
+    assert_eq!(got, acked, "every acknowledged message once, in order, nothing else");
+    drop(procs);
+}
