@@ -32,9 +32,10 @@ impl Registration for ClientApi {
         &self,
         request: Request<RequestCodeRequest>,
     ) -> Result<Response<RequestCodeResponse>, Status> {
-        Ok(Response::new(
-            ClientApi::request_code(self, request.into_inner())?,
-        ))
+        Ok(Response::new(ClientApi::request_code(
+            self,
+            request.into_inner(),
+        )?))
     }
 
     async fn register(

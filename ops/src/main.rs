@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
+mod demo;
 mod offline;
 mod online;
 
@@ -45,6 +46,27 @@ enum Command {
     /// Adds or removes a node (every group, each on its leader).
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Dev-mode demo: two users on different shards talk through a running cluster.
+    Demo {
+        /// Client address of the node Alice uses.
+        #[arg(long)]
+        alice_addr: String,
+        /// That node's data directory (its dev SMS outbox holds the code).
+        #[arg(long)]
+        alice_data_dir: PathBuf,
+        /// Client address of the node Bob uses.
+        #[arg(long)]
+        bob_addr: String,
+        /// That node's data directory.
+        #[arg(long)]
+        bob_data_dir: PathBuf,
+        /// The cluster's shard count.
+        #[arg(long, default_value_t = 8)]
+        shards: u16,
+        /// Messages for the send → arrival latency measurement (0: skip).
+        #[arg(long, default_value_t = 200)]
+        latency_samples: usize,
+    },
     /// Reads a shard's event log.
     #[command(subcommand)]
     Log(LogCommand),
@@ -191,6 +213,22 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         Command::Node(NodeCommand::Remove { addr, id }) => runtime()?
             .block_on(online::node_remove(&addr, id))
             .map(|()| true),
+        Command::Demo {
+            alice_addr,
+            alice_data_dir,
+            bob_addr,
+            bob_data_dir,
+            shards,
+            latency_samples,
+        } => {
+            let demo = demo::Demo {
+                alice_node: (alice_addr, alice_data_dir),
+                bob_node: (bob_addr, bob_data_dir),
+                shards,
+                latency_samples,
+            };
+            runtime()?.block_on(demo::run(demo)).map(|()| true)
+        }
         Command::Log(LogCommand::Dump {
             data_dir,
             shard,

@@ -15,7 +15,7 @@ pub mod shard;
 pub mod types;
 
 pub use error::WireError;
-pub use shard::{shard_of, shard_of_group};
+pub use shard::{phone_hash, shard_of, shard_of_group, user_of_phone};
 pub use types::{
     ClientMsgId, ConversationId, DeviceId, GroupId, InboxSeq, LogIndex, MessageId, ShardId, UserId,
 };

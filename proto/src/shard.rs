@@ -12,6 +12,24 @@ use crate::types::{GroupId, ShardId, UserId};
 /// The seed of the shard hash: the ASCII bytes of "courier" as a big-endian integer.
 pub const SHARD_HASH_SEED: u64 = 0x0063_6f75_7269_6572;
 
+/// Seed of the phone number → user id hash.
+pub const USER_OF_PHONE_SEED: u64 = 0x7573_6572_6964_0001;
+/// Seed of the 128-bit phone hash stored in the log.
+pub const PHONE_HASH_SEED: u64 = 0x7068_6f6e_6568_0001;
+
+/// The user a phone number registers as: xxh3-64 of the E.164 text with
+/// [`USER_OF_PHONE_SEED`] (zero is mapped to 1). Stable forever, so every node and tool agrees
+/// without a lookup.
+pub fn user_of_phone(phone: &str) -> UserId {
+    UserId::new(xxh3_64_with_seed(phone.as_bytes(), USER_OF_PHONE_SEED))
+        .unwrap_or(UserId::new(1).expect("1 is nonzero"))
+}
+
+/// The 16-byte hash of a phone number that the log stores instead of the number.
+pub fn phone_hash(phone: &str) -> [u8; 16] {
+    xxhash_rust::xxh3::xxh3_128_with_seed(phone.as_bytes(), PHONE_HASH_SEED).to_be_bytes()
+}
+
 /// Domain separation so that a user id and a group id with the same value may land apart.
 const GROUP_DOMAIN: u64 = 0x9e37_79b9_7f4a_7c15;
 

@@ -18,7 +18,6 @@ use courier_proto::pb::client::{
 use courier_proto::pb::events::{self, Event, event::Kind};
 use courier_proto::{DeviceId, UserId, limits};
 use rand::Rng as _;
-use xxhash_rust::xxh3::{xxh3_64_with_seed, xxh3_128_with_seed};
 
 use super::{ClientApi, auth, now_ms};
 use crate::client::auth::Caller;
@@ -32,22 +31,14 @@ pub const CODE_ATTEMPTS_MAX: u32 = 5;
 /// Codes outstanding per node at most.
 pub const CODES_MAX: usize = 100_000;
 
-/// Seed of the phone → user id hash.
-const USER_SEED: u64 = 0x7573_6572_6964_0001;
-/// Seed of the logged phone hash.
-const PHONE_SEED: u64 = 0x7068_6f6e_6568_0001;
-
-/// The user a phone number registers as: a stable hash, so every node agrees without a lookup.
+/// The user a phone number registers as (`courier_proto::user_of_phone`).
 pub fn user_of_phone(phone: &PhoneNumber) -> UserId {
-    let hash = xxh3_64_with_seed(phone.expose().as_bytes(), USER_SEED);
-    UserId::new(hash).unwrap_or(UserId::new(1).expect("1 is nonzero"))
+    courier_proto::user_of_phone(phone.expose())
 }
 
-/// The 16-byte hash of a phone number stored in the log.
+/// The 16-byte hash of a phone number stored in the log (`courier_proto::phone_hash`).
 pub fn phone_hash(phone: &PhoneNumber) -> Vec<u8> {
-    xxh3_128_with_seed(phone.expose().as_bytes(), PHONE_SEED)
-        .to_be_bytes()
-        .to_vec()
+    courier_proto::phone_hash(phone.expose()).to_vec()
 }
 
 /// Delivers registration codes.

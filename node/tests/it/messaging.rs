@@ -270,8 +270,12 @@ async fn offline_recipient_gets_everything_in_order_and_receipts_flow_back() {
             );
         }
     }
+    let count_state = |frames: &[ServerFrame], state: ReceiptState| {
+        frames.iter().filter(|x| matches!(&x.frame, Some(server_frame::Frame::Receipt(r)) if r.state == i32::from(state))).count()
+    };
+    let mut alice_frames = Vec::new();
     {
-        tracing::info!("Bob's first device acks and reads everything");
+        tracing::info!("Bob's first device acks everything: Alice sees DELIVERED for each");
         let stream = open_stream(&addr(2), &bob, 200).await;
         stream
             .out
@@ -280,6 +284,26 @@ async fn offline_recipient_gets_everything_in_order_and_receipts_flow_back() {
             })
             .await
             .expect("ack");
+        alice_frames.extend(
+            collect(&mut alice_stream, Duration::from_secs(30), |f| {
+                count_state(f, ReceiptState::Delivered) >= 200
+            })
+            .await,
+        );
+        assert_eq!(count_state(&alice_frames, ReceiptState::Delivered), 200);
+        let db = c.nodes[2].groups().db().clone();
+        let shard = shard_of(UserId::new(bob.user).expect("id"), 4);
+        assert_eq!(
+            read_cursor(&db, shard, bob.user, bob.device),
+            200,
+            "the acking device's cursor moved"
+        );
+        assert_eq!(
+            read_cursor(&db, shard, bob.user, bob2.device),
+            0,
+            "the other device's cursor did not"
+        );
+        tracing::info!("then Bob reads the conversation: Alice sees READ for each");
         let conversation = Some(events::Conversation {
             with: Some(events::conversation::With::User(alice.user)),
         });
@@ -293,42 +317,29 @@ async fn offline_recipient_gets_everything_in_order_and_receipts_flow_back() {
             })
             .await
             .expect("read");
-        let cursor = {
-            let db = c.nodes[2].groups().db().clone();
-            let shard = shard_of(UserId::new(bob.user).expect("id"), 4);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                let acked = read_cursor(&db, shard, bob.user, bob.device);
-                if acked == 200 || Instant::now() > deadline {
-                    break (acked, read_cursor(&db, shard, bob.user, bob2.device));
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        };
-        assert_eq!(cursor, (200, 0), "the ack moved only that device's cursor");
-        drop(stream);
+        let more = collect(&mut alice_stream, Duration::from_secs(30), |f| {
+            count_state(f, ReceiptState::Read) >= 200
+        })
+        .await;
+        alice_frames.extend(more);
     }
     {
         tracing::info!(
-            "Alice's stream shows SENT, DELIVERED, READ for each message, never backwards"
+            "per message, Alice saw SENT, DELIVERED, READ in that order, never backwards"
         );
-        let frames = collect(&mut alice_stream, Duration::from_secs(30), |f| {
-            f.iter().filter(|x| matches!(&x.frame, Some(server_frame::Frame::Receipt(r)) if r.state == i32::from(ReceiptState::Read))).count() >= 200
-        })
-        .await;
         let mut states: BTreeMap<Vec<u8>, Vec<i32>> = BTreeMap::new();
-        for frame in frames {
+        for frame in alice_frames {
             if let Some(server_frame::Frame::Receipt(r)) = frame.frame {
                 states.entry(r.message_id).or_default().push(r.state);
             }
         }
         assert_eq!(states.len(), 200, "a receipt for every message");
+        let (s, d, r) = (
+            i32::from(ReceiptState::Sent),
+            i32::from(ReceiptState::Delivered),
+            i32::from(ReceiptState::Read),
+        );
         for (id, seen) in states {
-            let (s, d, r) = (
-                i32::from(ReceiptState::Sent),
-                i32::from(ReceiptState::Delivered),
-                i32::from(ReceiptState::Read),
-            );
             assert_eq!(
                 seen,
                 vec![s, d, r],
@@ -479,18 +490,28 @@ async fn rejections_change_nothing() {
 /// exactly once, in send order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_the_senders_leader_loses_and_duplicates_nothing() {
-    use crate::cluster::{with_fast_raft};
+    use crate::cluster::with_fast_raft;
     use crate::support::{NodeProcess, config_on_ports, free_port, wait_addrs};
     let root = tempfile::tempdir().expect("tempdir");
-    let ports: BTreeMap<u64, (u16, u16)> = (1..=3).map(|id| (id, (free_port(), free_port()))).collect();
+    let ports: BTreeMap<u64, (u16, u16)> =
+        (1..=3).map(|id| (id, (free_port(), free_port()))).collect();
     let make_config = |id: u64, dir: &std::path::Path| {
         let (client, peer) = ports[&id];
         with_fast_raft(config_on_ports(id, dir, client, peer))
     };
-    let mut procs: Vec<NodeProcess> = (1..=3).map(|id| NodeProcess::start_with(id, root.path(), &make_config)).collect();
-    let addrs: Vec<_> = procs.iter().map(|p| wait_addrs(&p.data_dir, Duration::from_secs(20))).collect();
+    let mut procs: Vec<NodeProcess> = (1..=3)
+        .map(|id| NodeProcess::start_with(id, root.path(), &make_config))
+        .collect();
+    let addrs: Vec<_> = procs
+        .iter()
+        .map(|p| wait_addrs(&p.data_dir, Duration::from_secs(20)))
+        .collect();
     let peers: Vec<String> = addrs.iter().map(|a| a.peer.clone()).collect();
-    let members: Vec<(u64, String)> = peers.iter().enumerate().map(|(i, p)| (i as u64 + 1, p.clone())).collect();
+    let members: Vec<(u64, String)> = peers
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (i as u64 + 1, p.clone()))
+        .collect();
     init(&peers[0], &members).await;
     let leaders = wait_leaders(&peers, Duration::from_secs(30)).await;
 
@@ -512,8 +533,16 @@ async fn sigkill_the_senders_leader_loses_and_duplicates_nothing() {
         }
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let request = SendRequest { client_msg_id: format!("k-{i}"), to_user: bob.user, content: body(&format!("m{i}")) };
-            let attempt = async { MessagingClient::new(channel(&client_addr).await).send(authed(&alice, request)).await };
+            let request = SendRequest {
+                client_msg_id: format!("k-{i}"),
+                to_user: bob.user,
+                content: body(&format!("m{i}")),
+            };
+            let attempt = async {
+                MessagingClient::new(channel(&client_addr).await)
+                    .send(authed(&alice, request))
+                    .await
+            };
             match tokio::time::timeout(Duration::from_secs(5), attempt).await {
                 Ok(Ok(response)) => {
                     acked.push(response.into_inner().message_id);
@@ -521,7 +550,10 @@ async fn sigkill_the_senders_leader_loses_and_duplicates_nothing() {
                 }
                 _ => {
                     retries += 1;
-                    assert!(Instant::now() < deadline, "send {i} not acknowledged within 30 s");
+                    assert!(
+                        Instant::now() < deadline,
+                        "send {i} not acknowledged within 30 s"
+                    );
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
@@ -529,9 +561,19 @@ async fn sigkill_the_senders_leader_loses_and_duplicates_nothing() {
     }
     eprintln!("100 sends acknowledged, {retries} retries across the failover");
     let mut stream = open_stream(&client_addr, &bob, 0).await;
-    let frames = collect(&mut stream, Duration::from_secs(30), |f| messages(f).len() >= 100).await;
+    let frames = collect(&mut stream, Duration::from_secs(30), |f| {
+        messages(f).len() >= 100
+    })
+    .await;
     let extra = collect(&mut stream, Duration::from_millis(500), |f| !f.is_empty()).await;
-    let got: Vec<Vec<u8>> = messages(&frames).into_iter().chain(messages(&extra)).map(|(_, id)| id).collect();
-    assert_eq!(got, acked, "every acknowledged message once, in order, nothing else");
+    let got: Vec<Vec<u8>> = messages(&frames)
+        .into_iter()
+        .chain(messages(&extra))
+        .map(|(_, id)| id)
+        .collect();
+    assert_eq!(
+        got, acked,
+        "every acknowledged message once, in order, nothing else"
+    );
     drop(procs);
 }
