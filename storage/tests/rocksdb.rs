@@ -348,20 +348,29 @@ fn crash_keeps_every_durable_append() {
             .spawn()
             .expect("spawn child");
         let stdout = child.stdout.take().expect("piped");
-        let run_for = Duration::from_millis(50 + rng.below(250));
+        // The kill lands at a random point 0-250 ms after the child's first durable append
+        // (measured from its first report, so a slow start under load cannot void the run).
+        let run_for = Duration::from_millis(rng.below(250));
+        let (first_tx, first_rx) = std::sync::mpsc::sync_channel(1);
         let reader = std::thread::spawn(move || {
             let mut durable = LogIndex::ZERO;
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
                 if let Some(index) = line.strip_prefix("durable ") {
+                    if durable == LogIndex::ZERO {
+                        let _ = first_tx.try_send(());
+                    }
                     durable = LogIndex::new(index.parse().expect("an index"));
                 }
             }
             durable
         });
+        first_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the child reports its first append");
         let started = Instant::now();
         while started.elapsed() < run_for {
-            std::thread::sleep(Duration::from_millis(5));
+            std::thread::sleep(Duration::from_millis(1));
         }
         child.kill().expect("SIGKILL");
         child.wait().expect("reaped");

@@ -4,8 +4,9 @@
 
 use std::time::Duration;
 
-use courier_proto::pb::client::SendRequest;
+use courier_proto::pb::client::groups_client::GroupsClient;
 use courier_proto::pb::client::messaging_client::MessagingClient;
+use courier_proto::pb::client::{CreateGroupRequest, SendRequest};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -114,16 +115,21 @@ async fn node_serves_health_and_reflection() {
 
     {
         tracing::info!(
-            "an RPC that later issues implement answers UNIMPLEMENTED, never a fake success"
+            "an RPC that a later issue implements answers UNIMPLEMENTED, never a fake success"
         );
-        let mut messaging = MessagingClient::connect(format!("http://{client}"))
+        let mut groups = GroupsClient::new(channel(&client).await);
+        let status = groups
+            .create_group(CreateGroupRequest::default())
             .await
-            .expect("connect");
+            .expect_err("groups are issue #7");
+        assert_eq!(status.code(), tonic::Code::Unimplemented);
+        tracing::info!("a send without a token is refused before anything else");
+        let mut messaging = MessagingClient::new(channel(&client).await);
         let status = messaging
             .send(SendRequest::default())
             .await
-            .expect_err("not implemented yet");
-        assert_eq!(status.code(), tonic::Code::Unimplemented);
+            .expect_err("no token");
+        assert_eq!(status.code(), tonic::Code::Unauthenticated);
     }
     {
         tracing::info!("a second node on the same data directory is refused with a clear error");
