@@ -260,41 +260,57 @@ fn encode_response<T: Serialize>(
     Ok(tonic::Response::new(RaftResponse { payload }))
 }
 
+impl<R: GroupRouter> RaftService<R> {
+    /// Decodes a request, finds its group and hands the decoded request to `call`.
+    async fn dispatch<Req, Resp, F, Fut>(
+        &self,
+        request: tonic::Request<RaftRequest>,
+        call: F,
+    ) -> Result<tonic::Response<RaftResponse>, tonic::Status>
+    where
+        Req: DeserializeOwned,
+        Resp: Serialize,
+        F: FnOnce(Raft, Req) -> Fut,
+        Fut: Future<Output = Resp>,
+    {
+        let request = request.into_inner();
+        let group =
+            group_from_wire(request.group.as_ref()).map_err(tonic::Status::invalid_argument)?;
+        let rpc: Req = decode_request(&request.payload)?;
+        let raft = self.router.raft(group).await?;
+        encode_response(&call(raft, rpc).await)
+    }
+}
+
 #[tonic::async_trait]
 impl<R: GroupRouter> peer::raft_server::Raft for RaftService<R> {
     async fn append_entries(
         &self,
         request: tonic::Request<RaftRequest>,
     ) -> Result<tonic::Response<RaftResponse>, tonic::Status> {
-        let request = request.into_inner();
-        let group =
-            group_from_wire(request.group.as_ref()).map_err(tonic::Status::invalid_argument)?;
-        let rpc: AppendEntriesRequest<TypeConfig> = decode_request(&request.payload)?;
-        let raft = self.router.raft(group).await?;
-        encode_response(&raft.append_entries(rpc).await)
+        self.dispatch(request, |raft, rpc: AppendEntriesRequest<TypeConfig>| async move { raft.append_entries(rpc).await }).await
     }
 
     async fn vote(
         &self,
         request: tonic::Request<RaftRequest>,
     ) -> Result<tonic::Response<RaftResponse>, tonic::Status> {
-        let request = request.into_inner();
-        let group =
-            group_from_wire(request.group.as_ref()).map_err(tonic::Status::invalid_argument)?;
-        let rpc: VoteRequest<NodeId> = decode_request(&request.payload)?;
-        let raft = self.router.raft(group).await?;
-        encode_response(&raft.vote(rpc).await)
+        self.dispatch(request, |raft, rpc: VoteRequest<NodeId>| async move {
+            raft.vote(rpc).await
+        })
+        .await
     }
 
     async fn install_snapshot(
         &self,
         request: tonic::Request<RaftRequest>,
     ) -> Result<tonic::Response<RaftResponse>, tonic::Status> {
-        let request = request.into_inner();
-        let group =
-            group_from_wire(request.group.as_ref()).map_err(tonic::Status::invalid_argument)?;
-        let rpc: InstallSnapshotRequest<TypeConfig> = decode_request(&request.payload)?;
-        let raft = self.router.raft(group).await?;
-        encode_response(&raft.install_snapshot(rpc).await)
+        self.dispatch(
+            request,
+            |raft, rpc: InstallSnapshotRequest<TypeConfig>| async move {
+                raft.install_snapshot(rpc).await
+            },
+        )
+        .await
     }
 }

@@ -5,12 +5,9 @@
 use std::process::Command;
 use std::sync::Arc;
 
-use courier_proto::pb::store::LogEntry;
-use courier_proto::{LogIndex, ShardId};
-use courier_storage::shard::Committed;
-use courier_storage::testkit::EventGen;
-use courier_storage::{Cf, Db, LogRecord, LogStore, OpenMode, Projection, ReadKv, ShardState};
-use prost::Message;
+use courier_proto::ShardId;
+use courier_storage::testkit::{self, EventGen};
+use courier_storage::{Cf, Db, LogStore, OpenMode, Projection, ReadKv, ShardState};
 
 const SHARD: ShardId = ShardId::new(4);
 
@@ -20,35 +17,9 @@ fn populate(data_dir: &std::path::Path) {
     let mut state = ShardState::empty(SHARD);
     let mut generator = EventGen::new(SHARD, 5);
     for _ in 0..20 {
-        let payloads = generator.payloads(10, 4);
-        let records: Vec<LogRecord> = payloads
-            .iter()
-            .enumerate()
-            .map(|(i, p)| LogRecord {
-                index: LogIndex::new(state.applied.get() + 1 + i as u64),
-                term: 1,
-                payload: LogEntry {
-                    raft: Vec::new(),
-                    events: Some(p.clone()),
-                }
-                .encode_to_vec(),
-            })
-            .collect();
-        log.append(&records).expect("append");
-        let committed: Vec<Committed<'_>> = records
-            .iter()
-            .zip(&payloads)
-            .map(|(r, p)| Committed {
-                index: r.index,
-                payload: Some(p),
-            })
-            .collect();
-        let batch = state
-            .apply_batch(db.as_ref(), &committed, Vec::new())
-            .expect("apply");
-        db.commit(batch.changes, true).expect("commit");
-        state = batch.next;
+        testkit::append_and_apply(db.as_ref(), &log, &mut state, &generator.payloads(10, 4));
     }
+    db.sync_wal().expect("sync");
 }
 
 fn ops(args: &[&str]) -> (i32, String) {

@@ -17,8 +17,7 @@ use std::time::Instant;
 use courier_proto::pb::store::LogEntry;
 use courier_proto::{LogIndex, ShardId};
 use courier_storage::rebuild;
-use courier_storage::shard::Committed;
-use courier_storage::testkit::EventGen;
+use courier_storage::testkit::{self, EventGen};
 use courier_storage::{Cf, Db, LogRecord, LogStore, MemKv, OpenMode, ShardState};
 use prost::Message;
 
@@ -83,19 +82,7 @@ fn main() {
         .zip(payloads.chunks(BATCH_ENTRIES))
     {
         log.append(chunk).expect("append");
-        let committed: Vec<Committed<'_>> = chunk
-            .iter()
-            .zip(chunk_payloads)
-            .map(|(r, p)| Committed {
-                index: r.index,
-                payload: Some(p),
-            })
-            .collect();
-        let batch = state
-            .apply_batch(db.as_ref(), &committed, Vec::new())
-            .expect("apply");
-        db.commit(batch.changes, false).expect("commit");
-        state = batch.next;
+        testkit::apply(db.as_ref(), &mut state, chunk, chunk_payloads);
     }
     let append_apply = started.elapsed();
 

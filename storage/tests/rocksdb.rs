@@ -7,16 +7,14 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use courier_proto::pb::store::LogEntry;
 use courier_proto::{LogIndex, ShardId};
 use courier_storage::kv::Change;
 use courier_storage::rebuild::{self, Rebuilt};
 use courier_storage::shard::Committed;
-use courier_storage::testkit::{EventGen, Rng};
+use courier_storage::testkit::{self, EventGen, Rng};
 use courier_storage::{
     Cf, Db, LogRecord, LogStore, MemKv, OpenMode, Projection, ReadKv, ShardState, StorageError,
 };
-use prost::Message;
 
 const SHARD: ShardId = ShardId::new(2);
 
@@ -24,7 +22,8 @@ fn open(dir: &std::path::Path) -> Arc<Db> {
     Arc::new(Db::open(dir, OpenMode::ReadWrite).expect("opens"))
 }
 
-/// Appends `payloads` to the log and applies them, `batch` entries at a time, as a replica would.
+/// Appends generated entries to the log and applies them, `batch` entries at a time, as a
+/// replica would.
 fn append_and_apply(
     db: &Db,
     log: &LogStore,
@@ -37,35 +36,7 @@ fn append_and_apply(
     while left > 0 {
         let n = batch.min(left);
         left -= n;
-        let payloads = generator.payloads(n, 4);
-        let first = state.applied.next();
-        let records: Vec<LogRecord> = payloads
-            .iter()
-            .enumerate()
-            .map(|(i, payload)| LogRecord {
-                index: LogIndex::new(first.get() + i as u64),
-                term: 1,
-                payload: LogEntry {
-                    raft: Vec::new(),
-                    events: Some(payload.clone()),
-                }
-                .encode_to_vec(),
-            })
-            .collect();
-        log.append(&records).expect("append");
-        let committed: Vec<Committed<'_>> = records
-            .iter()
-            .zip(&payloads)
-            .map(|(record, payload)| Committed {
-                index: record.index,
-                payload: Some(payload),
-            })
-            .collect();
-        let applied = state
-            .apply_batch(db, &committed, Vec::new())
-            .expect("apply");
-        db.commit(applied.changes, false).expect("commit");
-        *state = applied.next;
+        testkit::append_and_apply(db, log, state, &generator.payloads(n, 4));
     }
 }
 
@@ -279,37 +250,13 @@ fn crash_child(dir: &str, shard: ShardId, seed: u64) {
             .map_or(LogIndex::ZERO, |r| r.index)
             .next();
         let payloads = generator.payloads(4, 3);
-        let records: Vec<LogRecord> = payloads
-            .iter()
-            .enumerate()
-            .map(|(i, payload)| LogRecord {
-                index: LogIndex::new(records_from.get() + i as u64),
-                term: 1,
-                payload: LogEntry {
-                    raft: Vec::new(),
-                    events: Some(payload.clone()),
-                }
-                .encode_to_vec(),
-            })
-            .collect();
+        let records = testkit::records(records_from, &payloads);
         log.append(&records).expect("append");
         let last = records.last().expect("four records").index;
         writeln!(stdout, "durable {last}").expect("parent reads");
         stdout.flush().expect("flush");
         if state.applied.next() == records_from {
-            let committed: Vec<Committed<'_>> = records
-                .iter()
-                .zip(&payloads)
-                .map(|(record, payload)| Committed {
-                    index: record.index,
-                    payload: Some(payload),
-                })
-                .collect();
-            let batch = state
-                .apply_batch(db.as_ref(), &committed, Vec::new())
-                .expect("apply");
-            db.commit(batch.changes, false).expect("commit");
-            state = batch.next;
+            testkit::apply(db.as_ref(), &mut state, &records, &payloads);
         }
     }
 }

@@ -307,34 +307,80 @@ pub(crate) fn with_fast_raft(config: String) -> String {
     )
 }
 
+/// Node processes on fixed ports (a restarted node must come back at the address its peers know),
+/// with fast raft timing.
+pub(crate) struct Processes {
+    pub(crate) procs: Vec<NodeProcess>,
+    pub(crate) addrs: Vec<crate::support::Addrs>,
+    pub(crate) peers: Vec<String>,
+    root: tempfile::TempDir,
+    ports: BTreeMap<u64, (u16, u16)>,
+}
+
+impl Processes {
+    /// Starts `n` nodes, bootstraps the cluster and waits for every shard's leader.
+    pub(crate) async fn start_initialized(n: u64) -> (Self, BTreeMap<u32, u64>) {
+        let root = tempfile::tempdir().expect("tempdir");
+        let ports: BTreeMap<u64, (u16, u16)> =
+            (1..=n).map(|id| (id, (free_port(), free_port()))).collect();
+        let mut this = Self {
+            procs: Vec::new(),
+            addrs: Vec::new(),
+            peers: Vec::new(),
+            root,
+            ports,
+        };
+        for id in 1..=n {
+            let proc = this.spawn(id);
+            this.procs.push(proc);
+        }
+        this.addrs = this
+            .procs
+            .iter()
+            .map(|p| wait_addrs(&p.data_dir, Duration::from_secs(20)))
+            .collect();
+        this.peers = this.addrs.iter().map(|a| a.peer.clone()).collect();
+        let members: Vec<(u64, String)> = this
+            .peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (i as u64 + 1, p.clone()))
+            .collect();
+        init(&this.peers[0], &members).await;
+        let leaders = wait_leaders(&this.peers, Duration::from_secs(30)).await;
+        (this, leaders)
+    }
+
+    fn spawn(&self, id: u64) -> NodeProcess {
+        let ports = self.ports.clone();
+        let make_config = move |id: u64, data_dir: &std::path::Path| {
+            let (client, peer) = ports[&id];
+            with_fast_raft(config_on_ports(id, data_dir, client, peer))
+        };
+        NodeProcess::start_with(id, self.root.path(), &make_config)
+    }
+
+    /// SIGKILLs the node at `index`.
+    pub(crate) fn kill(&mut self, index: usize) {
+        self.procs[index].child.kill().expect("SIGKILL");
+        self.procs[index].child.wait().expect("reaped");
+    }
+
+    /// Restarts the node at `index` on its ports and data directory.
+    pub(crate) fn restart(&mut self, index: usize) {
+        let id = u64::try_from(index).expect("small") + 1;
+        self.procs[index] = self.spawn(id);
+        wait_addrs(&self.procs[index].data_dir, Duration::from_secs(20));
+    }
+}
+
 /// Three `courier-node` processes: writes flow, the node leading shard 0 is SIGKILLed, its
 /// shards elect new leaders and accept writes again; the node restarts and catches up (by
 /// snapshot: it missed more than the log keeps) and every replica converges.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_a_leader_fails_over_and_the_node_catches_up() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    // Fixed ports: a restarted node must come back at the address its peers know.
-    let ports: BTreeMap<u64, (u16, u16)> =
-        (1..=3).map(|id| (id, (free_port(), free_port()))).collect();
-    let make_config = |id: u64, data_dir: &std::path::Path| {
-        let (client, peer) = ports[&id];
-        with_fast_raft(config_on_ports(id, data_dir, client, peer))
-    };
-    let mut procs: Vec<NodeProcess> = (1..=3)
-        .map(|id| NodeProcess::start_with(id, dir.path(), &make_config))
-        .collect();
-    let addrs: Vec<_> = procs
-        .iter()
-        .map(|p| wait_addrs(&p.data_dir, Duration::from_secs(20)))
-        .collect();
-    let peers: Vec<String> = addrs.iter().map(|a| a.peer.clone()).collect();
-    let members: Vec<(u64, String)> = peers
-        .iter()
-        .enumerate()
-        .map(|(i, p)| (i as u64 + 1, p.clone()))
-        .collect();
-    init(&peers[0], &members).await;
-    let leaders = wait_leaders(&peers, Duration::from_secs(30)).await;
+    let (mut cluster, leaders) = Processes::start_initialized(3).await;
+    let peers = cluster.peers.clone();
     let mut next_pos: BTreeMap<u32, u64> = (0..SHARDS).map(|s| (s, 1)).collect();
     for shard in 0..SHARDS {
         let pos = next_pos[&shard];
@@ -365,8 +411,7 @@ async fn sigkill_a_leader_fails_over_and_the_node_catches_up() {
         .max()
         .unwrap_or(0);
     let killed_at = Instant::now();
-    procs[victim_index].child.kill().expect("SIGKILL");
-    procs[victim_index].child.wait().expect("reaped");
+    cluster.kill(victim_index);
     {
         tracing::info!("the shards the victim led accept writes again through a survivor");
         for &shard in &led {
@@ -415,8 +460,7 @@ async fn sigkill_a_leader_fails_over_and_the_node_catches_up() {
     }
     {
         tracing::info!("restart the victim: it catches up and every replica converges");
-        procs[victim_index] = NodeProcess::start_with(victim, dir.path(), &make_config);
-        wait_addrs(&procs[victim_index].data_dir, Duration::from_secs(20));
+        cluster.restart(victim_index);
         let converged = wait_converged(&peers, Duration::from_secs(60)).await;
         eprintln!("converged after restart: {converged:?}");
     }

@@ -490,34 +490,13 @@ async fn rejections_change_nothing() {
 /// exactly once, in send order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_the_senders_leader_loses_and_duplicates_nothing() {
-    use crate::cluster::with_fast_raft;
-    use crate::support::{NodeProcess, config_on_ports, free_port, wait_addrs};
-    let root = tempfile::tempdir().expect("tempdir");
-    let ports: BTreeMap<u64, (u16, u16)> =
-        (1..=3).map(|id| (id, (free_port(), free_port()))).collect();
-    let make_config = |id: u64, dir: &std::path::Path| {
-        let (client, peer) = ports[&id];
-        with_fast_raft(config_on_ports(id, dir, client, peer))
-    };
-    let mut procs: Vec<NodeProcess> = (1..=3)
-        .map(|id| NodeProcess::start_with(id, root.path(), &make_config))
-        .collect();
-    let addrs: Vec<_> = procs
-        .iter()
-        .map(|p| wait_addrs(&p.data_dir, Duration::from_secs(20)))
-        .collect();
-    let peers: Vec<String> = addrs.iter().map(|a| a.peer.clone()).collect();
-    let members: Vec<(u64, String)> = peers
-        .iter()
-        .enumerate()
-        .map(|(i, p)| (i as u64 + 1, p.clone()))
-        .collect();
-    init(&peers[0], &members).await;
-    let leaders = wait_leaders(&peers, Duration::from_secs(30)).await;
+    let (mut cluster, leaders) = crate::cluster::Processes::start_initialized(3).await;
+    let addrs = cluster.addrs.clone();
 
     let (alice_phone, bob_phone) = phones_on_different_shards();
-    let alice = register(&addrs[0].client, &procs[0].data_dir, &alice_phone).await;
-    let bob = register(&addrs[0].client, &procs[0].data_dir, &bob_phone).await;
+    let data_dir = cluster.procs[0].data_dir.clone();
+    let alice = register(&addrs[0].client, &data_dir, &alice_phone).await;
+    let bob = register(&addrs[0].client, &data_dir, &bob_phone).await;
     let alice_shard = u32::from(shard_of(UserId::new(alice.user).expect("id"), 4).get());
     let victim = usize::try_from(leaders[&alice_shard] - 1).expect("small");
     let via = (victim + 1) % 3;
@@ -528,8 +507,7 @@ async fn sigkill_the_senders_leader_loses_and_duplicates_nothing() {
     for i in 0..100 {
         if i == 30 {
             tracing::info!("SIGKILL the leader of Alice's shard mid-stream");
-            procs[victim].child.kill().expect("SIGKILL");
-            procs[victim].child.wait().expect("reaped");
+            cluster.kill(victim);
         }
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -575,5 +553,5 @@ async fn sigkill_the_senders_leader_loses_and_duplicates_nothing() {
         got, acked,
         "every acknowledged message once, in order, nothing else"
     );
-    drop(procs);
+    drop(cluster);
 }
