@@ -52,7 +52,7 @@ pub enum ConsensusError {
 }
 
 /// Raft timing and log retention, from the node's config.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RaftTiming {
     /// Leader heartbeat.
     pub heartbeat: Duration,

@@ -264,26 +264,8 @@ mod defaults {
     }
 }
 
-/// Consensus timing, validated.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RaftConfig {
-    /// Heartbeat interval.
-    pub heartbeat: Duration,
-    /// Election timeout range.
-    pub election_timeout_min: Duration,
-    /// Election timeout range.
-    pub election_timeout_max: Duration,
-    /// Deadline of one peer RPC.
-    pub rpc_timeout: Duration,
-    /// Log entries between snapshots.
-    pub snapshot_logs_since_last: u64,
-    /// Log entries kept below a snapshot.
-    pub logs_to_keep: u64,
-    /// Snapshot chunk size, bytes.
-    pub snapshot_chunk_bytes: u64,
-    /// Entries per append-entries RPC.
-    pub append_entries_max: u64,
-}
+/// Consensus timing, validated: the consensus crate's own settings type.
+pub type RaftConfig = courier_consensus::groups::RaftTiming;
 
 /// Limits, validated against the protocol maxima.
 #[derive(Clone, Debug, PartialEq, Eq)]

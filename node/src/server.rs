@@ -24,7 +24,7 @@ use tokio_util::task::TaskTracker;
 use tonic::server::NamedService;
 use tracing::info;
 
-use courier_consensus::groups::{ConsensusError, Groups, RaftTiming};
+use courier_consensus::groups::{ConsensusError, Groups};
 use courier_consensus::network::RaftService;
 
 use crate::client::ClientApi;
@@ -157,17 +157,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
     let db = Arc::new(Db::open(&db_path, OpenMode::ReadWrite)?);
     info!(path = %db_path.display(), "storage open");
 
-    let timing = RaftTiming {
-        heartbeat: config.raft.heartbeat,
-        election_timeout_min: config.raft.election_timeout_min,
-        election_timeout_max: config.raft.election_timeout_max,
-        rpc_timeout: config.raft.rpc_timeout,
-        snapshot_logs_since_last: config.raft.snapshot_logs_since_last,
-        logs_to_keep: config.raft.logs_to_keep,
-        snapshot_chunk_bytes: config.raft.snapshot_chunk_bytes,
-        append_entries_max: config.raft.append_entries_max,
-    };
-    let groups = Groups::open(config.node_id, db.clone(), &timing)
+    let groups = Groups::open(config.node_id, db.clone(), &config.raft)
         .await
         .map_err(Box::new)?;
     info!(groups = groups.list().len(), "raft groups open");
