@@ -113,6 +113,7 @@ pub struct Groups {
     rpc_timeout: Duration,
     groups: RwLock<BTreeMap<GroupId, GroupHandle>>,
     creating: tokio::sync::Mutex<()>,
+    applied_signal: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for Groups {
@@ -141,6 +142,7 @@ impl Groups {
             rpc_timeout: timing.rpc_timeout,
             groups: RwLock::default(),
             creating: tokio::sync::Mutex::new(()),
+            applied_signal: Arc::default(),
         });
         let stored = courier_storage::LogStore::stored_shards(db.as_ref()).map_err(|e| {
             ConsensusError::Storage {
@@ -164,6 +166,11 @@ impl Groups {
     /// The node's database (shared by every group).
     pub fn db(&self) -> &Arc<Db> {
         &self.db
+    }
+
+    /// Notified after any group applied a batch: waiters re-read instead of polling blindly.
+    pub fn applied_signal(&self) -> &Arc<tokio::sync::Notify> {
+        &self.applied_signal
     }
 
     /// The shared channel pool (also used for forwarding to other nodes).
@@ -221,6 +228,7 @@ impl Groups {
         let log = LogStore::new(courier_storage::LogStore::new(self.db.clone(), prefix));
         let stats = log.stats.clone();
         let sm = StateMachine::open(self.db.clone(), group)
+            .map(|sm| sm.with_applied_signal(self.applied_signal.clone()))
             .map_err(|source| ConsensusError::Storage { group, source })?;
         let applied = sm.shared();
         let network = PeerNetwork::new(group, self.pool.clone(), self.rpc_timeout);

@@ -64,6 +64,7 @@ pub struct StateMachine {
     state: ShardState,
     raft: RaftApplied,
     shared: Arc<RwLock<AppliedView>>,
+    applied_signal: Arc<tokio::sync::Notify>,
 }
 
 impl StateMachine {
@@ -84,6 +85,7 @@ impl StateMachine {
             state,
             raft,
             shared,
+            applied_signal: Arc::default(),
         })
     }
 
@@ -99,6 +101,15 @@ impl StateMachine {
             .expect("applied view lock is never poisoned");
         view.shard = self.state.clone();
         view.raft = self.raft.clone();
+        drop(view);
+        // Wakes device streams and forwarders waiting for new applied state.
+        self.applied_signal.notify_waiters();
+    }
+
+    /// Sets the signal notified after every applied batch (default: a private one).
+    pub fn with_applied_signal(mut self, signal: Arc<tokio::sync::Notify>) -> Self {
+        self.applied_signal = signal;
+        self
     }
 
     fn build(&self) -> Result<Snapshot<TypeConfig>, RaftStorageError> {

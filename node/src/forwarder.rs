@@ -4,7 +4,8 @@
 //!
 //! A new leader resumes from the replicated outbox, so nothing is lost; the destination's inbound
 //! watermark drops re-sent positions, so nothing is stored twice. Failures back off
-//! exponentially with jitter, per (source, destination), up to [`BACKOFF_MAX`].
+//! exponentially with jitter, per (source, destination), up to [`BACKOFF_MAX`]. The loop wakes on
+//! every applied batch (the groups' apply signal), with [`POLL_INTERVAL`] as a safety net.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -23,8 +24,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cluster::Cluster;
 
-/// How often the forwarder looks for queued events.
-pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// How long the forwarder waits for the apply signal before looking anyway (every applied batch
+/// wakes it at once).
+pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// First retry delay after a failed forward.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(50);
 /// Longest retry delay.
@@ -33,42 +35,66 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Runs the forwarders of this node until `shutdown`.
 pub async fn run(cluster: Cluster, shutdown: CancellationToken) {
     let mut backoff: BTreeMap<(u16, u16), (Instant, Duration)> = BTreeMap::new();
+    let signal = cluster.groups().applied_signal().clone();
     loop {
+        // Registered before the pass, so a batch applied during it wakes the next one at once.
+        let applied = signal.notified();
+        tokio::pin!(applied);
+        applied.as_mut().enable();
+        if let Some(shard_count) = cluster.groups().shard_count() {
+            for source in 0..shard_count {
+                forward_from(&cluster, ShardId::new(source), shard_count, &mut backoff).await;
+            }
+        }
+        // Sleep until the next apply, or until the earliest retry is due.
+        let now = Instant::now();
+        let wait = backoff
+            .values()
+            .map(|(at, _)| at.saturating_duration_since(now))
+            .min()
+            .unwrap_or(POLL_INTERVAL)
+            .min(POLL_INTERVAL);
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(POLL_INTERVAL) => {}
+            () = applied => {}
+            () = tokio::time::sleep(wait) => {}
         }
-        let Some(shard_count) = cluster.groups().shard_count() else {
+    }
+}
+
+/// One pass over the destinations of `source`, if this node leads it.
+async fn forward_from(
+    cluster: &Cluster,
+    source: ShardId,
+    shard_count: u16,
+    backoff: &mut BTreeMap<(u16, u16), (Instant, Duration)>,
+) {
+    let Some(handle) = cluster.groups().get(GroupId::Shard(source)) else {
+        return;
+    };
+    if handle.raft.metrics().borrow().state != ServerState::Leader {
+        return;
+    }
+    for dest in 0..shard_count {
+        let key = (source.get(), dest);
+        if backoff
+            .get(&key)
+            .is_some_and(|(at, _)| *at > Instant::now())
+        {
             continue;
-        };
-        for source in 0..shard_count {
-            let Some(handle) = cluster.groups().get(GroupId::Shard(ShardId::new(source))) else {
-                continue;
-            };
-            if handle.raft.metrics().borrow().state != ServerState::Leader {
-                continue;
+        }
+        match forward_once(cluster, source, ShardId::new(dest)).await {
+            Ok(()) => {
+                backoff.remove(&key);
             }
-            for dest in 0..shard_count {
-                if backoff
-                    .get(&(source, dest))
-                    .is_some_and(|(at, _)| *at > Instant::now())
-                {
-                    continue;
-                }
-                match forward_once(&cluster, ShardId::new(source), ShardId::new(dest)).await {
-                    Ok(()) => {
-                        backoff.remove(&(source, dest));
-                    }
-                    Err(error) => {
-                        let delay = backoff
-                            .get(&(source, dest))
-                            .map_or(BACKOFF_MIN, |(_, d)| (*d * 2).min(BACKOFF_MAX));
-                        let jitter = rand::rng().random_range(0..=delay.as_millis() / 2);
-                        let jitter = Duration::from_millis(u64::try_from(jitter).unwrap_or(0));
-                        tracing::warn!(source, dest, %error, retry_ms = (delay + jitter).as_millis(), "forward failed");
-                        backoff.insert((source, dest), (Instant::now() + delay + jitter, delay));
-                    }
-                }
+            Err(error) => {
+                let delay = backoff
+                    .get(&key)
+                    .map_or(BACKOFF_MIN, |(_, d)| (*d * 2).min(BACKOFF_MAX));
+                let jitter = rand::rng().random_range(0..=delay.as_millis() / 2);
+                let jitter = Duration::from_millis(u64::try_from(jitter).unwrap_or(0));
+                tracing::warn!(source = source.get(), dest, %error, retry_ms = (delay + jitter).as_millis(), "forward failed");
+                backoff.insert(key, (Instant::now() + delay + jitter, delay));
             }
         }
     }

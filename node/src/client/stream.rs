@@ -7,8 +7,9 @@
 //!         ──Ack / Read──▶ DeliveryAcked / ReadUpTo proposed on the user's shard
 //! ```
 //!
-//! The pusher polls this node's replica of the user's shard every [`POLL_INTERVAL`]; every
-//! shard is on every node, so a stream on any node sees the user's inbox.
+//! The pusher re-reads this node's replica of the user's shard whenever a batch is applied (and at
+//! least every [`POLL_INTERVAL`]); every shard is on every node, so a stream on any node sees the
+//! user's inbox.
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -28,8 +29,9 @@ use tonic::Status;
 use super::{ClientApi, auth::Caller, now_ms};
 use crate::status::ApiError;
 
-/// How often a stream looks for new messages and receipts.
-pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// How long a stream waits for the apply signal before looking anyway (a safety net: every applied
+/// batch wakes it at once).
+pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// Messages read from the inbox per step.
 pub const PAGE_MESSAGES: usize = 256;
 /// How long the client has to send `Open`.
@@ -100,7 +102,12 @@ impl ClientApi {
         let Ok(shard) = self.shard_of(caller.user) else {
             return;
         };
+        let signal = self.cluster.groups().applied_signal().clone();
         loop {
+            // Registered before reading, so an apply between the read and the wait still wakes us.
+            let applied = signal.notified();
+            tokio::pin!(applied);
+            applied.as_mut().enable();
             let page = self.read(shard, |view| {
                 let tail = inbox::tail(view, caller.user)?;
                 let up_to = InboxSeq::new(
@@ -150,6 +157,7 @@ impl ClientApi {
             tokio::select! {
                 () = self.shutdown.cancelled() => return,
                 () = tx.closed() => return,
+                () = applied => {}
                 () = tokio::time::sleep(POLL_INTERVAL) => {}
             }
         }
