@@ -58,6 +58,14 @@ pub enum ApiError {
         /// Which limit.
         message: String,
     },
+    /// A rate limit was hit: retry after `retry_after_ms`.
+    #[error("{message}")]
+    RateLimited {
+        /// Which limit.
+        message: String,
+        /// When a retry may succeed, ms.
+        retry_after_ms: u64,
+    },
     /// Something named does not exist.
     #[error("{message}")]
     NotFound {
@@ -113,6 +121,16 @@ impl From<ApiError> for Status {
             }
             ApiError::ResourceExhausted { code, .. } => {
                 with_code(Status::resource_exhausted(message), code)
+            }
+            ApiError::RateLimited { retry_after_ms, .. } => {
+                let mut status = with_code(
+                    Status::resource_exhausted(message),
+                    "COURIER:Limits:RateLimited",
+                );
+                if let Ok(value) = retry_after_ms.to_string().parse() {
+                    status.metadata_mut().insert(RETRY_AFTER_KEY, value);
+                }
+                status
             }
             ApiError::Unavailable {
                 code,

@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod messaging;
+pub mod rate;
 pub mod registration;
 pub mod stream;
 
@@ -31,6 +32,7 @@ pub struct ClientApi {
     pub(crate) codes: Arc<registration::CodeStore>,
     pub(crate) sms: Arc<dyn registration::SmsSender>,
     pub(crate) shutdown: CancellationToken,
+    pub(crate) send_limiter: Arc<rate::SendLimiter>,
 }
 
 impl std::fmt::Debug for ClientApi {
@@ -48,6 +50,10 @@ impl ClientApi {
         sms: Arc<dyn registration::SmsSender>,
         shutdown: CancellationToken,
     ) -> Self {
+        let send_limiter = Arc::new(rate::SendLimiter::new(
+            limits.sends_per_second_per_device,
+            limits.send_burst_per_device,
+        ));
         Self {
             cluster,
             db,
@@ -55,6 +61,7 @@ impl ClientApi {
             codes: Arc::new(registration::CodeStore::default()),
             sms,
             shutdown,
+            send_limiter,
         }
     }
 

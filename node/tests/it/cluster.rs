@@ -301,6 +301,14 @@ pub(crate) fn fast_config(id: u64, dir: &std::path::Path) -> String {
 
 /// Adds fast raft timing to a config.
 pub(crate) fn with_fast_raft(config: String) -> String {
+    with_limits(config, 10_000)
+}
+
+/// Adds fast raft timing and a per-device send rate (tests that send fast lift the default 20/s).
+pub(crate) fn with_limits(config: String, sends_per_second: u32) -> String {
+    let config = format!(
+        "{config}\n[limits]\nsends-per-second-per-device = {sends_per_second}\nsend-burst-per-device = {sends_per_second}\n"
+    );
     format!(
         "{}\n[raft]\nheartbeat = \"50ms\"\nelection-timeout-min = \"300ms\"\nelection-timeout-max = \"600ms\"\nrpc-timeout = \"1s\"\nsnapshot-logs-since-last = 50\nlogs-to-keep = 10\n",
         config

@@ -18,7 +18,7 @@ use courier_proto::{ShardId, UserId, shard_of};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::cluster::{SHARDS, fast_config, init, status, wait_leaders};
+use crate::cluster::{SHARDS, init, status, wait_leaders, with_limits};
 use crate::support::channel;
 
 /// A registered device.
@@ -143,12 +143,17 @@ struct Cluster {
 }
 
 async fn cluster() -> Cluster {
+    cluster_with(10_000).await
+}
+
+async fn cluster_with(sends_per_second: u32) -> Cluster {
     let root = tempfile::tempdir().expect("tempdir");
     let mut nodes = Vec::new();
     let mut dirs = Vec::new();
     for id in 1..=3 {
         let dir = root.path().join(format!("n{id}"));
-        let config = courier_node::Config::parse(&fast_config(id, &dir)).expect("config");
+        let text = with_limits(crate::support::config_text(id, &dir), sends_per_second);
+        let config = courier_node::Config::parse(&text).expect("config");
         nodes.push(courier_node::start(config).await.expect("start"));
         dirs.push(dir);
     }
@@ -554,4 +559,52 @@ async fn sigkill_the_senders_leader_loses_and_duplicates_nothing() {
         "every acknowledged message once, in order, nothing else"
     );
     drop(cluster);
+}
+
+/// A device over its send rate gets RESOURCE_EXHAUSTED with a retry hint; another user's sends
+/// are unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_device_is_rate_limited_alone() {
+    let c = cluster_with(5).await;
+    let addr = c.nodes[0].client_addr.to_string();
+    let (alice_phone, bob_phone) = phones_on_different_shards();
+    let alice = register(&addr, &c.dirs[0], &alice_phone).await;
+    let bob = register(&addr, &c.dirs[0], &bob_phone).await;
+    let mut messaging = MessagingClient::new(channel(&addr).await);
+    let send = |id: String, to: u64| SendRequest {
+        client_msg_id: id,
+        to_user: to,
+        content: body("x"),
+    };
+    let mut refused = None;
+    for i in 0..20 {
+        match messaging
+            .send(authed(&alice, send(format!("f-{i}"), bob.user)))
+            .await
+        {
+            Ok(_) => {}
+            Err(status) => {
+                refused = Some((i, status));
+                break;
+            }
+        }
+    }
+    let (at, status) = refused.expect("the flood is refused");
+    assert!(at >= 5, "the burst of 5 passes first (refused at {at})");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    assert_eq!(code_of(&status), "COURIER:Limits:RateLimited");
+    let retry: u64 = status
+        .metadata()
+        .get("retry-after-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .expect("a retry hint");
+    assert!((1..=1000).contains(&retry), "{retry}");
+    messaging
+        .send(authed(&bob, send("b-1".to_owned(), alice.user)))
+        .await
+        .expect("Bob is not limited by Alice's flood");
+    for node in c.nodes {
+        node.stop().await;
+    }
 }
