@@ -13,6 +13,7 @@ pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod forwarder;
+pub mod listener;
 pub mod server;
 pub mod services;
 pub mod status;

@@ -18,7 +18,6 @@ use courier_proto::pb::peer::forward_server::ForwardServer;
 use courier_proto::pb::peer::raft_server::RaftServer;
 use courier_storage::{Db, OpenMode};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::server::NamedService;
@@ -32,6 +31,9 @@ use crate::client::registration::DevFileSms;
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::services::PeerApi;
+
+/// Connections the peer listener accepts at once (nodes and operator tools, not phones).
+pub const PEER_CONNECTIONS_MAX: u32 = 1024;
 
 /// How long shutdown waits for in-flight RPCs before giving up on them.
 pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
@@ -194,15 +196,20 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
     );
     let client_router = client_router(&config, client_api).await?;
     let peer_router = peer_router(cluster.clone(), groups.clone()).await?;
-    for (name, router, listener) in [
-        ("client", client_router, client_listener),
-        ("peer", peer_router, peer_listener),
+    for (name, router, listener, connections_max) in [
+        (
+            "client",
+            client_router,
+            client_listener,
+            config.limits.connections_max,
+        ),
+        ("peer", peer_router, peer_listener, PEER_CONNECTIONS_MAX),
     ] {
         let shutdown = shutdown.clone();
         let error_tx = error_tx.clone();
         let db = db.clone();
         tasks.spawn(async move {
-            let incoming = TcpListenerStream::new(listener);
+            let incoming = crate::listener::limited(listener, connections_max);
             let served = router
                 .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
                 .await;

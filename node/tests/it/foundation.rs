@@ -162,3 +162,64 @@ async fn three_node_processes_serve_and_stop_on_sigterm() {
     let parsed: serde_json::Value = serde_json::from_str(first).expect("structured (JSON) logs");
     assert!(parsed.get("level").is_some(), "{first}");
 }
+
+/// The client listener holds at most `limits.connections-max` connections: a third client waits
+/// while two are open and is served once one closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_connections_are_capped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = format!(
+        "{}\n[limits]\nconnections-max = 2\n",
+        config_text(1, dir.path())
+    );
+    let node = courier_node::start(courier_node::Config::parse(&text).expect("config"))
+        .await
+        .expect("start");
+    let client = node.client_addr.to_string();
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut health = HealthClient::new(channel(&client).await);
+        health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .expect("served");
+        held.push(health);
+    }
+    {
+        tracing::info!("a third connection is not served while two are open");
+        let third = tonic::transport::Channel::from_shared(format!("http://{client}"))
+            .expect("uri")
+            .connect_lazy();
+        let mut health = HealthClient::new(third);
+        let waited = tokio::time::timeout(
+            Duration::from_millis(700),
+            health.check(HealthCheckRequest {
+                service: String::new(),
+            }),
+        )
+        .await;
+        assert!(
+            waited.is_err() || waited.is_ok_and(|r| r.is_err()),
+            "the third connection was served at the cap"
+        );
+    }
+    {
+        tracing::info!("once the two close, a new connection is served");
+        drop(held);
+        let mut health = HealthClient::new(channel(&client).await);
+        let answered = tokio::time::timeout(
+            Duration::from_secs(10),
+            health.check(HealthCheckRequest {
+                service: String::new(),
+            }),
+        )
+        .await;
+        assert!(
+            answered.is_ok_and(|r| r.is_ok()),
+            "served after connections closed"
+        );
+    }
+    node.stop().await;
+}
