@@ -85,6 +85,9 @@ pub struct Listen {
     pub client: SocketAddr,
     /// Address of the peer API (raft, forwarding, admin).
     pub peer: SocketAddr,
+    /// Address of the Prometheus endpoint (`GET /metrics`); absent: no endpoint.
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
 }
 
 /// `[raft]`: consensus timing.

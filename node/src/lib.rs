@@ -14,6 +14,7 @@ pub mod cluster;
 pub mod config;
 pub mod forwarder;
 pub mod listener;
+pub mod metrics;
 pub mod server;
 pub mod services;
 pub mod status;

@@ -89,6 +89,8 @@ pub struct NodeHandle {
     pub client_addr: SocketAddr,
     /// The bound peer API address.
     pub peer_addr: SocketAddr,
+    /// The bound metrics address, when configured.
+    pub metrics_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     errors: tokio::sync::mpsc::Receiver<ServerError>,
@@ -227,9 +229,23 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
         tasks.spawn(async move { crate::forwarder::run(cluster, shutdown).await });
     }
     info!("outbox forwarders running");
+    let metrics_addr = match config.listen.metrics {
+        Some(addr) => {
+            let listener = bind(addr).await?;
+            let bound = listener
+                .local_addr()
+                .map_err(|source| ServerError::Bind { addr, source })?;
+            let (cluster, shutdown) = (cluster.clone(), shutdown.clone());
+            tasks.spawn(async move { crate::metrics::serve(listener, cluster, shutdown).await });
+            info!(%bound, "metrics endpoint");
+            Some(bound)
+        }
+        None => None,
+    };
     Ok(NodeHandle {
         client_addr,
         peer_addr,
+        metrics_addr,
         shutdown,
         tasks,
         errors,

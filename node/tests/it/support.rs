@@ -14,6 +14,7 @@ data-dir = "{}"
 [listen]
 client = "127.0.0.1:0"
 peer = "127.0.0.1:0"
+metrics = "127.0.0.1:0"
 [log]
 format = "json"
 level = "info"
