@@ -46,6 +46,22 @@ enum Command {
     /// Adds or removes a node (every group, each on its leader).
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Rebuilds one projection of a shard from its log (offline, on a stopped node's data
+    /// directory) and swaps it in atomically; the old projection stays until the swap.
+    Rebuild {
+        /// The data directory of a stopped node.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The shard.
+        #[arg(long)]
+        shard: u16,
+        /// The projection to rebuild.
+        #[arg(long)]
+        projection: String,
+        /// Confirms the rewrite (refused without it).
+        #[arg(long)]
+        yes: bool,
+    },
     /// Dev-mode demo: two users on different shards talk through a running cluster.
     Demo {
         /// Client address of the node Alice uses.
@@ -213,6 +229,12 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         Command::Node(NodeCommand::Remove { addr, id }) => runtime()?
             .block_on(online::node_remove(&addr, id))
             .map(|()| true),
+        Command::Rebuild {
+            data_dir,
+            shard,
+            projection,
+            yes,
+        } => offline::rebuild(&data_dir, shard, &projection, yes).map(|()| true),
         Command::Demo {
             alice_addr,
             alice_data_dir,

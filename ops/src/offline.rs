@@ -116,29 +116,22 @@ fn describe(event: &courier_proto::pb::events::Event) -> String {
     }
 }
 
-/// Verifies a shard's projections against a replay of its log. Returns whether all matched.
-///
-/// # Errors
-/// Storage faults, an unknown projection name, or a log that no longer starts at index 1.
-pub(crate) fn verify(
-    data_dir: &Path,
-    shard: u16,
-    projection: Option<&str>,
-    json: bool,
-) -> anyhow::Result<bool> {
-    let projections: Vec<Projection> = match projection {
-        None => Projection::ALL.to_vec(),
-        Some(name) => vec![Projection::from_name(name).with_context(|| {
-            let known: Vec<&str> = Projection::ALL.iter().map(|p| p.name()).collect();
-            format!("unknown projection {name:?}; known: {}", known.join(", "))
-        })?],
-    };
-    let db = open(data_dir)?;
-    let shard = ShardId::new(shard);
+fn projection_named(name: &str) -> anyhow::Result<Projection> {
+    Projection::from_name(name).with_context(|| {
+        let known: Vec<&str> = Projection::ALL.iter().map(|p| p.name()).collect();
+        format!("unknown projection {name:?}; known: {}", known.join(", "))
+    })
+}
+
+/// Replays `shard`'s log up to the live applied index into memory, with a progress bar.
+fn replay_live(
+    db: &std::sync::Arc<Db>,
+    shard: ShardId,
+) -> anyhow::Result<(ShardState, rebuild::Rebuilt, std::time::Duration)> {
     let live = ShardState::load(db.as_ref(), shard)?;
     let log = LogStore::new(db.clone(), shard);
     if live.applied > LogIndex::ZERO && log.first_index()? != Some(LogIndex::new(1)) {
-        bail!("{shard}: the log was purged below a snapshot; offline verify replays from index 1");
+        bail!("{shard}: the log was purged below a snapshot; offline replay starts at index 1");
     }
     let bar = ProgressBar::new(live.applied.get());
     bar.set_style(
@@ -157,7 +150,82 @@ pub(crate) fn verify(
         },
     )?;
     bar.finish_and_clear();
-    let elapsed = started.elapsed();
+    Ok((live, rebuilt, started.elapsed()))
+}
+
+/// Rebuilds one projection of a stopped node's shard from its log and swaps it in atomically.
+///
+/// # Errors
+/// Without `yes`; a data directory in use; storage faults.
+pub(crate) fn rebuild(
+    data_dir: &Path,
+    shard: u16,
+    projection: &str,
+    yes: bool,
+) -> anyhow::Result<()> {
+    let projection = projection_named(projection)?;
+    if !yes {
+        bail!(
+            "rebuild rewrites the {} projection of shard {shard}; run again with --yes",
+            projection.name()
+        );
+    }
+    let path = db_path(data_dir)?;
+    let db = std::sync::Arc::new(Db::open(&path, OpenMode::ReadWrite).with_context(|| {
+        format!(
+            "opening {} (is the node still running? stop it first)",
+            path.display()
+        )
+    })?);
+    let shard = ShardId::new(shard);
+    let (live, rebuilt, elapsed) = replay_live(&db, shard)?;
+    let cf = courier_storage::Cf::Projection(projection);
+    let (start, end) = courier_storage::keys::shard_range(shard);
+    let pairs: Vec<courier_storage::kv::Change> = rebuilt
+        .kv
+        .range(cf, &start, &end)
+        .map(|(k, v)| (cf, k.clone(), Some(v.clone())))
+        .collect();
+    let mut state = live.clone();
+    state
+        .digests
+        .insert(projection, rebuilt.state.digest(projection));
+    let mut changes = pairs;
+    changes.push((
+        courier_storage::Cf::Meta,
+        courier_storage::keys::applied_state(shard),
+        Some(prost::Message::encode_to_vec(&state.to_applied_state())),
+    ));
+    // One atomic batch: the old projection is cleared and the rebuilt one written together.
+    db.replace_ranges(&[(cf, start, end)], changes, true)?;
+    println!(
+        "{shard} {}: rebuilt {} entries at applied index {} from {} events in {:.2}s",
+        projection.name(),
+        rebuilt.state.digest(projection).entries,
+        live.applied,
+        rebuilt.events,
+        elapsed.as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Verifies a shard's projections against a replay of its log. Returns whether all matched.
+///
+/// # Errors
+/// Storage faults, an unknown projection name, or a log that no longer starts at index 1.
+pub(crate) fn verify(
+    data_dir: &Path,
+    shard: u16,
+    projection: Option<&str>,
+    json: bool,
+) -> anyhow::Result<bool> {
+    let projections: Vec<Projection> = match projection {
+        None => Projection::ALL.to_vec(),
+        Some(name) => vec![projection_named(name)?],
+    };
+    let db = open(data_dir)?;
+    let shard = ShardId::new(shard);
+    let (live, rebuilt, elapsed) = replay_live(&db, shard)?;
     let comparisons = rebuild::compare(db.as_ref(), &live, &rebuilt, &projections, 5)?;
     let ok = comparisons.iter().all(Comparison::is_equal);
     if json {
