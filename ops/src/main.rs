@@ -12,6 +12,7 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
 mod demo;
+mod inspect;
 mod offline;
 mod online;
 
@@ -46,6 +47,9 @@ enum Command {
     /// Adds or removes a node (every group, each on its leader).
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Inspects state as it was at a log index (offline: replays the log into memory).
+    #[command(subcommand)]
+    Inspect(InspectCommand),
     /// Rebuilds one projection of a shard from its log (offline, on a stopped node's data
     /// directory) and swaps it in atomically; the old projection stays until the swap.
     Rebuild {
@@ -167,6 +171,26 @@ enum NodeCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum InspectCommand {
+    /// A user's inbox tail, device cursors, unread counts, receipts and devices at `--at`, each
+    /// with the index of the event that last set it.
+    User {
+        /// The data directory of a stopped node.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The user id.
+        #[arg(long)]
+        user: u64,
+        /// The cluster's shard count (to find the user's shard).
+        #[arg(long)]
+        shards: u16,
+        /// The log index of the user's shard (default: the applied index).
+        #[arg(long)]
+        at: Option<u64>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum LogCommand {
     /// Prints the events of a shard's log, one entry per line.
     Dump {
@@ -229,6 +253,12 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         Command::Node(NodeCommand::Remove { addr, id }) => runtime()?
             .block_on(online::node_remove(&addr, id))
             .map(|()| true),
+        Command::Inspect(InspectCommand::User {
+            data_dir,
+            user,
+            shards,
+            at,
+        }) => inspect::user(&data_dir, user, shards, at).map(|()| true),
         Command::Rebuild {
             data_dir,
             shard,

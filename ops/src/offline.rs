@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::db_path;
 
-fn open(data_dir: &Path) -> anyhow::Result<std::sync::Arc<Db>> {
+pub(crate) fn open(data_dir: &Path) -> anyhow::Result<std::sync::Arc<Db>> {
     let db = db_path(data_dir)?;
     Ok(std::sync::Arc::new(
         Db::open(&db, OpenMode::ReadOnly)
