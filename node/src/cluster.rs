@@ -612,6 +612,28 @@ impl Cluster {
         }
     }
 
+    /// Takes a consistent checkpoint of the node's database into `dir`.
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT` for an empty or existing `dir`; `INTERNAL` when RocksDB fails.
+    pub fn backup(&self, dir: &str) -> Result<peer::BackupResponse, ApiError> {
+        if dir.is_empty() || std::path::Path::new(dir).exists() {
+            return Err(invalid(
+                "COURIER:Backup:Dir",
+                format!("{dir:?} must be a path that does not exist yet"),
+            ));
+        }
+        let status = self.status();
+        self.db
+            .checkpoint(std::path::Path::new(dir))
+            .map_err(|e| internal(e.to_string()))?;
+        info!(dir, "checkpoint written");
+        Ok(peer::BackupResponse {
+            dir: dir.to_owned(),
+            shards: status.shards,
+        })
+    }
+
     /// Reports every group this node runs.
     pub fn status(&self) -> StatusResponse {
         let mut shards = Vec::new();

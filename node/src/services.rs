@@ -14,9 +14,10 @@ use courier_proto::pb::client::{
 use courier_proto::pb::peer::admin_server::Admin;
 use courier_proto::pb::peer::forward_server::Forward;
 use courier_proto::pb::peer::{
-    AddNodeRequest, AddNodeResponse, ForwardBatchRequest, ForwardBatchResponse, InitClusterRequest,
-    InitClusterResponse, ProposeRequest, ProposeResponse, RemoveNodeRequest, RemoveNodeResponse,
-    StatusRequest, StatusResponse, TransferLeaderRequest, TransferLeaderResponse,
+    AddNodeRequest, AddNodeResponse, BackupRequest, BackupResponse, ForwardBatchRequest,
+    ForwardBatchResponse, InitClusterRequest, InitClusterResponse, ProposeRequest, ProposeResponse,
+    RemoveNodeRequest, RemoveNodeResponse, StatusRequest, StatusResponse, TransferLeaderRequest,
+    TransferLeaderResponse,
 };
 use tonic::{Request, Response, Status, Streaming};
 
@@ -197,6 +198,15 @@ impl Admin for PeerApi {
     ) -> Result<Response<RemoveNodeResponse>, Status> {
         self.cluster.remove_node(request.into_inner()).await?;
         Ok(Response::new(RemoveNodeResponse {}))
+    }
+
+    async fn backup(
+        &self,
+        request: Request<BackupRequest>,
+    ) -> Result<Response<BackupResponse>, Status> {
+        Ok(Response::new(
+            self.cluster.backup(&request.into_inner().dir)?,
+        ))
     }
 
     async fn transfer_leader(

@@ -47,6 +47,15 @@ enum Command {
     /// Adds or removes a node (every group, each on its leader).
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Takes a consistent RocksDB checkpoint of a running node (written on the node's machine).
+    Backup {
+        /// Peer address of the node.
+        #[arg(long)]
+        addr: String,
+        /// Directory to create on the node's machine (must not exist).
+        #[arg(long)]
+        dir: String,
+    },
     /// Inspects state as it was at a log index (offline: replays the log into memory).
     #[command(subcommand)]
     Inspect(InspectCommand),
@@ -259,6 +268,9 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             shards,
             at,
         }) => inspect::user(&data_dir, user, shards, at).map(|()| true),
+        Command::Backup { addr, dir } => runtime()?
+            .block_on(online::backup(&addr, &dir))
+            .map(|()| true),
         Command::Rebuild {
             data_dir,
             shard,

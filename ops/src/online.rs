@@ -292,3 +292,25 @@ pub(crate) async fn node_remove(addr: &str, id: u64) -> anyhow::Result<()> {
     println!("node {id} removed from every group");
     Ok(())
 }
+
+/// Asks the node at `addr` for a checkpoint into `dir`.
+///
+/// # Errors
+/// Connection errors or the node's refusal.
+pub(crate) async fn backup(addr: &str, dir: &str) -> anyhow::Result<()> {
+    let response = admin(channel(addr).await?)
+        .backup(courier_proto::pb::peer::BackupRequest {
+            dir: dir.to_owned(),
+        })
+        .await
+        .map_err(describe)?
+        .into_inner();
+    println!("checkpoint written to {} on the node", response.dir);
+    for shard in response.shards {
+        println!(
+            "  shard {:>4} applied {:>10} digest {}",
+            shard.shard, shard.applied, shard.digest
+        );
+    }
+    Ok(())
+}
