@@ -484,13 +484,23 @@ async fn sigkill_a_leader_fails_over_and_the_node_catches_up() {
             }
         }
         tracing::info!("the survivors snapshotted and purged past what the victim has");
-        let survivor = status(&survivors[0]).await;
-        for shard in &survivor.shards {
+        // Purging follows the snapshot asynchronously: wait for it, up to 20 s.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let survivor = status(&survivors[0]).await;
+            let behind: Vec<_> = survivor
+                .shards
+                .iter()
+                .filter(|s| s.purged_index <= victim_applied_at_kill)
+                .collect();
+            if behind.is_empty() {
+                break;
+            }
             assert!(
-                shard.purged_index > victim_applied_at_kill,
-                "shard {} purged past the victim: {shard:?}",
-                shard.shard
+                Instant::now() < deadline,
+                "shards not purged past the victim: {behind:?}"
             );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
     {
