@@ -695,11 +695,14 @@ impl Cluster {
     fn outbox_len(&self, shard: ShardId) -> u64 {
         let mut staged = Staged::new(self.db.as_ref(), BTreeMap::new());
         let view = View::new(&mut staged, shard, LogIndex::ZERO, Projection::Outbox);
-        let shard_count = self.groups.shard_count().unwrap_or(0);
-        (0..shard_count)
-            .filter_map(|dest| outbox::state(&view, ShardId::new(dest)).ok())
-            .map(|state| state.last_pos.saturating_sub(state.trimmed_up_to))
-            .sum()
+        outbox::states(&view)
+            .map(|states| {
+                states
+                    .iter()
+                    .map(|(_, s)| s.last_pos.saturating_sub(s.trimmed_up_to))
+                    .sum()
+            })
+            .unwrap_or(0)
     }
 
     /// Where a shard's leader is, from this node's point of view.

@@ -43,7 +43,7 @@ pub async fn run(cluster: Cluster, shutdown: CancellationToken) {
         applied.as_mut().enable();
         if let Some(shard_count) = cluster.groups().shard_count() {
             for source in 0..shard_count {
-                forward_from(&cluster, ShardId::new(source), shard_count, &mut backoff).await;
+                forward_from(&cluster, ShardId::new(source), &mut backoff).await;
             }
         }
         // Sleep until the next apply, or until the earliest retry is due.
@@ -62,11 +62,10 @@ pub async fn run(cluster: Cluster, shutdown: CancellationToken) {
     }
 }
 
-/// One pass over the destinations of `source`, if this node leads it.
+/// One pass over the destinations `source` has pending entries for, if this node leads it.
 async fn forward_from(
     cluster: &Cluster,
     source: ShardId,
-    shard_count: u16,
     backoff: &mut BTreeMap<(u16, u16), (Instant, Duration)>,
 ) {
     let Some(handle) = cluster.groups().get(GroupId::Shard(source)) else {
@@ -75,15 +74,31 @@ async fn forward_from(
     if handle.raft.metrics().borrow().state != ServerState::Leader {
         return;
     }
-    for dest in 0..shard_count {
-        let key = (source.get(), dest);
+    let pending: Vec<ShardId> = {
+        let db = cluster.groups().db().clone();
+        let mut staged = Staged::new(db.as_ref(), BTreeMap::new());
+        let view = View::new(&mut staged, source, LogIndex::ZERO, Projection::Outbox);
+        match outbox::states(&view) {
+            Ok(states) => states
+                .into_iter()
+                .filter(|(_, s)| s.last_pos > s.trimmed_up_to)
+                .map(|(dest, _)| dest)
+                .collect(),
+            Err(error) => {
+                tracing::error!(source = source.get(), %error, "cannot read the outbox");
+                return;
+            }
+        }
+    };
+    for dest in pending {
+        let key = (source.get(), dest.get());
         if backoff
             .get(&key)
             .is_some_and(|(at, _)| *at > Instant::now())
         {
             continue;
         }
-        match forward_once(cluster, source, ShardId::new(dest)).await {
+        match forward_once(cluster, source, dest).await {
             Ok(()) => {
                 backoff.remove(&key);
             }
@@ -93,7 +108,7 @@ async fn forward_from(
                     .map_or(BACKOFF_MIN, |(_, d)| (*d * 2).min(BACKOFF_MAX));
                 let jitter = rand::rng().random_range(0..=delay.as_millis() / 2);
                 let jitter = Duration::from_millis(u64::try_from(jitter).unwrap_or(0));
-                tracing::warn!(source = source.get(), dest, %error, retry_ms = (delay + jitter).as_millis(), "forward failed");
+                tracing::warn!(source = source.get(), dest = dest.get(), %error, retry_ms = (delay + jitter).as_millis(), "forward failed");
                 backoff.insert(key, (Instant::now() + delay + jitter, delay));
             }
         }

@@ -48,6 +48,24 @@ pub fn state(view: &View<'_, '_>, dest: ShardId) -> Result<OutboxState> {
         .unwrap_or_default())
 }
 
+/// Returns the queue state of every destination this shard ever queued for, with one range scan
+/// (never a lookup per possible destination).
+///
+/// # Errors
+/// A storage fault.
+pub fn states(view: &View<'_, '_>) -> Result<Vec<(ShardId, OutboxState)>> {
+    let prefix = keys::outbox_state_prefix(view.shard());
+    let end = keys::prefix_end(&prefix).expect("outbox prefixes end below 0xff..");
+    Ok(view
+        .scan::<OutboxState>(Projection::Outbox, &prefix, &end, usize::MAX)?
+        .into_iter()
+        .filter_map(|(key, state)| {
+            let dest = u16::from_be_bytes(key.get(prefix.len()..)?.try_into().ok()?);
+            Some((ShardId::new(dest), state))
+        })
+        .collect())
+}
+
 /// Returns up to `limit` pending entries to `dest` from position `from_pos` on.
 ///
 /// # Errors
