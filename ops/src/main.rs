@@ -215,6 +215,9 @@ enum LogCommand {
         /// Last index, inclusive (default: the last stored).
         #[arg(long)]
         to: Option<u64>,
+        /// One JSON object per event instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -298,7 +301,8 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             shard,
             from,
             to,
-        }) => offline::log_dump(&data_dir, shard, from, to).map(|()| true),
+            json,
+        }) => offline::log_dump(&data_dir, shard, from, to, json).map(|()| true),
         Command::Verify {
             data_dir,
             shard,

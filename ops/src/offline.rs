@@ -27,6 +27,7 @@ pub(crate) fn log_dump(
     shard: u16,
     from: Option<u64>,
     to: Option<u64>,
+    json: bool,
 ) -> anyhow::Result<()> {
     let db = open(data_dir)?;
     let shard = ShardId::new(shard);
@@ -46,13 +47,10 @@ pub(crate) fn log_dump(
         for record in log.read_range(at, until)? {
             let entry = rebuild::decode_entry(shard, &record)?;
             match entry.events {
-                None => println!(
-                    "{} term={} (raft entry without events)",
-                    record.index, record.term
-                ),
+                None => print_event(record.index, record.term, None, json),
                 Some(payload) => {
-                    for event in payload.events {
-                        println!("{} term={} {}", record.index, record.term, describe(&event));
+                    for event in &payload.events {
+                        print_event(record.index, record.term, Some(event), json);
                     }
                 }
             }
@@ -62,57 +60,126 @@ pub(crate) fn log_dump(
     Ok(())
 }
 
-/// One event in human form: kind and ids, never bodies.
-fn describe(event: &courier_proto::pb::events::Event) -> String {
+/// One event as its kind and fields: ids, positions and sizes, never bodies or phone hashes.
+fn describe(
+    event: &courier_proto::pb::events::Event,
+) -> (&'static str, Vec<(&'static str, serde_json::Value)>) {
     use courier_proto::pb::events::event::Kind;
+    use serde_json::json;
     let hex = courier_storage::projection::hex;
     match &event.kind {
-        Some(Kind::MessageSent(e)) => format!(
-            "MessageSent id={} sender={}/{} client_msg_id={:?} body_bytes={} to_shard={}",
-            hex(&e.message_id),
-            e.sender_user,
-            e.sender_device,
-            e.client_msg_id,
-            e.content.as_ref().map_or(0, |c| c.body.len()),
-            e.recipient_shard
+        Some(Kind::MessageSent(e)) => (
+            "MessageSent",
+            vec![
+                ("id", json!(hex(&e.message_id))),
+                ("sender", json!(e.sender_user)),
+                ("device", json!(e.sender_device)),
+                ("client_msg_id", json!(e.client_msg_id)),
+                (
+                    "body_bytes",
+                    json!(e.content.as_ref().map_or(0, |c| c.body.len())),
+                ),
+                ("to_shard", json!(e.recipient_shard)),
+            ],
         ),
-        Some(Kind::MessageDelivered(e)) => format!(
-            "MessageDelivered id={} to={} from={} source={}#{}",
-            hex(&e.message_id),
-            e.recipient_user,
-            e.sender_user,
-            e.source_shard,
-            e.source_pos
+        Some(Kind::MessageDelivered(e)) => (
+            "MessageDelivered",
+            vec![
+                ("id", json!(hex(&e.message_id))),
+                ("to", json!(e.recipient_user)),
+                ("from", json!(e.sender_user)),
+                ("source_shard", json!(e.source_shard)),
+                ("source_pos", json!(e.source_pos)),
+            ],
         ),
-        Some(Kind::DeliveryAcked(e)) => format!(
-            "DeliveryAcked user={}/{} up_to={}",
-            e.user, e.device, e.up_to_seq
+        Some(Kind::DeliveryAcked(e)) => (
+            "DeliveryAcked",
+            vec![
+                ("user", json!(e.user)),
+                ("device", json!(e.device)),
+                ("up_to", json!(e.up_to_seq)),
+            ],
         ),
-        Some(Kind::ReadUpTo(e)) => format!("ReadUpTo user={} up_to={}", e.user, e.up_to_seq),
-        Some(Kind::ReceiptRecorded(e)) => format!(
-            "ReceiptRecorded id={} recipient={} state={:?} source={}#{}",
-            hex(&e.message_id),
-            e.recipient_user,
-            e.state(),
-            e.source_shard,
-            e.source_pos
+        Some(Kind::ReadUpTo(e)) => (
+            "ReadUpTo",
+            vec![("user", json!(e.user)), ("up_to", json!(e.up_to_seq))],
         ),
-        Some(Kind::OutboxTrimmed(e)) => {
-            format!("OutboxTrimmed dest={} up_to={}", e.dest_shard, e.up_to)
+        Some(Kind::ReceiptRecorded(e)) => (
+            "ReceiptRecorded",
+            vec![
+                ("id", json!(hex(&e.message_id))),
+                ("recipient", json!(e.recipient_user)),
+                ("state", json!(format!("{:?}", e.state()))),
+                ("source_shard", json!(e.source_shard)),
+                ("source_pos", json!(e.source_pos)),
+            ],
+        ),
+        Some(Kind::OutboxTrimmed(e)) => (
+            "OutboxTrimmed",
+            vec![("dest", json!(e.dest_shard)), ("up_to", json!(e.up_to))],
+        ),
+        Some(Kind::UserRegistered(e)) => ("UserRegistered", vec![("user", json!(e.user))]),
+        Some(Kind::DeviceRegistered(e)) => (
+            "DeviceRegistered",
+            vec![
+                ("user", json!(e.user)),
+                ("device", json!(e.device)),
+                ("primary", json!(e.primary)),
+            ],
+        ),
+        Some(Kind::DeviceRevoked(e)) => (
+            "DeviceRevoked",
+            vec![("user", json!(e.user)), ("device", json!(e.device))],
+        ),
+        Some(Kind::GroupCreated(e)) => (
+            "GroupCreated",
+            vec![("group", json!(e.group)), ("creator", json!(e.creator))],
+        ),
+        Some(Kind::MemberAdded(e)) => (
+            "MemberAdded",
+            vec![("group", json!(e.group)), ("user", json!(e.user))],
+        ),
+        Some(Kind::MemberRemoved(e)) => (
+            "MemberRemoved",
+            vec![("group", json!(e.group)), ("user", json!(e.user))],
+        ),
+        Some(Kind::MessageExpired(e)) => (
+            "MessageExpired",
+            vec![("user", json!(e.user)), ("seq", json!(e.seq))],
+        ),
+        None => (
+            "Unknown",
+            vec![("note", json!("an event kind this build does not know"))],
+        ),
+    }
+}
+
+/// Prints one log line, as text or as one JSON object.
+fn print_event(
+    index: LogIndex,
+    term: u64,
+    event: Option<&courier_proto::pb::events::Event>,
+    json: bool,
+) {
+    let (kind, fields) = event.map_or(("RaftEntry", Vec::new()), describe);
+    if json {
+        let mut object = serde_json::Map::new();
+        object.insert("index".to_owned(), index.get().into());
+        object.insert("term".to_owned(), term.into());
+        object.insert("event".to_owned(), kind.into());
+        for (name, value) in fields {
+            object.insert(name.to_owned(), value);
         }
-        Some(Kind::UserRegistered(e)) => format!("UserRegistered user={}", e.user),
-        Some(Kind::DeviceRegistered(e)) => format!(
-            "DeviceRegistered user={}/{} primary={}",
-            e.user, e.device, e.primary
-        ),
-        Some(Kind::DeviceRevoked(e)) => format!("DeviceRevoked user={}/{}", e.user, e.device),
-        Some(Kind::GroupCreated(e)) => {
-            format!("GroupCreated group={} creator={}", e.group, e.creator)
-        }
-        Some(Kind::MemberAdded(e)) => format!("MemberAdded group={} user={}", e.group, e.user),
-        Some(Kind::MemberRemoved(e)) => format!("MemberRemoved group={} user={}", e.group, e.user),
-        Some(Kind::MessageExpired(e)) => format!("MessageExpired user={} seq={}", e.user, e.seq),
-        None => "UNKNOWN event (written by a newer build)".to_owned(),
+        println!("{}", serde_json::Value::Object(object));
+    } else {
+        let text: Vec<String> = fields
+            .into_iter()
+            .map(|(name, value)| match value {
+                serde_json::Value::String(s) => format!("{name}={s}"),
+                other => format!("{name}={other}"),
+            })
+            .collect();
+        println!("{index} term={term} {kind} {}", text.join(" "));
     }
 }
 
