@@ -181,6 +181,11 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
             addr: config.listen.peer,
             source,
         })?;
+    // Every listener is bound before anything is spawned, so a failed start leaves nothing running.
+    let metrics_listener = match config.listen.metrics {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
     write_addr_file(&config, client_addr, peer_addr)?;
     info!(%client_addr, %peer_addr, "listening");
 
@@ -229,16 +234,13 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
         tasks.spawn(async move { crate::forwarder::run(cluster, shutdown).await });
     }
     info!("outbox forwarders running");
-    let metrics_addr = match config.listen.metrics {
-        Some(addr) => {
-            let listener = bind(addr).await?;
-            let bound = listener
-                .local_addr()
-                .map_err(|source| ServerError::Bind { addr, source })?;
+    let metrics_addr = match metrics_listener {
+        Some(listener) => {
+            let bound = listener.local_addr().ok();
             let (cluster, shutdown) = (cluster.clone(), shutdown.clone());
             tasks.spawn(async move { crate::metrics::serve(listener, cluster, shutdown).await });
-            info!(%bound, "metrics endpoint");
-            Some(bound)
+            info!(bound = ?bound, "metrics endpoint");
+            bound
         }
         None => None,
     };
