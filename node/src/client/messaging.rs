@@ -150,7 +150,7 @@ impl ClientApi {
                 .map(|(conversation, state)| ConversationSummary {
                     conversation: Some(conversation.into()),
                     unread: readstate::unread(&state),
-                    last_seq: state.read_seq,
+                    last_seq: state.last_seq,
                 })
                 .collect(),
         })

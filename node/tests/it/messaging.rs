@@ -361,6 +361,10 @@ async fn offline_recipient_gets_everything_in_order_and_receipts_flow_back() {
             .into_inner();
         assert_eq!(list.conversations.len(), 1);
         assert_eq!(list.conversations[0].unread, 0);
+        assert_eq!(
+            list.conversations[0].last_seq, 200,
+            "the conversation's latest message"
+        );
     }
     for node in c.nodes {
         node.stop().await;

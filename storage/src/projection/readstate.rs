@@ -95,6 +95,7 @@ pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
                 .count
                 .checked_add(1)
                 .expect("conversation count overflow");
+            state.last_seq = seq.get();
             view.put(
                 keys::seq_position(shard, user, seq),
                 &SeqPosition {
