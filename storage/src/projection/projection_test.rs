@@ -131,6 +131,24 @@ fn delivered(user: u64, from: u64, id: u8) -> Kind {
     })
 }
 
+/// A 1:1 send from user 1 (device 1) to user 2.
+fn sent_event(id: u8, client_msg_id: &str, recipient_shard: u32, sent_at_ms: u64) -> Kind {
+    Kind::MessageSent(events::MessageSent {
+        message_id: vec![id; 16],
+        sender_user: 1,
+        sender_device: 1,
+        client_msg_id: client_msg_id.to_owned(),
+        to: direct(2),
+        content: Some(events::Content {
+            body: b"x".to_vec(),
+            media: None,
+        }),
+        sent_at_ms,
+        recipient_shard,
+        group_epoch: 0,
+    })
+}
+
 fn view_of<'s, 'a>(staged: &'s mut Staged<'a>) -> View<'s, 'a> {
     View::new(staged, SHARD, LogIndex::ZERO, Projection::ReadState)
 }
@@ -388,22 +406,7 @@ fn unknown_event_and_future_format_are_faults() {
 fn dedup_returns_the_first_result() {
     let mut kv = MemKv::default();
     let mut state = ShardState::empty(SHARD);
-    let sent = |id: u8| {
-        Kind::MessageSent(events::MessageSent {
-            message_id: vec![id; 16],
-            sender_user: 1,
-            sender_device: 1,
-            client_msg_id: "same".to_owned(),
-            to: direct(2),
-            content: Some(events::Content {
-                body: b"x".to_vec(),
-                media: None,
-            }),
-            sent_at_ms: u64::from(id),
-            recipient_shard: 0,
-            group_epoch: 0,
-        })
-    };
+    let sent = |id: u8| sent_event(id, "same", 0, u64::from(id));
     let first = apply_one(&mut kv, &mut state, vec![sent(1)]);
     let before = kv.clone();
     let second = apply_one(&mut kv, &mut state, vec![sent(2)]);
@@ -478,22 +481,7 @@ fn forwarded_duplicate_message_moves_the_watermark() {
 fn same_shard_send_stores_once() {
     let mut kv = MemKv::default();
     let mut state = ShardState::empty(SHARD);
-    let sent = |id: u8| {
-        Kind::MessageSent(events::MessageSent {
-            message_id: vec![id; 16],
-            sender_user: 1,
-            sender_device: 1,
-            client_msg_id: "only-once".to_owned(),
-            to: direct(2),
-            content: Some(events::Content {
-                body: b"x".to_vec(),
-                media: None,
-            }),
-            sent_at_ms: 5,
-            recipient_shard: u32::from(SHARD.get()),
-            group_epoch: 0,
-        })
-    };
+    let sent = |id: u8| sent_event(id, "only-once", u32::from(SHARD.get()), 5);
     apply_one(&mut kv, &mut state, vec![sent(1)]);
     apply_one(&mut kv, &mut state, vec![sent(2)]);
     let mut staged = Staged::new(&kv, BTreeMap::new());
