@@ -634,6 +634,41 @@ impl Cluster {
         })
     }
 
+    /// Sends a typing update to every other node (fire and forget, one RPC timeout each).
+    pub async fn broadcast_typing(
+        &self,
+        to_user: u64,
+        update: courier_proto::pb::client::TypingUpdate,
+    ) {
+        let Some(metadata) = self.groups.get(GroupId::Metadata) else {
+            return;
+        };
+        let nodes: Vec<(NodeId, String)> = metadata
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .nodes()
+            .map(|(id, n)| (*id, n.addr.clone()))
+            .collect();
+        for (id, addr) in nodes {
+            if id == self.groups.node_id() {
+                continue;
+            }
+            let Some(channel) = self.groups.pool().channel(&addr) else {
+                continue;
+            };
+            let mut request = tonic::Request::new(peer::TypingRequest {
+                to_user,
+                update: Some(update),
+            });
+            request.set_timeout(self.rpc_timeout);
+            let _ = peer::forward_client::ForwardClient::new(channel)
+                .typing(request)
+                .await;
+        }
+    }
+
     /// Reports every group this node runs.
     pub fn status(&self) -> StatusResponse {
         let mut shards = Vec::new();

@@ -201,8 +201,9 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
         sms,
         shutdown.clone(),
     );
+    let live = client_api.live();
     let client_router = client_router(&config, client_api).await?;
-    let peer_router = peer_router(cluster.clone(), groups.clone()).await?;
+    let peer_router = peer_router(cluster.clone(), groups.clone(), live).await?;
     for (name, router, listener, connections_max) in [
         (
             "client",
@@ -322,6 +323,7 @@ async fn client_router(
 async fn peer_router(
     cluster: Cluster,
     groups: Arc<Groups>,
+    live: Arc<crate::client::live::LiveStreams>,
 ) -> Result<tonic::transport::server::Router, ServerError> {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
@@ -329,7 +331,7 @@ async fn peer_router(
         .await;
     reporter.set_serving::<ForwardServer<PeerApi>>().await;
     reporter.set_serving::<AdminServer<PeerApi>>().await;
-    let api = PeerApi::new(cluster);
+    let api = PeerApi::new(cluster, live);
     let raft = RaftService::new(groups);
     Ok(tonic::transport::Server::builder()
         .add_service(health)

@@ -17,7 +17,7 @@ use courier_proto::pb::peer::{
     AddNodeRequest, AddNodeResponse, BackupRequest, BackupResponse, ForwardBatchRequest,
     ForwardBatchResponse, InitClusterRequest, InitClusterResponse, ProposeRequest, ProposeResponse,
     RemoveNodeRequest, RemoveNodeResponse, StatusRequest, StatusResponse, TransferLeaderRequest,
-    TransferLeaderResponse,
+    TransferLeaderResponse, TypingRequest, TypingResponse,
 };
 use tonic::{Request, Response, Status, Streaming};
 
@@ -124,17 +124,31 @@ impl Groups for ClientApi {}
 #[derive(Clone, Debug)]
 pub struct PeerApi {
     cluster: Cluster,
+    live: std::sync::Arc<crate::client::live::LiveStreams>,
 }
 
 impl PeerApi {
     /// The services over this node's cluster view.
-    pub fn new(cluster: Cluster) -> Self {
-        Self { cluster }
+    pub fn new(cluster: Cluster, live: std::sync::Arc<crate::client::live::LiveStreams>) -> Self {
+        Self { cluster, live }
     }
 }
 
 #[tonic::async_trait]
 impl Forward for PeerApi {
+    async fn typing(
+        &self,
+        request: Request<TypingRequest>,
+    ) -> Result<Response<TypingResponse>, Status> {
+        let request = request.into_inner();
+        let delivered = request
+            .update
+            .map_or(0, |update| self.live.typing(request.to_user, &update));
+        Ok(Response::new(TypingResponse {
+            delivered_streams: delivered,
+        }))
+    }
+
     async fn propose(
         &self,
         request: Request<ProposeRequest>,

@@ -5,6 +5,7 @@
 //! which holds every shard (every shard is replicated on every member in this version).
 
 pub mod auth;
+pub mod live;
 pub mod messaging;
 pub mod rate;
 pub mod registration;
@@ -33,6 +34,7 @@ pub struct ClientApi {
     pub(crate) sms: Arc<dyn registration::SmsSender>,
     pub(crate) shutdown: CancellationToken,
     pub(crate) send_limiter: Arc<rate::SendLimiter>,
+    pub(crate) live: Arc<live::LiveStreams>,
 }
 
 impl std::fmt::Debug for ClientApi {
@@ -42,6 +44,11 @@ impl std::fmt::Debug for ClientApi {
 }
 
 impl ClientApi {
+    /// The live streams on this node (for the peer `Typing` RPC).
+    pub fn live(&self) -> Arc<live::LiveStreams> {
+        self.live.clone()
+    }
+
     /// The client services of one node.
     pub fn new(
         cluster: Cluster,
@@ -62,6 +69,7 @@ impl ClientApi {
             sms,
             shutdown,
             send_limiter,
+            live: Arc::default(),
         }
     }
 

@@ -102,6 +102,8 @@ impl ClientApi {
         let Ok(shard) = self.shard_of(caller.user) else {
             return;
         };
+        // Ephemeral updates reach this stream while the pusher runs.
+        let _registration = self.live.register(caller.user.get(), tx.clone());
         let signal = self.cluster.groups().applied_signal().clone();
         loop {
             // Registered before reading, so an apply between the read and the wait still wakes us.
@@ -194,7 +196,13 @@ impl ClientApi {
                     message: "the stream is already open".to_owned(),
                 });
             }
-            StreamCommand::Typing { .. } => return Ok(()), // ephemeral: issue #7
+            StreamCommand::Typing {
+                conversation,
+                typing,
+            } => {
+                self.typing(caller, conversation, typing);
+                return Ok(());
+            }
             StreamCommand::Ack { up_to } => {
                 let tail = self.read(shard, |view| inbox::tail(view, caller.user))?;
                 if up_to > tail {
@@ -235,6 +243,24 @@ impl ClientApi {
             .propose(shard, vec![Event { kind: Some(event) }], false)
             .await?;
         Ok(())
+    }
+}
+
+impl ClientApi {
+    /// Hands a typing update to the other side's live streams on every node, best effort: never
+    /// logged, dropped where nobody is connected. Group typing is issue #7.
+    fn typing(&self, caller: Caller, conversation: courier_proto::ConversationId, typing: bool) {
+        let courier_proto::ConversationId::Direct(to) = conversation else {
+            return;
+        };
+        let update = courier_proto::pb::client::TypingUpdate {
+            user: caller.user.get(),
+            conversation: Some(courier_proto::ConversationId::Direct(caller.user).into()),
+            typing,
+        };
+        self.live.typing(to.get(), &update);
+        let cluster = self.cluster.clone();
+        tokio::spawn(async move { cluster.broadcast_typing(to.get(), update).await });
     }
 }
 

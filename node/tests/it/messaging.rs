@@ -612,3 +612,54 @@ async fn a_flooding_device_is_rate_limited_alone() {
         node.stop().await;
     }
 }
+
+/// Typing is ephemeral: Alice's typing frame on node 1 reaches Bob's live stream on node 2 and
+/// appends nothing to any log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typing_reaches_live_streams_and_is_not_logged() {
+    let c = cluster().await;
+    let addr = |i: usize| c.nodes[i].client_addr.to_string();
+    let (alice_phone, bob_phone) = phones_on_different_shards();
+    let alice = register(&addr(0), &c.dirs[0], &alice_phone).await;
+    let bob = register(&addr(0), &c.dirs[0], &bob_phone).await;
+    let alice_stream = open_stream(&addr(0), &alice, 0).await;
+    let mut bob_stream = open_stream(&addr(1), &bob, 0).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let peer = c.nodes[0].peer_addr.to_string();
+    let before = last_log_indexes(&peer).await;
+    let conversation = Some(events::Conversation {
+        with: Some(events::conversation::With::User(bob.user)),
+    });
+    alice_stream
+        .out
+        .send(ClientFrame {
+            frame: Some(client_frame::Frame::Typing(
+                courier_proto::pb::client::Typing {
+                    conversation,
+                    typing: true,
+                },
+            )),
+        })
+        .await
+        .expect("typing");
+    let frames = collect(&mut bob_stream, Duration::from_secs(5), |f| {
+        f.iter()
+            .any(|x| matches!(x.frame, Some(server_frame::Frame::Typing(_))))
+    })
+    .await;
+    let typing = frames.iter().find_map(|f| match &f.frame {
+        Some(server_frame::Frame::Typing(t)) => Some(*t),
+        _ => None,
+    });
+    let typing = typing.expect("Bob's stream on another node saw Alice typing");
+    assert_eq!((typing.user, typing.typing), (alice.user, true));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        last_log_indexes(&peer).await,
+        before,
+        "typing is never logged"
+    );
+    for node in c.nodes {
+        node.stop().await;
+    }
+}
