@@ -24,6 +24,11 @@ use crate::cluster::Cluster;
 use crate::config::Limits;
 use crate::status::ApiError;
 
+/// Typing updates a device may broadcast per second; more are dropped (they are ephemeral).
+pub const TYPING_PER_SECOND: u32 = 5;
+/// Typing burst per device.
+pub const TYPING_BURST: u32 = 10;
+
 /// Shared state of the client services.
 #[derive(Clone)]
 pub struct ClientApi {
@@ -35,6 +40,7 @@ pub struct ClientApi {
     pub(crate) shutdown: CancellationToken,
     pub(crate) send_limiter: Arc<rate::SendLimiter>,
     pub(crate) live: Arc<live::LiveStreams>,
+    pub(crate) typing_limiter: Arc<rate::SendLimiter>,
 }
 
 impl std::fmt::Debug for ClientApi {
@@ -70,6 +76,7 @@ impl ClientApi {
             shutdown,
             send_limiter,
             live: Arc::default(),
+            typing_limiter: Arc::new(rate::SendLimiter::new(TYPING_PER_SECOND, TYPING_BURST)),
         }
     }
 

@@ -253,6 +253,13 @@ impl ClientApi {
         let courier_proto::ConversationId::Direct(to) = conversation else {
             return;
         };
+        if self
+            .typing_limiter
+            .take(caller.user.get(), caller.device.get())
+            .is_err()
+        {
+            return; // over the typing rate: dropped, like any ephemeral update
+        }
         let update = courier_proto::pb::client::TypingUpdate {
             user: caller.user.get(),
             conversation: Some(courier_proto::ConversationId::Direct(caller.user).into()),
