@@ -14,6 +14,7 @@ use courier_consensus::types::GroupId;
 use courier_proto::limits::FORWARD_BATCH_EVENTS_MAX;
 use courier_proto::pb::events::{self, Event, event::Kind};
 use courier_proto::pb::peer::ForwardBatchRequest;
+use courier_proto::pb::store::OutboxState;
 use courier_proto::{LogIndex, ShardId};
 use courier_storage::kv::Staged;
 use courier_storage::projection::{Projection, View, outbox};
@@ -74,7 +75,7 @@ async fn forward_from(
     if handle.raft.metrics().borrow().state != ServerState::Leader {
         return;
     }
-    let pending: Vec<ShardId> = {
+    let pending: Vec<(ShardId, OutboxState)> = {
         let db = cluster.groups().db().clone();
         let mut staged = Staged::new(db.as_ref(), BTreeMap::new());
         let view = View::new(&mut staged, source, LogIndex::ZERO, Projection::Outbox);
@@ -82,7 +83,6 @@ async fn forward_from(
             Ok(states) => states
                 .into_iter()
                 .filter(|(_, s)| s.last_pos > s.trimmed_up_to)
-                .map(|(dest, _)| dest)
                 .collect(),
             Err(error) => {
                 tracing::error!(source = source.get(), %error, "cannot read the outbox");
@@ -90,7 +90,7 @@ async fn forward_from(
             }
         }
     };
-    for dest in pending {
+    for (dest, state) in pending {
         let key = (source.get(), dest.get());
         if backoff
             .get(&key)
@@ -98,7 +98,7 @@ async fn forward_from(
         {
             continue;
         }
-        match forward_once(cluster, source, dest).await {
+        match forward_once(cluster, source, dest, &state).await {
             Ok(()) => {
                 backoff.remove(&key);
             }
@@ -115,28 +115,25 @@ async fn forward_from(
     }
 }
 
-/// Sends one batch from `source` to `dest` if anything is queued, then trims.
+/// Sends one batch of what `source` queued for `dest` (its queue `state` as just read), then
+/// trims.
 async fn forward_once(
     cluster: &Cluster,
     source: ShardId,
     dest: ShardId,
+    state: &OutboxState,
 ) -> Result<(), crate::status::ApiError> {
-    let (state, pending) = {
+    let pending = {
         let db = cluster.groups().db().clone();
         let mut staged = Staged::new(db.as_ref(), BTreeMap::new());
         let view = View::new(&mut staged, source, LogIndex::ZERO, Projection::Outbox);
-        let state = outbox::state(&view, dest).map_err(storage_error)?;
-        if state.last_pos <= state.trimmed_up_to {
-            return Ok(());
-        }
-        let pending = outbox::pending(
+        outbox::pending(
             &view,
             dest,
             state.trimmed_up_to.saturating_add(1),
             FORWARD_BATCH_EVENTS_MAX,
         )
-        .map_err(storage_error)?;
-        (state, pending)
+        .map_err(storage_error)?
     };
     let Some((first_pos, _)) = pending.first() else {
         return Ok(());

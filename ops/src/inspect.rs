@@ -3,12 +3,12 @@
 
 use std::path::Path;
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use courier_proto::pb::store::{DeviceRecord, InboxEntry, InboxState, ReadState, Receipt};
 use courier_proto::{LogIndex, ShardId, UserId, shard_of};
 use courier_storage::kv::MemKv;
 use courier_storage::projection::{Projection, hex, unframe};
-use courier_storage::{Cf, LogStore, ShardState, keys, rebuild};
+use courier_storage::{Cf, keys};
 use prost::Message;
 
 /// Messages and receipts shown at most.
@@ -34,27 +34,8 @@ pub(crate) fn user(data_dir: &Path, user: u64, shards: u16, at: Option<u64>) -> 
     let user = UserId::new(user).context("user ids start at 1")?;
     let shard: ShardId = shard_of(user, shards);
     let db = crate::offline::open(data_dir)?;
-    let live = ShardState::load(db.as_ref(), shard)?;
-    let at = at.map_or(live.applied, LogIndex::new);
-    if at > live.applied {
-        bail!(
-            "{shard} applied up to {}; index {at} is in the future",
-            live.applied
-        );
-    }
-    let log = LogStore::new(db.clone(), shard);
-    if log
-        .first_index()?
-        .is_some_and(|first| first > LogIndex::new(1))
-    {
-        bail!("{shard}: the log was purged below a snapshot; inspect replays from index 1");
-    }
-    let state = rebuild::replay(
-        &log,
-        (MemKv::default(), ShardState::empty(shard)),
-        at,
-        &mut |_, _| {},
-    )?;
+    let (live, state, _) = crate::offline::replay_to(&db, shard, at.map(LogIndex::new))?;
+    let at = state.state.applied;
     let kv = &state.kv;
     println!(
         "{user} on {shard} at log index {at} (applied: {})",

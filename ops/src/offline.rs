@@ -190,17 +190,32 @@ fn projection_named(name: &str) -> anyhow::Result<Projection> {
     })
 }
 
-/// Replays `shard`'s log up to the live applied index into memory, with a progress bar.
-fn replay_live(
+/// Replays `shard`'s log from index 1 into memory up to `at` (default: the live applied index),
+/// with a progress bar. Returns the live state, the replay and how long it took.
+///
+/// # Errors
+/// An index past the applied one, a log purged below a snapshot, storage faults.
+pub(crate) fn replay_to(
     db: &std::sync::Arc<Db>,
     shard: ShardId,
+    at: Option<LogIndex>,
 ) -> anyhow::Result<(ShardState, rebuild::Rebuilt, std::time::Duration)> {
     let live = ShardState::load(db.as_ref(), shard)?;
+    let at = at.unwrap_or(live.applied);
+    if at > live.applied {
+        bail!(
+            "{shard} applied up to {}; index {at} is in the future",
+            live.applied
+        );
+    }
     let log = LogStore::new(db.clone(), shard);
-    if live.applied > LogIndex::ZERO && log.first_index()? != Some(LogIndex::new(1)) {
+    if log
+        .first_index()?
+        .is_some_and(|first| first > LogIndex::new(1))
+    {
         bail!("{shard}: the log was purged below a snapshot; offline replay starts at index 1");
     }
-    let bar = ProgressBar::new(live.applied.get());
+    let bar = ProgressBar::new(at.get());
     bar.set_style(
         ProgressStyle::with_template(
             "{spinner} replay [{bar:30}] {pos}/{len} entries {per_sec} eta {eta}",
@@ -211,9 +226,9 @@ fn replay_live(
     let rebuilt = rebuild::replay(
         &log,
         (MemKv::default(), ShardState::empty(shard)),
-        live.applied,
-        &mut |at, _| {
-            bar.set_position(at.get());
+        at,
+        &mut |index, _| {
+            bar.set_position(index.get());
         },
     )?;
     bar.finish_and_clear();
@@ -245,7 +260,7 @@ pub(crate) fn rebuild(
         )
     })?);
     let shard = ShardId::new(shard);
-    let (live, rebuilt, elapsed) = replay_live(&db, shard)?;
+    let (live, rebuilt, elapsed) = replay_to(&db, shard, None)?;
     let cf = courier_storage::Cf::Projection(projection);
     let (start, end) = courier_storage::keys::shard_range(shard);
     let pairs: Vec<courier_storage::kv::Change> = rebuilt
@@ -292,7 +307,7 @@ pub(crate) fn verify(
     };
     let db = open(data_dir)?;
     let shard = ShardId::new(shard);
-    let (live, rebuilt, elapsed) = replay_live(&db, shard)?;
+    let (live, rebuilt, elapsed) = replay_to(&db, shard, None)?;
     let comparisons = rebuild::compare(db.as_ref(), &live, &rebuilt, &projections, 5)?;
     let ok = comparisons.iter().all(Comparison::is_equal);
     if json {

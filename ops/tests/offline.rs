@@ -136,13 +136,8 @@ fn inspect_shows_earlier_state() {
     let db = Arc::new(Db::open(&dir.path().join("db"), OpenMode::ReadOnly).expect("open"));
     let log = LogStore::new(db.clone(), SHARD);
     let tail_at = |at: u64| {
-        let rebuilt = courier_storage::rebuild::replay(
-            &log,
-            (courier_storage::MemKv::default(), ShardState::empty(SHARD)),
-            LogIndex::new(at),
-            &mut |_, _| {},
-        )
-        .expect("replay");
+        let rebuilt =
+            courier_storage::rebuild::replay_from_start(&log, LogIndex::new(at)).expect("replay");
         let mut staged = Staged::new(&rebuilt.kv, std::collections::BTreeMap::new());
         let view = View::new(&mut staged, SHARD, LogIndex::ZERO, Projection::Inbox);
         inbox::tail(&view, UserId::new(user).expect("id"))

@@ -18,7 +18,7 @@ use courier_proto::pb::store::LogEntry;
 use courier_proto::{LogIndex, ShardId};
 use courier_storage::rebuild;
 use courier_storage::testkit::{self, EventGen};
-use courier_storage::{Cf, Db, LogRecord, LogStore, MemKv, OpenMode, ShardState};
+use courier_storage::{Cf, Db, LogRecord, LogStore, OpenMode, ShardState};
 use prost::Message;
 
 const SHARD: ShardId = ShardId::new(0);
@@ -88,13 +88,7 @@ fn main() {
 
     // Rebuild: replay the whole log from RocksDB into memory, one core.
     let started = Instant::now();
-    let rebuilt = rebuild::replay(
-        &log,
-        (MemKv::default(), ShardState::empty(SHARD)),
-        state.applied,
-        &mut |_, _| {},
-    )
-    .expect("replay");
+    let rebuilt = rebuild::replay_from_start(&log, state.applied).expect("replay");
     let rebuild_time = started.elapsed();
     assert_eq!(rebuilt.state, state, "the rebuild matches the live state");
 

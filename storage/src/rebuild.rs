@@ -92,6 +92,19 @@ pub fn replay(
     Ok(Rebuilt { kv, state, events })
 }
 
+/// Replays `log` from its first entry (index 1, an empty state) up to and including `up_to`.
+///
+/// # Errors
+/// As [`replay`].
+pub fn replay_from_start(log: &LogStore, up_to: LogIndex) -> Result<Rebuilt> {
+    replay(
+        log,
+        (MemKv::default(), ShardState::empty(log.shard())),
+        up_to,
+        &mut |_, _| {},
+    )
+}
+
 /// One key whose live value differs from the rebuilt one.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Mismatch {

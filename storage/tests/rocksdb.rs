@@ -89,13 +89,7 @@ fn rocksdb_and_memory_agree() {
         "the applied state is stored with the projections"
     );
 
-    let rebuilt = rebuild::replay(
-        &log,
-        (MemKv::default(), ShardState::empty(SHARD)),
-        state.applied,
-        &mut |_, _| {},
-    )
-    .expect("replay");
+    let rebuilt = rebuild::replay_from_start(&log, state.applied).expect("replay");
     let comparisons =
         rebuild::compare(db.as_ref(), &state, &rebuilt, &Projection::ALL, 5).expect("compare");
     for comparison in comparisons {
@@ -339,13 +333,7 @@ fn crash_keeps_every_durable_append() {
         );
         let state = ShardState::load(db.as_ref(), shard).expect("load");
         assert!(state.applied <= last, "nothing is applied beyond the log");
-        let rebuilt: Rebuilt = rebuild::replay(
-            &log,
-            (MemKv::default(), ShardState::empty(shard)),
-            state.applied,
-            &mut |_, _| {},
-        )
-        .expect("replay");
+        let rebuilt: Rebuilt = rebuild::replay_from_start(&log, state.applied).expect("replay");
         for comparison in
             rebuild::compare(db.as_ref(), &state, &rebuilt, &Projection::ALL, 3).expect("compare")
         {

@@ -40,12 +40,14 @@ async fn try_status(peer: &str) -> Result<StatusResponse, tonic::Status> {
         .into_inner())
 }
 
-pub(crate) async fn init(peer: &str, members: &[(u64, String)]) {
+/// Bootstraps a cluster of `peers` (node ids 1, 2, 3, … in order) through the first of them.
+pub(crate) async fn init(peers: &[String]) {
     let request = InitClusterRequest {
-        members: members
+        members: peers
             .iter()
-            .map(|(id, addr)| NodeInfo {
-                node_id: *id,
+            .zip(1_u64..)
+            .map(|(addr, id)| NodeInfo {
+                node_id: id,
                 peer_addr: addr.clone(),
                 client_addr: String::new(),
             })
@@ -54,7 +56,7 @@ pub(crate) async fn init(peer: &str, members: &[(u64, String)]) {
         replication_factor: 0,
         init_shards: Vec::new(),
     };
-    AdminClient::new(channel(peer).await)
+    AdminClient::new(channel(&peers[0]).await)
         .init_cluster(request)
         .await
         .expect("init");
@@ -194,15 +196,10 @@ async fn three_nodes_elect_commit_and_converge() {
         nodes.push(courier_node::start(config).await.expect("start"));
     }
     let peers: Vec<String> = nodes.iter().map(|n| n.peer_addr.to_string()).collect();
-    let members: Vec<(u64, String)> = peers
-        .iter()
-        .enumerate()
-        .map(|(i, p)| (i as u64 + 1, p.clone()))
-        .collect();
     {
         tracing::info!("bootstrap from node 1; a retry with the same members is accepted");
-        init(&peers[0], &members).await;
-        init(&peers[0], &members).await;
+        init(&peers).await;
+        init(&peers).await;
     }
     let leaders = wait_leaders(&peers, Duration::from_secs(20)).await;
     {
@@ -375,13 +372,7 @@ impl Processes {
             .map(|p| wait_addrs(&p.data_dir, Duration::from_secs(20)))
             .collect();
         this.peers = this.addrs.iter().map(|a| a.peer.clone()).collect();
-        let members: Vec<(u64, String)> = this
-            .peers
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (i as u64 + 1, p.clone()))
-            .collect();
-        init(&this.peers[0], &members).await;
+        init(&this.peers).await;
         let leaders = wait_leaders(&this.peers, Duration::from_secs(30)).await;
         (this, leaders)
     }
@@ -552,12 +543,7 @@ async fn grow_to_four_and_shrink_back_while_writing() {
         nodes.push(courier_node::start(config).await.expect("start"));
     }
     let peers: Vec<String> = nodes.iter().map(|n| n.peer_addr.to_string()).collect();
-    let members: Vec<(u64, String)> = peers[..3]
-        .iter()
-        .enumerate()
-        .map(|(i, p)| (i as u64 + 1, p.clone()))
-        .collect();
-    init(&peers[0], &members).await;
+    init(&peers[..3]).await;
     wait_leaders(&peers[..3], Duration::from_secs(20)).await;
 
     let writer_peer = peers[0].clone();
@@ -702,7 +688,7 @@ async fn backup_is_a_consistent_checkpoint() {
     writer.await.expect("writer");
     {
         tracing::info!("every shard in the checkpoint equals a replay of its log");
-        use courier_storage::{Db, LogStore, MemKv, OpenMode, Projection, ShardState, rebuild};
+        use courier_storage::{Db, LogStore, OpenMode, Projection, ShardState, rebuild};
         let db = std::sync::Arc::new(
             Db::open(&backup, OpenMode::ReadOnly).expect("the checkpoint opens"),
         );
@@ -710,13 +696,7 @@ async fn backup_is_a_consistent_checkpoint() {
             let shard = courier_proto::ShardId::new(u16::try_from(shard).expect("small"));
             let live = ShardState::load(db.as_ref(), shard).expect("load");
             let log = LogStore::new(db.clone(), shard);
-            let rebuilt = rebuild::replay(
-                &log,
-                (MemKv::default(), ShardState::empty(shard)),
-                live.applied,
-                &mut |_, _| {},
-            )
-            .expect("replay");
+            let rebuilt = rebuild::replay_from_start(&log, live.applied).expect("replay");
             for comparison in rebuild::compare(db.as_ref(), &live, &rebuilt, &Projection::ALL, 3)
                 .expect("compare")
             {

@@ -158,12 +158,7 @@ async fn cluster_with(sends_per_second: u32) -> Cluster {
         dirs.push(dir);
     }
     let peers: Vec<String> = nodes.iter().map(|n| n.peer_addr.to_string()).collect();
-    let members: Vec<(u64, String)> = peers
-        .iter()
-        .enumerate()
-        .map(|(i, p)| (i as u64 + 1, p.clone()))
-        .collect();
-    init(&peers[0], &members).await;
+    init(&peers).await;
     wait_leaders(&peers, Duration::from_secs(20)).await;
     Cluster {
         nodes,
