@@ -102,6 +102,8 @@ pub struct GroupHandle {
     pub stats: Arc<AppendStats>,
     /// The group-commit front: propose events through it.
     pub proposer: Proposer,
+    /// Online verify and rebuild of this replica's projections.
+    pub maintenance: crate::maintenance::Maintenance,
 }
 
 /// Every raft group of this node.
@@ -231,6 +233,7 @@ impl Groups {
             .map(|sm| sm.with_applied_signal(self.applied_signal.clone()))
             .map_err(|source| ConsensusError::Storage { group, source })?;
         let applied = sm.shared();
+        let maintenance = sm.maintenance();
         let network = PeerNetwork::new(group, self.pool.clone(), self.rpc_timeout);
         let raft = Raft::new(self.node_id, self.config.clone(), network, log, sm)
             .await
@@ -245,6 +248,7 @@ impl Groups {
             applied,
             stats,
             proposer,
+            maintenance,
         };
         self.groups
             .write()

@@ -18,6 +18,7 @@
 
 pub mod groups;
 pub mod log_store;
+pub mod maintenance;
 pub mod network;
 pub mod proposer;
 pub mod state_machine;

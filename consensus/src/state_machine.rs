@@ -56,13 +56,20 @@ pub struct AppliedView {
     pub raft: RaftApplied,
 }
 
+/// The state a group's machine owns, behind one lock shared with [`Maintenance`] so that an
+/// online projection swap and the apply of new entries never interleave.
+#[derive(Debug)]
+pub(crate) struct Machine {
+    pub(crate) state: ShardState,
+    pub(crate) raft: RaftApplied,
+}
+
 /// One raft group's state machine.
 #[derive(Debug)]
 pub struct StateMachine {
     db: Arc<Db>,
     group: GroupId,
-    state: ShardState,
-    raft: RaftApplied,
+    machine: Arc<tokio::sync::Mutex<Machine>>,
     shared: Arc<RwLock<AppliedView>>,
     applied_signal: Arc<tokio::sync::Notify>,
 }
@@ -82,8 +89,7 @@ impl StateMachine {
         Ok(Self {
             db,
             group,
-            state,
-            raft,
+            machine: Arc::new(tokio::sync::Mutex::new(Machine { state, raft })),
             shared,
             applied_signal: Arc::default(),
         })
@@ -94,16 +100,15 @@ impl StateMachine {
         self.shared.clone()
     }
 
-    fn publish(&self) {
-        let mut view = self
-            .shared
-            .write()
-            .expect("applied view lock is never poisoned");
-        view.shard = self.state.clone();
-        view.raft = self.raft.clone();
-        drop(view);
-        // Wakes device streams and forwarders waiting for new applied state.
-        self.applied_signal.notify_waiters();
+    /// The handle for online maintenance (projection rebuilds) of this group.
+    pub fn maintenance(&self) -> crate::maintenance::Maintenance {
+        crate::maintenance::Maintenance::new(
+            self.db.clone(),
+            self.group,
+            self.machine.clone(),
+            self.shared.clone(),
+            self.applied_signal.clone(),
+        )
     }
 
     /// Sets the signal notified after every applied batch (default: a private one).
@@ -112,12 +117,12 @@ impl StateMachine {
         self
     }
 
-    fn build(&self) -> Result<Snapshot<TypeConfig>, RaftStorageError> {
-        let chunks = snapshot::export(self.db.as_ref(), &self.state).map_err(fault)?;
-        let last = self.raft.last_applied;
+    fn build(&self, machine: &Machine) -> Result<Snapshot<TypeConfig>, RaftStorageError> {
+        let chunks = snapshot::export(self.db.as_ref(), &machine.state).map_err(fault)?;
+        let last = machine.raft.last_applied;
         let meta = SnapshotMeta {
             last_log_id: last,
-            last_membership: self.raft.membership.clone(),
+            last_membership: machine.raft.membership.clone(),
             // Determined by the applied log id alone, so a follower that installed this snapshot
             // reports the same id.
             snapshot_id: last.map_or_else(
@@ -134,7 +139,8 @@ impl StateMachine {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, RaftStorageError> {
-        self.build()
+        let machine = self.machine.clone().lock_owned().await;
+        self.build(&machine)
     }
 }
 
@@ -144,7 +150,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn applied_state(
         &mut self,
     ) -> Result<(Option<LogId>, StoredMembership), RaftStorageError> {
-        Ok((self.raft.last_applied, self.raft.membership.clone()))
+        let machine = self.machine.lock().await;
+        Ok((machine.raft.last_applied, machine.raft.membership.clone()))
     }
 
     async fn apply<I>(&mut self, entries: I) -> Result<Vec<ProposalResponse>, RaftStorageError>
@@ -153,7 +160,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
-        let mut raft = self.raft.clone();
+        let mut machine = self.machine.lock().await;
+        let mut raft = machine.raft.clone();
         let mut committed = Vec::with_capacity(entries.len());
         for entry in &entries {
             raft.last_applied = Some(entry.log_id);
@@ -174,16 +182,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 payload,
             });
         }
-        let batch = self
+        let batch = machine
             .state
             .apply_batch(self.db.as_ref(), &committed, raft.encode())
             .map_err(fault)?;
         // Not synced on its own: the entries are durable in the log and ordered before this write
         // in the WAL, so a crash replays them; purges sync the WAL first.
         self.db.commit(batch.changes, false).map_err(fault)?;
-        self.state = batch.next;
-        self.raft = raft;
-        self.publish();
+        machine.state = batch.next;
+        machine.raft = raft;
+        publish(&self.shared, &self.applied_signal, &machine);
         Ok(batch
             .results
             .into_iter()
@@ -195,8 +203,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         // Building reads the live data, so it must happen at this applied index: build now.
+        let machine = self.machine.lock().await;
         SnapshotBuilder {
-            snapshot: Some(self.build()),
+            snapshot: Some(self.build(&machine)),
         }
     }
 
@@ -217,23 +226,39 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             raft.last_applied, meta.last_log_id,
             "a snapshot's data matches its meta"
         );
+        let mut machine = self.machine.lock().await;
         self.db
             .replace_ranges(&install.clear, install.changes, true)
             .map_err(fault)?;
-        self.state = install.state;
-        self.raft = raft;
-        self.publish();
+        machine.state = install.state;
+        machine.raft = raft;
+        publish(&self.shared, &self.applied_signal, &machine);
         Ok(())
     }
 
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<Snapshot<TypeConfig>>, RaftStorageError> {
-        if self.raft.last_applied.is_none() {
+        let machine = self.machine.lock().await;
+        if machine.raft.last_applied.is_none() {
             return Ok(None);
         }
-        self.build().map(Some)
+        self.build(&machine).map(Some)
     }
+}
+
+/// Publishes what `machine` applied to readers and wakes device streams and forwarders waiting
+/// for new applied state.
+pub(crate) fn publish(
+    shared: &RwLock<AppliedView>,
+    signal: &tokio::sync::Notify,
+    machine: &Machine,
+) {
+    let mut view = shared.write().expect("applied view lock is never poisoned");
+    view.shard = machine.state.clone();
+    view.raft = machine.raft.clone();
+    drop(view);
+    signal.notify_waiters();
 }
 
 /// A snapshot built at the moment openraft asked for the builder.

@@ -30,8 +30,7 @@ pub type StoredMembership = openraft::StoredMembership<NodeId, Node>;
 /// openraft's storage error, as the storage traits return it.
 pub type RaftStorageError = openraft::StorageError<NodeId>;
 
-/// The storage prefix of the metadata group (shard ids are below `SHARD_COUNT_MAX`).
-pub const METADATA_PREFIX: ShardId = ShardId::new(u16::MAX);
+pub use courier_proto::shard::METADATA_PREFIX;
 
 /// A raft group: one per shard, plus the cluster metadata group on every node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -9,11 +9,14 @@
 //! `main.rs` only parses flags, loads the config and calls [`server::start`]; tests start whole
 //! nodes in-process on port 0 the same way.
 
+pub mod bugs;
+pub mod cli;
 pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod forwarder;
 pub mod listener;
+pub mod maintenance;
 pub mod metrics;
 pub mod server;
 pub mod services;

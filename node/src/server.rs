@@ -203,7 +203,8 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
     );
     let live = client_api.live();
     let client_router = client_router(&config, client_api).await?;
-    let peer_router = peer_router(cluster.clone(), groups.clone(), live).await?;
+    let jobs = crate::maintenance::Jobs::new(groups.clone(), config.data_dir.join("scratch"));
+    let peer_router = peer_router(cluster.clone(), groups.clone(), live, jobs).await?;
     for (name, router, listener, connections_max) in [
         (
             "client",
@@ -324,6 +325,7 @@ async fn peer_router(
     cluster: Cluster,
     groups: Arc<Groups>,
     live: Arc<crate::client::live::LiveStreams>,
+    jobs: crate::maintenance::Jobs,
 ) -> Result<tonic::transport::server::Router, ServerError> {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
@@ -331,7 +333,7 @@ async fn peer_router(
         .await;
     reporter.set_serving::<ForwardServer<PeerApi>>().await;
     reporter.set_serving::<AdminServer<PeerApi>>().await;
-    let api = PeerApi::new(cluster, live);
+    let api = PeerApi::new(cluster, live, jobs);
     let raft = RaftService::new(groups);
     Ok(tonic::transport::Server::builder()
         .add_service(health)

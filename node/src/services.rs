@@ -16,8 +16,9 @@ use courier_proto::pb::peer::forward_server::Forward;
 use courier_proto::pb::peer::{
     AddNodeRequest, AddNodeResponse, BackupRequest, BackupResponse, ForwardBatchRequest,
     ForwardBatchResponse, InitClusterRequest, InitClusterResponse, ProposeRequest, ProposeResponse,
-    RemoveNodeRequest, RemoveNodeResponse, StatusRequest, StatusResponse, TransferLeaderRequest,
-    TransferLeaderResponse, TypingRequest, TypingResponse,
+    ReadLogRequest, ReadLogResponse, RebuildProjectionRequest, RemoveNodeRequest,
+    RemoveNodeResponse, StatusRequest, StatusResponse, TransferLeaderRequest,
+    TransferLeaderResponse, TypingRequest, TypingResponse, VerifyProjectionRequest,
 };
 use tonic::{Request, Response, Status, Streaming};
 
@@ -125,12 +126,21 @@ impl Groups for ClientApi {}
 pub struct PeerApi {
     cluster: Cluster,
     live: std::sync::Arc<crate::client::live::LiveStreams>,
+    jobs: crate::maintenance::Jobs,
 }
 
 impl PeerApi {
     /// The services over this node's cluster view.
-    pub fn new(cluster: Cluster, live: std::sync::Arc<crate::client::live::LiveStreams>) -> Self {
-        Self { cluster, live }
+    pub fn new(
+        cluster: Cluster,
+        live: std::sync::Arc<crate::client::live::LiveStreams>,
+        jobs: crate::maintenance::Jobs,
+    ) -> Self {
+        Self {
+            cluster,
+            live,
+            jobs,
+        }
     }
 }
 
@@ -179,6 +189,15 @@ impl Forward for PeerApi {
         ))
     }
 }
+
+/// The stream of a projection job's updates, as the generated admin service takes it.
+type JobUpdates = std::pin::Pin<
+    Box<
+        dyn tokio_stream::Stream<
+                Item = Result<courier_proto::pb::peer::ProjectionJobUpdate, Status>,
+            > + Send,
+    >,
+>;
 
 #[tonic::async_trait]
 impl Admin for PeerApi {
@@ -229,5 +248,30 @@ impl Admin for PeerApi {
     ) -> Result<Response<TransferLeaderResponse>, Status> {
         self.cluster.transfer_leader(request.into_inner()).await?;
         Ok(Response::new(TransferLeaderResponse {}))
+    }
+
+    async fn verify_projection(
+        &self,
+        request: Request<VerifyProjectionRequest>,
+    ) -> Result<Response<JobUpdates>, Status> {
+        Ok(Response::new(Box::pin(
+            self.jobs.verify(request.get_ref())?,
+        )))
+    }
+
+    async fn rebuild_projection(
+        &self,
+        request: Request<RebuildProjectionRequest>,
+    ) -> Result<Response<JobUpdates>, Status> {
+        Ok(Response::new(Box::pin(
+            self.jobs.rebuild(request.get_ref())?,
+        )))
+    }
+
+    async fn read_log(
+        &self,
+        request: Request<ReadLogRequest>,
+    ) -> Result<Response<ReadLogResponse>, Status> {
+        Ok(Response::new(self.jobs.read_log(request.get_ref())?))
     }
 }

@@ -12,6 +12,10 @@ use crate::types::{GroupId, ShardId, UserId};
 /// The seed of the shard hash: the ASCII bytes of "courier" as a big-endian integer.
 pub const SHARD_HASH_SEED: u64 = 0x0063_6f75_7269_6572;
 
+/// The storage prefix of the cluster metadata group, which every node stores beside its shards
+/// (shard ids are below `SHARD_COUNT_MAX`).
+pub const METADATA_PREFIX: ShardId = ShardId::new(u16::MAX);
+
 /// Seed of the phone number → user id hash.
 pub const USER_OF_PHONE_SEED: u64 = 0x7573_6572_6964_0001;
 /// Seed of the 128-bit phone hash stored in the log.

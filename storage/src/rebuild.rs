@@ -259,3 +259,109 @@ fn mismatch(
         first_divergent_index,
     }
 }
+
+/// Swapping one rebuilt projection in for the live one, as one atomic write.
+#[derive(Debug)]
+pub struct Swap {
+    /// The live key range to clear.
+    pub clear: (Cf, Vec<u8>, Vec<u8>),
+    /// The rebuilt pairs, then the applied state carrying the rebuilt digest.
+    pub changes: Vec<crate::kv::Change>,
+    /// The live state after the swap.
+    pub next: ShardState,
+}
+
+/// Builds the write that replaces `projection` of the live shard with its rebuild.
+///
+/// # Panics
+/// If the rebuild is not at the live applied index.
+pub fn swap(live: &ShardState, rebuilt: &Rebuilt, projection: Projection) -> Swap {
+    assert_eq!(
+        live.applied, rebuilt.state.applied,
+        "a rebuild is swapped in at the applied index it was built at"
+    );
+    let shard = live.shard.expect("live state names its shard");
+    let cf = Cf::Projection(projection);
+    let (start, end) = keys::shard_range(shard);
+    let mut changes: Vec<crate::kv::Change> = rebuilt
+        .kv
+        .range(cf, &start, &end)
+        .map(|(k, v)| (cf, k.clone(), Some(v.clone())))
+        .collect();
+    let mut next = live.clone();
+    next.digests
+        .insert(projection, rebuilt.state.digest(projection));
+    changes.push((
+        Cf::Meta,
+        keys::applied_state(shard),
+        Some(next.to_applied_state().encode_to_vec()),
+    ));
+    Swap {
+        clear: (cf, start, end),
+        changes,
+        next,
+    }
+}
+
+/// Checks that `log` still starts at index 1, which a replay from the start needs.
+///
+/// # Errors
+/// [`StorageError::MissingEntry`] naming index 1 when the log was purged below a snapshot.
+pub fn require_full_log(log: &LogStore) -> Result<()> {
+    match log.first_index()? {
+        Some(first) if first > LogIndex::new(1) => Err(StorageError::MissingEntry {
+            shard: log.shard(),
+            index: LogIndex::new(1),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Differing keys reported per projection by a verify.
+pub const VERIFY_MISMATCHES_MAX: usize = 5;
+
+/// What a verify found.
+#[derive(Debug)]
+pub struct Verified {
+    /// The live state the comparison was made at.
+    pub live: ShardState,
+    /// The replay.
+    pub rebuilt: Rebuilt,
+    /// One comparison per projection asked for.
+    pub comparisons: Vec<Comparison>,
+}
+
+/// Replays `shard`'s log from index 1 up to the applied index recorded in `db` and compares
+/// `projections` with the live ones. `db` must not change meanwhile (a stopped node's database
+/// or a checkpoint).
+///
+/// # Errors
+/// A log purged below index 1 ([`StorageError::MissingEntry`]), storage faults.
+pub fn verify(
+    db: &std::sync::Arc<crate::Db>,
+    shard: ShardId,
+    projections: &[Projection],
+    progress: &mut dyn FnMut(LogIndex, u64),
+) -> Result<Verified> {
+    let live = ShardState::load(db.as_ref(), shard)?;
+    let log = LogStore::new(db.clone(), shard);
+    require_full_log(&log)?;
+    let rebuilt = replay(
+        &log,
+        (MemKv::default(), ShardState::empty(shard)),
+        live.applied,
+        progress,
+    )?;
+    let comparisons = compare(
+        db.as_ref(),
+        &live,
+        &rebuilt,
+        projections,
+        VERIFY_MISMATCHES_MAX,
+    )?;
+    Ok(Verified {
+        live,
+        rebuilt,
+        comparisons,
+    })
+}

@@ -1,0 +1,138 @@
+//! Online maintenance of a running replica: verify its projections against a replay of its log,
+//! and rebuild one projection in place, without stopping the node.
+//!
+//! Verify works on a RocksDB checkpoint (a consistent point-in-time copy made of hard links), so
+//! it never holds up the apply of new entries. Rebuild replays the log up to the applied index
+//! without any lock, then takes the state machine's lock, replays the few entries applied
+//! meanwhile, and swaps the rebuilt projection in with one atomic write: the old projection
+//! stays until that write.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use courier_proto::LogIndex;
+use courier_storage::rebuild::{self, Verified};
+use courier_storage::{Db, LogStore, MemKv, OpenMode, Projection, ShardState, StorageError};
+
+use crate::state_machine::{AppliedView, Machine, publish};
+use crate::types::GroupId;
+
+/// What a rebuild did.
+#[derive(Debug, Clone, Copy)]
+pub struct RebuildOutcome {
+    /// The applied index the rebuilt projection was swapped in at.
+    pub applied: LogIndex,
+    /// Events replayed.
+    pub events: u64,
+    /// Pairs in the rebuilt projection.
+    pub entries: u64,
+}
+
+/// Maintenance operations on one group of this node.
+#[derive(Clone)]
+pub struct Maintenance {
+    db: Arc<Db>,
+    group: GroupId,
+    machine: Arc<tokio::sync::Mutex<Machine>>,
+    shared: Arc<RwLock<AppliedView>>,
+    signal: Arc<tokio::sync::Notify>,
+}
+
+impl std::fmt::Debug for Maintenance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Maintenance")
+            .field("group", &self.group)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Removes a scratch directory when dropped, whether the operation finished or failed.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Maintenance {
+    pub(crate) fn new(
+        db: Arc<Db>,
+        group: GroupId,
+        machine: Arc<tokio::sync::Mutex<Machine>>,
+        shared: Arc<RwLock<AppliedView>>,
+        signal: Arc<tokio::sync::Notify>,
+    ) -> Self {
+        Self {
+            db,
+            group,
+            machine,
+            shared,
+            signal,
+        }
+    }
+
+    /// The applied index now (what a progress report counts towards).
+    pub fn applied_now(&self) -> LogIndex {
+        self.shared
+            .read()
+            .expect("applied view lock is never poisoned")
+            .shard
+            .applied
+    }
+
+    /// Verifies `projections` at one applied index: checkpoints the database into `scratch`
+    /// (removed afterwards), then replays the shard's log there and compares. Blocking: run it
+    /// on a blocking thread.
+    ///
+    /// # Errors
+    /// A log purged below index 1 ([`StorageError::MissingEntry`]), storage faults.
+    pub fn verify_blocking(
+        &self,
+        scratch: &Path,
+        projections: &[Projection],
+        progress: &mut dyn FnMut(LogIndex, u64),
+    ) -> Result<Verified, StorageError> {
+        self.db.checkpoint(scratch)?;
+        let _cleanup = Scratch(scratch.to_path_buf());
+        let copy = Arc::new(Db::open(scratch, OpenMode::ReadOnly)?);
+        rebuild::verify(&copy, self.group.storage_prefix(), projections, progress)
+    }
+
+    /// Rebuilds `projection` from the log and swaps it in. Blocking: run it on a blocking
+    /// thread. New entries keep being applied during the replay and wait only for the swap.
+    ///
+    /// # Errors
+    /// A log purged below index 1 ([`StorageError::MissingEntry`]), storage faults.
+    pub fn rebuild_blocking(
+        &self,
+        projection: Projection,
+        progress: &mut dyn FnMut(LogIndex, u64),
+    ) -> Result<RebuildOutcome, StorageError> {
+        let shard = self.group.storage_prefix();
+        let log = LogStore::new(self.db.clone(), shard);
+        rebuild::require_full_log(&log)?;
+        let first = rebuild::replay(
+            &log,
+            (MemKv::default(), ShardState::empty(shard)),
+            self.applied_now(),
+            progress,
+        )?;
+        let mut machine = self.machine.blocking_lock();
+        let rebuilt = rebuild::replay(
+            &log,
+            (first.kv, first.state),
+            machine.state.applied,
+            progress,
+        )?;
+        let swap = rebuild::swap(&machine.state, &rebuilt, projection);
+        self.db.replace_ranges(&[swap.clear], swap.changes, true)?;
+        machine.state = swap.next;
+        publish(&self.shared, &self.signal, &machine);
+        Ok(RebuildOutcome {
+            applied: machine.state.applied,
+            events: first.events.saturating_add(rebuilt.events),
+            entries: machine.state.digest(projection).entries,
+        })
+    }
+}
