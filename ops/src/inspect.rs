@@ -1,9 +1,12 @@
 //! `courier-ops inspect user`: a user's state as it was at a log index of the user's shard, each
 //! value with the index of the event that last set it. Offline: replays the log into memory.
+//! `courier-ops inspect message`: one message's life across the sender's and recipient's shards.
 
 use std::path::Path;
 
 use anyhow::Context as _;
+use courier_proto::pb::events::conversation::With;
+use courier_proto::pb::events::event::Kind;
 use courier_proto::pb::store::{DeviceRecord, InboxEntry, InboxState, ReadState, Receipt};
 use courier_proto::{LogIndex, ShardId, UserId, shard_of};
 use courier_storage::kv::MemKv;
@@ -144,4 +147,204 @@ pub(crate) fn user(data_dir: &Path, user: u64, shards: u16, at: Option<u64>) -> 
         }
     }
     Ok(())
+}
+
+/// Calls `f` with every event of `shard`'s log, in order, with its log index; stops early when
+/// `f` returns false.
+fn scan_log(
+    db: &std::sync::Arc<courier_storage::Db>,
+    shard: ShardId,
+    f: &mut dyn FnMut(LogIndex, &Kind) -> bool,
+) -> anyhow::Result<()> {
+    let log = courier_storage::LogStore::new(db.clone(), shard);
+    let (Some(first), Some(last)) = (log.first_index()?, log.last()?) else {
+        return Ok(());
+    };
+    let bar = crate::jobs::replay_bar(last.index.get(), &format!("scan shard {}", shard.get()));
+    let mut at = first;
+    while at <= last.index {
+        let until = at
+            .checked_add(courier_storage::rebuild::REPLAY_BATCH_ENTRIES)
+            .map_or(last.index.next(), |u| u.min(last.index.next()));
+        for record in log.read_range(at, until)? {
+            let entry = courier_storage::rebuild::decode_entry(shard, &record)?;
+            for event in entry.events.iter().flat_map(|p| &p.events) {
+                if let Some(kind) = &event.kind
+                    && !f(record.index, kind)
+                {
+                    bar.finish_and_clear();
+                    return Ok(());
+                }
+            }
+        }
+        bar.set_position(until.get().saturating_sub(1));
+        at = until;
+    }
+    bar.finish_and_clear();
+    Ok(())
+}
+
+/// Prints the life of one message across the sender's and the recipient's shards. Returns
+/// false when no shard of this node has sent it.
+///
+/// # Errors
+/// A malformed id, storage faults.
+pub(crate) fn message(data_dir: &Path, id: &str) -> anyhow::Result<bool> {
+    let wanted = parse_hex16(id).with_context(|| format!("{id:?} is not 32 hex digits"))?;
+    let db = crate::offline::open(data_dir)?;
+    let mut sent = None;
+    for shard in crate::offline::shards(&db)? {
+        scan_log(&db, shard, &mut |index, kind| match kind {
+            Kind::MessageSent(e) if e.message_id == wanted => {
+                sent = Some((shard, index, e.clone()));
+                false
+            }
+            _ => true,
+        })?;
+        if sent.is_some() {
+            break;
+        }
+    }
+    let Some((source, sent_at, sent)) = sent else {
+        println!("message {id}: not in any shard log of this node");
+        return Ok(false);
+    };
+    let recipient = match sent.to.as_ref().and_then(|c| c.with) {
+        Some(With::User(user)) => user,
+        Some(With::Group(group)) => {
+            println!(
+                "message {id}: a group message (group {group}); group fan-out is not traced yet"
+            );
+            return Ok(true);
+        }
+        None => 0,
+    };
+    let dest = ShardId::new(u16::try_from(sent.recipient_shard).unwrap_or(u16::MAX));
+    println!(
+        "sent       {source} index {sent_at}: user {} device {} -> user {recipient} on {dest}",
+        sent.sender_user, sent.sender_device
+    );
+    let seq = trace_recipient(&db, dest, &wanted, recipient, sent.sender_user)?;
+    trace_sender(&db, source, dest, &wanted, seq.map(|(_, pos)| pos))?;
+    Ok(true)
+}
+
+/// The recipient's side: stored in the inbox, acked by devices, read. Returns the inbox seq and
+/// the outbox position it was forwarded at.
+fn trace_recipient(
+    db: &std::sync::Arc<courier_storage::Db>,
+    dest: ShardId,
+    id: &[u8],
+    recipient: u64,
+    sender: u64,
+) -> anyhow::Result<Option<(u64, u64)>> {
+    let Some(user) = UserId::new(recipient) else {
+        return Ok(None);
+    };
+    let seq = courier_storage::ReadKv::get(
+        db.as_ref(),
+        Cf::Projection(Projection::Inbox),
+        &keys::inbox_message_id(
+            dest,
+            user,
+            courier_proto::MessageId::from_bytes(id.try_into().unwrap_or([0; 16])),
+        ),
+    )?
+    .and_then(|v| unframe(&v).and_then(|(_, body)| body.try_into().ok().map(u64::from_be_bytes)));
+    let mut found = None;
+    let mut acked = std::collections::BTreeSet::new();
+    let mut read = false;
+    scan_log(db, dest, &mut |index, kind| {
+        match kind {
+            Kind::MessageDelivered(e) if e.message_id == id => {
+                let how = if e.source_pos == 0 {
+                    "same shard, no forward".to_owned()
+                } else {
+                    format!(
+                        "forwarded from shard {} outbox position {}",
+                        e.source_shard, e.source_pos
+                    )
+                };
+                println!(
+                    "delivered  {dest} index {index}: inbox seq {} of user {recipient} ({how})",
+                    seq.map_or_else(|| "?".to_owned(), |s| s.to_string())
+                );
+                found = Some(e.source_pos);
+            }
+            Kind::DeliveryAcked(e)
+                if found.is_some()
+                    && e.user == recipient
+                    && seq.is_some_and(|s| e.up_to_seq >= s)
+                    && acked.insert(e.device) =>
+            {
+                println!(
+                    "acked      {dest} index {index}: device {} up to seq {}",
+                    e.device, e.up_to_seq
+                );
+            }
+            Kind::ReadUpTo(e)
+                if found.is_some()
+                    && !read
+                    && e.user == recipient
+                    && seq.is_some_and(|s| e.up_to_seq >= s)
+                    && matches!(e.conversation.as_ref().and_then(|c| c.with), Some(With::User(u)) if u == sender) =>
+            {
+                read = true;
+                println!("read       {dest} index {index}: up to seq {}", e.up_to_seq);
+            }
+            _ => {}
+        }
+        true
+    })?;
+    if found.is_none() {
+        println!("delivered  not yet in {dest}'s log");
+    }
+    Ok(seq.zip(found))
+}
+
+/// The sender's side: the forward acknowledged (outbox trimmed) and the receipts recorded.
+fn trace_sender(
+    db: &std::sync::Arc<courier_storage::Db>,
+    source: ShardId,
+    dest: ShardId,
+    id: &[u8],
+    position: Option<u64>,
+) -> anyhow::Result<()> {
+    let mut trimmed = false;
+    scan_log(db, source, &mut |index, kind| {
+        match kind {
+            Kind::OutboxTrimmed(e)
+                if !trimmed
+                    && u32::from(dest.get()) == e.dest_shard
+                    && position.is_some_and(|p| p > 0 && e.up_to >= p) =>
+            {
+                trimmed = true;
+                println!(
+                    "forwarded  {source} index {index}: {dest} confirmed outbox up to {}",
+                    e.up_to
+                );
+            }
+            Kind::ReceiptRecorded(e) if e.message_id == id => println!(
+                "receipt    {source} index {index}: {:?} for user {} (outbox position {} of shard {})",
+                e.state(),
+                e.recipient_user,
+                e.source_pos,
+                e.source_shard
+            ),
+            _ => {}
+        }
+        true
+    })
+}
+
+fn parse_hex16(text: &str) -> Option<Vec<u8>> {
+    if text.len() != 32 {
+        return None;
+    }
+    (0..16)
+        .map(|i| {
+            text.get(i * 2..i * 2 + 2)
+                .and_then(|pair| u8::from_str_radix(pair, 16).ok())
+        })
+        .collect()
 }

@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 
 mod demo;
 mod inspect;
+mod jobs;
 mod offline;
 mod online;
 
@@ -44,6 +45,9 @@ enum Command {
     /// Cluster administration over the admin gRPC API (a node's peer address).
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Moves shard leadership.
+    #[command(subcommand)]
+    Leader(LeaderCommand),
     /// Adds or removes a node (every group, each on its leader).
     #[command(subcommand)]
     Node(NodeCommand),
@@ -56,15 +60,25 @@ enum Command {
         #[arg(long)]
         dir: String,
     },
+    /// Restores a checkpoint (from `backup`) into the data directory of a new node, verifying
+    /// every shard of it; the node then joins with `node add` under a new id.
+    Restore {
+        /// The checkpoint directory `backup` wrote.
+        #[arg(long)]
+        from: PathBuf,
+        /// The new node's data directory (its `db/` must not exist).
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
     /// Inspects state as it was at a log index (offline: replays the log into memory).
     #[command(subcommand)]
     Inspect(InspectCommand),
-    /// Rebuilds one projection of a shard from its log (offline, on a stopped node's data
-    /// directory) and swaps it in atomically; the old projection stays until the swap.
+    /// Rebuilds one projection of a shard from its log and swaps it in atomically; the old
+    /// projection stays until the swap. Online (`--addr`: on that running replica) or offline
+    /// (`--data-dir` of a stopped node).
     Rebuild {
-        /// The data directory of a stopped node.
-        #[arg(long)]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        target: jobs::Target,
         /// The shard.
         #[arg(long)]
         shard: u16,
@@ -100,14 +114,15 @@ enum Command {
     #[command(subcommand)]
     Log(LogCommand),
     /// Replays a shard's log into scratch space and compares every projection with the live
-    /// one, digest for digest; names the first divergent index and key on a mismatch.
+    /// one, digest for digest, at one applied index; names the first divergent index and key on
+    /// a mismatch. Online (`--addr`: on that running replica, from a checkpoint) or offline
+    /// (`--data-dir` of a stopped node). Exits 1 on a mismatch.
     Verify {
-        /// The data directory of a stopped node (contains `db/`).
+        #[command(flatten)]
+        target: jobs::Target,
+        /// The shard to verify (default: every shard).
         #[arg(long)]
-        data_dir: PathBuf,
-        /// The shard to verify.
-        #[arg(long)]
-        shard: u16,
+        shard: Option<u16>,
         /// Only this projection (default: all).
         #[arg(long)]
         projection: Option<String>,
@@ -140,8 +155,12 @@ enum ClusterCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum LeaderCommand {
     /// Moves leadership of a shard to a node (that node starts an election).
-    TransferLeader {
+    Transfer {
         /// Peer address of the node that should lead.
         #[arg(long)]
         addr: String,
@@ -197,15 +216,25 @@ enum InspectCommand {
         #[arg(long)]
         at: Option<u64>,
     },
+    /// Follows one message: sent, forwarded, delivered, acked, read, with the log positions on
+    /// the sender's and the recipient's shards.
+    Message {
+        /// The data directory of a stopped node.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The message id (32 hex digits, as `log dump` and the API show it).
+        #[arg(long)]
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 enum LogCommand {
-    /// Prints the events of a shard's log, one entry per line.
+    /// Prints the events of a shard's log, one entry per line; from a stopped node's data
+    /// directory or, online, from a running replica.
     Dump {
-        /// The data directory of a stopped node (contains `db/`).
-        #[arg(long)]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        target: jobs::Target,
         /// The shard.
         #[arg(long)]
         shard: u16,
@@ -256,7 +285,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         Command::Cluster(ClusterCommand::Status { addr, json }) => {
             runtime()?.block_on(online::cluster_status(&addr, json))
         }
-        Command::Cluster(ClusterCommand::TransferLeader { addr, node, shard }) => runtime()?
+        Command::Leader(LeaderCommand::Transfer { addr, node, shard }) => runtime()?
             .block_on(online::transfer_leader(&addr, node, shard))
             .map(|()| true),
         Command::Node(NodeCommand::Add { addr, id, peer }) => runtime()?
@@ -271,15 +300,21 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             shards,
             at,
         }) => inspect::user(&data_dir, user, shards, at).map(|()| true),
+        Command::Inspect(InspectCommand::Message { data_dir, id }) => {
+            inspect::message(&data_dir, &id)
+        }
+        Command::Restore { from, data_dir } => offline::restore(&from, &data_dir),
         Command::Backup { addr, dir } => runtime()?
             .block_on(online::backup(&addr, &dir))
             .map(|()| true),
         Command::Rebuild {
-            data_dir,
+            target,
             shard,
             projection,
             yes,
-        } => offline::rebuild(&data_dir, shard, &projection, yes).map(|()| true),
+        } => runtime()?
+            .block_on(jobs::rebuild(target, shard, &projection, yes))
+            .map(|()| true),
         Command::Demo {
             alice_addr,
             alice_data_dir,
@@ -297,18 +332,20 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             runtime()?.block_on(demo::run(demo)).map(|()| true)
         }
         Command::Log(LogCommand::Dump {
-            data_dir,
+            target,
             shard,
             from,
             to,
             json,
-        }) => offline::log_dump(&data_dir, shard, from, to, json).map(|()| true),
+        }) => runtime()?
+            .block_on(jobs::log_dump(target, shard, from, to, json))
+            .map(|()| true),
         Command::Verify {
-            data_dir,
+            target,
             shard,
             projection,
             json,
-        } => offline::verify(&data_dir, shard, projection.as_deref(), json),
+        } => runtime()?.block_on(jobs::verify(target, shard, projection, json)),
     }
 }
 

@@ -4,9 +4,8 @@ use std::path::Path;
 
 use anyhow::{Context as _, bail};
 use courier_proto::{LogIndex, ShardId};
-use courier_storage::rebuild::{self, Comparison};
+use courier_storage::rebuild;
 use courier_storage::{Db, LogStore, MemKv, OpenMode, Projection, ShardState};
-use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::db_path;
 
@@ -155,7 +154,7 @@ fn describe(
 }
 
 /// Prints one log line, as text or as one JSON object.
-fn print_event(
+pub(crate) fn print_event(
     index: LogIndex,
     term: u64,
     event: Option<&courier_proto::pb::events::Event>,
@@ -183,7 +182,7 @@ fn print_event(
     }
 }
 
-fn projection_named(name: &str) -> anyhow::Result<Projection> {
+pub(crate) fn projection_named(name: &str) -> anyhow::Result<Projection> {
     Projection::from_name(name).with_context(|| {
         let known: Vec<&str> = Projection::ALL.iter().map(|p| p.name()).collect();
         format!("unknown projection {name:?}; known: {}", known.join(", "))
@@ -209,19 +208,10 @@ pub(crate) fn replay_to(
         );
     }
     let log = LogStore::new(db.clone(), shard);
-    if log
-        .first_index()?
-        .is_some_and(|first| first > LogIndex::new(1))
-    {
-        bail!("{shard}: the log was purged below a snapshot; offline replay starts at index 1");
-    }
-    let bar = ProgressBar::new(at.get());
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} replay [{bar:30}] {pos}/{len} entries {per_sec} eta {eta}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    rebuild::require_full_log(&log).with_context(|| {
+        format!("{shard}: the log was purged below a snapshot; a replay starts at index 1")
+    })?;
+    let bar = crate::jobs::replay_bar(at.get(), "replay");
     let started = std::time::Instant::now();
     let rebuilt = rebuild::replay(
         &log,
@@ -235,23 +225,27 @@ pub(crate) fn replay_to(
     Ok((live, rebuilt, started.elapsed()))
 }
 
-/// Rebuilds one projection of a stopped node's shard from its log and swaps it in atomically.
+/// The shards stored in a data directory (not the metadata group).
 ///
 /// # Errors
-/// Without `yes`; a data directory in use; storage faults.
+/// Storage faults.
+pub(crate) fn shards(db: &Db) -> anyhow::Result<Vec<ShardId>> {
+    Ok(LogStore::stored_shards(db)?
+        .into_iter()
+        .filter(|s| *s != courier_proto::shard::METADATA_PREFIX)
+        .collect())
+}
+
+/// Rebuilds one projection of a stopped node's shard from its log and swaps it in atomically.
+/// Returns the applied index, the rebuilt pairs and the events replayed.
+///
+/// # Errors
+/// A data directory in use; storage faults.
 pub(crate) fn rebuild(
     data_dir: &Path,
-    shard: u16,
-    projection: &str,
-    yes: bool,
-) -> anyhow::Result<()> {
-    let projection = projection_named(projection)?;
-    if !yes {
-        bail!(
-            "rebuild rewrites the {} projection of shard {shard}; run again with --yes",
-            projection.name()
-        );
-    }
+    shard: ShardId,
+    projection: Projection,
+) -> anyhow::Result<(u64, u64, u64)> {
     let path = db_path(data_dir)?;
     let db = std::sync::Arc::new(Db::open(&path, OpenMode::ReadWrite).with_context(|| {
         format!(
@@ -259,145 +253,85 @@ pub(crate) fn rebuild(
             path.display()
         )
     })?);
-    let shard = ShardId::new(shard);
-    let (live, rebuilt, elapsed) = replay_to(&db, shard, None)?;
-    let cf = courier_storage::Cf::Projection(projection);
-    let (start, end) = courier_storage::keys::shard_range(shard);
-    let pairs: Vec<courier_storage::kv::Change> = rebuilt
-        .kv
-        .range(cf, &start, &end)
-        .map(|(k, v)| (cf, k.clone(), Some(v.clone())))
-        .collect();
-    let mut state = live.clone();
-    state
-        .digests
-        .insert(projection, rebuilt.state.digest(projection));
-    let mut changes = pairs;
-    changes.push((
-        courier_storage::Cf::Meta,
-        courier_storage::keys::applied_state(shard),
-        Some(prost::Message::encode_to_vec(&state.to_applied_state())),
-    ));
+    let (live, rebuilt, _) = replay_to(&db, shard, None)?;
+    let swap = rebuild::swap(&live, &rebuilt, projection);
     // One atomic batch: the old projection is cleared and the rebuilt one written together.
-    db.replace_ranges(&[(cf, start, end)], changes, true)?;
-    println!(
-        "{shard} {}: rebuilt {} entries at applied index {} from {} events in {:.2}s",
-        projection.name(),
+    db.replace_ranges(&[swap.clear], swap.changes, true)?;
+    Ok((
+        live.applied.get(),
         rebuilt.state.digest(projection).entries,
-        live.applied,
         rebuilt.events,
-        elapsed.as_secs_f64()
-    );
-    Ok(())
+    ))
 }
 
-/// Verifies a shard's projections against a replay of its log. Returns whether all matched.
+/// Copies a checkpoint into `data_dir/db` of a node that has never run (hard links where the
+/// filesystem allows), then verifies every shard of the copy against its own log. Returns
+/// whether every shard that could be replayed matched.
 ///
 /// # Errors
-/// Storage faults, an unknown projection name, or a log that no longer starts at index 1.
-pub(crate) fn verify(
-    data_dir: &Path,
-    shard: u16,
-    projection: Option<&str>,
-    json: bool,
-) -> anyhow::Result<bool> {
-    let projections: Vec<Projection> = match projection {
-        None => Projection::ALL.to_vec(),
-        Some(name) => vec![projection_named(name)?],
-    };
-    let db = open(data_dir)?;
-    let shard = ShardId::new(shard);
-    let (live, rebuilt, elapsed) = replay_to(&db, shard, None)?;
-    let comparisons = rebuild::compare(db.as_ref(), &live, &rebuilt, &projections, 5)?;
-    let ok = comparisons.iter().all(Comparison::is_equal);
-    if json {
-        print_json(shard, &live, &rebuilt, &comparisons, elapsed);
-    } else {
-        print_table(shard, &live, &rebuilt, &comparisons, elapsed);
-    }
-    Ok(ok)
-}
-
-fn print_table(
-    shard: ShardId,
-    live: &ShardState,
-    rebuilt: &rebuild::Rebuilt,
-    comparisons: &[Comparison],
-    elapsed: std::time::Duration,
-) {
-    let rate = rebuilt.events as f64 / elapsed.as_secs_f64().max(1e-9);
-    println!(
-        "{shard} applied={} events_replayed={} replay={:.2}s ({rate:.0} events/s)",
-        live.applied,
-        rebuilt.events,
-        elapsed.as_secs_f64()
-    );
-    println!(
-        "{:<10} {:>8} {:<34} result",
-        "projection", "entries", "digest"
-    );
-    for c in comparisons {
-        let result = if c.is_equal() {
-            "ok".to_owned()
-        } else {
-            "MISMATCH".to_owned()
-        };
-        println!(
-            "{:<10} {:>8} {:032x} {}",
-            c.projection.name(),
-            c.live.entries,
-            c.live.sum,
-            result
+/// A checkpoint that is not a database, an existing `data_dir/db`, copy or storage faults.
+pub(crate) fn restore(from: &Path, data_dir: &Path) -> anyhow::Result<bool> {
+    if !from.join("CURRENT").exists() {
+        bail!(
+            "{} is not a checkpoint (no CURRENT file); give the directory `courier-ops backup` wrote",
+            from.display()
         );
-        for m in &c.mismatches {
-            println!(
-                "  first divergent index {} key {} expected {} actual {}",
-                m.first_divergent_index,
-                courier_storage::projection::hex(&m.key),
-                m.expected
-                    .as_deref()
-                    .map_or("<absent>".to_owned(), courier_storage::projection::hex),
-                m.actual
-                    .as_deref()
-                    .map_or("<absent>".to_owned(), courier_storage::projection::hex),
-            );
+    }
+    let db_dir = data_dir.join("db");
+    if db_dir.exists() {
+        bail!(
+            "{} exists: restore only into the data directory of a node that has never run",
+            db_dir.display()
+        );
+    }
+    std::fs::create_dir_all(&db_dir).with_context(|| format!("creating {}", db_dir.display()))?;
+    for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        let entry = entry?;
+        let target = db_dir.join(entry.file_name());
+        // Checkpoint files are immutable (SST) or rewritten whole (MANIFEST, OPTIONS): a hard link
+        // is as good as a copy, and instant.
+        if std::fs::hard_link(entry.path(), &target).is_err() {
+            std::fs::copy(entry.path(), &target)
+                .with_context(|| format!("copying {}", entry.path().display()))?;
         }
     }
-}
-
-fn print_json(
-    shard: ShardId,
-    live: &ShardState,
-    rebuilt: &rebuild::Rebuilt,
-    comparisons: &[Comparison],
-    elapsed: std::time::Duration,
-) {
-    let hex = courier_storage::projection::hex;
-    let projections: Vec<serde_json::Value> = comparisons
-        .iter()
-        .map(|c| {
-            serde_json::json!({
-                "projection": c.projection.name(),
-                "ok": c.is_equal(),
-                "entries": c.live.entries,
-                "live_digest": format!("{:032x}", c.live.sum),
-                "stored_digest": format!("{:032x}", c.stored.sum),
-                "rebuilt_digest": format!("{:032x}", c.rebuilt.sum),
-                "mismatches": c.mismatches.iter().map(|m| serde_json::json!({
-                    "first_divergent_index": m.first_divergent_index.get(),
-                    "key": hex(&m.key),
-                    "expected": m.expected.as_deref().map(hex),
-                    "actual": m.actual.as_deref().map(hex),
-                })).collect::<Vec<_>>(),
-            })
-        })
-        .collect();
-    let out = serde_json::json!({
-        "shard": shard.get(),
-        "applied": live.applied.get(),
-        "events_replayed": rebuilt.events,
-        "replay_s": elapsed.as_secs_f64(),
-        "projections": projections,
-    });
-    println!("{out}");
+    let db = open(data_dir)?;
+    let mut ok = true;
+    for shard in shards(&db)? {
+        let total = ShardState::load(db.as_ref(), shard)?.applied;
+        let bar = crate::jobs::replay_bar(total.get(), &format!("verify shard {}", shard.get()));
+        let result = rebuild::verify(&db, shard, &Projection::ALL, &mut |done, _| {
+            bar.set_position(done.get());
+        });
+        bar.finish_and_clear();
+        match result {
+            Ok(verified) => {
+                let equal = verified
+                    .comparisons
+                    .iter()
+                    .all(rebuild::Comparison::is_equal);
+                ok &= equal;
+                println!(
+                    "{shard}: applied {} {}",
+                    verified.live.applied,
+                    if equal {
+                        "verified"
+                    } else {
+                        "MISMATCH: run verify on the checkpoint"
+                    }
+                );
+            }
+            Err(courier_storage::StorageError::MissingEntry { .. }) => {
+                println!(
+                    "{shard}: log purged below a snapshot; projections not replayable, not verified"
+                );
+            }
+            Err(other) => return Err(other.into()),
+        }
+    }
+    println!(
+        "restored into {}; start the node with a NEW node id, then `courier-ops node add` it",
+        db_dir.display()
+    );
+    Ok(ok)
 }

@@ -86,6 +86,14 @@ pub(crate) async fn services(addr: &str) -> anyhow::Result<Vec<String>> {
     }
 }
 
+/// An admin client connected to `addr`.
+///
+/// # Errors
+/// A malformed or unreachable address.
+pub(crate) async fn admin_at(addr: &str) -> anyhow::Result<AdminClient<Channel>> {
+    Ok(admin(channel(addr).await?))
+}
+
 fn admin(channel: Channel) -> AdminClient<Channel> {
     AdminClient::new(channel)
 }
@@ -134,7 +142,7 @@ pub(crate) async fn cluster_init(
     Ok(())
 }
 
-fn describe(status: tonic::Status) -> anyhow::Error {
+pub(crate) fn describe(status: tonic::Status) -> anyhow::Error {
     let code = status
         .metadata()
         .get("courier-code")

@@ -386,6 +386,23 @@ impl Processes {
         NodeProcess::start_with(id, self.root.path(), &make_config)
     }
 
+    /// Starts a new node `id` on fresh ports whose data directory may already hold a restored
+    /// database; returns its index. It is not a member until added.
+    pub(crate) fn start_new(&mut self, id: u64) -> usize {
+        self.ports.insert(id, (free_port(), free_port()));
+        let proc = self.spawn(id);
+        let addrs = wait_addrs(&proc.data_dir, Duration::from_secs(20));
+        self.peers.push(addrs.peer.clone());
+        self.addrs.push(addrs);
+        self.procs.push(proc);
+        self.procs.len() - 1
+    }
+
+    /// The data directory node `id` has (or will have).
+    pub(crate) fn data_dir_of(&self, id: u64) -> std::path::PathBuf {
+        self.root.path().join(format!("node{id}"))
+    }
+
     /// SIGKILLs the node at `index`.
     pub(crate) fn kill(&mut self, index: usize) {
         self.procs[index].child.kill().expect("SIGKILL");

@@ -3,5 +3,6 @@
 
 mod cluster;
 mod foundation;
+mod maintenance;
 mod messaging;
 mod support;

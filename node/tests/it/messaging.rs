@@ -364,6 +364,35 @@ async fn offline_recipient_gets_everything_in_order_and_receipts_flow_back() {
     for node in c.nodes {
         node.stop().await;
     }
+    {
+        tracing::info!("courier-ops follows the last message across both shards");
+        let id = courier_storage::projection::hex(&sent[199]);
+        let dir = c.dirs[0].display().to_string();
+        let (code, out, err) =
+            crate::support::ops(&["inspect", "message", "--data-dir", &dir, "--id", &id]);
+        assert_eq!(code, 0, "{out}{err}");
+        for step in [
+            "sent ",
+            "delivered ",
+            "acked ",
+            "read ",
+            "forwarded ",
+            "receipt ",
+        ] {
+            assert!(out.contains(step), "{step:?} missing from:\n{out}");
+        }
+        assert!(out.contains("inbox seq 200 of user"), "{out}");
+        assert!(out.contains("Read for user"), "{out}");
+        let (code, out, _) = crate::support::ops(&[
+            "inspect",
+            "message",
+            "--data-dir",
+            &dir,
+            "--id",
+            "00000000000000000000000000000001",
+        ]);
+        assert_eq!(code, 1, "an unknown message: {out}");
+    }
 }
 
 fn read_cursor(

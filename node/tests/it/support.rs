@@ -150,3 +150,26 @@ pub(crate) async fn channel(addr: &str) -> tonic::transport::Channel {
         .await
         .expect("connect")
 }
+
+/// The `courier-ops` binary the workspace test run builds beside `courier-node`.
+fn ops_binary() -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_courier-node")).with_file_name("courier-ops");
+    assert!(
+        path.exists(),
+        "{} is missing: run the workspace tests (`make test`), which build courier-ops too",
+        path.display()
+    );
+    path
+}
+
+pub(crate) fn ops(args: &[&str]) -> (i32, String, String) {
+    let output = Command::new(ops_binary())
+        .args(args)
+        .output()
+        .expect("run courier-ops");
+    (
+        output.status.code().expect("exited"),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}

@@ -1,0 +1,424 @@
+//! Verify, rebuild and log dump, each either offline (a stopped node's data directory) or online
+//! (a running node's admin address). Both paths produce the same report and print it the same
+//! way, so an operator reads one format whichever way the check ran.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context as _, bail};
+use courier_proto::pb::peer::admin_client::AdminClient;
+use courier_proto::pb::peer::projection_job_update::Update;
+use courier_proto::pb::peer::{
+    ProjectionJobUpdate, ReadLogRequest, RebuildProjectionRequest, StatusRequest,
+    VerifyProjectionRequest,
+};
+use courier_proto::{LogIndex, ShardId};
+use courier_storage::Projection;
+use courier_storage::projection::hex;
+use courier_storage::rebuild::{self, Verified};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use tonic::Streaming;
+
+use crate::offline;
+use crate::online::{admin_at, describe};
+
+/// Where a command runs.
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
+pub(crate) struct Target {
+    /// The data directory of a stopped node (contains `db/`).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Peer (admin) address of a running node: the command runs on that replica.
+    #[arg(long)]
+    addr: Option<String>,
+}
+
+/// A progress bar over log entries, with rate and ETA.
+pub(crate) fn replay_bar(total: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template(&format!(
+            "{{spinner}} {what} [{{bar:30}}] {{pos}}/{{len}} entries {{per_sec}} eta {{eta}}"
+        ))
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+/// One differing key, as printed.
+#[derive(Debug)]
+struct MismatchReport {
+    index: u64,
+    key: String,
+    expected: Option<String>,
+    actual: Option<String>,
+}
+
+/// One projection's outcome, as printed.
+#[derive(Debug)]
+struct ProjectionReport {
+    name: String,
+    entries: u64,
+    digest: String,
+    mismatches: Vec<MismatchReport>,
+    ok: bool,
+}
+
+/// One shard's verify outcome, as printed.
+#[derive(Debug)]
+struct ShardReport {
+    shard: u16,
+    applied: u64,
+    events: u64,
+    seconds: f64,
+    projections: Vec<ProjectionReport>,
+}
+
+impl ShardReport {
+    fn ok(&self) -> bool {
+        self.projections.iter().all(|p| p.ok)
+    }
+
+    fn from_offline(shard: ShardId, verified: &Verified, seconds: f64) -> Self {
+        Self {
+            shard: shard.get(),
+            applied: verified.live.applied.get(),
+            events: verified.rebuilt.events,
+            seconds,
+            projections: verified
+                .comparisons
+                .iter()
+                .map(|c| ProjectionReport {
+                    name: c.projection.name().to_owned(),
+                    entries: c.live.entries,
+                    digest: format!("{:032x}", c.live.sum),
+                    ok: c.is_equal(),
+                    mismatches: c
+                        .mismatches
+                        .iter()
+                        .map(|m| MismatchReport {
+                            index: m.first_divergent_index.get(),
+                            key: hex(&m.key),
+                            expected: m.expected.as_deref().map(hex),
+                            actual: m.actual.as_deref().map(hex),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+
+    fn from_online(
+        shard: u16,
+        response: &courier_proto::pb::peer::VerifyProjectionResponse,
+        seconds: f64,
+    ) -> Self {
+        let present = |bytes: &[u8]| (!bytes.is_empty()).then(|| hex(bytes));
+        Self {
+            shard,
+            applied: response.applied_index,
+            events: response.events_replayed,
+            seconds,
+            projections: response
+                .digests
+                .iter()
+                .map(|d| {
+                    let mismatches: Vec<MismatchReport> = response
+                        .mismatches
+                        .iter()
+                        .filter(|m| m.projection == d.projection)
+                        .map(|m| MismatchReport {
+                            index: m.first_divergent_index,
+                            key: hex(&m.key),
+                            expected: present(&m.expected),
+                            actual: present(&m.actual),
+                        })
+                        .collect();
+                    ProjectionReport {
+                        name: d.projection.clone(),
+                        entries: d.entries,
+                        digest: hex(&d.digest),
+                        ok: mismatches.is_empty(),
+                        mismatches,
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    fn print(&self, as_json: bool) {
+        if as_json {
+            let projections: Vec<serde_json::Value> = self
+                .projections
+                .iter()
+                .map(|p| {
+                    json!({
+                        "projection": p.name,
+                        "ok": p.ok,
+                        "entries": p.entries,
+                        "live_digest": p.digest,
+                        "mismatches": p.mismatches.iter().map(|m| json!({
+                            "first_divergent_index": m.index,
+                            "key": m.key,
+                            "expected": m.expected,
+                            "actual": m.actual,
+                        })).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            let out = json!({
+                "shard": self.shard,
+                "applied": self.applied,
+                "events_replayed": self.events,
+                "replay_s": self.seconds,
+                "ok": self.ok(),
+                "projections": projections,
+            });
+            println!("{out}");
+            return;
+        }
+        let rate = self.events as f64 / self.seconds.max(1e-9);
+        println!(
+            "shard {} applied={} events_replayed={} replay={:.2}s ({rate:.0} events/s)",
+            self.shard, self.applied, self.events, self.seconds
+        );
+        println!(
+            "{:<10} {:>8} {:<34} result",
+            "projection", "entries", "digest"
+        );
+        for p in &self.projections {
+            let result = if p.ok { "ok" } else { "MISMATCH" };
+            println!("{:<10} {:>8} {:<34} {result}", p.name, p.entries, p.digest);
+            for m in &p.mismatches {
+                let absent = || "<absent>".to_owned();
+                println!(
+                    "  first divergent index {} key {} expected {} actual {}",
+                    m.index,
+                    if m.key.is_empty() {
+                        "<stored digest only>"
+                    } else {
+                        &m.key
+                    },
+                    m.expected.clone().unwrap_or_else(absent),
+                    m.actual.clone().unwrap_or_else(absent),
+                );
+            }
+        }
+    }
+}
+
+fn projections_named(name: Option<&str>) -> anyhow::Result<Vec<Projection>> {
+    match name {
+        None => Ok(Projection::ALL.to_vec()),
+        Some(name) => Ok(vec![offline::projection_named(name)?]),
+    }
+}
+
+/// Verifies one shard (or every shard) and prints a report per shard. Returns whether every
+/// projection of every shard matched its log.
+///
+/// # Errors
+/// Usage and connection errors, storage faults, a log purged below a snapshot.
+pub(crate) async fn verify(
+    target: Target,
+    shard: Option<u16>,
+    projection: Option<String>,
+    as_json: bool,
+) -> anyhow::Result<bool> {
+    let mut ok = true;
+    match (target.data_dir, target.addr) {
+        (Some(data_dir), _) => {
+            let projections = projections_named(projection.as_deref())?;
+            let db = offline::open(&data_dir)?;
+            let shards = match shard {
+                Some(s) => vec![ShardId::new(s)],
+                None => offline::shards(&db)?,
+            };
+            for shard in shards {
+                let started = Instant::now();
+                let total = courier_storage::ShardState::load(db.as_ref(), shard)?.applied;
+                let bar = replay_bar(total.get(), &format!("verify shard {}", shard.get()));
+                let verified = rebuild::verify(&db, shard, &projections, &mut |done, _| {
+                    bar.set_position(done.get());
+                })
+                .with_context(|| format!("verifying {shard}"))?;
+                bar.finish_and_clear();
+                let report =
+                    ShardReport::from_offline(shard, &verified, started.elapsed().as_secs_f64());
+                ok &= report.ok();
+                report.print(as_json);
+            }
+        }
+        (None, Some(addr)) => {
+            let mut admin = admin_at(&addr).await?;
+            let shards = match shard {
+                Some(s) => vec![s],
+                None => online_shards(&mut admin).await?,
+            };
+            for shard in shards {
+                let started = Instant::now();
+                let stream = admin
+                    .verify_projection(VerifyProjectionRequest {
+                        shard: u32::from(shard),
+                        projection: projection.clone().unwrap_or_default(),
+                    })
+                    .await
+                    .map_err(describe)?
+                    .into_inner();
+                let Update::Verified(response) =
+                    follow(stream, &format!("verify shard {shard}")).await?
+                else {
+                    bail!("the node answered a verify with another job's result");
+                };
+                let report =
+                    ShardReport::from_online(shard, &response, started.elapsed().as_secs_f64());
+                ok &= report.ok();
+                report.print(as_json);
+            }
+        }
+        (None, None) => bail!("give --data-dir or --addr"),
+    }
+    Ok(ok)
+}
+
+/// Rebuilds one projection of one shard and swaps it in.
+///
+/// # Errors
+/// Without `yes`; usage and connection errors; a data directory in use; storage faults.
+pub(crate) async fn rebuild(
+    target: Target,
+    shard: u16,
+    projection: &str,
+    yes: bool,
+) -> anyhow::Result<()> {
+    let named = offline::projection_named(projection)?;
+    if !yes {
+        bail!(
+            "rebuild rewrites the {} projection of shard {shard}; run again with --yes",
+            named.name()
+        );
+    }
+    let started = Instant::now();
+    let (applied, entries, events) = match (target.data_dir, target.addr) {
+        (Some(data_dir), _) => offline::rebuild(&data_dir, ShardId::new(shard), named)?,
+        (None, Some(addr)) => {
+            let stream = admin_at(&addr)
+                .await?
+                .rebuild_projection(RebuildProjectionRequest {
+                    shard: u32::from(shard),
+                    projection: projection.to_owned(),
+                })
+                .await
+                .map_err(describe)?
+                .into_inner();
+            let Update::Rebuilt(done) = follow(stream, &format!("rebuild shard {shard}")).await?
+            else {
+                bail!("the node answered a rebuild with another job's result");
+            };
+            (done.applied_index, done.entries, done.events_replayed)
+        }
+        (None, None) => bail!("give --data-dir or --addr"),
+    };
+    println!(
+        "shard {shard} {}: rebuilt {entries} entries at applied index {applied} from {events} events in {:.2}s",
+        named.name(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Prints entries `from..=to` of a shard's log, offline or from a running replica.
+///
+/// # Errors
+/// Usage and connection errors; storage faults (a checksum mismatch names the index).
+pub(crate) async fn log_dump(
+    target: Target,
+    shard: u16,
+    from: Option<u64>,
+    to: Option<u64>,
+    as_json: bool,
+) -> anyhow::Result<()> {
+    match (target.data_dir, target.addr) {
+        (Some(data_dir), _) => offline::log_dump(&data_dir, shard, from, to, as_json),
+        (None, Some(addr)) => {
+            let mut admin = admin_at(&addr).await?;
+            let mut next = from.unwrap_or(0);
+            loop {
+                let page = admin
+                    .read_log(ReadLogRequest {
+                        shard: u32::from(shard),
+                        from: next,
+                        to: to.unwrap_or(0),
+                        limit: 0,
+                    })
+                    .await
+                    .map_err(describe)?
+                    .into_inner();
+                let Some(last) = page.entries.last().map(|e| e.index) else {
+                    if page.first == 0 {
+                        println!("shard {shard}: empty log");
+                    }
+                    return Ok(());
+                };
+                for entry in &page.entries {
+                    let index = LogIndex::new(entry.index);
+                    match &entry.events {
+                        None => offline::print_event(index, entry.term, None, as_json),
+                        Some(payload) => {
+                            for event in &payload.events {
+                                offline::print_event(index, entry.term, Some(event), as_json);
+                            }
+                        }
+                    }
+                }
+                if last >= page.last || to.is_some_and(|to| last >= to) {
+                    return Ok(());
+                }
+                next = last.saturating_add(1);
+            }
+        }
+        (None, None) => bail!("give --data-dir or --addr"),
+    }
+}
+
+/// The shards a running node serves.
+async fn online_shards(
+    admin: &mut AdminClient<tonic::transport::Channel>,
+) -> anyhow::Result<Vec<u16>> {
+    let status = admin
+        .status(StatusRequest {})
+        .await
+        .map_err(describe)?
+        .into_inner();
+    let mut shards: Vec<u16> = status
+        .shards
+        .iter()
+        .filter_map(|s| u16::try_from(s.shard).ok())
+        .collect();
+    shards.sort_unstable();
+    Ok(shards)
+}
+
+/// Follows a job's stream: shows its progress, returns its result.
+async fn follow(mut stream: Streaming<ProjectionJobUpdate>, what: &str) -> anyhow::Result<Update> {
+    let bar = replay_bar(0, what);
+    loop {
+        let Some(update) = stream.message().await.map_err(describe)? else {
+            bar.finish_and_clear();
+            bail!("the node closed the job's stream without a result");
+        };
+        match update.update {
+            Some(Update::Progress(p)) => {
+                bar.set_length(p.entries_total);
+                bar.set_position(p.entries_done);
+            }
+            Some(done) => {
+                bar.finish_and_clear();
+                return Ok(done);
+            }
+            None => {}
+        }
+    }
+}
