@@ -1,4 +1,5 @@
 //! `courier-node --config FILE`: loads the config, starts the node, stops on SIGTERM or SIGINT.
+//! Shared by the `courier-node` binary and the test-only `courier-node-bugs` one.
 
 use std::path::PathBuf;
 
@@ -14,17 +15,22 @@ struct Args {
     config: PathBuf,
 }
 
-fn main() -> anyhow::Result<()> {
+/// The whole program: parse arguments, run until a signal.
+///
+/// # Errors
+/// A config that does not load, or a node that fails to start or stop.
+pub fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let config = courier_node::Config::load(&args.config)
+    let config = crate::Config::load(&args.config)
         .with_context(|| format!("loading {}", args.config.display()))?;
-    courier_node::telemetry::init(&config.log);
-    courier_node::telemetry::set_panic_hook();
+    crate::telemetry::init(&config.log);
+    crate::telemetry::set_panic_hook();
+    crate::bugs::announce();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let node = courier_node::start(config).await?;
+        let node = crate::start(config).await?;
         node.run_until(shutdown_signal()).await?;
         tracing::info!("node stopped");
         Ok(())

@@ -11,6 +11,7 @@ use courier_proto::pb::events::{self, Event, event::Kind};
 use courier_storage::projection::{devices, readstate, receipts};
 
 use super::{ClientApi, auth::Caller, now_ms};
+use crate::bugs::{self, Bug};
 use crate::status::ApiError;
 
 impl ClientApi {
@@ -39,7 +40,7 @@ impl ClientApi {
                 message: format!("{} is not registered", command.to),
             });
         }
-        let sent = events::MessageSent {
+        let mut sent = events::MessageSent {
             message_id: uuid::Uuid::now_v7().as_bytes().to_vec(),
             sender_user: caller.user.get(),
             sender_device: caller.device.get(),
@@ -50,10 +51,28 @@ impl ClientApi {
             recipient_shard: u32::from(recipient_shard.get()),
             group_epoch: 0,
         };
+        if bugs::active(Bug::SkipDedup) {
+            // A fresh idempotency key per attempt: a retry is stored again.
+            sent.client_msg_id = format!("{}#{:08x}", sent.client_msg_id, rand::random::<u32>());
+        }
+        let shard = self.shard_of(caller.user)?;
+        if bugs::active(Bug::AckBeforeCommit) {
+            let answer = SendResponse {
+                message_id: sent.message_id.clone(),
+                sent_at_ms: sent.sent_at_ms,
+                duplicate: false,
+            };
+            let cluster = self.cluster.clone();
+            let events = vec![Event {
+                kind: Some(Kind::MessageSent(sent)),
+            }];
+            tokio::spawn(async move { cluster.propose(shard, events, false).await });
+            return Ok(answer);
+        }
         let outcomes = self
             .cluster
             .propose(
-                self.shard_of(caller.user)?,
+                shard,
                 vec![Event {
                     kind: Some(Kind::MessageSent(sent)),
                 }],

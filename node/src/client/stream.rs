@@ -18,7 +18,7 @@ use courier_proto::convert::messaging::StreamCommand;
 use courier_proto::pb::client::{
     ClientFrame, InboxMessage, ReceiptUpdate, ServerFrame, server_frame,
 };
-use courier_proto::pb::events::{self, Event, event::Kind};
+use courier_proto::pb::events::{self, Event, ReceiptState, event::Kind};
 use courier_proto::{InboxSeq, LogIndex};
 use courier_storage::projection::{inbox, readstate, receipts};
 use tokio::sync::mpsc;
@@ -27,6 +27,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 use super::{ClientApi, auth::Caller, now_ms};
+use crate::bugs::{self, Bug};
 use crate::status::ApiError;
 
 /// How long a stream waits for the apply signal before looking anyway (a safety net: every applied
@@ -144,16 +145,25 @@ impl ClientApi {
             cursor = cursor.max(up_to);
             for item in feed {
                 receipts_after = item.set_at;
-                let frame = ServerFrame {
-                    frame: Some(server_frame::Frame::Receipt(ReceiptUpdate {
-                        message_id: item.message.as_bytes().to_vec(),
-                        recipient_user: item.recipient.get(),
-                        state: item.receipt.state,
-                        at_ms: item.receipt.at_ms,
-                    })),
+                let update = ReceiptUpdate {
+                    message_id: item.message.as_bytes().to_vec(),
+                    recipient_user: item.recipient.get(),
+                    state: item.receipt.state,
+                    at_ms: item.receipt.at_ms,
                 };
-                if tx.send(Ok(frame)).await.is_err() {
-                    return;
+                let regressed = (bugs::active(Bug::ReceiptRegress)
+                    && update.state == i32::from(ReceiptState::Read))
+                .then(|| ReceiptUpdate {
+                    state: ReceiptState::Delivered.into(),
+                    ..update.clone()
+                });
+                for update in std::iter::once(update).chain(regressed) {
+                    let frame = ServerFrame {
+                        frame: Some(server_frame::Frame::Receipt(update)),
+                    };
+                    if tx.send(Ok(frame)).await.is_err() {
+                        return;
+                    }
                 }
             }
             tokio::select! {

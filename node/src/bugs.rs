@@ -1,0 +1,56 @@
+//! Deliberate bugs, for proving that the history checker catches the classes of bug it exists
+//! for. Compiled only with the cargo feature `bugs` (the `courier-node-bugs` binary); without it
+//! [`active`] is a constant `false` and every branch on it folds away. Selected at startup by the
+//! environment variable `COURIER_BUG`:
+//!
+//! * `ack-before-commit`: `Send` answers "sent" before the proposal commits (lost on a leader
+//!   failure or partition);
+//! * `skip-dedup`: a retried `Send` is stored again instead of answering the first result;
+//! * `receipt-regress`: a device stream repeats a READ receipt as DELIVERED afterwards.
+
+/// A deliberate bug.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bug {
+    /// Acknowledge a send before commit.
+    AckBeforeCommit,
+    /// Skip the idempotency check on retries.
+    SkipDedup,
+    /// Push a receipt state older than one already pushed.
+    ReceiptRegress,
+}
+
+impl Bug {
+    /// The name `COURIER_BUG` uses.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::AckBeforeCommit => "ack-before-commit",
+            Self::SkipDedup => "skip-dedup",
+            Self::ReceiptRegress => "receipt-regress",
+        }
+    }
+}
+
+/// Whether `bug` is switched on in this process.
+#[cfg(feature = "bugs")]
+pub fn active(bug: Bug) -> bool {
+    static SELECTED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    SELECTED
+        .get_or_init(|| std::env::var("COURIER_BUG").ok())
+        .as_deref()
+        == Some(bug.name())
+}
+
+/// Whether `bug` is switched on in this process: never, without the `bugs` feature.
+#[cfg(not(feature = "bugs"))]
+pub const fn active(_bug: Bug) -> bool {
+    false
+}
+
+/// Logs loudly which bug is on, if any.
+pub fn announce() {
+    for bug in [Bug::AckBeforeCommit, Bug::SkipDedup, Bug::ReceiptRegress] {
+        if active(bug) {
+            tracing::warn!(bug = bug.name(), "DELIBERATE BUG ACTIVE: test builds only");
+        }
+    }
+}

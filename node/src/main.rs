@@ -1,0 +1,5 @@
+//! The courier server binary; see `courier_node::cli`.
+
+fn main() -> anyhow::Result<()> {
+    courier_node::cli::main()
+}
