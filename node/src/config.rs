@@ -151,6 +151,18 @@ pub struct LimitsRaw {
     /// Frames buffered per device stream before it falls back to reading the inbox. Default 256.
     #[serde(default = "defaults::stream_buffer")]
     pub stream_buffer_frames: u32,
+    /// Registration codes a phone number may request per hour (token bucket rate). Default 10.
+    #[serde(default = "defaults::code_rate")]
+    pub code_requests_per_hour_per_phone: u32,
+    /// Code request burst per phone number. Default 3.
+    #[serde(default = "defaults::code_burst")]
+    pub code_request_burst_per_phone: u32,
+    /// Register attempts (right or wrong code) per phone number per hour. Default 20.
+    #[serde(default = "defaults::register_rate")]
+    pub register_attempts_per_hour_per_phone: u32,
+    /// Register attempt burst per phone number. Default 5.
+    #[serde(default = "defaults::register_burst")]
+    pub register_attempt_burst_per_phone: u32,
 }
 
 /// `[log]`: the node's own logs (structured; never bodies, phone numbers or tokens).
@@ -250,6 +262,18 @@ mod defaults {
     pub(super) fn stream_buffer() -> u32 {
         256
     }
+    pub(super) fn code_rate() -> u32 {
+        10
+    }
+    pub(super) fn code_burst() -> u32 {
+        3
+    }
+    pub(super) fn register_rate() -> u32 {
+        20
+    }
+    pub(super) fn register_burst() -> u32 {
+        5
+    }
     pub(super) fn log_format() -> LogFormat {
         LogFormat::Json
     }
@@ -291,6 +315,14 @@ pub struct Limits {
     pub send_burst_per_device: u32,
     /// Frames buffered per device stream.
     pub stream_buffer_frames: u32,
+    /// Code requests per phone number per hour.
+    pub code_requests_per_hour_per_phone: u32,
+    /// Code request burst per phone number.
+    pub code_request_burst_per_phone: u32,
+    /// Register attempts per phone number per hour.
+    pub register_attempts_per_hour_per_phone: u32,
+    /// Register attempt burst per phone number.
+    pub register_attempt_burst_per_phone: u32,
 }
 
 /// A validated configuration.
@@ -424,6 +456,22 @@ impl RawConfig {
         )?;
         nonzero("limits.send-burst-per-device", l.send_burst_per_device)?;
         nonzero("limits.stream-buffer-frames", l.stream_buffer_frames)?;
+        nonzero(
+            "limits.code-requests-per-hour-per-phone",
+            l.code_requests_per_hour_per_phone,
+        )?;
+        nonzero(
+            "limits.code-request-burst-per-phone",
+            l.code_request_burst_per_phone,
+        )?;
+        nonzero(
+            "limits.register-attempts-per-hour-per-phone",
+            l.register_attempts_per_hour_per_phone,
+        )?;
+        nonzero(
+            "limits.register-attempt-burst-per-phone",
+            l.register_attempt_burst_per_phone,
+        )?;
         Ok(Config {
             node_id: self.node_id,
             data_dir: self.data_dir,
@@ -448,6 +496,10 @@ impl RawConfig {
                 sends_per_second_per_device: l.sends_per_second_per_device,
                 send_burst_per_device: l.send_burst_per_device,
                 stream_buffer_frames: l.stream_buffer_frames,
+                code_requests_per_hour_per_phone: l.code_requests_per_hour_per_phone,
+                code_request_burst_per_phone: l.code_request_burst_per_phone,
+                register_attempts_per_hour_per_phone: l.register_attempts_per_hour_per_phone,
+                register_attempt_burst_per_phone: l.register_attempt_burst_per_phone,
             },
             log: self.log,
         })

@@ -27,7 +27,7 @@ impl ClientApi {
     ) -> Result<SendResponse, ApiError> {
         let command = SendCommand::try_from(request)?;
         self.send_limiter
-            .take(caller.user.get(), caller.device.get())?;
+            .take(&(caller.user.get(), caller.device.get()))?;
         let content = command.content.into_inner();
         self.check_content_limits(&content)?;
         let recipient_shard = self.shard_of(command.to)?;

@@ -41,6 +41,8 @@ pub struct ClientApi {
     pub(crate) send_limiter: Arc<rate::SendLimiter>,
     pub(crate) live: Arc<live::LiveStreams>,
     pub(crate) typing_limiter: Arc<rate::SendLimiter>,
+    pub(crate) code_limiter: Arc<rate::PhoneLimiter>,
+    pub(crate) register_limiter: Arc<rate::PhoneLimiter>,
 }
 
 impl std::fmt::Debug for ClientApi {
@@ -66,6 +68,17 @@ impl ClientApi {
         let send_limiter = Arc::new(rate::SendLimiter::new(
             limits.sends_per_second_per_device,
             limits.send_burst_per_device,
+            "sends from this device",
+        ));
+        let code_limiter = Arc::new(rate::PhoneLimiter::per_hour(
+            limits.code_requests_per_hour_per_phone,
+            limits.code_request_burst_per_phone,
+            "code requests for this number",
+        ));
+        let register_limiter = Arc::new(rate::PhoneLimiter::per_hour(
+            limits.register_attempts_per_hour_per_phone,
+            limits.register_attempt_burst_per_phone,
+            "register attempts for this number",
         ));
         Self {
             cluster,
@@ -76,7 +89,13 @@ impl ClientApi {
             shutdown,
             send_limiter,
             live: Arc::default(),
-            typing_limiter: Arc::new(rate::SendLimiter::new(TYPING_PER_SECOND, TYPING_BURST)),
+            typing_limiter: Arc::new(rate::SendLimiter::new(
+                TYPING_PER_SECOND,
+                TYPING_BURST,
+                "typing updates from this device",
+            )),
+            code_limiter,
+            register_limiter,
         }
     }
 

@@ -1,10 +1,11 @@
-//! Per-device send rate limits: a token bucket per (user, device), `sends-per-second-per-device`
-//! tokens a second up to `send-burst-per-device`. An empty bucket answers `RESOURCE_EXHAUSTED`
-//! with `retry-after-ms`; other devices are unaffected (each has its own bucket, and a refused
-//! send costs one map lookup).
+//! Rate limits as token buckets, one per key: per device for sends (`sends-per-second-per-device`
+//! up to `send-burst-per-device`) and typing updates; per phone number (its hash) for code
+//! requests and register attempts. An empty bucket answers `RESOURCE_EXHAUSTED` with
+//! `retry-after-ms`; other keys are unaffected (each has its own bucket, and a refusal costs one
+//! map lookup).
 //!
-//! The map is bounded: past [`BUCKETS_MAX`] devices, buckets that refilled completely (idle
-//! devices) are dropped, which forgets nothing a full bucket would not grant anyway.
+//! The map is bounded: past [`BUCKETS_MAX`] keys, buckets that refilled completely (idle keys)
+//! are dropped, which forgets nothing a full bucket would not grant anyway.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -12,7 +13,7 @@ use std::time::Instant;
 
 use crate::status::ApiError;
 
-/// Devices tracked at most before idle buckets are dropped.
+/// Keys tracked at most before idle buckets are dropped.
 pub const BUCKETS_MAX: usize = 100_000;
 
 #[derive(Debug, Clone, Copy)]
@@ -21,39 +22,56 @@ struct Bucket {
     at: Instant,
 }
 
-/// Token buckets of every device sending through this node.
+/// Token buckets keyed by `K`, all with one rate and burst.
 #[derive(Debug)]
-pub struct SendLimiter {
+pub struct RateLimiter<K> {
     rate_per_s: f64,
     burst: f64,
-    buckets: Mutex<BTreeMap<(u64, u32), Bucket>>,
+    /// What is limited, for the refusal message ("sends from this device").
+    what: &'static str,
+    buckets: Mutex<BTreeMap<K, Bucket>>,
 }
 
-impl SendLimiter {
-    /// A limiter granting `rate_per_s` sends a second with bursts of `burst`.
-    pub fn new(rate_per_s: u32, burst: u32) -> Self {
+/// Sends (and typing updates) per (user, device).
+pub type SendLimiter = RateLimiter<(u64, u32)>;
+/// Code requests or register attempts per phone-number hash.
+pub type PhoneLimiter = RateLimiter<Vec<u8>>;
+
+impl<K: Ord + Clone> RateLimiter<K> {
+    /// A limiter granting `rate_per_s` tokens a second with bursts of `burst`.
+    pub fn new(rate_per_s: u32, burst: u32, what: &'static str) -> Self {
+        Self::per_second(f64::from(rate_per_s), burst, what)
+    }
+
+    /// A limiter granting `per_hour` tokens an hour with bursts of `burst`.
+    pub fn per_hour(per_hour: u32, burst: u32, what: &'static str) -> Self {
+        Self::per_second(f64::from(per_hour) / 3600.0, burst, what)
+    }
+
+    fn per_second(rate_per_s: f64, burst: u32, what: &'static str) -> Self {
         Self {
-            rate_per_s: f64::from(rate_per_s),
+            rate_per_s,
             burst: f64::from(burst),
+            what,
             buckets: Mutex::default(),
         }
     }
 
-    /// Takes one token for `(user, device)`.
+    /// Takes one token for `key`.
     ///
     /// # Errors
     /// `RESOURCE_EXHAUSTED` (`COURIER:Limits:RateLimited`) with the wait until the next token.
-    pub fn take(&self, user: u64, device: u32) -> Result<(), ApiError> {
+    pub fn take(&self, key: &K) -> Result<(), ApiError> {
         let now = Instant::now();
         let mut buckets = self
             .buckets
             .lock()
             .expect("rate limiter lock is never poisoned");
-        if buckets.len() >= BUCKETS_MAX && !buckets.contains_key(&(user, device)) {
+        if buckets.len() >= BUCKETS_MAX && !buckets.contains_key(key) {
             let (rate, burst) = (self.rate_per_s, self.burst);
             buckets.retain(|_, b| b.tokens + now.duration_since(b.at).as_secs_f64() * rate < burst);
         }
-        let bucket = buckets.entry((user, device)).or_insert(Bucket {
+        let bucket = buckets.entry(key.clone()).or_insert(Bucket {
             tokens: self.burst,
             at: now,
         });
@@ -67,10 +85,7 @@ impl SendLimiter {
         }
         let wait_ms = ((1.0 - bucket.tokens) / self.rate_per_s * 1000.0).ceil();
         Err(ApiError::RateLimited {
-            message: format!(
-                "more than {} sends a second from this device",
-                self.rate_per_s
-            ),
+            message: format!("too many {}; retry later", self.what),
             retry_after_ms: if wait_ms.is_finite() && wait_ms > 0.0 {
                 wait_ms as u64
             } else {
@@ -86,19 +101,42 @@ mod tests {
 
     #[test]
     fn a_burst_then_refusal_per_device() {
-        let limiter = SendLimiter::new(10, 3);
+        let limiter = SendLimiter::new(10, 3, "sends");
         for _ in 0..3 {
-            limiter.take(1, 1).expect("within the burst");
+            limiter.take(&(1, 1)).expect("within the burst");
         }
-        match limiter.take(1, 1) {
+        match limiter.take(&(1, 1)) {
             Err(ApiError::RateLimited { retry_after_ms, .. }) => {
                 assert!((1..=100).contains(&retry_after_ms), "{retry_after_ms}")
             }
             other => panic!("expected a refusal, got {other:?}"),
         }
         limiter
-            .take(1, 2)
+            .take(&(1, 2))
             .expect("another device has its own bucket");
-        limiter.take(2, 1).expect("another user has its own bucket");
+        limiter
+            .take(&(2, 1))
+            .expect("another user has its own bucket");
+    }
+
+    #[test]
+    fn an_hourly_limit_refuses_for_minutes() {
+        let limiter = PhoneLimiter::per_hour(6, 2, "code requests for this number");
+        limiter.take(&vec![1]).expect("first");
+        limiter.take(&vec![1]).expect("second, within the burst");
+        match limiter.take(&vec![1]) {
+            Err(ApiError::RateLimited {
+                retry_after_ms,
+                message,
+            }) => {
+                assert!(
+                    (500_000..=600_000).contains(&retry_after_ms),
+                    "one token per 10 minutes: {retry_after_ms}"
+                );
+                assert!(message.contains("code requests"), "{message}");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        limiter.take(&vec![2]).expect("another number");
     }
 }

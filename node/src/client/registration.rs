@@ -150,12 +150,14 @@ impl ClientApi {
     /// `RequestCode`.
     ///
     /// # Errors
-    /// `INVALID_ARGUMENT` for a malformed number; `RESOURCE_EXHAUSTED` when too many codes wait.
+    /// `INVALID_ARGUMENT` for a malformed number; `RESOURCE_EXHAUSTED` when too many codes wait
+    /// or the number asked too often (`code-requests-per-hour-per-phone`).
     pub fn request_code(
         &self,
         request: RequestCodeRequest,
     ) -> Result<RequestCodeResponse, ApiError> {
         let phone = PhoneNumber::try_from(request.phone_number)?;
+        self.code_limiter.take(&phone_hash(&phone))?;
         let code = self.codes.issue(&phone_hash(&phone))?;
         self.sms
             .send(&phone, &code)
@@ -220,10 +222,12 @@ impl ClientApi {
     /// `Register`: a new primary device for the number; the previous primary is revoked.
     ///
     /// # Errors
-    /// `INVALID_ARGUMENT` for malformed input, `UNAUTHENTICATED` for a wrong or expired code.
+    /// `INVALID_ARGUMENT` for malformed input, `UNAUTHENTICATED` for a wrong or expired code,
+    /// `RESOURCE_EXHAUSTED` past `register-attempts-per-hour-per-phone`.
     pub async fn register(&self, request: RegisterRequest) -> Result<RegisterResponse, ApiError> {
         let command = RegisterCommand::try_from(request)?;
         let phone = phone_hash(&command.phone);
+        self.register_limiter.take(&phone)?;
         self.codes.check(&phone, &command.code)?;
         self.register_device(user_of_phone(&command.phone), Some(phone), true)
             .await

@@ -265,7 +265,7 @@ impl ClientApi {
         };
         if self
             .typing_limiter
-            .take(caller.user.get(), caller.device.get())
+            .take(&(caller.user.get(), caller.device.get()))
             .is_err()
         {
             return; // over the typing rate: dropped, like any ephemeral update

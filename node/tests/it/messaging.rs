@@ -589,6 +589,70 @@ async fn sigkill_the_senders_leader_loses_and_duplicates_nothing() {
     drop(cluster);
 }
 
+/// A phone number asking for codes (or trying codes) past its hourly budget gets
+/// RESOURCE_EXHAUSTED with a retry hint; another number is unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn code_requests_and_register_attempts_are_limited_per_number() {
+    let c = cluster().await;
+    let mut registration =
+        RegistrationClient::new(channel(&c.nodes[0].client_addr.to_string()).await);
+    let ask = |phone: &str| RequestCodeRequest {
+        phone_number: phone.to_owned(),
+    };
+    for _ in 0..3 {
+        registration
+            .request_code(ask("+15557770001"))
+            .await
+            .expect("within the burst of 3");
+    }
+    let refused = registration
+        .request_code(ask("+15557770001"))
+        .await
+        .expect_err("a fourth request within the hour");
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    assert_eq!(code_of(&refused), "COURIER:Limits:RateLimited");
+    let retry_ms: u64 = refused
+        .metadata()
+        .get("retry-after-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .expect("retry-after-ms");
+    assert!(
+        (300_000..=360_000).contains(&retry_ms),
+        "10 an hour: one every 6 minutes, got {retry_ms} ms"
+    );
+    registration
+        .request_code(ask("+15557770002"))
+        .await
+        .expect("another number is unaffected");
+
+    let attempt = || RegisterRequest {
+        phone_number: "+15557770002".to_owned(),
+        code: "000000".to_owned(),
+        device_name: "guess".to_owned(),
+    };
+    let mut outcomes = Vec::new();
+    for _ in 0..6 {
+        outcomes.push(
+            registration
+                .register(attempt())
+                .await
+                .expect_err("a guessed code")
+                .code(),
+        );
+    }
+    assert_eq!(
+        outcomes[..5],
+        [tonic::Code::Unauthenticated; 5],
+        "five attempts are checked"
+    );
+    assert_eq!(
+        outcomes[5],
+        tonic::Code::ResourceExhausted,
+        "the sixth is refused before the code is looked at"
+    );
+}
+
 /// A device over its send rate gets RESOURCE_EXHAUSTED with a retry hint; another user's sends
 /// are unaffected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
