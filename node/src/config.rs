@@ -165,6 +165,19 @@ pub struct LimitsRaw {
     pub register_attempt_burst_per_phone: u32,
 }
 
+/// `[retention]`: how long undelivered messages wait for their recipient.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RetentionRaw {
+    /// An undelivered message older than this expires (a `MessageExpired` event proposed by the
+    /// shard's leader). Default `"30d"`.
+    #[serde(default = "defaults::undelivered")]
+    pub undelivered: HumanDuration,
+    /// How often each shard leader looks for expired messages. Default `"10s"`.
+    #[serde(default = "defaults::expiry_scan")]
+    pub scan_interval: HumanDuration,
+}
+
 /// `[log]`: the node's own logs (structured; never bodies, phone numbers or tokens).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -203,6 +216,9 @@ pub struct RawConfig {
     /// Limits.
     #[serde(default = "defaults::limits")]
     pub limits: LimitsRaw,
+    /// Retention of undelivered messages.
+    #[serde(default = "defaults::retention")]
+    pub retention: RetentionRaw,
     /// Logging.
     #[serde(default = "defaults::log")]
     pub log: LogRaw,
@@ -289,6 +305,15 @@ mod defaults {
     pub(super) fn log() -> LogRaw {
         toml::from_str("").expect("every log key has a default")
     }
+    pub(super) fn retention() -> RetentionRaw {
+        toml::from_str("").expect("every retention key has a default")
+    }
+    pub(super) fn undelivered() -> HumanDuration {
+        HumanDuration(Duration::from_secs(30 * 86_400))
+    }
+    pub(super) fn expiry_scan() -> HumanDuration {
+        HumanDuration(Duration::from_secs(10))
+    }
 }
 
 /// Consensus timing, validated: the consensus crate's own settings type.
@@ -338,6 +363,8 @@ pub struct Config {
     pub raft: RaftConfig,
     /// Limits.
     pub limits: Limits,
+    /// Retention of undelivered messages.
+    pub retention: RetentionRaw,
     /// Logging.
     pub log: LogRaw,
 }
@@ -472,6 +499,14 @@ impl RawConfig {
             "limits.register-attempt-burst-per-phone",
             l.register_attempt_burst_per_phone,
         )?;
+        for (name, value) in [
+            ("retention.undelivered", self.retention.undelivered.0),
+            ("retention.scan-interval", self.retention.scan_interval.0),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::ZeroLimit { name });
+            }
+        }
         Ok(Config {
             node_id: self.node_id,
             data_dir: self.data_dir,
@@ -501,6 +536,7 @@ impl RawConfig {
                 register_attempts_per_hour_per_phone: l.register_attempts_per_hour_per_phone,
                 register_attempt_burst_per_phone: l.register_attempt_burst_per_phone,
             },
+            retention: self.retention,
             log: self.log,
         })
     }

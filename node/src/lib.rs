@@ -18,6 +18,7 @@ pub mod forwarder;
 pub mod listener;
 pub mod maintenance;
 pub mod metrics;
+pub mod retention;
 pub mod server;
 pub mod services;
 pub mod status;

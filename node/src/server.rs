@@ -236,6 +236,17 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
         tasks.spawn(async move { crate::forwarder::run(cluster, shutdown).await });
     }
     info!("outbox forwarders running");
+    {
+        let cluster = cluster.clone();
+        let shutdown = shutdown.clone();
+        let (undelivered, interval) = (
+            config.retention.undelivered.0,
+            config.retention.scan_interval.0,
+        );
+        tasks.spawn(async move {
+            crate::retention::run(cluster, undelivered, interval, shutdown).await;
+        });
+    }
     let metrics_addr = match metrics_listener {
         Some(listener) => {
             let bound = listener.local_addr().ok();

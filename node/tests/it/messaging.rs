@@ -147,12 +147,17 @@ async fn cluster() -> Cluster {
 }
 
 async fn cluster_with(sends_per_second: u32) -> Cluster {
+    cluster_configured(&|text| with_limits(text, sends_per_second)).await
+}
+
+/// Three in-process nodes whose config text `edit` adjusts.
+async fn cluster_configured(edit: &dyn Fn(String) -> String) -> Cluster {
     let root = tempfile::tempdir().expect("tempdir");
     let mut nodes = Vec::new();
     let mut dirs = Vec::new();
     for id in 1..=3 {
         let dir = root.path().join(format!("n{id}"));
-        let text = with_limits(crate::support::config_text(id, &dir), sends_per_second);
+        let text = edit(crate::support::config_text(id, &dir));
         let config = courier_node::Config::parse(&text).expect("config");
         nodes.push(courier_node::start(config).await.expect("start"));
         dirs.push(dir);
@@ -395,6 +400,22 @@ async fn offline_recipient_gets_everything_in_order_and_receipts_flow_back() {
     }
 }
 
+/// `delivered_up_to` of `user`'s inbox on `node`.
+fn delivered_up_to(node: &courier_node::NodeHandle, user: u64) -> u64 {
+    let user = UserId::new(user).expect("id");
+    let db = node.groups().db().clone();
+    let mut staged = courier_storage::kv::Staged::new(db.as_ref(), BTreeMap::new());
+    let view = courier_storage::projection::View::new(
+        &mut staged,
+        shard_of(user, 4),
+        courier_proto::LogIndex::ZERO,
+        courier_storage::projection::Projection::Inbox,
+    );
+    courier_storage::projection::inbox::state(&view, user)
+        .expect("read")
+        .delivered_up_to
+}
+
 fn read_cursor(
     db: &std::sync::Arc<courier_storage::Db>,
     shard: ShardId,
@@ -587,6 +608,173 @@ async fn sigkill_the_senders_leader_loses_and_duplicates_nothing() {
         "every acknowledged message once, in order, nothing else"
     );
     drop(cluster);
+}
+
+/// With a 2 s retention, an undelivered message expires on every replica (a `MessageExpired`
+/// in the log), an acked one stays, a device opening its stream later gets only the survivor,
+/// and every replica's projections still equal a rebuild from its log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undelivered_messages_expire_on_every_replica() {
+    let c = cluster_configured(&|text| {
+        format!(
+            "{}\n[retention]\nundelivered = \"2s\"\nscan-interval = \"200ms\"\n",
+            with_limits(text, 10_000)
+        )
+    })
+    .await;
+    let addr = c.nodes[0].client_addr.to_string();
+    let (alice_phone, bob_phone) = phones_on_different_shards();
+    let alice = register(&addr, &c.dirs[0], &alice_phone).await;
+    let bob = register(&addr, &c.dirs[0], &bob_phone).await;
+    let mut messaging = MessagingClient::new(channel(&addr).await);
+    let send = |id: &str| SendRequest {
+        client_msg_id: id.to_owned(),
+        to_user: bob.user,
+        content: body(id),
+    };
+    let kept = messaging
+        .send(authed(&alice, send("kept")))
+        .await
+        .expect("send")
+        .into_inner();
+    {
+        let mut stream = open_stream(&addr, &bob, 0).await;
+        collect(&mut stream, Duration::from_secs(10), |f| {
+            messages(f).len() == 1
+        })
+        .await;
+        stream
+            .out
+            .send(ClientFrame {
+                frame: Some(client_frame::Frame::Ack(Ack { up_to_seq: 1 })),
+            })
+            .await
+            .expect("ack");
+        let acked = Instant::now();
+        while delivered_up_to(&c.nodes[0], bob.user) < 1 {
+            assert!(acked.elapsed() < Duration::from_secs(10), "the ack commits");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let expiring = messaging
+        .send(authed(&alice, send("expiring")))
+        .await
+        .expect("send")
+        .into_inner();
+    let bob_shard = shard_of(UserId::new(bob.user).expect("id"), 4);
+    let inbox_of = |node: &courier_node::NodeHandle| {
+        let db = node.groups().db().clone();
+        let mut staged = courier_storage::kv::Staged::new(db.as_ref(), BTreeMap::new());
+        let view = courier_storage::projection::View::new(
+            &mut staged,
+            bob_shard,
+            courier_proto::LogIndex::ZERO,
+            courier_storage::projection::Projection::Inbox,
+        );
+        let user = UserId::new(bob.user).expect("id");
+        [1, 2].map(|seq| {
+            courier_storage::projection::inbox::entry(
+                &view,
+                user,
+                courier_proto::InboxSeq::new(seq),
+            )
+            .expect("read")
+            .map(|e| e.message_id)
+        })
+    };
+    let stored = Instant::now();
+    while !c.nodes.iter().map(inbox_of).all(|inbox| inbox[1].is_some()) {
+        assert!(
+            stored.elapsed() < Duration::from_secs(10),
+            "the message reaches Bob's inbox on every replica first"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let started = Instant::now();
+    loop {
+        let all: Vec<_> = c.nodes.iter().map(inbox_of).collect();
+        if all.iter().all(|inbox| inbox[1].is_none()) {
+            for inbox in &all {
+                assert_eq!(
+                    inbox[0].as_ref(),
+                    Some(&kept.message_id),
+                    "the acked one stays"
+                );
+            }
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the undelivered message did not expire everywhere: {all:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        stored.elapsed() >= Duration::from_millis(1500),
+        "not before the retention passed"
+    );
+    let _ = expiring;
+    {
+        let mut stream = open_stream(&addr, &bob, 0).await;
+        let frames = collect(&mut stream, Duration::from_secs(1), |f| {
+            messages(f).len() > 1
+        })
+        .await;
+        assert_eq!(
+            messages(&frames),
+            vec![(1, kept.message_id.clone())],
+            "a stream opened later gets only the message that did not expire"
+        );
+    }
+    for node in &c.nodes {
+        let mut admin = courier_proto::pb::peer::admin_client::AdminClient::new(
+            channel(&node.peer_addr.to_string()).await,
+        );
+        let mut updates = admin
+            .verify_projection(courier_proto::pb::peer::VerifyProjectionRequest {
+                shard: u32::from(bob_shard.get()),
+                projection: String::new(),
+            })
+            .await
+            .expect("verify")
+            .into_inner();
+        let mut result = None;
+        while let Some(update) = updates.message().await.expect("stream") {
+            if let Some(courier_proto::pb::peer::projection_job_update::Update::Verified(v)) =
+                update.update
+            {
+                result = Some(v);
+            }
+        }
+        let result = result.expect("a result");
+        assert!(
+            result.mismatches.is_empty(),
+            "projections equal a rebuild after expiry: {:?}",
+            result.mismatches
+        );
+        let log = admin
+            .read_log(courier_proto::pb::peer::ReadLogRequest {
+                shard: u32::from(bob_shard.get()),
+                ..Default::default()
+            })
+            .await
+            .expect("read log")
+            .into_inner();
+        let expired: Vec<_> = log
+            .entries
+            .iter()
+            .filter_map(|e| e.events.as_ref())
+            .flat_map(|p| &p.events)
+            .filter_map(|e| match &e.kind {
+                Some(events::event::Kind::MessageExpired(x)) => Some(x.message_id.clone()),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            !expired.is_empty() && expired.iter().all(|id| *id == expiring.message_id),
+            "the log holds the expiry of exactly that message: {expired:?}"
+        );
+    }
 }
 
 /// A phone number asking for codes (or trying codes) past its hourly budget gets

@@ -93,6 +93,22 @@ pub fn entries_between(
         .collect()
 }
 
+/// Whether message `seq` of `user` can still expire: stored under that id and not delivered.
+///
+/// # Errors
+/// A storage fault.
+pub fn expirable(
+    view: &View<'_, '_>,
+    user: UserId,
+    seq: InboxSeq,
+    message_id: &[u8],
+) -> Result<bool> {
+    if seq.get() <= state(view, user)?.delivered_up_to {
+        return Ok(false);
+    }
+    Ok(entry(view, user, seq)?.is_some_and(|stored| stored.message_id == message_id))
+}
+
 /// Folds one event into the inbox.
 ///
 /// # Errors

@@ -431,6 +431,16 @@ pub fn apply_event(
             }
             Applied::Done
         }
+        Kind::MessageExpired(expired) => {
+            let view = View::new(staged, shard, at, Projection::Inbox);
+            let user = UserId::new(expired.user).expect("leader validated the user");
+            if !inbox::expirable(&view, user, InboxSeq::new(expired.seq), &expired.message_id)? {
+                // Acked, or expired by an earlier proposal, between the leader's scan and this
+                // commit: nothing left to expire.
+                return Ok(Applied::Done);
+            }
+            Applied::Done
+        }
         _ => Applied::Done,
     };
     for projection in Projection::APPLY_ORDER {

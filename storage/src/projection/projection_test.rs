@@ -251,6 +251,29 @@ fn inbox_readstate_and_receipts_table() {
         0,
         "expired unread messages are not unread"
     );
+    tracing_phase("expiring it again, or a seq under another message id, changes nothing");
+    let before = state.digests.clone();
+    apply_one(
+        &mut kv,
+        &mut state,
+        vec![Kind::MessageExpired(events::MessageExpired {
+            user: 1,
+            seq: 3,
+            message_id: vec![3; 16],
+            at_ms: 31,
+        })],
+    );
+    apply_one(
+        &mut kv,
+        &mut state,
+        vec![Kind::MessageExpired(events::MessageExpired {
+            user: 1,
+            seq: 4,
+            message_id: vec![9; 16],
+            at_ms: 31,
+        })],
+    );
+    assert_eq!(state.digests, before, "a stale expiry is a no-op");
     tracing_phase("outbox: the read emitted DELIVERED+READ for seqs 1 and 2, to this shard");
     let mut staged = Staged::new(&kv, BTreeMap::new());
     let view = View::new(&mut staged, SHARD, LogIndex::ZERO, Projection::Outbox);
