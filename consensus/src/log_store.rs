@@ -109,6 +109,8 @@ pub struct AppendStats {
     pub fsyncs: AtomicU64,
     /// Entries written by those calls.
     pub entries: AtomicU64,
+    /// Nanoseconds spent in those calls (write + fsync).
+    pub sync_nanos: AtomicU64,
 }
 
 /// One raft group's log storage.
@@ -225,10 +227,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .collect::<Result<Vec<_>, _>>()?;
         let count = u64::try_from(records.len()).unwrap_or(u64::MAX);
         // Synced before the callback: openraft counts the entries as durable only after it.
+        let started = std::time::Instant::now();
         let result = self.log.append(&records);
         if result.is_ok() {
+            let took = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
             self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
             self.stats.entries.fetch_add(count, Ordering::Relaxed);
+            self.stats.sync_nanos.fetch_add(took, Ordering::Relaxed);
         }
         callback.log_io_completed(
             result

@@ -728,16 +728,21 @@ impl Cluster {
     }
 
     fn outbox_len(&self, shard: ShardId) -> u64 {
+        self.outbox_by_dest(shard).iter().map(|(_, len)| len).sum()
+    }
+
+    /// Outbox entries of `shard` not yet forwarded and trimmed, per destination shard.
+    pub fn outbox_by_dest(&self, shard: ShardId) -> Vec<(u16, u64)> {
         let mut staged = Staged::new(self.db.as_ref(), BTreeMap::new());
         let view = View::new(&mut staged, shard, LogIndex::ZERO, Projection::Outbox);
         outbox::states(&view)
             .map(|states| {
                 states
                     .iter()
-                    .map(|(_, s)| s.last_pos.saturating_sub(s.trimmed_up_to))
-                    .sum()
+                    .map(|(dest, s)| (dest.get(), s.last_pos.saturating_sub(s.trimmed_up_to)))
+                    .collect()
             })
-            .unwrap_or(0)
+            .unwrap_or_default()
     }
 
     /// Where a shard's leader is, from this node's point of view.

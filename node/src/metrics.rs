@@ -1,21 +1,37 @@
-//! Prometheus metrics over HTTP (`GET /metrics`, text exposition format 0.0.4) on
-//! `listen.metrics`. Values are read at scrape time from the cluster status, so nothing is kept
-//! twice: per shard the primary health gauges (apply lag, outbox length) plus role, term,
-//! applied index and log fsyncs.
+//! Prometheus metrics over HTTP (`GET /metrics`, text exposition) on `listen.metrics`, through
+//! `prometheus-client`. Two kinds:
+//!
+//! * events counted as they happen: sends by outcome, send-to-commit and send-to-stream latency
+//!   histograms, live device streams, leader changes per shard;
+//! * state read at scrape time by a collector (nothing kept twice): per shard the primary health
+//!   gauges (apply lag, outbox length per destination shard), role, term, applied index, and the
+//!   log's fsync count, entries appended and time spent in synced appends.
 //!
 //! The endpoint is deliberately small: one request per connection, at most
 //! [`METRICS_CONNECTIONS_MAX`] at once, requests up to [`REQUEST_BYTES_MAX`], a read deadline.
 
-use std::fmt::Write as _;
+use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use courier_consensus::types::GroupId;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric,
+};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::Cluster;
+use crate::status::ApiError;
 
 /// Scrapes served at once.
 pub const METRICS_CONNECTIONS_MAX: usize = 16;
@@ -23,68 +39,319 @@ pub const METRICS_CONNECTIONS_MAX: usize = 16;
 pub const REQUEST_BYTES_MAX: usize = 8 * 1024;
 /// Deadline to read a request.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often leadership is sampled for `courier_shard_leader_changes_total`.
+pub const LEADER_SAMPLE_INTERVAL: Duration = Duration::from_millis(250);
 
-/// Renders the metrics text.
-pub fn render(cluster: &Cluster) -> String {
-    let status = cluster.status();
-    let mut out = String::new();
-    let gauges: [(&str, &str, &str); 7] = [
-        (
-            "courier_shard_apply_lag_entries",
-            "gauge",
-            "log entries stored but not yet applied on this replica",
-        ),
-        (
-            "courier_shard_outbox_len_entries",
-            "gauge",
-            "outbox entries not yet forwarded and trimmed",
-        ),
-        (
-            "courier_shard_applied_index",
-            "gauge",
-            "last applied log index",
-        ),
-        ("courier_shard_term", "gauge", "current raft term"),
-        (
-            "courier_shard_is_leader",
-            "gauge",
-            "1 when this node leads the shard",
-        ),
-        (
-            "courier_log_fsyncs_total",
-            "counter",
-            "log appends (one fsync each) since start",
-        ),
-        (
-            "courier_log_entries_appended_total",
-            "counter",
-            "log entries appended since start",
-        ),
-    ];
-    for (name, kind, help) in gauges {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for shard in &status.shards {
-            let value = match name {
-                "courier_shard_apply_lag_entries" => shard.apply_lag,
-                "courier_shard_outbox_len_entries" => shard.outbox_len_entries,
-                "courier_shard_applied_index" => shard.applied,
-                "courier_shard_term" => shard.term,
-                "courier_shard_is_leader" => u64::from(shard.role == "leader"),
-                "courier_log_fsyncs_total" => shard.fsyncs,
-                _ => shard.entries_appended,
-            };
-            let _ = writeln!(
-                out,
-                "{name}{{node=\"{}\",shard=\"{}\"}} {value}",
-                status.node_id, shard.shard
-            );
+/// Why a `Send` ended as it did.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum SendOutcome {
+    /// Stored on a quorum (a first send).
+    accepted,
+    /// A retry answered with the first result.
+    duplicate,
+    /// The device's token bucket was empty.
+    rate_limited,
+    /// Malformed or over a limit.
+    invalid,
+    /// No valid credential.
+    unauthenticated,
+    /// Unknown recipient.
+    not_found,
+    /// No leader or quorum: retry.
+    unavailable,
+    /// A fault in this node.
+    internal,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: SendOutcome,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ShardLabel {
+    shard: u32,
+}
+
+/// The node's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    sends: Family<OutcomeLabel, Counter>,
+    send_commit: Histogram,
+    send_to_stream: Histogram,
+    live_streams: Gauge,
+    leader_changes: Family<ShardLabel, Counter>,
+}
+
+impl Metrics {
+    /// Every metric of a node serving `cluster`.
+    pub fn new(cluster: Cluster) -> Arc<Self> {
+        let mut registry = Registry::default();
+        let sends = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "courier_sends",
+            "Send requests answered by this node, by outcome",
+            sends.clone(),
+        );
+        // 0.5 ms .. ~16 s.
+        let send_commit = Histogram::new(exponential_buckets(0.000_5, 2.0, 16));
+        registry.register(
+            "courier_send_commit_seconds",
+            "From a Send reaching this node to its commit on a quorum (fsync) and apply",
+            send_commit.clone(),
+        );
+        let send_to_stream = Histogram::new(exponential_buckets(0.000_5, 2.0, 16));
+        registry.register(
+            "courier_send_to_stream_seconds",
+            "From a message's send (sender leader clock) to its push on a live device stream here",
+            send_to_stream.clone(),
+        );
+        let live_streams = Gauge::default();
+        registry.register(
+            "courier_live_streams",
+            "Device streams open on this node",
+            live_streams.clone(),
+        );
+        let leader_changes = Family::<ShardLabel, Counter>::default();
+        registry.register(
+            "courier_shard_leader_changes",
+            "Changes of a shard's known leader seen by this node (sampled every 250 ms)",
+            leader_changes.clone(),
+        );
+        registry.register_collector(Box::new(ShardCollector { cluster }));
+        Arc::new(Self {
+            registry,
+            sends,
+            send_commit,
+            send_to_stream,
+            live_streams,
+            leader_changes,
+        })
+    }
+
+    /// Counts one answered `Send`.
+    pub fn send_answered(&self, result: &Result<bool, ApiError>) {
+        let outcome = match result {
+            Ok(false) => SendOutcome::accepted,
+            Ok(true) => SendOutcome::duplicate,
+            Err(ApiError::RateLimited { .. }) => SendOutcome::rate_limited,
+            Err(
+                ApiError::Wire(_) | ApiError::Invalid { .. } | ApiError::ResourceExhausted { .. },
+            ) => SendOutcome::invalid,
+            Err(ApiError::Unauthenticated { .. } | ApiError::PermissionDenied { .. }) => {
+                SendOutcome::unauthenticated
+            }
+            Err(ApiError::NotFound { .. }) => SendOutcome::not_found,
+            Err(ApiError::Unavailable { .. } | ApiError::FailedPrecondition { .. }) => {
+                SendOutcome::unavailable
+            }
+            Err(ApiError::Internal { .. }) => SendOutcome::internal,
+        };
+        self.sends.get_or_create(&OutcomeLabel { outcome }).inc();
+    }
+
+    /// Records a send's time to commit.
+    pub fn send_committed(&self, took: Duration) {
+        self.send_commit.observe(took.as_secs_f64());
+    }
+
+    /// Records a live push, `latency_ms` after the message was sent.
+    pub fn pushed_live(&self, latency_ms: u64) {
+        self.send_to_stream.observe(latency_ms as f64 / 1000.0);
+    }
+
+    /// Counts a device stream open until the guard drops.
+    pub fn stream_opened(self: &Arc<Self>) -> StreamGauge {
+        self.live_streams.inc();
+        StreamGauge(self.clone())
+    }
+
+    /// Renders the metrics text.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Samples every shard's leader until `shutdown`, counting changes.
+    pub async fn watch_leaders(self: Arc<Self>, cluster: Cluster, shutdown: CancellationToken) {
+        let mut last: BTreeMap<u32, Option<u64>> = BTreeMap::new();
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(LEADER_SAMPLE_INTERVAL) => {}
+            }
+            for (group, handle) in cluster.groups().list() {
+                let GroupId::Shard(shard) = group else {
+                    continue;
+                };
+                let leader = handle.raft.metrics().borrow().current_leader;
+                let shard = u32::from(shard.get());
+                if last
+                    .insert(shard, leader)
+                    .is_some_and(|before| before != leader)
+                {
+                    self.leader_changes
+                        .get_or_create(&ShardLabel { shard })
+                        .inc();
+                }
+            }
         }
     }
-    out
+}
+
+/// Keeps `courier_live_streams` counting one stream while alive.
+#[derive(Debug)]
+pub struct StreamGauge(Arc<Metrics>);
+
+impl Drop for StreamGauge {
+    fn drop(&mut self) {
+        self.0.live_streams.dec();
+    }
+}
+
+/// Per-shard state, read from the cluster at scrape time.
+#[derive(Debug)]
+struct ShardCollector {
+    cluster: Cluster,
+}
+
+type Gauges = Vec<(Vec<(&'static str, String)>, i64)>;
+
+fn gauge_family(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    values: &Gauges,
+    counter: bool,
+) -> Result<(), std::fmt::Error> {
+    let kind = if counter {
+        ConstCounter::new(0_u64).metric_type()
+    } else {
+        ConstGauge::new(0_i64).metric_type()
+    };
+    let mut family = encoder.encode_descriptor(name, help, None, kind)?;
+    for (labels, value) in values {
+        let metric = family.encode_family(labels)?;
+        if counter {
+            ConstCounter::new(u64::try_from(*value).unwrap_or(0)).encode(metric)?;
+        } else {
+            ConstGauge::new(*value).encode(metric)?;
+        }
+    }
+    Ok(())
+}
+
+impl Collector for ShardCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let status = self.cluster.status();
+        let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let mut families: BTreeMap<&'static str, (&'static str, bool, Gauges)> = BTreeMap::new();
+        let mut put = |name: &'static str, help: &'static str, counter: bool, labels, value| {
+            families
+                .entry(name)
+                .or_insert((help, counter, Vec::new()))
+                .2
+                .push((labels, value));
+        };
+        let stats: BTreeMap<u32, _> = self
+            .cluster
+            .groups()
+            .list()
+            .into_iter()
+            .filter_map(|(group, handle)| match group {
+                GroupId::Shard(shard) => Some((u32::from(shard.get()), handle.stats)),
+                GroupId::Metadata => None,
+            })
+            .collect();
+        for shard in &status.shards {
+            let labels = || vec![("shard", shard.shard.to_string())];
+            put(
+                "courier_shard_apply_lag_entries",
+                "Log entries stored but not yet applied on this replica",
+                false,
+                labels(),
+                as_i64(shard.apply_lag),
+            );
+            put(
+                "courier_shard_applied_index",
+                "Last applied log index",
+                false,
+                labels(),
+                as_i64(shard.applied),
+            );
+            put(
+                "courier_shard_term",
+                "Current raft term",
+                false,
+                labels(),
+                as_i64(shard.term),
+            );
+            put(
+                "courier_shard_is_leader",
+                "1 when this node leads the shard",
+                false,
+                labels(),
+                i64::from(shard.role == "leader"),
+            );
+            put(
+                "courier_log_fsyncs",
+                "Log appends since start, one fsync each",
+                true,
+                labels(),
+                as_i64(shard.fsyncs),
+            );
+            put(
+                "courier_log_entries_appended",
+                "Log entries appended since start (entries / fsyncs = group commit)",
+                true,
+                labels(),
+                as_i64(shard.entries_appended),
+            );
+            if let Some(stats) = stats.get(&shard.shard) {
+                let micros = stats.sync_nanos.load(Ordering::Relaxed) / 1_000;
+                put(
+                    "courier_log_fsync_micros",
+                    "Microseconds spent in synced log appends since start (divide by fsyncs for the mean)",
+                    true,
+                    labels(),
+                    as_i64(micros),
+                );
+            }
+            put(
+                "courier_shard_outbox_len_entries",
+                "Outbox entries not yet forwarded and trimmed, all destinations",
+                false,
+                labels(),
+                as_i64(shard.outbox_len_entries),
+            );
+            for (dest, len) in self.cluster.outbox_by_dest(courier_proto::ShardId::new(
+                u16::try_from(shard.shard).unwrap_or(u16::MAX),
+            )) {
+                put(
+                    "courier_shard_outbox_dest_entries",
+                    "Outbox entries to one destination shard not yet forwarded and trimmed",
+                    false,
+                    vec![
+                        ("shard", shard.shard.to_string()),
+                        ("dest", dest.to_string()),
+                    ],
+                    as_i64(len),
+                );
+            }
+        }
+        for (name, (help, counter, values)) in &families {
+            gauge_family(&mut encoder, name, help, values, *counter)?;
+        }
+        Ok(())
+    }
 }
 
 /// Serves `/metrics` on `listener` until `shutdown`.
-pub async fn serve(listener: TcpListener, cluster: Cluster, shutdown: CancellationToken) {
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: CancellationToken) {
     let permits = Arc::new(Semaphore::new(METRICS_CONNECTIONS_MAX));
     loop {
         // We never close the semaphore, so acquiring cannot fail.
@@ -99,7 +366,7 @@ pub async fn serve(listener: TcpListener, cluster: Cluster, shutdown: Cancellati
         let Ok((mut stream, _)) = accepted else {
             continue;
         };
-        let cluster = cluster.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let mut request = vec![0_u8; REQUEST_BYTES_MAX];
@@ -109,9 +376,9 @@ pub async fn serve(listener: TcpListener, cluster: Cluster, shutdown: Cancellati
             };
             let head = String::from_utf8_lossy(&request[..read]);
             let response = if head.starts_with("GET /metrics ") {
-                let body = render(&cluster);
+                let body = metrics.render();
                 format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                     body.len()
                 )
             } else {

@@ -194,12 +194,19 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
     let (error_tx, errors) = tokio::sync::mpsc::channel(2);
 
     let sms = Arc::new(DevFileSms::new(config.data_dir.join("sms-outbox.log")));
+    let metrics = crate::metrics::Metrics::new(cluster.clone());
+    tasks.spawn(
+        metrics
+            .clone()
+            .watch_leaders(cluster.clone(), shutdown.clone()),
+    );
     let client_api = ClientApi::new(
         cluster.clone(),
         db.clone(),
         config.limits.clone(),
         sms,
         shutdown.clone(),
+        metrics.clone(),
     );
     let live = client_api.live();
     let client_router = client_router(&config, client_api).await?;
@@ -250,8 +257,8 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
     let metrics_addr = match metrics_listener {
         Some(listener) => {
             let bound = listener.local_addr().ok();
-            let (cluster, shutdown) = (cluster.clone(), shutdown.clone());
-            tasks.spawn(async move { crate::metrics::serve(listener, cluster, shutdown).await });
+            let (metrics, shutdown) = (metrics.clone(), shutdown.clone());
+            tasks.spawn(async move { crate::metrics::serve(listener, metrics, shutdown).await });
             info!(bound = ?bound, "metrics endpoint");
             bound
         }

@@ -80,10 +80,17 @@ impl Registration for ClientApi {
 #[tonic::async_trait]
 impl Messaging for ClientApi {
     async fn send(&self, request: Request<SendRequest>) -> Result<Response<SendResponse>, Status> {
-        let caller = self.authenticate(request.metadata())?;
-        Ok(Response::new(
-            ClientApi::send(self, caller, request.into_inner()).await?,
-        ))
+        let started = std::time::Instant::now();
+        let result = match self.authenticate(request.metadata()) {
+            Ok(caller) => ClientApi::send(self, caller, request.into_inner()).await,
+            Err(error) => Err(error),
+        };
+        self.metrics
+            .send_answered(&result.as_ref().map(|r| r.duplicate).map_err(Clone::clone));
+        if result.is_ok() {
+            self.metrics.send_committed(started.elapsed());
+        }
+        Ok(Response::new(result?))
     }
 
     async fn stream(

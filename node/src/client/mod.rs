@@ -43,6 +43,7 @@ pub struct ClientApi {
     pub(crate) typing_limiter: Arc<rate::SendLimiter>,
     pub(crate) code_limiter: Arc<rate::PhoneLimiter>,
     pub(crate) register_limiter: Arc<rate::PhoneLimiter>,
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl std::fmt::Debug for ClientApi {
@@ -64,6 +65,7 @@ impl ClientApi {
         limits: Limits,
         sms: Arc<dyn registration::SmsSender>,
         shutdown: CancellationToken,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Self {
         let send_limiter = Arc::new(rate::SendLimiter::new(
             limits.sends_per_second_per_device,
@@ -96,6 +98,7 @@ impl ClientApi {
             )),
             code_limiter,
             register_limiter,
+            metrics,
         }
     }
 

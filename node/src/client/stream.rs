@@ -105,7 +105,11 @@ impl ClientApi {
         };
         // Ephemeral updates reach this stream while the pusher runs.
         let _registration = self.live.register(caller.user.get(), tx.clone());
+        let _open = self.metrics.stream_opened();
         let signal = self.cluster.groups().applied_signal().clone();
+        // The first pass sends the backlog; what later passes find arrived while the device was
+        // connected, and its send-to-push time is the live delivery latency.
+        let mut live = false;
         loop {
             // Registered before reading, so an apply between the read and the wait still wakes us.
             let applied = signal.notified();
@@ -124,7 +128,12 @@ impl ClientApi {
             let Ok((up_to, messages, feed)) = page else {
                 return;
             };
+            let caught_up = messages.len() < PAGE_MESSAGES;
             for (seq, entry) in messages {
+                if live {
+                    self.metrics
+                        .pushed_live(now_ms().saturating_sub(entry.sent_at_ms));
+                }
                 let frame = ServerFrame {
                     frame: Some(server_frame::Frame::Message(InboxMessage {
                         seq: seq.get(),
@@ -166,6 +175,7 @@ impl ClientApi {
                     }
                 }
             }
+            live |= caught_up;
             tokio::select! {
                 () = self.shutdown.cancelled() => return,
                 () = tx.closed() => return,

@@ -270,26 +270,17 @@ async fn three_nodes_elect_commit_and_converge() {
     }
     {
         tracing::info!("/metrics exports apply lag and outbox length per shard");
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let addr = nodes[0].metrics_addr.expect("metrics configured");
-        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .expect("request");
-        let mut text = String::new();
-        stream.read_to_string(&mut text).await.expect("response");
-        assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+        let text = crate::support::scrape(nodes[0].metrics_addr.expect("metrics configured")).await;
         for shard in 0..SHARDS {
             assert!(
                 text.contains(&format!(
-                    "courier_shard_apply_lag_entries{{node=\"1\",shard=\"{shard}\"}}"
+                    "courier_shard_apply_lag_entries{{shard=\"{shard}\"}}"
                 )),
                 "{text}"
             );
             assert!(
                 text.contains(&format!(
-                    "courier_shard_outbox_len_entries{{node=\"1\",shard=\"{shard}\"}} 0"
+                    "courier_shard_outbox_len_entries{{shard=\"{shard}\"}} 0"
                 )),
                 "{text}"
             );

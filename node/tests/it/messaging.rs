@@ -366,6 +366,33 @@ async fn offline_recipient_gets_everything_in_order_and_receipts_flow_back() {
             "the conversation's latest message"
         );
     }
+    {
+        tracing::info!("node 2's metrics count the sends it answered and their commit times");
+        let text = crate::support::scrape(c.nodes[1].metrics_addr.expect("metrics")).await;
+        for line in [
+            "courier_sends_total{outcome=\"accepted\"} 200",
+            "courier_sends_total{outcome=\"duplicate\"} 1",
+            "courier_send_commit_seconds_count 201",
+        ] {
+            assert!(text.contains(line), "{line} missing:\n{text}");
+        }
+        let alice_shard = shard_of(UserId::new(alice.user).expect("id"), 4);
+        let bob_shard = shard_of(UserId::new(bob.user).expect("id"), 4);
+        assert!(
+            text.contains(&format!(
+                "courier_shard_outbox_dest_entries{{shard=\"{}\",dest=\"{}\"}}",
+                alice_shard.get(),
+                bob_shard.get()
+            )),
+            "Alice's shard has an outbox towards Bob's:\n{text}"
+        );
+        let text = crate::support::scrape(c.nodes[0].metrics_addr.expect("metrics")).await;
+        assert!(
+            text.contains("courier_live_streams 1"),
+            "Alice's stream is open on node 1:\n{text}"
+        );
+    }
+    drop(alice_stream);
     for node in c.nodes {
         node.stop().await;
     }
