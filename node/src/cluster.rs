@@ -67,6 +67,19 @@ pub struct Cluster {
     groups: Arc<Groups>,
     db: Arc<Db>,
     rpc_timeout: Duration,
+    edge: Edge,
+}
+
+/// The ephemeral side of a node: presence it holds as a shard leader, the streams it reports,
+/// and the push hook.
+#[derive(Debug, Clone)]
+pub struct Edge {
+    /// Presence of the users of shards this node leads.
+    pub presence: Arc<crate::presence::PresenceTable>,
+    /// Device streams open on this node, reported to their shard leaders.
+    pub reporter: Arc<crate::presence::Reporter>,
+    /// Wakes devices of users with no live stream.
+    pub pusher: crate::push::Pusher,
 }
 
 fn unavailable(message: String, leader: Option<NodeId>) -> ApiError {
@@ -91,11 +104,63 @@ fn invalid(code: &'static str, message: String) -> ApiError {
 
 impl Cluster {
     /// The cluster view over this node's groups.
-    pub fn new(groups: Arc<Groups>, db: Arc<Db>, rpc_timeout: Duration) -> Self {
+    pub fn new(groups: Arc<Groups>, db: Arc<Db>, rpc_timeout: Duration, edge: Edge) -> Self {
         Self {
             groups,
             db,
             rpc_timeout,
+            edge,
+        }
+    }
+
+    /// Presence, stream reports and push.
+    pub fn edge(&self) -> &Edge {
+        &self.edge
+    }
+
+    /// Applies presence `reports` from node `node` to this node's table and answers `query`.
+    pub fn presence_local(
+        &self,
+        node: NodeId,
+        reports: &[peer::PresenceReport],
+        query: &[u64],
+    ) -> Vec<courier_proto::pb::client::PresenceUpdate> {
+        self.edge.presence.report(node, reports);
+        query.iter().map(|u| self.edge.presence.query(*u)).collect()
+    }
+
+    /// Sends presence `reports` for users of `shard` to its leader and asks it about `query`.
+    ///
+    /// # Errors
+    /// `UNAVAILABLE` when the shard has no leader or it does not answer.
+    pub async fn presence_exchange(
+        &self,
+        shard: ShardId,
+        reports: Vec<peer::PresenceReport>,
+        query: Vec<u64>,
+    ) -> Result<Vec<courier_proto::pb::client::PresenceUpdate>, ApiError> {
+        match self.route(shard).await? {
+            Route::Local(_) => Ok(self.presence_local(self.groups.node_id(), &reports, &query)),
+            Route::Remote { addr, leader } => {
+                let channel = self
+                    .groups
+                    .pool()
+                    .channel(&addr)
+                    .ok_or_else(|| unavailable(format!("bad leader address {addr}"), leader))?;
+                let mut request = tonic::Request::new(peer::PresenceRequest {
+                    node_id: self.groups.node_id(),
+                    reports,
+                    query,
+                });
+                request.set_timeout(self.rpc_timeout);
+                let response = peer::forward_client::ForwardClient::new(channel)
+                    .presence(request)
+                    .await
+                    .map_err(|status| {
+                        unavailable(format!("leader {leader:?}: {}", status.message()), leader)
+                    })?;
+                Ok(response.into_inner().presence)
+            }
         }
     }
 
@@ -731,6 +796,15 @@ impl Cluster {
         self.outbox_by_dest(shard).iter().map(|(_, len)| len).sum()
     }
 
+    /// On the recipient's shard leader: wakes `user`'s devices when none has a live stream.
+    pub fn push_if_offline(&self, user: u64, message_id: Vec<u8>) {
+        if !self.edge.presence.is_online(user) {
+            self.edge
+                .pusher
+                .push(crate::push::PushJob { user, message_id });
+        }
+    }
+
     /// Outbox entries of `shard` not yet forwarded and trimmed, per destination shard.
     pub fn outbox_by_dest(&self, shard: ShardId) -> Vec<(u16, u64)> {
         let mut staged = Staged::new(self.db.as_ref(), BTreeMap::new());
@@ -867,11 +941,31 @@ impl Cluster {
             .map(|(event, _)| event)
             .collect();
         if !fresh.is_empty() {
-            handle
+            let landed: Vec<Option<Vec<u8>>> = fresh
+                .iter()
+                .map(|event| match &event.kind {
+                    Some(Kind::MessageDelivered(d)) => Some(d.message_id.clone()),
+                    _ => None,
+                })
+                .collect();
+            let outcomes = handle
                 .proposer
                 .propose(fresh)
                 .await
                 .map_err(propose_error)?;
+            for (outcome, message_id) in outcomes.iter().zip(landed) {
+                if let (
+                    EventOutcome::Stored {
+                        user,
+                        duplicate: false,
+                        ..
+                    },
+                    Some(message_id),
+                ) = (outcome, message_id)
+                {
+                    self.push_if_offline(*user, message_id);
+                }
+            }
         }
         // Everything up to `last` is now committed here (fresh events just now, the rest earlier).
         Ok(ForwardBatchResponse { stored_up_to: last })

@@ -58,6 +58,12 @@ pub enum ConfigError {
         /// The maximum.
         election_timeout_ms_max: u64,
     },
+    /// The push URL is not a plain `http://host[:port]/path` URL.
+    #[error("push.url: {reason}")]
+    PushUrl {
+        /// What is wrong.
+        reason: String,
+    },
     /// A limit is zero.
     #[error("{name} must be greater than zero")]
     ZeroLimit {
@@ -178,6 +184,37 @@ pub struct RetentionRaw {
     pub scan_interval: HumanDuration,
 }
 
+/// `[presence]`: online and last seen, in memory on each user's shard leader.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct PresenceRaw {
+    /// Users whose presence one node holds at most. Default 1000000.
+    #[serde(default = "defaults::presence_users")]
+    pub users_max: u32,
+    /// How long a user's last-seen time is kept after their last stream closed. Default `"7d"`.
+    #[serde(default = "defaults::last_seen_ttl")]
+    pub last_seen_ttl: HumanDuration,
+}
+
+/// `[push]`: waking devices of users with no live stream.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct PushRaw {
+    /// `http://host:port/path` receiving `{"user":U,"message_id":"hex"}` POSTs; empty (the
+    /// default): push is off.
+    #[serde(default)]
+    pub url: String,
+    /// Pushes waiting to be sent; a full queue drops (and counts) new ones. Default 10000.
+    #[serde(default = "defaults::push_queue")]
+    pub queue_max: u32,
+    /// Attempts per push, with exponential backoff. Default 5.
+    #[serde(default = "defaults::push_attempts")]
+    pub attempts_max: u32,
+    /// Deadline of one attempt. Default `"2s"`.
+    #[serde(default = "defaults::push_timeout")]
+    pub timeout: HumanDuration,
+}
+
 /// `[log]`: the node's own logs (structured; never bodies, phone numbers or tokens).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -219,6 +256,12 @@ pub struct RawConfig {
     /// Retention of undelivered messages.
     #[serde(default = "defaults::retention")]
     pub retention: RetentionRaw,
+    /// Presence.
+    #[serde(default = "defaults::presence")]
+    pub presence: PresenceRaw,
+    /// The push hook.
+    #[serde(default = "defaults::push")]
+    pub push: PushRaw,
     /// Logging.
     #[serde(default = "defaults::log")]
     pub log: LogRaw,
@@ -308,6 +351,27 @@ mod defaults {
     pub(super) fn retention() -> RetentionRaw {
         toml::from_str("").expect("every retention key has a default")
     }
+    pub(super) fn presence() -> PresenceRaw {
+        toml::from_str("").expect("every presence key has a default")
+    }
+    pub(super) fn push() -> PushRaw {
+        toml::from_str("").expect("every push key has a default")
+    }
+    pub(super) fn presence_users() -> u32 {
+        1_000_000
+    }
+    pub(super) fn last_seen_ttl() -> HumanDuration {
+        HumanDuration(Duration::from_secs(7 * 86_400))
+    }
+    pub(super) fn push_queue() -> u32 {
+        10_000
+    }
+    pub(super) fn push_attempts() -> u32 {
+        5
+    }
+    pub(super) fn push_timeout() -> HumanDuration {
+        HumanDuration(Duration::from_secs(2))
+    }
     pub(super) fn undelivered() -> HumanDuration {
         HumanDuration(Duration::from_secs(30 * 86_400))
     }
@@ -365,6 +429,10 @@ pub struct Config {
     pub limits: Limits,
     /// Retention of undelivered messages.
     pub retention: RetentionRaw,
+    /// Presence.
+    pub presence: PresenceRaw,
+    /// The push hook.
+    pub push: PushRaw,
     /// Logging.
     pub log: LogRaw,
 }
@@ -499,9 +567,18 @@ impl RawConfig {
             "limits.register-attempt-burst-per-phone",
             l.register_attempt_burst_per_phone,
         )?;
+        nonzero("presence.users-max", self.presence.users_max)?;
+        nonzero("push.queue-max", self.push.queue_max)?;
+        nonzero("push.attempts-max", self.push.attempts_max)?;
+        if !self.push.url.is_empty() {
+            crate::push::parse_url(&self.push.url)
+                .map_err(|reason| ConfigError::PushUrl { reason })?;
+        }
         for (name, value) in [
             ("retention.undelivered", self.retention.undelivered.0),
             ("retention.scan-interval", self.retention.scan_interval.0),
+            ("presence.last-seen-ttl", self.presence.last_seen_ttl.0),
+            ("push.timeout", self.push.timeout.0),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::ZeroLimit { name });
@@ -537,6 +614,8 @@ impl RawConfig {
                 register_attempt_burst_per_phone: l.register_attempt_burst_per_phone,
             },
             retention: self.retention,
+            presence: self.presence,
+            push: self.push,
             log: self.log,
         })
     }
@@ -612,6 +691,34 @@ mod tests {
             with("[limits]\nsends-per-second-per-device = 0"),
             Err(ConfigError::ZeroLimit {
                 name: "limits.sends-per-second-per-device"
+            })
+        ));
+        assert!(matches!(
+            with("[limits]\ncode-requests-per-hour-per-phone = 0"),
+            Err(ConfigError::ZeroLimit {
+                name: "limits.code-requests-per-hour-per-phone"
+            })
+        ));
+        assert!(matches!(
+            with("[retention]\nundelivered = \"0s\""),
+            Err(ConfigError::ZeroLimit {
+                name: "retention.undelivered"
+            })
+        ));
+        assert!(matches!(
+            with("[presence]\nusers-max = 0"),
+            Err(ConfigError::ZeroLimit {
+                name: "presence.users-max"
+            })
+        ));
+        assert!(matches!(
+            with("[push]\nurl = \"https://push.example/x\""),
+            Err(ConfigError::PushUrl { .. })
+        ));
+        assert!(matches!(
+            with("[push]\nattempts-max = 0"),
+            Err(ConfigError::ZeroLimit {
+                name: "push.attempts-max"
             })
         ));
         assert!(matches!(

@@ -18,6 +18,8 @@ pub mod forwarder;
 pub mod listener;
 pub mod maintenance;
 pub mod metrics;
+pub mod presence;
+pub mod push;
 pub mod retention;
 pub mod server;
 pub mod services;

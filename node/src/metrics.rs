@@ -5,7 +5,7 @@
 //!   histograms, live device streams, leader changes per shard;
 //! * state read at scrape time by a collector (nothing kept twice): per shard the primary health
 //!   gauges (apply lag, outbox length per destination shard), role, term, applied index, and the
-//!   log's fsync count, entries appended and time spent in synced appends.
+//!   log's fsync count, entries appended and time spent in synced appends; push hook outcomes.
 //!
 //! The endpoint is deliberately small: one request per connection, at most
 //! [`METRICS_CONNECTIONS_MAX`] at once, requests up to [`REQUEST_BYTES_MAX`], a read deadline.
@@ -342,6 +342,21 @@ impl Collector for ShardCollector {
                     as_i64(len),
                 );
             }
+        }
+        let push = &self.cluster.edge().pusher.stats;
+        for (outcome, value) in [
+            ("sent", &push.sent),
+            ("failed", &push.failed),
+            ("dropped", &push.dropped),
+            ("attempt_failed", &push.attempt_failures),
+        ] {
+            put(
+                "courier_push",
+                "Push hook outcomes: sent (2xx), failed (every attempt failed), dropped (queue full), attempt_failed (each failed attempt)",
+                true,
+                vec![("outcome", outcome.to_owned())],
+                as_i64(value.load(Ordering::Relaxed)),
+            );
         }
         for (name, (help, counter, values)) in &families {
             gauge_family(&mut encoder, name, help, values, *counter)?;

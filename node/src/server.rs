@@ -165,7 +165,28 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
         .await
         .map_err(Box::new)?;
     info!(groups = groups.list().len(), "raft groups open");
-    let cluster = Cluster::new(groups.clone(), db.clone(), config.raft.rpc_timeout);
+    let shutdown = CancellationToken::new();
+    let (reporter, presence_reports) = crate::presence::Reporter::new();
+    let (pusher, push_task) = if config.push.url.is_empty() {
+        (crate::push::Pusher::disabled(), None)
+    } else {
+        let (pusher, task) = crate::push::Pusher::new(crate::push::PushConfig {
+            url: config.push.url.clone(),
+            queue_max: usize::try_from(config.push.queue_max).unwrap_or(usize::MAX),
+            attempts_max: config.push.attempts_max,
+            timeout: config.push.timeout.0,
+        });
+        (pusher, Some(task))
+    };
+    let edge = crate::cluster::Edge {
+        presence: Arc::new(crate::presence::PresenceTable::new(
+            usize::try_from(config.presence.users_max).unwrap_or(usize::MAX),
+            config.presence.last_seen_ttl.0,
+        )),
+        reporter: Arc::new(reporter),
+        pusher,
+    };
+    let cluster = Cluster::new(groups.clone(), db.clone(), config.raft.rpc_timeout, edge);
 
     let client_listener = bind(config.listen.client).await?;
     let peer_listener = bind(config.listen.peer).await?;
@@ -189,7 +210,6 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
     write_addr_file(&config, client_addr, peer_addr)?;
     info!(%client_addr, %peer_addr, "listening");
 
-    let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
     let (error_tx, errors) = tokio::sync::mpsc::channel(2);
 
@@ -243,6 +263,17 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
         tasks.spawn(async move { crate::forwarder::run(cluster, shutdown).await });
     }
     info!("outbox forwarders running");
+    {
+        let cluster = cluster.clone();
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            crate::presence::run_reporter(cluster, presence_reports, shutdown).await;
+        });
+    }
+    if let Some(task) = push_task {
+        tasks.spawn(task.run(shutdown.clone()));
+        info!("push hook on");
+    }
     {
         let cluster = cluster.clone();
         let shutdown = shutdown.clone();

@@ -6,19 +6,20 @@ use courier_proto::pb::client::groups_server::Groups;
 use courier_proto::pb::client::messaging_server::Messaging;
 use courier_proto::pb::client::registration_server::Registration;
 use courier_proto::pb::client::{
-    ClientFrame, GetReceiptsRequest, GetReceiptsResponse, LinkDeviceRequest,
-    ListConversationsRequest, ListConversationsResponse, ListDevicesRequest, ListDevicesResponse,
-    RegisterRequest, RegisterResponse, RequestCodeRequest, RequestCodeResponse,
-    RevokeDeviceRequest, RevokeDeviceResponse, SendRequest, SendResponse,
+    ClientFrame, GetPresenceRequest, GetPresenceResponse, GetReceiptsRequest, GetReceiptsResponse,
+    LinkDeviceRequest, ListConversationsRequest, ListConversationsResponse, ListDevicesRequest,
+    ListDevicesResponse, RegisterRequest, RegisterResponse, RequestCodeRequest,
+    RequestCodeResponse, RevokeDeviceRequest, RevokeDeviceResponse, SendRequest, SendResponse,
 };
 use courier_proto::pb::peer::admin_server::Admin;
 use courier_proto::pb::peer::forward_server::Forward;
 use courier_proto::pb::peer::{
     AddNodeRequest, AddNodeResponse, BackupRequest, BackupResponse, ForwardBatchRequest,
-    ForwardBatchResponse, InitClusterRequest, InitClusterResponse, ProposeRequest, ProposeResponse,
-    ReadLogRequest, ReadLogResponse, RebuildProjectionRequest, RemoveNodeRequest,
-    RemoveNodeResponse, StatusRequest, StatusResponse, TransferLeaderRequest,
-    TransferLeaderResponse, TypingRequest, TypingResponse, VerifyProjectionRequest,
+    ForwardBatchResponse, InitClusterRequest, InitClusterResponse, PresenceRequest,
+    PresenceResponse, ProposeRequest, ProposeResponse, ReadLogRequest, ReadLogResponse,
+    RebuildProjectionRequest, RemoveNodeRequest, RemoveNodeResponse, StatusRequest, StatusResponse,
+    TransferLeaderRequest, TransferLeaderResponse, TypingRequest, TypingResponse,
+    VerifyProjectionRequest,
 };
 use tonic::{Request, Response, Status, Streaming};
 
@@ -122,6 +123,16 @@ impl Messaging for ClientApi {
         let caller = self.authenticate(request.metadata())?;
         Ok(Response::new(ClientApi::list_conversations(self, caller)?))
     }
+
+    async fn get_presence(
+        &self,
+        request: Request<GetPresenceRequest>,
+    ) -> Result<Response<GetPresenceResponse>, Status> {
+        self.authenticate(request.metadata())?;
+        Ok(Response::new(
+            ClientApi::get_presence(self, request.into_inner()).await?,
+        ))
+    }
 }
 
 // Groups are issue #7: every RPC answers UNIMPLEMENTED.
@@ -153,6 +164,20 @@ impl PeerApi {
 
 #[tonic::async_trait]
 impl Forward for PeerApi {
+    async fn presence(
+        &self,
+        request: Request<PresenceRequest>,
+    ) -> Result<Response<PresenceResponse>, Status> {
+        let request = request.into_inner();
+        Ok(Response::new(PresenceResponse {
+            presence: self.cluster.presence_local(
+                request.node_id,
+                &request.reports,
+                &request.query,
+            ),
+        }))
+    }
+
     async fn typing(
         &self,
         request: Request<TypingRequest>,

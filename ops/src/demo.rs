@@ -101,6 +101,7 @@ async fn open(
     tx.send(ClientFrame {
         frame: Some(client_frame::Frame::Open(Open {
             resume_after_seq: after,
+            hide_last_seen: false,
         })),
     })
     .await?;

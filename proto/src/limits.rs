@@ -27,6 +27,8 @@ pub const DEVICE_TOKEN_BYTES: usize = 32;
 pub const COMPANION_DEVICES_MAX: u32 = 4;
 /// Largest group, in members (the configured limit may be lower).
 pub const GROUP_MEMBERS_MAX: u32 = 1024;
+/// Largest number of users in one presence lookup.
+pub const PRESENCE_LOOKUP_USERS_MAX: usize = 100;
 /// Largest number of message ids in one receipts lookup.
 pub const RECEIPT_LOOKUP_IDS_MAX: usize = 256;
 /// Largest number of shards a cluster can be created with.

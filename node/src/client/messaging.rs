@@ -4,8 +4,9 @@ use courier_consensus::types::EventOutcome;
 use courier_proto::ConversationId;
 use courier_proto::convert::messaging::{SendCommand, receipt_lookup};
 use courier_proto::pb::client::{
-    ConversationSummary, GetReceiptsRequest, GetReceiptsResponse, ListConversationsResponse,
-    MessageReceipts, ReceiptUpdate, SendRequest, SendResponse,
+    ConversationSummary, GetPresenceRequest, GetPresenceResponse, GetReceiptsRequest,
+    GetReceiptsResponse, ListConversationsResponse, MessageReceipts, ReceiptUpdate, SendRequest,
+    SendResponse,
 };
 use courier_proto::pb::events::{self, Event, event::Kind};
 use courier_storage::projection::{devices, readstate, receipts};
@@ -79,6 +80,27 @@ impl ClientApi {
                 false,
             )
             .await?;
+        if let Some(EventOutcome::Sent {
+            message_id,
+            duplicate: false,
+            ..
+        }) = outcomes.first()
+            && recipient_shard == shard
+        {
+            // Stored in the recipient's inbox by this very entry (no forward, so the forward
+            // path's push hook does not see it): ask the shard leader's presence, off the path.
+            let (cluster, to, id) = (self.cluster.clone(), command.to.get(), message_id.clone());
+            tokio::spawn(async move {
+                if let Ok(presence) = cluster.presence_exchange(shard, Vec::new(), vec![to]).await
+                    && !presence.first().is_some_and(|p| p.online)
+                {
+                    cluster.edge().pusher.push(crate::push::PushJob {
+                        user: to,
+                        message_id: id,
+                    });
+                }
+            });
+        }
         match outcomes.first() {
             Some(EventOutcome::Sent {
                 message_id,
@@ -173,5 +195,45 @@ impl ClientApi {
                 })
                 .collect(),
         })
+    }
+}
+
+impl ClientApi {
+    /// `GetPresence`: each user's online state and last seen, from their shard leaders.
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT` for 0 or more than 100 users or a zero id; `UNAVAILABLE` when a shard
+    /// has no leader.
+    pub async fn get_presence(
+        &self,
+        request: GetPresenceRequest,
+    ) -> Result<GetPresenceResponse, ApiError> {
+        let max = courier_proto::limits::PRESENCE_LOOKUP_USERS_MAX;
+        if request.users.is_empty() || request.users.len() > max {
+            return Err(ApiError::Wire(courier_proto::WireError::OutOfRange {
+                field: "users (count)",
+                value: u64::try_from(request.users.len()).unwrap_or(u64::MAX),
+                min: 1,
+                max: max as u64,
+            }));
+        }
+        let mut by_shard: std::collections::BTreeMap<u16, Vec<u64>> =
+            std::collections::BTreeMap::new();
+        for &user in &request.users {
+            let id = courier_proto::UserId::from_wire(user, "users")?;
+            by_shard
+                .entry(self.shard_of(id)?.get())
+                .or_default()
+                .push(user);
+        }
+        let mut presence = Vec::with_capacity(request.users.len());
+        for (shard, users) in by_shard {
+            presence.extend(
+                self.cluster
+                    .presence_exchange(courier_proto::ShardId::new(shard), Vec::new(), users)
+                    .await?,
+            );
+        }
+        Ok(GetPresenceResponse { presence })
     }
 }

@@ -52,9 +52,12 @@ impl ClientApi {
         mut frames: tonic::Streaming<ClientFrame>,
     ) -> Result<ServerStream, ApiError> {
         let first = tokio::time::timeout(OPEN_TIMEOUT, frames.message()).await;
-        let resume_after = match first {
+        let (resume_after, hide_last_seen) = match first {
             Ok(Ok(Some(frame))) => match StreamCommand::try_from(frame)? {
-                StreamCommand::Open { resume_after } => resume_after,
+                StreamCommand::Open {
+                    resume_after,
+                    hide_last_seen,
+                } => (resume_after, hide_last_seen),
                 _ => return Err(open_first()),
             },
             _ => return Err(open_first()),
@@ -85,7 +88,13 @@ impl ClientApi {
         let pusher_tx = tx.clone();
         tokio::spawn(async move {
             pusher
-                .push(caller, resume_after, receipts_after, pusher_tx)
+                .push(
+                    caller,
+                    resume_after,
+                    receipts_after,
+                    hide_last_seen,
+                    pusher_tx,
+                )
                 .await
         });
         let reader = self.clone();
@@ -98,6 +107,7 @@ impl ClientApi {
         caller: Caller,
         mut cursor: InboxSeq,
         mut receipts_after: LogIndex,
+        hide_last_seen: bool,
         tx: mpsc::Sender<Result<ServerFrame, Status>>,
     ) {
         let Ok(shard) = self.shard_of(caller.user) else {
@@ -106,6 +116,11 @@ impl ClientApi {
         // Ephemeral updates reach this stream while the pusher runs.
         let _registration = self.live.register(caller.user.get(), tx.clone());
         let _open = self.metrics.stream_opened();
+        let _online = self.cluster.edge().reporter.opened(
+            caller.user.get(),
+            caller.device.get(),
+            hide_last_seen,
+        );
         let signal = self.cluster.groups().applied_signal().clone();
         // The first pass sends the backlog; what later passes find arrived while the device was
         // connected, and its send-to-push time is the live delivery latency.

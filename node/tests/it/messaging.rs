@@ -92,10 +92,20 @@ struct Stream {
 }
 
 async fn open_stream(addr: &str, device: &Device, resume_after: u64) -> Stream {
+    open_stream_with(addr, device, resume_after, false).await
+}
+
+async fn open_stream_with(
+    addr: &str,
+    device: &Device,
+    resume_after: u64,
+    hide_last_seen: bool,
+) -> Stream {
     let (out, rx) = mpsc::channel(16);
     out.send(ClientFrame {
         frame: Some(client_frame::Frame::Open(Open {
             resume_after_seq: resume_after,
+            hide_last_seen,
         })),
     })
     .await
@@ -802,6 +812,170 @@ async fn undelivered_messages_expire_on_every_replica() {
             "the log holds the expiry of exactly that message: {expired:?}"
         );
     }
+}
+
+/// A push endpoint that records each POST body and answers 200.
+async fn push_endpoint() -> (std::net::SocketAddr, mpsc::Receiver<String>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut buf = vec![0_u8; 4096];
+            let read = stream.read(&mut buf).await.unwrap_or(0);
+            let text = String::from_utf8_lossy(&buf[..read]).into_owned();
+            let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                .await;
+            if tx.send(body).await.is_err() {
+                return;
+            }
+        }
+    });
+    (addr, rx)
+}
+
+async fn presence_of(
+    addr: &str,
+    asker: &Device,
+    user: u64,
+) -> courier_proto::pb::client::PresenceUpdate {
+    MessagingClient::new(channel(addr).await)
+        .get_presence(authed(
+            asker,
+            courier_proto::pb::client::GetPresenceRequest { users: vec![user] },
+        ))
+        .await
+        .expect("presence")
+        .into_inner()
+        .presence
+        .pop()
+        .expect("one answer")
+}
+
+/// Presence follows Bob's device stream (online while open, then last seen, hidden on request);
+/// a message landing while Bob has no stream triggers one push with ids only, a message landing
+/// while he is connected none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_follows_streams_and_offline_recipients_get_a_push() {
+    let (push_addr, mut pushes) = push_endpoint().await;
+    let c = cluster_configured(&|text| {
+        format!(
+            "{}\n[push]\nurl = \"http://{push_addr}/push\"\n",
+            with_limits(text, 10_000)
+        )
+    })
+    .await;
+    let addr = |i: usize| c.nodes[i].client_addr.to_string();
+    let (alice_phone, bob_phone) = phones_on_different_shards();
+    let alice = register(&addr(0), &c.dirs[0], &alice_phone).await;
+    let bob = register(&addr(0), &c.dirs[0], &bob_phone).await;
+    let offline = presence_of(&addr(0), &alice, bob.user).await;
+    assert!(!offline.online && offline.last_seen_ms == 0, "{offline:?}");
+
+    let mut messaging = MessagingClient::new(channel(&addr(0)).await);
+    let send = |id: &str| SendRequest {
+        client_msg_id: id.to_owned(),
+        to_user: bob.user,
+        content: body(&format!("secret text {id}")),
+    };
+    let first = messaging
+        .send(authed(&alice, send("p1")))
+        .await
+        .expect("send")
+        .into_inner();
+    let pushed = tokio::time::timeout(Duration::from_secs(10), pushes.recv())
+        .await
+        .expect("a push within 10 s")
+        .expect("endpoint alive");
+    let json: serde_json::Value = serde_json::from_str(&pushed).expect("JSON body");
+    assert_eq!(json["user"], bob.user);
+    assert_eq!(
+        json["message_id"],
+        courier_storage::projection::hex(&first.message_id)
+    );
+    assert!(
+        !pushed.contains("secret"),
+        "ids only, never the body: {pushed}"
+    );
+
+    tracing::info!("Bob connects on node 3: online; a message now is streamed, not pushed");
+    let mut stream = open_stream_with(&addr(2), &bob, 1, false).await;
+    let started = Instant::now();
+    while !presence_of(&addr(1), &alice, bob.user).await.online {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "Bob shows online"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    messaging
+        .send(authed(&alice, send("p2")))
+        .await
+        .expect("send");
+    let frames = collect(&mut stream, Duration::from_secs(10), |f| {
+        !messages(f).is_empty()
+    })
+    .await;
+    assert_eq!(messages(&frames).len(), 1, "delivered live");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(700), pushes.recv())
+            .await
+            .is_err(),
+        "no push while a device is connected"
+    );
+
+    tracing::info!("Bob disconnects: offline with a last-seen time; hidden when he asks");
+    drop(stream);
+    let started = Instant::now();
+    let seen = loop {
+        let p = presence_of(&addr(0), &alice, bob.user).await;
+        if !p.online {
+            break p;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "Bob goes offline"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(seen.last_seen_ms > 0, "{seen:?}");
+    let hidden = open_stream_with(&addr(1), &bob, 2, true).await;
+    let started = Instant::now();
+    while !presence_of(&addr(0), &alice, bob.user).await.online {
+        assert!(started.elapsed() < Duration::from_secs(10), "online again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(hidden);
+    let started = Instant::now();
+    loop {
+        let p = presence_of(&addr(0), &alice, bob.user).await;
+        if !p.online {
+            assert_eq!(p.last_seen_ms, 0, "last seen is hidden");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "offline again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = MessagingClient::new(channel(&addr(0)).await)
+        .get_presence(authed(
+            &alice,
+            courier_proto::pb::client::GetPresenceRequest { users: vec![] },
+        ))
+        .await
+        .expect_err("no users");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    let metrics = crate::support::scrape(c.nodes[0].metrics_addr.expect("metrics")).await
+        + &crate::support::scrape(c.nodes[1].metrics_addr.expect("metrics")).await
+        + &crate::support::scrape(c.nodes[2].metrics_addr.expect("metrics")).await;
+    assert!(
+        metrics.contains("courier_push_total{outcome=\"sent\"} 1"),
+        "one node sent the one push:\n{metrics}"
+    );
 }
 
 /// A phone number asking for codes (or trying codes) past its hourly budget gets

@@ -59,6 +59,8 @@ pub enum StreamCommand {
     Open {
         /// Send everything after this sequence.
         resume_after: InboxSeq,
+        /// Hide the user's last-seen time while this stream is open.
+        hide_last_seen: bool,
     },
     /// This device received everything up to `up_to`.
     Ack {
@@ -93,6 +95,7 @@ impl TryFrom<pb::ClientFrame> for StreamCommand {
         match wire.frame.ok_or(WireError::Missing { field: "frame" })? {
             pb::client_frame::Frame::Open(open) => Ok(Self::Open {
                 resume_after: InboxSeq::new(open.resume_after_seq),
+                hide_last_seen: open.hide_last_seen,
             }),
             pb::client_frame::Frame::Ack(ack) => {
                 if ack.up_to_seq == 0 {

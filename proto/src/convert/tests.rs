@@ -124,10 +124,12 @@ fn stream_frames() {
     let frame = |frame| client::ClientFrame { frame: Some(frame) };
     assert_eq!(
         StreamCommand::try_from(frame(client::client_frame::Frame::Open(client::Open {
-            resume_after_seq: 0
+            resume_after_seq: 0,
+            hide_last_seen: true,
         }))),
         Ok(StreamCommand::Open {
-            resume_after: InboxSeq::ZERO
+            resume_after: InboxSeq::ZERO,
+            hide_last_seen: true,
         })
     );
     assert_eq!(

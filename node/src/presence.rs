@@ -1,0 +1,353 @@
+//! Presence: who has a device stream open, and when each user was last seen. Ephemeral by
+//! design: never logged, held in memory by each user's shard leader.
+//!
+//! * Every node reports the device streams it holds to the users' shard leaders: when a stream
+//!   opens or closes, and all open streams again every [`REFRESH_INTERVAL`]. A leader counts a
+//!   stream as open until [`STALE_AFTER`] without a refresh, so a crashed node's streams fade
+//!   out and a new leader learns every open stream within one refresh.
+//! * Last seen is the time the user's last stream closed (or went stale), kept for
+//!   `presence.last-seen-ttl`; a stream opened with `hide_last_seen` hides it from others.
+//! * Bounded: at most `presence.users-max` users per node, the least recently touched dropped
+//!   first; the report queue holds [`REPORT_QUEUE`] reports and drops (a refresh repairs).
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use courier_proto::pb::client::PresenceUpdate;
+use courier_proto::pb::peer::PresenceReport;
+use tokio::sync::mpsc;
+
+use crate::client::now_ms;
+
+/// How often a node re-reports every open stream to the users' shard leaders.
+pub const REFRESH_INTERVAL: Duration = Duration::from_secs(10);
+/// A stream not refreshed for this long counts as closed.
+pub const STALE_AFTER: Duration = Duration::from_secs(30);
+/// Reports waiting to be sent to leaders, per node.
+pub const REPORT_QUEUE: usize = 4096;
+
+#[derive(Debug, Default, Clone)]
+struct UserPresence {
+    /// Open streams by (reporting node, device): when each goes stale, unix ms.
+    streams: BTreeMap<(u64, u32), u64>,
+    /// When the last stream closed, unix ms (0: never seen here).
+    last_seen_ms: u64,
+    /// The user asked to hide last seen.
+    hide_last_seen: bool,
+    /// Last change, for eviction.
+    touched_ms: u64,
+}
+
+/// The presence this node holds as a shard leader.
+#[derive(Debug)]
+pub struct PresenceTable {
+    users: Mutex<BTreeMap<u64, UserPresence>>,
+    users_max: usize,
+    last_seen_ttl_ms: u64,
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl PresenceTable {
+    /// A table of at most `users_max` users keeping last seen for `last_seen_ttl`.
+    pub fn new(users_max: usize, last_seen_ttl: Duration) -> Self {
+        Self {
+            users: Mutex::default(),
+            users_max,
+            last_seen_ttl_ms: millis(last_seen_ttl),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, UserPresence>> {
+        self.users.lock().expect("presence lock is never poisoned")
+    }
+
+    /// Applies reports from node `node`.
+    pub fn report(&self, node: u64, reports: &[PresenceReport]) {
+        let now = now_ms();
+        let mut users = self.lock();
+        for r in reports {
+            if !users.contains_key(&r.user) && users.len() >= self.users_max {
+                Self::evict(&mut users, now, self.last_seen_ttl_ms);
+                if users.len() >= self.users_max {
+                    continue;
+                }
+            }
+            let user = users.entry(r.user).or_default();
+            user.touched_ms = now;
+            user.hide_last_seen = r.hide_last_seen;
+            if r.online {
+                user.streams
+                    .insert((node, r.device), now.saturating_add(millis(STALE_AFTER)));
+            } else if user.streams.remove(&(node, r.device)).is_some() && user.streams.is_empty() {
+                user.last_seen_ms = r.at_ms.max(user.last_seen_ms);
+            }
+        }
+    }
+
+    /// Drops stale streams and forgotten users; the least recently touched go first when full.
+    fn evict(users: &mut BTreeMap<u64, UserPresence>, now: u64, ttl_ms: u64) {
+        users.retain(|_, user| {
+            expire_streams(user, now);
+            !user.streams.is_empty() || now.saturating_sub(user.last_seen_ms) < ttl_ms
+        });
+        if let Some((&oldest, _)) = users
+            .iter()
+            .filter(|(_, u)| u.streams.is_empty())
+            .min_by_key(|(_, u)| u.touched_ms)
+        {
+            users.remove(&oldest);
+        }
+    }
+
+    /// What others may see of `user` now.
+    pub fn query(&self, user: u64) -> PresenceUpdate {
+        let now = now_ms();
+        let mut users = self.lock();
+        let Some(entry) = users.get_mut(&user) else {
+            return PresenceUpdate {
+                user,
+                online: false,
+                last_seen_ms: 0,
+            };
+        };
+        expire_streams(entry, now);
+        let online = !entry.streams.is_empty();
+        let last_seen_ms = if entry.hide_last_seen || online {
+            0
+        } else if now.saturating_sub(entry.last_seen_ms) < self.last_seen_ttl_ms {
+            entry.last_seen_ms
+        } else {
+            0
+        };
+        PresenceUpdate {
+            user,
+            online,
+            last_seen_ms,
+        }
+    }
+
+    /// Whether `user` has a device stream open anywhere (as far as this leader knows).
+    pub fn is_online(&self, user: u64) -> bool {
+        self.query(user).online
+    }
+}
+
+/// Closes streams past their refresh deadline; the last one's deadline becomes last seen.
+fn expire_streams(user: &mut UserPresence, now: u64) {
+    let before = user.streams.len();
+    let mut latest = 0;
+    user.streams.retain(|_, stale_at| {
+        latest = latest.max(*stale_at);
+        *stale_at > now
+    });
+    if before > 0 && user.streams.is_empty() {
+        user.last_seen_ms = user
+            .last_seen_ms
+            .max(latest.saturating_sub(millis(STALE_AFTER)));
+    }
+}
+
+/// The streams open on this node, and the queue of reports to send to leaders.
+#[derive(Debug)]
+pub struct Reporter {
+    open: Mutex<BTreeMap<(u64, u32), (u32, bool)>>,
+    queue: mpsc::Sender<PresenceReport>,
+}
+
+/// Reports its stream closed when dropped.
+#[derive(Debug)]
+pub struct OpenStream<'a> {
+    reporter: &'a Reporter,
+    user: u64,
+    device: u32,
+    hide_last_seen: bool,
+}
+
+impl Drop for OpenStream<'_> {
+    fn drop(&mut self) {
+        let mut open = self
+            .reporter
+            .open
+            .lock()
+            .expect("presence lock is never poisoned");
+        let key = (self.user, self.device);
+        let last = match open.get_mut(&key) {
+            Some((count, _)) if *count > 1 => {
+                *count -= 1;
+                false
+            }
+            _ => {
+                open.remove(&key);
+                true
+            }
+        };
+        drop(open);
+        if last {
+            // Best effort: a full queue drops it, and the leader's staleness deadline closes it.
+            let _ = self.reporter.queue.try_send(PresenceReport {
+                user: self.user,
+                device: self.device,
+                online: false,
+                hide_last_seen: self.hide_last_seen,
+                at_ms: now_ms(),
+            });
+        }
+    }
+}
+
+impl Reporter {
+    /// A reporter and the receiving end of its queue (drained by [`crate::cluster::Cluster`]).
+    pub fn new() -> (Self, mpsc::Receiver<PresenceReport>) {
+        let (queue, reports) = mpsc::channel(REPORT_QUEUE);
+        (
+            Self {
+                open: Mutex::default(),
+                queue,
+            },
+            reports,
+        )
+    }
+
+    /// Registers an open stream until the guard drops.
+    pub fn opened(&self, user: u64, device: u32, hide_last_seen: bool) -> OpenStream<'_> {
+        let mut open = self.open.lock().expect("presence lock is never poisoned");
+        let entry = open.entry((user, device)).or_insert((0, hide_last_seen));
+        entry.0 = entry.0.saturating_add(1);
+        entry.1 = hide_last_seen;
+        drop(open);
+        let _ = self.queue.try_send(PresenceReport {
+            user,
+            device,
+            online: true,
+            hide_last_seen,
+            at_ms: now_ms(),
+        });
+        OpenStream {
+            reporter: self,
+            user,
+            device,
+            hide_last_seen,
+        }
+    }
+
+    /// Every open stream, as "online" reports (the periodic refresh).
+    pub fn snapshot(&self) -> Vec<PresenceReport> {
+        let now = now_ms();
+        self.open
+            .lock()
+            .expect("presence lock is never poisoned")
+            .iter()
+            .map(|(&(user, device), &(_, hide_last_seen))| PresenceReport {
+                user,
+                device,
+                online: true,
+                hide_last_seen,
+                at_ms: now,
+            })
+            .collect()
+    }
+}
+
+/// Reports batched per flush at most.
+const REPORT_BATCH_MAX: usize = 1024;
+
+/// Sends this node's stream reports to the users' shard leaders until `shutdown`: as streams
+/// open and close, and every open stream again every [`REFRESH_INTERVAL`].
+pub async fn run_reporter(
+    cluster: crate::cluster::Cluster,
+    mut reports: mpsc::Receiver<PresenceReport>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut refresh = tokio::time::interval(REFRESH_INTERVAL);
+    loop {
+        let mut batch = tokio::select! {
+            () = shutdown.cancelled() => return,
+            report = reports.recv() => match report {
+                Some(report) => vec![report],
+                None => return,
+            },
+            _ = refresh.tick() => cluster.edge().reporter.snapshot(),
+        };
+        while batch.len() < REPORT_BATCH_MAX {
+            let Ok(report) = reports.try_recv() else {
+                break;
+            };
+            batch.push(report);
+        }
+        let Some(shard_count) = cluster.groups().shard_count() else {
+            continue;
+        };
+        let mut by_shard: BTreeMap<u16, Vec<PresenceReport>> = BTreeMap::new();
+        for report in batch {
+            if let Some(user) = courier_proto::UserId::new(report.user) {
+                by_shard
+                    .entry(courier_proto::shard_of(user, shard_count).get())
+                    .or_default()
+                    .push(report);
+            }
+        }
+        for (shard, reports) in by_shard {
+            let shard = courier_proto::ShardId::new(shard);
+            if let Err(error) = cluster.presence_exchange(shard, reports, Vec::new()).await {
+                // The next refresh repeats every open stream.
+                tracing::debug!(%shard, %error, "presence report not delivered");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(user: u64, device: u32, online: bool, hide: bool, at_ms: u64) -> PresenceReport {
+        PresenceReport {
+            user,
+            device,
+            online,
+            hide_last_seen: hide,
+            at_ms,
+        }
+    }
+
+    #[test]
+    fn online_while_any_stream_is_open_then_last_seen() {
+        let table = PresenceTable::new(10, Duration::from_secs(60));
+        table.report(1, &[report(7, 1, true, false, 0)]);
+        table.report(2, &[report(7, 2, true, false, 0)]);
+        assert!(table.query(7).online);
+        let now = now_ms();
+        table.report(1, &[report(7, 1, false, false, now - 2_000)]);
+        assert!(table.query(7).online, "device 2 is still connected");
+        table.report(2, &[report(7, 2, false, false, now - 1_000)]);
+        let seen = table.query(7);
+        assert!(!seen.online);
+        assert_eq!(seen.last_seen_ms, now - 1_000, "the last stream's close");
+        let forgotten = PresenceTable::new(10, Duration::from_secs(60));
+        forgotten.report(1, &[report(7, 1, true, false, 0)]);
+        forgotten.report(1, &[report(7, 1, false, false, now - 61_000)]);
+        assert_eq!(forgotten.query(7).last_seen_ms, 0, "past the TTL");
+        assert_eq!(table.query(8).last_seen_ms, 0, "unknown users are offline");
+    }
+
+    #[test]
+    fn hidden_last_seen_and_bounded_users() {
+        let table = PresenceTable::new(2, Duration::from_secs(60));
+        table.report(
+            1,
+            &[report(1, 1, true, true, 0), report(1, 1, false, true, 5)],
+        );
+        assert_eq!(table.query(1).last_seen_ms, 0, "hidden");
+        table.report(1, &[report(2, 1, true, false, 0)]);
+        table.report(1, &[report(3, 1, true, false, 0)]);
+        assert!(
+            table.query(3).online,
+            "an offline user was evicted to make room"
+        );
+        assert!(table.query(2).online, "online users are kept");
+    }
+}
