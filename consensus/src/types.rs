@@ -148,6 +148,13 @@ pub enum EventOutcome {
         /// The device id.
         device: u32,
     },
+    /// Refused at apply (group events): nothing changed.
+    Rejected {
+        /// Stable code (`COURIER:Group:*`).
+        code: String,
+        /// Why.
+        message: String,
+    },
     /// Anything else.
     Done,
 }
@@ -174,6 +181,10 @@ impl From<Applied> for EventOutcome {
             Applied::DeviceRegistered { user, device } => EventOutcome::DeviceRegistered {
                 user: user.get(),
                 device,
+            },
+            Applied::Rejected { code, message } => EventOutcome::Rejected {
+                code: code.to_owned(),
+                message,
             },
             Applied::Done => EventOutcome::Done,
         }

@@ -57,6 +57,7 @@ fn message(source: u32, pos: u64) -> Event {
             }),
             sent_at_ms: 1,
             stored_at_ms: 0,
+            group_index: 0,
             source_shard: source,
             source_pos: pos,
         })),

@@ -1039,6 +1039,9 @@ pub fn outcome_to_wire(outcome: EventOutcome) -> peer::EventOutcome {
         EventOutcome::DeviceRegistered { user, device } => {
             W::DeviceRegistered(peer::event_outcome::DeviceRegistered { user, device })
         }
+        EventOutcome::Rejected { code, message } => {
+            W::Rejected(peer::event_outcome::Rejected { code, message })
+        }
         EventOutcome::Done => W::Done(true),
     };
     peer::EventOutcome { kind: Some(kind) }
@@ -1062,6 +1065,10 @@ fn outcome_from_wire(wire: peer::EventOutcome) -> Result<EventOutcome, ApiError>
         Some(W::DeviceRegistered(d)) => EventOutcome::DeviceRegistered {
             user: d.user,
             device: d.device,
+        },
+        Some(W::Rejected(r)) => EventOutcome::Rejected {
+            code: r.code,
+            message: r.message,
         },
         Some(W::Done(_)) => EventOutcome::Done,
         None => {

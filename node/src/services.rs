@@ -2,14 +2,17 @@
 //! issue #7) and peer (forwarding, proposing, admin; raft is
 //! `courier_consensus::network::RaftService`).
 
+use courier_proto::convert::messaging::MembershipCommand;
 use courier_proto::pb::client::groups_server::Groups;
 use courier_proto::pb::client::messaging_server::Messaging;
 use courier_proto::pb::client::registration_server::Registration;
 use courier_proto::pb::client::{
-    ClientFrame, GetPresenceRequest, GetPresenceResponse, GetReceiptsRequest, GetReceiptsResponse,
+    AddMemberRequest, ClientFrame, CreateGroupRequest, GetPresenceRequest, GetPresenceResponse,
+    GetReceiptsRequest, GetReceiptsResponse, GroupInfo, LeaveGroupRequest, LeaveGroupResponse,
     LinkDeviceRequest, ListConversationsRequest, ListConversationsResponse, ListDevicesRequest,
-    ListDevicesResponse, RegisterRequest, RegisterResponse, RequestCodeRequest,
-    RequestCodeResponse, RevokeDeviceRequest, RevokeDeviceResponse, SendRequest, SendResponse,
+    ListDevicesResponse, ListGroupsRequest, ListGroupsResponse, RegisterRequest, RegisterResponse,
+    RemoveMemberRequest, RequestCodeRequest, RequestCodeResponse, RevokeDeviceRequest,
+    RevokeDeviceResponse, SendRequest, SendResponse, SendToGroupRequest,
 };
 use courier_proto::pb::peer::admin_server::Admin;
 use courier_proto::pb::peer::forward_server::Forward;
@@ -94,6 +97,23 @@ impl Messaging for ClientApi {
         Ok(Response::new(result?))
     }
 
+    async fn send_to_group(
+        &self,
+        request: Request<SendToGroupRequest>,
+    ) -> Result<Response<SendResponse>, Status> {
+        let started = std::time::Instant::now();
+        let result = match self.authenticate(request.metadata()) {
+            Ok(caller) => ClientApi::send_to_group(self, caller, request.into_inner()).await,
+            Err(error) => Err(error),
+        };
+        self.metrics
+            .send_answered(&result.as_ref().map(|r| r.duplicate).map_err(Clone::clone));
+        if result.is_ok() {
+            self.metrics.send_committed(started.elapsed());
+        }
+        Ok(Response::new(result?))
+    }
+
     async fn stream(
         &self,
         request: Request<Streaming<ClientFrame>>,
@@ -135,8 +155,57 @@ impl Messaging for ClientApi {
     }
 }
 
-// Groups are issue #7: every RPC answers UNIMPLEMENTED.
-impl Groups for ClientApi {}
+#[tonic::async_trait]
+impl Groups for ClientApi {
+    async fn create_group(
+        &self,
+        request: Request<CreateGroupRequest>,
+    ) -> Result<Response<GroupInfo>, Status> {
+        let caller = self.authenticate(request.metadata())?;
+        Ok(Response::new(
+            ClientApi::create_group(self, caller, request.into_inner()).await?,
+        ))
+    }
+
+    async fn add_member(
+        &self,
+        request: Request<AddMemberRequest>,
+    ) -> Result<Response<GroupInfo>, Status> {
+        let caller = self.authenticate(request.metadata())?;
+        let command = MembershipCommand::try_from(request.into_inner()).map_err(ApiError::from)?;
+        Ok(Response::new(
+            ClientApi::add_member(self, caller, command).await?,
+        ))
+    }
+
+    async fn remove_member(
+        &self,
+        request: Request<RemoveMemberRequest>,
+    ) -> Result<Response<GroupInfo>, Status> {
+        let caller = self.authenticate(request.metadata())?;
+        let command = MembershipCommand::try_from(request.into_inner()).map_err(ApiError::from)?;
+        Ok(Response::new(
+            ClientApi::remove_member(self, caller, command).await?,
+        ))
+    }
+
+    async fn leave_group(
+        &self,
+        request: Request<LeaveGroupRequest>,
+    ) -> Result<Response<LeaveGroupResponse>, Status> {
+        let caller = self.authenticate(request.metadata())?;
+        ClientApi::leave_group(self, caller, request.into_inner()).await?;
+        Ok(Response::new(LeaveGroupResponse {}))
+    }
+
+    async fn list_groups(
+        &self,
+        request: Request<ListGroupsRequest>,
+    ) -> Result<Response<ListGroupsResponse>, Status> {
+        let caller = self.authenticate(request.metadata())?;
+        Ok(Response::new(ClientApi::list_groups(self, caller).await?))
+    }
+}
 
 /// The peer-facing forwarding and admin services of one node (raft is
 /// `courier_consensus::network::RaftService`).

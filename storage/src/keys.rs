@@ -52,8 +52,11 @@ pub mod tag {
     /// inbox: per-user state; readstate: seq → position; outbox: per-destination state;
     /// devices: user record; groups: member record.
     pub const SECONDARY: u8 = 2;
-    /// inbox: message id → seq; outbox: inbound watermark; devices: device record.
+    /// inbox: message id → seq; outbox: inbound watermark; devices: device record; groups: a
+    /// user's membership (user → group).
     pub const TERTIARY: u8 = 3;
+    /// groups: the one stored copy of a group message.
+    pub const QUATERNARY: u8 = 4;
 }
 
 /// Appends big-endian fields to a key.
@@ -358,6 +361,31 @@ pub fn group_member_prefix(shard: ShardId, group: GroupId) -> Vec<u8> {
     KeyBuf::shard(shard)
         .u8(tag::SECONDARY)
         .u64(group.get())
+        .done()
+}
+
+/// groups: the one stored copy of the group message sent at log index `at` of this shard.
+pub fn group_message(shard: ShardId, at: LogIndex) -> Vec<u8> {
+    KeyBuf::shard(shard)
+        .u8(tag::QUATERNARY)
+        .u64(at.get())
+        .done()
+}
+
+/// groups: a user's membership of a group on this shard (for listing a user's groups).
+pub fn user_group(shard: ShardId, user: UserId, group: GroupId) -> Vec<u8> {
+    KeyBuf::shard(shard)
+        .u8(tag::TERTIARY)
+        .u64(user.get())
+        .u64(group.get())
+        .done()
+}
+
+/// groups: prefix of one user's memberships on this shard.
+pub fn user_group_prefix(shard: ShardId, user: UserId) -> Vec<u8> {
+    KeyBuf::shard(shard)
+        .u8(tag::TERTIARY)
+        .u64(user.get())
         .done()
 }
 

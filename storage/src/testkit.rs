@@ -245,6 +245,7 @@ impl EventGen {
                     stored_at_ms: self.now_ms,
                     source_shard,
                     source_pos,
+                    group_index: 0,
                 });
             }
             source_pos = applied + 1;
@@ -267,6 +268,7 @@ impl EventGen {
             stored_at_ms: self.now_ms,
             source_shard: if forwarded { source_shard } else { own },
             source_pos,
+            group_index: 0,
         })
     }
 
@@ -410,6 +412,7 @@ impl EventGen {
                 creator,
                 name: format!("g{group}"),
                 at_ms: self.now_ms,
+                creator_shard: u32::from(self.shard.get()),
             }));
         }
         let group = *self
@@ -434,6 +437,7 @@ impl EventGen {
                 by: members[0],
                 admin: false,
                 at_ms: self.now_ms,
+                user_shard: u32::from(self.shard.get()),
             }))
         }
     }

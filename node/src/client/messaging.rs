@@ -119,7 +119,7 @@ impl ClientApi {
         }
     }
 
-    fn check_content_limits(&self, content: &events::Content) -> Result<(), ApiError> {
+    pub(crate) fn check_content_limits(&self, content: &events::Content) -> Result<(), ApiError> {
         let over = |field: &'static str, len: usize, max: usize| {
             ApiError::Wire(courier_proto::WireError::TooLong { field, len, max })
         };
@@ -142,7 +142,9 @@ impl ClientApi {
         Ok(())
     }
 
-    /// `GetReceipts`: the caller's own messages only (others' ids come back empty).
+    /// `GetReceipts`: the caller's own messages only (others' ids come back empty); with
+    /// `group_id`, messages the caller sent to that group. `overall` is the least advanced
+    /// recipient's state.
     ///
     /// # Errors
     /// `INVALID_ARGUMENT` for a malformed lookup.
@@ -151,23 +153,34 @@ impl ClientApi {
         caller: Caller,
         request: GetReceiptsRequest,
     ) -> Result<GetReceiptsResponse, ApiError> {
+        let group = request.group_id;
         let ids = receipt_lookup(request)?;
-        let shard = self.shard_of(caller.user)?;
+        // A group message's receipts live on the group's shard, one per member it was sent to.
+        let shard = match group {
+            0 => self.shard_of(caller.user)?,
+            raw => courier_proto::shard_of_group(
+                courier_proto::GroupId::from_wire(raw, "group_id")?,
+                self.shard_count()?,
+            ),
+        };
         let receipts = self.read(shard, |view| {
             ids.iter()
                 .map(|id| {
-                    let recipients = receipts::of_message(view, caller.user, *id)?
-                        .into_iter()
-                        .map(|(recipient, receipt)| ReceiptUpdate {
-                            message_id: id.as_bytes().to_vec(),
-                            recipient_user: recipient.get(),
-                            state: receipt.state,
-                            at_ms: receipt.at_ms,
-                        })
-                        .collect();
+                    let recipients: Vec<ReceiptUpdate> =
+                        receipts::of_message(view, caller.user, *id)?
+                            .into_iter()
+                            .map(|(recipient, receipt)| ReceiptUpdate {
+                                message_id: id.as_bytes().to_vec(),
+                                recipient_user: recipient.get(),
+                                state: receipt.state,
+                                at_ms: receipt.at_ms,
+                            })
+                            .collect();
+                    let overall = recipients.iter().map(|r| r.state).min().unwrap_or(0);
                     Ok(MessageReceipts {
                         message_id: id.as_bytes().to_vec(),
                         recipients,
+                        overall,
                     })
                 })
                 .collect::<courier_storage::Result<Vec<_>>>()

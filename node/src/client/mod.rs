@@ -5,6 +5,7 @@
 //! which holds every shard (every shard is replicated on every member in this version).
 
 pub mod auth;
+pub mod groups;
 pub mod live;
 pub mod messaging;
 pub mod rate;

@@ -144,7 +144,17 @@ impl ClientApi {
                 return;
             };
             let caught_up = messages.len() < PAGE_MESSAGES;
-            for (seq, entry) in messages {
+            let mut pushed_up_to = cursor;
+            let mut stalled = false;
+            for (seq, mut entry) in messages {
+                if entry.content.is_none() && entry.group_index > 0 {
+                    entry.content = self.group_content(&entry);
+                    if entry.content.is_none() {
+                        // The group's shard lags on this replica: push it on a later pass.
+                        stalled = true;
+                        break;
+                    }
+                }
                 if live {
                     self.metrics
                         .pushed_live(now_ms().saturating_sub(entry.sent_at_ms));
@@ -165,8 +175,13 @@ impl ClientApi {
                 if tx.send(Ok(frame)).await.is_err() {
                     return;
                 }
+                pushed_up_to = seq;
             }
-            cursor = cursor.max(up_to);
+            cursor = if stalled {
+                pushed_up_to
+            } else {
+                cursor.max(up_to)
+            };
             for item in feed {
                 receipts_after = item.set_at;
                 let update = ReceiptUpdate {
@@ -196,6 +211,35 @@ impl ClientApi {
                 () = tx.closed() => return,
                 () = applied => {}
                 () = tokio::time::sleep(POLL_INTERVAL) => {}
+            }
+        }
+    }
+
+    /// The one stored copy of a group message an inbox entry points at (on the group's shard,
+    /// which every node replicates).
+    fn group_content(
+        &self,
+        entry: &courier_proto::pb::store::InboxEntry,
+    ) -> Option<events::Content> {
+        let shard = courier_proto::ShardId::new(u16::try_from(entry.source_shard).ok()?);
+        let stored = self
+            .read(shard, |view| {
+                courier_storage::projection::groups::message_at(
+                    view,
+                    LogIndex::new(entry.group_index),
+                )
+            })
+            .ok()
+            .flatten();
+        match stored {
+            Some(message) if message.message_id == entry.message_id => message.content,
+            _ => {
+                tracing::debug!(
+                    %shard,
+                    index = entry.group_index,
+                    "a group message's stored copy is not on this replica yet"
+                );
+                None
             }
         }
     }

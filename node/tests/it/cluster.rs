@@ -118,6 +118,7 @@ pub(crate) fn delivered(dest_user: u64, pos: u64, id: u64) -> Event {
             stored_at_ms: 0,
             source_shard: SOURCE,
             source_pos: pos,
+            group_index: 0,
         })),
     }
 }

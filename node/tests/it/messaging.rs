@@ -1140,3 +1140,274 @@ async fn typing_reaches_live_streams_and_is_not_logged() {
         node.stop().await;
     }
 }
+
+fn bodies(frames: &[ServerFrame]) -> Vec<String> {
+    frames
+        .iter()
+        .filter_map(|f| match &f.frame {
+            Some(server_frame::Frame::Message(m)) => Some(
+                String::from_utf8_lossy(
+                    &m.content
+                        .as_ref()
+                        .map(|c| c.body.clone())
+                        .unwrap_or_default(),
+                )
+                .into_owned(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+fn code_is(status: &tonic::Status, code: tonic::Code, courier: &str) {
+    assert_eq!(status.code(), code, "{status:?}");
+    assert_eq!(code_of(status), courier, "{status:?}");
+}
+
+/// Five members across shards: a member removed before a send never gets it, each current
+/// member gets every group message once, in order, with its content (stored once, pointed at);
+/// receipts are kept per member and aggregate to the least advanced one; only members send and
+/// only admins add.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_messages_reach_current_members_once_in_order() {
+    use courier_proto::pb::client::groups_client::GroupsClient;
+    use courier_proto::pb::client::{
+        AddMemberRequest, CreateGroupRequest, GetReceiptsRequest, ListGroupsRequest,
+        RemoveMemberRequest, SendToGroupRequest,
+    };
+    let c = cluster().await;
+    let addr = |i: usize| c.nodes[i % 3].client_addr.to_string();
+    let mut users = Vec::new();
+    for i in 0..5 {
+        users.push(register(&addr(i), &c.dirs[i % 3], &format!("+1555000{:04}", 100 + i)).await);
+    }
+    let shards: std::collections::BTreeSet<u16> = users
+        .iter()
+        .map(|u| shard_of(UserId::new(u.user).expect("id"), 4).get())
+        .collect();
+    assert!(shards.len() >= 2, "members on several shards: {shards:?}");
+    let mut groups = GroupsClient::new(channel(&addr(0)).await);
+    let info = groups
+        .create_group(authed(
+            &users[0],
+            CreateGroupRequest {
+                name: "five".to_owned(),
+                members: users[1..].iter().map(|u| u.user).collect(),
+            },
+        ))
+        .await
+        .expect("create")
+        .into_inner();
+    assert_eq!(info.members.len(), 5);
+    assert_eq!(info.epoch, 5, "created, then four members added");
+    assert!(
+        info.members
+            .iter()
+            .any(|m| m.user_id == users[0].user && m.admin)
+    );
+    let group = info.group_id;
+    let send = |i: usize, text: &str| {
+        let (device, text, addr) = (users[i].clone(), text.to_owned(), addr(i));
+        async move {
+            MessagingClient::new(channel(&addr).await)
+                .send_to_group(authed(
+                    &device,
+                    SendToGroupRequest {
+                        client_msg_id: text.clone(),
+                        group_id: group,
+                        content: body(&text),
+                    },
+                ))
+                .await
+                .map(tonic::Response::into_inner)
+        }
+    };
+    let g1 = send(0, "g1").await.expect("g1");
+    send(0, "g2").await.expect("g2");
+    let refused = groups
+        .add_member(authed(
+            &users[0],
+            AddMemberRequest {
+                group_id: group,
+                user_id: users[4].user,
+            },
+        ))
+        .await
+        .expect_err("already a member");
+    code_is(
+        &refused,
+        tonic::Code::FailedPrecondition,
+        "COURIER:Group:AlreadyMember",
+    );
+    let after_remove = groups
+        .remove_member(authed(
+            &users[0],
+            RemoveMemberRequest {
+                group_id: group,
+                user_id: users[4].user,
+            },
+        ))
+        .await
+        .expect("remove")
+        .into_inner();
+    assert_eq!(after_remove.members.len(), 4);
+    assert_eq!(after_remove.epoch, 6);
+    let refused = groups
+        .add_member(authed(
+            &users[1],
+            AddMemberRequest {
+                group_id: group,
+                user_id: users[4].user,
+            },
+        ))
+        .await
+        .expect_err("only admins add");
+    code_is(
+        &refused,
+        tonic::Code::PermissionDenied,
+        "COURIER:Group:NotAdmin",
+    );
+    let g3 = send(0, "g3").await.expect("g3");
+    send(0, "g4").await.expect("g4");
+    send(1, "g5").await.expect("g5");
+    let again = send(0, "g3").await.expect("a retry");
+    assert!(
+        again.duplicate && again.message_id == g3.message_id,
+        "retries are deduplicated"
+    );
+    let refused = send(4, "g6")
+        .await
+        .expect_err("a removed member cannot send");
+    code_is(
+        &refused,
+        tonic::Code::PermissionDenied,
+        "COURIER:Group:NotMember",
+    );
+
+    let want: [&[&str]; 5] = [
+        &["g5"],
+        &["g1", "g2", "g3", "g4"],
+        &["g1", "g2", "g3", "g4", "g5"],
+        &["g1", "g2", "g3", "g4", "g5"],
+        &["g1", "g2"],
+    ];
+    for (i, want) in want.iter().enumerate() {
+        let mut stream = open_stream(&addr(i + 1), &users[i], 0).await;
+        let frames = collect(&mut stream, Duration::from_secs(20), |f| {
+            messages(f).len() >= want.len()
+        })
+        .await;
+        let extra = collect(&mut stream, Duration::from_millis(500), |f| {
+            !messages(f).is_empty()
+        })
+        .await;
+        let mut all = frames.clone();
+        all.extend(extra);
+        assert_eq!(bodies(&all), *want, "user {i} sees exactly this, in order");
+        let seqs: Vec<u64> = messages(&all).iter().map(|(s, _)| *s).collect();
+        assert_eq!(
+            seqs,
+            (1..=want.len() as u64).collect::<Vec<_>>(),
+            "dense seqs"
+        );
+    }
+
+    let overall = |state: ReceiptState| i32::from(state);
+    let receipts_of_g3 = || {
+        let (device, addr) = (users[0].clone(), addr(0));
+        let id = g3.message_id.clone();
+        async move {
+            MessagingClient::new(channel(&addr).await)
+                .get_receipts(authed(
+                    &device,
+                    GetReceiptsRequest {
+                        message_ids: vec![id],
+                        group_id: group,
+                    },
+                ))
+                .await
+                .expect("receipts")
+                .into_inner()
+                .receipts
+                .pop()
+                .expect("one message")
+        }
+    };
+    let r = receipts_of_g3().await;
+    let recipients: Vec<u64> = r.recipients.iter().map(|x| x.recipient_user).collect();
+    assert_eq!(
+        recipients.len(),
+        3,
+        "the members at g3's epoch but the sender: {recipients:?}"
+    );
+    assert!(
+        !recipients.contains(&users[4].user),
+        "not the removed member"
+    );
+    assert_eq!(r.overall, overall(ReceiptState::Sent));
+    let conversation = Some(
+        courier_proto::ConversationId::Group(courier_proto::GroupId::new(group).expect("id"))
+            .into(),
+    );
+    for (n, i) in [1_usize, 2, 3].into_iter().enumerate() {
+        let stream = open_stream(&addr(i), &users[i], 100).await;
+        let up_to = if i == 1 { 4 } else { 5 };
+        stream
+            .out
+            .send(ClientFrame {
+                frame: Some(client_frame::Frame::Ack(Ack { up_to_seq: up_to })),
+            })
+            .await
+            .expect("ack");
+        let want = if n < 2 {
+            ReceiptState::Sent
+        } else {
+            ReceiptState::Delivered
+        };
+        let started = Instant::now();
+        loop {
+            let r = receipts_of_g3().await;
+            if r.overall == overall(want) {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "after {n}: {r:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        stream
+            .out
+            .send(ClientFrame {
+                frame: Some(client_frame::Frame::Read(Read {
+                    conversation,
+                    up_to_seq: up_to,
+                })),
+            })
+            .await
+            .expect("read");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let started = Instant::now();
+    while receipts_of_g3().await.overall != overall(ReceiptState::Read) {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "read by everyone: READ for the group"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = g1;
+    let list = |i: usize| {
+        let (device, addr) = (users[i].clone(), addr(0));
+        async move {
+            GroupsClient::new(channel(&addr).await)
+                .list_groups(authed(&device, ListGroupsRequest {}))
+                .await
+                .expect("list")
+                .into_inner()
+                .groups
+        }
+    };
+    assert_eq!(list(2).await.len(), 1);
+    assert!(list(4).await.is_empty(), "the removed member has no groups");
+}

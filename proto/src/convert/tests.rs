@@ -188,7 +188,8 @@ fn message_ids_and_receipt_lookups() {
     );
     assert_eq!(
         receipt_lookup(client::GetReceiptsRequest {
-            message_ids: vec![]
+            message_ids: vec![],
+            group_id: 0,
         }),
         Err(WireError::Missing {
             field: "message_ids"
@@ -197,13 +198,15 @@ fn message_ids_and_receipt_lookups() {
     let too_many = vec![vec![1_u8; 16]; RECEIPT_LOOKUP_IDS_MAX + 1];
     assert!(matches!(
         receipt_lookup(client::GetReceiptsRequest {
-            message_ids: too_many
+            message_ids: too_many,
+            group_id: 0,
         }),
         Err(WireError::TooLong { .. })
     ));
     assert_eq!(
         receipt_lookup(client::GetReceiptsRequest {
-            message_ids: vec![vec![2; 16]]
+            message_ids: vec![vec![2; 16]],
+            group_id: 0,
         }),
         Ok(vec![MessageId::from_bytes([2; 16])])
     );
@@ -291,6 +294,7 @@ fn events_round_trip_through_prost() {
             stored_at_ms: 2,
             source_shard: 0,
             source_pos: 1,
+            group_index: 0,
         }),
         Kind::DeliveryAcked(events::DeliveryAcked {
             user: 2,
@@ -339,6 +343,7 @@ fn events_round_trip_through_prost() {
             creator: 1,
             name: "g".to_owned(),
             at_ms: 8,
+            creator_shard: 0,
         }),
         Kind::MemberAdded(events::MemberAdded {
             group: 4,
@@ -346,6 +351,7 @@ fn events_round_trip_through_prost() {
             by: 1,
             admin: false,
             at_ms: 9,
+            user_shard: 0,
         }),
         Kind::MemberRemoved(events::MemberRemoved {
             group: 4,

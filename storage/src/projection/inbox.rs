@@ -134,6 +134,7 @@ pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
                     sent_at_ms: delivered.sent_at_ms,
                     stored_at_ms: delivered.stored_at_ms,
                     source_shard: delivered.source_shard,
+                    group_index: delivered.group_index,
                 },
             )?;
             view.put_u64(keys::inbox_message_id(shard, user, message), seq.get())?;

@@ -25,8 +25,8 @@ pub mod receipts;
 #[cfg(test)]
 mod projection_test;
 
-use courier_proto::pb::events::Event;
 use courier_proto::pb::events::event::Kind;
+use courier_proto::pb::events::{self, Event};
 use courier_proto::pb::store::SendResult;
 use courier_proto::{DeviceId, InboxSeq, LogIndex, ShardId, UserId};
 use prost::Message;
@@ -325,6 +325,13 @@ pub enum Applied {
         /// The device id assigned at apply (1, 2, 3, … per user).
         device: u32,
     },
+    /// Refused at apply by the state at this position (group events): nothing changed.
+    Rejected {
+        /// Stable code.
+        code: &'static str,
+        /// Why.
+        message: String,
+    },
     /// Any other event.
     Done,
 }
@@ -382,6 +389,10 @@ pub fn apply_event(
                     duplicate: true,
                 });
             }
+            let view = View::new(staged, shard, at, Projection::Groups);
+            if let Some((code, message)) = groups::check(&view, kind)? {
+                return Ok(Applied::Rejected { code, message });
+            }
             Applied::Sent {
                 result: SendResult {
                     message_id: sent.message_id.clone(),
@@ -431,6 +442,13 @@ pub fn apply_event(
             }
             Applied::Done
         }
+        Kind::GroupCreated(_) | Kind::MemberAdded(_) | Kind::MemberRemoved(_) => {
+            let view = View::new(staged, shard, at, Projection::Groups);
+            if let Some((code, message)) = groups::check(&view, kind)? {
+                return Ok(Applied::Rejected { code, message });
+            }
+            Applied::Done
+        }
         Kind::MessageExpired(expired) => {
             let view = View::new(staged, shard, at, Projection::Inbox);
             let user = UserId::new(expired.user).expect("leader validated the user");
@@ -447,21 +465,35 @@ pub fn apply_event(
         let mut view = View::new(staged, shard, at, projection);
         projection.apply(&mut view, kind)?;
     }
-    if let Kind::MessageSent(sent) = kind
-        && sent.recipient_shard == u32::from(shard.get())
-        && let Some(delivered) = outbox::delivery_of(sent, sent.sent_at_ms)
-    {
-        // Sender and recipient share the shard: the same entry stores the message in the
-        // recipient's inbox (no forward). Derived here, after dedup, so a retried send stores
-        // nothing twice.
-        apply_event(
-            staged,
-            shard,
-            at,
-            &Event {
-                kind: Some(Kind::MessageDelivered(delivered)),
-            },
-        )?;
+    if let Kind::MessageSent(sent) = kind {
+        // Copies for recipients on this shard are stored by the same entry (no forward): the
+        // 1:1 recipient, or the group's members here. Derived after dedup and the group check,
+        // so a retried or refused send stores nothing. `source_pos` 0 marks "no forward";
+        // `source_shard` is this shard, where the receipts go.
+        let local: Vec<events::MessageDelivered> = match outbox::delivery_of(sent, sent.sent_at_ms)
+        {
+            Some(delivered) if sent.recipient_shard == u32::from(shard.get()) => vec![delivered],
+            Some(_) => Vec::new(),
+            None => {
+                let view = View::new(staged, shard, at, Projection::Groups);
+                outbox::group_deliveries(&view, sent, at, sent.sent_at_ms)?
+                    .into_iter()
+                    .filter(|(member_shard, _)| *member_shard == shard)
+                    .map(|(_, delivered)| delivered)
+                    .collect()
+            }
+        };
+        for mut delivered in local {
+            delivered.source_shard = u32::from(shard.get());
+            apply_event(
+                staged,
+                shard,
+                at,
+                &Event {
+                    kind: Some(Kind::MessageDelivered(delivered)),
+                },
+            )?;
+        }
     }
     if let (Kind::DeviceRegistered(registered), Applied::Done) = (kind, &outcome) {
         let view = View::new(staged, shard, at, Projection::Devices);

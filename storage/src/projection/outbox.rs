@@ -115,7 +115,48 @@ pub fn delivery_of(
         stored_at_ms,
         source_shard: 0,
         source_pos: 0,
+        group_index: 0,
     })
+}
+
+/// The pointer copies of a group message for its members other than the sender, with each
+/// member's shard: the content stays in the group shard's log at `at` (`group_index`).
+///
+/// # Errors
+/// A storage fault.
+pub fn group_deliveries(
+    view: &View<'_, '_>,
+    sent: &events::MessageSent,
+    at: courier_proto::LogIndex,
+    stored_at_ms: u64,
+) -> Result<Vec<(ShardId, events::MessageDelivered)>> {
+    let Some(events::conversation::With::Group(raw)) = sent.to.as_ref().and_then(|to| to.with)
+    else {
+        return Ok(Vec::new());
+    };
+    let group = courier_proto::GroupId::new(raw).expect("leader validated the group");
+    Ok(super::groups::members(view, group)?
+        .into_iter()
+        .filter(|(user, _)| user.get() != sent.sender_user)
+        .map(|(user, member)| {
+            (
+                shard_id(member.shard),
+                events::MessageDelivered {
+                    message_id: sent.message_id.clone(),
+                    recipient_user: user.get(),
+                    sender_user: sent.sender_user,
+                    sender_device: sent.sender_device,
+                    conversation: Some(ConversationId::Group(group).into()),
+                    content: None,
+                    sent_at_ms: sent.sent_at_ms,
+                    stored_at_ms,
+                    source_shard: 0,
+                    source_pos: 0,
+                    group_index: at.get(),
+                },
+            )
+        })
+        .collect())
 }
 
 fn push(view: &mut View<'_, '_>, dest: ShardId, mut kind: Kind) -> Result<()> {
@@ -185,7 +226,11 @@ pub fn set_inbound(view: &mut View<'_, '_>, source: u32, pos: u64) -> Result<()>
 pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
     match event {
         Kind::MessageSent(sent) => {
-            if sent.recipient_shard == u32::from(view.shard().get()) {
+            let direct = matches!(
+                sent.to.as_ref().and_then(|to| to.with),
+                Some(events::conversation::With::User(_))
+            );
+            if direct && sent.recipient_shard == u32::from(view.shard().get()) {
                 return Ok(()); // stored in the same entry (see `apply_event`)
             }
             match delivery_of(sent, 0) {
@@ -195,7 +240,17 @@ pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
                     shard_id(sent.recipient_shard),
                     Kind::MessageDelivered(delivered),
                 ),
-                None => Ok(()), // group fan-out: issue #7
+                None => {
+                    // Group fan-out: one pointer per member elsewhere (members here were stored
+                    // by the same entry).
+                    let here = view.shard();
+                    for (dest, delivered) in group_deliveries(view, sent, view.at(), 0)? {
+                        if dest != here {
+                            push(view, dest, Kind::MessageDelivered(delivered))?;
+                        }
+                    }
+                    Ok(())
+                }
             }
         }
         Kind::MessageDelivered(delivered) => {

@@ -127,23 +127,34 @@ pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
     let shard = view.shard();
     match event {
         Kind::MessageSent(sent) => {
-            // Group receipts are kept per member on the group's shard (issue #7); a 1:1 message
-            // has exactly one recipient.
-            let Some(conversation::With::User(recipient)) = sent.to.as_ref().and_then(|to| to.with)
-            else {
-                return Ok(());
+            // A 1:1 message has one recipient; a group message one per member other than the
+            // sender (members at this position: the epoch the message was accepted under).
+            let recipients: Vec<UserId> = match sent.to.as_ref().and_then(|to| to.with) {
+                Some(conversation::With::User(recipient)) => vec![user_id(recipient)],
+                Some(conversation::With::Group(group)) => super::groups::members(
+                    view,
+                    courier_proto::GroupId::new(group).expect("leader validated the group"),
+                )?
+                .into_iter()
+                .map(|(member, _)| member)
+                .filter(|member| member.get() != sent.sender_user)
+                .collect(),
+                None => return Ok(()),
             };
             let receipt = Receipt {
                 state: ReceiptState::Sent.into(),
                 at_ms: sent.sent_at_ms,
             };
-            record(
-                view,
-                user_id(sent.sender_user),
-                message_id(&sent.message_id),
-                user_id(recipient),
-                &receipt,
-            )
+            for recipient in recipients {
+                record(
+                    view,
+                    user_id(sent.sender_user),
+                    message_id(&sent.message_id),
+                    recipient,
+                    &receipt,
+                )?;
+            }
+            Ok(())
         }
         Kind::ReceiptRecorded(recorded) => {
             let (sender, message, recipient) = (
