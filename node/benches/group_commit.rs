@@ -58,6 +58,7 @@ fn message(source: u32, pos: u64) -> Event {
             sent_at_ms: 1,
             stored_at_ms: 0,
             group_index: 0,
+            trace_parent: String::new(),
             source_shard: source,
             source_pos: pos,
         })),

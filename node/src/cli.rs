@@ -23,16 +23,18 @@ pub fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = crate::Config::load(&args.config)
         .with_context(|| format!("loading {}", args.config.display()))?;
-    crate::telemetry::init(&config.log);
-    crate::telemetry::set_panic_hook();
-    crate::bugs::announce();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
+        // Inside the runtime: the trace exporter runs on it.
+        let telemetry = crate::telemetry::init(&config.log, &config.tracing, config.node_id);
+        crate::telemetry::set_panic_hook();
+        crate::bugs::announce();
         let node = crate::start(config).await?;
         node.run_until(shutdown_signal()).await?;
         tracing::info!("node stopped");
+        telemetry.shutdown();
         Ok(())
     })
 }

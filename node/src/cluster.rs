@@ -26,7 +26,7 @@ use courier_storage::Db;
 use courier_storage::kv::Staged;
 use courier_storage::projection::{Projection, View, outbox};
 use openraft::ServerState;
-use tracing::info;
+use tracing::{Instrument as _, info};
 
 use crate::status::ApiError;
 
@@ -853,7 +853,12 @@ impl Cluster {
         already_forwarded: bool,
     ) -> Result<Vec<EventOutcome>, ApiError> {
         match self.route(shard).await? {
-            Route::Local(handle) => handle.proposer.propose(events).await.map_err(propose_error),
+            Route::Local(handle) => handle
+                .proposer
+                .propose(events)
+                .instrument(tracing::info_span!("raft.commit", %shard))
+                .await
+                .map_err(propose_error),
             Route::Remote { leader, .. } if already_forwarded => Err(unavailable(
                 format!("{shard} moved its leader; retry"),
                 leader,
@@ -874,6 +879,7 @@ impl Cluster {
                     FORWARDED_KEY,
                     tonic::metadata::MetadataValue::from_static("1"),
                 );
+                crate::telemetry::inject(request.metadata_mut());
                 let response = client.propose(request).await.map_err(|status| {
                     unavailable(format!("leader {leader:?}: {}", status.message()), leader)
                 })?;
@@ -951,6 +957,7 @@ impl Cluster {
             let outcomes = handle
                 .proposer
                 .propose(fresh)
+                .instrument(tracing::info_span!("raft.commit", shard = %dest))
                 .await
                 .map_err(propose_error)?;
             for (outcome, message_id) in outcomes.iter().zip(landed) {
@@ -985,6 +992,7 @@ impl Cluster {
         let mut client = peer::forward_client::ForwardClient::new(channel);
         let mut request = tonic::Request::new(request);
         request.set_timeout(self.rpc_timeout);
+        crate::telemetry::inject(request.metadata_mut());
         request.metadata_mut().insert(
             FORWARDED_KEY,
             tonic::metadata::MetadataValue::from_static("1"),

@@ -215,6 +215,18 @@ pub struct PushRaw {
     pub timeout: HumanDuration,
 }
 
+/// `[tracing]`: distributed traces over OTLP (off unless an endpoint is set).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TracingRaw {
+    /// OTLP/gRPC collector, e.g. `"http://127.0.0.1:4317"`; empty (the default): no export.
+    #[serde(default)]
+    pub otlp_endpoint: String,
+    /// `service.name` of this node's spans. Default `"courier-node"`.
+    #[serde(default = "defaults::service_name")]
+    pub service_name: String,
+}
+
 /// `[log]`: the node's own logs (structured; never bodies, phone numbers or tokens).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -262,6 +274,9 @@ pub struct RawConfig {
     /// The push hook.
     #[serde(default = "defaults::push")]
     pub push: PushRaw,
+    /// Distributed tracing.
+    #[serde(default = "defaults::tracing")]
+    pub tracing: TracingRaw,
     /// Logging.
     #[serde(default = "defaults::log")]
     pub log: LogRaw,
@@ -357,6 +372,12 @@ mod defaults {
     pub(super) fn push() -> PushRaw {
         toml::from_str("").expect("every push key has a default")
     }
+    pub(super) fn tracing() -> TracingRaw {
+        toml::from_str("").expect("every tracing key has a default")
+    }
+    pub(super) fn service_name() -> String {
+        "courier-node".to_owned()
+    }
     pub(super) fn presence_users() -> u32 {
         1_000_000
     }
@@ -433,6 +454,8 @@ pub struct Config {
     pub presence: PresenceRaw,
     /// The push hook.
     pub push: PushRaw,
+    /// Distributed tracing.
+    pub tracing: TracingRaw,
     /// Logging.
     pub log: LogRaw,
 }
@@ -616,6 +639,7 @@ impl RawConfig {
             retention: self.retention,
             presence: self.presence,
             push: self.push,
+            tracing: self.tracing,
             log: self.log,
         })
     }

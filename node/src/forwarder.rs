@@ -22,6 +22,7 @@ use openraft::ServerState;
 use rand::Rng as _;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::cluster::Cluster;
 
@@ -144,7 +145,17 @@ async fn forward_once(
         first_pos: *first_pos,
         events: pending.into_iter().map(|(_, event)| event).collect(),
     };
-    let response = cluster.forward_batch(request, false).await?;
+    // One batch carries many sends; it joins the trace of its first message.
+    let span = tracing::info_span!("forward.batch", %source, %dest, first_pos = request.first_pos, events = request.events.len());
+    if let Some(Kind::MessageDelivered(first)) =
+        request.events.first().and_then(|e| e.kind.as_ref())
+    {
+        crate::telemetry::adopt_traceparent(&span, &first.trace_parent);
+    }
+    let response = cluster
+        .forward_batch(request, false)
+        .instrument(span)
+        .await?;
     if response.stored_up_to > state.trimmed_up_to {
         let trim = Event {
             kind: Some(Kind::OutboxTrimmed(events::OutboxTrimmed {

@@ -25,6 +25,7 @@ use courier_proto::pb::peer::{
     VerifyProjectionRequest,
 };
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument as _;
 
 pub use crate::client::ClientApi;
 use crate::client::stream::ServerStream;
@@ -86,7 +87,16 @@ impl Messaging for ClientApi {
     async fn send(&self, request: Request<SendRequest>) -> Result<Response<SendResponse>, Status> {
         let started = std::time::Instant::now();
         let result = match self.authenticate(request.metadata()) {
-            Ok(caller) => ClientApi::send(self, caller, request.into_inner()).await,
+            Ok(caller) => {
+                let span = tracing::info_span!(
+                    "client.Send",
+                    user = caller.user.get(),
+                    device = caller.device.get()
+                );
+                ClientApi::send(self, caller, request.into_inner())
+                    .instrument(span)
+                    .await
+            }
             Err(error) => Err(error),
         };
         self.metrics
@@ -103,7 +113,16 @@ impl Messaging for ClientApi {
     ) -> Result<Response<SendResponse>, Status> {
         let started = std::time::Instant::now();
         let result = match self.authenticate(request.metadata()) {
-            Ok(caller) => ClientApi::send_to_group(self, caller, request.into_inner()).await,
+            Ok(caller) => {
+                let span = tracing::info_span!(
+                    "client.SendToGroup",
+                    user = caller.user.get(),
+                    device = caller.device.get()
+                );
+                ClientApi::send_to_group(self, caller, request.into_inner())
+                    .instrument(span)
+                    .await
+            }
             Err(error) => Err(error),
         };
         self.metrics
@@ -265,6 +284,8 @@ impl Forward for PeerApi {
         request: Request<ProposeRequest>,
     ) -> Result<Response<ProposeResponse>, Status> {
         let forwarded = was_forwarded(request.metadata());
+        let span = tracing::info_span!("peer.Propose");
+        crate::telemetry::adopt(&span, request.metadata());
         let request = request.into_inner();
         let shard_count = self.cluster.groups().shard_count().unwrap_or(0);
         let shard = courier_proto::ShardId::from_wire(request.shard, shard_count)
@@ -272,6 +293,7 @@ impl Forward for PeerApi {
         let outcomes = self
             .cluster
             .propose(shard, request.events, forwarded)
+            .instrument(span)
             .await?;
         Ok(Response::new(ProposeResponse {
             outcomes: outcomes.into_iter().map(outcome_to_wire).collect(),
@@ -283,9 +305,12 @@ impl Forward for PeerApi {
         request: Request<ForwardBatchRequest>,
     ) -> Result<Response<ForwardBatchResponse>, Status> {
         let forwarded = was_forwarded(request.metadata());
+        let span = tracing::info_span!("peer.ForwardBatch");
+        crate::telemetry::adopt(&span, request.metadata());
         Ok(Response::new(
             self.cluster
                 .forward_batch(request.into_inner(), forwarded)
+                .instrument(span)
                 .await?,
         ))
     }

@@ -217,6 +217,7 @@ impl EventGen {
             sent_at_ms: self.now_ms,
             recipient_shard,
             group_epoch: 0,
+            trace_parent: String::new(),
         })
     }
 
@@ -246,6 +247,7 @@ impl EventGen {
                     source_shard,
                     source_pos,
                     group_index: 0,
+                    trace_parent: String::new(),
                 });
             }
             source_pos = applied + 1;
@@ -269,6 +271,7 @@ impl EventGen {
             source_shard: if forwarded { source_shard } else { own },
             source_pos,
             group_index: 0,
+            trace_parent: String::new(),
         })
     }
 

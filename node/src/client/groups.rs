@@ -335,6 +335,7 @@ impl ClientApi {
                 sent_at_ms: now_ms(),
                 recipient_shard: u32::from(shard.get()),
                 group_epoch: epoch,
+                trace_parent: crate::telemetry::current_traceparent(),
             };
             let outcomes = self
                 .cluster

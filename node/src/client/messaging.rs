@@ -51,6 +51,7 @@ impl ClientApi {
             sent_at_ms: now_ms(),
             recipient_shard: u32::from(recipient_shard.get()),
             group_epoch: 0,
+            trace_parent: crate::telemetry::current_traceparent(),
         };
         if bugs::active(Bug::SkipDedup) {
             // A fresh idempotency key per attempt: a retry is stored again.

@@ -25,6 +25,7 @@ use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
+use tracing::Instrument as _;
 
 use super::{ClientApi, auth::Caller, now_ms};
 use crate::bugs::{self, Bug};
@@ -159,6 +160,7 @@ impl ClientApi {
                     self.metrics
                         .pushed_live(now_ms().saturating_sub(entry.sent_at_ms));
                 }
+                let trace_parent = std::mem::take(&mut entry.trace_parent);
                 let frame = ServerFrame {
                     frame: Some(server_frame::Frame::Message(InboxMessage {
                         seq: seq.get(),
@@ -172,7 +174,14 @@ impl ClientApi {
                     })),
                 };
                 // Backpressure: a slow device holds the pusher here; nothing else buffers.
-                if tx.send(Ok(frame)).await.is_err() {
+                let span = tracing::info_span!(
+                    "stream.push",
+                    user = caller.user.get(),
+                    device = caller.device.get(),
+                    seq = seq.get()
+                );
+                crate::telemetry::adopt_traceparent(&span, &trace_parent);
+                if tx.send(Ok(frame)).instrument(span).await.is_err() {
                     return;
                 }
                 pushed_up_to = seq;

@@ -119,6 +119,7 @@ pub(crate) fn delivered(dest_user: u64, pos: u64, id: u64) -> Event {
             source_shard: SOURCE,
             source_pos: pos,
             group_index: 0,
+            trace_parent: String::new(),
         })),
     }
 }

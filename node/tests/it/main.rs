@@ -6,3 +6,4 @@ mod foundation;
 mod maintenance;
 mod messaging;
 mod support;
+mod traces;

@@ -23,8 +23,8 @@ use crate::support::channel;
 
 /// A registered device.
 #[derive(Clone, Debug)]
-struct Device {
-    user: u64,
+pub(crate) struct Device {
+    pub(crate) user: u64,
     device: u32,
     bearer: String,
 }
@@ -35,7 +35,7 @@ fn user_of(phone: &str) -> UserId {
     )
 }
 
-async fn register(client_addr: &str, data_dir: &std::path::Path, phone: &str) -> Device {
+pub(crate) async fn register(client_addr: &str, data_dir: &std::path::Path, phone: &str) -> Device {
     let mut client = RegistrationClient::new(channel(client_addr).await);
     client
         .request_code(RequestCodeRequest {
@@ -70,7 +70,7 @@ async fn register(client_addr: &str, data_dir: &std::path::Path, phone: &str) ->
     }
 }
 
-fn authed<T>(device: &Device, message: T) -> tonic::Request<T> {
+pub(crate) fn authed<T>(device: &Device, message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request
         .metadata_mut()
@@ -78,7 +78,7 @@ fn authed<T>(device: &Device, message: T) -> tonic::Request<T> {
     request
 }
 
-fn body(text: &str) -> Option<events::Content> {
+pub(crate) fn body(text: &str) -> Option<events::Content> {
     Some(events::Content {
         body: text.as_bytes().to_vec(),
         media: None,
@@ -183,7 +183,7 @@ async fn cluster_configured(edit: &dyn Fn(String) -> String) -> Cluster {
 }
 
 /// Two phone numbers whose users live on different shards.
-fn phones_on_different_shards() -> (String, String) {
+pub(crate) fn phones_on_different_shards() -> (String, String) {
     let count = u16::try_from(SHARDS).expect("small");
     let alice = "+15550000001".to_owned();
     let alice_shard = shard_of(user_of(&alice), count);

@@ -282,6 +282,7 @@ fn events_round_trip_through_prost() {
             sent_at_ms: 1_700_000_000_000,
             recipient_shard: 3,
             group_epoch: 0,
+            trace_parent: String::new(),
         }),
         Kind::MessageDelivered(events::MessageDelivered {
             message_id: message_id.clone(),
@@ -295,6 +296,7 @@ fn events_round_trip_through_prost() {
             source_shard: 0,
             source_pos: 1,
             group_index: 0,
+            trace_parent: String::new(),
         }),
         Kind::DeliveryAcked(events::DeliveryAcked {
             user: 2,

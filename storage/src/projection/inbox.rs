@@ -135,6 +135,7 @@ pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
                     stored_at_ms: delivered.stored_at_ms,
                     source_shard: delivered.source_shard,
                     group_index: delivered.group_index,
+                    trace_parent: delivered.trace_parent.clone(),
                 },
             )?;
             view.put_u64(keys::inbox_message_id(shard, user, message), seq.get())?;

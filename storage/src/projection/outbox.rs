@@ -116,6 +116,7 @@ pub fn delivery_of(
         source_shard: 0,
         source_pos: 0,
         group_index: 0,
+        trace_parent: sent.trace_parent.clone(),
     })
 }
 
@@ -153,6 +154,7 @@ pub fn group_deliveries(
                     source_shard: 0,
                     source_pos: 0,
                     group_index: at.get(),
+                    trace_parent: sent.trace_parent.clone(),
                 },
             )
         })

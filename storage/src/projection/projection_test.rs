@@ -129,6 +129,7 @@ fn delivered(user: u64, from: u64, id: u8) -> Kind {
         source_shard: u32::from(SHARD.get()),
         source_pos: 0,
         group_index: 0,
+        trace_parent: String::new(),
     })
 }
 
@@ -147,6 +148,7 @@ fn sent_event(id: u8, client_msg_id: &str, recipient_shard: u32, sent_at_ms: u64
         sent_at_ms,
         recipient_shard,
         group_epoch: 0,
+        trace_parent: String::new(),
     })
 }
 
@@ -539,6 +541,7 @@ fn group_send(client_msg_id: &str, id: u8, sender: u64, epoch: u64) -> Kind {
         sent_at_ms: 50,
         recipient_shard: u32::from(SHARD.get()),
         group_epoch: epoch,
+        trace_parent: String::new(),
     })
 }
 
