@@ -182,6 +182,10 @@ pub struct RetentionRaw {
     /// How often each shard leader looks for expired messages. Default `"10s"`.
     #[serde(default = "defaults::expiry_scan")]
     pub scan_interval: HumanDuration,
+    /// Keep message bodies in the inbox after every device of the user acked them (history on
+    /// the server). Default `false`: server-centric, bodies leave once delivered everywhere.
+    #[serde(default)]
+    pub keep_delivered: bool,
 }
 
 /// `[presence]`: online and last seen, in memory on each user's shard leader.

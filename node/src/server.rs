@@ -227,6 +227,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
         sms,
         shutdown.clone(),
         metrics.clone(),
+        config.retention.keep_delivered,
     );
     let live = client_api.live();
     let client_router = client_router(&config, client_api).await?;

@@ -289,6 +289,7 @@ impl EventGen {
             device: 1 + self.rng.below(2) as u32,
             up_to_seq: up_to,
             acked_at_ms: self.now_ms,
+            trim_delivered: self.rng.chance(50),
         }))
     }
 

@@ -45,6 +45,8 @@ pub struct ClientApi {
     pub(crate) code_limiter: Arc<rate::PhoneLimiter>,
     pub(crate) register_limiter: Arc<rate::PhoneLimiter>,
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
+    /// `retention.keep-delivered`.
+    pub(crate) keep_delivered: bool,
 }
 
 impl std::fmt::Debug for ClientApi {
@@ -67,6 +69,7 @@ impl ClientApi {
         sms: Arc<dyn registration::SmsSender>,
         shutdown: CancellationToken,
         metrics: Arc<crate::metrics::Metrics>,
+        keep_delivered: bool,
     ) -> Self {
         let send_limiter = Arc::new(rate::SendLimiter::new(
             limits.sends_per_second_per_device,
@@ -100,6 +103,7 @@ impl ClientApi {
             code_limiter,
             register_limiter,
             metrics,
+            keep_delivered,
         }
     }
 

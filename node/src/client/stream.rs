@@ -148,6 +148,12 @@ impl ClientApi {
             let mut pushed_up_to = cursor;
             let mut stalled = false;
             for (seq, mut entry) in messages {
+                if entry.trimmed {
+                    // Every device acked it and its body left; a device new since has no use
+                    // for the stub.
+                    pushed_up_to = seq;
+                    continue;
+                }
                 if entry.content.is_none() && entry.group_index > 0 {
                     entry.content = self.group_content(&entry);
                     if entry.content.is_none() {
@@ -304,6 +310,7 @@ impl ClientApi {
                     device: caller.device.get(),
                     up_to_seq: up_to.get(),
                     acked_at_ms: now_ms(),
+                    trim_delivered: !self.keep_delivered,
                 })
             }
             StreamCommand::Read {

@@ -654,7 +654,7 @@ async fn sigkill_the_senders_leader_loses_and_duplicates_nothing() {
 async fn undelivered_messages_expire_on_every_replica() {
     let c = cluster_configured(&|text| {
         format!(
-            "{}\n[retention]\nundelivered = \"2s\"\nscan-interval = \"200ms\"\n",
+            "{}\n[retention]\nundelivered = \"2s\"\nscan-interval = \"200ms\"\nkeep-delivered = true\n",
             with_limits(text, 10_000)
         )
     })
@@ -1410,4 +1410,139 @@ async fn group_messages_reach_current_members_once_in_order() {
     };
     assert_eq!(list(2).await.len(), 1);
     assert!(list(4).await.is_empty(), "the removed member has no groups");
+}
+
+/// Server-centric storage: a message's body leaves the inbox once every device of the recipient
+/// acked it (a stub stays, so read receipts still flow); a device that did not ack keeps it
+/// available until it does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_leave_the_inbox_once_every_device_acked() {
+    let c = cluster().await;
+    let addr = |i: usize| c.nodes[i].client_addr.to_string();
+    let (alice_phone, bob_phone) = phones_on_different_shards();
+    let alice = register(&addr(0), &c.dirs[0], &alice_phone).await;
+    let bob = register(&addr(1), &c.dirs[1], &bob_phone).await;
+    let bob2 = {
+        let response = RegistrationClient::new(channel(&addr(1)).await)
+            .link_device(authed(
+                &bob,
+                LinkDeviceRequest {
+                    device_name: "tablet".to_owned(),
+                },
+            ))
+            .await
+            .expect("link")
+            .into_inner();
+        Device {
+            user: bob.user,
+            device: response.device_id,
+            bearer: courier_node::client::auth::bearer(
+                bob.user,
+                response.device_id,
+                &response.device_token,
+            ),
+        }
+    };
+    let mut messaging = MessagingClient::new(channel(&addr(0)).await);
+    for i in 1..=3 {
+        messaging
+            .send(authed(
+                &alice,
+                SendRequest {
+                    client_msg_id: format!("t{i}"),
+                    to_user: bob.user,
+                    content: body(&format!("t{i}")),
+                },
+            ))
+            .await
+            .expect("send");
+    }
+    let bob_shard = shard_of(UserId::new(bob.user).expect("id"), 4);
+    let entry = |seq: u64| {
+        let db = c.nodes[1].groups().db().clone();
+        let mut staged = courier_storage::kv::Staged::new(db.as_ref(), BTreeMap::new());
+        let view = courier_storage::projection::View::new(
+            &mut staged,
+            bob_shard,
+            courier_proto::LogIndex::ZERO,
+            courier_storage::projection::Projection::Inbox,
+        );
+        courier_storage::projection::inbox::entry(
+            &view,
+            UserId::new(bob.user).expect("id"),
+            courier_proto::InboxSeq::new(seq),
+        )
+        .expect("read")
+    };
+    let ack = |device: Device, up_to: u64| {
+        let addr = addr(1);
+        async move {
+            let mut stream = open_stream(&addr, &device, 0).await;
+            collect(&mut stream, Duration::from_secs(10), |f| {
+                messages(f).len() >= usize::try_from(up_to).expect("small")
+            })
+            .await;
+            stream
+                .out
+                .send(ClientFrame {
+                    frame: Some(client_frame::Frame::Ack(Ack { up_to_seq: up_to })),
+                })
+                .await
+                .expect("ack");
+            stream
+        }
+    };
+    let wait_for = |what: &str, check: &dyn Fn() -> bool| {
+        let started = Instant::now();
+        while !check() {
+            assert!(started.elapsed() < Duration::from_secs(10), "{what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let _s1 = ack(bob.clone(), 3).await;
+    wait_for("device 1's ack applies", &|| {
+        delivered_up_to(&c.nodes[1], bob.user) >= 3
+    });
+    assert!(
+        entry(1).expect("stored").content.is_some(),
+        "the tablet has not acked: the body stays"
+    );
+    let s2 = ack(bob2.clone(), 2).await;
+    wait_for("both devices acked 1 and 2: their bodies leave", &|| {
+        entry(2).is_some_and(|e| e.trimmed && e.content.is_none())
+    });
+    assert!(entry(1).expect("stub").trimmed);
+    assert!(
+        entry(3).expect("stored").content.is_some(),
+        "3 is not acked by the tablet yet"
+    );
+    tracing::info!("reading trimmed messages still sends READ receipts");
+    s2.out
+        .send(ClientFrame {
+            frame: Some(client_frame::Frame::Read(Read {
+                conversation: Some(events::Conversation {
+                    with: Some(events::conversation::With::User(alice.user)),
+                }),
+                up_to_seq: 2,
+            })),
+        })
+        .await
+        .expect("read");
+    let started = Instant::now();
+    loop {
+        let receipts = MessagingClient::new(channel(&addr(0)).await)
+            .list_conversations(authed(&bob, ListConversationsRequest {}))
+            .await
+            .expect("list")
+            .into_inner();
+        if receipts
+            .conversations
+            .first()
+            .is_some_and(|c| c.unread == 1)
+        {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "{receipts:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -303,6 +303,7 @@ fn events_round_trip_through_prost() {
             device: 1,
             up_to_seq: 5,
             acked_at_ms: 3,
+            trim_delivered: false,
         }),
         Kind::ReadUpTo(events::ReadUpTo {
             user: 2,

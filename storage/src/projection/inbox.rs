@@ -109,6 +109,31 @@ pub fn expirable(
     Ok(entry(view, user, seq)?.is_some_and(|stored| stored.message_id == message_id))
 }
 
+/// The highest seq every active (not revoked) device of `user` acked, counting `acked`.
+fn acked_by_every_device(
+    view: &View<'_, '_>,
+    user: UserId,
+    acked: &courier_proto::pb::events::DeliveryAcked,
+) -> Result<u64> {
+    let mut lowest = u64::MAX;
+    for (device, record) in super::devices::devices_of(view, user)? {
+        if record.revoked {
+            continue;
+        }
+        let cursor = match courier_proto::DeviceId::new(device) {
+            Some(id) => super::cursors::acked(view, user, id)?.get(),
+            None => 0,
+        };
+        let cursor = if device == acked.device {
+            cursor.max(acked.up_to_seq)
+        } else {
+            cursor
+        };
+        lowest = lowest.min(cursor);
+    }
+    Ok(if lowest == u64::MAX { 0 } else { lowest })
+}
+
 /// Folds one event into the inbox.
 ///
 /// # Errors
@@ -136,6 +161,7 @@ pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
                     source_shard: delivered.source_shard,
                     group_index: delivered.group_index,
                     trace_parent: delivered.trace_parent.clone(),
+                    trimmed: false,
                 },
             )?;
             view.put_u64(keys::inbox_message_id(shard, user, message), seq.get())?;
@@ -148,8 +174,29 @@ pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
                 acked.up_to_seq <= inbox.tail_seq,
                 "acks never pass the inbox tail"
             );
+            let mut changed = false;
             if acked.up_to_seq > inbox.delivered_up_to {
                 inbox.delivered_up_to = acked.up_to_seq;
+                changed = true;
+            }
+            if acked.trim_delivered {
+                let all_acked = acked_by_every_device(view, user, acked)?;
+                if all_acked > inbox.trimmed_up_to {
+                    for (seq, mut entry) in entries_between(
+                        view,
+                        user,
+                        InboxSeq::new(inbox.trimmed_up_to),
+                        InboxSeq::new(all_acked),
+                    )? {
+                        entry.content = None;
+                        entry.trimmed = true;
+                        view.put(keys::inbox_message(shard, user, seq), &entry)?;
+                    }
+                    inbox.trimmed_up_to = all_acked;
+                    changed = true;
+                }
+            }
+            if changed {
                 view.put(keys::inbox_state(shard, user), &inbox)?;
             }
             Ok(())

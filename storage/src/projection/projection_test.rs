@@ -302,6 +302,7 @@ fn inbox_readstate_and_receipts_table() {
             device: 1,
             up_to_seq: 4,
             acked_at_ms: 40,
+            trim_delivered: false,
         })],
     );
     let mut staged = Staged::new(&kv, BTreeMap::new());
@@ -328,6 +329,7 @@ fn ack_past_tail_panics() {
             device: 1,
             up_to_seq: 2,
             acked_at_ms: 1,
+            trim_delivered: false,
         })],
     );
 }
