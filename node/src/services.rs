@@ -82,20 +82,28 @@ impl Registration for ClientApi {
     }
 }
 
-#[tonic::async_trait]
-impl Messaging for ClientApi {
-    async fn send(&self, request: Request<SendRequest>) -> Result<Response<SendResponse>, Status> {
+/// A send in flight, boxed so both kinds of send share [`ClientApi::counted_send`].
+type SendFuture<'a> =
+    std::pin::Pin<Box<dyn Future<Output = Result<SendResponse, ApiError>> + Send + 'a>>;
+
+impl ClientApi {
+    /// Runs one send under a span named `name`, counting its outcome and its time to commit.
+    async fn counted_send<'a>(
+        &'a self,
+        name: &'static str,
+        caller: Result<crate::client::auth::Caller, ApiError>,
+        send: impl FnOnce(&'a Self, crate::client::auth::Caller) -> SendFuture<'a>,
+    ) -> Result<SendResponse, ApiError> {
         let started = std::time::Instant::now();
-        let result = match self.authenticate(request.metadata()) {
+        let result = match caller {
             Ok(caller) => {
                 let span = tracing::info_span!(
-                    "client.Send",
+                    "client.send",
+                    otel.name = name,
                     user = caller.user.get(),
                     device = caller.device.get()
                 );
-                ClientApi::send(self, caller, request.into_inner())
-                    .instrument(span)
-                    .await
+                send(self, caller).instrument(span).await
             }
             Err(error) => Err(error),
         };
@@ -104,33 +112,35 @@ impl Messaging for ClientApi {
         if result.is_ok() {
             self.metrics.send_committed(started.elapsed());
         }
-        Ok(Response::new(result?))
+        result
+    }
+}
+
+#[tonic::async_trait]
+impl Messaging for ClientApi {
+    async fn send(&self, request: Request<SendRequest>) -> Result<Response<SendResponse>, Status> {
+        let caller = self.authenticate(request.metadata());
+        let request = request.into_inner();
+        Ok(Response::new(
+            self.counted_send("client.Send", caller, |api, caller| {
+                Box::pin(api.send(caller, request))
+            })
+            .await?,
+        ))
     }
 
     async fn send_to_group(
         &self,
         request: Request<SendToGroupRequest>,
     ) -> Result<Response<SendResponse>, Status> {
-        let started = std::time::Instant::now();
-        let result = match self.authenticate(request.metadata()) {
-            Ok(caller) => {
-                let span = tracing::info_span!(
-                    "client.SendToGroup",
-                    user = caller.user.get(),
-                    device = caller.device.get()
-                );
-                ClientApi::send_to_group(self, caller, request.into_inner())
-                    .instrument(span)
-                    .await
-            }
-            Err(error) => Err(error),
-        };
-        self.metrics
-            .send_answered(&result.as_ref().map(|r| r.duplicate).map_err(Clone::clone));
-        if result.is_ok() {
-            self.metrics.send_committed(started.elapsed());
-        }
-        Ok(Response::new(result?))
+        let caller = self.authenticate(request.metadata());
+        let request = request.into_inner();
+        Ok(Response::new(
+            self.counted_send("client.SendToGroup", caller, |api, caller| {
+                Box::pin(api.send_to_group(caller, request))
+            })
+            .await?,
+        ))
     }
 
     async fn stream(

@@ -315,10 +315,7 @@ impl ClientApi {
         request: SendToGroupRequest,
     ) -> Result<SendResponse, ApiError> {
         let command = GroupSendCommand::try_from(request)?;
-        self.send_limiter
-            .take(&(caller.user.get(), caller.device.get()))?;
-        let content = command.content.into_inner();
-        self.check_content_limits(&content)?;
+        let content = self.admit_send(caller, command.content)?;
         let shard = self.group_shard(command.group)?;
         let message_id = uuid::Uuid::now_v7().as_bytes().to_vec();
         let mut attempt = 0;

@@ -27,10 +27,7 @@ impl ClientApi {
         request: SendRequest,
     ) -> Result<SendResponse, ApiError> {
         let command = SendCommand::try_from(request)?;
-        self.send_limiter
-            .take(&(caller.user.get(), caller.device.get()))?;
-        let content = command.content.into_inner();
-        self.check_content_limits(&content)?;
+        let content = self.admit_send(caller, command.content)?;
         let recipient_shard = self.shard_of(command.to)?;
         let known = self.read(recipient_shard, |view| {
             devices::devices_registered(view, command.to)
@@ -120,7 +117,24 @@ impl ClientApi {
         }
     }
 
-    pub(crate) fn check_content_limits(&self, content: &events::Content) -> Result<(), ApiError> {
+    /// What every send passes first: the device's rate limit, then the configured size limits.
+    /// Returns the content to store.
+    ///
+    /// # Errors
+    /// `RESOURCE_EXHAUSTED` (rate), `INVALID_ARGUMENT` (sizes).
+    pub(crate) fn admit_send(
+        &self,
+        caller: Caller,
+        content: courier_proto::convert::events::ValidContent,
+    ) -> Result<events::Content, ApiError> {
+        self.send_limiter
+            .take(&(caller.user.get(), caller.device.get()))?;
+        let content = content.into_inner();
+        self.check_content_limits(&content)?;
+        Ok(content)
+    }
+
+    fn check_content_limits(&self, content: &events::Content) -> Result<(), ApiError> {
         let over = |field: &'static str, len: usize, max: usize| {
             ApiError::Wire(courier_proto::WireError::TooLong { field, len, max })
         };

@@ -70,6 +70,29 @@ pub(crate) async fn register(client_addr: &str, data_dir: &std::path::Path, phon
     }
 }
 
+/// Links a companion device ("tablet") for `primary`'s user through the node at `addr`.
+async fn link_tablet(addr: &str, primary: &Device) -> Device {
+    let response = RegistrationClient::new(channel(addr).await)
+        .link_device(authed(
+            primary,
+            LinkDeviceRequest {
+                device_name: "tablet".to_owned(),
+            },
+        ))
+        .await
+        .expect("link")
+        .into_inner();
+    Device {
+        user: primary.user,
+        device: response.device_id,
+        bearer: courier_node::client::auth::bearer(
+            primary.user,
+            response.device_id,
+            &response.device_token,
+        ),
+    }
+}
+
 pub(crate) fn authed<T>(device: &Device, message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request
@@ -247,28 +270,8 @@ async fn offline_recipient_gets_everything_in_order_and_receipts_flow_back() {
         .enumerate()
         .map(|(i, id)| (i as u64 + 1, id.clone()))
         .collect();
-    let bob2 = {
-        tracing::info!("Bob links a second device");
-        let response = RegistrationClient::new(channel(&addr(2)).await)
-            .link_device(authed(
-                &bob,
-                LinkDeviceRequest {
-                    device_name: "tablet".to_owned(),
-                },
-            ))
-            .await
-            .expect("link")
-            .into_inner();
-        Device {
-            user: bob.user,
-            device: response.device_id,
-            bearer: courier_node::client::auth::bearer(
-                bob.user,
-                response.device_id,
-                &response.device_token,
-            ),
-        }
-    };
+    tracing::info!("Bob links a second device");
+    let bob2 = link_tablet(&addr(2), &bob).await;
     {
         tracing::info!("each of Bob's devices receives exactly the 200, in order, on any node");
         for (node, device) in [(2, &bob), (0, &bob2)] {
@@ -1422,27 +1425,7 @@ async fn bodies_leave_the_inbox_once_every_device_acked() {
     let (alice_phone, bob_phone) = phones_on_different_shards();
     let alice = register(&addr(0), &c.dirs[0], &alice_phone).await;
     let bob = register(&addr(1), &c.dirs[1], &bob_phone).await;
-    let bob2 = {
-        let response = RegistrationClient::new(channel(&addr(1)).await)
-            .link_device(authed(
-                &bob,
-                LinkDeviceRequest {
-                    device_name: "tablet".to_owned(),
-                },
-            ))
-            .await
-            .expect("link")
-            .into_inner();
-        Device {
-            user: bob.user,
-            device: response.device_id,
-            bearer: courier_node::client::auth::bearer(
-                bob.user,
-                response.device_id,
-                &response.device_token,
-            ),
-        }
-    };
+    let bob2 = link_tablet(&addr(1), &bob).await;
     let mut messaging = MessagingClient::new(channel(&addr(0)).await);
     for i in 1..=3 {
         messaging
