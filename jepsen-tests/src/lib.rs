@@ -1,6 +1,45 @@
 //! courier-jepsen: real node processes under faults, a recorded history, and a checker that proves
-//! nothing acknowledged was lost, duplicated or reordered. (Built in issue #9; see
-//! ../shared/TESTING.md tier 2.)
+//! nothing acknowledged was lost, duplicated or reordered (issue #9; ../shared/TESTING.md tier 2).
+//!
+//! ```text
+//!  scenario ─┬─ net       bridge + one netns per node, nftables partitions
+//!            ├─ nodes     courier-node processes: start, SIGKILL, SIGSTOP/SIGCONT, crash watch
+//!            ├─ admin     InitCluster, Status (leaders, convergence), VerifyProjection
+//!            ├─ workload  users × 2 devices, send workers, device streams, final drain
+//!            ├─ nemesis   the fault schedule
+//!            └─ recorder  history.jsonl  ──▶  checker::check  ──▶  report.txt / report.json
+//! ```
+//!
+//! The binary (`src/main.rs`) is `courier-jepsen run | check | cleanup`:
+//!
+//! ```text
+//! cargo build -p courier-node --bin courier-node -p courier-jepsen
+//! sudo target/debug/courier-jepsen run --scenario kill-partition --seconds 60 [--seed N] [--out DIR]
+//! target/debug/courier-jepsen check DIR/history.jsonl
+//! sudo target/debug/courier-jepsen cleanup          # leftovers of runs whose harness died
+//! ```
+//!
+//! A run needs root, `ip` (iproute2) and `nft` (nftables); without them it exits non-zero and
+//! never runs without faults. The mutation self-test uses the node built with deliberate bugs:
+//! `--node-binary target/debug/courier-node-bugs --bug skip-dedup`.
 
+pub mod admin;
 pub mod checker;
 pub mod history;
+pub mod nemesis;
+pub mod net;
+pub mod nodes;
+pub mod recorder;
+pub mod scenario;
+pub mod workload;
+
+/// Lower-case hex of `bytes` (message ids, tokens in the bearer header).
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(bytes.len().saturating_mul(2));
+    for byte in bytes {
+        // Writing to a String cannot fail.
+        let _ = write!(out, "{byte:02x}");
+    }
+    out
+}

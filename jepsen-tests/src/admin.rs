@@ -1,0 +1,347 @@
+//! Talking to the nodes' Admin service and building gRPC channels: bootstrap, leaders, replica
+//! status and the "projection == rebuild from log" verification.
+//!
+//! Every call has a deadline: a SIGSTOPped node accepts TCP connections (the kernel answers
+//! for it) but never replies, so an unbounded call would hang the harness.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use courier_proto::pb::peer::admin_client::AdminClient;
+use courier_proto::pb::peer::{
+    InitClusterRequest, NodeInfo, StatusRequest, StatusResponse, VerifyProjectionRequest,
+    projection_job_update,
+};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::nodes::NodeSpec;
+
+/// Deadline of one Status call.
+pub const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
+/// Deadline of one whole VerifyProjection job (it replays the shard's log).
+pub const VERIFY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Pause between polls while waiting for leaders or convergence.
+const POLL_PAUSE: Duration = Duration::from_millis(250);
+
+/// A lazily connecting channel to `addr` (`host:port`). HTTP/2 keepalive pings detect a dead
+/// or paused peer within a few seconds, so streams on it fail instead of hanging forever.
+///
+/// # Errors
+///
+/// `addr` is not a valid authority.
+pub fn channel(addr: &str) -> anyhow::Result<Channel> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))
+        .with_context(|| format!("{addr:?} is not host:port"))?
+        .connect_timeout(Duration::from_secs(1))
+        .http2_keep_alive_interval(Duration::from_secs(1))
+        .keep_alive_timeout(Duration::from_secs(2))
+        .keep_alive_while_idle(true)
+        .connect_lazy())
+}
+
+/// A short description of a status: code, courier code, message.
+pub fn describe(status: &tonic::Status) -> String {
+    let code = status
+        .metadata()
+        .get("courier-code")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
+    format!("{:?} {code}: {}", status.code(), status.message())
+}
+
+/// Admin client for one node.
+#[derive(Clone, Debug)]
+pub struct AdminNode {
+    /// The node id.
+    pub id: u32,
+    client: AdminClient<Channel>,
+}
+
+impl AdminNode {
+    /// A client for `spec`'s peer address.
+    ///
+    /// # Errors
+    ///
+    /// The address is malformed.
+    pub fn new(spec: &NodeSpec) -> anyhow::Result<Self> {
+        Ok(Self {
+            id: spec.id,
+            client: AdminClient::new(channel(&spec.peer_addr())?),
+        })
+    }
+
+    /// `Admin.Status`, within [`STATUS_TIMEOUT`].
+    ///
+    /// # Errors
+    ///
+    /// Timeout or RPC error.
+    pub async fn status(&self) -> anyhow::Result<StatusResponse> {
+        let mut client = self.client.clone();
+        let response = tokio::time::timeout(STATUS_TIMEOUT, client.status(StatusRequest {}))
+            .await
+            .with_context(|| format!("node {} status timed out", self.id))?
+            .map_err(|s| anyhow::anyhow!("node {} status: {}", self.id, describe(&s)))?;
+        Ok(response.into_inner())
+    }
+
+    /// `Admin.VerifyProjection` of every projection of `shard`: reads the job's stream up to
+    /// its result. An RPC failure is `ok = false` with the error as detail, because an
+    /// unverifiable replica must not pass.
+    pub async fn verify(&self, shard: u32) -> Verification {
+        let mut client = self.client.clone();
+        let job = async move {
+            let request = VerifyProjectionRequest {
+                shard,
+                projection: String::new(),
+            };
+            let mut updates = client
+                .verify_projection(request)
+                .await
+                .map_err(|s| describe(&s))?
+                .into_inner();
+            while let Some(update) = updates.message().await.map_err(|s| describe(&s))? {
+                // Progress updates are skipped; the result ends the job.
+                if let Some(projection_job_update::Update::Verified(verified)) = update.update {
+                    return Ok(verified);
+                }
+            }
+            Err("the job's stream ended without a result".to_owned())
+        };
+        let failed = |detail: String| Verification {
+            ok: false,
+            detail,
+            applied_index: None,
+            digests: BTreeMap::new(),
+        };
+        let verified = match tokio::time::timeout(VERIFY_TIMEOUT, job).await {
+            Err(_) => return failed(format!("verification timed out after {VERIFY_TIMEOUT:?}")),
+            Ok(Err(error)) => return failed(format!("verification failed: {error}")),
+            Ok(Ok(verified)) => verified,
+        };
+        let digests = verified
+            .digests
+            .iter()
+            .map(|d| (d.projection.clone(), crate::hex(&d.digest)))
+            .collect();
+        let ok = verified.mismatches.is_empty();
+        let detail = if ok {
+            format!(
+                "applied index {}, {} events replayed, {} projections equal",
+                verified.applied_index,
+                verified.events_replayed,
+                verified.digests.len()
+            )
+        } else {
+            let first: Vec<String> = verified
+                .mismatches
+                .iter()
+                .take(3)
+                .map(|m| {
+                    format!(
+                        "{} from index {} key {}",
+                        m.projection,
+                        m.first_divergent_index,
+                        crate::hex(&m.key)
+                    )
+                })
+                .collect();
+            format!(
+                "{} mismatches at applied index {}: {}",
+                verified.mismatches.len(),
+                verified.applied_index,
+                first.join("; ")
+            )
+        };
+        Verification {
+            ok,
+            detail,
+            applied_index: Some(verified.applied_index),
+            digests,
+        }
+    }
+}
+
+/// The outcome of one replica's verification.
+#[derive(Clone, Debug)]
+pub struct Verification {
+    /// True if every live projection matched its rebuild.
+    pub ok: bool,
+    /// A summary, or what differed.
+    pub detail: String,
+    /// The applied index verified at, when the job finished.
+    pub applied_index: Option<u64>,
+    /// Projection name → hex digest of the live projection at that index.
+    pub digests: BTreeMap<String, String>,
+}
+
+/// Bootstraps the cluster from the first node with every node as a member, retrying while the
+/// nodes come up.
+///
+/// # Errors
+///
+/// Still failing after `timeout`.
+pub async fn init_cluster(
+    specs: &[NodeSpec],
+    shards: u32,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let first = specs.first().context("no nodes")?;
+    let mut client = AdminClient::new(channel(&first.peer_addr())?);
+    let members: Vec<NodeInfo> = specs
+        .iter()
+        .map(|spec| NodeInfo {
+            node_id: u64::from(spec.id),
+            peer_addr: spec.peer_addr(),
+            client_addr: spec.client_addr(),
+        })
+        .collect();
+    let started = Instant::now();
+    loop {
+        let request = InitClusterRequest {
+            members: members.clone(),
+            shard_count: shards,
+            replication_factor: 0,
+            init_shards: Vec::new(),
+        };
+        let error =
+            match tokio::time::timeout(Duration::from_secs(10), client.init_cluster(request)).await
+            {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(status)) => describe(&status),
+                Err(_) => "timed out".to_owned(),
+            };
+        if started.elapsed() > timeout {
+            bail!("InitCluster failed for {timeout:?}: {error}");
+        }
+        tracing::debug!(%error, "InitCluster not yet accepted");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Every node's status, by node id (nodes that do not answer are missing).
+pub async fn statuses(nodes: &[AdminNode]) -> BTreeMap<u32, StatusResponse> {
+    let calls = nodes
+        .iter()
+        .map(|node| async move { (node.id, node.status().await) });
+    let mut out = BTreeMap::new();
+    for (id, result) in futures_util::future::join_all(calls).await {
+        if let Ok(status) = result {
+            out.insert(id, status);
+        }
+    }
+    out
+}
+
+/// The shard → leader map if every node answers, knows `shards` shards, and every shard has
+/// the same non-zero leader on every node.
+pub fn agreed_leaders(
+    statuses: &BTreeMap<u32, StatusResponse>,
+    nodes: usize,
+    shards: u32,
+) -> Option<BTreeMap<u32, u64>> {
+    if statuses.len() < nodes {
+        return None;
+    }
+    let mut leaders: BTreeMap<u32, u64> = BTreeMap::new();
+    for status in statuses.values() {
+        if status.shards.len() != usize::try_from(shards).ok()? {
+            return None;
+        }
+        for shard in &status.shards {
+            if shard.leader == 0 {
+                return None;
+            }
+            if *leaders.entry(shard.shard).or_insert(shard.leader) != shard.leader {
+                return None;
+            }
+        }
+    }
+    Some(leaders)
+}
+
+/// Waits until every node reports a leader for every shard and they agree.
+///
+/// # Errors
+///
+/// Not within `timeout`; the error says what the nodes last reported.
+pub async fn wait_leaders(
+    nodes: &[AdminNode],
+    shards: u32,
+    timeout: Duration,
+) -> anyhow::Result<BTreeMap<u32, u64>> {
+    let started = Instant::now();
+    loop {
+        let statuses = statuses(nodes).await;
+        if let Some(leaders) = agreed_leaders(&statuses, nodes.len(), shards) {
+            return Ok(leaders);
+        }
+        if started.elapsed() > timeout {
+            bail!(
+                "no agreed leader for every shard within {timeout:?}; last status: {}",
+                summarize(&statuses)
+            );
+        }
+        tokio::time::sleep(POLL_PAUSE).await;
+    }
+}
+
+/// True if every node answered and, per shard, all report the same applied index.
+pub fn converged(statuses: &BTreeMap<u32, StatusResponse>, nodes: usize) -> bool {
+    if statuses.len() < nodes {
+        return false;
+    }
+    let mut applied: BTreeMap<u32, u64> = BTreeMap::new();
+    for status in statuses.values() {
+        for shard in &status.shards {
+            if *applied.entry(shard.shard).or_insert(shard.applied) != shard.applied {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// Polls until the replicas of every shard report the same applied index, or `timeout`.
+/// Returns the last statuses and whether they converged (the caller records them either way:
+/// the checker judges divergence).
+pub async fn wait_converged(
+    nodes: &[AdminNode],
+    timeout: Duration,
+) -> (BTreeMap<u32, StatusResponse>, bool) {
+    let started = Instant::now();
+    loop {
+        let statuses = statuses(nodes).await;
+        if converged(&statuses, nodes.len()) {
+            return (statuses, true);
+        }
+        if started.elapsed() > timeout {
+            return (statuses, false);
+        }
+        tokio::time::sleep(POLL_PAUSE).await;
+    }
+}
+
+/// One line per node: `n1: s0 leader 2 applied 40, ...`.
+pub fn summarize(statuses: &BTreeMap<u32, StatusResponse>) -> String {
+    if statuses.is_empty() {
+        return "no node answered".to_owned();
+    }
+    statuses
+        .iter()
+        .map(|(id, status)| {
+            let shards: Vec<String> = status
+                .shards
+                .iter()
+                .map(|s| {
+                    format!(
+                        "s{} {} leader {} applied {}",
+                        s.shard, s.role, s.leader, s.applied
+                    )
+                })
+                .collect();
+            format!("n{id}: {}", shards.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
