@@ -438,12 +438,14 @@ async fn open_stream(
     node: &ClientNode,
     device: &Device,
     resume_after_seq: u64,
+    receipts_after_index: u64,
 ) -> anyhow::Result<OpenStream> {
     let (out, rx) = mpsc::channel(CLIENT_FRAMES_MAX);
     out.send(ClientFrame {
         frame: Some(client_frame::Frame::Open(Open {
             resume_after_seq,
             hide_last_seen: false,
+            receipts_after_index,
         })),
     })
     .await
@@ -529,11 +531,14 @@ pub async fn stream_worker(
 ) {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut last_seq: u64 = 0;
+    // The receipt feed position this device saw last: a new stream, on any replica, resumes
+    // after it (as a phone would), so no receipt it already saw comes again, older.
+    let mut last_receipt: u64 = 0;
     while !stop.is_cancelled() {
         let Some(node) = shared.nodes.choose(&mut rng).cloned() else {
             return;
         };
-        let stream = match open_stream(&node, &device, last_seq).await {
+        let stream = match open_stream(&node, &device, last_seq, last_receipt).await {
             Ok(stream) => stream,
             Err(error) => {
                 tracing::debug!(%error, node = node.id, user = device.user, "stream open failed");
@@ -561,7 +566,7 @@ pub async fn stream_worker(
             &device,
             session,
             stream,
-            &mut last_seq,
+            (&mut last_seq, &mut last_receipt),
             lifetime,
             read_seed,
             &stop,
@@ -579,7 +584,7 @@ async fn run_session(
     device: &Device,
     session: u64,
     mut stream: OpenStream,
-    last_seq: &mut u64,
+    (last_seq, last_receipt): (&mut u64, &mut u64),
     lifetime: Duration,
     seed: u64,
     stop: &CancellationToken,
@@ -613,6 +618,9 @@ async fn run_session(
                         break;
                     }
                 };
+                if let Some(server_frame::Frame::Receipt(receipt)) = &frame.frame {
+                    *last_receipt = (*last_receipt).max(receipt.feed_index);
+                }
                 let frame = frame_record(shared, device, session, frame);
                 if let Some(record) = &frame.record {
                     shared.recorder.record(record);
@@ -645,7 +653,7 @@ async fn drain_session(
 ) -> (Vec<Record>, Result<(), String>) {
     let expect = shared.highest(device.user);
     let mut records = Vec::new();
-    let mut stream = match open_stream(node, device, 0).await {
+    let mut stream = match open_stream(node, device, 0, 0).await {
         Ok(stream) => stream,
         Err(error) => return (records, Err(format!("{error:#}"))),
     };

@@ -102,6 +102,7 @@ async fn open(
         frame: Some(client_frame::Frame::Open(Open {
             resume_after_seq: after,
             hide_last_seen: false,
+            receipts_after_index: 0,
         })),
     })
     .await?;

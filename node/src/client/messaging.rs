@@ -189,6 +189,7 @@ impl ClientApi {
                                 recipient_user: recipient.get(),
                                 state: receipt.state,
                                 at_ms: receipt.at_ms,
+                                feed_index: 0,
                             })
                             .collect();
                     let overall = recipients.iter().map(|r| r.state).min().unwrap_or(0);

@@ -28,6 +28,8 @@ use courier_consensus::types::EventOutcome;
 pub const CODE_TTL: Duration = Duration::from_secs(600);
 /// Wrong codes allowed before the code is void.
 pub const CODE_ATTEMPTS_MAX: u32 = 5;
+/// How long a registration answer waits for this node's replica to show the new device.
+pub const REGISTERED_VISIBLE_WAIT: Duration = Duration::from_secs(2);
 /// Codes outstanding per node at most.
 pub const CODES_MAX: usize = 100_000;
 
@@ -206,6 +208,7 @@ impl ClientApi {
         match outcomes.last() {
             Some(EventOutcome::DeviceRegistered { device, .. }) => {
                 tracing::info!(user = user.get(), device, primary, "device registered");
+                self.wait_device_visible(user, *device).await;
                 Ok(RegisterResponse {
                     user_id: user.get(),
                     device_id: *device,
@@ -216,6 +219,22 @@ impl ClientApi {
                 code: "COURIER:Node:Outcome",
                 message: format!("unexpected outcome {other:?}"),
             }),
+        }
+    }
+
+    /// Waits (bounded) until this node's replica shows `device`, so the token just handed out
+    /// works on this node at once (the commit happened on the leader, which may be elsewhere).
+    async fn wait_device_visible(&self, user: UserId, device: u32) {
+        let deadline = tokio::time::Instant::now() + REGISTERED_VISIBLE_WAIT;
+        while tokio::time::Instant::now() < deadline {
+            let visible = self
+                .devices(user)
+                .map(|devices| devices.iter().any(|d| d.device_id == device))
+                .unwrap_or(false);
+            if visible {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 

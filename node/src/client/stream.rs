@@ -53,12 +53,13 @@ impl ClientApi {
         mut frames: tonic::Streaming<ClientFrame>,
     ) -> Result<ServerStream, ApiError> {
         let first = tokio::time::timeout(OPEN_TIMEOUT, frames.message()).await;
-        let (resume_after, hide_last_seen) = match first {
+        let (resume_after, hide_last_seen, receipts_cursor) = match first {
             Ok(Ok(Some(frame))) => match StreamCommand::try_from(frame)? {
                 StreamCommand::Open {
                     resume_after,
                     hide_last_seen,
-                } => (resume_after, hide_last_seen),
+                    receipts_after,
+                } => (resume_after, hide_last_seen, receipts_after),
                 _ => return Err(open_first()),
             },
             _ => return Err(open_first()),
@@ -66,19 +67,23 @@ impl ClientApi {
         let buffer = usize::try_from(self.limits.stream_buffer_frames).unwrap_or(256);
         let (tx, rx) = mpsc::channel(buffer);
         let shard = self.shard_of(caller.user)?;
-        // Receipts that change from now on are pushed; earlier ones are a GetReceipts away.
-        let receipts_after = self
-            .cluster
-            .groups()
-            .get(courier_consensus::types::GroupId::Shard(shard))
-            .map_or(LogIndex::ZERO, |handle| {
-                handle
-                    .applied
-                    .read()
-                    .expect("applied view lock")
-                    .shard
-                    .applied
-            });
+        // Receipts after the device's cursor are pushed (it resumes the feed where its last
+        // stream left it, on any replica); without one, those that change from now on.
+        let receipts_after = if receipts_cursor > LogIndex::ZERO {
+            receipts_cursor
+        } else {
+            self.cluster
+                .groups()
+                .get(courier_consensus::types::GroupId::Shard(shard))
+                .map_or(LogIndex::ZERO, |handle| {
+                    handle
+                        .applied
+                        .read()
+                        .expect("applied view lock")
+                        .shard
+                        .applied
+                })
+        };
         tracing::info!(
             user = caller.user.get(),
             device = caller.device.get(),
@@ -204,6 +209,7 @@ impl ClientApi {
                     recipient_user: item.recipient.get(),
                     state: item.receipt.state,
                     at_ms: item.receipt.at_ms,
+                    feed_index: item.set_at.get(),
                 };
                 let regressed = (bugs::active(Bug::ReceiptRegress)
                     && update.state == i32::from(ReceiptState::Read))

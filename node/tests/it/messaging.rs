@@ -129,6 +129,7 @@ async fn open_stream_with(
         frame: Some(client_frame::Frame::Open(Open {
             resume_after_seq: resume_after,
             hide_last_seen,
+            receipts_after_index: 0,
         })),
     })
     .await

@@ -102,6 +102,7 @@ async fn one_send_is_one_trace_across_nodes() {
             frame: Some(client_frame::Frame::Open(Open {
                 resume_after_seq: 0,
                 hide_last_seen: false,
+                receipts_after_index: 0,
             })),
         })
         .await

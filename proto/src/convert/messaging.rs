@@ -61,6 +61,8 @@ pub enum StreamCommand {
         resume_after: InboxSeq,
         /// Hide the user's last-seen time while this stream is open.
         hide_last_seen: bool,
+        /// Resume the receipt feed after this position (zero: from now).
+        receipts_after: crate::LogIndex,
     },
     /// This device received everything up to `up_to`.
     Ack {
@@ -96,6 +98,7 @@ impl TryFrom<pb::ClientFrame> for StreamCommand {
             pb::client_frame::Frame::Open(open) => Ok(Self::Open {
                 resume_after: InboxSeq::new(open.resume_after_seq),
                 hide_last_seen: open.hide_last_seen,
+                receipts_after: crate::LogIndex::new(open.receipts_after_index),
             }),
             pb::client_frame::Frame::Ack(ack) => {
                 if ack.up_to_seq == 0 {

@@ -126,10 +126,12 @@ fn stream_frames() {
         StreamCommand::try_from(frame(client::client_frame::Frame::Open(client::Open {
             resume_after_seq: 0,
             hide_last_seen: true,
+            receipts_after_index: 9,
         }))),
         Ok(StreamCommand::Open {
             resume_after: InboxSeq::ZERO,
             hide_last_seen: true,
+            receipts_after: crate::LogIndex::new(9),
         })
     );
     assert_eq!(
