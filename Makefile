@@ -1,5 +1,5 @@
 # The two commands of the README. Both install what they need (scripts/setup).
-.PHONY: run test setup
+.PHONY: run test setup jepsen
 
 # Set up the machine, build, and run a local 3-node cluster (Ctrl-C stops it).
 run:
@@ -12,3 +12,11 @@ test:
 
 setup:
 	scripts/setup
+
+# One longer courier-jepsen run against real processes under faults (needs root), e.g.
+# `make jepsen SCENARIO=mixed SECONDS=300`. Scenarios: none kill pause partition kill-partition
+# pause-kill mixed.
+SCENARIO ?= kill-partition
+SECONDS ?= 60
+jepsen:
+	scripts/jepsen $(SCENARIO) $(SECONDS)
