@@ -20,3 +20,10 @@ SCENARIO ?= kill-partition
 SECONDS ?= 60
 jepsen:
 	scripts/jepsen $(SCENARIO) $(SECONDS)
+
+# courier side by side with etcd and NATS JetStream, then idle-stream scale (~30 min): writes the
+# generated section of docs/BENCHMARKS.md and docs/bench/*.svg. `scripts/bench --smoke` is the
+# one-minute version that `make test` runs.
+.PHONY: bench
+bench:
+	scripts/bench
