@@ -72,7 +72,9 @@ impl SmsSender for DevFileSms {
             .create(true)
             .append(true)
             .open(&self.path)?;
-        writeln!(file, "{} {code}", phone.expose())
+        // One write per line: concurrent requests append whole lines, never interleaved parts.
+        let line = format!("{} {code}\n", phone.expose());
+        file.write_all(line.as_bytes())
     }
 }
 
