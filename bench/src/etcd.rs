@@ -8,12 +8,10 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use tokio::task::JoinSet;
 
 use crate::LoadArgs;
 use crate::client;
-use crate::procstat::Sampler;
 use crate::stats::{self, Latency, RunResult, Tally, Window};
 
 /// The generated etcd client (`etcdserverpb.KV`).
@@ -89,14 +87,8 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             tally
         });
     }
-    tokio::time::sleep_until(window.measure_from.into()).await;
-    let mut sampler = Sampler::start(&args.load.pids);
-    sampler.poll_until(window.until).await;
-    let (processes, machine) = sampler.finish();
-    let mut tally = Tally::new();
-    while let Some(worker) = workers.join_next().await {
-        tally.merge(worker.context("an etcd worker panicked")?);
-    }
+    let (tally, (processes, machine)) =
+        stats::measure_workers(&window, &args.load.pids, workers, "an etcd worker").await?;
     #[allow(clippy::cast_precision_loss, reason = "counts far below 2^52")]
     let throughput = tally.ok as f64 / window.measured().as_secs_f64();
     let result = RunResult {

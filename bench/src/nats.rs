@@ -29,7 +29,6 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::task::JoinSet;
 
 use crate::LoadArgs;
-use crate::procstat::Sampler;
 use crate::stats::{self, Latency, RunResult, Tally, Window};
 
 /// Deadline of one publish (and of one API request).
@@ -328,14 +327,8 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             tally
         });
     }
-    tokio::time::sleep_until(window.measure_from.into()).await;
-    let mut sampler = Sampler::start(&args.load.pids);
-    sampler.poll_until(window.until).await;
-    let (processes, machine) = sampler.finish();
-    let mut tally = Tally::new();
-    while let Some(worker) = workers.join_next().await {
-        tally.merge(worker.context("a NATS worker panicked")?);
-    }
+    let (tally, (processes, machine)) =
+        stats::measure_workers(&window, &args.load.pids, workers, "a NATS worker").await?;
     #[allow(clippy::cast_precision_loss, reason = "counts far below 2^52")]
     let throughput = tally.ok as f64 / window.measured().as_secs_f64();
     let result = RunResult {

@@ -368,6 +368,25 @@ pub(crate) fn check_errors(result: &RunResult, max_error_ratio: f64) -> anyhow::
     Ok(())
 }
 
+/// The measured phase of a peer's run: waits for the window, samples the servers' CPU and RSS
+/// through it, then merges the workers' tallies. Returns the tallies and the usage.
+pub(crate) async fn measure_workers(
+    window: &Window,
+    pids: &[u32],
+    mut workers: tokio::task::JoinSet<Tally>,
+    what: &str,
+) -> anyhow::Result<(Tally, (Vec<ProcessUsage>, MachineUsage))> {
+    tokio::time::sleep_until(window.measure_from.into()).await;
+    let mut sampler = crate::procstat::Sampler::start(pids);
+    sampler.poll_until(window.until).await;
+    let usage = sampler.finish();
+    let mut tally = Tally::new();
+    while let Some(worker) = workers.join_next().await {
+        tally.merge(worker.with_context(|| format!("{what} panicked"))?);
+    }
+    Ok((tally, usage))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -32,6 +32,9 @@ use crate::net::{Grudge, Network};
 use crate::nodes::{Crash, Nodes};
 use crate::recorder::Recorder;
 
+/// One action on one node of the cluster (kill, start, pause, resume).
+type NodeAction = fn(&mut Nodes, u32) -> anyhow::Result<()>;
+
 /// The fault families a scenario draws from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum FaultFamily {
@@ -268,17 +271,15 @@ impl Nemesis {
         stop: &CancellationToken,
     ) -> anyhow::Result<()> {
         let (targets, why) = self.targets(rng).await;
-        for node in &targets {
-            self.lock_nodes().kill(*node)?;
-        }
-        self.injected("kill", format!("kill {why}"));
         let down = Duration::from_millis(rng.random_range(2_000..5_000)).min(remaining);
-        self.hold(down, stop).await;
-        for node in &targets {
-            self.lock_nodes().start(*node)?;
-        }
-        self.healed("restart", format!("restart {targets:?}"));
-        Ok(())
+        self.held_fault(
+            &targets,
+            ("kill", format!("kill {why}")),
+            (|nodes, id| nodes.kill(id).map(drop), down),
+            ("restart", |nodes, id| nodes.start(id)),
+            stop,
+        )
+        .await
     }
 
     async fn pause(
@@ -288,16 +289,35 @@ impl Nemesis {
         stop: &CancellationToken,
     ) -> anyhow::Result<()> {
         let (targets, why) = self.targets(rng).await;
-        for node in &targets {
-            self.lock_nodes().pause(*node)?;
-        }
-        self.injected("pause", format!("pause {why}"));
         let held = Duration::from_millis(rng.random_range(3_000..8_000)).min(remaining);
-        self.hold(held, stop).await;
-        for node in &targets {
-            self.lock_nodes().resume(*node)?;
+        self.held_fault(
+            &targets,
+            ("pause", format!("pause {why}")),
+            (|nodes, id| nodes.pause(id).map(drop), held),
+            ("resume", |nodes, id| nodes.resume(id).map(drop)),
+            stop,
+        )
+        .await
+    }
+
+    /// Applies a fault to every target, records it, holds it, undoes it, records the heal.
+    async fn held_fault(
+        &self,
+        targets: &[u32],
+        (kind, description): (&'static str, String),
+        (apply, held): (NodeAction, Duration),
+        (heal, undo): (&'static str, NodeAction),
+        stop: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        for node in targets {
+            apply(&mut self.lock_nodes(), *node)?;
         }
-        self.healed("resume", format!("resume {targets:?}"));
+        self.injected(kind, description);
+        self.hold(held, stop).await;
+        for node in targets {
+            undo(&mut self.lock_nodes(), *node)?;
+        }
+        self.healed(heal, format!("{heal} {targets:?}"));
         Ok(())
     }
 
