@@ -699,10 +699,11 @@ impl Cluster {
         })
     }
 
-    /// Sends a typing update to every other node (fire and forget, one RPC timeout each).
+    /// Sends a typing update for `to_users` to every other node (fire and forget, one RPC timeout
+    /// each).
     pub async fn broadcast_typing(
         &self,
-        to_user: u64,
+        to_users: Vec<u64>,
         update: courier_proto::pb::client::TypingUpdate,
     ) {
         let Some(metadata) = self.groups.get(GroupId::Metadata) else {
@@ -724,7 +725,7 @@ impl Cluster {
                 continue;
             };
             let mut request = tonic::Request::new(peer::TypingRequest {
-                to_user,
+                to_users: to_users.clone(),
                 update: Some(update),
             });
             request.set_timeout(self.rpc_timeout);

@@ -281,9 +281,13 @@ impl Forward for PeerApi {
         request: Request<TypingRequest>,
     ) -> Result<Response<TypingResponse>, Status> {
         let request = request.into_inner();
-        let delivered = request
-            .update
-            .map_or(0, |update| self.live.typing(request.to_user, &update));
+        let delivered = request.update.map_or(0, |update| {
+            request
+                .to_users
+                .iter()
+                .map(|user| self.live.typing(*user, &update))
+                .sum()
+        });
         Ok(Response::new(TypingResponse {
             delivered_streams: delivered,
         }))

@@ -77,7 +77,7 @@ fn first_refusal(outcomes: &[EventOutcome]) -> Result<(), ApiError> {
 }
 
 impl ClientApi {
-    fn group_shard(&self, group: GroupId) -> Result<ShardId, ApiError> {
+    pub(super) fn group_shard(&self, group: GroupId) -> Result<ShardId, ApiError> {
         Ok(shard_of_group(group, self.shard_count()?))
     }
 

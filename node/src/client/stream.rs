@@ -20,7 +20,7 @@ use courier_proto::pb::client::{
 };
 use courier_proto::pb::events::{self, Event, ReceiptState, event::Kind};
 use courier_proto::{InboxSeq, LogIndex};
-use courier_storage::projection::{inbox, readstate, receipts};
+use courier_storage::projection::{groups, inbox, readstate, receipts};
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -245,10 +245,7 @@ impl ClientApi {
         let shard = courier_proto::ShardId::new(u16::try_from(entry.source_shard).ok()?);
         let stored = self
             .read(shard, |view| {
-                courier_storage::projection::groups::message_at(
-                    view,
-                    LogIndex::new(entry.group_index),
-                )
+                groups::message_at(view, LogIndex::new(entry.group_index))
             })
             .ok()
             .flatten();
@@ -349,11 +346,9 @@ impl ClientApi {
 
 impl ClientApi {
     /// Hands a typing update to the other side's live streams on every node, best effort: never
-    /// logged, dropped where nobody is connected. Group typing is issue #7.
+    /// logged, dropped where nobody is connected. In a group it goes to every other current member
+    /// (read from this replica of the group's shard); a caller who is not a member is ignored.
     fn typing(&self, caller: Caller, conversation: courier_proto::ConversationId, typing: bool) {
-        let courier_proto::ConversationId::Direct(to) = conversation else {
-            return;
-        };
         if self
             .typing_limiter
             .take(&(caller.user.get(), caller.device.get()))
@@ -361,14 +356,39 @@ impl ClientApi {
         {
             return; // over the typing rate: dropped, like any ephemeral update
         }
+        let (to_users, shown_as) = match conversation {
+            courier_proto::ConversationId::Direct(to) => (
+                vec![to.get()],
+                courier_proto::ConversationId::Direct(caller.user),
+            ),
+            courier_proto::ConversationId::Group(group) => {
+                let Ok(members) = self
+                    .group_shard(group)
+                    .and_then(|shard| self.read(shard, |view| groups::members(view, group)))
+                else {
+                    return;
+                };
+                if !members.iter().any(|(user, _)| *user == caller.user) {
+                    return;
+                }
+                let others = members
+                    .into_iter()
+                    .map(|(user, _)| user.get())
+                    .filter(|user| *user != caller.user.get())
+                    .collect();
+                (others, conversation)
+            }
+        };
         let update = courier_proto::pb::client::TypingUpdate {
             user: caller.user.get(),
-            conversation: Some(courier_proto::ConversationId::Direct(caller.user).into()),
+            conversation: Some(shown_as.into()),
             typing,
         };
-        self.live.typing(to.get(), &update);
+        for user in &to_users {
+            self.live.typing(*user, &update);
+        }
         let cluster = self.cluster.clone();
-        tokio::spawn(async move { cluster.broadcast_typing(to.get(), update).await });
+        tokio::spawn(async move { cluster.broadcast_typing(to_users, update).await });
     }
 }
 

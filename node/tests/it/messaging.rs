@@ -1145,6 +1145,105 @@ async fn typing_reaches_live_streams_and_is_not_logged() {
     }
 }
 
+/// Group typing: a member's typing frame reaches the other members' live streams on every node
+/// (shown under the group's conversation), never a non-member's; a non-member's typing frame for
+/// the group reaches nobody; nothing is logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_typing_reaches_other_members_only() {
+    use courier_proto::pb::client::CreateGroupRequest;
+    use courier_proto::pb::client::groups_client::GroupsClient;
+    let c = cluster().await;
+    let addr = |i: usize| c.nodes[i % 3].client_addr.to_string();
+    let mut users = Vec::new();
+    for i in 0..4 {
+        users.push(register(&addr(i), &c.dirs[i % 3], &format!("+1555100{:04}", 200 + i)).await);
+    }
+    // users[0..3] are the group; users[3] is outside it.
+    let info = GroupsClient::new(channel(&addr(0)).await)
+        .create_group(authed(
+            &users[0],
+            CreateGroupRequest {
+                name: "typists".to_owned(),
+                members: vec![users[1].user, users[2].user],
+            },
+        ))
+        .await
+        .expect("create")
+        .into_inner();
+    let group = info.group_id;
+    let mut streams = Vec::new();
+    for (i, user) in users.iter().enumerate() {
+        streams.push(open_stream(&addr(i), user, 0).await);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let peer = c.nodes[0].peer_addr.to_string();
+    let before = last_log_indexes(&peer).await;
+    let typing_in_group = |typing: bool| ClientFrame {
+        frame: Some(client_frame::Frame::Typing(
+            courier_proto::pb::client::Typing {
+                conversation: Some(events::Conversation {
+                    with: Some(events::conversation::With::Group(group)),
+                }),
+                typing,
+            },
+        )),
+    };
+    // The outsider first: nobody may see it.
+    streams[3]
+        .out
+        .send(typing_in_group(false))
+        .await
+        .expect("outsider typing");
+    streams[0]
+        .out
+        .send(typing_in_group(true))
+        .await
+        .expect("member typing");
+    let is_typing = |x: &ServerFrame| matches!(x.frame, Some(server_frame::Frame::Typing(_)));
+    for receiver in [1, 2] {
+        // A fixed window, so that a stray frame arriving after the member's is seen too.
+        let frames = collect(&mut streams[receiver], Duration::from_secs(2), |_| false).await;
+        let seen: Vec<_> = frames
+            .iter()
+            .filter_map(|f| match &f.frame {
+                Some(server_frame::Frame::Typing(t)) => Some(*t),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            seen.len(),
+            1,
+            "member {receiver} saw only the member's typing: {seen:?}"
+        );
+        assert_eq!((seen[0].user, seen[0].typing), (users[0].user, true));
+        assert_eq!(
+            seen[0].conversation.and_then(|c| c.with),
+            Some(events::conversation::With::Group(group)),
+            "shown under the group"
+        );
+    }
+    for outsider_or_sender in [0, 3] {
+        let frames = collect(
+            &mut streams[outsider_or_sender],
+            Duration::from_millis(500),
+            |_| false,
+        )
+        .await;
+        assert!(
+            !frames.iter().any(is_typing),
+            "user {outsider_or_sender} saw a typing frame it should not"
+        );
+    }
+    assert_eq!(
+        last_log_indexes(&peer).await,
+        before,
+        "typing is never logged"
+    );
+    for node in c.nodes {
+        node.stop().await;
+    }
+}
+
 fn bodies(frames: &[ServerFrame]) -> Vec<String> {
     frames
         .iter()
