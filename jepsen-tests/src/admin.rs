@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use courier_proto::pb::peer::admin_client::AdminClient;
 use courier_proto::pb::peer::{
-    InitClusterRequest, NodeInfo, StatusRequest, StatusResponse, VerifyProjectionRequest,
-    projection_job_update,
+    AddNodeRequest, InitClusterRequest, NodeInfo, RemoveNodeRequest, StatusRequest, StatusResponse,
+    VerifyProjectionRequest, projection_job_update,
 };
 use tonic::transport::{Channel, Endpoint};
 
@@ -21,6 +21,9 @@ use crate::nodes::NodeSpec;
 pub const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
 /// Deadline of one whole VerifyProjection job (it replays the shard's log).
 pub const VERIFY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Deadline of one AddNode / RemoveNode call (adding waits for the learner to catch up on every
+/// shard).
+pub const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Pause between polls while waiting for leaders or convergence.
 const POLL_PAUSE: Duration = Duration::from_millis(250);
 
@@ -216,6 +219,53 @@ pub async fn init_cluster(
         }
         tracing::debug!(%error, "InitCluster not yet accepted");
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// A membership change of the whole cluster (every group), sent to `via`'s admin API.
+#[derive(Clone, Debug)]
+pub enum MembershipChange {
+    /// Add `spec`'s node: learner, caught up, then voter.
+    Add(NodeSpec),
+    /// Remove this node id.
+    Remove(u32),
+}
+
+impl AdminNode {
+    /// `Admin.AddNode` / `Admin.RemoveNode` through this node (which delegates to each group's
+    /// leader), within [`MEMBERSHIP_TIMEOUT`].
+    ///
+    /// # Errors
+    ///
+    /// Timeout or RPC error.
+    pub async fn change_membership(&self, change: &MembershipChange) -> anyhow::Result<()> {
+        let mut client = self.client.clone();
+        let call = async {
+            match change {
+                MembershipChange::Add(spec) => client
+                    .add_node(AddNodeRequest {
+                        node: Some(NodeInfo {
+                            node_id: u64::from(spec.id),
+                            peer_addr: spec.peer_addr(),
+                            client_addr: spec.client_addr(),
+                        }),
+                        group: None,
+                    })
+                    .await
+                    .map(drop),
+                MembershipChange::Remove(id) => client
+                    .remove_node(RemoveNodeRequest {
+                        node_id: u64::from(*id),
+                        group: None,
+                    })
+                    .await
+                    .map(drop),
+            }
+        };
+        tokio::time::timeout(MEMBERSHIP_TIMEOUT, call)
+            .await
+            .with_context(|| format!("{change:?} via node {} timed out", self.id))?
+            .map_err(|s| anyhow::anyhow!("{change:?} via node {}: {}", self.id, describe(&s)))
     }
 }
 

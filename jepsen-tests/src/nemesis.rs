@@ -11,7 +11,12 @@
 //! - pause: SIGSTOP one node / a shard leader / a minority; SIGCONT after 3–8 s;
 //! - pause-then-kill: SIGSTOP a node, SIGKILL it while stopped, restart it (NATS-style);
 //! - partition (nftables drops between node addresses): isolate one node, isolate a shard
-//!   leader, a random majority/minority split, a bridge (two halves that only one node sees).
+//!   leader, a random majority/minority split, a bridge (two halves that only one node sees);
+//! - clock: step one node's wall clock 5–300 s forwards or backwards (libfaketime, re-read by
+//!   the running node every second), hold 3–10 s, step it back;
+//! - membership: add the spare node as a voter (learner, caught up, then voter, on every shard),
+//!   hold 2–5 s, remove another voter; the removed node is wiped and restarted empty as the
+//!   next spare, so membership changes keep coming with 3 voters and one spare.
 //!
 //! While it runs, the nemesis also watches for nodes that exit on their own (a crash is a
 //! finding: it is reported and fails the run) and restarts them.
@@ -26,7 +31,7 @@ use rand::{Rng as _, SeedableRng as _};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{AdminNode, statuses};
+use crate::admin::{AdminNode, MembershipChange, statuses};
 use crate::history::{Fault, Record};
 use crate::net::{Grudge, Network};
 use crate::nodes::{Crash, Nodes};
@@ -46,6 +51,10 @@ pub enum FaultFamily {
     PauseThenKill,
     /// nftables partitions.
     Partition,
+    /// Wall-clock steps on one node (libfaketime).
+    Clock,
+    /// Add a voter, then remove another (needs a spare node).
+    Membership,
 }
 
 /// Which nodes a process fault hits.
@@ -89,6 +98,8 @@ pub struct Nemesis {
     pub recorder: Arc<Recorder>,
     /// The fault families to draw from (empty: no faults, crash watching only).
     pub families: Vec<FaultFamily>,
+    /// The cluster's voters now (membership faults change it; the final phase reads it).
+    pub members: Arc<Mutex<BTreeSet<u32>>>,
     /// What was done.
     pub stats: Mutex<NemesisStats>,
 }
@@ -96,6 +107,26 @@ pub struct Nemesis {
 impl Nemesis {
     fn lock_nodes(&self) -> std::sync::MutexGuard<'_, Nodes> {
         self.nodes.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The voters, in id order.
+    pub fn member_ids(&self) -> Vec<u32> {
+        self.members
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .copied()
+            .collect()
+    }
+
+    /// Admin clients of the voters.
+    pub fn member_admin(&self) -> Vec<AdminNode> {
+        let members = self.member_ids();
+        self.admin
+            .iter()
+            .filter(|a| members.contains(&a.id))
+            .cloned()
+            .collect()
     }
 
     fn stats(&self) -> std::sync::MutexGuard<'_, NemesisStats> {
@@ -181,6 +212,8 @@ impl Nemesis {
                     self.pause_then_kill(&mut rng, remaining, &stop).await
                 }
                 FaultFamily::Partition => self.partition(&mut rng, remaining, &stop).await,
+                FaultFamily::Clock => self.clock(&mut rng, remaining, &stop).await,
+                FaultFamily::Membership => self.membership(&mut rng, remaining, &stop).await,
             };
             if let Err(error) = result {
                 self.error(&error);
@@ -197,10 +230,20 @@ impl Nemesis {
         self.final_heal();
     }
 
-    /// Heals everything: partitions removed, paused nodes resumed, stopped nodes started.
+    /// Heals everything: partitions removed, clocks set right, paused nodes resumed, stopped
+    /// nodes started.
     pub fn final_heal(&self) {
         if let Err(error) = self.network.heal() {
             self.error(&error);
+        }
+        if self.families.contains(&FaultFamily::Clock) {
+            let ids = self.lock_nodes().ids();
+            for id in ids {
+                let reset = self.lock_nodes().set_clock_offset(id, 0);
+                if let Err(error) = reset {
+                    self.error(&error);
+                }
+            }
         }
         self.watch_crashes();
         let touched = self.lock_nodes().heal_all();
@@ -212,7 +255,7 @@ impl Nemesis {
 
     /// The nodes a process fault hits, and why ("node 2", "node 2 (leader of shard 1)").
     async fn targets(&self, rng: &mut StdRng) -> (Vec<u32>, String) {
-        let ids = self.lock_nodes().ids();
+        let ids = self.member_ids();
         let target = *[Target::One, Target::Leader, Target::Minority]
             .choose(rng)
             .unwrap_or(&Target::One);
@@ -245,14 +288,7 @@ impl Nemesis {
 
     /// The leader of a random shard, as the live nodes report it.
     async fn random_leader(&self, rng: &mut StdRng) -> Option<(u32, u32)> {
-        let live: Vec<AdminNode> = {
-            let nodes = self.lock_nodes();
-            self.admin
-                .iter()
-                .filter(|a| nodes.is_live(a.id))
-                .cloned()
-                .collect()
-        };
+        let live = self.live_members();
         let statuses = statuses(&live).await;
         let leaders: BTreeSet<(u32, u32)> = statuses
             .values()
@@ -356,7 +392,7 @@ impl Nemesis {
         remaining: Duration,
         stop: &CancellationToken,
     ) -> anyhow::Result<()> {
-        let ids = self.lock_nodes().ids();
+        let ids = self.member_ids();
         let (grudge, why) = match rng.random_range(0..4) {
             0 => {
                 let node = ids.choose(rng).copied().unwrap_or(1);
@@ -405,6 +441,97 @@ impl Nemesis {
         self.network.heal()?;
         self.healed("heal", "heal partition".to_owned());
         Ok(())
+    }
+}
+
+impl Nemesis {
+    /// Admin clients of the voters that run and are not paused.
+    fn live_members(&self) -> Vec<AdminNode> {
+        let members = self.member_admin();
+        let nodes = self.lock_nodes();
+        members
+            .into_iter()
+            .filter(|a| nodes.is_live(a.id))
+            .collect()
+    }
+
+    async fn clock(
+        &self,
+        rng: &mut StdRng,
+        remaining: Duration,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let node = self.member_ids().choose(rng).copied().unwrap_or(1);
+        let magnitude: i64 = rng.random_range(5..=300);
+        let offset = if rng.random_bool(0.5) {
+            magnitude
+        } else {
+            -magnitude
+        };
+        self.lock_nodes().set_clock_offset(node, offset)?;
+        self.injected(
+            "clock",
+            format!("clock of node {node} stepped {offset:+} s"),
+        );
+        let held = Duration::from_millis(rng.random_range(3_000..10_000)).min(remaining);
+        self.hold(held, stop).await;
+        self.lock_nodes().set_clock_offset(node, 0)?;
+        self.healed("clock", format!("clock of node {node} set right"));
+        Ok(())
+    }
+
+    /// Sends `change` through the live voters in turn until one accepts it.
+    async fn change_membership(&self, change: &MembershipChange) -> anyhow::Result<()> {
+        let mut last = anyhow::anyhow!("no live voter to send {change:?} to");
+        for via in self.live_members() {
+            match via.change_membership(change).await {
+                Ok(()) => return Ok(()),
+                Err(error) => {
+                    tracing::warn!(error = %format!("{error:#}"), "membership change refused; trying another node");
+                    last = error;
+                }
+            }
+        }
+        Err(last)
+    }
+
+    async fn membership(
+        &self,
+        rng: &mut StdRng,
+        remaining: Duration,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let members = self.member_ids();
+        let all = self.lock_nodes().ids();
+        let Some(joiner) = all.iter().copied().find(|id| !members.contains(id)) else {
+            anyhow::bail!("membership fault without a spare node");
+        };
+        let spec = self.lock_nodes().spec(joiner)?.clone();
+        self.change_membership(&MembershipChange::Add(spec)).await?;
+        self.set_member(joiner, true);
+        self.injected("membership", format!("node {joiner} added as a voter"));
+        let held = Duration::from_millis(rng.random_range(2_000..5_000)).min(remaining);
+        self.hold(held, stop).await;
+        let leaving = members.choose(rng).copied().unwrap_or(1);
+        self.change_membership(&MembershipChange::Remove(leaving))
+            .await?;
+        self.set_member(leaving, false);
+        self.injected("membership", format!("node {leaving} removed"));
+        self.lock_nodes().wipe_and_start(leaving)?;
+        self.healed(
+            "wipe",
+            format!("node {leaving} wiped and restarted as the spare"),
+        );
+        Ok(())
+    }
+
+    fn set_member(&self, id: u32, member: bool) {
+        let mut members = self.members.lock().unwrap_or_else(PoisonError::into_inner);
+        if member {
+            members.insert(id);
+        } else {
+            members.remove(&id);
+        }
     }
 }
 

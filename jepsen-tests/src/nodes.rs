@@ -36,6 +36,10 @@ pub const METRICS_PORT: u16 = 7201;
 /// beginning, and the checker requires every replica verified.
 const SNAPSHOT_LOGS_SINCE_LAST: u64 = 1_000_000;
 
+/// libfaketime, multithreaded build (Debian package `libfaketime`): preloaded into every node of
+/// a run with clock faults, reading its offset from the node's `faketime.rc`.
+pub const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+
 /// Per-device sends per second granted to the workload (the default 20/s would throttle it).
 const SENDS_PER_SECOND_PER_DEVICE: u32 = 1_000;
 
@@ -61,6 +65,11 @@ impl NodeSpec {
     /// The config file.
     pub fn config_path(&self) -> PathBuf {
         self.dir.join("config.toml")
+    }
+
+    /// The clock offset file libfaketime reads (`+0`, `-37`: seconds added to the wall clock).
+    pub fn faketime_path(&self) -> PathBuf {
+        self.dir.join("faketime.rc")
     }
 
     /// The log file (stdout and stderr of every incarnation).
@@ -139,6 +148,8 @@ pub struct Nodes {
     binary: PathBuf,
     /// `COURIER_BUG` for the nodes (the `courier-node-bugs` binary), if any.
     bug: Option<String>,
+    /// Nodes run under libfaketime (clock faults).
+    faketime: bool,
     nodes: BTreeMap<u32, Node>,
 }
 
@@ -153,18 +164,25 @@ pub struct Crash {
 
 impl Nodes {
     /// Describes `count` nodes (ids 1..=count) in `network`, under `root/nodes/n<id>`, and
-    /// writes their config files. Nothing is started.
+    /// writes their config files (and, with `faketime`, a zero clock offset). Nothing is started.
     ///
     /// # Errors
     ///
-    /// The directories or config files cannot be written.
+    /// The directories or config files cannot be written, or `faketime` is asked for and
+    /// libfaketime is not installed.
     pub fn prepare(
         binary: &Path,
         bug: Option<String>,
+        faketime: bool,
         network: &Network,
         root: &Path,
         count: u32,
     ) -> anyhow::Result<Self> {
+        if faketime && !Path::new(LIBFAKETIME).exists() {
+            bail!(
+                "clock faults need {LIBFAKETIME} (Debian package libfaketime; scripts/setup installs it)"
+            );
+        }
         let mut nodes = BTreeMap::new();
         for id in 1..=count {
             let spec = NodeSpec {
@@ -177,6 +195,9 @@ impl Nodes {
                 .with_context(|| format!("creating {}", spec.data_dir().display()))?;
             std::fs::write(spec.config_path(), spec.config_text())
                 .with_context(|| format!("writing {}", spec.config_path().display()))?;
+            if faketime {
+                write_offset(&spec, 0)?;
+            }
             let node = Node {
                 spec,
                 child: None,
@@ -187,6 +208,7 @@ impl Nodes {
         Ok(Self {
             binary: binary.to_owned(),
             bug,
+            faketime,
             nodes,
         })
     }
@@ -227,6 +249,7 @@ impl Nodes {
     pub fn start(&mut self, id: u32) -> anyhow::Result<()> {
         let binary = self.binary.clone();
         let bug = self.bug.clone();
+        let faketime = self.faketime;
         let node = self.node_mut(id)?;
         if node.child.is_some() {
             return Ok(());
@@ -248,6 +271,16 @@ impl Nodes {
             .stderr(log);
         if let Some(bug) = bug {
             command.env("COURIER_BUG", bug);
+        }
+        if faketime {
+            // Only the wall clock moves: raft timers and rate limiters run on the monotonic
+            // clock, which a real clock step never touches either. The file is re-read every
+            // second, so an offset changes under a running node.
+            command
+                .env("LD_PRELOAD", LIBFAKETIME)
+                .env("FAKETIME_TIMESTAMP_FILE", node.spec.faketime_path())
+                .env("FAKETIME_CACHE_DURATION", "1")
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
         }
         let child = command
             .spawn()
@@ -278,6 +311,33 @@ impl Nodes {
         child.wait().with_context(|| format!("reaping node {id}"))?;
         tracing::info!(node = id, "node killed");
         Ok(true)
+    }
+
+    /// Sets node `id`'s wall clock `seconds` away from the real one (0 heals); a running node
+    /// sees it within a second.
+    ///
+    /// # Errors
+    ///
+    /// No such node, the run has no clock faults, or the file cannot be written.
+    pub fn set_clock_offset(&mut self, id: u32, seconds: i64) -> anyhow::Result<()> {
+        if !self.faketime {
+            bail!("node {id}: this run does not preload libfaketime");
+        }
+        write_offset(self.spec(id)?, seconds)
+    }
+
+    /// Kills node `id`, deletes its data directory and starts it again empty: a node that left
+    /// the cluster comes back as a fresh machine with the same id and addresses.
+    ///
+    /// # Errors
+    ///
+    /// No such node, or the kill, removal or start fails.
+    pub fn wipe_and_start(&mut self, id: u32) -> anyhow::Result<()> {
+        self.kill(id)?;
+        let data = self.spec(id)?.data_dir();
+        std::fs::remove_dir_all(&data).with_context(|| format!("removing {}", data.display()))?;
+        std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
+        self.start(id)
     }
 
     /// SIGSTOPs node `id`. Returns false if it was not running or already paused.
@@ -391,6 +451,13 @@ impl Nodes {
             .values()
             .all(|node| node.spec.data_dir().join("node.addr").exists()))
     }
+}
+
+/// Writes a clock offset in libfaketime's relative format (`+37`, `-12`: seconds).
+fn write_offset(spec: &NodeSpec, seconds: i64) -> anyhow::Result<()> {
+    let path = spec.faketime_path();
+    std::fs::write(&path, format!("{seconds:+}\n"))
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 impl Drop for Nodes {

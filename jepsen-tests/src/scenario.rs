@@ -47,6 +47,12 @@ pub enum Scenario {
     KillPartition,
     /// Pauses, kills, and kills of paused nodes.
     PauseKill,
+    /// Wall-clock steps (libfaketime).
+    Clock,
+    /// Voters added and removed (one spare node).
+    Membership,
+    /// Clock steps and membership changes.
+    ClockMembership,
     /// Everything.
     Mixed,
 }
@@ -54,7 +60,7 @@ pub enum Scenario {
 impl Scenario {
     /// The fault families this scenario draws from.
     pub fn families(self) -> Vec<FaultFamily> {
-        use FaultFamily::{Kill, Partition, Pause, PauseThenKill};
+        use FaultFamily::{Clock, Kill, Membership, Partition, Pause, PauseThenKill};
         match self {
             Self::None => vec![],
             Self::Kill => vec![Kill],
@@ -62,8 +68,16 @@ impl Scenario {
             Self::Partition => vec![Partition],
             Self::KillPartition => vec![Kill, Partition],
             Self::PauseKill => vec![Pause, Kill, PauseThenKill],
-            Self::Mixed => vec![Kill, Pause, PauseThenKill, Partition],
+            Self::Clock => vec![Clock],
+            Self::Membership => vec![Membership],
+            Self::ClockMembership => vec![Clock, Membership],
+            Self::Mixed => vec![Kill, Pause, PauseThenKill, Partition, Clock, Membership],
         }
+    }
+
+    /// Nodes started besides the voters: one spare for membership changes.
+    pub fn spares(self) -> u32 {
+        u32::from(self.families().contains(&FaultFamily::Membership))
     }
 
     /// The scenario's name on the command line.
@@ -75,6 +89,9 @@ impl Scenario {
             Self::Partition => "partition",
             Self::KillPartition => "kill-partition",
             Self::PauseKill => "pause-kill",
+            Self::Clock => "clock",
+            Self::Membership => "membership",
+            Self::ClockMembership => "clock-membership",
             Self::Mixed => "mixed",
         }
     }
@@ -87,7 +104,7 @@ pub struct RunConfig {
     pub scenario: Scenario,
     /// Length of the workload (and fault window).
     pub seconds: u64,
-    /// Node count.
+    /// Voters at the start (the scenario may add a spare node).
     pub nodes: u32,
     /// Shard count.
     pub shards: u32,
@@ -159,10 +176,11 @@ impl Drop for Teardown {
     }
 }
 
-/// Sets up the cluster of a run: network, nodes started and bootstrapped, leaders elected.
+/// Sets up the cluster of a run: network, nodes (voters and spares) started, the voters
+/// bootstrapped, leaders elected. Returns admin clients of every node, voters first.
 async fn set_up(config: &RunConfig) -> anyhow::Result<(Teardown, Vec<AdminNode>)> {
     net::preflight()?;
-    let ids: Vec<u32> = (1..=config.nodes).collect();
+    let ids: Vec<u32> = (1..=config.nodes + config.scenario.spares()).collect();
     let network = Arc::new(Network::create(std::process::id(), &ids)?);
     tracing::info!(
         bridge = %network.bridge(),
@@ -172,9 +190,10 @@ async fn set_up(config: &RunConfig) -> anyhow::Result<(Teardown, Vec<AdminNode>)
     let nodes = Nodes::prepare(
         &config.node_binary,
         config.bug.clone(),
+        config.scenario.families().contains(&FaultFamily::Clock),
         &network,
         &config.out,
-        config.nodes,
+        config.nodes + config.scenario.spares(),
     )?;
     let nodes = Arc::new(Mutex::new(nodes));
     let teardown = Teardown {
@@ -202,12 +221,16 @@ async fn set_up(config: &RunConfig) -> anyhow::Result<(Teardown, Vec<AdminNode>)
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    admin::init_cluster(&specs, config.shards, Duration::from_secs(60)).await?;
+    let voters = specs
+        .get(..config.nodes as usize)
+        .context("fewer nodes than voters")?;
+    admin::init_cluster(voters, config.shards, Duration::from_secs(60)).await?;
     let admin: Vec<AdminNode> = specs
         .iter()
         .map(AdminNode::new)
         .collect::<anyhow::Result<_>>()?;
-    let leaders = admin::wait_leaders(&admin, config.shards, Duration::from_secs(60)).await?;
+    let voter_admin = admin.get(..voters.len()).unwrap_or(&admin);
+    let leaders = admin::wait_leaders(voter_admin, config.shards, Duration::from_secs(60)).await?;
     tracing::info!(?leaders, "cluster up");
     Ok((teardown, admin))
 }
@@ -230,8 +253,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<RunReport> {
         .unwrap_or_else(PoisonError::into_inner)
         .specs();
     let recorder = Arc::new(Recorder::create(&config.out.join("history.jsonl"))?);
+    // Users register on the voters; a spare node answers NotInitialized until it joins.
+    let voters = specs.get(..config.nodes as usize).unwrap_or(&specs);
     let users =
-        workload::register_and_save(&specs, config.users, &config.out.join("users.json")).await?;
+        workload::register_and_save(voters, config.users, &config.out.join("users.json")).await?;
     tracing::info!(users = users.len(), "users registered");
     let shared = Arc::new(Shared {
         recorder: recorder.clone(),
@@ -245,11 +270,12 @@ pub async fn run(config: RunConfig) -> anyhow::Result<RunReport> {
         admin: admin.clone(),
         recorder: recorder.clone(),
         families: config.scenario.families(),
+        members: Arc::new(Mutex::new((1..=config.nodes).collect())),
         stats: Mutex::new(NemesisStats::default()),
     });
     let mut harness_errors = Vec::new();
-    run_workload(&config, &shared, &nemesis, &admin, &mut harness_errors).await;
-    final_phase(&config, &shared, &admin, &mut harness_errors).await;
+    run_workload(&config, &shared, &nemesis, &mut harness_errors).await;
+    final_phase(&config, &shared, &nemesis, &mut harness_errors).await;
     let nemesis_stats = nemesis
         .stats
         .lock()
@@ -279,7 +305,6 @@ async fn run_workload(
     config: &RunConfig,
     shared: &Arc<Shared>,
     nemesis: &Arc<Nemesis>,
-    admin: &[AdminNode],
     harness_errors: &mut Vec<String>,
 ) {
     let streams = TaskTracker::new();
@@ -342,7 +367,8 @@ async fn run_workload(
         harness_errors.push("send workers did not stop within 15 s".to_owned());
     }
     tracing::info!("workload stopped; waiting for leaders after the final heal");
-    if let Err(error) = admin::wait_leaders(admin, config.shards, Duration::from_secs(60)).await {
+    let admin = nemesis.member_admin();
+    if let Err(error) = admin::wait_leaders(&admin, config.shards, Duration::from_secs(60)).await {
         harness_errors.push(format!("liveness after heal: {error:#}"));
     }
     // Streams keep receiving for a moment, so deliveries and receipts of the last sends arrive.
@@ -357,19 +383,22 @@ async fn run_workload(
     nemesis.watch_crashes();
 }
 
-/// After the heal: converge, drain, record replica status and verifications.
+/// After the heal: converge, drain, record replica status and verifications, all on the voters
+/// of the moment (a spare holds no replica).
 async fn final_phase(
     config: &RunConfig,
     shared: &Arc<Shared>,
-    admin: &[AdminNode],
+    nemesis: &Nemesis,
     harness_errors: &mut Vec<String>,
 ) {
+    let admin = &nemesis.member_admin();
     let (_, converged) = admin::wait_converged(admin, Duration::from_secs(30)).await;
     if !converged {
         tracing::warn!("replicas had not converged before the drain");
     }
     tracing::info!("draining every device on every node");
-    let failed = workload::drain_all(shared.clone()).await;
+    let members = nemesis.member_ids().into_iter().collect();
+    let failed = workload::drain_all(shared.clone(), &members).await;
     if failed > 0 {
         harness_errors.push(format!("{failed} drain sessions failed after retries"));
     }

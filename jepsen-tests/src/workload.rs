@@ -17,7 +17,7 @@
 //! everything else — timeouts, UNAVAILABLE (the proposal may have reached a leader that then
 //! lost its lease), connection errors — is `info`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -697,14 +697,15 @@ async fn drain_session(
     (records, result)
 }
 
-/// Drains every device of every user on every node, a few sessions at a time. Returns the
-/// number of sessions that ended in an error (their records stay in the history; a failed
-/// drain session shows up as lost messages, never as a pass).
-pub async fn drain_all(shared: Arc<Shared>) -> usize {
+/// Drains every device of every user on every node of `members` (the cluster's voters after
+/// the heal), a few sessions at a time. Returns the number of sessions that ended in an error
+/// (their records stay in the history; a failed drain session shows up as lost messages, never
+/// as a pass).
+pub async fn drain_all(shared: Arc<Shared>, members: &BTreeSet<u32>) -> usize {
     let mut jobs: Vec<(ClientNode, Device)> = Vec::new();
     for user in &shared.users {
         for device in &user.devices {
-            for node in &shared.nodes {
+            for node in shared.nodes.iter().filter(|n| members.contains(&n.id)) {
                 jobs.push((node.clone(), device.clone()));
             }
         }
