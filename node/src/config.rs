@@ -157,6 +157,10 @@ pub struct LimitsRaw {
     /// Frames buffered per device stream before it falls back to reading the inbox. Default 256.
     #[serde(default = "defaults::stream_buffer")]
     pub stream_buffer_frames: u32,
+    /// Outbox batches this node forwards at once, one per (source, destination) shard pair.
+    /// Default 8; 1 forwards one pair at a time.
+    #[serde(default = "defaults::forward_in_flight")]
+    pub forward_batches_in_flight: u32,
     /// Registration codes a phone number may request per hour (token bucket rate). Default 10.
     #[serde(default = "defaults::code_rate")]
     pub code_requests_per_hour_per_phone: u32,
@@ -340,6 +344,9 @@ mod defaults {
     pub(super) fn stream_buffer() -> u32 {
         256
     }
+    pub(super) fn forward_in_flight() -> u32 {
+        8
+    }
     pub(super) fn code_rate() -> u32 {
         10
     }
@@ -429,6 +436,8 @@ pub struct Limits {
     pub send_burst_per_device: u32,
     /// Frames buffered per device stream.
     pub stream_buffer_frames: u32,
+    /// Outbox batches forwarded at once.
+    pub forward_batches_in_flight: u32,
     /// Code requests per phone number per hour.
     pub code_requests_per_hour_per_phone: u32,
     /// Code request burst per phone number.
@@ -579,6 +588,10 @@ impl RawConfig {
         nonzero("limits.send-burst-per-device", l.send_burst_per_device)?;
         nonzero("limits.stream-buffer-frames", l.stream_buffer_frames)?;
         nonzero(
+            "limits.forward-batches-in-flight",
+            l.forward_batches_in_flight,
+        )?;
+        nonzero(
             "limits.code-requests-per-hour-per-phone",
             l.code_requests_per_hour_per_phone,
         )?;
@@ -635,6 +648,7 @@ impl RawConfig {
                 sends_per_second_per_device: l.sends_per_second_per_device,
                 send_burst_per_device: l.send_burst_per_device,
                 stream_buffer_frames: l.stream_buffer_frames,
+                forward_batches_in_flight: l.forward_batches_in_flight,
                 code_requests_per_hour_per_phone: l.code_requests_per_hour_per_phone,
                 code_request_burst_per_phone: l.code_request_burst_per_phone,
                 register_attempts_per_hour_per_phone: l.register_attempts_per_hour_per_phone,

@@ -2,6 +2,10 @@
 //! shard are sent in order, in batches, to the destination leader; once it answers
 //! `stored_up_to` (after its commit), `OutboxTrimmed` is proposed here.
 //!
+//! Each pass runs the due (source, destination) pairs concurrently, up to
+//! `limits.forward-batches-in-flight` at once and one batch per pair, so order within a pair is
+//! kept while one pair's forward and commits overlap with the others'.
+//!
 //! A new leader resumes from the replicated outbox, so nothing is lost; the destination's inbound
 //! watermark drops re-sent positions, so nothing is stored twice. Failures back off
 //! exponentially with jitter, per (source, destination), up to [`BACKOFF_MAX`]. The loop wakes on
@@ -34,9 +38,13 @@ pub const BACKOFF_MIN: Duration = Duration::from_millis(50);
 /// Longest retry delay.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
-/// Runs the forwarders of this node until `shutdown`.
-pub async fn run(cluster: Cluster, shutdown: CancellationToken) {
-    let mut backoff: BTreeMap<(u16, u16), (Instant, Duration)> = BTreeMap::new();
+/// Per (source, destination) pair: when the next attempt is due, and the last backoff delay.
+type Backoff = BTreeMap<(u16, u16), (Instant, Duration)>;
+
+/// Runs the forwarders of this node until `shutdown`, with at most `in_flight` batches (pairs)
+/// at once.
+pub async fn run(cluster: Cluster, in_flight: usize, shutdown: CancellationToken) {
+    let mut backoff = Backoff::new();
     let signal = cluster.groups().applied_signal().clone();
     loop {
         // Registered before the pass, so a batch applied during it wakes the next one at once.
@@ -44,8 +52,19 @@ pub async fn run(cluster: Cluster, shutdown: CancellationToken) {
         tokio::pin!(applied);
         applied.as_mut().enable();
         if let Some(shard_count) = cluster.groups().shard_count() {
+            let mut due = Vec::new();
             for source in 0..shard_count {
-                forward_from(&cluster, ShardId::new(source), &mut backoff).await;
+                due.extend(due_pairs(&cluster, ShardId::new(source), &backoff));
+            }
+            for chunk in due.chunks(in_flight.max(1)) {
+                let results =
+                    futures_util::future::join_all(chunk.iter().map(|(source, dest, state)| {
+                        forward_once(&cluster, *source, *dest, state)
+                    }))
+                    .await;
+                for ((source, dest, _), result) in chunk.iter().zip(results) {
+                    note_result(&mut backoff, *source, *dest, result);
+                }
             }
         }
         // Sleep until the next apply, or until the earliest retry is due.
@@ -64,54 +83,62 @@ pub async fn run(cluster: Cluster, shutdown: CancellationToken) {
     }
 }
 
-/// One pass over the destinations `source` has pending entries for, if this node leads it.
-async fn forward_from(
+/// The destinations `source` has pending entries for and whose backoff has passed, with their
+/// queue state, if this node leads `source`.
+fn due_pairs(
     cluster: &Cluster,
     source: ShardId,
-    backoff: &mut BTreeMap<(u16, u16), (Instant, Duration)>,
-) {
+    backoff: &Backoff,
+) -> Vec<(ShardId, ShardId, OutboxState)> {
     let Some(handle) = cluster.groups().get(GroupId::Shard(source)) else {
-        return;
+        return Vec::new();
     };
     if handle.raft.metrics().borrow().state != ServerState::Leader {
-        return;
+        return Vec::new();
     }
-    let pending: Vec<(ShardId, OutboxState)> = {
-        let db = cluster.groups().db().clone();
-        let mut staged = Staged::new(db.as_ref(), BTreeMap::new());
-        let view = View::new(&mut staged, source, LogIndex::ZERO, Projection::Outbox);
-        match outbox::states(&view) {
-            Ok(states) => states
-                .into_iter()
-                .filter(|(_, s)| s.last_pos > s.trimmed_up_to)
-                .collect(),
-            Err(error) => {
-                tracing::error!(source = source.get(), %error, "cannot read the outbox");
-                return;
-            }
+    let db = cluster.groups().db().clone();
+    let mut staged = Staged::new(db.as_ref(), BTreeMap::new());
+    let view = View::new(&mut staged, source, LogIndex::ZERO, Projection::Outbox);
+    let states = match outbox::states(&view) {
+        Ok(states) => states,
+        Err(error) => {
+            tracing::error!(source = source.get(), %error, "cannot read the outbox");
+            return Vec::new();
         }
     };
-    for (dest, state) in pending {
-        let key = (source.get(), dest.get());
-        if backoff
-            .get(&key)
-            .is_some_and(|(at, _)| *at > Instant::now())
-        {
-            continue;
+    let now = Instant::now();
+    states
+        .into_iter()
+        .filter(|(_, s)| s.last_pos > s.trimmed_up_to)
+        .filter(|(dest, _)| {
+            backoff
+                .get(&(source.get(), dest.get()))
+                .is_none_or(|(at, _)| *at <= now)
+        })
+        .map(|(dest, state)| (source, dest, state))
+        .collect()
+}
+
+/// Clears a pair's backoff after a success; doubles it (with jitter) after a failure.
+fn note_result(
+    backoff: &mut Backoff,
+    source: ShardId,
+    dest: ShardId,
+    result: Result<(), crate::status::ApiError>,
+) {
+    let key = (source.get(), dest.get());
+    match result {
+        Ok(()) => {
+            backoff.remove(&key);
         }
-        match forward_once(cluster, source, dest, &state).await {
-            Ok(()) => {
-                backoff.remove(&key);
-            }
-            Err(error) => {
-                let delay = backoff
-                    .get(&key)
-                    .map_or(BACKOFF_MIN, |(_, d)| (*d * 2).min(BACKOFF_MAX));
-                let jitter = rand::rng().random_range(0..=delay.as_millis() / 2);
-                let jitter = Duration::from_millis(u64::try_from(jitter).unwrap_or(0));
-                tracing::warn!(source = source.get(), dest = dest.get(), %error, retry_ms = (delay + jitter).as_millis(), "forward failed");
-                backoff.insert(key, (Instant::now() + delay + jitter, delay));
-            }
+        Err(error) => {
+            let delay = backoff
+                .get(&key)
+                .map_or(BACKOFF_MIN, |(_, d)| (*d * 2).min(BACKOFF_MAX));
+            let jitter = rand::rng().random_range(0..=delay.as_millis() / 2);
+            let jitter = Duration::from_millis(u64::try_from(jitter).unwrap_or(0));
+            tracing::warn!(source = source.get(), dest = dest.get(), %error, retry_ms = (delay + jitter).as_millis(), "forward failed");
+            backoff.insert(key, (Instant::now() + delay + jitter, delay));
         }
     }
 }

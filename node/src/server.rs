@@ -261,7 +261,8 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
     {
         let cluster = cluster.clone();
         let shutdown = shutdown.clone();
-        tasks.spawn(async move { crate::forwarder::run(cluster, shutdown).await });
+        let in_flight = usize::try_from(config.limits.forward_batches_in_flight).unwrap_or(1);
+        tasks.spawn(async move { crate::forwarder::run(cluster, in_flight, shutdown).await });
     }
     info!("outbox forwarders running");
     {
