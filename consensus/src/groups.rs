@@ -136,10 +136,24 @@ impl Groups {
         db: Arc<Db>,
         timing: &RaftTiming,
     ) -> Result<Arc<Self>, ConsensusError> {
+        let pool = Arc::new(ChannelPool::new(timing.rpc_timeout));
+        Self::open_with(node_id, db, timing, pool).await
+    }
+
+    /// [`Groups::open`] with the peer channels coming from `pool` (the simulation's network).
+    ///
+    /// # Errors
+    /// [`ConsensusError`] when a group cannot be started.
+    pub async fn open_with(
+        node_id: NodeId,
+        db: Arc<Db>,
+        timing: &RaftTiming,
+        pool: Arc<ChannelPool>,
+    ) -> Result<Arc<Self>, ConsensusError> {
         let groups = Arc::new(Self {
             node_id,
             db: db.clone(),
-            pool: Arc::new(ChannelPool::new(timing.rpc_timeout)),
+            pool,
             config: Arc::new(timing.openraft_config()?),
             rpc_timeout: timing.rpc_timeout,
             groups: RwLock::default(),

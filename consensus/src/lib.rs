@@ -16,6 +16,7 @@
 #![allow(clippy::result_large_err)]
 #![warn(clippy::arithmetic_side_effects, clippy::as_conversions)]
 
+pub mod bugs;
 pub mod groups;
 pub mod log_store;
 pub mod maintenance;

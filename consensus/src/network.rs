@@ -24,7 +24,7 @@ use openraft::raft::{
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, Endpoint};
 
 use crate::types::{GroupId, Node, NodeId, Raft, TypeConfig};
 
@@ -56,11 +56,26 @@ pub fn group_from_wire(wire: Option<&peer::GroupId>) -> Result<GroupId, String> 
     }
 }
 
+/// Turns a configured endpoint into a lazily connecting channel. The default is
+/// `Endpoint::connect_lazy` (TCP); the deterministic simulation passes one that connects over its
+/// simulated network (`Endpoint::connect_with_connector_lazy`).
+pub type Connector = Arc<dyn Fn(Endpoint) -> Channel + Send + Sync>;
+
 /// One channel per peer address, shared by all groups.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct ChannelPool {
     channels: Mutex<BTreeMap<String, Channel>>,
     connect_timeout: Duration,
+    connector: Option<Connector>,
+}
+
+impl std::fmt::Debug for ChannelPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChannelPool")
+            .field("connect_timeout", &self.connect_timeout)
+            .field("custom_connector", &self.connector.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl ChannelPool {
@@ -69,6 +84,15 @@ impl ChannelPool {
         Self {
             channels: Mutex::default(),
             connect_timeout,
+            connector: None,
+        }
+    }
+
+    /// A pool whose channels are made by `connector` (the simulation's network).
+    pub fn with_connector(connect_timeout: Duration, connector: Connector) -> Self {
+        Self {
+            connector: Some(connector),
+            ..Self::new(connect_timeout)
         }
     }
 
@@ -82,13 +106,26 @@ impl ChannelPool {
         if let Some(channel) = channels.get(addr) {
             return Some(channel.clone());
         }
-        let channel = Channel::from_shared(format!("http://{addr}"))
+        let endpoint = Channel::from_shared(format!("http://{addr}"))
             .ok()?
             .connect_timeout(self.connect_timeout)
-            .tcp_nodelay(true)
-            .connect_lazy();
+            .tcp_nodelay(true);
+        let channel = match &self.connector {
+            Some(connector) => connector(endpoint),
+            None => endpoint.connect_lazy(),
+        };
         channels.insert(addr.to_owned(), channel.clone());
         Some(channel)
+    }
+
+    /// Drops the channel to `addr`, so the next [`ChannelPool::channel`] opens a new connection.
+    /// Called after an RPC timed out: a connection whose packets a partition dropped can stay
+    /// open and wedged (HTTP/2 flow control out of step) long after the network healed.
+    pub fn forget(&self, addr: &str) {
+        self.channels
+            .lock()
+            .expect("channel pool lock is never poisoned")
+            .remove(addr);
     }
 }
 
@@ -119,6 +156,8 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
             group: self.group,
             target,
             channel: self.pool.channel(&node.addr),
+            pool: self.pool.clone(),
+            addr: node.addr.clone(),
             rpc_timeout: self.rpc_timeout,
         }
     }
@@ -130,6 +169,8 @@ pub struct GroupClient {
     group: GroupId,
     target: NodeId,
     channel: Option<Channel>,
+    pool: Arc<ChannelPool>,
+    addr: String,
     rpc_timeout: Duration,
 }
 
@@ -138,6 +179,12 @@ fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, NetworkError> {
 }
 
 impl GroupClient {
+    /// After a timeout: the next call uses a new connection (see [`ChannelPool::forget`]).
+    fn reconnect(&mut self) {
+        self.pool.forget(&self.addr);
+        self.channel = self.pool.channel(&self.addr);
+    }
+
     async fn call<Req, Resp, E>(
         &mut self,
         action: RPCTypes,
@@ -172,6 +219,7 @@ impl GroupClient {
         };
         let response = match tokio::time::timeout(timeout, call).await {
             Err(_) => {
+                self.reconnect();
                 return Err(RPCError::Timeout(Timeout {
                     action,
                     id: 0,
@@ -179,7 +227,15 @@ impl GroupClient {
                     timeout,
                 }));
             }
-            Ok(Err(status)) if status.code() == tonic::Code::DeadlineExceeded => {
+            // tonic reports its own client-side deadline (`set_timeout`) as CANCELLED
+            // "Timeout expired"; the server's as DEADLINE_EXCEEDED.
+            Ok(Err(status))
+                if matches!(
+                    status.code(),
+                    tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+                ) =>
+            {
+                self.reconnect();
                 return Err(RPCError::Timeout(Timeout {
                     action,
                     id: 0,

@@ -148,6 +148,17 @@ async fn batcher(raft: Raft, mut rx: mpsc::Receiver<Pending>) {
                 }
             }
             Ok(receiver) => {
+                let leading = || raft.metrics().borrow().state == openraft::ServerState::Leader;
+                let replies = if crate::bugs::ack_before_commit() && leading() {
+                    // Deliberate bug (feature `bugs`): on the leader, every caller hears "done"
+                    // as soon as raft took the batch, before it commits.
+                    for (reply, count) in replies.into_iter().zip(&counts) {
+                        let _ = reply.send(Ok(vec![EventOutcome::Done; *count]));
+                    }
+                    Vec::new()
+                } else {
+                    replies
+                };
                 tokio::spawn(async move {
                     let outcome = receiver.await;
                     drop(permit);
