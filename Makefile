@@ -5,8 +5,8 @@
 run:
 	scripts/run-cluster
 
-# The full test gate: fmt, FIXME check, dependency direction, clippy -D warnings, nextest, doc
-# tests, docs.
+# The full test gate: fmt, FIXME check, dependency direction, clippy -D warnings, nextest, the
+# jepsen short suite, the simulation's seed budget, doc tests, docs, the benchmark smoke run.
 test:
 	scripts/test
 
@@ -20,6 +20,14 @@ SCENARIO ?= kill-partition
 SECONDS ?= 60
 jepsen:
 	scripts/jepsen $(SCENARIO) $(SECONDS)
+
+# Seeds of the deterministic simulation (sim/, docs/SIMULATION.md), e.g. `make sim SEEDS=1000
+# SIM_SECONDS=30`; one seed with its report: `scripts/sim --seed 17`.
+SEEDS ?= 200
+SIM_SECONDS ?= 20
+.PHONY: sim
+sim:
+	scripts/sim $(SEEDS) $(SIM_SECONDS)
 
 # courier side by side with etcd and NATS JetStream, then idle-stream scale (~30 min): writes the
 # generated section of docs/BENCHMARKS.md and docs/bench/*.svg. `scripts/bench --smoke` is the

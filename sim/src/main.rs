@@ -1,0 +1,123 @@
+//! `courier-sim`: runs seeds of the deterministic simulation and reports each.
+//!
+//! ```text
+//! courier-sim --seed 17                      one seed, with the full checker report
+//! courier-sim --first 0 --seeds 200          a budget of seeds (what CI runs)
+//! courier-sim --seeds 20 --bug ack-before-commit --expect-failure
+//!                                            the deliberate bug must be found (feature `bugs`)
+//! ```
+//!
+//! Exit codes: 0 every seed passed (or, with `--expect-failure`, at least one failed); 1
+//! otherwise; 2 a simulation could not run.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::Parser;
+use courier_sim::{Options, Report, run_many};
+
+#[derive(Debug, Parser)]
+#[command(version, about = "courier deterministic simulation")]
+struct Args {
+    /// Run only this seed and print its whole report.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// First seed of a budget.
+    #[arg(long, default_value_t = 0)]
+    first: u64,
+    /// Number of seeds.
+    #[arg(long, default_value_t = 20)]
+    seeds: u64,
+    /// Simulated seconds of workload and faults per seed.
+    #[arg(long, default_value_t = 20)]
+    seconds: u64,
+    /// A deliberate bug of the consensus layer (needs the `bugs` feature): ack-before-commit.
+    #[arg(long)]
+    bug: Option<String>,
+    /// Succeed only if some seed fails (proves the bug is found).
+    #[arg(long)]
+    expect_failure: bool,
+    /// Where the simulated nodes' data directories go.
+    #[arg(long, default_value = "/dev/shm")]
+    dir: PathBuf,
+}
+
+fn main() {
+    let args = Args::parse();
+    // COURIER_SIM_LOG=<filter> (e.g. `warn`, `openraft=debug`) prints the nodes' logs.
+    if let Ok(filter) = std::env::var("COURIER_SIM_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .init();
+    }
+    let ack_before_commit = match args.bug.as_deref() {
+        None => false,
+        Some("ack-before-commit") => true,
+        Some(other) => {
+            eprintln!("courier-sim: unknown bug {other:?} (known: ack-before-commit)");
+            std::process::exit(2);
+        }
+    };
+    let dir = if args.dir.is_dir() {
+        args.dir.clone()
+    } else {
+        std::env::temp_dir()
+    };
+    let template = Options {
+        seed: 0,
+        seconds: args.seconds,
+        ack_before_commit,
+        dir,
+    };
+    let (first, count) = args.seed.map_or((args.first, args.seeds), |seed| (seed, 1));
+    let started = Instant::now();
+    let mut failed = Vec::new();
+    let mut print = |report: &Report| {
+        println!(
+            "seed {:>6}: {} shards, {} clients, {} ticks, {} faults {:?}, {} violations, {} anomalies, history {:016x}: {}",
+            report.seed,
+            report.shards,
+            report.clients,
+            report.ticks,
+            report.faults_total(),
+            report.faults,
+            report.violations.len(),
+            report.checker.anomaly_total(),
+            report.fingerprint,
+            if report.passed() { "ok" } else { "FAILED" }
+        );
+        if args.seed.is_some() || !report.passed() {
+            for violation in &report.violations {
+                println!("  violation: {violation}");
+            }
+            print!("{}", report.checker);
+        }
+        if !report.passed() {
+            failed.push(report.seed);
+        }
+    };
+    // Proving a bug is found needs one failing seed; the rest of the budget is not needed.
+    let stop_at_failure = args.expect_failure;
+    let reports = match run_many(&template, first, count, stop_at_failure, &mut print) {
+        Ok(reports) => reports,
+        Err(error) => {
+            eprintln!("courier-sim: {error:#}");
+            std::process::exit(2);
+        }
+    };
+    let elapsed = started.elapsed().as_secs_f64();
+    let ticks: u64 = reports.iter().map(|r| r.ticks).sum();
+    println!(
+        "courier-sim: {} seeds in {elapsed:.1} s ({:.1} seeds/min, {:.0} ticks/s); failed seeds: {failed:?}",
+        reports.len(),
+        reports.len() as f64 * 60.0 / elapsed.max(0.001),
+        ticks as f64 / elapsed.max(0.001),
+    );
+    let ok = if args.expect_failure {
+        !failed.is_empty()
+    } else {
+        failed.is_empty()
+    };
+    std::process::exit(i32::from(!ok));
+}
