@@ -20,7 +20,7 @@
 
 pub mod net;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -47,8 +47,10 @@ use courier_storage::{Db, OpenMode, Projection, ShardState, rebuild};
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 
-/// Simulated nodes (all voters).
-pub const NODES: u64 = 3;
+/// Simulated nodes: 3 voters and a spare that membership changes swap in.
+pub const NODES: u64 = 4;
+/// Voters of every shard.
+pub const VOTERS: u64 = 3;
 /// How long a proposal may take before the client calls its outcome unknown.
 const PROPOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Attempts of one send before the client gives up on it (its outcome stays unknown).
@@ -115,6 +117,8 @@ struct World {
     next_op: AtomicU64,
     /// The clients finished their liveness wait.
     settled: AtomicBool,
+    /// Membership changes that completed.
+    membership_changes: AtomicU64,
 }
 
 impl World {
@@ -139,10 +143,33 @@ fn host(id: NodeId) -> String {
     format!("n{id}")
 }
 
+fn node(id: NodeId) -> Node {
+    Node::new(format!("{}:{}", host(id), net::RAFT_PORT))
+}
+
+/// The first voters of every shard (node 4 is the spare).
 fn members() -> BTreeMap<NodeId, Node> {
-    (1..=NODES)
-        .map(|id| (id, Node::new(format!("{}:{}", host(id), net::RAFT_PORT))))
-        .collect()
+    (1..=VOTERS).map(|id| (id, node(id))).collect()
+}
+
+/// The node that leads `shard` (the highest term among those that say so) and its voters.
+fn leader_of(
+    world: &World,
+    shard: u16,
+) -> Option<(NodeId, courier_consensus::Raft, BTreeSet<NodeId>)> {
+    let nodes = world.lock_nodes().clone();
+    nodes
+        .iter()
+        .filter_map(|(id, groups)| {
+            let raft = groups.get(GroupId::Shard(ShardId::new(shard)))?.raft;
+            let metrics = raft.metrics().borrow().clone();
+            (metrics.state == openraft::ServerState::Leader).then(|| {
+                let voters = metrics.membership_config.membership().voter_ids().collect();
+                (metrics.current_term, *id, raft.clone(), voters)
+            })
+        })
+        .max_by_key(|(term, id, _, _)| (*term, *id))
+        .map(|(_, id, raft, voters)| (id, raft, voters))
 }
 
 /// Milliseconds of simulated time (0 outside a simulated host).
@@ -197,7 +224,7 @@ async fn node_main(
 /// took or the group already was.
 async fn bootstrap(world: &World, shards: u16) {
     for shard in 0..shards {
-        let node = u64::from(shard) % NODES + 1;
+        let node = u64::from(shard) % VOTERS + 1;
         loop {
             let groups = world.lock_nodes().get(&node).cloned();
             if let Some(handle) = groups.and_then(|g| g.get(GroupId::Shard(ShardId::new(shard)))) {
@@ -316,6 +343,51 @@ fn user_on(shard: ShardId, shards: u16, start: u64) -> u64 {
         .unwrap_or(start)
 }
 
+/// Membership changes until the heal: every 1.5–4 s one shard's leader adds the node that is not
+/// a voter of that shard as a learner (caught up), then replaces a random voter with it. A
+/// change that fails (a fault got in the way) is recorded and tried again later.
+async fn membership_changes(world: Arc<World>, shards: u16, seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x00AB_CDEF);
+    loop {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(1_500..4_000))).await;
+        if world.healed.load(Ordering::SeqCst) {
+            return;
+        }
+        let shard = rng.random_range(0..shards);
+        let Some((_, raft, voters)) = leader_of(&world, shard) else {
+            continue;
+        };
+        let Some(joining) = (1..=NODES).find(|n| !voters.contains(n)) else {
+            continue;
+        };
+        let voter_list: Vec<NodeId> = voters.iter().copied().collect();
+        let leaving = voter_list[rng.random_range(0..voter_list.len())];
+        let mut next = voters.clone();
+        next.remove(&leaving);
+        next.insert(joining);
+        let change = async {
+            raft.add_learner(joining, node(joining), true)
+                .await
+                .map_err(|e| e.to_string())?;
+            raft.change_membership(next.clone(), false)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        let description = match tokio::time::timeout(Duration::from_secs(5), change).await {
+            Ok(Ok(_)) => {
+                world.membership_changes.fetch_add(1, Ordering::SeqCst);
+                format!("shard {shard}: voters {voters:?} -> {next:?}")
+            }
+            Ok(Err(error)) => format!("shard {shard}: membership change failed: {error}"),
+            Err(_) => format!("shard {shard}: membership change timed out"),
+        };
+        world.record(Record::Fault(Fault {
+            time_ms: now_ms(),
+            description,
+        }));
+    }
+}
+
 /// The clients' host: bootstrap, senders until the heal, then wait for leaders and convergence.
 async fn clients_main(world: Arc<World>, shards: u16, clients: u32, seed: u64) -> turmoil::Result {
     bootstrap(&world, shards).await;
@@ -336,10 +408,39 @@ async fn clients_main(world: Arc<World>, shards: u16, clients: u32, seed: u64) -
             seed,
         )));
     }
+    tasks.push(tokio::spawn(membership_changes(
+        world.clone(),
+        shards,
+        seed,
+    )));
     for task in tasks {
         task.await?;
     }
     let deadline = tokio::time::Instant::now() + LIVENESS_WAIT;
+    // Every shard back to voters n1..n3, so every replica the final checks compare holds every
+    // shard (the checker expects each node that reports one shard to report all of them).
+    let standard: BTreeSet<NodeId> = members().into_keys().collect();
+    for shard in 0..shards {
+        while tokio::time::Instant::now() < deadline {
+            if let Some((_, raft, voters)) = leader_of(&world, shard) {
+                if voters == standard {
+                    break;
+                }
+                let change = async {
+                    for id in standard.difference(&voters) {
+                        raft.add_learner(*id, node(*id), true).await.map_err(drop)?;
+                    }
+                    raft.change_membership(standard.clone(), false)
+                        .await
+                        .map_err(drop)
+                };
+                if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(5), change).await {
+                    continue;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     while tokio::time::Instant::now() < deadline {
         if converged(&world, shards) {
             break;
@@ -350,17 +451,20 @@ async fn clients_main(world: Arc<World>, shards: u16, clients: u32, seed: u64) -
     Ok(())
 }
 
-/// Every shard has one agreed leader and every node applied the same index.
+/// Every shard has a leader that all its voters agree on, and every voter applied the same index.
 fn converged(world: &World, shards: u16) -> bool {
     let nodes = world.lock_nodes().clone();
-    if nodes.len() != usize::try_from(NODES).unwrap_or(0) {
-        return false;
-    }
     (0..shards).all(|shard| {
-        let mut leaders = std::collections::BTreeSet::new();
-        let mut applied = std::collections::BTreeSet::new();
-        for groups in nodes.values() {
-            let Some(handle) = groups.get(GroupId::Shard(ShardId::new(shard))) else {
+        let Some((_, _, voters)) = leader_of(world, shard) else {
+            return false;
+        };
+        let mut leaders = BTreeSet::new();
+        let mut applied = BTreeSet::new();
+        for voter in &voters {
+            let Some(handle) = nodes
+                .get(voter)
+                .and_then(|groups| groups.get(GroupId::Shard(ShardId::new(shard))))
+            else {
                 return false;
             };
             let metrics = handle.raft.metrics().borrow().clone();
@@ -644,7 +748,14 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
         shards,
         clients,
         ticks,
-        faults: nemesis.faults,
+        faults: {
+            let mut faults = nemesis.faults;
+            let changes = world.membership_changes.load(Ordering::SeqCst);
+            if changes > 0 {
+                faults.insert("membership", usize::try_from(changes).unwrap_or(usize::MAX));
+            }
+            faults
+        },
         violations,
         checker: report,
         fingerprint,
@@ -662,10 +773,19 @@ fn fingerprint(history: &History) -> u64 {
     hasher.digest()
 }
 
-/// After the run: every node's replica status, a verification of every projection against a
-/// rebuild from the log, and a drain of every user's inbox from every node, as history records.
+/// After the run: every voter's replica status, a verification of every projection against a
+/// rebuild from the log, and a drain of every user's inbox from every voter of the user's shard,
+/// as history records. (Without an agreed leader every node counts; liveness already failed.)
 fn final_records(world: &World, shards: u16) {
     let nodes = world.lock_nodes().clone();
+    let voters: BTreeMap<u16, BTreeSet<NodeId>> = (0..shards)
+        .map(|shard| {
+            let voters =
+                leader_of(world, shard).map_or_else(|| (1..=NODES).collect(), |(_, _, v)| v);
+            (shard, voters)
+        })
+        .collect();
+    let is_voter = |node: NodeId, shard: u16| voters.get(&shard).is_some_and(|v| v.contains(&node));
     let mut session = 0_u64;
     let users: Vec<(u64, ShardId)> = {
         let history = world.history.lock().unwrap_or_else(PoisonError::into_inner);
@@ -683,7 +803,7 @@ fn final_records(world: &World, shards: u16) {
     for (node, groups) in &nodes {
         let node32 = u32::try_from(*node).unwrap_or(u32::MAX);
         let db = groups.db().clone();
-        for shard in 0..shards {
+        for shard in (0..shards).filter(|shard| is_voter(*node, *shard)) {
             let shard_id = ShardId::new(shard);
             let replica = match ShardState::load(db.as_ref(), shard_id) {
                 Ok(state) => Replica {
@@ -733,7 +853,7 @@ fn final_records(world: &World, shards: u16) {
             };
             world.record(Record::Verify(verify));
         }
-        for (user, shard) in &users {
+        for (user, shard) in users.iter().filter(|(_, s)| is_voter(*node, s.get())) {
             session += 1;
             world.record(Record::SessionStart(SessionStart {
                 session,
