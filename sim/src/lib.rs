@@ -538,6 +538,8 @@ struct Nemesis {
     partitioned: bool,
     held: bool,
     faults: BTreeMap<&'static str, usize>,
+    /// Simulated milliseconds of the current step (fault records carry it).
+    now: u64,
 }
 
 impl Nemesis {
@@ -550,18 +552,20 @@ impl Nemesis {
             partitioned: false,
             held: false,
             faults: BTreeMap::new(),
+            now: 0,
         }
     }
 
     fn note(&mut self, world: &World, kind: &'static str, description: String) {
         *self.faults.entry(kind).or_default() += 1;
         world.record(Record::Fault(Fault {
-            time_ms: 0,
+            time_ms: self.now,
             description,
         }));
     }
 
     fn step(&mut self, sim: &mut turmoil::Sim<'_>, world: &World, now: u64) {
+        self.now = now;
         if let Some(at) = self.heal_at {
             if now >= at {
                 self.heal(sim, world);
@@ -615,6 +619,7 @@ impl Nemesis {
     }
 
     fn heal(&mut self, sim: &mut turmoil::Sim<'_>, world: &World) {
+        self.now = u64::try_from(sim.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.heal_at = None;
         if self.partitioned {
             for a in 1..=NODES {
