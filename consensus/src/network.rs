@@ -65,6 +65,8 @@ pub type Connector = Arc<dyn Fn(Endpoint) -> Channel + Send + Sync>;
 #[derive(Default)]
 pub struct ChannelPool {
     channels: Mutex<BTreeMap<String, Channel>>,
+    /// Per peer address: RPC timeouts since its last answer (all groups together).
+    timeouts: Mutex<BTreeMap<String, u32>>,
     connect_timeout: Duration,
     connector: Option<Connector>,
 }
@@ -83,6 +85,7 @@ impl ChannelPool {
     pub fn new(connect_timeout: Duration) -> Self {
         Self {
             channels: Mutex::default(),
+            timeouts: Mutex::default(),
             connect_timeout,
             connector: None,
         }
@@ -116,6 +119,35 @@ impl ChannelPool {
         };
         channels.insert(addr.to_owned(), channel.clone());
         Some(channel)
+    }
+
+    /// Counts an RPC timeout to `addr`; after [`RECONNECT_AFTER_TIMEOUTS`] with no answer in
+    /// between (from any group), drops its channel and returns true.
+    pub fn timed_out(&self, addr: &str) -> bool {
+        let mut timeouts = self
+            .timeouts
+            .lock()
+            .expect("channel pool lock is never poisoned");
+        let count = timeouts.entry(addr.to_owned()).or_default();
+        *count = count.saturating_add(1);
+        if *count < RECONNECT_AFTER_TIMEOUTS {
+            return false;
+        }
+        *count = 0;
+        drop(timeouts);
+        self.forget(addr);
+        true
+    }
+
+    /// An RPC to `addr` was answered: its timeout count starts again.
+    pub fn answered(&self, addr: &str) {
+        let mut timeouts = self
+            .timeouts
+            .lock()
+            .expect("channel pool lock is never poisoned");
+        if timeouts.get(addr).is_some_and(|count| *count > 0) {
+            timeouts.insert(addr.to_owned(), 0);
+        }
     }
 
     /// Drops the channel to `addr`, so the next [`ChannelPool::channel`] opens a new connection.
@@ -174,15 +206,21 @@ pub struct GroupClient {
     rpc_timeout: Duration,
 }
 
+/// Consecutive RPC timeouts to one peer after which its pooled channel is replaced. One slow
+/// answer under load is not a wedged connection; several in a row are (or might as well be).
+pub const RECONNECT_AFTER_TIMEOUTS: u32 = 3;
+
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, NetworkError> {
     postcard::to_stdvec(value).map_err(|e| NetworkError::new(&e))
 }
 
 impl GroupClient {
-    /// After a timeout: the next call uses a new connection (see [`ChannelPool::forget`]).
-    fn reconnect(&mut self) {
-        self.pool.forget(&self.addr);
-        self.channel = self.pool.channel(&self.addr);
+    /// After a timeout: once [`RECONNECT_AFTER_TIMEOUTS`] came to this peer with no answer in
+    /// between, this and every later call use a new connection (see [`ChannelPool::forget`]).
+    fn timed_out(&mut self) {
+        if self.pool.timed_out(&self.addr) {
+            self.channel = self.pool.channel(&self.addr);
+        }
     }
 
     async fn call<Req, Resp, E>(
@@ -219,7 +257,7 @@ impl GroupClient {
         };
         let response = match tokio::time::timeout(timeout, call).await {
             Err(_) => {
-                self.reconnect();
+                self.timed_out();
                 return Err(RPCError::Timeout(Timeout {
                     action,
                     id: 0,
@@ -235,7 +273,7 @@ impl GroupClient {
                     tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
                 ) =>
             {
-                self.reconnect();
+                self.timed_out();
                 return Err(RPCError::Timeout(Timeout {
                     action,
                     id: 0,
@@ -247,7 +285,10 @@ impl GroupClient {
                 return Err(RPCError::Unreachable(Unreachable::new(&status)));
             }
             Ok(Err(status)) => return Err(RPCError::Network(NetworkError::new(&status))),
-            Ok(Ok(response)) => response.into_inner(),
+            Ok(Ok(response)) => {
+                self.pool.answered(&self.addr);
+                response.into_inner()
+            }
         };
         let result: Result<Resp, RaftError<NodeId, E>> = postcard::from_bytes(&response.payload)
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
