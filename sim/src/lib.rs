@@ -172,6 +172,11 @@ fn leader_of(
         .map(|(_, id, raft, voters)| (id, raft, voters))
 }
 
+/// Milliseconds of simulated time, as the driver (outside every host) sees it.
+fn elapsed_ms(sim: &turmoil::Sim<'_>) -> u64 {
+    u64::try_from(sim.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Milliseconds of simulated time (0 outside a simulated host).
 fn now_ms() -> u64 {
     turmoil::sim_elapsed().map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -619,7 +624,7 @@ impl Nemesis {
     }
 
     fn heal(&mut self, sim: &mut turmoil::Sim<'_>, world: &World) {
-        self.now = u64::try_from(sim.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.now = elapsed_ms(sim);
         self.heal_at = None;
         if self.partitioned {
             for a in 1..=NODES {
@@ -706,7 +711,7 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
             }
         }
         ticks += 1;
-        let now = u64::try_from(sim.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let now = elapsed_ms(&sim);
         if now < fault_window_ms {
             nemesis.step(&mut sim, &world, now);
         } else if !world.healed.load(Ordering::SeqCst) {
