@@ -1,17 +1,26 @@
 //! openraft's storage conformance suite (35 cases) on the RocksDB-backed log store and state
-//! machine. Runs from a plain `#[test]`: the suite builds its own runtime per case.
+//! machine, and again on the simulation's in-memory disk (`MemDisk`), so the simulation runs
+//! the consensus layer on a store that passes the same suite. Runs from plain `#[test]`s: the
+//! suite builds its own runtime per case.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use courier_consensus::types::{GroupId, RaftStorageError, TypeConfig};
 use courier_consensus::{LogStore, StateMachine};
-use courier_storage::{Db, OpenMode};
+use courier_storage::{Db, MemDisk, OpenMode};
 use openraft::testing::{StoreBuilder, Suite};
 
 struct Builder {
     root: tempfile::TempDir,
     next: AtomicU64,
+    memdisk: bool,
+}
+
+fn group(n: u64) -> GroupId {
+    GroupId::Shard(courier_proto::ShardId::new(
+        u16::try_from(n % 7).expect("small"),
+    ))
 }
 
 impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Builder {
@@ -19,10 +28,12 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Bui
         // One directory per build: some cases build two stores at once.
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let dir = tempfile::tempdir_in(self.root.path()).expect("tempdir");
-        let db = Arc::new(Db::open(dir.path(), OpenMode::ReadWrite).expect("open"));
-        let group = GroupId::Shard(courier_proto::ShardId::new(
-            u16::try_from(n % 7).expect("small"),
-        ));
+        let db = Arc::new(if self.memdisk {
+            Db::on_memdisk(Arc::new(MemDisk::new()), dir.path())
+        } else {
+            Db::open(dir.path(), OpenMode::ReadWrite).expect("open")
+        });
+        let group = group(n);
         let log = LogStore::new(courier_storage::LogStore::new(
             db.clone(),
             group.storage_prefix(),
@@ -37,6 +48,17 @@ fn openraft_storage_suite() {
     let builder = Builder {
         root: tempfile::tempdir().expect("tempdir"),
         next: AtomicU64::new(0),
+        memdisk: false,
     };
     Suite::test_all(builder).expect("every case of openraft's storage suite passes");
+}
+
+#[test]
+fn openraft_storage_suite_on_memdisk() {
+    let builder = Builder {
+        root: tempfile::tempdir().expect("tempdir"),
+        next: AtomicU64::new(0),
+        memdisk: true,
+    };
+    Suite::test_all(builder).expect("every case of openraft's storage suite passes on MemDisk");
 }

@@ -5,14 +5,21 @@
 //! is no switch to turn this off. Apply batches are written without their own fsync: they are
 //! ordered after the synced log writes in the same WAL and can always be re-derived from the log,
 //! and [`Db::sync_wal`] runs before anything the log cannot re-derive (a purge).
+//!
+//! The deterministic simulation opens the same `Db` on a [`MemDisk`] instead
+//! ([`Db::on_memdisk`]), which keeps written and synced data apart so a simulated crash loses
+//! what no fsync covered. Everything above this type is the same code either way.
 
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rocksdb::{ColumnFamilyDescriptor, DB, IteratorMode, ReadOptions, WriteBatch, WriteOptions};
 
 use crate::cf::Cf;
 use crate::error::{Result, StorageError, db_err};
 use crate::kv::{Change, Pair, ReadKv};
+use crate::memdisk::{MemDisk, Op};
 
 /// How a database is opened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,10 +30,18 @@ pub enum OpenMode {
     ReadOnly,
 }
 
-/// One RocksDB with courier's column families.
+/// One RocksDB with courier's column families (or, in the simulation, a [`MemDisk`]).
 pub struct Db {
-    db: DB,
+    engine: Engine,
     path: PathBuf,
+}
+
+enum Engine {
+    Rocks(DB),
+    Memory {
+        disk: Arc<MemDisk>,
+        incarnation: u64,
+    },
 }
 
 impl std::fmt::Debug for Db {
@@ -60,9 +75,20 @@ impl Db {
         }
         .map_err(db_err("open", "*"))?;
         Ok(Self {
-            db,
+            engine: Engine::Rocks(db),
             path: path.to_path_buf(),
         })
+    }
+
+    /// Opens a handle on a simulated disk: it sees what the disk holds now (after its last
+    /// crash) and dies with the disk's next crash. `path` only names it (checkpoints and
+    /// messages).
+    pub fn on_memdisk(disk: Arc<MemDisk>, path: &Path) -> Self {
+        let incarnation = disk.attach();
+        Self {
+            engine: Engine::Memory { disk, incarnation },
+            path: path.to_path_buf(),
+        }
     }
 
     /// The directory this database lives in.
@@ -70,10 +96,9 @@ impl Db {
         &self.path
     }
 
-    fn handle(&self, cf: Cf) -> &rocksdb::ColumnFamily {
+    fn handle(db: &DB, cf: Cf) -> &rocksdb::ColumnFamily {
         // Every `Cf` is created at open (create_missing_column_families), so the handle exists.
-        self.db
-            .cf_handle(cf.name())
+        db.cf_handle(cf.name())
             .expect("column family declared in cf.rs exists")
     }
 
@@ -105,25 +130,34 @@ impl Db {
         changes: Vec<Change>,
         sync: bool,
     ) -> Result<()> {
+        let db = match &self.engine {
+            Engine::Rocks(db) => db,
+            Engine::Memory { disk, incarnation } => {
+                let ops = ranges
+                    .iter()
+                    .map(|(cf, from, to)| Op::DeleteRange(*cf, from.clone(), to.clone()))
+                    .chain(
+                        changes
+                            .into_iter()
+                            .map(|(cf, key, value)| Op::Set(cf, key, value)),
+                    )
+                    .collect();
+                return disk.write(*incarnation, ops, sync);
+            }
+        };
         let mut batch = WriteBatch::default();
         for (cf, from, to) in ranges {
-            batch.delete_range_cf(self.handle(*cf), from, to);
+            batch.delete_range_cf(Self::handle(db, *cf), from, to);
         }
         for (cf, key, value) in changes {
             match value {
-                Some(value) => batch.put_cf(self.handle(cf), key, value),
-                None => batch.delete_cf(self.handle(cf), key),
+                Some(value) => batch.put_cf(Self::handle(db, cf), key, value),
+                None => batch.delete_cf(Self::handle(db, cf), key),
             }
         }
-        self.write(batch, sync)
-    }
-
-    fn write(&self, batch: WriteBatch, sync: bool) -> Result<()> {
         let mut options = WriteOptions::default();
         options.set_sync(sync);
-        self.db
-            .write_opt(batch, &options)
-            .map_err(db_err("write", "*"))
+        db.write_opt(batch, &options).map_err(db_err("write", "*"))
     }
 
     /// Fsyncs the WAL, making every earlier write durable.
@@ -131,7 +165,10 @@ impl Db {
     /// # Errors
     /// [`StorageError::Db`].
     pub fn sync_wal(&self) -> Result<()> {
-        self.db.flush_wal(true).map_err(db_err("flush_wal", "*"))
+        match &self.engine {
+            Engine::Rocks(db) => db.flush_wal(true).map_err(db_err("flush_wal", "*")),
+            Engine::Memory { disk, incarnation } => disk.sync(*incarnation),
+        }
     }
 
     /// Returns the last pair of `cf` in `[from, to)`.
@@ -139,12 +176,17 @@ impl Db {
     /// # Errors
     /// [`StorageError::Db`].
     pub fn last_in(&self, cf: Cf, from: &[u8], to: &[u8]) -> Result<Option<Pair>> {
+        let db = match &self.engine {
+            Engine::Rocks(db) => db,
+            Engine::Memory { disk, incarnation } => {
+                let range = (Bound::Included(from), Bound::Excluded(to));
+                return Ok(disk.scan(*incarnation, cf, range, 1, true)?.pop());
+            }
+        };
         let mut options = ReadOptions::default();
         options.set_iterate_lower_bound(from.to_vec());
         options.set_iterate_upper_bound(to.to_vec());
-        let mut iter = self
-            .db
-            .iterator_cf_opt(self.handle(cf), options, IteratorMode::End);
+        let mut iter = db.iterator_cf_opt(Self::handle(db, cf), options, IteratorMode::End);
         match iter.next() {
             Some(Ok((key, value))) => Ok(Some((key.to_vec(), value.to_vec()))),
             Some(Err(source)) => Err(StorageError::Db {
@@ -162,8 +204,20 @@ impl Db {
     /// # Errors
     /// [`StorageError::Db`].
     pub fn checkpoint(&self, dir: &Path) -> Result<()> {
+        let db = match &self.engine {
+            Engine::Rocks(db) => db,
+            Engine::Memory { disk, incarnation } => {
+                // A real RocksDB holding what the simulated disk shows now.
+                let copy = Self::open(dir, OpenMode::ReadWrite)?;
+                for (cf, pairs) in disk.visible(*incarnation)? {
+                    let changes = pairs.into_iter().map(|(key, value)| (cf, key, Some(value)));
+                    copy.commit(changes, true)?;
+                }
+                return Ok(());
+            }
+        };
         let checkpoint =
-            rocksdb::checkpoint::Checkpoint::new(&self.db).map_err(db_err("checkpoint", "*"))?;
+            rocksdb::checkpoint::Checkpoint::new(db).map_err(db_err("checkpoint", "*"))?;
         checkpoint
             .create_checkpoint(dir)
             .map_err(db_err("checkpoint", "*"))
@@ -172,16 +226,26 @@ impl Db {
 
 impl ReadKv for Db {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        self.db
-            .get_cf(self.handle(cf), key)
-            .map_err(db_err("get", cf.name()))
+        match &self.engine {
+            Engine::Rocks(db) => db
+                .get_cf(Self::handle(db, cf), key)
+                .map_err(db_err("get", cf.name())),
+            Engine::Memory { disk, incarnation } => disk.get(*incarnation, cf, key),
+        }
     }
 
     fn scan(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<Pair>> {
+        let db = match &self.engine {
+            Engine::Rocks(db) => db,
+            Engine::Memory { disk, incarnation } => {
+                let range = (Bound::Included(from), Bound::Excluded(to));
+                return disk.scan(*incarnation, cf, range, limit, false);
+            }
+        };
         let mut options = ReadOptions::default();
         options.set_iterate_upper_bound(to.to_vec());
-        let iter = self.db.iterator_cf_opt(
-            self.handle(cf),
+        let iter = db.iterator_cf_opt(
+            Self::handle(db, cf),
             options,
             IteratorMode::From(from, rocksdb::Direction::Forward),
         );

@@ -18,6 +18,15 @@ pub enum StorageError {
         #[source]
         source: rocksdb::Error,
     },
+    /// The simulation's disk ([`MemDisk`](crate::MemDisk)) failed: an injected fsync error, or a
+    /// handle that outlived its node's crash.
+    #[error("disk {op} failed: {reason}")]
+    Disk {
+        /// What was being done (`write`, `fsync`, `get`, …).
+        op: &'static str,
+        /// Why.
+        reason: String,
+    },
     /// A stored log entry or raft state value does not match its checksum.
     #[error(
         "checksum mismatch in `{cf}` for {shard} at {what}: stored {stored:#010x}, computed {computed:#010x}"

@@ -6,7 +6,8 @@
 //!       └──committed entries──▶ shard::ShardState::apply_batch ──▶ projection::apply_event
 //!                                     │ one WriteBatch: projections + applied index + digests
 //!                                     ▼
-//!                              db::Db (RocksDB) | kv::MemKv (tests, scratch rebuilds)
+//!                              db::Db (RocksDB, or memdisk::MemDisk in the simulation)
+//!                              | kv::MemKv (tests, scratch rebuilds)
 //! ```
 //!
 //! This crate knows nothing of openraft or tonic: consensus adapts to it. Projections are pure
@@ -16,12 +17,14 @@
 
 #![warn(clippy::arithmetic_side_effects, clippy::as_conversions)]
 
+pub mod bugs;
 pub mod cf;
 pub mod db;
 pub mod error;
 pub mod keys;
 pub mod kv;
 pub mod log;
+pub mod memdisk;
 pub mod projection;
 pub mod rebuild;
 pub mod shard;
@@ -34,5 +37,6 @@ pub use db::{Db, OpenMode};
 pub use error::{Result, StorageError};
 pub use kv::{Digest, MemKv, ReadKv};
 pub use log::{LogRecord, LogStore};
+pub use memdisk::MemDisk;
 pub use projection::{Applied, Projection};
 pub use shard::{Batch, Committed, ShardState};

@@ -148,7 +148,9 @@ impl LogStore {
                 Some(encode_record(record)),
             )
         });
-        self.db.commit(changes, true)
+        // Deliberate bug (feature `bugs` only): no fsync.
+        self.db
+            .commit(changes, !crate::bugs::unsynced_log_appends())
     }
 
     /// Reads entries `[from, to)`, verifying each checksum and that indexes are contiguous.
