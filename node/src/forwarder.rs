@@ -23,7 +23,6 @@ use courier_proto::{LogIndex, ShardId};
 use courier_storage::kv::Staged;
 use courier_storage::projection::{Projection, View, outbox};
 use openraft::ServerState;
-use rand::Rng as _;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
@@ -67,8 +66,12 @@ pub async fn run(cluster: Cluster, in_flight: usize, shutdown: CancellationToken
                 }
             }
         }
-        // Sleep until the next apply, or until the earliest retry is due.
+        // Sleep until the next apply, or until the earliest retry is due. A retry that came due
+        // but was not made (this node no longer leads the source, or the queue drained) is
+        // forgotten: left in place it would make every later wait zero, a busy loop (found by
+        // the simulation, seed 0 of the node layer).
         let now = Instant::now();
+        backoff.retain(|_, (at, _)| *at > now);
         let wait = backoff
             .values()
             .map(|(at, _)| at.saturating_duration_since(now))
@@ -135,8 +138,8 @@ fn note_result(
             let delay = backoff
                 .get(&key)
                 .map_or(BACKOFF_MIN, |(_, d)| (*d * 2).min(BACKOFF_MAX));
-            let jitter = rand::rng().random_range(0..=delay.as_millis() / 2);
-            let jitter = Duration::from_millis(u64::try_from(jitter).unwrap_or(0));
+            let half = u64::try_from(delay.as_millis() / 2).unwrap_or(u64::MAX);
+            let jitter = Duration::from_millis(crate::env::random_range(0..=half));
             tracing::warn!(source = source.get(), dest = dest.get(), %error, retry_ms = (delay + jitter).as_millis(), "forward failed");
             backoff.insert(key, (Instant::now() + delay + jitter, delay));
         }
