@@ -1195,8 +1195,4 @@ fn validate_batch(request: &ForwardBatchRequest, source: ShardId) -> Result<Vec<
     Ok(events)
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
+use crate::env::now_ms;

@@ -14,6 +14,7 @@ pub mod cli;
 pub mod client;
 pub mod cluster;
 pub mod config;
+pub mod env;
 pub mod forwarder;
 pub mod listener;
 pub mod maintenance;

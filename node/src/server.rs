@@ -4,6 +4,10 @@
 //!   start: data dir ─▶ RocksDB ─▶ bind client + peer listeners ─▶ node.addr ─▶ serve
 //!   stop:  cancel ─▶ gRPC servers drain ─▶ tasks joined ─▶ RocksDB closed (WAL synced)
 //! ```
+//!
+//! [`start`] is what `courier-node` runs. [`start_in`] takes an [`Environment`] instead of the
+//! defaults — storage, peer channels, listeners — which is how the deterministic simulation
+//! (`sim/`) runs this same code on simulated disks and a simulated network.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,6 +21,8 @@ use courier_proto::pb::peer::admin_server::AdminServer;
 use courier_proto::pb::peer::forward_server::ForwardServer;
 use courier_proto::pb::peer::raft_server::RaftServer;
 use courier_storage::{Db, OpenMode};
+use futures_util::Stream;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -24,7 +30,7 @@ use tonic::server::NamedService;
 use tracing::info;
 
 use courier_consensus::groups::{ConsensusError, Groups};
-use courier_consensus::network::RaftService;
+use courier_consensus::network::{ChannelPool, RaftService};
 
 use crate::client::ClientApi;
 use crate::client::registration::DevFileSms;
@@ -146,22 +152,113 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
         .map_err(|source| ServerError::Bind { addr, source })
 }
 
+/// A stream of accepted connections, boxed (the simulation's listeners).
+pub type Incoming =
+    std::pin::Pin<Box<dyn Stream<Item = std::io::Result<Connection>> + Send + 'static>>;
+
+/// Any byte stream a gRPC server can serve.
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// One accepted connection of an [`Incoming`] stream.
+pub struct Connection(pub Box<dyn Io>);
+
+impl tonic::transport::server::Connected for Connection {
+    type ConnectInfo = ();
+
+    fn connect_info(&self) -> Self::ConnectInfo {}
+}
+
+impl AsyncRead for Connection {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Connection {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut *self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.0).poll_shutdown(cx)
+    }
+}
+
+/// What a node runs on when it is not the defaults: each `None` is what `courier-node` uses.
+#[derive(Default)]
+pub struct Environment {
+    /// Storage; `None` opens RocksDB in `data-dir/db`.
+    pub db: Option<Arc<Db>>,
+    /// Channels to peers (raft and forwarding); `None` dials TCP.
+    pub pool: Option<Arc<ChannelPool>>,
+    /// The client and peer listeners; `None` binds `listen.client` and `listen.peer` (and
+    /// applies `limits.connections-max`, which a provided listener must apply itself).
+    pub listeners: Option<(Incoming, Incoming)>,
+}
+
+impl std::fmt::Debug for Environment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Environment")
+            .field("db", &self.db)
+            .field("pool", &self.pool.is_some())
+            .field("listeners", &self.listeners.is_some())
+            .finish()
+    }
+}
+
 /// Starts a node: opens storage, binds both listeners and serves until stopped.
 ///
 /// # Errors
 /// [`ServerError`] when the data directory, storage, or a listener cannot be set up.
 pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
+    start_in(config, Environment::default()).await
+}
+
+/// Starts a node in `environment` (see [`Environment`]).
+///
+/// # Errors
+/// As [`start`].
+pub async fn start_in(config: Config, environment: Environment) -> Result<NodeHandle, ServerError> {
     info!(node_id = config.node_id, data_dir = %config.data_dir.display(), "starting node");
     std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir {
         path: config.data_dir.clone(),
         source,
     })?;
 
-    let db_path = config.data_dir.join("db");
-    let db = Arc::new(Db::open(&db_path, OpenMode::ReadWrite)?);
-    info!(path = %db_path.display(), "storage open");
+    let db = match environment.db {
+        Some(db) => db,
+        None => {
+            let db_path = config.data_dir.join("db");
+            let db = Arc::new(Db::open(&db_path, OpenMode::ReadWrite)?);
+            info!(path = %db_path.display(), "storage open");
+            db
+        }
+    };
 
-    let groups = Groups::open(config.node_id, db.clone(), &config.raft)
+    let pool = environment
+        .pool
+        .unwrap_or_else(|| Arc::new(ChannelPool::new(config.raft.rpc_timeout)));
+    let groups = Groups::open_with(config.node_id, db.clone(), &config.raft, pool)
         .await
         .map_err(Box::new)?;
     info!(groups = groups.list().len(), "raft groups open");
@@ -188,20 +285,26 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
     };
     let cluster = Cluster::new(groups.clone(), db.clone(), config.raft.rpc_timeout, edge);
 
-    let client_listener = bind(config.listen.client).await?;
-    let peer_listener = bind(config.listen.peer).await?;
-    let client_addr = client_listener
-        .local_addr()
-        .map_err(|source| ServerError::Bind {
-            addr: config.listen.client,
-            source,
-        })?;
-    let peer_addr = peer_listener
-        .local_addr()
-        .map_err(|source| ServerError::Bind {
-            addr: config.listen.peer,
-            source,
-        })?;
+    let listeners = match environment.listeners {
+        Some((client, peer)) => Listeners::Provided { client, peer },
+        None => Listeners::Tcp {
+            client: bind(config.listen.client).await?,
+            peer: bind(config.listen.peer).await?,
+        },
+    };
+    let (client_addr, peer_addr) = match &listeners {
+        Listeners::Tcp { client, peer } => (
+            client.local_addr().map_err(|source| ServerError::Bind {
+                addr: config.listen.client,
+                source,
+            })?,
+            peer.local_addr().map_err(|source| ServerError::Bind {
+                addr: config.listen.peer,
+                source,
+            })?,
+        ),
+        Listeners::Provided { .. } => (config.listen.client, config.listen.peer),
+    };
     // Every listener is bound before anything is spawned, so a failed start leaves nothing running.
     let metrics_listener = match config.listen.metrics {
         Some(addr) => Some(bind(addr).await?),
@@ -233,30 +336,27 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
     let client_router = client_router(&config, client_api).await?;
     let jobs = crate::maintenance::Jobs::new(groups.clone(), config.data_dir.join("scratch"));
     let peer_router = peer_router(cluster.clone(), groups.clone(), live, jobs).await?;
-    for (name, router, listener, connections_max) in [
-        (
-            "client",
-            client_router,
-            client_listener,
-            config.limits.connections_max,
-        ),
-        ("peer", peer_router, peer_listener, PEER_CONNECTIONS_MAX),
-    ] {
-        let shutdown = shutdown.clone();
-        let error_tx = error_tx.clone();
-        let db = db.clone();
-        tasks.spawn(async move {
-            let incoming = crate::listener::limited(listener, connections_max);
-            let served = router
-                .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
-                .await;
-            if let Err(error) = served {
-                tracing::error!(server = name, %error, "grpc server failed");
-                let _ = error_tx.try_send(ServerError::Transport(error));
-            }
-            info!(server = name, "grpc server stopped");
-            drop(db);
-        });
+    let serving = Serving {
+        tasks: &tasks,
+        shutdown: &shutdown,
+        errors: &error_tx,
+        db: &db,
+    };
+    match listeners {
+        Listeners::Tcp { client, peer } => {
+            let connections_max = config.limits.connections_max;
+            let client = crate::listener::limited(client, connections_max);
+            serving.spawn("client", client_router, client);
+            serving.spawn(
+                "peer",
+                peer_router,
+                crate::listener::limited(peer, PEER_CONNECTIONS_MAX),
+            );
+        }
+        Listeners::Provided { client, peer } => {
+            serving.spawn("client", client_router, client);
+            serving.spawn("peer", peer_router, peer);
+        }
     }
     {
         let cluster = cluster.clone();
@@ -307,6 +407,52 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
         groups,
         cluster,
     })
+}
+
+enum Listeners {
+    Tcp {
+        client: TcpListener,
+        peer: TcpListener,
+    },
+    Provided {
+        client: Incoming,
+        peer: Incoming,
+    },
+}
+
+/// What every gRPC server task of a node shares.
+struct Serving<'a> {
+    tasks: &'a TaskTracker,
+    shutdown: &'a CancellationToken,
+    errors: &'a tokio::sync::mpsc::Sender<ServerError>,
+    db: &'a Arc<Db>,
+}
+
+impl Serving<'_> {
+    /// Serves `router` on `incoming` until shutdown; a failure is reported to the node.
+    fn spawn<S, IO>(
+        &self,
+        name: &'static str,
+        router: tonic::transport::server::Router,
+        incoming: S,
+    ) where
+        S: Stream<Item = std::io::Result<IO>> + Send + 'static,
+        IO: AsyncRead + AsyncWrite + tonic::transport::server::Connected + Send + Unpin + 'static,
+    {
+        let (shutdown, error_tx, db) =
+            (self.shutdown.clone(), self.errors.clone(), self.db.clone());
+        self.tasks.spawn(async move {
+            let served = router
+                .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
+                .await;
+            if let Err(error) = served {
+                tracing::error!(server = name, %error, "grpc server failed");
+                let _ = error_tx.try_send(ServerError::Transport(error));
+            }
+            info!(server = name, "grpc server stopped");
+            drop(db);
+        });
+    }
 }
 
 fn write_addr_file(

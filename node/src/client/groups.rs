@@ -13,7 +13,6 @@ use courier_proto::pb::client::{
 use courier_proto::pb::events::{self, Event, event::Kind};
 use courier_proto::{ConversationId, GroupId, ShardId, UserId, shard_of_group};
 use courier_storage::projection::{devices, groups};
-use rand::Rng as _;
 
 use super::{ClientApi, auth::Caller, now_ms};
 use crate::status::ApiError;
@@ -163,7 +162,7 @@ impl ClientApi {
         for member in &members {
             self.require_registered(*member)?;
         }
-        let group = GroupId::new(rand::rng().random_range(1..=u64::MAX)).expect("nonzero");
+        let group = GroupId::new(crate::env::random_range(1..=u64::MAX)).expect("nonzero");
         let shard = self.group_shard(group)?;
         let at_ms = now_ms();
         let mut batch = vec![Event {

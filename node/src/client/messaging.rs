@@ -52,7 +52,11 @@ impl ClientApi {
         };
         if bugs::active(Bug::SkipDedup) {
             // A fresh idempotency key per attempt: a retry is stored again.
-            sent.client_msg_id = format!("{}#{:08x}", sent.client_msg_id, rand::random::<u32>());
+            sent.client_msg_id = format!(
+                "{}#{:08x}",
+                sent.client_msg_id,
+                crate::env::random_range(0..=u64::from(u32::MAX))
+            );
         }
         let shard = self.shard_of(caller.user)?;
         if bugs::active(Bug::AckBeforeCommit) {

@@ -141,8 +141,4 @@ impl ClientApi {
 }
 
 /// The current time, unix ms: decided here, carried in events (projections never read a clock).
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
+pub(crate) use crate::env::now_ms;

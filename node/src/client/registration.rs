@@ -8,7 +8,9 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use courier_proto::convert::registration::{PhoneNumber, RegisterCommand, device_name};
 use courier_proto::pb::client::{
@@ -17,7 +19,6 @@ use courier_proto::pb::client::{
 };
 use courier_proto::pb::events::{self, Event, event::Kind};
 use courier_proto::{DeviceId, UserId, limits};
-use rand::Rng as _;
 
 use super::{ClientApi, auth, now_ms};
 use crate::client::auth::Caller;
@@ -106,7 +107,10 @@ impl CodeStore {
             });
         }
         let code: String = (0..limits::REGISTRATION_CODE_DIGITS)
-            .map(|_| char::from(b'0' + rand::rng().random_range(0..10_u8)))
+            .map(|_| {
+                let digit = u8::try_from(crate::env::random_range(0..=9)).unwrap_or(0);
+                char::from(b'0' + digit)
+            })
             .collect();
         codes.insert(
             phone.to_vec(),
@@ -183,7 +187,7 @@ impl ClientApi {
         phone: Option<Vec<u8>>,
         primary: bool,
     ) -> Result<RegisterResponse, ApiError> {
-        let token: [u8; limits::DEVICE_TOKEN_BYTES] = rand::rng().random();
+        let token: [u8; limits::DEVICE_TOKEN_BYTES] = crate::env::random_bytes();
         let mut events = Vec::new();
         if let Some(phone_hash) = phone {
             events.push(Event {
@@ -227,8 +231,8 @@ impl ClientApi {
     /// Waits (bounded) until this node's replica shows `device`, so the token just handed out
     /// works on this node at once (the commit happened on the leader, which may be elsewhere).
     async fn wait_device_visible(&self, user: UserId, device: u32) {
-        let deadline = tokio::time::Instant::now() + REGISTERED_VISIBLE_WAIT;
-        while tokio::time::Instant::now() < deadline {
+        let deadline = Instant::now() + REGISTERED_VISIBLE_WAIT;
+        while Instant::now() < deadline {
             let visible = self
                 .devices(user)
                 .map(|devices| devices.iter().any(|d| d.device_id == device))
