@@ -5,7 +5,10 @@
 //! for it) but never replies, so an unbounded call would hang the harness.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock: real time in a jepsen run, simulated time in courier-sim.
+use tokio::time::Instant;
 
 use anyhow::{Context as _, bail};
 use courier_proto::pb::peer::admin_client::AdminClient;
@@ -68,10 +71,15 @@ impl AdminNode {
     ///
     /// The address is malformed.
     pub fn new(spec: &NodeSpec) -> anyhow::Result<Self> {
-        Ok(Self {
-            id: spec.id,
-            client: AdminClient::new(channel(&spec.peer_addr())?),
-        })
+        Ok(Self::over(spec.id, channel(&spec.peer_addr())?))
+    }
+
+    /// A client for node `id` over `channel` (the simulation's network).
+    pub fn over(id: u32, channel: Channel) -> Self {
+        Self {
+            id,
+            client: AdminClient::new(channel),
+        }
     }
 
     /// `Admin.Status`, within [`STATUS_TIMEOUT`].
@@ -190,7 +198,6 @@ pub async fn init_cluster(
     timeout: Duration,
 ) -> anyhow::Result<()> {
     let first = specs.first().context("no nodes")?;
-    let mut client = AdminClient::new(channel(&first.peer_addr())?);
     let members: Vec<NodeInfo> = specs
         .iter()
         .map(|spec| NodeInfo {
@@ -199,6 +206,22 @@ pub async fn init_cluster(
             client_addr: spec.client_addr(),
         })
         .collect();
+    init_cluster_over(channel(&first.peer_addr())?, members, shards, timeout).await
+}
+
+/// `Admin.InitCluster` with `members` over `channel` (to the first member), retried every
+/// 500 ms until it is accepted or `timeout` passes.
+///
+/// # Errors
+///
+/// Not accepted within `timeout`; the error is the last answer.
+pub async fn init_cluster_over(
+    channel: Channel,
+    members: Vec<NodeInfo>,
+    shards: u32,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let mut client = AdminClient::new(channel);
     let started = Instant::now();
     loop {
         let request = InitClusterRequest {

@@ -10,7 +10,8 @@ use std::fs::File;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
-use std::time::Instant;
+// tokio's clock: real time in a jepsen run, simulated time in courier-sim.
+use tokio::time::Instant;
 
 use crate::history::{HistoryWriter, Record};
 

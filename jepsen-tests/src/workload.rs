@@ -157,8 +157,9 @@ pub async fn register_users(specs: &[NodeSpec], count: u32) -> anyhow::Result<Ve
         let phone = format!("+155501{i:05}");
         let mut last_error = None;
         let mut registered = None;
+        let sms = spec.data_dir().join("sms-outbox.log");
         for _attempt in 0..5 {
-            match register_one(spec, &phone).await {
+            match register_one(channel(&spec.client_addr())?, &sms, &phone).await {
                 Ok(user) => {
                     registered = Some(user);
                     break;
@@ -182,9 +183,15 @@ pub async fn register_users(specs: &[NodeSpec], count: u32) -> anyhow::Result<Ve
     Ok(users)
 }
 
-async fn register_one(spec: &NodeSpec, phone: &str) -> anyhow::Result<User> {
+/// Registers one user with a primary and a linked second device over `channel` (dev mode: the
+/// code is read from the node's SMS outbox file `sms`).
+///
+/// # Errors
+///
+/// An RPC failed or timed out, or no code for `phone` is in the outbox.
+pub async fn register_one(channel: Channel, sms: &Path, phone: &str) -> anyhow::Result<User> {
     let timeout = Duration::from_secs(10);
-    let mut client = RegistrationClient::new(channel(&spec.client_addr())?);
+    let mut client = RegistrationClient::new(channel);
     let request = RequestCodeRequest {
         phone_number: phone.to_owned(),
     };
@@ -192,8 +199,7 @@ async fn register_one(spec: &NodeSpec, phone: &str) -> anyhow::Result<User> {
         .await
         .context("RequestCode timed out")?
         .map_err(|s| anyhow::anyhow!("RequestCode: {}", describe(&s)))?;
-    let outbox = std::fs::read_to_string(spec.data_dir().join("sms-outbox.log"))
-        .context("reading the dev SMS outbox")?;
+    let outbox = std::fs::read_to_string(sms).context("reading the dev SMS outbox")?;
     let code = outbox
         .lines()
         .rev()
