@@ -2,23 +2,28 @@
 //!
 //! ```text
 //! courier-sim --seed 17                      one seed, with the full checker report
+//! courier-sim --layer node --seeds 20        whole nodes and jepsen-tests' clients
 //! courier-sim --first 0 --seeds 200          a budget of seeds (what CI runs)
 //! courier-sim --seeds 20 --bug ack-before-commit --expect-failure
-//!                                            the deliberate bug must be found (feature `bugs`)
+//!                                            the deliberate bug must be found (feature `bugs`;
+//!                                            also `unsynced-log-appends`)
 //! ```
 //!
 //! Exit codes: 0 every seed passed (or, with `--expect-failure`, at least one failed); 1
 //! otherwise; 2 a simulation could not run.
 
-use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Parser;
-use courier_sim::{Options, Report, run_many};
+use courier_sim::{Bug, Layer, Options, Report, run_many};
 
 #[derive(Debug, Parser)]
 #[command(version, about = "courier deterministic simulation")]
 struct Args {
+    /// What is simulated: `raft` (the consensus layer, clients propose directly) or `node`
+    /// (whole courier-node servers, clients use the gRPC client API).
+    #[arg(long, default_value = "raft")]
+    layer: Layer,
     /// Run only this seed and print its whole report.
     #[arg(long)]
     seed: Option<u64>,
@@ -31,15 +36,12 @@ struct Args {
     /// Simulated seconds of workload and faults per seed.
     #[arg(long, default_value_t = 20)]
     seconds: u64,
-    /// A deliberate bug of the consensus layer (needs the `bugs` feature): ack-before-commit.
+    /// A deliberate bug (needs the `bugs` feature): ack-before-commit or unsynced-log-appends.
     #[arg(long)]
-    bug: Option<String>,
+    bug: Option<Bug>,
     /// Succeed only if some seed fails (proves the bug is found).
     #[arg(long)]
     expect_failure: bool,
-    /// Where the simulated nodes' data directories go.
-    #[arg(long, default_value = "/dev/shm")]
-    dir: PathBuf,
 }
 
 fn main() {
@@ -51,24 +53,11 @@ fn main() {
             .with_writer(std::io::stderr)
             .init();
     }
-    let ack_before_commit = match args.bug.as_deref() {
-        None => false,
-        Some("ack-before-commit") => true,
-        Some(other) => {
-            eprintln!("courier-sim: unknown bug {other:?} (known: ack-before-commit)");
-            std::process::exit(2);
-        }
-    };
-    let dir = if args.dir.is_dir() {
-        args.dir.clone()
-    } else {
-        std::env::temp_dir()
-    };
     let template = Options {
+        layer: args.layer,
         seed: 0,
         seconds: args.seconds,
-        ack_before_commit,
-        dir,
+        bug: args.bug,
     };
     let (first, count) = args.seed.map_or((args.first, args.seeds), |seed| (seed, 1));
     let started = Instant::now();

@@ -1,21 +1,20 @@
-//! The simulated network under tonic: a connector that dials `turmoil::net::TcpStream`s, and the
-//! accepted streams of a `turmoil::net::TcpListener` as tonic's server input.
+//! The simulated network under tonic: a connector that dials `turmoil::net::TcpStream`s, and
+//! `turmoil::net::TcpListener`s as the node's listeners.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::time::Duration;
 
 use courier_consensus::network::Connector;
-use futures_util::Stream;
+use courier_node::server::{Connection, Incoming};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tonic::transport::server::Connected;
-use tonic::transport::{Endpoint, Uri};
+use tonic::transport::{Channel, Endpoint, Uri};
 
-/// Port of every simulated node's raft service.
-pub const RAFT_PORT: u16 = 7101;
+/// Port of every simulated node's peer API (raft, forwarding, admin).
+pub const PEER_PORT: u16 = 7101;
+/// Port of every simulated node's client API.
+pub const CLIENT_PORT: u16 = 7100;
 
 /// Channels over the simulated network: `host:port` resolves through turmoil's DNS.
 pub fn connector() -> Connector {
@@ -31,56 +30,33 @@ pub fn connector() -> Connector {
     })
 }
 
-/// One accepted simulated connection, as tonic's server wants it.
-#[derive(Debug)]
-pub struct Accepted(turmoil::net::TcpStream);
-
-impl Connected for Accepted {
-    type ConnectInfo = ();
-
-    fn connect_info(&self) -> Self::ConnectInfo {}
+/// A client's channel to `host:port`, set up as courier-jepsen's clients set theirs up
+/// (connect timeout 1 s, HTTP/2 keep-alive every second, dead after 2 s without an answer).
+pub fn channel(host: &str, port: u16) -> Channel {
+    let endpoint = Endpoint::from_shared(format!("http://{host}:{port}"))
+        .expect("simulated host names are valid URIs")
+        .connect_timeout(Duration::from_secs(1))
+        .http2_keep_alive_interval(Duration::from_secs(1))
+        .keep_alive_timeout(Duration::from_secs(2))
+        .keep_alive_while_idle(true);
+    connector()(endpoint)
 }
 
-impl AsyncRead for Accepted {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Accepted {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-}
-
-/// Binds the node's raft port on the simulated network and yields its connections.
+/// Binds `port` of the current simulated host and yields its connections.
 ///
 /// # Errors
 /// The port is taken.
-pub async fn incoming() -> io::Result<impl Stream<Item = io::Result<Accepted>>> {
+pub async fn listen(port: u16) -> io::Result<Incoming> {
     let listener =
-        turmoil::net::TcpListener::bind((IpAddr::V4(Ipv4Addr::UNSPECIFIED), RAFT_PORT)).await?;
-    Ok(futures_util::stream::unfold(
+        turmoil::net::TcpListener::bind((IpAddr::V4(Ipv4Addr::UNSPECIFIED), port)).await?;
+    Ok(Box::pin(futures_util::stream::unfold(
         listener,
         |listener| async move {
-            let accepted = listener.accept().await.map(|(stream, _)| Accepted(stream));
+            let accepted = listener
+                .accept()
+                .await
+                .map(|(stream, _)| Connection(Box::new(stream)));
             Some((accepted, listener))
         },
-    ))
+    )))
 }

@@ -2,23 +2,20 @@
 //! (committed below with what it found) passes now. The seed budget itself runs in `scripts/sim`
 //! (release build), called by `make test`.
 
-use courier_sim::{Options, run};
+use courier_sim::{Layer, Options, run};
 
 fn options(seed: u64, seconds: u64) -> Options {
-    let dir = if std::path::Path::new("/dev/shm").is_dir() {
-        "/dev/shm".into()
-    } else {
-        std::env::temp_dir()
-    };
     Options {
+        layer: Layer::Raft,
         seed,
         seconds,
-        ack_before_commit: false,
-        dir,
+        bug: None,
     }
 }
 
-/// Seeds that failed once, with the simulated seconds they failed at and what they found.
+/// Seeds that failed once, with the simulated seconds they failed at and what they found. A
+/// seed replays the schedule of the nemesis it failed under; when the nemesis changes (new fault
+/// kinds), the seed keeps running as one more schedule and the fix keeps its own test.
 const REGRESSIONS: &[(u64, u64, &str)] = &[(
     1,
     10,
