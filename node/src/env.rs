@@ -2,8 +2,10 @@
 //!
 //! ```text
 //!   production:  now_ms() = SystemTime          random_*() = rand::rng() (OS-seeded, per thread)
+//!                                               uuid_v7() = Uuid::now_v7()
 //!   simulation:  now_ms() = the simulator's     random_*() = one StdRng seeded from the run's seed
 //!                clock (installed once)         (installed per run, removed after it)
+//!                                               uuid_v7() = from now_ms() and that StdRng
 //! ```
 //!
 //! Everything the node stamps into events (sent, acked, read, registered, expired) reads
@@ -53,6 +55,21 @@ pub fn with_rng<T>(draw: impl FnOnce(&mut dyn rand::RngCore) -> T) -> T {
             drop(seeded);
             draw(&mut rand::rng())
         }
+    }
+}
+
+/// A fresh UUIDv7 (message ids): `Uuid::now_v7()`, or, once the simulation seeded the
+/// randomness, one made from [`now_ms`] and the seeded generator.
+pub fn uuid_v7() -> uuid::Uuid {
+    let simulated = SEEDED
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .is_some();
+    if simulated {
+        let random: [u8; 10] = random_bytes();
+        uuid::Builder::from_unix_timestamp_millis(now_ms(), &random).into_uuid()
+    } else {
+        uuid::Uuid::now_v7()
     }
 }
 

@@ -316,7 +316,7 @@ impl ClientApi {
         let command = GroupSendCommand::try_from(request)?;
         let content = self.admit_send(caller, command.content)?;
         let shard = self.group_shard(command.group)?;
-        let message_id = uuid::Uuid::now_v7().as_bytes().to_vec();
+        let message_id = crate::env::uuid_v7().as_bytes().to_vec();
         let mut attempt = 0;
         loop {
             attempt += 1;

@@ -39,7 +39,7 @@ impl ClientApi {
             });
         }
         let mut sent = events::MessageSent {
-            message_id: uuid::Uuid::now_v7().as_bytes().to_vec(),
+            message_id: crate::env::uuid_v7().as_bytes().to_vec(),
             sender_user: caller.user.get(),
             sender_device: caller.device.get(),
             client_msg_id: command.client_msg_id.as_str().to_owned(),
