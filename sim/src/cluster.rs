@@ -359,6 +359,11 @@ pub(crate) fn run(options: &Options) -> anyhow::Result<Report> {
         Some(_) => {}
         None => violations.push("the clients never started recording".to_owned()),
     }
+    if let Some(dir) = std::env::var_os("COURIER_SIM_KEEP") {
+        let kept = Path::new(&dir).join(format!("courier-sim-node-{seed}.jsonl"));
+        std::fs::copy(&history_path, &kept).context("keeping the history")?;
+        eprintln!("courier-sim: history kept in {}", kept.display());
+    }
     let history = read_jsonl(&history_path).context("reading the history back")?;
     let report = checker::check(&history);
     Ok(Report {

@@ -42,6 +42,10 @@ struct Args {
     /// Succeed only if some seed fails (proves the bug is found).
     #[arg(long)]
     expect_failure: bool,
+    /// Run every seed twice and fail unless both runs record the same history (fingerprint and
+    /// ticks): exact replay.
+    #[arg(long)]
+    check_replay: bool,
 }
 
 fn main() {
@@ -60,6 +64,9 @@ fn main() {
         bug: args.bug,
     };
     let (first, count) = args.seed.map_or((args.first, args.seeds), |seed| (seed, 1));
+    if args.check_replay {
+        std::process::exit(check_replay(&args, first, count));
+    }
     let started = Instant::now();
     let mut failed = Vec::new();
     let mut print = |report: &Report| {
@@ -109,4 +116,54 @@ fn main() {
         failed.is_empty()
     };
     std::process::exit(i32::from(!ok));
+}
+
+/// Runs each seed twice, each time in a fresh process (`--seed S`, as a person replaying it
+/// would), and compares the report lines' history fingerprint and ticks. Returns the exit code
+/// (0: every seed replayed exactly). In one process a second run of a seed is not guaranteed to
+/// match: some process-wide state of the libraries outlives a run (docs/SIMULATION.md).
+fn check_replay(args: &Args, first: u64, count: u64) -> i32 {
+    let Ok(exe) = std::env::current_exe() else {
+        eprintln!("courier-sim: cannot find my own executable");
+        return 2;
+    };
+    let layer = match args.layer {
+        Layer::Raft => "raft",
+        Layer::Node => "node",
+    };
+    let mut differ = Vec::new();
+    for seed in first..first.saturating_add(count) {
+        let once = || {
+            let output = std::process::Command::new(&exe)
+                .args(["--layer", layer, "--seed", &seed.to_string()])
+                .args(["--seconds", &args.seconds.to_string()])
+                .stderr(std::process::Stdio::null())
+                .output()
+                .ok()?;
+            let text = String::from_utf8_lossy(&output.stdout);
+            let line = text.lines().next()?.to_owned();
+            // "seed S: …, N ticks, … history H: ok"
+            let ticks = line.split(" ticks").next()?.rsplit(' ').next()?.to_owned();
+            let history = line.split("history ").nth(1)?.get(..16)?.to_owned();
+            Some((history, ticks))
+        };
+        let (Some(one), Some(two)) = (once(), once()) else {
+            eprintln!("courier-sim: seed {seed} could not run");
+            return 2;
+        };
+        let same = one == two;
+        println!(
+            "seed {seed:>6}: history {} / {}, ticks {} / {}: {}",
+            one.0,
+            two.0,
+            one.1,
+            two.1,
+            if same { "replayed" } else { "DIFFERENT" }
+        );
+        if !same {
+            differ.push(seed);
+        }
+    }
+    println!("courier-sim: {count} seeds run twice; not replayed: {differ:?}");
+    i32::from(!differ.is_empty())
 }
