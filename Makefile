@@ -22,12 +22,13 @@ jepsen:
 	scripts/jepsen $(SCENARIO) $(SECONDS)
 
 # Seeds of the deterministic simulation (sim/, docs/SIMULATION.md), e.g. `make sim SEEDS=1000
-# SIM_SECONDS=30`; one seed with its report: `scripts/sim --seed 17`.
+# SIM_SECONDS=30` (raft layer) or `make sim SIM_LAYER=node`; one seed with its report:
+# `scripts/sim --seed 17`.
 SEEDS ?= 200
 SIM_SECONDS ?= 20
 .PHONY: sim
 sim:
-	scripts/sim $(SEEDS) $(SIM_SECONDS)
+	SIM_LAYER=$(or $(SIM_LAYER),raft) scripts/sim $(SEEDS) $(SIM_SECONDS)
 
 # courier side by side with etcd and NATS JetStream, then idle-stream scale (~30 min): writes the
 # generated section of docs/BENCHMARKS.md and docs/bench/*.svg. `scripts/bench --smoke` is the

@@ -34,7 +34,7 @@ use courier_jepsen::workload::{self, ClientNode, Shared};
 use courier_node::config::Config;
 use courier_node::server::{self, Environment};
 use courier_proto::pb::peer::NodeInfo;
-use courier_storage::{Db, MemDisk};
+use courier_storage::Db;
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 use tokio_util::sync::CancellationToken;
@@ -308,12 +308,7 @@ pub(crate) fn run(options: &Options) -> anyhow::Result<Report> {
         .tempdir()
         .context("a directory for the nodes' SMS outboxes")?;
     let history_path = root.path().join("history.jsonl");
-    let world = Arc::new(World {
-        disks: (1..=CLUSTER_NODES)
-            .map(|id| (id, Arc::new(MemDisk::new())))
-            .collect(),
-        ..World::default()
-    });
+    let world = Arc::new(World::with_disks(CLUSTER_NODES));
     let window_ms = options.seconds * 1_000;
     let mut sim = crate::simulation(
         seed,

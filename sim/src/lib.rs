@@ -176,6 +176,16 @@ pub(crate) struct World {
 }
 
 impl World {
+    /// A world of nodes n1..=n`nodes`, each with an empty disk.
+    pub(crate) fn with_disks(nodes: u64) -> Self {
+        Self {
+            disks: (1..=nodes)
+                .map(|id| (id, Arc::new(MemDisk::new())))
+                .collect(),
+            ..Self::default()
+        }
+    }
+
     pub(crate) fn lock_nodes(&self) -> std::sync::MutexGuard<'_, BTreeMap<NodeId, Arc<Groups>>> {
         self.nodes.lock().unwrap_or_else(PoisonError::into_inner)
     }

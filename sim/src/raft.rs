@@ -22,7 +22,7 @@ use courier_proto::pb::peer::raft_server::RaftServer;
 use courier_proto::{InboxSeq, LogIndex, ShardId, UserId, shard_of};
 use courier_storage::kv::Staged;
 use courier_storage::projection::{View, inbox};
-use courier_storage::{Db, MemDisk, Projection};
+use courier_storage::{Db, Projection};
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 
@@ -309,12 +309,7 @@ pub(crate) fn run(options: &Options) -> anyhow::Result<Report> {
     let shards: u16 = rng.random_range(2..=3);
     let clients: u32 = rng.random_range(6..=12);
     let latency_max = Duration::from_millis(rng.random_range(2..=25));
-    let world = Arc::new(World {
-        disks: (1..=NODES)
-            .map(|id| (id, Arc::new(MemDisk::new())))
-            .collect(),
-        ..World::default()
-    });
+    let world = Arc::new(World::with_disks(NODES));
     let window_ms = options.seconds * 1_000;
     let mut sim = crate::simulation(
         seed,

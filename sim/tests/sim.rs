@@ -57,3 +57,29 @@ fn regression_seeds_pass() {
         );
     }
 }
+
+/// The node layer's first failing seed: after a leader change the outbox forwarder kept a retry
+/// it would never make, every later wait became zero and the forwarder spun without yielding
+/// (here: simulated time stopped at 20.5 s; in production: a core burnt). Without the fix this
+/// test never finishes, which nextest's slow-timeout (.config/nextest.toml) turns into a failure.
+#[test]
+fn node_layer_regression_seed_passes() {
+    let report = run(&Options {
+        layer: Layer::Node,
+        seed: 0,
+        seconds: 20,
+        bug: None,
+    })
+    .expect("the seed runs");
+    assert!(
+        report.passed(),
+        "node layer seed 0 fails: {:?}\n{}",
+        report.violations,
+        report.checker
+    );
+    assert!(
+        report.checker.counts.sends_acked > 0,
+        "sends were acknowledged"
+    );
+    assert!(report.faults_total() > 0, "faults were injected");
+}
