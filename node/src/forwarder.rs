@@ -66,24 +66,28 @@ pub async fn run(cluster: Cluster, in_flight: usize, shutdown: CancellationToken
                 }
             }
         }
-        // Sleep until the next apply, or until the earliest retry is due. A retry that came due
-        // but was not made (this node no longer leads the source, or the queue drained) is
-        // forgotten: left in place it would make every later wait zero, a busy loop (found by
-        // the simulation, seed 0 of the node layer).
-        let now = Instant::now();
-        backoff.retain(|_, (at, _)| *at > now);
-        let wait = backoff
-            .values()
-            .map(|(at, _)| at.saturating_duration_since(now))
-            .min()
-            .unwrap_or(POLL_INTERVAL)
-            .min(POLL_INTERVAL);
+        // Sleep until the next apply, or until the earliest retry is due.
+        let wait = next_wait(&mut backoff, Instant::now());
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = applied => {}
             () = tokio::time::sleep(wait) => {}
         }
     }
+}
+
+/// How long the forwarder may sleep after a pass at `now`: until the earliest scheduled retry,
+/// at most [`POLL_INTERVAL`]. A retry that came due but was not made in the pass (this node no
+/// longer leads the source, or the queue drained) is forgotten: left in place it would make
+/// every later wait zero, a loop that never sleeps (found by the simulation, node layer seed 0).
+fn next_wait(backoff: &mut Backoff, now: Instant) -> Duration {
+    backoff.retain(|_, (at, _)| *at > now);
+    backoff
+        .values()
+        .map(|(at, _)| at.saturating_duration_since(now))
+        .min()
+        .unwrap_or(POLL_INTERVAL)
+        .min(POLL_INTERVAL)
 }
 
 /// The destinations `source` has pending entries for and whose backoff has passed, with their
@@ -202,5 +206,30 @@ fn storage_error(error: courier_storage::StorageError) -> crate::status::ApiErro
     crate::status::ApiError::Internal {
         code: "COURIER:Node:Storage",
         message: error.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_retry_that_was_not_made_does_not_make_the_wait_zero() {
+        let now = Instant::now();
+        let mut backoff = Backoff::new();
+        // Due 10 ms ago, never retried (the node lost the lead of shard 0).
+        backoff.insert((0, 1), (now - Duration::from_millis(10), BACKOFF_MIN));
+        assert_eq!(next_wait(&mut backoff, now), POLL_INTERVAL);
+        assert!(backoff.is_empty(), "the stale retry is forgotten");
+    }
+
+    #[test]
+    fn the_wait_ends_at_the_earliest_scheduled_retry() {
+        let now = Instant::now();
+        let mut backoff = Backoff::new();
+        backoff.insert((0, 1), (now + Duration::from_millis(70), BACKOFF_MIN));
+        backoff.insert((1, 0), (now + Duration::from_millis(30), BACKOFF_MIN));
+        assert_eq!(next_wait(&mut backoff, now), Duration::from_millis(30));
+        assert_eq!(backoff.len(), 2);
     }
 }

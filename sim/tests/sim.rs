@@ -60,8 +60,10 @@ fn regression_seeds_pass() {
 
 /// The node layer's first failing seed: after a leader change the outbox forwarder kept a retry
 /// it would never make, every later wait became zero and the forwarder spun without yielding
-/// (here: simulated time stopped at 20.5 s; in production: a core burnt). Without the fix this
-/// test never finishes, which nextest's slow-timeout (.config/nextest.toml) turns into a failure.
+/// (simulated time stopped at 20.5 s; in production: a core burnt). It hung in the
+/// `tokio_unstable` build `scripts/sim` makes; this test build (no `tokio_unstable`) does not
+/// replay tokio's `select!` order, so the fix has its own test (`forwarder::tests`) and this
+/// seed stays as one more whole-node schedule. A hang fails through nextest's slow-timeout.
 #[test]
 fn node_layer_regression_seed_passes() {
     let report = run(&Options {
