@@ -36,7 +36,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use anyhow::Context as _;
 use courier_consensus::groups::{Groups, RaftTiming};
 use courier_consensus::proposer::Proposer;
 use courier_consensus::types::Node;
@@ -521,33 +520,4 @@ pub(crate) fn replica_records(world: &World, shards: u16) {
             world.record(Record::Verify(verify));
         }
     }
-}
-
-/// Runs seeds `first..first + count` and returns their reports, calling `each` after every seed;
-/// with `stop_at_failure`, stops after the first seed that fails.
-///
-/// # Errors
-/// A seed's simulation could not run at all.
-pub fn run_many(
-    template: &Options,
-    first: u64,
-    count: u64,
-    stop_at_failure: bool,
-    each: &mut dyn FnMut(&Report),
-) -> anyhow::Result<Vec<Report>> {
-    let mut reports = Vec::new();
-    for seed in first..first.saturating_add(count) {
-        let options = Options {
-            seed,
-            ..template.clone()
-        };
-        let report = run(&options).with_context(|| format!("seed {seed}"))?;
-        each(&report);
-        let failed = !report.passed();
-        reports.push(report);
-        if stop_at_failure && failed {
-            break;
-        }
-    }
-    Ok(reports)
 }

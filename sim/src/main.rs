@@ -15,7 +15,7 @@
 use std::time::Instant;
 
 use clap::Parser;
-use courier_sim::{Bug, Layer, Options, Report, run_many};
+use courier_sim::{Bug, Layer, Options, Report};
 
 #[derive(Debug, Parser)]
 #[command(version, about = "courier deterministic simulation")]
@@ -37,8 +37,8 @@ struct Args {
     #[arg(long, default_value_t = 20)]
     seconds: u64,
     /// A deliberate bug (needs the `bugs` feature): ack-before-commit or unsynced-log-appends.
-    #[arg(long)]
-    bug: Option<Bug>,
+    #[arg(long = "bug")]
+    bug_name: Option<String>,
     /// Succeed only if some seed fails (proves the bug is found).
     #[arg(long)]
     expect_failure: bool,
@@ -57,57 +57,138 @@ fn main() {
             .with_writer(std::io::stderr)
             .init();
     }
+    let bug = match args.bug_name.as_deref().map(str::parse::<Bug>).transpose() {
+        Ok(bug) => bug,
+        Err(error) => {
+            eprintln!("courier-sim: {error}");
+            std::process::exit(2);
+        }
+    };
     let template = Options {
         layer: args.layer,
         seed: 0,
         seconds: args.seconds,
-        bug: args.bug,
+        bug,
     };
     let (first, count) = args.seed.map_or((args.first, args.seeds), |seed| (seed, 1));
     if args.check_replay {
         std::process::exit(check_replay(&args, first, count));
     }
+    if let Some(seed) = args.seed {
+        let options = Options { seed, ..template };
+        match courier_sim::run(&options) {
+            Ok(report) => {
+                print_report(&report, true);
+                std::process::exit(i32::from(!report.passed()));
+            }
+            Err(error) => {
+                eprintln!("courier-sim: seed {seed}: {error:#}");
+                std::process::exit(2);
+            }
+        }
+    }
+    std::process::exit(run_budget(&args, first, count));
+}
+
+fn print_report(report: &Report, whole: bool) {
+    println!(
+        "seed {:>6}: {} shards, {} clients, {} ticks, {} faults {:?}, {} violations, {} anomalies, history {:016x}: {}",
+        report.seed,
+        report.shards,
+        report.clients,
+        report.ticks,
+        report.faults_total(),
+        report.faults,
+        report.violations.len(),
+        report.checker.anomaly_total(),
+        report.fingerprint,
+        if report.passed() { "ok" } else { "FAILED" }
+    );
+    if whole || !report.passed() {
+        for violation in &report.violations {
+            println!("  violation: {violation}");
+        }
+        print!("{}", report.checker);
+    }
+}
+
+fn layer_name(layer: Layer) -> &'static str {
+    match layer {
+        Layer::Raft => "raft",
+        Layer::Node => "node",
+    }
+}
+
+/// One seed in a fresh process (`--seed S`): what a person replaying it runs, so every seed of a
+/// budget replays exactly (in one process, state of the libraries that outlives a run — tokio's
+/// task ids, which order a crashed host's tasks are dropped in — would make a seed depend on the
+/// seeds before it). Returns the child's exit code and its output.
+fn run_child(args: &Args, seed: u64) -> Option<(i32, String)> {
+    let exe = std::env::current_exe().ok()?;
+    let mut command = std::process::Command::new(exe);
+    command
+        .args([
+            "--layer",
+            layer_name(args.layer),
+            "--seed",
+            &seed.to_string(),
+        ])
+        .args(["--seconds", &args.seconds.to_string()])
+        .stderr(std::process::Stdio::inherit());
+    if let Some(bug) = &args.bug_name {
+        command.args(["--bug", bug]);
+    }
+    let output = command.output().ok()?;
+    Some((
+        output.status.code().unwrap_or(2),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    ))
+}
+
+/// Ticks in a report line ("…, N ticks, …").
+fn ticks_of(line: &str) -> u64 {
+    line.split(" ticks")
+        .next()
+        .and_then(|head| head.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Runs seeds `first..first + count`, each in its own process; returns the exit code. With
+/// `--expect-failure` it stops at the first failing seed and succeeds only if there is one.
+fn run_budget(args: &Args, first: u64, count: u64) -> i32 {
     let started = Instant::now();
     let mut failed = Vec::new();
-    let mut print = |report: &Report| {
-        println!(
-            "seed {:>6}: {} shards, {} clients, {} ticks, {} faults {:?}, {} violations, {} anomalies, history {:016x}: {}",
-            report.seed,
-            report.shards,
-            report.clients,
-            report.ticks,
-            report.faults_total(),
-            report.faults,
-            report.violations.len(),
-            report.checker.anomaly_total(),
-            report.fingerprint,
-            if report.passed() { "ok" } else { "FAILED" }
-        );
-        if args.seed.is_some() || !report.passed() {
-            for violation in &report.violations {
-                println!("  violation: {violation}");
+    let mut ran = 0_u64;
+    let mut ticks = 0_u64;
+    for seed in first..first.saturating_add(count) {
+        let Some((code, output)) = run_child(args, seed) else {
+            eprintln!("courier-sim: seed {seed} could not be started");
+            return 2;
+        };
+        ran += 1;
+        let line = output.lines().next().unwrap_or_default();
+        ticks += ticks_of(line);
+        match code {
+            0 => println!("{line}"),
+            1 => {
+                print!("{output}");
+                failed.push(seed);
             }
-            print!("{}", report.checker);
+            _ => {
+                print!("{output}");
+                eprintln!("courier-sim: seed {seed} could not run (exit {code})");
+                return 2;
+            }
         }
-        if !report.passed() {
-            failed.push(report.seed);
+        if args.expect_failure && !failed.is_empty() {
+            break;
         }
-    };
-    // Proving a bug is found needs one failing seed; the rest of the budget is not needed.
-    let stop_at_failure = args.expect_failure;
-    let reports = match run_many(&template, first, count, stop_at_failure, &mut print) {
-        Ok(reports) => reports,
-        Err(error) => {
-            eprintln!("courier-sim: {error:#}");
-            std::process::exit(2);
-        }
-    };
+    }
     let elapsed = started.elapsed().as_secs_f64();
-    let ticks: u64 = reports.iter().map(|r| r.ticks).sum();
     println!(
-        "courier-sim: {} seeds in {elapsed:.1} s ({:.1} seeds/min, {:.0} ticks/s); failed seeds: {failed:?}",
-        reports.len(),
-        reports.len() as f64 * 60.0 / elapsed.max(0.001),
+        "courier-sim: {ran} seeds in {elapsed:.1} s ({:.1} seeds/min, {:.0} ticks/s); failed seeds: {failed:?}",
+        ran as f64 * 60.0 / elapsed.max(0.001),
         ticks as f64 / elapsed.max(0.001),
     );
     let ok = if args.expect_failure {
@@ -115,7 +196,7 @@ fn main() {
     } else {
         failed.is_empty()
     };
-    std::process::exit(i32::from(!ok));
+    i32::from(!ok)
 }
 
 /// Runs each seed twice, each time in a fresh process (`--seed S`, as a person replaying it
@@ -123,29 +204,13 @@ fn main() {
 /// (0: every seed replayed exactly). In one process a second run of a seed is not guaranteed to
 /// match: some process-wide state of the libraries outlives a run (docs/SIMULATION.md).
 fn check_replay(args: &Args, first: u64, count: u64) -> i32 {
-    let Ok(exe) = std::env::current_exe() else {
-        eprintln!("courier-sim: cannot find my own executable");
-        return 2;
-    };
-    let layer = match args.layer {
-        Layer::Raft => "raft",
-        Layer::Node => "node",
-    };
     let mut differ = Vec::new();
     for seed in first..first.saturating_add(count) {
         let once = || {
-            let output = std::process::Command::new(&exe)
-                .args(["--layer", layer, "--seed", &seed.to_string()])
-                .args(["--seconds", &args.seconds.to_string()])
-                .stderr(std::process::Stdio::null())
-                .output()
-                .ok()?;
-            let text = String::from_utf8_lossy(&output.stdout);
-            let line = text.lines().next()?.to_owned();
-            // "seed S: …, N ticks, … history H: ok"
-            let ticks = line.split(" ticks").next()?.rsplit(' ').next()?.to_owned();
+            let (_, output) = run_child(args, seed)?;
+            let line = output.lines().next()?.to_owned();
             let history = line.split("history ").nth(1)?.get(..16)?.to_owned();
-            Some((history, ticks))
+            Some((history, ticks_of(&line)))
         };
         let (Some(one), Some(two)) = (once(), once()) else {
             eprintln!("courier-sim: seed {seed} could not run");
