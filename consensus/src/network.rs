@@ -239,7 +239,10 @@ impl GroupClient {
                 "invalid peer address",
             )))
         })?;
-        let timeout = option.hard_ttl().min(self.rpc_timeout);
+        // openraft wraps this call in its own timeout of `hard_ttl`; ending ours at `soft_ttl`
+        // (as openraft asks) makes sure ours fires first, so the timeout is counted towards
+        // replacing a wedged connection instead of being cancelled from outside unseen.
+        let timeout = option.soft_ttl().min(self.rpc_timeout);
         let mut client = RaftClient::new(channel)
             .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
             .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
