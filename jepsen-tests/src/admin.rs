@@ -37,13 +37,23 @@ const POLL_PAUSE: Duration = Duration::from_millis(250);
 ///
 /// `addr` is not a valid authority.
 pub fn channel(addr: &str) -> anyhow::Result<Channel> {
+    Ok(endpoint(addr)?.connect_lazy())
+}
+
+/// The clients' endpoint settings for `addr` (`host:port`): connect timeout 1 s, HTTP/2
+/// keepalive every second, dead after 2 s without an answer. courier-sim connects it over its
+/// simulated network.
+///
+/// # Errors
+///
+/// `addr` is not a valid authority.
+pub fn endpoint(addr: &str) -> anyhow::Result<Endpoint> {
     Ok(Endpoint::from_shared(format!("http://{addr}"))
         .with_context(|| format!("{addr:?} is not host:port"))?
         .connect_timeout(Duration::from_secs(1))
         .http2_keep_alive_interval(Duration::from_secs(1))
         .keep_alive_timeout(Duration::from_secs(2))
-        .keep_alive_while_idle(true)
-        .connect_lazy())
+        .keep_alive_while_idle(true))
 }
 
 /// A short description of a status: code, courier code, message.

@@ -4,7 +4,6 @@
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
-use std::time::Duration;
 
 use courier_consensus::network::Connector;
 use courier_node::server::{Connection, Incoming};
@@ -31,14 +30,10 @@ pub fn connector() -> Connector {
 }
 
 /// A client's channel to `host:port`, set up as courier-jepsen's clients set theirs up
-/// (connect timeout 1 s, HTTP/2 keep-alive every second, dead after 2 s without an answer).
+/// (`courier_jepsen::admin::endpoint`), over the simulated network.
 pub fn channel(host: &str, port: u16) -> Channel {
-    let endpoint = Endpoint::from_shared(format!("http://{host}:{port}"))
-        .expect("simulated host names are valid URIs")
-        .connect_timeout(Duration::from_secs(1))
-        .http2_keep_alive_interval(Duration::from_secs(1))
-        .keep_alive_timeout(Duration::from_secs(2))
-        .keep_alive_while_idle(true);
+    let endpoint = courier_jepsen::admin::endpoint(&format!("{host}:{port}"))
+        .expect("simulated host names are valid authorities");
     connector()(endpoint)
 }
 

@@ -156,12 +156,8 @@ impl MemDisk {
     pub(crate) fn write(&self, incarnation: u64, batch: Vec<Op>, sync: bool) -> Result<()> {
         let mut disk = self.lock();
         Self::live(&disk, incarnation, "write")?;
-        if sync && disk.fail_syncs {
-            disk.failed = Some(incarnation);
-            return Err(StorageError::Disk {
-                op: "fsync",
-                reason: "input/output error (injected)".to_owned(),
-            });
+        if sync {
+            Self::check_fsync(&mut disk, incarnation)?;
         }
         apply(&mut disk.visible, &batch);
         disk.pending.push(batch);
@@ -174,15 +170,21 @@ impl MemDisk {
     pub(crate) fn sync(&self, incarnation: u64) -> Result<()> {
         let mut disk = self.lock();
         Self::live(&disk, incarnation, "fsync")?;
-        if disk.fail_syncs {
-            disk.failed = Some(incarnation);
-            return Err(StorageError::Disk {
-                op: "fsync",
-                reason: "input/output error (injected)".to_owned(),
-            });
-        }
+        Self::check_fsync(&mut disk, incarnation)?;
         Self::sync_locked(&mut disk);
         Ok(())
+    }
+
+    /// An fsync while [`MemDisk::fail_syncs`] is on fails, and the handle with it.
+    fn check_fsync(disk: &mut Disk, incarnation: u64) -> Result<()> {
+        if !disk.fail_syncs {
+            return Ok(());
+        }
+        disk.failed = Some(incarnation);
+        Err(StorageError::Disk {
+            op: "fsync",
+            reason: "input/output error (injected)".to_owned(),
+        })
     }
 
     fn sync_locked(disk: &mut Disk) {
