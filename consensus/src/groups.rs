@@ -106,6 +106,37 @@ pub struct GroupHandle {
     pub maintenance: crate::maintenance::Maintenance,
 }
 
+impl GroupHandle {
+    /// Waits until this replica leads the group and has applied an entry of its own term, which
+    /// means it has applied everything any earlier leader committed: a lookup in its projections
+    /// then sees every committed fact. Returns `false` when it is not (or stops being) the leader,
+    /// or that did not happen within `timeout` (a new leader applies its first entry within one
+    /// replication round).
+    pub async fn leader_caught_up(&self, timeout: Duration) -> bool {
+        let mut metrics = self.raft.metrics();
+        let wait = async {
+            loop {
+                {
+                    let now = metrics.borrow();
+                    if now.state != openraft::ServerState::Leader {
+                        return false;
+                    }
+                    if now
+                        .last_applied
+                        .is_some_and(|id| id.leader_id.term == now.current_term)
+                    {
+                        return true;
+                    }
+                }
+                if metrics.changed().await.is_err() {
+                    return false;
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.unwrap_or(false)
+    }
+}
+
 /// Every raft group of this node.
 pub struct Groups {
     node_id: NodeId,
@@ -187,6 +218,17 @@ impl Groups {
     /// Notified after any group applied a batch: waiters re-read instead of polling blindly.
     pub fn applied_signal(&self) -> &Arc<tokio::sync::Notify> {
         &self.applied_signal
+    }
+
+    /// The upper bound of the randomized election timeout: how long followers wait without a
+    /// heartbeat before one of them stands for election.
+    pub fn election_timeout_max(&self) -> Duration {
+        Duration::from_millis(self.config.election_timeout_max)
+    }
+
+    /// The lower bound of the randomized election timeout.
+    pub fn election_timeout_min(&self) -> Duration {
+        Duration::from_millis(self.config.election_timeout_min)
     }
 
     /// The shared channel pool (also used for forwarding to other nodes).

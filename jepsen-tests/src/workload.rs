@@ -444,14 +444,15 @@ async fn open_stream(
     node: &ClientNode,
     device: &Device,
     resume_after_seq: u64,
-    receipts_after_index: u64,
+    receipts_after_position: Vec<u8>,
 ) -> anyhow::Result<OpenStream> {
     let (out, rx) = mpsc::channel(CLIENT_FRAMES_MAX);
     out.send(ClientFrame {
         frame: Some(client_frame::Frame::Open(Open {
             resume_after_seq,
             hide_last_seen: false,
-            receipts_after_index,
+            receipts_after_index: 0,
+            receipts_after_position,
         })),
     })
     .await
@@ -539,12 +540,14 @@ pub async fn stream_worker(
     let mut last_seq: u64 = 0;
     // The receipt feed position this device saw last: a new stream, on any replica, resumes
     // after it (as a phone would), so no receipt it already saw comes again, older.
-    let mut last_receipt: u64 = 0;
+    // The feed position of the last receipt change seen (empty: none yet). Positions order
+    // bytewise like the feed, so the greatest seen is where the next stream resumes.
+    let mut last_receipt: Vec<u8> = Vec::new();
     while !stop.is_cancelled() {
         let Some(node) = shared.nodes.choose(&mut rng).cloned() else {
             return;
         };
-        let stream = match open_stream(&node, &device, last_seq, last_receipt).await {
+        let stream = match open_stream(&node, &device, last_seq, last_receipt.clone()).await {
             Ok(stream) => stream,
             Err(error) => {
                 tracing::debug!(%error, node = node.id, user = device.user, "stream open failed");
@@ -590,7 +593,7 @@ async fn run_session(
     device: &Device,
     session: u64,
     mut stream: OpenStream,
-    (last_seq, last_receipt): (&mut u64, &mut u64),
+    (last_seq, last_receipt): (&mut u64, &mut Vec<u8>),
     lifetime: Duration,
     seed: u64,
     stop: &CancellationToken,
@@ -624,8 +627,10 @@ async fn run_session(
                         break;
                     }
                 };
-                if let Some(server_frame::Frame::Receipt(receipt)) = &frame.frame {
-                    *last_receipt = (*last_receipt).max(receipt.feed_index);
+                if let Some(server_frame::Frame::Receipt(receipt)) = &frame.frame
+                    && receipt.feed_position > *last_receipt
+                {
+                    last_receipt.clone_from(&receipt.feed_position);
                 }
                 let frame = frame_record(shared, device, session, frame);
                 if let Some(record) = &frame.record {
@@ -659,7 +664,7 @@ async fn drain_session(
 ) -> (Vec<Record>, Result<(), String>) {
     let expect = shared.highest(device.user);
     let mut records = Vec::new();
-    let mut stream = match open_stream(node, device, 0, 0).await {
+    let mut stream = match open_stream(node, device, 0, Vec::new()).await {
         Ok(stream) => stream,
         Err(error) => return (records, Err(format!("{error:#}"))),
     };

@@ -32,7 +32,9 @@ use crate::status::ApiError;
 
 /// How long bootstrap waits for the metadata group to elect this node.
 const INIT_LEADER_WAIT: Duration = Duration::from_secs(10);
-/// Retry hint when a shard has no leader, ms.
+/// Retry hint when a shard has no leader and the request was not held (bootstrap, membership,
+/// forwarded batches, which their callers retry), ms. Client proposals are held and get a hint
+/// from the election timeout instead ([`Cluster::advise_retry`]).
 const NO_LEADER_RETRY_MS: u64 = 500;
 /// Metadata marking a forward that already took its one hop.
 const FORWARDED_KEY: &str = "courier-forwarded";
@@ -68,6 +70,7 @@ pub struct Cluster {
     db: Arc<Db>,
     rpc_timeout: Duration,
     edge: Edge,
+    sends: Arc<crate::sends::SendsInFlight>,
 }
 
 /// The ephemeral side of a node: presence it holds as a shard leader, the streams it reports,
@@ -110,6 +113,7 @@ impl Cluster {
             db,
             rpc_timeout,
             edge,
+            sends: Arc::default(),
         }
     }
 
@@ -844,22 +848,169 @@ impl Cluster {
     /// Proposes events decided on this node to `shard`'s leader, here or one hop away, and
     /// returns one outcome per event after they applied.
     ///
+    /// During a failover the request is held here rather than refused at once: while the shard
+    /// has no known leader, or its leader stopped answering or stepped down, it waits (up to
+    /// [`Cluster::leader_wait`]) for this node to learn of a new leader and goes there. A request
+    /// that may already have reached the old leader is sent again only when doing so cannot apply
+    /// it twice ([`retry_safe`]); any other answers `UNAVAILABLE` once the new leader is known.
+    ///
     /// # Errors
-    /// `UNAVAILABLE` when the shard has no leader or leadership moved; the caller retries with
-    /// the same ids (idempotent).
+    /// `UNAVAILABLE` when the shard has no leader within the wait or leadership moved; the
+    /// caller retries with the same ids (idempotent).
     pub async fn propose(
         &self,
         shard: ShardId,
         events: Vec<Event>,
         already_forwarded: bool,
     ) -> Result<Vec<EventOutcome>, ApiError> {
-        match self.route(shard).await? {
-            Route::Local(handle) => handle
-                .proposer
-                .propose(events)
-                .instrument(tracing::info_span!("raft.commit", %shard))
+        if let Some(sent) = crate::sends::single_send(&events)
+            && let Some(first) = crate::sends::applied_result(&self.db, shard, sent)?
+        {
+            // A retry of a send this replica already applied: answered here, nothing proposed.
+            return Ok(vec![first]);
+        }
+        if already_forwarded {
+            // The origin node holds and retries; the hop's target answers at once.
+            let route = self.route(shard).await?;
+            return self.propose_via(route, shard, events, true).await;
+        }
+        let deadline = tokio::time::Instant::now() + self.leader_wait();
+        let resend = retry_safe(&events).then(|| events.clone());
+        let mut events = Some(events);
+        loop {
+            // The leader and term this attempt goes to: a later attempt waits for another.
+            let seen = self.leader_view(shard).await;
+            let route = match self.route(shard).await {
+                Ok(route) => route,
+                Err(error) if is_no_leader(&error) => {
+                    // No leader known: nothing was sent, so waiting and going on is always safe.
+                    if !self.wait_for_new_leader(shard, None, deadline).await {
+                        return Err(self.advise_retry(error));
+                    }
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
+            let Some(attempt) = events.take().or_else(|| resend.clone()) else {
+                // Sent once already and not safe to send twice: the caller decides.
+                return Err(self.advise_retry(unavailable(
+                    format!("{shard} changed its leader during the request; retry"),
+                    None,
+                )));
+            };
+            let result = self.propose_via(route, shard, attempt, false).await;
+            if !result.as_ref().is_err_and(is_no_leader) {
+                return result;
+            }
+            if !self.wait_for_new_leader(shard, seen, deadline).await {
+                return result.map_err(|error| self.advise_retry(error));
+            }
+        }
+    }
+
+    /// How long a request waits on this node for a shard's new leader during a failover: one
+    /// election, with room for one split vote (twice the longest election timeout).
+    pub fn leader_wait(&self) -> Duration {
+        self.groups.election_timeout_max().saturating_mul(2)
+    }
+
+    /// Fills the retry hint of a `NoLeader` answer: after [`Cluster::leader_wait`] passed without
+    /// a leader (no quorum, most likely), half to all of the shortest election timeout, with
+    /// jitter so that clients refused together do not return together.
+    fn advise_retry(&self, error: ApiError) -> ApiError {
+        match error {
+            ApiError::Unavailable {
+                code: code @ "COURIER:Shard:NoLeader",
+                message,
+                leader,
+                ..
+            } => {
+                let min_ms =
+                    u64::try_from(self.groups.election_timeout_min().as_millis()).unwrap_or(1000);
+                ApiError::Unavailable {
+                    code,
+                    message,
+                    retry_after_ms: crate::env::random_range(min_ms / 2..=min_ms),
+                    leader,
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// The leader of `shard` as this node sees it (itself included) and the term it sees.
+    async fn leader_view(&self, shard: ShardId) -> Option<(Option<NodeId>, u64)> {
+        let handle = self.group(GroupId::Shard(shard)).await.ok()?;
+        let now = handle.raft.metrics().borrow().clone();
+        Some((self.leader_in(&now), now.current_term))
+    }
+
+    fn leader_in(&self, metrics: &openraft::RaftMetrics<NodeId, Node>) -> Option<NodeId> {
+        if metrics.state == ServerState::Leader {
+            Some(self.groups.node_id())
+        } else {
+            metrics.current_leader
+        }
+    }
+
+    /// Waits until this node knows a leader of `shard` that is not the one in `seen` (another
+    /// node, or the same one re-elected in a later term), or any leader when `seen` is `None`;
+    /// gives up at `deadline`. Returns whether it knows one.
+    async fn wait_for_new_leader(
+        &self,
+        shard: ShardId,
+        seen: Option<(Option<NodeId>, u64)>,
+        deadline: tokio::time::Instant,
+    ) -> bool {
+        let Ok(handle) = self.group(GroupId::Shard(shard)).await else {
+            return false;
+        };
+        let mut metrics = handle.raft.metrics();
+        let wait = async {
+            loop {
+                {
+                    let now = metrics.borrow_and_update();
+                    let leader = self.leader_in(&now);
+                    let new = match seen {
+                        None => true,
+                        Some((old, term)) => leader != old || now.current_term > term,
+                    };
+                    if leader.is_some() && new {
+                        return true;
+                    }
+                }
+                if metrics.changed().await.is_err() {
+                    return false;
+                }
+            }
+        };
+        tokio::time::timeout_at(deadline, wait)
+            .await
+            .unwrap_or(false)
+    }
+
+    /// Proposes through `route`: on this node, or one hop away on the leader's.
+    async fn propose_via(
+        &self,
+        route: Route,
+        shard: ShardId,
+        events: Vec<Event>,
+        already_forwarded: bool,
+    ) -> Result<Vec<EventOutcome>, ApiError> {
+        match route {
+            Route::Local(handle) if crate::sends::single_send(&events).is_some() => {
+                crate::sends::propose_send_on_leader(
+                    &self.sends,
+                    &self.db,
+                    shard,
+                    &handle,
+                    events,
+                    (self.rpc_timeout, self.rpc_timeout),
+                    |events| propose_local(&handle, shard, events),
+                )
                 .await
-                .map_err(propose_error),
+            }
+            Route::Local(handle) => propose_local(&handle, shard, events).await,
             Route::Remote { leader, .. } if already_forwarded => Err(unavailable(
                 format!("{shard} moved its leader; retry"),
                 leader,
@@ -1018,6 +1169,44 @@ enum Route {
         addr: String,
         leader: Option<NodeId>,
     },
+}
+
+/// Whether `error` says the shard had no (reachable) leader.
+fn is_no_leader(error: &ApiError) -> bool {
+    matches!(
+        error,
+        ApiError::Unavailable {
+            code: "COURIER:Shard:NoLeader",
+            ..
+        }
+    )
+}
+
+/// Whether proposing `events` a second time, after a first attempt whose fate is unknown, can
+/// never apply them twice: a client send (deduplicated by its client message id at apply), an
+/// ack or a read (positions that only move forward).
+fn retry_safe(events: &[Event]) -> bool {
+    !events.is_empty()
+        && events.iter().all(|event| {
+            matches!(
+                event.kind,
+                Some(Kind::MessageSent(_) | Kind::DeliveryAcked(_) | Kind::ReadUpTo(_))
+            )
+        })
+}
+
+/// Proposes on this node, the shard's leader, and waits for the outcomes.
+async fn propose_local(
+    handle: &GroupHandle,
+    shard: ShardId,
+    events: Vec<Event>,
+) -> Result<Vec<EventOutcome>, ApiError> {
+    handle
+        .proposer
+        .propose(events)
+        .instrument(tracing::info_span!("raft.commit", %shard))
+        .await
+        .map_err(propose_error)
 }
 
 /// An outcome in its wire form (peer `Propose`).

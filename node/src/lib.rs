@@ -1,10 +1,28 @@
 //! The courier server.
 //!
 //! Layout:
-//! - [`config`]: the TOML config, validated once.
-//! - [`server`]: startup and shutdown as a story: storage, then gRPC services.
+//! - [`cli`]: the `courier-node --config FILE` entry point, shared with `courier-node-bugs`.
+//! - [`config`]: the TOML config, validated once; [`units`]: its sizes and durations.
+//! - [`server`]: startup and shutdown as a story: storage, then gRPC services and tasks.
 //! - [`services`]: the client and peer gRPC services.
-//! - [`telemetry`]: structured logs and the panic hook.
+//! - [`client`]: the client API behind them: [`client::auth`] (bearer tokens),
+//!   [`client::registration`], [`client::messaging`] (1:1 sends, receipts, conversations,
+//!   presence lookups), [`client::groups`], [`client::stream`] (device streams, typing),
+//!   [`client::live`] (this node's open streams) and [`client::rate`] (token buckets).
+//! - [`cluster`]: this node's view of the cluster: proposing on a shard's leader, forwarding,
+//!   bootstrap, membership, status.
+//! - [`sends`]: retried sends answered from the dedup projection before anything is proposed.
+//! - [`forwarder`]: the outbox forwarders of the shards this node leads.
+//! - [`retention`]: expiry of undelivered messages on the shards this node leads.
+//! - [`presence`]: online and last seen, in memory on the users' shard leaders.
+//! - [`push`]: the push hook for users with no open device stream.
+//! - [`maintenance`]: the admin API's online verify, rebuild and log reads.
+//! - [`listener`]: the client listener's connection cap.
+//! - [`status`]: the one mapping from errors to gRPC statuses.
+//! - [`metrics`]: the Prometheus endpoint.
+//! - [`telemetry`]: structured logs, tracing and the panic hook.
+//! - [`env`]: the wall clock and randomness, a seam for the deterministic simulation.
+//! - [`bugs`]: deliberate bugs for the checkers, active only in builds with the `bugs` feature.
 //!
 //! `main.rs` only parses flags, loads the config and calls [`server::start`]; tests start whole
 //! nodes in-process on port 0 the same way.
@@ -22,6 +40,7 @@ pub mod metrics;
 pub mod presence;
 pub mod push;
 pub mod retention;
+pub mod sends;
 pub mod server;
 pub mod services;
 pub mod status;

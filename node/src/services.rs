@@ -1,6 +1,8 @@
-//! The gRPC services: client (registration, messaging; groups answer `UNIMPLEMENTED` until
-//! issue #7) and peer (forwarding, proposing, admin; raft is
-//! `courier_consensus::network::RaftService`).
+//! The gRPC services: client (registration; messaging, with 1:1 and group sends, device
+//! streams, receipts and presence; groups) and peer (forwarding, proposing, presence, typing,
+//! admin; raft is `courier_consensus::network::RaftService`). Client methods authenticate the
+//! device where the API needs it and delegate to `ClientApi` (`crate::client`); peer methods
+//! delegate to the cluster, the live streams and the maintenance jobs.
 
 use courier_proto::convert::messaging::MembershipCommand;
 use courier_proto::pb::client::groups_server::Groups;

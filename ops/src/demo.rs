@@ -103,6 +103,7 @@ async fn open(
             resume_after_seq: after,
             hide_last_seen: false,
             receipts_after_index: 0,
+            receipts_after_position: Vec::new(),
         })),
     })
     .await?;

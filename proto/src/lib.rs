@@ -17,7 +17,8 @@ pub mod types;
 pub use error::WireError;
 pub use shard::{phone_hash, shard_of, shard_of_group, user_of_phone};
 pub use types::{
-    ClientMsgId, ConversationId, DeviceId, GroupId, InboxSeq, LogIndex, MessageId, ShardId, UserId,
+    ClientMsgId, ConversationId, DeviceId, GroupId, InboxSeq, LogIndex, MessageId,
+    ReceiptFeedPosition, ShardId, UserId,
 };
 
 /// The event format version this build writes and the highest it can read.

@@ -219,6 +219,75 @@ impl ClientMsgId {
     }
 }
 
+/// One change in a sender's receipt feed, as a device resumes after it: the log index that set the
+/// change, then the message and the recipient whose copy moved. Feed positions order like the
+/// feed (by index, then message id, then recipient) and are the same on every replica, so a
+/// device that saw part of one log entry's changes resumes in the middle of that entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ReceiptFeedPosition {
+    /// The log index that set the change.
+    pub set_at: LogIndex,
+    /// The message (all ones for "after the whole entry").
+    pub message: [u8; 16],
+    /// The recipient, raw (`u64::MAX` for "after the whole entry").
+    pub recipient: u64,
+}
+
+impl ReceiptFeedPosition {
+    /// Bytes of a position on the wire (`feed_position`, `receipts_after_position`).
+    pub const WIRE_BYTES: usize = 8 + 16 + 8;
+
+    /// The position after every change set by log index `index` (0: before the whole feed).
+    pub const fn after_entry(index: LogIndex) -> Self {
+        Self {
+            set_at: index,
+            message: [0xff; 16],
+            recipient: u64::MAX,
+        }
+    }
+
+    /// The position of one change.
+    pub const fn of_change(set_at: LogIndex, message: MessageId, recipient: UserId) -> Self {
+        Self {
+            set_at,
+            message: *message.as_bytes(),
+            recipient: recipient.get(),
+        }
+    }
+
+    /// The wire form: index, message id and recipient, big-endian, 32 bytes.
+    pub fn to_wire(&self) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(Self::WIRE_BYTES);
+        bytes.extend_from_slice(&self.set_at.get().to_be_bytes());
+        bytes.extend_from_slice(&self.message);
+        bytes.extend_from_slice(&self.recipient.to_be_bytes());
+        bytes
+    }
+
+    /// Converts a wire value.
+    ///
+    /// # Errors
+    /// [`WireError::Malformed`] unless `raw` is exactly [`Self::WIRE_BYTES`] bytes.
+    pub fn from_wire(raw: &[u8], field: &'static str) -> Result<Self, WireError> {
+        let malformed = WireError::Malformed {
+            field,
+            reason: "expected the 32 bytes of a ReceiptUpdate's feed_position",
+        };
+        if raw.len() != Self::WIRE_BYTES {
+            return Err(malformed);
+        }
+        let (index, rest) = raw.split_at(8);
+        let (message, recipient) = rest.split_at(16);
+        Ok(Self {
+            set_at: LogIndex::new(u64::from_be_bytes(
+                index.try_into().map_err(|_| malformed.clone())?,
+            )),
+            message: message.try_into().map_err(|_| malformed.clone())?,
+            recipient: u64::from_be_bytes(recipient.try_into().map_err(|_| malformed)?),
+        })
+    }
+}
+
 /// Who a conversation is with, from one user's point of view.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ConversationId {

@@ -253,6 +253,23 @@ pub fn receipt_feed(
         .done()
 }
 
+/// receipts: the first feed key of `sender` strictly after `position` (the position's own key
+/// followed by a zero byte, the next key in byte order).
+pub fn receipt_feed_after(
+    shard: ShardId,
+    sender: UserId,
+    position: &courier_proto::ReceiptFeedPosition,
+) -> Vec<u8> {
+    KeyBuf::shard(shard)
+        .u8(tag::SECONDARY)
+        .u64(sender.get())
+        .u64(position.set_at.get())
+        .bytes(&position.message)
+        .u64(position.recipient)
+        .u8(0)
+        .done()
+}
+
 /// receipts: prefix of a sender's receipt feed.
 pub fn receipt_feed_prefix(shard: ShardId, sender: UserId) -> Vec<u8> {
     KeyBuf::shard(shard)

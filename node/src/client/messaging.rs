@@ -194,6 +194,7 @@ impl ClientApi {
                                 state: receipt.state,
                                 at_ms: receipt.at_ms,
                                 feed_index: 0,
+                                feed_position: Vec::new(),
                             })
                             .collect();
                     let overall = recipients.iter().map(|r| r.state).min().unwrap_or(0);

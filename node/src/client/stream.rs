@@ -19,7 +19,7 @@ use courier_proto::pb::client::{
     ClientFrame, InboxMessage, ReceiptUpdate, ServerFrame, server_frame,
 };
 use courier_proto::pb::events::{self, Event, ReceiptState, event::Kind};
-use courier_proto::{InboxSeq, LogIndex};
+use courier_proto::{InboxSeq, LogIndex, ReceiptFeedPosition};
 use courier_storage::projection::{groups, inbox, readstate, receipts};
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -69,21 +69,21 @@ impl ClientApi {
         let shard = self.shard_of(caller.user)?;
         // Receipts after the device's cursor are pushed (it resumes the feed where its last
         // stream left it, on any replica); without one, those that change from now on.
-        let receipts_after = if receipts_cursor > LogIndex::ZERO {
-            receipts_cursor
-        } else {
-            self.cluster
-                .groups()
-                .get(courier_consensus::types::GroupId::Shard(shard))
-                .map_or(LogIndex::ZERO, |handle| {
-                    handle
-                        .applied
-                        .read()
-                        .expect("applied view lock")
-                        .shard
-                        .applied
-                })
-        };
+        let receipts_after = receipts_cursor.unwrap_or_else(|| {
+            ReceiptFeedPosition::after_entry(
+                self.cluster
+                    .groups()
+                    .get(courier_consensus::types::GroupId::Shard(shard))
+                    .map_or(LogIndex::ZERO, |handle| {
+                        handle
+                            .applied
+                            .read()
+                            .expect("applied view lock")
+                            .shard
+                            .applied
+                    }),
+            )
+        });
         tracing::info!(
             user = caller.user.get(),
             device = caller.device.get(),
@@ -112,7 +112,7 @@ impl ClientApi {
         &self,
         caller: Caller,
         mut cursor: InboxSeq,
-        mut receipts_after: LogIndex,
+        mut receipts_after: ReceiptFeedPosition,
         hide_last_seen: bool,
         tx: mpsc::Sender<Result<ServerFrame, Status>>,
     ) {
@@ -143,13 +143,16 @@ impl ClientApi {
                         .min(cursor.get().saturating_add(PAGE_MESSAGES as u64)),
                 );
                 let messages = inbox::entries_between(view, caller.user, cursor, up_to)?;
-                let feed = receipts::feed(view, caller.user, receipts_after, PAGE_MESSAGES)?;
+                let feed = receipts::feed(view, caller.user, &receipts_after, PAGE_MESSAGES)?;
                 Ok((up_to, messages, feed))
             });
             let Ok((up_to, messages, feed)) = page else {
                 return;
             };
             let caught_up = messages.len() < PAGE_MESSAGES;
+            // A full page of receipt changes may be one part of a log entry's changes (an ack of
+            // many messages): the next pass reads on from the last change pushed, at once.
+            let feed_caught_up = feed.len() < PAGE_MESSAGES;
             let mut pushed_up_to = cursor;
             let mut stalled = false;
             for (seq, mut entry) in messages {
@@ -203,13 +206,14 @@ impl ClientApi {
                 cursor.max(up_to)
             };
             for item in feed {
-                receipts_after = item.set_at;
+                receipts_after = item.position();
                 let update = ReceiptUpdate {
                     message_id: item.message.as_bytes().to_vec(),
                     recipient_user: item.recipient.get(),
                     state: item.receipt.state,
                     at_ms: item.receipt.at_ms,
                     feed_index: item.set_at.get(),
+                    feed_position: receipts_after.to_wire(),
                 };
                 let regressed = (bugs::active(Bug::ReceiptRegress)
                     && update.state == i32::from(ReceiptState::Read))
@@ -227,6 +231,10 @@ impl ClientApi {
                 }
             }
             live |= caught_up;
+            let more_waiting = !(caught_up && feed_caught_up);
+            if more_waiting && !stalled {
+                continue; // read the next page now
+            }
             tokio::select! {
                 () = self.shutdown.cancelled() => return,
                 () = tx.closed() => return,

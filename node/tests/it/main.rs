@@ -2,6 +2,7 @@
 //! as real `courier-node` processes with configs and data directories in a temp dir.
 
 mod cluster;
+mod contract;
 mod foundation;
 mod maintenance;
 mod messaging;

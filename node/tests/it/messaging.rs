@@ -25,11 +25,11 @@ use crate::support::channel;
 #[derive(Clone, Debug)]
 pub(crate) struct Device {
     pub(crate) user: u64,
-    device: u32,
+    pub(crate) device: u32,
     bearer: String,
 }
 
-fn user_of(phone: &str) -> UserId {
+pub(crate) fn user_of(phone: &str) -> UserId {
     courier_node::client::registration::user_of_phone(
         &PhoneNumber::try_from(phone.to_owned()).expect("valid"),
     )
@@ -109,12 +109,12 @@ pub(crate) fn body(text: &str) -> Option<events::Content> {
 }
 
 /// An open device stream: frames arrive on `frames`, acks and reads go out on `out`.
-struct Stream {
-    frames: tonic::Streaming<ServerFrame>,
-    out: mpsc::Sender<ClientFrame>,
+pub(crate) struct Stream {
+    pub(crate) frames: tonic::Streaming<ServerFrame>,
+    pub(crate) out: mpsc::Sender<ClientFrame>,
 }
 
-async fn open_stream(addr: &str, device: &Device, resume_after: u64) -> Stream {
+pub(crate) async fn open_stream(addr: &str, device: &Device, resume_after: u64) -> Stream {
     open_stream_with(addr, device, resume_after, false).await
 }
 
@@ -130,6 +130,7 @@ async fn open_stream_with(
             resume_after_seq: resume_after,
             hide_last_seen,
             receipts_after_index: 0,
+            receipts_after_position: Vec::new(),
         })),
     })
     .await
@@ -143,7 +144,7 @@ async fn open_stream_with(
 }
 
 /// Reads frames until `want` returns true or `timeout` passes; returns everything read.
-async fn collect(
+pub(crate) async fn collect(
     stream: &mut Stream,
     timeout: Duration,
     mut done: impl FnMut(&[ServerFrame]) -> bool,
@@ -170,9 +171,9 @@ fn messages(frames: &[ServerFrame]) -> Vec<(u64, Vec<u8>)> {
         .collect()
 }
 
-struct Cluster {
-    nodes: Vec<courier_node::NodeHandle>,
-    dirs: Vec<std::path::PathBuf>,
+pub(crate) struct Cluster {
+    pub(crate) nodes: Vec<courier_node::NodeHandle>,
+    pub(crate) dirs: Vec<std::path::PathBuf>,
     _root: tempfile::TempDir,
 }
 
@@ -185,7 +186,7 @@ async fn cluster_with(sends_per_second: u32) -> Cluster {
 }
 
 /// Three in-process nodes whose config text `edit` adjusts.
-async fn cluster_configured(edit: &dyn Fn(String) -> String) -> Cluster {
+pub(crate) async fn cluster_configured(edit: &dyn Fn(String) -> String) -> Cluster {
     let root = tempfile::tempdir().expect("tempdir");
     let mut nodes = Vec::new();
     let mut dirs = Vec::new();
@@ -486,7 +487,7 @@ async fn last_log_indexes(peer: &str) -> Vec<u64> {
         .collect()
 }
 
-fn code_of(status: &tonic::Status) -> String {
+pub(crate) fn code_of(status: &tonic::Status) -> String {
     status
         .metadata()
         .get("courier-code")

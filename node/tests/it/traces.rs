@@ -103,6 +103,7 @@ async fn one_send_is_one_trace_across_nodes() {
                 resume_after_seq: 0,
                 hide_last_seen: false,
                 receipts_after_index: 0,
+                receipts_after_position: Vec::new(),
             })),
         })
         .await

@@ -61,8 +61,8 @@ pub enum StreamCommand {
         resume_after: InboxSeq,
         /// Hide the user's last-seen time while this stream is open.
         hide_last_seen: bool,
-        /// Resume the receipt feed after this position (zero: from now).
-        receipts_after: crate::LogIndex,
+        /// Resume the receipt feed after this position (`None`: from now).
+        receipts_after: Option<crate::ReceiptFeedPosition>,
     },
     /// This device received everything up to `up_to`.
     Ack {
@@ -95,11 +95,25 @@ impl TryFrom<pb::ClientFrame> for StreamCommand {
             })?)
         };
         match wire.frame.ok_or(WireError::Missing { field: "frame" })? {
-            pb::client_frame::Frame::Open(open) => Ok(Self::Open {
-                resume_after: InboxSeq::new(open.resume_after_seq),
-                hide_last_seen: open.hide_last_seen,
-                receipts_after: crate::LogIndex::new(open.receipts_after_index),
-            }),
+            pb::client_frame::Frame::Open(open) => {
+                let receipts_after = if !open.receipts_after_position.is_empty() {
+                    Some(crate::ReceiptFeedPosition::from_wire(
+                        &open.receipts_after_position,
+                        "open.receipts_after_position",
+                    )?)
+                } else if open.receipts_after_index > 0 {
+                    Some(crate::ReceiptFeedPosition::after_entry(
+                        crate::LogIndex::new(open.receipts_after_index),
+                    ))
+                } else {
+                    None
+                };
+                Ok(Self::Open {
+                    resume_after: InboxSeq::new(open.resume_after_seq),
+                    hide_last_seen: open.hide_last_seen,
+                    receipts_after,
+                })
+            }
             pb::client_frame::Frame::Ack(ack) => {
                 if ack.up_to_seq == 0 {
                     return Err(WireError::Zero {

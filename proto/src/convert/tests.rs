@@ -127,12 +127,63 @@ fn stream_frames() {
             resume_after_seq: 0,
             hide_last_seen: true,
             receipts_after_index: 9,
+            receipts_after_position: Vec::new(),
         }))),
         Ok(StreamCommand::Open {
             resume_after: InboxSeq::ZERO,
             hide_last_seen: true,
-            receipts_after: crate::LogIndex::new(9),
+            receipts_after: Some(crate::ReceiptFeedPosition::after_entry(
+                crate::LogIndex::new(9)
+            )),
         })
+    );
+    let position = crate::ReceiptFeedPosition {
+        set_at: crate::LogIndex::new(9),
+        message: [7; 16],
+        recipient: 42,
+    };
+    assert_eq!(
+        StreamCommand::try_from(frame(client::client_frame::Frame::Open(client::Open {
+            resume_after_seq: 3,
+            hide_last_seen: false,
+            receipts_after_index: 2,
+            receipts_after_position: position.to_wire(),
+        }))),
+        Ok(StreamCommand::Open {
+            resume_after: InboxSeq::new(3),
+            hide_last_seen: false,
+            receipts_after: Some(position),
+        }),
+        "an exact position takes precedence over the entry index"
+    );
+    assert!(
+        matches!(
+            StreamCommand::try_from(frame(client::client_frame::Frame::Open(client::Open {
+                resume_after_seq: 0,
+                hide_last_seen: false,
+                receipts_after_index: 0,
+                receipts_after_position: vec![1; 31],
+            }))),
+            Err(WireError::Malformed {
+                field: "open.receipts_after_position",
+                ..
+            })
+        ),
+        "a position of the wrong length is refused"
+    );
+    assert_eq!(
+        StreamCommand::try_from(frame(client::client_frame::Frame::Open(client::Open {
+            resume_after_seq: 0,
+            hide_last_seen: false,
+            receipts_after_index: 0,
+            receipts_after_position: Vec::new(),
+        }))),
+        Ok(StreamCommand::Open {
+            resume_after: InboxSeq::ZERO,
+            hide_last_seen: false,
+            receipts_after: None,
+        }),
+        "no position: changes from now"
     );
     assert_eq!(
         StreamCommand::try_from(client::ClientFrame { frame: None }),

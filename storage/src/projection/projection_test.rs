@@ -678,3 +678,73 @@ fn group_fan_out_follows_the_membership() {
         .expect("memory");
     assert!(groups.is_empty(), "user 3 left the group's index");
 }
+
+/// One log entry carrying 2,500 receipt changes of one sender (an ack of many messages): the feed
+/// pages through the entry by change position, without skipping or repeating a change, resumes
+/// in the middle of the entry, and "after the whole entry" skips exactly that entry.
+#[test]
+fn receipt_feed_pages_through_one_large_entry() {
+    use courier_proto::ReceiptFeedPosition;
+
+    use crate::projection::receipts;
+
+    const CHANGES: u64 = 2_500;
+    const PAGE: usize = 256;
+    let mut kv = MemKv::default();
+    let mut state = ShardState::empty(SHARD);
+    let receipt = |n: u64| {
+        let mut message_id = vec![0_u8; 16];
+        message_id[8..].copy_from_slice(&(n + 1).to_be_bytes());
+        Kind::ReceiptRecorded(events::ReceiptRecorded {
+            message_id,
+            sender_user: 1,
+            recipient_user: 2 + n % 3,
+            state: ReceiptState::Delivered.into(),
+            at_ms: 1,
+            source_shard: 2,
+            source_pos: n + 1,
+        })
+    };
+    apply_one(&mut kv, &mut state, vec![receipt(0)]);
+    apply_one(&mut kv, &mut state, (1..=CHANGES).map(receipt).collect());
+    apply_one(&mut kv, &mut state, vec![receipt(CHANGES + 1)]);
+    let big_entry = LogIndex::new(2);
+    let sender = UserId::new(1).expect("non-zero");
+    let mut staged = Staged::new(&kv, BTreeMap::new());
+    let view = view_of(&mut staged);
+    let read_all = |after: ReceiptFeedPosition| {
+        let mut seen = Vec::new();
+        let mut cursor = after;
+        loop {
+            let page = receipts::feed(&view, sender, &cursor, PAGE).expect("memory");
+            let Some(last) = page.last() else {
+                return seen;
+            };
+            cursor = last.position();
+            seen.extend(page);
+        }
+    };
+
+    tracing_phase("from the start: every change once, in feed order");
+    let all = read_all(ReceiptFeedPosition::after_entry(LogIndex::ZERO));
+    assert_eq!(all.len(), usize::try_from(CHANGES).expect("small") + 2);
+    let positions: Vec<ReceiptFeedPosition> =
+        all.iter().map(receipts::FeedItem::position).collect();
+    assert!(
+        positions.windows(2).all(|w| w[0] < w[1]),
+        "positions strictly increase"
+    );
+    let in_big: Vec<_> = all.iter().filter(|item| item.set_at == big_entry).collect();
+    assert_eq!(in_big.len(), usize::try_from(CHANGES).expect("small"));
+
+    tracing_phase("resumed after the 1,000th change of the big entry: the other 1,500 and after");
+    let resumed = read_all(in_big[999].position());
+    assert_eq!(resumed.len(), 1_500 + 1);
+    assert_eq!(resumed[0].position(), in_big[1_000].position());
+    assert_eq!(resumed.last().map(|i| i.set_at), Some(LogIndex::new(3)));
+
+    tracing_phase("after the whole big entry: only the next entry");
+    let after = read_all(ReceiptFeedPosition::after_entry(big_entry));
+    assert_eq!(after.len(), 1);
+    assert_eq!(after[0].set_at, LogIndex::new(3));
+}

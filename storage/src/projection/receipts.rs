@@ -9,7 +9,7 @@
 use courier_proto::pb::events::event::Kind;
 use courier_proto::pb::events::{ReceiptState, conversation};
 use courier_proto::pb::store::Receipt;
-use courier_proto::{MessageId, UserId};
+use courier_proto::{MessageId, ReceiptFeedPosition, UserId};
 
 use super::{Projection, View};
 use crate::error::Result;
@@ -61,23 +61,28 @@ pub struct FeedItem {
     pub receipt: Receipt,
 }
 
-/// Returns up to `limit` receipt changes of `sender`'s messages set after log index `after`, in
-/// log order: what a sender's device stream pushes.
+impl FeedItem {
+    /// This change's position in the feed, from which a device resumes after it.
+    pub fn position(&self) -> ReceiptFeedPosition {
+        ReceiptFeedPosition::of_change(self.set_at, self.message, self.recipient)
+    }
+}
+
+/// Returns up to `limit` receipt changes of `sender`'s messages strictly after `after`, in feed
+/// order (log index, then message id, then recipient): what a sender's device stream pushes. A
+/// caller pages through the feed by passing the last item's [`FeedItem::position`]; one log entry
+/// may hold any number of changes, and paging resumes inside it.
 ///
 /// # Errors
 /// A storage fault.
 pub fn feed(
     view: &View<'_, '_>,
     sender: UserId,
-    after: courier_proto::LogIndex,
+    after: &ReceiptFeedPosition,
     limit: usize,
 ) -> Result<Vec<FeedItem>> {
     let prefix = keys::receipt_feed_prefix(view.shard(), sender);
-    let from = keys::KeyBuf::shard(view.shard())
-        .u8(keys::tag::SECONDARY)
-        .u64(sender.get())
-        .u64(after.get().saturating_add(1))
-        .done();
+    let from = keys::receipt_feed_after(view.shard(), sender, after);
     let to = keys::prefix_end(&prefix).expect("feed prefixes end below 0xff..");
     Ok(view
         .scan::<Receipt>(Projection::Receipts, &from, &to, limit)?
