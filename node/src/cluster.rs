@@ -23,8 +23,7 @@ use courier_proto::pb::peer::{
 };
 use courier_proto::{LogIndex, ShardId};
 use courier_storage::Db;
-use courier_storage::kv::Staged;
-use courier_storage::projection::{Projection, View, outbox};
+use courier_storage::projection::{Projection, outbox};
 use openraft::ServerState;
 use tracing::{Instrument as _, info};
 
@@ -812,9 +811,7 @@ impl Cluster {
 
     /// Outbox entries of `shard` not yet forwarded and trimmed, per destination shard.
     pub fn outbox_by_dest(&self, shard: ShardId) -> Vec<(u16, u64)> {
-        let mut staged = Staged::new(self.db.as_ref(), BTreeMap::new());
-        let view = View::new(&mut staged, shard, LogIndex::ZERO, Projection::Outbox);
-        outbox::states(&view)
+        outbox::states(&self.db.read(shard).view(Projection::Outbox))
             .map(|states| {
                 states
                     .iter()
@@ -1077,12 +1074,11 @@ impl Cluster {
             .first_pos
             .saturating_add(u64::try_from(events.len()).unwrap_or(u64::MAX))
             .saturating_sub(1);
-        let applied = {
-            let mut staged = Staged::new(self.db.as_ref(), BTreeMap::new());
-            let view = View::new(&mut staged, dest, LogIndex::ZERO, Projection::Outbox);
-            outbox::inbound_applied(&view, request.source_shard)
-                .map_err(|e| internal(e.to_string()))?
-        };
+        let applied = outbox::inbound_applied(
+            &self.db.read(dest).view(Projection::Outbox),
+            request.source_shard,
+        )
+        .map_err(|e| internal(e.to_string()))?;
         if applied.saturating_add(1) < request.first_pos {
             return Err(invalid(
                 "COURIER:Forward:Gap",

@@ -15,13 +15,12 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use courier_consensus::types::GroupId;
+use courier_proto::ShardId;
 use courier_proto::limits::FORWARD_BATCH_EVENTS_MAX;
 use courier_proto::pb::events::{self, Event, event::Kind};
 use courier_proto::pb::peer::ForwardBatchRequest;
 use courier_proto::pb::store::OutboxState;
-use courier_proto::{LogIndex, ShardId};
-use courier_storage::kv::Staged;
-use courier_storage::projection::{Projection, View, outbox};
+use courier_storage::projection::{Projection, outbox};
 use openraft::ServerState;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -103,10 +102,8 @@ fn due_pairs(
     if handle.raft.metrics().borrow().state != ServerState::Leader {
         return Vec::new();
     }
-    let db = cluster.groups().db().clone();
-    let mut staged = Staged::new(db.as_ref(), BTreeMap::new());
-    let view = View::new(&mut staged, source, LogIndex::ZERO, Projection::Outbox);
-    let states = match outbox::states(&view) {
+    let mut reader = cluster.groups().db().read(source);
+    let states = match outbox::states(&reader.view(Projection::Outbox)) {
         Ok(states) => states,
         Err(error) => {
             tracing::error!(source = source.get(), %error, "cannot read the outbox");
@@ -159,11 +156,9 @@ async fn forward_once(
     state: &OutboxState,
 ) -> Result<(), crate::status::ApiError> {
     let pending = {
-        let db = cluster.groups().db().clone();
-        let mut staged = Staged::new(db.as_ref(), BTreeMap::new());
-        let view = View::new(&mut staged, source, LogIndex::ZERO, Projection::Outbox);
+        let mut reader = cluster.groups().db().read(source);
         outbox::pending(
-            &view,
+            &reader.view(Projection::Outbox),
             dest,
             state.trimmed_up_to.saturating_add(1),
             FORWARD_BATCH_EVENTS_MAX,

@@ -4,14 +4,12 @@
 //! replica and every rebuild agrees on what expired. An expiry that races an ack, or a second
 //! proposal for the same message from a new leader, applies as a no-op.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use courier_consensus::types::GroupId;
 use courier_proto::ShardId;
 use courier_proto::pb::events::{self, Event, event::Kind};
-use courier_storage::kv::Staged;
-use courier_storage::projection::{Projection, View, expiry};
+use courier_storage::projection::{Projection, expiry};
 use openraft::ServerState;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -54,15 +52,12 @@ async fn expire_on(cluster: &Cluster, shard: ShardId, retention_ms: u64) {
     }
     let now = now_ms();
     let due = {
-        let db = cluster.groups().db().clone();
-        let mut staged = Staged::new(db.as_ref(), BTreeMap::new());
-        let view = View::new(
-            &mut staged,
-            shard,
-            courier_proto::LogIndex::ZERO,
-            Projection::Expiry,
-        );
-        expiry::due(&view, now.saturating_sub(retention_ms), EXPIRE_BATCH_MAX)
+        let mut reader = cluster.groups().db().read(shard);
+        expiry::due(
+            &reader.view(Projection::Expiry),
+            now.saturating_sub(retention_ms),
+            EXPIRE_BATCH_MAX,
+        )
     };
     let due = match due {
         Ok(due) if !due.is_empty() => due,

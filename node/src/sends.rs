@@ -26,8 +26,7 @@ use courier_consensus::types::EventOutcome;
 use courier_proto::pb::events::{Event, MessageSent, event::Kind};
 use courier_proto::{DeviceId, ShardId, UserId};
 use courier_storage::Db;
-use courier_storage::kv::Staged;
-use courier_storage::projection::{Projection, View, dedup};
+use courier_storage::projection::{Projection, dedup};
 
 use crate::status::ApiError;
 
@@ -116,13 +115,8 @@ pub(crate) fn applied_result(
     ) else {
         return Ok(None); // not a client send this node decided; apply-time checks decide it
     };
-    let mut staged = Staged::new(db, std::collections::BTreeMap::new());
-    let view = View::new(
-        &mut staged,
-        shard,
-        courier_proto::LogIndex::ZERO,
-        Projection::Dedup,
-    );
+    let mut reader = db.read(shard);
+    let view = reader.view(Projection::Dedup);
     let found = dedup::lookup(&view, user, device, &sent.client_msg_id).map_err(|error| {
         ApiError::Internal {
             code: "COURIER:Node:Storage",

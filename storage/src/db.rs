@@ -20,6 +20,7 @@ use crate::cf::Cf;
 use crate::error::{Result, StorageError, db_err};
 use crate::kv::{Change, Pair, ReadKv};
 use crate::memdisk::{MemDisk, Op};
+use crate::reader::Reader;
 
 /// How a database is opened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -221,6 +222,11 @@ impl Db {
         checkpoint
             .create_checkpoint(dir)
             .map_err(db_err("checkpoint", "*"))
+    }
+
+    /// A read-only look at `shard`'s projections as they are now (see [`Reader`]).
+    pub fn read(&self, shard: courier_proto::ShardId) -> Reader<'_> {
+        Reader::new(self, shard)
     }
 }
 

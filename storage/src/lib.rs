@@ -26,6 +26,7 @@ pub mod kv;
 pub mod log;
 pub mod memdisk;
 pub mod projection;
+pub mod reader;
 pub mod rebuild;
 pub mod shard;
 pub mod snapshot;

@@ -12,12 +12,10 @@ pub mod rate;
 pub mod registration;
 pub mod stream;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use courier_proto::{LogIndex, ShardId, UserId, shard_of};
+use courier_proto::{ShardId, UserId, shard_of};
 use courier_storage::Db;
-use courier_storage::kv::Staged;
 use courier_storage::projection::{Projection, View};
 use tokio_util::sync::CancellationToken;
 
@@ -131,9 +129,7 @@ impl ClientApi {
         shard: ShardId,
         f: impl FnOnce(&View<'_, '_>) -> courier_storage::Result<R>,
     ) -> Result<R, ApiError> {
-        let mut staged = Staged::new(self.db.as_ref(), BTreeMap::new());
-        let view = View::new(&mut staged, shard, LogIndex::ZERO, Projection::Inbox);
-        f(&view).map_err(|error| ApiError::Internal {
+        f(&self.db.read(shard).view(Projection::Inbox)).map_err(|error| ApiError::Internal {
             code: "COURIER:Node:Storage",
             message: error.to_string(),
         })
