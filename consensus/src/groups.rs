@@ -106,37 +106,6 @@ pub struct GroupHandle {
     pub maintenance: crate::maintenance::Maintenance,
 }
 
-impl GroupHandle {
-    /// Waits until this replica leads the group and has applied an entry of its own term, which
-    /// means it has applied everything any earlier leader committed: a lookup in its projections
-    /// then sees every committed fact. Returns `false` when it is not (or stops being) the leader,
-    /// or that did not happen within `timeout` (a new leader applies its first entry within one
-    /// replication round).
-    pub async fn leader_caught_up(&self, timeout: Duration) -> bool {
-        let mut metrics = self.raft.metrics();
-        let wait = async {
-            loop {
-                {
-                    let now = metrics.borrow();
-                    if now.state != openraft::ServerState::Leader {
-                        return false;
-                    }
-                    if now
-                        .last_applied
-                        .is_some_and(|id| id.leader_id.term == now.current_term)
-                    {
-                        return true;
-                    }
-                }
-                if metrics.changed().await.is_err() {
-                    return false;
-                }
-            }
-        };
-        tokio::time::timeout(timeout, wait).await.unwrap_or(false)
-    }
-}
-
 /// Every raft group of this node.
 pub struct Groups {
     node_id: NodeId,

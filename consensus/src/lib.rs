@@ -18,6 +18,7 @@
 
 pub mod bugs;
 pub mod groups;
+pub mod leadership;
 pub mod log_store;
 pub mod maintenance;
 pub mod network;

@@ -13,8 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use courier_consensus::groups::{GroupHandle, Groups};
+use courier_consensus::leadership::{LeaderView, Role};
 use courier_consensus::proposer::ProposeError;
-use courier_consensus::types::{ClusterSettings, EventOutcome, GroupId, Node, NodeId, Proposal};
+use courier_consensus::types::{ClusterSettings, EventOutcome, GroupId, NodeId};
 use courier_proto::limits::{FORWARD_BATCH_EVENTS_MAX, SHARD_COUNT_MAX};
 use courier_proto::pb::events::{Event, event::Kind};
 use courier_proto::pb::peer::{
@@ -24,7 +25,6 @@ use courier_proto::pb::peer::{
 use courier_proto::{LogIndex, ShardId};
 use courier_storage::Db;
 use courier_storage::projection::{Projection, outbox};
-use openraft::ServerState;
 use tracing::{Instrument as _, info};
 
 use crate::status::ApiError;
@@ -58,7 +58,7 @@ pub enum ReadConsistency {
 /// A membership change.
 #[derive(Debug, Clone)]
 enum Change {
-    Add(NodeId, Node),
+    Add(NodeId, String),
     Remove(NodeId),
 }
 
@@ -194,18 +194,11 @@ impl Cluster {
         }
         let metadata = self.group(GroupId::Metadata).await?;
         let already = metadata
-            .raft
             .is_initialized()
             .await
             .map_err(|e| internal(e.to_string()))?;
         if already {
-            let existing: BTreeSet<NodeId> = metadata
-                .raft
-                .metrics()
-                .borrow()
-                .membership_config
-                .voter_ids()
-                .collect();
+            let existing: BTreeSet<NodeId> = metadata.state().voters;
             let wanted: BTreeSet<NodeId> = members.keys().copied().collect();
             if existing != wanted {
                 return Err(ApiError::FailedPrecondition {
@@ -238,8 +231,7 @@ impl Cluster {
             Some(_) => {}
             None => {
                 metadata
-                    .raft
-                    .client_write(Proposal::Cluster(settings))
+                    .write_settings(settings)
                     .await
                     .map_err(|e| unavailable(e.to_string(), None))?;
             }
@@ -251,14 +243,14 @@ impl Cluster {
     }
 
     /// Starts shard `i` on member `i mod N`, which becomes its first leader: leaders spread over
-    /// the nodes from the start (openraft 0.9 has no leader transfer).
+    /// the nodes from the start (the raft library has no leader transfer).
     async fn init_shards(
         &self,
         request: &InitClusterRequest,
         shard_count: u16,
-        members: &BTreeMap<NodeId, Node>,
+        members: &BTreeMap<NodeId, String>,
     ) -> Result<(), ApiError> {
-        let nodes: Vec<(&NodeId, &Node)> = members.iter().collect();
+        let nodes: Vec<(&NodeId, &String)> = members.iter().collect();
         let mut per_node: BTreeMap<NodeId, Vec<u32>> = BTreeMap::new();
         for shard in 0..shard_count {
             let (id, _) = nodes[usize::from(shard) % nodes.len()];
@@ -285,14 +277,14 @@ impl Cluster {
     async fn delegate_init(
         &self,
         request: &InitClusterRequest,
-        node: &Node,
+        addr: &str,
         shards: &[u32],
     ) -> Result<(), ApiError> {
         let channel = self
             .groups
             .pool()
-            .channel(&node.addr)
-            .ok_or_else(|| internal(format!("bad address {}", node.addr)))?;
+            .channel(addr)
+            .ok_or_else(|| internal(format!("bad address {addr}")))?;
         let mut client = peer::admin_client::AdminClient::new(channel);
         let mut delegated = tonic::Request::new(InitClusterRequest {
             init_shards: shards.to_vec(),
@@ -300,7 +292,7 @@ impl Cluster {
         });
         delegated.set_timeout(self.rpc_timeout);
         client.init_cluster(delegated).await.map_err(|status| {
-            tracing::warn!(addr = %node.addr, %status, "could not delegate shard start; starting here");
+            tracing::warn!(%addr, %status, "could not delegate shard start; starting here");
             unavailable(status.message().to_owned(), None)
         })?;
         Ok(())
@@ -309,24 +301,26 @@ impl Cluster {
     async fn init_group(
         &self,
         group: GroupId,
-        members: &BTreeMap<NodeId, Node>,
+        members: &BTreeMap<NodeId, String>,
     ) -> Result<(), ApiError> {
         let handle = self.group(group).await?;
         if handle
-            .raft
             .is_initialized()
             .await
             .map_err(|e| internal(e.to_string()))?
         {
             return Ok(());
         }
-        ignore_not_allowed(handle.raft.initialize(members.clone()).await)
+        handle
+            .initialize(members)
+            .await
+            .map_err(|e| internal(e.to_string()))
     }
 
     fn validate_init(
         &self,
         request: &InitClusterRequest,
-    ) -> Result<BTreeMap<NodeId, Node>, ApiError> {
+    ) -> Result<BTreeMap<NodeId, String>, ApiError> {
         if request.members.is_empty() {
             return Err(invalid(
                 "COURIER:Cluster:NoMembers",
@@ -345,7 +339,7 @@ impl Cluster {
                 ));
             }
             if members
-                .insert(member.node_id, Node::new(member.peer_addr.clone()))
+                .insert(member.node_id, member.peer_addr.clone())
                 .is_some()
             {
                 return Err(invalid(
@@ -392,20 +386,10 @@ impl Cluster {
     }
 
     async fn wait_leader(&self, handle: &GroupHandle) -> Result<NodeId, ApiError> {
-        let mut metrics = handle.raft.metrics();
-        let wait = async {
-            loop {
-                if let Some(leader) = metrics.borrow().current_leader {
-                    return leader;
-                }
-                if metrics.changed().await.is_err() {
-                    std::future::pending::<()>().await;
-                }
-            }
-        };
-        tokio::time::timeout(INIT_LEADER_WAIT, wait)
+        handle
+            .wait_for_leader(INIT_LEADER_WAIT)
             .await
-            .map_err(|_| unavailable("no leader elected in time".to_owned(), None))
+            .ok_or_else(|| unavailable("no leader elected in time".to_owned(), None))
     }
 
     /// Adds a node to every group (or to `scope` only, on its leader): as a learner first, so it
@@ -424,7 +408,7 @@ impl Cluster {
                 "a node needs an id >= 1 and a host:port peer address".to_owned(),
             ));
         }
-        let change = Change::Add(node.node_id, Node::new(node.peer_addr));
+        let change = Change::Add(node.node_id, node.peer_addr);
         self.change_members(change, request.group.as_ref()).await
     }
 
@@ -472,21 +456,19 @@ impl Cluster {
         let deadline = tokio::time::Instant::now() + MEMBERSHIP_WAIT;
         loop {
             let handle = self.group(group).await?;
-            let metrics = handle.raft.metrics().borrow().clone();
-            let mut voters: BTreeSet<NodeId> = metrics.membership_config.voter_ids().collect();
-            if metrics.current_leader == Some(self.groups.node_id()) {
+            let state = handle.state();
+            let mut voters = state.voters.clone();
+            if state.current_leader == Some(self.groups.node_id()) {
                 match change {
-                    Change::Add(id, node) => {
+                    Change::Add(id, addr) => {
                         if !voters.contains(id) {
                             handle
-                                .raft
-                                .add_learner(*id, node.clone(), true)
+                                .add_learner(*id, addr.clone())
                                 .await
                                 .map_err(|e| unavailable(e.to_string(), None))?;
                             voters.insert(*id);
                             handle
-                                .raft
-                                .change_membership(voters, false)
+                                .change_voters(voters)
                                 .await
                                 .map_err(|e| unavailable(e.to_string(), None))?;
                         }
@@ -503,8 +485,7 @@ impl Cluster {
                                 });
                             }
                             handle
-                                .raft
-                                .change_membership(voters, false)
+                                .change_voters(voters)
                                 .await
                                 .map_err(|e| unavailable(e.to_string(), None))?;
                         }
@@ -513,29 +494,23 @@ impl Cluster {
                 info!(%group, ?change, "membership changed");
                 return Ok(());
             }
-            let leader_addr = metrics.current_leader.and_then(|id| {
-                metrics
-                    .membership_config
-                    .nodes()
-                    .find(|(n, _)| **n == id)
-                    .map(|(_, n)| n.addr.clone())
-            });
+            let leader_addr = state.leader_addr();
             if let (Some(addr), false) = (leader_addr, scoped) {
                 match self.delegate_change(&addr, group, change).await {
                     Ok(()) => return Ok(()),
                     Err(error @ ApiError::FailedPrecondition { .. }) => return Err(error),
                     Err(_) => {}
                 }
-            } else if scoped && metrics.current_leader.is_some() {
+            } else if scoped && state.current_leader.is_some() {
                 return Err(unavailable(
                     format!("this node no longer leads {group}"),
-                    metrics.current_leader,
+                    state.current_leader,
                 ));
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(unavailable(
                     format!("{group} had no reachable leader for the membership change"),
-                    metrics.current_leader,
+                    state.current_leader,
                 ));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -556,10 +531,10 @@ impl Cluster {
         let mut client = peer::admin_client::AdminClient::new(channel);
         let group = Some(courier_consensus::network::group_to_wire(group));
         let result = match change {
-            Change::Add(id, node) => {
+            Change::Add(id, addr) => {
                 let node = peer::NodeInfo {
                     node_id: *id,
-                    peer_addr: node.addr.clone(),
+                    peer_addr: addr.clone(),
                     client_addr: String::new(),
                 };
                 let mut request = tonic::Request::new(peer::AddNodeRequest {
@@ -615,20 +590,15 @@ impl Cluster {
                 code: "COURIER:Cluster:UnknownShard",
                 message: format!("shard {shard} is not replicated here"),
             })?;
-        if handle.raft.metrics().borrow().state != ServerState::Leader {
-            handle
-                .raft
-                .trigger()
-                .elect()
-                .await
-                .map_err(|e| internal(e.to_string()))?;
+        if !handle.is_leader() {
+            handle.elect().await.map_err(|e| internal(e.to_string()))?;
         }
         Ok(())
     }
 
     /// Waits until this replica of `shard` can serve a read with the given consistency.
     ///
-    /// `Linearizable` confirms leadership with a quorum (openraft's read index) and waits until
+    /// `Linearizable` confirms leadership with a quorum (raft's read index) and waits until
     /// the state machine applied up to it, so the read reflects every write acknowledged before
     /// it started; only the leader can do this. `AtLeast(index)` waits until this replica, leader
     /// or follower, applied `index` (a device resuming at a cursor), up to [`READ_WAIT`].
@@ -650,10 +620,10 @@ impl Cluster {
             })?;
         match consistency {
             ReadConsistency::Linearizable => {
-                handle.raft.ensure_linearizable().await.map_err(|error| {
-                    let leader = error.forward_to_leader().and_then(|f| f.leader_id);
-                    unavailable(format!("{shard}: {error}"), leader)
-                })?;
+                handle
+                    .ensure_linearizable()
+                    .await
+                    .map_err(|error| unavailable(format!("{shard}: {error}"), error.leader))?;
                 Ok(())
             }
             ReadConsistency::AtLeast(index) => {
@@ -712,15 +682,7 @@ impl Cluster {
         let Some(metadata) = self.groups.get(GroupId::Metadata) else {
             return;
         };
-        let nodes: Vec<(NodeId, String)> = metadata
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .nodes()
-            .map(|(id, n)| (*id, n.addr.clone()))
-            .collect();
-        for (id, addr) in nodes {
+        for (id, addr) in metadata.state().members {
             if id == self.groups.node_id() {
                 continue;
             }
@@ -743,21 +705,21 @@ impl Cluster {
         let mut shards = Vec::new();
         let mut nodes = Vec::new();
         for (group, handle) in self.groups.list() {
-            let metrics = handle.raft.metrics().borrow().clone();
+            let state = handle.state();
             let view = handle.applied.read().expect("applied view lock").clone();
             let GroupId::Shard(shard) = group else {
-                nodes = metrics
-                    .membership_config
-                    .nodes()
-                    .map(|(id, node)| peer::NodeInfo {
-                        node_id: *id,
-                        peer_addr: node.addr.clone(),
+                nodes = state
+                    .members
+                    .into_iter()
+                    .map(|(node_id, peer_addr)| peer::NodeInfo {
+                        node_id,
+                        peer_addr,
                         client_addr: String::new(),
                     })
                     .collect();
                 continue;
             };
-            let last_log_index = metrics.last_log_index.map_or(0, |i| i.saturating_add(1));
+            let last_log_index = state.last_log_index.map_or(0, |i| i.saturating_add(1));
             let applied = view.shard.applied.get();
             let digest = view
                 .shard
@@ -766,10 +728,10 @@ impl Cluster {
                 .fold(0_u128, |sum, d| sum.wrapping_add(d.sum));
             shards.push(ShardStatus {
                 shard: u32::from(shard.get()),
-                role: role(metrics.state).to_owned(),
-                term: metrics.current_term,
-                leader: metrics.current_leader.unwrap_or(0),
-                replicas: metrics.membership_config.voter_ids().collect(),
+                role: state.role.as_str().to_owned(),
+                term: state.term,
+                leader: state.current_leader.unwrap_or(0),
+                replicas: state.voters.into_iter().collect(),
                 last_log_index,
                 committed: applied,
                 applied,
@@ -785,8 +747,8 @@ impl Cluster {
                     .entries
                     .load(std::sync::atomic::Ordering::Relaxed),
                 // Reported as storage indexes (raft index + 1), like every index here.
-                snapshot_index: metrics.snapshot.map_or(0, |l| l.index.saturating_add(1)),
-                purged_index: metrics.purged.map_or(0, |l| l.index.saturating_add(1)),
+                snapshot_index: state.snapshot_index.map_or(0, |i| i.saturating_add(1)),
+                purged_index: state.purged_index.map_or(0, |i| i.saturating_add(1)),
             });
         }
         StatusResponse {
@@ -824,19 +786,12 @@ impl Cluster {
     /// Where a shard's leader is, from this node's point of view.
     async fn route(&self, shard: ShardId) -> Result<Route, ApiError> {
         let handle = self.group(GroupId::Shard(shard)).await?;
-        let metrics = handle.raft.metrics().borrow().clone();
-        if metrics.state == ServerState::Leader {
+        let state = handle.state();
+        if state.role == Role::Leader {
             return Ok(Route::Local(handle));
         }
-        let leader = metrics.current_leader;
-        let addr = leader.and_then(|id| {
-            metrics
-                .membership_config
-                .nodes()
-                .find(|(n, _)| **n == id)
-                .map(|(_, node)| node.addr.clone())
-        });
-        match addr {
+        let leader = state.current_leader;
+        match state.leader_addr() {
             Some(addr) => Ok(Route::Remote { addr, leader }),
             None => Err(unavailable(format!("{shard} has no leader"), leader)),
         }
@@ -936,18 +891,9 @@ impl Cluster {
     }
 
     /// The leader of `shard` as this node sees it (itself included) and the term it sees.
-    async fn leader_view(&self, shard: ShardId) -> Option<(Option<NodeId>, u64)> {
+    async fn leader_view(&self, shard: ShardId) -> Option<LeaderView> {
         let handle = self.group(GroupId::Shard(shard)).await.ok()?;
-        let now = handle.raft.metrics().borrow().clone();
-        Some((self.leader_in(&now), now.current_term))
-    }
-
-    fn leader_in(&self, metrics: &openraft::RaftMetrics<NodeId, Node>) -> Option<NodeId> {
-        if metrics.state == ServerState::Leader {
-            Some(self.groups.node_id())
-        } else {
-            metrics.current_leader
-        }
+        Some(handle.leader_view())
     }
 
     /// Waits until this node knows a leader of `shard` that is not the one in `seen` (another
@@ -956,34 +902,13 @@ impl Cluster {
     async fn wait_for_new_leader(
         &self,
         shard: ShardId,
-        seen: Option<(Option<NodeId>, u64)>,
+        seen: Option<LeaderView>,
         deadline: tokio::time::Instant,
     ) -> bool {
         let Ok(handle) = self.group(GroupId::Shard(shard)).await else {
             return false;
         };
-        let mut metrics = handle.raft.metrics();
-        let wait = async {
-            loop {
-                {
-                    let now = metrics.borrow_and_update();
-                    let leader = self.leader_in(&now);
-                    let new = match seen {
-                        None => true,
-                        Some((old, term)) => leader != old || now.current_term > term,
-                    };
-                    if leader.is_some() && new {
-                        return true;
-                    }
-                }
-                if metrics.changed().await.is_err() {
-                    return false;
-                }
-            }
-        };
-        tokio::time::timeout_at(deadline, wait)
-            .await
-            .unwrap_or(false)
+        handle.wait_for_new_leader(seen, deadline).await
     }
 
     /// Proposes through `route`: on this node, or one hop away on the leader's.
@@ -1295,32 +1220,6 @@ fn propose_error(error: ProposeError) -> ApiError {
 /// Whether a request already took its one forwarding hop.
 pub fn was_forwarded(metadata: &tonic::metadata::MetadataMap) -> bool {
     metadata.contains_key(FORWARDED_KEY)
-}
-
-fn role(state: ServerState) -> &'static str {
-    match state {
-        ServerState::Leader => "leader",
-        ServerState::Follower => "follower",
-        ServerState::Candidate => "candidate",
-        ServerState::Learner => "learner",
-        ServerState::Shutdown => "shutdown",
-    }
-}
-
-/// Treats "already initialized" as success, so bootstrap is safe to retry.
-fn ignore_not_allowed(
-    result: Result<
-        (),
-        openraft::error::RaftError<NodeId, openraft::error::InitializeError<NodeId, Node>>,
-    >,
-) -> Result<(), ApiError> {
-    match result {
-        Ok(()) => Ok(()),
-        Err(openraft::error::RaftError::APIError(
-            openraft::error::InitializeError::NotAllowed(_),
-        )) => Ok(()),
-        Err(error) => Err(internal(error.to_string())),
-    }
 }
 
 /// Checks a forwarded batch: only deliveries and receipts, from `source`, at consecutive

@@ -21,7 +21,6 @@ use courier_proto::pb::events::{self, Event, event::Kind};
 use courier_proto::pb::peer::ForwardBatchRequest;
 use courier_proto::pb::store::OutboxState;
 use courier_storage::projection::{Projection, outbox};
-use openraft::ServerState;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
@@ -99,7 +98,7 @@ fn due_pairs(
     let Some(handle) = cluster.groups().get(GroupId::Shard(source)) else {
         return Vec::new();
     };
-    if handle.raft.metrics().borrow().state != ServerState::Leader {
+    if !handle.is_leader() {
         return Vec::new();
     }
     let mut reader = cluster.groups().db().read(source);

@@ -188,7 +188,7 @@ impl Metrics {
                 let GroupId::Shard(shard) = group else {
                     continue;
                 };
-                let leader = handle.raft.metrics().borrow().current_leader;
+                let leader = handle.current_leader();
                 let shard = u32::from(shard.get());
                 if last
                     .insert(shard, leader)

@@ -10,7 +10,6 @@ use courier_consensus::types::GroupId;
 use courier_proto::ShardId;
 use courier_proto::pb::events::{self, Event, event::Kind};
 use courier_storage::projection::{Projection, expiry};
-use openraft::ServerState;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -47,7 +46,7 @@ async fn expire_on(cluster: &Cluster, shard: ShardId, retention_ms: u64) {
     let Some(handle) = cluster.groups().get(GroupId::Shard(shard)) else {
         return;
     };
-    if handle.raft.metrics().borrow().state != ServerState::Leader {
+    if !handle.is_leader() {
         return;
     }
     let now = now_ms();
