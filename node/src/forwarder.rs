@@ -191,7 +191,7 @@ async fn forward_once(
                 up_to: response.stored_up_to,
             })),
         };
-        cluster.propose(source, vec![trim], false).await?;
+        cluster.propose(source, vec![trim]).await?;
     }
     Ok(())
 }

@@ -78,7 +78,7 @@ async fn expire_on(cluster: &Cluster, shard: ShardId, retention_ms: u64) {
             })),
         })
         .collect();
-    match cluster.propose(shard, events, false).await {
+    match cluster.propose(shard, events).await {
         Ok(_) => info!(%shard, count, "undelivered messages expired"),
         // Lost leadership or quorum: the next leader's pass proposes them again.
         Err(error) => warn!(%shard, count, %error, "expiry proposal failed; retried next pass"),

@@ -306,11 +306,17 @@ impl Forward for PeerApi {
         let shard_count = self.cluster.groups().shard_count().unwrap_or(0);
         let shard = courier_proto::ShardId::from_wire(request.shard, shard_count)
             .map_err(ApiError::from)?;
-        let outcomes = self
-            .cluster
-            .propose(shard, request.events, forwarded)
-            .instrument(span)
-            .await?;
+        let outcomes = if forwarded {
+            self.cluster
+                .propose_forwarded(shard, request.events)
+                .instrument(span)
+                .await?
+        } else {
+            self.cluster
+                .propose(shard, request.events)
+                .instrument(span)
+                .await?
+        };
         Ok(Response::new(ProposeResponse {
             outcomes: outcomes.into_iter().map(outcome_to_wire).collect(),
         }))

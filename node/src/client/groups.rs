@@ -186,7 +186,7 @@ impl ClientApi {
                 })),
             });
         }
-        let outcomes = self.cluster.propose(shard, batch, false).await?;
+        let outcomes = self.cluster.propose(shard, batch).await?;
         first_refusal(&outcomes)?;
         tracing::info!(
             group = group.get(),
@@ -201,11 +201,7 @@ impl ClientApi {
         let before = self.group_info(group, 0).await?.epoch;
         let outcomes = self
             .cluster
-            .propose(
-                self.group_shard(group)?,
-                vec![Event { kind: Some(event) }],
-                false,
-            )
+            .propose(self.group_shard(group)?, vec![Event { kind: Some(event) }])
             .await?;
         first_refusal(&outcomes)?;
         self.group_info(group, before.saturating_add(1)).await
@@ -340,7 +336,6 @@ impl ClientApi {
                     vec![Event {
                         kind: Some(Kind::MessageSent(sent)),
                     }],
-                    false,
                 )
                 .await?;
             match outcomes.first() {

@@ -69,7 +69,7 @@ impl ClientApi {
             let events = vec![Event {
                 kind: Some(Kind::MessageSent(sent)),
             }];
-            tokio::spawn(async move { cluster.propose(shard, events, false).await });
+            tokio::spawn(async move { cluster.propose(shard, events).await });
             return Ok(answer);
         }
         let outcomes = self
@@ -79,7 +79,6 @@ impl ClientApi {
                 vec![Event {
                     kind: Some(Kind::MessageSent(sent)),
                 }],
-                false,
             )
             .await?;
         if let Some(EventOutcome::Sent {

@@ -207,10 +207,7 @@ impl ClientApi {
                 at_ms: now_ms(),
             })),
         });
-        let outcomes = self
-            .cluster
-            .propose(self.shard_of(user)?, events, false)
-            .await?;
+        let outcomes = self.cluster.propose(self.shard_of(user)?, events).await?;
         match outcomes.last() {
             Some(EventOutcome::DeviceRegistered { device, .. }) => {
                 tracing::info!(user = user.get(), device, primary, "device registered");
@@ -339,7 +336,7 @@ impl ClientApi {
             })),
         };
         self.cluster
-            .propose(self.shard_of(caller.user)?, vec![event], false)
+            .propose(self.shard_of(caller.user)?, vec![event])
             .await?;
         Ok(())
     }

@@ -346,7 +346,7 @@ impl ClientApi {
             }
         };
         self.cluster
-            .propose(shard, vec![Event { kind: Some(event) }], false)
+            .propose(shard, vec![Event { kind: Some(event) }])
             .await?;
         Ok(())
     }

@@ -1,0 +1,106 @@
+//! The ephemeral side: presence held on shard leaders, typing broadcast to every node, and the
+//! push hook for users with no live stream.
+
+use std::sync::Arc;
+
+use courier_consensus::types::{GroupId, NodeId};
+use courier_proto::ShardId;
+use courier_proto::pb::peer;
+
+use super::propose::Route;
+use super::{Cluster, unavailable};
+use crate::status::ApiError;
+
+/// The ephemeral side of a node: presence it holds as a shard leader, the streams it reports,
+/// and the push hook.
+#[derive(Debug, Clone)]
+pub struct Edge {
+    /// Presence of the users of shards this node leads.
+    pub presence: Arc<crate::presence::PresenceTable>,
+    /// Device streams open on this node, reported to their shard leaders.
+    pub reporter: Arc<crate::presence::Reporter>,
+    /// Wakes devices of users with no live stream.
+    pub pusher: crate::push::Pusher,
+}
+
+impl Cluster {
+    /// Presence, stream reports and push.
+    pub fn edge(&self) -> &Edge {
+        &self.edge
+    }
+
+    /// Applies presence `reports` from node `node` to this node's table and answers `query`.
+    pub fn presence_local(
+        &self,
+        node: NodeId,
+        reports: &[peer::PresenceReport],
+        query: &[u64],
+    ) -> Vec<courier_proto::pb::client::PresenceUpdate> {
+        self.edge.presence.report(node, reports);
+        query.iter().map(|u| self.edge.presence.query(*u)).collect()
+    }
+
+    /// Sends presence `reports` for users of `shard` to its leader and asks it about `query`.
+    ///
+    /// # Errors
+    /// `UNAVAILABLE` when the shard has no leader or it does not answer.
+    pub async fn presence_exchange(
+        &self,
+        shard: ShardId,
+        reports: Vec<peer::PresenceReport>,
+        query: Vec<u64>,
+    ) -> Result<Vec<courier_proto::pb::client::PresenceUpdate>, ApiError> {
+        match self.route(shard).await? {
+            Route::Local(_) => Ok(self.presence_local(self.groups.node_id(), &reports, &query)),
+            Route::Remote { addr, leader } => {
+                let mut client = self
+                    .peers
+                    .forward(&addr)
+                    .ok_or_else(|| unavailable(format!("bad leader address {addr}"), leader))?;
+                let request = self.peers.request(peer::PresenceRequest {
+                    node_id: self.groups.node_id(),
+                    reports,
+                    query,
+                });
+                let response = client.presence(request).await.map_err(|status| {
+                    unavailable(format!("leader {leader:?}: {}", status.message()), leader)
+                })?;
+                Ok(response.into_inner().presence)
+            }
+        }
+    }
+
+    /// Sends a typing update for `to_users` to every other node (fire and forget, one RPC timeout
+    /// each).
+    pub async fn broadcast_typing(
+        &self,
+        to_users: Vec<u64>,
+        update: courier_proto::pb::client::TypingUpdate,
+    ) {
+        let Some(metadata) = self.groups.get(GroupId::Metadata) else {
+            return;
+        };
+        for (id, addr) in metadata.state().members {
+            if id == self.groups.node_id() {
+                continue;
+            }
+            let Some(mut client) = self.peers.forward(&addr) else {
+                continue;
+            };
+            let request = self.peers.request(peer::TypingRequest {
+                to_users: to_users.clone(),
+                update: Some(update),
+            });
+            let _ = client.typing(request).await;
+        }
+    }
+
+    /// On the recipient's shard leader: wakes `user`'s devices when none has a live stream.
+    pub fn push_if_offline(&self, user: u64, message_id: Vec<u8>) {
+        if !self.edge.presence.is_online(user) {
+            self.edge
+                .pusher
+                .push(crate::push::PushJob { user, message_id });
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! Forwarded batches: deliveries and receipts another shard's forwarder sends, stored on the
+//! destination shard's leader. The batch is routed first and checked only where it is stored.
+
+use courier_consensus::types::{EventOutcome, NodeId};
+use courier_proto::ShardId;
+use courier_proto::limits::FORWARD_BATCH_EVENTS_MAX;
+use courier_proto::pb::events::{Event, event::Kind};
+use courier_proto::pb::peer::{ForwardBatchRequest, ForwardBatchResponse};
+use courier_storage::projection::{Projection, outbox};
+use tracing::Instrument as _;
+
+use super::propose::{Route, propose_error};
+use super::{Cluster, internal, invalid, unavailable};
+use crate::env::now_ms;
+use crate::status::ApiError;
+
+impl Cluster {
+    /// Stores a forwarded batch on the destination shard's leader, here or one hop away.
+    ///
+    /// The batch's shape (size, first position) is checked here; its events only where they are
+    /// stored, so a batch passing through this node on its one hop is not copied to be checked.
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT` for a malformed batch; `UNAVAILABLE` when the shard has no leader.
+    pub async fn forward_batch(
+        &self,
+        request: ForwardBatchRequest,
+        already_forwarded: bool,
+    ) -> Result<ForwardBatchResponse, ApiError> {
+        let shard_count = self
+            .groups
+            .shard_count()
+            .ok_or_else(|| unavailable("the cluster is not initialized".to_owned(), None))?;
+        let dest = ShardId::from_wire(request.dest_shard, shard_count)?;
+        let source = ShardId::from_wire(request.source_shard, shard_count)?;
+        check_shape(&request)?;
+        let handle = match self.route(dest).await? {
+            Route::Local(handle) => handle,
+            Route::Remote { addr, leader } if !already_forwarded => {
+                return self.forward_to(&addr, request, leader).await;
+            }
+            Route::Remote { leader, .. } => {
+                return Err(unavailable(
+                    format!("{dest} moved its leader; retry"),
+                    leader,
+                ));
+            }
+        };
+        let ForwardBatchRequest {
+            first_pos, events, ..
+        } = request;
+        let events = validate_events(events, first_pos, source)?;
+        let last = first_pos
+            .saturating_add(u64::try_from(events.len()).unwrap_or(u64::MAX))
+            .saturating_sub(1);
+        let applied = outbox::inbound_applied(
+            &self.db.read(dest).view(Projection::Outbox),
+            u32::from(source.get()),
+        )
+        .map_err(|e| internal(e.to_string()))?;
+        if applied.saturating_add(1) < first_pos {
+            return Err(invalid(
+                "COURIER:Forward:Gap",
+                format!(
+                    "{dest} applied up to {applied} from {source}; the batch starts at {first_pos}"
+                ),
+            ));
+        }
+        let fresh: Vec<Event> = events
+            .into_iter()
+            .zip(first_pos..)
+            .filter(|(_, pos)| *pos > applied)
+            .map(|(event, _)| event)
+            .collect();
+        if !fresh.is_empty() {
+            let landed: Vec<Option<Vec<u8>>> = fresh
+                .iter()
+                .map(|event| match &event.kind {
+                    Some(Kind::MessageDelivered(d)) => Some(d.message_id.clone()),
+                    _ => None,
+                })
+                .collect();
+            let outcomes = handle
+                .proposer
+                .propose(fresh)
+                .instrument(tracing::info_span!("raft.commit", shard = %dest))
+                .await
+                .map_err(propose_error)?;
+            for (outcome, message_id) in outcomes.iter().zip(landed) {
+                if let (
+                    EventOutcome::Stored {
+                        user,
+                        duplicate: false,
+                        ..
+                    },
+                    Some(message_id),
+                ) = (outcome, message_id)
+                {
+                    self.push_if_offline(*user, message_id);
+                }
+            }
+        }
+        // Everything up to `last` is now committed here (fresh events just now, the rest earlier).
+        Ok(ForwardBatchResponse { stored_up_to: last })
+    }
+
+    async fn forward_to(
+        &self,
+        addr: &str,
+        request: ForwardBatchRequest,
+        leader: Option<NodeId>,
+    ) -> Result<ForwardBatchResponse, ApiError> {
+        let mut client = self
+            .peers
+            .forward(addr)
+            .ok_or_else(|| unavailable(format!("bad leader address {addr}"), leader))?;
+        client
+            .forward_batch(self.peers.forwarded(request))
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|status| {
+                unavailable(
+                    format!("leader {leader:?} at {addr}: {}", status.message()),
+                    leader,
+                )
+            })
+    }
+}
+
+/// Checks a forwarded batch's shape: within the batch limit, positions from 1.
+fn check_shape(request: &ForwardBatchRequest) -> Result<(), ApiError> {
+    if request.events.is_empty() || request.events.len() > FORWARD_BATCH_EVENTS_MAX {
+        return Err(invalid(
+            "COURIER:Forward:BatchSize",
+            format!(
+                "a batch holds 1..={FORWARD_BATCH_EVENTS_MAX} events, got {}",
+                request.events.len()
+            ),
+        ));
+    }
+    if request.first_pos == 0 {
+        return Err(invalid(
+            "COURIER:Forward:Position",
+            "positions start at 1".to_owned(),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a forwarded batch's events on the destination: only deliveries and receipts, from
+/// `source`, at consecutive positions starting at `first_pos`; stamps when deliveries were
+/// stored.
+fn validate_events(
+    mut events: Vec<Event>,
+    first_pos: u64,
+    source: ShardId,
+) -> Result<Vec<Event>, ApiError> {
+    let now_ms = now_ms();
+    for (event, pos) in events.iter_mut().zip(first_pos..) {
+        let source_shard = u32::from(source.get());
+        match event.kind.as_mut() {
+            Some(Kind::MessageDelivered(delivered)) => {
+                courier_proto::MessageId::from_wire(&delivered.message_id, "message_id")?;
+                courier_proto::UserId::from_wire(delivered.recipient_user, "recipient_user")?;
+                if delivered.source_shard != source_shard || delivered.source_pos != pos {
+                    return Err(invalid(
+                        "COURIER:Forward:Position",
+                        format!("event at {pos} names another position"),
+                    ));
+                }
+                if delivered.stored_at_ms == 0 {
+                    // The destination leader decides when the message was stored.
+                    delivered.stored_at_ms = now_ms;
+                }
+            }
+            Some(Kind::ReceiptRecorded(receipt)) => {
+                courier_proto::MessageId::from_wire(&receipt.message_id, "message_id")?;
+                if receipt.source_shard != source_shard || receipt.source_pos != pos {
+                    return Err(invalid(
+                        "COURIER:Forward:Position",
+                        format!("event at {pos} names another position"),
+                    ));
+                }
+            }
+            _ => {
+                return Err(invalid(
+                    "COURIER:Forward:EventKind",
+                    "only MessageDelivered and ReceiptRecorded are forwarded".to_owned(),
+                ));
+            }
+        }
+    }
+    Ok(events)
+}

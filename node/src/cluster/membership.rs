@@ -1,0 +1,232 @@
+//! Membership: adding and removing nodes in every group (learner first, then voter), and leader
+//! transfer towards this node.
+
+use std::time::Duration;
+
+use courier_consensus::types::{GroupId, NodeId};
+use courier_proto::ShardId;
+use courier_proto::pb::peer;
+use tracing::info;
+
+use super::{Cluster, internal, invalid, unavailable};
+use crate::status::ApiError;
+
+/// How long one group's membership change may wait for a leader.
+const MEMBERSHIP_WAIT: Duration = Duration::from_secs(30);
+/// Voters every group keeps: a membership change never leaves fewer.
+pub const VOTERS_MIN: usize = 3;
+
+/// A membership change.
+#[derive(Debug, Clone)]
+enum Change {
+    Add(NodeId, String),
+    Remove(NodeId),
+}
+
+impl Cluster {
+    /// Adds a node to every group (or to `scope` only, on its leader): as a learner first, so it
+    /// catches up, then as a voter. Safe to retry.
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT` for a bad node; `UNAVAILABLE` when a group has no leader in time.
+    pub async fn add_node(&self, request: peer::AddNodeRequest) -> Result<(), ApiError> {
+        let node = request
+            .node
+            .clone()
+            .ok_or_else(|| invalid("COURIER:Cluster:BadMember", "missing node".to_owned()))?;
+        if node.node_id == 0 || node.peer_addr.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(
+                "COURIER:Cluster:BadMember",
+                "a node needs an id >= 1 and a host:port peer address".to_owned(),
+            ));
+        }
+        let change = Change::Add(node.node_id, node.peer_addr);
+        self.change_members(change, request.group.as_ref()).await
+    }
+
+    /// Removes a node from every group (or from `scope` only, on its leader).
+    ///
+    /// # Errors
+    /// `FAILED_PRECONDITION` when fewer than [`VOTERS_MIN`] voters would remain; `UNAVAILABLE`
+    /// when a group has no leader in time.
+    pub async fn remove_node(&self, request: peer::RemoveNodeRequest) -> Result<(), ApiError> {
+        self.change_members(Change::Remove(request.node_id), request.group.as_ref())
+            .await
+    }
+
+    async fn change_members(
+        &self,
+        change: Change,
+        scope: Option<&peer::GroupId>,
+    ) -> Result<(), ApiError> {
+        let groups: Vec<GroupId> = match scope {
+            Some(wire) => vec![
+                courier_consensus::network::group_from_wire(Some(wire))
+                    .map_err(|m| invalid("COURIER:Cluster:BadGroup", m))?,
+            ],
+            None => {
+                let shard_count = self.groups.shard_count().ok_or_else(|| {
+                    unavailable("the cluster is not initialized".to_owned(), None)
+                })?;
+                std::iter::once(GroupId::Metadata)
+                    .chain((0..shard_count).map(|s| GroupId::Shard(ShardId::new(s))))
+                    .collect()
+            }
+        };
+        for group in groups {
+            self.change_group(group, &change, scope.is_some()).await?;
+        }
+        Ok(())
+    }
+
+    async fn change_group(
+        &self,
+        group: GroupId,
+        change: &Change,
+        scoped: bool,
+    ) -> Result<(), ApiError> {
+        let deadline = tokio::time::Instant::now() + MEMBERSHIP_WAIT;
+        loop {
+            let handle = self.group(group).await?;
+            let state = handle.state();
+            let mut voters = state.voters.clone();
+            if state.current_leader == Some(self.groups.node_id()) {
+                match change {
+                    Change::Add(id, addr) => {
+                        if !voters.contains(id) {
+                            handle
+                                .add_learner(*id, addr.clone())
+                                .await
+                                .map_err(|e| unavailable(e.to_string(), None))?;
+                            voters.insert(*id);
+                            handle
+                                .change_voters(voters)
+                                .await
+                                .map_err(|e| unavailable(e.to_string(), None))?;
+                        }
+                    }
+                    Change::Remove(id) => {
+                        if voters.remove(id) {
+                            if voters.len() < VOTERS_MIN {
+                                return Err(ApiError::FailedPrecondition {
+                                    code: "COURIER:Cluster:TooFewVoters",
+                                    message: format!(
+                                        "removing node {id} from {group} would leave {} voters (minimum {VOTERS_MIN})",
+                                        voters.len()
+                                    ),
+                                });
+                            }
+                            handle
+                                .change_voters(voters)
+                                .await
+                                .map_err(|e| unavailable(e.to_string(), None))?;
+                        }
+                    }
+                }
+                info!(%group, ?change, "membership changed");
+                return Ok(());
+            }
+            let leader_addr = state.leader_addr();
+            if let (Some(addr), false) = (leader_addr, scoped) {
+                match self.delegate_change(&addr, group, change).await {
+                    Ok(()) => return Ok(()),
+                    Err(error @ ApiError::FailedPrecondition { .. }) => return Err(error),
+                    Err(_) => {}
+                }
+            } else if scoped && state.current_leader.is_some() {
+                return Err(unavailable(
+                    format!("this node no longer leads {group}"),
+                    state.current_leader,
+                ));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(unavailable(
+                    format!("{group} had no reachable leader for the membership change"),
+                    state.current_leader,
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn delegate_change(
+        &self,
+        addr: &str,
+        group: GroupId,
+        change: &Change,
+    ) -> Result<(), ApiError> {
+        let mut client = self
+            .peers
+            .admin(addr)
+            .ok_or_else(|| internal(format!("bad address {addr}")))?;
+        let group = Some(courier_consensus::network::group_to_wire(group));
+        let result = match change {
+            Change::Add(id, addr) => {
+                let node = peer::NodeInfo {
+                    node_id: *id,
+                    peer_addr: addr.clone(),
+                    client_addr: String::new(),
+                };
+                let request = self.peers.request_within(
+                    peer::AddNodeRequest {
+                        node: Some(node),
+                        group,
+                    },
+                    MEMBERSHIP_WAIT,
+                );
+                client.add_node(request).await.map(|_| ())
+            }
+            Change::Remove(id) => {
+                let request = self.peers.request_within(
+                    peer::RemoveNodeRequest {
+                        node_id: *id,
+                        group,
+                    },
+                    MEMBERSHIP_WAIT,
+                );
+                client.remove_node(request).await.map(|_| ())
+            }
+        };
+        result.map_err(|status| match status.code() {
+            tonic::Code::FailedPrecondition => ApiError::FailedPrecondition {
+                code: "COURIER:Cluster:TooFewVoters",
+                message: status.message().to_owned(),
+            },
+            _ => unavailable(status.message().to_owned(), None),
+        })
+    }
+
+    /// Makes this node start an election for a shard (leader transfer towards this node).
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT` when sent to another node than `to_node`; `NOT_FOUND` for an unknown
+    /// shard.
+    pub async fn transfer_leader(
+        &self,
+        request: peer::TransferLeaderRequest,
+    ) -> Result<(), ApiError> {
+        if request.to_node != self.groups.node_id() {
+            return Err(invalid(
+                "COURIER:Cluster:WrongNode",
+                format!(
+                    "send the transfer to node {}, this is node {}",
+                    request.to_node,
+                    self.groups.node_id()
+                ),
+            ));
+        }
+        let shard = u16::try_from(request.shard)
+            .map_err(|_| invalid("COURIER:Cluster:BadShard", "shard out of range".to_owned()))?;
+        let handle = self
+            .groups
+            .get(GroupId::Shard(ShardId::new(shard)))
+            .ok_or_else(|| ApiError::NotFound {
+                code: "COURIER:Cluster:UnknownShard",
+                message: format!("shard {shard} is not replicated here"),
+            })?;
+        if !handle.is_leader() {
+            handle.elect().await.map_err(|e| internal(e.to_string()))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,108 @@
+//! The cluster as this node sees it: bootstrap, status, leader transfer, and proposing to a
+//! shard's leader wherever it is.
+//!
+//! ```text
+//!   ForwardBatch(dest shard) ─▶ local raft leads it? ─yes─▶ client_write ─▶ answer after commit
+//!                                   │ no
+//!                                   ├─ leader known ─▶ ForwardBatch to the leader's node (one hop)
+//!                                   └─ no leader    ─▶ UNAVAILABLE + retry-after-ms
+//! ```
+//!
+//! One [`Cluster`] type, its methods grouped by concern:
+//! - `propose`: routing to a shard's leader and proposing there, holding requests through a
+//!   failover ([`Cluster::propose`], [`Cluster::propose_forwarded`]).
+//! - `forward`: storing a batch another shard's forwarder sent ([`Cluster::forward_batch`]).
+//! - `bootstrap`: creating the cluster ([`Cluster::init`]).
+//! - `membership`: adding and removing nodes, leader transfer.
+//! - `edge`: presence, typing and push ([`Edge`]).
+//! - `read`: read barriers ([`ReadConsistency`]).
+//! - `status`: status reports, outbox lengths, backups.
+//! - `wire`: proposal outcomes on the peer wire.
+//! - `peer`: [`PeerClient`](peer::PeerClient), which builds every node-to-node call.
+
+mod bootstrap;
+mod edge;
+mod forward;
+mod membership;
+mod peer;
+mod propose;
+mod read;
+mod status;
+mod wire;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use courier_consensus::groups::{GroupHandle, Groups};
+use courier_consensus::types::{GroupId, NodeId};
+use courier_storage::Db;
+
+pub use edge::Edge;
+pub use membership::VOTERS_MIN;
+pub use peer::was_forwarded;
+pub use read::{READ_WAIT, ReadConsistency};
+pub use wire::outcome_to_wire;
+
+use crate::status::ApiError;
+
+/// Retry hint when a shard has no leader and the request was not held (bootstrap, membership,
+/// forwarded batches, which their callers retry), ms. Client proposals are held and get a hint
+/// from the election timeout instead ([`Cluster::advise_retry`]).
+const NO_LEADER_RETRY_MS: u64 = 500;
+
+/// This node's view of the cluster.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    groups: Arc<Groups>,
+    db: Arc<Db>,
+    rpc_timeout: Duration,
+    peers: peer::PeerClient,
+    edge: Edge,
+    sends: Arc<crate::sends::SendsInFlight>,
+}
+
+fn unavailable(message: String, leader: Option<NodeId>) -> ApiError {
+    ApiError::Unavailable {
+        code: "COURIER:Shard:NoLeader",
+        message,
+        retry_after_ms: NO_LEADER_RETRY_MS,
+        leader,
+    }
+}
+
+fn internal(message: String) -> ApiError {
+    ApiError::Internal {
+        code: "COURIER:Node:Fault",
+        message,
+    }
+}
+
+fn invalid(code: &'static str, message: String) -> ApiError {
+    ApiError::Invalid { code, message }
+}
+
+impl Cluster {
+    /// The cluster view over this node's groups.
+    pub fn new(groups: Arc<Groups>, db: Arc<Db>, rpc_timeout: Duration, edge: Edge) -> Self {
+        Self {
+            peers: peer::PeerClient::new(groups.pool(), rpc_timeout),
+            groups,
+            db,
+            rpc_timeout,
+            edge,
+            sends: Arc::default(),
+        }
+    }
+
+    /// The node's raft groups.
+    pub fn groups(&self) -> &Arc<Groups> {
+        &self.groups
+    }
+
+    async fn group(&self, group: GroupId) -> Result<GroupHandle, ApiError> {
+        self.groups
+            .get_or_create(group)
+            .await
+            .map_err(|e| internal(e.to_string()))
+    }
+}
