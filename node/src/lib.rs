@@ -27,6 +27,8 @@
 //! `main.rs` only parses flags, loads the config and calls [`server::start`]; tests start whole
 //! nodes in-process on port 0 the same way.
 
+#![warn(clippy::too_many_lines)]
+
 pub mod bugs;
 pub mod cli;
 pub mod client;

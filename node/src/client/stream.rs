@@ -205,30 +205,8 @@ impl ClientApi {
             } else {
                 cursor.max(up_to)
             };
-            for item in feed {
-                receipts_after = item.position();
-                let update = ReceiptUpdate {
-                    message_id: item.message.as_bytes().to_vec(),
-                    recipient_user: item.recipient.get(),
-                    state: item.receipt.state,
-                    at_ms: item.receipt.at_ms,
-                    feed_index: item.set_at.get(),
-                    feed_position: receipts_after.to_wire(),
-                };
-                let regressed = (bugs::active(Bug::ReceiptRegress)
-                    && update.state == i32::from(ReceiptState::Read))
-                .then(|| ReceiptUpdate {
-                    state: ReceiptState::Delivered.into(),
-                    ..update.clone()
-                });
-                for update in std::iter::once(update).chain(regressed) {
-                    let frame = ServerFrame {
-                        frame: Some(server_frame::Frame::Receipt(update)),
-                    };
-                    if tx.send(Ok(frame)).await.is_err() {
-                        return;
-                    }
-                }
+            if !push_receipts(feed, &mut receipts_after, &tx).await {
+                return;
             }
             live |= caught_up;
             let more_waiting = !(caught_up && feed_caught_up);
@@ -405,4 +383,39 @@ fn open_first() -> ApiError {
         code: "COURIER:Stream:OpenFirst",
         message: "the first frame of a stream must be Open".to_owned(),
     }
+}
+
+/// Pushes a page of receipt changes, moving `receipts_after` past each one pushed. Returns
+/// `false` when the stream closed.
+async fn push_receipts(
+    feed: Vec<receipts::FeedItem>,
+    receipts_after: &mut ReceiptFeedPosition,
+    tx: &mpsc::Sender<Result<ServerFrame, Status>>,
+) -> bool {
+    for item in feed {
+        *receipts_after = item.position();
+        let update = ReceiptUpdate {
+            message_id: item.message.as_bytes().to_vec(),
+            recipient_user: item.recipient.get(),
+            state: item.receipt.state,
+            at_ms: item.receipt.at_ms,
+            feed_index: item.set_at.get(),
+            feed_position: receipts_after.to_wire(),
+        };
+        let regressed = (bugs::active(Bug::ReceiptRegress)
+            && update.state == i32::from(ReceiptState::Read))
+        .then(|| ReceiptUpdate {
+            state: ReceiptState::Delivered.into(),
+            ..update.clone()
+        });
+        for update in std::iter::once(update).chain(regressed) {
+            let frame = ServerFrame {
+                frame: Some(server_frame::Frame::Receipt(update)),
+            };
+            if tx.send(Ok(frame)).await.is_err() {
+                return false;
+            }
+        }
+    }
+    true
 }

@@ -1,0 +1,111 @@
+//! The config's parsing, defaults and every validation error.
+
+use std::time::Duration;
+
+use super::*;
+
+const MINIMAL: &str = r#"
+    node-id = 1
+    data-dir = "/tmp/courier-1"
+    [listen]
+    client = "127.0.0.1:7001"
+    peer = "127.0.0.1:7101"
+"#;
+
+/// The documented example lists every key and stays parseable.
+#[test]
+fn example_config_parses() {
+    let text = include_str!("../../../docs/config.example.toml");
+    let config = Config::parse(text).expect("docs/config.example.toml is valid");
+    assert_eq!(config.node_id, 1);
+    assert_eq!(config.limits.message_body_bytes_max, 64 * 1024);
+    assert_eq!(config.raft.heartbeat, Duration::from_millis(100));
+}
+
+#[test]
+fn defaults_fill_optional_sections() {
+    let config = Config::parse(MINIMAL).expect("minimal config");
+    assert_eq!(config.limits.group_members_max, 1024);
+    assert_eq!(config.log.format, LogFormat::Json);
+}
+
+fn with(extra: &str) -> Result<Config, ConfigError> {
+    Config::parse(&format!("{MINIMAL}\n{extra}"))
+}
+
+#[test]
+fn each_validation_error_fires() {
+    let zero = MINIMAL.replace("node-id = 1", "node-id = 0");
+    assert!(matches!(Config::parse(&zero), Err(ConfigError::NodeIdZero)));
+    let same = MINIMAL.replace("7101", "7001");
+    assert!(matches!(
+        Config::parse(&same),
+        Err(ConfigError::SameListenAddress { .. })
+    ));
+    assert!(matches!(
+        with("[raft]\nheartbeat = \"200ms\"\nelection-timeout-min = \"300ms\""),
+        Err(ConfigError::ElectionTimeoutNotAboveHeartbeat {
+            election_timeout_ms_min: 300,
+            heartbeat_ms: 200
+        })
+    ));
+    assert!(matches!(
+        with("[raft]\nelection-timeout-min = \"900ms\"\nelection-timeout-max = \"900ms\""),
+        Err(ConfigError::ElectionTimeoutRangeEmpty { .. })
+    ));
+    assert!(matches!(
+        with("[limits]\nmessage-body-max = \"65KiB\""),
+        Err(ConfigError::AboveProtocolMax {
+            name: "limits.message-body-max",
+            ..
+        })
+    ));
+    assert!(matches!(
+        with("[limits]\ngroup-members-max = 0"),
+        Err(ConfigError::ZeroLimit {
+            name: "limits.group-members-max"
+        })
+    ));
+    assert!(matches!(
+        with("[limits]\nsends-per-second-per-device = 0"),
+        Err(ConfigError::ZeroLimit {
+            name: "limits.sends-per-second-per-device"
+        })
+    ));
+    assert!(matches!(
+        with("[limits]\ncode-requests-per-hour-per-phone = 0"),
+        Err(ConfigError::ZeroLimit {
+            name: "limits.code-requests-per-hour-per-phone"
+        })
+    ));
+    assert!(matches!(
+        with("[retention]\nundelivered = \"0s\""),
+        Err(ConfigError::ZeroLimit {
+            name: "retention.undelivered"
+        })
+    ));
+    assert!(matches!(
+        with("[presence]\nusers-max = 0"),
+        Err(ConfigError::ZeroLimit {
+            name: "presence.users-max"
+        })
+    ));
+    assert!(matches!(
+        with("[push]\nurl = \"https://push.example/x\""),
+        Err(ConfigError::PushUrl { .. })
+    ));
+    assert!(matches!(
+        with("[push]\nattempts-max = 0"),
+        Err(ConfigError::ZeroLimit {
+            name: "push.attempts-max"
+        })
+    ));
+    assert!(matches!(
+        with("[limits]\nmessage-body-max = \"64kb\""),
+        Err(ConfigError::Parse(_))
+    ));
+    assert!(matches!(
+        with("unknown-key = 1"),
+        Err(ConfigError::Parse(_))
+    ));
+}

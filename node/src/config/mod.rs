@@ -1,0 +1,173 @@
+//! The node's configuration: one TOML file, kebab-case keys, human units, unknown keys refused.
+//! [`RawConfig::validate`] turns it into a [`Config`] once, reporting each broken relation as a
+//! named [`ConfigError`]; the rest of the node only ever sees a validated `Config`.
+//!
+//! `docs/config.example.toml` documents every key; a test parses it so it cannot rot.
+//!
+//! Layout: `raw` holds the file's sections as parsed (and their defaults), `validate` the
+//! relations checked between them, this module the validated types.
+
+#[cfg(test)]
+mod config_test;
+mod raw;
+mod validate;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+pub use raw::{
+    LimitsRaw, Listen, LogFormat, LogRaw, PresenceRaw, PushRaw, RaftRaw, RawConfig, RetentionRaw,
+    TracingRaw,
+};
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema (unknown key, wrong type, bad unit).
+    #[error("cannot parse config: {0}")]
+    Parse(#[from] toml::de::Error),
+    /// `node-id` is zero.
+    #[error("node-id must be at least 1")]
+    NodeIdZero,
+    /// The client and peer listeners share an address.
+    #[error("listen.client and listen.peer must differ (both {addr})")]
+    SameListenAddress {
+        /// The shared address.
+        addr: SocketAddr,
+    },
+    /// The election timeout does not exceed the heartbeat interval enough to tolerate a lost
+    /// heartbeat.
+    #[error(
+        "raft.election-timeout-min ({election_timeout_ms_min} ms) must be at least 3 x raft.heartbeat ({heartbeat_ms} ms)"
+    )]
+    ElectionTimeoutNotAboveHeartbeat {
+        /// The minimum election timeout.
+        election_timeout_ms_min: u64,
+        /// The heartbeat interval.
+        heartbeat_ms: u64,
+    },
+    /// The election timeout range is empty.
+    #[error(
+        "raft.election-timeout-max ({election_timeout_ms_max} ms) must exceed raft.election-timeout-min ({election_timeout_ms_min} ms)"
+    )]
+    ElectionTimeoutRangeEmpty {
+        /// The minimum.
+        election_timeout_ms_min: u64,
+        /// The maximum.
+        election_timeout_ms_max: u64,
+    },
+    /// The push URL is not a plain `http://host[:port]/path` URL.
+    #[error("push.url: {reason}")]
+    PushUrl {
+        /// What is wrong.
+        reason: String,
+    },
+    /// A limit is zero.
+    #[error("{name} must be greater than zero")]
+    ZeroLimit {
+        /// The key.
+        name: &'static str,
+    },
+    /// A limit exceeds the protocol maximum it is bounded by.
+    #[error("{name} = {value} exceeds the protocol maximum {max}")]
+    AboveProtocolMax {
+        /// The key.
+        name: &'static str,
+        /// The configured value.
+        value: u64,
+        /// The protocol maximum.
+        max: u64,
+    },
+}
+
+/// Consensus timing, validated: the consensus crate's own settings type.
+pub type RaftConfig = courier_consensus::groups::RaftTiming;
+
+/// Limits, validated against the protocol maxima.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest message body, bytes.
+    pub message_body_bytes_max: usize,
+    /// Largest thumbnail, bytes.
+    pub thumbnail_bytes_max: usize,
+    /// Concurrent client connections.
+    pub connections_max: u32,
+    /// Concurrent streams per connection.
+    pub streams_per_connection_max: u32,
+    /// Members per group.
+    pub group_members_max: u32,
+    /// Companion devices per user.
+    pub companion_devices_max: u32,
+    /// Sends per second per device.
+    pub sends_per_second_per_device: u32,
+    /// Send burst per device.
+    pub send_burst_per_device: u32,
+    /// Frames buffered per device stream.
+    pub stream_buffer_frames: u32,
+    /// Outbox batches forwarded at once.
+    pub forward_batches_in_flight: u32,
+    /// Code requests per phone number per hour.
+    pub code_requests_per_hour_per_phone: u32,
+    /// Code request burst per phone number.
+    pub code_request_burst_per_phone: u32,
+    /// Register attempts per phone number per hour.
+    pub register_attempts_per_hour_per_phone: u32,
+    /// Register attempt burst per phone number.
+    pub register_attempt_burst_per_phone: u32,
+}
+
+/// A validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// This node's id.
+    pub node_id: u64,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Listen addresses.
+    pub listen: Listen,
+    /// Consensus timing.
+    pub raft: RaftConfig,
+    /// Limits.
+    pub limits: Limits,
+    /// Retention of undelivered messages.
+    pub retention: RetentionRaw,
+    /// Presence.
+    pub presence: PresenceRaw,
+    /// The push hook.
+    pub push: PushRaw,
+    /// Distributed tracing.
+    pub tracing: TracingRaw,
+    /// Logging.
+    pub log: LogRaw,
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming what is wrong.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text)
+    }
+
+    /// Parses and validates config text.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming what is wrong.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str::<RawConfig>(text)?.validate()
+    }
+}

@@ -1,0 +1,340 @@
+//! The config file's sections as parsed, before validation, with their defaults.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use courier_proto::limits;
+use serde::Deserialize;
+
+use crate::units::{ByteSize, HumanDuration};
+
+/// `[listen]`: where the node serves.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Listen {
+    /// Address of the client (phone) API. Port 0 picks a free port (written to
+    /// `<data-dir>/node.addr`).
+    pub client: SocketAddr,
+    /// Address of the peer API (raft, forwarding, admin).
+    pub peer: SocketAddr,
+    /// Address of the Prometheus endpoint (`GET /metrics`); absent: no endpoint.
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
+}
+
+/// `[raft]`: consensus timing.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RaftRaw {
+    /// Leader heartbeat interval. Default `"100ms"`.
+    #[serde(default = "defaults::heartbeat")]
+    pub heartbeat: HumanDuration,
+    /// Lower bound of the randomized election timeout. Default `"500ms"`.
+    #[serde(default = "defaults::election_timeout_min")]
+    pub election_timeout_min: HumanDuration,
+    /// Upper bound of the randomized election timeout. Default `"1000ms"`.
+    #[serde(default = "defaults::election_timeout_max")]
+    pub election_timeout_max: HumanDuration,
+    /// Deadline of one raft or forward RPC. Default `"2s"`.
+    #[serde(default = "defaults::rpc_timeout")]
+    pub rpc_timeout: HumanDuration,
+    /// Log entries between snapshots of a shard. Default 10000.
+    #[serde(default = "defaults::snapshot_logs")]
+    pub snapshot_logs_since_last: u64,
+    /// Log entries kept below a snapshot for slow followers. Default 1000.
+    #[serde(default = "defaults::logs_to_keep")]
+    pub logs_to_keep: u64,
+    /// Snapshot chunk size on the wire. Default `"1MiB"`.
+    #[serde(default = "defaults::snapshot_chunk")]
+    pub snapshot_chunk: ByteSize,
+    /// Largest number of entries in one append-entries RPC. Default 256.
+    #[serde(default = "defaults::append_entries")]
+    pub append_entries_max: u64,
+}
+
+/// `[limits]`: everything a client can exhaust.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct LimitsRaw {
+    /// Largest message body. Default `"64KiB"`, at most the protocol's 64 KiB.
+    #[serde(default = "defaults::message_body")]
+    pub message_body_max: ByteSize,
+    /// Largest media thumbnail. Default `"32KiB"`, at most the protocol's 32 KiB.
+    #[serde(default = "defaults::thumbnail")]
+    pub thumbnail_max: ByteSize,
+    /// Concurrent client connections per node. Default 10000.
+    #[serde(default = "defaults::connections")]
+    pub connections_max: u32,
+    /// Concurrent HTTP/2 streams per client connection. Default 128.
+    #[serde(default = "defaults::streams")]
+    pub streams_per_connection_max: u32,
+    /// Members per group. Default 1024, at most the protocol's 1024.
+    #[serde(default = "defaults::group_members")]
+    pub group_members_max: u32,
+    /// Companion devices per user. Default 4, at most the protocol's 4.
+    #[serde(default = "defaults::companions")]
+    pub companion_devices_max: u32,
+    /// Sustained sends per second per device (token bucket rate). Default 20.
+    #[serde(default = "defaults::send_rate")]
+    pub sends_per_second_per_device: u32,
+    /// Send burst per device (token bucket size). Default 40.
+    #[serde(default = "defaults::send_burst")]
+    pub send_burst_per_device: u32,
+    /// Frames buffered per device stream before it falls back to reading the inbox. Default 256.
+    #[serde(default = "defaults::stream_buffer")]
+    pub stream_buffer_frames: u32,
+    /// Outbox batches this node forwards at once, one per (source, destination) shard pair.
+    /// Default 8; 1 forwards one pair at a time.
+    #[serde(default = "defaults::forward_in_flight")]
+    pub forward_batches_in_flight: u32,
+    /// Registration codes a phone number may request per hour (token bucket rate). Default 10.
+    #[serde(default = "defaults::code_rate")]
+    pub code_requests_per_hour_per_phone: u32,
+    /// Code request burst per phone number. Default 3.
+    #[serde(default = "defaults::code_burst")]
+    pub code_request_burst_per_phone: u32,
+    /// Register attempts (right or wrong code) per phone number per hour. Default 20.
+    #[serde(default = "defaults::register_rate")]
+    pub register_attempts_per_hour_per_phone: u32,
+    /// Register attempt burst per phone number. Default 5.
+    #[serde(default = "defaults::register_burst")]
+    pub register_attempt_burst_per_phone: u32,
+}
+
+/// `[retention]`: how long undelivered messages wait for their recipient.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RetentionRaw {
+    /// An undelivered message older than this expires (a `MessageExpired` event proposed by the
+    /// shard's leader). Default `"30d"`.
+    #[serde(default = "defaults::undelivered")]
+    pub undelivered: HumanDuration,
+    /// How often each shard leader looks for expired messages. Default `"10s"`.
+    #[serde(default = "defaults::expiry_scan")]
+    pub scan_interval: HumanDuration,
+    /// Keep message bodies in the inbox after every device of the user acked them (history on
+    /// the server). Default `false`: server-centric, bodies leave once delivered everywhere.
+    #[serde(default)]
+    pub keep_delivered: bool,
+}
+
+/// `[presence]`: online and last seen, in memory on each user's shard leader.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct PresenceRaw {
+    /// Users whose presence one node holds at most. Default 1000000.
+    #[serde(default = "defaults::presence_users")]
+    pub users_max: u32,
+    /// How long a user's last-seen time is kept after their last stream closed. Default `"7d"`.
+    #[serde(default = "defaults::last_seen_ttl")]
+    pub last_seen_ttl: HumanDuration,
+}
+
+/// `[push]`: waking devices of users with no live stream.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct PushRaw {
+    /// `http://host:port/path` receiving `{"user":U,"message_id":"hex"}` POSTs; empty (the
+    /// default): push is off.
+    #[serde(default)]
+    pub url: String,
+    /// Pushes waiting to be sent; a full queue drops (and counts) new ones. Default 10000.
+    #[serde(default = "defaults::push_queue")]
+    pub queue_max: u32,
+    /// Attempts per push, with exponential backoff. Default 5.
+    #[serde(default = "defaults::push_attempts")]
+    pub attempts_max: u32,
+    /// Deadline of one attempt. Default `"2s"`.
+    #[serde(default = "defaults::push_timeout")]
+    pub timeout: HumanDuration,
+}
+
+/// `[tracing]`: distributed traces over OTLP (off unless an endpoint is set).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TracingRaw {
+    /// OTLP/gRPC collector, e.g. `"http://127.0.0.1:4317"`; empty (the default): no export.
+    #[serde(default)]
+    pub otlp_endpoint: String,
+    /// `service.name` of this node's spans. Default `"courier-node"`.
+    #[serde(default = "defaults::service_name")]
+    pub service_name: String,
+}
+
+/// `[log]`: the node's own logs (structured; never bodies, phone numbers or tokens).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct LogRaw {
+    /// `"json"` (default) or `"text"`.
+    #[serde(default = "defaults::log_format")]
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `"info"` or `"courier_node=debug,info"`. Default `"info"`.
+    #[serde(default = "defaults::log_level")]
+    pub level: String,
+}
+
+/// How logs are written.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable lines.
+    Text,
+}
+
+/// The file as parsed, before validation.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RawConfig {
+    /// This node's id in the cluster, at least 1, unique.
+    pub node_id: u64,
+    /// Where the node keeps its RocksDB and dev-mode files.
+    pub data_dir: PathBuf,
+    /// Listen addresses.
+    pub listen: Listen,
+    /// Consensus timing.
+    #[serde(default = "defaults::raft")]
+    pub raft: RaftRaw,
+    /// Limits.
+    #[serde(default = "defaults::limits")]
+    pub limits: LimitsRaw,
+    /// Retention of undelivered messages.
+    #[serde(default = "defaults::retention")]
+    pub retention: RetentionRaw,
+    /// Presence.
+    #[serde(default = "defaults::presence")]
+    pub presence: PresenceRaw,
+    /// The push hook.
+    #[serde(default = "defaults::push")]
+    pub push: PushRaw,
+    /// Distributed tracing.
+    #[serde(default = "defaults::tracing")]
+    pub tracing: TracingRaw,
+    /// Logging.
+    #[serde(default = "defaults::log")]
+    pub log: LogRaw,
+}
+
+mod defaults {
+    use super::*;
+
+    pub(super) fn heartbeat() -> HumanDuration {
+        HumanDuration(Duration::from_millis(100))
+    }
+    pub(super) fn election_timeout_min() -> HumanDuration {
+        HumanDuration(Duration::from_millis(500))
+    }
+    pub(super) fn election_timeout_max() -> HumanDuration {
+        HumanDuration(Duration::from_millis(1000))
+    }
+    pub(super) fn rpc_timeout() -> HumanDuration {
+        HumanDuration(Duration::from_secs(2))
+    }
+    pub(super) fn snapshot_logs() -> u64 {
+        10_000
+    }
+    pub(super) fn logs_to_keep() -> u64 {
+        1_000
+    }
+    pub(super) fn snapshot_chunk() -> ByteSize {
+        ByteSize(1 << 20)
+    }
+    pub(super) fn append_entries() -> u64 {
+        256
+    }
+    pub(super) fn message_body() -> ByteSize {
+        ByteSize(limits::MESSAGE_BODY_BYTES_MAX as u64)
+    }
+    pub(super) fn thumbnail() -> ByteSize {
+        ByteSize(limits::THUMBNAIL_BYTES_MAX as u64)
+    }
+    pub(super) fn connections() -> u32 {
+        10_000
+    }
+    pub(super) fn streams() -> u32 {
+        128
+    }
+    pub(super) fn group_members() -> u32 {
+        limits::GROUP_MEMBERS_MAX
+    }
+    pub(super) fn companions() -> u32 {
+        limits::COMPANION_DEVICES_MAX
+    }
+    pub(super) fn send_rate() -> u32 {
+        20
+    }
+    pub(super) fn send_burst() -> u32 {
+        40
+    }
+    pub(super) fn stream_buffer() -> u32 {
+        256
+    }
+    pub(super) fn forward_in_flight() -> u32 {
+        8
+    }
+    pub(super) fn code_rate() -> u32 {
+        10
+    }
+    pub(super) fn code_burst() -> u32 {
+        3
+    }
+    pub(super) fn register_rate() -> u32 {
+        20
+    }
+    pub(super) fn register_burst() -> u32 {
+        5
+    }
+    pub(super) fn log_format() -> LogFormat {
+        LogFormat::Json
+    }
+    pub(super) fn log_level() -> String {
+        "info".to_owned()
+    }
+    pub(super) fn raft() -> RaftRaw {
+        toml::from_str("").expect("every raft key has a default")
+    }
+    pub(super) fn limits() -> LimitsRaw {
+        toml::from_str("").expect("every limit has a default")
+    }
+    pub(super) fn log() -> LogRaw {
+        toml::from_str("").expect("every log key has a default")
+    }
+    pub(super) fn retention() -> RetentionRaw {
+        toml::from_str("").expect("every retention key has a default")
+    }
+    pub(super) fn presence() -> PresenceRaw {
+        toml::from_str("").expect("every presence key has a default")
+    }
+    pub(super) fn push() -> PushRaw {
+        toml::from_str("").expect("every push key has a default")
+    }
+    pub(super) fn tracing() -> TracingRaw {
+        toml::from_str("").expect("every tracing key has a default")
+    }
+    pub(super) fn service_name() -> String {
+        "courier-node".to_owned()
+    }
+    pub(super) fn presence_users() -> u32 {
+        1_000_000
+    }
+    pub(super) fn last_seen_ttl() -> HumanDuration {
+        HumanDuration(Duration::from_secs(7 * 86_400))
+    }
+    pub(super) fn push_queue() -> u32 {
+        10_000
+    }
+    pub(super) fn push_attempts() -> u32 {
+        5
+    }
+    pub(super) fn push_timeout() -> HumanDuration {
+        HumanDuration(Duration::from_secs(2))
+    }
+    pub(super) fn undelivered() -> HumanDuration {
+        HumanDuration(Duration::from_secs(30 * 86_400))
+    }
+    pub(super) fn expiry_scan() -> HumanDuration {
+        HumanDuration(Duration::from_secs(10))
+    }
+}

@@ -1,0 +1,192 @@
+//! [`RawConfig::validate`]: every relation between the parsed values, checked once.
+
+use courier_proto::limits;
+
+use super::{Config, ConfigError, Limits, LimitsRaw, RaftConfig, RaftRaw, RawConfig};
+use crate::units::HumanDuration;
+
+fn bounded(name: &'static str, value: u64, max: u64) -> Result<(), ConfigError> {
+    if value == 0 {
+        return Err(ConfigError::ZeroLimit { name });
+    }
+    if value > max {
+        return Err(ConfigError::AboveProtocolMax { name, value, max });
+    }
+    Ok(())
+}
+
+fn nonzero(name: &'static str, value: u32) -> Result<(), ConfigError> {
+    if value == 0 {
+        Err(ConfigError::ZeroLimit { name })
+    } else {
+        Ok(())
+    }
+}
+
+impl RawConfig {
+    /// Checks every relation and returns the validated config.
+    ///
+    /// # Errors
+    /// The first broken relation, as a named [`ConfigError`].
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        if self.node_id == 0 {
+            return Err(ConfigError::NodeIdZero);
+        }
+        if self.listen.client == self.listen.peer && self.listen.client.port() != 0 {
+            return Err(ConfigError::SameListenAddress {
+                addr: self.listen.client,
+            });
+        }
+        let raft = validate_raft(&self.raft)?;
+        let limits = validate_limits(&self.limits)?;
+        self.validate_edge()?;
+        Ok(Config {
+            node_id: self.node_id,
+            data_dir: self.data_dir,
+            listen: self.listen,
+            raft,
+            limits,
+            retention: self.retention,
+            presence: self.presence,
+            push: self.push,
+            tracing: self.tracing,
+            log: self.log,
+        })
+    }
+
+    /// Presence, push and retention: sizes and durations that must not be zero, a push URL that
+    /// parses.
+    fn validate_edge(&self) -> Result<(), ConfigError> {
+        nonzero("presence.users-max", self.presence.users_max)?;
+        nonzero("push.queue-max", self.push.queue_max)?;
+        nonzero("push.attempts-max", self.push.attempts_max)?;
+        if !self.push.url.is_empty() {
+            crate::push::parse_url(&self.push.url)
+                .map_err(|reason| ConfigError::PushUrl { reason })?;
+        }
+        for (name, value) in [
+            ("retention.undelivered", self.retention.undelivered.0),
+            ("retention.scan-interval", self.retention.scan_interval.0),
+            ("presence.last-seen-ttl", self.presence.last_seen_ttl.0),
+            ("push.timeout", self.push.timeout.0),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::ZeroLimit { name });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Raft timing: a heartbeat well inside the election timeout, a non-empty timeout range.
+fn validate_raft(raft: &RaftRaw) -> Result<RaftConfig, ConfigError> {
+    let ms = |d: HumanDuration| u64::try_from(d.0.as_millis()).unwrap_or(u64::MAX);
+    let (heartbeat_ms, min_ms, max_ms) = (
+        ms(raft.heartbeat),
+        ms(raft.election_timeout_min),
+        ms(raft.election_timeout_max),
+    );
+    if heartbeat_ms == 0 {
+        return Err(ConfigError::ZeroLimit {
+            name: "raft.heartbeat",
+        });
+    }
+    if min_ms < heartbeat_ms.saturating_mul(3) {
+        return Err(ConfigError::ElectionTimeoutNotAboveHeartbeat {
+            election_timeout_ms_min: min_ms,
+            heartbeat_ms,
+        });
+    }
+    if max_ms <= min_ms {
+        return Err(ConfigError::ElectionTimeoutRangeEmpty {
+            election_timeout_ms_min: min_ms,
+            election_timeout_ms_max: max_ms,
+        });
+    }
+    if ms(raft.rpc_timeout) == 0 {
+        return Err(ConfigError::ZeroLimit {
+            name: "raft.rpc-timeout",
+        });
+    }
+    Ok(RaftConfig {
+        heartbeat: raft.heartbeat.0,
+        election_timeout_min: raft.election_timeout_min.0,
+        election_timeout_max: raft.election_timeout_max.0,
+        rpc_timeout: raft.rpc_timeout.0,
+        snapshot_logs_since_last: raft.snapshot_logs_since_last,
+        logs_to_keep: raft.logs_to_keep,
+        snapshot_chunk_bytes: raft.snapshot_chunk.0,
+        append_entries_max: raft.append_entries_max,
+    })
+}
+
+/// Limits: each within its protocol maximum, none zero.
+fn validate_limits(l: &LimitsRaw) -> Result<Limits, ConfigError> {
+    bounded(
+        "limits.message-body-max",
+        l.message_body_max.0,
+        limits::MESSAGE_BODY_BYTES_MAX as u64,
+    )?;
+    bounded(
+        "limits.thumbnail-max",
+        l.thumbnail_max.0,
+        limits::THUMBNAIL_BYTES_MAX as u64,
+    )?;
+    bounded(
+        "limits.group-members-max",
+        u64::from(l.group_members_max),
+        u64::from(limits::GROUP_MEMBERS_MAX),
+    )?;
+    bounded(
+        "limits.companion-devices-max",
+        u64::from(l.companion_devices_max),
+        u64::from(limits::COMPANION_DEVICES_MAX),
+    )?;
+    nonzero("limits.connections-max", l.connections_max)?;
+    nonzero(
+        "limits.streams-per-connection-max",
+        l.streams_per_connection_max,
+    )?;
+    nonzero(
+        "limits.sends-per-second-per-device",
+        l.sends_per_second_per_device,
+    )?;
+    nonzero("limits.send-burst-per-device", l.send_burst_per_device)?;
+    nonzero("limits.stream-buffer-frames", l.stream_buffer_frames)?;
+    nonzero(
+        "limits.forward-batches-in-flight",
+        l.forward_batches_in_flight,
+    )?;
+    nonzero(
+        "limits.code-requests-per-hour-per-phone",
+        l.code_requests_per_hour_per_phone,
+    )?;
+    nonzero(
+        "limits.code-request-burst-per-phone",
+        l.code_request_burst_per_phone,
+    )?;
+    nonzero(
+        "limits.register-attempts-per-hour-per-phone",
+        l.register_attempts_per_hour_per_phone,
+    )?;
+    nonzero(
+        "limits.register-attempt-burst-per-phone",
+        l.register_attempt_burst_per_phone,
+    )?;
+    Ok(Limits {
+        message_body_bytes_max: l.message_body_max.bytes(),
+        thumbnail_bytes_max: l.thumbnail_max.bytes(),
+        connections_max: l.connections_max,
+        streams_per_connection_max: l.streams_per_connection_max,
+        group_members_max: l.group_members_max,
+        companion_devices_max: l.companion_devices_max,
+        sends_per_second_per_device: l.sends_per_second_per_device,
+        send_burst_per_device: l.send_burst_per_device,
+        stream_buffer_frames: l.stream_buffer_frames,
+        forward_batches_in_flight: l.forward_batches_in_flight,
+        code_requests_per_hour_per_phone: l.code_requests_per_hour_per_phone,
+        code_request_burst_per_phone: l.code_request_burst_per_phone,
+        register_attempts_per_hour_per_phone: l.register_attempts_per_hour_per_phone,
+        register_attempt_burst_per_phone: l.register_attempt_burst_per_phone,
+    })
+}

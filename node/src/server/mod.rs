@@ -1,0 +1,327 @@
+//! Startup and shutdown, in order.
+//!
+//! ```text
+//!   start: data dir ─▶ RocksDB ─▶ bind client + peer listeners ─▶ node.addr ─▶ serve
+//!   stop:  cancel ─▶ gRPC servers drain ─▶ tasks joined ─▶ RocksDB closed (WAL synced)
+//! ```
+//!
+//! [`start`] is what `courier-node` runs. [`start_in`] takes an [`Environment`] instead of the
+//! defaults — storage, peer channels, listeners — which is how the deterministic simulation
+//! (`sim/`) runs this same code on simulated disks and a simulated network.
+//!
+//! Layout: this module tells the story; `io` holds the connection types an [`Environment`]
+//! provides, `routers` the gRPC routers and the listeners they serve on.
+
+mod io;
+mod routers;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use courier_consensus::groups::{ConsensusError, Groups};
+use courier_consensus::network::ChannelPool;
+use courier_storage::{Db, OpenMode};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::info;
+
+pub use io::{Connection, Environment, Incoming, Io};
+
+use crate::client::ClientApi;
+use crate::client::registration::DevFileSms;
+use crate::cluster::{Cluster, Edge};
+use crate::config::Config;
+use routers::{Bound, Serving, bind_listeners, client_router, peer_router, write_addr_file};
+
+/// Connections the peer listener accepts at once (nodes and operator tools, not phones).
+pub const PEER_CONNECTIONS_MAX: u32 = 1024;
+
+/// How long shutdown waits for in-flight RPCs before giving up on them.
+pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Why a node failed to start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The data directory could not be created.
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Storage failed to open (for example: another node process holds this data directory).
+    #[error("storage: {0}")]
+    Storage(#[from] courier_storage::StorageError),
+    /// Raft groups failed to start.
+    #[error("consensus: {0}")]
+    Consensus(#[from] Box<ConsensusError>),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The addresses file could not be written.
+    #[error("cannot write {path}: {source}")]
+    AddrFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// gRPC reflection could not load the descriptors.
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// A gRPC server failed.
+    #[error("grpc server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// A running node.
+#[derive(Debug)]
+pub struct NodeHandle {
+    /// The bound client API address.
+    pub client_addr: SocketAddr,
+    /// The bound peer API address.
+    pub peer_addr: SocketAddr,
+    /// The bound metrics address, when configured.
+    pub metrics_addr: Option<SocketAddr>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+    errors: tokio::sync::mpsc::Receiver<ServerError>,
+    groups: Arc<Groups>,
+    cluster: Cluster,
+}
+
+impl NodeHandle {
+    /// Stops the node: servers drain (up to [`SHUTDOWN_DEADLINE`]), tasks are joined.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(SHUTDOWN_DEADLINE, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                deadline_s = SHUTDOWN_DEADLINE.as_secs(),
+                "shutdown deadline passed"
+            );
+        }
+        self.groups.shutdown().await;
+        info!("raft groups stopped");
+    }
+
+    /// This node's view of the cluster (reads, admin).
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    /// This node's raft groups (for tests and status).
+    pub fn groups(&self) -> &Arc<Groups> {
+        &self.groups
+    }
+
+    /// Waits until `signal` resolves or a server fails, then stops the node.
+    ///
+    /// # Errors
+    /// The first server error, if one happened before the signal.
+    pub async fn run_until(mut self, signal: impl Future<Output = ()>) -> Result<(), ServerError> {
+        let outcome = tokio::select! {
+            () = signal => Ok(()),
+            Some(error) = self.errors.recv() => Err(error),
+        };
+        self.stop().await;
+        outcome
+    }
+}
+
+/// Starts a node: opens storage, binds both listeners and serves until stopped.
+///
+/// # Errors
+/// [`ServerError`] when the data directory, storage, or a listener cannot be set up.
+pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
+    start_in(config, Environment::default()).await
+}
+
+/// Starts a node in `environment` (see [`Environment`]).
+///
+/// # Errors
+/// As [`start`].
+pub async fn start_in(config: Config, environment: Environment) -> Result<NodeHandle, ServerError> {
+    info!(node_id = config.node_id, data_dir = %config.data_dir.display(), "starting node");
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    let db = open_storage(&config, environment.db)?;
+    let pool = environment
+        .pool
+        .unwrap_or_else(|| Arc::new(ChannelPool::new(config.raft.rpc_timeout)));
+    let groups = Groups::open_with(config.node_id, db.clone(), &config.raft, pool)
+        .await
+        .map_err(Box::new)?;
+    info!(groups = groups.list().len(), "raft groups open");
+    let shutdown = CancellationToken::new();
+    let (edge, presence_reports, push_task) = edge(&config);
+    let cluster = Cluster::new(groups.clone(), db.clone(), config.raft.rpc_timeout, edge);
+
+    // Every listener is bound before anything is spawned, so a failed start leaves nothing running.
+    let Bound {
+        listeners,
+        client_addr,
+        peer_addr,
+        metrics: metrics_listener,
+    } = bind_listeners(&config, environment.listeners).await?;
+    write_addr_file(&config, client_addr, peer_addr)?;
+    info!(%client_addr, %peer_addr, "listening");
+
+    let tasks = TaskTracker::new();
+    let (error_tx, errors) = tokio::sync::mpsc::channel(2);
+
+    let sms = Arc::new(DevFileSms::new(config.data_dir.join("sms-outbox.log")));
+    let metrics = crate::metrics::Metrics::new(cluster.clone());
+    tasks.spawn(
+        metrics
+            .clone()
+            .watch_leaders(cluster.clone(), shutdown.clone()),
+    );
+    let client_api = ClientApi::new(
+        cluster.clone(),
+        db.clone(),
+        config.limits.clone(),
+        sms,
+        shutdown.clone(),
+        metrics.clone(),
+        config.retention.keep_delivered,
+    );
+    let live = client_api.live();
+    let client_router = client_router(&config, client_api).await?;
+    let jobs = crate::maintenance::Jobs::new(groups.clone(), config.data_dir.join("scratch"));
+    let peer_router = peer_router(cluster.clone(), groups.clone(), live, jobs).await?;
+    let serving = Serving {
+        tasks: &tasks,
+        shutdown: &shutdown,
+        errors: &error_tx,
+        db: &db,
+    };
+    serving.serve(&config, listeners, client_router, peer_router);
+    spawn_background(
+        &tasks,
+        &shutdown,
+        &cluster,
+        &config,
+        presence_reports,
+        push_task,
+    );
+    let metrics_addr = match metrics_listener {
+        Some(listener) => {
+            let bound = listener.local_addr().ok();
+            let (metrics, shutdown) = (metrics.clone(), shutdown.clone());
+            tasks.spawn(async move { crate::metrics::serve(listener, metrics, shutdown).await });
+            info!(bound = ?bound, "metrics endpoint");
+            bound
+        }
+        None => None,
+    };
+    Ok(NodeHandle {
+        client_addr,
+        peer_addr,
+        metrics_addr,
+        shutdown,
+        tasks,
+        errors,
+        groups,
+        cluster,
+    })
+}
+
+/// The environment's storage, or RocksDB in `data-dir/db`.
+fn open_storage(config: &Config, provided: Option<Arc<Db>>) -> Result<Arc<Db>, ServerError> {
+    if let Some(db) = provided {
+        return Ok(db);
+    }
+    let db_path = config.data_dir.join("db");
+    let db = Arc::new(Db::open(&db_path, OpenMode::ReadWrite)?);
+    info!(path = %db_path.display(), "storage open");
+    Ok(db)
+}
+
+/// The ephemeral side: the presence table, the stream reporter (and its reports, for the task
+/// that sends them) and the push hook (and its task, when a URL is configured).
+fn edge(
+    config: &Config,
+) -> (
+    Edge,
+    tokio::sync::mpsc::Receiver<courier_proto::pb::peer::PresenceReport>,
+    Option<crate::push::PushTask>,
+) {
+    let (reporter, presence_reports) = crate::presence::Reporter::new();
+    let (pusher, push_task) = if config.push.url.is_empty() {
+        (crate::push::Pusher::disabled(), None)
+    } else {
+        let (pusher, task) = crate::push::Pusher::new(crate::push::PushConfig {
+            url: config.push.url.clone(),
+            queue_max: usize::try_from(config.push.queue_max).unwrap_or(usize::MAX),
+            attempts_max: config.push.attempts_max,
+            timeout: config.push.timeout.0,
+        });
+        (pusher, Some(task))
+    };
+    let edge = Edge {
+        presence: Arc::new(crate::presence::PresenceTable::new(
+            usize::try_from(config.presence.users_max).unwrap_or(usize::MAX),
+            config.presence.last_seen_ttl.0,
+        )),
+        reporter: Arc::new(reporter),
+        pusher,
+    };
+    (edge, presence_reports, push_task)
+}
+
+/// The node's background tasks: outbox forwarders, the presence reporter, the push hook and
+/// retention.
+fn spawn_background(
+    tasks: &TaskTracker,
+    shutdown: &CancellationToken,
+    cluster: &Cluster,
+    config: &Config,
+    presence_reports: tokio::sync::mpsc::Receiver<courier_proto::pb::peer::PresenceReport>,
+    push_task: Option<crate::push::PushTask>,
+) {
+    {
+        let cluster = cluster.clone();
+        let shutdown = shutdown.clone();
+        let in_flight = usize::try_from(config.limits.forward_batches_in_flight).unwrap_or(1);
+        tasks.spawn(async move { crate::forwarder::run(cluster, in_flight, shutdown).await });
+    }
+    info!("outbox forwarders running");
+    {
+        let cluster = cluster.clone();
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            crate::presence::run_reporter(cluster, presence_reports, shutdown).await;
+        });
+    }
+    if let Some(task) = push_task {
+        tasks.spawn(task.run(shutdown.clone()));
+        info!("push hook on");
+    }
+    {
+        let cluster = cluster.clone();
+        let shutdown = shutdown.clone();
+        let (undelivered, interval) = (
+            config.retention.undelivered.0,
+            config.retention.scan_interval.0,
+        );
+        tasks.spawn(async move {
+            crate::retention::run(cluster, undelivered, interval, shutdown).await;
+        });
+    }
+}
