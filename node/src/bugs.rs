@@ -46,6 +46,52 @@ pub const fn active(_bug: Bug) -> bool {
     false
 }
 
+/// The hook of a client send about to be proposed on `shard`: `skip-dedup` gives `sent` a fresh
+/// idempotency key (a retry is stored again); `ack-before-commit` proposes it in the background
+/// and returns the answer to give at once. `None`, and `sent` untouched, without these bugs.
+pub(crate) fn on_send(
+    cluster: &crate::cluster::Cluster,
+    shard: courier_proto::ShardId,
+    sent: &mut courier_proto::pb::events::MessageSent,
+) -> Option<courier_proto::pb::client::SendResponse> {
+    use courier_proto::pb::events::{Event, event::Kind};
+    if active(Bug::SkipDedup) {
+        sent.client_msg_id = format!(
+            "{}#{:08x}",
+            sent.client_msg_id,
+            crate::env::random_range(0..=u64::from(u32::MAX))
+        );
+    }
+    if !active(Bug::AckBeforeCommit) {
+        return None;
+    }
+    let answer = courier_proto::pb::client::SendResponse {
+        message_id: sent.message_id.clone(),
+        sent_at_ms: sent.sent_at_ms,
+        duplicate: false,
+    };
+    let cluster = cluster.clone();
+    let events = vec![Event {
+        kind: Some(Kind::MessageSent(sent.clone())),
+    }];
+    tokio::spawn(async move { cluster.propose(shard, events).await });
+    Some(answer)
+}
+
+/// The hook of a receipt pushed to a device stream: `receipt-regress` repeats a READ receipt as
+/// DELIVERED right after it. `None` without that bug.
+pub(crate) fn regressed_receipt(
+    update: &courier_proto::pb::client::ReceiptUpdate,
+) -> Option<courier_proto::pb::client::ReceiptUpdate> {
+    use courier_proto::pb::events::ReceiptState;
+    (active(Bug::ReceiptRegress) && update.state == i32::from(ReceiptState::Read)).then(|| {
+        courier_proto::pb::client::ReceiptUpdate {
+            state: ReceiptState::Delivered.into(),
+            ..update.clone()
+        }
+    })
+}
+
 /// Logs loudly which bug is on, if any.
 pub fn announce() {
     for bug in [Bug::AckBeforeCommit, Bug::SkipDedup, Bug::ReceiptRegress] {

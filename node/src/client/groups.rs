@@ -14,6 +14,7 @@ use courier_proto::pb::events::{self, Event, event::Kind};
 use courier_proto::{ConversationId, GroupId, ShardId, UserId, shard_of_group};
 use courier_storage::projection::{devices, groups};
 
+use super::send::Proposed;
 use super::{ClientApi, auth::Caller, now_ms};
 use crate::status::ApiError;
 
@@ -329,43 +330,15 @@ impl ClientApi {
                 group_epoch: epoch,
                 trace_parent: crate::telemetry::current_traceparent(),
             };
-            let outcomes = self
-                .cluster
-                .propose(
-                    shard,
-                    vec![Event {
-                        kind: Some(Kind::MessageSent(sent)),
-                    }],
-                )
-                .await?;
-            match outcomes.first() {
-                Some(EventOutcome::Sent {
-                    message_id,
-                    sent_at_ms,
-                    duplicate,
-                    ..
-                }) => {
-                    return Ok(SendResponse {
-                        message_id: message_id.clone(),
-                        sent_at_ms: *sent_at_ms,
-                        duplicate: *duplicate,
-                    });
-                }
-                Some(EventOutcome::Rejected { code, .. })
+            match self.propose_send(shard, sent).await? {
+                Proposed::Sent(response) => return Ok(response),
+                Proposed::Rejected { code, .. }
                     if code == "COURIER:Group:EpochChanged" && attempt < EPOCH_RETRIES_MAX =>
                 {
                     // This replica read an older epoch than the leader applied: read again.
                     tokio::time::sleep(EPOCH_RETRY_PAUSE).await;
                 }
-                Some(EventOutcome::Rejected { code, message }) => {
-                    return Err(refused(code, message.clone()));
-                }
-                other => {
-                    return Err(ApiError::Internal {
-                        code: "COURIER:Node:Outcome",
-                        message: format!("unexpected outcome {other:?}"),
-                    });
-                }
+                Proposed::Rejected { code, message } => return Err(refused(&code, message)),
             }
         }
     }

@@ -8,11 +8,12 @@ use courier_proto::pb::client::{
     GetReceiptsResponse, ListConversationsResponse, MessageReceipts, ReceiptUpdate, SendRequest,
     SendResponse,
 };
-use courier_proto::pb::events::{self, Event, event::Kind};
+use courier_proto::pb::events;
 use courier_storage::projection::{devices, readstate, receipts};
 
+use super::send::{Proposed, unexpected};
 use super::{ClientApi, auth::Caller, now_ms};
-use crate::bugs::{self, Bug};
+use crate::bugs;
 use crate::status::ApiError;
 
 impl ClientApi {
@@ -50,44 +51,18 @@ impl ClientApi {
             group_epoch: 0,
             trace_parent: crate::telemetry::current_traceparent(),
         };
-        if bugs::active(Bug::SkipDedup) {
-            // A fresh idempotency key per attempt: a retry is stored again.
-            sent.client_msg_id = format!(
-                "{}#{:08x}",
-                sent.client_msg_id,
-                crate::env::random_range(0..=u64::from(u32::MAX))
-            );
-        }
         let shard = self.shard_of(caller.user)?;
-        if bugs::active(Bug::AckBeforeCommit) {
-            let answer = SendResponse {
-                message_id: sent.message_id.clone(),
-                sent_at_ms: sent.sent_at_ms,
-                duplicate: false,
-            };
-            let cluster = self.cluster.clone();
-            let events = vec![Event {
-                kind: Some(Kind::MessageSent(sent)),
-            }];
-            tokio::spawn(async move { cluster.propose(shard, events).await });
+        if let Some(answer) = bugs::on_send(&self.cluster, shard, &mut sent) {
             return Ok(answer);
         }
-        let outcomes = self
-            .cluster
-            .propose(
-                shard,
-                vec![Event {
-                    kind: Some(Kind::MessageSent(sent)),
-                }],
-            )
-            .await?;
-        if let Some(EventOutcome::Sent {
-            message_id,
-            duplicate: false,
-            ..
-        }) = outcomes.first()
-            && recipient_shard == shard
-        {
+        let response = match self.propose_send(shard, sent).await? {
+            Proposed::Sent(response) => response,
+            Proposed::Rejected { code, message } => {
+                return Err(unexpected(Some(&EventOutcome::Rejected { code, message })));
+            }
+        };
+        if !response.duplicate && recipient_shard == shard {
+            let message_id = &response.message_id;
             // Stored in the recipient's inbox by this very entry (no forward, so the forward
             // path's push hook does not see it): ask the shard leader's presence, off the path.
             let (cluster, to, id) = (self.cluster.clone(), command.to.get(), message_id.clone());
@@ -102,22 +77,7 @@ impl ClientApi {
                 }
             });
         }
-        match outcomes.first() {
-            Some(EventOutcome::Sent {
-                message_id,
-                sent_at_ms,
-                duplicate,
-                ..
-            }) => Ok(SendResponse {
-                message_id: message_id.clone(),
-                sent_at_ms: *sent_at_ms,
-                duplicate: *duplicate,
-            }),
-            other => Err(ApiError::Internal {
-                code: "COURIER:Node:Outcome",
-                message: format!("unexpected outcome {other:?}"),
-            }),
-        }
+        Ok(response)
     }
 
     /// What every send passes first: the device's rate limit, then the configured size limits.

@@ -10,6 +10,7 @@ pub mod live;
 pub mod messaging;
 pub mod rate;
 pub mod registration;
+pub mod send;
 pub mod stream;
 
 use std::sync::Arc;

@@ -18,7 +18,7 @@ use courier_proto::convert::messaging::StreamCommand;
 use courier_proto::pb::client::{
     ClientFrame, InboxMessage, ReceiptUpdate, ServerFrame, server_frame,
 };
-use courier_proto::pb::events::{self, Event, ReceiptState, event::Kind};
+use courier_proto::pb::events::{self, Event, event::Kind};
 use courier_proto::{InboxSeq, LogIndex, ReceiptFeedPosition};
 use courier_storage::projection::{groups, inbox, readstate, receipts};
 use tokio::sync::mpsc;
@@ -28,7 +28,7 @@ use tonic::Status;
 use tracing::Instrument as _;
 
 use super::{ClientApi, auth::Caller, now_ms};
-use crate::bugs::{self, Bug};
+use crate::bugs;
 use crate::status::ApiError;
 
 /// How long a stream waits for the apply signal before looking anyway (a safety net: every applied
@@ -402,12 +402,7 @@ async fn push_receipts(
             feed_index: item.set_at.get(),
             feed_position: receipts_after.to_wire(),
         };
-        let regressed = (bugs::active(Bug::ReceiptRegress)
-            && update.state == i32::from(ReceiptState::Read))
-        .then(|| ReceiptUpdate {
-            state: ReceiptState::Delivered.into(),
-            ..update.clone()
-        });
+        let regressed = bugs::regressed_receipt(&update);
         for update in std::iter::once(update).chain(regressed) {
             let frame = ServerFrame {
                 frame: Some(server_frame::Frame::Receipt(update)),
