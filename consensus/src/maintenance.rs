@@ -55,8 +55,21 @@ impl Drop for Scratch {
     }
 }
 
+impl crate::state_machine::StateMachine {
+    /// The handle for online maintenance (projection rebuilds) of this group.
+    pub fn maintenance(&self) -> Maintenance {
+        Maintenance::new(
+            self.db.clone(),
+            self.group,
+            self.machine.clone(),
+            self.shared.clone(),
+            self.applied_signal.clone(),
+        )
+    }
+}
+
 impl Maintenance {
-    pub(crate) fn new(
+    fn new(
         db: Arc<Db>,
         group: GroupId,
         machine: Arc<tokio::sync::Mutex<Machine>>,

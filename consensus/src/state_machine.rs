@@ -56,7 +56,7 @@ pub struct AppliedView {
     pub raft: RaftApplied,
 }
 
-/// The state a group's machine owns, behind one lock shared with [`Maintenance`] so that an
+/// The state a group's machine owns, behind one lock shared with the maintenance handle so that an
 /// online projection swap and the apply of new entries never interleave.
 #[derive(Debug)]
 pub(crate) struct Machine {
@@ -67,11 +67,11 @@ pub(crate) struct Machine {
 /// One raft group's state machine.
 #[derive(Debug)]
 pub struct StateMachine {
-    db: Arc<Db>,
-    group: GroupId,
-    machine: Arc<tokio::sync::Mutex<Machine>>,
-    shared: Arc<RwLock<AppliedView>>,
-    applied_signal: Arc<tokio::sync::Notify>,
+    pub(crate) db: Arc<Db>,
+    pub(crate) group: GroupId,
+    pub(crate) machine: Arc<tokio::sync::Mutex<Machine>>,
+    pub(crate) shared: Arc<RwLock<AppliedView>>,
+    pub(crate) applied_signal: Arc<tokio::sync::Notify>,
 }
 
 impl StateMachine {
@@ -98,17 +98,6 @@ impl StateMachine {
     /// A read-only view of what this group applied, updated after every batch.
     pub fn shared(&self) -> Arc<RwLock<AppliedView>> {
         self.shared.clone()
-    }
-
-    /// The handle for online maintenance (projection rebuilds) of this group.
-    pub fn maintenance(&self) -> crate::maintenance::Maintenance {
-        crate::maintenance::Maintenance::new(
-            self.db.clone(),
-            self.group,
-            self.machine.clone(),
-            self.shared.clone(),
-            self.applied_signal.clone(),
-        )
     }
 
     /// Sets the signal notified after every applied batch (default: a private one).

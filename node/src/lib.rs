@@ -2,15 +2,20 @@
 //!
 //! Layout:
 //! - [`cli`]: the `courier-node --config FILE` entry point, shared with `courier-node-bugs`.
-//! - [`config`]: the TOML config, validated once; [`units`]: its sizes and durations.
-//! - [`server`]: startup and shutdown as a story: storage, then gRPC services and tasks.
+//! - [`config`]: the TOML config (its sections as parsed in `config::raw`), validated once
+//!   (`config::validate`); [`units`]: its sizes and durations.
+//! - [`server`]: startup and shutdown as a story: storage, then gRPC services and tasks; the
+//!   routers and listeners in `server::routers`, the simulation's connections in `server::io`.
 //! - [`services`]: the client and peer gRPC services.
 //! - [`client`]: the client API behind them: [`client::auth`] (bearer tokens),
 //!   [`client::registration`], [`client::messaging`] (1:1 sends, receipts, conversations,
-//!   presence lookups), [`client::groups`], [`client::stream`] (device streams, typing),
-//!   [`client::live`] (this node's open streams) and [`client::rate`] (token buckets).
-//! - [`cluster`]: this node's view of the cluster: proposing on a shard's leader, forwarding,
-//!   bootstrap, membership, status.
+//!   presence lookups), [`client::groups`], [`client::send`] (the one send path both share),
+//!   [`client::stream`] (device streams, typing), [`client::live`] (this node's open streams)
+//!   and [`client::rate`] (token buckets).
+//! - [`cluster`]: this node's view of the cluster, one file per concern: `propose` (routing to a
+//!   shard's leader, held through a failover), `forward` (forwarded batches), `bootstrap`,
+//!   `membership`, `edge` (presence, typing, push), `read` (read barriers), `status`, `wire`
+//!   (outcomes on the peer wire) and `peer` (the one client of every node-to-node call).
 //! - [`sends`]: retried sends answered from the dedup projection before anything is proposed.
 //! - [`forwarder`]: the outbox forwarders of the shards this node leads.
 //! - [`retention`]: expiry of undelivered messages on the shards this node leads.

@@ -1,5 +1,5 @@
 //! The one send path: `Send` and `SendToGroup` both propose one `MessageSent` on the shard that
-//! stores it (the sender's, or the group's) through [`ClientApi::propose_send`], and read its
+//! stores it (the sender's, or the group's) through `ClientApi::propose_send`, and read its
 //! outcome the same way. What differs stays with the caller: a 1:1 send checks its recipient and
 //! may wake them, a group send retries when the membership epoch moved under it.
 

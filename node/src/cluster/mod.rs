@@ -18,7 +18,7 @@
 //! - `read`: read barriers ([`ReadConsistency`]).
 //! - `status`: status reports, outbox lengths, backups.
 //! - `wire`: proposal outcomes on the peer wire.
-//! - `peer`: [`PeerClient`](peer::PeerClient), which builds every node-to-node call.
+//! - `peer`: `PeerClient`, which builds every node-to-node call.
 
 mod bootstrap;
 mod edge;
