@@ -18,7 +18,7 @@ use courier_proto::pb::client::PresenceUpdate;
 use courier_proto::pb::peer::PresenceReport;
 use tokio::sync::mpsc;
 
-use crate::client::now_ms;
+use crate::env::now_ms;
 
 /// How often a node re-reports every open stream to the users' shard leaders.
 pub const REFRESH_INTERVAL: Duration = Duration::from_secs(10);
@@ -200,7 +200,7 @@ impl Drop for OpenStream<'_> {
 }
 
 impl Reporter {
-    /// A reporter and the receiving end of its queue (drained by [`crate::cluster::Cluster`]).
+    /// A reporter and the receiving end of its queue (drained by `cluster::run_reporter`).
     pub fn new() -> (Self, mpsc::Receiver<PresenceReport>) {
         let (queue, reports) = mpsc::channel(REPORT_QUEUE);
         (
@@ -249,54 +249,6 @@ impl Reporter {
                 at_ms: now,
             })
             .collect()
-    }
-}
-
-/// Reports batched per flush at most.
-const REPORT_BATCH_MAX: usize = 1024;
-
-/// Sends this node's stream reports to the users' shard leaders until `shutdown`: as streams
-/// open and close, and every open stream again every [`REFRESH_INTERVAL`].
-pub async fn run_reporter(
-    cluster: crate::cluster::Cluster,
-    mut reports: mpsc::Receiver<PresenceReport>,
-    shutdown: tokio_util::sync::CancellationToken,
-) {
-    let mut refresh = tokio::time::interval(REFRESH_INTERVAL);
-    loop {
-        let mut batch = tokio::select! {
-            () = shutdown.cancelled() => return,
-            report = reports.recv() => match report {
-                Some(report) => vec![report],
-                None => return,
-            },
-            _ = refresh.tick() => cluster.edge().reporter.snapshot(),
-        };
-        while batch.len() < REPORT_BATCH_MAX {
-            let Ok(report) = reports.try_recv() else {
-                break;
-            };
-            batch.push(report);
-        }
-        let Some(shard_count) = cluster.groups().shard_count() else {
-            continue;
-        };
-        let mut by_shard: BTreeMap<u16, Vec<PresenceReport>> = BTreeMap::new();
-        for report in batch {
-            if let Some(user) = courier_proto::UserId::new(report.user) {
-                by_shard
-                    .entry(courier_proto::shard_of(user, shard_count).get())
-                    .or_default()
-                    .push(report);
-            }
-        }
-        for (shard, reports) in by_shard {
-            let shard = courier_proto::ShardId::new(shard);
-            if let Err(error) = cluster.presence_exchange(shard, reports, Vec::new()).await {
-                // The next refresh repeats every open stream.
-                tracing::debug!(%shard, %error, "presence report not delivered");
-            }
-        }
     }
 }
 

@@ -1,14 +1,17 @@
 //! The ephemeral side: presence held on shard leaders, typing broadcast to every node, and the
 //! push hook for users with no live stream.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use courier_consensus::types::{GroupId, NodeId};
 use courier_proto::ShardId;
-use courier_proto::pb::peer;
+use courier_proto::pb::peer::{self, PresenceReport};
+use tokio::sync::mpsc;
 
 use super::propose::Route;
 use super::{Cluster, unavailable};
+use crate::presence::REFRESH_INTERVAL;
 use crate::status::ApiError;
 
 /// The ephemeral side of a node: presence it holds as a shard leader, the streams it reports,
@@ -33,7 +36,7 @@ impl Cluster {
     pub fn presence_local(
         &self,
         node: NodeId,
-        reports: &[peer::PresenceReport],
+        reports: &[PresenceReport],
         query: &[u64],
     ) -> Vec<courier_proto::pb::client::PresenceUpdate> {
         self.edge.presence.report(node, reports);
@@ -47,7 +50,7 @@ impl Cluster {
     pub async fn presence_exchange(
         &self,
         shard: ShardId,
-        reports: Vec<peer::PresenceReport>,
+        reports: Vec<PresenceReport>,
         query: Vec<u64>,
     ) -> Result<Vec<courier_proto::pb::client::PresenceUpdate>, ApiError> {
         match self.route(shard).await? {
@@ -101,6 +104,54 @@ impl Cluster {
             self.edge
                 .pusher
                 .push(crate::push::PushJob { user, message_id });
+        }
+    }
+}
+
+/// Reports batched per flush at most.
+const REPORT_BATCH_MAX: usize = 1024;
+
+/// Sends this node's stream reports to the users' shard leaders until `shutdown`: as streams
+/// open and close, and every open stream again every [`REFRESH_INTERVAL`].
+pub async fn run_reporter(
+    cluster: Cluster,
+    mut reports: mpsc::Receiver<PresenceReport>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut refresh = tokio::time::interval(REFRESH_INTERVAL);
+    loop {
+        let mut batch = tokio::select! {
+            () = shutdown.cancelled() => return,
+            report = reports.recv() => match report {
+                Some(report) => vec![report],
+                None => return,
+            },
+            _ = refresh.tick() => cluster.edge().reporter.snapshot(),
+        };
+        while batch.len() < REPORT_BATCH_MAX {
+            let Ok(report) = reports.try_recv() else {
+                break;
+            };
+            batch.push(report);
+        }
+        let Some(shard_count) = cluster.groups().shard_count() else {
+            continue;
+        };
+        let mut by_shard: BTreeMap<u16, Vec<PresenceReport>> = BTreeMap::new();
+        for report in batch {
+            if let Some(user) = courier_proto::UserId::new(report.user) {
+                by_shard
+                    .entry(courier_proto::shard_of(user, shard_count).get())
+                    .or_default()
+                    .push(report);
+            }
+        }
+        for (shard, reports) in by_shard {
+            let shard = ShardId::new(shard);
+            if let Err(error) = cluster.presence_exchange(shard, reports, Vec::new()).await {
+                // The next refresh repeats every open stream.
+                tracing::debug!(%shard, %error, "presence report not delivered");
+            }
         }
     }
 }

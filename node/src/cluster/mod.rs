@@ -37,7 +37,7 @@ use courier_consensus::groups::{GroupHandle, Groups};
 use courier_consensus::types::{GroupId, NodeId};
 use courier_storage::Db;
 
-pub use edge::Edge;
+pub use edge::{Edge, run_reporter};
 pub use membership::VOTERS_MIN;
 pub use peer::was_forwarded;
 pub use read::{READ_WAIT, ReadConsistency};

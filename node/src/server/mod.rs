@@ -306,7 +306,7 @@ fn spawn_background(
         let cluster = cluster.clone();
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
-            crate::presence::run_reporter(cluster, presence_reports, shutdown).await;
+            crate::cluster::run_reporter(cluster, presence_reports, shutdown).await;
         });
     }
     if let Some(task) = push_task {
