@@ -421,18 +421,158 @@ pub fn expiry_prefix(shard: ShardId) -> Vec<u8> {
     KeyBuf::shard(shard).u8(tag::PRIMARY).done()
 }
 
-/// Decodes `(stored_at_ms, user, seq)` from an expiry key.
+/// Reads big-endian fields back out of a key, in the order [`KeyBuf`] appended them.
+#[derive(Debug)]
+pub struct KeyReader<'k> {
+    rest: &'k [u8],
+}
+
+impl<'k> KeyReader<'k> {
+    /// Starts reading `key` after its first `skip` bytes (a prefix already known).
+    pub fn after(key: &'k [u8], skip: usize) -> Option<Self> {
+        Some(Self {
+            rest: key.get(skip..)?,
+        })
+    }
+
+    fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let (head, rest) = self.rest.split_first_chunk::<N>()?;
+        self.rest = rest;
+        Some(*head)
+    }
+
+    /// Reads one byte.
+    pub fn u8(&mut self) -> Option<u8> {
+        self.take::<1>().map(|[byte]| byte)
+    }
+
+    /// Reads a `u16`.
+    pub fn u16(&mut self) -> Option<u16> {
+        self.take().map(u16::from_be_bytes)
+    }
+
+    /// Reads a `u32`.
+    pub fn u32(&mut self) -> Option<u32> {
+        self.take().map(u32::from_be_bytes)
+    }
+
+    /// Reads a `u64`.
+    pub fn u64(&mut self) -> Option<u64> {
+        self.take().map(u64::from_be_bytes)
+    }
+
+    /// Reads a message id (16 bytes).
+    pub fn message(&mut self) -> Option<MessageId> {
+        self.take().map(MessageId::from_bytes)
+    }
+
+    /// Reads a conversation (9 bytes, as [`KeyBuf::conv`] wrote it).
+    pub fn conv(&mut self) -> Option<ConversationId> {
+        let kind = self.u8()?;
+        let id = self.u64()?;
+        match kind {
+            1 => Some(ConversationId::Direct(UserId::new(id)?)),
+            2 => Some(ConversationId::Group(GroupId::new(id)?)),
+            _ => None,
+        }
+    }
+
+    /// Returns `value` when the whole key was read, `None` when bytes are left over.
+    pub fn end<T>(self, value: T) -> Option<T> {
+        self.rest.is_empty().then_some(value)
+    }
+}
+
+/// Bytes before the fields of a projection key: shard (2) and record tag (1).
+const RECORD_PREFIX_BYTES: usize = 3;
+/// Bytes before the fields of a projection key keyed by one id: shard, tag and the id (a user
+/// or a group, 8).
+const ID_PREFIX_BYTES: usize = 11;
+
+/// Decodes the shard a key of any family starts with.
+pub fn key_shard(key: &[u8]) -> Option<ShardId> {
+    KeyReader::after(key, 0)?.u16().map(ShardId::new)
+}
+
+/// Decodes the sequence of an [`inbox_message`] key.
+pub fn inbox_message_seq(key: &[u8]) -> Option<InboxSeq> {
+    let mut key = KeyReader::after(key, ID_PREFIX_BYTES)?;
+    let seq = key.u64()?;
+    key.end(InboxSeq::new(seq))
+}
+
+/// Decodes the conversation of a [`read_state`] key.
+pub fn read_state_conversation(key: &[u8]) -> Option<ConversationId> {
+    let mut key = KeyReader::after(key, ID_PREFIX_BYTES)?;
+    let conversation = key.conv()?;
+    key.end(conversation)
+}
+
+/// Decodes the sequence of a [`seq_position`] key.
+pub fn seq_position_seq(key: &[u8]) -> Option<InboxSeq> {
+    inbox_message_seq(key)
+}
+
+/// Decodes the recipient of a [`receipt`] key.
+pub fn receipt_recipient(key: &[u8]) -> Option<UserId> {
+    let mut key = KeyReader::after(key, ID_PREFIX_BYTES)?;
+    key.message()?;
+    let recipient = UserId::new(key.u64()?)?;
+    key.end(recipient)
+}
+
+/// Decodes `(set_at, message, recipient)` of a [`receipt_feed`] key.
+pub fn receipt_feed_parts(key: &[u8]) -> Option<(LogIndex, MessageId, UserId)> {
+    let mut key = KeyReader::after(key, ID_PREFIX_BYTES)?;
+    let set_at = LogIndex::new(key.u64()?);
+    let message = key.message()?;
+    let recipient = UserId::new(key.u64()?)?;
+    key.end((set_at, message, recipient))
+}
+
+/// Decodes the position of an [`outbox_entry`] key.
+pub fn outbox_entry_pos(key: &[u8]) -> Option<u64> {
+    let mut key = KeyReader::after(key, RECORD_PREFIX_BYTES)?;
+    key.u16()?;
+    let pos = key.u64()?;
+    key.end(pos)
+}
+
+/// Decodes the destination of an [`outbox_state`] key.
+pub fn outbox_state_dest(key: &[u8]) -> Option<ShardId> {
+    let mut key = KeyReader::after(key, RECORD_PREFIX_BYTES)?;
+    let dest = ShardId::new(key.u16()?);
+    key.end(dest)
+}
+
+/// Decodes the raw device id of a [`device_record`] key.
+pub fn device_record_device(key: &[u8]) -> Option<u32> {
+    let mut key = KeyReader::after(key, ID_PREFIX_BYTES)?;
+    let device = key.u32()?;
+    key.end(device)
+}
+
+/// Decodes the member of a [`group_member`] key.
+pub fn group_member_user(key: &[u8]) -> Option<UserId> {
+    let mut key = KeyReader::after(key, ID_PREFIX_BYTES)?;
+    let user = UserId::new(key.u64()?)?;
+    key.end(user)
+}
+
+/// Decodes the group of a [`user_group`] key.
+pub fn user_group_group(key: &[u8]) -> Option<GroupId> {
+    let mut key = KeyReader::after(key, ID_PREFIX_BYTES)?;
+    let group = GroupId::new(key.u64()?)?;
+    key.end(group)
+}
+
+/// Decodes `(stored_at_ms, user, seq)` from an [`expiry`] key.
 pub fn expiry_parts(key: &[u8]) -> Option<(u64, UserId, InboxSeq)> {
-    let field = |at: usize| -> Option<u64> {
-        Some(u64::from_be_bytes(
-            key.get(at..at.checked_add(8)?)?.try_into().ok()?,
-        ))
-    };
-    Some((
-        field(3)?,
-        UserId::new(field(11)?)?,
-        InboxSeq::new(field(19)?),
-    ))
+    let mut key = KeyReader::after(key, RECORD_PREFIX_BYTES)?;
+    let stored_at_ms = key.u64()?;
+    let user = UserId::new(key.u64()?)?;
+    let seq = InboxSeq::new(key.u64()?);
+    key.end((stored_at_ms, user, seq))
 }
 
 #[cfg(test)]
@@ -468,5 +608,59 @@ mod tests {
         let user = UserId::new(5).expect("nonzero");
         let key = expiry(ShardId::new(0), 1234, user, InboxSeq::new(9));
         assert_eq!(expiry_parts(&key), Some((1234, user, InboxSeq::new(9))));
+    }
+
+    #[test]
+    fn decoders_read_what_encoders_wrote() {
+        let shard = ShardId::new(4);
+        let user = UserId::new(5).expect("nonzero");
+        let other = UserId::new(6).expect("nonzero");
+        let group = GroupId::new(8).expect("nonzero");
+        let seq = InboxSeq::new(9);
+        let message = MessageId::from_bytes([3; 16]);
+        assert_eq!(key_shard(&inbox_message(shard, user, seq)), Some(shard));
+        assert_eq!(
+            inbox_message_seq(&inbox_message(shard, user, seq)),
+            Some(seq)
+        );
+        assert_eq!(seq_position_seq(&seq_position(shard, user, seq)), Some(seq));
+        for conversation in [ConversationId::Direct(other), ConversationId::Group(group)] {
+            let key = read_state(shard, user, conversation);
+            assert_eq!(read_state_conversation(&key), Some(conversation));
+        }
+        let key = receipt(shard, user, message, other);
+        assert_eq!(receipt_recipient(&key), Some(other));
+        let key = receipt_feed(shard, user, LogIndex::new(11), message, other);
+        assert_eq!(
+            receipt_feed_parts(&key),
+            Some((LogIndex::new(11), message, other))
+        );
+        let dest = ShardId::new(12);
+        assert_eq!(outbox_entry_pos(&outbox_entry(shard, dest, 13)), Some(13));
+        assert_eq!(outbox_state_dest(&outbox_state(shard, dest)), Some(dest));
+        let device = DeviceId::new(14).expect("nonzero");
+        assert_eq!(
+            device_record_device(&device_record(shard, user, device)),
+            Some(14)
+        );
+        assert_eq!(
+            group_member_user(&group_member(shard, group, other)),
+            Some(other)
+        );
+        assert_eq!(
+            user_group_group(&user_group(shard, user, group)),
+            Some(group)
+        );
+    }
+
+    #[test]
+    fn decoders_refuse_short_and_long_keys() {
+        let shard = ShardId::new(1);
+        let user = UserId::new(2).expect("nonzero");
+        let mut key = inbox_message(shard, user, InboxSeq::new(3));
+        key.push(0);
+        assert_eq!(inbox_message_seq(&key), None);
+        assert_eq!(inbox_message_seq(&key[..key.len() - 2]), None);
+        assert_eq!(key_shard(&[7]), None);
     }
 }

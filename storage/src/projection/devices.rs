@@ -47,10 +47,7 @@ pub fn devices_of(view: &View<'_, '_>, user: UserId) -> Result<Vec<(u32, DeviceR
     Ok(view
         .scan::<DeviceRecord>(Projection::Devices, &prefix, &end, usize::MAX)?
         .into_iter()
-        .filter_map(|(key, record)| {
-            let id = u32::from_be_bytes(key.get(prefix.len()..)?.try_into().ok()?);
-            Some((id, record))
-        })
+        .filter_map(|(key, record)| Some((keys::device_record_device(&key)?, record)))
         .collect())
 }
 

@@ -64,10 +64,7 @@ pub fn members(view: &View<'_, '_>, group: GroupId) -> Result<Vec<(UserId, Membe
     Ok(view
         .scan::<MemberRecord>(Projection::Groups, &prefix, &end, usize::MAX)?
         .into_iter()
-        .filter_map(|(key, record)| {
-            let raw = u64::from_be_bytes(key.get(prefix.len()..)?.try_into().ok()?);
-            Some((UserId::new(raw)?, record))
-        })
+        .filter_map(|(key, record)| Some((keys::group_member_user(&key)?, record)))
         .collect())
 }
 
@@ -81,11 +78,7 @@ pub fn groups_of(view: &View<'_, '_>, user: UserId) -> Result<Vec<GroupId>> {
     Ok(view
         .scan::<MemberRecord>(Projection::Groups, &prefix, &end, usize::MAX)?
         .into_iter()
-        .filter_map(|(key, _)| {
-            GroupId::new(u64::from_be_bytes(
-                key.get(prefix.len()..)?.try_into().ok()?,
-            ))
-        })
+        .filter_map(|(key, _)| keys::user_group_group(&key))
         .collect())
 }
 

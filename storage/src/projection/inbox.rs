@@ -79,12 +79,8 @@ pub fn entries_between(
     view.scan::<InboxEntry>(Projection::Inbox, &from, &to, limit)?
         .into_iter()
         .map(|(key, entry)| {
-            let seq = key
-                .get(key.len().saturating_sub(8)..)
-                .and_then(|bytes| bytes.try_into().ok())
-                .map(u64::from_be_bytes)
-                .expect("inbox keys end with the sequence");
-            Ok((InboxSeq::new(seq), entry))
+            let seq = keys::inbox_message_seq(&key).expect("inbox keys end with the sequence");
+            Ok((seq, entry))
         })
         .collect()
 }

@@ -73,10 +73,7 @@ pub fn states(view: &View<'_, '_>) -> Result<Vec<(ShardId, OutboxState)>> {
     Ok(view
         .scan::<OutboxState>(Projection::Outbox, &prefix, &end, usize::MAX)?
         .into_iter()
-        .filter_map(|(key, state)| {
-            let dest = u16::from_be_bytes(key.get(prefix.len()..)?.try_into().ok()?);
-            Some((ShardId::new(dest), state))
-        })
+        .filter_map(|(key, state)| Some((keys::outbox_state_dest(&key)?, state)))
         .collect())
 }
 
@@ -96,14 +93,7 @@ pub fn pending(
     Ok(view
         .scan::<OutboxEntry>(Projection::Outbox, &from, &to, limit)?
         .into_iter()
-        .filter_map(|(key, entry)| {
-            let pos = key
-                .get(prefix.len()..)?
-                .try_into()
-                .ok()
-                .map(u64::from_be_bytes)?;
-            Some((pos, entry.event?))
-        })
+        .filter_map(|(key, entry)| Some((keys::outbox_entry_pos(&key)?, entry.event?)))
         .collect())
 }
 

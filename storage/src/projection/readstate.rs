@@ -70,12 +70,8 @@ pub fn positions_between(
         .into_iter()
         .filter(|(_, position)| position.conversation.as_ref() == Some(&wire_conv))
         .map(|(key, position)| {
-            let seq = key
-                .get(key.len().saturating_sub(8)..)
-                .and_then(|bytes| bytes.try_into().ok())
-                .map(u64::from_be_bytes)
-                .expect("position keys end with the sequence");
-            (InboxSeq::new(seq), position)
+            let seq = keys::seq_position_seq(&key).expect("position keys end with the sequence");
+            (seq, position)
         })
         .collect())
 }
@@ -170,16 +166,7 @@ pub fn conversations(
     Ok(view
         .scan::<ReadState>(Projection::ReadState, &prefix, &end, usize::MAX)?
         .into_iter()
-        .filter_map(|(key, state)| {
-            let rest = key.get(prefix.len()..)?;
-            let id = u64::from_be_bytes(rest.get(1..9)?.try_into().ok()?);
-            let conversation = match rest.first()? {
-                1 => ConversationId::Direct(UserId::new(id)?),
-                2 => ConversationId::Group(courier_proto::GroupId::new(id)?),
-                _ => return None,
-            };
-            Some((conversation, state))
-        })
+        .filter_map(|(key, state)| Some((keys::read_state_conversation(&key)?, state)))
         .collect())
 }
 

@@ -28,14 +28,7 @@ pub fn of_message(
     Ok(view
         .scan::<Receipt>(Projection::Receipts, &prefix, &end, usize::MAX)?
         .into_iter()
-        .filter_map(|(key, receipt)| {
-            let raw = key
-                .get(prefix.len()..)?
-                .try_into()
-                .ok()
-                .map(u64::from_be_bytes)?;
-            Some((UserId::new(raw)?, receipt))
-        })
+        .filter_map(|(key, receipt)| Some((keys::receipt_recipient(&key)?, receipt)))
         .collect())
 }
 
@@ -79,12 +72,9 @@ pub fn feed(
         .scan::<Receipt>(Projection::Receipts, &from, &to, limit)?
         .into_iter()
         .filter_map(|(key, receipt)| {
-            let rest = key.get(prefix.len()..)?;
-            let set_at = u64::from_be_bytes(rest.get(..8)?.try_into().ok()?);
-            let message = MessageId::from_bytes(rest.get(8..24)?.try_into().ok()?);
-            let recipient = UserId::new(u64::from_be_bytes(rest.get(24..32)?.try_into().ok()?))?;
+            let (set_at, message, recipient) = keys::receipt_feed_parts(&key)?;
             Some(FeedItem {
-                set_at: courier_proto::LogIndex::new(set_at),
+                set_at,
                 message,
                 recipient,
                 receipt,
