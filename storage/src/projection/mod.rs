@@ -39,93 +39,26 @@ pub use self::decode::{DecodeError, Decoded, Target};
 pub use self::refusal::{GroupRefusal, GroupRefusalCode};
 
 use crate::cf::Cf;
+pub use crate::cf::Projection;
 use crate::error::{Result, StorageError};
 use crate::kv::{Pair, Staged};
 
-/// A projection, and its column family.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Projection {
-    /// Per user, gap-free `InboxSeq` → message.
-    Inbox,
-    /// Per device, the acked-up-to sequence.
-    Cursors,
-    /// Per user and conversation, read-up-to and exact unread counts.
-    ReadState,
-    /// Per sent message and recipient: sent → delivered → read.
-    Receipts,
-    /// (sender device, client message id) → the first send result.
-    Dedup,
-    /// Per destination shard, events still to forward; per source shard, the inbound watermark.
-    Outbox,
-    /// Phone → user, devices with token hashes, revocations.
-    Devices,
-    /// Group records, members and membership epochs.
-    Groups,
-    /// Undelivered messages by the time they were stored, for retention.
-    Expiry,
-}
-
-impl Projection {
-    /// Every projection.
-    pub const ALL: [Projection; 9] = [
-        Projection::Inbox,
-        Projection::Cursors,
-        Projection::ReadState,
-        Projection::Receipts,
-        Projection::Dedup,
-        Projection::Outbox,
-        Projection::Devices,
-        Projection::Groups,
-        Projection::Expiry,
-    ];
-
-    /// The order in which projections apply each event (see the module docs).
-    pub const APPLY_ORDER: [Projection; 9] = [
-        Projection::Dedup,
-        Projection::Devices,
-        Projection::Groups,
-        Projection::Outbox,
-        Projection::Receipts,
-        Projection::Expiry,
-        Projection::Cursors,
-        Projection::ReadState,
-        Projection::Inbox,
-    ];
-
-    /// The projection's (and its column family's) name.
-    pub fn name(self) -> &'static str {
-        match self {
-            Projection::Inbox => "inbox",
-            Projection::Cursors => "cursors",
-            Projection::ReadState => "readstate",
-            Projection::Receipts => "receipts",
-            Projection::Dedup => "dedup",
-            Projection::Outbox => "outbox",
-            Projection::Devices => "devices",
-            Projection::Groups => "groups",
-            Projection::Expiry => "expiry",
-        }
-    }
-
-    /// Parses a name as printed by [`Projection::name`].
-    pub fn from_name(name: &str) -> Option<Projection> {
-        Projection::ALL
-            .into_iter()
-            .find(|projection| projection.name() == name)
-    }
-
-    fn apply(self, view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
-        match self {
-            Projection::Inbox => inbox::apply(view, event),
-            Projection::Cursors => cursors::apply(view, event),
-            Projection::ReadState => readstate::apply(view, event),
-            Projection::Receipts => receipts::apply(view, event),
-            Projection::Dedup => dedup::apply(view, event),
-            Projection::Outbox => outbox::apply(view, event),
-            Projection::Devices => devices::apply(view, event),
-            Projection::Groups => groups::apply(view, event),
-            Projection::Expiry => expiry::apply(view, event),
-        }
+/// Folds one event into one projection.
+fn apply_projection(
+    projection: Projection,
+    view: &mut View<'_, '_>,
+    event: &Decoded<'_>,
+) -> Result<()> {
+    match projection {
+        Projection::Inbox => inbox::apply(view, event),
+        Projection::Cursors => cursors::apply(view, event),
+        Projection::ReadState => readstate::apply(view, event),
+        Projection::Receipts => receipts::apply(view, event),
+        Projection::Dedup => dedup::apply(view, event),
+        Projection::Outbox => outbox::apply(view, event),
+        Projection::Devices => devices::apply(view, event),
+        Projection::Groups => groups::apply(view, event),
+        Projection::Expiry => expiry::apply(view, event),
     }
 }
 
@@ -408,7 +341,7 @@ fn apply_decoded(
     };
     for projection in Projection::APPLY_ORDER {
         let mut view = View::new(staged, shard, at, projection);
-        projection.apply(&mut view, event)?;
+        apply_projection(projection, &mut view, event)?;
     }
     if let Decoded::MessageSent(sent) = event {
         store_local_copies(staged, shard, at, sent)?;
