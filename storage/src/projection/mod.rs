@@ -25,6 +25,12 @@ pub mod receipts;
 pub mod refusal;
 
 #[cfg(test)]
+mod groups_test;
+#[cfg(test)]
+mod inbox_test;
+#[cfg(test)]
+mod outbox_test;
+#[cfg(test)]
 mod projection_test;
 
 use std::ops::ControlFlow;
