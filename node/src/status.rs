@@ -2,6 +2,7 @@
 //! string in the `courier-code` metadata entry (listed in docs/API.md); `UNAVAILABLE` also
 //! carries `retry-after-ms` and, when known, `leader-node`.
 
+use courier_storage::projection::GroupRefusalCode;
 use tonic::Status;
 use tonic::metadata::MetadataValue;
 
@@ -96,6 +97,37 @@ pub enum ApiError {
     },
 }
 
+impl ApiError {
+    /// Maps a group event refused at apply (`EventOutcome::Rejected`) by its stable code: the one
+    /// place a [`GroupRefusalCode`] becomes a status. A code no refusal has is an internal error.
+    pub fn group_refusal(code: &str, message: String) -> ApiError {
+        let Some(kind) = GroupRefusalCode::from_code(code) else {
+            return ApiError::Internal {
+                code: "COURIER:Node:Outcome",
+                message: format!("unknown refusal {code}: {message}"),
+            };
+        };
+        let code = kind.as_str();
+        match kind {
+            GroupRefusalCode::NotFound => ApiError::NotFound { code, message },
+            GroupRefusalCode::NotAdmin | GroupRefusalCode::NotMember => {
+                ApiError::PermissionDenied { code, message }
+            }
+            GroupRefusalCode::AlreadyMember | GroupRefusalCode::Exists => {
+                ApiError::FailedPrecondition { code, message }
+            }
+            GroupRefusalCode::Full => ApiError::ResourceExhausted { code, message },
+            // The replica read an older epoch than the leader applied: a retry reads the new one.
+            GroupRefusalCode::EpochChanged => ApiError::Unavailable {
+                code,
+                message,
+                retry_after_ms: 50,
+                leader: None,
+            },
+        }
+    }
+}
+
 fn with_code(mut status: Status, code: &'static str) -> Status {
     status
         .metadata_mut()
@@ -151,5 +183,42 @@ impl From<ApiError> for Status {
             }
             ApiError::Internal { code, .. } => with_code(Status::internal(message), code),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use courier_storage::projection::GroupRefusalCode;
+    use tonic::Code;
+
+    use super::*;
+
+    /// Every group refusal code maps to its status and keeps its code string; an unknown code is
+    /// internal.
+    #[test]
+    fn group_refusals_map_to_statuses() {
+        let expected = [
+            (GroupRefusalCode::Exists, Code::FailedPrecondition),
+            (GroupRefusalCode::NotFound, Code::NotFound),
+            (GroupRefusalCode::NotAdmin, Code::PermissionDenied),
+            (GroupRefusalCode::AlreadyMember, Code::FailedPrecondition),
+            (GroupRefusalCode::Full, Code::ResourceExhausted),
+            (GroupRefusalCode::NotMember, Code::PermissionDenied),
+            (GroupRefusalCode::EpochChanged, Code::Unavailable),
+        ];
+        assert_eq!(expected.len(), GroupRefusalCode::ALL.len());
+        for (kind, code) in expected {
+            let status = Status::from(ApiError::group_refusal(kind.as_str(), "why".to_owned()));
+            assert_eq!(status.code(), code, "{kind:?}");
+            assert_eq!(
+                status
+                    .metadata()
+                    .get(CODE_KEY)
+                    .and_then(|v| v.to_str().ok()),
+                Some(kind.as_str())
+            );
+        }
+        let unknown = ApiError::group_refusal("COURIER:Group:Other", "why".to_owned());
+        assert_eq!(Status::from(unknown).code(), Code::Internal);
     }
 }

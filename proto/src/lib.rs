@@ -7,14 +7,17 @@
 //! - [`limits`]: protocol maxima, tied together by compile-time assertions.
 //! - [`convert`]: wire → domain conversions that reject what the wire can lie about.
 //! - [`shard`]: `shard_of`, the stable user → shard hash.
+//! - [`hex`](mod@hex): lower-case hex for ids and keys in errors and reports.
 
 pub mod convert;
 pub mod error;
+pub mod hex;
 pub mod limits;
 pub mod shard;
 pub mod types;
 
 pub use error::WireError;
+pub use hex::hex;
 pub use shard::{phone_hash, shard_of, shard_of_group, user_of_phone};
 pub use types::{
     ClientMsgId, ConversationId, DeviceId, GroupId, InboxSeq, LogIndex, MessageId,

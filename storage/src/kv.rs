@@ -16,8 +16,8 @@ use std::ops::Bound;
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::cf::Cf;
+use crate::cf::Projection;
 use crate::error::Result;
-use crate::projection::Projection;
 
 /// One key/value pair, as returned by scans.
 pub type Pair = (Vec<u8>, Vec<u8>);

@@ -15,7 +15,11 @@
 //! snapshots export and install a shard's projections (`snapshot`). Every error is a fault
 //! that stops the replica (`error`).
 
-#![warn(clippy::arithmetic_side_effects, clippy::as_conversions)]
+#![warn(
+    clippy::arithmetic_side_effects,
+    clippy::as_conversions,
+    clippy::too_many_lines
+)]
 
 pub mod bugs;
 pub mod cf;

@@ -114,11 +114,7 @@ impl LogStore {
         let pairs = db.scan(Cf::RaftState, &[], &[0xff, 0xff, 0xff], usize::MAX)?;
         let mut shards: Vec<ShardId> = pairs
             .iter()
-            .filter_map(|(key, _)| {
-                Some(ShardId::new(u16::from_be_bytes(
-                    key.get(..2)?.try_into().ok()?,
-                )))
-            })
+            .filter_map(|(key, _)| keys::key_shard(key))
             .collect();
         shards.dedup();
         Ok(shards)

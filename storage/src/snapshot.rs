@@ -133,7 +133,7 @@ pub fn prepare_install(shard: ShardId, chunks: Vec<SnapshotChunk>) -> Result<Ins
             if record.key < start || record.key >= end {
                 return Err(bad(format!(
                     "key {} outside the shard",
-                    crate::projection::hex(&record.key)
+                    courier_proto::hex(&record.key)
                 )));
             }
             digests

@@ -71,7 +71,7 @@ fn first_refusal(outcomes: &[EventOutcome]) -> Result<(), ApiError> {
         EventOutcome::Rejected { code, message } => Some((code, message)),
         _ => None,
     }) {
-        Some((code, message)) => Err(refused(code, message.clone())),
+        Some((code, message)) => Err(ApiError::group_refusal(code, message.clone())),
         None => Ok(()),
     }
 }

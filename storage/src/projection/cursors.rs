@@ -3,10 +3,9 @@
 //! Invariants (asserted): a cursor only moves forward and never passes the user's inbox tail.
 //! An ack at or below the cursor (two acks racing from one device) changes nothing.
 
-use courier_proto::pb::events::event::Kind;
 use courier_proto::{DeviceId, InboxSeq, UserId};
 
-use super::{Projection, View, inbox};
+use super::{Decoded, Projection, View, inbox};
 use crate::error::Result;
 use crate::keys;
 
@@ -25,12 +24,10 @@ pub fn acked(view: &View<'_, '_>, user: UserId, device: DeviceId) -> Result<Inbo
 ///
 /// # Errors
 /// A storage fault.
-pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
+pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
     match event {
-        Kind::DeliveryAcked(ack) => {
-            let user = UserId::new(ack.user).expect("leader validated the user");
-            let device = DeviceId::new(ack.device).expect("leader validated the device");
-            let up_to = InboxSeq::new(ack.up_to_seq);
+        Decoded::DeliveryAcked(ack) => {
+            let (user, device, up_to) = (ack.user, ack.device, ack.up_to);
             assert!(
                 up_to <= inbox::tail(view, user)?,
                 "acks never pass the inbox tail"
@@ -40,17 +37,17 @@ pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
             }
             Ok(())
         }
-        Kind::MessageSent(_)
-        | Kind::MessageDelivered(_)
-        | Kind::ReadUpTo(_)
-        | Kind::ReceiptRecorded(_)
-        | Kind::OutboxTrimmed(_)
-        | Kind::UserRegistered(_)
-        | Kind::DeviceRegistered(_)
-        | Kind::DeviceRevoked(_)
-        | Kind::GroupCreated(_)
-        | Kind::MemberAdded(_)
-        | Kind::MemberRemoved(_)
-        | Kind::MessageExpired(_) => Ok(()),
+        Decoded::MessageSent(_)
+        | Decoded::MessageDelivered(_)
+        | Decoded::ReadUpTo(_)
+        | Decoded::ReceiptRecorded(_)
+        | Decoded::OutboxTrimmed(_)
+        | Decoded::UserRegistered(_)
+        | Decoded::DeviceRegistered(_)
+        | Decoded::DeviceRevoked(_)
+        | Decoded::GroupCreated(_)
+        | Decoded::MemberAdded(_)
+        | Decoded::MemberRemoved(_)
+        | Decoded::MessageExpired(_) => Ok(()),
     }
 }

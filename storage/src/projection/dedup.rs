@@ -4,11 +4,10 @@
 //! any projection runs). Entries are kept for as long as the shard keeps the message; retention
 //! of dedup entries is a later decision (docs/EVENTS.md).
 
-use courier_proto::pb::events::event::Kind;
 use courier_proto::pb::store::SendResult;
 use courier_proto::{DeviceId, UserId};
 
-use super::{Projection, View};
+use super::{Decoded, Projection, View};
 use crate::error::Result;
 use crate::keys;
 
@@ -32,30 +31,33 @@ pub fn lookup(
 ///
 /// # Errors
 /// A storage fault.
-pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
+pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
     match event {
-        Kind::MessageSent(sent) => {
-            let user = UserId::new(sent.sender_user).expect("leader validated the sender");
-            let device = DeviceId::new(sent.sender_device).expect("leader validated the device");
-            let key = keys::dedup(view.shard(), user, device, &sent.client_msg_id);
+        Decoded::MessageSent(sent) => {
+            let key = keys::dedup(
+                view.shard(),
+                sent.sender,
+                sent.device,
+                &sent.event.client_msg_id,
+            );
             let result = SendResult {
-                message_id: sent.message_id.clone(),
-                sent_at_ms: sent.sent_at_ms,
+                message_id: sent.event.message_id.clone(),
+                sent_at_ms: sent.event.sent_at_ms,
                 log_index: view.at().get(),
             };
             view.put(key, &result)
         }
-        Kind::MessageDelivered(_)
-        | Kind::DeliveryAcked(_)
-        | Kind::ReadUpTo(_)
-        | Kind::ReceiptRecorded(_)
-        | Kind::OutboxTrimmed(_)
-        | Kind::UserRegistered(_)
-        | Kind::DeviceRegistered(_)
-        | Kind::DeviceRevoked(_)
-        | Kind::GroupCreated(_)
-        | Kind::MemberAdded(_)
-        | Kind::MemberRemoved(_)
-        | Kind::MessageExpired(_) => Ok(()),
+        Decoded::MessageDelivered(_)
+        | Decoded::DeliveryAcked(_)
+        | Decoded::ReadUpTo(_)
+        | Decoded::ReceiptRecorded(_)
+        | Decoded::OutboxTrimmed(_)
+        | Decoded::UserRegistered(_)
+        | Decoded::DeviceRegistered(_)
+        | Decoded::DeviceRevoked(_)
+        | Decoded::GroupCreated(_)
+        | Decoded::MemberAdded(_)
+        | Decoded::MemberRemoved(_)
+        | Decoded::MessageExpired(_) => Ok(()),
     }
 }

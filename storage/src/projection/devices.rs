@@ -5,20 +5,16 @@
 //! - A user's device ids are 1, 2, 3, … in registration order.
 //! - Only a registered device can be revoked.
 
-use courier_proto::pb::events::event::Kind;
 use courier_proto::pb::store::{DeviceRecord, UserRecord};
 use courier_proto::{DeviceId, UserId};
 
-use super::{Projection, View};
+use super::{Decoded, Projection, View};
 use crate::error::Result;
 use crate::keys;
 
-fn user_id(raw: u64) -> UserId {
-    UserId::new(raw).expect("leader validated the user id")
-}
-
+/// A device id read from a key or counted at apply: ids start at 1, so never zero.
 fn device_id(raw: u32) -> DeviceId {
-    DeviceId::new(raw).expect("leader validated the device id")
+    DeviceId::new(raw).expect("stored and assigned device ids start at 1")
 }
 
 /// Returns the user registered for a phone hash.
@@ -51,10 +47,7 @@ pub fn devices_of(view: &View<'_, '_>, user: UserId) -> Result<Vec<(u32, DeviceR
     Ok(view
         .scan::<DeviceRecord>(Projection::Devices, &prefix, &end, usize::MAX)?
         .into_iter()
-        .filter_map(|(key, record)| {
-            let id = u32::from_be_bytes(key.get(prefix.len()..)?.try_into().ok()?);
-            Some((id, record))
-        })
+        .filter_map(|(key, record)| Some((keys::device_record_device(&key)?, record)))
         .collect())
 }
 
@@ -62,11 +55,11 @@ pub fn devices_of(view: &View<'_, '_>, user: UserId) -> Result<Vec<(u32, DeviceR
 ///
 /// # Errors
 /// A storage fault.
-pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
+pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
     let shard = view.shard();
     match event {
-        Kind::UserRegistered(registered) => {
-            let user = user_id(registered.user);
+        Decoded::UserRegistered(decoded) => {
+            let (user, registered) = (decoded.user, decoded.event);
             if let Some(existing) = user_by_phone(view, &registered.phone_hash)? {
                 // Two registrations of a new number raced: the first one created the user.
                 assert_eq!(existing, user, "a phone hash registers one user");
@@ -85,8 +78,8 @@ pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
                 },
             )
         }
-        Kind::DeviceRegistered(registered) => {
-            let user = user_id(registered.user);
+        Decoded::DeviceRegistered(decoded) => {
+            let (user, registered) = (decoded.user, decoded.event);
             let key = keys::user_record(shard, user);
             let mut record: UserRecord = view
                 .get(Projection::Devices, &key)?
@@ -124,8 +117,8 @@ pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
                 },
             )
         }
-        Kind::DeviceRevoked(revoked) => {
-            let key = keys::device_record(shard, user_id(revoked.user), device_id(revoked.device));
+        Decoded::DeviceRevoked(revoked) => {
+            let key = keys::device_record(shard, revoked.user, revoked.device);
             let mut record: DeviceRecord = view
                 .get(Projection::Devices, &key)?
                 .expect("only registered devices are revoked");
@@ -133,18 +126,18 @@ pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
                 return Ok(());
             }
             record.revoked = true;
-            record.revoked_at_ms = revoked.at_ms;
+            record.revoked_at_ms = revoked.event.at_ms;
             view.put(key, &record)
         }
-        Kind::MessageSent(_)
-        | Kind::MessageDelivered(_)
-        | Kind::DeliveryAcked(_)
-        | Kind::ReadUpTo(_)
-        | Kind::ReceiptRecorded(_)
-        | Kind::OutboxTrimmed(_)
-        | Kind::GroupCreated(_)
-        | Kind::MemberAdded(_)
-        | Kind::MemberRemoved(_)
-        | Kind::MessageExpired(_) => Ok(()),
+        Decoded::MessageSent(_)
+        | Decoded::MessageDelivered(_)
+        | Decoded::DeliveryAcked(_)
+        | Decoded::ReadUpTo(_)
+        | Decoded::ReceiptRecorded(_)
+        | Decoded::OutboxTrimmed(_)
+        | Decoded::GroupCreated(_)
+        | Decoded::MemberAdded(_)
+        | Decoded::MemberRemoved(_)
+        | Decoded::MessageExpired(_) => Ok(()),
     }
 }

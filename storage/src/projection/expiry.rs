@@ -5,11 +5,10 @@
 //! Invariants: an entry exists exactly for each stored message above the user's
 //! `delivered_up_to` that has not expired.
 
-use courier_proto::pb::events::event::Kind;
 use courier_proto::pb::store::ExpiryEntry;
 use courier_proto::{InboxSeq, UserId};
 
-use super::{Projection, View, inbox};
+use super::{Decoded, Projection, View, inbox};
 use crate::error::Result;
 use crate::keys;
 
@@ -55,46 +54,43 @@ pub fn due(view: &View<'_, '_>, cutoff_ms: u64, limit: usize) -> Result<Vec<Due>
 ///
 /// # Errors
 /// A storage fault.
-pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
+pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
     let shard = view.shard();
     match event {
-        Kind::MessageDelivered(delivered) => {
-            let user = UserId::new(delivered.recipient_user).expect("leader validated the user");
+        Decoded::MessageDelivered(delivered) => {
+            let user = delivered.recipient;
             let seq = inbox::tail(view, user)?.next();
             view.put(
-                keys::expiry(shard, delivered.stored_at_ms, user, seq),
+                keys::expiry(shard, delivered.event.stored_at_ms, user, seq),
                 &ExpiryEntry {
-                    message_id: delivered.message_id.clone(),
+                    message_id: delivered.event.message_id.clone(),
                 },
             )
         }
-        Kind::DeliveryAcked(acked) => {
-            let user = UserId::new(acked.user).expect("leader validated the user");
+        Decoded::DeliveryAcked(acked) => {
+            let user = acked.user;
             let state = inbox::state(view, user)?;
             let after = InboxSeq::new(state.delivered_up_to);
-            for (seq, entry) in
-                inbox::entries_between(view, user, after, InboxSeq::new(acked.up_to_seq))?
-            {
+            for (seq, entry) in inbox::entries_between(view, user, after, acked.up_to)? {
                 view.delete(keys::expiry(shard, entry.stored_at_ms, user, seq))?;
             }
             Ok(())
         }
-        Kind::MessageExpired(expired) => {
-            let user = UserId::new(expired.user).expect("leader validated the user");
-            let seq = InboxSeq::new(expired.seq);
+        Decoded::MessageExpired(expired) => {
+            let (user, seq) = (expired.user, expired.seq);
             let entry =
                 inbox::entry(view, user, seq)?.expect("an expiring message is in the inbox");
             view.delete(keys::expiry(shard, entry.stored_at_ms, user, seq))
         }
-        Kind::MessageSent(_)
-        | Kind::ReadUpTo(_)
-        | Kind::ReceiptRecorded(_)
-        | Kind::OutboxTrimmed(_)
-        | Kind::UserRegistered(_)
-        | Kind::DeviceRegistered(_)
-        | Kind::DeviceRevoked(_)
-        | Kind::GroupCreated(_)
-        | Kind::MemberAdded(_)
-        | Kind::MemberRemoved(_) => Ok(()),
+        Decoded::MessageSent(_)
+        | Decoded::ReadUpTo(_)
+        | Decoded::ReceiptRecorded(_)
+        | Decoded::OutboxTrimmed(_)
+        | Decoded::UserRegistered(_)
+        | Decoded::DeviceRegistered(_)
+        | Decoded::DeviceRevoked(_)
+        | Decoded::GroupCreated(_)
+        | Decoded::MemberAdded(_)
+        | Decoded::MemberRemoved(_) => Ok(()),
     }
 }

@@ -8,31 +8,21 @@
 //! membership change raises the epoch by one; members are added once and removed only when
 //! present; the count matches the members.
 
-use courier_proto::pb::events::conversation::With;
-use courier_proto::pb::events::event::Kind;
+use courier_proto::pb::events;
 use courier_proto::pb::store::{GroupMessage, GroupRecord, MemberRecord};
 use courier_proto::{GroupId, UserId};
 
-use super::{Projection, View};
+use super::decode::{Membership, Sent};
+pub use super::refusal::GroupRefusal;
+use super::{Decoded, Projection, Target, View};
 use crate::error::Result;
 use crate::keys;
-
-fn group_id(raw: u64) -> GroupId {
-    GroupId::new(raw).expect("leader validated the group id")
-}
-
-fn user_id(raw: u64) -> UserId {
-    UserId::new(raw).expect("leader validated the user id")
-}
 
 fn load(view: &View<'_, '_>, group: GroupId) -> Result<GroupRecord> {
     Ok(view
         .get(Projection::Groups, &keys::group(view.shard(), group))?
         .expect("membership changes name an existing group"))
 }
-
-/// A group event refused at apply: a stable code and why.
-pub type Refusal = (&'static str, String);
 
 /// Returns a group's record, if the group exists on this shard.
 ///
@@ -74,10 +64,7 @@ pub fn members(view: &View<'_, '_>, group: GroupId) -> Result<Vec<(UserId, Membe
     Ok(view
         .scan::<MemberRecord>(Projection::Groups, &prefix, &end, usize::MAX)?
         .into_iter()
-        .filter_map(|(key, record)| {
-            let raw = u64::from_be_bytes(key.get(prefix.len()..)?.try_into().ok()?);
-            Some((UserId::new(raw)?, record))
-        })
+        .filter_map(|(key, record)| Some((keys::group_member_user(&key)?, record)))
         .collect())
 }
 
@@ -91,16 +78,12 @@ pub fn groups_of(view: &View<'_, '_>, user: UserId) -> Result<Vec<GroupId>> {
     Ok(view
         .scan::<MemberRecord>(Projection::Groups, &prefix, &end, usize::MAX)?
         .into_iter()
-        .filter_map(|(key, _)| {
-            GroupId::new(u64::from_be_bytes(
-                key.get(prefix.len()..)?.try_into().ok()?,
-            ))
-        })
+        .filter_map(|(key, _)| keys::user_group_group(&key))
         .collect())
 }
 
-fn is_admin(view: &View<'_, '_>, group: GroupId, user: u64) -> Result<bool> {
-    let Some(user) = UserId::new(user) else {
+fn is_admin(view: &View<'_, '_>, group: GroupId, user: Option<UserId>) -> Result<bool> {
+    let Some(user) = user else {
         return Ok(false);
     };
     Ok(member(view, group, user)?.is_some_and(|m| m.admin))
@@ -110,88 +93,83 @@ fn is_admin(view: &View<'_, '_>, group: GroupId, user: u64) -> Result<bool> {
 ///
 /// # Errors
 /// A storage fault.
-pub fn check(view: &View<'_, '_>, event: &Kind) -> Result<Option<Refusal>> {
-    let refuse = |code: &'static str, message: String| Ok(Some((code, message)));
-    match event {
-        Kind::GroupCreated(created) if record(view, group_id(created.group))?.is_some() => {
-            return refuse(
-                "COURIER:Group:Exists",
-                format!("group {} exists", created.group),
-            );
-        }
-        Kind::MemberAdded(added) => {
-            let group = group_id(added.group);
-            let Some(record) = record(view, group)? else {
-                return refuse(
-                    "COURIER:Group:NotFound",
-                    format!("no group {}", added.group),
-                );
-            };
-            if !is_admin(view, group, added.by)? {
-                return refuse(
-                    "COURIER:Group:NotAdmin",
-                    "only admins add members".to_owned(),
-                );
-            }
-            if member(view, group, user_id(added.user))?.is_some() {
-                return refuse(
-                    "COURIER:Group:AlreadyMember",
-                    format!("user {} is a member", added.user),
-                );
-            }
-            if record.members >= courier_proto::limits::GROUP_MEMBERS_MAX {
-                return refuse(
-                    "COURIER:Group:Full",
-                    format!("group {} is full", added.group),
-                );
-            }
-        }
-        Kind::MemberRemoved(removed) => {
-            let group = group_id(removed.group);
-            if record(view, group)?.is_none() {
-                return refuse(
-                    "COURIER:Group:NotFound",
-                    format!("no group {}", removed.group),
-                );
-            }
-            if member(view, group, user_id(removed.user))?.is_none() {
-                return refuse(
-                    "COURIER:Group:NotMember",
-                    format!("user {} is not a member", removed.user),
-                );
-            }
-            if removed.by != removed.user && !is_admin(view, group, removed.by)? {
-                return refuse(
-                    "COURIER:Group:NotAdmin",
-                    "only admins remove others".to_owned(),
-                );
-            }
-        }
-        Kind::MessageSent(sent) => {
-            let Some(With::Group(raw)) = sent.to.as_ref().and_then(|to| to.with) else {
-                return Ok(None);
-            };
-            let group = group_id(raw);
-            let Some(record) = record(view, group)? else {
-                return refuse("COURIER:Group:NotFound", format!("no group {raw}"));
-            };
-            if member(view, group, user_id(sent.sender_user))?.is_none() {
-                return refuse(
-                    "COURIER:Group:NotMember",
-                    "only members send to a group".to_owned(),
-                );
-            }
-            if sent.group_epoch != record.epoch {
-                return refuse(
-                    "COURIER:Group:EpochChanged",
-                    format!(
-                        "the membership changed (epoch {} → {}) while sending; retry",
-                        sent.group_epoch, record.epoch
-                    ),
-                );
-            }
-        }
-        _ => {}
+pub fn check(view: &View<'_, '_>, event: &Decoded<'_>) -> Result<Option<GroupRefusal>> {
+    let refusal = match event {
+        Decoded::GroupCreated(created) => check_create(view, created.group)?,
+        Decoded::MemberAdded(added) => check_add(view, added)?,
+        Decoded::MemberRemoved(removed) => check_remove(view, removed)?,
+        Decoded::MessageSent(sent) => check_send(view, sent)?,
+        Decoded::MessageDelivered(_)
+        | Decoded::DeliveryAcked(_)
+        | Decoded::ReadUpTo(_)
+        | Decoded::ReceiptRecorded(_)
+        | Decoded::OutboxTrimmed(_)
+        | Decoded::UserRegistered(_)
+        | Decoded::DeviceRegistered(_)
+        | Decoded::DeviceRevoked(_)
+        | Decoded::MessageExpired(_) => None,
+    };
+    Ok(refusal)
+}
+
+fn check_create(view: &View<'_, '_>, group: GroupId) -> Result<Option<GroupRefusal>> {
+    Ok(record(view, group)?
+        .is_some()
+        .then_some(GroupRefusal::Exists { group }))
+}
+
+fn check_add(
+    view: &View<'_, '_>,
+    added: &Membership<'_, events::MemberAdded>,
+) -> Result<Option<GroupRefusal>> {
+    let group = added.group;
+    let Some(record) = record(view, group)? else {
+        return Ok(Some(GroupRefusal::NotFound { group }));
+    };
+    if !is_admin(view, group, added.by)? {
+        return Ok(Some(GroupRefusal::NotAdminToAdd));
+    }
+    if member(view, group, added.user)?.is_some() {
+        return Ok(Some(GroupRefusal::AlreadyMember { user: added.user }));
+    }
+    if record.members >= courier_proto::limits::GROUP_MEMBERS_MAX {
+        return Ok(Some(GroupRefusal::Full { group }));
+    }
+    Ok(None)
+}
+
+fn check_remove(
+    view: &View<'_, '_>,
+    removed: &Membership<'_, events::MemberRemoved>,
+) -> Result<Option<GroupRefusal>> {
+    let group = removed.group;
+    if record(view, group)?.is_none() {
+        return Ok(Some(GroupRefusal::NotFound { group }));
+    }
+    if member(view, group, removed.user)?.is_none() {
+        return Ok(Some(GroupRefusal::NotMember { user: removed.user }));
+    }
+    if removed.by != Some(removed.user) && !is_admin(view, group, removed.by)? {
+        return Ok(Some(GroupRefusal::NotAdminToRemove));
+    }
+    Ok(None)
+}
+
+fn check_send(view: &View<'_, '_>, sent: &Sent<'_>) -> Result<Option<GroupRefusal>> {
+    let Some(Target::Group(group)) = sent.to else {
+        return Ok(None);
+    };
+    let Some(record) = record(view, group)? else {
+        return Ok(Some(GroupRefusal::NotFound { group }));
+    };
+    if member(view, group, sent.sender)?.is_none() {
+        return Ok(Some(GroupRefusal::SenderNotMember));
+    }
+    if sent.event.group_epoch != record.epoch {
+        return Ok(Some(GroupRefusal::EpochChanged {
+            sent: sent.event.group_epoch,
+            current: record.epoch,
+        }));
     }
     Ok(None)
 }
@@ -200,11 +178,11 @@ pub fn check(view: &View<'_, '_>, event: &Kind) -> Result<Option<Refusal>> {
 ///
 /// # Errors
 /// A storage fault.
-pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
+pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
     let shard = view.shard();
     match event {
-        Kind::GroupCreated(created) => {
-            let group = group_id(created.group);
+        Decoded::GroupCreated(decoded) => {
+            let (group, creator, created) = (decoded.group, decoded.creator, decoded.event);
             let key = keys::group(shard, group);
             assert!(
                 view.get::<GroupRecord>(Projection::Groups, &key)?.is_none(),
@@ -219,7 +197,6 @@ pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
                     members: 1,
                 },
             )?;
-            let creator = user_id(created.creator);
             let record = MemberRecord {
                 admin: true,
                 joined_epoch: 1,
@@ -228,10 +205,10 @@ pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
             view.put(keys::user_group(shard, creator, group), &record)?;
             view.put(keys::group_member(shard, group, creator), &record)
         }
-        Kind::MemberAdded(added) => {
-            let group = group_id(added.group);
+        Decoded::MemberAdded(decoded) => {
+            let (group, user, added) = (decoded.group, decoded.user, decoded.event);
             let mut record = load(view, group)?;
-            let member_key = keys::group_member(shard, group, user_id(added.user));
+            let member_key = keys::group_member(shard, group, user);
             assert!(
                 view.get::<MemberRecord>(Projection::Groups, &member_key)?
                     .is_none(),
@@ -247,14 +224,14 @@ pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
                 joined_epoch: record.epoch,
                 shard: added.user_shard,
             };
-            view.put(keys::user_group(shard, user_id(added.user), group), &member)?;
+            view.put(keys::user_group(shard, user, group), &member)?;
             view.put(member_key, &member)?;
             view.put(keys::group(shard, group), &record)
         }
-        Kind::MemberRemoved(removed) => {
-            let group = group_id(removed.group);
+        Decoded::MemberRemoved(removed) => {
+            let (group, user) = (removed.group, removed.user);
             let mut record = load(view, group)?;
-            let member_key = keys::group_member(shard, group, user_id(removed.user));
+            let member_key = keys::group_member(shard, group, user);
             assert!(
                 view.get::<MemberRecord>(Projection::Groups, &member_key)?
                     .is_some(),
@@ -266,30 +243,30 @@ pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
                 .checked_sub(1)
                 .expect("member count matches members");
             view.delete(member_key)?;
-            view.delete(keys::user_group(shard, user_id(removed.user), group))?;
+            view.delete(keys::user_group(shard, user, group))?;
             view.put(keys::group(shard, group), &record)
         }
-        Kind::MessageSent(sent) => {
-            let Some(With::Group(group)) = sent.to.as_ref().and_then(|to| to.with) else {
+        Decoded::MessageSent(sent) => {
+            let Some(Target::Group(group)) = sent.to else {
                 return Ok(());
             };
             view.put(
                 keys::group_message(shard, view.at()),
                 &GroupMessage {
-                    message_id: sent.message_id.clone(),
-                    group,
-                    content: sent.content.clone(),
+                    message_id: sent.event.message_id.clone(),
+                    group: group.get(),
+                    content: sent.event.content.clone(),
                 },
             )
         }
-        Kind::MessageDelivered(_)
-        | Kind::DeliveryAcked(_)
-        | Kind::ReadUpTo(_)
-        | Kind::ReceiptRecorded(_)
-        | Kind::OutboxTrimmed(_)
-        | Kind::UserRegistered(_)
-        | Kind::DeviceRegistered(_)
-        | Kind::DeviceRevoked(_)
-        | Kind::MessageExpired(_) => Ok(()),
+        Decoded::MessageDelivered(_)
+        | Decoded::DeliveryAcked(_)
+        | Decoded::ReadUpTo(_)
+        | Decoded::ReceiptRecorded(_)
+        | Decoded::OutboxTrimmed(_)
+        | Decoded::UserRegistered(_)
+        | Decoded::DeviceRegistered(_)
+        | Decoded::DeviceRevoked(_)
+        | Decoded::MessageExpired(_) => Ok(()),
     }
 }

@@ -7,17 +7,13 @@
 //! - `delivered_up_to` only moves forward and never passes the tail.
 //! - Only undelivered messages expire.
 
-use courier_proto::pb::events::event::Kind;
 use courier_proto::pb::store::{InboxEntry, InboxState};
 use courier_proto::{InboxSeq, MessageId, UserId};
 
-use super::{Projection, View};
+use super::decode::Acked;
+use super::{Decoded, Projection, View};
 use crate::error::Result;
 use crate::keys;
-
-fn user_id(raw: u64) -> UserId {
-    UserId::new(raw).expect("leader validated the user id")
-}
 
 /// Returns a user's inbox state (zeroes for a user with no messages).
 ///
@@ -83,12 +79,8 @@ pub fn entries_between(
     view.scan::<InboxEntry>(Projection::Inbox, &from, &to, limit)?
         .into_iter()
         .map(|(key, entry)| {
-            let seq = key
-                .get(key.len().saturating_sub(8)..)
-                .and_then(|bytes| bytes.try_into().ok())
-                .map(u64::from_be_bytes)
-                .expect("inbox keys end with the sequence");
-            Ok((InboxSeq::new(seq), entry))
+            let seq = keys::inbox_message_seq(&key).expect("inbox keys end with the sequence");
+            Ok((seq, entry))
         })
         .collect()
 }
@@ -110,11 +102,7 @@ pub fn expirable(
 }
 
 /// The highest seq every active (not revoked) device of `user` acked, counting `acked`.
-fn acked_by_every_device(
-    view: &View<'_, '_>,
-    user: UserId,
-    acked: &courier_proto::pb::events::DeliveryAcked,
-) -> Result<u64> {
+fn acked_by_every_device(view: &View<'_, '_>, user: UserId, acked: &Acked<'_>) -> Result<u64> {
     let mut lowest = u64::MAX;
     for (device, record) in super::devices::devices_of(view, user)? {
         if record.revoked {
@@ -124,8 +112,8 @@ fn acked_by_every_device(
             Some(id) => super::cursors::acked(view, user, id)?.get(),
             None => 0,
         };
-        let cursor = if device == acked.device {
-            cursor.max(acked.up_to_seq)
+        let cursor = if device == acked.device.get() {
+            cursor.max(acked.up_to.get())
         } else {
             cursor
         };
@@ -138,13 +126,11 @@ fn acked_by_every_device(
 ///
 /// # Errors
 /// A storage fault.
-pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
+pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
     let shard = view.shard();
     match event {
-        Kind::MessageDelivered(delivered) => {
-            let user = user_id(delivered.recipient_user);
-            let message = MessageId::from_wire(&delivered.message_id, "message_id")
-                .expect("leader validated the message id");
+        Decoded::MessageDelivered(decoded) => {
+            let (user, message, delivered) = (decoded.recipient, decoded.message, decoded.event);
             let mut inbox = state(view, user)?;
             let seq = InboxSeq::new(inbox.tail_seq).next();
             inbox.tail_seq = seq.get();
@@ -167,19 +153,16 @@ pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
             view.put_u64(keys::inbox_message_id(shard, user, message), seq.get())?;
             view.put(keys::inbox_state(shard, user), &inbox)
         }
-        Kind::DeliveryAcked(acked) => {
-            let user = user_id(acked.user);
+        Decoded::DeliveryAcked(acked) => {
+            let (user, up_to) = (acked.user, acked.up_to.get());
             let mut inbox = state(view, user)?;
-            assert!(
-                acked.up_to_seq <= inbox.tail_seq,
-                "acks never pass the inbox tail"
-            );
+            assert!(up_to <= inbox.tail_seq, "acks never pass the inbox tail");
             let mut changed = false;
-            if acked.up_to_seq > inbox.delivered_up_to {
-                inbox.delivered_up_to = acked.up_to_seq;
+            if up_to > inbox.delivered_up_to {
+                inbox.delivered_up_to = up_to;
                 changed = true;
             }
-            if acked.trim_delivered {
+            if acked.event.trim_delivered {
                 let all_acked = acked_by_every_device(view, user, acked)?;
                 if all_acked > inbox.trimmed_up_to {
                     for (seq, mut entry) in entries_between(
@@ -201,17 +184,16 @@ pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
             }
             Ok(())
         }
-        Kind::MessageExpired(expired) => {
-            let user = user_id(expired.user);
-            let seq = InboxSeq::new(expired.seq);
+        Decoded::MessageExpired(expired) => {
+            let (user, seq) = (expired.user, expired.seq);
             let inbox = state(view, user)?;
             assert!(
-                expired.seq > inbox.delivered_up_to,
+                seq.get() > inbox.delivered_up_to,
                 "only undelivered messages expire"
             );
             let stored = entry(view, user, seq)?.expect("an expiring message is in the inbox");
             assert_eq!(
-                stored.message_id, expired.message_id,
+                stored.message_id, expired.event.message_id,
                 "expiry names the stored message"
             );
             let message = MessageId::from_wire(&stored.message_id, "message_id")
@@ -219,15 +201,15 @@ pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
             view.delete(keys::inbox_message(shard, user, seq))?;
             view.delete(keys::inbox_message_id(shard, user, message))
         }
-        Kind::MessageSent(_)
-        | Kind::ReadUpTo(_)
-        | Kind::ReceiptRecorded(_)
-        | Kind::OutboxTrimmed(_)
-        | Kind::UserRegistered(_)
-        | Kind::DeviceRegistered(_)
-        | Kind::DeviceRevoked(_)
-        | Kind::GroupCreated(_)
-        | Kind::MemberAdded(_)
-        | Kind::MemberRemoved(_) => Ok(()),
+        Decoded::MessageSent(_)
+        | Decoded::ReadUpTo(_)
+        | Decoded::ReceiptRecorded(_)
+        | Decoded::OutboxTrimmed(_)
+        | Decoded::UserRegistered(_)
+        | Decoded::DeviceRegistered(_)
+        | Decoded::DeviceRevoked(_)
+        | Decoded::GroupCreated(_)
+        | Decoded::MemberAdded(_)
+        | Decoded::MemberRemoved(_) => Ok(()),
     }
 }

@@ -13,6 +13,7 @@
 //! or below the inbound watermark of its source shard change nothing.
 
 pub mod cursors;
+pub mod decode;
 pub mod dedup;
 pub mod devices;
 pub mod expiry;
@@ -21,280 +22,55 @@ pub mod inbox;
 pub mod outbox;
 pub mod readstate;
 pub mod receipts;
+pub mod refusal;
+mod view;
 
 #[cfg(test)]
+mod groups_test;
+#[cfg(test)]
+mod inbox_test;
+#[cfg(test)]
+mod outbox_test;
+#[cfg(test)]
 mod projection_test;
+
+use std::ops::ControlFlow;
 
 use courier_proto::pb::events::event::Kind;
 use courier_proto::pb::events::{self, Event};
 use courier_proto::pb::store::SendResult;
-use courier_proto::{DeviceId, InboxSeq, LogIndex, ShardId, UserId};
-use prost::Message;
+use courier_proto::{InboxSeq, LogIndex, ShardId, UserId};
 
-use crate::cf::Cf;
 use crate::error::{Result, StorageError};
-use crate::kv::{Pair, Staged};
+use crate::kv::Staged;
 
-/// A projection, and its column family.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Projection {
-    /// Per user, gap-free `InboxSeq` → message.
-    Inbox,
-    /// Per device, the acked-up-to sequence.
-    Cursors,
-    /// Per user and conversation, read-up-to and exact unread counts.
-    ReadState,
-    /// Per sent message and recipient: sent → delivered → read.
-    Receipts,
-    /// (sender device, client message id) → the first send result.
-    Dedup,
-    /// Per destination shard, events still to forward; per source shard, the inbound watermark.
-    Outbox,
-    /// Phone → user, devices with token hashes, revocations.
-    Devices,
-    /// Group records, members and membership epochs.
-    Groups,
-    /// Undelivered messages by the time they were stored, for retention.
-    Expiry,
-}
+pub use self::decode::{DecodeError, Decoded, Target};
+pub use self::refusal::{GroupRefusal, GroupRefusalCode};
+pub use self::view::{View, frame, unframe};
+pub use crate::cf::Projection;
 
-impl Projection {
-    /// Every projection.
-    pub const ALL: [Projection; 9] = [
-        Projection::Inbox,
-        Projection::Cursors,
-        Projection::ReadState,
-        Projection::Receipts,
-        Projection::Dedup,
-        Projection::Outbox,
-        Projection::Devices,
-        Projection::Groups,
-        Projection::Expiry,
-    ];
-
-    /// The order in which projections apply each event (see the module docs).
-    pub const APPLY_ORDER: [Projection; 9] = [
-        Projection::Dedup,
-        Projection::Devices,
-        Projection::Groups,
-        Projection::Outbox,
-        Projection::Receipts,
-        Projection::Expiry,
-        Projection::Cursors,
-        Projection::ReadState,
-        Projection::Inbox,
-    ];
-
-    /// The projection's (and its column family's) name.
-    pub fn name(self) -> &'static str {
-        match self {
-            Projection::Inbox => "inbox",
-            Projection::Cursors => "cursors",
-            Projection::ReadState => "readstate",
-            Projection::Receipts => "receipts",
-            Projection::Dedup => "dedup",
-            Projection::Outbox => "outbox",
-            Projection::Devices => "devices",
-            Projection::Groups => "groups",
-            Projection::Expiry => "expiry",
-        }
-    }
-
-    /// Parses a name as printed by [`Projection::name`].
-    pub fn from_name(name: &str) -> Option<Projection> {
-        Projection::ALL
-            .into_iter()
-            .find(|projection| projection.name() == name)
-    }
-
-    fn apply(self, view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
-        match self {
-            Projection::Inbox => inbox::apply(view, event),
-            Projection::Cursors => cursors::apply(view, event),
-            Projection::ReadState => readstate::apply(view, event),
-            Projection::Receipts => receipts::apply(view, event),
-            Projection::Dedup => dedup::apply(view, event),
-            Projection::Outbox => outbox::apply(view, event),
-            Projection::Devices => devices::apply(view, event),
-            Projection::Groups => groups::apply(view, event),
-            Projection::Expiry => expiry::apply(view, event),
-        }
-    }
-}
-
-const SET_AT_BYTES: usize = 8;
-
-/// Frames a projection value: the log index that set it, then the encoded message.
-pub fn frame(at: LogIndex, body: &[u8]) -> Vec<u8> {
-    let mut value = Vec::with_capacity(SET_AT_BYTES.saturating_add(body.len()));
-    value.extend_from_slice(&at.get().to_be_bytes());
-    value.extend_from_slice(body);
-    value
-}
-
-/// Splits a framed value into the index that set it and the message bytes.
-pub fn unframe(value: &[u8]) -> Option<(LogIndex, &[u8])> {
-    let (head, body) = value.split_at_checked(SET_AT_BYTES)?;
-    Some((
-        LogIndex::new(u64::from_be_bytes(head.try_into().ok()?)),
-        body,
-    ))
-}
-
-/// What one projection sees while applying one event at one log index.
-pub struct View<'s, 'a> {
-    staged: &'s mut Staged<'a>,
-    shard: ShardId,
-    at: LogIndex,
+/// Folds one event into one projection.
+fn apply_projection(
     projection: Projection,
-}
-
-impl<'s, 'a> View<'s, 'a> {
-    /// A view for `projection` of `shard`, applying the entry at `at`.
-    pub fn new(
-        staged: &'s mut Staged<'a>,
-        shard: ShardId,
-        at: LogIndex,
-        projection: Projection,
-    ) -> Self {
-        Self {
-            staged,
-            shard,
-            at,
-            projection,
-        }
-    }
-
-    /// The shard being applied.
-    pub fn shard(&self) -> ShardId {
-        self.shard
-    }
-
-    /// The log index being applied.
-    pub fn at(&self) -> LogIndex {
-        self.at
-    }
-
-    fn decode_err(&self, projection: Projection, key: &[u8], reason: String) -> StorageError {
-        StorageError::Decode {
-            cf: projection.name(),
-            shard: self.shard,
-            what: format!("key {}", hex(key)),
-            reason,
-        }
-    }
-
-    /// Reads and decodes a value of any projection.
-    ///
-    /// # Errors
-    /// A storage fault or an undecodable value.
-    pub fn get<M: Message + Default>(
-        &self,
-        projection: Projection,
-        key: &[u8],
-    ) -> Result<Option<M>> {
-        let Some(value) = self.staged.get(Cf::Projection(projection), key)? else {
-            return Ok(None);
-        };
-        self.decode(projection, key, &value).map(Some)
-    }
-
-    /// Reads and decodes a value of any projection with the log index that last set it.
-    ///
-    /// # Errors
-    /// A storage fault or an undecodable value.
-    pub fn get_with_index<M: Message + Default>(
-        &self,
-        projection: Projection,
-        key: &[u8],
-    ) -> Result<Option<(LogIndex, M)>> {
-        let Some(value) = self.staged.get(Cf::Projection(projection), key)? else {
-            return Ok(None);
-        };
-        let set_at = unframe(&value).map(|(at, _)| at).unwrap_or_default();
-        Ok(Some((set_at, self.decode(projection, key, &value)?)))
-    }
-
-    fn decode<M: Message + Default>(
-        &self,
-        projection: Projection,
-        key: &[u8],
-        value: &[u8],
-    ) -> Result<M> {
-        let (_, body) = unframe(value)
-            .ok_or_else(|| self.decode_err(projection, key, "shorter than its frame".to_owned()))?;
-        M::decode(body).map_err(|error| self.decode_err(projection, key, error.to_string()))
-    }
-
-    /// Reads a raw `u64` value of any projection.
-    ///
-    /// # Errors
-    /// A storage fault or a value that is not 8 bytes.
-    pub fn get_u64(&self, projection: Projection, key: &[u8]) -> Result<Option<u64>> {
-        let Some(value) = self.staged.get(Cf::Projection(projection), key)? else {
-            return Ok(None);
-        };
-        let body = unframe(&value).map(|(_, body)| body).unwrap_or_default();
-        let bytes: [u8; 8] = body.try_into().map_err(|_| {
-            self.decode_err(projection, key, format!("{} bytes, not 8", body.len()))
-        })?;
-        Ok(Some(u64::from_be_bytes(bytes)))
-    }
-
-    /// Scans and decodes up to `limit` values of any projection in `[from, to)`.
-    ///
-    /// # Errors
-    /// A storage fault or an undecodable value.
-    pub fn scan<M: Message + Default>(
-        &self,
-        projection: Projection,
-        from: &[u8],
-        to: &[u8],
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, M)>> {
-        let pairs: Vec<Pair> = self
-            .staged
-            .scan(Cf::Projection(projection), from, to, limit)?;
-        pairs
-            .into_iter()
-            .map(|(key, value)| {
-                let message = self.decode(projection, &key, &value)?;
-                Ok((key, message))
-            })
-            .collect()
-    }
-
-    /// Writes a message into this view's own projection, framed with the current index.
-    ///
-    /// # Errors
-    /// A storage fault.
-    pub fn put<M: Message>(&mut self, key: Vec<u8>, message: &M) -> Result<()> {
-        let value = frame(self.at, &message.encode_to_vec());
-        self.staged.put(self.projection, key, value)
-    }
-
-    /// Writes a raw `u64` into this view's own projection.
-    ///
-    /// # Errors
-    /// A storage fault.
-    pub fn put_u64(&mut self, key: Vec<u8>, value: u64) -> Result<()> {
-        let value = frame(self.at, &value.to_be_bytes());
-        self.staged.put(self.projection, key, value)
-    }
-
-    /// Deletes a key of this view's own projection.
-    ///
-    /// # Errors
-    /// A storage fault.
-    pub fn delete(&mut self, key: Vec<u8>) -> Result<()> {
-        self.staged.delete(self.projection, key)
+    view: &mut View<'_, '_>,
+    event: &Decoded<'_>,
+) -> Result<()> {
+    match projection {
+        Projection::Inbox => inbox::apply(view, event),
+        Projection::Cursors => cursors::apply(view, event),
+        Projection::ReadState => readstate::apply(view, event),
+        Projection::Receipts => receipts::apply(view, event),
+        Projection::Dedup => dedup::apply(view, event),
+        Projection::Outbox => outbox::apply(view, event),
+        Projection::Devices => devices::apply(view, event),
+        Projection::Groups => groups::apply(view, event),
+        Projection::Expiry => expiry::apply(view, event),
     }
 }
 
 /// Lower-case hex, for keys in errors and reports (keys hold ids, never bodies or phones).
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
-}
+/// Re-exported from `courier_proto`, where every crate finds it.
+pub use courier_proto::hex;
 
 /// What applying one event produced, for the caller waiting on the proposal.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -341,18 +117,19 @@ fn forwarded_duplicate(
     staged: &mut Staged<'_>,
     shard: ShardId,
     at: LogIndex,
-    source_shard: u32,
+    source: ShardId,
     source_pos: u64,
 ) -> Result<bool> {
     let view = View::new(staged, shard, at, Projection::Outbox);
-    let applied = outbox::inbound_applied(&view, source_shard)?;
+    let applied = outbox::inbound_applied_from(&view, source)?;
     if source_pos <= applied {
         return Ok(true);
     }
     assert_eq!(
         source_pos,
         applied.checked_add(1).expect("outbox position overflow"),
-        "forwarded events from shard {source_shard} apply in position order without gaps"
+        "forwarded events from shard {} apply in position order without gaps",
+        source.get()
     );
     Ok(false)
 }
@@ -363,8 +140,9 @@ fn forwarded_duplicate(
 /// A storage fault, or [`StorageError::UnknownEvent`] for an event this build does not know.
 ///
 /// # Panics
-/// When the event breaks an invariant the leader validated (an ack past the inbox tail, a
-/// receipt moving backwards, …): a bug, never bad client input.
+/// When the event does not decode (a zero id, a malformed message id, …; the message names the
+/// field), or breaks an invariant the leader validated (an ack past the inbox tail, a receipt
+/// moving backwards, …): a bug, never bad client input.
 pub fn apply_event(
     staged: &mut Staged<'_>,
     shard: ShardId,
@@ -378,128 +156,184 @@ pub fn apply_event(
             reason: "event of an unknown kind (a newer build wrote it)".to_owned(),
         });
     };
-    let outcome = match kind {
-        Kind::MessageSent(sent) => {
+    // The one place a committed event that fails validation is handled. The leader validates
+    // every event before proposing it, so this is a bug or a log written by something else.
+    // Every replica decodes the same bytes the same way and so stops on the same entry;
+    // skipping it instead would fork the projections. (A later change may turn this into a
+    // deterministic rejection: `decode` already returns the error as a value.)
+    let decoded = decode::decode(kind)
+        .unwrap_or_else(|error| panic!("{shard} log index {at}: committed {error}"));
+    apply_decoded(staged, shard, at, &decoded)
+}
+
+fn apply_decoded(
+    staged: &mut Staged<'_>,
+    shard: ShardId,
+    at: LogIndex,
+    event: &Decoded<'_>,
+) -> Result<Applied> {
+    let outcome = match admit(staged, shard, at, event)? {
+        ControlFlow::Break(unchanged) => return Ok(unchanged),
+        ControlFlow::Continue(outcome) => outcome,
+    };
+    for projection in Projection::APPLY_ORDER {
+        let mut view = View::new(staged, shard, at, projection);
+        apply_projection(projection, &mut view, event)?;
+    }
+    if let Decoded::MessageSent(sent) = event {
+        store_local_copies(staged, shard, at, sent)?;
+    }
+    if let (Decoded::DeviceRegistered(registered), Applied::Done) = (event, &outcome) {
+        let view = View::new(staged, shard, at, Projection::Devices);
+        let device = devices::devices_registered(&view, registered.user)?;
+        return Ok(Applied::DeviceRegistered {
+            user: registered.user,
+            device,
+        });
+    }
+    Ok(outcome)
+}
+
+/// Decides, before any projection runs, whether `event` changes anything: `Break` with the
+/// outcome of an event that changes nothing (a duplicate, a refusal, a stale expiry), or
+/// `Continue` with the outcome to answer once the projections applied it.
+fn admit(
+    staged: &mut Staged<'_>,
+    shard: ShardId,
+    at: LogIndex,
+    event: &Decoded<'_>,
+) -> Result<ControlFlow<Applied, Applied>> {
+    let outcome = match event {
+        Decoded::MessageSent(sent) => {
             let view = View::new(staged, shard, at, Projection::Dedup);
-            let device = DeviceId::new(sent.sender_device).expect("leader validated the device");
-            let user = UserId::new(sent.sender_user).expect("leader validated the sender");
-            if let Some(result) = dedup::lookup(&view, user, device, &sent.client_msg_id)? {
-                return Ok(Applied::Sent {
+            if let Some(result) =
+                dedup::lookup(&view, sent.sender, sent.device, &sent.event.client_msg_id)?
+            {
+                return Ok(ControlFlow::Break(Applied::Sent {
                     result,
                     duplicate: true,
-                });
+                }));
             }
             let view = View::new(staged, shard, at, Projection::Groups);
-            if let Some((code, message)) = groups::check(&view, kind)? {
-                return Ok(Applied::Rejected { code, message });
+            if let Some(refusal) = groups::check(&view, event)? {
+                return Ok(ControlFlow::Break(refusal.into()));
             }
             Applied::Sent {
                 result: SendResult {
-                    message_id: sent.message_id.clone(),
-                    sent_at_ms: sent.sent_at_ms,
+                    message_id: sent.event.message_id.clone(),
+                    sent_at_ms: sent.event.sent_at_ms,
                     log_index: at.get(),
                 },
                 duplicate: false,
             }
         }
-        Kind::MessageDelivered(delivered) => {
-            let user =
-                UserId::new(delivered.recipient_user).expect("leader validated the recipient");
-            if delivered.source_pos > 0
-                && forwarded_duplicate(
-                    staged,
-                    shard,
-                    at,
-                    delivered.source_shard,
-                    delivered.source_pos,
-                )?
-            {
-                return Ok(Applied::DuplicateForward);
-            }
-            let view = View::new(staged, shard, at, Projection::Inbox);
-            if let Some(seq) = inbox::stored_seq(&view, user, &delivered.message_id)? {
-                if delivered.source_pos > 0 {
-                    // The position is new even though the message is not: the watermark moves,
-                    // or the next forward from that shard would look like a gap.
-                    let mut outbox = View::new(staged, shard, at, Projection::Outbox);
-                    outbox::set_inbound(&mut outbox, delivered.source_shard, delivered.source_pos)?;
-                }
-                return Ok(Applied::Stored {
-                    user,
-                    seq,
-                    duplicate: true,
-                });
-            }
-            Applied::Stored {
-                user,
-                seq: inbox::tail(&view, user)?.next(),
-                duplicate: false,
-            }
+        Decoded::MessageDelivered(delivered) => {
+            return admit_delivery(staged, shard, at, delivered);
         }
-        Kind::ReceiptRecorded(receipt) => {
-            if forwarded_duplicate(staged, shard, at, receipt.source_shard, receipt.source_pos)? {
-                return Ok(Applied::DuplicateForward);
+        Decoded::ReceiptRecorded(receipt) => {
+            if forwarded_duplicate(staged, shard, at, receipt.source, receipt.event.source_pos)? {
+                return Ok(ControlFlow::Break(Applied::DuplicateForward));
             }
             Applied::Done
         }
-        Kind::GroupCreated(_) | Kind::MemberAdded(_) | Kind::MemberRemoved(_) => {
+        Decoded::GroupCreated(_) | Decoded::MemberAdded(_) | Decoded::MemberRemoved(_) => {
             let view = View::new(staged, shard, at, Projection::Groups);
-            if let Some((code, message)) = groups::check(&view, kind)? {
-                return Ok(Applied::Rejected { code, message });
+            if let Some(refusal) = groups::check(&view, event)? {
+                return Ok(ControlFlow::Break(refusal.into()));
             }
             Applied::Done
         }
-        Kind::MessageExpired(expired) => {
+        Decoded::MessageExpired(expired) => {
             let view = View::new(staged, shard, at, Projection::Inbox);
-            let user = UserId::new(expired.user).expect("leader validated the user");
-            if !inbox::expirable(&view, user, InboxSeq::new(expired.seq), &expired.message_id)? {
+            if !inbox::expirable(&view, expired.user, expired.seq, &expired.event.message_id)? {
                 // Acked, or expired by an earlier proposal, between the leader's scan and this
                 // commit: nothing left to expire.
-                return Ok(Applied::Done);
+                return Ok(ControlFlow::Break(Applied::Done));
             }
             Applied::Done
         }
-        _ => Applied::Done,
+        Decoded::DeliveryAcked(_)
+        | Decoded::ReadUpTo(_)
+        | Decoded::OutboxTrimmed(_)
+        | Decoded::UserRegistered(_)
+        | Decoded::DeviceRegistered(_)
+        | Decoded::DeviceRevoked(_) => Applied::Done,
     };
-    for projection in Projection::APPLY_ORDER {
-        let mut view = View::new(staged, shard, at, projection);
-        projection.apply(&mut view, kind)?;
+    Ok(ControlFlow::Continue(outcome))
+}
+
+/// [`admit`] for a `MessageDelivered`: a forward already applied, or a message already stored
+/// for its recipient, changes nothing (but a stored message's new forward position still moves
+/// the watermark).
+fn admit_delivery(
+    staged: &mut Staged<'_>,
+    shard: ShardId,
+    at: LogIndex,
+    delivered: &decode::Delivered<'_>,
+) -> Result<ControlFlow<Applied, Applied>> {
+    let user = delivered.recipient;
+    if let Some((source, pos)) = delivered.forwarded
+        && forwarded_duplicate(staged, shard, at, source, pos)?
+    {
+        return Ok(ControlFlow::Break(Applied::DuplicateForward));
     }
-    if let Kind::MessageSent(sent) = kind {
-        // Copies for recipients on this shard are stored by the same entry (no forward): the
-        // 1:1 recipient, or the group's members here. Derived after dedup and the group check,
-        // so a retried or refused send stores nothing. `source_pos` 0 marks "no forward";
-        // `source_shard` is this shard, where the receipts go.
-        let local: Vec<events::MessageDelivered> = match outbox::delivery_of(sent, sent.sent_at_ms)
-        {
-            Some(delivered) if sent.recipient_shard == u32::from(shard.get()) => vec![delivered],
-            Some(_) => Vec::new(),
-            None => {
-                let view = View::new(staged, shard, at, Projection::Groups);
-                outbox::group_deliveries(&view, sent, at, sent.sent_at_ms)?
-                    .into_iter()
-                    .filter(|(member_shard, _)| *member_shard == shard)
-                    .map(|(_, delivered)| delivered)
-                    .collect()
-            }
-        };
-        for mut delivered in local {
-            delivered.source_shard = u32::from(shard.get());
-            apply_event(
-                staged,
-                shard,
-                at,
-                &Event {
-                    kind: Some(Kind::MessageDelivered(delivered)),
-                },
-            )?;
+    let view = View::new(staged, shard, at, Projection::Inbox);
+    if let Some(seq) = inbox::stored_seq(&view, user, &delivered.event.message_id)? {
+        if let Some((source, pos)) = delivered.forwarded {
+            // The position is new even though the message is not: the watermark moves, or the
+            // next forward from that shard would look like a gap.
+            let mut outbox = View::new(staged, shard, at, Projection::Outbox);
+            outbox::set_inbound(&mut outbox, source, pos)?;
         }
+        return Ok(ControlFlow::Break(Applied::Stored {
+            user,
+            seq,
+            duplicate: true,
+        }));
     }
-    if let (Kind::DeviceRegistered(registered), Applied::Done) = (kind, &outcome) {
-        let view = View::new(staged, shard, at, Projection::Devices);
-        let user = UserId::new(registered.user).expect("leader validated the user");
-        let device = devices::devices_registered(&view, user)?;
-        return Ok(Applied::DeviceRegistered { user, device });
+    Ok(ControlFlow::Continue(Applied::Stored {
+        user,
+        seq: inbox::tail(&view, user)?.next(),
+        duplicate: false,
+    }))
+}
+
+/// Stores the copies of a send for recipients on this shard in the same entry (no forward): the
+/// 1:1 recipient, or the group's members here. Runs after dedup and the group check, so a
+/// retried or refused send stores nothing. `source_pos` 0 marks "no forward"; `source_shard` is
+/// this shard, where the receipts go.
+fn store_local_copies(
+    staged: &mut Staged<'_>,
+    shard: ShardId,
+    at: LogIndex,
+    sent: &decode::Sent<'_>,
+) -> Result<()> {
+    let local: Vec<events::MessageDelivered> = match sent.to {
+        Some(Target::User(_, recipient_shard)) if recipient_shard == shard => {
+            outbox::delivery_of(sent, sent.event.sent_at_ms)
+                .into_iter()
+                .collect()
+        }
+        Some(Target::User(..)) | None => Vec::new(),
+        Some(Target::Group(_)) => {
+            let view = View::new(staged, shard, at, Projection::Groups);
+            outbox::group_deliveries(&view, sent, at, sent.event.sent_at_ms)?
+                .into_iter()
+                .filter(|(member_shard, _)| *member_shard == shard)
+                .map(|(_, delivered)| delivered)
+                .collect()
+        }
+    };
+    for mut delivered in local {
+        delivered.source_shard = u32::from(shard.get());
+        apply_event(
+            staged,
+            shard,
+            at,
+            &Event {
+                kind: Some(Kind::MessageDelivered(delivered)),
+            },
+        )?;
     }
-    Ok(outcome)
+    Ok(())
 }

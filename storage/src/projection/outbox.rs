@@ -19,20 +19,34 @@ use courier_proto::pb::events::{self, Event, ReceiptState};
 use courier_proto::pb::store::{InboundState, InboxEntry, OutboxEntry, OutboxState};
 use courier_proto::{ConversationId, InboxSeq, ShardId, UserId};
 
-use super::{Projection, View, inbox, readstate};
+use super::decode::{Acked, Read, Sent, Trimmed};
+use super::{Decoded, Projection, Target, View, inbox, readstate};
 use crate::error::Result;
 use crate::keys;
 
-fn shard_id(raw: u32) -> ShardId {
-    ShardId::new(u16::try_from(raw).expect("leader validated the shard id"))
+/// A shard id read back from stored data, checked when the event that stored it was decoded.
+fn stored_shard(raw: u32) -> ShardId {
+    ShardId::new(u16::try_from(raw).expect("stored shard ids were checked at decode"))
 }
 
 /// Returns the inbound watermark from `source`.
 ///
 /// # Errors
 /// A storage fault.
+///
+/// # Panics
+/// When `source` does not fit a shard id.
 pub fn inbound_applied(view: &View<'_, '_>, source: u32) -> Result<u64> {
-    let key = keys::inbound_state(view.shard(), shard_id(source));
+    let source = ShardId::new(u16::try_from(source).expect("source shard ids fit u16"));
+    inbound_applied_from(view, source)
+}
+
+/// Returns the inbound watermark from `source`.
+///
+/// # Errors
+/// A storage fault.
+pub fn inbound_applied_from(view: &View<'_, '_>, source: ShardId) -> Result<u64> {
+    let key = keys::inbound_state(view.shard(), source);
     Ok(view
         .get::<InboundState>(Projection::Outbox, &key)?
         .map_or(0, |state| state.applied_pos))
@@ -59,10 +73,7 @@ pub fn states(view: &View<'_, '_>) -> Result<Vec<(ShardId, OutboxState)>> {
     Ok(view
         .scan::<OutboxState>(Projection::Outbox, &prefix, &end, usize::MAX)?
         .into_iter()
-        .filter_map(|(key, state)| {
-            let dest = u16::from_be_bytes(key.get(prefix.len()..)?.try_into().ok()?);
-            Some((ShardId::new(dest), state))
-        })
+        .filter_map(|(key, state)| Some((keys::outbox_state_dest(&key)?, state)))
         .collect())
 }
 
@@ -82,31 +93,20 @@ pub fn pending(
     Ok(view
         .scan::<OutboxEntry>(Projection::Outbox, &from, &to, limit)?
         .into_iter()
-        .filter_map(|(key, entry)| {
-            let pos = key
-                .get(prefix.len()..)?
-                .try_into()
-                .ok()
-                .map(u64::from_be_bytes)?;
-            Some((pos, entry.event?))
-        })
+        .filter_map(|(key, entry)| Some((keys::outbox_entry_pos(&key)?, entry.event?)))
         .collect())
 }
 
 /// The `MessageDelivered` a 1:1 `MessageSent` becomes on the recipient's shard (`None` for a
 /// group message); `source_shard`/`source_pos` are filled in when it is queued for forwarding.
-pub fn delivery_of(
-    sent: &events::MessageSent,
-    stored_at_ms: u64,
-) -> Option<events::MessageDelivered> {
-    let Some(events::conversation::With::User(recipient)) = sent.to.as_ref().and_then(|to| to.with)
-    else {
+pub fn delivery_of(sent: &Sent<'_>, stored_at_ms: u64) -> Option<events::MessageDelivered> {
+    let Some(Target::User(recipient, _)) = sent.to else {
         return None;
     };
-    let sender = UserId::new(sent.sender_user).expect("leader validated the sender");
+    let (sender, sent) = (sent.sender, sent.event);
     Some(events::MessageDelivered {
         message_id: sent.message_id.clone(),
-        recipient_user: recipient,
+        recipient_user: recipient.get(),
         sender_user: sent.sender_user,
         sender_device: sent.sender_device,
         conversation: Some(ConversationId::Direct(sender).into()),
@@ -127,21 +127,20 @@ pub fn delivery_of(
 /// A storage fault.
 pub fn group_deliveries(
     view: &View<'_, '_>,
-    sent: &events::MessageSent,
+    decoded: &Sent<'_>,
     at: courier_proto::LogIndex,
     stored_at_ms: u64,
 ) -> Result<Vec<(ShardId, events::MessageDelivered)>> {
-    let Some(events::conversation::With::Group(raw)) = sent.to.as_ref().and_then(|to| to.with)
-    else {
+    let Some(Target::Group(group)) = decoded.to else {
         return Ok(Vec::new());
     };
-    let group = courier_proto::GroupId::new(raw).expect("leader validated the group");
+    let sent = decoded.event;
     Ok(super::groups::members(view, group)?
         .into_iter()
-        .filter(|(user, _)| user.get() != sent.sender_user)
+        .filter(|(user, _)| *user != decoded.sender)
         .map(|(user, member)| {
             (
-                shard_id(member.shard),
+                stored_shard(member.shard),
                 events::MessageDelivered {
                     message_id: sent.message_id.clone(),
                     recipient_user: user.get(),
@@ -207,7 +206,7 @@ fn push_receipt(
     };
     push(
         view,
-        shard_id(entry.source_shard),
+        stored_shard(entry.source_shard),
         Kind::ReceiptRecorded(receipt),
     )
 }
@@ -216,8 +215,8 @@ fn push_receipt(
 ///
 /// # Errors
 /// A storage fault.
-pub fn set_inbound(view: &mut View<'_, '_>, source: u32, pos: u64) -> Result<()> {
-    let key = keys::inbound_state(view.shard(), shard_id(source));
+pub fn set_inbound(view: &mut View<'_, '_>, source: ShardId, pos: u64) -> Result<()> {
+    let key = keys::inbound_state(view.shard(), source);
     view.put(key, &InboundState { applied_pos: pos })
 }
 
@@ -225,120 +224,114 @@ pub fn set_inbound(view: &mut View<'_, '_>, source: u32, pos: u64) -> Result<()>
 ///
 /// # Errors
 /// A storage fault.
-pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
+pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
     match event {
-        Kind::MessageSent(sent) => {
-            let direct = matches!(
-                sent.to.as_ref().and_then(|to| to.with),
-                Some(events::conversation::With::User(_))
-            );
-            if direct && sent.recipient_shard == u32::from(view.shard().get()) {
-                return Ok(()); // stored in the same entry (see `apply_event`)
-            }
-            match delivery_of(sent, 0) {
-                // The destination leader decides `stored_at_ms`.
-                Some(delivered) => push(
-                    view,
-                    shard_id(sent.recipient_shard),
-                    Kind::MessageDelivered(delivered),
-                ),
-                None => {
-                    // Group fan-out: one pointer per member elsewhere (members here were stored
-                    // by the same entry).
-                    let here = view.shard();
-                    for (dest, delivered) in group_deliveries(view, sent, view.at(), 0)? {
-                        if dest != here {
-                            push(view, dest, Kind::MessageDelivered(delivered))?;
-                        }
-                    }
-                    Ok(())
-                }
-            }
+        Decoded::MessageSent(sent) => queue_send(view, sent),
+        Decoded::MessageDelivered(delivered) => match delivered.forwarded {
+            Some((source, pos)) => set_inbound(view, source, pos),
+            None => Ok(()),
+        },
+        Decoded::ReceiptRecorded(receipt) => {
+            set_inbound(view, receipt.source, receipt.event.source_pos)
         }
-        Kind::MessageDelivered(delivered) => {
-            if delivered.source_pos > 0 {
-                set_inbound(view, delivered.source_shard, delivered.source_pos)?;
-            }
-            Ok(())
-        }
-        Kind::ReceiptRecorded(receipt) => {
-            set_inbound(view, receipt.source_shard, receipt.source_pos)
-        }
-        Kind::DeliveryAcked(acked) => {
-            let user = UserId::new(acked.user).expect("leader validated the user");
-            let after = InboxSeq::new(inbox::state(view, user)?.delivered_up_to);
-            for (seq, entry) in
-                inbox::entries_between(view, user, after, InboxSeq::new(acked.up_to_seq))?
-            {
-                if already_read(view, user, seq)? {
-                    continue; // the read already carried DELIVERED and READ
-                }
-                push_receipt(
-                    view,
-                    user,
-                    &entry,
-                    ReceiptState::Delivered,
-                    acked.acked_at_ms,
-                )?;
-            }
-            Ok(())
-        }
-        Kind::ReadUpTo(read) => {
-            let user = UserId::new(read.user).expect("leader validated the user");
-            let conv = ConversationId::try_from(
-                read.conversation
-                    .as_ref()
-                    .expect("leader validated the conversation"),
-            )
-            .expect("leader validated the conversation");
-            let state = readstate::get(view, user, conv)?;
-            let delivered_up_to = inbox::state(view, user)?.delivered_up_to;
-            let up_to = InboxSeq::new(read.up_to_seq);
-            for (seq, position) in readstate::positions_between(
-                view,
-                user,
-                conv,
-                InboxSeq::new(state.read_seq),
-                up_to,
-            )? {
-                if position.expired || position.pos <= state.read_pos {
-                    continue;
-                }
-                let entry =
-                    inbox::entry(view, user, seq)?.expect("unexpired positions are in the inbox");
-                if seq.get() > delivered_up_to {
-                    push_receipt(view, user, &entry, ReceiptState::Delivered, read.read_at_ms)?;
-                }
-                push_receipt(view, user, &entry, ReceiptState::Read, read.read_at_ms)?;
-            }
-            Ok(())
-        }
-        Kind::OutboxTrimmed(trimmed) => {
-            let dest = shard_id(trimmed.dest_shard);
-            let mut state = state(view, dest)?;
-            assert!(
-                trimmed.up_to <= state.last_pos,
-                "trims never pass the last outbox position"
-            );
-            if trimmed.up_to <= state.trimmed_up_to {
-                return Ok(()); // a retried trim
-            }
-            let mut pos = state.trimmed_up_to;
-            while pos < trimmed.up_to {
-                pos = pos.checked_add(1).expect("bounded by up_to");
-                view.delete(keys::outbox_entry(view.shard(), dest, pos))?;
-            }
-            state.trimmed_up_to = trimmed.up_to;
-            view.put(keys::outbox_state(view.shard(), dest), &state)
-        }
-        Kind::UserRegistered(_)
-        | Kind::DeviceRegistered(_)
-        | Kind::DeviceRevoked(_)
-        | Kind::GroupCreated(_)
-        | Kind::MemberAdded(_)
-        | Kind::MemberRemoved(_)
-        | Kind::MessageExpired(_) => Ok(()),
+        Decoded::DeliveryAcked(acked) => queue_ack_receipts(view, acked),
+        Decoded::ReadUpTo(read) => queue_read_receipts(view, read),
+        Decoded::OutboxTrimmed(trimmed) => trim(view, trimmed),
+        Decoded::UserRegistered(_)
+        | Decoded::DeviceRegistered(_)
+        | Decoded::DeviceRevoked(_)
+        | Decoded::GroupCreated(_)
+        | Decoded::MemberAdded(_)
+        | Decoded::MemberRemoved(_)
+        | Decoded::MessageExpired(_) => Ok(()),
     }
+}
+
+/// Queues the copies of a send for recipients on other shards.
+fn queue_send(view: &mut View<'_, '_>, sent: &Sent<'_>) -> Result<()> {
+    match sent.to {
+        Some(Target::User(_, dest)) if dest == view.shard() => {
+            Ok(()) // stored in the same entry (see `apply_event`)
+        }
+        Some(Target::User(_, dest)) => match delivery_of(sent, 0) {
+            // The destination leader decides `stored_at_ms`.
+            Some(delivered) => push(view, dest, Kind::MessageDelivered(delivered)),
+            None => unreachable!("a 1:1 send has a delivery"),
+        },
+        Some(Target::Group(_)) => {
+            // Group fan-out: one pointer per member elsewhere (members here were stored by the
+            // same entry).
+            let here = view.shard();
+            for (dest, delivered) in group_deliveries(view, sent, view.at(), 0)? {
+                if dest != here {
+                    push(view, dest, Kind::MessageDelivered(delivered))?;
+                }
+            }
+            Ok(())
+        }
+        None => Ok(()),
+    }
+}
+
+/// Queues DELIVERED receipts for the messages an ack newly delivered.
+fn queue_ack_receipts(view: &mut View<'_, '_>, acked: &Acked<'_>) -> Result<()> {
+    let user = acked.user;
+    let after = InboxSeq::new(inbox::state(view, user)?.delivered_up_to);
+    for (seq, entry) in inbox::entries_between(view, user, after, acked.up_to)? {
+        if already_read(view, user, seq)? {
+            continue; // the read already carried DELIVERED and READ
+        }
+        push_receipt(
+            view,
+            user,
+            &entry,
+            ReceiptState::Delivered,
+            acked.event.acked_at_ms,
+        )?;
+    }
+    Ok(())
+}
+
+/// Queues READ receipts (preceded by DELIVERED for undelivered ones) for the messages a read
+/// newly covers.
+fn queue_read_receipts(view: &mut View<'_, '_>, read: &Read<'_>) -> Result<()> {
+    let (user, conv, up_to) = (read.user, read.conversation, read.up_to);
+    let read_at_ms = read.event.read_at_ms;
+    let state = readstate::get(view, user, conv)?;
+    let delivered_up_to = inbox::state(view, user)?.delivered_up_to;
+    for (seq, position) in
+        readstate::positions_between(view, user, conv, InboxSeq::new(state.read_seq), up_to)?
+    {
+        if position.expired || position.pos <= state.read_pos {
+            continue;
+        }
+        let entry = inbox::entry(view, user, seq)?.expect("unexpired positions are in the inbox");
+        if seq.get() > delivered_up_to {
+            push_receipt(view, user, &entry, ReceiptState::Delivered, read_at_ms)?;
+        }
+        push_receipt(view, user, &entry, ReceiptState::Read, read_at_ms)?;
+    }
+    Ok(())
+}
+
+/// Deletes the entries to a destination up to the trimmed position.
+fn trim(view: &mut View<'_, '_>, trimmed: &Trimmed<'_>) -> Result<()> {
+    let (dest, up_to) = (trimmed.dest, trimmed.event.up_to);
+    let mut state = state(view, dest)?;
+    assert!(
+        up_to <= state.last_pos,
+        "trims never pass the last outbox position"
+    );
+    if up_to <= state.trimmed_up_to {
+        return Ok(()); // a retried trim
+    }
+    let mut pos = state.trimmed_up_to;
+    while pos < up_to {
+        pos = pos.checked_add(1).expect("bounded by up_to");
+        view.delete(keys::outbox_entry(view.shard(), dest, pos))?;
+    }
+    state.trimmed_up_to = up_to;
+    view.put(keys::outbox_state(view.shard(), dest), &state)
 }
 
 /// Returns whether inbox message `seq` of `user` is read (at or below its conversation's

@@ -5,21 +5,22 @@
 //! Invariants (asserted): a read names a stored message of that conversation; `read_pos` only
 //! moves forward (a read at or below it changes nothing); `expired_unread` never underflows.
 
-use courier_proto::pb::events::event::Kind;
 use courier_proto::pb::store::{ReadState, SeqPosition};
 use courier_proto::{ConversationId, InboxSeq, UserId};
 
-use super::{Projection, View, inbox};
+use super::{Decoded, Projection, View, inbox};
 use crate::error::Result;
 use crate::keys;
 
-fn user_id(raw: u64) -> UserId {
-    UserId::new(raw).expect("leader validated the user id")
-}
-
-fn conversation(wire: Option<&courier_proto::pb::events::Conversation>) -> ConversationId {
-    ConversationId::try_from(wire.expect("leader validated the conversation"))
-        .expect("leader validated the conversation")
+/// The conversation of a stored position (checked when the message was delivered).
+fn stored_conversation(position: &SeqPosition) -> ConversationId {
+    ConversationId::try_from(
+        position
+            .conversation
+            .as_ref()
+            .expect("positions name a conversation"),
+    )
+    .expect("stored conversations are valid")
 }
 
 /// Returns the read state of one conversation of `user`.
@@ -69,12 +70,8 @@ pub fn positions_between(
         .into_iter()
         .filter(|(_, position)| position.conversation.as_ref() == Some(&wire_conv))
         .map(|(key, position)| {
-            let seq = key
-                .get(key.len().saturating_sub(8)..)
-                .and_then(|bytes| bytes.try_into().ok())
-                .map(u64::from_be_bytes)
-                .expect("position keys end with the sequence");
-            (InboxSeq::new(seq), position)
+            let seq = keys::seq_position_seq(&key).expect("position keys end with the sequence");
+            (seq, position)
         })
         .collect())
 }
@@ -83,12 +80,11 @@ pub fn positions_between(
 ///
 /// # Errors
 /// A storage fault.
-pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
+pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
     let shard = view.shard();
     match event {
-        Kind::MessageDelivered(delivered) => {
-            let user = user_id(delivered.recipient_user);
-            let conv = conversation(delivered.conversation.as_ref());
+        Decoded::MessageDelivered(decoded) => {
+            let (user, conv, delivered) = (decoded.recipient, decoded.conversation, decoded.event);
             let seq = inbox::tail(view, user)?.next();
             let mut state = get(view, user, conv)?;
             state.count = state
@@ -106,13 +102,11 @@ pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
             )?;
             view.put(keys::read_state(shard, user, conv), &state)
         }
-        Kind::ReadUpTo(read) => {
-            let user = user_id(read.user);
-            let conv = conversation(read.conversation.as_ref());
-            let up_to = InboxSeq::new(read.up_to_seq);
+        Decoded::ReadUpTo(read) => {
+            let (user, conv, up_to) = (read.user, read.conversation, read.up_to);
             let target = position(view, user, up_to)?.expect("reads name a stored message");
             assert_eq!(
-                target.conversation, read.conversation,
+                target.conversation, read.event.conversation,
                 "reads name a message of their conversation"
             );
             let mut state = get(view, user, conv)?;
@@ -133,13 +127,12 @@ pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
             state.read_seq = up_to.get();
             view.put(keys::read_state(shard, user, conv), &state)
         }
-        Kind::MessageExpired(expired) => {
-            let user = user_id(expired.user);
-            let seq = InboxSeq::new(expired.seq);
+        Decoded::MessageExpired(expired) => {
+            let (user, seq) = (expired.user, expired.seq);
             let mut target = position(view, user, seq)?.expect("expiring messages have a position");
             assert!(!target.expired, "a message expires once");
             target.expired = true;
-            let conv = conversation(target.conversation.as_ref());
+            let conv = stored_conversation(&target);
             let mut state = get(view, user, conv)?;
             if target.pos > state.read_pos {
                 state.expired_unread = state.expired_unread.checked_add(1).expect("count overflow");
@@ -147,16 +140,16 @@ pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
             }
             view.put(keys::seq_position(shard, user, seq), &target)
         }
-        Kind::MessageSent(_)
-        | Kind::DeliveryAcked(_)
-        | Kind::ReceiptRecorded(_)
-        | Kind::OutboxTrimmed(_)
-        | Kind::UserRegistered(_)
-        | Kind::DeviceRegistered(_)
-        | Kind::DeviceRevoked(_)
-        | Kind::GroupCreated(_)
-        | Kind::MemberAdded(_)
-        | Kind::MemberRemoved(_) => Ok(()),
+        Decoded::MessageSent(_)
+        | Decoded::DeliveryAcked(_)
+        | Decoded::ReceiptRecorded(_)
+        | Decoded::OutboxTrimmed(_)
+        | Decoded::UserRegistered(_)
+        | Decoded::DeviceRegistered(_)
+        | Decoded::DeviceRevoked(_)
+        | Decoded::GroupCreated(_)
+        | Decoded::MemberAdded(_)
+        | Decoded::MemberRemoved(_) => Ok(()),
     }
 }
 
@@ -173,16 +166,7 @@ pub fn conversations(
     Ok(view
         .scan::<ReadState>(Projection::ReadState, &prefix, &end, usize::MAX)?
         .into_iter()
-        .filter_map(|(key, state)| {
-            let rest = key.get(prefix.len()..)?;
-            let id = u64::from_be_bytes(rest.get(1..9)?.try_into().ok()?);
-            let conversation = match rest.first()? {
-                1 => ConversationId::Direct(UserId::new(id)?),
-                2 => ConversationId::Group(courier_proto::GroupId::new(id)?),
-                _ => return None,
-            };
-            Some((conversation, state))
-        })
+        .filter_map(|(key, state)| Some((keys::read_state_conversation(&key)?, state)))
         .collect())
 }
 

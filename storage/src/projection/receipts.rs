@@ -6,22 +6,13 @@
 //! dispatcher), and the recipient's shard emits DELIVERED before READ for each message, so a
 //! receipt that does not move forward is a bug.
 
-use courier_proto::pb::events::event::Kind;
-use courier_proto::pb::events::{ReceiptState, conversation};
+use courier_proto::pb::events::ReceiptState;
 use courier_proto::pb::store::Receipt;
 use courier_proto::{MessageId, ReceiptFeedPosition, UserId};
 
-use super::{Projection, View};
+use super::{Decoded, Projection, Target, View};
 use crate::error::Result;
 use crate::keys;
-
-fn message_id(raw: &[u8]) -> MessageId {
-    MessageId::from_wire(raw, "message_id").expect("leader validated the message id")
-}
-
-fn user_id(raw: u64) -> UserId {
-    UserId::new(raw).expect("leader validated the user id")
-}
 
 /// Returns every recipient's receipt of one message, by recipient.
 ///
@@ -37,14 +28,7 @@ pub fn of_message(
     Ok(view
         .scan::<Receipt>(Projection::Receipts, &prefix, &end, usize::MAX)?
         .into_iter()
-        .filter_map(|(key, receipt)| {
-            let raw = key
-                .get(prefix.len()..)?
-                .try_into()
-                .ok()
-                .map(u64::from_be_bytes)?;
-            Some((UserId::new(raw)?, receipt))
-        })
+        .filter_map(|(key, receipt)| Some((keys::receipt_recipient(&key)?, receipt)))
         .collect())
 }
 
@@ -88,12 +72,9 @@ pub fn feed(
         .scan::<Receipt>(Projection::Receipts, &from, &to, limit)?
         .into_iter()
         .filter_map(|(key, receipt)| {
-            let rest = key.get(prefix.len()..)?;
-            let set_at = u64::from_be_bytes(rest.get(..8)?.try_into().ok()?);
-            let message = MessageId::from_bytes(rest.get(8..24)?.try_into().ok()?);
-            let recipient = UserId::new(u64::from_be_bytes(rest.get(24..32)?.try_into().ok()?))?;
+            let (set_at, message, recipient) = keys::receipt_feed_parts(&key)?;
             Some(FeedItem {
-                set_at: courier_proto::LogIndex::new(set_at),
+                set_at,
                 message,
                 recipient,
                 receipt,
@@ -128,44 +109,36 @@ fn record(
 ///
 /// # Errors
 /// A storage fault.
-pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
+pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
     let shard = view.shard();
     match event {
-        Kind::MessageSent(sent) => {
+        Decoded::MessageSent(sent) => {
             // A 1:1 message has one recipient; a group message one per member other than the
             // sender (members at this position: the epoch the message was accepted under).
-            let recipients: Vec<UserId> = match sent.to.as_ref().and_then(|to| to.with) {
-                Some(conversation::With::User(recipient)) => vec![user_id(recipient)],
-                Some(conversation::With::Group(group)) => super::groups::members(
-                    view,
-                    courier_proto::GroupId::new(group).expect("leader validated the group"),
-                )?
-                .into_iter()
-                .map(|(member, _)| member)
-                .filter(|member| member.get() != sent.sender_user)
-                .collect(),
+            let recipients: Vec<UserId> = match sent.to {
+                Some(Target::User(recipient, _)) => vec![recipient],
+                Some(Target::Group(group)) => super::groups::members(view, group)?
+                    .into_iter()
+                    .map(|(member, _)| member)
+                    .filter(|member| *member != sent.sender)
+                    .collect(),
                 None => return Ok(()),
             };
             let receipt = Receipt {
                 state: ReceiptState::Sent.into(),
-                at_ms: sent.sent_at_ms,
+                at_ms: sent.event.sent_at_ms,
             };
             for recipient in recipients {
-                record(
-                    view,
-                    user_id(sent.sender_user),
-                    message_id(&sent.message_id),
-                    recipient,
-                    &receipt,
-                )?;
+                record(view, sent.sender, sent.message, recipient, &receipt)?;
             }
             Ok(())
         }
-        Kind::ReceiptRecorded(recorded) => {
-            let (sender, message, recipient) = (
-                user_id(recorded.sender_user),
-                message_id(&recorded.message_id),
-                user_id(recorded.recipient_user),
+        Decoded::ReceiptRecorded(decoded) => {
+            let (sender, message, recipient, recorded) = (
+                decoded.sender,
+                decoded.message,
+                decoded.recipient,
+                decoded.event,
             );
             let key = keys::receipt(shard, sender, message, recipient);
             let old = view
@@ -184,16 +157,16 @@ pub fn apply(view: &mut View<'_, '_>, event: &Kind) -> Result<()> {
                 },
             )
         }
-        Kind::MessageDelivered(_)
-        | Kind::DeliveryAcked(_)
-        | Kind::ReadUpTo(_)
-        | Kind::OutboxTrimmed(_)
-        | Kind::UserRegistered(_)
-        | Kind::DeviceRegistered(_)
-        | Kind::DeviceRevoked(_)
-        | Kind::GroupCreated(_)
-        | Kind::MemberAdded(_)
-        | Kind::MemberRemoved(_)
-        | Kind::MessageExpired(_) => Ok(()),
+        Decoded::MessageDelivered(_)
+        | Decoded::DeliveryAcked(_)
+        | Decoded::ReadUpTo(_)
+        | Decoded::OutboxTrimmed(_)
+        | Decoded::UserRegistered(_)
+        | Decoded::DeviceRegistered(_)
+        | Decoded::DeviceRevoked(_)
+        | Decoded::GroupCreated(_)
+        | Decoded::MemberAdded(_)
+        | Decoded::MemberRemoved(_)
+        | Decoded::MessageExpired(_) => Ok(()),
     }
 }

@@ -29,11 +29,17 @@
 //! | groups | shard \| 2 \| group \| user | MemberRecord |
 //! | expiry | shard \| 1 \| stored_at_ms:u64 \| user \| seq | ExpiryEntry |
 //!
-//! Projection values are framed by `value.rs` (`set_at` index, then the message).
+//! Projection values are framed by `projection/view.rs` (`set_at` index, then the message).
+//! Each key kind that is scanned has its decoder in `read.rs`, re-exported here beside the
+//! encoders.
 
 use courier_proto::{
     ConversationId, DeviceId, GroupId, InboxSeq, LogIndex, MessageId, ShardId, UserId,
 };
+
+mod read;
+
+pub use self::read::*;
 
 /// Record tags inside the raftstate family.
 pub mod raft_tag {
@@ -421,52 +427,5 @@ pub fn expiry_prefix(shard: ShardId) -> Vec<u8> {
     KeyBuf::shard(shard).u8(tag::PRIMARY).done()
 }
 
-/// Decodes `(stored_at_ms, user, seq)` from an expiry key.
-pub fn expiry_parts(key: &[u8]) -> Option<(u64, UserId, InboxSeq)> {
-    let field = |at: usize| -> Option<u64> {
-        Some(u64::from_be_bytes(
-            key.get(at..at.checked_add(8)?)?.try_into().ok()?,
-        ))
-    };
-    Some((
-        field(3)?,
-        UserId::new(field(11)?)?,
-        InboxSeq::new(field(19)?),
-    ))
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn byte_order_is_numeric_order() {
-        let shard = ShardId::new(1);
-        let user = UserId::new(7).expect("nonzero");
-        let a = inbox_message(shard, user, InboxSeq::new(255));
-        let b = inbox_message(shard, user, InboxSeq::new(256));
-        assert!(a < b, "seq 255 sorts before 256");
-        let a = log_entry(shard, LogIndex::new(9));
-        let b = log_entry(ShardId::new(2), LogIndex::new(1));
-        assert!(a < b, "shards are contiguous ranges");
-        assert_eq!(
-            log_entry_index(&log_entry(shard, LogIndex::new(77))),
-            Some(LogIndex::new(77))
-        );
-    }
-
-    #[test]
-    fn prefix_end_carries() {
-        assert_eq!(prefix_end(&[1, 0xff]), Some(vec![2]));
-        assert_eq!(prefix_end(&[0xff, 0xff]), None);
-        let (start, end) = shard_range(ShardId::new(3));
-        assert_eq!((start, end), (vec![0, 3], vec![0, 4]));
-    }
-
-    #[test]
-    fn expiry_keys_decode() {
-        let user = UserId::new(5).expect("nonzero");
-        let key = expiry(ShardId::new(0), 1234, user, InboxSeq::new(9));
-        assert_eq!(expiry_parts(&key), Some((1234, user, InboxSeq::new(9))));
-    }
-}
+mod keys_test;

@@ -18,37 +18,14 @@ use crate::kv::{MemKv, Staged};
 use crate::projection::{Projection, View, outbox};
 use crate::shard::{Committed, ShardState};
 
+mod replay;
+mod rng;
+
+pub use self::replay::{append_and_apply, apply, records};
+pub use self::rng::Rng;
+
 /// Shards the generated histories talk to (the generated shard is one of them).
 pub const GEN_SHARDS: u16 = 3;
-
-/// A tiny deterministic PRNG (xorshift64*), so tests need no `rand` and replay from a seed.
-#[derive(Clone, Debug)]
-pub struct Rng(u64);
-
-impl Rng {
-    /// Seeds the generator (zero is remapped).
-    pub fn new(seed: u64) -> Self {
-        Self(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-
-    /// Returns the next value.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    /// Returns a value in `0..n` (`n > 0`).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-
-    /// Returns true with probability `percent`/100.
-    pub fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
 
 #[derive(Clone, Debug, Default)]
 struct UserModel {
@@ -445,64 +422,4 @@ impl EventGen {
             }))
         }
     }
-}
-
-/// Stored log records for `payloads` at consecutive indexes from `first` (term 1, no raft part).
-pub fn records(first: LogIndex, payloads: &[EntryPayload]) -> Vec<crate::LogRecord> {
-    use prost::Message as _;
-    payloads
-        .iter()
-        .enumerate()
-        .map(|(i, payload)| crate::LogRecord {
-            index: LogIndex::new(first.get() + i as u64),
-            term: 1,
-            payload: courier_proto::pb::store::LogEntry {
-                raft: Vec::new(),
-                events: Some(payload.clone()),
-            }
-            .encode_to_vec(),
-        })
-        .collect()
-}
-
-/// Does what a replica does with `payloads`: appends them to `log` (synced) after `state`'s
-/// applied index, then applies them in one batch and commits it. Returns the appended records.
-///
-/// # Panics
-/// On a storage fault (tests and benchmarks only).
-pub fn append_and_apply(
-    db: &crate::Db,
-    log: &crate::LogStore,
-    state: &mut ShardState,
-    payloads: &[EntryPayload],
-) -> Vec<crate::LogRecord> {
-    let records = records(state.applied.next(), payloads);
-    log.append(&records).expect("append");
-    apply(db, state, &records, payloads);
-    records
-}
-
-/// Applies already appended `records` (with their `payloads`) and commits the batch.
-///
-/// # Panics
-/// On a storage fault (tests and benchmarks only).
-pub fn apply(
-    db: &crate::Db,
-    state: &mut ShardState,
-    records: &[crate::LogRecord],
-    payloads: &[EntryPayload],
-) {
-    let committed: Vec<Committed<'_>> = records
-        .iter()
-        .zip(payloads)
-        .map(|(record, payload)| Committed {
-            index: record.index,
-            payload: Some(payload),
-        })
-        .collect();
-    let batch = state
-        .apply_batch(db, &committed, Vec::new())
-        .expect("apply");
-    db.commit(batch.changes, false).expect("commit");
-    *state = batch.next;
 }

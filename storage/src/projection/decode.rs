@@ -1,0 +1,414 @@
+//! Decoding a committed event into checked domain values, once, before any projection runs.
+//!
+//! The leader validates every event before proposing it, so a committed event that fails to
+//! decode here is a bug (or a log written by something else). The decision is made in one place,
+//! [`decode`], and returned as a [`DecodeError`] naming the field; [`super::apply_event`] is the
+//! one place that turns it into a panic, so every replica stops on the same entry.
+//!
+//! Each decoded variant keeps a reference to the wire event for the fields projections store as
+//! they are (contents, timestamps, the wire conversation), so stored values stay bit for bit what
+//! they were.
+
+use courier_proto::pb::events::conversation::With;
+use courier_proto::pb::events::event::Kind;
+use courier_proto::pb::events::{self, Conversation};
+use courier_proto::{
+    ConversationId, DeviceId, GroupId, InboxSeq, MessageId, ShardId, UserId, WireError,
+};
+
+/// A committed event that does not decode into domain values: which event, and which field.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{event} failed validation: {source}")]
+pub struct DecodeError {
+    /// The event's name (`MessageSent`, …).
+    pub event: &'static str,
+    /// The field and what is wrong with it.
+    #[source]
+    pub source: WireError,
+}
+
+/// Where a message goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// A 1:1 message to this user, on this shard (`recipient_shard`).
+    User(UserId, ShardId),
+    /// A group message.
+    Group(GroupId),
+}
+
+/// A decoded `MessageSent`.
+#[derive(Clone, Copy, Debug)]
+pub struct Sent<'e> {
+    /// The wire event.
+    pub event: &'e events::MessageSent,
+    /// The sender.
+    pub sender: UserId,
+    /// The sender's device.
+    pub device: DeviceId,
+    /// The message id.
+    pub message: MessageId,
+    /// Where it goes (`None` when the event names no conversation).
+    pub to: Option<Target>,
+}
+
+/// A decoded `MessageDelivered`.
+#[derive(Clone, Copy, Debug)]
+pub struct Delivered<'e> {
+    /// The wire event.
+    pub event: &'e events::MessageDelivered,
+    /// The recipient.
+    pub recipient: UserId,
+    /// The message id.
+    pub message: MessageId,
+    /// The conversation.
+    pub conversation: ConversationId,
+    /// For a forwarded copy (`source_pos > 0`): the source shard and the position in its outbox.
+    pub forwarded: Option<(ShardId, u64)>,
+}
+
+/// A decoded `DeliveryAcked`.
+#[derive(Clone, Copy, Debug)]
+pub struct Acked<'e> {
+    /// The wire event.
+    pub event: &'e events::DeliveryAcked,
+    /// The user.
+    pub user: UserId,
+    /// The acking device.
+    pub device: DeviceId,
+    /// Acked up to this sequence.
+    pub up_to: InboxSeq,
+}
+
+/// A decoded `ReadUpTo`.
+#[derive(Clone, Copy, Debug)]
+pub struct Read<'e> {
+    /// The wire event.
+    pub event: &'e events::ReadUpTo,
+    /// The reader.
+    pub user: UserId,
+    /// The conversation.
+    pub conversation: ConversationId,
+    /// Read up to this inbox sequence.
+    pub up_to: InboxSeq,
+}
+
+/// A decoded `ReceiptRecorded`.
+#[derive(Clone, Copy, Debug)]
+pub struct Receipt<'e> {
+    /// The wire event.
+    pub event: &'e events::ReceiptRecorded,
+    /// The message's sender.
+    pub sender: UserId,
+    /// The message.
+    pub message: MessageId,
+    /// The recipient whose copy moved.
+    pub recipient: UserId,
+    /// The recipient's shard, which forwarded the receipt.
+    pub source: ShardId,
+}
+
+/// A decoded `OutboxTrimmed`.
+#[derive(Clone, Copy, Debug)]
+pub struct Trimmed<'e> {
+    /// The wire event.
+    pub event: &'e events::OutboxTrimmed,
+    /// The destination whose queue is trimmed.
+    pub dest: ShardId,
+}
+
+/// A decoded `UserRegistered` or `DeviceRegistered` (the device id is assigned at apply).
+#[derive(Clone, Debug)]
+pub struct Registered<'e, E> {
+    /// The wire event.
+    pub event: &'e E,
+    /// The user.
+    pub user: UserId,
+}
+
+/// A decoded `DeviceRevoked`.
+#[derive(Clone, Copy, Debug)]
+pub struct Revoked<'e> {
+    /// The wire event.
+    pub event: &'e events::DeviceRevoked,
+    /// The user.
+    pub user: UserId,
+    /// The revoked device.
+    pub device: DeviceId,
+}
+
+/// A decoded `GroupCreated`.
+#[derive(Clone, Copy, Debug)]
+pub struct GroupCreated<'e> {
+    /// The wire event.
+    pub event: &'e events::GroupCreated,
+    /// The group.
+    pub group: GroupId,
+    /// Its creator (the first admin).
+    pub creator: UserId,
+    /// The creator's shard.
+    pub creator_shard: ShardId,
+}
+
+/// A decoded `MemberAdded` or `MemberRemoved`.
+#[derive(Clone, Debug)]
+pub struct Membership<'e, E> {
+    /// The wire event.
+    pub event: &'e E,
+    /// The group.
+    pub group: GroupId,
+    /// The member added or removed.
+    pub user: UserId,
+    /// Who did it; `None` for a zero id, which is never an admin (the group check refuses it).
+    pub by: Option<UserId>,
+}
+
+/// A decoded `MessageExpired`.
+#[derive(Clone, Copy, Debug)]
+pub struct Expired<'e> {
+    /// The wire event.
+    pub event: &'e events::MessageExpired,
+    /// The recipient.
+    pub user: UserId,
+    /// The expiring inbox sequence.
+    pub seq: InboxSeq,
+}
+
+/// One committed event with its ids checked.
+#[derive(Clone, Debug)]
+pub enum Decoded<'e> {
+    /// `MessageSent`.
+    MessageSent(Sent<'e>),
+    /// `MessageDelivered`.
+    MessageDelivered(Delivered<'e>),
+    /// `DeliveryAcked`.
+    DeliveryAcked(Acked<'e>),
+    /// `ReadUpTo`.
+    ReadUpTo(Read<'e>),
+    /// `ReceiptRecorded`.
+    ReceiptRecorded(Receipt<'e>),
+    /// `OutboxTrimmed`.
+    OutboxTrimmed(Trimmed<'e>),
+    /// `UserRegistered`.
+    UserRegistered(Registered<'e, events::UserRegistered>),
+    /// `DeviceRegistered`.
+    DeviceRegistered(Registered<'e, events::DeviceRegistered>),
+    /// `DeviceRevoked`.
+    DeviceRevoked(Revoked<'e>),
+    /// `GroupCreated`.
+    GroupCreated(GroupCreated<'e>),
+    /// `MemberAdded`.
+    MemberAdded(Membership<'e, events::MemberAdded>),
+    /// `MemberRemoved`.
+    MemberRemoved(Membership<'e, events::MemberRemoved>),
+    /// `MessageExpired`.
+    MessageExpired(Expired<'e>),
+}
+
+fn user(raw: u64, field: &'static str) -> Result<UserId, WireError> {
+    UserId::from_wire(raw, field)
+}
+
+fn shard(raw: u32, field: &'static str) -> Result<ShardId, WireError> {
+    u16::try_from(raw)
+        .map(ShardId::new)
+        .map_err(|_| WireError::OutOfRange {
+            field,
+            value: u64::from(raw),
+            min: 0,
+            max: u64::from(u16::MAX),
+        })
+}
+
+fn conversation(
+    wire: Option<&Conversation>,
+    field: &'static str,
+) -> Result<ConversationId, WireError> {
+    ConversationId::try_from(wire.ok_or(WireError::Missing { field })?)
+}
+
+fn sent(event: &events::MessageSent) -> Result<Sent<'_>, WireError> {
+    let to = match event.to.as_ref().and_then(|to| to.with) {
+        Some(With::User(recipient)) => Some(Target::User(
+            user(recipient, "to.user")?,
+            shard(event.recipient_shard, "recipient_shard")?,
+        )),
+        Some(With::Group(group)) => Some(Target::Group(GroupId::from_wire(group, "to.group")?)),
+        None => None,
+    };
+    Ok(Sent {
+        event,
+        sender: user(event.sender_user, "sender_user")?,
+        device: DeviceId::from_wire(event.sender_device, "sender_device")?,
+        message: MessageId::from_wire(&event.message_id, "message_id")?,
+        to,
+    })
+}
+
+fn delivered(event: &events::MessageDelivered) -> Result<Delivered<'_>, WireError> {
+    let forwarded = if event.source_pos > 0 {
+        Some((shard(event.source_shard, "source_shard")?, event.source_pos))
+    } else {
+        None
+    };
+    Ok(Delivered {
+        event,
+        recipient: user(event.recipient_user, "recipient_user")?,
+        message: MessageId::from_wire(&event.message_id, "message_id")?,
+        conversation: conversation(event.conversation.as_ref(), "conversation")?,
+        forwarded,
+    })
+}
+
+fn receipt(event: &events::ReceiptRecorded) -> Result<Receipt<'_>, WireError> {
+    Ok(Receipt {
+        event,
+        sender: user(event.sender_user, "sender_user")?,
+        message: MessageId::from_wire(&event.message_id, "message_id")?,
+        recipient: user(event.recipient_user, "recipient_user")?,
+        source: shard(event.source_shard, "source_shard")?,
+    })
+}
+
+fn membership<'e, E>(
+    event: &'e E,
+    group: u64,
+    member: u64,
+    by: u64,
+) -> Result<Membership<'e, E>, WireError> {
+    Ok(Membership {
+        event,
+        group: GroupId::from_wire(group, "group")?,
+        user: user(member, "user")?,
+        by: UserId::new(by),
+    })
+}
+
+/// The name of an event kind, for errors.
+pub fn kind_name(kind: &Kind) -> &'static str {
+    match kind {
+        Kind::MessageSent(_) => "MessageSent",
+        Kind::MessageDelivered(_) => "MessageDelivered",
+        Kind::DeliveryAcked(_) => "DeliveryAcked",
+        Kind::ReadUpTo(_) => "ReadUpTo",
+        Kind::ReceiptRecorded(_) => "ReceiptRecorded",
+        Kind::OutboxTrimmed(_) => "OutboxTrimmed",
+        Kind::UserRegistered(_) => "UserRegistered",
+        Kind::DeviceRegistered(_) => "DeviceRegistered",
+        Kind::DeviceRevoked(_) => "DeviceRevoked",
+        Kind::GroupCreated(_) => "GroupCreated",
+        Kind::MemberAdded(_) => "MemberAdded",
+        Kind::MemberRemoved(_) => "MemberRemoved",
+        Kind::MessageExpired(_) => "MessageExpired",
+    }
+}
+
+/// Decodes one committed event's ids into domain values.
+///
+/// Checks exactly what the projections rely on: non-zero user, device and group ids, 16-byte
+/// message ids, shard ids that fit `u16` where they are used, and a conversation where one is
+/// stored. Pure; the same event decodes the same way on every replica.
+///
+/// # Errors
+/// [`DecodeError`] naming the event and the field that does not decode.
+pub fn decode(kind: &Kind) -> Result<Decoded<'_>, DecodeError> {
+    decode_fields(kind).map_err(|source| DecodeError {
+        event: kind_name(kind),
+        source,
+    })
+}
+
+fn decode_fields(kind: &Kind) -> Result<Decoded<'_>, WireError> {
+    Ok(match kind {
+        Kind::MessageSent(event) => Decoded::MessageSent(sent(event)?),
+        Kind::MessageDelivered(event) => Decoded::MessageDelivered(delivered(event)?),
+        Kind::DeliveryAcked(event) => Decoded::DeliveryAcked(Acked {
+            event,
+            user: user(event.user, "user")?,
+            device: DeviceId::from_wire(event.device, "device")?,
+            up_to: InboxSeq::new(event.up_to_seq),
+        }),
+        Kind::ReadUpTo(event) => Decoded::ReadUpTo(Read {
+            event,
+            user: user(event.user, "user")?,
+            conversation: conversation(event.conversation.as_ref(), "conversation")?,
+            up_to: InboxSeq::new(event.up_to_seq),
+        }),
+        Kind::ReceiptRecorded(event) => Decoded::ReceiptRecorded(receipt(event)?),
+        Kind::OutboxTrimmed(event) => Decoded::OutboxTrimmed(Trimmed {
+            event,
+            dest: shard(event.dest_shard, "dest_shard")?,
+        }),
+        Kind::UserRegistered(event) => Decoded::UserRegistered(Registered {
+            event,
+            user: user(event.user, "user")?,
+        }),
+        Kind::DeviceRegistered(event) => Decoded::DeviceRegistered(Registered {
+            event,
+            user: user(event.user, "user")?,
+        }),
+        Kind::DeviceRevoked(event) => Decoded::DeviceRevoked(Revoked {
+            event,
+            user: user(event.user, "user")?,
+            device: DeviceId::from_wire(event.device, "device")?,
+        }),
+        Kind::GroupCreated(event) => Decoded::GroupCreated(GroupCreated {
+            event,
+            // Stored in the member record, where group fan-out reads it back.
+            creator_shard: shard(event.creator_shard, "creator_shard")?,
+            group: GroupId::from_wire(event.group, "group")?,
+            creator: user(event.creator, "creator")?,
+        }),
+        Kind::MemberAdded(event) => {
+            // Stored in the member record, where group fan-out reads it back.
+            shard(event.user_shard, "user_shard")?;
+            Decoded::MemberAdded(membership(event, event.group, event.user, event.by)?)
+        }
+        Kind::MemberRemoved(event) => {
+            Decoded::MemberRemoved(membership(event, event.group, event.user, event.by)?)
+        }
+        Kind::MessageExpired(event) => Decoded::MessageExpired(Expired {
+            event,
+            user: user(event.user, "user")?,
+            seq: InboxSeq::new(event.seq),
+        }),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A zero sender is refused by name, not decoded.
+    #[test]
+    fn zero_ids_are_named() {
+        let kind = Kind::MessageSent(events::MessageSent {
+            message_id: vec![1; 16],
+            sender_device: 1,
+            ..Default::default()
+        });
+        let error = decode(&kind).unwrap_err();
+        assert_eq!(error.event, "MessageSent");
+        assert_eq!(
+            error.source,
+            WireError::Zero {
+                field: "sender_user"
+            }
+        );
+    }
+
+    /// A shard id past `u16` is out of range.
+    #[test]
+    fn oversized_shards_are_refused() {
+        let kind = Kind::OutboxTrimmed(events::OutboxTrimmed {
+            dest_shard: 70_000,
+            up_to: 1,
+        });
+        assert!(matches!(
+            decode(&kind).unwrap_err().source,
+            WireError::OutOfRange {
+                field: "dest_shard",
+                ..
+            }
+        ));
+    }
+}

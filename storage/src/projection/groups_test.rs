@@ -1,0 +1,169 @@
+//! Groups tables: fan-out follows the membership; refused events change nothing.
+
+// Test arithmetic works on small generated values; overflow would be a test bug.
+#![allow(clippy::arithmetic_side_effects, clippy::as_conversions)]
+
+use std::collections::BTreeMap;
+
+use courier_proto::pb::events::event::Kind;
+use courier_proto::pb::events::{self};
+use courier_proto::{ConversationId, LogIndex, ShardId, UserId};
+
+use super::projection_test::{SHARD, apply_one};
+use crate::kv::{MemKv, Staged};
+use crate::projection::{Applied, Projection, View};
+use crate::shard::ShardState;
+
+fn group_send(client_msg_id: &str, id: u8, sender: u64, epoch: u64) -> Kind {
+    Kind::MessageSent(events::MessageSent {
+        message_id: vec![id; 16],
+        sender_user: sender,
+        sender_device: 1,
+        client_msg_id: client_msg_id.to_owned(),
+        to: Some(ConversationId::Group(courier_proto::GroupId::new(77).expect("nonzero")).into()),
+        content: Some(events::Content {
+            body: b"to the group".to_vec(),
+            media: None,
+        }),
+        sent_at_ms: 50,
+        recipient_shard: u32::from(SHARD.get()),
+        group_epoch: epoch,
+        trace_parent: String::new(),
+    })
+}
+
+fn member_added(user: u64, by: u64, user_shard: u32) -> Kind {
+    Kind::MemberAdded(events::MemberAdded {
+        group: 77,
+        user,
+        by,
+        admin: false,
+        at_ms: 1,
+        user_shard,
+    })
+}
+
+/// A group message is stored once: members on the group's shard get a pointer in their inbox
+/// in the same entry, members elsewhere a pointer through the outbox, each with a SENT receipt;
+/// a removed member gets nothing later; refused events (non-admin adds, non-member sends, a stale
+/// epoch) change nothing.
+#[test]
+#[allow(
+    clippy::too_many_lines,
+    reason = "one membership story in linear phases: each phase reads the state the previous one left"
+)]
+fn group_fan_out_follows_the_membership() {
+    let mut kv = MemKv::default();
+    let mut state = ShardState::empty(SHARD);
+    let created = apply_one(
+        &mut kv,
+        &mut state,
+        vec![
+            Kind::GroupCreated(events::GroupCreated {
+                group: 77,
+                creator: 1,
+                name: "g".to_owned(),
+                at_ms: 1,
+                creator_shard: u32::from(SHARD.get()),
+            }),
+            member_added(2, 1, u32::from(SHARD.get())),
+            member_added(3, 1, 9),
+            member_added(4, 2, 9),
+        ],
+    );
+    assert_eq!(created[..3], [Applied::Done, Applied::Done, Applied::Done]);
+    assert!(
+        matches!(
+            created[3],
+            Applied::Rejected {
+                code: "COURIER:Group:NotAdmin",
+                ..
+            }
+        ),
+        "{:?}",
+        created[3]
+    );
+    let before = state.digests.clone();
+    let refused = apply_one(
+        &mut kv,
+        &mut state,
+        vec![group_send("x", 9, 4, 3), group_send("y", 9, 1, 2)],
+    );
+    assert!(matches!(
+        refused[0],
+        Applied::Rejected {
+            code: "COURIER:Group:NotMember",
+            ..
+        }
+    ));
+    assert!(matches!(
+        refused[1],
+        Applied::Rejected {
+            code: "COURIER:Group:EpochChanged",
+            ..
+        }
+    ));
+    assert_eq!(state.digests, before, "refusals change nothing");
+
+    let sent_at = state.applied.next();
+    let sent = apply_one(&mut kv, &mut state, vec![group_send("a", 1, 1, 3)]);
+    assert!(matches!(
+        sent[0],
+        Applied::Sent {
+            duplicate: false,
+            ..
+        }
+    ));
+    let mut staged = Staged::new(&kv, BTreeMap::new());
+    let view = View::new(&mut staged, SHARD, LogIndex::ZERO, Projection::Inbox);
+    let two = UserId::new(2).expect("nonzero");
+    let entry = crate::projection::inbox::entry(&view, two, courier_proto::InboxSeq::new(1))
+        .expect("memory")
+        .expect("user 2, on the group's shard, has it");
+    assert_eq!(entry.content, None, "a pointer, not a copy");
+    assert_eq!(entry.group_index, sent_at.get());
+    assert_eq!(entry.source_shard, u32::from(SHARD.get()));
+    let pending =
+        crate::projection::outbox::pending(&view, ShardId::new(9), 1, 100).expect("memory");
+    assert_eq!(pending.len(), 1, "one pointer to user 3's shard");
+    let receipts = crate::projection::receipts::of_message(
+        &view,
+        UserId::new(1).expect("nonzero"),
+        courier_proto::MessageId::from_bytes([1; 16]),
+    )
+    .expect("memory");
+    let recipients: Vec<u64> = receipts.iter().map(|(u, _)| u.get()).collect();
+    assert_eq!(
+        recipients,
+        vec![2, 3],
+        "SENT for every member but the sender"
+    );
+    drop(staged);
+
+    apply_one(
+        &mut kv,
+        &mut state,
+        vec![Kind::MemberRemoved(events::MemberRemoved {
+            group: 77,
+            user: 3,
+            by: 1,
+            at_ms: 2,
+        })],
+    );
+    apply_one(&mut kv, &mut state, vec![group_send("b", 2, 1, 4)]);
+    let mut staged = Staged::new(&kv, BTreeMap::new());
+    let view = View::new(&mut staged, SHARD, LogIndex::ZERO, Projection::Outbox);
+    let pending =
+        crate::projection::outbox::pending(&view, ShardId::new(9), 1, 100).expect("memory");
+    assert_eq!(pending.len(), 1, "nothing more for the removed member");
+    let receipts = crate::projection::receipts::of_message(
+        &view,
+        UserId::new(1).expect("nonzero"),
+        courier_proto::MessageId::from_bytes([2; 16]),
+    )
+    .expect("memory");
+    assert_eq!(receipts.len(), 1, "only user 2 is a recipient now");
+    let groups = crate::projection::groups::groups_of(&view, UserId::new(3).expect("nonzero"))
+        .expect("memory");
+    assert!(groups.is_empty(), "user 3 left the group's index");
+}

@@ -1,0 +1,257 @@
+//! Inbox, read state, cursors and dedup tables: given events, the expected views, and the
+//! invalid sequences that must panic.
+
+// Test arithmetic works on small generated values; overflow would be a test bug.
+#![allow(clippy::arithmetic_side_effects, clippy::as_conversions)]
+
+use std::collections::BTreeMap;
+
+use courier_proto::pb::events::event::Kind;
+use courier_proto::pb::events::{self, ReceiptState};
+use courier_proto::{ConversationId, LogIndex, UserId};
+
+use super::projection_test::{
+    SHARD, apply_one, delivered, direct, sent_event, tracing_phase, view_of,
+};
+use crate::cf::Cf;
+use crate::kv::{MemKv, ReadKv, Staged};
+use crate::projection::{Applied, Projection, View, readstate};
+use crate::shard::ShardState;
+
+/// Inbox sequences are dense, unread counts exact, receipts go out once and in order.
+#[test]
+#[allow(
+    clippy::too_many_lines,
+    reason = "one story in linear phases: each phase reads the state the previous one left"
+)]
+fn inbox_readstate_and_receipts_table() {
+    let mut kv = MemKv::default();
+    let mut state = ShardState::empty(SHARD);
+    tracing_phase("three messages from user 2 and one from user 3 land in user 1's inbox");
+    let results = apply_one(
+        &mut kv,
+        &mut state,
+        vec![
+            delivered(1, 2, 1),
+            delivered(1, 2, 2),
+            delivered(1, 3, 3),
+            delivered(1, 2, 4),
+        ],
+    );
+    let seqs: Vec<u64> = results
+        .iter()
+        .map(|r| match r {
+            Applied::Stored {
+                seq,
+                duplicate: false,
+                ..
+            } => seq.get(),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4], "sequences are dense and start at 1");
+    tracing_phase("the same message id again is a duplicate and changes nothing");
+    let before = kv.clone();
+    let again = apply_one(&mut kv, &mut state, vec![delivered(1, 2, 2)]);
+    assert_eq!(
+        again,
+        vec![Applied::Stored {
+            user: UserId::new(1).expect("nonzero"),
+            seq: courier_proto::InboxSeq::new(2),
+            duplicate: true
+        }]
+    );
+    assert_eq!(
+        before
+            .scan(Cf::Projection(Projection::Inbox), &[], &[0xff], usize::MAX)
+            .expect("memory"),
+        kv.scan(Cf::Projection(Projection::Inbox), &[], &[0xff], usize::MAX)
+            .expect("memory"),
+        "a duplicate changes no inbox entry"
+    );
+    tracing_phase("reading the conversation with user 2 up to seq 2 leaves 1 unread there");
+    apply_one(
+        &mut kv,
+        &mut state,
+        vec![Kind::ReadUpTo(events::ReadUpTo {
+            user: 1,
+            conversation: direct(2),
+            up_to_seq: 2,
+            read_at_ms: 20,
+        })],
+    );
+    let mut staged = Staged::new(&kv, BTreeMap::new());
+    let view = view_of(&mut staged);
+    let with_2 = readstate::get(
+        &view,
+        UserId::new(1).expect("nonzero"),
+        ConversationId::Direct(UserId::new(2).expect("nonzero")),
+    )
+    .expect("memory");
+    assert_eq!(readstate::unread(&with_2), 1);
+    let with_3 = readstate::get(
+        &view,
+        UserId::new(1).expect("nonzero"),
+        ConversationId::Direct(UserId::new(3).expect("nonzero")),
+    )
+    .expect("memory");
+    assert_eq!(readstate::unread(&with_3), 1);
+    tracing_phase("the unread message from user 3 expires: its conversation has 0 unread");
+    apply_one(
+        &mut kv,
+        &mut state,
+        vec![Kind::MessageExpired(events::MessageExpired {
+            user: 1,
+            seq: 3,
+            message_id: vec![3; 16],
+            at_ms: 30,
+        })],
+    );
+    let mut staged = Staged::new(&kv, BTreeMap::new());
+    let view = view_of(&mut staged);
+    let with_3 = readstate::get(
+        &view,
+        UserId::new(1).expect("nonzero"),
+        ConversationId::Direct(UserId::new(3).expect("nonzero")),
+    )
+    .expect("memory");
+    assert_eq!(
+        readstate::unread(&with_3),
+        0,
+        "expired unread messages are not unread"
+    );
+    tracing_phase("expiring it again, or a seq under another message id, changes nothing");
+    let before = state.digests.clone();
+    apply_one(
+        &mut kv,
+        &mut state,
+        vec![Kind::MessageExpired(events::MessageExpired {
+            user: 1,
+            seq: 3,
+            message_id: vec![3; 16],
+            at_ms: 31,
+        })],
+    );
+    apply_one(
+        &mut kv,
+        &mut state,
+        vec![Kind::MessageExpired(events::MessageExpired {
+            user: 1,
+            seq: 4,
+            message_id: vec![9; 16],
+            at_ms: 31,
+        })],
+    );
+    assert_eq!(state.digests, before, "a stale expiry is a no-op");
+    tracing_phase("outbox: the read emitted DELIVERED+READ for seqs 1 and 2, to this shard");
+    let mut staged = Staged::new(&kv, BTreeMap::new());
+    let view = View::new(&mut staged, SHARD, LogIndex::ZERO, Projection::Outbox);
+    let pending = crate::projection::outbox::pending(&view, SHARD, 1, 100).expect("memory");
+    let states: Vec<(u8, i32)> = pending
+        .iter()
+        .map(|(_, event)| match &event.kind {
+            Some(Kind::ReceiptRecorded(r)) => (r.message_id[0], r.state),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    let (d, r) = (
+        i32::from(ReceiptState::Delivered),
+        i32::from(ReceiptState::Read),
+    );
+    assert_eq!(states, vec![(1, d), (1, r), (2, d), (2, r)]);
+    tracing_phase("a device acks up to 4: only seq 4 gets DELIVERED (1, 2 were read, 3 expired)");
+    apply_one(
+        &mut kv,
+        &mut state,
+        vec![Kind::DeliveryAcked(events::DeliveryAcked {
+            user: 1,
+            device: 1,
+            up_to_seq: 4,
+            acked_at_ms: 40,
+            trim_delivered: false,
+        })],
+    );
+    let mut staged = Staged::new(&kv, BTreeMap::new());
+    let view = View::new(&mut staged, SHARD, LogIndex::ZERO, Projection::Outbox);
+    let pending = crate::projection::outbox::pending(&view, SHARD, 5, 100).expect("memory");
+    assert_eq!(pending.len(), 1, "one new receipt");
+}
+
+#[test]
+#[should_panic(expected = "acks never pass the inbox tail")]
+fn ack_past_tail_panics() {
+    let mut kv = MemKv::default();
+    let mut state = ShardState::empty(SHARD);
+    apply_one(&mut kv, &mut state, vec![delivered(1, 2, 1)]);
+    apply_one(
+        &mut kv,
+        &mut state,
+        vec![Kind::DeliveryAcked(events::DeliveryAcked {
+            user: 1,
+            device: 1,
+            up_to_seq: 2,
+            acked_at_ms: 1,
+            trim_delivered: false,
+        })],
+    );
+}
+
+#[test]
+fn dedup_returns_the_first_result() {
+    let mut kv = MemKv::default();
+    let mut state = ShardState::empty(SHARD);
+    let sent = |id: u8| sent_event(id, "same", 0, u64::from(id));
+    let first = apply_one(&mut kv, &mut state, vec![sent(1)]);
+    let before = kv.clone();
+    let second = apply_one(&mut kv, &mut state, vec![sent(2)]);
+    match (&first[0], &second[0]) {
+        (
+            Applied::Sent {
+                result: a,
+                duplicate: false,
+            },
+            Applied::Sent {
+                result: b,
+                duplicate: true,
+            },
+        ) => {
+            assert_eq!(a, b, "the retry gets the first result");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    for projection in Projection::ALL {
+        let cf = Cf::Projection(projection);
+        assert_eq!(
+            before.scan(cf, &[], &[0xff], usize::MAX).expect("memory"),
+            kv.scan(cf, &[], &[0xff], usize::MAX).expect("memory"),
+            "a retried send changes nothing in {}",
+            projection.name()
+        );
+    }
+}
+
+/// A send within one shard stores the message in the recipient's inbox in the same entry; its
+/// retry (same client id, new message id) stores nothing.
+#[test]
+fn same_shard_send_stores_once() {
+    let mut kv = MemKv::default();
+    let mut state = ShardState::empty(SHARD);
+    let sent = |id: u8| sent_event(id, "only-once", u32::from(SHARD.get()), 5);
+    apply_one(&mut kv, &mut state, vec![sent(1)]);
+    apply_one(&mut kv, &mut state, vec![sent(2)]);
+    let mut staged = Staged::new(&kv, BTreeMap::new());
+    let view = View::new(&mut staged, SHARD, LogIndex::ZERO, Projection::Inbox);
+    let user = UserId::new(2).expect("nonzero");
+    assert_eq!(
+        crate::projection::inbox::tail(&view, user)
+            .expect("memory")
+            .get(),
+        1,
+        "stored once"
+    );
+    let entry = crate::projection::inbox::entry(&view, user, courier_proto::InboxSeq::new(1))
+        .expect("memory")
+        .expect("stored");
+    assert_eq!(entry.message_id, vec![1; 16], "the first send's message");
+    assert_eq!(entry.stored_at_ms, 5, "stored when it was sent");
+}
