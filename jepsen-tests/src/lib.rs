@@ -4,6 +4,7 @@
 //! ```text
 //!  scenario ─┬─ net       bridge + one netns per node, nftables partitions
 //!            ├─ nodes     courier-node processes: start, SIGKILL, SIGSTOP/SIGCONT, crash watch
+//!            │            (config from node_config: docs/node-config.template.toml)
 //!            ├─ admin     InitCluster, Status (leaders, convergence), VerifyProjection
 //!            ├─ workload  users × 2 devices, send workers, device streams, final drain
 //!            ├─ nemesis   the fault schedule
@@ -28,6 +29,9 @@ pub mod checker;
 pub mod history;
 pub mod nemesis;
 pub mod net;
+pub mod node_config;
+#[cfg(test)]
+mod node_config_test;
 pub mod nodes;
 pub mod recorder;
 pub mod scenario;
