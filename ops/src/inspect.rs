@@ -160,7 +160,7 @@ fn scan_log(
     let (Some(first), Some(last)) = (log.first_index()?, log.last()?) else {
         return Ok(());
     };
-    let bar = crate::jobs::replay_bar(last.index.get(), &format!("scan shard {}", shard.get()));
+    let bar = crate::progress::replay_bar(last.index.get(), &format!("scan shard {}", shard.get()));
     let mut at = first;
     while at <= last.index {
         let until = at

@@ -16,6 +16,7 @@ mod inspect;
 mod jobs;
 mod offline;
 mod online;
+mod progress;
 
 /// Operate a courier cluster.
 #[derive(Debug, Parser)]
