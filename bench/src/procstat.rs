@@ -5,7 +5,34 @@
 
 use std::time::{Duration, Instant};
 
-use crate::stats::{MachineUsage, ProcessUsage};
+use serde::{Deserialize, Serialize};
+
+/// CPU and memory of one server process over the measured window.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub(crate) struct ProcessUsage {
+    /// The process id.
+    pub(crate) pid: u32,
+    /// CPU time over the window divided by its length, percent of one core.
+    pub(crate) cpu_pct: f64,
+    /// Largest resident set size sampled during the window, MiB.
+    pub(crate) rss_max_mib: f64,
+    /// Resident set size at the end of the window, MiB.
+    pub(crate) rss_end_mib: f64,
+}
+
+/// The whole machine's CPU over the measured window (from `/proc/stat`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub(crate) struct MachineUsage {
+    /// Busy CPU over the window, percent of one core (200 = both cores of a 2-core machine).
+    pub(crate) busy_pct: f64,
+    /// This benchmark process's own CPU, percent of one core.
+    pub(crate) bench_pct: f64,
+    /// Busy CPU not spent by the servers measured nor by the benchmark: other load on the
+    /// machine (builds, other tests), percent of one core.
+    pub(crate) other_pct: f64,
+    /// `/proc/loadavg` when the run started.
+    pub(crate) loadavg_start: String,
+}
 
 /// How often resident set sizes are polled during a window.
 pub(crate) const RSS_POLL: Duration = Duration::from_millis(500);

@@ -16,6 +16,8 @@ use anyhow::Context as _;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
+use crate::procstat::{MachineUsage, ProcessUsage, Sampler};
+
 /// Largest latency a histogram records, microseconds (longer samples are clamped to it).
 pub(crate) const LATENCY_US_MAX: u64 = 120_000_000;
 /// Significant figures kept by every histogram.
@@ -180,33 +182,6 @@ impl Latency {
             mean_ms: h.mean() / 1000.0,
         }
     }
-}
-
-/// CPU and memory of one server process over the measured window.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub(crate) struct ProcessUsage {
-    /// The process id.
-    pub(crate) pid: u32,
-    /// CPU time over the window divided by its length, percent of one core.
-    pub(crate) cpu_pct: f64,
-    /// Largest resident set size sampled during the window, MiB.
-    pub(crate) rss_max_mib: f64,
-    /// Resident set size at the end of the window, MiB.
-    pub(crate) rss_end_mib: f64,
-}
-
-/// The whole machine's CPU over the measured window (from `/proc/stat`).
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub(crate) struct MachineUsage {
-    /// Busy CPU over the window, percent of one core (200 = both cores of a 2-core machine).
-    pub(crate) busy_pct: f64,
-    /// This benchmark process's own CPU, percent of one core.
-    pub(crate) bench_pct: f64,
-    /// Busy CPU not spent by the servers measured nor by the benchmark: other load on the
-    /// machine (builds, other tests), percent of one core.
-    pub(crate) other_pct: f64,
-    /// `/proc/loadavg` when the run started.
-    pub(crate) loadavg_start: String,
 }
 
 /// Courier's raft log appends over the measured window, summed over every shard of a node.
@@ -377,7 +352,7 @@ pub(crate) async fn measure_workers(
     what: &str,
 ) -> anyhow::Result<(Tally, (Vec<ProcessUsage>, MachineUsage))> {
     tokio::time::sleep_until(window.measure_from.into()).await;
-    let mut sampler = crate::procstat::Sampler::start(pids);
+    let mut sampler = Sampler::start(pids);
     sampler.poll_until(window.until).await;
     let usage = sampler.finish();
     let mut tally = Tally::new();

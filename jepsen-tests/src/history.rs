@@ -368,3 +368,51 @@ impl<W: Write> HistoryWriter<W> {
         self.out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{HistoryError, HistoryWriter, parse_jsonl, read_jsonl};
+    use crate::checker::fixture::clean;
+
+    /// Goal: every record type survives a JSON-lines round trip, in the documented shape.
+    #[test]
+    fn history_round_trips_through_json_lines() {
+        let history = clean().history();
+        let mut writer = HistoryWriter::new(Vec::new());
+        for record in &history.records {
+            writer.append(record).unwrap();
+        }
+        let bytes = writer.into_inner();
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        assert_eq!(
+            text.lines().count(),
+            history.records.len(),
+            "one line per record"
+        );
+        assert!(text.contains(r#""type":"invoke""#), "{text}");
+        assert!(
+            text.contains(r#""outcome":{"status":"ok","message_id":"m01"}"#),
+            "{text}"
+        );
+        assert!(text.contains(r#""state":"read""#), "{text}");
+        assert_eq!(parse_jsonl(bytes.as_slice()).unwrap(), history);
+
+        let path =
+            std::env::temp_dir().join(format!("courier-history-{}.jsonl", std::process::id()));
+        std::fs::write(&path, &bytes).unwrap();
+        let read = read_jsonl(&path);
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(read.unwrap(), history);
+    }
+
+    /// Goal: a bad line is an error naming the line, not a silently shorter history.
+    #[test]
+    fn bad_line_is_a_parse_error_with_its_number() {
+        let text = "{\"type\":\"fault\",\"time_ms\":1,\"description\":\"heal\"}\n\n{\"type\":\"inv";
+        let error = parse_jsonl(text.as_bytes()).unwrap_err();
+        assert!(
+            matches!(error, HistoryError::Parse { line: 3, .. }),
+            "{error}"
+        );
+    }
+}

@@ -23,6 +23,7 @@ use std::process::{Child, Command, Stdio};
 use anyhow::{Context as _, bail};
 
 use crate::net::{Network, sh};
+use crate::node_config::NodeConfig;
 
 /// Client API port inside every node's namespace.
 pub const CLIENT_PORT: u16 = 7001;
@@ -31,17 +32,9 @@ pub const PEER_PORT: u16 = 7101;
 /// Metrics port inside every node's namespace.
 pub const METRICS_PORT: u16 = 7201;
 
-/// Log entries between snapshots. High enough that no run purges its log: `VerifyProjection`
-/// replays a shard's whole log and refuses (`COURIER:Log:Purged`) once a snapshot purged its
-/// beginning, and the checker requires every replica verified.
-const SNAPSHOT_LOGS_SINCE_LAST: u64 = 1_000_000;
-
 /// libfaketime, multithreaded build (Debian package `libfaketime`): preloaded into every node of
 /// a run with clock faults, reading its offset from the node's `faketime.rc`.
 pub const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
-
-/// Per-device sends per second granted to the workload (the default 20/s would throttle it).
-const SENDS_PER_SECOND_PER_DEVICE: u32 = 1_000;
 
 /// Where and how one node runs.
 #[derive(Clone, Debug)]
@@ -87,49 +80,25 @@ impl NodeSpec {
         format!("{}:{PEER_PORT}", self.ip)
     }
 
-    /// The node's config: fixed addresses, fast raft timing (as the node's own multi-process
-    /// tests use), no snapshots within a run (see `SNAPSHOT_LOGS_SINCE_LAST`), limits raised
-    /// so the workload is never throttled, and delivered bodies kept on the server
-    /// (`keep-delivered`): the final drain re-reads every inbox from seq 1, which the
-    /// server-centric default (bodies trimmed once every device acked) would leave empty.
+    /// The node's config (`docs/node-config.template.toml`): fixed addresses, fast raft timing
+    /// (as the node's own multi-process tests use), and out of the workload's way
+    /// ([`NodeConfig::for_workload`]: limits raised, no snapshots within a run, delivered bodies
+    /// kept for the final drain).
     pub fn config_text(&self) -> String {
-        format!(
-            r#"# Written by courier-jepsen.
-node-id = {id}
-data-dir = "{data}"
-
-[listen]
-client = "{ip}:{CLIENT_PORT}"
-peer = "{ip}:{PEER_PORT}"
-metrics = "{ip}:{METRICS_PORT}"
-
-[raft]
-heartbeat = "50ms"
-election-timeout-min = "300ms"
-election-timeout-max = "600ms"
-rpc-timeout = "1s"
-snapshot-logs-since-last = {SNAPSHOT_LOGS_SINCE_LAST}
-logs-to-keep = 50
-
-[limits]
-sends-per-second-per-device = {SENDS_PER_SECOND_PER_DEVICE}
-send-burst-per-device = {SENDS_PER_SECOND_PER_DEVICE}
-code-requests-per-hour-per-phone = 1000
-code-request-burst-per-phone = 100
-register-attempts-per-hour-per-phone = 1000
-register-attempt-burst-per-phone = 100
-
-[retention]
-keep-delivered = true
-
-[log]
-format = "json"
-level = "info"
-"#,
-            id = self.id,
-            data = self.data_dir().display(),
-            ip = self.ip,
-        )
+        let text = NodeConfig::new(self.id, &self.data_dir())
+            .set("client", self.client_addr())
+            .set("peer", self.peer_addr())
+            .set("metrics", format!("{}:{METRICS_PORT}", self.ip))
+            .set("heartbeat", "50ms")
+            .set("election_timeout_min", "300ms")
+            .set("election_timeout_max", "600ms")
+            .set("rpc_timeout", "1s")
+            .set("logs_to_keep", 50)
+            .for_workload()
+            .set("log_format", "json")
+            .set("log_level", "info")
+            .text();
+        format!("# Written by courier-jepsen.\n{text}")
     }
 }
 

@@ -127,6 +127,20 @@ fn short(id: &[u8]) -> String {
 /// # Errors
 /// Any RPC failure, with context.
 pub(crate) async fn run(demo: Demo) -> anyhow::Result<()> {
+    let (alice, bob) = register_both(&demo).await?;
+    let (mut alice_frames, _alice_out) = open(&demo.alice_node.0, &alice, 0).await?;
+    let mut messaging = MessagingClient::new(channel(&demo.alice_node.0).await?);
+    println!("demo: bob is offline; alice sends 3 messages");
+    send_three(&mut messaging, &alice, &bob).await?;
+    println!("demo: bob connects, receives, acks and reads");
+    let (mut bob_frames, bob_out) = open(&demo.bob_node.0, &bob, 0).await?;
+    let last = receive_ack_read(&mut bob_frames, &bob_out, &alice).await?;
+    await_read_receipts(&mut alice_frames).await?;
+    latency(&demo, &alice, &bob, &mut messaging, &mut bob_frames, last).await
+}
+
+/// Registers alice and bob, with phone numbers that hash to different shards.
+async fn register_both(demo: &Demo) -> anyhow::Result<(User, User)> {
     let alice_phone = "+15550100001".to_owned();
     let alice_shard = shard_of(user_of_phone(&alice_phone), demo.shards);
     let bob_phone = (2..1000)
@@ -150,10 +164,15 @@ pub(crate) async fn run(demo: Demo) -> anyhow::Result<()> {
         bob.id,
         shard_of(user_of_phone(&bob_phone), demo.shards).get()
     );
-    let (mut alice_frames, _alice_out) = open(&demo.alice_node.0, &alice, 0).await?;
-    let mut messaging = MessagingClient::new(channel(&demo.alice_node.0).await?);
-    println!("demo: bob is offline; alice sends 3 messages");
-    let mut ids = Vec::new();
+    Ok((alice, bob))
+}
+
+/// Alice sends bob three messages.
+async fn send_three(
+    messaging: &mut MessagingClient<Channel>,
+    alice: &User,
+    bob: &User,
+) -> anyhow::Result<()> {
     for (i, text) in ["hi bob", "are you there?", "call me"].iter().enumerate() {
         let request = SendRequest {
             client_msg_id: format!("demo-{i}"),
@@ -163,16 +182,23 @@ pub(crate) async fn run(demo: Demo) -> anyhow::Result<()> {
                 media: None,
             }),
         };
-        let sent = messaging.send(authed(&alice, request)?).await?.into_inner();
+        let sent = messaging.send(authed(alice, request)?).await?.into_inner();
         println!(
             "  alice  ✓  sent      {:?} (message …{})",
             text,
             short(&sent.message_id)
         );
-        ids.push(sent.message_id);
     }
-    println!("demo: bob connects, receives, acks and reads");
-    let (mut bob_frames, bob_out) = open(&demo.bob_node.0, &bob, 0).await?;
+    Ok(())
+}
+
+/// Bob receives the three messages, acks them and marks alice's conversation read; returns the
+/// last seq received.
+async fn receive_ack_read(
+    bob_frames: &mut tonic::Streaming<ServerFrame>,
+    bob_out: &mpsc::Sender<ClientFrame>,
+    alice: &User,
+) -> anyhow::Result<u64> {
     let mut last = 0;
     while last < 3 {
         let frame = tokio::time::timeout(Duration::from_secs(10), bob_frames.message())
@@ -207,6 +233,13 @@ pub(crate) async fn run(demo: Demo) -> anyhow::Result<()> {
             })),
         })
         .await?;
+    Ok(last)
+}
+
+/// Alice's stream shows each receipt until all three messages are read.
+async fn await_read_receipts(
+    alice_frames: &mut tonic::Streaming<ServerFrame>,
+) -> anyhow::Result<()> {
     let mut read = 0;
     while read < 3 {
         let frame = tokio::time::timeout(Duration::from_secs(10), alice_frames.message())
@@ -226,7 +259,7 @@ pub(crate) async fn run(demo: Demo) -> anyhow::Result<()> {
             }
         }
     }
-    latency(&demo, &alice, &bob, &mut messaging, &mut bob_frames, last).await
+    Ok(())
 }
 
 async fn latency(

@@ -45,6 +45,16 @@ pub(crate) fn user(data_dir: &Path, user: u64, shards: u16, at: Option<u64>) -> 
         live.applied
     );
 
+    print_inbox(kv, shard, user);
+    print_cursors(kv, shard, user);
+    print_read_states(kv, shard, user);
+    print_receipt_feed(kv, shard, user);
+    print_devices(kv, shard, user);
+    Ok(())
+}
+
+/// Prints the inbox's tail and its last [`SHOWN_MAX`] messages.
+fn print_inbox(kv: &MemKv, shard: ShardId, user: UserId) {
     let inbox: Option<(LogIndex, InboxState)> = kv
         .range(
             Cf::Projection(Projection::Inbox),
@@ -75,6 +85,10 @@ pub(crate) fn user(data_dir: &Path, user: u64, shards: u16, at: Option<u64>) -> 
             );
         }
     }
+}
+
+/// Prints each device's acked position.
+fn print_cursors(kv: &MemKv, shard: ShardId, user: UserId) {
     let cursors = user_range(
         kv,
         Projection::Cursors,
@@ -93,6 +107,10 @@ pub(crate) fn user(data_dir: &Path, user: u64, shards: u16, at: Option<u64>) -> 
             println!("cursor: device {device} acked up to {acked} (set at {set_at})");
         }
     }
+}
+
+/// Prints each conversation's counts and read position.
+fn print_read_states(kv: &MemKv, shard: ShardId, user: UserId) {
     for (key, value) in user_range(
         kv,
         Projection::ReadState,
@@ -113,6 +131,10 @@ pub(crate) fn user(data_dir: &Path, user: u64, shards: u16, at: Option<u64>) -> 
             );
         }
     }
+}
+
+/// Prints the last [`SHOWN_MAX`] receipts of the user's feed.
+fn print_receipt_feed(kv: &MemKv, shard: ShardId, user: UserId) {
     let feed = user_range(
         kv,
         Projection::Receipts,
@@ -130,6 +152,10 @@ pub(crate) fn user(data_dir: &Path, user: u64, shards: u16, at: Option<u64>) -> 
             );
         }
     }
+}
+
+/// Prints each device's record.
+fn print_devices(kv: &MemKv, shard: ShardId, user: UserId) {
     for (key, value) in user_range(
         kv,
         Projection::Devices,
@@ -146,7 +172,6 @@ pub(crate) fn user(data_dir: &Path, user: u64, shards: u16, at: Option<u64>) -> 
             );
         }
     }
-    Ok(())
 }
 
 /// Calls `f` with every event of `shard`'s log, in order, with its log index; stops early when
@@ -160,7 +185,7 @@ fn scan_log(
     let (Some(first), Some(last)) = (log.first_index()?, log.last()?) else {
         return Ok(());
     };
-    let bar = crate::jobs::replay_bar(last.index.get(), &format!("scan shard {}", shard.get()));
+    let bar = crate::progress::replay_bar(last.index.get(), &format!("scan shard {}", shard.get()));
     let mut at = first;
     while at <= last.index {
         let until = at

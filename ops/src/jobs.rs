@@ -16,12 +16,12 @@ use courier_proto::{LogIndex, ShardId};
 use courier_storage::Projection;
 use courier_storage::projection::hex;
 use courier_storage::rebuild::{self, Verified};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use tonic::Streaming;
 
 use crate::offline;
 use crate::online::{admin_at, describe};
+use crate::progress::replay_bar;
 
 /// Where a command runs.
 #[derive(Debug, clap::Args)]
@@ -33,18 +33,6 @@ pub(crate) struct Target {
     /// Peer (admin) address of a running node: the command runs on that replica.
     #[arg(long)]
     addr: Option<String>,
-}
-
-/// A progress bar over log entries, with rate and ETA.
-pub(crate) fn replay_bar(total: u64, what: &str) -> ProgressBar {
-    let bar = ProgressBar::new(total);
-    bar.set_style(
-        ProgressStyle::with_template(&format!(
-            "{{spinner}} {what} [{{bar:30}}] {{pos}}/{{len}} entries {{per_sec}} eta {{eta}}"
-        ))
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    bar
 }
 
 /// One differing key, as printed.

@@ -211,7 +211,7 @@ pub(crate) fn replay_to(
     rebuild::require_full_log(&log).with_context(|| {
         format!("{shard}: the log was purged below a snapshot; a replay starts at index 1")
     })?;
-    let bar = crate::jobs::replay_bar(at.get(), "replay");
+    let bar = crate::progress::replay_bar(at.get(), "replay");
     let started = std::time::Instant::now();
     let rebuilt = rebuild::replay(
         &log,
@@ -299,7 +299,8 @@ pub(crate) fn restore(from: &Path, data_dir: &Path) -> anyhow::Result<bool> {
     let mut ok = true;
     for shard in shards(&db)? {
         let total = ShardState::load(db.as_ref(), shard)?.applied;
-        let bar = crate::jobs::replay_bar(total.get(), &format!("verify shard {}", shard.get()));
+        let bar =
+            crate::progress::replay_bar(total.get(), &format!("verify shard {}", shard.get()));
         let result = rebuild::verify(&db, shard, &Projection::ALL, &mut |done, _| {
             bar.set_position(done.get());
         });

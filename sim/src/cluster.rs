@@ -29,6 +29,7 @@ use courier_consensus::network::ChannelPool;
 use courier_jepsen::admin::{self, AdminNode};
 use courier_jepsen::checker;
 use courier_jepsen::history::read_jsonl;
+use courier_jepsen::node_config::NodeConfig;
 use courier_jepsen::recorder::Recorder;
 use courier_jepsen::workload::{self, ClientNode, Shared};
 use courier_node::config::Config;
@@ -58,43 +59,26 @@ fn simulated_clock() -> u64 {
     EPOCH_MS.saturating_add(crate::now_ms())
 }
 
-/// One node's config: ports are placeholders (the simulation provides the listeners), raft
-/// timing from the seed as in the raft layer, limits out of the workload's way.
+/// One node's config (`docs/node-config.template.toml`): ports are placeholders (the simulation
+/// provides the listeners), no metrics listener, raft timing from the seed as in the raft layer,
+/// and out of the workload's way as in courier-jepsen ([`NodeConfig::for_workload`]).
 fn config_text(id: NodeId, data_dir: &Path, rng: &mut StdRng) -> String {
     let timing = crate::timing(id, rng);
-    format!(
-        r#"node-id = {id}
-data-dir = "{data}"
-
-[listen]
-client = "127.0.0.1:{client}"
-peer = "127.0.0.1:{peer}"
-
-[raft]
-heartbeat = "{heartbeat}ms"
-election-timeout-min = "{min}ms"
-election-timeout-max = "{max}ms"
-rpc-timeout = "1s"
-snapshot-logs-since-last = 1000000
-
-[limits]
-sends-per-second-per-device = 1000
-send-burst-per-device = 1000
-code-requests-per-hour-per-phone = 1000
-code-request-burst-per-phone = 100
-register-attempts-per-hour-per-phone = 1000
-register-attempt-burst-per-phone = 100
-
-[retention]
-keep-delivered = true
-"#,
-        data = data_dir.display(),
-        client = net::CLIENT_PORT,
-        peer = net::PEER_PORT,
-        heartbeat = timing.heartbeat.as_millis(),
-        min = timing.election_timeout_min.as_millis(),
-        max = timing.election_timeout_max.as_millis(),
-    )
+    NodeConfig::new(id, data_dir)
+        .set("client", format!("127.0.0.1:{}", net::CLIENT_PORT))
+        .set("peer", format!("127.0.0.1:{}", net::PEER_PORT))
+        .set("heartbeat", format!("{}ms", timing.heartbeat.as_millis()))
+        .set(
+            "election_timeout_min",
+            format!("{}ms", timing.election_timeout_min.as_millis()),
+        )
+        .set(
+            "election_timeout_max",
+            format!("{}ms", timing.election_timeout_max.as_millis()),
+        )
+        .set("rpc_timeout", "1s")
+        .for_workload()
+        .text()
 }
 
 /// One simulated node: `courier-node` on its disk and the simulated network, until the host is
@@ -371,4 +355,34 @@ pub(crate) fn run(options: &Options) -> anyhow::Result<Report> {
         checker: report,
         fingerprint: crate::fingerprint(&history),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use courier_jepsen::nodes::NodeSpec;
+
+    use super::*;
+
+    /// Goal: the configs the simulation and courier-jepsen fill in from
+    /// `docs/node-config.template.toml` are valid node configs. Method: parse both with the
+    /// node's own parser (courier-jepsen cannot, as it does not depend on courier-node).
+    #[test]
+    fn harness_configs_from_the_template_parse() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let sim = config_text(1, Path::new("/tmp/courier-sim-n1"), &mut rng);
+        let parsed = Config::parse(&sim).expect("the simulation's config");
+        assert!(parsed.retention.keep_delivered, "{sim}");
+        let spec = NodeSpec {
+            id: 2,
+            netns: "courier-n2".to_owned(),
+            ip: Ipv4Addr::new(10, 77, 0, 2),
+            dir: PathBuf::from("/tmp/courier-jepsen/nodes/n2"),
+        };
+        let jepsen = spec.config_text();
+        let parsed = Config::parse(&jepsen).expect("courier-jepsen's config");
+        assert!(parsed.retention.keep_delivered, "{jepsen}");
+        assert!(parsed.listen.metrics.is_some(), "{jepsen}");
+    }
 }

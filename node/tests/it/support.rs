@@ -5,22 +5,22 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+// The node config template (docs/node-config.template.toml) and its filler are shared with
+// courier-jepsen and the simulation. node's tests may not depend on courier-jepsen (nothing
+// depends on the harnesses: STYLE.md section 1, enforced by scripts/check-deps), so they compile
+// the filler's source file, which uses std only, instead of linking the crate: one template, one
+// filler, no dependency edge up the crate graph.
+#[allow(
+    dead_code,
+    unreachable_pub,
+    reason = "the filler is courier-jepsen's public API; these tests use part of it"
+)]
+#[path = "../../../jepsen-tests/src/node_config.rs"]
+mod node_config;
+
 /// A config for node `id` listening on port 0 under `dir`.
 pub(crate) fn config_text(id: u64, dir: &Path) -> String {
-    format!(
-        r#"
-node-id = {id}
-data-dir = "{}"
-[listen]
-client = "127.0.0.1:0"
-peer = "127.0.0.1:0"
-metrics = "127.0.0.1:0"
-[log]
-format = "json"
-level = "info"
-"#,
-        dir.display()
-    )
+    config_on_ports(id, dir, 0, 0)
 }
 
 /// A port that was free a moment ago (bind port 0, read it, release it), for nodes that must
@@ -33,17 +33,16 @@ pub(crate) fn free_port() -> u16 {
         .port()
 }
 
-/// A config for node `id` on fixed ports.
+/// A config for node `id` on fixed ports (0: any free port), with JSON logs; no `[raft]` or
+/// `[limits]` table, so that tests can append their own.
 pub(crate) fn config_on_ports(id: u64, dir: &Path, client: u16, peer: u16) -> String {
-    config_text(id, dir)
-        .replace(
-            "client = \"127.0.0.1:0\"",
-            &format!("client = \"127.0.0.1:{client}\""),
-        )
-        .replace(
-            "peer = \"127.0.0.1:0\"",
-            &format!("peer = \"127.0.0.1:{peer}\""),
-        )
+    node_config::NodeConfig::new(id, dir)
+        .set("client", format!("127.0.0.1:{client}"))
+        .set("peer", format!("127.0.0.1:{peer}"))
+        .set("metrics", "127.0.0.1:0")
+        .set("log_format", "json")
+        .set("log_level", "info")
+        .text()
 }
 
 /// The addresses a node wrote to `<data-dir>/node.addr`.

@@ -1,0 +1,224 @@
+//! Send workers: logical sends with client ids, their attempts recorded as `ok | fail | info`,
+//! and retries of an `info` with the same client id on another node.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use courier_proto::pb::client::SendRequest;
+use courier_proto::pb::client::messaging_client::MessagingClient;
+use courier_proto::pb::events::{self};
+use rand::rngs::StdRng;
+use rand::seq::IndexedRandom as _;
+use rand::{Rng as _, SeedableRng as _};
+use tokio_util::sync::CancellationToken;
+
+use super::{ClientNode, Device, Shared, User, authed};
+use crate::admin::describe;
+use crate::history::{Complete, Invoke, Outcome, Record, SendOp};
+
+/// Deadline of one Send attempt; past it the attempt is `info`.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+/// Attempts per logical send (the first plus retries of an `info`).
+pub const SEND_ATTEMPTS_MAX: u32 = 4;
+/// Probability that an acknowledged send is sent once more with the same client id.
+const RESEND_ACKED_PROBABILITY: f64 = 0.05;
+
+/// Classifies a failed Send: `Fail` only for statuses that prove nothing was proposed.
+pub fn classify(status: &tonic::Status) -> Outcome {
+    use tonic::Code;
+    let error = describe(status);
+    match status.code() {
+        Code::InvalidArgument
+        | Code::NotFound
+        | Code::ResourceExhausted
+        | Code::Unauthenticated
+        | Code::PermissionDenied
+        | Code::FailedPrecondition
+        | Code::AlreadyExists
+        | Code::OutOfRange
+        | Code::Unimplemented => Outcome::Fail { error },
+        _ => Outcome::Info { error },
+    }
+}
+
+/// The `retry-after-ms` hint of a status, capped at one second.
+fn retry_after(status: &tonic::Status) -> Option<Duration> {
+    let ms: u64 = status
+        .metadata()
+        .get("retry-after-ms")?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()?;
+    Some(Duration::from_millis(ms.min(1_000)))
+}
+
+/// One send worker: sends until `stop`, at about `1 / pause_mean` sends per second.
+pub async fn send_worker(
+    shared: Arc<Shared>,
+    process: u32,
+    seed: u64,
+    pause_mean: Duration,
+    stop: CancellationToken,
+) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut counter: u64 = 0;
+    while !stop.is_cancelled() {
+        counter = counter.saturating_add(1);
+        let client_id = format!("{process}-{counter}");
+        let (Some(sender), Some(recipient)) = pick_pair(&shared.users, &mut rng) else {
+            return;
+        };
+        let Some(device) = sender.devices.choose(&mut rng).cloned() else {
+            return;
+        };
+        let op = SendOp {
+            from_user: sender.id,
+            to_user: recipient.id,
+            client_id: client_id.clone(),
+        };
+        for attempt in 1..=SEND_ATTEMPTS_MAX {
+            let Some(node) = shared.nodes.choose(&mut rng).cloned() else {
+                return;
+            };
+            let (outcome, pause) = send_once(&shared, process, &device, &op, &node).await;
+            if matches!(outcome, Outcome::Ok { .. }) && rng.random_bool(RESEND_ACKED_PROBABILITY) {
+                // A client that lost the answer resends: the server must answer with the same
+                // message id and store nothing new. Timeouts that hide a committed send are
+                // rare on this machine, so without this the dedup path would seldom run.
+                let Some(node) = shared.nodes.choose(&mut rng).cloned() else {
+                    return;
+                };
+                send_once(&shared, process, &device, &op, &node).await;
+            }
+            if !matches!(outcome, Outcome::Info { .. }) || attempt == SEND_ATTEMPTS_MAX {
+                break;
+            }
+            // Retry an unknown outcome with the same client id (the server deduplicates), after
+            // the server's hint or a short backoff, unless the workload is over.
+            let backoff = pause.unwrap_or(Duration::from_millis(
+                200u64.saturating_mul(u64::from(attempt)),
+            ));
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(backoff) => {}
+            }
+        }
+        let jitter = rng.random_range(0.5..1.5);
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(pause_mean.mul_f64(jitter)) => {}
+        }
+    }
+}
+
+fn pick_pair<'u>(users: &'u [User], rng: &mut StdRng) -> (Option<&'u User>, Option<&'u User>) {
+    let sender = users.choose(rng);
+    let others: Vec<&User> = users
+        .iter()
+        .filter(|u| Some(u.id) != sender.map(|s| s.id))
+        .collect();
+    (sender, others.choose(rng).copied())
+}
+
+/// One attempt: Invoke, the RPC, Complete. Returns the outcome and the server's retry hint.
+async fn send_once(
+    shared: &Shared,
+    process: u32,
+    device: &Device,
+    op: &SendOp,
+    node: &ClientNode,
+) -> (Outcome, Option<Duration>) {
+    let recorder = &shared.recorder;
+    let op_id = recorder.next_op_id();
+    recorder.record(&Record::Invoke(Invoke {
+        process,
+        op_id,
+        time_ms: recorder.now_ms(),
+        op: op.clone(),
+    }));
+    let request = SendRequest {
+        client_msg_id: op.client_id.clone(),
+        to_user: op.to_user,
+        content: Some(events::Content {
+            body: op.client_id.as_bytes().to_vec(),
+            media: None,
+        }),
+    };
+    let (outcome, hint) = match authed(device, request) {
+        Err(error) => (
+            Outcome::Fail {
+                error: format!("harness could not build the request: {error}"),
+            },
+            None,
+        ),
+        Ok(request) => {
+            let mut client = MessagingClient::new(node.channel.clone());
+            match tokio::time::timeout(SEND_TIMEOUT, client.send(request)).await {
+                Err(_) => (
+                    Outcome::Info {
+                        error: format!("timeout after {SEND_TIMEOUT:?} on node {}", node.id),
+                    },
+                    None,
+                ),
+                Ok(Ok(response)) => (
+                    Outcome::Ok {
+                        message_id: crate::hex(&response.into_inner().message_id),
+                    },
+                    None,
+                ),
+                Ok(Err(status)) => (classify(&status), retry_after(&status)),
+            }
+        }
+    };
+    recorder.record(&Record::Complete(Complete {
+        process,
+        op_id,
+        time_ms: recorder.now_ms(),
+        outcome: outcome.clone(),
+    }));
+    (outcome, hint)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_rejections_before_a_proposal_are_fail() {
+        let fail = [
+            tonic::Status::invalid_argument("bad"),
+            tonic::Status::not_found("no such user"),
+            tonic::Status::resource_exhausted("rate"),
+        ];
+        for status in &fail {
+            assert!(
+                matches!(classify(status), Outcome::Fail { .. }),
+                "{status:?} is definite"
+            );
+        }
+        let info = [
+            tonic::Status::unavailable("no leader"),
+            tonic::Status::deadline_exceeded("slow"),
+            tonic::Status::internal("outcome"),
+            tonic::Status::unknown("transport"),
+            tonic::Status::cancelled("reset"),
+        ];
+        for status in &info {
+            assert!(
+                matches!(classify(status), Outcome::Info { .. }),
+                "{status:?} is unknown"
+            );
+        }
+    }
+
+    #[test]
+    fn retry_hint_is_read_and_capped() {
+        let mut status = tonic::Status::unavailable("no leader");
+        status
+            .metadata_mut()
+            .insert("retry-after-ms", "50000".parse().expect("ascii"));
+        assert_eq!(retry_after(&status), Some(Duration::from_secs(1)));
+        assert_eq!(retry_after(&tonic::Status::unavailable("x")), None);
+    }
+}
