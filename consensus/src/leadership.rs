@@ -170,12 +170,25 @@ impl GroupHandle {
         let wait = async {
             loop {
                 {
-                    let now = leader_view(&metrics.borrow_and_update());
+                    let metrics = metrics.borrow_and_update();
+                    let now = leader_view(&metrics);
                     let new = match seen {
                         None => true,
                         Some(old) => now.leader != old.leader || now.term > old.term,
                     };
-                    if now.leader.is_some() && new {
+                    // A leader counts once a request can reach it: this replica, or a member
+                    // whose address it knows. A replica can know the leader's id before the
+                    // membership naming it (a learner just added): counting that leader made a
+                    // caller that routes by address retry at once, again and again, without
+                    // ever yielding (seen in the jepsen clock-membership run).
+                    let reachable = metrics.state == openraft::ServerState::Leader
+                        || now.leader.is_some_and(|leader| {
+                            metrics
+                                .membership_config
+                                .nodes()
+                                .any(|(id, _)| *id == leader)
+                        });
+                    if reachable && new {
                         return true;
                     }
                 }

@@ -40,13 +40,6 @@ pub mod recorder;
 pub mod scenario;
 pub mod workload;
 
-/// Lower-case hex of `bytes` (message ids, tokens in the bearer header).
-pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    let mut out = String::with_capacity(bytes.len().saturating_mul(2));
-    for byte in bytes {
-        // Writing to a String cannot fail.
-        let _ = write!(out, "{byte:02x}");
-    }
-    out
-}
+/// Lower-case hex of `bytes` (message ids, tokens in the bearer header): the one helper of
+/// `courier_proto`.
+pub use courier_proto::hex;

@@ -26,7 +26,7 @@
 //! - [`status`]: the one mapping from errors to gRPC statuses.
 //! - [`metrics`]: the Prometheus endpoint.
 //! - [`telemetry`]: structured logs, tracing and the panic hook.
-//! - [`env`]: the wall clock and randomness, a seam for the deterministic simulation.
+//! - [`env`](mod@env): the wall clock and randomness, a seam for the deterministic simulation.
 //! - [`bugs`]: deliberate bugs for the checkers, active only in builds with the `bugs` feature.
 //!
 //! `main.rs` only parses flags, loads the config and calls [`server::start`]; tests start whole

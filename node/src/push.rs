@@ -181,7 +181,7 @@ async fn post(url: &str, job: &PushJob) -> std::io::Result<()> {
     let (authority, path) = parse_url(url).map_err(std::io::Error::other)?;
     let body = serde_json::json!({
         "user": job.user,
-        "message_id": crate::client::auth::hex(&job.message_id),
+        "message_id": courier_proto::hex(&job.message_id),
     })
     .to_string();
     let host = authority.split(':').next().unwrap_or(&authority);

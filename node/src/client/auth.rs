@@ -22,10 +22,7 @@ pub fn token_hash(token: &[u8]) -> Vec<u8> {
     Sha256::digest(token).to_vec()
 }
 
-/// Lower-case hex.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use courier_proto::hex;
 
 fn unhex(text: &str) -> Option<Vec<u8>> {
     if !text.len().is_multiple_of(2) {

@@ -38,7 +38,7 @@ impl Cluster {
     /// has no known leader, or its leader stopped answering or stepped down, it waits (up to
     /// [`Cluster::leader_wait`]) for this node to learn of a new leader and goes there. A request
     /// that may already have reached the old leader is sent again only when doing so cannot apply
-    /// it twice ([`retry_safe`]); any other answers `UNAVAILABLE` once the new leader is known.
+    /// it twice (a send, an ack or a read); any other answers `UNAVAILABLE` once the new leader is known.
     ///
     /// # Errors
     /// `UNAVAILABLE` when the shard has no leader within the wait or leadership moved; the
@@ -55,12 +55,22 @@ impl Cluster {
         let resend = retry_safe(&events).then(|| events.clone());
         let mut events = Some(events);
         loop {
+            if tokio::time::Instant::now() >= deadline {
+                // Every pass below waits for news from raft, bounded by the deadline; this check
+                // makes the bound hold even if a pass found news it could not use.
+                return Err(self.advise_retry(unavailable(
+                    format!("{shard} has no reachable leader"),
+                    None,
+                )));
+            }
             // The leader and term this attempt goes to: a later attempt waits for another.
             let seen = self.leader_view(shard).await;
             let route = match self.route(shard).await {
                 Ok(route) => route,
                 Err(error) if is_no_leader(&error) => {
-                    // No leader known: nothing was sent, so waiting and going on is always safe.
+                    // No reachable leader: nothing was sent, so waiting and going on is always
+                    // safe. The wait counts a leader only once its address is known, as `route`
+                    // does, so this never comes back here at once.
                     if !self.wait_for_new_leader(shard, None, deadline).await {
                         return Err(self.advise_retry(error));
                     }

@@ -17,7 +17,7 @@ use courier_proto::{UserId, shard_of};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::cluster::{Processes, status, wait_leaders, with_limits};
+use crate::cluster::{Processes, status, wait_converged, wait_leaders, with_limits};
 use crate::messaging::{
     Device, Stream, authed, body, cluster_configured, code_of, phones_on_different_shards, register,
 };
@@ -251,6 +251,10 @@ async fn retried_sends_append_nothing() {
     let alice = register(&clients[0], &c.dirs[0], &alice_phone).await;
     let bob = register(&clients[0], &c.dirs[0], &bob_phone).await;
     let alice_shard = u32::from(shard_of(UserId::new(alice.user).expect("id"), 4).get());
+    // Every replica knows both users before sends go through every node (a node checks the
+    // recipient on its own replica).
+    let peers: Vec<String> = c.nodes.iter().map(|n| n.peer_addr.to_string()).collect();
+    wait_converged(&peers, Duration::from_secs(30)).await;
     let send = |via: String, id: String| {
         let (alice, to) = (alice.clone(), bob.user);
         async move {
@@ -369,6 +373,8 @@ async fn a_client_following_the_advice_gets_through_a_failover_in_election_time(
     let bob = register(&addrs[0].client, &data_dir, &bob_phone).await;
     let alice_shard = u32::from(shard_of(UserId::new(alice.user).expect("id"), 4).get());
     let mut worst = Duration::ZERO;
+    // Every replica knows both users before a survivor takes sends.
+    wait_converged(&cluster.peers, Duration::from_secs(30)).await;
     for round in 0..3 {
         let victim = usize::try_from(leaders[&alice_shard] - 1).expect("small");
         let via = (victim + 1) % 3;
@@ -440,6 +446,7 @@ async fn a_client_following_the_advice_gets_through_a_failover_in_election_time(
         worst = worst.max(through_at.saturating_duration_since(elected_at));
         cluster.restart(victim);
         leaders = wait_leaders(&cluster.peers, Duration::from_secs(30)).await;
+        wait_converged(&cluster.peers, Duration::from_secs(60)).await;
     }
     assert!(
         worst <= SLACK,
