@@ -19,7 +19,8 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::cluster::{Processes, status, wait_converged, wait_leaders, with_limits};
 use crate::messaging::{
-    Device, Stream, authed, body, cluster_configured, code_of, phones_on_different_shards, register,
+    Device, Stream, authed, body, cluster_configured, code_of, open_stream_from,
+    phones_on_different_shards, register,
 };
 use crate::support::channel;
 
@@ -30,23 +31,16 @@ async fn open_receipts(
     receipts_after_index: u64,
     receipts_after_position: Vec<u8>,
 ) -> Stream {
-    let (out, rx) = mpsc::channel(16);
-    out.send(ClientFrame {
-        frame: Some(client_frame::Frame::Open(Open {
-            resume_after_seq: 0,
-            hide_last_seen: false,
+    open_stream_from(
+        addr,
+        device,
+        Open {
             receipts_after_index,
             receipts_after_position,
-        })),
-    })
+            ..Open::default()
+        },
+    )
     .await
-    .expect("open");
-    let frames = MessagingClient::new(channel(addr).await)
-        .stream(authed(device, ReceiverStream::new(rx)))
-        .await
-        .expect("stream")
-        .into_inner();
-    Stream { frames, out }
 }
 
 /// Reads receipt updates until `count` arrived or `timeout` passed.
@@ -253,8 +247,7 @@ async fn retried_sends_append_nothing() {
     let alice_shard = u32::from(shard_of(UserId::new(alice.user).expect("id"), 4).get());
     // Every replica knows both users before sends go through every node (a node checks the
     // recipient on its own replica).
-    let peers: Vec<String> = c.nodes.iter().map(|n| n.peer_addr.to_string()).collect();
-    wait_converged(&peers, Duration::from_secs(30)).await;
+    c.wait_converged().await;
     let send = |via: String, id: String| {
         let (alice, to) = (alice.clone(), bob.user);
         async move {

@@ -18,7 +18,7 @@ use courier_proto::{ShardId, UserId, shard_of};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::cluster::{SHARDS, init, status, wait_leaders, with_limits};
+use crate::cluster::{SHARDS, init, status, wait_converged, wait_leaders, with_limits};
 use crate::support::channel;
 
 /// A registered device.
@@ -124,14 +124,23 @@ async fn open_stream_with(
     resume_after: u64,
     hide_last_seen: bool,
 ) -> Stream {
-    let (out, rx) = mpsc::channel(16);
-    out.send(ClientFrame {
-        frame: Some(client_frame::Frame::Open(Open {
+    open_stream_from(
+        addr,
+        device,
+        Open {
             resume_after_seq: resume_after,
             hide_last_seen,
-            receipts_after_index: 0,
-            receipts_after_position: Vec::new(),
-        })),
+            ..Open::default()
+        },
+    )
+    .await
+}
+
+/// Opens `device`'s stream at `addr` with `open` as its first frame.
+pub(crate) async fn open_stream_from(addr: &str, device: &Device, open: Open) -> Stream {
+    let (out, rx) = mpsc::channel(16);
+    out.send(ClientFrame {
+        frame: Some(client_frame::Frame::Open(open)),
     })
     .await
     .expect("open");
@@ -183,6 +192,15 @@ async fn cluster() -> Cluster {
 
 async fn cluster_with(sends_per_second: u32) -> Cluster {
     cluster_configured(&|text| with_limits(text, sends_per_second)).await
+}
+
+impl Cluster {
+    /// Waits until every replica applied the same log (registrations made through one node are
+    /// then visible on all: each node reads its own replica).
+    pub(crate) async fn wait_converged(&self) {
+        let peers: Vec<String> = self.nodes.iter().map(|n| n.peer_addr.to_string()).collect();
+        wait_converged(&peers, Duration::from_secs(30)).await;
+    }
 }
 
 /// Three in-process nodes whose config text `edit` adjusts.
@@ -1104,6 +1122,8 @@ async fn typing_reaches_live_streams_and_is_not_logged() {
     let (alice_phone, bob_phone) = phones_on_different_shards();
     let alice = register(&addr(0), &c.dirs[0], &alice_phone).await;
     let bob = register(&addr(0), &c.dirs[0], &bob_phone).await;
+    // Bob's stream opens on node 1, which authenticates him on its own replica.
+    c.wait_converged().await;
     let alice_stream = open_stream(&addr(0), &alice, 0).await;
     let mut bob_stream = open_stream(&addr(1), &bob, 0).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -1285,6 +1305,9 @@ async fn group_messages_reach_current_members_once_in_order() {
     for i in 0..5 {
         users.push(register(&addr(i), &c.dirs[i % 3], &format!("+1555000{:04}", 100 + i)).await);
     }
+    // Registered through three nodes; the group is created on node 0, which checks the members
+    // on its own replica.
+    c.wait_converged().await;
     let shards: std::collections::BTreeSet<u16> = users
         .iter()
         .map(|u| shard_of(UserId::new(u.user).expect("id"), 4).get())
