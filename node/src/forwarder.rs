@@ -162,7 +162,7 @@ async fn forward_once(
             state.trimmed_up_to.saturating_add(1),
             FORWARD_BATCH_EVENTS_MAX,
         )
-        .map_err(storage_error)?
+        .map_err(crate::status::ApiError::from)?
     };
     let Some((first_pos, _)) = pending.first() else {
         return Ok(());
@@ -194,13 +194,6 @@ async fn forward_once(
         cluster.propose(source, vec![trim]).await?;
     }
     Ok(())
-}
-
-fn storage_error(error: courier_storage::StorageError) -> crate::status::ApiError {
-    crate::status::ApiError::Internal {
-        code: "COURIER:Node:Storage",
-        message: error.to_string(),
-    }
 }
 
 #[cfg(test)]

@@ -77,14 +77,9 @@ impl SendsInFlight {
         Ok(InFlight { table: self, key })
     }
 
-    /// Number of sends in flight (for tests).
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.lock().len()
-    }
-
-    /// Whether no send is in flight.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -117,12 +112,7 @@ pub(crate) fn applied_result(
     };
     let mut reader = db.read(shard);
     let view = reader.view(Projection::Dedup);
-    let found = dedup::lookup(&view, user, device, &sent.client_msg_id).map_err(|error| {
-        ApiError::Internal {
-            code: "COURIER:Node:Storage",
-            message: error.to_string(),
-        }
-    })?;
+    let found = dedup::lookup(&view, user, device, &sent.client_msg_id)?;
     Ok(found.map(|first| EventOutcome::Sent {
         message_id: first.message_id,
         sent_at_ms: first.sent_at_ms,
@@ -209,7 +199,7 @@ mod tests {
         );
         assert_eq!(table.len(), 1, "the other claim ended when dropped");
         drop(first);
-        assert!(table.is_empty(), "the key is released with its attempt");
+        assert_eq!(table.len(), 0, "the key is released with its attempt");
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .expect("runtime");

@@ -128,6 +128,16 @@ impl ApiError {
     }
 }
 
+impl From<courier_storage::StorageError> for ApiError {
+    /// A storage fault met while serving a request: the node's own fault, never the caller's.
+    fn from(error: courier_storage::StorageError) -> Self {
+        ApiError::Internal {
+            code: "COURIER:Node:Storage",
+            message: error.to_string(),
+        }
+    }
+}
+
 fn with_code(mut status: Status, code: &'static str) -> Status {
     status
         .metadata_mut()

@@ -130,10 +130,7 @@ impl ClientApi {
         shard: ShardId,
         f: impl FnOnce(&View<'_, '_>) -> courier_storage::Result<R>,
     ) -> Result<R, ApiError> {
-        f(&self.db.read(shard).view(Projection::Inbox)).map_err(|error| ApiError::Internal {
-            code: "COURIER:Node:Storage",
-            message: error.to_string(),
-        })
+        Ok(f(&self.db.read(shard).view(Projection::Inbox))?)
     }
 }
 
