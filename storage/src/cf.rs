@@ -55,6 +55,11 @@ impl Cf {
                 table.set_bloom_filter(10.0, false);
                 options.set_block_based_table_factory(&table);
                 options.set_compression_type(rocksdb::DBCompressionType::Lz4);
+                // A bloom filter over whole keys in the memtable too: most point reads of the
+                // apply fold and the send path look for keys that are absent (a new client id,
+                // a new message id), and would otherwise search the memtable's skip list.
+                options.set_memtable_whole_key_filtering(true);
+                options.set_memtable_prefix_bloom_ratio(0.05);
             }
         }
         options

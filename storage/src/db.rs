@@ -13,6 +13,7 @@
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use rocksdb::{ColumnFamilyDescriptor, DB, IteratorMode, ReadOptions, WriteBatch, WriteOptions};
 
@@ -35,6 +36,30 @@ pub enum OpenMode {
 pub struct Db {
     engine: Engine,
     path: PathBuf,
+    counters: DbCounters,
+}
+
+/// What this database did since it was opened, for the node's counters (`Admin.Status`,
+/// `/metrics`, `make bench`'s cost per message).
+#[derive(Debug, Default)]
+pub struct DbCounters {
+    /// Synced writes: every write batch with `sync` and every WAL fsync ([`Db::sync_wal`]).
+    pub synced_writes: AtomicU64,
+    /// Write batches of any kind.
+    pub write_batches: AtomicU64,
+    /// Point reads and range scans the apply fold made against the database (reads it answered
+    /// from its own batch are not counted).
+    pub apply_reads: AtomicU64,
+    /// Puts and deletes the apply fold wrote.
+    pub apply_writes: AtomicU64,
+}
+
+impl DbCounters {
+    /// Adds one apply batch's reads and writes.
+    pub fn note_apply(&self, reads: u64, writes: u64) {
+        self.apply_reads.fetch_add(reads, Ordering::Relaxed);
+        self.apply_writes.fetch_add(writes, Ordering::Relaxed);
+    }
 }
 
 enum Engine {
@@ -78,6 +103,7 @@ impl Db {
         Ok(Self {
             engine: Engine::Rocks(db),
             path: path.to_path_buf(),
+            counters: DbCounters::default(),
         })
     }
 
@@ -89,7 +115,13 @@ impl Db {
         Self {
             engine: Engine::Memory { disk, incarnation },
             path: path.to_path_buf(),
+            counters: DbCounters::default(),
         }
+    }
+
+    /// What this database did since it was opened.
+    pub fn counters(&self) -> &DbCounters {
+        &self.counters
     }
 
     /// The directory this database lives in.
@@ -131,6 +163,10 @@ impl Db {
         changes: Vec<Change>,
         sync: bool,
     ) -> Result<()> {
+        self.counters.write_batches.fetch_add(1, Ordering::Relaxed);
+        if sync {
+            self.counters.synced_writes.fetch_add(1, Ordering::Relaxed);
+        }
         let db = match &self.engine {
             Engine::Rocks(db) => db,
             Engine::Memory { disk, incarnation } => {
@@ -166,6 +202,7 @@ impl Db {
     /// # Errors
     /// [`StorageError::Db`].
     pub fn sync_wal(&self) -> Result<()> {
+        self.counters.synced_writes.fetch_add(1, Ordering::Relaxed);
         match &self.engine {
             Engine::Rocks(db) => db.flush_wal(true).map_err(db_err("flush_wal", "*")),
             Engine::Memory { disk, incarnation } => disk.sync(*incarnation),

@@ -10,7 +10,8 @@
 //! Reads inside a batch see the batch's own earlier writes, so applying N entries in one batch
 //! gives exactly the state of applying them one by one.
 
-use std::collections::BTreeMap;
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 
 use xxhash_rust::xxh3::Xxh3;
@@ -164,12 +165,23 @@ impl Digest {
     }
 }
 
+/// One family's values as the base held them, for the keys a batch read (`None`: absent).
+type ReadCache = HashMap<Vec<u8>, Option<Vec<u8>>>;
+
 /// The write overlay of one apply batch, with the projections' digests kept up to date.
+///
+/// Point reads of the base are cached for the rest of the batch, misses too: the projections of
+/// one event (and the events of one entry) read the same few records over and over (an inbox's
+/// state, an outbox's state, a watermark), and every put reads the old value for the digest.
 pub struct Staged<'a> {
     base: &'a dyn ReadKv,
     // Per family, so that lookups borrow the key instead of allocating one.
     writes: BTreeMap<Cf, BTreeMap<Vec<u8>, Option<Vec<u8>>>>,
+    // What the base held, for keys this batch read and has not written.
+    read: RefCell<BTreeMap<Cf, ReadCache>>,
     digests: BTreeMap<Projection, Digest>,
+    base_reads: Cell<u64>,
+    writes_made: u64,
 }
 
 impl<'a> Staged<'a> {
@@ -178,7 +190,10 @@ impl<'a> Staged<'a> {
         Self {
             base,
             writes: BTreeMap::new(),
+            read: RefCell::default(),
             digests,
+            base_reads: Cell::new(0),
+            writes_made: 0,
         }
     }
 
@@ -187,10 +202,31 @@ impl<'a> Staged<'a> {
     /// # Errors
     /// A storage fault.
     pub fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        match self.writes.get(&cf).and_then(|family| family.get(key)) {
-            Some(staged) => Ok(staged.clone()),
-            None => self.base.get(cf, key),
+        if let Some(staged) = self.writes.get(&cf).and_then(|family| family.get(key)) {
+            return Ok(staged.clone());
         }
+        if let Some(cached) = self
+            .read
+            .borrow()
+            .get(&cf)
+            .and_then(|family| family.get(key))
+        {
+            return Ok(cached.clone());
+        }
+        self.base_reads.set(self.base_reads.get().saturating_add(1));
+        let value = self.base.get(cf, key)?;
+        self.read
+            .borrow_mut()
+            .entry(cf)
+            .or_default()
+            .insert(key.to_vec(), value.clone());
+        Ok(value)
+    }
+
+    /// Reads of the base made so far (point reads that missed the batch's cache, and scans), and
+    /// puts and deletes staged.
+    pub fn io(&self) -> (u64, u64) {
+        (self.base_reads.get(), self.writes_made)
     }
 
     /// Returns up to `limit` pairs of `cf` in `[from, to)`, seeing this batch's writes.
@@ -207,6 +243,7 @@ impl<'a> Staged<'a> {
             })
             .map(|(key, value)| (key.clone(), value.clone()))
             .collect();
+        self.base_reads.set(self.base_reads.get().saturating_add(1));
         // Each staged delete can hide at most one base pair, so this many base pairs suffice.
         let base_limit = limit.saturating_add(staged.len());
         let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = self
@@ -235,8 +272,30 @@ impl<'a> Staged<'a> {
             digest.remove(&key, old);
         }
         digest.add(&key, &value);
+        self.writes_made = self.writes_made.saturating_add(1);
         self.writes.entry(cf).or_default().insert(key, Some(value));
         Ok(())
+    }
+
+    /// Writes `value` under `key`, a key the caller knows is new (a fresh inbox seq, outbox
+    /// position or feed index): no read of an old value for the digest. Debug builds check that
+    /// the key is indeed absent.
+    ///
+    /// # Panics
+    /// In debug builds, when `key` holds a value.
+    pub fn put_new(&mut self, projection: Projection, key: Vec<u8>, value: Vec<u8>) {
+        let cf = Cf::Projection(projection);
+        debug_assert!(
+            matches!(self.get(cf, &key), Ok(None)),
+            "put_new on a key that holds a value ({})",
+            crate::projection::hex(&key)
+        );
+        self.digests
+            .entry(projection)
+            .or_default()
+            .add(&key, &value);
+        self.writes_made = self.writes_made.saturating_add(1);
+        self.writes.entry(cf).or_default().insert(key, Some(value));
     }
 
     /// Deletes `key` from a projection's family (a no-op when absent).
@@ -250,6 +309,7 @@ impl<'a> Staged<'a> {
                 .entry(projection)
                 .or_default()
                 .remove(&key, &old);
+            self.writes_made = self.writes_made.saturating_add(1);
             self.writes.entry(cf).or_default().insert(key, None);
         }
         Ok(())

@@ -44,4 +44,4 @@ pub use kv::{Digest, MemKv, ReadKv};
 pub use log::{LogRecord, LogStore};
 pub use memdisk::MemDisk;
 pub use projection::{Applied, Projection};
-pub use shard::{Batch, Committed, ShardState};
+pub use shard::{Batch, Committed, ShardState, Touched};

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 
 use courier_proto::pb::events::EntryPayload;
 use courier_proto::pb::store::{AppliedState, ProjectionDigest};
-use courier_proto::{FORMAT_VERSION, LogIndex, ShardId};
+use courier_proto::{FORMAT_VERSION, LogIndex, ShardId, UserId};
 use prost::Message;
 
 use crate::cf::Cf;
@@ -65,6 +65,42 @@ pub struct Batch {
     pub next: ShardState,
     /// Per entry, per event, what applying produced.
     pub results: Vec<Vec<Applied>>,
+    /// Reads the fold made of the database (point reads that missed the batch's cache, and
+    /// scans), and puts and deletes it staged: the cost counters of `make bench`.
+    pub io: (u64, u64),
+    /// What the batch changed that someone may be waiting for.
+    pub touched: Touched,
+}
+
+/// What an applied batch changed that device streams and forwarders wait for: the users whose
+/// inbox or receipt feed changed, and whether the outbox changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Touched {
+    /// Users whose inbox (messages, state) or receipts (status, feed) changed, in order, once each.
+    pub users: Vec<UserId>,
+    /// The outbox changed (an entry queued or trimmed).
+    pub outbox: bool,
+}
+
+impl Touched {
+    /// Reads what `changes` (one batch's writes) touched.
+    pub fn of(changes: &[Change]) -> Self {
+        let mut touched = Self::default();
+        for (cf, key, _) in changes {
+            match cf {
+                Cf::Projection(Projection::Inbox | Projection::Receipts) => {
+                    if let Some(user) = keys::user_after_tag(key) {
+                        touched.users.push(user);
+                    }
+                }
+                Cf::Projection(Projection::Outbox) => touched.outbox = true,
+                _ => {}
+            }
+        }
+        touched.users.sort_unstable();
+        touched.users.dedup();
+        touched
+    }
 }
 
 impl ShardState {
@@ -190,7 +226,9 @@ impl ShardState {
             }
             results.push(entry_results);
         }
+        let io = staged.io();
         let (mut changes, digests) = staged.finish();
+        let touched = Touched::of(&changes);
         let next = ShardState {
             shard: Some(shard),
             applied,
@@ -206,6 +244,8 @@ impl ShardState {
             changes,
             next,
             results,
+            io,
+            touched,
         })
     }
 }

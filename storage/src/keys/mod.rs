@@ -162,6 +162,13 @@ pub fn applied_state(shard: ShardId) -> Vec<u8> {
     KeyBuf::shard(shard).u8(1).done()
 }
 
+/// The user of a key laid out as shard, tag, user (every key of the inbox and receipts families),
+/// or `None` for a shorter key.
+pub fn user_after_tag(key: &[u8]) -> Option<UserId> {
+    let bytes: [u8; 8] = key.get(3..11)?.try_into().ok()?;
+    UserId::new(u64::from_be_bytes(bytes))
+}
+
 /// inbox: one message.
 pub fn inbox_message(shard: ShardId, user: UserId, seq: InboxSeq) -> Vec<u8> {
     KeyBuf::shard(shard)

@@ -60,12 +60,14 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
         Decoded::MessageDelivered(delivered) => {
             let user = delivered.recipient;
             let seq = inbox::tail(view, user)?.next();
-            view.put(
+            // A fresh seq: no entry has this key yet.
+            view.put_new(
                 keys::expiry(shard, delivered.event.stored_at_ms, user, seq),
                 &ExpiryEntry {
                     message_id: delivered.event.message_id.clone(),
                 },
-            )
+            );
+            Ok(())
         }
         Decoded::DeliveryAcked(acked) => {
             let user = acked.user;

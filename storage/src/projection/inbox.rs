@@ -134,7 +134,8 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
             let mut inbox = state(view, user)?;
             let seq = InboxSeq::new(inbox.tail_seq).next();
             inbox.tail_seq = seq.get();
-            view.put(
+            // A fresh seq and a message id not stored (duplicates were dropped before).
+            view.put_new(
                 keys::inbox_message(shard, user, seq),
                 &InboxEntry {
                     message_id: delivered.message_id.clone(),
@@ -149,8 +150,8 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
                     trace_parent: delivered.trace_parent.clone(),
                     trimmed: false,
                 },
-            )?;
-            view.put_u64(keys::inbox_message_id(shard, user, message), seq.get())?;
+            );
+            view.put_u64_new(keys::inbox_message_id(shard, user, message), seq.get());
             view.put(keys::inbox_state(shard, user), &inbox)
         }
         Decoded::DeliveryAcked(acked) => {

@@ -179,12 +179,13 @@ fn push(view: &mut View<'_, '_>, dest: ShardId, mut kind: Kind) -> Result<()> {
         _ => unreachable!("only deliveries and receipts are forwarded"),
     }
     state.last_pos = pos;
-    view.put(
+    // Positions are never reused.
+    view.put_new(
         keys::outbox_entry(view.shard(), dest, pos),
         &OutboxEntry {
             event: Some(Event { kind: Some(kind) }),
         },
-    )?;
+    );
     view.put(keys::outbox_state(view.shard(), dest), &state)
 }
 

@@ -92,14 +92,15 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
                 .checked_add(1)
                 .expect("conversation count overflow");
             state.last_seq = seq.get();
-            view.put(
+            // A fresh seq: no position has this key yet.
+            view.put_new(
                 keys::seq_position(shard, user, seq),
                 &SeqPosition {
                     conversation: delivered.conversation,
                     pos: state.count,
                     expired: false,
                 },
-            )?;
+            );
             view.put(keys::read_state(shard, user, conv), &state)
         }
         Decoded::ReadUpTo(read) => {

@@ -98,10 +98,12 @@ fn record(
             shard, sender, old_at, message, recipient,
         ))?;
     }
-    view.put(
+    // Keyed by this entry's index: no earlier entry wrote it, and a receipt moves once per
+    // (message, recipient) per event.
+    view.put_new(
         keys::receipt_feed(shard, sender, view.at(), message, recipient),
         receipt,
-    )?;
+    );
     view.put(key, receipt)
 }
 

@@ -160,6 +160,19 @@ impl<'s, 'a> View<'s, 'a> {
         self.staged.put(self.projection, key, value)
     }
 
+    /// [`View::put`] for a key the caller knows is new (no read of an old value; see
+    /// `Staged::put_new`).
+    pub fn put_new<M: Message>(&mut self, key: Vec<u8>, message: &M) {
+        let value = frame(self.at, &message.encode_to_vec());
+        self.staged.put_new(self.projection, key, value);
+    }
+
+    /// [`View::put_u64`] for a key the caller knows is new.
+    pub fn put_u64_new(&mut self, key: Vec<u8>, value: u64) {
+        let value = frame(self.at, &value.to_be_bytes());
+        self.staged.put_new(self.projection, key, value);
+    }
+
     /// Writes a raw `u64` into this view's own projection.
     ///
     /// # Errors
