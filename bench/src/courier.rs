@@ -31,7 +31,7 @@ use tokio::task::JoinSet;
 use crate::LoadArgs;
 use crate::client::{self, Device, DeviceStream, Outbox, PhoneBook};
 use crate::procstat::Sampler;
-use crate::stats::{self, Latency, LogAppends, RunResult, Tally, Window};
+use crate::stats::{self, Latency, LogAppends, NodeCost, RunResult, Tally, Window};
 
 /// Bytes at the start of every body: send start offset (8), pair (4), sequence (8).
 const BODY_HEADER_BYTES: usize = 20;
@@ -397,6 +397,11 @@ async fn log_appends(admin_addrs: &[String]) -> Vec<LogAppends> {
                 node_id: status.node_id,
                 fsyncs: status.shards.iter().map(|s| s.fsyncs).sum(),
                 entries: status.shards.iter().map(|s| s.entries_appended).sum(),
+                counters: status
+                    .counters
+                    .as_ref()
+                    .map(NodeCost::from_wire)
+                    .unwrap_or_default(),
             }),
             Err(error) => eprintln!("courier: Admin.Status on {addr} failed: {error:#}"),
         }
@@ -414,6 +419,7 @@ fn appends_diff(before: &[LogAppends], after: &[LogAppends]) -> Vec<LogAppends> 
                 node_id: a.node_id,
                 fsyncs: a.fsyncs.saturating_sub(b.fsyncs),
                 entries: a.entries.saturating_sub(b.entries),
+                counters: a.counters.since(&b.counters),
             })
         })
         .collect()

@@ -285,6 +285,7 @@ fn section(args: &Args, runs: &Runs, scale: Option<&ScaleResult>) -> anyhow::Res
     table(&mut s, runs)?;
     ratios(&mut s, runs)?;
     courier_detail(&mut s, runs)?;
+    cost_table(&mut s, runs)?;
     writeln!(
         s,
         "![acked sends/s vs concurrency]({0}/throughput.svg)\n![p99 vs concurrency]({0}/p99.svg)\n",
@@ -445,6 +446,67 @@ fn courier_detail(s: &mut String, runs: &Runs) -> anyhow::Result<()> {
                 r.e2e_missing,
                 cpu.join(" / "),
                 rss.join(" / "),
+            )?;
+        }
+    }
+    writeln!(s)?;
+    Ok(())
+}
+
+/// Per acknowledged message, summed over the nodes: what each message cost (Admin.Status
+/// `counters` over the window, and each node's CPU from `/proc`).
+#[allow(clippy::cast_precision_loss, reason = "counts far below 2^52")]
+fn cost_table(s: &mut String, runs: &Runs) -> anyhow::Result<()> {
+    writeln!(
+        s,
+        "### Courier: cost per acknowledged message\n\n\
+         Each counter is summed over the 3 nodes over the measured window and divided by the \
+         acknowledged messages (Admin.Status `counters`): raft entries appended (every replica \
+         counts its own), synced writes (every fsync: log appends, vote and purge records, WAL \
+         syncs), gRPC calls between the nodes, device-stream pusher passes, outbox forwarder \
+         passes, RocksDB reads and writes of the apply fold, and CPU µs per message of each node.\n"
+    )?;
+    writeln!(
+        s,
+        "| C | variant | raft entries | fsyncs | peer gRPC calls | pusher passes | forwarder passes | apply reads | apply writes | CPU µs / msg per node |"
+    )?;
+    writeln!(
+        s,
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+    )?;
+    for c in concurrencies(runs) {
+        for system in ["courier", "courier-same-shard"] {
+            let Some(r) = get(runs, system, c) else {
+                continue;
+            };
+            if r.acked == 0 || r.log_appends.is_empty() {
+                continue;
+            }
+            let acked = r.acked as f64;
+            let per = |pick: fn(&crate::stats::NodeCost) -> u64| {
+                let total: u64 = r.log_appends.iter().map(|a| pick(&a.counters)).sum();
+                format!("{:.2}", total as f64 / acked)
+            };
+            let cpu: Vec<String> = r
+                .processes
+                .iter()
+                .map(|p| {
+                    let per_second = r.throughput.max(f64::MIN_POSITIVE);
+                    format!("{:.0}", p.cpu_pct / 100.0 * 1_000_000.0 / per_second)
+                })
+                .collect();
+            writeln!(
+                s,
+                "| {c} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                system.strip_prefix("courier-").unwrap_or("cross-shard"),
+                per(|n| n.raft_entries),
+                per(|n| n.synced_writes),
+                per(|n| n.peer_calls),
+                per(|n| n.pusher_passes),
+                per(|n| n.forwarder_passes),
+                per(|n| n.apply_reads),
+                per(|n| n.apply_writes),
+                cpu.join(" / "),
             )?;
         }
     }

@@ -193,6 +193,60 @@ pub(crate) struct LogAppends {
     pub(crate) fsyncs: u64,
     /// Entries written by those appends.
     pub(crate) entries: u64,
+    /// The node's cost counters over the window (Admin.Status `counters`).
+    #[serde(default)]
+    pub(crate) counters: NodeCost,
+}
+
+/// One node's cost counters (Admin.Status `NodeCounters`), as a difference over the window.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub(crate) struct NodeCost {
+    pub(crate) synced_writes: u64,
+    pub(crate) write_batches: u64,
+    pub(crate) raft_entries: u64,
+    pub(crate) log_appends: u64,
+    pub(crate) apply_reads: u64,
+    pub(crate) apply_writes: u64,
+    pub(crate) peer_calls: u64,
+    pub(crate) pusher_passes: u64,
+    pub(crate) forwarder_passes: u64,
+    pub(crate) wakeups: u64,
+}
+
+impl NodeCost {
+    /// The counters as read from a node.
+    pub(crate) fn from_wire(c: &courier_proto::pb::peer::NodeCounters) -> Self {
+        Self {
+            synced_writes: c.synced_writes,
+            write_batches: c.write_batches,
+            raft_entries: c.raft_entries,
+            log_appends: c.log_appends,
+            apply_reads: c.apply_reads,
+            apply_writes: c.apply_writes,
+            peer_calls: c.peer_calls,
+            pusher_passes: c.pusher_passes,
+            forwarder_passes: c.forwarder_passes,
+            wakeups: c.wakeups,
+        }
+    }
+
+    /// `self − before`, counter by counter.
+    pub(crate) fn since(&self, before: &Self) -> Self {
+        Self {
+            synced_writes: self.synced_writes.saturating_sub(before.synced_writes),
+            write_batches: self.write_batches.saturating_sub(before.write_batches),
+            raft_entries: self.raft_entries.saturating_sub(before.raft_entries),
+            log_appends: self.log_appends.saturating_sub(before.log_appends),
+            apply_reads: self.apply_reads.saturating_sub(before.apply_reads),
+            apply_writes: self.apply_writes.saturating_sub(before.apply_writes),
+            peer_calls: self.peer_calls.saturating_sub(before.peer_calls),
+            pusher_passes: self.pusher_passes.saturating_sub(before.pusher_passes),
+            forwarder_passes: self
+                .forwarder_passes
+                .saturating_sub(before.forwarder_passes),
+            wakeups: self.wakeups.saturating_sub(before.wakeups),
+        }
+    }
 }
 
 /// The result of one throughput run (`courier`, `etcd` or `nats`), as written to `--out`.

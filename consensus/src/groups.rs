@@ -17,6 +17,7 @@ use crate::network::{ChannelPool, GroupRouter, PeerNetwork};
 use crate::proposer::Proposer;
 use crate::state_machine::{AppliedView, StateMachine};
 use crate::types::{GroupId, NodeId, Raft, RaftStorageError};
+use crate::watch::ApplyWatch;
 
 /// Why a group could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -115,7 +116,7 @@ pub struct Groups {
     rpc_timeout: Duration,
     groups: RwLock<BTreeMap<GroupId, GroupHandle>>,
     creating: tokio::sync::Mutex<()>,
-    applied_signal: Arc<tokio::sync::Notify>,
+    watch: Arc<ApplyWatch>,
 }
 
 impl std::fmt::Debug for Groups {
@@ -158,7 +159,7 @@ impl Groups {
             rpc_timeout: timing.rpc_timeout,
             groups: RwLock::default(),
             creating: tokio::sync::Mutex::new(()),
-            applied_signal: Arc::default(),
+            watch: Arc::default(),
         });
         let stored = courier_storage::LogStore::stored_shards(db.as_ref()).map_err(|e| {
             ConsensusError::Storage {
@@ -184,9 +185,9 @@ impl Groups {
         &self.db
     }
 
-    /// Notified after any group applied a batch: waiters re-read instead of polling blindly.
-    pub fn applied_signal(&self) -> &Arc<tokio::sync::Notify> {
-        &self.applied_signal
+    /// Wake-ups after apply, per user and for the outbox, from every group of this node.
+    pub fn watch(&self) -> &Arc<ApplyWatch> {
+        &self.watch
     }
 
     /// The upper bound of the randomized election timeout: how long followers wait without a
@@ -255,7 +256,7 @@ impl Groups {
         let log = LogStore::new(courier_storage::LogStore::new(self.db.clone(), prefix));
         let stats = log.stats.clone();
         let sm = StateMachine::open(self.db.clone(), group)
-            .map(|sm| sm.with_applied_signal(self.applied_signal.clone()))
+            .map(|sm| sm.with_watch(self.watch.clone()))
             .map_err(|source| ConsensusError::Storage { group, source })?;
         let applied = sm.shared();
         let maintenance = sm.maintenance();
@@ -267,7 +268,7 @@ impl Groups {
                 reason: e.to_string(),
             })?;
         info!(%group, node_id = self.node_id, "raft group started");
-        let proposer = Proposer::start(raft.clone());
+        let proposer = Proposer::start(raft.clone(), stats.clone());
         let handle = GroupHandle {
             raft,
             applied,

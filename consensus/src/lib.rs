@@ -29,6 +29,7 @@ pub mod network;
 pub mod proposer;
 pub mod state_machine;
 pub mod types;
+pub mod watch;
 
 pub use log_store::LogStore;
 pub use state_machine::StateMachine;

@@ -111,6 +111,9 @@ pub struct AppendStats {
     pub entries: AtomicU64,
     /// Nanoseconds spent in those calls (write + fsync).
     pub sync_nanos: AtomicU64,
+    /// Notified after every append flushed: the proposer dispatches its next batch then, so
+    /// that proposals arriving during an fsync merge into one entry.
+    pub flushed: tokio::sync::Notify,
 }
 
 /// One raft group's log storage.
@@ -202,7 +205,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), RaftStorageError> {
-        self.save(raft_tag::COMMITTED, &committed)
+        // Not synced (ARCHITECTURE.md, "Durability"): openraft treats the stored commit index as
+        // a hint that lets a restarted node apply sooner; a lost one is re-learned from the
+        // leader, and every entry it names was synced before it.
+        let bytes = postcard::to_stdvec(&committed).map_err(|e| codec_fault("raft state", e))?;
+        self.log
+            .save_state_unsynced(raft_tag::COMMITTED, &bytes)
+            .map_err(fault)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, RaftStorageError> {
@@ -234,6 +243,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
             self.stats.entries.fetch_add(count, Ordering::Relaxed);
             self.stats.sync_nanos.fetch_add(took, Ordering::Relaxed);
+            self.stats.flushed.notify_waiters();
         }
         callback.log_io_completed(
             result

@@ -16,6 +16,7 @@ use courier_storage::{Db, LogStore, MemKv, OpenMode, Projection, ShardState, Sto
 
 use crate::state_machine::{AppliedView, Machine, publish};
 use crate::types::GroupId;
+use crate::watch::ApplyWatch;
 
 /// What a rebuild did.
 #[derive(Debug, Clone, Copy)]
@@ -35,7 +36,7 @@ pub struct Maintenance {
     group: GroupId,
     machine: Arc<tokio::sync::Mutex<Machine>>,
     shared: Arc<RwLock<AppliedView>>,
-    signal: Arc<tokio::sync::Notify>,
+    watch: Arc<ApplyWatch>,
 }
 
 impl std::fmt::Debug for Maintenance {
@@ -63,7 +64,7 @@ impl crate::state_machine::StateMachine {
             self.group,
             self.machine.clone(),
             self.shared.clone(),
-            self.applied_signal.clone(),
+            self.watch.clone(),
         )
     }
 }
@@ -74,14 +75,14 @@ impl Maintenance {
         group: GroupId,
         machine: Arc<tokio::sync::Mutex<Machine>>,
         shared: Arc<RwLock<AppliedView>>,
-        signal: Arc<tokio::sync::Notify>,
+        watch: Arc<ApplyWatch>,
     ) -> Self {
         Self {
             db,
             group,
             machine,
             shared,
-            signal,
+            watch,
         }
     }
 
@@ -141,7 +142,8 @@ impl Maintenance {
         let swap = rebuild::swap(&machine.state, &rebuilt, projection);
         self.db.replace_ranges(&[swap.clear], swap.changes, true)?;
         machine.state = swap.next;
-        publish(&self.shared, &self.signal, &machine);
+        publish(&self.shared, &machine);
+        self.watch.everything();
         Ok(RebuildOutcome {
             applied: machine.state.applied,
             events: first.events.saturating_add(rebuilt.events),

@@ -9,6 +9,7 @@
 //! deadline openraft gives it (`RPCOption::hard_ttl`), bounded by the configured RPC timeout.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -69,6 +70,7 @@ pub struct ChannelPool {
     timeouts: Mutex<BTreeMap<String, u32>>,
     connect_timeout: Duration,
     connector: Option<Connector>,
+    calls: AtomicU64,
 }
 
 impl std::fmt::Debug for ChannelPool {
@@ -88,6 +90,7 @@ impl ChannelPool {
             timeouts: Mutex::default(),
             connect_timeout,
             connector: None,
+            calls: AtomicU64::new(0),
         }
     }
 
@@ -119,6 +122,17 @@ impl ChannelPool {
         };
         channels.insert(addr.to_owned(), channel.clone());
         Some(channel)
+    }
+
+    /// Counts one call made over this pool's channels (every raft RPC and every node-to-node
+    /// request; `Admin.Status`'s `peer_calls`).
+    pub fn note_call(&self) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Calls made since start.
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
     }
 
     /// Counts an RPC timeout to `addr`; after [`RECONNECT_AFTER_TIMEOUTS`] with no answer in
@@ -243,6 +257,7 @@ impl GroupClient {
         // (as openraft asks) makes sure ours fires first, so the timeout is counted towards
         // replacing a wedged connection instead of being cancelled from outside unseen.
         let timeout = option.soft_ttl().min(self.rpc_timeout);
+        self.pool.note_call();
         let mut client = RaftClient::new(channel)
             .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
             .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);

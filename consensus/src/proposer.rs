@@ -10,8 +10,14 @@
 //!
 //! Order: batches are handed to raft by one task in queue order, so events proposed by one
 //! caller one after another land in the log in that order.
+//!
+//! Batch size: after handing a batch to raft the batcher waits until the log's next append has
+//! flushed (at most [`APPEND_WAIT_MAX`]) before it drains the queue again. The leader's fsync is
+//! the slow step; the proposals that arrive during it go into the next entry together instead of
+//! queueing inside raft as one small entry each.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use courier_proto::FORMAT_VERSION;
 use courier_proto::limits::PROPOSAL_BYTES_MAX;
@@ -20,6 +26,7 @@ use openraft::error::ClientWriteError;
 use prost::Message;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
+use crate::log_store::AppendStats;
 use crate::types::{EventOutcome, NodeId, Proposal, Raft};
 
 /// Events per raft entry at most.
@@ -28,6 +35,9 @@ pub const BATCH_EVENTS_MAX: usize = 1024;
 pub const QUEUE_PROPOSALS_MAX: usize = 4096;
 /// Batches replicating at once per group.
 pub const IN_FLIGHT_BATCHES_MAX: usize = 8;
+/// Longest wait for the log's append to flush before the next batch is dispatched anyway (a
+/// follower's proposer never sees an append of its own).
+pub const APPEND_WAIT_MAX: Duration = Duration::from_millis(2);
 
 /// Why a proposal did not commit.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -65,11 +75,32 @@ pub struct Proposer {
 }
 
 impl Proposer {
-    /// Starts the batcher of `raft`; it stops when every `Proposer` clone is dropped.
-    pub fn start(raft: Raft) -> Self {
+    /// Starts the batcher of `raft`, whose log reports its flushes to `log`; it stops when every
+    /// `Proposer` clone is dropped.
+    pub fn start(raft: Raft, log: Arc<AppendStats>) -> Self {
         let (queue, rx) = mpsc::channel(QUEUE_PROPOSALS_MAX);
-        tokio::spawn(batcher(raft, rx));
+        tokio::spawn(batcher(raft, log, rx));
         Self { queue }
+    }
+
+    /// Queues `events` to ride in the group's next batch without waiting for their outcome
+    /// (housekeeping such as `OutboxTrimmed`, which a later proposal supersedes). Returns
+    /// whether they were queued: not when the queue is full, the proposal too large, or the
+    /// group stopped.
+    pub fn submit(&self, events: Vec<Event>) -> bool {
+        let bytes = events.iter().map(Message::encoded_len).sum::<usize>();
+        if bytes > PROPOSAL_BYTES_MAX {
+            return false;
+        }
+        // Nobody listens: the batcher's answer to a dropped receiver is ignored.
+        let (reply, _) = oneshot::channel();
+        self.queue
+            .try_send(Pending {
+                events,
+                bytes,
+                reply,
+            })
+            .is_ok()
     }
 
     /// Proposes `events`; answers with one outcome per event after they commit and apply.
@@ -100,7 +131,7 @@ impl Proposer {
     }
 }
 
-async fn batcher(raft: Raft, mut rx: mpsc::Receiver<Pending>) {
+async fn batcher(raft: Raft, log: Arc<AppendStats>, mut rx: mpsc::Receiver<Pending>) {
     let in_flight = Arc::new(Semaphore::new(IN_FLIGHT_BATCHES_MAX));
     let mut carry: Option<Pending> = None;
     loop {
@@ -141,7 +172,15 @@ async fn batcher(raft: Raft, mut rx: mpsc::Receiver<Pending>) {
             format_version: FORMAT_VERSION,
             events: all,
         };
-        match raft.client_write_ff(Proposal::Events(payload)).await {
+        let flushed = log.flushed.notified();
+        tokio::pin!(flushed);
+        flushed.as_mut().enable();
+        let handed = raft.client_write_ff(Proposal::Events(payload)).await;
+        if handed.is_ok() {
+            // Let the queue fill while the leader writes this batch (module docs).
+            let _ = tokio::time::timeout(APPEND_WAIT_MAX, flushed).await;
+        }
+        match handed {
             Err(fatal) => {
                 for reply in replies {
                     let _ = reply.send(Err(ProposeError::Raft(fatal.to_string())));

@@ -20,6 +20,7 @@ use crate::types::{
     ClusterSettings, GroupId, LogId, Node, NodeId, Proposal, ProposalResponse, RaftStorageError,
     StoredMembership, TypeConfig,
 };
+use crate::watch::ApplyWatch;
 
 /// This layer's part of the applied state, stored opaquely by storage.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -71,7 +72,7 @@ pub struct StateMachine {
     pub(crate) group: GroupId,
     pub(crate) machine: Arc<tokio::sync::Mutex<Machine>>,
     pub(crate) shared: Arc<RwLock<AppliedView>>,
-    pub(crate) applied_signal: Arc<tokio::sync::Notify>,
+    pub(crate) watch: Arc<ApplyWatch>,
 }
 
 impl StateMachine {
@@ -91,7 +92,7 @@ impl StateMachine {
             group,
             machine: Arc::new(tokio::sync::Mutex::new(Machine { state, raft })),
             shared,
-            applied_signal: Arc::default(),
+            watch: Arc::default(),
         })
     }
 
@@ -100,9 +101,9 @@ impl StateMachine {
         self.shared.clone()
     }
 
-    /// Sets the signal notified after every applied batch (default: a private one).
-    pub fn with_applied_signal(mut self, signal: Arc<tokio::sync::Notify>) -> Self {
-        self.applied_signal = signal;
+    /// Sets the node's watch that applied batches report to (default: a private one).
+    pub fn with_watch(mut self, watch: Arc<ApplyWatch>) -> Self {
+        self.watch = watch;
         self
     }
 
@@ -178,9 +179,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // Not synced on its own: the entries are durable in the log and ordered before this write
         // in the WAL, so a crash replays them; purges sync the WAL first.
         self.db.commit(batch.changes, false).map_err(fault)?;
+        let (reads, writes) = batch.io;
+        self.db.counters().note_apply(reads, writes);
         machine.state = batch.next;
         machine.raft = raft;
-        publish(&self.shared, &self.applied_signal, &machine);
+        publish(&self.shared, &machine);
+        self.watch.applied(&batch.touched);
         Ok(batch
             .results
             .into_iter()
@@ -221,7 +225,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .map_err(fault)?;
         machine.state = install.state;
         machine.raft = raft;
-        publish(&self.shared, &self.applied_signal, &machine);
+        publish(&self.shared, &machine);
+        self.watch.everything();
         Ok(())
     }
 
@@ -236,18 +241,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 }
 
-/// Publishes what `machine` applied to readers and wakes device streams and forwarders waiting
-/// for new applied state.
-pub(crate) fn publish(
-    shared: &RwLock<AppliedView>,
-    signal: &tokio::sync::Notify,
-    machine: &Machine,
-) {
+/// Publishes what `machine` applied to readers (the caller then wakes whoever waits for it).
+pub(crate) fn publish(shared: &RwLock<AppliedView>, machine: &Machine) {
     let mut view = shared.write().expect("applied view lock is never poisoned");
     view.shard = machine.state.clone();
     view.raft = machine.raft.clone();
-    drop(view);
-    signal.notify_waiters();
 }
 
 /// A snapshot built at the moment openraft asked for the builder.

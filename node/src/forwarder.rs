@@ -1,15 +1,20 @@
 //! Outbox forwarders: on every shard this node leads, the events queued for each destination
 //! shard are sent in order, in batches, to the destination leader; once it answers
-//! `stored_up_to` (after its commit), `OutboxTrimmed` is proposed here.
+//! `stored_up_to` (after its commit), `OutboxTrimmed` is queued on the source shard's proposer,
+//! where it rides in the next batch instead of taking a raft round of its own.
 //!
-//! Each pass runs the due (source, destination) pairs concurrently, up to
-//! `limits.forward-batches-in-flight` at once and one batch per pair, so order within a pair is
-//! kept while one pair's forward and commits overlap with the others'.
+//! Each (source, destination) pair has at most one batch in flight, so order within a pair is
+//! kept; up to `limits.forward-batches-in-flight` pairs are in flight at once, each started as
+//! soon as it has entries and a free slot (no pass waits for another pair's batch). While a
+//! pair's batch is in flight its queue grows, so the next batch carries what arrived meanwhile.
 //!
-//! A new leader resumes from the replicated outbox, so nothing is lost; the destination's inbound
-//! watermark drops re-sent positions, so nothing is stored twice. Failures back off
-//! exponentially with jitter, per (source, destination), up to [`BACKOFF_MAX`]. The loop wakes on
-//! every applied batch (the groups' apply signal), with [`POLL_INTERVAL`] as a safety net.
+//! What a destination stored is remembered here (`sent`) until the trim applies, so the next
+//! batch starts after it. A new leader (or this one after an error) starts from the replicated
+//! outbox instead; the destination's inbound watermark drops re-sent positions, so nothing is
+//! stored twice and nothing is lost. Failures back off exponentially with jitter, per pair, up
+//! to [`BACKOFF_MAX`]. The loop wakes when an applied batch changed an outbox (`ApplyWatch`),
+//! when a batch comes back, and at least every [`POLL_INTERVAL`] (leadership changes wake
+//! nobody).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -21,54 +26,85 @@ use courier_proto::pb::events::{self, Event, event::Kind};
 use courier_proto::pb::peer::ForwardBatchRequest;
 use courier_proto::pb::store::OutboxState;
 use courier_storage::projection::{Projection, outbox};
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::cluster::Cluster;
 
-/// How long the forwarder waits for the apply signal before looking anyway (every applied batch
-/// wakes it at once).
+/// How long the forwarder waits for an outbox change before looking anyway.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// First retry delay after a failed forward.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(50);
 /// Longest retry delay.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// How long a trim queued on the proposer may take to apply before it is queued again (it may
+/// have been refused by a full queue or lost with a leader change).
+pub const TRIM_RETRY: Duration = Duration::from_secs(1);
 
-/// Per (source, destination) pair: when the next attempt is due, and the last backoff delay.
-type Backoff = BTreeMap<(u16, u16), (Instant, Duration)>;
+/// A (source, destination) pair of shards.
+type Pair = (u16, u16);
+/// Per pair: when the next attempt is due, and the last backoff delay.
+type Backoff = BTreeMap<Pair, (Instant, Duration)>;
+
+/// Per pair: the position the destination stored up to (its answer), and when a trim up to it was
+/// last queued.
+type Sent = BTreeMap<Pair, (u64, Instant)>;
 
 /// Runs the forwarders of this node until `shutdown`, with at most `in_flight` batches (pairs)
 /// at once.
 pub async fn run(cluster: Cluster, in_flight: usize, shutdown: CancellationToken) {
     let mut backoff = Backoff::new();
-    let signal = cluster.groups().applied_signal().clone();
+    let mut sent = Sent::new();
+    let mut flying: JoinSet<(Pair, Result<u64, crate::status::ApiError>)> = JoinSet::new();
+    let mut busy = std::collections::BTreeSet::<Pair>::new();
+    let mut started = BTreeMap::<Pair, Instant>::new();
+    let watch = cluster.groups().watch().clone();
     loop {
-        // Registered before the pass, so a batch applied during it wakes the next one at once.
-        let applied = signal.notified();
+        // Registered before the pass, so an outbox change during it wakes the next one at once.
+        let applied = watch.outbox().notified();
         tokio::pin!(applied);
         applied.as_mut().enable();
+        cluster.passes().forwarder();
         if let Some(shard_count) = cluster.groups().shard_count() {
-            let mut due = Vec::new();
+            let mut ready = Vec::new();
             for source in 0..shard_count {
-                due.extend(due_pairs(&cluster, ShardId::new(source), &backoff));
-            }
-            for chunk in due.chunks(in_flight.max(1)) {
-                let results =
-                    futures_util::future::join_all(chunk.iter().map(|(source, dest, state)| {
-                        forward_once(&cluster, *source, *dest, state)
-                    }))
-                    .await;
-                for ((source, dest, _), result) in chunk.iter().zip(results) {
-                    note_result(&mut backoff, *source, *dest, result);
+                let source = ShardId::new(source);
+                for (dest, state) in due_pairs(&cluster, source, &backoff, &mut sent) {
+                    let pair = (source.get(), dest.get());
+                    let from = sent
+                        .get(&pair)
+                        .map_or(state.trimmed_up_to, |(up_to, _)| *up_to)
+                        .max(state.trimmed_up_to);
+                    if !busy.contains(&pair) && state.last_pos > from {
+                        ready.push((started.get(&pair).copied(), pair, from));
+                    }
                 }
             }
+            // Fair: the pairs that waited longest since their last batch go first (never
+            // started before all), so no pair starves when more are ready than slots are free.
+            ready.sort_unstable();
+            let free = in_flight.max(1).saturating_sub(flying.len());
+            for (_, pair, from) in ready.into_iter().take(free) {
+                busy.insert(pair);
+                started.insert(pair, Instant::now());
+                let (source, dest) = (ShardId::new(pair.0), ShardId::new(pair.1));
+                let cluster = cluster.clone();
+                flying
+                    .spawn(async move { (pair, forward_once(&cluster, source, dest, from).await) });
+            }
         }
-        // Sleep until the next apply, or until the earliest retry is due.
+        // Sleep until an outbox changes, a batch comes back, or the earliest retry is due.
         let wait = next_wait(&mut backoff, Instant::now());
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = applied => {}
+            Some(done) = flying.join_next() => {
+                let Ok((pair, result)) = done else { continue };
+                busy.remove(&pair);
+                note_result(&cluster, &mut backoff, &mut sent, pair, result);
+            }
             () = tokio::time::sleep(wait) => {}
         }
     }
@@ -89,18 +125,19 @@ fn next_wait(backoff: &mut Backoff, now: Instant) -> Duration {
 }
 
 /// The destinations `source` has pending entries for and whose backoff has passed, with their
-/// queue state, if this node leads `source`.
+/// queue state, if this node leads `source`. Forgets what was sent from a shard this node no
+/// longer leads, and queues again a trim that has not applied within [`TRIM_RETRY`].
 fn due_pairs(
     cluster: &Cluster,
     source: ShardId,
     backoff: &Backoff,
-) -> Vec<(ShardId, ShardId, OutboxState)> {
-    let Some(handle) = cluster.groups().get(GroupId::Shard(source)) else {
+    sent: &mut Sent,
+) -> Vec<(ShardId, OutboxState)> {
+    let handle = cluster.groups().get(GroupId::Shard(source));
+    let Some(handle) = handle.filter(courier_consensus::groups::GroupHandle::is_leader) else {
+        sent.retain(|(from, _), _| *from != source.get());
         return Vec::new();
     };
-    if !handle.is_leader() {
-        return Vec::new();
-    }
     let mut reader = cluster.groups().db().read(source);
     let states = match outbox::states(&reader.view(Projection::Outbox)) {
         Ok(states) => states,
@@ -110,6 +147,17 @@ fn due_pairs(
         }
     };
     let now = Instant::now();
+    for (dest, state) in &states {
+        let pair = (source.get(), dest.get());
+        if let Some((up_to, queued_at)) = sent.get_mut(&pair) {
+            if *up_to <= state.trimmed_up_to {
+                sent.remove(&pair); // the trim applied
+            } else if now.duration_since(*queued_at) >= TRIM_RETRY {
+                *queued_at = now;
+                queue_trim(&handle, *dest, *up_to);
+            }
+        }
+    }
     states
         .into_iter()
         .filter(|(_, s)| s.last_pos > s.trimmed_up_to)
@@ -118,54 +166,81 @@ fn due_pairs(
                 .get(&(source.get(), dest.get()))
                 .is_none_or(|(at, _)| *at <= now)
         })
-        .map(|(dest, state)| (source, dest, state))
         .collect()
 }
 
-/// Clears a pair's backoff after a success; doubles it (with jitter) after a failure.
+/// Queues `OutboxTrimmed` up to `up_to` on the source shard's proposer, to ride in its next batch.
+fn queue_trim(handle: &courier_consensus::groups::GroupHandle, dest: ShardId, up_to: u64) {
+    let trim = Event {
+        kind: Some(Kind::OutboxTrimmed(events::OutboxTrimmed {
+            dest_shard: u32::from(dest.get()),
+            up_to,
+        })),
+    };
+    if !handle.proposer.submit(vec![trim]) {
+        tracing::debug!(
+            dest = dest.get(),
+            up_to,
+            "trim not queued (queue full); retried later"
+        );
+    }
+}
+
+/// After a batch came back: on success remembers what the destination stored, queues the trim
+/// and clears the pair's backoff; after a failure forgets what was sent (the next batch starts
+/// from the replicated outbox) and doubles the backoff (with jitter).
 fn note_result(
+    cluster: &Cluster,
     backoff: &mut Backoff,
-    source: ShardId,
-    dest: ShardId,
-    result: Result<(), crate::status::ApiError>,
+    sent: &mut Sent,
+    pair: Pair,
+    result: Result<u64, crate::status::ApiError>,
 ) {
-    let key = (source.get(), dest.get());
+    let (source, dest) = (ShardId::new(pair.0), ShardId::new(pair.1));
     match result {
-        Ok(()) => {
-            backoff.remove(&key);
+        Ok(stored_up_to) => {
+            backoff.remove(&pair);
+            let known = sent.get(&pair).map_or(0, |(up_to, _)| *up_to);
+            if stored_up_to > known {
+                sent.insert(pair, (stored_up_to, Instant::now()));
+                if let Some(handle) = cluster.groups().get(GroupId::Shard(source)) {
+                    queue_trim(&handle, dest, stored_up_to);
+                }
+            }
         }
         Err(error) => {
+            sent.remove(&pair);
             let delay = backoff
-                .get(&key)
+                .get(&pair)
                 .map_or(BACKOFF_MIN, |(_, d)| (*d * 2).min(BACKOFF_MAX));
             let half = u64::try_from(delay.as_millis() / 2).unwrap_or(u64::MAX);
             let jitter = Duration::from_millis(crate::env::random_range(0..=half));
             tracing::warn!(source = source.get(), dest = dest.get(), %error, retry_ms = (delay + jitter).as_millis(), "forward failed");
-            backoff.insert(key, (Instant::now() + delay + jitter, delay));
+            backoff.insert(pair, (Instant::now() + delay + jitter, delay));
         }
     }
 }
 
-/// Sends one batch of what `source` queued for `dest` (its queue `state` as just read), then
-/// trims.
+/// Sends one batch of what `source` queued for `dest` after position `after`; answers the
+/// position the destination stored up to.
 async fn forward_once(
     cluster: &Cluster,
     source: ShardId,
     dest: ShardId,
-    state: &OutboxState,
-) -> Result<(), crate::status::ApiError> {
+    after: u64,
+) -> Result<u64, crate::status::ApiError> {
     let pending = {
         let mut reader = cluster.groups().db().read(source);
         outbox::pending(
             &reader.view(Projection::Outbox),
             dest,
-            state.trimmed_up_to.saturating_add(1),
+            after.saturating_add(1),
             FORWARD_BATCH_EVENTS_MAX,
         )
         .map_err(crate::status::ApiError::from)?
     };
     let Some((first_pos, _)) = pending.first() else {
-        return Ok(());
+        return Ok(after);
     };
     let request = ForwardBatchRequest {
         source_shard: u32::from(source.get()),
@@ -184,16 +259,7 @@ async fn forward_once(
         .forward_batch(request, false)
         .instrument(span)
         .await?;
-    if response.stored_up_to > state.trimmed_up_to {
-        let trim = Event {
-            kind: Some(Kind::OutboxTrimmed(events::OutboxTrimmed {
-                dest_shard: u32::from(dest.get()),
-                up_to: response.stored_up_to,
-            })),
-        };
-        cluster.propose(source, vec![trim]).await?;
-    }
-    Ok(())
+    Ok(response.stored_up_to)
 }
 
 #[cfg(test)]

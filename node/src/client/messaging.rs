@@ -61,22 +61,8 @@ impl ClientApi {
                 return Err(unexpected(Some(&EventOutcome::Rejected { code, message })));
             }
         };
-        if !response.duplicate && recipient_shard == shard {
-            let message_id = &response.message_id;
-            // Stored in the recipient's inbox by this very entry (no forward, so the forward
-            // path's push hook does not see it): ask the shard leader's presence, off the path.
-            let (cluster, to, id) = (self.cluster.clone(), command.to.get(), message_id.clone());
-            tokio::spawn(async move {
-                if let Ok(presence) = cluster.presence_exchange(shard, Vec::new(), vec![to]).await
-                    && !presence.first().is_some_and(|p| p.online)
-                {
-                    cluster.edge().pusher.push(crate::push::PushJob {
-                        user: to,
-                        message_id: id,
-                    });
-                }
-            });
-        }
+        // A same-shard recipient who is offline is pushed by the shard leader as it commits
+        // (`Cluster::propose_via`), without a presence call per send.
         Ok(response)
     }
 

@@ -7,9 +7,9 @@
 //!         ──Ack / Read──▶ DeliveryAcked / ReadUpTo proposed on the user's shard
 //! ```
 //!
-//! The pusher re-reads this node's replica of the user's shard whenever a batch is applied (and at
-//! least every [`POLL_INTERVAL`]); every shard is on every node, so a stream on any node sees the
-//! user's inbox.
+//! The pusher re-reads this node's replica of the user's shard when a batch applied on this node
+//! touched the user's inbox or receipt feed (`ApplyWatch`), and at no other time: an idle stream
+//! costs no CPU. Every shard is on every node, so a stream on any node sees the user's inbox.
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -31,9 +31,10 @@ use super::{ClientApi, auth::Caller, now_ms};
 use crate::bugs;
 use crate::status::ApiError;
 
-/// How long a stream waits for the apply signal before looking anyway (a safety net: every applied
-/// batch wakes it at once).
-pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
+/// How long a stream waits before looking again when a group message's stored copy has not
+/// reached this replica of the group's shard yet (its apply does not touch the member's inbox,
+/// so it wakes nobody).
+pub const GROUP_CONTENT_RETRY: Duration = Duration::from_millis(20);
 /// Messages read from the inbox per step.
 pub const PAGE_MESSAGES: usize = 256;
 /// How long the client has to send `Open`.
@@ -127,15 +128,16 @@ impl ClientApi {
             caller.device.get(),
             hide_last_seen,
         );
-        let signal = self.cluster.groups().applied_signal().clone();
+        let watch = self.cluster.groups().watch().user(caller.user);
         // The first pass sends the backlog; what later passes find arrived while the device was
         // connected, and its send-to-push time is the live delivery latency.
         let mut live = false;
         loop {
             // Registered before reading, so an apply between the read and the wait still wakes us.
-            let applied = signal.notified();
+            let applied = watch.notified();
             tokio::pin!(applied);
             applied.as_mut().enable();
+            self.cluster.passes().pusher();
             let page = self.read(shard, |view| {
                 let tail = inbox::tail(view, caller.user)?;
                 let up_to = InboxSeq::new(
@@ -217,7 +219,7 @@ impl ClientApi {
                 () = self.shutdown.cancelled() => return,
                 () = tx.closed() => return,
                 () = applied => {}
-                () = tokio::time::sleep(POLL_INTERVAL) => {}
+                () = tokio::time::sleep(GROUP_CONTENT_RETRY), if stalled => {}
             }
         }
     }

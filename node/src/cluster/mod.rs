@@ -41,6 +41,7 @@ pub use edge::{Edge, run_reporter};
 pub use membership::VOTERS_MIN;
 pub use peer::was_forwarded;
 pub use read::{READ_WAIT, ReadConsistency};
+pub use status::Passes;
 pub use wire::outcome_to_wire;
 
 use crate::status::ApiError;
@@ -59,6 +60,7 @@ pub struct Cluster {
     peers: peer::PeerClient,
     edge: Edge,
     sends: Arc<crate::sends::SendsInFlight>,
+    passes: Arc<Passes>,
 }
 
 fn unavailable(message: String, leader: Option<NodeId>) -> ApiError {
@@ -91,12 +93,18 @@ impl Cluster {
             rpc_timeout,
             edge,
             sends: Arc::default(),
+            passes: Arc::default(),
         }
     }
 
     /// The node's raft groups.
     pub fn groups(&self) -> &Arc<Groups> {
         &self.groups
+    }
+
+    /// Pusher and forwarder passes of this node (cost counters).
+    pub fn passes(&self) -> &Passes {
+        &self.passes
     }
 
     async fn group(&self, group: GroupId) -> Result<GroupHandle, ApiError> {

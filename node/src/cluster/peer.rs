@@ -53,6 +53,7 @@ impl PeerClient {
 
     /// A request with deadline `timeout` and the current span's trace context.
     pub(super) fn request_within<T>(&self, message: T, timeout: Duration) -> tonic::Request<T> {
+        self.pool.note_call();
         let mut request = tonic::Request::new(message);
         request.set_timeout(timeout);
         crate::telemetry::inject(request.metadata_mut());

@@ -186,7 +186,16 @@ impl Cluster {
     ) -> Result<Vec<EventOutcome>, ApiError> {
         match route {
             Route::Local(handle) if crate::sends::single_send(&events).is_some() => {
-                crate::sends::propose_send_on_leader(
+                // A send to a user of the same shard is stored in the recipient's inbox by this
+                // very entry (no forward, so the forward path's push hook does not see it): this
+                // node leads the shard and holds its presence, so it decides the push here.
+                let same_shard_to = crate::sends::single_send(&events)
+                    .filter(|sent| sent.recipient_shard == u32::from(shard.get()))
+                    .and_then(|sent| match sent.to.as_ref()?.with.as_ref()? {
+                        courier_proto::pb::events::conversation::With::User(user) => Some(*user),
+                        courier_proto::pb::events::conversation::With::Group(_) => None,
+                    });
+                let outcomes = crate::sends::propose_send_on_leader(
                     &self.sends,
                     &self.db,
                     shard,
@@ -195,7 +204,19 @@ impl Cluster {
                     (self.rpc_timeout, self.rpc_timeout),
                     |events| propose_local(&handle, shard, events),
                 )
-                .await
+                .await?;
+                if let (
+                    Some(to),
+                    Some(EventOutcome::Sent {
+                        message_id,
+                        duplicate: false,
+                        ..
+                    }),
+                ) = (same_shard_to, outcomes.first())
+                {
+                    self.push_if_offline(to, message_id.clone());
+                }
+                Ok(outcomes)
             }
             Route::Local(handle) => propose_local(&handle, shard, events).await,
             Route::Remote { leader, .. } if already_forwarded => Err(unavailable(

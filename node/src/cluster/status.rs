@@ -1,6 +1,8 @@
 //! What this node reports about itself: every group's role, leader and indexes, outbox lengths,
 //! and checkpoints of its database.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use courier_consensus::types::GroupId;
 use courier_proto::ShardId;
 use courier_proto::pb::peer::{self, ShardStatus, StatusResponse};
@@ -9,6 +11,26 @@ use tracing::info;
 
 use super::{Cluster, internal, invalid};
 use crate::status::ApiError;
+
+/// Passes of this node's device-stream pushers and outbox forwarders since start: with targeted
+/// wake-ups a pass happens only when something its stream or pair waits for was applied.
+#[derive(Debug, Default)]
+pub struct Passes {
+    pusher: AtomicU64,
+    forwarder: AtomicU64,
+}
+
+impl Passes {
+    /// Counts one pusher pass.
+    pub fn pusher(&self) {
+        self.pusher.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one forwarder pass.
+    pub fn forwarder(&self) {
+        self.forwarder.fetch_add(1, Ordering::Relaxed);
+    }
+}
 
 impl Cluster {
     /// Takes a consistent checkpoint of the node's database into `dir`.
@@ -71,14 +93,8 @@ impl Cluster {
                 apply_lag: last_log_index.saturating_sub(applied),
                 outbox_len_entries: self.outbox_len(shard),
                 digest: format!("{digest:032x}"),
-                fsyncs: handle
-                    .stats
-                    .fsyncs
-                    .load(std::sync::atomic::Ordering::Relaxed),
-                entries_appended: handle
-                    .stats
-                    .entries
-                    .load(std::sync::atomic::Ordering::Relaxed),
+                fsyncs: handle.stats.fsyncs.load(Ordering::Relaxed),
+                entries_appended: handle.stats.entries.load(Ordering::Relaxed),
                 // Reported as storage indexes (raft index + 1), like every index here.
                 snapshot_index: state.snapshot_index.map_or(0, |i| i.saturating_add(1)),
                 purged_index: state.purged_index.map_or(0, |i| i.saturating_add(1)),
@@ -88,6 +104,30 @@ impl Cluster {
             node_id: self.groups.node_id(),
             shards,
             nodes,
+            counters: Some(self.counters()),
+        }
+    }
+
+    /// What this node did since start, summed over its groups.
+    pub fn counters(&self) -> peer::NodeCounters {
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        let db = self.db.counters();
+        let (mut raft_entries, mut log_appends) = (0_u64, 0_u64);
+        for (_, handle) in self.groups.list() {
+            raft_entries = raft_entries.saturating_add(load(&handle.stats.entries));
+            log_appends = log_appends.saturating_add(load(&handle.stats.fsyncs));
+        }
+        peer::NodeCounters {
+            synced_writes: load(&db.synced_writes),
+            write_batches: load(&db.write_batches),
+            raft_entries,
+            log_appends,
+            apply_reads: load(&db.apply_reads),
+            apply_writes: load(&db.apply_writes),
+            peer_calls: self.groups.pool().calls(),
+            pusher_passes: load(&self.passes.pusher),
+            forwarder_passes: load(&self.passes.forwarder),
+            wakeups: self.groups.watch().wakeups(),
         }
     }
 

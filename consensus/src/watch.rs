@@ -1,0 +1,208 @@
+//! Targeted wake-ups after apply: a device stream waits for its own user, the outbox forwarders
+//! for outbox changes, and nobody else is woken.
+//!
+//! ```text
+//!  StateMachine::apply ──Touched{users, outbox}──▶ ApplyWatch ──▶ the streams of those users
+//!                                                             └─▶ the forwarders (outbox changed)
+//!  snapshot install, projection swap ───────────────────────▶ everyone (anything may have changed)
+//! ```
+//!
+//! A waiter registers (`Notified::enable`) before it reads, then waits: an apply between its read
+//! and its wait still wakes it. The watch holds one entry per user with a stream open on this
+//! node; the last [`UserWatch`] of a user removes it, so memory follows the open streams.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use courier_proto::UserId;
+use courier_storage::Touched;
+use tokio::sync::Notify;
+
+/// The node-wide registry of apply waiters (every raft group of the node reports to it).
+#[derive(Debug, Default)]
+pub struct ApplyWatch {
+    users: Mutex<HashMap<UserId, Arc<Notify>>>,
+    outbox: Notify,
+    wakeups: AtomicU64,
+}
+
+impl ApplyWatch {
+    /// Watches `user`'s inbox and receipts on every group of this node.
+    pub fn user(self: &Arc<Self>, user: UserId) -> UserWatch {
+        let notify = self
+            .users
+            .lock()
+            .expect("apply watch lock is never poisoned")
+            .entry(user)
+            .or_default()
+            .clone();
+        UserWatch {
+            watch: self.clone(),
+            user,
+            notify,
+        }
+    }
+
+    /// Notified after a batch that changed an outbox (an entry queued or trimmed), and after a
+    /// snapshot install or projection swap.
+    pub fn outbox(&self) -> &Notify {
+        &self.outbox
+    }
+
+    /// Waiters woken since start (user watches woken, each counted once per batch; the outbox
+    /// watch once per batch).
+    pub fn wakeups(&self) -> u64 {
+        self.wakeups.load(Ordering::Relaxed)
+    }
+
+    /// Wakes the waiters of what one applied batch touched.
+    pub(crate) fn applied(&self, touched: &Touched) {
+        if !touched.users.is_empty() {
+            let users = self
+                .users
+                .lock()
+                .expect("apply watch lock is never poisoned");
+            for user in &touched.users {
+                if let Some(notify) = users.get(user) {
+                    notify.notify_waiters();
+                    self.wakeups.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        if touched.outbox {
+            self.outbox.notify_waiters();
+            self.wakeups.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Wakes every waiter: a snapshot install or a projection swap may have changed anything.
+    pub(crate) fn everything(&self) {
+        for notify in self
+            .users
+            .lock()
+            .expect("apply watch lock is never poisoned")
+            .values()
+        {
+            notify.notify_waiters();
+        }
+        self.outbox.notify_waiters();
+    }
+
+    /// Users with a watch open (for tests and status).
+    pub fn watched_users(&self) -> usize {
+        self.users
+            .lock()
+            .expect("apply watch lock is never poisoned")
+            .len()
+    }
+}
+
+/// One waiter's registration for a user; dropping the last one of a user forgets the user.
+#[derive(Debug)]
+pub struct UserWatch {
+    watch: Arc<ApplyWatch>,
+    user: UserId,
+    notify: Arc<Notify>,
+}
+
+impl UserWatch {
+    /// A wake-up for the next batch that touches this user (enable it before reading).
+    pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.notify.notified()
+    }
+}
+
+impl Drop for UserWatch {
+    fn drop(&mut self) {
+        let mut users = self
+            .watch
+            .users
+            .lock()
+            .expect("apply watch lock is never poisoned");
+        // Ours is released under the lock, so of two last watches dropped at once one sees the
+        // other's gone and forgets the user.
+        drop(std::mem::take(&mut self.notify));
+        if users
+            .get(&self.user)
+            .is_some_and(|notify| Arc::strong_count(notify) == 1)
+        {
+            users.remove(&self.user);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn user(raw: u64) -> UserId {
+        UserId::new(raw).expect("nonzero")
+    }
+
+    fn touched(users: &[u64], outbox: bool) -> Touched {
+        Touched {
+            users: users.iter().map(|u| user(*u)).collect(),
+            outbox,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_wakes_only_the_users_it_touched() {
+        let watch = Arc::new(ApplyWatch::default());
+        let alice = watch.user(user(1));
+        let bob = watch.user(user(2));
+        let alice_woken = alice.notified();
+        let bob_woken = bob.notified();
+        tokio::pin!(alice_woken, bob_woken);
+        alice_woken.as_mut().enable();
+        bob_woken.as_mut().enable();
+        watch.applied(&touched(&[1, 3], false));
+        tokio::time::timeout(Duration::from_secs(1), alice_woken)
+            .await
+            .expect("alice's watch is woken");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), bob_woken)
+                .await
+                .is_err(),
+            "bob's watch is not woken by a batch that did not touch him"
+        );
+        assert_eq!(watch.wakeups(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_last_watch_of_a_user_forgets_the_user() {
+        let watch = Arc::new(ApplyWatch::default());
+        let first = watch.user(user(7));
+        let second = watch.user(user(7));
+        assert_eq!(watch.watched_users(), 1);
+        drop(first);
+        assert_eq!(
+            watch.watched_users(),
+            1,
+            "one stream of the user is still open"
+        );
+        drop(second);
+        assert_eq!(watch.watched_users(), 0);
+    }
+
+    #[tokio::test]
+    async fn everything_wakes_every_user_and_the_outbox() {
+        let watch = Arc::new(ApplyWatch::default());
+        let alice = watch.user(user(1));
+        let alice_woken = alice.notified();
+        let outbox_woken = watch.outbox().notified();
+        tokio::pin!(alice_woken, outbox_woken);
+        alice_woken.as_mut().enable();
+        outbox_woken.as_mut().enable();
+        watch.everything();
+        tokio::time::timeout(Duration::from_secs(1), async {
+            alice_woken.await;
+            outbox_woken.await;
+        })
+        .await
+        .expect("both woken");
+    }
+}
