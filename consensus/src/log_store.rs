@@ -9,14 +9,19 @@
 //!
 //! Appends are synced before the flush callback fires: one `append` call is one write batch and
 //! one fsync, however many entries openraft batched into it (group commit).
+//!
+//! The entries appended last are also kept decoded in memory ([`RECENT_ENTRIES_MAX`], at most
+//! [`RECENT_BYTES_MAX`]): replication to the followers and apply read them back within
+//! milliseconds, and take them from there instead of reading, checking and decoding them again.
+//! Truncation and purge drop them from memory as from disk.
 
+use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use courier_proto::LogIndex;
-use courier_proto::pb::store::LogEntry;
 use courier_storage::keys::raft_tag;
 use courier_storage::rebuild::decode_entry;
 use courier_storage::{LogRecord, StorageError};
@@ -56,7 +61,7 @@ pub fn encode_entry(entry: &Entry<TypeConfig>) -> Result<LogRecord, RaftStorageE
     let (raft, events) = match &entry.payload {
         EntryPayload::Blank => (RaftPart::Blank(log_id), None),
         EntryPayload::Normal(Proposal::Events(payload)) => {
-            (RaftPart::Events(log_id), Some(payload.clone()))
+            (RaftPart::Events(log_id), Some(payload.as_ref()))
         }
         EntryPayload::Normal(Proposal::Cluster(settings)) => {
             (RaftPart::Cluster(log_id, *settings), None)
@@ -66,10 +71,21 @@ pub fn encode_entry(entry: &Entry<TypeConfig>) -> Result<LogRecord, RaftStorageE
         }
     };
     let raft = postcard::to_stdvec(&raft).map_err(|e| codec_fault("encode entry", e))?;
+    // `LogEntry { raft, events }` field by field, so the shared events are not cloned to
+    // build one.
+    let mut payload = Vec::with_capacity(
+        raft.len()
+            .saturating_add(events.map_or(0, Message::encoded_len))
+            .saturating_add(16),
+    );
+    prost::encoding::bytes::encode(1, &raft, &mut payload);
+    if let Some(events) = events {
+        prost::encoding::message::encode(2, events, &mut payload);
+    }
     Ok(LogRecord {
         index: storage_index(log_id.index),
         term: log_id.leader_id.term,
-        payload: LogEntry { raft, events }.encode_to_vec(),
+        payload,
     })
 }
 
@@ -87,7 +103,10 @@ pub fn decode_record(
             let events = stored
                 .events
                 .ok_or_else(|| codec_fault("decode entry", "normal entry without events"))?;
-            (log_id, EntryPayload::Normal(Proposal::Events(events)))
+            (
+                log_id,
+                EntryPayload::Normal(Proposal::Events(Arc::new(events))),
+            )
         }
         RaftPart::Cluster(log_id, settings) => {
             (log_id, EntryPayload::Normal(Proposal::Cluster(settings)))
@@ -116,12 +135,78 @@ pub struct AppendStats {
     pub flushed: tokio::sync::Notify,
 }
 
+/// Entries kept decoded in memory per group at most.
+pub const RECENT_ENTRIES_MAX: usize = 2048;
+/// Encoded bytes of the entries kept in memory per group at most.
+pub const RECENT_BYTES_MAX: usize = 16 << 20;
+
+/// The last entries appended, contiguous, oldest first, with their encoded sizes.
+#[derive(Debug, Default)]
+struct Recent {
+    entries: VecDeque<(Entry<TypeConfig>, usize)>,
+    bytes: usize,
+}
+
+impl Recent {
+    fn first_index(&self) -> Option<u64> {
+        self.entries.front().map(|(entry, _)| entry.log_id.index)
+    }
+
+    fn push(&mut self, entry: Entry<TypeConfig>, bytes: usize) {
+        let next = self
+            .entries
+            .back()
+            .map(|(last, _)| last.log_id.index.saturating_add(1));
+        if next.is_some_and(|next| next != entry.log_id.index) {
+            // Not contiguous with what is cached (cannot happen after a truncate): start over.
+            self.entries.clear();
+            self.bytes = 0;
+        }
+        self.entries.push_back((entry, bytes));
+        self.bytes = self.bytes.saturating_add(bytes);
+        while self.entries.len() > RECENT_ENTRIES_MAX || self.bytes > RECENT_BYTES_MAX {
+            let Some((_, dropped)) = self.entries.pop_front() else {
+                break;
+            };
+            self.bytes = self.bytes.saturating_sub(dropped);
+        }
+    }
+
+    /// Keeps only entries with an index in `keep`.
+    fn retain(&mut self, keep: impl Fn(u64) -> bool) {
+        self.entries.retain(|(entry, _)| keep(entry.log_id.index));
+        self.bytes = self.entries.iter().map(|(_, bytes)| bytes).sum();
+    }
+
+    /// Entries `[start, end)`, when every one of them is here.
+    fn range(&self, start: u64, end: u64) -> Option<Vec<Entry<TypeConfig>>> {
+        let first = self.first_index()?;
+        if start < first || end <= start {
+            return None;
+        }
+        let skip = usize::try_from(start.saturating_sub(first)).ok()?;
+        let take = usize::try_from(end.saturating_sub(start)).ok()?;
+        if skip.saturating_add(take) > self.entries.len() {
+            return None;
+        }
+        Some(
+            self.entries
+                .iter()
+                .skip(skip)
+                .take(take)
+                .map(|(entry, _)| entry.clone())
+                .collect(),
+        )
+    }
+}
+
 /// One raft group's log storage.
 #[derive(Clone, Debug)]
 pub struct LogStore {
     log: courier_storage::LogStore,
     /// Group-commit counters, shared with metrics.
     pub stats: Arc<AppendStats>,
+    recent: Arc<Mutex<Recent>>,
 }
 
 impl LogStore {
@@ -130,7 +215,14 @@ impl LogStore {
         Self {
             log,
             stats: Arc::default(),
+            recent: Arc::default(),
         }
+    }
+
+    fn recent(&self) -> std::sync::MutexGuard<'_, Recent> {
+        self.recent
+            .lock()
+            .expect("recent entries lock is never poisoned")
     }
 
     fn read_id(&self, tag: u8) -> Result<Option<LogId>, RaftStorageError> {
@@ -163,6 +255,9 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(&i) => i,
             Bound::Unbounded => u64::MAX,
         };
+        if let Some(entries) = self.recent().range(start, end) {
+            return Ok(entries);
+        }
         let (start, end) = (storage_index(start), LogIndex::new(end.saturating_add(1)));
         let records = self.log.read_range(start, end).map_err(fault)?;
         records
@@ -230,9 +325,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
         let records = entries
-            .into_iter()
-            .map(|entry| encode_entry(&entry))
+            .iter()
+            .map(encode_entry)
             .collect::<Result<Vec<_>, _>>()?;
         let count = u64::try_from(records.len()).unwrap_or(u64::MAX);
         // Synced before the callback: openraft counts the entries as durable only after it.
@@ -243,6 +339,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
             self.stats.entries.fetch_add(count, Ordering::Relaxed);
             self.stats.sync_nanos.fetch_add(took, Ordering::Relaxed);
+            let mut recent = self.recent();
+            for (entry, record) in entries.into_iter().zip(&records) {
+                recent.push(entry, record.payload.len());
+            }
+            drop(recent);
             self.stats.flushed.notify_waiters();
         }
         callback.log_io_completed(
@@ -255,6 +356,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), RaftStorageError> {
+        self.recent().retain(|index| index < log_id.index);
         self.log
             .truncate_from(storage_index(log_id.index))
             .map_err(fault)
@@ -263,8 +365,85 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogId) -> Result<(), RaftStorageError> {
         // Record the purge point first, so a crash in between never loses track of it.
         self.save(raft_tag::PURGED, &log_id)?;
+        self.recent().retain(|index| index > log_id.index);
         self.log
             .purge_up_to(storage_index(log_id.index))
             .map_err(fault)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use courier_proto::pb::events::{EntryPayload as Events, Event};
+    use courier_proto::pb::store::LogEntry;
+    use openraft::CommittedLeaderId;
+
+    use super::*;
+
+    fn entry(index: u64) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(Proposal::Events(Arc::new(Events {
+                format_version: courier_proto::FORMAT_VERSION,
+                events: vec![Event { kind: None }; usize::try_from(index % 3).unwrap_or(0)],
+            }))),
+        }
+    }
+
+    #[test]
+    fn an_entry_is_encoded_as_the_log_entry_message_would_be() {
+        let entry = entry(4);
+        let record = encode_entry(&entry).expect("encodes");
+        let EntryPayload::Normal(Proposal::Events(events)) = &entry.payload else {
+            unreachable!("built as events");
+        };
+        let raft = postcard::to_stdvec(&RaftPart::Events(entry.log_id)).expect("postcard");
+        let expected = LogEntry {
+            raft,
+            events: Some(events.as_ref().clone()),
+        }
+        .encode_to_vec();
+        assert_eq!(record.payload, expected);
+        let decoded = decode_record(courier_proto::ShardId::new(0), &record).expect("decodes back");
+        assert_eq!(decoded, entry);
+    }
+
+    #[test]
+    fn recent_entries_answer_only_ranges_they_hold_whole() {
+        let mut recent = Recent::default();
+        for index in 10..20 {
+            recent.push(entry(index), 100);
+        }
+        let got = recent.range(12, 15).expect("held");
+        assert_eq!(
+            got.iter().map(|e| e.log_id.index).collect::<Vec<_>>(),
+            vec![12, 13, 14]
+        );
+        assert!(recent.range(9, 12).is_none(), "starts before the cache");
+        assert!(recent.range(18, 21).is_none(), "ends after the cache");
+        recent.retain(|index| index < 15); // truncate at 15
+        assert!(recent.range(14, 16).is_none());
+        assert_eq!(recent.bytes, 500);
+        recent.push(entry(15), 100);
+        recent.retain(|index| index > 11); // purge up to 11
+        assert_eq!(recent.first_index(), Some(12));
+        // A gap (not contiguous) starts the cache over instead of answering wrongly.
+        recent.push(entry(30), 100);
+        assert!(recent.range(12, 13).is_none());
+        assert!(recent.range(30, 31).is_some());
+    }
+
+    #[test]
+    fn recent_entries_stay_within_their_bounds() {
+        let mut recent = Recent::default();
+        for index in 0..u64::try_from(RECENT_ENTRIES_MAX + 10).unwrap_or(u64::MAX) {
+            recent.push(entry(index), 1);
+        }
+        assert_eq!(recent.entries.len(), RECENT_ENTRIES_MAX);
+        recent.push(
+            entry(u64::try_from(RECENT_ENTRIES_MAX + 10).unwrap_or(0)),
+            RECENT_BYTES_MAX,
+        );
+        assert!(recent.bytes <= RECENT_BYTES_MAX);
     }
 }

@@ -175,7 +175,9 @@ async fn batcher(raft: Raft, log: Arc<AppendStats>, mut rx: mpsc::Receiver<Pendi
         let flushed = log.flushed.notified();
         tokio::pin!(flushed);
         flushed.as_mut().enable();
-        let handed = raft.client_write_ff(Proposal::Events(payload)).await;
+        let handed = raft
+            .client_write_ff(Proposal::Events(Arc::new(payload)))
+            .await;
         if handed.is_ok() {
             // Let the queue fill while the leader writes this batch (module docs).
             let _ = tokio::time::timeout(APPEND_WAIT_MAX, flushed).await;

@@ -156,7 +156,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         for entry in &entries {
             raft.last_applied = Some(entry.log_id);
             let payload = match &entry.payload {
-                EntryPayload::Normal(Proposal::Events(payload)) => Some(payload),
+                EntryPayload::Normal(Proposal::Events(payload)) => Some(payload.as_ref()),
                 EntryPayload::Normal(Proposal::Cluster(settings)) => {
                     raft.settings.get_or_insert(*settings);
                     None

@@ -2,6 +2,7 @@
 //! for a shard, or cluster settings for the metadata group) and their responses.
 
 use std::io::Cursor;
+use std::sync::Arc;
 
 use courier_proto::pb::events::EntryPayload;
 use courier_proto::{InboxSeq, ShardId, UserId};
@@ -82,8 +83,10 @@ pub struct ClusterSettings {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(into = "ProposalWire", try_from = "ProposalWire")]
 pub enum Proposal {
-    /// A batch of events for a shard (several client commands share one entry).
-    Events(EntryPayload),
+    /// A batch of events for a shard (several client commands share one entry). Shared: openraft
+    /// clones entries for replication, the recent-entries cache and apply, and none of them
+    /// changes the events.
+    Events(Arc<EntryPayload>),
     /// Cluster settings, proposed once to the metadata group at bootstrap.
     Cluster(ClusterSettings),
 }
@@ -108,9 +111,9 @@ impl TryFrom<ProposalWire> for Proposal {
 
     fn try_from(wire: ProposalWire) -> Result<Self, Self::Error> {
         match wire {
-            ProposalWire::Events(bytes) => {
-                Ok(Proposal::Events(EntryPayload::decode(bytes.as_slice())?))
-            }
+            ProposalWire::Events(bytes) => Ok(Proposal::Events(Arc::new(EntryPayload::decode(
+                bytes.as_slice(),
+            )?))),
             ProposalWire::Cluster(settings) => Ok(Proposal::Cluster(settings)),
         }
     }

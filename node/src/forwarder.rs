@@ -39,6 +39,11 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
 pub const BACKOFF_MIN: Duration = Duration::from_millis(50);
 /// Longest retry delay.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Under load, a pair with fewer events than this waiting is held up to [`FORWARD_LINGER`] so
+/// that its batch fills (one destination commit carries more messages).
+pub const FORWARD_FILL_EVENTS: u64 = 64;
+/// Longest a pair's waiting events are held to fill a batch while other batches are in flight.
+pub const FORWARD_LINGER: Duration = Duration::from_millis(2);
 /// How long a trim queued on the proposer may take to apply before it is queued again (it may
 /// have been refused by a full queue or lost with a leader change).
 pub const TRIM_RETRY: Duration = Duration::from_secs(1);
@@ -60,6 +65,7 @@ pub async fn run(cluster: Cluster, in_flight: usize, shutdown: CancellationToken
     let mut flying: JoinSet<(Pair, Result<u64, crate::status::ApiError>)> = JoinSet::new();
     let mut busy = std::collections::BTreeSet::<Pair>::new();
     let mut started = BTreeMap::<Pair, Instant>::new();
+    let mut waiting_since = BTreeMap::<Pair, Instant>::new();
     let watch = cluster.groups().watch().clone();
     loop {
         // Registered before the pass, so an outbox change during it wakes the next one at once.
@@ -67,6 +73,8 @@ pub async fn run(cluster: Cluster, in_flight: usize, shutdown: CancellationToken
         tokio::pin!(applied);
         applied.as_mut().enable();
         cluster.passes().forwarder();
+        let now = Instant::now();
+        let mut linger_until = None;
         if let Some(shard_count) = cluster.groups().shard_count() {
             let mut ready = Vec::new();
             for source in 0..shard_count {
@@ -77,8 +85,21 @@ pub async fn run(cluster: Cluster, in_flight: usize, shutdown: CancellationToken
                         .get(&pair)
                         .map_or(state.trimmed_up_to, |(up_to, _)| *up_to)
                         .max(state.trimmed_up_to);
-                    if !busy.contains(&pair) && state.last_pos > from {
+                    if busy.contains(&pair) || state.last_pos <= from {
+                        continue;
+                    }
+                    // Under load (another batch in flight), a short queue waits a little to
+                    // fill; an idle forwarder sends at once.
+                    let since = *waiting_since.entry(pair).or_insert(now);
+                    let fill_by = since + FORWARD_LINGER;
+                    if flying.is_empty()
+                        || state.last_pos.saturating_sub(from) >= FORWARD_FILL_EVENTS
+                        || now >= fill_by
+                    {
                         ready.push((started.get(&pair).copied(), pair, from));
+                    } else {
+                        linger_until =
+                            Some(linger_until.map_or(fill_by, |t: Instant| t.min(fill_by)));
                     }
                 }
             }
@@ -88,15 +109,20 @@ pub async fn run(cluster: Cluster, in_flight: usize, shutdown: CancellationToken
             let free = in_flight.max(1).saturating_sub(flying.len());
             for (_, pair, from) in ready.into_iter().take(free) {
                 busy.insert(pair);
-                started.insert(pair, Instant::now());
+                waiting_since.remove(&pair);
+                started.insert(pair, now);
                 let (source, dest) = (ShardId::new(pair.0), ShardId::new(pair.1));
                 let cluster = cluster.clone();
                 flying
                     .spawn(async move { (pair, forward_once(&cluster, source, dest, from).await) });
             }
         }
-        // Sleep until an outbox changes, a batch comes back, or the earliest retry is due.
-        let wait = next_wait(&mut backoff, Instant::now());
+        // Sleep until an outbox changes, a batch comes back, a lingering pair is due, or the
+        // earliest retry is due.
+        let mut wait = next_wait(&mut backoff, Instant::now());
+        if let Some(until) = linger_until {
+            wait = wait.min(until.saturating_duration_since(Instant::now()));
+        }
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = applied => {}
