@@ -293,6 +293,7 @@ fn section(args: &Args, runs: &Runs, scale: Option<&ScaleResult>) -> anyhow::Res
     )?;
     scale_table(&mut s, scale)?;
     targets(&mut s, runs, scale)?;
+    send_path_targets(&mut s, runs, scale)?;
     where_time_goes(&mut s, runs)?;
     writeln!(s, "{END}")?;
     Ok(s)
@@ -610,6 +611,80 @@ fn targets(s: &mut String, runs: &Runs, scale: Option<&ScaleResult>) -> anyhow::
         ),
     };
     writeln!(s, "- {line}\n")?;
+    Ok(())
+}
+
+/// The targets of the send-path issue (#19): against etcd at 64 senders, one proposer's latency,
+/// and what idle streams cost. A missed one points at the cost table.
+fn send_path_targets(
+    s: &mut String,
+    runs: &Runs,
+    scale: Option<&ScaleResult>,
+) -> anyhow::Result<()> {
+    let c = TARGET_CONCURRENCY;
+    writeln!(
+        s,
+        "### Targets (issue #19, the send path), at {c} concurrent senders\n\n\
+         Where one is missed, the cost table above shows where the time goes.\n"
+    )?;
+    let etcd = get(runs, "etcd", c);
+    for (system, label, factor, with_p99) in [
+        ("courier", "cross-shard", 1.0, true),
+        ("courier-same-shard", "same-shard", 1.5, false),
+    ] {
+        let line = match (get(runs, system, c), etcd) {
+            (Some(ours), Some(theirs)) => {
+                let r = ours.throughput / theirs.throughput.max(1e-9);
+                let p99 = if with_p99 {
+                    format!(
+                        "; p99 {} ms vs {} ms (target ≤ etcd's) — {}",
+                        fmt_ms(ours.ack.p99_ms),
+                        fmt_ms(theirs.ack.p99_ms),
+                        verdict(ours.ack.p99_ms <= theirs.ack.p99_ms)
+                    )
+                } else {
+                    String::new()
+                };
+                format!(
+                    "courier {label} {} acked/s vs etcd {}: {r:.2}× (target ≥ {factor}×) — {}{p99}",
+                    fmt_rate(ours.throughput),
+                    fmt_rate(theirs.throughput),
+                    verdict(r >= factor),
+                )
+            }
+            _ => format!("courier {label} ≥ {factor}× etcd: **not measured** in this run"),
+        };
+        writeln!(s, "- {line}")?;
+    }
+    let line = match get(runs, "courier-same-shard", 1) {
+        Some(one) => format!(
+            "one proposer: send → ack p50 {} ms with 1 sender, same shard (commit plus the client \
+             call; target ≤ 1.5 ms for the commit) — {}",
+            fmt_ms(one.ack.p50_ms),
+            verdict(one.ack.p50_ms <= 1.5)
+        ),
+        None => "one proposer ≤ 1.5 ms: **not measured** in this run".to_owned(),
+    };
+    writeln!(s, "- {line}")?;
+    let line = match scale.and_then(|sc| sc.steps.iter().find(|st| st.streams >= TARGET_STREAMS)) {
+        Some(step) => format!(
+            "{} idle streams on one node: node CPU {:.1} % of a core while idle, raft heartbeats \
+             included (target < 2 %) — {}; live delivery p99 {} ms with them open (target ≤ 50 \
+             ms) — {}",
+            fmt_rate(step.streams as f64),
+            step.idle_cpu_pct,
+            verdict(step.idle_cpu_pct < 2.0),
+            fmt_ms(step.delivery.p99_ms),
+            verdict(step.delivery.p99_ms <= 50.0),
+        ),
+        None => "idle streams: **not measured** in this run".to_owned(),
+    };
+    writeln!(s, "- {line}")?;
+    writeln!(
+        s,
+        "- storage rebuild ≥ 300k events/s on one core: measured by the storage bench \
+         (`cargo bench -p courier-storage --features testkit --bench storage`), not in this run\n"
+    )?;
     Ok(())
 }
 

@@ -14,7 +14,8 @@
 //! Batch size: after handing a batch to raft the batcher waits until the log's next append has
 //! flushed (at most [`APPEND_WAIT_MAX`]) before it drains the queue again. The leader's fsync is
 //! the slow step; the proposals that arrive during it go into the next entry together instead of
-//! queueing inside raft as one small entry each.
+//! queueing inside raft as one small entry each. Housekeeping queued with [`Proposer::submit`]
+//! (the forwarder's trims) waits up to [`DETACHED_LINGER`] for a client proposal to ride with.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,8 +34,13 @@ use crate::types::{EventOutcome, NodeId, Proposal, Raft};
 pub const BATCH_EVENTS_MAX: usize = 1024;
 /// Proposals waiting per group at most; more is refused as overload.
 pub const QUEUE_PROPOSALS_MAX: usize = 4096;
-/// Batches replicating at once per group.
-pub const IN_FLIGHT_BATCHES_MAX: usize = 8;
+/// Batches replicating at once per group: one committing and the next one filling behind it.
+/// Measured against 8 (BENCHMARKS.md, issue #19): the same throughput and CPU per message with
+/// half the raft entries and fsyncs, and a lower p99.
+pub const IN_FLIGHT_BATCHES_MAX: usize = 2;
+/// Longest a batch of housekeeping alone ([`Proposer::submit`]) waits for a proposal someone
+/// waits for to join it.
+pub const DETACHED_LINGER: Duration = Duration::from_millis(10);
 /// Longest wait for the log's append to flush before the next batch is dispatched anyway (a
 /// follower's proposer never sees an append of its own).
 pub const APPEND_WAIT_MAX: Duration = Duration::from_millis(2);
@@ -66,6 +72,8 @@ struct Pending {
     events: Vec<Event>,
     bytes: usize,
     reply: oneshot::Sender<Result<Vec<EventOutcome>, ProposeError>>,
+    /// Queued by [`Proposer::submit`]: nobody waits for it.
+    detached: bool,
 }
 
 /// The group-commit front of one raft group.
@@ -99,6 +107,7 @@ impl Proposer {
                 events,
                 bytes,
                 reply,
+                detached: true,
             })
             .is_ok()
     }
@@ -118,6 +127,7 @@ impl Proposer {
                 events,
                 bytes,
                 reply,
+                detached: false,
             })
             .map_err(|error| match error {
                 mpsc::error::TrySendError::Full(_) => ProposeError::Overloaded,
@@ -144,7 +154,21 @@ async fn batcher(raft: Raft, log: Arc<AppendStats>, mut rx: mpsc::Receiver<Pendi
         };
         let mut batch = vec![first];
         let (mut events, mut bytes) = (batch[0].events.len(), batch[0].bytes);
-        while let Ok(next) = rx.try_recv() {
+        let now = tokio::time::Instant::now();
+        let linger_until = now.checked_add(DETACHED_LINGER).unwrap_or(now);
+        loop {
+            let next = match rx.try_recv() {
+                Ok(next) => next,
+                // Only housekeeping so far (trims): it waits a moment for a proposal someone
+                // waits for, and rides in that proposal's entry instead of taking one of its own.
+                Err(_) if carry.is_none() && batch.iter().all(|p| p.detached) => {
+                    match tokio::time::timeout_at(linger_until, rx.recv()).await {
+                        Ok(Some(next)) => next,
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+                Err(_) => break,
+            };
             if events.saturating_add(next.events.len()) > BATCH_EVENTS_MAX
                 || bytes.saturating_add(next.bytes) > PROPOSAL_BYTES_MAX
             {

@@ -345,6 +345,47 @@ impl Collector for ShardCollector {
                 );
             }
         }
+        if let Some(counters) = &status.counters {
+            for (name, help, value) in [
+                (
+                    "courier_node_synced_writes",
+                    "Every fsync of the node's database: log appends, vote and purge records, WAL syncs",
+                    counters.synced_writes,
+                ),
+                (
+                    "courier_node_apply_reads",
+                    "Point reads and scans of the database made by the apply fold (reads answered from its batch are not counted)",
+                    counters.apply_reads,
+                ),
+                (
+                    "courier_node_apply_writes",
+                    "Puts and deletes staged by the apply fold",
+                    counters.apply_writes,
+                ),
+                (
+                    "courier_node_peer_calls",
+                    "gRPC calls this node made to its peers (raft, forward, admin)",
+                    counters.peer_calls,
+                ),
+                (
+                    "courier_node_pusher_passes",
+                    "Device-stream passes over an inbox and receipt feed (one per wake-up)",
+                    counters.pusher_passes,
+                ),
+                (
+                    "courier_node_forwarder_passes",
+                    "Outbox forwarder passes",
+                    counters.forwarder_passes,
+                ),
+                (
+                    "courier_node_apply_wakeups",
+                    "Wake-ups delivered after apply to the streams of the users a batch touched and to the forwarder",
+                    counters.wakeups,
+                ),
+            ] {
+                put(name, help, true, Vec::new(), as_i64(value));
+            }
+        }
         let push = &self.cluster.edge().pusher.stats;
         for (outcome, value) in [
             ("sent", &push.sent),
