@@ -25,6 +25,7 @@ pub struct ApplyWatch {
     users: Mutex<HashMap<UserId, Arc<Notify>>>,
     outbox: Notify,
     wakeups: AtomicU64,
+    devices_epoch: AtomicU64,
 }
 
 impl ApplyWatch {
@@ -56,8 +57,17 @@ impl ApplyWatch {
         self.wakeups.load(Ordering::Relaxed)
     }
 
+    /// Moves on each time a batch that changed a device record is applied on this node (and at a
+    /// snapshot install or projection swap): a device check made at an earlier epoch may be stale.
+    pub fn devices_epoch(&self) -> u64 {
+        self.devices_epoch.load(Ordering::Acquire)
+    }
+
     /// Wakes the waiters of what one applied batch touched.
     pub(crate) fn applied(&self, touched: &Touched) {
+        if touched.devices {
+            self.devices_epoch.fetch_add(1, Ordering::AcqRel);
+        }
         if !touched.users.is_empty() {
             let users = self
                 .users
@@ -78,6 +88,7 @@ impl ApplyWatch {
 
     /// Wakes every waiter: a snapshot install or a projection swap may have changed anything.
     pub(crate) fn everything(&self) {
+        self.devices_epoch.fetch_add(1, Ordering::AcqRel);
         for notify in self
             .users
             .lock()
@@ -146,7 +157,23 @@ mod tests {
         Touched {
             users: users.iter().map(|u| user(*u)).collect(),
             outbox,
+            devices: false,
         }
+    }
+
+    #[test]
+    fn a_device_change_moves_the_devices_epoch() {
+        let watch = ApplyWatch::default();
+        let before = watch.devices_epoch();
+        watch.applied(&touched(&[1], true));
+        assert_eq!(watch.devices_epoch(), before, "no device record changed");
+        watch.applied(&Touched {
+            devices: true,
+            ..Touched::default()
+        });
+        assert_eq!(watch.devices_epoch(), before + 1);
+        watch.everything();
+        assert_eq!(watch.devices_epoch(), before + 2);
     }
 
     #[tokio::test]

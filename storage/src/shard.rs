@@ -80,6 +80,8 @@ pub struct Touched {
     pub users: Vec<UserId>,
     /// The outbox changed (an entry queued or trimmed).
     pub outbox: bool,
+    /// A device record changed (registration, revocation, link): cached device checks are void.
+    pub devices: bool,
 }
 
 impl Touched {
@@ -94,6 +96,7 @@ impl Touched {
                     }
                 }
                 Cf::Projection(Projection::Outbox) => touched.outbox = true,
+                Cf::Projection(Projection::Devices) => touched.devices = true,
                 _ => {}
             }
         }

@@ -1,6 +1,14 @@
 //! Device authentication. Every client RPC but `RequestCode` and `Register` carries
 //! `authorization: Bearer <user>.<device>.<token as 64 hex digits>`. Only the SHA-256 of a token
 //! is stored (in the log, via `DeviceRegistered`); it is compared in constant time.
+//!
+//! A successful check is remembered ([`DeviceCache`]) with the node's devices epoch
+//! (`ApplyWatch::devices_epoch`), which moves whenever this node applies a change to any device
+//! record: a remembered check is used only while the epoch has not moved, so a revocation takes
+//! effect on a node as soon as that node applied it, exactly as without the cache.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
 
 use courier_proto::{DeviceId, UserId};
 use sha2::{Digest as _, Sha256};
@@ -42,6 +50,70 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// The bearer credential for a device, as clients send it.
 pub fn bearer(user: u64, device: u32, token: &[u8]) -> String {
     format!("Bearer {user}.{device}.{}", hex(token))
+}
+
+/// A token's hash found valid, and the devices epoch read before the check.
+type KnownToken = (Vec<u8>, u64);
+
+/// Device tokens (as their hashes) and recipients found valid on this node's replicas, each with
+/// the devices epoch read before the check. Bounded: when full it starts over.
+#[derive(Debug)]
+pub struct DeviceCache {
+    max: usize,
+    tokens: Mutex<HashMap<(UserId, DeviceId), KnownToken>>,
+    recipients: Mutex<HashMap<UserId, u64>>,
+}
+
+impl DeviceCache {
+    /// A cache of at most `max` devices and `max` recipients (`limits.device-cache-entries`).
+    pub fn new(max: usize) -> Self {
+        Self {
+            max: max.max(1),
+            tokens: Mutex::default(),
+            recipients: Mutex::default(),
+        }
+    }
+
+    /// Whether `hash` was found to be `user`'s `device`'s token at `epoch`.
+    fn token_known(&self, user: UserId, device: DeviceId, hash: &[u8], epoch: u64) -> bool {
+        self.tokens
+            .lock()
+            .expect("device cache lock is never poisoned")
+            .get(&(user, device))
+            .is_some_and(|(known, at)| *at == epoch && constant_time_eq(known, hash))
+    }
+
+    fn remember_token(&self, user: UserId, device: DeviceId, hash: Vec<u8>, epoch: u64) {
+        let mut tokens = self
+            .tokens
+            .lock()
+            .expect("device cache lock is never poisoned");
+        if tokens.len() >= self.max {
+            tokens.clear();
+        }
+        tokens.insert((user, device), (hash, epoch));
+    }
+
+    /// Whether `user` was found registered at `epoch`.
+    pub(crate) fn recipient_known(&self, user: UserId, epoch: u64) -> bool {
+        self.recipients
+            .lock()
+            .expect("device cache lock is never poisoned")
+            .get(&user)
+            .is_some_and(|at| *at == epoch)
+    }
+
+    /// Remembers that `user` was found registered at `epoch`.
+    pub(crate) fn remember_recipient(&self, user: UserId, epoch: u64) {
+        let mut recipients = self
+            .recipients
+            .lock()
+            .expect("device cache lock is never poisoned");
+        if recipients.len() >= self.max {
+            recipients.clear();
+        }
+        recipients.insert(user, epoch);
+    }
 }
 
 fn unauthenticated(message: &str) -> ApiError {
@@ -88,6 +160,12 @@ impl ClientApi {
         let token = unhex(token)
             .filter(|t| t.len() == courier_proto::limits::DEVICE_TOKEN_BYTES)
             .ok_or_else(|| unauthenticated("malformed credential"))?;
+        let hash = token_hash(&token);
+        // Read before the replica, so a device change applied after it voids what we remember.
+        let epoch = self.cluster.groups().watch().devices_epoch();
+        if self.device_cache.token_known(user, device, &hash, epoch) {
+            return Ok(Caller { user, device });
+        }
         let shard = self.shard_of(user)?;
         let record = self.read(shard, |view| {
             let devices = courier_storage::projection::devices::devices_of(view, user)?;
@@ -96,11 +174,57 @@ impl ClientApi {
                 .find(|(id, _)| *id == device.get())
                 .map(|(_, record)| record))
         })?;
-        let valid = record
-            .is_some_and(|r| !r.revoked && constant_time_eq(&r.token_hash, &token_hash(&token)));
+        let valid = record.is_some_and(|r| !r.revoked && constant_time_eq(&r.token_hash, &hash));
         if !valid {
             return Err(unauthenticated("unknown, revoked or wrong device token"));
         }
+        self.device_cache.remember_token(user, device, hash, epoch);
         Ok(Caller { user, device })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(user: u64, device: u32) -> (UserId, DeviceId) {
+        (
+            UserId::new(user).expect("nonzero"),
+            DeviceId::new(device).expect("nonzero"),
+        )
+    }
+
+    #[test]
+    fn a_remembered_token_holds_only_at_its_epoch_and_for_its_hash() {
+        let cache = DeviceCache::new(16);
+        let (user, device) = ids(1, 1);
+        let hash = token_hash(b"right");
+        cache.remember_token(user, device, hash.clone(), 7);
+        assert!(cache.token_known(user, device, &hash, 7));
+        assert!(
+            !cache.token_known(user, device, &token_hash(b"wrong"), 7),
+            "another token is never taken for the remembered one"
+        );
+        assert!(
+            !cache.token_known(user, device, &hash, 8),
+            "a device change applied since (a revocation) voids it"
+        );
+        let (_, other_device) = ids(1, 2);
+        assert!(!cache.token_known(user, other_device, &hash, 7));
+    }
+
+    #[test]
+    fn the_cache_stays_within_its_bound() {
+        let cache = DeviceCache::new(2);
+        for raw in 1..=5 {
+            let (user, device) = ids(raw, 1);
+            cache.remember_token(user, device, token_hash(b"t"), 0);
+            cache.remember_recipient(user, 0);
+        }
+        assert!(cache.tokens.lock().expect("lock").len() <= 2);
+        assert!(cache.recipients.lock().expect("lock").len() <= 2);
+        let (last, _) = ids(5, 1);
+        assert!(cache.recipient_known(last, 0));
+        assert!(!cache.recipient_known(last, 1));
     }
 }

@@ -30,9 +30,16 @@ impl ClientApi {
         let command = SendCommand::try_from(request)?;
         let content = self.admit_send(caller, command.content)?;
         let recipient_shard = self.shard_of(command.to)?;
-        let known = self.read(recipient_shard, |view| {
-            devices::devices_registered(view, command.to)
-        })? > 0;
+        let epoch = self.cluster.groups().watch().devices_epoch();
+        let known = self.device_cache.recipient_known(command.to, epoch) || {
+            let registered = self.read(recipient_shard, |view| {
+                devices::devices_registered(view, command.to)
+            })? > 0;
+            if registered {
+                self.device_cache.remember_recipient(command.to, epoch);
+            }
+            registered
+        };
         if !known {
             return Err(ApiError::NotFound {
                 code: "COURIER:Messaging:UnknownRecipient",

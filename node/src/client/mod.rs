@@ -46,6 +46,8 @@ pub struct ClientApi {
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
     /// `retention.keep-delivered`.
     pub(crate) keep_delivered: bool,
+    /// Device tokens and recipients checked against this node's replicas.
+    pub(crate) device_cache: Arc<auth::DeviceCache>,
 }
 
 impl std::fmt::Debug for ClientApi {
@@ -85,10 +87,14 @@ impl ClientApi {
             limits.register_attempt_burst_per_phone,
             "register attempts for this number",
         ));
+        let device_cache = Arc::new(auth::DeviceCache::new(
+            usize::try_from(limits.device_cache_entries).unwrap_or(usize::MAX),
+        ));
         Self {
             cluster,
             db,
             limits,
+            device_cache,
             codes: Arc::new(registration::CodeStore::default()),
             sms,
             shutdown,

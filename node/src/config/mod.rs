@@ -115,6 +115,8 @@ pub struct Limits {
     pub stream_buffer_frames: u32,
     /// Outbox batches forwarded at once.
     pub forward_batches_in_flight: u32,
+    /// Device and recipient checks remembered per node.
+    pub device_cache_entries: u32,
     /// Code requests per phone number per hour.
     pub code_requests_per_hour_per_phone: u32,
     /// Code request burst per phone number.

@@ -88,6 +88,10 @@ pub struct LimitsRaw {
     /// Default 8; 1 forwards one pair at a time.
     #[serde(default = "defaults::forward_in_flight")]
     pub forward_batches_in_flight: u32,
+    /// Devices (and recipients) whose check against this node's replica is remembered until a
+    /// device change is applied here. Default 65536; when full, the cache starts over.
+    #[serde(default = "defaults::device_cache")]
+    pub device_cache_entries: u32,
     /// Registration codes a phone number may request per hour (token bucket rate). Default 10.
     #[serde(default = "defaults::code_rate")]
     pub code_requests_per_hour_per_phone: u32,
@@ -270,6 +274,9 @@ mod defaults {
     }
     pub(super) fn stream_buffer() -> u32 {
         256
+    }
+    pub(super) fn device_cache() -> u32 {
+        65_536
     }
     pub(super) fn forward_in_flight() -> u32 {
         8

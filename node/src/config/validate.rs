@@ -157,6 +157,7 @@ fn validate_limits(l: &LimitsRaw) -> Result<Limits, ConfigError> {
         "limits.forward-batches-in-flight",
         l.forward_batches_in_flight,
     )?;
+    nonzero("limits.device-cache-entries", l.device_cache_entries)?;
     nonzero(
         "limits.code-requests-per-hour-per-phone",
         l.code_requests_per_hour_per_phone,
@@ -184,6 +185,7 @@ fn validate_limits(l: &LimitsRaw) -> Result<Limits, ConfigError> {
         send_burst_per_device: l.send_burst_per_device,
         stream_buffer_frames: l.stream_buffer_frames,
         forward_batches_in_flight: l.forward_batches_in_flight,
+        device_cache_entries: l.device_cache_entries,
         code_requests_per_hour_per_phone: l.code_requests_per_hour_per_phone,
         code_request_burst_per_phone: l.code_request_burst_per_phone,
         register_attempts_per_hour_per_phone: l.register_attempts_per_hour_per_phone,

@@ -355,15 +355,19 @@ impl Processes {
             root,
             ports,
         };
-        for id in 1..=n {
-            let proc = this.spawn(id);
-            this.procs.push(proc);
+        let mut procs: Vec<NodeProcess> = (1..=n).map(|id| this.spawn(id)).collect();
+        for (id, proc) in (1..=n).zip(procs.iter_mut()) {
+            let addrs = match proc.addrs_or_exit(Duration::from_secs(20)) {
+                Some(addrs) => addrs,
+                None => {
+                    let (again, addrs) = this.spawn_on_free_ports(id);
+                    *proc = again;
+                    addrs
+                }
+            };
+            this.addrs.push(addrs);
         }
-        this.addrs = this
-            .procs
-            .iter()
-            .map(|p| wait_addrs(&p.data_dir, Duration::from_secs(20)))
-            .collect();
+        this.procs = procs;
         this.peers = this.addrs.iter().map(|a| a.peer.clone()).collect();
         init(&this.peers).await;
         let leaders = wait_leaders(&this.peers, Duration::from_secs(30)).await;
@@ -382,13 +386,26 @@ impl Processes {
     /// Starts a new node `id` on fresh ports whose data directory may already hold a restored
     /// database; returns its index. It is not a member until added.
     pub(crate) fn start_new(&mut self, id: u64) -> usize {
-        self.ports.insert(id, (free_port(), free_port()));
-        let proc = self.spawn(id);
-        let addrs = wait_addrs(&proc.data_dir, Duration::from_secs(20));
+        let (proc, addrs) = self.spawn_on_free_ports(id);
         self.peers.push(addrs.peer.clone());
         self.addrs.push(addrs);
         self.procs.push(proc);
         self.procs.len() - 1
+    }
+
+    /// Starts node `id` on new free ports, choosing others when the node exits before it is up (a
+    /// port taken between [`free_port`] and the node's bind, by a test running alongside): up to
+    /// five tries.
+    fn spawn_on_free_ports(&mut self, id: u64) -> (NodeProcess, crate::support::Addrs) {
+        for _ in 0..5 {
+            self.ports.insert(id, (free_port(), free_port()));
+            let mut proc = self.spawn(id);
+            if let Some(addrs) = proc.addrs_or_exit(Duration::from_secs(20)) {
+                return (proc, addrs);
+            }
+            tracing::warn!(id, "node exited before it was up; trying other ports");
+        }
+        panic!("node {id} did not come up on five sets of free ports");
     }
 
     /// The data directory node `id` has (or will have).

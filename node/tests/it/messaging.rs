@@ -598,6 +598,61 @@ async fn rejections_change_nothing() {
     }
 }
 
+/// A device that authenticated (so this node remembers its token) and is then revoked by a new
+/// primary registration is refused once the node applied the revocation: the device cache never
+/// outlives a device change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_voids_a_remembered_token() {
+    let c = cluster().await;
+    let addr = c.nodes[0].client_addr.to_string();
+    let (alice_phone, bob_phone) = phones_on_different_shards();
+    let alice = register(&addr, &c.dirs[0], &alice_phone).await;
+    let bob = register(&addr, &c.dirs[0], &bob_phone).await;
+    let mut messaging = MessagingClient::new(channel(&addr).await);
+    let send = |id: &str| SendRequest {
+        client_msg_id: id.to_owned(),
+        to_user: bob.user,
+        content: body("hi"),
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    // Until this node applied both registrations, a send may be refused; then it is accepted and
+    // the node remembers Alice's token.
+    loop {
+        match messaging.send(authed(&alice, send("first"))).await {
+            Ok(_) => break,
+            Err(status) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!(%status, "not yet applied here");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(status) => panic!("alice's first send: {status}"),
+        }
+    }
+    messaging
+        .send(authed(&alice, send("second")))
+        .await
+        .expect("a remembered token is accepted");
+    let again = register(&addr, &c.dirs[0], &alice_phone).await;
+    assert_eq!(again.user, alice.user);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let refused = loop {
+        match messaging.send(authed(&alice, send("after"))).await {
+            Err(status) => break status,
+            Ok(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Ok(_) => panic!("the revoked device was still accepted after 10 s"),
+        }
+    };
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    messaging
+        .send(authed(&again, send("new device")))
+        .await
+        .expect("the new device sends");
+    for node in c.nodes {
+        node.stop().await;
+    }
+}
+
 /// Three node processes; Alice sends 100 messages to Bob through a node that does not lead her
 /// shard, retrying each send with the same client id until it is acknowledged; after 30 sends the
 /// leader of Alice's shard is SIGKILLed. Afterwards Bob's inbox holds every acknowledged message

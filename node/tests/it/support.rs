@@ -112,6 +112,27 @@ impl NodeProcess {
         Self { child, data_dir }
     }
 
+    /// Waits up to `timeout` for this node's `node.addr`; `None` when the process exited first
+    /// (it could not bind: a fixed port from [`free_port`] was taken by another process in
+    /// between, which the caller answers by choosing new ports).
+    pub(crate) fn addrs_or_exit(&mut self, timeout: Duration) -> Option<Addrs> {
+        let started = Instant::now();
+        loop {
+            if self.data_dir.join("node.addr").exists() {
+                return Some(wait_addrs(&self.data_dir, timeout));
+            }
+            if self.child.try_wait().expect("try_wait").is_some() {
+                return None;
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "node did not write {} in {timeout:?}",
+                self.data_dir.join("node.addr").display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Sends SIGTERM and waits up to `timeout` for a clean exit.
     pub(crate) fn terminate(&mut self, timeout: Duration) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
