@@ -84,14 +84,7 @@ impl DeviceCache {
     }
 
     fn remember_token(&self, user: UserId, device: DeviceId, hash: Vec<u8>, epoch: u64) {
-        let mut tokens = self
-            .tokens
-            .lock()
-            .expect("device cache lock is never poisoned");
-        if tokens.len() >= self.max {
-            tokens.clear();
-        }
-        tokens.insert((user, device), (hash, epoch));
+        insert_bounded(&self.tokens, self.max, (user, device), (hash, epoch));
     }
 
     /// Whether `user` was found registered at `epoch`.
@@ -105,15 +98,22 @@ impl DeviceCache {
 
     /// Remembers that `user` was found registered at `epoch`.
     pub(crate) fn remember_recipient(&self, user: UserId, epoch: u64) {
-        let mut recipients = self
-            .recipients
-            .lock()
-            .expect("device cache lock is never poisoned");
-        if recipients.len() >= self.max {
-            recipients.clear();
-        }
-        recipients.insert(user, epoch);
+        insert_bounded(&self.recipients, self.max, user, epoch);
     }
+}
+
+/// Inserts into a map of at most `max` entries, which starts over when full.
+fn insert_bounded<K: std::hash::Hash + Eq, V>(
+    map: &Mutex<HashMap<K, V>>,
+    max: usize,
+    key: K,
+    value: V,
+) {
+    let mut map = map.lock().expect("device cache lock is never poisoned");
+    if map.len() >= max {
+        map.clear();
+    }
+    map.insert(key, value);
 }
 
 fn unauthenticated(message: &str) -> ApiError {

@@ -598,17 +598,32 @@ async fn rejections_change_nothing() {
     }
 }
 
+/// Alice and Bob registered on shards of their own through node 0: node 0's client address,
+/// Alice's phone, both devices, and a messaging client on node 0.
+async fn alice_and_bob_on_node0(
+    c: &Cluster,
+) -> (
+    String,
+    String,
+    Device,
+    Device,
+    MessagingClient<tonic::transport::Channel>,
+) {
+    let addr = c.nodes[0].client_addr.to_string();
+    let (alice_phone, bob_phone) = phones_on_different_shards();
+    let alice = register(&addr, &c.dirs[0], &alice_phone).await;
+    let bob = register(&addr, &c.dirs[0], &bob_phone).await;
+    let messaging = MessagingClient::new(channel(&addr).await);
+    (addr, alice_phone, alice, bob, messaging)
+}
+
 /// A device that authenticated (so this node remembers its token) and is then revoked by a new
 /// primary registration is refused once the node applied the revocation: the device cache never
 /// outlives a device change.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_voids_a_remembered_token() {
     let c = cluster().await;
-    let addr = c.nodes[0].client_addr.to_string();
-    let (alice_phone, bob_phone) = phones_on_different_shards();
-    let alice = register(&addr, &c.dirs[0], &alice_phone).await;
-    let bob = register(&addr, &c.dirs[0], &bob_phone).await;
-    let mut messaging = MessagingClient::new(channel(&addr).await);
+    let (addr, alice_phone, alice, bob, mut messaging) = alice_and_bob_on_node0(&c).await;
     let send = |id: &str| SendRequest {
         client_msg_id: id.to_owned(),
         to_user: bob.user,
@@ -737,11 +752,7 @@ async fn undelivered_messages_expire_on_every_replica() {
         )
     })
     .await;
-    let addr = c.nodes[0].client_addr.to_string();
-    let (alice_phone, bob_phone) = phones_on_different_shards();
-    let alice = register(&addr, &c.dirs[0], &alice_phone).await;
-    let bob = register(&addr, &c.dirs[0], &bob_phone).await;
-    let mut messaging = MessagingClient::new(channel(&addr).await);
+    let (addr, _, alice, bob, mut messaging) = alice_and_bob_on_node0(&c).await;
     let send = |id: &str| SendRequest {
         client_msg_id: id.to_owned(),
         to_user: bob.user,
