@@ -7,10 +7,12 @@
 //! `snapshot_max_chunk_size` bytes.
 
 use std::io::Cursor;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
+use courier_storage::projection::INVALID_CODE;
 use courier_storage::shard::Committed;
-use courier_storage::{Db, ShardState, snapshot};
+use courier_storage::{Applied, Db, ShardState, snapshot};
 use openraft::storage::RaftStateMachine;
 use openraft::{Entry, EntryPayload, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta};
 use serde::{Deserialize, Serialize};
@@ -127,6 +129,48 @@ impl StateMachine {
     }
 }
 
+/// Committed events refused as invalid by every state machine in this process, for the
+/// simulation, which runs whole clusters in one process and counts any as a bug: its workload
+/// proposes only what leaders validated.
+static INVALID_EVENTS_IN_PROCESS: AtomicU64 = AtomicU64::new(0);
+
+/// How many committed events every state machine in this process refused as invalid.
+pub fn invalid_events_in_process() -> u64 {
+    INVALID_EVENTS_IN_PROCESS.load(Ordering::Relaxed)
+}
+
+/// Counts and logs (once, on this replica, ids only) every committed event refused as invalid
+/// at apply: each one is an event no validating leader proposed — a forged peer call or a bug.
+fn note_invalid(
+    db: &Db,
+    shard: Option<courier_proto::ShardId>,
+    committed: &[Committed<'_>],
+    results: &[Vec<Applied>],
+) {
+    let mut count = 0_u64;
+    for (entry, outcomes) in committed.iter().zip(results) {
+        for (event, outcome) in outcomes.iter().enumerate() {
+            if let Applied::Rejected { code, message } = outcome
+                && *code == INVALID_CODE
+            {
+                count = count.saturating_add(1);
+                tracing::warn!(
+                    shard = ?shard.map(courier_proto::ShardId::get),
+                    index = entry.index.get(),
+                    event,
+                    code,
+                    reason = %message,
+                    "committed event refused as invalid; nothing changed"
+                );
+            }
+        }
+    }
+    if count > 0 {
+        db.counters().note_invalid(count);
+        INVALID_EVENTS_IN_PROCESS.fetch_add(count, Ordering::Relaxed);
+    }
+}
+
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, RaftStorageError> {
         let machine = self.machine.clone().lock_owned().await;
@@ -181,6 +225,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.db.commit(batch.changes, false).map_err(fault)?;
         let (reads, writes) = batch.io;
         self.db.counters().note_apply(reads, writes);
+        note_invalid(&self.db, machine.state.shard, &committed, &batch.results);
         machine.state = batch.next;
         machine.raft = raft;
         publish(&self.shared, &machine);

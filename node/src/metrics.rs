@@ -363,6 +363,11 @@ impl Collector for ShardCollector {
                     counters.apply_writes,
                 ),
                 (
+                    "courier_node_invalid_events",
+                    "Committed events refused as invalid at apply (no validating leader proposed them; see SECURITY.md)",
+                    counters.invalid_events,
+                ),
+                (
                     "courier_node_peer_calls",
                     "gRPC calls this node made to its peers (raft, forward, admin)",
                     counters.peer_calls,

@@ -306,6 +306,15 @@ impl Forward for PeerApi {
         let shard_count = self.cluster.groups().shard_count().unwrap_or(0);
         let shard = courier_proto::ShardId::from_wire(request.shard, shard_count)
             .map_err(ApiError::from)?;
+        if let Some(at) = request.events.iter().position(|event| event.kind.is_none()) {
+            // A kind this build does not know would stop every replica at apply (an older build
+            // cannot apply it); only a newer peer sends one, and it must wait for the upgrade.
+            return Err(ApiError::Invalid {
+                code: "COURIER:Propose:UnknownEvent",
+                message: format!("event {at} is of a kind this node does not know"),
+            }
+            .into());
+        }
         let outcomes = if forwarded {
             self.cluster
                 .propose_forwarded(shard, request.events)

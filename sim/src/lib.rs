@@ -326,6 +326,7 @@ pub(crate) fn drive(
     let mut violations = Vec::new();
     let mut ready_at = None;
     let debug = std::env::var_os("COURIER_SIM_DEBUG").is_some();
+    let invalid_before = courier_consensus::state_machine::invalid_events_in_process();
     loop {
         match sim.step() {
             Ok(true) => break,
@@ -359,6 +360,15 @@ pub(crate) fn drive(
     }
     if ready_at.is_none() {
         violations.push("the clients never reported the cluster ready".to_owned());
+    }
+    let invalid = courier_consensus::state_machine::invalid_events_in_process()
+        .saturating_sub(invalid_before);
+    if invalid > 0 {
+        // The workload proposes only what leaders validated: a refusal at apply means a
+        // replica's state differs from the leader's (lost or reordered log entries).
+        violations.push(format!(
+            "{invalid} committed events refused as invalid at apply"
+        ));
     }
     let mut all = std::mem::take(&mut invariants.violations);
     all.extend(violations);

@@ -52,6 +52,9 @@ pub struct DbCounters {
     pub apply_reads: AtomicU64,
     /// Puts and deletes the apply fold wrote.
     pub apply_writes: AtomicU64,
+    /// Committed events refused as invalid at apply (`COURIER:Event:Invalid`): each one is an
+    /// event no validating leader proposed.
+    pub invalid_events: AtomicU64,
 }
 
 impl DbCounters {
@@ -59,6 +62,11 @@ impl DbCounters {
     pub fn note_apply(&self, reads: u64, writes: u64) {
         self.apply_reads.fetch_add(reads, Ordering::Relaxed);
         self.apply_writes.fetch_add(writes, Ordering::Relaxed);
+    }
+
+    /// Adds `count` events refused as invalid at apply.
+    pub fn note_invalid(&self, count: u64) {
+        self.invalid_events.fetch_add(count, Ordering::Relaxed);
     }
 }
 

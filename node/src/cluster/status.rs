@@ -128,6 +128,7 @@ impl Cluster {
             pusher_passes: load(&self.passes.pusher),
             forwarder_passes: load(&self.passes.forwarder),
             wakeups: self.groups.watch().wakeups(),
+            invalid_events: load(&db.invalid_events),
         }
     }
 

@@ -245,11 +245,9 @@ fn sent(event: &events::MessageSent) -> Result<Sent<'_>, WireError> {
 }
 
 fn delivered(event: &events::MessageDelivered) -> Result<Delivered<'_>, WireError> {
-    let forwarded = if event.source_pos > 0 {
-        Some((shard(event.source_shard, "source_shard")?, event.source_pos))
-    } else {
-        None
-    };
+    // Stored with the message even when not forwarded: receipts go back to it.
+    let source = shard(event.source_shard, "source_shard")?;
+    let forwarded = (event.source_pos > 0).then_some((source, event.source_pos));
     Ok(Delivered {
         event,
         recipient: user(event.recipient_user, "recipient_user")?,

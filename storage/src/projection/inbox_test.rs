@@ -11,7 +11,8 @@ use courier_proto::pb::events::{self, ReceiptState};
 use courier_proto::{ConversationId, LogIndex, UserId};
 
 use super::projection_test::{
-    SHARD, apply_one, delivered, direct, sent_event, tracing_phase, view_of,
+    SHARD, apply_one, assert_projections_unchanged, assert_refused, delivered, direct, sent_event,
+    tracing_phase, view_of,
 };
 use crate::cf::Cf;
 use crate::kv::{MemKv, ReadKv, Staged};
@@ -177,13 +178,15 @@ fn inbox_readstate_and_receipts_table() {
     assert_eq!(pending.len(), 1, "one new receipt");
 }
 
+/// An ack past the inbox tail is refused as invalid (it cannot come from a validating leader)
+/// and changes nothing.
 #[test]
-#[should_panic(expected = "acks never pass the inbox tail")]
-fn ack_past_tail_panics() {
+fn ack_past_tail_is_refused() {
     let mut kv = MemKv::default();
     let mut state = ShardState::empty(SHARD);
     apply_one(&mut kv, &mut state, vec![delivered(1, 2, 1)]);
-    apply_one(
+    let before = state.clone();
+    let outcome = apply_one(
         &mut kv,
         &mut state,
         vec![Kind::DeliveryAcked(events::DeliveryAcked {
@@ -194,6 +197,8 @@ fn ack_past_tail_panics() {
             trim_delivered: false,
         })],
     );
+    assert_refused(&outcome, "past user 1's inbox tail 1");
+    assert_projections_unchanged(&before, &state);
 }
 
 #[test]

@@ -19,6 +19,7 @@ pub mod devices;
 pub mod expiry;
 pub mod groups;
 pub mod inbox;
+pub mod invalid;
 pub mod outbox;
 pub mod readstate;
 pub mod receipts;
@@ -45,6 +46,7 @@ use crate::error::{Result, StorageError};
 use crate::kv::Staged;
 
 pub use self::decode::{DecodeError, Decoded, Target};
+pub use self::invalid::{INVALID_CODE, Invalid};
 pub use self::refusal::{GroupRefusal, GroupRefusalCode};
 pub use self::view::{View, frame, unframe};
 pub use crate::cf::Projection;
@@ -112,37 +114,39 @@ pub enum Applied {
     Done,
 }
 
-/// Returns whether a forwarded event (source shard, position) was already applied.
-fn forwarded_duplicate(
+/// Decides a forwarded event (source shard, position) before any projection runs: `Break` for
+/// one already applied or one past the next position, `Continue` for the next.
+fn admit_forwarded(
     staged: &mut Staged<'_>,
     shard: ShardId,
     at: LogIndex,
     source: ShardId,
     source_pos: u64,
-) -> Result<bool> {
+) -> Result<ControlFlow<Applied>> {
     let view = View::new(staged, shard, at, Projection::Outbox);
-    let applied = outbox::inbound_applied_from(&view, source)?;
-    if source_pos <= applied {
-        return Ok(true);
-    }
-    assert_eq!(
-        source_pos,
-        applied.checked_add(1).expect("outbox position overflow"),
-        "forwarded events from shard {} apply in position order without gaps",
-        source.get()
-    );
-    Ok(false)
+    Ok(match invalid::inbound(&view, source, source_pos)? {
+        invalid::Inbound::Duplicate => ControlFlow::Break(Applied::DuplicateForward),
+        invalid::Inbound::Next => ControlFlow::Continue(()),
+        invalid::Inbound::Gap { expected } => ControlFlow::Break(
+            Invalid::ForwardGap {
+                source_shard: source.get(),
+                expected,
+                got: source_pos,
+            }
+            .into(),
+        ),
+    })
 }
 
 /// Folds one committed event into every projection.
 ///
+/// An event that does not decode (a zero id, a malformed message id, …) or that the state at
+/// `at` shows no validating leader proposed (an ack past the inbox tail, a receipt moving
+/// backwards, …) changes nothing and is [`Applied::Rejected`] with [`INVALID_CODE`], the same
+/// way on every replica (see [`invalid`]).
+///
 /// # Errors
 /// A storage fault, or [`StorageError::UnknownEvent`] for an event this build does not know.
-///
-/// # Panics
-/// When the event does not decode (a zero id, a malformed message id, …; the message names the
-/// field), or breaks an invariant the leader validated (an ack past the inbox tail, a receipt
-/// moving backwards, …): a bug, never bad client input.
 pub fn apply_event(
     staged: &mut Staged<'_>,
     shard: ShardId,
@@ -156,14 +160,13 @@ pub fn apply_event(
             reason: "event of an unknown kind (a newer build wrote it)".to_owned(),
         });
     };
-    // The one place a committed event that fails validation is handled. The leader validates
-    // every event before proposing it, so this is a bug or a log written by something else.
-    // Every replica decodes the same bytes the same way and so stops on the same entry;
-    // skipping it instead would fork the projections. (A later change may turn this into a
-    // deterministic rejection: `decode` already returns the error as a value.)
-    let decoded = decode::decode(kind)
-        .unwrap_or_else(|error| panic!("{shard} log index {at}: committed {error}"));
-    apply_decoded(staged, shard, at, &decoded)
+    // The leader validates every event before proposing it, so an event that does not decode
+    // came from a bug or from outside; every replica decodes the same bytes the same way and so
+    // refuses the same event.
+    match decode::decode(kind) {
+        Ok(decoded) => apply_decoded(staged, shard, at, &decoded),
+        Err(error) => Ok(Invalid::from(error).into()),
+    }
 }
 
 fn apply_decoded(
@@ -176,6 +179,10 @@ fn apply_decoded(
         ControlFlow::Break(unchanged) => return Ok(unchanged),
         ControlFlow::Continue(outcome) => outcome,
     };
+    let view = View::new(staged, shard, at, Projection::Outbox);
+    if let Some(invalid) = invalid::check(&view, event)? {
+        return Ok(invalid.into());
+    }
     for projection in Projection::APPLY_ORDER {
         let mut view = View::new(staged, shard, at, projection);
         apply_projection(projection, &mut view, event)?;
@@ -231,8 +238,11 @@ fn admit(
             return admit_delivery(staged, shard, at, delivered);
         }
         Decoded::ReceiptRecorded(receipt) => {
-            if forwarded_duplicate(staged, shard, at, receipt.source, receipt.event.source_pos)? {
-                return Ok(ControlFlow::Break(Applied::DuplicateForward));
+            let pos = receipt.event.source_pos;
+            if let ControlFlow::Break(unchanged) =
+                admit_forwarded(staged, shard, at, receipt.source, pos)?
+            {
+                return Ok(ControlFlow::Break(unchanged));
             }
             Applied::Done
         }
@@ -273,9 +283,9 @@ fn admit_delivery(
 ) -> Result<ControlFlow<Applied, Applied>> {
     let user = delivered.recipient;
     if let Some((source, pos)) = delivered.forwarded
-        && forwarded_duplicate(staged, shard, at, source, pos)?
+        && let ControlFlow::Break(unchanged) = admit_forwarded(staged, shard, at, source, pos)?
     {
-        return Ok(ControlFlow::Break(Applied::DuplicateForward));
+        return Ok(ControlFlow::Break(unchanged));
     }
     let view = View::new(staged, shard, at, Projection::Inbox);
     if let Some(seq) = inbox::stored_seq(&view, user, &delivered.event.message_id)? {

@@ -10,14 +10,18 @@ use courier_proto::pb::events::event::Kind;
 use courier_proto::pb::events::{self, ReceiptState};
 use courier_proto::{LogIndex, UserId};
 
-use super::projection_test::{SHARD, apply_one, delivered, tracing_phase, view_of};
+use super::projection_test::{
+    SHARD, apply_one, assert_projections_unchanged, assert_refused, delivered, tracing_phase,
+    view_of,
+};
 use crate::kv::{MemKv, Staged};
 use crate::projection::Applied;
 use crate::shard::ShardState;
 
+/// A receipt moving backwards is refused as invalid and leaves the receipt where it was; the
+/// position it came at is not consumed.
 #[test]
-#[should_panic(expected = "receipts only move forward")]
-fn receipt_going_backwards_panics() {
+fn receipt_going_backwards_is_refused() {
     let mut kv = MemKv::default();
     let mut state = ShardState::empty(SHARD);
     let receipt = |state: ReceiptState, pos: u64| {
@@ -32,24 +36,45 @@ fn receipt_going_backwards_panics() {
         })
     };
     apply_one(&mut kv, &mut state, vec![receipt(ReceiptState::Read, 1)]);
-    apply_one(
+    let before = state.clone();
+    let outcome = apply_one(
         &mut kv,
         &mut state,
         vec![receipt(ReceiptState::Delivered, 2)],
     );
+    assert_refused(&outcome, "receipts only move forward");
+    assert_projections_unchanged(&before, &state);
 }
 
+/// A forwarded event past the next position from its source is refused as invalid; the next
+/// position still applies afterwards.
 #[test]
-#[should_panic(expected = "forwarded events from shard 2 apply in position order without gaps")]
-fn forwarded_gap_panics() {
+fn forwarded_gap_is_refused() {
     let mut kv = MemKv::default();
     let mut state = ShardState::empty(SHARD);
-    let mut event = delivered(1, 2, 1);
-    if let Kind::MessageDelivered(d) = &mut event {
-        d.source_shard = 2;
-        d.source_pos = 2;
-    }
-    apply_one(&mut kv, &mut state, vec![event]);
+    let at = |pos: u64| {
+        let mut event = delivered(1, 2, 1);
+        if let Kind::MessageDelivered(d) = &mut event {
+            d.source_shard = 2;
+            d.source_pos = pos;
+        }
+        event
+    };
+    let before = state.clone();
+    let outcome = apply_one(&mut kv, &mut state, vec![at(2)]);
+    assert_refused(&outcome, "forwarded position 2 from shard 2; the next is 1");
+    assert_projections_unchanged(&before, &state);
+    let outcome = apply_one(&mut kv, &mut state, vec![at(1)]);
+    assert!(
+        matches!(
+            outcome.as_slice(),
+            [Applied::Stored {
+                duplicate: false,
+                ..
+            }]
+        ),
+        "{outcome:?}"
+    );
 }
 
 /// A forwarded copy of an already stored message at a new position is a duplicate, yet it moves

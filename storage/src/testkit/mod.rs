@@ -18,9 +18,11 @@ use crate::kv::{MemKv, Staged};
 use crate::projection::{Projection, View, outbox};
 use crate::shard::{Committed, ShardState};
 
+mod adversary;
 mod replay;
 mod rng;
 
+pub use self::adversary::Adversary;
 pub use self::replay::{append_and_apply, apply, records};
 pub use self::rng::Rng;
 
