@@ -126,6 +126,16 @@ impl GroupHandle {
         }
     }
 
+    /// Whether `node` is a member (voter or learner) of this group as this replica knows it;
+    /// `None` before the group has a membership (a node not yet initialized).
+    pub fn has_member(&self, node: NodeId) -> Option<bool> {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
+        let mut members = metrics.membership_config.nodes().peekable();
+        members.peek()?;
+        Some(members.any(|(id, _)| *id == node))
+    }
+
     /// Whether this replica leads its group now.
     pub fn is_leader(&self) -> bool {
         self.raft.metrics().borrow().state == openraft::ServerState::Leader

@@ -25,7 +25,7 @@ use openraft::raft::{
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::types::{GroupId, Node, NodeId, Raft, TypeConfig};
 
@@ -70,6 +70,8 @@ pub struct ChannelPool {
     timeouts: Mutex<BTreeMap<String, u32>>,
     connect_timeout: Duration,
     connector: Option<Connector>,
+    /// TLS for every channel (`None`: plaintext, only with `insecure-plaintext`).
+    tls: Option<ClientTlsConfig>,
     calls: AtomicU64,
 }
 
@@ -78,6 +80,7 @@ impl std::fmt::Debug for ChannelPool {
         f.debug_struct("ChannelPool")
             .field("connect_timeout", &self.connect_timeout)
             .field("custom_connector", &self.connector.is_some())
+            .field("tls", &self.tls.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -90,8 +93,16 @@ impl ChannelPool {
             timeouts: Mutex::default(),
             connect_timeout,
             connector: None,
+            tls: None,
             calls: AtomicU64::new(0),
         }
+    }
+
+    /// This pool's channels dial with TLS `tls` (the node's certificate, the cluster CA).
+    #[must_use]
+    pub fn with_tls(mut self, tls: ClientTlsConfig) -> Self {
+        self.tls = Some(tls);
+        self
     }
 
     /// A pool whose channels are made by `connector` (the simulation's network).
@@ -112,10 +123,14 @@ impl ChannelPool {
         if let Some(channel) = channels.get(addr) {
             return Some(channel.clone());
         }
-        let endpoint = Channel::from_shared(format!("http://{addr}"))
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Channel::from_shared(format!("{scheme}://{addr}"))
             .ok()?
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true);
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint.tls_config(tls.clone()).ok()?;
+        }
         let channel = match &self.connector {
             Some(connector) => connector(endpoint),
             None => endpoint.connect_lazy(),
@@ -349,6 +364,35 @@ pub trait GroupRouter: Send + Sync + 'static {
     fn raft(&self, group: GroupId) -> impl Future<Output = Result<Raft, tonic::Status>> + Send;
 }
 
+/// The node a raft request came from, as its certificate proves (put in the request's
+/// extensions by the node's peer authentication). When present, the node a request claims to
+/// come from (the candidate of a vote, the leader of an append or a snapshot) must be this one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CallerNode(pub NodeId);
+
+/// The node a raft request claims to come from.
+trait Claimed {
+    fn claimed(&self) -> NodeId;
+}
+
+impl Claimed for AppendEntriesRequest<TypeConfig> {
+    fn claimed(&self) -> NodeId {
+        self.vote.leader_id().voted_for().unwrap_or_default()
+    }
+}
+
+impl Claimed for VoteRequest<NodeId> {
+    fn claimed(&self) -> NodeId {
+        self.vote.leader_id().voted_for().unwrap_or_default()
+    }
+}
+
+impl Claimed for InstallSnapshotRequest<TypeConfig> {
+    fn claimed(&self) -> NodeId {
+        self.vote.leader_id().voted_for().unwrap_or_default()
+    }
+}
+
 /// The gRPC raft service: decodes the group id and dispatches.
 #[derive(Debug)]
 pub struct RaftService<R> {
@@ -383,15 +427,29 @@ impl<R: GroupRouter> RaftService<R> {
         call: F,
     ) -> Result<tonic::Response<RaftResponse>, tonic::Status>
     where
-        Req: DeserializeOwned,
+        Req: DeserializeOwned + Claimed,
         Resp: Serialize,
         F: FnOnce(Raft, Req) -> Fut,
         Fut: Future<Output = Resp>,
     {
+        let caller = request.extensions().get::<CallerNode>().copied();
         let request = request.into_inner();
         let group =
             group_from_wire(request.group.as_ref()).map_err(tonic::Status::invalid_argument)?;
         let rpc: Req = decode_request(&request.payload)?;
+        if let Some(CallerNode(caller)) = caller
+            && rpc.claimed() != caller
+        {
+            let mut status = tonic::Status::permission_denied(format!(
+                "node {caller} sent a raft request as node {}",
+                rpc.claimed()
+            ));
+            status.metadata_mut().insert(
+                courier_proto::CODE_KEY,
+                tonic::metadata::MetadataValue::from_static("COURIER:Peer:WrongNode"),
+            );
+            return Err(status);
+        }
         let raft = self.router.raft(group).await?;
         encode_response(&call(raft, rpc).await)
     }

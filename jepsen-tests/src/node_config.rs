@@ -89,6 +89,23 @@ impl NodeConfig {
         .set("keep_delivered", true)
     }
 
+    /// TLS from a development PKI in `pki` (the files `courier_tls::dev::generate` writes: the
+    /// CA, `node-<id>` and `listener`), for node `node_id`.
+    pub fn dev_tls(self, node_id: impl Display, pki: &Path) -> Self {
+        let file = |name: String| pki.join(name).display().to_string();
+        self.set("tls_ca", file("ca.pem".to_owned()))
+            .set("tls_cert", file(format!("node-{node_id}.pem")))
+            .set("tls_key", file(format!("node-{node_id}.key")))
+            .set("tls_listener_cert", file("listener.pem".to_owned()))
+            .set("tls_listener_key", file("listener.key".to_owned()))
+    }
+
+    /// Both listeners in plaintext, no caller checked on the peer listener: for harnesses whose
+    /// clients do not speak TLS (the simulation's network).
+    pub fn insecure_plaintext(self) -> Self {
+        self.set("insecure_plaintext", true)
+    }
+
     /// The config text: the template with every set placeholder filled, lines of unset ones
     /// and tables without keys left out.
     pub fn text(&self) -> String {

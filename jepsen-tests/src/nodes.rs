@@ -97,6 +97,8 @@ impl NodeSpec {
             .for_workload()
             .set("log_format", "json")
             .set("log_level", "info")
+            // The fault suites' clients speak plaintext for now (issue #20 note).
+            .insecure_plaintext()
             .text();
         format!("# Written by courier-jepsen.\n{text}")
     }

@@ -44,6 +44,7 @@ pub mod forwarder;
 pub mod listener;
 pub mod maintenance;
 pub mod metrics;
+pub mod peer_auth;
 pub mod presence;
 pub mod push;
 pub mod retention;

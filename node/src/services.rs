@@ -33,6 +33,7 @@ pub use crate::client::ClientApi;
 use crate::client::stream::ServerStream;
 
 use crate::cluster::{Cluster, outcome_to_wire, was_forwarded};
+use crate::peer_auth::{Allowed, PeerAuth};
 use crate::status::ApiError;
 
 #[tonic::async_trait]
@@ -245,6 +246,7 @@ pub struct PeerApi {
     cluster: Cluster,
     live: std::sync::Arc<crate::client::live::LiveStreams>,
     jobs: crate::maintenance::Jobs,
+    auth: PeerAuth,
 }
 
 impl PeerApi {
@@ -253,11 +255,13 @@ impl PeerApi {
         cluster: Cluster,
         live: std::sync::Arc<crate::client::live::LiveStreams>,
         jobs: crate::maintenance::Jobs,
+        auth: PeerAuth,
     ) -> Self {
         Self {
             cluster,
             live,
             jobs,
+            auth,
         }
     }
 }
@@ -268,7 +272,9 @@ impl Forward for PeerApi {
         &self,
         request: Request<PresenceRequest>,
     ) -> Result<Response<PresenceResponse>, Status> {
+        let caller = self.auth.check(&request, Allowed::Nodes)?;
         let request = request.into_inner();
+        PeerAuth::require_claim(caller.as_ref(), request.node_id)?;
         Ok(Response::new(PresenceResponse {
             presence: self.cluster.presence_local(
                 request.node_id,
@@ -282,6 +288,7 @@ impl Forward for PeerApi {
         &self,
         request: Request<TypingRequest>,
     ) -> Result<Response<TypingResponse>, Status> {
+        self.auth.check(&request, Allowed::Nodes)?;
         let request = request.into_inner();
         let delivered = request.update.map_or(0, |update| {
             request
@@ -299,6 +306,7 @@ impl Forward for PeerApi {
         &self,
         request: Request<ProposeRequest>,
     ) -> Result<Response<ProposeResponse>, Status> {
+        self.auth.check(&request, Allowed::Nodes)?;
         let forwarded = was_forwarded(request.metadata());
         let span = tracing::info_span!("peer.Propose");
         crate::telemetry::adopt(&span, request.metadata());
@@ -335,6 +343,7 @@ impl Forward for PeerApi {
         &self,
         request: Request<ForwardBatchRequest>,
     ) -> Result<Response<ForwardBatchResponse>, Status> {
+        self.auth.check(&request, Allowed::Nodes)?;
         let forwarded = was_forwarded(request.metadata());
         let span = tracing::info_span!("peer.ForwardBatch");
         crate::telemetry::adopt(&span, request.metadata());
@@ -362,6 +371,7 @@ impl Admin for PeerApi {
         &self,
         request: Request<InitClusterRequest>,
     ) -> Result<Response<InitClusterResponse>, Status> {
+        self.auth.check(&request, Allowed::NodesAndOperators)?;
         Ok(Response::new(
             self.cluster.init(request.into_inner()).await?,
         ))
@@ -369,8 +379,9 @@ impl Admin for PeerApi {
 
     async fn status(
         &self,
-        _request: Request<StatusRequest>,
+        request: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
+        self.auth.check(&request, Allowed::Operators)?;
         Ok(Response::new(self.cluster.status()))
     }
 
@@ -378,6 +389,7 @@ impl Admin for PeerApi {
         &self,
         request: Request<AddNodeRequest>,
     ) -> Result<Response<AddNodeResponse>, Status> {
+        self.auth.check(&request, Allowed::NodesAndOperators)?;
         self.cluster.add_node(request.into_inner()).await?;
         Ok(Response::new(AddNodeResponse {}))
     }
@@ -386,6 +398,7 @@ impl Admin for PeerApi {
         &self,
         request: Request<RemoveNodeRequest>,
     ) -> Result<Response<RemoveNodeResponse>, Status> {
+        self.auth.check(&request, Allowed::NodesAndOperators)?;
         self.cluster.remove_node(request.into_inner()).await?;
         Ok(Response::new(RemoveNodeResponse {}))
     }
@@ -394,6 +407,7 @@ impl Admin for PeerApi {
         &self,
         request: Request<BackupRequest>,
     ) -> Result<Response<BackupResponse>, Status> {
+        self.auth.check(&request, Allowed::Operators)?;
         Ok(Response::new(
             self.cluster.backup(&request.into_inner().dir)?,
         ))
@@ -403,6 +417,7 @@ impl Admin for PeerApi {
         &self,
         request: Request<TransferLeaderRequest>,
     ) -> Result<Response<TransferLeaderResponse>, Status> {
+        self.auth.check(&request, Allowed::Operators)?;
         self.cluster.transfer_leader(request.into_inner()).await?;
         Ok(Response::new(TransferLeaderResponse {}))
     }
@@ -411,6 +426,7 @@ impl Admin for PeerApi {
         &self,
         request: Request<VerifyProjectionRequest>,
     ) -> Result<Response<JobUpdates>, Status> {
+        self.auth.check(&request, Allowed::Operators)?;
         Ok(Response::new(Box::pin(
             self.jobs.verify(request.get_ref())?,
         )))
@@ -420,6 +436,7 @@ impl Admin for PeerApi {
         &self,
         request: Request<RebuildProjectionRequest>,
     ) -> Result<Response<JobUpdates>, Status> {
+        self.auth.check(&request, Allowed::Operators)?;
         Ok(Response::new(Box::pin(
             self.jobs.rebuild(request.get_ref())?,
         )))
@@ -429,6 +446,7 @@ impl Admin for PeerApi {
         &self,
         request: Request<ReadLogRequest>,
     ) -> Result<Response<ReadLogResponse>, Status> {
+        self.auth.check(&request, Allowed::Operators)?;
         Ok(Response::new(self.jobs.read_log(request.get_ref())?))
     }
 }

@@ -7,7 +7,7 @@ use tonic::Status;
 use tonic::metadata::MetadataValue;
 
 /// Metadata key of the stable error code.
-pub const CODE_KEY: &str = "courier-code";
+pub use courier_proto::CODE_KEY;
 /// Metadata key of the retry hint, in milliseconds.
 pub const RETRY_AFTER_KEY: &str = "retry-after-ms";
 /// Metadata key of the current leader's node id, when known.

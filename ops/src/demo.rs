@@ -38,8 +38,13 @@ struct User {
     bearer: String,
 }
 
+/// The name on the development PKI's client listener certificate (`courier-ops certs dev`),
+/// which the demo verifies when the cluster runs TLS.
+const CLIENT_SERVER_NAME: &str = "localhost";
+
+/// A channel to a client listener, whose certificate names `CLIENT_SERVER_NAME`.
 async fn channel(addr: &str) -> anyhow::Result<Channel> {
-    Channel::from_shared(format!("http://{addr}"))?
+    crate::transport::endpoint(addr, Some(CLIENT_SERVER_NAME), Duration::from_secs(3))?
         .connect()
         .await
         .with_context(|| format!("connecting to {addr}"))

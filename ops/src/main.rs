@@ -20,6 +20,7 @@ mod jobs;
 mod offline;
 mod online;
 mod progress;
+mod transport;
 
 /// Operate a courier cluster.
 #[derive(Debug, Parser)]
@@ -27,6 +28,8 @@ mod progress;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    tls: transport::TlsArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -117,6 +120,9 @@ enum Command {
     /// Reads a shard's event log.
     #[command(subcommand)]
     Log(LogCommand),
+    /// Certificates.
+    #[command(subcommand)]
+    Certs(CertsCommand),
     /// Replays a shard's log into scratch space and compares every projection with the live
     /// one, digest for digest, at one applied index; names the first divergent index and key on
     /// a mismatch. Online (`--addr`: on that running replica, from a checkpoint) or offline
@@ -133,6 +139,24 @@ enum Command {
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCommand {
+    /// Generates a development PKI into a directory: a CA (ca.pem), node-<id>.pem/.key for each
+    /// node, operator.pem/.key, listener.pem/.key (for localhost, 127.0.0.1 and --host names).
+    /// For development and tests only: the CA's key is not kept.
+    Dev {
+        /// The directory to write (created if missing; files are replaced).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Node ids 1..=N get certificates.
+        #[arg(long, default_value_t = 3)]
+        nodes: u64,
+        /// More DNS names for the client listener certificate.
+        #[arg(long = "host")]
+        hosts: Vec<String>,
     },
 }
 
@@ -268,6 +292,7 @@ fn main() -> ExitCode {
 
 /// Runs one command; `Ok(false)` means the check ran and failed.
 fn run(cli: Cli) -> anyhow::Result<bool> {
+    transport::install(&cli.tls)?;
     match cli.command {
         Command::Health { addr, wait_s } => {
             runtime()?.block_on(online::health(&addr, Duration::from_secs(wait_s)))
@@ -350,6 +375,18 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             projection,
             json,
         } => runtime()?.block_on(jobs::verify(target, shard, projection, json)),
+        Command::Certs(CertsCommand::Dev { dir, nodes, hosts }) => {
+            let ids: Vec<u64> = (1..=nodes).collect();
+            let mut names: Vec<&str> = vec!["localhost"];
+            names.extend(hosts.iter().map(String::as_str));
+            let pki = courier_tls::dev::DevPki {
+                listener_hosts: &names,
+                ..courier_tls::dev::DevPki::local(&ids)
+            };
+            courier_tls::dev::generate(&dir, &pki)?;
+            println!("development PKI for nodes 1..={nodes} in {}", dir.display());
+            Ok(true)
+        }
     }
 }
 

@@ -23,9 +23,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
 
 async fn channel(addr: &str) -> anyhow::Result<Channel> {
-    Channel::from_shared(format!("http://{addr}"))
-        .with_context(|| format!("{addr:?} is not host:port"))?
-        .connect_timeout(CONNECT_TIMEOUT)
+    crate::transport::endpoint(addr, None, CONNECT_TIMEOUT)?
         .timeout(CONNECT_TIMEOUT)
         .connect()
         .await

@@ -1,6 +1,9 @@
 //! Why a wire message was rejected. Every variant is a client error: it changes nothing and
 //! maps to `INVALID_ARGUMENT` at the gRPC edge.
 
+/// Metadata key of the stable error code every courier status carries (docs/API.md).
+pub const CODE_KEY: &str = "courier-code";
+
 /// A wire value that does not convert into a domain value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {

@@ -16,7 +16,7 @@ pub mod limits;
 pub mod shard;
 pub mod types;
 
-pub use error::WireError;
+pub use error::{CODE_KEY, WireError};
 pub use hex::hex;
 pub use shard::{phone_hash, shard_of, shard_of_group, user_of_phone};
 pub use types::{

@@ -78,6 +78,8 @@ fn config_text(id: NodeId, data_dir: &Path, rng: &mut StdRng) -> String {
         )
         .set("rpc_timeout", "1s")
         .for_workload()
+        // The simulated network carries plaintext gRPC (TLS is tested on real sockets).
+        .insecure_plaintext()
         .text()
 }
 

@@ -10,7 +10,41 @@ const MINIMAL: &str = r#"
     [listen]
     client = "127.0.0.1:7001"
     peer = "127.0.0.1:7101"
+    [tls]
+    insecure-plaintext = true
 "#;
+
+/// TLS is required: without `[tls]` a node refuses to start, naming the first missing file;
+/// plaintext together with files is refused too; all five files are a TLS config.
+#[test]
+fn tls_is_required_unless_plaintext_is_asked_for() {
+    let without = MINIMAL.replace("[tls]\n    insecure-plaintext = true", "");
+    assert!(
+        matches!(
+            Config::parse(&without),
+            Err(ConfigError::TlsMissing { name: "tls.ca" })
+        ),
+        "{without}"
+    );
+    let both = MINIMAL.replace(
+        "insecure-plaintext = true",
+        "insecure-plaintext = true\n    ca = \"ca.pem\"",
+    );
+    assert!(matches!(
+        Config::parse(&both),
+        Err(ConfigError::TlsAndPlaintext { name: "tls.ca" })
+    ));
+    let files = MINIMAL.replace(
+        "insecure-plaintext = true",
+        "ca = \"a\"\n cert = \"b\"\n key = \"c\"\n listener-cert = \"d\"\n listener-key = \"e\"",
+    );
+    let config = Config::parse(&files).expect("five files");
+    assert_eq!(
+        config.tls.map(|tls| tls.listener_key),
+        Some(PathBuf::from("e"))
+    );
+    assert!(Config::parse(MINIMAL).expect("plaintext").tls.is_none());
+}
 
 /// The documented example lists every key and stays parseable.
 #[test]

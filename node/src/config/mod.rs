@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 pub use raw::{
     LimitsRaw, Listen, LogFormat, LogRaw, PresenceRaw, PushRaw, RaftRaw, RawConfig, RetentionRaw,
-    TracingRaw,
+    TlsRaw, TracingRaw,
 };
 
 /// Why a configuration was refused.
@@ -38,6 +38,20 @@ pub enum ConfigError {
     /// `node-id` is zero.
     #[error("node-id must be at least 1")]
     NodeIdZero,
+    /// A TLS file is not configured and `tls.insecure-plaintext` is not set.
+    #[error(
+        "{name} is required: both listeners use TLS (tls.insecure-plaintext = true turns TLS off, for development only)"
+    )]
+    TlsMissing {
+        /// The missing key.
+        name: &'static str,
+    },
+    /// `tls.insecure-plaintext = true` together with certificate files.
+    #[error("tls.insecure-plaintext = true and {name} are both set: choose one")]
+    TlsAndPlaintext {
+        /// A certificate key that is set.
+        name: &'static str,
+    },
     /// The client and peer listeners share an address.
     #[error("listen.client and listen.peer must differ (both {addr})")]
     SameListenAddress {
@@ -150,6 +164,23 @@ pub struct Config {
     pub tracing: TracingRaw,
     /// Logging.
     pub log: LogRaw,
+    /// TLS on both listeners (`None`: `insecure-plaintext`).
+    pub tls: Option<TlsPaths>,
+}
+
+/// The certificate files of a node with TLS (validated: all present).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsPaths {
+    /// The cluster CA.
+    pub ca: PathBuf,
+    /// This node's certificate.
+    pub cert: PathBuf,
+    /// Its key.
+    pub key: PathBuf,
+    /// The client listener's certificate.
+    pub listener_cert: PathBuf,
+    /// Its key.
+    pub listener_key: PathBuf,
 }
 
 impl Config {

@@ -178,6 +178,34 @@ pub struct LogRaw {
     pub level: String,
 }
 
+/// `[tls]`: the certificates of both listeners. Required, unless `insecure-plaintext = true`
+/// (development only; the node warns at start).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TlsRaw {
+    /// The cluster CA certificate (PEM): peers and operators must present a certificate it
+    /// signed.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// This node's certificate (PEM, URI `spiffe://courier/node/<node-id>`, DNS `courier-node`):
+    /// served on the peer listener and presented when dialing peers.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// The client listener's certificate (PEM, the host names phones dial).
+    #[serde(default)]
+    pub listener_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[serde(default)]
+    pub listener_key: Option<PathBuf>,
+    /// Serve both listeners and dial peers without TLS: anyone who reaches the peer port can
+    /// call every peer RPC. Development and the simulation only. Default false.
+    #[serde(default)]
+    pub insecure_plaintext: bool,
+}
+
 /// How logs are written.
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
@@ -219,6 +247,9 @@ pub struct RawConfig {
     /// Logging.
     #[serde(default = "defaults::log")]
     pub log: LogRaw,
+    /// Certificates.
+    #[serde(default)]
+    pub tls: TlsRaw,
 }
 
 mod defaults {

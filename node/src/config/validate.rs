@@ -2,7 +2,9 @@
 
 use courier_proto::limits;
 
-use super::{Config, ConfigError, Limits, LimitsRaw, RaftConfig, RaftRaw, RawConfig};
+use super::{
+    Config, ConfigError, Limits, LimitsRaw, RaftConfig, RaftRaw, RawConfig, TlsPaths, TlsRaw,
+};
 use crate::units::HumanDuration;
 
 fn bounded(name: &'static str, value: u64, max: u64) -> Result<(), ConfigError> {
@@ -40,6 +42,7 @@ impl RawConfig {
         let raft = validate_raft(&self.raft)?;
         let limits = validate_limits(&self.limits)?;
         self.validate_edge()?;
+        let tls = validate_tls(self.tls)?;
         Ok(Config {
             node_id: self.node_id,
             data_dir: self.data_dir,
@@ -51,6 +54,7 @@ impl RawConfig {
             push: self.push,
             tracing: self.tracing,
             log: self.log,
+            tls,
         })
     }
 
@@ -76,6 +80,32 @@ impl RawConfig {
         }
         Ok(())
     }
+}
+
+/// TLS: every file, or `insecure-plaintext` and none.
+fn validate_tls(tls: TlsRaw) -> Result<Option<TlsPaths>, ConfigError> {
+    let files = [
+        ("tls.ca", tls.ca),
+        ("tls.cert", tls.cert),
+        ("tls.key", tls.key),
+        ("tls.listener-cert", tls.listener_cert),
+        ("tls.listener-key", tls.listener_key),
+    ];
+    if tls.insecure_plaintext {
+        return match files.into_iter().find(|(_, path)| path.is_some()) {
+            Some((name, _)) => Err(ConfigError::TlsAndPlaintext { name }),
+            None => Ok(None),
+        };
+    }
+    let [ca, cert, key, listener_cert, listener_key] =
+        files.map(|(name, path)| path.ok_or(ConfigError::TlsMissing { name }));
+    Ok(Some(TlsPaths {
+        ca: ca?,
+        cert: cert?,
+        key: key?,
+        listener_cert: listener_cert?,
+        listener_key: listener_key?,
+    }))
 }
 
 /// Raft timing: a heartbeat well inside the election timeout, a non-empty timeout range.

@@ -82,6 +82,9 @@ pub enum ServerError {
     /// A gRPC server failed.
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// A TLS file could not be read.
+    #[error("tls: {0}")]
+    Tls(#[from] courier_tls::TlsError),
 }
 
 /// A running node.
@@ -161,9 +164,14 @@ pub async fn start_in(config: Config, environment: Environment) -> Result<NodeHa
         source,
     })?;
     let db = open_storage(&config, environment.db)?;
-    let pool = environment
-        .pool
-        .unwrap_or_else(|| Arc::new(ChannelPool::new(config.raft.rpc_timeout)));
+    let tls = load_tls(&config)?;
+    let pool = environment.pool.unwrap_or_else(|| {
+        let pool = ChannelPool::new(config.raft.rpc_timeout);
+        Arc::new(match &tls {
+            Some(tls) => pool.with_tls(tls.peer.client()),
+            None => pool,
+        })
+    });
     let groups = Groups::open_with(config.node_id, db.clone(), &config.raft, pool)
         .await
         .map_err(Box::new)?;
@@ -202,9 +210,13 @@ pub async fn start_in(config: Config, environment: Environment) -> Result<NodeHa
         config.retention.keep_delivered,
     );
     let live = client_api.live();
-    let client_router = client_router(&config, client_api).await?;
+    let (client_tls, peer_tls) = match &tls {
+        Some(tls) => (Some(tls.listener.clone()), Some(tls.peer.server())),
+        None => (None, None),
+    };
+    let client_router = client_router(&config, client_api, client_tls).await?;
     let jobs = crate::maintenance::Jobs::new(groups.clone(), config.data_dir.join("scratch"));
-    let peer_router = peer_router(cluster.clone(), groups.clone(), live, jobs).await?;
+    let peer_router = peer_router(cluster.clone(), groups.clone(), live, jobs, peer_tls).await?;
     let serving = Serving {
         tasks: &tasks,
         shutdown: &shutdown,
@@ -240,6 +252,38 @@ pub async fn start_in(config: Config, environment: Environment) -> Result<NodeHa
         groups,
         cluster,
     })
+}
+
+/// The TLS of both listeners, read from the configured files.
+struct Tls {
+    /// The node's certificate, key and the cluster CA: the peer listener and dialing peers.
+    peer: courier_tls::PeerTls,
+    /// The client listener's server side.
+    listener: tonic::transport::ServerTlsConfig,
+}
+
+/// Reads the TLS files; `None`, with a warning, under `tls.insecure-plaintext`.
+fn load_tls(config: &Config) -> Result<Option<Tls>, ServerError> {
+    let Some(paths) = &config.tls else {
+        tracing::warn!(
+            "tls.insecure-plaintext: both listeners serve plaintext and the peer listener \
+             checks no caller; anyone who reaches the peer port can read and rewrite the log. \
+             Development only"
+        );
+        return Ok(None);
+    };
+    let peer = courier_tls::PeerTls::load(&paths.ca, &paths.cert, &paths.key)?;
+    let expected = courier_tls::Role::Node(config.node_id);
+    let found = peer.role()?;
+    if found != expected {
+        return Err(courier_tls::TlsError::WrongRole { expected, found }.into());
+    }
+    let tls = Tls {
+        peer,
+        listener: courier_tls::client_listener(&paths.listener_cert, &paths.listener_key)?,
+    };
+    info!(ca = %paths.ca.display(), cert = %paths.cert.display(), "tls on both listeners");
+    Ok(Some(tls))
 }
 
 /// The environment's storage, or RocksDB in `data-dir/db`.

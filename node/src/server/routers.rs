@@ -19,12 +19,14 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::server::NamedService;
+use tonic::service::interceptor::InterceptedService;
 use tracing::info;
 
 use super::{Incoming, PEER_CONNECTIONS_MAX, ServerError};
 use crate::client::ClientApi;
 use crate::cluster::Cluster;
 use crate::config::Config;
+use crate::peer_auth::PeerAuth;
 use crate::services::PeerApi;
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
@@ -192,6 +194,7 @@ fn reflection(
 pub(super) async fn client_router(
     config: &Config,
     api: ClientApi,
+    tls: Option<tonic::transport::ServerTlsConfig>,
 ) -> Result<tonic::transport::server::Router, ServerError> {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
@@ -199,7 +202,11 @@ pub(super) async fn client_router(
         .await;
     reporter.set_serving::<MessagingServer<ClientApi>>().await;
     reporter.set_serving::<GroupsServer<ClientApi>>().await;
-    Ok(tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    Ok(builder
         .concurrency_limit_per_connection(
             usize::try_from(config.limits.streams_per_connection_max).unwrap_or(usize::MAX),
         )
@@ -224,6 +231,7 @@ pub(super) async fn peer_router(
     groups: Arc<Groups>,
     live: Arc<crate::client::live::LiveStreams>,
     jobs: crate::maintenance::Jobs,
+    tls: Option<tonic::transport::ServerTlsConfig>,
 ) -> Result<tonic::transport::server::Router, ServerError> {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
@@ -231,20 +239,26 @@ pub(super) async fn peer_router(
         .await;
     reporter.set_serving::<ForwardServer<PeerApi>>().await;
     reporter.set_serving::<AdminServer<PeerApi>>().await;
-    let api = PeerApi::new(cluster, live, jobs);
+    let auth = PeerAuth::new(groups.clone(), tls.is_some());
+    let api = PeerApi::new(cluster, live, jobs, auth.clone());
     let raft = RaftService::new(groups);
-    Ok(tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    Ok(builder
         .add_service(health)
         .add_service(reflection(&[
             <RaftServer<RaftService<Groups>> as NamedService>::NAME,
             <ForwardServer<PeerApi> as NamedService>::NAME,
             <AdminServer<PeerApi> as NamedService>::NAME,
         ])?)
-        .add_service(
+        .add_service(InterceptedService::new(
             RaftServer::new(raft)
                 .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
                 .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX),
-        )
+            move |request| auth.raft(request),
+        ))
         .add_service(
             ForwardServer::new(api.clone()).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX),
         )

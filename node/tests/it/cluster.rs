@@ -13,7 +13,10 @@ use courier_proto::pb::peer::{
     ForwardBatchRequest, InitClusterRequest, NodeInfo, StatusRequest, StatusResponse,
 };
 
-use crate::support::{NodeProcess, channel, config_on_ports, config_text, free_port, wait_addrs};
+use crate::support::{
+    NodeProcess, config_on_ports, config_text, connect, free_port, peer_channel, peer_tls,
+    wait_addrs,
+};
 
 pub(crate) const SHARDS: u32 = 4;
 /// The source shard id used for test forwards (a shard outside the data shards would be refused,
@@ -21,7 +24,7 @@ pub(crate) const SHARDS: u32 = 4;
 const SOURCE: u32 = 0;
 
 pub(crate) async fn status(peer: &str) -> StatusResponse {
-    AdminClient::new(channel(peer).await)
+    AdminClient::new(peer_channel(peer).await)
         .status(StatusRequest {})
         .await
         .expect("status")
@@ -29,8 +32,10 @@ pub(crate) async fn status(peer: &str) -> StatusResponse {
 }
 
 async fn try_status(peer: &str) -> Result<StatusResponse, tonic::Status> {
-    let channel = tonic::transport::Channel::from_shared(format!("http://{peer}"))
+    let channel = tonic::transport::Channel::from_shared(format!("https://{peer}"))
         .expect("a valid uri")
+        .tls_config(peer_tls(courier_tls::dev::OPERATOR))
+        .expect("tls config")
         .connect()
         .await
         .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
@@ -56,7 +61,7 @@ pub(crate) async fn init(peers: &[String]) {
         replication_factor: 0,
         init_shards: Vec::new(),
     };
-    AdminClient::new(channel(&peers[0]).await)
+    AdminClient::new(peer_channel(&peers[0]).await)
         .init_cluster(request)
         .await
         .expect("init");
@@ -69,7 +74,7 @@ pub(crate) async fn wait_leaders(peers: &[String], timeout: Duration) -> BTreeMa
         let mut leaders: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
         for peer in peers {
             if let Ok(mut client) = tokio::time::timeout(Duration::from_secs(2), async {
-                AdminClient::new(channel(peer).await)
+                AdminClient::new(peer_channel(peer).await)
             })
             .await
                 && let Ok(response) = client.status(StatusRequest {}).await
@@ -140,7 +145,8 @@ pub(crate) async fn forward(
         first_pos: first,
         events,
     };
-    let mut client = ForwardClient::new(channel(peer).await);
+    // Forwarding is node to node: the caller holds node 1's certificate.
+    let mut client = ForwardClient::new(connect(peer, peer_tls("node-1")).await);
     let mut request = tonic::Request::new(request);
     request.set_timeout(Duration::from_secs(5));
     client
@@ -602,7 +608,7 @@ async fn grow_to_four_and_shrink_back_while_writing() {
             peer_addr: peers[3].clone(),
             client_addr: String::new(),
         };
-        AdminClient::new(channel(&peers[1]).await)
+        AdminClient::new(peer_channel(&peers[1]).await)
             .add_node(AddNodeRequest {
                 node: Some(node4),
                 group: None,
@@ -642,7 +648,7 @@ async fn grow_to_four_and_shrink_back_while_writing() {
     }
     {
         tracing::info!("remove node 4 again; a further removal below 3 voters is refused");
-        AdminClient::new(channel(&peers[2]).await)
+        AdminClient::new(peer_channel(&peers[2]).await)
             .remove_node(RemoveNodeRequest {
                 node_id: 4,
                 group: None,
@@ -658,7 +664,7 @@ async fn grow_to_four_and_shrink_back_while_writing() {
                 shard.shard
             );
         }
-        let refused = AdminClient::new(channel(&peers[0]).await)
+        let refused = AdminClient::new(peer_channel(&peers[0]).await)
             .remove_node(RemoveNodeRequest {
                 node_id: 3,
                 group: None,
@@ -694,7 +700,7 @@ async fn backup_is_a_consistent_checkpoint() {
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
     let backup = cluster.procs[2].data_dir.with_file_name("node3-backup");
-    let response = AdminClient::new(channel(&peers[2]).await)
+    let response = AdminClient::new(peer_channel(&peers[2]).await)
         .backup(courier_proto::pb::peer::BackupRequest {
             dir: backup.display().to_string(),
         })
@@ -705,7 +711,7 @@ async fn backup_is_a_consistent_checkpoint() {
         response.shards.len(),
         usize::try_from(SHARDS).expect("small")
     );
-    let refused = AdminClient::new(channel(&peers[2]).await)
+    let refused = AdminClient::new(peer_channel(&peers[2]).await)
         .backup(courier_proto::pb::peer::BackupRequest {
             dir: backup.display().to_string(),
         })

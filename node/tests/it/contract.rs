@@ -22,7 +22,7 @@ use crate::messaging::{
     Device, Stream, authed, body, cluster_configured, code_of, open_stream_from,
     phones_on_different_shards, register,
 };
-use crate::support::channel;
+use crate::support::{channel, connect, peer_channel, peer_tls};
 
 /// Opens `device`'s stream at `addr` with the receipt feed resuming as given.
 async fn open_receipts(
@@ -62,7 +62,7 @@ async fn receipts(stream: &mut Stream, count: usize, timeout: Duration) -> Vec<R
 
 /// A shard's whole log as one node stores it, paged.
 async fn log_events(peer: &str, shard: u32) -> Vec<events::Event> {
-    let mut admin = AdminClient::new(channel(peer).await);
+    let mut admin = AdminClient::new(peer_channel(peer).await);
     let mut events = Vec::new();
     let mut from = 0;
     loop {
@@ -141,7 +141,8 @@ async fn every_receipt_change_of_a_large_entry_is_pushed_and_resumable() {
                 }
             })
             .collect();
-        ForwardClient::new(channel(&c.nodes[1].peer_addr.to_string()).await)
+        // Proposing is node to node: the caller holds node 1's certificate.
+        ForwardClient::new(connect(&c.nodes[1].peer_addr.to_string(), peer_tls("node-1")).await)
             .propose(ProposeRequest {
                 shard: u32::from(alice_shard),
                 events,
@@ -396,7 +397,7 @@ async fn a_client_following_the_advice_gets_through_a_failover_in_election_time(
             loop {
                 if let Ok(Ok(now)) = tokio::time::timeout(Duration::from_millis(500), async {
                     Ok::<_, tonic::Status>(
-                        AdminClient::new(channel(&watcher).await)
+                        AdminClient::new(peer_channel(&watcher).await)
                             .status(courier_proto::pb::peer::StatusRequest {})
                             .await?
                             .into_inner(),

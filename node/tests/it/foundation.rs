@@ -15,7 +15,7 @@ use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
-use crate::support::{NodeProcess, channel, config_text, wait_addrs};
+use crate::support::{NodeProcess, channel, config_text, peer_channel, pki, wait_addrs};
 
 const CLIENT_SERVICES: [&str; 3] = [
     "courier.client.v1.Registration",
@@ -28,8 +28,17 @@ const PEER_SERVICES: [&str; 3] = [
     "courier.peer.v1.Admin",
 ];
 
-async fn list_services(addr: &str) -> Vec<String> {
-    let mut client = ServerReflectionClient::new(channel(addr).await);
+/// A phone's channel to a client address, an operator's to a peer address.
+async fn channel_to(addr: &str, peer: bool) -> tonic::transport::Channel {
+    if peer {
+        peer_channel(addr).await
+    } else {
+        channel(addr).await
+    }
+}
+
+async fn list_services(addr: &str, peer: bool) -> Vec<String> {
+    let mut client = ServerReflectionClient::new(channel_to(addr, peer).await);
     let request = ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
@@ -52,8 +61,8 @@ async fn list_services(addr: &str) -> Vec<String> {
     }
 }
 
-async fn health(addr: &str, service: &str) -> ServingStatus {
-    let mut client = HealthClient::new(channel(addr).await);
+async fn health(addr: &str, peer: bool, service: &str) -> ServingStatus {
+    let mut client = HealthClient::new(channel_to(addr, peer).await);
     let response = client
         .check(HealthCheckRequest {
             service: service.to_owned(),
@@ -66,19 +75,20 @@ async fn health(addr: &str, service: &str) -> ServingStatus {
 
 async fn assert_serves(client: &str, peer: &str) {
     for (addr, services) in [(client, CLIENT_SERVICES), (peer, PEER_SERVICES)] {
+        let is_peer = addr == peer;
         assert_eq!(
-            health(addr, "").await,
+            health(addr, is_peer, "").await,
             ServingStatus::Serving,
             "{addr} overall"
         );
-        let listed = list_services(addr).await;
+        let listed = list_services(addr, is_peer).await;
         for service in services {
             assert!(
                 listed.iter().any(|s| s == service),
                 "{addr} lists {service}: {listed:?}"
             );
             assert_eq!(
-                health(addr, service).await,
+                health(addr, is_peer, service).await,
                 ServingStatus::Serving,
                 "{service}"
             );
@@ -187,8 +197,13 @@ async fn client_connections_are_capped() {
     }
     {
         tracing::info!("a third connection is not served while two are open");
-        let third = tonic::transport::Channel::from_shared(format!("http://{client}"))
+        let third = tonic::transport::Channel::from_shared(format!("https://{client}"))
             .expect("uri")
+            .tls_config(
+                courier_tls::phone(&pki().join(courier_tls::dev::CA_FILE), "localhost")
+                    .expect("test CA"),
+            )
+            .expect("tls")
             .connect_lazy();
         let mut health = HealthClient::new(third);
         let waited = tokio::time::timeout(

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::cluster::{SHARDS, init, status, wait_converged, wait_leaders, with_limits};
-use crate::support::channel;
+use crate::support::{channel, peer_channel};
 
 /// A registered device.
 #[derive(Clone, Debug)]
@@ -854,7 +854,7 @@ async fn undelivered_messages_expire_on_every_replica() {
     }
     for node in &c.nodes {
         let mut admin = courier_proto::pb::peer::admin_client::AdminClient::new(
-            channel(&node.peer_addr.to_string()).await,
+            peer_channel(&node.peer_addr.to_string()).await,
         );
         let mut updates = admin
             .verify_projection(courier_proto::pb::peer::VerifyProjectionRequest {

@@ -18,6 +18,35 @@ use std::time::{Duration, Instant};
 #[path = "../../../jepsen-tests/src/node_config.rs"]
 mod node_config;
 
+/// Nodes the test PKI has certificates for (ids 1..=PKI_NODES).
+pub(crate) const PKI_NODES: u64 = 9;
+
+/// The development PKI every test node and client of this test process uses (made once, kept
+/// until the process exits): `courier_tls::dev` files for nodes 1..=[`PKI_NODES`], an operator
+/// and the client listener (localhost, 127.0.0.1).
+pub(crate) fn pki() -> &'static Path {
+    static PKI: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    PKI.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("courier-test-pki-")
+            .tempdir()
+            .expect("a directory for the test PKI");
+        let nodes: Vec<u64> = (1..=PKI_NODES).collect();
+        courier_tls::dev::generate(dir.path(), &courier_tls::dev::DevPki::local(&nodes))
+            .expect("test PKI");
+        dir
+    })
+    .path()
+}
+
+/// The TLS of a caller of the peer listener holding the certificate `name` of the test PKI
+/// (`operator`, `node-<id>`).
+pub(crate) fn peer_tls(name: &str) -> courier_tls::ClientTlsConfig {
+    courier_tls::PeerTls::load_dev(pki(), name)
+        .expect("test PKI files")
+        .client()
+}
+
 /// A config for node `id` listening on port 0 under `dir`.
 pub(crate) fn config_text(id: u64, dir: &Path) -> String {
     config_on_ports(id, dir, 0, 0)
@@ -42,6 +71,7 @@ pub(crate) fn config_on_ports(id: u64, dir: &Path, client: u16, peer: u16) -> St
         .set("metrics", "127.0.0.1:0")
         .set("log_format", "json")
         .set("log_level", "info")
+        .dev_tls(id, pki())
         .text()
 }
 
@@ -161,10 +191,27 @@ impl Drop for NodeProcess {
     }
 }
 
-/// A channel to `addr` (host:port).
+/// A phone's channel to a client listener at `addr` (host:port): TLS, trusting the test CA.
 pub(crate) async fn channel(addr: &str) -> tonic::transport::Channel {
-    tonic::transport::Channel::from_shared(format!("http://{addr}"))
+    let tls =
+        courier_tls::phone(&pki().join(courier_tls::dev::CA_FILE), "localhost").expect("test CA");
+    connect(addr, tls).await
+}
+
+/// An operator's channel to a peer listener at `addr` (host:port).
+pub(crate) async fn peer_channel(addr: &str) -> tonic::transport::Channel {
+    connect(addr, peer_tls(courier_tls::dev::OPERATOR)).await
+}
+
+/// A channel to `addr` with `tls`.
+pub(crate) async fn connect(
+    addr: &str,
+    tls: courier_tls::ClientTlsConfig,
+) -> tonic::transport::Channel {
+    tonic::transport::Channel::from_shared(format!("https://{addr}"))
         .expect("a valid uri")
+        .tls_config(tls)
+        .expect("tls config")
         .connect_timeout(Duration::from_secs(2))
         .connect()
         .await
@@ -182,9 +229,14 @@ fn ops_binary() -> PathBuf {
     path
 }
 
+/// Runs courier-ops with `args` as the test PKI's operator.
 pub(crate) fn ops(args: &[&str]) -> (i32, String, String) {
+    let (cert, key) = courier_tls::dev::files(pki(), courier_tls::dev::OPERATOR);
     let output = Command::new(ops_binary())
         .args(args)
+        .env("COURIER_CA", pki().join(courier_tls::dev::CA_FILE))
+        .env("COURIER_CERT", cert)
+        .env("COURIER_KEY", key)
         .output()
         .expect("run courier-ops");
     (
