@@ -624,6 +624,10 @@ async fn grow_to_four_and_shrink_back_while_writing() {
                 shard.shard
             );
         }
+        ForwardClient::new(connect(&peers[0], peer_tls("node-4")).await)
+            .typing(courier_proto::pb::peer::TypingRequest::default())
+            .await
+            .expect("a member's certificate is served");
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -664,6 +668,15 @@ async fn grow_to_four_and_shrink_back_while_writing() {
                 shard.shard
             );
         }
+        let removed = ForwardClient::new(connect(&peers[0], peer_tls("node-4")).await)
+            .typing(courier_proto::pb::peer::TypingRequest::default())
+            .await
+            .expect_err("a removed node's certificate is refused");
+        assert_eq!(
+            crate::messaging::code_of(&removed),
+            "COURIER:Peer:NotAMember",
+            "{removed:?}"
+        );
         let refused = AdminClient::new(peer_channel(&peers[0]).await)
             .remove_node(RemoveNodeRequest {
                 node_id: 3,

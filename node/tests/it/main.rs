@@ -6,5 +6,6 @@ mod contract;
 mod foundation;
 mod maintenance;
 mod messaging;
+mod security;
 mod support;
 mod traces;

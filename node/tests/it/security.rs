@@ -1,0 +1,335 @@
+//! The attacker of issue #20, on the same network as a three-node cluster: each door that was
+//! open is tried and must be shut. Goal: without the right certificate no peer RPC is served,
+//! a certificate cannot act beyond its role or as another node, and what a member node's
+//! certificate can still propose stops no replica. Method: real TLS listeners (in-process
+//! nodes); callers holding no certificate, another CA's, the client listener's, an operator's,
+//! a member node's and a stranger node's.
+
+use std::time::Duration;
+
+use courier_consensus::types::NodeId;
+use courier_proto::pb::peer::admin_client::AdminClient;
+use courier_proto::pb::peer::forward_client::ForwardClient;
+use courier_proto::pb::peer::raft_client::RaftClient;
+use courier_proto::pb::peer::{
+    BackupRequest, PresenceRequest, ProposeRequest, RaftRequest, ReadLogRequest, StatusRequest,
+    TransferLeaderRequest, TypingRequest, VerifyProjectionRequest, projection_job_update,
+};
+use courier_storage::testkit::Adversary;
+use courier_tls::{Certificate, ClientTlsConfig, Identity};
+use tonic::transport::Channel;
+
+use crate::cluster::{SHARDS, status, wait_converged};
+use crate::messaging::{cluster_configured, code_of};
+use crate::support::{connect, peer_channel, peer_tls, pki};
+
+/// A channel to `addr` with `tls` (`None`: plaintext), or why it could not be made.
+async fn try_channel(addr: &str, tls: Option<ClientTlsConfig>) -> Result<Channel, String> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = Channel::from_shared(format!("{scheme}://{addr}"))
+        .expect("uri")
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(5));
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls).expect("tls config");
+    }
+    endpoint
+        .connect()
+        .await
+        .map_err(|error| format!("connect: {error:?}"))
+}
+
+/// `Admin.Status` with `tls`: `Ok` only when it was served.
+async fn status_with(peer: &str, tls: Option<ClientTlsConfig>) -> Result<(), String> {
+    let channel = try_channel(peer, tls).await?;
+    AdminClient::new(channel)
+        .status(StatusRequest {})
+        .await
+        .map(|_| ())
+        .map_err(|status| format!("{status:?}"))
+}
+
+/// Trusts the test CA (so the node's certificate verifies) and presents `cert`/`key`.
+fn presenting(cert: &std::path::Path, key: &std::path::Path) -> ClientTlsConfig {
+    let read = |path: &std::path::Path| std::fs::read(path).expect("PEM file");
+    ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read(
+            &pki().join(courier_tls::dev::CA_FILE),
+        )))
+        .identity(Identity::from_pem(read(cert), read(key)))
+        .domain_name(courier_tls::NODE_SERVER_NAME)
+}
+
+fn assert_denied(result: Result<impl std::fmt::Debug, tonic::Status>, code: &str, what: &str) {
+    let status = result.expect_err(what);
+    assert_eq!(code_of(&status), code, "{what}: {status:?}");
+    assert!(
+        matches!(
+            status.code(),
+            tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+        ),
+        "{what}: {status:?}"
+    );
+}
+
+/// A vote request from `candidate` for group `group` (wire form).
+fn vote_from(candidate: NodeId) -> RaftRequest {
+    let vote: openraft::raft::VoteRequest<NodeId> = openraft::raft::VoteRequest::new(
+        openraft::Vote::new(99, candidate),
+        Some(openraft::LogId::new(
+            openraft::CommittedLeaderId::new(1, candidate),
+            1_000,
+        )),
+    );
+    RaftRequest {
+        group: Some(courier_consensus::network::group_to_wire(
+            courier_consensus::types::GroupId::Metadata,
+        )),
+        payload: postcard::to_stdvec(&vote).expect("encode"),
+    }
+}
+
+/// Unauthenticated, foreign-CA and role-less callers are refused before any RPC runs; plaintext
+/// reaches neither listener; the operator's certificate is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_certificates_from_the_cluster_ca_with_a_role_reach_the_peer_listener() {
+    let c = cluster_configured(&|text| text).await;
+    let peer = c.nodes[0].peer_addr.to_string();
+    let client = c.nodes[0].client_addr.to_string();
+    let ca = pki().join(courier_tls::dev::CA_FILE);
+
+    status_with(&peer, Some(peer_tls(courier_tls::dev::OPERATOR)))
+        .await
+        .expect("the operator's certificate is served");
+
+    let plaintext = status_with(&peer, None).await;
+    assert!(plaintext.is_err(), "plaintext peer call: {plaintext:?}");
+
+    let no_certificate = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(&ca).expect("CA")))
+        .domain_name(courier_tls::NODE_SERVER_NAME);
+    let anonymous = status_with(&peer, Some(no_certificate)).await;
+    assert!(anonymous.is_err(), "no client certificate: {anonymous:?}");
+
+    let other = tempfile::tempdir().expect("tempdir");
+    courier_tls::dev::generate(other.path(), &courier_tls::dev::DevPki::local(&[1]))
+        .expect("another CA");
+    let (cert, key) = courier_tls::dev::files(other.path(), "node-1");
+    let foreign = status_with(&peer, Some(presenting(&cert, &key))).await;
+    assert!(foreign.is_err(), "another CA's node 1: {foreign:?}");
+
+    // Signed by the cluster CA, but naming no role: the client listener's own certificate.
+    let (cert, key) = courier_tls::dev::files(pki(), courier_tls::dev::LISTENER);
+    let listener = try_channel(&peer, Some(presenting(&cert, &key)))
+        .await
+        .expect("the handshake succeeds: the CA signed it");
+    assert_denied(
+        ForwardClient::new(listener.clone())
+            .typing(TypingRequest::default())
+            .await,
+        "COURIER:Peer:NoCertificate",
+        "a certificate without a role calls Forward",
+    );
+    assert_denied(
+        AdminClient::new(listener).status(StatusRequest {}).await,
+        "COURIER:Peer:NoCertificate",
+        "a certificate without a role calls Admin",
+    );
+
+    let plaintext_client = try_channel(&client, None).await;
+    let refused = match plaintext_client {
+        Err(_) => true,
+        Ok(channel) => tonic_health::pb::health_client::HealthClient::new(channel)
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .is_err(),
+    };
+    assert!(refused, "a plaintext client connection is refused");
+    for node in c.nodes {
+        node.stop().await;
+    }
+}
+
+/// Each role does only its own part: an operator cannot forward or propose, a node cannot call
+/// the operator's Admin RPCs, a node cannot speak for another node, and a node that is not a
+/// member cannot call raft or forwarding at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_act_only_within_their_role() {
+    let c = cluster_configured(&|text| text).await;
+    let peer = c.nodes[0].peer_addr.to_string();
+    let backup = c.dirs[0].with_file_name("stolen");
+
+    let operator = peer_channel(&peer).await;
+    assert_denied(
+        ForwardClient::new(operator.clone())
+            .propose(ProposeRequest {
+                shard: 0,
+                events: Vec::new(),
+            })
+            .await,
+        "COURIER:Peer:NodeOnly",
+        "an operator proposes",
+    );
+    assert_denied(
+        RaftClient::new(operator).vote(vote_from(1)).await,
+        "COURIER:Peer:NodeOnly",
+        "an operator votes",
+    );
+
+    let node1 = connect(&peer, peer_tls("node-1")).await;
+    let mut admin = AdminClient::new(node1.clone());
+    assert_denied(
+        admin.status(StatusRequest {}).await,
+        "COURIER:Peer:OperatorOnly",
+        "a node reads status",
+    );
+    assert_denied(
+        admin.read_log(ReadLogRequest::default()).await,
+        "COURIER:Peer:OperatorOnly",
+        "a node reads the log",
+    );
+    assert_denied(
+        admin
+            .backup(BackupRequest {
+                dir: backup.display().to_string(),
+            })
+            .await,
+        "COURIER:Peer:OperatorOnly",
+        "a node writes a checkpoint",
+    );
+    assert!(!backup.exists(), "no checkpoint was written");
+    assert_denied(
+        admin
+            .transfer_leader(TransferLeaderRequest {
+                shard: 0,
+                to_node: 1,
+            })
+            .await,
+        "COURIER:Peer:OperatorOnly",
+        "a node moves a leader",
+    );
+    assert_denied(
+        admin
+            .verify_projection(VerifyProjectionRequest::default())
+            .await,
+        "COURIER:Peer:OperatorOnly",
+        "a node starts a verify",
+    );
+
+    let mut forward = ForwardClient::new(node1.clone());
+    assert_denied(
+        forward
+            .presence(PresenceRequest {
+                node_id: 2,
+                reports: Vec::new(),
+                query: Vec::new(),
+            })
+            .await,
+        "COURIER:Peer:WrongNode",
+        "node 1 reports presence as node 2",
+    );
+    forward
+        .presence(PresenceRequest {
+            node_id: 1,
+            reports: Vec::new(),
+            query: Vec::new(),
+        })
+        .await
+        .expect("node 1 reports as itself");
+    assert_denied(
+        RaftClient::new(node1).vote(vote_from(2)).await,
+        "COURIER:Peer:WrongNode",
+        "node 1 asks for votes as node 2",
+    );
+
+    // Node 9 has a certificate from the cluster CA but is not a member.
+    let stranger = connect(&peer, peer_tls("node-9")).await;
+    assert_denied(
+        RaftClient::new(stranger.clone()).vote(vote_from(9)).await,
+        "COURIER:Peer:NotAMember",
+        "a stranger node votes",
+    );
+    assert_denied(
+        ForwardClient::new(stranger)
+            .typing(TypingRequest::default())
+            .await,
+        "COURIER:Peer:NotAMember",
+        "a stranger node forwards",
+    );
+    for node in c.nodes {
+        node.stop().await;
+    }
+}
+
+/// A member node's certificate can still propose anything; arbitrary and adversarial events
+/// (unknown users and devices, acks past the tail, reads of other conversations, receipts going
+/// backwards, forwarded gaps, zero and malformed ids) are refused or applied the same way on
+/// every replica: no replica stops, every digest agrees, every projection verifies against a
+/// replay of its log, and each replica counts what it refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_event_batch_stops_no_replica() {
+    let panics = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    {
+        let panics = panics.clone();
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            panics.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            default(info);
+        }));
+    }
+    let c = cluster_configured(&|text| text).await;
+    let peers: Vec<String> = c.nodes.iter().map(|n| n.peer_addr.to_string()).collect();
+    let mut forward = ForwardClient::new(connect(&peers[0], peer_tls("node-1")).await);
+    for shard in 0..SHARDS {
+        let shard16 = courier_proto::ShardId::new(u16::try_from(shard).expect("small"));
+        let mut adversary = Adversary::new(shard16, u64::from(shard) + 7);
+        for payload in adversary.payloads(40, 6) {
+            forward
+                .propose(ProposeRequest {
+                    shard,
+                    events: payload.events,
+                })
+                .await
+                .expect("proposed: the node does not validate a peer's events, apply does");
+        }
+    }
+    wait_converged(&peers, Duration::from_secs(30)).await;
+    for peer in &peers {
+        let status = status(peer).await;
+        let invalid = status
+            .counters
+            .map_or(0, |counters| counters.invalid_events);
+        assert!(invalid > 0, "{peer} refused forged events: {invalid}");
+        let mut admin = AdminClient::new(peer_channel(peer).await);
+        for shard in 0..SHARDS {
+            let mut updates = admin
+                .verify_projection(VerifyProjectionRequest {
+                    shard,
+                    projection: String::new(),
+                })
+                .await
+                .expect("verify")
+                .into_inner();
+            let mut verified = None;
+            while let Some(update) = updates.message().await.expect("stream") {
+                if let Some(projection_job_update::Update::Verified(result)) = update.update {
+                    verified = Some(result);
+                }
+            }
+            let verified = verified.expect("a result");
+            assert!(
+                verified.mismatches.is_empty(),
+                "{peer} shard {shard}: {:?}",
+                verified.mismatches
+            );
+        }
+    }
+    assert_eq!(
+        panics.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "no task panicked (a release build would have aborted)"
+    );
+    for node in c.nodes {
+        node.stop().await;
+    }
+}
