@@ -24,6 +24,8 @@
 pub mod bugs;
 pub mod cf;
 pub mod db;
+#[cfg(test)]
+mod decode_fuzz_test;
 pub mod error;
 pub mod keys;
 pub mod kv;
