@@ -1,7 +1,9 @@
 //! The client listener with a cap on concurrent connections (`limits.connections-max`).
 //!
-//! Each accepted connection holds a semaphore permit until it closes; at the cap the node stops
-//! accepting, and further connections wait in the kernel's (bounded) backlog, as mini-redis does.
+//! Each accepted connection holds a semaphore permit until it closes. At the cap a new
+//! connection is accepted and closed at once, so its client fails fast and can try another node
+//! (waiting in the kernel's backlog instead, it would hang until its own timeout). Refusals are
+//! counted (`courier_connections_refused_total`).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -68,26 +70,36 @@ impl AsyncWrite for PermittedStream {
     }
 }
 
-/// Accepts connections from `listener`, at most `max` open at once.
+/// Accepts connections from `listener`, at most `max` open at once; one more is closed at
+/// once and counted in `refused`.
 pub fn limited(
     listener: TcpListener,
     max: u32,
+    refused: prometheus_client::metrics::counter::Counter,
 ) -> impl Stream<Item = std::io::Result<PermittedStream>> {
     let permits = Arc::new(Semaphore::new(usize::try_from(max).unwrap_or(usize::MAX)));
-    futures_util::stream::unfold((listener, permits), |(listener, permits)| async move {
-        // We never close the semaphore, so acquiring cannot fail.
-        let permit = permits
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("semaphore is never closed");
-        let accepted = listener.accept().await.map(|(inner, _)| {
-            let _ = inner.set_nodelay(true);
-            PermittedStream {
-                inner,
-                _permit: permit,
-            }
-        });
-        Some((accepted, (listener, permits)))
-    })
+    futures_util::stream::unfold(
+        (listener, permits, refused),
+        |(listener, permits, refused)| async move {
+            let accepted = loop {
+                let (inner, peer) = match listener.accept().await {
+                    Ok(accepted) => accepted,
+                    Err(error) => break Err(error),
+                };
+                // Never closed, so `try_acquire` fails only at the cap.
+                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    refused.inc();
+                    tracing::debug!(%peer, "connection refused: at the connection cap");
+                    drop(inner);
+                    continue;
+                };
+                let _ = inner.set_nodelay(true);
+                break Ok(PermittedStream {
+                    inner,
+                    _permit: permit,
+                });
+            };
+            Some((accepted, (listener, permits, refused)))
+        },
+    )
 }

@@ -70,6 +70,11 @@ struct OutcomeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabel {
+    listener: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ShardLabel {
     shard: u32,
 }
@@ -83,6 +88,7 @@ pub struct Metrics {
     send_to_stream: Histogram,
     live_streams: Gauge,
     leader_changes: Family<ShardLabel, Counter>,
+    connections_refused: Family<ListenerLabel, Counter>,
 }
 
 impl Metrics {
@@ -120,6 +126,12 @@ impl Metrics {
             "Changes of a shard's known leader seen by this node (sampled every 250 ms)",
             leader_changes.clone(),
         );
+        let connections_refused = Family::<ListenerLabel, Counter>::default();
+        registry.register(
+            "courier_connections_refused",
+            "Connections closed at once because the listener was at its connection cap",
+            connections_refused.clone(),
+        );
         registry.register_collector(Box::new(ShardCollector { cluster }));
         Arc::new(Self {
             registry,
@@ -128,7 +140,15 @@ impl Metrics {
             send_to_stream,
             live_streams,
             leader_changes,
+            connections_refused,
         })
+    }
+
+    /// The counter of connections `listener` (`"client"`, `"peer"`) refused at its cap.
+    pub fn connections_refused(&self, listener: &'static str) -> Counter {
+        self.connections_refused
+            .get_or_create(&ListenerLabel { listener })
+            .clone()
     }
 
     /// Counts one answered `Send`.

@@ -131,6 +131,10 @@ pub struct Limits {
     pub forward_batches_in_flight: u32,
     /// Device and recipient checks remembered per node.
     pub device_cache_entries: u32,
+    /// HTTP/2 keepalive interval on client connections.
+    pub keepalive_interval: std::time::Duration,
+    /// Unanswered keepalive deadline.
+    pub keepalive_timeout: std::time::Duration,
     /// Code requests per phone number per hour.
     pub code_requests_per_hour_per_phone: u32,
     /// Code request burst per phone number.

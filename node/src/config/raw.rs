@@ -92,6 +92,12 @@ pub struct LimitsRaw {
     /// device change is applied here. Default 65536; when full, the cache starts over.
     #[serde(default = "defaults::device_cache")]
     pub device_cache_entries: u32,
+    /// HTTP/2 keepalive pings on client connections: every this long. Default `"30s"`.
+    #[serde(default = "defaults::keepalive_interval")]
+    pub keepalive_interval: HumanDuration,
+    /// A client connection whose ping goes unanswered this long is closed. Default `"10s"`.
+    #[serde(default = "defaults::keepalive_timeout")]
+    pub keepalive_timeout: HumanDuration,
     /// Registration codes a phone number may request per hour (token bucket rate). Default 10.
     #[serde(default = "defaults::code_rate")]
     pub code_requests_per_hour_per_phone: u32,
@@ -308,6 +314,12 @@ mod defaults {
     }
     pub(super) fn device_cache() -> u32 {
         65_536
+    }
+    pub(super) fn keepalive_interval() -> HumanDuration {
+        HumanDuration(Duration::from_secs(30))
+    }
+    pub(super) fn keepalive_timeout() -> HumanDuration {
+        HumanDuration(Duration::from_secs(10))
     }
     pub(super) fn forward_in_flight() -> u32 {
         8

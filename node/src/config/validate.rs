@@ -188,6 +188,14 @@ fn validate_limits(l: &LimitsRaw) -> Result<Limits, ConfigError> {
         l.forward_batches_in_flight,
     )?;
     nonzero("limits.device-cache-entries", l.device_cache_entries)?;
+    for (name, value) in [
+        ("limits.keepalive-interval", l.keepalive_interval.0),
+        ("limits.keepalive-timeout", l.keepalive_timeout.0),
+    ] {
+        if value.is_zero() {
+            return Err(ConfigError::ZeroLimit { name });
+        }
+    }
     nonzero(
         "limits.code-requests-per-hour-per-phone",
         l.code_requests_per_hour_per_phone,
@@ -216,6 +224,8 @@ fn validate_limits(l: &LimitsRaw) -> Result<Limits, ConfigError> {
         stream_buffer_frames: l.stream_buffer_frames,
         forward_batches_in_flight: l.forward_batches_in_flight,
         device_cache_entries: l.device_cache_entries,
+        keepalive_interval: l.keepalive_interval.0,
+        keepalive_timeout: l.keepalive_timeout.0,
         code_requests_per_hour_per_phone: l.code_requests_per_hour_per_phone,
         code_request_burst_per_phone: l.code_request_burst_per_phone,
         register_attempts_per_hour_per_phone: l.register_attempts_per_hour_per_phone,

@@ -222,6 +222,7 @@ pub async fn start_in(config: Config, environment: Environment) -> Result<NodeHa
         shutdown: &shutdown,
         errors: &error_tx,
         db: &db,
+        metrics: &metrics,
     };
     serving.serve(&config, listeners, client_router, peer_router);
     spawn_background(

@@ -102,6 +102,7 @@ pub(super) struct Serving<'a> {
     pub(super) shutdown: &'a CancellationToken,
     pub(super) errors: &'a tokio::sync::mpsc::Sender<ServerError>,
     pub(super) db: &'a Arc<Db>,
+    pub(super) metrics: &'a crate::metrics::Metrics,
 }
 
 impl Serving<'_> {
@@ -117,12 +118,20 @@ impl Serving<'_> {
         match listeners {
             Listeners::Tcp { client, peer } => {
                 let connections_max = config.limits.connections_max;
-                let client = crate::listener::limited(client, connections_max);
+                let client = crate::listener::limited(
+                    client,
+                    connections_max,
+                    self.metrics.connections_refused("client"),
+                );
                 self.spawn("client", client_router, client);
                 self.spawn(
                     "peer",
                     peer_router,
-                    crate::listener::limited(peer, PEER_CONNECTIONS_MAX),
+                    crate::listener::limited(
+                        peer,
+                        PEER_CONNECTIONS_MAX,
+                        self.metrics.connections_refused("peer"),
+                    ),
                 );
             }
             Listeners::Provided { client, peer } => {
@@ -207,6 +216,8 @@ pub(super) async fn client_router(
         builder = builder.tls_config(tls)?;
     }
     Ok(builder
+        .http2_keepalive_interval(Some(config.limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(config.limits.keepalive_timeout))
         .concurrency_limit_per_connection(
             usize::try_from(config.limits.streams_per_connection_max).unwrap_or(usize::MAX),
         )

@@ -171,8 +171,8 @@ async fn three_node_processes_serve_and_stop_on_sigterm() {
     assert!(parsed.get("level").is_some(), "{first}");
 }
 
-/// The client listener holds at most `limits.connections-max` connections: a third client waits
-/// while two are open and is served once one closes.
+/// The client listener holds at most `limits.connections-max` connections: a third client is
+/// refused at once (not left waiting) while two are open, and is served once one closes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_connections_are_capped() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -196,7 +196,7 @@ async fn client_connections_are_capped() {
         held.push(health);
     }
     {
-        tracing::info!("a third connection is not served while two are open");
+        tracing::info!("a third connection is refused at once while two are open");
         let third = tonic::transport::Channel::from_shared(format!("https://{client}"))
             .expect("uri")
             .tls_config(
@@ -207,32 +207,49 @@ async fn client_connections_are_capped() {
             .connect_lazy();
         let mut health = HealthClient::new(third);
         let waited = tokio::time::timeout(
-            Duration::from_millis(700),
+            Duration::from_secs(5),
             health.check(HealthCheckRequest {
                 service: String::new(),
             }),
         )
         .await;
         assert!(
-            waited.is_err() || waited.is_ok_and(|r| r.is_err()),
-            "the third connection was served at the cap"
+            waited.as_ref().is_ok_and(Result::is_err),
+            "the third connection was refused at once, not served or left waiting: {waited:?}"
+        );
+        let metrics = crate::support::scrape(node.metrics_addr.expect("metrics")).await;
+        assert!(
+            metrics.lines().any(|line| line
+                .starts_with("courier_connections_refused_total{listener=\"client\"}")
+                && !line.ends_with(" 0")),
+            "the refusal is counted: {metrics}"
         );
     }
     {
         tracing::info!("once the two close, a new connection is served");
         drop(held);
-        let mut health = HealthClient::new(channel(&client).await);
-        let answered = tokio::time::timeout(
-            Duration::from_secs(10),
-            health.check(HealthCheckRequest {
-                service: String::new(),
-            }),
-        )
-        .await;
-        assert!(
-            answered.is_ok_and(|r| r.is_ok()),
-            "served after connections closed"
-        );
+        // The server frees a connection's slot when it sees the close, a moment after the
+        // client's: a client refused meanwhile tries again, as any client would.
+        let started = std::time::Instant::now();
+        loop {
+            let served = match crate::support::try_connect(&client).await {
+                Ok(channel) => HealthClient::new(channel)
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                    .is_ok(),
+                Err(_) => false,
+            };
+            if served {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "served after connections closed"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
     node.stop().await;
 }

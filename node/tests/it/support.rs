@@ -198,6 +198,20 @@ pub(crate) async fn channel(addr: &str) -> tonic::transport::Channel {
     connect(addr, tls).await
 }
 
+/// A phone's channel to a client listener at `addr`, or the connection error.
+pub(crate) async fn try_connect(
+    addr: &str,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let tls =
+        courier_tls::phone(&pki().join(courier_tls::dev::CA_FILE), "localhost").expect("test CA");
+    tonic::transport::Channel::from_shared(format!("https://{addr}"))
+        .expect("a valid uri")
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+}
+
 /// An operator's channel to a peer listener at `addr` (host:port).
 pub(crate) async fn peer_channel(addr: &str) -> tonic::transport::Channel {
     connect(addr, peer_tls(courier_tls::dev::OPERATOR)).await
