@@ -139,6 +139,20 @@ impl ChannelPool {
         Some(channel)
     }
 
+    /// Connects the channel to each of `addrs` that is not connected yet (and checks those that
+    /// are), one after another, each bounded by the connect timeout. A node keeps its channels
+    /// to every member warm this way, so that the first call to a new leader after a failover
+    /// does not wait for a connection and its TLS handshake.
+    pub async fn warm(&self, addrs: impl IntoIterator<Item = String>) {
+        for addr in addrs {
+            let Some(channel) = self.channel(&addr) else {
+                continue;
+            };
+            let mut grpc = tonic::client::Grpc::new(channel);
+            let _ = tokio::time::timeout(self.connect_timeout, grpc.ready()).await;
+        }
+    }
+
     /// Counts one call made over this pool's channels (every raft RPC and every node-to-node
     /// request; `Admin.Status`'s `peer_calls`).
     pub fn note_call(&self) {

@@ -76,7 +76,8 @@ pub struct Batch {
 /// inbox or receipt feed changed, and whether the outbox changed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Touched {
-    /// Users whose inbox (messages, state) or receipts (status, feed) changed, in order, once each.
+    /// Users whose inbox (messages, state), receipts (status, feed) or devices changed, in
+    /// order, once each.
     pub users: Vec<UserId>,
     /// The outbox changed (an entry queued or trimmed).
     pub outbox: bool,
@@ -96,7 +97,13 @@ impl Touched {
                     }
                 }
                 Cf::Projection(Projection::Outbox) => touched.outbox = true,
-                Cf::Projection(Projection::Devices) => touched.devices = true,
+                Cf::Projection(Projection::Devices) => {
+                    touched.devices = true;
+                    // The device's own streams wake and see it revoked.
+                    if let Some(user) = keys::device_record_user(key) {
+                        touched.users.push(user);
+                    }
+                }
                 _ => {}
             }
         }

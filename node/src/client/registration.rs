@@ -181,14 +181,26 @@ impl ClientApi {
         })
     }
 
+    /// Registers a device of `user` (a primary with the number's hash `phone`, or a companion),
+    /// revoking `revoke` in the same log entry.
     async fn register_device(
         &self,
         user: UserId,
         phone: Option<Vec<u8>>,
         primary: bool,
+        revoke: &[u32],
     ) -> Result<RegisterResponse, ApiError> {
         let token: [u8; limits::DEVICE_TOKEN_BYTES] = crate::env::random_bytes();
         let mut events = Vec::new();
+        for device in revoke {
+            events.push(Event {
+                kind: Some(Kind::DeviceRevoked(events::DeviceRevoked {
+                    user: user.get(),
+                    device: *device,
+                    at_ms: now_ms(),
+                })),
+            });
+        }
         if let Some(phone_hash) = phone {
             events.push(Event {
                 kind: Some(Kind::UserRegistered(events::UserRegistered {
@@ -241,7 +253,11 @@ impl ClientApi {
         }
     }
 
-    /// `Register`: a new primary device for the number; the previous primary is revoked.
+    /// `Register`: a new primary device for the number; the previous primary is revoked (by the
+    /// devices projection) and so is every companion linked to it (revocations proposed in the
+    /// same entry), so that a new owner of a number inherits no one's linked devices. A companion
+    /// linked while this registration is in flight is not in that list: the primary that linked
+    /// it can revoke it.
     ///
     /// # Errors
     /// `INVALID_ARGUMENT` for malformed input, `UNAUTHENTICATED` for a wrong or expired code,
@@ -251,7 +267,14 @@ impl ClientApi {
         let phone = phone_hash(&command.phone);
         self.register_limiter.take(&phone)?;
         self.codes.check(&phone, &command.code)?;
-        self.register_device(user_of_phone(&command.phone), Some(phone), true)
+        let user = user_of_phone(&command.phone);
+        let companions: Vec<u32> = self
+            .devices(user)?
+            .iter()
+            .filter(|device| !device.primary && !device.revoked)
+            .map(|device| device.device_id)
+            .collect();
+        self.register_device(user, Some(phone), true, &companions)
             .await
     }
 
@@ -277,7 +300,7 @@ impl ClientApi {
                 message: format!("a user links at most {max} companion devices"),
             });
         }
-        self.register_device(caller.user, None, false).await
+        self.register_device(caller.user, None, false, &[]).await
     }
 
     pub(crate) fn devices(&self, user: UserId) -> Result<Vec<DeviceInfo>, ApiError> {

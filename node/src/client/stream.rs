@@ -132,12 +132,20 @@ impl ClientApi {
         // The first pass sends the backlog; what later passes find arrived while the device was
         // connected, and its send-to-push time is the live delivery latency.
         let mut live = false;
+        // The device was valid when the stream opened, at this devices epoch.
+        let mut device_checked_at = self.cluster.groups().watch().devices_epoch();
         loop {
             // Registered before reading, so an apply between the read and the wait still wakes us.
             let applied = watch.notified();
             tokio::pin!(applied);
             applied.as_mut().enable();
             self.cluster.passes().pusher();
+            if !self
+                .still_active(shard, caller, &mut device_checked_at, &tx)
+                .await
+            {
+                return;
+            }
             let page = self.read(shard, |view| {
                 let tail = inbox::tail(view, caller.user)?;
                 let up_to = InboxSeq::new(
@@ -177,18 +185,7 @@ impl ClientApi {
                         .pushed_live(now_ms().saturating_sub(entry.sent_at_ms));
                 }
                 let trace_parent = std::mem::take(&mut entry.trace_parent);
-                let frame = ServerFrame {
-                    frame: Some(server_frame::Frame::Message(InboxMessage {
-                        seq: seq.get(),
-                        message_id: entry.message_id,
-                        sender_user: entry.sender_user,
-                        sender_device: entry.sender_device,
-                        conversation: entry.conversation,
-                        content: entry.content,
-                        sent_at_ms: entry.sent_at_ms,
-                        stored_at_ms: entry.stored_at_ms,
-                    })),
-                };
+                let frame = message_frame(seq, entry);
                 // Backpressure: a slow device holds the pusher here; nothing else buffers.
                 let span = tracing::info_span!(
                     "stream.push",
@@ -222,6 +219,52 @@ impl ClientApi {
                 () = tokio::time::sleep(GROUP_CONTENT_RETRY), if stalled => {}
             }
         }
+    }
+
+    /// Whether the stream of `caller` goes on. A device change applied here since the last
+    /// check (`checked_at`: a revocation, a re-registration of the number) may have revoked this
+    /// device: then the stream ends with `UNAUTHENTICATED` `COURIER:Auth:Revoked`. The change
+    /// touches the user, so it wakes the stream.
+    async fn still_active(
+        &self,
+        shard: courier_proto::ShardId,
+        caller: Caller,
+        checked_at: &mut u64,
+        tx: &mpsc::Sender<Result<ServerFrame, Status>>,
+    ) -> bool {
+        let epoch = self.cluster.groups().watch().devices_epoch();
+        if epoch == *checked_at {
+            return true;
+        }
+        if self.device_active(shard, caller) {
+            *checked_at = epoch;
+            return true;
+        }
+        tracing::info!(
+            user = caller.user.get(),
+            device = caller.device.get(),
+            "device revoked: its stream closes"
+        );
+        let _ = tx
+            .send(Err(ApiError::Unauthenticated {
+                code: "COURIER:Auth:Revoked",
+                message: "this device was revoked".to_owned(),
+            }
+            .into()))
+            .await;
+        false
+    }
+
+    /// Whether `caller`'s device is registered and not revoked on this replica (a read fault
+    /// counts as active: the stream's next read fails and closes it anyway).
+    fn device_active(&self, shard: courier_proto::ShardId, caller: Caller) -> bool {
+        self.read(shard, |view| {
+            let devices = courier_storage::projection::devices::devices_of(view, caller.user)?;
+            Ok(devices
+                .into_iter()
+                .any(|(id, record)| id == caller.device.get() && !record.revoked))
+        })
+        .unwrap_or(true)
     }
 
     /// The one stored copy of a group message an inbox entry points at (on the group's shard,
@@ -377,6 +420,22 @@ impl ClientApi {
         }
         let cluster = self.cluster.clone();
         tokio::spawn(async move { cluster.broadcast_typing(to_users, update).await });
+    }
+}
+
+/// The frame that pushes inbox entry `seq`.
+fn message_frame(seq: InboxSeq, entry: courier_proto::pb::store::InboxEntry) -> ServerFrame {
+    ServerFrame {
+        frame: Some(server_frame::Frame::Message(InboxMessage {
+            seq: seq.get(),
+            message_id: entry.message_id,
+            sender_user: entry.sender_user,
+            sender_device: entry.sender_device,
+            conversation: entry.conversation,
+            content: entry.content,
+            sent_at_ms: entry.sent_at_ms,
+            stored_at_ms: entry.stored_at_ms,
+        })),
     }
 }
 

@@ -39,7 +39,7 @@ use courier_storage::Db;
 
 pub use edge::{Edge, run_reporter};
 pub use membership::VOTERS_MIN;
-pub use peer::was_forwarded;
+pub use peer::{keep_warm, was_forwarded};
 pub use read::{READ_WAIT, ReadConsistency};
 pub use status::Passes;
 pub use wire::outcome_to_wire;

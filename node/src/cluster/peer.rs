@@ -71,6 +71,33 @@ impl PeerClient {
     }
 }
 
+/// How often a node checks its channels to the other members.
+const WARM_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Keeps this node's channels to every other member of the cluster connected (see
+/// [`ChannelPool::warm`]) until `shutdown`.
+pub async fn keep_warm(cluster: super::Cluster, shutdown: tokio_util::sync::CancellationToken) {
+    let groups = cluster.groups().clone();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(WARM_INTERVAL) => {}
+        }
+        let Some(metadata) = groups.get(courier_consensus::types::GroupId::Metadata) else {
+            continue;
+        };
+        let me = groups.node_id();
+        let others: Vec<String> = metadata
+            .state()
+            .members
+            .into_iter()
+            .filter(|(id, _)| *id != me)
+            .map(|(_, addr)| addr)
+            .collect();
+        groups.pool().warm(others).await;
+    }
+}
+
 /// Whether a request already took its one forwarding hop.
 pub fn was_forwarded(metadata: &tonic::metadata::MetadataMap) -> bool {
     metadata.contains_key(FORWARDED_KEY)

@@ -350,6 +350,11 @@ fn spawn_background(
     {
         let cluster = cluster.clone();
         let shutdown = shutdown.clone();
+        tasks.spawn(async move { crate::cluster::keep_warm(cluster, shutdown).await });
+    }
+    {
+        let cluster = cluster.clone();
+        let shutdown = shutdown.clone();
         tasks.spawn(async move {
             crate::cluster::run_reporter(cluster, presence_reports, shutdown).await;
         });

@@ -71,7 +71,7 @@ pub(crate) async fn register(client_addr: &str, data_dir: &std::path::Path, phon
 }
 
 /// Links a companion device ("tablet") for `primary`'s user through the node at `addr`.
-async fn link_tablet(addr: &str, primary: &Device) -> Device {
+pub(crate) async fn link_tablet(addr: &str, primary: &Device) -> Device {
     let response = RegistrationClient::new(channel(addr).await)
         .link_device(authed(
             primary,

@@ -333,3 +333,66 @@ async fn a_forged_event_batch_stops_no_replica() {
         node.stop().await;
     }
 }
+
+/// A device revoked by a re-registration of its number (done through node 1) loses its open
+/// stream on node 2 within a second, with `COURIER:Auth:Revoked`; its companion, linked before,
+/// is revoked by the same registration: a new owner of the number inherits no linked device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn re_registration_closes_streams_and_revokes_companions() {
+    use crate::messaging::{authed, link_tablet, open_stream, register};
+    use courier_proto::pb::client::ListDevicesRequest;
+    use courier_proto::pb::client::messaging_client::MessagingClient;
+    use courier_proto::pb::client::registration_client::RegistrationClient;
+
+    let c = cluster_configured(&|text| text).await;
+    let node1 = c.nodes[0].client_addr.to_string();
+    let node2 = c.nodes[1].client_addr.to_string();
+    let phone = "+15550001234";
+    let phone_owner = register(&node1, &c.dirs[0], phone).await;
+    let tablet = link_tablet(&node1, &phone_owner).await;
+    c.wait_converged().await;
+    let mut stream = open_stream(&node2, &phone_owner, 0).await;
+    let mut tablet_stream = open_stream(&node2, &tablet, 0).await;
+
+    let new_owner = register(&node1, &c.dirs[0], phone).await;
+    assert_eq!(new_owner.user, phone_owner.user);
+    for (name, stream) in [("primary", &mut stream), ("companion", &mut tablet_stream)] {
+        let closed = tokio::time::timeout(Duration::from_secs(1), async {
+            loop {
+                match stream.frames.message().await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => break None,
+                    Err(status) => break Some(status),
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("the revoked {name}'s stream was still open after 1 s"));
+        let status = closed.unwrap_or_else(|| panic!("the {name}'s stream ended without a status"));
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+        assert_eq!(code_of(&status), "COURIER:Auth:Revoked", "{status:?}");
+    }
+    let devices = RegistrationClient::new(crate::support::channel(&node1).await)
+        .list_devices(authed(&new_owner, ListDevicesRequest {}))
+        .await
+        .expect("the new owner lists devices")
+        .into_inner()
+        .devices;
+    let active: Vec<u32> = devices
+        .iter()
+        .filter(|device| !device.revoked)
+        .map(|device| device.device_id)
+        .collect();
+    assert_eq!(active, vec![new_owner.device], "{devices:?}");
+    let refused = MessagingClient::new(crate::support::channel(&node2).await)
+        .list_conversations(authed(
+            &tablet,
+            courier_proto::pb::client::ListConversationsRequest::default(),
+        ))
+        .await
+        .expect_err("the old companion's token is refused");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    for node in c.nodes {
+        node.stop().await;
+    }
+}

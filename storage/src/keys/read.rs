@@ -136,6 +136,14 @@ pub fn device_record_device(key: &[u8]) -> Option<u32> {
     key.end(device)
 }
 
+/// The user of a devices-family key that is a [`device_record`](super::device_record) key.
+pub fn device_record_user(key: &[u8]) -> Option<UserId> {
+    if key.get(2) != Some(&super::tag::TERTIARY) || device_record_device(key).is_none() {
+        return None;
+    }
+    super::user_after_tag(key)
+}
+
 /// Decodes the member of a [`group_member`](super::group_member) key.
 pub fn group_member_user(key: &[u8]) -> Option<UserId> {
     let mut key = KeyReader::after(key, ID_PREFIX_BYTES)?;

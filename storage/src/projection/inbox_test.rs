@@ -260,3 +260,46 @@ fn same_shard_send_stores_once() {
     assert_eq!(entry.message_id, vec![1; 16], "the first send's message");
     assert_eq!(entry.stored_at_ms, 5, "stored when it was sent");
 }
+
+/// A batch names the users whose device records it changed (their streams re-check the device),
+/// and never a user read out of a phone-hash key.
+#[test]
+fn device_changes_touch_their_user() {
+    let kv = MemKv::default();
+    let state = ShardState::empty(SHARD);
+    let registered = |user: u64, phone: u8| {
+        vec![
+            Kind::UserRegistered(events::UserRegistered {
+                user,
+                phone_hash: vec![phone; 16],
+                at_ms: 1,
+            }),
+            Kind::DeviceRegistered(events::DeviceRegistered {
+                user,
+                device: 0,
+                token_hash: vec![1; 32],
+                primary: true,
+                at_ms: 1,
+            }),
+        ]
+    };
+    let payload = events::EntryPayload {
+        format_version: courier_proto::FORMAT_VERSION,
+        events: registered(7, 0xff)
+            .into_iter()
+            .map(|kind| events::Event { kind: Some(kind) })
+            .collect(),
+    };
+    let batch = state
+        .apply_batch(
+            &kv,
+            &[crate::shard::Committed {
+                index: LogIndex::new(1),
+                payload: Some(&payload),
+            }],
+            Vec::new(),
+        )
+        .expect("memory");
+    assert!(batch.touched.devices);
+    assert_eq!(batch.touched.users, vec![UserId::new(7).expect("nonzero")]);
+}
