@@ -180,9 +180,9 @@ impl Messaging for ClientApi {
         &self,
         request: Request<GetPresenceRequest>,
     ) -> Result<Response<GetPresenceResponse>, Status> {
-        self.authenticate(request.metadata())?;
+        let caller = self.authenticate(request.metadata())?;
         Ok(Response::new(
-            ClientApi::get_presence(self, request.into_inner()).await?,
+            ClientApi::get_presence(self, caller, request.into_inner()).await?,
         ))
     }
 }
@@ -247,6 +247,7 @@ pub struct PeerApi {
     live: std::sync::Arc<crate::client::live::LiveStreams>,
     jobs: crate::maintenance::Jobs,
     auth: PeerAuth,
+    backup_root: std::path::PathBuf,
 }
 
 impl PeerApi {
@@ -256,12 +257,14 @@ impl PeerApi {
         live: std::sync::Arc<crate::client::live::LiveStreams>,
         jobs: crate::maintenance::Jobs,
         auth: PeerAuth,
+        backup_root: std::path::PathBuf,
     ) -> Self {
         Self {
             cluster,
             live,
             jobs,
             auth,
+            backup_root,
         }
     }
 }
@@ -409,7 +412,8 @@ impl Admin for PeerApi {
     ) -> Result<Response<BackupResponse>, Status> {
         self.auth.check(&request, Allowed::Operators)?;
         Ok(Response::new(
-            self.cluster.backup(&request.into_inner().dir)?,
+            self.cluster
+                .backup(&self.backup_root, &request.into_inner().dir)?,
         ))
     }
 

@@ -1,7 +1,6 @@
 //! Sending 1:1 messages, receipt lookups and the conversation list.
 
 use courier_consensus::types::EventOutcome;
-use courier_proto::ConversationId;
 use courier_proto::convert::messaging::{SendCommand, receipt_lookup};
 use courier_proto::pb::client::{
     ConversationSummary, GetPresenceRequest, GetPresenceResponse, GetReceiptsRequest,
@@ -9,6 +8,7 @@ use courier_proto::pb::client::{
     SendResponse,
 };
 use courier_proto::pb::events;
+use courier_proto::{ConversationId, GroupId, UserId};
 use courier_storage::projection::{devices, readstate, receipts};
 
 use super::send::{Proposed, unexpected};
@@ -130,7 +130,7 @@ impl ClientApi {
         let shard = match group {
             0 => self.shard_of(caller.user)?,
             raw => courier_proto::shard_of_group(
-                courier_proto::GroupId::from_wire(raw, "group_id")?,
+                GroupId::from_wire(raw, "group_id")?,
                 self.shard_count()?,
             ),
         };
@@ -185,15 +185,66 @@ impl ClientApi {
 }
 
 impl ClientApi {
-    /// `GetPresence`: each user's online state and last seen, from their shard leaders.
+    /// Whether `caller` may see `other`'s presence: one received a 1:1 message from the other,
+    /// or both are members of one group (`caller_groups`: the caller's groups, read once per
+    /// request). Read on this node's replicas.
     ///
     /// # Errors
+    /// A storage fault.
+    fn shares_with(
+        &self,
+        caller: UserId,
+        other: UserId,
+        caller_groups: &mut Option<Vec<GroupId>>,
+    ) -> Result<bool, ApiError> {
+        use courier_storage::projection::groups;
+        if caller == other {
+            return Ok(true);
+        }
+        let received = |user: UserId, from: UserId| {
+            self.read(self.shard_of(user)?, |view| {
+                Ok(readstate::get(view, user, ConversationId::Direct(from))?.count > 0)
+            })
+        };
+        if received(caller, other)? || received(other, caller)? {
+            return Ok(true);
+        }
+        if caller_groups.is_none() {
+            let mut ids = Vec::new();
+            for shard in 0..self.shard_count()? {
+                ids.extend(self.read(courier_proto::ShardId::new(shard), |view| {
+                    groups::groups_of(view, caller)
+                })?);
+            }
+            *caller_groups = Some(ids);
+        }
+        for group in caller_groups.iter().flatten() {
+            let shard = self.group_shard(*group)?;
+            if self
+                .read(shard, |view| groups::member(view, *group, other))?
+                .is_some()
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// `GetPresence`: each user's online state and last seen, from their shard leaders, for the
+    /// users who share a 1:1 conversation or a group with the caller; the others are left out of
+    /// the answer (a stranger's presence is not told).
+    ///
+    /// # Errors
+    /// `RESOURCE_EXHAUSTED` past `limits.presence-lookups-per-second-per-device`;
     /// `INVALID_ARGUMENT` for 0 or more than 100 users or a zero id; `UNAVAILABLE` when a shard
     /// has no leader.
     pub async fn get_presence(
         &self,
+        caller: Caller,
         request: GetPresenceRequest,
     ) -> Result<GetPresenceResponse, ApiError> {
+        self.presence_limiter
+            .take(&(caller.user.get(), caller.device.get()))?;
         let max = courier_proto::limits::PRESENCE_LOOKUP_USERS_MAX;
         if request.users.is_empty() || request.users.len() > max {
             return Err(ApiError::Wire(courier_proto::WireError::OutOfRange {
@@ -205,8 +256,12 @@ impl ClientApi {
         }
         let mut by_shard: std::collections::BTreeMap<u16, Vec<u64>> =
             std::collections::BTreeMap::new();
+        let mut caller_groups = None;
         for &user in &request.users {
-            let id = courier_proto::UserId::from_wire(user, "users")?;
+            let id = UserId::from_wire(user, "users")?;
+            if !self.shares_with(caller.user, id, &mut caller_groups)? {
+                continue; // a stranger's presence is not answered
+            }
             by_shard
                 .entry(self.shard_of(id)?.get())
                 .or_default()

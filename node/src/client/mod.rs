@@ -41,6 +41,8 @@ pub struct ClientApi {
     pub(crate) send_limiter: Arc<rate::SendLimiter>,
     pub(crate) live: Arc<live::LiveStreams>,
     pub(crate) typing_limiter: Arc<rate::SendLimiter>,
+    /// Presence lookups per device.
+    pub(crate) presence_limiter: Arc<rate::SendLimiter>,
     pub(crate) code_limiter: Arc<rate::PhoneLimiter>,
     pub(crate) register_limiter: Arc<rate::PhoneLimiter>,
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
@@ -87,6 +89,11 @@ impl ClientApi {
             limits.register_attempt_burst_per_phone,
             "register attempts for this number",
         ));
+        let presence_limiter = Arc::new(rate::SendLimiter::new(
+            limits.presence_lookups_per_second_per_device,
+            limits.presence_lookup_burst_per_device,
+            "presence lookups from this device",
+        ));
         let device_cache = Arc::new(auth::DeviceCache::new(
             usize::try_from(limits.device_cache_entries).unwrap_or(usize::MAX),
         ));
@@ -105,6 +112,7 @@ impl ClientApi {
                 TYPING_BURST,
                 "typing updates from this device",
             )),
+            presence_limiter,
             code_limiter,
             register_limiter,
             metrics,

@@ -1,6 +1,7 @@
 //! What this node reports about itself: every group's role, leader and indexes, outbox lengths,
 //! and checkpoints of its database.
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use courier_consensus::types::GroupId;
@@ -37,20 +38,25 @@ impl Cluster {
     ///
     /// # Errors
     /// `INVALID_ARGUMENT` for an empty or existing `dir`; `INTERNAL` when RocksDB fails.
-    pub fn backup(&self, dir: &str) -> Result<peer::BackupResponse, ApiError> {
-        if dir.is_empty() || std::path::Path::new(dir).exists() {
+    pub fn backup(&self, root: &Path, dir: &str) -> Result<peer::BackupResponse, ApiError> {
+        let target = backup_target(root, dir)?;
+        if target.exists() {
             return Err(invalid(
                 "COURIER:Backup:Dir",
-                format!("{dir:?} must be a path that does not exist yet"),
+                format!(
+                    "{} exists; a checkpoint needs a new directory",
+                    target.display()
+                ),
             ));
         }
+        std::fs::create_dir_all(root).map_err(|e| internal(format!("backup root: {e}")))?;
         let status = self.status();
         self.db
-            .checkpoint(std::path::Path::new(dir))
+            .checkpoint(&target)
             .map_err(|e| internal(e.to_string()))?;
-        info!(dir, "checkpoint written");
+        info!(dir = %target.display(), "checkpoint written");
         Ok(peer::BackupResponse {
-            dir: dir.to_owned(),
+            dir: target.display().to_string(),
             shards: status.shards,
         })
     }
@@ -146,5 +152,66 @@ impl Cluster {
                     .collect()
             })
             .unwrap_or_default()
+    }
+}
+
+/// Where a backup named `dir` goes: a relative name under `root`, or an absolute path inside it;
+/// never a path with `..`, and never outside `root`.
+///
+/// # Errors
+/// `INVALID_ARGUMENT` `COURIER:Backup:Dir`.
+fn backup_target(root: &Path, dir: &str) -> Result<PathBuf, ApiError> {
+    let path = Path::new(dir);
+    let refused = |why: &str| {
+        invalid(
+            "COURIER:Backup:Dir",
+            format!("{dir:?} {why} (backups go under {})", root.display()),
+        )
+    };
+    if dir.is_empty() {
+        return Err(refused("is empty"));
+    }
+    if path
+        .components()
+        .any(|part| matches!(part, std::path::Component::ParentDir))
+    {
+        return Err(refused("climbs with .."));
+    }
+    let target = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        root.join(path)
+    };
+    if target == root || !target.starts_with(root) {
+        return Err(refused("is not inside the backup root"));
+    }
+    Ok(target)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Names land under the root; `..`, other absolute paths and the root itself are refused.
+    #[test]
+    fn backups_stay_under_the_root() {
+        let root = Path::new("/srv/courier/backups");
+        assert_eq!(
+            backup_target(root, "monday").ok(),
+            Some(root.join("monday"))
+        );
+        assert_eq!(
+            backup_target(root, "/srv/courier/backups/tuesday").ok(),
+            Some(root.join("tuesday"))
+        );
+        for bad in [
+            "",
+            "../etc",
+            "a/../../x",
+            "/etc/cron.d",
+            "/srv/courier/backups",
+        ] {
+            assert!(backup_target(root, bad).is_err(), "{bad}");
+        }
     }
 }

@@ -16,8 +16,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 pub use raw::{
-    LimitsRaw, Listen, LogFormat, LogRaw, PresenceRaw, PushRaw, RaftRaw, RawConfig, RetentionRaw,
-    TlsRaw, TracingRaw,
+    AdminRaw, LimitsRaw, Listen, LogFormat, LogRaw, PresenceRaw, PushRaw, RaftRaw, RawConfig,
+    RetentionRaw, TlsRaw, TracingRaw,
 };
 
 /// Why a configuration was refused.
@@ -131,6 +131,10 @@ pub struct Limits {
     pub forward_batches_in_flight: u32,
     /// Device and recipient checks remembered per node.
     pub device_cache_entries: u32,
+    /// Presence lookups per second per device.
+    pub presence_lookups_per_second_per_device: u32,
+    /// Presence lookup burst per device.
+    pub presence_lookup_burst_per_device: u32,
     /// HTTP/2 keepalive interval on client connections.
     pub keepalive_interval: std::time::Duration,
     /// Unanswered keepalive deadline.
@@ -170,6 +174,8 @@ pub struct Config {
     pub log: LogRaw,
     /// TLS on both listeners (`None`: `insecure-plaintext`).
     pub tls: Option<TlsPaths>,
+    /// Where `Admin.Backup` may write (`admin.backup-root`).
+    pub backup_root: PathBuf,
 }
 
 /// The certificate files of a node with TLS (validated: all present).

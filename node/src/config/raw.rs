@@ -92,6 +92,13 @@ pub struct LimitsRaw {
     /// device change is applied here. Default 65536; when full, the cache starts over.
     #[serde(default = "defaults::device_cache")]
     pub device_cache_entries: u32,
+    /// Presence lookups (`GetPresence` calls) per second per device (token bucket rate).
+    /// Default 2.
+    #[serde(default = "defaults::presence_rate")]
+    pub presence_lookups_per_second_per_device: u32,
+    /// Presence lookup burst per device. Default 10.
+    #[serde(default = "defaults::presence_burst")]
+    pub presence_lookup_burst_per_device: u32,
     /// HTTP/2 keepalive pings on client connections: every this long. Default `"30s"`.
     #[serde(default = "defaults::keepalive_interval")]
     pub keepalive_interval: HumanDuration,
@@ -184,6 +191,16 @@ pub struct LogRaw {
     pub level: String,
 }
 
+/// `[admin]`: what operators may make a node do on its machine.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct AdminRaw {
+    /// `Admin.Backup` writes checkpoints only under this directory (created when needed).
+    /// Default `<data-dir>/backups` (the same filesystem, so checkpoints hard-link files).
+    #[serde(default)]
+    pub backup_root: Option<PathBuf>,
+}
+
 /// `[tls]`: the certificates of both listeners. Required, unless `insecure-plaintext = true`
 /// (development only; the node warns at start).
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -256,6 +273,9 @@ pub struct RawConfig {
     /// Certificates.
     #[serde(default)]
     pub tls: TlsRaw,
+    /// Operator actions on the node's machine.
+    #[serde(default)]
+    pub admin: AdminRaw,
 }
 
 mod defaults {
@@ -314,6 +334,12 @@ mod defaults {
     }
     pub(super) fn device_cache() -> u32 {
         65_536
+    }
+    pub(super) fn presence_rate() -> u32 {
+        2
+    }
+    pub(super) fn presence_burst() -> u32 {
+        10
     }
     pub(super) fn keepalive_interval() -> HumanDuration {
         HumanDuration(Duration::from_secs(30))

@@ -43,6 +43,10 @@ impl RawConfig {
         let limits = validate_limits(&self.limits)?;
         self.validate_edge()?;
         let tls = validate_tls(self.tls)?;
+        let backup_root = self
+            .admin
+            .backup_root
+            .unwrap_or_else(|| self.data_dir.join("backups"));
         Ok(Config {
             node_id: self.node_id,
             data_dir: self.data_dir,
@@ -55,6 +59,7 @@ impl RawConfig {
             tracing: self.tracing,
             log: self.log,
             tls,
+            backup_root,
         })
     }
 
@@ -188,6 +193,14 @@ fn validate_limits(l: &LimitsRaw) -> Result<Limits, ConfigError> {
         l.forward_batches_in_flight,
     )?;
     nonzero("limits.device-cache-entries", l.device_cache_entries)?;
+    nonzero(
+        "limits.presence-lookups-per-second-per-device",
+        l.presence_lookups_per_second_per_device,
+    )?;
+    nonzero(
+        "limits.presence-lookup-burst-per-device",
+        l.presence_lookup_burst_per_device,
+    )?;
     for (name, value) in [
         ("limits.keepalive-interval", l.keepalive_interval.0),
         ("limits.keepalive-timeout", l.keepalive_timeout.0),
@@ -224,6 +237,8 @@ fn validate_limits(l: &LimitsRaw) -> Result<Limits, ConfigError> {
         stream_buffer_frames: l.stream_buffer_frames,
         forward_batches_in_flight: l.forward_batches_in_flight,
         device_cache_entries: l.device_cache_entries,
+        presence_lookups_per_second_per_device: l.presence_lookups_per_second_per_device,
+        presence_lookup_burst_per_device: l.presence_lookup_burst_per_device,
         keepalive_interval: l.keepalive_interval.0,
         keepalive_timeout: l.keepalive_timeout.0,
         code_requests_per_hour_per_phone: l.code_requests_per_hour_per_phone,

@@ -165,13 +165,9 @@ pub async fn start_in(config: Config, environment: Environment) -> Result<NodeHa
     })?;
     let db = open_storage(&config, environment.db)?;
     let tls = load_tls(&config)?;
-    let pool = environment.pool.unwrap_or_else(|| {
-        let pool = ChannelPool::new(config.raft.rpc_timeout);
-        Arc::new(match &tls {
-            Some(tls) => pool.with_tls(tls.peer.client()),
-            None => pool,
-        })
-    });
+    let pool = environment
+        .pool
+        .unwrap_or_else(|| peer_pool(&config, tls.as_ref()));
     let groups = Groups::open_with(config.node_id, db.clone(), &config.raft, pool)
         .await
         .map_err(Box::new)?;
@@ -216,7 +212,15 @@ pub async fn start_in(config: Config, environment: Environment) -> Result<NodeHa
     };
     let client_router = client_router(&config, client_api, client_tls).await?;
     let jobs = crate::maintenance::Jobs::new(groups.clone(), config.data_dir.join("scratch"));
-    let peer_router = peer_router(cluster.clone(), groups.clone(), live, jobs, peer_tls).await?;
+    let peer_router = peer_router(
+        cluster.clone(),
+        groups.clone(),
+        live,
+        jobs,
+        peer_tls,
+        config.backup_root.clone(),
+    )
+    .await?;
     let serving = Serving {
         tasks: &tasks,
         shutdown: &shutdown,
@@ -252,6 +256,15 @@ pub async fn start_in(config: Config, environment: Environment) -> Result<NodeHa
         errors,
         groups,
         cluster,
+    })
+}
+
+/// The channels to other nodes: TLS with this node's certificate unless plaintext.
+fn peer_pool(config: &Config, tls: Option<&Tls>) -> Arc<ChannelPool> {
+    let pool = ChannelPool::new(config.raft.rpc_timeout);
+    Arc::new(match tls {
+        Some(tls) => pool.with_tls(tls.peer.client()),
+        None => pool,
     })
 }
 

@@ -243,6 +243,7 @@ pub(super) async fn peer_router(
     live: Arc<crate::client::live::LiveStreams>,
     jobs: crate::maintenance::Jobs,
     tls: Option<tonic::transport::ServerTlsConfig>,
+    backup_root: std::path::PathBuf,
 ) -> Result<tonic::transport::server::Router, ServerError> {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
@@ -251,7 +252,7 @@ pub(super) async fn peer_router(
     reporter.set_serving::<ForwardServer<PeerApi>>().await;
     reporter.set_serving::<AdminServer<PeerApi>>().await;
     let auth = PeerAuth::new(groups.clone(), tls.is_some());
-    let api = PeerApi::new(cluster, live, jobs, auth.clone());
+    let api = PeerApi::new(cluster, live, jobs, auth.clone(), backup_root);
     let raft = RaftService::new(groups);
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls {

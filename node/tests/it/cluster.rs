@@ -330,7 +330,7 @@ pub(crate) fn with_fast_raft(config: String) -> String {
 /// Adds fast raft timing and a per-device send rate (tests that send fast lift the default 20/s).
 pub(crate) fn with_limits(config: String, sends_per_second: u32) -> String {
     let config = format!(
-        "{config}\n[limits]\nsends-per-second-per-device = {sends_per_second}\nsend-burst-per-device = {sends_per_second}\n"
+        "{config}\n[limits]\nsends-per-second-per-device = {sends_per_second}\nsend-burst-per-device = {sends_per_second}\npresence-lookups-per-second-per-device = 1000\npresence-lookup-burst-per-device = 1000\n"
     );
     format!(
         "{}\n[raft]\nheartbeat = \"50ms\"\nelection-timeout-min = \"300ms\"\nelection-timeout-max = \"600ms\"\nrpc-timeout = \"1s\"\nsnapshot-logs-since-last = 50\nlogs-to-keep = 10\n",
@@ -731,6 +731,16 @@ async fn backup_is_a_consistent_checkpoint() {
         .await
         .expect_err("an existing directory is refused");
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    let outside = std::env::temp_dir().join(format!("courier-outside-{}", std::process::id()));
+    for dir in [outside.display().to_string(), "../escape".to_owned()] {
+        let refused = AdminClient::new(peer_channel(&peers[2]).await)
+            .backup(courier_proto::pb::peer::BackupRequest { dir: dir.clone() })
+            .await
+            .expect_err("a directory outside the backup root is refused");
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{dir}");
+        assert_eq!(crate::messaging::code_of(&refused), "COURIER:Backup:Dir");
+    }
+    assert!(!outside.exists(), "nothing written outside the root");
     writer.await.expect("writer");
     {
         tracing::info!("every shard in the checkpoint equals a replay of its log");

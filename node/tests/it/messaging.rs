@@ -963,8 +963,20 @@ async fn presence_follows_streams_and_offline_recipients_get_a_push() {
     let (alice_phone, bob_phone) = phones_on_different_shards();
     let alice = register(&addr(0), &c.dirs[0], &alice_phone).await;
     let bob = register(&addr(0), &c.dirs[0], &bob_phone).await;
-    let offline = presence_of(&addr(0), &alice, bob.user).await;
-    assert!(!offline.online && offline.last_seen_ms == 0, "{offline:?}");
+    let stranger = MessagingClient::new(channel(&addr(0)).await)
+        .get_presence(authed(
+            &alice,
+            courier_proto::pb::client::GetPresenceRequest {
+                users: vec![bob.user],
+            },
+        ))
+        .await
+        .expect("answered")
+        .into_inner();
+    assert!(
+        stranger.presence.is_empty(),
+        "a stranger's presence is not told: {stranger:?}"
+    );
 
     let mut messaging = MessagingClient::new(channel(&addr(0)).await);
     let send = |id: &str| SendRequest {
@@ -977,6 +989,30 @@ async fn presence_follows_streams_and_offline_recipients_get_a_push() {
         .await
         .expect("send")
         .into_inner();
+    tracing::info!("now they share a conversation: Bob's presence is told (offline, never seen)");
+    let started = Instant::now();
+    let offline = loop {
+        let mut answer = MessagingClient::new(channel(&addr(0)).await)
+            .get_presence(authed(
+                &alice,
+                courier_proto::pb::client::GetPresenceRequest {
+                    users: vec![bob.user],
+                },
+            ))
+            .await
+            .expect("answered")
+            .into_inner()
+            .presence;
+        if let Some(presence) = answer.pop() {
+            break presence;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "presence told once the message is stored"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!offline.online && offline.last_seen_ms == 0, "{offline:?}");
     let pushed = tokio::time::timeout(Duration::from_secs(10), pushes.recv())
         .await
         .expect("a push within 10 s")

@@ -396,3 +396,50 @@ async fn re_registration_closes_streams_and_revokes_companions() {
         node.stop().await;
     }
 }
+
+/// `GetPresence` tells nothing about a stranger (no shared conversation or group), and is
+/// rate-limited per device (defaults: 2 a second, bursts of 10).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_is_told_only_to_contacts_and_is_rate_limited() {
+    use crate::messaging::{authed, register};
+    use courier_proto::pb::client::GetPresenceRequest;
+    use courier_proto::pb::client::messaging_client::MessagingClient;
+
+    let c = cluster_configured(&|text| text).await;
+    let node1 = c.nodes[0].client_addr.to_string();
+    let alice = register(&node1, &c.dirs[0], "+15550002001").await;
+    let stranger = register(&node1, &c.dirs[0], "+15550002002").await;
+    let mut messaging = MessagingClient::new(crate::support::channel(&node1).await);
+    let lookup = || {
+        authed(
+            &alice,
+            GetPresenceRequest {
+                users: vec![stranger.user, alice.user],
+            },
+        )
+    };
+    let answer = messaging
+        .get_presence(lookup())
+        .await
+        .expect("answered")
+        .into_inner();
+    let told: Vec<u64> = answer.presence.iter().map(|p| p.user).collect();
+    assert_eq!(told, vec![alice.user], "only the caller herself is told");
+    let mut limited = None;
+    for _ in 0..20 {
+        if let Err(status) = messaging.get_presence(lookup()).await {
+            limited = Some(status);
+            break;
+        }
+    }
+    let limited = limited.expect("a burst of lookups is limited");
+    assert_eq!(
+        limited.code(),
+        tonic::Code::ResourceExhausted,
+        "{limited:?}"
+    );
+    assert_eq!(code_of(&limited), "COURIER:Limits:RateLimited");
+    for node in c.nodes {
+        node.stop().await;
+    }
+}

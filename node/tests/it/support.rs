@@ -72,6 +72,8 @@ pub(crate) fn config_on_ports(id: u64, dir: &Path, client: u16, peer: u16) -> St
         .set("log_format", "json")
         .set("log_level", "info")
         .dev_tls(id, pki())
+        // Tests keep backups beside the data directories (`root/node3-backup`).
+        .set("backup_root", dir.parent().unwrap_or(dir).display())
         .text()
 }
 
