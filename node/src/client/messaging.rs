@@ -20,8 +20,9 @@ impl ClientApi {
     /// `Send`: stores the message on a quorum of the sender's shard and answers "sent".
     ///
     /// # Errors
-    /// `INVALID_ARGUMENT` (malformed, over a configured limit), `NOT_FOUND` (unknown recipient),
-    /// `UNAVAILABLE` (no leader; retry with the same client message id).
+    /// `INVALID_ARGUMENT` (malformed, over a configured limit), `NOT_FOUND` (unknown recipient;
+    /// past `limits.unknown-recipients-per-hour-per-device` such answers, `RESOURCE_EXHAUSTED`
+    /// instead), `UNAVAILABLE` (no leader; retry with the same client message id).
     pub async fn send(
         &self,
         caller: Caller,
@@ -41,6 +42,10 @@ impl ClientApi {
             registered
         };
         if !known {
+            // Each "no such user" answer costs a token, so that the answer cannot be used to
+            // enumerate registered users at the send rate.
+            self.unknown_recipient_limiter
+                .take(&(caller.user.get(), caller.device.get()))?;
             return Err(ApiError::NotFound {
                 code: "COURIER:Messaging:UnknownRecipient",
                 message: format!("{} is not registered", command.to),

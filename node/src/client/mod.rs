@@ -43,6 +43,8 @@ pub struct ClientApi {
     pub(crate) typing_limiter: Arc<rate::SendLimiter>,
     /// Presence lookups per device.
     pub(crate) presence_limiter: Arc<rate::SendLimiter>,
+    /// "Unknown recipient" answers per device.
+    pub(crate) unknown_recipient_limiter: Arc<rate::SendLimiter>,
     pub(crate) code_limiter: Arc<rate::PhoneLimiter>,
     pub(crate) register_limiter: Arc<rate::PhoneLimiter>,
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
@@ -94,6 +96,11 @@ impl ClientApi {
             limits.presence_lookup_burst_per_device,
             "presence lookups from this device",
         ));
+        let unknown_recipient_limiter = Arc::new(rate::SendLimiter::per_hour(
+            limits.unknown_recipients_per_hour_per_device,
+            limits.unknown_recipient_burst_per_device,
+            "sends to unknown users from this device",
+        ));
         let device_cache = Arc::new(auth::DeviceCache::new(
             usize::try_from(limits.device_cache_entries).unwrap_or(usize::MAX),
         ));
@@ -113,6 +120,7 @@ impl ClientApi {
                 "typing updates from this device",
             )),
             presence_limiter,
+            unknown_recipient_limiter,
             code_limiter,
             register_limiter,
             metrics,

@@ -131,6 +131,10 @@ pub struct Limits {
     pub forward_batches_in_flight: u32,
     /// Device and recipient checks remembered per node.
     pub device_cache_entries: u32,
+    /// Sends to unknown users per hour per device.
+    pub unknown_recipients_per_hour_per_device: u32,
+    /// Burst of sends to unknown users per device.
+    pub unknown_recipient_burst_per_device: u32,
     /// Presence lookups per second per device.
     pub presence_lookups_per_second_per_device: u32,
     /// Presence lookup burst per device.

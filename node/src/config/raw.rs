@@ -99,6 +99,13 @@ pub struct LimitsRaw {
     /// Presence lookup burst per device. Default 10.
     #[serde(default = "defaults::presence_burst")]
     pub presence_lookup_burst_per_device: u32,
+    /// Sends to unknown users (answered `NOT_FOUND`) per hour per device (token bucket rate), so
+    /// that the answer is no fast oracle of who is registered. Default 60.
+    #[serde(default = "defaults::unknown_rate")]
+    pub unknown_recipients_per_hour_per_device: u32,
+    /// Burst of sends to unknown users per device. Default 10.
+    #[serde(default = "defaults::unknown_burst")]
+    pub unknown_recipient_burst_per_device: u32,
     /// HTTP/2 keepalive pings on client connections: every this long. Default `"30s"`.
     #[serde(default = "defaults::keepalive_interval")]
     pub keepalive_interval: HumanDuration,
@@ -334,6 +341,12 @@ mod defaults {
     }
     pub(super) fn device_cache() -> u32 {
         65_536
+    }
+    pub(super) fn unknown_rate() -> u32 {
+        60
+    }
+    pub(super) fn unknown_burst() -> u32 {
+        10
     }
     pub(super) fn presence_rate() -> u32 {
         2

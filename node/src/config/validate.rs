@@ -194,6 +194,14 @@ fn validate_limits(l: &LimitsRaw) -> Result<Limits, ConfigError> {
     )?;
     nonzero("limits.device-cache-entries", l.device_cache_entries)?;
     nonzero(
+        "limits.unknown-recipients-per-hour-per-device",
+        l.unknown_recipients_per_hour_per_device,
+    )?;
+    nonzero(
+        "limits.unknown-recipient-burst-per-device",
+        l.unknown_recipient_burst_per_device,
+    )?;
+    nonzero(
         "limits.presence-lookups-per-second-per-device",
         l.presence_lookups_per_second_per_device,
     )?;
@@ -237,6 +245,8 @@ fn validate_limits(l: &LimitsRaw) -> Result<Limits, ConfigError> {
         stream_buffer_frames: l.stream_buffer_frames,
         forward_batches_in_flight: l.forward_batches_in_flight,
         device_cache_entries: l.device_cache_entries,
+        unknown_recipients_per_hour_per_device: l.unknown_recipients_per_hour_per_device,
+        unknown_recipient_burst_per_device: l.unknown_recipient_burst_per_device,
         presence_lookups_per_second_per_device: l.presence_lookups_per_second_per_device,
         presence_lookup_burst_per_device: l.presence_lookup_burst_per_device,
         keepalive_interval: l.keepalive_interval.0,

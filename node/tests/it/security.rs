@@ -443,3 +443,49 @@ async fn presence_is_told_only_to_contacts_and_is_rate_limited() {
         node.stop().await;
     }
 }
+
+/// "No such user" is no fast oracle: past the burst of sends to unknown users (default 10), a
+/// device's sends to unknown users are refused as rate-limited, while sends to a real user go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_to_unknown_users_are_rate_limited() {
+    use crate::messaging::{authed, body, register};
+    use courier_proto::pb::client::SendRequest;
+    use courier_proto::pb::client::messaging_client::MessagingClient;
+
+    let c = cluster_configured(&|text| text).await;
+    let node1 = c.nodes[0].client_addr.to_string();
+    let alice = register(&node1, &c.dirs[0], "+15550003001").await;
+    let mut messaging = MessagingClient::new(crate::support::channel(&node1).await);
+    let send = |n: u64, to: u64| {
+        authed(
+            &alice,
+            SendRequest {
+                client_msg_id: format!("probe-{n}"),
+                to_user: to,
+                content: body("anyone?"),
+            },
+        )
+    };
+    let mut answers = Vec::new();
+    for n in 0..12_u64 {
+        let status = messaging
+            .send(send(n, 0x7777_0000 + n))
+            .await
+            .expect_err("no such user");
+        answers.push(code_of(&status));
+    }
+    assert!(
+        answers[..10]
+            .iter()
+            .all(|code| code == "COURIER:Messaging:UnknownRecipient"),
+        "{answers:?}"
+    );
+    assert_eq!(answers[11], "COURIER:Limits:RateLimited", "{answers:?}");
+    messaging
+        .send(send(100, alice.user))
+        .await
+        .expect("a send to a registered user is not limited by it");
+    for node in c.nodes {
+        node.stop().await;
+    }
+}
