@@ -9,12 +9,13 @@ use courier_proto::pb::client::groups_server::Groups;
 use courier_proto::pb::client::messaging_server::Messaging;
 use courier_proto::pb::client::registration_server::Registration;
 use courier_proto::pb::client::{
-    AddMemberRequest, ClientFrame, CreateGroupRequest, GetPresenceRequest, GetPresenceResponse,
+    AddMemberRequest, ApprovePairingRequest, ApprovePairingResponse, ClientFrame,
+    CreateGroupRequest, FinishPairingRequest, GetPresenceRequest, GetPresenceResponse,
     GetReceiptsRequest, GetReceiptsResponse, GroupInfo, LeaveGroupRequest, LeaveGroupResponse,
-    LinkDeviceRequest, ListConversationsRequest, ListConversationsResponse, ListDevicesRequest,
-    ListDevicesResponse, ListGroupsRequest, ListGroupsResponse, RegisterRequest, RegisterResponse,
-    RemoveMemberRequest, RequestCodeRequest, RequestCodeResponse, RevokeDeviceRequest,
-    RevokeDeviceResponse, SendRequest, SendResponse, SendToGroupRequest,
+    ListConversationsRequest, ListConversationsResponse, ListDevicesRequest, ListDevicesResponse,
+    ListGroupsRequest, ListGroupsResponse, RegisterRequest, RegisterResponse, RemoveMemberRequest,
+    RequestCodeRequest, RequestCodeResponse, RevokeDeviceRequest, RevokeDeviceResponse,
+    SendRequest, SendResponse, SendToGroupRequest, StartPairingRequest, StartPairingResponse,
 };
 use courier_proto::pb::peer::admin_server::Admin;
 use courier_proto::pb::peer::forward_server::Forward;
@@ -57,14 +58,34 @@ impl Registration for ClientApi {
         ))
     }
 
-    async fn link_device(
+    async fn start_pairing(
         &self,
-        request: Request<LinkDeviceRequest>,
-    ) -> Result<Response<RegisterResponse>, Status> {
+        request: Request<StartPairingRequest>,
+    ) -> Result<Response<StartPairingResponse>, Status> {
+        Ok(Response::new(ClientApi::start_pairing(
+            self,
+            request.into_inner(),
+        )?))
+    }
+
+    async fn approve_pairing(
+        &self,
+        request: Request<ApprovePairingRequest>,
+    ) -> Result<Response<ApprovePairingResponse>, Status> {
         let caller = self.authenticate(request.metadata())?;
         Ok(Response::new(
-            ClientApi::link_device(self, caller, request.into_inner()).await?,
+            ClientApi::approve_pairing(self, caller, request.into_inner()).await?,
         ))
+    }
+
+    async fn finish_pairing(
+        &self,
+        request: Request<FinishPairingRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
+        Ok(Response::new(ClientApi::finish_pairing(
+            self,
+            request.get_ref(),
+        )?))
     }
 
     async fn list_devices(

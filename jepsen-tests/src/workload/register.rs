@@ -7,7 +7,8 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use courier_proto::pb::client::registration_client::RegistrationClient;
 use courier_proto::pb::client::{
-    LinkDeviceRequest, RegisterRequest, RegisterResponse, RequestCodeRequest,
+    ApprovePairingRequest, FinishPairingRequest, RegisterRequest, RegisterResponse,
+    RequestCodeRequest, StartPairingRequest,
 };
 use tonic::transport::Channel;
 
@@ -104,17 +105,33 @@ pub async fn register_one(channel: Channel, sms: &Path, phone: &str) -> anyhow::
         .map_err(|s| anyhow::anyhow!("Register: {}", describe(&s)))?
         .into_inner();
     let primary = device_of(&response, true);
-    let request = authed(
-        &primary,
-        LinkDeviceRequest {
+    // The second device pairs: it starts, the primary approves its code, it collects its
+    // credential.
+    let pairing = tokio::time::timeout(
+        timeout,
+        client.start_pairing(StartPairingRequest {
             device_name: "second".to_owned(),
-        },
-    )?;
-    let linked = tokio::time::timeout(timeout, client.link_device(request))
+        }),
+    )
+    .await
+    .context("StartPairing timed out")?
+    .map_err(|s| anyhow::anyhow!("StartPairing: {}", describe(&s)))?
+    .into_inner();
+    let request = authed(&primary, ApprovePairingRequest { code: pairing.code })?;
+    tokio::time::timeout(timeout, client.approve_pairing(request))
         .await
-        .context("LinkDevice timed out")?
-        .map_err(|s| anyhow::anyhow!("LinkDevice: {}", describe(&s)))?
-        .into_inner();
+        .context("ApprovePairing timed out")?
+        .map_err(|s| anyhow::anyhow!("ApprovePairing: {}", describe(&s)))?;
+    let linked = tokio::time::timeout(
+        timeout,
+        client.finish_pairing(FinishPairingRequest {
+            pairing_id: pairing.pairing_id,
+        }),
+    )
+    .await
+    .context("FinishPairing timed out")?
+    .map_err(|s| anyhow::anyhow!("FinishPairing: {}", describe(&s)))?
+    .into_inner();
     let second = device_of(&linked, false);
     Ok(User {
         id: primary.user,

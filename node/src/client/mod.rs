@@ -8,6 +8,7 @@ pub mod auth;
 pub mod groups;
 pub mod live;
 pub mod messaging;
+pub mod pairing;
 pub mod rate;
 pub mod registration;
 pub mod send;
@@ -41,6 +42,8 @@ pub struct ClientApi {
     pub(crate) send_limiter: Arc<rate::SendLimiter>,
     pub(crate) live: Arc<live::LiveStreams>,
     pub(crate) typing_limiter: Arc<rate::SendLimiter>,
+    /// Companion pairings started on this node.
+    pub(crate) pairings: Arc<pairing::PairingStore>,
     /// Presence lookups per device.
     pub(crate) presence_limiter: Arc<rate::SendLimiter>,
     /// "Unknown recipient" answers per device.
@@ -121,6 +124,7 @@ impl ClientApi {
             )),
             presence_limiter,
             unknown_recipient_limiter,
+            pairings: Arc::default(),
             code_limiter,
             register_limiter,
             metrics,

@@ -12,10 +12,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use courier_proto::convert::registration::{PhoneNumber, RegisterCommand, device_name};
+use courier_proto::convert::registration::{PhoneNumber, RegisterCommand};
 use courier_proto::pb::client::{
-    DeviceInfo, LinkDeviceRequest, ListDevicesResponse, RegisterRequest, RegisterResponse,
-    RequestCodeRequest, RequestCodeResponse, RevokeDeviceRequest,
+    DeviceInfo, ListDevicesResponse, RegisterRequest, RegisterResponse, RequestCodeRequest,
+    RequestCodeResponse, RevokeDeviceRequest,
 };
 use courier_proto::pb::events::{self, Event, event::Kind};
 use courier_proto::{DeviceId, UserId, limits};
@@ -278,16 +278,15 @@ impl ClientApi {
             .await
     }
 
-    /// `LinkDevice`: a companion device, from an existing device.
+    /// Registers a companion device of `caller`'s user (a pairing the primary approved,
+    /// `pairing.rs`).
     ///
     /// # Errors
     /// `RESOURCE_EXHAUSTED` past the companion limit.
-    pub async fn link_device(
+    pub(crate) async fn link_companion(
         &self,
         caller: Caller,
-        request: LinkDeviceRequest,
     ) -> Result<RegisterResponse, ApiError> {
-        device_name(request.device_name)?;
         let companions = self
             .devices(caller.user)?
             .iter()

@@ -10,8 +10,9 @@ use courier_proto::convert::registration::PhoneNumber;
 use courier_proto::pb::client::messaging_client::MessagingClient;
 use courier_proto::pb::client::registration_client::RegistrationClient;
 use courier_proto::pb::client::{
-    Ack, ClientFrame, LinkDeviceRequest, ListConversationsRequest, Open, Read, RegisterRequest,
-    RequestCodeRequest, SendRequest, ServerFrame, client_frame, server_frame,
+    Ack, ApprovePairingRequest, ClientFrame, FinishPairingRequest, ListConversationsRequest, Open,
+    Read, RegisterRequest, RequestCodeRequest, SendRequest, ServerFrame, StartPairingRequest,
+    client_frame, server_frame,
 };
 use courier_proto::pb::events::{self, ReceiptState};
 use courier_proto::{ShardId, UserId, shard_of};
@@ -70,17 +71,30 @@ pub(crate) async fn register(client_addr: &str, data_dir: &std::path::Path, phon
     }
 }
 
-/// Links a companion device ("tablet") for `primary`'s user through the node at `addr`.
+/// Links a companion device ("tablet") for `primary`'s user through the node at `addr`: the
+/// tablet starts a pairing, the primary approves its code, the tablet collects its credential.
 pub(crate) async fn link_tablet(addr: &str, primary: &Device) -> Device {
-    let response = RegistrationClient::new(channel(addr).await)
-        .link_device(authed(
+    let mut registration = RegistrationClient::new(channel(addr).await);
+    let pairing = registration
+        .start_pairing(StartPairingRequest {
+            device_name: "tablet".to_owned(),
+        })
+        .await
+        .expect("start pairing")
+        .into_inner();
+    registration
+        .approve_pairing(authed(
             primary,
-            LinkDeviceRequest {
-                device_name: "tablet".to_owned(),
-            },
+            ApprovePairingRequest { code: pairing.code },
         ))
         .await
-        .expect("link")
+        .expect("the primary approves");
+    let response = registration
+        .finish_pairing(FinishPairingRequest {
+            pairing_id: pairing.pairing_id,
+        })
+        .await
+        .expect("the tablet collects its credential")
         .into_inner();
     Device {
         user: primary.user,

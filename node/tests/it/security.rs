@@ -489,3 +489,98 @@ async fn sends_to_unknown_users_are_rate_limited() {
         node.stop().await;
     }
 }
+
+/// A companion cannot link itself: a pairing gives nothing until the user's primary device
+/// approves its code; a companion's token cannot approve; a wrong code approves nothing; the
+/// credential is handed out once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_companion_links_only_with_the_primarys_approval() {
+    use crate::messaging::{authed, link_tablet, register};
+    use courier_proto::pb::client::registration_client::RegistrationClient;
+    use courier_proto::pb::client::{
+        ApprovePairingRequest, FinishPairingRequest, ListDevicesRequest, StartPairingRequest,
+    };
+
+    let c = cluster_configured(&|text| text).await;
+    let node1 = c.nodes[0].client_addr.to_string();
+    let owner = register(&node1, &c.dirs[0], "+15550004001").await;
+    let tablet = link_tablet(&node1, &owner).await;
+    let mut registration = RegistrationClient::new(crate::support::channel(&node1).await);
+    let pairing = registration
+        .start_pairing(StartPairingRequest {
+            device_name: "intruder".to_owned(),
+        })
+        .await
+        .expect("anyone may start a pairing")
+        .into_inner();
+    let finish = || FinishPairingRequest {
+        pairing_id: pairing.pairing_id.clone(),
+    };
+    let early = registration
+        .finish_pairing(finish())
+        .await
+        .expect_err("nothing before the approval");
+    assert_eq!(code_of(&early), "COURIER:Pairing:NotApproved", "{early:?}");
+    let by_companion = registration
+        .approve_pairing(authed(
+            &tablet,
+            ApprovePairingRequest {
+                code: pairing.code.clone(),
+            },
+        ))
+        .await
+        .expect_err("a companion cannot approve");
+    assert_eq!(code_of(&by_companion), "COURIER:Pairing:NotPrimary");
+    let wrong = registration
+        .approve_pairing(authed(
+            &owner,
+            ApprovePairingRequest {
+                code: "AAAAAAAA".to_owned(),
+            },
+        ))
+        .await
+        .expect_err("a wrong code approves nothing");
+    assert_eq!(code_of(&wrong), "COURIER:Pairing:Unknown");
+    let devices = |registration: &mut RegistrationClient<Channel>| {
+        let request = authed(&owner, ListDevicesRequest {});
+        let mut registration = registration.clone();
+        async move {
+            registration
+                .list_devices(request)
+                .await
+                .expect("devices")
+                .into_inner()
+                .devices
+                .len()
+        }
+    };
+    assert_eq!(
+        devices(&mut registration).await,
+        2,
+        "nothing registered without approval"
+    );
+    registration
+        .approve_pairing(authed(
+            &owner,
+            ApprovePairingRequest {
+                code: pairing.code.clone(),
+            },
+        ))
+        .await
+        .expect("the primary approves");
+    let credential = registration
+        .finish_pairing(finish())
+        .await
+        .expect("collected after the approval")
+        .into_inner();
+    assert_eq!(credential.user_id, owner.user);
+    let again = registration
+        .finish_pairing(finish())
+        .await
+        .expect_err("handed out once");
+    assert_eq!(code_of(&again), "COURIER:Pairing:Unknown");
+    assert_eq!(devices(&mut registration).await, 3);
+    for node in c.nodes {
+        node.stop().await;
+    }
+}

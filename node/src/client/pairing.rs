@@ -1,0 +1,227 @@
+//! Linking a companion device: a pairing the user's primary device approves.
+//!
+//! ```text
+//!   companion  StartPairing(name)      → pairing id (its secret) + code (shown, e.g. as a QR)
+//!   primary    ApprovePairing(code)    → the companion is registered (DeviceRegistered)
+//!   companion  FinishPairing(id)       → its credential, once; NotApproved until the approval
+//! ```
+//!
+//! Nothing about the user reaches the companion before the primary approves, and only a primary
+//! device approves: a token of a companion cannot link further devices, and a token read off
+//! one device links nothing by itself. Pairings live in the memory of the node that started
+//! them for [`PAIRING_TTL`], bounded by [`PAIRINGS_MAX`]; both devices talk to that node (as for
+//! registration codes).
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use courier_proto::convert::registration::device_name;
+use courier_proto::pb::client::{
+    ApprovePairingRequest, ApprovePairingResponse, FinishPairingRequest, RegisterResponse,
+    StartPairingRequest, StartPairingResponse,
+};
+use tokio::time::Instant;
+
+use super::ClientApi;
+use crate::client::auth::Caller;
+use crate::status::ApiError;
+
+/// How long a pairing waits for its approval and then for the companion to finish.
+pub const PAIRING_TTL: Duration = Duration::from_secs(120);
+/// Pairings outstanding per node at most.
+pub const PAIRINGS_MAX: usize = 10_000;
+/// Characters of a pairing code (from [`CODE_ALPHABET`]: 32^8 = 2^40 codes).
+pub const PAIRING_CODE_CHARS: usize = 8;
+/// Letters and digits a person cannot confuse (no 0/O, 1/I).
+const CODE_ALPHABET: &[u8; 32] = b"ABCDEFGHJKLMNPQRSTUVWXYZ23456789";
+
+#[derive(Debug)]
+struct Pairing {
+    code: String,
+    expires: Instant,
+    /// The credential, once a primary approved.
+    approved: Option<RegisterResponse>,
+}
+
+/// Outstanding pairings by pairing id.
+#[derive(Debug, Default)]
+pub struct PairingStore {
+    pairings: Mutex<BTreeMap<Vec<u8>, Pairing>>,
+}
+
+fn unknown() -> ApiError {
+    ApiError::NotFound {
+        code: "COURIER:Pairing:Unknown",
+        message: "no such pairing on this node, or it expired".to_owned(),
+    }
+}
+
+impl PairingStore {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Vec<u8>, Pairing>> {
+        let mut pairings = self
+            .pairings
+            .lock()
+            .expect("pairing store lock is never poisoned");
+        let now = Instant::now();
+        pairings.retain(|_, pairing| pairing.expires > now);
+        pairings
+    }
+
+    fn start(&self) -> Result<(Vec<u8>, String), ApiError> {
+        let mut pairings = self.lock();
+        if pairings.len() >= PAIRINGS_MAX {
+            return Err(ApiError::ResourceExhausted {
+                code: "COURIER:Pairing:TooMany",
+                message: format!(
+                    "{PAIRINGS_MAX} pairings are outstanding on this node; retry later"
+                ),
+            });
+        }
+        let id: [u8; 16] = crate::env::random_bytes();
+        let code: String = crate::env::random_bytes::<PAIRING_CODE_CHARS>()
+            .iter()
+            .map(|byte| char::from(CODE_ALPHABET[usize::from(byte % 32)]))
+            .collect();
+        pairings.insert(
+            id.to_vec(),
+            Pairing {
+                code: code.clone(),
+                expires: Instant::now() + PAIRING_TTL,
+                approved: None,
+            },
+        );
+        Ok((id.to_vec(), code))
+    }
+
+    /// The id of the pending pairing showing `code`.
+    fn pending(&self, code: &str) -> Result<Vec<u8>, ApiError> {
+        self.lock()
+            .iter()
+            .find(|(_, pairing)| pairing.approved.is_none() && pairing.code == code)
+            .map(|(id, _)| id.clone())
+            .ok_or_else(unknown)
+    }
+
+    fn approve(&self, id: &[u8], credential: RegisterResponse) {
+        if let Some(pairing) = self.lock().get_mut(id) {
+            pairing.approved = Some(credential);
+        }
+    }
+
+    fn finish(&self, id: &[u8]) -> Result<RegisterResponse, ApiError> {
+        let mut pairings = self.lock();
+        let pairing = pairings.get(id).ok_or_else(unknown)?;
+        if pairing.approved.is_none() {
+            return Err(ApiError::FailedPrecondition {
+                code: "COURIER:Pairing:NotApproved",
+                message: "the primary device has not approved this pairing yet".to_owned(),
+            });
+        }
+        pairings
+            .remove(id)
+            .and_then(|pairing| pairing.approved)
+            .ok_or_else(unknown)
+    }
+}
+
+impl ClientApi {
+    /// `StartPairing`: a companion asks to be linked; nothing is registered yet.
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT` for a bad device name; `RESOURCE_EXHAUSTED` at [`PAIRINGS_MAX`].
+    pub fn start_pairing(
+        &self,
+        request: StartPairingRequest,
+    ) -> Result<StartPairingResponse, ApiError> {
+        device_name(request.device_name)?;
+        let (pairing_id, code) = self.pairings.start()?;
+        Ok(StartPairingResponse {
+            pairing_id,
+            code,
+            expires_in_s: u32::try_from(PAIRING_TTL.as_secs()).unwrap_or(u32::MAX),
+        })
+    }
+
+    /// `ApprovePairing`: the caller's primary device approves the pairing showing `code`; the
+    /// companion is registered now (within the companion limit).
+    ///
+    /// # Errors
+    /// `PERMISSION_DENIED` `COURIER:Pairing:NotPrimary` from a companion device; `NOT_FOUND`
+    /// for an unknown or expired code; `RESOURCE_EXHAUSTED` past the companion limit.
+    pub async fn approve_pairing(
+        &self,
+        caller: Caller,
+        request: ApprovePairingRequest,
+    ) -> Result<ApprovePairingResponse, ApiError> {
+        let primary = self
+            .devices(caller.user)?
+            .iter()
+            .any(|device| device.device_id == caller.device.get() && device.primary);
+        if !primary {
+            return Err(ApiError::PermissionDenied {
+                code: "COURIER:Pairing:NotPrimary",
+                message: "only the primary device approves a pairing".to_owned(),
+            });
+        }
+        let id = self.pairings.pending(&request.code)?;
+        let credential = self.link_companion(caller).await?;
+        let device_id = credential.device_id;
+        tracing::info!(
+            user = caller.user.get(),
+            device = device_id,
+            "pairing approved: companion registered"
+        );
+        self.pairings.approve(&id, credential);
+        Ok(ApprovePairingResponse { device_id })
+    }
+
+    /// `FinishPairing`: the companion collects its credential, once.
+    ///
+    /// # Errors
+    /// `FAILED_PRECONDITION` `COURIER:Pairing:NotApproved` before the approval (ask again);
+    /// `NOT_FOUND` for an unknown, expired or already finished pairing.
+    pub fn finish_pairing(
+        &self,
+        request: &FinishPairingRequest,
+    ) -> Result<RegisterResponse, ApiError> {
+        self.pairings.finish(&request.pairing_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pairing finishes once, only after its approval; codes are 8 characters of the alphabet.
+    #[test]
+    fn a_pairing_finishes_once_after_approval() {
+        let store = PairingStore::default();
+        let (id, code) = store.start().expect("start");
+        assert_eq!(code.len(), PAIRING_CODE_CHARS);
+        assert!(code.bytes().all(|b| CODE_ALPHABET.contains(&b)), "{code}");
+        assert!(matches!(
+            store.finish(&id),
+            Err(ApiError::FailedPrecondition { .. })
+        ));
+        assert_eq!(store.pending(&code).expect("pending"), id);
+        store.approve(
+            &id,
+            RegisterResponse {
+                user_id: 1,
+                device_id: 2,
+                device_token: vec![3],
+            },
+        );
+        assert!(
+            store.pending(&code).is_err(),
+            "an approved code is not pending"
+        );
+        assert_eq!(store.finish(&id).expect("finished").device_id, 2);
+        assert!(matches!(store.finish(&id), Err(ApiError::NotFound { .. })));
+        assert!(matches!(
+            store.pending("AAAAAAAA"),
+            Err(ApiError::NotFound { .. })
+        ));
+    }
+}
