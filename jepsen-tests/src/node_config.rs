@@ -42,9 +42,11 @@ impl NodeConfig {
         let config = Self {
             values: BTreeMap::new(),
         };
+        // The harnesses read registration codes from the development SMS outbox.
         config
             .set("node_id", node_id)
             .set("data_dir", data_dir.display())
+            .set("sms_dev_outbox", data_dir.join("sms-outbox.log").display())
     }
 
     /// Sets the placeholder `{name}` (the key's name in snake_case, see the template).

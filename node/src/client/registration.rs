@@ -53,7 +53,22 @@ pub trait SmsSender: Send + Sync {
     fn send(&self, phone: &PhoneNumber, code: &str) -> std::io::Result<()>;
 }
 
-/// Dev mode: appends `phone code` lines to `<data-dir>/sms-outbox.log` (never to the logs).
+/// No SMS sender configured: every code request fails (`UNAVAILABLE SmsFailed`) and leaves no
+/// code behind.
+#[derive(Debug)]
+pub struct NoSms;
+
+impl SmsSender for NoSms {
+    fn send(&self, _phone: &PhoneNumber, _code: &str) -> std::io::Result<()> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "no SMS sender is configured on this node (sms.dev-outbox is for development)",
+        ))
+    }
+}
+
+/// Development only (`sms.dev-outbox`): appends `phone code` lines to a file, in plain text
+/// (never to the logs).
 #[derive(Debug)]
 pub struct DevFileSms {
     path: PathBuf,
@@ -123,6 +138,14 @@ impl CodeStore {
         Ok(code)
     }
 
+    /// Forgets the code of `phone` (its SMS could not be sent: no usable code stays behind).
+    fn withdraw(&self, phone: &[u8]) {
+        self.codes
+            .lock()
+            .expect("code store lock is never poisoned")
+            .remove(phone);
+    }
+
     fn check(&self, phone: &[u8], code: &str) -> Result<(), ApiError> {
         let mut codes = self
             .codes
@@ -169,9 +192,10 @@ impl ClientApi {
         let code = self.codes.issue(&phone_hash(&phone))?;
         self.sms
             .send(&phone, &code)
+            .inspect_err(|_| self.codes.withdraw(&phone_hash(&phone)))
             .map_err(|error| ApiError::Unavailable {
                 code: "COURIER:Registration:SmsFailed",
-                message: format!("the SMS sender failed: {}", error.kind()),
+                message: format!("the SMS sender failed: {error}"),
                 retry_after_ms: 1000,
                 leader: None,
             })?;

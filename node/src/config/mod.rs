@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 pub use raw::{
     AdminRaw, LimitsRaw, Listen, LogFormat, LogRaw, PresenceRaw, PushRaw, RaftRaw, RawConfig,
-    RetentionRaw, TlsRaw, TracingRaw,
+    RetentionRaw, SmsRaw, TlsRaw, TracingRaw,
 };
 
 /// Why a configuration was refused.
@@ -180,6 +180,8 @@ pub struct Config {
     pub tls: Option<TlsPaths>,
     /// Where `Admin.Backup` may write (`admin.backup-root`).
     pub backup_root: PathBuf,
+    /// The development SMS outbox file (`sms.dev-outbox`), when configured.
+    pub sms_dev_outbox: Option<PathBuf>,
 }
 
 /// The certificate files of a node with TLS (validated: all present).

@@ -198,6 +198,16 @@ pub struct LogRaw {
     pub level: String,
 }
 
+/// `[sms]`: how registration codes reach phones.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct SmsRaw {
+    /// Development only: append `number code` lines, in plain text, to this file. Unset (the
+    /// default): no SMS sender, and `RequestCode` answers `UNAVAILABLE`.
+    #[serde(default)]
+    pub dev_outbox: Option<PathBuf>,
+}
+
 /// `[admin]`: what operators may make a node do on its machine.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -283,6 +293,9 @@ pub struct RawConfig {
     /// Operator actions on the node's machine.
     #[serde(default)]
     pub admin: AdminRaw,
+    /// Registration codes.
+    #[serde(default)]
+    pub sms: SmsRaw,
 }
 
 mod defaults {

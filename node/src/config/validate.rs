@@ -60,6 +60,7 @@ impl RawConfig {
             log: self.log,
             tls,
             backup_root,
+            sms_dev_outbox: self.sms.dev_outbox,
         })
     }
 

@@ -189,7 +189,7 @@ pub async fn start_in(config: Config, environment: Environment) -> Result<NodeHa
     let tasks = TaskTracker::new();
     let (error_tx, errors) = tokio::sync::mpsc::channel(2);
 
-    let sms = Arc::new(DevFileSms::new(config.data_dir.join("sms-outbox.log")));
+    let sms = sms_sender(&config);
     let metrics = crate::metrics::Metrics::new(cluster.clone());
     tasks.spawn(
         metrics
@@ -257,6 +257,25 @@ pub async fn start_in(config: Config, environment: Environment) -> Result<NodeHa
         groups,
         cluster,
     })
+}
+
+/// The SMS sender: the development outbox file when `sms.dev-outbox` is set (with a warning),
+/// otherwise none (every code request fails).
+fn sms_sender(config: &Config) -> Arc<dyn crate::client::registration::SmsSender> {
+    match &config.sms_dev_outbox {
+        Some(path) => {
+            tracing::warn!(
+                path = %path.display(),
+                "sms.dev-outbox: registration codes and phone numbers are written to this file \
+                 in plain text; development only"
+            );
+            Arc::new(DevFileSms::new(path.clone()))
+        }
+        None => {
+            info!("no SMS sender configured: RequestCode answers UNAVAILABLE");
+            Arc::new(crate::client::registration::NoSms)
+        }
+    }
 }
 
 /// The channels to other nodes: TLS with this node's certificate unless plaintext.

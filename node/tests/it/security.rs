@@ -584,3 +584,48 @@ async fn a_companion_links_only_with_the_primarys_approval() {
         node.stop().await;
     }
 }
+
+/// Without `sms.dev-outbox` a node writes no number or code anywhere: `RequestCode` answers
+/// `UNAVAILABLE COURIER:Registration:SmsFailed`, no file appears, and no usable code is left
+/// behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_sms_outbox_unless_configured() {
+    use courier_proto::pb::client::registration_client::RegistrationClient;
+    use courier_proto::pb::client::{RegisterRequest, RequestCodeRequest};
+
+    let c = cluster_configured(&|text| {
+        text.lines()
+            .filter(|line| !line.starts_with("dev-outbox"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    })
+    .await;
+    let node1 = c.nodes[0].client_addr.to_string();
+    let mut registration = RegistrationClient::new(crate::support::channel(&node1).await);
+    let failed = registration
+        .request_code(RequestCodeRequest {
+            phone_number: "+15550005001".to_owned(),
+        })
+        .await
+        .expect_err("no SMS sender");
+    assert_eq!(failed.code(), tonic::Code::Unavailable, "{failed:?}");
+    assert_eq!(code_of(&failed), "COURIER:Registration:SmsFailed");
+    assert!(
+        !c.dirs[0].join("sms-outbox.log").exists(),
+        "no outbox file is written"
+    );
+    for code in ["000000", "123456"] {
+        let refused = registration
+            .register(RegisterRequest {
+                phone_number: "+15550005001".to_owned(),
+                code: code.to_owned(),
+                device_name: "phone".to_owned(),
+            })
+            .await
+            .expect_err("no usable code was left behind");
+        assert_eq!(code_of(&refused), "COURIER:Registration:BadCode");
+    }
+    for node in c.nodes {
+        node.stop().await;
+    }
+}
