@@ -5,6 +5,8 @@
 //! for it) but never replies, so an unbounded call would hang the harness.
 
 use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 // tokio's clock: real time in a jepsen run, simulated time in courier-sim.
@@ -16,6 +18,7 @@ use courier_proto::pb::peer::{
     AddNodeRequest, InitClusterRequest, NodeInfo, RemoveNodeRequest, StatusRequest, StatusResponse,
     VerifyProjectionRequest, projection_job_update,
 };
+use courier_tls::ClientTlsConfig;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::nodes::NodeSpec;
@@ -30,14 +33,74 @@ pub const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Pause between polls while waiting for leaders or convergence.
 const POLL_PAUSE: Duration = Duration::from_millis(250);
 
-/// A lazily connecting channel to `addr` (`host:port`). HTTP/2 keepalive pings detect a dead
-/// or paused peer within a few seconds, so streams on it fail instead of hanging forever.
+/// The TLS of this run's clients, when its nodes use TLS ([`use_dev_tls`]): a phone's (the CA,
+/// the client listener's name) and the operator's (the CA, the operator certificate).
+struct Tls {
+    phone: ClientTlsConfig,
+    operator: ClientTlsConfig,
+}
+
+/// Set per run (a run's nodes get a fresh PKI); absent in the simulation (plaintext network).
+static TLS: Mutex<Option<Arc<Tls>>> = Mutex::new(None);
+
+/// From now on, channels of this process use TLS with the development PKI in `pki`
+/// (`courier_tls::dev`): the nodes' client listeners are verified as `localhost`, their peer
+/// listeners as nodes, and peer calls present the operator certificate.
+///
+/// # Errors
+///
+/// A PKI file cannot be read.
+pub fn use_dev_tls(pki: &Path) -> anyhow::Result<()> {
+    let ca = pki.join(courier_tls::dev::CA_FILE);
+    let tls = Tls {
+        phone: courier_tls::phone(&ca, "localhost")?,
+        operator: courier_tls::PeerTls::load_dev(pki, courier_tls::dev::OPERATOR)?.client(),
+    };
+    *TLS.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(tls));
+    Ok(())
+}
+
+fn tls() -> Option<Arc<Tls>> {
+    TLS.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
+}
+
+/// A lazily connecting channel to a client listener at `addr` (`host:port`). HTTP/2 keepalive
+/// pings detect a dead or paused peer within a few seconds, so streams on it fail instead of
+/// hanging forever.
 ///
 /// # Errors
 ///
 /// `addr` is not a valid authority.
 pub fn channel(addr: &str) -> anyhow::Result<Channel> {
-    Ok(endpoint(addr)?.connect_lazy())
+    let tls = tls().map(|tls| tls.phone.clone());
+    Ok(secured(addr, tls)?.connect_lazy())
+}
+
+/// As [`channel`], to a peer listener, as the operator.
+///
+/// # Errors
+///
+/// `addr` is not a valid authority.
+pub fn peer_channel(addr: &str) -> anyhow::Result<Channel> {
+    let tls = tls().map(|tls| tls.operator.clone());
+    Ok(secured(addr, tls)?.connect_lazy())
+}
+
+/// [`endpoint`] with `tls` (`None`: plaintext).
+fn secured(addr: &str, tls: Option<ClientTlsConfig>) -> anyhow::Result<Endpoint> {
+    let Some(tls) = tls else {
+        return endpoint(addr);
+    };
+    Ok(Endpoint::from_shared(format!("https://{addr}"))
+        .with_context(|| format!("{addr:?} is not host:port"))?
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(1))
+        .http2_keep_alive_interval(Duration::from_secs(1))
+        .keep_alive_timeout(Duration::from_secs(2))
+        .keep_alive_while_idle(true))
 }
 
 /// The clients' endpoint settings for `addr` (`host:port`): connect timeout 1 s, HTTP/2
@@ -81,7 +144,7 @@ impl AdminNode {
     ///
     /// The address is malformed.
     pub fn new(spec: &NodeSpec) -> anyhow::Result<Self> {
-        Ok(Self::over(spec.id, channel(&spec.peer_addr())?))
+        Ok(Self::over(spec.id, peer_channel(&spec.peer_addr())?))
     }
 
     /// A client for node `id` over `channel` (the simulation's network).
@@ -216,7 +279,7 @@ pub async fn init_cluster(
             client_addr: spec.client_addr(),
         })
         .collect();
-    init_cluster_over(channel(&first.peer_addr())?, members, shards, timeout).await
+    init_cluster_over(peer_channel(&first.peer_addr())?, members, shards, timeout).await
 }
 
 /// `Admin.InitCluster` with `members` over `channel` (to the first member), retried every

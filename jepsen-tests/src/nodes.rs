@@ -65,6 +65,14 @@ impl NodeSpec {
         self.dir.join("faketime.rc")
     }
 
+    /// The run's development PKI: `root/pki` beside `root/nodes`.
+    pub fn pki_dir(&self) -> PathBuf {
+        self.dir
+            .parent()
+            .and_then(Path::parent)
+            .map_or_else(|| self.dir.join("pki"), |root| root.join("pki"))
+    }
+
     /// The log file (stdout and stderr of every incarnation).
     pub fn log_path(&self) -> PathBuf {
         self.dir.join("node.log")
@@ -97,8 +105,8 @@ impl NodeSpec {
             .for_workload()
             .set("log_format", "json")
             .set("log_level", "info")
-            // The fault suites' clients speak plaintext for now (issue #20 note).
-            .insecure_plaintext()
+            // TLS with the run's development PKI (`Nodes::prepare` writes it to `root/pki`).
+            .dev_tls(self.id, &self.pki_dir())
             .text();
         format!("# Written by courier-jepsen.\n{text}")
     }
@@ -154,6 +162,12 @@ impl Nodes {
                 "clock faults need {LIBFAKETIME} (Debian package libfaketime; scripts/setup installs it)"
             );
         }
+        // Every node and client of the run uses TLS with one fresh development PKI.
+        let pki = root.join("pki");
+        let ids: Vec<u64> = (1..=u64::from(count)).collect();
+        courier_tls::dev::generate(&pki, &courier_tls::dev::DevPki::local(&ids))
+            .with_context(|| format!("writing the run's PKI to {}", pki.display()))?;
+        crate::admin::use_dev_tls(&pki)?;
         let mut nodes = BTreeMap::new();
         for id in 1..=count {
             let spec = NodeSpec {
