@@ -5,7 +5,7 @@ use std::path::Path;
 use crate::node_config::{NodeConfig, TEMPLATE};
 
 /// The placeholders [`NodeConfig::for_workload`] sets.
-const WORKLOAD: [&str; 8] = [
+const WORKLOAD: [&str; 9] = [
     "snapshot_logs_since_last",
     "sends_per_second_per_device",
     "send_burst_per_device",
@@ -13,6 +13,7 @@ const WORKLOAD: [&str; 8] = [
     "code_request_burst_per_phone",
     "register_attempts_per_hour_per_phone",
     "register_attempt_burst_per_phone",
+    "streams_per_device_max",
     "keep_delivered",
 ];
 

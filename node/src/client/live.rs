@@ -3,32 +3,42 @@
 //! whose buffer is full misses it (bounded, like every queue).
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use courier_proto::pb::client::{ServerFrame, TypingUpdate, server_frame};
 use tokio::sync::mpsc;
 use tonic::Status;
 
+use crate::status::ApiError;
+
 /// A registered stream's sender.
 pub type FrameSender = mpsc::Sender<Result<ServerFrame, Status>>;
+
+/// One open stream.
+#[derive(Debug)]
+struct Open {
+    id: u64,
+    device: u32,
+    sender: FrameSender,
+}
 
 /// Live streams by user.
 #[derive(Debug, Default)]
 pub struct LiveStreams {
     next_id: AtomicU64,
-    streams: Mutex<BTreeMap<u64, Vec<(u64, FrameSender)>>>,
+    streams: Mutex<BTreeMap<u64, Vec<Open>>>,
 }
 
 /// Removes its stream from the registry when dropped.
 #[derive(Debug)]
-pub struct Registration<'a> {
-    live: &'a LiveStreams,
+pub struct Registration {
+    live: Arc<LiveStreams>,
     user: u64,
     id: u64,
 }
 
-impl Drop for Registration<'_> {
+impl Drop for Registration {
     fn drop(&mut self) {
         let mut streams = self
             .live
@@ -36,7 +46,7 @@ impl Drop for Registration<'_> {
             .lock()
             .expect("live streams lock is never poisoned");
         if let Some(list) = streams.get_mut(&self.user) {
-            list.retain(|(id, _)| *id != self.id);
+            list.retain(|open| open.id != self.id);
             if list.is_empty() {
                 streams.remove(&self.user);
             }
@@ -45,20 +55,42 @@ impl Drop for Registration<'_> {
 }
 
 impl LiveStreams {
-    /// Registers a stream of `user` until the returned guard drops.
-    pub fn register(&self, user: u64, sender: FrameSender) -> Registration<'_> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.streams
+    /// Registers a stream of `device` of `user` until the returned guard drops, unless the
+    /// device already has `per_device_max` streams open here.
+    ///
+    /// # Errors
+    /// `RESOURCE_EXHAUSTED` `COURIER:Limits:StreamsPerDevice` at the cap.
+    pub fn register(
+        self: &Arc<Self>,
+        user: u64,
+        device: u32,
+        per_device_max: u32,
+        sender: FrameSender,
+    ) -> Result<Registration, ApiError> {
+        let mut streams = self
+            .streams
             .lock()
-            .expect("live streams lock is never poisoned")
-            .entry(user)
-            .or_default()
-            .push((id, sender));
-        Registration {
-            live: self,
+            .expect("live streams lock is never poisoned");
+        let list = streams.entry(user).or_default();
+        let open = list.iter().filter(|open| open.device == device).count();
+        if open >= usize::try_from(per_device_max).unwrap_or(usize::MAX) {
+            if list.is_empty() {
+                streams.remove(&user);
+            }
+            return Err(ApiError::ResourceExhausted {
+                code: "COURIER:Limits:StreamsPerDevice",
+                message: format!(
+                    "this device has {open} streams open on this node (limits.streams-per-device-max)"
+                ),
+            });
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        list.push(Open { id, device, sender });
+        Ok(Registration {
+            live: self.clone(),
             user,
             id,
-        }
+        })
     }
 
     /// Hands a typing update to every stream of `user` here; returns how many took it.
@@ -74,7 +106,7 @@ impl LiveStreams {
             .get(&user)
             .map_or(0, |list| {
                 list.iter()
-                    .filter(|(_, tx)| tx.try_send(Ok(frame.clone())).is_ok())
+                    .filter(|open| open.sender.try_send(Ok(frame.clone())).is_ok())
                     .count()
             })
             .try_into()

@@ -67,6 +67,13 @@ impl ClientApi {
         };
         let buffer = usize::try_from(self.limits.stream_buffer_frames).unwrap_or(256);
         let (tx, rx) = mpsc::channel(buffer);
+        // Ephemeral updates reach this stream while it is registered (until the pusher ends).
+        let registration = self.live.register(
+            caller.user.get(),
+            caller.device.get(),
+            self.limits.streams_per_device_max,
+            tx.clone(),
+        )?;
         let shard = self.shard_of(caller.user)?;
         // Receipts after the device's cursor are pushed (it resumes the feed where its last
         // stream left it, on any replica); without one, those that change from now on.
@@ -94,6 +101,7 @@ impl ClientApi {
         let pusher = self.clone();
         let pusher_tx = tx.clone();
         tokio::spawn(async move {
+            let _registration = registration;
             pusher
                 .push(
                     caller,
@@ -120,8 +128,6 @@ impl ClientApi {
         let Ok(shard) = self.shard_of(caller.user) else {
             return;
         };
-        // Ephemeral updates reach this stream while the pusher runs.
-        let _registration = self.live.register(caller.user.get(), tx.clone());
         let _open = self.metrics.stream_opened();
         let _online = self.cluster.edge().reporter.opened(
             caller.user.get(),

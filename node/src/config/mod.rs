@@ -131,6 +131,8 @@ pub struct Limits {
     pub forward_batches_in_flight: u32,
     /// Device and recipient checks remembered per node.
     pub device_cache_entries: u32,
+    /// Device streams one device may hold open on this node.
+    pub streams_per_device_max: u32,
     /// Sends to unknown users per hour per device.
     pub unknown_recipients_per_hour_per_device: u32,
     /// Burst of sends to unknown users per device.

@@ -106,6 +106,9 @@ pub struct LimitsRaw {
     /// Burst of sends to unknown users per device. Default 10.
     #[serde(default = "defaults::unknown_burst")]
     pub unknown_recipient_burst_per_device: u32,
+    /// Device streams one device may hold open on this node at once. Default 4.
+    #[serde(default = "defaults::streams_per_device")]
+    pub streams_per_device_max: u32,
     /// HTTP/2 keepalive pings on client connections: every this long. Default `"30s"`.
     #[serde(default = "defaults::keepalive_interval")]
     pub keepalive_interval: HumanDuration,
@@ -354,6 +357,9 @@ mod defaults {
     }
     pub(super) fn device_cache() -> u32 {
         65_536
+    }
+    pub(super) fn streams_per_device() -> u32 {
+        4
     }
     pub(super) fn unknown_rate() -> u32 {
         60

@@ -156,6 +156,72 @@ fn validate_raft(raft: &RaftRaw) -> Result<RaftConfig, ConfigError> {
     })
 }
 
+/// Counts, rates, bursts and durations that must not be zero.
+fn nonzero_limits(l: &LimitsRaw) -> Result<(), ConfigError> {
+    for (name, value) in [
+        ("limits.connections-max", l.connections_max),
+        (
+            "limits.streams-per-connection-max",
+            l.streams_per_connection_max,
+        ),
+        (
+            "limits.sends-per-second-per-device",
+            l.sends_per_second_per_device,
+        ),
+        ("limits.send-burst-per-device", l.send_burst_per_device),
+        ("limits.stream-buffer-frames", l.stream_buffer_frames),
+        (
+            "limits.forward-batches-in-flight",
+            l.forward_batches_in_flight,
+        ),
+        ("limits.device-cache-entries", l.device_cache_entries),
+        ("limits.streams-per-device-max", l.streams_per_device_max),
+        (
+            "limits.unknown-recipients-per-hour-per-device",
+            l.unknown_recipients_per_hour_per_device,
+        ),
+        (
+            "limits.unknown-recipient-burst-per-device",
+            l.unknown_recipient_burst_per_device,
+        ),
+        (
+            "limits.presence-lookups-per-second-per-device",
+            l.presence_lookups_per_second_per_device,
+        ),
+        (
+            "limits.presence-lookup-burst-per-device",
+            l.presence_lookup_burst_per_device,
+        ),
+        (
+            "limits.code-requests-per-hour-per-phone",
+            l.code_requests_per_hour_per_phone,
+        ),
+        (
+            "limits.code-request-burst-per-phone",
+            l.code_request_burst_per_phone,
+        ),
+        (
+            "limits.register-attempts-per-hour-per-phone",
+            l.register_attempts_per_hour_per_phone,
+        ),
+        (
+            "limits.register-attempt-burst-per-phone",
+            l.register_attempt_burst_per_phone,
+        ),
+    ] {
+        nonzero(name, value)?;
+    }
+    for (name, value) in [
+        ("limits.keepalive-interval", l.keepalive_interval.0),
+        ("limits.keepalive-timeout", l.keepalive_timeout.0),
+    ] {
+        if value.is_zero() {
+            return Err(ConfigError::ZeroLimit { name });
+        }
+    }
+    Ok(())
+}
+
 /// Limits: each within its protocol maximum, none zero.
 fn validate_limits(l: &LimitsRaw) -> Result<Limits, ConfigError> {
     bounded(
@@ -178,62 +244,7 @@ fn validate_limits(l: &LimitsRaw) -> Result<Limits, ConfigError> {
         u64::from(l.companion_devices_max),
         u64::from(limits::COMPANION_DEVICES_MAX),
     )?;
-    nonzero("limits.connections-max", l.connections_max)?;
-    nonzero(
-        "limits.streams-per-connection-max",
-        l.streams_per_connection_max,
-    )?;
-    nonzero(
-        "limits.sends-per-second-per-device",
-        l.sends_per_second_per_device,
-    )?;
-    nonzero("limits.send-burst-per-device", l.send_burst_per_device)?;
-    nonzero("limits.stream-buffer-frames", l.stream_buffer_frames)?;
-    nonzero(
-        "limits.forward-batches-in-flight",
-        l.forward_batches_in_flight,
-    )?;
-    nonzero("limits.device-cache-entries", l.device_cache_entries)?;
-    nonzero(
-        "limits.unknown-recipients-per-hour-per-device",
-        l.unknown_recipients_per_hour_per_device,
-    )?;
-    nonzero(
-        "limits.unknown-recipient-burst-per-device",
-        l.unknown_recipient_burst_per_device,
-    )?;
-    nonzero(
-        "limits.presence-lookups-per-second-per-device",
-        l.presence_lookups_per_second_per_device,
-    )?;
-    nonzero(
-        "limits.presence-lookup-burst-per-device",
-        l.presence_lookup_burst_per_device,
-    )?;
-    for (name, value) in [
-        ("limits.keepalive-interval", l.keepalive_interval.0),
-        ("limits.keepalive-timeout", l.keepalive_timeout.0),
-    ] {
-        if value.is_zero() {
-            return Err(ConfigError::ZeroLimit { name });
-        }
-    }
-    nonzero(
-        "limits.code-requests-per-hour-per-phone",
-        l.code_requests_per_hour_per_phone,
-    )?;
-    nonzero(
-        "limits.code-request-burst-per-phone",
-        l.code_request_burst_per_phone,
-    )?;
-    nonzero(
-        "limits.register-attempts-per-hour-per-phone",
-        l.register_attempts_per_hour_per_phone,
-    )?;
-    nonzero(
-        "limits.register-attempt-burst-per-phone",
-        l.register_attempt_burst_per_phone,
-    )?;
+    nonzero_limits(l)?;
     Ok(Limits {
         message_body_bytes_max: l.message_body_max.bytes(),
         thumbnail_bytes_max: l.thumbnail_max.bytes(),
@@ -246,6 +257,7 @@ fn validate_limits(l: &LimitsRaw) -> Result<Limits, ConfigError> {
         stream_buffer_frames: l.stream_buffer_frames,
         forward_batches_in_flight: l.forward_batches_in_flight,
         device_cache_entries: l.device_cache_entries,
+        streams_per_device_max: l.streams_per_device_max,
         unknown_recipients_per_hour_per_device: l.unknown_recipients_per_hour_per_device,
         unknown_recipient_burst_per_device: l.unknown_recipient_burst_per_device,
         presence_lookups_per_second_per_device: l.presence_lookups_per_second_per_device,

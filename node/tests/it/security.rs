@@ -629,3 +629,60 @@ async fn no_sms_outbox_unless_configured() {
         node.stop().await;
     }
 }
+
+/// A device holds at most `limits.streams-per-device-max` (default 4) streams on a node; one
+/// more is refused with `COURIER:Limits:StreamsPerDevice`, and a slot frees when a stream ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_per_device_are_capped() {
+    use crate::messaging::{authed, open_stream, register};
+    use courier_proto::pb::client::messaging_client::MessagingClient;
+    use courier_proto::pb::client::{ClientFrame, Open, client_frame};
+
+    let c = cluster_configured(&|text| text).await;
+    let node1 = c.nodes[0].client_addr.to_string();
+    let phone = register(&node1, &c.dirs[0], "+15550006001").await;
+    let mut open = Vec::new();
+    for _ in 0..4 {
+        open.push(open_stream(&node1, &phone, 0).await);
+    }
+    let fifth = || async {
+        let (out, rx) = tokio::sync::mpsc::channel(1);
+        out.send(ClientFrame {
+            frame: Some(client_frame::Frame::Open(Open::default())),
+        })
+        .await
+        .expect("open frame");
+        let result = MessagingClient::new(crate::support::channel(&node1).await)
+            .stream(authed(
+                &phone,
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+            ))
+            .await;
+        (result, out)
+    };
+    let (refused, _out) = fifth().await;
+    let refused = refused.expect_err("a fifth stream of one device is refused");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert_eq!(code_of(&refused), "COURIER:Limits:StreamsPerDevice");
+    drop(open.pop());
+    let started = std::time::Instant::now();
+    loop {
+        let (result, out) = fifth().await;
+        if result.is_ok() {
+            drop(out);
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "a slot frees once a stream ends"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for node in c.nodes {
+        node.stop().await;
+    }
+}
