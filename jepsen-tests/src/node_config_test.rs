@@ -17,7 +17,8 @@ const WORKLOAD: [&str; 9] = [
     "keep_delivered",
 ];
 
-/// Goal: unset placeholders and tables without keys are left out, set ones are filled.
+/// Goal: unset placeholders and tables without keys are left out, set ones are filled (`new`
+/// sets the development SMS outbox, where the harnesses read registration codes).
 #[test]
 fn unset_keys_and_empty_tables_are_left_out() {
     let text = NodeConfig::new(3, Path::new("/tmp/n3"))
@@ -26,7 +27,7 @@ fn unset_keys_and_empty_tables_are_left_out() {
         .text();
     assert_eq!(
         text,
-        "node-id = 3\ndata-dir = \"/tmp/n3\"\n\n[listen]\nclient = \"127.0.0.1:0\"\n\n[log]\nlevel = \"info\"\n"
+        "node-id = 3\ndata-dir = \"/tmp/n3\"\n\n[listen]\nclient = \"127.0.0.1:0\"\n\n[sms]\ndev-outbox = \"/tmp/n3/sms-outbox.log\"\n\n[log]\nlevel = \"info\"\n"
     );
 }
 
