@@ -5,8 +5,6 @@
 //! for it) but never replies, so an unbounded call would hang the harness.
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 // tokio's clock: real time in a jepsen run, simulated time in courier-sim.
@@ -33,40 +31,6 @@ pub const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Pause between polls while waiting for leaders or convergence.
 const POLL_PAUSE: Duration = Duration::from_millis(250);
 
-/// The TLS of this run's clients, when its nodes use TLS ([`use_dev_tls`]): a phone's (the CA,
-/// the client listener's name) and the operator's (the CA, the operator certificate).
-struct Tls {
-    phone: ClientTlsConfig,
-    operator: ClientTlsConfig,
-}
-
-/// Set per run (a run's nodes get a fresh PKI); absent in the simulation (plaintext network).
-static TLS: Mutex<Option<Arc<Tls>>> = Mutex::new(None);
-
-/// From now on, channels of this process use TLS with the development PKI in `pki`
-/// (`courier_tls::dev`): the nodes' client listeners are verified as `localhost`, their peer
-/// listeners as nodes, and peer calls present the operator certificate.
-///
-/// # Errors
-///
-/// A PKI file cannot be read.
-pub fn use_dev_tls(pki: &Path) -> anyhow::Result<()> {
-    let ca = pki.join(courier_tls::dev::CA_FILE);
-    let tls = Tls {
-        phone: courier_tls::phone(&ca, "localhost")?,
-        operator: courier_tls::PeerTls::load_dev(pki, courier_tls::dev::OPERATOR)?.client(),
-    };
-    *TLS.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(tls));
-    Ok(())
-}
-
-fn tls() -> Option<Arc<Tls>> {
-    TLS.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone()
-}
-
 /// A lazily connecting channel to a client listener at `addr` (`host:port`). HTTP/2 keepalive
 /// pings detect a dead or paused peer within a few seconds, so streams on it fail instead of
 /// hanging forever.
@@ -75,7 +39,7 @@ fn tls() -> Option<Arc<Tls>> {
 ///
 /// `addr` is not a valid authority.
 pub fn channel(addr: &str) -> anyhow::Result<Channel> {
-    let tls = tls().map(|tls| tls.phone.clone());
+    let tls = crate::tls::current().map(|tls| tls.phone.clone());
     Ok(secured(addr, tls)?.connect_lazy())
 }
 
@@ -85,7 +49,7 @@ pub fn channel(addr: &str) -> anyhow::Result<Channel> {
 ///
 /// `addr` is not a valid authority.
 pub fn peer_channel(addr: &str) -> anyhow::Result<Channel> {
-    let tls = tls().map(|tls| tls.operator.clone());
+    let tls = crate::tls::current().map(|tls| tls.operator.clone());
     Ok(secured(addr, tls)?.connect_lazy())
 }
 

@@ -38,6 +38,7 @@ mod node_config_test;
 pub mod nodes;
 pub mod recorder;
 pub mod scenario;
+pub mod tls;
 pub mod workload;
 
 /// Lower-case hex of `bytes` (message ids, tokens in the bearer header): the one helper of

@@ -167,7 +167,7 @@ impl Nodes {
         let ids: Vec<u64> = (1..=u64::from(count)).collect();
         courier_tls::dev::generate(&pki, &courier_tls::dev::DevPki::local(&ids))
             .with_context(|| format!("writing the run's PKI to {}", pki.display()))?;
-        crate::admin::use_dev_tls(&pki)?;
+        crate::tls::use_dev_tls(&pki)?;
         let mut nodes = BTreeMap::new();
         for id in 1..=count {
             let spec = NodeSpec {
