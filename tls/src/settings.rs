@@ -2,6 +2,7 @@
 //! the party's own certificate and key, read from PEM files once.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
@@ -68,11 +69,13 @@ impl PeerTls {
     }
 
     /// The peer listener's server side: this party's certificate, and every caller must present
-    /// a certificate from the CA.
-    pub fn server(&self) -> ServerTlsConfig {
+    /// a certificate from the CA; a handshake not done within `handshake_timeout` is dropped (a
+    /// connection that never finishes one would hold its slot under the connection cap).
+    pub fn server(&self, handshake_timeout: Duration) -> ServerTlsConfig {
         ServerTlsConfig::new()
             .identity(Identity::from_pem(&self.cert, &self.key))
             .client_ca_root(Certificate::from_pem(&self.ca))
+            .timeout(handshake_timeout)
     }
 
     /// The dialing side: trusts only the CA, verifies the node server name, presents this
@@ -86,12 +89,19 @@ impl PeerTls {
 }
 
 /// The client listener's server side: the listener certificate phones verify (no client
-/// certificate; phones authenticate with their device token).
+/// certificate; phones authenticate with their device token); handshakes bounded by
+/// `handshake_timeout`.
 ///
 /// # Errors
 /// [`TlsError::Read`] naming the file that cannot be read.
-pub fn client_listener(cert: &Path, key: &Path) -> Result<ServerTlsConfig, TlsError> {
-    Ok(ServerTlsConfig::new().identity(Identity::from_pem(load_pem(cert)?, load_pem(key)?)))
+pub fn client_listener(
+    cert: &Path,
+    key: &Path,
+    handshake_timeout: Duration,
+) -> Result<ServerTlsConfig, TlsError> {
+    Ok(ServerTlsConfig::new()
+        .identity(Identity::from_pem(load_pem(cert)?, load_pem(key)?))
+        .timeout(handshake_timeout))
 }
 
 /// A phone's (or the demo's) side of the client listener: trusts `ca`, verifies `host`.

@@ -141,6 +141,8 @@ pub struct Limits {
     pub presence_lookups_per_second_per_device: u32,
     /// Presence lookup burst per device.
     pub presence_lookup_burst_per_device: u32,
+    /// TLS handshake deadline on both listeners.
+    pub tls_handshake_timeout: std::time::Duration,
     /// HTTP/2 keepalive interval on client connections.
     pub keepalive_interval: std::time::Duration,
     /// Unanswered keepalive deadline.

@@ -109,6 +109,10 @@ pub struct LimitsRaw {
     /// Device streams one device may hold open on this node at once. Default 4.
     #[serde(default = "defaults::streams_per_device")]
     pub streams_per_device_max: u32,
+    /// A TLS handshake not finished within this is dropped, on both listeners (a connection
+    /// that never finishes one would hold its slot under the connection cap). Default `"10s"`.
+    #[serde(default = "defaults::tls_handshake_timeout")]
+    pub tls_handshake_timeout: HumanDuration,
     /// HTTP/2 keepalive pings on client connections: every this long. Default `"30s"`.
     #[serde(default = "defaults::keepalive_interval")]
     pub keepalive_interval: HumanDuration,
@@ -372,6 +376,9 @@ mod defaults {
     }
     pub(super) fn presence_burst() -> u32 {
         10
+    }
+    pub(super) fn tls_handshake_timeout() -> HumanDuration {
+        HumanDuration(Duration::from_secs(10))
     }
     pub(super) fn keepalive_interval() -> HumanDuration {
         HumanDuration(Duration::from_secs(30))

@@ -212,6 +212,7 @@ fn nonzero_limits(l: &LimitsRaw) -> Result<(), ConfigError> {
         nonzero(name, value)?;
     }
     for (name, value) in [
+        ("limits.tls-handshake-timeout", l.tls_handshake_timeout.0),
         ("limits.keepalive-interval", l.keepalive_interval.0),
         ("limits.keepalive-timeout", l.keepalive_timeout.0),
     ] {
@@ -262,6 +263,7 @@ fn validate_limits(l: &LimitsRaw) -> Result<Limits, ConfigError> {
         unknown_recipient_burst_per_device: l.unknown_recipient_burst_per_device,
         presence_lookups_per_second_per_device: l.presence_lookups_per_second_per_device,
         presence_lookup_burst_per_device: l.presence_lookup_burst_per_device,
+        tls_handshake_timeout: l.tls_handshake_timeout.0,
         keepalive_interval: l.keepalive_interval.0,
         keepalive_timeout: l.keepalive_timeout.0,
         code_requests_per_hour_per_phone: l.code_requests_per_hour_per_phone,

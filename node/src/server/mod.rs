@@ -207,7 +207,10 @@ pub async fn start_in(config: Config, environment: Environment) -> Result<NodeHa
     );
     let live = client_api.live();
     let (client_tls, peer_tls) = match &tls {
-        Some(tls) => (Some(tls.listener.clone()), Some(tls.peer.server())),
+        Some(tls) => (
+            Some(tls.listener.clone()),
+            Some(tls.peer.server(config.limits.tls_handshake_timeout)),
+        ),
         None => (None, None),
     };
     let client_router = client_router(&config, client_api, client_tls).await?;
@@ -313,7 +316,11 @@ fn load_tls(config: &Config) -> Result<Option<Tls>, ServerError> {
     }
     let tls = Tls {
         peer,
-        listener: courier_tls::client_listener(&paths.listener_cert, &paths.listener_key)?,
+        listener: courier_tls::client_listener(
+            &paths.listener_cert,
+            &paths.listener_key,
+            config.limits.tls_handshake_timeout,
+        )?,
     };
     info!(ca = %paths.ca.display(), cert = %paths.cert.display(), "tls on both listeners");
     Ok(Some(tls))

@@ -686,3 +686,49 @@ async fn streams_per_device_are_capped() {
         node.stop().await;
     }
 }
+
+/// A connection that never finishes its TLS handshake does not hold a slot under the connection
+/// cap: it is dropped after `limits.tls-handshake-timeout`, and a real client is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unfinished_handshake_does_not_hold_a_connection_slot() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = format!(
+        "{}\n[limits]\nconnections-max = 1\ntls-handshake-timeout = \"300ms\"\n",
+        crate::support::config_text(1, dir.path())
+    );
+    let node = courier_node::start(courier_node::Config::parse(&text).expect("config"))
+        .await
+        .expect("start");
+    let client = node.client_addr.to_string();
+    let silent = tokio::net::TcpStream::connect(&client)
+        .await
+        .expect("a TCP connection that says nothing");
+    let started = std::time::Instant::now();
+    loop {
+        let served = match crate::support::try_connect(&client).await {
+            Ok(channel) => HealthClient::new(channel)
+                .check(HealthCheckRequest::default())
+                .await
+                .is_ok(),
+            Err(_) => false,
+        };
+        if served {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the silent connection still holds the only slot"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "the slot was held until the handshake deadline ({:?})",
+        started.elapsed()
+    );
+    drop(silent);
+    node.stop().await;
+}
