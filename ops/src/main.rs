@@ -144,8 +144,9 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum CertsCommand {
-    /// Generates a development PKI into a directory: a CA (ca.pem), node-<id>.pem/.key for each
-    /// node, operator.pem/.key, listener.pem/.key (for localhost, 127.0.0.1 and --host names).
+    /// Generates a development PKI into a directory: a CA (ca.pem), `node-<id>.pem`/`.key` for
+    /// each node, operator.pem/.key, listener.pem/.key (for localhost, 127.0.0.1 and --host
+    /// names).
     /// For development and tests only: the CA's key is not kept.
     Dev {
         /// The directory to write (created if missing; files are replaced).

@@ -31,7 +31,8 @@ use crate::status::ApiError;
 pub const PAIRING_TTL: Duration = Duration::from_secs(120);
 /// Pairings outstanding per node at most.
 pub const PAIRINGS_MAX: usize = 10_000;
-/// Characters of a pairing code (from [`CODE_ALPHABET`]: 32^8 = 2^40 codes).
+/// Characters of a pairing code, from an alphabet of 32 letters and digits a person cannot
+/// confuse: 32^8 = 2^40 codes.
 pub const PAIRING_CODE_CHARS: usize = 8;
 /// Letters and digits a person cannot confuse (no 0/O, 1/I).
 const CODE_ALPHABET: &[u8; 32] = b"ABCDEFGHJKLMNPQRSTUVWXYZ23456789";

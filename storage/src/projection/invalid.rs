@@ -5,7 +5,7 @@
 //! validation guarantees (an ack never passes the inbox tail, a receipt only moves forward, …).
 //! An event that reached the log some other way — a forged peer call, a bug in a proposer — must
 //! not be able to trip those asserts: with `panic = "abort"` every replica would stop on the same
-//! committed entry and stop again on restart, for good. So [`check`] tests each precondition
+//! committed entry and stop again on restart, for good. So `check` tests each precondition
 //! the projections assert, before any of them runs, and an event that fails one becomes
 //! `Applied::Rejected` with [`INVALID_CODE`]: nothing changes, the digests stay equal on every
 //! replica, and the node counts and logs it. The asserts stay, now as statements of what
