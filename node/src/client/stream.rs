@@ -138,8 +138,9 @@ impl ClientApi {
         // The first pass sends the backlog; what later passes find arrived while the device was
         // connected, and its send-to-push time is the live delivery latency.
         let mut live = false;
-        // The device was valid when the stream opened, at this devices epoch.
-        let mut device_checked_at = self.cluster.groups().watch().devices_epoch();
+        // Checked on the first pass too: a revocation may have been applied between the
+        // stream's authentication and now (no devices epoch is ever u64::MAX).
+        let mut device_checked_at = u64::MAX;
         loop {
             // Registered before reading, so an apply between the read and the wait still wakes us.
             let applied = watch.notified();
