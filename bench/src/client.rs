@@ -11,7 +11,7 @@ use courier_proto::pb::client::registration_client::RegistrationClient;
 use courier_proto::pb::client::{
     ClientFrame, Open, RegisterRequest, RequestCodeRequest, ServerFrame, client_frame,
 };
-use courier_proto::{ShardId, shard_of, user_of_phone};
+use courier_proto::{PhoneHasher, ShardId, shard_of};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataValue;
@@ -56,11 +56,6 @@ pub(crate) fn authed<T>(device: &Device, message: T) -> tonic::Request<T> {
 /// A phone number of this run: `+1` and 10 digits, unique per `(run, index)`.
 pub(crate) fn phone(run: u32, index: u32) -> String {
     format!("+1{:04}{:06}", run % 10_000, index % 1_000_000)
-}
-
-/// The shard a phone number's user lives on.
-pub(crate) fn shard_of_phone(phone: &str, shards: u16) -> ShardId {
-    shard_of(user_of_phone(phone), shards)
 }
 
 /// A run tag that makes this run's phone numbers differ from earlier runs' on the same cluster.
@@ -195,16 +190,19 @@ pub(crate) async fn open_stream(channel: Channel, device: &Device) -> anyhow::Re
 pub(crate) struct PhoneBook {
     run: u32,
     shards: u16,
+    hasher: PhoneHasher,
     next: u32,
     spare: std::collections::BTreeMap<u16, Vec<String>>,
 }
 
 impl PhoneBook {
-    /// A phone book for run `run` on a cluster of `shards` shards.
-    pub(crate) fn new(run: u32, shards: u16) -> Self {
+    /// A phone book for run `run` on a cluster of `shards` shards that hashes numbers with
+    /// `hasher` (the benchmark creates its clusters with a key it knows).
+    pub(crate) fn new(run: u32, shards: u16, hasher: PhoneHasher) -> Self {
         Self {
             run,
             shards,
+            hasher,
             next: 0,
             spare: std::collections::BTreeMap::new(),
         }
@@ -224,7 +222,7 @@ impl PhoneBook {
             }
             let candidate = phone(self.run, self.next);
             self.next += 1;
-            let at = shard_of_phone(&candidate, self.shards);
+            let at = shard_of(self.hasher.user_of_phone(&candidate), self.shards);
             if at == shard {
                 return Ok(candidate);
             }

@@ -59,6 +59,11 @@ pub(crate) struct Args {
     /// The cluster's shard count (as given to `courier-ops cluster init`).
     #[arg(long, default_value_t = 8)]
     shards: u16,
+    /// The phone-hash key file the cluster was created with (`courier-ops cluster init
+    /// --phone-key-file`): the benchmark places senders and recipients on chosen shards, so it
+    /// must compute user ids.
+    #[arg(long, value_name = "FILE")]
+    phone_key_file: PathBuf,
     /// Every sender and recipient on shard 0 (no cross-shard forwarding).
     #[arg(long)]
     same_shard: bool,
@@ -197,7 +202,11 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
 async fn register_pairs(args: &Args) -> anyhow::Result<Vec<Pair>> {
     let nodes = args.addrs.len();
     let shards = args.shards;
-    let mut book = PhoneBook::new(client::run_tag(), shards);
+    let mut book = PhoneBook::new(
+        client::run_tag(),
+        shards,
+        phone_hasher(&args.phone_key_file)?,
+    );
     let mut plan = Vec::new();
     for index in 0..args.load.workers() {
         let (from, to) = if args.same_shard {
@@ -423,4 +432,13 @@ fn appends_diff(before: &[LogAppends], after: &[LogAppends]) -> Vec<LogAppends> 
             })
         })
         .collect()
+}
+
+/// The keyed phone hasher of a key file of 64 hex digits.
+fn phone_hasher(path: &std::path::Path) -> anyhow::Result<courier_proto::PhoneHasher> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the phone-hash key {}", path.display()))?;
+    let key = courier_proto::PhoneKey::from_hex(&text)
+        .with_context(|| format!("{}: not 64 hex digits", path.display()))?;
+    Ok(courier_proto::PhoneHasher::Keyed(key))
 }

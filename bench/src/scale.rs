@@ -176,7 +176,8 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
 /// streams (each on its own connection, like a phone).
 async fn setup(args: &Args) -> anyhow::Result<Fleet> {
     let channel = client::connect(&args.addr).await?;
-    let mut book = PhoneBook::new(client::run_tag(), 1);
+    // One shard: every number lands on it, whatever the cluster's key.
+    let mut book = PhoneBook::new(client::run_tag(), 1, courier_proto::PhoneHasher::Unkeyed);
     let count = args.users + args.probes + 1;
     let limit = Arc::new(Semaphore::new(REGISTER_PARALLEL));
     let mut tasks = JoinSet::new();

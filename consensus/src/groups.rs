@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use courier_proto::PhoneHasher;
 use courier_storage::Db;
 use openraft::{Config, SnapshotPolicy};
 use tracing::info;
@@ -233,6 +234,22 @@ impl Groups {
             .read()
             .expect("applied view lock is never poisoned");
         view.raft.settings.map(|s| s.shard_count)
+    }
+
+    /// How this cluster hashes phone numbers; `None` before the cluster settings are applied
+    /// here. The key never leaves the node through this: callers hash with it.
+    pub fn phone_hasher(&self) -> Option<PhoneHasher> {
+        let metadata = self.get(GroupId::Metadata)?;
+        let view = metadata
+            .applied
+            .read()
+            .expect("applied view lock is never poisoned");
+        view.raft.settings?;
+        Some(
+            view.raft
+                .phone_key
+                .map_or(PhoneHasher::Unkeyed, PhoneHasher::Keyed),
+        )
     }
 
     /// Returns a group, starting it (empty) if this node does not run it yet.

@@ -8,6 +8,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use courier_proto::PhoneKey;
+
 use crate::groups::GroupHandle;
 use crate::types::{ClusterSettings, Node, NodeId, Proposal};
 
@@ -274,13 +276,18 @@ impl GroupHandle {
         }
     }
 
-    /// On the leader: proposes the cluster settings (metadata group) and waits until applied.
+    /// On the leader: proposes the cluster settings and the phone-hash key (metadata group)
+    /// and waits until applied. Only the first settings entry takes effect.
     ///
     /// # Errors
     /// [`RaftCallError`] when this replica does not lead or the write fails.
-    pub async fn write_settings(&self, settings: ClusterSettings) -> Result<(), RaftCallError> {
+    pub async fn write_settings(
+        &self,
+        settings: ClusterSettings,
+        phone_key: PhoneKey,
+    ) -> Result<(), RaftCallError> {
         self.raft
-            .client_write(Proposal::Cluster(settings))
+            .client_write(Proposal::ClusterKeyed(settings, phone_key))
             .await
             .map(|_| ())
             .map_err(RaftCallError::from_display)

@@ -30,6 +30,8 @@ use openraft::{Entry, EntryPayload, LogState, OptionalSend, RaftLogReader, Stora
 use prost::Message;
 use serde::{Deserialize, Serialize};
 
+use courier_proto::{PHONE_KEY_BYTES, PhoneKey};
+
 use crate::types::{ClusterSettings, LogId, Node, NodeId, Proposal, RaftStorageError, TypeConfig};
 
 /// The raft-specific part of a stored entry.
@@ -39,6 +41,8 @@ enum RaftPart {
     Events(LogId),
     Cluster(LogId, ClusterSettings),
     Membership(LogId, openraft::Membership<NodeId, Node>),
+    // Appended: postcard tags variants by position, so stored entries keep their meaning.
+    ClusterKeyed(LogId, ClusterSettings, [u8; PHONE_KEY_BYTES]),
 }
 
 /// Maps a storage fault to openraft's storage error (which stops the raft group).
@@ -66,6 +70,10 @@ pub fn encode_entry(entry: &Entry<TypeConfig>) -> Result<LogRecord, RaftStorageE
         EntryPayload::Normal(Proposal::Cluster(settings)) => {
             (RaftPart::Cluster(log_id, *settings), None)
         }
+        EntryPayload::Normal(Proposal::ClusterKeyed(settings, key)) => (
+            RaftPart::ClusterKeyed(log_id, *settings, *key.expose()),
+            None,
+        ),
         EntryPayload::Membership(membership) => {
             (RaftPart::Membership(log_id, membership.clone()), None)
         }
@@ -111,6 +119,10 @@ pub fn decode_record(
         RaftPart::Cluster(log_id, settings) => {
             (log_id, EntryPayload::Normal(Proposal::Cluster(settings)))
         }
+        RaftPart::ClusterKeyed(log_id, settings, key) => (
+            log_id,
+            EntryPayload::Normal(Proposal::ClusterKeyed(settings, PhoneKey::new(key))),
+        ),
         RaftPart::Membership(log_id, membership) => (log_id, EntryPayload::Membership(membership)),
     };
     assert_eq!(

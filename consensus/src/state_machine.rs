@@ -10,6 +10,7 @@ use std::io::Cursor;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
+use courier_proto::{PHONE_KEY_BYTES, PhoneKey};
 use courier_storage::projection::INVALID_CODE;
 use courier_storage::shard::Committed;
 use courier_storage::{Applied, Db, ShardState, snapshot};
@@ -25,7 +26,7 @@ use crate::types::{
 use crate::watch::ApplyWatch;
 
 /// This layer's part of the applied state, stored opaquely by storage.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct RaftApplied {
     /// The last applied log id.
     pub last_applied: Option<LogId>,
@@ -33,20 +34,77 @@ pub struct RaftApplied {
     pub membership: StoredMembership,
     /// Cluster settings (metadata group only).
     pub settings: Option<ClusterSettings>,
+    /// The phone-hash key (metadata group only; `None` in a cluster created before the key
+    /// existed, which keeps its unkeyed hash).
+    pub phone_key: Option<PhoneKey>,
 }
+
+/// The first stored form: postcard of the three fields, no version tag. Its first byte is the
+/// tag of `Option<LogId>` (0 or 1), which is how a version tag of 2 or more tells it apart.
+#[derive(Serialize, Deserialize)]
+struct RaftAppliedV1 {
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+    settings: Option<ClusterSettings>,
+}
+
+/// Version 2 (`RAFT_APPLIED_V2` ‖ postcard): adds the phone-hash key.
+#[derive(Serialize, Deserialize)]
+struct RaftAppliedV2 {
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+    settings: Option<ClusterSettings>,
+    phone_key: Option<[u8; PHONE_KEY_BYTES]>,
+}
+
+/// The version tag of [`RaftAppliedV2`]'s stored form.
+const RAFT_APPLIED_V2: u8 = 2;
 
 impl RaftApplied {
     fn decode(bytes: &[u8]) -> Result<Self, RaftStorageError> {
-        if bytes.is_empty() {
-            return Ok(Self::default());
+        let corrupt = |e: &dyn std::fmt::Display| -> RaftStorageError {
+            openraft::StorageIOError::read(&std::io::Error::other(format!(
+                "raft applied state: {e}"
+            )))
+            .into()
+        };
+        match bytes.first() {
+            None => Ok(Self::default()),
+            Some(0 | 1) => {
+                let v1: RaftAppliedV1 = postcard::from_bytes(bytes).map_err(|e| corrupt(&e))?;
+                Ok(Self {
+                    last_applied: v1.last_applied,
+                    membership: v1.membership,
+                    settings: v1.settings,
+                    phone_key: None,
+                })
+            }
+            Some(&RAFT_APPLIED_V2) => {
+                let v2: RaftAppliedV2 =
+                    postcard::from_bytes(&bytes[1..]).map_err(|e| corrupt(&e))?;
+                Ok(Self {
+                    last_applied: v2.last_applied,
+                    membership: v2.membership,
+                    settings: v2.settings,
+                    phone_key: v2.phone_key.map(PhoneKey::new),
+                })
+            }
+            Some(version) => Err(corrupt(&format!(
+                "unknown version {version} (written by a newer courier?)"
+            ))),
         }
-        postcard::from_bytes(bytes).map_err(|e| {
-            openraft::StorageIOError::read(&std::io::Error::other(e.to_string())).into()
-        })
     }
 
     fn encode(&self) -> Vec<u8> {
-        postcard::to_stdvec(self).expect("postcard encodes plain data")
+        let v2 = RaftAppliedV2 {
+            last_applied: self.last_applied,
+            membership: self.membership.clone(),
+            settings: self.settings,
+            phone_key: self.phone_key.map(|key| *key.expose()),
+        };
+        let mut bytes = vec![RAFT_APPLIED_V2];
+        bytes.extend(postcard::to_stdvec(&v2).expect("postcard encodes plain data"));
+        bytes
     }
 }
 
@@ -205,6 +263,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     raft.settings.get_or_insert(*settings);
                     None
                 }
+                EntryPayload::Normal(Proposal::ClusterKeyed(settings, key)) => {
+                    // The first settings entry wins, the key with them: a cluster never
+                    // changes how it hashes phone numbers.
+                    if raft.settings.is_none() {
+                        raft.settings = Some(*settings);
+                        raft.phone_key = Some(*key);
+                    }
+                    None
+                }
                 EntryPayload::Membership(membership) => {
                     raft.membership = StoredMembership::new(Some(entry.log_id), membership.clone());
                     None
@@ -304,5 +371,56 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         self.snapshot
             .take()
             .expect("openraft builds each snapshot once")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, Membership};
+
+    use super::*;
+
+    fn sample(phone_key: Option<PhoneKey>) -> RaftApplied {
+        let log_id = LogId::new(CommittedLeaderId::new(3, 1), 41);
+        let voters = std::collections::BTreeSet::from([1_u64, 2, 3]);
+        RaftApplied {
+            last_applied: Some(log_id),
+            membership: StoredMembership::new(Some(log_id), Membership::new(vec![voters], None)),
+            settings: Some(ClusterSettings {
+                shard_count: 8,
+                replication_factor: 3,
+            }),
+            phone_key,
+        }
+    }
+
+    /// A state written before the key existed (postcard of the three fields, no tag) still
+    /// opens, as a cluster without a key; the current form round-trips with its key.
+    #[test]
+    fn both_stored_forms_of_the_applied_state_open() {
+        let old = sample(None);
+        let v1 = postcard::to_stdvec(&RaftAppliedV1 {
+            last_applied: old.last_applied,
+            membership: old.membership.clone(),
+            settings: old.settings,
+        })
+        .expect("encode v1");
+        assert_eq!(RaftApplied::decode(&v1).expect("v1 opens"), old);
+
+        let new = sample(Some(PhoneKey::new([7; PHONE_KEY_BYTES])));
+        assert_eq!(RaftApplied::decode(&new.encode()).expect("v2 opens"), new);
+        assert_eq!(
+            RaftApplied::decode(&[]).expect("empty"),
+            RaftApplied::default()
+        );
+    }
+
+    /// A tag this version does not know is a fault, not a guess.
+    #[test]
+    fn an_unknown_version_is_refused() {
+        let mut bytes = sample(None).encode();
+        bytes[0] = 9;
+        let error = RaftApplied::decode(&bytes).expect_err("unknown version");
+        assert!(error.to_string().contains("unknown version 9"), "{error}");
     }
 }

@@ -5,7 +5,7 @@ use std::io::Cursor;
 use std::sync::Arc;
 
 use courier_proto::pb::events::EntryPayload;
-use courier_proto::{InboxSeq, ShardId, UserId};
+use courier_proto::{InboxSeq, PHONE_KEY_BYTES, PhoneKey, ShardId, UserId};
 use courier_storage::Applied;
 use prost::Message;
 use serde::{Deserialize, Serialize};
@@ -87,14 +87,21 @@ pub enum Proposal {
     /// clones entries for replication, the recent-entries cache and apply, and none of them
     /// changes the events.
     Events(Arc<EntryPayload>),
-    /// Cluster settings, proposed once to the metadata group at bootstrap.
+    /// Cluster settings without a phone-hash key: what bootstrap proposed before the key
+    /// existed. Still decoded and applied (such a cluster keeps its unkeyed phone hash); no
+    /// longer proposed.
     Cluster(ClusterSettings),
+    /// Cluster settings and the phone-hash key, proposed once to the metadata group at
+    /// bootstrap.
+    ClusterKeyed(ClusterSettings, PhoneKey),
 }
 
+/// Stored and wire form. Variants are only ever appended (postcard tags them by position).
 #[derive(Serialize, Deserialize)]
 enum ProposalWire {
     Events(Vec<u8>),
     Cluster(ClusterSettings),
+    ClusterKeyed(ClusterSettings, [u8; PHONE_KEY_BYTES]),
 }
 
 impl From<Proposal> for ProposalWire {
@@ -102,6 +109,9 @@ impl From<Proposal> for ProposalWire {
         match proposal {
             Proposal::Events(payload) => ProposalWire::Events(payload.encode_to_vec()),
             Proposal::Cluster(settings) => ProposalWire::Cluster(settings),
+            Proposal::ClusterKeyed(settings, key) => {
+                ProposalWire::ClusterKeyed(settings, *key.expose())
+            }
         }
     }
 }
@@ -115,6 +125,9 @@ impl TryFrom<ProposalWire> for Proposal {
                 bytes.as_slice(),
             )?))),
             ProposalWire::Cluster(settings) => Ok(Proposal::Cluster(settings)),
+            ProposalWire::ClusterKeyed(settings, key) => {
+                Ok(Proposal::ClusterKeyed(settings, PhoneKey::new(key)))
+            }
         }
     }
 }

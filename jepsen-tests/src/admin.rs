@@ -266,6 +266,7 @@ pub async fn init_cluster_over(
             shard_count: shards,
             replication_factor: 0,
             init_shards: Vec::new(),
+            phone_hash_key: Vec::new(),
         };
         let error =
             match tokio::time::timeout(Duration::from_secs(10), client.init_cluster(request)).await

@@ -104,6 +104,7 @@ async fn main() {
             shard_count: SHARDS,
             replication_factor: 0,
             init_shards: vec![],
+            phone_hash_key: Vec::new(),
         })
         .await
         .unwrap();

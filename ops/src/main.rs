@@ -174,6 +174,11 @@ enum ClusterCommand {
         /// Number of shards `S` (fixed for the life of the cluster).
         #[arg(long, default_value_t = 8)]
         shards: u32,
+        /// A file holding the cluster's phone-hash key as 64 hex digits. Without it the node
+        /// generates the key, which then never leaves the cluster (the usual choice; supply one
+        /// only to compute user ids outside the cluster, as the benchmark does).
+        #[arg(long, value_name = "FILE")]
+        phone_key_file: Option<PathBuf>,
     },
     /// Prints a table of every shard on every node: role, term, leader, applied, lag, outbox.
     Status {
@@ -292,6 +297,28 @@ fn main() -> ExitCode {
 }
 
 /// Runs one command; `Ok(false)` means the check ran and failed.
+/// `courier-ops cluster …`.
+fn cluster(command: ClusterCommand) -> anyhow::Result<bool> {
+    match command {
+        ClusterCommand::Init {
+            addr,
+            members,
+            shards,
+            phone_key_file,
+        } => runtime()?
+            .block_on(online::cluster_init(
+                &addr,
+                &members,
+                shards,
+                phone_key_file.as_deref(),
+            ))
+            .map(|()| true),
+        ClusterCommand::Status { addr, json } => {
+            runtime()?.block_on(online::cluster_status(&addr, json))
+        }
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<bool> {
     transport::install(&cli.tls)?;
     match cli.command {
@@ -305,16 +332,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             }
             Ok(true)
         }
-        Command::Cluster(ClusterCommand::Init {
-            addr,
-            members,
-            shards,
-        }) => runtime()?
-            .block_on(online::cluster_init(&addr, &members, shards))
-            .map(|()| true),
-        Command::Cluster(ClusterCommand::Status { addr, json }) => {
-            runtime()?.block_on(online::cluster_status(&addr, json))
-        }
+        Command::Cluster(command) => cluster(command),
         Command::Leader(LeaderCommand::Transfer { addr, node, shard }) => runtime()?
             .block_on(online::transfer_leader(&addr, node, shard))
             .map(|()| true),

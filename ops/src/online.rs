@@ -104,7 +104,12 @@ pub(crate) async fn cluster_init(
     addr: &str,
     members: &[String],
     shards: u32,
+    phone_key_file: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
+    let phone_hash_key = match phone_key_file {
+        Some(path) => read_phone_key(path)?.expose().to_vec(),
+        None => Vec::new(),
+    };
     let members = members
         .iter()
         .map(|member| {
@@ -126,6 +131,7 @@ pub(crate) async fn cluster_init(
         shard_count: shards,
         replication_factor: 0,
         init_shards: Vec::new(),
+        phone_hash_key,
     };
     let response = admin(channel(addr).await?)
         .init_cluster(request)
@@ -138,6 +144,17 @@ pub(crate) async fn cluster_init(
         println!("cluster initialized: {shards} shards");
     }
     Ok(())
+}
+
+/// Reads a phone-hash key file: 64 hex digits (surrounding whitespace ignored).
+///
+/// # Errors
+/// An unreadable file or anything but 64 hex digits (the key is not echoed).
+pub(crate) fn read_phone_key(path: &std::path::Path) -> anyhow::Result<courier_proto::PhoneKey> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the phone-hash key {}", path.display()))?;
+    courier_proto::PhoneKey::from_hex(&text)
+        .with_context(|| format!("{}: a phone-hash key is 64 hex digits", path.display()))
 }
 
 pub(crate) fn describe(status: tonic::Status) -> anyhow::Error {

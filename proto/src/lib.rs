@@ -18,7 +18,7 @@ pub mod types;
 
 pub use error::{CODE_KEY, WireError};
 pub use hex::hex;
-pub use shard::{phone_hash, shard_of, shard_of_group, user_of_phone};
+pub use shard::{PHONE_KEY_BYTES, PhoneHasher, PhoneKey, shard_of, shard_of_group};
 pub use types::{
     ClientMsgId, ConversationId, DeviceId, GroupId, InboxSeq, LogIndex, MessageId,
     ReceiptFeedPosition, ShardId, UserId,

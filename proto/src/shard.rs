@@ -16,22 +16,105 @@ pub const SHARD_HASH_SEED: u64 = 0x0063_6f75_7269_6572;
 /// (shard ids are below `SHARD_COUNT_MAX`).
 pub const METADATA_PREFIX: ShardId = ShardId::new(u16::MAX);
 
-/// Seed of the phone number → user id hash.
+/// Seed of the unkeyed phone number → user id hash ([`PhoneHasher::Unkeyed`]).
 pub const USER_OF_PHONE_SEED: u64 = 0x7573_6572_6964_0001;
-/// Seed of the 128-bit phone hash stored in the log.
+/// Seed of the unkeyed 128-bit phone hash ([`PhoneHasher::Unkeyed`]).
 pub const PHONE_HASH_SEED: u64 = 0x7068_6f6e_6568_0001;
 
-/// The user a phone number registers as: xxh3-64 of the E.164 text with
-/// [`USER_OF_PHONE_SEED`] (zero is mapped to 1). Stable forever, so every node and tool agrees
-/// without a lookup.
-pub fn user_of_phone(phone: &str) -> UserId {
-    UserId::new(xxh3_64_with_seed(phone.as_bytes(), USER_OF_PHONE_SEED))
-        .unwrap_or(UserId::new(1).expect("1 is nonzero"))
+/// Bytes of a cluster's phone-hash key.
+pub const PHONE_KEY_BYTES: usize = 32;
+
+/// Domain labels of the keyed hashes: one key, two unrelated outputs.
+const USER_OF_PHONE_LABEL: &[u8] = b"courier/user-of-phone\0";
+const PHONE_HASH_LABEL: &[u8] = b"courier/phone-hash\0";
+
+/// A cluster's secret for hashing phone numbers: generated (or supplied by the operator) at
+/// `cluster init`, kept in the metadata group, never returned by any RPC. Its `Debug` prints
+/// no byte of it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct PhoneKey([u8; PHONE_KEY_BYTES]);
+
+impl PhoneKey {
+    /// Wraps key bytes.
+    pub const fn new(bytes: [u8; PHONE_KEY_BYTES]) -> Self {
+        Self(bytes)
+    }
+
+    /// The key bytes (for storing them in the metadata group).
+    pub const fn expose(&self) -> &[u8; PHONE_KEY_BYTES] {
+        &self.0
+    }
+
+    /// Parses the form key files hold: 64 hex digits (surrounding whitespace ignored).
+    pub fn from_hex(text: &str) -> Option<Self> {
+        let digits = text.trim().as_bytes();
+        if digits.len() != PHONE_KEY_BYTES * 2 {
+            return None;
+        }
+        let mut key = [0_u8; PHONE_KEY_BYTES];
+        for (byte, pair) in key.iter_mut().zip(digits.chunks(2)) {
+            *byte = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+        }
+        Some(Self(key))
+    }
 }
 
-/// The 16-byte hash of a phone number that the log stores instead of the number.
-pub fn phone_hash(phone: &str) -> [u8; 16] {
-    xxhash_rust::xxh3::xxh3_128_with_seed(phone.as_bytes(), PHONE_HASH_SEED).to_be_bytes()
+impl std::fmt::Debug for PhoneKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PhoneKey(redacted)")
+    }
+}
+
+/// How a cluster turns a phone number into its user id and into the hash the log stores.
+///
+/// A cluster created with a key (every cluster since the key existed) uses HMAC-SHA256 under
+/// it, so neither output can be reversed by enumerating numbers without the key. A cluster
+/// whose metadata group holds no key (created before) keeps the unkeyed xxh3 it started with:
+/// user ids are forever, so a cluster can never switch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PhoneHasher {
+    /// HMAC-SHA256 under the cluster's key.
+    Keyed(PhoneKey),
+    /// xxh3 with the public seeds above (clusters created without a key).
+    Unkeyed,
+}
+
+impl PhoneHasher {
+    /// The user a phone number registers as (an id of zero is mapped to 1). Stable for the
+    /// cluster's life, so every node agrees without a lookup.
+    pub fn user_of_phone(&self, phone: &str) -> UserId {
+        let raw = match self {
+            PhoneHasher::Keyed(key) => {
+                let mac = keyed(key, USER_OF_PHONE_LABEL, phone);
+                u64::from_be_bytes(mac[..8].try_into().expect("8 of 32 bytes"))
+            }
+            PhoneHasher::Unkeyed => xxh3_64_with_seed(phone.as_bytes(), USER_OF_PHONE_SEED),
+        };
+        UserId::new(raw).unwrap_or(UserId::new(1).expect("1 is nonzero"))
+    }
+
+    /// The 16-byte hash of a phone number that the log stores instead of the number.
+    pub fn phone_hash(&self, phone: &str) -> [u8; 16] {
+        match self {
+            PhoneHasher::Keyed(key) => keyed(key, PHONE_HASH_LABEL, phone)[..16]
+                .try_into()
+                .expect("16 of 32 bytes"),
+            PhoneHasher::Unkeyed => {
+                xxhash_rust::xxh3::xxh3_128_with_seed(phone.as_bytes(), PHONE_HASH_SEED)
+                    .to_be_bytes()
+            }
+        }
+    }
+}
+
+/// HMAC-SHA256(key, label ‖ phone).
+fn keyed(key: &PhoneKey, label: &[u8], phone: &str) -> [u8; 32] {
+    use hmac::Mac;
+    let mut mac =
+        hmac::Hmac::<sha2::Sha256>::new_from_slice(key.expose()).expect("HMAC takes any key");
+    mac.update(label);
+    mac.update(phone.as_bytes());
+    mac.finalize().into_bytes().into()
 }
 
 /// Domain separation so that a user id and a group id with the same value may land apart.
@@ -112,6 +195,59 @@ mod tests {
         for (shard, count) in counts.iter().enumerate() {
             let deviation = count.abs_diff(mean) * 100 / mean;
             assert!(deviation < 5, "shard {shard} holds {count}, mean {mean}");
+        }
+    }
+
+    /// Pins the keyed hashes. Computed independently with Python's `hmac`:
+    /// `hmac.new(bytes(range(32)), b"courier/user-of-phone\\0" + phone, sha256)`, the first 8
+    /// bytes big-endian for the user, the first 16 of the `courier/phone-hash\\0` MAC for the
+    /// hash.
+    #[test]
+    fn keyed_phone_hash_test_vectors() {
+        let key: [u8; 32] = std::array::from_fn(|i| u8::try_from(i).expect("below 32"));
+        let hasher = PhoneHasher::Keyed(PhoneKey::new(key));
+        let vectors = [
+            (
+                "+15550001234",
+                7_665_396_358_959_583_736_u64,
+                "568e5a3c424aecbf6f89aa850812d7ab",
+            ),
+            (
+                "+491701234567",
+                2_727_086_121_839_279_838,
+                "625f62d8ea0c0acc45264dd76451663f",
+            ),
+        ];
+        for (phone, user, hash) in vectors {
+            assert_eq!(hasher.user_of_phone(phone).get(), user, "{phone}");
+            let hex: String = hasher
+                .phone_hash(phone)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            assert_eq!(hex, hash, "{phone}");
+        }
+    }
+
+    /// Another key gives other ids and hashes, and neither is the unkeyed one: the number
+    /// cannot be found by enumerating it through the public function.
+    #[test]
+    fn the_key_changes_every_output_and_stays_out_of_debug() {
+        let a = PhoneHasher::Keyed(PhoneKey::new([1; 32]));
+        let b = PhoneHasher::Keyed(PhoneKey::new([2; 32]));
+        let phone = "+15550001234";
+        for (x, y) in [(a, b), (a, PhoneHasher::Unkeyed), (b, PhoneHasher::Unkeyed)] {
+            assert_ne!(x.user_of_phone(phone), y.user_of_phone(phone));
+            assert_ne!(x.phone_hash(phone), y.phone_hash(phone));
+        }
+        assert_eq!(format!("{a:?}"), "Keyed(PhoneKey(redacted))");
+        let hex = "01".repeat(32);
+        assert_eq!(
+            PhoneKey::from_hex(&format!(" {hex}\n")),
+            Some(PhoneKey::new([1; 32]))
+        );
+        for bad in ["01", &"zz".repeat(32), &"0".repeat(63), &"01".repeat(33)] {
+            assert_eq!(PhoneKey::from_hex(bad), None, "{bad:?}");
         }
     }
 

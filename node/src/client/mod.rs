@@ -16,7 +16,7 @@ pub mod stream;
 
 use std::sync::Arc;
 
-use courier_proto::{ShardId, UserId, shard_of};
+use courier_proto::{PhoneHasher, ShardId, UserId, shard_of};
 use courier_storage::Db;
 use courier_storage::projection::{Projection, View};
 use tokio_util::sync::CancellationToken;
@@ -137,12 +137,15 @@ impl ClientApi {
         self.cluster
             .groups()
             .shard_count()
-            .ok_or_else(|| ApiError::Unavailable {
-                code: "COURIER:Cluster:NotInitialized",
-                message: "the cluster is not initialized yet".to_owned(),
-                retry_after_ms: 1000,
-                leader: None,
-            })
+            .ok_or_else(not_initialized)
+    }
+
+    /// How the cluster hashes phone numbers (keyed by its secret, `courier_proto::PhoneHasher`).
+    pub(crate) fn phone_hasher(&self) -> Result<PhoneHasher, ApiError> {
+        self.cluster
+            .groups()
+            .phone_hasher()
+            .ok_or_else(not_initialized)
     }
 
     /// The shard that owns `user`.
@@ -162,3 +165,13 @@ impl ClientApi {
 
 /// The current time, unix ms: decided here, carried in events (projections never read a clock).
 pub(crate) use crate::env::now_ms;
+
+/// `UNAVAILABLE`: this node has not applied the cluster settings yet.
+fn not_initialized() -> ApiError {
+    ApiError::Unavailable {
+        code: "COURIER:Cluster:NotInitialized",
+        message: "the cluster is not initialized yet".to_owned(),
+        retry_after_ms: 1000,
+        leader: None,
+    }
+}

@@ -34,16 +34,6 @@ pub const REGISTERED_VISIBLE_WAIT: Duration = Duration::from_secs(2);
 /// Codes outstanding per node at most.
 pub const CODES_MAX: usize = 100_000;
 
-/// The user a phone number registers as (`courier_proto::user_of_phone`).
-pub fn user_of_phone(phone: &PhoneNumber) -> UserId {
-    courier_proto::user_of_phone(phone.expose())
-}
-
-/// The 16-byte hash of a phone number stored in the log (`courier_proto::phone_hash`).
-pub fn phone_hash(phone: &PhoneNumber) -> Vec<u8> {
-    courier_proto::phone_hash(phone.expose()).to_vec()
-}
-
 /// Delivers registration codes.
 pub trait SmsSender: Send + Sync {
     /// Sends `code` to `phone`.
@@ -188,18 +178,19 @@ impl ClientApi {
         request: RequestCodeRequest,
     ) -> Result<RequestCodeResponse, ApiError> {
         let phone = PhoneNumber::try_from(request.phone_number)?;
-        self.code_limiter.take(&phone_hash(&phone))?;
-        let code = self.codes.issue(&phone_hash(&phone))?;
+        let hash = self.phone_hasher()?.phone_hash(phone.expose()).to_vec();
+        self.code_limiter.take(&hash)?;
+        let code = self.codes.issue(&hash)?;
         self.sms
             .send(&phone, &code)
-            .inspect_err(|_| self.codes.withdraw(&phone_hash(&phone)))
+            .inspect_err(|_| self.codes.withdraw(&hash))
             .map_err(|error| ApiError::Unavailable {
                 code: "COURIER:Registration:SmsFailed",
                 message: format!("the SMS sender failed: {error}"),
                 retry_after_ms: 1000,
                 leader: None,
             })?;
-        tracing::info!(phone_hash = %auth::hex(&phone_hash(&phone)[..4]), "registration code issued");
+        tracing::info!(phone_hash = %auth::hex(&hash[..4]), "registration code issued");
         Ok(RequestCodeResponse {
             expires_in_s: u32::try_from(CODE_TTL.as_secs()).unwrap_or(u32::MAX),
         })
@@ -288,10 +279,11 @@ impl ClientApi {
     /// `RESOURCE_EXHAUSTED` past `register-attempts-per-hour-per-phone`.
     pub async fn register(&self, request: RegisterRequest) -> Result<RegisterResponse, ApiError> {
         let command = RegisterCommand::try_from(request)?;
-        let phone = phone_hash(&command.phone);
+        let hasher = self.phone_hasher()?;
+        let phone = hasher.phone_hash(command.phone.expose()).to_vec();
         self.register_limiter.take(&phone)?;
         self.codes.check(&phone, &command.code)?;
-        let user = user_of_phone(&command.phone);
+        let user = hasher.user_of_phone(command.phone.expose());
         let companions: Vec<u32> = self
             .devices(user)?
             .iter()

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use courier_consensus::groups::GroupHandle;
 use courier_consensus::types::{ClusterSettings, GroupId, NodeId};
-use courier_proto::ShardId;
 use courier_proto::limits::SHARD_COUNT_MAX;
 use courier_proto::pb::peer::{InitClusterRequest, InitClusterResponse};
+use courier_proto::{PHONE_KEY_BYTES, PhoneKey, ShardId};
 use tracing::info;
 
 use super::{Cluster, internal, invalid, unavailable};
@@ -16,6 +16,25 @@ use crate::status::ApiError;
 
 /// How long bootstrap waits for the metadata group to elect this node.
 const INIT_LEADER_WAIT: Duration = Duration::from_secs(10);
+
+/// The phone-hash key of a new cluster: the operator's (exactly [`PHONE_KEY_BYTES`] bytes), or
+/// fresh random bytes when the request brings none.
+fn phone_key(request: &InitClusterRequest) -> Result<PhoneKey, ApiError> {
+    if request.phone_hash_key.is_empty() {
+        return Ok(PhoneKey::new(crate::env::random_bytes()));
+    }
+    let bytes: [u8; PHONE_KEY_BYTES] =
+        request.phone_hash_key.as_slice().try_into().map_err(|_| {
+            invalid(
+                "COURIER:Cluster:PhoneKey",
+                format!(
+                    "phone_hash_key must be {PHONE_KEY_BYTES} bytes or empty, got {}",
+                    request.phone_hash_key.len()
+                ),
+            )
+        })?;
+    Ok(PhoneKey::new(bytes))
+}
 
 impl Cluster {
     /// Bootstraps a new cluster from this node: the metadata group with every member, the
@@ -27,6 +46,7 @@ impl Cluster {
     /// cluster exists with other members, `UNAVAILABLE` when no leader emerges in time.
     pub async fn init(&self, request: InitClusterRequest) -> Result<InitClusterResponse, ApiError> {
         let members = self.validate_init(&request)?;
+        let phone_key = phone_key(&request)?;
         let shard_count = u16::try_from(request.shard_count).expect("validated");
         if !request.init_shards.is_empty() {
             // A bootstrapping peer asks this node to start some shards as their first leader.
@@ -61,12 +81,11 @@ impl Cluster {
             shard_count,
             replication_factor: u16::try_from(members.len()).expect("validated"),
         };
-        let known = metadata
-            .applied
-            .read()
-            .expect("applied view lock")
-            .raft
-            .settings;
+        let (known, known_key) = {
+            let view = metadata.applied.read().expect("applied view lock");
+            (view.raft.settings, view.raft.phone_key)
+        };
+        let supplied_key = !request.phone_hash_key.is_empty();
         match known {
             Some(existing) if existing != settings => {
                 return Err(ApiError::FailedPrecondition {
@@ -74,10 +93,19 @@ impl Cluster {
                     message: format!("the cluster exists with {existing:?}"),
                 });
             }
+            Some(_) if supplied_key && known_key != Some(phone_key) => {
+                // The key itself is never echoed, not even in part.
+                return Err(ApiError::FailedPrecondition {
+                    code: "COURIER:Cluster:AlreadyInitialized",
+                    message: "the cluster exists with another phone-hash key (a cluster never \
+                              changes its key)"
+                        .to_owned(),
+                });
+            }
             Some(_) => {}
             None => {
                 metadata
-                    .write_settings(settings)
+                    .write_settings(settings, phone_key)
                     .await
                     .map_err(|e| unavailable(e.to_string(), None))?;
             }
@@ -132,6 +160,8 @@ impl Cluster {
             .ok_or_else(|| internal(format!("bad address {addr}")))?;
         let delegated = self.peers.request(InitClusterRequest {
             init_shards: shards.to_vec(),
+            // Starting shards needs no key: it stays with the metadata group.
+            phone_hash_key: Vec::new(),
             ..request.clone()
         });
         client.init_cluster(delegated).await.map_err(|status| {

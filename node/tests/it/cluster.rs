@@ -45,9 +45,21 @@ async fn try_status(peer: &str) -> Result<StatusResponse, tonic::Status> {
         .into_inner())
 }
 
+/// The phone-hash key the test clusters are created with, so that tests can compute user ids
+/// ([`crate::messaging::user_of`]); a real cluster generates its own and never returns it.
+pub(crate) const PHONE_KEY: [u8; courier_proto::PHONE_KEY_BYTES] = [0x5a; 32];
+
 /// Bootstraps a cluster of `peers` (node ids 1, 2, 3, … in order) through the first of them.
 pub(crate) async fn init(peers: &[String]) {
-    let request = InitClusterRequest {
+    AdminClient::new(peer_channel(&peers[0]).await)
+        .init_cluster(init_request(peers, PHONE_KEY.to_vec()))
+        .await
+        .expect("init");
+}
+
+/// The request that bootstraps `peers` (ids 1, 2, 3, … in order) with `phone_hash_key`.
+pub(crate) fn init_request(peers: &[String], phone_hash_key: Vec<u8>) -> InitClusterRequest {
+    InitClusterRequest {
         members: peers
             .iter()
             .zip(1_u64..)
@@ -60,11 +72,8 @@ pub(crate) async fn init(peers: &[String]) {
         shard_count: SHARDS,
         replication_factor: 0,
         init_shards: Vec::new(),
-    };
-    AdminClient::new(peer_channel(&peers[0]).await)
-        .init_cluster(request)
-        .await
-        .expect("init");
+        phone_hash_key,
+    }
 }
 
 /// Waits until every shard has the same leader on every given node.

@@ -6,7 +6,6 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use courier_proto::convert::registration::PhoneNumber;
 use courier_proto::pb::client::messaging_client::MessagingClient;
 use courier_proto::pb::client::registration_client::RegistrationClient;
 use courier_proto::pb::client::{
@@ -15,7 +14,7 @@ use courier_proto::pb::client::{
     client_frame, server_frame,
 };
 use courier_proto::pb::events::{self, ReceiptState};
-use courier_proto::{ShardId, UserId, shard_of};
+use courier_proto::{PhoneHasher, PhoneKey, ShardId, UserId, shard_of};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -30,10 +29,9 @@ pub(crate) struct Device {
     bearer: String,
 }
 
+/// The user `phone` registers as in a test cluster (created with [`crate::cluster::PHONE_KEY`]).
 pub(crate) fn user_of(phone: &str) -> UserId {
-    courier_node::client::registration::user_of_phone(
-        &PhoneNumber::try_from(phone.to_owned()).expect("valid"),
-    )
+    PhoneHasher::Keyed(PhoneKey::new(crate::cluster::PHONE_KEY)).user_of_phone(phone)
 }
 
 pub(crate) async fn register(client_addr: &str, data_dir: &std::path::Path, phone: &str) -> Device {
@@ -262,6 +260,11 @@ async fn offline_recipient_gets_everything_in_order_and_receipts_flow_back() {
     let (alice_phone, bob_phone) = phones_on_different_shards();
     let alice = register(&addr(0), &c.dirs[0], &alice_phone).await;
     let bob = register(&addr(1), &c.dirs[1], &bob_phone).await;
+    assert_eq!(
+        alice.user,
+        user_of(&alice_phone).get(),
+        "hashed under the test key"
+    );
     assert_ne!(
         shard_of(UserId::new(alice.user).expect("id"), 4),
         shard_of(UserId::new(bob.user).expect("id"), 4)

@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use courier_consensus::types::NodeId;
+use courier_proto::pb::events::event::Kind;
 use courier_proto::pb::peer::admin_client::AdminClient;
 use courier_proto::pb::peer::forward_client::ForwardClient;
 use courier_proto::pb::peer::raft_client::RaftClient;
@@ -15,12 +16,13 @@ use courier_proto::pb::peer::{
     BackupRequest, PresenceRequest, ProposeRequest, RaftRequest, ReadLogRequest, StatusRequest,
     TransferLeaderRequest, TypingRequest, VerifyProjectionRequest, projection_job_update,
 };
+use courier_proto::{PhoneHasher, PhoneKey, UserId, shard_of};
 use courier_storage::testkit::Adversary;
 use courier_tls::{Certificate, ClientTlsConfig, Identity};
 use tonic::transport::Channel;
 
-use crate::cluster::{SHARDS, status, wait_converged};
-use crate::messaging::{cluster_configured, code_of};
+use crate::cluster::{PHONE_KEY, SHARDS, init_request, status, wait_converged, wait_leaders};
+use crate::messaging::{cluster_configured, code_of, register, user_of};
 use crate::support::{connect, peer_channel, peer_tls, pki};
 
 /// A channel to `addr` with `tls` (`None`: plaintext), or why it could not be made.
@@ -731,4 +733,92 @@ async fn an_unfinished_handshake_does_not_hold_a_connection_slot() {
     );
     drop(silent);
     node.stop().await;
+}
+
+/// Phone numbers are hashed under a key only the cluster holds: a cluster that generated its
+/// own key registers a number as neither the public (unkeyed) hash's user nor another key's,
+/// and stores neither's phone hash in its log; a malformed key is refused before anything is
+/// created; a cluster never takes another key, and a retried init without one is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn phone_numbers_hash_under_a_key_only_the_cluster_holds() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = root.path().join("n1");
+    let config =
+        courier_node::Config::parse(&crate::support::config_text(1, &dir)).expect("config");
+    let node = courier_node::start(config).await.expect("start");
+    let peers = vec![node.peer_addr.to_string()];
+    let mut admin = AdminClient::new(peer_channel(&peers[0]).await);
+
+    let short = admin
+        .init_cluster(init_request(&peers, vec![1; 5]))
+        .await
+        .expect_err("a 5-byte key");
+    assert_eq!(short.code(), tonic::Code::InvalidArgument);
+    assert_eq!(code_of(&short), "COURIER:Cluster:PhoneKey");
+    assert!(
+        status(&peers[0]).await.shards.is_empty(),
+        "a refused init creates nothing"
+    );
+
+    admin
+        .init_cluster(init_request(&peers, Vec::new()))
+        .await
+        .expect("init with a generated key");
+    wait_leaders(&peers, Duration::from_secs(20)).await;
+    let phone = "+15550009999";
+    let device = register(&node.client_addr.to_string(), &dir, phone).await;
+    assert_ne!(device.user, user_of(phone).get(), "another cluster's key");
+    assert_ne!(
+        device.user,
+        PhoneHasher::Unkeyed.user_of_phone(phone).get(),
+        "the public hash"
+    );
+    let shard = shard_of(
+        UserId::new(device.user).expect("id"),
+        u16::try_from(SHARDS).expect("small"),
+    );
+    let log = admin
+        .read_log(ReadLogRequest {
+            shard: u32::from(shard.get()),
+            ..ReadLogRequest::default()
+        })
+        .await
+        .expect("read log")
+        .into_inner();
+    let stored: Vec<Vec<u8>> = log
+        .entries
+        .iter()
+        .filter_map(|entry| entry.events.as_ref())
+        .flat_map(|payload| &payload.events)
+        .filter_map(|event| match &event.kind {
+            Some(Kind::UserRegistered(registered)) => Some(registered.phone_hash.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(stored.len(), 1, "one registration in the log");
+    for (hasher, name) in [
+        (PhoneHasher::Unkeyed, "public"),
+        (PhoneHasher::Keyed(PhoneKey::new(PHONE_KEY)), "other key's"),
+    ] {
+        assert_ne!(
+            stored[0],
+            hasher.phone_hash(phone).to_vec(),
+            "the {name} hash"
+        );
+    }
+
+    let other = admin
+        .init_cluster(init_request(&peers, PHONE_KEY.to_vec()))
+        .await
+        .expect_err("another key");
+    assert_eq!(other.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(code_of(&other), "COURIER:Cluster:AlreadyInitialized");
+    let again = admin
+        .init_cluster(init_request(&peers, Vec::new()))
+        .await
+        .expect("a retry without a key")
+        .into_inner();
+    assert!(again.already_initialized);
+    let same = register(&node.client_addr.to_string(), &dir, phone).await;
+    assert_eq!(same.user, device.user, "the key did not change");
 }
