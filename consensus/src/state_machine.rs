@@ -13,7 +13,7 @@ use std::sync::{Arc, RwLock};
 use courier_proto::{PHONE_KEY_BYTES, PhoneKey};
 use courier_storage::projection::INVALID_CODE;
 use courier_storage::shard::Committed;
-use courier_storage::{Applied, Db, ShardState, snapshot};
+use courier_storage::{Applied, AtThisMoment, Db, ShardState, snapshot};
 use openraft::storage::RaftStateMachine;
 use openraft::{Entry, EntryPayload, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta};
 use serde::{Deserialize, Serialize};
@@ -167,8 +167,10 @@ impl StateMachine {
         self
     }
 
-    fn build(&self, machine: &Machine) -> Result<Snapshot<TypeConfig>, RaftStorageError> {
-        let chunks = snapshot::export(self.db.as_ref(), &machine.state).map_err(fault)?;
+    /// Starts a snapshot of what `machine` applied: returns once the data is pinned at this
+    /// applied index (a RocksDB snapshot), so the caller can release the apply lock while the
+    /// export runs on its own thread (`Db::at_this_moment`). Applying goes on meanwhile.
+    fn start_snapshot(&self, machine: &Machine) -> Result<PendingSnapshot, RaftStorageError> {
         let last = machine.raft.last_applied;
         let meta = SnapshotMeta {
             last_log_id: last,
@@ -180,9 +182,41 @@ impl StateMachine {
                 |l| format!("{}-{}-{}", l.leader_id.term, l.leader_id.node_id, l.index),
             ),
         };
+        let state = machine.state.clone();
+        let export = Db::at_this_moment(&self.db, move |kv| {
+            snapshot::export(kv, &state).map(|chunks| snapshot::encode(&chunks))
+        })
+        .map_err(fault)?;
+        Ok(PendingSnapshot { meta, export })
+    }
+}
+
+/// A snapshot whose data is pinned and being exported.
+#[derive(Debug)]
+struct PendingSnapshot {
+    meta: SnapshotMeta<NodeId, Node>,
+    export: AtThisMoment<courier_storage::Result<Vec<u8>>>,
+}
+
+impl PendingSnapshot {
+    async fn finish(self) -> Result<Snapshot<TypeConfig>, RaftStorageError> {
+        let bytes = match self.export {
+            AtThisMoment::Done(bytes) => bytes,
+            AtThisMoment::Running(thread) => tokio::task::spawn_blocking(move || thread.join())
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .ok_or_else(|| -> RaftStorageError {
+                    openraft::StorageIOError::read(&std::io::Error::other(
+                        "the snapshot export thread panicked",
+                    ))
+                    .into()
+                })?,
+        }
+        .map_err(fault)?;
         Ok(Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(snapshot::encode(&chunks))),
+            meta: self.meta,
+            snapshot: Box::new(Cursor::new(bytes)),
         })
     }
 }
@@ -231,8 +265,11 @@ fn note_invalid(
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, RaftStorageError> {
-        let machine = self.machine.clone().lock_owned().await;
-        self.build(&machine)
+        let pending = {
+            let machine = self.machine.lock().await;
+            self.start_snapshot(&machine)?
+        };
+        pending.finish().await
     }
 }
 
@@ -307,10 +344,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        // Building reads the live data, so it must happen at this applied index: build now.
+        // The data is pinned at this applied index under the lock; the export itself runs
+        // after the lock is released, beside applying.
         let machine = self.machine.lock().await;
         SnapshotBuilder {
-            snapshot: Some(self.build(&machine)),
+            pending: Some(self.start_snapshot(&machine)),
         }
     }
 
@@ -345,11 +383,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<Snapshot<TypeConfig>>, RaftStorageError> {
-        let machine = self.machine.lock().await;
-        if machine.raft.last_applied.is_none() {
-            return Ok(None);
-        }
-        self.build(&machine).map(Some)
+        let pending = {
+            let machine = self.machine.lock().await;
+            if machine.raft.last_applied.is_none() {
+                return Ok(None);
+            }
+            self.start_snapshot(&machine)?
+        };
+        pending.finish().await.map(Some)
     }
 }
 
@@ -360,17 +401,19 @@ pub(crate) fn publish(shared: &RwLock<AppliedView>, machine: &Machine) {
     view.raft = machine.raft.clone();
 }
 
-/// A snapshot built at the moment openraft asked for the builder.
+/// A snapshot pinned at the moment openraft asked for the builder, exported beside applying.
 #[derive(Debug)]
 pub struct SnapshotBuilder {
-    snapshot: Option<Result<Snapshot<TypeConfig>, RaftStorageError>>,
+    pending: Option<Result<PendingSnapshot, RaftStorageError>>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, RaftStorageError> {
-        self.snapshot
+        self.pending
             .take()
-            .expect("openraft builds each snapshot once")
+            .expect("openraft builds each snapshot once")?
+            .finish()
+            .await
     }
 }
 

@@ -273,6 +273,100 @@ impl Db {
     pub fn read(&self, shard: courier_proto::ShardId) -> Reader<'_> {
         Reader::new(self, shard)
     }
+
+    /// Runs `work` over the database as it is at this moment, without holding up writes: on
+    /// RocksDB this returns as soon as a RocksDB snapshot is taken, and `work` reads that
+    /// snapshot on its own thread while writers go on. On the simulation's memory disk `work`
+    /// runs here and now (the simulation stays on one thread, deterministic).
+    ///
+    /// # Errors
+    /// [`StorageError::Disk`] when the thread cannot be started.
+    pub fn at_this_moment<T: Send + 'static>(
+        db: &Arc<Db>,
+        work: impl FnOnce(&dyn ReadKv) -> T + Send + 'static,
+    ) -> Result<AtThisMoment<T>> {
+        if matches!(db.engine, Engine::Memory { .. }) {
+            return Ok(AtThisMoment::Done(work(db.as_ref())));
+        }
+        let db = db.clone();
+        let (taken, is_taken) = std::sync::mpsc::sync_channel(1);
+        let handle = std::thread::Builder::new()
+            .name("courier-snapshot".to_owned())
+            .spawn(move || {
+                let Engine::Rocks(rocks) = &db.engine else {
+                    unreachable!("checked above: a RocksDB engine");
+                };
+                let view = RocksAt {
+                    db: rocks,
+                    snapshot: rocks.snapshot(),
+                };
+                // The receiver waits for this; if it is gone, nobody wants the result either.
+                let _ = taken.send(());
+                work(&view)
+            })
+            .map_err(|error| StorageError::Disk {
+                op: "spawn snapshot thread",
+                reason: error.to_string(),
+            })?;
+        // Microseconds: the thread starts and takes the snapshot, nothing more.
+        is_taken.recv().map_err(|_| StorageError::Disk {
+            op: "take snapshot",
+            reason: "the snapshot thread ended before taking it".to_owned(),
+        })?;
+        Ok(AtThisMoment::Running(handle))
+    }
+}
+
+/// What [`Db::at_this_moment`] started.
+#[derive(Debug)]
+pub enum AtThisMoment<T> {
+    /// Finished already (memory disk).
+    Done(T),
+    /// Reading a RocksDB snapshot on its own thread; join it for the result.
+    Running(std::thread::JoinHandle<T>),
+}
+
+/// A RocksDB snapshot, read like the database.
+struct RocksAt<'a> {
+    db: &'a DB,
+    snapshot: rocksdb::SnapshotWithThreadMode<'a, DB>,
+}
+
+impl ReadKv for RocksAt<'_> {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.snapshot
+            .get_cf(Db::handle(self.db, cf), key)
+            .map_err(db_err("get", cf.name()))
+    }
+
+    fn scan(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<Pair>> {
+        let mut options = ReadOptions::default();
+        options.set_iterate_upper_bound(to.to_vec());
+        let iter = self.snapshot.iterator_cf_opt(
+            Db::handle(self.db, cf),
+            options,
+            IteratorMode::From(from, rocksdb::Direction::Forward),
+        );
+        collect(iter, cf, limit)
+    }
+}
+
+/// Up to `limit` pairs of a RocksDB iterator.
+fn collect(
+    iter: impl Iterator<Item = std::result::Result<(Box<[u8]>, Box<[u8]>), rocksdb::Error>>,
+    cf: Cf,
+    limit: usize,
+) -> Result<Vec<Pair>> {
+    let mut pairs = Vec::new();
+    for item in iter.take(limit) {
+        let (key, value) = item.map_err(|source| StorageError::Db {
+            op: "iterate",
+            cf: cf.name(),
+            source,
+        })?;
+        pairs.push((key.to_vec(), value.to_vec()));
+    }
+    Ok(pairs)
 }
 
 impl ReadKv for Db {
@@ -300,15 +394,6 @@ impl ReadKv for Db {
             options,
             IteratorMode::From(from, rocksdb::Direction::Forward),
         );
-        let mut pairs = Vec::new();
-        for item in iter.take(limit) {
-            let (key, value) = item.map_err(|source| StorageError::Db {
-                op: "iterate",
-                cf: cf.name(),
-                source,
-            })?;
-            pairs.push((key.to_vec(), value.to_vec()));
-        }
-        Ok(pairs)
+        collect(iter, cf, limit)
     }
 }

@@ -40,7 +40,7 @@ pub mod snapshot;
 pub mod testkit;
 
 pub use cf::Cf;
-pub use db::{Db, OpenMode};
+pub use db::{AtThisMoment, Db, OpenMode};
 pub use error::{Result, StorageError};
 pub use kv::{Digest, MemKv, ReadKv};
 pub use log::{LogRecord, LogStore};

@@ -13,7 +13,8 @@ use courier_storage::rebuild::{self, Rebuilt};
 use courier_storage::shard::Committed;
 use courier_storage::testkit::{self, EventGen, Rng};
 use courier_storage::{
-    Cf, Db, LogRecord, LogStore, MemKv, OpenMode, Projection, ReadKv, ShardState, StorageError,
+    AtThisMoment, Cf, Db, LogRecord, LogStore, MemKv, OpenMode, Projection, ReadKv, ShardState,
+    StorageError,
 };
 
 const SHARD: ShardId = ShardId::new(2);
@@ -219,6 +220,45 @@ fn snapshot_installs_on_rocksdb() {
             projection.name()
         );
     }
+}
+
+/// A snapshot pinned with `Db::at_this_moment` exports the shard as it was when pinned while
+/// applying goes on beside it (a raft snapshot no longer holds the apply lock while it
+/// exports): the export installs as exactly the pinned state, and its digests (checked by
+/// `prepare_install`) would refuse data read after the moment.
+#[test]
+fn a_pinned_export_sees_its_moment_while_applying_goes_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = open(dir.path());
+    let log = LogStore::new(db.clone(), SHARD);
+    let mut state = ShardState::empty(SHARD);
+    let mut generator = EventGen::new(SHARD, 12);
+    append_and_apply(&db, &log, &mut state, &mut generator, 200, 10);
+    let pinned = state.clone();
+    let (go, wait) = std::sync::mpsc::sync_channel::<()>(1);
+    let export = {
+        let pinned = pinned.clone();
+        Db::at_this_moment(&db, move |kv| {
+            wait.recv().expect("released by the test");
+            courier_storage::snapshot::export(kv, &pinned)
+        })
+        .expect("pins")
+    };
+    // The export waits for `go`: if it held up writes, this would never return.
+    append_and_apply(&db, &log, &mut state, &mut generator, 100, 10);
+    assert_ne!(state, pinned, "the shard moved on after the moment");
+    go.send(()).expect("the export waits");
+    let chunks = match export {
+        AtThisMoment::Running(thread) => thread.join().expect("thread").expect("export"),
+        AtThisMoment::Done(_) => panic!("RocksDB exports on its own thread"),
+    };
+    let dir2 = tempfile::tempdir().expect("tempdir");
+    let db2 = open(dir2.path());
+    let install = courier_storage::snapshot::prepare_install(SHARD, chunks)
+        .expect("the export matches the pinned digests");
+    db2.replace_ranges(&install.clear, install.changes, true)
+        .expect("install");
+    assert_eq!(ShardState::load(db2.as_ref(), SHARD).expect("load"), pinned);
 }
 
 const CHILD_ENV: &str = "COURIER_STORAGE_CRASH_CHILD";
