@@ -34,6 +34,7 @@ pub mod memdisk;
 pub mod projection;
 pub mod reader;
 pub mod rebuild;
+pub mod segment;
 pub mod shard;
 pub mod snapshot;
 #[cfg(any(test, feature = "testkit"))]
