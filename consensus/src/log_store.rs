@@ -270,6 +270,12 @@ impl RaftLogReader<TypeConfig> for LogStore {
         if let Some(entries) = self.recent().range(start, end) {
             return Ok(entries);
         }
+        // Entries at or below the purge point may still be stored until the archive holds them
+        // (see `purge`); raft never sees them.
+        let start = match self.read_id(raft_tag::PURGED)? {
+            Some(purged) => start.max(purged.index.saturating_add(1)),
+            None => start,
+        };
         let (start, end) = (storage_index(start), LogIndex::new(end.saturating_add(1)));
         let records = self.log.read_range(start, end).map_err(fault)?;
         records
@@ -284,10 +290,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, RaftStorageError> {
         let last_purged_log_id = self.read_id(raft_tag::PURGED)?;
-        let last_log_id = match self.log.last().map_err(fault)? {
-            Some(record) => Some(decode_record(self.log.shard(), &record)?.log_id),
-            None => last_purged_log_id,
-        };
+        let stored = self
+            .log
+            .last()
+            .map_err(fault)?
+            .map(|record| decode_record(self.log.shard(), &record).map(|entry| entry.log_id))
+            .transpose()?;
+        // Entries raft purged may still be stored until the archive holds them: the last log
+        // id is never below the purge point.
+        let last_log_id = stored.max(last_purged_log_id);
         Ok(LogState {
             last_purged_log_id,
             last_log_id,
@@ -371,13 +382,19 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(fault)
     }
 
+    /// Raft's purge: from here on raft never reads these entries again, but they are deleted
+    /// only as far as the log archive holds them (`raft_tag::ARCHIVED`); the node's archiver
+    /// deletes the rest once it archived them. Purge never passes what is archived.
     async fn purge(&mut self, log_id: LogId) -> Result<(), RaftStorageError> {
         // Record the purge point first, so a crash in between never loses track of it.
         self.save(raft_tag::PURGED, &log_id)?;
         self.recent().retain(|index| index > log_id.index);
-        self.log
-            .purge_up_to(storage_index(log_id.index))
-            .map_err(fault)
+        let archived = self.log.archived_up_to().map_err(fault)?;
+        let up_to = storage_index(log_id.index).min(archived);
+        if up_to.get() == 0 {
+            return Ok(());
+        }
+        self.log.purge_up_to(up_to).map_err(fault)
     }
 }
 

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use courier_proto::LogIndex;
+use courier_storage::archive::{ArchivedLog, LogSource, SegmentStore};
 use courier_storage::rebuild::{self, Verified};
 use courier_storage::{Db, LogStore, MemKv, OpenMode, Projection, ShardState, StorageError};
 
@@ -96,45 +97,64 @@ impl Maintenance {
     }
 
     /// Verifies `projections` at one applied index: checkpoints the database into `scratch`
-    /// (removed afterwards), then replays the shard's log there and compares. Blocking: run it
-    /// on a blocking thread.
+    /// (removed afterwards), then replays the shard's log there — purged entries from `archive`
+    /// — and compares. Blocking: run it on a blocking thread.
     ///
     /// # Errors
-    /// A log purged below index 1 ([`StorageError::MissingEntry`]), storage faults.
+    /// An entry neither the log nor the archive holds ([`StorageError::MissingEntry`]), storage
+    /// faults.
     pub fn verify_blocking(
         &self,
         scratch: &Path,
+        archive: Option<&dyn SegmentStore>,
         projections: &[Projection],
         progress: &mut dyn FnMut(LogIndex, u64),
     ) -> Result<Verified, StorageError> {
         self.db.checkpoint(scratch)?;
         let _cleanup = Scratch(scratch.to_path_buf());
         let copy = Arc::new(Db::open(scratch, OpenMode::ReadOnly)?);
-        rebuild::verify(&copy, self.group.storage_prefix(), projections, progress)
+        rebuild::verify(
+            &copy,
+            self.group.storage_prefix(),
+            archive,
+            projections,
+            progress,
+        )
     }
 
-    /// Rebuilds `projection` from the log and swaps it in. Blocking: run it on a blocking
-    /// thread. New entries keep being applied during the replay and wait only for the swap.
+    /// Rebuilds `projection` from the log (purged entries from `archive`) and swaps it in.
+    /// Blocking: run it on a blocking thread. New entries keep being applied during the replay
+    /// and wait only for the swap.
     ///
     /// # Errors
-    /// A log purged below index 1 ([`StorageError::MissingEntry`]), storage faults.
+    /// An entry neither the log nor the archive holds ([`StorageError::MissingEntry`]), storage
+    /// faults.
     pub fn rebuild_blocking(
         &self,
+        archive: Option<&dyn SegmentStore>,
         projection: Projection,
         progress: &mut dyn FnMut(LogIndex, u64),
     ) -> Result<RebuildOutcome, StorageError> {
         let shard = self.group.storage_prefix();
         let log = LogStore::new(self.db.clone(), shard);
-        rebuild::require_full_log(&log)?;
+        let archived;
+        let source: &dyn LogSource = match archive {
+            Some(archive) => {
+                archived = ArchivedLog::new(log, archive)?;
+                &archived
+            }
+            None => &log,
+        };
+        source.require_full()?;
         let first = rebuild::replay(
-            &log,
+            source,
             (MemKv::default(), ShardState::empty(shard)),
             self.applied_now(),
             progress,
         )?;
         let mut machine = self.machine.blocking_lock();
         let rebuilt = rebuild::replay(
-            &log,
+            source,
             (first.kv, first.state),
             machine.state.applied,
             progress,

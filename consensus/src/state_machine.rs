@@ -370,6 +370,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             "a snapshot's data matches its meta"
         );
         let mut machine = self.machine.lock().await;
+        // Entries above what this replica applied and up to the snapshot may be an old
+        // leader's, never committed: delete them before the archiver (which archives what is
+        // at or below the applied index) could take them for committed ones.
+        courier_storage::LogStore::new(self.db.clone(), prefix)
+            .delete_between(machine.state.applied.next(), install.state.applied.next())
+            .map_err(fault)?;
         self.db
             .replace_ranges(&install.clear, install.changes, true)
             .map_err(fault)?;

@@ -34,6 +34,7 @@
 
 #![warn(clippy::too_many_lines)]
 
+pub mod archive;
 pub mod bugs;
 pub mod cli;
 pub mod client;

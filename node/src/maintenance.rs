@@ -14,12 +14,14 @@ use courier_proto::pb::peer::{
     VerifyProjectionResponse, projection_job_update::Update,
 };
 use courier_proto::{LogIndex, ShardId};
+use courier_storage::archive::SegmentStore;
 use courier_storage::rebuild::{self, Verified};
 use courier_storage::{LogStore, Projection, StorageError};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, warn};
 
+use crate::archive::Archive;
 use crate::status::ApiError;
 
 /// Projection jobs (verify, rebuild) running at once on one node: each replays a whole log.
@@ -37,6 +39,8 @@ pub type JobStream = ReceiverStream<Result<ProjectionJobUpdate, tonic::Status>>;
 pub struct Jobs {
     groups: Arc<Groups>,
     scratch: PathBuf,
+    /// Where purged log entries are read from.
+    archive: Option<Arc<Archive>>,
     slots: Arc<Semaphore>,
 }
 
@@ -91,11 +95,12 @@ fn progress_update(done: LogIndex, total: LogIndex, events: u64) -> ProjectionJo
 impl Jobs {
     /// Jobs over `groups`, with checkpoints for verify under `scratch` (cleared now: whatever a
     /// crashed job left there is garbage).
-    pub fn new(groups: Arc<Groups>, scratch: PathBuf) -> Self {
+    pub fn new(groups: Arc<Groups>, scratch: PathBuf, archive: Option<Arc<Archive>>) -> Self {
         let _ = std::fs::remove_dir_all(&scratch);
         Self {
             groups,
             scratch,
+            archive,
             slots: Arc::new(Semaphore::new(JOBS_MAX)),
         }
     }
@@ -151,12 +156,14 @@ impl Jobs {
         let projections = projections_named(&request.projection)?;
         let (shard, handle) = self.shard(request.shard)?;
         let scratch = self.scratch.join(format!("verify-{}", shard.get()));
+        let archive = self.archive.clone();
         self.spawn(move |tx| {
             let total = handle.maintenance.applied_now();
             let _ = std::fs::create_dir_all(scratch.parent().unwrap_or(&scratch));
+            let archive = archive.as_deref().map(|a| a as &dyn SegmentStore);
             let verified = handle
                 .maintenance
-                .verify_blocking(&scratch, &projections, &mut |done, events| {
+                .verify_blocking(&scratch, archive, &projections, &mut |done, events| {
                     let _ = tx.try_send(Ok(progress_update(done, total, events)));
                 })
                 .map_err(|e| storage_error(&e))?;
@@ -183,11 +190,13 @@ impl Jobs {
         }
         let projection = projections_named(&request.projection)?[0];
         let (shard, handle) = self.shard(request.shard)?;
+        let archive = self.archive.clone();
         self.spawn(move |tx| {
             let total = handle.maintenance.applied_now();
+            let archive = archive.as_deref().map(|a| a as &dyn SegmentStore);
             let outcome: RebuildOutcome = handle
                 .maintenance
-                .rebuild_blocking(projection, &mut |done, events| {
+                .rebuild_blocking(archive, projection, &mut |done, events| {
                     let _ = tx.try_send(Ok(progress_update(done, total, events)));
                 })
                 .map_err(|e| storage_error(&e))?;

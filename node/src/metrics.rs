@@ -92,8 +92,8 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Every metric of a node serving `cluster`.
-    pub fn new(cluster: Cluster) -> Arc<Self> {
+    /// Every metric of a node serving `cluster` (and archiving to `archive`).
+    pub fn new(cluster: Cluster, archive: Option<Arc<crate::archive::Archive>>) -> Arc<Self> {
         let mut registry = Registry::default();
         let sends = Family::<OutcomeLabel, Counter>::default();
         registry.register(
@@ -132,7 +132,7 @@ impl Metrics {
             "Connections closed at once because the listener was at its connection cap",
             connections_refused.clone(),
         );
-        registry.register_collector(Box::new(ShardCollector { cluster }));
+        registry.register_collector(Box::new(ShardCollector { cluster, archive }));
         Arc::new(Self {
             registry,
             sends,
@@ -237,6 +237,7 @@ impl Drop for StreamGauge {
 #[derive(Debug)]
 struct ShardCollector {
     cluster: Cluster,
+    archive: Option<Arc<crate::archive::Archive>>,
 }
 
 type Gauges = Vec<(Vec<(&'static str, String)>, i64)>;
@@ -363,6 +364,49 @@ impl Collector for ShardCollector {
                     ],
                     as_i64(len),
                 );
+            }
+        }
+        if let Some(archive) = &self.archive {
+            let db = self.cluster.groups().db().clone();
+            for shard in &status.shards {
+                let id =
+                    courier_proto::ShardId::new(u16::try_from(shard.shard).unwrap_or(u16::MAX));
+                let archived = courier_storage::LogStore::new(db.clone(), id)
+                    .archived_up_to()
+                    .map_or(0, |i| i.get());
+                put(
+                    "courier_archive_lag_entries",
+                    "Applied log entries not yet in the archive (purging waits for them)",
+                    false,
+                    vec![("shard", shard.shard.to_string())],
+                    as_i64(shard.applied.saturating_sub(archived)),
+                );
+            }
+            let counters = archive.counters();
+            for (name, help, value) in [
+                (
+                    "courier_archive_segments",
+                    "Archive segments written (or found written by another replica) and verified",
+                    &counters.segments,
+                ),
+                (
+                    "courier_archive_bytes",
+                    "Bytes of archive segments written",
+                    &counters.bytes,
+                ),
+                (
+                    "courier_archive_failures",
+                    "Failed archive passes (purging waits until the archive holds the entries): alert on any",
+                    &counters.failures,
+                ),
+                (
+                    "courier_archive_gaps",
+                    "Segments skipped because this replica never held their entries (installed by a snapshot)",
+                    &counters.gaps,
+                ),
+            ] {
+                let value = value.load(Ordering::Relaxed);
+                put(name, help, true, Vec::new(), as_i64(value));
             }
         }
         if let Some(counters) = &status.counters {

@@ -228,7 +228,7 @@ pub(crate) async fn verify(
                 let started = Instant::now();
                 let total = courier_storage::ShardState::load(db.as_ref(), shard)?.applied;
                 let bar = replay_bar(total.get(), &format!("verify shard {}", shard.get()));
-                let verified = rebuild::verify(&db, shard, &projections, &mut |done, _| {
+                let verified = rebuild::verify(&db, shard, None, &projections, &mut |done, _| {
                     bar.set_position(done.get());
                 })
                 .with_context(|| format!("verifying {shard}"))?;

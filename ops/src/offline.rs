@@ -301,7 +301,7 @@ pub(crate) fn restore(from: &Path, data_dir: &Path) -> anyhow::Result<bool> {
         let total = ShardState::load(db.as_ref(), shard)?.applied;
         let bar =
             crate::progress::replay_bar(total.get(), &format!("verify shard {}", shard.get()));
-        let result = rebuild::verify(&db, shard, &Projection::ALL, &mut |done, _| {
+        let result = rebuild::verify(&db, shard, None, &Projection::ALL, &mut |done, _| {
             bar.set_position(done.get());
         });
         bar.finish_and_clear();

@@ -506,30 +506,31 @@ pub(crate) fn replica_records(world: &World, shards: u16) {
                 }
             };
             world.record(Record::Replica(replica));
-            let verify = match rebuild::verify(&db, shard_id, &Projection::ALL, &mut |_, _| {}) {
-                Ok(verified) => {
-                    let ok = verified
-                        .comparisons
-                        .iter()
-                        .all(rebuild::Comparison::is_equal);
-                    Verify {
+            let verify =
+                match rebuild::verify(&db, shard_id, None, &Projection::ALL, &mut |_, _| {}) {
+                    Ok(verified) => {
+                        let ok = verified
+                            .comparisons
+                            .iter()
+                            .all(rebuild::Comparison::is_equal);
+                        Verify {
+                            node: node32,
+                            shard: u32::from(shard),
+                            ok,
+                            detail: if ok {
+                                format!("verified at {}", verified.live.applied)
+                            } else {
+                                format!("{:?}", verified.comparisons)
+                            },
+                        }
+                    }
+                    Err(error) => Verify {
                         node: node32,
                         shard: u32::from(shard),
-                        ok,
-                        detail: if ok {
-                            format!("verified at {}", verified.live.applied)
-                        } else {
-                            format!("{:?}", verified.comparisons)
-                        },
-                    }
-                }
-                Err(error) => Verify {
-                    node: node32,
-                    shard: u32::from(shard),
-                    ok: false,
-                    detail: error.to_string(),
-                },
-            };
+                        ok: false,
+                        detail: error.to_string(),
+                    },
+                };
             world.record(Record::Verify(verify));
         }
     }

@@ -21,6 +21,7 @@
     clippy::too_many_lines
 )]
 
+pub mod archive;
 pub mod bugs;
 pub mod cf;
 pub mod db;

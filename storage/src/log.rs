@@ -215,6 +215,43 @@ impl LogStore {
             .and_then(|(key, _)| keys::log_entry_index(key)))
     }
 
+    /// The index up to which this log is archived (0: nothing yet).
+    ///
+    /// # Errors
+    /// Faults, as for [`LogStore::read_state`].
+    pub fn archived_up_to(&self) -> Result<LogIndex> {
+        let bytes = self.read_state(keys::raft_tag::ARCHIVED)?;
+        Ok(LogIndex::new(
+            bytes
+                .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+                .map_or(0, u64::from_be_bytes),
+        ))
+    }
+
+    /// Records that every entry up to `up_to` is in the archive, verified (durably).
+    ///
+    /// # Errors
+    /// [`StorageError::Db`].
+    pub fn set_archived_up_to(&self, up_to: LogIndex) -> Result<()> {
+        self.save_state(keys::raft_tag::ARCHIVED, &up_to.get().to_be_bytes())
+    }
+
+    /// Deletes the entries in `[from, to)`, durably.
+    ///
+    /// # Errors
+    /// [`StorageError::Db`].
+    pub fn delete_between(&self, from: LogIndex, to: LogIndex) -> Result<()> {
+        if from >= to {
+            return Ok(());
+        }
+        self.db.delete_range(
+            Cf::Log,
+            &keys::log_entry(self.shard, from),
+            &keys::log_entry(self.shard, to),
+            true,
+        )
+    }
+
     /// Deletes every entry at or after `since` (a conflicting suffix), durably.
     ///
     /// # Errors

@@ -8,6 +8,7 @@ use courier_proto::pb::store::LogEntry;
 use courier_proto::{LogIndex, ShardId};
 use prost::Message;
 
+use crate::archive::{ArchivedLog, LogSource, SegmentStore};
 use crate::cf::Cf;
 use crate::error::{Result, StorageError};
 use crate::keys;
@@ -52,7 +53,7 @@ pub struct Rebuilt {
 /// A storage fault, a checksum mismatch in the log, or a missing entry (the log was purged
 /// below `base`).
 pub fn replay(
-    log: &LogStore,
+    log: &dyn LogSource,
     base: (MemKv, ShardState),
     up_to: LogIndex,
     progress: &mut dyn FnMut(LogIndex, u64),
@@ -333,21 +334,31 @@ pub struct Verified {
 
 /// Replays `shard`'s log from index 1 up to the applied index recorded in `db` and compares
 /// `projections` with the live ones. `db` must not change meanwhile (a stopped node's database
-/// or a checkpoint).
+/// or a checkpoint). Entries purged from the live log are read from `archive`.
 ///
 /// # Errors
-/// A log purged below index 1 ([`StorageError::MissingEntry`]), storage faults.
+/// An entry neither the log nor the archive holds ([`StorageError::MissingEntry`]), storage
+/// faults.
 pub fn verify(
     db: &std::sync::Arc<crate::Db>,
     shard: ShardId,
+    archive: Option<&dyn SegmentStore>,
     projections: &[Projection],
     progress: &mut dyn FnMut(LogIndex, u64),
 ) -> Result<Verified> {
     let live = ShardState::load(db.as_ref(), shard)?;
     let log = LogStore::new(db.clone(), shard);
-    require_full_log(&log)?;
+    let archived;
+    let source: &dyn LogSource = match archive {
+        Some(archive) => {
+            archived = ArchivedLog::new(log, archive)?;
+            &archived
+        }
+        None => &log,
+    };
+    source.require_full()?;
     let rebuilt = replay(
-        &log,
+        source,
         (MemKv::default(), ShardState::empty(shard)),
         live.applied,
         progress,

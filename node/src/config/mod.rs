@@ -101,6 +101,14 @@ pub enum ConfigError {
         /// The protocol maximum.
         max: u64,
     },
+    /// `archive.segment-entries` is below the minimum.
+    #[error("archive.segment-entries = {value} is below the minimum {min}")]
+    ArchiveSegmentTooSmall {
+        /// The configured value.
+        value: u64,
+        /// The minimum.
+        min: u64,
+    },
 }
 
 /// Consensus timing, validated: the consensus crate's own settings type.
@@ -186,7 +194,25 @@ pub struct Config {
     pub backup_root: PathBuf,
     /// The development SMS outbox file (`sms.dev-outbox`), when configured.
     pub sms_dev_outbox: Option<PathBuf>,
+    /// The log archive.
+    pub archive: ArchiveConfig,
 }
+
+/// The log archive, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ArchiveConfig {
+    /// Its directory.
+    pub dir: PathBuf,
+    /// Entries per segment.
+    pub segment_entries: u64,
+    /// How often the archiver looks for full segments.
+    pub interval: std::time::Duration,
+}
+
+/// Entries per archive segment unless configured.
+pub const ARCHIVE_SEGMENT_ENTRIES: u64 = 4096;
+/// The smallest segment a node accepts.
+pub const ARCHIVE_SEGMENT_ENTRIES_MIN: u64 = 16;
 
 /// The certificate files of a node with TLS (validated: all present).
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -303,6 +303,27 @@ pub struct RawConfig {
     /// Registration codes.
     #[serde(default)]
     pub sms: SmsRaw,
+    /// The log archive.
+    #[serde(default)]
+    pub archive: ArchiveRaw,
+}
+
+/// `[archive]`: where purged log entries go, so the whole log stays readable.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ArchiveRaw {
+    /// The archive directory. Default `<data-dir>/../archive`: outside the data directory, and
+    /// shared by nodes whose data directories sit side by side (segments are identical on every
+    /// replica, so sharing is safe and fills each one's gaps).
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// Entries per segment, at least 16. Default 4096. Every node writing to one archive must
+    /// use the same value.
+    #[serde(default)]
+    pub segment_entries: Option<u64>,
+    /// How often the archiver looks for full segments. Default `"1s"`.
+    #[serde(default)]
+    pub interval: Option<HumanDuration>,
 }
 
 mod defaults {

@@ -47,6 +47,7 @@ impl RawConfig {
             .admin
             .backup_root
             .unwrap_or_else(|| self.data_dir.join("backups"));
+        let archive = validate_archive(&self.archive, &self.data_dir)?;
         Ok(Config {
             node_id: self.node_id,
             data_dir: self.data_dir,
@@ -61,6 +62,7 @@ impl RawConfig {
             tls,
             backup_root,
             sms_dev_outbox: self.sms.dev_outbox,
+            archive,
         })
     }
 
@@ -270,5 +272,34 @@ fn validate_limits(l: &LimitsRaw) -> Result<Limits, ConfigError> {
         code_request_burst_per_phone: l.code_request_burst_per_phone,
         register_attempts_per_hour_per_phone: l.register_attempts_per_hour_per_phone,
         register_attempt_burst_per_phone: l.register_attempt_burst_per_phone,
+    })
+}
+
+/// `[archive]`: a directory (default beside the data directory) and a segment size.
+fn validate_archive(
+    raw: &super::raw::ArchiveRaw,
+    data_dir: &std::path::Path,
+) -> Result<super::ArchiveConfig, ConfigError> {
+    let segment_entries = raw
+        .segment_entries
+        .unwrap_or(super::ARCHIVE_SEGMENT_ENTRIES);
+    if segment_entries < super::ARCHIVE_SEGMENT_ENTRIES_MIN {
+        return Err(ConfigError::ArchiveSegmentTooSmall {
+            value: segment_entries,
+            min: super::ARCHIVE_SEGMENT_ENTRIES_MIN,
+        });
+    }
+    let dir = raw.dir.clone().unwrap_or_else(|| {
+        data_dir.parent().map_or_else(
+            || std::path::PathBuf::from("archive"),
+            |p| p.join("archive"),
+        )
+    });
+    Ok(super::ArchiveConfig {
+        dir,
+        segment_entries,
+        interval: raw
+            .interval
+            .map_or(std::time::Duration::from_secs(1), |d| d.0),
     })
 }

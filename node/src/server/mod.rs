@@ -28,6 +28,7 @@ use tracing::info;
 
 pub use io::{Connection, Environment, Incoming, Io};
 
+use crate::archive::Archive;
 use crate::client::ClientApi;
 use crate::client::registration::DevFileSms;
 use crate::cluster::{Cluster, Edge};
@@ -163,7 +164,7 @@ pub async fn start_in(config: Config, environment: Environment) -> Result<NodeHa
         path: config.data_dir.clone(),
         source,
     })?;
-    let db = open_storage(&config, environment.db)?;
+    let (db, archive) = open_storage(&config, environment.db)?;
     let tls = load_tls(&config)?;
     let pool = environment
         .pool
@@ -190,7 +191,7 @@ pub async fn start_in(config: Config, environment: Environment) -> Result<NodeHa
     let (error_tx, errors) = tokio::sync::mpsc::channel(2);
 
     let sms = sms_sender(&config);
-    let metrics = crate::metrics::Metrics::new(cluster.clone());
+    let metrics = crate::metrics::Metrics::new(cluster.clone(), archive.clone());
     tasks.spawn(
         metrics
             .clone()
@@ -214,7 +215,11 @@ pub async fn start_in(config: Config, environment: Environment) -> Result<NodeHa
         None => (None, None),
     };
     let client_router = client_router(&config, client_api, client_tls).await?;
-    let jobs = crate::maintenance::Jobs::new(groups.clone(), config.data_dir.join("scratch"));
+    let jobs = crate::maintenance::Jobs::new(
+        groups.clone(),
+        config.data_dir.join("scratch"),
+        archive.clone(),
+    );
     let peer_router = peer_router(
         cluster.clone(),
         groups.clone(),
@@ -239,17 +244,10 @@ pub async fn start_in(config: Config, environment: Environment) -> Result<NodeHa
         &config,
         presence_reports,
         push_task,
+        archive,
     );
-    let metrics_addr = match metrics_listener {
-        Some(listener) => {
-            let bound = listener.local_addr().ok();
-            let (metrics, shutdown) = (metrics.clone(), shutdown.clone());
-            tasks.spawn(async move { crate::metrics::serve(listener, metrics, shutdown).await });
-            info!(bound = ?bound, "metrics endpoint");
-            bound
-        }
-        None => None,
-    };
+    let metrics_addr =
+        metrics_listener.and_then(|listener| serve_metrics(&tasks, listener, &metrics, &shutdown));
     Ok(NodeHandle {
         client_addr,
         peer_addr,
@@ -327,14 +325,35 @@ fn load_tls(config: &Config) -> Result<Option<Tls>, ServerError> {
 }
 
 /// The environment's storage, or RocksDB in `data-dir/db`.
-fn open_storage(config: &Config, provided: Option<Arc<Db>>) -> Result<Arc<Db>, ServerError> {
+/// Serves `/metrics` on `listener`; returns its address.
+fn serve_metrics(
+    tasks: &TaskTracker,
+    listener: tokio::net::TcpListener,
+    metrics: &Arc<crate::metrics::Metrics>,
+    shutdown: &CancellationToken,
+) -> Option<SocketAddr> {
+    let bound = listener.local_addr().ok();
+    let (metrics, shutdown) = (metrics.clone(), shutdown.clone());
+    tasks.spawn(async move { crate::metrics::serve(listener, metrics, shutdown).await });
+    info!(bound = ?bound, "metrics endpoint");
+    bound
+}
+
+/// The node's database (its own RocksDB, or the embedder's) and its log archive. A node given its
+/// database by the embedder (the simulation's memory disk) runs no archiver: its purges wait
+/// (the simulation runs with snapshots off).
+fn open_storage(
+    config: &Config,
+    provided: Option<Arc<Db>>,
+) -> Result<(Arc<Db>, Option<Arc<Archive>>), ServerError> {
     if let Some(db) = provided {
-        return Ok(db);
+        return Ok((db, None));
     }
     let db_path = config.data_dir.join("db");
     let db = Arc::new(Db::open(&db_path, OpenMode::ReadWrite)?);
     info!(path = %db_path.display(), "storage open");
-    Ok(db)
+    let archive = Arc::new(Archive::open(&config.archive)?);
+    Ok((db, Some(archive)))
 }
 
 /// The ephemeral side: the presence table, the stream reporter (and its reports, for the task
@@ -378,7 +397,13 @@ fn spawn_background(
     config: &Config,
     presence_reports: tokio::sync::mpsc::Receiver<courier_proto::pb::peer::PresenceReport>,
     push_task: Option<crate::push::PushTask>,
+    archive: Option<Arc<Archive>>,
 ) {
+    if let Some(archive) = archive {
+        let (groups, shutdown) = (cluster.groups().clone(), shutdown.clone());
+        let interval = config.archive.interval;
+        tasks.spawn(crate::archive::run(groups, archive, interval, shutdown));
+    }
     {
         let cluster = cluster.clone();
         let shutdown = shutdown.clone();

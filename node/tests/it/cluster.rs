@@ -355,11 +355,22 @@ pub(crate) struct Processes {
     pub(crate) peers: Vec<String>,
     root: tempfile::TempDir,
     ports: BTreeMap<u64, (u16, u16)>,
+    /// Appended to every node's configuration.
+    extra_config: String,
 }
 
 impl Processes {
     /// Starts `n` nodes, bootstraps the cluster and waits for every shard's leader.
     pub(crate) async fn start_initialized(n: u64) -> (Self, BTreeMap<u32, u64>) {
+        Self::start_initialized_with(n, "").await
+    }
+
+    /// As [`Processes::start_initialized`], with `extra_config` appended to every node's
+    /// configuration (whole TOML tables).
+    pub(crate) async fn start_initialized_with(
+        n: u64,
+        extra_config: &str,
+    ) -> (Self, BTreeMap<u32, u64>) {
         let root = tempfile::tempdir().expect("tempdir");
         let ports: BTreeMap<u64, (u16, u16)> =
             (1..=n).map(|id| (id, (free_port(), free_port()))).collect();
@@ -369,6 +380,7 @@ impl Processes {
             peers: Vec::new(),
             root,
             ports,
+            extra_config: extra_config.to_owned(),
         };
         let mut procs: Vec<NodeProcess> = (1..=n).map(|id| this.spawn(id)).collect();
         for (id, proc) in (1..=n).zip(procs.iter_mut()) {
@@ -391,9 +403,13 @@ impl Processes {
 
     fn spawn(&self, id: u64) -> NodeProcess {
         let ports = self.ports.clone();
+        let extra = self.extra_config.clone();
         let make_config = move |id: u64, data_dir: &std::path::Path| {
             let (client, peer) = ports[&id];
-            with_fast_raft(config_on_ports(id, data_dir, client, peer))
+            format!(
+                "{}\n{extra}",
+                with_fast_raft(config_on_ports(id, data_dir, client, peer))
+            )
         };
         NodeProcess::start_with(id, self.root.path(), &make_config)
     }
@@ -421,6 +437,11 @@ impl Processes {
             tracing::warn!(id, "node exited before it was up; trying other ports");
         }
         panic!("node {id} did not come up on five sets of free ports");
+    }
+
+    /// The directory the nodes' data directories sit in (and their shared log archive).
+    pub(crate) fn root(&self) -> &std::path::Path {
+        self.root.path()
     }
 
     /// The data directory node `id` has (or will have).

@@ -49,6 +49,9 @@ pub mod raft_tag {
     pub const COMMITTED: u8 = 2;
     /// The last purged log id.
     pub const PURGED: u8 = 3;
+    /// The storage index up to which the log is archived (verified segments), u64 big-endian:
+    /// no entry above it is ever deleted by a purge.
+    pub const ARCHIVED: u8 = 4;
 }
 
 /// Record tags inside projection families (see the module table).

@@ -1,0 +1,326 @@
+//! The log archive: every replica copies its committed log, in fixed segments, into an archive
+//! store (`object_store`: a local directory here) before raft's purge may delete it, so verify,
+//! rebuild and inspect read the whole log at any age (`courier_storage::archive`).
+//!
+//! Decisions:
+//! - **Each replica archives its own log**, not only the leader: purge is per replica, so each
+//!   gates its own purge on what it archived, with no cross-node coordination. Segments are
+//!   aligned (`[k·N + 1, (k + 1)·N]`) and their bytes are a function of the committed entries,
+//!   so replicas sharing a store write identical objects; a write that finds the object already
+//!   there checks it is the same.
+//! - **Only entries this replica applied from its log**: entries at or below the applied index
+//!   are committed. A range the replica never held (it installed a snapshot over it) is skipped
+//!   and counted (`courier_archive_gaps_total`); another replica holds it.
+//! - **Durable, then verified, then recorded**: a segment is written, fsynced (file and
+//!   directory), read back and decoded (every checksum) before the replica's archived mark
+//!   moves; only then may a purge delete those entries. A failing store stops purging and is
+//!   counted; entries are never lost.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use courier_consensus::groups::Groups;
+use courier_consensus::log_store::storage_index;
+use courier_consensus::types::GroupId;
+use courier_proto::{LogIndex, ShardId};
+use courier_storage::archive::SegmentStore;
+use courier_storage::segment;
+use courier_storage::{LogRecord, LogStore, StorageError};
+use object_store::ObjectStore;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as ObjectPath;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::ArchiveConfig;
+
+/// What the archive did since the node started, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct ArchiveCounters {
+    /// Segments written (or found already written by another replica).
+    pub segments: AtomicU64,
+    /// Bytes written.
+    pub bytes: AtomicU64,
+    /// Failed attempts (store errors, a segment that did not read back): purging waits.
+    pub failures: AtomicU64,
+    /// Ranges skipped because this replica never held them (installed by a snapshot).
+    pub gaps: AtomicU64,
+}
+
+/// The archive store of this node.
+pub struct Archive {
+    store: LocalFileSystem,
+    dir: PathBuf,
+    segment_entries: u64,
+    runtime: tokio::runtime::Handle,
+    counters: ArchiveCounters,
+}
+
+impl std::fmt::Debug for Archive {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Archive")
+            .field("dir", &self.dir)
+            .field("segment_entries", &self.segment_entries)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The object name of `shard`'s segment `first..=last`: zero-padded so names sort by index.
+fn object_path(shard: ShardId, first: LogIndex, last: LogIndex) -> ObjectPath {
+    ObjectPath::from(format!(
+        "shard-{:05}/{:020}-{:020}.seg",
+        shard.get(),
+        first.get(),
+        last.get()
+    ))
+}
+
+/// The range a segment's object name states.
+fn parse_name(name: &str) -> Option<(LogIndex, LogIndex)> {
+    let (first, last) = name.strip_suffix(".seg")?.split_once('-')?;
+    Some((
+        LogIndex::new(first.parse().ok()?),
+        LogIndex::new(last.parse().ok()?),
+    ))
+}
+
+fn store_fault(op: &'static str, error: impl std::fmt::Display) -> StorageError {
+    StorageError::Disk {
+        op,
+        reason: format!("archive: {error}"),
+    }
+}
+
+impl Archive {
+    /// Opens (creating) the archive directory of `config`.
+    ///
+    /// # Errors
+    /// The directory cannot be created or opened.
+    pub fn open(config: &ArchiveConfig) -> Result<Self, StorageError> {
+        std::fs::create_dir_all(&config.dir).map_err(|e| store_fault("create archive dir", e))?;
+        let store = LocalFileSystem::new_with_prefix(&config.dir)
+            .map_err(|e| store_fault("open archive", e))?;
+        Ok(Self {
+            store,
+            dir: config.dir.clone(),
+            segment_entries: config.segment_entries,
+            runtime: tokio::runtime::Handle::current(),
+            counters: ArchiveCounters::default(),
+        })
+    }
+
+    /// Counters for `/metrics`.
+    pub fn counters(&self) -> &ArchiveCounters {
+        &self.counters
+    }
+
+    /// The last index of the aligned segment that holds `index`.
+    fn segment_end(&self, index: LogIndex) -> LogIndex {
+        let n = self.segment_entries;
+        LogIndex::new(
+            index
+                .get()
+                .saturating_sub(1)
+                .checked_div(n)
+                .unwrap_or(0)
+                .saturating_add(1)
+                .saturating_mul(n),
+        )
+    }
+
+    /// Writes `records` (one whole segment of `shard`) durably and verifies it read back. An
+    /// object already there must hold the same entries.
+    async fn put_segment(&self, shard: ShardId, records: &[LogRecord]) -> Result<(), StorageError> {
+        let (Some(first), Some(last)) = (records.first(), records.last()) else {
+            return Ok(());
+        };
+        let path = object_path(shard, first.index, last.index);
+        let bytes = segment::encode(shard, records);
+        match self.store.get(&path).await {
+            Ok(existing) => {
+                let existing = existing.bytes().await.map_err(|e| store_fault("read", e))?;
+                let (_, stored) = segment::decode(shard, &existing)?;
+                if stored != records {
+                    return Err(store_fault(
+                        "compare",
+                        format!("{path} holds other entries than this replica's log"),
+                    ));
+                }
+                self.counters.segments.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+            Err(object_store::Error::NotFound { .. }) => {}
+            Err(error) => return Err(store_fault("get", error)),
+        }
+        let len = bytes.len();
+        self.store
+            .put(&path, bytes.into())
+            .await
+            .map_err(|e| store_fault("put", e))?;
+        self.sync(&path)?;
+        let back = self
+            .store
+            .get(&path)
+            .await
+            .map_err(|e| store_fault("get", e))?
+            .bytes()
+            .await
+            .map_err(|e| store_fault("read", e))?;
+        let (_, stored) = segment::decode(shard, &back)?;
+        if stored != records {
+            return Err(store_fault("verify", format!("{path} did not read back")));
+        }
+        self.counters.segments.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .bytes
+            .fetch_add(u64::try_from(len).unwrap_or(u64::MAX), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Makes a written object durable: fsync of the file and of its directory.
+    fn sync(&self, path: &ObjectPath) -> Result<(), StorageError> {
+        let file = self.dir.join(path.as_ref());
+        let sync = |p: &std::path::Path| {
+            std::fs::File::open(p)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| store_fault("fsync", e))
+        };
+        sync(&file)?;
+        match file.parent() {
+            Some(dir) => sync(dir),
+            None => Ok(()),
+        }
+    }
+
+    async fn list(&self, shard: ShardId) -> Result<Vec<(LogIndex, LogIndex)>, StorageError> {
+        use futures_util::TryStreamExt as _;
+        let prefix = ObjectPath::from(format!("shard-{:05}", shard.get()));
+        let objects: Vec<_> = self
+            .store
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .map_err(|e| store_fault("list", e))?;
+        let mut segments: Vec<(LogIndex, LogIndex)> = objects
+            .iter()
+            .filter_map(|object| parse_name(object.location.filename()?))
+            .collect();
+        segments.sort_unstable();
+        Ok(segments)
+    }
+
+    /// One pass over `log`: archives every whole segment at or below `applied`, then deletes
+    /// what raft purged (`purged`, a storage index) and the archive now holds.
+    async fn archive_log(
+        &self,
+        log: &LogStore,
+        applied: LogIndex,
+        purged: Option<LogIndex>,
+    ) -> Result<(), StorageError> {
+        let shard = log.shard();
+        loop {
+            let next = log.archived_up_to()?.next();
+            let end = self.segment_end(next);
+            if end > applied {
+                break;
+            }
+            let records = log.read_range(next, end.next())?;
+            let whole = u64::try_from(records.len()).ok()
+                == Some(end.get().saturating_sub(next.get()).saturating_add(1));
+            if records.first().map(|r| r.index) != Some(next) || !whole {
+                // Not all of it is here: this replica got these entries by a snapshot.
+                self.counters.gaps.fetch_add(1, Ordering::Relaxed);
+                warn!(
+                    %shard,
+                    from = next.get(),
+                    to = end.get(),
+                    "archive gap: this replica never held these entries"
+                );
+                log.set_archived_up_to(end)?;
+                continue;
+            }
+            self.put_segment(shard, &records).await?;
+            log.set_archived_up_to(end)?;
+        }
+        if let Some(purged) = purged {
+            let up_to = purged.min(log.archived_up_to()?);
+            if let Some(first) = log.first_index()?
+                && first <= up_to
+            {
+                log.purge_up_to(up_to)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl SegmentStore for Archive {
+    fn segments(&self, shard: ShardId) -> courier_storage::Result<Vec<(LogIndex, LogIndex)>> {
+        self.runtime.block_on(self.list(shard))
+    }
+
+    fn read_segment(
+        &self,
+        shard: ShardId,
+        first: LogIndex,
+        last: LogIndex,
+    ) -> courier_storage::Result<Vec<LogRecord>> {
+        let path = object_path(shard, first, last);
+        let bytes = self.runtime.block_on(async {
+            self.store
+                .get(&path)
+                .await
+                .map_err(|e| store_fault("get", e))?
+                .bytes()
+                .await
+                .map_err(|e| store_fault("read", e))
+        })?;
+        let (header, records) = segment::decode(shard, &bytes)?;
+        if header.first != first || header.last() != last {
+            return Err(store_fault(
+                "read",
+                format!("{path} holds {}..={}", header.first, header.last()),
+            ));
+        }
+        Ok(records)
+    }
+}
+
+/// Runs the archiver of this node until `shutdown`: every `interval`, each shard replica here
+/// archives its whole segments and deletes what raft purged and the archive holds.
+pub async fn run(
+    groups: Arc<Groups>,
+    archive: Arc<Archive>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    info!(dir = %archive.dir.display(), segment_entries = archive.segment_entries, "log archive on");
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        let Some(shard_count) = groups.shard_count() else {
+            continue;
+        };
+        for shard in (0..shard_count).map(ShardId::new) {
+            let Some(handle) = groups.get(GroupId::Shard(shard)) else {
+                continue;
+            };
+            let applied = handle
+                .applied
+                .read()
+                .expect("applied view lock is never poisoned")
+                .shard
+                .applied;
+            let purged = handle.state().purged_index.map(storage_index);
+            let log = LogStore::new(groups.db().clone(), shard);
+            if let Err(error) = archive.archive_log(&log, applied, purged).await {
+                archive.counters.failures.fetch_add(1, Ordering::Relaxed);
+                warn!(%shard, %error, "archiving failed; purging waits for it");
+            }
+        }
+    }
+}
