@@ -67,23 +67,9 @@ impl std::fmt::Debug for Archive {
     }
 }
 
-/// The object name of `shard`'s segment `first..=last`: zero-padded so names sort by index.
+/// The object of `shard`'s segment `first..=last` (`courier_storage::segment::object_name`).
 fn object_path(shard: ShardId, first: LogIndex, last: LogIndex) -> ObjectPath {
-    ObjectPath::from(format!(
-        "shard-{:05}/{:020}-{:020}.seg",
-        shard.get(),
-        first.get(),
-        last.get()
-    ))
-}
-
-/// The range a segment's object name states.
-fn parse_name(name: &str) -> Option<(LogIndex, LogIndex)> {
-    let (first, last) = name.strip_suffix(".seg")?.split_once('-')?;
-    Some((
-        LogIndex::new(first.parse().ok()?),
-        LogIndex::new(last.parse().ok()?),
-    ))
+    ObjectPath::from(segment::object_name(shard, first, last))
 }
 
 fn store_fault(op: &'static str, error: impl std::fmt::Display) -> StorageError {
@@ -196,7 +182,7 @@ impl Archive {
 
     async fn list(&self, shard: ShardId) -> Result<Vec<(LogIndex, LogIndex)>, StorageError> {
         use futures_util::TryStreamExt as _;
-        let prefix = ObjectPath::from(format!("shard-{:05}", shard.get()));
+        let prefix = ObjectPath::from(segment::shard_dir(shard));
         let objects: Vec<_> = self
             .store
             .list(Some(&prefix))
@@ -205,7 +191,7 @@ impl Archive {
             .map_err(|e| store_fault("list", e))?;
         let mut segments: Vec<(LogIndex, LogIndex)> = objects
             .iter()
-            .filter_map(|object| parse_name(object.location.filename()?))
+            .filter_map(|object| segment::parse_file_name(object.location.filename()?))
             .collect();
         segments.sort_unstable();
         Ok(segments)
@@ -277,14 +263,7 @@ impl SegmentStore for Archive {
                 .await
                 .map_err(|e| store_fault("read", e))
         })?;
-        let (header, records) = segment::decode(shard, &bytes)?;
-        if header.first != first || header.last() != last {
-            return Err(store_fault(
-                "read",
-                format!("{path} holds {}..={}", header.first, header.last()),
-            ));
-        }
-        Ok(records)
+        segment::checked(shard, first, last, &bytes)
     }
 }
 

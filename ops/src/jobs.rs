@@ -214,8 +214,15 @@ pub(crate) async fn verify(
     shard: Option<u16>,
     projection: Option<String>,
     as_json: bool,
+    archive: Option<courier_storage::archive::DirArchive>,
 ) -> anyhow::Result<bool> {
     let mut ok = true;
+    if archive.is_some() && target.addr.is_some() {
+        anyhow::bail!("--archive is for --data-dir: a running node reads its own archive");
+    }
+    let archive = archive
+        .as_ref()
+        .map(|a| a as &dyn courier_storage::archive::SegmentStore);
     match (target.data_dir, target.addr) {
         (Some(data_dir), _) => {
             let projections = projections_named(projection.as_deref())?;
@@ -228,10 +235,11 @@ pub(crate) async fn verify(
                 let started = Instant::now();
                 let total = courier_storage::ShardState::load(db.as_ref(), shard)?.applied;
                 let bar = replay_bar(total.get(), &format!("verify shard {}", shard.get()));
-                let verified = rebuild::verify(&db, shard, None, &projections, &mut |done, _| {
-                    bar.set_position(done.get());
-                })
-                .with_context(|| format!("verifying {shard}"))?;
+                let verified =
+                    rebuild::verify(&db, shard, archive, &projections, &mut |done, _| {
+                        bar.set_position(done.get());
+                    })
+                    .with_context(|| format!("verifying {shard}"))?;
                 bar.finish_and_clear();
                 let report =
                     ShardReport::from_offline(shard, &verified, started.elapsed().as_secs_f64());

@@ -7,6 +7,7 @@
 // Functions stay within clippy.toml's too-many-lines-threshold (STYLE.md section 10).
 #![warn(clippy::too_many_lines)]
 
+use courier_storage::archive::DirArchive;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -139,6 +140,10 @@ enum Command {
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
+        /// Offline: the node's log archive directory (`archive.dir`), read for entries purged
+        /// from the live log. A running node reads its own.
+        #[arg(long, value_name = "DIR")]
+        archive: Option<PathBuf>,
     },
 }
 
@@ -393,7 +398,14 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             shard,
             projection,
             json,
-        } => runtime()?.block_on(jobs::verify(target, shard, projection, json)),
+            archive,
+        } => runtime()?.block_on(jobs::verify(
+            target,
+            shard,
+            projection,
+            json,
+            archive.map(DirArchive::new),
+        )),
         Command::Certs(CertsCommand::Dev { dir, nodes, hosts }) => {
             let ids: Vec<u64> = (1..=nodes).collect();
             let mut names: Vec<&str> = vec!["localhost"];

@@ -11,6 +11,7 @@ use courier_proto::{LogIndex, ShardId};
 
 use crate::error::{Result, StorageError};
 use crate::log::{LogRecord, LogStore};
+use crate::segment;
 
 /// Where a replay reads the log from.
 pub trait LogSource {
@@ -158,5 +159,61 @@ impl LogSource for ArchivedLog<'_> {
             None => Ok(()),
             Some(_) => Err(self.missing(next)),
         }
+    }
+}
+
+/// An archive in a local directory, read with plain file reads: what the offline tools use on a
+/// stopped node's archive (the node itself goes through `object_store`).
+#[derive(Clone, Debug)]
+pub struct DirArchive {
+    dir: std::path::PathBuf,
+}
+
+impl DirArchive {
+    /// The archive in `dir`.
+    pub fn new(dir: impl Into<std::path::PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+}
+
+fn io_fault(op: &'static str, error: &std::io::Error) -> StorageError {
+    StorageError::Disk {
+        op,
+        reason: format!("archive: {error}"),
+    }
+}
+
+impl SegmentStore for DirArchive {
+    fn segments(&self, shard: ShardId) -> Result<Vec<(LogIndex, LogIndex)>> {
+        let dir = self.dir.join(segment::shard_dir(shard));
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(error) => return Err(io_fault("list", &error)),
+        };
+        let mut segments = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| io_fault("list", &e))?;
+            if let Some(range) = entry
+                .file_name()
+                .to_str()
+                .and_then(segment::parse_file_name)
+            {
+                segments.push(range);
+            }
+        }
+        segments.sort_unstable();
+        Ok(segments)
+    }
+
+    fn read_segment(
+        &self,
+        shard: ShardId,
+        first: LogIndex,
+        last: LogIndex,
+    ) -> Result<Vec<LogRecord>> {
+        let path = self.dir.join(segment::object_name(shard, first, last));
+        let bytes = std::fs::read(&path).map_err(|e| io_fault("read", &e))?;
+        segment::checked(shard, first, last, &bytes)
     }
 }

@@ -27,6 +27,30 @@ const VERSION: u8 = 1;
 const HEADER_BYTES: usize = 4 + 1 + 2 + 8 + 4;
 const TRAILER_BYTES: usize = 8 + 4 + 4;
 
+/// The directory (object prefix) of `shard`'s segments in an archive.
+pub fn shard_dir(shard: ShardId) -> String {
+    format!("shard-{:05}", shard.get())
+}
+
+/// The archive name of `shard`'s segment `first..=last`: zero-padded, so names sort by index.
+pub fn object_name(shard: ShardId, first: LogIndex, last: LogIndex) -> String {
+    format!("{}/{}", shard_dir(shard), file_name(first, last))
+}
+
+fn file_name(first: LogIndex, last: LogIndex) -> String {
+    format!("{:020}-{:020}.seg", first.get(), last.get())
+}
+
+/// The range a segment's file name states (`FIRST-LAST.seg`).
+pub fn parse_file_name(name: &str) -> Option<(LogIndex, LogIndex)> {
+    let (first, last) = name.strip_suffix(".seg")?.split_once('-')?;
+    let range = (
+        LogIndex::new(first.parse().ok()?),
+        LogIndex::new(last.parse().ok()?),
+    );
+    (file_name(range.0, range.1) == name).then_some(range)
+}
+
 /// Encodes `records` (consecutive indexes of `shard`, at least one) as a segment.
 ///
 /// # Panics
@@ -200,6 +224,29 @@ pub fn decode(shard: ShardId, bytes: &[u8]) -> Result<(SegmentHeader, Vec<LogRec
     Ok((header, records))
 }
 
+/// Decodes a segment read back under the name `first..=last` of `shard`, checking it holds that
+/// range.
+///
+/// # Errors
+/// As [`decode`], and [`StorageError::Decode`] when the segment holds another range.
+pub fn checked(
+    shard: ShardId,
+    first: LogIndex,
+    last: LogIndex,
+    bytes: &[u8],
+) -> Result<Vec<LogRecord>> {
+    let (header, records) = decode(shard, bytes)?;
+    if header.first != first || header.last() != last {
+        return Err(StorageError::Decode {
+            cf: "archive",
+            shard,
+            what: object_name(shard, first, last),
+            reason: format!("holds {}..={}", header.first, header.last()),
+        });
+    }
+    Ok(records)
+}
+
 #[cfg(test)]
 #[allow(clippy::arithmetic_side_effects)]
 mod tests {
@@ -218,6 +265,27 @@ mod tests {
                 ],
             })
             .collect()
+    }
+
+    #[test]
+    fn names_sort_by_index_and_parse_back() {
+        let name = object_name(SHARD, LogIndex::new(4097), LogIndex::new(8192));
+        assert_eq!(
+            name,
+            "shard-00003/00000000000000004097-00000000000000008192.seg"
+        );
+        let file = name.rsplit('/').next().expect("file");
+        assert_eq!(
+            parse_file_name(file),
+            Some((LogIndex::new(4097), LogIndex::new(8192)))
+        );
+        for bad in [
+            "1-2.seg",
+            "x-y.seg",
+            "00000000000000000001-00000000000000000002.tmp",
+        ] {
+            assert_eq!(parse_file_name(bad), None, "{bad}");
+        }
     }
 
     #[test]

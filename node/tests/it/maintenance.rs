@@ -164,7 +164,7 @@ async fn online_verify_names_a_corruption_and_online_rebuild_repairs_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_and_rebuild_read_purged_entries_from_the_archive() {
     const ENTRIES: u64 = 300;
-    let (cluster, _) = Processes::start_initialized_with(
+    let (mut cluster, _) = Processes::start_initialized_with(
         3,
         "[archive]\nsegment-entries = 16\ninterval = \"100ms\"\n",
     )
@@ -212,6 +212,21 @@ async fn verify_and_rebuild_read_purged_entries_from_the_archive() {
     );
     let (code, out, err) = ops(&["verify", "--addr", &replica, "--shard", "1"]);
     assert_eq!(code, 0, "{out}{err}");
+
+    tracing::info!("offline, on the stopped node: with the archive, and without it");
+    cluster.kill(2);
+    let data_dir = cluster.data_dir_of(3);
+    let archive = cluster.root().join("archive");
+    let data_dir = data_dir.to_str().expect("utf-8");
+    let archive = archive.to_str().expect("utf-8");
+    let offline = ["verify", "--data-dir", data_dir, "--shard", "1"];
+    let (code, out, err) = ops(&[&offline[..], &["--archive", archive]].concat());
+    assert_eq!(code, 0, "offline verify reads the archive: {out}{err}");
+    let (code, out, err) = ops(&offline);
+    assert_ne!(
+        code, 0,
+        "without the archive the purged log cannot be replayed: {out}{err}"
+    );
 }
 
 /// Backup → restore round trip: a checkpoint of node 3 taken during writes is restored into a
