@@ -230,7 +230,6 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
         GroupClient {
             group: self.group,
             target,
-            channel: self.pool.channel(&node.addr),
             pool: self.pool.clone(),
             addr: node.addr.clone(),
             rpc_timeout: self.rpc_timeout,
@@ -243,7 +242,6 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
 pub struct GroupClient {
     group: GroupId,
     target: NodeId,
-    channel: Option<Channel>,
     pool: Arc<ChannelPool>,
     addr: String,
     rpc_timeout: Duration,
@@ -259,11 +257,10 @@ fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, NetworkError> {
 
 impl GroupClient {
     /// After a timeout: once [`RECONNECT_AFTER_TIMEOUTS`] came to this peer with no answer in
-    /// between, this and every later call use a new connection (see [`ChannelPool::forget`]).
-    fn timed_out(&mut self) {
-        if self.pool.timed_out(&self.addr) {
-            self.channel = self.pool.channel(&self.addr);
-        }
+    /// between, the pool drops its connection and the next call of every group opens a new one
+    /// (see [`ChannelPool::forget`]).
+    fn timed_out(&self) {
+        self.pool.timed_out(&self.addr);
     }
 
     async fn call<Req, Resp, E>(
@@ -277,7 +274,13 @@ impl GroupClient {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let channel = self.channel.clone().ok_or_else(|| {
+        // The pool's channel at every call, never one kept from an earlier call: a group whose
+        // client kept the connection it started with would stay on a connection the pool has
+        // since replaced (a peer that restarted), timing out forever while the other groups'
+        // answers over the new connection keep resetting the count that would replace it (the
+        // simulation's node layer, seed 68: one shard's replica stayed a candidate behind the
+        // others after the heal).
+        let channel = self.pool.channel(&self.addr).ok_or_else(|| {
             RPCError::Unreachable(Unreachable::new(&std::io::Error::other(
                 "invalid peer address",
             )))
