@@ -44,7 +44,13 @@ impl LogSource for LogStore {
     }
 
     fn require_full(&self) -> Result<()> {
-        crate::rebuild::require_full_log(self)
+        match self.first_index()? {
+            Some(first) if first > LogIndex::new(1) => Err(StorageError::MissingEntry {
+                shard: LogStore::shard(self),
+                index: LogIndex::new(1),
+            }),
+            _ => Ok(()),
+        }
     }
 }
 

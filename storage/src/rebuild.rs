@@ -309,13 +309,7 @@ pub fn swap(live: &ShardState, rebuilt: &Rebuilt, projection: Projection) -> Swa
 /// # Errors
 /// [`StorageError::MissingEntry`] naming index 1 when the log was purged below a snapshot.
 pub fn require_full_log(log: &LogStore) -> Result<()> {
-    match log.first_index()? {
-        Some(first) if first > LogIndex::new(1) => Err(StorageError::MissingEntry {
-            shard: log.shard(),
-            index: LogIndex::new(1),
-        }),
-        _ => Ok(()),
-    }
+    log.require_full()
 }
 
 /// Differing keys reported per projection by a verify.
