@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use courier_proto::LogIndex;
-use courier_storage::archive::{ArchivedLog, LogSource, SegmentStore};
+use courier_storage::archive::{SegmentStore, log_source};
 use courier_storage::rebuild::{self, Verified};
 use courier_storage::{Db, LogStore, MemKv, OpenMode, Projection, ShardState, StorageError};
 
@@ -136,25 +136,17 @@ impl Maintenance {
         progress: &mut dyn FnMut(LogIndex, u64),
     ) -> Result<RebuildOutcome, StorageError> {
         let shard = self.group.storage_prefix();
-        let log = LogStore::new(self.db.clone(), shard);
-        let archived;
-        let source: &dyn LogSource = match archive {
-            Some(archive) => {
-                archived = ArchivedLog::new(log, archive)?;
-                &archived
-            }
-            None => &log,
-        };
+        let source = log_source(LogStore::new(self.db.clone(), shard), archive)?;
         source.require_full()?;
         let first = rebuild::replay(
-            source,
+            source.as_ref(),
             (MemKv::default(), ShardState::empty(shard)),
             self.applied_now(),
             progress,
         )?;
         let mut machine = self.machine.blocking_lock();
         let rebuilt = rebuild::replay(
-            source,
+            source.as_ref(),
             (first.kv, first.state),
             machine.state.applied,
             progress,

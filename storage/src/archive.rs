@@ -54,6 +54,20 @@ impl LogSource for LogStore {
     }
 }
 
+/// `live` alone, or the archive and `live` as one log when there is an archive.
+///
+/// # Errors
+/// Listing the archive failed.
+pub fn log_source<'a>(
+    live: LogStore,
+    archive: Option<&'a dyn SegmentStore>,
+) -> Result<Box<dyn LogSource + 'a>> {
+    Ok(match archive {
+        Some(archive) => Box::new(ArchivedLog::new(live, archive)?),
+        None => Box::new(live),
+    })
+}
+
 /// Archived segments of the cluster's shards, read-only (implemented by the node over its
 /// archive store; blocking calls, made from blocking threads).
 pub trait SegmentStore: Send + Sync {

@@ -8,7 +8,7 @@ use courier_proto::pb::store::LogEntry;
 use courier_proto::{LogIndex, ShardId};
 use prost::Message;
 
-use crate::archive::{ArchivedLog, LogSource, SegmentStore};
+use crate::archive::{LogSource, SegmentStore, log_source};
 use crate::cf::Cf;
 use crate::error::{Result, StorageError};
 use crate::keys;
@@ -341,18 +341,10 @@ pub fn verify(
     progress: &mut dyn FnMut(LogIndex, u64),
 ) -> Result<Verified> {
     let live = ShardState::load(db.as_ref(), shard)?;
-    let log = LogStore::new(db.clone(), shard);
-    let archived;
-    let source: &dyn LogSource = match archive {
-        Some(archive) => {
-            archived = ArchivedLog::new(log, archive)?;
-            &archived
-        }
-        None => &log,
-    };
+    let source = log_source(LogStore::new(db.clone(), shard), archive)?;
     source.require_full()?;
     let rebuilt = replay(
-        source,
+        source.as_ref(),
         (MemKv::default(), ShardState::empty(shard)),
         live.applied,
         progress,

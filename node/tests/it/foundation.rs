@@ -230,26 +230,12 @@ async fn client_connections_are_capped() {
         drop(held);
         // The server frees a connection's slot when it sees the close, a moment after the
         // client's: a client refused meanwhile tries again, as any client would.
-        let started = std::time::Instant::now();
-        loop {
-            let served = match crate::support::try_connect(&client).await {
-                Ok(channel) => HealthClient::new(channel)
-                    .check(HealthCheckRequest {
-                        service: String::new(),
-                    })
-                    .await
-                    .is_ok(),
-                Err(_) => false,
-            };
-            if served {
-                break;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "served after connections closed"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        crate::support::wait_served(
+            &client,
+            Duration::from_secs(10),
+            "served after connections closed",
+        )
+        .await;
     }
     node.stop().await;
 }

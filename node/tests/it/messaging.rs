@@ -950,6 +950,18 @@ async fn presence_of(
     asker: &Device,
     user: u64,
 ) -> courier_proto::pb::client::PresenceUpdate {
+    presence_answers(addr, asker, user)
+        .await
+        .pop()
+        .expect("one answer")
+}
+
+/// `GetPresence` for `user` asked by `asker`: what the node tells (empty for a stranger).
+async fn presence_answers(
+    addr: &str,
+    asker: &Device,
+    user: u64,
+) -> Vec<courier_proto::pb::client::PresenceUpdate> {
     MessagingClient::new(channel(addr).await)
         .get_presence(authed(
             asker,
@@ -959,8 +971,6 @@ async fn presence_of(
         .expect("presence")
         .into_inner()
         .presence
-        .pop()
-        .expect("one answer")
 }
 
 /// Presence follows Bob's device stream (online while open, then last seen, hidden on request);
@@ -980,18 +990,9 @@ async fn presence_follows_streams_and_offline_recipients_get_a_push() {
     let (alice_phone, bob_phone) = phones_on_different_shards();
     let alice = register(&addr(0), &c.dirs[0], &alice_phone).await;
     let bob = register(&addr(0), &c.dirs[0], &bob_phone).await;
-    let stranger = MessagingClient::new(channel(&addr(0)).await)
-        .get_presence(authed(
-            &alice,
-            courier_proto::pb::client::GetPresenceRequest {
-                users: vec![bob.user],
-            },
-        ))
-        .await
-        .expect("answered")
-        .into_inner();
+    let stranger = presence_answers(&addr(0), &alice, bob.user).await;
     assert!(
-        stranger.presence.is_empty(),
+        stranger.is_empty(),
         "a stranger's presence is not told: {stranger:?}"
     );
 
@@ -1009,17 +1010,7 @@ async fn presence_follows_streams_and_offline_recipients_get_a_push() {
     tracing::info!("now they share a conversation: Bob's presence is told (offline, never seen)");
     let started = Instant::now();
     let offline = loop {
-        let mut answer = MessagingClient::new(channel(&addr(0)).await)
-            .get_presence(authed(
-                &alice,
-                courier_proto::pb::client::GetPresenceRequest {
-                    users: vec![bob.user],
-                },
-            ))
-            .await
-            .expect("answered")
-            .into_inner()
-            .presence;
+        let mut answer = presence_answers(&addr(0), &alice, bob.user).await;
         if let Some(presence) = answer.pop() {
             break presence;
         }

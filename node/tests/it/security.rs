@@ -693,9 +693,6 @@ async fn streams_per_device_are_capped() {
 /// cap: it is dropped after `limits.tls-handshake-timeout`, and a real client is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unfinished_handshake_does_not_hold_a_connection_slot() {
-    use tonic_health::pb::HealthCheckRequest;
-    use tonic_health::pb::health_client::HealthClient;
-
     let dir = tempfile::tempdir().expect("tempdir");
     let text = format!(
         "{}\n[limits]\nconnections-max = 1\ntls-handshake-timeout = \"300ms\"\n",
@@ -709,23 +706,12 @@ async fn an_unfinished_handshake_does_not_hold_a_connection_slot() {
         .await
         .expect("a TCP connection that says nothing");
     let started = std::time::Instant::now();
-    loop {
-        let served = match crate::support::try_connect(&client).await {
-            Ok(channel) => HealthClient::new(channel)
-                .check(HealthCheckRequest::default())
-                .await
-                .is_ok(),
-            Err(_) => false,
-        };
-        if served {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "the silent connection still holds the only slot"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    crate::support::wait_served(
+        &client,
+        Duration::from_secs(5),
+        "the silent connection still holds the only slot",
+    )
+    .await;
     assert!(
         started.elapsed() >= Duration::from_millis(250),
         "the slot was held until the handshake deadline ({:?})",

@@ -214,6 +214,28 @@ pub(crate) async fn try_connect(
         .await
 }
 
+/// Waits until the client listener at `addr` serves a health check (a client refused meanwhile
+/// tries again, as any client would); fails with `why` after `within`.
+pub(crate) async fn wait_served(addr: &str, within: Duration, why: &str) {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let started = Instant::now();
+    loop {
+        let served = match try_connect(addr).await {
+            Ok(channel) => HealthClient::new(channel)
+                .check(HealthCheckRequest::default())
+                .await
+                .is_ok(),
+            Err(_) => false,
+        };
+        if served {
+            return;
+        }
+        assert!(started.elapsed() < within, "{why}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// An operator's channel to a peer listener at `addr` (host:port).
 pub(crate) async fn peer_channel(addr: &str) -> tonic::transport::Channel {
     connect(addr, peer_tls(courier_tls::dev::OPERATOR)).await
