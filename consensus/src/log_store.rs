@@ -323,10 +323,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), RaftStorageError> {
-        // Synced, like the other raft state records. Left unsynced (tried for issue #19), the
-        // simulation's node layer found replicas that never caught up again after the heal
-        // (seeds 68 and 160; ARCHITECTURE.md, "Durability").
-        self.save(raft_tag::COMMITTED, &committed)
+        // Not synced (ARCHITECTURE.md, "Durability"): openraft treats the stored commit index as
+        // a hint that lets a restarted node apply sooner; a lost one is re-learned from the
+        // leader, and every entry it names was synced before it.
+        let bytes = postcard::to_stdvec(&committed).map_err(|e| codec_fault("raft state", e))?;
+        self.log
+            .save_state_unsynced(raft_tag::COMMITTED, &bytes)
+            .map_err(fault)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, RaftStorageError> {

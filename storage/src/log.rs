@@ -279,6 +279,20 @@ impl LogStore {
     /// # Errors
     /// [`StorageError::Db`].
     pub fn save_state(&self, tag: u8, bytes: &[u8]) -> Result<()> {
+        self.write_state(tag, bytes, true)
+    }
+
+    /// Stores a raft state record that may be lost in a crash (the commit index: openraft
+    /// re-learns it from the leader), checksummed, without an fsync of its own. It is ordered
+    /// after every synced write before it in the WAL, so what survives a crash is a prefix.
+    ///
+    /// # Errors
+    /// [`StorageError::Db`].
+    pub fn save_state_unsynced(&self, tag: u8, bytes: &[u8]) -> Result<()> {
+        self.write_state(tag, bytes, false)
+    }
+
+    fn write_state(&self, tag: u8, bytes: &[u8], sync: bool) -> Result<()> {
         let mut value = crc32c::crc32c(bytes).to_be_bytes().to_vec();
         value.extend_from_slice(bytes);
         self.db.commit(
@@ -287,7 +301,7 @@ impl LogStore {
                 keys::raft_state(self.shard, tag),
                 Some(value),
             )],
-            true,
+            sync,
         )
     }
 
