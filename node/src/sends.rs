@@ -18,7 +18,7 @@
 //! hence committed, entries.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use courier_consensus::groups::GroupHandle;
@@ -34,9 +34,11 @@ use crate::status::ApiError;
 type SendKey = (u64, u32, String);
 
 /// Sends this node is proposing as a shard leader, by idempotency key. An entry lives from just
-/// before its proposal until that proposal answered (its guard drops), so the table holds at most
-/// one entry per request in progress: bounded by the connection and stream limits in front of it
-/// and by the proposer's queue behind it.
+/// before its proposal until that proposal answered (its guard drops), even when the request that
+/// made it is gone: a forwarding node whose deadline expired cancels its call, but the proposal
+/// it started is still queued and may still commit, and a retry must wait for it rather than
+/// propose the send again. The table holds at most one entry per proposal in progress: bounded by
+/// the connection and stream limits in front of it and by the proposer's queue behind it.
 #[derive(Debug, Default)]
 pub struct SendsInFlight {
     keys: Mutex<HashMap<SendKey, tokio::sync::watch::Sender<()>>>,
@@ -45,12 +47,12 @@ pub struct SendsInFlight {
 /// Removes its key when the attempt it guards answered (or was dropped), waking the retries that
 /// wait for it.
 #[derive(Debug)]
-struct InFlight<'a> {
-    table: &'a SendsInFlight,
+struct InFlight {
+    table: Arc<SendsInFlight>,
     key: SendKey,
 }
 
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
         // Dropping the sender ends every waiter's `changed()`.
         self.table.lock().remove(&self.key);
@@ -68,13 +70,16 @@ impl SendsInFlight {
 
     /// Claims `key` for one attempt, or returns a receiver that wakes when the attempt holding it
     /// answered.
-    fn claim(&self, key: SendKey) -> Result<InFlight<'_>, tokio::sync::watch::Receiver<()>> {
+    fn claim(self: &Arc<Self>, key: SendKey) -> Result<InFlight, tokio::sync::watch::Receiver<()>> {
         let mut keys = self.lock();
         if let Some(holder) = keys.get(&key) {
             return Err(holder.subscribe());
         }
         keys.insert(key.clone(), tokio::sync::watch::channel(()).0);
-        Ok(InFlight { table: self, key })
+        Ok(InFlight {
+            table: Arc::clone(self),
+            key,
+        })
     }
 
     #[cfg(test)]
@@ -132,7 +137,7 @@ pub(crate) fn applied_result(
 /// `UNAVAILABLE` (`COURIER:Send:InFlight`) when an earlier attempt with the same id is still
 /// replicating after `in_flight_wait`; what `propose` answers otherwise.
 pub(crate) async fn propose_send_on_leader<F, Fut>(
-    table: &SendsInFlight,
+    table: &Arc<SendsInFlight>,
     db: &Db,
     shard: ShardId,
     handle: &GroupHandle,
@@ -142,7 +147,7 @@ pub(crate) async fn propose_send_on_leader<F, Fut>(
 ) -> Result<Vec<EventOutcome>, ApiError>
 where
     F: FnOnce(Vec<Event>) -> Fut,
-    Fut: Future<Output = Result<Vec<EventOutcome>, ApiError>>,
+    Fut: Future<Output = Result<Vec<EventOutcome>, ApiError>> + Send + 'static,
 {
     let (caught_up_wait, in_flight_wait) = waits;
     let sent = single_send(&events).expect("callers pass one MessageSent");
@@ -151,7 +156,7 @@ where
         sent.sender_device,
         sent.client_msg_id.clone(),
     );
-    let _claim = loop {
+    let claim = loop {
         match table.claim(key.clone()) {
             Ok(claim) => break claim,
             Err(mut first) => {
@@ -178,7 +183,26 @@ where
     {
         return Ok(vec![first]);
     }
-    propose(events).await
+    answered_holding(claim, propose(events)).await
+}
+
+/// Runs `proposal` to its answer on a task of its own that holds `claim` until then, so the key
+/// stays claimed for as long as the proposal may still commit even if the caller is dropped.
+async fn answered_holding<T: Send + 'static>(
+    claim: InFlight,
+    proposal: impl Future<Output = Result<T, ApiError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    let task = tokio::spawn(async move {
+        let answer = proposal.await;
+        drop(claim);
+        answer
+    });
+    task.await.unwrap_or_else(|error| {
+        Err(ApiError::Internal {
+            code: "COURIER:Node:Fault",
+            message: format!("the proposal's task ended without an answer: {error}"),
+        })
+    })
 }
 
 #[cfg(test)]
@@ -187,7 +211,7 @@ mod tests {
 
     #[test]
     fn one_attempt_per_key_and_waiters_wake_when_it_ends() {
-        let table = SendsInFlight::default();
+        let table = Arc::new(SendsInFlight::default());
         let key = (1, 1, "m-1".to_owned());
         let first = table.claim(key.clone()).expect("the first claim wins");
         let mut waiter = table
@@ -210,5 +234,38 @@ mod tests {
             );
         });
         assert!(table.claim(key).is_ok(), "the key can be claimed again");
+    }
+
+    #[test]
+    fn a_dropped_caller_leaves_its_proposal_claimed_until_it_answers() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let table = Arc::new(SendsInFlight::default());
+            let key = (1, 1, "m-1".to_owned());
+            let (commit, committed) = tokio::sync::oneshot::channel::<()>();
+            let claim = table.claim(key.clone()).expect("the first claim wins");
+            let caller = answered_holding(claim, async move {
+                committed.await.expect("told");
+                Ok(())
+            });
+            // The caller's deadline expires (a forwarding node cancelled its call).
+            assert!(
+                tokio::time::timeout(Duration::from_millis(10), caller)
+                    .await
+                    .is_err()
+            );
+            let mut retry = table
+                .claim(key.clone())
+                .expect_err("a retry still waits: the proposal may yet commit");
+            commit.send(()).expect("the proposal waits");
+            assert!(
+                retry.changed().await.is_err(),
+                "the retry wakes when the proposal answered"
+            );
+            assert_eq!(table.len(), 0, "and the key is free again");
+        });
     }
 }

@@ -196,12 +196,98 @@ impl From<ApiError> for Status {
     }
 }
 
+/// Answers of a shard leader to a forwarded proposal that the forwarding node hands to its
+/// client as they are: the leader is alive and said when to retry, so waiting there for another
+/// leader would only delay the client.
+const LEADER_ANSWERS_PASSED_ON: [&str; 2] = ["COURIER:Send:InFlight", "COURIER:Shard:Overloaded"];
+
+impl ApiError {
+    /// `UNAVAILABLE`: this node has not applied the cluster settings yet.
+    pub fn not_initialized() -> ApiError {
+        ApiError::Unavailable {
+            code: "COURIER:Cluster:NotInitialized",
+            message: "the cluster is not initialized yet".to_owned(),
+            retry_after_ms: 1000,
+            leader: None,
+        }
+    }
+
+    /// The `UNAVAILABLE` answer a shard leader gave to a forwarded proposal, when it is one the
+    /// forwarding node passes on to its client unchanged (`COURIER:Send:InFlight`,
+    /// `COURIER:Shard:Overloaded`); `None` for anything else (no answer, a transport failure, a
+    /// deadline, a leader that stepped down), which the forwarding node treats as a leader it
+    /// cannot reach.
+    pub fn passed_on_from_leader(status: &Status) -> Option<ApiError> {
+        if status.code() != tonic::Code::Unavailable {
+            return None;
+        }
+        let sent = status.metadata().get(CODE_KEY)?.to_str().ok()?;
+        let code = LEADER_ANSWERS_PASSED_ON
+            .into_iter()
+            .find(|known| *known == sent)?;
+        let number = |key: &str| {
+            status
+                .metadata()
+                .get(key)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+        };
+        Some(ApiError::Unavailable {
+            code,
+            message: status.message().to_owned(),
+            retry_after_ms: number(RETRY_AFTER_KEY)?,
+            leader: number(LEADER_KEY),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use courier_storage::projection::GroupRefusalCode;
     use tonic::Code;
 
     use super::*;
+
+    /// A leader's "retry later" answers come back from its status as they were; a deadline,
+    /// a leader that stepped down or an uncoded failure do not.
+    #[test]
+    fn leader_answers_pass_on_and_failures_do_not() {
+        let in_flight = ApiError::Unavailable {
+            code: "COURIER:Send:InFlight",
+            message: "still in flight".to_owned(),
+            retry_after_ms: 2000,
+            leader: Some(2),
+        };
+        let back = ApiError::passed_on_from_leader(&Status::from(in_flight));
+        assert!(
+            matches!(
+                back,
+                Some(ApiError::Unavailable {
+                    code: "COURIER:Send:InFlight",
+                    retry_after_ms: 2000,
+                    leader: Some(2),
+                    ..
+                })
+            ),
+            "{back:?}"
+        );
+        let stepped_down = ApiError::Unavailable {
+            code: "COURIER:Shard:NoLeader",
+            message: "moved".to_owned(),
+            retry_after_ms: 100,
+            leader: None,
+        };
+        for status in [
+            Status::from(stepped_down),
+            Status::deadline_exceeded("timed out"),
+            Status::unavailable("connection refused"),
+        ] {
+            assert!(
+                ApiError::passed_on_from_leader(&status).is_none(),
+                "{status:?}"
+            );
+        }
+    }
 
     /// Every group refusal code maps to its status and keeps its code string; an unknown code is
     /// internal.

@@ -137,7 +137,7 @@ impl ClientApi {
         self.cluster
             .groups()
             .shard_count()
-            .ok_or_else(not_initialized)
+            .ok_or_else(ApiError::not_initialized)
     }
 
     /// How the cluster hashes phone numbers (keyed by its secret, `courier_proto::PhoneHasher`).
@@ -145,7 +145,7 @@ impl ClientApi {
         self.cluster
             .groups()
             .phone_hasher()
-            .ok_or_else(not_initialized)
+            .ok_or_else(ApiError::not_initialized)
     }
 
     /// The shard that owns `user`.
@@ -165,13 +165,3 @@ impl ClientApi {
 
 /// The current time, unix ms: decided here, carried in events (projections never read a clock).
 pub(crate) use crate::env::now_ms;
-
-/// `UNAVAILABLE`: this node has not applied the cluster settings yet.
-fn not_initialized() -> ApiError {
-    ApiError::Unavailable {
-        code: "COURIER:Cluster:NotInitialized",
-        message: "the cluster is not initialized yet".to_owned(),
-        retry_after_ms: 1000,
-        leader: None,
-    }
-}

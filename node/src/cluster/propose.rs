@@ -201,8 +201,14 @@ impl Cluster {
                     shard,
                     &handle,
                     events,
-                    (self.rpc_timeout, self.rpc_timeout),
-                    |events| propose_local(&handle, shard, events),
+                    // A retry waits for the attempt in flight for half the forwarding node's
+                    // deadline, so that the forwarding node gets this answer (and passes it on)
+                    // before its own call gives up.
+                    (self.rpc_timeout, self.rpc_timeout / 2),
+                    {
+                        let handle = handle.clone();
+                        move |events| async move { propose_local(&handle, shard, events).await }
+                    },
                 )
                 .await?;
                 if let (
@@ -233,7 +239,9 @@ impl Cluster {
                     events,
                 });
                 let response = client.propose(request).await.map_err(|status| {
-                    unavailable(format!("leader {leader:?}: {}", status.message()), leader)
+                    ApiError::passed_on_from_leader(&status).unwrap_or_else(|| {
+                        unavailable(format!("leader {leader:?}: {}", status.message()), leader)
+                    })
                 })?;
                 response
                     .into_inner()
