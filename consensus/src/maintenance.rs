@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use courier_proto::LogIndex;
-use courier_storage::archive::{SegmentStore, log_source};
+use courier_storage::archive::{LogSource, SegmentStore, log_source};
 use courier_storage::rebuild::{self, Verified};
-use courier_storage::{Db, LogStore, MemKv, OpenMode, Projection, ShardState, StorageError};
+use courier_storage::{Db, LogStore, OpenMode, Projection, StorageError};
 
 use crate::state_machine::{AppliedView, Machine, publish};
 use crate::types::GroupId;
@@ -106,7 +106,7 @@ impl Maintenance {
     pub fn verify_blocking(
         &self,
         scratch: &Path,
-        archive: Option<&dyn SegmentStore>,
+        archive: (Option<&dyn SegmentStore>, rebuild::ReplayFrom),
         projections: &[Projection],
         progress: &mut dyn FnMut(LogIndex, u64),
     ) -> Result<Verified, StorageError> {
@@ -118,6 +118,32 @@ impl Maintenance {
             self.group.storage_prefix(),
             archive,
             projections,
+            progress,
+        )
+    }
+
+    /// Every projection as it was at `at` (at most the applied index), replayed into memory
+    /// from the log (purged entries from `archive`) without holding anything up. Returns the
+    /// index the replay started from (the archive's newest verify checkpoint at or below `at`,
+    /// or 0 for index 1) and the replayed state. Blocking: run it on a blocking thread.
+    ///
+    /// # Errors
+    /// An entry neither the log nor the archive holds ([`StorageError::MissingEntry`]), storage
+    /// faults.
+    pub fn replay_at_blocking(
+        &self,
+        archive: Option<&dyn SegmentStore>,
+        at: LogIndex,
+        progress: &mut dyn FnMut(LogIndex, u64),
+    ) -> Result<(LogIndex, rebuild::Rebuilt), StorageError> {
+        let source = log_source(
+            LogStore::new(self.db.clone(), self.group.storage_prefix()),
+            archive,
+        )?;
+        replay_to(
+            source.as_ref(),
+            archive,
+            at.min(self.applied_now()),
             progress,
         )
     }
@@ -135,15 +161,11 @@ impl Maintenance {
         projection: Projection,
         progress: &mut dyn FnMut(LogIndex, u64),
     ) -> Result<RebuildOutcome, StorageError> {
-        let shard = self.group.storage_prefix();
-        let source = log_source(LogStore::new(self.db.clone(), shard), archive)?;
-        source.require_full()?;
-        let first = rebuild::replay(
-            source.as_ref(),
-            (MemKv::default(), ShardState::empty(shard)),
-            self.applied_now(),
-            progress,
+        let source = log_source(
+            LogStore::new(self.db.clone(), self.group.storage_prefix()),
+            archive,
         )?;
+        let (_, first) = replay_to(source.as_ref(), archive, self.applied_now(), progress)?;
         let mut machine = self.machine.blocking_lock();
         let rebuilt = rebuild::replay(
             source.as_ref(),
@@ -162,4 +184,17 @@ impl Maintenance {
             entries: machine.state.digest(projection).entries,
         })
     }
+}
+
+/// Replays `source` up to `up_to` from the newest verify checkpoint at or below it (an attested
+/// state), or from index 1; returns where the replay started (0: index 1) and the state.
+fn replay_to(
+    source: &dyn LogSource,
+    archive: Option<&dyn SegmentStore>,
+    up_to: LogIndex,
+    progress: &mut dyn FnMut(LogIndex, u64),
+) -> Result<(LogIndex, rebuild::Rebuilt), StorageError> {
+    let base = rebuild::replay_base(source, (archive, rebuild::ReplayFrom::Checkpoint), up_to)?;
+    let from = base.1.applied;
+    Ok((from, rebuild::replay(source, base, up_to, progress)?))
 }

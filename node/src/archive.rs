@@ -36,6 +36,9 @@ use tracing::{info, warn};
 
 use crate::config::ArchiveConfig;
 
+/// Verify checkpoints kept per shard (the newest); older ones are deleted when one is written.
+pub const CHECKPOINTS_KEPT: usize = 2;
+
 /// What the archive did since the node started, for `/metrics`.
 #[derive(Debug, Default)]
 pub struct ArchiveCounters {
@@ -124,21 +127,16 @@ impl Archive {
         };
         let path = object_path(shard, first.index, last.index);
         let bytes = segment::encode(shard, records);
-        match self.store.get(&path).await {
-            Ok(existing) => {
-                let existing = existing.bytes().await.map_err(|e| store_fault("read", e))?;
-                let (_, stored) = segment::decode(shard, &existing)?;
-                if stored != records {
-                    return Err(store_fault(
-                        "compare",
-                        format!("{path} holds other entries than this replica's log"),
-                    ));
-                }
-                self.counters.segments.fetch_add(1, Ordering::Relaxed);
-                return Ok(());
+        if let Some(existing) = self.fetch(&path).await? {
+            let (_, stored) = segment::decode(shard, &existing)?;
+            if stored != records {
+                return Err(store_fault(
+                    "compare",
+                    format!("{path} holds other entries than this replica's log"),
+                ));
             }
-            Err(object_store::Error::NotFound { .. }) => {}
-            Err(error) => return Err(store_fault("get", error)),
+            self.counters.segments.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
         }
         let len = bytes.len();
         self.store
@@ -147,13 +145,9 @@ impl Archive {
             .map_err(|e| store_fault("put", e))?;
         self.sync(&path)?;
         let back = self
-            .store
-            .get(&path)
-            .await
-            .map_err(|e| store_fault("get", e))?
-            .bytes()
-            .await
-            .map_err(|e| store_fault("read", e))?;
+            .fetch(&path)
+            .await?
+            .ok_or_else(|| store_fault("verify", format!("{path} is gone after its write")))?;
         let (_, stored) = segment::decode(shard, &back)?;
         if stored != records {
             return Err(store_fault("verify", format!("{path} did not read back")));
@@ -163,6 +157,26 @@ impl Archive {
             .bytes
             .fetch_add(u64::try_from(len).unwrap_or(u64::MAX), Ordering::Relaxed);
         Ok(())
+    }
+
+    /// The bytes of the object at `path`; `None` when there is none.
+    async fn fetch(&self, path: &ObjectPath) -> Result<Option<bytes::Bytes>, StorageError> {
+        match self.store.get(path).await {
+            Ok(object) => object
+                .bytes()
+                .await
+                .map(Some)
+                .map_err(|e| store_fault("read", e)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(error) => Err(store_fault("get", error)),
+        }
+    }
+
+    /// The bytes of the object at `path`, which must be there (blocking: from a blocking thread).
+    fn fetch_existing(&self, path: &ObjectPath) -> Result<bytes::Bytes, StorageError> {
+        self.runtime
+            .block_on(self.fetch(path))?
+            .ok_or_else(|| store_fault("get", format!("{path} is not in the archive")))
     }
 
     /// Makes a written object durable: fsync of the file and of its directory.
@@ -180,7 +194,12 @@ impl Archive {
         }
     }
 
-    async fn list(&self, shard: ShardId) -> Result<Vec<(LogIndex, LogIndex)>, StorageError> {
+    /// The objects in `shard`'s directory whose names `parse` accepts, parsed and sorted.
+    async fn list<T: Ord>(
+        &self,
+        shard: ShardId,
+        parse: fn(&str) -> Option<T>,
+    ) -> Result<Vec<T>, StorageError> {
         use futures_util::TryStreamExt as _;
         let prefix = ObjectPath::from(segment::shard_dir(shard));
         let objects: Vec<_> = self
@@ -189,12 +208,47 @@ impl Archive {
             .try_collect()
             .await
             .map_err(|e| store_fault("list", e))?;
-        let mut segments: Vec<(LogIndex, LogIndex)> = objects
+        let mut found: Vec<T> = objects
             .iter()
-            .filter_map(|object| segment::parse_file_name(object.location.filename()?))
+            .filter_map(|object| parse(object.location.filename()?))
             .collect();
-        segments.sort_unstable();
-        Ok(segments)
+        found.sort_unstable();
+        Ok(found)
+    }
+
+    /// Writes `shard`'s verify checkpoint at `index` durably (blocking: from a blocking thread).
+    /// Checkpoints are a function of the log, so a replica writing the same index writes the
+    /// same bytes.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub fn put_checkpoint(
+        &self,
+        shard: ShardId,
+        index: LogIndex,
+        bytes: Vec<u8>,
+    ) -> Result<(), StorageError> {
+        let path = ObjectPath::from(segment::checkpoint_name(shard, index));
+        self.runtime.block_on(async {
+            self.store
+                .put(&path, bytes.into())
+                .await
+                .map_err(|e| store_fault("put", e))
+        })?;
+        self.sync(&path)?;
+        // Older checkpoints are superseded: keep a few, so the archive does not grow by one
+        // shard state per verify.
+        let all = self
+            .runtime
+            .block_on(self.list(shard, segment::parse_checkpoint_name))?;
+        let stale = all.len().saturating_sub(CHECKPOINTS_KEPT);
+        for old in all.into_iter().take(stale) {
+            let old = ObjectPath::from(segment::checkpoint_name(shard, old));
+            self.runtime
+                .block_on(self.store.delete(&old))
+                .map_err(|e| store_fault("delete", e))?;
+        }
+        Ok(())
     }
 
     /// One pass over `log`: archives every whole segment at or below `applied`, then deletes
@@ -212,7 +266,9 @@ impl Archive {
             if end > applied {
                 break;
             }
-            let records = log.read_range(next, end.next())?;
+            // A hole (a snapshot installed above the applied index deleted what lay between)
+            // makes the segment not whole: a gap, like entries this replica never held.
+            let records = log.read_run(next, end.next())?;
             let whole = u64::try_from(records.len()).ok()
                 == Some(end.get().saturating_sub(next.get()).saturating_add(1));
             if records.first().map(|r| r.index) != Some(next) || !whole {
@@ -244,7 +300,18 @@ impl Archive {
 
 impl SegmentStore for Archive {
     fn segments(&self, shard: ShardId) -> courier_storage::Result<Vec<(LogIndex, LogIndex)>> {
-        self.runtime.block_on(self.list(shard))
+        self.runtime
+            .block_on(self.list(shard, segment::parse_file_name))
+    }
+
+    fn checkpoints(&self, shard: ShardId) -> courier_storage::Result<Vec<LogIndex>> {
+        self.runtime
+            .block_on(self.list(shard, segment::parse_checkpoint_name))
+    }
+
+    fn read_checkpoint(&self, shard: ShardId, index: LogIndex) -> courier_storage::Result<Vec<u8>> {
+        let path = ObjectPath::from(segment::checkpoint_name(shard, index));
+        Ok(self.fetch_existing(&path)?.to_vec())
     }
 
     fn read_segment(
@@ -253,16 +320,7 @@ impl SegmentStore for Archive {
         first: LogIndex,
         last: LogIndex,
     ) -> courier_storage::Result<Vec<LogRecord>> {
-        let path = object_path(shard, first, last);
-        let bytes = self.runtime.block_on(async {
-            self.store
-                .get(&path)
-                .await
-                .map_err(|e| store_fault("get", e))?
-                .bytes()
-                .await
-                .map_err(|e| store_fault("read", e))
-        })?;
+        let bytes = self.fetch_existing(&object_path(shard, first, last))?;
         segment::checked(shard, first, last, &bytes)
     }
 }
@@ -281,25 +339,104 @@ pub async fn run(
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(interval) => {}
         }
-        let Some(shard_count) = groups.shard_count() else {
+        // RocksDB reads and writes and the segments' fsyncs block: off the async workers.
+        let pass = {
+            let (groups, archive) = (groups.clone(), archive.clone());
+            tokio::task::spawn_blocking(move || archive_pass(&groups, &archive))
+        };
+        if let Err(error) = pass.await {
+            warn!(%error, "archive pass did not finish");
+        }
+    }
+}
+
+/// One pass over every shard replica of this node (on a blocking thread).
+fn archive_pass(groups: &Groups, archive: &Archive) {
+    let Some(shard_count) = groups.shard_count() else {
+        return;
+    };
+    for shard in (0..shard_count).map(ShardId::new) {
+        let Some(handle) = groups.get(GroupId::Shard(shard)) else {
             continue;
         };
-        for shard in (0..shard_count).map(ShardId::new) {
-            let Some(handle) = groups.get(GroupId::Shard(shard)) else {
-                continue;
-            };
-            let applied = handle
-                .applied
-                .read()
-                .expect("applied view lock is never poisoned")
-                .shard
-                .applied;
-            let purged = handle.state().purged_index.map(storage_index);
-            let log = LogStore::new(groups.db().clone(), shard);
-            if let Err(error) = archive.archive_log(&log, applied, purged).await {
-                archive.counters.failures.fetch_add(1, Ordering::Relaxed);
-                warn!(%shard, %error, "archiving failed; purging waits for it");
-            }
+        let applied = handle
+            .applied
+            .read()
+            .expect("applied view lock is never poisoned")
+            .shard
+            .applied;
+        let purged = handle.state().purged_index.map(storage_index);
+        let log = LogStore::new(groups.db().clone(), shard);
+        if let Err(error) = archive
+            .runtime
+            .block_on(archive.archive_log(&log, applied, purged))
+        {
+            archive.counters.failures.fetch_add(1, Ordering::Relaxed);
+            warn!(%shard, %error, "archiving failed; purging waits for it");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use courier_storage::{Db, OpenMode};
+
+    use super::*;
+
+    fn records(from: u64, to: u64) -> Vec<LogRecord> {
+        (from..=to)
+            .map(|i| LogRecord {
+                index: LogIndex::new(i),
+                term: 1,
+                payload: i.to_be_bytes().to_vec(),
+            })
+            .collect()
+    }
+
+    /// A replica that installed a snapshot above its applied index has a hole in its log
+    /// (`delete_between`): the segments the hole touches are gaps (another replica archives
+    /// them), the whole ones around it are archived, and the purge goes on past the hole. Before,
+    /// the read of a segment that held entries and then the hole failed, every pass, so this
+    /// replica never archived or purged again.
+    #[tokio::test]
+    async fn a_hole_left_by_a_snapshot_is_a_gap_not_a_failure() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Arc::new(Db::open(&dir.path().join("db"), OpenMode::ReadWrite).expect("opens"));
+        let shard = ShardId::new(1);
+        let log = LogStore::new(db, shard);
+        log.append(&records(1, 40)).expect("append");
+        // Applied up to 12, then a snapshot at 17 installed: 13..=17 deleted.
+        log.delete_between(LogIndex::new(13), LogIndex::new(18))
+            .expect("delete");
+        let archive = Archive::open(&ArchiveConfig {
+            dir: dir.path().join("archive"),
+            segment_entries: 10,
+            interval: Duration::from_millis(250),
+        })
+        .expect("archive");
+
+        archive
+            .archive_log(&log, LogIndex::new(40), Some(LogIndex::new(17)))
+            .await
+            .expect("a hole is no failure");
+
+        let segments = archive.list(shard, segment::parse_file_name).await.expect("list");
+        assert_eq!(
+            segments,
+            vec![
+                (LogIndex::new(1), LogIndex::new(10)),
+                (LogIndex::new(21), LogIndex::new(30)),
+                (LogIndex::new(31), LogIndex::new(40))
+            ]
+        );
+        assert_eq!(archive.counters().gaps.load(Ordering::Relaxed), 1);
+        assert_eq!(log.archived_up_to().expect("mark"), LogIndex::new(40));
+        assert_eq!(
+            log.first_index().expect("first"),
+            Some(LogIndex::new(18)),
+            "purged up to raft's purge point, past the hole"
+        );
     }
 }

@@ -9,13 +9,13 @@ use courier_consensus::GroupId;
 use courier_consensus::groups::{GroupHandle, Groups};
 use courier_consensus::maintenance::RebuildOutcome;
 use courier_proto::pb::peer::{
-    self, JobProgress, ProjectionJobUpdate, ReadLogRequest, ReadLogResponse,
-    RebuildProjectionRequest, RebuildProjectionResponse, VerifyProjectionRequest,
-    VerifyProjectionResponse, projection_job_update::Update,
+    self, InspectUserRequest, InspectUserResponse, JobProgress, ProjectionJobUpdate,
+    ReadLogRequest, ReadLogResponse, RebuildProjectionRequest, RebuildProjectionResponse,
+    StoredPair, VerifyProjectionRequest, VerifyProjectionResponse, projection_job_update::Update,
 };
-use courier_proto::{LogIndex, ShardId};
-use courier_storage::archive::SegmentStore;
-use courier_storage::rebuild::{self, Verified};
+use courier_proto::{LogIndex, ShardId, UserId, shard_of};
+use courier_storage::archive::{SegmentStore, for_each_entry, log_source};
+use courier_storage::rebuild::{self, ReplayFrom, Verified};
 use courier_storage::{LogStore, Projection, StorageError};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -157,19 +157,29 @@ impl Jobs {
         let (shard, handle) = self.shard(request.shard)?;
         let scratch = self.scratch.join(format!("verify-{}", shard.get()));
         let archive = self.archive.clone();
+        let from = ReplayFrom::genesis_if(request.from_genesis);
         self.spawn(move |tx| {
             let total = handle.maintenance.applied_now();
             let _ = std::fs::create_dir_all(scratch.parent().unwrap_or(&scratch));
-            let archive = archive.as_deref().map(|a| a as &dyn SegmentStore);
+            let segments = archive.as_deref().map(|a| a as &dyn SegmentStore);
             let verified = handle
                 .maintenance
-                .verify_blocking(&scratch, archive, &projections, &mut |done, events| {
-                    let _ = tx.try_send(Ok(progress_update(done, total, events)));
-                })
+                .verify_blocking(
+                    &scratch,
+                    (segments, from),
+                    &projections,
+                    &mut |done, events| {
+                        let _ = tx.try_send(Ok(progress_update(done, total, events)));
+                    },
+                )
                 .map_err(|e| storage_error(&e))?;
-            let response = verify_response(&verified);
+            let mut response = verify_response(&verified);
             let ok = verified.comparisons.iter().all(|c| c.is_equal());
-            info!(%shard, applied = %verified.live.applied, ok, "verify finished");
+            let whole = projections.len() == Projection::ALL.len();
+            if let Some(archive) = archive.as_deref().filter(|_| ok && whole) {
+                response.checkpoint_written = write_checkpoint(archive, shard, &verified);
+            }
+            info!(%shard, applied = %verified.live.applied, from_checkpoint = ?verified.from, ok, "verify finished");
             if !ok {
                 warn!(%shard, mismatches = response.mismatches.len(), "projection differs from its log");
             }
@@ -209,49 +219,152 @@ impl Jobs {
         })
     }
 
-    /// Reads entries of one shard's log on this replica.
+    /// A user's state at a log index of the user's shard on this replica (`inspect user`):
+    /// replayed into memory from the archive and the live log, from the newest verify checkpoint
+    /// at or below that index. Answers the user's stored pairs, as many as `inspect` shows.
     ///
     /// # Errors
-    /// Unknown shard; storage faults (a checksum mismatch names the index).
-    pub fn read_log(&self, request: &ReadLogRequest) -> Result<ReadLogResponse, ApiError> {
-        let (shard, _) = self.shard(request.shard)?;
-        let log = LogStore::new(self.groups.db().clone(), shard);
-        let fault = |e: StorageError| storage_error(&e);
-        let Some(first) = log.first_index().map_err(fault)? else {
-            return Ok(ReadLogResponse::default());
+    /// A user id of 0 or an index past the applied one (`INVALID_ARGUMENT`), an uninitialized
+    /// cluster, the user's shard not on this node, another job running; when the job runs, a
+    /// purged range the archive does not hold.
+    pub fn inspect_user(&self, request: &InspectUserRequest) -> Result<JobStream, ApiError> {
+        let user = UserId::new(request.user).ok_or_else(|| ApiError::Invalid {
+            code: "COURIER:Inspect:User",
+            message: "user ids start at 1".to_owned(),
+        })?;
+        let shards = self
+            .groups
+            .shard_count()
+            .ok_or_else(ApiError::not_initialized)?;
+        let (shard, handle) = self.shard(u32::from(shard_of(user, shards).get()))?;
+        let applied = handle.maintenance.applied_now();
+        let at = match request.at {
+            0 => applied,
+            at => LogIndex::new(at),
         };
-        let last = log.last().map_err(fault)?.map_or(first, |r| r.index);
-        let limit = match request.limit {
-            0 => READ_LOG_ENTRIES_MAX,
-            n => n.min(READ_LOG_ENTRIES_MAX),
-        };
-        let from = LogIndex::new(request.from).max(first);
-        let to = match request.to {
-            0 => last,
-            n => LogIndex::new(n).min(last),
-        };
-        let until = from
-            .checked_add(u64::from(limit))
-            .map_or(to.next(), |u| u.min(to.next()));
-        let mut entries = Vec::new();
-        for record in log.read_range(from, until).map_err(fault)? {
-            let entry = rebuild::decode_entry(shard, &record).map_err(fault)?;
-            entries.push(peer::LogEntryView {
-                index: record.index.get(),
-                term: record.term,
-                events: entry.events,
+        if at > applied {
+            return Err(ApiError::Invalid {
+                code: "COURIER:Inspect:Future",
+                message: format!("{shard} applied up to {applied}; index {at} is in the future"),
             });
         }
-        Ok(ReadLogResponse {
-            entries,
-            first: first.get(),
-            last: last.get(),
+        let archive = self.archive.clone();
+        self.spawn(move |tx| {
+            let segments = archive.as_deref().map(|a| a as &dyn SegmentStore);
+            let (from, rebuilt) = handle
+                .maintenance
+                .replay_at_blocking(segments, at, &mut |done, events| {
+                    let _ = tx.try_send(Ok(progress_update(done, at, events)));
+                })
+                .map_err(|e| storage_error(&e))?;
+            info!(%shard, at = %rebuilt.state.applied, from = %from, events = rebuilt.events, "user inspected");
+            Ok(Update::Inspected(InspectUserResponse {
+                shard: u32::from(shard.get()),
+                at: rebuilt.state.applied.get(),
+                applied_index: applied.get(),
+                from_checkpoint: from.get(),
+                events_replayed: rebuilt.events,
+                pairs: courier_storage::inspect::user_pairs(&rebuilt.kv, shard, user)
+                    .into_iter()
+                    .map(|(projection, key, value)| StoredPair {
+                        projection: projection.name().to_owned(),
+                        key,
+                        value,
+                    })
+                    .collect(),
+            }))
         })
+    }
+
+    /// Reads entries of one shard's log on this replica: the archive and the live log as one
+    /// log, so entries raft purged are read back from their segments.
+    ///
+    /// # Errors
+    /// Unknown shard; storage faults (a checksum mismatch names the index); a range neither the
+    /// live log nor the archive holds.
+    pub async fn read_log(&self, request: ReadLogRequest) -> Result<ReadLogResponse, ApiError> {
+        let (shard, _) = self.shard(request.shard)?;
+        let db = self.groups.db().clone();
+        let archive = self.archive.clone();
+        // Segment reads and RocksDB scans block: off the async workers.
+        tokio::task::spawn_blocking(move || {
+            let archive = archive.as_deref().map(|a| a as &dyn SegmentStore);
+            read_log_blocking(LogStore::new(db, shard), archive, &request)
+                .map_err(|e| storage_error(&e))
+        })
+        .await
+        .map_err(|e| ApiError::Internal {
+            code: "COURIER:Node:Fault",
+            message: format!("log read task: {e}"),
+        })?
+    }
+}
+
+fn read_log_blocking(
+    live: LogStore,
+    archive: Option<&dyn SegmentStore>,
+    request: &ReadLogRequest,
+) -> Result<ReadLogResponse, StorageError> {
+    let shard = live.shard();
+    let log = log_source(live, archive)?;
+    let Some((first, last)) = log.bounds()? else {
+        return Ok(ReadLogResponse::default());
+    };
+    let limit = match request.limit {
+        0 => READ_LOG_ENTRIES_MAX,
+        n => n.min(READ_LOG_ENTRIES_MAX),
+    };
+    let from = LogIndex::new(request.from).max(first);
+    let to = match request.to {
+        0 => last,
+        n => LogIndex::new(n).min(last),
+    };
+    let to = from
+        .checked_add(u64::from(limit).saturating_sub(1))
+        .map_or(to, |t| t.min(to));
+    let mut entries = Vec::new();
+    for_each_entry(log.as_ref(), from, to, &mut |record| {
+        let entry = rebuild::decode_entry(shard, record)?;
+        entries.push(peer::LogEntryView {
+            index: record.index.get(),
+            term: record.term,
+            events: entry.events,
+        });
+        Ok(true)
+    })?;
+    Ok(ReadLogResponse {
+        entries,
+        first: first.get(),
+        last: last.get(),
+    })
+}
+
+/// Records a verify whose every projection matched as a checkpoint in the archive, unless it
+/// started from a checkpoint at the same index. A failure to write is logged, not the verify's.
+fn write_checkpoint(archive: &Archive, shard: ShardId, verified: &Verified) -> bool {
+    let at = verified.rebuilt.state.applied;
+    if verified.from == Some(at) || at == LogIndex::new(0) {
+        return false;
+    }
+    let written =
+        courier_storage::checkpoint::encode(&verified.rebuilt.kv, &verified.rebuilt.state)
+            .and_then(|bytes| archive.put_checkpoint(shard, at, bytes));
+    match written {
+        Ok(()) => {
+            info!(%shard, index = %at, "verify checkpoint written");
+            true
+        }
+        Err(error) => {
+            warn!(%shard, %error, "verify checkpoint not written");
+            false
+        }
     }
 }
 
 fn verify_response(verified: &Verified) -> VerifyProjectionResponse {
     VerifyProjectionResponse {
+        from_checkpoint: verified.from.map_or(0, LogIndex::get),
+        checkpoint_written: false,
         applied_index: verified.live.applied.get(),
         events_replayed: verified.rebuilt.events,
         digests: verified

@@ -21,11 +21,11 @@ use courier_proto::pb::peer::admin_server::Admin;
 use courier_proto::pb::peer::forward_server::Forward;
 use courier_proto::pb::peer::{
     AddNodeRequest, AddNodeResponse, BackupRequest, BackupResponse, ForwardBatchRequest,
-    ForwardBatchResponse, InitClusterRequest, InitClusterResponse, PresenceRequest,
-    PresenceResponse, ProposeRequest, ProposeResponse, ReadLogRequest, ReadLogResponse,
-    RebuildProjectionRequest, RemoveNodeRequest, RemoveNodeResponse, StatusRequest, StatusResponse,
-    TransferLeaderRequest, TransferLeaderResponse, TypingRequest, TypingResponse,
-    VerifyProjectionRequest,
+    ForwardBatchResponse, InitClusterRequest, InitClusterResponse, InspectUserRequest,
+    PresenceRequest, PresenceResponse, ProposeRequest, ProposeResponse, ReadLogRequest,
+    ReadLogResponse, RebuildProjectionRequest, RemoveNodeRequest, RemoveNodeResponse,
+    StatusRequest, StatusResponse, TransferLeaderRequest, TransferLeaderResponse, TypingRequest,
+    TypingResponse, VerifyProjectionRequest,
 };
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
@@ -467,11 +467,23 @@ impl Admin for PeerApi {
         )))
     }
 
+    async fn inspect_user(
+        &self,
+        request: Request<InspectUserRequest>,
+    ) -> Result<Response<JobUpdates>, Status> {
+        self.auth.check(&request, Allowed::Operators)?;
+        Ok(Response::new(Box::pin(
+            self.jobs.inspect_user(request.get_ref())?,
+        )))
+    }
+
     async fn read_log(
         &self,
         request: Request<ReadLogRequest>,
     ) -> Result<Response<ReadLogResponse>, Status> {
         self.auth.check(&request, Allowed::Operators)?;
-        Ok(Response::new(self.jobs.read_log(request.get_ref())?))
+        Ok(Response::new(
+            self.jobs.read_log(request.into_inner()).await?,
+        ))
     }
 }

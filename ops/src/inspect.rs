@@ -1,21 +1,22 @@
 //! `courier-ops inspect user`: a user's state as it was at a log index of the user's shard, each
-//! value with the index of the event that last set it. Offline: replays the log into memory.
+//! value with the index of the event that last set it. Offline, the log is replayed into memory
+//! here; online, on the node (`Admin.InspectUser`), which answers the user's stored pairs.
 //! `courier-ops inspect message`: one message's life across the sender's and recipient's shards.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use courier_proto::pb::events::conversation::With;
 use courier_proto::pb::events::event::Kind;
 use courier_proto::pb::store::{DeviceRecord, InboxEntry, InboxState, ReadState, Receipt};
 use courier_proto::{LogIndex, ShardId, UserId, shard_of};
+use courier_storage::archive::{DirArchive, SegmentStore, for_each_entry, log_source};
+use courier_storage::inspect::SHOWN_MAX;
 use courier_storage::kv::MemKv;
 use courier_storage::projection::{Projection, hex, unframe};
-use courier_storage::{Cf, keys};
+use courier_storage::{Cf, Db, LogStore, keys};
 use prost::Message;
-
-/// Messages and receipts shown at most.
-const SHOWN_MAX: usize = 10;
 
 fn decoded<M: Message + Default>(value: &[u8]) -> Option<(LogIndex, M)> {
     let (at, body) = unframe(value)?;
@@ -29,28 +30,46 @@ fn user_range(kv: &MemKv, projection: Projection, prefix: &[u8]) -> Vec<(Vec<u8>
         .collect()
 }
 
-/// Prints `user`'s state at `at` (default: the applied index).
+/// Prints `user`'s state at `at` (default: the applied index) from a stopped node's data
+/// directory.
 ///
 /// # Errors
 /// Storage faults, a purged log, or an index past the log.
-pub(crate) fn user(data_dir: &Path, user: u64, shards: u16, at: Option<u64>) -> anyhow::Result<()> {
+pub(crate) fn user(
+    data_dir: &Path,
+    archive: Option<&DirArchive>,
+    user: u64,
+    shards: u16,
+    at: Option<u64>,
+) -> anyhow::Result<()> {
     let user = UserId::new(user).context("user ids start at 1")?;
     let shard: ShardId = shard_of(user, shards);
     let db = crate::offline::open(data_dir)?;
-    let (live, state, _) = crate::offline::replay_to(&db, shard, at.map(LogIndex::new))?;
-    let at = state.state.applied;
-    let kv = &state.kv;
-    println!(
-        "{user} on {shard} at log index {at} (applied: {})",
-        live.applied
+    let (live, state, _) = crate::offline::replay_to(&db, archive, shard, at.map(LogIndex::new))?;
+    print_user(
+        &courier_storage::inspect::user_pairs(&state.kv, shard, user),
+        (shard, user),
+        state.state.applied,
+        live.applied,
     );
+    Ok(())
+}
 
+/// Prints a user's state at `at` from the user's stored pairs (as
+/// [`courier_storage::inspect::user_pairs`] selects them, offline or on a node).
+pub(crate) fn print_user(
+    pairs: &[(Projection, Vec<u8>, Vec<u8>)],
+    (shard, user): (ShardId, UserId),
+    at: LogIndex,
+    applied: LogIndex,
+) {
+    let kv = &courier_storage::inspect::state_of(pairs.iter().cloned());
+    println!("{user} on {shard} at log index {at} (applied: {applied})");
     print_inbox(kv, shard, user);
     print_cursors(kv, shard, user);
     print_read_states(kv, shard, user);
     print_receipt_feed(kv, shard, user);
     print_devices(kv, shard, user);
-    Ok(())
 }
 
 /// Prints the inbox's tail and its last [`SHOWN_MAX`] messages.
@@ -174,37 +193,35 @@ fn print_devices(kv: &MemKv, shard: ShardId, user: UserId) {
     }
 }
 
-/// Calls `f` with every event of `shard`'s log, in order, with its log index; stops early when
-/// `f` returns false.
+/// Calls `f` with every event of `shard`'s log (the archive's entries first, when given), in
+/// order, with its log index; stops early when `f` returns false.
 fn scan_log(
-    db: &std::sync::Arc<courier_storage::Db>,
+    db: &Arc<Db>,
+    archive: Option<&DirArchive>,
     shard: ShardId,
     f: &mut dyn FnMut(LogIndex, &Kind) -> bool,
 ) -> anyhow::Result<()> {
-    let log = courier_storage::LogStore::new(db.clone(), shard);
-    let (Some(first), Some(last)) = (log.first_index()?, log.last()?) else {
+    let log = log_source(
+        LogStore::new(db.clone(), shard),
+        archive.map(|a| a as &dyn SegmentStore),
+    )?;
+    let Some((first, last)) = log.bounds()? else {
         return Ok(());
     };
-    let bar = crate::progress::replay_bar(last.index.get(), &format!("scan shard {}", shard.get()));
-    let mut at = first;
-    while at <= last.index {
-        let until = at
-            .checked_add(courier_storage::rebuild::REPLAY_BATCH_ENTRIES)
-            .map_or(last.index.next(), |u| u.min(last.index.next()));
-        for record in log.read_range(at, until)? {
-            let entry = courier_storage::rebuild::decode_entry(shard, &record)?;
-            for event in entry.events.iter().flat_map(|p| &p.events) {
-                if let Some(kind) = &event.kind
-                    && !f(record.index, kind)
-                {
-                    bar.finish_and_clear();
-                    return Ok(());
-                }
+    let bar = crate::progress::replay_bar(last.get(), &format!("scan shard {}", shard.get()));
+    for_each_entry(log.as_ref(), first, last, &mut |record| {
+        let entry = courier_storage::rebuild::decode_entry(shard, record)?;
+        bar.set_position(record.index.get());
+        for event in entry.events.iter().flat_map(|p| &p.events) {
+            if let Some(kind) = &event.kind
+                && !f(record.index, kind)
+            {
+                return Ok(false);
             }
         }
-        bar.set_position(until.get().saturating_sub(1));
-        at = until;
-    }
+        Ok(true)
+    })
+    .with_context(|| crate::offline::purged_hint(archive.is_some()))?;
     bar.finish_and_clear();
     Ok(())
 }
@@ -214,12 +231,16 @@ fn scan_log(
 ///
 /// # Errors
 /// A malformed id, storage faults.
-pub(crate) fn message(data_dir: &Path, id: &str) -> anyhow::Result<bool> {
+pub(crate) fn message(
+    data_dir: &Path,
+    archive: Option<&DirArchive>,
+    id: &str,
+) -> anyhow::Result<bool> {
     let wanted = parse_hex16(id).with_context(|| format!("{id:?} is not 32 hex digits"))?;
     let db = crate::offline::open(data_dir)?;
     let mut sent = None;
     for shard in crate::offline::shards(&db)? {
-        scan_log(&db, shard, &mut |index, kind| match kind {
+        scan_log(&db, archive, shard, &mut |index, kind| match kind {
             Kind::MessageSent(e) if e.message_id == wanted => {
                 sent = Some((shard, index, e.clone()));
                 false
@@ -231,8 +252,7 @@ pub(crate) fn message(data_dir: &Path, id: &str) -> anyhow::Result<bool> {
         }
     }
     let Some((source, sent_at, sent)) = sent else {
-        println!("message {id}: not in any shard log of this node");
-        return Ok(false);
+        return delivered_only(&db, archive, id, &wanted);
     };
     let recipient = match sent.to.as_ref().and_then(|c| c.with) {
         Some(With::User(user)) => user,
@@ -249,15 +269,45 @@ pub(crate) fn message(data_dir: &Path, id: &str) -> anyhow::Result<bool> {
         "sent       {source} index {sent_at}: user {} device {} -> user {recipient} on {dest}",
         sent.sender_user, sent.sender_device
     );
-    let seq = trace_recipient(&db, dest, &wanted, recipient, sent.sender_user)?;
-    trace_sender(&db, source, dest, &wanted, seq.map(|(_, pos)| pos))?;
+    let seq = trace_recipient(&db, archive, dest, &wanted, recipient, sent.sender_user)?;
+    trace_sender(&db, archive, source, dest, &wanted, seq.map(|(_, pos)| pos))?;
     Ok(true)
+}
+
+/// A message whose `MessageSent` is on no shard of this node (the sender's shard lives
+/// elsewhere): where it was delivered, if here. Returns false when it is nowhere.
+fn delivered_only(
+    db: &Arc<Db>,
+    archive: Option<&DirArchive>,
+    id: &str,
+    wanted: &[u8],
+) -> anyhow::Result<bool> {
+    let mut found = false;
+    for shard in crate::offline::shards(db)? {
+        scan_log(db, archive, shard, &mut |index, kind| match kind {
+            Kind::MessageDelivered(e) if e.message_id == wanted => {
+                println!(
+                    "delivered  {shard} index {index}: to user {} (forwarded from shard {} outbox position {}; the sender's shard is not on this node)",
+                    e.recipient_user, e.source_shard, e.source_pos
+                );
+                found = true;
+                false
+            }
+            _ => true,
+        })?;
+        if found {
+            return Ok(true);
+        }
+    }
+    println!("message {id}: not in any shard log of this node");
+    Ok(false)
 }
 
 /// The recipient's side: stored in the inbox, acked by devices, read. Returns the inbox seq and
 /// the outbox position it was forwarded at.
 fn trace_recipient(
-    db: &std::sync::Arc<courier_storage::Db>,
+    db: &Arc<Db>,
+    archive: Option<&DirArchive>,
     dest: ShardId,
     id: &[u8],
     recipient: u64,
@@ -279,7 +329,7 @@ fn trace_recipient(
     let mut found = None;
     let mut acked = std::collections::BTreeSet::new();
     let mut read = false;
-    scan_log(db, dest, &mut |index, kind| {
+    scan_log(db, archive, dest, &mut |index, kind| {
         match kind {
             Kind::MessageDelivered(e) if e.message_id == id => {
                 let how = if e.source_pos == 0 {
@@ -329,14 +379,15 @@ fn trace_recipient(
 
 /// The sender's side: the forward acknowledged (outbox trimmed) and the receipts recorded.
 fn trace_sender(
-    db: &std::sync::Arc<courier_storage::Db>,
+    db: &Arc<Db>,
+    archive: Option<&DirArchive>,
     source: ShardId,
     dest: ShardId,
     id: &[u8],
     position: Option<u64>,
 ) -> anyhow::Result<()> {
     let mut trimmed = false;
-    scan_log(db, source, &mut |index, kind| {
+    scan_log(db, archive, source, &mut |index, kind| {
         match kind {
             Kind::OutboxTrimmed(e)
                 if !trimmed

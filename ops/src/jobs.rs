@@ -1,4 +1,4 @@
-//! Verify, rebuild and log dump, each either offline (a stopped node's data directory) or online
+//! Verify, rebuild, log dump and inspect user, each either offline (a stopped node's data directory) or online
 //! (a running node's admin address). Both paths produce the same report and print it the same
 //! way, so an operator reads one format whichever way the check ran.
 
@@ -9,11 +9,12 @@ use anyhow::{Context as _, bail};
 use courier_proto::pb::peer::admin_client::AdminClient;
 use courier_proto::pb::peer::projection_job_update::Update;
 use courier_proto::pb::peer::{
-    ProjectionJobUpdate, ReadLogRequest, RebuildProjectionRequest, StatusRequest,
-    VerifyProjectionRequest,
+    InspectUserRequest, ProjectionJobUpdate, ReadLogRequest, RebuildProjectionRequest,
+    StatusRequest, VerifyProjectionRequest,
 };
 use courier_proto::{LogIndex, ShardId};
 use courier_storage::Projection;
+use courier_storage::archive::{DirArchive, SegmentStore};
 use courier_storage::projection::hex;
 use courier_storage::rebuild::{self, Verified};
 use serde_json::json;
@@ -33,6 +34,30 @@ pub(crate) struct Target {
     /// Peer (admin) address of a running node: the command runs on that replica.
     #[arg(long)]
     addr: Option<String>,
+}
+
+/// The log archive a command on a stopped node reads entries from that raft purged.
+#[derive(Debug, Default, clap::Args)]
+pub(crate) struct ArchiveDir {
+    /// Offline: the node's log archive directory (`archive.dir`), read for entries purged from
+    /// the live log. A running node reads its own.
+    #[arg(long = "archive", value_name = "DIR")]
+    dir: Option<PathBuf>,
+}
+
+impl ArchiveDir {
+    /// The archive, for a command on a stopped node.
+    pub(crate) fn open(&self) -> Option<DirArchive> {
+        self.dir.as_ref().map(DirArchive::new)
+    }
+
+    /// The archive, for a command that runs on `target`: refused with `--addr`.
+    fn for_target(&self, target: &Target) -> anyhow::Result<Option<DirArchive>> {
+        if self.dir.is_some() && target.addr.is_some() {
+            bail!("--archive is for --data-dir: a running node reads its own archive");
+        }
+        Ok(self.open())
+    }
 }
 
 /// One differing key, as printed.
@@ -58,6 +83,10 @@ struct ProjectionReport {
 #[derive(Debug)]
 struct ShardReport {
     shard: u16,
+    /// The verify checkpoint the replay started from (0: index 1).
+    from: u64,
+    /// A checkpoint at `applied` was written.
+    checkpoint_written: bool,
     applied: u64,
     events: u64,
     seconds: f64,
@@ -72,6 +101,8 @@ impl ShardReport {
     fn from_offline(shard: ShardId, verified: &Verified, seconds: f64) -> Self {
         Self {
             shard: shard.get(),
+            from: verified.from.map_or(0, LogIndex::get),
+            checkpoint_written: false,
             applied: verified.live.applied.get(),
             events: verified.rebuilt.events,
             seconds,
@@ -106,6 +137,8 @@ impl ShardReport {
         let present = |bytes: &[u8]| (!bytes.is_empty()).then(|| hex(bytes));
         Self {
             shard,
+            from: response.from_checkpoint,
+            checkpoint_written: response.checkpoint_written,
             applied: response.applied_index,
             events: response.events_replayed,
             seconds,
@@ -158,6 +191,8 @@ impl ShardReport {
                 .collect();
             let out = json!({
                 "shard": self.shard,
+                "from_checkpoint": self.from,
+                "checkpoint_written": self.checkpoint_written,
                 "applied": self.applied,
                 "events_replayed": self.events,
                 "replay_s": self.seconds,
@@ -168,9 +203,21 @@ impl ShardReport {
             return;
         }
         let rate = self.events as f64 / self.seconds.max(1e-9);
+        let from = match self.from {
+            0 => "from=genesis".to_owned(),
+            index => format!("from=checkpoint@{index}"),
+        };
         println!(
-            "shard {} applied={} events_replayed={} replay={:.2}s ({rate:.0} events/s)",
-            self.shard, self.applied, self.events, self.seconds
+            "shard {} applied={} {from} events_replayed={} replay={:.2}s ({rate:.0} events/s){}",
+            self.shard,
+            self.applied,
+            self.events,
+            self.seconds,
+            if self.checkpoint_written {
+                " checkpoint written"
+            } else {
+                ""
+            }
         );
         println!(
             "{:<10} {:>8} {:<34} result",
@@ -214,15 +261,12 @@ pub(crate) async fn verify(
     shard: Option<u16>,
     projection: Option<String>,
     as_json: bool,
-    archive: Option<courier_storage::archive::DirArchive>,
+    (archive, from_genesis): (&ArchiveDir, bool),
 ) -> anyhow::Result<bool> {
     let mut ok = true;
-    if archive.is_some() && target.addr.is_some() {
-        anyhow::bail!("--archive is for --data-dir: a running node reads its own archive");
-    }
-    let archive = archive
-        .as_ref()
-        .map(|a| a as &dyn courier_storage::archive::SegmentStore);
+    let archive = archive.for_target(&target)?;
+    let archive = archive.as_ref().map(|a| a as &dyn SegmentStore);
+    let from = rebuild::ReplayFrom::genesis_if(from_genesis);
     match (target.data_dir, target.addr) {
         (Some(data_dir), _) => {
             let projections = projections_named(projection.as_deref())?;
@@ -236,7 +280,7 @@ pub(crate) async fn verify(
                 let total = courier_storage::ShardState::load(db.as_ref(), shard)?.applied;
                 let bar = replay_bar(total.get(), &format!("verify shard {}", shard.get()));
                 let verified =
-                    rebuild::verify(&db, shard, archive, &projections, &mut |done, _| {
+                    rebuild::verify(&db, shard, (archive, from), &projections, &mut |done, _| {
                         bar.set_position(done.get());
                     })
                     .with_context(|| format!("verifying {shard}"))?;
@@ -259,6 +303,7 @@ pub(crate) async fn verify(
                     .verify_projection(VerifyProjectionRequest {
                         shard: u32::from(shard),
                         projection: projection.clone().unwrap_or_default(),
+                        from_genesis,
                     })
                     .await
                     .map_err(describe)?
@@ -285,10 +330,12 @@ pub(crate) async fn verify(
 /// Without `yes`; usage and connection errors; a data directory in use; storage faults.
 pub(crate) async fn rebuild(
     target: Target,
+    archive: &ArchiveDir,
     shard: u16,
     projection: &str,
     yes: bool,
 ) -> anyhow::Result<()> {
+    let archive = archive.for_target(&target)?;
     let named = offline::projection_named(projection)?;
     if !yes {
         bail!(
@@ -298,7 +345,9 @@ pub(crate) async fn rebuild(
     }
     let started = Instant::now();
     let (applied, entries, events) = match (target.data_dir, target.addr) {
-        (Some(data_dir), _) => offline::rebuild(&data_dir, ShardId::new(shard), named)?,
+        (Some(data_dir), _) => {
+            offline::rebuild(&data_dir, archive.as_ref(), ShardId::new(shard), named)?
+        }
         (None, Some(addr)) => {
             let stream = admin_at(&addr)
                 .await?
@@ -331,13 +380,16 @@ pub(crate) async fn rebuild(
 /// Usage and connection errors; storage faults (a checksum mismatch names the index).
 pub(crate) async fn log_dump(
     target: Target,
+    archive: &ArchiveDir,
     shard: u16,
-    from: Option<u64>,
-    to: Option<u64>,
+    (from, to): (Option<u64>, Option<u64>),
     as_json: bool,
 ) -> anyhow::Result<()> {
+    let archive = archive.for_target(&target)?;
     match (target.data_dir, target.addr) {
-        (Some(data_dir), _) => offline::log_dump(&data_dir, shard, from, to, as_json),
+        (Some(data_dir), _) => {
+            offline::log_dump(&data_dir, archive.as_ref(), shard, (from, to), as_json)
+        }
         (None, Some(addr)) => {
             let mut admin = admin_at(&addr).await?;
             let mut next = from.unwrap_or(0);
@@ -352,6 +404,12 @@ pub(crate) async fn log_dump(
                     .await
                     .map_err(describe)?
                     .into_inner();
+                if let Some(asked) = from.filter(|f| (1..page.first).contains(f)) {
+                    bail!(
+                        "shard {shard}: entry {asked} is purged and not in the node's archive (its log starts at {})",
+                        page.first
+                    );
+                }
                 let Some(last) = page.entries.last().map(|e| e.index) else {
                     if page.first == 0 {
                         println!("shard {shard}: empty log");
@@ -360,20 +418,80 @@ pub(crate) async fn log_dump(
                 };
                 for entry in &page.entries {
                     let index = LogIndex::new(entry.index);
-                    match &entry.events {
-                        None => offline::print_event(index, entry.term, None, as_json),
-                        Some(payload) => {
-                            for event in &payload.events {
-                                offline::print_event(index, entry.term, Some(event), as_json);
-                            }
-                        }
-                    }
+                    offline::print_entry(index, entry.term, entry.events.as_ref(), as_json);
                 }
                 if last >= page.last || to.is_some_and(|to| last >= to) {
                     return Ok(());
                 }
                 next = last.saturating_add(1);
             }
+        }
+        (None, None) => bail!("give --data-dir or --addr"),
+    }
+}
+
+/// Prints a user's state at a log index of the user's shard: replayed here from a stopped
+/// node's data directory, or on a running replica.
+///
+/// # Errors
+/// Usage and connection errors; storage faults; a purged range no archive holds; an index past
+/// the applied one.
+pub(crate) async fn inspect_user(
+    target: Target,
+    archive: &ArchiveDir,
+    user: u64,
+    shards: Option<u16>,
+    at: Option<u64>,
+) -> anyhow::Result<()> {
+    let archive = archive.for_target(&target)?;
+    match (target.data_dir, target.addr) {
+        (Some(data_dir), _) => {
+            let shards = shards.context("--shards is needed with --data-dir")?;
+            crate::inspect::user(&data_dir, archive.as_ref(), user, shards, at)
+        }
+        (None, Some(addr)) => {
+            let stream = admin_at(&addr)
+                .await?
+                .inspect_user(InspectUserRequest {
+                    user,
+                    at: at.unwrap_or(0),
+                })
+                .await
+                .map_err(describe)?
+                .into_inner();
+            let Update::Inspected(done) = follow(stream, &format!("inspect user {user}")).await?
+            else {
+                bail!("the node answered an inspect with another job's result");
+            };
+            if done.from_checkpoint > 0 {
+                eprintln!(
+                    "shard {}: replayed from the verify checkpoint at {}",
+                    done.shard, done.from_checkpoint
+                );
+            }
+            let pairs = done
+                .pairs
+                .into_iter()
+                .map(|pair| {
+                    let projection =
+                        Projection::from_name(&pair.projection).with_context(|| {
+                            format!(
+                                "the node answered an unknown projection {:?}",
+                                pair.projection
+                            )
+                        })?;
+                    Ok((projection, pair.key, pair.value))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let shard = ShardId::new(u16::try_from(done.shard).context("shard id")?);
+            let user = courier_proto::UserId::new(user).context("user ids start at 1")?;
+            crate::inspect::print_user(
+                &pairs,
+                (shard, user),
+                LogIndex::new(done.at),
+                LogIndex::new(done.applied_index),
+            );
+            Ok(())
         }
         (None, None) => bail!("give --data-dir or --addr"),
     }

@@ -7,7 +7,6 @@
 // Functions stay within clippy.toml's too-many-lines-threshold (STYLE.md section 10).
 #![warn(clippy::too_many_lines)]
 
-use courier_storage::archive::DirArchive;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -77,6 +76,8 @@ enum Command {
         /// The new node's data directory (its `db/` must not exist).
         #[arg(long)]
         data_dir: PathBuf,
+        #[command(flatten)]
+        archive: jobs::ArchiveDir,
     },
     /// Inspects state as it was at a log index (offline: replays the log into memory).
     #[command(subcommand)]
@@ -87,6 +88,8 @@ enum Command {
     Rebuild {
         #[command(flatten)]
         target: jobs::Target,
+        #[command(flatten)]
+        archive: jobs::ArchiveDir,
         /// The shard.
         #[arg(long)]
         shard: u16,
@@ -140,10 +143,13 @@ enum Command {
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
-        /// Offline: the node's log archive directory (`archive.dir`), read for entries purged
-        /// from the live log. A running node reads its own.
-        #[arg(long, value_name = "DIR")]
-        archive: Option<PathBuf>,
+        #[command(flatten)]
+        archive: jobs::ArchiveDir,
+        /// Replay every entry from index 1. By default the replay starts from the archive's
+        /// newest verify checkpoint (a state an earlier verify attested; a running node writes
+        /// one after each verify whose every projection matched).
+        #[arg(long)]
+        from_genesis: bool,
     },
 }
 
@@ -242,18 +248,20 @@ enum InspectCommand {
     /// A user's inbox tail, device cursors, unread counts, receipts and devices at `--at`, each
     /// with the index of the event that last set it.
     User {
-        /// The data directory of a stopped node.
-        #[arg(long)]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        target: jobs::Target,
         /// The user id.
         #[arg(long)]
         user: u64,
-        /// The cluster's shard count (to find the user's shard).
+        /// With --data-dir: the cluster's shard count (to find the user's shard). A running
+        /// node knows it.
         #[arg(long)]
-        shards: u16,
+        shards: Option<u16>,
         /// The log index of the user's shard (default: the applied index).
         #[arg(long)]
         at: Option<u64>,
+        #[command(flatten)]
+        archive: jobs::ArchiveDir,
     },
     /// Follows one message: sent, forwarded, delivered, acked, read, with the log positions on
     /// the sender's and the recipient's shards.
@@ -264,6 +272,8 @@ enum InspectCommand {
         /// The message id (32 hex digits, as `log dump` and the API show it).
         #[arg(long)]
         id: String,
+        #[command(flatten)]
+        archive: jobs::ArchiveDir,
     },
 }
 
@@ -274,6 +284,8 @@ enum LogCommand {
     Dump {
         #[command(flatten)]
         target: jobs::Target,
+        #[command(flatten)]
+        archive: jobs::ArchiveDir,
         /// The shard.
         #[arg(long)]
         shard: u16,
@@ -324,6 +336,26 @@ fn cluster(command: ClusterCommand) -> anyhow::Result<bool> {
     }
 }
 
+/// `courier-ops inspect …`.
+fn inspect_command(command: InspectCommand) -> anyhow::Result<bool> {
+    match command {
+        InspectCommand::User {
+            target,
+            user,
+            shards,
+            at,
+            archive,
+        } => runtime()?
+            .block_on(jobs::inspect_user(target, &archive, user, shards, at))
+            .map(|()| true),
+        InspectCommand::Message {
+            data_dir,
+            id,
+            archive,
+        } => inspect::message(&data_dir, archive.open().as_ref(), &id),
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<bool> {
     transport::install(&cli.tls)?;
     match cli.command {
@@ -347,26 +379,23 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         Command::Node(NodeCommand::Remove { addr, id }) => runtime()?
             .block_on(online::node_remove(&addr, id))
             .map(|()| true),
-        Command::Inspect(InspectCommand::User {
+        Command::Inspect(command) => inspect_command(command),
+        Command::Restore {
+            from,
             data_dir,
-            user,
-            shards,
-            at,
-        }) => inspect::user(&data_dir, user, shards, at).map(|()| true),
-        Command::Inspect(InspectCommand::Message { data_dir, id }) => {
-            inspect::message(&data_dir, &id)
-        }
-        Command::Restore { from, data_dir } => offline::restore(&from, &data_dir),
+            archive,
+        } => offline::restore(&from, &data_dir, archive.open().as_ref()),
         Command::Backup { addr, dir } => runtime()?
             .block_on(online::backup(&addr, &dir))
             .map(|()| true),
         Command::Rebuild {
             target,
+            archive,
             shard,
             projection,
             yes,
         } => runtime()?
-            .block_on(jobs::rebuild(target, shard, &projection, yes))
+            .block_on(jobs::rebuild(target, &archive, shard, &projection, yes))
             .map(|()| true),
         Command::Demo {
             alice_addr,
@@ -386,12 +415,13 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         }
         Command::Log(LogCommand::Dump {
             target,
+            archive,
             shard,
             from,
             to,
             json,
         }) => runtime()?
-            .block_on(jobs::log_dump(target, shard, from, to, json))
+            .block_on(jobs::log_dump(target, &archive, shard, (from, to), json))
             .map(|()| true),
         Command::Verify {
             target,
@@ -399,12 +429,13 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             projection,
             json,
             archive,
+            from_genesis,
         } => runtime()?.block_on(jobs::verify(
             target,
             shard,
             projection,
             json,
-            archive.map(DirArchive::new),
+            (&archive, from_genesis),
         )),
         Command::Certs(CertsCommand::Dev { dir, nodes, hosts }) => {
             let ids: Vec<u64> = (1..=nodes).collect();

@@ -4,8 +4,9 @@ use std::path::Path;
 
 use anyhow::{Context as _, bail};
 use courier_proto::{LogIndex, ShardId};
+use courier_storage::archive::{DirArchive, SegmentStore, for_each_entry, log_source};
 use courier_storage::rebuild;
-use courier_storage::{Db, LogStore, MemKv, OpenMode, Projection, ShardState};
+use courier_storage::{Db, LogStore, OpenMode, Projection, ShardState};
 
 use crate::db_path;
 
@@ -17,46 +18,57 @@ pub(crate) fn open(data_dir: &Path) -> anyhow::Result<std::sync::Arc<Db>> {
     ))
 }
 
-/// Prints entries `from..=to` of a shard's log.
+/// Prints entries `from..=to` of a shard's log (the archive's entries too, when given).
 ///
 /// # Errors
-/// Storage faults (including checksum mismatches, reported with the index).
+/// Storage faults (including checksum mismatches, reported with the index), a range neither the
+/// log nor the archive holds.
 pub(crate) fn log_dump(
     data_dir: &Path,
+    archive: Option<&DirArchive>,
     shard: u16,
-    from: Option<u64>,
-    to: Option<u64>,
+    range: (Option<u64>, Option<u64>),
     json: bool,
 ) -> anyhow::Result<()> {
     let db = open(data_dir)?;
     let shard = ShardId::new(shard);
-    let log = LogStore::new(db, shard);
-    let Some(first) = log.first_index()? else {
+    let log = log_source(
+        LogStore::new(db, shard),
+        archive.map(|a| a as &dyn SegmentStore),
+    )?;
+    let Some((first, last)) = log.bounds()? else {
         println!("{shard}: empty log");
         return Ok(());
     };
-    let last = log.last()?.map_or(first, |r| r.index);
-    let from = from.map_or(first, LogIndex::new).max(first);
-    let to = to.map_or(last, LogIndex::new).min(last);
-    let mut at = from;
-    while at <= to {
-        let until = at
-            .checked_add(rebuild::REPLAY_BATCH_ENTRIES)
-            .map_or(to.next(), |u| u.min(to.next()));
-        for record in log.read_range(at, until)? {
-            let entry = rebuild::decode_entry(shard, &record)?;
-            match entry.events {
-                None => print_event(record.index, record.term, None, json),
-                Some(payload) => {
-                    for event in &payload.events {
-                        print_event(record.index, record.term, Some(event), json);
-                    }
-                }
-            }
-        }
-        at = until;
+    let asked_below = range
+        .0
+        .into_iter()
+        .chain(range.1)
+        .any(|i| (1..first.get()).contains(&i));
+    if asked_below {
+        bail!(
+            "{shard}: entries below {first} are not here: {}",
+            purged_hint(archive.is_some())
+        );
     }
+    let from = range.0.map_or(first, LogIndex::new);
+    let to = range.1.map_or(last, LogIndex::new).min(last);
+    for_each_entry(log.as_ref(), from, to, &mut |record| {
+        let entry = rebuild::decode_entry(shard, record)?;
+        print_entry(record.index, record.term, entry.events.as_ref(), json);
+        Ok(true)
+    })
+    .with_context(|| purged_hint(archive.is_some()))?;
     Ok(())
+}
+
+/// What to say when a replay or a dump met a purged entry.
+pub(crate) fn purged_hint(with_archive: bool) -> &'static str {
+    if with_archive {
+        "the archive does not hold every entry the live log purged"
+    } else {
+        "the log was purged below a snapshot: give --archive (the node's archive.dir)"
+    }
 }
 
 /// One event as its kind and fields: ids, positions and sizes, never bodies or phone hashes.
@@ -153,8 +165,25 @@ fn describe(
     }
 }
 
+/// Prints one log entry: a line per event, or one `RaftEntry` line for a raft-internal entry.
+pub(crate) fn print_entry(
+    index: LogIndex,
+    term: u64,
+    events: Option<&courier_proto::pb::events::EntryPayload>,
+    json: bool,
+) {
+    match events {
+        None => print_event(index, term, None, json),
+        Some(payload) => {
+            for event in &payload.events {
+                print_event(index, term, Some(event), json);
+            }
+        }
+    }
+}
+
 /// Prints one log line, as text or as one JSON object.
-pub(crate) fn print_event(
+fn print_event(
     index: LogIndex,
     term: u64,
     event: Option<&courier_proto::pb::events::Event>,
@@ -189,13 +218,17 @@ pub(crate) fn projection_named(name: &str) -> anyhow::Result<Projection> {
     })
 }
 
-/// Replays `shard`'s log from index 1 into memory up to `at` (default: the live applied index),
-/// with a progress bar. Returns the live state, the replay and how long it took.
+/// Replays `shard`'s log (the archive's entries too, when given) into memory up to `at`
+/// (default: the live applied index), with a progress bar: from the archive's newest verify
+/// checkpoint at or below `at` when there is one, else from index 1. Returns the live state, the
+/// replay and how long it took.
 ///
 /// # Errors
-/// An index past the applied one, a log purged below a snapshot, storage faults.
+/// An index past the applied one, a log purged below a snapshot that the archive does not
+/// cover, storage faults.
 pub(crate) fn replay_to(
     db: &std::sync::Arc<Db>,
+    archive: Option<&DirArchive>,
     shard: ShardId,
     at: Option<LogIndex>,
 ) -> anyhow::Result<(ShardState, rebuild::Rebuilt, std::time::Duration)> {
@@ -207,20 +240,25 @@ pub(crate) fn replay_to(
             live.applied
         );
     }
-    let log = LogStore::new(db.clone(), shard);
-    rebuild::require_full_log(&log).with_context(|| {
-        format!("{shard}: the log was purged below a snapshot; a replay starts at index 1")
-    })?;
+    let segments = archive.map(|a| a as &dyn SegmentStore);
+    let log = log_source(LogStore::new(db.clone(), shard), segments)?;
+    let base = rebuild::replay_base(
+        log.as_ref(),
+        (segments, rebuild::ReplayFrom::Checkpoint),
+        at,
+    )
+    .with_context(|| format!("{shard}: {}", purged_hint(archive.is_some())))?;
+    if base.1.applied > LogIndex::new(0) {
+        eprintln!(
+            "{shard}: replaying from the verify checkpoint at {}",
+            base.1.applied
+        );
+    }
     let bar = crate::progress::replay_bar(at.get(), "replay");
     let started = std::time::Instant::now();
-    let rebuilt = rebuild::replay(
-        &log,
-        (MemKv::default(), ShardState::empty(shard)),
-        at,
-        &mut |index, _| {
-            bar.set_position(index.get());
-        },
-    )?;
+    let rebuilt = rebuild::replay(log.as_ref(), base, at, &mut |index, _| {
+        bar.set_position(index.get());
+    })?;
     bar.finish_and_clear();
     Ok((live, rebuilt, started.elapsed()))
 }
@@ -243,6 +281,7 @@ pub(crate) fn shards(db: &Db) -> anyhow::Result<Vec<ShardId>> {
 /// A data directory in use; storage faults.
 pub(crate) fn rebuild(
     data_dir: &Path,
+    archive: Option<&DirArchive>,
     shard: ShardId,
     projection: Projection,
 ) -> anyhow::Result<(u64, u64, u64)> {
@@ -253,7 +292,7 @@ pub(crate) fn rebuild(
             path.display()
         )
     })?);
-    let (live, rebuilt, _) = replay_to(&db, shard, None)?;
+    let (live, rebuilt, _) = replay_to(&db, archive, shard, None)?;
     let swap = rebuild::swap(&live, &rebuilt, projection);
     // One atomic batch: the old projection is cleared and the rebuilt one written together.
     db.replace_ranges(&[swap.clear], swap.changes, true)?;
@@ -265,12 +304,18 @@ pub(crate) fn rebuild(
 }
 
 /// Copies a checkpoint into `data_dir/db` of a node that has never run (hard links where the
-/// filesystem allows), then verifies every shard of the copy against its own log. Returns
-/// whether every shard that could be replayed matched.
+/// filesystem allows), then verifies every shard of the copy against its own log (and the
+/// archive's entries, when given). Returns whether every shard was verified and matched: a shard
+/// whose log was purged below a snapshot and that the archive does not cover is a failure, not
+/// a skip.
 ///
 /// # Errors
 /// A checkpoint that is not a database, an existing `data_dir/db`, copy or storage faults.
-pub(crate) fn restore(from: &Path, data_dir: &Path) -> anyhow::Result<bool> {
+pub(crate) fn restore(
+    from: &Path,
+    data_dir: &Path,
+    archive: Option<&DirArchive>,
+) -> anyhow::Result<bool> {
     if !from.join("CURRENT").exists() {
         bail!(
             "{} is not a checkpoint (no CURRENT file); give the directory `courier-ops backup` wrote",
@@ -301,9 +346,16 @@ pub(crate) fn restore(from: &Path, data_dir: &Path) -> anyhow::Result<bool> {
         let total = ShardState::load(db.as_ref(), shard)?.applied;
         let bar =
             crate::progress::replay_bar(total.get(), &format!("verify shard {}", shard.get()));
-        let result = rebuild::verify(&db, shard, None, &Projection::ALL, &mut |done, _| {
-            bar.set_position(done.get());
-        });
+        let segments = archive.map(|a| a as &dyn SegmentStore);
+        let result = rebuild::verify(
+            &db,
+            shard,
+            (segments, rebuild::ReplayFrom::Genesis),
+            &Projection::ALL,
+            &mut |done, _| {
+                bar.set_position(done.get());
+            },
+        );
         bar.finish_and_clear();
         match result {
             Ok(verified) => {
@@ -322,17 +374,35 @@ pub(crate) fn restore(from: &Path, data_dir: &Path) -> anyhow::Result<bool> {
                     }
                 );
             }
-            Err(courier_storage::StorageError::MissingEntry { .. }) => {
+            Err(courier_storage::StorageError::MissingEntry { index, .. }) => {
+                ok = false;
                 println!(
-                    "{shard}: log purged below a snapshot; projections not replayable, not verified"
+                    "{shard}: NOT VERIFIED: log entry {index} is purged from the checkpoint{}",
+                    if archive.is_some() {
+                        " and not in the archive"
+                    } else {
+                        "; give --archive (the cluster's archive.dir)"
+                    }
                 );
             }
             Err(other) => return Err(other.into()),
         }
     }
+    drop(db);
+    if !ok {
+        // A restore that did not verify leaves nothing behind, so it can be retried (with
+        // --archive, or from another checkpoint) into the same directory.
+        std::fs::remove_dir_all(&db_dir)
+            .with_context(|| format!("removing the unverified {}", db_dir.display()))?;
+        println!(
+            "restore FAILED: not every shard verified; {} removed, nothing restored",
+            db_dir.display()
+        );
+        return Ok(false);
+    }
     println!(
         "restored into {}; start the node with a NEW node id, then `courier-ops node add` it",
         db_dir.display()
     );
-    Ok(ok)
+    Ok(true)
 }

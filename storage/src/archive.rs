@@ -32,6 +32,13 @@ pub trait LogSource {
     /// [`StorageError::MissingEntry`] naming the first entry neither the archive nor the live log
     /// holds.
     fn require_full(&self) -> Result<()>;
+
+    /// The first and the last index this log can read (`None`: nothing at all). Between them a
+    /// range may still be missing (a replica that never held it); reading it says which entry.
+    ///
+    /// # Errors
+    /// Faults.
+    fn bounds(&self) -> Result<Option<(LogIndex, LogIndex)>>;
 }
 
 impl LogSource for LogStore {
@@ -52,6 +59,14 @@ impl LogSource for LogStore {
             _ => Ok(()),
         }
     }
+
+    fn bounds(&self) -> Result<Option<(LogIndex, LogIndex)>> {
+        let Some(first) = self.first_index()? else {
+            return Ok(None);
+        };
+        let last = self.last()?.map_or(first, |record| record.index);
+        Ok(Some((first, last)))
+    }
 }
 
 /// `live` alone, or the archive and `live` as one log when there is an archive.
@@ -66,6 +81,44 @@ pub fn log_source<'a>(
         Some(archive) => Box::new(ArchivedLog::new(live, archive)?),
         None => Box::new(live),
     })
+}
+
+/// Entries read at once by a walk over the log ([`for_each_entry`], replays).
+pub const READ_BATCH_ENTRIES: u64 = 1024;
+
+/// Calls `each` with every entry `from..=to` of `log`, in order, a batch at a time (what `log
+/// dump`, `inspect` and `ReadLog` walk); stops early when `each` returns false.
+///
+/// # Errors
+/// An entry in the range that `log` cannot read ([`StorageError::MissingEntry`]), faults, and
+/// whatever `each` returns.
+pub fn for_each_entry(
+    log: &dyn LogSource,
+    from: LogIndex,
+    to: LogIndex,
+    each: &mut dyn FnMut(&LogRecord) -> Result<bool>,
+) -> Result<()> {
+    let end = to.next();
+    let mut at = from;
+    while at < end {
+        let until = at
+            .checked_add(READ_BATCH_ENTRIES)
+            .map_or(end, |until| until.min(end));
+        let records = log.read_range(at, until)?;
+        if records.first().map(|record| record.index) != Some(at) {
+            return Err(StorageError::MissingEntry {
+                shard: log.shard(),
+                index: at,
+            });
+        }
+        for record in &records {
+            if !each(record)? {
+                return Ok(());
+            }
+            at = record.index.next();
+        }
+    }
+    Ok(())
 }
 
 /// Archived segments of the cluster's shards, read-only (implemented by the node over its
@@ -87,6 +140,18 @@ pub trait SegmentStore: Send + Sync {
         first: LogIndex,
         last: LogIndex,
     ) -> Result<Vec<LogRecord>>;
+
+    /// The indexes of `shard`'s verify checkpoints (`crate::checkpoint`), in order.
+    ///
+    /// # Errors
+    /// The store failed.
+    fn checkpoints(&self, shard: ShardId) -> Result<Vec<LogIndex>>;
+
+    /// The bytes of `shard`'s checkpoint at `index` (checked by `crate::checkpoint::decode`).
+    ///
+    /// # Errors
+    /// The store failed.
+    fn read_checkpoint(&self, shard: ShardId, index: LogIndex) -> Result<Vec<u8>>;
 }
 
 /// The archive and the live log of one shard as one log: entries below the live log's first
@@ -148,7 +213,13 @@ impl LogSource for ArchivedLog<'_> {
         }
         let live_first = self.live.first_index()?;
         if live_first.is_some_and(|first| first <= from) {
-            return self.live.read_range(from, to);
+            // The live log may have a hole at `from`: a snapshot installed above the replica's
+            // applied index deleted the entries between, and the archiver has not purged below
+            // it yet. Those entries come from the archive, like purged ones.
+            let records = self.live.read_run(from, to)?;
+            if records.first().map(|record| record.index) == Some(from) {
+                return Ok(records);
+            }
         }
         let (first, last) = self.segment_of(from).ok_or_else(|| self.missing(from))?;
         let mut held = self.held.borrow_mut();
@@ -180,6 +251,21 @@ impl LogSource for ArchivedLog<'_> {
             Some(_) => Err(self.missing(next)),
         }
     }
+
+    fn bounds(&self) -> Result<Option<(LogIndex, LogIndex)>> {
+        let archived = self
+            .segments
+            .first()
+            .zip(self.segments.last())
+            .map(|((first, _), (_, last))| (*first, *last));
+        Ok(match (archived, self.live.bounds()?) {
+            (None, live) => live,
+            (archived, None) => archived,
+            (Some((a_first, a_last)), Some((l_first, l_last))) => {
+                Some((a_first.min(l_first), a_last.max(l_last)))
+            }
+        })
+    }
 }
 
 /// An archive in a local directory, read with plain file reads: what the offline tools use on a
@@ -203,27 +289,39 @@ fn io_fault(op: &'static str, error: &std::io::Error) -> StorageError {
     }
 }
 
-impl SegmentStore for DirArchive {
-    fn segments(&self, shard: ShardId) -> Result<Vec<(LogIndex, LogIndex)>> {
+impl DirArchive {
+    /// The names in `shard`'s directory that `parse` accepts, parsed and sorted.
+    fn listed<T: Ord>(&self, shard: ShardId, parse: fn(&str) -> Option<T>) -> Result<Vec<T>> {
         let dir = self.dir.join(segment::shard_dir(shard));
         let entries = match std::fs::read_dir(&dir) {
             Ok(entries) => entries,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(error) => return Err(io_fault("list", &error)),
         };
-        let mut segments = Vec::new();
+        let mut found = Vec::new();
         for entry in entries {
             let entry = entry.map_err(|e| io_fault("list", &e))?;
-            if let Some(range) = entry
-                .file_name()
-                .to_str()
-                .and_then(segment::parse_file_name)
-            {
-                segments.push(range);
+            if let Some(parsed) = entry.file_name().to_str().and_then(parse) {
+                found.push(parsed);
             }
         }
-        segments.sort_unstable();
-        Ok(segments)
+        found.sort_unstable();
+        Ok(found)
+    }
+}
+
+impl SegmentStore for DirArchive {
+    fn segments(&self, shard: ShardId) -> Result<Vec<(LogIndex, LogIndex)>> {
+        self.listed(shard, segment::parse_file_name)
+    }
+
+    fn checkpoints(&self, shard: ShardId) -> Result<Vec<LogIndex>> {
+        self.listed(shard, segment::parse_checkpoint_name)
+    }
+
+    fn read_checkpoint(&self, shard: ShardId, index: LogIndex) -> Result<Vec<u8>> {
+        let path = self.dir.join(segment::checkpoint_name(shard, index));
+        std::fs::read(&path).map_err(|e| io_fault("read", &e))
     }
 
     fn read_segment(
@@ -235,5 +333,101 @@ impl SegmentStore for DirArchive {
         let path = self.dir.join(segment::object_name(shard, first, last));
         let bytes = std::fs::read(&path).map_err(|e| io_fault("read", &e))?;
         segment::checked(shard, first, last, &bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::{Db, OpenMode};
+
+    const SHARD: ShardId = ShardId::new(2);
+
+    /// Segments held in memory.
+    struct MemSegments(Vec<Vec<LogRecord>>);
+
+    impl SegmentStore for MemSegments {
+        fn segments(&self, _: ShardId) -> Result<Vec<(LogIndex, LogIndex)>> {
+            Ok(self
+                .0
+                .iter()
+                .filter_map(|s| Some((s.first()?.index, s.last()?.index)))
+                .collect())
+        }
+
+        fn read_segment(&self, _: ShardId, first: LogIndex, _: LogIndex) -> Result<Vec<LogRecord>> {
+            self.0
+                .iter()
+                .find(|s| s.first().map(|r| r.index) == Some(first))
+                .cloned()
+                .ok_or(StorageError::MissingEntry {
+                    shard: SHARD,
+                    index: first,
+                })
+        }
+
+        fn checkpoints(&self, _: ShardId) -> Result<Vec<LogIndex>> {
+            Ok(Vec::new())
+        }
+
+        fn read_checkpoint(&self, _: ShardId, index: LogIndex) -> Result<Vec<u8>> {
+            Err(StorageError::MissingEntry {
+                shard: SHARD,
+                index,
+            })
+        }
+    }
+
+    fn records(from: u64, to: u64) -> Vec<LogRecord> {
+        (from..=to)
+            .map(|i| LogRecord {
+                index: LogIndex::new(i),
+                term: 1,
+                payload: i.to_be_bytes().to_vec(),
+            })
+            .collect()
+    }
+
+    fn indexes(log: &dyn LogSource, to: u64) -> Result<Vec<u64>> {
+        let mut seen = Vec::new();
+        for_each_entry(log, LogIndex::new(1), LogIndex::new(to), &mut |record| {
+            seen.push(record.index.get());
+            Ok(true)
+        })?;
+        Ok(seen)
+    }
+
+    /// A replica that installed a snapshot above its applied index holds its live log with a
+    /// hole (entries 11..=20 deleted) until the archiver purges below it: the hole is read from
+    /// the archive, and without a segment there the read names the first missing entry.
+    #[test]
+    fn a_hole_in_the_live_log_is_read_from_the_archive() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Arc::new(Db::open(dir.path(), OpenMode::ReadWrite).expect("opens"));
+        let live = LogStore::new(db, SHARD);
+        live.append(&records(1, 30)).expect("append");
+        live.delete_between(LogIndex::new(11), LogIndex::new(21))
+            .expect("delete");
+
+        let run = live.read_run(LogIndex::new(1), LogIndex::new(31)).expect("run");
+        assert_eq!(run, records(1, 10), "a run stops at the hole");
+        assert!(matches!(
+            live.read_range(LogIndex::new(1), LogIndex::new(31)),
+            Err(StorageError::MissingEntry { index, .. }) if index == LogIndex::new(11)
+        ));
+
+        let archive = MemSegments(vec![records(1, 10), records(11, 20)]);
+        let log = ArchivedLog::new(live.clone(), &archive).expect("archived log");
+        let all: Vec<u64> = (1..=30).collect();
+        assert_eq!(indexes(&log, 30).expect("whole log"), all);
+
+        let without = MemSegments(vec![records(1, 10)]);
+        let log = ArchivedLog::new(live, &without).expect("archived log");
+        assert!(matches!(
+            indexes(&log, 30),
+            Err(StorageError::MissingEntry { index, .. }) if index == LogIndex::new(11)
+        ));
     }
 }

@@ -86,7 +86,7 @@ impl MemKv {
         cf: Cf,
         from: &[u8],
         to: &[u8],
-    ) -> impl Iterator<Item = (&Vec<u8>, &Vec<u8>)> {
+    ) -> impl DoubleEndedIterator<Item = (&Vec<u8>, &Vec<u8>)> {
         self.families.get(&cf).into_iter().flat_map(move |family| {
             family.range::<[u8], _>((Bound::Included(from), Bound::Excluded(to)))
         })

@@ -24,10 +24,12 @@
 pub mod archive;
 pub mod bugs;
 pub mod cf;
+pub mod checkpoint;
 pub mod db;
 #[cfg(test)]
 mod decode_fuzz_test;
 pub mod error;
+pub mod inspect;
 pub mod keys;
 pub mod kv;
 pub mod log;

@@ -31,6 +31,15 @@ pub struct LogRecord {
     pub payload: Vec<u8>,
 }
 
+/// What a read does at a hole in the stored entries.
+#[derive(Clone, Copy)]
+enum Holes {
+    /// Fail with [`StorageError::MissingEntry`].
+    Refuse,
+    /// Return the run read so far.
+    Stop,
+}
+
 fn checksum(index: LogIndex, term: u64, payload: &[u8]) -> u32 {
     let crc = crc32c::crc32c(&index.get().to_be_bytes());
     let crc = crc32c::crc32c_append(crc, &term.to_be_bytes());
@@ -152,8 +161,24 @@ impl LogStore {
     /// Reads entries `[from, to)`, verifying each checksum and that indexes are contiguous.
     ///
     /// # Errors
-    /// [`StorageError::Checksum`], [`StorageError::Decode`] or [`StorageError::Db`]: faults.
+    /// [`StorageError::Checksum`], [`StorageError::Decode`] or [`StorageError::Db`]: faults;
+    /// [`StorageError::MissingEntry`] for a hole after the first entry found.
     pub fn read_range(&self, from: LogIndex, to: LogIndex) -> Result<Vec<LogRecord>> {
+        self.read(from, to, Holes::Refuse)
+    }
+
+    /// Reads the run of consecutive entries that starts at the first one stored in `[from, to)`,
+    /// up to the first hole, verifying each checksum. A replica that installed a snapshot above
+    /// its applied index has such a hole (`delete_between`) until the archiver purges below it;
+    /// the archiver and the archive-backed reader take the hole as "not here" rather than fail.
+    ///
+    /// # Errors
+    /// [`StorageError::Checksum`], [`StorageError::Decode`] or [`StorageError::Db`]: faults.
+    pub fn read_run(&self, from: LogIndex, to: LogIndex) -> Result<Vec<LogRecord>> {
+        self.read(from, to, Holes::Stop)
+    }
+
+    fn read(&self, from: LogIndex, to: LogIndex, holes: Holes) -> Result<Vec<LogRecord>> {
         if from >= to {
             return Ok(Vec::new());
         }
@@ -171,10 +196,13 @@ impl LogStore {
                 reason: format!("{} bytes", key.len()),
             })?;
             if index != expected && !records.is_empty() {
-                return Err(StorageError::MissingEntry {
-                    shard: self.shard,
-                    index: expected,
-                });
+                return match holes {
+                    Holes::Stop => Ok(records),
+                    Holes::Refuse => Err(StorageError::MissingEntry {
+                        shard: self.shard,
+                        index: expected,
+                    }),
+                };
             }
             expected = index.next();
             records.push(decode_record(self.shard, index, &value)?);

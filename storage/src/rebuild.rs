@@ -18,7 +18,7 @@ use crate::projection::{Projection, unframe};
 use crate::shard::{Committed, ShardState};
 
 /// Entries read and applied per step of a replay.
-pub const REPLAY_BATCH_ENTRIES: u64 = 1024;
+pub const REPLAY_BATCH_ENTRIES: u64 = crate::archive::READ_BATCH_ENTRIES;
 /// Pairs read per step of a comparison scan.
 const COMPARE_PAGE_PAIRS: usize = 4096;
 
@@ -304,20 +304,57 @@ pub fn swap(live: &ShardState, rebuilt: &Rebuilt, projection: Projection) -> Swa
     }
 }
 
-/// Checks that `log` still starts at index 1, which a replay from the start needs.
-///
-/// # Errors
-/// [`StorageError::MissingEntry`] naming index 1 when the log was purged below a snapshot.
-pub fn require_full_log(log: &LogStore) -> Result<()> {
-    log.require_full()
-}
-
 /// Differing keys reported per projection by a verify.
 pub const VERIFY_MISMATCHES_MAX: usize = 5;
+
+/// Where a verify's replay starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplayFrom {
+    /// Index 1: every entry is replayed.
+    Genesis,
+    /// The archive's newest checkpoint at or below the applied index, if there is one.
+    Checkpoint,
+}
+
+/// Where a replay up to `up_to` starts: the archive's newest checkpoint at or below it (with
+/// [`ReplayFrom::Checkpoint`] and an archive), else an empty state at index 0, which needs
+/// `source` to hold every entry from index 1.
+///
+/// # Errors
+/// [`StorageError::MissingEntry`] when a replay from index 1 cannot read every entry; a damaged
+/// checkpoint; store faults.
+pub fn replay_base(
+    source: &dyn LogSource,
+    (archive, from): (Option<&dyn SegmentStore>, ReplayFrom),
+    up_to: LogIndex,
+) -> Result<(MemKv, ShardState)> {
+    let shard = source.shard();
+    if from == ReplayFrom::Checkpoint
+        && let Some(archive) = archive
+        && let Some(checkpoint) = crate::checkpoint::latest(archive, shard, up_to)?
+    {
+        return Ok(checkpoint);
+    }
+    source.require_full()?;
+    Ok((MemKv::default(), ShardState::empty(shard)))
+}
+
+impl ReplayFrom {
+    /// [`ReplayFrom::Genesis`] when `from_genesis`, else [`ReplayFrom::Checkpoint`].
+    pub fn genesis_if(from_genesis: bool) -> Self {
+        if from_genesis {
+            Self::Genesis
+        } else {
+            Self::Checkpoint
+        }
+    }
+}
 
 /// What a verify found.
 #[derive(Debug)]
 pub struct Verified {
+    /// The checkpoint the replay started from (`None`: index 1).
+    pub from: Option<LogIndex>,
     /// The live state the comparison was made at.
     pub live: ShardState,
     /// The replay.
@@ -326,29 +363,42 @@ pub struct Verified {
     pub comparisons: Vec<Comparison>,
 }
 
-/// Replays `shard`'s log from index 1 up to the applied index recorded in `db` and compares
+/// Replays `shard`'s log from index 1 (or from the archive's newest checkpoint, with
+/// [`ReplayFrom::Checkpoint`]) up to the applied index recorded in `db` and compares
 /// `projections` with the live ones. `db` must not change meanwhile (a stopped node's database
-/// or a checkpoint). Entries purged from the live log are read from `archive`.
+/// or a RocksDB checkpoint). Entries purged from the live log are read from `archive`.
 ///
 /// # Errors
-/// An entry neither the log nor the archive holds ([`StorageError::MissingEntry`]), storage
-/// faults.
+/// An entry neither the log nor the archive holds ([`StorageError::MissingEntry`]), a damaged
+/// checkpoint, storage faults.
 pub fn verify(
     db: &std::sync::Arc<crate::Db>,
     shard: ShardId,
-    archive: Option<&dyn SegmentStore>,
+    (archive, from): (Option<&dyn SegmentStore>, ReplayFrom),
     projections: &[Projection],
     progress: &mut dyn FnMut(LogIndex, u64),
 ) -> Result<Verified> {
-    let live = ShardState::load(db.as_ref(), shard)?;
     let source = log_source(LogStore::new(db.clone(), shard), archive)?;
-    source.require_full()?;
-    let rebuilt = replay(
-        source.as_ref(),
-        (MemKv::default(), ShardState::empty(shard)),
-        live.applied,
-        progress,
-    )?;
+    verify_over(db, source.as_ref(), (archive, from), projections, progress)
+}
+
+/// [`verify`] with the log read from `source` rather than the replica's own log and archive:
+/// for a harness that holds the log elsewhere (the simulation reads a replica's entries from
+/// any replica that holds them, as it runs no archive).
+///
+/// # Errors
+/// As [`verify`].
+pub fn verify_over(
+    db: &std::sync::Arc<crate::Db>,
+    source: &dyn LogSource,
+    (archive, from): (Option<&dyn SegmentStore>, ReplayFrom),
+    projections: &[Projection],
+    progress: &mut dyn FnMut(LogIndex, u64),
+) -> Result<Verified> {
+    let live = ShardState::load(db.as_ref(), source.shard())?;
+    let base = replay_base(source, (archive, from), live.applied)?;
+    let from = (base.1.applied > LogIndex::new(0)).then_some(base.1.applied);
+    let rebuilt = replay(source, base, live.applied, progress)?;
     let comparisons = compare(
         db.as_ref(),
         &live,
@@ -357,6 +407,7 @@ pub fn verify(
         VERIFY_MISMATCHES_MAX,
     )?;
     Ok(Verified {
+        from,
         live,
         rebuilt,
         comparisons,

@@ -51,6 +51,22 @@ pub fn parse_file_name(name: &str) -> Option<(LogIndex, LogIndex)> {
     (file_name(range.0, range.1) == name).then_some(range)
 }
 
+/// The archive name of `shard`'s verify checkpoint at `index` (`crate::checkpoint`), beside
+/// its segments: zero-padded, so names sort by index.
+pub fn checkpoint_name(shard: ShardId, index: LogIndex) -> String {
+    format!("{}/{}", shard_dir(shard), checkpoint_file_name(index))
+}
+
+fn checkpoint_file_name(index: LogIndex) -> String {
+    format!("{:020}.ckpt", index.get())
+}
+
+/// The index a checkpoint's file name states (`INDEX.ckpt`).
+pub fn parse_checkpoint_name(name: &str) -> Option<LogIndex> {
+    let index = LogIndex::new(name.strip_suffix(".ckpt")?.parse().ok()?);
+    (checkpoint_file_name(index) == name).then_some(index)
+}
+
 /// Encodes `records` (consecutive indexes of `shard`, at least one) as a segment.
 ///
 /// # Panics
@@ -253,6 +269,24 @@ mod tests {
     use super::*;
 
     const SHARD: ShardId = ShardId::new(3);
+
+    #[test]
+    fn checkpoint_names_sort_by_index_and_parse_back() {
+        let name = checkpoint_name(SHARD, LogIndex::new(42));
+        assert_eq!(name, "shard-00003/00000000000000000042.ckpt");
+        let file = name.rsplit('/').next().expect("a file name");
+        assert_eq!(parse_checkpoint_name(file), Some(LogIndex::new(42)));
+        assert_eq!(
+            parse_checkpoint_name("42.ckpt"),
+            None,
+            "only the canonical form"
+        );
+        assert_eq!(
+            parse_checkpoint_name("00000000000000000001-00000000000000000016.seg"),
+            None
+        );
+        assert_eq!(parse_file_name(file), None, "not a segment");
+    }
 
     fn records(first: u64, count: u64) -> Vec<LogRecord> {
         (first..first + count)

@@ -111,10 +111,8 @@ pub(crate) async fn wait_leaders(peers: &[String], timeout: Duration) -> BTreeMa
     }
 }
 
-pub(crate) fn delivered(dest_user: u64, pos: u64, id: u64) -> Event {
-    let mut message_id = [0_u8; 16];
-    message_id[..8].copy_from_slice(&id.to_be_bytes());
-    message_id[15] = 7;
+pub(crate) fn delivered(dest_user: u64, dest: u32, pos: u64) -> Event {
+    let message_id = forwarded_id(dest, pos);
     Event {
         kind: Some(Kind::MessageDelivered(events::MessageDelivered {
             message_id: message_id.to_vec(),
@@ -145,8 +143,27 @@ pub(crate) async fn forward(
     first: u64,
     count: u64,
 ) -> Result<u64, tonic::Status> {
+    forward_for(peer, dest, 100 + u64::from(dest), first, count).await
+}
+
+/// The id of the message [`forward`] and [`forward_for`] send to `dest` at outbox position `pos`.
+pub(crate) fn forwarded_id(dest: u32, pos: u64) -> [u8; 16] {
+    let mut message_id = [0_u8; 16];
+    message_id[..8].copy_from_slice(&(u64::from(dest) << 32 | pos).to_be_bytes());
+    message_id[15] = 7;
+    message_id
+}
+
+/// Forwards `count` messages for `user` starting at position `first` to `dest` through `peer`.
+pub(crate) async fn forward_for(
+    peer: &str,
+    dest: u32,
+    user: u64,
+    first: u64,
+    count: u64,
+) -> Result<u64, tonic::Status> {
     let events = (first..first + count)
-        .map(|pos| delivered(100 + u64::from(dest), pos, u64::from(dest) << 32 | pos))
+        .map(|pos| delivered(user, dest, pos))
         .collect();
     let request = ForwardBatchRequest {
         source_shard: SOURCE,

@@ -6,11 +6,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use courier_proto::ShardId;
+use courier_proto::{ShardId, UserId};
 use courier_storage::projection::{hex, unframe};
 use courier_storage::{Cf, Db, OpenMode, Projection, ReadKv, keys};
 
-use crate::cluster::{Processes, SHARDS, forward, wait_converged};
+use crate::cluster::{
+    Processes, SHARDS, forward, forward_for, forwarded_id, status, wait_converged,
+};
 use crate::support::ops;
 
 /// Counts the `MessageDelivered` events of a shard's log, read online from a replica.
@@ -170,32 +172,78 @@ async fn verify_and_rebuild_read_purged_entries_from_the_archive() {
     )
     .await;
     let peers = cluster.peers.clone();
+    // A user whose home is shard 1, so `inspect user` finds the inbox the forwards fill.
+    let user = (1000..)
+        .find(|u| {
+            let shards = u16::try_from(SHARDS).expect("few shards");
+            courier_proto::shard_of(UserId::new(*u).expect("non-zero"), shards) == ShardId::new(1)
+        })
+        .expect("some user lives on shard 1");
     for pos in 1..=ENTRIES {
-        forward(&peers[0], 1, pos, 1).await.expect("forward");
+        forward_for(&peers[0], 1, user, pos, 1)
+            .await
+            .expect("forward");
     }
     wait_converged(&peers, Duration::from_secs(30)).await;
     let replica = peers[2].clone();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let live = loop {
-        let live = delivered_in_log(&replica, 1);
-        if live < usize::try_from(ENTRIES).expect("small") / 2 {
-            break live;
+    let purged = loop {
+        let purged = status(&replica)
+            .await
+            .shards
+            .iter()
+            .find(|s| s.shard == 1)
+            .map_or(0, |s| s.purged_index);
+        if purged > ENTRIES / 2 {
+            break purged;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "the live log of shard 1 still holds {live} of {ENTRIES} entries: nothing was purged"
+            "shard 1's live log is purged only up to {purged} of {ENTRIES}+ entries"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    tracing::info!(live, "shard 1's live log was purged below the archive");
+    tracing::info!(purged, "shard 1's live log was purged below the archive");
     let segments = std::fs::read_dir(cluster.root().join("archive").join("shard-00001"))
         .expect("the archive holds shard 1")
         .count();
     assert!(segments >= 10, "{segments} segments archived");
 
+    // The log reads back whole, online, the purged part from the archive.
+    let dump = log_events(&["--addr", &replica]);
+    let delivered: Vec<&serde_json::Value> = dump
+        .iter()
+        .filter(|v| v["event"] == "MessageDelivered")
+        .collect();
+    assert_eq!(delivered.len(), usize::try_from(ENTRIES).expect("small"));
+    let fifth_at = delivered[4]["index"].as_u64().expect("an index");
+    assert!(fifth_at <= purged, "entry {fifth_at} is an archived one");
+
+    // A user as they were at an archived index, replayed on the running replica.
+    let users = user.to_string();
+    let at = fifth_at.to_string();
+    let online = ["inspect", "user", "--addr", &replica, "--user", &users];
+    let (code, online_inspect, err) = ops(&[&online[..], &["--at", &at]].concat());
+    assert_eq!(
+        code, 0,
+        "online inspect at an archived index: {online_inspect}{err}"
+    );
+    assert!(
+        online_inspect.contains(&format!("at log index {fifth_at}"))
+            && online_inspect.contains("inbox: tail 5 "),
+        "the inbox as it was after the fifth message: {online_inspect}"
+    );
+    let (code, out, err) = ops(&[&online[..], &["--at", "999999999"]].concat());
+    assert_eq!(code, 2, "an index in the future: {out}{err}");
+    assert!(err.contains("COURIER:Inspect:Future"), "{err}");
+
     let (code, out, err) = ops(&["verify", "--addr", &replica, "--shard", "1"]);
     assert_eq!(code, 0, "verify from index 1 reads the archive: {out}{err}");
     assert!(!out.contains("MISMATCH"), "{out}");
+    assert!(
+        out.contains("from=genesis") && out.contains("checkpoint written"),
+        "the first verify replays everything and leaves a checkpoint: {out}"
+    );
     let (code, out, err) = ops(&[
         "rebuild",
         "--addr",
@@ -206,11 +254,37 @@ async fn verify_and_rebuild_read_purged_entries_from_the_archive() {
         "inbox",
         "--yes",
     ]);
-    assert_eq!(
-        code, 0,
-        "rebuild from index 1 reads the archive: {out}{err}"
+    assert_eq!(code, 0, "rebuild reads the archive: {out}{err}");
+    let replayed: u64 = out
+        .split(" from ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("events replayed in {out}"));
+    assert!(
+        replayed < ENTRIES,
+        "the rebuild starts from the verify checkpoint, not index 1: {out}"
     );
     let (code, out, err) = ops(&["verify", "--addr", &replica, "--shard", "1"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("from=checkpoint@"),
+        "the next verify starts from the checkpoint: {out}"
+    );
+    let (code, out, err) = ops(&[
+        "verify",
+        "--addr",
+        &replica,
+        "--shard",
+        "1",
+        "--from-genesis",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("from=genesis"), "{out}");
+
+    let backup = cluster.data_dir_of(3).with_file_name("node3-backup");
+    let backup = backup.to_str().expect("utf-8").to_owned();
+    let (code, out, err) = ops(&["backup", "--addr", &replica, "--dir", &backup]);
     assert_eq!(code, 0, "{out}{err}");
 
     tracing::info!("offline, on the stopped node: with the archive, and without it");
@@ -219,14 +293,126 @@ async fn verify_and_rebuild_read_purged_entries_from_the_archive() {
     let archive = cluster.root().join("archive");
     let data_dir = data_dir.to_str().expect("utf-8");
     let archive = archive.to_str().expect("utf-8");
+    let with_archive = |command: &[&str]| ops(&[command, &["--archive", archive]].concat());
     let offline = ["verify", "--data-dir", data_dir, "--shard", "1"];
-    let (code, out, err) = ops(&[&offline[..], &["--archive", archive]].concat());
+    let (code, out, err) = with_archive(&offline);
     assert_eq!(code, 0, "offline verify reads the archive: {out}{err}");
+    assert!(out.contains("from=checkpoint@"), "{out}");
     let (code, out, err) = ops(&offline);
     assert_ne!(
         code, 0,
         "without the archive the purged log cannot be replayed: {out}{err}"
     );
+    let checkpoints: Vec<std::path::PathBuf> =
+        std::fs::read_dir(std::path::Path::new(archive).join("shard-00001"))
+            .expect("the archive holds shard 1")
+            .map(|e| e.expect("entry").path())
+            .filter(|p| p.extension().is_some_and(|e| e == "ckpt"))
+            .collect();
+    assert!(!checkpoints.is_empty(), "verify checkpoints in the archive");
+    for checkpoint in &checkpoints {
+        let mut bytes = std::fs::read(checkpoint).expect("read");
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0x01;
+        std::fs::write(checkpoint, bytes).expect("write");
+    }
+    let (code, out, err) = with_archive(&offline);
+    assert_eq!(code, 2, "a damaged checkpoint is an error: {out}{err}");
+    assert!(err.contains("checkpoint"), "{err}");
+    let (code, out, err) = with_archive(&[&offline[..], &["--from-genesis"]].concat());
+    assert_eq!(code, 0, "--from-genesis does not read it: {out}{err}");
+
+    let offline_dump = log_events(&["--data-dir", data_dir, "--archive", archive]);
+    assert_eq!(
+        offline_dump, dump,
+        "offline and online dumps read the same log"
+    );
+    let (code, out, err) = ops(&[
+        "log",
+        "dump",
+        "--data-dir",
+        data_dir,
+        "--shard",
+        "1",
+        "--to",
+        &fifth_at.to_string(),
+    ]);
+    assert_eq!(code, 2, "a purged range without the archive: {out}{err}");
+    assert!(
+        err.contains("--archive"),
+        "the error says what to give: {err}"
+    );
+
+    let inspect = [
+        "inspect",
+        "user",
+        "--data-dir",
+        data_dir,
+        "--user",
+        &users,
+        "--shards",
+        "4",
+        "--at",
+        &at,
+    ];
+    let (code, out, err) = with_archive(&inspect);
+    assert_eq!(code, 0, "inspect at an archived index: {out}{err}");
+    assert_eq!(
+        out, online_inspect,
+        "offline and online inspect print the same state"
+    );
+    let (code, _, err) = ops(&inspect);
+    assert_eq!(code, 2, "inspect needs the archive here: {err}");
+
+    tracing::info!("restore of a purged checkpoint: refused without the archive, verified with it");
+    let node4 = cluster.data_dir_of(4);
+    let node4_arg = node4.to_str().expect("utf-8");
+    let restore = ["restore", "--from", &backup, "--data-dir", node4_arg];
+    let (code, out, err) = ops(&restore);
+    assert_eq!(
+        code, 1,
+        "an unverifiable shard fails the restore: {out}{err}"
+    );
+    assert!(
+        out.contains("NOT VERIFIED") && out.contains("--archive"),
+        "{out}"
+    );
+    assert!(
+        !node4.join("db").exists(),
+        "a failed restore leaves nothing behind"
+    );
+    let (code, out, err) = with_archive(&restore);
+    assert_eq!(code, 0, "with the archive every shard verifies: {out}{err}");
+    assert!(
+        !out.contains("NOT VERIFIED") && out.contains("restored into"),
+        "{out}"
+    );
+
+    let first_id = hex(&forwarded_id(1, 1));
+    let (code, out, err) = with_archive(&[
+        "inspect",
+        "message",
+        "--data-dir",
+        data_dir,
+        "--id",
+        &first_id,
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let first_at = delivered[0]["index"].as_u64().expect("an index");
+    assert!(
+        out.contains(&format!("delivered  shard:1 index {first_at}")),
+        "the first message, delivered in an archived entry: {out}"
+    );
+}
+
+/// Every event of shard 1's log as JSON, from `log dump` with `source` (`--addr …` or
+/// `--data-dir … --archive …`).
+fn log_events(source: &[&str]) -> Vec<serde_json::Value> {
+    let (code, out, err) = ops(&[&["log", "dump", "--shard", "1", "--json"], source].concat());
+    assert_eq!(code, 0, "{err}");
+    out.lines()
+        .map(|l| serde_json::from_str(l).expect("JSON lines"))
+        .collect()
 }
 
 /// Backup → restore round trip: a checkpoint of node 3 taken during writes is restored into a

@@ -877,6 +877,7 @@ async fn undelivered_messages_expire_on_every_replica() {
             .verify_projection(courier_proto::pb::peer::VerifyProjectionRequest {
                 shard: u32::from(bob_shard.get()),
                 projection: String::new(),
+                from_genesis: true,
             })
             .await
             .expect("verify")

@@ -308,6 +308,7 @@ async fn a_forged_event_batch_stops_no_replica() {
                 .verify_projection(VerifyProjectionRequest {
                     shard,
                     projection: String::new(),
+                    from_genesis: true,
                 })
                 .await
                 .expect("verify")
