@@ -28,6 +28,8 @@ pub const VERIFY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Deadline of one AddNode / RemoveNode call (adding waits for the learner to catch up on every
 /// shard).
 pub const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a verify that met a purged range the archive does not hold yet is retried.
+pub const ARCHIVE_CATCH_UP: Duration = Duration::from_secs(30);
 /// Pause between polls while waiting for leaders or convergence.
 const POLL_PAUSE: Duration = Duration::from_millis(250);
 
@@ -133,15 +135,39 @@ impl AdminNode {
         Ok(response.into_inner())
     }
 
-    /// `Admin.VerifyProjection` of every projection of `shard`: reads the job's stream up to
-    /// its result. An RPC failure is `ok = false` with the error as detail, because an
-    /// unverifiable replica must not pass.
+    /// `Admin.VerifyProjection` of every projection of `shard`, from index 1, retried for up
+    /// to [`ARCHIVE_CATCH_UP`] while the replica answers `COURIER:Log:Purged`: a replica that
+    /// installed a snapshot holds its log only above it, and reads the rest from the run's
+    /// archive once a replica that held those entries copied their segment there.
     pub async fn verify(&self, shard: u32) -> Verification {
+        let deadline = Instant::now() + ARCHIVE_CATCH_UP;
+        loop {
+            let verification = self.verify_once(shard).await;
+            if verification.ok
+                || !verification.detail.contains("COURIER:Log:Purged")
+                || Instant::now() >= deadline
+            {
+                return verification;
+            }
+            tracing::info!(
+                node = self.id,
+                shard,
+                "verify met a range not archived yet; retrying"
+            );
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// One verify: reads the job's stream up to its result. An RPC failure is `ok = false` with
+    /// the error as detail, because an unverifiable replica must not pass.
+    async fn verify_once(&self, shard: u32) -> Verification {
         let mut client = self.client.clone();
         let job = async move {
+            // From index 1, always: the checker attests the whole log, not a checkpoint.
             let request = VerifyProjectionRequest {
                 shard,
                 projection: String::new(),
+                from_genesis: true,
             };
             let mut updates = client
                 .verify_projection(request)

@@ -46,6 +46,10 @@ pub enum Record {
     Verify(Verify),
     /// The nemesis did something (started or healed a fault).
     Fault(Fault),
+    /// A stream session handed an `Ack` to the server.
+    Acked(Acked),
+    /// What the nodes of the run keep (written once, before the workload).
+    Retention(Retention),
 }
 
 /// The send a client asked for. `client_id` is unique per logical send and is carried in the
@@ -196,6 +200,31 @@ pub struct Verify {
     pub ok: bool,
     /// What differed, or a short summary when `ok`.
     pub detail: String,
+}
+
+/// A device acked its inbox up to a seq: the `Ack` frame left the client on that session (the
+/// server may not have taken it: acks are cumulative, a later one covers it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Acked {
+    /// The stream session.
+    pub session: u64,
+    /// The user.
+    pub user: u64,
+    /// The device.
+    pub device: u32,
+    /// Every seq up to this one.
+    pub up_to_seq: u64,
+    /// Harness clock, milliseconds since the run started.
+    pub time_ms: u64,
+}
+
+/// What the run's nodes keep of delivered messages (`retention.keep-delivered`). A history
+/// without this record is checked as if bodies were kept: every drain must return every message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retention {
+    /// False: a message leaves the inbox once every device of its recipient acked it, so a drain
+    /// does not return it (API.md, "Resuming a stream").
+    pub keep_delivered: bool,
 }
 
 /// A nemesis event.

@@ -25,9 +25,11 @@ pub const TEMPLATE: &str = include_str!("../../docs/node-config.template.toml");
 /// Per-device sends per second granted to a workload (the default 20/s would throttle it).
 pub const WORKLOAD_SENDS_PER_SECOND_PER_DEVICE: u32 = 1_000;
 
-/// Log entries between snapshots under a workload. High enough that no run purges its log:
-/// `VerifyProjection` replays a shard's whole log and refuses (`COURIER:Log:Purged`) once a
-/// snapshot purged its beginning, and the checker requires every replica verified.
+/// Log entries between snapshots under a workload. High enough that no run purges its log: the
+/// simulation's nodes run no log archive, so `VerifyProjection` from index 1 would refuse
+/// (`COURIER:Log:Purged`) once a snapshot purged a log's beginning, and the checker requires
+/// every replica verified. courier-jepsen's real nodes archive, and set their own
+/// (`nodes::SNAPSHOT_LOGS_SINCE_LAST`).
 pub const WORKLOAD_SNAPSHOT_LOGS_SINCE_LAST: u64 = 1_000_000;
 
 /// A node config being filled in: values for the template's placeholders.
@@ -68,7 +70,7 @@ impl NodeConfig {
     }
 
     /// Out of a workload's way: limits raised so it is never throttled, no snapshot within a
-    /// run (see [`WORKLOAD_SNAPSHOT_LOGS_SINCE_LAST`]), and delivered bodies kept on the server
+    /// run unless the caller sets one (see [`WORKLOAD_SNAPSHOT_LOGS_SINCE_LAST`]), and delivered bodies kept on the server
     /// (`keep-delivered`): a final drain re-reads every inbox from seq 1, which the
     /// server-centric default (bodies trimmed once every device acked) would leave empty.
     pub fn for_workload(self) -> Self {

@@ -32,6 +32,19 @@ pub const PEER_PORT: u16 = 7101;
 /// Metrics port inside every node's namespace.
 pub const METRICS_PORT: u16 = 7201;
 
+/// Log entries between a node's snapshots in a run: a few per shard in a minute's workload,
+/// each purging the live log below it (`logs-to-keep` 50).
+pub const SNAPSHOT_LOGS_SINCE_LAST: u64 = 200;
+
+/// Entries per archive segment in a run: small, so that the purge (which waits for the archive)
+/// follows the snapshots closely and the last partial segment is short.
+pub const ARCHIVE_SEGMENT_ENTRIES: u64 = 64;
+
+/// What the run's nodes keep of delivered messages: the production default, bodies trimmed
+/// once every device of the recipient acked them (`retention.keep-delivered = false`). The
+/// history records it, so the checker excuses a drain for exactly those.
+pub const KEEP_DELIVERED: bool = false;
+
 /// libfaketime, multithreaded build (Debian package `libfaketime`): preloaded into every node of
 /// a run with clock faults, reading its offset from the node's `faketime.rc`.
 pub const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
@@ -73,6 +86,14 @@ impl NodeSpec {
             .map_or_else(|| self.dir.join("pki"), |root| root.join("pki"))
     }
 
+    /// The run's log archive, shared by every node: `root/archive` beside `root/nodes`.
+    pub fn archive_dir(&self) -> PathBuf {
+        self.dir
+            .parent()
+            .and_then(Path::parent)
+            .map_or_else(|| self.dir.join("archive"), |root| root.join("archive"))
+    }
+
     /// The log file (stdout and stderr of every incarnation).
     pub fn log_path(&self) -> PathBuf {
         self.dir.join("node.log")
@@ -89,9 +110,10 @@ impl NodeSpec {
     }
 
     /// The node's config (`docs/node-config.template.toml`): fixed addresses, fast raft timing
-    /// (as the node's own multi-process tests use), and out of the workload's way
-    /// ([`NodeConfig::for_workload`]: limits raised, no snapshots within a run, delivered bodies
-    /// kept for the final drain).
+    /// (as the node's own multi-process tests use), out of the workload's way
+    /// ([`NodeConfig::for_workload`]: limits raised), and the production paths: snapshots every
+    /// [`SNAPSHOT_LOGS_SINCE_LAST`] entries with the run's log archive, delivered bodies trimmed
+    /// ([`KEEP_DELIVERED`]).
     pub fn config_text(&self) -> String {
         let text = NodeConfig::new(self.id, &self.data_dir())
             .set("client", self.client_addr())
@@ -103,6 +125,15 @@ impl NodeSpec {
             .set("rpc_timeout", "1s")
             .set("logs_to_keep", 50)
             .for_workload()
+            // The production path under faults: snapshots every few hundred entries purge the
+            // live log, which the replicas first copy into one archive shared by the run (64
+            // entries a segment, looked for 4 times a second), so the checker still verifies
+            // every replica from index 1.
+            .set("snapshot_logs_since_last", SNAPSHOT_LOGS_SINCE_LAST)
+            .set("archive_dir", self.archive_dir().display())
+            .set("archive_segment_entries", ARCHIVE_SEGMENT_ENTRIES)
+            .set("archive_interval", "250ms")
+            .set("keep_delivered", KEEP_DELIVERED)
             .set("log_format", "json")
             .set("log_level", "info")
             // TLS with the run's development PKI (`Nodes::prepare` writes it to `root/pki`).

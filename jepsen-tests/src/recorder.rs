@@ -13,7 +13,7 @@ use std::sync::{Mutex, PoisonError};
 // tokio's clock: real time in a jepsen run, simulated time in courier-sim.
 use tokio::time::Instant;
 
-use crate::history::{HistoryWriter, Record};
+use crate::history::{HistoryWriter, Record, Retention};
 
 /// The run's history file, clock and id counters.
 #[derive(Debug)]
@@ -27,20 +27,24 @@ pub struct Recorder {
 }
 
 impl Recorder {
-    /// Creates (truncates) the history file at `path`; the harness clock starts now.
+    /// Creates (truncates) the history file at `path`, starting with what the run's nodes keep
+    /// of delivered messages (`retention.keep-delivered`, which the checker reads); the harness
+    /// clock starts now.
     ///
     /// # Errors
     ///
     /// The error of creating the file.
-    pub fn create(path: &Path) -> std::io::Result<Self> {
-        Ok(Self {
+    pub fn create(path: &Path, keep_delivered: bool) -> std::io::Result<Self> {
+        let recorder = Self {
             started: Instant::now(),
             writer: Mutex::new(HistoryWriter::create(path)?),
             next_op: AtomicU64::new(1),
             next_session: AtomicU64::new(1),
             records: AtomicU64::new(0),
             write_errors: AtomicU64::new(0),
-        })
+        };
+        recorder.record(&Record::Retention(Retention { keep_delivered }));
+        Ok(recorder)
     }
 
     /// Milliseconds since the recorder was created (the `time_ms` of every record).

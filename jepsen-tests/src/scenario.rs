@@ -252,7 +252,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<RunReport> {
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .specs();
-    let recorder = Arc::new(Recorder::create(&config.out.join("history.jsonl"))?);
+    let recorder = Arc::new(Recorder::create(
+        &config.out.join("history.jsonl"),
+        crate::nodes::KEEP_DELIVERED,
+    )?);
     // Users register on the voters; a spare node answers NotInitialized until it joins.
     let voters = specs.get(..config.nodes as usize).unwrap_or(&specs);
     let users =
@@ -263,6 +266,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<RunReport> {
         users,
         nodes: ClientNode::all(&specs)?,
         highest_seq: Mutex::new(Default::default()),
+        acked_seq: Mutex::new(Default::default()),
     });
     let nemesis = Arc::new(Nemesis {
         nodes: teardown.nodes.clone(),
@@ -401,6 +405,15 @@ async fn final_phase(
     let failed = workload::drain_all(shared.clone(), &members).await;
     if failed > 0 {
         harness_errors.push(format!("{failed} drain sessions failed after retries"));
+    }
+    tracing::info!("filling every shard's last archive segment");
+    let entries = crate::nodes::ARCHIVE_SEGMENT_ENTRIES.saturating_add(8);
+    let failed = workload::fill_archive_segments(shared, config.shards, entries).await;
+    if failed > 0 {
+        tracing::warn!(
+            failed,
+            "fill sends failed; a replica may not verify from index 1"
+        );
     }
     tracing::info!("collecting replica status");
     let (statuses, converged) = admin::wait_converged(admin, Duration::from_secs(30)).await;

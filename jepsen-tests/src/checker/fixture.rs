@@ -4,8 +4,8 @@
 
 use super::{AnomalyKind, Report, check};
 use crate::history::{
-    Complete, Delivered, Fault, History, Invoke, Outcome, Receipt, ReceiptState, Record, Replica,
-    SendOp, SessionStart, Verify,
+    Acked, Complete, Delivered, Fault, History, Invoke, Outcome, Receipt, ReceiptState, Record,
+    Replica, Retention, SendOp, SessionStart, Verify,
 };
 
 const NODES: [u32; 3] = [1, 2, 3];
@@ -194,6 +194,24 @@ impl Builder {
             ok,
             detail,
         }));
+    }
+
+    /// Device `device` of `user` acked up to `up_to_seq`.
+    pub(crate) fn acked(&mut self, user: u64, device: u32, up_to_seq: u64) {
+        let time_ms = self.tick();
+        self.records.push(Record::Acked(Acked {
+            session: self.next_session,
+            user,
+            device,
+            up_to_seq,
+            time_ms,
+        }));
+    }
+
+    /// The run's nodes keep delivered bodies, or trim them.
+    pub(crate) fn retention(&mut self, keep_delivered: bool) {
+        self.records
+            .push(Record::Retention(Retention { keep_delivered }));
     }
 
     pub(crate) fn fault(&mut self, description: &str) {

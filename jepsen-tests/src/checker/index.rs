@@ -51,12 +51,17 @@ pub(super) struct Index<'h> {
     pub(super) verifies: Vec<&'h Verify>,
     pub(super) deliveries: usize,
     pub(super) faults: usize,
+    /// Per user, the seqs the nodes may have trimmed (see [`Index::trimmable_up_to`]); empty
+    /// when the run kept delivered bodies ([`crate::history::Retention`]).
+    trimmable: BTreeMap<u64, u64>,
 }
 
 impl<'h> Index<'h> {
     /// Indexes every record; records that break the harness's invariants become `malformed`.
     pub(super) fn build(history: &'h History, findings: &mut Findings) -> Self {
         let mut index = Index::default();
+        let mut acked: BTreeMap<(u64, u32), u64> = BTreeMap::new();
+        let mut keep_delivered = true;
         for record in &history.records {
             match record {
                 Record::Invoke(invoke) => index.add_invoke(invoke, findings),
@@ -71,10 +76,45 @@ impl<'h> Index<'h> {
                 }
                 Record::Verify(verify) => index.verifies.push(verify),
                 Record::Fault(_) => index.faults = index.faults.saturating_add(1),
+                Record::Acked(a) => {
+                    let up_to = acked.entry((a.user, a.device)).or_default();
+                    *up_to = (*up_to).max(a.up_to_seq);
+                }
+                Record::Retention(retention) => keep_delivered = retention.keep_delivered,
             }
         }
         index.mark_pending_indeterminate();
+        if !keep_delivered {
+            index.trimmable = index.lowest_acks(&acked);
+        }
         index
+    }
+
+    /// Per user, the lowest seq every device of the user acked (the devices its sessions show;
+    /// a device that never acked counts 0).
+    fn lowest_acks(&self, acked: &BTreeMap<(u64, u32), u64>) -> BTreeMap<u64, u64> {
+        let devices: BTreeSet<(u64, u32)> = self
+            .sessions
+            .values()
+            .map(|s| (s.start.user, s.start.device))
+            .collect();
+        let mut lowest: BTreeMap<u64, u64> = BTreeMap::new();
+        for (user, device) in devices {
+            let seq = acked.get(&(user, device)).copied().unwrap_or(0);
+            lowest
+                .entry(user)
+                .and_modify(|l| *l = (*l).min(seq))
+                .or_insert(seq);
+        }
+        lowest
+    }
+
+    /// The seqs of `user`'s inbox the nodes may have trimmed: up to the lowest seq every device
+    /// of the user acked, or none when bodies are kept. A drain need not return these. A device
+    /// acks only up to what its sessions delivered, and those sessions are checked for gaps, so
+    /// every device received each of them.
+    pub(super) fn trimmable_up_to(&self, user: u64) -> u64 {
+        self.trimmable.get(&user).copied().unwrap_or(0)
     }
 
     fn add_invoke(&mut self, invoke: &'h Invoke, findings: &mut Findings) {

@@ -1,6 +1,8 @@
 //! `undrained` and `lost`: every acked send, and every message any session saw, must be in
-//! every final drain of its recipient (every device on every node, after the heal). A recipient
-//! with no drain at all cannot be checked, which is an anomaly of its own, never a pass.
+//! every final drain of its recipient (every device on every node, after the heal), unless the
+//! run's nodes trim delivered messages and every device of the recipient acked it
+//! ([`Index::trimmable_up_to`]). A recipient with no drain at all cannot be checked, which is an
+//! anomaly of its own, never a pass.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -52,7 +54,7 @@ pub(super) fn check_lost(index: &Index<'_>, inboxes: &Inboxes<'_>, findings: &mu
         stream.sort_unstable();
         let missing: Vec<Vec<&SessionStart>> = stream
             .iter()
-            .map(|(_, client_id)| missing_drains(inboxes, to, client_id, &drains))
+            .map(|(_, client_id)| missing_drains(index, inboxes, (to, client_id), &drains))
             .collect();
         let lost: Vec<bool> = missing.iter().map(|m| !m.is_empty()).collect();
         for (position, (ack_ms, client_id)) in stream.iter().enumerate() {
@@ -93,7 +95,7 @@ pub(super) fn check_vanished(index: &Index<'_>, inboxes: &Inboxes<'_>, findings:
             if acked_here {
                 continue;
             }
-            let missing = missing_drains(inboxes, *user, client_id, &drains);
+            let missing = missing_drains(index, inboxes, (*user, client_id), &drains);
             if missing.is_empty() {
                 continue;
             }
@@ -110,13 +112,20 @@ pub(super) fn check_vanished(index: &Index<'_>, inboxes: &Inboxes<'_>, findings:
     }
 }
 
-/// The drain sessions of `user` that never delivered `client_id`.
+/// The drain sessions of `user` that never delivered `client_id`; none when its seq is one the
+/// nodes may have trimmed (every device of the user acked it).
 fn missing_drains<'s>(
+    index: &Index<'_>,
     inboxes: &Inboxes<'_>,
-    user: u64,
-    client_id: &str,
+    (user, client_id): (u64, &str),
     drains: &[&'s SessionStart],
 ) -> Vec<&'s SessionStart> {
+    if inboxes
+        .seq_of(user, client_id)
+        .is_some_and(|seq| seq <= index.trimmable_up_to(user))
+    {
+        return Vec::new();
+    }
     let seen = inboxes
         .by_user
         .get(&user)
@@ -209,6 +218,49 @@ mod tests {
             "{example}"
         );
         assert!(example.contains("device 2, node 3"), "{example}");
+    }
+
+    /// Goal: when the nodes trim delivered bodies, a drain may leave out exactly the messages
+    /// every device of the recipient received and acked; anything else it leaves out is lost,
+    /// and with bodies kept nothing is excused.
+    #[test]
+    fn trimmed_messages_are_excused_only_when_every_device_acked_them() {
+        let run = |keep_delivered: bool, acks: [u64; 2]| {
+            let mut b = traffic();
+            b.retention(keep_delivered);
+            b.stream((2, 2, 1), 0, false, &inbox_of_2());
+            for (device, up_to) in (1..).zip(acks) {
+                b.acked(2, device, up_to);
+            }
+            // Every node trimmed seqs 1 and 2 (0-1 and 0-2).
+            b.drain(2, &inbox_of_2()[2..]);
+            b.drain(1, &inbox_of_1());
+            b.healthy_status();
+            check(&b.history())
+        };
+        let report = run(false, [2, 3]);
+        assert!(report.is_valid(), "both devices acked seq 2: {report}");
+
+        let report = run(false, [2, 1]);
+        assert_eq!(
+            report.class_count(AnomalyKind::Lost, "lost-postfix"),
+            1,
+            "device 2 acked only seq 1, so 0-2 must still be there: {report}"
+        );
+        assert_eq!(
+            report.class_count(AnomalyKind::Order, "session-skip"),
+            6,
+            "and every drain of user 2 skips seq 2: {report}"
+        );
+        assert_eq!(report.anomaly_total(), 7, "{report}");
+
+        let report = run(true, [2, 3]);
+        assert_eq!(
+            report.class_count(AnomalyKind::Lost, "lost-prefix"),
+            2,
+            "bodies kept: nothing is excused: {report}"
+        );
+        assert_eq!(report.anomaly_total(), 8, "{report}");
     }
 
     /// Goal: a recipient without a drain session fails the run instead of passing unchecked.

@@ -29,11 +29,22 @@ pub(super) fn check_seq_agreement(inboxes: &Inboxes<'_>, findings: &mut Findings
 
 /// `order` / `session-skip`, `session-repeat`, `session-backward`: a session resuming after
 /// seq k must deliver k+1, k+2, ... with no gap, no repeat and no step back. After a violation
-/// the expectation restarts from the seq actually delivered, so one gap is one finding.
+/// the expectation restarts from the seq actually delivered, so one gap is one finding. A final
+/// drain starts past the seqs the nodes may have trimmed ([`Index::trimmable_up_to`]): a live
+/// session never resumes below them, since every device acked them.
 pub(super) fn check_session_contiguity(index: &Index<'_>, findings: &mut Findings) {
     for session in index.sessions.values() {
         let start = session.start;
         let mut expected = start.resume_after_seq.saturating_add(1);
+        if start.drain {
+            let trimmed = index.trimmable_up_to(start.user);
+            if let Some(first) = session.deliveries.first()
+                && first.seq > expected
+                && first.seq <= trimmed.saturating_add(1)
+            {
+                expected = first.seq;
+            }
+        }
         let mut previous: Option<u64> = None;
         for delivered in &session.deliveries {
             if delivered.seq != expected {

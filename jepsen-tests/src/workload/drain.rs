@@ -24,8 +24,8 @@ const DRAIN_CONCURRENCY: usize = 6;
 const DRAIN_ATTEMPTS: u32 = 3;
 
 /// One drain session: `device` on `node` from seq 0, reading until [`DRAIN_IDLE`] passes
-/// without a frame once at least as many messages arrived as the highest seq any session of the
-/// user saw, or [`DRAIN_SESSION_MAX`]. Never acks or reads (the drain must not change state).
+/// without a frame once at least as many messages arrived as the user's inbox holds above what
+/// the nodes may have trimmed ([`Shared::drain_expects`]), or [`DRAIN_SESSION_MAX`]. Never acks or reads (the drain must not change state).
 ///
 /// The session's records are returned, not written: a session cut short by a transport error
 /// is retried, and only the retry's records belong in the history (see [`drain_all`]).
@@ -34,7 +34,7 @@ async fn drain_session(
     node: &ClientNode,
     device: &Device,
 ) -> (Vec<Record>, Result<(), String>) {
-    let expect = shared.highest(device.user);
+    let expect = shared.drain_expects(device.user);
     let mut records = Vec::new();
     let mut stream = match open_stream(node, device, 0, Vec::new()).await {
         Ok(stream) => stream,

@@ -27,7 +27,7 @@ mod stream;
 
 pub use drain::drain_all;
 pub use register::{register_and_save, register_one, register_users};
-pub use send::{SEND_ATTEMPTS_MAX, SEND_TIMEOUT, classify, send_worker};
+pub use send::{SEND_ATTEMPTS_MAX, SEND_TIMEOUT, classify, fill_archive_segments, send_worker};
 pub use stream::stream_worker;
 
 use std::collections::BTreeMap;
@@ -106,8 +106,11 @@ pub struct Shared {
     pub users: Vec<User>,
     /// Client channels, one per node.
     pub nodes: Vec<ClientNode>,
-    /// Highest inbox seq any session saw, per user (the drain waits for at least that many).
+    /// Highest inbox seq any session saw, per user (the drain waits for what the nodes cannot
+    /// have trimmed of it).
     pub highest_seq: Mutex<BTreeMap<u64, u64>>,
+    /// Highest seq each (user, device) acked.
+    pub acked_seq: Mutex<BTreeMap<(u64, u32), u64>>,
 }
 
 impl Shared {
@@ -120,6 +123,15 @@ impl Shared {
         *entry = (*entry).max(seq);
     }
 
+    fn saw_ack(&self, device: &Device, seq: u64) {
+        let mut acked = self
+            .acked_seq
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let entry = acked.entry((device.user, device.device)).or_insert(0);
+        *entry = (*entry).max(seq);
+    }
+
     fn highest(&self, user: u64) -> u64 {
         self.highest_seq
             .lock()
@@ -127,5 +139,23 @@ impl Shared {
             .get(&user)
             .copied()
             .unwrap_or(0)
+    }
+
+    /// How many messages a drain of `user` must return at least: those above the lowest seq
+    /// every device acked (the nodes may have trimmed the ones below, `keep-delivered = false`).
+    fn drain_expects(&self, user: u64) -> u64 {
+        let acked = self
+            .acked_seq
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let floor = self
+            .users
+            .iter()
+            .filter(|u| u.id == user)
+            .flat_map(|u| &u.devices)
+            .map(|d| acked.get(&(d.user, d.device)).copied().unwrap_or(0))
+            .min()
+            .unwrap_or(0);
+        self.highest(user).saturating_sub(floor)
     }
 }

@@ -180,6 +180,66 @@ async fn send_once(
     (outcome, hint)
 }
 
+/// After the final drain: `entries` sends, one at a time, from a user of each of `shards` to
+/// another user, not recorded in the history (the drain is over, so no session can see them).
+/// Each is one more entry on its sender's shard, so every shard's log passes the end of the
+/// archive segment its last entry was in: a replica that installed a snapshot reads the entries
+/// below it from the archive, and the archive holds only whole segments. Returns the sends that
+/// failed.
+pub async fn fill_archive_segments(shared: &Shared, shards: u32, entries: u64) -> u64 {
+    let Ok(shard_count) = u16::try_from(shards) else {
+        return entries;
+    };
+    let mut failed = 0_u64;
+    for shard in 0..shard_count {
+        let home = |user: &&User| {
+            courier_proto::UserId::new(user.id)
+                .is_some_and(|id| courier_proto::shard_of(id, shard_count).get() == shard)
+        };
+        let Some(from) = shared.users.iter().find(home) else {
+            continue;
+        };
+        let Some(to) = shared.users.iter().find(|u| u.id != from.id) else {
+            continue;
+        };
+        let (Some(device), Some(node)) = (from.devices.first(), shared.nodes.first()) else {
+            continue;
+        };
+        let mut client = MessagingClient::new(node.channel.clone());
+        for n in 0..entries {
+            let request = SendRequest {
+                client_msg_id: format!("fill-{shard}-{n}"),
+                to_user: to.id,
+                content: Some(events::Content {
+                    body: b"fill".to_vec(),
+                    media: None,
+                }),
+            };
+            let mut sent = false;
+            for _ in 0..5 {
+                let Ok(request) = authed(device, request.clone()) else {
+                    break;
+                };
+                match tokio::time::timeout(SEND_TIMEOUT, client.send(request)).await {
+                    Ok(Ok(_)) => {
+                        sent = true;
+                        break;
+                    }
+                    Ok(Err(status)) => {
+                        tracing::debug!(error = %describe(&status), shard, "fill send failed");
+                    }
+                    Err(_) => tracing::debug!(shard, "fill send timed out"),
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            if !sent {
+                failed = failed.saturating_add(1);
+            }
+        }
+    }
+    failed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{ClientNode, Device, Shared, authed};
 use crate::admin::describe;
-use crate::history::{Delivered, Receipt, ReceiptState, Record, SessionStart};
+use crate::history::{Acked, Delivered, Receipt, ReceiptState, Record, SessionStart};
 
 /// Deadline for a stream to open.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -225,6 +225,14 @@ async fn run_session(
                     // cumulative, the next one covers it.
                     if stream.out.try_send(ack).is_ok() {
                         acked = *last_seq;
+                        shared.saw_ack(device, acked);
+                        shared.recorder.record(&Record::Acked(Acked {
+                            session,
+                            user: device.user,
+                            device: device.device,
+                            up_to_seq: acked,
+                            time_ms: shared.recorder.now_ms(),
+                        }));
                     }
                 }
             }
