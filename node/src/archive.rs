@@ -384,16 +384,7 @@ mod tests {
     use courier_storage::{Db, OpenMode};
 
     use super::*;
-
-    fn records(from: u64, to: u64) -> Vec<LogRecord> {
-        (from..=to)
-            .map(|i| LogRecord {
-                index: LogIndex::new(i),
-                term: 1,
-                payload: i.to_be_bytes().to_vec(),
-            })
-            .collect()
-    }
+    use courier_storage::testkit::opaque_records as records;
 
     /// A replica that installed a snapshot above its applied index has a hole in its log
     /// (`delete_between`): the segments the hole touches are gaps (another replica archives
@@ -422,7 +413,10 @@ mod tests {
             .await
             .expect("a hole is no failure");
 
-        let segments = archive.list(shard, segment::parse_file_name).await.expect("list");
+        let segments = archive
+            .list(shard, segment::parse_file_name)
+            .await
+            .expect("list");
         assert_eq!(
             segments,
             vec![

@@ -341,6 +341,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::testkit::opaque_records as records;
     use crate::{Db, OpenMode};
 
     const SHARD: ShardId = ShardId::new(2);
@@ -380,16 +381,6 @@ mod tests {
         }
     }
 
-    fn records(from: u64, to: u64) -> Vec<LogRecord> {
-        (from..=to)
-            .map(|i| LogRecord {
-                index: LogIndex::new(i),
-                term: 1,
-                payload: i.to_be_bytes().to_vec(),
-            })
-            .collect()
-    }
-
     fn indexes(log: &dyn LogSource, to: u64) -> Result<Vec<u64>> {
         let mut seen = Vec::new();
         for_each_entry(log, LogIndex::new(1), LogIndex::new(to), &mut |record| {
@@ -411,7 +402,9 @@ mod tests {
         live.delete_between(LogIndex::new(11), LogIndex::new(21))
             .expect("delete");
 
-        let run = live.read_run(LogIndex::new(1), LogIndex::new(31)).expect("run");
+        let run = live
+            .read_run(LogIndex::new(1), LogIndex::new(31))
+            .expect("run");
         assert_eq!(run, records(1, 10), "a run stops at the hole");
         assert!(matches!(
             live.read_range(LogIndex::new(1), LogIndex::new(31)),

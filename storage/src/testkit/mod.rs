@@ -23,7 +23,7 @@ mod replay;
 mod rng;
 
 pub use self::adversary::Adversary;
-pub use self::replay::{append_and_apply, apply, records};
+pub use self::replay::{append_and_apply, apply, opaque_records, records};
 pub use self::rng::Rng;
 
 /// Shards the generated histories talk to (the generated shard is one of them).

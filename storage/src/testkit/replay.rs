@@ -25,6 +25,18 @@ pub fn records(first: LogIndex, payloads: &[EntryPayload]) -> Vec<crate::LogReco
         .collect()
 }
 
+/// Stored log records `from..=to` with opaque payloads (each its index's bytes), for tests of
+/// what moves log records around without reading them (archive, segments, readers).
+pub fn opaque_records(from: u64, to: u64) -> Vec<crate::LogRecord> {
+    (from..=to)
+        .map(|i| crate::LogRecord {
+            index: LogIndex::new(i),
+            term: 1,
+            payload: i.to_be_bytes().to_vec(),
+        })
+        .collect()
+}
+
 /// Does what a replica does with `payloads`: appends them to `log` (synced) after `state`'s
 /// applied index, then applies them in one batch and commits it. Returns the appended records.
 ///
