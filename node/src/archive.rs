@@ -29,12 +29,14 @@ use courier_storage::archive::SegmentStore;
 use courier_storage::segment;
 use courier_storage::{LogRecord, LogStore, StorageError};
 use object_store::ObjectStore;
+use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
+use object_store::prefix::PrefixStore;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::ArchiveConfig;
+use crate::config::{ArchiveConfig, S3Archive};
 
 /// Verify checkpoints kept per shard (the newest); older ones are deleted when one is written.
 pub const CHECKPOINTS_KEPT: usize = 2;
@@ -54,8 +56,12 @@ pub struct ArchiveCounters {
 
 /// The archive store of this node.
 pub struct Archive {
-    store: LocalFileSystem,
-    dir: PathBuf,
+    store: Arc<dyn ObjectStore>,
+    /// The directory of a local store (its writes are fsynced); `None` for a bucket, where a
+    /// write that answered is durable.
+    local: Option<PathBuf>,
+    /// Where the archive is, for logs (`dir` or `s3://bucket/prefix`).
+    location: String,
     segment_entries: u64,
     runtime: tokio::runtime::Handle,
     counters: ArchiveCounters,
@@ -64,7 +70,7 @@ pub struct Archive {
 impl std::fmt::Debug for Archive {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Archive")
-            .field("dir", &self.dir)
+            .field("location", &self.location)
             .field("segment_entries", &self.segment_entries)
             .finish_non_exhaustive()
     }
@@ -83,17 +89,30 @@ fn store_fault(op: &'static str, error: impl std::fmt::Display) -> StorageError 
 }
 
 impl Archive {
-    /// Opens (creating) the archive directory of `config`.
+    /// Opens the archive of `config`: its bucket (`[archive.s3]`), else its directory (created).
     ///
     /// # Errors
-    /// The directory cannot be created or opened.
+    /// The directory cannot be created or opened; the bucket's settings are refused.
     pub fn open(config: &ArchiveConfig) -> Result<Self, StorageError> {
-        std::fs::create_dir_all(&config.dir).map_err(|e| store_fault("create archive dir", e))?;
-        let store = LocalFileSystem::new_with_prefix(&config.dir)
-            .map_err(|e| store_fault("open archive", e))?;
+        let (store, local, location): (Arc<dyn ObjectStore>, _, _) = match &config.s3 {
+            Some(s3) => {
+                let store = s3_store(s3)?;
+                let location = format!("s3://{}/{}", s3.bucket, s3.prefix);
+                (store, None, location)
+            }
+            None => {
+                std::fs::create_dir_all(&config.dir)
+                    .map_err(|e| store_fault("create archive dir", e))?;
+                let store = LocalFileSystem::new_with_prefix(&config.dir)
+                    .map_err(|e| store_fault("open archive", e))?;
+                let location = config.dir.display().to_string();
+                (Arc::new(store), Some(config.dir.clone()), location)
+            }
+        };
         Ok(Self {
             store,
-            dir: config.dir.clone(),
+            local,
+            location,
             segment_entries: config.segment_entries,
             runtime: tokio::runtime::Handle::current(),
             counters: ArchiveCounters::default(),
@@ -179,9 +198,13 @@ impl Archive {
             .ok_or_else(|| store_fault("get", format!("{path} is not in the archive")))
     }
 
-    /// Makes a written object durable: fsync of the file and of its directory.
+    /// Makes a written object durable: fsync of the file and of its directory in a local store
+    /// (a bucket's write is durable once it answered).
     fn sync(&self, path: &ObjectPath) -> Result<(), StorageError> {
-        let file = self.dir.join(path.as_ref());
+        let Some(dir) = &self.local else {
+            return Ok(());
+        };
+        let file = dir.join(path.as_ref());
         let sync = |p: &std::path::Path| {
             std::fs::File::open(p)
                 .and_then(|f| f.sync_all())
@@ -325,6 +348,26 @@ impl SegmentStore for Archive {
     }
 }
 
+/// The bucket of `s3`: credentials and unset settings from the environment (`AWS_*`), then the
+/// configured bucket, endpoint and region, under the configured prefix.
+fn s3_store(s3: &S3Archive) -> Result<Arc<dyn ObjectStore>, StorageError> {
+    let mut builder = AmazonS3Builder::from_env()
+        .with_bucket_name(&s3.bucket)
+        .with_allow_http(s3.allow_http);
+    if let Some(endpoint) = &s3.endpoint {
+        builder = builder.with_endpoint(endpoint);
+    }
+    if let Some(region) = &s3.region {
+        builder = builder.with_region(region);
+    }
+    let bucket = builder.build().map_err(|e| store_fault("open bucket", e))?;
+    Ok(if s3.prefix.is_empty() {
+        Arc::new(bucket)
+    } else {
+        Arc::new(PrefixStore::new(bucket, s3.prefix.as_str()))
+    })
+}
+
 /// Runs the archiver of this node until `shutdown`: every `interval`, each shard replica here
 /// archives its whole segments and deletes what raft purged and the archive holds.
 pub async fn run(
@@ -333,7 +376,7 @@ pub async fn run(
     interval: Duration,
     shutdown: CancellationToken,
 ) {
-    info!(dir = %archive.dir.display(), segment_entries = archive.segment_entries, "log archive on");
+    info!(location = %archive.location, segment_entries = archive.segment_entries, "log archive on");
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -403,6 +446,7 @@ mod tests {
             .expect("delete");
         let archive = Archive::open(&ArchiveConfig {
             dir: dir.path().join("archive"),
+            s3: None,
             segment_entries: 10,
             interval: Duration::from_millis(250),
         })

@@ -143,3 +143,40 @@ fn each_validation_error_fires() {
         Err(ConfigError::Parse(_))
     ));
 }
+
+/// `[archive.s3]`: a usable bucket setting is taken as given (prefix without its slashes); a
+/// bucket name with '/', a prefix with '..', an endpoint that is no http(s) URL and plain http
+/// without `allow-http` are each refused at start.
+#[test]
+fn an_s3_archive_is_validated() {
+    let config = with(
+        "[archive.s3]\nbucket = \"courier\"\nprefix = \"/cluster-a/\"\nendpoint = \"http://127.0.0.1:9000\"\nallow-http = true",
+    )
+    .expect("a bucket");
+    assert_eq!(
+        config.archive.s3,
+        Some(S3Archive {
+            bucket: "courier".to_owned(),
+            prefix: "cluster-a".to_owned(),
+            endpoint: Some("http://127.0.0.1:9000".to_owned()),
+            region: None,
+            allow_http: true,
+        })
+    );
+    assert_eq!(Config::parse(MINIMAL).expect("minimal").archive.s3, None);
+    for bad in [
+        "bucket = \"a/b\"",
+        "bucket = \"\"",
+        "bucket = \"c\"\nprefix = \"x/../y\"",
+        "bucket = \"c\"\nendpoint = \"ftp://host\"",
+        "bucket = \"c\"\nendpoint = \"http://host\"",
+    ] {
+        assert!(
+            matches!(
+                with(&format!("[archive.s3]\n{bad}")),
+                Err(ConfigError::ArchiveS3(_))
+            ),
+            "{bad}"
+        );
+    }
+}

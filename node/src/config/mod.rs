@@ -109,6 +109,9 @@ pub enum ConfigError {
         /// The minimum.
         min: u64,
     },
+    /// `[archive.s3]` is not usable as given.
+    #[error("archive.s3: {0}")]
+    ArchiveS3(&'static str),
 }
 
 /// Consensus timing, validated: the consensus crate's own settings type.
@@ -201,12 +204,31 @@ pub struct Config {
 /// The log archive, validated.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ArchiveConfig {
-    /// Its directory.
+    /// Its directory (unless `s3` is set).
     pub dir: PathBuf,
+    /// An S3-compatible bucket instead of the directory.
+    pub s3: Option<S3Archive>,
     /// Entries per segment.
     pub segment_entries: u64,
     /// How often the archiver looks for full segments.
     pub interval: std::time::Duration,
+}
+
+/// The log archive in an S3-compatible bucket (`[archive.s3]`), validated. Credentials come from
+/// the node's environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, or
+/// the instance's role), never from the config file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct S3Archive {
+    /// The bucket (it must exist).
+    pub bucket: String,
+    /// A path inside the bucket the archive lives under (empty: the bucket's root).
+    pub prefix: String,
+    /// The endpoint of an S3-compatible service (`None`: AWS, or `AWS_ENDPOINT`).
+    pub endpoint: Option<String>,
+    /// The region (`None`: `AWS_REGION`, else `us-east-1`).
+    pub region: Option<String>,
+    /// Whether a plain `http://` endpoint is accepted (a local test server).
+    pub allow_http: bool,
 }
 
 /// Entries per archive segment unless configured.

@@ -324,6 +324,29 @@ pub struct ArchiveRaw {
     /// How often the archiver looks for full segments. Default `"1s"`.
     #[serde(default)]
     pub interval: Option<HumanDuration>,
+    /// An S3-compatible bucket instead of `dir`.
+    #[serde(default)]
+    pub s3: Option<S3Raw>,
+}
+
+/// `[archive.s3]`: the archive in an S3-compatible bucket; credentials from the environment.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct S3Raw {
+    /// The bucket (it must exist).
+    pub bucket: String,
+    /// A path inside the bucket. Default: the bucket's root.
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// The endpoint of an S3-compatible service. Default: AWS (or `AWS_ENDPOINT`).
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// The region. Default: `AWS_REGION`, else `us-east-1`.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Accept a plain `http://` endpoint (a local test server). Default false.
+    #[serde(default)]
+    pub allow_http: bool,
 }
 
 mod defaults {

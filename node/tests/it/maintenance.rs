@@ -15,6 +15,27 @@ use crate::cluster::{
 };
 use crate::support::ops;
 
+/// Waits up to 30 s until `replica` purged shard 1's log past `above`; returns its purge point.
+async fn wait_purged(replica: &str, above: u64) -> u64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let purged = status(replica)
+            .await
+            .shards
+            .iter()
+            .find(|s| s.shard == 1)
+            .map_or(0, |s| s.purged_index);
+        if purged > above {
+            return purged;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "shard 1's live log is purged only up to {purged}, not past {above}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Counts the `MessageDelivered` events of a shard's log, read online from a replica.
 fn delivered_in_log(peer: &str, shard: u32) -> usize {
     let (code, out, err) = ops(&[
@@ -186,23 +207,7 @@ async fn verify_and_rebuild_read_purged_entries_from_the_archive() {
     }
     wait_converged(&peers, Duration::from_secs(30)).await;
     let replica = peers[2].clone();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let purged = loop {
-        let purged = status(&replica)
-            .await
-            .shards
-            .iter()
-            .find(|s| s.shard == 1)
-            .map_or(0, |s| s.purged_index);
-        if purged > ENTRIES / 2 {
-            break purged;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "shard 1's live log is purged only up to {purged} of {ENTRIES}+ entries"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let purged = wait_purged(&replica, ENTRIES / 2).await;
     tracing::info!(purged, "shard 1's live log was purged below the archive");
     let segments = std::fs::read_dir(cluster.root().join("archive").join("shard-00001"))
         .expect("the archive holds shard 1")
@@ -466,4 +471,131 @@ async fn a_backup_restored_into_a_new_node_catches_up_and_matches() {
     }
     let (code, out, err) = ops(&["verify", "--addr", &peer4]);
     assert_eq!(code, 0, "the restored node verifies: {out}{err}");
+}
+
+/// A local S3-compatible server (moto, installed by `scripts/setup` into the cache), killed on
+/// drop.
+struct S3Server {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl S3Server {
+    fn start() -> Self {
+        let cache = std::env::var_os("COURIER_CACHE").map_or_else(
+            || {
+                std::path::PathBuf::from(std::env::var_os("HOME").expect("HOME"))
+                    .join(".cache/courier")
+            },
+            std::path::PathBuf::from,
+        );
+        let binary = cache.join("moto/bin/moto_server");
+        assert!(
+            binary.exists(),
+            "{} is missing: run scripts/setup (it installs the S3 test server)",
+            binary.display()
+        );
+        let port = crate::support::free_port();
+        let child = std::process::Command::new(&binary)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start moto_server");
+        let server = Self { child, port };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the S3 server did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        server
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// One plain HTTP/1.1 request; returns the status code and the body.
+    fn request(&self, method: &str, path: &str) -> (u16, String) {
+        use std::io::{Read as _, Write as _};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
+        write!(
+            stream,
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            self.port
+        )
+        .expect("write");
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).expect("read");
+        let code = answer
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        (code, answer)
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The log archive in an S3-compatible bucket (`[archive.s3]`, credentials from the node's
+/// environment): the replicas write their segments under the configured prefix of the bucket
+/// (no local archive directory appears), purge past them, and a replica verifies shard 1 online
+/// from index 1 reading the purged entries back from the bucket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_archive_can_live_in_an_s3_bucket() {
+    const ENTRIES: u64 = 200;
+    let s3 = S3Server::start();
+    let (code, answer) = s3.request("PUT", "/courier-archive");
+    assert_eq!(code, 200, "create the bucket: {answer}");
+    crate::support::set_node_env("AWS_ACCESS_KEY_ID", "courier-test");
+    crate::support::set_node_env("AWS_SECRET_ACCESS_KEY", "courier-test-secret");
+    let config = format!(
+        "[archive]\nsegment-entries = 16\ninterval = \"100ms\"\n[archive.s3]\nbucket = \"courier-archive\"\nprefix = \"cluster-a\"\nendpoint = \"{}\"\nallow-http = true\n",
+        s3.endpoint()
+    );
+    let (cluster, _) = Processes::start_initialized_with(3, &config).await;
+    let peers = cluster.peers.clone();
+    for pos in 1..=ENTRIES {
+        forward(&peers[0], 1, pos, 1).await.expect("forward");
+    }
+    wait_converged(&peers, Duration::from_secs(30)).await;
+    let replica = peers[2].clone();
+    wait_purged(&replica, ENTRIES / 2).await;
+    let (code, listing) = s3.request(
+        "GET",
+        "/courier-archive?list-type=2&prefix=cluster-a/shard-00001/",
+    );
+    assert_eq!(code, 200, "{listing}");
+    let segments = listing.matches("<Key>cluster-a/shard-00001/").count();
+    assert!(
+        segments >= 6,
+        "{segments} segments in the bucket: {listing}"
+    );
+    assert!(
+        !cluster.root().join("archive").exists(),
+        "no local archive directory with a bucket configured"
+    );
+
+    let (code, out, err) = ops(&[
+        "verify",
+        "--addr",
+        &replica,
+        "--shard",
+        "1",
+        "--from-genesis",
+    ]);
+    assert_eq!(code, 0, "verify from index 1 reads the bucket: {out}{err}");
+    assert!(
+        out.contains("from=genesis") && !out.contains("MISMATCH"),
+        "{out}"
+    );
 }

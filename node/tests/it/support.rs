@@ -105,6 +105,25 @@ pub(crate) fn wait_addrs(data_dir: &Path, timeout: Duration) -> Addrs {
     }
 }
 
+/// Environment variables every node process this test starts gets (a test process runs one
+/// test, so a test sets them before it starts its nodes): credentials of a test bucket.
+static NODE_ENV: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
+
+/// Gives every node process started from now on `key = value` in its environment.
+pub(crate) fn set_node_env(key: &str, value: &str) {
+    NODE_ENV
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push((key.to_owned(), value.to_owned()));
+}
+
+fn node_env() -> Vec<(String, String)> {
+    NODE_ENV
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
+}
+
 /// A `courier-node` process, SIGKILLed on drop if still running.
 pub(crate) struct NodeProcess {
     pub(crate) child: Child,
@@ -134,6 +153,7 @@ impl NodeProcess {
             .open(root.join(format!("node{id}.log")))
             .expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_courier-node"))
+            .envs(node_env())
             .arg("--config")
             .arg(&config)
             .stdout(log.try_clone().expect("log"))
