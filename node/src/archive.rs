@@ -1,6 +1,6 @@
 //! The log archive: every replica copies its committed log, in fixed segments, into an archive
-//! store (`object_store`: a local directory here) before raft's purge may delete it, so verify,
-//! rebuild and inspect read the whole log at any age (`courier_storage::archive`).
+//! store (`object_store`: a directory, or an S3-compatible bucket) before raft's purge may delete
+//! it, so verify, rebuild and inspect read the whole log at any age (`courier_storage::archive`).
 //!
 //! Decisions:
 //! - **Each replica archives its own log**, not only the leader: purge is per replica, so each
