@@ -431,6 +431,11 @@ pub fn converged(statuses: &BTreeMap<u32, StatusResponse>, nodes: usize) -> bool
     let mut applied: BTreeMap<u32, u64> = BTreeMap::new();
     for status in statuses.values() {
         for shard in &status.shards {
+            // Every outbox forwarded (and trimmed): a message acked just before the heal may still
+            // be on its way to the recipient's shard, and a drain must not start before it lands.
+            if shard.outbox_len_entries > 0 {
+                return false;
+            }
             if *applied.entry(shard.shard).or_insert(shard.applied) != shard.applied {
                 return false;
             }
