@@ -11,6 +11,10 @@
 //! Order: batches are handed to raft by one task in queue order, so events proposed by one
 //! caller one after another land in the log in that order.
 //!
+//! Answers: a batch's callers hear raft's answer, or "outcome unknown" once the leadership it was
+//! handed to ended without one (openraft 0.9 never answers an entry that a snapshot installed
+//! after stepping down covers), so an in-flight slot is never held for good.
+//!
 //! Batch size: after handing a batch to raft the batcher waits until the log's next append has
 //! flushed (at most [`APPEND_WAIT_MAX`]) before it drains the queue again. The leader's fsync is
 //! the slow step; the proposals that arrive during it go into the next entry together instead of
@@ -28,7 +32,7 @@ use prost::Message;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::log_store::AppendStats;
-use crate::types::{EventOutcome, NodeId, Proposal, Raft};
+use crate::types::{EventOutcome, Node, NodeId, Proposal, Raft};
 
 /// Events per raft entry at most.
 pub const BATCH_EVENTS_MAX: usize = 1024;
@@ -196,6 +200,8 @@ async fn batcher(raft: Raft, log: Arc<AppendStats>, mut rx: mpsc::Receiver<Pendi
             format_version: FORMAT_VERSION,
             events: all,
         };
+        // The leadership this batch is handed to: its answer is awaited only while it lasts.
+        let handed_under = Leadership::now(&raft);
         let flushed = log.flushed.notified();
         tokio::pin!(flushed);
         flushed.as_mut().enable();
@@ -224,21 +230,96 @@ async fn batcher(raft: Raft, log: Arc<AppendStats>, mut rx: mpsc::Receiver<Pendi
                 } else {
                     replies
                 };
+                let metrics = raft.metrics();
                 tokio::spawn(async move {
-                    let outcome = receiver.await;
+                    let outcome = handed_under.answer_or_end(receiver, metrics).await;
                     drop(permit);
-                    let result = match outcome {
-                        Ok(Ok(response)) => Ok(response.data.outcomes),
-                        Ok(Err(ClientWriteError::ForwardToLeader(forward))) => {
-                            Err(ProposeError::NotLeader {
-                                leader: forward.leader_id,
-                            })
-                        }
-                        Ok(Err(error)) => Err(ProposeError::Raft(error.to_string())),
-                        Err(_) => Err(ProposeError::Raft("raft dropped the proposal".to_owned())),
-                    };
+                    let result = outcome.map_or_else(
+                        || {
+                            Err(ProposeError::Raft(
+                                "leadership changed before the outcome was known".to_owned(),
+                            ))
+                        },
+                        from_raft,
+                    );
                     split(result, &counts, replies);
                 });
+            }
+        }
+    }
+}
+
+/// What raft answered a batch, as its callers hear it.
+fn from_raft(
+    answer: Result<
+        Result<
+            openraft::raft::ClientWriteResponse<crate::types::TypeConfig>,
+            ClientWriteError<NodeId, Node>,
+        >,
+        oneshot::error::RecvError,
+    >,
+) -> Result<Vec<EventOutcome>, ProposeError> {
+    match answer {
+        Ok(Ok(response)) => Ok(response.data.outcomes),
+        Ok(Err(ClientWriteError::ForwardToLeader(forward))) => Err(ProposeError::NotLeader {
+            leader: forward.leader_id,
+        }),
+        Ok(Err(error)) => Err(ProposeError::Raft(error.to_string())),
+        Err(_) => Err(ProposeError::Raft("raft dropped the proposal".to_owned())),
+    }
+}
+
+/// The term of the leadership a batch was handed to, and whether the node led in it then.
+#[derive(Clone, Copy, Debug)]
+struct Leadership {
+    term: u64,
+    leading: bool,
+}
+
+impl Leadership {
+    fn now(raft: &Raft) -> Self {
+        let metrics = raft.metrics();
+        let metrics = metrics.borrow();
+        Self {
+            term: metrics.current_term,
+            leading: metrics.state == openraft::ServerState::Leader,
+        }
+    }
+
+    /// Whether `metrics` show that this leadership is over: a later term, or no longer leading.
+    fn ended(self, metrics: &openraft::RaftMetrics<NodeId, Node>) -> bool {
+        metrics.current_term > self.term
+            || (self.leading && metrics.state != openraft::ServerState::Leader)
+    }
+
+    /// Raft's answer to a batch handed over under this leadership, or `None` once the
+    /// leadership ended first.
+    ///
+    /// openraft (0.9) keeps a former leader's pending answers and sends them when it applies or
+    /// truncates their entries; but when the node then installs a snapshot that covers an entry
+    /// it never applied, nobody answers it, ever. Waiting for that answer held an in-flight
+    /// permit for good, and after two such entries the group's proposer on that node took no
+    /// proposal again (simulation node layer, seed 91 with snapshots every 50 entries). The
+    /// entry may still commit under the next leader, so the outcome is unknown: the caller
+    /// retries with the same ids.
+    async fn answer_or_end<T>(
+        self,
+        answer: impl Future<Output = T>,
+        mut metrics: tokio::sync::watch::Receiver<openraft::RaftMetrics<NodeId, Node>>,
+    ) -> Option<T> {
+        tokio::pin!(answer);
+        loop {
+            let ended = self.ended(&metrics.borrow_and_update());
+            tokio::select! {
+                biased;
+                outcome = &mut answer => return Some(outcome),
+                () = std::future::ready(()), if ended => return None,
+                changed = metrics.changed() => {
+                    if changed.is_err() {
+                        // Raft stopped: it drops the answer, which then reports that.
+                        return Some(answer.await);
+                    }
+                }
             }
         }
     }
@@ -267,5 +348,92 @@ fn split(
                 let _ = reply.send(Ok(outcomes.by_ref().take(*count).collect()));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metrics(term: u64, state: openraft::ServerState) -> openraft::RaftMetrics<NodeId, Node> {
+        let mut metrics = openraft::RaftMetrics::new_initial(1);
+        metrics.current_term = term;
+        metrics.state = state;
+        metrics
+    }
+
+    #[tokio::test]
+    async fn an_answer_raft_never_sends_is_abandoned_when_the_leadership_ends() {
+        let (tx, rx) = tokio::sync::watch::channel(metrics(3, openraft::ServerState::Leader));
+        let under = Leadership {
+            term: 3,
+            leading: true,
+        };
+        let waiting = tokio::spawn(under.answer_or_end(std::future::pending::<()>(), rx));
+        // Other changes in the same leadership keep it waiting.
+        tx.send_modify(|m| m.last_applied = None);
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "still the leader of term 3");
+        // A snapshot installed after stepping down: a later term, the answer never comes.
+        tx.send(metrics(4, openraft::ServerState::Follower))
+            .expect("the waiter listens");
+        let outcome = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the waiter stops once the leadership ended")
+            .expect("the waiter does not panic");
+        assert_eq!(outcome, None);
+    }
+
+    #[tokio::test]
+    async fn a_leadership_that_ended_before_the_wait_is_seen_at_once() {
+        let (_tx, rx) = tokio::sync::watch::channel(metrics(5, openraft::ServerState::Follower));
+        let under = Leadership {
+            term: 5,
+            leading: true,
+        };
+        let outcome = tokio::time::timeout(
+            Duration::from_secs(5),
+            under.answer_or_end(std::future::pending::<()>(), rx),
+        )
+        .await
+        .expect("no change needs to arrive");
+        assert_eq!(outcome, None);
+    }
+
+    #[tokio::test]
+    async fn an_answer_that_arrived_wins_over_a_change_of_leader() {
+        let (_tx, rx) = tokio::sync::watch::channel(metrics(9, openraft::ServerState::Candidate));
+        let under = Leadership {
+            term: 8,
+            leading: true,
+        };
+        let outcome = under.answer_or_end(std::future::ready(7_u8), rx).await;
+        assert_eq!(outcome, Some(7));
+    }
+
+    #[tokio::test]
+    async fn a_follower_waits_for_raft_to_answer_in_its_term() {
+        // Handed over while metrics showed no leadership: raft answers at once (forward to the
+        // leader) or the node was leading after all; only a later term ends the wait.
+        let (tx, rx) = tokio::sync::watch::channel(metrics(2, openraft::ServerState::Follower));
+        let under = Leadership {
+            term: 2,
+            leading: false,
+        };
+        let waiting = tokio::spawn(under.answer_or_end(std::future::pending::<()>(), rx));
+        tx.send(metrics(2, openraft::ServerState::Leader))
+            .expect("the waiter listens");
+        tokio::task::yield_now().await;
+        assert!(
+            !waiting.is_finished(),
+            "a leader of the same term still waits"
+        );
+        tx.send(metrics(3, openraft::ServerState::Follower))
+            .expect("the waiter listens");
+        let outcome = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("a later term ends the wait")
+            .expect("the waiter does not panic");
+        assert_eq!(outcome, None);
     }
 }
