@@ -1,15 +1,17 @@
 //! Retention: on every shard this node leads, undelivered messages older than
-//! `retention.undelivered` are expired by proposing `MessageExpired` events. The decision is the
-//! leader's (its clock, its scan of the expiry index); the effect is a log event, so every
-//! replica and every rebuild agrees on what expired. An expiry that races an ack, or a second
-//! proposal for the same message from a new leader, applies as a no-op.
+//! `retention.undelivered` are expired by proposing `MessageExpired` events, and the dedup
+//! records of sends older than `retention.dedup` are forgotten by proposing `SendsForgotten`.
+//! The decision is the leader's (its clock, its scan of the expiry or dedup time index); the
+//! effect is a log event, so every replica and every rebuild agrees on what left. An expiry that
+//! races an ack, or a second proposal for the same message or send from a new leader, applies as
+//! a no-op.
 
 use std::time::Duration;
 
 use courier_consensus::types::GroupId;
 use courier_proto::ShardId;
 use courier_proto::pb::events::{self, Event, event::Kind};
-use courier_storage::projection::{Projection, expiry};
+use courier_storage::projection::{Projection, dedup, expiry};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -19,30 +21,41 @@ use crate::cluster::Cluster;
 /// `MessageExpired` events proposed per shard per pass at most (one proposal).
 pub const EXPIRE_BATCH_MAX: usize = 256;
 
+/// Forgotten sends proposed per shard per pass at most (one proposal).
+pub const FORGET_BATCH_MAX: usize = 256;
+
+/// How long things are kept (`[retention]`), and how often the leader looks.
+#[derive(Clone, Copy, Debug)]
+pub struct Windows {
+    /// Undelivered messages expire after this.
+    pub undelivered: Duration,
+    /// Dedup records are forgotten this long after their send.
+    pub dedup: Duration,
+    /// Time between passes.
+    pub interval: Duration,
+}
+
 /// Runs the expirer of this node until `shutdown`.
-pub async fn run(
-    cluster: Cluster,
-    undelivered: Duration,
-    interval: Duration,
-    shutdown: CancellationToken,
-) {
-    let retention_ms = u64::try_from(undelivered.as_millis()).unwrap_or(u64::MAX);
+pub async fn run(cluster: Cluster, windows: Windows, shutdown: CancellationToken) {
+    let millis = |window: Duration| u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+    let (retention_ms, dedup_ms) = (millis(windows.undelivered), millis(windows.dedup));
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(interval) => {}
+            () = tokio::time::sleep(windows.interval) => {}
         }
         let Some(shard_count) = cluster.groups().shard_count() else {
             continue;
         };
         for shard in (0..shard_count).map(ShardId::new) {
-            expire_on(&cluster, shard, retention_ms).await;
+            pass_on(&cluster, shard, retention_ms, dedup_ms).await;
         }
     }
 }
 
-/// One pass over `shard`, if this node leads it: proposes expiry for what is due.
-async fn expire_on(cluster: &Cluster, shard: ShardId, retention_ms: u64) {
+/// One pass over `shard`, if this node leads it: expires the undelivered messages and forgets
+/// the sends that are due, in one proposal.
+async fn pass_on(cluster: &Cluster, shard: ShardId, retention_ms: u64, dedup_ms: u64) {
     let Some(handle) = cluster.groups().get(GroupId::Shard(shard)) else {
         return;
     };
@@ -50,24 +63,28 @@ async fn expire_on(cluster: &Cluster, shard: ShardId, retention_ms: u64) {
         return;
     }
     let now = now_ms();
-    let due = {
+    let (due, sends) = {
         let mut reader = cluster.groups().db().read(shard);
-        expiry::due(
+        let due = expiry::due(
             &reader.view(Projection::Expiry),
             now.saturating_sub(retention_ms),
             EXPIRE_BATCH_MAX,
-        )
-    };
-    let due = match due {
-        Ok(due) if !due.is_empty() => due,
-        Ok(_) => return,
-        Err(error) => {
-            warn!(%shard, %error, "reading the expiry index failed");
-            return;
+        );
+        let sends = dedup::sent_before(
+            &reader.view(Projection::Dedup),
+            now.saturating_sub(dedup_ms),
+            FORGET_BATCH_MAX,
+        );
+        match (due, sends) {
+            (Ok(due), Ok(sends)) => (due, sends),
+            (Err(error), _) | (_, Err(error)) => {
+                warn!(%shard, %error, "reading the retention indexes failed");
+                return;
+            }
         }
     };
-    let count = due.len();
-    let events = due
+    let (expired, forgotten) = (due.len(), sends.len());
+    let mut events: Vec<Event> = due
         .into_iter()
         .map(|d| Event {
             kind: Some(Kind::MessageExpired(events::MessageExpired {
@@ -78,9 +95,23 @@ async fn expire_on(cluster: &Cluster, shard: ShardId, retention_ms: u64) {
             })),
         })
         .collect();
+    if !sends.is_empty() {
+        events.push(Event {
+            kind: Some(Kind::SendsForgotten(events::SendsForgotten {
+                sends,
+                at_ms: now,
+            })),
+        });
+    }
+    if events.is_empty() {
+        return;
+    }
     match cluster.propose(shard, events).await {
-        Ok(_) => info!(%shard, count, "undelivered messages expired"),
+        Ok(_) => info!(%shard, expired, forgotten, "retention: messages expired, sends forgotten"),
         // Lost leadership or quorum: the next leader's pass proposes them again.
-        Err(error) => warn!(%shard, count, %error, "expiry proposal failed; retried next pass"),
+        Err(error) => warn!(
+            %shard, expired, forgotten, %error,
+            "retention proposal failed; retried next pass"
+        ),
     }
 }

@@ -158,6 +158,16 @@ fn describe(
             "MessageExpired",
             vec![("user", json!(e.user)), ("seq", json!(e.seq))],
         ),
+        Some(Kind::SendsForgotten(e)) => (
+            "SendsForgotten",
+            vec![
+                ("sends", json!(e.sends.len())),
+                (
+                    "latest_sent_at_ms",
+                    json!(e.sends.iter().map(|s| s.sent_at_ms).max()),
+                ),
+            ],
+        ),
         None => (
             "Unknown",
             vec![("note", json!("an event kind this build does not know"))],

@@ -119,6 +119,12 @@ fn each_validation_error_fires() {
         })
     ));
     assert!(matches!(
+        with("[retention]\ndedup = \"0s\""),
+        Err(ConfigError::ZeroLimit {
+            name: "retention.dedup"
+        })
+    ));
+    assert!(matches!(
         with("[presence]\nusers-max = 0"),
         Err(ConfigError::ZeroLimit {
             name: "presence.users-max"

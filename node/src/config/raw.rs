@@ -133,7 +133,8 @@ pub struct LimitsRaw {
     pub register_attempt_burst_per_phone: u32,
 }
 
-/// `[retention]`: how long undelivered messages wait for their recipient.
+/// `[retention]`: how long undelivered messages wait for their recipient, and how long a send's
+/// client message id is remembered.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct RetentionRaw {
@@ -141,7 +142,13 @@ pub struct RetentionRaw {
     /// shard's leader). Default `"30d"`.
     #[serde(default = "defaults::undelivered")]
     pub undelivered: HumanDuration,
-    /// How often each shard leader looks for expired messages. Default `"10s"`.
+    /// The exactly-once window: a send's dedup record (its client message id) is forgotten
+    /// this long after it was sent (a `SendsForgotten` event proposed by the sender's shard
+    /// leader), and a retry after that is a new message. Default `"7d"`.
+    #[serde(default = "defaults::dedup")]
+    pub dedup: HumanDuration,
+    /// How often each shard leader looks for expired messages and forgotten sends. Default
+    /// `"10s"`.
     #[serde(default = "defaults::expiry_scan")]
     pub scan_interval: HumanDuration,
     /// Keep message bodies in the inbox after every device of the user acked them (history on
@@ -492,6 +499,9 @@ mod defaults {
     }
     pub(super) fn undelivered() -> HumanDuration {
         HumanDuration(Duration::from_secs(30 * 86_400))
+    }
+    pub(super) fn dedup() -> HumanDuration {
+        HumanDuration(Duration::from_secs(7 * 86_400))
     }
     pub(super) fn expiry_scan() -> HumanDuration {
         HumanDuration(Duration::from_secs(10))

@@ -78,6 +78,7 @@ impl RawConfig {
         }
         for (name, value) in [
             ("retention.undelivered", self.retention.undelivered.0),
+            ("retention.dedup", self.retention.dedup.0),
             ("retention.scan-interval", self.retention.scan_interval.0),
             ("presence.last-seen-ttl", self.presence.last_seen_ttl.0),
             ("push.timeout", self.push.timeout.0),

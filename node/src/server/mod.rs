@@ -430,12 +430,13 @@ fn spawn_background(
     {
         let cluster = cluster.clone();
         let shutdown = shutdown.clone();
-        let (undelivered, interval) = (
-            config.retention.undelivered.0,
-            config.retention.scan_interval.0,
-        );
+        let windows = crate::retention::Windows {
+            undelivered: config.retention.undelivered.0,
+            dedup: config.retention.dedup.0,
+            interval: config.retention.scan_interval.0,
+        };
         tasks.spawn(async move {
-            crate::retention::run(cluster, undelivered, interval, shutdown).await;
+            crate::retention::run(cluster, windows, shutdown).await;
         });
     }
 }

@@ -870,47 +870,12 @@ async fn undelivered_messages_expire_on_every_replica() {
         );
     }
     for node in &c.nodes {
-        let mut admin = courier_proto::pb::peer::admin_client::AdminClient::new(
-            peer_channel(&node.peer_addr.to_string()).await,
-        );
-        let mut updates = admin
-            .verify_projection(courier_proto::pb::peer::VerifyProjectionRequest {
-                shard: u32::from(bob_shard.get()),
-                projection: String::new(),
-                from_genesis: true,
-            })
+        assert_verified_from_genesis(node, bob_shard).await;
+        let expired: Vec<_> = logged_events(node, bob_shard)
             .await
-            .expect("verify")
-            .into_inner();
-        let mut result = None;
-        while let Some(update) = updates.message().await.expect("stream") {
-            if let Some(courier_proto::pb::peer::projection_job_update::Update::Verified(v)) =
-                update.update
-            {
-                result = Some(v);
-            }
-        }
-        let result = result.expect("a result");
-        assert!(
-            result.mismatches.is_empty(),
-            "projections equal a rebuild after expiry: {:?}",
-            result.mismatches
-        );
-        let log = admin
-            .read_log(courier_proto::pb::peer::ReadLogRequest {
-                shard: u32::from(bob_shard.get()),
-                ..Default::default()
-            })
-            .await
-            .expect("read log")
-            .into_inner();
-        let expired: Vec<_> = log
-            .entries
-            .iter()
-            .filter_map(|e| e.events.as_ref())
-            .flat_map(|p| &p.events)
-            .filter_map(|e| match &e.kind {
-                Some(events::event::Kind::MessageExpired(x)) => Some(x.message_id.clone()),
+            .into_iter()
+            .filter_map(|kind| match kind {
+                events::event::Kind::MessageExpired(x) => Some(x.message_id),
                 _ => None,
             })
             .collect();
@@ -919,6 +884,152 @@ async fn undelivered_messages_expire_on_every_replica() {
             "the log holds the expiry of exactly that message: {expired:?}"
         );
     }
+}
+
+/// With a 2 s dedup window, a retry inside the window gets the first send's result; once the
+/// window passed the sender's shard leader forgets the send (a `SendsForgotten` in the log), the
+/// record leaves every replica, a retry of the same client id is a new message, and every
+/// replica's projections still equal a rebuild from its log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_is_forgotten_after_the_dedup_window() {
+    let c = cluster_configured(&|text| {
+        format!(
+            "{}\n[retention]\ndedup = \"2s\"\nscan-interval = \"200ms\"\n",
+            with_limits(text, 10_000)
+        )
+    })
+    .await;
+    let (_, _, alice, bob, mut messaging) = alice_and_bob_on_node0(&c).await;
+    let send = || SendRequest {
+        client_msg_id: "once".to_owned(),
+        to_user: bob.user,
+        content: body("once"),
+    };
+    let first = messaging
+        .send(authed(&alice, send()))
+        .await
+        .expect("send")
+        .into_inner();
+    let sent = Instant::now();
+    let retry = messaging
+        .send(authed(&alice, send()))
+        .await
+        .expect("retry")
+        .into_inner();
+    assert_eq!(
+        retry.message_id, first.message_id,
+        "inside the window a retry is the first send"
+    );
+    let alice_shard = shard_of(UserId::new(alice.user).expect("id"), 4);
+    let known_on = |node: &courier_node::NodeHandle| {
+        let db = node.groups().db().clone();
+        let mut staged = courier_storage::kv::Staged::new(db.as_ref(), BTreeMap::new());
+        let view = courier_storage::projection::View::new(
+            &mut staged,
+            alice_shard,
+            courier_proto::LogIndex::ZERO,
+            courier_storage::projection::Projection::Dedup,
+        );
+        courier_storage::projection::dedup::lookup(
+            &view,
+            UserId::new(alice.user).expect("id"),
+            courier_proto::DeviceId::new(alice.device).expect("id"),
+            "once",
+        )
+        .expect("read")
+        .is_some()
+    };
+    while c.nodes.iter().any(known_on) {
+        assert!(
+            sent.elapsed() < Duration::from_secs(20),
+            "the send was not forgotten everywhere"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        sent.elapsed() >= Duration::from_millis(1500),
+        "not before the window passed"
+    );
+    let after = messaging
+        .send(authed(&alice, send()))
+        .await
+        .expect("send after the window")
+        .into_inner();
+    assert_ne!(
+        after.message_id, first.message_id,
+        "after the window the same client id is a new message"
+    );
+    for node in &c.nodes {
+        assert_verified_from_genesis(node, alice_shard).await;
+        let forgotten: Vec<String> = logged_events(node, alice_shard)
+            .await
+            .into_iter()
+            .filter_map(|kind| match kind {
+                events::event::Kind::SendsForgotten(f) => Some(f.sends),
+                _ => None,
+            })
+            .flatten()
+            .map(|send| send.client_msg_id)
+            .collect();
+        assert!(
+            forgotten.contains(&"once".to_owned()),
+            "the log holds the forget of that send: {forgotten:?}"
+        );
+    }
+}
+
+/// Asserts that `node`'s projections of `shard` equal a replay of its log from index 1.
+async fn assert_verified_from_genesis(node: &courier_node::NodeHandle, shard: ShardId) {
+    let mut admin = courier_proto::pb::peer::admin_client::AdminClient::new(
+        peer_channel(&node.peer_addr.to_string()).await,
+    );
+    let mut updates = admin
+        .verify_projection(courier_proto::pb::peer::VerifyProjectionRequest {
+            shard: u32::from(shard.get()),
+            projection: String::new(),
+            from_genesis: true,
+        })
+        .await
+        .expect("verify")
+        .into_inner();
+    let mut result = None;
+    while let Some(update) = updates.message().await.expect("stream") {
+        if let Some(courier_proto::pb::peer::projection_job_update::Update::Verified(v)) =
+            update.update
+        {
+            result = Some(v);
+        }
+    }
+    let result = result.expect("a result");
+    assert!(
+        result.mismatches.is_empty(),
+        "projections equal a rebuild from the log: {:?}",
+        result.mismatches
+    );
+}
+
+/// Every event in `node`'s log of `shard`, in order.
+async fn logged_events(
+    node: &courier_node::NodeHandle,
+    shard: ShardId,
+) -> Vec<events::event::Kind> {
+    let mut admin = courier_proto::pb::peer::admin_client::AdminClient::new(
+        peer_channel(&node.peer_addr.to_string()).await,
+    );
+    admin
+        .read_log(courier_proto::pb::peer::ReadLogRequest {
+            shard: u32::from(shard.get()),
+            ..Default::default()
+        })
+        .await
+        .expect("read log")
+        .into_inner()
+        .entries
+        .into_iter()
+        .filter_map(|e| e.events)
+        .flat_map(|p| p.events)
+        .filter_map(|e| e.kind)
+        .collect()
 }
 
 /// A push endpoint that records each POST body and answers 200.

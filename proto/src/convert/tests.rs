@@ -421,8 +421,17 @@ fn events_round_trip_through_prost() {
             message_id,
             at_ms: 11,
         }),
+        Kind::SendsForgotten(events::SendsForgotten {
+            sends: vec![events::ForgottenSend {
+                sender_user: 1,
+                sender_device: 1,
+                client_msg_id: "c-1".to_owned(),
+                sent_at_ms: 1_700_000_000_000,
+            }],
+            at_ms: 12,
+        }),
     ];
-    assert_eq!(kinds.len(), 13, "one case per event variant");
+    assert_eq!(kinds.len(), 14, "one case per event variant");
     let payload = events::EntryPayload {
         format_version: crate::FORMAT_VERSION,
         events: kinds

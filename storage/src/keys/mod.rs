@@ -304,6 +304,38 @@ pub fn dedup(shard: ShardId, user: UserId, device: DeviceId, client_msg_id: &str
         .done()
 }
 
+/// dedup: the time index of one client send (when it was sent, then the record's fields), so
+/// the sends older than the dedup window are found with one bounded scan.
+pub fn dedup_by_time(
+    shard: ShardId,
+    sent_at_ms: u64,
+    user: UserId,
+    device: DeviceId,
+    client_msg_id: &str,
+) -> Vec<u8> {
+    KeyBuf::shard(shard)
+        .u8(tag::SECONDARY)
+        .u64(sent_at_ms)
+        .u64(user.get())
+        .u32(device.get())
+        .bytes(client_msg_id.as_bytes())
+        .done()
+}
+
+/// dedup: the first key after the time index entries of sends before `sent_before_ms` (the first
+/// key of the index is [`dedup_by_time_start`]).
+pub fn dedup_by_time_end(shard: ShardId, sent_before_ms: u64) -> Vec<u8> {
+    KeyBuf::shard(shard)
+        .u8(tag::SECONDARY)
+        .u64(sent_before_ms)
+        .done()
+}
+
+/// dedup: the first key of the time index.
+pub fn dedup_by_time_start(shard: ShardId) -> Vec<u8> {
+    KeyBuf::shard(shard).u8(tag::SECONDARY).done()
+}
+
 /// outbox: one entry to a destination shard.
 pub fn outbox_entry(shard: ShardId, dest: ShardId, pos: u64) -> Vec<u8> {
     KeyBuf::shard(shard)

@@ -2,7 +2,9 @@
 //! [`KeyBuf`](super::KeyBuf) appended, and one function per scanned key kind returns its fields,
 //! or `None` for a key of another shape.
 
-use courier_proto::{ConversationId, GroupId, InboxSeq, LogIndex, MessageId, ShardId, UserId};
+use courier_proto::{
+    ConversationId, DeviceId, GroupId, InboxSeq, LogIndex, MessageId, ShardId, UserId,
+};
 
 /// Reads big-endian fields back out of a key, in the order [`KeyBuf`](super::KeyBuf) appended
 /// them.
@@ -59,6 +61,11 @@ impl<'k> KeyReader<'k> {
             2 => Some(ConversationId::Group(GroupId::new(id)?)),
             _ => None,
         }
+    }
+
+    /// Reads the rest of the key as UTF-8 text (a trailing string field).
+    pub fn rest_str(self) -> Option<&'k str> {
+        std::str::from_utf8(self.rest).ok()
     }
 
     /// Returns `value` when the whole key was read, `None` when bytes are left over.
@@ -156,6 +163,16 @@ pub fn user_group_group(key: &[u8]) -> Option<GroupId> {
     let mut key = KeyReader::after(key, ID_PREFIX_BYTES)?;
     let group = GroupId::new(key.u64()?)?;
     key.end(group)
+}
+
+/// Decodes `(sent_at_ms, user, device, client_msg_id)` from a
+/// [`dedup_by_time`](super::dedup_by_time) key.
+pub fn dedup_by_time_parts(key: &[u8]) -> Option<(u64, UserId, DeviceId, &str)> {
+    let mut key = KeyReader::after(key, RECORD_PREFIX_BYTES)?;
+    let sent_at_ms = key.u64()?;
+    let user = UserId::new(key.u64()?)?;
+    let device = DeviceId::new(key.u32()?)?;
+    Some((sent_at_ms, user, device, key.rest_str()?))
 }
 
 /// Decodes `(stored_at_ms, user, seq)` from an [`expiry`](super::expiry) key.

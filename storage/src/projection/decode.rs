@@ -173,6 +173,17 @@ pub struct Expired<'e> {
     pub seq: InboxSeq,
 }
 
+/// One send of a decoded `SendsForgotten`.
+#[derive(Clone, Copy, Debug)]
+pub struct ForgottenSend<'e> {
+    /// The wire entry.
+    pub event: &'e events::ForgottenSend,
+    /// The sender.
+    pub sender: UserId,
+    /// The sender's device.
+    pub device: DeviceId,
+}
+
 /// One committed event with its ids checked.
 #[derive(Clone, Debug)]
 pub enum Decoded<'e> {
@@ -202,6 +213,8 @@ pub enum Decoded<'e> {
     MemberRemoved(Membership<'e, events::MemberRemoved>),
     /// `MessageExpired`.
     MessageExpired(Expired<'e>),
+    /// `SendsForgotten`: the sends whose dedup records leave.
+    SendsForgotten(Vec<ForgottenSend<'e>>),
 }
 
 fn user(raw: u64, field: &'static str) -> Result<UserId, WireError> {
@@ -297,6 +310,7 @@ pub fn kind_name(kind: &Kind) -> &'static str {
         Kind::MemberAdded(_) => "MemberAdded",
         Kind::MemberRemoved(_) => "MemberRemoved",
         Kind::MessageExpired(_) => "MessageExpired",
+        Kind::SendsForgotten(_) => "SendsForgotten",
     }
 }
 
@@ -369,6 +383,19 @@ fn decode_fields(kind: &Kind) -> Result<Decoded<'_>, WireError> {
             user: user(event.user, "user")?,
             seq: InboxSeq::new(event.seq),
         }),
+        Kind::SendsForgotten(event) => Decoded::SendsForgotten(
+            event
+                .sends
+                .iter()
+                .map(|send| {
+                    Ok(ForgottenSend {
+                        event: send,
+                        sender: user(send.sender_user, "sender_user")?,
+                        device: DeviceId::from_wire(send.sender_device, "sender_device")?,
+                    })
+                })
+                .collect::<Result<_, WireError>>()?,
+        ),
     })
 }
 

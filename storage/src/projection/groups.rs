@@ -107,7 +107,8 @@ pub fn check(view: &View<'_, '_>, event: &Decoded<'_>) -> Result<Option<GroupRef
         | Decoded::UserRegistered(_)
         | Decoded::DeviceRegistered(_)
         | Decoded::DeviceRevoked(_)
-        | Decoded::MessageExpired(_) => None,
+        | Decoded::MessageExpired(_)
+        | Decoded::SendsForgotten(_) => None,
     };
     Ok(refusal)
 }
@@ -267,6 +268,7 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
         | Decoded::UserRegistered(_)
         | Decoded::DeviceRegistered(_)
         | Decoded::DeviceRevoked(_)
-        | Decoded::MessageExpired(_) => Ok(()),
+        | Decoded::MessageExpired(_)
+        | Decoded::SendsForgotten(_) => Ok(()),
     }
 }

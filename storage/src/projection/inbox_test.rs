@@ -235,6 +235,113 @@ fn dedup_returns_the_first_result() {
     }
 }
 
+/// Sends older than the dedup window are found by the time index, oldest first; forgetting them
+/// removes their records and index entries (the projection is as if they never had one), a
+/// second forget is a no-op, and a retry of a forgotten client id is a new send.
+#[test]
+fn forgotten_sends_leave_the_dedup_projection() {
+    let mut kv = MemKv::default();
+    let mut state = ShardState::empty(SHARD);
+    let empty = kv.clone();
+    apply_one(
+        &mut kv,
+        &mut state,
+        vec![
+            sent_event(1, "a", 0, 100),
+            sent_event(2, "b", 0, 200),
+            sent_event(3, "c", 0, 300),
+        ],
+    );
+    let due = |kv: &MemKv, before_ms: u64| {
+        let mut staged = Staged::new(kv, BTreeMap::new());
+        let view = View::new(&mut staged, SHARD, LogIndex::ZERO, Projection::Dedup);
+        super::dedup::sent_before(&view, before_ms, 10).expect("memory")
+    };
+    let found = due(&kv, 300);
+    let ids: Vec<(&str, u64)> = found
+        .iter()
+        .map(|s| (s.client_msg_id.as_str(), s.sent_at_ms))
+        .collect();
+    assert_eq!(
+        ids,
+        vec![("a", 100), ("b", 200)],
+        "before 300, oldest first"
+    );
+    assert_eq!(due(&kv, 300).len(), 2);
+    assert_eq!(due(&kv, 100), Vec::new(), "nothing sent before 100");
+    let forget = Kind::SendsForgotten(events::SendsForgotten {
+        sends: found.clone(),
+        at_ms: 400,
+    });
+    apply_one(&mut kv, &mut state, vec![forget.clone()]);
+    let left: Vec<String> = due(&kv, u64::MAX)
+        .into_iter()
+        .map(|s| s.client_msg_id)
+        .collect();
+    assert_eq!(
+        left,
+        vec!["c".to_owned()],
+        "only the newest send is still known"
+    );
+    let before = kv.clone();
+    apply_one(&mut kv, &mut state, vec![forget.clone()]);
+    let forget_again = forget;
+    let dedup = |kv: &MemKv| {
+        kv.scan(Cf::Projection(Projection::Dedup), &[], &[0xff], usize::MAX)
+            .expect("memory")
+    };
+    assert_eq!(
+        dedup(&before),
+        dedup(&kv),
+        "forgetting again changes nothing"
+    );
+    let retry = apply_one(&mut kv, &mut state, vec![sent_event(4, "a", 0, 500)]);
+    match &retry[..] {
+        [
+            Applied::Sent {
+                result,
+                duplicate: false,
+            },
+        ] => assert_eq!(
+            result.message_id,
+            vec![4; 16],
+            "a new send, not the first result"
+        ),
+        other => panic!("unexpected {other:?}"),
+    }
+    tracing_phase("the first forget applied again spares the new send of the same client id");
+    apply_one(&mut kv, &mut state, vec![forget_again]);
+    {
+        let mut staged = Staged::new(&kv, BTreeMap::new());
+        let view = View::new(&mut staged, SHARD, LogIndex::ZERO, Projection::Dedup);
+        let known = super::dedup::lookup(
+            &view,
+            UserId::new(1).expect("nonzero"),
+            courier_proto::DeviceId::new(1).expect("nonzero"),
+            "a",
+        )
+        .expect("memory")
+        .expect("the new send of a is still known");
+        assert_eq!(known.message_id, vec![4; 16]);
+    }
+    let rest = due(&kv, u64::MAX);
+    assert_eq!(rest.len(), 2, "c and the new a");
+    let last = apply_one(
+        &mut kv,
+        &mut state,
+        vec![Kind::SendsForgotten(events::SendsForgotten {
+            sends: rest,
+            at_ms: 600,
+        })],
+    );
+    assert_eq!(last, vec![Applied::Done]);
+    assert_eq!(
+        dedup(&kv),
+        dedup(&empty),
+        "every send forgotten: nothing of dedup left"
+    );
+}
+
 /// A send within one shard stores the message in the recipient's inbox in the same entry; its
 /// retry (same client id, new message id) stores nothing.
 #[test]

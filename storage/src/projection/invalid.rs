@@ -228,6 +228,7 @@ pub(super) fn check(view: &View<'_, '_>, event: &Decoded<'_>) -> Result<Option<I
         | Decoded::GroupCreated(_)
         | Decoded::MemberAdded(_)
         | Decoded::MemberRemoved(_)
-        | Decoded::MessageExpired(_) => None,
+        | Decoded::MessageExpired(_)
+        | Decoded::SendsForgotten(_) => None,
     })
 }

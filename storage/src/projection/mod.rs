@@ -267,7 +267,8 @@ fn admit(
         | Decoded::OutboxTrimmed(_)
         | Decoded::UserRegistered(_)
         | Decoded::DeviceRegistered(_)
-        | Decoded::DeviceRevoked(_) => Applied::Done,
+        | Decoded::DeviceRevoked(_)
+        | Decoded::SendsForgotten(_) => Applied::Done,
     };
     Ok(ControlFlow::Continue(outcome))
 }

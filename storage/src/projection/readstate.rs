@@ -150,7 +150,8 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
         | Decoded::DeviceRevoked(_)
         | Decoded::GroupCreated(_)
         | Decoded::MemberAdded(_)
-        | Decoded::MemberRemoved(_) => Ok(()),
+        | Decoded::MemberRemoved(_)
+        | Decoded::SendsForgotten(_) => Ok(()),
     }
 }
 

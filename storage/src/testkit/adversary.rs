@@ -108,8 +108,23 @@ impl Adversary {
         })
     }
 
+    /// Forgets 0..=2 sends, known or not, under any sent time.
+    fn sends_forgotten(&mut self) -> Kind {
+        Kind::SendsForgotten(events::SendsForgotten {
+            sends: (0..self.rng.below(3))
+                .map(|_| events::ForgottenSend {
+                    sender_user: self.user(),
+                    sender_device: self.device(),
+                    client_msg_id: format!("c{}", self.rng.below(6)),
+                    sent_at_ms: self.rng.below(100),
+                })
+                .collect(),
+            at_ms: self.rng.below(100),
+        })
+    }
+
     fn kind(&mut self) -> Kind {
-        match self.rng.below(13) {
+        match self.rng.below(14) {
             0 => Kind::MessageSent(events::MessageSent {
                 message_id: self.message_id(),
                 sender_user: self.user(),
@@ -201,6 +216,7 @@ impl Adversary {
                 by: self.user(),
                 at_ms: self.rng.below(100),
             }),
+            12 => self.sends_forgotten(),
             _ => Kind::MessageExpired(events::MessageExpired {
                 user: self.user(),
                 seq: self.seq(),

@@ -53,6 +53,8 @@ pub struct EventGen {
     next_user: u64,
     groups: BTreeMap<u64, Vec<u64>>,
     client_ids: u64,
+    /// First sends of a client id not forgotten yet, oldest first: (sender, client id, sent at).
+    first_sends: std::collections::VecDeque<(u64, u64, u64)>,
     /// Body size of generated messages, in bytes.
     pub body_bytes: usize,
 }
@@ -73,6 +75,7 @@ impl EventGen {
             registered: BTreeMap::new(),
             next_user: 100,
             groups: BTreeMap::new(),
+            first_sends: std::collections::VecDeque::new(),
             client_ids: 0,
             body_bytes: 16,
         }
@@ -155,7 +158,8 @@ impl EventGen {
             20..=44 => Some(self.message_delivered()),
             45..=56 => self.delivery_acked(),
             57..=66 => self.read_up_to(),
-            67..=72 => self.message_expired(),
+            67..=70 => self.message_expired(),
+            71..=72 => self.sends_forgotten(),
             73..=80 => self.receipt_recorded(),
             81..=86 => self.outbox_trimmed(),
             87..=92 => Some(self.registration()),
@@ -179,6 +183,8 @@ impl EventGen {
             self.rng.below(self.client_ids)
         } else {
             self.client_ids += 1;
+            self.first_sends
+                .push_back((sender, self.client_ids - 1, self.now_ms));
             self.client_ids - 1
         };
         let message_id = self.message_id();
@@ -301,6 +307,27 @@ impl EventGen {
             user,
             seq,
             message_id: entry.2.clone(),
+            at_ms: self.now_ms,
+        }))
+    }
+
+    /// Forgets the oldest 1..=3 first sends (a retry of their client ids is then a new send).
+    fn sends_forgotten(&mut self) -> Option<Kind> {
+        if self.first_sends.is_empty() {
+            return None;
+        }
+        let count = usize::try_from(1 + self.rng.below(3)).unwrap_or(1);
+        let sends = (0..count)
+            .map_while(|_| self.first_sends.pop_front())
+            .map(|(sender, client, sent_at_ms)| events::ForgottenSend {
+                sender_user: sender,
+                sender_device: 1,
+                client_msg_id: format!("c-{client}"),
+                sent_at_ms,
+            })
+            .collect();
+        Some(Kind::SendsForgotten(events::SendsForgotten {
+            sends,
             at_ms: self.now_ms,
         }))
     }
