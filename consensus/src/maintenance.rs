@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use courier_proto::LogIndex;
-use courier_storage::archive::{LogSource, SegmentStore, log_source};
+use courier_storage::archive::{SegmentStore, log_source};
 use courier_storage::rebuild::{self, Verified};
 use courier_storage::{Db, LogStore, OpenMode, Projection, StorageError};
 
@@ -140,9 +140,9 @@ impl Maintenance {
             LogStore::new(self.db.clone(), self.group.storage_prefix()),
             archive,
         )?;
-        replay_to(
+        rebuild::replay_up_to(
             source.as_ref(),
-            archive,
+            (archive, rebuild::ReplayFrom::Checkpoint),
             at.min(self.applied_now()),
             progress,
         )
@@ -165,7 +165,12 @@ impl Maintenance {
             LogStore::new(self.db.clone(), self.group.storage_prefix()),
             archive,
         )?;
-        let (_, first) = replay_to(source.as_ref(), archive, self.applied_now(), progress)?;
+        let (_, first) = rebuild::replay_up_to(
+            source.as_ref(),
+            (archive, rebuild::ReplayFrom::Checkpoint),
+            self.applied_now(),
+            progress,
+        )?;
         let mut machine = self.machine.blocking_lock();
         let rebuilt = rebuild::replay(
             source.as_ref(),
@@ -184,17 +189,4 @@ impl Maintenance {
             entries: machine.state.digest(projection).entries,
         })
     }
-}
-
-/// Replays `source` up to `up_to` from the newest verify checkpoint at or below it (an attested
-/// state), or from index 1; returns where the replay started (0: index 1) and the state.
-fn replay_to(
-    source: &dyn LogSource,
-    archive: Option<&dyn SegmentStore>,
-    up_to: LogIndex,
-    progress: &mut dyn FnMut(LogIndex, u64),
-) -> Result<(LogIndex, rebuild::Rebuilt), StorageError> {
-    let base = rebuild::replay_base(source, (archive, rebuild::ReplayFrom::Checkpoint), up_to)?;
-    let from = base.1.applied;
-    Ok((from, rebuild::replay(source, base, up_to, progress)?))
 }

@@ -60,10 +60,7 @@ fn storage_error(error: &StorageError) -> ApiError {
                 "{shard}: log entry {index} was purged below a snapshot; a replay needs the whole log"
             ),
         },
-        other => ApiError::Internal {
-            code: "COURIER:Node:Fault",
-            message: other.to_string(),
-        },
+        other => ApiError::fault(other.to_string()),
     }
 }
 
@@ -293,10 +290,7 @@ impl Jobs {
                 .map_err(|e| storage_error(&e))
         })
         .await
-        .map_err(|e| ApiError::Internal {
-            code: "COURIER:Node:Fault",
-            message: format!("log read task: {e}"),
-        })?
+        .map_err(|e| ApiError::task_ended("log read", &e))?
     }
 }
 

@@ -197,12 +197,8 @@ async fn answered_holding<T: Send + 'static>(
         drop(claim);
         answer
     });
-    task.await.unwrap_or_else(|error| {
-        Err(ApiError::Internal {
-            code: "COURIER:Node:Fault",
-            message: format!("the proposal's task ended without an answer: {error}"),
-        })
-    })
+    task.await
+        .unwrap_or_else(|error| Err(ApiError::task_ended("proposal", &error)))
 }
 
 #[cfg(test)]

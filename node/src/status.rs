@@ -202,6 +202,20 @@ impl From<ApiError> for Status {
 const LEADER_ANSWERS_PASSED_ON: [&str; 2] = ["COURIER:Send:InFlight", "COURIER:Shard:Overloaded"];
 
 impl ApiError {
+    /// `INTERNAL` `COURIER:Node:Fault`: a fault inside this node; the operation may or may not
+    /// have happened.
+    pub fn fault(message: String) -> ApiError {
+        ApiError::Internal {
+            code: "COURIER:Node:Fault",
+            message,
+        }
+    }
+
+    /// [`ApiError::fault`] for a task that ended (panicked or was cancelled) before answering.
+    pub fn task_ended(task: &str, error: &tokio::task::JoinError) -> ApiError {
+        ApiError::fault(format!("the {task} task ended without an answer: {error}"))
+    }
+
     /// `UNAVAILABLE`: this node has not applied the cluster settings yet.
     pub fn not_initialized() -> ApiError {
         ApiError::Unavailable {

@@ -382,6 +382,22 @@ pub fn verify(
     verify_over(db, source.as_ref(), (archive, from), projections, progress)
 }
 
+/// [`replay_base`] then [`replay`] up to and including `up_to`: returns where the replay
+/// started (index 0: from index 1; else the checkpoint's index) and the rebuilt state.
+///
+/// # Errors
+/// As [`replay_base`] and [`replay`].
+pub fn replay_up_to(
+    source: &dyn LogSource,
+    (archive, from): (Option<&dyn SegmentStore>, ReplayFrom),
+    up_to: LogIndex,
+    progress: &mut dyn FnMut(LogIndex, u64),
+) -> Result<(LogIndex, Rebuilt)> {
+    let base = replay_base(source, (archive, from), up_to)?;
+    let start = base.1.applied;
+    Ok((start, replay(source, base, up_to, progress)?))
+}
+
 /// [`verify`] with the log read from `source` rather than the replica's own log and archive:
 /// for a harness that holds the log elsewhere (the simulation reads a replica's entries from
 /// any replica that holds them, as it runs no archive).
@@ -396,9 +412,8 @@ pub fn verify_over(
     progress: &mut dyn FnMut(LogIndex, u64),
 ) -> Result<Verified> {
     let live = ShardState::load(db.as_ref(), source.shard())?;
-    let base = replay_base(source, (archive, from), live.applied)?;
-    let from = (base.1.applied > LogIndex::new(0)).then_some(base.1.applied);
-    let rebuilt = replay(source, base, live.applied, progress)?;
+    let (start, rebuilt) = replay_up_to(source, (archive, from), live.applied, progress)?;
+    let from = (start > LogIndex::new(0)).then_some(start);
     let comparisons = compare(
         db.as_ref(),
         &live,

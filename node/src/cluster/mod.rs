@@ -73,10 +73,7 @@ fn unavailable(message: String, leader: Option<NodeId>) -> ApiError {
 }
 
 fn internal(message: String) -> ApiError {
-    ApiError::Internal {
-        code: "COURIER:Node:Fault",
-        message,
-    }
+    ApiError::fault(message)
 }
 
 fn invalid(code: &'static str, message: String) -> ApiError {
