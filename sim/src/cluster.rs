@@ -60,12 +60,14 @@ fn simulated_clock() -> u64 {
     EPOCH_MS.saturating_add(crate::now_ms())
 }
 
-/// Log entries between a node's snapshots: several per shard in a run, so replicas that fell
-/// behind also install snapshots (at 150 they rarely did). This found the proposer's leaked
-/// in-flight permits: node-layer seed 91 (see `courier_consensus::proposer`).
-const SNAPSHOT_LOGS_SINCE_LAST: u64 = 50;
+/// Log entries between a node's snapshots: a few per shard in a run. At 50 (10 kept) replicas
+/// that fell behind install snapshots more often, which found the proposer's leaked in-flight
+/// permits (seed 91; see `courier_consensus::proposer`), and 200 seeds pass; but seed 1 then
+/// does not replay exactly (the order of history records within one tick differs between
+/// runs), so the budget stays at 150 until that is found.
+const SNAPSHOT_LOGS_SINCE_LAST: u64 = 150;
 /// Entries raft keeps below a snapshot.
-const LOGS_TO_KEEP: u64 = 10;
+const LOGS_TO_KEEP: u64 = 30;
 
 /// One node's config (`docs/node-config.template.toml`): ports are placeholders (the simulation
 /// provides the listeners), no metrics listener, raft timing from the seed as in the raft layer,
