@@ -201,7 +201,8 @@ async fn batcher(raft: Raft, log: Arc<AppendStats>, mut rx: mpsc::Receiver<Pendi
             events: all,
         };
         // The leadership this batch is handed to: its answer is awaited only while it lasts.
-        let handed_under = Leadership::now(&raft);
+        let metrics = raft.metrics();
+        let handed_under = Leadership::of(&metrics.borrow());
         let flushed = log.flushed.notified();
         tokio::pin!(flushed);
         flushed.as_mut().enable();
@@ -230,7 +231,6 @@ async fn batcher(raft: Raft, log: Arc<AppendStats>, mut rx: mpsc::Receiver<Pendi
                 } else {
                     replies
                 };
-                let metrics = raft.metrics();
                 tokio::spawn(async move {
                     let outcome = handed_under.answer_or_end(receiver, metrics).await;
                     drop(permit);
@@ -277,9 +277,7 @@ struct Leadership {
 }
 
 impl Leadership {
-    fn now(raft: &Raft) -> Self {
-        let metrics = raft.metrics();
-        let metrics = metrics.borrow();
+    fn of(metrics: &openraft::RaftMetrics<NodeId, Node>) -> Self {
         Self {
             term: metrics.current_term,
             leading: metrics.state == openraft::ServerState::Leader,
