@@ -48,6 +48,11 @@ pub const DETACHED_LINGER: Duration = Duration::from_millis(10);
 /// Longest wait for the log's append to flush before the next batch is dispatched anyway (a
 /// follower's proposer never sees an append of its own).
 pub const APPEND_WAIT_MAX: Duration = Duration::from_millis(2);
+/// How long a batch's answer is still awaited after the leadership it was handed to ended
+/// (its in-flight permit already freed): openraft usually answers with the real outcome once
+/// the next leader's log reaches this node; after this, the caller hears
+/// [`ProposeError::LeadershipLost`].
+pub const LEADERSHIP_LOST_GRACE: Duration = Duration::from_secs(2);
 
 /// Why a proposal did not commit.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -66,6 +71,14 @@ pub enum ProposeError {
     TooLarge {
         /// Its encoded size.
         bytes: usize,
+    },
+    /// The leadership the proposal was handed to ended before raft answered; the proposal may
+    /// still commit under the next leader (the leader, when known), so a caller retries with
+    /// the same ids.
+    #[error("leadership changed before the outcome was known (leader: {leader:?})")]
+    LeadershipLost {
+        /// The current leader.
+        leader: Option<NodeId>,
     },
     /// Raft stopped or failed; the outcome is unknown.
     #[error("raft: {0}")]
@@ -232,16 +245,13 @@ async fn batcher(raft: Raft, log: Arc<AppendStats>, mut rx: mpsc::Receiver<Pendi
                     replies
                 };
                 tokio::spawn(async move {
-                    let outcome = handed_under.answer_or_end(receiver, metrics).await;
-                    drop(permit);
-                    let result = outcome.map_or_else(
-                        || {
-                            Err(ProposeError::Raft(
-                                "leadership changed before the outcome was known".to_owned(),
-                            ))
-                        },
-                        from_raft,
-                    );
+                    let result = handed_under
+                        .outlive(receiver, metrics, permit)
+                        .await
+                        .map_or_else(
+                            |leader| Err(ProposeError::LeadershipLost { leader }),
+                            from_raft,
+                        );
                     split(result, &counts, replies);
                 });
             }
@@ -300,17 +310,16 @@ impl Leadership {
     /// proposal again (simulation node layer, seed 91 with snapshots every 50 entries). The
     /// entry may still commit under the next leader, so the outcome is unknown: the caller
     /// retries with the same ids.
-    async fn answer_or_end<T>(
+    async fn answer_or_end<F: Future + Unpin>(
         self,
-        answer: impl Future<Output = T>,
-        mut metrics: tokio::sync::watch::Receiver<openraft::RaftMetrics<NodeId, Node>>,
-    ) -> Option<T> {
-        tokio::pin!(answer);
+        answer: &mut F,
+        metrics: &mut tokio::sync::watch::Receiver<openraft::RaftMetrics<NodeId, Node>>,
+    ) -> Option<F::Output> {
         loop {
             let ended = self.ended(&metrics.borrow_and_update());
             tokio::select! {
                 biased;
-                outcome = &mut answer => return Some(outcome),
+                outcome = &mut *answer => return Some(outcome),
                 () = std::future::ready(()), if ended => return None,
                 changed = metrics.changed() => {
                     if changed.is_err() {
@@ -319,6 +328,26 @@ impl Leadership {
                     }
                 }
             }
+        }
+    }
+
+    /// Raft's answer to a batch handed over under this leadership, holding `permit` (one of
+    /// the group's in-flight batches) only while the leadership lasts: once it ended, the
+    /// permit is freed and the answer awaited [`LEADERSHIP_LOST_GRACE`] longer, after which
+    /// the current leader (when known) is the answer.
+    async fn outlive<F: Future + Unpin>(
+        self,
+        mut answer: F,
+        mut metrics: tokio::sync::watch::Receiver<openraft::RaftMetrics<NodeId, Node>>,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Result<F::Output, Option<NodeId>> {
+        let outcome = self.answer_or_end(&mut answer, &mut metrics).await;
+        drop(permit);
+        match outcome {
+            Some(outcome) => Ok(outcome),
+            None => tokio::time::timeout(LEADERSHIP_LOST_GRACE, answer)
+                .await
+                .map_err(|_| metrics.borrow().current_leader),
         }
     }
 }
@@ -367,7 +396,12 @@ mod tests {
             term: 3,
             leading: true,
         };
-        let waiting = tokio::spawn(under.answer_or_end(std::future::pending::<()>(), rx));
+        let waiting = tokio::spawn(async move {
+            let mut rx = rx;
+            under
+                .answer_or_end(&mut std::future::pending::<()>(), &mut rx)
+                .await
+        });
         // Other changes in the same leadership keep it waiting.
         tx.send_modify(|m| m.last_applied = None);
         tokio::task::yield_now().await;
@@ -384,14 +418,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_leadership_that_ended_before_the_wait_is_seen_at_once() {
-        let (_tx, rx) = tokio::sync::watch::channel(metrics(5, openraft::ServerState::Follower));
+        let (_tx, mut rx) =
+            tokio::sync::watch::channel(metrics(5, openraft::ServerState::Follower));
         let under = Leadership {
             term: 5,
             leading: true,
         };
         let outcome = tokio::time::timeout(
             Duration::from_secs(5),
-            under.answer_or_end(std::future::pending::<()>(), rx),
+            under.answer_or_end(&mut std::future::pending::<()>(), &mut rx),
         )
         .await
         .expect("no change needs to arrive");
@@ -400,12 +435,15 @@ mod tests {
 
     #[tokio::test]
     async fn an_answer_that_arrived_wins_over_a_change_of_leader() {
-        let (_tx, rx) = tokio::sync::watch::channel(metrics(9, openraft::ServerState::Candidate));
+        let (_tx, mut rx) =
+            tokio::sync::watch::channel(metrics(9, openraft::ServerState::Candidate));
         let under = Leadership {
             term: 8,
             leading: true,
         };
-        let outcome = under.answer_or_end(std::future::ready(7_u8), rx).await;
+        let outcome = under
+            .answer_or_end(&mut std::future::ready(7_u8), &mut rx)
+            .await;
         assert_eq!(outcome, Some(7));
     }
 
@@ -418,7 +456,12 @@ mod tests {
             term: 2,
             leading: false,
         };
-        let waiting = tokio::spawn(under.answer_or_end(std::future::pending::<()>(), rx));
+        let waiting = tokio::spawn(async move {
+            let mut rx = rx;
+            under
+                .answer_or_end(&mut std::future::pending::<()>(), &mut rx)
+                .await
+        });
         tx.send(metrics(2, openraft::ServerState::Leader))
             .expect("the waiter listens");
         tokio::task::yield_now().await;
@@ -433,5 +476,54 @@ mod tests {
             .expect("a later term ends the wait")
             .expect("the waiter does not panic");
         assert_eq!(outcome, None);
+    }
+
+    #[tokio::test]
+    async fn a_batch_frees_its_permit_when_the_leadership_ends_and_still_hears_a_late_answer() {
+        let (tx, rx) = tokio::sync::watch::channel(metrics(3, openraft::ServerState::Leader));
+        let under = Leadership {
+            term: 3,
+            leading: true,
+        };
+        let permits = Arc::new(Semaphore::new(1));
+        let permit = permits.clone().acquire_owned().await.expect("open");
+        let (answer, receiver) = oneshot::channel::<u8>();
+        let waiting = tokio::spawn(under.outlive(receiver, rx, permit));
+        tx.send(metrics(4, openraft::ServerState::Follower))
+            .expect("the waiter listens");
+        let freed = tokio::time::timeout(Duration::from_secs(1), permits.acquire())
+            .await
+            .expect("the permit is freed once the leadership ended");
+        drop(freed);
+        // Within the grace, raft's real answer (the entry applied or truncated) still counts.
+        tokio::time::sleep(LEADERSHIP_LOST_GRACE / 2).await;
+        answer.send(7).expect("the waiter listens");
+        let outcome = waiting.await.expect("the waiter does not panic");
+        assert_eq!(outcome.map(Result::ok), Ok(Some(7)));
+    }
+
+    #[tokio::test]
+    async fn an_answer_that_never_comes_names_the_new_leader_after_the_grace() {
+        let (tx, rx) = tokio::sync::watch::channel(metrics(3, openraft::ServerState::Leader));
+        let under = Leadership {
+            term: 3,
+            leading: true,
+        };
+        let permit = Arc::new(Semaphore::new(1))
+            .acquire_owned()
+            .await
+            .expect("open");
+        let (_answer, receiver) = oneshot::channel::<u8>();
+        let started = tokio::time::Instant::now();
+        let waiting = tokio::spawn(under.outlive(receiver, rx, permit));
+        let mut next = metrics(4, openraft::ServerState::Follower);
+        next.current_leader = Some(2);
+        tx.send(next).expect("the waiter listens");
+        let outcome = waiting.await.expect("the waiter does not panic");
+        assert_eq!(outcome, Err(Some(2)));
+        assert!(
+            started.elapsed() >= LEADERSHIP_LOST_GRACE,
+            "it waited the grace"
+        );
     }
 }

@@ -307,6 +307,10 @@ pub(super) fn propose_error(error: ProposeError) -> ApiError {
         ProposeError::NotLeader { leader } => {
             unavailable("leadership moved; retry".to_owned(), leader)
         }
+        ProposeError::LeadershipLost { leader } => unavailable(
+            "leadership moved before the outcome was known; retry with the same ids".to_owned(),
+            leader,
+        ),
         ProposeError::Overloaded => ApiError::Unavailable {
             code: "COURIER:Shard:Overloaded",
             message: error.to_string(),
