@@ -72,6 +72,10 @@ pub(crate) fn purged_hint(with_archive: bool) -> &'static str {
 }
 
 /// One event as its kind and fields: ids, positions and sizes, never bodies or phone hashes.
+#[allow(
+    clippy::too_many_lines,
+    reason = "a table: one short arm per event kind, which grows with the protocol"
+)]
 fn describe(
     event: &courier_proto::pb::events::Event,
 ) -> (&'static str, Vec<(&'static str, serde_json::Value)>) {
@@ -158,21 +162,42 @@ fn describe(
             "MessageExpired",
             vec![("user", json!(e.user)), ("seq", json!(e.seq))],
         ),
-        Some(Kind::SendsForgotten(e)) => (
+        Some(Kind::SendsForgotten(e)) => forgetting(
             "SendsForgotten",
-            vec![
-                ("sends", json!(e.sends.len())),
-                (
-                    "latest_sent_at_ms",
-                    json!(e.sends.iter().map(|s| s.sent_at_ms).max()),
-                ),
-            ],
+            ("sends", e.sends.len()),
+            (
+                "latest_sent_at_ms",
+                e.sends.iter().map(|s| s.sent_at_ms).max(),
+            ),
+        ),
+        Some(Kind::InboxForgotten(e)) => forgetting(
+            "InboxForgotten",
+            ("messages", e.messages.len()),
+            (
+                "latest_stored_at_ms",
+                e.messages.iter().map(|m| m.stored_at_ms).max(),
+            ),
         ),
         None => (
             "Unknown",
             vec![("note", json!("an event kind this build does not know"))],
         ),
     }
+}
+
+/// A retention event (`SendsForgotten`, `InboxForgotten`) as its count and its latest time.
+fn forgetting(
+    kind: &'static str,
+    (count_name, count): (&'static str, usize),
+    (latest_name, latest): (&'static str, Option<u64>),
+) -> (&'static str, Vec<(&'static str, serde_json::Value)>) {
+    (
+        kind,
+        vec![
+            (count_name, serde_json::json!(count)),
+            (latest_name, serde_json::json!(latest)),
+        ],
+    )
 }
 
 /// Prints one log entry: a line per event, or one `RaftEntry` line for a raft-internal entry.

@@ -91,6 +91,9 @@ impl Touched {
         let mut touched = Self::default();
         for (cf, key, _) in changes {
             match cf {
+                // The stub index changes only beside the stubs it names.
+                Cf::Projection(Projection::Inbox) if key.get(2) == Some(&keys::tag::QUATERNARY) => {
+                }
                 Cf::Projection(Projection::Inbox | Projection::Receipts) => {
                     if let Some(user) = keys::user_after_tag(key) {
                         touched.users.push(user);

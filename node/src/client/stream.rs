@@ -161,12 +161,11 @@ impl ClientApi {
                 );
                 let messages = inbox::entries_between(view, caller.user, cursor, up_to)?;
                 let feed = receipts::feed(view, caller.user, &receipts_after, PAGE_MESSAGES)?;
-                Ok((up_to, messages, feed))
+                Ok((up_to, up_to == tail, messages, feed))
             });
-            let Ok((up_to, messages, feed)) = page else {
+            let Ok((up_to, caught_up, messages, feed)) = page else {
                 return;
             };
-            let caught_up = messages.len() < PAGE_MESSAGES;
             // A full page of receipt changes may be one part of a log entry's changes (an ack of
             // many messages): the next pass reads on from the last change pushed, at once.
             let feed_caught_up = feed.len() < PAGE_MESSAGES;
@@ -359,13 +358,23 @@ impl ClientApi {
                 up_to,
             } => {
                 let wire = events::Conversation::from(conversation);
-                let position =
-                    self.read(shard, |view| readstate::position(view, caller.user, up_to))?;
-                if position.and_then(|p| p.conversation) != Some(wire) {
-                    return Err(ApiError::Invalid {
-                        code: "COURIER:Stream:ReadUnknown",
-                        message: format!("seq {up_to} is not a message of that conversation"),
-                    });
+                let (position, tail) = self.read(shard, |view| {
+                    Ok((
+                        readstate::position(view, caller.user, up_to)?,
+                        inbox::tail(view, caller.user)?,
+                    ))
+                })?;
+                match position {
+                    Some(position) if position.conversation == Some(wire) => {}
+                    // A message's position leaves only after it was read (and its stub
+                    // forgotten after the retention window): read already, nothing to do.
+                    None if up_to.get() > 0 && up_to <= tail => return Ok(()),
+                    Some(_) | None => {
+                        return Err(ApiError::Invalid {
+                            code: "COURIER:Stream:ReadUnknown",
+                            message: format!("seq {up_to} is not a message of that conversation"),
+                        });
+                    }
                 }
                 Kind::ReadUpTo(events::ReadUpTo {
                     user: caller.user.get(),

@@ -144,10 +144,13 @@ pub struct RetentionRaw {
     pub undelivered: HumanDuration,
     /// The exactly-once window: a send's dedup record (its client message id) is forgotten
     /// this long after it was sent (a `SendsForgotten` event proposed by the sender's shard
-    /// leader), and a retry after that is a new message. Default `"7d"`.
+    /// leader), and a retry after that is a new message. The stub of a delivered message (its
+    /// body gone once every device acked) is forgotten this long after it was stored (an
+    /// `InboxForgotten`). Default `"7d"`.
     #[serde(default = "defaults::dedup")]
     pub dedup: HumanDuration,
-    /// How often each shard leader looks for expired messages and forgotten sends. Default
+    /// How often each shard leader looks for expired messages and sends and stubs to forget.
+    /// Default
     /// `"10s"`.
     #[serde(default = "defaults::expiry_scan")]
     pub scan_interval: HumanDuration,

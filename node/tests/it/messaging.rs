@@ -15,6 +15,7 @@ use courier_proto::pb::client::{
 };
 use courier_proto::pb::events::{self, ReceiptState};
 use courier_proto::{PhoneHasher, PhoneKey, ShardId, UserId, shard_of};
+use courier_storage::projection::Projection;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -480,17 +481,9 @@ async fn offline_recipient_gets_everything_in_order_and_receipts_flow_back() {
 /// `delivered_up_to` of `user`'s inbox on `node`.
 fn delivered_up_to(node: &courier_node::NodeHandle, user: u64) -> u64 {
     let user = UserId::new(user).expect("id");
-    let db = node.groups().db().clone();
-    let mut staged = courier_storage::kv::Staged::new(db.as_ref(), BTreeMap::new());
-    let view = courier_storage::projection::View::new(
-        &mut staged,
-        shard_of(user, 4),
-        courier_proto::LogIndex::ZERO,
-        courier_storage::projection::Projection::Inbox,
-    );
-    courier_storage::projection::inbox::state(&view, user)
-        .expect("read")
-        .delivered_up_to
+    on_replica(node, shard_of(user, 4), Projection::Inbox, |view| {
+        Ok(courier_storage::projection::inbox::state(view, user)?.delivered_up_to)
+    })
 }
 
 fn read_cursor(
@@ -806,23 +799,19 @@ async fn undelivered_messages_expire_on_every_replica() {
         .into_inner();
     let bob_shard = shard_of(UserId::new(bob.user).expect("id"), 4);
     let inbox_of = |node: &courier_node::NodeHandle| {
-        let db = node.groups().db().clone();
-        let mut staged = courier_storage::kv::Staged::new(db.as_ref(), BTreeMap::new());
-        let view = courier_storage::projection::View::new(
-            &mut staged,
-            bob_shard,
-            courier_proto::LogIndex::ZERO,
-            courier_storage::projection::Projection::Inbox,
-        );
-        let user = UserId::new(bob.user).expect("id");
-        [1, 2].map(|seq| {
-            courier_storage::projection::inbox::entry(
-                &view,
-                user,
-                courier_proto::InboxSeq::new(seq),
-            )
-            .expect("read")
-            .map(|e| e.message_id)
+        on_replica(node, bob_shard, Projection::Inbox, |view| {
+            let user = UserId::new(bob.user).expect("id");
+            let entry = |seq| {
+                courier_storage::projection::inbox::entry(
+                    view,
+                    user,
+                    courier_proto::InboxSeq::new(seq),
+                )
+            };
+            Ok([
+                entry(1)?.map(|e| e.message_id),
+                entry(2)?.map(|e| e.message_id),
+            ])
         })
     };
     let stored = Instant::now();
@@ -922,22 +911,15 @@ async fn a_send_is_forgotten_after_the_dedup_window() {
     );
     let alice_shard = shard_of(UserId::new(alice.user).expect("id"), 4);
     let known_on = |node: &courier_node::NodeHandle| {
-        let db = node.groups().db().clone();
-        let mut staged = courier_storage::kv::Staged::new(db.as_ref(), BTreeMap::new());
-        let view = courier_storage::projection::View::new(
-            &mut staged,
-            alice_shard,
-            courier_proto::LogIndex::ZERO,
-            courier_storage::projection::Projection::Dedup,
-        );
-        courier_storage::projection::dedup::lookup(
-            &view,
-            UserId::new(alice.user).expect("id"),
-            courier_proto::DeviceId::new(alice.device).expect("id"),
-            "once",
-        )
-        .expect("read")
-        .is_some()
+        on_replica(node, alice_shard, Projection::Dedup, |view| {
+            courier_storage::projection::dedup::lookup(
+                view,
+                UserId::new(alice.user).expect("id"),
+                courier_proto::DeviceId::new(alice.device).expect("id"),
+                "once",
+            )
+            .map(|known| known.is_some())
+        })
     };
     while c.nodes.iter().any(known_on) {
         assert!(
@@ -974,6 +956,137 @@ async fn a_send_is_forgotten_after_the_dedup_window() {
         assert!(
             forgotten.contains(&"once".to_owned()),
             "the log holds the forget of that send: {forgotten:?}"
+        );
+    }
+}
+
+/// With a 2 s window, the stubs of delivered messages (bodies gone once every device acked) leave
+/// the inbox on every replica (an `InboxForgotten` in the log): a read one with its position, an
+/// unread one keeping where its READ receipt goes. A read of a forgotten message is a no-op, a
+/// later read still sends the READ receipt, and every replica equals a rebuild from its log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivered_stubs_are_forgotten_after_the_window() {
+    let c = cluster_configured(&|text| {
+        format!(
+            "{}\n[retention]\ndedup = \"2s\"\nscan-interval = \"200ms\"\n",
+            with_limits(text, 10_000)
+        )
+    })
+    .await;
+    let (addr, _, alice, bob, mut messaging) = alice_and_bob_on_node0(&c).await;
+    let mut ids = Vec::new();
+    for i in 1..=2 {
+        let sent = messaging
+            .send(authed(
+                &alice,
+                SendRequest {
+                    client_msg_id: format!("s{i}"),
+                    to_user: bob.user,
+                    content: body(&format!("s{i}")),
+                },
+            ))
+            .await
+            .expect("send")
+            .into_inner();
+        ids.push(sent.message_id);
+    }
+    let started = Instant::now();
+    let mut stream = open_stream(&addr, &bob, 0).await;
+    collect(&mut stream, Duration::from_secs(10), |f| {
+        messages(f).len() >= 2
+    })
+    .await;
+    let read = |up_to_seq: u64| ClientFrame {
+        frame: Some(client_frame::Frame::Read(Read {
+            conversation: Some(events::Conversation {
+                with: Some(events::conversation::With::User(alice.user)),
+            }),
+            up_to_seq,
+        })),
+    };
+    for frame in [
+        read(1),
+        ClientFrame {
+            frame: Some(client_frame::Frame::Ack(Ack { up_to_seq: 2 })),
+        },
+    ] {
+        stream.out.send(frame).await.expect("send frame");
+    }
+    let (bob_id, bob_shard) = {
+        let id = UserId::new(bob.user).expect("id");
+        (id, shard_of(id, 4))
+    };
+    let stub_on = |node: &courier_node::NodeHandle, seq: u64| {
+        on_replica(node, bob_shard, Projection::Inbox, |view| {
+            courier_storage::projection::inbox::entry(
+                view,
+                bob_id,
+                courier_proto::InboxSeq::new(seq),
+            )
+        })
+    };
+    while c
+        .nodes
+        .iter()
+        .any(|node| stub_on(node, 1).is_some() || stub_on(node, 2).is_some())
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the stubs were not forgotten everywhere"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "not before the window passed"
+    );
+    tracing::info!("a read of forgotten seq 1 is a no-op; a read of seq 2 still sends READ");
+    for frame in [read(1), read(2)] {
+        stream.out.send(frame).await.expect("send frame");
+    }
+    let alice_id = UserId::new(alice.user).expect("id");
+    let alice_shard = shard_of(alice_id, 4);
+    let read_receipt_of = |message_id: &[u8]| {
+        on_replica(&c.nodes[0], alice_shard, Projection::Receipts, |view| {
+            let message = courier_proto::MessageId::from_wire(message_id, "id").expect("id");
+            Ok(
+                courier_storage::projection::receipts::of_message(view, alice_id, message)?
+                    .into_iter()
+                    .any(|(user, receipt)| user == bob_id && receipt.state() == ReceiptState::Read),
+            )
+        })
+    };
+    let waiting = Instant::now();
+    while !(read_receipt_of(&ids[0]) && read_receipt_of(&ids[1])) {
+        assert!(
+            waiting.elapsed() < Duration::from_secs(10),
+            "both messages read, the second after its stub left"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let unread = MessagingClient::new(channel(&addr).await)
+        .list_conversations(authed(&bob, ListConversationsRequest {}))
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(unread.conversations.first().map(|c| c.unread), Some(0));
+    for node in &c.nodes {
+        assert_verified_from_genesis(node, bob_shard).await;
+        let forgotten: std::collections::BTreeSet<u64> = logged_events(node, bob_shard)
+            .await
+            .into_iter()
+            .filter_map(|kind| match kind {
+                events::event::Kind::InboxForgotten(f) => Some(f.messages),
+                _ => None,
+            })
+            .flatten()
+            .filter(|m| m.user == bob.user)
+            .map(|m| m.seq)
+            .collect();
+        assert_eq!(
+            forgotten,
+            [1, 2].into(),
+            "both stubs named by a forget in the log"
         );
     }
 }
@@ -1030,6 +1143,25 @@ async fn logged_events(
         .flat_map(|p| p.events)
         .filter_map(|e| e.kind)
         .collect()
+}
+
+/// Reads `projection` of `shard` on `node`'s replica as it is now; a storage fault fails the
+/// test.
+fn on_replica<T>(
+    node: &courier_node::NodeHandle,
+    shard: ShardId,
+    projection: Projection,
+    read: impl FnOnce(&courier_storage::projection::View<'_, '_>) -> courier_storage::Result<T>,
+) -> T {
+    let db = node.groups().db().clone();
+    let mut staged = courier_storage::kv::Staged::new(db.as_ref(), BTreeMap::new());
+    let view = courier_storage::projection::View::new(
+        &mut staged,
+        shard,
+        courier_proto::LogIndex::ZERO,
+        projection,
+    );
+    read(&view).expect("read the replica")
 }
 
 /// A push endpoint that records each POST body and answers 200.
@@ -1788,20 +1920,13 @@ async fn bodies_leave_the_inbox_once_every_device_acked() {
     }
     let bob_shard = shard_of(UserId::new(bob.user).expect("id"), 4);
     let entry = |seq: u64| {
-        let db = c.nodes[1].groups().db().clone();
-        let mut staged = courier_storage::kv::Staged::new(db.as_ref(), BTreeMap::new());
-        let view = courier_storage::projection::View::new(
-            &mut staged,
-            bob_shard,
-            courier_proto::LogIndex::ZERO,
-            courier_storage::projection::Projection::Inbox,
-        );
-        courier_storage::projection::inbox::entry(
-            &view,
-            UserId::new(bob.user).expect("id"),
-            courier_proto::InboxSeq::new(seq),
-        )
-        .expect("read")
+        on_replica(&c.nodes[1], bob_shard, Projection::Inbox, |view| {
+            courier_storage::projection::inbox::entry(
+                view,
+                UserId::new(bob.user).expect("id"),
+                courier_proto::InboxSeq::new(seq),
+            )
+        })
     };
     let ack = |device: Device, up_to: u64| {
         let addr = addr(1);

@@ -430,8 +430,17 @@ fn events_round_trip_through_prost() {
             }],
             at_ms: 12,
         }),
+        Kind::InboxForgotten(events::InboxForgotten {
+            messages: vec![events::ForgottenMessage {
+                user: 2,
+                seq: 1,
+                message_id: vec![7; 16],
+                stored_at_ms: 1_700_000_000_000,
+            }],
+            at_ms: 13,
+        }),
     ];
-    assert_eq!(kinds.len(), 14, "one case per event variant");
+    assert_eq!(kinds.len(), 15, "one case per event variant");
     let payload = events::EntryPayload {
         format_version: crate::FORMAT_VERSION,
         events: kinds

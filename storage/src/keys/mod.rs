@@ -13,12 +13,14 @@
 //! | inbox | shard \| 1 \| user \| seq | InboxEntry |
 //! | inbox | shard \| 2 \| user | InboxState |
 //! | inbox | shard \| 3 \| user \| message_id:16 | seq:u64 |
+//! | inbox | shard \| 4 \| stored_at_ms:u64 \| user \| seq | () (trimmed stubs by time) |
 //! | cursors | shard \| 1 \| user \| device:u32 | acked seq:u64 |
 //! | readstate | shard \| 1 \| user \| conv | ReadState |
 //! | readstate | shard \| 2 \| user \| seq | SeqPosition |
 //! | receipts | shard \| 1 \| sender \| message_id:16 \| recipient | Receipt |
 //! | receipts | shard \| 2 \| sender \| set_at:u64 \| message_id:16 \| recipient | Receipt (feed) |
 //! | dedup | shard \| 1 \| user \| device \| client_msg_id | SendResult |
+//! | dedup | shard \| 2 \| sent_at_ms:u64 \| user \| device \| client_msg_id | () (by time) |
 //! | outbox | shard \| 1 \| dest:u16 \| pos:u64 | OutboxEntry |
 //! | outbox | shard \| 2 \| dest:u16 | OutboxState |
 //! | outbox | shard \| 3 \| source:u16 | InboundState |
@@ -64,7 +66,7 @@ pub mod tag {
     /// inbox: message id → seq; outbox: inbound watermark; devices: device record; groups: a
     /// user's membership (user → group).
     pub const TERTIARY: u8 = 3;
-    /// groups: the one stored copy of a group message.
+    /// groups: the one stored copy of a group message; inbox: trimmed stubs by time.
     pub const QUATERNARY: u8 = 4;
 }
 
@@ -165,8 +167,8 @@ pub fn applied_state(shard: ShardId) -> Vec<u8> {
     KeyBuf::shard(shard).u8(1).done()
 }
 
-/// The user of a key laid out as shard, tag, user (every key of the inbox and receipts families),
-/// or `None` for a shorter key.
+/// The user of a key laid out as shard, tag, user (every key of the inbox and receipts families
+/// but the inbox's [`inbox_stub_by_time`] index), or `None` for a shorter key.
 pub fn user_after_tag(key: &[u8]) -> Option<UserId> {
     let bytes: [u8; 8] = key.get(3..11)?.try_into().ok()?;
     UserId::new(u64::from_be_bytes(bytes))
@@ -200,6 +202,36 @@ pub fn inbox_message_id(shard: ShardId, user: UserId, message: MessageId) -> Vec
         .u8(tag::TERTIARY)
         .u64(user.get())
         .bytes(message.as_bytes())
+        .done()
+}
+
+/// inbox: the index of trimmed stubs by the time their message was stored, which the leader
+/// scans for the ones to forget.
+pub fn inbox_stub_by_time(
+    shard: ShardId,
+    stored_at_ms: u64,
+    user: UserId,
+    seq: InboxSeq,
+) -> Vec<u8> {
+    KeyBuf::shard(shard)
+        .u8(tag::QUATERNARY)
+        .u64(stored_at_ms)
+        .u64(user.get())
+        .u64(seq.get())
+        .done()
+}
+
+/// inbox: the first key of the stub index.
+pub fn inbox_stub_by_time_start(shard: ShardId) -> Vec<u8> {
+    KeyBuf::shard(shard).u8(tag::QUATERNARY).done()
+}
+
+/// inbox: the first key after the stub index entries of messages stored before
+/// `stored_before_ms`.
+pub fn inbox_stub_by_time_end(shard: ShardId, stored_before_ms: u64) -> Vec<u8> {
+    KeyBuf::shard(shard)
+        .u8(tag::QUATERNARY)
+        .u64(stored_before_ms)
         .done()
 }
 

@@ -175,6 +175,12 @@ pub fn dedup_by_time_parts(key: &[u8]) -> Option<(u64, UserId, DeviceId, &str)> 
     Some((sent_at_ms, user, device, key.rest_str()?))
 }
 
+/// Decodes `(stored_at_ms, user, seq)` from an [`inbox_stub_by_time`](super::inbox_stub_by_time)
+/// key.
+pub fn inbox_stub_by_time_parts(key: &[u8]) -> Option<(u64, UserId, InboxSeq)> {
+    expiry_parts(key)
+}
+
 /// Decodes `(stored_at_ms, user, seq)` from an [`expiry`](super::expiry) key.
 pub fn expiry_parts(key: &[u8]) -> Option<(u64, UserId, InboxSeq)> {
     let mut key = KeyReader::after(key, RECORD_PREFIX_BYTES)?;

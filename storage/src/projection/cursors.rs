@@ -49,6 +49,7 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
         | Decoded::MemberAdded(_)
         | Decoded::MemberRemoved(_)
         | Decoded::MessageExpired(_)
-        | Decoded::SendsForgotten(_) => Ok(()),
+        | Decoded::SendsForgotten(_)
+        | Decoded::InboxForgotten(_) => Ok(()),
     }
 }

@@ -184,6 +184,17 @@ pub struct ForgottenSend<'e> {
     pub device: DeviceId,
 }
 
+/// One message of a decoded `InboxForgotten`.
+#[derive(Clone, Copy, Debug)]
+pub struct ForgottenMessage<'e> {
+    /// The wire entry.
+    pub event: &'e events::ForgottenMessage,
+    /// The recipient.
+    pub user: UserId,
+    /// Its inbox sequence.
+    pub seq: InboxSeq,
+}
+
 /// One committed event with its ids checked.
 #[derive(Clone, Debug)]
 pub enum Decoded<'e> {
@@ -215,6 +226,8 @@ pub enum Decoded<'e> {
     MessageExpired(Expired<'e>),
     /// `SendsForgotten`: the sends whose dedup records leave.
     SendsForgotten(Vec<ForgottenSend<'e>>),
+    /// `InboxForgotten`: the inbox stubs that leave.
+    InboxForgotten(Vec<ForgottenMessage<'e>>),
 }
 
 fn user(raw: u64, field: &'static str) -> Result<UserId, WireError> {
@@ -311,6 +324,7 @@ pub fn kind_name(kind: &Kind) -> &'static str {
         Kind::MemberRemoved(_) => "MemberRemoved",
         Kind::MessageExpired(_) => "MessageExpired",
         Kind::SendsForgotten(_) => "SendsForgotten",
+        Kind::InboxForgotten(_) => "InboxForgotten",
     }
 }
 
@@ -392,6 +406,19 @@ fn decode_fields(kind: &Kind) -> Result<Decoded<'_>, WireError> {
                         event: send,
                         sender: user(send.sender_user, "sender_user")?,
                         device: DeviceId::from_wire(send.sender_device, "sender_device")?,
+                    })
+                })
+                .collect::<Result<_, WireError>>()?,
+        ),
+        Kind::InboxForgotten(event) => Decoded::InboxForgotten(
+            event
+                .messages
+                .iter()
+                .map(|message| {
+                    Ok(ForgottenMessage {
+                        event: message,
+                        user: user(message.user, "user")?,
+                        seq: InboxSeq::new(message.seq),
                     })
                 })
                 .collect::<Result<_, WireError>>()?,

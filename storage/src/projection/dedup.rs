@@ -126,6 +126,7 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
         | Decoded::GroupCreated(_)
         | Decoded::MemberAdded(_)
         | Decoded::MemberRemoved(_)
-        | Decoded::MessageExpired(_) => Ok(()),
+        | Decoded::MessageExpired(_)
+        | Decoded::InboxForgotten(_) => Ok(()),
     }
 }

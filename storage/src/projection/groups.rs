@@ -108,7 +108,8 @@ pub fn check(view: &View<'_, '_>, event: &Decoded<'_>) -> Result<Option<GroupRef
         | Decoded::DeviceRegistered(_)
         | Decoded::DeviceRevoked(_)
         | Decoded::MessageExpired(_)
-        | Decoded::SendsForgotten(_) => None,
+        | Decoded::SendsForgotten(_)
+        | Decoded::InboxForgotten(_) => None,
     };
     Ok(refusal)
 }
@@ -269,6 +270,7 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
         | Decoded::DeviceRegistered(_)
         | Decoded::DeviceRevoked(_)
         | Decoded::MessageExpired(_)
-        | Decoded::SendsForgotten(_) => Ok(()),
+        | Decoded::SendsForgotten(_)
+        | Decoded::InboxForgotten(_) => Ok(()),
     }
 }

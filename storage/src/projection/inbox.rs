@@ -6,11 +6,15 @@
 //!   that is never reused.
 //! - `delivered_up_to` only moves forward and never passes the tail.
 //! - Only undelivered messages expire.
+//! - A trimmed stub has an entry in the stub index (by the time it was stored) until an
+//!   `InboxForgotten` names it; then the stub, its message-id index entry and its stub index
+//!   entry leave together, and its sequence stays a hole that is never reused.
 
+use courier_proto::pb::events::ForgottenMessage;
 use courier_proto::pb::store::{InboxEntry, InboxState};
 use courier_proto::{InboxSeq, MessageId, UserId};
 
-use super::decode::Acked;
+use super::decode::{self, Acked};
 use super::{Decoded, Projection, View};
 use crate::error::Result;
 use crate::keys;
@@ -101,6 +105,51 @@ pub fn expirable(
     Ok(entry(view, user, seq)?.is_some_and(|stored| stored.message_id == message_id))
 }
 
+/// Returns up to `limit` trimmed stubs of messages stored before `stored_before_ms`, oldest
+/// first: the ones an `InboxForgotten` may name.
+///
+/// # Errors
+/// A storage fault.
+pub fn stubs_before(
+    view: &View<'_, '_>,
+    stored_before_ms: u64,
+    limit: usize,
+) -> Result<Vec<ForgottenMessage>> {
+    let from = keys::inbox_stub_by_time_start(view.shard());
+    let to = keys::inbox_stub_by_time_end(view.shard(), stored_before_ms);
+    let mut stubs = Vec::new();
+    for (key, ()) in view.scan::<()>(Projection::Inbox, &from, &to, limit)? {
+        let Some((stored_at_ms, user, seq)) = keys::inbox_stub_by_time_parts(&key) else {
+            continue;
+        };
+        let message_id = entry(view, user, seq)?.map_or_else(Vec::new, |stub| stub.message_id);
+        stubs.push(ForgottenMessage {
+            user: user.get(),
+            seq: seq.get(),
+            message_id,
+            stored_at_ms,
+        });
+    }
+    Ok(stubs)
+}
+
+/// The stub an `InboxForgotten` names, if it is still there to forget: stored, trimmed, of that
+/// message and stored at that time. Anything else (forgotten already, a stale or forged name)
+/// forgets nothing.
+///
+/// # Errors
+/// A storage fault.
+pub fn forgettable(
+    view: &View<'_, '_>,
+    message: &decode::ForgottenMessage<'_>,
+) -> Result<Option<InboxEntry>> {
+    Ok(entry(view, message.user, message.seq)?.filter(|stub| {
+        stub.trimmed
+            && stub.message_id == message.event.message_id
+            && stub.stored_at_ms == message.event.stored_at_ms
+    }))
+}
+
 /// The highest seq every active (not revoked) device of `user` acked, counting `acked`.
 fn acked_by_every_device(view: &View<'_, '_>, user: UserId, acked: &Acked<'_>) -> Result<u64> {
     let mut lowest = u64::MAX;
@@ -120,6 +169,52 @@ fn acked_by_every_device(view: &View<'_, '_>, user: UserId, acked: &Acked<'_>) -
         lowest = lowest.min(cursor);
     }
     Ok(if lowest == u64::MAX { 0 } else { lowest })
+}
+
+/// Clears the bodies of the messages every active device of the acking user has now acked, and
+/// indexes their stubs by time; returns whether `inbox` changed.
+fn trim(view: &mut View<'_, '_>, acked: &Acked<'_>, inbox: &mut InboxState) -> Result<bool> {
+    let (shard, user) = (view.shard(), acked.user);
+    let all_acked = acked_by_every_device(view, user, acked)?;
+    if all_acked <= inbox.trimmed_up_to {
+        return Ok(false);
+    }
+    for (seq, mut entry) in entries_between(
+        view,
+        user,
+        InboxSeq::new(inbox.trimmed_up_to),
+        InboxSeq::new(all_acked),
+    )? {
+        entry.content = None;
+        entry.trimmed = true;
+        view.put(keys::inbox_message(shard, user, seq), &entry)?;
+        // Trimmed once (`trimmed_up_to` only grows): a new index entry.
+        view.put_new(
+            keys::inbox_stub_by_time(shard, entry.stored_at_ms, user, seq),
+            &(),
+        );
+    }
+    inbox.trimmed_up_to = all_acked;
+    Ok(true)
+}
+
+/// Removes one stub an `InboxForgotten` names, with its message-id and stub index entries, if it
+/// is [`forgettable`].
+fn forget(view: &mut View<'_, '_>, message: &decode::ForgottenMessage<'_>) -> Result<()> {
+    let Some(stub) = forgettable(view, message)? else {
+        return Ok(());
+    };
+    let (shard, user, seq) = (view.shard(), message.user, message.seq);
+    let id =
+        MessageId::from_wire(&stub.message_id, "message_id").expect("stored message ids are valid");
+    view.delete(keys::inbox_message(shard, user, seq))?;
+    view.delete(keys::inbox_message_id(shard, user, id))?;
+    view.delete(keys::inbox_stub_by_time(
+        shard,
+        stub.stored_at_ms,
+        user,
+        seq,
+    ))
 }
 
 /// Folds one event into the inbox.
@@ -164,21 +259,7 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
                 changed = true;
             }
             if acked.event.trim_delivered {
-                let all_acked = acked_by_every_device(view, user, acked)?;
-                if all_acked > inbox.trimmed_up_to {
-                    for (seq, mut entry) in entries_between(
-                        view,
-                        user,
-                        InboxSeq::new(inbox.trimmed_up_to),
-                        InboxSeq::new(all_acked),
-                    )? {
-                        entry.content = None;
-                        entry.trimmed = true;
-                        view.put(keys::inbox_message(shard, user, seq), &entry)?;
-                    }
-                    inbox.trimmed_up_to = all_acked;
-                    changed = true;
-                }
+                changed |= trim(view, acked, &mut inbox)?;
             }
             if changed {
                 view.put(keys::inbox_state(shard, user), &inbox)?;
@@ -201,6 +282,12 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
                 .expect("stored message ids are valid");
             view.delete(keys::inbox_message(shard, user, seq))?;
             view.delete(keys::inbox_message_id(shard, user, message))
+        }
+        Decoded::InboxForgotten(messages) => {
+            for message in messages {
+                forget(view, message)?;
+            }
+            Ok(())
         }
         Decoded::MessageSent(_)
         | Decoded::ReadUpTo(_)

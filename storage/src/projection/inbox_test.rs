@@ -374,25 +374,9 @@ fn same_shard_send_stores_once() {
 fn device_changes_touch_their_user() {
     let kv = MemKv::default();
     let state = ShardState::empty(SHARD);
-    let registered = |user: u64, phone: u8| {
-        vec![
-            Kind::UserRegistered(events::UserRegistered {
-                user,
-                phone_hash: vec![phone; 16],
-                at_ms: 1,
-            }),
-            Kind::DeviceRegistered(events::DeviceRegistered {
-                user,
-                device: 0,
-                token_hash: vec![1; 32],
-                primary: true,
-                at_ms: 1,
-            }),
-        ]
-    };
     let payload = events::EntryPayload {
         format_version: courier_proto::FORMAT_VERSION,
-        events: registered(7, 0xff)
+        events: registered(7, 0, 0xff)
             .into_iter()
             .map(|kind| events::Event { kind: Some(kind) })
             .collect(),
@@ -409,4 +393,209 @@ fn device_changes_touch_their_user() {
         .expect("memory");
     assert!(batch.touched.devices);
     assert_eq!(batch.touched.users, vec![UserId::new(7).expect("nonzero")]);
+}
+
+/// A user registering with `phone` (hashed to 16 copies of it) and its primary `device`.
+fn registered(user: u64, device: u32, phone: u8) -> Vec<Kind> {
+    vec![
+        Kind::UserRegistered(events::UserRegistered {
+            user,
+            phone_hash: vec![phone; 16],
+            at_ms: 1,
+        }),
+        Kind::DeviceRegistered(events::DeviceRegistered {
+            user,
+            device,
+            token_hash: vec![1; 32],
+            primary: true,
+            at_ms: 1,
+        }),
+    ]
+}
+
+/// Every record of `projection`.
+fn records(kv: &MemKv, projection: Projection) -> Vec<(Vec<u8>, Vec<u8>)> {
+    kv.scan(Cf::Projection(projection), &[], &[0xff], usize::MAX)
+        .expect("memory")
+}
+
+/// Trimmed stubs older than the window leave the inbox with their indexes; a read message's
+/// position leaves with its stub, an unread one keeps where its READ receipt goes and leaves
+/// once read; a read naming a forgotten message changes nothing; a second forget is a no-op.
+#[test]
+#[allow(
+    clippy::too_many_lines,
+    reason = "one story in linear phases: each phase reads the state the previous one left"
+)]
+fn forgotten_stubs_leave_the_inbox_and_their_receipts_still_go_out() {
+    let mut kv = MemKv::default();
+    let mut state = ShardState::empty(SHARD);
+    let user = UserId::new(1).expect("nonzero");
+    tracing_phase("user 1 (one device) gets two messages from 2 and one from 3");
+    let stored = apply_one(
+        &mut kv,
+        &mut state,
+        [
+            registered(1, 1, 1),
+            vec![delivered(1, 2, 1), delivered(1, 2, 2), delivered(1, 3, 3)],
+        ]
+        .concat(),
+    );
+    assert!(
+        matches!(stored[1], Applied::DeviceRegistered { .. }),
+        "{stored:?}"
+    );
+    let stubs = |kv: &MemKv, before_ms: u64| {
+        let mut staged = Staged::new(kv, BTreeMap::new());
+        let view = View::new(&mut staged, SHARD, LogIndex::ZERO, Projection::Inbox);
+        super::inbox::stubs_before(&view, before_ms, 10).expect("memory")
+    };
+    assert_eq!(stubs(&kv, u64::MAX), Vec::new(), "nothing trimmed yet");
+    tracing_phase("user 1 reads the conversation with 2 up to seq 1, then acks all and trims");
+    apply_one(
+        &mut kv,
+        &mut state,
+        vec![
+            Kind::ReadUpTo(events::ReadUpTo {
+                user: 1,
+                conversation: direct(2),
+                up_to_seq: 1,
+                read_at_ms: 12,
+            }),
+            Kind::DeliveryAcked(events::DeliveryAcked {
+                user: 1,
+                device: 1,
+                up_to_seq: 3,
+                acked_at_ms: 13,
+                trim_delivered: true,
+            }),
+        ],
+    );
+    assert_eq!(stubs(&kv, 11), Vec::new(), "stored at 11: not before 11");
+    let found = stubs(&kv, 12);
+    let named: Vec<(u64, u8)> = found.iter().map(|s| (s.seq, s.message_id[0])).collect();
+    assert_eq!(
+        named,
+        vec![(1, 1), (2, 2), (3, 3)],
+        "every trimmed stub, by id"
+    );
+    let inbox_before = records(&kv, Projection::Inbox);
+    let outbox_before = records(&kv, Projection::Outbox);
+    tracing_phase("a forget naming another message id or another stored time is a no-op");
+    let mut stale = found.clone();
+    stale[0].message_id = vec![9; 16];
+    stale[1].stored_at_ms = 99;
+    stale.truncate(2);
+    let digests = state.digests.clone();
+    apply_one(
+        &mut kv,
+        &mut state,
+        vec![Kind::InboxForgotten(events::InboxForgotten {
+            messages: stale,
+            at_ms: 20,
+        })],
+    );
+    assert_eq!(state.digests, digests, "nothing was forgotten");
+    tracing_phase("the stubs are forgotten");
+    let forget = Kind::InboxForgotten(events::InboxForgotten {
+        messages: found,
+        at_ms: 20,
+    });
+    apply_one(&mut kv, &mut state, vec![forget.clone()]);
+    assert_eq!(stubs(&kv, u64::MAX), Vec::new(), "the stub index is empty");
+    let inbox_after = records(&kv, Projection::Inbox);
+    assert_eq!(
+        inbox_after.len(),
+        inbox_before.len() - 3 * 3,
+        "each stub leaves with its message-id and stub index entries; the inbox state stays"
+    );
+    let positions = |kv: &MemKv| {
+        let mut staged = Staged::new(kv, BTreeMap::new());
+        let view = view_of(&mut staged);
+        (1..=3)
+            .map(|seq| {
+                readstate::position(&view, user, courier_proto::InboxSeq::new(seq)).expect("memory")
+            })
+            .collect::<Vec<_>>()
+    };
+    let [one, two, three] = positions(&kv).try_into().expect("three seqs");
+    assert_eq!(one, None, "seq 1 was read: its position left");
+    let two = two.expect("seq 2 is unread: its position stays");
+    let target = two.forgotten.expect("with where its READ receipt goes");
+    assert_eq!(
+        (target.message_id, target.sender_user),
+        (vec![2; 16], 2),
+        "the stub's message and sender"
+    );
+    assert!(three.is_some_and(|p| p.forgotten.is_some()));
+    tracing_phase("forgetting again changes nothing");
+    let digests = state.digests.clone();
+    apply_one(&mut kv, &mut state, vec![forget]);
+    assert_eq!(state.digests, digests, "a second forget is a no-op");
+    tracing_phase("a read naming forgotten seq 1 is a no-op, not invalid");
+    let again = apply_one(
+        &mut kv,
+        &mut state,
+        vec![Kind::ReadUpTo(events::ReadUpTo {
+            user: 1,
+            conversation: direct(2),
+            up_to_seq: 1,
+            read_at_ms: 21,
+        })],
+    );
+    assert_eq!(again, vec![Applied::Done]);
+    assert_eq!(state.digests, digests, "it changed nothing");
+    tracing_phase("a read past the tail is still invalid");
+    let past = apply_one(
+        &mut kv,
+        &mut state,
+        vec![Kind::ReadUpTo(events::ReadUpTo {
+            user: 1,
+            conversation: direct(2),
+            up_to_seq: 4,
+            read_at_ms: 21,
+        })],
+    );
+    assert_refused(&past, "not a message of its conversation");
+    tracing_phase("reading seq 2 sends its READ receipt and its position leaves");
+    apply_one(
+        &mut kv,
+        &mut state,
+        vec![Kind::ReadUpTo(events::ReadUpTo {
+            user: 1,
+            conversation: direct(2),
+            up_to_seq: 2,
+            read_at_ms: 22,
+        })],
+    );
+    let [_, two, _] = positions(&kv).try_into().expect("three seqs");
+    assert_eq!(two, None, "read, and its stub forgotten: the position left");
+    let mut staged = Staged::new(&kv, BTreeMap::new());
+    let view = view_of(&mut staged);
+    let with_2 = readstate::get(
+        &view,
+        user,
+        ConversationId::Direct(UserId::new(2).expect("nonzero")),
+    )
+    .expect("memory");
+    assert_eq!(readstate::unread(&with_2), 0);
+    let new_receipts: Vec<(u8, u64, i32)> = records(&kv, Projection::Outbox)
+        .into_iter()
+        .filter(|record| !outbox_before.contains(record))
+        .filter(|(key, _)| key.get(2) == Some(&crate::keys::tag::PRIMARY))
+        .filter_map(|(_, value)| {
+            let (_, bytes) = super::unframe(&value)?;
+            let entry: courier_proto::pb::store::OutboxEntry =
+                prost::Message::decode(bytes).ok()?;
+            match entry.event?.kind? {
+                Kind::ReceiptRecorded(r) => Some((r.message_id[0], r.sender_user, r.state)),
+                _ => None,
+            }
+        })
+        .collect();
+    assert_eq!(
+        new_receipts,
+        vec![(2, 2, i32::from(ReceiptState::Read))],
+        "one READ receipt for the forgotten message, to its sender"
+    );
 }

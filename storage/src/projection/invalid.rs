@@ -196,8 +196,11 @@ pub(super) fn check(view: &View<'_, '_>, event: &Decoded<'_>) -> Result<Option<I
             })
         }
         Decoded::ReadUpTo(read) => {
-            let names_its_message = readstate::position(view, read.user, read.up_to)?
-                .is_some_and(|target| target.conversation == read.event.conversation);
+            let names_its_message = match readstate::position(view, read.user, read.up_to)? {
+                Some(target) => target.conversation == read.event.conversation,
+                // A position leaves only once read: a read of it changes nothing.
+                None => read.up_to.get() > 0 && read.up_to <= inbox::tail(view, read.user)?,
+            };
             (!names_its_message).then_some(Invalid::ReadNotInConversation {
                 user: read.user.get(),
                 seq: read.up_to.get(),
@@ -229,6 +232,7 @@ pub(super) fn check(view: &View<'_, '_>, event: &Decoded<'_>) -> Result<Option<I
         | Decoded::MemberAdded(_)
         | Decoded::MemberRemoved(_)
         | Decoded::MessageExpired(_)
-        | Decoded::SendsForgotten(_) => None,
+        | Decoded::SendsForgotten(_)
+        | Decoded::InboxForgotten(_) => None,
     })
 }

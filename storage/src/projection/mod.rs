@@ -268,7 +268,8 @@ fn admit(
         | Decoded::UserRegistered(_)
         | Decoded::DeviceRegistered(_)
         | Decoded::DeviceRevoked(_)
-        | Decoded::SendsForgotten(_) => Applied::Done,
+        | Decoded::SendsForgotten(_)
+        | Decoded::InboxForgotten(_) => Applied::Done,
     };
     Ok(ControlFlow::Continue(outcome))
 }

@@ -16,7 +16,7 @@
 
 use courier_proto::pb::events::event::Kind;
 use courier_proto::pb::events::{self, Event, ReceiptState};
-use courier_proto::pb::store::{InboundState, InboxEntry, OutboxEntry, OutboxState};
+use courier_proto::pb::store::{InboundState, OutboxEntry, OutboxState, ReceiptTarget};
 use courier_proto::{ConversationId, InboxSeq, ShardId, UserId};
 
 use super::decode::{Acked, Read, Sent, Trimmed};
@@ -192,13 +192,13 @@ fn push(view: &mut View<'_, '_>, dest: ShardId, mut kind: Kind) -> Result<()> {
 fn push_receipt(
     view: &mut View<'_, '_>,
     recipient: UserId,
-    entry: &InboxEntry,
+    target: &ReceiptTarget,
     state: ReceiptState,
     at_ms: u64,
 ) -> Result<()> {
     let receipt = events::ReceiptRecorded {
-        message_id: entry.message_id.clone(),
-        sender_user: entry.sender_user,
+        message_id: target.message_id.clone(),
+        sender_user: target.sender_user,
         recipient_user: recipient.get(),
         state: state.into(),
         at_ms,
@@ -207,7 +207,7 @@ fn push_receipt(
     };
     push(
         view,
-        stored_shard(entry.source_shard),
+        stored_shard(target.source_shard),
         Kind::ReceiptRecorded(receipt),
     )
 }
@@ -245,7 +245,8 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
         | Decoded::MemberAdded(_)
         | Decoded::MemberRemoved(_)
         | Decoded::MessageExpired(_)
-        | Decoded::SendsForgotten(_) => Ok(()),
+        | Decoded::SendsForgotten(_)
+        | Decoded::InboxForgotten(_) => Ok(()),
     }
 }
 
@@ -286,7 +287,7 @@ fn queue_ack_receipts(view: &mut View<'_, '_>, acked: &Acked<'_>) -> Result<()> 
         push_receipt(
             view,
             user,
-            &entry,
+            &readstate::receipt_target(&entry),
             ReceiptState::Delivered,
             acked.event.acked_at_ms,
         )?;
@@ -307,11 +308,17 @@ fn queue_read_receipts(view: &mut View<'_, '_>, read: &Read<'_>) -> Result<()> {
         if position.expired || position.pos <= state.read_pos {
             continue;
         }
-        let entry = inbox::entry(view, user, seq)?.expect("unexpired positions are in the inbox");
+        // A stub forgotten unread left its receipt target in the position.
+        let target = match position.forgotten {
+            Some(target) => target,
+            None => readstate::receipt_target(
+                &inbox::entry(view, user, seq)?.expect("unexpired positions are in the inbox"),
+            ),
+        };
         if seq.get() > delivered_up_to {
-            push_receipt(view, user, &entry, ReceiptState::Delivered, read_at_ms)?;
+            push_receipt(view, user, &target, ReceiptState::Delivered, read_at_ms)?;
         }
-        push_receipt(view, user, &entry, ReceiptState::Read, read_at_ms)?;
+        push_receipt(view, user, &target, ReceiptState::Read, read_at_ms)?;
     }
     Ok(())
 }

@@ -2,10 +2,17 @@
 //! and how many unread ones expired, so that `unread = count - read_pos - expired_unread` is
 //! exact without scanning. Per inbox sequence it records the message's conversation and position.
 //!
-//! Invariants (asserted): a read names a stored message of that conversation; `read_pos` only
-//! moves forward (a read at or below it changes nothing); `expired_unread` never underflows.
+//! Invariants (asserted): a read names a stored message of that conversation, or one whose
+//! position already left (read, then forgotten: changes nothing); `read_pos` only moves forward
+//! (a read at or below it changes nothing); `expired_unread` never underflows.
+//!
+//! A position leaves once it can no longer matter: an expired message's, or one whose inbox stub
+//! was forgotten, when a read passes it; a read message's when its stub is forgotten. An unread
+//! message whose stub is forgotten keeps its position, which then carries where its READ receipt
+//! goes ([`SeqPosition::forgotten`]). So a missing position at or below the inbox tail always
+//! means "read".
 
-use courier_proto::pb::store::{ReadState, SeqPosition};
+use courier_proto::pb::store::{ReadState, ReceiptTarget, SeqPosition};
 use courier_proto::{ConversationId, InboxSeq, UserId};
 
 use super::{Decoded, Projection, View, inbox};
@@ -99,13 +106,17 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
                     conversation: delivered.conversation,
                     pos: state.count,
                     expired: false,
+                    forgotten: None,
                 },
             );
             view.put(keys::read_state(shard, user, conv), &state)
         }
         Decoded::ReadUpTo(read) => {
             let (user, conv, up_to) = (read.user, read.conversation, read.up_to);
-            let target = position(view, user, up_to)?.expect("reads name a stored message");
+            let Some(target) = position(view, user, up_to)? else {
+                // Read and then forgotten (checked against the inbox tail): nothing moves.
+                return Ok(());
+            };
             assert_eq!(
                 target.conversation, read.event.conversation,
                 "reads name a message of their conversation"
@@ -114,12 +125,19 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
             if target.pos <= state.read_pos {
                 return Ok(());
             }
-            let expired_now_read =
-                positions_between(view, user, conv, InboxSeq::new(state.read_seq), up_to)?
-                    .into_iter()
-                    .filter(|(_, position)| position.expired)
-                    .count();
-            let expired_now_read = u64::try_from(expired_now_read).expect("count fits u64");
+            let newly_read =
+                positions_between(view, user, conv, InboxSeq::new(state.read_seq), up_to)?;
+            let mut expired_now_read = 0_u64;
+            for (seq, position) in newly_read {
+                if position.expired {
+                    expired_now_read = expired_now_read.checked_add(1).expect("count fits u64");
+                }
+                // Neither an expired message nor a forgotten one has a stub left that a later
+                // read or receipt could need: its position leaves with the read.
+                if position.expired || position.forgotten.is_some() {
+                    view.delete(keys::seq_position(shard, user, seq))?;
+                }
+            }
             state.expired_unread = state
                 .expired_unread
                 .checked_sub(expired_now_read)
@@ -141,6 +159,25 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
             }
             view.put(keys::seq_position(shard, user, seq), &target)
         }
+        Decoded::InboxForgotten(messages) => {
+            // Applied before the inbox, so the stubs are still there to read.
+            for message in messages {
+                let Some(stub) = inbox::forgettable(view, message)? else {
+                    continue;
+                };
+                let (user, seq) = (message.user, message.seq);
+                let mut target =
+                    position(view, user, seq)?.expect("stored messages have a position");
+                let read_pos = get(view, user, stored_conversation(&target))?.read_pos;
+                if target.pos <= read_pos {
+                    view.delete(keys::seq_position(shard, user, seq))?;
+                } else {
+                    target.forgotten = Some(receipt_target(&stub));
+                    view.put(keys::seq_position(shard, user, seq), &target)?;
+                }
+            }
+            Ok(())
+        }
         Decoded::MessageSent(_)
         | Decoded::DeliveryAcked(_)
         | Decoded::ReceiptRecorded(_)
@@ -152,6 +189,15 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
         | Decoded::MemberAdded(_)
         | Decoded::MemberRemoved(_)
         | Decoded::SendsForgotten(_) => Ok(()),
+    }
+}
+
+/// Where the receipts of a stored message go.
+pub fn receipt_target(entry: &courier_proto::pb::store::InboxEntry) -> ReceiptTarget {
+    ReceiptTarget {
+        message_id: entry.message_id.clone(),
+        sender_user: entry.sender_user,
+        source_shard: entry.source_shard,
     }
 }
 

@@ -123,8 +123,23 @@ impl Adversary {
         })
     }
 
+    /// Forgets 0..=2 inbox stubs, stored or not, under any id and stored time.
+    fn inbox_forgotten(&mut self) -> Kind {
+        Kind::InboxForgotten(events::InboxForgotten {
+            messages: (0..self.rng.below(3))
+                .map(|_| events::ForgottenMessage {
+                    user: self.user(),
+                    seq: self.seq(),
+                    message_id: self.message_id(),
+                    stored_at_ms: self.rng.below(100),
+                })
+                .collect(),
+            at_ms: self.rng.below(100),
+        })
+    }
+
     fn kind(&mut self) -> Kind {
-        match self.rng.below(14) {
+        match self.rng.below(15) {
             0 => Kind::MessageSent(events::MessageSent {
                 message_id: self.message_id(),
                 sender_user: self.user(),
@@ -217,6 +232,7 @@ impl Adversary {
                 at_ms: self.rng.below(100),
             }),
             12 => self.sends_forgotten(),
+            13 => self.inbox_forgotten(),
             _ => Kind::MessageExpired(events::MessageExpired {
                 user: self.user(),
                 seq: self.seq(),

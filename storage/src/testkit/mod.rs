@@ -160,7 +160,8 @@ impl EventGen {
             57..=66 => self.read_up_to(),
             67..=70 => self.message_expired(),
             71..=72 => self.sends_forgotten(),
-            73..=80 => self.receipt_recorded(),
+            73 => self.inbox_forgotten(),
+            74..=80 => self.receipt_recorded(),
             81..=86 => self.outbox_trimmed(),
             87..=92 => Some(self.registration()),
             _ => self.group_change(),
@@ -269,9 +270,12 @@ impl EventGen {
         let up_to = 1 + self.rng.below(tail);
         let model = self.users.get_mut(&user).expect("picked");
         model.delivered = model.delivered.max(up_to);
+        // Any of the user's devices (at least two ids), so that every one of them acks now and
+        // then and trims happen.
+        let devices = self.registered.get(&user).copied().unwrap_or(0).max(2);
         Some(Kind::DeliveryAcked(events::DeliveryAcked {
             user,
-            device: 1 + self.rng.below(2) as u32,
+            device: 1 + self.rng.below(u64::from(devices)) as u32,
             up_to_seq: up_to,
             acked_at_ms: self.now_ms,
             trim_delivered: self.rng.chance(50),
@@ -328,6 +332,28 @@ impl EventGen {
             .collect();
         Some(Kind::SendsForgotten(events::SendsForgotten {
             sends,
+            at_ms: self.now_ms,
+        }))
+    }
+
+    /// Forgets the oldest 1..=3 trimmed inbox stubs, read from the oracle's stub index (reads
+    /// of their sequences stay valid: no-ops once read).
+    fn inbox_forgotten(&mut self) -> Option<Kind> {
+        let count = usize::try_from(1 + self.rng.below(3)).unwrap_or(1);
+        let mut staged = Staged::new(&self.oracle, BTreeMap::new());
+        let view = View::new(
+            &mut staged,
+            self.shard,
+            self.oracle_state.applied,
+            Projection::Inbox,
+        );
+        let messages = crate::projection::inbox::stubs_before(&view, u64::MAX, count)
+            .expect("memory never faults");
+        if messages.is_empty() {
+            return None;
+        }
+        Some(Kind::InboxForgotten(events::InboxForgotten {
+            messages,
             at_ms: self.now_ms,
         }))
     }
@@ -400,8 +426,15 @@ impl EventGen {
                 at_ms: self.now_ms,
             });
         }
-        let user = self.next_user;
-        self.next_user += 1;
+        // The modelled users (who get messages) register first, so that their devices' acks
+        // can trim their inboxes; then new users.
+        let user = match self.users.keys().find(|u| !self.registered.contains_key(u)) {
+            Some(&modelled) => modelled,
+            None => {
+                self.next_user += 1;
+                self.next_user - 1
+            }
+        };
         self.registered.insert(user, 0);
         let mut phone_hash = vec![0_u8; 16];
         phone_hash[..8].copy_from_slice(&user.to_be_bytes());
