@@ -36,3 +36,9 @@ sim:
 .PHONY: bench
 bench:
 	scripts/bench
+
+# Storage over time (docs/BENCHMARKS.md, "Storage over time"): a steady conversation workload
+# with short retention windows; records per user per projection, e.g. `SOAK_MINUTES=30 make soak`.
+.PHONY: soak
+soak:
+	scripts/bench --soak

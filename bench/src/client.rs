@@ -2,7 +2,7 @@
 //! read from the node's `<data-dir>/sms-outbox.log`, as `courier-ops demo` does), bearer
 //! authentication, sends and device streams.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -75,7 +75,7 @@ pub(crate) fn run_tag() -> u32 {
 /// which commit through raft and take the time, still run in parallel.
 #[derive(Clone, Debug)]
 pub(crate) struct Outbox {
-    dir: std::path::PathBuf,
+    dir: PathBuf,
     lock: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
@@ -152,13 +152,43 @@ async fn read_code(data_dir: &Path, phone: &str) -> anyhow::Result<String> {
     }
 }
 
+/// The nodes a workload talks to: client addresses and, in the same order, data directories
+/// (dev-mode registration codes are read from `<dir>/sms-outbox.log`).
+#[derive(Debug, clap::Args)]
+pub(crate) struct Nodes {
+    /// Client API addresses of the nodes (`host:port`, comma separated).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub(crate) addrs: Vec<String>,
+    /// Data directories of the same nodes, in the same order.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub(crate) data_dirs: Vec<PathBuf>,
+}
+
+impl Nodes {
+    /// Checks that both lists name the same nodes.
+    ///
+    /// # Errors
+    /// Lists of different lengths, or empty.
+    pub(crate) fn check(&self) -> anyhow::Result<()> {
+        if self.addrs.len() != self.data_dirs.len() || self.addrs.is_empty() {
+            bail!("--addrs and --data-dirs must name the same nodes, in the same order");
+        }
+        Ok(())
+    }
+
+    /// The nodes' dev SMS outboxes, in order.
+    pub(crate) fn outboxes(&self) -> Vec<Outbox> {
+        self.data_dirs.iter().map(|d| Outbox::new(d)).collect()
+    }
+}
+
 /// An open device stream: frames from the server, and the sender that keeps the client half
 /// open (dropping it ends the stream).
 pub(crate) struct DeviceStream {
     /// Frames from the server.
     pub(crate) frames: tonic::Streaming<ServerFrame>,
-    /// The client half.
-    pub(crate) _out: mpsc::Sender<ClientFrame>,
+    /// The client half (acks and reads, where a workload sends them).
+    pub(crate) out: mpsc::Sender<ClientFrame>,
 }
 
 /// Opens `device`'s stream over `channel`, from the start of its inbox.
@@ -181,7 +211,7 @@ pub(crate) async fn open_stream(channel: Channel, device: &Device) -> anyhow::Re
         .await
         .context("Stream")?
         .into_inner();
-    Ok(DeviceStream { frames, _out: tx })
+    Ok(DeviceStream { frames, out: tx })
 }
 
 /// Hands out this run's phone numbers by shard: candidates are hashed in order and those on

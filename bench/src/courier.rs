@@ -29,7 +29,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
 use crate::LoadArgs;
-use crate::client::{self, Device, DeviceStream, Outbox, PhoneBook};
+use crate::client::{self, Device, DeviceStream, PhoneBook};
 use crate::procstat::Sampler;
 use crate::stats::{self, Latency, LogAppends, NodeCost, RunResult, Tally, Window};
 
@@ -45,13 +45,8 @@ const ERROR_BACKOFF: Duration = Duration::from_millis(20);
 /// Options of `courier-bench courier`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
-    /// Client API addresses of the nodes (`host:port`, comma separated).
-    #[arg(long, value_delimiter = ',', required = true)]
-    addrs: Vec<String>,
-    /// Data directories of the same nodes, in the same order (dev-mode codes are read from
-    /// `<dir>/sms-outbox.log`).
-    #[arg(long, value_delimiter = ',', required = true)]
-    data_dirs: Vec<PathBuf>,
+    #[command(flatten)]
+    nodes: client::Nodes,
     /// Peer (admin) addresses of the nodes: log appends and fsyncs are read from Admin.Status
     /// before and after the window.
     #[arg(long, value_delimiter = ',')]
@@ -100,9 +95,7 @@ struct Arrivals {
 /// # Errors
 /// Setup failures; the run's own failure (too many errors, lost messages).
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
-    if args.addrs.len() != args.data_dirs.len() || args.addrs.is_empty() {
-        bail!("--addrs and --data-dirs must name the same nodes, in the same order");
-    }
+    args.nodes.check()?;
     if !args.same_shard && args.shards < 2 {
         bail!("cross-shard needs at least 2 shards (or pass --same-shard)");
     }
@@ -120,13 +113,13 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     );
     let mut streams = Vec::with_capacity(pairs.len());
     for pair in &pairs {
-        let channel = client::connect(&args.addrs[pair.recipient_node]).await?;
+        let channel = client::connect(&args.nodes.addrs[pair.recipient_node]).await?;
         streams.push(client::open_stream(channel, &pair.recipient).await?);
     }
     let mut senders = Vec::with_capacity(pairs.len());
     for pair in &pairs {
         senders.push(MessagingClient::new(
-            client::connect(&args.addrs[pair.sender_node]).await?,
+            client::connect(&args.nodes.addrs[pair.sender_node]).await?,
         ));
     }
     let progress: Vec<Arc<Progress>> = pairs.iter().map(|_| Arc::default()).collect();
@@ -200,7 +193,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
 
 /// Picks phone numbers on the right shards and registers every sender and recipient.
 async fn register_pairs(args: &Args) -> anyhow::Result<Vec<Pair>> {
-    let nodes = args.addrs.len();
+    let nodes = args.nodes.addrs.len();
     let shards = args.shards;
     let mut book = PhoneBook::new(
         client::run_tag(),
@@ -226,10 +219,10 @@ async fn register_pairs(args: &Args) -> anyhow::Result<Vec<Pair>> {
         ));
     }
     let mut channels = Vec::with_capacity(nodes);
-    for addr in &args.addrs {
+    for addr in &args.nodes.addrs {
         channels.push(client::connect(addr).await?);
     }
-    let outboxes: Vec<Outbox> = args.data_dirs.iter().map(|d| Outbox::new(d)).collect();
+    let outboxes = args.nodes.outboxes();
     let limit = Arc::new(Semaphore::new(REGISTER_PARALLEL));
     let mut tasks = JoinSet::new();
     for (index, ((sender, sender_node), (recipient, recipient_node))) in

@@ -8,6 +8,7 @@
 //! - [`client`]: a courier phone client (dev-mode registration, sends, device streams).
 //! - [`courier`], [`etcd`], [`nats`]: one closed-loop workload each.
 //! - [`scale`]: idle device streams against one node.
+//! - [`soak`]: a steady conversation workload for minutes; records per user over time.
 //! - [`report`]: results → markdown section and plots.
 //!
 //! Every workload is a closed loop: C workers, each with its own connection, issue one
@@ -27,6 +28,7 @@ mod nats;
 mod procstat;
 mod report;
 mod scale;
+mod soak;
 mod stats;
 
 use std::path::PathBuf;
@@ -94,6 +96,9 @@ enum Command {
     Nats(nats::Args),
     /// Opens N idle device streams against one node: RSS per stream, live delivery latency.
     Scale(scale::Args),
+    /// A steady conversation workload for minutes (recipients ack and read everything): samples
+    /// the records each projection holds, to show storage per user levelling off.
+    Soak(soak::Args),
     /// Writes the BENCHMARKS.md section and SVG plots from a run's JSON results.
     Report(report::Args),
 }
@@ -115,6 +120,7 @@ fn main() -> anyhow::Result<()> {
             Command::Etcd(args) => etcd::run(args).await,
             Command::Nats(args) => nats::run(args).await,
             Command::Scale(args) => scale::run(args).await,
+            Command::Soak(args) => soak::run(args).await,
             Command::Report(_) => unreachable!("handled above"),
         }
     })

@@ -104,6 +104,15 @@ impl Cluster {
                 // Reported as storage indexes (raft index + 1), like every index here.
                 snapshot_index: state.snapshot_index.map_or(0, |i| i.saturating_add(1)),
                 purged_index: state.purged_index.map_or(0, |i| i.saturating_add(1)),
+                projections: view
+                    .shard
+                    .digests
+                    .iter()
+                    .map(|(projection, digest)| peer::ProjectionPairs {
+                        projection: projection.name().to_owned(),
+                        pairs: digest.entries,
+                    })
+                    .collect(),
             });
         }
         StatusResponse {
