@@ -2,8 +2,9 @@
 //! `retention.undelivered` are expired by proposing `MessageExpired` events, and the dedup
 //! records of sends older than `retention.dedup` are forgotten by proposing `SendsForgotten`, and
 //! so are the trimmed inbox stubs (bodies every device acked) of messages stored longer ago than
-//! that, by proposing `InboxForgotten`. The decision is the leader's (its clock, its scan of the
-//! expiry, dedup or stub time index); the effect is a log event, so every replica and every
+//! that, by proposing `InboxForgotten`, and the receipts set longer ago than that, by proposing
+//! `ReceiptsForgotten`. The decision is the leader's (its clock, its scan of the expiry, dedup,
+//! stub or receipt time index); the effect is a log event, so every replica and every
 //! rebuild agrees on what left. An expiry that races an ack, or a second proposal for the same
 //! message or send from a new leader, applies as a no-op.
 
@@ -12,7 +13,7 @@ use std::time::Duration;
 use courier_consensus::types::GroupId;
 use courier_proto::ShardId;
 use courier_proto::pb::events::{self, Event, event::Kind};
-use courier_storage::projection::{Projection, dedup, expiry, inbox};
+use courier_storage::projection::{Projection, dedup, expiry, inbox, receipts};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -22,7 +23,7 @@ use crate::cluster::Cluster;
 /// `MessageExpired` events proposed per shard per pass at most (one proposal).
 pub const EXPIRE_BATCH_MAX: usize = 256;
 
-/// Forgotten sends, and forgotten inbox stubs, proposed per shard per pass at most (one
+/// Forgotten sends, inbox stubs and receipts (each) proposed per shard per pass at most (one
 /// proposal).
 pub const FORGET_BATCH_MAX: usize = 256;
 
@@ -32,7 +33,7 @@ pub struct Windows {
     /// Undelivered messages expire after this.
     pub undelivered: Duration,
     /// Dedup records are forgotten this long after their send, trimmed inbox stubs this long
-    /// after their message was stored.
+    /// after their message was stored, receipts this long after they were set.
     pub dedup: Duration,
     /// Time between passes.
     pub interval: Duration,
@@ -56,8 +57,82 @@ pub async fn run(cluster: Cluster, windows: Windows, shutdown: CancellationToken
     }
 }
 
+/// What one pass found due on a shard, oldest first.
+struct Found {
+    expired: Vec<expiry::Due>,
+    sends: Vec<events::ForgottenSend>,
+    stubs: Vec<events::ForgottenMessage>,
+    receipts: Vec<events::ForgottenReceipt>,
+}
+
+impl Found {
+    /// Reads the four retention indexes of `shard` on this replica.
+    fn read(
+        cluster: &Cluster,
+        shard: ShardId,
+        now: u64,
+        (retention_ms, dedup_ms): (u64, u64),
+    ) -> courier_storage::Result<Self> {
+        let mut reader = cluster.groups().db().read(shard);
+        let window = now.saturating_sub(dedup_ms);
+        Ok(Self {
+            expired: expiry::due(
+                &reader.view(Projection::Expiry),
+                now.saturating_sub(retention_ms),
+                EXPIRE_BATCH_MAX,
+            )?,
+            sends: dedup::sent_before(&reader.view(Projection::Dedup), window, FORGET_BATCH_MAX)?,
+            stubs: inbox::stubs_before(&reader.view(Projection::Inbox), window, FORGET_BATCH_MAX)?,
+            receipts: receipts::set_before(
+                &reader.view(Projection::Receipts),
+                window,
+                FORGET_BATCH_MAX,
+            )?,
+        })
+    }
+
+    /// The proposal: one `MessageExpired` per message, one event per kind of forget.
+    fn events(self, now: u64) -> Vec<Event> {
+        let mut events: Vec<Event> = self
+            .expired
+            .into_iter()
+            .map(|d| Event {
+                kind: Some(Kind::MessageExpired(events::MessageExpired {
+                    user: d.user.get(),
+                    seq: d.seq.get(),
+                    message_id: d.message_id,
+                    at_ms: now,
+                })),
+            })
+            .collect();
+        let forgets = [
+            (!self.sends.is_empty()).then_some(Kind::SendsForgotten(events::SendsForgotten {
+                sends: self.sends,
+                at_ms: now,
+            })),
+            (!self.stubs.is_empty()).then_some(Kind::InboxForgotten(events::InboxForgotten {
+                messages: self.stubs,
+                at_ms: now,
+            })),
+            (!self.receipts.is_empty()).then_some(Kind::ReceiptsForgotten(
+                events::ReceiptsForgotten {
+                    receipts: self.receipts,
+                    at_ms: now,
+                },
+            )),
+        ];
+        events.extend(
+            forgets
+                .into_iter()
+                .flatten()
+                .map(|kind| Event { kind: Some(kind) }),
+        );
+        events
+    }
+}
+
 /// One pass over `shard`, if this node leads it: expires the undelivered messages and forgets
-/// the sends and inbox stubs that are due, in one proposal.
+/// the sends, inbox stubs and receipts that are due, in one proposal.
 async fn pass_on(cluster: &Cluster, shard: ShardId, retention_ms: u64, dedup_ms: u64) {
     let Some(handle) = cluster.groups().get(GroupId::Shard(shard)) else {
         return;
@@ -66,70 +141,31 @@ async fn pass_on(cluster: &Cluster, shard: ShardId, retention_ms: u64, dedup_ms:
         return;
     }
     let now = now_ms();
-    let (due, sends, stubs) = {
-        let mut reader = cluster.groups().db().read(shard);
-        let due = expiry::due(
-            &reader.view(Projection::Expiry),
-            now.saturating_sub(retention_ms),
-            EXPIRE_BATCH_MAX,
-        );
-        let sends = dedup::sent_before(
-            &reader.view(Projection::Dedup),
-            now.saturating_sub(dedup_ms),
-            FORGET_BATCH_MAX,
-        );
-        let stubs = inbox::stubs_before(
-            &reader.view(Projection::Inbox),
-            now.saturating_sub(dedup_ms),
-            FORGET_BATCH_MAX,
-        );
-        match (due, sends, stubs) {
-            (Ok(due), Ok(sends), Ok(stubs)) => (due, sends, stubs),
-            (Err(error), _, _) | (_, Err(error), _) | (_, _, Err(error)) => {
-                warn!(%shard, %error, "reading the retention indexes failed");
-                return;
-            }
+    let due = match Found::read(cluster, shard, now, (retention_ms, dedup_ms)) {
+        Ok(due) => due,
+        Err(error) => {
+            warn!(%shard, %error, "reading the retention indexes failed");
+            return;
         }
     };
-    let (expired, forgotten, stubs_forgotten) = (due.len(), sends.len(), stubs.len());
-    let mut events: Vec<Event> = due
-        .into_iter()
-        .map(|d| Event {
-            kind: Some(Kind::MessageExpired(events::MessageExpired {
-                user: d.user.get(),
-                seq: d.seq.get(),
-                message_id: d.message_id,
-                at_ms: now,
-            })),
-        })
-        .collect();
-    if !sends.is_empty() {
-        events.push(Event {
-            kind: Some(Kind::SendsForgotten(events::SendsForgotten {
-                sends,
-                at_ms: now,
-            })),
-        });
-    }
-    if !stubs.is_empty() {
-        events.push(Event {
-            kind: Some(Kind::InboxForgotten(events::InboxForgotten {
-                messages: stubs,
-                at_ms: now,
-            })),
-        });
-    }
+    let (expired, sends, stubs, receipts) = (
+        due.expired.len(),
+        due.sends.len(),
+        due.stubs.len(),
+        due.receipts.len(),
+    );
+    let events = due.events(now);
     if events.is_empty() {
         return;
     }
     match cluster.propose(shard, events).await {
         Ok(_) => info!(
-            %shard, expired, forgotten, stubs_forgotten,
-            "retention: messages expired, sends and inbox stubs forgotten"
+            %shard, expired, sends, stubs, receipts,
+            "retention: messages expired; sends, inbox stubs and receipts forgotten"
         ),
         // Lost leadership or quorum: the next leader's pass proposes them again.
         Err(error) => warn!(
-            %shard, expired, forgotten, stubs_forgotten, %error,
+            %shard, expired, sends, stubs, receipts, %error,
             "retention proposal failed; retried next pass"
         ),
     }

@@ -178,6 +178,14 @@ fn describe(
                 e.messages.iter().map(|m| m.stored_at_ms).max(),
             ),
         ),
+        Some(Kind::ReceiptsForgotten(e)) => forgetting(
+            "ReceiptsForgotten",
+            ("receipts", e.receipts.len()),
+            (
+                "latest_set_at_ms",
+                e.receipts.iter().map(|r| r.set_at_ms).max(),
+            ),
+        ),
         None => (
             "Unknown",
             vec![("note", json!("an event kind this build does not know"))],
@@ -185,7 +193,8 @@ fn describe(
     }
 }
 
-/// A retention event (`SendsForgotten`, `InboxForgotten`) as its count and its latest time.
+/// A retention event (`SendsForgotten`, `InboxForgotten`, `ReceiptsForgotten`) as its count and
+/// its latest time.
 fn forgetting(
     kind: &'static str,
     (count_name, count): (&'static str, usize),

@@ -85,15 +85,26 @@ pub struct Touched {
     pub devices: bool,
 }
 
+/// Whether `key` of family `cf` is one of the time indexes the leader scans for what to forget
+/// ([`keys::inbox_stub_by_time`], [`keys::receipt_by_time`]), which carry no user after their tag.
+fn is_time_index(cf: Cf, key: &[u8]) -> bool {
+    let tag = key.get(2).copied();
+    match cf {
+        Cf::Projection(Projection::Inbox) => tag == Some(keys::tag::QUATERNARY),
+        Cf::Projection(Projection::Receipts) => tag == Some(keys::tag::TERTIARY),
+        _ => false,
+    }
+}
+
 impl Touched {
     /// Reads what `changes` (one batch's writes) touched.
     pub fn of(changes: &[Change]) -> Self {
         let mut touched = Self::default();
         for (cf, key, _) in changes {
             match cf {
-                // The stub index changes only beside the stubs it names.
-                Cf::Projection(Projection::Inbox) if key.get(2) == Some(&keys::tag::QUATERNARY) => {
-                }
+                // The time indexes change only beside the records they name.
+                Cf::Projection(Projection::Inbox | Projection::Receipts)
+                    if is_time_index(*cf, key) => {}
                 Cf::Projection(Projection::Inbox | Projection::Receipts) => {
                     if let Some(user) = keys::user_after_tag(key) {
                         touched.users.push(user);

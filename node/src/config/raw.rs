@@ -146,10 +146,12 @@ pub struct RetentionRaw {
     /// this long after it was sent (a `SendsForgotten` event proposed by the sender's shard
     /// leader), and a retry after that is a new message. The stub of a delivered message (its
     /// body gone once every device acked) is forgotten this long after it was stored (an
-    /// `InboxForgotten`). Default `"7d"`.
+    /// `InboxForgotten`), and a receipt this long after it was set (a `ReceiptsForgotten`).
+    /// Default `"7d"`.
     #[serde(default = "defaults::dedup")]
     pub dedup: HumanDuration,
-    /// How often each shard leader looks for expired messages and sends and stubs to forget.
+    /// How often each shard leader looks for expired messages, and sends, stubs and receipts to
+    /// forget.
     /// Default
     /// `"10s"`.
     #[serde(default = "defaults::expiry_scan")]

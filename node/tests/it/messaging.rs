@@ -963,9 +963,10 @@ async fn a_send_is_forgotten_after_the_dedup_window() {
 /// With a 2 s window, the stubs of delivered messages (bodies gone once every device acked) leave
 /// the inbox on every replica (an `InboxForgotten` in the log): a read one with its position, an
 /// unread one keeping where its READ receipt goes. A read of a forgotten message is a no-op, a
-/// later read still sends the READ receipt, and every replica equals a rebuild from its log.
+/// later read still sends the READ receipt; the receipts leave the sender's shard a window after
+/// they were set (`ReceiptsForgotten`), and every replica equals a rebuild from its log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn delivered_stubs_are_forgotten_after_the_window() {
+async fn delivered_stubs_and_receipts_are_forgotten_after_the_window() {
     let c = cluster_configured(&|text| {
         format!(
             "{}\n[retention]\ndedup = \"2s\"\nscan-interval = \"200ms\"\n",
@@ -1046,23 +1047,70 @@ async fn delivered_stubs_are_forgotten_after_the_window() {
     }
     let alice_id = UserId::new(alice.user).expect("id");
     let alice_shard = shard_of(alice_id, 4);
-    let read_receipt_of = |message_id: &[u8]| {
-        on_replica(&c.nodes[0], alice_shard, Projection::Receipts, |view| {
-            let message = courier_proto::MessageId::from_wire(message_id, "id").expect("id");
-            Ok(
-                courier_storage::projection::receipts::of_message(view, alice_id, message)?
-                    .into_iter()
-                    .any(|(user, receipt)| user == bob_id && receipt.state() == ReceiptState::Read),
-            )
+    // The receipts themselves are forgotten a window after they were set: the log tells.
+    let both_read = |kinds: &[events::event::Kind]| {
+        ids.iter().all(|id| {
+            kinds.iter().any(|kind| {
+                matches!(kind, events::event::Kind::ReceiptRecorded(r)
+                    if &r.message_id == id
+                        && r.recipient_user == bob.user
+                        && r.state() == ReceiptState::Read)
+            })
         })
     };
     let waiting = Instant::now();
-    while !(read_receipt_of(&ids[0]) && read_receipt_of(&ids[1])) {
+    while !both_read(&logged_events(&c.nodes[0], alice_shard).await) {
         assert!(
             waiting.elapsed() < Duration::from_secs(10),
             "both messages read, the second after its stub left"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tracing::info!("the receipts leave every replica a window after they were set");
+    let receipts_on = |node: &courier_node::NodeHandle| {
+        on_replica(node, alice_shard, Projection::Receipts, |view| {
+            let mut count = 0;
+            for id in &ids {
+                let message = courier_proto::MessageId::from_wire(id, "id").expect("id");
+                count +=
+                    courier_storage::projection::receipts::of_message(view, alice_id, message)?
+                        .len();
+            }
+            Ok(count)
+        })
+    };
+    while c.nodes.iter().any(|node| receipts_on(node) > 0) {
+        assert!(
+            waiting.elapsed() < Duration::from_secs(20),
+            "the receipts were not forgotten everywhere"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let answered = MessagingClient::new(channel(&addr).await)
+        .get_receipts(authed(
+            &alice,
+            courier_proto::pb::client::GetReceiptsRequest {
+                message_ids: ids.clone(),
+                group_id: 0,
+            },
+        ))
+        .await
+        .expect("receipts")
+        .into_inner()
+        .receipts;
+    assert!(
+        answered.iter().all(|m| m.recipients.is_empty()),
+        "a forgotten receipt is not answered: {answered:?}"
+    );
+    for node in &c.nodes {
+        assert_verified_from_genesis(node, alice_shard).await;
+        assert!(
+            logged_events(node, alice_shard)
+                .await
+                .iter()
+                .any(|kind| matches!(kind, events::event::Kind::ReceiptsForgotten(_))),
+            "a ReceiptsForgotten in the log"
+        );
     }
     let unread = MessagingClient::new(channel(&addr).await)
         .list_conversations(authed(&bob, ListConversationsRequest {}))

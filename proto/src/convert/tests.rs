@@ -439,8 +439,17 @@ fn events_round_trip_through_prost() {
             }],
             at_ms: 13,
         }),
+        Kind::ReceiptsForgotten(events::ReceiptsForgotten {
+            receipts: vec![events::ForgottenReceipt {
+                sender_user: 1,
+                message_id: vec![7; 16],
+                recipient_user: 2,
+                set_at_ms: 1_700_000_000_000,
+            }],
+            at_ms: 14,
+        }),
     ];
-    assert_eq!(kinds.len(), 15, "one case per event variant");
+    assert_eq!(kinds.len(), 16, "one case per event variant");
     let payload = events::EntryPayload {
         format_version: crate::FORMAT_VERSION,
         events: kinds

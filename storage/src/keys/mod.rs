@@ -19,6 +19,7 @@
 //! | readstate | shard \| 2 \| user \| seq | SeqPosition |
 //! | receipts | shard \| 1 \| sender \| message_id:16 \| recipient | Receipt |
 //! | receipts | shard \| 2 \| sender \| set_at:u64 \| message_id:16 \| recipient | Receipt (feed) |
+//! | receipts | shard \| 3 \| at_ms:u64 \| sender \| message_id:16 \| recipient | () (by time) |
 //! | dedup | shard \| 1 \| user \| device \| client_msg_id | SendResult |
 //! | dedup | shard \| 2 \| sent_at_ms:u64 \| user \| device \| client_msg_id | () (by time) |
 //! | outbox | shard \| 1 \| dest:u16 \| pos:u64 | OutboxEntry |
@@ -64,7 +65,7 @@ pub mod tag {
     /// devices: user record; groups: member record.
     pub const SECONDARY: u8 = 2;
     /// inbox: message id → seq; outbox: inbound watermark; devices: device record; groups: a
-    /// user's membership (user → group).
+    /// user's membership (user → group); receipts: receipts by time.
     pub const TERTIARY: u8 = 3;
     /// groups: the one stored copy of a group message; inbox: trimmed stubs by time.
     pub const QUATERNARY: u8 = 4;
@@ -168,7 +169,8 @@ pub fn applied_state(shard: ShardId) -> Vec<u8> {
 }
 
 /// The user of a key laid out as shard, tag, user (every key of the inbox and receipts families
-/// but the inbox's [`inbox_stub_by_time`] index), or `None` for a shorter key.
+/// but their time indexes, [`inbox_stub_by_time`] and [`receipt_by_time`]), or `None` for a
+/// shorter key.
 pub fn user_after_tag(key: &[u8]) -> Option<UserId> {
     let bytes: [u8; 8] = key.get(3..11)?.try_into().ok()?;
     UserId::new(u64::from_be_bytes(bytes))
@@ -324,6 +326,34 @@ pub fn receipt_feed_prefix(shard: ShardId, sender: UserId) -> Vec<u8> {
         .u8(tag::SECONDARY)
         .u64(sender.get())
         .done()
+}
+
+/// receipts: the index of receipts by the time they were set (`Receipt::at_ms`), which the
+/// leader scans for the ones to forget.
+pub fn receipt_by_time(
+    shard: ShardId,
+    at_ms: u64,
+    sender: UserId,
+    message: MessageId,
+    recipient: UserId,
+) -> Vec<u8> {
+    KeyBuf::shard(shard)
+        .u8(tag::TERTIARY)
+        .u64(at_ms)
+        .u64(sender.get())
+        .bytes(message.as_bytes())
+        .u64(recipient.get())
+        .done()
+}
+
+/// receipts: the first key of the time index.
+pub fn receipt_by_time_start(shard: ShardId) -> Vec<u8> {
+    KeyBuf::shard(shard).u8(tag::TERTIARY).done()
+}
+
+/// receipts: the first key after the time index entries of receipts set before `before_ms`.
+pub fn receipt_by_time_end(shard: ShardId, before_ms: u64) -> Vec<u8> {
+    KeyBuf::shard(shard).u8(tag::TERTIARY).u64(before_ms).done()
 }
 
 /// dedup: one client send.

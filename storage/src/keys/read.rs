@@ -175,6 +175,17 @@ pub fn dedup_by_time_parts(key: &[u8]) -> Option<(u64, UserId, DeviceId, &str)> 
     Some((sent_at_ms, user, device, key.rest_str()?))
 }
 
+/// Decodes `(at_ms, sender, message, recipient)` from a
+/// [`receipt_by_time`](super::receipt_by_time) key.
+pub fn receipt_by_time_parts(key: &[u8]) -> Option<(u64, UserId, MessageId, UserId)> {
+    let mut key = KeyReader::after(key, RECORD_PREFIX_BYTES)?;
+    let at_ms = key.u64()?;
+    let sender = UserId::new(key.u64()?)?;
+    let message = key.message()?;
+    let recipient = UserId::new(key.u64()?)?;
+    key.end((at_ms, sender, message, recipient))
+}
+
 /// Decodes `(stored_at_ms, user, seq)` from an [`inbox_stub_by_time`](super::inbox_stub_by_time)
 /// key.
 pub fn inbox_stub_by_time_parts(key: &[u8]) -> Option<(u64, UserId, InboxSeq)> {

@@ -195,6 +195,19 @@ pub struct ForgottenMessage<'e> {
     pub seq: InboxSeq,
 }
 
+/// One receipt of a decoded `ReceiptsForgotten`.
+#[derive(Clone, Copy, Debug)]
+pub struct ForgottenReceipt<'e> {
+    /// The wire entry.
+    pub event: &'e events::ForgottenReceipt,
+    /// The message's sender.
+    pub sender: UserId,
+    /// The message.
+    pub message: MessageId,
+    /// The recipient.
+    pub recipient: UserId,
+}
+
 /// One committed event with its ids checked.
 #[derive(Clone, Debug)]
 pub enum Decoded<'e> {
@@ -228,6 +241,8 @@ pub enum Decoded<'e> {
     SendsForgotten(Vec<ForgottenSend<'e>>),
     /// `InboxForgotten`: the inbox stubs that leave.
     InboxForgotten(Vec<ForgottenMessage<'e>>),
+    /// `ReceiptsForgotten`: the receipts that leave.
+    ReceiptsForgotten(Vec<ForgottenReceipt<'e>>),
 }
 
 fn user(raw: u64, field: &'static str) -> Result<UserId, WireError> {
@@ -325,6 +340,7 @@ pub fn kind_name(kind: &Kind) -> &'static str {
         Kind::MessageExpired(_) => "MessageExpired",
         Kind::SendsForgotten(_) => "SendsForgotten",
         Kind::InboxForgotten(_) => "InboxForgotten",
+        Kind::ReceiptsForgotten(_) => "ReceiptsForgotten",
     }
 }
 
@@ -419,6 +435,20 @@ fn decode_fields(kind: &Kind) -> Result<Decoded<'_>, WireError> {
                         event: message,
                         user: user(message.user, "user")?,
                         seq: InboxSeq::new(message.seq),
+                    })
+                })
+                .collect::<Result<_, WireError>>()?,
+        ),
+        Kind::ReceiptsForgotten(event) => Decoded::ReceiptsForgotten(
+            event
+                .receipts
+                .iter()
+                .map(|receipt| {
+                    Ok(ForgottenReceipt {
+                        event: receipt,
+                        sender: user(receipt.sender_user, "sender_user")?,
+                        message: MessageId::from_wire(&receipt.message_id, "message_id")?,
+                        recipient: user(receipt.recipient_user, "recipient_user")?,
                     })
                 })
                 .collect::<Result<_, WireError>>()?,

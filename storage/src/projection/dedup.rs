@@ -127,6 +127,7 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
         | Decoded::MemberAdded(_)
         | Decoded::MemberRemoved(_)
         | Decoded::MessageExpired(_)
-        | Decoded::InboxForgotten(_) => Ok(()),
+        | Decoded::InboxForgotten(_)
+        | Decoded::ReceiptsForgotten(_) => Ok(()),
     }
 }

@@ -95,6 +95,7 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
         | Decoded::MemberAdded(_)
         | Decoded::MemberRemoved(_)
         | Decoded::SendsForgotten(_)
-        | Decoded::InboxForgotten(_) => Ok(()),
+        | Decoded::InboxForgotten(_)
+        | Decoded::ReceiptsForgotten(_) => Ok(()),
     }
 }

@@ -109,7 +109,8 @@ pub fn check(view: &View<'_, '_>, event: &Decoded<'_>) -> Result<Option<GroupRef
         | Decoded::DeviceRevoked(_)
         | Decoded::MessageExpired(_)
         | Decoded::SendsForgotten(_)
-        | Decoded::InboxForgotten(_) => None,
+        | Decoded::InboxForgotten(_)
+        | Decoded::ReceiptsForgotten(_) => None,
     };
     Ok(refusal)
 }
@@ -271,6 +272,7 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
         | Decoded::DeviceRevoked(_)
         | Decoded::MessageExpired(_)
         | Decoded::SendsForgotten(_)
-        | Decoded::InboxForgotten(_) => Ok(()),
+        | Decoded::InboxForgotten(_)
+        | Decoded::ReceiptsForgotten(_) => Ok(()),
     }
 }

@@ -299,6 +299,7 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
         | Decoded::GroupCreated(_)
         | Decoded::MemberAdded(_)
         | Decoded::MemberRemoved(_)
-        | Decoded::SendsForgotten(_) => Ok(()),
+        | Decoded::SendsForgotten(_)
+        | Decoded::ReceiptsForgotten(_) => Ok(()),
     }
 }

@@ -233,6 +233,7 @@ pub(super) fn check(view: &View<'_, '_>, event: &Decoded<'_>) -> Result<Option<I
         | Decoded::MemberRemoved(_)
         | Decoded::MessageExpired(_)
         | Decoded::SendsForgotten(_)
-        | Decoded::InboxForgotten(_) => None,
+        | Decoded::InboxForgotten(_)
+        | Decoded::ReceiptsForgotten(_) => None,
     })
 }

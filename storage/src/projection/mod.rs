@@ -34,6 +34,8 @@ mod inbox_test;
 mod outbox_test;
 #[cfg(test)]
 mod projection_test;
+#[cfg(test)]
+mod receipts_test;
 
 use std::ops::ControlFlow;
 
@@ -269,7 +271,8 @@ fn admit(
         | Decoded::DeviceRegistered(_)
         | Decoded::DeviceRevoked(_)
         | Decoded::SendsForgotten(_)
-        | Decoded::InboxForgotten(_) => Applied::Done,
+        | Decoded::InboxForgotten(_)
+        | Decoded::ReceiptsForgotten(_) => Applied::Done,
     };
     Ok(ControlFlow::Continue(outcome))
 }

@@ -5,8 +5,13 @@
 //! outbox, exactly once and in order per source shard (duplicates were dropped by the
 //! dispatcher), and the recipient's shard emits DELIVERED before READ for each message, so a
 //! receipt that does not move forward is a bug.
+//!
+//! Beside each receipt: its entry in the sender's feed (by the log index that set it) and in a
+//! time index (by `at_ms`), from which the shard leader proposes `ReceiptsForgotten` for the
+//! receipts set longer than the exactly-once window ago. All three leave together; a receipt
+//! that arrives after that is stored again, still moving forward from where it was.
 
-use courier_proto::pb::events::ReceiptState;
+use courier_proto::pb::events::{ForgottenReceipt, ReceiptState};
 use courier_proto::pb::store::Receipt;
 use courier_proto::{MessageId, ReceiptFeedPosition, UserId};
 
@@ -83,7 +88,34 @@ pub fn feed(
         .collect())
 }
 
-/// Writes a receipt and moves its feed entry to the current index.
+/// Returns up to `limit` receipts set before `set_before_ms`, oldest first: the ones a
+/// `ReceiptsForgotten` may name.
+///
+/// # Errors
+/// A storage fault.
+pub fn set_before(
+    view: &View<'_, '_>,
+    set_before_ms: u64,
+    limit: usize,
+) -> Result<Vec<ForgottenReceipt>> {
+    let from = keys::receipt_by_time_start(view.shard());
+    let to = keys::receipt_by_time_end(view.shard(), set_before_ms);
+    Ok(view
+        .scan::<()>(Projection::Receipts, &from, &to, limit)?
+        .into_iter()
+        .filter_map(|(key, ())| {
+            let (set_at_ms, sender, message, recipient) = keys::receipt_by_time_parts(&key)?;
+            Some(ForgottenReceipt {
+                sender_user: sender.get(),
+                message_id: message.as_bytes().to_vec(),
+                recipient_user: recipient.get(),
+                set_at_ms,
+            })
+        })
+        .collect())
+}
+
+/// Writes a receipt and moves its feed and time index entries to the current index and time.
 fn record(
     view: &mut View<'_, '_>,
     sender: UserId,
@@ -93,10 +125,22 @@ fn record(
 ) -> Result<()> {
     let shard = view.shard();
     let key = keys::receipt(shard, sender, message, recipient);
-    if let Some((old_at, _)) = view.get_with_index::<Receipt>(Projection::Receipts, &key)? {
+    let by_time = |at_ms| keys::receipt_by_time(shard, at_ms, sender, message, recipient);
+    let old = view.get_with_index::<Receipt>(Projection::Receipts, &key)?;
+    if let Some((old_at, _)) = &old {
         view.delete(keys::receipt_feed(
-            shard, sender, old_at, message, recipient,
+            shard, sender, *old_at, message, recipient,
         ))?;
+    }
+    match old {
+        // Two states set in the same millisecond (DELIVERED and READ by one read): the same
+        // index entry.
+        Some((_, old)) if old.at_ms == receipt.at_ms => {}
+        Some((_, old)) => {
+            view.delete(by_time(old.at_ms))?;
+            view.put_new(by_time(receipt.at_ms), &());
+        }
+        None => view.put_new(by_time(receipt.at_ms), &()),
     }
     // Keyed by this entry's index: no earlier entry wrote it, and a receipt moves once per
     // (message, recipient) per event.
@@ -105,6 +149,32 @@ fn record(
         receipt,
     );
     view.put(key, receipt)
+}
+
+/// Removes a receipt a `ReceiptsForgotten` names, with its feed and time index entries, if it is
+/// still the one set at that time.
+fn forget(view: &mut View<'_, '_>, forgotten: &super::decode::ForgottenReceipt<'_>) -> Result<()> {
+    let shard = view.shard();
+    let (sender, message, recipient) = (forgotten.sender, forgotten.message, forgotten.recipient);
+    let key = keys::receipt(shard, sender, message, recipient);
+    let Some((set_at, receipt)) = view.get_with_index::<Receipt>(Projection::Receipts, &key)?
+    else {
+        return Ok(());
+    };
+    if receipt.at_ms != forgotten.event.set_at_ms {
+        return Ok(()); // moved on since the leader looked: its new time is indexed
+    }
+    view.delete(keys::receipt_feed(
+        shard, sender, set_at, message, recipient,
+    ))?;
+    view.delete(keys::receipt_by_time(
+        shard,
+        receipt.at_ms,
+        sender,
+        message,
+        recipient,
+    ))?;
+    view.delete(key)
 }
 
 /// Folds one event into the receipts.
@@ -158,6 +228,12 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
                     at_ms: recorded.at_ms,
                 },
             )
+        }
+        Decoded::ReceiptsForgotten(receipts) => {
+            for forgotten in receipts {
+                forget(view, forgotten)?;
+            }
+            Ok(())
         }
         Decoded::MessageDelivered(_)
         | Decoded::DeliveryAcked(_)

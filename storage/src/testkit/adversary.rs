@@ -138,8 +138,32 @@ impl Adversary {
         })
     }
 
+    /// Forgets 0..=2 receipts, recorded or not, under any set time.
+    fn receipts_forgotten(&mut self) -> Kind {
+        Kind::ReceiptsForgotten(events::ReceiptsForgotten {
+            receipts: (0..self.rng.below(3))
+                .map(|_| events::ForgottenReceipt {
+                    sender_user: self.user(),
+                    message_id: self.message_id(),
+                    recipient_user: self.user(),
+                    set_at_ms: self.rng.below(100),
+                })
+                .collect(),
+            at_ms: self.rng.below(100),
+        })
+    }
+
+    /// One of the retention forgets (sends, inbox stubs, receipts).
+    fn forgotten(&mut self) -> Kind {
+        match self.rng.below(3) {
+            0 => self.sends_forgotten(),
+            1 => self.inbox_forgotten(),
+            _ => self.receipts_forgotten(),
+        }
+    }
+
     fn kind(&mut self) -> Kind {
-        match self.rng.below(15) {
+        match self.rng.below(14) {
             0 => Kind::MessageSent(events::MessageSent {
                 message_id: self.message_id(),
                 sender_user: self.user(),
@@ -231,8 +255,7 @@ impl Adversary {
                 by: self.user(),
                 at_ms: self.rng.below(100),
             }),
-            12 => self.sends_forgotten(),
-            13 => self.inbox_forgotten(),
+            12 => self.forgotten(),
             _ => Kind::MessageExpired(events::MessageExpired {
                 user: self.user(),
                 seq: self.seq(),

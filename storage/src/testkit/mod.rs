@@ -161,7 +161,8 @@ impl EventGen {
             67..=70 => self.message_expired(),
             71..=72 => self.sends_forgotten(),
             73 => self.inbox_forgotten(),
-            74..=80 => self.receipt_recorded(),
+            74 => self.receipts_forgotten(),
+            75..=80 => self.receipt_recorded(),
             81..=86 => self.outbox_trimmed(),
             87..=92 => Some(self.registration()),
             _ => self.group_change(),
@@ -336,24 +337,44 @@ impl EventGen {
         }))
     }
 
-    /// Forgets the oldest 1..=3 trimmed inbox stubs, read from the oracle's stub index (reads
-    /// of their sequences stay valid: no-ops once read).
-    fn inbox_forgotten(&mut self) -> Option<Kind> {
-        let count = usize::try_from(1 + self.rng.below(3)).unwrap_or(1);
+    /// Reads the oracle's `projection` at what the generator has generated so far.
+    fn read_oracle<T>(
+        &self,
+        projection: Projection,
+        read: impl FnOnce(&View<'_, '_>) -> crate::Result<T>,
+    ) -> T {
         let mut staged = Staged::new(&self.oracle, BTreeMap::new());
         let view = View::new(
             &mut staged,
             self.shard,
             self.oracle_state.applied,
-            Projection::Inbox,
+            projection,
         );
-        let messages = crate::projection::inbox::stubs_before(&view, u64::MAX, count)
-            .expect("memory never faults");
-        if messages.is_empty() {
-            return None;
-        }
-        Some(Kind::InboxForgotten(events::InboxForgotten {
+        read(&view).expect("memory never faults")
+    }
+
+    /// Forgets the oldest 1..=3 trimmed inbox stubs, read from the oracle's stub index (reads
+    /// of their sequences stay valid: no-ops once read).
+    fn inbox_forgotten(&mut self) -> Option<Kind> {
+        let count = usize::try_from(1 + self.rng.below(3)).unwrap_or(1);
+        let messages = self.read_oracle(Projection::Inbox, |view| {
+            crate::projection::inbox::stubs_before(view, u64::MAX, count)
+        });
+        (!messages.is_empty()).then_some(Kind::InboxForgotten(events::InboxForgotten {
             messages,
+            at_ms: self.now_ms,
+        }))
+    }
+
+    /// Forgets the oldest 1..=3 receipts, read from the oracle's receipt time index (the
+    /// generator's later receipts for them still move forward from where they were).
+    fn receipts_forgotten(&mut self) -> Option<Kind> {
+        let count = usize::try_from(1 + self.rng.below(3)).unwrap_or(1);
+        let receipts = self.read_oracle(Projection::Receipts, |view| {
+            crate::projection::receipts::set_before(view, u64::MAX, count)
+        });
+        (!receipts.is_empty()).then_some(Kind::ReceiptsForgotten(events::ReceiptsForgotten {
+            receipts,
             at_ms: self.now_ms,
         }))
     }
