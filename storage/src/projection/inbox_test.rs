@@ -496,9 +496,11 @@ fn forgotten_stubs_leave_the_inbox_and_their_receipts_still_go_out() {
         })],
     );
     assert_eq!(state.digests, digests, "nothing was forgotten");
-    tracing_phase("the stubs are forgotten");
+    tracing_phase("the stubs are forgotten (read seq 1 named twice: the second is a no-op)");
+    let mut named_twice = found.clone();
+    named_twice.push(found[0].clone());
     let forget = Kind::InboxForgotten(events::InboxForgotten {
-        messages: found,
+        messages: named_twice,
         at_ms: 20,
     });
     apply_one(&mut kv, &mut state, vec![forget.clone()]);
@@ -545,6 +547,22 @@ fn forgotten_stubs_leave_the_inbox_and_their_receipts_still_go_out() {
     );
     assert_eq!(again, vec![Applied::Done]);
     assert_eq!(state.digests, digests, "it changed nothing");
+    tracing_phase("so does one naming forgotten seq 1 under another conversation: no receipts");
+    let elsewhere = apply_one(
+        &mut kv,
+        &mut state,
+        vec![Kind::ReadUpTo(events::ReadUpTo {
+            user: 1,
+            conversation: direct(3),
+            up_to_seq: 1,
+            read_at_ms: 21,
+        })],
+    );
+    assert_eq!(elsewhere, vec![Applied::Done]);
+    assert_eq!(
+        state.digests, digests,
+        "no READ for seq 3 (unread, in that conversation) and no read position moved"
+    );
     tracing_phase("a read past the tail is still invalid");
     let past = apply_one(
         &mut kv,
@@ -597,5 +615,73 @@ fn forgotten_stubs_leave_the_inbox_and_their_receipts_still_go_out() {
         new_receipts,
         vec![(2, 2, i32::from(ReceiptState::Read))],
         "one READ receipt for the forgotten message, to its sender"
+    );
+}
+
+/// A read naming a forgotten (read) message under another conversation moves nothing there: no
+/// READ receipt for that conversation's unread messages below it, no read position.
+#[test]
+fn a_read_of_a_forgotten_message_under_another_conversation_sends_nothing() {
+    let mut kv = MemKv::default();
+    let mut state = ShardState::empty(SHARD);
+    tracing_phase("seq 1 from user 3 (unread), seq 2 from user 2 (read), both acked and trimmed");
+    apply_one(
+        &mut kv,
+        &mut state,
+        [
+            registered(1, 1, 1),
+            vec![
+                delivered(1, 3, 1),
+                delivered(1, 2, 2),
+                Kind::ReadUpTo(events::ReadUpTo {
+                    user: 1,
+                    conversation: direct(2),
+                    up_to_seq: 2,
+                    read_at_ms: 12,
+                }),
+                Kind::DeliveryAcked(events::DeliveryAcked {
+                    user: 1,
+                    device: 1,
+                    up_to_seq: 2,
+                    acked_at_ms: 13,
+                    trim_delivered: true,
+                }),
+            ],
+        ]
+        .concat(),
+    );
+    tracing_phase("seq 2 alone is forgotten: its read position leaves");
+    let seq_2: Vec<events::ForgottenMessage> = {
+        let mut staged = Staged::new(&kv, BTreeMap::new());
+        let view = View::new(&mut staged, SHARD, LogIndex::ZERO, Projection::Inbox);
+        super::inbox::stubs_before(&view, u64::MAX, 10).expect("memory")
+    }
+    .into_iter()
+    .filter(|stub| stub.seq == 2)
+    .collect();
+    assert_eq!(seq_2.len(), 1);
+    apply_one(
+        &mut kv,
+        &mut state,
+        vec![Kind::InboxForgotten(events::InboxForgotten {
+            messages: seq_2,
+            at_ms: 20,
+        })],
+    );
+    let digests = state.digests.clone();
+    let outcome = apply_one(
+        &mut kv,
+        &mut state,
+        vec![Kind::ReadUpTo(events::ReadUpTo {
+            user: 1,
+            conversation: direct(3),
+            up_to_seq: 2,
+            read_at_ms: 21,
+        })],
+    );
+    assert_eq!(outcome, vec![Applied::Done]);
+    assert_eq!(
+        state.digests, digests,
+        "seq 1 (user 3's, unread) gets no READ receipt and its conversation stays unread"
     );
 }

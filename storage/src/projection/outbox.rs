@@ -300,6 +300,11 @@ fn queue_ack_receipts(view: &mut View<'_, '_>, acked: &Acked<'_>) -> Result<()> 
 /// newly covers.
 fn queue_read_receipts(view: &mut View<'_, '_>, read: &Read<'_>) -> Result<()> {
     let (user, conv, up_to) = (read.user, read.conversation, read.up_to);
+    if readstate::position(view, user, up_to)?.is_none() {
+        // Read already, and its position forgotten: the read moves nothing (as in readstate),
+        // whatever conversation it names.
+        return Ok(());
+    }
     let read_at_ms = read.event.read_at_ms;
     let state = readstate::get(view, user, conv)?;
     let delivered_up_to = inbox::state(view, user)?.delivered_up_to;
