@@ -608,6 +608,18 @@ async fn rejections_change_nothing() {
     }
 }
 
+/// A cluster whose shard leaders look for retention work every 200 ms, with the `[retention]`
+/// settings `windows` (TOML lines).
+async fn retention_cluster(windows: &str) -> Cluster {
+    cluster_configured(&|text| {
+        format!(
+            "{}\n[retention]\n{windows}scan-interval = \"200ms\"\n",
+            with_limits(text, 10_000)
+        )
+    })
+    .await
+}
+
 /// Alice and Bob registered on shards of their own through node 0: node 0's client address,
 /// Alice's phone, both devices, and a messaging client on node 0.
 async fn alice_and_bob_on_node0(
@@ -755,13 +767,7 @@ async fn sigkill_the_senders_leader_loses_and_duplicates_nothing() {
 /// and every replica's projections still equal a rebuild from its log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undelivered_messages_expire_on_every_replica() {
-    let c = cluster_configured(&|text| {
-        format!(
-            "{}\n[retention]\nundelivered = \"2s\"\nscan-interval = \"200ms\"\nkeep-delivered = true\n",
-            with_limits(text, 10_000)
-        )
-    })
-    .await;
+    let c = retention_cluster("undelivered = \"2s\"\nkeep-delivered = true\n").await;
     let (addr, _, alice, bob, mut messaging) = alice_and_bob_on_node0(&c).await;
     let send = |id: &str| SendRequest {
         client_msg_id: id.to_owned(),
@@ -881,13 +887,7 @@ async fn undelivered_messages_expire_on_every_replica() {
 /// replica's projections still equal a rebuild from its log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_send_is_forgotten_after_the_dedup_window() {
-    let c = cluster_configured(&|text| {
-        format!(
-            "{}\n[retention]\ndedup = \"2s\"\nscan-interval = \"200ms\"\n",
-            with_limits(text, 10_000)
-        )
-    })
-    .await;
+    let c = retention_cluster("dedup = \"2s\"\n").await;
     let (_, _, alice, bob, mut messaging) = alice_and_bob_on_node0(&c).await;
     let send = || SendRequest {
         client_msg_id: "once".to_owned(),
@@ -967,13 +967,7 @@ async fn a_send_is_forgotten_after_the_dedup_window() {
 /// they were set (`ReceiptsForgotten`), and every replica equals a rebuild from its log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivered_stubs_and_receipts_are_forgotten_after_the_window() {
-    let c = cluster_configured(&|text| {
-        format!(
-            "{}\n[retention]\ndedup = \"2s\"\nscan-interval = \"200ms\"\n",
-            with_limits(text, 10_000)
-        )
-    })
-    .await;
+    let c = retention_cluster("dedup = \"2s\"\n").await;
     let (addr, _, alice, bob, mut messaging) = alice_and_bob_on_node0(&c).await;
     let mut ids = Vec::new();
     for i in 1..=2 {

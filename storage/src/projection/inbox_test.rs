@@ -71,16 +71,7 @@ fn inbox_readstate_and_receipts_table() {
         "a duplicate changes no inbox entry"
     );
     tracing_phase("reading the conversation with user 2 up to seq 2 leaves 1 unread there");
-    apply_one(
-        &mut kv,
-        &mut state,
-        vec![Kind::ReadUpTo(events::ReadUpTo {
-            user: 1,
-            conversation: direct(2),
-            up_to_seq: 2,
-            read_at_ms: 20,
-        })],
-    );
+    apply_one(&mut kv, &mut state, vec![read_by_1(2, 2, 20)]);
     let mut staged = Staged::new(&kv, BTreeMap::new());
     let view = view_of(&mut staged);
     let with_2 = readstate::get(
@@ -413,6 +404,16 @@ fn registered(user: u64, device: u32, phone: u8) -> Vec<Kind> {
     ]
 }
 
+/// User 1 read the conversation with user `with` up to `up_to_seq`.
+fn read_by_1(with: u64, up_to_seq: u64, read_at_ms: u64) -> Kind {
+    Kind::ReadUpTo(events::ReadUpTo {
+        user: 1,
+        conversation: direct(with),
+        up_to_seq,
+        read_at_ms,
+    })
+}
+
 /// Every record of `projection`.
 fn records(kv: &MemKv, projection: Projection) -> Vec<(Vec<u8>, Vec<u8>)> {
     kv.scan(Cf::Projection(projection), &[], &[0xff], usize::MAX)
@@ -456,12 +457,7 @@ fn forgotten_stubs_leave_the_inbox_and_their_receipts_still_go_out() {
         &mut kv,
         &mut state,
         vec![
-            Kind::ReadUpTo(events::ReadUpTo {
-                user: 1,
-                conversation: direct(2),
-                up_to_seq: 1,
-                read_at_ms: 12,
-            }),
+            read_by_1(2, 1, 12),
             Kind::DeliveryAcked(events::DeliveryAcked {
                 user: 1,
                 device: 1,
@@ -535,57 +531,21 @@ fn forgotten_stubs_leave_the_inbox_and_their_receipts_still_go_out() {
     apply_one(&mut kv, &mut state, vec![forget]);
     assert_eq!(state.digests, digests, "a second forget is a no-op");
     tracing_phase("a read naming forgotten seq 1 is a no-op, not invalid");
-    let again = apply_one(
-        &mut kv,
-        &mut state,
-        vec![Kind::ReadUpTo(events::ReadUpTo {
-            user: 1,
-            conversation: direct(2),
-            up_to_seq: 1,
-            read_at_ms: 21,
-        })],
-    );
+    let again = apply_one(&mut kv, &mut state, vec![read_by_1(2, 1, 21)]);
     assert_eq!(again, vec![Applied::Done]);
     assert_eq!(state.digests, digests, "it changed nothing");
     tracing_phase("so does one naming forgotten seq 1 under another conversation: no receipts");
-    let elsewhere = apply_one(
-        &mut kv,
-        &mut state,
-        vec![Kind::ReadUpTo(events::ReadUpTo {
-            user: 1,
-            conversation: direct(3),
-            up_to_seq: 1,
-            read_at_ms: 21,
-        })],
-    );
+    let elsewhere = apply_one(&mut kv, &mut state, vec![read_by_1(3, 1, 21)]);
     assert_eq!(elsewhere, vec![Applied::Done]);
     assert_eq!(
         state.digests, digests,
         "no READ for seq 3 (unread, in that conversation) and no read position moved"
     );
     tracing_phase("a read past the tail is still invalid");
-    let past = apply_one(
-        &mut kv,
-        &mut state,
-        vec![Kind::ReadUpTo(events::ReadUpTo {
-            user: 1,
-            conversation: direct(2),
-            up_to_seq: 4,
-            read_at_ms: 21,
-        })],
-    );
+    let past = apply_one(&mut kv, &mut state, vec![read_by_1(2, 4, 21)]);
     assert_refused(&past, "not a message of its conversation");
     tracing_phase("reading seq 2 sends its READ receipt and its position leaves");
-    apply_one(
-        &mut kv,
-        &mut state,
-        vec![Kind::ReadUpTo(events::ReadUpTo {
-            user: 1,
-            conversation: direct(2),
-            up_to_seq: 2,
-            read_at_ms: 22,
-        })],
-    );
+    apply_one(&mut kv, &mut state, vec![read_by_1(2, 2, 22)]);
     let [_, two, _] = positions(&kv).try_into().expect("three seqs");
     assert_eq!(two, None, "read, and its stub forgotten: the position left");
     let mut staged = Staged::new(&kv, BTreeMap::new());
@@ -633,12 +593,7 @@ fn a_read_of_a_forgotten_message_under_another_conversation_sends_nothing() {
             vec![
                 delivered(1, 3, 1),
                 delivered(1, 2, 2),
-                Kind::ReadUpTo(events::ReadUpTo {
-                    user: 1,
-                    conversation: direct(2),
-                    up_to_seq: 2,
-                    read_at_ms: 12,
-                }),
+                read_by_1(2, 2, 12),
                 Kind::DeliveryAcked(events::DeliveryAcked {
                     user: 1,
                     device: 1,
@@ -669,16 +624,7 @@ fn a_read_of_a_forgotten_message_under_another_conversation_sends_nothing() {
         })],
     );
     let digests = state.digests.clone();
-    let outcome = apply_one(
-        &mut kv,
-        &mut state,
-        vec![Kind::ReadUpTo(events::ReadUpTo {
-            user: 1,
-            conversation: direct(3),
-            up_to_seq: 2,
-            read_at_ms: 21,
-        })],
-    );
+    let outcome = apply_one(&mut kv, &mut state, vec![read_by_1(3, 2, 21)]);
     assert_eq!(outcome, vec![Applied::Done]);
     assert_eq!(
         state.digests, digests,
