@@ -61,6 +61,22 @@ impl MemKv {
         self.families.retain(|_, family| !family.is_empty());
     }
 
+    /// Borrows the value of `key` in `cf`.
+    pub fn value(&self, cf: Cf, key: &[u8]) -> Option<&Vec<u8>> {
+        self.families.get(&cf).and_then(|family| family.get(key))
+    }
+
+    /// Removes `key` from `cf`, returning its value; a family left empty is dropped, as
+    /// [`MemKv::write`] does.
+    fn remove(&mut self, cf: Cf, key: &[u8]) -> Option<Vec<u8>> {
+        let family = self.families.get_mut(&cf)?;
+        let old = family.remove(key);
+        if family.is_empty() {
+            self.families.remove(&cf);
+        }
+        old
+    }
+
     /// Clears `ranges`, then applies `changes`.
     pub fn replace_ranges(&mut self, ranges: &[(Cf, Vec<u8>, Vec<u8>)], changes: Vec<Change>) {
         for (cf, from, to) in ranges {
@@ -95,11 +111,7 @@ impl MemKv {
 
 impl ReadKv for MemKv {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        Ok(self
-            .families
-            .get(&cf)
-            .and_then(|family| family.get(key))
-            .cloned())
+        Ok(self.value(cf, key).cloned())
     }
 
     fn scan(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<Pair>> {
@@ -174,7 +186,7 @@ type ReadCache = HashMap<Vec<u8>, Option<Vec<u8>>>;
 /// one event (and the events of one entry) read the same few records over and over (an inbox's
 /// state, an outbox's state, a watermark), and every put reads the old value for the digest.
 pub struct Staged<'a> {
-    base: &'a dyn ReadKv,
+    base: Base<'a>,
     // Per family, so that lookups borrow the key instead of allocating one.
     writes: BTreeMap<Cf, BTreeMap<Vec<u8>, Option<Vec<u8>>>>,
     // What the base held, for keys this batch read and has not written.
@@ -184,9 +196,29 @@ pub struct Staged<'a> {
     writes_made: u64,
 }
 
+/// What a [`Staged`] batch reads and writes through.
+enum Base<'a> {
+    /// A store the batch only reads: writes stay in the overlay until [`Staged::finish`].
+    Read(&'a dyn ReadKv),
+    /// Scratch memory the batch writes straight into (a replay): no overlay, no read cache.
+    Direct(&'a mut MemKv),
+}
+
 impl<'a> Staged<'a> {
     /// Starts a batch over `base`, whose projections currently have `digests`.
     pub fn new(base: &'a dyn ReadKv, digests: BTreeMap<Projection, Digest>) -> Self {
+        Self::over(Base::Read(base), digests)
+    }
+
+    /// Starts a batch that writes straight into `kv`, whose projections currently have
+    /// `digests`: each put or delete is one map operation, and [`Staged::finish`] returns no
+    /// changes. For replays into scratch memory, where a failed batch discards the whole
+    /// replay (a failure leaves `kv` holding part of the batch).
+    pub fn direct(kv: &'a mut MemKv, digests: BTreeMap<Projection, Digest>) -> Self {
+        Self::over(Base::Direct(kv), digests)
+    }
+
+    fn over(base: Base<'a>, digests: BTreeMap<Projection, Digest>) -> Self {
         Self {
             base,
             writes: BTreeMap::new(),
@@ -202,6 +234,10 @@ impl<'a> Staged<'a> {
     /// # Errors
     /// A storage fault.
     pub fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let base = match &self.base {
+            Base::Direct(kv) => return Ok(kv.value(cf, key).cloned()),
+            Base::Read(base) => *base,
+        };
         if let Some(staged) = self.writes.get(&cf).and_then(|family| family.get(key)) {
             return Ok(staged.clone());
         }
@@ -214,7 +250,7 @@ impl<'a> Staged<'a> {
             return Ok(cached.clone());
         }
         self.base_reads.set(self.base_reads.get().saturating_add(1));
-        let value = self.base.get(cf, key)?;
+        let value = base.get(cf, key)?;
         self.read
             .borrow_mut()
             .entry(cf)
@@ -234,6 +270,10 @@ impl<'a> Staged<'a> {
     /// # Errors
     /// A storage fault.
     pub fn scan(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<Pair>> {
+        let base = match &self.base {
+            Base::Direct(kv) => return kv.scan(cf, from, to, limit),
+            Base::Read(base) => *base,
+        };
         let staged: Vec<_> = self
             .writes
             .get(&cf)
@@ -244,13 +284,13 @@ impl<'a> Staged<'a> {
             .map(|(key, value)| (key.clone(), value.clone()))
             .collect();
         self.base_reads.set(self.base_reads.get().saturating_add(1));
+        if staged.is_empty() {
+            return base.scan(cf, from, to, limit);
+        }
         // Each staged delete can hide at most one base pair, so this many base pairs suffice.
         let base_limit = limit.saturating_add(staged.len());
-        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = self
-            .base
-            .scan(cf, from, to, base_limit)?
-            .into_iter()
-            .collect();
+        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> =
+            base.scan(cf, from, to, base_limit)?.into_iter().collect();
         for (key, value) in staged {
             match value {
                 Some(value) => merged.insert(key, value),
@@ -266,13 +306,26 @@ impl<'a> Staged<'a> {
     /// A storage fault while reading the old value (needed for the digest).
     pub fn put(&mut self, projection: Projection, key: Vec<u8>, value: Vec<u8>) -> Result<()> {
         let cf = Cf::Projection(projection);
-        let old = self.get(cf, &key)?;
-        let digest = self.digests.entry(projection).or_default();
-        if let Some(old) = &old {
-            digest.remove(&key, old);
-        }
-        digest.add(&key, &value);
         self.writes_made = self.writes_made.saturating_add(1);
+        let digest = self.digests.entry(projection).or_default();
+        digest.add(&key, &value);
+        if let Base::Direct(kv) = &mut self.base {
+            let family = kv.families.entry(cf).or_default();
+            if let Some(old) = family.get_mut(&key) {
+                digest.remove(&key, old);
+                *old = value;
+            } else {
+                family.insert(key, value);
+            }
+            return Ok(());
+        }
+        let old = self.get(cf, &key)?;
+        if let Some(old) = &old {
+            self.digests
+                .entry(projection)
+                .or_default()
+                .remove(&key, old);
+        }
         self.writes.entry(cf).or_default().insert(key, Some(value));
         Ok(())
     }
@@ -295,7 +348,14 @@ impl<'a> Staged<'a> {
             .or_default()
             .add(&key, &value);
         self.writes_made = self.writes_made.saturating_add(1);
-        self.writes.entry(cf).or_default().insert(key, Some(value));
+        match &mut self.base {
+            Base::Direct(kv) => {
+                kv.families.entry(cf).or_default().insert(key, value);
+            }
+            Base::Read(_) => {
+                self.writes.entry(cf).or_default().insert(key, Some(value));
+            }
+        }
     }
 
     /// Deletes `key` from a projection's family (a no-op when absent).
@@ -304,6 +364,16 @@ impl<'a> Staged<'a> {
     /// A storage fault while reading the old value.
     pub fn delete(&mut self, projection: Projection, key: Vec<u8>) -> Result<()> {
         let cf = Cf::Projection(projection);
+        if let Base::Direct(kv) = &mut self.base {
+            if let Some(old) = kv.remove(cf, &key) {
+                self.digests
+                    .entry(projection)
+                    .or_default()
+                    .remove(&key, &old);
+                self.writes_made = self.writes_made.saturating_add(1);
+            }
+            return Ok(());
+        }
         if let Some(old) = self.get(cf, &key)? {
             self.digests
                 .entry(projection)

@@ -83,11 +83,9 @@ pub fn replay(
             })
             .collect();
         let consensus_state = entries.last().map(|e| e.raft.clone()).unwrap_or_default();
-        let batch = state.apply_batch(&kv, &committed, consensus_state)?;
-        let applied_events: usize = batch.results.iter().map(Vec::len).sum();
+        let results = state.apply_in_place(&mut kv, &committed, consensus_state)?;
+        let applied_events: usize = results.iter().map(Vec::len).sum();
         events = events.saturating_add(u64::try_from(applied_events).unwrap_or(u64::MAX));
-        kv.write(batch.changes);
-        state = batch.next;
         progress(state.applied, events);
     }
     Ok(Rebuilt { kv, state, events })

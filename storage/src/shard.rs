@@ -21,7 +21,7 @@ use prost::Message;
 use crate::cf::Cf;
 use crate::error::{Result, StorageError};
 use crate::keys;
-use crate::kv::{Change, Digest, ReadKv, Staged};
+use crate::kv::{Change, Digest, MemKv, ReadKv, Staged};
 use crate::projection::{self, Applied, Projection};
 
 /// One committed entry to apply: its index and, unless it is a raft blank or membership entry,
@@ -214,6 +214,69 @@ impl ShardState {
     ) -> Result<Batch> {
         let shard = self.shard_id();
         let mut staged = Staged::new(kv, self.digests.clone());
+        let (applied, results) = self.fold(&mut staged, entries)?;
+        let io = staged.io();
+        let (mut changes, digests) = staged.finish();
+        let touched = Touched::of(&changes);
+        let next = ShardState {
+            shard: Some(shard),
+            applied,
+            digests,
+            consensus_state,
+        };
+        changes.push((
+            Cf::Meta,
+            keys::applied_state(shard),
+            Some(next.to_applied_state().encode_to_vec()),
+        ));
+        Ok(Batch {
+            changes,
+            next,
+            results,
+            io,
+            touched,
+        })
+    }
+
+    /// Folds `entries` as [`ShardState::apply_batch`] does, writing straight into `kv` (scratch
+    /// memory: a replay), and adopts the state after them. Returns, per entry, what each event
+    /// produced. The data (the applied-state record included) and the state equal those of
+    /// `apply_batch` followed by `MemKv::write`.
+    ///
+    /// # Errors
+    /// As `apply_batch`; `kv` then holds part of the batch and must be discarded.
+    ///
+    /// # Panics
+    /// As `apply_batch`.
+    pub fn apply_in_place(
+        &mut self,
+        kv: &mut MemKv,
+        entries: &[Committed<'_>],
+        consensus_state: Vec<u8>,
+    ) -> Result<Vec<Vec<Applied>>> {
+        let mut staged = Staged::direct(kv, self.digests.clone());
+        let (applied, results) = self.fold(&mut staged, entries)?;
+        let (changes, digests) = staged.finish();
+        debug_assert!(changes.is_empty(), "a direct batch writes as it goes");
+        self.applied = applied;
+        self.digests = digests;
+        self.consensus_state = consensus_state;
+        kv.write([(
+            Cf::Meta,
+            keys::applied_state(self.shard_id()),
+            Some(self.to_applied_state().encode_to_vec()),
+        )]);
+        Ok(results)
+    }
+
+    /// Applies `entries` through `staged`: the last index applied and, per entry, per event,
+    /// what applying produced.
+    fn fold(
+        &self,
+        staged: &mut Staged<'_>,
+        entries: &[Committed<'_>],
+    ) -> Result<(LogIndex, Vec<Vec<Applied>>)> {
+        let shard = self.shard_id();
         let mut applied = self.applied;
         let mut results = Vec::with_capacity(entries.len());
         for entry in entries {
@@ -241,35 +304,10 @@ impl ShardState {
             }
             let mut entry_results = Vec::with_capacity(payload.events.len());
             for event in &payload.events {
-                entry_results.push(projection::apply_event(
-                    &mut staged,
-                    shard,
-                    entry.index,
-                    event,
-                )?);
+                entry_results.push(projection::apply_event(staged, shard, entry.index, event)?);
             }
             results.push(entry_results);
         }
-        let io = staged.io();
-        let (mut changes, digests) = staged.finish();
-        let touched = Touched::of(&changes);
-        let next = ShardState {
-            shard: Some(shard),
-            applied,
-            digests,
-            consensus_state,
-        };
-        changes.push((
-            Cf::Meta,
-            keys::applied_state(shard),
-            Some(next.to_applied_state().encode_to_vec()),
-        ));
-        Ok(Batch {
-            changes,
-            next,
-            results,
-            io,
-            touched,
-        })
+        Ok((applied, results))
     }
 }

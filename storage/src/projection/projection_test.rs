@@ -36,14 +36,7 @@ pub(super) fn fold(
             .expect("small")
             .min(rest.len());
         let (now, later) = rest.split_at(n);
-        let entries: Vec<Committed<'_>> = now
-            .iter()
-            .enumerate()
-            .map(|(i, payload)| Committed {
-                index: LogIndex::new(state.applied.get() + 1 + i as u64),
-                payload: Some(payload),
-            })
-            .collect();
+        let entries = committed(state.applied, now);
         let batch = state
             .apply_batch(&kv, &entries, Vec::new())
             .expect("memory never faults");
@@ -52,6 +45,18 @@ pub(super) fn fold(
         rest = later;
     }
     (kv, state)
+}
+
+/// `payloads` as committed entries after `applied`.
+fn committed(applied: LogIndex, payloads: &[EntryPayload]) -> Vec<Committed<'_>> {
+    payloads
+        .iter()
+        .enumerate()
+        .map(|(i, payload)| Committed {
+            index: LogIndex::new(applied.get() + 1 + i as u64),
+            payload: Some(payload),
+        })
+        .collect()
 }
 
 pub(super) fn apply_one(kv: &mut MemKv, state: &mut ShardState, kinds: Vec<Kind>) -> Vec<Applied> {
@@ -117,6 +122,38 @@ proptest! {
             let rehashed = digest_of(&batched, SHARD, projection).expect("memory");
             prop_assert_eq!(rehashed, state_batched.digest(projection), "{}", projection.name());
         }
+    }
+
+    /// A replay's in-place fold (writes straight into memory, no overlay) gives exactly the
+    /// data, digests and outcomes of staged batches committed one after another, for valid and
+    /// adversarial histories in any batching.
+    #[test]
+    fn in_place_fold_equals_staged_batches(seed in any::<u64>(), entries in 1_usize..100, batch_max in 1_u64..40, forged in any::<bool>()) {
+        let payloads = if forged {
+            Adversary::new(SHARD, seed).payloads(entries, 4)
+        } else {
+            EventGen::new(SHARD, seed).payloads(entries, 4)
+        };
+        let (staged, staged_state) = fold(&payloads, &mut Rng::new(seed), 1);
+        let mut in_place = MemKv::default();
+        let mut state = ShardState::empty(SHARD);
+        let mut sizes = Rng::new(seed ^ 2);
+        let mut rest = payloads.as_slice();
+        let mut outcomes = Vec::new();
+        while !rest.is_empty() {
+            let n = usize::try_from(1 + sizes.below(batch_max)).expect("small").min(rest.len());
+            let (now, later) = rest.split_at(n);
+            let entries = committed(state.applied, now);
+            outcomes.extend(state.apply_in_place(&mut in_place, &entries, Vec::new()).expect("memory"));
+            rest = later;
+        }
+        prop_assert_eq!(&in_place, &staged);
+        prop_assert_eq!(&state, &staged_state);
+        let staged_outcomes = ShardState::empty(SHARD)
+            .apply_batch(&MemKv::default(), &committed(LogIndex::ZERO, &payloads), Vec::new())
+            .expect("memory")
+            .results;
+        prop_assert_eq!(outcomes, staged_outcomes);
     }
 
     /// Applying a history, snapshotting and installing it elsewhere reproduces it exactly.
