@@ -3,17 +3,20 @@
 //! records of sends older than `retention.dedup` are forgotten by proposing `SendsForgotten`, and
 //! so are the trimmed inbox stubs (bodies every device acked) of messages stored longer ago than
 //! that, by proposing `InboxForgotten`, and the receipts set longer ago than that, by proposing
-//! `ReceiptsForgotten`. The decision is the leader's (its clock, its scan of the expiry, dedup,
-//! stub or receipt time index); the effect is a log event, so every replica and every
-//! rebuild agrees on what left. An expiry that races an ack, or a second proposal for the same
+//! `ReceiptsForgotten`. Unless delivered messages are kept (`retention.keep-delivered`), the
+//! stored copies of group messages sent longer ago than both windows together leave by
+//! `GroupMessagesForgotten`: every member's copy was delivered or expired by then. The decision
+//! is the leader's (its clock, its scan of the expiry, dedup, stub, receipt or group message
+//! index); the effect is a log event, so every replica and every rebuild agrees on what left. An expiry that races an ack, or a second proposal for the same
 //! message or send from a new leader, applies as a no-op.
 
 use std::time::Duration;
 
 use courier_consensus::types::GroupId;
+use courier_proto::LogIndex;
 use courier_proto::ShardId;
 use courier_proto::pb::events::{self, Event, event::Kind};
-use courier_storage::projection::{Projection, dedup, expiry, inbox, receipts};
+use courier_storage::projection::{Projection, dedup, expiry, groups, inbox, receipts};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -37,12 +40,31 @@ pub struct Windows {
     pub dedup: Duration,
     /// Time between passes.
     pub interval: Duration,
+    /// Whether stored group message copies leave once older than `undelivered` + `dedup` (not
+    /// when delivered messages are kept).
+    pub forget_group_copies: bool,
+}
+
+/// The retention windows of one pass, in milliseconds.
+#[derive(Clone, Copy, Debug)]
+struct Millis {
+    undelivered: u64,
+    dedup: u64,
+    /// `None`: group message copies are kept.
+    group_copies: Option<u64>,
 }
 
 /// Runs the expirer of this node until `shutdown`.
 pub async fn run(cluster: Cluster, windows: Windows, shutdown: CancellationToken) {
     let millis = |window: Duration| u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
-    let (retention_ms, dedup_ms) = (millis(windows.undelivered), millis(windows.dedup));
+    let (undelivered, dedup) = (millis(windows.undelivered), millis(windows.dedup));
+    let windows_ms = Millis {
+        undelivered,
+        dedup,
+        group_copies: windows
+            .forget_group_copies
+            .then_some(undelivered.saturating_add(dedup)),
+    };
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -52,7 +74,7 @@ pub async fn run(cluster: Cluster, windows: Windows, shutdown: CancellationToken
             continue;
         };
         for shard in (0..shard_count).map(ShardId::new) {
-            pass_on(&cluster, shard, retention_ms, dedup_ms).await;
+            pass_on(&cluster, shard, windows_ms).await;
         }
     }
 }
@@ -63,22 +85,37 @@ struct Found {
     sends: Vec<events::ForgottenSend>,
     stubs: Vec<events::ForgottenMessage>,
     receipts: Vec<events::ForgottenReceipt>,
+    /// The group message copies due: the last index and the cutoff time.
+    group_copies: Option<(LogIndex, u64)>,
 }
 
 impl Found {
-    /// Reads the four retention indexes of `shard` on this replica.
+    /// Reads the retention indexes of `shard` on this replica.
     fn read(
         cluster: &Cluster,
         shard: ShardId,
         now: u64,
-        (retention_ms, dedup_ms): (u64, u64),
+        windows: Millis,
     ) -> courier_storage::Result<Self> {
         let mut reader = cluster.groups().db().read(shard);
-        let window = now.saturating_sub(dedup_ms);
+        let window = now.saturating_sub(windows.dedup);
+        let group_copies = match windows.group_copies {
+            Some(window) => {
+                let before_ms = now.saturating_sub(window);
+                groups::messages_sent_before(
+                    &reader.view(Projection::Groups),
+                    before_ms,
+                    FORGET_BATCH_MAX,
+                )?
+                .map(|last| (last, before_ms))
+            }
+            None => None,
+        };
         Ok(Self {
+            group_copies,
             expired: expiry::due(
                 &reader.view(Projection::Expiry),
-                now.saturating_sub(retention_ms),
+                now.saturating_sub(windows.undelivered),
                 EXPIRE_BATCH_MAX,
             )?,
             sends: dedup::sent_before(&reader.view(Projection::Dedup), window, FORGET_BATCH_MAX)?,
@@ -120,6 +157,12 @@ impl Found {
                     at_ms: now,
                 },
             )),
+            self.group_copies.map(|(last, before_ms)| {
+                Kind::GroupMessagesForgotten(events::GroupMessagesForgotten {
+                    up_to_index: last.get(),
+                    before_ms,
+                })
+            }),
         ];
         events.extend(
             forgets
@@ -133,7 +176,7 @@ impl Found {
 
 /// One pass over `shard`, if this node leads it: expires the undelivered messages and forgets
 /// the sends, inbox stubs and receipts that are due, in one proposal.
-async fn pass_on(cluster: &Cluster, shard: ShardId, retention_ms: u64, dedup_ms: u64) {
+async fn pass_on(cluster: &Cluster, shard: ShardId, windows: Millis) {
     let Some(handle) = cluster.groups().get(GroupId::Shard(shard)) else {
         return;
     };
@@ -141,7 +184,7 @@ async fn pass_on(cluster: &Cluster, shard: ShardId, retention_ms: u64, dedup_ms:
         return;
     }
     let now = now_ms();
-    let due = match Found::read(cluster, shard, now, (retention_ms, dedup_ms)) {
+    let due = match Found::read(cluster, shard, now, windows) {
         Ok(due) => due,
         Err(error) => {
             warn!(%shard, %error, "reading the retention indexes failed");
@@ -154,14 +197,15 @@ async fn pass_on(cluster: &Cluster, shard: ShardId, retention_ms: u64, dedup_ms:
         due.stubs.len(),
         due.receipts.len(),
     );
+    let group_copies_up_to = due.group_copies.map_or(0, |(last, _)| last.get());
     let events = due.events(now);
     if events.is_empty() {
         return;
     }
     match cluster.propose(shard, events).await {
         Ok(_) => info!(
-            %shard, expired, sends, stubs, receipts,
-            "retention: messages expired; sends, inbox stubs and receipts forgotten"
+            %shard, expired, sends, stubs, receipts, group_copies_up_to,
+            "retention: messages expired; sends, inbox stubs, receipts and group copies forgotten"
         ),
         // Lost leadership or quorum: the next leader's pass proposes them again.
         Err(error) => warn!(

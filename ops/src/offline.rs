@@ -186,6 +186,13 @@ fn describe(
                 e.receipts.iter().map(|r| r.set_at_ms).max(),
             ),
         ),
+        Some(Kind::GroupMessagesForgotten(e)) => (
+            "GroupMessagesForgotten",
+            vec![
+                ("up_to_index", json!(e.up_to_index)),
+                ("before_ms", json!(e.before_ms)),
+            ],
+        ),
         None => (
             "Unknown",
             vec![("note", json!("an event kind this build does not know"))],

@@ -179,11 +179,18 @@ impl ClientApi {
                     continue;
                 }
                 if entry.content.is_none() && entry.group_index > 0 {
-                    entry.content = self.group_content(&entry);
-                    if entry.content.is_none() {
-                        // The group's shard lags on this replica: push it on a later pass.
-                        stalled = true;
-                        break;
+                    match self.group_content(&entry) {
+                        GroupCopy::Stored(content) => entry.content = Some(content),
+                        GroupCopy::Forgotten => {
+                            // Older than the retention windows: it expired for this member.
+                            pushed_up_to = seq;
+                            continue;
+                        }
+                        GroupCopy::NotYet => {
+                            // The group's shard lags on this replica: push it on a later pass.
+                            stalled = true;
+                            break;
+                        }
                     }
                 }
                 if live {
@@ -274,27 +281,30 @@ impl ClientApi {
     }
 
     /// The one stored copy of a group message an inbox entry points at (on the group's shard,
-    /// which every node replicates).
-    fn group_content(
-        &self,
-        entry: &courier_proto::pb::store::InboxEntry,
-    ) -> Option<events::Content> {
-        let shard = courier_proto::ShardId::new(u16::try_from(entry.source_shard).ok()?);
-        let stored = self
-            .read(shard, |view| {
-                groups::message_at(view, LogIndex::new(entry.group_index))
-            })
-            .ok()
-            .flatten();
+    /// which every node replicates), or why there is none.
+    fn group_content(&self, entry: &courier_proto::pb::store::InboxEntry) -> GroupCopy {
+        let Ok(shard) = u16::try_from(entry.source_shard).map(courier_proto::ShardId::new) else {
+            return GroupCopy::NotYet;
+        };
+        let index = LogIndex::new(entry.group_index);
+        let stored = self.read(shard, |view| {
+            Ok((
+                groups::message_at(view, index)?,
+                groups::messages_forgotten_up_to(view)?,
+            ))
+        });
         match stored {
-            Some(message) if message.message_id == entry.message_id => message.content,
+            Ok((Some(message), _)) if message.message_id == entry.message_id => {
+                message.content.map_or(GroupCopy::NotYet, GroupCopy::Stored)
+            }
+            Ok((None, forgotten)) if index <= forgotten => GroupCopy::Forgotten,
             _ => {
                 tracing::debug!(
                     %shard,
                     index = entry.group_index,
                     "a group message's stored copy is not on this replica yet"
                 );
-                None
+                GroupCopy::NotYet
             }
         }
     }
@@ -437,6 +447,16 @@ impl ClientApi {
         let cluster = self.cluster.clone();
         tokio::spawn(async move { cluster.broadcast_typing(to_users, update).await });
     }
+}
+
+/// What the group shard's replica on this node holds for a group message an inbox entry points at.
+enum GroupCopy {
+    /// Its content.
+    Stored(events::Content),
+    /// It left with the retention windows (`GroupMessagesForgotten`): the message expired.
+    Forgotten,
+    /// Not applied here yet: retry on a later pass.
+    NotYet,
 }
 
 /// The frame that pushes inbox entry `seq`.

@@ -147,13 +147,12 @@ pub struct RetentionRaw {
     /// leader), and a retry after that is a new message. The stub of a delivered message (its
     /// body gone once every device acked) is forgotten this long after it was stored (an
     /// `InboxForgotten`), and a receipt this long after it was set (a `ReceiptsForgotten`).
-    /// Default `"7d"`.
+    /// With `keep-delivered = false`, a group message's stored copy is forgotten `undelivered`
+    /// + this after it was sent (a `GroupMessagesForgotten`). Default `"7d"`.
     #[serde(default = "defaults::dedup")]
     pub dedup: HumanDuration,
-    /// How often each shard leader looks for expired messages, and sends, stubs and receipts to
-    /// forget.
-    /// Default
-    /// `"10s"`.
+    /// How often each shard leader looks for expired messages, and sends, stubs, receipts and
+    /// group message copies to forget. Default `"10s"`.
     #[serde(default = "defaults::expiry_scan")]
     pub scan_interval: HumanDuration,
     /// Keep message bodies in the inbox after every device of the user acked them (history on

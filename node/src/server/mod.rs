@@ -434,6 +434,7 @@ fn spawn_background(
             undelivered: config.retention.undelivered.0,
             dedup: config.retention.dedup.0,
             interval: config.retention.scan_interval.0,
+            forget_group_copies: !config.retention.keep_delivered,
         };
         tasks.spawn(async move {
             crate::retention::run(cluster, windows, shutdown).await;

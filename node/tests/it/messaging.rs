@@ -1167,6 +1167,104 @@ async fn assert_verified_from_genesis(node: &courier_node::NodeHandle, shard: Sh
     );
 }
 
+/// With delivered messages not kept, the one stored copy of a group message leaves every
+/// replica of the group's shard once it is older than the undelivered and exactly-once windows
+/// together (a `GroupMessagesForgotten` in the log), not before; a member who was online got its
+/// content first; the group goes on (a later message arrives on a stream opened from the start,
+/// past the forgotten one), and verify from genesis passes on every replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_copies_are_forgotten_after_the_windows() {
+    use courier_proto::pb::client::groups_client::GroupsClient;
+    use courier_proto::pb::client::{CreateGroupRequest, SendToGroupRequest};
+    let c =
+        retention_cluster("undelivered = \"1s\"\ndedup = \"1s\"\nkeep-delivered = false\n").await;
+    let (addr, _, alice, bob, mut messaging) = alice_and_bob_on_node0(&c).await;
+    c.wait_converged().await;
+    let group = GroupsClient::new(channel(&addr).await)
+        .create_group(authed(
+            &alice,
+            CreateGroupRequest {
+                name: "two".to_owned(),
+                members: vec![bob.user],
+            },
+        ))
+        .await
+        .expect("create")
+        .into_inner()
+        .group_id;
+    let group_shard = courier_proto::shard_of_group(
+        courier_proto::GroupId::new(group).expect("nonzero group id"),
+        4,
+    );
+    let mut stream = open_stream(&addr, &bob, 0).await;
+    let send = |text: &str| SendToGroupRequest {
+        client_msg_id: text.to_owned(),
+        group_id: group,
+        content: body(text),
+    };
+    messaging
+        .send_to_group(authed(&alice, send("g1")))
+        .await
+        .expect("g1");
+    let sent = Instant::now();
+    let got = collect(&mut stream, Duration::from_secs(10), |f| {
+        !messages(f).is_empty()
+    })
+    .await;
+    assert_eq!(bodies(&got), ["g1"], "an online member gets the content");
+    let copies_on = |node: &courier_node::NodeHandle| {
+        on_replica(node, group_shard, Projection::Groups, |view| {
+            Ok((
+                courier_storage::projection::groups::messages_sent_before(view, u64::MAX, 10)?,
+                courier_storage::projection::groups::messages_forgotten_up_to(view)?,
+            ))
+        })
+    };
+    loop {
+        let states: Vec<_> = c.nodes.iter().map(copies_on).collect();
+        if states
+            .iter()
+            .all(|(left, forgotten)| left.is_none() && forgotten.get() > 0)
+        {
+            break;
+        }
+        assert!(
+            sent.elapsed() < Duration::from_secs(20),
+            "the group copy was not forgotten everywhere: {states:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        sent.elapsed() >= Duration::from_millis(1800),
+        "not before both windows passed"
+    );
+    drop(stream);
+    messaging
+        .send_to_group(authed(&alice, send("g2")))
+        .await
+        .expect("g2");
+    let mut again = open_stream(&addr, &bob, 0).await;
+    let got = collect(&mut again, Duration::from_secs(10), |f| {
+        bodies(f).iter().any(|b| b == "g2")
+    })
+    .await;
+    assert_eq!(
+        bodies(&got),
+        ["g2"],
+        "the forgotten message is not sent again"
+    );
+    for node in &c.nodes {
+        assert_verified_from_genesis(node, group_shard).await;
+        let logged = logged_events(node, group_shard).await;
+        assert!(
+            logged
+                .iter()
+                .any(|kind| matches!(kind, events::event::Kind::GroupMessagesForgotten(_))),
+            "the log says the copies left"
+        );
+    }
+}
+
 /// Every event in `node`'s log of `shard`, in order.
 async fn logged_events(
     node: &courier_node::NodeHandle,

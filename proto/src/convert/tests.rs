@@ -448,8 +448,12 @@ fn events_round_trip_through_prost() {
             }],
             at_ms: 14,
         }),
+        Kind::GroupMessagesForgotten(events::GroupMessagesForgotten {
+            up_to_index: 40,
+            before_ms: 1_700_000_000_000,
+        }),
     ];
-    assert_eq!(kinds.len(), 16, "one case per event variant");
+    assert_eq!(kinds.len(), 17, "one case per event variant");
     let payload = events::EntryPayload {
         format_version: crate::FORMAT_VERSION,
         events: kinds

@@ -69,6 +69,8 @@ pub mod tag {
     pub const TERTIARY: u8 = 3;
     /// groups: the one stored copy of a group message; inbox: trimmed stubs by time.
     pub const QUATERNARY: u8 = 4;
+    /// groups: how far the stored copies of group messages were forgotten.
+    pub const QUINARY: u8 = 5;
 }
 
 /// Appends big-endian fields to a key.
@@ -497,6 +499,16 @@ pub fn group_message(shard: ShardId, at: LogIndex) -> Vec<u8> {
         .u8(tag::QUATERNARY)
         .u64(at.get())
         .done()
+}
+
+/// groups: prefix of every stored group message copy of this shard.
+pub fn group_message_prefix(shard: ShardId) -> Vec<u8> {
+    KeyBuf::shard(shard).u8(tag::QUATERNARY).done()
+}
+
+/// groups: the log index up to which stored group message copies were forgotten (`u64`).
+pub fn group_messages_forgotten(shard: ShardId) -> Vec<u8> {
+    KeyBuf::shard(shard).u8(tag::QUINARY).done()
 }
 
 /// groups: a user's membership of a group on this shard (for listing a user's groups).

@@ -200,3 +200,10 @@ pub fn expiry_parts(key: &[u8]) -> Option<(u64, UserId, InboxSeq)> {
     let seq = InboxSeq::new(key.u64()?);
     key.end((stored_at_ms, user, seq))
 }
+
+/// Decodes the log index of a [`group_message`](super::group_message) key.
+pub fn group_message_index(key: &[u8]) -> Option<LogIndex> {
+    let mut key = KeyReader::after(key, RECORD_PREFIX_BYTES)?;
+    let at = LogIndex::new(key.u64()?);
+    key.end(at)
+}

@@ -13,7 +13,7 @@ use courier_proto::pb::events::conversation::With;
 use courier_proto::pb::events::event::Kind;
 use courier_proto::pb::events::{self, Conversation};
 use courier_proto::{
-    ConversationId, DeviceId, GroupId, InboxSeq, MessageId, ShardId, UserId, WireError,
+    ConversationId, DeviceId, GroupId, InboxSeq, LogIndex, MessageId, ShardId, UserId, WireError,
 };
 
 /// A committed event that does not decode into domain values: which event, and which field.
@@ -243,6 +243,14 @@ pub enum Decoded<'e> {
     InboxForgotten(Vec<ForgottenMessage<'e>>),
     /// `ReceiptsForgotten`: the receipts that leave.
     ReceiptsForgotten(Vec<ForgottenReceipt<'e>>),
+    /// `GroupMessagesForgotten`: stored group message copies up to an index, sent before a time,
+    /// leave.
+    GroupMessagesForgotten {
+        /// The last log index whose copy may leave.
+        up_to: LogIndex,
+        /// Only copies sent before this time (ms) leave.
+        before_ms: u64,
+    },
 }
 
 fn user(raw: u64, field: &'static str) -> Result<UserId, WireError> {
@@ -341,6 +349,7 @@ pub fn kind_name(kind: &Kind) -> &'static str {
         Kind::SendsForgotten(_) => "SendsForgotten",
         Kind::InboxForgotten(_) => "InboxForgotten",
         Kind::ReceiptsForgotten(_) => "ReceiptsForgotten",
+        Kind::GroupMessagesForgotten(_) => "GroupMessagesForgotten",
     }
 }
 
@@ -453,6 +462,10 @@ fn decode_fields(kind: &Kind) -> Result<Decoded<'_>, WireError> {
                 })
                 .collect::<Result<_, WireError>>()?,
         ),
+        Kind::GroupMessagesForgotten(event) => Decoded::GroupMessagesForgotten {
+            up_to: LogIndex::new(event.up_to_index),
+            before_ms: event.before_ms,
+        },
     })
 }
 

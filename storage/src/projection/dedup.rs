@@ -128,6 +128,7 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
         | Decoded::MemberRemoved(_)
         | Decoded::MessageExpired(_)
         | Decoded::InboxForgotten(_)
-        | Decoded::ReceiptsForgotten(_) => Ok(()),
+        | Decoded::ReceiptsForgotten(_)
+        | Decoded::GroupMessagesForgotten { .. } => Ok(()),
     }
 }

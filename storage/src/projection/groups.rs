@@ -10,7 +10,7 @@
 
 use courier_proto::pb::events;
 use courier_proto::pb::store::{GroupMessage, GroupRecord, MemberRecord};
-use courier_proto::{GroupId, UserId};
+use courier_proto::{GroupId, LogIndex, UserId};
 
 use super::decode::{Membership, Sent};
 pub use super::refusal::GroupRefusal;
@@ -47,10 +47,7 @@ pub fn member(view: &View<'_, '_>, group: GroupId, user: UserId) -> Result<Optio
 ///
 /// # Errors
 /// A storage fault.
-pub fn message_at(
-    view: &View<'_, '_>,
-    at: courier_proto::LogIndex,
-) -> Result<Option<GroupMessage>> {
+pub fn message_at(view: &View<'_, '_>, at: LogIndex) -> Result<Option<GroupMessage>> {
     view.get(Projection::Groups, &keys::group_message(view.shard(), at))
 }
 
@@ -110,7 +107,8 @@ pub fn check(view: &View<'_, '_>, event: &Decoded<'_>) -> Result<Option<GroupRef
         | Decoded::MessageExpired(_)
         | Decoded::SendsForgotten(_)
         | Decoded::InboxForgotten(_)
-        | Decoded::ReceiptsForgotten(_) => None,
+        | Decoded::ReceiptsForgotten(_)
+        | Decoded::GroupMessagesForgotten { .. } => None,
     };
     Ok(refusal)
 }
@@ -259,8 +257,12 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
                     message_id: sent.event.message_id.clone(),
                     group: group.get(),
                     content: sent.event.content.clone(),
+                    sent_at_ms: sent.event.sent_at_ms,
                 },
             )
+        }
+        Decoded::GroupMessagesForgotten { up_to, before_ms } => {
+            forget_messages(view, *up_to, *before_ms)
         }
         Decoded::MessageDelivered(_)
         | Decoded::DeliveryAcked(_)
@@ -275,4 +277,72 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
         | Decoded::InboxForgotten(_)
         | Decoded::ReceiptsForgotten(_) => Ok(()),
     }
+}
+
+/// The log index up to which this shard's stored group message copies were forgotten (0: none).
+///
+/// # Errors
+/// A storage fault.
+pub fn messages_forgotten_up_to(view: &View<'_, '_>) -> Result<LogIndex> {
+    Ok(LogIndex::new(
+        view.get_u64(
+            Projection::Groups,
+            &keys::group_messages_forgotten(view.shard()),
+        )?
+        .unwrap_or(0),
+    ))
+}
+
+/// Up to `limit` stored group message copies sent before `before_ms`, oldest first, as the
+/// index of the last one (what a `GroupMessagesForgotten` names): the scan stops at the first
+/// copy that is newer or has no send time, as apply does.
+///
+/// # Errors
+/// A storage fault.
+pub fn messages_sent_before(
+    view: &View<'_, '_>,
+    before_ms: u64,
+    limit: usize,
+) -> Result<Option<LogIndex>> {
+    let prefix = keys::group_message_prefix(view.shard());
+    let end = keys::prefix_end(&prefix).expect("group message prefixes end below 0xff..");
+    let mut last = None;
+    for (key, message) in view.scan::<GroupMessage>(Projection::Groups, &prefix, &end, limit)? {
+        if !forgettable(&message, before_ms) {
+            break;
+        }
+        last = keys::group_message_index(&key).or(last);
+    }
+    Ok(last)
+}
+
+fn forgettable(message: &GroupMessage, before_ms: u64) -> bool {
+    message.sent_at_ms != 0 && message.sent_at_ms < before_ms
+}
+
+/// Removes the stored copies sent at indexes up to `up_to` and before `before_ms`, oldest first,
+/// stopping at the first that is newer or has no send time; the watermark moves to the last
+/// index removed.
+fn forget_messages(view: &mut View<'_, '_>, up_to: LogIndex, before_ms: u64) -> Result<()> {
+    let shard = view.shard();
+    let prefix = keys::group_message_prefix(shard);
+    let Some(end) = up_to.get().checked_add(1) else {
+        return Ok(());
+    };
+    let end = keys::group_message(shard, LogIndex::new(end));
+    let mut last = None;
+    for (key, message) in
+        view.scan::<GroupMessage>(Projection::Groups, &prefix, &end, usize::MAX)?
+    {
+        if !forgettable(&message, before_ms) {
+            break;
+        }
+        last = keys::group_message_index(&key).or(last);
+        view.delete(key)?;
+    }
+    if let Some(last) = last {
+        let watermark = messages_forgotten_up_to(view)?.max(last);
+        view.put_u64(keys::group_messages_forgotten(shard), watermark.get())?;
+    }
+    Ok(())
 }

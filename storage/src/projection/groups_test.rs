@@ -15,6 +15,10 @@ use crate::projection::{Applied, Projection, View};
 use crate::shard::ShardState;
 
 fn group_send(client_msg_id: &str, id: u8, sender: u64, epoch: u64) -> Kind {
+    group_send_at(client_msg_id, id, sender, epoch, 50)
+}
+
+fn group_send_at(client_msg_id: &str, id: u8, sender: u64, epoch: u64, sent_at_ms: u64) -> Kind {
     Kind::MessageSent(events::MessageSent {
         message_id: vec![id; 16],
         sender_user: sender,
@@ -25,10 +29,21 @@ fn group_send(client_msg_id: &str, id: u8, sender: u64, epoch: u64) -> Kind {
             body: b"to the group".to_vec(),
             media: None,
         }),
-        sent_at_ms: 50,
+        sent_at_ms,
         recipient_shard: u32::from(SHARD.get()),
         group_epoch: epoch,
         trace_parent: String::new(),
+    })
+}
+
+/// Group 77 created by user 1 on this shard.
+fn group_created() -> Kind {
+    Kind::GroupCreated(events::GroupCreated {
+        group: 77,
+        creator: 1,
+        name: "g".to_owned(),
+        at_ms: 1,
+        creator_shard: u32::from(SHARD.get()),
     })
 }
 
@@ -59,13 +74,7 @@ fn group_fan_out_follows_the_membership() {
         &mut kv,
         &mut state,
         vec![
-            Kind::GroupCreated(events::GroupCreated {
-                group: 77,
-                creator: 1,
-                name: "g".to_owned(),
-                at_ms: 1,
-                creator_shard: u32::from(SHARD.get()),
-            }),
+            group_created(),
             member_added(2, 1, u32::from(SHARD.get())),
             member_added(3, 1, 9),
             member_added(4, 2, 9),
@@ -166,4 +175,105 @@ fn group_fan_out_follows_the_membership() {
     let groups = crate::projection::groups::groups_of(&view, UserId::new(3).expect("nonzero"))
         .expect("memory");
     assert!(groups.is_empty(), "user 3 left the group's index");
+}
+
+fn forget_group_messages(up_to: LogIndex, before_ms: u64) -> Kind {
+    Kind::GroupMessagesForgotten(events::GroupMessagesForgotten {
+        up_to_index: up_to.get(),
+        before_ms,
+    })
+}
+
+/// What the group shard holds of its stored copies: the indexes left and the watermark.
+fn stored_copies(kv: &MemKv) -> (Vec<u64>, LogIndex) {
+    let mut staged = Staged::new(kv, BTreeMap::new());
+    let view = View::new(&mut staged, SHARD, LogIndex::ZERO, Projection::Groups);
+    let left = (1..100)
+        .filter(|at| {
+            crate::projection::groups::message_at(&view, LogIndex::new(*at))
+                .expect("memory")
+                .is_some()
+        })
+        .collect();
+    let watermark = crate::projection::groups::messages_forgotten_up_to(&view).expect("memory");
+    (left, watermark)
+}
+
+/// Stored group message copies leave oldest first, only up to the named index and only when
+/// sent before the named time; the watermark records the last index that left and never moves
+/// back; a copy without a send time (stored before the field existed) stops the forgetting.
+#[test]
+fn group_message_copies_are_forgotten_oldest_first() {
+    let mut kv = MemKv::default();
+    let mut state = ShardState::empty(SHARD);
+    apply_one(
+        &mut kv,
+        &mut state,
+        vec![group_created(), member_added(3, 1, 9)],
+    );
+    let mut sent = Vec::new();
+    for (i, at_ms) in [10, 20, 30, 40].into_iter().enumerate() {
+        sent.push(state.applied.next().get());
+        let id = u8::try_from(i + 1).expect("small");
+        apply_one(
+            &mut kv,
+            &mut state,
+            vec![group_send_at(&format!("m{id}"), id, 1, 2, at_ms)],
+        );
+    }
+    assert_eq!(stored_copies(&kv), (sent.clone(), LogIndex::ZERO));
+
+    let mut staged = Staged::new(&kv, BTreeMap::new());
+    let view = View::new(&mut staged, SHARD, LogIndex::ZERO, Projection::Groups);
+    let due = crate::projection::groups::messages_sent_before(&view, 35, 10).expect("memory");
+    assert_eq!(
+        due,
+        Some(LogIndex::new(sent[2])),
+        "the copies sent before 35"
+    );
+    let capped = crate::projection::groups::messages_sent_before(&view, 35, 1).expect("memory");
+    assert_eq!(
+        capped,
+        Some(LogIndex::new(sent[0])),
+        "at most `limit` copies"
+    );
+    drop(staged);
+
+    // Up to the second copy only, though the third is old enough too.
+    apply_one(
+        &mut kv,
+        &mut state,
+        vec![forget_group_messages(LogIndex::new(sent[1]), 35)],
+    );
+    assert_eq!(
+        stored_copies(&kv),
+        (sent[2..].to_vec(), LogIndex::new(sent[1]))
+    );
+    // Sent at 30 is not before 25: nothing leaves, the watermark stays.
+    let before = state.digests.clone();
+    apply_one(
+        &mut kv,
+        &mut state,
+        vec![forget_group_messages(LogIndex::new(sent[3]), 25)],
+    );
+    assert_eq!(
+        state.digests, before,
+        "a forget with nothing due changes nothing"
+    );
+    // A copy with no send time stops the forgetting at it.
+    let untimed = state.applied.next().get();
+    apply_one(&mut kv, &mut state, vec![group_send_at("m5", 5, 1, 2, 0)]);
+    sent.push(untimed);
+    apply_one(&mut kv, &mut state, vec![group_send_at("m6", 6, 1, 2, 60)]);
+    let last = state.applied.get();
+    apply_one(
+        &mut kv,
+        &mut state,
+        vec![forget_group_messages(LogIndex::new(last), 1_000)],
+    );
+    assert_eq!(
+        stored_copies(&kv),
+        (vec![untimed, last], LogIndex::new(sent[3])),
+        "the copies before the untimed one left; it and the ones after stay"
+    );
 }

@@ -234,6 +234,7 @@ pub(super) fn check(view: &View<'_, '_>, event: &Decoded<'_>) -> Result<Option<I
         | Decoded::MessageExpired(_)
         | Decoded::SendsForgotten(_)
         | Decoded::InboxForgotten(_)
-        | Decoded::ReceiptsForgotten(_) => None,
+        | Decoded::ReceiptsForgotten(_)
+        | Decoded::GroupMessagesForgotten { .. } => None,
     })
 }

@@ -272,7 +272,8 @@ fn admit(
         | Decoded::DeviceRevoked(_)
         | Decoded::SendsForgotten(_)
         | Decoded::InboxForgotten(_)
-        | Decoded::ReceiptsForgotten(_) => Applied::Done,
+        | Decoded::ReceiptsForgotten(_)
+        | Decoded::GroupMessagesForgotten { .. } => Applied::Done,
     };
     Ok(ControlFlow::Continue(outcome))
 }

@@ -247,7 +247,8 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
         | Decoded::MessageExpired(_)
         | Decoded::SendsForgotten(_)
         | Decoded::InboxForgotten(_)
-        | Decoded::ReceiptsForgotten(_) => Ok(()),
+        | Decoded::ReceiptsForgotten(_)
+        | Decoded::GroupMessagesForgotten { .. } => Ok(()),
     }
 }
 

@@ -192,7 +192,8 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
         | Decoded::MemberAdded(_)
         | Decoded::MemberRemoved(_)
         | Decoded::SendsForgotten(_)
-        | Decoded::ReceiptsForgotten(_) => Ok(()),
+        | Decoded::ReceiptsForgotten(_)
+        | Decoded::GroupMessagesForgotten { .. } => Ok(()),
     }
 }
 

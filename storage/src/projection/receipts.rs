@@ -247,6 +247,7 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
         | Decoded::MemberRemoved(_)
         | Decoded::MessageExpired(_)
         | Decoded::SendsForgotten(_)
-        | Decoded::InboxForgotten(_) => Ok(()),
+        | Decoded::InboxForgotten(_)
+        | Decoded::GroupMessagesForgotten { .. } => Ok(()),
     }
 }

@@ -153,12 +153,16 @@ impl Adversary {
         })
     }
 
-    /// One of the retention forgets (sends, inbox stubs, receipts).
+    /// One of the retention forgets (sends, inbox stubs, receipts, group message copies).
     fn forgotten(&mut self) -> Kind {
-        match self.rng.below(3) {
+        match self.rng.below(4) {
             0 => self.sends_forgotten(),
             1 => self.inbox_forgotten(),
-            _ => self.receipts_forgotten(),
+            2 => self.receipts_forgotten(),
+            _ => Kind::GroupMessagesForgotten(events::GroupMessagesForgotten {
+                up_to_index: self.rng.below(200),
+                before_ms: self.rng.below(100),
+            }),
         }
     }
 

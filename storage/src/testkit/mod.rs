@@ -161,7 +161,8 @@ impl EventGen {
             67..=70 => self.message_expired(),
             71..=72 => self.sends_forgotten(),
             73 => self.inbox_forgotten(),
-            74 => self.receipts_forgotten(),
+            74 if self.rng.chance(50) => self.receipts_forgotten(),
+            74 => Some(self.group_messages_forgotten()),
             75..=80 => self.receipt_recorded(),
             81..=86 => self.outbox_trimmed(),
             87..=92 => Some(self.registration()),
@@ -377,6 +378,19 @@ impl EventGen {
             receipts,
             at_ms: self.now_ms,
         }))
+    }
+
+    /// Forgets the stored group message copies sent before now, up to the oracle's newest such
+    /// copy (or, with none, up to the last applied index: a no-op the fold must take too).
+    fn group_messages_forgotten(&mut self) -> Kind {
+        let before_ms = self.now_ms;
+        let last = self.read_oracle(Projection::Groups, |view| {
+            crate::projection::groups::messages_sent_before(view, before_ms, 3)
+        });
+        Kind::GroupMessagesForgotten(events::GroupMessagesForgotten {
+            up_to_index: last.unwrap_or(self.oracle_state.applied).get(),
+            before_ms,
+        })
     }
 
     fn receipt_recorded(&mut self) -> Option<Kind> {
