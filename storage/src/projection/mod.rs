@@ -140,6 +140,15 @@ fn admit_forwarded(
     })
 }
 
+/// The source shard and outbox position of a forwarded event.
+fn forwarded_position(event: &Decoded<'_>) -> Option<(ShardId, u64)> {
+    match event {
+        Decoded::MessageDelivered(delivered) => delivered.forwarded,
+        Decoded::ReceiptRecorded(receipt) => Some((receipt.source, receipt.event.source_pos)),
+        _ => None,
+    }
+}
+
 /// Folds one committed event into every projection.
 ///
 /// An event that does not decode (a zero id, a malformed message id, …) or that the state at
@@ -183,6 +192,13 @@ fn apply_decoded(
     };
     let view = View::new(staged, shard, at, Projection::Outbox);
     if let Some(invalid) = invalid::check(&view, event)? {
+        // A forwarded event refused here still takes its position (it was the next one, or
+        // `admit` would have stopped it): the source trims its outbox past every position the
+        // destination committed, so a position left unconsumed would stop the pair for good.
+        if let Some((source, pos)) = forwarded_position(event) {
+            let mut view = View::new(staged, shard, at, Projection::Outbox);
+            outbox::set_inbound(&mut view, source, pos)?;
+        }
         return Ok(invalid.into());
     }
     for projection in Projection::APPLY_ORDER {
