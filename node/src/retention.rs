@@ -5,7 +5,7 @@
 //! that, by proposing `InboxForgotten`, and the receipts set longer ago than that, by proposing
 //! `ReceiptsForgotten`. Unless delivered messages are kept (`retention.keep-delivered`), the
 //! stored copies of group messages sent longer ago than both windows together leave by
-//! `GroupMessagesForgotten`: every member's copy was delivered or expired by then. The decision
+//! `GroupMessagesForgotten` (a member's device away that long then misses them). The decision
 //! is the leader's (its clock, its scan of the expiry, dedup, stub, receipt or group message
 //! index); the effect is a log event, so every replica and every rebuild agrees on what left. An expiry that races an ack, or a second proposal for the same
 //! message or send from a new leader, applies as a no-op.
@@ -175,7 +175,7 @@ impl Found {
 }
 
 /// One pass over `shard`, if this node leads it: expires the undelivered messages and forgets
-/// the sends, inbox stubs and receipts that are due, in one proposal.
+/// the sends, inbox stubs, receipts and group message copies that are due, in one proposal.
 async fn pass_on(cluster: &Cluster, shard: ShardId, windows: Millis) {
     let Some(handle) = cluster.groups().get(GroupId::Shard(shard)) else {
         return;

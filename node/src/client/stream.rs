@@ -20,7 +20,8 @@ use courier_proto::pb::client::{
 };
 use courier_proto::pb::events::{self, Event, event::Kind};
 use courier_proto::{InboxSeq, LogIndex, ReceiptFeedPosition};
-use courier_storage::projection::{groups, inbox, readstate, receipts};
+use courier_storage::projection::readstate::{self, ReadTarget};
+use courier_storage::projection::{groups, inbox, receipts};
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -182,7 +183,7 @@ impl ClientApi {
                     match self.group_content(&entry) {
                         GroupCopy::Stored(content) => entry.content = Some(content),
                         GroupCopy::Forgotten => {
-                            // Older than the retention windows: it expired for this member.
+                            // Older than the retention windows (API.md): this device missed it.
                             pushed_up_to = seq;
                             continue;
                         }
@@ -368,18 +369,15 @@ impl ClientApi {
                 up_to,
             } => {
                 let wire = events::Conversation::from(conversation);
-                let (position, tail) = self.read(shard, |view| {
-                    Ok((
-                        readstate::position(view, caller.user, up_to)?,
-                        inbox::tail(view, caller.user)?,
-                    ))
+                let target = self.read(shard, |view| {
+                    readstate::read_target(view, caller.user, up_to)
                 })?;
-                match position {
-                    Some(position) if position.conversation == Some(wire) => {}
+                match target {
+                    ReadTarget::Position(position) if position.conversation == Some(wire) => {}
                     // A message's position leaves only after it was read (and its stub
                     // forgotten after the retention window): read already, nothing to do.
-                    None if up_to.get() > 0 && up_to <= tail => return Ok(()),
-                    Some(_) | None => {
+                    ReadTarget::ReadAlready => return Ok(()),
+                    ReadTarget::Position(_) | ReadTarget::Unknown => {
                         return Err(ApiError::Invalid {
                             code: "COURIER:Stream:ReadUnknown",
                             message: format!("seq {up_to} is not a message of that conversation"),
@@ -453,7 +451,7 @@ impl ClientApi {
 enum GroupCopy {
     /// Its content.
     Stored(events::Content),
-    /// It left with the retention windows (`GroupMessagesForgotten`): the message expired.
+    /// It left with the retention windows (`GroupMessagesForgotten`): skipped.
     Forgotten,
     /// Not applied here yet: retry on a later pass.
     NotYet,

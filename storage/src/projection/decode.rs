@@ -243,13 +243,11 @@ pub enum Decoded<'e> {
     InboxForgotten(Vec<ForgottenMessage<'e>>),
     /// `ReceiptsForgotten`: the receipts that leave.
     ReceiptsForgotten(Vec<ForgottenReceipt<'e>>),
-    /// `GroupMessagesForgotten`: stored group message copies up to an index, sent before a time,
-    /// leave.
+    /// `GroupMessagesForgotten`: stored group message copies up to an index leave (the time
+    /// the leader decided by stays in the wire event, for readers of the log).
     GroupMessagesForgotten {
-        /// The last log index whose copy may leave.
+        /// The last log index whose copy leaves.
         up_to: LogIndex,
-        /// Only copies sent before this time (ms) leave.
-        before_ms: u64,
     },
 }
 
@@ -464,7 +462,6 @@ fn decode_fields(kind: &Kind) -> Result<Decoded<'_>, WireError> {
         ),
         Kind::GroupMessagesForgotten(event) => Decoded::GroupMessagesForgotten {
             up_to: LogIndex::new(event.up_to_index),
-            before_ms: event.before_ms,
         },
     })
 }

@@ -261,9 +261,7 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
                 },
             )
         }
-        Decoded::GroupMessagesForgotten { up_to, before_ms } => {
-            forget_messages(view, *up_to, *before_ms)
-        }
+        Decoded::GroupMessagesForgotten { up_to } => forget_messages(view, *up_to),
         Decoded::MessageDelivered(_)
         | Decoded::DeliveryAcked(_)
         | Decoded::ReadUpTo(_)
@@ -293,9 +291,16 @@ pub fn messages_forgotten_up_to(view: &View<'_, '_>) -> Result<LogIndex> {
     ))
 }
 
-/// Up to `limit` stored group message copies sent before `before_ms`, oldest first, as the
-/// index of the last one (what a `GroupMessagesForgotten` names): the scan stops at the first
-/// copy that is newer or has no send time, as apply does.
+/// Stored group message copies one `GroupMessagesForgotten` removes at most (the oldest up to
+/// its index): a bound on one apply's work whatever the event names. Part of the event's
+/// meaning: every replica and every replay applies the same bound.
+pub const COPIES_PER_FORGET_MAX: usize = 1024;
+
+/// The index up to which the stored group message copies are due to be forgotten at
+/// `before_ms`, looking at the oldest `limit` (`None`: none due). Copies are read in index order
+/// up to the first one sent at or after `before_ms`; the last one sent before it is the answer. A
+/// copy with no send time (stored before the field existed, oldest by index) counts as due only
+/// when a later timed copy is: index order follows send order on one shard's log.
 ///
 /// # Errors
 /// A storage fault.
@@ -308,35 +313,31 @@ pub fn messages_sent_before(
     let end = keys::prefix_end(&prefix).expect("group message prefixes end below 0xff..");
     let mut last = None;
     for (key, message) in view.scan::<GroupMessage>(Projection::Groups, &prefix, &end, limit)? {
-        if !forgettable(&message, before_ms) {
-            break;
+        match message.sent_at_ms {
+            0 => {}
+            sent_at_ms if sent_at_ms < before_ms => {
+                last = keys::group_message_index(&key).or(last);
+            }
+            _ => break,
         }
-        last = keys::group_message_index(&key).or(last);
     }
     Ok(last)
 }
 
-fn forgettable(message: &GroupMessage, before_ms: u64) -> bool {
-    message.sent_at_ms != 0 && message.sent_at_ms < before_ms
-}
-
-/// Removes the stored copies sent at indexes up to `up_to` and before `before_ms`, oldest first,
-/// stopping at the first that is newer or has no send time; the watermark moves to the last
-/// index removed.
-fn forget_messages(view: &mut View<'_, '_>, up_to: LogIndex, before_ms: u64) -> Result<()> {
+/// Removes the stored copies at indexes up to `up_to`, oldest first, at most
+/// [`COPIES_PER_FORGET_MAX`]; the watermark moves to the last index removed. Which copies were
+/// due is the leader's decision (its clock); apply depends on the log alone.
+fn forget_messages(view: &mut View<'_, '_>, up_to: LogIndex) -> Result<()> {
     let shard = view.shard();
     let prefix = keys::group_message_prefix(shard);
     let Some(end) = up_to.get().checked_add(1) else {
         return Ok(());
     };
     let end = keys::group_message(shard, LogIndex::new(end));
+    let doomed =
+        view.scan::<GroupMessage>(Projection::Groups, &prefix, &end, COPIES_PER_FORGET_MAX)?;
     let mut last = None;
-    for (key, message) in
-        view.scan::<GroupMessage>(Projection::Groups, &prefix, &end, usize::MAX)?
-    {
-        if !forgettable(&message, before_ms) {
-            break;
-        }
+    for (key, _) in doomed {
         last = keys::group_message_index(&key).or(last);
         view.delete(key)?;
     }

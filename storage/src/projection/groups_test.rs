@@ -199,9 +199,11 @@ fn stored_copies(kv: &MemKv) -> (Vec<u64>, LogIndex) {
     (left, watermark)
 }
 
-/// Stored group message copies leave oldest first, only up to the named index and only when
-/// sent before the named time; the watermark records the last index that left and never moves
-/// back; a copy without a send time (stored before the field existed) stops the forgetting.
+/// The leader finds the copies due by their send times (an untimed copy, stored before the field
+/// existed, only when a later timed one is due); a forget removes the copies up to its index,
+/// oldest first, whatever their times (apply depends on the log alone), at most
+/// `COPIES_PER_FORGET_MAX` per event; the watermark records the last index that left and never
+/// moves back; a forget naming its own index or later is refused and changes nothing.
 #[test]
 fn group_message_copies_are_forgotten_oldest_first() {
     let mut kv = MemKv::default();
@@ -212,7 +214,7 @@ fn group_message_copies_are_forgotten_oldest_first() {
         vec![group_created(), member_added(3, 1, 9)],
     );
     let mut sent = Vec::new();
-    for (i, at_ms) in [10, 20, 30, 40].into_iter().enumerate() {
+    for (i, at_ms) in [10, 20, 0, 40, 60].into_iter().enumerate() {
         sent.push(state.applied.next().get());
         let id = u8::try_from(i + 1).expect("small");
         apply_one(
@@ -222,24 +224,28 @@ fn group_message_copies_are_forgotten_oldest_first() {
         );
     }
     assert_eq!(stored_copies(&kv), (sent.clone(), LogIndex::ZERO));
-
-    let mut staged = Staged::new(&kv, BTreeMap::new());
-    let view = View::new(&mut staged, SHARD, LogIndex::ZERO, Projection::Groups);
-    let due = crate::projection::groups::messages_sent_before(&view, 35, 10).expect("memory");
+    let due = |kv: &MemKv, before_ms: u64, limit: usize| {
+        let mut staged = Staged::new(kv, BTreeMap::new());
+        let view = View::new(&mut staged, SHARD, LogIndex::ZERO, Projection::Groups);
+        crate::projection::groups::messages_sent_before(&view, before_ms, limit).expect("memory")
+    };
+    assert_eq!(due(&kv, 5, 10), None, "nothing sent before 5");
     assert_eq!(
-        due,
-        Some(LogIndex::new(sent[2])),
-        "the copies sent before 35"
+        due(&kv, 35, 10),
+        Some(LogIndex::new(sent[1])),
+        "the untimed copy waits"
     );
-    let capped = crate::projection::groups::messages_sent_before(&view, 35, 1).expect("memory");
     assert_eq!(
-        capped,
-        Some(LogIndex::new(sent[0])),
+        due(&kv, 50, 10),
+        Some(LogIndex::new(sent[3])),
+        "the untimed copy is older than a due one"
+    );
+    assert_eq!(
+        due(&kv, 50, 2),
+        Some(LogIndex::new(sent[1])),
         "at most `limit` copies"
     );
-    drop(staged);
 
-    // Up to the second copy only, though the third is old enough too.
     apply_one(
         &mut kv,
         &mut state,
@@ -249,31 +255,70 @@ fn group_message_copies_are_forgotten_oldest_first() {
         stored_copies(&kv),
         (sent[2..].to_vec(), LogIndex::new(sent[1]))
     );
-    // Sent at 30 is not before 25: nothing leaves, the watermark stays.
-    let before = state.digests.clone();
+    // The leader decided; the time in the event does not filter at apply.
     apply_one(
         &mut kv,
         &mut state,
-        vec![forget_group_messages(LogIndex::new(sent[3]), 25)],
-    );
-    assert_eq!(
-        state.digests, before,
-        "a forget with nothing due changes nothing"
-    );
-    // A copy with no send time stops the forgetting at it.
-    let untimed = state.applied.next().get();
-    apply_one(&mut kv, &mut state, vec![group_send_at("m5", 5, 1, 2, 0)]);
-    sent.push(untimed);
-    apply_one(&mut kv, &mut state, vec![group_send_at("m6", 6, 1, 2, 60)]);
-    let last = state.applied.get();
-    apply_one(
-        &mut kv,
-        &mut state,
-        vec![forget_group_messages(LogIndex::new(last), 1_000)],
+        vec![forget_group_messages(LogIndex::new(sent[3]), 1)],
     );
     assert_eq!(
         stored_copies(&kv),
-        (vec![untimed, last], LogIndex::new(sent[3])),
-        "the copies before the untimed one left; it and the ones after stay"
+        (sent[4..].to_vec(), LogIndex::new(sent[3]))
+    );
+    let before = state.digests.clone();
+    let ahead = state.applied.next();
+    let refused = apply_one(&mut kv, &mut state, vec![forget_group_messages(ahead, 1)]);
+    assert!(
+        matches!(refused[0], Applied::Rejected { .. }),
+        "no copy can be at the forget's own index: {refused:?}"
+    );
+    assert_eq!(state.digests, before, "a refused forget changes nothing");
+    // A forget naming an index below the watermark leaves it where it is.
+    apply_one(
+        &mut kv,
+        &mut state,
+        vec![forget_group_messages(LogIndex::new(sent[0]), 1)],
+    );
+    assert_eq!(
+        stored_copies(&kv),
+        (sent[4..].to_vec(), LogIndex::new(sent[3]))
+    );
+}
+
+/// One forget removes at most `COPIES_PER_FORGET_MAX` copies, the oldest, whatever index it names.
+#[test]
+fn one_forget_removes_a_bounded_number_of_copies() {
+    use crate::projection::groups::COPIES_PER_FORGET_MAX;
+    let mut kv = MemKv::default();
+    let mut state = ShardState::empty(SHARD);
+    apply_one(&mut kv, &mut state, vec![group_created()]);
+    let first = state.applied.next();
+    let sends: Vec<Kind> = (0..COPIES_PER_FORGET_MAX + 3)
+        .map(|i| {
+            let mut send = group_send_at(&format!("b{i}"), 1, 1, 1, 5);
+            if let Kind::MessageSent(sent) = &mut send {
+                sent.message_id = u128::try_from(i + 1).expect("small").to_be_bytes().to_vec();
+            }
+            send
+        })
+        .collect();
+    for send in sends {
+        apply_one(&mut kv, &mut state, vec![send]);
+    }
+    let last = state.applied;
+    apply_one(&mut kv, &mut state, vec![forget_group_messages(last, 10)]);
+    let mut staged = Staged::new(&kv, BTreeMap::new());
+    let view = View::new(&mut staged, SHARD, LogIndex::ZERO, Projection::Groups);
+    let watermark = crate::projection::groups::messages_forgotten_up_to(&view).expect("memory");
+    assert_eq!(
+        watermark.get(),
+        first.get() + COPIES_PER_FORGET_MAX as u64 - 1,
+        "the oldest COPIES_PER_FORGET_MAX left"
+    );
+    assert!(
+        crate::projection::groups::message_at(&view, last)
+            .expect("memory")
+            .is_some(),
+        "the newest stay for the next forget"
     );
 }

@@ -95,6 +95,14 @@ pub enum Invalid {
         /// The position the event names.
         got: u64,
     },
+    /// A forget of group message copies at or past its own log index (no copy can be there).
+    #[error("GroupMessagesForgotten up to index {up_to} at index {at}")]
+    ForgetsAhead {
+        /// The index named.
+        up_to: u64,
+        /// The event's own index.
+        at: u64,
+    },
     /// A trim past the last queued position.
     #[error("OutboxTrimmed up to {up_to} past the last position {last} to shard {dest}")]
     TrimPastEnd {
@@ -196,10 +204,13 @@ pub(super) fn check(view: &View<'_, '_>, event: &Decoded<'_>) -> Result<Option<I
             })
         }
         Decoded::ReadUpTo(read) => {
-            let names_its_message = match readstate::position(view, read.user, read.up_to)? {
-                Some(target) => target.conversation == read.event.conversation,
+            let names_its_message = match readstate::read_target(view, read.user, read.up_to)? {
+                readstate::ReadTarget::Position(target) => {
+                    target.conversation == read.event.conversation
+                }
                 // A position leaves only once read: a read of it changes nothing.
-                None => read.up_to.get() > 0 && read.up_to <= inbox::tail(view, read.user)?,
+                readstate::ReadTarget::ReadAlready => true,
+                readstate::ReadTarget::Unknown => false,
             };
             (!names_its_message).then_some(Invalid::ReadNotInConversation {
                 user: read.user.get(),
@@ -223,6 +234,12 @@ pub(super) fn check(view: &View<'_, '_>, event: &Decoded<'_>) -> Result<Option<I
                 last,
             })
         }
+        Decoded::GroupMessagesForgotten { up_to } => {
+            (*up_to >= view.at()).then_some(Invalid::ForgetsAhead {
+                up_to: up_to.get(),
+                at: view.at().get(),
+            })
+        }
         // Group events are checked by `groups::check` (refusals with their own codes); an
         // expiry that names nothing expirable is a no-op decided in `admit`; sends and
         // deliveries assert nothing a sender controls.
@@ -234,7 +251,6 @@ pub(super) fn check(view: &View<'_, '_>, event: &Decoded<'_>) -> Result<Option<I
         | Decoded::MessageExpired(_)
         | Decoded::SendsForgotten(_)
         | Decoded::InboxForgotten(_)
-        | Decoded::ReceiptsForgotten(_)
-        | Decoded::GroupMessagesForgotten { .. } => None,
+        | Decoded::ReceiptsForgotten(_) => None,
     })
 }

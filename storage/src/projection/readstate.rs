@@ -54,6 +54,34 @@ pub fn position(view: &View<'_, '_>, user: UserId, seq: InboxSeq) -> Result<Opti
     )
 }
 
+/// What a read of `user`'s inbox up to a seq names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReadTarget {
+    /// A message with its position (its conversation, where it sits).
+    Position(SeqPosition),
+    /// A message whose position left: read already (a missing position at or below the inbox
+    /// tail means "read"), so the read changes nothing.
+    ReadAlready,
+    /// No message: zero, or past the inbox tail.
+    Unknown,
+}
+
+/// What a read of `user` up to `seq` names: the one place the rule "a missing position at or
+/// below the inbox tail means read" lives (the invalid check, the outbox, the stream).
+///
+/// # Errors
+/// A storage fault.
+pub fn read_target(view: &View<'_, '_>, user: UserId, seq: InboxSeq) -> Result<ReadTarget> {
+    if let Some(found) = position(view, user, seq)? {
+        return Ok(ReadTarget::Position(found));
+    }
+    Ok(if seq.get() > 0 && seq <= inbox::tail(view, user)? {
+        ReadTarget::ReadAlready
+    } else {
+        ReadTarget::Unknown
+    })
+}
+
 /// Returns the positions of `user`'s messages with `after < seq <= up_to` in `conv`.
 ///
 /// # Errors
