@@ -38,7 +38,8 @@ bench:
 	scripts/bench
 
 # Storage over time (docs/BENCHMARKS.md, "Storage over time"): a steady conversation workload
-# with short retention windows; records per user per projection, e.g. `SOAK_MINUTES=30 make soak`.
+# with short retention windows; records per user per projection, the archive's size, then timed
+# verifies and an inspect of old indexes (30 minutes by default, e.g. `SOAK_MINUTES=10 make soak`).
 .PHONY: soak
 soak:
 	scripts/bench --soak
