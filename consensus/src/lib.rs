@@ -27,6 +27,7 @@ pub mod log_store;
 pub mod maintenance;
 pub mod network;
 pub mod proposer;
+pub mod snapshot_data;
 pub mod state_machine;
 pub mod types;
 pub mod watch;

@@ -7,6 +7,7 @@
 //! `snapshot_max_chunk_size` bytes.
 
 use std::io::Cursor;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -19,6 +20,7 @@ use openraft::{Entry, EntryPayload, OptionalSend, RaftSnapshotBuilder, Snapshot,
 use serde::{Deserialize, Serialize};
 
 use crate::log_store::{fault, storage_index};
+use crate::snapshot_data::SnapshotData;
 use crate::types::{
     ClusterSettings, GroupId, LogId, Node, NodeId, Proposal, ProposalResponse, RaftStorageError,
     StoredMembership, TypeConfig,
@@ -183,19 +185,45 @@ impl StateMachine {
             ),
         };
         let state = machine.state.clone();
-        let export = Db::at_this_moment(&self.db, move |kv| {
-            snapshot::export(kv, &state).map(|chunks| snapshot::encode(&chunks))
-        })
-        .map_err(fault)?;
+        let spool = self.db.spool_dir().map(Path::to_path_buf);
+        let export = Db::at_this_moment(&self.db, move |kv| export(kv, &state, spool.as_deref()))
+            .map_err(fault)?;
         Ok(PendingSnapshot { meta, export })
     }
+}
+
+/// Exports the shard `state` describes from `kv`: chunk by chunk into an unnamed spool file in
+/// `spool` (memory stays bounded by a chunk whatever the shard's size), or into memory on the
+/// simulation's disk (no `spool`).
+fn export(
+    kv: &dyn courier_storage::ReadKv,
+    state: &ShardState,
+    spool: Option<&Path>,
+) -> courier_storage::Result<SnapshotData> {
+    let Some(dir) = spool else {
+        let bytes = snapshot::encode(&snapshot::export(kv, state)?);
+        return Ok(SnapshotData::Memory(Cursor::new(bytes)));
+    };
+    let disk = |op: &'static str| {
+        move |error: std::io::Error| courier_storage::StorageError::Disk {
+            op,
+            reason: error.to_string(),
+        }
+    };
+    let file = tempfile::tempfile_in(dir).map_err(disk("create snapshot spool file"))?;
+    let mut out = std::io::BufWriter::new(file);
+    snapshot::export_to(kv, state, &mut out)?;
+    let file = out
+        .into_inner()
+        .map_err(|error| disk("write snapshot spool file")(error.into_error()))?;
+    SnapshotData::from_written(file).map_err(disk("rewind snapshot spool file"))
 }
 
 /// A snapshot whose data is pinned and being exported.
 #[derive(Debug)]
 struct PendingSnapshot {
     meta: SnapshotMeta<NodeId, Node>,
-    export: AtThisMoment<courier_storage::Result<Vec<u8>>>,
+    export: AtThisMoment<courier_storage::Result<SnapshotData>>,
 }
 
 impl PendingSnapshot {
@@ -216,7 +244,7 @@ impl PendingSnapshot {
         .map_err(fault)?;
         Ok(Snapshot {
             meta: self.meta,
-            snapshot: Box::new(Cursor::new(bytes)),
+            snapshot: Box::new(bytes),
         })
     }
 }
@@ -352,17 +380,26 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, RaftStorageError> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotData>, RaftStorageError> {
+        let spool = SnapshotData::spool(self.db.spool_dir()).map_err(|error| {
+            RaftStorageError::from(openraft::StorageIOError::write_snapshot(None, &error))
+        })?;
+        Ok(Box::new(spool))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, Node>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<SnapshotData>,
     ) -> Result<(), RaftStorageError> {
         let prefix = self.group.storage_prefix();
-        let chunks = snapshot::decode(prefix, snapshot.get_ref()).map_err(fault)?;
+        let bytes = received_bytes(*snapshot).await.map_err(|error| {
+            RaftStorageError::from(openraft::StorageIOError::read_snapshot(
+                Some(meta.signature()),
+                &error,
+            ))
+        })?;
+        let chunks = snapshot::decode(prefix, &bytes).map_err(fault)?;
         let install = snapshot::prepare_install(prefix, chunks).map_err(fault)?;
         let raft = RaftApplied::decode(&install.state.consensus_state)?;
         assert_eq!(
@@ -397,6 +434,21 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             self.start_snapshot(&machine)?
         };
         pending.finish().await.map(Some)
+    }
+}
+
+/// The bytes of a received snapshot (installing still decodes the whole shard at once).
+async fn received_bytes(snapshot: SnapshotData) -> std::io::Result<Vec<u8>> {
+    use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _, AsyncWriteExt as _};
+    match snapshot {
+        SnapshotData::Memory(cursor) => Ok(cursor.into_inner()),
+        SnapshotData::File(mut file) => {
+            file.flush().await?;
+            file.seek(std::io::SeekFrom::Start(0)).await?;
+            let mut bytes = Vec::new();
+            file.read_to_end(&mut bytes).await?;
+            Ok(bytes)
+        }
     }
 }
 

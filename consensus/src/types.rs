@@ -1,7 +1,6 @@
 //! The openraft type configuration and what travels through raft: proposals (a batch of events
 //! for a shard, or cluster settings for the metadata group) and their responses.
 
-use std::io::Cursor;
 use std::sync::Arc;
 
 use courier_proto::pb::events::EntryPayload;
@@ -20,6 +19,7 @@ openraft::declare_raft_types!(
     pub TypeConfig:
         D = Proposal,
         R = ProposalResponse,
+        SnapshotData = SnapshotData,
 );
 
 /// One raft group's handle.
@@ -214,5 +214,4 @@ pub struct ProposalResponse {
     pub outcomes: Vec<EventOutcome>,
 }
 
-/// Keeps `Cursor` in scope for the macro's default snapshot type (BUILD.md trap).
-pub type SnapshotData = Cursor<Vec<u8>>;
+pub use crate::snapshot_data::SnapshotData;

@@ -137,6 +137,16 @@ impl Db {
         &self.path
     }
 
+    /// Where large transient files (raft snapshots being built, sent or received) may be
+    /// written unnamed: the database's directory on a real disk, `None` on the simulation's
+    /// memory disk, which has no files.
+    pub fn spool_dir(&self) -> Option<&Path> {
+        match self.engine {
+            Engine::Rocks(_) => Some(&self.path),
+            Engine::Memory { .. } => None,
+        }
+    }
+
     fn handle(db: &DB, cf: Cf) -> &rocksdb::ColumnFamily {
         // Every `Cf` is created at open (create_missing_column_families), so the handle exists.
         db.cf_handle(cf.name())

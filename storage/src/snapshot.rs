@@ -19,17 +19,19 @@ use crate::shard::ShardState;
 /// Records per chunk when exporting.
 pub const SNAPSHOT_CHUNK_RECORDS: usize = 4096;
 
-/// Exports the projections of `state`'s shard, read from `kv` at `state.applied`.
-///
-/// # Errors
-/// A storage fault.
-pub fn export(kv: &dyn ReadKv, state: &ShardState) -> Result<Vec<SnapshotChunk>> {
+/// Calls `emit` with each chunk of the shard `state` describes, in order, none marked last: the
+/// applied state, then each projection's records in pages of [`SNAPSHOT_CHUNK_RECORDS`].
+fn for_each_chunk(
+    kv: &dyn ReadKv,
+    state: &ShardState,
+    emit: &mut dyn FnMut(SnapshotChunk) -> Result<()>,
+) -> Result<()> {
     let shard = state.shard.expect("state names its shard");
-    let mut chunks = vec![SnapshotChunk {
+    emit(SnapshotChunk {
         applied: Some(state.to_applied_state()),
         records: Vec::new(),
         last: false,
-    }];
+    })?;
     for projection in Projection::ALL {
         let cf = Cf::Projection(projection);
         let (mut from, to) = keys::shard_range(shard);
@@ -41,7 +43,7 @@ pub fn export(kv: &dyn ReadKv, state: &ShardState) -> Result<Vec<SnapshotChunk>>
             let mut next = last_key.clone();
             next.push(0);
             let full = page.len() == SNAPSHOT_CHUNK_RECORDS;
-            chunks.push(SnapshotChunk {
+            emit(SnapshotChunk {
                 applied: None,
                 records: page
                     .into_iter()
@@ -52,17 +54,59 @@ pub fn export(kv: &dyn ReadKv, state: &ShardState) -> Result<Vec<SnapshotChunk>>
                     })
                     .collect(),
                 last: false,
-            });
+            })?;
             if !full {
                 break;
             }
             from = next;
         }
     }
+    Ok(())
+}
+
+/// Exports the projections of `state`'s shard, read from `kv` at `state.applied`.
+///
+/// # Errors
+/// A storage fault.
+pub fn export(kv: &dyn ReadKv, state: &ShardState) -> Result<Vec<SnapshotChunk>> {
+    let mut chunks = Vec::new();
+    for_each_chunk(kv, state, &mut |chunk| {
+        chunks.push(chunk);
+        Ok(())
+    })?;
     if let Some(last) = chunks.last_mut() {
         last.last = true;
     }
     Ok(chunks)
+}
+
+/// Exports like [`export`], writing each chunk to `out` as soon as it is read (the bytes
+/// [`encode`] would make of [`export`]'s chunks): at most two chunks are in memory, whatever the
+/// shard's size. Returns the bytes written.
+///
+/// # Errors
+/// A storage fault, or [`StorageError::Disk`] when `out` fails.
+pub fn export_to(kv: &dyn ReadKv, state: &ShardState, out: &mut dyn std::io::Write) -> Result<u64> {
+    let mut written = 0_u64;
+    let mut write = |chunk: &SnapshotChunk| -> Result<()> {
+        let bytes = chunk.encode_length_delimited_to_vec();
+        out.write_all(&bytes).map_err(|error| StorageError::Disk {
+            op: "write snapshot",
+            reason: error.to_string(),
+        })?;
+        written = written.saturating_add(u64::try_from(bytes.len()).unwrap_or(u64::MAX));
+        Ok(())
+    };
+    // Held back one chunk: only the end of the scan tells which chunk is the last.
+    let mut pending: Option<SnapshotChunk> = None;
+    for_each_chunk(kv, state, &mut |chunk| match pending.replace(chunk) {
+        Some(previous) => write(&previous),
+        None => Ok(()),
+    })?;
+    let mut last = pending.expect("the applied state's chunk is always emitted");
+    last.last = true;
+    write(&last)?;
+    Ok(written)
 }
 
 /// Encodes chunks as one byte stream (length-delimited), for transports that want one blob.
@@ -176,4 +220,34 @@ pub fn prepare_install(shard: ShardId, chunks: Vec<SnapshotChunk>) -> Result<Ins
         changes,
         state,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::MemKv;
+
+    /// A shard of several chunks streams the bytes of the whole export, chunk boundaries and
+    /// the last-chunk mark included.
+    #[test]
+    fn streaming_export_of_many_chunks_equals_the_whole_export() {
+        let shard = ShardId::new(3);
+        let (start, _) = keys::shard_range(shard);
+        let mut kv = MemKv::default();
+        let records = SNAPSHOT_CHUNK_RECORDS * 2 + 7;
+        kv.write((0..records).map(|i| {
+            let mut key = start.clone();
+            key.extend_from_slice(&u64::try_from(i).expect("small").to_be_bytes());
+            (Cf::Projection(Projection::Inbox), key, Some(vec![1; 8]))
+        }));
+        let state = ShardState::empty(shard);
+        let whole = export(&kv, &state).expect("memory");
+        assert_eq!(whole.len(), 4, "the applied state, then three pages");
+        let mut streamed = Vec::new();
+        export_to(&kv, &state, &mut streamed).expect("memory");
+        assert_eq!(streamed, encode(&whole));
+        let decoded = decode(shard, &streamed).expect("decodes");
+        assert!(decoded.last().is_some_and(|c| c.last));
+        assert_eq!(decoded.iter().filter(|c| c.last).count(), 1);
+    }
 }

@@ -163,6 +163,10 @@ proptest! {
         let (kv, state) = fold(&payloads, &mut Rng::new(seed), 8);
         let chunks = crate::snapshot::export(&kv, &state).expect("memory");
         let bytes = crate::snapshot::encode(&chunks);
+        let mut streamed = Vec::new();
+        let written = crate::snapshot::export_to(&kv, &state, &mut streamed).expect("memory");
+        prop_assert_eq!(&streamed, &bytes, "streaming writes the bytes of the whole export");
+        prop_assert_eq!(written, bytes.len() as u64);
         let install = crate::snapshot::prepare_install(SHARD, crate::snapshot::decode(SHARD, &bytes).expect("decodes"))
             .expect("a fresh snapshot verifies");
         let mut other = MemKv::default();
