@@ -36,7 +36,9 @@ impl SnapshotData {
     /// The file cannot be created.
     pub fn spool(dir: Option<&Path>) -> std::io::Result<Self> {
         Ok(match dir {
-            Some(dir) => Self::File(tokio::fs::File::from_std(tempfile::tempfile_in(dir)?)),
+            Some(dir) => Self::File(whole_writes(tokio::fs::File::from_std(
+                tempfile::tempfile_in(dir)?,
+            ))),
             None => Self::Memory(Cursor::new(Vec::new())),
         })
     }
@@ -48,8 +50,18 @@ impl SnapshotData {
     pub fn from_written(mut file: std::fs::File) -> std::io::Result<Self> {
         use std::io::Seek as _;
         file.rewind()?;
-        Ok(Self::File(tokio::fs::File::from_std(file)))
+        Ok(Self::File(whole_writes(tokio::fs::File::from_std(file))))
     }
+}
+
+/// Lets one `poll_write` take a whole received piece, however large `snapshot-chunk` is. tokio
+/// takes at most 2 MiB per call by default, so a larger piece would need a second call; a
+/// receive cancelled between the two (its RPC deadline) would leave the first part written while
+/// openraft's offset has not moved, and the retried piece would land after it, shifting every
+/// later byte. The piece is in memory already; tokio's copy of it is the same size.
+fn whole_writes(mut file: tokio::fs::File) -> tokio::fs::File {
+    file.set_max_buf_size(usize::MAX);
+    file
 }
 
 impl AsyncRead for SnapshotData {
@@ -105,5 +117,35 @@ impl AsyncSeek for SnapshotData {
             Self::Memory(cursor) => Pin::new(cursor).poll_complete(cx),
             Self::File(file) => Pin::new(file).poll_complete(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    /// A received piece larger than tokio's default 2 MiB is taken by one write call (so a
+    /// cancelled receive never leaves half a piece behind), and reads back whole.
+    #[tokio::test]
+    async fn a_spool_file_takes_a_large_piece_in_one_write() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut data = SnapshotData::spool(Some(dir.path())).expect("spool");
+        let piece: Vec<u8> = (0..5_u32 << 20)
+            .map(|i| u8::try_from(i % 251).expect("below 251"))
+            .collect();
+        let taken = data.write(&piece).await.expect("write");
+        assert_eq!(taken, piece.len(), "one call takes the whole piece");
+        data.flush().await.expect("flush");
+        data.seek(SeekFrom::Start(0)).await.expect("seek");
+        let mut back = Vec::new();
+        data.read_to_end(&mut back).await.expect("read");
+        assert_eq!(back, piece);
+        assert_eq!(
+            std::fs::read_dir(dir.path()).expect("list").count(),
+            0,
+            "the spool file has no name"
+        );
     }
 }
