@@ -7,8 +7,9 @@
 //! stored copies of group messages sent longer ago than both windows together leave by
 //! `GroupMessagesForgotten` (a member's device away that long then misses them). The decision
 //! is the leader's (its clock, its scan of the expiry, dedup, stub, receipt or group message
-//! index); the effect is a log event, so every replica and every rebuild agrees on what left. An expiry that races an ack, or a second proposal for the same
-//! message or send from a new leader, applies as a no-op.
+//! index); the effect is a log event, so every replica and every rebuild agrees on what left.
+//! An expiry that races an ack, or a second proposal for the same message or send from a new
+//! leader, applies as a no-op.
 
 use std::time::Duration;
 
@@ -98,7 +99,7 @@ impl Found {
         windows: Millis,
     ) -> courier_storage::Result<Self> {
         let mut reader = cluster.groups().db().read(shard);
-        let window = now.saturating_sub(windows.dedup);
+        let dedup_cutoff = now.saturating_sub(windows.dedup);
         let group_copies = match windows.group_copies {
             Some(window) => {
                 let before_ms = now.saturating_sub(window);
@@ -118,11 +119,19 @@ impl Found {
                 now.saturating_sub(windows.undelivered),
                 EXPIRE_BATCH_MAX,
             )?,
-            sends: dedup::sent_before(&reader.view(Projection::Dedup), window, FORGET_BATCH_MAX)?,
-            stubs: inbox::stubs_before(&reader.view(Projection::Inbox), window, FORGET_BATCH_MAX)?,
+            sends: dedup::sent_before(
+                &reader.view(Projection::Dedup),
+                dedup_cutoff,
+                FORGET_BATCH_MAX,
+            )?,
+            stubs: inbox::stubs_before(
+                &reader.view(Projection::Inbox),
+                dedup_cutoff,
+                FORGET_BATCH_MAX,
+            )?,
             receipts: receipts::set_before(
                 &reader.view(Projection::Receipts),
-                window,
+                dedup_cutoff,
                 FORGET_BATCH_MAX,
             )?,
         })
