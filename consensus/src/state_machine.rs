@@ -143,6 +143,15 @@ impl StateMachine {
     /// # Errors
     /// A storage fault.
     pub fn open(db: Arc<Db>, group: GroupId) -> Result<Self, RaftStorageError> {
+        if let Some(state) =
+            courier_storage::install::resume(&db, group.storage_prefix()).map_err(fault)?
+        {
+            tracing::warn!(
+                group = %group,
+                applied = state.applied.get(),
+                "finished a snapshot install that a stop interrupted"
+            );
+        }
         let state = ShardState::load(db.as_ref(), group.storage_prefix()).map_err(fault)?;
         let raft = RaftApplied::decode(&state.consensus_state)?;
         let shared = Arc::new(RwLock::new(AppliedView {
@@ -393,30 +402,49 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<SnapshotData>,
     ) -> Result<(), RaftStorageError> {
         let prefix = self.group.storage_prefix();
-        let bytes = received_bytes(*snapshot).await.map_err(|error| {
-            RaftStorageError::from(openraft::StorageIOError::read_snapshot(
-                Some(meta.signature()),
-                &error,
-            ))
-        })?;
-        let chunks = snapshot::decode(prefix, &bytes).map_err(fault)?;
-        let install = snapshot::prepare_install(prefix, chunks).map_err(fault)?;
-        let raft = RaftApplied::decode(&install.state.consensus_state)?;
+        let mut machine = self.machine.lock().await;
+        let state = match *snapshot {
+            SnapshotData::Memory(cursor) => {
+                // The simulation's disk: the whole shard in one atomic batch.
+                let chunks = snapshot::decode(prefix, cursor.get_ref()).map_err(fault)?;
+                let install = snapshot::prepare_install(prefix, chunks).map_err(fault)?;
+                // Entries above what this replica applied and up to the snapshot may be an
+                // old leader's, never committed: delete them before the archiver (which
+                // archives what is at or below the applied index) could take them for
+                // committed ones.
+                courier_storage::LogStore::new(self.db.clone(), prefix)
+                    .delete_between(machine.state.applied.next(), install.state.applied.next())
+                    .map_err(fault)?;
+                self.db
+                    .replace_ranges(&install.clear, install.changes, true)
+                    .map_err(fault)?;
+                install.state
+            }
+            SnapshotData::File(file) => {
+                // A real disk: from the spool file, in bounded memory (`install` says how it
+                // stays atomic across a crash).
+                let mut file = file.into_std().await;
+                std::io::Seek::rewind(&mut file).map_err(|error| {
+                    RaftStorageError::from(openraft::StorageIOError::read_snapshot(
+                        Some(meta.signature()),
+                        &error,
+                    ))
+                })?;
+                let db = self.db.clone();
+                tokio::task::spawn_blocking(move || {
+                    courier_storage::install::install(&db, prefix, file)
+                })
+                .await
+                .expect("the install thread does not panic")
+                .map_err(fault)?
+            }
+        };
+        let raft = RaftApplied::decode(&state.consensus_state)?;
         assert_eq!(
             raft.last_applied, meta.last_log_id,
             "a snapshot's data matches its meta"
         );
-        let mut machine = self.machine.lock().await;
-        // Entries above what this replica applied and up to the snapshot may be an old
-        // leader's, never committed: delete them before the archiver (which archives what is
-        // at or below the applied index) could take them for committed ones.
-        courier_storage::LogStore::new(self.db.clone(), prefix)
-            .delete_between(machine.state.applied.next(), install.state.applied.next())
-            .map_err(fault)?;
-        self.db
-            .replace_ranges(&install.clear, install.changes, true)
-            .map_err(fault)?;
-        machine.state = install.state;
+        machine.state = state;
         machine.raft = raft;
         publish(&self.shared, &machine);
         self.watch.everything();
@@ -434,21 +462,6 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             self.start_snapshot(&machine)?
         };
         pending.finish().await.map(Some)
-    }
-}
-
-/// The bytes of a received snapshot (installing still decodes the whole shard at once).
-async fn received_bytes(snapshot: SnapshotData) -> std::io::Result<Vec<u8>> {
-    use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _, AsyncWriteExt as _};
-    match snapshot {
-        SnapshotData::Memory(cursor) => Ok(cursor.into_inner()),
-        SnapshotData::File(mut file) => {
-            file.flush().await?;
-            file.seek(std::io::SeekFrom::Start(0)).await?;
-            let mut bytes = Vec::new();
-            file.read_to_end(&mut bytes).await?;
-            Ok(bytes)
-        }
     }
 }
 

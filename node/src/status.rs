@@ -97,6 +97,9 @@ pub enum ApiError {
     },
 }
 
+/// The code of [`ApiError::installing`].
+pub const SHARD_INSTALLING: &str = "COURIER:Shard:Installing";
+
 impl ApiError {
     /// Maps a group event refused at apply (`EventOutcome::Rejected`) by its stable code: the one
     /// place a [`GroupRefusalCode`] becomes a status. A code no refusal has is an internal error.
@@ -222,6 +225,20 @@ impl ApiError {
             code: "COURIER:Cluster:NotInitialized",
             message: "the cluster is not initialized yet".to_owned(),
             retry_after_ms: 1000,
+            leader: None,
+        }
+    }
+
+    /// `UNAVAILABLE`: this node's replica of `shard` is installing a snapshot (it was far
+    /// behind), so its projections are half written until the install ends.
+    pub fn installing(shard: courier_proto::ShardId) -> ApiError {
+        ApiError::Unavailable {
+            code: SHARD_INSTALLING,
+            message: format!(
+                "this node's replica of shard {} is installing a snapshot; retry",
+                shard.get()
+            ),
+            retry_after_ms: 500,
             leader: None,
         }
     }

@@ -37,6 +37,33 @@ pub struct Db {
     engine: Engine,
     path: PathBuf,
     counters: DbCounters,
+    installs: InstallStamps,
+}
+
+/// Per shard, a count of snapshot installs that is odd while one is writing the shard's
+/// projections (`crate::install`), so readers can tell they may have read half of one.
+#[derive(Debug, Default)]
+struct InstallStamps(std::sync::Mutex<std::collections::HashMap<u16, u64>>);
+
+impl InstallStamps {
+    fn update(&self, shard: courier_proto::ShardId, odd: bool) {
+        let mut stamps = self
+            .0
+            .lock()
+            .expect("install stamps lock is never poisoned");
+        let stamp = stamps.entry(shard.get()).or_default();
+        if stamp.is_multiple_of(2) == odd {
+            *stamp = stamp.wrapping_add(1);
+        }
+    }
+
+    fn get(&self, shard: courier_proto::ShardId) -> u64 {
+        let stamps = self
+            .0
+            .lock()
+            .expect("install stamps lock is never poisoned");
+        stamps.get(&shard.get()).copied().unwrap_or(0)
+    }
 }
 
 /// What this database did since it was opened, for the node's counters (`Admin.Status`,
@@ -112,6 +139,7 @@ impl Db {
             engine: Engine::Rocks(db),
             path: path.to_path_buf(),
             counters: DbCounters::default(),
+            installs: InstallStamps::default(),
         })
     }
 
@@ -124,6 +152,7 @@ impl Db {
             engine: Engine::Memory { disk, incarnation },
             path: path.to_path_buf(),
             counters: DbCounters::default(),
+            installs: InstallStamps::default(),
         }
     }
 
@@ -145,6 +174,25 @@ impl Db {
             Engine::Rocks(_) => Some(&self.path),
             Engine::Memory { .. } => None,
         }
+    }
+
+    /// A stamp of `shard`'s snapshot installs for a reader that reads the shard's projections
+    /// directly (client reads): `None` while an install is writing them (they are half
+    /// written; retry later). A read is whole if the stamp was `Some` and the same before and
+    /// after it.
+    pub fn read_stamp(&self, shard: courier_proto::ShardId) -> Option<u64> {
+        let stamp = self.installs.get(shard);
+        stamp.is_multiple_of(2).then_some(stamp)
+    }
+
+    /// An install starts writing `shard`'s projections (`crate::install`).
+    pub(crate) fn begin_install(&self, shard: courier_proto::ShardId) {
+        self.installs.update(shard, true);
+    }
+
+    /// The install of `shard` wrote its last batch.
+    pub(crate) fn end_install(&self, shard: courier_proto::ShardId) {
+        self.installs.update(shard, false);
     }
 
     fn handle(db: &DB, cf: Cf) -> &rocksdb::ColumnFamily {

@@ -82,6 +82,15 @@ pub enum StorageError {
         /// What is wrong.
         reason: String,
     },
+    /// A snapshot install of the shard was interrupted and is not finished yet.
+    #[error(
+        "a snapshot install of {shard} is unfinished (its projections are half written); \
+         starting the node finishes it"
+    )]
+    InstallPending {
+        /// The shard.
+        shard: ShardId,
+    },
 }
 
 /// Shorthand for results of this crate.

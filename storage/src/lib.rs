@@ -30,6 +30,7 @@ pub mod db;
 mod decode_fuzz_test;
 pub mod error;
 pub mod inspect;
+pub mod install;
 pub mod keys;
 pub mod kv;
 pub mod log;

@@ -144,8 +144,18 @@ impl ShardState {
     /// Loads the applied state of `shard` from `kv`.
     ///
     /// # Errors
-    /// A storage fault or an undecodable applied state.
+    /// A storage fault, an undecodable applied state, or [`StorageError::InstallPending`] while
+    /// a snapshot install of the shard is unfinished (its projections are then half written;
+    /// [`crate::install::resume`] finishes it).
     pub fn load(kv: &dyn ReadKv, shard: ShardId) -> Result<Self> {
+        if kv.get(Cf::Meta, &keys::snapshot_install(shard))?.is_some() {
+            return Err(StorageError::InstallPending { shard });
+        }
+        Self::load_applied(kv, shard)
+    }
+
+    /// Loads the applied state of `shard` as stored, whether or not an install is unfinished.
+    pub(crate) fn load_applied(kv: &dyn ReadKv, shard: ShardId) -> Result<Self> {
         let Some(value) = kv.get(Cf::Meta, &keys::applied_state(shard))? else {
             return Ok(Self::empty(shard));
         };

@@ -5,8 +5,8 @@
 //! Installing verifies the data against the digests the snapshot carries before anything is
 //! written, then replaces the shard's projections and applied state in one atomic batch.
 
-use courier_proto::ShardId;
-use courier_proto::pb::store::{SnapshotChunk, SnapshotRecord};
+use courier_proto::pb::store::{AppliedState, SnapshotChunk, SnapshotRecord};
+use courier_proto::{LogIndex, ShardId};
 use prost::Message;
 
 use crate::cf::Cf;
@@ -149,74 +149,148 @@ pub struct Install {
     pub state: ShardState,
 }
 
-/// Verifies `chunks` for `shard` and prepares their installation.
+/// Checks a snapshot's chunks one at a time, in order, holding only the running digests: the
+/// first carries the applied state, every record names a projection and a key of the shard,
+/// nothing follows the last chunk, and at the end each projection matches its digest.
+#[derive(Debug)]
+pub struct Verifier {
+    shard: ShardId,
+    range: (Vec<u8>, Vec<u8>),
+    state: Option<(ShardState, AppliedState)>,
+    digests: std::collections::BTreeMap<Projection, Digest>,
+    saw_last: bool,
+}
+
+impl Verifier {
+    /// A verifier of a snapshot of `shard`.
+    pub fn new(shard: ShardId) -> Self {
+        Self {
+            shard,
+            range: keys::shard_range(shard),
+            state: None,
+            digests: std::collections::BTreeMap::new(),
+            saw_last: false,
+        }
+    }
+
+    fn bad(&self, reason: String) -> StorageError {
+        StorageError::Snapshot {
+            shard: self.shard,
+            reason,
+        }
+    }
+
+    /// Checks the next chunk and returns the family of each of its records, in order.
+    ///
+    /// # Errors
+    /// [`StorageError::Snapshot`] when the chunk is out of shape, names an unknown family or
+    /// holds a key outside the shard.
+    pub fn check(&mut self, chunk: &SnapshotChunk) -> Result<Vec<Projection>> {
+        match (&self.state, &chunk.applied) {
+            (None, Some(applied)) => {
+                let mut kv = crate::kv::MemKv::default();
+                kv.write([(
+                    Cf::Meta,
+                    keys::applied_state(self.shard),
+                    Some(applied.encode_to_vec()),
+                )]);
+                self.state = Some((ShardState::load(&kv, self.shard)?, applied.clone()));
+            }
+            (None, None) => return Err(self.bad("first chunk carries no applied state".to_owned())),
+            (Some(_), Some(_)) => return Err(self.bad("a second applied state".to_owned())),
+            (Some(_), None) => {}
+        }
+        if self.saw_last && !chunk.records.is_empty() {
+            return Err(self.bad("records after the last chunk".to_owned()));
+        }
+        self.saw_last |= chunk.last;
+        let mut families = Vec::with_capacity(chunk.records.len());
+        for record in &chunk.records {
+            let projection = Projection::from_name(&record.cf)
+                .ok_or_else(|| self.bad(format!("unknown column family {:?}", record.cf)))?;
+            if record.key < self.range.0 || record.key >= self.range.1 {
+                return Err(self.bad(format!(
+                    "key {} outside the shard",
+                    courier_proto::hex(&record.key)
+                )));
+            }
+            self.digests
+                .entry(projection)
+                .or_default()
+                .add(&record.key, &record.value);
+            families.push(projection);
+        }
+        Ok(families)
+    }
+
+    /// The applied index the snapshot installs, once the first chunk was checked.
+    pub fn applied(&self) -> Option<LogIndex> {
+        self.state.as_ref().map(|(state, _)| state.applied)
+    }
+
+    /// Ends the check: returns the shard's state once the snapshot is installed, and the
+    /// applied state as the snapshot carries it (to be stored as it is).
+    ///
+    /// # Errors
+    /// [`StorageError::Snapshot`] when there were no chunks, no last chunk, or a projection does
+    /// not match its digest.
+    pub fn finish(self) -> Result<(ShardState, AppliedState)> {
+        let Some((state, _)) = &self.state else {
+            return Err(self.bad("no chunks".to_owned()));
+        };
+        if !self.saw_last {
+            return Err(self.bad("stream ended before the last chunk".to_owned()));
+        }
+        for projection in Projection::ALL {
+            let got = self.digests.get(&projection).copied().unwrap_or_default();
+            if got != state.digest(projection) {
+                return Err(self.bad(format!(
+                    "projection {} does not match its digest",
+                    projection.name()
+                )));
+            }
+        }
+        Ok(self.state.expect("checked above"))
+    }
+}
+
+/// The key ranges an install clears first: each projection's range of `shard`.
+pub(crate) fn projection_ranges(shard: ShardId) -> Vec<(Cf, Vec<u8>, Vec<u8>)> {
+    let (start, end) = keys::shard_range(shard);
+    Projection::ALL
+        .into_iter()
+        .map(|projection| (Cf::Projection(projection), start.clone(), end.clone()))
+        .collect()
+}
+
+/// Verifies `chunks` for `shard` and prepares their installation in one batch (the whole shard
+/// in memory; [`crate::install`] installs from a file in bounded memory).
 ///
 /// # Errors
 /// [`StorageError::Snapshot`] when the chunks are out of shape, name an unknown family, hold a
 /// key outside the shard, or do not match their own digests.
 pub fn prepare_install(shard: ShardId, chunks: Vec<SnapshotChunk>) -> Result<Install> {
-    let bad = |reason: String| StorageError::Snapshot { shard, reason };
-    let mut chunks = chunks.into_iter();
-    let first = chunks.next().ok_or_else(|| bad("no chunks".to_owned()))?;
-    let applied = first
-        .applied
-        .clone()
-        .ok_or_else(|| bad("first chunk carries no applied state".to_owned()))?;
-    let (start, end) = keys::shard_range(shard);
-    let mut digests = std::collections::BTreeMap::<Projection, Digest>::new();
+    let mut verifier = Verifier::new(shard);
     let mut changes = Vec::new();
-    let mut saw_last = first.last;
-    for chunk in std::iter::once(first).chain(chunks) {
-        if saw_last && !chunk.records.is_empty() && chunk.applied.is_none() {
-            return Err(bad("records after the last chunk".to_owned()));
-        }
-        saw_last |= chunk.last;
-        for record in chunk.records {
-            let projection = Projection::from_name(&record.cf)
-                .ok_or_else(|| bad(format!("unknown column family {:?}", record.cf)))?;
-            if record.key < start || record.key >= end {
-                return Err(bad(format!(
-                    "key {} outside the shard",
-                    courier_proto::hex(&record.key)
-                )));
-            }
-            digests
-                .entry(projection)
-                .or_default()
-                .add(&record.key, &record.value);
-            changes.push((Cf::Projection(projection), record.key, Some(record.value)));
-        }
+    for chunk in chunks {
+        let families = verifier.check(&chunk)?;
+        changes.extend(
+            families
+                .into_iter()
+                .zip(chunk.records)
+                .map(|(projection, record)| {
+                    (Cf::Projection(projection), record.key, Some(record.value))
+                }),
+        );
     }
-    if !saw_last {
-        return Err(bad("stream ended before the last chunk".to_owned()));
-    }
-    let mut kv = crate::kv::MemKv::default();
-    kv.write([(
-        Cf::Meta,
-        keys::applied_state(shard),
-        Some(applied.encode_to_vec()),
-    )]);
-    let state = ShardState::load(&kv, shard)?;
-    for projection in Projection::ALL {
-        let got = digests.get(&projection).copied().unwrap_or_default();
-        if got != state.digest(projection) {
-            return Err(bad(format!(
-                "projection {} does not match its digest",
-                projection.name()
-            )));
-        }
-    }
+    let (state, applied) = verifier.finish()?;
     changes.push((
         Cf::Meta,
         keys::applied_state(shard),
         Some(applied.encode_to_vec()),
     ));
-    let clear = Projection::ALL
-        .into_iter()
-        .map(|projection| (Cf::Projection(projection), start.clone(), end.clone()))
-        .collect();
     Ok(Install {
-        clear,
+        clear: projection_ranges(shard),
         changes,
         state,
     })

@@ -153,13 +153,23 @@ impl ClientApi {
         Ok(shard_of(user, self.shard_count()?))
     }
 
-    /// Reads this replica's state of `shard` through a projection view.
+    /// Reads this replica's state of `shard` through a projection view: `UNAVAILABLE`
+    /// `COURIER:Shard:Installing` when a snapshot install was writing the shard's projections
+    /// meanwhile (what was read may be half of it).
     pub(crate) fn read<R>(
         &self,
         shard: ShardId,
         f: impl FnOnce(&View<'_, '_>) -> courier_storage::Result<R>,
     ) -> Result<R, ApiError> {
-        Ok(f(&self.db.read(shard).view(Projection::Inbox))?)
+        let stamp = self
+            .db
+            .read_stamp(shard)
+            .ok_or_else(|| ApiError::installing(shard))?;
+        let read = f(&self.db.read(shard).view(Projection::Inbox));
+        if self.db.read_stamp(shard) != Some(stamp) {
+            return Err(ApiError::installing(shard));
+        }
+        Ok(read?)
     }
 }
 

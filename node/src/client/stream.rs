@@ -30,7 +30,7 @@ use tracing::Instrument as _;
 
 use super::{ClientApi, auth::Caller, now_ms};
 use crate::bugs;
-use crate::status::ApiError;
+use crate::status::{ApiError, SHARD_INSTALLING};
 
 /// How long a stream waits before looking again when a group message's stored copy has not
 /// reached this replica of the group's shard yet (its apply does not touch the member's inbox,
@@ -164,8 +164,10 @@ impl ClientApi {
                 let feed = receipts::feed(view, caller.user, &receipts_after, PAGE_MESSAGES)?;
                 Ok((up_to, up_to == tail, messages, feed))
             });
-            let Ok((up_to, caught_up, messages, feed)) = page else {
-                return;
+            let (up_to, caught_up, messages, feed) = match page {
+                Ok(page) => page,
+                Err(error) if self.waited_out(&error, &tx).await => continue,
+                Err(_) => return,
             };
             // A full page of receipt changes may be one part of a log entry's changes (an ack of
             // many messages): the next pass reads on from the last change pushed, at once.
@@ -233,6 +235,30 @@ impl ClientApi {
                 () = tokio::time::sleep(GROUP_CONTENT_RETRY), if stalled => {}
             }
         }
+    }
+
+    /// Whether a stream whose read failed with `error` reads again: after a wait when this
+    /// replica is installing a snapshot of the shard (the stream stays open), never for any
+    /// other error (the stream ends with it) or once the stream closed.
+    async fn waited_out(
+        &self,
+        error: &ApiError,
+        tx: &mpsc::Sender<Result<ServerFrame, Status>>,
+    ) -> bool {
+        if let ApiError::Unavailable {
+            code: SHARD_INSTALLING,
+            retry_after_ms,
+            ..
+        } = error
+        {
+            return tokio::select! {
+                () = self.shutdown.cancelled() => false,
+                () = tx.closed() => false,
+                () = tokio::time::sleep(Duration::from_millis(*retry_after_ms)) => true,
+            };
+        }
+        let _ = tx.send(Err(error.clone().into())).await;
+        false
     }
 
     /// Whether the stream of `caller` goes on. A device change applied here since the last

@@ -170,6 +170,12 @@ pub fn applied_state(shard: ShardId) -> Vec<u8> {
     KeyBuf::shard(shard).u8(1).done()
 }
 
+/// meta: marks an unfinished snapshot install of the shard (`crate::install`); its value is the
+/// index the snapshot installs, big-endian.
+pub fn snapshot_install(shard: ShardId) -> Vec<u8> {
+    KeyBuf::shard(shard).u8(2).done()
+}
+
 /// The user of a key laid out as shard, tag, user (every key of the inbox and receipts families
 /// but their time indexes, [`inbox_stub_by_time`] and [`receipt_by_time`]), or `None` for a
 /// shorter key.
