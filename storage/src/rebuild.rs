@@ -290,11 +290,7 @@ pub fn swap(live: &ShardState, rebuilt: &Rebuilt, projection: Projection) -> Swa
     let mut next = live.clone();
     next.digests
         .insert(projection, rebuilt.state.digest(projection));
-    changes.push((
-        Cf::Meta,
-        keys::applied_state(shard),
-        Some(next.to_applied_state().encode_to_vec()),
-    ));
+    changes.push(next.applied_state_record());
     Swap {
         clear: (cf, start, end),
         changes,

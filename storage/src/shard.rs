@@ -183,6 +183,15 @@ impl ShardState {
         })
     }
 
+    /// The write that stores this state (its `meta` record).
+    pub fn applied_state_record(&self) -> Change {
+        (
+            Cf::Meta,
+            keys::applied_state(self.shard_id()),
+            Some(self.to_applied_state().encode_to_vec()),
+        )
+    }
+
     /// The stored form of this state.
     pub fn to_applied_state(&self) -> AppliedState {
         AppliedState {
@@ -234,11 +243,7 @@ impl ShardState {
             digests,
             consensus_state,
         };
-        changes.push((
-            Cf::Meta,
-            keys::applied_state(shard),
-            Some(next.to_applied_state().encode_to_vec()),
-        ));
+        changes.push(next.applied_state_record());
         Ok(Batch {
             changes,
             next,
@@ -271,11 +276,7 @@ impl ShardState {
         self.applied = applied;
         self.digests = digests;
         self.consensus_state = consensus_state;
-        kv.write([(
-            Cf::Meta,
-            keys::applied_state(self.shard_id()),
-            Some(self.to_applied_state().encode_to_vec()),
-        )]);
+        kv.write([self.applied_state_record()]);
         Ok(results)
     }
 
