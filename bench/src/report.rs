@@ -528,8 +528,16 @@ fn scale_table(s: &mut String, scale: Option<&ScaleResult>) -> anyhow::Result<()
          sender on the same node (send → arrival on the probe's stream). Node RSS before any \
          idle stream: {:.0} MiB; after the bench closed them: {:.0} MiB. KiB / stream is (RSS − RSS \
          before) ÷ streams: at small steps the allocator reuses heap the node freed earlier, so the \
-         largest step is the one that measures a stream's cost.\n",
-        scale.users, scale.streams_per_connection, scale.rss_before_mib, scale.rss_after_close_mib
+         largest step is the one that measures a stream's cost. Node CPU while idle before any \
+         idle stream was open (raft heartbeats, timers, the probes' streams): {}; the streams' \
+         idle cost is a step's idle CPU less that.\n",
+        scale.users,
+        scale.streams_per_connection,
+        scale.rss_before_mib,
+        scale.rss_after_close_mib,
+        scale
+            .idle_cpu_before_pct
+            .map_or_else(|| "not measured".to_owned(), |pct| format!("{pct:.1} %")),
     )?;
     writeln!(
         s,
@@ -542,7 +550,7 @@ fn scale_table(s: &mut String, scale: Option<&ScaleResult>) -> anyhow::Result<()
     for step in &scale.steps {
         writeln!(
             s,
-            "| {} | {:.1} | {:.0} | {:.2} | {:.0} | {} | {} | {} | {} | {} |",
+            "| {} | {:.1} | {:.0} | {:.2} | {:.1} | {} | {} | {} | {} | {} |",
             fmt_rate(step.streams as f64),
             step.open_s,
             step.rss_mib,
@@ -666,8 +674,23 @@ fn send_path_targets(
         None => "one proposer ≤ 1.5 ms: **not measured** in this run".to_owned(),
     };
     writeln!(s, "- {line}")?;
-    let line = match scale.and_then(|sc| sc.steps.iter().find(|st| st.streams >= TARGET_STREAMS)) {
-        Some(step) => format!(
+    let line = match scale.and_then(|sc| {
+        let step = sc.steps.iter().find(|st| st.streams >= TARGET_STREAMS)?;
+        Some((step, sc.idle_cpu_before_pct))
+    }) {
+        Some((step, Some(before))) => format!(
+            "{} idle streams on one node cost {:.1} % of a core while idle (node CPU {:.1} % with \
+             them open, {:.1} % before any was open; target < 2 %) — {}; live delivery p99 {} ms \
+             with them open (target ≤ 50 ms) — {}",
+            fmt_rate(step.streams as f64),
+            step.idle_cpu_pct - before,
+            step.idle_cpu_pct,
+            before,
+            verdict(step.idle_cpu_pct - before < 2.0),
+            fmt_ms(step.delivery.p99_ms),
+            verdict(step.delivery.p99_ms <= 50.0),
+        ),
+        Some((step, None)) => format!(
             "{} idle streams on one node: node CPU {:.1} % of a core while idle, raft heartbeats \
              included (target < 2 %) — {}; live delivery p99 {} ms with them open (target ≤ 50 \
              ms) — {}",

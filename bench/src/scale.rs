@@ -102,18 +102,25 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     tokio::time::sleep(SETTLE).await;
     let rss = || args.pid.and_then(procstat::rss_mib).unwrap_or(0.0);
     let rss_before = rss();
-    println!("scale: node RSS before idle streams {rss_before:.1} MiB");
+    let idle_cpu = || async {
+        let mut sampler = Sampler::start(args.pid.as_slice());
+        sampler
+            .poll_until(Instant::now() + Duration::from_secs_f64(args.idle_seconds.max(0.5)))
+            .await;
+        let (processes, _) = sampler.finish();
+        processes.first().map_or(0.0, |p| p.cpu_pct)
+    };
+    let idle_cpu_before = idle_cpu().await;
+    println!(
+        "scale: node RSS before idle streams {rss_before:.1} MiB, idle CPU {idle_cpu_before:.1}%"
+    );
     let mut steps = Vec::with_capacity(args.streams.len());
     for &target in &args.streams {
         let opened = Instant::now();
         open_idle(&args, &mut fleet, target).await?;
         let open_s = opened.elapsed().as_secs_f64();
         tokio::time::sleep(SETTLE).await;
-        let mut sampler = Sampler::start(args.pid.as_slice());
-        sampler
-            .poll_until(Instant::now() + Duration::from_secs_f64(args.idle_seconds.max(0.5)))
-            .await;
-        let (processes, _) = sampler.finish();
+        let idle_cpu_pct = idle_cpu().await;
         let rss_now = rss();
         let (delivery, missing) = probe(&args, &mut fleet).await?;
         let closed = closed_streams(&mut fleet.idle);
@@ -125,13 +132,13 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             open_s,
             rss_mib: rss_now,
             rss_per_stream_kib: per_stream_kib,
-            idle_cpu_pct: processes.first().map_or(0.0, |p| p.cpu_pct),
+            idle_cpu_pct,
             delivery,
             delivery_missing: missing,
         };
         println!(
             "scale: {} streams open ({} closed by the server) in {:.1} s; node RSS {:.1} MiB \
-             ({:.2} KiB/stream), idle CPU {:.0}%; delivery p50 {:.2} ms p99 {:.2} ms max {:.2} ms, \
+             ({:.2} KiB/stream), idle CPU {:.1}%; delivery p50 {:.2} ms p99 {:.2} ms max {:.2} ms, \
              {} missing",
             step.streams,
             step.streams_closed,
@@ -154,6 +161,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         users: args.users,
         streams_per_connection: args.streams_per_connection,
         rss_before_mib: rss_before,
+        idle_cpu_before_pct: Some(idle_cpu_before),
         rss_after_close_mib: rss(),
         steps,
         command: stats::command_line(),

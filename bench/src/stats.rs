@@ -322,6 +322,11 @@ pub(crate) struct ScaleResult {
     pub(crate) streams_per_connection: u32,
     /// The node's RSS before any idle stream, MiB.
     pub(crate) rss_before_mib: f64,
+    /// The node's CPU while idle before any idle stream was opened (raft heartbeats, timers,
+    /// the probes' streams), % of a core: what the streams' idle cost is measured against.
+    /// Absent in results written before it was measured.
+    #[serde(default)]
+    pub(crate) idle_cpu_before_pct: Option<f64>,
     /// The node's RSS with no idle streams after the bench closed them, MiB.
     pub(crate) rss_after_close_mib: f64,
     /// One entry per step.
