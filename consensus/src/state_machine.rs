@@ -143,14 +143,20 @@ impl StateMachine {
     /// # Errors
     /// A storage fault.
     pub fn open(db: Arc<Db>, group: GroupId) -> Result<Self, RaftStorageError> {
-        if let Some(state) =
-            courier_storage::install::resume(&db, group.storage_prefix()).map_err(fault)?
-        {
-            tracing::warn!(
+        use courier_storage::install::{Resumed, resume};
+        match resume(&db, group.storage_prefix()).map_err(fault)? {
+            None => {}
+            Some(Resumed::Finished(state)) => tracing::warn!(
                 group = %group,
                 applied = state.applied.get(),
                 "finished a snapshot install that a stop interrupted"
-            );
+            ),
+            Some(Resumed::Abandoned(error)) => tracing::warn!(
+                group = %group,
+                %error,
+                "dropped a snapshot install that a stop interrupted, as its file no longer \
+                 verifies; the replica is as it was before it, and its leader sends a snapshot again"
+            ),
         }
         let state = ShardState::load(db.as_ref(), group.storage_prefix()).map_err(fault)?;
         let raft = RaftApplied::decode(&state.consensus_state)?;

@@ -4,41 +4,51 @@
 //! the whole shard in memory twice (the decoded chunks and the batch). Instead:
 //!
 //! ```text
-//!   stage:    received bytes ──verify chunk by chunk──▶ install file (named, fsynced) ──▶ marker (synced)
-//!   complete: clear the shard's projections ──▶ each chunk, one batch ──▶ applied state + marker gone (synced)
-//!   resume:   at open, a marker left by a crash ─▶ complete again, from the install file
+//!   stage:    received bytes ──verify chunk by chunk──▶ install file (named, fsynced) ──▶ marker "staged" (synced)
+//!   complete: verify the file again ──▶ clear the shard's projections, marker "writing" ──▶ log truncation (synced)
+//!             ──▶ each chunk, one batch ──▶ applied state + marker gone (synced)
+//!   resume:   at open, a marker left by a stop ─▶ complete again, from the install file
 //! ```
 //!
-//! Nothing is written to the database before the whole snapshot verified against its digests,
-//! so a bad snapshot changes nothing. Between the marker and its removal the shard's projections
-//! are half written: [`crate::ShardState::load`] refuses the shard then, readers are told to
-//! retry ([`crate::Db::read_stamp`]), and opening the node finishes the install from the file
-//! (clearing again first, so completing is idempotent). The applied state moves in the last
-//! write only, together with the marker's removal. Completing verifies the file again as it
-//! reads it, so a disk that corrupted it stops the replica instead of installing bad data.
+//! Nothing of the shard is written before the whole snapshot verified against its digests, so a
+//! bad snapshot changes nothing: a staged install whose file no longer verifies is abandoned
+//! (marker and file removed) and the shard stays as it was. Once the marker says "writing" the
+//! shard's projections are half written until the install ends: [`crate::ShardState::load`]
+//! refuses the shard, readers are told to retry ([`crate::Db::read_stamp`]), and opening the node
+//! finishes the install from the file (clearing again first, so completing is idempotent). The
+//! applied state moves in the last write only, together with the marker's removal. Completing
+//! verifies the file as it writes it, so a disk that corrupted the file after it was checked
+//! stops the replica instead of installing bad data.
 //!
-//! At most one chunk ([`crate::snapshot::SNAPSHOT_CHUNK_RECORDS`] records) is in memory.
+//! At most one chunk ([`crate::snapshot::SNAPSHOT_CHUNK_RECORDS`] records) is in memory, with
+//! its encoded bytes.
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use courier_proto::ShardId;
 use courier_proto::pb::store::SnapshotChunk;
+use courier_proto::{LogIndex, ShardId};
 use prost::Message;
 
 use crate::cf::Cf;
 use crate::db::Db;
 use crate::error::{Result, StorageError};
 use crate::keys;
+use crate::kv::{Change, ReadKv};
 use crate::log::LogStore;
 use crate::shard::ShardState;
 use crate::snapshot::{Verifier, projection_ranges};
 
 /// The largest encoded chunk an install reads (a length above it is corruption, not a chunk:
 /// an export page is [`crate::snapshot::SNAPSHOT_CHUNK_RECORDS`] records of bounded size).
-pub const INSTALL_CHUNK_BYTES_MAX: usize = 512 << 20;
+pub const INSTALL_CHUNK_BYTES_MAX: u64 = 512 << 20;
+
+/// The marker's phase: the install file is whole and verified, nothing of the shard written.
+const STAGED: u8 = 0;
+/// The marker's phase: the shard's projections were cleared; only finishing makes them whole.
+const WRITING: u8 = 1;
 
 fn disk_error(op: &'static str) -> impl Fn(std::io::Error) -> StorageError {
     move |error| StorageError::Disk {
@@ -75,26 +85,29 @@ impl<R: Read> ChunkReader<R> {
                     Err(bad("stream ends inside a length".to_owned()))
                 };
             }
-            // At most 9 bytes are in `raw` here, so the shift is at most 63.
+            // A varint's tenth byte holds the top bit of a u64 and nothing else.
+            if raw.len() == 9 && byte[0] > 1 {
+                return Err(bad("a length longer than 64 bits".to_owned()));
+            }
             let shift = u32::try_from(raw.len().saturating_mul(7)).unwrap_or(u32::MAX);
             raw.push(byte[0]);
             length |= u64::from(byte[0] & 0x7f).checked_shl(shift).unwrap_or(0);
             if byte[0] & 0x80 == 0 {
                 break;
             }
-            if raw.len() == 10 {
-                return Err(bad("a length longer than 10 bytes".to_owned()));
-            }
         }
-        let length = usize::try_from(length)
-            .ok()
-            .filter(|length| *length <= INSTALL_CHUNK_BYTES_MAX)
-            .ok_or_else(|| bad(format!("a chunk of {length} bytes")))?;
+        if length > INSTALL_CHUNK_BYTES_MAX {
+            return Err(bad(format!("a chunk of {length} bytes")));
+        }
         let header = raw.len();
-        raw.resize(header.saturating_add(length), 0);
-        self.input
-            .read_exact(&mut raw[header..])
-            .map_err(|error| bad(format!("stream ends inside a chunk: {error}")))?;
+        // Grows as bytes arrive: a corrupt length allocates no more than the stream holds.
+        (&mut self.input)
+            .take(length)
+            .read_to_end(&mut raw)
+            .map_err(disk_error("read snapshot"))?;
+        if u64::try_from(raw.len().saturating_sub(header)).unwrap_or(u64::MAX) < length {
+            return Err(bad("stream ends inside a chunk".to_owned()));
+        }
         let chunk =
             SnapshotChunk::decode(&raw[header..]).map_err(|error| bad(error.to_string()))?;
         Ok(Some((chunk, raw)))
@@ -102,12 +115,61 @@ impl<R: Read> ChunkReader<R> {
 }
 
 /// Where `shard`'s install file lives: in the database's directory.
-fn install_file(db: &Arc<Db>, shard: ShardId) -> Result<PathBuf> {
+fn install_file(db: &Db, shard: ShardId) -> Result<PathBuf> {
     let dir = db.spool_dir().ok_or_else(|| StorageError::Disk {
         op: "install snapshot",
         reason: "this disk has no files (install in one batch instead)".to_owned(),
     })?;
     Ok(dir.join(format!("snapshot-install-{:05}.chunks", shard.get())))
+}
+
+fn open_chunks(db: &Db, shard: ShardId) -> Result<ChunkReader<BufReader<File>>> {
+    let path = install_file(db, shard)?;
+    Ok(ChunkReader {
+        input: BufReader::new(File::open(&path).map_err(disk_error("open install file"))?),
+        shard,
+    })
+}
+
+/// The marker of an install of `shard` at `index` in `phase`.
+fn marker(shard: ShardId, index: LogIndex, phase: u8) -> Change {
+    let mut value = index.get().to_be_bytes().to_vec();
+    value.push(phase);
+    (Cf::Meta, keys::snapshot_install(shard), Some(value))
+}
+
+/// The index and phase of `shard`'s unfinished install, if there is one.
+fn read_marker(kv: &dyn ReadKv, shard: ShardId) -> Result<Option<(LogIndex, u8)>> {
+    let Some(value) = kv.get(Cf::Meta, &keys::snapshot_install(shard))? else {
+        return Ok(None);
+    };
+    match value.as_slice() {
+        [index @ .., phase] if index.len() == 8 => {
+            let index = <[u8; 8]>::try_from(index).expect("length checked");
+            Ok(Some((LogIndex::new(u64::from_be_bytes(index)), *phase)))
+        }
+        _ => Err(StorageError::Decode {
+            cf: Cf::Meta.name(),
+            shard,
+            what: "snapshot install marker".to_owned(),
+            reason: format!("{} bytes", value.len()),
+        }),
+    }
+}
+
+/// The shards of `kv` (a node's database or a checkpoint of one) with an unfinished install.
+///
+/// # Errors
+/// A storage fault.
+pub fn pending(kv: &dyn ReadKv) -> Result<Vec<ShardId>> {
+    let pairs = kv.scan(Cf::Meta, &[], &[0xff; 4], usize::MAX)?;
+    Ok(pairs
+        .into_iter()
+        .filter_map(|(key, _)| {
+            let shard = keys::key_shard(&key)?;
+            (keys::snapshot_install(shard) == key).then_some(shard)
+        })
+        .collect())
 }
 
 /// Installs the snapshot of `shard` that `input` holds (the bytes `snapshot::export_to` wrote):
@@ -122,13 +184,20 @@ pub fn install(db: &Arc<Db>, shard: ShardId, input: impl Read) -> Result<ShardSt
 }
 
 /// Verifies the whole snapshot in `input`, copies it to the shard's install file (fsynced), and
-/// marks the install as begun (a synced write). From here on the install will finish, now or
-/// when the database is next opened.
+/// marks the install as staged (a synced write). From here on the install will finish, now or
+/// when the database is next opened, unless the file no longer verifies then.
 ///
 /// # Errors
 /// [`StorageError::Snapshot`] when the snapshot is bad: the file is removed and nothing was
-/// written to the database. [`StorageError::Disk`] or [`StorageError::Db`] on a fault.
+/// written to the database. [`StorageError::Disk`] or [`StorageError::Db`] on a fault, and when
+/// an earlier install of the shard is unfinished.
 pub fn stage(db: &Arc<Db>, shard: ShardId, input: impl Read) -> Result<ShardState> {
+    if read_marker(db.as_ref(), shard)?.is_some() {
+        return Err(StorageError::Disk {
+            op: "stage snapshot install",
+            reason: format!("an earlier install of {shard} is unfinished"),
+        });
+    }
     let path = install_file(db, shard)?;
     let copied = (|| {
         let mut out =
@@ -153,7 +222,8 @@ pub fn stage(db: &Arc<Db>, shard: ShardId, input: impl Read) -> Result<ShardStat
     let state = match copied {
         Ok(state) => state,
         Err(error) => {
-            // Nothing refers to the file yet; a failure to remove it leaves only a stray file.
+            // Nothing refers to the file yet; a failure to remove it leaves only a stray file
+            // (removed when the shard next opens).
             let _ = std::fs::remove_file(&path);
             return Err(error);
         }
@@ -163,22 +233,33 @@ pub fn stage(db: &Arc<Db>, shard: ShardId, input: impl Read) -> Result<ShardStat
             .and_then(|dir| dir.sync_all())
             .map_err(disk_error("sync database directory"))?;
     }
-    db.commit(
-        [(
-            Cf::Meta,
-            keys::snapshot_install(shard),
-            Some(state.applied.get().to_be_bytes().to_vec()),
-        )],
-        true,
-    )?;
+    db.commit([marker(shard, state.applied, STAGED)], true)?;
     Ok(state)
+}
+
+/// Reads `shard`'s install file through and checks it, writing nothing.
+fn verify_file(db: &Db, shard: ShardId) -> Result<()> {
+    let mut reader = open_chunks(db, shard)?;
+    let mut verifier = Verifier::new(shard);
+    while let Some((chunk, _)) = reader.next()? {
+        verifier.check(&chunk)?;
+    }
+    verifier.finish().map(|_| ())
+}
+
+/// Drops a staged install: the marker goes (synced), then the file. The shard was not touched.
+fn abandon(db: &Db, shard: ShardId) -> Result<()> {
+    db.commit([(Cf::Meta, keys::snapshot_install(shard), None)], true)?;
+    let _ = std::fs::remove_file(install_file(db, shard)?);
+    Ok(())
 }
 
 /// Writes the staged install of `shard` into the database (see the module docs) and removes
 /// its file. Returns the shard's state once installed.
 ///
 /// # Errors
-/// [`StorageError::Snapshot`] when the install file no longer matches its digests, or a fault.
+/// [`StorageError::Snapshot`] when the install file no longer matches its digests (a staged
+/// install is then abandoned, leaving the shard as it was), or a fault.
 pub fn complete(db: &Arc<Db>, shard: ShardId) -> Result<ShardState> {
     complete_batches(db, shard, usize::MAX)?.ok_or_else(|| StorageError::Disk {
         op: "install snapshot",
@@ -188,27 +269,36 @@ pub fn complete(db: &Arc<Db>, shard: ShardId) -> Result<ShardState> {
 
 /// [`complete`], stopping after `batches` chunk writes (`None`: stopped; a crash in tests).
 fn complete_batches(db: &Arc<Db>, shard: ShardId, batches: usize) -> Result<Option<ShardState>> {
-    db.begin_install(shard);
-    let path = install_file(db, shard)?;
-    let before = ShardState::load_applied(db.as_ref(), shard)?;
-    let mut reader = ChunkReader {
-        input: BufReader::new(File::open(&path).map_err(disk_error("open install file"))?),
-        shard,
+    let Some((index, phase)) = read_marker(db.as_ref(), shard)? else {
+        return Err(StorageError::Disk {
+            op: "install snapshot",
+            reason: format!("no install of {shard} is pending"),
+        });
     };
+    if phase == STAGED
+        && let Err(error) = verify_file(db, shard)
+    {
+        abandon(db, shard)?;
+        return Err(error);
+    }
+    db.begin_install(shard);
+    let before = ShardState::load_applied(db.as_ref(), shard)?;
+    let mut reader = open_chunks(db, shard)?;
     let mut verifier = Verifier::new(shard);
     let (first, _) = reader.next()?.ok_or_else(|| StorageError::Snapshot {
         shard,
         reason: "the install file is empty".to_owned(),
     })?;
     verifier.check(&first)?;
-    let installs = verifier
-        .applied()
-        .expect("a checked first chunk has the applied state");
+    db.replace_ranges(
+        &projection_ranges(shard),
+        vec![marker(shard, index, WRITING)],
+        false,
+    )?;
     // Entries above what this replica applied and up to the snapshot may be an old leader's,
     // never committed: delete them before the archiver (which archives what is at or below the
-    // applied index) could take them for committed ones.
-    LogStore::new(db.clone(), shard).delete_between(before.applied.next(), installs.next())?;
-    db.replace_ranges(&projection_ranges(shard), Vec::new(), false)?;
+    // applied index) could take them for committed ones. Synced: the clear above is durable too.
+    LogStore::new(db.clone(), shard).delete_between(before.applied.next(), index.next())?;
     let mut written = 0_usize;
     while let Some((chunk, _)) = reader.next()? {
         if written == batches {
@@ -239,29 +329,48 @@ fn complete_batches(db: &Arc<Db>, shard: ShardId, batches: usize) -> Result<Opti
         true,
     )?;
     db.end_install(shard);
-    std::fs::remove_file(&path).map_err(disk_error("remove install file"))?;
+    // The install is durable: a file left behind is removed when the shard next opens.
+    let _ = std::fs::remove_file(install_file(db, shard)?);
     Ok(Some(state))
 }
 
-/// Finishes an install of `shard` that a crash interrupted, if there is one: returns the
-/// shard's state once installed, or `None` when no install was pending.
+/// What [`resume`] did with an install a stop interrupted.
+#[derive(Debug)]
+pub enum Resumed {
+    /// Finished it: the shard's state now.
+    Finished(ShardState),
+    /// Dropped it, before anything of the shard was written, because its file no longer
+    /// verified: the shard is as it was before the install (raft sends a snapshot again).
+    Abandoned(StorageError),
+}
+
+/// Finishes an install of `shard` that a stop interrupted, if there is one, and removes a stray
+/// install file otherwise.
 ///
 /// # Errors
-/// As [`complete`]; [`StorageError::Disk`] when the install file is missing (a backup taken
-/// mid-install without it cannot be opened: restore an earlier one or reseed the replica).
-pub fn resume(db: &Arc<Db>, shard: ShardId) -> Result<Option<ShardState>> {
-    use crate::kv::ReadKv as _;
-    if db.get(Cf::Meta, &keys::snapshot_install(shard))?.is_none() {
+/// As [`complete`] once the shard's projections were cleared (the replica cannot open: reseed
+/// it, RUNBOOK "Backups"); [`StorageError::Disk`] when the install file is then missing.
+pub fn resume(db: &Arc<Db>, shard: ShardId) -> Result<Option<Resumed>> {
+    let Some((_, phase)) = read_marker(db.as_ref(), shard)? else {
+        if let Ok(path) = install_file(db, shard) {
+            let _ = std::fs::remove_file(path);
+        }
         return Ok(None);
+    };
+    match complete(db, shard) {
+        Ok(state) => Ok(Some(Resumed::Finished(state))),
+        Err(error) if phase == STAGED && read_marker(db.as_ref(), shard)?.is_none() => {
+            Ok(Some(Resumed::Abandoned(error)))
+        }
+        Err(error) => Err(error),
     }
-    complete(db, shard).map(Some)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::db::OpenMode;
-    use crate::kv::{MemKv, ReadKv as _};
+    use crate::kv::MemKv;
     use crate::projection::Projection;
     use crate::snapshot;
     use courier_proto::LogIndex;
@@ -325,7 +434,9 @@ mod tests {
                 ));
             }
             let db = Arc::new(Db::open(dir.path(), OpenMode::ReadWrite).expect("reopen"));
-            let state = resume(&db, SHARD).expect("resumes").expect("was pending");
+            let Some(Resumed::Finished(state)) = resume(&db, SHARD).expect("resumes") else {
+                panic!("the install was pending");
+            };
             assert_eq!(state.applied, LogIndex::new(40));
             assert_eq!(ShardState::load(db.as_ref(), SHARD).expect("loads"), state);
             assert_eq!(
@@ -337,6 +448,45 @@ mod tests {
             assert!(resume(&db, SHARD).expect("nothing pending").is_none());
             assert!(!install_file(&db, SHARD).expect("a real disk").exists());
         }
+    }
+
+    /// Goal: a staged install whose file no longer verifies when the node opens is abandoned,
+    /// leaving the shard exactly as it was, and a stray install file with no marker is removed.
+    /// Method: stage a snapshot over an installed one, flip a byte of the install file, reopen;
+    /// then leave a file with no marker and reopen.
+    #[test]
+    fn a_staged_install_whose_file_went_bad_is_abandoned() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_, old) = snapshot_bytes(300, 3);
+        let (_, new) = snapshot_bytes(500, 7);
+        let (state, before) = {
+            let db = Arc::new(Db::open(dir.path(), OpenMode::ReadWrite).expect("open"));
+            let state = install(&db, SHARD, old.as_slice()).expect("first install");
+            stage(&db, SHARD, new.as_slice()).expect("stage");
+            assert_eq!(pending(db.as_ref()).expect("scan"), vec![SHARD]);
+            (state, projection_pairs(&db))
+        };
+        let db = Arc::new(Db::open(dir.path(), OpenMode::ReadWrite).expect("reopen"));
+        let path = install_file(&db, SHARD).expect("a real disk");
+        let mut bytes = std::fs::read(&path).expect("the install file");
+        let at = bytes.len() - 4;
+        bytes[at] ^= 0x01;
+        std::fs::write(&path, &bytes).expect("corrupt it");
+        let resumed = resume(&db, SHARD).expect("opens");
+        assert!(
+            matches!(
+                resumed,
+                Some(Resumed::Abandoned(StorageError::Snapshot { .. }))
+            ),
+            "{resumed:?}"
+        );
+        assert_eq!(ShardState::load(db.as_ref(), SHARD).expect("loads"), state);
+        assert_eq!(projection_pairs(&db), before);
+        assert!(pending(db.as_ref()).expect("scan").is_empty());
+        assert!(!path.exists());
+        std::fs::write(&path, b"left by a stop before the marker").expect("stray file");
+        assert!(resume(&db, SHARD).expect("opens").is_none());
+        assert!(!path.exists(), "the stray file is removed");
     }
 
     /// Goal: a bad snapshot changes nothing and leaves no file. Method: install a good one,

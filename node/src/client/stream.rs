@@ -19,7 +19,8 @@ use courier_proto::pb::client::{
     ClientFrame, InboxMessage, ReceiptUpdate, ServerFrame, server_frame,
 };
 use courier_proto::pb::events::{self, Event, event::Kind};
-use courier_proto::{InboxSeq, LogIndex, ReceiptFeedPosition};
+use courier_proto::pb::store::InboxEntry;
+use courier_proto::{InboxSeq, LogIndex, ReceiptFeedPosition, UserId};
 use courier_storage::projection::readstate::{self, ReadTarget};
 use courier_storage::projection::{groups, inbox, receipts};
 use tokio::sync::mpsc;
@@ -36,6 +37,19 @@ use crate::status::{ApiError, SHARD_INSTALLING};
 /// reached this replica of the group's shard yet (its apply does not touch the member's inbox,
 /// so it wakes nobody).
 pub const GROUP_CONTENT_RETRY: Duration = Duration::from_millis(20);
+/// One page of a device stream: the inbox position it reaches, whether that is the tail, its
+/// messages, and its receipt changes.
+type Page = (
+    InboxSeq,
+    bool,
+    Vec<(InboxSeq, InboxEntry)>,
+    Vec<receipts::FeedItem>,
+);
+
+/// How long an open device stream waits for this replica's snapshot install of its user's
+/// shard before it ends with `UNAVAILABLE` `COURIER:Shard:Installing` (the device reconnects,
+/// perhaps to another node).
+pub const INSTALL_WAIT_MAX: Duration = Duration::from_secs(30);
 /// Messages read from the inbox per step.
 pub const PAGE_MESSAGES: usize = 256;
 /// How long the client has to send `Open`.
@@ -142,6 +156,8 @@ impl ClientApi {
         // Checked on the first pass too: a revocation may have been applied between the
         // stream's authentication and now (no devices epoch is ever u64::MAX).
         let mut device_checked_at = u64::MAX;
+        // When reads of the shard started to find a snapshot install under way.
+        let mut installing_since = None;
         loop {
             // Registered before reading, so an apply between the read and the wait still wakes us.
             let applied = watch.notified();
@@ -154,21 +170,15 @@ impl ClientApi {
             {
                 return;
             }
-            let page = self.read(shard, |view| {
-                let tail = inbox::tail(view, caller.user)?;
-                let up_to = InboxSeq::new(
-                    tail.get()
-                        .min(cursor.get().saturating_add(PAGE_MESSAGES as u64)),
-                );
-                let messages = inbox::entries_between(view, caller.user, cursor, up_to)?;
-                let feed = receipts::feed(view, caller.user, &receipts_after, PAGE_MESSAGES)?;
-                Ok((up_to, up_to == tail, messages, feed))
-            });
+            let page = self.page(shard, caller.user, cursor, &receipts_after);
             let (up_to, caught_up, messages, feed) = match page {
                 Ok(page) => page,
-                Err(error) if self.waited_out(&error, &tx).await => continue,
+                Err(error) if self.waited_out(&error, &mut installing_since, &tx).await => {
+                    continue;
+                }
                 Err(_) => return,
             };
+            installing_since = None;
             // A full page of receipt changes may be one part of a log entry's changes (an ack of
             // many messages): the next pass reads on from the last change pushed, at once.
             let feed_caught_up = feed.len() < PAGE_MESSAGES;
@@ -237,12 +247,35 @@ impl ClientApi {
         }
     }
 
+    /// The next page of `user`'s stream after `cursor` and `receipts_after`: the inbox position
+    /// it reaches, whether that is the tail, its messages and its receipt changes.
+    fn page(
+        &self,
+        shard: courier_proto::ShardId,
+        user: UserId,
+        cursor: InboxSeq,
+        receipts_after: &ReceiptFeedPosition,
+    ) -> Result<Page, ApiError> {
+        self.read(shard, |view| {
+            let tail = inbox::tail(view, user)?;
+            let up_to = InboxSeq::new(
+                tail.get()
+                    .min(cursor.get().saturating_add(PAGE_MESSAGES as u64)),
+            );
+            let messages = inbox::entries_between(view, user, cursor, up_to)?;
+            let feed = receipts::feed(view, user, receipts_after, PAGE_MESSAGES)?;
+            Ok((up_to, up_to == tail, messages, feed))
+        })
+    }
+
     /// Whether a stream whose read failed with `error` reads again: after a wait when this
-    /// replica is installing a snapshot of the shard (the stream stays open), never for any
-    /// other error (the stream ends with it) or once the stream closed.
+    /// replica is installing a snapshot of the shard (the stream stays open), for at most
+    /// [`INSTALL_WAIT_MAX`] since the first such failure (`since`); never for any other error
+    /// (the stream ends with it) or once the stream closed.
     async fn waited_out(
         &self,
         error: &ApiError,
+        since: &mut Option<tokio::time::Instant>,
         tx: &mpsc::Sender<Result<ServerFrame, Status>>,
     ) -> bool {
         if let ApiError::Unavailable {
@@ -250,6 +283,10 @@ impl ClientApi {
             retry_after_ms,
             ..
         } = error
+            && since
+                .get_or_insert_with(tokio::time::Instant::now)
+                .elapsed()
+                < INSTALL_WAIT_MAX
         {
             return tokio::select! {
                 () = self.shutdown.cancelled() => false,
@@ -309,7 +346,7 @@ impl ClientApi {
 
     /// The one stored copy of a group message an inbox entry points at (on the group's shard,
     /// which every node replicates), or why there is none.
-    fn group_content(&self, entry: &courier_proto::pb::store::InboxEntry) -> GroupCopy {
+    fn group_content(&self, entry: &InboxEntry) -> GroupCopy {
         let Ok(shard) = u16::try_from(entry.source_shard).map(courier_proto::ShardId::new) else {
             return GroupCopy::NotYet;
         };
@@ -484,7 +521,7 @@ enum GroupCopy {
 }
 
 /// The frame that pushes inbox entry `seq`.
-fn message_frame(seq: InboxSeq, entry: courier_proto::pb::store::InboxEntry) -> ServerFrame {
+fn message_frame(seq: InboxSeq, entry: InboxEntry) -> ServerFrame {
     ServerFrame {
         frame: Some(server_frame::Frame::Message(InboxMessage {
             seq: seq.get(),

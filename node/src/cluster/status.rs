@@ -54,6 +54,24 @@ impl Cluster {
         self.db
             .checkpoint(&target)
             .map_err(|e| internal(e.to_string()))?;
+        // A replica installing a snapshot has half its projections written and the rest in an
+        // install file the checkpoint does not hold: such a checkpoint cannot be restored.
+        let installing = courier_storage::Db::open(&target, courier_storage::OpenMode::ReadOnly)
+            .and_then(|copy| courier_storage::install::pending(&copy))
+            .map_err(|e| internal(e.to_string()))?;
+        if let Some(shard) = installing.first() {
+            let _ = std::fs::remove_dir_all(&target);
+            return Err(ApiError::Unavailable {
+                code: "COURIER:Backup:Installing",
+                message: format!(
+                    "this node's replica of shard {} was installing a snapshot; the checkpoint \
+                     was removed, retry",
+                    shard.get()
+                ),
+                retry_after_ms: 1000,
+                leader: None,
+            });
+        }
         info!(dir = %target.display(), "checkpoint written");
         Ok(peer::BackupResponse {
             dir: target.display().to_string(),
@@ -152,8 +170,16 @@ impl Cluster {
     }
 
     /// Outbox entries of `shard` not yet forwarded and trimmed, per destination shard.
+    /// Empty while a snapshot install writes the shard (its outbox is half written then).
     pub fn outbox_by_dest(&self, shard: ShardId) -> Vec<(u16, u64)> {
-        outbox::states(&self.db.read(shard).view(Projection::Outbox))
+        let Some(stamp) = self.db.read_stamp(shard) else {
+            return Vec::new();
+        };
+        let states = outbox::states(&self.db.read(shard).view(Projection::Outbox));
+        if self.db.read_stamp(shard) != Some(stamp) {
+            return Vec::new();
+        }
+        states
             .map(|states| {
                 states
                     .iter()

@@ -10,6 +10,7 @@
 //! | log | shard \| index:u64 | crc32c:u32 \| term:u64 \| payload |
 //! | raftstate | shard \| tag:u8 (1 vote, 2 committed, 3 purged) | crc32c:u32 \| bytes |
 //! | meta | shard \| 1 | AppliedState |
+//! | meta | shard \| 2 | snapshot install marker: index:u64 \| phase:u8 (`crate::install`) |
 //! | inbox | shard \| 1 \| user \| seq | InboxEntry |
 //! | inbox | shard \| 2 \| user | InboxState |
 //! | inbox | shard \| 3 \| user \| message_id:16 | seq:u64 |
@@ -170,8 +171,8 @@ pub fn applied_state(shard: ShardId) -> Vec<u8> {
     KeyBuf::shard(shard).u8(1).done()
 }
 
-/// meta: marks an unfinished snapshot install of the shard (`crate::install`); its value is the
-/// index the snapshot installs, big-endian.
+/// meta: marks an unfinished snapshot install of the shard (`crate::install`): the index the
+/// snapshot installs (big-endian) and the install's phase.
 pub fn snapshot_install(shard: ShardId) -> Vec<u8> {
     KeyBuf::shard(shard).u8(2).done()
 }
