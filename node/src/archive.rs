@@ -16,27 +16,21 @@
 //!   moves; only then may a purge delete those entries. A failing store stops purging and is
 //!   counted; entries are never lost.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use courier_archive::{ArchiveStore, checkpoint_path, segment_path, store_fault};
 use courier_consensus::groups::Groups;
 use courier_consensus::log_store::storage_index;
 use courier_consensus::types::GroupId;
 use courier_proto::{LogIndex, ShardId};
-use courier_storage::archive::SegmentStore;
 use courier_storage::segment;
 use courier_storage::{LogRecord, LogStore, StorageError};
-use object_store::ObjectStore;
-use object_store::aws::AmazonS3Builder;
-use object_store::local::LocalFileSystem;
-use object_store::path::Path as ObjectPath;
-use object_store::prefix::PrefixStore;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::{ArchiveConfig, S3Archive};
+use crate::config::ArchiveConfig;
 
 /// Verify checkpoints kept per shard (the newest); older ones are deleted when one is written.
 pub const CHECKPOINTS_KEPT: usize = 2;
@@ -54,37 +48,19 @@ pub struct ArchiveCounters {
     pub gaps: AtomicU64,
 }
 
-/// The archive store of this node.
+/// This node's archive: its store and what the archiver did.
 pub struct Archive {
-    store: Arc<dyn ObjectStore>,
-    /// The directory of a local store (its writes are fsynced); `None` for a bucket, where a
-    /// write that answered is durable.
-    local: Option<PathBuf>,
-    /// Where the archive is, for logs (`dir` or `s3://bucket/prefix`).
-    location: String,
+    store: ArchiveStore,
     segment_entries: u64,
-    runtime: tokio::runtime::Handle,
     counters: ArchiveCounters,
 }
 
 impl std::fmt::Debug for Archive {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Archive")
-            .field("location", &self.location)
+            .field("location", &self.store.location())
             .field("segment_entries", &self.segment_entries)
             .finish_non_exhaustive()
-    }
-}
-
-/// The object of `shard`'s segment `first..=last` (`courier_storage::segment::object_name`).
-fn object_path(shard: ShardId, first: LogIndex, last: LogIndex) -> ObjectPath {
-    ObjectPath::from(segment::object_name(shard, first, last))
-}
-
-fn store_fault(op: &'static str, error: impl std::fmt::Display) -> StorageError {
-    StorageError::Disk {
-        op,
-        reason: format!("archive: {error}"),
     }
 }
 
@@ -94,29 +70,16 @@ impl Archive {
     /// # Errors
     /// The directory cannot be created or opened; the bucket's settings are refused.
     pub fn open(config: &ArchiveConfig) -> Result<Self, StorageError> {
-        let (store, local, location): (Arc<dyn ObjectStore>, _, _) = match &config.s3 {
-            Some(s3) => {
-                let store = s3_store(s3)?;
-                let location = format!("s3://{}/{}", s3.bucket, s3.prefix);
-                (store, None, location)
-            }
-            None => {
-                std::fs::create_dir_all(&config.dir)
-                    .map_err(|e| store_fault("create archive dir", e))?;
-                let store = LocalFileSystem::new_with_prefix(&config.dir)
-                    .map_err(|e| store_fault("open archive", e))?;
-                let location = config.dir.display().to_string();
-                (Arc::new(store), Some(config.dir.clone()), location)
-            }
-        };
         Ok(Self {
-            store,
-            local,
-            location,
+            store: ArchiveStore::open(&config.dir, config.s3.as_ref())?,
             segment_entries: config.segment_entries,
-            runtime: tokio::runtime::Handle::current(),
             counters: ArchiveCounters::default(),
         })
+    }
+
+    /// The store, which replays read as a `SegmentStore`.
+    pub fn store(&self) -> &ArchiveStore {
+        &self.store
     }
 
     /// Counters for `/metrics`.
@@ -144,9 +107,9 @@ impl Archive {
         let (Some(first), Some(last)) = (records.first(), records.last()) else {
             return Ok(());
         };
-        let path = object_path(shard, first.index, last.index);
+        let path = segment_path(shard, first.index, last.index);
         let bytes = segment::encode(shard, records);
-        if let Some(existing) = self.fetch(&path).await? {
+        if let Some(existing) = self.store.fetch(&path).await? {
             let (_, stored) = segment::decode(shard, &existing)?;
             if stored != records {
                 return Err(store_fault(
@@ -158,12 +121,9 @@ impl Archive {
             return Ok(());
         }
         let len = bytes.len();
-        self.store
-            .put(&path, bytes.into())
-            .await
-            .map_err(|e| store_fault("put", e))?;
-        self.sync(&path)?;
+        self.store.put(&path, bytes).await?;
         let back = self
+            .store
             .fetch(&path)
             .await?
             .ok_or_else(|| store_fault("verify", format!("{path} is gone after its write")))?;
@@ -178,67 +138,6 @@ impl Archive {
         Ok(())
     }
 
-    /// The bytes of the object at `path`; `None` when there is none.
-    async fn fetch(&self, path: &ObjectPath) -> Result<Option<bytes::Bytes>, StorageError> {
-        match self.store.get(path).await {
-            Ok(object) => object
-                .bytes()
-                .await
-                .map(Some)
-                .map_err(|e| store_fault("read", e)),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(error) => Err(store_fault("get", error)),
-        }
-    }
-
-    /// The bytes of the object at `path`, which must be there (blocking: from a blocking thread).
-    fn fetch_existing(&self, path: &ObjectPath) -> Result<bytes::Bytes, StorageError> {
-        self.runtime
-            .block_on(self.fetch(path))?
-            .ok_or_else(|| store_fault("get", format!("{path} is not in the archive")))
-    }
-
-    /// Makes a written object durable: fsync of the file and of its directory in a local store
-    /// (a bucket's write is durable once it answered).
-    fn sync(&self, path: &ObjectPath) -> Result<(), StorageError> {
-        let Some(dir) = &self.local else {
-            return Ok(());
-        };
-        let file = dir.join(path.as_ref());
-        let sync = |p: &std::path::Path| {
-            std::fs::File::open(p)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| store_fault("fsync", e))
-        };
-        sync(&file)?;
-        match file.parent() {
-            Some(dir) => sync(dir),
-            None => Ok(()),
-        }
-    }
-
-    /// The objects in `shard`'s directory whose names `parse` accepts, parsed and sorted.
-    async fn list<T: Ord>(
-        &self,
-        shard: ShardId,
-        parse: fn(&str) -> Option<T>,
-    ) -> Result<Vec<T>, StorageError> {
-        use futures_util::TryStreamExt as _;
-        let prefix = ObjectPath::from(segment::shard_dir(shard));
-        let objects: Vec<_> = self
-            .store
-            .list(Some(&prefix))
-            .try_collect()
-            .await
-            .map_err(|e| store_fault("list", e))?;
-        let mut found: Vec<T> = objects
-            .iter()
-            .filter_map(|object| parse(object.location.filename()?))
-            .collect();
-        found.sort_unstable();
-        Ok(found)
-    }
-
     /// Writes `shard`'s verify checkpoint at `index` durably (blocking: from a blocking thread).
     /// Checkpoints are a function of the log, so a replica writing the same index writes the
     /// same bytes.
@@ -251,25 +150,14 @@ impl Archive {
         index: LogIndex,
         bytes: Vec<u8>,
     ) -> Result<(), StorageError> {
-        let path = ObjectPath::from(segment::checkpoint_name(shard, index));
-        self.runtime.block_on(async {
-            self.store
-                .put(&path, bytes.into())
-                .await
-                .map_err(|e| store_fault("put", e))
-        })?;
-        self.sync(&path)?;
+        let store = &self.store;
+        store.block_on(store.put(&checkpoint_path(shard, index), bytes))?;
         // Older checkpoints are superseded: keep a few, so the archive does not grow by one
         // shard state per verify.
-        let all = self
-            .runtime
-            .block_on(self.list(shard, segment::parse_checkpoint_name))?;
+        let all = store.block_on(store.list(shard, segment::parse_checkpoint_name))?;
         let stale = all.len().saturating_sub(CHECKPOINTS_KEPT);
         for old in all.into_iter().take(stale) {
-            let old = ObjectPath::from(segment::checkpoint_name(shard, old));
-            self.runtime
-                .block_on(self.store.delete(&old))
-                .map_err(|e| store_fault("delete", e))?;
+            store.block_on(store.delete(&checkpoint_path(shard, old)))?;
         }
         Ok(())
     }
@@ -321,53 +209,6 @@ impl Archive {
     }
 }
 
-impl SegmentStore for Archive {
-    fn segments(&self, shard: ShardId) -> courier_storage::Result<Vec<(LogIndex, LogIndex)>> {
-        self.runtime
-            .block_on(self.list(shard, segment::parse_file_name))
-    }
-
-    fn checkpoints(&self, shard: ShardId) -> courier_storage::Result<Vec<LogIndex>> {
-        self.runtime
-            .block_on(self.list(shard, segment::parse_checkpoint_name))
-    }
-
-    fn read_checkpoint(&self, shard: ShardId, index: LogIndex) -> courier_storage::Result<Vec<u8>> {
-        let path = ObjectPath::from(segment::checkpoint_name(shard, index));
-        Ok(self.fetch_existing(&path)?.to_vec())
-    }
-
-    fn read_segment(
-        &self,
-        shard: ShardId,
-        first: LogIndex,
-        last: LogIndex,
-    ) -> courier_storage::Result<Vec<LogRecord>> {
-        let bytes = self.fetch_existing(&object_path(shard, first, last))?;
-        segment::checked(shard, first, last, &bytes)
-    }
-}
-
-/// The bucket of `s3`: credentials and unset settings from the environment (`AWS_*`), then the
-/// configured bucket, endpoint and region, under the configured prefix.
-fn s3_store(s3: &S3Archive) -> Result<Arc<dyn ObjectStore>, StorageError> {
-    let mut builder = AmazonS3Builder::from_env()
-        .with_bucket_name(&s3.bucket)
-        .with_allow_http(s3.allow_http);
-    if let Some(endpoint) = &s3.endpoint {
-        builder = builder.with_endpoint(endpoint);
-    }
-    if let Some(region) = &s3.region {
-        builder = builder.with_region(region);
-    }
-    let bucket = builder.build().map_err(|e| store_fault("open bucket", e))?;
-    Ok(if s3.prefix.is_empty() {
-        Arc::new(bucket)
-    } else {
-        Arc::new(PrefixStore::new(bucket, s3.prefix.as_str()))
-    })
-}
-
 /// Runs the archiver of this node until `shutdown`: every `interval`, each shard replica here
 /// archives its whole segments and deletes what raft purged and the archive holds.
 pub async fn run(
@@ -376,7 +217,7 @@ pub async fn run(
     interval: Duration,
     shutdown: CancellationToken,
 ) {
-    info!(location = %archive.location, segment_entries = archive.segment_entries, "log archive on");
+    info!(location = %archive.store.location(), segment_entries = archive.segment_entries, "log archive on");
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -411,7 +252,7 @@ fn archive_pass(groups: &Groups, archive: &Archive) {
         let purged = handle.state().purged_index.map(storage_index);
         let log = LogStore::new(groups.db().clone(), shard);
         if let Err(error) = archive
-            .runtime
+            .store
             .block_on(archive.archive_log(&log, applied, purged))
         {
             archive.counters.failures.fetch_add(1, Ordering::Relaxed);
@@ -458,6 +299,7 @@ mod tests {
             .expect("a hole is no failure");
 
         let segments = archive
+            .store
             .list(shard, segment::parse_file_name)
             .await
             .expect("list");

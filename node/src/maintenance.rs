@@ -158,7 +158,7 @@ impl Jobs {
         self.spawn(move |tx| {
             let total = handle.maintenance.applied_now();
             let _ = std::fs::create_dir_all(scratch.parent().unwrap_or(&scratch));
-            let segments = archive.as_deref().map(|a| a as &dyn SegmentStore);
+            let segments = archive.as_deref().map(|a| a.store() as &dyn SegmentStore);
             let verified = handle
                 .maintenance
                 .verify_blocking(
@@ -200,7 +200,7 @@ impl Jobs {
         let archive = self.archive.clone();
         self.spawn(move |tx| {
             let total = handle.maintenance.applied_now();
-            let archive = archive.as_deref().map(|a| a as &dyn SegmentStore);
+            let archive = archive.as_deref().map(|a| a.store() as &dyn SegmentStore);
             let outcome: RebuildOutcome = handle
                 .maintenance
                 .rebuild_blocking(archive, projection, &mut |done, events| {
@@ -247,7 +247,7 @@ impl Jobs {
         }
         let archive = self.archive.clone();
         self.spawn(move |tx| {
-            let segments = archive.as_deref().map(|a| a as &dyn SegmentStore);
+            let segments = archive.as_deref().map(|a| a.store() as &dyn SegmentStore);
             let (from, rebuilt) = handle
                 .maintenance
                 .replay_at_blocking(segments, at, &mut |done, events| {
@@ -285,7 +285,7 @@ impl Jobs {
         let archive = self.archive.clone();
         // Segment reads and RocksDB scans block: off the async workers.
         tokio::task::spawn_blocking(move || {
-            let archive = archive.as_deref().map(|a| a as &dyn SegmentStore);
+            let archive = archive.as_deref().map(|a| a.store() as &dyn SegmentStore);
             read_log_blocking(LogStore::new(db, shard), archive, &request)
                 .map_err(|e| storage_error(&e))
         })

@@ -11,7 +11,7 @@ use courier_proto::pb::events::conversation::With;
 use courier_proto::pb::events::event::Kind;
 use courier_proto::pb::store::{DeviceRecord, InboxEntry, InboxState, ReadState, Receipt};
 use courier_proto::{LogIndex, ShardId, UserId, shard_of};
-use courier_storage::archive::{DirArchive, SegmentStore, for_each_entry, log_source};
+use courier_storage::archive::{SegmentStore, for_each_entry, log_source};
 use courier_storage::inspect::SHOWN_MAX;
 use courier_storage::kv::MemKv;
 use courier_storage::projection::{Projection, hex, unframe};
@@ -37,7 +37,7 @@ fn user_range(kv: &MemKv, projection: Projection, prefix: &[u8]) -> Vec<(Vec<u8>
 /// Storage faults, a purged log, or an index past the log.
 pub(crate) fn user(
     data_dir: &Path,
-    archive: Option<&DirArchive>,
+    archive: Option<&dyn SegmentStore>,
     user: u64,
     shards: u16,
     at: Option<u64>,
@@ -197,14 +197,11 @@ fn print_devices(kv: &MemKv, shard: ShardId, user: UserId) {
 /// order, with its log index; stops early when `f` returns false.
 fn scan_log(
     db: &Arc<Db>,
-    archive: Option<&DirArchive>,
+    archive: Option<&dyn SegmentStore>,
     shard: ShardId,
     f: &mut dyn FnMut(LogIndex, &Kind) -> bool,
 ) -> anyhow::Result<()> {
-    let log = log_source(
-        LogStore::new(db.clone(), shard),
-        archive.map(|a| a as &dyn SegmentStore),
-    )?;
+    let log = log_source(LogStore::new(db.clone(), shard), archive)?;
     let Some((first, last)) = log.bounds()? else {
         return Ok(());
     };
@@ -233,7 +230,7 @@ fn scan_log(
 /// A malformed id, storage faults.
 pub(crate) fn message(
     data_dir: &Path,
-    archive: Option<&DirArchive>,
+    archive: Option<&dyn SegmentStore>,
     id: &str,
 ) -> anyhow::Result<bool> {
     let wanted = parse_hex16(id).with_context(|| format!("{id:?} is not 32 hex digits"))?;
@@ -278,7 +275,7 @@ pub(crate) fn message(
 /// elsewhere): where it was delivered, if here. Returns false when it is nowhere.
 fn delivered_only(
     db: &Arc<Db>,
-    archive: Option<&DirArchive>,
+    archive: Option<&dyn SegmentStore>,
     id: &str,
     wanted: &[u8],
 ) -> anyhow::Result<bool> {
@@ -307,7 +304,7 @@ fn delivered_only(
 /// the outbox position it was forwarded at.
 fn trace_recipient(
     db: &Arc<Db>,
-    archive: Option<&DirArchive>,
+    archive: Option<&dyn SegmentStore>,
     dest: ShardId,
     id: &[u8],
     recipient: u64,
@@ -380,7 +377,7 @@ fn trace_recipient(
 /// The sender's side: the forward acknowledged (outbox trimmed) and the receipts recorded.
 fn trace_sender(
     db: &Arc<Db>,
-    archive: Option<&DirArchive>,
+    archive: Option<&dyn SegmentStore>,
     source: ShardId,
     dest: ShardId,
     id: &[u8],

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context as _, bail};
+use courier_archive::{ArchiveStore, S3Archive};
 use courier_proto::pb::peer::admin_client::AdminClient;
 use courier_proto::pb::peer::projection_job_update::Update;
 use courier_proto::pb::peer::{
@@ -39,24 +40,57 @@ pub(crate) struct Target {
 /// The log archive a command on a stopped node reads entries from that raft purged.
 #[derive(Debug, Default, clap::Args)]
 pub(crate) struct ArchiveDir {
-    /// Offline: the node's log archive directory (`archive.dir`), read for entries purged from
-    /// the live log. A running node reads its own.
-    #[arg(long = "archive", value_name = "DIR")]
-    dir: Option<PathBuf>,
+    /// Offline: the node's log archive, read for entries purged from the live log: its directory
+    /// (`archive.dir`), or its bucket as `s3://BUCKET/PREFIX` (`[archive.s3]`; credentials from
+    /// `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY` in the environment). A running node reads
+    /// its own.
+    #[arg(long = "archive", value_name = "DIR|s3://BUCKET/PREFIX")]
+    dir: Option<String>,
+    /// With an s3:// archive: the endpoint of an S3-compatible service (default: AWS, or
+    /// `AWS_ENDPOINT`).
+    #[arg(long = "s3-endpoint", value_name = "URL", requires = "dir")]
+    s3_endpoint: Option<String>,
+    /// With an s3:// archive: its region (default: `AWS_REGION`, else us-east-1).
+    #[arg(long = "s3-region", value_name = "REGION", requires = "dir")]
+    s3_region: Option<String>,
+    /// With an s3:// archive: accept a plain http:// endpoint (a local test server).
+    #[arg(long = "s3-allow-http", requires = "dir")]
+    s3_allow_http: bool,
 }
 
 impl ArchiveDir {
     /// The archive, for a command on a stopped node.
-    pub(crate) fn open(&self) -> Option<DirArchive> {
-        self.dir.as_ref().map(DirArchive::new)
+    ///
+    /// # Errors
+    /// Bucket settings that are refused, or S3 options without an s3:// archive.
+    pub(crate) fn open(&self) -> anyhow::Result<Option<Box<dyn SegmentStore>>> {
+        let Some(spec) = &self.dir else {
+            return Ok(None);
+        };
+        let Some(bucket_path) = spec.strip_prefix("s3://") else {
+            if self.s3_endpoint.is_some() || self.s3_region.is_some() || self.s3_allow_http {
+                bail!("--s3-endpoint, --s3-region and --s3-allow-http are for an s3:// archive");
+            }
+            return Ok(Some(Box::new(DirArchive::new(spec))));
+        };
+        let (bucket, prefix) = bucket_path.split_once('/').unwrap_or((bucket_path, ""));
+        let s3 = S3Archive::new(
+            bucket,
+            prefix,
+            self.s3_endpoint.clone(),
+            self.s3_region.clone(),
+            self.s3_allow_http,
+        )
+        .map_err(|reason| anyhow::anyhow!("--archive {spec}: {reason}"))?;
+        Ok(Some(Box::new(ArchiveStore::open_standalone(&s3)?)))
     }
 
     /// The archive, for a command that runs on `target`: refused with `--addr`.
-    fn for_target(&self, target: &Target) -> anyhow::Result<Option<DirArchive>> {
+    fn for_target(&self, target: &Target) -> anyhow::Result<Option<Box<dyn SegmentStore>>> {
         if self.dir.is_some() && target.addr.is_some() {
             bail!("--archive is for --data-dir: a running node reads its own archive");
         }
-        Ok(self.open())
+        self.open()
     }
 }
 
@@ -265,7 +299,7 @@ pub(crate) async fn verify(
 ) -> anyhow::Result<bool> {
     let mut ok = true;
     let archive = archive.for_target(&target)?;
-    let archive = archive.as_ref().map(|a| a as &dyn SegmentStore);
+    let archive = archive.as_deref();
     let from = rebuild::ReplayFrom::genesis_if(from_genesis);
     match (target.data_dir, target.addr) {
         (Some(data_dir), _) => {
@@ -346,7 +380,7 @@ pub(crate) async fn rebuild(
     let started = Instant::now();
     let (applied, entries, events) = match (target.data_dir, target.addr) {
         (Some(data_dir), _) => {
-            offline::rebuild(&data_dir, archive.as_ref(), ShardId::new(shard), named)?
+            offline::rebuild(&data_dir, archive.as_deref(), ShardId::new(shard), named)?
         }
         (None, Some(addr)) => {
             let stream = admin_at(&addr)
@@ -388,7 +422,7 @@ pub(crate) async fn log_dump(
     let archive = archive.for_target(&target)?;
     match (target.data_dir, target.addr) {
         (Some(data_dir), _) => {
-            offline::log_dump(&data_dir, archive.as_ref(), shard, (from, to), as_json)
+            offline::log_dump(&data_dir, archive.as_deref(), shard, (from, to), as_json)
         }
         (None, Some(addr)) => {
             let mut admin = admin_at(&addr).await?;
@@ -447,7 +481,7 @@ pub(crate) async fn inspect_user(
     match (target.data_dir, target.addr) {
         (Some(data_dir), _) => {
             let shards = shards.context("--shards is needed with --data-dir")?;
-            crate::inspect::user(&data_dir, archive.as_ref(), user, shards, at)
+            crate::inspect::user(&data_dir, archive.as_deref(), user, shards, at)
         }
         (None, Some(addr)) => {
             let stream = admin_at(&addr)

@@ -352,7 +352,7 @@ fn inspect_command(command: InspectCommand) -> anyhow::Result<bool> {
             data_dir,
             id,
             archive,
-        } => inspect::message(&data_dir, archive.open().as_ref(), &id),
+        } => inspect::message(&data_dir, archive.open()?.as_deref(), &id),
     }
 }
 
@@ -384,7 +384,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             from,
             data_dir,
             archive,
-        } => offline::restore(&from, &data_dir, archive.open().as_ref()),
+        } => offline::restore(&from, &data_dir, archive.open()?.as_deref()),
         Command::Backup { addr, dir } => runtime()?
             .block_on(online::backup(&addr, &dir))
             .map(|()| true),

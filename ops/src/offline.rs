@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anyhow::{Context as _, bail};
 use courier_proto::{LogIndex, ShardId};
-use courier_storage::archive::{DirArchive, SegmentStore, for_each_entry, log_source};
+use courier_storage::archive::{SegmentStore, for_each_entry, log_source};
 use courier_storage::rebuild;
 use courier_storage::{Db, LogStore, OpenMode, Projection, ShardState};
 
@@ -25,17 +25,14 @@ pub(crate) fn open(data_dir: &Path) -> anyhow::Result<std::sync::Arc<Db>> {
 /// log nor the archive holds.
 pub(crate) fn log_dump(
     data_dir: &Path,
-    archive: Option<&DirArchive>,
+    archive: Option<&dyn SegmentStore>,
     shard: u16,
     range: (Option<u64>, Option<u64>),
     json: bool,
 ) -> anyhow::Result<()> {
     let db = open(data_dir)?;
     let shard = ShardId::new(shard);
-    let log = log_source(
-        LogStore::new(db, shard),
-        archive.map(|a| a as &dyn SegmentStore),
-    )?;
+    let log = log_source(LogStore::new(db, shard), archive)?;
     let Some((first, last)) = log.bounds()? else {
         println!("{shard}: empty log");
         return Ok(());
@@ -279,7 +276,7 @@ pub(crate) fn projection_named(name: &str) -> anyhow::Result<Projection> {
 /// cover, storage faults.
 pub(crate) fn replay_to(
     db: &std::sync::Arc<Db>,
-    archive: Option<&DirArchive>,
+    archive: Option<&dyn SegmentStore>,
     shard: ShardId,
     at: Option<LogIndex>,
 ) -> anyhow::Result<(ShardState, rebuild::Rebuilt, std::time::Duration)> {
@@ -291,7 +288,7 @@ pub(crate) fn replay_to(
             live.applied
         );
     }
-    let segments = archive.map(|a| a as &dyn SegmentStore);
+    let segments = archive;
     let log = log_source(LogStore::new(db.clone(), shard), segments)?;
     let base = rebuild::replay_base(
         log.as_ref(),
@@ -332,7 +329,7 @@ pub(crate) fn shards(db: &Db) -> anyhow::Result<Vec<ShardId>> {
 /// A data directory in use; storage faults.
 pub(crate) fn rebuild(
     data_dir: &Path,
-    archive: Option<&DirArchive>,
+    archive: Option<&dyn SegmentStore>,
     shard: ShardId,
     projection: Projection,
 ) -> anyhow::Result<(u64, u64, u64)> {
@@ -365,7 +362,7 @@ pub(crate) fn rebuild(
 pub(crate) fn restore(
     from: &Path,
     data_dir: &Path,
-    archive: Option<&DirArchive>,
+    archive: Option<&dyn SegmentStore>,
 ) -> anyhow::Result<bool> {
     if !from.join("CURRENT").exists() {
         bail!(
@@ -397,7 +394,7 @@ pub(crate) fn restore(
         let total = ShardState::load(db.as_ref(), shard)?.applied;
         let bar =
             crate::progress::replay_bar(total.get(), &format!("verify shard {}", shard.get()));
-        let segments = archive.map(|a| a as &dyn SegmentStore);
+        let segments = archive;
         let result = rebuild::verify(
             &db,
             shard,

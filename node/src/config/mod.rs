@@ -214,22 +214,8 @@ pub struct ArchiveConfig {
     pub interval: std::time::Duration,
 }
 
-/// The log archive in an S3-compatible bucket (`[archive.s3]`), validated. Credentials come from
-/// the node's environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, or
-/// the instance's role), never from the config file.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct S3Archive {
-    /// The bucket (it must exist).
-    pub bucket: String,
-    /// A path inside the bucket the archive lives under (empty: the bucket's root).
-    pub prefix: String,
-    /// The endpoint of an S3-compatible service (`None`: AWS, or `AWS_ENDPOINT`).
-    pub endpoint: Option<String>,
-    /// The region (`None`: `AWS_REGION`, else `us-east-1`).
-    pub region: Option<String>,
-    /// Whether a plain `http://` endpoint is accepted (a local test server).
-    pub allow_http: bool,
-}
+/// The log archive in an S3-compatible bucket (`[archive.s3]`), validated.
+pub use courier_archive::S3Archive;
 
 /// Entries per archive segment unless configured.
 pub const ARCHIVE_SEGMENT_ENTRIES: u64 = 4096;

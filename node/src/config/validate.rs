@@ -309,34 +309,12 @@ fn validate_archive(
 /// `[archive.s3]`: a bucket name, a relative prefix, an http(s) endpoint (plain http only when
 /// allowed).
 fn validate_s3(raw: &super::raw::S3Raw) -> Result<super::S3Archive, ConfigError> {
-    let bucket = raw.bucket.trim();
-    if bucket.is_empty() || bucket.contains('/') {
-        return Err(ConfigError::ArchiveS3(
-            "bucket must be a bucket name (no '/')",
-        ));
-    }
-    let prefix = raw.prefix.as_deref().unwrap_or("").trim_matches('/');
-    if prefix.split('/').any(|part| part == "..") {
-        return Err(ConfigError::ArchiveS3("prefix must not contain '..'"));
-    }
-    if let Some(endpoint) = &raw.endpoint {
-        let plain = endpoint.starts_with("http://");
-        if !plain && !endpoint.starts_with("https://") {
-            return Err(ConfigError::ArchiveS3(
-                "endpoint must be an http:// or https:// URL",
-            ));
-        }
-        if plain && !raw.allow_http {
-            return Err(ConfigError::ArchiveS3(
-                "a plain http:// endpoint needs allow-http = true",
-            ));
-        }
-    }
-    Ok(super::S3Archive {
-        bucket: bucket.to_owned(),
-        prefix: prefix.to_owned(),
-        endpoint: raw.endpoint.clone(),
-        region: raw.region.clone(),
-        allow_http: raw.allow_http,
-    })
+    super::S3Archive::new(
+        &raw.bucket,
+        raw.prefix.as_deref().unwrap_or(""),
+        raw.endpoint.clone(),
+        raw.region.clone(),
+        raw.allow_http,
+    )
+    .map_err(ConfigError::ArchiveS3)
 }

@@ -562,7 +562,7 @@ async fn the_archive_can_live_in_an_s3_bucket() {
         "[archive]\nsegment-entries = 16\ninterval = \"100ms\"\n[archive.s3]\nbucket = \"courier-archive\"\nprefix = \"cluster-a\"\nendpoint = \"{}\"\nallow-http = true\n",
         s3.endpoint()
     );
-    let (cluster, _) = Processes::start_initialized_with(3, &config).await;
+    let (mut cluster, _) = Processes::start_initialized_with(3, &config).await;
     let peers = cluster.peers.clone();
     for pos in 1..=ENTRIES {
         forward(&peers[0], 1, pos, 1).await.expect("forward");
@@ -598,4 +598,48 @@ async fn the_archive_can_live_in_an_s3_bucket() {
         out.contains("from=genesis") && !out.contains("MISMATCH"),
         "{out}"
     );
+
+    tracing::info!("offline, on the stopped replica: the bucket as the archive");
+    cluster.kill(2);
+    let data_dir = cluster.data_dir_of(3);
+    let data_dir = data_dir.to_str().expect("utf-8");
+    let endpoint = s3.endpoint();
+    let bucket = [
+        "--archive",
+        "s3://courier-archive/cluster-a",
+        "--s3-endpoint",
+        &endpoint,
+        "--s3-allow-http",
+    ];
+    let offline = [
+        "verify",
+        "--data-dir",
+        data_dir,
+        "--shard",
+        "1",
+        "--from-genesis",
+    ];
+    let (code, out, err) = ops(&offline);
+    assert_ne!(
+        code, 0,
+        "the purged log cannot be replayed alone: {out}{err}"
+    );
+    let (code, out, err) = ops(&[&offline[..], &bucket[..]].concat());
+    assert_eq!(
+        code, 0,
+        "offline verify from index 1 reads the bucket: {out}{err}"
+    );
+    assert!(
+        out.contains("from=genesis") && !out.contains("MISMATCH"),
+        "{out}"
+    );
+    // Entries raft purged come from the bucket.
+    let range = ["--data-dir", data_dir, "--from", "1", "--to", "3"];
+    let events = log_events(&[&range[..], &bucket[..]].concat());
+    let indexes: std::collections::BTreeSet<u64> =
+        events.iter().filter_map(|e| e["index"].as_u64()).collect();
+    assert_eq!(indexes, (1..=3).collect(), "{events:?}");
+    let (code, out, err) = ops(&[&offline[..], &bucket[..4]].concat());
+    assert_eq!(code, 2, "plain http refused unless allowed: {out}{err}");
+    assert!(err.contains("allow-http"), "{err}");
 }

@@ -292,6 +292,8 @@ pub(crate) fn ops(args: &[&str]) -> (i32, String, String) {
     let (cert, key) = courier_tls::dev::files(pki(), courier_tls::dev::OPERATOR);
     let output = Command::new(ops_binary())
         .args(args)
+        // The operator's environment is the nodes' (an S3 archive's credentials).
+        .envs(node_env())
         .env("COURIER_CA", pki().join(courier_tls::dev::CA_FILE))
         .env("COURIER_CERT", cert)
         .env("COURIER_KEY", key)
