@@ -515,6 +515,16 @@ fn cost_table(s: &mut String, runs: &Runs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What idle streams add to a node's idle CPU, in words: a difference at or below zero is the
+/// sampling noise of two few-second windows, not a saving.
+fn idle_cost(added_pct: f64) -> String {
+    if added_pct <= 0.0 {
+        format!("nothing measurable ({added_pct:.1} %, within the sampling noise)")
+    } else {
+        format!("{added_pct:.1} % of a core")
+    }
+}
+
 fn scale_table(s: &mut String, scale: Option<&ScaleResult>) -> anyhow::Result<()> {
     writeln!(s, "### Connection scale: idle device streams on one node\n")?;
     let Some(scale) = scale else {
@@ -679,11 +689,11 @@ fn send_path_targets(
         Some((step, sc.idle_cpu_before_pct))
     }) {
         Some((step, Some(before))) => format!(
-            "{} idle streams on one node cost {:.1} % of a core while idle (node CPU {:.1} % with \
-             them open, {:.1} % before any was open; target < 2 %) — {}; live delivery p99 {} ms \
-             with them open (target ≤ 50 ms) — {}",
+            "{} idle streams on one node cost {} while idle (node CPU {:.1} % with them open, \
+             {:.1} % before any was open; target < 2 %) — {}; live delivery p99 {} ms with them \
+             open (target ≤ 50 ms) — {}",
             fmt_rate(step.streams as f64),
-            step.idle_cpu_pct - before,
+            idle_cost(step.idle_cpu_pct - before),
             step.idle_cpu_pct,
             before,
             verdict(step.idle_cpu_pct - before < 2.0),
