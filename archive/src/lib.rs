@@ -75,7 +75,10 @@ impl S3Archive {
                 return Err("endpoint must be an http:// or https:// URL");
             }
             if plain && !allow_http {
-                return Err("a plain http:// endpoint needs allow-http");
+                return Err(
+                    "a plain http:// endpoint needs allow-http (`allow-http = true` in a node's \
+                     config, --s3-allow-http for courier-ops)",
+                );
             }
         }
         Ok(Self {
@@ -179,6 +182,8 @@ impl ArchiveStore {
     /// # Errors
     /// The bucket's settings are refused, or the runtime cannot start.
     pub fn open_standalone(s3: &S3Archive) -> Result<Self, StorageError> {
+        // The bucket first: a runtime dropped on this error path would panic inside a task.
+        let store = s3_store(s3)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("courier-archive")
@@ -186,7 +191,7 @@ impl ArchiveStore {
             .build()
             .map_err(|e| store_fault("start runtime", e))?;
         Ok(Self {
-            store: s3_store(s3)?,
+            store,
             local: None,
             location: s3.url(),
             runtime: runtime.handle().clone(),
@@ -200,10 +205,11 @@ impl ArchiveStore {
     }
 
     /// Runs `work` to its end from blocking code: on this thread for a node's store (called from
-    /// a blocking thread of its runtime), on a thread of its own for a standalone one (whose
-    /// caller may be inside another runtime's task, where blocking on a runtime is refused).
+    /// a blocking thread of its runtime) and for a standalone one called outside any runtime; on
+    /// a thread of its own for a standalone one called inside another runtime (the ops tool's
+    /// replays), where blocking on a runtime is refused.
     pub fn block_on<T: Send>(&self, work: impl Future<Output = T> + Send) -> T {
-        if self.own.is_none() {
+        if self.own.is_none() || tokio::runtime::Handle::try_current().is_err() {
             return self.runtime.block_on(work);
         }
         std::thread::scope(|scope| {
@@ -237,7 +243,8 @@ impl ArchiveStore {
     }
 
     /// Writes `bytes` at `path` durably: a local store fsyncs the file and its directory (a
-    /// bucket's write is durable once it answered).
+    /// bucket's write is durable once it answered). The fsync blocks: poll this from a blocking
+    /// thread (`block_on`), not on the async workers.
     ///
     /// # Errors
     /// The store failed.
@@ -371,8 +378,10 @@ mod tests {
         assert!(S3Archive::new("a", "", Some("http://h".to_owned()), None, true).is_ok());
     }
 
-    /// Goal: a directory store reads back what it wrote, as segments, from blocking code inside
-    /// and outside a task. Method: write one segment through `put`, read it as a `SegmentStore`.
+    /// Goal: a directory store reads back what it wrote, as segments, from a blocking thread.
+    /// Method: write one segment through `put`, read it as a `SegmentStore` from
+    /// `spawn_blocking`. (The standalone store, a bucket, is tested against moto in the node's
+    /// `the_archive_can_live_in_an_s3_bucket`.)
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_directory_store_reads_back_its_segments() {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -67,7 +67,11 @@ impl ArchiveDir {
         let Some(spec) = &self.dir else {
             return Ok(None);
         };
+        let scheme = spec.split_once("://").map(|(scheme, _)| scheme);
         let Some(bucket_path) = spec.strip_prefix("s3://") else {
+            if let Some(scheme) = scheme {
+                bail!("--archive {spec}: {scheme}:// is not an archive; give a directory or s3://");
+            }
             if self.s3_endpoint.is_some() || self.s3_region.is_some() || self.s3_allow_http {
                 bail!("--s3-endpoint, --s3-region and --s3-allow-http are for an s3:// archive");
             }

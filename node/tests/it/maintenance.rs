@@ -549,7 +549,9 @@ impl Drop for S3Server {
 /// The log archive in an S3-compatible bucket (`[archive.s3]`, credentials from the node's
 /// environment): the replicas write their segments under the configured prefix of the bucket
 /// (no local archive directory appears), purge past them, and a replica verifies shard 1 online
-/// from index 1 reading the purged entries back from the bucket.
+/// from index 1 reading the purged entries back from the bucket; then, the replica stopped,
+/// `courier-ops` verifies it from index 1 and dumps purged entries offline with
+/// `--archive s3://bucket/prefix`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_archive_can_live_in_an_s3_bucket() {
     const ENTRIES: u64 = 200;
