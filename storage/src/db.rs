@@ -185,6 +185,18 @@ impl Db {
         stamp.is_multiple_of(2).then_some(stamp)
     }
 
+    /// Runs `read` over `shard`'s projections as they are now, unless a snapshot install wrote
+    /// them meanwhile: `None` then (what was read may be half of one; retry later).
+    pub fn read_whole<R>(
+        &self,
+        shard: courier_proto::ShardId,
+        read: impl FnOnce(&mut Reader<'_>) -> R,
+    ) -> Option<R> {
+        let stamp = self.read_stamp(shard)?;
+        let result = read(&mut self.read(shard));
+        (self.read_stamp(shard) == Some(stamp)).then_some(result)
+    }
+
     /// An install starts writing `shard`'s projections (`crate::install`).
     pub(crate) fn begin_install(&self, shard: courier_proto::ShardId) {
         self.installs.update(shard, true);

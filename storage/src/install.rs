@@ -304,16 +304,7 @@ fn complete_batches(db: &Arc<Db>, shard: ShardId, batches: usize) -> Result<Opti
         if written == batches {
             return Ok(None);
         }
-        let families = verifier.check(&chunk)?;
-        db.commit(
-            families
-                .into_iter()
-                .zip(chunk.records)
-                .map(|(projection, record)| {
-                    (Cf::Projection(projection), record.key, Some(record.value))
-                }),
-            false,
-        )?;
+        db.commit(verifier.changes(chunk)?, false)?;
         written = written.saturating_add(1);
     }
     let (state, applied) = verifier.finish()?;

@@ -228,6 +228,22 @@ impl Verifier {
         self.state.as_ref().map(|(state, _)| state.applied)
     }
 
+    /// Checks the next chunk ([`Verifier::check`]) and returns its records as the writes that
+    /// install them.
+    ///
+    /// # Errors
+    /// As [`Verifier::check`].
+    pub fn changes(&mut self, chunk: SnapshotChunk) -> Result<Vec<Change>> {
+        let families = self.check(&chunk)?;
+        Ok(families
+            .into_iter()
+            .zip(chunk.records)
+            .map(|(projection, record)| {
+                (Cf::Projection(projection), record.key, Some(record.value))
+            })
+            .collect())
+    }
+
     /// Ends the check: returns the shard's state once the snapshot is installed, and the
     /// applied state as the snapshot carries it (to be stored as it is).
     ///
@@ -273,15 +289,7 @@ pub fn prepare_install(shard: ShardId, chunks: Vec<SnapshotChunk>) -> Result<Ins
     let mut verifier = Verifier::new(shard);
     let mut changes = Vec::new();
     for chunk in chunks {
-        let families = verifier.check(&chunk)?;
-        changes.extend(
-            families
-                .into_iter()
-                .zip(chunk.records)
-                .map(|(projection, record)| {
-                    (Cf::Projection(projection), record.key, Some(record.value))
-                }),
-        );
+        changes.extend(verifier.changes(chunk)?);
     }
     let (state, applied) = verifier.finish()?;
     changes.push((

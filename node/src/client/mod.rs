@@ -161,14 +161,10 @@ impl ClientApi {
         shard: ShardId,
         f: impl FnOnce(&View<'_, '_>) -> courier_storage::Result<R>,
     ) -> Result<R, ApiError> {
-        let stamp = self
+        let read = self
             .db
-            .read_stamp(shard)
+            .read_whole(shard, |reader| f(&reader.view(Projection::Inbox)))
             .ok_or_else(|| ApiError::installing(shard))?;
-        let read = f(&self.db.read(shard).view(Projection::Inbox));
-        if self.db.read_stamp(shard) != Some(stamp) {
-            return Err(ApiError::installing(shard));
-        }
         Ok(read?)
     }
 }

@@ -172,14 +172,11 @@ impl Cluster {
     /// Outbox entries of `shard` not yet forwarded and trimmed, per destination shard.
     /// Empty while a snapshot install writes the shard (its outbox is half written then).
     pub fn outbox_by_dest(&self, shard: ShardId) -> Vec<(u16, u64)> {
-        let Some(stamp) = self.db.read_stamp(shard) else {
-            return Vec::new();
-        };
-        let states = outbox::states(&self.db.read(shard).view(Projection::Outbox));
-        if self.db.read_stamp(shard) != Some(stamp) {
-            return Vec::new();
-        }
-        states
+        self.db
+            .read_whole(shard, |reader| {
+                outbox::states(&reader.view(Projection::Outbox))
+            })
+            .and_then(Result::ok)
             .map(|states| {
                 states
                     .iter()
