@@ -6,6 +6,7 @@ use std::sync::Arc;
 use courier_proto::pb::events::EntryPayload;
 use courier_proto::{InboxSeq, PHONE_KEY_BYTES, PhoneKey, ShardId, UserId};
 use courier_storage::Applied;
+use courier_storage::projection::CodeOutcome;
 use prost::Message;
 use serde::{Deserialize, Serialize};
 
@@ -164,6 +165,8 @@ pub enum EventOutcome {
         /// The device id.
         device: u32,
     },
+    /// A registration-code event: what it did.
+    Code(CodeResult),
     /// Refused at apply (group events): nothing changed.
     Rejected {
         /// Stable code (`COURIER:Group:*`).
@@ -202,7 +205,52 @@ impl From<Applied> for EventOutcome {
                 code: code.to_owned(),
                 message,
             },
+            Applied::Code(outcome) => EventOutcome::Code(outcome.into()),
             Applied::Done => EventOutcome::Done,
+        }
+    }
+}
+
+/// What a registration-code event did (`courier_storage::projection::CodeOutcome`, which this
+/// crate's responses carry in serde form).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CodeResult {
+    /// The code is the number's code now.
+    Issued,
+    /// The right, live code: consumed.
+    Accepted,
+    /// A wrong code; this many tries are left (0: the code is void).
+    Wrong {
+        /// Tries left.
+        attempts_left: u32,
+    },
+    /// The number has no live code.
+    NoCode,
+    /// The number's bucket is empty: nothing changed.
+    RateLimited {
+        /// Milliseconds until the next token.
+        retry_after_ms: u64,
+    },
+    /// The code was voided (`false`: it was no longer the number's code).
+    Withdrawn(bool),
+    /// Records forgotten.
+    Forgotten(u64),
+}
+
+impl From<CodeOutcome> for CodeResult {
+    fn from(outcome: CodeOutcome) -> Self {
+        match outcome {
+            CodeOutcome::Issued => CodeResult::Issued,
+            CodeOutcome::Accepted => CodeResult::Accepted,
+            CodeOutcome::Wrong { attempts_left } => CodeResult::Wrong { attempts_left },
+            CodeOutcome::NoCode => CodeResult::NoCode,
+            CodeOutcome::RateLimited { retry_after_ms } => {
+                CodeResult::RateLimited { retry_after_ms }
+            }
+            CodeOutcome::Withdrawn(voided) => CodeResult::Withdrawn(voided),
+            CodeOutcome::Forgotten(count) => {
+                CodeResult::Forgotten(u64::try_from(count).unwrap_or(u64::MAX))
+            }
         }
     }
 }

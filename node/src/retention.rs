@@ -8,7 +8,8 @@
 //! `GroupMessagesForgotten` (a member's device away that long then misses them). The decision
 //! is the leader's (its clock, its scan of the expiry, dedup, stub, receipt or group message
 //! index); the effect is a log event, so every replica and every rebuild agrees on what left.
-//! An expiry that races an ack, or a second proposal for the same message or send from a new
+//! Registration records (codes and the per-number limits) with nothing left to remember leave
+//! by `RegistrationsForgotten`. An expiry that races an ack, or a second proposal for the same message or send from a new
 //! leader, applies as a no-op.
 
 use std::time::Duration;
@@ -17,7 +18,9 @@ use courier_consensus::types::GroupId;
 use courier_proto::LogIndex;
 use courier_proto::ShardId;
 use courier_proto::pb::events::{self, Event, event::Kind};
-use courier_storage::projection::{Projection, dedup, expiry, groups, inbox, receipts};
+use courier_storage::projection::{
+    Projection, dedup, expiry, groups, inbox, receipts, registration,
+};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -88,6 +91,8 @@ struct Found {
     receipts: Vec<events::ForgottenReceipt>,
     /// The group message copies due: the last index and the cutoff time.
     group_copies: Option<(LogIndex, u64)>,
+    /// Registration records with nothing left to remember (no live code, full buckets).
+    registrations: usize,
 }
 
 impl Found {
@@ -114,6 +119,7 @@ impl Found {
         };
         Ok(Self {
             group_copies,
+            registrations: registration::forgettable(&reader.view(Projection::Devices), now)?.len(),
             expired: expiry::due(
                 &reader.view(Projection::Expiry),
                 now.saturating_sub(windows.undelivered),
@@ -172,6 +178,9 @@ impl Found {
                     before_ms,
                 })
             }),
+            (self.registrations > 0).then_some(Kind::RegistrationsForgotten(
+                events::RegistrationsForgotten { before_ms: now },
+            )),
         ];
         events.extend(
             forgets
@@ -200,11 +209,12 @@ async fn pass_on(cluster: &Cluster, shard: ShardId, windows: Millis) {
             return;
         }
     };
-    let (expired, sends, stubs, receipts) = (
+    let (expired, sends, stubs, receipts, registrations) = (
         due.expired.len(),
         due.sends.len(),
         due.stubs.len(),
         due.receipts.len(),
+        due.registrations,
     );
     let group_copies_up_to = due.group_copies.map_or(0, |(last, _)| last.get());
     let events = due.events(now);
@@ -213,8 +223,9 @@ async fn pass_on(cluster: &Cluster, shard: ShardId, windows: Millis) {
     }
     match cluster.propose(shard, events).await {
         Ok(_) => info!(
-            %shard, expired, sends, stubs, receipts, group_copies_up_to,
-            "retention: messages expired; sends, inbox stubs, receipts and group copies forgotten"
+            %shard, expired, sends, stubs, receipts, group_copies_up_to, registrations,
+            "retention: messages expired; sends, inbox stubs, receipts, group copies and \
+             registration records forgotten"
         ),
         // Lost leadership or quorum: the next leader's pass proposes them again.
         Err(error) => warn!(

@@ -43,18 +43,19 @@ impl Registration for ClientApi {
         &self,
         request: Request<RequestCodeRequest>,
     ) -> Result<Response<RequestCodeResponse>, Status> {
-        Ok(Response::new(ClientApi::request_code(
-            self,
-            request.into_inner(),
-        )?))
+        let address = request.remote_addr().map(|addr| addr.ip());
+        Ok(Response::new(
+            ClientApi::request_code(self, request.into_inner(), address).await?,
+        ))
     }
 
     async fn register(
         &self,
         request: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
+        let address = request.remote_addr().map(|addr| addr.ip());
         Ok(Response::new(
-            ClientApi::register(self, request.into_inner()).await?,
+            ClientApi::register(self, request.into_inner(), address).await?,
         ))
     }
 

@@ -62,6 +62,8 @@ pub enum ApiError {
     /// A rate limit was hit: retry after `retry_after_ms`.
     #[error("{message}")]
     RateLimited {
+        /// Stable code (`COURIER:Limits:RateLimited` unless the limit has its own).
+        code: &'static str,
         /// Which limit.
         message: String,
         /// When a retry may succeed, ms.
@@ -167,11 +169,12 @@ impl From<ApiError> for Status {
             ApiError::ResourceExhausted { code, .. } => {
                 with_code(Status::resource_exhausted(message), code)
             }
-            ApiError::RateLimited { retry_after_ms, .. } => {
-                let mut status = with_code(
-                    Status::resource_exhausted(message),
-                    "COURIER:Limits:RateLimited",
-                );
+            ApiError::RateLimited {
+                code,
+                retry_after_ms,
+                ..
+            } => {
+                let mut status = with_code(Status::resource_exhausted(message), code);
                 if let Ok(value) = retry_after_ms.to_string().parse() {
                     status.metadata_mut().insert(RETRY_AFTER_KEY, value);
                 }

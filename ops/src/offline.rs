@@ -190,6 +190,22 @@ fn describe(
                 ("before_ms", json!(e.before_ms)),
             ],
         ),
+        // Registration codes: no phone or code hash, only times (a hash is still a secret's
+        // fingerprint).
+        Some(Kind::CodeIssued(e)) => (
+            "CodeIssued",
+            vec![
+                ("expires_at_ms", json!(e.expires_at_ms)),
+                ("attempts", json!(e.attempts)),
+                ("at_ms", json!(e.at_ms)),
+            ],
+        ),
+        Some(Kind::CodeAttempted(e)) => ("CodeAttempted", vec![("at_ms", json!(e.at_ms))]),
+        Some(Kind::CodeWithdrawn(e)) => ("CodeWithdrawn", vec![("at_ms", json!(e.at_ms))]),
+        Some(Kind::RegistrationsForgotten(e)) => (
+            "RegistrationsForgotten",
+            vec![("before_ms", json!(e.before_ms))],
+        ),
         None => (
             "Unknown",
             vec![("note", json!("an event kind this build does not know"))],

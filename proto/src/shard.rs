@@ -27,6 +27,7 @@ pub const PHONE_KEY_BYTES: usize = 32;
 /// Domain labels of the keyed hashes: one key, two unrelated outputs.
 const USER_OF_PHONE_LABEL: &[u8] = b"courier/user-of-phone\0";
 const PHONE_HASH_LABEL: &[u8] = b"courier/phone-hash\0";
+const CODE_HASH_LABEL: &[u8] = b"courier/registration-code\0";
 
 /// A cluster's secret for hashing phone numbers: generated (or supplied by the operator) at
 /// `cluster init`, kept in the metadata group, never returned by any RPC. Its `Debug` prints
@@ -107,13 +108,40 @@ impl PhoneHasher {
     }
 }
 
+impl PhoneHasher {
+    /// The hash of a registration code for a number (by its [`PhoneHasher::phone_hash`]) that
+    /// the log stores instead of the code: HMAC-SHA256 under the cluster's key, so the log does
+    /// not give the code away to whoever reads it (SHA-256, which it would, on a cluster without
+    /// a key).
+    pub fn code_hash(&self, phone_hash: &[u8], code: &str) -> [u8; 32] {
+        let mut input = Vec::with_capacity(phone_hash.len() + code.len());
+        input.extend_from_slice(phone_hash);
+        input.extend_from_slice(code.as_bytes());
+        match self {
+            PhoneHasher::Keyed(key) => keyed_bytes(key, CODE_HASH_LABEL, &input),
+            PhoneHasher::Unkeyed => {
+                use sha2::Digest as _;
+                let mut hash = sha2::Sha256::new();
+                hash.update(CODE_HASH_LABEL);
+                hash.update(&input);
+                hash.finalize().into()
+            }
+        }
+    }
+}
+
 /// HMAC-SHA256(key, label ‖ phone).
 fn keyed(key: &PhoneKey, label: &[u8], phone: &str) -> [u8; 32] {
+    keyed_bytes(key, label, phone.as_bytes())
+}
+
+/// HMAC-SHA256(key, label ‖ input).
+fn keyed_bytes(key: &PhoneKey, label: &[u8], input: &[u8]) -> [u8; 32] {
     use hmac::Mac;
     let mut mac =
         hmac::Hmac::<sha2::Sha256>::new_from_slice(key.expose()).expect("HMAC takes any key");
     mac.update(label);
-    mac.update(phone.as_bytes());
+    mac.update(input);
     mac.finalize().into_bytes().into()
 }
 

@@ -36,7 +36,6 @@ pub struct ClientApi {
     pub(crate) cluster: Cluster,
     pub(crate) db: Arc<Db>,
     pub(crate) limits: Limits,
-    pub(crate) codes: Arc<registration::CodeStore>,
     pub(crate) sms: Arc<dyn registration::SmsSender>,
     pub(crate) shutdown: CancellationToken,
     pub(crate) send_limiter: Arc<rate::SendLimiter>,
@@ -48,8 +47,10 @@ pub struct ClientApi {
     pub(crate) presence_limiter: Arc<rate::SendLimiter>,
     /// "Unknown recipient" answers per device.
     pub(crate) unknown_recipient_limiter: Arc<rate::SendLimiter>,
-    pub(crate) code_limiter: Arc<rate::PhoneLimiter>,
-    pub(crate) register_limiter: Arc<rate::PhoneLimiter>,
+    /// Code requests per client address (the per-number limits are in the log).
+    pub(crate) code_limiter: Arc<rate::AddressLimiter>,
+    /// Register attempts per client address.
+    pub(crate) register_limiter: Arc<rate::AddressLimiter>,
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
     /// `retention.keep-delivered`.
     pub(crate) keep_delivered: bool,
@@ -84,15 +85,18 @@ impl ClientApi {
             limits.send_burst_per_device,
             "sends from this device",
         ));
-        let code_limiter = Arc::new(rate::PhoneLimiter::per_hour(
-            limits.code_requests_per_hour_per_phone,
-            limits.code_request_burst_per_phone,
-            "code requests for this number",
-        ));
-        let register_limiter = Arc::new(rate::PhoneLimiter::per_hour(
-            limits.register_attempts_per_hour_per_phone,
-            limits.register_attempt_burst_per_phone,
-            "register attempts for this number",
+        let code_limiter = Arc::new(
+            rate::AddressLimiter::per_hour(
+                limits.code_requests_per_hour_per_address,
+                limits.code_request_burst_per_address,
+                "code requests from this address",
+            )
+            .refusing_with(registration::TOO_MANY_CODES),
+        );
+        let register_limiter = Arc::new(rate::AddressLimiter::per_hour(
+            limits.register_attempts_per_hour_per_address,
+            limits.register_attempt_burst_per_address,
+            "register attempts from this address",
         ));
         let presence_limiter = Arc::new(rate::SendLimiter::new(
             limits.presence_lookups_per_second_per_device,
@@ -112,7 +116,6 @@ impl ClientApi {
             db,
             limits,
             device_cache,
-            codes: Arc::new(registration::CodeStore::default()),
             sms,
             shutdown,
             send_limiter,

@@ -1,6 +1,7 @@
 //! Rate limits as token buckets, one per key: per device for sends (`sends-per-second-per-device`
-//! up to `send-burst-per-device`) and typing updates; per phone number (its hash) for code
-//! requests and register attempts. An empty bucket answers `RESOURCE_EXHAUSTED` with
+//! up to `send-burst-per-device`) and typing updates; per client address for code requests and
+//! register attempts (the per-number limits are in the log: `courier_storage`'s registration
+//! records). An empty bucket answers `RESOURCE_EXHAUSTED` with
 //! `retry-after-ms`; other keys are unaffected (each has its own bucket, and a refusal costs one
 //! map lookup).
 //!
@@ -12,6 +13,9 @@ use std::sync::Mutex;
 use tokio::time::Instant;
 
 use crate::status::ApiError;
+
+/// The code of a refusal by a token bucket, unless a limiter names its own.
+pub const RATE_LIMITED: &str = "COURIER:Limits:RateLimited";
 
 /// Keys tracked at most before idle buckets are dropped.
 pub const BUCKETS_MAX: usize = 100_000;
@@ -29,13 +33,15 @@ pub struct RateLimiter<K> {
     burst: f64,
     /// What is limited, for the refusal message ("sends from this device").
     what: &'static str,
+    /// The refusal's stable code.
+    code: &'static str,
     buckets: Mutex<BTreeMap<K, Bucket>>,
 }
 
 /// Sends (and typing updates) per (user, device).
 pub type SendLimiter = RateLimiter<(u64, u32)>;
-/// Code requests or register attempts per phone-number hash.
-pub type PhoneLimiter = RateLimiter<Vec<u8>>;
+/// Code requests or register attempts per client address.
+pub type AddressLimiter = RateLimiter<std::net::IpAddr>;
 
 impl<K: Ord + Clone> RateLimiter<K> {
     /// A limiter granting `rate_per_s` tokens a second with bursts of `burst`.
@@ -53,8 +59,15 @@ impl<K: Ord + Clone> RateLimiter<K> {
             rate_per_s,
             burst: f64::from(burst),
             what,
+            code: RATE_LIMITED,
             buckets: Mutex::default(),
         }
+    }
+
+    /// The same limiter, refusing with `code` instead of [`RATE_LIMITED`].
+    #[must_use]
+    pub fn refusing_with(self, code: &'static str) -> Self {
+        Self { code, ..self }
     }
 
     /// Takes one token for `key`.
@@ -85,6 +98,7 @@ impl<K: Ord + Clone> RateLimiter<K> {
         }
         let wait_ms = ((1.0 - bucket.tokens) / self.rate_per_s * 1000.0).ceil();
         Err(ApiError::RateLimited {
+            code: self.code,
             message: format!("too many {}; retry later", self.what),
             retry_after_ms: if wait_ms.is_finite() && wait_ms > 0.0 {
                 wait_ms as u64
@@ -121,13 +135,15 @@ mod tests {
 
     #[test]
     fn an_hourly_limit_refuses_for_minutes() {
-        let limiter = PhoneLimiter::per_hour(6, 2, "code requests for this number");
-        limiter.take(&vec![1]).expect("first");
-        limiter.take(&vec![1]).expect("second, within the burst");
-        match limiter.take(&vec![1]) {
+        let limiter = AddressLimiter::per_hour(6, 2, "code requests from this address");
+        let (one, two) = ([127, 0, 0, 1].into(), [127, 0, 0, 2].into());
+        limiter.take(&one).expect("first");
+        limiter.take(&one).expect("second, within the burst");
+        match limiter.take(&one) {
             Err(ApiError::RateLimited {
                 retry_after_ms,
                 message,
+                ..
             }) => {
                 assert!(
                     (500_000..=600_000).contains(&retry_after_ms),
@@ -137,6 +153,6 @@ mod tests {
             }
             other => panic!("expected a refusal, got {other:?}"),
         }
-        limiter.take(&vec![2]).expect("another number");
+        limiter.take(&two).expect("another address");
     }
 }

@@ -1,13 +1,14 @@
 //! Registration: one-time codes by SMS, registering a primary device, linking companions,
 //! listing and revoking devices.
 //!
-//! Codes live in memory on the node that issued them (10 minutes, 5 attempts, bounded), so a
-//! phone registers against the node it asked for the code; a node restart forgets them (the user
-//! asks again). Phone numbers never reach logs or errors: the log holds a 128-bit hash.
+//! Codes live in the log on the number's shard (`CodeIssued`, 10 minutes, 5 attempts; only the
+//! code's keyed hash is logged), so a phone asks any node for a code and registers on any node,
+//! and a code survives restarts. The per-number limits are token buckets in the same record, so
+//! they hold cluster-wide; the per-address limits are in each node's memory. Phone numbers never
+//! reach logs or errors: the log holds a 128-bit hash.
 
-use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -17,13 +18,25 @@ use courier_proto::pb::client::{
     DeviceInfo, ListDevicesResponse, RegisterRequest, RegisterResponse, RequestCodeRequest,
     RequestCodeResponse, RevokeDeviceRequest,
 };
-use courier_proto::pb::events::{self, Event, event::Kind};
-use courier_proto::{DeviceId, UserId, limits};
+use courier_proto::pb::events::{self, Event, RateLimit, event::Kind};
+use courier_proto::{DeviceId, PhoneHasher, ShardId, UserId, limits};
 
+use super::rate::RATE_LIMITED;
 use super::{ClientApi, auth, now_ms};
 use crate::client::auth::Caller;
 use crate::status::ApiError;
-use courier_consensus::types::EventOutcome;
+use courier_consensus::types::{CodeResult, EventOutcome};
+
+fn duration_ms(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn unexpected_code(result: CodeResult) -> ApiError {
+    ApiError::Internal {
+        code: "COURIER:Node:Outcome",
+        message: format!("unexpected code outcome {result:?}"),
+    }
+}
 
 /// How long a code is valid.
 pub const CODE_TTL: Duration = Duration::from_secs(600);
@@ -31,8 +44,6 @@ pub const CODE_TTL: Duration = Duration::from_secs(600);
 pub const CODE_ATTEMPTS_MAX: u32 = 5;
 /// How long a registration answer waits for this node's replica to show the new device.
 pub const REGISTERED_VISIBLE_WAIT: Duration = Duration::from_secs(2);
-/// Codes outstanding per node at most.
-pub const CODES_MAX: usize = 100_000;
 
 /// Delivers registration codes.
 pub trait SmsSender: Send + Sync {
@@ -84,116 +95,160 @@ impl SmsSender for DevFileSms {
     }
 }
 
-#[derive(Debug)]
-struct Code {
-    code: String,
-    expires: Instant,
-    attempts_left: u32,
+/// The stable code of a refused code request (per number, cluster-wide; or per client address
+/// on this node).
+pub const TOO_MANY_CODES: &str = "COURIER:Registration:TooManyCodes";
+/// The stable code of a wrong, expired or absent code.
+pub const BAD_CODE: &str = "COURIER:Registration:BadCode";
+
+fn bad_code(message: &str) -> ApiError {
+    ApiError::Unauthenticated {
+        code: BAD_CODE,
+        message: message.to_owned(),
+    }
 }
 
-/// Outstanding codes by phone hash.
-#[derive(Debug, Default)]
-pub struct CodeStore {
-    codes: Mutex<BTreeMap<Vec<u8>, Code>>,
-}
-
-impl CodeStore {
-    fn issue(&self, phone: &[u8]) -> Result<String, ApiError> {
-        let mut codes = self
-            .codes
-            .lock()
-            .expect("code store lock is never poisoned");
-        let now = Instant::now();
-        codes.retain(|_, c| c.expires > now);
-        if codes.len() >= CODES_MAX && !codes.contains_key(phone) {
-            return Err(ApiError::ResourceExhausted {
-                code: "COURIER:Registration:TooManyCodes",
-                message: format!("{CODES_MAX} codes are outstanding on this node; retry later"),
-            });
-        }
-        let code: String = (0..limits::REGISTRATION_CODE_DIGITS)
-            .map(|_| {
-                let digit = u8::try_from(crate::env::random_range(0..=9)).unwrap_or(0);
-                char::from(b'0' + digit)
-            })
-            .collect();
-        codes.insert(
-            phone.to_vec(),
-            Code {
-                code: code.clone(),
-                expires: now + CODE_TTL,
-                attempts_left: CODE_ATTEMPTS_MAX,
-            },
-        );
-        Ok(code)
-    }
-
-    /// Forgets the code of `phone` (its SMS could not be sent: no usable code stays behind).
-    fn withdraw(&self, phone: &[u8]) {
-        self.codes
-            .lock()
-            .expect("code store lock is never poisoned")
-            .remove(phone);
-    }
-
-    fn check(&self, phone: &[u8], code: &str) -> Result<(), ApiError> {
-        let mut codes = self
-            .codes
-            .lock()
-            .expect("code store lock is never poisoned");
-        let bad = |message: &str| ApiError::Unauthenticated {
-            code: "COURIER:Registration:BadCode",
-            message: message.to_owned(),
-        };
-        let Some(entry) = codes.get_mut(phone) else {
-            return Err(bad(
-                "no code was requested for this number on this node, or it expired",
-            ));
-        };
-        if entry.expires <= Instant::now() {
-            codes.remove(phone);
-            return Err(bad("the code expired; request a new one"));
-        }
-        if !auth::constant_time_eq(entry.code.as_bytes(), code.as_bytes()) {
-            entry.attempts_left = entry.attempts_left.saturating_sub(1);
-            if entry.attempts_left == 0 {
-                codes.remove(phone);
-                return Err(bad("wrong code; no attempts left, request a new one"));
-            }
-            return Err(bad("wrong code"));
-        }
-        codes.remove(phone);
-        Ok(())
-    }
+/// A fresh code of `limits::REGISTRATION_CODE_DIGITS` decimal digits.
+fn new_code() -> String {
+    (0..limits::REGISTRATION_CODE_DIGITS)
+        .map(|_| {
+            let digit = u8::try_from(crate::env::random_range(0..=9)).unwrap_or(0);
+            char::from(b'0' + digit)
+        })
+        .collect()
 }
 
 impl ClientApi {
-    /// `RequestCode`.
+    /// Proposes one registration-code event on `shard` and returns what apply decided.
+    async fn propose_code(&self, shard: ShardId, kind: Kind) -> Result<CodeResult, ApiError> {
+        let outcomes = self
+            .cluster
+            .propose(shard, vec![Event { kind: Some(kind) }])
+            .await?;
+        match outcomes.last() {
+            Some(EventOutcome::Code(result)) => Ok(*result),
+            other => Err(ApiError::Internal {
+                code: "COURIER:Node:Outcome",
+                message: format!("unexpected outcome {other:?}"),
+            }),
+        }
+    }
+
+    /// `RequestCode`: any node takes it. The code's hash, expiry and attempts go into the log on
+    /// the number's shard (taking a token from the number's cluster-wide bucket), then the SMS
+    /// goes out; when it cannot, the code is withdrawn so that none is left usable.
     ///
     /// # Errors
-    /// `INVALID_ARGUMENT` for a malformed number; `RESOURCE_EXHAUSTED` when too many codes wait
-    /// or the number asked too often (`code-requests-per-hour-per-phone`).
-    pub fn request_code(
+    /// `INVALID_ARGUMENT` for a malformed number; `RESOURCE_EXHAUSTED TooManyCodes` when the
+    /// number (`code-requests-per-hour-per-phone`, cluster-wide) or the client address
+    /// (`code-requests-per-hour-per-address`, this node) asked too often; `UNAVAILABLE
+    /// SmsFailed` when the SMS could not be sent.
+    pub async fn request_code(
         &self,
         request: RequestCodeRequest,
+        address: Option<IpAddr>,
     ) -> Result<RequestCodeResponse, ApiError> {
         let phone = PhoneNumber::try_from(request.phone_number)?;
-        let hash = self.phone_hasher()?.phone_hash(phone.expose()).to_vec();
-        self.code_limiter.take(&hash)?;
-        let code = self.codes.issue(&hash)?;
-        self.sms
-            .send(&phone, &code)
-            .inspect_err(|_| self.codes.withdraw(&hash))
-            .map_err(|error| ApiError::Unavailable {
+        if let Some(address) = address {
+            self.code_limiter.take(&address)?;
+        }
+        let hasher = self.phone_hasher()?;
+        let phone_hash = hasher.phone_hash(phone.expose());
+        let shard = self.shard_of(hasher.user_of_phone(phone.expose()))?;
+        let code = new_code();
+        let code_hash = hasher.code_hash(&phone_hash, &code).to_vec();
+        let now = now_ms();
+        let issued = events::CodeIssued {
+            phone_hash: phone_hash.to_vec(),
+            code_hash: code_hash.clone(),
+            expires_at_ms: now.saturating_add(duration_ms(CODE_TTL)),
+            attempts: CODE_ATTEMPTS_MAX,
+            limit: Some(RateLimit {
+                per_hour: self.limits.code_requests_per_hour_per_phone,
+                burst: self.limits.code_request_burst_per_phone,
+            }),
+            at_ms: now,
+        };
+        match self.propose_code(shard, Kind::CodeIssued(issued)).await? {
+            CodeResult::Issued => {}
+            CodeResult::RateLimited { retry_after_ms } => {
+                return Err(ApiError::RateLimited {
+                    code: TOO_MANY_CODES,
+                    message: "too many code requests for this number; retry later".to_owned(),
+                    retry_after_ms,
+                });
+            }
+            other => return Err(unexpected_code(other)),
+        }
+        if let Err(error) = self.sms.send(&phone, &code) {
+            let withdrawn = events::CodeWithdrawn {
+                phone_hash: phone_hash.to_vec(),
+                code_hash,
+                at_ms: now_ms(),
+            };
+            // Best effort: a code whose withdrawal fails was still never handed to anyone here,
+            // and it expires with `CODE_TTL`.
+            if let Err(withdraw_error) = self
+                .propose_code(shard, Kind::CodeWithdrawn(withdrawn))
+                .await
+            {
+                tracing::warn!(
+                    phone_hash = %auth::hex(&phone_hash[..4]),
+                    error = %withdraw_error,
+                    "a code whose SMS failed could not be withdrawn; it expires unused"
+                );
+            }
+            return Err(ApiError::Unavailable {
                 code: "COURIER:Registration:SmsFailed",
                 message: format!("the SMS sender failed: {error}"),
                 retry_after_ms: 1000,
                 leader: None,
-            })?;
-        tracing::info!(phone_hash = %auth::hex(&hash[..4]), "registration code issued");
+            });
+        }
+        tracing::info!(phone_hash = %auth::hex(&phone_hash[..4]), "registration code issued");
         Ok(RequestCodeResponse {
             expires_in_s: u32::try_from(CODE_TTL.as_secs()).unwrap_or(u32::MAX),
         })
+    }
+
+    /// Tries `code` for the number, in the log on the number's shard: the right, live code is
+    /// consumed there (once, whichever node asks); a wrong one costs one of its attempts.
+    async fn redeem_code(
+        &self,
+        hasher: PhoneHasher,
+        phone_hash: &[u8; 16],
+        shard: ShardId,
+        code: &str,
+    ) -> Result<(), ApiError> {
+        let attempted = events::CodeAttempted {
+            phone_hash: phone_hash.to_vec(),
+            code_hash: hasher.code_hash(phone_hash, code).to_vec(),
+            limit: Some(RateLimit {
+                per_hour: self.limits.register_attempts_per_hour_per_phone,
+                burst: self.limits.register_attempt_burst_per_phone,
+            }),
+            at_ms: now_ms(),
+        };
+        match self
+            .propose_code(shard, Kind::CodeAttempted(attempted))
+            .await?
+        {
+            CodeResult::Accepted => Ok(()),
+            CodeResult::Wrong { attempts_left: 0 } => {
+                Err(bad_code("wrong code; no attempts left, request a new one"))
+            }
+            CodeResult::Wrong { .. } => Err(bad_code("wrong code")),
+            CodeResult::NoCode => Err(bad_code(
+                "no live code for this number: none was requested, or it expired, was used or \
+                 ran out of attempts",
+            )),
+            CodeResult::RateLimited { retry_after_ms } => Err(ApiError::RateLimited {
+                code: RATE_LIMITED,
+                message: "too many register attempts for this number; retry later".to_owned(),
+                retry_after_ms,
+            }),
+            other => Err(unexpected_code(other)),
+        }
     }
 
     /// Registers a device of `user` (a primary with the number's hash `phone`, or a companion),
@@ -277,13 +332,22 @@ impl ClientApi {
     /// # Errors
     /// `INVALID_ARGUMENT` for malformed input, `UNAUTHENTICATED` for a wrong or expired code,
     /// `RESOURCE_EXHAUSTED` past `register-attempts-per-hour-per-phone`.
-    pub async fn register(&self, request: RegisterRequest) -> Result<RegisterResponse, ApiError> {
+    pub async fn register(
+        &self,
+        request: RegisterRequest,
+        address: Option<IpAddr>,
+    ) -> Result<RegisterResponse, ApiError> {
         let command = RegisterCommand::try_from(request)?;
+        if let Some(address) = address {
+            self.register_limiter.take(&address)?;
+        }
         let hasher = self.phone_hasher()?;
-        let phone = hasher.phone_hash(command.phone.expose()).to_vec();
-        self.register_limiter.take(&phone)?;
-        self.codes.check(&phone, &command.code)?;
+        let phone_hash = hasher.phone_hash(command.phone.expose());
         let user = hasher.user_of_phone(command.phone.expose());
+        let shard = self.shard_of(user)?;
+        self.redeem_code(hasher, &phone_hash, shard, &command.code)
+            .await?;
+        let phone = phone_hash.to_vec();
         let companions: Vec<u32> = self
             .devices(user)?
             .iter()

@@ -166,6 +166,14 @@ pub struct Limits {
     pub register_attempts_per_hour_per_phone: u32,
     /// Register attempt burst per phone number.
     pub register_attempt_burst_per_phone: u32,
+    /// Code requests per client address per hour, per node.
+    pub code_requests_per_hour_per_address: u32,
+    /// Code request burst per client address.
+    pub code_request_burst_per_address: u32,
+    /// Register attempts per client address per hour, per node.
+    pub register_attempts_per_hour_per_address: u32,
+    /// Register attempt burst per client address.
+    pub register_attempt_burst_per_address: u32,
 }
 
 /// A validated configuration.

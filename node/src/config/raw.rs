@@ -131,6 +131,19 @@ pub struct LimitsRaw {
     /// Register attempt burst per phone number. Default 5.
     #[serde(default = "defaults::register_burst")]
     pub register_attempt_burst_per_phone: u32,
+    /// Code requests one client address may make per hour on one node (in that node's memory;
+    /// the per-number limits above hold cluster-wide). Default 120.
+    #[serde(default = "defaults::address_code_rate")]
+    pub code_requests_per_hour_per_address: u32,
+    /// Code request burst per client address. Default 60.
+    #[serde(default = "defaults::address_code_burst")]
+    pub code_request_burst_per_address: u32,
+    /// Register attempts one client address may make per hour on one node. Default 240.
+    #[serde(default = "defaults::address_register_rate")]
+    pub register_attempts_per_hour_per_address: u32,
+    /// Register attempt burst per client address. Default 120.
+    #[serde(default = "defaults::address_register_burst")]
+    pub register_attempt_burst_per_address: u32,
 }
 
 /// `[retention]`: how long undelivered messages wait for their recipient, and how long a send's
@@ -455,6 +468,18 @@ mod defaults {
     }
     pub(super) fn register_burst() -> u32 {
         5
+    }
+    pub(super) fn address_code_rate() -> u32 {
+        120
+    }
+    pub(super) fn address_code_burst() -> u32 {
+        60
+    }
+    pub(super) fn address_register_rate() -> u32 {
+        240
+    }
+    pub(super) fn address_register_burst() -> u32 {
+        120
     }
     pub(super) fn log_format() -> LogFormat {
         LogFormat::Json

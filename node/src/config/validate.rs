@@ -211,6 +211,22 @@ fn nonzero_limits(l: &LimitsRaw) -> Result<(), ConfigError> {
             "limits.register-attempt-burst-per-phone",
             l.register_attempt_burst_per_phone,
         ),
+        (
+            "limits.code-requests-per-hour-per-address",
+            l.code_requests_per_hour_per_address,
+        ),
+        (
+            "limits.code-request-burst-per-address",
+            l.code_request_burst_per_address,
+        ),
+        (
+            "limits.register-attempts-per-hour-per-address",
+            l.register_attempts_per_hour_per_address,
+        ),
+        (
+            "limits.register-attempt-burst-per-address",
+            l.register_attempt_burst_per_address,
+        ),
     ] {
         nonzero(name, value)?;
     }
@@ -273,6 +289,10 @@ fn validate_limits(l: &LimitsRaw) -> Result<Limits, ConfigError> {
         code_request_burst_per_phone: l.code_request_burst_per_phone,
         register_attempts_per_hour_per_phone: l.register_attempts_per_hour_per_phone,
         register_attempt_burst_per_phone: l.register_attempt_burst_per_phone,
+        code_requests_per_hour_per_address: l.code_requests_per_hour_per_address,
+        code_request_burst_per_address: l.code_request_burst_per_address,
+        register_attempts_per_hour_per_address: l.register_attempts_per_hour_per_address,
+        register_attempt_burst_per_address: l.register_attempt_burst_per_address,
     })
 }
 

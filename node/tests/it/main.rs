@@ -6,6 +6,7 @@ mod contract;
 mod foundation;
 mod maintenance;
 mod messaging;
+mod registration;
 mod security;
 mod support;
 mod traces;

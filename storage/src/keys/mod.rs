@@ -29,6 +29,8 @@
 //! | devices | shard \| 1 \| phone_hash:16 | user:u64 |
 //! | devices | shard \| 2 \| user | UserRecord |
 //! | devices | shard \| 3 \| user \| device | DeviceRecord |
+//! | devices | shard \| 4 \| phone_hash:16 | RegistrationRecord (codes and limits) |
+//! | devices | shard \| 5 \| forget_at_ms:u64 \| phone_hash:16 | () (registrations by time) |
 //! | groups | shard \| 1 \| group | GroupRecord |
 //! | groups | shard \| 2 \| group \| user | MemberRecord |
 //! | expiry | shard \| 1 \| stored_at_ms:u64 \| user \| seq | ExpiryEntry |
@@ -68,9 +70,11 @@ pub mod tag {
     /// inbox: message id → seq; outbox: inbound watermark; devices: device record; groups: a
     /// user's membership (user → group); receipts: receipts by time.
     pub const TERTIARY: u8 = 3;
-    /// groups: the one stored copy of a group message; inbox: trimmed stubs by time.
+    /// groups: the one stored copy of a group message; inbox: trimmed stubs by time; devices: a
+    /// number's registration record.
     pub const QUATERNARY: u8 = 4;
-    /// groups: how far the stored copies of group messages were forgotten.
+    /// groups: how far the stored copies of group messages were forgotten; devices:
+    /// registration records by time.
     pub const QUINARY: u8 = 5;
 }
 
@@ -473,6 +477,38 @@ pub fn device_user_prefix(shard: ShardId, user: UserId) -> Vec<u8> {
         .u8(tag::TERTIARY)
         .u64(user.get())
         .done()
+}
+
+/// devices: one number's registration record (codes and limits).
+pub fn registration(shard: ShardId, phone_hash: &[u8]) -> Vec<u8> {
+    KeyBuf::shard(shard)
+        .u8(tag::QUATERNARY)
+        .bytes(phone_hash)
+        .done()
+}
+
+/// devices: a registration record's entry in the time index, at the time it can be forgotten.
+pub fn registration_by_time(shard: ShardId, forget_at_ms: u64, phone_hash: &[u8]) -> Vec<u8> {
+    KeyBuf::shard(shard)
+        .u8(tag::QUINARY)
+        .u64(forget_at_ms)
+        .bytes(phone_hash)
+        .done()
+}
+
+/// devices: the first key of the registrations' time index.
+pub fn registration_by_time_start(shard: ShardId) -> Vec<u8> {
+    KeyBuf::shard(shard).u8(tag::QUINARY).done()
+}
+
+/// devices: the end (exclusive) of the time index's entries forgettable before `before_ms`.
+pub fn registration_by_time_end(shard: ShardId, before_ms: u64) -> Vec<u8> {
+    KeyBuf::shard(shard).u8(tag::QUINARY).u64(before_ms).done()
+}
+
+/// The phone hash of a registration time-index key (shard, tag, time, then the hash).
+pub fn registration_by_time_phone(key: &[u8]) -> Option<&[u8]> {
+    key.get(2 + 1 + 8..)
 }
 
 /// groups: one group.

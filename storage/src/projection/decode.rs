@@ -125,6 +125,83 @@ pub struct Registered<'e, E> {
     pub user: UserId,
 }
 
+/// A decoded registration-code event (the number's hash and the code hash checked for length).
+#[derive(Clone, Copy, Debug)]
+pub enum CodeEvent<'e> {
+    /// `CodeIssued`.
+    Issued(&'e events::CodeIssued),
+    /// `CodeAttempted`.
+    Attempted(&'e events::CodeAttempted),
+    /// `CodeWithdrawn`.
+    Withdrawn(&'e events::CodeWithdrawn),
+    /// `RegistrationsForgotten`: records with nothing left to remember before this time leave.
+    Forgotten {
+        /// The leader's clock when it proposed the event.
+        before_ms: u64,
+    },
+}
+
+/// The length of a phone hash (`PhoneHasher::phone_hash`).
+pub const PHONE_HASH_BYTES: usize = 16;
+/// The length of a code hash (`PhoneHasher::code_hash`).
+pub const CODE_HASH_BYTES: usize = 32;
+
+fn exact_len(bytes: &[u8], len: usize, field: &'static str) -> Result<(), WireError> {
+    if bytes.len() == len {
+        Ok(())
+    } else {
+        Err(WireError::Malformed {
+            field,
+            reason: "not the hash's length",
+        })
+    }
+}
+
+fn limit(limit: Option<&events::RateLimit>) -> Result<(), WireError> {
+    match limit {
+        None => Err(WireError::Missing { field: "limit" }),
+        Some(l) if l.per_hour == 0 || l.burst == 0 => Err(WireError::Zero {
+            field: "limit.per_hour and limit.burst",
+        }),
+        Some(_) => Ok(()),
+    }
+}
+
+/// Decodes a registration-code event (any other kind is malformed here).
+fn code_event(kind: &Kind) -> Result<CodeEvent<'_>, WireError> {
+    Ok(match kind {
+        Kind::CodeIssued(event) => {
+            exact_len(&event.phone_hash, PHONE_HASH_BYTES, "phone_hash")?;
+            exact_len(&event.code_hash, CODE_HASH_BYTES, "code_hash")?;
+            limit(event.limit.as_ref())?;
+            if event.attempts == 0 {
+                return Err(WireError::Zero { field: "attempts" });
+            }
+            CodeEvent::Issued(event)
+        }
+        Kind::CodeAttempted(event) => {
+            exact_len(&event.phone_hash, PHONE_HASH_BYTES, "phone_hash")?;
+            exact_len(&event.code_hash, CODE_HASH_BYTES, "code_hash")?;
+            limit(event.limit.as_ref())?;
+            CodeEvent::Attempted(event)
+        }
+        Kind::CodeWithdrawn(event) => {
+            exact_len(&event.phone_hash, PHONE_HASH_BYTES, "phone_hash")?;
+            exact_len(&event.code_hash, CODE_HASH_BYTES, "code_hash")?;
+            CodeEvent::Withdrawn(event)
+        }
+        Kind::RegistrationsForgotten(event) => CodeEvent::Forgotten {
+            before_ms: event.before_ms,
+        },
+        _ => {
+            return Err(WireError::Malformed {
+                field: "kind",
+                reason: "not a registration-code event",
+            });
+        }
+    })
+}
+
 /// A decoded `DeviceRevoked`.
 #[derive(Clone, Copy, Debug)]
 pub struct Revoked<'e> {
@@ -249,6 +326,8 @@ pub enum Decoded<'e> {
         /// The last log index whose copy leaves.
         up_to: LogIndex,
     },
+    /// A registration-code event.
+    Code(CodeEvent<'e>),
 }
 
 fn user(raw: u64, field: &'static str) -> Result<UserId, WireError> {
@@ -348,6 +427,10 @@ pub fn kind_name(kind: &Kind) -> &'static str {
         Kind::InboxForgotten(_) => "InboxForgotten",
         Kind::ReceiptsForgotten(_) => "ReceiptsForgotten",
         Kind::GroupMessagesForgotten(_) => "GroupMessagesForgotten",
+        Kind::CodeIssued(_) => "CodeIssued",
+        Kind::CodeAttempted(_) => "CodeAttempted",
+        Kind::CodeWithdrawn(_) => "CodeWithdrawn",
+        Kind::RegistrationsForgotten(_) => "RegistrationsForgotten",
     }
 }
 
@@ -463,6 +546,10 @@ fn decode_fields(kind: &Kind) -> Result<Decoded<'_>, WireError> {
         Kind::GroupMessagesForgotten(event) => Decoded::GroupMessagesForgotten {
             up_to: LogIndex::new(event.up_to_index),
         },
+        Kind::CodeIssued(_)
+        | Kind::CodeAttempted(_)
+        | Kind::CodeWithdrawn(_)
+        | Kind::RegistrationsForgotten(_) => Decoded::Code(code_event(kind)?),
     })
 }
 

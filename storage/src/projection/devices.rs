@@ -1,4 +1,5 @@
-//! Devices projection: phone hash → user, users, and devices with token hashes and revocations.
+//! Devices projection: phone hash → user, users, and devices with token hashes and revocations;
+//! and per number, its registration record (codes and limits, `registration.rs`).
 //!
 //! Invariants (asserted):
 //! - A phone hash maps to one user, set once.
@@ -8,7 +9,7 @@
 use courier_proto::pb::store::{DeviceRecord, UserRecord};
 use courier_proto::{DeviceId, UserId};
 
-use super::{Decoded, Projection, View};
+use super::{Decoded, Projection, View, registration};
 use crate::error::Result;
 use crate::keys;
 
@@ -129,6 +130,7 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
             record.revoked_at_ms = revoked.event.at_ms;
             view.put(key, &record)
         }
+        Decoded::Code(code) => registration::apply(view, *code),
         Decoded::MessageSent(_)
         | Decoded::MessageDelivered(_)
         | Decoded::DeliveryAcked(_)

@@ -97,6 +97,7 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
         | Decoded::SendsForgotten(_)
         | Decoded::InboxForgotten(_)
         | Decoded::ReceiptsForgotten(_)
-        | Decoded::GroupMessagesForgotten { .. } => Ok(()),
+        | Decoded::GroupMessagesForgotten { .. }
+        | Decoded::Code(_) => Ok(()),
     }
 }

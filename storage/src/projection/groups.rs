@@ -108,7 +108,8 @@ pub fn check(view: &View<'_, '_>, event: &Decoded<'_>) -> Result<Option<GroupRef
         | Decoded::SendsForgotten(_)
         | Decoded::InboxForgotten(_)
         | Decoded::ReceiptsForgotten(_)
-        | Decoded::GroupMessagesForgotten { .. } => None,
+        | Decoded::GroupMessagesForgotten { .. }
+        | Decoded::Code(_) => None,
     };
     Ok(refusal)
 }
@@ -273,7 +274,8 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
         | Decoded::MessageExpired(_)
         | Decoded::SendsForgotten(_)
         | Decoded::InboxForgotten(_)
-        | Decoded::ReceiptsForgotten(_) => Ok(()),
+        | Decoded::ReceiptsForgotten(_)
+        | Decoded::Code(_) => Ok(()),
     }
 }
 

@@ -301,6 +301,7 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
         | Decoded::MemberRemoved(_)
         | Decoded::SendsForgotten(_)
         | Decoded::ReceiptsForgotten(_)
-        | Decoded::GroupMessagesForgotten { .. } => Ok(()),
+        | Decoded::GroupMessagesForgotten { .. }
+        | Decoded::Code(_) => Ok(()),
     }
 }

@@ -24,6 +24,7 @@ pub mod outbox;
 pub mod readstate;
 pub mod receipts;
 pub mod refusal;
+pub mod registration;
 mod view;
 
 #[cfg(test)]
@@ -36,6 +37,8 @@ mod outbox_test;
 mod projection_test;
 #[cfg(test)]
 mod receipts_test;
+#[cfg(test)]
+mod registration_test;
 
 use std::ops::ControlFlow;
 
@@ -50,6 +53,7 @@ use crate::kv::Staged;
 pub use self::decode::{DecodeError, Decoded, Target};
 pub use self::invalid::{INVALID_CODE, Invalid};
 pub use self::refusal::{GroupRefusal, GroupRefusalCode};
+pub use self::registration::CodeOutcome;
 pub use self::view::{View, frame, unframe};
 pub use crate::cf::Projection;
 
@@ -105,6 +109,8 @@ pub enum Applied {
         /// The device id assigned at apply (1, 2, 3, … per user).
         device: u32,
     },
+    /// A registration-code event: what it did.
+    Code(CodeOutcome),
     /// Refused at apply by the state at this position (group events): nothing changed.
     Rejected {
         /// Stable code.
@@ -279,6 +285,16 @@ fn admit(
                 return Ok(ControlFlow::Break(Applied::Done));
             }
             Applied::Done
+        }
+        Decoded::Code(code) => {
+            let view = View::new(staged, shard, at, Projection::Devices);
+            match registration::outcome(&view, *code)? {
+                // An empty bucket changes nothing (not even the bucket's time).
+                limited @ CodeOutcome::RateLimited { .. } => {
+                    return Ok(ControlFlow::Break(Applied::Code(limited)));
+                }
+                outcome => Applied::Code(outcome),
+            }
         }
         Decoded::DeliveryAcked(_)
         | Decoded::ReadUpTo(_)

@@ -187,28 +187,7 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
             }
             view.put(keys::seq_position(shard, user, seq), &target)
         }
-        Decoded::InboxForgotten(messages) => {
-            // Applied before the inbox, so the stubs are still there to read.
-            for message in messages {
-                let Some(stub) = inbox::forgettable(view, message)? else {
-                    continue;
-                };
-                let (user, seq) = (message.user, message.seq);
-                // A stored stub has a position, unless this event named it before (the inbox,
-                // applied after this, still shows the stub): that read position already left.
-                let Some(mut target) = position(view, user, seq)? else {
-                    continue;
-                };
-                let read_pos = get(view, user, stored_conversation(&target))?.read_pos;
-                if target.pos <= read_pos {
-                    view.delete(keys::seq_position(shard, user, seq))?;
-                } else {
-                    target.forgotten = Some(receipt_target(&stub));
-                    view.put(keys::seq_position(shard, user, seq), &target)?;
-                }
-            }
-            Ok(())
-        }
+        Decoded::InboxForgotten(messages) => forget_positions(view, messages),
         Decoded::MessageSent(_)
         | Decoded::DeliveryAcked(_)
         | Decoded::ReceiptRecorded(_)
@@ -221,8 +200,38 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
         | Decoded::MemberRemoved(_)
         | Decoded::SendsForgotten(_)
         | Decoded::ReceiptsForgotten(_)
-        | Decoded::GroupMessagesForgotten { .. } => Ok(()),
+        | Decoded::GroupMessagesForgotten { .. }
+        | Decoded::Code(_) => Ok(()),
     }
+}
+
+/// `InboxForgotten`: the positions of forgotten stubs leave the read state (applied before the
+/// inbox, so the stubs are still there to read).
+fn forget_positions(
+    view: &mut View<'_, '_>,
+    messages: &[super::decode::ForgottenMessage<'_>],
+) -> Result<()> {
+    let shard = view.shard();
+    // Applied before the inbox, so the stubs are still there to read.
+    for message in messages {
+        let Some(stub) = inbox::forgettable(view, message)? else {
+            continue;
+        };
+        let (user, seq) = (message.user, message.seq);
+        // A stored stub has a position, unless this event named it before (the inbox,
+        // applied after this, still shows the stub): that read position already left.
+        let Some(mut target) = position(view, user, seq)? else {
+            continue;
+        };
+        let read_pos = get(view, user, stored_conversation(&target))?.read_pos;
+        if target.pos <= read_pos {
+            view.delete(keys::seq_position(shard, user, seq))?;
+        } else {
+            target.forgotten = Some(receipt_target(&stub));
+            view.put(keys::seq_position(shard, user, seq), &target)?;
+        }
+    }
+    Ok(())
 }
 
 /// Where the receipts of a stored message go.

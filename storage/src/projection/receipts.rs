@@ -248,6 +248,7 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
         | Decoded::MessageExpired(_)
         | Decoded::SendsForgotten(_)
         | Decoded::InboxForgotten(_)
-        | Decoded::GroupMessagesForgotten { .. } => Ok(()),
+        | Decoded::GroupMessagesForgotten { .. }
+        | Decoded::Code(_) => Ok(()),
     }
 }

@@ -1,0 +1,244 @@
+//! Registration records: a code is consumed once, wrong tries run out, the buckets refuse and
+//! refill exactly, a withdrawn code is void, and a record leaves once nothing in it matters.
+
+#![allow(clippy::arithmetic_side_effects)]
+
+use std::collections::BTreeMap;
+
+use courier_proto::LogIndex;
+use courier_proto::pb::events::event::Kind;
+use courier_proto::pb::events::{self, RateLimit};
+use courier_proto::pb::store::RegistrationRecord;
+
+use super::projection_test::{SHARD, apply_one, tracing_phase};
+use crate::kv::{MemKv, Staged};
+use crate::projection::registration::{self, CodeOutcome};
+use crate::projection::{Applied, Projection, View};
+use crate::shard::ShardState;
+
+const PHONE: [u8; 16] = [7; 16];
+const HOUR_MS: u64 = 3_600_000;
+
+fn limit(per_hour: u32, burst: u32) -> Option<RateLimit> {
+    Some(RateLimit { per_hour, burst })
+}
+
+fn issue(code: u8, at_ms: u64) -> Kind {
+    Kind::CodeIssued(events::CodeIssued {
+        phone_hash: PHONE.to_vec(),
+        code_hash: vec![code; 32],
+        expires_at_ms: at_ms + 600_000,
+        attempts: 3,
+        limit: limit(10, 3),
+        at_ms,
+    })
+}
+
+fn attempt(code: u8, at_ms: u64) -> Kind {
+    Kind::CodeAttempted(events::CodeAttempted {
+        phone_hash: PHONE.to_vec(),
+        code_hash: vec![code; 32],
+        limit: limit(60, 20),
+        at_ms,
+    })
+}
+
+fn outcome(kv: &mut MemKv, state: &mut ShardState, kind: Kind) -> CodeOutcome {
+    match apply_one(kv, state, vec![kind]).pop() {
+        Some(Applied::Code(outcome)) => outcome,
+        other => panic!("a code event answers a code outcome, got {other:?}"),
+    }
+}
+
+fn stored(kv: &MemKv) -> Option<RegistrationRecord> {
+    let mut staged = Staged::new(kv, BTreeMap::new());
+    let view = View::new(&mut staged, SHARD, LogIndex::ZERO, Projection::Devices);
+    registration::record(&view, &PHONE).expect("memory")
+}
+
+fn index_entries(kv: &MemKv) -> usize {
+    let mut staged = Staged::new(kv, BTreeMap::new());
+    let view = View::new(&mut staged, SHARD, LogIndex::ZERO, Projection::Devices);
+    registration::forgettable(&view, u64::MAX)
+        .expect("memory")
+        .len()
+}
+
+#[test]
+fn a_code_is_consumed_once_and_wrong_tries_run_out() {
+    let mut kv = MemKv::default();
+    let mut state = ShardState::empty(SHARD);
+    tracing_phase("no code yet");
+    assert_eq!(
+        outcome(&mut kv, &mut state, attempt(1, 10)),
+        CodeOutcome::NoCode
+    );
+    tracing_phase("code 1 issued; the right code is accepted once");
+    assert_eq!(
+        outcome(&mut kv, &mut state, issue(1, 20)),
+        CodeOutcome::Issued
+    );
+    assert_eq!(
+        outcome(&mut kv, &mut state, attempt(1, 30)),
+        CodeOutcome::Accepted
+    );
+    assert_eq!(
+        outcome(&mut kv, &mut state, attempt(1, 40)),
+        CodeOutcome::NoCode
+    );
+    tracing_phase("code 2: three wrong tries void it, the right one comes too late");
+    assert_eq!(
+        outcome(&mut kv, &mut state, issue(2, 50)),
+        CodeOutcome::Issued
+    );
+    for left in [2, 1, 0] {
+        assert_eq!(
+            outcome(&mut kv, &mut state, attempt(9, 60)),
+            CodeOutcome::Wrong {
+                attempts_left: left
+            }
+        );
+    }
+    assert_eq!(
+        outcome(&mut kv, &mut state, attempt(2, 70)),
+        CodeOutcome::NoCode
+    );
+    tracing_phase("code 3 expires");
+    assert_eq!(
+        outcome(&mut kv, &mut state, issue(3, 100)),
+        CodeOutcome::Issued
+    );
+    assert_eq!(
+        outcome(&mut kv, &mut state, attempt(3, 100 + 600_000)),
+        CodeOutcome::NoCode,
+        "at its expiry the code is void"
+    );
+    tracing_phase("a new code replaces the old one");
+    assert_eq!(
+        outcome(&mut kv, &mut state, issue(4, HOUR_MS)),
+        CodeOutcome::Issued
+    );
+    assert_eq!(
+        outcome(&mut kv, &mut state, issue(5, HOUR_MS)),
+        CodeOutcome::Issued
+    );
+    assert_eq!(
+        outcome(&mut kv, &mut state, attempt(4, HOUR_MS + 1)),
+        CodeOutcome::Wrong { attempts_left: 2 }
+    );
+    assert_eq!(
+        outcome(&mut kv, &mut state, attempt(5, HOUR_MS + 2)),
+        CodeOutcome::Accepted
+    );
+}
+
+#[test]
+fn the_request_bucket_refuses_and_refills_exactly() {
+    let mut kv = MemKv::default();
+    let mut state = ShardState::empty(SHARD);
+    for at in [0, 1, 2] {
+        assert_eq!(
+            outcome(&mut kv, &mut state, issue(1, at)),
+            CodeOutcome::Issued
+        );
+    }
+    let before = stored(&kv);
+    assert_eq!(
+        outcome(&mut kv, &mut state, issue(2, 3)),
+        CodeOutcome::RateLimited {
+            retry_after_ms: HOUR_MS / 10 - 3
+        },
+        "10 an hour: a token every 6 minutes, counted from the first take"
+    );
+    assert_eq!(stored(&kv), before, "a refusal changes nothing");
+    assert_eq!(
+        outcome(&mut kv, &mut state, attempt(1, 4)),
+        CodeOutcome::Accepted,
+        "the refused issue did not replace code 1"
+    );
+    assert_eq!(
+        outcome(&mut kv, &mut state, issue(2, HOUR_MS / 10 - 1)),
+        CodeOutcome::RateLimited { retry_after_ms: 1 }
+    );
+    assert_eq!(
+        outcome(&mut kv, &mut state, issue(2, HOUR_MS / 10)),
+        CodeOutcome::Issued
+    );
+}
+
+#[test]
+fn a_withdrawn_code_is_void_and_only_its_own() {
+    let mut kv = MemKv::default();
+    let mut state = ShardState::empty(SHARD);
+    let withdraw = |code: u8| {
+        Kind::CodeWithdrawn(events::CodeWithdrawn {
+            phone_hash: PHONE.to_vec(),
+            code_hash: vec![code; 32],
+            at_ms: 5,
+        })
+    };
+    assert_eq!(
+        outcome(&mut kv, &mut state, issue(1, 0)),
+        CodeOutcome::Issued
+    );
+    assert_eq!(
+        outcome(&mut kv, &mut state, withdraw(2)),
+        CodeOutcome::Withdrawn(false),
+        "another code's withdrawal leaves code 1"
+    );
+    assert_eq!(
+        outcome(&mut kv, &mut state, withdraw(1)),
+        CodeOutcome::Withdrawn(true)
+    );
+    assert_eq!(
+        outcome(&mut kv, &mut state, attempt(1, 6)),
+        CodeOutcome::NoCode
+    );
+}
+
+#[test]
+fn a_record_leaves_once_nothing_in_it_matters() {
+    let mut kv = MemKv::default();
+    let mut state = ShardState::empty(SHARD);
+    let forget =
+        |before_ms| Kind::RegistrationsForgotten(events::RegistrationsForgotten { before_ms });
+    assert_eq!(
+        outcome(&mut kv, &mut state, issue(1, 0)),
+        CodeOutcome::Issued
+    );
+    let record = stored(&kv).expect("a record");
+    assert_eq!(
+        record.forget_at_ms, 600_000,
+        "the live code (10 minutes) outlasts the request bucket's refill (6 minutes)"
+    );
+    assert_eq!(index_entries(&kv), 1, "one time-index entry per record");
+    assert_eq!(
+        outcome(&mut kv, &mut state, attempt(1, 10)),
+        CodeOutcome::Accepted
+    );
+    let record = stored(&kv).expect("a record");
+    assert_eq!(
+        record.forget_at_ms,
+        HOUR_MS / 10,
+        "without a live code the request bucket's refill decides (the attempt bucket, 60 an \
+         hour, is full again after one minute)"
+    );
+    assert_eq!(index_entries(&kv), 1, "the index entry moved, not copied");
+    assert_eq!(
+        outcome(&mut kv, &mut state, forget(HOUR_MS / 10)),
+        CodeOutcome::Forgotten(0),
+        "not before its time"
+    );
+    assert!(stored(&kv).is_some());
+    assert_eq!(
+        outcome(&mut kv, &mut state, forget(HOUR_MS / 10 + 1)),
+        CodeOutcome::Forgotten(1)
+    );
+    assert_eq!(stored(&kv), None);
+    assert_eq!(index_entries(&kv), 0);
+    assert_eq!(
+        outcome(&mut kv, &mut state, issue(2, HOUR_MS)),
+        CodeOutcome::Issued,
+        "a forgotten number starts with full buckets"
+    );
+}
