@@ -267,7 +267,8 @@ impl Clients {
         Ok(())
     }
 
-    /// Registers the users on the nodes in turn, each with a primary and a second device.
+    /// Registers the users on the nodes in turn, each with a primary and a second device: user
+    /// `i` asks node `i` for its code and registers through the next node.
     async fn register(&self) -> anyhow::Result<Vec<workload::User>> {
         let mut users = Vec::new();
         for i in 0..self.users {
@@ -276,8 +277,9 @@ impl Clients {
             let sms = self.root.join(host(id)).join("sms-outbox.log");
             let mut attempt = 0;
             loop {
-                let channel = net::channel(&host(id), net::CLIENT_PORT);
-                match workload::register_one(channel, &sms, &phone).await {
+                let issuer = net::channel(&host(id), net::CLIENT_PORT);
+                let registrar = net::channel(&host(id % CLUSTER_NODES + 1), net::CLIENT_PORT);
+                match workload::register_one(issuer, registrar, &sms, &phone).await {
                     Ok(user) => {
                         users.push(user);
                         break;

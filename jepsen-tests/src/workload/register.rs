@@ -30,8 +30,10 @@ fn device_of(response: &RegisterResponse, primary: bool) -> Device {
     }
 }
 
-/// Registers `count` users (dev mode: codes are read from the receiving node's
-/// `sms-outbox.log`), each with a primary and a linked second device, spread over the nodes.
+/// Registers `count` users (dev mode: codes are read from the issuing node's
+/// `sms-outbox.log`), each with a primary and a linked second device, spread over the nodes:
+/// user `i` asks node `i` for its code and registers through the next node (codes live in the
+/// log, so any node takes them).
 ///
 /// # Errors
 ///
@@ -41,12 +43,17 @@ pub async fn register_users(specs: &[NodeSpec], count: u32) -> anyhow::Result<Ve
     for i in 0..count {
         let index = usize::try_from(i).unwrap_or(0) % specs.len().max(1);
         let spec = specs.get(index).context("no nodes")?;
+        let registrar = specs.get((index + 1) % specs.len()).context("no nodes")?;
         let phone = format!("+155501{i:05}");
         let mut last_error = None;
         let mut registered = None;
         let sms = spec.data_dir().join("sms-outbox.log");
         for _attempt in 0..5 {
-            match register_one(channel(&spec.client_addr())?, &sms, &phone).await {
+            let (issuer, taker) = (
+                channel(&spec.client_addr())?,
+                channel(&registrar.client_addr())?,
+            );
+            match register_one(issuer, taker, &sms, &phone).await {
                 Ok(user) => {
                     registered = Some(user);
                     break;
@@ -70,19 +77,27 @@ pub async fn register_users(specs: &[NodeSpec], count: u32) -> anyhow::Result<Ve
     Ok(users)
 }
 
-/// Registers one user with a primary and a linked second device over `channel` (dev mode: the
-/// code is read from the node's SMS outbox file `sms`).
+/// Registers one user with a primary and a linked second device: the code is asked of the node
+/// behind `issuer` (dev mode: read back from its SMS outbox file `sms`), and the registration
+/// and pairing go through `registrar`, which may be another node.
 ///
 /// # Errors
 ///
 /// An RPC failed or timed out, or no code for `phone` is in the outbox.
-pub async fn register_one(channel: Channel, sms: &Path, phone: &str) -> anyhow::Result<User> {
+pub async fn register_one(
+    issuer: Channel,
+    registrar: Channel,
+    sms: &Path,
+    phone: &str,
+) -> anyhow::Result<User> {
     let timeout = Duration::from_secs(10);
-    let mut client = RegistrationClient::new(channel);
     let request = RequestCodeRequest {
         phone_number: phone.to_owned(),
     };
-    tokio::time::timeout(timeout, client.request_code(request))
+    tokio::time::timeout(
+        timeout,
+        RegistrationClient::new(issuer).request_code(request),
+    )
         .await
         .context("RequestCode timed out")?
         .map_err(|s| anyhow::anyhow!("RequestCode: {}", describe(&s)))?;
@@ -94,6 +109,7 @@ pub async fn register_one(channel: Channel, sms: &Path, phone: &str) -> anyhow::
         .context("no code for the number in the SMS outbox")?
         .trim()
         .to_owned();
+    let mut client = RegistrationClient::new(registrar);
     let request = RegisterRequest {
         phone_number: phone.to_owned(),
         code,
