@@ -111,6 +111,8 @@ impl Touched {
                     }
                 }
                 Cf::Projection(Projection::Outbox) => touched.outbox = true,
+                // Registration records (codes and limits) are no device's business.
+                Cf::Projection(Projection::Devices) if !keys::is_device_key(key) => {}
                 Cf::Projection(Projection::Devices) => {
                     touched.devices = true;
                     // The device's own streams wake and see it revoked.

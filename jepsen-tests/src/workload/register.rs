@@ -98,9 +98,9 @@ pub async fn register_one(
         timeout,
         RegistrationClient::new(issuer).request_code(request),
     )
-        .await
-        .context("RequestCode timed out")?
-        .map_err(|s| anyhow::anyhow!("RequestCode: {}", describe(&s)))?;
+    .await
+    .context("RequestCode timed out")?
+    .map_err(|s| anyhow::anyhow!("RequestCode: {}", describe(&s)))?;
     let outbox = std::fs::read_to_string(sms).context("reading the dev SMS outbox")?;
     let code = outbox
         .lines()

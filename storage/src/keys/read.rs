@@ -143,6 +143,15 @@ pub fn device_record_device(key: &[u8]) -> Option<u32> {
     key.end(device)
 }
 
+/// Whether a devices-family key is one of the records that say who may connect (a phone's
+/// user, a user record, a device record), not a registration record or its time index.
+pub fn is_device_key(key: &[u8]) -> bool {
+    matches!(
+        key.get(2),
+        Some(&(super::tag::PRIMARY | super::tag::SECONDARY | super::tag::TERTIARY))
+    )
+}
+
 /// The user of a devices-family key that is a [`device_record`](super::device_record) key.
 pub fn device_record_user(key: &[u8]) -> Option<UserId> {
     if key.get(2) != Some(&super::tag::TERTIARY) || device_record_device(key).is_none() {

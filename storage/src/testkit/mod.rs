@@ -166,6 +166,7 @@ impl EventGen {
             75..=80 => self.receipt_recorded(),
             81..=86 => self.outbox_trimmed(),
             87..=92 => Some(self.registration()),
+            93 => Some(self.code_event()),
             _ => self.group_change(),
         }
     }
@@ -437,6 +438,42 @@ impl EventGen {
             dest_shard: u32::from(dest.get()),
             up_to,
         }))
+    }
+
+    /// A registration-code event for one of three numbers: issues, right and wrong attempts (the
+    /// buckets and attempts decide at apply, so any order is valid), withdrawals, forgetting.
+    fn code_event(&mut self) -> Kind {
+        let phone = self.rng.below(3) as u8;
+        let phone_hash = vec![phone; 16];
+        let code = |c: u64| vec![c as u8; 32];
+        let limit = Some(events::RateLimit {
+            per_hour: 10,
+            burst: 3,
+        });
+        match self.rng.below(10) {
+            0..=2 => Kind::CodeIssued(events::CodeIssued {
+                phone_hash,
+                code_hash: code(self.rng.below(4)),
+                expires_at_ms: self.now_ms + 600_000,
+                attempts: 5,
+                limit,
+                at_ms: self.now_ms,
+            }),
+            3..=7 => Kind::CodeAttempted(events::CodeAttempted {
+                phone_hash,
+                code_hash: code(self.rng.below(4)),
+                limit,
+                at_ms: self.now_ms,
+            }),
+            8 => Kind::CodeWithdrawn(events::CodeWithdrawn {
+                phone_hash,
+                code_hash: code(self.rng.below(4)),
+                at_ms: self.now_ms,
+            }),
+            _ => Kind::RegistrationsForgotten(events::RegistrationsForgotten {
+                before_ms: self.now_ms,
+            }),
+        }
     }
 
     fn registration(&mut self) -> Kind {
