@@ -167,6 +167,10 @@ pub enum EventOutcome {
     },
     /// A registration-code event: what it did.
     Code(CodeResult),
+    /// A key upload: the device's stock of one-time prekeys after it.
+    KeyStock(u32),
+    /// A prekey bundle fetch: the encoded `courier_proto::pb::store::KeyBundle` handed out.
+    Bundle(Vec<u8>),
     /// Refused at apply (group events): nothing changed.
     Rejected {
         /// Stable code (`COURIER:Group:*`).
@@ -206,6 +210,8 @@ impl From<Applied> for EventOutcome {
                 message,
             },
             Applied::Code(outcome) => EventOutcome::Code(outcome.into()),
+            Applied::KeyStock(stock) => EventOutcome::KeyStock(stock),
+            Applied::Bundle(bundle) => EventOutcome::Bundle(bundle),
             Applied::Done => EventOutcome::Done,
         }
     }

@@ -26,6 +26,7 @@ pub struct ApplyWatch {
     outbox: Notify,
     wakeups: AtomicU64,
     devices_epoch: AtomicU64,
+    keys_epoch: AtomicU64,
 }
 
 impl ApplyWatch {
@@ -63,10 +64,20 @@ impl ApplyWatch {
         self.devices_epoch.load(Ordering::Acquire)
     }
 
+    /// Moves on each time a batch that changed a device's published keys or prekey stock is
+    /// applied on this node (and at a snapshot install or projection swap): a stream's check of
+    /// its device's stock made at an earlier epoch may be stale.
+    pub fn keys_epoch(&self) -> u64 {
+        self.keys_epoch.load(Ordering::Acquire)
+    }
+
     /// Wakes the waiters of what one applied batch touched.
     pub(crate) fn applied(&self, touched: &Touched) {
         if touched.devices {
             self.devices_epoch.fetch_add(1, Ordering::AcqRel);
+        }
+        if touched.keys {
+            self.keys_epoch.fetch_add(1, Ordering::AcqRel);
         }
         if !touched.users.is_empty() {
             let users = self
@@ -89,6 +100,7 @@ impl ApplyWatch {
     /// Wakes every waiter: a snapshot install or a projection swap may have changed anything.
     pub(crate) fn everything(&self) {
         self.devices_epoch.fetch_add(1, Ordering::AcqRel);
+        self.keys_epoch.fetch_add(1, Ordering::AcqRel);
         for notify in self
             .users
             .lock()
@@ -158,6 +170,7 @@ mod tests {
             users: users.iter().map(|u| user(*u)).collect(),
             outbox,
             devices: false,
+            keys: false,
         }
     }
 

@@ -1,21 +1,24 @@
 //! The gRPC services: client (registration; messaging, with 1:1 and group sends, device
-//! streams, receipts and presence; groups) and peer (forwarding, proposing, presence, typing,
+//! streams, receipts and presence; the key directory; groups) and peer (forwarding, proposing, presence, typing,
 //! admin; raft is `courier_consensus::network::RaftService`). Client methods authenticate the
 //! device where the API needs it and delegate to `ClientApi` (`crate::client`); peer methods
 //! delegate to the cluster, the live streams and the maintenance jobs.
 
 use courier_proto::convert::messaging::MembershipCommand;
 use courier_proto::pb::client::groups_server::Groups;
+use courier_proto::pb::client::keys_server::Keys;
 use courier_proto::pb::client::messaging_server::Messaging;
 use courier_proto::pb::client::registration_server::Registration;
 use courier_proto::pb::client::{
     AddMemberRequest, ApprovePairingRequest, ApprovePairingResponse, ClientFrame,
-    CreateGroupRequest, FinishPairingRequest, GetPresenceRequest, GetPresenceResponse,
+    CreateGroupRequest, FinishPairingRequest, GetKeyCountRequest, GetKeyCountResponse,
+    GetPreKeyBundleRequest, GetPreKeyBundleResponse, GetPresenceRequest, GetPresenceResponse,
     GetReceiptsRequest, GetReceiptsResponse, GroupInfo, LeaveGroupRequest, LeaveGroupResponse,
     ListConversationsRequest, ListConversationsResponse, ListDevicesRequest, ListDevicesResponse,
     ListGroupsRequest, ListGroupsResponse, RegisterRequest, RegisterResponse, RemoveMemberRequest,
     RequestCodeRequest, RequestCodeResponse, RevokeDeviceRequest, RevokeDeviceResponse,
     SendRequest, SendResponse, SendToGroupRequest, StartPairingRequest, StartPairingResponse,
+    UploadKeysRequest, UploadKeysResponse,
 };
 use courier_proto::pb::peer::admin_server::Admin;
 use courier_proto::pb::peer::forward_server::Forward;
@@ -206,6 +209,37 @@ impl Messaging for ClientApi {
         Ok(Response::new(
             ClientApi::get_presence(self, caller, request.into_inner()).await?,
         ))
+    }
+}
+
+#[tonic::async_trait]
+impl Keys for ClientApi {
+    async fn upload_keys(
+        &self,
+        request: Request<UploadKeysRequest>,
+    ) -> Result<Response<UploadKeysResponse>, Status> {
+        let caller = self.authenticate(request.metadata())?;
+        Ok(Response::new(
+            ClientApi::upload_keys(self, caller, request.into_inner()).await?,
+        ))
+    }
+
+    async fn get_pre_key_bundle(
+        &self,
+        request: Request<GetPreKeyBundleRequest>,
+    ) -> Result<Response<GetPreKeyBundleResponse>, Status> {
+        let caller = self.authenticate(request.metadata())?;
+        Ok(Response::new(
+            ClientApi::get_prekey_bundle(self, caller, request.into_inner()).await?,
+        ))
+    }
+
+    async fn get_key_count(
+        &self,
+        request: Request<GetKeyCountRequest>,
+    ) -> Result<Response<GetKeyCountResponse>, Status> {
+        let caller = self.authenticate(request.metadata())?;
+        Ok(Response::new(ClientApi::get_key_count(self, caller)?))
     }
 }
 

@@ -202,6 +202,18 @@ fn describe(
         ),
         Some(Kind::CodeAttempted(e)) => ("CodeAttempted", vec![("at_ms", json!(e.at_ms))]),
         Some(Kind::CodeWithdrawn(e)) => ("CodeWithdrawn", vec![("at_ms", json!(e.at_ms))]),
+        Some(Kind::KeysUploaded(e)) => (
+            "KeysUploaded",
+            vec![
+                ("user", json!(e.user)),
+                ("device", json!(e.device)),
+                ("one_time_prekeys", json!(e.one_time_prekeys.len())),
+            ],
+        ),
+        Some(Kind::PrekeysClaimed(e)) => (
+            "PreKeysClaimed",
+            vec![("user", json!(e.user)), ("by_user", json!(e.by_user))],
+        ),
         Some(Kind::RegistrationsForgotten(e)) => (
             "RegistrationsForgotten",
             vec![("before_ms", json!(e.before_ms))],

@@ -41,6 +41,17 @@ pub const PROPOSAL_BYTES_MAX: usize = 1024 * 1024;
 pub const FORWARD_BATCH_EVENTS_MAX: usize = 512;
 /// Largest gRPC message a node decodes, in bytes.
 pub const GRPC_MESSAGE_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// Largest public key (identity key, signed or one-time prekey) in the key directory, in bytes:
+/// room for a post-quantum (Kyber-1024) prekey of 1,569 bytes.
+pub const PREKEY_BYTES_MAX: usize = 1600;
+/// Largest signature of a signed prekey, in bytes.
+pub const PREKEY_SIGNATURE_BYTES_MAX: usize = 128;
+/// Largest number of one-time prekeys in one upload.
+pub const PREKEYS_PER_UPLOAD_MAX: usize = 100;
+/// Largest stock of one-time prekeys one device holds.
+pub const PREKEYS_STOCK_MAX: u32 = 200;
+/// Below this many one-time prekeys a device is told to upload more (`KeysLow`).
+pub const PREKEYS_LOW: u32 = 10;
 
 /// Upper bound of one message's encoded content: body, thumbnail, URL, MIME type, framing.
 pub const MESSAGE_CONTENT_BYTES_MAX: usize =
@@ -59,3 +70,8 @@ const _: () = assert!(
     "a thumbnail is smaller than a body"
 );
 const _: () = assert!(SHARD_COUNT_MAX <= 1 << 16, "shard ids fit in u16");
+const _: () = assert!(
+    PREKEYS_PER_UPLOAD_MAX * (PREKEY_BYTES_MAX + 16) + 2 * PREKEY_BYTES_MAX + 1024
+        <= PROPOSAL_BYTES_MAX,
+    "a maximal key upload fits in one proposal"
+);

@@ -83,6 +83,9 @@ pub struct Touched {
     pub outbox: bool,
     /// A device record changed (registration, revocation, link): cached device checks are void.
     pub devices: bool,
+    /// A device's published keys or its stock of one-time prekeys changed (its user is in
+    /// `users`): a stream's check of its stock may be stale.
+    pub keys: bool,
 }
 
 /// Whether `key` of family `cf` is one of the time indexes the leader scans for what to forget
@@ -111,6 +114,12 @@ impl Touched {
                     }
                 }
                 Cf::Projection(Projection::Outbox) => touched.outbox = true,
+                Cf::Projection(Projection::Devices) if keys::is_prekey_key(key) => {
+                    touched.keys = true;
+                    if let Some(user) = keys::user_after_tag(key) {
+                        touched.users.push(user);
+                    }
+                }
                 // Registration records (codes and limits) are no device's business.
                 Cf::Projection(Projection::Devices) if !keys::is_device_key(key) => {}
                 Cf::Projection(Projection::Devices) => {

@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod groups;
+pub mod keys;
 pub mod live;
 pub mod messaging;
 pub mod pairing;
@@ -47,6 +48,9 @@ pub struct ClientApi {
     pub(crate) presence_limiter: Arc<rate::SendLimiter>,
     /// "Unknown recipient" answers per device.
     pub(crate) unknown_recipient_limiter: Arc<rate::SendLimiter>,
+    /// Prekey bundle fetches per device (each takes a one-time prekey from every device of the
+    /// user fetched: unbounded fetches would drain stocks).
+    pub(crate) prekey_fetch_limiter: Arc<rate::SendLimiter>,
     /// Code requests per client address (the per-number limits are in the log).
     pub(crate) code_limiter: Arc<rate::AddressLimiter>,
     /// Register attempts per client address.
@@ -108,6 +112,11 @@ impl ClientApi {
             limits.unknown_recipient_burst_per_device,
             "sends to unknown users from this device",
         ));
+        let prekey_fetch_limiter = Arc::new(rate::SendLimiter::per_hour(
+            limits.prekey_fetches_per_hour_per_device,
+            limits.prekey_fetch_burst_per_device,
+            "prekey bundle fetches from this device",
+        ));
         let device_cache = Arc::new(auth::DeviceCache::new(
             usize::try_from(limits.device_cache_entries).unwrap_or(usize::MAX),
         ));
@@ -127,6 +136,7 @@ impl ClientApi {
             )),
             presence_limiter,
             unknown_recipient_limiter,
+            prekey_fetch_limiter,
             pairings: Arc::default(),
             code_limiter,
             register_limiter,

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use courier_proto::convert::messaging::StreamCommand;
 use courier_proto::pb::client::{
-    ClientFrame, InboxMessage, ReceiptUpdate, ServerFrame, server_frame,
+    ClientFrame, InboxMessage, KeysLow, ReceiptUpdate, ServerFrame, server_frame,
 };
 use courier_proto::pb::events::{self, Event, event::Kind};
 use courier_proto::pb::store::InboxEntry;
@@ -158,6 +158,9 @@ impl ClientApi {
         let mut device_checked_at = u64::MAX;
         // When reads of the shard started to find a snapshot install under way.
         let mut installing_since = None;
+        // The keys epoch the device's prekey stock was last checked at, and the stock it was
+        // last told about (`KeysLow`).
+        let mut keys = KeysCheck::default();
         loop {
             // Registered before reading, so an apply between the read and the wait still wakes us.
             let applied = watch.notified();
@@ -168,6 +171,9 @@ impl ClientApi {
                 .still_active(shard, caller, &mut device_checked_at, &tx)
                 .await
             {
+                return;
+            }
+            if !self.tell_keys_low(caller, &mut keys, &tx).await {
                 return;
             }
             let page = self.page(shard, caller.user, cursor, &receipts_after);
@@ -330,6 +336,40 @@ impl ClientApi {
             .into()))
             .await;
         false
+    }
+
+    /// Tells the device when its stock of one-time prekeys is below `PREKEYS_LOW`: when the
+    /// stream opens with a low stock, and each time it falls further (a fetch took one), once a
+    /// change to some device's keys was applied here since the last check. A device that never
+    /// published keys is told nothing. `false` when the stream closed.
+    async fn tell_keys_low(
+        &self,
+        caller: Caller,
+        check: &mut KeysCheck,
+        tx: &mpsc::Sender<Result<ServerFrame, Status>>,
+    ) -> bool {
+        let epoch = self.cluster.groups().watch().keys_epoch();
+        if check.at == Some(epoch) {
+            return true;
+        }
+        check.at = Some(epoch);
+        let Ok(Some(stock)) = self.key_stock(caller) else {
+            return true;
+        };
+        if stock >= courier_proto::limits::PREKEYS_LOW {
+            check.told = None;
+            return true;
+        }
+        if check.told.is_some_and(|told| told <= stock) {
+            return true;
+        }
+        check.told = Some(stock);
+        let frame = ServerFrame {
+            frame: Some(server_frame::Frame::KeysLow(KeysLow {
+                one_time_prekeys: stock,
+            })),
+        };
+        tx.send(Ok(frame)).await.is_ok()
     }
 
     /// Whether `caller`'s device is registered and not revoked on this replica (a read fault
@@ -521,6 +561,15 @@ enum GroupCopy {
 }
 
 /// The frame that pushes inbox entry `seq`.
+/// A stream's last look at its device's prekey stock.
+#[derive(Debug, Default)]
+struct KeysCheck {
+    /// The keys epoch of the last check (`None`: not checked yet).
+    at: Option<u64>,
+    /// The stock the device was last told about, while it is low.
+    told: Option<u32>,
+}
+
 fn message_frame(seq: InboxSeq, entry: InboxEntry) -> ServerFrame {
     ServerFrame {
         frame: Some(server_frame::Frame::Message(InboxMessage {

@@ -38,6 +38,8 @@ pub fn outcome_to_wire(outcome: EventOutcome) -> peer::EventOutcome {
             W::Rejected(peer::event_outcome::Rejected { code, message })
         }
         EventOutcome::Code(result) => W::Code(code_to_wire(result)),
+        EventOutcome::KeyStock(stock) => W::KeyStock(stock),
+        EventOutcome::Bundle(bundle) => W::Bundle(bundle),
         EventOutcome::Done => W::Done(true),
     };
     peer::EventOutcome { kind: Some(kind) }
@@ -67,6 +69,8 @@ pub(super) fn outcome_from_wire(wire: peer::EventOutcome) -> Result<EventOutcome
             message: r.message,
         },
         Some(W::Code(code)) => EventOutcome::Code(code_from_wire(&code)?),
+        Some(W::KeyStock(stock)) => EventOutcome::KeyStock(stock),
+        Some(W::Bundle(bundle)) => EventOutcome::Bundle(bundle),
         Some(W::Done(_)) => EventOutcome::Done,
         None => {
             return Err(internal(

@@ -174,6 +174,10 @@ pub struct Limits {
     pub register_attempts_per_hour_per_address: u32,
     /// Register attempt burst per client address.
     pub register_attempt_burst_per_address: u32,
+    /// Prekey bundle fetches per device per hour.
+    pub prekey_fetches_per_hour_per_device: u32,
+    /// Prekey bundle fetch burst per device.
+    pub prekey_fetch_burst_per_device: u32,
 }
 
 /// A validated configuration.

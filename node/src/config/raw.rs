@@ -144,6 +144,13 @@ pub struct LimitsRaw {
     /// Register attempt burst per client address. Default 120.
     #[serde(default = "defaults::address_register_burst")]
     pub register_attempt_burst_per_address: u32,
+    /// Prekey bundle fetches per device per hour (each takes a one-time prekey from every
+    /// device of the user fetched). Default 600.
+    #[serde(default = "defaults::prekey_fetch_rate")]
+    pub prekey_fetches_per_hour_per_device: u32,
+    /// Prekey bundle fetch burst per device. Default 100.
+    #[serde(default = "defaults::prekey_fetch_burst")]
+    pub prekey_fetch_burst_per_device: u32,
 }
 
 /// `[retention]`: how long undelivered messages wait for their recipient, and how long a send's
@@ -480,6 +487,12 @@ mod defaults {
     }
     pub(super) fn address_register_burst() -> u32 {
         120
+    }
+    pub(super) fn prekey_fetch_rate() -> u32 {
+        600
+    }
+    pub(super) fn prekey_fetch_burst() -> u32 {
+        100
     }
     pub(super) fn log_format() -> LogFormat {
         LogFormat::Json

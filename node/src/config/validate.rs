@@ -227,6 +227,14 @@ fn nonzero_limits(l: &LimitsRaw) -> Result<(), ConfigError> {
             "limits.register-attempt-burst-per-address",
             l.register_attempt_burst_per_address,
         ),
+        (
+            "limits.prekey-fetches-per-hour-per-device",
+            l.prekey_fetches_per_hour_per_device,
+        ),
+        (
+            "limits.prekey-fetch-burst-per-device",
+            l.prekey_fetch_burst_per_device,
+        ),
     ] {
         nonzero(name, value)?;
     }
@@ -293,6 +301,8 @@ fn validate_limits(l: &LimitsRaw) -> Result<Limits, ConfigError> {
         code_request_burst_per_address: l.code_request_burst_per_address,
         register_attempts_per_hour_per_address: l.register_attempts_per_hour_per_address,
         register_attempt_burst_per_address: l.register_attempt_burst_per_address,
+        prekey_fetches_per_hour_per_device: l.prekey_fetches_per_hour_per_device,
+        prekey_fetch_burst_per_device: l.prekey_fetch_burst_per_device,
     })
 }
 

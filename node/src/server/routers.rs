@@ -7,6 +7,7 @@ use courier_consensus::groups::Groups;
 use courier_consensus::network::RaftService;
 use courier_proto::limits::GRPC_MESSAGE_BYTES_MAX;
 use courier_proto::pb::client::groups_server::GroupsServer;
+use courier_proto::pb::client::keys_server::KeysServer;
 use courier_proto::pb::client::messaging_server::MessagingServer;
 use courier_proto::pb::client::registration_server::RegistrationServer;
 use courier_proto::pb::peer::admin_server::AdminServer;
@@ -211,6 +212,7 @@ pub(super) async fn client_router(
         .await;
     reporter.set_serving::<MessagingServer<ClientApi>>().await;
     reporter.set_serving::<GroupsServer<ClientApi>>().await;
+    reporter.set_serving::<KeysServer<ClientApi>>().await;
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
@@ -227,6 +229,7 @@ pub(super) async fn client_router(
             <RegistrationServer<ClientApi> as NamedService>::NAME,
             <MessagingServer<ClientApi> as NamedService>::NAME,
             <GroupsServer<ClientApi> as NamedService>::NAME,
+            <KeysServer<ClientApi> as NamedService>::NAME,
         ])?)
         .add_service(
             RegistrationServer::new(api.clone()).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX),
@@ -234,6 +237,7 @@ pub(super) async fn client_router(
         .add_service(
             MessagingServer::new(api.clone()).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX),
         )
+        .add_service(KeysServer::new(api.clone()).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX))
         .add_service(GroupsServer::new(api).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)))
 }
 

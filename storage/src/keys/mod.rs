@@ -31,6 +31,8 @@
 //! | devices | shard \| 3 \| user \| device | DeviceRecord |
 //! | devices | shard \| 4 \| phone_hash:16 | RegistrationRecord (codes and limits) |
 //! | devices | shard \| 5 \| forget_at_ms:u64 \| phone_hash:16 | () (registrations by time) |
+//! | devices | shard \| 6 \| user \| device | DeviceKeys (identity key, signed prekey, stock) |
+//! | devices | shard \| 7 \| user \| device \| key_id:u32 | PreKey (one one-time prekey) |
 //! | groups | shard \| 1 \| group | GroupRecord |
 //! | groups | shard \| 2 \| group \| user | MemberRecord |
 //! | expiry | shard \| 1 \| stored_at_ms:u64 \| user \| seq | ExpiryEntry |
@@ -76,6 +78,10 @@ pub mod tag {
     /// groups: how far the stored copies of group messages were forgotten; devices:
     /// registration records by time.
     pub const QUINARY: u8 = 5;
+    /// devices: a device's published keys.
+    pub const SENARY: u8 = 6;
+    /// devices: a device's one-time prekeys.
+    pub const SEPTENARY: u8 = 7;
 }
 
 /// Appends big-endian fields to a key.
@@ -509,6 +515,34 @@ pub fn registration_by_time_end(shard: ShardId, before_ms: u64) -> Vec<u8> {
 /// The phone hash of a registration time-index key (shard, tag, time, then the hash).
 pub fn registration_by_time_phone(key: &[u8]) -> Option<&[u8]> {
     key.get(2 + 1 + 8..)
+}
+
+/// devices: one device's published keys.
+pub fn device_keys(shard: ShardId, user: UserId, device: DeviceId) -> Vec<u8> {
+    KeyBuf::shard(shard)
+        .u8(tag::SENARY)
+        .u64(user.get())
+        .u32(device.get())
+        .done()
+}
+
+/// devices: one one-time prekey of a device.
+pub fn one_time_prekey(shard: ShardId, user: UserId, device: DeviceId, key_id: u32) -> Vec<u8> {
+    KeyBuf::shard(shard)
+        .u8(tag::SEPTENARY)
+        .u64(user.get())
+        .u32(device.get())
+        .u32(key_id)
+        .done()
+}
+
+/// devices: the prefix of one device's one-time prekeys.
+pub fn one_time_prekey_prefix(shard: ShardId, user: UserId, device: DeviceId) -> Vec<u8> {
+    KeyBuf::shard(shard)
+        .u8(tag::SEPTENARY)
+        .u64(user.get())
+        .u32(device.get())
+        .done()
 }
 
 /// groups: one group.

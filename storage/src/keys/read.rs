@@ -152,6 +152,14 @@ pub fn is_device_key(key: &[u8]) -> bool {
     )
 }
 
+/// Whether a devices-family key is a device's published keys or one of its one-time prekeys.
+pub fn is_prekey_key(key: &[u8]) -> bool {
+    matches!(
+        key.get(2),
+        Some(&(super::tag::SENARY | super::tag::SEPTENARY))
+    )
+}
+
 /// The user of a devices-family key that is a [`device_record`](super::device_record) key.
 pub fn device_record_user(key: &[u8]) -> Option<UserId> {
     if key.get(2) != Some(&super::tag::TERTIARY) || device_record_device(key).is_none() {

@@ -53,6 +53,7 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
         | Decoded::InboxForgotten(_)
         | Decoded::ReceiptsForgotten(_)
         | Decoded::GroupMessagesForgotten { .. }
-        | Decoded::Code(_) => Ok(()),
+        | Decoded::Code(_)
+        | Decoded::Keys(_) => Ok(()),
     }
 }

@@ -141,6 +141,88 @@ pub enum CodeEvent<'e> {
     },
 }
 
+/// A decoded key-directory event.
+#[derive(Clone, Copy, Debug)]
+pub enum KeysEvent<'e> {
+    /// `KeysUploaded`.
+    Uploaded {
+        /// The wire event.
+        event: &'e events::KeysUploaded,
+        /// The owner.
+        user: UserId,
+        /// The device whose keys these are.
+        device: DeviceId,
+    },
+    /// `PreKeysClaimed`.
+    Claimed {
+        /// The wire event.
+        event: &'e events::PreKeysClaimed,
+        /// Whose bundle was fetched.
+        user: UserId,
+    },
+}
+
+/// A public key's size: 1..=`PREKEY_BYTES_MAX` bytes (`max` for signatures).
+fn key_bytes(bytes: &[u8], max: usize, field: &'static str) -> Result<(), WireError> {
+    if bytes.is_empty() {
+        return Err(WireError::Missing { field });
+    }
+    if bytes.len() > max {
+        return Err(WireError::TooLong {
+            field,
+            len: bytes.len(),
+            max,
+        });
+    }
+    Ok(())
+}
+
+fn keys_uploaded(event: &events::KeysUploaded) -> Result<KeysEvent<'_>, WireError> {
+    use courier_proto::limits::{
+        PREKEY_BYTES_MAX, PREKEY_SIGNATURE_BYTES_MAX, PREKEYS_PER_UPLOAD_MAX,
+    };
+    key_bytes(&event.identity_key, PREKEY_BYTES_MAX, "identity_key")?;
+    let signed = event.signed_prekey.as_ref().ok_or(WireError::Missing {
+        field: "signed_prekey",
+    })?;
+    key_bytes(
+        &signed.public_key,
+        PREKEY_BYTES_MAX,
+        "signed_prekey.public_key",
+    )?;
+    key_bytes(
+        &signed.signature,
+        PREKEY_SIGNATURE_BYTES_MAX,
+        "signed_prekey.signature",
+    )?;
+    if event.one_time_prekeys.len() > PREKEYS_PER_UPLOAD_MAX {
+        return Err(WireError::TooLong {
+            field: "one_time_prekeys",
+            len: event.one_time_prekeys.len(),
+            max: PREKEYS_PER_UPLOAD_MAX,
+        });
+    }
+    for key in &event.one_time_prekeys {
+        key_bytes(
+            &key.public_key,
+            PREKEY_BYTES_MAX,
+            "one_time_prekeys.public_key",
+        )?;
+    }
+    Ok(KeysEvent::Uploaded {
+        event,
+        user: user(event.user, "user")?,
+        device: DeviceId::from_wire(event.device, "device")?,
+    })
+}
+
+fn prekeys_claimed(event: &events::PreKeysClaimed) -> Result<KeysEvent<'_>, WireError> {
+    Ok(KeysEvent::Claimed {
+        event,
+        user: user(event.user, "user")?,
+    })
+}
+
 /// The length of a phone hash (`PhoneHasher::phone_hash`).
 pub const PHONE_HASH_BYTES: usize = 16;
 /// The length of a code hash (`PhoneHasher::code_hash`).
@@ -328,6 +410,8 @@ pub enum Decoded<'e> {
     },
     /// A registration-code event.
     Code(CodeEvent<'e>),
+    /// A key-directory event.
+    Keys(KeysEvent<'e>),
 }
 
 fn user(raw: u64, field: &'static str) -> Result<UserId, WireError> {
@@ -431,6 +515,8 @@ pub fn kind_name(kind: &Kind) -> &'static str {
         Kind::CodeAttempted(_) => "CodeAttempted",
         Kind::CodeWithdrawn(_) => "CodeWithdrawn",
         Kind::RegistrationsForgotten(_) => "RegistrationsForgotten",
+        Kind::KeysUploaded(_) => "KeysUploaded",
+        Kind::PrekeysClaimed(_) => "PreKeysClaimed",
     }
 }
 
@@ -447,6 +533,23 @@ pub fn decode(kind: &Kind) -> Result<Decoded<'_>, DecodeError> {
         event: kind_name(kind),
         source,
     })
+}
+
+fn forgotten_receipts(
+    event: &events::ReceiptsForgotten,
+) -> Result<Vec<ForgottenReceipt<'_>>, WireError> {
+    event
+        .receipts
+        .iter()
+        .map(|receipt| {
+            Ok(ForgottenReceipt {
+                event: receipt,
+                sender: user(receipt.sender_user, "sender_user")?,
+                message: MessageId::from_wire(&receipt.message_id, "message_id")?,
+                recipient: user(receipt.recipient_user, "recipient_user")?,
+            })
+        })
+        .collect()
 }
 
 fn decode_fields(kind: &Kind) -> Result<Decoded<'_>, WireError> {
@@ -529,20 +632,7 @@ fn decode_fields(kind: &Kind) -> Result<Decoded<'_>, WireError> {
                 })
                 .collect::<Result<_, WireError>>()?,
         ),
-        Kind::ReceiptsForgotten(event) => Decoded::ReceiptsForgotten(
-            event
-                .receipts
-                .iter()
-                .map(|receipt| {
-                    Ok(ForgottenReceipt {
-                        event: receipt,
-                        sender: user(receipt.sender_user, "sender_user")?,
-                        message: MessageId::from_wire(&receipt.message_id, "message_id")?,
-                        recipient: user(receipt.recipient_user, "recipient_user")?,
-                    })
-                })
-                .collect::<Result<_, WireError>>()?,
-        ),
+        Kind::ReceiptsForgotten(event) => Decoded::ReceiptsForgotten(forgotten_receipts(event)?),
         Kind::GroupMessagesForgotten(event) => Decoded::GroupMessagesForgotten {
             up_to: LogIndex::new(event.up_to_index),
         },
@@ -550,6 +640,8 @@ fn decode_fields(kind: &Kind) -> Result<Decoded<'_>, WireError> {
         | Kind::CodeAttempted(_)
         | Kind::CodeWithdrawn(_)
         | Kind::RegistrationsForgotten(_) => Decoded::Code(code_event(kind)?),
+        Kind::KeysUploaded(event) => Decoded::Keys(keys_uploaded(event)?),
+        Kind::PrekeysClaimed(event) => Decoded::Keys(prekeys_claimed(event)?),
     })
 }
 

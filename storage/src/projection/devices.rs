@@ -9,7 +9,7 @@
 use courier_proto::pb::store::{DeviceRecord, UserRecord};
 use courier_proto::{DeviceId, UserId};
 
-use super::{Decoded, Projection, View, registration};
+use super::{Decoded, Projection, View, prekeys, registration};
 use crate::error::Result;
 use crate::keys;
 
@@ -102,6 +102,7 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
                         device.revoked = true;
                         device.revoked_at_ms = registered.at_ms;
                         view.put(keys::device_record(shard, user, device_id(id)), &device)?;
+                        prekeys::remove_device(view, user, device_id(id))?;
                     }
                 }
             }
@@ -128,9 +129,11 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
             }
             record.revoked = true;
             record.revoked_at_ms = revoked.event.at_ms;
-            view.put(key, &record)
+            view.put(key, &record)?;
+            prekeys::remove_device(view, revoked.user, revoked.device)
         }
         Decoded::Code(code) => registration::apply(view, *code),
+        Decoded::Keys(keys_event) => prekeys::apply(view, *keys_event),
         Decoded::MessageSent(_)
         | Decoded::MessageDelivered(_)
         | Decoded::DeliveryAcked(_)

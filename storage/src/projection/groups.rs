@@ -109,7 +109,8 @@ pub fn check(view: &View<'_, '_>, event: &Decoded<'_>) -> Result<Option<GroupRef
         | Decoded::InboxForgotten(_)
         | Decoded::ReceiptsForgotten(_)
         | Decoded::GroupMessagesForgotten { .. }
-        | Decoded::Code(_) => None,
+        | Decoded::Code(_)
+        | Decoded::Keys(_) => None,
     };
     Ok(refusal)
 }
@@ -275,7 +276,8 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
         | Decoded::SendsForgotten(_)
         | Decoded::InboxForgotten(_)
         | Decoded::ReceiptsForgotten(_)
-        | Decoded::Code(_) => Ok(()),
+        | Decoded::Code(_)
+        | Decoded::Keys(_) => Ok(()),
     }
 }
 

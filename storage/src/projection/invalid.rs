@@ -243,9 +243,10 @@ pub(super) fn check(view: &View<'_, '_>, event: &Decoded<'_>) -> Result<Option<I
         // Group events are checked by `groups::check` (refusals with their own codes); an
         // expiry that names nothing expirable is a no-op decided in `admit`; sends and
         // deliveries assert nothing a sender controls; a code event's outcome is decided from its
-        // number's record, whatever it holds.
+        // number's record, whatever it holds; key uploads are refused in `admit`.
         Decoded::MessageSent(_)
         | Decoded::Code(_)
+        | Decoded::Keys(_)
         | Decoded::MessageDelivered(_)
         | Decoded::GroupCreated(_)
         | Decoded::MemberAdded(_)

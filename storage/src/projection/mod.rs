@@ -21,6 +21,7 @@ pub mod groups;
 pub mod inbox;
 pub mod invalid;
 pub mod outbox;
+pub mod prekeys;
 pub mod readstate;
 pub mod receipts;
 pub mod refusal;
@@ -33,6 +34,8 @@ mod groups_test;
 mod inbox_test;
 #[cfg(test)]
 mod outbox_test;
+#[cfg(test)]
+mod prekeys_test;
 #[cfg(test)]
 mod projection_test;
 #[cfg(test)]
@@ -111,6 +114,10 @@ pub enum Applied {
     },
     /// A registration-code event: what it did.
     Code(CodeOutcome),
+    /// A `KeysUploaded`: the device's stock of one-time prekeys after it.
+    KeyStock(u32),
+    /// A `PreKeysClaimed`: the encoded `KeyBundle` handed out.
+    Bundle(Vec<u8>),
     /// Refused at apply by the state at this position (group events): nothing changed.
     Rejected {
         /// Stable code.
@@ -294,6 +301,20 @@ fn admit(
                     return Ok(ControlFlow::Break(Applied::Code(limited)));
                 }
                 outcome => Applied::Code(outcome),
+            }
+        }
+        Decoded::Keys(keys_event) => {
+            let view = View::new(staged, shard, at, Projection::Devices);
+            if let Some((code, message)) = prekeys::refusal(&view, *keys_event)? {
+                return Ok(ControlFlow::Break(Applied::Rejected { code, message }));
+            }
+            match keys_event {
+                decode::KeysEvent::Uploaded { .. } => {
+                    Applied::KeyStock(prekeys::stock_after(&view, *keys_event)?)
+                }
+                decode::KeysEvent::Claimed { user, .. } => {
+                    Applied::Bundle(prekeys::bundle_bytes(&view, *user)?)
+                }
             }
         }
         Decoded::DeliveryAcked(_)

@@ -201,7 +201,8 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
         | Decoded::SendsForgotten(_)
         | Decoded::ReceiptsForgotten(_)
         | Decoded::GroupMessagesForgotten { .. }
-        | Decoded::Code(_) => Ok(()),
+        | Decoded::Code(_)
+        | Decoded::Keys(_) => Ok(()),
     }
 }
 

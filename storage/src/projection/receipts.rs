@@ -249,6 +249,7 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
         | Decoded::SendsForgotten(_)
         | Decoded::InboxForgotten(_)
         | Decoded::GroupMessagesForgotten { .. }
-        | Decoded::Code(_) => Ok(()),
+        | Decoded::Code(_)
+        | Decoded::Keys(_) => Ok(()),
     }
 }

@@ -167,6 +167,7 @@ impl EventGen {
             81..=86 => self.outbox_trimmed(),
             87..=92 => Some(self.registration()),
             93 => Some(self.code_event()),
+            94 => Some(self.keys_event()),
             _ => self.group_change(),
         }
     }
@@ -474,6 +475,49 @@ impl EventGen {
                 before_ms: self.now_ms,
             }),
         }
+    }
+
+    /// A key upload for a registered device (refused at apply when it was revoked or the stock
+    /// would overflow) or a bundle fetch of a registered user.
+    fn keys_event(&mut self) -> Kind {
+        let known: Vec<(u64, u32)> = self
+            .registered
+            .iter()
+            .filter(|(_, devices)| **devices > 0)
+            .map(|(user, devices)| (*user, *devices))
+            .collect();
+        let Some(&(user, devices)) = known.get(self.rng.below(known.len().max(1) as u64) as usize)
+        else {
+            return Kind::PrekeysClaimed(events::PreKeysClaimed {
+                user: 1,
+                by_user: 2,
+                at_ms: self.now_ms,
+            });
+        };
+        if self.rng.chance(40) {
+            let device = 1 + self.rng.below(u64::from(devices)) as u32;
+            let first = self.rng.below(20) as u32;
+            let key = |id: u32, signature: Vec<u8>| events::PreKey {
+                key_id: id,
+                public_key: vec![id as u8; 33],
+                signature,
+            };
+            return Kind::KeysUploaded(events::KeysUploaded {
+                user,
+                device,
+                identity_key: vec![device as u8; 33],
+                signed_prekey: Some(key(first, vec![7; 64])),
+                one_time_prekeys: (first..first + 1 + self.rng.below(5) as u32)
+                    .map(|id| key(id, Vec::new()))
+                    .collect(),
+                at_ms: self.now_ms,
+            });
+        }
+        Kind::PrekeysClaimed(events::PreKeysClaimed {
+            user,
+            by_user: 1,
+            at_ms: self.now_ms,
+        })
     }
 
     fn registration(&mut self) -> Kind {
