@@ -43,10 +43,9 @@ impl Registration for ClientApi {
         &self,
         request: Request<RequestCodeRequest>,
     ) -> Result<Response<RequestCodeResponse>, Status> {
-        Ok(Response::new(ClientApi::request_code(
-            self,
-            request.into_inner(),
-        )?))
+        Ok(Response::new(
+            ClientApi::request_code(self, request.into_inner()).await?,
+        ))
     }
 
     async fn register(

@@ -6,7 +6,6 @@
 //! asks again). Phone numbers never reach logs or errors: the log holds a 128-bit hash.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -33,56 +32,6 @@ pub const CODE_ATTEMPTS_MAX: u32 = 5;
 pub const REGISTERED_VISIBLE_WAIT: Duration = Duration::from_secs(2);
 /// Codes outstanding per node at most.
 pub const CODES_MAX: usize = 100_000;
-
-/// Delivers registration codes.
-pub trait SmsSender: Send + Sync {
-    /// Sends `code` to `phone`.
-    ///
-    /// # Errors
-    /// When the code could not be handed over.
-    fn send(&self, phone: &PhoneNumber, code: &str) -> std::io::Result<()>;
-}
-
-/// No SMS sender configured: every code request fails (`UNAVAILABLE SmsFailed`) and leaves no
-/// code behind.
-#[derive(Debug)]
-pub struct NoSms;
-
-impl SmsSender for NoSms {
-    fn send(&self, _phone: &PhoneNumber, _code: &str) -> std::io::Result<()> {
-        Err(std::io::Error::new(
-            std::io::ErrorKind::Unsupported,
-            "no SMS sender is configured on this node (sms.dev-outbox is for development)",
-        ))
-    }
-}
-
-/// Development only (`sms.dev-outbox`): appends `phone code` lines to a file, in plain text
-/// (never to the logs).
-#[derive(Debug)]
-pub struct DevFileSms {
-    path: PathBuf,
-}
-
-impl DevFileSms {
-    /// Writes into `path`.
-    pub fn new(path: PathBuf) -> Self {
-        Self { path }
-    }
-}
-
-impl SmsSender for DevFileSms {
-    fn send(&self, phone: &PhoneNumber, code: &str) -> std::io::Result<()> {
-        use std::io::Write as _;
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)?;
-        // One write per line: concurrent requests append whole lines, never interleaved parts.
-        let line = format!("{} {code}\n", phone.expose());
-        file.write_all(line.as_bytes())
-    }
-}
 
 #[derive(Debug)]
 struct Code {
@@ -173,7 +122,7 @@ impl ClientApi {
     /// # Errors
     /// `INVALID_ARGUMENT` for a malformed number; `RESOURCE_EXHAUSTED` when too many codes wait
     /// or the number asked too often (`code-requests-per-hour-per-phone`).
-    pub fn request_code(
+    pub async fn request_code(
         &self,
         request: RequestCodeRequest,
     ) -> Result<RequestCodeResponse, ApiError> {
@@ -183,6 +132,7 @@ impl ClientApi {
         let code = self.codes.issue(&hash)?;
         self.sms
             .send(&phone, &code)
+            .await
             .inspect_err(|_| self.codes.withdraw(&hash))
             .map_err(|error| ApiError::Unavailable {
                 code: "COURIER:Registration:SmsFailed",
