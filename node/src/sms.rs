@@ -7,11 +7,27 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use courier_proto::convert::registration::PhoneNumber;
 use tracing::{info, warn};
 
 use crate::config::Config;
+
+/// Deadline of one `[sms.http]` attempt unless configured (`sms.http.timeout-ms`), in ms.
+pub const TIMEOUT_MS_DEFAULT: u64 = 5_000;
+/// The shortest attempt deadline `sms.http.timeout-ms` accepts.
+pub const TIMEOUT_MS_MIN: u64 = 100;
+/// The longest attempt deadline `sms.http.timeout-ms` accepts.
+pub const TIMEOUT_MS_MAX: u64 = 60_000;
+/// Retries after a retryable failure unless configured (`sms.http.retries`).
+pub const RETRIES_DEFAULT: u32 = 2;
+/// The most retries `sms.http.retries` accepts.
+pub const RETRIES_MAX: u32 = 5;
+/// First delay before a retry; doubled per retry.
+pub const BACKOFF_FIRST: Duration = Duration::from_millis(200);
+/// Longest delay before a retry.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 /// Delivers registration codes.
 #[tonic::async_trait]
