@@ -56,6 +56,34 @@ fn example_config_parses() {
     assert_eq!(config.raft.heartbeat, Duration::from_millis(100));
 }
 
+/// The commented `[sms.http]` of the example is a valid provider once uncommented (without its
+/// credential file, which does not exist here).
+#[test]
+fn example_sms_provider_parses() {
+    let text = include_str!("../../../docs/config.example.toml");
+    let is_key = |line: &str| {
+        line.split_once(" = ").is_some_and(|(key, _)| {
+            !key.is_empty() && key.chars().all(|c| c.is_ascii_lowercase() || c == '-')
+        })
+    };
+    let keys: Vec<&str> = text
+        .lines()
+        .skip_while(|line| *line != "# [sms.http]")
+        .take_while(|line| line.starts_with('#'))
+        .filter_map(|line| line.strip_prefix("# "))
+        .filter(|line| *line == "[sms.http]" || is_key(line))
+        .filter(|line| !line.starts_with("auth-value-file"))
+        .collect();
+    assert!(keys.len() > 5, "{keys:?}");
+    let config = with(&keys.join("\n")).expect("the example provider");
+    let http = config.sms_http.expect("[sms.http]");
+    assert_eq!(http.url.scheme(), "https");
+    assert_eq!(
+        http.timeout,
+        Duration::from_millis(crate::sms::TIMEOUT_MS_DEFAULT)
+    );
+}
+
 #[test]
 fn defaults_fill_optional_sections() {
     let config = Config::parse(MINIMAL).expect("minimal config");
