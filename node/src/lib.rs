@@ -21,6 +21,7 @@
 //! - [`retention`]: expiry of undelivered messages on the shards this node leads.
 //! - [`presence`]: online and last seen, in memory on the users' shard leaders.
 //! - [`push`]: the push hook for users with no open device stream.
+//! - [`sms`]: how registration codes reach phones (the SMS senders).
 //! - [`maintenance`]: the admin API's online verify, rebuild and log reads.
 //! - [`listener`]: the client listener's connection cap.
 //! - [`status`]: the one mapping from errors to gRPC statuses.
@@ -52,6 +53,7 @@ pub mod retention;
 pub mod sends;
 pub mod server;
 pub mod services;
+pub mod sms;
 pub mod status;
 pub mod telemetry;
 pub mod units;

@@ -8,7 +8,6 @@
 //! reach logs or errors: the log holds a 128-bit hash.
 
 use std::net::IpAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -44,56 +43,6 @@ pub const CODE_TTL: Duration = Duration::from_secs(600);
 pub const CODE_ATTEMPTS_MAX: u32 = 5;
 /// How long a registration answer waits for this node's replica to show the new device.
 pub const REGISTERED_VISIBLE_WAIT: Duration = Duration::from_secs(2);
-
-/// Delivers registration codes.
-pub trait SmsSender: Send + Sync {
-    /// Sends `code` to `phone`.
-    ///
-    /// # Errors
-    /// When the code could not be handed over.
-    fn send(&self, phone: &PhoneNumber, code: &str) -> std::io::Result<()>;
-}
-
-/// No SMS sender configured: every code request fails (`UNAVAILABLE SmsFailed`) and leaves no
-/// code behind.
-#[derive(Debug)]
-pub struct NoSms;
-
-impl SmsSender for NoSms {
-    fn send(&self, _phone: &PhoneNumber, _code: &str) -> std::io::Result<()> {
-        Err(std::io::Error::new(
-            std::io::ErrorKind::Unsupported,
-            "no SMS sender is configured on this node (sms.dev-outbox is for development)",
-        ))
-    }
-}
-
-/// Development only (`sms.dev-outbox`): appends `phone code` lines to a file, in plain text
-/// (never to the logs).
-#[derive(Debug)]
-pub struct DevFileSms {
-    path: PathBuf,
-}
-
-impl DevFileSms {
-    /// Writes into `path`.
-    pub fn new(path: PathBuf) -> Self {
-        Self { path }
-    }
-}
-
-impl SmsSender for DevFileSms {
-    fn send(&self, phone: &PhoneNumber, code: &str) -> std::io::Result<()> {
-        use std::io::Write as _;
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)?;
-        // One write per line: concurrent requests append whole lines, never interleaved parts.
-        let line = format!("{} {code}\n", phone.expose());
-        file.write_all(line.as_bytes())
-    }
-}
 
 /// The stable code of a refused code request (per number, cluster-wide; or per client address
 /// on this node).
@@ -180,7 +129,7 @@ impl ClientApi {
             }
             other => return Err(unexpected_code(other)),
         }
-        if let Err(error) = self.sms.send(&phone, &code) {
+        if let Err(error) = self.sms.send(&phone, &code).await {
             let withdrawn = events::CodeWithdrawn {
                 phone_hash: phone_hash.to_vec(),
                 code_hash,

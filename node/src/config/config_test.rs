@@ -56,6 +56,34 @@ fn example_config_parses() {
     assert_eq!(config.raft.heartbeat, Duration::from_millis(100));
 }
 
+/// The commented `[sms.http]` of the example is a valid provider once uncommented (without its
+/// credential file, which does not exist here).
+#[test]
+fn example_sms_provider_parses() {
+    let text = include_str!("../../../docs/config.example.toml");
+    let is_key = |line: &str| {
+        line.split_once(" = ").is_some_and(|(key, _)| {
+            !key.is_empty() && key.chars().all(|c| c.is_ascii_lowercase() || c == '-')
+        })
+    };
+    let keys: Vec<&str> = text
+        .lines()
+        .skip_while(|line| *line != "# [sms.http]")
+        .take_while(|line| line.starts_with('#'))
+        .filter_map(|line| line.strip_prefix("# "))
+        .filter(|line| *line == "[sms.http]" || is_key(line))
+        .filter(|line| !line.starts_with("auth-value-file"))
+        .collect();
+    assert!(keys.len() > 5, "{keys:?}");
+    let config = with(&keys.join("\n")).expect("the example provider");
+    let http = config.sms_http.expect("[sms.http]");
+    assert_eq!(http.url.scheme(), "https");
+    assert_eq!(
+        http.timeout,
+        Duration::from_millis(crate::sms::TIMEOUT_MS_DEFAULT)
+    );
+}
+
 #[test]
 fn defaults_fill_optional_sections() {
     let config = Config::parse(MINIMAL).expect("minimal config");
@@ -182,6 +210,135 @@ fn an_s3_archive_is_validated() {
                 with(&format!("[archive.s3]\n{bad}")),
                 Err(ConfigError::ArchiveS3(_))
             ),
+            "{bad}"
+        );
+    }
+}
+
+const SMS_HTTP: &str = r#"
+    [sms.http]
+    url = "https://sms.example/v1/messages"
+    body-template = '{"to":"{phone}","text":"Your code: {code}"}'
+"#;
+
+/// `[sms.http]`: the defaults fill what is left out, the credential comes from its file (trimmed)
+/// and never shows in the config's `Debug`.
+#[test]
+fn an_sms_provider_is_configured() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret = dir.path().join("sms-auth");
+    std::fs::write(&secret, "Bearer s3cr3t-t0ken\n").expect("write the credential");
+    let config = with(&format!(
+        "{SMS_HTTP}\nauth-value-file = \"{}\"",
+        secret.display()
+    ))
+    .expect("an https provider");
+    let http = config.sms_http.as_ref().expect("[sms.http]");
+    assert_eq!(http.url.as_str(), "https://sms.example/v1/messages");
+    assert_eq!(http.method, reqwest::Method::POST);
+    assert_eq!(http.auth_header, "authorization");
+    assert_eq!(
+        http.auth_value.as_ref().map(Secret::header_value),
+        Some(&reqwest::header::HeaderValue::from_static(
+            "Bearer s3cr3t-t0ken"
+        ))
+    );
+    assert_eq!(http.content_type, "application/json");
+    assert_eq!(http.timeout, Duration::from_millis(5000));
+    assert_eq!(http.retries, 2);
+    assert!(config.sms_dev_outbox.is_none());
+    let debug = format!("{config:?}");
+    assert!(debug.contains("Secret(<redacted>)"), "{debug}");
+    assert!(!debug.contains("s3cr3t"), "the credential leaked: {debug}");
+
+    let put = with(&format!(
+        "{SMS_HTTP}\nmethod = \"PUT\"\ntimeout-ms = 100\nretries = 0\ncontent-type = \"text/plain\""
+    ))
+    .expect("a PUT provider");
+    let http = put.sms_http.expect("[sms.http]");
+    assert_eq!(http.method, reqwest::Method::PUT);
+    assert_eq!(http.timeout, Duration::from_millis(100));
+    assert_eq!(http.retries, 0);
+    assert!(http.auth_value.is_none());
+    assert!(Config::parse(MINIMAL).expect("minimal").sms_http.is_none());
+}
+
+/// Each unusable `[sms.http]` setting stops the node at start, naming its key: a template without
+/// a placeholder, plain http without `allow-http`, another scheme, a bad header name, an
+/// unreadable or empty credential file, a deadline or retry count out of bounds; and the outbox
+/// together with a provider.
+#[test]
+fn each_sms_provider_error_fires() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let empty = dir.path().join("empty");
+    std::fs::write(&empty, "\n").expect("write");
+    let missing = dir.path().join("missing");
+    let template = "body-template = '{\"to\":\"{phone}\",\"text\":\"{code}\"}'";
+    let provider =
+        |keys: &str| format!("[sms.http]\nurl = \"https://sms.example/send\"\n{template}\n{keys}");
+    for (bad, key) in [
+        (
+            "[sms.http]\nurl = \"https://sms.example/\"\nbody-template = \"code {code}\""
+                .to_owned(),
+            "sms.http.body-template",
+        ),
+        (
+            "[sms.http]\nurl = \"https://sms.example/\"\nbody-template = \"to {phone}\"".to_owned(),
+            "sms.http.body-template",
+        ),
+        (
+            format!("[sms.http]\nurl = \"http://127.0.0.1:8080/send\"\n{template}"),
+            "sms.http.url",
+        ),
+        (
+            format!("[sms.http]\nurl = \"ftp://sms.example/\"\n{template}"),
+            "sms.http.url",
+        ),
+        (
+            format!("[sms.http]\nurl = \"sms.example\"\n{template}"),
+            "sms.http.url",
+        ),
+        (provider("auth-header = \"X Key\""), "sms.http.auth-header"),
+        (
+            provider(&format!("auth-value-file = \"{}\"", missing.display())),
+            "sms.http.auth-value-file",
+        ),
+        (
+            provider(&format!("auth-value-file = \"{}\"", empty.display())),
+            "sms.http.auth-value-file",
+        ),
+        (provider("content-type = \"\""), "sms.http.content-type"),
+        (provider("timeout-ms = 99"), "sms.http.timeout-ms"),
+        (provider("timeout-ms = 60001"), "sms.http.timeout-ms"),
+        (provider("retries = 6"), "sms.http.retries"),
+    ] {
+        match with(&bad) {
+            Err(error @ ConfigError::SmsHttp { key: got, .. }) => {
+                assert_eq!(got, key, "{bad}");
+                assert!(error.to_string().starts_with(key), "{error}");
+            }
+            other => panic!("{bad}: expected an error on {key}, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        with(&format!(
+            "[sms.http]\nurl = \"http://127.0.0.1:8080/send\"\nallow-http = true\n{template}"
+        ))
+        .expect("plain http when allowed")
+        .sms_http
+        .map(|http| http.url.scheme().to_owned()),
+        Some("http".to_owned())
+    );
+    let both = format!("[sms]\ndev-outbox = \"outbox.log\"\n{}", provider(""));
+    let error = with(&both).expect_err("outbox and provider");
+    assert!(matches!(error, ConfigError::SmsOutboxAndHttp), "{error:?}");
+    assert_eq!(
+        error.to_string(),
+        "sms.dev-outbox and sms.http are both set: choose one"
+    );
+    for bad in ["method = \"PATCH\"", "unknown = 1"] {
+        assert!(
+            matches!(with(&provider(bad)), Err(ConfigError::Parse(_))),
             "{bad}"
         );
     }

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 pub use raw::{
     AdminRaw, LimitsRaw, Listen, LogFormat, LogRaw, PresenceRaw, PushRaw, RaftRaw, RawConfig,
-    RetentionRaw, SmsRaw, TlsRaw, TracingRaw,
+    RetentionRaw, SmsHttpRaw, SmsMethod, SmsRaw, TlsRaw, TracingRaw,
 };
 
 /// Why a configuration was refused.
@@ -112,6 +112,17 @@ pub enum ConfigError {
     /// `[archive.s3]` is not usable as given.
     #[error("archive.s3: {0}")]
     ArchiveS3(&'static str),
+    /// A `[sms.http]` key is not usable as given.
+    #[error("{key}: {reason}")]
+    SmsHttp {
+        /// The key, e.g. `sms.http.url`.
+        key: &'static str,
+        /// What is wrong (never the credential).
+        reason: String,
+    },
+    /// `sms.dev-outbox` and `[sms.http]` are both set.
+    #[error("sms.dev-outbox and sms.http are both set: choose one")]
+    SmsOutboxAndHttp,
 }
 
 /// Consensus timing, validated: the consensus crate's own settings type.
@@ -209,8 +220,64 @@ pub struct Config {
     pub backup_root: PathBuf,
     /// The development SMS outbox file (`sms.dev-outbox`), when configured.
     pub sms_dev_outbox: Option<PathBuf>,
+    /// The HTTP SMS provider (`[sms.http]`), when configured (never together with the outbox).
+    pub sms_http: Option<SmsHttpConfig>,
     /// The log archive.
     pub archive: ArchiveConfig,
+}
+
+/// The HTTP SMS provider (`[sms.http]`), validated.
+#[derive(Clone, Debug)]
+pub struct SmsHttpConfig {
+    /// The endpoint: `https`, or `http` with `allow-http`.
+    pub url: reqwest::Url,
+    /// The request's method.
+    pub method: reqwest::Method,
+    /// The credential header's name.
+    pub auth_header: reqwest::header::HeaderName,
+    /// Its value, read from `auth-value-file`; `None`: no credential header.
+    pub auth_value: Option<Secret>,
+    /// The body's content type.
+    pub content_type: reqwest::header::HeaderValue,
+    /// The body, with `{phone}` and `{code}` in it.
+    pub body_template: String,
+    /// Deadline of one attempt.
+    pub timeout: std::time::Duration,
+    /// Retries after a retryable failure.
+    pub retries: u32,
+}
+
+/// A credential read from a file: its `Debug` shows no value, so neither does a logged config.
+#[derive(Clone)]
+pub struct Secret(reqwest::header::HeaderValue);
+
+impl Secret {
+    /// Trims `text` (a file's content, its final newline included) into a header value.
+    ///
+    /// # Errors
+    /// When nothing is left, or the rest is not a valid header value (a stable text that never
+    /// shows the value).
+    pub fn from_file_text(text: &str) -> Result<Self, &'static str> {
+        let text = text.trim();
+        if text.is_empty() {
+            return Err("the file is empty");
+        }
+        let mut value = reqwest::header::HeaderValue::from_str(text)
+            .map_err(|_| "the file holds characters a header value cannot")?;
+        value.set_sensitive(true);
+        Ok(Self(value))
+    }
+
+    /// The value, marked sensitive, for the one header that carries it.
+    pub fn header_value(&self) -> &reqwest::header::HeaderValue {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
 }
 
 /// The log archive, validated.

@@ -236,14 +236,67 @@ pub struct LogRaw {
     pub level: String,
 }
 
-/// `[sms]`: how registration codes reach phones.
+/// `[sms]`: how registration codes reach phones: the development outbox or an HTTP provider, not
+/// both.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct SmsRaw {
     /// Development only: append `number code` lines, in plain text, to this file. Unset (the
-    /// default): no SMS sender, and `RequestCode` answers `UNAVAILABLE`.
+    /// default), and no `[sms.http]`: no SMS sender, and `RequestCode` answers `UNAVAILABLE`.
     #[serde(default)]
     pub dev_outbox: Option<PathBuf>,
+    /// An HTTP SMS provider.
+    #[serde(default)]
+    pub http: Option<SmsHttpRaw>,
+}
+
+/// `[sms.http]`: an HTTP SMS provider, one request per code.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct SmsHttpRaw {
+    /// The provider's endpoint: `https://...`, or `http://...` with `allow-http`.
+    pub url: String,
+    /// Accept a plain `http://` URL (a relay on the same host, a test server). Default false.
+    #[serde(default)]
+    pub allow_http: bool,
+    /// `"POST"` (the default), `"PUT"` or `"GET"`.
+    #[serde(default)]
+    pub method: SmsMethod,
+    /// The header carrying the credential. Default `"Authorization"`.
+    #[serde(default = "defaults::sms_auth_header")]
+    pub auth_header: String,
+    /// A file holding the credential header's value (e.g. `Bearer ...`), read at start; the value
+    /// never appears in the config, the logs or errors. Unset: no credential header.
+    #[serde(default)]
+    pub auth_value_file: Option<PathBuf>,
+    /// The body's content type. Default `"application/json"`.
+    #[serde(default = "defaults::sms_content_type")]
+    pub content_type: String,
+    /// The body, with `{phone}` and `{code}` (both required), each replaced by its value escaped
+    /// for the content type.
+    pub body_template: String,
+    /// Deadline of one attempt, in milliseconds. Default 5000.
+    #[serde(default = "defaults::sms_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Retries after an attempt failed with a connection error, a timeout, a 5xx or a 429.
+    /// Default 2.
+    #[serde(default = "defaults::sms_retries")]
+    pub retries: u32,
+}
+
+/// The method of `[sms.http]`'s request.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+pub enum SmsMethod {
+    /// `POST` (the default).
+    #[default]
+    #[serde(rename = "POST")]
+    Post,
+    /// `PUT`.
+    #[serde(rename = "PUT")]
+    Put,
+    /// `GET` (still with the templated body).
+    #[serde(rename = "GET")]
+    Get,
 }
 
 /// `[admin]`: what operators may make a node do on its machine.
@@ -547,5 +600,17 @@ mod defaults {
     }
     pub(super) fn expiry_scan() -> HumanDuration {
         HumanDuration(Duration::from_secs(10))
+    }
+    pub(super) fn sms_auth_header() -> String {
+        "Authorization".to_owned()
+    }
+    pub(super) fn sms_content_type() -> String {
+        "application/json".to_owned()
+    }
+    pub(super) fn sms_timeout_ms() -> u64 {
+        crate::sms::TIMEOUT_MS_DEFAULT
+    }
+    pub(super) fn sms_retries() -> u32 {
+        crate::sms::RETRIES_DEFAULT
     }
 }

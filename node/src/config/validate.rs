@@ -3,8 +3,10 @@
 use courier_proto::limits;
 
 use super::{
-    Config, ConfigError, Limits, LimitsRaw, RaftConfig, RaftRaw, RawConfig, TlsPaths, TlsRaw,
+    Config, ConfigError, Limits, LimitsRaw, RaftConfig, RaftRaw, RawConfig, Secret, SmsHttpConfig,
+    SmsHttpRaw, SmsMethod, SmsRaw, TlsPaths, TlsRaw,
 };
+use crate::sms::{RETRIES_MAX, TIMEOUT_MS_MAX, TIMEOUT_MS_MIN};
 use crate::units::HumanDuration;
 
 fn bounded(name: &'static str, value: u64, max: u64) -> Result<(), ConfigError> {
@@ -48,6 +50,7 @@ impl RawConfig {
             .backup_root
             .unwrap_or_else(|| self.data_dir.join("backups"));
         let archive = validate_archive(&self.archive, &self.data_dir)?;
+        let (sms_dev_outbox, sms_http) = validate_sms(self.sms)?;
         Ok(Config {
             node_id: self.node_id,
             data_dir: self.data_dir,
@@ -61,7 +64,8 @@ impl RawConfig {
             log: self.log,
             tls,
             backup_root,
-            sms_dev_outbox: self.sms.dev_outbox,
+            sms_dev_outbox,
+            sms_http,
             archive,
         })
     }
@@ -347,4 +351,94 @@ fn validate_s3(raw: &super::raw::S3Raw) -> Result<super::S3Archive, ConfigError>
         raw.allow_http,
     )
     .map_err(ConfigError::ArchiveS3)
+}
+
+/// `[sms]`: the development outbox or an HTTP provider, not both.
+fn validate_sms(
+    raw: SmsRaw,
+) -> Result<(Option<std::path::PathBuf>, Option<SmsHttpConfig>), ConfigError> {
+    if raw.dev_outbox.is_some() && raw.http.is_some() {
+        return Err(ConfigError::SmsOutboxAndHttp);
+    }
+    Ok((
+        raw.dev_outbox,
+        raw.http.as_ref().map(validate_sms_http).transpose()?,
+    ))
+}
+
+/// `[sms.http]`: an https URL (http only when allowed), a header name, a readable credential
+/// file, a template with both placeholders, an attempt deadline and retries within bounds.
+fn validate_sms_http(raw: &SmsHttpRaw) -> Result<SmsHttpConfig, ConfigError> {
+    let invalid = |key: &'static str, reason: String| ConfigError::SmsHttp { key, reason };
+    let url = reqwest::Url::parse(&raw.url)
+        .map_err(|error| invalid("sms.http.url", format!("not a URL ({error})")))?;
+    match url.scheme() {
+        "https" => {}
+        "http" if raw.allow_http => {}
+        "http" => {
+            return Err(invalid(
+                "sms.http.url",
+                "plain http:// needs sms.http.allow-http = true".to_owned(),
+            ));
+        }
+        _ => return Err(invalid("sms.http.url", "not an https:// URL".to_owned())),
+    }
+    let auth_header = reqwest::header::HeaderName::from_bytes(raw.auth_header.as_bytes())
+        .map_err(|_| invalid("sms.http.auth-header", "not a header name".to_owned()))?;
+    let auth_value = match &raw.auth_value_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|error| {
+                invalid(
+                    "sms.http.auth-value-file",
+                    format!("cannot read {}: {error}", path.display()),
+                )
+            })?;
+            Some(
+                Secret::from_file_text(&text)
+                    .map_err(|reason| invalid("sms.http.auth-value-file", reason.to_owned()))?,
+            )
+        }
+        None => None,
+    };
+    let content_type = reqwest::header::HeaderValue::from_str(&raw.content_type)
+        .ok()
+        .filter(|value| !value.is_empty())
+        .ok_or_else(|| invalid("sms.http.content-type", "not a header value".to_owned()))?;
+    for placeholder in ["{phone}", "{code}"] {
+        if !raw.body_template.contains(placeholder) {
+            return Err(invalid(
+                "sms.http.body-template",
+                format!("{placeholder} is missing"),
+            ));
+        }
+    }
+    if !(TIMEOUT_MS_MIN..=TIMEOUT_MS_MAX).contains(&raw.timeout_ms) {
+        return Err(invalid(
+            "sms.http.timeout-ms",
+            format!(
+                "{} is outside {TIMEOUT_MS_MIN}..={TIMEOUT_MS_MAX}",
+                raw.timeout_ms
+            ),
+        ));
+    }
+    if raw.retries > RETRIES_MAX {
+        return Err(invalid(
+            "sms.http.retries",
+            format!("{} exceeds the maximum {RETRIES_MAX}", raw.retries),
+        ));
+    }
+    Ok(SmsHttpConfig {
+        url,
+        method: match raw.method {
+            SmsMethod::Post => reqwest::Method::POST,
+            SmsMethod::Put => reqwest::Method::PUT,
+            SmsMethod::Get => reqwest::Method::GET,
+        },
+        auth_header,
+        auth_value,
+        content_type,
+        body_template: raw.body_template.clone(),
+        timeout: std::time::Duration::from_millis(raw.timeout_ms),
+        retries: raw.retries,
+    })
 }

@@ -30,7 +30,6 @@ pub use io::{Connection, Environment, Incoming, Io};
 
 use crate::archive::Archive;
 use crate::client::ClientApi;
-use crate::client::registration::DevFileSms;
 use crate::cluster::{Cluster, Edge};
 use crate::config::Config;
 use routers::{Bound, Serving, bind_listeners, client_router, peer_router, write_addr_file};
@@ -190,7 +189,7 @@ pub async fn start_in(config: Config, environment: Environment) -> Result<NodeHa
     let tasks = TaskTracker::new();
     let (error_tx, errors) = tokio::sync::mpsc::channel(2);
 
-    let sms = sms_sender(&config);
+    let sms = crate::sms::sender(&config);
     let metrics = crate::metrics::Metrics::new(cluster.clone(), archive.clone());
     tasks.spawn(
         metrics
@@ -258,25 +257,6 @@ pub async fn start_in(config: Config, environment: Environment) -> Result<NodeHa
         groups,
         cluster,
     })
-}
-
-/// The SMS sender: the development outbox file when `sms.dev-outbox` is set (with a warning),
-/// otherwise none (every code request fails).
-fn sms_sender(config: &Config) -> Arc<dyn crate::client::registration::SmsSender> {
-    match &config.sms_dev_outbox {
-        Some(path) => {
-            tracing::warn!(
-                path = %path.display(),
-                "sms.dev-outbox: registration codes and phone numbers are written to this file \
-                 in plain text; development only"
-            );
-            Arc::new(DevFileSms::new(path.clone()))
-        }
-        None => {
-            info!("no SMS sender configured: RequestCode answers UNAVAILABLE");
-            Arc::new(crate::client::registration::NoSms)
-        }
-    }
 }
 
 /// The channels to other nodes: TLS with this node's certificate unless plaintext.

@@ -165,3 +165,143 @@ async fn the_per_address_code_limit_refuses_on_its_node() {
         node.stop().await;
     }
 }
+
+/// A stand-in SMS provider on 127.0.0.1: records each request's body and answers `status`.
+struct Provider {
+    addr: std::net::SocketAddr,
+    bodies: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Provider {
+    async fn start(status: u16) -> Self {
+        use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = bodies.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let mut stream = tokio::io::BufReader::new(stream);
+                let mut length = 0;
+                loop {
+                    let mut line = String::new();
+                    if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        break;
+                    }
+                    let line = line.trim_end();
+                    if line.is_empty() {
+                        break;
+                    }
+                    if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = value.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut body = vec![0; length];
+                if stream.read_exact(&mut body).await.is_err() {
+                    continue;
+                }
+                seen.lock()
+                    .expect("lock")
+                    .push(String::from_utf8_lossy(&body).into_owned());
+                let answer = format!(
+                    "HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                );
+                let _ = stream.get_mut().write_all(answer.as_bytes()).await;
+            }
+        });
+        Self { addr, bodies, task }
+    }
+
+    /// The code in the last request (the template is `code={code}&to={phone}`).
+    fn last_code(&self) -> String {
+        let bodies = self.bodies.lock().expect("lock");
+        let body = bodies.last().expect("a request reached the provider");
+        body.split('&')
+            .find_map(|pair| pair.strip_prefix("code="))
+            .expect("the templated code")
+            .to_owned()
+    }
+}
+
+impl Drop for Provider {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Nodes configured with an HTTP SMS provider (`[sms.http]`, no dev outbox) at `provider`.
+async fn with_provider(provider: std::net::SocketAddr) -> crate::messaging::Cluster {
+    let url = format!("http://{provider}/send");
+    cluster_configured(&move |text| {
+        let text: String = text
+            .lines()
+            .filter(|line| !line.starts_with("dev-outbox"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        format!(
+            "{text}\n[sms.http]\nurl = \"{url}\"\nallow-http = true\ncontent-type = \"application/x-www-form-urlencoded\"\nbody-template = \"code={{code}}&to={{phone}}\"\nretries = 1\ntimeout-ms = 2000\n"
+        )
+    })
+    .await
+}
+
+/// The HTTP provider gets the templated request on node 1; the code it carried registers on
+/// node 2. When the provider fails (500, after its retry), `RequestCode` answers `SmsFailed`
+/// and the code the provider saw is no longer usable anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_provider_carries_the_code_and_its_failure_leaves_none() {
+    let ok = Provider::start(200).await;
+    let c = with_provider(ok.addr).await;
+    let addrs: Vec<String> = c.nodes.iter().map(|n| n.client_addr.to_string()).collect();
+    let phone = "+15556660021";
+    ask(&mut client(&addrs[0]).await, phone)
+        .await
+        .expect("the provider took it");
+    {
+        let bodies = ok.bodies.lock().expect("lock");
+        assert_eq!(bodies.len(), 1);
+        assert!(
+            bodies[0].ends_with("&to=%2B15556660021"),
+            "the number, form-encoded: {}",
+            bodies[0]
+        );
+    }
+    try_code(&mut client(&addrs[1]).await, phone, &ok.last_code())
+        .await
+        .expect("the code the provider carried registers on node 2");
+    for node in c.nodes {
+        node.stop().await;
+    }
+
+    let failing = Provider::start(500).await;
+    let c = with_provider(failing.addr).await;
+    let addrs: Vec<String> = c.nodes.iter().map(|n| n.client_addr.to_string()).collect();
+    let failed = ask(&mut client(&addrs[0]).await, phone)
+        .await
+        .expect_err("the provider fails");
+    assert_eq!(failed.code(), tonic::Code::Unavailable);
+    assert_eq!(code_of(&failed), "COURIER:Registration:SmsFailed");
+    assert!(failed.message().contains("500"), "{failed:?}");
+    assert!(
+        !failed.message().contains("5556660021"),
+        "no number in the error: {failed:?}"
+    );
+    assert_eq!(
+        failing.bodies.lock().expect("lock").len(),
+        2,
+        "one retry on a 500"
+    );
+    let leaked = failing.last_code();
+    for addr in &addrs {
+        let refused = try_code(&mut client(addr).await, phone, &leaked)
+            .await
+            .expect_err("a withdrawn code registers nowhere");
+        assert_eq!(code_of(&refused), "COURIER:Registration:BadCode");
+    }
+    for node in c.nodes {
+        node.stop().await;
+    }
+}
