@@ -1,5 +1,6 @@
 //! Devices projection: phone hash → user, users, and devices with token hashes and revocations;
-//! and per number, its registration record (codes and limits, `registration.rs`).
+//! and per number, its registration record (codes and limits, `registration.rs`). The key
+//! directory (`prekeys.rs`) shares the family and folds after this.
 //!
 //! Invariants (asserted):
 //! - A phone hash maps to one user, set once.
@@ -9,7 +10,7 @@
 use courier_proto::pb::store::{DeviceRecord, UserRecord};
 use courier_proto::{DeviceId, UserId};
 
-use super::{Decoded, Projection, View, prekeys, registration};
+use super::{Decoded, Projection, View, registration};
 use crate::error::Result;
 use crate::keys;
 
@@ -102,7 +103,6 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
                         device.revoked = true;
                         device.revoked_at_ms = registered.at_ms;
                         view.put(keys::device_record(shard, user, device_id(id)), &device)?;
-                        prekeys::remove_device(view, user, device_id(id))?;
                     }
                 }
             }
@@ -129,11 +129,11 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
             }
             record.revoked = true;
             record.revoked_at_ms = revoked.event.at_ms;
-            view.put(key, &record)?;
-            prekeys::remove_device(view, revoked.user, revoked.device)
+            view.put(key, &record)
         }
         Decoded::Code(code) => registration::apply(view, *code),
-        Decoded::Keys(keys_event) => prekeys::apply(view, *keys_event),
+        // The key directory folds after this (`prekeys::apply`).
+        Decoded::Keys(_) => Ok(()),
         Decoded::MessageSent(_)
         | Decoded::MessageDelivered(_)
         | Decoded::DeliveryAcked(_)

@@ -73,7 +73,10 @@ fn apply_projection(
         Projection::Receipts => receipts::apply(view, event),
         Projection::Dedup => dedup::apply(view, event),
         Projection::Outbox => outbox::apply(view, event),
-        Projection::Devices => devices::apply(view, event),
+        Projection::Devices => {
+            devices::apply(view, event)?;
+            prekeys::apply(view, event)
+        }
         Projection::Groups => groups::apply(view, event),
         Projection::Expiry => expiry::apply(view, event),
     }

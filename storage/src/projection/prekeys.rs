@@ -15,6 +15,7 @@ use courier_proto::pb::store::{DeviceBundle, DeviceKeys, KeyBundle};
 use courier_proto::{DeviceId, UserId};
 use prost::Message as _;
 
+use super::Decoded;
 use super::decode::KeysEvent;
 use super::{Projection, View, devices};
 use crate::error::Result;
@@ -170,10 +171,7 @@ pub fn bundle_bytes(view: &View<'_, '_>, user: UserId) -> Result<Vec<u8>> {
 }
 
 /// Removes every key of a revoked device.
-///
-/// # Errors
-/// A storage fault.
-pub fn remove_device(view: &mut View<'_, '_>, user: UserId, device: DeviceId) -> Result<()> {
+fn remove_device(view: &mut View<'_, '_>, user: UserId, device: DeviceId) -> Result<()> {
     let shard = view.shard();
     if device_keys(view, user, device)?.is_none() {
         return Ok(());
@@ -185,11 +183,34 @@ pub fn remove_device(view: &mut View<'_, '_>, user: UserId, device: DeviceId) ->
     view.delete(keys::device_keys(shard, user, device))
 }
 
-/// Folds one key-directory event into the devices projection (after [`refusal`] passed).
+/// Folds one event into the key directory, after the devices projection folded it: a key event
+/// (after [`refusal`] passed), or a device event, after which every revoked device of the user
+/// loses its keys (a revocation, or a new primary replacing the old one).
 ///
 /// # Errors
 /// A storage fault.
-pub fn apply(view: &mut View<'_, '_>, event: KeysEvent<'_>) -> Result<()> {
+pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
+    match event {
+        Decoded::Keys(keys_event) => apply_keys(view, *keys_event),
+        Decoded::DeviceRevoked(revoked) => remove_revoked(view, revoked.user),
+        Decoded::DeviceRegistered(registered) if registered.event.primary => {
+            remove_revoked(view, registered.user)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Removes the keys of every revoked device of `user`.
+fn remove_revoked(view: &mut View<'_, '_>, user: UserId) -> Result<()> {
+    for (id, record) in devices::devices_of(view, user)? {
+        if record.revoked {
+            remove_device(view, user, device_id(id))?;
+        }
+    }
+    Ok(())
+}
+
+fn apply_keys(view: &mut View<'_, '_>, event: KeysEvent<'_>) -> Result<()> {
     let shard = view.shard();
     match event {
         KeysEvent::Uploaded {
