@@ -46,7 +46,9 @@ impl Registration for ClientApi {
         &self,
         request: Request<RequestCodeRequest>,
     ) -> Result<Response<RequestCodeResponse>, Status> {
-        let address = request.remote_addr().map(|addr| addr.ip());
+        let address = request
+            .remote_addr()
+            .map(|addr| crate::client::rate::address_key(addr.ip()));
         Ok(Response::new(
             ClientApi::request_code(self, request.into_inner(), address).await?,
         ))
@@ -56,7 +58,9 @@ impl Registration for ClientApi {
         &self,
         request: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
-        let address = request.remote_addr().map(|addr| addr.ip());
+        let address = request
+            .remote_addr()
+            .map(|addr| crate::client::rate::address_key(addr.ip()));
         Ok(Response::new(
             ClientApi::register(self, request.into_inner(), address).await?,
         ))

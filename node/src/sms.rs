@@ -42,6 +42,12 @@ pub trait SmsSender: Send + Sync {
     /// When the code could not be handed over. The error's text reaches the client: it never
     /// holds the number or the code.
     async fn send(&self, phone: &PhoneNumber, code: &str) -> std::io::Result<()>;
+
+    /// Whether codes can be sent at all (`false`: `RequestCode` is refused before any code is
+    /// recorded).
+    fn configured(&self) -> bool {
+        true
+    }
 }
 
 /// No SMS sender configured: every code request fails (`UNAVAILABLE SmsFailed`) and leaves no
@@ -54,10 +60,18 @@ impl SmsSender for NoSms {
     async fn send(&self, _phone: &PhoneNumber, _code: &str) -> std::io::Result<()> {
         Err(std::io::Error::new(
             std::io::ErrorKind::Unsupported,
-            "no SMS sender is configured on this node (see sms.http; sms.dev-outbox is for development)",
+            NO_SMS_SENDER,
         ))
     }
+
+    fn configured(&self) -> bool {
+        false
+    }
 }
+
+/// Why a node without an SMS sender refuses `RequestCode`.
+pub const NO_SMS_SENDER: &str =
+    "no SMS sender is configured on this node (see sms.http; sms.dev-outbox is for development)";
 
 /// Development only (`sms.dev-outbox`): appends `phone code` lines to a file, in plain text
 /// (never to the logs).

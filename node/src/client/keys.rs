@@ -41,9 +41,13 @@ fn refused(code: &str, message: String) -> ApiError {
             message,
         },
         // The device was revoked between authentication and apply.
-        _ => ApiError::Unauthenticated {
+        prekeys::UNKNOWN_DEVICE => ApiError::Unauthenticated {
             code: "COURIER:Auth:Revoked",
             message,
+        },
+        _ => ApiError::Internal {
+            code: "COURIER:Node:Outcome",
+            message: format!("a key event was refused at apply ({code}): {message}"),
         },
     }
 }
@@ -66,12 +70,15 @@ impl ClientApi {
     ///
     /// # Errors
     /// `INVALID_ARGUMENT` for a missing or oversized key or too many in one upload;
-    /// `RESOURCE_EXHAUSTED COURIER:Keys:StockFull` past `PREKEYS_STOCK_MAX`.
+    /// `RESOURCE_EXHAUSTED COURIER:Keys:StockFull` past `PREKEYS_STOCK_MAX`, and past
+    /// `key-uploads-per-hour-per-device`.
     pub async fn upload_keys(
         &self,
         caller: Caller,
         request: UploadKeysRequest,
     ) -> Result<UploadKeysResponse, ApiError> {
+        self.key_upload_limiter
+            .take(&(caller.user.get(), caller.device.get()))?;
         let kind = Kind::KeysUploaded(events::KeysUploaded {
             user: caller.user.get(),
             device: caller.device.get(),
@@ -114,7 +121,8 @@ impl ClientApi {
     ///
     /// # Errors
     /// `INVALID_ARGUMENT` for user 0; `NOT_FOUND COURIER:Keys:NoKeys` when no device of the
-    /// user published keys; `RESOURCE_EXHAUSTED` past `prekey-fetches-per-hour-per-device`.
+    /// user published keys; `RESOURCE_EXHAUSTED` past `prekey-fetches-per-hour-per-device` or
+    /// `prekey-fetches-per-hour-per-pair`.
     pub async fn get_prekey_bundle(
         &self,
         caller: Caller,
@@ -123,6 +131,8 @@ impl ClientApi {
         let user = UserId::from_wire(request.user, "user")?;
         self.prekey_fetch_limiter
             .take(&(caller.user.get(), caller.device.get()))?;
+        self.prekey_pair_limiter
+            .take(&(caller.user.get(), user.get()))?;
         let shard = self.shard_of(user)?;
         // Nothing published here: answered without a log entry (a key uploaded a moment ago on
         // another node may not have reached this replica yet; the client asks again).

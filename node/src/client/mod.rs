@@ -51,6 +51,10 @@ pub struct ClientApi {
     /// Prekey bundle fetches per device (each takes a one-time prekey from every device of the
     /// user fetched: unbounded fetches would drain stocks).
     pub(crate) prekey_fetch_limiter: Arc<rate::SendLimiter>,
+    /// Fetches of one user's bundle by one other user (fetcher, fetched).
+    pub(crate) prekey_pair_limiter: Arc<rate::RateLimiter<(u64, u64)>>,
+    /// Key uploads per device (each is a log entry of up to ~170 KB).
+    pub(crate) key_upload_limiter: Arc<rate::SendLimiter>,
     /// Code requests per client address (the per-number limits are in the log).
     pub(crate) code_limiter: Arc<rate::AddressLimiter>,
     /// Register attempts per client address.
@@ -117,6 +121,16 @@ impl ClientApi {
             limits.prekey_fetch_burst_per_device,
             "prekey bundle fetches from this device",
         ));
+        let prekey_pair_limiter = Arc::new(rate::RateLimiter::per_hour(
+            limits.prekey_fetches_per_hour_per_pair,
+            limits.prekey_fetch_burst_per_pair,
+            "fetches of this user's prekeys",
+        ));
+        let key_upload_limiter = Arc::new(rate::SendLimiter::per_hour(
+            limits.key_uploads_per_hour_per_device,
+            limits.key_upload_burst_per_device,
+            "key uploads from this device",
+        ));
         let device_cache = Arc::new(auth::DeviceCache::new(
             usize::try_from(limits.device_cache_entries).unwrap_or(usize::MAX),
         ));
@@ -137,6 +151,8 @@ impl ClientApi {
             presence_limiter,
             unknown_recipient_limiter,
             prekey_fetch_limiter,
+            prekey_pair_limiter,
+            key_upload_limiter,
             pairings: Arc::default(),
             code_limiter,
             register_limiter,

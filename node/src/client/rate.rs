@@ -6,7 +6,8 @@
 //! map lookup).
 //!
 //! The map is bounded: past [`BUCKETS_MAX`] keys, buckets that refilled completely (idle keys)
-//! are dropped, which forgets nothing a full bucket would not grant anyway.
+//! are dropped, which forgets nothing a full bucket would not grant anyway; if none did, the one
+//! idle longest is dropped.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -40,8 +41,24 @@ pub struct RateLimiter<K> {
 
 /// Sends (and typing updates) per (user, device).
 pub type SendLimiter = RateLimiter<(u64, u32)>;
-/// Code requests or register attempts per client address.
+/// Code requests or register attempts per client address (see [`address_key`]).
 pub type AddressLimiter = RateLimiter<std::net::IpAddr>;
+
+/// The key a client address is limited by: an IPv4 address (an IPv4-mapped IPv6 one too), or
+/// the /64 network of an IPv6 address (one host usually holds a whole /64, so limiting single
+/// IPv6 addresses would limit nothing).
+pub fn address_key(address: std::net::IpAddr) -> std::net::IpAddr {
+    match address {
+        std::net::IpAddr::V4(v4) => v4.into(),
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.into(),
+            None => {
+                let bits = u128::from(v6) & !u128::from(u64::MAX);
+                std::net::Ipv6Addr::from(bits).into()
+            }
+        },
+    }
+}
 
 impl<K: Ord + Clone> RateLimiter<K> {
     /// A limiter granting `rate_per_s` tokens a second with bursts of `burst`.
@@ -83,6 +100,16 @@ impl<K: Ord + Clone> RateLimiter<K> {
         if buckets.len() >= BUCKETS_MAX && !buckets.contains_key(key) {
             let (rate, burst) = (self.rate_per_s, self.burst);
             buckets.retain(|_, b| b.tokens + now.duration_since(b.at).as_secs_f64() * rate < burst);
+            // Still full of keys that spent tokens (many callers at once): the one idle longest
+            // goes, so memory stays bounded (it gets a fresh bucket if it comes back).
+            if buckets.len() >= BUCKETS_MAX
+                && let Some(idle) = buckets
+                    .iter()
+                    .min_by_key(|(_, b)| b.at)
+                    .map(|(k, _)| k.clone())
+            {
+                buckets.remove(&idle);
+            }
         }
         let bucket = buckets.entry(key.clone()).or_insert(Bucket {
             tokens: self.burst,
@@ -131,6 +158,20 @@ mod tests {
         limiter
             .take(&(2, 1))
             .expect("another user has its own bucket");
+    }
+
+    #[test]
+    fn an_ipv6_host_is_limited_by_its_64() {
+        let one: std::net::IpAddr = "2001:db8:1:2:aaaa::1".parse().expect("v6");
+        let same: std::net::IpAddr = "2001:db8:1:2:bbbb::9".parse().expect("v6");
+        let other: std::net::IpAddr = "2001:db8:1:3::1".parse().expect("v6");
+        assert_eq!(address_key(one), address_key(same));
+        assert_ne!(address_key(one), address_key(other));
+        let mapped: std::net::IpAddr = "::ffff:192.0.2.7".parse().expect("v6");
+        assert_eq!(
+            address_key(mapped),
+            "192.0.2.7".parse::<std::net::IpAddr>().expect("v4")
+        );
     }
 
     #[test]

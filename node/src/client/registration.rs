@@ -30,6 +30,15 @@ fn duration_ms(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
+fn sms_failed(why: &str) -> ApiError {
+    ApiError::Unavailable {
+        code: "COURIER:Registration:SmsFailed",
+        message: format!("the SMS sender failed: {why}"),
+        retry_after_ms: 1000,
+        leader: None,
+    }
+}
+
 fn unexpected_code(result: CodeResult) -> ApiError {
     ApiError::Internal {
         code: "COURIER:Node:Outcome",
@@ -98,6 +107,10 @@ impl ClientApi {
         address: Option<IpAddr>,
     ) -> Result<RequestCodeResponse, ApiError> {
         let phone = PhoneNumber::try_from(request.phone_number)?;
+        if !self.sms.configured() {
+            // Refused before anything is recorded: no code, no token of the number's bucket.
+            return Err(sms_failed(crate::sms::NO_SMS_SENDER));
+        }
         if let Some(address) = address {
             self.code_limiter.take(&address)?;
         }
@@ -147,12 +160,7 @@ impl ClientApi {
                     "a code whose SMS failed could not be withdrawn; it expires unused"
                 );
             }
-            return Err(ApiError::Unavailable {
-                code: "COURIER:Registration:SmsFailed",
-                message: format!("the SMS sender failed: {error}"),
-                retry_after_ms: 1000,
-                leader: None,
-            });
+            return Err(sms_failed(&error.to_string()));
         }
         tracing::info!(phone_hash = %auth::hex(&phone_hash[..4]), "registration code issued");
         Ok(RequestCodeResponse {

@@ -352,10 +352,16 @@ impl ClientApi {
         if check.at == Some(epoch) {
             return true;
         }
-        check.at = Some(epoch);
-        let Ok(Some(stock)) = self.key_stock(caller) else {
-            return true;
+        let stock = match self.key_stock(caller) {
+            Ok(Some(stock)) => stock,
+            Ok(None) => {
+                check.at = Some(epoch);
+                return true;
+            }
+            // Checked again on the next pass.
+            Err(_) => return true,
         };
+        check.at = Some(epoch);
         if stock >= courier_proto::limits::PREKEYS_LOW {
             check.told = None;
             return true;
@@ -560,7 +566,6 @@ enum GroupCopy {
     NotYet,
 }
 
-/// The frame that pushes inbox entry `seq`.
 /// A stream's last look at its device's prekey stock.
 #[derive(Debug, Default)]
 struct KeysCheck {
@@ -570,6 +575,7 @@ struct KeysCheck {
     told: Option<u32>,
 }
 
+/// The frame that pushes inbox entry `seq`.
 fn message_frame(seq: InboxSeq, entry: InboxEntry) -> ServerFrame {
     ServerFrame {
         frame: Some(server_frame::Frame::Message(InboxMessage {

@@ -189,6 +189,14 @@ pub struct Limits {
     pub prekey_fetches_per_hour_per_device: u32,
     /// Prekey bundle fetch burst per device.
     pub prekey_fetch_burst_per_device: u32,
+    /// Fetches of one user's bundle by one other user per hour.
+    pub prekey_fetches_per_hour_per_pair: u32,
+    /// Fetch burst of one user's bundle by one other user.
+    pub prekey_fetch_burst_per_pair: u32,
+    /// Key uploads per device per hour.
+    pub key_uploads_per_hour_per_device: u32,
+    /// Key upload burst per device.
+    pub key_upload_burst_per_device: u32,
 }
 
 /// A validated configuration.

@@ -144,13 +144,25 @@ pub struct LimitsRaw {
     /// Register attempt burst per client address. Default 120.
     #[serde(default = "defaults::address_register_burst")]
     pub register_attempt_burst_per_address: u32,
-    /// Prekey bundle fetches per device per hour (each takes a one-time prekey from every
-    /// device of the user fetched). Default 600.
+    /// Prekey bundle fetches per device per hour, on each node (each takes a one-time prekey
+    /// from every device of the user fetched). Default 120.
     #[serde(default = "defaults::prekey_fetch_rate")]
     pub prekey_fetches_per_hour_per_device: u32,
-    /// Prekey bundle fetch burst per device. Default 100.
+    /// Prekey bundle fetch burst per device. Default 30.
     #[serde(default = "defaults::prekey_fetch_burst")]
     pub prekey_fetch_burst_per_device: u32,
+    /// Fetches of one user's bundle by one other user per hour, on each node. Default 20.
+    #[serde(default = "defaults::prekey_pair_rate")]
+    pub prekey_fetches_per_hour_per_pair: u32,
+    /// Fetch burst of one user's bundle by one other user. Default 5.
+    #[serde(default = "defaults::prekey_pair_burst")]
+    pub prekey_fetch_burst_per_pair: u32,
+    /// Key uploads per device per hour. Default 60.
+    #[serde(default = "defaults::key_upload_rate")]
+    pub key_uploads_per_hour_per_device: u32,
+    /// Key upload burst per device. Default 10.
+    #[serde(default = "defaults::key_upload_burst")]
+    pub key_upload_burst_per_device: u32,
 }
 
 /// `[retention]`: how long undelivered messages wait for their recipient, and how long a send's
@@ -542,10 +554,22 @@ mod defaults {
         120
     }
     pub(super) fn prekey_fetch_rate() -> u32 {
-        600
+        120
     }
     pub(super) fn prekey_fetch_burst() -> u32 {
-        100
+        30
+    }
+    pub(super) fn prekey_pair_rate() -> u32 {
+        20
+    }
+    pub(super) fn prekey_pair_burst() -> u32 {
+        5
+    }
+    pub(super) fn key_upload_rate() -> u32 {
+        60
+    }
+    pub(super) fn key_upload_burst() -> u32 {
+        10
     }
     pub(super) fn log_format() -> LogFormat {
         LogFormat::Json

@@ -199,6 +199,25 @@ fn nonzero_limits(l: &LimitsRaw) -> Result<(), ConfigError> {
             "limits.presence-lookup-burst-per-device",
             l.presence_lookup_burst_per_device,
         ),
+    ] {
+        nonzero(name, value)?;
+    }
+    nonzero_account_limits(l)?;
+    for (name, value) in [
+        ("limits.tls-handshake-timeout", l.tls_handshake_timeout.0),
+        ("limits.keepalive-interval", l.keepalive_interval.0),
+        ("limits.keepalive-timeout", l.keepalive_timeout.0),
+    ] {
+        if value.is_zero() {
+            return Err(ConfigError::ZeroLimit { name });
+        }
+    }
+    Ok(())
+}
+
+/// The registration and key-directory rates and bursts, none zero.
+fn nonzero_account_limits(l: &LimitsRaw) -> Result<(), ConfigError> {
+    for (name, value) in [
         (
             "limits.code-requests-per-hour-per-phone",
             l.code_requests_per_hour_per_phone,
@@ -239,17 +258,24 @@ fn nonzero_limits(l: &LimitsRaw) -> Result<(), ConfigError> {
             "limits.prekey-fetch-burst-per-device",
             l.prekey_fetch_burst_per_device,
         ),
+        (
+            "limits.prekey-fetches-per-hour-per-pair",
+            l.prekey_fetches_per_hour_per_pair,
+        ),
+        (
+            "limits.prekey-fetch-burst-per-pair",
+            l.prekey_fetch_burst_per_pair,
+        ),
+        (
+            "limits.key-uploads-per-hour-per-device",
+            l.key_uploads_per_hour_per_device,
+        ),
+        (
+            "limits.key-upload-burst-per-device",
+            l.key_upload_burst_per_device,
+        ),
     ] {
         nonzero(name, value)?;
-    }
-    for (name, value) in [
-        ("limits.tls-handshake-timeout", l.tls_handshake_timeout.0),
-        ("limits.keepalive-interval", l.keepalive_interval.0),
-        ("limits.keepalive-timeout", l.keepalive_timeout.0),
-    ] {
-        if value.is_zero() {
-            return Err(ConfigError::ZeroLimit { name });
-        }
     }
     Ok(())
 }
@@ -307,6 +333,10 @@ fn validate_limits(l: &LimitsRaw) -> Result<Limits, ConfigError> {
         register_attempt_burst_per_address: l.register_attempt_burst_per_address,
         prekey_fetches_per_hour_per_device: l.prekey_fetches_per_hour_per_device,
         prekey_fetch_burst_per_device: l.prekey_fetch_burst_per_device,
+        prekey_fetches_per_hour_per_pair: l.prekey_fetches_per_hour_per_pair,
+        prekey_fetch_burst_per_pair: l.prekey_fetch_burst_per_pair,
+        key_uploads_per_hour_per_device: l.key_uploads_per_hour_per_device,
+        key_upload_burst_per_device: l.key_upload_burst_per_device,
     })
 }
 

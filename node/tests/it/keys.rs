@@ -71,7 +71,14 @@ fn keys_low(frames: &[ServerFrame]) -> Vec<u32> {
 /// primary for bob's number takes his keys with the old one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_fetches_on_two_nodes_never_share_a_one_time_prekey() {
-    let c = cluster_configured(&|text| text).await;
+    // 24 fetches by one user of another: past the default per-pair limit (5 at once), which is
+    // tested below.
+    let c = cluster_configured(&|text| {
+        format!(
+            "{text}\n[limits]\nprekey-fetches-per-hour-per-pair = 1000\nprekey-fetch-burst-per-pair = 100\n"
+        )
+    })
+    .await;
     let addrs: Vec<String> = c.nodes.iter().map(|n| n.client_addr.to_string()).collect();
     let alice = register(&addrs[1], &c.dirs[1], "+15558880001").await;
     let bob = register(&addrs[0], &c.dirs[0], "+15558880002").await;
@@ -136,9 +143,10 @@ async fn racing_fetches_on_two_nodes_never_share_a_one_time_prekey() {
     }
 }
 
-/// An upload past the stock limit, or with a key too large, is refused and changes nothing.
+/// An upload past the stock limit, or with a key too large, is refused and changes nothing; one
+/// user fetching another's bundle more than the per-pair burst (5) is refused with a retry hint.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_uploads_are_refused_and_change_nothing() {
+async fn bad_uploads_and_draining_fetches_are_refused() {
     let c = cluster_configured(&|text| text).await;
     let addr = c.nodes[0].client_addr.to_string();
     let bob = register(&addr, &c.dirs[0], "+15558880003").await;
@@ -169,6 +177,28 @@ async fn bad_uploads_are_refused_and_change_nothing() {
         .expect("count")
         .into_inner();
     assert_eq!(count.one_time_prekeys, 200);
+    let mallory = register(&addr, &c.dirs[0], "+15558880004").await;
+    for _ in 0..5 {
+        fetch(&addr, &mallory, bob.user)
+            .await
+            .expect("within the per-pair burst");
+    }
+    let drained = fetch(&addr, &mallory, bob.user)
+        .await
+        .expect_err("a sixth fetch of the same user");
+    assert_eq!(drained.code(), tonic::Code::ResourceExhausted);
+    assert_eq!(code_of(&drained), "COURIER:Limits:RateLimited");
+    assert!(drained.metadata().get("retry-after-ms").is_some());
+    c.wait_converged().await;
+    let count = client
+        .get_key_count(authed(&bob, GetKeyCountRequest {}))
+        .await
+        .expect("count")
+        .into_inner();
+    assert_eq!(
+        count.one_time_prekeys, 195,
+        "the refused fetch took nothing"
+    );
     for node in c.nodes {
         node.stop().await;
     }

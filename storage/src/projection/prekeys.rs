@@ -104,7 +104,13 @@ fn after_upload(
     let mut ids: Vec<u32> = event.one_time_prekeys.iter().map(|k| k.key_id).collect();
     ids.sort_unstable();
     ids.dedup();
-    let mut stock = device_keys(view, user, device)?.map_or(0, |k| k.one_time_prekeys);
+    let published = device_keys(view, user, device)?;
+    let kept = match &published {
+        Some(keys) if keys.identity_key == event.identity_key => keys.one_time_prekeys,
+        // A new identity key: the one-time prekeys made under the old one leave.
+        Some(_) | None => return Ok(u32::try_from(ids.len()).unwrap_or(u32::MAX)),
+    };
+    let mut stock = kept;
     for id in ids {
         let key = keys::one_time_prekey(shard, user, device, id);
         if view.get::<PreKey>(Projection::Devices, &key)?.is_none() {
@@ -170,17 +176,22 @@ pub fn bundle_bytes(view: &View<'_, '_>, user: UserId) -> Result<Vec<u8>> {
     Ok(bundle(view, user)?.encode_to_vec())
 }
 
-/// Removes every key of a revoked device.
-fn remove_device(view: &mut View<'_, '_>, user: UserId, device: DeviceId) -> Result<()> {
-    let shard = view.shard();
-    if device_keys(view, user, device)?.is_none() {
-        return Ok(());
-    }
+/// Removes a device's one-time prekeys (not its count: the caller rewrites `DeviceKeys`).
+fn remove_one_time_prekeys(view: &mut View<'_, '_>, user: UserId, device: DeviceId) -> Result<()> {
     let all = usize::try_from(PREKEYS_STOCK_MAX).unwrap_or(usize::MAX);
     for (key, _) in one_time_prekeys(view, user, device, all)? {
         view.delete(key)?;
     }
-    view.delete(keys::device_keys(shard, user, device))
+    Ok(())
+}
+
+/// Removes every key of a revoked device.
+fn remove_device(view: &mut View<'_, '_>, user: UserId, device: DeviceId) -> Result<()> {
+    if device_keys(view, user, device)?.is_none() {
+        return Ok(());
+    }
+    remove_one_time_prekeys(view, user, device)?;
+    view.delete(keys::device_keys(view.shard(), user, device))
 }
 
 /// Folds one event into the key directory, after the devices projection folded it: a key event
@@ -219,6 +230,11 @@ fn apply_keys(view: &mut View<'_, '_>, event: KeysEvent<'_>) -> Result<()> {
             device,
         } => {
             let stock = after_upload(view, user, device, event)?;
+            if device_keys(view, user, device)?
+                .is_some_and(|published| published.identity_key != event.identity_key)
+            {
+                remove_one_time_prekeys(view, user, device)?;
+            }
             for key in &event.one_time_prekeys {
                 view.put(
                     keys::one_time_prekey(shard, user, device, key.key_id),

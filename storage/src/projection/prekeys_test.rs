@@ -92,6 +92,19 @@ fn claimed(kv: &mut MemKv, state: &mut ShardState) -> Vec<(u32, Option<u32>, u32
         .collect()
 }
 
+/// The one-time prekey records a device holds.
+fn records(kv: &MemKv, device: u32) -> usize {
+    let mut staged = Staged::new(kv, BTreeMap::new());
+    let view = View::new(&mut staged, SHARD, LogIndex::ZERO, Projection::Devices);
+    let user = UserId::new(USER).expect("nonzero");
+    let device = DeviceId::new(device).expect("nonzero");
+    let prefix = crate::keys::one_time_prekey_prefix(SHARD, user, device);
+    let end = crate::keys::prefix_end(&prefix).expect("an end");
+    view.scan::<PreKey>(Projection::Devices, &prefix, &end, usize::MAX)
+        .expect("memory")
+        .len()
+}
+
 fn stock(kv: &MemKv, device: u32) -> Option<u32> {
     let mut staged = Staged::new(kv, BTreeMap::new());
     let view = View::new(&mut staged, SHARD, LogIndex::ZERO, Projection::Devices);
@@ -154,6 +167,21 @@ fn each_one_time_prekey_is_handed_out_once() {
         claimed(&mut kv, &mut state),
         vec![(1, Some(0), 2), (2, None, 0)]
     );
+    assert_eq!(records(&kv, 1), 2, "the count is the records");
+    tracing_phase("a new identity key: the prekeys made under the old one leave");
+    let Kind::KeysUploaded(mut new_identity) = upload(1, 50..51) else {
+        unreachable!("an upload");
+    };
+    new_identity.identity_key = vec![77; 33];
+    assert_eq!(
+        one(&mut kv, &mut state, Kind::KeysUploaded(new_identity)),
+        Applied::KeyStock(1)
+    );
+    assert_eq!(records(&kv, 1), 1);
+    assert_eq!(
+        claimed(&mut kv, &mut state),
+        vec![(1, Some(50), 0), (2, None, 0)]
+    );
 }
 
 #[test]
@@ -198,6 +226,7 @@ fn a_revoked_or_replaced_device_loses_its_keys() {
         })],
     );
     assert_eq!(stock(&kv, 2), None);
+    assert_eq!(records(&kv, 2), 0, "its one-time prekeys left too");
     assert_eq!(claimed(&mut kv, &mut state), vec![(1, Some(0), 2)]);
     let refused = one(&mut kv, &mut state, upload(2, 5..6));
     assert_eq!(refused_with(&refused), prekeys::UNKNOWN_DEVICE);
@@ -214,4 +243,76 @@ fn a_revoked_or_replaced_device_loses_its_keys() {
         Applied::KeyStock(1)
     );
     assert_eq!(claimed(&mut kv, &mut state), vec![(3, Some(0), 0)]);
+}
+
+/// Over generated histories (codes and keys among every other event): every registration record
+/// has exactly one time-index entry, at its `forget_at_ms`, and no entry points nowhere; every
+/// device's stock count equals its one-time prekey records, and no prekey outlives its device's
+/// keys.
+#[test]
+fn generated_histories_keep_the_directory_consistent() {
+    use courier_proto::pb::store::{DeviceKeys, RegistrationRecord};
+
+    use crate::keys::tag;
+    use crate::projection::projection_test::fold;
+    use crate::testkit::{EventGen, Rng};
+
+    for seed in 0..8 {
+        let payloads = EventGen::new(SHARD, seed).payloads(400, 4);
+        let (kv, _) = fold(&payloads, &mut Rng::new(seed), 8);
+        let mut staged = Staged::new(&kv, BTreeMap::new());
+        let view = View::new(&mut staged, SHARD, LogIndex::ZERO, Projection::Devices);
+        // Every key of one record kind: shard, then the tag.
+        let family = |t: u8| {
+            let shard = SHARD.get().to_be_bytes();
+            ([&shard[..], &[t]].concat(), [&shard[..], &[t + 1]].concat())
+        };
+        let (from, to) = family(tag::QUATERNARY);
+        let records = view
+            .scan::<RegistrationRecord>(Projection::Devices, &from, &to, usize::MAX)
+            .expect("memory");
+        let (from, to) = family(tag::QUINARY);
+        let index = view
+            .scan::<()>(Projection::Devices, &from, &to, usize::MAX)
+            .expect("memory");
+        assert_eq!(
+            records.len(),
+            index.len(),
+            "seed {seed}: one index entry per record"
+        );
+        for (key, record) in &records {
+            let phone = &key[3..];
+            let entry = crate::keys::registration_by_time(SHARD, record.forget_at_ms, phone);
+            assert!(
+                index.iter().any(|(k, ())| *k == entry),
+                "seed {seed}: a record's index entry is at its forget time"
+            );
+        }
+        let (from, to) = family(tag::SENARY);
+        let published = view
+            .scan::<DeviceKeys>(Projection::Devices, &from, &to, usize::MAX)
+            .expect("memory");
+        let (from, to) = family(tag::SEPTENARY);
+        let prekeys = view
+            .scan::<PreKey>(Projection::Devices, &from, &to, usize::MAX)
+            .expect("memory");
+        let held: u32 = published.iter().map(|(_, k)| k.one_time_prekeys).sum();
+        assert_eq!(
+            held as usize,
+            prekeys.len(),
+            "seed {seed}: counts equal records"
+        );
+        for (key, _) in &prekeys {
+            // shard | 7 | user | device | key id  →  shard | 6 | user | device
+            let device_keys = [&key[..2], &[tag::SENARY], &key[3..15]].concat();
+            assert!(
+                published.iter().any(|(k, _)| *k == device_keys),
+                "seed {seed}: a one-time prekey belongs to a device with keys"
+            );
+        }
+        assert!(
+            !records.is_empty() && !published.is_empty(),
+            "seed {seed}: the history exercised both"
+        );
+    }
 }

@@ -3,8 +3,10 @@
 //! attempts, so that codes and the per-number limits hold on every node and survive restarts.
 //!
 //! Every decision is taken here, at apply, from the record and the event (whose `at_ms` is the
-//! leader's clock and whose limits are the proposer's configuration), so every replica decides
-//! the same. A record leaves once nothing in it matters any more (no live code, both buckets
+//! proposing node's clock, and whose limits are its configuration), so every replica decides
+//! the same. A record's time never moves backwards (`seen_at_ms`): an event from a node whose
+//! clock is behind counts as happening at the latest time the record saw, so clock skew between
+//! nodes can neither refill a bucket twice nor stretch a code's life. A record leaves once nothing in it matters any more (no live code, both buckets
 //! full): its time-index key says when, and a `RegistrationsForgotten` removes it after that.
 //!
 //! Invariants (asserted by the tests): a code is consumed at most once; a code takes at most
@@ -125,25 +127,29 @@ fn decide(
     event: CodeEvent<'_>,
 ) -> (CodeOutcome, Option<RegistrationRecord>) {
     let mut record = old.cloned().unwrap_or_default();
+    // Time never moves backwards for a record: proposers' clocks may disagree.
+    let now = |at_ms: u64| at_ms.max(record.seen_at_ms);
     let outcome = match event {
         CodeEvent::Issued(issued) => {
-            let limit = issued.limit.unwrap_or_default();
-            match take(record.requests.as_ref(), &limit, issued.at_ms) {
+            let (limit, now) = (issued.limit.unwrap_or_default(), now(issued.at_ms));
+            match take(record.requests.as_ref(), &limit, now) {
                 Err(retry_after_ms) => return (CodeOutcome::RateLimited { retry_after_ms }, None),
                 Ok(bucket) => record.requests = Some(bucket),
             }
             record.code_hash.clone_from(&issued.code_hash);
             record.code_expires_at_ms = issued.expires_at_ms;
             record.attempts_left = issued.attempts;
+            record.seen_at_ms = now;
             CodeOutcome::Issued
         }
         CodeEvent::Attempted(attempted) => {
-            let limit = attempted.limit.unwrap_or_default();
-            match take(record.attempts.as_ref(), &limit, attempted.at_ms) {
+            let (limit, now) = (attempted.limit.unwrap_or_default(), now(attempted.at_ms));
+            match take(record.attempts.as_ref(), &limit, now) {
                 Err(retry_after_ms) => return (CodeOutcome::RateLimited { retry_after_ms }, None),
                 Ok(bucket) => record.attempts = Some(bucket),
             }
-            if record.code_hash.is_empty() || record.code_expires_at_ms <= attempted.at_ms {
+            record.seen_at_ms = now;
+            if record.code_hash.is_empty() || record.code_expires_at_ms <= now {
                 void_code(&mut record);
                 CodeOutcome::NoCode
             } else if record.code_hash == attempted.code_hash {

@@ -242,3 +242,33 @@ fn a_record_leaves_once_nothing_in_it_matters() {
         "a forgotten number starts with full buckets"
     );
 }
+
+/// A proposer whose clock is behind gains nothing: its event counts as happening at the latest
+/// time the record saw, so the next event from a right clock does not refill the bucket twice.
+#[test]
+fn a_clock_behind_refills_nothing() {
+    let mut kv = MemKv::default();
+    let mut state = ShardState::empty(SHARD);
+    let t = 10 * HOUR_MS;
+    assert_eq!(
+        outcome(&mut kv, &mut state, issue(1, t)),
+        CodeOutcome::Issued
+    );
+    assert_eq!(
+        outcome(&mut kv, &mut state, issue(2, t - HOUR_MS / 6)),
+        CodeOutcome::Issued,
+        "a node 10 minutes behind"
+    );
+    assert_eq!(
+        outcome(&mut kv, &mut state, issue(3, t)),
+        CodeOutcome::Issued
+    );
+    assert!(
+        matches!(
+            outcome(&mut kv, &mut state, issue(4, t)),
+            CodeOutcome::RateLimited { .. }
+        ),
+        "three tokens of a burst of 3 were taken, whatever the clocks said"
+    );
+    assert_eq!(stored(&kv).expect("a record").seen_at_ms, t);
+}
