@@ -39,6 +39,36 @@ fn sms_failed(why: &str) -> ApiError {
     }
 }
 
+/// The answer to a registration from its code attempt's outcome (`Ok` when the code was used).
+fn code_verdict(outcome: Option<&EventOutcome>) -> Result<(), ApiError> {
+    let result = match outcome {
+        Some(EventOutcome::Code(result)) => *result,
+        other => {
+            return Err(ApiError::Internal {
+                code: "COURIER:Node:Outcome",
+                message: format!("unexpected outcome {other:?}"),
+            });
+        }
+    };
+    match result {
+        CodeResult::Accepted => Ok(()),
+        CodeResult::Wrong { attempts_left: 0 } => {
+            Err(bad_code("wrong code; no attempts left, request a new one"))
+        }
+        CodeResult::Wrong { .. } => Err(bad_code("wrong code")),
+        CodeResult::NoCode => Err(bad_code(
+            "no live code for this number: none was requested, or it expired, was used or ran \
+             out of attempts",
+        )),
+        CodeResult::RateLimited { retry_after_ms } => Err(ApiError::RateLimited {
+            code: RATE_LIMITED,
+            message: "too many register attempts for this number; retry later".to_owned(),
+            retry_after_ms,
+        }),
+        other => Err(unexpected_code(other)),
+    }
+}
+
 fn unexpected_code(result: CodeResult) -> ApiError {
     ApiError::Internal {
         code: "COURIER:Node:Outcome",
@@ -168,63 +198,50 @@ impl ClientApi {
         })
     }
 
-    /// Tries `code` for the number, in the log on the number's shard: the right, live code is
-    /// consumed there (once, whichever node asks); a wrong one costs one of its attempts.
-    async fn redeem_code(
-        &self,
-        hasher: PhoneHasher,
-        phone_hash: &[u8; 16],
-        shard: ShardId,
-        code: &str,
-    ) -> Result<(), ApiError> {
-        let attempted = events::CodeAttempted {
-            phone_hash: phone_hash.to_vec(),
-            code_hash: hasher.code_hash(phone_hash, code).to_vec(),
-            limit: Some(RateLimit {
-                per_hour: self.limits.register_attempts_per_hour_per_phone,
-                burst: self.limits.register_attempt_burst_per_phone,
-            }),
-            at_ms: now_ms(),
-        };
-        match self
-            .propose_code(shard, Kind::CodeAttempted(attempted))
-            .await?
-        {
-            CodeResult::Accepted => Ok(()),
-            CodeResult::Wrong { attempts_left: 0 } => {
-                Err(bad_code("wrong code; no attempts left, request a new one"))
-            }
-            CodeResult::Wrong { .. } => Err(bad_code("wrong code")),
-            CodeResult::NoCode => Err(bad_code(
-                "no live code for this number: none was requested, or it expired, was used or \
-                 ran out of attempts",
-            )),
-            CodeResult::RateLimited { retry_after_ms } => Err(ApiError::RateLimited {
-                code: RATE_LIMITED,
-                message: "too many register attempts for this number; retry later".to_owned(),
-                retry_after_ms,
-            }),
-            other => Err(unexpected_code(other)),
+    /// The attempt of `code` for the number, proposed in the registration's own entry: the right,
+    /// live code is used up there (once, whichever node asks), and the entry's registration
+    /// events apply only if it was; a wrong one costs one of the code's attempts.
+    fn code_attempt(&self, hasher: PhoneHasher, phone_hash: &[u8; 16], code: &str) -> Event {
+        Event {
+            kind: Some(Kind::CodeAttempted(events::CodeAttempted {
+                phone_hash: phone_hash.to_vec(),
+                code_hash: hasher.code_hash(phone_hash, code).to_vec(),
+                limit: Some(RateLimit {
+                    per_hour: self.limits.register_attempts_per_hour_per_phone,
+                    burst: self.limits.register_attempt_burst_per_phone,
+                }),
+                at_ms: now_ms(),
+            })),
         }
     }
 
     /// Registers a device of `user` (a primary with the number's hash `phone`, or a companion),
-    /// revoking `revoke` in the same log entry.
+    /// revoking `revoke` in the same log entry. With `attempt` (a primary registering with a
+    /// code), the code attempt leads the entry and every other event of it depends on the code
+    /// being used up there, so a wrong code changes nothing but the attempt count, and a right
+    /// one is never used without the registration.
     async fn register_device(
         &self,
         user: UserId,
         phone: Option<Vec<u8>>,
         primary: bool,
         revoke: &[u32],
+        attempt: Option<Event>,
     ) -> Result<RegisterResponse, ApiError> {
         let token: [u8; limits::DEVICE_TOKEN_BYTES] = crate::env::random_bytes();
-        let mut events = Vec::new();
+        let redeemed = if attempt.is_some() {
+            phone.clone().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let mut events: Vec<Event> = attempt.into_iter().collect();
         for device in revoke {
             events.push(Event {
                 kind: Some(Kind::DeviceRevoked(events::DeviceRevoked {
                     user: user.get(),
                     device: *device,
                     at_ms: now_ms(),
+                    redeemed_phone_hash: redeemed.clone(),
                 })),
             });
         }
@@ -234,6 +251,7 @@ impl ClientApi {
                     user: user.get(),
                     phone_hash,
                     at_ms: now_ms(),
+                    redeemed_phone_hash: redeemed.clone(),
                 })),
             });
         }
@@ -244,9 +262,13 @@ impl ClientApi {
                 token_hash: auth::token_hash(&token),
                 primary,
                 at_ms: now_ms(),
+                redeemed_phone_hash: redeemed.clone(),
             })),
         });
         let outcomes = self.cluster.propose(self.shard_of(user)?, events).await?;
+        if !redeemed.is_empty() {
+            code_verdict(outcomes.first())?;
+        }
         match outcomes.last() {
             Some(EventOutcome::DeviceRegistered { device, .. }) => {
                 tracing::info!(user = user.get(), device, primary, "device registered");
@@ -301,9 +323,7 @@ impl ClientApi {
         let hasher = self.phone_hasher()?;
         let phone_hash = hasher.phone_hash(command.phone.expose());
         let user = hasher.user_of_phone(command.phone.expose());
-        let shard = self.shard_of(user)?;
-        self.redeem_code(hasher, &phone_hash, shard, &command.code)
-            .await?;
+        let attempt = self.code_attempt(hasher, &phone_hash, &command.code);
         let phone = phone_hash.to_vec();
         let companions: Vec<u32> = self
             .devices(user)?
@@ -311,7 +331,7 @@ impl ClientApi {
             .filter(|device| !device.primary && !device.revoked)
             .map(|device| device.device_id)
             .collect();
-        self.register_device(user, Some(phone), true, &companions)
+        self.register_device(user, Some(phone), true, &companions, Some(attempt))
             .await
     }
 
@@ -336,7 +356,8 @@ impl ClientApi {
                 message: format!("a user links at most {max} companion devices"),
             });
         }
-        self.register_device(caller.user, None, false, &[]).await
+        self.register_device(caller.user, None, false, &[], None)
+            .await
     }
 
     pub(crate) fn devices(&self, user: UserId) -> Result<Vec<DeviceInfo>, ApiError> {
@@ -392,6 +413,7 @@ impl ClientApi {
                 user: caller.user.get(),
                 device: device.get(),
                 at_ms: now_ms(),
+                redeemed_phone_hash: Vec::new(),
             })),
         };
         self.cluster

@@ -381,6 +381,7 @@ fn events_round_trip_through_prost() {
             user: 1,
             phone_hash: vec![1; 16],
             at_ms: 1,
+            redeemed_phone_hash: Vec::new(),
         }),
         Kind::DeviceRegistered(events::DeviceRegistered {
             user: 1,
@@ -388,11 +389,13 @@ fn events_round_trip_through_prost() {
             token_hash: vec![3; 32],
             primary: false,
             at_ms: 6,
+            redeemed_phone_hash: Vec::new(),
         }),
         Kind::DeviceRevoked(events::DeviceRevoked {
             user: 1,
             device: 1,
             at_ms: 7,
+            redeemed_phone_hash: Vec::new(),
         }),
         Kind::GroupCreated(events::GroupCreated {
             group: 4,

@@ -393,6 +393,7 @@ fn registered(user: u64, device: u32, phone: u8) -> Vec<Kind> {
             user,
             phone_hash: vec![phone; 16],
             at_ms: 1,
+            redeemed_phone_hash: Vec::new(),
         }),
         Kind::DeviceRegistered(events::DeviceRegistered {
             user,
@@ -400,6 +401,7 @@ fn registered(user: u64, device: u32, phone: u8) -> Vec<Kind> {
             token_hash: vec![1; 32],
             primary: true,
             at_ms: 1,
+            redeemed_phone_hash: Vec::new(),
         }),
     ]
 }

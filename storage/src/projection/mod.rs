@@ -320,18 +320,38 @@ fn admit(
                 }
             }
         }
+        Decoded::UserRegistered(_) | Decoded::DeviceRegistered(_) | Decoded::DeviceRevoked(_) => {
+            if let Some(phone_hash) = redeemed_phone_hash(event) {
+                let view = View::new(staged, shard, at, Projection::Devices);
+                if !registration::redeemed_here(&view, phone_hash)? {
+                    return Ok(ControlFlow::Break(Applied::Rejected {
+                        code: registration::NOT_REDEEMED,
+                        message: "the entry did not use the number's code".to_owned(),
+                    }));
+                }
+            }
+            Applied::Done
+        }
         Decoded::DeliveryAcked(_)
         | Decoded::ReadUpTo(_)
         | Decoded::OutboxTrimmed(_)
-        | Decoded::UserRegistered(_)
-        | Decoded::DeviceRegistered(_)
-        | Decoded::DeviceRevoked(_)
         | Decoded::SendsForgotten(_)
         | Decoded::InboxForgotten(_)
         | Decoded::ReceiptsForgotten(_)
         | Decoded::GroupMessagesForgotten { .. } => Applied::Done,
     };
     Ok(ControlFlow::Continue(outcome))
+}
+
+/// The number a registration event depends on (its entry must have used that number's code).
+fn redeemed_phone_hash<'e>(event: &Decoded<'e>) -> Option<&'e [u8]> {
+    let hash: &[u8] = match event {
+        Decoded::UserRegistered(e) => &e.event.redeemed_phone_hash,
+        Decoded::DeviceRegistered(e) => &e.event.redeemed_phone_hash,
+        Decoded::DeviceRevoked(e) => &e.event.redeemed_phone_hash,
+        _ => return None,
+    };
+    (!hash.is_empty()).then_some(hash)
 }
 
 /// [`admit`] for a `MessageDelivered`: a forward already applied, or a message already stored

@@ -26,6 +26,7 @@ fn register(kv: &mut MemKv, state: &mut ShardState, primary: bool) {
             user: USER,
             phone_hash: vec![5; 16],
             at_ms: 1,
+            redeemed_phone_hash: Vec::new(),
         }));
     }
     kinds.push(Kind::DeviceRegistered(events::DeviceRegistered {
@@ -34,6 +35,7 @@ fn register(kv: &mut MemKv, state: &mut ShardState, primary: bool) {
         token_hash: vec![1; 32],
         primary,
         at_ms: 1,
+        redeemed_phone_hash: Vec::new(),
     }));
     apply_one(kv, state, kinds);
 }
@@ -223,6 +225,7 @@ fn a_revoked_or_replaced_device_loses_its_keys() {
             user: USER,
             device: 2,
             at_ms: 4,
+            redeemed_phone_hash: Vec::new(),
         })],
     );
     assert_eq!(stock(&kv, 2), None);

@@ -12,6 +12,7 @@
 //! Invariants (asserted by the tests): a code is consumed at most once; a code takes at most
 //! `attempts` wrong tries; no event is admitted without a token from its bucket.
 
+use courier_proto::LogIndex;
 use courier_proto::pb::events::RateLimit;
 use courier_proto::pb::store::{RegistrationRecord, TokenBucket};
 
@@ -125,6 +126,7 @@ pub fn record(view: &View<'_, '_>, phone_hash: &[u8]) -> Result<Option<Registrat
 fn decide(
     old: Option<&RegistrationRecord>,
     event: CodeEvent<'_>,
+    at: LogIndex,
 ) -> (CodeOutcome, Option<RegistrationRecord>) {
     let mut record = old.cloned().unwrap_or_default();
     // Time never moves backwards for a record: proposers' clocks may disagree.
@@ -154,6 +156,7 @@ fn decide(
                 CodeOutcome::NoCode
             } else if record.code_hash == attempted.code_hash {
                 void_code(&mut record);
+                record.redeemed_at = at.get();
                 CodeOutcome::Accepted
             } else {
                 record.attempts_left = record.attempts_left.saturating_sub(1);
@@ -195,10 +198,23 @@ pub fn outcome(view: &View<'_, '_>, event: CodeEvent<'_>) -> Result<CodeOutcome>
         (CodeEvent::Forgotten { before_ms }, _) => {
             Ok(CodeOutcome::Forgotten(forgettable(view, before_ms)?.len()))
         }
-        (_, Some(phone)) => Ok(decide(record(view, phone)?.as_ref(), event).0),
+        (_, Some(phone)) => Ok(decide(record(view, phone)?.as_ref(), event, view.at()).0),
         (_, None) => unreachable!("every other code event names a number"),
     }
 }
+
+/// Whether the entry at `view.at()` used the live code of `phone_hash` (a `CodeAttempted` that
+/// was accepted earlier in the same entry): the registration events that name the number apply
+/// only then.
+///
+/// # Errors
+/// A storage fault.
+pub fn redeemed_here(view: &View<'_, '_>, phone_hash: &[u8]) -> Result<bool> {
+    Ok(record(view, phone_hash)?.is_some_and(|r| r.redeemed_at == view.at().get()))
+}
+
+/// The refusal of a registration event whose entry did not use the number's code.
+pub const NOT_REDEEMED: &str = "COURIER:Registration:NotRedeemed";
 
 /// The time-index keys of records with nothing left to remember before `before_ms`, oldest
 /// first, at most [`FORGET_PER_EVENT_MAX`].
@@ -233,7 +249,7 @@ pub fn apply(view: &mut View<'_, '_>, event: CodeEvent<'_>) -> Result<()> {
     }
     let phone = phone_of(event).expect("every other code event names a number");
     let old = record(view, phone)?;
-    let (_, new) = decide(old.as_ref(), event);
+    let (_, new) = decide(old.as_ref(), event, view.at());
     let Some(new) = new else {
         return Ok(());
     };

@@ -272,3 +272,111 @@ fn a_clock_behind_refills_nothing() {
     );
     assert_eq!(stored(&kv).expect("a record").seen_at_ms, t);
 }
+
+/// A registration that depends on its code (`redeemed_phone_hash`) applies only in the entry
+/// whose attempt used the code: a wrong code changes nothing but the attempt count (the
+/// companion stays, no device is added), and no later entry can ride on an earlier redemption.
+#[test]
+fn registration_events_apply_only_with_their_code() {
+    use courier_proto::pb::store::DeviceRecord;
+
+    let mut kv = MemKv::default();
+    let mut state = ShardState::empty(SHARD);
+    let user = 9_u64;
+    let registered = |primary: bool, redeemed: bool| {
+        Kind::DeviceRegistered(events::DeviceRegistered {
+            user,
+            device: 0,
+            token_hash: vec![1; 32],
+            primary,
+            at_ms: 1,
+            redeemed_phone_hash: if redeemed { PHONE.to_vec() } else { Vec::new() },
+        })
+    };
+    let user_registered = Kind::UserRegistered(events::UserRegistered {
+        user,
+        phone_hash: PHONE.to_vec(),
+        at_ms: 1,
+        redeemed_phone_hash: PHONE.to_vec(),
+    });
+    let revoke_companion = Kind::DeviceRevoked(events::DeviceRevoked {
+        user,
+        device: 2,
+        at_ms: 2,
+        redeemed_phone_hash: PHONE.to_vec(),
+    });
+    let devices = |kv: &MemKv| -> Vec<(u32, bool)> {
+        let mut staged = Staged::new(kv, BTreeMap::new());
+        let view = View::new(&mut staged, SHARD, LogIndex::ZERO, Projection::Devices);
+        crate::projection::devices::devices_of(
+            &view,
+            courier_proto::UserId::new(user).expect("nonzero"),
+        )
+        .expect("memory")
+        .into_iter()
+        .map(|(id, record): (u32, DeviceRecord)| (id, record.revoked))
+        .collect()
+    };
+    tracing_phase("the first registration, with its code");
+    apply_one(&mut kv, &mut state, vec![issue(1, 10)]);
+    let outcomes = apply_one(
+        &mut kv,
+        &mut state,
+        vec![
+            attempt(1, 20),
+            user_registered.clone(),
+            registered(true, true),
+        ],
+    );
+    assert_eq!(outcomes[0], Applied::Code(CodeOutcome::Accepted));
+    assert!(matches!(
+        outcomes[2],
+        Applied::DeviceRegistered { device: 1, .. }
+    ));
+    apply_one(&mut kv, &mut state, vec![registered(false, false)]);
+    assert_eq!(
+        devices(&kv),
+        vec![(1, false), (2, false)],
+        "a primary and a companion"
+    );
+
+    tracing_phase("a wrong code: the revocation and the new primary are refused");
+    apply_one(&mut kv, &mut state, vec![issue(2, 30)]);
+    let outcomes = apply_one(
+        &mut kv,
+        &mut state,
+        vec![
+            attempt(9, 40),
+            revoke_companion.clone(),
+            registered(true, true),
+        ],
+    );
+    assert_eq!(
+        outcomes[0],
+        Applied::Code(CodeOutcome::Wrong { attempts_left: 2 })
+    );
+    for refused in &outcomes[1..] {
+        assert!(
+            matches!(refused, Applied::Rejected { code, .. } if *code == registration::NOT_REDEEMED),
+            "{refused:?}"
+        );
+    }
+    assert_eq!(
+        devices(&kv),
+        vec![(1, false), (2, false)],
+        "nothing changed"
+    );
+
+    tracing_phase("no attempt in the entry: refused, even after an earlier redemption");
+    let outcomes = apply_one(&mut kv, &mut state, vec![revoke_companion.clone()]);
+    assert!(matches!(outcomes[0], Applied::Rejected { .. }));
+
+    tracing_phase("the right code: the companion and the old primary go, a new primary comes");
+    let outcomes = apply_one(
+        &mut kv,
+        &mut state,
+        vec![attempt(2, 50), revoke_companion, registered(true, true)],
+    );
+    assert_eq!(outcomes[0], Applied::Code(CodeOutcome::Accepted));
+    assert_eq!(devices(&kv), vec![(1, true), (2, true), (3, false)]);
+}

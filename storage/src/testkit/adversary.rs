@@ -221,23 +221,7 @@ impl Adversary {
                 dest_shard: self.shard(),
                 up_to: self.seq(),
             }),
-            6 => Kind::UserRegistered(events::UserRegistered {
-                user: self.user(),
-                phone_hash: vec![u8::try_from(self.rng.below(3)).unwrap_or(0); 8],
-                at_ms: self.rng.below(100),
-            }),
-            7 => Kind::DeviceRegistered(events::DeviceRegistered {
-                user: self.user(),
-                device: self.device(),
-                token_hash: vec![7; 32],
-                primary: self.rng.chance(50),
-                at_ms: self.rng.below(100),
-            }),
-            8 => Kind::DeviceRevoked(events::DeviceRevoked {
-                user: self.user(),
-                device: self.device(),
-                at_ms: self.rng.below(100),
-            }),
+            pick @ 6..=8 => self.registration(pick),
             9 => Kind::GroupCreated(events::GroupCreated {
                 group: self.rng.below(3),
                 creator: self.user(),
@@ -265,6 +249,38 @@ impl Adversary {
                 seq: self.seq(),
                 message_id: self.message_id(),
                 at_ms: self.rng.below(100),
+            }),
+        }
+    }
+
+    /// A registration event (a user, a device, a revocation), sometimes depending on a code no
+    /// entry of the adversary used (refused: `NotRedeemed`).
+    fn registration(&mut self, pick: u64) -> Kind {
+        let redeemed_phone_hash = if self.rng.chance(30) {
+            vec![u8::try_from(self.rng.below(3)).unwrap_or(0); 16]
+        } else {
+            Vec::new()
+        };
+        match pick {
+            6 => Kind::UserRegistered(events::UserRegistered {
+                user: self.user(),
+                phone_hash: vec![u8::try_from(self.rng.below(3)).unwrap_or(0); 8],
+                at_ms: self.rng.below(100),
+                redeemed_phone_hash,
+            }),
+            7 => Kind::DeviceRegistered(events::DeviceRegistered {
+                user: self.user(),
+                device: self.device(),
+                token_hash: vec![7; 32],
+                primary: self.rng.chance(50),
+                at_ms: self.rng.below(100),
+                redeemed_phone_hash,
+            }),
+            _ => Kind::DeviceRevoked(events::DeviceRevoked {
+                user: self.user(),
+                device: self.device(),
+                at_ms: self.rng.below(100),
+                redeemed_phone_hash,
             }),
         }
     }

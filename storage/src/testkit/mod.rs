@@ -530,6 +530,7 @@ impl EventGen {
                     user,
                     device: 1 + self.rng.below(u64::from(devices)) as u32,
                     at_ms: self.now_ms,
+                    redeemed_phone_hash: Vec::new(),
                 });
             }
             let device = devices + 1;
@@ -540,6 +541,7 @@ impl EventGen {
                 token_hash: vec![device as u8; 32],
                 primary: device == 1,
                 at_ms: self.now_ms,
+                redeemed_phone_hash: Vec::new(),
             });
         }
         // The modelled users (who get messages) register first, so that their devices' acks
@@ -558,6 +560,7 @@ impl EventGen {
             user,
             phone_hash,
             at_ms: self.now_ms,
+            redeemed_phone_hash: Vec::new(),
         })
     }
 
