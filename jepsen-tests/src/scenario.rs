@@ -408,7 +408,7 @@ async fn final_phase(
     }
     tracing::info!("filling every shard's last archive segment");
     let entries = crate::nodes::ARCHIVE_SEGMENT_ENTRIES.saturating_add(8);
-    let failed = workload::fill_archive_segments(shared, config.shards, entries).await;
+    let failed = workload::fill_archive_segments(shared, &members, config.shards, entries).await;
     if failed > 0 {
         tracing::warn!(
             failed,

@@ -181,12 +181,18 @@ async fn send_once(
 }
 
 /// After the final drain: `entries` sends, one at a time, from a user of each of `shards` to
-/// another user, not recorded in the history (the drain is over, so no session can see them).
-/// Each is one more entry on its sender's shard, so every shard's log passes the end of the
-/// archive segment its last entry was in: a replica that installed a snapshot reads the entries
-/// below it from the archive, and the archive holds only whole segments. Returns the sends that
-/// failed.
-pub async fn fill_archive_segments(shared: &Shared, shards: u32, entries: u64) -> u64 {
+/// another user, through the first node of `members` (a node the membership nemesis removed, or
+/// wiped into a spare, takes no sends), not recorded in the history (the drain is over, so no
+/// session can see them). Each is one more entry on its sender's shard, so every shard's log
+/// passes the end of the archive segment its last entry was in: a replica that installed a
+/// snapshot reads the entries below it from the archive, and the archive holds only whole
+/// segments. Returns the sends that failed.
+pub async fn fill_archive_segments(
+    shared: &Shared,
+    members: &std::collections::BTreeSet<u32>,
+    shards: u32,
+    entries: u64,
+) -> u64 {
     let Ok(shard_count) = u16::try_from(shards) else {
         return entries;
     };
@@ -202,7 +208,9 @@ pub async fn fill_archive_segments(shared: &Shared, shards: u32, entries: u64) -
         let Some(to) = shared.users.iter().find(|u| u.id != from.id) else {
             continue;
         };
-        let (Some(device), Some(node)) = (from.devices.first(), shared.nodes.first()) else {
+        // A member: a node the membership nemesis removed takes no sends.
+        let node = shared.nodes.iter().find(|n| members.contains(&n.id));
+        let (Some(device), Some(node)) = (from.devices.first(), node) else {
             continue;
         };
         let mut client = MessagingClient::new(node.channel.clone());
