@@ -13,7 +13,7 @@ use courier_proto::pb::client::{
 use tonic::transport::Channel;
 
 use crate::messaging::{
-    Device, authed, cluster_configured, code_of, collect, open_stream, register,
+    Device, authed, cluster_appending, cluster_configured, code_of, collect, open_stream, register,
 };
 use crate::support::channel;
 
@@ -73,11 +73,9 @@ fn keys_low(frames: &[ServerFrame]) -> Vec<u32> {
 async fn racing_fetches_on_two_nodes_never_share_a_one_time_prekey() {
     // 24 fetches by one user of another: past the default per-pair limit (5 at once), which is
     // tested below.
-    let c = cluster_configured(&|text| {
-        format!(
-            "{text}\n[limits]\nprekey-fetches-per-hour-per-pair = 1000\nprekey-fetch-burst-per-pair = 100\n"
-        )
-    })
+    let c = cluster_appending(
+        "[limits]\nprekey-fetches-per-hour-per-pair = 1000\nprekey-fetch-burst-per-pair = 100\n",
+    )
     .await;
     let addrs: Vec<String> = c.nodes.iter().map(|n| n.client_addr.to_string()).collect();
     let alice = register(&addrs[1], &c.dirs[1], "+15558880001").await;

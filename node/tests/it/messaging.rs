@@ -238,6 +238,11 @@ pub(crate) async fn cluster_configured(edit: &dyn Fn(String) -> String) -> Clust
     }
 }
 
+/// Three in-process nodes with `extra` (whole TOML tables) appended to their config.
+pub(crate) async fn cluster_appending(extra: &str) -> Cluster {
+    cluster_configured(&|text| format!("{text}\n{extra}")).await
+}
+
 /// Two phone numbers whose users live on different shards.
 pub(crate) fn phones_on_different_shards() -> (String, String) {
     let count = u16::try_from(SHARDS).expect("small");

@@ -10,7 +10,7 @@ use courier_proto::pb::client::{RegisterRequest, RequestCodeRequest};
 use tonic::transport::Channel;
 
 use crate::cluster::Processes;
-use crate::messaging::{cluster_configured, code_of};
+use crate::messaging::{cluster_appending, cluster_configured, code_of};
 use crate::support::channel;
 
 async fn client(addr: &str) -> RegistrationClient<Channel> {
@@ -52,9 +52,9 @@ fn last_code(dir: &Path, phone: &str) -> String {
         .to_owned()
 }
 
-/// A code requested on node 1 registers on node 3 after node 1 was killed and restarted (the
-/// code is in the log, not in node 1's memory), and only once: the same code on node 2 after
-/// that is refused.
+/// A code requested on node 1 registers on node 3 after node 1, and then every node, was killed
+/// and restarted (the code is in the log, not in any node's memory), and only once: the same
+/// code on node 2 after that is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_code_from_one_node_registers_on_another_after_a_restart() {
     let (mut cluster, _) = Processes::start_initialized(3).await;
@@ -64,8 +64,16 @@ async fn a_code_from_one_node_registers_on_another_after_a_restart() {
         .await
         .expect("a code from node 1");
     let code = last_code(&cluster.data_dir_of(1), phone);
+    // Node 1 first, then the whole cluster: the code is on disk in the log, nowhere else.
     cluster.kill(0);
     cluster.restart(0);
+    for index in 0..3 {
+        cluster.kill(index);
+    }
+    for index in 0..3 {
+        cluster.restart(index);
+    }
+    crate::cluster::wait_leaders(&cluster.peers, Duration::from_secs(30)).await;
     let user = try_code(&mut client(&client_addr(&cluster, 2)).await, phone, &code)
         .await
         .expect("node 3 takes the code node 1 issued");
@@ -91,11 +99,7 @@ async fn a_code_from_one_node_registers_on_another_after_a_restart() {
 /// for this test so that the refusals come from the code, not from the rate limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_wrong_codes_over_three_nodes_void_the_code() {
-    let c = cluster_configured(&|text| {
-        format!(
-            "{text}\n[limits]\nregister-attempts-per-hour-per-phone = 100\nregister-attempt-burst-per-phone = 20\n"
-        )
-    })
+    let c = cluster_appending("[limits]\nregister-attempts-per-hour-per-phone = 100\nregister-attempt-burst-per-phone = 20\n")
     .await;
     let addrs: Vec<String> = c.nodes.iter().map(|n| n.client_addr.to_string()).collect();
     let phone = "+15556660002";
@@ -138,11 +142,9 @@ async fn five_wrong_codes_over_three_nodes_void_the_code() {
 /// retry hint, and does not lock out other nodes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_per_address_code_limit_refuses_on_its_node() {
-    let c = cluster_configured(&|text| {
-        format!(
-            "{text}\n[limits]\ncode-requests-per-hour-per-address = 2\ncode-request-burst-per-address = 2\n"
-        )
-    })
+    let c = cluster_appending(
+        "[limits]\ncode-requests-per-hour-per-address = 2\ncode-request-burst-per-address = 2\n",
+    )
     .await;
     let addrs: Vec<String> = c.nodes.iter().map(|n| n.client_addr.to_string()).collect();
     let mut node1 = client(&addrs[0]).await;
@@ -300,6 +302,58 @@ async fn an_http_provider_carries_the_code_and_its_failure_leaves_none() {
             .await
             .expect_err("a withdrawn code registers nowhere");
         assert_eq!(code_of(&refused), "COURIER:Registration:BadCode");
+    }
+    for node in c.nodes {
+        node.stop().await;
+    }
+}
+
+/// A used code's record leaves the log's state once nothing in it matters: with buckets that
+/// refill within a millisecond, the shard leader's retention pass proposes
+/// `RegistrationsForgotten` soon after the registration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spent_registration_record_is_forgotten() {
+    let c = cluster_appending("[limits]\ncode-requests-per-hour-per-phone = 3600000\nregister-attempts-per-hour-per-phone = 3600000\n[retention]\nscan-interval = \"200ms\"\n")
+    .await;
+    let addr = c.nodes[0].client_addr.to_string();
+    let phone = "+15556660031";
+    ask(&mut client(&addr).await, phone).await.expect("a code");
+    try_code(
+        &mut client(&addr).await,
+        phone,
+        &last_code(&c.dirs[0], phone),
+    )
+    .await
+    .expect("registered");
+    let shards = u16::try_from(crate::cluster::SHARDS).expect("small");
+    let shard = courier_proto::shard_of(crate::messaging::user_of(phone), shards);
+    let peer = c.nodes[0].peer_addr.to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, out, err) = crate::support::ops(&[
+            "log",
+            "dump",
+            "--addr",
+            &peer,
+            "--shard",
+            &shard.get().to_string(),
+            "--json",
+        ]);
+        assert_eq!(code, 0, "{err}");
+        let kinds: Vec<String> = out
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON lines"))
+            .filter_map(|v| v["event"].as_str().map(str::to_owned))
+            .collect();
+        if kinds.iter().any(|k| k == "RegistrationsForgotten") {
+            assert!(kinds.iter().any(|k| k == "CodeIssued"), "{kinds:?}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no RegistrationsForgotten within 20 s: {kinds:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
     for node in c.nodes {
         node.stop().await;
