@@ -91,18 +91,15 @@ impl DevFileSms {
 impl SmsSender for DevFileSms {
     async fn send(&self, phone: &PhoneNumber, code: &str) -> std::io::Result<()> {
         use std::io::Write as _;
-        let path = self.path.clone();
+        // Written inline, not on a blocking thread: one short append in development, and the
+        // deterministic simulation replays a run only if no real thread decides when it ends.
         // One write per line: concurrent requests append whole lines, never interleaved parts.
         let line = format!("{} {code}\n", phone.expose());
-        tokio::task::spawn_blocking(move || {
-            let mut file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)?;
-            file.write_all(line.as_bytes())
-        })
-        .await
-        .map_err(std::io::Error::other)?
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)?;
+        file.write_all(line.as_bytes())
     }
 }
 
