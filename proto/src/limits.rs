@@ -52,6 +52,9 @@ pub const PREKEYS_PER_UPLOAD_MAX: usize = 100;
 pub const PREKEYS_STOCK_MAX: u32 = 200;
 /// Below this many one-time prekeys a device is told to upload more (`KeysLow`).
 pub const PREKEYS_LOW: u32 = 10;
+/// The most inbox messages per user whose bodies are kept for companions linked later
+/// (`retention.companion-history`).
+pub const COMPANION_HISTORY_MAX: u32 = 1000;
 
 /// Upper bound of one message's encoded content: body, thumbnail, URL, MIME type, framing.
 pub const MESSAGE_CONTENT_BYTES_MAX: usize =

@@ -60,10 +60,20 @@ pub struct ClientApi {
     /// Register attempts per client address.
     pub(crate) register_limiter: Arc<rate::AddressLimiter>,
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
-    /// `retention.keep-delivered`.
-    pub(crate) keep_delivered: bool,
+    /// What an ack trims (`retention.keep-delivered`, `retention.companion-history`).
+    pub(crate) trimming: Trimming,
     /// Device tokens and recipients checked against this node's replicas.
     pub(crate) device_cache: Arc<auth::DeviceCache>,
+}
+
+/// What a device's ack asks the inbox to trim, from the node's `[retention]` config: carried
+/// in the `DeliveryAcked` so every replica and rebuild trims the same.
+#[derive(Clone, Copy, Debug)]
+pub struct Trimming {
+    /// `keep-delivered`: bodies stay after every device acked them.
+    pub keep_delivered: bool,
+    /// `companion-history`: the user's last this many messages keep their bodies.
+    pub companion_history: u32,
 }
 
 impl std::fmt::Debug for ClientApi {
@@ -86,7 +96,7 @@ impl ClientApi {
         sms: Arc<dyn crate::sms::SmsSender>,
         shutdown: CancellationToken,
         metrics: Arc<crate::metrics::Metrics>,
-        keep_delivered: bool,
+        trimming: Trimming,
     ) -> Self {
         let send_limiter = Arc::new(rate::SendLimiter::new(
             limits.sends_per_second_per_device,
@@ -157,7 +167,7 @@ impl ClientApi {
             code_limiter,
             register_limiter,
             metrics,
-            keep_delivered,
+            trimming,
         }
     }
 

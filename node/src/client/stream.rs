@@ -470,7 +470,8 @@ impl ClientApi {
                     device: caller.device.get(),
                     up_to_seq: up_to.get(),
                     acked_at_ms: now_ms(),
-                    trim_delivered: !self.keep_delivered,
+                    trim_delivered: !self.trimming.keep_delivered,
+                    keep_recent: self.trimming.companion_history,
                 })
             }
             StreamCommand::Read {

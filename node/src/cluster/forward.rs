@@ -76,7 +76,12 @@ impl Cluster {
             let landed: Vec<Option<Vec<u8>>> = fresh
                 .iter()
                 .map(|event| match &event.kind {
-                    Some(Kind::MessageDelivered(d)) => Some(d.message_id.clone()),
+                    // The sender's own copy wakes no device: the sender just sent it.
+                    Some(Kind::MessageDelivered(d))
+                        if !courier_storage::projection::decode::own_copy(d) =>
+                    {
+                        Some(d.message_id.clone())
+                    }
                     _ => None,
                 })
                 .collect();

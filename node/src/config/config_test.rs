@@ -147,6 +147,15 @@ fn each_validation_error_fires() {
         })
     ));
     assert!(matches!(
+        with("[retention]\ncompanion-history = 1001"),
+        Err(ConfigError::AboveProtocolMax {
+            name: "retention.companion-history",
+            value: 1001,
+            max: 1000
+        })
+    ));
+    assert!(with("[retention]\ncompanion-history = 0").is_ok());
+    assert!(matches!(
         with("[retention]\ndedup = \"0s\""),
         Err(ConfigError::ZeroLimit {
             name: "retention.dedup"

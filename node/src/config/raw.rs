@@ -191,6 +191,11 @@ pub struct RetentionRaw {
     /// the server). Default `false`: server-centric, bodies leave once delivered everywhere.
     #[serde(default)]
     pub keep_delivered: bool,
+    /// With `keep-delivered = false`: the user's last this many inbox messages keep their bodies
+    /// although every device acked them, so that a companion linked later gets that much recent
+    /// history (0: none). At most 1000. Default 100.
+    #[serde(default = "defaults::companion_history")]
+    pub companion_history: u32,
 }
 
 /// `[presence]`: online and last seen, in memory on each user's shard leader.
@@ -618,6 +623,9 @@ mod defaults {
     }
     pub(super) fn undelivered() -> HumanDuration {
         HumanDuration(Duration::from_secs(30 * 86_400))
+    }
+    pub(super) const fn companion_history() -> u32 {
+        100
     }
     pub(super) fn dedup() -> HumanDuration {
         HumanDuration(Duration::from_secs(7 * 86_400))

@@ -80,6 +80,13 @@ impl RawConfig {
             crate::push::parse_url(&self.push.url)
                 .map_err(|reason| ConfigError::PushUrl { reason })?;
         }
+        if self.retention.companion_history > limits::COMPANION_HISTORY_MAX {
+            return Err(ConfigError::AboveProtocolMax {
+                name: "retention.companion-history",
+                value: u64::from(self.retention.companion_history),
+                max: u64::from(limits::COMPANION_HISTORY_MAX),
+            });
+        }
         for (name, value) in [
             ("retention.undelivered", self.retention.undelivered.0),
             ("retention.dedup", self.retention.dedup.0),

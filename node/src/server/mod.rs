@@ -203,7 +203,10 @@ pub async fn start_in(config: Config, environment: Environment) -> Result<NodeHa
         sms,
         shutdown.clone(),
         metrics.clone(),
-        config.retention.keep_delivered,
+        crate::client::Trimming {
+            keep_delivered: config.retention.keep_delivered,
+            companion_history: config.retention.companion_history,
+        },
     );
     let live = client_api.live();
     let (client_tls, peer_tls) = match &tls {

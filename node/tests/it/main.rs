@@ -4,6 +4,7 @@
 mod cluster;
 mod contract;
 mod foundation;
+mod history;
 mod keys;
 mod maintenance;
 mod messaging;

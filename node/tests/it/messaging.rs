@@ -484,7 +484,7 @@ async fn offline_recipient_gets_everything_in_order_and_receipts_flow_back() {
 }
 
 /// `delivered_up_to` of `user`'s inbox on `node`.
-fn delivered_up_to(node: &courier_node::NodeHandle, user: u64) -> u64 {
+pub(crate) fn delivered_up_to(node: &courier_node::NodeHandle, user: u64) -> u64 {
     let user = UserId::new(user).expect("id");
     on_replica(node, shard_of(user, 4), Projection::Inbox, |view| {
         Ok(courier_storage::projection::inbox::state(view, user)?.delivered_up_to)
@@ -972,7 +972,8 @@ async fn a_send_is_forgotten_after_the_dedup_window() {
 /// they were set (`ReceiptsForgotten`), and every replica equals a rebuild from its log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivered_stubs_and_receipts_are_forgotten_after_the_window() {
-    let c = retention_cluster("dedup = \"2s\"\n").await;
+    // No companion history (it would keep the bodies this test wants trimmed and forgotten).
+    let c = retention_cluster("dedup = \"2s\"\ncompanion-history = 0\n").await;
     let (addr, _, alice, bob, mut messaging) = alice_and_bob_on_node0(&c).await;
     let mut ids = Vec::new();
     for i in 1..=2 {
@@ -2046,10 +2047,16 @@ async fn group_messages_reach_current_members_once_in_order() {
 
 /// Server-centric storage: a message's body leaves the inbox once every device of the recipient
 /// acked it (a stub stays, so read receipts still flow); a device that did not ack keeps it
-/// available until it does.
+/// available until it does; the user's last `companion-history` (here 1) messages keep theirs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_leave_the_inbox_once_every_device_acked() {
-    let c = cluster().await;
+    let c = cluster_configured(&|text| {
+        format!(
+            "{}\n[retention]\ncompanion-history = 1\n",
+            with_limits(text, 10_000)
+        )
+    })
+    .await;
     let addr = |i: usize| c.nodes[i].client_addr.to_string();
     let (alice_phone, bob_phone) = phones_on_different_shards();
     let alice = register(&addr(0), &c.dirs[0], &alice_phone).await;
@@ -2150,4 +2157,19 @@ async fn bodies_leave_the_inbox_once_every_device_acked() {
         assert!(started.elapsed() < Duration::from_secs(10), "{receipts:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    tracing::info!("the tablet acks 3 too: the last message keeps its body (companion history)");
+    s2.out
+        .send(ClientFrame {
+            frame: Some(client_frame::Frame::Ack(Ack { up_to_seq: 3 })),
+        })
+        .await
+        .expect("ack");
+    let db = c.nodes[1].groups().db().clone();
+    wait_for("the tablet's ack applies", &|| {
+        read_cursor(&db, bob_shard, bob.user, bob2.device) == 3
+    });
+    assert!(
+        entry(3).expect("stored").content.is_some(),
+        "every device acked 3, but it is the last message: it stays for a companion"
+    );
 }

@@ -357,6 +357,7 @@ fn events_round_trip_through_prost() {
             up_to_seq: 5,
             acked_at_ms: 3,
             trim_delivered: false,
+            keep_recent: 0,
         }),
         Kind::ReadUpTo(events::ReadUpTo {
             user: 2,

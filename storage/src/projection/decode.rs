@@ -64,6 +64,10 @@ pub struct Delivered<'e> {
     pub conversation: ConversationId,
     /// For a forwarded copy (`source_pos > 0`): the source shard and the position in its outbox.
     pub forwarded: Option<(ShardId, u64)>,
+    /// The sender's own copy, for the sender's other devices (multi-device history): stored for
+    /// the sender in a conversation with someone else. A note to oneself (a 1:1 send to one's
+    /// own user) is an ordinary message.
+    pub own: bool,
 }
 
 /// A decoded `DeliveryAcked`.
@@ -454,6 +458,25 @@ fn sent(event: &events::MessageSent) -> Result<Sent<'_>, WireError> {
     })
 }
 
+/// Whether `event` is the sender's own copy of a message (for the sender's other devices): stored
+/// for the sender, in a conversation with someone else. A note to oneself is not one.
+pub fn own_copy(event: &events::MessageDelivered) -> bool {
+    is_own(
+        event.sender_user,
+        event.recipient_user,
+        event.conversation.as_ref(),
+    )
+}
+
+/// Whether a message from `sender` stored for `user` in `conversation` is the sender's own copy.
+pub fn is_own(sender: u64, user: u64, conversation: Option<&Conversation>) -> bool {
+    sender == user
+        && !matches!(
+            conversation.and_then(|c| c.with),
+            Some(With::User(peer)) if peer == user
+        )
+}
+
 fn delivered(event: &events::MessageDelivered) -> Result<Delivered<'_>, WireError> {
     // Stored with the message even when not forwarded: receipts go back to it.
     let source = shard(event.source_shard, "source_shard")?;
@@ -464,6 +487,7 @@ fn delivered(event: &events::MessageDelivered) -> Result<Delivered<'_>, WireErro
         message: MessageId::from_wire(&event.message_id, "message_id")?,
         conversation: conversation(event.conversation.as_ref(), "conversation")?,
         forwarded,
+        own: own_copy(event),
     })
 }
 

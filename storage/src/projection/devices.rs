@@ -39,6 +39,24 @@ pub fn devices_registered(view: &View<'_, '_>, user: UserId) -> Result<u32> {
     Ok(record.map_or(0, |r| r.devices_registered))
 }
 
+/// Whether `user` has more than one active (not revoked) device: then the messages they send
+/// are also stored for them, for their other devices (multi-device history). One read for a user
+/// who never linked a companion.
+///
+/// # Errors
+/// A storage fault.
+pub fn has_companions(view: &View<'_, '_>, user: UserId) -> Result<bool> {
+    if devices_registered(view, user)? < 2 {
+        return Ok(false);
+    }
+    let active = devices_of(view, user)?
+        .into_iter()
+        .filter(|(_, device)| !device.revoked)
+        .take(2)
+        .count();
+    Ok(active >= 2)
+}
+
 /// Returns a user's devices, by id.
 ///
 /// # Errors

@@ -1,6 +1,9 @@
 //! Inbox projection: for each user, the gap-free sequence of messages stored for them, the tail,
 //! and the highest sequence any device acked (`delivered_up_to`).
 //!
+//! With `trim_delivered`, a body leaves once every active device acked it, except in the user's
+//! last `keep_recent` messages (the history a companion linked later can fetch).
+//!
 //! Invariants (asserted in `apply`):
 //! - A user's `InboxSeq` values are 1, 2, 3, … with no gaps; an expired message leaves a hole
 //!   that is never reused.
@@ -171,11 +174,16 @@ fn acked_by_every_device(view: &View<'_, '_>, user: UserId, acked: &Acked<'_>) -
     Ok(if lowest == u64::MAX { 0 } else { lowest })
 }
 
-/// Clears the bodies of the messages every active device of the acking user has now acked, and
-/// indexes their stubs by time; returns whether `inbox` changed.
+/// Clears the bodies of the messages every active device of the acking user has now acked, but
+/// for the last `keep_recent` of the inbox (companion history), and indexes their stubs by
+/// time; returns whether `inbox` changed.
 fn trim(view: &mut View<'_, '_>, acked: &Acked<'_>, inbox: &mut InboxState) -> Result<bool> {
     let (shard, user) = (view.shard(), acked.user);
-    let all_acked = acked_by_every_device(view, user, acked)?;
+    let all_acked = acked_by_every_device(view, user, acked)?.min(
+        inbox
+            .tail_seq
+            .saturating_sub(u64::from(acked.event.keep_recent)),
+    );
     if all_acked <= inbox.trimmed_up_to {
         return Ok(false);
     }

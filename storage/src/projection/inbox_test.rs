@@ -161,6 +161,7 @@ fn inbox_readstate_and_receipts_table() {
             up_to_seq: 4,
             acked_at_ms: 40,
             trim_delivered: false,
+            keep_recent: 0,
         })],
     );
     let mut staged = Staged::new(&kv, BTreeMap::new());
@@ -186,6 +187,7 @@ fn ack_past_tail_is_refused() {
             up_to_seq: 2,
             acked_at_ms: 1,
             trim_delivered: false,
+            keep_recent: 0,
         })],
     );
     assert_refused(&outcome, "past user 1's inbox tail 1");
@@ -466,6 +468,7 @@ fn forgotten_stubs_leave_the_inbox_and_their_receipts_still_go_out() {
                 up_to_seq: 3,
                 acked_at_ms: 13,
                 trim_delivered: true,
+                keep_recent: 0,
             }),
         ],
     );
@@ -602,6 +605,7 @@ fn a_read_of_a_forgotten_message_under_another_conversation_sends_nothing() {
                     up_to_seq: 2,
                     acked_at_ms: 13,
                     trim_delivered: true,
+                    keep_recent: 0,
                 }),
             ],
         ]

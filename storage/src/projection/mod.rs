@@ -31,6 +31,8 @@ mod view;
 #[cfg(test)]
 mod groups_test;
 #[cfg(test)]
+mod history_test;
+#[cfg(test)]
 mod inbox_test;
 #[cfg(test)]
 mod outbox_test;
@@ -369,6 +371,17 @@ fn admit_delivery(
     {
         return Ok(ControlFlow::Break(unchanged));
     }
+    if delivered.own {
+        let view = View::new(staged, shard, at, Projection::Devices);
+        if !devices::has_companions(&view, user)? {
+            // No other device to show it to: nothing is stored, the position is consumed.
+            if let Some((source, pos)) = delivered.forwarded {
+                let mut outbox = View::new(staged, shard, at, Projection::Outbox);
+                outbox::set_inbound(&mut outbox, source, pos)?;
+            }
+            return Ok(ControlFlow::Break(Applied::Done));
+        }
+    }
     let view = View::new(staged, shard, at, Projection::Inbox);
     if let Some(seq) = inbox::stored_seq(&view, user, &delivered.event.message_id)? {
         if let Some((source, pos)) = delivered.forwarded {
@@ -391,7 +404,8 @@ fn admit_delivery(
 }
 
 /// Stores the copies of a send for recipients on this shard in the same entry (no forward): the
-/// 1:1 recipient, or the group's members here. Runs after dedup and the group check, so a
+/// 1:1 recipient, or the group's members here, and the sender's own copy for their other
+/// devices (the sender's shard takes a 1:1 send; a group's fan-out includes the sender). Runs after dedup and the group check, so a
 /// retried or refused send stores nothing. `source_pos` 0 marks "no forward"; `source_shard` is
 /// this shard, where the receipts go.
 fn store_local_copies(
@@ -401,12 +415,18 @@ fn store_local_copies(
     sent: &decode::Sent<'_>,
 ) -> Result<()> {
     let local: Vec<events::MessageDelivered> = match sent.to {
-        Some(Target::User(_, recipient_shard)) if recipient_shard == shard => {
-            outbox::delivery_of(sent, sent.event.sent_at_ms)
-                .into_iter()
-                .collect()
+        Some(Target::User(recipient, recipient_shard)) => {
+            let mut local = Vec::with_capacity(2);
+            if recipient_shard == shard {
+                local.extend(outbox::delivery_of(sent, sent.event.sent_at_ms));
+            }
+            if recipient != sent.sender {
+                // Stored only if the sender has another device (see `admit_delivery`).
+                local.extend(outbox::own_copy_of(sent));
+            }
+            local
         }
-        Some(Target::User(..)) | None => Vec::new(),
+        None => Vec::new(),
         Some(Target::Group(_)) => {
             let view = View::new(staged, shard, at, Projection::Groups);
             outbox::group_deliveries(&view, sent, at, sent.event.sent_at_ms)?

@@ -120,8 +120,22 @@ pub fn delivery_of(sent: &Sent<'_>, stored_at_ms: u64) -> Option<events::Message
     })
 }
 
-/// The pointer copies of a group message for its members other than the sender, with each
-/// member's shard: the content stays in the group shard's log at `at` (`group_index`).
+/// The sender's own copy of a 1:1 send (`None` for a group message), for the sender's other
+/// devices: stored on the sender's shard, in the conversation with the recipient, in the same
+/// entry as the send.
+pub fn own_copy_of(sent: &Sent<'_>) -> Option<events::MessageDelivered> {
+    let Some(Target::User(recipient, _)) = sent.to else {
+        return None;
+    };
+    let mut own = delivery_of(sent, sent.event.sent_at_ms)?;
+    own.recipient_user = sent.sender.get();
+    own.conversation = Some(ConversationId::Direct(recipient).into());
+    Some(own)
+}
+
+/// The pointer copies of a group message for its members, with each member's shard: the content
+/// stays in the group shard's log at `at` (`group_index`). The sender's copy is their own copy,
+/// for their other devices, stored only if they have one (`admit_delivery`).
 ///
 /// # Errors
 /// A storage fault.
@@ -137,7 +151,6 @@ pub fn group_deliveries(
     let sent = decoded.event;
     Ok(super::groups::members(view, group)?
         .into_iter()
-        .filter(|(user, _)| *user != decoded.sender)
         .map(|(user, member)| {
             (
                 stored_shard(member.shard),
@@ -285,6 +298,9 @@ fn queue_ack_receipts(view: &mut View<'_, '_>, acked: &Acked<'_>) -> Result<()> 
     let user = acked.user;
     let after = InboxSeq::new(inbox::state(view, user)?.delivered_up_to);
     for (seq, entry) in inbox::entries_between(view, user, after, acked.up_to)? {
+        if super::decode::is_own(entry.sender_user, user.get(), entry.conversation.as_ref()) {
+            continue; // the sender's own copy: its receipts come from its recipients
+        }
         if already_read(view, user, seq)? {
             continue; // the read already carried DELIVERED and READ
         }

@@ -2,6 +2,8 @@
 //! and how many unread ones expired, so that `unread = count - read_pos - expired_unread` is
 //! exact without scanning. Per inbox sequence it records the message's conversation and position.
 //!
+//! The sender's own copies (multi-device history) take no position: they were read by sending.
+//!
 //! Invariants (asserted): a read names a stored message of that conversation, or one whose
 //! position already left (read, then forgotten: changes nothing); `read_pos` only moves forward
 //! (a read at or below it changes nothing); `expired_unread` never underflows.
@@ -118,6 +120,11 @@ pub fn positions_between(
 pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
     let shard = view.shard();
     match event {
+        Decoded::MessageDelivered(decoded) if decoded.own => {
+            // The sender's own copy is read by sending it: no position, never unread, and a
+            // read that names it changes nothing (a missing position at or below the tail).
+            Ok(())
+        }
         Decoded::MessageDelivered(decoded) => {
             let (user, conv, delivered) = (decoded.recipient, decoded.conversation, decoded.event);
             let seq = inbox::tail(view, user)?.next();
@@ -176,7 +183,15 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
         }
         Decoded::MessageExpired(expired) => {
             let (user, seq) = (expired.user, expired.seq);
-            let mut target = position(view, user, seq)?.expect("expiring messages have a position");
+            let Some(mut target) = position(view, user, seq)? else {
+                let stored = inbox::entry(view, user, seq)?.expect("an expiring message is stored");
+                assert_eq!(
+                    stored.sender_user,
+                    user.get(),
+                    "only the sender's own copies have no position"
+                );
+                return Ok(());
+            };
             assert!(!target.expired, "a message expires once");
             target.expired = true;
             let conv = stored_conversation(&target);

@@ -200,6 +200,7 @@ impl Adversary {
                 up_to_seq: self.seq(),
                 acked_at_ms: self.rng.below(100),
                 trim_delivered: self.rng.chance(50),
+                keep_recent: self.rng.below(4) as u32,
             }),
             3 => Kind::ReadUpTo(events::ReadUpTo {
                 user: self.user(),

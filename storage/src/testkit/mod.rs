@@ -115,7 +115,36 @@ impl EventGen {
         };
         let event = Event { kind: Some(kind) };
         self.feed_oracle(&event);
+        if let Some(Kind::MessageSent(sent)) = &event.kind {
+            self.model_own_copy(sent);
+        }
         event
+    }
+
+    /// A send of a user with more than one active device stored the sender's own copy in their
+    /// inbox (unless it was a retry): the model learns its sequence from the oracle.
+    fn model_own_copy(&mut self, sent: &events::MessageSent) {
+        if !self.users.contains_key(&sent.sender_user) {
+            return;
+        }
+        let sender = UserId::new(sent.sender_user).expect("senders are users");
+        let tail = self
+            .read_oracle(Projection::Inbox, |view| {
+                crate::projection::inbox::tail(view, sender)
+            })
+            .get();
+        let model = self.users.get_mut(&sent.sender_user).expect("checked");
+        if tail > model.tail {
+            let recipient = match sent.to.as_ref().and_then(|to| to.with) {
+                Some(events::conversation::With::User(recipient)) => recipient,
+                _ => unreachable!("the generator sends 1:1 messages"),
+            };
+            assert_eq!(tail, model.tail + 1, "a send stores one own copy");
+            model.tail = tail;
+            model
+                .messages
+                .insert(tail, (recipient, false, sent.message_id.clone()));
+        }
     }
 
     /// Returns `n` entries of 1..=`events_max` events each, as payloads.
@@ -283,6 +312,11 @@ impl EventGen {
             up_to_seq: up_to,
             acked_at_ms: self.now_ms,
             trim_delivered: self.rng.chance(50),
+            keep_recent: if self.rng.chance(50) {
+                0
+            } else {
+                self.rng.below(4) as u32
+            },
         }))
     }
 
