@@ -11,14 +11,15 @@ use courier_proto::pb::client::messaging_server::Messaging;
 use courier_proto::pb::client::registration_server::Registration;
 use courier_proto::pb::client::{
     AddMemberRequest, ApprovePairingRequest, ApprovePairingResponse, ClientFrame,
-    CreateGroupRequest, FinishPairingRequest, GetKeyCountRequest, GetKeyCountResponse,
-    GetPreKeyBundleRequest, GetPreKeyBundleResponse, GetPresenceRequest, GetPresenceResponse,
-    GetReceiptsRequest, GetReceiptsResponse, GroupInfo, LeaveGroupRequest, LeaveGroupResponse,
-    ListConversationsRequest, ListConversationsResponse, ListDevicesRequest, ListDevicesResponse,
-    ListGroupsRequest, ListGroupsResponse, RegisterRequest, RegisterResponse, RemoveMemberRequest,
-    RequestCodeRequest, RequestCodeResponse, RevokeDeviceRequest, RevokeDeviceResponse,
-    SendRequest, SendResponse, SendToGroupRequest, StartPairingRequest, StartPairingResponse,
-    UploadKeysRequest, UploadKeysResponse,
+    CreateGroupRequest, DeleteAccountRequest, DeleteAccountResponse, FinishPairingRequest,
+    GetKeyCountRequest, GetKeyCountResponse, GetPreKeyBundleRequest, GetPreKeyBundleResponse,
+    GetPresenceRequest, GetPresenceResponse, GetReceiptsRequest, GetReceiptsResponse, GroupInfo,
+    LeaveGroupRequest, LeaveGroupResponse, ListConversationsRequest, ListConversationsResponse,
+    ListDevicesRequest, ListDevicesResponse, ListGroupsRequest, ListGroupsResponse,
+    RegisterRequest, RegisterResponse, RemoveMemberRequest, RequestCodeRequest,
+    RequestCodeResponse, RevokeDeviceRequest, RevokeDeviceResponse, SendRequest, SendResponse,
+    SendToGroupRequest, StartPairingRequest, StartPairingResponse, UploadKeysRequest,
+    UploadKeysResponse,
 };
 use courier_proto::pb::peer::admin_server::Admin;
 use courier_proto::pb::peer::forward_server::Forward;
@@ -111,6 +112,16 @@ impl Registration for ClientApi {
         let caller = self.authenticate(request.metadata())?;
         ClientApi::revoke_device(self, caller, request.into_inner()).await?;
         Ok(Response::new(RevokeDeviceResponse {}))
+    }
+
+    async fn delete_account(
+        &self,
+        request: Request<DeleteAccountRequest>,
+    ) -> Result<Response<DeleteAccountResponse>, Status> {
+        let caller = self.authenticate(request.metadata())?;
+        Ok(Response::new(
+            ClientApi::delete_account(self, caller, request.into_inner()).await?,
+        ))
     }
 }
 

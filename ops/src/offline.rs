@@ -218,6 +218,10 @@ fn describe(
             "RegistrationsForgotten",
             vec![("before_ms", json!(e.before_ms))],
         ),
+        Some(Kind::AccountDeleted(e)) => (
+            "AccountDeleted",
+            vec![("user", json!(e.user)), ("at_ms", json!(e.at_ms))],
+        ),
         None => (
             "Unknown",
             vec![("note", json!("an event kind this build does not know"))],

@@ -4,6 +4,7 @@
 //! owning shard's leader through [`Cluster::propose`]; reads come from this node's replica,
 //! which holds every shard (every shard is replicated on every member in this version).
 
+pub mod account;
 pub mod auth;
 pub mod groups;
 pub mod keys;

@@ -1144,7 +1144,7 @@ async fn delivered_stubs_and_receipts_are_forgotten_after_the_window() {
 }
 
 /// Asserts that `node`'s projections of `shard` equal a replay of its log from index 1.
-async fn assert_verified_from_genesis(node: &courier_node::NodeHandle, shard: ShardId) {
+pub(crate) async fn assert_verified_from_genesis(node: &courier_node::NodeHandle, shard: ShardId) {
     let mut admin = courier_proto::pb::peer::admin_client::AdminClient::new(
         peer_channel(&node.peer_addr.to_string()).await,
     );
@@ -1297,7 +1297,7 @@ async fn logged_events(
 
 /// Reads `projection` of `shard` on `node`'s replica as it is now; a storage fault fails the
 /// test.
-fn on_replica<T>(
+pub(crate) fn on_replica<T>(
     node: &courier_node::NodeHandle,
     shard: ShardId,
     projection: Projection,
@@ -1789,7 +1789,7 @@ fn bodies(frames: &[ServerFrame]) -> Vec<String> {
         .collect()
 }
 
-fn code_is(status: &tonic::Status, code: tonic::Code, courier: &str) {
+pub(crate) fn code_is(status: &tonic::Status, code: tonic::Code, courier: &str) {
     assert_eq!(status.code(), code, "{status:?}");
     assert_eq!(code_of(status), courier, "{status:?}");
 }

@@ -204,6 +204,26 @@ pub fn inbox_message(shard: ShardId, user: UserId, seq: InboxSeq) -> Vec<u8> {
         .done()
 }
 
+/// Any projection family: the prefix of one user's records of a kind laid out as shard, `tag`,
+/// user (for `AccountDeleted`, which removes them all).
+pub fn user_records(shard: ShardId, tag: u8, user: UserId) -> Vec<u8> {
+    KeyBuf::shard(shard).u8(tag).u64(user.get()).done()
+}
+
+/// dedup: the time index entry of the send whose record key is `record_key` (a [`dedup`] key),
+/// sent at `sent_at_ms`.
+pub fn dedup_by_time_of(record_key: &[u8], sent_at_ms: u64) -> Option<Vec<u8>> {
+    let shard = key_shard(record_key)?;
+    let fields = record_key.get(3..)?;
+    Some(
+        KeyBuf::shard(shard)
+            .u8(tag::SECONDARY)
+            .u64(sent_at_ms)
+            .bytes(fields)
+            .done(),
+    )
+}
+
 /// inbox: prefix of one user's messages.
 pub fn inbox_user_prefix(shard: ShardId, user: UserId) -> Vec<u8> {
     KeyBuf::shard(shard).u8(tag::PRIMARY).u64(user.get()).done()

@@ -112,6 +112,14 @@ pub fn receipt_recipient(key: &[u8]) -> Option<UserId> {
     key.end(recipient)
 }
 
+/// Decodes `(message, recipient)` of a [`receipt`](super::receipt) key.
+pub fn receipt_message_recipient(key: &[u8]) -> Option<(MessageId, UserId)> {
+    let mut key = KeyReader::after(key, ID_PREFIX_BYTES)?;
+    let message = key.message()?;
+    let recipient = UserId::new(key.u64()?)?;
+    key.end((message, recipient))
+}
+
 /// Decodes `(set_at, message, recipient)` of a [`receipt_feed`](super::receipt_feed) key.
 pub fn receipt_feed_parts(key: &[u8]) -> Option<(LogIndex, MessageId, UserId)> {
     let mut key = KeyReader::after(key, ID_PREFIX_BYTES)?;

@@ -37,6 +37,9 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
             }
             Ok(())
         }
+        Decoded::AccountDeleted(user) => {
+            view.delete_prefix(&keys::user_records(view.shard(), keys::tag::PRIMARY, *user))
+        }
         Decoded::MessageSent(_)
         | Decoded::MessageDelivered(_)
         | Decoded::ReadUpTo(_)

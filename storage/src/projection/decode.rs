@@ -416,6 +416,8 @@ pub enum Decoded<'e> {
     Code(CodeEvent<'e>),
     /// A key-directory event.
     Keys(KeysEvent<'e>),
+    /// `AccountDeleted`: the user whose account leaves.
+    AccountDeleted(UserId),
 }
 
 fn user(raw: u64, field: &'static str) -> Result<UserId, WireError> {
@@ -541,6 +543,7 @@ pub fn kind_name(kind: &Kind) -> &'static str {
         Kind::RegistrationsForgotten(_) => "RegistrationsForgotten",
         Kind::KeysUploaded(_) => "KeysUploaded",
         Kind::PrekeysClaimed(_) => "PreKeysClaimed",
+        Kind::AccountDeleted(_) => "AccountDeleted",
     }
 }
 
@@ -666,6 +669,7 @@ fn decode_fields(kind: &Kind) -> Result<Decoded<'_>, WireError> {
         | Kind::RegistrationsForgotten(_) => Decoded::Code(code_event(kind)?),
         Kind::KeysUploaded(event) => Decoded::Keys(keys_uploaded(event)?),
         Kind::PrekeysClaimed(event) => Decoded::Keys(prekeys_claimed(event)?),
+        Kind::AccountDeleted(event) => Decoded::AccountDeleted(user(event.user, "user")?),
     })
 }
 

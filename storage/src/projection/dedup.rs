@@ -115,6 +115,21 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
             }
             Ok(())
         }
+        Decoded::AccountDeleted(user) => {
+            // The user's 1:1 sends (a group send's record lives on the group's shard and leaves
+            // with the dedup window).
+            let prefix = keys::user_records(view.shard(), keys::tag::PRIMARY, *user);
+            let end = keys::prefix_end(&prefix).expect("dedup prefixes end below 0xff..");
+            for (key, result) in
+                view.scan::<SendResult>(Projection::Dedup, &prefix, &end, usize::MAX)?
+            {
+                let by_time = keys::dedup_by_time_of(&key, result.sent_at_ms)
+                    .expect("dedup keys start with a shard");
+                view.delete(by_time)?;
+                view.delete(key)?;
+            }
+            Ok(())
+        }
         Decoded::MessageDelivered(_)
         | Decoded::DeliveryAcked(_)
         | Decoded::ReadUpTo(_)

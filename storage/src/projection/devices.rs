@@ -57,6 +57,16 @@ pub fn has_companions(view: &View<'_, '_>, user: UserId) -> Result<bool> {
     Ok(active >= 2)
 }
 
+/// Returns the hash of the number `user` registered with (`None` for a user not registered).
+///
+/// # Errors
+/// A storage fault.
+pub fn phone_of(view: &View<'_, '_>, user: UserId) -> Result<Option<Vec<u8>>> {
+    let record: Option<UserRecord> =
+        view.get(Projection::Devices, &keys::user_record(view.shard(), user))?;
+    Ok(record.map(|r| r.phone_hash))
+}
+
 /// Returns a user's devices, by id.
 ///
 /// # Errors
@@ -150,6 +160,19 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
             view.put(key, &record)
         }
         Decoded::Code(code) => registration::apply(view, *code),
+        Decoded::AccountDeleted(user) => {
+            let key = keys::user_record(shard, *user);
+            let record: UserRecord = view
+                .get(Projection::Devices, &key)?
+                .expect("only registered users are deleted (checked)");
+            let phone = record.phone_hash;
+            if user_by_phone(view, &phone)? == Some(*user) {
+                view.delete(keys::phone(shard, &phone))?;
+            }
+            registration::forget_number(view, &phone)?;
+            view.delete(key)?;
+            view.delete_prefix(&keys::device_user_prefix(shard, *user))
+        }
         // The key directory folds after this (`prekeys::apply`).
         Decoded::Keys(_) => Ok(()),
         Decoded::MessageSent(_)

@@ -78,6 +78,18 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
             }
             Ok(())
         }
+        Decoded::AccountDeleted(user) => {
+            // Applied before the inbox: its undelivered messages are still there to read.
+            let state = inbox::state(view, *user)?;
+            let (after, tail) = (
+                InboxSeq::new(state.delivered_up_to),
+                InboxSeq::new(state.tail_seq),
+            );
+            for (seq, entry) in inbox::entries_between(view, *user, after, tail)? {
+                view.delete(keys::expiry(shard, entry.stored_at_ms, *user, seq))?;
+            }
+            Ok(())
+        }
         Decoded::MessageExpired(expired) => {
             let (user, seq) = (expired.user, expired.seq);
             let entry =

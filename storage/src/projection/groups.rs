@@ -110,7 +110,8 @@ pub fn check(view: &View<'_, '_>, event: &Decoded<'_>) -> Result<Option<GroupRef
         | Decoded::ReceiptsForgotten(_)
         | Decoded::GroupMessagesForgotten { .. }
         | Decoded::Code(_)
-        | Decoded::Keys(_) => None,
+        | Decoded::Keys(_)
+        | Decoded::AccountDeleted(_) => None,
     };
     Ok(refusal)
 }
@@ -277,7 +278,8 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
         | Decoded::InboxForgotten(_)
         | Decoded::ReceiptsForgotten(_)
         | Decoded::Code(_)
-        | Decoded::Keys(_) => Ok(()),
+        | Decoded::Keys(_)
+        | Decoded::AccountDeleted(_) => Ok(()),
     }
 }
 

@@ -225,6 +225,35 @@ fn forget(view: &mut View<'_, '_>, message: &decode::ForgottenMessage<'_>) -> Re
     ))
 }
 
+/// `AccountDeleted`: every message of `user` leaves with its indexes, and the inbox is closed.
+fn close(view: &mut View<'_, '_>, user: UserId) -> Result<()> {
+    let shard = view.shard();
+    let inbox = state(view, user)?;
+    for (seq, entry) in
+        entries_between(view, user, InboxSeq::new(0), InboxSeq::new(inbox.tail_seq))?
+    {
+        let id =
+            MessageId::from_wire(&entry.message_id, "message_id").expect("stored ids are valid");
+        view.delete(keys::inbox_message_id(shard, user, id))?;
+        if entry.trimmed {
+            view.delete(keys::inbox_stub_by_time(
+                shard,
+                entry.stored_at_ms,
+                user,
+                seq,
+            ))?;
+        }
+        view.delete(keys::inbox_message(shard, user, seq))?;
+    }
+    view.put(
+        keys::inbox_state(shard, user),
+        &InboxState {
+            closed: true,
+            ..InboxState::default()
+        },
+    )
+}
+
 /// Folds one event into the inbox.
 ///
 /// # Errors
@@ -297,11 +326,18 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
             }
             Ok(())
         }
+        Decoded::AccountDeleted(user) => close(view, *user),
+        Decoded::UserRegistered(registered) => {
+            // The number of a deleted account registers again: its inbox opens, empty.
+            if state(view, registered.user)?.closed {
+                view.delete(keys::inbox_state(shard, registered.user))?;
+            }
+            Ok(())
+        }
         Decoded::MessageSent(_)
         | Decoded::ReadUpTo(_)
         | Decoded::ReceiptRecorded(_)
         | Decoded::OutboxTrimmed(_)
-        | Decoded::UserRegistered(_)
         | Decoded::DeviceRegistered(_)
         | Decoded::DeviceRevoked(_)
         | Decoded::GroupCreated(_)

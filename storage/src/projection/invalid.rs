@@ -29,8 +29,8 @@ pub enum Invalid {
     /// An id that does not decode (zero, out of range, malformed).
     #[error("{0}")]
     Decode(#[from] DecodeError),
-    /// A device registered for a user that was never registered.
-    #[error("DeviceRegistered for unregistered user {user}")]
+    /// A device registered, or an account deleted, for a user that is not registered.
+    #[error("a device or deletion for unregistered user {user}")]
     UnknownUser {
         /// The user.
         user: u64,
@@ -185,6 +185,10 @@ pub(super) fn check(view: &View<'_, '_>, event: &Decoded<'_>) -> Result<Option<I
                 }
             }
         }
+        Decoded::AccountDeleted(user) => view
+            .get::<UserRecord>(Projection::Devices, &keys::user_record(shard, *user))?
+            .is_none()
+            .then_some(Invalid::UnknownUser { user: user.get() }),
         Decoded::DeviceRevoked(revoked) => view
             .get::<DeviceRecord>(
                 Projection::Devices,

@@ -29,6 +29,8 @@ pub mod registration;
 mod view;
 
 #[cfg(test)]
+mod account_test;
+#[cfg(test)]
 mod groups_test;
 #[cfg(test)]
 mod history_test;
@@ -340,7 +342,8 @@ fn admit(
         | Decoded::SendsForgotten(_)
         | Decoded::InboxForgotten(_)
         | Decoded::ReceiptsForgotten(_)
-        | Decoded::GroupMessagesForgotten { .. } => Applied::Done,
+        | Decoded::GroupMessagesForgotten { .. }
+        | Decoded::AccountDeleted(_) => Applied::Done,
     };
     Ok(ControlFlow::Continue(outcome))
 }
@@ -383,6 +386,15 @@ fn admit_delivery(
         }
     }
     let view = View::new(staged, shard, at, Projection::Inbox);
+    let inbox_state = inbox::state(&view, user)?;
+    if inbox_state.closed {
+        // The account was deleted: nothing is stored, the position is consumed.
+        if let Some((source, pos)) = delivered.forwarded {
+            let mut outbox = View::new(staged, shard, at, Projection::Outbox);
+            outbox::set_inbound(&mut outbox, source, pos)?;
+        }
+        return Ok(ControlFlow::Break(Applied::Done));
+    }
     if let Some(seq) = inbox::stored_seq(&view, user, &delivered.event.message_id)? {
         if let Some((source, pos)) = delivered.forwarded {
             // The position is new even though the message is not: the watermark moves, or the
@@ -398,7 +410,7 @@ fn admit_delivery(
     }
     Ok(ControlFlow::Continue(Applied::Stored {
         user,
-        seq: inbox::tail(&view, user)?.next(),
+        seq: InboxSeq::new(inbox_state.tail_seq).next(),
         duplicate: false,
     }))
 }

@@ -263,7 +263,9 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
         | Decoded::ReceiptsForgotten(_)
         | Decoded::GroupMessagesForgotten { .. }
         | Decoded::Code(_)
-        | Decoded::Keys(_) => Ok(()),
+        | Decoded::Keys(_)
+        // What the user sent before deleting still reaches its recipients.
+        | Decoded::AccountDeleted(_) => Ok(()),
     }
 }
 

@@ -325,5 +325,5 @@ fn the_generator_emits_every_event_kind() {
             event.kind.as_ref().map(super::decode::kind_name)
         })
         .collect();
-    assert_eq!(seen.len(), 23, "{seen:?}");
+    assert_eq!(seen.len(), 24, "{seen:?}");
 }

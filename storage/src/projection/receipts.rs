@@ -177,6 +177,27 @@ fn forget(view: &mut View<'_, '_>, forgotten: &super::decode::ForgottenReceipt<'
     view.delete(key)
 }
 
+/// `AccountDeleted`: every receipt of what `sender` sent that this shard holds leaves, with its
+/// feed and time index entries (receipts arriving later are kept until retention forgets them).
+fn forget_sender(view: &mut View<'_, '_>, sender: UserId) -> Result<()> {
+    let shard = view.shard();
+    let prefix = keys::user_records(shard, keys::tag::PRIMARY, sender);
+    let end = keys::prefix_end(&prefix).expect("receipt prefixes end below 0xff..");
+    for (key, receipt) in view.scan::<Receipt>(Projection::Receipts, &prefix, &end, usize::MAX)? {
+        let (message, recipient) =
+            keys::receipt_message_recipient(&key).expect("receipt keys name message and recipient");
+        view.delete(keys::receipt_by_time(
+            shard,
+            receipt.at_ms,
+            sender,
+            message,
+            recipient,
+        ))?;
+        view.delete(key)?;
+    }
+    view.delete_prefix(&keys::receipt_feed_prefix(shard, sender))
+}
+
 /// Folds one event into the receipts.
 ///
 /// # Errors
@@ -235,6 +256,7 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
             }
             Ok(())
         }
+        Decoded::AccountDeleted(user) => forget_sender(view, *user),
         Decoded::MessageDelivered(_)
         | Decoded::DeliveryAcked(_)
         | Decoded::ReadUpTo(_)

@@ -231,6 +231,20 @@ pub fn forgettable(view: &View<'_, '_>, before_ms: u64) -> Result<Vec<Vec<u8>>> 
         .collect())
 }
 
+/// Removes a number's registration record and its time index entry, if it has one
+/// (`AccountDeleted`: no hash of the number stays).
+///
+/// # Errors
+/// A storage fault.
+pub fn forget_number(view: &mut View<'_, '_>, phone: &[u8]) -> Result<()> {
+    let shard = view.shard();
+    if let Some(old) = record(view, phone)? {
+        view.delete(keys::registration_by_time(shard, old.forget_at_ms, phone))?;
+        view.delete(keys::registration(shard, phone))?;
+    }
+    Ok(())
+}
+
 /// Folds one registration-code event into the devices projection.
 ///
 /// # Errors

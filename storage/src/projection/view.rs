@@ -7,6 +7,7 @@ use prost::Message;
 use super::{Projection, hex};
 use crate::cf::Cf;
 use crate::error::{Result, StorageError};
+use crate::keys;
 use crate::kv::{Pair, Staged};
 
 const SET_AT_BYTES: usize = 8;
@@ -188,5 +189,20 @@ impl<'s, 'a> View<'s, 'a> {
     /// A storage fault.
     pub fn delete(&mut self, key: Vec<u8>) -> Result<()> {
         self.staged.delete(self.projection, key)
+    }
+
+    /// Deletes every record of this view's own projection whose key starts with `prefix`.
+    ///
+    /// # Errors
+    /// A storage fault.
+    pub fn delete_prefix(&mut self, prefix: &[u8]) -> Result<()> {
+        let end = keys::prefix_end(prefix).expect("record prefixes end below 0xff..");
+        let found = self
+            .staged
+            .scan(Cf::Projection(self.projection), prefix, &end, usize::MAX)?;
+        for (key, _) in found {
+            self.staged.delete(self.projection, key)?;
+        }
+        Ok(())
     }
 }

@@ -277,6 +277,10 @@ impl Adversary {
                 at_ms: self.rng.below(100),
                 redeemed_phone_hash,
             }),
+            _ if self.rng.chance(20) => Kind::AccountDeleted(events::AccountDeleted {
+                user: self.user(),
+                at_ms: self.rng.below(100),
+            }),
             _ => Kind::DeviceRevoked(events::DeviceRevoked {
                 user: self.user(),
                 device: self.device(),

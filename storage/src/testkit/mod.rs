@@ -35,6 +35,8 @@ struct UserModel {
     delivered: u64,
     /// seq → (conversation peer, expired)
     messages: BTreeMap<u64, (u64, bool, Vec<u8>)>,
+    /// The account was deleted and not registered again: deliveries store nothing.
+    closed: bool,
 }
 
 /// Generates valid event histories for one shard.
@@ -274,10 +276,12 @@ impl EventGen {
         }
         let message_id = self.message_id();
         let model = self.users.get_mut(&user).expect("picked");
-        model.tail += 1;
-        model
-            .messages
-            .insert(model.tail, (peer, false, message_id.clone()));
+        if !model.closed {
+            model.tail += 1;
+            model
+                .messages
+                .insert(model.tail, (peer, false, message_id.clone()));
+        }
         Kind::MessageDelivered(events::MessageDelivered {
             message_id,
             recipient_user: user,
@@ -559,6 +563,20 @@ impl EventGen {
         if !known.is_empty() && self.rng.chance(60) {
             let user = known[self.rng.below(known.len() as u64) as usize];
             let devices = self.registered[&user];
+            if self.rng.chance(8) {
+                // The account leaves; a modelled user registers again later (below).
+                self.registered.remove(&user);
+                if let Some(model) = self.users.get_mut(&user) {
+                    *model = UserModel {
+                        closed: true,
+                        ..UserModel::default()
+                    };
+                }
+                return Kind::AccountDeleted(events::AccountDeleted {
+                    user,
+                    at_ms: self.now_ms,
+                });
+            }
             if devices > 0 && self.rng.chance(30) {
                 return Kind::DeviceRevoked(events::DeviceRevoked {
                     user,
@@ -588,6 +606,9 @@ impl EventGen {
             }
         };
         self.registered.insert(user, 0);
+        if let Some(model) = self.users.get_mut(&user) {
+            model.closed = false;
+        }
         let mut phone_hash = vec![0_u8; 16];
         phone_hash[..8].copy_from_slice(&user.to_be_bytes());
         Kind::UserRegistered(events::UserRegistered {

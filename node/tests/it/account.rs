@@ -1,0 +1,243 @@
+//! Deleting an account on three in-process nodes: only the primary, only with the account's own
+//! number; afterwards no device works on any node, nobody can write to the account, it is in no
+//! group, its keys are gone, no replica holds its number's hash, every replica equals a rebuild
+//! of its log, and the number registers again as a new, empty account.
+
+use std::time::{Duration, Instant};
+
+use courier_proto::pb::client::groups_client::GroupsClient;
+use courier_proto::pb::client::keys_client::KeysClient;
+use courier_proto::pb::client::messaging_client::MessagingClient;
+use courier_proto::pb::client::registration_client::RegistrationClient;
+use courier_proto::pb::client::{
+    CreateGroupRequest, DeleteAccountRequest, GetPreKeyBundleRequest, ListDevicesRequest,
+    ListGroupsRequest, OneTimePreKey, SendRequest, ServerFrame, SignedPreKey, UploadKeysRequest,
+    server_frame,
+};
+use courier_proto::{PhoneHasher, PhoneKey, shard_of};
+use courier_storage::{Cf, Projection, ReadKv};
+
+use crate::messaging::{
+    Device, assert_verified_from_genesis, authed, body, cluster_appending, code_is, collect,
+    link_tablet, open_stream, phones_on_different_shards, register, user_of,
+};
+use crate::support::channel;
+
+async fn send(addr: &str, from: &Device, to: u64, text: &str) -> Result<(), tonic::Status> {
+    MessagingClient::new(channel(addr).await)
+        .send(authed(
+            from,
+            SendRequest {
+                client_msg_id: text.to_owned(),
+                to_user: to,
+                content: body(text),
+            },
+        ))
+        .await
+        .map(|_| ())
+}
+
+async fn delete(addr: &str, device: &Device, phone: &str) -> Result<u32, tonic::Status> {
+    RegistrationClient::new(channel(addr).await)
+        .delete_account(authed(
+            device,
+            DeleteAccountRequest {
+                phone_number: phone.to_owned(),
+            },
+        ))
+        .await
+        .map(|r| r.into_inner().groups_left)
+}
+
+fn bodies(frames: &[ServerFrame]) -> Vec<(u64, String)> {
+    frames
+        .iter()
+        .filter_map(|f| match &f.frame {
+            Some(server_frame::Frame::Message(m)) => Some((
+                m.seq,
+                String::from_utf8(m.content.clone().unwrap_or_default().body).expect("utf-8"),
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Retries `check` until it holds or 10 s pass (replicas apply at their own pace).
+async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let started = Instant::now();
+    while !check().await {
+        assert!(started.elapsed() < Duration::from_secs(10), "{what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(
+    clippy::too_many_lines,
+    reason = "one account's story in linear phases: each phase reads the state the previous one left"
+)]
+async fn a_deleted_account_leaves_nothing_and_the_number_registers_again() {
+    let c = cluster_appending(
+        "[limits]\nsends-per-second-per-device = 10000\nsend-burst-per-device = 10000\n",
+    )
+    .await;
+    let addr = |i: usize| c.nodes[i].client_addr.to_string();
+    let (alice_phone, bob_phone) = phones_on_different_shards();
+    let alice = register(&addr(0), &c.dirs[0], &alice_phone).await;
+    let bob = register(&addr(1), &c.dirs[1], &bob_phone).await;
+    let tablet = link_tablet(&addr(2), &alice).await;
+    c.wait_converged().await;
+    KeysClient::new(channel(&addr(0)).await)
+        .upload_keys(authed(
+            &alice,
+            UploadKeysRequest {
+                identity_key: vec![1; 33],
+                signed_prekey: Some(SignedPreKey {
+                    key_id: 1,
+                    public_key: vec![2; 33],
+                    signature: vec![3; 64],
+                }),
+                one_time_prekeys: (1..=5)
+                    .map(|id| OneTimePreKey {
+                        key_id: id,
+                        public_key: vec![4; 33],
+                    })
+                    .collect(),
+            },
+        ))
+        .await
+        .expect("upload");
+    let group = GroupsClient::new(channel(&addr(0)).await)
+        .create_group(authed(
+            &alice,
+            CreateGroupRequest {
+                name: "two".to_owned(),
+                members: vec![bob.user],
+            },
+        ))
+        .await
+        .expect("create")
+        .into_inner()
+        .group_id;
+    send(&addr(1), &bob, alice.user, "before")
+        .await
+        .expect("send");
+    send(&addr(0), &alice, bob.user, "from alice")
+        .await
+        .expect("send");
+
+    tracing::info!("a companion, or another number, deletes nothing");
+    let refused = delete(&addr(2), &tablet, &alice_phone).await.unwrap_err();
+    code_is(
+        &refused,
+        tonic::Code::PermissionDenied,
+        "COURIER:Account:NotPrimary",
+    );
+    let refused = delete(&addr(0), &alice, &bob_phone).await.unwrap_err();
+    code_is(
+        &refused,
+        tonic::Code::InvalidArgument,
+        "COURIER:Account:WrongNumber",
+    );
+    send(&addr(1), &bob, alice.user, "still here")
+        .await
+        .expect("the account still exists");
+
+    tracing::info!("the primary deletes the account with its own number");
+    let left = delete(&addr(0), &alice, &alice_phone)
+        .await
+        .expect("delete");
+    assert_eq!(left, 1, "it left its one group first");
+    c.wait_converged().await;
+    for i in 0..3 {
+        for device in [&alice, &tablet] {
+            let status = RegistrationClient::new(channel(&addr(i)).await)
+                .list_devices(authed(device, ListDevicesRequest {}))
+                .await
+                .unwrap_err();
+            assert_eq!(
+                status.code(),
+                tonic::Code::Unauthenticated,
+                "node {i}: {status:?}"
+            );
+        }
+    }
+    let refused = send(&addr(1), &bob, alice.user, "after").await.unwrap_err();
+    code_is(
+        &refused,
+        tonic::Code::NotFound,
+        "COURIER:Messaging:UnknownRecipient",
+    );
+    let groups = GroupsClient::new(channel(&addr(1)).await)
+        .list_groups(authed(&bob, ListGroupsRequest {}))
+        .await
+        .expect("list")
+        .into_inner()
+        .groups;
+    let members: Vec<u64> = groups
+        .iter()
+        .find(|g| g.group_id == group)
+        .expect("bob's group")
+        .members
+        .iter()
+        .map(|m| m.user_id)
+        .collect();
+    assert_eq!(members, vec![bob.user], "alice left the group");
+    let bundle = KeysClient::new(channel(&addr(1)).await)
+        .get_pre_key_bundle(authed(&bob, GetPreKeyBundleRequest { user: alice.user }))
+        .await;
+    assert!(
+        bundle
+            .as_ref()
+            .map_or(true, |b| b.get_ref().devices.is_empty()),
+        "no keys are handed out: {bundle:?}"
+    );
+
+    tracing::info!("no replica holds the number's hash; every replica equals a rebuild");
+    let phone_hash =
+        PhoneHasher::Keyed(PhoneKey::new(crate::cluster::PHONE_KEY)).phone_hash(&alice_phone);
+    let alice_shard = shard_of(
+        user_of(&alice_phone),
+        u16::try_from(crate::cluster::SHARDS).expect("small"),
+    );
+    for node in &c.nodes {
+        let db = node.groups().db().clone();
+        let (from, to) = courier_storage::keys::shard_range(alice_shard);
+        for projection in Projection::ALL {
+            let records = db
+                .scan(Cf::Projection(projection), &from, &to, usize::MAX)
+                .expect("scan");
+            for (key, value) in records {
+                let holds = |bytes: &[u8]| bytes.windows(phone_hash.len()).any(|w| w == phone_hash);
+                assert!(
+                    !holds(&key) && !holds(&value),
+                    "{} holds the number's hash",
+                    projection.name()
+                );
+            }
+        }
+        assert_verified_from_genesis(node, alice_shard).await;
+    }
+
+    tracing::info!("the number registers again: a new account with an empty inbox");
+    let again = register(&addr(1), &c.dirs[1], &alice_phone).await;
+    assert_eq!(again.user, alice.user, "user ids follow the number");
+    assert_eq!(again.device, 1, "device ids start again");
+    c.wait_converged().await;
+    eventually("bob can write to the number again", async || {
+        send(&addr(1), &bob, alice.user, "welcome back")
+            .await
+            .is_ok()
+    })
+    .await;
+    let mut stream = open_stream(&addr(2), &again, 0).await;
+    let frames = collect(&mut stream, Duration::from_secs(10), |f| {
+        !bodies(f).is_empty()
+    })
+    .await;
+    assert_eq!(
+        bodies(&frames),
+        vec![(1, "welcome back".to_owned())],
+        "nothing from before; the new inbox starts at seq 1"
+    );
+}
