@@ -6,7 +6,7 @@
 use courier_consensus::types::EventOutcome;
 use courier_proto::convert::registration::PhoneNumber;
 use courier_proto::pb::client::{DeleteAccountRequest, DeleteAccountResponse};
-use courier_proto::pb::events::{self, Event, event::Kind};
+use courier_proto::pb::events::{self, event::Kind};
 use courier_proto::{GroupId, ShardId};
 use courier_storage::projection::{devices, groups};
 
@@ -53,19 +53,11 @@ impl ClientApi {
             });
         }
         let groups_left = self.leave_every_group(caller).await?;
-        let outcomes = self
-            .cluster
-            .propose(
-                shard,
-                vec![Event {
-                    kind: Some(Kind::AccountDeleted(events::AccountDeleted {
-                        user: caller.user.get(),
-                        at_ms: now_ms(),
-                    })),
-                }],
-            )
-            .await?;
-        if let Some(EventOutcome::Rejected { code, message }) = outcomes.into_iter().next() {
+        let deleted = Kind::AccountDeleted(events::AccountDeleted {
+            user: caller.user.get(),
+            at_ms: now_ms(),
+        });
+        if let EventOutcome::Rejected { code, message } = self.propose_one(shard, deleted).await? {
             // Deleted by a request that raced this one: the account is gone all the same.
             tracing::info!(
                 user = caller.user.get(),
@@ -88,22 +80,15 @@ impl ClientApi {
         }
         let mut left = 0_u32;
         for group in memberships {
-            let outcomes = self
-                .cluster
-                .propose(
-                    self.group_shard(group)?,
-                    vec![Event {
-                        kind: Some(Kind::MemberRemoved(events::MemberRemoved {
-                            group: group.get(),
-                            user: caller.user.get(),
-                            by: caller.user.get(),
-                            at_ms: now_ms(),
-                        })),
-                    }],
-                )
-                .await?;
+            let removed = Kind::MemberRemoved(events::MemberRemoved {
+                group: group.get(),
+                user: caller.user.get(),
+                by: caller.user.get(),
+                at_ms: now_ms(),
+            });
+            let outcome = self.propose_one(self.group_shard(group)?, removed).await?;
             // Refused: it had already left (a retried deletion, or a removal that raced).
-            if !matches!(outcomes.first(), Some(EventOutcome::Rejected { .. })) {
+            if !matches!(outcome, EventOutcome::Rejected { .. }) {
                 left = left.saturating_add(1);
             }
         }

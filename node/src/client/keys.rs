@@ -13,7 +13,7 @@ use courier_proto::pb::client::{
     DeviceKeyBundle, GetKeyCountResponse, GetPreKeyBundleRequest, GetPreKeyBundleResponse,
     OneTimePreKey, SignedPreKey, UploadKeysRequest, UploadKeysResponse,
 };
-use courier_proto::pb::events::{self, Event, PreKey, event::Kind};
+use courier_proto::pb::events::{self, PreKey, event::Kind};
 use courier_proto::pb::store::KeyBundle;
 use courier_proto::{ShardId, UserId};
 use courier_storage::projection::{decode, prekeys};
@@ -54,14 +54,9 @@ fn refused(code: &str, message: String) -> ApiError {
 
 impl ClientApi {
     async fn propose_keys(&self, shard: ShardId, kind: Kind) -> Result<EventOutcome, ApiError> {
-        let mut outcomes = self
-            .cluster
-            .propose(shard, vec![Event { kind: Some(kind) }])
-            .await?;
-        match outcomes.pop() {
-            Some(EventOutcome::Rejected { code, message }) => Err(refused(&code, message)),
-            Some(outcome) => Ok(outcome),
-            None => Err(unexpected(None)),
+        match self.propose_one(shard, kind).await? {
+            EventOutcome::Rejected { code, message } => Err(refused(&code, message)),
+            outcome => Ok(outcome),
         }
     }
 

@@ -193,6 +193,27 @@ impl ClientApi {
         Ok(shard_of(user, self.shard_count()?))
     }
 
+    /// Proposes one event on `shard` and answers its outcome once applied.
+    ///
+    /// # Errors
+    /// Any proposal failure (`UNAVAILABLE` without a leader); `INTERNAL COURIER:Node:Outcome`
+    /// when no outcome came back.
+    pub(crate) async fn propose_one(
+        &self,
+        shard: ShardId,
+        kind: courier_proto::pb::events::event::Kind,
+    ) -> Result<courier_consensus::types::EventOutcome, ApiError> {
+        let event = courier_proto::pb::events::Event { kind: Some(kind) };
+        self.cluster
+            .propose(shard, vec![event])
+            .await?
+            .pop()
+            .ok_or_else(|| ApiError::Internal {
+                code: "COURIER:Node:Outcome",
+                message: "a proposal of one event answered no outcome".to_owned(),
+            })
+    }
+
     /// Reads this replica's state of `shard` through a projection view: `UNAVAILABLE`
     /// `COURIER:Shard:Installing` when a snapshot install was writing the shard's projections
     /// meanwhile (what was read may be half of it).

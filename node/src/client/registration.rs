@@ -109,12 +109,8 @@ fn new_code() -> String {
 impl ClientApi {
     /// Proposes one registration-code event on `shard` and returns what apply decided.
     async fn propose_code(&self, shard: ShardId, kind: Kind) -> Result<CodeResult, ApiError> {
-        let outcomes = self
-            .cluster
-            .propose(shard, vec![Event { kind: Some(kind) }])
-            .await?;
-        match outcomes.last() {
-            Some(EventOutcome::Code(result)) => Ok(*result),
+        match self.propose_one(shard, kind).await? {
+            EventOutcome::Code(result) => Ok(result),
             other => Err(ApiError::Internal {
                 code: "COURIER:Node:Outcome",
                 message: format!("unexpected outcome {other:?}"),
@@ -408,16 +404,13 @@ impl ClientApi {
                 message: format!("{device} is not one of your devices"),
             });
         }
-        let event = Event {
-            kind: Some(Kind::DeviceRevoked(events::DeviceRevoked {
-                user: caller.user.get(),
-                device: device.get(),
-                at_ms: now_ms(),
-                redeemed_phone_hash: Vec::new(),
-            })),
-        };
-        self.cluster
-            .propose(self.shard_of(caller.user)?, vec![event])
+        let revoked = Kind::DeviceRevoked(events::DeviceRevoked {
+            user: caller.user.get(),
+            device: device.get(),
+            at_ms: now_ms(),
+            redeemed_phone_hash: Vec::new(),
+        });
+        self.propose_one(self.shard_of(caller.user)?, revoked)
             .await?;
         Ok(())
     }
