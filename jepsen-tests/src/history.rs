@@ -225,6 +225,12 @@ pub struct Retention {
     /// False: a message leaves the inbox once every device of its recipient acked it, so a drain
     /// does not return it (API.md, "Resuming a stream").
     pub keep_delivered: bool,
+    /// Every user of the run has a second active device, so the nodes store each send for its
+    /// sender too (multi-device history, API.md "Your own messages on every device"): the checker
+    /// expects every acked send in its sender's inbox as well as its recipient's. Absent in older
+    /// histories: no own copies expected.
+    #[serde(default)]
+    pub own_copies: bool,
 }
 
 /// A nemesis event.

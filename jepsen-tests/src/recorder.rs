@@ -43,7 +43,10 @@ impl Recorder {
             records: AtomicU64::new(0),
             write_errors: AtomicU64::new(0),
         };
-        recorder.record(&Record::Retention(Retention { keep_delivered }));
+        recorder.record(&Record::Retention(Retention {
+            keep_delivered,
+            own_copies: crate::workload::LINKS_A_SECOND_DEVICE,
+        }));
         Ok(recorder)
     }
 

@@ -210,8 +210,18 @@ impl Builder {
 
     /// The run's nodes keep delivered bodies, or trim them.
     pub(crate) fn retention(&mut self, keep_delivered: bool) {
-        self.records
-            .push(Record::Retention(Retention { keep_delivered }));
+        self.records.push(Record::Retention(Retention {
+            keep_delivered,
+            own_copies: false,
+        }));
+    }
+
+    /// The run's users have a second device: every send is stored for its sender too.
+    pub(crate) fn own_copies(&mut self) {
+        self.records.push(Record::Retention(Retention {
+            keep_delivered: true,
+            own_copies: true,
+        }));
     }
 
     pub(crate) fn fault(&mut self, description: &str) {

@@ -54,6 +54,8 @@ pub(super) struct Index<'h> {
     /// Per user, the seqs the nodes may have trimmed (see [`Index::trimmable_up_to`]); empty
     /// when the run kept delivered bodies ([`crate::history::Retention`]).
     trimmable: BTreeMap<u64, u64>,
+    /// Each send is stored for its sender too ([`crate::history::Retention::own_copies`]).
+    own_copies: bool,
 }
 
 impl<'h> Index<'h> {
@@ -80,7 +82,10 @@ impl<'h> Index<'h> {
                     let up_to = acked.entry((a.user, a.device)).or_default();
                     *up_to = (*up_to).max(a.up_to_seq);
                 }
-                Record::Retention(retention) => keep_delivered = retention.keep_delivered,
+                Record::Retention(retention) => {
+                    keep_delivered = retention.keep_delivered;
+                    index.own_copies = retention.own_copies;
+                }
             }
         }
         index.mark_pending_indeterminate();
@@ -113,6 +118,16 @@ impl<'h> Index<'h> {
     /// of the user acked, or none when bodies are kept. A drain need not return these. A device
     /// acks only up to what its sessions delivered, and those sessions are checked for gaps, so
     /// every device received each of them.
+    /// The users whose inbox `send` must reach: its recipient, and its sender when the run's
+    /// users have a second device (the sender's own copy).
+    pub(super) fn inboxes_of(&self, send: &Send<'_>) -> Vec<u64> {
+        let mut users = vec![send.to_user];
+        if self.own_copies && send.from_user != send.to_user {
+            users.push(send.from_user);
+        }
+        users
+    }
+
     pub(super) fn trimmable_up_to(&self, user: u64) -> u64 {
         self.trimmable.get(&user).copied().unwrap_or(0)
     }

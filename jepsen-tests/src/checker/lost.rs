@@ -13,7 +13,11 @@ use crate::history::SessionStart;
 /// `undrained`: a user who was sent to, or who streamed, but has no drain session. Without a
 /// drain nothing can be said about lost messages of that user, so the run must not pass.
 pub(super) fn check_undrained(index: &Index<'_>, findings: &mut Findings) {
-    let mut users: BTreeSet<u64> = index.sends.values().map(|send| send.to_user).collect();
+    let mut users: BTreeSet<u64> = index
+        .sends
+        .values()
+        .flat_map(|send| index.inboxes_of(send))
+        .collect();
     users.extend(index.sessions.values().map(|session| session.start.user));
     for user in users {
         if index.drain_sessions(user).next().is_some() {
@@ -22,7 +26,7 @@ pub(super) fn check_undrained(index: &Index<'_>, findings: &mut Findings) {
         let acked = index
             .sends
             .values()
-            .filter(|send| send.to_user == user && send.ack.is_some())
+            .filter(|send| send.ack.is_some() && index.inboxes_of(send).contains(&user))
             .count();
         let detail = format!("user {user} has no drain session; {acked} acked sends unchecked");
         findings.add(AnomalyKind::Undrained, "no-drain-session", detail);
@@ -42,8 +46,10 @@ pub(super) fn check_lost(index: &Index<'_>, inboxes: &Inboxes<'_>, findings: &mu
     let mut streams: BTreeMap<(u64, u64), Vec<(u64, &str)>> = BTreeMap::new();
     for (client_id, send) in &index.sends {
         if let Some((ack_ms, _)) = send.ack {
-            let stream = streams.entry((send.from_user, send.to_user)).or_default();
-            stream.push((ack_ms, client_id));
+            for inbox in index.inboxes_of(send) {
+                let stream = streams.entry((send.from_user, inbox)).or_default();
+                stream.push((ack_ms, client_id));
+            }
         }
     }
     for ((from, to), mut stream) in streams {
@@ -91,7 +97,7 @@ pub(super) fn check_vanished(index: &Index<'_>, inboxes: &Inboxes<'_>, findings:
             let acked_here = index
                 .sends
                 .get(client_id)
-                .is_some_and(|send| send.ack.is_some() && send.to_user == *user);
+                .is_some_and(|send| send.ack.is_some() && index.inboxes_of(send).contains(user));
             if acked_here {
                 continue;
             }

@@ -89,17 +89,23 @@ pub(super) fn check_sender_fifo(index: &Index<'_>, inboxes: &Inboxes<'_>, findin
         let Some((ack_ms, _)) = send.ack else {
             continue;
         };
-        let Some(seq) = inboxes.seq_of(send.to_user, client_id) else {
-            continue;
-        };
-        let placed = Placed {
-            client_id,
-            ack_ms,
-            invoke_ms: send.first_invoke_ms,
-            seq,
-        };
-        let stream = streams.entry((send.from_user, send.to_user)).or_default();
-        stream.push(placed);
+        // In the sender's own inbox (own copies) the stream is all of the sender's sends: one
+        // shard applies them in commit order, so real-time order holds across recipients too.
+        for inbox in index.inboxes_of(send) {
+            let Some(seq) = inboxes.seq_of(inbox, client_id) else {
+                continue;
+            };
+            let placed = Placed {
+                client_id,
+                ack_ms,
+                invoke_ms: send.first_invoke_ms,
+                seq,
+            };
+            streams
+                .entry((send.from_user, inbox))
+                .or_default()
+                .push(placed);
+        }
     }
     for ((from, to), stream) in streams {
         let mut by_ack: Vec<&Placed<'_>> = stream.iter().collect();

@@ -18,7 +18,7 @@ pub(super) fn check_unexpected(index: &Index<'_>, inboxes: &Inboxes<'_>, finding
                 findings.add(AnomalyKind::Unexpected, "never-invoked", detail);
                 continue;
             };
-            if send.to_user != *user {
+            if !index.inboxes_of(send).contains(user) {
                 let detail = format!(
                     "{client_id} was sent to user {} but delivered to user {user} ({seqs})",
                     send.to_user
@@ -87,6 +87,59 @@ mod tests {
             "{report}"
         );
         assert_eq!(report.count(AnomalyKind::Unexpected), 1, "{report}");
+    }
+
+    /// [`traffic`] drained with each send in its sender's inbox too, user 1's being
+    /// `user_1_inbox`; `own_copies`: the run says its users have a second device.
+    fn with_own_copies(own_copies: bool, user_1_inbox: &[Msg]) -> crate::history::History {
+        let mut b = traffic();
+        if own_copies {
+            b.own_copies();
+        }
+        let mut inbox_2 = inbox_of_2();
+        inbox_2.push(msg(4, "m11", 2, "1-1"));
+        b.drain(2, &inbox_2);
+        b.drain(1, user_1_inbox);
+        b.healthy_status();
+        b.history()
+    }
+
+    /// User 1's inbox with its own copies: its sends 0-1, 0-2 and the indeterminate 0-5, then
+    /// user 2's message.
+    fn inbox_of_1_with_own_copies() -> Vec<Msg> {
+        vec![
+            msg(1, "m01", 1, "0-1"),
+            msg(2, "m02", 1, "0-2"),
+            msg(3, "m05", 1, "0-5"),
+            msg(4, "m11", 2, "1-1"),
+        ]
+    }
+
+    /// Goal: in a run whose users have a second device, each send in its sender's inbox is
+    /// expected, not unexpected.
+    #[test]
+    fn own_copies_pass_when_the_run_has_them() {
+        let report = check(&with_own_copies(true, &inbox_of_1_with_own_copies()));
+        assert_eq!(report.anomaly_total(), 0, "{report}");
+    }
+
+    /// Goal: an acked send missing from its sender's inbox is lost when own copies are due.
+    #[test]
+    fn a_missing_own_copy_is_lost() {
+        let inbox = vec![
+            msg(1, "m01", 1, "0-1"),
+            msg(2, "m05", 1, "0-5"),
+            msg(3, "m11", 2, "1-1"),
+        ];
+        let report = check(&with_own_copies(true, &inbox));
+        assert_only(&report, AnomalyKind::Lost, "lost-postfix", 1);
+    }
+
+    /// Goal: without a second device a send has no business in its sender's inbox.
+    #[test]
+    fn own_copies_are_unexpected_when_the_run_has_none() {
+        let report = check(&with_own_copies(false, &inbox_of_1_with_own_copies()));
+        assert_only(&report, AnomalyKind::Unexpected, "wrong-recipient", 4);
     }
 
     /// Goal: a send whose every attempt failed must not appear anywhere.

@@ -26,7 +26,7 @@ mod send;
 mod stream;
 
 pub use drain::drain_all;
-pub use register::{register_and_save, register_one, register_users};
+pub use register::{LINKS_A_SECOND_DEVICE, register_and_save, register_one, register_users};
 pub use send::{SEND_ATTEMPTS_MAX, SEND_TIMEOUT, classify, fill_archive_segments, send_worker};
 pub use stream::stream_worker;
 

@@ -432,8 +432,10 @@ fn store_local_copies(
             if recipient_shard == shard {
                 local.extend(outbox::delivery_of(sent, sent.event.sent_at_ms));
             }
-            if recipient != sent.sender {
-                // Stored only if the sender has another device (see `admit_delivery`).
+            let view = View::new(staged, shard, at, Projection::Devices);
+            if recipient != sent.sender && devices::has_companions(&view, sent.sender)? {
+                // Built only for a sender with another device (one read otherwise; no copy of
+                // the content).
                 local.extend(outbox::own_copy_of(sent));
             }
             local
