@@ -28,13 +28,14 @@ pub struct Recorder {
 
 impl Recorder {
     /// Creates (truncates) the history file at `path`, starting with what the run's nodes keep
-    /// of delivered messages (`retention.keep-delivered`, which the checker reads); the harness
-    /// clock starts now.
+    /// of delivered messages (`retention.keep-delivered`) and whether its users have a second
+    /// device (`own_copies`: each send is then stored for its sender too), which the checker
+    /// reads; the harness clock starts now.
     ///
     /// # Errors
     ///
     /// The error of creating the file.
-    pub fn create(path: &Path, keep_delivered: bool) -> std::io::Result<Self> {
+    pub fn create(path: &Path, keep_delivered: bool, own_copies: bool) -> std::io::Result<Self> {
         let recorder = Self {
             started: Instant::now(),
             writer: Mutex::new(HistoryWriter::create(path)?),
@@ -45,7 +46,7 @@ impl Recorder {
         };
         recorder.record(&Record::Retention(Retention {
             keep_delivered,
-            own_copies: crate::workload::LINKS_A_SECOND_DEVICE,
+            own_copies,
         }));
         Ok(recorder)
     }

@@ -255,6 +255,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<RunReport> {
     let recorder = Arc::new(Recorder::create(
         &config.out.join("history.jsonl"),
         crate::nodes::KEEP_DELIVERED,
+        workload::LINKS_A_SECOND_DEVICE,
     )?);
     // Users register on the voters; a spare node answers NotInitialized until it joins.
     let voters = specs.get(..config.nodes as usize).unwrap_or(&specs);

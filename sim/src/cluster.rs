@@ -165,7 +165,8 @@ struct Clients {
 impl Clients {
     async fn run(self) -> turmoil::Result {
         // Made here, inside the simulation: the recorder's clock is the simulated one.
-        let recorder = Arc::new(Recorder::create(&self.history, KEEP_DELIVERED)?);
+        let own_copies = workload::LINKS_A_SECOND_DEVICE;
+        let recorder = Arc::new(Recorder::create(&self.history, KEEP_DELIVERED, own_copies)?);
         let _ = self.world.recorder.set(recorder.clone());
         let shards = u32::from(self.shards);
         admin::init_cluster_over(
