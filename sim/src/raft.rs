@@ -131,6 +131,7 @@ async fn client(world: Arc<World>, process: u32, from: u64, to: u64, shard: Shar
                     recipient_shard: u32::from(shard.get()),
                     group_epoch: 0,
                     trace_parent: String::new(),
+                    own_copies: false,
                 })),
             };
             let outcome = match world.proposer(node, shard) {

@@ -30,6 +30,10 @@ fn device_of(response: &RegisterResponse, primary: bool) -> Device {
     }
 }
 
+/// [`register_one`] links a second device for every user (the history records it: the checker
+/// then expects each send in its sender's inbox too).
+pub const LINKS_A_SECOND_DEVICE: bool = true;
+
 /// Registers `count` users (dev mode: codes are read from the issuing node's
 /// `sms-outbox.log`), each with a primary and a linked second device, spread over the nodes:
 /// user `i` asks node `i` for its code and registers through the next node (codes live in the
@@ -38,10 +42,6 @@ fn device_of(response: &RegisterResponse, primary: bool) -> Device {
 /// # Errors
 ///
 /// A user could not be registered within a few attempts.
-/// [`register_one`] links a second device for every user (the history records it: the checker
-/// then expects each send in its sender's inbox too).
-pub const LINKS_A_SECOND_DEVICE: bool = true;
-
 pub async fn register_users(specs: &[NodeSpec], count: u32) -> anyhow::Result<Vec<User>> {
     let mut users = Vec::new();
     for i in 0..count {

@@ -19,6 +19,13 @@ pub const NOT_PRIMARY: &str = "COURIER:Account:NotPrimary";
 /// `INVALID_ARGUMENT`: the confirming number is not the account's.
 pub const WRONG_NUMBER: &str = "COURIER:Account:WrongNumber";
 
+fn not_primary() -> ApiError {
+    ApiError::PermissionDenied {
+        code: NOT_PRIMARY,
+        message: "only the account's primary device deletes it".to_owned(),
+    }
+}
+
 impl ClientApi {
     /// `DeleteAccount`.
     ///
@@ -33,18 +40,16 @@ impl ClientApi {
     ) -> Result<DeleteAccountResponse, ApiError> {
         let phone = PhoneNumber::try_from(request.phone_number)?;
         let shard = self.shard_of(caller.user)?;
-        let (primary, phone_hash) = self.read(shard, |view| {
-            let primary = devices::devices_of(view, caller.user)?
-                .iter()
-                .any(|(id, d)| *id == caller.device.get() && d.primary && !d.revoked);
-            Ok((primary, devices::phone_of(view, caller.user)?))
+        let (primary_token, phone_hash) = self.read(shard, |view| {
+            let primary_token = devices::devices_of(view, caller.user)?
+                .into_iter()
+                .find(|(id, d)| *id == caller.device.get() && d.primary && !d.revoked)
+                .map(|(_, d)| d.token_hash);
+            Ok((primary_token, devices::phone_of(view, caller.user)?))
         })?;
-        if !primary {
-            return Err(ApiError::PermissionDenied {
-                code: NOT_PRIMARY,
-                message: "only the primary device deletes the account".to_owned(),
-            });
-        }
+        let Some(token_hash) = primary_token else {
+            return Err(not_primary());
+        };
         if phone_hash.as_deref() != Some(self.phone_hasher()?.phone_hash(phone.expose()).as_slice())
         {
             return Err(ApiError::Invalid {
@@ -53,18 +58,28 @@ impl ClientApi {
             });
         }
         let groups_left = self.leave_every_group(caller).await?;
+        // Applies only if this device is still the active primary with this token at its
+        // position (a re-registration of the number may have replaced it meanwhile).
         let deleted = Kind::AccountDeleted(events::AccountDeleted {
             user: caller.user.get(),
             at_ms: now_ms(),
+            device: caller.device.get(),
+            token_hash,
         });
-        if let EventOutcome::Rejected { code, message } = self.propose_one(shard, deleted).await? {
+        if let EventOutcome::Rejected { message, .. } = self.propose_one(shard, deleted).await? {
+            let gone = self
+                .read(shard, |view| devices::phone_of(view, caller.user))?
+                .is_none();
+            if !gone {
+                tracing::info!(
+                    user = caller.user.get(),
+                    message,
+                    "deletion refused at apply"
+                );
+                return Err(not_primary());
+            }
             // Deleted by a request that raced this one: the account is gone all the same.
-            tracing::info!(
-                user = caller.user.get(),
-                code,
-                message,
-                "account already deleted"
-            );
+            tracing::info!(user = caller.user.get(), "account already deleted");
         }
         tracing::info!(user = caller.user.get(), groups_left, "account deleted");
         Ok(DeleteAccountResponse { groups_left })

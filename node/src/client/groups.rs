@@ -329,6 +329,7 @@ impl ClientApi {
                 recipient_shard: u32::from(shard.get()),
                 group_epoch: epoch,
                 trace_parent: crate::telemetry::current_traceparent(),
+                own_copies: true,
             };
             match self.propose_send(shard, sent).await? {
                 Proposed::Sent(response) => return Ok(response),

@@ -62,6 +62,7 @@ impl ClientApi {
             recipient_shard: u32::from(recipient_shard.get()),
             group_epoch: 0,
             trace_parent: crate::telemetry::current_traceparent(),
+            own_copies: true,
         };
         let shard = self.shard_of(caller.user)?;
         if let Some(answer) = bugs::on_send(&self.cluster, shard, &mut sent) {

@@ -336,6 +336,7 @@ fn events_round_trip_through_prost() {
             recipient_shard: 3,
             group_epoch: 0,
             trace_parent: String::new(),
+            own_copies: false,
         }),
         Kind::MessageDelivered(events::MessageDelivered {
             message_id: message_id.clone(),

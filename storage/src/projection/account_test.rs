@@ -60,6 +60,7 @@ fn send(id: u8, to: u64, shard: ShardId) -> Kind {
         recipient_shard: u32::from(shard.get()),
         group_epoch: 0,
         trace_parent: String::new(),
+        own_copies: true,
     })
 }
 
@@ -74,8 +75,19 @@ fn ack(device: u32, up_to_seq: u64) -> Kind {
     })
 }
 
+/// A deletion of `user`'s account asked by `device` with `token_hash`.
+fn deleted_by(user: u64, device: u32, token_hash: [u8; 32]) -> Kind {
+    Kind::AccountDeleted(events::AccountDeleted {
+        user,
+        at_ms: 100,
+        device,
+        token_hash: token_hash.to_vec(),
+    })
+}
+
+/// A deletion asked by `user`'s primary (device 1, registered with token hash `[3; 32]`).
 fn deleted(user: u64) -> Kind {
-    Kind::AccountDeleted(events::AccountDeleted { user, at_ms: 100 })
+    deleted_by(user, 1, [3; 32])
 }
 
 /// Every record of user 1 and every key or value holding the number's hash, in any projection
@@ -221,6 +233,14 @@ fn a_deleted_account_leaves_nothing_behind() {
     let queued_before = queued(&kv);
     assert!(queued_before > 0);
 
+    tracing_phase("a companion, or the primary with another token, deletes nothing");
+    for refused in [deleted_by(1, 2, [3; 32]), deleted_by(1, 1, [4; 32])] {
+        let before = state.clone();
+        let outcome = apply_one(&mut kv, &mut state, vec![refused]);
+        assert_refused(&outcome, "not its active primary");
+        assert_projections_unchanged(&before, &state);
+    }
+
     tracing_phase("the account is deleted");
     let outcome = apply_one(&mut kv, &mut state, vec![deleted(1)]);
     assert_eq!(outcome, vec![Applied::Done]);
@@ -247,7 +267,7 @@ fn a_deleted_account_leaves_nothing_behind() {
     assert_eq!(traces_of_user_1(&kv), Vec::new());
     assert_projections_unchanged(&before, &state);
     let outcome = apply_one(&mut kv, &mut state, vec![deleted(1)]);
-    assert_refused(&outcome, "unregistered user 1");
+    assert_refused(&outcome, "not its active primary");
 
     tracing_phase("the number registers again: an empty inbox that stores from seq 1");
     let again = apply_one(&mut kv, &mut state, registered(1, PHONE));

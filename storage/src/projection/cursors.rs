@@ -37,7 +37,7 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
             }
             Ok(())
         }
-        Decoded::AccountDeleted(user) => {
+        Decoded::AccountDeleted { user, .. } => {
             view.delete_prefix(&keys::user_records(view.shard(), keys::tag::PRIMARY, *user))
         }
         Decoded::MessageSent(_)

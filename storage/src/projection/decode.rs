@@ -416,8 +416,16 @@ pub enum Decoded<'e> {
     Code(CodeEvent<'e>),
     /// A key-directory event.
     Keys(KeysEvent<'e>),
-    /// `AccountDeleted`: the user whose account leaves.
-    AccountDeleted(UserId),
+    /// `AccountDeleted`: the user whose account leaves, and the primary device that asked (with
+    /// its token's hash).
+    AccountDeleted {
+        /// The user.
+        user: UserId,
+        /// The device that asked.
+        device: DeviceId,
+        /// SHA-256 of that device's token.
+        token_hash: &'e [u8],
+    },
 }
 
 fn user(raw: u64, field: &'static str) -> Result<UserId, WireError> {
@@ -669,7 +677,11 @@ fn decode_fields(kind: &Kind) -> Result<Decoded<'_>, WireError> {
         | Kind::RegistrationsForgotten(_) => Decoded::Code(code_event(kind)?),
         Kind::KeysUploaded(event) => Decoded::Keys(keys_uploaded(event)?),
         Kind::PrekeysClaimed(event) => Decoded::Keys(prekeys_claimed(event)?),
-        Kind::AccountDeleted(event) => Decoded::AccountDeleted(user(event.user, "user")?),
+        Kind::AccountDeleted(event) => Decoded::AccountDeleted {
+            user: user(event.user, "user")?,
+            device: DeviceId::from_wire(event.device, "device")?,
+            token_hash: &event.token_hash,
+        },
     })
 }
 

@@ -115,7 +115,7 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
             }
             Ok(())
         }
-        Decoded::AccountDeleted(user) => {
+        Decoded::AccountDeleted { user, .. } => {
             // The user's 1:1 sends (a group send's record lives on the group's shard and leaves
             // with the dedup window).
             let prefix = keys::user_records(view.shard(), keys::tag::PRIMARY, *user);

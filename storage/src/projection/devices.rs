@@ -160,7 +160,7 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
             view.put(key, &record)
         }
         Decoded::Code(code) => registration::apply(view, *code),
-        Decoded::AccountDeleted(user) => {
+        Decoded::AccountDeleted { user, .. } => {
             let key = keys::user_record(shard, *user);
             let record: UserRecord = view
                 .get(Projection::Devices, &key)?

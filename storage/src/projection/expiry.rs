@@ -78,7 +78,7 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
             }
             Ok(())
         }
-        Decoded::AccountDeleted(user) => {
+        Decoded::AccountDeleted { user, .. } => {
             // Applied before the inbox: its undelivered messages are still there to read.
             let state = inbox::state(view, *user)?;
             let (after, tail) = (

@@ -111,7 +111,7 @@ pub fn check(view: &View<'_, '_>, event: &Decoded<'_>) -> Result<Option<GroupRef
         | Decoded::GroupMessagesForgotten { .. }
         | Decoded::Code(_)
         | Decoded::Keys(_)
-        | Decoded::AccountDeleted(_) => None,
+        | Decoded::AccountDeleted { .. } => None,
     };
     Ok(refusal)
 }
@@ -279,7 +279,7 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
         | Decoded::ReceiptsForgotten(_)
         | Decoded::Code(_)
         | Decoded::Keys(_)
-        | Decoded::AccountDeleted(_) => Ok(()),
+        | Decoded::AccountDeleted { .. } => Ok(()),
     }
 }
 

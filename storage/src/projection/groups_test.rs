@@ -33,6 +33,7 @@ fn group_send_at(client_msg_id: &str, id: u8, sender: u64, epoch: u64, sent_at_m
         recipient_shard: u32::from(SHARD.get()),
         group_epoch: epoch,
         trace_parent: String::new(),
+        own_copies: false,
     })
 }
 

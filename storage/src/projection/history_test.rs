@@ -64,6 +64,7 @@ fn send(id: u8, to: u64, shard: ShardId) -> Kind {
         recipient_shard: u32::from(shard.get()),
         group_epoch: 0,
         trace_parent: String::new(),
+        own_copies: true,
     })
 }
 
@@ -163,6 +164,20 @@ fn a_senders_other_devices_get_their_own_copy() {
     );
     assert_eq!(bodies(&kv, 2), vec![(1, vec![1; 3]), (2, vec![2; 3])]);
 
+    tracing_phase("a send written before own copies (own_copies = false) applies as it did");
+    let before = inbox_of(&kv, 1).len();
+    let mut old = send(6, 2, SHARD);
+    if let Kind::MessageSent(sent) = &mut old {
+        sent.own_copies = false;
+    }
+    apply_one(&mut kv, &mut state, vec![old]);
+    assert_eq!(
+        inbox_of(&kv, 1).len(),
+        before,
+        "no own copy from an older entry"
+    );
+    assert_eq!(bodies(&kv, 2).len(), 3, "the recipient gets it");
+
     tracing_phase("a retried send stores no second own copy");
     let before = state.clone();
     let retried = apply_one(&mut kv, &mut state, vec![send(3, 9, OTHER)]);
@@ -251,7 +266,7 @@ fn a_senders_other_devices_get_their_own_copy() {
     );
     apply_one(&mut kv, &mut state, vec![send(5, 2, SHARD)]);
     assert_eq!(inbox_of(&kv, 1).len(), 2);
-    assert_eq!(bodies(&kv, 2).len(), 4, "the recipient still gets it");
+    assert_eq!(bodies(&kv, 2).len(), 5, "the recipient still gets it");
 }
 
 /// A group's fan-out includes the sender's own pointer copy: stored here, on the sender's shard,

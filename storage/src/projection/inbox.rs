@@ -326,7 +326,7 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
             }
             Ok(())
         }
-        Decoded::AccountDeleted(user) => close(view, *user),
+        Decoded::AccountDeleted { user, .. } => close(view, *user),
         Decoded::UserRegistered(registered) => {
             // The number of a deleted account registers again: its inbox opens, empty.
             if state(view, registered.user)?.closed {

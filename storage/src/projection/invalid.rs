@@ -11,9 +11,9 @@
 //! replica, and the node counts and logs it. The asserts stay, now as statements of what
 //! `check` guarantees.
 
-use courier_proto::ShardId;
 use courier_proto::pb::events::ReceiptState;
 use courier_proto::pb::store::{DeviceRecord, Receipt, UserRecord};
+use courier_proto::{DeviceId, ShardId, UserId};
 
 use super::decode::DecodeError;
 use super::{Applied, Decoded, Projection, View, inbox, outbox, readstate};
@@ -29,11 +29,20 @@ pub enum Invalid {
     /// An id that does not decode (zero, out of range, malformed).
     #[error("{0}")]
     Decode(#[from] DecodeError),
-    /// A device registered, or an account deleted, for a user that is not registered.
-    #[error("a device or deletion for unregistered user {user}")]
+    /// A device registered for a user that was never registered.
+    #[error("DeviceRegistered for unregistered user {user}")]
     UnknownUser {
         /// The user.
         user: u64,
+    },
+    /// An account deletion asked by a device that is not the user's active primary with that
+    /// token (revoked, replaced, or the account is gone).
+    #[error("AccountDeleted of user {user} by device {device}: not its active primary")]
+    NotThePrimary {
+        /// The user.
+        user: u64,
+        /// The device named.
+        device: u32,
     },
     /// A revocation of a device that was never registered.
     #[error("DeviceRevoked of unregistered device {device} of user {user}")]
@@ -156,6 +165,24 @@ pub(super) fn inbound(view: &View<'_, '_>, source: ShardId, pos: u64) -> Result<
     })
 }
 
+/// `AccountDeleted` asked by a device that is not, at this position, `user`'s active primary
+/// with that token hash.
+fn deletion_by_non_primary(
+    view: &View<'_, '_>,
+    user: UserId,
+    device: DeviceId,
+    token_hash: &[u8],
+) -> Result<Option<Invalid>> {
+    let key = keys::device_record(view.shard(), user, device);
+    let record: Option<DeviceRecord> = view.get(Projection::Devices, &key)?;
+    let asked_by_primary =
+        record.is_some_and(|r| r.primary && !r.revoked && r.token_hash.as_slice() == token_hash);
+    Ok((!asked_by_primary).then_some(Invalid::NotThePrimary {
+        user: user.get(),
+        device: device.get(),
+    }))
+}
+
 /// Tests `event` against every precondition a projection asserts, at its log position; `None`
 /// when it may apply. Runs after duplicates were decided (a duplicate changes nothing either way).
 ///
@@ -185,10 +212,11 @@ pub(super) fn check(view: &View<'_, '_>, event: &Decoded<'_>) -> Result<Option<I
                 }
             }
         }
-        Decoded::AccountDeleted(user) => view
-            .get::<UserRecord>(Projection::Devices, &keys::user_record(shard, *user))?
-            .is_none()
-            .then_some(Invalid::UnknownUser { user: user.get() }),
+        Decoded::AccountDeleted {
+            user,
+            device,
+            token_hash,
+        } => deletion_by_non_primary(view, *user, *device, token_hash)?,
         Decoded::DeviceRevoked(revoked) => view
             .get::<DeviceRecord>(
                 Projection::Devices,

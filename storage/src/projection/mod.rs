@@ -343,7 +343,7 @@ fn admit(
         | Decoded::InboxForgotten(_)
         | Decoded::ReceiptsForgotten(_)
         | Decoded::GroupMessagesForgotten { .. }
-        | Decoded::AccountDeleted(_) => Applied::Done,
+        | Decoded::AccountDeleted { .. } => Applied::Done,
     };
     Ok(ControlFlow::Continue(outcome))
 }
@@ -433,7 +433,10 @@ fn store_local_copies(
                 local.extend(outbox::delivery_of(sent, sent.event.sent_at_ms));
             }
             let view = View::new(staged, shard, at, Projection::Devices);
-            if recipient != sent.sender && devices::has_companions(&view, sent.sender)? {
+            if sent.event.own_copies
+                && recipient != sent.sender
+                && devices::has_companions(&view, sent.sender)?
+            {
                 // Built only for a sender with another device (one read otherwise; no copy of
                 // the content).
                 local.extend(outbox::own_copy_of(sent));

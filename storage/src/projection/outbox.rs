@@ -134,8 +134,9 @@ pub fn own_copy_of(sent: &Sent<'_>) -> Option<events::MessageDelivered> {
 }
 
 /// The pointer copies of a group message for its members, with each member's shard: the content
-/// stays in the group shard's log at `at` (`group_index`). The sender's copy is their own copy,
-/// for their other devices, stored only if they have one (`admit_delivery`).
+/// stays in the group shard's log at `at` (`group_index`). With `own_copies` the sender is one
+/// of them: their own copy, for their other devices, stored only if they have one
+/// (`admit_delivery`).
 ///
 /// # Errors
 /// A storage fault.
@@ -151,6 +152,7 @@ pub fn group_deliveries(
     let sent = decoded.event;
     Ok(super::groups::members(view, group)?
         .into_iter()
+        .filter(|(user, _)| sent.own_copies || *user != decoded.sender)
         .map(|(user, member)| {
             (
                 stored_shard(member.shard),
@@ -265,7 +267,7 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
         | Decoded::Code(_)
         | Decoded::Keys(_)
         // What the user sent before deleting still reaches its recipients.
-        | Decoded::AccountDeleted(_) => Ok(()),
+        | Decoded::AccountDeleted { .. } => Ok(()),
     }
 }
 

@@ -207,7 +207,7 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
         Decoded::DeviceRegistered(registered) if registered.event.primary => {
             remove_revoked(view, registered.user)
         }
-        Decoded::AccountDeleted(user) => {
+        Decoded::AccountDeleted { user, .. } => {
             // The device records already left (devices folds first): by key prefix.
             let shard = view.shard();
             view.delete_prefix(&keys::user_records(shard, keys::tag::SENARY, *user))?;

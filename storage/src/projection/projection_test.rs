@@ -221,6 +221,7 @@ pub(super) fn sent_event(
         recipient_shard,
         group_epoch: 0,
         trace_parent: String::new(),
+        own_copies: false,
     })
 }
 

@@ -203,7 +203,7 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
             view.put(keys::seq_position(shard, user, seq), &target)
         }
         Decoded::InboxForgotten(messages) => forget_positions(view, messages),
-        Decoded::AccountDeleted(user) => {
+        Decoded::AccountDeleted { user, .. } => {
             view.delete_prefix(&keys::user_records(shard, keys::tag::PRIMARY, *user))?;
             view.delete_prefix(&keys::user_records(shard, keys::tag::SECONDARY, *user))
         }

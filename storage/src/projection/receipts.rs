@@ -256,7 +256,7 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
             }
             Ok(())
         }
-        Decoded::AccountDeleted(user) => forget_sender(view, *user),
+        Decoded::AccountDeleted { user, .. } => forget_sender(view, *user),
         Decoded::MessageDelivered(_)
         | Decoded::DeliveryAcked(_)
         | Decoded::ReadUpTo(_)

@@ -179,6 +179,7 @@ impl Adversary {
                 recipient_shard: self.shard(),
                 group_epoch: self.rng.below(4),
                 trace_parent: String::new(),
+                own_copies: self.rng.chance(50),
             }),
             1 => Kind::MessageDelivered(events::MessageDelivered {
                 message_id: self.message_id(),
@@ -280,6 +281,8 @@ impl Adversary {
             _ if self.rng.chance(20) => Kind::AccountDeleted(events::AccountDeleted {
                 user: self.user(),
                 at_ms: self.rng.below(100),
+                device: self.device(),
+                token_hash: vec![7; 32],
             }),
             _ => Kind::DeviceRevoked(events::DeviceRevoked {
                 user: self.user(),

@@ -239,6 +239,7 @@ impl EventGen {
             recipient_shard,
             group_epoch: 0,
             trace_parent: String::new(),
+            own_copies: self.rng.chance(80),
         })
     }
 
@@ -563,8 +564,15 @@ impl EventGen {
         if !known.is_empty() && self.rng.chance(60) {
             let user = known[self.rng.below(known.len() as u64) as usize];
             let devices = self.registered[&user];
-            if self.rng.chance(8) {
-                // The account leaves; a modelled user registers again later (below).
+            let primary = self.read_oracle(Projection::Devices, |view| {
+                let user = UserId::new(user).expect("registered users are non-zero");
+                Ok(crate::projection::devices::devices_of(view, user)?
+                    .into_iter()
+                    .find(|(_, device)| device.primary && !device.revoked))
+            });
+            if let Some((device, record)) = primary.filter(|_| self.rng.chance(8)) {
+                // The account leaves, asked by its active primary; a modelled user registers
+                // again later (below).
                 self.registered.remove(&user);
                 if let Some(model) = self.users.get_mut(&user) {
                     *model = UserModel {
@@ -575,6 +583,8 @@ impl EventGen {
                 return Kind::AccountDeleted(events::AccountDeleted {
                     user,
                     at_ms: self.now_ms,
+                    device,
+                    token_hash: record.token_hash,
                 });
             }
             if devices > 0 && self.rng.chance(30) {
