@@ -10,16 +10,15 @@ use courier_proto::pb::client::keys_client::KeysClient;
 use courier_proto::pb::client::messaging_client::MessagingClient;
 use courier_proto::pb::client::registration_client::RegistrationClient;
 use courier_proto::pb::client::{
-    CreateGroupRequest, DeleteAccountRequest, GetPreKeyBundleRequest, ListDevicesRequest,
-    ListGroupsRequest, OneTimePreKey, SendRequest, ServerFrame, SignedPreKey, UploadKeysRequest,
-    server_frame,
+    DeleteAccountRequest, GetPreKeyBundleRequest, ListDevicesRequest, ListGroupsRequest,
+    SendRequest, ServerFrame, server_frame,
 };
 use courier_proto::{PhoneHasher, PhoneKey, shard_of};
 use courier_storage::{Cf, Projection, ReadKv};
 
 use crate::messaging::{
     Device, assert_verified_from_genesis, authed, body, cluster_appending, code_is, collect,
-    link_tablet, open_stream, phones_on_different_shards, register, user_of,
+    create_group, link_tablet, open_stream, phones_on_different_shards, register, user_of,
 };
 use crate::support::channel;
 
@@ -88,37 +87,10 @@ async fn a_deleted_account_leaves_nothing_and_the_number_registers_again() {
     let tablet = link_tablet(&addr(2), &alice).await;
     c.wait_converged().await;
     KeysClient::new(channel(&addr(0)).await)
-        .upload_keys(authed(
-            &alice,
-            UploadKeysRequest {
-                identity_key: vec![1; 33],
-                signed_prekey: Some(SignedPreKey {
-                    key_id: 1,
-                    public_key: vec![2; 33],
-                    signature: vec![3; 64],
-                }),
-                one_time_prekeys: (1..=5)
-                    .map(|id| OneTimePreKey {
-                        key_id: id,
-                        public_key: vec![4; 33],
-                    })
-                    .collect(),
-            },
-        ))
+        .upload_keys(authed(&alice, crate::keys::upload(1..6)))
         .await
         .expect("upload");
-    let group = GroupsClient::new(channel(&addr(0)).await)
-        .create_group(authed(
-            &alice,
-            CreateGroupRequest {
-                name: "two".to_owned(),
-                members: vec![bob.user],
-            },
-        ))
-        .await
-        .expect("create")
-        .into_inner()
-        .group_id;
+    let group = create_group(&addr(0), &alice, vec![bob.user]).await;
     send(&addr(1), &bob, alice.user, "before")
         .await
         .expect("send");

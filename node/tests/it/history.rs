@@ -4,17 +4,16 @@
 
 use std::time::Duration;
 
-use courier_proto::pb::client::groups_client::GroupsClient;
 use courier_proto::pb::client::messaging_client::MessagingClient;
 use courier_proto::pb::client::{
-    Ack, ClientFrame, CreateGroupRequest, InboxMessage, SendRequest, SendToGroupRequest,
-    ServerFrame, client_frame, server_frame,
+    Ack, ClientFrame, InboxMessage, SendRequest, SendToGroupRequest, ServerFrame, client_frame,
+    server_frame,
 };
 use courier_proto::pb::events;
 
 use crate::messaging::{
-    Cluster, Device, Stream, authed, body, cluster_appending, collect, delivered_up_to,
-    link_tablet, open_stream, phones_on_different_shards, register,
+    Cluster, Device, Stream, authed, body, cluster_appending, collect, create_group,
+    delivered_up_to, link_tablet, open_stream, phones_on_different_shards, register,
 };
 use crate::support::channel;
 
@@ -97,18 +96,7 @@ async fn a_sent_message_appears_on_the_senders_other_device() {
     send(&addr(1), &bob, &alice, "b1").await;
     let first = next_messages(&mut tablet_stream, 2).await;
     send(&addr(0), &alice, &bob, "a2").await;
-    let group = GroupsClient::new(channel(&addr(0)).await)
-        .create_group(authed(
-            &alice,
-            CreateGroupRequest {
-                name: "two".to_owned(),
-                members: vec![bob.user],
-            },
-        ))
-        .await
-        .expect("create")
-        .into_inner()
-        .group_id;
+    let group = create_group(&addr(0), &alice, vec![bob.user]).await;
     MessagingClient::new(channel(&addr(0)).await)
         .send_to_group(authed(
             &alice,

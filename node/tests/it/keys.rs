@@ -21,7 +21,7 @@ async fn keys(addr: &str) -> KeysClient<Channel> {
     KeysClient::new(channel(addr).await)
 }
 
-fn upload(ids: std::ops::Range<u32>) -> UploadKeysRequest {
+pub(crate) fn upload(ids: std::ops::Range<u32>) -> UploadKeysRequest {
     UploadKeysRequest {
         identity_key: vec![1; 33],
         signed_prekey: Some(SignedPreKey {

@@ -243,6 +243,24 @@ pub(crate) async fn cluster_appending(extra: &str) -> Cluster {
     cluster_configured(&|text| format!("{text}\n{extra}")).await
 }
 
+/// Creates a group named "two" by `by` with `members` through the node at `addr`; its id.
+pub(crate) async fn create_group(addr: &str, by: &Device, members: Vec<u64>) -> u64 {
+    use courier_proto::pb::client::CreateGroupRequest;
+    use courier_proto::pb::client::groups_client::GroupsClient;
+    GroupsClient::new(channel(addr).await)
+        .create_group(authed(
+            by,
+            CreateGroupRequest {
+                name: "two".to_owned(),
+                members,
+            },
+        ))
+        .await
+        .expect("create")
+        .into_inner()
+        .group_id
+}
+
 /// Two phone numbers whose users live on different shards.
 pub(crate) fn phones_on_different_shards() -> (String, String) {
     let count = u16::try_from(SHARDS).expect("small");

@@ -10,8 +10,8 @@ use courier_proto::pb::events::{self};
 use courier_proto::{ShardId, UserId};
 
 use super::projection_test::{
-    SHARD, apply_one, assert_projections_unchanged, assert_refused, delivered, direct,
-    tracing_phase,
+    SHARD, TOKEN_HASH, apply_one, assert_projections_unchanged, assert_refused, delivered,
+    device_of, direct, send_by_1, tracing_phase, user_with_primary,
 };
 use crate::cf::Cf;
 use crate::keys;
@@ -21,48 +21,6 @@ use crate::shard::ShardState;
 
 const OTHER: ShardId = ShardId::new(2);
 const PHONE: [u8; 16] = [0xa1; 16];
-
-fn registered(user: u64, phone: [u8; 16]) -> Vec<Kind> {
-    vec![
-        Kind::UserRegistered(events::UserRegistered {
-            user,
-            phone_hash: phone.to_vec(),
-            at_ms: 1,
-            redeemed_phone_hash: Vec::new(),
-        }),
-        device(user, true),
-    ]
-}
-
-fn device(user: u64, primary: bool) -> Kind {
-    Kind::DeviceRegistered(events::DeviceRegistered {
-        user,
-        device: 0,
-        token_hash: vec![3; 32],
-        primary,
-        at_ms: 2,
-        redeemed_phone_hash: Vec::new(),
-    })
-}
-
-fn send(id: u8, to: u64, shard: ShardId) -> Kind {
-    Kind::MessageSent(events::MessageSent {
-        message_id: vec![id; 16],
-        sender_user: 1,
-        sender_device: 1,
-        client_msg_id: format!("c{id}"),
-        to: direct(to),
-        content: Some(events::Content {
-            body: b"x".to_vec(),
-            media: None,
-        }),
-        sent_at_ms: 50 + u64::from(id),
-        recipient_shard: u32::from(shard.get()),
-        group_epoch: 0,
-        trace_parent: String::new(),
-        own_copies: true,
-    })
-}
 
 fn ack(device: u32, up_to_seq: u64) -> Kind {
     Kind::DeliveryAcked(events::DeliveryAcked {
@@ -85,9 +43,9 @@ fn deleted_by(user: u64, device: u32, token_hash: [u8; 32]) -> Kind {
     })
 }
 
-/// A deletion asked by `user`'s primary (device 1, registered with token hash `[3; 32]`).
+/// A deletion asked by `user`'s primary (device 1, registered with [`TOKEN_HASH`]).
 fn deleted(user: u64) -> Kind {
-    deleted_by(user, 1, [3; 32])
+    deleted_by(user, 1, TOKEN_HASH)
 }
 
 /// Every record of user 1 and every key or value holding the number's hash, in any projection
@@ -150,9 +108,9 @@ fn a_deleted_account_leaves_nothing_behind() {
         &mut kv,
         &mut state,
         [
-            registered(1, PHONE),
-            vec![device(1, false)],
-            registered(2, [0xb2; 16]),
+            user_with_primary(1, &PHONE),
+            vec![device_of(1, false)],
+            user_with_primary(2, &[0xb2; 16]),
         ]
         .concat(),
     );
@@ -214,7 +172,7 @@ fn a_deleted_account_leaves_nothing_behind() {
     apply_one(
         &mut kv,
         &mut state,
-        vec![send(10, 2, SHARD), send(11, 9, OTHER)],
+        vec![send_by_1(10, 2, SHARD), send_by_1(11, 9, OTHER)],
     );
     assert!(
         !traces_of_user_1(&kv).is_empty(),
@@ -234,7 +192,7 @@ fn a_deleted_account_leaves_nothing_behind() {
     assert!(queued_before > 0);
 
     tracing_phase("a companion, or the primary with another token, deletes nothing");
-    for refused in [deleted_by(1, 2, [3; 32]), deleted_by(1, 1, [4; 32])] {
+    for refused in [deleted_by(1, 2, TOKEN_HASH), deleted_by(1, 1, [4; 32])] {
         let before = state.clone();
         let outcome = apply_one(&mut kv, &mut state, vec![refused]);
         assert_refused(&outcome, "not its active primary");
@@ -270,7 +228,7 @@ fn a_deleted_account_leaves_nothing_behind() {
     assert_refused(&outcome, "not its active primary");
 
     tracing_phase("the number registers again: an empty inbox that stores from seq 1");
-    let again = apply_one(&mut kv, &mut state, registered(1, PHONE));
+    let again = apply_one(&mut kv, &mut state, user_with_primary(1, &PHONE));
     assert!(
         matches!(again[1], Applied::DeviceRegistered { device: 1, .. }),
         "{again:?}"

@@ -12,7 +12,8 @@ use courier_proto::pb::events::event::Kind;
 use courier_proto::{ConversationId, GroupId, InboxSeq, LogIndex, ShardId, UserId};
 
 use super::projection_test::{
-    SHARD, apply_one, assert_projections_unchanged, delivered, direct, tracing_phase,
+    SHARD, apply_one, assert_projections_unchanged, delivered, device_of, direct, send_by_1,
+    tracing_phase, user_with_primary,
 };
 use crate::kv::{MemKv, Staged};
 use crate::projection::{Applied, Projection, View, inbox, outbox, readstate};
@@ -22,50 +23,6 @@ const OTHER: ShardId = ShardId::new(2);
 
 fn uid(raw: u64) -> UserId {
     UserId::new(raw).expect("nonzero")
-}
-
-/// `user` with a phone hash of 16 copies of `phone` and its primary device 1.
-fn registered(user: u64, phone: u8) -> Vec<Kind> {
-    vec![
-        Kind::UserRegistered(events::UserRegistered {
-            user,
-            phone_hash: vec![phone; 16],
-            at_ms: 1,
-            redeemed_phone_hash: Vec::new(),
-        }),
-        device(user, true),
-    ]
-}
-
-fn device(user: u64, primary: bool) -> Kind {
-    Kind::DeviceRegistered(events::DeviceRegistered {
-        user,
-        device: 0,
-        token_hash: vec![2; 32],
-        primary,
-        at_ms: 2,
-        redeemed_phone_hash: Vec::new(),
-    })
-}
-
-/// User 1's send `id` (client id `c{id}`) to `to` on `shard`.
-fn send(id: u8, to: u64, shard: ShardId) -> Kind {
-    Kind::MessageSent(events::MessageSent {
-        message_id: vec![id; 16],
-        sender_user: 1,
-        sender_device: 1,
-        client_msg_id: format!("c{id}"),
-        to: direct(to),
-        content: Some(events::Content {
-            body: vec![id; 3],
-            media: None,
-        }),
-        sent_at_ms: 100 + u64::from(id),
-        recipient_shard: u32::from(shard.get()),
-        group_epoch: 0,
-        trace_parent: String::new(),
-        own_copies: true,
-    })
 }
 
 fn ack(user: u64, device: u32, up_to_seq: u64, keep_recent: u32) -> Kind {
@@ -132,19 +89,23 @@ fn a_senders_other_devices_get_their_own_copy() {
     apply_one(
         &mut kv,
         &mut state,
-        [registered(1, 1), registered(2, 2)].concat(),
+        [
+            user_with_primary(1, &[1; 16]),
+            user_with_primary(2, &[2; 16]),
+        ]
+        .concat(),
     );
     tracing_phase("one device: a send stores nothing for the sender");
-    apply_one(&mut kv, &mut state, vec![send(1, 2, SHARD)]);
+    apply_one(&mut kv, &mut state, vec![send_by_1(1, 2, SHARD)]);
     assert_eq!(bodies(&kv, 1), Vec::new());
     assert_eq!(bodies(&kv, 2), vec![(1, vec![1; 3])]);
 
     tracing_phase("a companion linked: sends here and elsewhere store an own copy, in order");
-    apply_one(&mut kv, &mut state, vec![device(1, false)]);
+    apply_one(&mut kv, &mut state, vec![device_of(1, false)]);
     apply_one(
         &mut kv,
         &mut state,
-        vec![send(2, 2, SHARD), send(3, 9, OTHER)],
+        vec![send_by_1(2, 2, SHARD), send_by_1(3, 9, OTHER)],
     );
     let own = inbox_of(&kv, 1);
     assert_eq!(
@@ -166,7 +127,7 @@ fn a_senders_other_devices_get_their_own_copy() {
 
     tracing_phase("a send written before own copies (own_copies = false) applies as it did");
     let before = inbox_of(&kv, 1).len();
-    let mut old = send(6, 2, SHARD);
+    let mut old = send_by_1(6, 2, SHARD);
     if let Kind::MessageSent(sent) = &mut old {
         sent.own_copies = false;
     }
@@ -180,7 +141,7 @@ fn a_senders_other_devices_get_their_own_copy() {
 
     tracing_phase("a retried send stores no second own copy");
     let before = state.clone();
-    let retried = apply_one(&mut kv, &mut state, vec![send(3, 9, OTHER)]);
+    let retried = apply_one(&mut kv, &mut state, vec![send_by_1(3, 9, OTHER)]);
     assert!(
         matches!(
             retried[..],
@@ -240,7 +201,7 @@ fn a_senders_other_devices_get_their_own_copy() {
     );
 
     tracing_phase("an undelivered own copy expires like any message");
-    apply_one(&mut kv, &mut state, vec![send(4, 2, SHARD)]);
+    apply_one(&mut kv, &mut state, vec![send_by_1(4, 2, SHARD)]);
     apply_one(
         &mut kv,
         &mut state,
@@ -264,7 +225,7 @@ fn a_senders_other_devices_get_their_own_copy() {
             redeemed_phone_hash: Vec::new(),
         })],
     );
-    apply_one(&mut kv, &mut state, vec![send(5, 2, SHARD)]);
+    apply_one(&mut kv, &mut state, vec![send_by_1(5, 2, SHARD)]);
     assert_eq!(inbox_of(&kv, 1).len(), 2);
     assert_eq!(bodies(&kv, 2).len(), 5, "the recipient still gets it");
 }
@@ -279,7 +240,11 @@ fn a_group_senders_other_devices_get_their_own_copy() {
     apply_one(
         &mut kv,
         &mut state,
-        [registered(1, 1), registered(3, 3)].concat(),
+        [
+            user_with_primary(1, &[1; 16]),
+            user_with_primary(3, &[3; 16]),
+        ]
+        .concat(),
     );
     let group = GroupId::new(77).expect("nonzero");
     let pointer = |user: u64, id: u8, source_pos: u64| {
@@ -309,7 +274,7 @@ fn a_group_senders_other_devices_get_their_own_copy() {
     };
     assert_eq!(watermark(&kv), 1, "its position is consumed");
     tracing_phase("user 1 with a companion: the own copy is stored, read already");
-    apply_one(&mut kv, &mut state, vec![device(1, false)]);
+    apply_one(&mut kv, &mut state, vec![device_of(1, false)]);
     let outcome = apply_one(&mut kv, &mut state, vec![pointer(1, 2, 2)]);
     assert!(
         matches!(
@@ -347,7 +312,7 @@ fn a_group_senders_other_devices_get_their_own_copy() {
 fn an_ack_keeps_the_last_bodies_for_companions() {
     let mut kv = MemKv::default();
     let mut state = ShardState::empty(SHARD);
-    apply_one(&mut kv, &mut state, registered(1, 1));
+    apply_one(&mut kv, &mut state, user_with_primary(1, &[1; 16]));
     apply_one(
         &mut kv,
         &mut state,

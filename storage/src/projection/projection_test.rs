@@ -225,6 +225,55 @@ pub(super) fn sent_event(
     })
 }
 
+/// `user` registered with `phone_hash`, and its primary device 1 (token hash [`TOKEN_HASH`]).
+pub(super) fn user_with_primary(user: u64, phone_hash: &[u8]) -> Vec<Kind> {
+    vec![
+        Kind::UserRegistered(events::UserRegistered {
+            user,
+            phone_hash: phone_hash.to_vec(),
+            at_ms: 1,
+            redeemed_phone_hash: Vec::new(),
+        }),
+        device_of(user, true),
+    ]
+}
+
+/// The token hash of the devices [`device_of`] registers.
+pub(super) const TOKEN_HASH: [u8; 32] = [3; 32];
+
+/// The next device of `user` (a primary, or a linked companion).
+pub(super) fn device_of(user: u64, primary: bool) -> Kind {
+    Kind::DeviceRegistered(events::DeviceRegistered {
+        user,
+        device: 0,
+        token_hash: TOKEN_HASH.to_vec(),
+        primary,
+        at_ms: 2,
+        redeemed_phone_hash: Vec::new(),
+    })
+}
+
+/// User 1's (device 1) send `id` (client id `c{id}`, body three bytes `id`) to `to` on `shard`,
+/// from a build that stores own copies.
+pub(super) fn send_by_1(id: u8, to: u64, shard: ShardId) -> Kind {
+    Kind::MessageSent(events::MessageSent {
+        message_id: vec![id; 16],
+        sender_user: 1,
+        sender_device: 1,
+        client_msg_id: format!("c{id}"),
+        to: direct(to),
+        content: Some(events::Content {
+            body: vec![id; 3],
+            media: None,
+        }),
+        sent_at_ms: 100 + u64::from(id),
+        recipient_shard: u32::from(shard.get()),
+        group_epoch: 0,
+        trace_parent: String::new(),
+        own_copies: true,
+    })
+}
+
 pub(super) fn view_of<'s, 'a>(staged: &'s mut Staged<'a>) -> View<'s, 'a> {
     View::new(staged, SHARD, LogIndex::ZERO, Projection::ReadState)
 }
