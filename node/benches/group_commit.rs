@@ -61,6 +61,9 @@ fn message(source: u32, pos: u64) -> Event {
             trace_parent: String::new(),
             source_shard: source,
             source_pos: pos,
+            origin_shard: None,
+            addressed_to: 0,
+            receipts_sent: 0,
         })),
     }
 }

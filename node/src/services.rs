@@ -10,16 +10,16 @@ use courier_proto::pb::client::keys_server::Keys;
 use courier_proto::pb::client::messaging_server::Messaging;
 use courier_proto::pb::client::registration_server::Registration;
 use courier_proto::pb::client::{
-    AddMemberRequest, ApprovePairingRequest, ApprovePairingResponse, ClientFrame,
-    CreateGroupRequest, DeleteAccountRequest, DeleteAccountResponse, FinishPairingRequest,
-    GetKeyCountRequest, GetKeyCountResponse, GetPreKeyBundleRequest, GetPreKeyBundleResponse,
-    GetPresenceRequest, GetPresenceResponse, GetReceiptsRequest, GetReceiptsResponse, GroupInfo,
-    LeaveGroupRequest, LeaveGroupResponse, ListConversationsRequest, ListConversationsResponse,
-    ListDevicesRequest, ListDevicesResponse, ListGroupsRequest, ListGroupsResponse,
-    RegisterRequest, RegisterResponse, RemoveMemberRequest, RequestCodeRequest,
-    RequestCodeResponse, RevokeDeviceRequest, RevokeDeviceResponse, SendRequest, SendResponse,
-    SendToGroupRequest, StartPairingRequest, StartPairingResponse, UploadKeysRequest,
-    UploadKeysResponse,
+    AddMemberRequest, ApprovePairingRequest, ApprovePairingResponse, ChangeNumberRequest,
+    ChangeNumberResponse, ClientFrame, CreateGroupRequest, DeleteAccountRequest,
+    DeleteAccountResponse, FinishPairingRequest, GetKeyCountRequest, GetKeyCountResponse,
+    GetPreKeyBundleRequest, GetPreKeyBundleResponse, GetPresenceRequest, GetPresenceResponse,
+    GetReceiptsRequest, GetReceiptsResponse, GroupInfo, LeaveGroupRequest, LeaveGroupResponse,
+    ListConversationsRequest, ListConversationsResponse, ListDevicesRequest, ListDevicesResponse,
+    ListGroupsRequest, ListGroupsResponse, RegisterRequest, RegisterResponse, RemoveMemberRequest,
+    RequestCodeRequest, RequestCodeResponse, RevokeDeviceRequest, RevokeDeviceResponse,
+    SendRequest, SendResponse, SendToGroupRequest, StartPairingRequest, StartPairingResponse,
+    UploadKeysRequest, UploadKeysResponse,
 };
 use courier_proto::pb::peer::admin_server::Admin;
 use courier_proto::pb::peer::forward_server::Forward;
@@ -121,6 +121,19 @@ impl Registration for ClientApi {
         let caller = self.authenticate(request.metadata())?;
         Ok(Response::new(
             ClientApi::delete_account(self, caller, request.into_inner()).await?,
+        ))
+    }
+
+    async fn change_number(
+        &self,
+        request: Request<ChangeNumberRequest>,
+    ) -> Result<Response<ChangeNumberResponse>, Status> {
+        let caller = self.authenticate(request.metadata())?;
+        let address = request
+            .remote_addr()
+            .map(|addr| crate::client::rate::address_key(addr.ip()));
+        Ok(Response::new(
+            ClientApi::change_number(self, caller, request.into_inner(), address).await?,
         ))
     }
 }

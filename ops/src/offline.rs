@@ -102,6 +102,9 @@ fn describe(
                 ("from", json!(e.sender_user)),
                 ("source_shard", json!(e.source_shard)),
                 ("source_pos", json!(e.source_pos)),
+                // Set on a copy re-queued after a change of number.
+                ("origin_shard", json!(e.origin_shard)),
+                ("addressed_to", json!(e.addressed_to)),
             ],
         ),
         Some(Kind::DeliveryAcked(e)) => (
@@ -149,7 +152,11 @@ fn describe(
         ),
         Some(Kind::MemberAdded(e)) => (
             "MemberAdded",
-            vec![("group", json!(e.group)), ("user", json!(e.user))],
+            vec![
+                ("group", json!(e.group)),
+                ("user", json!(e.user)),
+                ("replaces", json!(e.replaces)),
+            ],
         ),
         Some(Kind::MemberRemoved(e)) => (
             "MemberRemoved",
@@ -220,7 +227,11 @@ fn describe(
         ),
         Some(Kind::AccountDeleted(e)) => (
             "AccountDeleted",
-            vec![("user", json!(e.user)), ("at_ms", json!(e.at_ms))],
+            vec![
+                ("user", json!(e.user)),
+                ("at_ms", json!(e.at_ms)),
+                ("moved_to", json!(e.moved_to)),
+            ],
         ),
         None => (
             "Unknown",

@@ -184,6 +184,7 @@ impl ClientApi {
                     admin: false,
                     at_ms,
                     user_shard: u32::from(self.shard_of(*member)?.get()),
+                    replaces: 0,
                 })),
             });
         }
@@ -236,6 +237,7 @@ impl ClientApi {
                 admin: false,
                 at_ms: now_ms(),
                 user_shard: u32::from(self.shard_of(command.user)?.get()),
+                replaces: 0,
             }),
         )
         .await

@@ -1,7 +1,8 @@
 //! Deleting an account on three in-process nodes: only the primary, only with the account's own
 //! number; afterwards no device works on any node, nobody can write to the account, it is in no
 //! group, its keys are gone, no replica holds its number's hash, every replica equals a rebuild
-//! of its log, and the number registers again as a new, empty account.
+//! of its log, and the number registers again as a new, empty account. Changing number: the
+//! account moves to the new number's user with its groups and what its phone had not acked.
 
 use std::time::{Duration, Instant};
 
@@ -10,15 +11,18 @@ use courier_proto::pb::client::keys_client::KeysClient;
 use courier_proto::pb::client::messaging_client::MessagingClient;
 use courier_proto::pb::client::registration_client::RegistrationClient;
 use courier_proto::pb::client::{
-    DeleteAccountRequest, GetPreKeyBundleRequest, ListDevicesRequest, ListGroupsRequest,
-    SendRequest, ServerFrame, server_frame,
+    Ack, ChangeNumberRequest, ClientFrame, DeleteAccountRequest, GetPreKeyBundleRequest,
+    GetReceiptsRequest, ListDevicesRequest, ListGroupsRequest, RequestCodeRequest, SendRequest,
+    ServerFrame, client_frame, server_frame,
 };
+use courier_proto::pb::events::ReceiptState;
 use courier_proto::{PhoneHasher, PhoneKey, shard_of};
 use courier_storage::{Cf, Projection, ReadKv};
 
 use crate::messaging::{
     Device, assert_verified_from_genesis, authed, body, cluster_appending, code_is, collect,
-    create_group, link_tablet, open_stream, phones_on_different_shards, register, user_of,
+    create_group, delivered_up_to, link_tablet, open_stream, phones_on_different_shards, register,
+    user_of,
 };
 use crate::support::channel;
 
@@ -212,4 +216,250 @@ async fn a_deleted_account_leaves_nothing_and_the_number_registers_again() {
         vec![(1, "welcome back".to_owned())],
         "nothing from before; the new inbox starts at seq 1"
     );
+}
+
+/// A code for `phone` from the node at `addr`, read from that node's development SMS file.
+async fn code_for(addr: &str, dir: &std::path::Path, phone: &str) -> String {
+    RegistrationClient::new(channel(addr).await)
+        .request_code(RequestCodeRequest {
+            phone_number: phone.to_owned(),
+        })
+        .await
+        .expect("code");
+    std::fs::read_to_string(dir.join("sms-outbox.log"))
+        .expect("dev sms file")
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix(&format!("{phone} ")))
+        .expect("a code for the phone")
+        .to_owned()
+}
+
+async fn change(
+    addr: &str,
+    device: &Device,
+    new_phone: &str,
+    code: &str,
+) -> Result<(Device, u32), tonic::Status> {
+    let response = RegistrationClient::new(channel(addr).await)
+        .change_number(authed(
+            device,
+            ChangeNumberRequest {
+                new_phone_number: new_phone.to_owned(),
+                code: code.to_owned(),
+                device_name: "phone".to_owned(),
+            },
+        ))
+        .await?
+        .into_inner();
+    let registered = response.registered.expect("credentials");
+    Ok((
+        Device {
+            user: registered.user_id,
+            device: registered.device_id,
+            bearer: courier_node::client::auth::bearer(
+                registered.user_id,
+                registered.device_id,
+                &registered.device_token,
+            ),
+        },
+        response.groups_moved,
+    ))
+}
+
+/// Alice (with a tablet, admin of a group with Bob) acked Bob's first message and not the next
+/// two, then changes to a number on another shard: a companion, her own number or a wrong code
+/// changes nothing; the change (code from node 1, asked on node 2) gives the new number's user,
+/// admin in her place in the group; the old credentials and the tablet stop working everywhere,
+/// the old user is unknown to senders; the new account's stream gets exactly the two unacked
+/// messages, in order, and what Bob sends to the new number; every replica equals a rebuild.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(
+    clippy::too_many_lines,
+    reason = "one account's story in linear phases: each phase reads the state the previous one left"
+)]
+async fn a_changed_number_keeps_the_groups_and_what_the_phone_had_not_received() {
+    let c = cluster_appending(
+        "[limits]\nsends-per-second-per-device = 10000\nsend-burst-per-device = 10000\n",
+    )
+    .await;
+    let addr = |i: usize| c.nodes[i].client_addr.to_string();
+    let count = u16::try_from(crate::cluster::SHARDS).expect("small");
+    let (alice_phone, bob_phone) = phones_on_different_shards();
+    let old_shard = shard_of(user_of(&alice_phone), count);
+    let new_phone = (100..200)
+        .map(|i| format!("+15550000{i:03}"))
+        .find(|p| shard_of(user_of(p), count) != old_shard && *p != bob_phone)
+        .expect("a number elsewhere");
+    let alice = register(&addr(0), &c.dirs[0], &alice_phone).await;
+    let bob = register(&addr(1), &c.dirs[1], &bob_phone).await;
+    let tablet = link_tablet(&addr(2), &alice).await;
+    c.wait_converged().await;
+    let group = create_group(&addr(0), &alice, vec![bob.user]).await;
+    for text in ["one", "two", "three"] {
+        send(&addr(1), &bob, alice.user, text).await.expect("send");
+    }
+    let mut stream = open_stream(&addr(0), &alice, 0).await;
+    let frames = collect(&mut stream, Duration::from_secs(10), |f| {
+        bodies(f).len() >= 3
+    })
+    .await;
+    assert_eq!(bodies(&frames).len(), 3, "{frames:?}");
+    stream
+        .out
+        .send(ClientFrame {
+            frame: Some(client_frame::Frame::Ack(Ack { up_to_seq: 1 })),
+        })
+        .await
+        .expect("ack");
+    eventually("the ack applied", async || {
+        delivered_up_to(&c.nodes[0], alice.user) == 1
+    })
+    .await;
+    drop(stream);
+    c.wait_converged().await; // the group is on every replica the change may read
+
+    tracing::info!("a companion, the same number or a wrong code changes nothing");
+    let code = code_for(&addr(1), &c.dirs[1], &new_phone).await;
+    let refused = change(&addr(2), &tablet, &new_phone, &code)
+        .await
+        .unwrap_err();
+    code_is(
+        &refused,
+        tonic::Code::PermissionDenied,
+        "COURIER:Account:NotPrimary",
+    );
+    let refused = change(&addr(2), &alice, &alice_phone, &code)
+        .await
+        .unwrap_err();
+    code_is(
+        &refused,
+        tonic::Code::InvalidArgument,
+        "COURIER:Account:SameNumber",
+    );
+    let wrong = if code == "000000" { "111111" } else { "000000" };
+    let refused = change(&addr(2), &alice, &new_phone, wrong)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    send(&addr(1), &bob, alice.user, "still here")
+        .await
+        .expect("the account still exists");
+
+    tracing::info!("the change, with the code node 1 sent, asked on node 2");
+    let (moved, groups_moved) = change(&addr(2), &alice, &new_phone, &code)
+        .await
+        .expect("change");
+    assert_eq!(
+        moved.user,
+        user_of(&new_phone).get(),
+        "the new number's user"
+    );
+    assert_eq!(groups_moved, 1);
+    c.wait_converged().await;
+    for i in 0..3 {
+        for device in [&alice, &tablet] {
+            let status = RegistrationClient::new(channel(&addr(i)).await)
+                .list_devices(authed(device, ListDevicesRequest {}))
+                .await
+                .unwrap_err();
+            assert_eq!(status.code(), tonic::Code::Unauthenticated, "node {i}");
+        }
+    }
+    let refused = send(&addr(1), &bob, alice.user, "to the old")
+        .await
+        .unwrap_err();
+    code_is(
+        &refused,
+        tonic::Code::NotFound,
+        "COURIER:Messaging:UnknownRecipient",
+    );
+    let groups = GroupsClient::new(channel(&addr(1)).await)
+        .list_groups(authed(&bob, ListGroupsRequest {}))
+        .await
+        .expect("list")
+        .into_inner()
+        .groups;
+    let mut members: Vec<(u64, bool)> = groups
+        .iter()
+        .find(|g| g.group_id == group)
+        .expect("bob's group")
+        .members
+        .iter()
+        .map(|m| (m.user_id, m.admin))
+        .collect();
+    members.sort_unstable();
+    let mut expected = vec![(bob.user, false), (moved.user, true)];
+    expected.sort_unstable();
+    assert_eq!(
+        members, expected,
+        "the new number holds her place, as admin"
+    );
+
+    tracing::info!("the new account gets what the phone had not acked, once, in order");
+    send(&addr(1), &bob, moved.user, "to the new")
+        .await
+        .expect("send to the new number");
+    let mut stream = open_stream(&addr(1), &moved, 0).await;
+    let frames = collect(&mut stream, Duration::from_secs(15), |f| {
+        bodies(f).len() >= 4
+    })
+    .await;
+    let later = collect(&mut stream, Duration::from_secs(1), |_| false).await;
+    assert_eq!(bodies(&later), Vec::new(), "nothing arrives twice");
+    let got: Vec<String> = bodies(&frames).into_iter().map(|(_, b)| b).collect();
+    // The moved messages come in their order; Bob's new one may land before, between or after
+    // them (it travels another path).
+    let moved_ones: Vec<&String> = got.iter().filter(|b| *b != "to the new").collect();
+    assert_eq!(moved_ones, ["two", "three", "still here"], "{got:?}");
+    assert_eq!(got.len(), 4, "each once: {got:?}");
+
+    tracing::info!("the new account's ack reaches Bob as DELIVERED, naming the id he wrote to");
+    let (three_id, tail) = frames
+        .iter()
+        .filter_map(|f| match &f.frame {
+            Some(server_frame::Frame::Message(m)) => Some(m),
+            _ => None,
+        })
+        .fold((Vec::new(), 0), |(id, tail), m| {
+            let body = m.content.as_ref().map(|c| c.body.as_slice());
+            let id = if body == Some(b"three".as_slice()) {
+                m.message_id.clone()
+            } else {
+                id
+            };
+            (id, tail.max(m.seq))
+        });
+    stream
+        .out
+        .send(ClientFrame {
+            frame: Some(client_frame::Frame::Ack(Ack { up_to_seq: tail })),
+        })
+        .await
+        .expect("ack");
+    eventually("bob sees three delivered to alice", async || {
+        MessagingClient::new(channel(&addr(1)).await)
+            .get_receipts(authed(
+                &bob,
+                GetReceiptsRequest {
+                    message_ids: vec![three_id.clone()],
+                    group_id: 0,
+                },
+            ))
+            .await
+            .expect("receipts")
+            .into_inner()
+            .receipts
+            .iter()
+            .flat_map(|m| &m.recipients)
+            .any(|r| r.recipient_user == alice.user && r.state() == ReceiptState::Delivered)
+    })
+    .await;
+    c.wait_converged().await;
+    let new_shard = shard_of(user_of(&new_phone), count);
+    for node in &c.nodes {
+        for shard in [old_shard, new_shard] {
+            assert_verified_from_genesis(node, shard).await;
+        }
+    }
 }

@@ -132,6 +132,9 @@ pub(crate) fn delivered(dest_user: u64, dest: u32, pos: u64) -> Event {
             source_pos: pos,
             group_index: 0,
             trace_parent: String::new(),
+            origin_shard: None,
+            addressed_to: 0,
+            receipts_sent: 0,
         })),
     }
 }

@@ -27,7 +27,7 @@ use crate::support::{channel, peer_channel};
 pub(crate) struct Device {
     pub(crate) user: u64,
     pub(crate) device: u32,
-    bearer: String,
+    pub(crate) bearer: String,
 }
 
 /// The user `phone` registers as in a test cluster (created with [`crate::cluster::PHONE_KEY`]).

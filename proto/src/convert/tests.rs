@@ -351,6 +351,9 @@ fn events_round_trip_through_prost() {
             source_pos: 1,
             group_index: 0,
             trace_parent: String::new(),
+            origin_shard: None,
+            addressed_to: 0,
+            receipts_sent: 0,
         }),
         Kind::DeliveryAcked(events::DeliveryAcked {
             user: 2,
@@ -413,6 +416,7 @@ fn events_round_trip_through_prost() {
             admin: false,
             at_ms: 9,
             user_shard: 0,
+            replaces: 0,
         }),
         Kind::MemberRemoved(events::MemberRemoved {
             group: 4,

@@ -6,7 +6,7 @@
 #![allow(clippy::arithmetic_side_effects, clippy::as_conversions)]
 
 use courier_proto::pb::events::event::Kind;
-use courier_proto::pb::events::{self};
+use courier_proto::pb::events::{self, ReceiptState};
 use courier_proto::{ShardId, UserId};
 
 use super::projection_test::{
@@ -40,6 +40,8 @@ fn deleted_by(user: u64, device: u32, token_hash: [u8; 32]) -> Kind {
         at_ms: 100,
         device,
         token_hash: token_hash.to_vec(),
+        moved_to: 0,
+        moved_to_shard: 0,
     })
 }
 
@@ -237,5 +239,215 @@ fn a_deleted_account_leaves_nothing_behind() {
     assert!(
         matches!(stored[..], [Applied::Stored { seq, duplicate: false, .. }] if seq.get() == 1),
         "{stored:?}"
+    );
+}
+
+/// The pending events on `from`'s outbox to `dest`, in position order.
+fn pending(kv: &MemKv, from: ShardId, dest: ShardId) -> Vec<Kind> {
+    let mut staged = crate::kv::Staged::new(kv, std::collections::BTreeMap::new());
+    let view = crate::projection::View::new(
+        &mut staged,
+        from,
+        courier_proto::LogIndex::new(1),
+        Projection::Outbox,
+    );
+    crate::projection::outbox::pending(&view, dest, 1, usize::MAX)
+        .expect("memory")
+        .into_iter()
+        .filter_map(|(_, event)| event.kind)
+        .collect()
+}
+
+/// The `MessageDelivered`s among `kinds`.
+fn deliveries(kinds: &[Kind]) -> Vec<&events::MessageDelivered> {
+    kinds
+        .iter()
+        .filter_map(|kind| match kind {
+            Kind::MessageDelivered(delivered) => Some(delivered),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A change of number: user 1's primary (which acked message 1; its companion acked up to 2)
+/// moves the account to user 7 on another shard. Messages 2 and 3, which the primary had not
+/// acked, are re-queued to user 7 in order, naming user 1 as the addressee and this shard as
+/// their origin; so is a delivery that reaches the closed inbox later; nothing of user 1 stays.
+/// On the new shard they are stored for user 7, and its ack sends DELIVERED receipts back to the
+/// origin naming user 1, whom the sender addressed, for those the old inbox had not sent one for.
+/// A move to the account itself is refused.
+#[test]
+#[allow(
+    clippy::too_many_lines,
+    reason = "one story in linear phases: each phase reads the state the previous one left"
+)]
+fn a_changed_number_takes_what_the_device_had_not_acked() {
+    let mut kv = MemKv::default();
+    let mut state = ShardState::empty(SHARD);
+    let moved = |moved_to: u64, shard: ShardId| {
+        Kind::AccountDeleted(events::AccountDeleted {
+            user: 1,
+            at_ms: 100,
+            device: 1,
+            token_hash: TOKEN_HASH.to_vec(),
+            moved_to,
+            moved_to_shard: u32::from(shard.get()),
+        })
+    };
+    tracing_phase("user 1 with a companion; three messages from user 2, acked 1 and 2");
+    apply_one(
+        &mut kv,
+        &mut state,
+        [
+            user_with_primary(1, &PHONE),
+            vec![device_of(1, false)],
+            user_with_primary(2, &[0xb2; 16]),
+        ]
+        .concat(),
+    );
+    apply_one(
+        &mut kv,
+        &mut state,
+        vec![delivered(1, 2, 1), delivered(1, 2, 2), delivered(1, 2, 3)],
+    );
+    let no_trim = |device: u32, up_to_seq: u64| {
+        Kind::DeliveryAcked(events::DeliveryAcked {
+            user: 1,
+            device,
+            up_to_seq,
+            acked_at_ms: 90,
+            trim_delivered: false,
+            keep_recent: 0,
+        })
+    };
+    apply_one(&mut kv, &mut state, vec![no_trim(1, 1), no_trim(2, 2)]);
+    let receipts_here = |kv: &MemKv| {
+        pending(kv, SHARD, SHARD)
+            .iter()
+            .filter(|kind| matches!(kind, Kind::ReceiptRecorded(_)))
+            .count()
+    };
+    assert_eq!(receipts_here(&kv), 2, "DELIVERED for 1 and 2");
+
+    tracing_phase("a move to the account itself is refused");
+    let before = state.clone();
+    let outcome = apply_one(&mut kv, &mut state, vec![moved(1, SHARD)]);
+    assert_refused(&outcome, "moving to itself");
+    assert_projections_unchanged(&before, &state);
+
+    tracing_phase("the number changes: 2 and 3 follow the account to user 7");
+    let outcome = apply_one(&mut kv, &mut state, vec![moved(7, OTHER)]);
+    assert_eq!(outcome, vec![Applied::Done]);
+    assert_eq!(traces_of_user_1(&kv), Vec::new(), "nothing of user 1 stays");
+    let queued = pending(&kv, SHARD, OTHER);
+    let requeued = deliveries(&queued);
+    assert_eq!(
+        requeued
+            .iter()
+            .map(|d| (
+                d.message_id[0],
+                d.recipient_user,
+                d.addressed_to,
+                d.origin_shard
+            ))
+            .collect::<Vec<_>>(),
+        vec![
+            (2, 7, 1, Some(u32::from(SHARD.get()))),
+            (3, 7, 1, Some(u32::from(SHARD.get()))),
+        ],
+        "what the asking device had not acked, in inbox order"
+    );
+    assert!(
+        requeued
+            .iter()
+            .all(|d| d.content.is_some() && d.sender_user == 2),
+        "bodies and senders travel as they were"
+    );
+    assert_eq!(receipts_here(&kv), 2, "no receipt queued by the move");
+    assert_eq!(
+        requeued
+            .iter()
+            .map(|d| d.receipts_sent())
+            .collect::<Vec<_>>(),
+        vec![ReceiptState::Delivered, ReceiptState::Unspecified],
+        "2 was delivered (to the companion): its DELIVERED went already"
+    );
+
+    tracing_phase("a delivery reaching the closed inbox later follows too");
+    let outcome = apply_one(&mut kv, &mut state, vec![delivered(1, 2, 4)]);
+    assert_eq!(outcome, vec![Applied::Done]);
+    assert_eq!(traces_of_user_1(&kv), Vec::new());
+    let queued = pending(&kv, SHARD, OTHER);
+    assert_eq!(
+        deliveries(&queued)
+            .iter()
+            .map(|d| (d.message_id[0], d.source_pos))
+            .collect::<Vec<_>>(),
+        vec![(2, 1), (3, 2), (4, 3)]
+    );
+
+    tracing_phase("the new shard stores them for user 7; its ack names user 1 in the receipts");
+    let mut other = ShardState::empty(OTHER);
+    apply_one(&mut kv, &mut other, user_with_primary(7, &[0xc7; 16]));
+    let outcome = apply_one(&mut kv, &mut other, queued);
+    assert!(
+        outcome.iter().all(|applied| matches!(
+            applied,
+            Applied::Stored {
+                duplicate: false,
+                ..
+            }
+        )),
+        "{outcome:?}"
+    );
+    let user_7 = UserId::new(7).expect("nonzero");
+    let mut staged = crate::kv::Staged::new(&kv, std::collections::BTreeMap::new());
+    let view = crate::projection::View::new(
+        &mut staged,
+        OTHER,
+        courier_proto::LogIndex::new(1),
+        Projection::Inbox,
+    );
+    let stored = crate::projection::inbox::entries_between(
+        &view,
+        user_7,
+        courier_proto::InboxSeq::new(0),
+        courier_proto::InboxSeq::new(10),
+    )
+    .expect("memory");
+    assert_eq!(
+        stored
+            .iter()
+            .map(|(_, e)| (e.message_id[0], e.source_shard, e.addressed_to))
+            .collect::<Vec<_>>(),
+        vec![
+            (2, u32::from(SHARD.get()), 1),
+            (3, u32::from(SHARD.get()), 1),
+            (4, u32::from(SHARD.get()), 1),
+        ]
+    );
+    apply_one(
+        &mut kv,
+        &mut other,
+        vec![Kind::DeliveryAcked(events::DeliveryAcked {
+            user: 7,
+            device: 1,
+            up_to_seq: 3,
+            acked_at_ms: 120,
+            trim_delivered: false,
+            keep_recent: 0,
+        })],
+    );
+    let receipts: Vec<(u8, u64, u64)> = pending(&kv, OTHER, SHARD)
+        .iter()
+        .filter_map(|kind| match kind {
+            Kind::ReceiptRecorded(r) => Some((r.message_id[0], r.sender_user, r.recipient_user)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        receipts,
+        vec![(3, 2, 1), (4, 2, 1)],
+        "DELIVERED once per message: 2's came from the old inbox"
     );
 }

@@ -425,6 +425,8 @@ pub enum Decoded<'e> {
         device: DeviceId,
         /// SHA-256 of that device's token.
         token_hash: &'e [u8],
+        /// A change of number: the user the account moved to, and that user's shard.
+        moved_to: Option<(UserId, ShardId)>,
     },
 }
 
@@ -491,6 +493,9 @@ fn delivered(event: &events::MessageDelivered) -> Result<Delivered<'_>, WireErro
     // Stored with the message even when not forwarded: receipts go back to it.
     let source = shard(event.source_shard, "source_shard")?;
     let forwarded = (event.source_pos > 0).then_some((source, event.source_pos));
+    if let Some(origin) = event.origin_shard {
+        shard(origin, "origin_shard")?;
+    }
     Ok(Delivered {
         event,
         recipient: user(event.recipient_user, "recipient_user")?,
@@ -681,6 +686,13 @@ fn decode_fields(kind: &Kind) -> Result<Decoded<'_>, WireError> {
             user: user(event.user, "user")?,
             device: DeviceId::from_wire(event.device, "device")?,
             token_hash: &event.token_hash,
+            moved_to: match event.moved_to {
+                0 => None,
+                moved_to => Some((
+                    user(moved_to, "moved_to")?,
+                    shard(event.moved_to_shard, "moved_to_shard")?,
+                )),
+            },
         },
     })
 }

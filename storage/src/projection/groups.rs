@@ -130,6 +130,19 @@ fn check_add(
     let Some(record) = record(view, group)? else {
         return Ok(Some(GroupRefusal::NotFound { group }));
     };
+    if let Some(replaced) = replaced(added) {
+        // A change of number: only the member itself hands its place on.
+        if added.by != Some(replaced) {
+            return Ok(Some(GroupRefusal::NotAdminToAdd));
+        }
+        if member(view, group, replaced)?.is_none() {
+            return Ok(Some(GroupRefusal::NotMember { user: replaced }));
+        }
+        if member(view, group, added.user)?.is_some() {
+            return Ok(Some(GroupRefusal::AlreadyMember { user: added.user }));
+        }
+        return Ok(None);
+    }
     if !is_admin(view, group, added.by)? {
         return Ok(Some(GroupRefusal::NotAdminToAdd));
     }
@@ -140,6 +153,11 @@ fn check_add(
         return Ok(Some(GroupRefusal::Full { group }));
     }
     Ok(None)
+}
+
+/// The member a `MemberAdded` replaces (a change of number), if any.
+fn replaced(added: &Membership<'_, events::MemberAdded>) -> Option<UserId> {
+    UserId::new(added.event.replaces)
 }
 
 fn check_remove(
@@ -178,6 +196,51 @@ fn check_send(view: &View<'_, '_>, sent: &Sent<'_>) -> Result<Option<GroupRefusa
     Ok(None)
 }
 
+/// `MemberAdded`: a new member, or (`replaces`, a change of number) the new user in the place of
+/// a member, with its admin flag.
+fn add_member(
+    view: &mut View<'_, '_>,
+    decoded: &Membership<'_, events::MemberAdded>,
+) -> Result<()> {
+    let shard = view.shard();
+    let (group, user, added) = (decoded.group, decoded.user, decoded.event);
+    let mut record = load(view, group)?;
+    let member_key = keys::group_member(shard, group, user);
+    assert!(
+        view.get::<MemberRecord>(Projection::Groups, &member_key)?
+            .is_none(),
+        "a member is added once"
+    );
+    record.epoch = record.epoch.checked_add(1).expect("group epoch overflow");
+    let admin = match replaced(decoded) {
+        // The new number takes the old one's place: the count stays.
+        Some(replaced) => {
+            let replaced_key = keys::group_member(shard, group, replaced);
+            let old = view
+                .get::<MemberRecord>(Projection::Groups, &replaced_key)?
+                .expect("only members are replaced");
+            view.delete(replaced_key)?;
+            view.delete(keys::user_group(shard, replaced, group))?;
+            old.admin
+        }
+        None => {
+            record.members = record
+                .members
+                .checked_add(1)
+                .expect("member count overflow");
+            added.admin
+        }
+    };
+    let member = MemberRecord {
+        admin,
+        joined_epoch: record.epoch,
+        shard: added.user_shard,
+    };
+    view.put(keys::user_group(shard, user, group), &member)?;
+    view.put(member_key, &member)?;
+    view.put(keys::group(shard, group), &record)
+}
+
 /// Folds one event into the groups projection.
 ///
 /// # Errors
@@ -209,29 +272,7 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
             view.put(keys::user_group(shard, creator, group), &record)?;
             view.put(keys::group_member(shard, group, creator), &record)
         }
-        Decoded::MemberAdded(decoded) => {
-            let (group, user, added) = (decoded.group, decoded.user, decoded.event);
-            let mut record = load(view, group)?;
-            let member_key = keys::group_member(shard, group, user);
-            assert!(
-                view.get::<MemberRecord>(Projection::Groups, &member_key)?
-                    .is_none(),
-                "a member is added once"
-            );
-            record.epoch = record.epoch.checked_add(1).expect("group epoch overflow");
-            record.members = record
-                .members
-                .checked_add(1)
-                .expect("member count overflow");
-            let member = MemberRecord {
-                admin: added.admin,
-                joined_epoch: record.epoch,
-                shard: added.user_shard,
-            };
-            view.put(keys::user_group(shard, user, group), &member)?;
-            view.put(member_key, &member)?;
-            view.put(keys::group(shard, group), &record)
-        }
+        Decoded::MemberAdded(decoded) => add_member(view, decoded),
         Decoded::MemberRemoved(removed) => {
             let (group, user) = (removed.group, removed.user);
             let mut record = load(view, group)?;

@@ -56,6 +56,7 @@ fn member_added(user: u64, by: u64, user_shard: u32) -> Kind {
         admin: false,
         at_ms: 1,
         user_shard,
+        replaces: 0,
     })
 }
 
@@ -322,4 +323,76 @@ fn one_forget_removes_a_bounded_number_of_copies() {
             .is_some(),
         "the newest stay for the next forget"
     );
+}
+
+/// A change of number in a group: the new user takes the replaced member's place with its
+/// admin flag, in one event (the count stays, the epoch moves); only the member itself hands its
+/// place on, and not to someone already in the group; the old user's index entry goes.
+#[test]
+fn a_member_is_replaced_by_its_new_number() {
+    let mut kv = MemKv::default();
+    let mut state = ShardState::empty(SHARD);
+    let replaced_by = |user: u64, by: u64, replaces: u64| {
+        Kind::MemberAdded(events::MemberAdded {
+            group: 77,
+            user,
+            by,
+            admin: false,
+            at_ms: 2,
+            user_shard: 9,
+            replaces,
+        })
+    };
+    apply_one(
+        &mut kv,
+        &mut state,
+        vec![group_created(), member_added(2, 1, 9)],
+    );
+    let before = state.digests.clone();
+    let refused = apply_one(
+        &mut kv,
+        &mut state,
+        vec![
+            replaced_by(5, 2, 1),
+            replaced_by(2, 1, 1),
+            replaced_by(5, 3, 3),
+        ],
+    );
+    for (outcome, code) in refused.iter().zip([
+        "COURIER:Group:NotAdmin",
+        "COURIER:Group:AlreadyMember",
+        "COURIER:Group:NotMember",
+    ]) {
+        assert!(
+            matches!(outcome, Applied::Rejected { code: got, .. } if *got == code),
+            "{outcome:?} is not {code}"
+        );
+    }
+    assert_eq!(state.digests, before, "refusals change nothing");
+
+    let outcome = apply_one(&mut kv, &mut state, vec![replaced_by(5, 1, 1)]);
+    assert_eq!(outcome, vec![Applied::Done]);
+    let mut staged = Staged::new(&kv, BTreeMap::new());
+    let view = View::new(&mut staged, SHARD, LogIndex::new(1), Projection::Groups);
+    let group = courier_proto::GroupId::new(77).expect("nonzero");
+    let members: Vec<(u64, bool, u32)> = crate::projection::groups::members(&view, group)
+        .expect("memory")
+        .into_iter()
+        .map(|(user, record)| (user.get(), record.admin, record.shard))
+        .collect();
+    assert_eq!(
+        members,
+        vec![(2, false, 9), (5, true, 9)],
+        "5 holds 1's place as admin"
+    );
+    let of = |user: u64| {
+        crate::projection::groups::groups_of(&view, UserId::new(user).expect("nonzero"))
+            .expect("memory")
+    };
+    assert_eq!(of(1), Vec::new());
+    assert_eq!(of(5), vec![group]);
+    let record = crate::projection::groups::record(&view, group)
+        .expect("memory")
+        .expect("the group exists");
+    assert_eq!((record.members, record.epoch), (2, 3));
 }

@@ -261,6 +261,9 @@ fn a_group_senders_other_devices_get_their_own_copy() {
             source_pos,
             group_index: 40,
             trace_parent: String::new(),
+            origin_shard: None,
+            addressed_to: 0,
+            receipts_sent: 0,
         })
     };
     tracing_phase("user 3 (one device): the forwarded own copy stores nothing");

@@ -15,7 +15,7 @@
 
 use courier_proto::pb::events::ForgottenMessage;
 use courier_proto::pb::store::{InboxEntry, InboxState};
-use courier_proto::{InboxSeq, MessageId, UserId};
+use courier_proto::{InboxSeq, MessageId, ShardId, UserId};
 
 use super::decode::{self, Acked};
 use super::{Decoded, Projection, View};
@@ -225,8 +225,9 @@ fn forget(view: &mut View<'_, '_>, message: &decode::ForgottenMessage<'_>) -> Re
     ))
 }
 
-/// `AccountDeleted`: every message of `user` leaves with its indexes, and the inbox is closed.
-fn close(view: &mut View<'_, '_>, user: UserId) -> Result<()> {
+/// `AccountDeleted`: every message of `user` leaves with its indexes, and the inbox is closed
+/// (after a change of number, with the user it moved to: later deliveries follow it).
+fn close(view: &mut View<'_, '_>, user: UserId, moved_to: Option<(UserId, ShardId)>) -> Result<()> {
     let shard = view.shard();
     let inbox = state(view, user)?;
     for (seq, entry) in
@@ -249,6 +250,8 @@ fn close(view: &mut View<'_, '_>, user: UserId) -> Result<()> {
         keys::inbox_state(shard, user),
         &InboxState {
             closed: true,
+            moved_to: moved_to.map_or(0, |(user, _)| user.get()),
+            moved_to_shard: moved_to.map_or(0, |(_, shard)| u32::from(shard.get())),
             ..InboxState::default()
         },
     )
@@ -277,10 +280,14 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
                     content: delivered.content.clone(),
                     sent_at_ms: delivered.sent_at_ms,
                     stored_at_ms: delivered.stored_at_ms,
-                    source_shard: delivered.source_shard,
+                    // Where receipts go (and a group message's content is): the origin of a
+                    // message re-queued after a change of number, else the source.
+                    source_shard: delivered.origin_shard.unwrap_or(delivered.source_shard),
                     group_index: delivered.group_index,
                     trace_parent: delivered.trace_parent.clone(),
                     trimmed: false,
+                    addressed_to: delivered.addressed_to,
+                    receipts_sent: delivered.receipts_sent,
                 },
             );
             view.put_u64_new(keys::inbox_message_id(shard, user, message), seq.get());
@@ -326,7 +333,7 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
             }
             Ok(())
         }
-        Decoded::AccountDeleted { user, .. } => close(view, *user),
+        Decoded::AccountDeleted { user, moved_to, .. } => close(view, *user, *moved_to),
         Decoded::UserRegistered(registered) => {
             // The number of a deleted account registers again: its inbox opens, empty.
             if state(view, registered.user)?.closed {

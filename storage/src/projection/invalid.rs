@@ -44,6 +44,13 @@ pub enum Invalid {
         /// The device named.
         device: u32,
     },
+    /// A change of number to the account's own user (its re-queued deliveries would come back
+    /// to its own closed inbox for ever).
+    #[error("AccountDeleted of user {user} moving to itself")]
+    MoveToSelf {
+        /// The user.
+        user: u64,
+    },
     /// A revocation of a device that was never registered.
     #[error("DeviceRevoked of unregistered device {device} of user {user}")]
     UnknownDevice {
@@ -214,8 +221,14 @@ pub(super) fn check(view: &View<'_, '_>, event: &Decoded<'_>) -> Result<Option<I
         }
         Decoded::AccountDeleted {
             user,
+            moved_to: Some((moved_to, _)),
+            ..
+        } if moved_to == user => Some(Invalid::MoveToSelf { user: user.get() }),
+        Decoded::AccountDeleted {
+            user,
             device,
             token_hash,
+            ..
         } => deletion_by_non_primary(view, *user, *device, token_hash)?,
         Decoded::DeviceRevoked(revoked) => view
             .get::<DeviceRecord>(

@@ -388,10 +388,17 @@ fn admit_delivery(
     let view = View::new(staged, shard, at, Projection::Inbox);
     let inbox_state = inbox::state(&view, user)?;
     if inbox_state.closed {
-        // The account was deleted: nothing is stored, the position is consumed.
+        // The account was deleted: nothing is stored here, the position is consumed; after a
+        // change of number the message follows the account.
+        let mut outbox = View::new(staged, shard, at, Projection::Outbox);
         if let Some((source, pos)) = delivered.forwarded {
-            let mut outbox = View::new(staged, shard, at, Projection::Outbox);
             outbox::set_inbound(&mut outbox, source, pos)?;
+        }
+        if let Some(moved_to) = UserId::new(inbox_state.moved_to) {
+            let dest = ShardId::new(
+                u16::try_from(inbox_state.moved_to_shard).expect("stored shard ids were checked"),
+            );
+            outbox::requeue(&mut outbox, (moved_to, dest), delivered.event.clone())?;
         }
         return Ok(ControlFlow::Break(Applied::Done));
     }

@@ -14,6 +14,7 @@
 //! Invariants (asserted): positions are 1, 2, 3, … per destination; trims never pass the last
 //! position; each message gets DELIVERED before READ, and each at most once.
 
+use courier_proto::pb::events::conversation::With;
 use courier_proto::pb::events::event::Kind;
 use courier_proto::pb::events::{self, Event, ReceiptState};
 use courier_proto::pb::store::{InboundState, OutboxEntry, OutboxState, ReceiptTarget};
@@ -117,6 +118,9 @@ pub fn delivery_of(sent: &Sent<'_>, stored_at_ms: u64) -> Option<events::Message
         source_pos: 0,
         group_index: 0,
         trace_parent: sent.trace_parent.clone(),
+        origin_shard: None,
+        addressed_to: 0,
+        receipts_sent: 0,
     })
 }
 
@@ -169,6 +173,9 @@ pub fn group_deliveries(
                     source_pos: 0,
                     group_index: at.get(),
                     trace_parent: sent.trace_parent.clone(),
+                    origin_shard: None,
+                    addressed_to: 0,
+                    receipts_sent: 0,
                 },
             )
         })
@@ -211,10 +218,18 @@ fn push_receipt(
     state: ReceiptState,
     at_ms: u64,
 ) -> Result<()> {
+    if state <= target.receipts_sent() {
+        // A message re-queued after a change of number whose old inbox sent this one already.
+        return Ok(());
+    }
     let receipt = events::ReceiptRecorded {
         message_id: target.message_id.clone(),
         sender_user: target.sender_user,
-        recipient_user: recipient.get(),
+        // A message re-queued after a change of number names whom the sender addressed.
+        recipient_user: match target.addressed_to {
+            0 => recipient.get(),
+            addressed_to => addressed_to,
+        },
         state: state.into(),
         at_ms,
         source_shard: 0,
@@ -265,10 +280,102 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
         | Decoded::ReceiptsForgotten(_)
         | Decoded::GroupMessagesForgotten { .. }
         | Decoded::Code(_)
-        | Decoded::Keys(_)
+        | Decoded::Keys(_) => Ok(()),
+        // A change of number: what the asking device had not acked follows the account.
+        Decoded::AccountDeleted {
+            user,
+            device,
+            moved_to: Some(moved_to),
+            ..
+        } => requeue_unacked(view, *user, *device, *moved_to),
         // What the user sent before deleting still reaches its recipients.
-        | Decoded::AccountDeleted { .. } => Ok(()),
+        Decoded::AccountDeleted { moved_to: None, .. } => Ok(()),
     }
+}
+
+/// `AccountDeleted` with `moved_to`: re-queues every message of `user`'s inbox past `device`'s
+/// cursor that still has its body, in inbox order, to the user the account moved to, with the
+/// receipt the old inbox already sent for it. (Runs before the cursors and inbox projections
+/// remove the user: see `APPLY_ORDER`.)
+fn requeue_unacked(
+    view: &mut View<'_, '_>,
+    user: UserId,
+    device: courier_proto::DeviceId,
+    moved_to: (UserId, ShardId),
+) -> Result<()> {
+    let acked = super::cursors::acked(view, user, device)?;
+    let inbox = inbox::state(view, user)?;
+    for (seq, entry) in inbox::entries_between(view, user, acked, InboxSeq::new(inbox.tail_seq))? {
+        if entry.trimmed {
+            continue; // every device had it; its body is gone
+        }
+        // What another device did with it already reached the sender (own copies have none).
+        let receipts_sent = if already_read(view, user, seq)? {
+            ReceiptState::Read
+        } else if seq.get() <= inbox.delivered_up_to {
+            ReceiptState::Delivered
+        } else {
+            entry.receipts_sent()
+        }
+        .max(entry.receipts_sent());
+        let delivered = events::MessageDelivered {
+            message_id: entry.message_id,
+            recipient_user: user.get(),
+            sender_user: entry.sender_user,
+            sender_device: entry.sender_device,
+            conversation: entry.conversation,
+            content: entry.content,
+            sent_at_ms: entry.sent_at_ms,
+            stored_at_ms: 0,
+            source_shard: 0,
+            source_pos: 0,
+            group_index: entry.group_index,
+            trace_parent: entry.trace_parent,
+            origin_shard: Some(entry.source_shard),
+            addressed_to: entry.addressed_to,
+            receipts_sent: receipts_sent.into(),
+        };
+        requeue(view, moved_to, delivered)?;
+    }
+    Ok(())
+}
+
+/// Queues a delivery for an inbox closed by a change of number to the user it moved to: the
+/// origin shard (where receipts go and a group message's content is) and the recipient the
+/// sender addressed are kept, so receipts reach and name what they always would; what the user
+/// sent itself (own copies, notes to self) becomes the new user's. `stored_at_ms` is left to
+/// the destination's leader.
+///
+/// # Errors
+/// A storage fault.
+pub fn requeue(
+    view: &mut View<'_, '_>,
+    (moved_to, dest): (UserId, ShardId),
+    mut delivered: events::MessageDelivered,
+) -> Result<()> {
+    let old = delivered.recipient_user;
+    delivered.origin_shard = Some(delivered.origin_shard.unwrap_or(delivered.source_shard));
+    if delivered.addressed_to == 0 {
+        delivered.addressed_to = old;
+    }
+    if delivered.sender_user == old {
+        delivered.sender_user = moved_to.get();
+        delivered.addressed_to = moved_to.get();
+        let note_to_self = matches!(
+            delivered.conversation.as_ref().and_then(|c| c.with),
+            Some(With::User(peer)) if peer == old
+        );
+        if note_to_self {
+            delivered.conversation = Some(ConversationId::Direct(moved_to).into());
+            // Its receipts are the new user's own, kept on the new user's shard.
+            delivered.origin_shard = Some(u32::from(dest.get()));
+        }
+    }
+    delivered.recipient_user = moved_to.get();
+    delivered.stored_at_ms = 0;
+    delivered.source_shard = 0;
+    delivered.source_pos = 0;
+    push(view, dest, Kind::MessageDelivered(delivered))
 }
 
 /// Queues the copies of a send for recipients on other shards.

@@ -197,6 +197,9 @@ pub(super) fn delivered(user: u64, from: u64, id: u8) -> Kind {
         source_pos: 0,
         group_index: 0,
         trace_parent: String::new(),
+        origin_shard: None,
+        addressed_to: 0,
+        receipts_sent: 0,
     })
 }
 

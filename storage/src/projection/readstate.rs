@@ -260,6 +260,8 @@ pub fn receipt_target(entry: &courier_proto::pb::store::InboxEntry) -> ReceiptTa
         message_id: entry.message_id.clone(),
         sender_user: entry.sender_user,
         source_shard: entry.source_shard,
+        addressed_to: entry.addressed_to,
+        receipts_sent: entry.receipts_sent,
     }
 }
 

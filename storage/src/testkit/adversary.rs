@@ -194,6 +194,10 @@ impl Adversary {
                 source_pos: self.seq(),
                 group_index: self.rng.below(3),
                 trace_parent: String::new(),
+                // A re-queued copy's fields (a change of number), 4 a state no build knows.
+                origin_shard: self.rng.chance(20).then(|| self.shard()),
+                addressed_to: if self.rng.chance(20) { self.user() } else { 0 },
+                receipts_sent: i32::try_from(self.rng.below(5)).unwrap_or(0),
             }),
             2 => Kind::DeliveryAcked(events::DeliveryAcked {
                 user: self.user(),
@@ -238,6 +242,7 @@ impl Adversary {
                 admin: self.rng.chance(30),
                 at_ms: self.rng.below(100),
                 user_shard: self.shard(),
+                replaces: if self.rng.chance(30) { self.user() } else { 0 },
             }),
             11 => Kind::MemberRemoved(events::MemberRemoved {
                 group: self.rng.below(3),
@@ -283,6 +288,8 @@ impl Adversary {
                 at_ms: self.rng.below(100),
                 device: self.device(),
                 token_hash: vec![7; 32],
+                moved_to: if self.rng.chance(50) { self.user() } else { 0 },
+                moved_to_shard: self.shard(),
             }),
             _ => Kind::DeviceRevoked(events::DeviceRevoked {
                 user: self.user(),

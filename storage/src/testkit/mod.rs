@@ -270,6 +270,9 @@ impl EventGen {
                     source_pos,
                     group_index: 0,
                     trace_parent: String::new(),
+                    origin_shard: None,
+                    addressed_to: 0,
+                    receipts_sent: 0,
                 });
             }
             source_pos = applied + 1;
@@ -296,6 +299,9 @@ impl EventGen {
             source_pos,
             group_index: 0,
             trace_parent: String::new(),
+            origin_shard: None,
+            addressed_to: 0,
+            receipts_sent: 0,
         })
     }
 
@@ -580,11 +586,20 @@ impl EventGen {
                         ..UserModel::default()
                     };
                 }
+                // Half of them are changes of number: what the device had not acked, and
+                // later deliveries, are re-queued to a user on another shard.
+                let moves = self.rng.chance(50);
                 return Kind::AccountDeleted(events::AccountDeleted {
                     user,
                     at_ms: self.now_ms,
                     device,
                     token_hash: record.token_hash,
+                    moved_to: if moves { 100_000 + user } else { 0 },
+                    moved_to_shard: if moves {
+                        (u32::from(self.shard.get()) + 1) % u32::from(GEN_SHARDS)
+                    } else {
+                        0
+                    },
                 });
             }
             if devices > 0 && self.rng.chance(30) {
@@ -665,6 +680,7 @@ impl EventGen {
                 admin: false,
                 at_ms: self.now_ms,
                 user_shard: u32::from(self.shard.get()),
+                replaces: 0,
             }))
         }
     }
