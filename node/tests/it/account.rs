@@ -16,7 +16,7 @@ use courier_proto::pb::client::{
     ServerFrame, client_frame, server_frame,
 };
 use courier_proto::pb::events::ReceiptState;
-use courier_proto::{PhoneHasher, PhoneKey, shard_of};
+use courier_proto::{GroupId, PhoneHasher, PhoneKey, shard_of, shard_of_group};
 use courier_storage::{Cf, Projection, ReadKv};
 
 use crate::messaging::{
@@ -457,8 +457,9 @@ async fn a_changed_number_keeps_the_groups_and_what_the_phone_had_not_received()
     .await;
     c.wait_converged().await;
     let new_shard = shard_of(user_of(&new_phone), count);
+    let group_shard = shard_of_group(GroupId::new(group).expect("nonzero"), count);
     for node in &c.nodes {
-        for shard in [old_shard, new_shard] {
+        for shard in [old_shard, new_shard, group_shard] {
             assert_verified_from_genesis(node, shard).await;
         }
     }
