@@ -41,15 +41,20 @@ use crate::cluster::{Cluster, outcome_to_wire, was_forwarded};
 use crate::peer_auth::{Allowed, PeerAuth};
 use crate::status::ApiError;
 
+/// The client's address as the per-address limits key it (IPv4-mapped IPv6 as IPv4).
+fn client_address<T>(request: &Request<T>) -> Option<std::net::IpAddr> {
+    request
+        .remote_addr()
+        .map(|addr| crate::client::rate::address_key(addr.ip()))
+}
+
 #[tonic::async_trait]
 impl Registration for ClientApi {
     async fn request_code(
         &self,
         request: Request<RequestCodeRequest>,
     ) -> Result<Response<RequestCodeResponse>, Status> {
-        let address = request
-            .remote_addr()
-            .map(|addr| crate::client::rate::address_key(addr.ip()));
+        let address = client_address(&request);
         Ok(Response::new(
             ClientApi::request_code(self, request.into_inner(), address).await?,
         ))
@@ -59,9 +64,7 @@ impl Registration for ClientApi {
         &self,
         request: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
-        let address = request
-            .remote_addr()
-            .map(|addr| crate::client::rate::address_key(addr.ip()));
+        let address = client_address(&request);
         Ok(Response::new(
             ClientApi::register(self, request.into_inner(), address).await?,
         ))
@@ -129,9 +132,7 @@ impl Registration for ClientApi {
         request: Request<ChangeNumberRequest>,
     ) -> Result<Response<ChangeNumberResponse>, Status> {
         let caller = self.authenticate(request.metadata())?;
-        let address = request
-            .remote_addr()
-            .map(|addr| crate::client::rate::address_key(addr.ip()));
+        let address = client_address(&request);
         Ok(Response::new(
             ClientApi::change_number(self, caller, request.into_inner(), address).await?,
         ))

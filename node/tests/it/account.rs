@@ -11,20 +11,23 @@ use courier_proto::pb::client::keys_client::KeysClient;
 use courier_proto::pb::client::messaging_client::MessagingClient;
 use courier_proto::pb::client::registration_client::RegistrationClient;
 use courier_proto::pb::client::{
-    Ack, ChangeNumberRequest, ClientFrame, DeleteAccountRequest, GetPreKeyBundleRequest,
-    GetReceiptsRequest, ListDevicesRequest, ListGroupsRequest, RequestCodeRequest, SendRequest,
-    ServerFrame, client_frame, server_frame,
+    ChangeNumberRequest, DeleteAccountRequest, GetPreKeyBundleRequest, GetReceiptsRequest,
+    ListDevicesRequest, ListGroupsRequest, SendRequest, ServerFrame, server_frame,
 };
 use courier_proto::pb::events::ReceiptState;
 use courier_proto::{GroupId, PhoneHasher, PhoneKey, shard_of, shard_of_group};
 use courier_storage::{Cf, Projection, ReadKv};
 
 use crate::messaging::{
-    Device, assert_verified_from_genesis, authed, body, cluster_appending, code_is, collect,
-    create_group, delivered_up_to, link_tablet, open_stream, phones_on_different_shards, register,
-    user_of,
+    Device, ack, assert_verified_from_genesis, authed, body, cluster_appending, code_for, code_is,
+    collect, create_group, delivered_up_to, link_tablet, open_stream, phones_on_different_shards,
+    register, user_of,
 };
 use crate::support::channel;
+
+/// Config for tests that send more than the default rate allows.
+const UNLIMITED_SENDS: &str =
+    "[limits]\nsends-per-second-per-device = 10000\nsend-burst-per-device = 10000\n";
 
 async fn send(addr: &str, from: &Device, to: u64, text: &str) -> Result<(), tonic::Status> {
     MessagingClient::new(channel(addr).await)
@@ -80,10 +83,7 @@ async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
     reason = "one account's story in linear phases: each phase reads the state the previous one left"
 )]
 async fn a_deleted_account_leaves_nothing_and_the_number_registers_again() {
-    let c = cluster_appending(
-        "[limits]\nsends-per-second-per-device = 10000\nsend-burst-per-device = 10000\n",
-    )
-    .await;
+    let c = cluster_appending(UNLIMITED_SENDS).await;
     let addr = |i: usize| c.nodes[i].client_addr.to_string();
     let (alice_phone, bob_phone) = phones_on_different_shards();
     let alice = register(&addr(0), &c.dirs[0], &alice_phone).await;
@@ -218,23 +218,6 @@ async fn a_deleted_account_leaves_nothing_and_the_number_registers_again() {
     );
 }
 
-/// A code for `phone` from the node at `addr`, read from that node's development SMS file.
-async fn code_for(addr: &str, dir: &std::path::Path, phone: &str) -> String {
-    RegistrationClient::new(channel(addr).await)
-        .request_code(RequestCodeRequest {
-            phone_number: phone.to_owned(),
-        })
-        .await
-        .expect("code");
-    std::fs::read_to_string(dir.join("sms-outbox.log"))
-        .expect("dev sms file")
-        .lines()
-        .rev()
-        .find_map(|l| l.strip_prefix(&format!("{phone} ")))
-        .expect("a code for the phone")
-        .to_owned()
-}
-
 async fn change(
     addr: &str,
     device: &Device,
@@ -253,18 +236,7 @@ async fn change(
         .await?
         .into_inner();
     let registered = response.registered.expect("credentials");
-    Ok((
-        Device {
-            user: registered.user_id,
-            device: registered.device_id,
-            bearer: courier_node::client::auth::bearer(
-                registered.user_id,
-                registered.device_id,
-                &registered.device_token,
-            ),
-        },
-        response.groups_moved,
-    ))
+    Ok((Device::registered(&registered), response.groups_moved))
 }
 
 /// Alice (with a tablet, admin of a group with Bob) acked Bob's first message and not the next
@@ -279,10 +251,7 @@ async fn change(
     reason = "one account's story in linear phases: each phase reads the state the previous one left"
 )]
 async fn a_changed_number_keeps_the_groups_and_what_the_phone_had_not_received() {
-    let c = cluster_appending(
-        "[limits]\nsends-per-second-per-device = 10000\nsend-burst-per-device = 10000\n",
-    )
-    .await;
+    let c = cluster_appending(UNLIMITED_SENDS).await;
     let addr = |i: usize| c.nodes[i].client_addr.to_string();
     let count = u16::try_from(crate::cluster::SHARDS).expect("small");
     let (alice_phone, bob_phone) = phones_on_different_shards();
@@ -305,13 +274,7 @@ async fn a_changed_number_keeps_the_groups_and_what_the_phone_had_not_received()
     })
     .await;
     assert_eq!(bodies(&frames).len(), 3, "{frames:?}");
-    stream
-        .out
-        .send(ClientFrame {
-            frame: Some(client_frame::Frame::Ack(Ack { up_to_seq: 1 })),
-        })
-        .await
-        .expect("ack");
+    ack(&stream, 1).await;
     eventually("the ack applied", async || {
         delivered_up_to(&c.nodes[0], alice.user) == 1
     })
@@ -430,13 +393,7 @@ async fn a_changed_number_keeps_the_groups_and_what_the_phone_had_not_received()
             };
             (id, tail.max(m.seq))
         });
-    stream
-        .out
-        .send(ClientFrame {
-            frame: Some(client_frame::Frame::Ack(Ack { up_to_seq: tail })),
-        })
-        .await
-        .expect("ack");
+    ack(&stream, tail).await;
     eventually("bob sees three delivered to alice", async || {
         MessagingClient::new(channel(&addr(1)).await)
             .get_receipts(authed(

@@ -10,8 +10,8 @@ use courier_proto::pb::client::messaging_client::MessagingClient;
 use courier_proto::pb::client::registration_client::RegistrationClient;
 use courier_proto::pb::client::{
     Ack, ApprovePairingRequest, ClientFrame, FinishPairingRequest, ListConversationsRequest, Open,
-    Read, RegisterRequest, RequestCodeRequest, SendRequest, ServerFrame, StartPairingRequest,
-    client_frame, server_frame,
+    Read, RegisterRequest, RegisterResponse, RequestCodeRequest, SendRequest, ServerFrame,
+    StartPairingRequest, client_frame, server_frame,
 };
 use courier_proto::pb::events::{self, ReceiptState};
 use courier_proto::{PhoneHasher, PhoneKey, ShardId, UserId, shard_of};
@@ -27,7 +27,7 @@ use crate::support::{channel, peer_channel};
 pub(crate) struct Device {
     pub(crate) user: u64,
     pub(crate) device: u32,
-    pub(crate) bearer: String,
+    bearer: String,
 }
 
 /// The user `phone` registers as in a test cluster (created with [`crate::cluster::PHONE_KEY`]).
@@ -36,21 +36,8 @@ pub(crate) fn user_of(phone: &str) -> UserId {
 }
 
 pub(crate) async fn register(client_addr: &str, data_dir: &std::path::Path, phone: &str) -> Device {
-    let mut client = RegistrationClient::new(channel(client_addr).await);
-    client
-        .request_code(RequestCodeRequest {
-            phone_number: phone.to_owned(),
-        })
-        .await
-        .expect("code");
-    let outbox = std::fs::read_to_string(data_dir.join("sms-outbox.log")).expect("dev sms file");
-    let code = outbox
-        .lines()
-        .rev()
-        .find_map(|l| l.strip_prefix(&format!("{phone} ")))
-        .expect("a code for the phone")
-        .to_owned();
-    let response = client
+    let code = code_for(client_addr, data_dir, phone).await;
+    let response = RegistrationClient::new(channel(client_addr).await)
         .register(RegisterRequest {
             phone_number: phone.to_owned(),
             code,
@@ -59,15 +46,51 @@ pub(crate) async fn register(client_addr: &str, data_dir: &std::path::Path, phon
         .await
         .expect("register")
         .into_inner();
-    Device {
-        user: response.user_id,
-        device: response.device_id,
-        bearer: courier_node::client::auth::bearer(
-            response.user_id,
-            response.device_id,
-            &response.device_token,
-        ),
+    Device::registered(&response)
+}
+
+/// A code for `phone` from the node at `client_addr`, read from that node's development SMS
+/// file in `data_dir`.
+pub(crate) async fn code_for(client_addr: &str, data_dir: &std::path::Path, phone: &str) -> String {
+    RegistrationClient::new(channel(client_addr).await)
+        .request_code(RequestCodeRequest {
+            phone_number: phone.to_owned(),
+        })
+        .await
+        .expect("code");
+    let outbox = std::fs::read_to_string(data_dir.join("sms-outbox.log")).expect("dev sms file");
+    outbox
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix(&format!("{phone} ")))
+        .expect("a code for the phone")
+        .to_owned()
+}
+
+impl Device {
+    /// The device a registration answered with.
+    pub(crate) fn registered(response: &RegisterResponse) -> Self {
+        Device {
+            user: response.user_id,
+            device: response.device_id,
+            bearer: courier_node::client::auth::bearer(
+                response.user_id,
+                response.device_id,
+                &response.device_token,
+            ),
+        }
     }
+}
+
+/// Acks `device`'s inbox up to `up_to_seq` on an open stream.
+pub(crate) async fn ack(stream: &Stream, up_to_seq: u64) {
+    stream
+        .out
+        .send(ClientFrame {
+            frame: Some(client_frame::Frame::Ack(Ack { up_to_seq })),
+        })
+        .await
+        .expect("ack");
 }
 
 /// Links a companion device ("tablet") for `primary`'s user through the node at `addr`: the
@@ -356,13 +379,7 @@ async fn offline_recipient_gets_everything_in_order_and_receipts_flow_back() {
     {
         tracing::info!("Bob's first device acks everything: Alice sees DELIVERED for each");
         let stream = open_stream(&addr(2), &bob, 200).await;
-        stream
-            .out
-            .send(ClientFrame {
-                frame: Some(client_frame::Frame::Ack(Ack { up_to_seq: 200 })),
-            })
-            .await
-            .expect("ack");
+        ack(&stream, 200).await;
         alice_frames.extend(
             collect(&mut alice_stream, Duration::from_secs(30), |f| {
                 count_state(f, ReceiptState::Delivered) >= 200
@@ -808,13 +825,7 @@ async fn undelivered_messages_expire_on_every_replica() {
             messages(f).len() == 1
         })
         .await;
-        stream
-            .out
-            .send(ClientFrame {
-                frame: Some(client_frame::Frame::Ack(Ack { up_to_seq: 1 })),
-            })
-            .await
-            .expect("ack");
+        ack(&stream, 1).await;
         let acked = Instant::now();
         while delivered_up_to(&c.nodes[0], bob.user) < 1 {
             assert!(acked.elapsed() < Duration::from_secs(10), "the ack commits");

@@ -22,15 +22,30 @@ use crate::shard::ShardState;
 const OTHER: ShardId = ShardId::new(2);
 const PHONE: [u8; 16] = [0xa1; 16];
 
-fn ack(device: u32, up_to_seq: u64) -> Kind {
+/// An ack by `device` of user 1, trimming delivered bodies or not.
+fn ack(device: u32, up_to_seq: u64, trim_delivered: bool) -> Kind {
     Kind::DeliveryAcked(events::DeliveryAcked {
         user: 1,
         device,
         up_to_seq,
         acked_at_ms: 90,
-        trim_delivered: true,
+        trim_delivered,
         keep_recent: 0,
     })
+}
+
+/// User 1 (number [`PHONE`]) with its primary and a companion; user 2 beside it.
+fn user_1_with_companion_beside_user_2(kv: &mut MemKv, state: &mut ShardState) {
+    apply_one(
+        kv,
+        state,
+        [
+            user_with_primary(1, &PHONE),
+            vec![device_of(1, false)],
+            user_with_primary(2, &[0xb2; 16]),
+        ]
+        .concat(),
+    );
 }
 
 /// A deletion of `user`'s account asked by `device` with `token_hash`.
@@ -106,16 +121,7 @@ fn a_deleted_account_leaves_nothing_behind() {
     let mut kv = MemKv::default();
     let mut state = ShardState::empty(SHARD);
     tracing_phase("user 1 with a companion, keys and a live code; user 2 beside it");
-    apply_one(
-        &mut kv,
-        &mut state,
-        [
-            user_with_primary(1, &PHONE),
-            vec![device_of(1, false)],
-            user_with_primary(2, &[0xb2; 16]),
-        ]
-        .concat(),
-    );
+    user_1_with_companion_beside_user_2(&mut kv, &mut state);
     apply_one(
         &mut kv,
         &mut state,
@@ -161,8 +167,8 @@ fn a_deleted_account_leaves_nothing_behind() {
         &mut kv,
         &mut state,
         vec![
-            ack(1, 2),
-            ack(2, 2),
+            ack(1, 2, true),
+            ack(2, 2, true),
             Kind::ReadUpTo(events::ReadUpTo {
                 user: 1,
                 conversation: direct(2),
@@ -295,32 +301,17 @@ fn a_changed_number_takes_what_the_device_had_not_acked() {
         })
     };
     tracing_phase("user 1 with a companion; three messages from user 2, acked 1 and 2");
-    apply_one(
-        &mut kv,
-        &mut state,
-        [
-            user_with_primary(1, &PHONE),
-            vec![device_of(1, false)],
-            user_with_primary(2, &[0xb2; 16]),
-        ]
-        .concat(),
-    );
+    user_1_with_companion_beside_user_2(&mut kv, &mut state);
     apply_one(
         &mut kv,
         &mut state,
         vec![delivered(1, 2, 1), delivered(1, 2, 2), delivered(1, 2, 3)],
     );
-    let no_trim = |device: u32, up_to_seq: u64| {
-        Kind::DeliveryAcked(events::DeliveryAcked {
-            user: 1,
-            device,
-            up_to_seq,
-            acked_at_ms: 90,
-            trim_delivered: false,
-            keep_recent: 0,
-        })
-    };
-    apply_one(&mut kv, &mut state, vec![no_trim(1, 1), no_trim(2, 2)]);
+    apply_one(
+        &mut kv,
+        &mut state,
+        vec![ack(1, 1, false), ack(2, 2, false)],
+    );
     let receipts_here = |kv: &MemKv| {
         pending(kv, SHARD, SHARD)
             .iter()

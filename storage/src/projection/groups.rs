@@ -196,6 +196,13 @@ fn check_send(view: &View<'_, '_>, sent: &Sent<'_>) -> Result<Option<GroupRefusa
     Ok(None)
 }
 
+/// Removes `user`'s membership of `group`: under the group and under the user.
+fn forget_member(view: &mut View<'_, '_>, group: GroupId, user: UserId) -> Result<()> {
+    let shard = view.shard();
+    view.delete(keys::group_member(shard, group, user))?;
+    view.delete(keys::user_group(shard, user, group))
+}
+
 /// `MemberAdded`: a new member, or (`replaces`, a change of number) the new user in the place of
 /// a member, with its admin flag.
 fn add_member(
@@ -219,8 +226,7 @@ fn add_member(
             let old = view
                 .get::<MemberRecord>(Projection::Groups, &replaced_key)?
                 .expect("only members are replaced");
-            view.delete(replaced_key)?;
-            view.delete(keys::user_group(shard, replaced, group))?;
+            forget_member(view, group, replaced)?;
             old.admin
         }
         None => {
@@ -287,8 +293,7 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
                 .members
                 .checked_sub(1)
                 .expect("member count matches members");
-            view.delete(member_key)?;
-            view.delete(keys::user_group(shard, user, group))?;
+            forget_member(view, group, user)?;
             view.put(keys::group(shard, group), &record)
         }
         Decoded::MessageSent(sent) => {
