@@ -189,7 +189,8 @@ impl Latency {
 pub(crate) struct LogAppends {
     /// The node's id.
     pub(crate) node_id: u64,
-    /// Log appends (one fsync each) during the window.
+    /// Log appends during the window (each waits for a synced write its node's log writer may
+    /// share with other appends: `counters.synced_writes` counts the fsyncs).
     pub(crate) fsyncs: u64,
     /// Entries written by those appends.
     pub(crate) entries: u64,

@@ -7,8 +7,10 @@
 //! Indexes: openraft's first entry has index 0, while storage reserves index 0 for "nothing", so
 //! storage index = raft index + 1 everywhere in this crate ([`storage_index`]).
 //!
-//! Appends are synced before the flush callback fires: one `append` call is one write batch and
-//! one fsync, however many entries openraft batched into it (group commit).
+//! Appends are synced before the flush callback fires: one `append` call is one write batch,
+//! however many entries openraft batched into it (group commit), and the node's log writer
+//! (`courier_storage::writer`) merges the appends of every group on the node that wait at the
+//! same time into one fsync.
 //!
 //! The entries appended last are also kept decoded in memory ([`RECENT_ENTRIES_MAX`], at most
 //! [`RECENT_BYTES_MAX`]): replication to the followers and apply read them back within
@@ -133,14 +135,16 @@ pub fn decode_record(
     Ok(Entry { log_id, payload })
 }
 
-/// Counters of the group-commit effect: appends (one fsync each) and entries appended.
+/// Counters of the group-commit effect: appends and entries appended.
 #[derive(Debug, Default)]
 pub struct AppendStats {
-    /// `append` calls, each one synced write batch.
+    /// `append` calls, each one write batch waiting for a synced write (which the node's log
+    /// writer shares with the appends of other groups: the node's `synced_writes` counts the
+    /// fsyncs themselves).
     pub fsyncs: AtomicU64,
     /// Entries written by those calls.
     pub entries: AtomicU64,
-    /// Nanoseconds spent in those calls (write + fsync).
+    /// Nanoseconds those calls waited for their write and fsync.
     pub sync_nanos: AtomicU64,
     /// Notified after every append flushed: the proposer dispatches its next batch then, so
     /// that proposals arriving during an fsync merge into one entry.
@@ -354,9 +358,24 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map(encode_entry)
             .collect::<Result<Vec<_>, _>>()?;
         let count = u64::try_from(records.len()).unwrap_or(u64::MAX);
-        // Synced before the callback: openraft counts the entries as durable only after it.
+        // Synced before the callback: openraft counts the entries as durable only after it. The
+        // node's log writer merges this append with the other groups' into one fsync; this
+        // group's next write waits for it, which keeps the group's writes in order.
         let started = std::time::Instant::now();
-        let result = self.log.append(&records);
+        let (written, durable) = tokio::sync::oneshot::channel();
+        self.log.append_merged(
+            &records,
+            Box::new(move |result| {
+                // The receiver is gone only if this task was dropped: nothing waits then.
+                let _ = written.send(result);
+            }),
+        );
+        let result = durable.await.unwrap_or_else(|_| {
+            Err(StorageError::Disk {
+                op: "write",
+                reason: "the log writer dropped an append".to_owned(),
+            })
+        });
         if result.is_ok() {
             let took = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
             self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);

@@ -427,6 +427,11 @@ impl Collector for ShardCollector {
                     counters.apply_writes,
                 ),
                 (
+                    "courier_node_merged_writes",
+                    "Log appends of every group the node's log writer merged into its fsyncs (divide by synced writes for appends per fsync)",
+                    counters.merged_writes,
+                ),
+                (
                     "courier_node_invalid_events",
                     "Committed events refused as invalid at apply (no validating leader proposed them; see SECURITY.md)",
                     counters.invalid_events,

@@ -22,6 +22,7 @@ use crate::error::{Result, StorageError, db_err};
 use crate::kv::{Change, Pair, ReadKv};
 use crate::memdisk::{MemDisk, Op};
 use crate::reader::Reader;
+use crate::writer::Writer;
 
 /// How a database is opened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,8 +37,10 @@ pub enum OpenMode {
 pub struct Db {
     engine: Engine,
     path: PathBuf,
-    counters: DbCounters,
+    counters: Arc<DbCounters>,
     installs: InstallStamps,
+    /// The log writer of a database opened read-write on a real disk.
+    writer: Option<Writer>,
 }
 
 /// Per shard, a count of snapshot installs that is odd while one is writing the shard's
@@ -74,6 +77,9 @@ pub struct DbCounters {
     pub synced_writes: AtomicU64,
     /// Write batches of any kind.
     pub write_batches: AtomicU64,
+    /// Synced writes the log writer merged into its batches ([`Db::commit_synced`]): divided by
+    /// the writer's share of `synced_writes`, the writes one fsync covered.
+    pub merged_writes: AtomicU64,
     /// Point reads and range scans the apply fold made against the database (reads it answered
     /// from its own batch are not counted).
     pub apply_reads: AtomicU64,
@@ -98,7 +104,7 @@ impl DbCounters {
 }
 
 enum Engine {
-    Rocks(DB),
+    Rocks(Arc<DB>),
     Memory {
         disk: Arc<MemDisk>,
         incarnation: u64,
@@ -135,11 +141,16 @@ impl Db {
             }
         }
         .map_err(db_err("open", "*"))?;
+        let db = Arc::new(db);
+        let counters = Arc::new(DbCounters::default());
+        let writer = (mode == OpenMode::ReadWrite)
+            .then(|| Writer::start(Arc::clone(&db), Arc::clone(&counters)));
         Ok(Self {
             engine: Engine::Rocks(db),
             path: path.to_path_buf(),
-            counters: DbCounters::default(),
+            counters,
             installs: InstallStamps::default(),
+            writer,
         })
     }
 
@@ -151,8 +162,9 @@ impl Db {
         Self {
             engine: Engine::Memory { disk, incarnation },
             path: path.to_path_buf(),
-            counters: DbCounters::default(),
+            counters: Arc::default(),
             installs: InstallStamps::default(),
+            writer: None,
         }
     }
 
@@ -220,6 +232,17 @@ impl Db {
     /// [`StorageError::Db`]: a fault; the caller stops the replica.
     pub fn commit(&self, changes: impl IntoIterator<Item = Change>, sync: bool) -> Result<()> {
         self.replace_ranges(&[], changes.into_iter().collect(), sync)
+    }
+
+    /// Commits `changes` synced, merged by the node's log writer with the synced writes other
+    /// raft groups make meanwhile into one write batch and one WAL fsync; `done` runs with the
+    /// outcome once they are durable, on the writer's thread (or at once, on the calling thread,
+    /// on the simulation's disk, which stays deterministic).
+    pub fn commit_synced(&self, changes: Vec<Change>, done: crate::writer::Done) {
+        match &self.writer {
+            Some(writer) => writer.submit(changes, done),
+            None => done(self.commit(changes, true)),
+        }
     }
 
     /// Deletes `[from, to)` of `cf` (log truncation and purge).

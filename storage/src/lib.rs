@@ -43,6 +43,7 @@ pub mod shard;
 pub mod snapshot;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
+pub mod writer;
 
 pub use cf::Cf;
 pub use db::{AtThisMoment, Db, OpenMode};

@@ -139,6 +139,28 @@ impl LogStore {
     /// # Errors
     /// [`StorageError::Db`]: the replica must stop.
     pub fn append(&self, records: &[LogRecord]) -> Result<()> {
+        // Deliberate bug (feature `bugs` only): no fsync.
+        self.db.commit(
+            self.append_changes(records),
+            !crate::bugs::unsynced_log_appends(),
+        )
+    }
+
+    /// Appends `records` (contiguous indexes) through the node's log writer, merged with the
+    /// appends other groups make meanwhile into one synced write batch ([`Db::commit_synced`]);
+    /// `done` runs once they are durable, with a [`StorageError::Db`] if the write failed (the
+    /// replica must stop). The caller issues this group's next write only after `done`.
+    pub fn append_merged(&self, records: &[LogRecord], done: crate::writer::Done) {
+        let changes = self.append_changes(records);
+        if crate::bugs::unsynced_log_appends() {
+            // Deliberate bug (feature `bugs` only): no fsync.
+            done(self.db.commit(changes, false));
+        } else {
+            self.db.commit_synced(changes, done);
+        }
+    }
+
+    fn append_changes(&self, records: &[LogRecord]) -> Vec<crate::kv::Change> {
         for pair in records.windows(2) {
             assert_eq!(
                 pair[0].index.next(),
@@ -146,16 +168,16 @@ impl LogStore {
                 "appended log entries are contiguous"
             );
         }
-        let changes = records.iter().map(|record| {
-            (
-                Cf::Log,
-                keys::log_entry(self.shard, record.index),
-                Some(encode_record(record)),
-            )
-        });
-        // Deliberate bug (feature `bugs` only): no fsync.
-        self.db
-            .commit(changes, !crate::bugs::unsynced_log_appends())
+        records
+            .iter()
+            .map(|record| {
+                (
+                    Cf::Log,
+                    keys::log_entry(self.shard, record.index),
+                    Some(encode_record(record)),
+                )
+            })
+            .collect()
     }
 
     /// Reads entries `[from, to)`, verifying each checksum and that indexes are contiguous.

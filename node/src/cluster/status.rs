@@ -162,6 +162,7 @@ impl Cluster {
             forwarder_passes: load(&self.passes.forwarder),
             wakeups: self.groups.watch().wakeups(),
             invalid_events: load(&db.invalid_events),
+            merged_writes: load(&db.merged_writes),
         }
     }
 
