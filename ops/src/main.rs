@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
+mod balance;
 mod demo;
 mod inspect;
 mod jobs;
@@ -204,6 +205,18 @@ enum ClusterCommand {
 
 #[derive(Debug, Subcommand)]
 enum LeaderCommand {
+    /// Spreads shard leadership evenly over the reachable nodes again (after a failover left
+    /// one node leading most shards): plans the fewest transfers that bring every node's leader
+    /// count within one of the others', then carries them out one at a time, each confirmed by
+    /// its new leader. Exits 1 if a transfer did not complete.
+    Rebalance {
+        /// Peer address of any node; the others are found through its membership.
+        #[arg(long)]
+        addr: String,
+        /// Print the plan without moving anything.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Moves leadership of a shard to a node (that node starts an election).
     Transfer {
         /// Peer address of the node that should lead.
@@ -370,6 +383,9 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             Ok(true)
         }
         Command::Cluster(command) => cluster(command),
+        Command::Leader(LeaderCommand::Rebalance { addr, dry_run }) => {
+            runtime()?.block_on(balance::rebalance(&addr, dry_run))
+        }
         Command::Leader(LeaderCommand::Transfer { addr, node, shard }) => runtime()?
             .block_on(online::transfer_leader(&addr, node, shard))
             .map(|()| true),

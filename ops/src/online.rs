@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use courier_proto::pb::peer::admin_client::AdminClient;
 use courier_proto::pb::peer::{
-    AddNodeRequest, InitClusterRequest, NodeInfo, RemoveNodeRequest, StatusRequest,
+    AddNodeRequest, InitClusterRequest, NodeInfo, RemoveNodeRequest, StatusRequest, StatusResponse,
     TransferLeaderRequest,
 };
 use tonic::transport::Channel;
@@ -167,31 +167,44 @@ pub(crate) fn describe(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}: {} ({code})", status.code(), status.message())
 }
 
-/// Prints every node's status; returns whether every shard has a leader on every node.
+/// Every node's status, as `(node id, peer address, status or why not)`: the node at `addr`
+/// first, then the others its membership names.
 ///
 /// # Errors
-/// When the first node cannot be reached.
-pub(crate) async fn cluster_status(addr: &str, json: bool) -> anyhow::Result<bool> {
-    let first = admin(channel(addr).await?)
-        .status(StatusRequest {})
-        .await
-        .map_err(describe)?
-        .into_inner();
+/// When the node at `addr` cannot be reached.
+pub(crate) async fn gather_status(
+    addr: &str,
+) -> anyhow::Result<Vec<(u64, String, anyhow::Result<StatusResponse>)>> {
+    let first = status_of(addr).await?;
     let mut nodes = vec![(first.node_id, addr.to_owned(), Ok(first.clone()))];
     for node in &first.nodes {
         if node.node_id == first.node_id {
             continue;
         }
-        let status = match channel(&node.peer_addr).await {
-            Ok(channel) => admin(channel)
-                .status(StatusRequest {})
-                .await
-                .map(tonic::Response::into_inner)
-                .map_err(describe),
-            Err(error) => Err(error),
-        };
+        let status = status_of(&node.peer_addr).await;
         nodes.push((node.node_id, node.peer_addr.clone(), status));
     }
+    Ok(nodes)
+}
+
+/// The status of the node at `addr`.
+///
+/// # Errors
+/// Connection errors or the node's refusal.
+pub(crate) async fn status_of(addr: &str) -> anyhow::Result<StatusResponse> {
+    Ok(admin(channel(addr).await?)
+        .status(StatusRequest {})
+        .await
+        .map_err(describe)?
+        .into_inner())
+}
+
+/// Prints every node's status; returns whether every shard has a leader on every node.
+///
+/// # Errors
+/// When the first node cannot be reached.
+pub(crate) async fn cluster_status(addr: &str, json: bool) -> anyhow::Result<bool> {
+    let nodes = gather_status(addr).await?;
     let mut healthy = true;
     if !json {
         println!(
@@ -268,6 +281,16 @@ pub(crate) async fn cluster_status(addr: &str, json: bool) -> anyhow::Result<boo
 /// # Errors
 /// Connection errors or the node's refusal.
 pub(crate) async fn transfer_leader(addr: &str, node: u64, shard: u32) -> anyhow::Result<()> {
+    ask_to_lead(addr, node, shard).await?;
+    println!("node {node} started an election for shard {shard}");
+    Ok(())
+}
+
+/// Asks the node at `addr` (node id `node`) to start an election for `shard`.
+///
+/// # Errors
+/// Connection errors or the node's refusal.
+pub(crate) async fn ask_to_lead(addr: &str, node: u64, shard: u32) -> anyhow::Result<()> {
     admin(channel(addr).await?)
         .transfer_leader(TransferLeaderRequest {
             shard,
@@ -275,7 +298,6 @@ pub(crate) async fn transfer_leader(addr: &str, node: u64, shard: u32) -> anyhow
         })
         .await
         .map_err(describe)?;
-    println!("node {node} started an election for shard {shard}");
     Ok(())
 }
 

@@ -611,6 +611,72 @@ fn inbox_tail(node: &courier_node::NodeHandle, shard: u32, user: u64) -> u64 {
         .get()
 }
 
+/// Leaders per node in an agreed leader map (every node of `nodes` listed).
+fn leaders_per_node(leaders: &BTreeMap<u32, u64>, nodes: u64) -> BTreeMap<u64, usize> {
+    let mut counts: BTreeMap<u64, usize> = (1..=nodes).map(|n| (n, 0)).collect();
+    for leader in leaders.values() {
+        *counts.entry(*leader).or_default() += 1;
+    }
+    counts
+}
+
+/// Three `courier-node` processes. Every shard's leadership is moved to node 1, as a failover
+/// of the other two would leave it; `courier-ops leader rebalance --dry-run` only prints the
+/// plan, then `leader rebalance` spreads the leaders again (within one of each other), a second
+/// rebalance finds nothing to move, and every shard still commits a write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_rebalance_spreads_what_a_failover_piled_on_one_node() {
+    let (cluster, mut leaders) = Processes::start_initialized(3).await;
+    let node1 = cluster.peers[0].clone();
+    let started = Instant::now();
+    while leaders.values().any(|leader| *leader != 1) {
+        for (shard, leader) in &leaders {
+            if *leader != 1 {
+                let shard = shard.to_string();
+                let (code, _, stderr) = crate::support::ops(&[
+                    "leader", "transfer", "--addr", &node1, "--node", "1", "--shard", &shard,
+                ]);
+                assert_eq!(code, 0, "transfer: {stderr}");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        leaders = wait_leaders(&cluster.peers, Duration::from_secs(30)).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "node 1 did not take every shard: {leaders:?}"
+        );
+    }
+
+    let (code, stdout, stderr) =
+        crate::support::ops(&["leader", "rebalance", "--addr", &node1, "--dry-run"]);
+    assert_eq!(code, 0, "dry run: {stdout}{stderr}");
+    assert!(stdout.contains("plan: "), "{stdout}");
+    let unchanged = wait_leaders(&cluster.peers, Duration::from_secs(30)).await;
+    assert!(
+        unchanged.values().all(|l| *l == 1),
+        "a dry run moved {unchanged:?}"
+    );
+
+    let (code, stdout, stderr) =
+        crate::support::ops(&["leader", "rebalance", "--addr", &cluster.peers[1]]);
+    assert_eq!(code, 0, "rebalance: {stdout}{stderr}");
+    let after = wait_leaders(&cluster.peers, Duration::from_secs(30)).await;
+    let counts = leaders_per_node(&after, 3);
+    let (min, max) = (
+        counts.values().min().copied().unwrap_or(0),
+        counts.values().max().copied().unwrap_or(0),
+    );
+    assert!(max - min <= 1, "leaders not balanced: {counts:?}\n{stdout}");
+
+    let (code, stdout, _) = crate::support::ops(&["leader", "rebalance", "--addr", &node1]);
+    assert_eq!(code, 0);
+    assert!(stdout.contains("nothing to move"), "{stdout}");
+    for dest in 0..SHARDS {
+        let applied = forward(&node1, dest, 1, 1).await.expect("a write commits");
+        assert!(applied > 0);
+    }
+}
+
 /// Grows the cluster 3 -> 4 and shrinks it back while a writer keeps forwarding: every
 /// acknowledged message is stored exactly once on every replica, including the new node while it
 /// was a member; removing below 3 voters is refused.
