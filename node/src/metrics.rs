@@ -322,7 +322,7 @@ impl Collector for ShardCollector {
             );
             put(
                 "courier_log_fsyncs",
-                "Log appends since start, one fsync each",
+                "Log appends since start (each waits for a synced write the node's log writer shares with other shards' appends)",
                 true,
                 labels(),
                 as_i64(shard.fsyncs),

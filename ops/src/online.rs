@@ -205,6 +205,10 @@ pub(crate) async fn status_of(addr: &str) -> anyhow::Result<StatusResponse> {
 /// When the first node cannot be reached.
 pub(crate) async fn cluster_status(addr: &str, json: bool) -> anyhow::Result<bool> {
     let nodes = gather_status(addr).await?;
+    let reachable: Vec<StatusResponse> = nodes
+        .iter()
+        .filter_map(|(_, _, status)| status.as_ref().ok().cloned())
+        .collect();
     let mut healthy = true;
     if !json {
         println!(
@@ -273,7 +277,34 @@ pub(crate) async fn cluster_status(addr: &str, json: bool) -> anyhow::Result<boo
             }
         }
     }
+    if !json {
+        print_placement(&reachable);
+    }
     Ok(healthy)
+}
+
+/// The placement table: each shard's voters and leader, then replicas and leaders per node.
+fn print_placement(statuses: &[StatusResponse]) {
+    let shards = crate::balance::view(statuses);
+    println!("\n{:>5} {:>6} voters", "shard", "leader");
+    let mut replicas: std::collections::BTreeMap<u64, usize> = std::collections::BTreeMap::new();
+    for (shard, view) in &shards {
+        let voters: Vec<String> = view.voters.iter().map(u64::to_string).collect();
+        let leader = view.leader.map_or("-".to_owned(), |l| l.to_string());
+        println!("{shard:>5} {leader:>6} {}", voters.join(","));
+        for voter in &view.voters {
+            let count = replicas.entry(*voter).or_default();
+            *count = count.saturating_add(1);
+        }
+    }
+    let nodes: std::collections::BTreeSet<u64> = replicas.keys().copied().collect();
+    let leaders = crate::balance::leader_counts(&shards, &nodes);
+    for (node, count) in &replicas {
+        println!(
+            "node {node}: {count} replicas, leads {}",
+            leaders.get(node).copied().unwrap_or(0)
+        );
+    }
 }
 
 /// Asks the node at `addr` (node id `node`) to take leadership of `shard`.

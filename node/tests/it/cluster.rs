@@ -671,6 +671,16 @@ async fn leader_rebalance_spreads_what_a_failover_piled_on_one_node() {
     let (code, stdout, _) = crate::support::ops(&["leader", "rebalance", "--addr", &node1]);
     assert_eq!(code, 0);
     assert!(stdout.contains("nothing to move"), "{stdout}");
+    // The status's placement table shows the same: every node holds every shard, leaders spread.
+    let (code, stdout, _) = crate::support::ops(&["cluster", "status", "--addr", &node1]);
+    assert_eq!(code, 0, "{stdout}");
+    for (node, leads) in leaders_per_node(
+        &wait_leaders(&cluster.peers, Duration::from_secs(30)).await,
+        3,
+    ) {
+        let line = format!("node {node}: {SHARDS} replicas, leads {leads}");
+        assert!(stdout.contains(&line), "no `{line}` in\n{stdout}");
+    }
     for dest in 0..SHARDS {
         let applied = forward(&node1, dest, 1, 1).await.expect("a write commits");
         assert!(applied > 0);
