@@ -285,7 +285,7 @@ pub(crate) async fn cluster_status(addr: &str, json: bool) -> anyhow::Result<boo
 
 /// The placement table: each shard's voters and leader, then replicas and leaders per node.
 fn print_placement(statuses: &[StatusResponse]) {
-    let shards = crate::balance::view(statuses);
+    let shards = courier_proto::placement::view(statuses);
     println!("\n{:>5} {:>6} voters", "shard", "leader");
     let mut replicas: std::collections::BTreeMap<u64, usize> = std::collections::BTreeMap::new();
     for (shard, view) in &shards {
@@ -298,7 +298,7 @@ fn print_placement(statuses: &[StatusResponse]) {
         }
     }
     let nodes: std::collections::BTreeSet<u64> = replicas.keys().copied().collect();
-    let leaders = crate::balance::leader_counts(&shards, &nodes);
+    let leaders = courier_proto::placement::leader_counts(&shards, &nodes);
     for (node, count) in &replicas {
         println!(
             "node {node}: {count} replicas, leads {}",

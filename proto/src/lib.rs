@@ -13,6 +13,7 @@ pub mod convert;
 pub mod error;
 pub mod hex;
 pub mod limits;
+pub mod placement;
 pub mod shard;
 pub mod types;
 

@@ -14,12 +14,14 @@
 //! - `forward`: storing a batch another shard's forwarder sent ([`Cluster::forward_batch`]).
 //! - `bootstrap`: creating the cluster ([`Cluster::init`]).
 //! - `membership`: adding and removing nodes, leader transfer.
+//! - `balance`: the opt-in automatic leader rebalancer.
 //! - `edge`: presence, typing and push ([`Edge`]).
 //! - `read`: read barriers ([`ReadConsistency`]).
 //! - `status`: status reports, outbox lengths, backups.
 //! - `wire`: proposal outcomes on the peer wire.
 //! - `peer`: `PeerClient`, which builds every node-to-node call.
 
+mod balance;
 mod bootstrap;
 mod edge;
 mod forward;
@@ -37,6 +39,7 @@ use courier_consensus::groups::{GroupHandle, Groups};
 use courier_consensus::types::{GroupId, NodeId};
 use courier_storage::Db;
 
+pub use balance::run_leader_rebalancer;
 pub use edge::{Edge, run_reporter};
 pub use membership::VOTERS_MIN;
 pub use peer::{keep_warm, was_forwarded};

@@ -54,6 +54,23 @@ fn example_config_parses() {
     assert_eq!(config.node_id, 1);
     assert_eq!(config.limits.message_body_bytes_max, 64 * 1024);
     assert_eq!(config.raft.heartbeat, Duration::from_millis(100));
+    assert_eq!(
+        config.leader_rebalance, None,
+        "the example keeps the rebalancer off"
+    );
+}
+
+/// The automatic leader rebalancer is off unless an interval is set.
+#[test]
+fn leader_rebalance_is_opt_in() {
+    assert_eq!(
+        Config::parse(MINIMAL).expect("minimal").leader_rebalance,
+        None
+    );
+    let on = with("[cluster]\nleader-rebalance-interval = \"30s\"").expect("on");
+    assert_eq!(on.leader_rebalance, Some(Duration::from_secs(30)));
+    let unknown = with("[cluster]\nrebalance = true");
+    assert!(unknown.is_err(), "an unknown key is refused");
 }
 
 /// The commented `[sms.http]` of the example is a valid provider once uncommented (without its

@@ -210,6 +210,9 @@ pub struct Config {
     pub listen: Listen,
     /// Consensus timing.
     pub raft: RaftConfig,
+    /// How often each node takes its share of shard leadership back
+    /// (`cluster.leader-rebalance-interval`; `None`: never).
+    pub leader_rebalance: Option<std::time::Duration>,
     /// Limits.
     pub limits: Limits,
     /// Retention of undelivered messages.

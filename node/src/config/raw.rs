@@ -53,6 +53,18 @@ pub struct RaftRaw {
     pub append_entries_max: u64,
 }
 
+/// `[cluster]`: what the nodes do for the cluster as a whole.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ClusterRaw {
+    /// How often each node evens out shard leadership for itself: each round, when every shard
+    /// has a leader, a node that the rebalance plan (`courier_proto::placement::plan`) gives a
+    /// shard starts an election for that one shard. `"0s"` (the default) leaves leadership where
+    /// elections put it; `courier-ops leader rebalance` moves it by hand.
+    #[serde(default = "defaults::leader_rebalance_interval")]
+    pub leader_rebalance_interval: HumanDuration,
+}
+
 /// `[limits]`: everything a client can exhaust.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -377,6 +389,9 @@ pub struct RawConfig {
     /// Consensus timing.
     #[serde(default = "defaults::raft")]
     pub raft: RaftRaw,
+    /// Cluster-wide duties.
+    #[serde(default = "defaults::cluster")]
+    pub cluster: ClusterRaw,
     /// Limits.
     #[serde(default = "defaults::limits")]
     pub limits: LimitsRaw,
@@ -584,6 +599,12 @@ mod defaults {
     }
     pub(super) fn raft() -> RaftRaw {
         toml::from_str("").expect("every raft key has a default")
+    }
+    pub(super) fn cluster() -> ClusterRaw {
+        toml::from_str("").expect("every cluster key has a default")
+    }
+    pub(super) fn leader_rebalance_interval() -> HumanDuration {
+        HumanDuration(Duration::ZERO)
     }
     pub(super) fn limits() -> LimitsRaw {
         toml::from_str("").expect("every limit has a default")

@@ -56,6 +56,8 @@ impl RawConfig {
             data_dir: self.data_dir,
             listen: self.listen,
             raft,
+            leader_rebalance: Some(self.cluster.leader_rebalance_interval.0)
+                .filter(|interval| !interval.is_zero()),
             limits,
             retention: self.retention,
             presence: self.presence,

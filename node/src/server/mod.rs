@@ -399,6 +399,13 @@ fn spawn_background(
         let shutdown = shutdown.clone();
         tasks.spawn(async move { crate::cluster::keep_warm(cluster, shutdown).await });
     }
+    if let Some(interval) = config.leader_rebalance {
+        let (cluster, shutdown) = (cluster.clone(), shutdown.clone());
+        tasks.spawn(crate::cluster::run_leader_rebalancer(
+            cluster, interval, shutdown,
+        ));
+        info!(?interval, "leader rebalancer on");
+    }
     {
         let cluster = cluster.clone();
         let shutdown = shutdown.clone();

@@ -687,6 +687,51 @@ async fn leader_rebalance_spreads_what_a_failover_piled_on_one_node() {
     }
 }
 
+/// Three `courier-node` processes with the automatic rebalancer on
+/// (`cluster.leader-rebalance-interval`). Node 3 is SIGKILLed, so the shard it led fails over to
+/// nodes 1 and 2; when it restarts it leads nothing, and without the rebalancer it would stay so.
+/// The metadata leader's rebalancer hands it its share again: every node's leader count ends
+/// within one of the others'.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_automatic_rebalancer_gives_a_restarted_node_its_leaders_back() {
+    let (mut cluster, _) =
+        Processes::start_initialized_with(3, "[cluster]\nleader-rebalance-interval = \"300ms\"")
+            .await;
+    cluster.kill(2);
+    let survivors = cluster.peers[..2].to_vec();
+    let started = Instant::now();
+    loop {
+        // The survivors name node 3 until they elect a new leader for its shard.
+        let failed_over = wait_leaders(&survivors, Duration::from_secs(30)).await;
+        if failed_over.values().all(|l| *l != 3) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no failover: {failed_over:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster.restart(2);
+    let started = Instant::now();
+    loop {
+        let leaders = wait_leaders(&cluster.peers, Duration::from_secs(30)).await;
+        let counts = leaders_per_node(&leaders, 3);
+        let (min, max) = (
+            counts.values().min().copied().unwrap_or(0),
+            counts.values().max().copied().unwrap_or(0),
+        );
+        if max - min <= 1 && counts[&3] > 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the restarted node got no leaders back: {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Grows the cluster 3 -> 4 and shrinks it back while a writer keeps forwarding: every
 /// acknowledged message is stored exactly once on every replica, including the new node while it
 /// was a member; removing below 3 voters is refused.

@@ -1,0 +1,235 @@
+//! Shard placement as the cluster reports it, and the plan that evens out shard leadership
+//! (`courier-ops leader rebalance` and the nodes' opt-in automatic rebalancer share it).
+//!
+//! Pure functions over node ids: no I/O, no clock.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::pb::peer::StatusResponse;
+
+/// One shard as the cluster reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShardView {
+    /// Its voters.
+    pub voters: BTreeSet<u64>,
+    /// The node that reports leading it (highest term), if any.
+    pub leader: Option<u64>,
+}
+
+/// A planned leadership transfer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Move {
+    /// The shard.
+    pub shard: u32,
+    /// Its leader now.
+    pub from: u64,
+    /// The voter that takes it.
+    pub to: u64,
+}
+
+/// Leaders per node in `shards` (every node of `nodes` listed, zero when it leads nothing).
+pub fn leader_counts(
+    shards: &BTreeMap<u32, ShardView>,
+    nodes: &BTreeSet<u64>,
+) -> BTreeMap<u64, usize> {
+    let mut counts: BTreeMap<u64, usize> = nodes.iter().map(|n| (*n, 0)).collect();
+    for view in shards.values() {
+        if let Some(count) = view.leader.and_then(|l| counts.get_mut(&l)) {
+            *count = count.saturating_add(1);
+        }
+    }
+    counts
+}
+
+/// The transfers that even out leadership: repeatedly, a shard of the node with the most leaders
+/// moves to the voter of that shard, among `nodes`, with the fewest, as long as that leaves the
+/// target with fewer than the source had. Each move lowers the sum of squared counts, so the plan
+/// ends; when every node of `nodes` votes in every shard it ends with counts within one.
+pub fn plan(shards: &BTreeMap<u32, ShardView>, nodes: &BTreeSet<u64>) -> Vec<Move> {
+    let mut leaders: BTreeMap<u32, Option<u64>> =
+        shards.iter().map(|(s, v)| (*s, v.leader)).collect();
+    let mut counts = leader_counts(shards, nodes);
+    let mut moves = Vec::new();
+    loop {
+        // Sources from the most loaded down; the first that can give a shard away does.
+        let mut sources: Vec<(u64, usize)> = counts.iter().map(|(n, c)| (*n, *c)).collect();
+        sources.sort_by_key(|(node, count)| (std::cmp::Reverse(*count), *node));
+        let next = sources.iter().find_map(|(from, from_count)| {
+            leaders
+                .iter()
+                .filter(|(_, leader)| **leader == Some(*from))
+                .filter_map(|(shard, _)| {
+                    shards[shard]
+                        .voters
+                        .iter()
+                        .filter_map(|to| counts.get(to).map(|count| (*count, *to)))
+                        .filter(|(count, _)| count.saturating_add(1) < *from_count)
+                        .min()
+                        .map(|(count, to)| (count, *shard, to))
+                })
+                .min()
+                .map(|(_, shard, to)| Move {
+                    shard,
+                    from: *from,
+                    to,
+                })
+        });
+        let Some(chosen) = next else {
+            return moves;
+        };
+        leaders.insert(chosen.shard, Some(chosen.to));
+        for (node, delta) in [(chosen.from, false), (chosen.to, true)] {
+            let count = counts.entry(node).or_default();
+            *count = if delta {
+                count.saturating_add(1)
+            } else {
+                count.saturating_sub(1)
+            };
+        }
+        moves.push(chosen);
+    }
+}
+
+/// The shards as the reachable nodes report them: the leader is the node that says it leads,
+/// at the highest term; the voters are that leader's view of the membership (or, for a shard
+/// without a leader, the first report's).
+pub fn view(statuses: &[StatusResponse]) -> BTreeMap<u32, ShardView> {
+    let mut best: BTreeMap<u32, (u64, ShardView)> = BTreeMap::new();
+    for status in statuses {
+        for shard in &status.shards {
+            let leads = shard.role == "leader";
+            let report = ShardView {
+                voters: shard.replicas.iter().copied().collect(),
+                leader: leads.then_some(status.node_id),
+            };
+            let known = best
+                .entry(shard.shard)
+                .or_insert_with(|| (0, report.clone()));
+            if leads && (known.1.leader.is_none() || shard.term > known.0) {
+                *known = (shard.term, report);
+            }
+        }
+    }
+    best.into_iter().map(|(s, (_, v))| (s, v)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn cluster(leaders: &[Option<u64>], nodes: &BTreeSet<u64>) -> BTreeMap<u32, ShardView> {
+        (0_u32..)
+            .zip(leaders)
+            .map(|(shard, leader)| {
+                (
+                    shard,
+                    ShardView {
+                        voters: nodes.clone(),
+                        leader: *leader,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    fn apply(shards: &mut BTreeMap<u32, ShardView>, moves: &[Move]) {
+        for m in moves {
+            let view = shards.get_mut(&m.shard).expect("planned shard exists");
+            assert_eq!(
+                view.leader,
+                Some(m.from),
+                "a move starts at the shard's leader"
+            );
+            assert!(view.voters.contains(&m.to), "a move ends at a voter");
+            view.leader = Some(m.to);
+        }
+    }
+
+    #[test]
+    fn after_a_failover_the_returned_node_gets_its_share_back() {
+        let nodes: BTreeSet<u64> = [1, 2, 3].into();
+        // Node 3 died and came back: nodes 1 and 2 lead all eight shards.
+        let leaders = [1, 2, 1, 2, 1, 2, 1, 2].map(Some);
+        let mut shards = cluster(&leaders, &nodes);
+        let moves = plan(&shards, &nodes);
+        assert_eq!(moves.len(), 2, "{moves:?}");
+        assert!(moves.iter().all(|m| m.to == 3));
+        apply(&mut shards, &moves);
+        let counts = leader_counts(&shards, &nodes);
+        assert_eq!(counts.values().copied().collect::<Vec<_>>(), vec![3, 3, 2]);
+        assert!(
+            plan(&shards, &nodes).is_empty(),
+            "a balanced cluster plans nothing"
+        );
+    }
+
+    #[test]
+    fn a_shard_moves_only_to_its_own_voters_and_reachable_nodes() {
+        let nodes: BTreeSet<u64> = [1, 2, 3, 4].into();
+        let mut shards = cluster(&[Some(1); 4], &nodes);
+        for view in shards.values_mut() {
+            view.voters = [1, 2, 3].into();
+        }
+        // Node 3 is unreachable: only node 2 can take shards, and node 4 votes in none.
+        let reachable: BTreeSet<u64> = [1, 2, 4].into();
+        let moves = plan(&shards, &reachable);
+        assert!(moves.iter().all(|m| m.to == 2), "{moves:?}");
+        apply(&mut shards, &moves);
+        assert_eq!(leader_counts(&shards, &reachable)[&2], 2);
+    }
+
+    #[test]
+    fn the_view_takes_the_leader_at_the_highest_term() {
+        use crate::pb::peer::ShardStatus;
+        let status = |node_id: u64, role: &str, term: u64| StatusResponse {
+            node_id,
+            shards: vec![ShardStatus {
+                shard: 0,
+                role: role.to_owned(),
+                term,
+                replicas: vec![1, 2, 3],
+                ..ShardStatus::default()
+            }],
+            ..StatusResponse::default()
+        };
+        // Node 1 still thinks it leads at term 3 (partitioned); node 2 leads at term 4.
+        let views = view(&[
+            status(1, "leader", 3),
+            status(2, "leader", 4),
+            status(3, "follower", 4),
+        ]);
+        assert_eq!(views[&0].leader, Some(2));
+        assert_eq!(views[&0].voters, [1, 2, 3].into());
+        let none = view(&[status(1, "follower", 4), status(2, "candidate", 5)]);
+        assert_eq!(none[&0].leader, None);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Goal: whatever the leaders, the plan ends with every node's count within one of every
+        /// other's, moving each shard from its leader to a voter. Method: random leaders (some
+        /// shards leaderless) over 1–7 nodes that all vote in every shard.
+        #[test]
+        fn any_leader_layout_ends_within_one(
+            node_count in 1_u64..=7,
+            picks in proptest::collection::vec(0_u64..8, 1..64),
+        ) {
+            let nodes: BTreeSet<u64> = (1..=node_count).collect();
+            let leaders: Vec<Option<u64>> = picks
+                .iter()
+                .map(|p| (*p < node_count).then_some(p + 1))
+                .collect();
+            let mut shards = cluster(&leaders, &nodes);
+            let moves = plan(&shards, &nodes);
+            apply(&mut shards, &moves);
+            let counts = leader_counts(&shards, &nodes);
+            let (min, max) = (counts.values().min().copied(), counts.values().max().copied());
+            prop_assert!(max.zip(min).is_some_and(|(max, min)| max - min <= 1), "{counts:?}");
+            let led = leaders.iter().flatten().count();
+            prop_assert!(moves.len() <= led, "{} moves for {led} led shards", moves.len());
+        }
+    }
+}
