@@ -77,7 +77,10 @@ pub(crate) async fn rebalance(addr: &str, dry_run: bool) -> anyhow::Result<bool>
     let mut all_done = true;
     for (done, m) in moves.iter().enumerate() {
         let started = Instant::now();
-        let outcome = transfer(&peers[&m.to], m).await;
+        let outcome = match peers.get(&m.to) {
+            Some(peer) => transfer(peer, m).await,
+            None => Err(anyhow::anyhow!("node {} has no peer address", m.to)),
+        };
         let step = format!(
             "[{}/{}] shard {}: node {} -> node {}",
             done.saturating_add(1),

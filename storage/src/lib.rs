@@ -25,6 +25,7 @@ pub mod archive;
 pub mod bugs;
 pub mod cf;
 pub mod checkpoint;
+pub mod counters;
 pub mod db;
 #[cfg(test)]
 mod decode_fuzz_test;

@@ -21,14 +21,19 @@ use std::thread::JoinHandle;
 
 use rocksdb::{DB, WriteBatch, WriteOptions};
 
-use crate::db::DbCounters;
+use crate::counters::DbCounters;
 use crate::error::{Result, StorageError};
 use crate::kv::Change;
 
-/// Requests the writer queues at most. Each raft group has at most one append waiting (its
-/// storage task awaits it), so the queue holds at most one request per group on the node; a
-/// caller that finds it full waits for room.
-pub const QUEUE_MAX: usize = 1024;
+/// Requests the writer queues at most: one per raft group a node can hold (every shard and the
+/// metadata group). Each group has at most one append waiting (its storage task awaits it), so
+/// the queue never fills and no caller blocks on it; a caller that did find it full would wait
+/// for room.
+#[allow(
+    clippy::as_conversions,
+    reason = "u32 into usize in a const, lossless on the 64-bit targets courier builds for"
+)]
+pub const QUEUE_MAX: usize = courier_proto::limits::SHARD_COUNT_MAX as usize + 1;
 /// Requests merged into one write batch at most.
 pub const MERGE_MAX: usize = 256;
 
@@ -101,8 +106,12 @@ impl Drop for Writer {
                 .take(),
         );
         if let Some(thread) = self.thread.take() {
-            // The thread ends once the queue is drained; a panic in it is already reported.
-            let _ = thread.join();
+            // A completion that dropped the last handle runs on the writer thread itself, which
+            // ends on its own once the queue is closed; any other thread waits for it.
+            if thread.thread().id() != std::thread::current().id() {
+                // The thread ends once the queue is drained; a panic in it is already reported.
+                let _ = thread.join();
+            }
         }
     }
 }

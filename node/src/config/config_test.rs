@@ -71,6 +71,17 @@ fn leader_rebalance_is_opt_in() {
     assert_eq!(on.leader_rebalance, Some(Duration::from_secs(30)));
     let unknown = with("[cluster]\nrebalance = true");
     assert!(unknown.is_err(), "an unknown key is refused");
+    let eager = with("[cluster]\nleader-rebalance-interval = \"1s\"");
+    assert!(
+        matches!(
+            eager,
+            Err(ConfigError::RebalanceIntervalTooShort {
+                interval_ms: 1000,
+                election_timeout_ms_max: 1000
+            })
+        ),
+        "an interval below twice the election timeout is refused: {eager:?}"
+    );
 }
 
 /// The commented `[sms.http]` of the example is a valid provider once uncommented (without its

@@ -16,8 +16,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 pub use raw::{
-    AdminRaw, LimitsRaw, Listen, LogFormat, LogRaw, PresenceRaw, PushRaw, RaftRaw, RawConfig,
-    RetentionRaw, SmsHttpRaw, SmsMethod, SmsRaw, TlsRaw, TracingRaw,
+    AdminRaw, ClusterRaw, LimitsRaw, Listen, LogFormat, LogRaw, PresenceRaw, PushRaw, RaftRaw,
+    RawConfig, RetentionRaw, SmsHttpRaw, SmsMethod, SmsRaw, TlsRaw, TracingRaw,
 };
 
 /// Why a configuration was refused.
@@ -119,6 +119,17 @@ pub enum ConfigError {
         key: &'static str,
         /// What is wrong (never the credential).
         reason: String,
+    },
+    /// `cluster.leader-rebalance-interval` is set below twice the election timeout: a node
+    /// would start elections before the last one settled.
+    #[error(
+        "cluster.leader-rebalance-interval ({interval_ms} ms) must be 0 (off) or at least twice raft.election-timeout-max ({election_timeout_ms_max} ms)"
+    )]
+    RebalanceIntervalTooShort {
+        /// The interval asked for.
+        interval_ms: u64,
+        /// The election timeout's upper bound.
+        election_timeout_ms_max: u64,
     },
     /// `sms.dev-outbox` and `[sms.http]` are both set.
     #[error("sms.dev-outbox and sms.http are both set: choose one")]

@@ -3,8 +3,8 @@
 use courier_proto::limits;
 
 use super::{
-    Config, ConfigError, Limits, LimitsRaw, RaftConfig, RaftRaw, RawConfig, Secret, SmsHttpConfig,
-    SmsHttpRaw, SmsMethod, SmsRaw, TlsPaths, TlsRaw,
+    ClusterRaw, Config, ConfigError, Limits, LimitsRaw, RaftConfig, RaftRaw, RawConfig, Secret,
+    SmsHttpConfig, SmsHttpRaw, SmsMethod, SmsRaw, TlsPaths, TlsRaw,
 };
 use crate::sms::{RETRIES_MAX, TIMEOUT_MS_MAX, TIMEOUT_MS_MIN};
 use crate::units::HumanDuration;
@@ -42,6 +42,7 @@ impl RawConfig {
             });
         }
         let raft = validate_raft(&self.raft)?;
+        let leader_rebalance = validate_rebalance(&self.cluster, &raft)?;
         let limits = validate_limits(&self.limits)?;
         self.validate_edge()?;
         let tls = validate_tls(self.tls)?;
@@ -56,8 +57,7 @@ impl RawConfig {
             data_dir: self.data_dir,
             listen: self.listen,
             raft,
-            leader_rebalance: Some(self.cluster.leader_rebalance_interval.0)
-                .filter(|interval| !interval.is_zero()),
+            leader_rebalance,
             limits,
             retention: self.retention,
             presence: self.presence,
@@ -170,6 +170,27 @@ fn validate_raft(raft: &RaftRaw) -> Result<RaftConfig, ConfigError> {
         snapshot_chunk_bytes: raft.snapshot_chunk.0,
         append_entries_max: raft.append_entries_max,
     })
+}
+
+/// The automatic leader rebalancer's interval: off at 0, else at least twice the election
+/// timeout, so each election it starts settles (and the node catches up) before the next round.
+fn validate_rebalance(
+    cluster: &ClusterRaw,
+    raft: &RaftConfig,
+) -> Result<Option<std::time::Duration>, ConfigError> {
+    let interval = cluster.leader_rebalance_interval.0;
+    if interval.is_zero() {
+        return Ok(None);
+    }
+    let floor = raft.election_timeout_max.saturating_mul(2);
+    if interval < floor {
+        let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        return Err(ConfigError::RebalanceIntervalTooShort {
+            interval_ms: ms(interval),
+            election_timeout_ms_max: ms(raft.election_timeout_max),
+        });
+    }
+    Ok(Some(interval))
 }
 
 /// Counts, rates, bursts and durations that must not be zero.

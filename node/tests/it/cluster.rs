@@ -672,14 +672,21 @@ async fn leader_rebalance_spreads_what_a_failover_piled_on_one_node() {
     assert_eq!(code, 0);
     assert!(stdout.contains("nothing to move"), "{stdout}");
     // The status's placement table shows the same: every node holds every shard, leaders spread.
-    let (code, stdout, _) = crate::support::ops(&["cluster", "status", "--addr", &node1]);
-    assert_eq!(code, 0, "{stdout}");
-    for (node, leads) in leaders_per_node(
-        &wait_leaders(&cluster.peers, Duration::from_secs(30)).await,
-        3,
-    ) {
-        let line = format!("node {node}: {SHARDS} replicas, leads {leads}");
-        assert!(stdout.contains(&line), "no `{line}` in\n{stdout}");
+    // (Status and leaders are read apart: an election in between is read again, a few times.)
+    for attempt in 1.. {
+        let (code, stdout, _) = crate::support::ops(&["cluster", "status", "--addr", &node1]);
+        assert_eq!(code, 0, "{stdout}");
+        let leaders = wait_leaders(&cluster.peers, Duration::from_secs(30)).await;
+        let missing: Vec<String> = leaders_per_node(&leaders, 3)
+            .into_iter()
+            .map(|(node, leads)| format!("node {node}: {SHARDS} replicas, leads {leads}"))
+            .filter(|line| !stdout.contains(line))
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(attempt < 5, "no {missing:?} in\n{stdout}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
     for dest in 0..SHARDS {
         let applied = forward(&node1, dest, 1, 1).await.expect("a write commits");
@@ -690,13 +697,12 @@ async fn leader_rebalance_spreads_what_a_failover_piled_on_one_node() {
 /// Three `courier-node` processes with the automatic rebalancer on
 /// (`cluster.leader-rebalance-interval`). Node 3 is SIGKILLed, so the shard it led fails over to
 /// nodes 1 and 2; when it restarts it leads nothing, and without the rebalancer it would stay so.
-/// The metadata leader's rebalancer hands it its share again: every node's leader count ends
-/// within one of the others'.
+/// Node 3's own rebalancer takes its share again (a node only elects itself): every node's
+/// leader count ends within one of the others'.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_automatic_rebalancer_gives_a_restarted_node_its_leaders_back() {
     let (mut cluster, _) =
-        Processes::start_initialized_with(3, "[cluster]\nleader-rebalance-interval = \"300ms\"")
-            .await;
+        Processes::start_initialized_with(3, "[cluster]\nleader-rebalance-interval = \"2s\"").await;
     cluster.kill(2);
     let survivors = cluster.peers[..2].to_vec();
     let started = Instant::now();
@@ -725,7 +731,7 @@ async fn the_automatic_rebalancer_gives_a_restarted_node_its_leaders_back() {
             break;
         }
         assert!(
-            started.elapsed() < Duration::from_secs(30),
+            started.elapsed() < Duration::from_secs(60),
             "the restarted node got no leaders back: {counts:?}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
