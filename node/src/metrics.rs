@@ -409,6 +409,21 @@ impl Collector for ShardCollector {
                 put(name, help, true, Vec::new(), as_i64(value));
             }
         }
+        let leads = status.shards.iter().filter(|s| s.role == "leader").count();
+        put(
+            "courier_node_shard_replicas",
+            "Shard replicas this node holds",
+            false,
+            Vec::new(),
+            i64::try_from(status.shards.len()).unwrap_or(i64::MAX),
+        );
+        put(
+            "courier_node_shard_leaders",
+            "Shards this node leads (compare across nodes: `courier-ops leader rebalance` evens them out)",
+            false,
+            Vec::new(),
+            i64::try_from(leads).unwrap_or(i64::MAX),
+        );
         if let Some(counters) = &status.counters {
             for (name, help, value) in [
                 (

@@ -322,6 +322,19 @@ async fn three_nodes_elect_commit_and_converge() {
                 "{text}"
             );
         }
+        assert!(
+            text.contains(&format!("courier_node_shard_replicas{{}} {SHARDS}")),
+            "{text}"
+        );
+        // The same scrape's per-shard leader flags add up to the node's leader count.
+        let leads = text
+            .lines()
+            .filter(|line| line.starts_with("courier_shard_is_leader{") && line.ends_with(" 1"))
+            .count();
+        assert!(
+            text.contains(&format!("courier_node_shard_leaders{{}} {leads}")),
+            "the node leads {leads}: {text}"
+        );
     }
     {
         tracing::info!("every message was stored exactly once: 60 per shard on every replica");
