@@ -294,6 +294,7 @@ fn section(args: &Args, runs: &Runs, scale: Option<&ScaleResult>) -> anyhow::Res
     scale_table(&mut s, scale)?;
     targets(&mut s, runs, scale)?;
     send_path_targets(&mut s, runs, scale)?;
+    multi_raft_targets(&mut s, runs)?;
     where_time_goes(&mut s, runs)?;
     writeln!(s, "{END}")?;
     Ok(s)
@@ -646,6 +647,53 @@ fn targets(s: &mut String, runs: &Runs, scale: Option<&ScaleResult>) -> anyhow::
                 .and_then(|sc| sc.steps.last())
                 .map_or("none".to_owned(), |st| fmt_rate(st.streams as f64))
         ),
+    };
+    writeln!(s, "- {line}\n")?;
+    Ok(())
+}
+
+/// The targets of the multi-raft I/O issue (#22) beyond issue #10's throughput ratios (listed
+/// above, the same figures): one sender's latency against etcd's, and messages per fsync on each
+/// node at 64 senders (every node leads some shards).
+#[allow(clippy::cast_precision_loss, reason = "counts far below 2^52")]
+fn multi_raft_targets(s: &mut String, runs: &Runs) -> anyhow::Result<()> {
+    let c = TARGET_CONCURRENCY;
+    writeln!(
+        s,
+        "### Targets (issue #22, multi-raft I/O)\n\n\
+         The throughput and p99 targets (≥ 2× etcd, ≥ 1.5× NATS with `sync_interval: always`) are \
+         issue #10's above.\n"
+    )?;
+    let line = match (get(runs, "courier", 1), get(runs, "etcd", 1)) {
+        (Some(ours), Some(etcd)) => {
+            let r = ours.ack.p50_ms / etcd.ack.p50_ms.max(1e-9);
+            format!(
+                "1 sender: cross-shard send → ack p50 {} ms vs etcd {} ms: {r:.2}× (target within \
+                 1.2×) — {}",
+                fmt_ms(ours.ack.p50_ms),
+                fmt_ms(etcd.ack.p50_ms),
+                verdict(r <= 1.2),
+            )
+        }
+        _ => "1 sender within 1.2× of etcd: **not measured** in this run".to_owned(),
+    };
+    writeln!(s, "- {line}")?;
+    let line = match get(runs, "courier", c) {
+        Some(r) if r.acked > 0 && r.log_appends.iter().all(|a| a.counters.synced_writes > 0) => {
+            let per_node: Vec<f64> = r
+                .log_appends
+                .iter()
+                .map(|a| r.acked as f64 / a.counters.synced_writes as f64)
+                .collect();
+            let shown: Vec<String> = per_node.iter().map(|m| format!("{m:.1}")).collect();
+            format!(
+                "{c} senders, cross-shard: acknowledged messages per fsync on each node {} \
+                 (target ≥ 20 on every node) — {}",
+                shown.join(" / "),
+                verdict(per_node.iter().all(|m| *m >= 20.0)),
+            )
+        }
+        _ => "messages per fsync ≥ 20: **not measured** in this run".to_owned(),
     };
     writeln!(s, "- {line}\n")?;
     Ok(())
