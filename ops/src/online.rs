@@ -205,10 +205,14 @@ pub(crate) async fn status_of(addr: &str) -> anyhow::Result<StatusResponse> {
 /// When the first node cannot be reached.
 pub(crate) async fn cluster_status(addr: &str, json: bool) -> anyhow::Result<bool> {
     let nodes = gather_status(addr).await?;
-    let reachable: Vec<StatusResponse> = nodes
-        .iter()
-        .filter_map(|(_, _, status)| status.as_ref().ok().cloned())
-        .collect();
+    // The placement table (text only) is built from every status before the rows consume them.
+    let placement = (!json).then(|| {
+        let reachable: Vec<StatusResponse> = nodes
+            .iter()
+            .filter_map(|(_, _, status)| status.as_ref().ok().cloned())
+            .collect();
+        courier_proto::placement::view(&reachable)
+    });
     let mut healthy = true;
     if !json {
         println!(
@@ -277,28 +281,23 @@ pub(crate) async fn cluster_status(addr: &str, json: bool) -> anyhow::Result<boo
             }
         }
     }
-    if !json {
-        print_placement(&reachable);
+    if let Some(shards) = placement {
+        print_placement(&shards);
     }
     Ok(healthy)
 }
 
 /// The placement table: each shard's voters and leader, then replicas and leaders per node.
-fn print_placement(statuses: &[StatusResponse]) {
-    let shards = courier_proto::placement::view(statuses);
+fn print_placement(shards: &std::collections::BTreeMap<u32, courier_proto::placement::ShardView>) {
     println!("\n{:>5} {:>6} voters", "shard", "leader");
-    let mut replicas: std::collections::BTreeMap<u64, usize> = std::collections::BTreeMap::new();
-    for (shard, view) in &shards {
+    for (shard, view) in shards {
         let voters: Vec<String> = view.voters.iter().map(u64::to_string).collect();
         let leader = view.leader.map_or("-".to_owned(), |l| l.to_string());
         println!("{shard:>5} {leader:>6} {}", voters.join(","));
-        for voter in &view.voters {
-            let count = replicas.entry(*voter).or_default();
-            *count = count.saturating_add(1);
-        }
     }
+    let replicas = courier_proto::placement::replica_counts(shards);
     let nodes: std::collections::BTreeSet<u64> = replicas.keys().copied().collect();
-    let leaders = courier_proto::placement::leader_counts(&shards, &nodes);
+    let leaders = courier_proto::placement::leader_counts(shards, &nodes);
     for (node, count) in &replicas {
         println!(
             "node {node}: {count} replicas, leads {}",

@@ -27,6 +27,32 @@ pub struct Move {
     pub to: u64,
 }
 
+/// The shards as one node sees them: each of its replicas' voters and the leader that replica
+/// knows of (the automatic rebalancer plans from this; [`view`] combines every node's report).
+pub fn view_of_one(status: &StatusResponse) -> BTreeMap<u32, ShardView> {
+    status
+        .shards
+        .iter()
+        .map(|shard| {
+            let view = ShardView {
+                voters: shard.replicas.iter().copied().collect(),
+                leader: (shard.leader != 0).then_some(shard.leader),
+            };
+            (shard.shard, view)
+        })
+        .collect()
+}
+
+/// Replicas per node in `shards` (the voters of each).
+pub fn replica_counts(shards: &BTreeMap<u32, ShardView>) -> BTreeMap<u64, usize> {
+    let mut counts: BTreeMap<u64, usize> = BTreeMap::new();
+    for voter in shards.values().flat_map(|view| &view.voters) {
+        let count = counts.entry(*voter).or_default();
+        *count = count.saturating_add(1);
+    }
+    counts
+}
+
 /// Leaders per node in `shards` (every node of `nodes` listed, zero when it leads nothing).
 pub fn leader_counts(
     shards: &BTreeMap<u32, ShardView>,

@@ -14,9 +14,9 @@
 //! nothing that was written can be trusted to be durable, so the replicas stop (the caller turns
 //! the error into openraft's storage error).
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 
 use rocksdb::{DB, WriteBatch, WriteOptions};
@@ -48,7 +48,8 @@ struct Request {
 /// The handle of the writer thread. Dropping it lets the thread finish what is queued and waits
 /// for it.
 pub(crate) struct Writer {
-    queue: Mutex<Option<SyncSender<Request>>>,
+    /// `None` only while dropping: closing it lets the thread finish.
+    queue: Option<SyncSender<Request>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -64,7 +65,7 @@ impl Writer {
             .spawn(move || run(&db, &requests, &counters))
             .expect("the log writer thread starts");
         Self {
-            queue: Mutex::new(Some(queue)),
+            queue: Some(queue),
             thread: Some(thread),
         }
     }
@@ -72,39 +73,21 @@ impl Writer {
     /// Queues `changes` for the next synced batch; `done` runs on the writer thread once it is
     /// durable (or failed).
     pub(crate) fn submit(&self, changes: Vec<Change>, done: Done) {
-        let queue = self
-            .queue
-            .lock()
-            .expect("writer queue lock is never poisoned")
-            .clone();
-        let Some(queue) = queue else {
-            done(Err(stopped()));
-            return;
-        };
         let request = Request { changes, done };
-        let request = match queue.try_send(request) {
-            Ok(()) => return,
-            Err(TrySendError::Full(request)) => request,
-            Err(TrySendError::Disconnected(request)) => {
-                (request.done)(Err(stopped()));
-                return;
-            }
+        // Never full (see QUEUE_MAX); a full queue would make this wait for room.
+        let sent = match &self.queue {
+            Some(queue) => queue.send(request).map_err(|refused| refused.0),
+            None => Err(request),
         };
-        // Full: wait for room (bounded; see QUEUE_MAX).
-        if let Err(refused) = queue.send(request) {
-            (refused.0.done)(Err(stopped()));
+        if let Err(request) = sent {
+            (request.done)(Err(stopped()));
         }
     }
 }
 
 impl Drop for Writer {
     fn drop(&mut self) {
-        drop(
-            self.queue
-                .lock()
-                .expect("writer queue lock is never poisoned")
-                .take(),
-        );
+        drop(self.queue.take());
         if let Some(thread) = self.thread.take() {
             // A completion that dropped the last handle runs on the writer thread itself, which
             // ends on its own once the queue is closed; any other thread waits for it.

@@ -9,11 +9,11 @@
 //! rate limit: the next round sees its outcome first. Nothing moves while some shard has no
 //! leader, and a node that is down takes nothing (its share waits until it is back).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use courier_proto::pb::peer::TransferLeaderRequest;
-use courier_proto::placement::{Move, ShardView, plan};
+use courier_proto::placement::{Move, plan, replica_counts, view_of_one};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -64,17 +64,7 @@ impl Cluster {
     pub fn planned_for_me(&self) -> Option<Move> {
         let me = self.groups.node_id();
         let status = self.status();
-        let shards: BTreeMap<u32, ShardView> = status
-            .shards
-            .iter()
-            .map(|shard| {
-                let view = ShardView {
-                    voters: shard.replicas.iter().copied().collect(),
-                    leader: (shard.leader != 0).then_some(shard.leader),
-                };
-                (shard.shard, view)
-            })
-            .collect();
+        let shards = view_of_one(&status);
         if shards.is_empty() || shards.values().any(|shard| shard.leader.is_none()) {
             return None;
         }
@@ -84,7 +74,7 @@ impl Cluster {
             .filter(|shard| shard.apply_lag == 0)
             .map(|shard| shard.shard)
             .collect();
-        let nodes: BTreeSet<u64> = shards.values().flat_map(|s| s.voters.clone()).collect();
+        let nodes: BTreeSet<u64> = replica_counts(&shards).into_keys().collect();
         plan(&shards, &nodes)
             .into_iter()
             .find(|m| m.to == me && caught_up.contains(&m.shard))
