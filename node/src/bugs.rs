@@ -3,8 +3,8 @@
 //! [`active`] is a constant `false` and every branch on it folds away. Selected at startup by the
 //! environment variable `COURIER_BUG`:
 //!
-//! * `ack-before-commit`: `Send` answers "sent" before the proposal commits (lost on a leader
-//!   failure or partition);
+//! * `ack-before-commit`: `Send` answers "sent" at once and proposes [`WRITE_BACK_DELAY`] later,
+//!   as a write-back buffer would (lost when the node is killed or cut off within that window);
 //! * `skip-dedup`: a retried `Send` is stored again instead of answering the first result;
 //! * `receipt-regress`: a device stream repeats a READ receipt as DELIVERED afterwards.
 
@@ -46,9 +46,16 @@ pub const fn active(_bug: Bug) -> bool {
     false
 }
 
+/// How long `ack-before-commit` holds an acknowledged send before proposing it. Wide on purpose:
+/// with the proposal made at once, the window between ack and commit is a few milliseconds, and
+/// whether a kill lands inside it was up to chance (a run could find only duplicates). Held this
+/// long, every kill of a node that took sends in its last second loses some.
+pub const WRITE_BACK_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The hook of a client send about to be proposed on `shard`: `skip-dedup` gives `sent` a fresh
 /// idempotency key (a retry is stored again); `ack-before-commit` proposes it in the background
-/// and returns the answer to give at once. `None`, and `sent` untouched, without these bugs.
+/// after [`WRITE_BACK_DELAY`] and returns the answer to give at once. `None`, and `sent`
+/// untouched, without these bugs.
 pub(crate) fn on_send(
     cluster: &crate::cluster::Cluster,
     shard: courier_proto::ShardId,
@@ -74,7 +81,10 @@ pub(crate) fn on_send(
     let events = vec![Event {
         kind: Some(Kind::MessageSent(sent.clone())),
     }];
-    tokio::spawn(async move { cluster.propose(shard, events).await });
+    tokio::spawn(async move {
+        tokio::time::sleep(WRITE_BACK_DELAY).await;
+        cluster.propose(shard, events).await
+    });
     Some(answer)
 }
 
