@@ -18,6 +18,13 @@ use courier_proto::placement::{Move, leader_counts, plan, view};
 const TRANSFER_WAIT: Duration = Duration::from_secs(15);
 /// Pause between status polls while a transfer completes.
 const POLL: Duration = Duration::from_millis(100);
+/// How often a transfer asks the new leader to start an election again while it does not lead.
+/// One election can lose: the current leader and the followers hearing its heartbeats refuse
+/// votes while its lease (the election timeout, from when it was elected) runs, and when the
+/// candidate's higher term makes the old leader step down, the old leader can win the next
+/// election itself. An ask this much later finds that lease run out. (Longer than any sane
+/// `raft.election-timeout-max`.)
+const ELECT_AGAIN: Duration = Duration::from_secs(2);
 
 fn counts_line(counts: &BTreeMap<u64, usize>) -> String {
     counts
@@ -106,10 +113,13 @@ pub(crate) async fn rebalance(addr: &str, dry_run: bool) -> anyhow::Result<bool>
     Ok(all_done)
 }
 
-/// Asks `m.to` (at `peer`) to take `m.shard` and waits until it reports leading it.
+/// Asks `m.to` (at `peer`) to take `m.shard` and waits until it reports leading it, asking
+/// again every [`ELECT_AGAIN`].
 async fn transfer(peer: &str, m: &Move) -> anyhow::Result<()> {
     crate::online::ask_to_lead(peer, m.to, m.shard).await?;
-    let deadline = Instant::now() + TRANSFER_WAIT;
+    let started = Instant::now();
+    let deadline = started + TRANSFER_WAIT;
+    let mut next_ask = started + ELECT_AGAIN;
     loop {
         if let Ok(status) = crate::online::status_of(peer).await
             && status
@@ -125,6 +135,10 @@ async fn transfer(peer: &str, m: &Move) -> anyhow::Result<()> {
                 m.to,
                 m.shard
             );
+        }
+        if Instant::now() >= next_ask {
+            crate::online::ask_to_lead(peer, m.to, m.shard).await?;
+            next_ask = Instant::now() + ELECT_AGAIN;
         }
         tokio::time::sleep(POLL).await;
     }

@@ -652,7 +652,10 @@ async fn leader_rebalance_spreads_what_a_failover_piled_on_one_node() {
                 assert_eq!(code, 0, "transfer: {stderr}");
             }
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Longer than the leader lease (election-timeout-max, 600 ms here): an election asked
+        // for while the current leader's lease runs is refused, and asking again too soon after
+        // the old leader won the next election back finds a fresh lease every time.
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
         leaders = wait_leaders(&cluster.peers, Duration::from_secs(30)).await;
         assert!(
             started.elapsed() < Duration::from_secs(60),
