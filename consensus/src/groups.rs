@@ -320,4 +320,11 @@ impl GroupRouter for Groups {
             Err(error) => Err(tonic::Status::unavailable(error.to_string())),
         }
     }
+
+    fn admits(&self, node: NodeId) -> bool {
+        // A member, or this node has no membership yet (how a new node is first reached).
+        self.get(GroupId::Metadata)
+            .and_then(|metadata| metadata.has_member(node))
+            != Some(false)
+    }
 }

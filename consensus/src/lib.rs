@@ -6,6 +6,7 @@
 //!                                            ▼
 //!                                      StateMachine ──apply_batch──▶ projections (one WriteBatch)
 //!   peers ◀──gRPC (group id + postcard payload)── network::PeerNetwork / network::RaftService
+//!                  (one pipe::Pipe stream per peer for appends and votes; snapshots unary)
 //! ```
 //!
 //! Storage never sees openraft: this crate encodes openraft's entries, votes and log ids into the
@@ -26,6 +27,7 @@ pub mod leadership;
 pub mod log_store;
 pub mod maintenance;
 pub mod network;
+pub mod pipe;
 pub mod proposer;
 pub mod snapshot_data;
 pub mod state_machine;

@@ -25,8 +25,11 @@ use openraft::raft::{
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
+use crate::pipe::{Pipe, PipeCounters};
 use crate::types::{GroupId, Node, NodeId, Raft, TypeConfig};
 
 /// Largest raft message sent or accepted, in bytes.
@@ -73,6 +76,18 @@ pub struct ChannelPool {
     /// TLS for every channel (`None`: plaintext, only with `insecure-plaintext`).
     tls: Option<ClientTlsConfig>,
     calls: AtomicU64,
+    /// Per peer address: its raft pipe, or that it does not serve pipes.
+    pipes: Mutex<BTreeMap<String, PipeSlot>>,
+    pipe_counters: Arc<PipeCounters>,
+}
+
+/// A peer's raft pipe, as the pool knows it.
+#[derive(Debug)]
+enum PipeSlot {
+    Open(Pipe),
+    /// The peer answered `UNIMPLEMENTED` (an older node): unary calls until its channel is
+    /// replaced.
+    Unary,
 }
 
 impl std::fmt::Debug for ChannelPool {
@@ -95,6 +110,8 @@ impl ChannelPool {
             connector: None,
             tls: None,
             calls: AtomicU64::new(0),
+            pipes: Mutex::default(),
+            pipe_counters: Arc::default(),
         }
     }
 
@@ -153,15 +170,49 @@ impl ChannelPool {
         }
     }
 
-    /// Counts one call made over this pool's channels (every raft RPC and every node-to-node
-    /// request; `Admin.Status`'s `peer_calls`).
+    /// Counts one call made over this pool's channels (every unary raft RPC and every
+    /// node-to-node request; `Admin.Status`'s `peer_calls` with the pipes' frames).
     pub fn note_call(&self) {
         self.calls.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Calls made since start.
+    /// gRPC messages sent since start: unary calls and pipe frames.
     pub fn calls(&self) -> u64 {
-        self.calls.load(Ordering::Relaxed)
+        self.calls
+            .load(Ordering::Relaxed)
+            .saturating_add(self.pipe_counters.frames.load(Ordering::Relaxed))
+    }
+
+    /// What this pool's raft pipes did since start.
+    pub fn pipe_counters(&self) -> &PipeCounters {
+        &self.pipe_counters
+    }
+
+    /// The raft pipe to `addr`, opened if there is none or the last one closed; `None` when the
+    /// peer does not serve pipes or `addr` is not a valid authority.
+    pub fn pipe(&self, addr: &str) -> Option<Pipe> {
+        let mut pipes = self.pipes.lock().expect("pipe lock is never poisoned");
+        match pipes.get(addr) {
+            Some(PipeSlot::Unary) => return None,
+            Some(PipeSlot::Open(pipe)) if !pipe.is_closed() => return Some(pipe.clone()),
+            _ => {}
+        }
+        let channel = self.channel(addr)?;
+        let pipe = Pipe::open(
+            channel,
+            self.connect_timeout.saturating_mul(2),
+            self.pipe_counters.clone(),
+        );
+        pipes.insert(addr.to_owned(), PipeSlot::Open(pipe.clone()));
+        Some(pipe)
+    }
+
+    /// `addr` answered a pipe with `UNIMPLEMENTED`: call it unary until its channel is replaced.
+    fn pipes_unsupported(&self, addr: &str) {
+        self.pipes
+            .lock()
+            .expect("pipe lock is never poisoned")
+            .insert(addr.to_owned(), PipeSlot::Unary);
     }
 
     /// Counts an RPC timeout to `addr`; after [`RECONNECT_AFTER_TIMEOUTS`] with no answer in
@@ -200,6 +251,11 @@ impl ChannelPool {
         self.channels
             .lock()
             .expect("channel pool lock is never poisoned")
+            .remove(addr);
+        // The pipe rode on that connection: its task stops once the last call holding it ends.
+        self.pipes
+            .lock()
+            .expect("pipe lock is never poisoned")
             .remove(addr);
     }
 }
@@ -289,21 +345,27 @@ impl GroupClient {
         // (as openraft asks) makes sure ours fires first, so the timeout is counted towards
         // replacing a wedged connection instead of being cancelled from outside unseen.
         let timeout = option.soft_ttl().min(self.rpc_timeout);
-        self.pool.note_call();
-        let mut client = RaftClient::new(channel)
-            .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
-            .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
-        let mut request = tonic::Request::new(RaftRequest {
+        let request = RaftRequest {
             group: Some(group_to_wire(self.group)),
             payload: encode(rpc).map_err(RPCError::Network)?,
-        });
-        request.set_timeout(timeout);
+        };
+        let piped = match action {
+            RPCTypes::AppendEntries => Some(peer::RaftCallKind::AppendEntries),
+            RPCTypes::Vote => Some(peer::RaftCallKind::Vote),
+            RPCTypes::InstallSnapshot => None,
+        };
         let call = async {
-            match action {
-                RPCTypes::AppendEntries => client.append_entries(request).await,
-                RPCTypes::Vote => client.vote(request).await,
-                RPCTypes::InstallSnapshot => client.install_snapshot(request).await,
+            if let Some(kind) = piped
+                && let Some(pipe) = self.pool.pipe(&self.addr)
+            {
+                match pipe.call(kind, request.clone()).await {
+                    Err(status) if status.code() == tonic::Code::Unimplemented => {
+                        self.pool.pipes_unsupported(&self.addr);
+                    }
+                    answered => return answered,
+                }
             }
+            self.unary(channel, action, request, timeout).await
         };
         let response = match tokio::time::timeout(timeout, call).await {
             Err(_) => {
@@ -337,12 +399,36 @@ impl GroupClient {
             Ok(Err(status)) => return Err(RPCError::Network(NetworkError::new(&status))),
             Ok(Ok(response)) => {
                 self.pool.answered(&self.addr);
-                response.into_inner()
+                response
             }
         };
         let result: Result<Resp, RaftError<NodeId, E>> = postcard::from_bytes(&response.payload)
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl GroupClient {
+    /// One unary raft RPC over `channel`.
+    async fn unary(
+        &self,
+        channel: Channel,
+        action: RPCTypes,
+        request: RaftRequest,
+        timeout: Duration,
+    ) -> Result<RaftResponse, tonic::Status> {
+        self.pool.note_call();
+        let mut client = RaftClient::new(channel)
+            .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
+        let mut request = tonic::Request::new(request);
+        request.set_timeout(timeout);
+        let response = match action {
+            RPCTypes::AppendEntries => client.append_entries(request).await,
+            RPCTypes::Vote => client.vote(request).await,
+            RPCTypes::InstallSnapshot => client.install_snapshot(request).await,
+        };
+        response.map(tonic::Response::into_inner)
     }
 }
 
@@ -379,6 +465,12 @@ impl RaftNetwork<TypeConfig> for GroupClient {
 pub trait GroupRouter: Send + Sync + 'static {
     /// Returns the group's raft, creating an empty member on first contact.
     fn raft(&self, group: GroupId) -> impl Future<Output = Result<Raft, tonic::Status>> + Send;
+
+    /// Whether `node`, whose certificate the caller proved, may still call: checked on every
+    /// frame of a pipe (a unary call is checked by the listener's interceptor at each call).
+    fn admits(&self, _node: NodeId) -> bool {
+        true
+    }
 }
 
 /// The node a raft request came from, as its certificate proves (put in the request's
@@ -414,12 +506,25 @@ impl Claimed for InstallSnapshotRequest<TypeConfig> {
 #[derive(Debug)]
 pub struct RaftService<R> {
     router: Arc<R>,
+    /// Ends every pipe this service serves (their streams would otherwise keep a draining
+    /// server waiting: the peer holds them open).
+    stop: CancellationToken,
 }
 
 impl<R> RaftService<R> {
     /// A service dispatching through `router`.
     pub fn new(router: Arc<R>) -> Self {
-        Self { router }
+        Self {
+            router,
+            stop: CancellationToken::new(),
+        }
+    }
+
+    /// This service's pipes end when `stop` is cancelled (the node shutting down).
+    #[must_use]
+    pub fn until(mut self, stop: CancellationToken) -> Self {
+        self.stop = stop;
+        self
     }
 }
 
@@ -428,17 +533,79 @@ fn decode_request<T: DeserializeOwned>(payload: &[u8]) -> Result<T, tonic::Statu
         .map_err(|e| tonic::Status::invalid_argument(format!("undecodable raft payload: {e}")))
 }
 
-fn encode_response<T: Serialize>(
-    value: &T,
-) -> Result<tonic::Response<RaftResponse>, tonic::Status> {
+fn encode_response<T: Serialize>(value: &T) -> Result<RaftResponse, tonic::Status> {
     let payload =
         postcard::to_stdvec(value).map_err(|e| tonic::Status::internal(format!("encode: {e}")))?;
-    Ok(tonic::Response::new(RaftResponse { payload }))
+    Ok(RaftResponse { payload })
+}
+
+/// Decodes a request, checks who sent it, finds its group and hands the decoded request to
+/// `call`; the response encoded. What both a unary call and a pipe call go through.
+async fn dispatch<R, Req, Resp, F, Fut>(
+    router: &R,
+    caller: Option<CallerNode>,
+    request: RaftRequest,
+    call: F,
+) -> Result<RaftResponse, tonic::Status>
+where
+    R: GroupRouter,
+    Req: DeserializeOwned + Claimed,
+    Resp: Serialize,
+    F: FnOnce(Raft, Req) -> Fut,
+    Fut: Future<Output = Resp>,
+{
+    let group = group_from_wire(request.group.as_ref()).map_err(tonic::Status::invalid_argument)?;
+    let rpc: Req = decode_request(&request.payload)?;
+    if let Some(CallerNode(caller)) = caller
+        && rpc.claimed() != caller
+    {
+        let mut status = tonic::Status::permission_denied(format!(
+            "node {caller} sent a raft request as node {}",
+            rpc.claimed()
+        ));
+        status.metadata_mut().insert(
+            courier_proto::CODE_KEY,
+            tonic::metadata::MetadataValue::from_static("COURIER:Peer:WrongNode"),
+        );
+        return Err(status);
+    }
+    let raft = router.raft(group).await?;
+    encode_response(&call(raft, rpc).await)
+}
+
+async fn append_entries(raft: Raft, rpc: AppendEntriesRequest<TypeConfig>) -> impl Serialize {
+    raft.append_entries(rpc).await
+}
+
+async fn vote(raft: Raft, rpc: VoteRequest<NodeId>) -> impl Serialize {
+    raft.vote(rpc).await
+}
+
+async fn install_snapshot(raft: Raft, rpc: InstallSnapshotRequest<TypeConfig>) -> impl Serialize {
+    raft.install_snapshot(rpc).await
+}
+
+/// One call read from a pipe, dispatched as its unary RPC would be.
+async fn dispatch_piped<R: GroupRouter>(
+    router: Arc<R>,
+    caller: Option<CallerNode>,
+    kind: peer::RaftCallKind,
+    request: RaftRequest,
+) -> Result<RaftResponse, tonic::Status> {
+    match kind {
+        peer::RaftCallKind::AppendEntries => {
+            dispatch(&*router, caller, request, append_entries).await
+        }
+        peer::RaftCallKind::Vote => dispatch(&*router, caller, request, vote).await,
+        peer::RaftCallKind::Unspecified => Err(tonic::Status::invalid_argument(
+            "a raft call of unknown kind",
+        )),
+    }
 }
 
 impl<R: GroupRouter> RaftService<R> {
-    /// Decodes a request, finds its group and hands the decoded request to `call`.
-    async fn dispatch<Req, Resp, F, Fut>(
+    /// A unary call: who sent it comes from the request's extensions.
+    async fn unary<Req, Resp, F, Fut>(
         &self,
         request: tonic::Request<RaftRequest>,
         call: F,
@@ -450,25 +617,9 @@ impl<R: GroupRouter> RaftService<R> {
         Fut: Future<Output = Resp>,
     {
         let caller = request.extensions().get::<CallerNode>().copied();
-        let request = request.into_inner();
-        let group =
-            group_from_wire(request.group.as_ref()).map_err(tonic::Status::invalid_argument)?;
-        let rpc: Req = decode_request(&request.payload)?;
-        if let Some(CallerNode(caller)) = caller
-            && rpc.claimed() != caller
-        {
-            let mut status = tonic::Status::permission_denied(format!(
-                "node {caller} sent a raft request as node {}",
-                rpc.claimed()
-            ));
-            status.metadata_mut().insert(
-                courier_proto::CODE_KEY,
-                tonic::metadata::MetadataValue::from_static("COURIER:Peer:WrongNode"),
-            );
-            return Err(status);
-        }
-        let raft = self.router.raft(group).await?;
-        encode_response(&call(raft, rpc).await)
+        dispatch(&*self.router, caller, request.into_inner(), call)
+            .await
+            .map(tonic::Response::new)
     }
 }
 
@@ -478,32 +629,45 @@ impl<R: GroupRouter> peer::raft_server::Raft for RaftService<R> {
         &self,
         request: tonic::Request<RaftRequest>,
     ) -> Result<tonic::Response<RaftResponse>, tonic::Status> {
-        self.dispatch(request, |raft, rpc: AppendEntriesRequest<TypeConfig>| async move { raft.append_entries(rpc).await }).await
+        self.unary(request, append_entries).await
     }
 
     async fn vote(
         &self,
         request: tonic::Request<RaftRequest>,
     ) -> Result<tonic::Response<RaftResponse>, tonic::Status> {
-        self.dispatch(request, |raft, rpc: VoteRequest<NodeId>| async move {
-            raft.vote(rpc).await
-        })
-        .await
+        self.unary(request, vote).await
     }
 
     async fn install_snapshot(
         &self,
         request: tonic::Request<RaftRequest>,
     ) -> Result<tonic::Response<RaftResponse>, tonic::Status> {
-        self.dispatch(
-            request,
-            |raft, rpc: InstallSnapshotRequest<TypeConfig>| async move {
-                raft.install_snapshot(rpc).await
-            },
-        )
-        .await
+        self.unary(request, install_snapshot).await
+    }
+
+    async fn pipe(
+        &self,
+        request: tonic::Request<tonic::Streaming<peer::RaftFrame>>,
+    ) -> Result<tonic::Response<tonic::codegen::BoxStream<peer::RaftReplyFrame>>, tonic::Status>
+    {
+        let caller = request.extensions().get::<CallerNode>().copied();
+        let (replies, outbound) = tokio::sync::mpsc::channel(PIPE_REPLY_FRAMES_QUEUED_MAX);
+        tokio::spawn(crate::pipe::serve(
+            self.router.clone(),
+            caller,
+            request.into_inner(),
+            (replies, self.stop.clone()),
+            move |router, kind, request| dispatch_piped(router, caller, kind, request),
+        ));
+        Ok(tonic::Response::new(Box::pin(ReceiverStream::new(
+            outbound,
+        ))))
     }
 }
+
+/// Reply frames of one pipe queued for the transport at most.
+const PIPE_REPLY_FRAMES_QUEUED_MAX: usize = 4;
 
 #[cfg(test)]
 mod tests {

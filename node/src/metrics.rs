@@ -453,8 +453,18 @@ impl Collector for ShardCollector {
                 ),
                 (
                     "courier_node_peer_calls",
-                    "gRPC calls this node made to its peers (raft, forward, admin)",
+                    "gRPC messages this node sent its peers: unary calls (raft, forward, admin) and raft pipe frames",
                     counters.peer_calls,
+                ),
+                (
+                    "courier_node_raft_pipe_calls",
+                    "Raft calls (appends, votes) sent to peers in pipe frames",
+                    counters.pipe_calls,
+                ),
+                (
+                    "courier_node_raft_pipes_opened",
+                    "Raft pipes opened to peers (more than one per peer: the stream broke and was re-established)",
+                    counters.pipes_opened,
                 ),
                 (
                     "courier_node_pusher_passes",

@@ -163,6 +163,8 @@ impl Cluster {
             wakeups: self.groups.watch().wakeups(),
             invalid_events: load(&db.invalid_events),
             merged_writes: load(&db.merged_writes),
+            pipe_calls: load(&self.groups.pool().pipe_counters().calls),
+            pipes_opened: load(&self.groups.pool().pipe_counters().opened),
         }
     }
 

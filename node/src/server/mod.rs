@@ -224,11 +224,11 @@ pub async fn start_in(config: Config, environment: Environment) -> Result<NodeHa
     );
     let peer_router = peer_router(
         cluster.clone(),
-        groups.clone(),
         live,
         jobs,
         peer_tls,
         config.backup_root.clone(),
+        shutdown.clone(),
     )
     .await?;
     let serving = Serving {

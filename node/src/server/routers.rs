@@ -243,12 +243,13 @@ pub(super) async fn client_router(
 
 pub(super) async fn peer_router(
     cluster: Cluster,
-    groups: Arc<Groups>,
     live: Arc<crate::client::live::LiveStreams>,
     jobs: crate::maintenance::Jobs,
     tls: Option<tonic::transport::ServerTlsConfig>,
     backup_root: std::path::PathBuf,
+    shutdown: CancellationToken,
 ) -> Result<tonic::transport::server::Router, ServerError> {
+    let groups = cluster.groups().clone();
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
         .set_serving::<RaftServer<RaftService<Groups>>>()
@@ -257,7 +258,7 @@ pub(super) async fn peer_router(
     reporter.set_serving::<AdminServer<PeerApi>>().await;
     let auth = PeerAuth::new(groups.clone(), tls.is_some());
     let api = PeerApi::new(cluster, live, jobs, auth.clone(), backup_root);
-    let raft = RaftService::new(groups);
+    let raft = RaftService::new(groups).until(shutdown);
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;

@@ -1,0 +1,523 @@
+//! One raft stream per ordered node pair: every group's AppendEntries and Vote to one peer go
+//! over one long-lived `Raft.Pipe` call, batched into frames, and come back by call id.
+//!
+//! A unary call per raft message costs an HTTP/2 stream, its headers and trailers on both sides,
+//! for a request that is often a heartbeat of a few dozen bytes; with many groups replicating at
+//! once the node pair exchanges many such calls at the same moment. A pipe sends whatever calls
+//! queued behind the first one in a single frame (at most [`FRAME_CALLS_MAX`] calls,
+//! [`FRAME_BYTES_MAX`] bytes), and the serving side answers in frames the same way.
+//!
+//! What stays as it was: each call has the deadline openraft gives it (the caller's timeout, as
+//! for a unary call); openraft still sends one AppendEntries at a time per group and target, so
+//! per-group order needs nothing from the pipe; calls are served concurrently, as unary calls
+//! are. Snapshots stay unary (a chunk of megabytes would hold up every group's heartbeats).
+//!
+//! Client side ([`Pipe`]): a writer task turns queued calls into frames and a reader task
+//! matches reply frames to waiting callers. Both are bounded: [`CALLS_QUEUED_MAX`] calls wait
+//! for a frame, [`CALLS_IN_FLIGHT_MAX`] wait for replies. When the stream fails or ends, every
+//! waiting call fails as `UNAVAILABLE` and the pipe closes; the pool opens a new one on the next
+//! call (counted in `pipes_opened`). A peer that does not serve `Pipe` answers `UNIMPLEMENTED`,
+//! and the pool calls it with the unary RPCs from then on (a cluster upgraded one node at a time).
+//!
+//! Server side ([`serve`]): calls are dispatched as the unary RPCs dispatch them, at most
+//! [`CALLS_IN_FLIGHT_MAX`] at once per stream (beyond that the stream is not read, and HTTP/2
+//! flow control holds the peer back). The caller's certificate was checked when the stream
+//! opened; membership is checked again on every frame, so a node removed from the cluster stops
+//! being served on a stream it opened before.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use courier_proto::pb::peer::{
+    RaftCall, RaftCallKind, RaftFrame, RaftReply, RaftReplyFrame, RaftRequest, RaftResponse,
+    raft_client::RaftClient,
+};
+use prost::Message as _;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tonic::transport::Channel;
+
+use crate::network::{CallerNode, GroupRouter, RAFT_MESSAGE_BYTES_MAX};
+
+/// Calls one frame carries at most.
+pub const FRAME_CALLS_MAX: usize = 256;
+
+/// Encoded bytes of one frame at most: a frame is one gRPC message.
+pub const FRAME_BYTES_MAX: usize = RAFT_MESSAGE_BYTES_MAX;
+
+/// Calls of one pipe waiting for their reply at most, on either side. Each group has at most
+/// one AppendEntries and one Vote in flight to one target, so this is never reached by raft
+/// alone.
+#[expect(
+    clippy::as_conversions,
+    reason = "u32 into usize in a const, lossless on the 64-bit targets courier builds for"
+)]
+pub const CALLS_IN_FLIGHT_MAX: usize = 2 * (courier_proto::limits::SHARD_COUNT_MAX as usize + 1);
+
+/// Calls of one pipe queued for the writer at most.
+pub const CALLS_QUEUED_MAX: usize = CALLS_IN_FLIGHT_MAX;
+
+/// Frames queued for the transport at most, per direction of one stream.
+const FRAMES_QUEUED_MAX: usize = 4;
+
+/// Room a call takes in a frame beyond its payload (id, kind, group, field tags): generous.
+const CALL_OVERHEAD_BYTES: usize = 64;
+
+/// What the pipes of one pool did since start.
+#[derive(Debug, Default)]
+pub struct PipeCounters {
+    /// Raft calls sent in frames.
+    pub calls: AtomicU64,
+    /// Frames sent.
+    pub frames: AtomicU64,
+    /// Pipes opened (more than one per peer: reconnects).
+    pub opened: AtomicU64,
+}
+
+struct Call {
+    kind: RaftCallKind,
+    request: RaftRequest,
+    reply: oneshot::Sender<Result<RaftResponse, tonic::Status>>,
+}
+
+/// The client end of one pipe. Cheap to clone; the pipe's task stops, and its stream closes,
+/// when the last clone is dropped (the pool replaced or forgot it), even while the connection
+/// under it is wedged.
+#[derive(Clone, Debug)]
+pub struct Pipe {
+    calls: mpsc::Sender<Call>,
+    _stop: Arc<DropGuard>,
+}
+
+fn closed() -> tonic::Status {
+    tonic::Status::unavailable("the raft pipe to this peer closed")
+}
+
+impl Pipe {
+    /// Opens a pipe over `channel`; the stream opens within `open_timeout` or the pipe closes.
+    pub fn open(channel: Channel, open_timeout: Duration, counters: Arc<PipeCounters>) -> Self {
+        let (calls, queued) = mpsc::channel(CALLS_QUEUED_MAX);
+        let stop = CancellationToken::new();
+        counters.opened.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(run(channel, open_timeout, queued, counters, stop.clone()));
+        Self {
+            calls,
+            _stop: Arc::new(stop.drop_guard()),
+        }
+    }
+
+    /// Whether the pipe closed (its stream failed or ended): the pool opens another.
+    pub fn is_closed(&self) -> bool {
+        self.calls.is_closed()
+    }
+
+    /// Sends one call and waits for its reply. `UNAVAILABLE` when the pipe closed first;
+    /// `UNIMPLEMENTED` when the peer does not serve pipes.
+    ///
+    /// # Errors
+    /// The status the call failed with, as the unary RPC would have returned it.
+    pub async fn call(
+        &self,
+        kind: RaftCallKind,
+        request: RaftRequest,
+    ) -> Result<RaftResponse, tonic::Status> {
+        let (reply, answer) = oneshot::channel();
+        self.calls
+            .send(Call {
+                kind,
+                request,
+                reply,
+            })
+            .await
+            .map_err(|_| closed())?;
+        answer.await.map_err(|_| closed())?
+    }
+}
+
+type Replier = oneshot::Sender<Result<RaftResponse, tonic::Status>>;
+
+/// Calls sent and not answered yet, by id, each holding its in-flight slot.
+type Waiting = Arc<Mutex<BTreeMap<u64, (Replier, OwnedSemaphorePermit)>>>;
+
+/// The pipe's task: opens the stream, then writes frames until the pipe is dropped or the
+/// stream fails; then fails every call still waiting or queued.
+async fn run(
+    channel: Channel,
+    open_timeout: Duration,
+    mut queued: mpsc::Receiver<Call>,
+    counters: Arc<PipeCounters>,
+    stop: CancellationToken,
+) {
+    let (frames, outbound) = mpsc::channel::<RaftFrame>(FRAMES_QUEUED_MAX);
+    let mut client = RaftClient::new(channel)
+        .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
+    let opened = tokio::select! {
+        opened = tokio::time::timeout(open_timeout, client.pipe(ReceiverStream::new(outbound))) => opened,
+        () = stop.cancelled() => return fail_all(&mut queued, &closed()),
+    };
+    let inbound = match opened {
+        Ok(Ok(response)) => response.into_inner(),
+        Ok(Err(status)) => return fail_all(&mut queued, &status),
+        Err(_) => {
+            let status = tonic::Status::unavailable("opening the raft pipe timed out");
+            return fail_all(&mut queued, &status);
+        }
+    };
+    let waiting: Waiting = Arc::default();
+    let reader_done = Arc::new(Notify::new());
+    let reader = tokio::spawn(read(inbound, waiting.clone(), reader_done.clone()));
+    let mut carried: Option<Call> = None;
+    tokio::select! {
+        () = write(&mut queued, &mut carried, &frames, &waiting, &counters) => {}
+        () = stop.cancelled() => {}
+        () = reader_done.notified() => {}
+    }
+    reader.abort();
+    let _ = reader.await;
+    let stranded = std::mem::take(&mut *lock(&waiting));
+    for (_, (reply, _)) in stranded {
+        let _ = reply.send(Err(closed()));
+    }
+    if let Some(call) = carried {
+        let _ = call.reply.send(Err(closed()));
+    }
+    fail_all(&mut queued, &closed());
+}
+
+/// Turns queued calls into frames until the queue closes or the stream refuses a frame. A call
+/// that does not fit the frame being built is `carried` to the next one.
+async fn write(
+    queued: &mut mpsc::Receiver<Call>,
+    carried: &mut Option<Call>,
+    frames: &mpsc::Sender<RaftFrame>,
+    waiting: &Waiting,
+    counters: &PipeCounters,
+) {
+    let permits = Arc::new(Semaphore::new(CALLS_IN_FLIGHT_MAX));
+    let mut next_id = 0_u64;
+    loop {
+        let mut next = match carried.take() {
+            Some(call) => Some(call),
+            // None: every handle dropped (the pool replaced or forgot this pipe).
+            None => Some(match queued.recv().await {
+                Some(call) => call,
+                None => return,
+            }),
+        };
+        let mut frame = RaftFrame::default();
+        let mut bytes = 0_usize;
+        while let Some(call) = next.take() {
+            let size = call
+                .request
+                .encoded_len()
+                .saturating_add(CALL_OVERHEAD_BYTES);
+            if size > FRAME_BYTES_MAX {
+                let _ = call
+                    .reply
+                    .send(Err(tonic::Status::resource_exhausted(format!(
+                        "a raft call of {size} bytes exceeds the frame limit of {FRAME_BYTES_MAX}"
+                    ))));
+            } else if bytes.saturating_add(size) > FRAME_BYTES_MAX {
+                *carried = Some(call);
+                break;
+            } else {
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    return;
+                };
+                bytes = bytes.saturating_add(size);
+                next_id = next_id.wrapping_add(1);
+                lock(waiting).insert(next_id, (call.reply, permit));
+                frame.calls.push(RaftCall {
+                    id: next_id,
+                    kind: call.kind.into(),
+                    request: Some(call.request),
+                });
+            }
+            if frame.calls.len() < FRAME_CALLS_MAX {
+                next = queued.try_recv().ok();
+            }
+        }
+        if frame.calls.is_empty() {
+            continue;
+        }
+        let count = u64::try_from(frame.calls.len()).unwrap_or(u64::MAX);
+        if frames.send(frame).await.is_err() {
+            return;
+        }
+        counters.frames.fetch_add(1, Ordering::Relaxed);
+        counters.calls.fetch_add(count, Ordering::Relaxed);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().expect("raft pipe lock is never poisoned")
+}
+
+/// Closes the queue and fails every call in it with `status`.
+fn fail_all(queued: &mut mpsc::Receiver<Call>, status: &tonic::Status) {
+    queued.close();
+    while let Ok(call) = queued.try_recv() {
+        let _ = call.reply.send(Err(status.clone()));
+    }
+}
+
+/// Hands each reply to the call waiting for it, until the stream ends or fails; then tells
+/// the writer.
+async fn read(mut inbound: tonic::Streaming<RaftReplyFrame>, waiting: Waiting, done: Arc<Notify>) {
+    while let Ok(Some(frame)) = inbound.message().await {
+        for reply in frame.replies {
+            // A reply to a call whose caller gave up still frees its slot.
+            let caller = lock(&waiting).remove(&reply.id);
+            if let Some((caller, _permit)) = caller {
+                let _ = caller.send(from_reply(reply));
+            }
+        }
+    }
+    done.notify_one();
+}
+
+fn from_reply(reply: RaftReply) -> Result<RaftResponse, tonic::Status> {
+    if reply.code == 0 {
+        return Ok(reply.response.unwrap_or_default());
+    }
+    Err(tonic::Status::new(reply.code.into(), reply.message))
+}
+
+fn to_reply(id: u64, result: Result<RaftResponse, tonic::Status>) -> RaftReply {
+    match result {
+        Ok(response) => RaftReply {
+            id,
+            code: 0,
+            message: String::new(),
+            response: Some(response),
+        },
+        Err(status) => RaftReply {
+            id,
+            code: status.code().into(),
+            message: status.message().to_owned(),
+            response: None,
+        },
+    }
+}
+
+/// Serves one pipe: reads frames from `inbound`, dispatches each call through `dispatch`, and
+/// writes the replies to `outbound` in frames, until the caller closes its side or `stop` is
+/// cancelled (then the calls in flight are answered first and the stream ends), or the stream
+/// fails.
+pub(crate) async fn serve<R, D, Fut>(
+    router: Arc<R>,
+    caller: Option<CallerNode>,
+    mut inbound: tonic::Streaming<RaftFrame>,
+    (outbound, stop): (
+        mpsc::Sender<Result<RaftReplyFrame, tonic::Status>>,
+        CancellationToken,
+    ),
+    dispatch: D,
+) where
+    R: GroupRouter,
+    D: Fn(Arc<R>, RaftCallKind, RaftRequest) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<RaftResponse, tonic::Status>> + Send + 'static,
+{
+    let (replies, mut answered) = mpsc::channel::<RaftReply>(CALLS_IN_FLIGHT_MAX);
+    let writer = tokio::spawn(async move {
+        while let Some(first) = answered.recv().await {
+            let mut frame = RaftReplyFrame {
+                replies: vec![first],
+            };
+            while frame.replies.len() < FRAME_CALLS_MAX
+                && let Ok(reply) = answered.try_recv()
+            {
+                frame.replies.push(reply);
+            }
+            if outbound.send(Ok(frame)).await.is_err() {
+                break;
+            }
+        }
+    });
+    let permits = Arc::new(Semaphore::new(CALLS_IN_FLIGHT_MAX));
+    let dispatch = Arc::new(dispatch);
+    loop {
+        let frame = tokio::select! {
+            frame = inbound.message() => match frame {
+                Ok(Some(frame)) => frame,
+                Ok(None) | Err(_) => break,
+            },
+            () = stop.cancelled() => break,
+        };
+        let refused =
+            caller
+                .filter(|CallerNode(node)| !router.admits(*node))
+                .map(|CallerNode(node)| {
+                    let mut status = tonic::Status::permission_denied(format!(
+                        "node {node} is not a member of this cluster"
+                    ));
+                    status.metadata_mut().insert(
+                        courier_proto::CODE_KEY,
+                        tonic::metadata::MetadataValue::from_static("COURIER:Peer:NotAMember"),
+                    );
+                    status
+                });
+        for call in frame.calls {
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                return;
+            };
+            let replies = replies.clone();
+            let id = call.id;
+            let Some(request) = call.request else {
+                let _ = replies
+                    .send(to_reply(
+                        id,
+                        Err(tonic::Status::invalid_argument(
+                            "a raft call without its request",
+                        )),
+                    ))
+                    .await;
+                continue;
+            };
+            if let Some(status) = &refused {
+                let _ = replies.send(to_reply(id, Err(status.clone()))).await;
+                continue;
+            }
+            let kind = RaftCallKind::try_from(call.kind).unwrap_or(RaftCallKind::Unspecified);
+            let answer = dispatch(router.clone(), kind, request);
+            tokio::spawn(async move {
+                let result = answer.await;
+                let _ = replies.send(to_reply(id, result)).await;
+                drop(permit);
+            });
+        }
+    }
+    drop(replies);
+    let _ = writer.await;
+}
+
+#[cfg(test)]
+mod tests {
+
+    use courier_proto::pb::peer::raft_server::{Raft as RaftRpc, RaftServer};
+    use openraft::network::{RPCOption, RaftNetwork as _, RaftNetworkFactory as _};
+    use openraft::raft::{VoteRequest, VoteResponse};
+    use openraft::{BasicNode, Vote};
+
+    use super::*;
+    use crate::network::{ChannelPool, PeerNetwork};
+    use crate::types::{GroupId, NodeId};
+
+    /// A peer that grants every vote, unary or piped (when `pipes` is on), and counts how.
+    #[derive(Clone)]
+    struct Granting {
+        pipes: bool,
+        unary_votes: Arc<AtomicU64>,
+        piped_votes: Arc<AtomicU64>,
+    }
+
+    struct NoGroups;
+    impl GroupRouter for NoGroups {
+        async fn raft(&self, _group: GroupId) -> Result<crate::types::Raft, tonic::Status> {
+            Err(tonic::Status::not_found("no groups here"))
+        }
+    }
+
+    fn granted(request: &RaftRequest) -> Result<RaftResponse, tonic::Status> {
+        let vote: VoteRequest<NodeId> = postcard::from_bytes(&request.payload)
+            .map_err(|e| tonic::Status::internal(e.to_string()))?;
+        let answer: Result<VoteResponse<NodeId>, openraft::error::RaftError<NodeId>> =
+            Ok(VoteResponse::new(vote.vote, None, true));
+        Ok(RaftResponse {
+            payload: postcard::to_stdvec(&answer).expect("encode"),
+        })
+    }
+
+    #[tonic::async_trait]
+    impl RaftRpc for Granting {
+        async fn vote(
+            &self,
+            request: tonic::Request<RaftRequest>,
+        ) -> Result<tonic::Response<RaftResponse>, tonic::Status> {
+            self.unary_votes.fetch_add(1, Ordering::Relaxed);
+            granted(request.get_ref()).map(tonic::Response::new)
+        }
+
+        async fn pipe(
+            &self,
+            request: tonic::Request<tonic::Streaming<RaftFrame>>,
+        ) -> Result<tonic::Response<tonic::codegen::BoxStream<RaftReplyFrame>>, tonic::Status>
+        {
+            if !self.pipes {
+                return Err(tonic::Status::unimplemented("an older node"));
+            }
+            let (replies, outbound) = mpsc::channel(4);
+            let piped = self.piped_votes.clone();
+            tokio::spawn(serve(
+                Arc::new(NoGroups),
+                None,
+                request.into_inner(),
+                (replies, CancellationToken::new()),
+                move |_router, kind, request| {
+                    assert_eq!(kind, RaftCallKind::Vote);
+                    piped.fetch_add(1, Ordering::Relaxed);
+                    std::future::ready(granted(&request))
+                },
+            ));
+            Ok(tonic::Response::new(Box::pin(ReceiverStream::new(
+                outbound,
+            ))))
+        }
+    }
+
+    async fn peer(pipes: bool) -> (String, Granting) {
+        let service = Granting {
+            pipes,
+            unary_votes: Arc::default(),
+            piped_votes: Arc::default(),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let server = tonic::transport::Server::builder()
+            .add_service(RaftServer::new(service.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+        tokio::spawn(server);
+        (addr, service)
+    }
+
+    async fn votes(pool: &Arc<ChannelPool>, addr: &str, count: u64) {
+        let mut network = PeerNetwork::new(GroupId::Metadata, pool.clone(), Duration::from_secs(5));
+        let mut client = network.new_client(2, &BasicNode::new(addr)).await;
+        for term in 1..=count {
+            let request = VoteRequest::new(Vote::new(term, 1), None);
+            let option = RPCOption::new(Duration::from_secs(5));
+            let answer = client
+                .vote(request, option)
+                .await
+                .expect("a vote is answered");
+            assert!(answer.vote_granted, "term {term}");
+            assert_eq!(answer.vote, Vote::new(term, 1));
+        }
+    }
+
+    /// Goal: raft calls to a peer go over one pipe, and a peer without pipes (an older node,
+    /// `UNIMPLEMENTED`) is still called, unary. Method: one pool calls two peers ten votes each;
+    /// the piped peer sees every vote on its pipe and none unary, the other the reverse; the
+    /// pool opened one pipe per peer and counted each piped call.
+    #[tokio::test]
+    async fn calls_ride_one_pipe_and_an_older_peer_is_called_unary() {
+        let pool = Arc::new(ChannelPool::new(Duration::from_secs(2)));
+        let (piped_addr, piped) = peer(true).await;
+        let (older_addr, older) = peer(false).await;
+        votes(&pool, &piped_addr, 10).await;
+        votes(&pool, &older_addr, 10).await;
+        assert_eq!(piped.piped_votes.load(Ordering::Relaxed), 10);
+        assert_eq!(piped.unary_votes.load(Ordering::Relaxed), 0);
+        assert_eq!(older.piped_votes.load(Ordering::Relaxed), 0);
+        assert_eq!(older.unary_votes.load(Ordering::Relaxed), 10);
+        let counters = pool.pipe_counters();
+        assert_eq!(counters.calls.load(Ordering::Relaxed), 10);
+        assert_eq!(counters.opened.load(Ordering::Relaxed), 2, "one per peer");
+    }
+}
