@@ -85,10 +85,13 @@ pub struct ChannelPool {
 #[derive(Debug)]
 enum PipeSlot {
     Open(Pipe),
-    /// The peer answered `UNIMPLEMENTED` (an older node): unary calls until its channel is
-    /// replaced.
-    Unary,
+    /// The peer answered `UNIMPLEMENTED` at this instant (an older node): unary calls until
+    /// [`PIPE_RETRY_AFTER`] passed (it may have been upgraded since) or its channel is replaced.
+    Unary(tokio::time::Instant),
 }
+
+/// How long a peer that does not serve pipes is called unary before a pipe is tried again.
+pub const PIPE_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 impl std::fmt::Debug for ChannelPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -140,6 +143,13 @@ impl ChannelPool {
         if let Some(channel) = channels.get(addr) {
             return Some(channel.clone());
         }
+        let channel = self.connect(self.endpoint(addr)?);
+        channels.insert(addr.to_owned(), channel.clone());
+        Some(channel)
+    }
+
+    /// The endpoint of `addr`, configured as every channel of this pool is.
+    fn endpoint(&self, addr: &str) -> Option<Endpoint> {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         let mut endpoint = Channel::from_shared(format!("{scheme}://{addr}"))
             .ok()?
@@ -148,12 +158,14 @@ impl ChannelPool {
         if let Some(tls) = &self.tls {
             endpoint = endpoint.tls_config(tls.clone()).ok()?;
         }
-        let channel = match &self.connector {
+        Some(endpoint)
+    }
+
+    fn connect(&self, endpoint: Endpoint) -> Channel {
+        match &self.connector {
             Some(connector) => connector(endpoint),
             None => endpoint.connect_lazy(),
-        };
-        channels.insert(addr.to_owned(), channel.clone());
-        Some(channel)
+        }
     }
 
     /// Connects the channel to each of `addrs` that is not connected yet (and checks those that
@@ -193,11 +205,19 @@ impl ChannelPool {
     pub fn pipe(&self, addr: &str) -> Option<Pipe> {
         let mut pipes = self.pipes.lock().expect("pipe lock is never poisoned");
         match pipes.get(addr) {
-            Some(PipeSlot::Unary) => return None,
+            Some(PipeSlot::Unary(since)) if since.elapsed() < PIPE_RETRY_AFTER => return None,
             Some(PipeSlot::Open(pipe)) if !pipe.is_closed() => return Some(pipe.clone()),
             _ => {}
         }
-        let channel = self.channel(addr)?;
+        // A connection of its own, pinged while idle: a pipe the peer stopped reading must not
+        // hold up the pool's channel (snapshots, forwarding), and a peer that vanished without
+        // closing the connection is noticed.
+        let endpoint = self
+            .endpoint(addr)?
+            .http2_keep_alive_interval(crate::pipe::KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(crate::pipe::KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true);
+        let channel = self.connect(endpoint);
         let pipe = Pipe::open(
             channel,
             self.connect_timeout.saturating_mul(2),
@@ -212,7 +232,10 @@ impl ChannelPool {
         self.pipes
             .lock()
             .expect("pipe lock is never poisoned")
-            .insert(addr.to_owned(), PipeSlot::Unary);
+            .insert(
+                addr.to_owned(),
+                PipeSlot::Unary(tokio::time::Instant::now()),
+            );
     }
 
     /// Counts an RPC timeout to `addr`; after [`RECONNECT_AFTER_TIMEOUTS`] with no answer in
@@ -356,9 +379,10 @@ impl GroupClient {
         };
         let call = async {
             if let Some(kind) = piped
+                && request.payload.len() <= crate::pipe::CALL_BYTES_MAX
                 && let Some(pipe) = self.pool.pipe(&self.addr)
             {
-                match pipe.call(kind, request.clone()).await {
+                match pipe.call(kind, request.clone(), timeout).await {
                     Err(status) if status.code() == tonic::Code::Unimplemented => {
                         self.pool.pipes_unsupported(&self.addr);
                     }

@@ -7,10 +7,15 @@
 //! queued behind the first one in a single frame (at most [`FRAME_CALLS_MAX`] calls,
 //! [`FRAME_BYTES_MAX`] bytes), and the serving side answers in frames the same way.
 //!
-//! What stays as it was: each call has the deadline openraft gives it (the caller's timeout, as
-//! for a unary call); openraft still sends one AppendEntries at a time per group and target, so
-//! per-group order needs nothing from the pipe; calls are served concurrently, as unary calls
-//! are. Snapshots stay unary (a chunk of megabytes would hold up every group's heartbeats).
+//! What stays as it was: each call has the deadline openraft gives it (the caller's timeout; the
+//! frame carries what is left of it and the server answers `DEADLINE_EXCEEDED` after it, as for a
+//! unary call), and a call whose caller gave up before its frame left is not sent. openraft
+//! still sends one AppendEntries at a time per group and target, so per-group order needs nothing
+//! from the pipe; calls are served concurrently, as unary calls are. One stream delivers in
+//! order, so a large call would hold up every group's heartbeats behind it: calls above
+//! [`CALL_BYTES_MAX`] (catch-up appends) and snapshots stay unary, where HTTP/2 interleaves them.
+//! The pipe has a connection of its own, so a pipe the peer stopped reading (flow control) holds
+//! up neither snapshots nor forwarding.
 //!
 //! Client side ([`Pipe`]): a writer task turns queued calls into frames and a reader task
 //! matches reply frames to waiting callers. Both are bounded: [`CALLS_QUEUED_MAX`] calls wait
@@ -42,11 +47,27 @@ use tonic::transport::Channel;
 
 use crate::network::{CallerNode, GroupRouter, RAFT_MESSAGE_BYTES_MAX};
 
+/// How often an idle pipe's connection is pinged (HTTP/2), on both ends.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How long a ping may go unanswered before the connection is closed.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Calls one frame carries at most.
 pub const FRAME_CALLS_MAX: usize = 256;
 
-/// Encoded bytes of one frame at most: a frame is one gRPC message.
-pub const FRAME_BYTES_MAX: usize = RAFT_MESSAGE_BYTES_MAX;
+/// Encoded bytes of one frame at most (a frame is one gRPC message, within
+/// [`RAFT_MESSAGE_BYTES_MAX`]).
+pub const FRAME_BYTES_MAX: usize = 1024 * 1024;
+
+/// Payload bytes of a call sent on the pipe at most; larger ones are sent unary.
+pub const CALL_BYTES_MAX: usize = 64 * 1024;
+
+const _: () = assert!(
+    CALL_BYTES_MAX + CALL_OVERHEAD_BYTES <= FRAME_BYTES_MAX
+        && FRAME_BYTES_MAX <= RAFT_MESSAGE_BYTES_MAX,
+    "a pipe call fits a frame and a frame fits a raft message"
+);
 
 /// Calls of one pipe waiting for their reply at most, on either side. Each group has at most
 /// one AppendEntries and one Vote in flight to one target, so this is never reached by raft
@@ -80,6 +101,7 @@ pub struct PipeCounters {
 struct Call {
     kind: RaftCallKind,
     request: RaftRequest,
+    deadline: tokio::time::Instant,
     reply: oneshot::Sender<Result<RaftResponse, tonic::Status>>,
 }
 
@@ -90,6 +112,13 @@ struct Call {
 pub struct Pipe {
     calls: mpsc::Sender<Call>,
     _stop: Arc<DropGuard>,
+}
+
+/// A deadline no caller reaches (about thirty years on).
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now()
+        .checked_add(Duration::from_secs(86_400 * 365 * 30))
+        .unwrap_or_else(tokio::time::Instant::now)
 }
 
 fn closed() -> tonic::Status {
@@ -114,8 +143,9 @@ impl Pipe {
         self.calls.is_closed()
     }
 
-    /// Sends one call and waits for its reply. `UNAVAILABLE` when the pipe closed first;
-    /// `UNIMPLEMENTED` when the peer does not serve pipes.
+    /// Sends one call, to be answered within `timeout`, and waits for its reply (the caller
+    /// bounds the wait). `UNAVAILABLE` when the pipe closed first; `UNIMPLEMENTED` when the peer
+    /// does not serve pipes. A request above [`CALL_BYTES_MAX`] is the caller's to send unary.
     ///
     /// # Errors
     /// The status the call failed with, as the unary RPC would have returned it.
@@ -123,12 +153,16 @@ impl Pipe {
         &self,
         kind: RaftCallKind,
         request: RaftRequest,
+        timeout: Duration,
     ) -> Result<RaftResponse, tonic::Status> {
         let (reply, answer) = oneshot::channel();
         self.calls
             .send(Call {
                 kind,
                 request,
+                deadline: tokio::time::Instant::now()
+                    .checked_add(timeout)
+                    .unwrap_or_else(far_future),
                 reply,
             })
             .await
@@ -215,7 +249,12 @@ async fn write(
                 .request
                 .encoded_len()
                 .saturating_add(CALL_OVERHEAD_BYTES);
-            if size > FRAME_BYTES_MAX {
+            let left = call
+                .deadline
+                .saturating_duration_since(tokio::time::Instant::now());
+            if call.reply.is_closed() || left.is_zero() {
+                // Its caller gave up: nobody would read the answer.
+            } else if size > FRAME_BYTES_MAX {
                 let _ = call
                     .reply
                     .send(Err(tonic::Status::resource_exhausted(format!(
@@ -235,6 +274,7 @@ async fn write(
                     id: next_id,
                     kind: call.kind.into(),
                     request: Some(call.request),
+                    timeout_ms: u32::try_from(left.as_millis()).unwrap_or(u32::MAX).max(1),
                 });
             }
             if frame.calls.len() < FRAME_CALLS_MAX {
@@ -342,11 +382,12 @@ pub(crate) async fn serve<R, D, Fut>(
     let dispatch = Arc::new(dispatch);
     loop {
         let frame = tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
             frame = inbound.message() => match frame {
                 Ok(Some(frame)) => frame,
                 Ok(None) | Err(_) => break,
             },
-            () = stop.cancelled() => break,
         };
         let refused =
             caller
@@ -362,7 +403,12 @@ pub(crate) async fn serve<R, D, Fut>(
                     status
                 });
         for call in frame.calls {
-            let Ok(permit) = permits.clone().acquire_owned().await else {
+            let permit = tokio::select! {
+                biased;
+                () = stop.cancelled() => break,
+                permit = permits.clone().acquire_owned() => permit,
+            };
+            let Ok(permit) = permit else {
                 return;
             };
             let replies = replies.clone();
@@ -384,13 +430,27 @@ pub(crate) async fn serve<R, D, Fut>(
             }
             let kind = RaftCallKind::try_from(call.kind).unwrap_or(RaftCallKind::Unspecified);
             let answer = dispatch(router.clone(), kind, request);
+            let timeout = if call.timeout_ms > 0 {
+                Duration::from_millis(u64::from(call.timeout_ms))
+            } else {
+                Duration::MAX
+            };
             tokio::spawn(async move {
-                let result = answer.await;
+                let result = tokio::time::timeout(timeout, answer)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(tonic::Status::deadline_exceeded(
+                            "the raft call's deadline passed",
+                        ))
+                    });
                 let _ = replies.send(to_reply(id, result)).await;
                 drop(permit);
             });
         }
     }
+    // Stop holding the caller's stream (and its flow-control window) while the calls in flight
+    // finish.
+    drop(inbound);
     drop(replies);
     let _ = writer.await;
 }
@@ -400,19 +460,30 @@ mod tests {
 
     use courier_proto::pb::peer::raft_server::{Raft as RaftRpc, RaftServer};
     use openraft::network::{RPCOption, RaftNetwork as _, RaftNetworkFactory as _};
-    use openraft::raft::{VoteRequest, VoteResponse};
-    use openraft::{BasicNode, Vote};
+    use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, VoteRequest, VoteResponse};
+    use openraft::{BasicNode, CommittedLeaderId, Entry, EntryPayload, LogId, Vote};
 
     use super::*;
     use crate::network::{ChannelPool, PeerNetwork};
     use crate::types::{GroupId, NodeId};
 
-    /// A peer that grants every vote, unary or piped (when `pipes` is on), and counts how.
+    /// A peer that grants every vote and accepts every append, unary or piped (when `pipes` is
+    /// on), and counts how.
     #[derive(Clone)]
     struct Granting {
         pipes: bool,
         unary_votes: Arc<AtomicU64>,
         piped_votes: Arc<AtomicU64>,
+        unary_appends: Arc<AtomicU64>,
+        piped_appends: Arc<AtomicU64>,
+    }
+
+    fn accepted() -> RaftResponse {
+        let answer: Result<AppendEntriesResponse<NodeId>, openraft::error::RaftError<NodeId>> =
+            Ok(AppendEntriesResponse::Success);
+        RaftResponse {
+            payload: postcard::to_stdvec(&answer).expect("encode"),
+        }
     }
 
     struct NoGroups;
@@ -434,6 +505,14 @@ mod tests {
 
     #[tonic::async_trait]
     impl RaftRpc for Granting {
+        async fn append_entries(
+            &self,
+            _request: tonic::Request<RaftRequest>,
+        ) -> Result<tonic::Response<RaftResponse>, tonic::Status> {
+            self.unary_appends.fetch_add(1, Ordering::Relaxed);
+            Ok(tonic::Response::new(accepted()))
+        }
+
         async fn vote(
             &self,
             request: tonic::Request<RaftRequest>,
@@ -451,16 +530,21 @@ mod tests {
                 return Err(tonic::Status::unimplemented("an older node"));
             }
             let (replies, outbound) = mpsc::channel(4);
-            let piped = self.piped_votes.clone();
+            let (piped_votes, piped_appends) =
+                (self.piped_votes.clone(), self.piped_appends.clone());
             tokio::spawn(serve(
                 Arc::new(NoGroups),
                 None,
                 request.into_inner(),
                 (replies, CancellationToken::new()),
                 move |_router, kind, request| {
-                    assert_eq!(kind, RaftCallKind::Vote);
-                    piped.fetch_add(1, Ordering::Relaxed);
-                    std::future::ready(granted(&request))
+                    std::future::ready(if kind == RaftCallKind::Vote {
+                        piped_votes.fetch_add(1, Ordering::Relaxed);
+                        granted(&request)
+                    } else {
+                        piped_appends.fetch_add(1, Ordering::Relaxed);
+                        Ok(accepted())
+                    })
                 },
             ));
             Ok(tonic::Response::new(Box::pin(ReceiverStream::new(
@@ -474,6 +558,8 @@ mod tests {
             pipes,
             unary_votes: Arc::default(),
             piped_votes: Arc::default(),
+            unary_appends: Arc::default(),
+            piped_appends: Arc::default(),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -519,5 +605,44 @@ mod tests {
         let counters = pool.pipe_counters();
         assert_eq!(counters.calls.load(Ordering::Relaxed), 10);
         assert_eq!(counters.opened.load(Ordering::Relaxed), 2, "one per peer");
+    }
+
+    /// An append of `entries` blank entries to the peer at `addr`.
+    async fn append(pool: &Arc<ChannelPool>, addr: &str, entries: u64) {
+        let mut network = PeerNetwork::new(GroupId::Metadata, pool.clone(), Duration::from_secs(5));
+        let mut client = network.new_client(2, &BasicNode::new(addr)).await;
+        let leader = CommittedLeaderId::new(1, 1);
+        let request = AppendEntriesRequest::<crate::types::TypeConfig> {
+            vote: Vote::new_committed(1, 1),
+            prev_log_id: None,
+            entries: (1..=entries)
+                .map(|index| Entry {
+                    log_id: LogId::new(leader, index),
+                    payload: EntryPayload::Blank,
+                })
+                .collect(),
+            leader_commit: None,
+        };
+        let option = RPCOption::new(Duration::from_secs(5));
+        let answer = client
+            .append_entries(request, option)
+            .await
+            .expect("an append is answered");
+        assert_eq!(answer, AppendEntriesResponse::Success);
+    }
+
+    /// Goal: a large call (a catch-up append) does not ride the pipe, where it would hold up
+    /// every group's heartbeats behind it. Method: a heartbeat and a small append go piped; an
+    /// append of 30,000 blank entries (more than `CALL_BYTES_MAX` encoded) goes unary.
+    #[tokio::test]
+    async fn a_large_append_goes_unary_beside_the_pipe() {
+        let pool = Arc::new(ChannelPool::new(Duration::from_secs(2)));
+        let (addr, peer) = peer(true).await;
+        append(&pool, &addr, 0).await;
+        append(&pool, &addr, 10).await;
+        assert_eq!(peer.piped_appends.load(Ordering::Relaxed), 2);
+        append(&pool, &addr, 30_000).await;
+        assert_eq!(peer.piped_appends.load(Ordering::Relaxed), 2);
+        assert_eq!(peer.unary_appends.load(Ordering::Relaxed), 1);
     }
 }

@@ -259,7 +259,11 @@ pub(super) async fn peer_router(
     let auth = PeerAuth::new(groups.clone(), tls.is_some());
     let api = PeerApi::new(cluster, live, jobs, auth.clone(), backup_root);
     let raft = RaftService::new(groups).until(shutdown);
-    let mut builder = tonic::transport::Server::builder();
+    // Pings find peers that vanished without closing their connection (their raft pipes would
+    // otherwise be served forever).
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(courier_consensus::pipe::KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(courier_consensus::pipe::KEEPALIVE_TIMEOUT));
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }
