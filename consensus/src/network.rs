@@ -677,12 +677,14 @@ impl<R: GroupRouter> peer::raft_server::Raft for RaftService<R> {
     {
         let caller = request.extensions().get::<CallerNode>().copied();
         let (replies, outbound) = tokio::sync::mpsc::channel(PIPE_REPLY_FRAMES_QUEUED_MAX);
+        let (router, admitting) = (self.router.clone(), self.router.clone());
         tokio::spawn(crate::pipe::serve(
-            self.router.clone(),
-            caller,
+            (caller.map(|CallerNode(node)| node), move |node| {
+                admitting.admits(node)
+            }),
             request.into_inner(),
             (replies, self.stop.clone()),
-            move |router, kind, request| dispatch_piped(router, caller, kind, request),
+            move |kind, request| dispatch_piped(router.clone(), caller, kind, request),
         ));
         Ok(tonic::Response::new(Box::pin(ReceiverStream::new(
             outbound,
@@ -721,5 +723,193 @@ mod tests {
                 prop_assert_eq!(decode_request::<InstallSnapshotRequest<TypeConfig>>(&again).ok(), Some(snapshot));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod pipe_tests {
+
+    use courier_proto::pb::peer::raft_server::{Raft as RaftRpc, RaftServer};
+    use openraft::network::{RPCOption, RaftNetwork as _, RaftNetworkFactory as _};
+    use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, VoteRequest, VoteResponse};
+    use openraft::{BasicNode, CommittedLeaderId, Entry, EntryPayload, LogId, Vote};
+
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use courier_proto::pb::peer::{RaftCallKind, RaftFrame, RaftReplyFrame};
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::pipe::serve;
+
+    /// A peer that grants every vote and accepts every append, unary or piped (when `pipes` is
+    /// on), and counts how.
+    #[derive(Clone)]
+    struct Granting {
+        pipes: bool,
+        unary_votes: Arc<AtomicU64>,
+        piped_votes: Arc<AtomicU64>,
+        unary_appends: Arc<AtomicU64>,
+        piped_appends: Arc<AtomicU64>,
+    }
+
+    fn accepted() -> RaftResponse {
+        let answer: Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> =
+            Ok(AppendEntriesResponse::Success);
+        RaftResponse {
+            payload: postcard::to_stdvec(&answer).expect("encode"),
+        }
+    }
+
+    fn granted(request: &RaftRequest) -> Result<RaftResponse, tonic::Status> {
+        let vote: VoteRequest<NodeId> = postcard::from_bytes(&request.payload)
+            .map_err(|e| tonic::Status::internal(e.to_string()))?;
+        let answer: Result<VoteResponse<NodeId>, RaftError<NodeId>> =
+            Ok(VoteResponse::new(vote.vote, None, true));
+        Ok(RaftResponse {
+            payload: postcard::to_stdvec(&answer).expect("encode"),
+        })
+    }
+
+    #[tonic::async_trait]
+    impl RaftRpc for Granting {
+        async fn append_entries(
+            &self,
+            _request: tonic::Request<RaftRequest>,
+        ) -> Result<tonic::Response<RaftResponse>, tonic::Status> {
+            self.unary_appends.fetch_add(1, Ordering::Relaxed);
+            Ok(tonic::Response::new(accepted()))
+        }
+
+        async fn vote(
+            &self,
+            request: tonic::Request<RaftRequest>,
+        ) -> Result<tonic::Response<RaftResponse>, tonic::Status> {
+            self.unary_votes.fetch_add(1, Ordering::Relaxed);
+            granted(request.get_ref()).map(tonic::Response::new)
+        }
+
+        async fn pipe(
+            &self,
+            request: tonic::Request<tonic::Streaming<RaftFrame>>,
+        ) -> Result<tonic::Response<tonic::codegen::BoxStream<RaftReplyFrame>>, tonic::Status>
+        {
+            if !self.pipes {
+                return Err(tonic::Status::unimplemented("an older node"));
+            }
+            let (replies, outbound) = mpsc::channel(4);
+            let (piped_votes, piped_appends) =
+                (self.piped_votes.clone(), self.piped_appends.clone());
+            tokio::spawn(serve(
+                (None, |_node| true),
+                request.into_inner(),
+                (replies, CancellationToken::new()),
+                move |kind, request| {
+                    std::future::ready(if kind == RaftCallKind::Vote {
+                        piped_votes.fetch_add(1, Ordering::Relaxed);
+                        granted(&request)
+                    } else {
+                        piped_appends.fetch_add(1, Ordering::Relaxed);
+                        Ok(accepted())
+                    })
+                },
+            ));
+            Ok(tonic::Response::new(Box::pin(ReceiverStream::new(
+                outbound,
+            ))))
+        }
+    }
+
+    async fn peer(pipes: bool) -> (String, Granting) {
+        let service = Granting {
+            pipes,
+            unary_votes: Arc::default(),
+            piped_votes: Arc::default(),
+            unary_appends: Arc::default(),
+            piped_appends: Arc::default(),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let server = tonic::transport::Server::builder()
+            .add_service(RaftServer::new(service.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+        tokio::spawn(server);
+        (addr, service)
+    }
+
+    async fn votes(pool: &Arc<ChannelPool>, addr: &str, count: u64) {
+        let mut network = PeerNetwork::new(GroupId::Metadata, pool.clone(), Duration::from_secs(5));
+        let mut client = network.new_client(2, &BasicNode::new(addr)).await;
+        for term in 1..=count {
+            let request = VoteRequest::new(Vote::new(term, 1), None);
+            let option = RPCOption::new(Duration::from_secs(5));
+            let answer = client
+                .vote(request, option)
+                .await
+                .expect("a vote is answered");
+            assert!(answer.vote_granted, "term {term}");
+            assert_eq!(answer.vote, Vote::new(term, 1));
+        }
+    }
+
+    /// Goal: raft calls to a peer go over one pipe, and a peer without pipes (an older node,
+    /// `UNIMPLEMENTED`) is still called, unary. Method: one pool calls two peers ten votes each;
+    /// the piped peer sees every vote on its pipe and none unary, the other the reverse; the
+    /// pool opened one pipe per peer and counted each piped call.
+    #[tokio::test]
+    async fn calls_ride_one_pipe_and_an_older_peer_is_called_unary() {
+        let pool = Arc::new(ChannelPool::new(Duration::from_secs(2)));
+        let (piped_addr, piped) = peer(true).await;
+        let (older_addr, older) = peer(false).await;
+        votes(&pool, &piped_addr, 10).await;
+        votes(&pool, &older_addr, 10).await;
+        assert_eq!(piped.piped_votes.load(Ordering::Relaxed), 10);
+        assert_eq!(piped.unary_votes.load(Ordering::Relaxed), 0);
+        assert_eq!(older.piped_votes.load(Ordering::Relaxed), 0);
+        assert_eq!(older.unary_votes.load(Ordering::Relaxed), 10);
+        let counters = pool.pipe_counters();
+        assert_eq!(counters.calls.load(Ordering::Relaxed), 10);
+        assert_eq!(counters.opened.load(Ordering::Relaxed), 2, "one per peer");
+    }
+
+    /// An append of `entries` blank entries to the peer at `addr`.
+    async fn append(pool: &Arc<ChannelPool>, addr: &str, entries: u64) {
+        let mut network = PeerNetwork::new(GroupId::Metadata, pool.clone(), Duration::from_secs(5));
+        let mut client = network.new_client(2, &BasicNode::new(addr)).await;
+        let leader = CommittedLeaderId::new(1, 1);
+        let request = AppendEntriesRequest::<TypeConfig> {
+            vote: Vote::new_committed(1, 1),
+            prev_log_id: None,
+            entries: (1..=entries)
+                .map(|index| Entry {
+                    log_id: LogId::new(leader, index),
+                    payload: EntryPayload::Blank,
+                })
+                .collect(),
+            leader_commit: None,
+        };
+        let option = RPCOption::new(Duration::from_secs(5));
+        let answer = client
+            .append_entries(request, option)
+            .await
+            .expect("an append is answered");
+        assert_eq!(answer, AppendEntriesResponse::Success);
+    }
+
+    /// Goal: a large call (a catch-up append) does not ride the pipe, where it would hold up
+    /// every group's heartbeats behind it. Method: a heartbeat and a small append go piped; an
+    /// append of 30,000 blank entries (more than `CALL_BYTES_MAX` encoded) goes unary.
+    #[tokio::test]
+    async fn a_large_append_goes_unary_beside_the_pipe() {
+        let pool = Arc::new(ChannelPool::new(Duration::from_secs(2)));
+        let (addr, peer) = peer(true).await;
+        append(&pool, &addr, 0).await;
+        append(&pool, &addr, 10).await;
+        assert_eq!(peer.piped_appends.load(Ordering::Relaxed), 2);
+        append(&pool, &addr, 30_000).await;
+        assert_eq!(peer.piped_appends.load(Ordering::Relaxed), 2);
+        assert_eq!(peer.unary_appends.load(Ordering::Relaxed), 1);
     }
 }

@@ -45,7 +45,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tonic::transport::Channel;
 
-use crate::network::{CallerNode, GroupRouter, RAFT_MESSAGE_BYTES_MAX};
+use crate::types::NodeId;
+
+/// Largest gRPC message on a pipe, either way (as every raft message).
+const RAFT_MESSAGE_BYTES_MAX: usize = courier_proto::limits::GRPC_MESSAGE_BYTES_MAX;
 
 /// How often an idle pipe's connection is pinged (HTTP/2), on both ends.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
@@ -57,7 +60,7 @@ pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 pub const FRAME_CALLS_MAX: usize = 256;
 
 /// Encoded bytes of one frame at most (a frame is one gRPC message, within
-/// [`RAFT_MESSAGE_BYTES_MAX`]).
+/// `GRPC_MESSAGE_BYTES_MAX`).
 pub const FRAME_BYTES_MAX: usize = 1024 * 1024;
 
 /// Payload bytes of a call sent on the pipe at most; larger ones are sent unary.
@@ -347,10 +350,10 @@ fn to_reply(id: u64, result: Result<RaftResponse, tonic::Status>) -> RaftReply {
 /// Serves one pipe: reads frames from `inbound`, dispatches each call through `dispatch`, and
 /// writes the replies to `outbound` in frames, until the caller closes its side or `stop` is
 /// cancelled (then the calls in flight are answered first and the stream ends), or the stream
-/// fails.
-pub(crate) async fn serve<R, D, Fut>(
-    router: Arc<R>,
-    caller: Option<CallerNode>,
+/// fails. `caller` is the node whose certificate opened the stream (`None` without TLS); each
+/// frame is refused unless `admits` it (still a member).
+pub async fn serve<A, D, Fut>(
+    (caller, admits): (Option<NodeId>, A),
     mut inbound: tonic::Streaming<RaftFrame>,
     (outbound, stop): (
         mpsc::Sender<Result<RaftReplyFrame, tonic::Status>>,
@@ -358,8 +361,8 @@ pub(crate) async fn serve<R, D, Fut>(
     ),
     dispatch: D,
 ) where
-    R: GroupRouter,
-    D: Fn(Arc<R>, RaftCallKind, RaftRequest) -> Fut + Send + Sync + 'static,
+    A: Fn(NodeId) -> bool,
+    D: Fn(RaftCallKind, RaftRequest) -> Fut,
     Fut: Future<Output = Result<RaftResponse, tonic::Status>> + Send + 'static,
 {
     let (replies, mut answered) = mpsc::channel::<RaftReply>(CALLS_IN_FLIGHT_MAX);
@@ -389,19 +392,16 @@ pub(crate) async fn serve<R, D, Fut>(
                 Ok(None) | Err(_) => break,
             },
         };
-        let refused =
-            caller
-                .filter(|CallerNode(node)| !router.admits(*node))
-                .map(|CallerNode(node)| {
-                    let mut status = tonic::Status::permission_denied(format!(
-                        "node {node} is not a member of this cluster"
-                    ));
-                    status.metadata_mut().insert(
-                        courier_proto::CODE_KEY,
-                        tonic::metadata::MetadataValue::from_static("COURIER:Peer:NotAMember"),
-                    );
-                    status
-                });
+        let refused = caller.filter(|node| !admits(*node)).map(|node| {
+            let mut status = tonic::Status::permission_denied(format!(
+                "node {node} is not a member of this cluster"
+            ));
+            status.metadata_mut().insert(
+                courier_proto::CODE_KEY,
+                tonic::metadata::MetadataValue::from_static("COURIER:Peer:NotAMember"),
+            );
+            status
+        });
         for call in frame.calls {
             let permit = tokio::select! {
                 biased;
@@ -429,7 +429,7 @@ pub(crate) async fn serve<R, D, Fut>(
                 continue;
             }
             let kind = RaftCallKind::try_from(call.kind).unwrap_or(RaftCallKind::Unspecified);
-            let answer = dispatch(router.clone(), kind, request);
+            let answer = dispatch(kind, request);
             let timeout = if call.timeout_ms > 0 {
                 Duration::from_millis(u64::from(call.timeout_ms))
             } else {
@@ -453,196 +453,4 @@ pub(crate) async fn serve<R, D, Fut>(
     drop(inbound);
     drop(replies);
     let _ = writer.await;
-}
-
-#[cfg(test)]
-mod tests {
-
-    use courier_proto::pb::peer::raft_server::{Raft as RaftRpc, RaftServer};
-    use openraft::network::{RPCOption, RaftNetwork as _, RaftNetworkFactory as _};
-    use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, VoteRequest, VoteResponse};
-    use openraft::{BasicNode, CommittedLeaderId, Entry, EntryPayload, LogId, Vote};
-
-    use super::*;
-    use crate::network::{ChannelPool, PeerNetwork};
-    use crate::types::{GroupId, NodeId};
-
-    /// A peer that grants every vote and accepts every append, unary or piped (when `pipes` is
-    /// on), and counts how.
-    #[derive(Clone)]
-    struct Granting {
-        pipes: bool,
-        unary_votes: Arc<AtomicU64>,
-        piped_votes: Arc<AtomicU64>,
-        unary_appends: Arc<AtomicU64>,
-        piped_appends: Arc<AtomicU64>,
-    }
-
-    fn accepted() -> RaftResponse {
-        let answer: Result<AppendEntriesResponse<NodeId>, openraft::error::RaftError<NodeId>> =
-            Ok(AppendEntriesResponse::Success);
-        RaftResponse {
-            payload: postcard::to_stdvec(&answer).expect("encode"),
-        }
-    }
-
-    struct NoGroups;
-    impl GroupRouter for NoGroups {
-        async fn raft(&self, _group: GroupId) -> Result<crate::types::Raft, tonic::Status> {
-            Err(tonic::Status::not_found("no groups here"))
-        }
-    }
-
-    fn granted(request: &RaftRequest) -> Result<RaftResponse, tonic::Status> {
-        let vote: VoteRequest<NodeId> = postcard::from_bytes(&request.payload)
-            .map_err(|e| tonic::Status::internal(e.to_string()))?;
-        let answer: Result<VoteResponse<NodeId>, openraft::error::RaftError<NodeId>> =
-            Ok(VoteResponse::new(vote.vote, None, true));
-        Ok(RaftResponse {
-            payload: postcard::to_stdvec(&answer).expect("encode"),
-        })
-    }
-
-    #[tonic::async_trait]
-    impl RaftRpc for Granting {
-        async fn append_entries(
-            &self,
-            _request: tonic::Request<RaftRequest>,
-        ) -> Result<tonic::Response<RaftResponse>, tonic::Status> {
-            self.unary_appends.fetch_add(1, Ordering::Relaxed);
-            Ok(tonic::Response::new(accepted()))
-        }
-
-        async fn vote(
-            &self,
-            request: tonic::Request<RaftRequest>,
-        ) -> Result<tonic::Response<RaftResponse>, tonic::Status> {
-            self.unary_votes.fetch_add(1, Ordering::Relaxed);
-            granted(request.get_ref()).map(tonic::Response::new)
-        }
-
-        async fn pipe(
-            &self,
-            request: tonic::Request<tonic::Streaming<RaftFrame>>,
-        ) -> Result<tonic::Response<tonic::codegen::BoxStream<RaftReplyFrame>>, tonic::Status>
-        {
-            if !self.pipes {
-                return Err(tonic::Status::unimplemented("an older node"));
-            }
-            let (replies, outbound) = mpsc::channel(4);
-            let (piped_votes, piped_appends) =
-                (self.piped_votes.clone(), self.piped_appends.clone());
-            tokio::spawn(serve(
-                Arc::new(NoGroups),
-                None,
-                request.into_inner(),
-                (replies, CancellationToken::new()),
-                move |_router, kind, request| {
-                    std::future::ready(if kind == RaftCallKind::Vote {
-                        piped_votes.fetch_add(1, Ordering::Relaxed);
-                        granted(&request)
-                    } else {
-                        piped_appends.fetch_add(1, Ordering::Relaxed);
-                        Ok(accepted())
-                    })
-                },
-            ));
-            Ok(tonic::Response::new(Box::pin(ReceiverStream::new(
-                outbound,
-            ))))
-        }
-    }
-
-    async fn peer(pipes: bool) -> (String, Granting) {
-        let service = Granting {
-            pipes,
-            unary_votes: Arc::default(),
-            piped_votes: Arc::default(),
-            unary_appends: Arc::default(),
-            piped_appends: Arc::default(),
-        };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr").to_string();
-        let server = tonic::transport::Server::builder()
-            .add_service(RaftServer::new(service.clone()))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
-        tokio::spawn(server);
-        (addr, service)
-    }
-
-    async fn votes(pool: &Arc<ChannelPool>, addr: &str, count: u64) {
-        let mut network = PeerNetwork::new(GroupId::Metadata, pool.clone(), Duration::from_secs(5));
-        let mut client = network.new_client(2, &BasicNode::new(addr)).await;
-        for term in 1..=count {
-            let request = VoteRequest::new(Vote::new(term, 1), None);
-            let option = RPCOption::new(Duration::from_secs(5));
-            let answer = client
-                .vote(request, option)
-                .await
-                .expect("a vote is answered");
-            assert!(answer.vote_granted, "term {term}");
-            assert_eq!(answer.vote, Vote::new(term, 1));
-        }
-    }
-
-    /// Goal: raft calls to a peer go over one pipe, and a peer without pipes (an older node,
-    /// `UNIMPLEMENTED`) is still called, unary. Method: one pool calls two peers ten votes each;
-    /// the piped peer sees every vote on its pipe and none unary, the other the reverse; the
-    /// pool opened one pipe per peer and counted each piped call.
-    #[tokio::test]
-    async fn calls_ride_one_pipe_and_an_older_peer_is_called_unary() {
-        let pool = Arc::new(ChannelPool::new(Duration::from_secs(2)));
-        let (piped_addr, piped) = peer(true).await;
-        let (older_addr, older) = peer(false).await;
-        votes(&pool, &piped_addr, 10).await;
-        votes(&pool, &older_addr, 10).await;
-        assert_eq!(piped.piped_votes.load(Ordering::Relaxed), 10);
-        assert_eq!(piped.unary_votes.load(Ordering::Relaxed), 0);
-        assert_eq!(older.piped_votes.load(Ordering::Relaxed), 0);
-        assert_eq!(older.unary_votes.load(Ordering::Relaxed), 10);
-        let counters = pool.pipe_counters();
-        assert_eq!(counters.calls.load(Ordering::Relaxed), 10);
-        assert_eq!(counters.opened.load(Ordering::Relaxed), 2, "one per peer");
-    }
-
-    /// An append of `entries` blank entries to the peer at `addr`.
-    async fn append(pool: &Arc<ChannelPool>, addr: &str, entries: u64) {
-        let mut network = PeerNetwork::new(GroupId::Metadata, pool.clone(), Duration::from_secs(5));
-        let mut client = network.new_client(2, &BasicNode::new(addr)).await;
-        let leader = CommittedLeaderId::new(1, 1);
-        let request = AppendEntriesRequest::<crate::types::TypeConfig> {
-            vote: Vote::new_committed(1, 1),
-            prev_log_id: None,
-            entries: (1..=entries)
-                .map(|index| Entry {
-                    log_id: LogId::new(leader, index),
-                    payload: EntryPayload::Blank,
-                })
-                .collect(),
-            leader_commit: None,
-        };
-        let option = RPCOption::new(Duration::from_secs(5));
-        let answer = client
-            .append_entries(request, option)
-            .await
-            .expect("an append is answered");
-        assert_eq!(answer, AppendEntriesResponse::Success);
-    }
-
-    /// Goal: a large call (a catch-up append) does not ride the pipe, where it would hold up
-    /// every group's heartbeats behind it. Method: a heartbeat and a small append go piped; an
-    /// append of 30,000 blank entries (more than `CALL_BYTES_MAX` encoded) goes unary.
-    #[tokio::test]
-    async fn a_large_append_goes_unary_beside_the_pipe() {
-        let pool = Arc::new(ChannelPool::new(Duration::from_secs(2)));
-        let (addr, peer) = peer(true).await;
-        append(&pool, &addr, 0).await;
-        append(&pool, &addr, 10).await;
-        assert_eq!(peer.piped_appends.load(Ordering::Relaxed), 2);
-        append(&pool, &addr, 30_000).await;
-        assert_eq!(peer.piped_appends.load(Ordering::Relaxed), 2);
-        assert_eq!(peer.unary_appends.load(Ordering::Relaxed), 1);
-    }
 }
