@@ -430,9 +430,7 @@ impl GroupClient {
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
-}
 
-impl GroupClient {
     /// One unary raft RPC over `channel`.
     async fn unary(
         &self,

@@ -327,22 +327,33 @@ fn from_reply(reply: RaftReply) -> Result<RaftResponse, tonic::Status> {
     if reply.code == 0 {
         return Ok(reply.response.unwrap_or_default());
     }
-    Err(tonic::Status::new(reply.code.into(), reply.message))
+    let mut status = tonic::Status::new(reply.code.into(), reply.message);
+    if let Ok(code) = tonic::metadata::MetadataValue::try_from(reply.courier_code.as_str())
+        && !reply.courier_code.is_empty()
+    {
+        status.metadata_mut().insert(courier_proto::CODE_KEY, code);
+    }
+    Err(status)
 }
 
 fn to_reply(id: u64, result: Result<RaftResponse, tonic::Status>) -> RaftReply {
     match result {
         Ok(response) => RaftReply {
             id,
-            code: 0,
-            message: String::new(),
             response: Some(response),
+            ..RaftReply::default()
         },
         Err(status) => RaftReply {
             id,
             code: status.code().into(),
             message: status.message().to_owned(),
             response: None,
+            courier_code: status
+                .metadata()
+                .get(courier_proto::CODE_KEY)
+                .and_then(|code| code.to_str().ok())
+                .unwrap_or_default()
+                .to_owned(),
         },
     }
 }
@@ -453,4 +464,42 @@ pub async fn serve<A, D, Fut>(
     drop(inbound);
     drop(replies);
     let _ = writer.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Goal: a piped failure reaches the caller as the unary call's would: the same gRPC code,
+    /// message and stable `COURIER:*` code. Method: a status with a code round-trips through
+    /// a reply; a success carries its payload; a status without a code gains none.
+    #[test]
+    fn a_reply_carries_the_status_and_its_stable_code() {
+        let mut refused = tonic::Status::permission_denied("node 2 sent a raft request as node 3");
+        refused.metadata_mut().insert(
+            courier_proto::CODE_KEY,
+            tonic::metadata::MetadataValue::from_static("COURIER:Peer:WrongNode"),
+        );
+        let back = from_reply(to_reply(7, Err(refused))).expect_err("a failure");
+        assert_eq!(back.code(), tonic::Code::PermissionDenied);
+        assert_eq!(back.message(), "node 2 sent a raft request as node 3");
+        assert_eq!(
+            back.metadata()
+                .get(courier_proto::CODE_KEY)
+                .map(|v| v.to_str().ok()),
+            Some(Some("COURIER:Peer:WrongNode"))
+        );
+        let plain = from_reply(to_reply(8, Err(tonic::Status::unavailable("gone"))))
+            .expect_err("a failure");
+        assert_eq!(plain.code(), tonic::Code::Unavailable);
+        assert!(plain.metadata().get(courier_proto::CODE_KEY).is_none());
+        let payload = vec![1, 2, 3];
+        let ok = from_reply(to_reply(
+            9,
+            Ok(RaftResponse {
+                payload: payload.clone(),
+            }),
+        ));
+        assert_eq!(ok.map(|r| r.payload).ok(), Some(payload));
+    }
 }
