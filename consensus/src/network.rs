@@ -674,7 +674,7 @@ impl<R: GroupRouter> peer::raft_server::Raft for RaftService<R> {
     ) -> Result<tonic::Response<tonic::codegen::BoxStream<peer::RaftReplyFrame>>, tonic::Status>
     {
         let caller = request.extensions().get::<CallerNode>().copied();
-        let (replies, outbound) = tokio::sync::mpsc::channel(PIPE_REPLY_FRAMES_QUEUED_MAX);
+        let (replies, outbound) = tokio::sync::mpsc::channel(crate::pipe::FRAMES_QUEUED_MAX);
         let (router, admitting) = (self.router.clone(), self.router.clone());
         tokio::spawn(crate::pipe::serve(
             (caller.map(|CallerNode(node)| node), move |node| {
@@ -689,9 +689,6 @@ impl<R: GroupRouter> peer::raft_server::Raft for RaftService<R> {
         ))))
     }
 }
-
-/// Reply frames of one pipe queued for the transport at most.
-const PIPE_REPLY_FRAMES_QUEUED_MAX: usize = 4;
 
 #[cfg(test)]
 mod tests {

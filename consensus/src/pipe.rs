@@ -85,7 +85,7 @@ pub const CALLS_IN_FLIGHT_MAX: usize = 2 * (courier_proto::limits::SHARD_COUNT_M
 pub const CALLS_QUEUED_MAX: usize = CALLS_IN_FLIGHT_MAX;
 
 /// Frames queued for the transport at most, per direction of one stream.
-const FRAMES_QUEUED_MAX: usize = 4;
+pub const FRAMES_QUEUED_MAX: usize = 4;
 
 /// Room a call takes in a frame beyond its payload (id, kind, group, field tags): generous.
 const CALL_OVERHEAD_BYTES: usize = 64;
@@ -393,7 +393,7 @@ pub async fn serve<A, D, Fut>(
         }
     });
     let permits = Arc::new(Semaphore::new(CALLS_IN_FLIGHT_MAX));
-    let dispatch = Arc::new(dispatch);
+
     loop {
         let frame = tokio::select! {
             biased;

@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use courier_consensus::groups::Groups;
 use courier_consensus::network::CallerNode;
-use courier_consensus::types::GroupId;
+use courier_consensus::network::GroupRouter as _;
 use courier_tls::Role;
 use tonic::Request;
 
@@ -134,18 +134,14 @@ impl PeerAuth {
     }
 
     fn require_member(&self, node: u64) -> Result<(), ApiError> {
-        let member = self
-            .groups
-            .get(GroupId::Metadata)
-            .and_then(|metadata| metadata.has_member(node));
-        match member {
-            Some(false) => Err(ApiError::PermissionDenied {
-                code: "COURIER:Peer:NotAMember",
-                message: format!("node {node} is not a member of this cluster"),
-            }),
-            // A member, or this node has no membership yet.
-            Some(true) | None => Ok(()),
+        // A member, or this node has no membership yet: the raft pipes' per-frame rule too.
+        if self.groups.admits(node) {
+            return Ok(());
         }
+        Err(ApiError::PermissionDenied {
+            code: "COURIER:Peer:NotAMember",
+            message: format!("node {node} is not a member of this cluster"),
+        })
     }
 }
 
