@@ -109,6 +109,17 @@ impl RaftCallError {
 }
 
 impl GroupHandle {
+    /// Whether `node` is a voter of this group, as this replica knows its membership: a cheap
+    /// check (no copy of the raft metrics), for every read.
+    pub fn has_voter(&self, node: NodeId) -> bool {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .voter_ids()
+            .any(|id| id == node)
+    }
+
     /// What this replica is doing, its term, leader and members, as of now.
     pub fn state(&self) -> GroupState {
         let metrics = self.raft.metrics().borrow().clone();

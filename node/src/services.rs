@@ -27,9 +27,9 @@ use courier_proto::pb::peer::{
     AddNodeRequest, AddNodeResponse, BackupRequest, BackupResponse, ForwardBatchRequest,
     ForwardBatchResponse, InitClusterRequest, InitClusterResponse, InspectUserRequest,
     PresenceRequest, PresenceResponse, ProposeRequest, ProposeResponse, ReadLogRequest,
-    ReadLogResponse, RebuildProjectionRequest, RemoveNodeRequest, RemoveNodeResponse,
-    StatusRequest, StatusResponse, TransferLeaderRequest, TransferLeaderResponse, TypingRequest,
-    TypingResponse, VerifyProjectionRequest,
+    ReadLogResponse, ReadShardRequest, ReadShardResponse, RebuildProjectionRequest,
+    RemoveNodeRequest, RemoveNodeResponse, StatusRequest, StatusResponse, TransferLeaderRequest,
+    TransferLeaderResponse, TypingRequest, TypingResponse, VerifyProjectionRequest,
 };
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
@@ -84,7 +84,7 @@ impl Registration for ClientApi {
         &self,
         request: Request<ApprovePairingRequest>,
     ) -> Result<Response<ApprovePairingResponse>, Status> {
-        let caller = self.authenticate(request.metadata())?;
+        let caller = self.authenticate(request.metadata()).await?;
         Ok(Response::new(
             ClientApi::approve_pairing(self, caller, request.into_inner()).await?,
         ))
@@ -104,15 +104,15 @@ impl Registration for ClientApi {
         &self,
         request: Request<ListDevicesRequest>,
     ) -> Result<Response<ListDevicesResponse>, Status> {
-        let caller = self.authenticate(request.metadata())?;
-        Ok(Response::new(ClientApi::list_devices(self, caller)?))
+        let caller = self.authenticate(request.metadata()).await?;
+        Ok(Response::new(ClientApi::list_devices(self, caller).await?))
     }
 
     async fn revoke_device(
         &self,
         request: Request<RevokeDeviceRequest>,
     ) -> Result<Response<RevokeDeviceResponse>, Status> {
-        let caller = self.authenticate(request.metadata())?;
+        let caller = self.authenticate(request.metadata()).await?;
         ClientApi::revoke_device(self, caller, request.into_inner()).await?;
         Ok(Response::new(RevokeDeviceResponse {}))
     }
@@ -121,7 +121,7 @@ impl Registration for ClientApi {
         &self,
         request: Request<DeleteAccountRequest>,
     ) -> Result<Response<DeleteAccountResponse>, Status> {
-        let caller = self.authenticate(request.metadata())?;
+        let caller = self.authenticate(request.metadata()).await?;
         Ok(Response::new(
             ClientApi::delete_account(self, caller, request.into_inner()).await?,
         ))
@@ -131,7 +131,7 @@ impl Registration for ClientApi {
         &self,
         request: Request<ChangeNumberRequest>,
     ) -> Result<Response<ChangeNumberResponse>, Status> {
-        let caller = self.authenticate(request.metadata())?;
+        let caller = self.authenticate(request.metadata()).await?;
         let address = client_address(&request);
         Ok(Response::new(
             ClientApi::change_number(self, caller, request.into_inner(), address).await?,
@@ -176,7 +176,7 @@ impl ClientApi {
 #[tonic::async_trait]
 impl Messaging for ClientApi {
     async fn send(&self, request: Request<SendRequest>) -> Result<Response<SendResponse>, Status> {
-        let caller = self.authenticate(request.metadata());
+        let caller = self.authenticate(request.metadata()).await;
         let request = request.into_inner();
         Ok(Response::new(
             self.counted_send("client.Send", caller, |api, caller| {
@@ -190,7 +190,7 @@ impl Messaging for ClientApi {
         &self,
         request: Request<SendToGroupRequest>,
     ) -> Result<Response<SendResponse>, Status> {
-        let caller = self.authenticate(request.metadata());
+        let caller = self.authenticate(request.metadata()).await;
         let request = request.into_inner();
         Ok(Response::new(
             self.counted_send("client.SendToGroup", caller, |api, caller| {
@@ -204,7 +204,7 @@ impl Messaging for ClientApi {
         &self,
         request: Request<Streaming<ClientFrame>>,
     ) -> Result<Response<ServerStream>, Status> {
-        let caller = self.authenticate(request.metadata())?;
+        let caller = self.authenticate(request.metadata()).await?;
         Ok(Response::new(
             self.open_stream(caller, request.into_inner()).await?,
         ))
@@ -214,27 +214,27 @@ impl Messaging for ClientApi {
         &self,
         request: Request<GetReceiptsRequest>,
     ) -> Result<Response<GetReceiptsResponse>, Status> {
-        let caller = self.authenticate(request.metadata())?;
-        Ok(Response::new(ClientApi::get_receipts(
-            self,
-            caller,
-            request.into_inner(),
-        )?))
+        let caller = self.authenticate(request.metadata()).await?;
+        Ok(Response::new(
+            ClientApi::get_receipts(self, caller, request.into_inner()).await?,
+        ))
     }
 
     async fn list_conversations(
         &self,
         request: Request<ListConversationsRequest>,
     ) -> Result<Response<ListConversationsResponse>, Status> {
-        let caller = self.authenticate(request.metadata())?;
-        Ok(Response::new(ClientApi::list_conversations(self, caller)?))
+        let caller = self.authenticate(request.metadata()).await?;
+        Ok(Response::new(
+            ClientApi::list_conversations(self, caller).await?,
+        ))
     }
 
     async fn get_presence(
         &self,
         request: Request<GetPresenceRequest>,
     ) -> Result<Response<GetPresenceResponse>, Status> {
-        let caller = self.authenticate(request.metadata())?;
+        let caller = self.authenticate(request.metadata()).await?;
         Ok(Response::new(
             ClientApi::get_presence(self, caller, request.into_inner()).await?,
         ))
@@ -247,7 +247,7 @@ impl Keys for ClientApi {
         &self,
         request: Request<UploadKeysRequest>,
     ) -> Result<Response<UploadKeysResponse>, Status> {
-        let caller = self.authenticate(request.metadata())?;
+        let caller = self.authenticate(request.metadata()).await?;
         Ok(Response::new(
             ClientApi::upload_keys(self, caller, request.into_inner()).await?,
         ))
@@ -257,7 +257,7 @@ impl Keys for ClientApi {
         &self,
         request: Request<GetPreKeyBundleRequest>,
     ) -> Result<Response<GetPreKeyBundleResponse>, Status> {
-        let caller = self.authenticate(request.metadata())?;
+        let caller = self.authenticate(request.metadata()).await?;
         Ok(Response::new(
             ClientApi::get_prekey_bundle(self, caller, request.into_inner()).await?,
         ))
@@ -267,8 +267,8 @@ impl Keys for ClientApi {
         &self,
         request: Request<GetKeyCountRequest>,
     ) -> Result<Response<GetKeyCountResponse>, Status> {
-        let caller = self.authenticate(request.metadata())?;
-        Ok(Response::new(ClientApi::get_key_count(self, caller)?))
+        let caller = self.authenticate(request.metadata()).await?;
+        Ok(Response::new(ClientApi::get_key_count(self, caller).await?))
     }
 }
 
@@ -278,7 +278,7 @@ impl Groups for ClientApi {
         &self,
         request: Request<CreateGroupRequest>,
     ) -> Result<Response<GroupInfo>, Status> {
-        let caller = self.authenticate(request.metadata())?;
+        let caller = self.authenticate(request.metadata()).await?;
         Ok(Response::new(
             ClientApi::create_group(self, caller, request.into_inner()).await?,
         ))
@@ -288,7 +288,7 @@ impl Groups for ClientApi {
         &self,
         request: Request<AddMemberRequest>,
     ) -> Result<Response<GroupInfo>, Status> {
-        let caller = self.authenticate(request.metadata())?;
+        let caller = self.authenticate(request.metadata()).await?;
         let command = MembershipCommand::try_from(request.into_inner()).map_err(ApiError::from)?;
         Ok(Response::new(
             ClientApi::add_member(self, caller, command).await?,
@@ -299,7 +299,7 @@ impl Groups for ClientApi {
         &self,
         request: Request<RemoveMemberRequest>,
     ) -> Result<Response<GroupInfo>, Status> {
-        let caller = self.authenticate(request.metadata())?;
+        let caller = self.authenticate(request.metadata()).await?;
         let command = MembershipCommand::try_from(request.into_inner()).map_err(ApiError::from)?;
         Ok(Response::new(
             ClientApi::remove_member(self, caller, command).await?,
@@ -310,7 +310,7 @@ impl Groups for ClientApi {
         &self,
         request: Request<LeaveGroupRequest>,
     ) -> Result<Response<LeaveGroupResponse>, Status> {
-        let caller = self.authenticate(request.metadata())?;
+        let caller = self.authenticate(request.metadata()).await?;
         ClientApi::leave_group(self, caller, request.into_inner()).await?;
         Ok(Response::new(LeaveGroupResponse {}))
     }
@@ -319,7 +319,7 @@ impl Groups for ClientApi {
         &self,
         request: Request<ListGroupsRequest>,
     ) -> Result<Response<ListGroupsResponse>, Status> {
-        let caller = self.authenticate(request.metadata())?;
+        let caller = self.authenticate(request.metadata()).await?;
         Ok(Response::new(ClientApi::list_groups(self, caller).await?))
     }
 }
@@ -370,6 +370,16 @@ impl Forward for PeerApi {
                 &request.query,
             ),
         }))
+    }
+
+    async fn read_shard(
+        &self,
+        request: Request<ReadShardRequest>,
+    ) -> Result<Response<ReadShardResponse>, Status> {
+        self.auth.check(&request, Allowed::Nodes)?;
+        Ok(Response::new(
+            self.cluster.read_shard_here(request.into_inner())?,
+        ))
     }
 
     async fn typing(

@@ -31,6 +31,11 @@ impl Cf {
             .chain(Projection::ALL.into_iter().map(Cf::Projection))
     }
 
+    /// The family named `name` (as [`Cf::name`] gives it), if any.
+    pub fn from_name(name: &str) -> Option<Cf> {
+        Cf::all().find(|cf| cf.name() == name)
+    }
+
     /// The family's name in RocksDB.
     pub fn name(self) -> &'static str {
         match self {

@@ -39,6 +39,7 @@ pub mod memdisk;
 pub mod projection;
 pub mod reader;
 pub mod rebuild;
+pub mod remote;
 pub mod segment;
 pub mod shard;
 pub mod snapshot;

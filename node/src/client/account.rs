@@ -57,7 +57,7 @@ impl ClientApi {
     ) -> Result<DeleteAccountResponse, ApiError> {
         let phone = PhoneNumber::try_from(request.phone_number)?;
         let shard = self.shard_of(caller.user)?;
-        let (token_hash, phone_hash) = self.primary_token(caller, shard)?;
+        let (token_hash, phone_hash) = self.primary_token(caller, shard).await?;
         if phone_hash.as_deref() != Some(self.phone_hasher()?.phone_hash(phone.expose()).as_slice())
         {
             return Err(ApiError::Invalid {
@@ -87,7 +87,7 @@ impl ClientApi {
     ) -> Result<ChangeNumberResponse, ApiError> {
         let new_phone = PhoneNumber::try_from(request.new_phone_number.clone())?;
         let shard = self.shard_of(caller.user)?;
-        let (token_hash, _) = self.primary_token(caller, shard)?;
+        let (token_hash, _) = self.primary_token(caller, shard).await?;
         let new_user = self.phone_hasher()?.user_of_phone(new_phone.expose());
         if new_user == caller.user {
             return Err(ApiError::Invalid {
@@ -122,18 +122,20 @@ impl ClientApi {
 
     /// The token hash of `caller` if it is the user's active primary device, and the user's
     /// number hash.
-    fn primary_token(
+    async fn primary_token(
         &self,
         caller: Caller,
         shard: ShardId,
     ) -> Result<(Vec<u8>, Option<Vec<u8>>), ApiError> {
-        let (primary_token, phone_hash) = self.read(shard, |view| {
-            let primary_token = devices::devices_of(view, caller.user)?
-                .into_iter()
-                .find(|(id, d)| *id == caller.device.get() && d.primary && !d.revoked)
-                .map(|(_, d)| d.token_hash);
-            Ok((primary_token, devices::phone_of(view, caller.user)?))
-        })?;
+        let (primary_token, phone_hash) = self
+            .read(shard, |view| {
+                let primary_token = devices::devices_of(view, caller.user)?
+                    .into_iter()
+                    .find(|(id, d)| *id == caller.device.get() && d.primary && !d.revoked)
+                    .map(|(_, d)| d.token_hash);
+                Ok((primary_token, devices::phone_of(view, caller.user)?))
+            })
+            .await?;
         Ok((primary_token.ok_or_else(not_primary)?, phone_hash))
     }
 
@@ -161,7 +163,8 @@ impl ClientApi {
         });
         if let EventOutcome::Rejected { message, .. } = self.propose_one(shard, deleted).await? {
             let gone = self
-                .read(shard, |view| devices::phone_of(view, caller.user))?
+                .read(shard, |view| devices::phone_of(view, caller.user))
+                .await?
                 .is_none();
             if !gone {
                 tracing::info!(
@@ -178,11 +181,13 @@ impl ClientApi {
     }
 
     /// The groups this node's replicas show `user` in.
-    fn groups_of_user(&self, user: UserId) -> Result<Vec<GroupId>, ApiError> {
+    async fn groups_of_user(&self, user: UserId) -> Result<Vec<GroupId>, ApiError> {
         let mut memberships: Vec<GroupId> = Vec::new();
         for shard in 0..self.shard_count()? {
-            memberships
-                .extend(self.read(ShardId::new(shard), |view| groups::groups_of(view, user))?);
+            memberships.extend(
+                self.read(ShardId::new(shard), |view| groups::groups_of(view, user))
+                    .await?,
+            );
         }
         Ok(memberships)
     }
@@ -192,7 +197,7 @@ impl ClientApi {
     async fn move_every_group(&self, caller: Caller, new_user: UserId) -> Result<u32, ApiError> {
         let new_shard = u32::from(self.shard_of(new_user)?.get());
         let mut moved = 0_u32;
-        for group in self.groups_of_user(caller.user)? {
+        for group in self.groups_of_user(caller.user).await? {
             let replaced = Kind::MemberAdded(events::MemberAdded {
                 group: group.get(),
                 user: new_user.get(),
@@ -220,7 +225,7 @@ impl ClientApi {
     /// Removes the caller from every group this node's replicas show it in; returns how many.
     async fn leave_every_group(&self, caller: Caller) -> Result<u32, ApiError> {
         let mut left = 0_u32;
-        for group in self.groups_of_user(caller.user)? {
+        for group in self.groups_of_user(caller.user).await? {
             if self.quit_group(caller, group).await? {
                 left = left.saturating_add(1);
             }

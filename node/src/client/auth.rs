@@ -129,7 +129,7 @@ impl ClientApi {
     /// # Errors
     /// `UNAUTHENTICATED` for a missing or malformed token, an unknown device, a revoked device
     /// or a wrong token (one message for all, so probing learns nothing).
-    pub fn authenticate(
+    pub async fn authenticate(
         &self,
         metadata: &tonic::metadata::MetadataMap,
     ) -> Result<Caller, ApiError> {
@@ -167,13 +167,15 @@ impl ClientApi {
             return Ok(Caller { user, device });
         }
         let shard = self.shard_of(user)?;
-        let record = self.read(shard, |view| {
-            let devices = courier_storage::projection::devices::devices_of(view, user)?;
-            Ok(devices
-                .into_iter()
-                .find(|(id, _)| *id == device.get())
-                .map(|(_, record)| record))
-        })?;
+        let record = self
+            .read(shard, |view| {
+                let devices = courier_storage::projection::devices::devices_of(view, user)?;
+                Ok(devices
+                    .into_iter()
+                    .find(|(id, _)| *id == device.get())
+                    .map(|(_, record)| record))
+            })
+            .await?;
         let valid = record.is_some_and(|r| !r.revoked && constant_time_eq(&r.token_hash, &hash));
         if !valid {
             return Err(unauthenticated("unknown, revoked or wrong device token"));

@@ -81,9 +81,13 @@ impl ClientApi {
         Ok(shard_of_group(group, self.shard_count()?))
     }
 
-    fn require_registered(&self, user: UserId) -> Result<(), ApiError> {
+    async fn require_registered(&self, user: UserId) -> Result<(), ApiError> {
         let shard = self.shard_of(user)?;
-        if self.read(shard, |view| devices::devices_registered(view, user))? == 0 {
+        if self
+            .read(shard, |view| devices::devices_registered(view, user))
+            .await?
+            == 0
+        {
             return Err(ApiError::NotFound {
                 code: "COURIER:Messaging:UnknownRecipient",
                 message: format!("{user} is not registered"),
@@ -98,24 +102,26 @@ impl ClientApi {
         let shard = self.group_shard(group)?;
         let deadline = tokio::time::Instant::now() + CATCH_UP_WAIT;
         loop {
-            let info = self.read(shard, |view| {
-                let Some(record) = groups::record(view, group)? else {
-                    return Ok(None);
-                };
-                let members = groups::members(view, group)?
-                    .into_iter()
-                    .map(|(user, m)| GroupMember {
-                        user_id: user.get(),
-                        admin: m.admin,
-                    })
-                    .collect();
-                Ok(Some(GroupInfo {
-                    group_id: group.get(),
-                    name: record.name,
-                    epoch: record.epoch,
-                    members,
-                }))
-            })?;
+            let info = self
+                .read(shard, |view| {
+                    let Some(record) = groups::record(view, group)? else {
+                        return Ok(None);
+                    };
+                    let members = groups::members(view, group)?
+                        .into_iter()
+                        .map(|(user, m)| GroupMember {
+                            user_id: user.get(),
+                            admin: m.admin,
+                        })
+                        .collect();
+                    Ok(Some(GroupInfo {
+                        group_id: group.get(),
+                        name: record.name,
+                        epoch: record.epoch,
+                        members,
+                    }))
+                })
+                .await?;
             match info {
                 Some(info) if info.epoch >= min_epoch => return Ok(info),
                 None if min_epoch == 0 => {
@@ -161,7 +167,7 @@ impl ClientApi {
             });
         }
         for member in &members {
-            self.require_registered(*member)?;
+            self.require_registered(*member).await?;
         }
         let group = GroupId::new(crate::env::random_range(1..=u64::MAX)).expect("nonzero");
         let shard = self.group_shard(group)?;
@@ -219,7 +225,7 @@ impl ClientApi {
         caller: Caller,
         command: MembershipCommand,
     ) -> Result<GroupInfo, ApiError> {
-        self.require_registered(command.user)?;
+        self.require_registered(command.user).await?;
         let current = self.group_info(command.group, 0).await?;
         let max = usize::try_from(self.limits.group_members_max).unwrap_or(usize::MAX);
         if current.members.len() >= max {
@@ -292,9 +298,12 @@ impl ClientApi {
     pub async fn list_groups(&self, caller: Caller) -> Result<ListGroupsResponse, ApiError> {
         let mut ids = Vec::new();
         for shard in 0..self.shard_count()? {
-            ids.extend(self.read(ShardId::new(shard), |view| {
-                groups::groups_of(view, caller.user)
-            })?);
+            ids.extend(
+                self.read(ShardId::new(shard), |view| {
+                    groups::groups_of(view, caller.user)
+                })
+                .await?,
+            );
         }
         let mut list = Vec::with_capacity(ids.len());
         for group in ids {

@@ -131,9 +131,11 @@ impl ClientApi {
         let shard = self.shard_of(user)?;
         // Nothing published here: answered without a log entry (a key uploaded a moment ago on
         // another node may not have reached this replica yet; the client asks again).
-        let published = self.read(shard, |view| {
-            Ok(!prekeys::bundle(view, user)?.devices.is_empty())
-        })?;
+        let published = self
+            .read(shard, |view| {
+                Ok(!prekeys::bundle(view, user)?.devices.is_empty())
+            })
+            .await?;
         if !published {
             return Err(no_keys(user));
         }
@@ -190,17 +192,18 @@ impl ClientApi {
     ///
     /// # Errors
     /// Storage faults.
-    pub fn get_key_count(&self, caller: Caller) -> Result<GetKeyCountResponse, ApiError> {
+    pub async fn get_key_count(&self, caller: Caller) -> Result<GetKeyCountResponse, ApiError> {
         Ok(GetKeyCountResponse {
-            one_time_prekeys: self.key_stock(caller)?.unwrap_or(0),
+            one_time_prekeys: self.key_stock(caller).await?.unwrap_or(0),
         })
     }
 
     /// The caller's stock of one-time prekeys (`None`: it never published keys).
-    pub(crate) fn key_stock(&self, caller: Caller) -> Result<Option<u32>, ApiError> {
+    pub(crate) async fn key_stock(&self, caller: Caller) -> Result<Option<u32>, ApiError> {
         self.read(self.shard_of(caller.user)?, |view| {
             Ok(prekeys::device_keys(view, caller.user, caller.device)?.map(|k| k.one_time_prekeys))
         })
+        .await
     }
 }
 

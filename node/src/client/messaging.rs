@@ -33,9 +33,12 @@ impl ClientApi {
         let recipient_shard = self.shard_of(command.to)?;
         let epoch = self.cluster.groups().watch().devices_epoch();
         let known = self.device_cache.recipient_known(command.to, epoch) || {
-            let registered = self.read(recipient_shard, |view| {
-                devices::devices_registered(view, command.to)
-            })? > 0;
+            let registered = self
+                .read(recipient_shard, |view| {
+                    devices::devices_registered(view, command.to)
+                })
+                .await?
+                > 0;
             if registered {
                 self.device_cache.remember_recipient(command.to, epoch);
             }
@@ -125,7 +128,7 @@ impl ClientApi {
     ///
     /// # Errors
     /// `INVALID_ARGUMENT` for a malformed lookup.
-    pub fn get_receipts(
+    pub async fn get_receipts(
         &self,
         caller: Caller,
         request: GetReceiptsRequest,
@@ -140,30 +143,32 @@ impl ClientApi {
                 self.shard_count()?,
             ),
         };
-        let receipts = self.read(shard, |view| {
-            ids.iter()
-                .map(|id| {
-                    let recipients: Vec<ReceiptUpdate> =
-                        receipts::of_message(view, caller.user, *id)?
-                            .into_iter()
-                            .map(|(recipient, receipt)| ReceiptUpdate {
-                                message_id: id.as_bytes().to_vec(),
-                                recipient_user: recipient.get(),
-                                state: receipt.state,
-                                at_ms: receipt.at_ms,
-                                feed_index: 0,
-                                feed_position: Vec::new(),
-                            })
-                            .collect();
-                    let overall = recipients.iter().map(|r| r.state).min().unwrap_or(0);
-                    Ok(MessageReceipts {
-                        message_id: id.as_bytes().to_vec(),
-                        recipients,
-                        overall,
+        let receipts = self
+            .read(shard, |view| {
+                ids.iter()
+                    .map(|id| {
+                        let recipients: Vec<ReceiptUpdate> =
+                            receipts::of_message(view, caller.user, *id)?
+                                .into_iter()
+                                .map(|(recipient, receipt)| ReceiptUpdate {
+                                    message_id: id.as_bytes().to_vec(),
+                                    recipient_user: recipient.get(),
+                                    state: receipt.state,
+                                    at_ms: receipt.at_ms,
+                                    feed_index: 0,
+                                    feed_position: Vec::new(),
+                                })
+                                .collect();
+                        let overall = recipients.iter().map(|r| r.state).min().unwrap_or(0);
+                        Ok(MessageReceipts {
+                            message_id: id.as_bytes().to_vec(),
+                            recipients,
+                            overall,
+                        })
                     })
-                })
-                .collect::<courier_storage::Result<Vec<_>>>()
-        })?;
+                    .collect::<courier_storage::Result<Vec<_>>>()
+            })
+            .await?;
         Ok(GetReceiptsResponse { receipts })
     }
 
@@ -171,12 +176,14 @@ impl ClientApi {
     ///
     /// # Errors
     /// Storage faults.
-    pub fn list_conversations(
+    pub async fn list_conversations(
         &self,
         caller: Caller,
     ) -> Result<ListConversationsResponse, ApiError> {
         let shard = self.shard_of(caller.user)?;
-        let conversations = self.read(shard, |view| readstate::conversations(view, caller.user))?;
+        let conversations = self
+            .read(shard, |view| readstate::conversations(view, caller.user))
+            .await?;
         Ok(ListConversationsResponse {
             conversations: conversations
                 .into_iter()
@@ -197,7 +204,15 @@ impl ClientApi {
     ///
     /// # Errors
     /// A storage fault.
-    fn shares_with(
+    /// Whether `user` received anything from `from` in their 1:1 conversation.
+    async fn received(&self, user: UserId, from: UserId) -> Result<bool, ApiError> {
+        self.read(self.shard_of(user)?, |view| {
+            Ok(readstate::get(view, user, ConversationId::Direct(from))?.count > 0)
+        })
+        .await
+    }
+
+    async fn shares_with(
         &self,
         caller: UserId,
         other: UserId,
@@ -207,27 +222,26 @@ impl ClientApi {
         if caller == other {
             return Ok(true);
         }
-        let received = |user: UserId, from: UserId| {
-            self.read(self.shard_of(user)?, |view| {
-                Ok(readstate::get(view, user, ConversationId::Direct(from))?.count > 0)
-            })
-        };
-        if received(caller, other)? || received(other, caller)? {
+        if self.received(caller, other).await? || self.received(other, caller).await? {
             return Ok(true);
         }
         if caller_groups.is_none() {
             let mut ids = Vec::new();
             for shard in 0..self.shard_count()? {
-                ids.extend(self.read(courier_proto::ShardId::new(shard), |view| {
-                    groups::groups_of(view, caller)
-                })?);
+                ids.extend(
+                    self.read(courier_proto::ShardId::new(shard), |view| {
+                        groups::groups_of(view, caller)
+                    })
+                    .await?,
+                );
             }
             *caller_groups = Some(ids);
         }
         for group in caller_groups.iter().flatten() {
             let shard = self.group_shard(*group)?;
             if self
-                .read(shard, |view| groups::member(view, *group, other))?
+                .read(shard, |view| groups::member(view, *group, other))
+                .await?
                 .is_some()
             {
                 return Ok(true);
@@ -265,7 +279,10 @@ impl ClientApi {
         let mut caller_groups = None;
         for &user in &request.users {
             let id = UserId::from_wire(user, "users")?;
-            if !self.shares_with(caller.user, id, &mut caller_groups)? {
+            if !self
+                .shares_with(caller.user, id, &mut caller_groups)
+                .await?
+            {
                 continue; // a stranger's presence is not answered
             }
             by_shard

@@ -19,8 +19,7 @@ pub mod stream;
 use std::sync::Arc;
 
 use courier_proto::{PhoneHasher, ShardId, UserId, shard_of};
-use courier_storage::Db;
-use courier_storage::projection::{Projection, View};
+use courier_storage::projection::View;
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::Cluster;
@@ -36,7 +35,6 @@ pub const TYPING_BURST: u32 = 10;
 #[derive(Clone)]
 pub struct ClientApi {
     pub(crate) cluster: Cluster,
-    pub(crate) db: Arc<Db>,
     pub(crate) limits: Limits,
     pub(crate) sms: Arc<dyn crate::sms::SmsSender>,
     pub(crate) shutdown: CancellationToken,
@@ -92,7 +90,6 @@ impl ClientApi {
     /// The client services of one node.
     pub fn new(
         cluster: Cluster,
-        db: Arc<Db>,
         limits: Limits,
         sms: Arc<dyn crate::sms::SmsSender>,
         shutdown: CancellationToken,
@@ -147,7 +144,6 @@ impl ClientApi {
         ));
         Self {
             cluster,
-            db,
             limits,
             device_cache,
             sms,
@@ -214,19 +210,16 @@ impl ClientApi {
             })
     }
 
-    /// Reads this replica's state of `shard` through a projection view: `UNAVAILABLE`
+    /// Reads `shard`'s state through a projection view: this node's replica when it holds one,
+    /// otherwise a replica on another node (`Cluster::read`). `UNAVAILABLE`
     /// `COURIER:Shard:Installing` when a snapshot install was writing the shard's projections
     /// meanwhile (what was read may be half of it).
-    pub(crate) fn read<R>(
+    pub(crate) async fn read<R>(
         &self,
         shard: ShardId,
-        f: impl FnOnce(&View<'_, '_>) -> courier_storage::Result<R>,
+        f: impl Fn(&View<'_, '_>) -> courier_storage::Result<R>,
     ) -> Result<R, ApiError> {
-        let read = self
-            .db
-            .read_whole(shard, |reader| f(&reader.view(Projection::Inbox)))
-            .ok_or_else(|| ApiError::installing(shard))?;
-        Ok(read?)
+        self.cluster.read(shard, f).await
     }
 }
 

@@ -156,7 +156,8 @@ impl ClientApi {
         request: ApprovePairingRequest,
     ) -> Result<ApprovePairingResponse, ApiError> {
         let primary = self
-            .devices(caller.user)?
+            .devices(caller.user)
+            .await?
             .iter()
             .any(|device| device.device_id == caller.device.get() && device.primary);
         if !primary {

@@ -289,6 +289,7 @@ impl ClientApi {
         while Instant::now() < deadline {
             let visible = self
                 .devices(user)
+                .await
                 .map(|devices| devices.iter().any(|d| d.device_id == device))
                 .unwrap_or(false);
             if visible {
@@ -322,7 +323,8 @@ impl ClientApi {
         let attempt = self.code_attempt(hasher, &phone_hash, &command.code);
         let phone = phone_hash.to_vec();
         let companions: Vec<u32> = self
-            .devices(user)?
+            .devices(user)
+            .await?
             .iter()
             .filter(|device| !device.primary && !device.revoked)
             .map(|device| device.device_id)
@@ -341,7 +343,8 @@ impl ClientApi {
         caller: Caller,
     ) -> Result<RegisterResponse, ApiError> {
         let companions = self
-            .devices(caller.user)?
+            .devices(caller.user)
+            .await?
             .iter()
             .filter(|d| !d.primary && !d.revoked)
             .count();
@@ -356,11 +359,12 @@ impl ClientApi {
             .await
     }
 
-    pub(crate) fn devices(&self, user: UserId) -> Result<Vec<DeviceInfo>, ApiError> {
+    pub(crate) async fn devices(&self, user: UserId) -> Result<Vec<DeviceInfo>, ApiError> {
         let shard = self.shard_of(user)?;
         self.read(shard, |view| {
             courier_storage::projection::devices::devices_of(view, user)
         })
+        .await
         .map(|devices| {
             devices
                 .into_iter()
@@ -378,9 +382,9 @@ impl ClientApi {
     ///
     /// # Errors
     /// Storage faults.
-    pub fn list_devices(&self, caller: Caller) -> Result<ListDevicesResponse, ApiError> {
+    pub async fn list_devices(&self, caller: Caller) -> Result<ListDevicesResponse, ApiError> {
         Ok(ListDevicesResponse {
-            devices: self.devices(caller.user)?,
+            devices: self.devices(caller.user).await?,
         })
     }
 
@@ -395,7 +399,8 @@ impl ClientApi {
     ) -> Result<(), ApiError> {
         let device = DeviceId::try_from(request)?;
         if !self
-            .devices(caller.user)?
+            .devices(caller.user)
+            .await?
             .iter()
             .any(|d| d.device_id == device.get())
         {

@@ -177,7 +177,7 @@ impl ClientApi {
                 return;
             }
             let page = self.page(shard, caller.user, cursor, &receipts_after);
-            let (up_to, caught_up, messages, feed) = match page {
+            let (up_to, caught_up, messages, feed) = match page.await {
                 Ok(page) => page,
                 Err(error) if self.waited_out(&error, &mut installing_since, &tx).await => {
                     continue;
@@ -198,7 +198,7 @@ impl ClientApi {
                     continue;
                 }
                 if entry.content.is_none() && entry.group_index > 0 {
-                    match self.group_content(&entry) {
+                    match self.group_content(&entry).await {
                         GroupCopy::Stored(content) => entry.content = Some(content),
                         GroupCopy::Forgotten => {
                             // Older than the retention windows (API.md): this device missed it.
@@ -255,7 +255,7 @@ impl ClientApi {
 
     /// The next page of `user`'s stream after `cursor` and `receipts_after`: the inbox position
     /// it reaches, whether that is the tail, its messages and its receipt changes.
-    fn page(
+    async fn page(
         &self,
         shard: courier_proto::ShardId,
         user: UserId,
@@ -272,6 +272,7 @@ impl ClientApi {
             let feed = receipts::feed(view, user, receipts_after, PAGE_MESSAGES)?;
             Ok((up_to, up_to == tail, messages, feed))
         })
+        .await
     }
 
     /// Whether a stream whose read failed with `error` reads again: after a wait when this
@@ -319,7 +320,7 @@ impl ClientApi {
         if epoch == *checked_at {
             return true;
         }
-        if self.device_active(shard, caller) {
+        if self.device_active(shard, caller).await {
             *checked_at = epoch;
             return true;
         }
@@ -352,7 +353,7 @@ impl ClientApi {
         if check.at == Some(epoch) {
             return true;
         }
-        let stock = match self.key_stock(caller) {
+        let stock = match self.key_stock(caller).await {
             Ok(Some(stock)) => stock,
             Ok(None) => {
                 check.at = Some(epoch);
@@ -380,29 +381,32 @@ impl ClientApi {
 
     /// Whether `caller`'s device is registered and not revoked on this replica (a read fault
     /// counts as active: the stream's next read fails and closes it anyway).
-    fn device_active(&self, shard: courier_proto::ShardId, caller: Caller) -> bool {
+    async fn device_active(&self, shard: courier_proto::ShardId, caller: Caller) -> bool {
         self.read(shard, |view| {
             let devices = courier_storage::projection::devices::devices_of(view, caller.user)?;
             Ok(devices
                 .into_iter()
                 .any(|(id, record)| id == caller.device.get() && !record.revoked))
         })
+        .await
         .unwrap_or(true)
     }
 
     /// The one stored copy of a group message an inbox entry points at (on the group's shard,
     /// which every node replicates), or why there is none.
-    fn group_content(&self, entry: &InboxEntry) -> GroupCopy {
+    async fn group_content(&self, entry: &InboxEntry) -> GroupCopy {
         let Ok(shard) = u16::try_from(entry.source_shard).map(courier_proto::ShardId::new) else {
             return GroupCopy::NotYet;
         };
         let index = LogIndex::new(entry.group_index);
-        let stored = self.read(shard, |view| {
-            Ok((
-                groups::message_at(view, index)?,
-                groups::messages_forgotten_up_to(view)?,
-            ))
-        });
+        let stored = self
+            .read(shard, |view| {
+                Ok((
+                    groups::message_at(view, index)?,
+                    groups::messages_forgotten_up_to(view)?,
+                ))
+            })
+            .await;
         match stored {
             Ok((Some(message), _)) if message.message_id == entry.message_id => {
                 message.content.map_or(GroupCopy::NotYet, GroupCopy::Stored)
@@ -454,11 +458,13 @@ impl ClientApi {
                 conversation,
                 typing,
             } => {
-                self.typing(caller, conversation, typing);
+                self.typing(caller, conversation, typing).await;
                 return Ok(());
             }
             StreamCommand::Ack { up_to } => {
-                let tail = self.read(shard, |view| inbox::tail(view, caller.user))?;
+                let tail = self
+                    .read(shard, |view| inbox::tail(view, caller.user))
+                    .await?;
                 if up_to > tail {
                     return Err(ApiError::Invalid {
                         code: "COURIER:Stream:AckPastTail",
@@ -479,9 +485,11 @@ impl ClientApi {
                 up_to,
             } => {
                 let wire = events::Conversation::from(conversation);
-                let target = self.read(shard, |view| {
-                    readstate::read_target(view, caller.user, up_to)
-                })?;
+                let target = self
+                    .read(shard, |view| {
+                        readstate::read_target(view, caller.user, up_to)
+                    })
+                    .await?;
                 match target {
                     ReadTarget::Position(position) if position.conversation == Some(wire) => {}
                     // A message's position leaves only after it was read (and its stub
@@ -513,7 +521,12 @@ impl ClientApi {
     /// Hands a typing update to the other side's live streams on every node, best effort: never
     /// logged, dropped where nobody is connected. In a group it goes to every other current member
     /// (read from this replica of the group's shard); a caller who is not a member is ignored.
-    fn typing(&self, caller: Caller, conversation: courier_proto::ConversationId, typing: bool) {
+    async fn typing(
+        &self,
+        caller: Caller,
+        conversation: courier_proto::ConversationId,
+        typing: bool,
+    ) {
         if self
             .typing_limiter
             .take(&(caller.user.get(), caller.device.get()))
@@ -527,9 +540,10 @@ impl ClientApi {
                 courier_proto::ConversationId::Direct(caller.user),
             ),
             courier_proto::ConversationId::Group(group) => {
-                let Ok(members) = self
-                    .group_shard(group)
-                    .and_then(|shard| self.read(shard, |view| groups::members(view, group)))
+                let Ok(shard) = self.group_shard(group) else {
+                    return;
+                };
+                let Ok(members) = self.read(shard, |view| groups::members(view, group)).await
                 else {
                     return;
                 };

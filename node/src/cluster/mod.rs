@@ -17,6 +17,7 @@
 //! - `balance`: the opt-in automatic leader rebalancer.
 //! - `edge`: presence, typing and push ([`Edge`]).
 //! - `read`: read barriers ([`ReadConsistency`]).
+//! - `remote`: reads of any shard from any node ([`Cluster::read`]).
 //! - `status`: status reports, outbox lengths, backups.
 //! - `wire`: proposal outcomes on the peer wire.
 //! - `peer`: `PeerClient`, which builds every node-to-node call.
@@ -29,6 +30,7 @@ mod membership;
 mod peer;
 mod propose;
 mod read;
+mod remote;
 mod status;
 mod wire;
 
@@ -44,6 +46,7 @@ pub use edge::{Edge, run_reporter};
 pub use membership::VOTERS_MIN;
 pub use peer::{keep_warm, was_forwarded};
 pub use read::{READ_WAIT, ReadConsistency};
+pub use remote::READ_ANSWER_BYTES_MAX;
 pub use status::Passes;
 pub use wire::outcome_to_wire;
 
@@ -64,6 +67,7 @@ pub struct Cluster {
     edge: Edge,
     sends: Arc<crate::sends::SendsInFlight>,
     passes: Arc<Passes>,
+    answered: remote::Answered,
 }
 
 fn unavailable(message: String, leader: Option<NodeId>) -> ApiError {
@@ -94,6 +98,7 @@ impl Cluster {
             edge,
             sends: Arc::default(),
             passes: Arc::default(),
+            answered: Arc::default(),
         }
     }
 

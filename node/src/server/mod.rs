@@ -198,7 +198,6 @@ pub async fn start_in(config: Config, environment: Environment) -> Result<NodeHa
     );
     let client_api = ClientApi::new(
         cluster.clone(),
-        db.clone(),
         config.limits.clone(),
         sms,
         shutdown.clone(),

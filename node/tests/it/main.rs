@@ -10,6 +10,7 @@ mod keys;
 mod maintenance;
 mod messaging;
 mod registration;
+mod remote;
 mod security;
 mod support;
 mod traces;

@@ -46,6 +46,8 @@ mod projection_test;
 mod receipts_test;
 #[cfg(test)]
 mod registration_test;
+#[cfg(test)]
+mod remote_test;
 
 use std::ops::ControlFlow;
 
