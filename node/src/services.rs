@@ -426,6 +426,13 @@ impl Forward for PeerApi {
                 .propose_forwarded(shard, request.events)
                 .instrument(span)
                 .await?
+        } else if !self.cluster.holds(shard) {
+            // Handed over by a node without a replica: handing it on again could go in a circle.
+            return Err(ApiError::NotFound {
+                code: "COURIER:Cluster:UnknownShard",
+                message: format!("{shard} is not replicated on this node"),
+            }
+            .into());
         } else {
             self.cluster
                 .propose(shard, request.events)

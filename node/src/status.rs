@@ -207,6 +207,23 @@ impl From<ApiError> for Status {
 /// leader would only delay the client.
 const LEADER_ANSWERS_PASSED_ON: [&str; 2] = ["COURIER:Send:InFlight", "COURIER:Shard:Overloaded"];
 
+/// The `UNAVAILABLE` answers of a replica that took a proposal for a node without a replica of
+/// the shard, which that node passes on: the leader's, and the replica's own when it found no
+/// leader in time or was installing a snapshot.
+const REPLICA_ANSWERS_PASSED_ON: [&str; 4] = [
+    "COURIER:Send:InFlight",
+    "COURIER:Shard:Overloaded",
+    "COURIER:Shard:NoLeader",
+    SHARD_INSTALLING,
+];
+
+/// The `INVALID_ARGUMENT` refusals of a proposal a replica passes back (the proposal itself was
+/// refused: nothing was written).
+const REPLICA_REFUSALS_PASSED_ON: [&str; 2] = [
+    "COURIER:Shard:ProposalTooLarge",
+    "COURIER:Propose:UnknownEvent",
+];
+
 impl ApiError {
     /// `INTERNAL` `COURIER:Node:Fault`: a fault inside this node; the operation may or may not
     /// have happened.
@@ -252,13 +269,34 @@ impl ApiError {
     /// deadline, a leader that stepped down), which the forwarding node treats as a leader it
     /// cannot reach.
     pub fn passed_on_from_leader(status: &Status) -> Option<ApiError> {
+        Self::coded_unavailable(status, &LEADER_ANSWERS_PASSED_ON)
+    }
+
+    /// The answer a replica gave to a proposal a node without a replica of the shard handed it
+    /// (`Cluster::propose`): its "retry later" answers and its refusals of the proposal itself,
+    /// passed on to the client unchanged; `None` for anything else (a transport failure, a
+    /// deadline, a node that holds no replica).
+    pub fn passed_on_from_replica(status: &Status) -> Option<ApiError> {
+        if status.code() == tonic::Code::InvalidArgument {
+            let sent = status.metadata().get(CODE_KEY)?.to_str().ok()?;
+            let code = REPLICA_REFUSALS_PASSED_ON
+                .into_iter()
+                .find(|known| *known == sent)?;
+            return Some(ApiError::Invalid {
+                code,
+                message: status.message().to_owned(),
+            });
+        }
+        Self::coded_unavailable(status, &REPLICA_ANSWERS_PASSED_ON)
+    }
+
+    /// An `UNAVAILABLE` status whose code is one of `codes`, with its retry hint and leader.
+    fn coded_unavailable(status: &Status, codes: &[&'static str]) -> Option<ApiError> {
         if status.code() != tonic::Code::Unavailable {
             return None;
         }
         let sent = status.metadata().get(CODE_KEY)?.to_str().ok()?;
-        let code = LEADER_ANSWERS_PASSED_ON
-            .into_iter()
-            .find(|known| *known == sent)?;
+        let code = codes.iter().copied().find(|known| *known == sent)?;
         let number = |key: &str| {
             status
                 .metadata()

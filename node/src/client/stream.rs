@@ -37,6 +37,10 @@ use crate::status::{ApiError, SHARD_INSTALLING};
 /// reached this replica of the group's shard yet (its apply does not touch the member's inbox,
 /// so it wakes nobody).
 pub const GROUP_CONTENT_RETRY: Duration = Duration::from_millis(20);
+/// How often a stream on a node without a replica of its user's shard reads the replica again
+/// (nothing applied here wakes it): the live delivery latency through such a node, at the cost
+/// of one remote page read per stream per interval.
+pub const REMOTE_STREAM_POLL: Duration = Duration::from_millis(200);
 /// One page of a device stream: the inbox position it reaches, whether that is the tail, its
 /// messages, and its receipt changes.
 type Page = (
@@ -92,21 +96,10 @@ impl ClientApi {
         let shard = self.shard_of(caller.user)?;
         // Receipts after the device's cursor are pushed (it resumes the feed where its last
         // stream left it, on any replica); without one, those that change from now on.
-        let receipts_after = receipts_cursor.unwrap_or_else(|| {
-            ReceiptFeedPosition::after_entry(
-                self.cluster
-                    .groups()
-                    .get(courier_consensus::types::GroupId::Shard(shard))
-                    .map_or(LogIndex::ZERO, |handle| {
-                        handle
-                            .applied
-                            .read()
-                            .expect("applied view lock")
-                            .shard
-                            .applied
-                    }),
-            )
-        });
+        let receipts_after = match receipts_cursor {
+            Some(cursor) => cursor,
+            None => ReceiptFeedPosition::after_entry(self.cluster.applied_index(shard).await?),
+        };
         tracing::info!(
             user = caller.user.get(),
             device = caller.device.get(),
@@ -249,6 +242,8 @@ impl ClientApi {
                 () = tx.closed() => return,
                 () = applied => {}
                 () = tokio::time::sleep(GROUP_CONTENT_RETRY), if stalled => {}
+                // No replica here, so no apply wakes this stream: it reads the replica again.
+                () = tokio::time::sleep(REMOTE_STREAM_POLL), if !self.cluster.holds(shard) => {}
             }
         }
     }

@@ -46,7 +46,7 @@ pub use edge::{Edge, run_reporter};
 pub use membership::VOTERS_MIN;
 pub use peer::{keep_warm, was_forwarded};
 pub use read::{READ_WAIT, ReadConsistency};
-pub use remote::READ_ANSWER_BYTES_MAX;
+pub use remote::{LEADER_HINT_TTL, READ_ANSWER_BYTES_MAX};
 pub use status::Passes;
 pub use wire::outcome_to_wire;
 
@@ -67,7 +67,7 @@ pub struct Cluster {
     edge: Edge,
     sends: Arc<crate::sends::SendsInFlight>,
     passes: Arc<Passes>,
-    answered: remote::Answered,
+    elsewhere: remote::SharedElsewhere,
 }
 
 fn unavailable(message: String, leader: Option<NodeId>) -> ApiError {
@@ -98,7 +98,7 @@ impl Cluster {
             edge,
             sends: Arc::default(),
             passes: Arc::default(),
-            answered: Arc::default(),
+            elsewhere: Arc::default(),
         }
     }
 

@@ -19,6 +19,19 @@ use crate::status::ApiError;
 impl Cluster {
     /// Where a shard's leader is, from this node's point of view.
     pub(super) async fn route(&self, shard: ShardId) -> Result<Route, ApiError> {
+        if !self.holds(shard) {
+            // No replica here: the leader as the replicas last named it.
+            return match self.leader_elsewhere(shard).await {
+                Some((leader, addr)) => Ok(Route::Remote {
+                    addr,
+                    leader: Some(leader),
+                }),
+                None => Err(unavailable(
+                    format!("{shard} is not replicated here and its leader is not known here yet"),
+                    None,
+                )),
+            };
+        }
         let handle = self.group(GroupId::Shard(shard)).await?;
         let state = handle.state();
         if state.role == Role::Leader {
@@ -40,6 +53,9 @@ impl Cluster {
     /// that may already have reached the old leader is sent again only when doing so cannot apply
     /// it twice (a send, an ack or a read); any other answers `UNAVAILABLE` once the new leader is known.
     ///
+    /// A node that holds no replica of `shard` hands the events to a node that does
+    /// ([`Cluster::propose_elsewhere`]), which does all of the above.
+    ///
     /// # Errors
     /// `UNAVAILABLE` when the shard has no leader within the wait or leadership moved; the
     /// caller retries with the same ids (idempotent).
@@ -48,6 +64,13 @@ impl Cluster {
         shard: ShardId,
         events: Vec<Event>,
     ) -> Result<Vec<EventOutcome>, ApiError> {
+        if !self.holds(shard) {
+            let resend_safe = retry_safe(&events);
+            return self
+                .propose_elsewhere(shard, events, resend_safe)
+                .await
+                .map_err(|error| self.advise_retry(error));
+        }
         if let Some(first) = self.applied_send(shard, &events)? {
             return Ok(vec![first]);
         }

@@ -15,10 +15,11 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use courier_consensus::types::{GroupId, NodeId};
-use courier_proto::ShardId;
+use courier_consensus::types::{EventOutcome, GroupId, NodeId};
 use courier_proto::limits::GRPC_MESSAGE_BYTES_MAX;
+use courier_proto::pb::events::Event;
 use courier_proto::pb::peer;
+use courier_proto::{LogIndex, ShardId};
 use courier_storage::Cf;
 use courier_storage::projection::{Projection, View};
 use courier_storage::remote::{READ_OPS_MAX, ReadAnswer, ReadOp, RemoteRead};
@@ -30,11 +31,24 @@ use crate::status::ApiError;
 /// answer's framing always fits.
 pub const READ_ANSWER_BYTES_MAX: usize = GRPC_MESSAGE_BYTES_MAX / 2;
 
+/// How long a leader a replica named is trusted for routing before a replica is asked again:
+/// a leader that changed is found within this, without waiting for a failure.
+pub const LEADER_HINT_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Retry hint when no replica of a shard answered a read, ms.
 const NO_REPLICA_RETRY_MS: u64 = 500;
 
-/// The replica each shard's last remote read was answered by.
-pub(super) type Answered = Arc<Mutex<HashMap<ShardId, NodeId>>>;
+/// What this node learned of shards it holds no replica of: the replica that answered last, and
+/// the leader as the replicas know it.
+#[derive(Debug, Default)]
+pub(super) struct Elsewhere {
+    answered: HashMap<ShardId, NodeId>,
+    /// The leader a replica named, and when.
+    leaders: HashMap<ShardId, (NodeId, std::time::Instant)>,
+}
+
+/// [`Elsewhere`], shared by the node's tasks.
+pub(super) type SharedElsewhere = Arc<Mutex<Elsewhere>>;
 
 impl Cluster {
     /// Whether this node is a voter of `shard`'s group: then reads of the shard are served here.
@@ -72,17 +86,13 @@ impl Cluster {
             if let Some(result) = attempt {
                 return Ok(result?);
             }
-            answers = self.read_elsewhere(shard, read.ops()).await?;
+            answers = self.read_elsewhere(shard, read.ops()).await?.0;
         }
     }
 
-    /// Asks a replica of `shard` on another node to answer `ops`: the one that answered last,
-    /// then every other member in turn.
-    async fn read_elsewhere(
-        &self,
-        shard: ShardId,
-        ops: &[ReadOp],
-    ) -> Result<Vec<ReadAnswer>, ApiError> {
+    /// The members that may hold a replica of `shard`, other than this node: its leader as last
+    /// heard, then the replica that answered last, then every other member.
+    fn replicas_elsewhere(&self, shard: ShardId) -> Vec<(NodeId, String)> {
         let me = self.groups.node_id();
         let mut replicas: Vec<(NodeId, String)> = self
             .groups
@@ -90,46 +100,183 @@ impl Cluster {
             .map(|metadata| metadata.state().members.into_iter().collect())
             .unwrap_or_default();
         replicas.retain(|(id, _)| *id != me);
-        let last = self
-            .answered
+        let (leader, answered) = {
+            let elsewhere = self
+                .elsewhere
+                .lock()
+                .expect("elsewhere lock is never poisoned");
+            (
+                elsewhere.leaders.get(&shard).map(|(leader, _)| *leader),
+                elsewhere.answered.get(&shard).copied(),
+            )
+        };
+        replicas.sort_by_key(|(id, _)| (Some(*id) != leader, Some(*id) != answered));
+        replicas
+    }
+
+    /// Notes that `replica` answered for `shard`, and the leader it named (if any).
+    fn note_elsewhere(&self, shard: ShardId, replica: NodeId, leader: Option<NodeId>) {
+        let mut elsewhere = self
+            .elsewhere
             .lock()
-            .expect("answered lock is never poisoned")
-            .get(&shard)
-            .copied();
-        replicas.sort_by_key(|(id, _)| Some(*id) != last);
+            .expect("elsewhere lock is never poisoned");
+        elsewhere.answered.insert(shard, replica);
+        if let Some(leader) = leader {
+            elsewhere
+                .leaders
+                .insert(shard, (leader, std::time::Instant::now()));
+        }
+    }
+
+    /// The leader of a shard this node holds no replica of, with its address: as heard within
+    /// [`LEADER_HINT_TTL`], or else as a replica names it when asked (a `ReadShard` of no reads);
+    /// `None` when no replica knows one.
+    pub(super) async fn leader_elsewhere(&self, shard: ShardId) -> Option<(NodeId, String)> {
+        let known = |cluster: &Self| {
+            cluster
+                .elsewhere
+                .lock()
+                .expect("elsewhere lock is never poisoned")
+                .leaders
+                .get(&shard)
+                .filter(|(_, heard)| heard.elapsed() < LEADER_HINT_TTL)
+                .map(|(leader, _)| *leader)
+        };
+        let leader = match known(self) {
+            Some(leader) => leader,
+            None => {
+                self.read_elsewhere(shard, &[]).await.ok()?;
+                known(self)?
+            }
+        };
+        let addr = self
+            .groups
+            .get(GroupId::Metadata)?
+            .state()
+            .members
+            .remove(&leader)?;
+        Some((leader, addr))
+    }
+
+    /// The index `shard` is applied up to on this node's replica, or on a replica elsewhere when
+    /// this node holds none.
+    ///
+    /// # Errors
+    /// `UNAVAILABLE` `COURIER:Shard:NoReplica` when no replica elsewhere answered.
+    pub async fn applied_index(&self, shard: ShardId) -> Result<LogIndex, ApiError> {
+        if self.holds(shard)
+            && let Some(handle) = self.groups.get(GroupId::Shard(shard))
+        {
+            return Ok(handle
+                .applied
+                .read()
+                .expect("applied view lock")
+                .shard
+                .applied);
+        }
+        Ok(self.read_elsewhere(shard, &[]).await?.1)
+    }
+
+    /// Answers to `ops` and the applied index of the replica that gave them.
+    async fn read_elsewhere(
+        &self,
+        shard: ShardId,
+        ops: &[ReadOp],
+    ) -> Result<(Vec<ReadAnswer>, LogIndex), ApiError> {
         let request = peer::ReadShardRequest {
             shard: u32::from(shard.get()),
             ops: ops.iter().map(op_to_wire).collect(),
         };
         let mut refusals = Vec::new();
-        for (id, addr) in replicas {
+        for (id, addr) in self.replicas_elsewhere(shard) {
             let Some(mut client) = self.peers.forward(&addr) else {
                 continue;
             };
             match client.read_shard(self.peers.request(request.clone())).await {
                 Ok(response) => {
-                    self.answered
-                        .lock()
-                        .expect("answered lock is never poisoned")
-                        .insert(shard, id);
+                    let response = response.into_inner();
+                    self.note_elsewhere(
+                        shard,
+                        id,
+                        (response.leader != 0).then_some(response.leader),
+                    );
                     // A short answer list stays short: `RemoteRead::attempt` refuses it.
-                    let answers = response.into_inner().answers.into_iter().zip(ops);
-                    return Ok(answers
-                        .map(|(answer, op)| answer_from_wire(answer, op))
-                        .collect());
+                    let answers = response.answers.into_iter().zip(ops);
+                    return Ok((
+                        answers
+                            .map(|(answer, op)| answer_from_wire(answer, op))
+                            .collect(),
+                        LogIndex::new(response.applied),
+                    ));
                 }
                 Err(status) => refusals.push(format!("node {id}: {}", status.message())),
             }
         }
-        Err(ApiError::Unavailable {
-            code: "COURIER:Shard:NoReplica",
-            message: format!(
-                "no replica of {shard} answered a read ({})",
-                refusals.join("; ")
-            ),
-            retry_after_ms: NO_REPLICA_RETRY_MS,
-            leader: None,
-        })
+        Err(no_replica(shard, "read", &refusals))
+    }
+
+    /// Proposes `events` on `shard`, which this node holds no replica of, through a replica on
+    /// another node: that replica routes them as its own client's (to its leader, holding them
+    /// through a failover). Another replica is tried when one holds no replica or cannot be
+    /// reached, but after an attempt whose fate is unknown only when sending again is safe.
+    ///
+    /// # Errors
+    /// The replica's answers that a client acts on (`NoLeader`, `InFlight`, `Overloaded`,
+    /// `Installing`, the proposal's own refusals); `UNAVAILABLE` `COURIER:Shard:NoReplica` when
+    /// no replica took the proposal.
+    pub(super) async fn propose_elsewhere(
+        &self,
+        shard: ShardId,
+        events: Vec<Event>,
+        resend_safe: bool,
+    ) -> Result<Vec<EventOutcome>, ApiError> {
+        let request = peer::ProposeRequest {
+            shard: u32::from(shard.get()),
+            events,
+        };
+        // The replica may hold the proposal through a failover before it answers.
+        let within = self.leader_wait().saturating_add(self.rpc_timeout);
+        let mut refusals = Vec::new();
+        for (id, addr) in self.replicas_elsewhere(shard) {
+            let Some(mut client) = self.peers.forward(&addr) else {
+                continue;
+            };
+            let status = match client
+                .propose(self.peers.request_within(request.clone(), within))
+                .await
+            {
+                Ok(response) => {
+                    self.note_elsewhere(shard, id, None);
+                    return response
+                        .into_inner()
+                        .outcomes
+                        .into_iter()
+                        .map(super::wire::outcome_from_wire)
+                        .collect();
+                }
+                Err(status) => status,
+            };
+            if let Some(answer) = ApiError::passed_on_from_replica(&status) {
+                if let ApiError::Unavailable { leader, .. } = &answer {
+                    self.note_elsewhere(shard, id, *leader);
+                }
+                return Err(answer);
+            }
+            let not_held = status.code() == tonic::Code::NotFound;
+            if !not_held && !resend_safe {
+                return Err(ApiError::Unavailable {
+                    code: "COURIER:Shard:NoLeader",
+                    message: format!(
+                        "node {id} did not answer a proposal to {shard} ({}); retry with the same ids",
+                        status.message()
+                    ),
+                    retry_after_ms: NO_REPLICA_RETRY_MS,
+                    leader: None,
+                });
+            }
+            refusals.push(format!("node {id}: {}", status.message()));
+        }
+        Err(no_replica(shard, "proposal", &refusals))
     }
 
     /// Serves the peer `ReadShard` RPC: answers the reads over this node's replica of the shard.
@@ -184,9 +331,38 @@ impl Cluster {
                 ),
             });
         }
+        let handle = self.groups.get(GroupId::Shard(shard));
+        let leader = handle
+            .as_ref()
+            .and_then(|handle| handle.leader_view().leader)
+            .unwrap_or(0);
+        let applied = handle.map_or(0, |handle| {
+            handle
+                .applied
+                .read()
+                .expect("applied view lock")
+                .shard
+                .applied
+                .get()
+        });
         Ok(peer::ReadShardResponse {
             answers: answers.into_iter().map(answer_to_wire).collect(),
+            leader,
+            applied,
         })
+    }
+}
+
+/// `UNAVAILABLE` `COURIER:Shard:NoReplica`: no node took a read or proposal of `shard`.
+fn no_replica(shard: ShardId, what: &str, refusals: &[String]) -> ApiError {
+    ApiError::Unavailable {
+        code: "COURIER:Shard:NoReplica",
+        message: format!(
+            "no replica of {shard} took the {what} ({})",
+            refusals.join("; ")
+        ),
+        retry_after_ms: NO_REPLICA_RETRY_MS,
+        leader: None,
     }
 }
 

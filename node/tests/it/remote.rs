@@ -9,7 +9,7 @@ use courier_proto::pb::client::messaging_client::MessagingClient;
 use courier_proto::pb::client::registration_client::RegistrationClient;
 use courier_proto::pb::client::{
     GetKeyCountRequest, GetReceiptsRequest, ListConversationsRequest, ListDevicesRequest,
-    SendRequest,
+    SendRequest, ServerFrame, server_frame,
 };
 use courier_proto::pb::peer::admin_client::AdminClient;
 use courier_proto::pb::peer::forward_client::ForwardClient;
@@ -18,8 +18,21 @@ use courier_proto::pb::peer::{
 };
 
 use crate::cluster::{SHARDS, init, status, wait_converged, wait_leaders, with_limits};
-use crate::messaging::{Device, authed, body, code_is, phones_on_different_shards, register};
+use crate::messaging::{
+    Device, authed, body, code_is, collect, open_stream, phones_on_different_shards, register,
+};
 use crate::support::{channel, connect, peer_channel, peer_tls};
+
+/// The message ids among `frames`, in order.
+fn message_ids(frames: &[ServerFrame]) -> Vec<Vec<u8>> {
+    frames
+        .iter()
+        .filter_map(|frame| match &frame.frame {
+            Some(server_frame::Frame::Message(message)) => Some(message.message_id.clone()),
+            _ => None,
+        })
+        .collect()
+}
 
 /// What `device` sees through the node at `addr`: its devices, the receipts of `sent` (if any), its
 /// conversations and its prekey count.
@@ -54,8 +67,9 @@ async fn seen_from(addr: &str, device: &Device, sent: &[Vec<u8>]) -> String {
 }
 
 /// Node 4 joins the metadata group only and holds no shard; Alice and Bob (on two shards) sign
-/// up and talk through node 1. Through node 4 each sees exactly what node 1 shows, and node 4's
-/// own store of every shard stays empty; node 4 refuses to answer reads of shards it does not
+/// up and talk through node 1. Through node 4 each sees exactly what node 1 shows; Carol
+/// registers and Alice sends (and retries a send) through node 4, handed to the replicas, exactly
+/// once; Bob's stream through node 4 gets the backlog and then a later message live. Node 4's own store of every shard stays empty; node 4 refuses to answer reads of shards it does not
 /// hold, and a replica refuses reads outside the shard asked for.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_without_a_replica_answers_clients_from_the_replicas() {
@@ -128,6 +142,91 @@ async fn a_node_without_a_replica_answers_clients_from_the_replicas() {
             here,
             "user {} sees the same through node 4 as through node 1",
             device.user
+        );
+    }
+
+    {
+        tracing::info!("writes through node 4: a registration and two more sends");
+        let carol = register(&addr(3), &dirs[3], "+15550009999").await;
+        for i in 3..5 {
+            let response = MessagingClient::new(channel(&addr(3)).await)
+                .send(authed(
+                    &alice,
+                    SendRequest {
+                        client_msg_id: format!("remote-{i}"),
+                        to_user: bob.user,
+                        content: body(&format!("hello {i}")),
+                    },
+                ))
+                .await
+                .expect("a send through node 4")
+                .into_inner();
+            sent.push(response.message_id);
+        }
+        let again = MessagingClient::new(channel(&addr(3)).await)
+            .send(authed(
+                &alice,
+                SendRequest {
+                    client_msg_id: "remote-4".to_owned(),
+                    to_user: bob.user,
+                    content: body("hello 4"),
+                },
+            ))
+            .await
+            .expect("a retry through node 4")
+            .into_inner();
+        assert_eq!(
+            Some(&again.message_id),
+            sent.last(),
+            "a retry through node 4 answers the first attempt's message"
+        );
+        let started = std::time::Instant::now();
+        while !seen_from(&addr(3), &bob, &[]).await.contains("unread: 5") {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "Bob's conversation shows five unread through node 4"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        wait_converged(&peers[..3], Duration::from_secs(30)).await;
+        for (device, sent) in [(&alice, sent.clone()), (&carol, Vec::new())] {
+            assert_eq!(
+                seen_from(&addr(3), device, &sent).await,
+                seen_from(&addr(1), device, &sent).await,
+                "user {} sees the same through node 4 as through node 2",
+                device.user
+            );
+        }
+    }
+
+    {
+        tracing::info!("Bob's stream through node 4: the backlog, then a message sent later");
+        let mut stream = open_stream(&addr(3), &bob, 0).await;
+        let backlog = collect(&mut stream, Duration::from_secs(20), |frames| {
+            message_ids(frames).len() >= 5
+        })
+        .await;
+        assert_eq!(message_ids(&backlog), sent, "the backlog, in order, once");
+        let later = MessagingClient::new(channel(&addr(0)).await)
+            .send(authed(
+                &alice,
+                SendRequest {
+                    client_msg_id: "remote-later".to_owned(),
+                    to_user: bob.user,
+                    content: body("later"),
+                },
+            ))
+            .await
+            .expect("a send while Bob is connected to node 4")
+            .into_inner();
+        let live = collect(&mut stream, Duration::from_secs(20), |frames| {
+            !message_ids(frames).is_empty()
+        })
+        .await;
+        assert_eq!(
+            message_ids(&live),
+            vec![later.message_id],
+            "the later message arrives live, once"
         );
     }
 
