@@ -236,6 +236,17 @@ impl Groups {
         view.raft.settings.map(|s| s.shard_count)
     }
 
+    /// Where each shard's replicas are, once the metadata group applied the settings: the
+    /// placed table, or `None` for a cluster that holds every shard on every member.
+    pub fn placement(&self) -> Option<Arc<crate::placement::Placement>> {
+        let metadata = self.get(GroupId::Metadata)?;
+        let view = metadata
+            .applied
+            .read()
+            .expect("applied view lock is never poisoned");
+        view.raft.placement.clone()
+    }
+
     /// How this cluster hashes phone numbers; `None` before the cluster settings are applied
     /// here. The key never leaves the node through this: callers hash with it.
     pub fn phone_hasher(&self) -> Option<PhoneHasher> {

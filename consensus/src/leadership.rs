@@ -6,11 +6,13 @@
 //! never names an openraft type. Reads are one consistent snapshot of the metrics each.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use courier_proto::PhoneKey;
 
 use crate::groups::GroupHandle;
+use crate::placement::Placement;
 use crate::types::{ClusterSettings, Node, NodeId, Proposal};
 
 /// What a replica is doing in its group.
@@ -287,8 +289,9 @@ impl GroupHandle {
         }
     }
 
-    /// On the leader: proposes the cluster settings and the phone-hash key (metadata group)
-    /// and waits until applied. Only the first settings entry takes effect.
+    /// On the leader: proposes the cluster settings, the phone-hash key and the placement
+    /// (`None`: every shard on every member) to the metadata group and waits until applied.
+    /// Only the first settings entry takes effect.
     ///
     /// # Errors
     /// [`RaftCallError`] when this replica does not lead or the write fails.
@@ -296,9 +299,14 @@ impl GroupHandle {
         &self,
         settings: ClusterSettings,
         phone_key: PhoneKey,
+        placement: Option<Placement>,
     ) -> Result<(), RaftCallError> {
+        let proposal = match placement {
+            None => Proposal::ClusterKeyed(settings, phone_key),
+            Some(placement) => Proposal::ClusterPlaced(settings, phone_key, Arc::new(placement)),
+        };
         self.raft
-            .client_write(Proposal::ClusterKeyed(settings, phone_key))
+            .client_write(proposal)
             .await
             .map(|_| ())
             .map_err(RaftCallError::from_display)

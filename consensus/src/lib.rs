@@ -28,6 +28,7 @@ pub mod log_store;
 pub mod maintenance;
 pub mod network;
 pub mod pipe;
+pub mod placement;
 pub mod proposer;
 pub mod snapshot_data;
 pub mod state_machine;

@@ -34,6 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use courier_proto::{PHONE_KEY_BYTES, PhoneKey};
 
+use crate::placement::Placement;
 use crate::types::{ClusterSettings, LogId, Node, NodeId, Proposal, RaftStorageError, TypeConfig};
 
 /// The raft-specific part of a stored entry.
@@ -45,6 +46,7 @@ enum RaftPart {
     Membership(LogId, openraft::Membership<NodeId, Node>),
     // Appended: postcard tags variants by position, so stored entries keep their meaning.
     ClusterKeyed(LogId, ClusterSettings, [u8; PHONE_KEY_BYTES]),
+    ClusterPlaced(LogId, ClusterSettings, [u8; PHONE_KEY_BYTES], Placement),
 }
 
 /// Maps a storage fault to openraft's storage error (which stops the raft group).
@@ -74,6 +76,10 @@ pub fn encode_entry(entry: &Entry<TypeConfig>) -> Result<LogRecord, RaftStorageE
         }
         EntryPayload::Normal(Proposal::ClusterKeyed(settings, key)) => (
             RaftPart::ClusterKeyed(log_id, *settings, *key.expose()),
+            None,
+        ),
+        EntryPayload::Normal(Proposal::ClusterPlaced(settings, key, placement)) => (
+            RaftPart::ClusterPlaced(log_id, *settings, *key.expose(), placement.as_ref().clone()),
             None,
         ),
         EntryPayload::Membership(membership) => {
@@ -124,6 +130,14 @@ pub fn decode_record(
         RaftPart::ClusterKeyed(log_id, settings, key) => (
             log_id,
             EntryPayload::Normal(Proposal::ClusterKeyed(settings, PhoneKey::new(key))),
+        ),
+        RaftPart::ClusterPlaced(log_id, settings, key, placement) => (
+            log_id,
+            EntryPayload::Normal(Proposal::ClusterPlaced(
+                settings,
+                PhoneKey::new(key),
+                Arc::new(placement),
+            )),
         ),
         RaftPart::Membership(log_id, membership) => (log_id, EntryPayload::Membership(membership)),
     };

@@ -20,6 +20,7 @@ use openraft::{Entry, EntryPayload, OptionalSend, RaftSnapshotBuilder, Snapshot,
 use serde::{Deserialize, Serialize};
 
 use crate::log_store::{fault, storage_index};
+use crate::placement::Placement;
 use crate::snapshot_data::SnapshotData;
 use crate::types::{
     ClusterSettings, GroupId, LogId, Node, NodeId, Proposal, ProposalResponse, RaftStorageError,
@@ -39,6 +40,9 @@ pub struct RaftApplied {
     /// The phone-hash key (metadata group only; `None` in a cluster created before the key
     /// existed, which keeps its unkeyed hash).
     pub phone_key: Option<PhoneKey>,
+    /// Where each shard's replicas are (metadata group only; `None` in a cluster created before
+    /// placement existed, which holds every shard on every member).
+    pub placement: Option<Arc<Placement>>,
 }
 
 /// The first stored form: postcard of the three fields, no version tag. Its first byte is the
@@ -62,6 +66,19 @@ struct RaftAppliedV2 {
 /// The version tag of [`RaftAppliedV2`]'s stored form.
 const RAFT_APPLIED_V2: u8 = 2;
 
+/// Version 3 (`RAFT_APPLIED_V3` ‖ postcard): adds the placement.
+#[derive(Serialize, Deserialize)]
+struct RaftAppliedV3 {
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+    settings: Option<ClusterSettings>,
+    phone_key: Option<[u8; PHONE_KEY_BYTES]>,
+    placement: Option<Placement>,
+}
+
+/// The version tag of [`RaftAppliedV3`]'s stored form.
+const RAFT_APPLIED_V3: u8 = 3;
+
 impl RaftApplied {
     fn decode(bytes: &[u8]) -> Result<Self, RaftStorageError> {
         let corrupt = |e: &dyn std::fmt::Display| -> RaftStorageError {
@@ -79,6 +96,7 @@ impl RaftApplied {
                     membership: v1.membership,
                     settings: v1.settings,
                     phone_key: None,
+                    placement: None,
                 })
             }
             Some(&RAFT_APPLIED_V2) => {
@@ -89,6 +107,18 @@ impl RaftApplied {
                     membership: v2.membership,
                     settings: v2.settings,
                     phone_key: v2.phone_key.map(PhoneKey::new),
+                    placement: None,
+                })
+            }
+            Some(&RAFT_APPLIED_V3) => {
+                let v3: RaftAppliedV3 =
+                    postcard::from_bytes(&bytes[1..]).map_err(|e| corrupt(&e))?;
+                Ok(Self {
+                    last_applied: v3.last_applied,
+                    membership: v3.membership,
+                    settings: v3.settings,
+                    phone_key: v3.phone_key.map(PhoneKey::new),
+                    placement: v3.placement.map(Arc::new),
                 })
             }
             Some(version) => Err(corrupt(&format!(
@@ -98,14 +128,15 @@ impl RaftApplied {
     }
 
     fn encode(&self) -> Vec<u8> {
-        let v2 = RaftAppliedV2 {
+        let v3 = RaftAppliedV3 {
             last_applied: self.last_applied,
             membership: self.membership.clone(),
             settings: self.settings,
             phone_key: self.phone_key.map(|key| *key.expose()),
+            placement: self.placement.as_deref().cloned(),
         };
-        let mut bytes = vec![RAFT_APPLIED_V2];
-        bytes.extend(postcard::to_stdvec(&v2).expect("postcard encodes plain data"));
+        let mut bytes = vec![RAFT_APPLIED_V3];
+        bytes.extend(postcard::to_stdvec(&v3).expect("postcard encodes plain data"));
         bytes
     }
 }
@@ -352,6 +383,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     }
                     None
                 }
+                EntryPayload::Normal(Proposal::ClusterPlaced(settings, key, placement)) => {
+                    // As above, the placement with them.
+                    if raft.settings.is_none() {
+                        raft.settings = Some(*settings);
+                        raft.phone_key = Some(*key);
+                        raft.placement = Some(placement.clone());
+                    }
+                    None
+                }
                 EntryPayload::Membership(membership) => {
                     raft.membership = StoredMembership::new(Some(entry.log_id), membership.clone());
                     None
@@ -511,11 +551,13 @@ mod tests {
                 replication_factor: 3,
             }),
             phone_key,
+            placement: None,
         }
     }
 
     /// A state written before the key existed (postcard of the three fields, no tag) still
-    /// opens, as a cluster without a key; the current form round-trips with its key.
+    /// opens, as a cluster without a key; one written before placement (version 2) opens
+    /// without a placement; the current form round-trips with its key and placement.
     #[test]
     fn both_stored_forms_of_the_applied_state_open() {
         let old = sample(None);
@@ -527,8 +569,27 @@ mod tests {
         .expect("encode v1");
         assert_eq!(RaftApplied::decode(&v1).expect("v1 opens"), old);
 
-        let new = sample(Some(PhoneKey::new([7; PHONE_KEY_BYTES])));
-        assert_eq!(RaftApplied::decode(&new.encode()).expect("v2 opens"), new);
+        let keyed = sample(Some(PhoneKey::new([7; PHONE_KEY_BYTES])));
+        let mut v2 = vec![RAFT_APPLIED_V2];
+        v2.extend(
+            postcard::to_stdvec(&RaftAppliedV2 {
+                last_applied: keyed.last_applied,
+                membership: keyed.membership.clone(),
+                settings: keyed.settings,
+                phone_key: Some([7; PHONE_KEY_BYTES]),
+            })
+            .expect("encode v2"),
+        );
+        assert_eq!(RaftApplied::decode(&v2).expect("v2 opens"), keyed);
+
+        let placed = RaftApplied {
+            placement: Some(Arc::new(Placement::spread(&[1, 2, 3, 4].into(), 8, 3))),
+            ..keyed
+        };
+        assert_eq!(
+            RaftApplied::decode(&placed.encode()).expect("v3 opens"),
+            placed
+        );
         assert_eq!(
             RaftApplied::decode(&[]).expect("empty"),
             RaftApplied::default()

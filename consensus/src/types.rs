@@ -10,6 +10,8 @@ use courier_storage::projection::CodeOutcome;
 use prost::Message;
 use serde::{Deserialize, Serialize};
 
+use crate::placement::Placement;
+
 /// A node of the cluster, as raft knows it: its peer address.
 pub type Node = openraft::BasicNode;
 /// A node id (at least 1).
@@ -92,9 +94,13 @@ pub enum Proposal {
     /// existed. Still decoded and applied (such a cluster keeps its unkeyed phone hash); no
     /// longer proposed.
     Cluster(ClusterSettings),
-    /// Cluster settings and the phone-hash key, proposed once to the metadata group at
-    /// bootstrap.
+    /// Cluster settings and the phone-hash key, proposed to the metadata group at bootstrap by
+    /// builds before placement. Still decoded and applied (such a cluster holds every shard on
+    /// every member); no longer proposed.
     ClusterKeyed(ClusterSettings, PhoneKey),
+    /// Cluster settings, the phone-hash key and the shards' placement, proposed once to the
+    /// metadata group at bootstrap.
+    ClusterPlaced(ClusterSettings, PhoneKey, Arc<Placement>),
 }
 
 /// Stored and wire form. Variants are only ever appended (postcard tags them by position).
@@ -103,6 +109,7 @@ enum ProposalWire {
     Events(Vec<u8>),
     Cluster(ClusterSettings),
     ClusterKeyed(ClusterSettings, [u8; PHONE_KEY_BYTES]),
+    ClusterPlaced(ClusterSettings, [u8; PHONE_KEY_BYTES], Placement),
 }
 
 impl From<Proposal> for ProposalWire {
@@ -112,6 +119,9 @@ impl From<Proposal> for ProposalWire {
             Proposal::Cluster(settings) => ProposalWire::Cluster(settings),
             Proposal::ClusterKeyed(settings, key) => {
                 ProposalWire::ClusterKeyed(settings, *key.expose())
+            }
+            Proposal::ClusterPlaced(settings, key, placement) => {
+                ProposalWire::ClusterPlaced(settings, *key.expose(), placement.as_ref().clone())
             }
         }
     }
@@ -129,6 +139,11 @@ impl TryFrom<ProposalWire> for Proposal {
             ProposalWire::ClusterKeyed(settings, key) => {
                 Ok(Proposal::ClusterKeyed(settings, PhoneKey::new(key)))
             }
+            ProposalWire::ClusterPlaced(settings, key, placement) => Ok(Proposal::ClusterPlaced(
+                settings,
+                PhoneKey::new(key),
+                Arc::new(placement),
+            )),
         }
     }
 }

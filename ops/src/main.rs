@@ -186,6 +186,10 @@ enum ClusterCommand {
         /// Number of shards `S` (fixed for the life of the cluster).
         #[arg(long, default_value_t = 8)]
         shards: u32,
+        /// Replicas per shard `R`: odd, at most 7 and at most the member count (or exactly the
+        /// member count). 0: three, or every member of a smaller cluster.
+        #[arg(long, default_value_t = 0)]
+        replicas: u32,
         /// A file holding the cluster's phone-hash key as 64 hex digits. Without it the node
         /// generates the key, which then never leaves the cluster (the usual choice; supply one
         /// only to compute user ids outside the cluster, as the benchmark does).
@@ -334,12 +338,14 @@ fn cluster(command: ClusterCommand) -> anyhow::Result<bool> {
             addr,
             members,
             shards,
+            replicas,
             phone_key_file,
         } => runtime()?
             .block_on(online::cluster_init(
                 &addr,
                 &members,
                 shards,
+                replicas,
                 phone_key_file.as_deref(),
             ))
             .map(|()| true),

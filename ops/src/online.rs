@@ -104,6 +104,7 @@ pub(crate) async fn cluster_init(
     addr: &str,
     members: &[String],
     shards: u32,
+    replicas: u32,
     phone_key_file: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
     let phone_hash_key = match phone_key_file {
@@ -129,7 +130,7 @@ pub(crate) async fn cluster_init(
     let request = InitClusterRequest {
         members,
         shard_count: shards,
-        replication_factor: 0,
+        replication_factor: replicas,
         init_shards: Vec::new(),
         phone_hash_key,
     };
@@ -141,7 +142,12 @@ pub(crate) async fn cluster_init(
     if response.already_initialized {
         println!("cluster already initialized with these members; shards checked");
     } else {
-        println!("cluster initialized: {shards} shards");
+        let per_shard = if replicas == 0 {
+            "default".to_owned()
+        } else {
+            replicas.to_string()
+        };
+        println!("cluster initialized: {shards} shards, replicas per shard: {per_shard}");
     }
     Ok(())
 }

@@ -1,12 +1,14 @@
-//! Bootstrap: the metadata group and one group per shard, started with every member, their
+//! Bootstrap: the metadata group with every member, and one group per shard on the members
+//! its placement names (every member when the replication factor is the member count), their
 //! first leaders spread over the members. Safe to retry with the same members.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use courier_consensus::groups::GroupHandle;
+use courier_consensus::placement::Placement;
 use courier_consensus::types::{ClusterSettings, GroupId, NodeId};
-use courier_proto::limits::SHARD_COUNT_MAX;
+use courier_proto::limits::{REPLICATION_FACTOR_MAX, SHARD_COUNT_MAX};
 use courier_proto::pb::peer::{InitClusterRequest, InitClusterResponse};
 use courier_proto::{PHONE_KEY_BYTES, PhoneKey, ShardId};
 use tracing::info;
@@ -36,10 +38,49 @@ fn phone_key(request: &InitClusterRequest) -> Result<PhoneKey, ApiError> {
     Ok(PhoneKey::new(bytes))
 }
 
+/// Replicas per shard when `InitCluster` names none: three, or every member of a smaller cluster.
+pub const REPLICATION_FACTOR_DEFAULT: usize = 3;
+
+/// The replication factor `request` asks for, with `members` members: its own, or
+/// [`REPLICATION_FACTOR_DEFAULT`] (every member below that).
+fn replication_factor(request: &InitClusterRequest, members: usize) -> usize {
+    match usize::try_from(request.replication_factor) {
+        Ok(0) | Err(_) => REPLICATION_FACTOR_DEFAULT.min(members),
+        Ok(asked) => asked,
+    }
+}
+
+/// Where the shards of the cluster `request` creates go: a pure function of the members, the
+/// shard count and the replication factor, so the node that bootstraps and the members it
+/// delegates shard starts to compute the same table.
+fn placement_of(request: &InitClusterRequest, members: &BTreeMap<NodeId, String>) -> Placement {
+    let nodes: BTreeSet<NodeId> = members.keys().copied().collect();
+    let shard_count = u16::try_from(request.shard_count).expect("validated");
+    Placement::spread(
+        &nodes,
+        shard_count,
+        replication_factor(request, members.len()),
+    )
+}
+
+/// The members `placement` puts `shard` on, with their addresses.
+fn replicas_of(
+    placement: &Placement,
+    shard: ShardId,
+    members: &BTreeMap<NodeId, String>,
+) -> BTreeMap<NodeId, String> {
+    placement
+        .replicas(shard)
+        .iter()
+        .filter_map(|id| Some((*id, members.get(id)?.clone())))
+        .collect()
+}
+
 impl Cluster {
     /// Bootstraps a new cluster from this node: the metadata group with every member, the
-    /// settings, and one raft group per shard with every member; then spreads shard leadership
-    /// over the members. Safe to retry with the same members.
+    /// settings and placement, and one raft group per shard on its placed members, each started
+    /// by its first placed member (which so becomes its first leader). Safe to retry with the
+    /// same members.
     ///
     /// # Errors
     /// `INVALID_ARGUMENT` for a malformed member list or settings, `FAILED_PRECONDITION` when the
@@ -48,11 +89,19 @@ impl Cluster {
         let members = self.validate_init(&request)?;
         let phone_key = phone_key(&request)?;
         let shard_count = u16::try_from(request.shard_count).expect("validated");
+        let placement = placement_of(&request, &members);
         if !request.init_shards.is_empty() {
             // A bootstrapping peer asks this node to start some shards as their first leader.
             for shard in &request.init_shards {
                 let shard = ShardId::from_wire(*shard, shard_count)?;
-                self.init_group(GroupId::Shard(shard), &members).await?;
+                let replicas = replicas_of(&placement, shard, &members);
+                if !replicas.contains_key(&self.groups.node_id()) {
+                    return Err(invalid(
+                        "COURIER:Cluster:NotAMember",
+                        format!("{shard} is not placed on this node"),
+                    ));
+                }
+                self.init_group(GroupId::Shard(shard), &replicas).await?;
             }
             return Ok(InitClusterResponse {
                 already_initialized: false,
@@ -77,9 +126,10 @@ impl Cluster {
             self.init_group(GroupId::Metadata, &members).await?;
         }
         self.wait_leader(&metadata).await?;
+        let replication_factor = replication_factor(&request, members.len());
         let settings = ClusterSettings {
             shard_count,
-            replication_factor: u16::try_from(members.len()).expect("validated"),
+            replication_factor: u16::try_from(replication_factor).expect("validated"),
         };
         let (known, known_key) = {
             let view = metadata.applied.read().expect("applied view lock");
@@ -104,44 +154,58 @@ impl Cluster {
             }
             Some(_) => {}
             None => {
+                // A cluster with every shard on every member is written as before placement
+                // existed (nothing to place), so that such clusters keep one stored form.
+                let placed = (replication_factor < members.len()).then(|| placement.clone());
                 metadata
-                    .write_settings(settings, phone_key)
+                    .write_settings(settings, phone_key, placed)
                     .await
                     .map_err(|e| unavailable(e.to_string(), None))?;
             }
         }
-        self.init_shards(&request, shard_count, &members).await?;
+        self.init_shards(&request, &placement, &members).await?;
         Ok(InitClusterResponse {
             already_initialized: already,
         })
     }
 
-    /// Starts shard `i` on member `i mod N`, which becomes its first leader: leaders spread over
-    /// the nodes from the start (the raft library has no leader transfer).
+    /// Starts each shard on its first placed member, which becomes its first leader: leaders
+    /// spread over the nodes from the start.
     async fn init_shards(
         &self,
         request: &InitClusterRequest,
-        shard_count: u16,
+        placement: &Placement,
         members: &BTreeMap<NodeId, String>,
     ) -> Result<(), ApiError> {
-        let nodes: Vec<(&NodeId, &String)> = members.iter().collect();
         let mut per_node: BTreeMap<NodeId, Vec<u32>> = BTreeMap::new();
-        for shard in 0..shard_count {
-            let (id, _) = nodes[usize::from(shard) % nodes.len()];
-            per_node.entry(*id).or_default().push(u32::from(shard));
+        for shard in 0..request.shard_count {
+            let id = u16::try_from(shard).map(ShardId::new).expect("validated");
+            let first = *placement.replicas(id).first().expect("R >= 1");
+            per_node.entry(first).or_default().push(shard);
         }
+        let me = self.groups.node_id();
         for (id, shards) in per_node {
-            let local = id == self.groups.node_id();
+            let local = id == me;
             let delegated = !local
                 && self
                     .delegate_init(request, &members[&id], &shards)
                     .await
                     .is_ok();
             if !delegated {
-                // This node, or a member that did not answer: start the shards here.
+                // This node, or a member that did not answer: start the shards here, where
+                // this node is one of their replicas.
                 for shard in shards {
                     let shard = ShardId::new(u16::try_from(shard).expect("below shard_count"));
-                    self.init_group(GroupId::Shard(shard), members).await?;
+                    let replicas = replicas_of(placement, shard, members);
+                    if !replicas.contains_key(&me) {
+                        return Err(unavailable(
+                            format!(
+                                "node {id} did not start {shard}, which is not placed here; retry"
+                            ),
+                            None,
+                        ));
+                    }
+                    self.init_group(GroupId::Shard(shard), &replicas).await?;
                 }
             }
         }
@@ -239,12 +303,17 @@ impl Cluster {
                 ),
             ));
         }
-        let members_len = u32::try_from(members.len()).unwrap_or(u32::MAX);
-        if request.replication_factor != 0 && request.replication_factor != members_len {
+        let replicas = replication_factor(request, members.len());
+        let allowed = replicas == members.len()
+            || (replicas % 2 == 1
+                && replicas <= members.len()
+                && u32::try_from(replicas).is_ok_and(|r| r <= REPLICATION_FACTOR_MAX));
+        if !allowed {
             return Err(invalid(
                 "COURIER:Cluster:ReplicationFactor",
                 format!(
-                    "this version places every shard on every member: replication_factor must be 0 or {members_len}"
+                    "replication_factor must be odd, at most {REPLICATION_FACTOR_MAX} and at most the {} members (or exactly the member count; 0: {REPLICATION_FACTOR_DEFAULT} or every member), got {replicas}",
+                    members.len()
                 ),
             ));
         }

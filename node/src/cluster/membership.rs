@@ -68,6 +68,16 @@ impl Cluster {
                 let shard_count = self.groups.shard_count().ok_or_else(|| {
                     unavailable("the cluster is not initialized".to_owned(), None)
                 })?;
+                if self.groups.placement().is_some() {
+                    // Every group would be wrong: each shard is on its placed replicas only.
+                    return Err(ApiError::FailedPrecondition {
+                        code: "COURIER:Cluster:Placed",
+                        message: "this cluster places each shard on some of its nodes: a node \
+                                  joins or leaves one group at a time (`group`), shard moves \
+                                  and drains are not built yet"
+                            .to_owned(),
+                    });
+                }
                 std::iter::once(GroupId::Metadata)
                     .chain((0..shard_count).map(|s| GroupId::Shard(ShardId::new(s))))
                     .collect()

@@ -42,6 +42,7 @@ use courier_consensus::types::{GroupId, NodeId};
 use courier_storage::Db;
 
 pub use balance::run_leader_rebalancer;
+pub use bootstrap::REPLICATION_FACTOR_DEFAULT;
 pub use edge::{Edge, run_reporter};
 pub use membership::VOTERS_MIN;
 pub use peer::{keep_warm, was_forwarded};

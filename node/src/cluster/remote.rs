@@ -90,8 +90,9 @@ impl Cluster {
         }
     }
 
-    /// The members that may hold a replica of `shard`, other than this node: its leader as last
-    /// heard, then the replica that answered last, then every other member.
+    /// The members that may hold a replica of `shard`, other than this node (its placed replicas,
+    /// or every member of a cluster that holds every shard everywhere): its leader as last heard,
+    /// then the replica that answered last, then the others.
     fn replicas_elsewhere(&self, shard: ShardId) -> Vec<(NodeId, String)> {
         let me = self.groups.node_id();
         let mut replicas: Vec<(NodeId, String)> = self
@@ -99,7 +100,14 @@ impl Cluster {
             .get(GroupId::Metadata)
             .map(|metadata| metadata.state().members.into_iter().collect())
             .unwrap_or_default();
-        replicas.retain(|(id, _)| *id != me);
+        let placement = self.groups.placement();
+        // The placed replicas when the cluster places shards; otherwise every member may hold it.
+        replicas.retain(|(id, _)| {
+            *id != me
+                && placement
+                    .as_ref()
+                    .is_none_or(|placed| placed.holds(*id, shard))
+        });
         let (leader, answered) = {
             let elsewhere = self
                 .elsewhere

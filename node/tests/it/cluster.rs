@@ -31,7 +31,7 @@ pub(crate) async fn status(peer: &str) -> StatusResponse {
         .into_inner()
 }
 
-async fn try_status(peer: &str) -> Result<StatusResponse, tonic::Status> {
+pub(crate) async fn try_status(peer: &str) -> Result<StatusResponse, tonic::Status> {
     let channel = tonic::transport::Channel::from_shared(format!("https://{peer}"))
         .expect("a valid uri")
         .tls_config(peer_tls(courier_tls::dev::OPERATOR))

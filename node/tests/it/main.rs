@@ -9,6 +9,7 @@ mod history;
 mod keys;
 mod maintenance;
 mod messaging;
+mod placement;
 mod registration;
 mod remote;
 mod security;

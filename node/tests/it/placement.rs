@@ -1,0 +1,215 @@
+//! Placement: a cluster of four nodes with three replicas per shard. Each shard's group holds
+//! exactly its placed nodes; clients on any node register, send and stream (reads and writes of
+//! shards a node does not hold go to their replicas); a send still succeeds with one node
+//! stopped; a membership change of every group at once is refused.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use courier_consensus::placement::Placement;
+use courier_proto::ShardId;
+use courier_proto::pb::client::SendRequest;
+use courier_proto::pb::client::messaging_client::MessagingClient;
+use courier_proto::pb::peer::admin_client::AdminClient;
+use courier_proto::pb::peer::{AddNodeRequest, NodeInfo};
+
+use crate::cluster::{PHONE_KEY, SHARDS, fast_config, init_request, status, try_status};
+use crate::messaging::{
+    Device, authed, body, code_is, collect, open_stream, phones_on_different_shards, register,
+};
+use crate::support::{channel, peer_channel};
+
+const NODES: u64 = 4;
+const REPLICAS: u32 = 3;
+
+/// Per shard, the nodes whose status shows themselves among the shard's voters, with the leader
+/// and the applied index and digest each reports.
+async fn replicas_seen(peers: &[String]) -> BTreeMap<u32, BTreeMap<u64, (u64, u64, String)>> {
+    let mut seen: BTreeMap<u32, BTreeMap<u64, (u64, u64, String)>> = BTreeMap::new();
+    for (peer, id) in peers.iter().zip(1_u64..) {
+        // A stopped node does not answer: it holds nothing now.
+        let Ok(Ok(response)) = tokio::time::timeout(Duration::from_secs(2), try_status(peer)).await
+        else {
+            continue;
+        };
+        for shard in response.shards {
+            if shard.replicas.contains(&id) {
+                seen.entry(shard.shard)
+                    .or_default()
+                    .insert(id, (shard.leader, shard.applied, shard.digest.clone()));
+            }
+        }
+    }
+    seen
+}
+
+/// Waits until every shard's placed replicas (among `up`) agree on a leader and on their applied
+/// index and digest.
+async fn wait_placed_converged(peers: &[String], placement: &Placement, up: &BTreeSet<u64>) {
+    let started = Instant::now();
+    loop {
+        let seen = replicas_seen(peers).await;
+        let agreed = (0..SHARDS).all(|shard| {
+            let placed: BTreeSet<u64> = placement
+                .replicas(ShardId::new(u16::try_from(shard).expect("small")))
+                .iter()
+                .copied()
+                .filter(|id| up.contains(id))
+                .collect();
+            let Some(reports) = seen.get(&shard) else {
+                return false;
+            };
+            let first = reports.values().next();
+            reports.keys().copied().collect::<BTreeSet<_>>() == placed
+                && first.is_some_and(|(leader, ..)| *leader != 0)
+                && reports.values().all(|report| Some(report) == first)
+        });
+        if agreed {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the placed replicas did not agree: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn send(addr: &str, from: &Device, to: &Device, id: &str) -> Vec<u8> {
+    MessagingClient::new(channel(addr).await)
+        .send(authed(
+            from,
+            SendRequest {
+                client_msg_id: id.to_owned(),
+                to_user: to.user,
+                content: body(id),
+            },
+        ))
+        .await
+        .expect("send")
+        .into_inner()
+        .message_id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_nodes_hold_three_replicas_of_each_shard_and_serve_clients_on_any_node() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut nodes = Vec::new();
+    let mut dirs = Vec::new();
+    for id in 1..=NODES {
+        let dir = root.path().join(format!("n{id}"));
+        let text = fast_config(id, &dir);
+        let config = courier_node::Config::parse(&text).expect("config");
+        nodes.push(Some(courier_node::start(config).await.expect("start")));
+        dirs.push(dir);
+    }
+    let peers: Vec<String> = nodes
+        .iter()
+        .flatten()
+        .map(|n| n.peer_addr.to_string())
+        .collect();
+    let addrs: Vec<String> = nodes
+        .iter()
+        .flatten()
+        .map(|n| n.client_addr.to_string())
+        .collect();
+    let mut request = init_request(&peers, PHONE_KEY.to_vec());
+    request.replication_factor = REPLICAS;
+    AdminClient::new(peer_channel(&peers[0]).await)
+        .init_cluster(request.clone())
+        .await
+        .expect("init with three replicas per shard");
+    AdminClient::new(peer_channel(&peers[0]).await)
+        .init_cluster(request)
+        .await
+        .expect("init again: nothing changes");
+
+    let all: BTreeSet<u64> = (1..=NODES).collect();
+    let placement = Placement::spread(&all, u16::try_from(SHARDS).expect("small"), 3);
+    wait_placed_converged(&peers, &placement, &all).await;
+    let seen = replicas_seen(&peers).await;
+    for node in 1..=NODES {
+        let held = seen
+            .values()
+            .filter(|reports| reports.contains_key(&node))
+            .count();
+        assert_eq!(
+            held, 3,
+            "node {node} holds three of the four shards: {seen:?}"
+        );
+    }
+
+    let (alice_phone, bob_phone) = phones_on_different_shards();
+    let alice = register(&addrs[3], &dirs[3], &alice_phone).await;
+    let bob = register(&addrs[0], &dirs[0], &bob_phone).await;
+    let mut sent = Vec::new();
+    for (i, addr) in addrs.iter().enumerate() {
+        sent.push(send(addr, &alice, &bob, &format!("through-{i}")).await);
+    }
+    let mut stream = open_stream(&addrs[2], &bob, 0).await;
+    let ids = |frames: &[courier_proto::pb::client::ServerFrame]| -> Vec<Vec<u8>> {
+        frames
+            .iter()
+            .filter_map(|frame| match &frame.frame {
+                Some(courier_proto::pb::client::server_frame::Frame::Message(m)) => {
+                    Some(m.message_id.clone())
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    let got = collect(&mut stream, Duration::from_secs(20), |frames| {
+        ids(frames).len() >= sent.len()
+    })
+    .await;
+    assert_eq!(
+        ids(&got),
+        sent,
+        "Bob gets every send through every node, in order, once"
+    );
+
+    {
+        tracing::info!("node 1 stops: every shard keeps two of its three replicas");
+        nodes[0].take().expect("node 1").stop().await;
+        let up: BTreeSet<u64> = (2..=NODES).collect();
+        let late = send(&addrs[1], &alice, &bob, "with-node-1-down").await;
+        let got = collect(&mut stream, Duration::from_secs(20), |frames| {
+            !ids(frames).is_empty()
+        })
+        .await;
+        assert_eq!(
+            ids(&got),
+            vec![late],
+            "the send made with node 1 down arrives, once"
+        );
+        wait_placed_converged(&peers, &placement, &up).await;
+    }
+
+    let refused = AdminClient::new(peer_channel(&peers[1]).await)
+        .add_node(AddNodeRequest {
+            node: Some(NodeInfo {
+                node_id: 5,
+                peer_addr: "127.0.0.1:1".to_owned(),
+                client_addr: String::new(),
+            }),
+            group: None,
+        })
+        .await
+        .expect_err("adding a node to every group of a placed cluster");
+    code_is(
+        &refused,
+        tonic::Code::FailedPrecondition,
+        "COURIER:Cluster:Placed",
+    );
+    assert!(
+        status(&peers[1])
+            .await
+            .shards
+            .iter()
+            .all(|s| !s.replicas.contains(&5)),
+        "nothing changed"
+    );
+    for node in nodes.into_iter().flatten() {
+        node.stop().await;
+    }
+}
