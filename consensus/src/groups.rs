@@ -228,12 +228,17 @@ impl Groups {
 
     /// The cluster's shard count, once the metadata group applied the settings.
     pub fn shard_count(&self) -> Option<u16> {
+        self.settings().map(|settings| settings.shard_count)
+    }
+
+    /// The cluster settings, once the metadata group applied them.
+    pub fn settings(&self) -> Option<crate::types::ClusterSettings> {
         let metadata = self.get(GroupId::Metadata)?;
         let view = metadata
             .applied
             .read()
             .expect("applied view lock is never poisoned");
-        view.raft.settings.map(|s| s.shard_count)
+        view.raft.settings
     }
 
     /// Where each shard's replicas are, once the metadata group applied the settings: the

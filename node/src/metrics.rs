@@ -409,13 +409,19 @@ impl Collector for ShardCollector {
                 put(name, help, true, Vec::new(), as_i64(value));
             }
         }
-        let leads = status.shards.iter().filter(|s| s.role == "leader").count();
+        // Voter groups only: a node may run an empty group of a shard placed elsewhere.
+        let held: Vec<_> = status
+            .shards
+            .iter()
+            .filter(|shard| shard.replicas.contains(&status.node_id))
+            .collect();
+        let leads = held.iter().filter(|s| s.role == "leader").count();
         put(
             "courier_node_shard_replicas",
-            "Shard replicas this node holds",
+            "Shards this node is a voter of (its placed replicas)",
             false,
             Vec::new(),
-            i64::try_from(status.shards.len()).unwrap_or(i64::MAX),
+            i64::try_from(held.len()).unwrap_or(i64::MAX),
         );
         put(
             "courier_node_shard_leaders",

@@ -133,11 +133,25 @@ impl Cluster {
                     .collect(),
             });
         }
+        let placement = self.groups.placement().map_or_else(Vec::new, |placement| {
+            (0..placement.shard_count())
+                .filter_map(|shard| u16::try_from(shard).ok().map(ShardId::new))
+                .map(|shard| peer::ShardPlacement {
+                    shard: u32::from(shard.get()),
+                    replicas: placement.replicas(shard).to_vec(),
+                })
+                .collect()
+        });
         StatusResponse {
             node_id: self.groups.node_id(),
             shards,
             nodes,
             counters: Some(self.counters()),
+            replication_factor: self
+                .groups
+                .settings()
+                .map_or(0, |settings| u32::from(settings.replication_factor)),
+            placement,
         }
     }
 

@@ -17,7 +17,7 @@ use crate::cluster::{PHONE_KEY, SHARDS, fast_config, init_request, status, try_s
 use crate::messaging::{
     Device, authed, body, code_is, collect, open_stream, phones_on_different_shards, register,
 };
-use crate::support::{channel, peer_channel};
+use crate::support::{channel, peer_channel, scrape};
 
 const NODES: u64 = 4;
 const REPLICAS: u32 = 3;
@@ -136,6 +136,28 @@ async fn four_nodes_hold_three_replicas_of_each_shard_and_serve_clients_on_any_n
         assert_eq!(
             held, 3,
             "node {node} holds three of the four shards: {seen:?}"
+        );
+    }
+
+    let reported = status(&peers[1]).await;
+    assert_eq!(reported.replication_factor, REPLICAS, "status names R");
+    let table: Vec<(u32, Vec<u64>)> = reported
+        .placement
+        .iter()
+        .map(|shard| (shard.shard, shard.replicas.clone()))
+        .collect();
+    let expected: Vec<(u32, Vec<u64>)> = (0..SHARDS)
+        .map(|shard| {
+            let id = ShardId::new(u16::try_from(shard).expect("small"));
+            (shard, placement.replicas(id).to_vec())
+        })
+        .collect();
+    assert_eq!(table, expected, "status shows the placement table");
+    for node in nodes.iter().flatten() {
+        let metrics = scrape(node.metrics_addr.expect("metrics listener")).await;
+        assert!(
+            metrics.contains("courier_node_shard_replicas{} 3"),
+            "every node is a voter of three shards: {metrics}"
         );
     }
 
