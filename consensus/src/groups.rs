@@ -316,6 +316,49 @@ impl Groups {
         Ok(handle)
     }
 
+    /// Stops this node's replica of `shard` and deletes the shard's data in every column family,
+    /// in one synced batch: what is left of a replica that was moved away (the caller checks it
+    /// is out of the group's membership). Returns how many families still hold keys of the
+    /// shard afterwards (0: verified empty).
+    ///
+    /// # Errors
+    /// [`ConsensusError::Storage`] when the delete or the check fails.
+    pub async fn drop_shard(&self, shard: courier_proto::ShardId) -> Result<u32, ConsensusError> {
+        let group = GroupId::Shard(shard);
+        let _creating = self.creating.lock().await;
+        let handle = self
+            .groups
+            .write()
+            .expect("groups lock is never poisoned")
+            .remove(&group);
+        if let Some(handle) = handle
+            && let Err(error) = handle.raft.shutdown().await
+        {
+            tracing::warn!(%group, %error, "raft group did not stop cleanly before its drop");
+        }
+        let storage = |source| ConsensusError::Storage {
+            group,
+            source: crate::log_store::fault(source),
+        };
+        let (from, to) = courier_storage::keys::shard_range(group.storage_prefix());
+        let ranges: Vec<_> = courier_storage::Cf::all()
+            .map(|cf| (cf, from.clone(), to.clone()))
+            .collect();
+        self.db
+            .replace_ranges(&ranges, Vec::new(), true)
+            .map_err(storage)?;
+        let mut left = 0_u32;
+        for cf in courier_storage::Cf::all() {
+            let pairs = courier_storage::ReadKv::scan(self.db.as_ref(), cf, &from, &to, 1)
+                .map_err(storage)?;
+            if !pairs.is_empty() {
+                left = left.saturating_add(1);
+            }
+        }
+        tracing::info!(%group, families_left = left, "replica dropped");
+        Ok(left)
+    }
+
     /// Stops every group.
     pub async fn shutdown(&self) {
         for (group, handle) in self.list() {

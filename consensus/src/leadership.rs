@@ -312,6 +312,25 @@ impl GroupHandle {
             .map_err(RaftCallError::from_display)
     }
 
+    /// On the metadata group's leader: records in the placement table that `shard`'s replica
+    /// moved from `from` to `to`, and waits until applied (a move that does not fit the table
+    /// changes nothing).
+    ///
+    /// # Errors
+    /// [`RaftCallError`] when this replica does not lead or the write fails.
+    pub async fn write_placement_move(
+        &self,
+        shard: courier_proto::ShardId,
+        from: NodeId,
+        to: NodeId,
+    ) -> Result<(), RaftCallError> {
+        self.raft
+            .client_write(Proposal::PlacementMoved(shard, from, to))
+            .await
+            .map(|_| ())
+            .map_err(RaftCallError::from_display)
+    }
+
     /// On the leader: adds `id` at `addr` as a learner and waits until it caught up.
     ///
     /// # Errors

@@ -47,6 +47,7 @@ enum RaftPart {
     // Appended: postcard tags variants by position, so stored entries keep their meaning.
     ClusterKeyed(LogId, ClusterSettings, [u8; PHONE_KEY_BYTES]),
     ClusterPlaced(LogId, ClusterSettings, [u8; PHONE_KEY_BYTES], Placement),
+    PlacementMoved(LogId, u16, NodeId, NodeId),
 }
 
 /// Maps a storage fault to openraft's storage error (which stops the raft group).
@@ -80,6 +81,10 @@ pub fn encode_entry(entry: &Entry<TypeConfig>) -> Result<LogRecord, RaftStorageE
         ),
         EntryPayload::Normal(Proposal::ClusterPlaced(settings, key, placement)) => (
             RaftPart::ClusterPlaced(log_id, *settings, *key.expose(), placement.as_ref().clone()),
+            None,
+        ),
+        EntryPayload::Normal(Proposal::PlacementMoved(shard, from, to)) => (
+            RaftPart::PlacementMoved(log_id, shard.get(), *from, *to),
             None,
         ),
         EntryPayload::Membership(membership) => {
@@ -137,6 +142,14 @@ pub fn decode_record(
                 settings,
                 PhoneKey::new(key),
                 Arc::new(placement),
+            )),
+        ),
+        RaftPart::PlacementMoved(log_id, shard, from, to) => (
+            log_id,
+            EntryPayload::Normal(Proposal::PlacementMoved(
+                courier_proto::ShardId::new(shard),
+                from,
+                to,
             )),
         ),
         RaftPart::Membership(log_id, membership) => (log_id, EntryPayload::Membership(membership)),

@@ -89,6 +89,22 @@ impl Placement {
             .collect()
     }
 
+    /// The table with `shard`'s replica on `from` moved to `to` (in `from`'s place); `None`
+    /// when `from` holds no replica of it or `to` already holds one.
+    pub fn moved(&self, shard: ShardId, from: NodeId, to: NodeId) -> Option<Self> {
+        let replicas = self.shards.get(usize::from(shard.get()))?;
+        if !replicas.contains(&from) || replicas.contains(&to) {
+            return None;
+        }
+        let mut moved = self.clone();
+        for node in &mut moved.shards[usize::from(shard.get())] {
+            if *node == from {
+                *node = to;
+            }
+        }
+        Some(moved)
+    }
+
     /// The number of shards placed.
     pub fn shard_count(&self) -> usize {
         self.shards.len()
@@ -158,6 +174,36 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A move replaces one replica and nothing else; an impossible move is `None`.
+    #[test]
+    fn a_move_replaces_one_replica() {
+        let nodes: BTreeSet<NodeId> = [1, 2, 3, 4].into();
+        let placement = Placement::spread(&nodes, 4, 3);
+        let shard = ShardId::new(1);
+        let from = placement.replicas(shard)[0];
+        let to = *nodes
+            .iter()
+            .find(|n| !placement.holds(**n, shard))
+            .expect("one node lacks each shard");
+        let moved = placement.moved(shard, from, to).expect("a possible move");
+        assert!(moved.holds(to, shard) && !moved.holds(from, shard), "moved");
+        assert_eq!(moved.replicas(shard).len(), 3, "still three replicas");
+        for other in [0, 2, 3] {
+            let other = ShardId::new(other);
+            assert_eq!(
+                moved.replicas(other),
+                placement.replicas(other),
+                "others unchanged"
+            );
+        }
+        assert_eq!(
+            placement.moved(shard, to, from),
+            None,
+            "from a node without it"
+        );
+        assert_eq!(moved.moved(shard, to, to), None, "to a node with it");
     }
 
     /// The table clusters created before placement get: every shard everywhere, shard `i` led

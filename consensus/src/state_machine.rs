@@ -383,6 +383,18 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     }
                     None
                 }
+                EntryPayload::Normal(Proposal::PlacementMoved(shard, from, to)) => {
+                    // Applied only where it fits the table: a repeated or stale move changes
+                    // nothing, on every replica alike.
+                    if let Some(moved) = raft
+                        .placement
+                        .as_ref()
+                        .and_then(|placement| placement.moved(*shard, *from, *to))
+                    {
+                        raft.placement = Some(Arc::new(moved));
+                    }
+                    None
+                }
                 EntryPayload::Normal(Proposal::ClusterPlaced(settings, key, placement)) => {
                     // As above, the placement with them.
                     if raft.settings.is_none() {

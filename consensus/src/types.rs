@@ -101,6 +101,10 @@ pub enum Proposal {
     /// Cluster settings, the phone-hash key and the shards' placement, proposed once to the
     /// metadata group at bootstrap.
     ClusterPlaced(ClusterSettings, PhoneKey, Arc<Placement>),
+    /// A shard's replica moved from one node to another (the placement table's change after a
+    /// shard move; applied only when the table shows the shard on the first node and not on
+    /// the second).
+    PlacementMoved(ShardId, NodeId, NodeId),
 }
 
 /// Stored and wire form. Variants are only ever appended (postcard tags them by position).
@@ -110,6 +114,7 @@ enum ProposalWire {
     Cluster(ClusterSettings),
     ClusterKeyed(ClusterSettings, [u8; PHONE_KEY_BYTES]),
     ClusterPlaced(ClusterSettings, [u8; PHONE_KEY_BYTES], Placement),
+    PlacementMoved(u16, NodeId, NodeId),
 }
 
 impl From<Proposal> for ProposalWire {
@@ -122,6 +127,9 @@ impl From<Proposal> for ProposalWire {
             }
             Proposal::ClusterPlaced(settings, key, placement) => {
                 ProposalWire::ClusterPlaced(settings, *key.expose(), placement.as_ref().clone())
+            }
+            Proposal::PlacementMoved(shard, from, to) => {
+                ProposalWire::PlacementMoved(shard.get(), from, to)
             }
         }
     }
@@ -144,6 +152,9 @@ impl TryFrom<ProposalWire> for Proposal {
                 PhoneKey::new(key),
                 Arc::new(placement),
             )),
+            ProposalWire::PlacementMoved(shard, from, to) => {
+                Ok(Proposal::PlacementMoved(ShardId::new(shard), from, to))
+            }
         }
     }
 }

@@ -26,10 +26,11 @@ use courier_proto::pb::peer::forward_server::Forward;
 use courier_proto::pb::peer::{
     AddNodeRequest, AddNodeResponse, BackupRequest, BackupResponse, ForwardBatchRequest,
     ForwardBatchResponse, InitClusterRequest, InitClusterResponse, InspectUserRequest,
-    PresenceRequest, PresenceResponse, ProposeRequest, ProposeResponse, ReadLogRequest,
-    ReadLogResponse, ReadShardRequest, ReadShardResponse, RebuildProjectionRequest,
-    RemoveNodeRequest, RemoveNodeResponse, StatusRequest, StatusResponse, TransferLeaderRequest,
-    TransferLeaderResponse, TypingRequest, TypingResponse, VerifyProjectionRequest,
+    MoveShardRequest, MoveShardResponse, PresenceRequest, PresenceResponse, ProposeRequest,
+    ProposeResponse, ReadLogRequest, ReadLogResponse, ReadShardRequest, ReadShardResponse,
+    RebuildProjectionRequest, RemoveNodeRequest, RemoveNodeResponse, StatusRequest, StatusResponse,
+    TransferLeaderRequest, TransferLeaderResponse, TypingRequest, TypingResponse,
+    VerifyProjectionRequest,
 };
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
@@ -516,6 +517,17 @@ impl Admin for PeerApi {
         Ok(Response::new(
             self.cluster
                 .backup(&self.backup_root, &request.into_inner().dir)?,
+        ))
+    }
+
+    async fn move_shard(
+        &self,
+        request: Request<MoveShardRequest>,
+    ) -> Result<Response<MoveShardResponse>, Status> {
+        // Operators start moves; nodes record them in the metadata group's table.
+        self.auth.check(&request, Allowed::NodesAndOperators)?;
+        Ok(Response::new(
+            self.cluster.move_shard(request.into_inner()).await?,
         ))
     }
 

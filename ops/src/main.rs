@@ -59,6 +59,9 @@ enum Command {
     /// Adds or removes a node (every group, each on its leader).
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Moves shard replicas between nodes (a cluster that places shards on some nodes).
+    #[command(subcommand)]
+    Shard(ShardCommand),
     /// Takes a consistent RocksDB checkpoint of a running node (written on the node's machine).
     Backup {
         /// Peer address of the node.
@@ -261,6 +264,28 @@ enum NodeCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum ShardCommand {
+    /// Moves `--shard`'s replica from node `--from` to node `--to`: `--to` joins and catches up
+    /// (progress shown), leadership leaves `--from`, `--from` leaves, the placement table records
+    /// it, and the shard's data on `--from` is deleted and checked gone. Run it again to resume
+    /// an interrupted move.
+    Move {
+        /// Peer address of any member.
+        #[arg(long)]
+        addr: String,
+        /// The shard.
+        #[arg(long)]
+        shard: u32,
+        /// The node the replica leaves.
+        #[arg(long)]
+        from: u64,
+        /// The node the replica goes to.
+        #[arg(long)]
+        to: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum InspectCommand {
     /// A user's inbox tail, device cursors, unread counts, receipts and devices at `--at`, each
     /// with the index of the event that last set it.
@@ -330,7 +355,20 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs one command; `Ok(false)` means the check ran and failed.
+/// `courier-ops shard …`.
+fn shard_command(command: ShardCommand) -> anyhow::Result<bool> {
+    match command {
+        ShardCommand::Move {
+            addr,
+            shard,
+            from,
+            to,
+        } => runtime()?
+            .block_on(online::shard_move(&addr, shard, from, to))
+            .map(|()| true),
+    }
+}
+
 /// `courier-ops cluster …`.
 fn cluster(command: ClusterCommand) -> anyhow::Result<bool> {
     match command {
@@ -375,6 +413,7 @@ fn inspect_command(command: InspectCommand) -> anyhow::Result<bool> {
     }
 }
 
+/// Runs one command; `Ok(false)` means the check ran and failed.
 fn run(cli: Cli) -> anyhow::Result<bool> {
     transport::install(&cli.tls)?;
     match cli.command {
@@ -401,6 +440,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         Command::Node(NodeCommand::Remove { addr, id }) => runtime()?
             .block_on(online::node_remove(&addr, id))
             .map(|()| true),
+        Command::Shard(command) => shard_command(command),
         Command::Inspect(command) => inspect_command(command),
         Command::Restore {
             from,

@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use courier_proto::pb::peer::admin_client::AdminClient;
 use courier_proto::pb::peer::{
-    AddNodeRequest, InitClusterRequest, NodeInfo, RemoveNodeRequest, StatusRequest, StatusResponse,
-    TransferLeaderRequest,
+    AddNodeRequest, InitClusterRequest, MoveShardRequest, NodeInfo, RemoveNodeRequest, ShardStatus,
+    StatusRequest, StatusResponse, TransferLeaderRequest,
 };
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
@@ -356,6 +356,87 @@ pub(crate) async fn node_add(addr: &str, id: u64, peer: &str) -> anyhow::Result<
         .map_err(describe)?;
     println!("node {id} added to every group as a voter");
     Ok(())
+}
+
+/// How long `shard move` waits for the move (catching up a large shard takes a while).
+const MOVE_WAIT: Duration = Duration::from_secs(3600);
+/// How often `shard move` reports the new replica's progress.
+const MOVE_PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// Moves `shard`'s replica from node `from` to node `to` in the cluster `addr` belongs to, with
+/// the new replica's catch-up progress on stderr.
+///
+/// # Errors
+/// Connection errors, an unknown node, or the cluster's refusal.
+pub(crate) async fn shard_move(addr: &str, shard: u32, from: u64, to: u64) -> anyhow::Result<()> {
+    let nodes = gather_status(addr).await?;
+    let peer_of = |id: u64| {
+        nodes
+            .iter()
+            .find(|(node, ..)| *node == id)
+            .map(|(_, peer, _)| peer.clone())
+            .with_context(|| format!("node {id} is not a member of the cluster"))
+    };
+    let (from_peer, to_peer) = (peer_of(from)?, peer_of(to)?);
+    let mut request = tonic::Request::new(MoveShardRequest {
+        shard,
+        from_node: from,
+        to_node: to,
+        placement_only: false,
+    });
+    request.set_timeout(MOVE_WAIT);
+    // Not `channel`: its per-call deadline is for quick calls, a move waits for a catch-up.
+    let long = crate::transport::endpoint(&from_peer, None, CONNECT_TIMEOUT)?
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to {from_peer}"))?;
+    let mut client = admin(long);
+    let moving = client.move_shard(request);
+    tokio::pin!(moving);
+    let started = Instant::now();
+    let response = loop {
+        tokio::select! {
+            response = &mut moving => break response.map_err(describe)?.into_inner(),
+            () = tokio::time::sleep(MOVE_PROGRESS_EVERY) => {
+                eprintln!("{}", move_progress(shard, &from_peer, &to_peer, started).await);
+            }
+        }
+    };
+    if response.families_left != 0 {
+        bail!(
+            "shard {shard} moved to node {to}, but {} column families on node {from} still hold its keys",
+            response.families_left
+        );
+    }
+    let done = if response.already_moved {
+        "was already moved"
+    } else {
+        "moved"
+    };
+    println!(
+        "shard {shard} {done} from node {from} to node {to}; its data on node {from} is deleted (verified empty)"
+    );
+    Ok(())
+}
+
+/// One progress line of a move: the new replica's applied index against the shard's last log
+/// index on the old one.
+async fn move_progress(shard: u32, from_peer: &str, to_peer: &str, started: Instant) -> String {
+    let index = |status: &anyhow::Result<StatusResponse>, pick: fn(&ShardStatus) -> u64| {
+        status
+            .as_ref()
+            .ok()
+            .and_then(|s| s.shards.iter().find(|x| x.shard == shard))
+            .map_or(0, pick)
+    };
+    let source = status_of(from_peer).await;
+    let target = status_of(to_peer).await;
+    let last = index(&source, |s| s.last_log_index);
+    let applied = index(&target, |s| s.applied);
+    format!(
+        "[{:>4} s] shard {shard}: new replica applied {applied} of {last}",
+        started.elapsed().as_secs()
+    )
 }
 
 /// Removes node `id` from the cluster that `addr` belongs to.

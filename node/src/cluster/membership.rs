@@ -18,7 +18,7 @@ pub const VOTERS_MIN: usize = 3;
 
 /// A membership change.
 #[derive(Debug, Clone)]
-enum Change {
+pub(super) enum Change {
     Add(NodeId, String),
     Remove(NodeId),
 }
@@ -89,7 +89,7 @@ impl Cluster {
         Ok(())
     }
 
-    async fn change_group(
+    pub(super) async fn change_group(
         &self,
         group: GroupId,
         change: &Change,

@@ -14,6 +14,7 @@
 //! - `forward`: storing a batch another shard's forwarder sent ([`Cluster::forward_batch`]).
 //! - `bootstrap`: creating the cluster ([`Cluster::init`]).
 //! - `membership`: adding and removing nodes, leader transfer.
+//! - `moves`: moving a shard's replica between nodes ([`Cluster::move_shard`]).
 //! - `balance`: the opt-in automatic leader rebalancer.
 //! - `edge`: presence, typing and push ([`Edge`]).
 //! - `read`: read barriers ([`ReadConsistency`]).
@@ -27,6 +28,7 @@ mod bootstrap;
 mod edge;
 mod forward;
 mod membership;
+mod moves;
 mod peer;
 mod propose;
 mod read;

@@ -75,20 +75,34 @@ async fn wait_placed_converged(peers: &[String], placement: &Placement, up: &BTr
     }
 }
 
+/// Sends `id` from `from` to `to` through the node at `addr`, retrying `UNAVAILABLE` with the same
+/// client message id as a client does (a move or a stopped node makes a leader step down; the
+/// retry answers the first attempt's message if it landed).
 async fn send(addr: &str, from: &Device, to: &Device, id: &str) -> Vec<u8> {
-    MessagingClient::new(channel(addr).await)
-        .send(authed(
-            from,
-            SendRequest {
-                client_msg_id: id.to_owned(),
-                to_user: to.user,
-                content: body(id),
-            },
-        ))
-        .await
-        .expect("send")
-        .into_inner()
-        .message_id
+    let started = Instant::now();
+    loop {
+        let attempt = MessagingClient::new(channel(addr).await)
+            .send(authed(
+                from,
+                SendRequest {
+                    client_msg_id: id.to_owned(),
+                    to_user: to.user,
+                    content: body(id),
+                },
+            ))
+            .await;
+        match attempt {
+            Ok(response) => return response.into_inner().message_id,
+            Err(status)
+                if status.code() == tonic::Code::Unavailable
+                    && started.elapsed() < Duration::from_secs(20) =>
+            {
+                tracing::info!(%status, "send {id} unavailable; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(status) => panic!("send {id}: {status:?}"),
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,6 +203,79 @@ async fn four_nodes_hold_three_replicas_of_each_shard_and_serve_clients_on_any_n
         sent,
         "Bob gets every send through every node, in order, once"
     );
+
+    let placement = {
+        tracing::info!("a replica of node 1 moves to the node without one, under client traffic");
+        let (shard, to) = (0..SHARDS)
+            .map(|s| ShardId::new(u16::try_from(s).expect("small")))
+            .find_map(|shard| {
+                let to = all.iter().copied().find(|n| !placement.holds(*n, shard))?;
+                placement.holds(1, shard).then_some((shard, to))
+            })
+            .expect("node 1 holds a shard that some node lacks");
+        let moved = placement.moved(shard, 1, to).expect("a possible move");
+        let args: Vec<String> = [
+            "shard",
+            "move",
+            "--addr",
+            &peers[1],
+            "--shard",
+            &shard.get().to_string(),
+            "--from",
+            "1",
+            "--to",
+            &to.to_string(),
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        let run = |args: Vec<String>| {
+            tokio::task::spawn_blocking(move || {
+                crate::support::ops(&args.iter().map(String::as_str).collect::<Vec<_>>())
+            })
+        };
+        let moving = run(args.clone());
+        let during = send(&addrs[1], &alice, &bob, "during-move").await;
+        let (code, stdout, stderr) = moving.await.expect("ops ran");
+        assert_eq!(code, 0, "the move succeeds: {stdout}{stderr}");
+        assert!(stdout.contains("verified empty"), "{stdout}");
+        let after = send(&addrs[0], &alice, &bob, "after-move").await;
+        let got = collect(&mut stream, Duration::from_secs(20), |frames| {
+            ids(frames).len() >= 2
+        })
+        .await;
+        assert_eq!(
+            ids(&got),
+            vec![during, after],
+            "sends during and after the move arrive once"
+        );
+        let table: Vec<Vec<u64>> = status(&peers[2])
+            .await
+            .placement
+            .into_iter()
+            .map(|shard| shard.replicas)
+            .collect();
+        let expected: Vec<Vec<u64>> = (0..SHARDS)
+            .map(|s| {
+                moved
+                    .replicas(ShardId::new(u16::try_from(s).expect("small")))
+                    .to_vec()
+            })
+            .collect();
+        assert_eq!(table, expected, "the placement table records the move");
+        wait_placed_converged(&peers, &moved, &all).await;
+        assert!(
+            status(&peers[0])
+                .await
+                .shards
+                .iter()
+                .all(|s| s.shard != u32::from(shard.get())),
+            "node 1 runs no group of the shard it moved away"
+        );
+        let (code, stdout, stderr) = run(args).await.expect("ops ran");
+        assert_eq!(code, 0, "a repeated move succeeds: {stdout}{stderr}");
+        assert!(stdout.contains("was already moved"), "{stdout}");
+        moved
+    };
 
     {
         tracing::info!("node 1 stops: every shard keeps two of its three replicas");

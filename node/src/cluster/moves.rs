@@ -1,0 +1,137 @@
+//! Shard moves: one replica of a shard goes from one node to another, never below `R` voters.
+//!
+//! ```text
+//!   on `from`:  to joins (learner, catches up, voter) ─▶ `from` leaves (a leader removes
+//!               itself and steps down) ─▶ placement table records the move (metadata leader)
+//!               ─▶ the shard's data on `from` is deleted and checked gone
+//! ```
+//!
+//! Every step is skipped when already done, so a move interrupted anywhere finishes when it is
+//! sent again; until the table records it, the shard's replicas are still found through the
+//! old entry (reads and writes try the placed replicas in turn).
+
+use courier_consensus::types::{GroupId, NodeId};
+use courier_proto::ShardId;
+use courier_proto::pb::peer;
+use tracing::info;
+
+use super::membership::Change;
+use super::{Cluster, internal, invalid, unavailable};
+use crate::status::ApiError;
+
+impl Cluster {
+    /// Serves `Admin.MoveShard` (see the module docs); sent to the node the replica leaves.
+    ///
+    /// # Errors
+    /// `FAILED_PRECONDITION` `COURIER:Cluster:NotPlaced` for a cluster with every shard on every
+    /// member, `COURIER:Cluster:BadMove` when the table shows no such move to make;
+    /// `INVALID_ARGUMENT` `COURIER:Cluster:WrongNode` when not sent to `from`,
+    /// `COURIER:Cluster:BadMember` for a `to` outside the cluster; `UNAVAILABLE` when a step
+    /// did not finish in time (send the move again: it resumes).
+    pub async fn move_shard(
+        &self,
+        request: peer::MoveShardRequest,
+    ) -> Result<peer::MoveShardResponse, ApiError> {
+        let shard_count = self.groups.shard_count().unwrap_or(0);
+        let shard = ShardId::from_wire(request.shard, shard_count)?;
+        let (from, to) = (request.from_node, request.to_node);
+        if request.placement_only {
+            self.record_move(shard, from, to).await?;
+            return Ok(peer::MoveShardResponse::default());
+        }
+        let placement = self
+            .groups
+            .placement()
+            .ok_or(ApiError::FailedPrecondition {
+                code: "COURIER:Cluster:NotPlaced",
+                message: "every shard is on every member of this cluster: there is nothing to move"
+                    .to_owned(),
+            })?;
+        if from != self.groups.node_id() {
+            return Err(invalid(
+                "COURIER:Cluster:WrongNode",
+                format!(
+                    "send the move to node {from}, this is node {}",
+                    self.groups.node_id()
+                ),
+            ));
+        }
+        let to_addr = self
+            .groups
+            .get(GroupId::Metadata)
+            .and_then(|metadata| metadata.state().members.remove(&to))
+            .ok_or_else(|| {
+                invalid(
+                    "COURIER:Cluster:BadMember",
+                    format!("node {to} is not a member of the cluster"),
+                )
+            })?;
+        let already = placement.holds(to, shard) && !placement.holds(from, shard);
+        if !already {
+            if placement.moved(shard, from, to).is_none() {
+                return Err(ApiError::FailedPrecondition {
+                    code: "COURIER:Cluster:BadMove",
+                    message: format!(
+                        "{shard} is on nodes {:?}: it cannot move from node {from} to node {to}",
+                        placement.replicas(shard)
+                    ),
+                });
+            }
+            let group = GroupId::Shard(shard);
+            info!(%shard, from, to, "shard move: the new replica joins");
+            self.change_group(group, &Change::Add(to, to_addr), false)
+                .await?;
+            // When this node leads the shard it removes itself: raft commits the membership
+            // without it (the other voters are a quorum of it) and the leader then steps down,
+            // so the others elect a new one (raft's leader removal). No transfer is needed.
+            info!(%shard, from, to, "shard move: the old replica leaves");
+            self.change_group(group, &Change::Remove(from), false)
+                .await?;
+            self.record_move(shard, from, to).await?;
+        }
+        let families_left = self
+            .groups
+            .drop_shard(shard)
+            .await
+            .map_err(|e| internal(e.to_string()))?;
+        info!(%shard, from, to, families_left, "shard move done");
+        Ok(peer::MoveShardResponse {
+            families_left,
+            already_moved: already,
+        })
+    }
+
+    /// Records in the placement table that `shard` moved from `from` to `to`: on the metadata
+    /// group's leader, here or one hop away.
+    async fn record_move(&self, shard: ShardId, from: NodeId, to: NodeId) -> Result<(), ApiError> {
+        let metadata = self.group(GroupId::Metadata).await?;
+        let state = metadata.state();
+        if state.current_leader == Some(self.groups.node_id()) {
+            return metadata
+                .write_placement_move(shard, from, to)
+                .await
+                .map_err(|e| unavailable(e.to_string(), e.leader));
+        }
+        let addr = state.leader_addr().ok_or_else(|| {
+            unavailable(
+                "the metadata group has no leader; send the move again".to_owned(),
+                None,
+            )
+        })?;
+        let mut client = self
+            .peers
+            .admin(&addr)
+            .ok_or_else(|| internal(format!("bad address {addr}")))?;
+        let request = self.peers.request(peer::MoveShardRequest {
+            shard: u32::from(shard.get()),
+            from_node: from,
+            to_node: to,
+            placement_only: true,
+        });
+        client
+            .move_shard(request)
+            .await
+            .map_err(|status| unavailable(status.message().to_owned(), state.current_leader))?;
+        Ok(())
+    }
+}
