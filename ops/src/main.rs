@@ -252,6 +252,19 @@ enum NodeCommand {
         #[arg(long)]
         peer: String,
     },
+    /// Moves every shard replica off a node (a cluster that places shards on some nodes), one
+    /// move at a time, each to the node without the shard that holds fewest; then remove it.
+    Drain {
+        /// Peer address of any member.
+        #[arg(long)]
+        addr: String,
+        /// The node to empty.
+        #[arg(long)]
+        id: u64,
+        /// Print the plan only.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Removes a node; refused when fewer than 3 voters would remain.
     Remove {
         /// Peer address of any member.
@@ -282,6 +295,16 @@ enum ShardCommand {
         /// The node the replica goes to.
         #[arg(long)]
         to: u64,
+    },
+    /// Evens out replicas per node (after a node joined the metadata group), one move at a
+    /// time, until every node's count is within one of the others'.
+    Rebalance {
+        /// Peer address of any member.
+        #[arg(long)]
+        addr: String,
+        /// Print the plan only.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -366,6 +389,9 @@ fn shard_command(command: ShardCommand) -> anyhow::Result<bool> {
         } => runtime()?
             .block_on(online::shard_move(&addr, shard, from, to))
             .map(|()| true),
+        ShardCommand::Rebalance { addr, dry_run } => {
+            runtime()?.block_on(online::replica_plan(&addr, None, dry_run))
+        }
     }
 }
 
@@ -437,6 +463,9 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         Command::Node(NodeCommand::Add { addr, id, peer }) => runtime()?
             .block_on(online::node_add(&addr, id, &peer))
             .map(|()| true),
+        Command::Node(NodeCommand::Drain { addr, id, dry_run }) => {
+            runtime()?.block_on(online::replica_plan(&addr, Some(id), dry_run))
+        }
         Command::Node(NodeCommand::Remove { addr, id }) => runtime()?
             .block_on(online::node_remove(&addr, id))
             .map(|()| true),

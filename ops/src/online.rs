@@ -419,6 +419,56 @@ pub(crate) async fn shard_move(addr: &str, shard: u32, from: u64, to: u64) -> an
     Ok(())
 }
 
+/// Plans and carries out replica moves, one at a time: every replica off node `drain`, or (with
+/// `None`) the moves that even out replicas per node. Prints the plan first; `dry_run` stops
+/// there. `Ok(false)` when a shard of a drained node had nowhere to go.
+///
+/// # Errors
+/// Connection errors, a cluster that does not place shards, or a move the cluster refused
+/// (run the command again: the plan is recomputed from the table, and a move resumes).
+pub(crate) async fn replica_plan(
+    addr: &str,
+    drain: Option<u64>,
+    dry_run: bool,
+) -> anyhow::Result<bool> {
+    let status = status_of(addr).await?;
+    if status.placement.is_empty() {
+        bail!("every shard is on every member of this cluster: there is nothing to move");
+    }
+    let table: std::collections::BTreeMap<u32, Vec<u64>> = status
+        .placement
+        .iter()
+        .map(|shard| (shard.shard, shard.replicas.clone()))
+        .collect();
+    let nodes: std::collections::BTreeSet<u64> =
+        status.nodes.iter().map(|node| node.node_id).collect();
+    let moves = match drain {
+        Some(node) => courier_proto::placement::drain_plan(&table, &nodes, node),
+        None => courier_proto::placement::rebalance_plan(&table, &nodes),
+    };
+    let stuck = drain.map_or(0, |node| {
+        let held = table.values().filter(|r| r.contains(&node)).count();
+        held.saturating_sub(moves.len())
+    });
+    println!("{} moves planned", moves.len());
+    for step in &moves {
+        println!(
+            "  shard {}: node {} -> node {}",
+            step.shard, step.from, step.to
+        );
+    }
+    if stuck > 0 {
+        println!("{stuck} shards have nowhere to go: every other member holds them");
+    }
+    if dry_run {
+        return Ok(stuck == 0);
+    }
+    for step in &moves {
+        shard_move(addr, step.shard, step.from, step.to).await?;
+    }
+    Ok(stuck == 0)
+}
+
 /// One progress line of a move: the new replica's applied index against the shard's last log
 /// index on the old one.
 async fn move_progress(shard: u32, from_peer: &str, to_peer: &str, started: Instant) -> String {

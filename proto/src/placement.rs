@@ -139,6 +139,101 @@ pub fn view(statuses: &[StatusResponse]) -> BTreeMap<u32, ShardView> {
     best.into_iter().map(|(s, (_, v))| (s, v)).collect()
 }
 
+/// A planned move of one shard's replica.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplicaMove {
+    /// The shard.
+    pub shard: u32,
+    /// The node its replica leaves.
+    pub from: u64,
+    /// The node it goes to.
+    pub to: u64,
+}
+
+/// Replicas per node of `table` (shard → its placed nodes), every node of `nodes` listed.
+fn placed_counts(table: &BTreeMap<u32, Vec<u64>>, nodes: &BTreeSet<u64>) -> BTreeMap<u64, usize> {
+    let mut counts: BTreeMap<u64, usize> = nodes.iter().map(|n| (*n, 0)).collect();
+    for node in table.values().flatten() {
+        if let Some(count) = counts.get_mut(node) {
+            *count = count.saturating_add(1);
+        }
+    }
+    counts
+}
+
+/// The moves that take every replica off `node` (`courier-ops node drain`): each shard it holds
+/// goes to the member of `nodes` that does not hold it and holds fewest replicas (the lowest id
+/// among equals), counted as the plan goes. A shard every other member already holds has
+/// nowhere to go and is left out.
+pub fn drain_plan(
+    table: &BTreeMap<u32, Vec<u64>>,
+    nodes: &BTreeSet<u64>,
+    node: u64,
+) -> Vec<ReplicaMove> {
+    let others: BTreeSet<u64> = nodes.iter().copied().filter(|n| *n != node).collect();
+    let mut counts = placed_counts(table, &others);
+    let mut moves = Vec::new();
+    for (shard, replicas) in table {
+        if !replicas.contains(&node) {
+            continue;
+        }
+        let target = counts
+            .iter()
+            .filter(|(candidate, _)| !replicas.contains(candidate))
+            .min_by_key(|(candidate, count)| (**count, **candidate))
+            .map(|(candidate, _)| *candidate);
+        if let Some(to) = target {
+            *counts.entry(to).or_default() += 1;
+            moves.push(ReplicaMove {
+                shard: *shard,
+                from: node,
+                to,
+            });
+        }
+    }
+    moves
+}
+
+/// The moves that even out replicas per node among `nodes` (`courier-ops shard rebalance`, after
+/// a node joined): repeatedly a shard of a node holding most goes to a node holding fewest that
+/// lacks it, while their counts differ by more than one. Each move lowers the sum of squared
+/// counts, so the plan ends; it ends with counts within one of each other whenever some shard of
+/// a fullest node is missing on an emptiest one (always, with equal replicas per shard).
+pub fn rebalance_plan(table: &BTreeMap<u32, Vec<u64>>, nodes: &BTreeSet<u64>) -> Vec<ReplicaMove> {
+    let mut table = table.clone();
+    let mut counts = placed_counts(&table, nodes);
+    let mut moves = Vec::new();
+    loop {
+        let mut by_count: Vec<(u64, usize)> = counts.iter().map(|(n, c)| (*n, *c)).collect();
+        by_count.sort_by_key(|(node, count)| (*count, *node));
+        let found = by_count.iter().rev().find_map(|(from, most)| {
+            by_count
+                .iter()
+                .filter(|(_, fewest)| most.saturating_sub(*fewest) > 1)
+                .find_map(|(to, _)| {
+                    table
+                        .iter()
+                        .find(|(_, replicas)| replicas.contains(from) && !replicas.contains(to))
+                        .map(|(shard, _)| ReplicaMove {
+                            shard: *shard,
+                            from: *from,
+                            to: *to,
+                        })
+                })
+        });
+        let Some(step) = found else {
+            return moves;
+        };
+        if let Some(replicas) = table.get_mut(&step.shard) {
+            for node in replicas.iter_mut().filter(|node| **node == step.from) {
+                *node = step.to;
+            }
+        }
+        counts = placed_counts(&table, nodes);
+        moves.push(step);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -257,5 +352,72 @@ mod tests {
             let led = leaders.iter().flatten().count();
             prop_assert!(moves.len() <= led, "{} moves for {led} led shards", moves.len());
         }
+    }
+
+    /// Four nodes, three replicas of four shards, and a fifth node that just joined.
+    fn four_of_five() -> (BTreeMap<u32, Vec<u64>>, BTreeSet<u64>) {
+        let table = BTreeMap::from([
+            (0, vec![1, 2, 3]),
+            (1, vec![4, 1, 2]),
+            (2, vec![3, 4, 1]),
+            (3, vec![2, 3, 4]),
+        ]);
+        (table, (1..=5).collect())
+    }
+
+    fn moved(table: &BTreeMap<u32, Vec<u64>>, moves: &[ReplicaMove]) -> BTreeMap<u32, Vec<u64>> {
+        let mut table = table.clone();
+        for step in moves {
+            let replicas = table.get_mut(&step.shard).expect("a placed shard");
+            assert!(replicas.contains(&step.from), "{step:?} leaves a holder");
+            assert!(
+                !replicas.contains(&step.to),
+                "{step:?} goes to a node without it"
+            );
+            for node in replicas.iter_mut().filter(|node| **node == step.from) {
+                *node = step.to;
+            }
+        }
+        table
+    }
+
+    #[test]
+    fn a_joined_node_gets_its_share_and_counts_end_within_one() {
+        let (table, nodes) = four_of_five();
+        let moves = rebalance_plan(&table, &nodes);
+        let after = placed_counts(&moved(&table, &moves), &nodes);
+        let (min, max) = (
+            after.values().min().copied().unwrap_or(0),
+            after.values().max().copied().unwrap_or(0),
+        );
+        assert!(max - min <= 1, "even after the plan: {after:?}");
+        assert_eq!(after[&5], 2, "the new node holds its share: {after:?}");
+        assert_eq!(moves.len(), 2, "no more moves than needed: {moves:?}");
+        assert!(
+            rebalance_plan(&moved(&table, &moves), &nodes).is_empty(),
+            "an even table needs no moves"
+        );
+    }
+
+    #[test]
+    fn a_drain_moves_every_replica_off_the_node_evenly() {
+        let (table, nodes) = four_of_five();
+        let moves = drain_plan(&table, &nodes, 1);
+        let after = moved(&table, &moves);
+        assert!(
+            after.values().all(|replicas| !replicas.contains(&1)),
+            "node 1 holds nothing: {after:?}"
+        );
+        assert!(
+            after.values().all(|replicas| replicas.len() == 3),
+            "every shard keeps three replicas"
+        );
+        let counts = placed_counts(&after, &(2..=5).collect());
+        assert_eq!(counts[&5], 3, "the emptiest node takes most: {counts:?}");
+        let full: BTreeMap<u32, Vec<u64>> = BTreeMap::from([(0, vec![1, 2, 3])]);
+        assert!(
+            drain_plan(&full, &(1..=3).collect(), 1).is_empty(),
+            "with every member holding the shard there is nowhere to go"
+        );
     }
 }

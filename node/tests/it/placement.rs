@@ -178,6 +178,8 @@ async fn four_nodes_hold_three_replicas_of_each_shard_and_serve_clients_on_any_n
     let (alice_phone, bob_phone) = phones_on_different_shards();
     let alice = register(&addrs[3], &dirs[3], &alice_phone).await;
     let bob = register(&addrs[0], &dirs[0], &bob_phone).await;
+    // Visible on every replica once converged (a follower may answer a read before applying).
+    wait_placed_converged(&peers, &placement, &all).await;
     let mut sent = Vec::new();
     for (i, addr) in addrs.iter().enumerate() {
         sent.push(send(addr, &alice, &bob, &format!("through-{i}")).await);
@@ -319,6 +321,144 @@ async fn four_nodes_hold_three_replicas_of_each_shard_and_serve_clients_on_any_n
         "nothing changed"
     );
     for node in nodes.into_iter().flatten() {
+        node.stop().await;
+    }
+}
+
+/// The table as `peer` reports it, shard by shard.
+async fn table_of(peer: &str) -> BTreeMap<u32, Vec<u64>> {
+    status(peer)
+        .await
+        .placement
+        .into_iter()
+        .map(|shard| (shard.shard, shard.replicas))
+        .collect()
+}
+
+/// Replicas per node of `table`, every node of `nodes` listed.
+fn counts(table: &BTreeMap<u32, Vec<u64>>, nodes: &BTreeSet<u64>) -> BTreeMap<u64, usize> {
+    nodes
+        .iter()
+        .map(|node| (*node, table.values().filter(|r| r.contains(node)).count()))
+        .collect()
+}
+
+/// Runs courier-ops off the runtime's workers (the nodes run on them).
+async fn ops(args: &[&str]) -> (i32, String, String) {
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    tokio::task::spawn_blocking(move || {
+        crate::support::ops(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    })
+    .await
+    .expect("ops ran")
+}
+
+/// A fifth node joins the metadata group of a four-node, three-replica cluster; `shard
+/// rebalance` gives it its share (counts within one); `node drain` then empties node 2; a user
+/// registered before receives, exactly once and in order, what was sent before, between and
+/// after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joined_node_is_filled_by_a_rebalance_and_a_drained_node_is_emptied() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut nodes = Vec::new();
+    let mut dirs = Vec::new();
+    for id in 1..=NODES + 1 {
+        let dir = root.path().join(format!("n{id}"));
+        let config = courier_node::Config::parse(&fast_config(id, &dir)).expect("config");
+        nodes.push(courier_node::start(config).await.expect("start"));
+        dirs.push(dir);
+    }
+    let peers: Vec<String> = nodes.iter().map(|n| n.peer_addr.to_string()).collect();
+    let addrs: Vec<String> = nodes.iter().map(|n| n.client_addr.to_string()).collect();
+    let mut request = init_request(&peers[..4], PHONE_KEY.to_vec());
+    request.replication_factor = REPLICAS;
+    AdminClient::new(peer_channel(&peers[0]).await)
+        .init_cluster(request)
+        .await
+        .expect("init");
+    let four: BTreeSet<u64> = (1..=NODES).collect();
+    let placement = Placement::spread(&four, u16::try_from(SHARDS).expect("small"), 3);
+    wait_placed_converged(&peers[..4], &placement, &four).await;
+    AdminClient::new(peer_channel(&peers[0]).await)
+        .add_node(AddNodeRequest {
+            node: Some(NodeInfo {
+                node_id: 5,
+                peer_addr: peers[4].clone(),
+                client_addr: String::new(),
+            }),
+            group: Some(courier_proto::pb::peer::GroupId {
+                kind: Some(courier_proto::pb::peer::group_id::Kind::Metadata(true)),
+            }),
+        })
+        .await
+        .expect("node 5 joins the metadata group");
+
+    let (alice_phone, bob_phone) = phones_on_different_shards();
+    let alice = register(&addrs[0], &dirs[0], &alice_phone).await;
+    let bob = register(&addrs[1], &dirs[1], &bob_phone).await;
+    // Registrations made through one node are visible on every replica once they converge (a
+    // replica may answer a read before it applied them, as on any follower).
+    wait_placed_converged(&peers[..4], &placement, &four).await;
+    let mut sent = vec![send(&addrs[4], &alice, &bob, "before").await];
+
+    let five: BTreeSet<u64> = (1..=NODES + 1).collect();
+    let (code, stdout, stderr) = ops(&["shard", "rebalance", "--addr", &peers[0]]).await;
+    assert_eq!(code, 0, "the rebalance succeeds: {stdout}{stderr}");
+    let table = table_of(&peers[2]).await;
+    let spread = counts(&table, &five);
+    let (min, max) = (
+        spread.values().min().copied().unwrap_or(0),
+        spread.values().max().copied().unwrap_or(0),
+    );
+    assert!(
+        max - min <= 1 && spread[&5] >= 2,
+        "node 5 got its share: {spread:?}"
+    );
+    let (code, stdout, _) = ops(&["shard", "rebalance", "--addr", &peers[0], "--dry-run"]).await;
+    assert_eq!(code, 0, "{stdout}");
+    assert!(
+        stdout.contains("0 moves planned"),
+        "an even table needs no moves: {stdout}"
+    );
+    sent.push(send(&addrs[2], &alice, &bob, "between").await);
+
+    let (code, stdout, stderr) = ops(&["node", "drain", "--addr", &peers[0], "--id", "2"]).await;
+    assert_eq!(code, 0, "the drain succeeds: {stdout}{stderr}");
+    let table = table_of(&peers[3]).await;
+    assert!(
+        table
+            .values()
+            .all(|replicas| !replicas.contains(&2) && replicas.len() == 3),
+        "node 2 holds nothing and every shard keeps three replicas: {table:?}"
+    );
+    let rest: BTreeSet<u64> = five.iter().copied().filter(|n| *n != 2).collect();
+    sent.push(send(&addrs[1], &alice, &bob, "after").await);
+    let mut stream = open_stream(&addrs[4], &bob, 0).await;
+    let ids = |frames: &[courier_proto::pb::client::ServerFrame]| -> Vec<Vec<u8>> {
+        frames
+            .iter()
+            .filter_map(|frame| match &frame.frame {
+                Some(courier_proto::pb::client::server_frame::Frame::Message(m)) => {
+                    Some(m.message_id.clone())
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    let got = collect(&mut stream, Duration::from_secs(20), |frames| {
+        ids(frames).len() >= sent.len()
+    })
+    .await;
+    assert_eq!(
+        ids(&got),
+        sent,
+        "before, between and after arrive once, in order"
+    );
+    assert!(
+        counts(&table, &rest).values().all(|count| *count >= 2),
+        "the drained replicas spread over the others: {table:?}"
+    );
+    for node in nodes {
         node.stop().await;
     }
 }
