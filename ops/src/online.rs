@@ -377,7 +377,31 @@ pub(crate) async fn shard_move(addr: &str, shard: u32, from: u64, to: u64) -> an
             .map(|(_, peer, _)| peer.clone())
             .with_context(|| format!("node {id} is not a member of the cluster"))
     };
-    let (from_peer, to_peer) = (peer_of(from)?, peer_of(to)?);
+    let (mut from_peer, to_peer) = (peer_of(from)?, peer_of(to)?);
+    if status_of(&from_peer).await.is_err() {
+        // `from` is down: another placed replica of the shard runs the move (no delete on `from`).
+        let first = nodes
+            .iter()
+            .find_map(|(_, _, status)| status.as_ref().ok())
+            .context("no node of the cluster answers")?;
+        let other = first
+            .placement
+            .iter()
+            .find(|placed| placed.shard == shard)
+            .and_then(|placed| {
+                placed.replicas.iter().copied().find(|id| {
+                    *id != from
+                        && nodes
+                            .iter()
+                            .any(|(node, _, status)| node == id && status.is_ok())
+                })
+            })
+            .with_context(|| {
+                format!("node {from} is down and no other replica of shard {shard} answers")
+            })?;
+        eprintln!("node {from} does not answer: node {other} runs the move");
+        from_peer = peer_of(other)?;
+    }
     let mut request = tonic::Request::new(MoveShardRequest {
         shard,
         from_node: from,
@@ -402,6 +426,12 @@ pub(crate) async fn shard_move(addr: &str, shard: u32, from: u64, to: u64) -> an
             }
         }
     };
+    if !response.deleted {
+        println!(
+            "shard {shard} moved from node {from} to node {to}; node {from} did not answer, so its copy of the shard stays on its disk (wipe the node before it rejoins)"
+        );
+        return Ok(());
+    }
     if response.families_left != 0 {
         bail!(
             "shard {shard} moved to node {to}, but {} column families on node {from} still hold its keys",

@@ -10,6 +10,8 @@
 //! sent again; until the table records it, the shard's replicas are still found through the
 //! old entry (reads and writes try the placed replicas in turn).
 
+use std::time::Duration;
+
 use courier_consensus::types::{GroupId, NodeId};
 use courier_proto::ShardId;
 use courier_proto::pb::peer;
@@ -19,13 +21,18 @@ use super::membership::Change;
 use super::{Cluster, internal, invalid, unavailable};
 use crate::status::ApiError;
 
+/// How long a move tries to record itself in the placement table while the metadata group has
+/// no reachable leader (it elects one within an election timeout when a member died).
+const RECORD_WAIT: Duration = Duration::from_secs(30);
+
 impl Cluster {
-    /// Serves `Admin.MoveShard` (see the module docs); sent to the node the replica leaves.
+    /// Serves `Admin.MoveShard` (see the module docs): on the node the replica leaves, or on
+    /// another voter of the shard when that node is down (then its data is not deleted).
     ///
     /// # Errors
     /// `FAILED_PRECONDITION` `COURIER:Cluster:NotPlaced` for a cluster with every shard on every
     /// member, `COURIER:Cluster:BadMove` when the table shows no such move to make;
-    /// `INVALID_ARGUMENT` `COURIER:Cluster:WrongNode` when not sent to `from`,
+    /// `INVALID_ARGUMENT` `COURIER:Cluster:WrongNode` when sent to neither `from` nor a voter,
     /// `COURIER:Cluster:BadMember` for a `to` outside the cluster; `UNAVAILABLE` when a step
     /// did not finish in time (send the move again: it resumes).
     pub async fn move_shard(
@@ -47,11 +54,12 @@ impl Cluster {
                 message: "every shard is on every member of this cluster: there is nothing to move"
                     .to_owned(),
             })?;
-        if from != self.groups.node_id() {
+        let on_from = from == self.groups.node_id();
+        if !on_from && !self.holds(shard) {
             return Err(invalid(
                 "COURIER:Cluster:WrongNode",
                 format!(
-                    "send the move to node {from}, this is node {}",
+                    "send the move to node {from} or another voter of {shard}; node {} is neither",
                     self.groups.node_id()
                 ),
             ));
@@ -89,6 +97,15 @@ impl Cluster {
                 .await?;
             self.record_move(shard, from, to).await?;
         }
+        if !on_from {
+            // `from` is down: its copy stays on its disk, outside every group.
+            info!(%shard, from, to, "shard move done; node {from} keeps its data");
+            return Ok(peer::MoveShardResponse {
+                families_left: 0,
+                already_moved: already,
+                deleted: false,
+            });
+        }
         let families_left = self
             .groups
             .drop_shard(shard)
@@ -98,12 +115,32 @@ impl Cluster {
         Ok(peer::MoveShardResponse {
             families_left,
             already_moved: already,
+            deleted: true,
         })
     }
 
     /// Records in the placement table that `shard` moved from `from` to `to`: on the metadata
-    /// group's leader, here or one hop away.
+    /// group's leader, here or one hop away; tried again while the metadata group elects (up to
+    /// [`RECORD_WAIT`]).
     async fn record_move(&self, shard: ShardId, from: NodeId, to: NodeId) -> Result<(), ApiError> {
+        let deadline = tokio::time::Instant::now() + RECORD_WAIT;
+        loop {
+            let attempt = self.record_move_once(shard, from, to).await;
+            match attempt {
+                Err(ApiError::Unavailable { .. }) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn record_move_once(
+        &self,
+        shard: ShardId,
+        from: NodeId,
+        to: NodeId,
+    ) -> Result<(), ApiError> {
         let metadata = self.group(GroupId::Metadata).await?;
         let state = metadata.state();
         if state.current_leader == Some(self.groups.node_id()) {

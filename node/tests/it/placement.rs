@@ -294,6 +294,44 @@ async fn four_nodes_hold_three_replicas_of_each_shard_and_serve_clients_on_any_n
             "the send made with node 1 down arrives, once"
         );
         wait_placed_converged(&peers, &placement, &up).await;
+
+        tracing::info!("node 1 is drained while down: its replicas go to the others");
+        let (code, stdout, stderr) =
+            ops(&["node", "drain", "--addr", &peers[1], "--id", "1"]).await;
+        assert_eq!(
+            code, 0,
+            "the drain of a stopped node succeeds: {stdout}{stderr}"
+        );
+        assert!(
+            stdout.contains("did not answer"),
+            "its data stays on its disk: {stdout}"
+        );
+        let table = table_of(&peers[1]).await;
+        assert!(
+            table
+                .values()
+                .all(|replicas| replicas.len() == 3 && !replicas.contains(&1)),
+            "every shard has three replicas, none on node 1: {table:?}"
+        );
+        let drained = Placement::spread(&up, u16::try_from(SHARDS).expect("small"), 3);
+        assert!(
+            (0..SHARDS).all(|s| {
+                let shard = ShardId::new(u16::try_from(s).expect("small"));
+                let placed: BTreeSet<u64> = table[&s].iter().copied().collect();
+                placed == drained.replicas(shard).iter().copied().collect()
+            }),
+            "three nodes hold every shard: {table:?}"
+        );
+        let last = send(&addrs[2], &alice, &bob, "after-drain").await;
+        let got = collect(&mut stream, Duration::from_secs(20), |frames| {
+            !ids(frames).is_empty()
+        })
+        .await;
+        assert_eq!(
+            ids(&got),
+            vec![last],
+            "a send after the drain arrives, once"
+        );
     }
 
     let refused = AdminClient::new(peer_channel(&peers[1]).await)
