@@ -331,15 +331,30 @@ impl Groups {
             .write()
             .expect("groups lock is never poisoned")
             .remove(&group);
-        if let Some(handle) = handle
-            && let Err(error) = handle.raft.shutdown().await
-        {
-            tracing::warn!(%group, %error, "raft group did not stop cleanly before its drop");
+        if let Some(handle) = &handle {
+            if let Err(error) = handle.raft.shutdown().await {
+                tracing::warn!(%group, %error, "raft group did not stop cleanly before its drop");
+            }
+            // The state machine's worker outlives the raft core: fence it, so no apply or install
+            // queued before the shutdown writes after the delete.
+            handle.maintenance.fence_for_drop().await;
         }
         let storage = |source| ConsensusError::Storage {
             group,
             source: crate::log_store::fault(source),
         };
+        // Appends queued in the node's log writer before the shutdown land before the delete: a
+        // synced empty write through the writer completes after them.
+        let (drained, written) = tokio::sync::oneshot::channel();
+        self.db.commit_synced(
+            Vec::new(),
+            Box::new(move |result| {
+                let _ = drained.send(result);
+            }),
+        );
+        if let Ok(result) = written.await {
+            result.map_err(storage)?;
+        }
         let (from, to) = courier_storage::keys::shard_range(group.storage_prefix());
         let ranges: Vec<_> = courier_storage::Cf::all()
             .map(|cf| (cf, from.clone(), to.clone()))

@@ -57,6 +57,14 @@ impl Drop for Scratch {
     }
 }
 
+impl Maintenance {
+    /// Fences the replica before its data is deleted (a shard moved away): waits for the apply,
+    /// snapshot install or projection swap under way, after which none starts again.
+    pub async fn fence_for_drop(&self) {
+        self.machine.lock().await.dropped = true;
+    }
+}
+
 impl crate::state_machine::StateMachine {
     /// The handle for online maintenance (projection rebuilds) of this group.
     pub fn maintenance(&self) -> Maintenance {
@@ -172,6 +180,12 @@ impl Maintenance {
             progress,
         )?;
         let mut machine = self.machine.blocking_lock();
+        if machine.dropped {
+            return Err(StorageError::Disk {
+                op: "rebuild",
+                reason: "this replica was dropped (moved to another node)".to_owned(),
+            });
+        }
         let rebuilt = rebuild::replay(
             source.as_ref(),
             (first.kv, first.state),

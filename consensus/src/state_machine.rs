@@ -128,6 +128,19 @@ impl RaftApplied {
     }
 
     fn encode(&self) -> Vec<u8> {
+        if self.placement.is_none() {
+            // Without a table the state is what version 2 holds: written as version 2, so that
+            // nodes of a build before placement can still open it (a rolling upgrade's snapshots).
+            let v2 = RaftAppliedV2 {
+                last_applied: self.last_applied,
+                membership: self.membership.clone(),
+                settings: self.settings,
+                phone_key: self.phone_key.map(|key| *key.expose()),
+            };
+            let mut bytes = vec![RAFT_APPLIED_V2];
+            bytes.extend(postcard::to_stdvec(&v2).expect("postcard encodes plain data"));
+            return bytes;
+        }
         let v3 = RaftAppliedV3 {
             last_applied: self.last_applied,
             membership: self.membership.clone(),
@@ -156,6 +169,21 @@ pub struct AppliedView {
 pub(crate) struct Machine {
     pub(crate) state: ShardState,
     pub(crate) raft: RaftApplied,
+    /// Set when the replica is dropped (moved away): nothing may write the shard after.
+    pub(crate) dropped: bool,
+}
+
+impl Machine {
+    /// Refuses work on a dropped replica: its data is being deleted.
+    pub(crate) fn check_not_dropped(&self) -> Result<(), RaftStorageError> {
+        if self.dropped {
+            return Err(openraft::StorageIOError::write(&std::io::Error::other(
+                "this replica was dropped (moved to another node)",
+            ))
+            .into());
+        }
+        Ok(())
+    }
 }
 
 /// One raft group's state machine.
@@ -198,7 +226,11 @@ impl StateMachine {
         Ok(Self {
             db,
             group,
-            machine: Arc::new(tokio::sync::Mutex::new(Machine { state, raft })),
+            machine: Arc::new(tokio::sync::Mutex::new(Machine {
+                state,
+                raft,
+                dropped: false,
+            })),
             shared,
             watch: Arc::default(),
         })
@@ -364,6 +396,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     {
         let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
         let mut machine = self.machine.lock().await;
+        machine.check_not_dropped()?;
         let mut raft = machine.raft.clone();
         let mut committed = Vec::with_capacity(entries.len());
         for entry in &entries {
@@ -461,6 +494,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     ) -> Result<(), RaftStorageError> {
         let prefix = self.group.storage_prefix();
         let mut machine = self.machine.lock().await;
+        machine.check_not_dropped()?;
         let state = match *snapshot {
             SnapshotData::Memory(cursor) => {
                 // The simulation's disk: the whole shard in one atomic batch.
@@ -593,6 +627,12 @@ mod tests {
             .expect("encode v2"),
         );
         assert_eq!(RaftApplied::decode(&v2).expect("v2 opens"), keyed);
+
+        assert_eq!(
+            keyed.encode(),
+            v2,
+            "without a table the state is written as version 2"
+        );
 
         let placed = RaftApplied {
             placement: Some(Arc::new(Placement::spread(&[1, 2, 3, 4].into(), 8, 3))),

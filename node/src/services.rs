@@ -524,8 +524,14 @@ impl Admin for PeerApi {
         &self,
         request: Request<MoveShardRequest>,
     ) -> Result<Response<MoveShardResponse>, Status> {
-        // Operators start moves; nodes record them in the metadata group's table.
-        self.auth.check(&request, Allowed::NodesAndOperators)?;
+        // Operators start moves (nodes delegate them); only nodes record one in the table, after
+        // the raft changes they made.
+        let allowed = if request.get_ref().placement_only {
+            Allowed::Nodes
+        } else {
+            Allowed::NodesAndOperators
+        };
+        self.auth.check(&request, allowed)?;
         Ok(Response::new(
             self.cluster.move_shard(request.into_inner()).await?,
         ))

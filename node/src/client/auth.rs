@@ -5,7 +5,9 @@
 //! A successful check is remembered ([`DeviceCache`]) with the node's devices epoch
 //! (`ApplyWatch::devices_epoch`), which moves whenever this node applies a change to any device
 //! record: a remembered check is used only while the epoch has not moved, so a revocation takes
-//! effect on a node as soon as that node applied it, exactly as without the cache.
+//! effect on a node as soon as that node applied it, exactly as without the cache. A node that
+//! holds no replica of the user's shard applies none of its changes: it keeps nothing and asks a
+//! replica every time.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -163,10 +165,13 @@ impl ClientApi {
         let hash = token_hash(&token);
         // Read before the replica, so a device change applied after it voids what we remember.
         let epoch = self.cluster.groups().watch().devices_epoch();
-        if self.device_cache.token_known(user, device, &hash, epoch) {
+        let shard = self.shard_of(user)?;
+        // The epoch moves only with what this node applies: a revocation applied on the replicas
+        // of a shard held elsewhere would never void a remembered token here, so none is kept.
+        let cacheable = self.cluster.holds(shard);
+        if cacheable && self.device_cache.token_known(user, device, &hash, epoch) {
             return Ok(Caller { user, device });
         }
-        let shard = self.shard_of(user)?;
         let record = self
             .read(shard, |view| {
                 let devices = courier_storage::projection::devices::devices_of(view, user)?;
@@ -180,7 +185,9 @@ impl ClientApi {
         if !valid {
             return Err(unauthenticated("unknown, revoked or wrong device token"));
         }
-        self.device_cache.remember_token(user, device, hash, epoch);
+        if cacheable {
+            self.device_cache.remember_token(user, device, hash, epoch);
+        }
         Ok(Caller { user, device })
     }
 }

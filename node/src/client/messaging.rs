@@ -32,14 +32,16 @@ impl ClientApi {
         let content = self.admit_send(caller, command.content)?;
         let recipient_shard = self.shard_of(command.to)?;
         let epoch = self.cluster.groups().watch().devices_epoch();
-        let known = self.device_cache.recipient_known(command.to, epoch) || {
+        // The epoch moves only with what this node applies: no cache for a shard held elsewhere.
+        let cacheable = self.cluster.holds(recipient_shard);
+        let known = (cacheable && self.device_cache.recipient_known(command.to, epoch)) || {
             let registered = self
                 .read(recipient_shard, |view| {
                     devices::devices_registered(view, command.to)
                 })
                 .await?
                 > 0;
-            if registered {
+            if registered && cacheable {
                 self.device_cache.remember_recipient(command.to, epoch);
             }
             registered

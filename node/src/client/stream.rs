@@ -56,6 +56,14 @@ type Page = (
 pub const INSTALL_WAIT_MAX: Duration = Duration::from_secs(30);
 /// Messages read from the inbox per step.
 pub const PAGE_MESSAGES: usize = 256;
+/// Messages (and receipt changes) per page read from a replica on another node: small enough
+/// that a page of messages at the content limit fits one `ReadShard` answer.
+pub const REMOTE_PAGE_MESSAGES: usize = 16;
+const _: () = assert!(
+    REMOTE_PAGE_MESSAGES * (courier_proto::limits::MESSAGE_CONTENT_BYTES_MAX + 1024)
+        <= crate::cluster::READ_ANSWER_BYTES_MAX,
+    "a remote page fits one ReadShard answer"
+);
 /// How long the client has to send `Open`.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -169,7 +177,8 @@ impl ClientApi {
             if !self.tell_keys_low(caller, &mut keys, &tx).await {
                 return;
             }
-            let page = self.page(shard, caller.user, cursor, &receipts_after);
+            let limit = self.page_limit(shard);
+            let page = self.page(shard, caller.user, cursor, &receipts_after, limit);
             let (up_to, caught_up, messages, feed) = match page.await {
                 Ok(page) => page,
                 Err(error) if self.waited_out(&error, &mut installing_since, &tx).await => {
@@ -180,7 +189,7 @@ impl ClientApi {
             installing_since = None;
             // A full page of receipt changes may be one part of a log entry's changes (an ack of
             // many messages): the next pass reads on from the last change pushed, at once.
-            let feed_caught_up = feed.len() < PAGE_MESSAGES;
+            let feed_caught_up = feed.len() < limit;
             let mut pushed_up_to = cursor;
             let mut stalled = false;
             for (seq, mut entry) in messages {
@@ -250,21 +259,29 @@ impl ClientApi {
 
     /// The next page of `user`'s stream after `cursor` and `receipts_after`: the inbox position
     /// it reaches, whether that is the tail, its messages and its receipt changes.
+    /// Messages per page of `shard`: fewer when read from a replica elsewhere.
+    fn page_limit(&self, shard: courier_proto::ShardId) -> usize {
+        if self.cluster.holds(shard) {
+            PAGE_MESSAGES
+        } else {
+            REMOTE_PAGE_MESSAGES
+        }
+    }
+
     async fn page(
         &self,
         shard: courier_proto::ShardId,
         user: UserId,
         cursor: InboxSeq,
         receipts_after: &ReceiptFeedPosition,
+        limit: usize,
     ) -> Result<Page, ApiError> {
+        let span = u64::try_from(limit).unwrap_or(u64::MAX);
         self.read(shard, |view| {
             let tail = inbox::tail(view, user)?;
-            let up_to = InboxSeq::new(
-                tail.get()
-                    .min(cursor.get().saturating_add(PAGE_MESSAGES as u64)),
-            );
+            let up_to = InboxSeq::new(tail.get().min(cursor.get().saturating_add(span)));
             let messages = inbox::entries_between(view, user, cursor, up_to)?;
-            let feed = receipts::feed(view, user, receipts_after, PAGE_MESSAGES)?;
+            let feed = receipts::feed(view, user, receipts_after, limit)?;
             Ok((up_to, up_to == tail, messages, feed))
         })
         .await
@@ -312,7 +329,8 @@ impl ClientApi {
         tx: &mpsc::Sender<Result<ServerFrame, Status>>,
     ) -> bool {
         let epoch = self.cluster.groups().watch().devices_epoch();
-        if epoch == *checked_at {
+        // Nothing applied here moves the epoch of a shard held elsewhere: check on every pass.
+        if epoch == *checked_at && self.cluster.holds(shard) {
             return true;
         }
         if self.device_active(shard, caller).await {

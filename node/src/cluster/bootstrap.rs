@@ -89,7 +89,12 @@ impl Cluster {
         let members = self.validate_init(&request)?;
         let phone_key = phone_key(&request)?;
         let shard_count = u16::try_from(request.shard_count).expect("validated");
-        let placement = placement_of(&request, &members);
+        // The table the cluster holds once it exists (shards may have moved since it was
+        // created: a repeated init must not start a group where its shard no longer is).
+        let placement = self.groups.placement().map_or_else(
+            || placement_of(&request, &members),
+            |held| held.as_ref().clone(),
+        );
         if !request.init_shards.is_empty() {
             // A bootstrapping peer asks this node to start some shards as their first leader.
             for shard in &request.init_shards {
@@ -163,6 +168,10 @@ impl Cluster {
                     .map_err(|e| unavailable(e.to_string(), None))?;
             }
         }
+        let placement = self
+            .groups
+            .placement()
+            .map_or(placement, |held| held.as_ref().clone());
         self.init_shards(&request, &placement, &members).await?;
         Ok(InitClusterResponse {
             already_initialized: already,

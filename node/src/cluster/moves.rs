@@ -43,7 +43,9 @@ impl Cluster {
         let shard = ShardId::from_wire(request.shard, shard_count)?;
         let (from, to) = (request.from_node, request.to_node);
         if request.placement_only {
-            self.record_move(shard, from, to).await?;
+            // One hop: only the metadata leader records; anyone else answers so, and the
+            // sender tries again with its newer view of the leader.
+            self.record_move_here(shard, from, to).await?;
             return Ok(peer::MoveShardResponse::default());
         }
         let placement = self
@@ -106,6 +108,16 @@ impl Cluster {
                 deleted: false,
             });
         }
+        let deadline = tokio::time::Instant::now() + RECORD_WAIT;
+        loop {
+            // `to` may not have applied the table's new entry yet: it answers once it has.
+            match self.confirm_removed(shard, from, to).await {
+                Err(ApiError::Unavailable { .. }) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => break other?,
+            }
+        }
         let families_left = self
             .groups
             .drop_shard(shard)
@@ -116,6 +128,45 @@ impl Cluster {
             families_left,
             already_moved: already,
             deleted: true,
+        })
+    }
+
+    /// Checks with `to`, now a voter, that `from` (this node) is out of the shard's group before
+    /// its data is deleted: this node's own view may never learn of its removal, and a voter
+    /// that lost its log and vote could vote twice in one term.
+    async fn confirm_removed(
+        &self,
+        shard: ShardId,
+        from: NodeId,
+        to: NodeId,
+    ) -> Result<(), ApiError> {
+        let addr = self
+            .groups
+            .get(GroupId::Metadata)
+            .and_then(|metadata| metadata.state().members.remove(&to))
+            .ok_or_else(|| internal(format!("node {to} has no address")))?;
+        let mut client = self
+            .peers
+            .forward(&addr)
+            .ok_or_else(|| internal(format!("bad address {addr}")))?;
+        let request = self.peers.request(peer::ReadShardRequest {
+            shard: u32::from(shard.get()),
+            ops: Vec::new(),
+        });
+        let voters = client
+            .read_shard(request)
+            .await
+            .map_err(|status| unavailable(format!("node {to}: {}", status.message()), None))?
+            .into_inner()
+            .voters;
+        if voters.contains(&to) && !voters.contains(&from) {
+            return Ok(());
+        }
+        Err(ApiError::FailedPrecondition {
+            code: "COURIER:Cluster:StillAVoter",
+            message: format!(
+                "node {to} sees {shard}'s voters as {voters:?}: node {from} keeps its data"
+            ),
         })
     }
 
@@ -144,10 +195,7 @@ impl Cluster {
         let metadata = self.group(GroupId::Metadata).await?;
         let state = metadata.state();
         if state.current_leader == Some(self.groups.node_id()) {
-            return metadata
-                .write_placement_move(shard, from, to)
-                .await
-                .map_err(|e| unavailable(e.to_string(), e.leader));
+            return self.record_move_here(shard, from, to).await;
         }
         let addr = state.leader_addr().ok_or_else(|| {
             unavailable(
@@ -165,10 +213,53 @@ impl Cluster {
             to_node: to,
             placement_only: true,
         });
-        client
-            .move_shard(request)
-            .await
-            .map_err(|status| unavailable(status.message().to_owned(), state.current_leader))?;
+        client.move_shard(request).await.map_err(|status| {
+            if status.code() == tonic::Code::FailedPrecondition {
+                ApiError::FailedPrecondition {
+                    code: "COURIER:Cluster:BadMove",
+                    message: status.message().to_owned(),
+                }
+            } else {
+                unavailable(status.message().to_owned(), state.current_leader)
+            }
+        })?;
         Ok(())
+    }
+
+    /// On the metadata group's leader: records the move and checks the table shows it (a move
+    /// that does not fit the table, such as one racing another move of the shard, changes
+    /// nothing and is refused).
+    async fn record_move_here(
+        &self,
+        shard: ShardId,
+        from: NodeId,
+        to: NodeId,
+    ) -> Result<(), ApiError> {
+        let metadata = self.group(GroupId::Metadata).await?;
+        let state = metadata.state();
+        if state.current_leader != Some(self.groups.node_id()) {
+            return Err(unavailable(
+                "this node does not lead the metadata group".to_owned(),
+                state.current_leader,
+            ));
+        }
+        metadata
+            .write_placement_move(shard, from, to)
+            .await
+            .map_err(|e| unavailable(e.to_string(), e.leader))?;
+        let recorded = self
+            .groups
+            .placement()
+            .is_some_and(|placement| placement.holds(to, shard) && !placement.holds(from, shard));
+        if recorded {
+            Ok(())
+        } else {
+            Err(ApiError::FailedPrecondition {
+                code: "COURIER:Cluster:BadMove",
+                message: format!(
+                    "the placement table does not show {shard} moved from node {from} to node {to}"
+                ),
+            })
+        }
     }
 }

@@ -51,11 +51,18 @@ pub(super) struct Elsewhere {
 pub(super) type SharedElsewhere = Arc<Mutex<Elsewhere>>;
 
 impl Cluster {
-    /// Whether this node is a voter of `shard`'s group: then reads of the shard are served here.
+    /// Whether this node holds `shard`: a voter of its group, and placed there when the cluster
+    /// places shards (a replica moved away that never learned of its removal is not one). Reads
+    /// of the shard are then served here.
     pub fn holds(&self, shard: ShardId) -> bool {
+        let me = self.groups.node_id();
         self.groups
             .get(GroupId::Shard(shard))
-            .is_some_and(|handle| handle.has_voter(self.groups.node_id()))
+            .is_some_and(|handle| handle.has_voter(me))
+            && self
+                .groups
+                .placement()
+                .is_none_or(|placement| placement.holds(me, shard))
     }
 
     /// Runs the projection read `f` over `shard` as a replica has it: this node's when it holds
@@ -217,6 +224,19 @@ impl Cluster {
                         LogIndex::new(response.applied),
                     ));
                 }
+                // The same reads get the same refusal from every replica: no use asking on.
+                Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                    return Err(ApiError::ResourceExhausted {
+                        code: "COURIER:Cluster:ReadTooLarge",
+                        message: status.message().to_owned(),
+                    });
+                }
+                Err(status) if status.code() == tonic::Code::InvalidArgument => {
+                    return Err(internal(format!(
+                        "node {id} refused a read of {shard}: {}",
+                        status.message()
+                    )));
+                }
                 Err(status) => refusals.push(format!("node {id}: {}", status.message())),
             }
         }
@@ -243,7 +263,11 @@ impl Cluster {
             events,
         };
         // The replica may hold the proposal through a failover before it answers.
-        let within = self.leader_wait().saturating_add(self.rpc_timeout);
+        // With a margin, so that this call does not give up just as the replica answers.
+        let within = self
+            .leader_wait()
+            .saturating_add(self.rpc_timeout)
+            .saturating_add(self.rpc_timeout / 2);
         let mut refusals = Vec::new();
         for (id, addr) in self.replicas_elsewhere(shard) {
             let Some(mut client) = self.peers.forward(&addr) else {
@@ -270,7 +294,12 @@ impl Cluster {
                 }
                 return Err(answer);
             }
-            let not_held = status.code() == tonic::Code::NotFound;
+            // Refused before anything was proposed: another replica may take it.
+            let not_held = status.code() == tonic::Code::NotFound
+                && status
+                    .metadata()
+                    .get(courier_proto::CODE_KEY)
+                    .is_some_and(|code| code == "COURIER:Cluster:UnknownShard");
             if !not_held && !resend_safe {
                 return Err(ApiError::Unavailable {
                     code: "COURIER:Shard:NoLeader",
@@ -353,10 +382,16 @@ impl Cluster {
                 .applied
                 .get()
         });
+        let voters = self
+            .groups
+            .get(GroupId::Shard(shard))
+            .map(|handle| handle.state().voters.into_iter().collect())
+            .unwrap_or_default();
         Ok(peer::ReadShardResponse {
             answers: answers.into_iter().map(answer_to_wire).collect(),
             leader,
             applied,
+            voters,
         })
     }
 }

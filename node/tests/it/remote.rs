@@ -9,7 +9,7 @@ use courier_proto::pb::client::messaging_client::MessagingClient;
 use courier_proto::pb::client::registration_client::RegistrationClient;
 use courier_proto::pb::client::{
     GetKeyCountRequest, GetReceiptsRequest, ListConversationsRequest, ListDevicesRequest,
-    SendRequest, ServerFrame, server_frame,
+    RevokeDeviceRequest, SendRequest, ServerFrame, server_frame,
 };
 use courier_proto::pb::peer::admin_client::AdminClient;
 use courier_proto::pb::peer::forward_client::ForwardClient;
@@ -19,7 +19,8 @@ use courier_proto::pb::peer::{
 
 use crate::cluster::{SHARDS, init, status, wait_converged, wait_leaders, with_limits};
 use crate::messaging::{
-    Device, authed, body, code_is, collect, open_stream, phones_on_different_shards, register,
+    Device, authed, body, code_is, collect, link_tablet, open_stream, phones_on_different_shards,
+    register,
 };
 use crate::support::{channel, connect, peer_channel, peer_tls};
 
@@ -228,6 +229,34 @@ async fn a_node_without_a_replica_answers_clients_from_the_replicas() {
             vec![later.message_id],
             "the later message arrives live, once"
         );
+    }
+
+    {
+        tracing::info!("a device revoked through node 1 is refused through node 4");
+        let tablet = link_tablet(&addr(0), &alice).await;
+        wait_converged(&peers[..3], Duration::from_secs(30)).await;
+        let list = |addr: String, device: Device| async move {
+            RegistrationClient::new(channel(&addr).await)
+                .list_devices(authed(&device, ListDevicesRequest {}))
+                .await
+        };
+        list(addr(3), tablet.clone())
+            .await
+            .expect("the tablet is served through node 4");
+        RegistrationClient::new(channel(&addr(0)).await)
+            .revoke_device(authed(
+                &alice,
+                RevokeDeviceRequest {
+                    device_id: tablet.device,
+                },
+            ))
+            .await
+            .expect("Alice revokes her tablet");
+        wait_converged(&peers[..3], Duration::from_secs(30)).await;
+        let refused = list(addr(3), tablet.clone())
+            .await
+            .expect_err("node 4 applies no revocation, yet refuses the revoked tablet");
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
     }
 
     let node4 = status(&peers[3]).await;
