@@ -111,6 +111,15 @@ impl RaftCallError {
 }
 
 impl GroupHandle {
+    /// The log index this replica applied up to.
+    pub fn applied_index(&self) -> courier_proto::LogIndex {
+        self.applied
+            .read()
+            .expect("applied view lock is never poisoned")
+            .shard
+            .applied
+    }
+
     /// Whether `node` is a voter of this group, as this replica knows its membership: a cheap
     /// check (no copy of the raft metrics), for every read.
     pub fn has_voter(&self, node: NodeId) -> bool {

@@ -62,13 +62,6 @@ impl Placement {
         Self { shards }
     }
 
-    /// Every shard on every one of `nodes` (a cluster created before placement existed, where
-    /// each shard group holds every member), first leaders as bootstrap spread them: shard `i`
-    /// on member `i mod N`.
-    pub fn everywhere(nodes: &BTreeSet<NodeId>, shard_count: u16) -> Self {
-        Self::spread(nodes, shard_count, nodes.len())
-    }
-
     /// The nodes holding `shard`, its first leader first; empty for a shard beyond the table.
     pub fn replicas(&self, shard: ShardId) -> &[NodeId] {
         self.shards
@@ -108,11 +101,6 @@ impl Placement {
     /// The number of shards placed.
     pub fn shard_count(&self) -> usize {
         self.shards.len()
-    }
-
-    /// Replicas per shard (the first shard's count: every shard has the same).
-    pub fn replication_factor(&self) -> usize {
-        self.shards.first().map_or(0, Vec::len)
     }
 }
 
@@ -206,12 +194,14 @@ mod tests {
         assert_eq!(moved.moved(shard, to, to), None, "to a node with it");
     }
 
-    /// The table clusters created before placement get: every shard everywhere, shard `i` led
-    /// first by member `i mod N` as bootstrap always did.
+    /// With `R = N` every shard is everywhere, and shard `i` is led first by member `i mod N`,
+    /// as bootstrap always did.
     #[test]
     fn everywhere_is_every_member_with_leaders_in_turn() {
         let nodes: BTreeSet<NodeId> = [1, 2, 3].into();
-        let placement = Placement::everywhere(&nodes, 6);
+        // A cluster with every shard on every member: shard `i` first led by member `i mod N`, as
+        // bootstrap spread leaders before placement existed.
+        let placement = Placement::spread(&nodes, 6, nodes.len());
         for shard in 0..6_u16 {
             let replicas = placement.replicas(ShardId::new(shard));
             assert_eq!(replicas.len(), 3, "every member");

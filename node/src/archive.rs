@@ -243,12 +243,7 @@ fn archive_pass(groups: &Groups, archive: &Archive) {
         let Some(handle) = groups.get(GroupId::Shard(shard)) else {
             continue;
         };
-        let applied = handle
-            .applied
-            .read()
-            .expect("applied view lock is never poisoned")
-            .shard
-            .applied;
+        let applied = handle.applied_index();
         let purged = handle.state().purged_index.map(storage_index);
         let log = LogStore::new(groups.db().clone(), shard);
         if let Err(error) = archive

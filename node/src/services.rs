@@ -429,11 +429,7 @@ impl Forward for PeerApi {
                 .await?
         } else if !self.cluster.holds(shard) {
             // Handed over by a node without a replica: handing it on again could go in a circle.
-            return Err(ApiError::NotFound {
-                code: "COURIER:Cluster:UnknownShard",
-                message: format!("{shard} is not replicated on this node"),
-            }
-            .into());
+            return Err(ApiError::unknown_shard(shard).into());
         } else {
             self.cluster
                 .propose(shard, request.events)

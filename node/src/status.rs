@@ -101,6 +101,8 @@ pub enum ApiError {
 
 /// The code of [`ApiError::installing`].
 pub const SHARD_INSTALLING: &str = "COURIER:Shard:Installing";
+/// Code of [`ApiError::unknown_shard`].
+pub const UNKNOWN_SHARD: &str = "COURIER:Cluster:UnknownShard";
 
 impl ApiError {
     /// Maps a group event refused at apply (`EventOutcome::Rejected`) by its stable code: the one
@@ -246,6 +248,14 @@ impl ApiError {
             message: "the cluster is not initialized yet".to_owned(),
             retry_after_ms: 1000,
             leader: None,
+        }
+    }
+
+    /// `NOT_FOUND` `COURIER:Cluster:UnknownShard`: this node holds no replica of `shard`.
+    pub fn unknown_shard(shard: courier_proto::ShardId) -> ApiError {
+        ApiError::NotFound {
+            code: UNKNOWN_SHARD,
+            message: format!("{shard} is not replicated on this node"),
         }
     }
 

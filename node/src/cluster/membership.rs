@@ -227,13 +227,11 @@ impl Cluster {
         }
         let shard = u16::try_from(request.shard)
             .map_err(|_| invalid("COURIER:Cluster:BadShard", "shard out of range".to_owned()))?;
+        let shard = ShardId::new(shard);
         let handle = self
             .groups
-            .get(GroupId::Shard(ShardId::new(shard)))
-            .ok_or_else(|| ApiError::NotFound {
-                code: "COURIER:Cluster:UnknownShard",
-                message: format!("shard {shard} is not replicated here"),
-            })?;
+            .get(GroupId::Shard(shard))
+            .ok_or_else(|| ApiError::unknown_shard(shard))?;
         if !handle.is_leader() {
             handle.elect().await.map_err(|e| internal(e.to_string()))?;
         }

@@ -54,7 +54,7 @@ impl Cluster {
     /// it twice (a send, an ack or a read); any other answers `UNAVAILABLE` once the new leader is known.
     ///
     /// A node that holds no replica of `shard` hands the events to a node that does
-    /// ([`Cluster::propose_elsewhere`]), which does all of the above.
+    /// (`Cluster::propose_elsewhere`), which does all of the above.
     ///
     /// # Errors
     /// `UNAVAILABLE` when the shard has no leader within the wait or leadership moved; the

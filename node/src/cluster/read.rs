@@ -39,10 +39,7 @@ impl Cluster {
         let handle = self
             .groups
             .get(GroupId::Shard(shard))
-            .ok_or_else(|| ApiError::NotFound {
-                code: "COURIER:Cluster:UnknownShard",
-                message: format!("{shard} is not replicated here"),
-            })?;
+            .ok_or_else(|| ApiError::unknown_shard(shard))?;
         match consistency {
             ReadConsistency::Linearizable => {
                 handle
@@ -54,12 +51,7 @@ impl Cluster {
             ReadConsistency::AtLeast(index) => {
                 let deadline = tokio::time::Instant::now() + READ_WAIT;
                 loop {
-                    let applied = handle
-                        .applied
-                        .read()
-                        .expect("applied view lock")
-                        .shard
-                        .applied;
+                    let applied = handle.applied_index();
                     if applied >= index {
                         return Ok(());
                     }

@@ -51,6 +51,13 @@ pub(super) struct Elsewhere {
 pub(super) type SharedElsewhere = Arc<Mutex<Elsewhere>>;
 
 impl Cluster {
+    /// What this node learned of shards it does not hold.
+    fn elsewhere(&self) -> std::sync::MutexGuard<'_, Elsewhere> {
+        self.elsewhere
+            .lock()
+            .expect("elsewhere lock is never poisoned")
+    }
+
     /// Whether this node holds `shard`: a voter of its group, and placed there when the cluster
     /// places shards (a replica moved away that never learned of its removal is not one). Reads
     /// of the shard are then served here.
@@ -149,9 +156,7 @@ impl Cluster {
     pub(super) async fn leader_elsewhere(&self, shard: ShardId) -> Option<(NodeId, String)> {
         let known = |cluster: &Self| {
             cluster
-                .elsewhere
-                .lock()
-                .expect("elsewhere lock is never poisoned")
+                .elsewhere()
                 .leaders
                 .get(&shard)
                 .filter(|(_, heard)| heard.elapsed() < LEADER_HINT_TTL)
@@ -182,12 +187,7 @@ impl Cluster {
         if self.holds(shard)
             && let Some(handle) = self.groups.get(GroupId::Shard(shard))
         {
-            return Ok(handle
-                .applied
-                .read()
-                .expect("applied view lock")
-                .shard
-                .applied);
+            return Ok(handle.applied_index());
         }
         Ok(self.read_elsewhere(shard, &[]).await?.1)
     }
@@ -299,7 +299,7 @@ impl Cluster {
                 && status
                     .metadata()
                     .get(courier_proto::CODE_KEY)
-                    .is_some_and(|code| code == "COURIER:Cluster:UnknownShard");
+                    .is_some_and(|code| code == crate::status::UNKNOWN_SHARD);
             if !not_held && !resend_safe {
                 return Err(ApiError::Unavailable {
                     code: "COURIER:Shard:NoLeader",
@@ -330,10 +330,7 @@ impl Cluster {
         let shard_count = self.groups.shard_count().unwrap_or(0);
         let shard = ShardId::from_wire(request.shard, shard_count)?;
         if !self.holds(shard) {
-            return Err(ApiError::NotFound {
-                code: "COURIER:Cluster:UnknownShard",
-                message: format!("{shard} is not replicated on this node"),
-            });
+            return Err(ApiError::unknown_shard(shard));
         }
         if request.ops.len() > READ_OPS_MAX {
             return Err(invalid(
@@ -373,15 +370,7 @@ impl Cluster {
             .as_ref()
             .and_then(|handle| handle.leader_view().leader)
             .unwrap_or(0);
-        let applied = handle.map_or(0, |handle| {
-            handle
-                .applied
-                .read()
-                .expect("applied view lock")
-                .shard
-                .applied
-                .get()
-        });
+        let applied = handle.map_or(0, |handle| handle.applied_index().get());
         let voters = self
             .groups
             .get(GroupId::Shard(shard))
