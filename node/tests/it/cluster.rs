@@ -404,6 +404,14 @@ impl Processes {
         n: u64,
         extra_config: &str,
     ) -> (Self, BTreeMap<u32, u64>) {
+        let this = Self::start_uninitialized(n, extra_config);
+        init(&this.peers).await;
+        let leaders = wait_leaders(&this.peers, Duration::from_secs(30)).await;
+        (this, leaders)
+    }
+
+    /// Starts `n` nodes (ids 1..=n), up and listening, with no cluster bootstrapped.
+    pub(crate) fn start_uninitialized(n: u64, extra_config: &str) -> Self {
         let root = tempfile::tempdir().expect("tempdir");
         let ports: BTreeMap<u64, (u16, u16)> =
             (1..=n).map(|id| (id, (free_port(), free_port()))).collect();
@@ -429,9 +437,7 @@ impl Processes {
         }
         this.procs = procs;
         this.peers = this.addrs.iter().map(|a| a.peer.clone()).collect();
-        init(&this.peers).await;
-        let leaders = wait_leaders(&this.peers, Duration::from_secs(30)).await;
-        (this, leaders)
+        this
     }
 
     fn spawn(&self, id: u64) -> NodeProcess {

@@ -17,6 +17,7 @@ use crate::cluster::{PHONE_KEY, SHARDS, fast_config, init_request, status, try_s
 use crate::messaging::{
     Device, authed, body, code_is, collect, open_stream, phones_on_different_shards, register,
 };
+use crate::remote::message_ids;
 use crate::support::{channel, peer_channel, scrape};
 
 const NODES: u64 = 4;
@@ -185,36 +186,17 @@ async fn four_nodes_hold_three_replicas_of_each_shard_and_serve_clients_on_any_n
         sent.push(send(addr, &alice, &bob, &format!("through-{i}")).await);
     }
     let mut stream = open_stream(&addrs[2], &bob, 0).await;
-    let ids = |frames: &[courier_proto::pb::client::ServerFrame]| -> Vec<Vec<u8>> {
-        frames
-            .iter()
-            .filter_map(|frame| match &frame.frame {
-                Some(courier_proto::pb::client::server_frame::Frame::Message(m)) => {
-                    Some(m.message_id.clone())
-                }
-                _ => None,
-            })
-            .collect()
-    };
-    let got = collect(&mut stream, Duration::from_secs(20), |frames| {
-        ids(frames).len() >= sent.len()
-    })
+    let ids = message_ids;
+    receive_exactly(
+        &mut stream,
+        &sent,
+        "Bob gets every send through every node, in order, once",
+    )
     .await;
-    assert_eq!(
-        ids(&got),
-        sent,
-        "Bob gets every send through every node, in order, once"
-    );
 
     let placement = {
         tracing::info!("a replica of node 1 moves to the node without one, under client traffic");
-        let (shard, to) = (0..SHARDS)
-            .map(|s| ShardId::new(u16::try_from(s).expect("small")))
-            .find_map(|shard| {
-                let to = all.iter().copied().find(|n| !placement.holds(*n, shard))?;
-                placement.holds(1, shard).then_some((shard, to))
-            })
-            .expect("node 1 holds a shard that some node lacks");
+        let (shard, to) = a_move_off_node_1(&placement, &all);
         let moved = placement.moved(shard, 1, to).expect("a possible move");
         let args: Vec<String> = [
             "shard",
@@ -381,6 +363,42 @@ fn counts(table: &BTreeMap<u32, Vec<u64>>, nodes: &BTreeSet<u64>) -> BTreeMap<u6
         .collect()
 }
 
+/// Drains node 2 with `courier-ops node drain` through node 1; the table afterwards, as node 4
+/// reports it, with every shard on three nodes and none on node 2.
+async fn drain_node_2(peers: &[String]) -> BTreeMap<u32, Vec<u64>> {
+    let (code, stdout, stderr) = ops(&["node", "drain", "--addr", &peers[0], "--id", "2"]).await;
+    assert_eq!(code, 0, "the drain succeeds: {stdout}{stderr}");
+    let table = table_of(&peers[3]).await;
+    assert!(
+        table
+            .values()
+            .all(|replicas| replicas.len() == 3 && !replicas.contains(&2)),
+        "every shard on three nodes, none on node 2: {table:?}"
+    );
+    table
+}
+
+/// A shard node 1 holds and a node of `all` without it: the first such move, in shard order.
+fn a_move_off_node_1(placement: &Placement, all: &BTreeSet<u64>) -> (ShardId, u64) {
+    (0..SHARDS)
+        .map(|s| ShardId::new(u16::try_from(s).expect("small")))
+        .find_map(|shard| {
+            let to = all.iter().copied().find(|n| !placement.holds(*n, shard))?;
+            placement.holds(1, shard).then_some((shard, to))
+        })
+        .expect("node 1 holds a shard that some node lacks")
+}
+
+/// Reads `stream` until it brought as many messages as `sent` (at most 20 s) and asserts they
+/// are exactly `sent`, in order.
+async fn receive_exactly(stream: &mut crate::messaging::Stream, sent: &[Vec<u8>], why: &str) {
+    let got = collect(stream, Duration::from_secs(20), |frames| {
+        message_ids(frames).len() >= sent.len()
+    })
+    .await;
+    assert_eq!(message_ids(&got), sent, "{why}");
+}
+
 /// Runs courier-ops off the runtime's workers (the nodes run on them).
 async fn ops(args: &[&str]) -> (i32, String, String) {
     let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
@@ -460,38 +478,16 @@ async fn a_joined_node_is_filled_by_a_rebalance_and_a_drained_node_is_emptied() 
     );
     sent.push(send(&addrs[2], &alice, &bob, "between").await);
 
-    let (code, stdout, stderr) = ops(&["node", "drain", "--addr", &peers[0], "--id", "2"]).await;
-    assert_eq!(code, 0, "the drain succeeds: {stdout}{stderr}");
-    let table = table_of(&peers[3]).await;
-    assert!(
-        table
-            .values()
-            .all(|replicas| !replicas.contains(&2) && replicas.len() == 3),
-        "node 2 holds nothing and every shard keeps three replicas: {table:?}"
-    );
+    let table = drain_node_2(&peers).await;
     let rest: BTreeSet<u64> = five.iter().copied().filter(|n| *n != 2).collect();
     sent.push(send(&addrs[1], &alice, &bob, "after").await);
     let mut stream = open_stream(&addrs[4], &bob, 0).await;
-    let ids = |frames: &[courier_proto::pb::client::ServerFrame]| -> Vec<Vec<u8>> {
-        frames
-            .iter()
-            .filter_map(|frame| match &frame.frame {
-                Some(courier_proto::pb::client::server_frame::Frame::Message(m)) => {
-                    Some(m.message_id.clone())
-                }
-                _ => None,
-            })
-            .collect()
-    };
-    let got = collect(&mut stream, Duration::from_secs(20), |frames| {
-        ids(frames).len() >= sent.len()
-    })
+    receive_exactly(
+        &mut stream,
+        &sent,
+        "before, between and after arrive once, in order",
+    )
     .await;
-    assert_eq!(
-        ids(&got),
-        sent,
-        "before, between and after arrive once, in order"
-    );
     assert!(
         counts(&table, &rest).values().all(|count| *count >= 2),
         "the drained replicas spread over the others: {table:?}"
@@ -499,4 +495,64 @@ async fn a_joined_node_is_filled_by_a_rebalance_and_a_drained_node_is_emptied() 
     for node in nodes {
         node.stop().await;
     }
+}
+
+/// Five real `courier-node` processes with three replicas per shard: `courier-ops` moves a
+/// replica of node 1 and drains node 2; the drained node still serves a device stream (from the
+/// replicas), and the user receives what was sent before, between and after, once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_processes_with_three_replicas_move_and_drain() {
+    let cluster = crate::cluster::Processes::start_uninitialized(5, "");
+    let peers = cluster.peers.clone();
+    let clients: Vec<String> = cluster.addrs.iter().map(|a| a.client.clone()).collect();
+    let mut request = init_request(&peers, PHONE_KEY.to_vec());
+    request.replication_factor = REPLICAS;
+    AdminClient::new(peer_channel(&peers[0]).await)
+        .init_cluster(request)
+        .await
+        .expect("init with three replicas per shard");
+    let all: BTreeSet<u64> = (1..=5).collect();
+    let placement = Placement::spread(&all, u16::try_from(SHARDS).expect("small"), 3);
+    wait_placed_converged(&peers, &placement, &all).await;
+
+    let (alice_phone, bob_phone) = phones_on_different_shards();
+    let data_dir = cluster.procs[0].data_dir.clone();
+    let alice = register(&clients[0], &data_dir, &alice_phone).await;
+    let bob = register(&clients[0], &data_dir, &bob_phone).await;
+    wait_placed_converged(&peers, &placement, &all).await;
+    let mut sent = vec![send(&clients[4], &alice, &bob, "before").await];
+
+    let (shard, to) = a_move_off_node_1(&placement, &all);
+    let (code, stdout, stderr) = ops(&[
+        "shard",
+        "move",
+        "--addr",
+        &peers[2],
+        "--shard",
+        &shard.get().to_string(),
+        "--from",
+        "1",
+        "--to",
+        &to.to_string(),
+    ])
+    .await;
+    assert_eq!(code, 0, "the move succeeds: {stdout}{stderr}");
+    assert!(stdout.contains("verified empty"), "{stdout}");
+    sent.push(send(&clients[2], &alice, &bob, "between").await);
+
+    let table = drain_node_2(&peers).await;
+    // The drain may bring the moved shard back to node 1 (it held fewest after the move).
+    assert!(
+        table[&u32::from(shard.get())].contains(&to),
+        "the moved shard keeps its new replica: {table:?}"
+    );
+    sent.push(send(&clients[3], &alice, &bob, "after").await);
+
+    let mut stream = open_stream(&clients[1], &bob, 0).await;
+    receive_exactly(
+        &mut stream,
+        &sent,
+        "through the drained node: before, between and after, once, in order",
+    )
+    .await;
 }

@@ -25,7 +25,7 @@ use crate::messaging::{
 use crate::support::{channel, connect, peer_channel, peer_tls};
 
 /// The message ids among `frames`, in order.
-fn message_ids(frames: &[ServerFrame]) -> Vec<Vec<u8>> {
+pub(crate) fn message_ids(frames: &[ServerFrame]) -> Vec<Vec<u8>> {
     frames
         .iter()
         .filter_map(|frame| match &frame.frame {
