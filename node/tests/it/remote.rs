@@ -35,6 +35,25 @@ pub(crate) fn message_ids(frames: &[ServerFrame]) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// Send `i` of `from` to `to` (client id `remote-{i}`, body `hello {i}`) through the node at
+/// `addr`, once.
+async fn send_nth(
+    addr: &str,
+    from: &Device,
+    to: &Device,
+    i: u32,
+) -> Result<courier_proto::pb::client::SendResponse, tonic::Status> {
+    let request = SendRequest {
+        client_msg_id: format!("remote-{i}"),
+        to_user: to.user,
+        content: body(&format!("hello {i}")),
+    };
+    let response = MessagingClient::new(channel(addr).await)
+        .send(authed(from, request))
+        .await?;
+    Ok(response.into_inner())
+}
+
 /// What `device` sees through the node at `addr`: its devices, the receipts of `sent` (if any), its
 /// conversations and its prekey count.
 async fn seen_from(addr: &str, device: &Device, sent: &[Vec<u8>]) -> String {
@@ -107,18 +126,7 @@ async fn a_node_without_a_replica_answers_clients_from_the_replicas() {
     let bob = register(&addr(0), &dirs[0], &bob_phone).await;
     let mut sent = Vec::new();
     for i in 0..3 {
-        let response = MessagingClient::new(channel(&addr(0)).await)
-            .send(authed(
-                &alice,
-                SendRequest {
-                    client_msg_id: format!("remote-{i}"),
-                    to_user: bob.user,
-                    content: body(&format!("hello {i}")),
-                },
-            ))
-            .await
-            .expect("send")
-            .into_inner();
+        let response = send_nth(&addr(0), &alice, &bob, i).await.expect("send");
         sent.push(response.message_id);
     }
     let started = std::time::Instant::now();
@@ -150,32 +158,14 @@ async fn a_node_without_a_replica_answers_clients_from_the_replicas() {
         tracing::info!("writes through node 4: a registration and two more sends");
         let carol = register(&addr(3), &dirs[3], "+15550009999").await;
         for i in 3..5 {
-            let response = MessagingClient::new(channel(&addr(3)).await)
-                .send(authed(
-                    &alice,
-                    SendRequest {
-                        client_msg_id: format!("remote-{i}"),
-                        to_user: bob.user,
-                        content: body(&format!("hello {i}")),
-                    },
-                ))
+            let response = send_nth(&addr(3), &alice, &bob, i)
                 .await
-                .expect("a send through node 4")
-                .into_inner();
+                .expect("a send through node 4");
             sent.push(response.message_id);
         }
-        let again = MessagingClient::new(channel(&addr(3)).await)
-            .send(authed(
-                &alice,
-                SendRequest {
-                    client_msg_id: "remote-4".to_owned(),
-                    to_user: bob.user,
-                    content: body("hello 4"),
-                },
-            ))
+        let again = send_nth(&addr(3), &alice, &bob, 4)
             .await
-            .expect("a retry through node 4")
-            .into_inner();
+            .expect("a retry through node 4");
         assert_eq!(
             Some(&again.message_id),
             sent.last(),
