@@ -13,8 +13,9 @@ use tokio::time::Instant;
 use anyhow::{Context as _, bail};
 use courier_proto::pb::peer::admin_client::AdminClient;
 use courier_proto::pb::peer::{
-    AddNodeRequest, InitClusterRequest, NodeInfo, RemoveNodeRequest, StatusRequest, StatusResponse,
-    VerifyProjectionRequest, projection_job_update,
+    AddNodeRequest, InitClusterRequest, MoveShardRequest, MoveShardResponse, NodeInfo,
+    RemoveNodeRequest, ShardStatus, StatusRequest, StatusResponse, VerifyProjectionRequest,
+    projection_job_update,
 };
 use courier_tls::ClientTlsConfig;
 use tonic::transport::{Channel, Endpoint};
@@ -28,6 +29,8 @@ pub const VERIFY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Deadline of one AddNode / RemoveNode call (adding waits for the learner to catch up on every
 /// shard).
 pub const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(60);
+/// Deadline of one MoveShard call (the new replica catches up before it becomes a voter).
+pub const MOVE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a verify that met a purged range the archive does not hold yet is retried.
 pub const ARCHIVE_CATCH_UP: Duration = Duration::from_secs(30);
 /// Pause between polls while waiting for leaders or convergence.
@@ -356,6 +359,60 @@ impl AdminNode {
     }
 }
 
+impl AdminNode {
+    /// `Admin.MoveShard`: one replica of `shard` from node `from` (this node) to node `to`,
+    /// within [`MOVE_TIMEOUT`]. Sent again after a failure, a move resumes where it stopped.
+    ///
+    /// # Errors
+    ///
+    /// Timeout or RPC error.
+    pub async fn move_shard(
+        &self,
+        shard: u32,
+        from: u32,
+        to: u32,
+    ) -> anyhow::Result<MoveShardResponse> {
+        let mut client = self.client.clone();
+        let request = MoveShardRequest {
+            shard,
+            from_node: u64::from(from),
+            to_node: u64::from(to),
+            placement_only: false,
+        };
+        let what = format!("move of shard {shard} from node {from} to node {to}");
+        let response = tokio::time::timeout(MOVE_TIMEOUT, client.move_shard(request))
+            .await
+            .with_context(|| format!("{what} timed out"))?
+            .map_err(|s| anyhow::anyhow!("{what}: {}", describe(&s)))?;
+        Ok(response.into_inner())
+    }
+}
+
+/// The shards `status`'s node holds a replica of: it is a voter of the shard's group, and placed
+/// there when the cluster places shards (a node a replica moved away from may still run an
+/// empty group of the shard, or one that never learned it was removed).
+pub fn held(status: &StatusResponse) -> impl Iterator<Item = &ShardStatus> {
+    let me = status.node_id;
+    status.shards.iter().filter(move |shard| {
+        shard.replicas.contains(&me)
+            && (status.placement.is_empty()
+                || status
+                    .placement
+                    .iter()
+                    .any(|placed| placed.shard == shard.shard && placed.replicas.contains(&me)))
+    })
+}
+
+/// Replicas per shard: the placement table's R when the cluster places shards, else `nodes`
+/// (every shard on every member).
+fn replicas_per_shard(statuses: &BTreeMap<u32, StatusResponse>, nodes: usize) -> usize {
+    statuses
+        .values()
+        .find(|status| status.replication_factor > 0 && !status.placement.is_empty())
+        .and_then(|status| usize::try_from(status.replication_factor).ok())
+        .unwrap_or(nodes)
+}
+
 /// Every node's status, by node id (nodes that do not answer are missing).
 pub async fn statuses(nodes: &[AdminNode]) -> BTreeMap<u32, StatusResponse> {
     let calls = nodes
@@ -370,8 +427,9 @@ pub async fn statuses(nodes: &[AdminNode]) -> BTreeMap<u32, StatusResponse> {
     out
 }
 
-/// The shard → leader map if every node answers, knows `shards` shards, and every shard has
-/// the same non-zero leader on every node.
+/// The shard → leader map if every node answers, each of the `shards` shards is held by as
+/// many of them as it has replicas ([`held`]), and the holders of a shard agree on a non-zero
+/// leader.
 pub fn agreed_leaders(
     statuses: &BTreeMap<u32, StatusResponse>,
     nodes: usize,
@@ -381,20 +439,21 @@ pub fn agreed_leaders(
         return None;
     }
     let mut leaders: BTreeMap<u32, u64> = BTreeMap::new();
+    let mut holders: BTreeMap<u32, usize> = BTreeMap::new();
     for status in statuses.values() {
-        if status.shards.len() != usize::try_from(shards).ok()? {
-            return None;
-        }
-        for shard in &status.shards {
+        for shard in held(status) {
             if shard.leader == 0 {
                 return None;
             }
             if *leaders.entry(shard.shard).or_insert(shard.leader) != shard.leader {
                 return None;
             }
+            *holders.entry(shard.shard).or_default() += 1;
         }
     }
-    Some(leaders)
+    let replicas = replicas_per_shard(statuses, nodes);
+    let all_held = (0..shards).all(|shard| holders.get(&shard) == Some(&replicas));
+    all_held.then_some(leaders)
 }
 
 /// Waits until every node reports a leader for every shard and they agree.
@@ -423,14 +482,15 @@ pub async fn wait_leaders(
     }
 }
 
-/// True if every node answered and, per shard, all report the same applied index.
+/// True if every node answered and, per shard, its holders ([`held`]) report the same applied
+/// index.
 pub fn converged(statuses: &BTreeMap<u32, StatusResponse>, nodes: usize) -> bool {
     if statuses.len() < nodes {
         return false;
     }
     let mut applied: BTreeMap<u32, u64> = BTreeMap::new();
     for status in statuses.values() {
-        for shard in &status.shards {
+        for shard in held(status) {
             // Every outbox forwarded (and trimmed): a message acked just before the heal may still
             // be on its way to the recipient's shard, and a drain must not start before it lands.
             if shard.outbox_len_entries > 0 {
@@ -486,4 +546,70 @@ pub fn summarize(statuses: &BTreeMap<u32, StatusResponse>) -> String {
         })
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use courier_proto::pb::peer::{ShardPlacement, ShardStatus, StatusResponse};
+
+    use super::{agreed_leaders, converged, held};
+
+    /// Node `node`'s status of a cluster placing shard 0 on nodes 1–3 and shard 1 on nodes 2–4;
+    /// `groups` are the groups it runs: (shard, voters, leader, applied).
+    fn status(node: u64, groups: &[(u32, &[u64], u64, u64)]) -> StatusResponse {
+        StatusResponse {
+            node_id: node,
+            shards: groups
+                .iter()
+                .map(|(shard, voters, leader, applied)| ShardStatus {
+                    shard: *shard,
+                    leader: *leader,
+                    replicas: voters.to_vec(),
+                    applied: *applied,
+                    ..ShardStatus::default()
+                })
+                .collect(),
+            replication_factor: 3,
+            placement: vec![
+                ShardPlacement {
+                    shard: 0,
+                    replicas: vec![1, 2, 3],
+                },
+                ShardPlacement {
+                    shard: 1,
+                    replicas: vec![2, 3, 4],
+                },
+            ],
+            ..StatusResponse::default()
+        }
+    }
+
+    #[test]
+    fn only_the_placed_voters_of_a_shard_count() {
+        let placed = [(0, &[1_u64, 2, 3][..], 1, 7), (1, &[2, 3, 4][..], 4, 9)];
+        // Node 1 still runs shard 1's group from before a move, with itself among the voters it
+        // last heard of and a stale leader; node 4 runs an empty group of shard 0.
+        let statuses: BTreeMap<u32, StatusResponse> = BTreeMap::from([
+            (1, status(1, &[placed[0], (1, &[1, 3, 4], 1, 3)])),
+            (2, status(2, &placed)),
+            (3, status(3, &placed)),
+            (4, status(4, &[(0, &[], 0, 0), placed[1]])),
+        ]);
+        assert_eq!(held(&statuses[&1]).count(), 1, "node 1 holds shard 0 only");
+        assert_eq!(held(&statuses[&4]).count(), 1, "node 4 holds shard 1 only");
+        assert_eq!(
+            agreed_leaders(&statuses, 4, 2),
+            Some(BTreeMap::from([(0, 1), (1, 4)]))
+        );
+        assert!(converged(&statuses, 4));
+        // A placed replica that lags is not converged; one that does not report is not agreed.
+        let mut lagging = statuses.clone();
+        lagging.insert(3, status(3, &[placed[0], (1, &[2, 3, 4], 4, 8)]));
+        assert!(!converged(&lagging, 4));
+        let mut missing = statuses;
+        missing.insert(3, status(3, &[placed[0]]));
+        assert_eq!(agreed_leaders(&missing, 4, 2), None);
+    }
 }

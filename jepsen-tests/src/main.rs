@@ -49,7 +49,7 @@ struct RunArgs {
     /// Seconds of workload (the fault window).
     #[arg(long, default_value_t = 60)]
     seconds: u64,
-    /// Node processes.
+    /// Node processes (at least 4 for a move scenario: 3 replicas per shard and a node without).
     #[arg(long, default_value_t = 3)]
     nodes: u32,
     /// Shards of the cluster.
@@ -213,7 +213,8 @@ fn run_command(args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = RunConfig {
         scenario: args.scenario,
         seconds: args.seconds,
-        nodes: args.nodes,
+        // A move scenario needs a node without a replica of the shard it moves.
+        nodes: args.nodes.max(args.scenario.nodes_min()),
         shards: args.shards,
         users: args.users.max(2),
         workers: args.workers.max(1),
@@ -225,10 +226,11 @@ fn run_command(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     install_panic_cleanup();
     println!(
-        "courier-jepsen: scenario {} seed {} for {} s; run directory {}",
+        "courier-jepsen: scenario {} seed {} for {} s on {} nodes; run directory {}",
         config.scenario.name(),
         config.seed,
         config.seconds,
+        config.nodes,
         config.out.display()
     );
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -16,7 +16,9 @@
 //!   the running node every second), hold 3–10 s, step it back;
 //! - membership: add the spare node as a voter (learner, caught up, then voter, on every shard),
 //!   hold 2–5 s, remove another voter; the removed node is wiped and restarted empty as the
-//!   next spare, so membership changes keep coming with 3 voters and one spare.
+//!   next spare, so membership changes keep coming with 3 voters and one spare;
+//! - move (clusters that place R < N replicas per shard): one replica of a random shard moves
+//!   to a node without one, sometimes with a node killed mid-move (see `nemesis/moves.rs`).
 //!
 //! While it runs, the nemesis also watches for nodes that exit on their own (a crash is a
 //! finding: it is reported and fails the run) and restarts them.
@@ -37,6 +39,8 @@ use crate::net::{Grudge, Network};
 use crate::nodes::{Crash, Nodes};
 use crate::recorder::Recorder;
 
+mod moves;
+
 /// One action on one node of the cluster (kill, start, pause, resume).
 type NodeAction = fn(&mut Nodes, u32) -> anyhow::Result<()>;
 
@@ -55,6 +59,8 @@ pub enum FaultFamily {
     Clock,
     /// Add a voter, then remove another (needs a spare node).
     Membership,
+    /// Move a shard's replica to another node (needs more nodes than replicas per shard).
+    Move,
 }
 
 /// Which nodes a process fault hits.
@@ -214,6 +220,7 @@ impl Nemesis {
                 FaultFamily::Partition => self.partition(&mut rng, remaining, &stop).await,
                 FaultFamily::Clock => self.clock(&mut rng, remaining, &stop).await,
                 FaultFamily::Membership => self.membership(&mut rng, remaining, &stop).await,
+                FaultFamily::Move => self.move_replica(&mut rng, &stop).await,
             };
             if let Err(error) = result {
                 self.error(&error);

@@ -55,12 +55,16 @@ pub enum Scenario {
     ClockMembership,
     /// Everything.
     Mixed,
+    /// Replica moves, some interrupted by a kill (R < N: run it with 4+ nodes).
+    Move,
+    /// Replica moves, kills and partitions (R < N: run it with 4+ nodes).
+    MoveKillPartition,
 }
 
 impl Scenario {
     /// The fault families this scenario draws from.
     pub fn families(self) -> Vec<FaultFamily> {
-        use FaultFamily::{Clock, Kill, Membership, Partition, Pause, PauseThenKill};
+        use FaultFamily::{Clock, Kill, Membership, Move, Partition, Pause, PauseThenKill};
         match self {
             Self::None => vec![],
             Self::Kill => vec![Kill],
@@ -72,6 +76,19 @@ impl Scenario {
             Self::Membership => vec![Membership],
             Self::ClockMembership => vec![Clock, Membership],
             Self::Mixed => vec![Kill, Pause, PauseThenKill, Partition, Clock, Membership],
+            Self::Move => vec![Move],
+            // Moves listed twice: half the faults are moves.
+            Self::MoveKillPartition => vec![Move, Move, Kill, Partition],
+        }
+    }
+
+    /// The fewest voters the scenario runs with: moves need a node without a replica of a shard,
+    /// so more nodes than the default 3 replicas per shard.
+    pub fn nodes_min(self) -> u32 {
+        if self.families().contains(&FaultFamily::Move) {
+            4
+        } else {
+            1
         }
     }
 
@@ -93,6 +110,8 @@ impl Scenario {
             Self::Membership => "membership",
             Self::ClockMembership => "clock-membership",
             Self::Mixed => "mixed",
+            Self::Move => "move",
+            Self::MoveKillPartition => "move-kill-partition",
         }
     }
 }
@@ -431,7 +450,7 @@ async fn final_phase(
     let recorder = &shared.recorder;
     let mut replicas: BTreeMap<(u32, u32), Replica> = BTreeMap::new();
     for (node, status) in &statuses {
-        for shard in &status.shards {
+        for shard in admin::held(status) {
             let replica = Replica {
                 node: *node,
                 shard: shard.shard,
@@ -445,7 +464,12 @@ async fn final_phase(
     tracing::info!("verifying projection == rebuild on every replica");
     let mut verified: BTreeMap<(u32, u32), Verification> = BTreeMap::new();
     for node in admin {
-        for shard in 0..config.shards {
+        // Only the replicas a node holds: a node a replica moved away from has nothing to verify.
+        let Some(status) = statuses.get(&node.id) else {
+            continue;
+        };
+        let shards: Vec<u32> = admin::held(status).map(|shard| shard.shard).collect();
+        for shard in shards {
             let verification = node.verify(shard).await;
             recorder.record(&Record::Verify(Verify {
                 node: node.id,

@@ -1,0 +1,170 @@
+//! The move fault: one replica of a random shard goes from a node that holds it to one that
+//! does not (`Admin.MoveShard`, what `courier-ops shard move` sends), on a cluster that places
+//! R < N replicas per shard.
+//!
+//! ```text
+//!   pick (shard, from, to) from the table ─▶ MoveShard on `from` ─┬─▶ done: data on `from` gone
+//!                                                                  └─▶ 1 in 3: a random node is
+//!   killed 0.2–2 s into the move, restarted 2–5 s later; the move is sent again until it is done
+//! ```
+//!
+//! A move interrupted anywhere must resume when sent again; one that does not finish within
+//! [`MOVE_RESUME`] is a nemesis error, which fails the run.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rand::Rng as _;
+use rand::rngs::StdRng;
+use rand::seq::IndexedRandom as _;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::Nemesis;
+use crate::admin::{AdminNode, statuses};
+
+/// How long a move is sent again, after a failure, before the nemesis gives up on it.
+const MOVE_RESUME: Duration = Duration::from_secs(120);
+/// Pause before a failed move is sent again.
+const MOVE_RETRY_PAUSE: Duration = Duration::from_secs(1);
+
+impl Nemesis {
+    /// The placement table (shard → replicas) as a live member reports it; `None` for a cluster
+    /// with every shard on every member.
+    async fn placement(&self) -> Option<BTreeMap<u32, Vec<u32>>> {
+        let statuses = statuses(&self.live_members()).await;
+        let status = statuses.values().find(|s| !s.placement.is_empty())?;
+        Some(
+            status
+                .placement
+                .iter()
+                .map(|placed| {
+                    let replicas = placed
+                        .replicas
+                        .iter()
+                        .filter_map(|id| u32::try_from(*id).ok())
+                        .collect();
+                    (placed.shard, replicas)
+                })
+                .collect(),
+        )
+    }
+
+    pub(super) async fn move_replica(
+        &self,
+        rng: &mut StdRng,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let Some(table) = self.placement().await else {
+            anyhow::bail!("move fault on a cluster that holds every shard on every member");
+        };
+        let members = self.member_ids();
+        let moves: Vec<(u32, u32, u32)> = table
+            .iter()
+            .flat_map(|(shard, replicas)| {
+                let members = &members;
+                replicas.iter().flat_map(move |from| {
+                    members
+                        .iter()
+                        .filter(|to| !replicas.contains(to))
+                        .map(move |to| (*shard, *from, *to))
+                })
+            })
+            .collect();
+        let Some((shard, from, to)) = moves.choose(rng).copied() else {
+            anyhow::bail!("no replica can move: every member holds every shard ({table:?})");
+        };
+        let via = self.admin_of(from)?;
+        self.injected(
+            "move",
+            format!("move shard {shard} from node {from} to node {to}"),
+        );
+        let started = Instant::now();
+        let first = async { via.move_shard(shard, from, to).await };
+        let interrupted = if rng.random_bool(1.0 / 3.0) {
+            let victim = members.choose(rng).copied().unwrap_or(from);
+            let after = Duration::from_millis(rng.random_range(200..2_000));
+            let down = Duration::from_millis(rng.random_range(2_000..5_000));
+            let interrupt = async {
+                tokio::time::sleep(after).await;
+                self.interrupt(victim, down, stop).await
+            };
+            let (first, interrupt) = tokio::join!(first, interrupt);
+            interrupt?;
+            first
+        } else {
+            first.await
+        };
+        let mut last = match interrupted {
+            Ok(response) => return self.moved(shard, from, to, &response, started),
+            Err(error) => error,
+        };
+        while started.elapsed() < MOVE_RESUME {
+            tracing::info!(error = %format!("{last:#}"), "move not done; sending it again");
+            self.hold(MOVE_RETRY_PAUSE, &CancellationToken::new()).await;
+            match via.move_shard(shard, from, to).await {
+                Ok(response) => return self.moved(shard, from, to, &response, started),
+                Err(error) => last = error,
+            }
+        }
+        Err(last.context(format!(
+            "the move of shard {shard} from node {from} to node {to} did not finish within \
+             {MOVE_RESUME:?}"
+        )))
+    }
+
+    fn admin_of(&self, id: u32) -> anyhow::Result<AdminNode> {
+        self.admin
+            .iter()
+            .find(|admin| admin.id == id)
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("no admin client for node {id}"))
+    }
+
+    /// Kills `victim` while a move runs, holds it down for `down`, restarts it.
+    async fn interrupt(
+        &self,
+        victim: u32,
+        down: Duration,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        self.lock_nodes().kill(victim)?;
+        self.injected("kill", format!("kill node {victim} during the move"));
+        self.hold(down, stop).await;
+        self.lock_nodes().start(victim)?;
+        self.healed("restart", format!("restart [{victim}]"));
+        Ok(())
+    }
+
+    /// Records a finished move; a move whose old replica kept keys of the shard is an error.
+    fn moved(
+        &self,
+        shard: u32,
+        from: u32,
+        to: u32,
+        response: &courier_proto::pb::peer::MoveShardResponse,
+        started: Instant,
+    ) -> anyhow::Result<()> {
+        if !response.deleted || response.families_left != 0 {
+            anyhow::bail!(
+                "shard {shard} moved from node {from} to node {to}, but node {from}'s copy was \
+                 not deleted (deleted {}, column families left {})",
+                response.deleted,
+                response.families_left
+            );
+        }
+        self.healed(
+            "move",
+            format!(
+                "shard {shard} moved from node {from} to node {to} in {:.1} s{}",
+                started.elapsed().as_secs_f64(),
+                if response.already_moved {
+                    " (resumed after the table recorded it)"
+                } else {
+                    ""
+                }
+            ),
+        );
+        Ok(())
+    }
+}
