@@ -490,7 +490,26 @@ impl Collector for ShardCollector {
             ] {
                 put(name, help, true, Vec::new(), as_i64(value));
             }
+            for (outcome, value) in [
+                ("done", counters.moves_done),
+                ("failed", counters.moves_failed),
+            ] {
+                put(
+                    "courier_node_shard_moves",
+                    "Shard moves this node ran (Admin.MoveShard), by how they ended: done, failed (sent again, a move resumes)",
+                    true,
+                    vec![("outcome", outcome.to_owned())],
+                    as_i64(value),
+                );
+            }
         }
+        put(
+            "courier_node_shard_moves_running",
+            "Shard moves running on this node now (each one's step is in Admin.Status)",
+            false,
+            Vec::new(),
+            i64::try_from(status.moves.len()).unwrap_or(i64::MAX),
+        );
         let push = &self.cluster.edge().pusher.stats;
         for (outcome, value) in [
             ("sent", &push.sent),

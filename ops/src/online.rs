@@ -212,13 +212,11 @@ pub(crate) async fn status_of(addr: &str) -> anyhow::Result<StatusResponse> {
 pub(crate) async fn cluster_status(addr: &str, json: bool) -> anyhow::Result<bool> {
     let nodes = gather_status(addr).await?;
     // The placement table (text only) is built from every status before the rows consume them.
-    let placement = (!json).then(|| {
-        let reachable: Vec<StatusResponse> = nodes
-            .iter()
-            .filter_map(|(_, _, status)| status.as_ref().ok().cloned())
-            .collect();
-        courier_proto::placement::view(&reachable)
-    });
+    let reachable: Vec<StatusResponse> = nodes
+        .iter()
+        .filter_map(|(_, _, status)| status.as_ref().ok().cloned())
+        .collect();
+    let placement = (!json).then(|| courier_proto::placement::view(&reachable));
     let mut healthy = true;
     if !json {
         println!(
@@ -259,9 +257,19 @@ pub(crate) async fn cluster_status(addr: &str, json: bool) -> anyhow::Result<boo
                         "fsyncs": s.fsyncs, "entries_appended": s.entries_appended,
                         "snapshot_index": s.snapshot_index, "purged_index": s.purged_index,
                     })).collect();
+                    let moves: Vec<_> = status
+                        .moves
+                        .iter()
+                        .map(|m| {
+                            serde_json::json!({
+                                "shard": m.shard, "from_node": m.from_node, "to_node": m.to_node,
+                                "step": m.step, "elapsed_ms": m.elapsed_ms,
+                            })
+                        })
+                        .collect();
                     println!(
                         "{}",
-                        serde_json::json!({"node_id": id, "peer": peer, "shards": shards})
+                        serde_json::json!({"node_id": id, "peer": peer, "shards": shards, "moves": moves})
                     );
                     continue;
                 }
@@ -289,8 +297,31 @@ pub(crate) async fn cluster_status(addr: &str, json: bool) -> anyhow::Result<boo
     }
     if let Some(shards) = placement {
         print_placement(&shards);
+        print_moves(&reachable);
     }
     Ok(healthy)
+}
+
+/// The shard moves the nodes run now, with the step each is at.
+fn print_moves(statuses: &[StatusResponse]) {
+    let moves: Vec<_> = statuses
+        .iter()
+        .flat_map(|status| status.moves.iter().map(move |m| (status.node_id, m)))
+        .collect();
+    if moves.is_empty() {
+        return;
+    }
+    println!("\nmoves in progress:");
+    for (node, m) in moves {
+        println!(
+            "shard {} from node {} to node {}: {} for {:.1} s (run by node {node})",
+            m.shard,
+            m.from_node,
+            m.to_node,
+            m.step,
+            Duration::from_millis(m.elapsed_ms).as_secs_f64()
+        );
+    }
 }
 
 /// The placement table: each shard's voters and leader, then replicas and leaders per node.

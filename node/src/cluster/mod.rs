@@ -71,6 +71,7 @@ pub struct Cluster {
     sends: Arc<crate::sends::SendsInFlight>,
     passes: Arc<Passes>,
     elsewhere: remote::SharedElsewhere,
+    moves: Arc<moves::Moves>,
 }
 
 fn unavailable(message: String, leader: Option<NodeId>) -> ApiError {
@@ -102,6 +103,7 @@ impl Cluster {
             sends: Arc::default(),
             passes: Arc::default(),
             elsewhere: Arc::default(),
+            moves: Arc::default(),
         }
     }
 

@@ -10,6 +10,9 @@
 //! sent again; until the table records it, the shard's replicas are still found through the
 //! old entry (reads and writes try the placed replicas in turn).
 
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use courier_consensus::types::{GroupId, NodeId};
@@ -24,6 +27,125 @@ use crate::status::ApiError;
 /// How long a move tries to record itself in the placement table while the metadata group has
 /// no reachable leader (it elects one within an election timeout when a member died).
 const RECORD_WAIT: Duration = Duration::from_secs(30);
+
+/// The shard moves this node runs, by shard, with the step each is at (`Admin.Status`, the
+/// metrics), and how many ended each way. One move of a shard at a time per node: a second
+/// `MoveShard` for it while one runs is refused, so two never interleave their steps.
+#[derive(Debug, Default)]
+pub(super) struct Moves {
+    running: Mutex<BTreeMap<ShardId, Running>>,
+    done: AtomicU64,
+    failed: AtomicU64,
+}
+
+/// One move in progress.
+#[derive(Debug, Clone)]
+struct Running {
+    from: NodeId,
+    to: NodeId,
+    step: &'static str,
+    started: std::time::Instant,
+}
+
+impl Moves {
+    fn running(&self) -> std::sync::MutexGuard<'_, BTreeMap<ShardId, Running>> {
+        self.running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Registers a move of `shard`.
+    ///
+    /// # Errors
+    /// `UNAVAILABLE` `COURIER:Cluster:MoveInProgress` while another move of `shard` runs here.
+    fn start(&self, shard: ShardId, from: NodeId, to: NodeId) -> Result<MoveGuard<'_>, ApiError> {
+        let mut running = self.running();
+        if let Some(other) = running.get(&shard) {
+            return Err(ApiError::Unavailable {
+                code: "COURIER:Cluster:MoveInProgress",
+                message: format!(
+                    "a move of {shard} from node {} to node {} runs on this node (step {}); \
+                     send this one again when it ends",
+                    other.from, other.to, other.step
+                ),
+                retry_after_ms: 1000,
+                leader: None,
+            });
+        }
+        running.insert(
+            shard,
+            Running {
+                from,
+                to,
+                step: "joining",
+                started: std::time::Instant::now(),
+            },
+        );
+        Ok(MoveGuard {
+            moves: self,
+            shard,
+            done: false,
+        })
+    }
+
+    /// The moves running now, for `Admin.Status`.
+    pub(super) fn list(&self) -> Vec<peer::ShardMove> {
+        self.running()
+            .iter()
+            .map(|(shard, running)| peer::ShardMove {
+                shard: u32::from(shard.get()),
+                from_node: running.from,
+                to_node: running.to,
+                step: running.step.to_owned(),
+                elapsed_ms: u64::try_from(running.started.elapsed().as_millis())
+                    .unwrap_or(u64::MAX),
+            })
+            .collect()
+    }
+
+    /// Moves run to the end, and moves that stopped on an error, since the node started.
+    pub(super) fn ended(&self) -> (u64, u64) {
+        (
+            self.done.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// A move registered in [`Moves`]; dropping it ends the move, as failed unless
+/// [`MoveGuard::finished`] was called.
+#[derive(Debug)]
+struct MoveGuard<'a> {
+    moves: &'a Moves,
+    shard: ShardId,
+    done: bool,
+}
+
+impl MoveGuard<'_> {
+    /// The step the move is at now.
+    fn step(&self, step: &'static str) {
+        if let Some(running) = self.moves.running().get_mut(&self.shard) {
+            running.step = step;
+        }
+    }
+
+    /// The move ran to the end.
+    fn finished(mut self) {
+        self.done = true;
+    }
+}
+
+impl Drop for MoveGuard<'_> {
+    fn drop(&mut self) {
+        self.moves.running().remove(&self.shard);
+        let ended = if self.done {
+            &self.moves.done
+        } else {
+            &self.moves.failed
+        };
+        ended.fetch_add(1, Ordering::Relaxed);
+    }
+}
 
 impl Cluster {
     /// Serves `Admin.MoveShard` (see the module docs): on the node the replica leaves, or on
@@ -77,58 +199,85 @@ impl Cluster {
                 )
             })?;
         let already = placement.holds(to, shard) && !placement.holds(from, shard);
+        if !already && placement.moved(shard, from, to).is_none() {
+            return Err(ApiError::FailedPrecondition {
+                code: "COURIER:Cluster:BadMove",
+                message: format!(
+                    "{shard} is on nodes {:?}: it cannot move from node {from} to node {to}",
+                    placement.replicas(shard)
+                ),
+            });
+        }
+        let moving = self.moves.start(shard, from, to)?;
         if !already {
-            if placement.moved(shard, from, to).is_none() {
-                return Err(ApiError::FailedPrecondition {
-                    code: "COURIER:Cluster:BadMove",
-                    message: format!(
-                        "{shard} is on nodes {:?}: it cannot move from node {from} to node {to}",
-                        placement.replicas(shard)
-                    ),
-                });
-            }
-            let group = GroupId::Shard(shard);
-            info!(%shard, from, to, "shard move: the new replica joins");
-            self.change_group(group, &Change::Add(to, to_addr), false)
+            self.swap_replicas(shard, (from, to), to_addr, &moving)
                 .await?;
-            // When this node leads the shard it removes itself: raft commits the membership
-            // without it (the other voters are a quorum of it) and the leader then steps down,
-            // so the others elect a new one (raft's leader removal). No transfer is needed.
-            info!(%shard, from, to, "shard move: the old replica leaves");
-            self.change_group(group, &Change::Remove(from), false)
-                .await?;
-            self.record_move(shard, from, to).await?;
         }
         if !on_from {
             // `from` is down: its copy stays on its disk, outside every group.
             info!(%shard, from, to, "shard move done; node {from} keeps its data");
+            moving.finished();
             return Ok(peer::MoveShardResponse {
                 families_left: 0,
                 already_moved: already,
                 deleted: false,
             });
         }
+        moving.step("confirming");
         let deadline = tokio::time::Instant::now() + RECORD_WAIT;
         loop {
-            // `to` may not have applied the table's new entry yet: it answers once it has.
+            // `to` may not have applied the removal yet, or be unreachable for a moment: it
+            // answers once it has.
             match self.confirm_removed(shard, from, to).await {
-                Err(ApiError::Unavailable { .. }) if tokio::time::Instant::now() < deadline => {
+                Err(
+                    ApiError::Unavailable { .. }
+                    | ApiError::FailedPrecondition {
+                        code: "COURIER:Cluster:StillAVoter",
+                        ..
+                    },
+                ) if tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 other => break other?,
             }
         }
+        moving.step("deleting");
         let families_left = self
             .groups
             .drop_shard(shard)
             .await
             .map_err(|e| internal(e.to_string()))?;
         info!(%shard, from, to, families_left, "shard move done");
+        moving.finished();
         Ok(peer::MoveShardResponse {
             families_left,
             already_moved: already,
             deleted: true,
         })
+    }
+
+    /// The membership steps of a move: `to` joins (a learner until it caught up, then a voter),
+    /// `from` leaves, the placement table records it.
+    async fn swap_replicas(
+        &self,
+        shard: ShardId,
+        (from, to): (NodeId, NodeId),
+        to_addr: String,
+        moving: &MoveGuard<'_>,
+    ) -> Result<(), ApiError> {
+        let group = GroupId::Shard(shard);
+        info!(%shard, from, to, "shard move: the new replica joins");
+        self.change_group(group, &Change::Add(to, to_addr), false)
+            .await?;
+        // When this node leads the shard it removes itself: raft commits the membership
+        // without it (the other voters are a quorum of it) and the leader then steps down,
+        // so the others elect a new one (raft's leader removal). No transfer is needed.
+        moving.step("leaving");
+        info!(%shard, from, to, "shard move: the old replica leaves");
+        self.change_group(group, &Change::Remove(from), false)
+            .await?;
+        moving.step("recording");
+        self.record_move(shard, from, to).await
     }
 
     /// Checks with `to`, now a voter, that `from` (this node) is out of the shard's group before
@@ -261,5 +410,56 @@ impl Cluster {
                 ),
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use courier_proto::ShardId;
+
+    use super::Moves;
+    use crate::status::ApiError;
+
+    #[test]
+    fn one_move_of_a_shard_at_a_time_with_its_step_and_how_it_ended() {
+        let moves = Moves::default();
+        let shard = ShardId::new(3);
+        let first = moves.start(shard, 1, 4).expect("the first move starts");
+        let refused = moves
+            .start(shard, 2, 4)
+            .expect_err("a second move of the shard waits");
+        assert!(
+            matches!(
+                refused,
+                ApiError::Unavailable {
+                    code: "COURIER:Cluster:MoveInProgress",
+                    ..
+                }
+            ),
+            "{refused:?}"
+        );
+        let other = moves
+            .start(ShardId::new(5), 1, 4)
+            .expect("another shard moves at once");
+        first.step("leaving");
+        let listed: Vec<(u32, u64, u64, String)> = moves
+            .list()
+            .into_iter()
+            .map(|m| (m.shard, m.from_node, m.to_node, m.step))
+            .collect();
+        assert_eq!(
+            listed,
+            vec![
+                (3, 1, 4, "leaving".to_owned()),
+                (5, 1, 4, "joining".to_owned())
+            ]
+        );
+        first.finished();
+        drop(other);
+        assert_eq!(moves.ended(), (1, 1), "one done, one failed");
+        assert!(moves.list().is_empty());
+        moves
+            .start(shard, 2, 4)
+            .expect("the shard moves again once the first ended");
     }
 }

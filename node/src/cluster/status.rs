@@ -152,6 +152,7 @@ impl Cluster {
                 .settings()
                 .map_or(0, |settings| u32::from(settings.replication_factor)),
             placement,
+            moves: self.moves.list(),
         }
     }
 
@@ -159,6 +160,7 @@ impl Cluster {
     pub fn counters(&self) -> peer::NodeCounters {
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         let db = self.db.counters();
+        let (moves_done, moves_failed) = self.moves.ended();
         let (mut raft_entries, mut log_appends) = (0_u64, 0_u64);
         for (_, handle) in self.groups.list() {
             raft_entries = raft_entries.saturating_add(load(&handle.stats.entries));
@@ -179,6 +181,8 @@ impl Cluster {
             merged_writes: load(&db.merged_writes),
             pipe_calls: load(&self.groups.pool().pipe_counters().calls),
             pipes_opened: load(&self.groups.pool().pipe_counters().opened),
+            moves_done,
+            moves_failed,
         }
     }
 

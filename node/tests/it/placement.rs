@@ -218,10 +218,30 @@ async fn four_nodes_hold_three_replicas_of_each_shard_and_serve_clients_on_any_n
             })
         };
         let moving = run(args.clone());
+        // Node 1 runs the move: its status names the move and its step while it runs.
+        let mut seen = Vec::new();
+        while seen.is_empty() && !moving.is_finished() {
+            seen = status(&peers[0]).await.moves;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let during = send(&addrs[1], &alice, &bob, "during-move").await;
         let (code, stdout, stderr) = moving.await.expect("ops ran");
         assert_eq!(code, 0, "the move succeeds: {stdout}{stderr}");
         assert!(stdout.contains("verified empty"), "{stdout}");
+        assert!(
+            seen.iter().any(|m| (m.shard, m.from_node, m.to_node)
+                == (u32::from(shard.get()), 1, to)
+                && !m.step.is_empty()),
+            "node 1's status showed the move while it ran: {seen:?}"
+        );
+        let ended = status(&peers[0]).await;
+        assert!(ended.moves.is_empty(), "no move runs after it ended");
+        let counters = ended.counters.expect("counters");
+        assert_eq!(
+            (counters.moves_done, counters.moves_failed),
+            (1, 0),
+            "one move, done"
+        );
         let after = send(&addrs[0], &alice, &bob, "after-move").await;
         let got = collect(&mut stream, Duration::from_secs(20), |frames| {
             ids(frames).len() >= 2
