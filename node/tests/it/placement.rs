@@ -576,3 +576,81 @@ async fn five_processes_with_three_replicas_move_and_drain() {
     )
     .await;
 }
+
+/// Four real `courier-node` processes with three replicas per shard and the automatic leader
+/// rebalancer on. Node 1 is SIGKILLed, so the shard it led fails over; restarted, it leads
+/// nothing until its rebalancer, whose view of the shards it does not hold comes from their
+/// replicas, takes its share back: leaders end within one of each other on every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placed_leaders_are_rebalanced_after_a_failover() {
+    let mut cluster = crate::cluster::Processes::start_uninitialized(
+        NODES,
+        "[cluster]\nleader-rebalance-interval = \"2s\"",
+    );
+    let peers = cluster.peers.clone();
+    let mut request = init_request(&peers, PHONE_KEY.to_vec());
+    request.replication_factor = REPLICAS;
+    AdminClient::new(peer_channel(&peers[0]).await)
+        .init_cluster(request)
+        .await
+        .expect("init with three replicas per shard");
+    let all: BTreeSet<u64> = (1..=NODES).collect();
+    let placement = Placement::spread(&all, u16::try_from(SHARDS).expect("small"), 3);
+    wait_placed_converged(&peers, &placement, &all).await;
+    // Per shard, the leader its replicas agree on (shards they do not agree on are left out).
+    let leaders = |seen: &BTreeMap<u32, BTreeMap<u64, (u64, u64, String)>>| -> BTreeMap<u32, u64> {
+        seen.iter()
+            .filter_map(|(shard, reports)| {
+                let leader = reports.values().next()?.0;
+                let agreed = leader != 0 && reports.values().all(|report| report.0 == leader);
+                agreed.then_some((*shard, leader))
+            })
+            .collect()
+    };
+    let led_by_1 = leaders(&replicas_seen(&peers).await)
+        .values()
+        .filter(|leader| **leader == 1)
+        .count();
+    assert!(led_by_1 > 0, "node 1 leads a shard at first");
+
+    cluster.kill(0);
+    let rest: BTreeSet<u64> = (2..=NODES).collect();
+    let started = Instant::now();
+    loop {
+        let seen = replicas_seen(&peers).await;
+        let now = leaders(&seen);
+        if now.len() == usize::try_from(SHARDS).expect("small")
+            && now.values().all(|leader| rest.contains(leader))
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no failover off node 1: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster.restart(0);
+    let started = Instant::now();
+    loop {
+        let seen = replicas_seen(&peers).await;
+        let now = leaders(&seen);
+        let mut counts: BTreeMap<u64, usize> = all.iter().map(|node| (*node, 0)).collect();
+        for leader in now.values() {
+            *counts.entry(*leader).or_default() += 1;
+        }
+        let (min, max) = (
+            counts.values().min().copied().unwrap_or(0),
+            counts.values().max().copied().unwrap_or(0),
+        );
+        if now.len() == usize::try_from(SHARDS).expect("small") && max - min <= 1 && counts[&1] > 0
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "node 1 got no leaders back: {counts:?} ({seen:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
