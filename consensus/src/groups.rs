@@ -51,6 +51,15 @@ pub enum ConsensusError {
         /// The cluster's shard count.
         shard_count: u16,
     },
+    /// This node's replica of the shard was dropped (moved to another node): it starts again
+    /// only once readmitted ([`Groups::readmit`]), never by a raft message.
+    #[error(
+        "{group} was dropped on this node (moved away); it starts again only when a move brings it back"
+    )]
+    Dropped {
+        /// The group.
+        group: GroupId,
+    },
 }
 
 /// Raft timing and log retention, from the node's config.
@@ -286,7 +295,15 @@ impl Groups {
             return Ok(handle);
         }
         let prefix = group.storage_prefix();
-        let log = LogStore::new(courier_storage::LogStore::new(self.db.clone(), prefix));
+        let stored = courier_storage::LogStore::new(self.db.clone(), prefix);
+        let storage = |source| ConsensusError::Storage {
+            group,
+            source: crate::log_store::fault(source),
+        };
+        if stored.dropped().map_err(storage)?.is_some() {
+            return Err(ConsensusError::Dropped { group });
+        }
+        let log = LogStore::new(stored);
         let stats = log.stats.clone();
         let sm = StateMachine::open(self.db.clone(), group)
             .map(|sm| sm.with_watch(self.watch.clone()))
@@ -316,14 +333,48 @@ impl Groups {
         Ok(handle)
     }
 
+    /// Clears the dropped mark of this node's replica of `shard`, so that the leader about to add
+    /// this node back reaches it: a move to this node sends this first. Nothing else starts a
+    /// dropped replica again. Raft assumes a voter never loses its log; a dropped replica has,
+    /// so it must never count as one for a node that missed its removal:
+    /// - a vote request must not start it: an empty replica grants any candidate its vote (no
+    ///   log is behind an empty one), and a candidate whose log lacks the removal (and what was
+    ///   committed with it) could win with that vote;
+    /// - a leader's entries must not either: one that does not know of the removal yet, or
+    ///   whose heartbeat was on its way when the removal committed, would fill the empty
+    ///   replica with what it has, and the replica's vote would then count for it.
+    ///
+    /// # Errors
+    /// [`ConsensusError::Storage`] when the mark cannot be read or cleared.
+    pub async fn readmit(&self, shard: courier_proto::ShardId) -> Result<(), ConsensusError> {
+        let group = GroupId::Shard(shard);
+        let _creating = self.creating.lock().await;
+        let storage = |source| ConsensusError::Storage {
+            group,
+            source: crate::log_store::fault(source),
+        };
+        let stored = courier_storage::LogStore::new(self.db.clone(), shard);
+        if let Some(floor) = stored.dropped().map_err(storage)? {
+            tracing::info!(%group, floor, "the dropped replica is readmitted: a leader adds it back");
+            stored.clear_dropped().map_err(storage)?;
+        }
+        Ok(())
+    }
+
     /// Stops this node's replica of `shard` and deletes the shard's data in every column family,
-    /// in one synced batch: what is left of a replica that was moved away (the caller checks it
-    /// is out of the group's membership). Returns how many families still hold keys of the
-    /// shard afterwards (0: verified empty).
+    /// in one synced batch, leaving only its dropped mark (see [`Groups::readmit`]): what is left
+    /// of a replica that was moved away (the caller checks it is out of the group's membership).
+    /// `term_floor` is the term of the leader that committed the removal, when the caller knows
+    /// it (else the replica's own term). Returns how many families still hold keys of the shard
+    /// afterwards (0: verified empty).
     ///
     /// # Errors
     /// [`ConsensusError::Storage`] when the delete or the check fails.
-    pub async fn drop_shard(&self, shard: courier_proto::ShardId) -> Result<u32, ConsensusError> {
+    pub async fn drop_shard(
+        &self,
+        shard: courier_proto::ShardId,
+        term_floor: Option<u64>,
+    ) -> Result<u32, ConsensusError> {
         let group = GroupId::Shard(shard);
         let _creating = self.creating.lock().await;
         let handle = self
@@ -331,6 +382,15 @@ impl Groups {
             .write()
             .expect("groups lock is never poisoned")
             .remove(&group);
+        // The floor of a leader that may add the replica back: the term of the leader that
+        // removed it, or else the term this replica knew. Not more: a floor above every term the
+        // cluster reaches would keep the replica out for good (a node cut off campaigns its own
+        // term up, and nothing carries a dropped replica's term to the others).
+        let term_floor = term_floor.unwrap_or_else(|| {
+            handle
+                .as_ref()
+                .map_or(0, |handle| handle.raft.metrics().borrow().current_term)
+        });
         if let Some(handle) = &handle {
             if let Err(error) = handle.raft.shutdown().await {
                 tracing::warn!(%group, %error, "raft group did not stop cleanly before its drop");
@@ -360,13 +420,18 @@ impl Groups {
             .map(|cf| (cf, from.clone(), to.clone()))
             .collect();
         self.db
-            .replace_ranges(&ranges, Vec::new(), true)
+            .replace_ranges(
+                &ranges,
+                vec![courier_storage::LogStore::dropped_marker(shard, term_floor)],
+                true,
+            )
             .map_err(storage)?;
         let mut left = 0_u32;
+        let marker = courier_storage::LogStore::dropped_marker(shard, term_floor).1;
         for cf in courier_storage::Cf::all() {
-            let pairs = courier_storage::ReadKv::scan(self.db.as_ref(), cf, &from, &to, 1)
+            let pairs = courier_storage::ReadKv::scan(self.db.as_ref(), cf, &from, &to, 2)
                 .map_err(storage)?;
-            if !pairs.is_empty() {
+            if pairs.iter().any(|(key, _)| *key != marker) {
                 left = left.saturating_add(1);
             }
         }
@@ -400,5 +465,83 @@ impl GroupRouter for Groups {
         self.get(GroupId::Metadata)
             .and_then(|metadata| metadata.has_member(node))
             != Some(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use courier_proto::ShardId;
+    use courier_storage::{Db, OpenMode};
+
+    use super::{ConsensusError, Groups, RaftTiming};
+    use crate::network::GroupRouter as _;
+    use crate::types::GroupId;
+
+    fn timing() -> RaftTiming {
+        RaftTiming {
+            heartbeat: Duration::from_millis(50),
+            election_timeout_min: Duration::from_millis(150),
+            election_timeout_max: Duration::from_millis(300),
+            rpc_timeout: Duration::from_secs(1),
+            snapshot_logs_since_last: 1000,
+            logs_to_keep: 100,
+            snapshot_chunk_bytes: 1 << 20,
+            append_entries_max: 64,
+        }
+    }
+
+    /// A dropped replica answers no raft message (a vote request or a leader's entries would
+    /// both start it empty), is not started again when the node restarts, and starts again
+    /// only once readmitted.
+    #[tokio::test]
+    async fn a_dropped_replica_starts_again_only_when_readmitted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let shard = ShardId::new(2);
+        let group = GroupId::Shard(shard);
+        {
+            let db = Arc::new(Db::open(dir.path(), OpenMode::ReadWrite).expect("db"));
+            let groups = Groups::open(1, db, &timing()).await.expect("groups");
+            let handle = groups.get_or_create(group).await.expect("group");
+            handle
+                .initialize(&BTreeMap::from([(1, "127.0.0.1:1".to_owned())]))
+                .await
+                .expect("initialize");
+            let left = groups.drop_shard(shard, Some(7)).await.expect("drop");
+            assert_eq!(left, 0, "only the dropped mark is left of the shard");
+            assert!(groups.get(group).is_none(), "the group stopped");
+            assert!(matches!(
+                groups.get_or_create(group).await,
+                Err(ConsensusError::Dropped { .. })
+            ));
+            let refused = groups.raft(group).await.err().map(|status| status.code());
+            assert_eq!(
+                refused,
+                Some(tonic::Code::Unavailable),
+                "no raft message starts it"
+            );
+            groups.shutdown().await;
+        }
+        let db = Arc::new(Db::open(dir.path(), OpenMode::ReadWrite).expect("db"));
+        let groups = Groups::open(1, db.clone(), &timing())
+            .await
+            .expect("reopen");
+        assert!(groups.get(group).is_none(), "a restart does not start it");
+        let stored = courier_storage::LogStore::new(db, shard);
+        assert_eq!(
+            stored.dropped().expect("mark"),
+            Some(7),
+            "the removal's term"
+        );
+        groups.readmit(shard).await.expect("readmit");
+        assert_eq!(stored.dropped().expect("mark"), None);
+        groups
+            .raft(group)
+            .await
+            .expect("a leader's message starts it again");
+        groups.shutdown().await;
     }
 }

@@ -485,7 +485,8 @@ impl RaftNetwork<TypeConfig> for GroupClient {
 
 /// Finds (or creates) the `Raft` of a group, for the server side.
 pub trait GroupRouter: Send + Sync + 'static {
-    /// Returns the group's raft, creating an empty member on first contact.
+    /// Returns the group's raft, creating an empty member on first contact (never a replica
+    /// dropped here: see `Groups::readmit`).
     fn raft(&self, group: GroupId) -> impl Future<Output = Result<Raft, tonic::Status>> + Send;
 
     /// Whether `node`, whose certificate the caller proved, may still call: checked on every

@@ -378,6 +378,7 @@ impl AdminNode {
             from_node: u64::from(from),
             to_node: u64::from(to),
             placement_only: false,
+            readmit: false,
         };
         let what = format!("move of shard {shard} from node {from} to node {to}");
         let response = tokio::time::timeout(MOVE_TIMEOUT, client.move_shard(request))

@@ -521,8 +521,8 @@ impl Admin for PeerApi {
         request: Request<MoveShardRequest>,
     ) -> Result<Response<MoveShardResponse>, Status> {
         // Operators start moves (nodes delegate them); only nodes record one in the table, after
-        // the raft changes they made.
-        let allowed = if request.get_ref().placement_only {
+        // the raft changes they made, and readmit a replica they are about to add.
+        let allowed = if request.get_ref().placement_only || request.get_ref().readmit {
             Allowed::Nodes
         } else {
             Allowed::NodesAndOperators

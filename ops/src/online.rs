@@ -438,6 +438,7 @@ pub(crate) async fn shard_move(addr: &str, shard: u32, from: u64, to: u64) -> an
         from_node: from,
         to_node: to,
         placement_only: false,
+        readmit: false,
     });
     request.set_timeout(MOVE_WAIT);
     // Not `channel`: its per-call deadline is for quick calls, a move waits for a catch-up.

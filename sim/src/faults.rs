@@ -29,6 +29,9 @@ pub(crate) struct Invariants {
 
 impl Invariants {
     pub(crate) fn check(&mut self, world: &World, shards: u16, tick: u64) {
+        for dropped in world.take_dropped() {
+            self.applied.remove(&dropped);
+        }
         let nodes = world.lock_nodes().clone();
         for (node, groups) in &nodes {
             for shard in 0..shards {

@@ -178,6 +178,11 @@ pub(crate) struct World {
     settled: AtomicBool,
     /// Membership changes that completed.
     membership_changes: AtomicU64,
+    /// Replicas dropped by the node a membership change removed (what a shard move ends with).
+    replicas_dropped: AtomicU64,
+    /// (node, shard) of the drops the invariants have not seen yet: such a replica starts over
+    /// (its applied index goes back to what a leader sends it), as after a restart.
+    dropped: Mutex<Vec<(NodeId, u16)>>,
 }
 
 impl World {
@@ -204,6 +209,17 @@ impl World {
                 .unwrap_or_else(PoisonError::into_inner)
                 .push(record),
         }
+    }
+
+    pub(crate) fn note_dropped(&self, node: NodeId, shard: u16) {
+        self.dropped
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((node, shard));
+    }
+
+    pub(crate) fn take_dropped(&self) -> Vec<(NodeId, u16)> {
+        std::mem::take(&mut *self.dropped.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
     pub(crate) fn host_violation(&self, text: String) {
@@ -428,6 +444,27 @@ pub(crate) fn debug_dump(world: &World, shards: u16) {
                     m.replication
                 );
             }
+            // The runs of log entries the node stores (holes, what a drop or an install left).
+            let (from, to) = courier_storage::keys::shard_range(ShardId::new(shard));
+            let pairs = courier_storage::ReadKv::scan(
+                groups.db().as_ref(),
+                courier_storage::Cf::Log,
+                &from,
+                &to,
+                usize::MAX,
+            )
+            .unwrap_or_default();
+            let mut runs: Vec<(u64, u64)> = Vec::new();
+            for index in pairs
+                .iter()
+                .filter_map(|(key, _)| courier_storage::keys::log_entry_index(key))
+            {
+                match runs.last_mut() {
+                    Some((_, end)) if *end + 1 == index.get() => *end = index.get(),
+                    _ => runs.push((index.get(), index.get())),
+                }
+            }
+            eprintln!("n{node} s{shard}: stored log runs {runs:?}");
         }
     }
 }
@@ -484,10 +521,16 @@ pub(crate) fn voters(world: &World, shards: u16) -> BTreeMap<u16, BTreeSet<NodeI
 /// snapshot on; the entries in between come from another replica. Every replica's entries at or
 /// below its applied index are committed ones (an install deletes the entries between the two),
 /// and the verify reads only up to the verified replica's applied index, which every replica
-/// reached once the run converged.
+/// reached once the run converged. After the voters come the nodes outside the shard's final
+/// voters (the spare, a node a replica moved away from that kept its copy): in a cluster the
+/// archive holds what no replica does, and they stand in for it. They are read one entry at a
+/// time and only for an entry no voter holds; an entry there that was never committed differs
+/// from what the replica applied and fails the verify, so they cannot hide a loss.
 struct ReplicasLog {
     shard: ShardId,
     logs: Vec<LogStore>,
+    /// The other nodes' logs, read one entry at a time and only where no voter holds it.
+    fallback: Vec<LogStore>,
 }
 
 impl ReplicasLog {
@@ -516,6 +559,13 @@ impl LogSource for ReplicasLog {
                 return Ok(records);
             }
         }
+        let next = LogIndex::new(from.get().saturating_add(1));
+        for log in &self.fallback {
+            let records = log.read_run(from, next)?;
+            if records.first().is_some_and(|r| r.index == from) {
+                return Ok(records);
+            }
+        }
         Err(self.missing(from))
     }
 
@@ -526,7 +576,7 @@ impl LogSource for ReplicasLog {
 
     fn bounds(&self) -> courier_storage::Result<Option<(LogIndex, LogIndex)>> {
         let mut bounds: Option<(LogIndex, LogIndex)> = None;
-        for log in &self.logs {
+        for log in self.logs.iter().chain(&self.fallback) {
             if let Some((first, last)) = log.bounds()? {
                 bounds = Some(bounds.map_or((first, last), |(f, l)| (f.min(first), l.max(last))));
             }
@@ -569,8 +619,14 @@ pub(crate) fn replica_records(world: &World, shards: u16) {
                 }
             };
             world.record(Record::Replica(replica));
+            // Its own log, the other voters', then the other nodes' (see `ReplicasLog`).
             let log = ReplicasLog {
                 shard: shard_id,
+                fallback: nodes
+                    .iter()
+                    .filter(|(other, _)| !is_voter(**other, shard))
+                    .map(|(_, groups)| LogStore::new(groups.db().clone(), shard_id))
+                    .collect(),
                 logs: std::iter::once(*node)
                     .chain(
                         nodes

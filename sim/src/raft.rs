@@ -1,7 +1,8 @@
 //! The raft layer under simulation: on every node the consensus layer and its state machine
 //! (openraft groups over courier-storage on the node's `MemDisk`, the raft service on turmoil
 //! TCP); on the client host, senders that propose `MessageSent` events to the groups directly
-//! and a membership changer that swaps the spare node in and out.
+//! and a membership changer that swaps the spare node in and out, the node it swapped out
+//! dropping its replica as the end of a shard move does.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -58,9 +59,14 @@ async fn node_main(
     ));
     let groups = Groups::open_with(id, db, &timing, pool).await?;
     for shard in 0..shards {
-        groups
+        match groups
             .get_or_create(GroupId::Shard(ShardId::new(shard)))
-            .await?;
+            .await
+        {
+            // A replica this node dropped starts again only when a leader adds it back.
+            Ok(_) | Err(courier_consensus::groups::ConsensusError::Dropped { .. }) => {}
+            Err(error) => return Err(error.into()),
+        }
     }
     world.lock_nodes().insert(id, groups.clone());
     tonic::transport::Server::builder()
@@ -217,6 +223,7 @@ async fn membership_changes(world: Arc<World>, shards: u16, seed: u64) {
         next.remove(&leaving);
         next.insert(joining);
         let change = async {
+            readmit(&world, joining, shard).await?;
             raft.add_learner(joining, node(joining), true)
                 .await
                 .map_err(|e| e.to_string())?;
@@ -227,7 +234,11 @@ async fn membership_changes(world: Arc<World>, shards: u16, seed: u64) {
         let description = match tokio::time::timeout(Duration::from_secs(5), change).await {
             Ok(Ok(_)) => {
                 world.membership_changes.fetch_add(1, Ordering::SeqCst);
-                format!("shard {shard}: voters {voters:?} -> {next:?}")
+                // The term of the leader that committed the removal: the floor of a leader
+                // that may add the replica back.
+                let term = raft.metrics().borrow().current_term;
+                let dropped = drop_replica(&world, leaving, ShardId::new(shard), term).await;
+                format!("shard {shard}: voters {voters:?} -> {next:?}{dropped}")
             }
             Ok(Err(error)) => format!("shard {shard}: membership change failed: {error}"),
             Err(_) => format!("shard {shard}: membership change timed out"),
@@ -236,6 +247,84 @@ async fn membership_changes(world: Arc<World>, shards: u16, seed: u64) {
             time_ms: now_ms(),
             description,
         }));
+    }
+}
+
+/// What a move to `node` does first: readmit the replica it may have dropped earlier (a
+/// dropped replica answers no raft message until then). A node that is down cannot be added.
+async fn readmit(world: &World, node: NodeId, shard: u16) -> Result<(), String> {
+    let groups = world
+        .lock_nodes()
+        .get(&node)
+        .cloned()
+        .ok_or_else(|| format!("n{node} is down"))?;
+    groups
+        .readmit(ShardId::new(shard))
+        .await
+        .map_err(|error| error.to_string())
+}
+
+/// What a shard move does last (`Admin.MoveShard`): the node a replica left, when it runs,
+/// stops its group of the shard and deletes the shard's keys (`Groups::drop_shard`). The final
+/// phase may add the node back, so a dropped replica is refilled from the leader under the same
+/// faults. Keys left behind after a drop that reported success are a violation; a drop that
+/// failed (an fsync fault) stopped that replica, as it must.
+async fn drop_replica(world: &World, node: NodeId, shard: ShardId, term: u64) -> String {
+    let (groups, others) = {
+        let nodes = world.lock_nodes();
+        let standard = members();
+        let others: Vec<Arc<Groups>> = nodes
+            .iter()
+            .filter(|(id, _)| **id != node && standard.contains_key(id))
+            .map(|(_, groups)| groups.clone())
+            .collect();
+        (nodes.get(&node).cloned(), others)
+    };
+    let Some(groups) = groups else {
+        return format!("; n{node} is down and keeps its copy");
+    };
+    // The log from genesis must outlive the drop (the final checks verify every replica from
+    // it): a node keeps its copy unless the other running nodes among the final voters (n1..n3)
+    // hold, between them, every entry it holds. The raft layer has no archive; in a cluster the
+    // archive is that other copy.
+    let held = |groups: &Groups| -> BTreeSet<u64> {
+        let (from, to) = courier_storage::keys::shard_range(shard);
+        courier_storage::ReadKv::scan(
+            groups.db().as_ref(),
+            courier_storage::Cf::Log,
+            &from,
+            &to,
+            usize::MAX,
+        )
+        .map(|pairs| {
+            pairs
+                .iter()
+                .filter_map(|(key, _)| courier_storage::keys::log_entry_index(key))
+                .map(LogIndex::get)
+                .collect()
+        })
+        .unwrap_or_default()
+    };
+    let mine = held(&groups);
+    let elsewhere: BTreeSet<u64> = others.iter().flat_map(|other| held(other)).collect();
+    if !mine.is_subset(&elsewhere) {
+        return format!(
+            "; n{node} keeps its copy (it holds entries no other running node among n1..n3 does)"
+        );
+    }
+    match groups.drop_shard(shard, Some(term)).await {
+        Ok(0) => {
+            world.replicas_dropped.fetch_add(1, Ordering::SeqCst);
+            world.note_dropped(node, shard.get());
+            format!("; n{node}'s replica dropped")
+        }
+        Ok(left) => {
+            world.host_violation(format!(
+                "n{node} dropped its replica of {shard}, but {left} column families still hold its keys"
+            ));
+            format!("; n{node}'s replica dropped, {left} column families left")
+        }
+        Err(error) => format!("; n{node}'s drop failed: {error}"),
     }
 }
 
@@ -280,6 +369,7 @@ async fn clients_main(world: Arc<World>, shards: u16, clients: u32, seed: u64) -
                 }
                 let change = async {
                     for id in standard.difference(&voters) {
+                        readmit(&world, *id, shard).await.map_err(drop)?;
                         raft.add_learner(*id, node(*id), true).await.map_err(drop)?;
                     }
                     raft.change_membership(standard.clone(), false)
@@ -349,6 +439,13 @@ pub(crate) fn run(options: &Options) -> anyhow::Result<Report> {
     let changes = world.membership_changes.load(Ordering::SeqCst);
     if changes > 0 {
         faults.insert("membership", usize::try_from(changes).unwrap_or(usize::MAX));
+    }
+    let dropped = world.replicas_dropped.load(Ordering::SeqCst);
+    if dropped > 0 {
+        faults.insert(
+            "replica drop",
+            usize::try_from(dropped).unwrap_or(usize::MAX),
+        );
     }
     Ok(Report {
         seed,

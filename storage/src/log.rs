@@ -14,7 +14,7 @@ use crate::cf::Cf;
 use crate::db::Db;
 use crate::error::{Result, StorageError};
 use crate::keys;
-use crate::kv::ReadKv;
+use crate::kv::{Change, ReadKv};
 
 const CHECKSUM_BYTES: usize = 4;
 const TERM_BYTES: usize = 8;
@@ -126,7 +126,63 @@ impl LogStore {
             .filter_map(|(key, _)| keys::key_shard(key))
             .collect();
         shards.dedup();
+        // A dropped replica holds only its marker: nothing to start.
+        let dropped: Vec<ShardId> = pairs
+            .iter()
+            .filter_map(|(key, _)| {
+                let shard = keys::key_shard(key)?;
+                (*key == keys::raft_state(shard, keys::raft_tag::DROPPED)).then_some(shard)
+            })
+            .collect();
+        shards.retain(|shard| !dropped.contains(shard));
         Ok(shards)
+    }
+
+    /// The write that marks this node's replica of `shard` dropped ([`keys::raft_tag::DROPPED`]),
+    /// with the lowest term of a leader that may add it back, for the batch that deletes the
+    /// shard's data.
+    pub fn dropped_marker(shard: ShardId, term_floor: u64) -> Change {
+        let bytes = term_floor.to_be_bytes();
+        let mut value = crc32c::crc32c(&bytes).to_be_bytes().to_vec();
+        value.extend_from_slice(&bytes);
+        (
+            Cf::RaftState,
+            keys::raft_state(shard, keys::raft_tag::DROPPED),
+            Some(value),
+        )
+    }
+
+    /// The term floor of this node's replica of the shard if it was dropped and not added back
+    /// since ([`LogStore::dropped_marker`]).
+    ///
+    /// # Errors
+    /// [`StorageError::Checksum`], [`StorageError::Decode`] or [`StorageError::Db`].
+    pub fn dropped(&self) -> Result<Option<u64>> {
+        let Some(bytes) = self.read_state(keys::raft_tag::DROPPED)? else {
+            return Ok(None);
+        };
+        let floor = <[u8; 8]>::try_from(bytes.as_slice()).map_err(|_| StorageError::Decode {
+            cf: Cf::RaftState.name(),
+            shard: self.shard,
+            what: "dropped mark".to_owned(),
+            reason: format!("{} bytes, not 8", bytes.len()),
+        })?;
+        Ok(Some(u64::from_be_bytes(floor)))
+    }
+
+    /// Clears the dropped mark (a leader added this node back), synced.
+    ///
+    /// # Errors
+    /// [`StorageError::Db`].
+    pub fn clear_dropped(&self) -> Result<()> {
+        self.db.commit(
+            [(
+                Cf::RaftState,
+                keys::raft_state(self.shard, keys::raft_tag::DROPPED),
+                None,
+            )],
+            true,
+        )
     }
 
     /// The shard this log belongs to.
@@ -160,7 +216,7 @@ impl LogStore {
         }
     }
 
-    fn append_changes(&self, records: &[LogRecord]) -> Vec<crate::kv::Change> {
+    fn append_changes(&self, records: &[LogRecord]) -> Vec<Change> {
         for pair in records.windows(2) {
             assert_eq!(
                 pair[0].index.next(),

@@ -164,6 +164,14 @@ impl Cluster {
         let shard_count = self.groups.shard_count().unwrap_or(0);
         let shard = ShardId::from_wire(request.shard, shard_count)?;
         let (from, to) = (request.from_node, request.to_node);
+        if request.readmit {
+            // Sent by the node running a move to this node, just before this node joins.
+            self.groups
+                .readmit(shard)
+                .await
+                .map_err(|e| internal(e.to_string()))?;
+            return Ok(peer::MoveShardResponse::default());
+        }
         if request.placement_only {
             // One hop: only the metadata leader records; anyone else answers so, and the
             // sender tries again with its newer view of the leader.
@@ -244,7 +252,9 @@ impl Cluster {
         moving.step("deleting");
         let families_left = self
             .groups
-            .drop_shard(shard)
+            // Its own term is the floor: this node saw the removal committed (it ran it,
+            // leading or through the leader of that term).
+            .drop_shard(shard, None)
             .await
             .map_err(|e| internal(e.to_string()))?;
         info!(%shard, from, to, families_left, "shard move done");
@@ -267,6 +277,7 @@ impl Cluster {
     ) -> Result<(), ApiError> {
         let group = GroupId::Shard(shard);
         info!(%shard, from, to, "shard move: the new replica joins");
+        self.readmit_on(shard, (to, &to_addr)).await?;
         self.change_group(group, &Change::Add(to, to_addr), false)
             .await?;
         // When this node leads the shard it removes itself: raft commits the membership
@@ -278,6 +289,34 @@ impl Cluster {
             .await?;
         moving.step("recording");
         self.record_move(shard, from, to).await
+    }
+
+    /// Has `to` readmit its replica of `shard` if it dropped one when the shard moved away from
+    /// it earlier (`Groups::readmit`): until then it answers no raft message of the shard.
+    async fn readmit_on(&self, shard: ShardId, (to, addr): (NodeId, &str)) -> Result<(), ApiError> {
+        if to == self.groups.node_id() {
+            return self
+                .groups
+                .readmit(shard)
+                .await
+                .map_err(|e| internal(e.to_string()));
+        }
+        let mut client = self
+            .peers
+            .admin(addr)
+            .ok_or_else(|| internal(format!("bad address {addr}")))?;
+        let request = self.peers.request(peer::MoveShardRequest {
+            shard: u32::from(shard.get()),
+            from_node: 0,
+            to_node: to,
+            placement_only: false,
+            readmit: true,
+        });
+        client
+            .move_shard(request)
+            .await
+            .map_err(|status| unavailable(format!("node {to}: {}", status.message()), None))?;
+        Ok(())
     }
 
     /// Checks with `to`, now a voter, that `from` (this node) is out of the shard's group before
@@ -361,6 +400,7 @@ impl Cluster {
             from_node: from,
             to_node: to,
             placement_only: true,
+            readmit: false,
         });
         client.move_shard(request).await.map_err(|status| {
             if status.code() == tonic::Code::FailedPrecondition {

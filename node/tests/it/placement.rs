@@ -278,7 +278,38 @@ async fn four_nodes_hold_three_replicas_of_each_shard_and_serve_clients_on_any_n
         let (code, stdout, stderr) = run(args).await.expect("ops ran");
         assert_eq!(code, 0, "a repeated move succeeds: {stdout}{stderr}");
         assert!(stdout.contains("was already moved"), "{stdout}");
-        moved
+
+        tracing::info!("the replica moves back to node 1, which dropped its copy");
+        let back = moved.moved(shard, to, 1).expect("a possible move back");
+        let (to_text, shard_text) = (to.to_string(), shard.get().to_string());
+        let args: Vec<String> = [
+            "shard",
+            "move",
+            "--addr",
+            &peers[1],
+            "--shard",
+            &shard_text,
+            "--from",
+            &to_text,
+            "--to",
+            "1",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        let (code, stdout, stderr) = run(args).await.expect("ops ran");
+        assert_eq!(code, 0, "the move back succeeds: {stdout}{stderr}");
+        wait_placed_converged(&peers, &back, &all).await;
+        let returned = send(&addrs[0], &alice, &bob, "after-move-back").await;
+        let got = collect(&mut stream, Duration::from_secs(20), |frames| {
+            !ids(frames).is_empty()
+        })
+        .await;
+        assert_eq!(
+            ids(&got),
+            vec![returned],
+            "a send after the move back arrives once"
+        );
+        back
     };
 
     {

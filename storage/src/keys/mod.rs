@@ -60,6 +60,10 @@ pub mod raft_tag {
     /// The storage index up to which the log is archived (verified segments), u64 big-endian:
     /// no entry above it is ever deleted by a purge.
     pub const ARCHIVED: u8 = 4;
+    /// This node's replica of the shard was dropped (it moved to another node): the lowest
+    /// raft term (u64 big-endian) a leader must have to add it back. Until one does, the group
+    /// is not started again and has no vote. The only record of a dropped shard.
+    pub const DROPPED: u8 = 5;
 }
 
 /// Record tags inside projection families (see the module table).
