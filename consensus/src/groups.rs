@@ -51,8 +51,8 @@ pub enum ConsensusError {
         /// The cluster's shard count.
         shard_count: u16,
     },
-    /// This node's replica of the shard was dropped (moved to another node): it starts again
-    /// only once readmitted ([`Groups::readmit`]), never by a raft message.
+    /// This node's replica of the shard was dropped (moved to another node): only the leader
+    /// adding it back after a readmit starts it again ([`Groups::readmit`]).
     #[error(
         "{group} was dropped on this node (moved away); it starts again only when a move brings it back"
     )]
@@ -277,11 +277,23 @@ impl Groups {
         )
     }
 
-    /// Returns a group, starting it (empty) if this node does not run it yet.
+    /// Returns a group, starting it (empty) if this node does not run it yet (never a replica
+    /// dropped here: see [`Groups::readmit`]).
     ///
     /// # Errors
     /// [`ConsensusError`] when it cannot be started or is outside the cluster's shard count.
     pub async fn get_or_create(&self, group: GroupId) -> Result<GroupHandle, ConsensusError> {
+        self.get_or_create_for(group, None).await
+    }
+
+    /// [`Groups::get_or_create`] for a raft message: `leader_term` is the term of the leader
+    /// that sent entries or a snapshot (`None`: a vote request). Only such a leader, at or above
+    /// the floor a readmit set, starts a replica dropped here; that clears the mark.
+    async fn get_or_create_for(
+        &self,
+        group: GroupId,
+        leader_term: Option<u64>,
+    ) -> Result<GroupHandle, ConsensusError> {
         if let Some(handle) = self.get(group) {
             return Ok(handle);
         }
@@ -300,8 +312,12 @@ impl Groups {
             group,
             source: crate::log_store::fault(source),
         };
-        if stored.dropped().map_err(storage)?.is_some() {
-            return Err(ConsensusError::Dropped { group });
+        if let Some(floor) = stored.dropped().map_err(storage)? {
+            if leader_term.is_none_or(|term| term < floor) {
+                return Err(ConsensusError::Dropped { group });
+            }
+            info!(%group, floor, "the leader that adds this replica back starts it");
+            stored.clear_dropped().map_err(storage)?;
         }
         let log = LogStore::new(stored);
         let stats = log.stats.clone();
@@ -333,20 +349,30 @@ impl Groups {
         Ok(handle)
     }
 
-    /// Clears the dropped mark of this node's replica of `shard`, so that the leader about to add
-    /// this node back reaches it: a move to this node sends this first. Nothing else starts a
-    /// dropped replica again. Raft assumes a voter never loses its log; a dropped replica has,
-    /// so it must never count as one for a node that missed its removal:
-    /// - a vote request must not start it: an empty replica grants any candidate its vote (no
-    ///   log is behind an empty one), and a candidate whose log lacks the removal (and what was
+    /// Readmits this node's replica of `shard` if it was dropped here: a move to this node sends
+    /// this first, with the term of the shard's leader as the moving node knows it. The group then
+    /// starts on the first entries or snapshot of a leader of that term or a later one, which is
+    /// the leader adding this node back; nothing else starts it. Raft assumes a voter never loses
+    /// its log; a dropped replica has, so it must never count as one for a node that missed its
+    /// removal:
+    /// - a vote request never starts it: an empty replica grants any candidate its vote (no log
+    ///   is behind an empty one), and a candidate whose log lacks the removal (and what was
     ///   committed with it) could win with that vote;
-    /// - a leader's entries must not either: one that does not know of the removal yet, or
-    ///   whose heartbeat was on its way when the removal committed, would fill the empty
-    ///   replica with what it has, and the replica's vote would then count for it.
+    /// - nor does a leader of an earlier term, or any leader before a readmit (a heartbeat sent
+    ///   just before the removal committed): the replica would take that leader's log and then
+    ///   vote with it.
+    ///
+    /// A leader at or above the floor was elected by voters that hold the removal (this replica
+    /// votes for no one), so it reaches this node only when a later membership adds it back. If
+    /// the move fails before that, the replica stays unstarted, as safe as when dropped.
     ///
     /// # Errors
-    /// [`ConsensusError::Storage`] when the mark cannot be read or cleared.
-    pub async fn readmit(&self, shard: courier_proto::ShardId) -> Result<(), ConsensusError> {
+    /// [`ConsensusError::Storage`] when the mark cannot be read or written.
+    pub async fn readmit(
+        &self,
+        shard: courier_proto::ShardId,
+        leader_term: u64,
+    ) -> Result<(), ConsensusError> {
         let group = GroupId::Shard(shard);
         let _creating = self.creating.lock().await;
         let storage = |source| ConsensusError::Storage {
@@ -354,27 +380,23 @@ impl Groups {
             source: crate::log_store::fault(source),
         };
         let stored = courier_storage::LogStore::new(self.db.clone(), shard);
-        if let Some(floor) = stored.dropped().map_err(storage)? {
-            tracing::info!(%group, floor, "the dropped replica is readmitted: a leader adds it back");
-            stored.clear_dropped().map_err(storage)?;
+        if stored.dropped().map_err(storage)?.is_some() {
+            info!(%group, leader_term, "the dropped replica is readmitted: a leader adds it back");
+            let floor = courier_storage::LogStore::dropped_marker(shard, leader_term);
+            self.db.commit([floor], true).map_err(storage)?;
         }
         Ok(())
     }
 
     /// Stops this node's replica of `shard` and deletes the shard's data in every column family,
-    /// in one synced batch, leaving only its dropped mark (see [`Groups::readmit`]): what is left
-    /// of a replica that was moved away (the caller checks it is out of the group's membership).
-    /// `term_floor` is the term of the leader that committed the removal, when the caller knows
-    /// it (else the replica's own term). Returns how many families still hold keys of the shard
-    /// afterwards (0: verified empty).
+    /// in one synced batch, leaving only its dropped mark (nothing starts it again until a
+    /// readmit: see [`Groups::readmit`]): what is left of a replica that was moved away (the
+    /// caller checks it is out of the group's membership). Returns how many families still hold
+    /// keys of the shard afterwards (0: verified empty).
     ///
     /// # Errors
     /// [`ConsensusError::Storage`] when the delete or the check fails.
-    pub async fn drop_shard(
-        &self,
-        shard: courier_proto::ShardId,
-        term_floor: Option<u64>,
-    ) -> Result<u32, ConsensusError> {
+    pub async fn drop_shard(&self, shard: courier_proto::ShardId) -> Result<u32, ConsensusError> {
         let group = GroupId::Shard(shard);
         let _creating = self.creating.lock().await;
         let handle = self
@@ -382,15 +404,6 @@ impl Groups {
             .write()
             .expect("groups lock is never poisoned")
             .remove(&group);
-        // The floor of a leader that may add the replica back: the term of the leader that
-        // removed it, or else the term this replica knew. Not more: a floor above every term the
-        // cluster reaches would keep the replica out for good (a node cut off campaigns its own
-        // term up, and nothing carries a dropped replica's term to the others).
-        let term_floor = term_floor.unwrap_or_else(|| {
-            handle
-                .as_ref()
-                .map_or(0, |handle| handle.raft.metrics().borrow().current_term)
-        });
         if let Some(handle) = &handle {
             if let Err(error) = handle.raft.shutdown().await {
                 tracing::warn!(%group, %error, "raft group did not stop cleanly before its drop");
@@ -422,12 +435,12 @@ impl Groups {
         self.db
             .replace_ranges(
                 &ranges,
-                vec![courier_storage::LogStore::dropped_marker(shard, term_floor)],
+                vec![courier_storage::LogStore::dropped_marker(shard, u64::MAX)],
                 true,
             )
             .map_err(storage)?;
         let mut left = 0_u32;
-        let marker = courier_storage::LogStore::dropped_marker(shard, term_floor).1;
+        let marker = courier_storage::LogStore::dropped_marker(shard, u64::MAX).1;
         for cf in courier_storage::Cf::all() {
             let pairs = courier_storage::ReadKv::scan(self.db.as_ref(), cf, &from, &to, 2)
                 .map_err(storage)?;
@@ -450,8 +463,8 @@ impl Groups {
 }
 
 impl GroupRouter for Groups {
-    async fn raft(&self, group: GroupId) -> Result<Raft, tonic::Status> {
-        match self.get_or_create(group).await {
+    async fn raft(&self, group: GroupId, leader_term: Option<u64>) -> Result<Raft, tonic::Status> {
+        match self.get_or_create_for(group, leader_term).await {
             Ok(handle) => Ok(handle.raft),
             Err(ConsensusError::UnknownGroup { .. }) => Err(tonic::Status::not_found(format!(
                 "{group} is not a group of this cluster"
@@ -495,10 +508,10 @@ mod tests {
     }
 
     /// A dropped replica answers no raft message (a vote request or a leader's entries would
-    /// both start it empty), is not started again when the node restarts, and starts again
-    /// only once readmitted.
+    /// both start it empty), is not started again when the node restarts, and once readmitted
+    /// starts only for a leader of the readmit's term or later.
     #[tokio::test]
-    async fn a_dropped_replica_starts_again_only_when_readmitted() {
+    async fn a_dropped_replica_starts_again_only_for_the_leader_that_readmits_it() {
         let dir = tempfile::tempdir().expect("tempdir");
         let shard = ShardId::new(2);
         let group = GroupId::Shard(shard);
@@ -510,19 +523,21 @@ mod tests {
                 .initialize(&BTreeMap::from([(1, "127.0.0.1:1".to_owned())]))
                 .await
                 .expect("initialize");
-            let left = groups.drop_shard(shard, Some(7)).await.expect("drop");
+            let left = groups.drop_shard(shard).await.expect("drop");
             assert_eq!(left, 0, "only the dropped mark is left of the shard");
             assert!(groups.get(group).is_none(), "the group stopped");
             assert!(matches!(
                 groups.get_or_create(group).await,
                 Err(ConsensusError::Dropped { .. })
             ));
-            let refused = groups.raft(group).await.err().map(|status| status.code());
-            assert_eq!(
-                refused,
-                Some(tonic::Code::Unavailable),
-                "no raft message starts it"
-            );
+            for leader_term in [None, Some(1), Some(u64::MAX - 1)] {
+                let refused = groups.raft(group, leader_term).await.err();
+                assert_eq!(
+                    refused.map(|status| status.code()),
+                    Some(tonic::Code::Unavailable),
+                    "no raft message starts it ({leader_term:?})"
+                );
+            }
             groups.shutdown().await;
         }
         let db = Arc::new(Db::open(dir.path(), OpenMode::ReadWrite).expect("db"));
@@ -531,17 +546,22 @@ mod tests {
             .expect("reopen");
         assert!(groups.get(group).is_none(), "a restart does not start it");
         let stored = courier_storage::LogStore::new(db, shard);
+        assert_eq!(stored.dropped().expect("mark"), Some(u64::MAX));
+        groups.readmit(shard, 9).await.expect("readmit");
         assert_eq!(
             stored.dropped().expect("mark"),
-            Some(7),
-            "the removal's term"
+            Some(9),
+            "the adding leader's term"
         );
-        groups.readmit(shard).await.expect("readmit");
-        assert_eq!(stored.dropped().expect("mark"), None);
+        for leader_term in [None, Some(8)] {
+            let refused = groups.raft(group, leader_term).await.err();
+            assert!(refused.is_some(), "not for {leader_term:?}");
+        }
         groups
-            .raft(group)
+            .raft(group, Some(9))
             .await
-            .expect("a leader's message starts it again");
+            .expect("the readmitting leader's entries start it");
+        assert_eq!(stored.dropped().expect("mark"), None, "the mark is gone");
         groups.shutdown().await;
     }
 }

@@ -485,9 +485,14 @@ impl RaftNetwork<TypeConfig> for GroupClient {
 
 /// Finds (or creates) the `Raft` of a group, for the server side.
 pub trait GroupRouter: Send + Sync + 'static {
-    /// Returns the group's raft, creating an empty member on first contact (never a replica
-    /// dropped here: see `Groups::readmit`).
-    fn raft(&self, group: GroupId) -> impl Future<Output = Result<Raft, tonic::Status>> + Send;
+    /// Returns the group's raft, creating an empty member on first contact. `leader_term` is
+    /// the term of the leader that sent entries or a snapshot (`None` for a vote request): a
+    /// replica dropped here starts again only for a readmitted leader (see `Groups::readmit`).
+    fn raft(
+        &self,
+        group: GroupId,
+        leader_term: Option<u64>,
+    ) -> impl Future<Output = Result<Raft, tonic::Status>> + Send;
 
     /// Whether `node`, whose certificate the caller proved, may still call: checked on every
     /// frame of a pipe (a unary call is checked by the listener's interceptor at each call).
@@ -505,11 +510,18 @@ pub struct CallerNode(pub NodeId);
 /// The node a raft request claims to come from.
 trait Claimed {
     fn claimed(&self) -> NodeId;
+
+    /// The term of the leader that sent it (entries, a snapshot); `None` from a candidate.
+    fn leader_term(&self) -> Option<u64>;
 }
 
 impl Claimed for AppendEntriesRequest<TypeConfig> {
     fn claimed(&self) -> NodeId {
         self.vote.leader_id().voted_for().unwrap_or_default()
+    }
+
+    fn leader_term(&self) -> Option<u64> {
+        Some(self.vote.leader_id().term)
     }
 }
 
@@ -517,11 +529,19 @@ impl Claimed for VoteRequest<NodeId> {
     fn claimed(&self) -> NodeId {
         self.vote.leader_id().voted_for().unwrap_or_default()
     }
+
+    fn leader_term(&self) -> Option<u64> {
+        None
+    }
 }
 
 impl Claimed for InstallSnapshotRequest<TypeConfig> {
     fn claimed(&self) -> NodeId {
         self.vote.leader_id().voted_for().unwrap_or_default()
+    }
+
+    fn leader_term(&self) -> Option<u64> {
+        Some(self.vote.leader_id().term)
     }
 }
 
@@ -592,7 +612,7 @@ where
         );
         return Err(status);
     }
-    let raft = router.raft(group).await?;
+    let raft = router.raft(group, rpc.leader_term()).await?;
     encode_response(&call(raft, rpc).await)
 }
 

@@ -379,6 +379,7 @@ impl AdminNode {
             to_node: u64::from(to),
             placement_only: false,
             readmit: false,
+            readmit_term: 0,
         };
         let what = format!("move of shard {shard} from node {from} to node {to}");
         let response = tokio::time::timeout(MOVE_TIMEOUT, client.move_shard(request))
@@ -483,15 +484,17 @@ pub async fn wait_leaders(
     }
 }
 
-/// True if every node answered and, per shard, its holders ([`held`]) report the same applied
-/// index.
+/// True if every node answered and, per shard, as many holders ([`held`]) as it has replicas
+/// report the same applied index.
 pub fn converged(statuses: &BTreeMap<u32, StatusResponse>, nodes: usize) -> bool {
     if statuses.len() < nodes {
         return false;
     }
     let mut applied: BTreeMap<u32, u64> = BTreeMap::new();
+    let mut holders: BTreeMap<u32, usize> = BTreeMap::new();
     for status in statuses.values() {
         for shard in held(status) {
+            *holders.entry(shard.shard).or_default() += 1;
             // Every outbox forwarded (and trimmed): a message acked just before the heal may still
             // be on its way to the recipient's shard, and a drain must not start before it lands.
             if shard.outbox_len_entries > 0 {
@@ -502,7 +505,12 @@ pub fn converged(statuses: &BTreeMap<u32, StatusResponse>, nodes: usize) -> bool
             }
         }
     }
-    true
+    // Every shard any node runs a group of, held by all its replicas.
+    let replicas = replicas_per_shard(statuses, nodes);
+    statuses
+        .values()
+        .flat_map(|status| status.shards.iter().map(|shard| shard.shard))
+        .all(|shard| holders.get(&shard) == Some(&replicas))
 }
 
 /// Polls until the replicas of every shard report the same applied index, or `timeout`.
@@ -612,5 +620,6 @@ mod tests {
         let mut missing = statuses;
         missing.insert(3, status(3, &[placed[0]]));
         assert_eq!(agreed_leaders(&missing, 4, 2), None);
+        assert!(!converged(&missing, 4), "a shard with 2 of its 3 replicas");
     }
 }

@@ -18,7 +18,8 @@
 //!   hold 2–5 s, remove another voter; the removed node is wiped and restarted empty as the
 //!   next spare, so membership changes keep coming with 3 voters and one spare;
 //! - move (clusters that place R < N replicas per shard): one replica of a random shard moves
-//!   to a node without one, sometimes with a node killed mid-move (see `nemesis/moves.rs`).
+//!   to a node without one, sometimes with a node killed mid-move; drain: every replica of one
+//!   node moves off it that way (see `nemesis/moves.rs`).
 //!
 //! While it runs, the nemesis also watches for nodes that exit on their own (a crash is a
 //! finding: it is reported and fails the run) and restarts them.
@@ -61,6 +62,8 @@ pub enum FaultFamily {
     Membership,
     /// Move a shard's replica to another node (needs more nodes than replicas per shard).
     Move,
+    /// Move every replica off one node, one at a time (needs more nodes than replicas).
+    Drain,
 }
 
 /// Which nodes a process fault hits.
@@ -221,6 +224,7 @@ impl Nemesis {
                 FaultFamily::Clock => self.clock(&mut rng, remaining, &stop).await,
                 FaultFamily::Membership => self.membership(&mut rng, remaining, &stop).await,
                 FaultFamily::Move => self.move_replica(&mut rng, &stop).await,
+                FaultFamily::Drain => self.drain(&mut rng, &stop).await,
             };
             if let Err(error) = result {
                 self.error(&error);

@@ -57,14 +57,14 @@ pub enum Scenario {
     Mixed,
     /// Replica moves, some interrupted by a kill (R < N: run it with 4+ nodes).
     Move,
-    /// Replica moves, kills and partitions (R < N: run it with 4+ nodes).
+    /// Replica moves, node drains, kills and partitions (R < N: run it with 4+ nodes).
     MoveKillPartition,
 }
 
 impl Scenario {
     /// The fault families this scenario draws from.
     pub fn families(self) -> Vec<FaultFamily> {
-        use FaultFamily::{Clock, Kill, Membership, Move, Partition, Pause, PauseThenKill};
+        use FaultFamily::{Clock, Drain, Kill, Membership, Move, Partition, Pause, PauseThenKill};
         match self {
             Self::None => vec![],
             Self::Kill => vec![Kill],
@@ -77,15 +77,17 @@ impl Scenario {
             Self::ClockMembership => vec![Clock, Membership],
             Self::Mixed => vec![Kill, Pause, PauseThenKill, Partition, Clock, Membership],
             Self::Move => vec![Move],
-            // Moves listed twice: half the faults are moves.
-            Self::MoveKillPartition => vec![Move, Move, Kill, Partition],
+            // Moves and drains are half the faults.
+            Self::MoveKillPartition => vec![Move, Drain, Kill, Partition],
         }
     }
 
     /// The fewest voters the scenario runs with: moves need a node without a replica of a shard,
     /// so more nodes than the default 3 replicas per shard.
     pub fn nodes_min(self) -> u32 {
-        if self.families().contains(&FaultFamily::Move) {
+        if self.families().contains(&FaultFamily::Move)
+            || self.families().contains(&FaultFamily::Drain)
+        {
             4
         } else {
             1

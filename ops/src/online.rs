@@ -439,6 +439,7 @@ pub(crate) async fn shard_move(addr: &str, shard: u32, from: u64, to: u64) -> an
         to_node: to,
         placement_only: false,
         readmit: false,
+        readmit_term: 0,
     });
     request.set_timeout(MOVE_WAIT);
     // Not `channel`: its per-call deadline is for quick calls, a move waits for a catch-up.

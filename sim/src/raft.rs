@@ -223,7 +223,7 @@ async fn membership_changes(world: Arc<World>, shards: u16, seed: u64) {
         next.remove(&leaving);
         next.insert(joining);
         let change = async {
-            readmit(&world, joining, shard).await?;
+            readmit(&world, joining, shard, &raft).await?;
             raft.add_learner(joining, node(joining), true)
                 .await
                 .map_err(|e| e.to_string())?;
@@ -234,10 +234,7 @@ async fn membership_changes(world: Arc<World>, shards: u16, seed: u64) {
         let description = match tokio::time::timeout(Duration::from_secs(5), change).await {
             Ok(Ok(_)) => {
                 world.membership_changes.fetch_add(1, Ordering::SeqCst);
-                // The term of the leader that committed the removal: the floor of a leader
-                // that may add the replica back.
-                let term = raft.metrics().borrow().current_term;
-                let dropped = drop_replica(&world, leaving, ShardId::new(shard), term).await;
+                let dropped = drop_replica(&world, leaving, ShardId::new(shard)).await;
                 format!("shard {shard}: voters {voters:?} -> {next:?}{dropped}")
             }
             Ok(Err(error)) => format!("shard {shard}: membership change failed: {error}"),
@@ -250,16 +247,23 @@ async fn membership_changes(world: Arc<World>, shards: u16, seed: u64) {
     }
 }
 
-/// What a move to `node` does first: readmit the replica it may have dropped earlier (a
-/// dropped replica answers no raft message until then). A node that is down cannot be added.
-async fn readmit(world: &World, node: NodeId, shard: u16) -> Result<(), String> {
+/// What a move to `node` does first: readmit the replica it may have dropped earlier, for a
+/// leader of `leader`'s term or later (a dropped replica answers no raft message until then).
+/// A node that is down cannot be added.
+async fn readmit(
+    world: &World,
+    node: NodeId,
+    shard: u16,
+    leader: &courier_consensus::Raft,
+) -> Result<(), String> {
+    let term = leader.metrics().borrow().current_term;
     let groups = world
         .lock_nodes()
         .get(&node)
         .cloned()
         .ok_or_else(|| format!("n{node} is down"))?;
     groups
-        .readmit(ShardId::new(shard))
+        .readmit(ShardId::new(shard), term)
         .await
         .map_err(|error| error.to_string())
 }
@@ -269,7 +273,7 @@ async fn readmit(world: &World, node: NodeId, shard: u16) -> Result<(), String> 
 /// phase may add the node back, so a dropped replica is refilled from the leader under the same
 /// faults. Keys left behind after a drop that reported success are a violation; a drop that
 /// failed (an fsync fault) stopped that replica, as it must.
-async fn drop_replica(world: &World, node: NodeId, shard: ShardId, term: u64) -> String {
+async fn drop_replica(world: &World, node: NodeId, shard: ShardId) -> String {
     let (groups, others) = {
         let nodes = world.lock_nodes();
         let standard = members();
@@ -312,7 +316,7 @@ async fn drop_replica(world: &World, node: NodeId, shard: ShardId, term: u64) ->
             "; n{node} keeps its copy (it holds entries no other running node among n1..n3 does)"
         );
     }
-    match groups.drop_shard(shard, Some(term)).await {
+    match groups.drop_shard(shard).await {
         Ok(0) => {
             world.replicas_dropped.fetch_add(1, Ordering::SeqCst);
             world.note_dropped(node, shard.get());
@@ -369,7 +373,7 @@ async fn clients_main(world: Arc<World>, shards: u16, clients: u32, seed: u64) -
                 }
                 let change = async {
                     for id in standard.difference(&voters) {
-                        readmit(&world, *id, shard).await.map_err(drop)?;
+                        readmit(&world, *id, shard, &raft).await.map_err(drop)?;
                         raft.add_learner(*id, node(*id), true).await.map_err(drop)?;
                     }
                     raft.change_membership(standard.clone(), false)

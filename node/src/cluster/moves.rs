@@ -61,16 +61,7 @@ impl Moves {
     fn start(&self, shard: ShardId, from: NodeId, to: NodeId) -> Result<MoveGuard<'_>, ApiError> {
         let mut running = self.running();
         if let Some(other) = running.get(&shard) {
-            return Err(ApiError::Unavailable {
-                code: "COURIER:Cluster:MoveInProgress",
-                message: format!(
-                    "a move of {shard} from node {} to node {} runs on this node (step {}); \
-                     send this one again when it ends",
-                    other.from, other.to, other.step
-                ),
-                retry_after_ms: 1000,
-                leader: None,
-            });
+            return Err(in_progress(shard, other));
         }
         running.insert(
             shard,
@@ -86,6 +77,17 @@ impl Moves {
             shard,
             done: false,
         })
+    }
+
+    /// Checks that no move of `shard` runs here.
+    ///
+    /// # Errors
+    /// `UNAVAILABLE` `COURIER:Cluster:MoveInProgress` while one does.
+    fn idle(&self, shard: ShardId) -> Result<(), ApiError> {
+        match self.running().get(&shard) {
+            Some(other) => Err(in_progress(shard, other)),
+            None => Ok(()),
+        }
     }
 
     /// The moves running now, for `Admin.Status`.
@@ -109,6 +111,20 @@ impl Moves {
             self.done.load(Ordering::Relaxed),
             self.failed.load(Ordering::Relaxed),
         )
+    }
+}
+
+/// `UNAVAILABLE` `COURIER:Cluster:MoveInProgress`: `other` runs here.
+fn in_progress(shard: ShardId, other: &Running) -> ApiError {
+    ApiError::Unavailable {
+        code: "COURIER:Cluster:MoveInProgress",
+        message: format!(
+            "a move of {shard} from node {} to node {} runs on this node (step {}); send this \
+             one again when it ends",
+            other.from, other.to, other.step
+        ),
+        retry_after_ms: 1000,
+        leader: None,
     }
 }
 
@@ -165,9 +181,12 @@ impl Cluster {
         let shard = ShardId::from_wire(request.shard, shard_count)?;
         let (from, to) = (request.from_node, request.to_node);
         if request.readmit {
-            // Sent by the node running a move to this node, just before this node joins.
+            // Sent by the node running a move to this node, just before this node joins. Not
+            // while this node still runs a move of the shard away (its replica would be dropped
+            // under the move back).
+            self.moves.idle(shard)?;
             self.groups
-                .readmit(shard)
+                .readmit(shard, request.readmit_term)
                 .await
                 .map_err(|e| internal(e.to_string()))?;
             return Ok(peer::MoveShardResponse::default());
@@ -250,12 +269,11 @@ impl Cluster {
             }
         }
         moving.step("deleting");
-        let families_left = self
-            .groups
-            // Its own term is the floor: this node saw the removal committed (it ran it,
-            // leading or through the leader of that term).
-            .drop_shard(shard, None)
+        // In a task of its own: the caller giving up must not stop a delete half way.
+        let groups = self.groups.clone();
+        let families_left = tokio::spawn(async move { groups.drop_shard(shard).await })
             .await
+            .map_err(|e| ApiError::task_ended("shard drop", &e))?
             .map_err(|e| internal(e.to_string()))?;
         info!(%shard, from, to, families_left, "shard move done");
         moving.finished();
@@ -292,12 +310,14 @@ impl Cluster {
     }
 
     /// Has `to` readmit its replica of `shard` if it dropped one when the shard moved away from
-    /// it earlier (`Groups::readmit`): until then it answers no raft message of the shard.
+    /// it earlier (`Groups::readmit`), for a leader of the shard's term as this node (a voter)
+    /// knows it: until then it answers no raft message of the shard.
     async fn readmit_on(&self, shard: ShardId, (to, addr): (NodeId, &str)) -> Result<(), ApiError> {
+        let term = self.group(GroupId::Shard(shard)).await?.state().term;
         if to == self.groups.node_id() {
             return self
                 .groups
-                .readmit(shard)
+                .readmit(shard, term)
                 .await
                 .map_err(|e| internal(e.to_string()));
         }
@@ -307,10 +327,11 @@ impl Cluster {
             .ok_or_else(|| internal(format!("bad address {addr}")))?;
         let request = self.peers.request(peer::MoveShardRequest {
             shard: u32::from(shard.get()),
-            from_node: 0,
+            from_node: self.groups.node_id(),
             to_node: to,
             placement_only: false,
             readmit: true,
+            readmit_term: term,
         });
         client
             .move_shard(request)
@@ -401,6 +422,7 @@ impl Cluster {
             to_node: to,
             placement_only: true,
             readmit: false,
+            readmit_term: 0,
         });
         client.move_shard(request).await.map_err(|status| {
             if status.code() == tonic::Code::FailedPrecondition {

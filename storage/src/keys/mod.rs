@@ -61,8 +61,9 @@ pub mod raft_tag {
     /// no entry above it is ever deleted by a purge.
     pub const ARCHIVED: u8 = 4;
     /// This node's replica of the shard was dropped (it moved to another node): the lowest
-    /// raft term (u64 big-endian) a leader must have to add it back. Until one does, the group
-    /// is not started again and has no vote. The only record of a dropped shard.
+    /// raft term (u64 big-endian) of a leader whose entries may start it again; `u64::MAX`
+    /// until a move back readmits it. Until then the group is not started and has no vote. The
+    /// only record of a dropped shard.
     pub const DROPPED: u8 = 5;
 }
 
