@@ -51,14 +51,19 @@ impl Nemesis {
         )
     }
 
+    /// [`Nemesis::placement`], or an error naming the `fault` that needs one.
+    async fn placed_table(&self, fault: &str) -> anyhow::Result<BTreeMap<u32, Vec<u32>>> {
+        self.placement().await.ok_or_else(|| {
+            anyhow::anyhow!("{fault} fault on a cluster that holds every shard on every member")
+        })
+    }
+
     pub(super) async fn move_replica(
         &self,
         rng: &mut StdRng,
         stop: &CancellationToken,
     ) -> anyhow::Result<()> {
-        let Some(table) = self.placement().await else {
-            anyhow::bail!("move fault on a cluster that holds every shard on every member");
-        };
+        let table = self.placed_table("move").await?;
         let members = self.member_ids();
         let moves: Vec<(u32, u32, u32)> = table
             .iter()
@@ -91,9 +96,7 @@ impl Nemesis {
         rng: &mut StdRng,
         stop: &CancellationToken,
     ) -> anyhow::Result<()> {
-        let Some(table) = self.placement().await else {
-            anyhow::bail!("drain fault on a cluster that holds every shard on every member");
-        };
+        let table = self.placed_table("drain").await?;
         let members = self.member_ids();
         let holders: Vec<u32> = members
             .iter()

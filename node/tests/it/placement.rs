@@ -300,15 +300,12 @@ async fn four_nodes_hold_three_replicas_of_each_shard_and_serve_clients_on_any_n
         assert_eq!(code, 0, "the move back succeeds: {stdout}{stderr}");
         wait_placed_converged(&peers, &back, &all).await;
         let returned = send(&addrs[0], &alice, &bob, "after-move-back").await;
-        let got = collect(&mut stream, Duration::from_secs(20), |frames| {
-            !ids(frames).is_empty()
-        })
+        receive_exactly(
+            &mut stream,
+            &[returned],
+            "a send after the move back arrives once",
+        )
         .await;
-        assert_eq!(
-            ids(&got),
-            vec![returned],
-            "a send after the move back arrives once"
-        );
         back
     };
 
@@ -317,15 +314,12 @@ async fn four_nodes_hold_three_replicas_of_each_shard_and_serve_clients_on_any_n
         nodes[0].take().expect("node 1").stop().await;
         let up: BTreeSet<u64> = (2..=NODES).collect();
         let late = send(&addrs[1], &alice, &bob, "with-node-1-down").await;
-        let got = collect(&mut stream, Duration::from_secs(20), |frames| {
-            !ids(frames).is_empty()
-        })
+        receive_exactly(
+            &mut stream,
+            &[late],
+            "the send made with node 1 down arrives, once",
+        )
         .await;
-        assert_eq!(
-            ids(&got),
-            vec![late],
-            "the send made with node 1 down arrives, once"
-        );
         wait_placed_converged(&peers, &placement, &up).await;
 
         tracing::info!("node 1 is drained while down: its replicas go to the others");
