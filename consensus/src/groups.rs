@@ -126,6 +126,9 @@ pub struct Groups {
     rpc_timeout: Duration,
     groups: RwLock<BTreeMap<GroupId, GroupHandle>>,
     creating: tokio::sync::Mutex<()>,
+    /// Held by the node's log archiver over each shard's pass and by [`Groups::drop_shard`]
+    /// over the delete, so no archive pass writes a dropped replica's keys again.
+    archiving: tokio::sync::Mutex<()>,
     watch: Arc<ApplyWatch>,
 }
 
@@ -169,6 +172,7 @@ impl Groups {
             rpc_timeout: timing.rpc_timeout,
             groups: RwLock::default(),
             creating: tokio::sync::Mutex::new(()),
+            archiving: tokio::sync::Mutex::new(()),
             watch: Arc::default(),
         });
         let stored = courier_storage::LogStore::stored_shards(db.as_ref()).map_err(|e| {
@@ -259,6 +263,22 @@ impl Groups {
             .read()
             .expect("applied view lock is never poisoned");
         view.raft.placement.clone()
+    }
+
+    /// The members marked draining (`Proposal::Draining`): moves take their replicas away and
+    /// put none on them. Empty before the metadata group applied any.
+    pub fn draining(&self) -> std::collections::BTreeSet<NodeId> {
+        self.get(GroupId::Metadata)
+            .map(|metadata| {
+                metadata
+                    .applied
+                    .read()
+                    .expect("applied view lock is never poisoned")
+                    .raft
+                    .draining
+                    .clone()
+            })
+            .unwrap_or_default()
     }
 
     /// How this cluster hashes phone numbers; `None` before the cluster settings are applied
@@ -391,7 +411,8 @@ impl Groups {
     /// Stops this node's replica of `shard` and deletes the shard's data in every column family,
     /// in one synced batch, leaving only its dropped mark (nothing starts it again until a
     /// readmit: see [`Groups::readmit`]): what is left of a replica that was moved away (the
-    /// caller checks it is out of the group's membership). Returns how many families still hold
+    /// caller checks it is out of the group's membership, and that the committed entries only
+    /// its log held are archived or on another voter). Returns how many families still hold
     /// keys of the shard afterwards (0: verified empty).
     ///
     /// # Errors
@@ -399,6 +420,8 @@ impl Groups {
     pub async fn drop_shard(&self, shard: courier_proto::ShardId) -> Result<u32, ConsensusError> {
         let group = GroupId::Shard(shard);
         let _creating = self.creating.lock().await;
+        // An archive pass over the shard ends first; later ones find no replica.
+        let _archiving = self.archiving.lock().await;
         let handle = self
             .groups
             .write()
@@ -450,6 +473,12 @@ impl Groups {
         }
         tracing::info!(%group, families_left = left, "replica dropped");
         Ok(left)
+    }
+
+    /// The lock the log archiver holds over each shard's pass (the archive's writes of the
+    /// replica's log and marks); [`Groups::drop_shard`] holds it over the delete.
+    pub fn archive_fence(&self) -> &tokio::sync::Mutex<()> {
+        &self.archiving
     }
 
     /// Stops every group.

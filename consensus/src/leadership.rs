@@ -340,6 +340,19 @@ impl GroupHandle {
             .map_err(RaftCallError::from_display)
     }
 
+    /// On the metadata group's leader: marks `node` draining (`on`) or not, and waits until
+    /// applied.
+    ///
+    /// # Errors
+    /// [`RaftCallError`] when this replica does not lead or the write fails.
+    pub async fn write_draining(&self, node: NodeId, on: bool) -> Result<(), RaftCallError> {
+        self.raft
+            .client_write(Proposal::Draining(node, on))
+            .await
+            .map(|_| ())
+            .map_err(RaftCallError::from_display)
+    }
+
     /// On the leader: adds `id` at `addr` as a learner and waits until it caught up.
     ///
     /// # Errors

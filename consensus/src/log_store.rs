@@ -48,6 +48,7 @@ enum RaftPart {
     ClusterKeyed(LogId, ClusterSettings, [u8; PHONE_KEY_BYTES]),
     ClusterPlaced(LogId, ClusterSettings, [u8; PHONE_KEY_BYTES], Placement),
     PlacementMoved(LogId, u16, NodeId, NodeId),
+    Draining(LogId, NodeId, bool),
 }
 
 /// Maps a storage fault to openraft's storage error (which stops the raft group).
@@ -87,6 +88,9 @@ pub fn encode_entry(entry: &Entry<TypeConfig>) -> Result<LogRecord, RaftStorageE
             RaftPart::PlacementMoved(log_id, shard.get(), *from, *to),
             None,
         ),
+        EntryPayload::Normal(Proposal::Draining(node, on)) => {
+            (RaftPart::Draining(log_id, *node, *on), None)
+        }
         EntryPayload::Membership(membership) => {
             (RaftPart::Membership(log_id, membership.clone()), None)
         }
@@ -152,6 +156,9 @@ pub fn decode_record(
                 to,
             )),
         ),
+        RaftPart::Draining(log_id, node, on) => {
+            (log_id, EntryPayload::Normal(Proposal::Draining(node, on)))
+        }
         RaftPart::Membership(log_id, membership) => (log_id, EntryPayload::Membership(membership)),
     };
     assert_eq!(

@@ -6,6 +6,7 @@
 //! length-delimited chunks; openraft streams them to followers in chunks of
 //! `snapshot_max_chunk_size` bytes.
 
+use std::collections::BTreeSet;
 use std::io::Cursor;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,6 +44,9 @@ pub struct RaftApplied {
     /// Where each shard's replicas are (metadata group only; `None` in a cluster created before
     /// placement existed, which holds every shard on every member).
     pub placement: Option<Arc<Placement>>,
+    /// Members marked draining (metadata group only): moves take their replicas away and put
+    /// none on them.
+    pub draining: BTreeSet<NodeId>,
 }
 
 /// The first stored form: postcard of the three fields, no version tag. Its first byte is the
@@ -79,6 +83,21 @@ struct RaftAppliedV3 {
 /// The version tag of [`RaftAppliedV3`]'s stored form.
 const RAFT_APPLIED_V3: u8 = 3;
 
+/// Version 4 (`RAFT_APPLIED_V4` ‖ postcard): adds the draining marks. Written only while some
+/// node is marked, so a cluster that never drains keeps a form older builds open.
+#[derive(Serialize, Deserialize)]
+struct RaftAppliedV4 {
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+    settings: Option<ClusterSettings>,
+    phone_key: Option<[u8; PHONE_KEY_BYTES]>,
+    placement: Option<Placement>,
+    draining: BTreeSet<NodeId>,
+}
+
+/// The version tag of [`RaftAppliedV4`]'s stored form.
+const RAFT_APPLIED_V4: u8 = 4;
+
 impl RaftApplied {
     fn decode(bytes: &[u8]) -> Result<Self, RaftStorageError> {
         let corrupt = |e: &dyn std::fmt::Display| -> RaftStorageError {
@@ -97,6 +116,7 @@ impl RaftApplied {
                     settings: v1.settings,
                     phone_key: None,
                     placement: None,
+                    draining: BTreeSet::new(),
                 })
             }
             Some(&RAFT_APPLIED_V2) => {
@@ -108,6 +128,7 @@ impl RaftApplied {
                     settings: v2.settings,
                     phone_key: v2.phone_key.map(PhoneKey::new),
                     placement: None,
+                    draining: BTreeSet::new(),
                 })
             }
             Some(&RAFT_APPLIED_V3) => {
@@ -119,6 +140,19 @@ impl RaftApplied {
                     settings: v3.settings,
                     phone_key: v3.phone_key.map(PhoneKey::new),
                     placement: v3.placement.map(Arc::new),
+                    draining: BTreeSet::new(),
+                })
+            }
+            Some(&RAFT_APPLIED_V4) => {
+                let v4: RaftAppliedV4 =
+                    postcard::from_bytes(&bytes[1..]).map_err(|e| corrupt(&e))?;
+                Ok(Self {
+                    last_applied: v4.last_applied,
+                    membership: v4.membership,
+                    settings: v4.settings,
+                    phone_key: v4.phone_key.map(PhoneKey::new),
+                    placement: v4.placement.map(Arc::new),
+                    draining: v4.draining,
                 })
             }
             Some(version) => Err(corrupt(&format!(
@@ -128,7 +162,7 @@ impl RaftApplied {
     }
 
     fn encode(&self) -> Vec<u8> {
-        if self.placement.is_none() {
+        if self.placement.is_none() && self.draining.is_empty() {
             // Without a table the state is what version 2 holds: written as version 2, so that
             // nodes of a build before placement can still open it (a rolling upgrade's snapshots).
             let v2 = RaftAppliedV2 {
@@ -139,6 +173,19 @@ impl RaftApplied {
             };
             let mut bytes = vec![RAFT_APPLIED_V2];
             bytes.extend(postcard::to_stdvec(&v2).expect("postcard encodes plain data"));
+            return bytes;
+        }
+        if !self.draining.is_empty() {
+            let v4 = RaftAppliedV4 {
+                last_applied: self.last_applied,
+                membership: self.membership.clone(),
+                settings: self.settings,
+                phone_key: self.phone_key.map(|key| *key.expose()),
+                placement: self.placement.as_deref().cloned(),
+                draining: self.draining.clone(),
+            };
+            let mut bytes = vec![RAFT_APPLIED_V4];
+            bytes.extend(postcard::to_stdvec(&v4).expect("postcard encodes plain data"));
             return bytes;
         }
         let v3 = RaftAppliedV3 {
@@ -428,6 +475,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     }
                     None
                 }
+                EntryPayload::Normal(Proposal::Draining(node, on)) => {
+                    if *on {
+                        raft.draining.insert(*node);
+                    } else {
+                        raft.draining.remove(node);
+                    }
+                    None
+                }
                 EntryPayload::Normal(Proposal::ClusterPlaced(settings, key, placement)) => {
                     // As above, the placement with them.
                     if raft.settings.is_none() {
@@ -588,7 +643,7 @@ mod tests {
 
     fn sample(phone_key: Option<PhoneKey>) -> RaftApplied {
         let log_id = LogId::new(CommittedLeaderId::new(3, 1), 41);
-        let voters = std::collections::BTreeSet::from([1_u64, 2, 3]);
+        let voters = BTreeSet::from([1_u64, 2, 3]);
         RaftApplied {
             last_applied: Some(log_id),
             membership: StoredMembership::new(Some(log_id), Membership::new(vec![voters], None)),
@@ -598,12 +653,14 @@ mod tests {
             }),
             phone_key,
             placement: None,
+            draining: BTreeSet::new(),
         }
     }
 
     /// A state written before the key existed (postcard of the three fields, no tag) still
     /// opens, as a cluster without a key; one written before placement (version 2) opens
-    /// without a placement; the current form round-trips with its key and placement.
+    /// without a placement; versions 3 (placement) and 4 (draining marks, only while a node is
+    /// marked) round-trip.
     #[test]
     fn both_stored_forms_of_the_applied_state_open() {
         let old = sample(None);
@@ -638,9 +695,19 @@ mod tests {
             placement: Some(Arc::new(Placement::spread(&[1, 2, 3, 4].into(), 8, 3))),
             ..keyed
         };
+        assert_eq!(placed.encode()[0], RAFT_APPLIED_V3, "no node draining");
         assert_eq!(
             RaftApplied::decode(&placed.encode()).expect("v3 opens"),
             placed
+        );
+        let draining = RaftApplied {
+            draining: BTreeSet::from([2]),
+            ..placed
+        };
+        assert_eq!(draining.encode()[0], RAFT_APPLIED_V4);
+        assert_eq!(
+            RaftApplied::decode(&draining.encode()).expect("v4 opens"),
+            draining
         );
         assert_eq!(
             RaftApplied::decode(&[]).expect("empty"),

@@ -105,6 +105,9 @@ pub enum Proposal {
     /// shard move; applied only when the table shows the shard on the first node and not on
     /// the second).
     PlacementMoved(ShardId, NodeId, NodeId),
+    /// A node is marked draining (`true`: shard moves take its replicas away and put none on it)
+    /// or no longer (`false`). Metadata group only.
+    Draining(NodeId, bool),
 }
 
 /// Stored and wire form. Variants are only ever appended (postcard tags them by position).
@@ -115,6 +118,7 @@ enum ProposalWire {
     ClusterKeyed(ClusterSettings, [u8; PHONE_KEY_BYTES]),
     ClusterPlaced(ClusterSettings, [u8; PHONE_KEY_BYTES], Placement),
     PlacementMoved(u16, NodeId, NodeId),
+    Draining(NodeId, bool),
 }
 
 impl From<Proposal> for ProposalWire {
@@ -131,6 +135,7 @@ impl From<Proposal> for ProposalWire {
             Proposal::PlacementMoved(shard, from, to) => {
                 ProposalWire::PlacementMoved(shard.get(), from, to)
             }
+            Proposal::Draining(node, on) => ProposalWire::Draining(node, on),
         }
     }
 }
@@ -155,6 +160,7 @@ impl TryFrom<ProposalWire> for Proposal {
             ProposalWire::PlacementMoved(shard, from, to) => {
                 Ok(Proposal::PlacementMoved(ShardId::new(shard), from, to))
             }
+            ProposalWire::Draining(node, on) => Ok(Proposal::Draining(node, on)),
         }
     }
 }

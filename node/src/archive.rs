@@ -25,6 +25,7 @@ use courier_consensus::groups::Groups;
 use courier_consensus::log_store::storage_index;
 use courier_consensus::types::GroupId;
 use courier_proto::{LogIndex, ShardId};
+use courier_storage::archive::SegmentStore as _;
 use courier_storage::segment;
 use courier_storage::{LogRecord, LogStore, StorageError};
 use tokio_util::sync::CancellationToken;
@@ -209,6 +210,129 @@ impl Archive {
     }
 }
 
+/// The runs of `[from, to]` (inclusive) that none of `segments` (sorted, inclusive, as the store
+/// lists them) covers.
+pub fn not_covered(
+    segments: &[(LogIndex, LogIndex)],
+    from: LogIndex,
+    to: LogIndex,
+) -> Vec<(LogIndex, LogIndex)> {
+    let mut runs = Vec::new();
+    let mut next = from;
+    for &(first, last) in segments {
+        if next > to {
+            break;
+        }
+        if last < next {
+            continue;
+        }
+        if first > next {
+            runs.push((next, LogIndex::new(first.get().saturating_sub(1)).min(to)));
+        }
+        next = last.next();
+    }
+    if next <= to {
+        runs.push((next, to));
+    }
+    runs
+}
+
+/// The segments of `shard` in this node's archive (none without one).
+fn archived(
+    archive: Option<&Archive>,
+    shard: ShardId,
+) -> Result<Vec<(LogIndex, LogIndex)>, StorageError> {
+    match archive {
+        Some(archive) => archive.store.segments(shard),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// What of `shard` only this node's replica keeps: the first and last of its committed entries
+/// (stored, at or below the applied index) that its archive does not hold, or `None`. A move
+/// checks another voter gives these back before it deletes the replica (blocking: from a
+/// blocking thread).
+///
+/// # Errors
+/// The replica has a log here but is not running (a fault: a move deletes only a replica it
+/// runs); the store or the log failed.
+pub fn only_in_log(
+    groups: &Groups,
+    archive: Option<&Archive>,
+    shard: ShardId,
+) -> Result<Option<(LogIndex, LogIndex)>, StorageError> {
+    let log = LogStore::new(groups.db().clone(), shard);
+    let Some(handle) = groups.get(GroupId::Shard(shard)) else {
+        // Deleted already (a move sent again after its delete): nothing is left to lose.
+        return match log.first_index()? {
+            None => Ok(None),
+            Some(_) => Err(store_fault(
+                "check",
+                format!("{shard} has a log on this node but no running replica"),
+            )),
+        };
+    };
+    only_in(&log, handle.applied_index(), &archived(archive, shard)?)
+}
+
+/// [`only_in_log`] over `log`, applied up to `applied`, with `segments` archived.
+fn only_in(
+    log: &LogStore,
+    applied: LogIndex,
+    segments: &[(LogIndex, LogIndex)],
+) -> Result<Option<(LogIndex, LogIndex)>, StorageError> {
+    let Some(first) = log.first_index()? else {
+        return Ok(None);
+    };
+    if first > applied {
+        return Ok(None);
+    }
+    let runs = not_covered(segments, first, applied);
+    Ok(runs
+        .first()
+        .map(|first| first.0)
+        .zip(runs.last().map(|last| last.1)))
+}
+
+/// Whether this node gives back every committed entry of `shard` in `[from, to]`: each is in
+/// its archive, or in its replica's log at or below the applied index (entries a replica
+/// applied are committed ones). Answers a move's old node (blocking: from a blocking thread).
+///
+/// # Errors
+/// The store or the log failed.
+pub fn gives_back(
+    groups: &Groups,
+    archive: Option<&Archive>,
+    shard: ShardId,
+    (from, to): (LogIndex, LogIndex),
+) -> Result<bool, StorageError> {
+    let Some(handle) = groups.get(GroupId::Shard(shard)) else {
+        return Ok(false);
+    };
+    let log = LogStore::new(groups.db().clone(), shard);
+    gives_back_from(
+        &log,
+        handle.applied_index(),
+        &archived(archive, shard)?,
+        (from, to),
+    )
+}
+
+/// [`gives_back`] from `log`, applied up to `applied`, with `segments` archived.
+fn gives_back_from(
+    log: &LogStore,
+    applied: LogIndex,
+    segments: &[(LogIndex, LogIndex)],
+    (from, to): (LogIndex, LogIndex),
+) -> Result<bool, StorageError> {
+    for (first, last) in not_covered(segments, from, to) {
+        if last > applied || !log.stores_every(first, last)? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 /// Runs the archiver of this node until `shutdown`: every `interval`, each shard replica here
 /// archives its whole segments and deletes what raft purged and the archive holds.
 pub async fn run(
@@ -240,6 +364,9 @@ fn archive_pass(groups: &Groups, archive: &Archive) {
         return;
     };
     for shard in (0..shard_count).map(ShardId::new) {
+        // Held across the shard's pass: a replica being dropped (`Groups::drop_shard`) waits
+        // for it, and a dropped one is not here any more, so no pass writes after its delete.
+        let _fence = groups.archive_fence().blocking_lock();
         let Some(handle) = groups.get(GroupId::Shard(shard)) else {
             continue;
         };
@@ -264,6 +391,70 @@ mod tests {
 
     use super::*;
     use courier_storage::testkit::opaque_records as records;
+
+    fn at(first: u64, last: u64) -> (LogIndex, LogIndex) {
+        (LogIndex::new(first), LogIndex::new(last))
+    }
+
+    #[test]
+    fn not_covered_is_what_no_segment_holds() {
+        let segments = [at(1, 10), at(21, 30), at(31, 40)];
+        let runs = |from, to| not_covered(&segments, LogIndex::new(from), LogIndex::new(to));
+        assert_eq!(runs(1, 40), vec![at(11, 20)]);
+        assert_eq!(runs(5, 45), vec![at(11, 20), at(41, 45)]);
+        assert_eq!(runs(12, 15), vec![at(12, 15)], "inside the missing segment");
+        assert_eq!(runs(22, 38), Vec::new(), "wholly archived");
+        assert_eq!(
+            not_covered(&[], LogIndex::new(3), LogIndex::new(7)),
+            vec![at(3, 7)]
+        );
+    }
+
+    /// A move's old node, applied to 35 with segments 1..=20 archived, has 21..=35 on its log
+    /// only. A voter gives them back when its log holds all of them at or below its applied
+    /// index, or its archive holds what its log lacks; not with a hole, a purge past 21 (and no
+    /// segment), or entries it has not applied yet (they may not be the committed ones).
+    #[tokio::test]
+    async fn what_only_a_leaving_replica_holds_and_who_gives_it_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Arc::new(Db::open(&dir.path().join("db"), OpenMode::ReadWrite).expect("opens"));
+        let log = |shard: u16| LogStore::new(db.clone(), ShardId::new(shard));
+        let leaving = log(1);
+        leaving.append(&records(1, 40)).expect("append");
+        let archived = [at(1, 10), at(11, 20)];
+        assert_eq!(
+            only_in(&leaving, LogIndex::new(35), &archived).expect("reads"),
+            Some(at(21, 35))
+        );
+        assert_eq!(
+            only_in(&leaving, LogIndex::new(20), &archived).expect("reads"),
+            None,
+            "all it applied is archived"
+        );
+
+        let range = at(21, 35);
+        let applied = LogIndex::new(40);
+        let whole = log(2);
+        whole.append(&records(15, 40)).expect("append");
+        assert!(gives_back_from(&whole, applied, &[], range).expect("reads"));
+        assert!(
+            !gives_back_from(&whole, LogIndex::new(30), &[], range).expect("reads"),
+            "not applied up to 35"
+        );
+        let holed = log(3);
+        holed.append(&records(15, 40)).expect("append");
+        holed
+            .delete_between(LogIndex::new(25), LogIndex::new(28))
+            .expect("delete");
+        assert!(!gives_back_from(&holed, applied, &[], range).expect("reads"));
+        let purged = log(4);
+        purged.append(&records(31, 40)).expect("append");
+        assert!(!gives_back_from(&purged, applied, &[], range).expect("reads"));
+        assert!(
+            gives_back_from(&purged, applied, &[at(21, 30)], range).expect("reads"),
+            "its archive holds what its log lacks"
+        );
+    }
 
     /// A replica that installed a snapshot above its applied index has a hole in its log
     /// (`delete_between`): the segments the hole touches are gaps (another replica archives

@@ -26,11 +26,11 @@ use courier_proto::pb::peer::forward_server::Forward;
 use courier_proto::pb::peer::{
     AddNodeRequest, AddNodeResponse, BackupRequest, BackupResponse, ForwardBatchRequest,
     ForwardBatchResponse, InitClusterRequest, InitClusterResponse, InspectUserRequest,
-    MoveShardRequest, MoveShardResponse, PresenceRequest, PresenceResponse, ProposeRequest,
-    ProposeResponse, ReadLogRequest, ReadLogResponse, ReadShardRequest, ReadShardResponse,
-    RebuildProjectionRequest, RemoveNodeRequest, RemoveNodeResponse, StatusRequest, StatusResponse,
-    TransferLeaderRequest, TransferLeaderResponse, TypingRequest, TypingResponse,
-    VerifyProjectionRequest,
+    MarkDrainingRequest, MarkDrainingResponse, MoveShardRequest, MoveShardResponse,
+    PresenceRequest, PresenceResponse, ProposeRequest, ProposeResponse, ReadLogRequest,
+    ReadLogResponse, ReadShardRequest, ReadShardResponse, RebuildProjectionRequest,
+    RemoveNodeRequest, RemoveNodeResponse, StatusRequest, StatusResponse, TransferLeaderRequest,
+    TransferLeaderResponse, TypingRequest, TypingResponse, VerifyProjectionRequest,
 };
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
@@ -379,7 +379,7 @@ impl Forward for PeerApi {
     ) -> Result<Response<ReadShardResponse>, Status> {
         self.auth.check(&request, Allowed::Nodes)?;
         Ok(Response::new(
-            self.cluster.read_shard_here(request.into_inner())?,
+            self.cluster.read_shard(request.into_inner()).await?,
         ))
     }
 
@@ -503,6 +503,15 @@ impl Admin for PeerApi {
         self.auth.check(&request, Allowed::NodesAndOperators)?;
         self.cluster.remove_node(request.into_inner()).await?;
         Ok(Response::new(RemoveNodeResponse {}))
+    }
+
+    async fn mark_draining(
+        &self,
+        request: Request<MarkDrainingRequest>,
+    ) -> Result<Response<MarkDrainingResponse>, Status> {
+        self.auth.check(&request, Allowed::NodesAndOperators)?;
+        self.cluster.mark_draining(request.into_inner()).await?;
+        Ok(Response::new(MarkDrainingResponse {}))
     }
 
     async fn backup(

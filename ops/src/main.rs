@@ -56,7 +56,9 @@ enum Command {
     /// Moves shard leadership.
     #[command(subcommand)]
     Leader(LeaderCommand),
-    /// Adds or removes a node (every group, each on its leader).
+    /// Adds or removes a node (every group, each on its leader; on a cluster that places shards,
+    /// the metadata group: `shard rebalance` gives a new node replicas, `node drain` takes them
+    /// away before a removal).
     #[command(subcommand)]
     Node(NodeCommand),
     /// Moves shard replicas between nodes (a cluster that places shards on some nodes).
@@ -240,7 +242,8 @@ enum LeaderCommand {
 
 #[derive(Debug, Subcommand)]
 enum NodeCommand {
-    /// Adds a started, empty node: learner first (it catches up), then voter.
+    /// Adds a started, empty node: learner first (it catches up), then voter. On a cluster that
+    /// places shards it joins holding none; run `shard rebalance` next.
     Add {
         /// Peer address of any current member.
         #[arg(long)]
@@ -252,8 +255,9 @@ enum NodeCommand {
         #[arg(long)]
         peer: String,
     },
-    /// Moves every shard replica off a node (a cluster that places shards on some nodes), one
-    /// move at a time, each to the node without the shard that holds fewest; then remove it.
+    /// Marks a node draining (no move puts a replica on it; `node undrain` ends that), then
+    /// moves every shard replica off it (a cluster that places shards on some nodes), one move
+    /// at a time, each to the node without the shard that holds fewest; then remove it.
     Drain {
         /// Peer address of any member.
         #[arg(long)]
@@ -265,7 +269,17 @@ enum NodeCommand {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Removes a node; refused when fewer than 3 voters would remain.
+    /// Ends a node's draining mark (`node drain` sets it): moves may put replicas on it again.
+    Undrain {
+        /// Peer address of any member.
+        #[arg(long)]
+        addr: String,
+        /// The node.
+        #[arg(long)]
+        id: u64,
+    },
+    /// Removes a node; refused when fewer than 3 voters would remain, or (a cluster that places
+    /// shards) while it holds replicas: `node drain` it first.
     Remove {
         /// Peer address of any member.
         #[arg(long)]
@@ -439,6 +453,27 @@ fn inspect_command(command: InspectCommand) -> anyhow::Result<bool> {
     }
 }
 
+/// Runs a `node` subcommand.
+fn node_command(command: NodeCommand) -> anyhow::Result<bool> {
+    match command {
+        NodeCommand::Add { addr, id, peer } => runtime()?
+            .block_on(online::node_add(&addr, id, &peer))
+            .map(|()| true),
+        NodeCommand::Drain { addr, id, dry_run } => {
+            runtime()?.block_on(online::replica_plan(&addr, Some(id), dry_run))
+        }
+        NodeCommand::Undrain { addr, id } => runtime()?
+            .block_on(online::mark_draining(&addr, id, false))
+            .map(|()| {
+                println!("node {id} is no longer draining");
+                true
+            }),
+        NodeCommand::Remove { addr, id } => runtime()?
+            .block_on(online::node_remove(&addr, id))
+            .map(|()| true),
+    }
+}
+
 /// Runs one command; `Ok(false)` means the check ran and failed.
 fn run(cli: Cli) -> anyhow::Result<bool> {
     transport::install(&cli.tls)?;
@@ -460,15 +495,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         Command::Leader(LeaderCommand::Transfer { addr, node, shard }) => runtime()?
             .block_on(online::transfer_leader(&addr, node, shard))
             .map(|()| true),
-        Command::Node(NodeCommand::Add { addr, id, peer }) => runtime()?
-            .block_on(online::node_add(&addr, id, &peer))
-            .map(|()| true),
-        Command::Node(NodeCommand::Drain { addr, id, dry_run }) => {
-            runtime()?.block_on(online::replica_plan(&addr, Some(id), dry_run))
-        }
-        Command::Node(NodeCommand::Remove { addr, id }) => runtime()?
-            .block_on(online::node_remove(&addr, id))
-            .map(|()| true),
+        Command::Node(command) => node_command(command),
         Command::Shard(command) => shard_command(command),
         Command::Inspect(command) => inspect_command(command),
         Command::Restore {

@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use courier_proto::pb::peer::admin_client::AdminClient;
 use courier_proto::pb::peer::{
-    AddNodeRequest, InitClusterRequest, MoveShardRequest, NodeInfo, RemoveNodeRequest, ShardStatus,
-    StatusRequest, StatusResponse, TransferLeaderRequest,
+    AddNodeRequest, InitClusterRequest, MarkDrainingRequest, MoveShardRequest, NodeInfo,
+    RemoveNodeRequest, ShardStatus, StatusRequest, StatusResponse, TransferLeaderRequest,
 };
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
@@ -269,7 +269,7 @@ pub(crate) async fn cluster_status(addr: &str, json: bool) -> anyhow::Result<boo
                         .collect();
                     println!(
                         "{}",
-                        serde_json::json!({"node_id": id, "peer": peer, "shards": shards, "moves": moves})
+                        serde_json::json!({"node_id": id, "peer": peer, "shards": shards, "moves": moves, "draining": status.draining})
                     );
                     continue;
                 }
@@ -302,8 +302,16 @@ pub(crate) async fn cluster_status(addr: &str, json: bool) -> anyhow::Result<boo
     Ok(healthy)
 }
 
-/// The shard moves the nodes run now, with the step each is at.
+/// The shard moves the nodes run now, with the step each is at; the nodes marked draining.
 fn print_moves(statuses: &[StatusResponse]) {
+    if let Some(first) = statuses.first()
+        && !first.draining.is_empty()
+    {
+        println!(
+            "\ndraining (no move puts a replica on them): nodes {:?}",
+            first.draining
+        );
+    }
     let moves: Vec<_> = statuses
         .iter()
         .flat_map(|status| status.moves.iter().map(move |m| (status.node_id, m)))
@@ -385,7 +393,10 @@ pub(crate) async fn node_add(addr: &str, id: u64, peer: &str) -> anyhow::Result<
         })
         .await
         .map_err(describe)?;
-    println!("node {id} added to every group as a voter");
+    println!(
+        "node {id} added as a voter (a cluster that places shards: to the metadata group; \
+         `shard rebalance` gives it replicas)"
+    );
     Ok(())
 }
 
@@ -503,8 +514,21 @@ pub(crate) async fn replica_plan(
         .iter()
         .map(|shard| (shard.shard, shard.replicas.clone()))
         .collect();
-    let nodes: std::collections::BTreeSet<u64> =
-        status.nodes.iter().map(|node| node.node_id).collect();
+    // Nodes marked draining take no replica (a drain marks its node first, so neither this
+    // command run again nor the automatic rebalancer refills it).
+    let nodes: std::collections::BTreeSet<u64> = status
+        .nodes
+        .iter()
+        .map(|node| node.node_id)
+        .filter(|node| !status.draining.contains(node) || Some(*node) == drain)
+        .collect();
+    if let Some(node) = drain
+        && !dry_run
+        && !status.draining.contains(&node)
+    {
+        mark_draining(addr, node, true).await?;
+        println!("node {node} marked draining");
+    }
     let moves = match drain {
         Some(node) => courier_proto::placement::drain_plan(&table, &nodes, node),
         None => courier_proto::placement::rebalance_plan(&table, &nodes),
@@ -552,6 +576,22 @@ async fn move_progress(shard: u32, from_peer: &str, to_peer: &str, started: Inst
     )
 }
 
+/// Marks node `id` draining (`on`) or not, through the node at `addr`.
+///
+/// # Errors
+/// Connection errors or the cluster's refusal.
+pub(crate) async fn mark_draining(addr: &str, id: u64, on: bool) -> anyhow::Result<()> {
+    admin(channel(addr).await?)
+        .mark_draining(MarkDrainingRequest {
+            node_id: id,
+            draining: on,
+            leader_only: false,
+        })
+        .await
+        .map_err(describe)?;
+    Ok(())
+}
+
 /// Removes node `id` from the cluster that `addr` belongs to.
 ///
 /// # Errors
@@ -564,7 +604,7 @@ pub(crate) async fn node_remove(addr: &str, id: u64) -> anyhow::Result<()> {
         })
         .await
         .map_err(describe)?;
-    println!("node {id} removed from every group");
+    println!("node {id} removed (every group it was in)");
     Ok(())
 }
 

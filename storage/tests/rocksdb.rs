@@ -134,6 +134,37 @@ fn log_store_append_read_truncate_purge() {
     assert_eq!(other.read_state(1).expect("read"), None);
 }
 
+/// `stores_every` sees a hole a snapshot install left (`delete_between`) and a missing end, in
+/// any chunk of its scan, and says yes only for a range wholly stored.
+#[test]
+fn stores_every_finds_holes_and_missing_ends() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = LogStore::new(open(dir.path()), SHARD);
+    let entries = u64::try_from(LogStore::CHECK_CHUNK * 2 + 100).expect("fits");
+    let records: Vec<_> = (1..=entries)
+        .map(|i| LogRecord {
+            index: LogIndex::new(i),
+            term: 1,
+            payload: vec![1; 4],
+        })
+        .collect();
+    log.append(&records).expect("append");
+    let every = |from: u64, to: u64| {
+        log.stores_every(LogIndex::new(from), LogIndex::new(to))
+            .expect("reads")
+    };
+    assert!(every(1, entries), "all of it");
+    assert!(!every(1, entries + 1), "one past the last");
+    let hole = entries - 50;
+    log.delete_between(LogIndex::new(hole), LogIndex::new(hole + 2))
+        .expect("delete");
+    assert!(!every(1, entries), "a hole in the third chunk");
+    assert!(every(1, hole - 1) && every(hole + 2, entries), "around it");
+    log.purge_up_to(LogIndex::new(10)).expect("purge");
+    assert!(!every(5, 20), "purged below");
+    assert!(every(11, 20));
+}
+
 /// Flipping one byte of a stored entry makes reading it a checksum fault, never a skip.
 #[test]
 fn corrupted_entry_is_a_checksum_fault() {

@@ -25,7 +25,8 @@ pub(super) enum Change {
 
 impl Cluster {
     /// Adds a node to every group (or to `scope` only, on its leader): as a learner first, so it
-    /// catches up, then as a voter. Safe to retry.
+    /// catches up, then as a voter. On a cluster that places shards it joins the metadata group
+    /// only, holding no replica until moves give it some (`shard rebalance`). Safe to retry.
     ///
     /// # Errors
     /// `INVALID_ARGUMENT` for a bad node; `UNAVAILABLE` when a group has no leader in time.
@@ -44,11 +45,13 @@ impl Cluster {
         self.change_members(change, request.group.as_ref()).await
     }
 
-    /// Removes a node from every group (or from `scope` only, on its leader).
+    /// Removes a node from every group (or from `scope` only, on its leader). On a cluster that
+    /// places shards it leaves the metadata group, once it holds no replica (`node drain`).
     ///
     /// # Errors
-    /// `FAILED_PRECONDITION` when fewer than [`VOTERS_MIN`] voters would remain; `UNAVAILABLE`
-    /// when a group has no leader in time.
+    /// `FAILED_PRECONDITION` when fewer than [`VOTERS_MIN`] voters would remain, or
+    /// `COURIER:Cluster:HoldsReplicas` when the placement table still puts replicas on the node;
+    /// `UNAVAILABLE` when a group has no leader in time.
     pub async fn remove_node(&self, request: peer::RemoveNodeRequest) -> Result<(), ApiError> {
         self.change_members(Change::Remove(request.node_id), request.group.as_ref())
             .await
@@ -69,22 +72,34 @@ impl Cluster {
                     unavailable("the cluster is not initialized".to_owned(), None)
                 })?;
                 if self.groups.placement().is_some() {
-                    // Every group would be wrong: each shard is on its placed replicas only.
-                    return Err(ApiError::FailedPrecondition {
-                        code: "COURIER:Cluster:Placed",
-                        message: "this cluster places each shard on some of its nodes: a node \
-                                  joins or leaves one group at a time (`group`), shard moves \
-                                  and drains are not built yet"
-                            .to_owned(),
-                    });
+                    // Each shard is on its placed replicas only: moves give a node replicas and
+                    // take them away; membership of every node is the metadata group's.
+                    vec![GroupId::Metadata]
+                } else {
+                    std::iter::once(GroupId::Metadata)
+                        .chain((0..shard_count).map(|s| GroupId::Shard(ShardId::new(s))))
+                        .collect()
                 }
-                std::iter::once(GroupId::Metadata)
-                    .chain((0..shard_count).map(|s| GroupId::Shard(ShardId::new(s))))
-                    .collect()
             }
         };
-        for group in groups {
-            self.change_group(group, &change, scope.is_some()).await?;
+        if let (Change::Remove(node), Some(placement)) = (&change, self.groups.placement())
+            && groups.contains(&GroupId::Metadata)
+        {
+            holds_none(&placement, *node, self.groups.shard_count().unwrap_or(0))?;
+        }
+        for group in &groups {
+            self.change_group(*group, &change, scope.is_some()).await?;
+        }
+        // A node that joins or leaves the cluster is not draining any more (its mark would hold
+        // back a node that joins again under the same id).
+        let (Change::Add(node, _) | Change::Remove(node)) = &change;
+        if groups.contains(&GroupId::Metadata) && self.groups.draining().contains(node) {
+            self.mark_draining(peer::MarkDrainingRequest {
+                node_id: *node,
+                draining: false,
+                leader_only: false,
+            })
+            .await?;
         }
         Ok(())
     }
@@ -237,4 +252,27 @@ impl Cluster {
         }
         Ok(())
     }
+}
+
+/// Refuses to let `node` leave the cluster while the placement table puts replicas on it: the
+/// shard would keep a voter that nothing runs (or a member that is no longer one).
+fn holds_none(
+    placement: &courier_consensus::placement::Placement,
+    node: NodeId,
+    shard_count: u16,
+) -> Result<(), ApiError> {
+    let held: Vec<u16> = (0..shard_count)
+        .filter(|shard| placement.holds(node, ShardId::new(*shard)))
+        .collect();
+    if held.is_empty() {
+        return Ok(());
+    }
+    Err(ApiError::FailedPrecondition {
+        code: "COURIER:Cluster:HoldsReplicas",
+        message: format!(
+            "node {node} still holds replicas of {} shards ({held:?}): drain it first \
+             (`courier-ops node drain --id {node}`), then remove it",
+            held.len()
+        ),
+    })
 }

@@ -32,6 +32,7 @@ mod moves;
 mod peer;
 mod propose;
 mod read;
+mod rebalance;
 mod remote;
 mod status;
 mod wire;
@@ -49,6 +50,7 @@ pub use edge::{Edge, run_reporter};
 pub use membership::VOTERS_MIN;
 pub use peer::{keep_warm, was_forwarded};
 pub use read::{READ_WAIT, ReadConsistency};
+pub use rebalance::run_replica_rebalancer;
 pub use remote::{LEADER_HINT_TTL, READ_ANSWER_BYTES_MAX};
 pub use status::Passes;
 pub use wire::outcome_to_wire;
@@ -72,6 +74,9 @@ pub struct Cluster {
     passes: Arc<Passes>,
     elsewhere: remote::SharedElsewhere,
     moves: Arc<moves::Moves>,
+    /// The node's log archive (none on an embedder's disk): a move checks what only this node's
+    /// replica holds is kept before it deletes the replica.
+    archive: Option<Arc<crate::archive::Archive>>,
 }
 
 fn unavailable(message: String, leader: Option<NodeId>) -> ApiError {
@@ -93,8 +98,15 @@ fn invalid(code: &'static str, message: String) -> ApiError {
 
 impl Cluster {
     /// The cluster view over this node's groups.
-    pub fn new(groups: Arc<Groups>, db: Arc<Db>, rpc_timeout: Duration, edge: Edge) -> Self {
+    pub fn new(
+        groups: Arc<Groups>,
+        db: Arc<Db>,
+        rpc_timeout: Duration,
+        edge: Edge,
+        archive: Option<Arc<crate::archive::Archive>>,
+    ) -> Self {
         Self {
+            archive,
             peers: peer::PeerClient::new(groups.pool(), rpc_timeout),
             groups,
             db,

@@ -3,7 +3,8 @@
 //! ```text
 //!   on `from`:  to joins (learner, catches up, voter) ─▶ `from` leaves (a leader removes
 //!               itself and steps down) ─▶ placement table records the move (metadata leader)
-//!               ─▶ the shard's data on `from` is deleted and checked gone
+//!               ─▶ another voter gives back what only `from`'s log holds (archived or in
+//!               its log) ─▶ the shard's data on `from` is deleted and checked gone
 //! ```
 //!
 //! Every step is skipped when already done, so a move interrupted anywhere finishes when it is
@@ -16,8 +17,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use courier_consensus::types::{GroupId, NodeId};
-use courier_proto::ShardId;
 use courier_proto::pb::peer;
+use courier_proto::{LogIndex, ShardId};
 use tracing::info;
 
 use super::membership::Change;
@@ -27,6 +28,14 @@ use crate::status::ApiError;
 /// How long a move tries to record itself in the placement table while the metadata group has
 /// no reachable leader (it elects one within an election timeout when a member died).
 const RECORD_WAIT: Duration = Duration::from_secs(30);
+
+/// How long a move's old node waits for another voter to give back the committed entries only
+/// its replica's log holds (its archiver archives whole segments meanwhile) before it gives up,
+/// keeping its replica (`COURIER:Cluster:NotArchived`).
+const KEPT_WAIT: Duration = Duration::from_secs(60);
+
+/// How often it asks again while it waits.
+const KEPT_POLL: Duration = Duration::from_millis(500);
 
 /// The shard moves this node runs, by shard, with the step each is at (`Admin.Status`, the
 /// metrics), and how many ended each way. One move of a shard at a time per node: a second
@@ -226,6 +235,15 @@ impl Cluster {
                 )
             })?;
         let already = placement.holds(to, shard) && !placement.holds(from, shard);
+        if !already && self.groups.draining().contains(&to) {
+            return Err(ApiError::FailedPrecondition {
+                code: "COURIER:Cluster:Draining",
+                message: format!(
+                    "node {to} is marked draining: no move puts a replica on it (mark it \
+                     undraining first: `courier-ops node undrain --id {to}`)"
+                ),
+            });
+        }
         if !already && placement.moved(shard, from, to).is_none() {
             return Err(ApiError::FailedPrecondition {
                 code: "COURIER:Cluster:BadMove",
@@ -250,9 +268,27 @@ impl Cluster {
                 deleted: false,
             });
         }
+        let families_left = self.delete_moved(shard, (from, to), &moving).await?;
+        moving.finished();
+        Ok(peer::MoveShardResponse {
+            families_left,
+            already_moved: already,
+            deleted: true,
+        })
+    }
+
+    /// The last steps of a move, on `from`: checks `to` sees `from` out of the group, that no
+    /// committed entry is on this node only, then deletes the replica. Returns the column
+    /// families still holding its keys (0: verified empty).
+    async fn delete_moved(
+        &self,
+        shard: ShardId,
+        (from, to): (NodeId, NodeId),
+        moving: &MoveGuard<'_>,
+    ) -> Result<u32, ApiError> {
         moving.step("confirming");
         let deadline = tokio::time::Instant::now() + RECORD_WAIT;
-        loop {
+        let voters = loop {
             // `to` may not have applied the removal yet, or be unreachable for a moment: it
             // answers once it has.
             match self.confirm_removed(shard, from, to).await {
@@ -267,7 +303,9 @@ impl Cluster {
                 }
                 other => break other?,
             }
-        }
+        };
+        moving.step("archiving");
+        self.wait_kept_elsewhere(shard, &voters).await?;
         moving.step("deleting");
         // In a task of its own: the caller giving up must not stop a delete half way.
         let groups = self.groups.clone();
@@ -276,12 +314,97 @@ impl Cluster {
             .map_err(|e| ApiError::task_ended("shard drop", &e))?
             .map_err(|e| internal(e.to_string()))?;
         info!(%shard, from, to, families_left, "shard move done");
-        moving.finished();
-        Ok(peer::MoveShardResponse {
-            families_left,
-            already_moved: already,
-            deleted: true,
-        })
+        Ok(families_left)
+    }
+
+    /// Serves `Admin.MarkDraining`: records the mark in the metadata group, on its leader (here
+    /// or one hop away; `leader_only` is that hop, which goes no further), tried again while
+    /// the metadata group elects (up to 30 s).
+    ///
+    /// # Errors
+    /// `FAILED_PRECONDITION` `COURIER:Cluster:NotPlaced` on a cluster that holds every shard on
+    /// every member; `INVALID_ARGUMENT` `COURIER:Cluster:BadMember` marking a node that is not a
+    /// member; `UNAVAILABLE` when the metadata group had no reachable leader in time.
+    pub async fn mark_draining(&self, request: peer::MarkDrainingRequest) -> Result<(), ApiError> {
+        let (node, on) = (request.node_id, request.draining);
+        if self.groups.placement().is_none() {
+            return Err(ApiError::FailedPrecondition {
+                code: "COURIER:Cluster:NotPlaced",
+                message:
+                    "every shard is on every member of this cluster: there is nothing to drain"
+                        .to_owned(),
+            });
+        }
+        let metadata = self.group(GroupId::Metadata).await?;
+        if on && !metadata.state().members.contains_key(&node) {
+            return Err(invalid(
+                "COURIER:Cluster:BadMember",
+                format!("node {node} is not a member of the cluster"),
+            ));
+        }
+        if request.leader_only {
+            return self.mark_draining_here(node, on).await;
+        }
+        let deadline = tokio::time::Instant::now() + RECORD_WAIT;
+        loop {
+            match self.mark_draining_once(node, on).await {
+                Err(ApiError::Unavailable { .. }) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn mark_draining_once(&self, node: NodeId, on: bool) -> Result<(), ApiError> {
+        let state = self.group(GroupId::Metadata).await?.state();
+        if state.current_leader == Some(self.groups.node_id()) {
+            return self.mark_draining_here(node, on).await;
+        }
+        let addr = state
+            .leader_addr()
+            .ok_or_else(|| unavailable("the metadata group has no leader".to_owned(), None))?;
+        let mut client = self
+            .peers
+            .admin(&addr)
+            .ok_or_else(|| internal(format!("bad address {addr}")))?;
+        let request = self.peers.request(peer::MarkDrainingRequest {
+            node_id: node,
+            draining: on,
+            leader_only: true,
+        });
+        client
+            .mark_draining(request)
+            .await
+            .map_err(|status| unavailable(status.message().to_owned(), state.current_leader))?;
+        Ok(())
+    }
+
+    /// The metadata group's replica here, when it leads.
+    ///
+    /// # Errors
+    /// `UNAVAILABLE` (with the leader it knows) when it does not.
+    async fn leading_metadata(&self) -> Result<courier_consensus::groups::GroupHandle, ApiError> {
+        let metadata = self.group(GroupId::Metadata).await?;
+        let state = metadata.state();
+        if state.current_leader != Some(self.groups.node_id()) {
+            return Err(unavailable(
+                "this node does not lead the metadata group".to_owned(),
+                state.current_leader,
+            ));
+        }
+        Ok(metadata)
+    }
+
+    /// On the metadata group's leader: writes the mark and waits until applied.
+    async fn mark_draining_here(&self, node: NodeId, on: bool) -> Result<(), ApiError> {
+        self.leading_metadata()
+            .await?
+            .write_draining(node, on)
+            .await
+            .map_err(|e| unavailable(e.to_string(), e.leader))?;
+        info!(node, draining = on, "draining mark written");
+        Ok(())
     }
 
     /// The membership steps of a move: `to` joins (a learner until it caught up, then a voter),
@@ -340,27 +463,100 @@ impl Cluster {
         Ok(())
     }
 
+    /// Waits until what only this node's replica of `shard` holds (committed entries of its log
+    /// its archive lacks) is given back by one of the shard's `voters` (from its archive or its
+    /// log), up to [`KEPT_WAIT`]: deleting the replica must not take the last copy of any entry,
+    /// or verify and rebuild from the first entry would fail. This node's archiver goes on
+    /// archiving while it waits.
+    ///
+    /// # Errors
+    /// `UNAVAILABLE` `COURIER:Cluster:NotArchived` when no voter gave the entries back in time
+    /// (the replica stays; send the move again); `INTERNAL` when the log or archive failed.
+    async fn wait_kept_elsewhere(&self, shard: ShardId, voters: &[NodeId]) -> Result<(), ApiError> {
+        let deadline = tokio::time::Instant::now() + KEPT_WAIT;
+        loop {
+            let (groups, archive) = (self.groups.clone(), self.archive.clone());
+            let only_here = tokio::task::spawn_blocking(move || {
+                crate::archive::only_in_log(&groups, archive.as_deref(), shard)
+            })
+            .await
+            .map_err(|e| ApiError::task_ended("log check", &e))?
+            .map_err(|e| internal(e.to_string()))?;
+            let Some((first, last)) = only_here else {
+                return Ok(());
+            };
+            for &voter in voters {
+                if voter != self.groups.node_id()
+                    && self.gives_back(shard, voter, (first, last)).await
+                {
+                    info!(%shard, voter, first = first.get(), last = last.get(), "entries kept by another voter");
+                    return Ok(());
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ApiError::Unavailable {
+                    code: "COURIER:Cluster:NotArchived",
+                    message: format!(
+                        "entries {first}..={last} of {shard} are on this node only (not in its \
+                         archive, not given back by voters {voters:?}): its replica stays until \
+                         they are; send the move again"
+                    ),
+                    retry_after_ms: 1000,
+                    leader: None,
+                });
+            }
+            tokio::time::sleep(KEPT_POLL).await;
+        }
+    }
+
+    /// Whether `voter` gives back every committed entry of `shard` in `range`; `false` when it
+    /// does not answer.
+    async fn gives_back(&self, shard: ShardId, voter: NodeId, range: (LogIndex, LogIndex)) -> bool {
+        let Some(mut client) = self.peer_forward(voter) else {
+            return false;
+        };
+        let request = self.peers.request(peer::ReadShardRequest {
+            shard: u32::from(shard.get()),
+            ops: Vec::new(),
+            log_from: range.0.get(),
+            log_to: range.1.get(),
+        });
+        client
+            .read_shard(request)
+            .await
+            .is_ok_and(|response| response.into_inner().log_held)
+    }
+
+    /// A client of `node`'s peer `Forward` service, at the address the metadata group has for
+    /// it; `None` for a node that is not a member (or a bad address).
+    pub(super) fn peer_forward(
+        &self,
+        node: NodeId,
+    ) -> Option<peer::forward_client::ForwardClient<tonic::transport::Channel>> {
+        let addr = self
+            .groups
+            .get(GroupId::Metadata)?
+            .state()
+            .members
+            .remove(&node)?;
+        self.peers.forward(&addr)
+    }
+
     /// Checks with `to`, now a voter, that `from` (this node) is out of the shard's group before
     /// its data is deleted: this node's own view may never learn of its removal, and a voter
-    /// that lost its log and vote could vote twice in one term.
+    /// that lost its log and vote could vote twice in one term. Returns the voters `to` sees.
     async fn confirm_removed(
         &self,
         shard: ShardId,
         from: NodeId,
         to: NodeId,
-    ) -> Result<(), ApiError> {
-        let addr = self
-            .groups
-            .get(GroupId::Metadata)
-            .and_then(|metadata| metadata.state().members.remove(&to))
-            .ok_or_else(|| internal(format!("node {to} has no address")))?;
+    ) -> Result<Vec<NodeId>, ApiError> {
         let mut client = self
-            .peers
-            .forward(&addr)
-            .ok_or_else(|| internal(format!("bad address {addr}")))?;
+            .peer_forward(to)
+            .ok_or_else(|| internal(format!("node {to} has no usable address")))?;
         let request = self.peers.request(peer::ReadShardRequest {
             shard: u32::from(shard.get()),
-            ops: Vec::new(),
+            ..peer::ReadShardRequest::default()
         });
         let voters = client
             .read_shard(request)
@@ -369,7 +565,7 @@ impl Cluster {
             .into_inner()
             .voters;
         if voters.contains(&to) && !voters.contains(&from) {
-            return Ok(());
+            return Ok(voters);
         }
         Err(ApiError::FailedPrecondition {
             code: "COURIER:Cluster:StillAVoter",
@@ -446,15 +642,8 @@ impl Cluster {
         from: NodeId,
         to: NodeId,
     ) -> Result<(), ApiError> {
-        let metadata = self.group(GroupId::Metadata).await?;
-        let state = metadata.state();
-        if state.current_leader != Some(self.groups.node_id()) {
-            return Err(unavailable(
-                "this node does not lead the metadata group".to_owned(),
-                state.current_leader,
-            ));
-        }
-        metadata
+        self.leading_metadata()
+            .await?
             .write_placement_move(shard, from, to)
             .await
             .map_err(|e| unavailable(e.to_string(), e.leader))?;

@@ -201,6 +201,7 @@ impl Cluster {
         let request = peer::ReadShardRequest {
             shard: u32::from(shard.get()),
             ops: ops.iter().map(op_to_wire).collect(),
+            ..peer::ReadShardRequest::default()
         };
         let mut refusals = Vec::new();
         for (id, addr) in self.replicas_elsewhere(shard) {
@@ -316,7 +317,47 @@ impl Cluster {
         Err(no_replica(shard, "proposal", &refusals))
     }
 
-    /// Serves the peer `ReadShard` RPC: answers the reads over this node's replica of the shard.
+    /// Serves the peer `ReadShard` RPC: [`Cluster::read_shard_here`], and, when asked
+    /// (`log_from`, `log_to`: a move's old node, before it deletes its replica), whether this
+    /// node gives back every committed entry of that range (`log_held`).
+    ///
+    /// # Errors
+    /// As [`Cluster::read_shard_here`]; `INVALID_ARGUMENT` `COURIER:Cluster:BadLogRange` for a
+    /// range that starts at 0 or after its end; `INTERNAL` when the log or archive failed.
+    pub async fn read_shard(
+        &self,
+        request: peer::ReadShardRequest,
+    ) -> Result<peer::ReadShardResponse, ApiError> {
+        let (shard, from, to) = (request.shard, request.log_from, request.log_to);
+        let mut response = self.read_shard_here(request)?;
+        if from == 0 && to == 0 {
+            return Ok(response);
+        }
+        if from == 0 || from > to {
+            return Err(invalid(
+                "COURIER:Cluster:BadLogRange",
+                format!(
+                    "log range {from}..={to}: it starts at 1 or later and ends at or after its start"
+                ),
+            ));
+        }
+        let shard = ShardId::from_wire(shard, self.groups.shard_count().unwrap_or(0))?;
+        let (groups, archive) = (self.groups.clone(), self.archive.clone());
+        response.log_held = tokio::task::spawn_blocking(move || {
+            crate::archive::gives_back(
+                &groups,
+                archive.as_deref(),
+                shard,
+                (LogIndex::new(from), LogIndex::new(to)),
+            )
+        })
+        .await
+        .map_err(|e| ApiError::task_ended("log check", &e))?
+        .map_err(|e| internal(e.to_string()))?;
+        Ok(response)
+    }
+
+    /// Answers the reads of a peer `ReadShard` over this node's replica of the shard.
     ///
     /// # Errors
     /// `NOT_FOUND` `COURIER:Cluster:UnknownShard` when this node holds no replica of it;
@@ -381,6 +422,7 @@ impl Cluster {
             leader,
             applied,
             voters,
+            log_held: false,
         })
     }
 }

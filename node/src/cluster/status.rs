@@ -153,6 +153,7 @@ impl Cluster {
                 .map_or(0, |settings| u32::from(settings.replication_factor)),
             placement,
             moves: self.moves.list(),
+            draining: self.groups.draining().into_iter().collect(),
         }
     }
 

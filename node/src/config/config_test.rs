@@ -76,11 +76,36 @@ fn leader_rebalance_is_opt_in() {
         matches!(
             eager,
             Err(ConfigError::RebalanceIntervalTooShort {
+                key: "cluster.leader-rebalance-interval",
                 interval_ms: 1000,
                 election_timeout_ms_max: 1000
             })
         ),
         "an interval below twice the election timeout is refused: {eager:?}"
+    );
+}
+
+/// The automatic replica rebalancer is off unless an interval is set, and held to the same
+/// floor as the leader rebalancer.
+#[test]
+fn replica_rebalance_is_opt_in() {
+    assert_eq!(
+        Config::parse(MINIMAL).expect("minimal").replica_rebalance,
+        None
+    );
+    let on = with("[cluster]\nreplica-rebalance-interval = \"10s\"").expect("on");
+    assert_eq!(on.replica_rebalance, Some(Duration::from_secs(10)));
+    let eager = with("[cluster]\nreplica-rebalance-interval = \"500ms\"");
+    assert!(
+        matches!(
+            eager,
+            Err(ConfigError::RebalanceIntervalTooShort {
+                key: "cluster.replica-rebalance-interval",
+                interval_ms: 500,
+                ..
+            })
+        ),
+        "{eager:?}"
     );
 }
 

@@ -120,12 +120,14 @@ pub enum ConfigError {
         /// What is wrong (never the credential).
         reason: String,
     },
-    /// `cluster.leader-rebalance-interval` is set below twice the election timeout: a node
-    /// would start elections before the last one settled.
+    /// `cluster.leader-rebalance-interval` or `cluster.replica-rebalance-interval` is set below
+    /// twice the election timeout: a node would act again before its last change settled.
     #[error(
-        "cluster.leader-rebalance-interval ({interval_ms} ms) must be 0 (off) or at least twice raft.election-timeout-max ({election_timeout_ms_max} ms)"
+        "{key} ({interval_ms} ms) must be 0 (off) or at least twice raft.election-timeout-max ({election_timeout_ms_max} ms)"
     )]
     RebalanceIntervalTooShort {
+        /// The key, e.g. `cluster.leader-rebalance-interval`.
+        key: &'static str,
         /// The interval asked for.
         interval_ms: u64,
         /// The election timeout's upper bound.
@@ -224,6 +226,9 @@ pub struct Config {
     /// How often each node takes its share of shard leadership back
     /// (`cluster.leader-rebalance-interval`; `None`: never).
     pub leader_rebalance: Option<std::time::Duration>,
+    /// How often each node moves one of its replicas when the replica plan asks it to
+    /// (`cluster.replica-rebalance-interval`; `None`: never).
+    pub replica_rebalance: Option<std::time::Duration>,
     /// Limits.
     pub limits: Limits,
     /// Retention of undelivered messages.

@@ -63,6 +63,13 @@ pub struct ClusterRaw {
     /// elections put it; `courier-ops leader rebalance` moves it by hand.
     #[serde(default = "defaults::leader_rebalance_interval")]
     pub leader_rebalance_interval: HumanDuration,
+    /// How often each node of a cluster that places shards moves one of its own replicas when
+    /// the replica plan asks it to: off a node marked draining, else from the nodes holding most
+    /// to those holding fewest (`courier_proto::placement::{drain_plan, rebalance_plan}`). One
+    /// move at a time per node. `"0s"` (the default) moves nothing by itself; `courier-ops shard
+    /// rebalance` and `node drain` move by hand.
+    #[serde(default = "defaults::replica_rebalance_interval")]
+    pub replica_rebalance_interval: HumanDuration,
 }
 
 /// `[limits]`: everything a client can exhaust.
@@ -604,6 +611,9 @@ mod defaults {
         toml::from_str("").expect("every cluster key has a default")
     }
     pub(super) fn leader_rebalance_interval() -> HumanDuration {
+        HumanDuration(Duration::ZERO)
+    }
+    pub(super) fn replica_rebalance_interval() -> HumanDuration {
         HumanDuration(Duration::ZERO)
     }
     pub(super) fn limits() -> LimitsRaw {

@@ -3,8 +3,8 @@
 use courier_proto::limits;
 
 use super::{
-    ClusterRaw, Config, ConfigError, Limits, LimitsRaw, RaftConfig, RaftRaw, RawConfig, Secret,
-    SmsHttpConfig, SmsHttpRaw, SmsMethod, SmsRaw, TlsPaths, TlsRaw,
+    Config, ConfigError, Limits, LimitsRaw, RaftConfig, RaftRaw, RawConfig, Secret, SmsHttpConfig,
+    SmsHttpRaw, SmsMethod, SmsRaw, TlsPaths, TlsRaw,
 };
 use crate::sms::{RETRIES_MAX, TIMEOUT_MS_MAX, TIMEOUT_MS_MIN};
 use crate::units::HumanDuration;
@@ -42,7 +42,16 @@ impl RawConfig {
             });
         }
         let raft = validate_raft(&self.raft)?;
-        let leader_rebalance = validate_rebalance(&self.cluster, &raft)?;
+        let leader_rebalance = validate_rebalance(
+            "cluster.leader-rebalance-interval",
+            self.cluster.leader_rebalance_interval.0,
+            &raft,
+        )?;
+        let replica_rebalance = validate_rebalance(
+            "cluster.replica-rebalance-interval",
+            self.cluster.replica_rebalance_interval.0,
+            &raft,
+        )?;
         let limits = validate_limits(&self.limits)?;
         self.validate_edge()?;
         let tls = validate_tls(self.tls)?;
@@ -58,6 +67,7 @@ impl RawConfig {
             listen: self.listen,
             raft,
             leader_rebalance,
+            replica_rebalance,
             limits,
             retention: self.retention,
             presence: self.presence,
@@ -172,13 +182,14 @@ fn validate_raft(raft: &RaftRaw) -> Result<RaftConfig, ConfigError> {
     })
 }
 
-/// The automatic leader rebalancer's interval: off at 0, else at least twice the election
-/// timeout, so each election it starts settles (and the node catches up) before the next round.
+/// An automatic rebalancer's interval (`key`): off at 0, else at least twice the election
+/// timeout, so what each round starts (an election, a move's leadership change) settles before
+/// the next round.
 fn validate_rebalance(
-    cluster: &ClusterRaw,
+    key: &'static str,
+    interval: std::time::Duration,
     raft: &RaftConfig,
 ) -> Result<Option<std::time::Duration>, ConfigError> {
-    let interval = cluster.leader_rebalance_interval.0;
     if interval.is_zero() {
         return Ok(None);
     }
@@ -186,6 +197,7 @@ fn validate_rebalance(
     if interval < floor {
         let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         return Err(ConfigError::RebalanceIntervalTooShort {
+            key,
             interval_ms: ms(interval),
             election_timeout_ms_max: ms(raft.election_timeout_max),
         });

@@ -174,7 +174,13 @@ pub async fn start_in(config: Config, environment: Environment) -> Result<NodeHa
     info!(groups = groups.list().len(), "raft groups open");
     let shutdown = CancellationToken::new();
     let (edge, presence_reports, push_task) = edge(&config);
-    let cluster = Cluster::new(groups.clone(), db.clone(), config.raft.rpc_timeout, edge);
+    let cluster = Cluster::new(
+        groups.clone(),
+        db.clone(),
+        config.raft.rpc_timeout,
+        edge,
+        archive.clone(),
+    );
 
     // Every listener is bound before anything is spawned, so a failed start leaves nothing running.
     let Bound {
@@ -208,13 +214,7 @@ pub async fn start_in(config: Config, environment: Environment) -> Result<NodeHa
         },
     );
     let live = client_api.live();
-    let (client_tls, peer_tls) = match &tls {
-        Some(tls) => (
-            Some(tls.listener.clone()),
-            Some(tls.peer.server(config.limits.tls_handshake_timeout)),
-        ),
-        None => (None, None),
-    };
+    let (client_tls, peer_tls) = listener_tls(tls.as_ref(), &config);
     let client_router = client_router(&config, client_api, client_tls).await?;
     let jobs = crate::maintenance::Jobs::new(
         groups.clone(),
@@ -259,6 +259,23 @@ pub async fn start_in(config: Config, environment: Environment) -> Result<NodeHa
         groups,
         cluster,
     })
+}
+
+/// The TLS of the client and peer listeners (none when plaintext).
+fn listener_tls(
+    tls: Option<&Tls>,
+    config: &Config,
+) -> (
+    Option<tonic::transport::ServerTlsConfig>,
+    Option<tonic::transport::ServerTlsConfig>,
+) {
+    match tls {
+        Some(tls) => (
+            Some(tls.listener.clone()),
+            Some(tls.peer.server(config.limits.tls_handshake_timeout)),
+        ),
+        None => (None, None),
+    }
 }
 
 /// The channels to other nodes: TLS with this node's certificate unless plaintext.
@@ -404,6 +421,13 @@ fn spawn_background(
             cluster, interval, shutdown,
         ));
         info!(?interval, "leader rebalancer on");
+    }
+    if let Some(interval) = config.replica_rebalance {
+        let (cluster, shutdown) = (cluster.clone(), shutdown.clone());
+        tasks.spawn(crate::cluster::run_replica_rebalancer(
+            cluster, interval, shutdown,
+        ));
+        info!(?interval, "replica rebalancer on");
     }
     {
         let cluster = cluster.clone();

@@ -1,7 +1,8 @@
 //! Placement: a cluster of four nodes with three replicas per shard. Each shard's group holds
 //! exactly its placed nodes; clients on any node register, send and stream (reads and writes of
 //! shards a node does not hold go to their replicas); a send still succeeds with one node
-//! stopped; a membership change of every group at once is refused.
+//! stopped; moves, drains and the automatic replica rebalancer; a node leaves only once it holds
+//! no replica.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -11,7 +12,6 @@ use courier_proto::ShardId;
 use courier_proto::pb::client::SendRequest;
 use courier_proto::pb::client::messaging_client::MessagingClient;
 use courier_proto::pb::peer::admin_client::AdminClient;
-use courier_proto::pb::peer::{AddNodeRequest, NodeInfo};
 
 use crate::cluster::{PHONE_KEY, SHARDS, fast_config, init_request, status, try_status};
 use crate::messaging::{
@@ -361,30 +361,31 @@ async fn four_nodes_hold_three_replicas_of_each_shard_and_serve_clients_on_any_n
         );
     }
 
-    let refused = AdminClient::new(peer_channel(&peers[1]).await)
-        .add_node(AddNodeRequest {
-            node: Some(NodeInfo {
-                node_id: 5,
-                peer_addr: "127.0.0.1:1".to_owned(),
-                client_addr: String::new(),
-            }),
-            group: None,
-        })
-        .await
-        .expect_err("adding a node to every group of a placed cluster");
-    code_is(
-        &refused,
-        tonic::Code::FailedPrecondition,
-        "COURIER:Cluster:Placed",
-    );
+    tracing::info!("node 2 holds replicas: its removal is refused; drained node 1 leaves");
+    let members = |status: courier_proto::pb::peer::StatusResponse| -> BTreeSet<u64> {
+        status.nodes.iter().map(|node| node.node_id).collect()
+    };
+    let (code, stdout, stderr) = ops(&["node", "remove", "--addr", &peers[1], "--id", "2"]).await;
+    assert_ne!(code, 0, "node 2 still holds replicas: {stdout}");
     assert!(
-        status(&peers[1])
-            .await
-            .shards
-            .iter()
-            .all(|s| !s.replicas.contains(&5)),
+        stderr.contains("COURIER:Cluster:HoldsReplicas"),
+        "refused as holding replicas: {stderr}"
+    );
+    assert_eq!(
+        members(status(&peers[2]).await),
+        (1..=NODES).collect(),
         "nothing changed"
     );
+    let (code, stdout, stderr) = ops(&["node", "remove", "--addr", &peers[1], "--id", "1"]).await;
+    assert_eq!(code, 0, "the drained node leaves: {stdout}{stderr}");
+    let rest: BTreeSet<u64> = (2..=NODES).collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut seen = members(status(&peers[2]).await);
+    while seen != rest && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        seen = members(status(&peers[2]).await);
+    }
+    assert_eq!(seen, rest, "node 1 is no longer a member");
     for node in nodes.into_iter().flatten() {
         node.stop().await;
     }
@@ -454,45 +455,29 @@ async fn ops(args: &[&str]) -> (i32, String, String) {
     .expect("ops ran")
 }
 
-/// A fifth node joins the metadata group of a four-node, three-replica cluster; `shard
+/// A fifth node joins a four-node, three-replica cluster (`node add`: the metadata group, no
+/// replica); `shard
 /// rebalance` gives it its share (counts within one); `node drain` then empties node 2; a user
 /// registered before receives, exactly once and in order, what was sent before, between and
 /// after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_joined_node_is_filled_by_a_rebalance_and_a_drained_node_is_emptied() {
     let root = tempfile::tempdir().expect("tempdir");
-    let mut nodes = Vec::new();
-    let mut dirs = Vec::new();
-    for id in 1..=NODES + 1 {
-        let dir = root.path().join(format!("n{id}"));
-        let config = courier_node::Config::parse(&fast_config(id, &dir)).expect("config");
-        nodes.push(courier_node::start(config).await.expect("start"));
-        dirs.push(dir);
-    }
-    let peers: Vec<String> = nodes.iter().map(|n| n.peer_addr.to_string()).collect();
-    let addrs: Vec<String> = nodes.iter().map(|n| n.client_addr.to_string()).collect();
-    let mut request = init_request(&peers[..4], PHONE_KEY.to_vec());
-    request.replication_factor = REPLICAS;
-    AdminClient::new(peer_channel(&peers[0]).await)
-        .init_cluster(request)
-        .await
-        .expect("init");
+    let (nodes, dirs, peers, addrs) = five_nodes_four_placed(root.path(), "").await;
     let four: BTreeSet<u64> = (1..=NODES).collect();
     let placement = Placement::spread(&four, u16::try_from(SHARDS).expect("small"), 3);
-    wait_placed_converged(&peers[..4], &placement, &four).await;
-    AdminClient::new(peer_channel(&peers[0]).await)
-        .add_node(AddNodeRequest {
-            node: Some(NodeInfo {
-                node_id: 5,
-                peer_addr: peers[4].clone(),
-                client_addr: String::new(),
-            }),
-            group: Some(courier_proto::pb::peer::GroupId {
-                kind: Some(courier_proto::pb::peer::group_id::Kind::Metadata(true)),
-            }),
-        })
-        .await
-        .expect("node 5 joins the metadata group");
+    let (code, stdout, stderr) = ops(&[
+        "node", "add", "--addr", &peers[0], "--id", "5", "--peer", &peers[4],
+    ])
+    .await;
+    assert_eq!(
+        code, 0,
+        "node 5 joins (the metadata group): {stdout}{stderr}"
+    );
+    assert!(
+        table_of(&peers[0]).await.values().all(|r| !r.contains(&5)),
+        "a node joins holding no replica"
+    );
 
     let (alice_phone, bob_phone) = phones_on_different_shards();
     let alice = register(&addrs[0], &dirs[0], &alice_phone).await;
@@ -678,4 +663,173 @@ async fn placed_leaders_are_rebalanced_after_a_failover() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Five nodes with the automatic replica rebalancer on, four of them in the table. Node 5
+/// joins (`node add`) and the rebalancer gives it its share; node 2 is marked draining and the
+/// rebalancer (node 2 moving its own replicas) empties it, and does not refill it while the
+/// mark stands; `node remove` of node 2 then ends the mark. A user registered first receives
+/// what was sent before, between and after, once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_replica_rebalancer_fills_a_new_node_and_empties_a_draining_one() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let (nodes, dirs, peers, addrs) = five_nodes_four_placed(
+        root.path(),
+        "[cluster]\nreplica-rebalance-interval = \"1200ms\"\n",
+    )
+    .await;
+    let four: BTreeSet<u64> = (1..=NODES).collect();
+    let placement = Placement::spread(&four, u16::try_from(SHARDS).expect("small"), 3);
+    let (alice_phone, bob_phone) = phones_on_different_shards();
+    let alice = register(&addrs[0], &dirs[0], &alice_phone).await;
+    let bob = register(&addrs[1], &dirs[1], &bob_phone).await;
+    wait_placed_converged(&peers[..4], &placement, &four).await;
+    let mut sent = vec![send(&addrs[2], &alice, &bob, "before").await];
+
+    let (code, stdout, stderr) = ops(&[
+        "node", "add", "--addr", &peers[0], "--id", "5", "--peer", &peers[4],
+    ])
+    .await;
+    assert_eq!(code, 0, "node 5 joins: {stdout}{stderr}");
+    let five: BTreeSet<u64> = (1..=NODES + 1).collect();
+    let even = wait_table(&peers[0], Duration::from_secs(120), |table| {
+        let spread = counts(table, &five);
+        let (min, max) = (
+            spread.values().min().copied().unwrap_or(0),
+            spread.values().max().copied().unwrap_or(0),
+        );
+        max - min <= 1 && table.values().all(|r| r.len() == 3)
+    })
+    .await;
+    assert!(
+        counts(&even, &five)[&5] >= 2,
+        "node 5 got its share: {even:?}"
+    );
+    sent.push(send(&addrs[4], &alice, &bob, "between").await);
+
+    AdminClient::new(peer_channel(&peers[0]).await)
+        .mark_draining(courier_proto::pb::peer::MarkDrainingRequest {
+            node_id: 2,
+            draining: true,
+            leader_only: false,
+        })
+        .await
+        .expect("node 2 marked draining");
+    wait_draining(&peers[3], &[2]).await;
+    let rest: BTreeSet<u64> = five.iter().copied().filter(|n| *n != 2).collect();
+    let drained = wait_table(&peers[0], Duration::from_secs(180), |table| {
+        table.values().all(|r| r.len() == 3 && !r.contains(&2))
+    })
+    .await;
+    // Rounds later the table still leaves node 2 out, though it now holds fewest.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let later = table_of(&peers[0]).await;
+    assert!(
+        later.values().all(|r| !r.contains(&2)),
+        "nothing goes back to a draining node: {drained:?} then {later:?}"
+    );
+    let moves_to_2 = AdminClient::new(peer_channel(&peers[0]).await)
+        .move_shard(courier_proto::pb::peer::MoveShardRequest {
+            shard: 0,
+            from_node: later[&0][0],
+            to_node: 2,
+            ..courier_proto::pb::peer::MoveShardRequest::default()
+        })
+        .await
+        .expect_err("a move to a draining node");
+    code_is(
+        &moves_to_2,
+        tonic::Code::FailedPrecondition,
+        "COURIER:Cluster:Draining",
+    );
+    sent.push(send(&addrs[0], &alice, &bob, "after").await);
+    let mut stream = open_stream(&addrs[3], &bob, 0).await;
+    receive_exactly(
+        &mut stream,
+        &sent,
+        "before, between and after arrive once, in order",
+    )
+    .await;
+    assert!(
+        counts(&later, &rest).values().all(|count| *count == 3),
+        "node 2's replicas spread over the others: {later:?}"
+    );
+
+    let (code, stdout, stderr) = ops(&["node", "remove", "--addr", &peers[0], "--id", "2"]).await;
+    assert_eq!(code, 0, "the drained node leaves: {stdout}{stderr}");
+    wait_draining(&peers[0], &[]).await;
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
+/// Polls the table `peer` reports until `done` holds (at most `within`); returns it.
+async fn wait_table(
+    peer: &str,
+    within: Duration,
+    done: impl Fn(&BTreeMap<u32, Vec<u64>>) -> bool,
+) -> BTreeMap<u32, Vec<u64>> {
+    let started = Instant::now();
+    loop {
+        let table = table_of(peer).await;
+        if done(&table) {
+            return table;
+        }
+        assert!(
+            started.elapsed() < within,
+            "the table did not get there in {within:?}: {table:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Polls `peer`'s status until the nodes it shows draining are `expected` (at most 10 s).
+async fn wait_draining(peer: &str, expected: &[u64]) {
+    let started = Instant::now();
+    loop {
+        let draining = status(peer).await.draining;
+        if draining == expected {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "draining {draining:?}, expected {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Five in-process nodes under `root` (`extra` appended to each configuration), the first four
+/// initialised with three replicas per shard and converged; node 5 runs outside the cluster.
+/// Returns the nodes, their data directories, peer and client addresses.
+async fn five_nodes_four_placed(
+    root: &std::path::Path,
+    extra: &str,
+) -> (
+    Vec<courier_node::NodeHandle>,
+    Vec<std::path::PathBuf>,
+    Vec<String>,
+    Vec<String>,
+) {
+    let mut nodes = Vec::new();
+    let mut dirs = Vec::new();
+    for id in 1..=NODES + 1 {
+        let dir = root.join(format!("n{id}"));
+        let text = format!("{}\n{extra}", fast_config(id, &dir));
+        let config = courier_node::Config::parse(&text).expect("config");
+        nodes.push(courier_node::start(config).await.expect("start"));
+        dirs.push(dir);
+    }
+    let peers: Vec<String> = nodes.iter().map(|n| n.peer_addr.to_string()).collect();
+    let addrs: Vec<String> = nodes.iter().map(|n| n.client_addr.to_string()).collect();
+    let mut request = init_request(&peers[..4], PHONE_KEY.to_vec());
+    request.replication_factor = REPLICAS;
+    AdminClient::new(peer_channel(&peers[0]).await)
+        .init_cluster(request)
+        .await
+        .expect("init");
+    let four: BTreeSet<u64> = (1..=NODES).collect();
+    let placement = Placement::spread(&four, u16::try_from(SHARDS).expect("small"), 3);
+    wait_placed_converged(&peers[..4], &placement, &four).await;
+    (nodes, dirs, peers, addrs)
 }

@@ -264,6 +264,7 @@ async fn a_node_without_a_replica_answers_clients_from_the_replicas() {
             to: Vec::new(),
             limit: 0,
         }],
+        ..ReadShardRequest::default()
     };
     let refused = ForwardClient::new(connect(&peers[0], peer_tls("node-2")).await)
         .read_shard(read(0, vec![0, 1, 9]))
