@@ -19,7 +19,9 @@
 //!   next spare, so membership changes keep coming with 3 voters and one spare;
 //! - move (clusters that place R < N replicas per shard): one replica of a random shard moves
 //!   to a node without one, sometimes with a node killed mid-move; drain: every replica of one
-//!   node moves off it that way (see `nemesis/moves.rs`).
+//!   node moves off it that way; replace: the spare node joins the placed cluster holding no
+//!   replica, a member is drained, removed (`RemoveNode`, refused while it holds a replica) and
+//!   wiped as the next spare (see `nemesis/moves.rs`).
 //!
 //! While it runs, the nemesis also watches for nodes that exit on their own (a crash is a
 //! finding: it is reported and fails the run) and restarts them.
@@ -64,6 +66,9 @@ pub enum FaultFamily {
     Move,
     /// Move every replica off one node, one at a time (needs more nodes than replicas).
     Drain,
+    /// The spare node joins a placed cluster; a member is drained, removed, and wiped as the
+    /// next spare (needs a spare node and more nodes than replicas).
+    Replace,
 }
 
 /// Which nodes a process fault hits.
@@ -225,6 +230,7 @@ impl Nemesis {
                 FaultFamily::Membership => self.membership(&mut rng, remaining, &stop).await,
                 FaultFamily::Move => self.move_replica(&mut rng, &stop).await,
                 FaultFamily::Drain => self.drain(&mut rng, &stop).await,
+                FaultFamily::Replace => self.replace(&mut rng, &stop).await,
             };
             if let Err(error) = result {
                 self.error(&error);

@@ -59,12 +59,18 @@ pub enum Scenario {
     Move,
     /// Replica moves, node drains, kills and partitions (R < N: run it with 4+ nodes).
     MoveKillPartition,
+    /// Replica moves, kills, and the cluster growing and shrinking: the spare node joins, a
+    /// member is drained and removed, then wiped as the next spare (R < N: 4+ nodes and a
+    /// spare).
+    MoveReplace,
 }
 
 impl Scenario {
     /// The fault families this scenario draws from.
     pub fn families(self) -> Vec<FaultFamily> {
-        use FaultFamily::{Clock, Drain, Kill, Membership, Move, Partition, Pause, PauseThenKill};
+        use FaultFamily::{
+            Clock, Drain, Kill, Membership, Move, Partition, Pause, PauseThenKill, Replace,
+        };
         match self {
             Self::None => vec![],
             Self::Kill => vec![Kill],
@@ -79,14 +85,17 @@ impl Scenario {
             Self::Move => vec![Move],
             // Moves and drains are half the faults.
             Self::MoveKillPartition => vec![Move, Drain, Kill, Partition],
+            Self::MoveReplace => vec![Move, Replace, Kill],
         }
     }
 
     /// The fewest voters the scenario runs with: moves need a node without a replica of a shard,
     /// so more nodes than the default 3 replicas per shard.
     pub fn nodes_min(self) -> u32 {
-        if self.families().contains(&FaultFamily::Move)
-            || self.families().contains(&FaultFamily::Drain)
+        let families = self.families();
+        if [FaultFamily::Move, FaultFamily::Drain, FaultFamily::Replace]
+            .iter()
+            .any(|family| families.contains(family))
         {
             4
         } else {
@@ -94,9 +103,12 @@ impl Scenario {
         }
     }
 
-    /// Nodes started besides the voters: one spare for membership changes.
+    /// Nodes started besides the voters: one spare for membership changes and replacements.
     pub fn spares(self) -> u32 {
-        u32::from(self.families().contains(&FaultFamily::Membership))
+        let families = self.families();
+        u32::from(
+            families.contains(&FaultFamily::Membership) || families.contains(&FaultFamily::Replace),
+        )
     }
 
     /// The scenario's name on the command line.
@@ -114,6 +126,7 @@ impl Scenario {
             Self::Mixed => "mixed",
             Self::Move => "move",
             Self::MoveKillPartition => "move-kill-partition",
+            Self::MoveReplace => "move-replace",
         }
     }
 }

@@ -22,12 +22,17 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Nemesis;
-use crate::admin::{AdminNode, statuses};
+use crate::admin::{AdminNode, MembershipChange, statuses};
 
 /// How long a move is sent again, after a failure, before the nemesis gives up on it.
 const MOVE_RESUME: Duration = Duration::from_secs(120);
 /// Pause before a failed move is sent again.
 const MOVE_RETRY_PAUSE: Duration = Duration::from_secs(1);
+/// How long the removal of a drained node is sent again (a node whose table lags the drain's
+/// last move refuses it as still holding a replica) before the nemesis gives up.
+const REMOVE_RESUME: Duration = Duration::from_secs(30);
+/// Drains of the leaving node a replacement makes at most (each over a fresh table).
+const DRAIN_PASSES: usize = 3;
 
 impl Nemesis {
     /// The placement table (shard → replicas) as a live member reports it; `None` for a cluster
@@ -107,6 +112,23 @@ impl Nemesis {
             anyhow::bail!("no member holds a replica ({table:?})");
         };
         self.injected("drain", format!("drain node {node}"));
+        if self.drain_node(rng, node, table, stop).await? {
+            self.healed("drain", format!("node {node} drained"));
+        }
+        Ok(())
+    }
+
+    /// Moves every replica of `node` in `table` off it, one at a time, each to the member
+    /// without one of that shard that holds fewest. Returns whether it got through them all
+    /// (the fault window may end first).
+    async fn drain_node(
+        &self,
+        rng: &mut StdRng,
+        node: u32,
+        table: BTreeMap<u32, Vec<u32>>,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<bool> {
+        let members = self.member_ids();
         let mut table = table;
         let shards: Vec<u32> = table
             .iter()
@@ -115,7 +137,7 @@ impl Nemesis {
             .collect();
         for shard in shards {
             if stop.is_cancelled() {
-                break;
+                return Ok(false);
             }
             let count = |member: u32, table: &BTreeMap<u32, Vec<u32>>| {
                 table.values().filter(|r| r.contains(&member)).count()
@@ -135,7 +157,69 @@ impl Nemesis {
                 replicas.push(to);
             }
         }
-        self.healed("drain", format!("node {node} drained"));
+        Ok(true)
+    }
+
+    /// Grows and shrinks the placed cluster: the spare node joins (`Admin.AddNode`: the
+    /// metadata group, holding no replica; later moves and this drain fill it), a random other
+    /// member is drained and removed (`Admin.RemoveNode`, which a node refuses while the table
+    /// still puts a replica on it), then wiped and restarted empty as the next spare.
+    pub(super) async fn replace(
+        &self,
+        rng: &mut StdRng,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let members = self.member_ids();
+        let all = self.lock_nodes().ids();
+        let Some(joiner) = all.iter().copied().find(|id| !members.contains(id)) else {
+            anyhow::bail!("replace fault without a spare node");
+        };
+        let Some(leaving) = members.choose(rng).copied() else {
+            anyhow::bail!("replace fault without members");
+        };
+        let spec = self.lock_nodes().spec(joiner)?.clone();
+        self.change_membership(&MembershipChange::Add(spec)).await?;
+        self.set_member(joiner, true);
+        self.injected(
+            "replace",
+            format!("node {joiner} joined, holding no replica"),
+        );
+        // A move refused as planned on a lagging table leaves a replica behind: drain again
+        // from a fresh table until the node holds none.
+        for _ in 0..DRAIN_PASSES {
+            let table = self.placed_table("replace").await?;
+            if !table.values().any(|replicas| replicas.contains(&leaving)) {
+                break;
+            }
+            if !self.drain_node(rng, leaving, table, stop).await? {
+                return Ok(());
+            }
+        }
+        let started = Instant::now();
+        loop {
+            match self
+                .change_membership(&MembershipChange::Remove(leaving))
+                .await
+            {
+                Ok(()) => break,
+                Err(error) if started.elapsed() < REMOVE_RESUME => {
+                    tracing::info!(error = %format!("{error:#}"), "removal refused; sending it again");
+                    self.hold(MOVE_RETRY_PAUSE, &CancellationToken::new()).await;
+                }
+                Err(error) => {
+                    return Err(error.context(format!(
+                        "drained node {leaving} was not removed within {REMOVE_RESUME:?}"
+                    )));
+                }
+            }
+        }
+        self.set_member(leaving, false);
+        self.injected("replace", format!("node {leaving} drained and removed"));
+        self.lock_nodes().wipe_and_start(leaving)?;
+        self.healed(
+            "wipe",
+            format!("node {leaving} wiped and restarted as the spare"),
+        );
         Ok(())
     }
 
