@@ -419,9 +419,10 @@ impl Groups {
     /// [`ConsensusError::Storage`] when the delete or the check fails.
     pub async fn drop_shard(&self, shard: courier_proto::ShardId) -> Result<u32, ConsensusError> {
         let group = GroupId::Shard(shard);
-        let _creating = self.creating.lock().await;
-        // An archive pass over the shard ends first; later ones find no replica.
+        // An archive pass over the shard ends first (before `creating` is held, so a slow store
+        // does not hold up other groups); later passes find no replica.
         let _archiving = self.archiving.lock().await;
+        let _creating = self.creating.lock().await;
         let handle = self
             .groups
             .write()

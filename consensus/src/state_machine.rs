@@ -476,9 +476,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     None
                 }
                 EntryPayload::Normal(Proposal::Draining(node, on)) => {
-                    if *on {
+                    // Only a member is marked: a mark racing the node's removal changes nothing.
+                    let member = raft
+                        .membership
+                        .membership()
+                        .nodes()
+                        .any(|(id, _)| id == node);
+                    if *on && member {
                         raft.draining.insert(*node);
-                    } else {
+                    } else if !*on {
                         raft.draining.remove(node);
                     }
                     None
@@ -494,6 +500,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
                 EntryPayload::Membership(membership) => {
                     raft.membership = StoredMembership::new(Some(entry.log_id), membership.clone());
+                    // A node that leaves is not draining any more (nor when it joins again).
+                    raft.draining
+                        .retain(|node| membership.nodes().any(|(id, _)| id == node));
                     None
                 }
                 EntryPayload::Blank => None,

@@ -313,24 +313,40 @@ pub fn gives_back(
     gives_back_from(
         &log,
         handle.applied_index(),
-        &archived(archive, shard)?,
+        (
+            &archived(archive, shard)?,
+            archive.map_or(0, |archive| archive.segment_entries),
+        ),
         (from, to),
     )
 }
 
-/// [`gives_back`] from `log`, applied up to `applied`, with `segments` archived.
+/// [`gives_back`] from `log`, applied up to `applied`, with `segments` archived in segments of
+/// `segment_entries` (0: no archive). What the archive lacks must be in the log from the start
+/// of its segment: a log that starts inside a segment never archives it (the archiver takes
+/// the segment for a gap and purges those entries unarchived).
 fn gives_back_from(
     log: &LogStore,
     applied: LogIndex,
-    segments: &[(LogIndex, LogIndex)],
+    (segments, segment_entries): (&[(LogIndex, LogIndex)], u64),
     (from, to): (LogIndex, LogIndex),
 ) -> Result<bool, StorageError> {
     for (first, last) in not_covered(segments, from, to) {
-        if last > applied || !log.stores_every(first, last)? {
+        let start = segment_start(first, segment_entries);
+        if last > applied || !log.stores_every(start, last)? {
             return Ok(false);
         }
     }
     Ok(true)
+}
+
+/// The first index of the aligned segment of `segment_entries` that holds `index` (`index`
+/// itself when 0).
+fn segment_start(index: LogIndex, segment_entries: u64) -> LogIndex {
+    match index.get().saturating_sub(1).checked_div(segment_entries) {
+        Some(k) => LogIndex::new(k.saturating_mul(segment_entries).saturating_add(1)),
+        None => index,
+    }
 }
 
 /// Runs the archiver of this node until `shutdown`: every `interval`, each shard replica here
@@ -412,8 +428,9 @@ mod tests {
 
     /// A move's old node, applied to 35 with segments 1..=20 archived, has 21..=35 on its log
     /// only. A voter gives them back when its log holds all of them at or below its applied
-    /// index, or its archive holds what its log lacks; not with a hole, a purge past 21 (and no
-    /// segment), or entries it has not applied yet (they may not be the committed ones).
+    /// index (from their segment's start), or its archive holds what its log lacks; not with a
+    /// hole, a purge past 21 (and no segment), a log from inside the segment, or entries it has
+    /// not applied yet (they may not be the committed ones).
     #[tokio::test]
     async fn what_only_a_leaving_replica_holds_and_who_gives_it_back() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -436,9 +453,9 @@ mod tests {
         let applied = LogIndex::new(40);
         let whole = log(2);
         whole.append(&records(15, 40)).expect("append");
-        assert!(gives_back_from(&whole, applied, &[], range).expect("reads"));
+        assert!(gives_back_from(&whole, applied, (&[], 10), range).expect("reads"));
         assert!(
-            !gives_back_from(&whole, LogIndex::new(30), &[], range).expect("reads"),
+            !gives_back_from(&whole, LogIndex::new(30), (&[], 10), range).expect("reads"),
             "not applied up to 35"
         );
         let holed = log(3);
@@ -446,13 +463,23 @@ mod tests {
         holed
             .delete_between(LogIndex::new(25), LogIndex::new(28))
             .expect("delete");
-        assert!(!gives_back_from(&holed, applied, &[], range).expect("reads"));
+        assert!(!gives_back_from(&holed, applied, (&[], 10), range).expect("reads"));
         let purged = log(4);
         purged.append(&records(31, 40)).expect("append");
-        assert!(!gives_back_from(&purged, applied, &[], range).expect("reads"));
+        assert!(!gives_back_from(&purged, applied, (&[], 10), range).expect("reads"));
         assert!(
-            gives_back_from(&purged, applied, &[at(21, 30)], range).expect("reads"),
+            gives_back_from(&purged, applied, (&[at(21, 30)], 10), range).expect("reads"),
             "its archive holds what its log lacks"
+        );
+        let mid_segment = log(5);
+        mid_segment.append(&records(23, 40)).expect("append");
+        assert!(
+            !gives_back_from(&mid_segment, applied, (&[], 10), at(23, 35)).expect("reads"),
+            "a log from inside segment 21..=30 would take it for a gap and never archive it"
+        );
+        assert!(
+            gives_back_from(&mid_segment, applied, (&[], 0), at(23, 35)).expect("reads"),
+            "without an archive nothing is purged, so the log keeps them"
         );
     }
 

@@ -87,19 +87,8 @@ impl Cluster {
         {
             holds_none(&placement, *node, self.groups.shard_count().unwrap_or(0))?;
         }
-        for group in &groups {
-            self.change_group(*group, &change, scope.is_some()).await?;
-        }
-        // A node that joins or leaves the cluster is not draining any more (its mark would hold
-        // back a node that joins again under the same id).
-        let (Change::Add(node, _) | Change::Remove(node)) = &change;
-        if groups.contains(&GroupId::Metadata) && self.groups.draining().contains(node) {
-            self.mark_draining(peer::MarkDrainingRequest {
-                node_id: *node,
-                draining: false,
-                leader_only: false,
-            })
-            .await?;
+        for group in groups {
+            self.change_group(group, &change, scope.is_some()).await?;
         }
         Ok(())
     }
@@ -214,7 +203,15 @@ impl Cluster {
         };
         result.map_err(|status| match status.code() {
             tonic::Code::FailedPrecondition => ApiError::FailedPrecondition {
-                code: "COURIER:Cluster:TooFewVoters",
+                code: if status
+                    .metadata()
+                    .get(courier_proto::CODE_KEY)
+                    .is_some_and(|code| code == "COURIER:Cluster:HoldsReplicas")
+                {
+                    "COURIER:Cluster:HoldsReplicas"
+                } else {
+                    "COURIER:Cluster:TooFewVoters"
+                },
                 message: status.message().to_owned(),
             },
             _ => unavailable(status.message().to_owned(), None),

@@ -254,6 +254,21 @@ impl Cluster {
             });
         }
         let moving = self.moves.start(shard, from, to)?;
+        if !already && on_from {
+            // Before anything changes: if what only this node holds is kept nowhere else, the
+            // move is refused here, with the shard as it was, not stuck after the swap.
+            moving.step("checking");
+            let voters: Vec<NodeId> = self
+                .group(GroupId::Shard(shard))
+                .await?
+                .state()
+                .voters
+                .into_iter()
+                .filter(|voter| *voter != from)
+                .collect();
+            self.wait_kept_elsewhere(shard, &voters).await?;
+            moving.step("joining");
+        }
         if !already {
             self.swap_replicas(shard, (from, to), to_addr, &moving)
                 .await?;
@@ -376,7 +391,17 @@ impl Cluster {
         client
             .mark_draining(request)
             .await
-            .map_err(|status| unavailable(status.message().to_owned(), state.current_leader))?;
+            .map_err(|status| match status.code() {
+                // The leader's refusal stands (not retried as if it had not answered).
+                tonic::Code::FailedPrecondition => ApiError::FailedPrecondition {
+                    code: "COURIER:Cluster:NotPlaced",
+                    message: status.message().to_owned(),
+                },
+                tonic::Code::InvalidArgument => {
+                    invalid("COURIER:Cluster:BadMember", status.message().to_owned())
+                }
+                _ => unavailable(status.message().to_owned(), state.current_leader),
+            })?;
         Ok(())
     }
 

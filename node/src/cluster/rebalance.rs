@@ -79,7 +79,7 @@ pub async fn run_replica_rebalancer(
             Ok(Err(error)) => warn!(%error, shard = step.shard, "replica rebalance: move failed"),
             Err(_) => warn!(
                 shard = step.shard,
-                "replica rebalance: move still running; left"
+                "replica rebalance: move stopped after {MOVE_WAIT:?}; it resumes when planned again"
             ),
         }
     }

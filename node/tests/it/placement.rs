@@ -728,10 +728,13 @@ async fn the_replica_rebalancer_fills_a_new_node_and_empties_a_draining_one() {
         later.values().all(|r| !r.contains(&2)),
         "nothing goes back to a draining node: {drained:?} then {later:?}"
     );
-    let moves_to_2 = AdminClient::new(peer_channel(&peers[0]).await)
+    // Sent to the replica that would leave (a node without the shard refuses as WrongNode).
+    let from = later[&0][0];
+    let via = &peers[usize::try_from(from - 1).expect("small")];
+    let moves_to_2 = AdminClient::new(peer_channel(via).await)
         .move_shard(courier_proto::pb::peer::MoveShardRequest {
             shard: 0,
-            from_node: later[&0][0],
+            from_node: from,
             to_node: 2,
             ..courier_proto::pb::peer::MoveShardRequest::default()
         })
