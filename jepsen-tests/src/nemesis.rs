@@ -519,13 +519,7 @@ impl Nemesis {
         stop: &CancellationToken,
     ) -> anyhow::Result<()> {
         let members = self.member_ids();
-        let all = self.lock_nodes().ids();
-        let Some(joiner) = all.iter().copied().find(|id| !members.contains(id)) else {
-            anyhow::bail!("membership fault without a spare node");
-        };
-        let spec = self.lock_nodes().spec(joiner)?.clone();
-        self.change_membership(&MembershipChange::Add(spec)).await?;
-        self.set_member(joiner, true);
+        let joiner = self.join_spare("membership").await?;
         self.injected("membership", format!("node {joiner} added as a voter"));
         let held = Duration::from_millis(rng.random_range(2_000..5_000)).min(remaining);
         self.hold(held, stop).await;
@@ -540,6 +534,20 @@ impl Nemesis {
             format!("node {leaving} wiped and restarted as the spare"),
         );
         Ok(())
+    }
+
+    /// Adds the spare node (the started node that is not a member) through a live member, and
+    /// counts it a member. Returns its id.
+    async fn join_spare(&self, fault: &str) -> anyhow::Result<u32> {
+        let members = self.member_ids();
+        let all = self.lock_nodes().ids();
+        let Some(joiner) = all.iter().copied().find(|id| !members.contains(id)) else {
+            anyhow::bail!("{fault} fault without a spare node");
+        };
+        let spec = self.lock_nodes().spec(joiner)?.clone();
+        self.change_membership(&MembershipChange::Add(spec)).await?;
+        self.set_member(joiner, true);
+        Ok(joiner)
     }
 
     fn set_member(&self, id: u32, member: bool) {

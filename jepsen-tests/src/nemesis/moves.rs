@@ -170,16 +170,10 @@ impl Nemesis {
         stop: &CancellationToken,
     ) -> anyhow::Result<()> {
         let members = self.member_ids();
-        let all = self.lock_nodes().ids();
-        let Some(joiner) = all.iter().copied().find(|id| !members.contains(id)) else {
-            anyhow::bail!("replace fault without a spare node");
-        };
         let Some(leaving) = members.choose(rng).copied() else {
             anyhow::bail!("replace fault without members");
         };
-        let spec = self.lock_nodes().spec(joiner)?.clone();
-        self.change_membership(&MembershipChange::Add(spec)).await?;
-        self.set_member(joiner, true);
+        let joiner = self.join_spare("replace").await?;
         self.injected(
             "replace",
             format!("node {joiner} joined, holding no replica"),

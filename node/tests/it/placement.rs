@@ -435,6 +435,13 @@ fn a_move_off_node_1(placement: &Placement, all: &BTreeSet<u64>) -> (ShardId, u6
         .expect("node 1 holds a shard that some node lacks")
 }
 
+/// Opens a stream of `device` on the node at `addr` from the start and checks it brings exactly
+/// `sent`, in order ([`receive_exactly`]).
+async fn receive_all(addr: &str, device: &Device, sent: &[Vec<u8>], why: &str) {
+    let mut stream = open_stream(addr, device, 0).await;
+    receive_exactly(&mut stream, sent, why).await;
+}
+
 /// Reads `stream` until it brought as many messages as `sent` (at most 20 s) and asserts they
 /// are exactly `sent`, in order.
 async fn receive_exactly(stream: &mut crate::messaging::Stream, sent: &[Vec<u8>], why: &str) {
@@ -511,9 +518,9 @@ async fn a_joined_node_is_filled_by_a_rebalance_and_a_drained_node_is_emptied() 
     let table = drain_node_2(&peers).await;
     let rest: BTreeSet<u64> = five.iter().copied().filter(|n| *n != 2).collect();
     sent.push(send(&addrs[1], &alice, &bob, "after").await);
-    let mut stream = open_stream(&addrs[4], &bob, 0).await;
-    receive_exactly(
-        &mut stream,
+    receive_all(
+        &addrs[4],
+        &bob,
         &sent,
         "before, between and after arrive once, in order",
     )
@@ -577,10 +584,9 @@ async fn five_processes_with_three_replicas_move_and_drain() {
         "the moved shard keeps its new replica: {table:?}"
     );
     sent.push(send(&clients[3], &alice, &bob, "after").await);
-
-    let mut stream = open_stream(&clients[1], &bob, 0).await;
-    receive_exactly(
-        &mut stream,
+    receive_all(
+        &clients[1],
+        &bob,
         &sent,
         "through the drained node: before, between and after, once, in order",
     )
@@ -746,9 +752,9 @@ async fn the_replica_rebalancer_fills_a_new_node_and_empties_a_draining_one() {
         "COURIER:Cluster:Draining",
     );
     sent.push(send(&addrs[0], &alice, &bob, "after").await);
-    let mut stream = open_stream(&addrs[3], &bob, 0).await;
-    receive_exactly(
-        &mut stream,
+    receive_all(
+        &addrs[3],
+        &bob,
         &sent,
         "before, between and after arrive once, in order",
     )
