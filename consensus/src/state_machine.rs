@@ -525,7 +525,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         machine.state = batch.next;
         machine.raft = raft;
         publish(&self.shared, &machine);
-        self.watch.applied(&batch.touched);
+        self.watch.applied(machine.state.shard, &batch.touched);
         Ok(batch
             .results
             .into_iter()

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use courier_proto::UserId;
+use courier_proto::{ShardId, UserId};
 use courier_storage::Touched;
 use tokio::sync::Notify;
 
@@ -24,6 +24,8 @@ use tokio::sync::Notify;
 pub struct ApplyWatch {
     users: Mutex<HashMap<UserId, Arc<Notify>>>,
     outbox: Notify,
+    outbox_epochs: Mutex<HashMap<ShardId, u64>>,
+    outbox_resets: AtomicU64,
     wakeups: AtomicU64,
     devices_epoch: AtomicU64,
     keys_epoch: AtomicU64,
@@ -52,6 +54,23 @@ impl ApplyWatch {
         &self.outbox
     }
 
+    /// Where `shard`'s outbox stands: moves after every applied batch that changed it (after the
+    /// batch is written) and at every snapshot install or projection swap, so outbox states read
+    /// at an epoch (taken before the read) are still current while the epoch has not moved.
+    pub fn outbox_epoch(&self, shard: ShardId) -> OutboxEpoch {
+        let changes = self
+            .outbox_epochs
+            .lock()
+            .expect("apply watch lock is never poisoned")
+            .get(&shard)
+            .copied()
+            .unwrap_or(0);
+        OutboxEpoch {
+            resets: self.outbox_resets.load(Ordering::Acquire),
+            changes,
+        }
+    }
+
     /// Waiters woken since start (user watches woken, each counted once per batch; the outbox
     /// watch once per batch).
     pub fn wakeups(&self) -> u64 {
@@ -71,8 +90,9 @@ impl ApplyWatch {
         self.keys_epoch.load(Ordering::Acquire)
     }
 
-    /// Wakes the waiters of what one applied batch touched.
-    pub(crate) fn applied(&self, touched: &Touched) {
+    /// Wakes the waiters of what one applied batch of `shard` (`None`: the metadata group)
+    /// touched.
+    pub(crate) fn applied(&self, shard: Option<ShardId>, touched: &Touched) {
         if touched.devices {
             self.devices_epoch.fetch_add(1, Ordering::AcqRel);
         }
@@ -92,6 +112,14 @@ impl ApplyWatch {
             }
         }
         if touched.outbox {
+            if let Some(shard) = shard {
+                let mut epochs = self
+                    .outbox_epochs
+                    .lock()
+                    .expect("apply watch lock is never poisoned");
+                let changes = epochs.entry(shard).or_default();
+                *changes = changes.wrapping_add(1);
+            }
             self.outbox.notify_waiters();
             self.wakeups.fetch_add(1, Ordering::Relaxed);
         }
@@ -109,6 +137,7 @@ impl ApplyWatch {
         {
             notify.notify_waiters();
         }
+        self.outbox_resets.fetch_add(1, Ordering::AcqRel);
         self.outbox.notify_waiters();
     }
 
@@ -119,6 +148,13 @@ impl ApplyWatch {
             .expect("apply watch lock is never poisoned")
             .len()
     }
+}
+
+/// A point in one shard's outbox history ([`ApplyWatch::outbox_epoch`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OutboxEpoch {
+    resets: u64,
+    changes: u64,
 }
 
 /// One waiter's registration for a user; dropping the last one of a user forgets the user.
@@ -178,12 +214,15 @@ mod tests {
     fn a_device_change_moves_the_devices_epoch() {
         let watch = ApplyWatch::default();
         let before = watch.devices_epoch();
-        watch.applied(&touched(&[1], true));
+        watch.applied(Some(ShardId::new(0)), &touched(&[1], true));
         assert_eq!(watch.devices_epoch(), before, "no device record changed");
-        watch.applied(&Touched {
-            devices: true,
-            ..Touched::default()
-        });
+        watch.applied(
+            None,
+            &Touched {
+                devices: true,
+                ..Touched::default()
+            },
+        );
         assert_eq!(watch.devices_epoch(), before + 1);
         watch.everything();
         assert_eq!(watch.devices_epoch(), before + 2);
@@ -199,7 +238,7 @@ mod tests {
         tokio::pin!(alice_woken, bob_woken);
         alice_woken.as_mut().enable();
         bob_woken.as_mut().enable();
-        watch.applied(&touched(&[1, 3], false));
+        watch.applied(Some(ShardId::new(0)), &touched(&[1, 3], false));
         tokio::time::timeout(Duration::from_secs(1), alice_woken)
             .await
             .expect("alice's watch is woken");
@@ -226,6 +265,30 @@ mod tests {
         );
         drop(second);
         assert_eq!(watch.watched_users(), 0);
+    }
+
+    #[test]
+    fn a_shards_outbox_epoch_moves_with_its_own_changes_and_with_everything() {
+        let watch = ApplyWatch::default();
+        let (zero, one) = (ShardId::new(0), ShardId::new(1));
+        let before = (watch.outbox_epoch(zero), watch.outbox_epoch(one));
+        watch.applied(Some(zero), &touched(&[1], false));
+        assert_eq!(
+            watch.outbox_epoch(zero),
+            before.0,
+            "the batch did not change the outbox"
+        );
+        watch.applied(Some(zero), &touched(&[], true));
+        assert_ne!(watch.outbox_epoch(zero), before.0);
+        assert_eq!(watch.outbox_epoch(one), before.1, "shard 1 did not change");
+        let after_zero = watch.outbox_epoch(zero);
+        watch.everything();
+        assert_ne!(watch.outbox_epoch(zero), after_zero);
+        assert_ne!(
+            watch.outbox_epoch(one),
+            before.1,
+            "an install may change any outbox"
+        );
     }
 
     #[tokio::test]

@@ -15,11 +15,17 @@
 //! to [`BACKOFF_MAX`]. The loop wakes when an applied batch changed an outbox (`ApplyWatch`),
 //! when a batch comes back, and at least every [`POLL_INTERVAL`] (leadership changes wake
 //! nobody).
+//!
+//! A pass reads a led shard's queue states only when its outbox changed since the last read
+//! (`ApplyWatch::outbox_epoch`) or the read is [`STATES_MAX_AGE`] old: the state records are
+//! rewritten with every queued message, and a range scan over them walks RocksDB's obsolete
+//! versions of each (it was ≈ 6 % of the nodes' CPU under load, docs/BENCHMARKS.md).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use courier_consensus::types::GroupId;
+use courier_consensus::watch::{ApplyWatch, OutboxEpoch};
 use courier_proto::ShardId;
 use courier_proto::limits::FORWARD_BATCH_EVENTS_MAX;
 use courier_proto::pb::events::{self, Event, event::Kind};
@@ -44,6 +50,9 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(2);
 pub const FORWARD_FILL_EVENTS: u64 = 64;
 /// Longest a pair's waiting events are held to fill a batch while other batches are in flight.
 pub const FORWARD_LINGER: Duration = Duration::from_millis(2);
+/// Longest a shard's queue states read by an earlier pass are used again while its outbox epoch
+/// has not moved (a bound on any missed change, not the way changes are noticed).
+pub const STATES_MAX_AGE: Duration = Duration::from_millis(500);
 /// How long a trim queued on the proposer may take to apply before it is queued again (it may
 /// have been refused by a full queue or lost with a leader change).
 pub const TRIM_RETRY: Duration = Duration::from_secs(1);
@@ -57,6 +66,10 @@ type Backoff = BTreeMap<Pair, (Instant, Duration)>;
 /// last queued.
 type Sent = BTreeMap<Pair, (u64, Instant)>;
 
+/// Per led source shard: its queue states as last read, the outbox epoch before that read, and
+/// when it was made.
+type States = HashMap<ShardId, (OutboxEpoch, Instant, Vec<(ShardId, OutboxState)>)>;
+
 /// Runs the forwarders of this node until `shutdown`, with at most `in_flight` batches (pairs)
 /// at once.
 pub async fn run(cluster: Cluster, in_flight: usize, shutdown: CancellationToken) {
@@ -66,6 +79,7 @@ pub async fn run(cluster: Cluster, in_flight: usize, shutdown: CancellationToken
     let mut busy = std::collections::BTreeSet::<Pair>::new();
     let mut started = BTreeMap::<Pair, Instant>::new();
     let mut waiting_since = BTreeMap::<Pair, Instant>::new();
+    let mut states = States::new();
     let watch = cluster.groups().watch().clone();
     loop {
         // Registered before the pass, so an outbox change during it wakes the next one at once.
@@ -79,7 +93,8 @@ pub async fn run(cluster: Cluster, in_flight: usize, shutdown: CancellationToken
             let mut ready = Vec::new();
             for source in 0..shard_count {
                 let source = ShardId::new(source);
-                for (dest, state) in due_pairs(&cluster, source, &backoff, &mut sent) {
+                let due = due_pairs(&cluster, source, &backoff, &mut sent, &mut states);
+                for (dest, state) in due {
                     let pair = (source.get(), dest.get());
                     let from = sent
                         .get(&pair)
@@ -158,21 +173,18 @@ fn due_pairs(
     source: ShardId,
     backoff: &Backoff,
     sent: &mut Sent,
+    cache: &mut States,
 ) -> Vec<(ShardId, OutboxState)> {
     let handle = cluster.groups().get(GroupId::Shard(source));
     let Some(handle) = handle.filter(courier_consensus::groups::GroupHandle::is_leader) else {
         sent.retain(|(from, _), _| *from != source.get());
+        cache.remove(&source);
         return Vec::new();
     };
-    let mut reader = cluster.groups().db().read(source);
-    let states = match outbox::states(&reader.view(Projection::Outbox)) {
-        Ok(states) => states,
-        Err(error) => {
-            tracing::error!(source = source.get(), %error, "cannot read the outbox");
-            return Vec::new();
-        }
-    };
     let now = Instant::now();
+    let Some(states) = queue_states(cluster, source, now, cache) else {
+        return Vec::new();
+    };
     for (dest, state) in &states {
         let pair = (source.get(), dest.get());
         if let Some((up_to, queued_at)) = sent.get_mut(&pair) {
@@ -193,6 +205,37 @@ fn due_pairs(
                 .is_none_or(|(at, _)| *at <= now)
         })
         .collect()
+}
+
+/// `source`'s queue states: as an earlier pass read them while its outbox epoch has not moved
+/// and the read is younger than [`STATES_MAX_AGE`], read again otherwise. `None` after a storage
+/// fault (logged).
+fn queue_states(
+    cluster: &Cluster,
+    source: ShardId,
+    now: Instant,
+    cache: &mut States,
+) -> Option<Vec<(ShardId, OutboxState)>> {
+    let watch: &ApplyWatch = cluster.groups().watch();
+    let epoch = watch.outbox_epoch(source);
+    if let Some((read_at, when, states)) = cache.get(&source)
+        && *read_at == epoch
+        && now.duration_since(*when) < STATES_MAX_AGE
+    {
+        return Some(states.clone());
+    }
+    let mut reader = cluster.groups().db().read(source);
+    match outbox::states(&reader.view(Projection::Outbox)) {
+        Ok(states) => {
+            cache.insert(source, (epoch, now, states.clone()));
+            Some(states)
+        }
+        Err(error) => {
+            cache.remove(&source);
+            tracing::error!(source = source.get(), %error, "cannot read the outbox");
+            None
+        }
+    }
 }
 
 /// Queues `OutboxTrimmed` up to `up_to` on the source shard's proposer, to ride in its next batch.
