@@ -185,6 +185,11 @@ pub struct AppendStats {
     pub flushed: tokio::sync::Notify,
 }
 
+/// One in this many of openraft's `save_committed` calls writes the commit index to storage
+/// (the first one included); the others only remember it in memory (ARCHITECTURE.md,
+/// "Durability").
+pub const COMMITTED_SAVE_EVERY: u64 = 16;
+
 /// Entries kept decoded in memory per group at most.
 pub const RECENT_ENTRIES_MAX: usize = 2048;
 /// Encoded bytes of the entries kept in memory per group at most.
@@ -257,6 +262,10 @@ pub struct LogStore {
     /// Group-commit counters, shared with metrics.
     pub stats: Arc<AppendStats>,
     recent: Arc<Mutex<Recent>>,
+    /// The last commit index openraft gave `save_committed` in this process, and how many
+    /// calls it made.
+    committed: Option<Option<LogId>>,
+    commit_calls: u64,
 }
 
 impl LogStore {
@@ -266,6 +275,8 @@ impl LogStore {
             log,
             stats: Arc::default(),
             recent: Arc::default(),
+            committed: None,
+            commit_calls: 0,
         }
     }
 
@@ -361,9 +372,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), RaftStorageError> {
-        // Not synced (ARCHITECTURE.md, "Durability"): openraft treats the stored commit index as
-        // a hint that lets a restarted node apply sooner; a lost one is re-learned from the
-        // leader, and every entry it names was synced before it.
+        // Not synced, and written once in COMMITTED_SAVE_EVERY calls (ARCHITECTURE.md,
+        // "Durability"): openraft treats the stored commit index as a hint that lets a restarted
+        // node apply sooner; one older than the applied index is raised to it at start, a lost
+        // one is re-learned from the leader, and every entry it names was synced before it.
+        self.committed = Some(committed);
+        let call = self.commit_calls;
+        self.commit_calls = call.wrapping_add(1);
+        if !call.is_multiple_of(COMMITTED_SAVE_EVERY) {
+            return Ok(());
+        }
         let bytes = postcard::to_stdvec(&committed).map_err(|e| codec_fault("raft state", e))?;
         self.log
             .save_state_unsynced(raft_tag::COMMITTED, &bytes)
@@ -371,6 +389,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, RaftStorageError> {
+        if let Some(committed) = self.committed {
+            return Ok(committed);
+        }
         match self.log.read_state(raft_tag::COMMITTED).map_err(fault)? {
             None => Ok(None),
             Some(bytes) => postcard::from_bytes(&bytes).map_err(|e| codec_fault("committed", e)),

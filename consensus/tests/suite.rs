@@ -62,3 +62,33 @@ fn openraft_storage_suite_on_memdisk() {
     };
     Suite::test_all(builder).expect("every case of openraft's storage suite passes on MemDisk");
 }
+
+/// The commit index is written once in `COMMITTED_SAVE_EVERY` calls (the first included): a
+/// store opened again reads the last one written, never one ahead of what openraft gave, while
+/// the store that was given them answers the latest.
+#[test]
+fn the_commit_index_is_written_once_in_every_few_calls() {
+    use courier_consensus::log_store::COMMITTED_SAVE_EVERY;
+    use openraft::storage::RaftLogStorage;
+    use openraft::{CommittedLeaderId, LogId};
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Arc::new(Db::open(dir.path(), OpenMode::ReadWrite).expect("open"));
+        let prefix = group(0).storage_prefix();
+        let open = || LogStore::new(courier_storage::LogStore::new(db.clone(), prefix));
+        let id = |index| Some(LogId::new(CommittedLeaderId::new(1, 1), index));
+        let mut store = open();
+        let calls = COMMITTED_SAVE_EVERY + 3;
+        for index in 1..=calls {
+            store.save_committed(id(index)).await.expect("saved");
+        }
+        assert_eq!(store.read_committed().await.expect("read"), id(calls));
+        let reopened = open().read_committed().await.expect("read");
+        // Calls 1 and COMMITTED_SAVE_EVERY + 1 were written.
+        assert_eq!(reopened, id(COMMITTED_SAVE_EVERY + 1));
+    });
+}
