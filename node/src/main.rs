@@ -3,6 +3,7 @@
 /// jemalloc instead of the system allocator: the node allocates small buffers on every thread for
 /// every message (protobuf, HTTP/2 frames, RocksDB keys), where glibc's malloc spent ≈ 7 % of the
 /// nodes' CPU (docs/BENCHMARKS.md).
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
