@@ -25,7 +25,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use courier_consensus::types::GroupId;
-use courier_consensus::watch::{ApplyWatch, OutboxEpoch};
+use courier_consensus::watch::OutboxEpoch;
 use courier_proto::ShardId;
 use courier_proto::limits::FORWARD_BATCH_EVENTS_MAX;
 use courier_proto::pb::events::{self, Event, event::Kind};
@@ -185,7 +185,7 @@ fn due_pairs(
     let Some(states) = queue_states(cluster, source, now, cache) else {
         return Vec::new();
     };
-    for (dest, state) in &states {
+    for (dest, state) in states {
         let pair = (source.get(), dest.get());
         if let Some((up_to, queued_at)) = sent.get_mut(&pair) {
             if *up_to <= state.trimmed_up_to {
@@ -197,39 +197,42 @@ fn due_pairs(
         }
     }
     states
-        .into_iter()
+        .iter()
         .filter(|(_, s)| s.last_pos > s.trimmed_up_to)
         .filter(|(dest, _)| {
             backoff
                 .get(&(source.get(), dest.get()))
                 .is_none_or(|(at, _)| *at <= now)
         })
+        .cloned()
         .collect()
 }
 
 /// `source`'s queue states: as an earlier pass read them while its outbox epoch has not moved
 /// and the read is younger than [`STATES_MAX_AGE`], read again otherwise. `None` after a storage
 /// fault (logged).
-fn queue_states(
+fn queue_states<'c>(
     cluster: &Cluster,
     source: ShardId,
     now: Instant,
-    cache: &mut States,
-) -> Option<Vec<(ShardId, OutboxState)>> {
-    let watch: &ApplyWatch = cluster.groups().watch();
-    let epoch = watch.outbox_epoch(source);
-    if let Some((read_at, when, states)) = cache.get(&source)
-        && *read_at == epoch
-        && now.duration_since(*when) < STATES_MAX_AGE
-    {
-        return Some(states.clone());
+    cache: &'c mut States,
+) -> Option<&'c [(ShardId, OutboxState)]> {
+    let epoch = cluster.groups().watch().outbox_epoch(source);
+    let fresh = cache.get(&source).is_some_and(|(read_at, when, _)| {
+        *read_at == epoch && now.duration_since(*when) < STATES_MAX_AGE
+    });
+    if fresh {
+        return cache.get(&source).map(|(_, _, states)| states.as_slice());
     }
     let mut reader = cluster.groups().db().read(source);
     match outbox::states(&reader.view(Projection::Outbox)) {
-        Ok(states) => {
-            cache.insert(source, (epoch, now, states.clone()));
-            Some(states)
-        }
+        Ok(states) => Some(
+            &cache
+                .entry(source)
+                .insert_entry((epoch, now, states))
+                .into_mut()
+                .2,
+        ),
         Err(error) => {
             cache.remove(&source);
             tracing::error!(source = source.get(), %error, "cannot read the outbox");
