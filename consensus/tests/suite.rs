@@ -38,7 +38,8 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Bui
             db.clone(),
             group.storage_prefix(),
         ));
-        let sm = StateMachine::open(db, group)?;
+        // A small apply cache, so that the suite's applies also evict.
+        let sm = StateMachine::open(db, group, 4096)?;
         Ok((dir, log, sm))
     }
 }
