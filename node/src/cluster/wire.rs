@@ -125,3 +125,83 @@ fn code_from_wire(code: &peer::event_outcome::Code) -> Result<CodeResult, ApiErr
         }
     })
 }
+
+/// A refusal of one proposal of a peer `ProposeMany` in its wire form: the status a unary
+/// `Propose` would have answered, with its ASCII metadata (courier's code, retry hint, leader).
+pub fn status_to_wire(status: &tonic::Status) -> peer::PeerStatus {
+    let metadata = status
+        .metadata()
+        .iter()
+        .filter_map(|entry| match entry {
+            tonic::metadata::KeyAndValueRef::Ascii(key, value) => {
+                Some((key.as_str().to_owned(), value.to_str().ok()?.to_owned()))
+            }
+            tonic::metadata::KeyAndValueRef::Binary(..) => None,
+        })
+        .collect();
+    peer::PeerStatus {
+        code: i32::from(status.code()),
+        message: status.message().to_owned(),
+        metadata,
+    }
+}
+
+/// The status a [`status_to_wire`] refusal stands for; metadata that is not valid ASCII
+/// metadata is left out.
+pub(super) fn status_from_wire(wire: peer::PeerStatus) -> tonic::Status {
+    let mut metadata = tonic::metadata::MetadataMap::new();
+    for (key, value) in wire.metadata {
+        if let (Ok(key), Ok(value)) = (
+            key.parse::<tonic::metadata::AsciiMetadataKey>(),
+            value.parse::<tonic::metadata::AsciiMetadataValue>(),
+        ) {
+            metadata.insert(key, value);
+        }
+    }
+    tonic::Status::with_metadata(tonic::Code::from(wire.code), wire.message, metadata)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{status_from_wire, status_to_wire};
+
+    /// A refusal crosses `ProposeMany` as the status a unary call carries: code, message and the
+    /// ASCII metadata the caller maps (courier's code, retry hint, leader); binary metadata,
+    /// which courier never sets on refusals, stays behind.
+    #[test]
+    fn a_refusal_crosses_the_wire_as_the_status_it_was() {
+        let mut status = tonic::Status::unavailable("shard 3 is overloaded; retry");
+        let metadata = status.metadata_mut();
+        metadata.insert("courier-code", "COURIER:Shard:Overloaded".parse().unwrap());
+        metadata.insert("retry-after-ms", "250".parse().unwrap());
+        metadata.insert("leader-node", "2".parse().unwrap());
+        metadata.insert_bin(
+            "trace-bin",
+            tonic::metadata::MetadataValue::from_bytes(b"\0\x01"),
+        );
+        let back = status_from_wire(status_to_wire(&status));
+        assert_eq!(back.code(), tonic::Code::Unavailable);
+        assert_eq!(back.message(), "shard 3 is overloaded; retry");
+        for key in ["courier-code", "retry-after-ms", "leader-node"] {
+            assert_eq!(
+                back.metadata().get(key),
+                status.metadata().get(key),
+                "{key}"
+            );
+        }
+        assert!(back.metadata().get_bin("trace-bin").is_none());
+        let mapped = crate::status::ApiError::passed_on_from_leader(&back);
+        assert!(
+            matches!(
+                mapped,
+                Some(crate::status::ApiError::Unavailable {
+                    code: "COURIER:Shard:Overloaded",
+                    retry_after_ms: 250,
+                    leader: Some(2),
+                    ..
+                })
+            ),
+            "{mapped:?}"
+        );
+    }
+}
