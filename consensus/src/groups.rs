@@ -81,8 +81,6 @@ pub struct RaftTiming {
     pub snapshot_chunk_bytes: u64,
     /// Largest number of entries in one append-entries RPC.
     pub append_entries_max: u64,
-    /// Projection records each shard replica keeps in memory between apply batches, bytes.
-    pub apply_cache_bytes: u64,
 }
 
 impl RaftTiming {
@@ -126,7 +124,6 @@ pub struct Groups {
     pool: Arc<ChannelPool>,
     config: Arc<Config>,
     rpc_timeout: Duration,
-    apply_cache_bytes: usize,
     groups: RwLock<BTreeMap<GroupId, GroupHandle>>,
     creating: tokio::sync::Mutex<()>,
     /// Held by the node's log archiver over each shard's pass and by [`Groups::drop_shard`]
@@ -173,7 +170,6 @@ impl Groups {
             pool,
             config: Arc::new(timing.openraft_config()?),
             rpc_timeout: timing.rpc_timeout,
-            apply_cache_bytes: usize::try_from(timing.apply_cache_bytes).unwrap_or(usize::MAX),
             groups: RwLock::default(),
             creating: tokio::sync::Mutex::new(()),
             archiving: tokio::sync::Mutex::new(()),
@@ -345,7 +341,7 @@ impl Groups {
         }
         let log = LogStore::new(stored);
         let stats = log.stats.clone();
-        let sm = StateMachine::open(self.db.clone(), group, self.apply_cache_bytes)
+        let sm = StateMachine::open(self.db.clone(), group)
             .map(|sm| sm.with_watch(self.watch.clone()))
             .map_err(|source| ConsensusError::Storage { group, source })?;
         let applied = sm.shared();
@@ -538,7 +534,6 @@ mod tests {
             logs_to_keep: 100,
             snapshot_chunk_bytes: 1 << 20,
             append_entries_max: 64,
-            apply_cache_bytes: 1 << 20,
         }
     }
 

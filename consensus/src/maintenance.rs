@@ -193,8 +193,6 @@ impl Maintenance {
             progress,
         )?;
         let swap = rebuild::swap(&machine.state, &rebuilt, projection);
-        // Cleared first: a failed write below may have replaced part of the projection.
-        machine.cache.clear();
         self.db.replace_ranges(&[swap.clear], swap.changes, true)?;
         machine.state = swap.next;
         publish(&self.shared, &machine);

@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use courier_proto::{PHONE_KEY_BYTES, PhoneKey};
-use courier_storage::hot::{ApplyCache, CachedKv};
 use courier_storage::projection::INVALID_CODE;
 use courier_storage::shard::Committed;
 use courier_storage::{Applied, AtThisMoment, Db, ShardState, snapshot};
@@ -217,9 +216,6 @@ pub struct AppliedView {
 pub(crate) struct Machine {
     pub(crate) state: ShardState,
     pub(crate) raft: RaftApplied,
-    /// Projection records kept between apply batches; cleared by whatever else writes the
-    /// shard's projections (a snapshot install, a projection swap).
-    pub(crate) cache: ApplyCache,
     /// Set when the replica is dropped (moved away): nothing may write the shard after.
     pub(crate) dropped: bool,
 }
@@ -248,16 +244,11 @@ pub struct StateMachine {
 }
 
 impl StateMachine {
-    /// Loads a group's state machine from `db`; applying keeps up to `apply_cache_bytes` of
-    /// projection records in memory between batches (`courier_storage::hot`).
+    /// Loads a group's state machine from `db`.
     ///
     /// # Errors
     /// A storage fault.
-    pub fn open(
-        db: Arc<Db>,
-        group: GroupId,
-        apply_cache_bytes: usize,
-    ) -> Result<Self, RaftStorageError> {
+    pub fn open(db: Arc<Db>, group: GroupId) -> Result<Self, RaftStorageError> {
         use courier_storage::install::{Resumed, resume};
         match resume(&db, group.storage_prefix()).map_err(fault)? {
             None => {}
@@ -285,7 +276,6 @@ impl StateMachine {
             machine: Arc::new(tokio::sync::Mutex::new(Machine {
                 state,
                 raft,
-                cache: ApplyCache::new(apply_cache_bytes),
                 dropped: false,
             })),
             shared,
@@ -522,20 +512,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 payload,
             });
         }
-        let Machine { state, cache, .. } = &mut *machine;
-        let through = CachedKv::new(self.db.as_ref(), cache);
-        let batch = state
-            .apply_batch(&through, &committed, raft.encode())
+        let batch = machine
+            .state
+            .apply_batch(self.db.as_ref(), &committed, raft.encode())
             .map_err(fault)?;
-        let (reads, store_reads) = through.finish();
-        cache.absorb(reads, &batch.changes);
         // Not synced on its own: the entries are durable in the log and ordered before this write
         // in the WAL, so a crash replays them; purges sync the WAL first.
-        if let Err(error) = self.db.commit(batch.changes, false) {
-            cache.clear();
-            return Err(fault(error));
-        }
-        self.db.counters().note_apply(store_reads, batch.io.1);
+        self.db.commit(batch.changes, false).map_err(fault)?;
+        let (reads, writes) = batch.io;
+        self.db.counters().note_apply(reads, writes);
         note_invalid(&self.db, machine.state.shard, &committed, &batch.results);
         machine.state = batch.next;
         machine.raft = raft;
@@ -574,8 +559,6 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let prefix = self.group.storage_prefix();
         let mut machine = self.machine.lock().await;
         machine.check_not_dropped()?;
-        // The install replaces the shard's projections: nothing cached stays true.
-        machine.cache.clear();
         let state = match *snapshot {
             SnapshotData::Memory(cursor) => {
                 // The simulation's disk: the whole shard in one atomic batch.

@@ -38,8 +38,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Bui
             db.clone(),
             group.storage_prefix(),
         ));
-        // A small apply cache, so that the suite's applies also evict.
-        let sm = StateMachine::open(db, group, 4096)?;
+        let sm = StateMachine::open(db, group)?;
         Ok((dir, log, sm))
     }
 }

@@ -293,14 +293,6 @@ pub(crate) fn timing(id: NodeId, rng: &mut StdRng) -> RaftTiming {
         logs_to_keep: 30,
         snapshot_chunk_bytes: 1 << 20,
         append_entries_max: 64,
-        // Each node applies differently, none drawing from the seed's stream: without the apply
-        // cache, through one so small it evicts all the time, and through the default one. Their
-        // replicas must still agree byte for byte (the digest checks).
-        apply_cache_bytes: match id % 3 {
-            0 => 0,
-            1 => 512,
-            _ => 4 << 20,
-        },
     }
 }
 

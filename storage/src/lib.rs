@@ -30,7 +30,6 @@ pub mod db;
 #[cfg(test)]
 mod decode_fuzz_test;
 pub mod error;
-pub mod hot;
 pub mod inspect;
 pub mod install;
 pub mod keys;

@@ -51,10 +51,6 @@ pub struct RaftRaw {
     /// Largest number of entries in one append-entries RPC. Default 256.
     #[serde(default = "defaults::append_entries")]
     pub append_entries_max: u64,
-    /// Projection records each shard replica keeps in memory between apply batches. Default
-    /// `"4MiB"`; `"0B"` keeps none.
-    #[serde(default = "defaults::apply_cache")]
-    pub apply_cache: ByteSize,
 }
 
 /// `[cluster]`: what the nodes do for the cluster as a whole.
@@ -499,9 +495,6 @@ mod defaults {
     }
     pub(super) fn snapshot_chunk() -> ByteSize {
         ByteSize(1 << 20)
-    }
-    pub(super) fn apply_cache() -> ByteSize {
-        ByteSize(4 << 20)
     }
     pub(super) fn append_entries() -> u64 {
         256

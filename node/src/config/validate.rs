@@ -179,7 +179,6 @@ fn validate_raft(raft: &RaftRaw) -> Result<RaftConfig, ConfigError> {
         logs_to_keep: raft.logs_to_keep,
         snapshot_chunk_bytes: raft.snapshot_chunk.0,
         append_entries_max: raft.append_entries_max,
-        apply_cache_bytes: raft.apply_cache.0,
     })
 }
 
