@@ -17,6 +17,7 @@ use std::time::Instant;
 use courier_proto::pb::store::LogEntry;
 use courier_proto::{LogIndex, ShardId};
 use courier_storage::rebuild;
+use courier_storage::shard::Committed;
 use courier_storage::testkit::{self, EventGen};
 use courier_storage::{Cf, Db, LogRecord, LogStore, OpenMode, ShardState};
 use prost::Message;
@@ -24,6 +25,8 @@ use prost::Message;
 const SHARD: ShardId = ShardId::new(0);
 /// Entries per raft batch (one fsync each), as a leader under load would write them.
 const BATCH_ENTRIES: usize = 64;
+/// Entries per apply batch in the apply-only rows, as a replica under load applies them.
+const APPLY_BATCH_ENTRIES: usize = 8;
 
 fn main() {
     let entries: usize = std::env::var("BENCH_ENTRIES")
@@ -86,6 +89,35 @@ fn main() {
     }
     let append_apply = started.elapsed();
 
+    // Apply alone (no log, unsynced commits, as a replica applies), in batches of a loaded
+    // replica's size: the fold's own cost, without the log's fsyncs.
+    let apply_only = || {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Db::open(dir.path(), OpenMode::ReadWrite).expect("open");
+        let mut state = ShardState::empty(SHARD);
+        let started = Instant::now();
+        for (chunk, chunk_payloads) in records
+            .chunks(APPLY_BATCH_ENTRIES)
+            .zip(payloads.chunks(APPLY_BATCH_ENTRIES))
+        {
+            let committed: Vec<Committed<'_>> = chunk
+                .iter()
+                .zip(chunk_payloads)
+                .map(|(record, payload)| Committed {
+                    index: record.index,
+                    payload: Some(payload),
+                })
+                .collect();
+            let batch = state
+                .apply_batch(&db, &committed, Vec::new())
+                .expect("apply");
+            db.commit(batch.changes, false).expect("commit");
+            state = batch.next;
+        }
+        started.elapsed()
+    };
+    let apply_plain = apply_only();
+
     // Rebuild: replay the whole log from RocksDB into memory, one core.
     let started = Instant::now();
     let rebuilt = rebuild::replay_from_start(&log, state.applied).expect("replay");
@@ -106,6 +138,12 @@ fn main() {
         append_apply.as_secs_f64(),
         rate(append_apply),
         rate(append_apply) / rate(baseline)
+    );
+    println!(
+        "| apply only: {APPLY_BATCH_ENTRIES} entries per batch, unsynced commits | {:.2} | {:.0} | {:.2} |",
+        apply_plain.as_secs_f64(),
+        rate(apply_plain),
+        rate(apply_plain) / rate(baseline)
     );
     println!(
         "| rebuild: replay log into memory (1 core) | {:.2} | {:.0} | {:.2} |",
