@@ -5,7 +5,6 @@
 //! delegate to the cluster, the live streams and the maintenance jobs.
 
 use courier_proto::convert::messaging::MembershipCommand;
-use courier_proto::limits::PROPOSE_MANY_REQUESTS_MAX;
 use courier_proto::pb::client::groups_server::Groups;
 use courier_proto::pb::client::keys_server::Keys;
 use courier_proto::pb::client::messaging_server::Messaging;
@@ -28,11 +27,10 @@ use courier_proto::pb::peer::{
     AddNodeRequest, AddNodeResponse, BackupRequest, BackupResponse, ForwardBatchRequest,
     ForwardBatchResponse, InitClusterRequest, InitClusterResponse, InspectUserRequest,
     MarkDrainingRequest, MarkDrainingResponse, MoveShardRequest, MoveShardResponse,
-    PresenceRequest, PresenceResponse, ProposeManyRequest, ProposeManyResponse, ProposeRequest,
-    ProposeResponse, ProposeResult, ReadLogRequest, ReadLogResponse, ReadShardRequest,
-    ReadShardResponse, RebuildProjectionRequest, RemoveNodeRequest, RemoveNodeResponse,
-    StatusRequest, StatusResponse, TransferLeaderRequest, TransferLeaderResponse, TypingRequest,
-    TypingResponse, VerifyProjectionRequest, propose_result,
+    PresenceRequest, PresenceResponse, ProposeRequest, ProposeResponse, ReadLogRequest,
+    ReadLogResponse, ReadShardRequest, ReadShardResponse, RebuildProjectionRequest,
+    RemoveNodeRequest, RemoveNodeResponse, StatusRequest, StatusResponse, TransferLeaderRequest,
+    TransferLeaderResponse, TypingRequest, TypingResponse, VerifyProjectionRequest,
 };
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
@@ -355,40 +353,6 @@ impl PeerApi {
             backup_root,
         }
     }
-
-    /// One proposal from another node (`Propose`, or one of a `ProposeMany`): `forwarded` when
-    /// it took its one hop, so this node answers itself.
-    async fn serve_propose(
-        &self,
-        request: ProposeRequest,
-        forwarded: bool,
-    ) -> Result<ProposeResponse, Status> {
-        let shard_count = self.cluster.groups().shard_count().unwrap_or(0);
-        let shard = courier_proto::ShardId::from_wire(request.shard, shard_count)
-            .map_err(ApiError::from)?;
-        if let Some(at) = request.events.iter().position(|event| event.kind.is_none()) {
-            // A kind this build does not know would stop every replica at apply (an older build
-            // cannot apply it); only a newer peer sends one, and it must wait for the upgrade.
-            return Err(ApiError::Invalid {
-                code: "COURIER:Propose:UnknownEvent",
-                message: format!("event {at} is of a kind this node does not know"),
-            }
-            .into());
-        }
-        let outcomes = if forwarded {
-            self.cluster
-                .propose_forwarded(shard, request.events)
-                .await?
-        } else if !self.cluster.holds(shard) {
-            // Handed over by a node without a replica: handing it on again could go in a circle.
-            return Err(ApiError::unknown_shard(shard).into());
-        } else {
-            self.cluster.propose(shard, request.events).await?
-        };
-        Ok(ProposeResponse {
-            outcomes: outcomes.into_iter().map(outcome_to_wire).collect(),
-        })
-    }
 }
 
 #[tonic::async_trait]
@@ -445,50 +409,35 @@ impl Forward for PeerApi {
         let forwarded = was_forwarded(request.metadata());
         let span = tracing::info_span!("peer.Propose");
         crate::telemetry::adopt(&span, request.metadata());
-        self.serve_propose(request.into_inner(), forwarded)
-            .instrument(span)
-            .await
-            .map(Response::new)
-    }
-
-    async fn propose_many(
-        &self,
-        request: Request<ProposeManyRequest>,
-    ) -> Result<Response<ProposeManyResponse>, Status> {
-        self.auth.check(&request, Allowed::Nodes)?;
-        let span = tracing::info_span!("peer.ProposeMany");
-        crate::telemetry::adopt(&span, request.metadata());
-        let requests = request.into_inner().requests;
-        if requests.len() > PROPOSE_MANY_REQUESTS_MAX {
+        let request = request.into_inner();
+        let shard_count = self.cluster.groups().shard_count().unwrap_or(0);
+        let shard = courier_proto::ShardId::from_wire(request.shard, shard_count)
+            .map_err(ApiError::from)?;
+        if let Some(at) = request.events.iter().position(|event| event.kind.is_none()) {
+            // A kind this build does not know would stop every replica at apply (an older build
+            // cannot apply it); only a newer peer sends one, and it must wait for the upgrade.
             return Err(ApiError::Invalid {
-                code: "COURIER:Propose:TooMany",
-                message: format!(
-                    "{} proposals in one call (at most {PROPOSE_MANY_REQUESTS_MAX})",
-                    requests.len()
-                ),
+                code: "COURIER:Propose:UnknownEvent",
+                message: format!("event {at} is of a kind this node does not know"),
             }
             .into());
         }
-        // Each as its own `Propose` that took its hop; they commit together where they can.
-        let results = futures_util::future::join_all(
-            requests
-                .into_iter()
-                .map(|request| self.serve_propose(request, true)),
-        )
-        .instrument(span)
-        .await;
-        Ok(Response::new(ProposeManyResponse {
-            results: results
-                .into_iter()
-                .map(|result| ProposeResult {
-                    result: Some(match result {
-                        Ok(response) => propose_result::Result::Ok(response),
-                        Err(status) => {
-                            propose_result::Result::Refused(crate::cluster::status_to_wire(&status))
-                        }
-                    }),
-                })
-                .collect(),
+        let outcomes = if forwarded {
+            self.cluster
+                .propose_forwarded(shard, request.events)
+                .instrument(span)
+                .await?
+        } else if !self.cluster.holds(shard) {
+            // Handed over by a node without a replica: handing it on again could go in a circle.
+            return Err(ApiError::unknown_shard(shard).into());
+        } else {
+            self.cluster
+                .propose(shard, request.events)
+                .instrument(span)
+                .await?
+        };
+        Ok(Response::new(ProposeResponse {
+            outcomes: outcomes.into_iter().map(outcome_to_wire).collect(),
         }))
     }
 

@@ -39,11 +39,6 @@ pub const REPLICATION_FACTOR_MAX: u32 = 7;
 pub const PROPOSAL_BYTES_MAX: usize = 1024 * 1024;
 /// Largest number of events forwarded to another shard in one batch.
 pub const FORWARD_BATCH_EVENTS_MAX: usize = 512;
-/// Largest number of proposals in one peer `ProposeMany` call.
-pub const PROPOSE_MANY_REQUESTS_MAX: usize = 64;
-/// Largest encoded size of the proposals a node gathers into one `ProposeMany` call (a first one
-/// larger than this goes alone), in bytes: half the gRPC limit, leaving room for the answers.
-pub const PROPOSE_MANY_BYTES_MAX: usize = GRPC_MESSAGE_BYTES_MAX / 2;
 /// Largest gRPC message a node decodes, in bytes.
 pub const GRPC_MESSAGE_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// Largest public key (identity key, signed or one-time prekey) in the key directory, in bytes:

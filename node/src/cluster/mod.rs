@@ -27,7 +27,6 @@ mod balance;
 mod bootstrap;
 mod edge;
 mod forward;
-mod gather;
 mod membership;
 mod moves;
 mod peer;
@@ -54,7 +53,7 @@ pub use read::{READ_WAIT, ReadConsistency};
 pub use rebalance::run_replica_rebalancer;
 pub use remote::{LEADER_HINT_TTL, READ_ANSWER_BYTES_MAX};
 pub use status::Passes;
-pub use wire::{outcome_to_wire, status_to_wire};
+pub use wire::outcome_to_wire;
 
 use crate::status::ApiError;
 
@@ -70,8 +69,6 @@ pub struct Cluster {
     db: Arc<Db>,
     rpc_timeout: Duration,
     peers: peer::PeerClient,
-    /// Proposals to leaders on other nodes, gathered per node into one call.
-    gather: Arc<gather::Gather>,
     edge: Edge,
     sends: Arc<crate::sends::SendsInFlight>,
     passes: Arc<Passes>,
@@ -108,11 +105,9 @@ impl Cluster {
         edge: Edge,
         archive: Option<Arc<crate::archive::Archive>>,
     ) -> Self {
-        let peers = peer::PeerClient::new(groups.pool(), rpc_timeout);
         Self {
             archive,
-            gather: Arc::new(gather::Gather::new(peers.clone())),
-            peers,
+            peers: peer::PeerClient::new(groups.pool(), rpc_timeout),
             groups,
             db,
             rpc_timeout,

@@ -34,11 +34,6 @@ impl PeerClient {
         Self { pool, rpc_timeout }
     }
 
-    /// The deadline of a call.
-    pub(super) fn rpc_timeout(&self) -> Duration {
-        self.rpc_timeout
-    }
-
     /// The forward service (propose, forward, presence, typing) of the node at `addr`; `None`
     /// when `addr` is not a valid host:port.
     pub(super) fn forward(&self, addr: &str) -> Option<ForwardClient<Channel>> {

@@ -253,21 +253,21 @@ impl Cluster {
                 leader,
             )),
             Route::Remote { addr, leader } => {
-                // Gathered with this node's other proposals to the same node (`gather`).
-                let request = peer::ProposeRequest {
+                let mut client = self
+                    .peers
+                    .forward(&addr)
+                    .ok_or_else(|| unavailable(format!("bad leader address {addr}"), leader))?;
+                let request = self.peers.forwarded(peer::ProposeRequest {
                     shard: u32::from(shard.get()),
                     events,
-                };
-                let response = self
-                    .gather
-                    .propose(&addr, request)
-                    .await
-                    .map_err(|status| {
-                        ApiError::passed_on_from_leader(&status).unwrap_or_else(|| {
-                            unavailable(format!("leader {leader:?}: {}", status.message()), leader)
-                        })
-                    })?;
+                });
+                let response = client.propose(request).await.map_err(|status| {
+                    ApiError::passed_on_from_leader(&status).unwrap_or_else(|| {
+                        unavailable(format!("leader {leader:?}: {}", status.message()), leader)
+                    })
+                })?;
                 response
+                    .into_inner()
                     .outcomes
                     .into_iter()
                     .map(outcome_from_wire)

@@ -13,9 +13,8 @@ use courier_proto::pb::peer::admin_client::AdminClient;
 use courier_proto::pb::peer::forward_client::ForwardClient;
 use courier_proto::pb::peer::raft_client::RaftClient;
 use courier_proto::pb::peer::{
-    BackupRequest, PresenceRequest, ProposeManyRequest, ProposeRequest, RaftRequest,
-    ReadLogRequest, StatusRequest, TransferLeaderRequest, TypingRequest, VerifyProjectionRequest,
-    projection_job_update, propose_result,
+    BackupRequest, PresenceRequest, ProposeRequest, RaftRequest, ReadLogRequest, StatusRequest,
+    TransferLeaderRequest, TypingRequest, VerifyProjectionRequest, projection_job_update,
 };
 use courier_proto::{PhoneHasher, PhoneKey, UserId, shard_of};
 use courier_storage::testkit::Adversary;
@@ -258,114 +257,6 @@ async fn certificates_act_only_within_their_role() {
             .await,
         "COURIER:Peer:NotAMember",
         "a stranger node forwards",
-    );
-    for node in c.nodes {
-        node.stop().await;
-    }
-}
-
-/// `ProposeMany` (the calls a node gathers its proposals to another node's leaders into) is for
-/// nodes only, refuses more than its limit and changes nothing then, and answers each request in
-/// order as a forwarded `Propose` would: applied on the shard's leader, refused elsewhere with
-/// the status (code, courier code, leader hint) a unary call would have carried.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn propose_many_answers_each_request_as_propose_would() {
-    let c = cluster_configured(&|text| text).await;
-    let peers: Vec<String> = c.nodes.iter().map(|n| n.peer_addr.to_string()).collect();
-    let empty = |shard| ProposeRequest {
-        shard,
-        events: Vec::new(),
-    };
-
-    let operator = peer_channel(&peers[0]).await;
-    assert_denied(
-        ForwardClient::new(operator)
-            .propose_many(ProposeManyRequest {
-                requests: vec![empty(0)],
-            })
-            .await,
-        "COURIER:Peer:NodeOnly",
-        "an operator proposes many",
-    );
-
-    let mut forward = ForwardClient::new(connect(&peers[0], peer_tls("node-1")).await);
-    let limit = courier_proto::limits::PROPOSE_MANY_REQUESTS_MAX;
-    let too_many = forward
-        .propose_many(ProposeManyRequest {
-            requests: (0..=limit).map(|_| empty(0)).collect(),
-        })
-        .await
-        .expect_err("more than the limit");
-    assert_eq!(too_many.code(), tonic::Code::InvalidArgument);
-    assert_eq!(code_of(&too_many), "COURIER:Propose:TooMany");
-
-    // One request per shard and one for a shard that does not exist, to every node: each shard
-    // is applied by the node that leads it and refused by the others with a leader hint.
-    let mut applied = vec![0_u32; usize::try_from(SHARDS).expect("small")];
-    for peer in &peers {
-        let mut forward = ForwardClient::new(connect(peer, peer_tls("node-1")).await);
-        let mut requests: Vec<ProposeRequest> = (0..SHARDS)
-            .map(|shard| {
-                let shard16 = courier_proto::ShardId::new(u16::try_from(shard).expect("small"));
-                let events = Adversary::new(shard16, u64::from(shard))
-                    .payloads(1, 1)
-                    .remove(0)
-                    .events;
-                ProposeRequest { shard, events }
-            })
-            .collect();
-        requests.push(empty(SHARDS + 7));
-        let results = forward
-            .propose_many(ProposeManyRequest { requests })
-            .await
-            .expect("answered")
-            .into_inner()
-            .results;
-        assert_eq!(results.len(), usize::try_from(SHARDS).expect("small") + 1);
-        for (shard, result) in results.iter().enumerate() {
-            match &result.result {
-                Some(propose_result::Result::Ok(response)) => {
-                    assert!(
-                        shard < applied.len(),
-                        "{peer}: an unknown shard was proposed to"
-                    );
-                    assert_eq!(response.outcomes.len(), 1, "{peer} shard {shard}");
-                    applied[shard] += 1;
-                }
-                Some(propose_result::Result::Refused(status)) if shard < applied.len() => {
-                    assert_eq!(
-                        status.code,
-                        i32::from(tonic::Code::Unavailable),
-                        "{status:?}"
-                    );
-                    assert_eq!(
-                        status.metadata.get("courier-code").map(String::as_str),
-                        Some("COURIER:Shard:NoLeader"),
-                        "{peer} shard {shard}: {status:?}"
-                    );
-                    assert!(status.metadata.contains_key("leader-node"), "{status:?}");
-                }
-                Some(propose_result::Result::Refused(status)) => {
-                    assert_eq!(
-                        status.code,
-                        i32::from(tonic::Code::InvalidArgument),
-                        "{status:?}"
-                    );
-                    assert!(
-                        status
-                            .metadata
-                            .get("courier-code")
-                            .is_some_and(|code| code.starts_with("COURIER:")),
-                        "{status:?}"
-                    );
-                }
-                None => panic!("{peer} shard {shard}: an empty result"),
-            }
-        }
-    }
-    assert!(
-        applied.iter().all(|count| *count >= 1),
-        "every shard's leader applied its request: {applied:?}"
     );
     for node in c.nodes {
         node.stop().await;
