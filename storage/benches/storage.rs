@@ -17,7 +17,6 @@ use std::time::Instant;
 use courier_proto::pb::store::LogEntry;
 use courier_proto::{LogIndex, ShardId};
 use courier_storage::rebuild;
-use courier_storage::shard::Committed;
 use courier_storage::testkit::{self, EventGen};
 use courier_storage::{Cf, Db, LogRecord, LogStore, OpenMode, ShardState};
 use prost::Message;
@@ -91,7 +90,7 @@ fn main() {
 
     // Apply alone (no log, unsynced commits, as a replica applies), in batches of a loaded
     // replica's size: the fold's own cost, without the log's fsyncs.
-    let apply_only = || {
+    let apply_plain = {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = Db::open(dir.path(), OpenMode::ReadWrite).expect("open");
         let mut state = ShardState::empty(SHARD);
@@ -100,23 +99,10 @@ fn main() {
             .chunks(APPLY_BATCH_ENTRIES)
             .zip(payloads.chunks(APPLY_BATCH_ENTRIES))
         {
-            let committed: Vec<Committed<'_>> = chunk
-                .iter()
-                .zip(chunk_payloads)
-                .map(|(record, payload)| Committed {
-                    index: record.index,
-                    payload: Some(payload),
-                })
-                .collect();
-            let batch = state
-                .apply_batch(&db, &committed, Vec::new())
-                .expect("apply");
-            db.commit(batch.changes, false).expect("commit");
-            state = batch.next;
+            testkit::apply(&db, &mut state, chunk, chunk_payloads);
         }
         started.elapsed()
     };
-    let apply_plain = apply_only();
 
     // Rebuild: replay the whole log from RocksDB into memory, one core.
     let started = Instant::now();
