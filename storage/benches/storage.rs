@@ -90,7 +90,7 @@ fn main() {
 
     // Apply alone (no log, unsynced commits, as a replica applies), in batches of a loaded
     // replica's size: the fold's own cost, without the log's fsyncs.
-    let apply_plain = {
+    let apply_only = {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = Db::open(dir.path(), OpenMode::ReadWrite).expect("open");
         let mut state = ShardState::empty(SHARD);
@@ -127,9 +127,9 @@ fn main() {
     );
     println!(
         "| apply only: {APPLY_BATCH_ENTRIES} entries per batch, unsynced commits | {:.2} | {:.0} | {:.2} |",
-        apply_plain.as_secs_f64(),
-        rate(apply_plain),
-        rate(apply_plain) / rate(baseline)
+        apply_only.as_secs_f64(),
+        rate(apply_only),
+        rate(apply_only) / rate(baseline)
     );
     println!(
         "| rebuild: replay log into memory (1 core) | {:.2} | {:.0} | {:.2} |",
