@@ -14,6 +14,12 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
+/// jemalloc, as the node uses: an offline rebuild or verify decodes and stores small values for
+/// every event it replays, and replays ≈ 1.4× faster than on glibc's malloc (the storage bench,
+/// docs/BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 mod balance;
 mod demo;
 mod inspect;

@@ -27,6 +27,11 @@ const BATCH_ENTRIES: usize = 64;
 /// Entries per apply batch in the apply-only rows, as a replica under load applies them.
 const APPLY_BATCH_ENTRIES: usize = 8;
 
+/// The allocator of the binaries that append, apply and rebuild (`courier-node`, `courier-ops`),
+/// so that the figures are theirs.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() {
     let entries: usize = std::env::var("BENCH_ENTRIES")
         .ok()
