@@ -7,6 +7,8 @@
 //! kept; up to `limits.forward-batches-in-flight` pairs are in flight at once, each started as
 //! soon as it has entries and a free slot (no pass waits for another pair's batch). While a
 //! pair's batch is in flight its queue grows, so the next batch carries what arrived meanwhile.
+//! Under load a short queue lingers up to [`FORWARD_LINGER`] to fill ([`hold_until`]); a lone
+//! message on a quiet pair goes at once.
 //!
 //! What a destination stored is remembered here (`sent`) until the trim applies, so the next
 //! batch starts after it. A new leader (or this one after an error) starts from the replicated
@@ -48,8 +50,15 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Under load, a pair with fewer events than this waiting is held up to [`FORWARD_LINGER`] so
 /// that its batch fills (one destination commit carries more messages).
 pub const FORWARD_FILL_EVENTS: u64 = 64;
-/// Longest a pair's waiting events are held to fill a batch while other batches are in flight.
+/// Longest a pair's waiting events are held to fill a batch while other batches are in flight,
+/// or while the pair itself is busy (it started a batch within [`FORWARD_QUIET`]).
 pub const FORWARD_LINGER: Duration = Duration::from_millis(2);
+/// A pair that started no batch for this long is quiet: with nothing else in flight, its next
+/// message is sent at once, so a lone message is not held. A pair busier than that (one sender
+/// sending back to back) lingers, and one destination commit carries several of its messages:
+/// at one cross-shard sender that took a quarter of the CPU per message and 12 % off the send →
+/// ack latency, for ≈ 1 ms more send → delivery (docs/BENCHMARKS.md, session 28).
+pub const FORWARD_QUIET: Duration = Duration::from_millis(10);
 /// Longest a shard's queue states read by an earlier pass are used again while its outbox epoch
 /// has not moved (a bound on any missed change, not the way changes are noticed).
 pub const STATES_MAX_AGE: Duration = Duration::from_millis(500);
@@ -103,18 +112,17 @@ pub async fn run(cluster: Cluster, in_flight: usize, shutdown: CancellationToken
                     if busy.contains(&pair) || state.last_pos <= from {
                         continue;
                     }
-                    // Under load (another batch in flight), a short queue waits a little to
-                    // fill; an idle forwarder sends at once.
-                    let since = *waiting_since.entry(pair).or_insert(now);
-                    let fill_by = since + FORWARD_LINGER;
-                    if flying.is_empty()
-                        || state.last_pos.saturating_sub(from) >= FORWARD_FILL_EVENTS
-                        || now >= fill_by
-                    {
-                        ready.push((started.get(&pair).copied(), pair, from));
-                    } else {
-                        linger_until =
-                            Some(linger_until.map_or(fill_by, |t: Instant| t.min(fill_by)));
+                    let waiting = Waiting {
+                        since: *waiting_since.entry(pair).or_insert(now),
+                        events: state.last_pos.saturating_sub(from),
+                        last_started: started.get(&pair).copied(),
+                    };
+                    match hold_until(&waiting, !flying.is_empty(), now) {
+                        None => ready.push((waiting.last_started, pair, from)),
+                        Some(fill_by) => {
+                            linger_until =
+                                Some(linger_until.map_or(fill_by, |t: Instant| t.min(fill_by)));
+                        }
                     }
                 }
             }
@@ -149,6 +157,29 @@ pub async fn run(cluster: Cluster, in_flight: usize, shutdown: CancellationToken
             () = tokio::time::sleep(wait) => {}
         }
     }
+}
+
+/// A pair's queue as one pass sees it.
+struct Waiting {
+    /// Since when it has had events waiting.
+    since: Instant,
+    /// How many.
+    events: u64,
+    /// When its last batch started.
+    last_started: Option<Instant>,
+}
+
+/// Whether a pair's waiting events go now (`None`) or are held to fill the batch, until when.
+/// Under load (another batch in flight, or the pair itself started one within
+/// [`FORWARD_QUIET`]), a short queue waits up to [`FORWARD_LINGER`]; a quiet pair on an idle
+/// forwarder, a full batch and a queue that waited long enough go at once.
+fn hold_until(waiting: &Waiting, others_in_flight: bool, now: Instant) -> Option<Instant> {
+    let pair_busy = waiting
+        .last_started
+        .is_some_and(|at| now.saturating_duration_since(at) < FORWARD_QUIET);
+    let fill_by = waiting.since + FORWARD_LINGER;
+    let under_load = others_in_flight || pair_busy;
+    (under_load && waiting.events < FORWARD_FILL_EVENTS && now < fill_by).then_some(fill_by)
 }
 
 /// How long the forwarder may sleep after a pass at `now`: until the earliest scheduled retry,
@@ -356,5 +387,44 @@ mod tests {
         backoff.insert((1, 0), (now + Duration::from_millis(30), BACKOFF_MIN));
         assert_eq!(next_wait(&mut backoff, now), Duration::from_millis(30));
         assert_eq!(backoff.len(), 2);
+    }
+
+    fn waiting(now: Instant, events: u64, last_started_ago: Option<Duration>) -> Waiting {
+        Waiting {
+            since: now,
+            events,
+            last_started: last_started_ago.map(|ago| now - ago),
+        }
+    }
+
+    #[test]
+    fn a_quiet_pair_on_an_idle_forwarder_sends_at_once() {
+        let now = Instant::now() + FORWARD_QUIET;
+        assert_eq!(hold_until(&waiting(now, 1, None), false, now), None);
+        let quiet = waiting(now, 1, Some(FORWARD_QUIET));
+        assert_eq!(hold_until(&quiet, false, now), None);
+    }
+
+    #[test]
+    fn a_busy_pair_lingers_to_fill_its_batch_even_when_nothing_else_flies() {
+        let now = Instant::now() + FORWARD_QUIET;
+        let busy = waiting(now, 1, Some(FORWARD_QUIET / 2));
+        assert_eq!(hold_until(&busy, false, now), Some(now + FORWARD_LINGER));
+        // Held no longer than the linger.
+        assert_eq!(hold_until(&busy, false, now + FORWARD_LINGER), None);
+    }
+
+    #[test]
+    fn other_batches_in_flight_make_a_short_queue_linger() {
+        let now = Instant::now() + FORWARD_QUIET;
+        let quiet = waiting(now, 1, None);
+        assert_eq!(hold_until(&quiet, true, now), Some(now + FORWARD_LINGER));
+    }
+
+    #[test]
+    fn a_full_batch_never_waits() {
+        let now = Instant::now() + FORWARD_QUIET;
+        let full = waiting(now, FORWARD_FILL_EVENTS, Some(Duration::ZERO));
+        assert_eq!(hold_until(&full, true, now), None);
     }
 }
