@@ -104,7 +104,7 @@ pub struct LimitsRaw {
     #[serde(default = "defaults::stream_buffer")]
     pub stream_buffer_frames: u32,
     /// Outbox batches this node forwards at once, one per (source, destination) shard pair.
-    /// Default 8; 1 forwards one pair at a time.
+    /// Default 2; 1 forwards one pair at a time.
     #[serde(default = "defaults::forward_in_flight")]
     pub forward_batches_in_flight: u32,
     /// Devices (and recipients) whose check against this node's replica is remembered until a
@@ -554,7 +554,7 @@ mod defaults {
         HumanDuration(Duration::from_secs(10))
     }
     pub(super) fn forward_in_flight() -> u32 {
-        8
+        2
     }
     pub(super) fn code_rate() -> u32 {
         10
