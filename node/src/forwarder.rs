@@ -7,7 +7,7 @@
 //! kept; up to `limits.forward-batches-in-flight` pairs are in flight at once, each started as
 //! soon as it has entries and a free slot (no pass waits for another pair's batch). While a
 //! pair's batch is in flight its queue grows, so the next batch carries what arrived meanwhile.
-//! Under load a short queue lingers up to [`FORWARD_LINGER`] to fill ([`hold_until`]); a lone
+//! Under load a short queue lingers up to [`FORWARD_LINGER`] to fill (`hold_until`); a lone
 //! message on a quiet pair goes at once.
 //!
 //! What a destination stored is remembered here (`sent`) until the trim applies, so the next
@@ -55,9 +55,9 @@ pub const FORWARD_FILL_EVENTS: u64 = 64;
 pub const FORWARD_LINGER: Duration = Duration::from_millis(2);
 /// A pair that started no batch for this long is quiet: with nothing else in flight, its next
 /// message is sent at once, so a lone message is not held. A pair busier than that (one sender
-/// sending back to back) lingers, and one destination commit carries several of its messages:
-/// at one cross-shard sender that took a quarter of the CPU per message and 12 % off the send →
-/// ack latency, for ≈ 1 ms more send → delivery (docs/BENCHMARKS.md, session 28).
+/// sending back to back) lingers, and one destination commit carries several of its messages.
+/// Measured in docs/BENCHMARKS.md (session 28): 0.91–0.93× the CPU per cross-shard message at 1
+/// and 64 senders, for up to ≈ 2 ms more send → delivery at one sender.
 pub const FORWARD_QUIET: Duration = Duration::from_millis(10);
 /// Longest a shard's queue states read by an earlier pass are used again while its outbox epoch
 /// has not moved (a bound on any missed change, not the way changes are noticed).
