@@ -21,14 +21,23 @@ mod node_config;
 /// Nodes the test PKI has certificates for (ids 1..=PKI_NODES).
 pub(crate) const PKI_NODES: u64 = 9;
 
+/// Prefix of the test PKI directories; the creating process's id follows it.
+const PKI_DIR_PREFIX: &str = "courier-test-pki-";
+
 /// The development PKI every test node and client of this test process uses (made once, kept
 /// until the process exits): `courier_tls::dev` files for nodes 1..=[`PKI_NODES`], an operator
 /// and the client listener (localhost, 127.0.0.1).
+///
+/// A `static` is never dropped, so the directory outlives its process (nextest runs every test
+/// in a process of its own). Its name carries the process id, and each new PKI first removes the
+/// directories of processes that have exited: a run leaves at most the few of its last
+/// processes, which the next run removes.
 pub(crate) fn pki() -> &'static Path {
     static PKI: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
     PKI.get_or_init(|| {
+        remove_pkis_of_exited_processes();
         let dir = tempfile::Builder::new()
-            .prefix("courier-test-pki-")
+            .prefix(&format!("{PKI_DIR_PREFIX}{}-", std::process::id()))
             .tempdir()
             .expect("a directory for the test PKI");
         let nodes: Vec<u64> = (1..=PKI_NODES).collect();
@@ -37,6 +46,33 @@ pub(crate) fn pki() -> &'static Path {
         dir
     })
     .path()
+}
+
+/// Removes the PKI directories whose creating process no longer runs (Linux: no `/proc/<pid>`;
+/// elsewhere nothing is removed). A process id reused since keeps its directory, harmlessly.
+fn remove_pkis_of_exited_processes() {
+    let proc = Path::new("/proc");
+    if !proc.is_dir() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|name| name.strip_prefix(PKI_DIR_PREFIX))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !proc.join(pid.to_string()).exists() {
+            // Another process may be removing it at the same time.
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// The TLS of a caller of the peer listener holding the certificate `name` of the test PKI
