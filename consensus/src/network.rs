@@ -16,7 +16,8 @@ use std::time::Duration;
 use courier_proto::ShardId;
 use courier_proto::pb::peer::{self, RaftRequest, RaftResponse, raft_client::RaftClient};
 use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable,
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Timeout,
+    Unreachable,
 };
 use openraft::network::{RPCOption, RPCTypes, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -334,6 +335,37 @@ fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, NetworkError> {
     postcard::to_stdvec(value).map_err(|e| NetworkError::new(&e))
 }
 
+/// Largest encoded append-entries request sent with more than one entry: one maximal proposal
+/// and room for its envelope. openraft gives an append-entries call one heartbeat interval; a
+/// call of `max_payload_entries` large entries (up to 256 MiB) could never finish in it, nor be
+/// accepted (`RAFT_MESSAGE_BYTES_MAX`), and was sent again forever: replication stopped.
+pub const APPEND_PAYLOAD_BYTES_MAX: usize = courier_proto::limits::PROPOSAL_BYTES_MAX + 64 * 1024;
+
+const _: () = assert!(
+    APPEND_PAYLOAD_BYTES_MAX + 1024 <= RAFT_MESSAGE_BYTES_MAX,
+    "an append-entries request of one maximal entry fits the receiver's message limit"
+);
+
+/// How many leading `entries` fit in `bytes_max` when encoded (at least one): the hint a too
+/// large append-entries request is answered with.
+fn entries_within(
+    entries: &[openraft::Entry<TypeConfig>],
+    bytes_max: usize,
+) -> Result<u64, NetworkError> {
+    let mut bytes = 0_usize;
+    let mut fit = 0_u64;
+    for entry in entries {
+        bytes = bytes.saturating_add(
+            postcard::experimental::serialized_size(entry).map_err(|e| NetworkError::new(&e))?,
+        );
+        if bytes > bytes_max {
+            break;
+        }
+        fit = fit.saturating_add(1);
+    }
+    Ok(fit.max(1))
+}
+
 impl GroupClient {
     /// After a timeout: once [`RECONNECT_AFTER_TIMEOUTS`] came to this peer with no answer in
     /// between, the pool drops its connection and the next call of every group opens a new one
@@ -342,14 +374,13 @@ impl GroupClient {
         self.pool.timed_out(&self.addr);
     }
 
-    async fn call<Req, Resp, E>(
+    async fn call<Resp, E>(
         &mut self,
         action: RPCTypes,
-        rpc: &Req,
+        payload: Vec<u8>,
         option: &RPCOption,
     ) -> Result<Resp, RPCError<NodeId, Node, RaftError<NodeId, E>>>
     where
-        Req: Serialize,
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
@@ -370,7 +401,7 @@ impl GroupClient {
         let timeout = option.soft_ttl().min(self.rpc_timeout);
         let request = RaftRequest {
             group: Some(group_to_wire(self.group)),
-            payload: encode(rpc).map_err(RPCError::Network)?,
+            payload,
         };
         let piped = match action {
             RPCTypes::AppendEntries => Some(peer::RaftCallKind::AppendEntries),
@@ -460,7 +491,16 @@ impl RaftNetwork<TypeConfig> for GroupClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
-        self.call(RPCTypes::AppendEntries, &rpc, &option).await
+        let payload = encode(&rpc).map_err(RPCError::Network)?;
+        if payload.len() > APPEND_PAYLOAD_BYTES_MAX && rpc.entries.len() > 1 {
+            // openraft sends up to `max_payload_entries` entries whatever their size; ask it
+            // for fewer (it retries at once) rather than send what the receiver refuses.
+            let hint = entries_within(&rpc.entries, APPEND_PAYLOAD_BYTES_MAX)?;
+            return Err(RPCError::PayloadTooLarge(
+                PayloadTooLarge::new_entries_hint(hint),
+            ));
+        }
+        self.call(RPCTypes::AppendEntries, payload, &option).await
     }
 
     async fn install_snapshot(
@@ -471,7 +511,8 @@ impl RaftNetwork<TypeConfig> for GroupClient {
         InstallSnapshotResponse<NodeId>,
         RPCError<NodeId, Node, RaftError<NodeId, InstallSnapshotError>>,
     > {
-        self.call(RPCTypes::InstallSnapshot, &rpc, &option).await
+        let payload = encode(&rpc).map_err(RPCError::Network)?;
+        self.call(RPCTypes::InstallSnapshot, payload, &option).await
     }
 
     async fn vote(
@@ -479,7 +520,8 @@ impl RaftNetwork<TypeConfig> for GroupClient {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
-        self.call(RPCTypes::Vote, &rpc, &option).await
+        let payload = encode(&rpc).map_err(RPCError::Network)?;
+        self.call(RPCTypes::Vote, payload, &option).await
     }
 }
 
@@ -716,6 +758,57 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    /// An entry of one event whose body is `body_bytes` long.
+    fn entry(index: u64, body_bytes: usize) -> openraft::Entry<TypeConfig> {
+        use courier_proto::pb::events::{self, Event, event::Kind};
+        let event = Event {
+            kind: Some(Kind::MessageDelivered(events::MessageDelivered {
+                content: Some(events::Content {
+                    body: vec![7; body_bytes],
+                    media: None,
+                }),
+                ..events::MessageDelivered::default()
+            })),
+        };
+        openraft::Entry {
+            log_id: crate::types::LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+            payload: openraft::EntryPayload::Normal(crate::types::Proposal::Events(Arc::new(
+                events::EntryPayload {
+                    format_version: courier_proto::FORMAT_VERSION,
+                    events: vec![event],
+                },
+            ))),
+        }
+    }
+
+    #[test]
+    fn a_too_large_append_is_cut_to_the_entries_that_fit() {
+        let entries: Vec<_> = (1..=8).map(|index| entry(index, 100_000)).collect();
+        let one = postcard::experimental::serialized_size(&entries[0]).expect("size");
+        assert_eq!(
+            entries_within(&entries, 3 * one + one / 2).expect("hint"),
+            3
+        );
+        assert_eq!(entries_within(&entries, 8 * one).expect("hint"), 8);
+        assert_eq!(
+            entries_within(&entries, one / 2).expect("hint"),
+            1,
+            "never fewer than one entry"
+        );
+        let maximal: Vec<_> = (1..=4)
+            .map(|index| entry(index, courier_proto::limits::PROPOSAL_BYTES_MAX - 1024))
+            .collect();
+        let whole = encode(&maximal).expect("encode").len();
+        assert!(
+            whole > APPEND_PAYLOAD_BYTES_MAX,
+            "four maximal entries are too many"
+        );
+        assert_eq!(
+            entries_within(&maximal, APPEND_PAYLOAD_BYTES_MAX).expect("hint"),
+            1
+        );
+    }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(512))]
