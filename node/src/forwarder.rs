@@ -29,7 +29,7 @@ use std::time::Duration;
 use courier_consensus::types::GroupId;
 use courier_consensus::watch::OutboxEpoch;
 use courier_proto::ShardId;
-use courier_proto::limits::FORWARD_BATCH_EVENTS_MAX;
+use courier_proto::limits::{FORWARD_BATCH_BYTES_MAX, FORWARD_BATCH_EVENTS_MAX};
 use courier_proto::pb::events::{self, Event, event::Kind};
 use courier_proto::pb::peer::ForwardBatchRequest;
 use courier_proto::pb::store::OutboxState;
@@ -342,6 +342,7 @@ async fn forward_once(
         )
         .map_err(crate::status::ApiError::from)?
     };
+    let pending = fitting(pending, FORWARD_BATCH_BYTES_MAX);
     let Some((first_pos, _)) = pending.first() else {
         return Ok(after);
     };
@@ -363,6 +364,24 @@ async fn forward_once(
         .instrument(span)
         .await?;
     Ok(response.stored_up_to)
+}
+
+/// The longest prefix of `pending` whose encoded events sum to at most `bytes_max`, and never
+/// less than its first event (one event always fits one proposal: `MESSAGE_CONTENT_BYTES_MAX`).
+/// The destination proposes a batch as one proposal, which its proposer refuses beyond
+/// `PROPOSAL_BYTES_MAX`; a batch cut by count alone was refused on every retry, and the pair
+/// never moved again.
+fn fitting(mut pending: Vec<(u64, Event)>, bytes_max: usize) -> Vec<(u64, Event)> {
+    let mut bytes = 0_usize;
+    let keep = pending
+        .iter()
+        .take_while(|(_, event)| {
+            bytes = bytes.saturating_add(prost::Message::encoded_len(event));
+            bytes <= bytes_max
+        })
+        .count();
+    pending.truncate(keep.max(1));
+    pending
 }
 
 #[cfg(test)]
@@ -419,6 +438,45 @@ mod tests {
         let now = Instant::now() + FORWARD_QUIET;
         let quiet = waiting(now, 1, None);
         assert_eq!(hold_until(&quiet, true, now), Some(now + FORWARD_LINGER));
+    }
+
+    fn delivered(body_bytes: usize) -> Event {
+        Event {
+            kind: Some(Kind::MessageDelivered(events::MessageDelivered {
+                content: Some(events::Content {
+                    body: vec![b'x'; body_bytes],
+                    media: None,
+                }),
+                ..events::MessageDelivered::default()
+            })),
+        }
+    }
+
+    #[test]
+    fn a_batch_holds_no_more_bytes_than_one_proposal() {
+        let one = prost::Message::encoded_len(&delivered(1000));
+        let pending: Vec<(u64, Event)> = (1..=10).map(|pos| (pos, delivered(1000))).collect();
+        let cut = fitting(pending.clone(), 3 * one + one / 2);
+        assert_eq!(
+            cut.iter().map(|(pos, _)| *pos).collect::<Vec<_>>(),
+            [1, 2, 3]
+        );
+        assert_eq!(
+            fitting(pending.clone(), 3 * one).len(),
+            3,
+            "up to the limit"
+        );
+        assert_eq!(
+            fitting(pending.clone(), 10 * one),
+            pending,
+            "all when they fit"
+        );
+        assert_eq!(
+            fitting(pending, one / 2).len(),
+            1,
+            "never less than one event"
+        );
+        assert!(fitting(Vec::new(), one).is_empty());
     }
 
     #[test]

@@ -39,6 +39,9 @@ pub const REPLICATION_FACTOR_MAX: u32 = 7;
 pub const PROPOSAL_BYTES_MAX: usize = 1024 * 1024;
 /// Largest number of events forwarded to another shard in one batch.
 pub const FORWARD_BATCH_EVENTS_MAX: usize = 512;
+/// Largest sum of the encoded events of one forwarded batch, in bytes: the destination proposes
+/// them as one proposal, so a batch never holds more than one proposal may.
+pub const FORWARD_BATCH_BYTES_MAX: usize = PROPOSAL_BYTES_MAX;
 /// Largest gRPC message a node decodes, in bytes.
 pub const GRPC_MESSAGE_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// Largest public key (identity key, signed or one-time prekey) in the key directory, in bytes:
@@ -67,6 +70,10 @@ const _: () = assert!(
 const _: () = assert!(
     PROPOSAL_BYTES_MAX * 2 <= GRPC_MESSAGE_BYTES_MAX,
     "an append-entries RPC carries at least two maximal proposals"
+);
+const _: () = assert!(
+    FORWARD_BATCH_BYTES_MAX + FORWARD_BATCH_EVENTS_MAX * 16 + 64 <= GRPC_MESSAGE_BYTES_MAX,
+    "a forwarded batch, with its framing, fits one gRPC message"
 );
 const _: () = assert!(
     THUMBNAIL_BYTES_MAX <= MESSAGE_BODY_BYTES_MAX,

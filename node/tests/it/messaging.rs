@@ -546,6 +546,63 @@ fn read_cursor(
     cursors::acked(&view, user, device).expect("read").get()
 }
 
+/// Messages of the largest body, sent at once, queue in the sender's outbox beyond what one
+/// proposal may hold (`PROPOSAL_BYTES_MAX`): the forwarder sends them in batches that fit, and
+/// the recipient gets every one exactly once. (A batch of all of them was refused by the
+/// destination's proposer as too large, again on every retry: the pair never moved again, and
+/// acknowledged messages were never delivered.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_messages_queued_beyond_one_proposal_are_all_forwarded() {
+    use courier_proto::limits::{MESSAGE_BODY_BYTES_MAX, PROPOSAL_BYTES_MAX};
+    let c = cluster().await;
+    let addr = |i: usize| c.nodes[i].client_addr.to_string();
+    let (alice_phone, bob_phone) = phones_on_different_shards();
+    let alice = register(&addr(0), &c.dirs[0], &alice_phone).await;
+    let bob = register(&addr(1), &c.dirs[1], &bob_phone).await;
+    let count = 3 * PROPOSAL_BYTES_MAX / MESSAGE_BODY_BYTES_MAX;
+    let messaging = MessagingClient::new(channel(&addr(0)).await);
+    let mut sends = tokio::task::JoinSet::new();
+    for i in 0..count {
+        let (mut messaging, alice) = (messaging.clone(), alice.clone());
+        sends.spawn(async move {
+            let request = SendRequest {
+                client_msg_id: format!("big-{i}"),
+                to_user: bob.user,
+                content: Some(events::Content {
+                    body: vec![b'x'; MESSAGE_BODY_BYTES_MAX],
+                    media: None,
+                }),
+            };
+            // As a phone does: an UNAVAILABLE send (a leader change under the burst) is sent
+            // again with the same id.
+            for _ in 0..50 {
+                match messaging.send(authed(&alice, request.clone())).await {
+                    Ok(response) => return response.into_inner().message_id,
+                    Err(status) if status.code() == tonic::Code::Unavailable => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(status) => panic!("send: {status:?}"),
+                }
+            }
+            panic!("send {i}: still unavailable after 50 tries")
+        });
+    }
+    let mut sent: Vec<Vec<u8>> = sends.join_all().await;
+    sent.sort();
+    let mut stream = open_stream(&addr(1), &bob, 0).await;
+    let frames = collect(&mut stream, Duration::from_secs(30), |f| {
+        messages(f).len() >= count
+    })
+    .await;
+    let got = messages(&frames);
+    let seqs: Vec<u64> = got.iter().map(|(seq, _)| *seq).collect();
+    let want_seqs: Vec<u64> = (1..=u64::try_from(count).expect("small")).collect();
+    assert_eq!(seqs, want_seqs, "{count} messages, in inbox order");
+    let mut ids: Vec<Vec<u8>> = got.into_iter().map(|(_, id)| id).collect();
+    ids.sort();
+    assert_eq!(ids, sent, "each acknowledged message exactly once");
+}
+
 async fn last_log_indexes(peer: &str) -> Vec<u64> {
     status(peer)
         .await
