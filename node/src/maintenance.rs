@@ -30,6 +30,15 @@ pub const JOBS_MAX: usize = 1;
 pub const PROGRESS_QUEUE: usize = 16;
 /// Log entries returned by one `ReadLog` call at most.
 pub const READ_LOG_ENTRIES_MAX: u32 = 1000;
+/// Bytes of log records one `ReadLog` call returns at most (beyond its first entry): a page of
+/// large entries ends early, so that it fits one gRPC message; the caller asks for the rest.
+pub const READ_LOG_BYTES_MAX: usize = courier_proto::limits::GRPC_MESSAGE_BYTES_MAX / 2;
+
+const _: () = assert!(
+    READ_LOG_BYTES_MAX + courier_proto::limits::PROPOSAL_BYTES_MAX * 3 / 2
+        <= courier_proto::limits::GRPC_MESSAGE_BYTES_MAX,
+    "a page and the largest entry fit one gRPC message"
+);
 
 /// A job's stream of updates.
 pub type JobStream = ReceiverStream<Result<ProjectionJobUpdate, tonic::Status>>;
@@ -317,7 +326,12 @@ fn read_log_blocking(
         .checked_add(u64::from(limit).saturating_sub(1))
         .map_or(to, |t| t.min(to));
     let mut entries = Vec::new();
+    let mut bytes = 0_usize;
     for_each_entry(log.as_ref(), from, to, &mut |record| {
+        bytes = bytes.saturating_add(record.payload.len());
+        if bytes > READ_LOG_BYTES_MAX && !entries.is_empty() {
+            return Ok(false);
+        }
         let entry = rebuild::decode_entry(shard, record)?;
         entries.push(peer::LogEntryView {
             index: record.index.get(),

@@ -554,7 +554,22 @@ fn read_cursor(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_messages_queued_beyond_one_proposal_are_all_forwarded() {
     use courier_proto::limits::{MESSAGE_BODY_BYTES_MAX, PROPOSAL_BYTES_MAX};
-    let c = cluster().await;
+    // openraft gives an append-entries call one heartbeat interval: a maximal entry (1 MiB)
+    // crosses in a few ms in a release build, but not always within the tests' 50 ms in a debug
+    // build on a busy machine (it is then sent again until it does).
+    let c = cluster_configured(&|text| {
+        with_limits(text, 10_000)
+            .replace("heartbeat = \"50ms\"", "heartbeat = \"250ms\"")
+            .replace(
+                "election-timeout-min = \"300ms\"",
+                "election-timeout-min = \"1500ms\"",
+            )
+            .replace(
+                "election-timeout-max = \"600ms\"",
+                "election-timeout-max = \"3000ms\"",
+            )
+    })
+    .await;
     let addr = |i: usize| c.nodes[i].client_addr.to_string();
     let (alice_phone, bob_phone) = phones_on_different_shards();
     let alice = register(&addr(0), &c.dirs[0], &alice_phone).await;
@@ -601,6 +616,15 @@ async fn large_messages_queued_beyond_one_proposal_are_all_forwarded() {
     let mut ids: Vec<Vec<u8>> = got.into_iter().map(|(_, id)| id).collect();
     ids.sort();
     assert_eq!(ids, sent, "each acknowledged message exactly once");
+    // The sender's log holds more than one gRPC message's worth: read back in pages that fit.
+    c.wait_converged().await;
+    let alice_shard = shard_of(UserId::new(alice.user).expect("id"), 4);
+    let logged = logged_events(&c.nodes[2], alice_shard).await;
+    let sends = logged
+        .iter()
+        .filter(|kind| matches!(kind, events::event::Kind::MessageSent(_)))
+        .count();
+    assert_eq!(sends, count, "every send is in the log, read page by page");
 }
 
 async fn last_log_indexes(peer: &str) -> Vec<u64> {
@@ -1357,7 +1381,7 @@ async fn group_copies_are_forgotten_after_the_windows() {
     }
 }
 
-/// Every event in `node`'s log of `shard`, in order.
+/// Every event in `node`'s log of `shard`, in order, read page by page as `ReadLog` returns it.
 async fn logged_events(
     node: &courier_node::NodeHandle,
     shard: ShardId,
@@ -1365,20 +1389,33 @@ async fn logged_events(
     let mut admin = courier_proto::pb::peer::admin_client::AdminClient::new(
         peer_channel(&node.peer_addr.to_string()).await,
     );
-    admin
-        .read_log(courier_proto::pb::peer::ReadLogRequest {
-            shard: u32::from(shard.get()),
-            ..Default::default()
-        })
-        .await
-        .expect("read log")
-        .into_inner()
-        .entries
-        .into_iter()
-        .filter_map(|e| e.events)
-        .flat_map(|p| p.events)
-        .filter_map(|e| e.kind)
-        .collect()
+    let mut kinds = Vec::new();
+    let mut from = 0;
+    loop {
+        let page = admin
+            .read_log(courier_proto::pb::peer::ReadLogRequest {
+                shard: u32::from(shard.get()),
+                from,
+                ..Default::default()
+            })
+            .await
+            .expect("read log")
+            .into_inner();
+        let Some(last) = page.entries.last().map(|e| e.index) else {
+            return kinds;
+        };
+        kinds.extend(
+            page.entries
+                .into_iter()
+                .filter_map(|e| e.events)
+                .flat_map(|p| p.events)
+                .filter_map(|e| e.kind),
+        );
+        if last >= page.last {
+            return kinds;
+        }
+        from = last.saturating_add(1);
+    }
 }
 
 /// Reads `projection` of `shard` on `node`'s replica as it is now; a storage fault fails the
