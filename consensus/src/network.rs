@@ -341,6 +341,10 @@ fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, NetworkError> {
 /// accepted (`RAFT_MESSAGE_BYTES_MAX`), and was sent again forever: replication stopped.
 pub const APPEND_PAYLOAD_BYTES_MAX: usize = courier_proto::limits::PROPOSAL_BYTES_MAX + 64 * 1024;
 
+/// What the entries of a cut append-entries request may take: room is left for its other fields
+/// (vote, previous log id, commit index).
+const APPEND_ENTRIES_BYTES_MAX: usize = APPEND_PAYLOAD_BYTES_MAX - 1024;
+
 const _: () = assert!(
     APPEND_PAYLOAD_BYTES_MAX + 1024 <= RAFT_MESSAGE_BYTES_MAX,
     "an append-entries request of one maximal entry fits the receiver's message limit"
@@ -494,8 +498,11 @@ impl RaftNetwork<TypeConfig> for GroupClient {
         let payload = encode(&rpc).map_err(RPCError::Network)?;
         if payload.len() > APPEND_PAYLOAD_BYTES_MAX && rpc.entries.len() > 1 {
             // openraft sends up to `max_payload_entries` entries whatever their size; ask it
-            // for fewer (it retries at once) rather than send what the receiver refuses.
-            let hint = entries_within(&rpc.entries, APPEND_PAYLOAD_BYTES_MAX)?;
+            // for fewer (it retries at once). Always fewer than this call had, so that the
+            // retries end: a single entry always goes.
+            let fit = entries_within(&rpc.entries, APPEND_ENTRIES_BYTES_MAX)?;
+            let sent = u64::try_from(rpc.entries.len()).unwrap_or(u64::MAX);
+            let hint = fit.min(sent.saturating_sub(1)).max(1);
             return Err(RPCError::PayloadTooLarge(
                 PayloadTooLarge::new_entries_hint(hint),
             ));

@@ -48,7 +48,8 @@ pub struct RaftRaw {
     /// Snapshot chunk size on the wire. Default `"1MiB"`.
     #[serde(default = "defaults::snapshot_chunk")]
     pub snapshot_chunk: ByteSize,
-    /// Largest number of entries in one append-entries RPC. Default 256.
+    /// Largest number of entries in one append-entries RPC. Default 256. A call of more than
+    /// one entry also stops at `courier_consensus::network::APPEND_PAYLOAD_BYTES_MAX` bytes.
     #[serde(default = "defaults::append_entries")]
     pub append_entries_max: u64,
 }
