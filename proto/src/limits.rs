@@ -69,7 +69,7 @@ const _: () = assert!(
 );
 const _: () = assert!(
     PROPOSAL_BYTES_MAX * 2 <= GRPC_MESSAGE_BYTES_MAX,
-    "an append-entries RPC carries at least two maximal proposals"
+    "a maximal proposal fits one gRPC message twice over (an append-entries call, a forwarded batch)"
 );
 const _: () = assert!(
     FORWARD_BATCH_BYTES_MAX + FORWARD_BATCH_EVENTS_MAX * 16 + 64 <= GRPC_MESSAGE_BYTES_MAX,
