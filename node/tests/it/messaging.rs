@@ -574,7 +574,8 @@ async fn large_messages_queued_beyond_one_proposal_are_all_forwarded() {
     let (alice_phone, bob_phone) = phones_on_different_shards();
     let alice = register(&addr(0), &c.dirs[0], &alice_phone).await;
     let bob = register(&addr(1), &c.dirs[1], &bob_phone).await;
-    let count = 3 * PROPOSAL_BYTES_MAX / MESSAGE_BODY_BYTES_MAX;
+    // Five proposals' worth: more than one gRPC message (4 MiB) holds, for the log read below.
+    let count = 5 * PROPOSAL_BYTES_MAX / MESSAGE_BODY_BYTES_MAX;
     let messaging = MessagingClient::new(channel(&addr(0)).await);
     let mut sends = tokio::task::JoinSet::new();
     for i in 0..count {
@@ -616,7 +617,8 @@ async fn large_messages_queued_beyond_one_proposal_are_all_forwarded() {
     let mut ids: Vec<Vec<u8>> = got.into_iter().map(|(_, id)| id).collect();
     ids.sort();
     assert_eq!(ids, sent, "each acknowledged message exactly once");
-    // The sender's log holds more than one gRPC message's worth: read back in pages that fit.
+    // The sender's log holds more than one gRPC message's worth (a reader decodes at most
+    // 4 MiB): read back in pages that fit.
     c.wait_converged().await;
     let alice_shard = shard_of(UserId::new(alice.user).expect("id"), 4);
     let logged = logged_events(&c.nodes[2], alice_shard).await;
