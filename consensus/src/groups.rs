@@ -339,11 +339,11 @@ impl Groups {
             info!(%group, floor, "the leader that adds this replica back starts it");
             stored.clear_dropped().map_err(storage)?;
         }
-        let log = LogStore::new(stored);
-        let stats = log.stats.clone();
         let sm = StateMachine::open(self.db.clone(), group)
             .map(|sm| sm.with_watch(self.watch.clone()))
             .map_err(|source| ConsensusError::Storage { group, source })?;
+        let log = LogStore::new(stored).purging_behind(sm.applied_mark());
+        let stats = log.stats.clone();
         let applied = sm.shared();
         let maintenance = sm.maintenance();
         let network = PeerNetwork::new(group, self.pool.clone(), self.rpc_timeout);

@@ -35,6 +35,6 @@ pub mod state_machine;
 pub mod types;
 pub mod watch;
 
-pub use log_store::LogStore;
+pub use log_store::{AppliedMark, LogStore};
 pub use state_machine::StateMachine;
 pub use types::{ClusterSettings, GroupId, NodeId, Proposal, ProposalResponse, Raft, TypeConfig};

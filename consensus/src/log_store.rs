@@ -20,8 +20,9 @@
 use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use courier_proto::LogIndex;
 use courier_storage::keys::raft_tag;
@@ -36,6 +37,37 @@ use courier_proto::{PHONE_KEY_BYTES, PhoneKey};
 
 use crate::placement::Placement;
 use crate::types::{ClusterSettings, LogId, Node, NodeId, Proposal, RaftStorageError, TypeConfig};
+
+/// How often a purge that waits for the state machine looks again (`LogStore::purge`): it waits
+/// only while a snapshot installs, which takes milliseconds to seconds.
+const PURGE_WAIT_POLL: Duration = Duration::from_millis(5);
+
+/// How far a group's state machine holds its entries: set by the state machine after every
+/// applied batch and snapshot install, read by the log store's purge.
+#[derive(Debug, Default)]
+pub struct AppliedMark {
+    /// The applied raft index + 1 (0: nothing applied).
+    next: AtomicU64,
+    /// A snapshot install failed: what it would have covered is not held, and never will be.
+    failed: AtomicBool,
+}
+
+impl AppliedMark {
+    /// The state machine applied (or installed) up to `log_id`.
+    pub fn applied(&self, log_id: Option<LogId>) {
+        let next = log_id.map_or(0, |id| id.index.saturating_add(1));
+        self.next.fetch_max(next, Ordering::Release);
+    }
+
+    /// A snapshot install failed.
+    pub fn install_failed(&self) {
+        self.failed.store(true, Ordering::Release);
+    }
+
+    fn holds(&self, index: u64) -> bool {
+        self.next.load(Ordering::Acquire) > index
+    }
+}
 
 /// The raft-specific part of a stored entry.
 #[derive(Serialize, Deserialize)]
@@ -259,6 +291,8 @@ impl Recent {
 #[derive(Clone, Debug)]
 pub struct LogStore {
     log: courier_storage::LogStore,
+    /// How far the group's state machine holds its entries; a purge past it waits (`purge`).
+    applied: Option<Arc<AppliedMark>>,
     /// Group-commit counters, shared with metrics.
     pub stats: Arc<AppendStats>,
     recent: Arc<Mutex<Recent>>,
@@ -273,10 +307,47 @@ impl LogStore {
     pub fn new(log: courier_storage::LogStore) -> Self {
         Self {
             log,
+            applied: None,
             stats: Arc::default(),
             recent: Arc::default(),
             committed: None,
             commit_calls: 0,
+        }
+    }
+
+    /// Purges wait until the state machine behind `applied` holds what they purge (`purge`
+    /// says why). Without it (a store used on its own, as openraft's conformance suite does) a
+    /// purge goes ahead at once.
+    #[must_use]
+    pub fn purging_behind(mut self, applied: Arc<AppliedMark>) -> Self {
+        self.applied = Some(applied);
+        self
+    }
+
+    /// Waits until the state machine applied (or installed) up to `log_id`.
+    async fn wait_applied(&self, log_id: LogId) -> Result<(), RaftStorageError> {
+        let Some(applied) = &self.applied else {
+            return Ok(());
+        };
+        let mut waited = false;
+        loop {
+            if applied.holds(log_id.index) {
+                return Ok(());
+            }
+            if applied.failed.load(Ordering::Acquire) {
+                return Err(StorageIOError::write(&std::io::Error::other(
+                    "a snapshot install failed: the entries it covers are not purged",
+                ))
+                .into());
+            }
+            if !waited {
+                waited = true;
+                tracing::info!(
+                    upto = log_id.index,
+                    "purge waits for the state machine to hold the snapshot it covers"
+                );
+            }
+            tokio::time::sleep(PURGE_WAIT_POLL).await;
         }
     }
 
@@ -462,7 +533,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     /// Raft's purge: from here on raft never reads these entries again, but they are deleted
     /// only as far as the log archive holds them (`raft_tag::ARCHIVED`); the node's archiver
     /// deletes the rest once it archived them. Purge never passes what is archived.
+    ///
+    /// openraft 0.9 purges the entries an installed snapshot covers right after it hands the
+    /// install to the state machine, without waiting for it to finish. A crash in between would
+    /// leave a log purged past the applied state, which openraft refuses to start from (and whose
+    /// entries no replica may have any more). So a purge past what the state machine holds waits
+    /// for it; the synced purge record then also makes the applied state before it durable.
     async fn purge(&mut self, log_id: LogId) -> Result<(), RaftStorageError> {
+        self.wait_applied(log_id).await?;
         // Record the purge point first, so a crash in between never loses track of it.
         self.save(raft_tag::PURGED, &log_id)?;
         self.recent().retain(|index| index > log_id.index);
@@ -509,6 +587,68 @@ mod tests {
         assert_eq!(record.payload, expected);
         let decoded = decode_record(courier_proto::ShardId::new(0), &record).expect("decodes back");
         assert_eq!(decoded, entry);
+    }
+
+    fn store_on_memdisk() -> (LogStore, Arc<AppliedMark>) {
+        let db = Arc::new(courier_storage::Db::on_memdisk(
+            Arc::new(courier_storage::MemDisk::new()),
+            std::path::Path::new("purge-test"),
+        ));
+        let mark = Arc::new(AppliedMark::default());
+        let log = courier_storage::LogStore::new(db, courier_proto::ShardId::new(0));
+        (LogStore::new(log).purging_behind(mark.clone()), mark)
+    }
+
+    fn log_id(index: u64) -> LogId {
+        LogId::new(CommittedLeaderId::new(1, 1), index)
+    }
+
+    /// openraft 0.9 purges an installed snapshot's entries while the state machine still
+    /// installs it: the purge point is recorded only once the state machine holds it, so a
+    /// crash in between leaves a log openraft starts from.
+    #[tokio::test]
+    async fn a_purge_past_the_applied_state_waits_for_the_state_machine() {
+        let (mut store, mark) = store_on_memdisk();
+        mark.applied(Some(log_id(5)));
+        store
+            .purge(log_id(5))
+            .await
+            .expect("purges what is applied at once");
+        assert_eq!(
+            store.read_id(raft_tag::PURGED).expect("reads"),
+            Some(log_id(5))
+        );
+
+        let purge = tokio::spawn(async move { store.purge(log_id(40)).await.map(|()| store) });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !purge.is_finished(),
+            "the purge waits while the install runs"
+        );
+        mark.applied(Some(log_id(40)));
+        let store = purge.await.expect("joins").expect("purges once installed");
+        assert_eq!(
+            store.read_id(raft_tag::PURGED).expect("reads"),
+            Some(log_id(40))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_purge_behind_a_failed_install_fails_and_records_nothing() {
+        let (mut store, mark) = store_on_memdisk();
+        mark.applied(Some(log_id(5)));
+        let purge = tokio::spawn(async move {
+            let result = store.purge(log_id(40)).await;
+            (result, store)
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        mark.install_failed();
+        let (result, store) = purge.await.expect("joins");
+        assert!(
+            result.is_err(),
+            "a failed install stops the purge (and the group)"
+        );
+        assert_eq!(store.read_id(raft_tag::PURGED).expect("reads"), None);
     }
 
     #[test]

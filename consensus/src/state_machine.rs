@@ -20,7 +20,7 @@ use openraft::storage::RaftStateMachine;
 use openraft::{Entry, EntryPayload, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta};
 use serde::{Deserialize, Serialize};
 
-use crate::log_store::{fault, storage_index};
+use crate::log_store::{AppliedMark, fault, storage_index};
 use crate::placement::Placement;
 use crate::snapshot_data::SnapshotData;
 use crate::types::{
@@ -241,6 +241,8 @@ pub struct StateMachine {
     pub(crate) machine: Arc<tokio::sync::Mutex<Machine>>,
     pub(crate) shared: Arc<RwLock<AppliedView>>,
     pub(crate) watch: Arc<ApplyWatch>,
+    /// How far this machine holds its entries, for the log store's purge.
+    mark: Arc<AppliedMark>,
 }
 
 impl StateMachine {
@@ -270,6 +272,8 @@ impl StateMachine {
             shard: state.clone(),
             raft: raft.clone(),
         }));
+        let mark = Arc::new(AppliedMark::default());
+        mark.applied(raft.last_applied);
         Ok(Self {
             db,
             group,
@@ -280,7 +284,70 @@ impl StateMachine {
             })),
             shared,
             watch: Arc::default(),
+            mark,
         })
+    }
+
+    /// How far this machine holds its entries (the group's log store purges behind it).
+    pub fn applied_mark(&self) -> Arc<AppliedMark> {
+        self.mark.clone()
+    }
+
+    /// Installs a received snapshot (`install_snapshot`).
+    async fn install(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, Node>,
+        snapshot: Box<SnapshotData>,
+    ) -> Result<(), RaftStorageError> {
+        let prefix = self.group.storage_prefix();
+        let mut machine = self.machine.lock().await;
+        machine.check_not_dropped()?;
+        let state = match *snapshot {
+            SnapshotData::Memory(cursor) => {
+                // The simulation's disk: the whole shard in one atomic batch.
+                let chunks = snapshot::decode(prefix, cursor.get_ref()).map_err(fault)?;
+                let install = snapshot::prepare_install(prefix, chunks).map_err(fault)?;
+                // Entries above what this replica applied and up to the snapshot may be an
+                // old leader's, never committed: delete them before the archiver (which
+                // archives what is at or below the applied index) could take them for
+                // committed ones.
+                courier_storage::LogStore::new(self.db.clone(), prefix)
+                    .delete_between(machine.state.applied.next(), install.state.applied.next())
+                    .map_err(fault)?;
+                self.db
+                    .replace_ranges(&install.clear, install.changes, true)
+                    .map_err(fault)?;
+                install.state
+            }
+            SnapshotData::File(file) => {
+                // A real disk: from the spool file, in bounded memory (`install` says how it
+                // stays atomic across a crash).
+                let mut file = file.into_std().await;
+                std::io::Seek::rewind(&mut file).map_err(|error| {
+                    RaftStorageError::from(openraft::StorageIOError::read_snapshot(
+                        Some(meta.signature()),
+                        &error,
+                    ))
+                })?;
+                let db = self.db.clone();
+                tokio::task::spawn_blocking(move || {
+                    courier_storage::install::install(&db, prefix, file)
+                })
+                .await
+                .expect("the install thread does not panic")
+                .map_err(fault)?
+            }
+        };
+        let raft = RaftApplied::decode(&state.consensus_state)?;
+        assert_eq!(
+            raft.last_applied, meta.last_log_id,
+            "a snapshot's data matches its meta"
+        );
+        machine.state = state;
+        machine.raft = raft;
+        publish(&self.shared, &machine);
+        self.watch.everything();
+        Ok(())
     }
 
     /// A read-only view of what this group applied, updated after every batch.
@@ -525,6 +592,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         machine.state = batch.next;
         machine.raft = raft;
         publish(&self.shared, &machine);
+        self.mark.applied(machine.raft.last_applied);
         self.watch.applied(machine.state.shard, &batch.touched);
         Ok(batch
             .results
@@ -556,55 +624,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMeta<NodeId, Node>,
         snapshot: Box<SnapshotData>,
     ) -> Result<(), RaftStorageError> {
-        let prefix = self.group.storage_prefix();
-        let mut machine = self.machine.lock().await;
-        machine.check_not_dropped()?;
-        let state = match *snapshot {
-            SnapshotData::Memory(cursor) => {
-                // The simulation's disk: the whole shard in one atomic batch.
-                let chunks = snapshot::decode(prefix, cursor.get_ref()).map_err(fault)?;
-                let install = snapshot::prepare_install(prefix, chunks).map_err(fault)?;
-                // Entries above what this replica applied and up to the snapshot may be an
-                // old leader's, never committed: delete them before the archiver (which
-                // archives what is at or below the applied index) could take them for
-                // committed ones.
-                courier_storage::LogStore::new(self.db.clone(), prefix)
-                    .delete_between(machine.state.applied.next(), install.state.applied.next())
-                    .map_err(fault)?;
-                self.db
-                    .replace_ranges(&install.clear, install.changes, true)
-                    .map_err(fault)?;
-                install.state
-            }
-            SnapshotData::File(file) => {
-                // A real disk: from the spool file, in bounded memory (`install` says how it
-                // stays atomic across a crash).
-                let mut file = file.into_std().await;
-                std::io::Seek::rewind(&mut file).map_err(|error| {
-                    RaftStorageError::from(openraft::StorageIOError::read_snapshot(
-                        Some(meta.signature()),
-                        &error,
-                    ))
-                })?;
-                let db = self.db.clone();
-                tokio::task::spawn_blocking(move || {
-                    courier_storage::install::install(&db, prefix, file)
-                })
-                .await
-                .expect("the install thread does not panic")
-                .map_err(fault)?
-            }
-        };
-        let raft = RaftApplied::decode(&state.consensus_state)?;
-        assert_eq!(
-            raft.last_applied, meta.last_log_id,
-            "a snapshot's data matches its meta"
-        );
-        machine.state = state;
-        machine.raft = raft;
-        publish(&self.shared, &machine);
-        self.watch.everything();
-        Ok(())
+        let installed = self.install(meta, snapshot).await;
+        match &installed {
+            Ok(()) => self.mark.applied(meta.last_log_id),
+            Err(_) => self.mark.install_failed(),
+        }
+        installed
     }
 
     async fn get_current_snapshot(
