@@ -10,9 +10,9 @@ use courier_proto::pb::client::{
     ClientFrame, Open, ReceiptUpdate, SendRequest, ServerFrame, client_frame, server_frame,
 };
 use courier_proto::pb::events::{self, ReceiptState, event::Kind};
+use courier_proto::pb::peer::ProposeRequest;
 use courier_proto::pb::peer::admin_client::AdminClient;
 use courier_proto::pb::peer::forward_client::ForwardClient;
-use courier_proto::pb::peer::{ProposeRequest, ReadLogRequest};
 use courier_proto::{UserId, shard_of};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -22,7 +22,7 @@ use crate::messaging::{
     Device, Stream, authed, body, cluster_configured, code_of, open_stream_from,
     phones_on_different_shards, register,
 };
-use crate::support::{channel, connect, peer_channel, peer_tls};
+use crate::support::{channel, connect, log_events, peer_channel, peer_tls};
 
 /// Opens `device`'s stream at `addr` with the receipt feed resuming as given.
 async fn open_receipts(
@@ -58,38 +58,6 @@ async fn receipts(stream: &mut Stream, count: usize, timeout: Duration) -> Vec<R
         }
     }
     got
-}
-
-/// A shard's whole log as one node stores it, paged.
-async fn log_events(peer: &str, shard: u32) -> Vec<events::Event> {
-    let mut admin = AdminClient::new(peer_channel(peer).await);
-    let mut events = Vec::new();
-    let mut from = 0;
-    loop {
-        let page = admin
-            .read_log(ReadLogRequest {
-                shard,
-                from,
-                to: 0,
-                limit: 0,
-            })
-            .await
-            .expect("read log")
-            .into_inner();
-        let Some(last) = page.entries.last().map(|e| e.index) else {
-            return events;
-        };
-        events.extend(
-            page.entries
-                .into_iter()
-                .filter_map(|e| e.events)
-                .flat_map(|p| p.events),
-        );
-        if last >= page.last {
-            return events;
-        }
-        from = last + 1;
-    }
 }
 
 /// No snapshots, so the whole log stays readable.

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::cluster::{SHARDS, init, status, wait_converged, wait_leaders, with_limits};
-use crate::support::{channel, peer_channel};
+use crate::support::{channel, log_events, peer_channel};
 
 /// A registered device.
 #[derive(Clone, Debug)]
@@ -1388,36 +1388,11 @@ async fn logged_events(
     node: &courier_node::NodeHandle,
     shard: ShardId,
 ) -> Vec<events::event::Kind> {
-    let mut admin = courier_proto::pb::peer::admin_client::AdminClient::new(
-        peer_channel(&node.peer_addr.to_string()).await,
-    );
-    let mut kinds = Vec::new();
-    let mut from = 0;
-    loop {
-        let page = admin
-            .read_log(courier_proto::pb::peer::ReadLogRequest {
-                shard: u32::from(shard.get()),
-                from,
-                ..Default::default()
-            })
-            .await
-            .expect("read log")
-            .into_inner();
-        let Some(last) = page.entries.last().map(|e| e.index) else {
-            return kinds;
-        };
-        kinds.extend(
-            page.entries
-                .into_iter()
-                .filter_map(|e| e.events)
-                .flat_map(|p| p.events)
-                .filter_map(|e| e.kind),
-        );
-        if last >= page.last {
-            return kinds;
-        }
-        from = last.saturating_add(1);
-    }
+    log_events(&node.peer_addr.to_string(), u32::from(shard.get()))
+        .await
+        .into_iter()
+        .filter_map(|event| event.kind)
+        .collect()
 }
 
 /// Reads `projection` of `shard` on `node`'s replica as it is now; a storage fault fails the

@@ -297,6 +297,40 @@ pub(crate) async fn peer_channel(addr: &str) -> tonic::transport::Channel {
     connect(addr, peer_tls(courier_tls::dev::OPERATOR)).await
 }
 
+/// A shard's whole log as the node at `peer` stores it, read page by page as `ReadLog` returns
+/// it (a page ends early on large entries).
+pub(crate) async fn log_events(peer: &str, shard: u32) -> Vec<courier_proto::pb::events::Event> {
+    let mut admin =
+        courier_proto::pb::peer::admin_client::AdminClient::new(peer_channel(peer).await);
+    let mut events = Vec::new();
+    let mut from = 0;
+    loop {
+        let page = admin
+            .read_log(courier_proto::pb::peer::ReadLogRequest {
+                shard,
+                from,
+                to: 0,
+                limit: 0,
+            })
+            .await
+            .expect("read log")
+            .into_inner();
+        let Some(last) = page.entries.last().map(|e| e.index) else {
+            return events;
+        };
+        events.extend(
+            page.entries
+                .into_iter()
+                .filter_map(|e| e.events)
+                .flat_map(|p| p.events),
+        );
+        if last >= page.last {
+            return events;
+        }
+        from = last + 1;
+    }
+}
+
 /// A channel to `addr` with `tls`.
 pub(crate) async fn connect(
     addr: &str,
