@@ -62,6 +62,10 @@ pub const FORWARD_QUIET: Duration = Duration::from_millis(10);
 /// Longest a shard's queue states read by an earlier pass are used again while its outbox epoch
 /// has not moved (a bound on any missed change, not the way changes are noticed).
 pub const STATES_MAX_AGE: Duration = Duration::from_millis(500);
+/// Events read from an outbox at a time while a batch is cut: a batch's read holds at most this
+/// many events beyond the ones it sends (≤ 32 maximal messages, 8 MiB), where reading the whole
+/// [`FORWARD_BATCH_EVENTS_MAX`] at once held up to 512 of them before the byte cut.
+pub const FORWARD_READ_PAGE: usize = 32;
 /// How long a trim queued on the proposer may take to apply before it is queued again (it may
 /// have been refused by a full queue or lost with a leader change).
 pub const TRIM_RETRY: Duration = Duration::from_secs(1);
@@ -334,15 +338,15 @@ async fn forward_once(
 ) -> Result<u64, crate::status::ApiError> {
     let pending = {
         let mut reader = cluster.groups().db().read(source);
-        outbox::pending(
-            &reader.view(Projection::Outbox),
-            dest,
+        let view = reader.view(Projection::Outbox);
+        read_fitting(
+            |from, limit| outbox::pending(&view, dest, from, limit),
             after.saturating_add(1),
             FORWARD_BATCH_EVENTS_MAX,
+            FORWARD_BATCH_BYTES_MAX,
         )
         .map_err(crate::status::ApiError::from)?
     };
-    let pending = fitting(pending, FORWARD_BATCH_BYTES_MAX);
     let Some((first_pos, _)) = pending.first() else {
         return Ok(after);
     };
@@ -366,22 +370,40 @@ async fn forward_once(
     Ok(response.stored_up_to)
 }
 
-/// The longest prefix of `pending` whose encoded events sum to at most `bytes_max`, and never
-/// less than its first event (one event always fits one proposal: `MESSAGE_CONTENT_BYTES_MAX`).
-/// The destination proposes a batch as one proposal, which its proposer refuses beyond
-/// `PROPOSAL_BYTES_MAX`; a batch cut by count alone was refused on every retry, and the pair
-/// never moved again.
-fn fitting(mut pending: Vec<(u64, Event)>, bytes_max: usize) -> Vec<(u64, Event)> {
+/// Reads the next batch from `from_pos` on, [`FORWARD_READ_PAGE`] events at a time
+/// (`read_page(from, limit)`): the longest run of at most `events_max` events whose encoded sizes
+/// sum to at most `bytes_max`, and never less than its first event (one event always fits one
+/// proposal: `MESSAGE_CONTENT_BYTES_MAX`). The destination proposes a batch as one proposal,
+/// which its proposer refuses beyond `PROPOSAL_BYTES_MAX`; a batch cut by count alone was refused
+/// on every retry, and the pair never moved again.
+fn read_fitting<E>(
+    mut read_page: impl FnMut(u64, usize) -> Result<Vec<(u64, Event)>, E>,
+    from_pos: u64,
+    events_max: usize,
+    bytes_max: usize,
+) -> Result<Vec<(u64, Event)>, E> {
+    let mut batch: Vec<(u64, Event)> = Vec::new();
     let mut bytes = 0_usize;
-    let keep = pending
-        .iter()
-        .take_while(|(_, event)| {
-            bytes = bytes.saturating_add(prost::Message::encoded_len(event));
-            bytes <= bytes_max
-        })
-        .count();
-    pending.truncate(keep.max(1));
-    pending
+    let mut from = from_pos;
+    while batch.len() < events_max {
+        let want = events_max
+            .saturating_sub(batch.len())
+            .min(FORWARD_READ_PAGE);
+        let page = read_page(from, want)?;
+        let last_page = page.len() < want;
+        for (pos, event) in page {
+            bytes = bytes.saturating_add(prost::Message::encoded_len(&event));
+            if bytes > bytes_max && !batch.is_empty() {
+                return Ok(batch);
+            }
+            from = pos.saturating_add(1);
+            batch.push((pos, event));
+        }
+        if last_page {
+            break;
+        }
+    }
+    Ok(batch)
 }
 
 #[cfg(test)]
@@ -452,31 +474,65 @@ mod tests {
         }
     }
 
+    /// Reads `queue` as an outbox would, counting the events read.
+    fn read(queue: &[(u64, Event)], bytes_max: usize, read: &mut usize) -> Vec<u64> {
+        let page = |from: u64, limit: usize| -> Result<Vec<(u64, Event)>, ()> {
+            let page: Vec<_> = queue
+                .iter()
+                .filter(|(pos, _)| *pos >= from)
+                .take(limit)
+                .cloned()
+                .collect();
+            *read += page.len();
+            Ok(page)
+        };
+        let batch = read_fitting(page, 1, FORWARD_BATCH_EVENTS_MAX, bytes_max).unwrap();
+        batch.into_iter().map(|(pos, _)| pos).collect()
+    }
+
     #[test]
     fn a_batch_holds_no_more_bytes_than_one_proposal() {
         let one = prost::Message::encoded_len(&delivered(1000));
-        let pending: Vec<(u64, Event)> = (1..=10).map(|pos| (pos, delivered(1000))).collect();
-        let cut = fitting(pending.clone(), 3 * one + one / 2);
+        let queue: Vec<(u64, Event)> = (1..=10).map(|pos| (pos, delivered(1000))).collect();
+        let mut n = 0;
+        assert_eq!(read(&queue, 3 * one + one / 2, &mut n), [1, 2, 3]);
+        assert_eq!(read(&queue, 3 * one, &mut n).len(), 3, "up to the limit");
         assert_eq!(
-            cut.iter().map(|(pos, _)| *pos).collect::<Vec<_>>(),
-            [1, 2, 3]
-        );
-        assert_eq!(
-            fitting(pending.clone(), 3 * one).len(),
-            3,
-            "up to the limit"
-        );
-        assert_eq!(
-            fitting(pending.clone(), 10 * one),
-            pending,
+            read(&queue, 10 * one, &mut n),
+            (1..=10).collect::<Vec<_>>(),
             "all when they fit"
         );
         assert_eq!(
-            fitting(pending, one / 2).len(),
-            1,
+            read(&queue, one / 2, &mut n),
+            [1],
             "never less than one event"
         );
-        assert!(fitting(Vec::new(), one).is_empty());
+        assert!(read(&[], one, &mut n).is_empty());
+    }
+
+    #[test]
+    fn a_batch_reads_pages_until_its_cut() {
+        let one = prost::Message::encoded_len(&delivered(10));
+        let long = FORWARD_BATCH_EVENTS_MAX as u64 + 100;
+        let queue: Vec<(u64, Event)> = (1..=long).map(|pos| (pos, delivered(10))).collect();
+        // Small events: pages until the count limit, in order, without gaps or repeats.
+        let mut read_events = 0;
+        let batch = read(&queue, usize::MAX, &mut read_events);
+        assert_eq!(
+            batch,
+            (1..=FORWARD_BATCH_EVENTS_MAX as u64).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            read_events, FORWARD_BATCH_EVENTS_MAX,
+            "no more than the batch"
+        );
+        // A byte cut after 40 events stops reading within one page of it.
+        let mut read_events = 0;
+        assert_eq!(read(&queue, 40 * one, &mut read_events).len(), 40);
+        assert!(
+            read_events <= 40 + FORWARD_READ_PAGE,
+            "read {read_events} events for a batch of 40"
+        );
     }
 
     #[test]
