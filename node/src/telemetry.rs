@@ -186,8 +186,10 @@ pub fn adopt_traceparent(span: &tracing::Span, traceparent: &str) {
     let _ = span.set_parent(parent);
 }
 
-/// Logs a panic with thread and location before the process dies (release builds abort on
-/// panic; a half-alive replica is worse than a dead one).
+/// Logs a panic with thread and location, then aborts the process, in every build. Release builds
+/// abort on panic anyway; a debug build (the jepsen suite runs those) would otherwise unwind only
+/// the panicking task and leave a half-alive node, e.g. up and serving with one shard's raft dead.
+/// A half-alive replica is worse than a dead one: a dead one is restarted or replaced.
 pub fn set_panic_hook() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
@@ -207,5 +209,6 @@ pub fn set_panic_hook() {
             "panic: the node stops"
         );
         default(info);
+        std::process::abort();
     }));
 }
