@@ -304,7 +304,12 @@ impl StateMachine {
         machine.check_not_dropped()?;
         let state = match *snapshot {
             SnapshotData::Memory(cursor) => {
-                // The simulation's disk: the whole shard in one atomic batch.
+                // The simulation's disk: the whole shard in one atomic batch, after the time a
+                // real install would spend writing it (so that a crash can fall inside it).
+                let latency = self.db.simulated_install_begins();
+                if !latency.is_zero() {
+                    tokio::time::sleep(latency).await;
+                }
                 let chunks = snapshot::decode(prefix, cursor.get_ref()).map_err(fault)?;
                 let install = snapshot::prepare_install(prefix, chunks).map_err(fault)?;
                 // Entries above what this replica applied and up to the snapshot may be an
@@ -317,6 +322,7 @@ impl StateMachine {
                 self.db
                     .replace_ranges(&install.clear, install.changes, true)
                     .map_err(fault)?;
+                self.db.simulated_install_ends();
                 install.state
             }
             SnapshotData::File(file) => {

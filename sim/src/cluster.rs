@@ -309,6 +309,7 @@ pub(crate) fn run(options: &Options) -> anyhow::Result<Report> {
     let users: u32 = rng.random_range(3..=6);
     let workers: u32 = rng.random_range(2..=4);
     let latency_max = Duration::from_millis(rng.random_range(2..=25));
+    let install_latency = Duration::from_millis(rng.random_range(crate::INSTALL_LATENCY_MS));
     courier_node::env::install_clock(simulated_clock);
     courier_node::env::seed_randomness(Some(seed));
     let root = tempfile::Builder::new()
@@ -316,7 +317,7 @@ pub(crate) fn run(options: &Options) -> anyhow::Result<Report> {
         .tempdir()
         .context("a directory for the nodes' SMS outboxes")?;
     let history_path = root.path().join("history.jsonl");
-    let world = Arc::new(World::with_disks(CLUSTER_NODES));
+    let world = Arc::new(World::with_disks(CLUSTER_NODES, install_latency));
     let window_ms = options.seconds * 1_000;
     let mut sim = crate::simulation(
         seed,

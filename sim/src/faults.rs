@@ -1,5 +1,6 @@
 //! The nemesis (one fault at a time, drawn from the seed) and the invariants checked after every
-//! step of a simulation.
+//! step of a simulation. Besides its drawn faults, the nemesis cuts the power inside one snapshot
+//! install in [`INSTALL_CRASH_ONE_IN`], the moment that install begins.
 
 use std::collections::BTreeMap;
 
@@ -10,6 +11,9 @@ use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 
 use crate::{World, elapsed_ms, host};
+
+/// One snapshot install in this many loses power inside it.
+pub(crate) const INSTALL_CRASH_ONE_IN: u32 = 4;
 
 /// Invariants checked after every step.
 ///
@@ -91,6 +95,8 @@ pub(crate) struct Nemesis {
     pub(crate) faults: BTreeMap<&'static str, usize>,
     /// Simulated milliseconds of the current step (fault records carry it).
     now: u64,
+    /// Per node, the snapshot installs its disk began that the nemesis has seen.
+    installs_seen: BTreeMap<NodeId, u64>,
 }
 
 impl Nemesis {
@@ -107,6 +113,7 @@ impl Nemesis {
             held: false,
             faults: BTreeMap::new(),
             now: 0,
+            installs_seen: BTreeMap::new(),
         }
     }
 
@@ -137,6 +144,26 @@ impl Nemesis {
         })
     }
 
+    /// A node to lose power inside the snapshot install it just began, with probability
+    /// 1 / [`INSTALL_CRASH_ONE_IN`] per install: where a crash must find the log and the state
+    /// machine agreeing (a purge never passes what an install put in place), and where a crash
+    /// at a random moment almost never falls.
+    fn install_to_cut(&mut self, world: &World) -> Option<NodeId> {
+        for (&node, disk) in &world.disks {
+            let (installing, begun) = disk.installing();
+            let seen = self.installs_seen.entry(node).or_default();
+            if !installing || *seen == begun {
+                continue;
+            }
+            *seen = begun;
+            let up = !self.crashed.contains(&node) && self.failing_disk != Some(node);
+            if up && self.rng.random_ratio(1, INSTALL_CRASH_ONE_IN) {
+                return Some(node);
+            }
+        }
+        None
+    }
+
     /// No fault before `at` (simulated ms).
     pub(crate) fn first_fault_at(&mut self, at: u64) {
         self.next_at = at;
@@ -149,6 +176,17 @@ impl Nemesis {
 
     pub(crate) fn step(&mut self, sim: &mut turmoil::Sim<'_>, world: &World, now: u64) {
         self.now = now;
+        if let Some(node) = self.install_to_cut(world) {
+            let what = self.crash(sim, world, node);
+            self.note(
+                world,
+                "install crash",
+                format!("power loss inside a snapshot install on {what}"),
+            );
+            if self.heal_at.is_none() {
+                self.heal_at = Some(now + self.rng.random_range(500..3_000));
+            }
+        }
         if let Some(at) = self.heal_at {
             if now >= at {
                 self.heal(sim, world);

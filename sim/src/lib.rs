@@ -61,6 +61,9 @@ pub const NODES: u64 = 4;
 pub const VOTERS: u64 = 3;
 /// After the heal: how long the cluster has to elect leaders and converge.
 pub(crate) const LIVENESS_WAIT: Duration = Duration::from_secs(30);
+/// How long a snapshot install takes on a seed's disks, in ms (drawn per seed): long enough for
+/// a crash or power loss to fall inside one, as it can on a real disk.
+pub(crate) const INSTALL_LATENCY_MS: std::ops::RangeInclusive<u64> = 1..=40;
 
 /// What a run simulates.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -104,6 +107,8 @@ pub enum Bug {
     AckBeforeCommit,
     /// courier-storage: log appends are written without an fsync.
     UnsyncedLogAppends,
+    /// courier-consensus: a purge up to a received snapshot does not wait for its install.
+    PurgeBeforeInstall,
 }
 
 impl std::str::FromStr for Bug {
@@ -113,8 +118,10 @@ impl std::str::FromStr for Bug {
         match name {
             "ack-before-commit" => Ok(Self::AckBeforeCommit),
             "unsynced-log-appends" => Ok(Self::UnsyncedLogAppends),
+            "purge-before-install" => Ok(Self::PurgeBeforeInstall),
             other => Err(format!(
-                "unknown bug {other:?} (known: ack-before-commit, unsynced-log-appends)"
+                "unknown bug {other:?} (known: ack-before-commit, unsynced-log-appends, \
+                 purge-before-install)"
             )),
         }
     }
@@ -186,11 +193,16 @@ pub(crate) struct World {
 }
 
 impl World {
-    /// A world of nodes n1..=n`nodes`, each with an empty disk.
-    pub(crate) fn with_disks(nodes: u64) -> Self {
+    /// A world of nodes n1..=n`nodes`, each with an empty disk whose snapshot installs take
+    /// `install_latency`.
+    pub(crate) fn with_disks(nodes: u64, install_latency: Duration) -> Self {
         Self {
             disks: (1..=nodes)
-                .map(|id| (id, Arc::new(MemDisk::new())))
+                .map(|id| {
+                    let disk = MemDisk::new();
+                    disk.set_install_latency(install_latency);
+                    (id, Arc::new(disk))
+                })
                 .collect(),
             ..Self::default()
         }
@@ -477,6 +489,9 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
     #[cfg(feature = "bugs")]
     {
         courier_consensus::bugs::set_ack_before_commit(options.bug == Some(Bug::AckBeforeCommit));
+        courier_consensus::bugs::set_purge_before_install(
+            options.bug == Some(Bug::PurgeBeforeInstall),
+        );
         courier_storage::bugs::set_unsynced_log_appends(
             options.bug == Some(Bug::UnsyncedLogAppends),
         );

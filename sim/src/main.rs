@@ -6,7 +6,8 @@
 //! courier-sim --first 0 --seeds 200          a budget of seeds (what CI runs)
 //! courier-sim --seeds 20 --bug ack-before-commit --expect-failure
 //!                                            the deliberate bug must be found (feature `bugs`;
-//!                                            also `unsynced-log-appends`)
+//!                                            also `unsynced-log-appends`,
+//!                                            `purge-before-install`)
 //! ```
 //!
 //! Exit codes: 0 every seed passed (or, with `--expect-failure`, at least one failed); 1
@@ -39,7 +40,8 @@ struct Args {
     /// Simulated seconds of workload and faults per seed.
     #[arg(long, default_value_t = 20)]
     seconds: u64,
-    /// A deliberate bug (needs the `bugs` feature): ack-before-commit or unsynced-log-appends.
+    /// A deliberate bug (needs the `bugs` feature): ack-before-commit, unsynced-log-appends or
+    /// purge-before-install.
     #[arg(long = "bug")]
     bug_name: Option<String>,
     /// Succeed only if some seed fails (proves the bug is found).

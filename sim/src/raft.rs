@@ -404,7 +404,8 @@ pub(crate) fn run(options: &Options) -> anyhow::Result<Report> {
     let shards: u16 = rng.random_range(2..=3);
     let clients: u32 = rng.random_range(6..=12);
     let latency_max = Duration::from_millis(rng.random_range(2..=25));
-    let world = Arc::new(World::with_disks(NODES));
+    let install_latency = Duration::from_millis(rng.random_range(crate::INSTALL_LATENCY_MS));
+    let world = Arc::new(World::with_disks(NODES, install_latency));
     let window_ms = options.seconds * 1_000;
     let mut sim = crate::simulation(
         seed,

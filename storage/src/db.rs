@@ -135,6 +135,23 @@ impl Db {
         }
     }
 
+    /// A snapshot install begins: on the simulation's disk it is marked under way, and the answer
+    /// is how long it is to take ([`MemDisk::set_install_latency`]); on RocksDB, where the
+    /// install's own writes take their time, zero.
+    pub fn simulated_install_begins(&self) -> std::time::Duration {
+        match &self.engine {
+            Engine::Rocks(_) => std::time::Duration::ZERO,
+            Engine::Memory { disk, .. } => disk.begin_install(),
+        }
+    }
+
+    /// The install begun by [`Db::simulated_install_begins`] has written what it installs.
+    pub fn simulated_install_ends(&self) {
+        if let Engine::Memory { disk, .. } = &self.engine {
+            disk.end_install();
+        }
+    }
+
     /// What this database did since it was opened.
     pub fn counters(&self) -> &DbCounters {
         &self.counters

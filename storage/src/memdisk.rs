@@ -14,12 +14,17 @@
 //! same disk sees what survived. [`MemDisk::fail_syncs`] makes fsync fail, as a dying disk does;
 //! the write that asked for it is not applied and the handle stays failed until the next crash
 //! (RocksDB likewise stops accepting writes after a WAL sync error).
+//! [`MemDisk::set_install_latency`] makes a snapshot install take simulated time, as a real one
+//! takes time writing the shard: without it an install finished within one scheduler step, and a
+//! crash could never fall between openraft handing it over and its end. While one runs,
+//! [`MemDisk::installing`] says so, and the simulation's nemesis may cut the power inside it.
 //!
 //! Production never uses this: a node opens RocksDB ([`Db::open`](crate::Db::open)).
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use crate::cf::Cf;
 use crate::error::{Result, StorageError};
@@ -77,6 +82,10 @@ struct Disk {
     failed: Option<u64>,
     fail_syncs: bool,
     syncs: u64,
+    install_latency: Duration,
+    /// A snapshot install is under way (begun, not yet ended, no crash since).
+    installing: bool,
+    installs_begun: u64,
 }
 
 /// What a crash did to the unsynced writes.
@@ -121,6 +130,7 @@ impl MemDisk {
         disk.visible = disk.durable.clone();
         disk.incarnation = disk.incarnation.wrapping_add(1);
         disk.failed = None;
+        disk.installing = false;
         CrashLoss {
             kept,
             lost: pending.len().saturating_sub(kept),
@@ -130,6 +140,32 @@ impl MemDisk {
     /// From now on (until turned off), every fsync fails.
     pub fn fail_syncs(&self, fail: bool) {
         self.lock().fail_syncs = fail;
+    }
+
+    /// From now on, a snapshot install on this disk waits `latency` (simulated time) before it
+    /// writes, as a real install spends writing the shard (`Db::simulated_install_latency`).
+    pub fn set_install_latency(&self, latency: Duration) {
+        self.lock().install_latency = latency;
+    }
+
+    /// A snapshot install begins: marks it under way and answers how long it is to take.
+    pub(crate) fn begin_install(&self) -> Duration {
+        let mut disk = self.lock();
+        disk.installing = true;
+        disk.installs_begun = disk.installs_begun.wrapping_add(1);
+        disk.install_latency
+    }
+
+    /// The install begun last has written what it installs.
+    pub(crate) fn end_install(&self) {
+        self.lock().installing = false;
+    }
+
+    /// Whether a snapshot install is under way, and how many began so far (so that a watcher
+    /// tells one install from the next).
+    pub fn installing(&self) -> (bool, u64) {
+        let disk = self.lock();
+        (disk.installing, disk.installs_begun)
     }
 
     /// Successful fsyncs so far.
@@ -313,5 +349,19 @@ mod tests {
         let next = disk.attach();
         disk.write(next, put("b", "2"), true).unwrap();
         assert_eq!(read(&disk, "b"), Some(b"2".to_vec()));
+    }
+
+    #[test]
+    fn an_install_is_under_way_from_its_begin_to_its_end_or_a_crash() {
+        let disk = MemDisk::new();
+        disk.set_install_latency(Duration::from_millis(7));
+        assert_eq!(disk.installing(), (false, 0));
+        assert_eq!(disk.begin_install(), Duration::from_millis(7));
+        assert_eq!(disk.installing(), (true, 1));
+        disk.end_install();
+        assert_eq!(disk.installing(), (false, 1));
+        disk.begin_install();
+        disk.crash(|n| n);
+        assert_eq!(disk.installing(), (false, 2), "a crash ends it");
     }
 }
