@@ -103,6 +103,7 @@ async fn client(world: Arc<World>, process: u32, from: u64, to: u64, shard: Shar
     while !world.healed.load(Ordering::SeqCst) {
         counter += 1;
         let client_id = format!("{process}-{counter}");
+        let body = courier_jepsen::workload::body::body(&client_id, &mut rng);
         for attempt in 0..ATTEMPTS_MAX {
             let op_id = world.next_op.fetch_add(1, Ordering::SeqCst);
             let mut message_id = [0_u8; 16];
@@ -130,7 +131,7 @@ async fn client(world: Arc<World>, process: u32, from: u64, to: u64, shard: Shar
                         with: Some(events::conversation::With::User(to)),
                     }),
                     content: Some(events::Content {
-                        body: client_id.clone().into_bytes(),
+                        body: body.clone(),
                         media: None,
                     }),
                     sent_at_ms: now_ms(),
@@ -520,7 +521,7 @@ fn drain_inboxes(world: &World, shards: u16) -> Vec<String> {
                     from_user: entry.sender_user,
                     client_id: entry
                         .content
-                        .map(|c| String::from_utf8_lossy(&c.body).into_owned())
+                        .map(|c| courier_jepsen::workload::body::client_id_of(&c.body))
                         .unwrap_or_default(),
                     time_ms: 0,
                 }));

@@ -2,7 +2,8 @@
 //! long-lived stream per device, plus the final drain.
 //!
 //! ```text
-//!  send worker p:  pick sender device, recipient ─ Invoke ─▶ Send(client_msg_id "p-c", body "p-c")
+//!  send worker p:  pick sender device, recipient ─ Invoke ─▶ Send(client_msg_id "p-c", body "p-c",
+//!                  one in 16 padded to a large body: `body`)
 //!                  ◀─ Complete ok(message id) | fail(definite error) | info(unknown; retried with
 //!                     the same client id, from the same device, on another node)
 //!  device stream:  Open{resume_after_seq = last seq seen} on a random node ─ SessionStart
@@ -17,9 +18,11 @@
 //! everything else — timeouts, UNAVAILABLE (the proposal may have reached a leader that then
 //! lost its lease), connection errors — is `info`.
 //!
-//! Layout: `register` (users and devices), `send` (send workers and outcome classification),
+//! Layout: `body` (message bodies), `register` (users and devices), `send` (send workers and
+//! outcome classification),
 //! `stream` (device streams), `drain` (the final drain); the types they share are here.
 
+pub mod body;
 mod drain;
 mod register;
 mod send;

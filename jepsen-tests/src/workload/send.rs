@@ -77,11 +77,12 @@ pub async fn send_worker(
             to_user: recipient.id,
             client_id: client_id.clone(),
         };
+        let body = super::body::body(&client_id, &mut rng);
         for attempt in 1..=SEND_ATTEMPTS_MAX {
             let Some(node) = shared.nodes.choose(&mut rng).cloned() else {
                 return;
             };
-            let (outcome, pause) = send_once(&shared, process, &device, &op, &node).await;
+            let (outcome, pause) = send_once(&shared, process, &device, &op, &body, &node).await;
             if matches!(outcome, Outcome::Ok { .. }) && rng.random_bool(RESEND_ACKED_PROBABILITY) {
                 // A client that lost the answer resends: the server must answer with the same
                 // message id and store nothing new. Timeouts that hide a committed send are
@@ -89,7 +90,7 @@ pub async fn send_worker(
                 let Some(node) = shared.nodes.choose(&mut rng).cloned() else {
                     return;
                 };
-                send_once(&shared, process, &device, &op, &node).await;
+                send_once(&shared, process, &device, &op, &body, &node).await;
             }
             if !matches!(outcome, Outcome::Info { .. }) || attempt == SEND_ATTEMPTS_MAX {
                 break;
@@ -127,6 +128,7 @@ async fn send_once(
     process: u32,
     device: &Device,
     op: &SendOp,
+    body: &[u8],
     node: &ClientNode,
 ) -> (Outcome, Option<Duration>) {
     let recorder = &shared.recorder;
@@ -141,7 +143,7 @@ async fn send_once(
         client_msg_id: op.client_id.clone(),
         to_user: op.to_user,
         content: Some(events::Content {
-            body: op.client_id.as_bytes().to_vec(),
+            body: body.to_vec(),
             media: None,
         }),
     };

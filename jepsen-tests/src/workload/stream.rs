@@ -93,7 +93,7 @@ pub(super) fn frame_record(
             let client_id = message
                 .content
                 .as_ref()
-                .map(|c| String::from_utf8_lossy(&c.body).into_owned())
+                .map(|c| super::body::client_id_of(&c.body))
                 .unwrap_or_default();
             shared.saw_seq(device.user, message.seq);
             FrameRecord {
