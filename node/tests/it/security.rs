@@ -23,7 +23,7 @@ use tonic::transport::Channel;
 
 use crate::cluster::{PHONE_KEY, SHARDS, init_request, status, wait_converged, wait_leaders};
 use crate::messaging::{cluster_configured, code_of, register, user_of};
-use crate::support::{connect, peer_channel, peer_tls, pki};
+use crate::support::{connect, log_events, peer_channel, peer_tls, pki};
 
 /// A channel to `addr` with `tls` (`None`: plaintext), or why it could not be made.
 async fn try_channel(addr: &str, tls: Option<ClientTlsConfig>) -> Result<Channel, String> {
@@ -764,21 +764,11 @@ async fn phone_numbers_hash_under_a_key_only_the_cluster_holds() {
         UserId::new(device.user).expect("id"),
         u16::try_from(SHARDS).expect("small"),
     );
-    let log = admin
-        .read_log(ReadLogRequest {
-            shard: u32::from(shard.get()),
-            ..ReadLogRequest::default()
-        })
+    let stored: Vec<Vec<u8>> = log_events(&peers[0], u32::from(shard.get()))
         .await
-        .expect("read log")
-        .into_inner();
-    let stored: Vec<Vec<u8>> = log
-        .entries
-        .iter()
-        .filter_map(|entry| entry.events.as_ref())
-        .flat_map(|payload| &payload.events)
-        .filter_map(|event| match &event.kind {
-            Some(Kind::UserRegistered(registered)) => Some(registered.phone_hash.clone()),
+        .into_iter()
+        .filter_map(|event| match event.kind {
+            Some(Kind::UserRegistered(registered)) => Some(registered.phone_hash),
             _ => None,
         })
         .collect();
