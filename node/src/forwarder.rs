@@ -392,6 +392,12 @@ fn read_fitting<E>(
         let page = read_page(from, want)?;
         let last_page = page.len() < want;
         for (pos, event) in page {
+            if pos != from && !batch.is_empty() {
+                // A trim applied between two pages (another node's forward stored these): the
+                // batch ends before the gap instead of carrying it to the destination, which
+                // would refuse it (`COURIER:Forward:Position`).
+                return Ok(batch);
+            }
             bytes = bytes.saturating_add(prost::Message::encoded_len(&event));
             if bytes > bytes_max && !batch.is_empty() {
                 return Ok(batch);
@@ -532,6 +538,63 @@ mod tests {
         assert!(
             read_events <= 40 + FORWARD_READ_PAGE,
             "read {read_events} events for a batch of 40"
+        );
+    }
+
+    /// Stamps `event` as a destination does, with the widest `stored_at_ms`.
+    fn stamped(mut event: Event) -> Event {
+        if let Some(Kind::MessageDelivered(delivered)) = event.kind.as_mut() {
+            delivered.stored_at_ms = u64::MAX;
+        }
+        event
+    }
+
+    #[test]
+    fn a_batch_still_fits_one_proposal_once_its_destination_stamps_it() {
+        // Maximal messages, then small ones: the byte cut falls among the small ones, so
+        // hundreds of events end within a few bytes of the limit.
+        let big = courier_proto::limits::MESSAGE_BODY_BYTES_MAX;
+        let queue: Vec<(u64, Event)> = (1..=15)
+            .map(|pos| (pos, delivered(big)))
+            .chain((16..=1000).map(|pos| (pos, delivered(150))))
+            .collect();
+        let mut n = 0;
+        let batch = read(&queue, FORWARD_BATCH_BYTES_MAX, &mut n);
+        assert!(
+            batch.len() > 100 && batch.len() < FORWARD_BATCH_EVENTS_MAX,
+            "cut by bytes among the small events: {}",
+            batch.len()
+        );
+        let unstamped: usize = queue[..batch.len()]
+            .iter()
+            .map(|(_, event)| prost::Message::encoded_len(event))
+            .sum();
+        let proposed: usize = queue[..batch.len()]
+            .iter()
+            .map(|(_, event)| prost::Message::encoded_len(&stamped(event.clone())))
+            .sum();
+        assert!(
+            proposed <= courier_proto::limits::PROPOSAL_BYTES_MAX,
+            "the destination proposes {proposed} bytes ({unstamped} as queued)"
+        );
+    }
+
+    #[test]
+    fn a_batch_ends_at_a_gap_a_trim_left_between_two_pages() {
+        let mut trimmed = false;
+        // The first page reads 1..=32; then a trim up to 50 applies.
+        let page = |from: u64, limit: usize| -> Result<Vec<(u64, Event)>, ()> {
+            let floor = if trimmed { 51 } else { 1 };
+            trimmed = true;
+            Ok((from.max(floor)..from.max(floor) + limit as u64)
+                .map(|pos| (pos, delivered(10)))
+                .collect())
+        };
+        let batch = read_fitting(page, 1, FORWARD_BATCH_EVENTS_MAX, usize::MAX).unwrap();
+        let positions: Vec<u64> = batch.iter().map(|(pos, _)| *pos).collect();
+        assert_eq!(
+            positions,
+            (1..=FORWARD_READ_PAGE as u64).collect::<Vec<_>>()
         );
     }
 

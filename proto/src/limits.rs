@@ -39,9 +39,16 @@ pub const REPLICATION_FACTOR_MAX: u32 = 7;
 pub const PROPOSAL_BYTES_MAX: usize = 1024 * 1024;
 /// Largest number of events forwarded to another shard in one batch.
 pub const FORWARD_BATCH_EVENTS_MAX: usize = 512;
-/// Largest sum of the encoded events of one forwarded batch, in bytes: the destination proposes
-/// them as one proposal, so a batch never holds more than one proposal may.
-pub const FORWARD_BATCH_BYTES_MAX: usize = PROPOSAL_BYTES_MAX;
+/// Most bytes the destination adds to one forwarded event's encoding before it proposes it: it
+/// stamps when a delivery was stored (`stored_at_ms`, a one-byte tag and a varint of at most 10
+/// bytes, where the source queued 0, which takes no bytes), and the delivery's length prefix
+/// inside the event can grow by one byte.
+pub const FORWARD_STAMP_BYTES_MAX: usize = 12;
+/// Largest sum of the encoded events of one forwarded batch, in bytes, as the source queued them:
+/// the destination stamps them and proposes them as one proposal, so a batch leaves room for the
+/// stamps of its most events within one proposal (1 MiB less 6 KiB).
+pub const FORWARD_BATCH_BYTES_MAX: usize =
+    PROPOSAL_BYTES_MAX - FORWARD_BATCH_EVENTS_MAX * FORWARD_STAMP_BYTES_MAX;
 /// Largest gRPC message a node decodes, in bytes.
 pub const GRPC_MESSAGE_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// Largest public key (identity key, signed or one-time prekey) in the key directory, in bytes:
@@ -70,6 +77,11 @@ const _: () = assert!(
 const _: () = assert!(
     PROPOSAL_BYTES_MAX * 2 <= GRPC_MESSAGE_BYTES_MAX,
     "a maximal proposal fits one gRPC message twice over (an append-entries call, a forwarded batch)"
+);
+const _: () = assert!(
+    FORWARD_BATCH_BYTES_MAX + FORWARD_BATCH_EVENTS_MAX * FORWARD_STAMP_BYTES_MAX
+        <= PROPOSAL_BYTES_MAX,
+    "a forwarded batch, stamped by its destination, fits one proposal"
 );
 const _: () = assert!(
     FORWARD_BATCH_BYTES_MAX + FORWARD_BATCH_EVENTS_MAX * 16 + 64 <= GRPC_MESSAGE_BYTES_MAX,
