@@ -3,7 +3,7 @@
 
 use courier_consensus::types::{EventOutcome, NodeId};
 use courier_proto::ShardId;
-use courier_proto::limits::FORWARD_BATCH_EVENTS_MAX;
+use courier_proto::limits::{FORWARD_BATCH_EVENTS_MAX, PROPOSAL_BYTES_MAX};
 use courier_proto::pb::events::{Event, event::Kind};
 use courier_proto::pb::peer::{ForwardBatchRequest, ForwardBatchResponse};
 use courier_storage::projection::{Projection, outbox};
@@ -66,12 +66,25 @@ impl Cluster {
                 ),
             ));
         }
-        let fresh: Vec<Event> = events
+        let mut fresh: Vec<Event> = events
             .into_iter()
             .zip(first_pos..)
             .filter(|(_, pos)| *pos > applied)
             .map(|(event, _)| event)
             .collect();
+        // Stamped, the batch may no longer fit one proposal (a source cutting at the whole
+        // proposal size, as before `FORWARD_STAMP_BYTES_MAX`): store the prefix that fits and
+        // answer up to it, so the pair moves on instead of being refused on every retry.
+        let kept = fitting_prefix(&fresh);
+        let last = if kept < fresh.len() {
+            fresh.truncate(kept);
+            first_pos
+                .max(applied.saturating_add(1))
+                .saturating_add(u64::try_from(kept).unwrap_or(u64::MAX))
+                .saturating_sub(1)
+        } else {
+            last
+        };
         if !fresh.is_empty() {
             let landed: Vec<Option<Vec<u8>>> = fresh
                 .iter()
@@ -152,6 +165,19 @@ fn check_shape(request: &ForwardBatchRequest) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// How many of `events`, from the first, fit one proposal (never fewer than one: one event always
+/// fits, `MESSAGE_CONTENT_BYTES_MAX`).
+fn fitting_prefix(events: &[Event]) -> usize {
+    let mut bytes = 0_usize;
+    events
+        .iter()
+        .position(|event| {
+            bytes = bytes.saturating_add(prost::Message::encoded_len(event));
+            bytes > PROPOSAL_BYTES_MAX
+        })
+        .map_or(events.len(), |over| over.max(1))
+}
+
 /// Checks a forwarded batch's events on the destination: only deliveries and receipts, from
 /// `source`, at consecutive positions starting at `first_pos`; stamps when deliveries were
 /// stored.
@@ -196,4 +222,35 @@ fn validate_events(
         }
     }
     Ok(events)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use courier_proto::pb::events;
+
+    fn delivered(body_bytes: usize) -> Event {
+        Event {
+            kind: Some(Kind::MessageDelivered(events::MessageDelivered {
+                content: Some(events::Content {
+                    body: vec![b'x'; body_bytes],
+                    media: None,
+                }),
+                stored_at_ms: u64::MAX,
+                ..events::MessageDelivered::default()
+            })),
+        }
+    }
+
+    #[test]
+    fn a_stamped_batch_is_stored_up_to_the_prefix_that_fits_one_proposal() {
+        let one = prost::Message::encoded_len(&delivered(1000));
+        let fit = PROPOSAL_BYTES_MAX / one;
+        let events: Vec<Event> = (0..fit + 3).map(|_| delivered(1000)).collect();
+        assert_eq!(fitting_prefix(&events), fit);
+        assert_eq!(fitting_prefix(&events[..fit]), fit, "all when they fit");
+        assert_eq!(fitting_prefix(&[]), 0);
+        let huge = [delivered(PROPOSAL_BYTES_MAX), delivered(10)];
+        assert_eq!(fitting_prefix(&huge), 1, "never fewer than one event");
+    }
 }

@@ -168,6 +168,41 @@ pub(crate) async fn forward_for(
     let events = (first..first + count)
         .map(|pos| delivered(user, dest, pos))
         .collect();
+    forward_events(peer, dest, first, events).await
+}
+
+/// As [`forward_events`], retrying as a forwarder does while the answer is UNAVAILABLE (a
+/// leader changing); answers where the destination stored up to.
+pub(crate) async fn forward_retrying(peer: &str, dest: u32, first: u64, events: &[Event]) -> u64 {
+    let started = Instant::now();
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match forward_events(peer, dest, first, events.to_vec()).await {
+            Ok(stored) => return stored,
+            Err(status) if status.code() == tonic::Code::Unavailable => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(30),
+                    "still unavailable after 30 s: {status:?}"
+                );
+                eprintln!("attempt {attempts}: {status:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(status) => panic!(
+                "forward of {} events from {first}: {status:?}",
+                events.len()
+            ),
+        }
+    }
+}
+
+/// Forwards `events`, at positions from `first` on, to `dest` through `peer`.
+pub(crate) async fn forward_events(
+    peer: &str,
+    dest: u32,
+    first: u64,
+    events: Vec<Event>,
+) -> Result<u64, tonic::Status> {
     let request = ForwardBatchRequest {
         source_shard: SOURCE,
         dest_shard: dest,
@@ -352,6 +387,62 @@ async fn three_nodes_elect_commit_and_converge() {
                 "{shard:?}"
             );
         }
+    }
+    {
+        tracing::info!(
+            "a batch cut at a whole proposal's size, too large once stamped, is stored up to \
+             the prefix that fits; the rest follows"
+        );
+        use courier_proto::limits::{
+            FORWARD_BATCH_EVENTS_MAX, MESSAGE_BODY_BYTES_MAX, PROPOSAL_BYTES_MAX,
+        };
+        let (dest, user, first) = (0, 100, 61);
+        let mut events: Vec<Event> = Vec::new();
+        let mut bytes = 0;
+        for pos in first.. {
+            // 15 maximal messages, then small ones up to the proposal's size.
+            let body = if pos < first + 15 {
+                MESSAGE_BODY_BYTES_MAX
+            } else {
+                200
+            };
+            let mut event = delivered(user, dest, pos);
+            if let Some(Kind::MessageDelivered(d)) = event.kind.as_mut() {
+                d.content = Some(events::Content {
+                    body: vec![b'x'; body],
+                    media: None,
+                });
+            }
+            let len = prost::Message::encoded_len(&event);
+            if bytes + len > PROPOSAL_BYTES_MAX || events.len() == FORWARD_BATCH_EVENTS_MAX {
+                break;
+            }
+            bytes += len;
+            events.push(event);
+        }
+        let last = first + u64::try_from(events.len()).expect("small") - 1;
+        let stamped: usize = events
+            .iter()
+            .map(|event| {
+                let mut event = event.clone();
+                if let Some(Kind::MessageDelivered(d)) = event.kind.as_mut() {
+                    d.stored_at_ms = 1_800_000_000_000;
+                }
+                prost::Message::encoded_len(&event)
+            })
+            .sum();
+        assert!(
+            stamped > PROPOSAL_BYTES_MAX,
+            "the batch outgrows a proposal once stamped: {bytes} -> {stamped}"
+        );
+        let stored = forward_retrying(&peers[0], dest, first, &events).await;
+        assert!(
+            stored > first && stored < last,
+            "stored up to {stored} of {first}..={last}"
+        );
+        let rest = usize::try_from(stored + 1 - first).expect("small");
+        let stored = forward_retrying(&peers[0], dest, stored + 1, &events[rest..]).await;
+        assert_eq!(stored, last);
     }
     for node in nodes {
         node.stop().await;
