@@ -413,7 +413,7 @@ fn read_fitting<E>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -468,7 +468,8 @@ mod tests {
         assert_eq!(hold_until(&quiet, true, now), Some(now + FORWARD_LINGER));
     }
 
-    fn delivered(body_bytes: usize) -> Event {
+    /// A delivery with a body of `body_bytes`, as a source's outbox queues it (not stamped).
+    pub(crate) fn delivered(body_bytes: usize) -> Event {
         Event {
             kind: Some(Kind::MessageDelivered(events::MessageDelivered {
                 content: Some(events::Content {
@@ -542,7 +543,7 @@ mod tests {
     }
 
     /// Stamps `event` as a destination does, with the widest `stored_at_ms`.
-    fn stamped(mut event: Event) -> Event {
+    pub(crate) fn stamped(mut event: Event) -> Event {
         if let Some(Kind::MessageDelivered(delivered)) = event.kind.as_mut() {
             delivered.stored_at_ms = u64::MAX;
         }

@@ -227,19 +227,9 @@ fn validate_events(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use courier_proto::pb::events;
 
     fn delivered(body_bytes: usize) -> Event {
-        Event {
-            kind: Some(Kind::MessageDelivered(events::MessageDelivered {
-                content: Some(events::Content {
-                    body: vec![b'x'; body_bytes],
-                    media: None,
-                }),
-                stored_at_ms: u64::MAX,
-                ..events::MessageDelivered::default()
-            })),
-        }
+        crate::forwarder::tests::stamped(crate::forwarder::tests::delivered(body_bytes))
     }
 
     #[test]
