@@ -172,18 +172,33 @@ pub(crate) async fn forward_for(
 }
 
 /// As [`forward_events`], retrying as a forwarder does while the answer is UNAVAILABLE (a
-/// leader changing); answers where the destination stored up to.
-pub(crate) async fn forward_retrying(peer: &str, dest: u32, first: u64, events: &[Event]) -> u64 {
+/// leader changing) or the call's 5 s deadline passed (three debug nodes in one test process
+/// on a loaded machine take seconds over a 1 MiB entry, and their leaders change meanwhile);
+/// answers where the destination stored up to, and whether it took a retry (an attempt may
+/// have committed before its answer was lost).
+pub(crate) async fn forward_retrying(
+    peer: &str,
+    dest: u32,
+    first: u64,
+    events: &[Event],
+) -> (u64, bool) {
     let started = Instant::now();
     let mut attempts = 0;
     loop {
         attempts += 1;
         match forward_events(peer, dest, first, events.to_vec()).await {
-            Ok(stored) => return stored,
-            Err(status) if status.code() == tonic::Code::Unavailable => {
+            Ok(stored) => return (stored, attempts > 1),
+            Err(status)
+                if matches!(
+                    status.code(),
+                    tonic::Code::Unavailable
+                        | tonic::Code::Cancelled
+                        | tonic::Code::DeadlineExceeded
+                ) =>
+            {
                 assert!(
-                    started.elapsed() < Duration::from_secs(30),
-                    "still unavailable after 30 s: {status:?}"
+                    started.elapsed() < Duration::from_secs(90),
+                    "still not stored after 90 s: {status:?}"
                 );
                 eprintln!("attempt {attempts}: {status:?}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -388,62 +403,6 @@ async fn three_nodes_elect_commit_and_converge() {
             );
         }
     }
-    {
-        tracing::info!(
-            "a batch cut at a whole proposal's size, too large once stamped, is stored up to \
-             the prefix that fits; the rest follows"
-        );
-        use courier_proto::limits::{
-            FORWARD_BATCH_EVENTS_MAX, MESSAGE_BODY_BYTES_MAX, PROPOSAL_BYTES_MAX,
-        };
-        let (dest, user, first) = (0, 100, 61);
-        let mut events: Vec<Event> = Vec::new();
-        let mut bytes = 0;
-        for pos in first.. {
-            // 15 maximal messages, then small ones up to the proposal's size.
-            let body = if pos < first + 15 {
-                MESSAGE_BODY_BYTES_MAX
-            } else {
-                200
-            };
-            let mut event = delivered(user, dest, pos);
-            if let Some(Kind::MessageDelivered(d)) = event.kind.as_mut() {
-                d.content = Some(events::Content {
-                    body: vec![b'x'; body],
-                    media: None,
-                });
-            }
-            let len = prost::Message::encoded_len(&event);
-            if bytes + len > PROPOSAL_BYTES_MAX || events.len() == FORWARD_BATCH_EVENTS_MAX {
-                break;
-            }
-            bytes += len;
-            events.push(event);
-        }
-        let last = first + u64::try_from(events.len()).expect("small") - 1;
-        let stamped: usize = events
-            .iter()
-            .map(|event| {
-                let mut event = event.clone();
-                if let Some(Kind::MessageDelivered(d)) = event.kind.as_mut() {
-                    d.stored_at_ms = 1_800_000_000_000;
-                }
-                prost::Message::encoded_len(&event)
-            })
-            .sum();
-        assert!(
-            stamped > PROPOSAL_BYTES_MAX,
-            "the batch outgrows a proposal once stamped: {bytes} -> {stamped}"
-        );
-        let stored = forward_retrying(&peers[0], dest, first, &events).await;
-        assert!(
-            stored > first && stored < last,
-            "stored up to {stored} of {first}..={last}"
-        );
-        let rest = usize::try_from(stored + 1 - first).expect("small");
-        let stored = forward_retrying(&peers[0], dest, stored + 1, &events[rest..]).await;
-        assert_eq!(stored, last);
-    }
     for node in nodes {
         node.stop().await;
     }
@@ -458,6 +417,24 @@ pub(crate) fn fast_config(id: u64, dir: &std::path::Path) -> String {
 /// Adds fast raft timing to a config.
 pub(crate) fn with_fast_raft(config: String) -> String {
     with_limits(config, 10_000)
+}
+
+/// As [`with_limits`] at 10,000 sends a second, with a slower heartbeat and elections for tests
+/// whose raft entries reach the largest size (1 MiB): openraft gives an append-entries call one
+/// heartbeat interval, and a maximal entry crosses in a few ms in a release build but not always
+/// within the tests' 50 ms in a debug build on a busy machine (it is then sent again until it
+/// does, and the followers' elections start meanwhile).
+pub(crate) fn with_slow_heartbeat(text: String) -> String {
+    with_limits(text, 10_000)
+        .replace("heartbeat = \"50ms\"", "heartbeat = \"250ms\"")
+        .replace(
+            "election-timeout-min = \"300ms\"",
+            "election-timeout-min = \"1500ms\"",
+        )
+        .replace(
+            "election-timeout-max = \"600ms\"",
+            "election-timeout-max = \"3000ms\"",
+        )
 }
 
 /// Adds fast raft timing and a per-device send rate (tests that send fast lift the default 20/s).

@@ -19,7 +19,10 @@ use courier_storage::projection::Projection;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::cluster::{SHARDS, init, status, wait_converged, wait_leaders, with_limits};
+use crate::cluster::{
+    SHARDS, delivered, forward_retrying, init, status, wait_converged, wait_leaders, with_limits,
+    with_slow_heartbeat,
+};
 use crate::support::{channel, log_events, peer_channel};
 
 /// A registered device.
@@ -546,6 +549,73 @@ fn read_cursor(
     cursors::acked(&view, user, device).expect("read").get()
 }
 
+/// A forwarded batch cut at a whole proposal's size (as a node did before
+/// `FORWARD_STAMP_BYTES_MAX`, so during a rolling upgrade) outgrows one proposal once its
+/// destination stamps `stored_at_ms`: the destination stores the prefix that fits and answers up
+/// to it, and the rest follows. Before, the destination refused the whole batch as too large
+/// (`COURIER:Shard:ProposalTooLarge`) on every retry and the pair never moved again. The 1 MiB
+/// entry needs the slow heartbeat ([`with_slow_heartbeat`]).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_too_large_once_stamped_is_stored_up_to_the_prefix_that_fits() {
+    use courier_proto::limits::{
+        FORWARD_BATCH_EVENTS_MAX, MESSAGE_BODY_BYTES_MAX, PROPOSAL_BYTES_MAX,
+    };
+    use courier_proto::pb::events::{Event, event::Kind};
+    let c = cluster_configured(&with_slow_heartbeat).await;
+    let peer = c.nodes[0].peer_addr.to_string();
+    let (dest, user, first) = (0, 100, 1);
+    let mut events: Vec<Event> = Vec::new();
+    let mut bytes = 0;
+    for pos in first.. {
+        // 15 maximal messages, then small ones up to the proposal's size.
+        let body = if pos < first + 15 {
+            MESSAGE_BODY_BYTES_MAX
+        } else {
+            200
+        };
+        let mut event = delivered(user, dest, pos);
+        if let Some(Kind::MessageDelivered(d)) = event.kind.as_mut() {
+            d.content = Some(events::Content {
+                body: vec![b'x'; body],
+                media: None,
+            });
+        }
+        let len = prost::Message::encoded_len(&event);
+        if bytes + len > PROPOSAL_BYTES_MAX || events.len() == FORWARD_BATCH_EVENTS_MAX {
+            break;
+        }
+        bytes += len;
+        events.push(event);
+    }
+    let last = first + u64::try_from(events.len()).expect("small") - 1;
+    let stamped: usize = events
+        .iter()
+        .map(|event| {
+            let mut event = event.clone();
+            if let Some(Kind::MessageDelivered(d)) = event.kind.as_mut() {
+                d.stored_at_ms = 1_800_000_000_000;
+            }
+            prost::Message::encoded_len(&event)
+        })
+        .sum();
+    assert!(
+        stamped > PROPOSAL_BYTES_MAX,
+        "the batch outgrows a proposal once stamped: {bytes} -> {stamped}"
+    );
+    let (stored, retried) = forward_retrying(&peer, dest, first, &events).await;
+    // After a retry the first attempt's prefix may already be stored, and the retry then
+    // stores the rest: only an answer at the first attempt must stop short of the last.
+    assert!(
+        stored > first && (stored < last || retried && stored == last),
+        "stored up to {stored} of {first}..={last} (retried: {retried})"
+    );
+    if stored < last {
+        let rest = usize::try_from(stored + 1 - first).expect("small");
+        let (stored, _) = forward_retrying(&peer, dest, stored + 1, &events[rest..]).await;
+        assert_eq!(stored, last);
+    }
+}
+
 /// Messages of the largest body, sent at once, queue in the sender's outbox beyond what one
 /// proposal may hold (`PROPOSAL_BYTES_MAX`): the forwarder sends them in batches that fit, and
 /// the recipient gets every one exactly once. (A batch of all of them was refused by the
@@ -554,22 +624,7 @@ fn read_cursor(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_messages_queued_beyond_one_proposal_are_all_forwarded() {
     use courier_proto::limits::{MESSAGE_BODY_BYTES_MAX, PROPOSAL_BYTES_MAX};
-    // openraft gives an append-entries call one heartbeat interval: a maximal entry (1 MiB)
-    // crosses in a few ms in a release build, but not always within the tests' 50 ms in a debug
-    // build on a busy machine (it is then sent again until it does).
-    let c = cluster_configured(&|text| {
-        with_limits(text, 10_000)
-            .replace("heartbeat = \"50ms\"", "heartbeat = \"250ms\"")
-            .replace(
-                "election-timeout-min = \"300ms\"",
-                "election-timeout-min = \"1500ms\"",
-            )
-            .replace(
-                "election-timeout-max = \"600ms\"",
-                "election-timeout-max = \"3000ms\"",
-            )
-    })
-    .await;
+    let c = cluster_configured(&with_slow_heartbeat).await;
     let addr = |i: usize| c.nodes[i].client_addr.to_string();
     let (alice_phone, bob_phone) = phones_on_different_shards();
     let alice = register(&addr(0), &c.dirs[0], &alice_phone).await;
