@@ -26,7 +26,7 @@
 mod balance;
 mod bootstrap;
 mod edge;
-mod forward;
+pub(crate) mod forward;
 mod membership;
 mod moves;
 mod peer;
