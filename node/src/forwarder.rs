@@ -95,6 +95,7 @@ pub async fn run(cluster: Cluster, in_flight: usize, shutdown: CancellationToken
     let mut started = BTreeMap::<Pair, Instant>::new();
     let mut waiting_since = BTreeMap::<Pair, Instant>::new();
     let mut states = States::new();
+    let mut served = BTreeMap::<Pair, Instant>::new();
     let watch = cluster.groups().watch().clone();
     loop {
         // Registered before the pass, so an outbox change during it wakes the next one at once.
@@ -133,6 +134,7 @@ pub async fn run(cluster: Cluster, in_flight: usize, shutdown: CancellationToken
                         from,
                         ready: hold.is_none(),
                         last_started: waiting.last_started,
+                        last_served: served.get(&pair).copied(),
                     });
                 }
             }
@@ -161,7 +163,12 @@ pub async fn run(cluster: Cluster, in_flight: usize, shutdown: CancellationToken
                 for (pair, answer) in answers {
                     busy.remove(&pair);
                     if let Some(result) = answer {
+                        served.insert(pair, Instant::now());
                         note_result(&cluster, &mut backoff, &mut sent, pair, result);
+                    } else {
+                        // Nothing sent (no room left in the call): not started either, so it
+                        // lingers no more and its destination goes first next pass.
+                        started.remove(&pair);
                     }
                 }
             }
@@ -182,13 +189,17 @@ struct Candidate {
     ready: bool,
     /// When its last batch started.
     last_started: Option<Instant>,
+    /// When its last batch was sent (given room in its call).
+    last_served: Option<Instant>,
 }
 
 /// The calls a pass starts, at most `free`: one per destination shard that has a pair ready, each
 /// carrying every candidate pair of that destination (ready or lingering: they ride along in the
 /// same call and the same destination proposal). Fair: the destinations whose ready pair waited
 /// longest since its last batch go first (never started before all), so no pair starves when
-/// more are ready than calls are free.
+/// more are ready than calls are free; and a call's pairs, which take its room in order, are
+/// ordered by when each was last given room (never first), so a pair with a long backlog cannot
+/// keep the room of one call after another.
 fn calls(candidates: &[Candidate], free: usize) -> Vec<(u16, Vec<(Pair, u64)>)> {
     let mut ready: Vec<(Option<Instant>, u16)> = candidates
         .iter()
@@ -208,12 +219,10 @@ fn calls(candidates: &[Candidate], free: usize) -> Vec<(u16, Vec<(Pair, u64)>)> 
     dests
         .into_iter()
         .map(|dest| {
-            let batches = candidates
-                .iter()
-                .filter(|c| c.pair.1 == dest)
-                .map(|c| (c.pair, c.from))
-                .collect();
-            (dest, batches)
+            let mut line: Vec<&Candidate> =
+                candidates.iter().filter(|c| c.pair.1 == dest).collect();
+            line.sort_by_key(|c| (c.last_served, c.pair));
+            (dest, line.into_iter().map(|c| (c.pair, c.from)).collect())
         })
         .collect()
 }
@@ -398,7 +407,7 @@ async fn forward_group(
     let (mut events_left, mut bytes_left) = (FORWARD_BATCH_EVENTS_MAX, FORWARD_BATCH_BYTES_MAX);
     for (pair, after) in batches {
         let source = ShardId::new(pair.0);
-        let pending = if events_left == 0 {
+        let pending = if events_left == 0 || bytes_left == 0 {
             Ok(Vec::new())
         } else {
             let mut reader = cluster.groups().db().read(source);
@@ -455,7 +464,18 @@ async fn forward_group(
         .instrument(span)
         .await
     {
-        Ok(outcomes) => answers.extend(sent_pairs.into_iter().zip(outcomes.into_iter().map(Some))),
+        Ok(outcomes) => {
+            // One answer per pair sent; a pair left unanswered counts as failed, so it is never
+            // left busy.
+            let mut outcomes = outcomes.into_iter();
+            answers.extend(sent_pairs.into_iter().map(|pair| {
+                let unanswered = || crate::status::ApiError::fault("batch not answered".to_owned());
+                (
+                    pair,
+                    Some(outcomes.next().unwrap_or_else(|| Err(unanswered()))),
+                )
+            }));
+        }
         Err(error) => {
             answers.extend(
                 sent_pairs
@@ -704,6 +724,7 @@ pub(crate) mod tests {
             from: u64::from(pair.0) * 100,
             ready,
             last_started,
+            last_served: last_started,
         }
     }
 
@@ -720,11 +741,12 @@ pub(crate) mod tests {
             // Only lingering pairs for 6: no call yet.
             candidate((0, 6), false, None),
         ];
+        // Within a call, the pair given room longest ago (or never) takes the room first.
         assert_eq!(
             calls(&candidates, 8),
             [
                 (3, vec![((1, 3), 100), ((4, 3), 400)]),
-                (5, vec![((0, 5), 0), ((2, 5), 200)]),
+                (5, vec![((2, 5), 200), ((0, 5), 0)]),
             ]
         );
         // One call free: the destination whose ready pair waited longest goes.
@@ -733,6 +755,14 @@ pub(crate) mod tests {
             [(3, vec![((1, 3), 100), ((4, 3), 400)])]
         );
         assert!(calls(&candidates, 0).is_empty());
+        // A pair left without room (a long backlog ahead of it) goes first in the next call.
+        let mut starved = candidate((0, 3), true, long_ago);
+        starved.last_served = Some(now - Duration::from_secs(5));
+        let backlog = candidate((1, 3), true, Some(now));
+        assert_eq!(
+            calls(&[backlog, starved], 1),
+            [(3, vec![((0, 3), 0), ((1, 3), 100)])]
+        );
         // A pair never started goes before all.
         let first = [
             candidate((0, 5), true, long_ago),

@@ -2,10 +2,10 @@
 //! shard's leader wherever it is.
 //!
 //! ```text
-//!   ForwardBatch(dest shard) ─▶ local raft leads it? ─yes─▶ client_write ─▶ answer after commit
-//!                                   │ no
-//!                                   ├─ leader known ─▶ ForwardBatch to the leader's node (one hop)
-//!                                   └─ no leader    ─▶ UNAVAILABLE + retry-after-ms
+//!   ForwardBatches(dest shard) ─▶ local raft leads it? ─yes─▶ client_write ─▶ answer after commit
+//!                                     │ no
+//!                                     ├─ leader known ─▶ the same call to the leader's node (one hop)
+//!                                     └─ no leader    ─▶ UNAVAILABLE + retry-after-ms
 //! ```
 //!
 //! One [`Cluster`] type, its methods grouped by concern:
