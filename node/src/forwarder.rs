@@ -4,13 +4,11 @@
 //! where it rides in the next batch instead of taking a raft round of its own.
 //!
 //! Each (source, destination) pair has at most one batch in flight, so order within a pair is
-//! kept. One call (`ForwardBatches`) carries the batches of every source shard this node leads
-//! for one destination shard, which stores them with one proposal; up to
-//! `limits.forward-batches-in-flight` calls are in flight at once, each started as soon as a pair
-//! has entries and a call is free (no pass waits for another call). While a pair's batch is in
-//! flight its queue grows, so the next batch carries what arrived meanwhile. Under load a short
-//! queue lingers up to [`FORWARD_LINGER`] to fill (`hold_until`), unless a call to its
-//! destination starts anyway; a lone message on a quiet pair goes at once.
+//! kept; up to `limits.forward-batches-in-flight` pairs are in flight at once, each started as
+//! soon as it has entries and a free slot (no pass waits for another pair's batch). While a
+//! pair's batch is in flight its queue grows, so the next batch carries what arrived meanwhile.
+//! Under load a short queue lingers up to [`FORWARD_LINGER`] to fill (`hold_until`); a lone
+//! message on a quiet pair goes at once.
 //!
 //! What a destination stored is remembered here (`sent`) until the trim applies, so the next
 //! batch starts after it. A new leader (or this one after an error) starts from the replicated
@@ -33,7 +31,7 @@ use courier_consensus::watch::OutboxEpoch;
 use courier_proto::ShardId;
 use courier_proto::limits::{FORWARD_BATCH_BYTES_MAX, FORWARD_BATCH_EVENTS_MAX};
 use courier_proto::pb::events::{self, Event, event::Kind};
-use courier_proto::pb::peer::{ForwardBatchRequest, ForwardBatchesRequest};
+use courier_proto::pb::peer::ForwardBatchRequest;
 use courier_proto::pb::store::OutboxState;
 use courier_storage::projection::{Projection, outbox};
 use tokio::task::JoinSet;
@@ -90,12 +88,11 @@ type States = HashMap<ShardId, (OutboxEpoch, Instant, Vec<(ShardId, OutboxState)
 pub async fn run(cluster: Cluster, in_flight: usize, shutdown: CancellationToken) {
     let mut backoff = Backoff::new();
     let mut sent = Sent::new();
-    let mut flying: JoinSet<Vec<(Pair, Option<Answer>)>> = JoinSet::new();
+    let mut flying: JoinSet<(Pair, Result<u64, crate::status::ApiError>)> = JoinSet::new();
     let mut busy = std::collections::BTreeSet::<Pair>::new();
     let mut started = BTreeMap::<Pair, Instant>::new();
     let mut waiting_since = BTreeMap::<Pair, Instant>::new();
     let mut states = States::new();
-    let mut served = BTreeMap::<Pair, Instant>::new();
     let watch = cluster.groups().watch().clone();
     loop {
         // Registered before the pass, so an outbox change during it wakes the next one at once.
@@ -106,7 +103,7 @@ pub async fn run(cluster: Cluster, in_flight: usize, shutdown: CancellationToken
         let now = Instant::now();
         let mut linger_until = None;
         if let Some(shard_count) = cluster.groups().shard_count() {
-            let mut candidates = Vec::new();
+            let mut ready = Vec::new();
             for source in 0..shard_count {
                 let source = ShardId::new(source);
                 let due = due_pairs(&cluster, source, &backoff, &mut sent, &mut states);
@@ -124,29 +121,27 @@ pub async fn run(cluster: Cluster, in_flight: usize, shutdown: CancellationToken
                         events: state.last_pos.saturating_sub(from),
                         last_started: started.get(&pair).copied(),
                     };
-                    let hold = hold_until(&waiting, !flying.is_empty(), now);
-                    if let Some(fill_by) = hold {
-                        linger_until =
-                            Some(linger_until.map_or(fill_by, |t: Instant| t.min(fill_by)));
+                    match hold_until(&waiting, !flying.is_empty(), now) {
+                        None => ready.push((waiting.last_started, pair, from)),
+                        Some(fill_by) => {
+                            linger_until =
+                                Some(linger_until.map_or(fill_by, |t: Instant| t.min(fill_by)));
+                        }
                     }
-                    candidates.push(Candidate {
-                        pair,
-                        from,
-                        ready: hold.is_none(),
-                        last_started: waiting.last_started,
-                        last_served: served.get(&pair).copied(),
-                    });
                 }
             }
+            // Fair: the pairs that waited longest since their last batch go first (never
+            // started before all), so no pair starves when more are ready than slots are free.
+            ready.sort_unstable();
             let free = in_flight.max(1).saturating_sub(flying.len());
-            for (dest, batches) in calls(&candidates, free) {
-                for (pair, _) in &batches {
-                    busy.insert(*pair);
-                    waiting_since.remove(pair);
-                    started.insert(*pair, now);
-                }
+            for (_, pair, from) in ready.into_iter().take(free) {
+                busy.insert(pair);
+                waiting_since.remove(&pair);
+                started.insert(pair, now);
+                let (source, dest) = (ShardId::new(pair.0), ShardId::new(pair.1));
                 let cluster = cluster.clone();
-                flying.spawn(async move { forward_group(&cluster, dest, batches).await });
+                flying
+                    .spawn(async move { (pair, forward_once(&cluster, source, dest, from).await) });
             }
         }
         // Sleep until an outbox changes, a batch comes back, a lingering pair is due, or the
@@ -159,72 +154,13 @@ pub async fn run(cluster: Cluster, in_flight: usize, shutdown: CancellationToken
             () = shutdown.cancelled() => return,
             () = applied => {}
             Some(done) = flying.join_next() => {
-                let Ok(answers) = done else { continue };
-                for (pair, answer) in answers {
-                    busy.remove(&pair);
-                    if let Some(result) = answer {
-                        served.insert(pair, Instant::now());
-                        note_result(&cluster, &mut backoff, &mut sent, pair, result);
-                    } else {
-                        // Nothing sent (no room left in the call): not started either, so it
-                        // lingers no more and its destination goes first next pass.
-                        started.remove(&pair);
-                    }
-                }
+                let Ok((pair, result)) = done else { continue };
+                busy.remove(&pair);
+                note_result(&cluster, &mut backoff, &mut sent, pair, result);
             }
             () = tokio::time::sleep(wait) => {}
         }
     }
-}
-
-/// A destination's answer for one pair's batch: the position it stored up to, or why not.
-type Answer = Result<u64, crate::status::ApiError>;
-
-/// A pair with events to send, as one pass sees it.
-struct Candidate {
-    pair: Pair,
-    /// The position its batch starts after.
-    from: u64,
-    /// Due now (`false`: lingering to fill its batch).
-    ready: bool,
-    /// When its last batch started.
-    last_started: Option<Instant>,
-    /// When its last batch was sent (given room in its call).
-    last_served: Option<Instant>,
-}
-
-/// The calls a pass starts, at most `free`: one per destination shard that has a pair ready, each
-/// carrying every candidate pair of that destination (ready or lingering: they ride along in the
-/// same call and the same destination proposal). Fair: the destinations whose ready pair waited
-/// longest since its last batch go first (never started before all), so no pair starves when
-/// more are ready than calls are free; and a call's pairs, which take its room in order, are
-/// ordered by when each was last given room (never first), so a pair with a long backlog cannot
-/// keep the room of one call after another.
-fn calls(candidates: &[Candidate], free: usize) -> Vec<(u16, Vec<(Pair, u64)>)> {
-    let mut ready: Vec<(Option<Instant>, u16)> = candidates
-        .iter()
-        .filter(|c| c.ready)
-        .map(|c| (c.last_started, c.pair.1))
-        .collect();
-    ready.sort_unstable();
-    let mut dests: Vec<u16> = Vec::new();
-    for (_, dest) in ready {
-        if dests.len() >= free {
-            break;
-        }
-        if !dests.contains(&dest) {
-            dests.push(dest);
-        }
-    }
-    dests
-        .into_iter()
-        .map(|dest| {
-            let mut line: Vec<&Candidate> =
-                candidates.iter().filter(|c| c.pair.1 == dest).collect();
-            line.sort_by_key(|c| (c.last_served, c.pair));
-            (dest, line.into_iter().map(|c| (c.pair, c.from)).collect())
-        })
-        .collect()
 }
 
 /// A pair's queue as one pass sees it.
@@ -392,106 +328,52 @@ fn note_result(
     }
 }
 
-/// Sends what each pair of `batches` (each with the position it starts after) queued for
-/// `dest` in one call, within one proposal's worth of events in all: the pairs first in line
-/// take the room first, a pair left without room waits for the next call. Answers each pair
-/// sent (`None` for a pair with nothing read).
-async fn forward_group(
+/// Sends one batch of what `source` queued for `dest` after position `after`; answers the
+/// position the destination stored up to.
+async fn forward_once(
     cluster: &Cluster,
-    dest: u16,
-    batches: Vec<(Pair, u64)>,
-) -> Vec<(Pair, Option<Answer>)> {
-    let mut answers = Vec::with_capacity(batches.len());
-    let mut sent_pairs = Vec::new();
-    let mut requests = Vec::new();
-    let (mut events_left, mut bytes_left) = (FORWARD_BATCH_EVENTS_MAX, FORWARD_BATCH_BYTES_MAX);
-    for (pair, after) in batches {
-        let source = ShardId::new(pair.0);
-        let pending = if events_left == 0 || bytes_left == 0 {
-            Ok(Vec::new())
-        } else {
-            let mut reader = cluster.groups().db().read(source);
-            let view = reader.view(Projection::Outbox);
-            read_fitting(
-                |from, limit| outbox::pending(&view, ShardId::new(dest), from, limit),
-                after.saturating_add(1),
-                events_left,
-                bytes_left,
-                requests.is_empty(),
-            )
-        };
-        match pending {
-            Err(error) => answers.push((pair, Some(Err(error.into())))),
-            Ok(pending) => {
-                let Some((first_pos, _)) = pending.first() else {
-                    answers.push((pair, None));
-                    continue;
-                };
-                let first_pos = *first_pos;
-                let events: Vec<Event> = pending.into_iter().map(|(_, event)| event).collect();
-                let bytes: usize = events.iter().map(prost::Message::encoded_len).sum();
-                events_left = events_left.saturating_sub(events.len());
-                bytes_left = bytes_left.saturating_sub(bytes);
-                sent_pairs.push(pair);
-                requests.push(ForwardBatchRequest {
-                    source_shard: u32::from(pair.0),
-                    dest_shard: u32::from(dest),
-                    first_pos,
-                    events,
-                });
-            }
-        }
-    }
-    if requests.is_empty() {
-        return answers;
-    }
-    // One call carries many sends; it joins the trace of its first message.
-    let events: usize = requests.iter().map(|r| r.events.len()).sum();
-    let span = tracing::info_span!("forward.batch", dest, batches = requests.len(), events);
-    if let Some(Kind::MessageDelivered(first)) = requests
-        .first()
-        .and_then(|r| r.events.first())
-        .and_then(|e| e.kind.as_ref())
+    source: ShardId,
+    dest: ShardId,
+    after: u64,
+) -> Result<u64, crate::status::ApiError> {
+    let pending = {
+        let mut reader = cluster.groups().db().read(source);
+        let view = reader.view(Projection::Outbox);
+        read_fitting(
+            |from, limit| outbox::pending(&view, dest, from, limit),
+            after.saturating_add(1),
+            FORWARD_BATCH_EVENTS_MAX,
+            FORWARD_BATCH_BYTES_MAX,
+        )
+        .map_err(crate::status::ApiError::from)?
+    };
+    let Some((first_pos, _)) = pending.first() else {
+        return Ok(after);
+    };
+    let request = ForwardBatchRequest {
+        source_shard: u32::from(source.get()),
+        dest_shard: u32::from(dest.get()),
+        first_pos: *first_pos,
+        events: pending.into_iter().map(|(_, event)| event).collect(),
+    };
+    // One batch carries many sends; it joins the trace of its first message.
+    let span = tracing::info_span!("forward.batch", %source, %dest, first_pos = request.first_pos, events = request.events.len());
+    if let Some(Kind::MessageDelivered(first)) =
+        request.events.first().and_then(|e| e.kind.as_ref())
     {
         crate::telemetry::adopt_traceparent(&span, &first.trace_parent);
     }
-    let request = ForwardBatchesRequest {
-        dest_shard: u32::from(dest),
-        batches: requests,
-    };
-    match cluster
-        .forward_batches(request, false)
+    let response = cluster
+        .forward_batch(request, false)
         .instrument(span)
-        .await
-    {
-        Ok(outcomes) => {
-            // One answer per pair sent; a pair left unanswered counts as failed, so it is never
-            // left busy.
-            let mut outcomes = outcomes.into_iter();
-            answers.extend(sent_pairs.into_iter().map(|pair| {
-                let unanswered = || crate::status::ApiError::fault("batch not answered".to_owned());
-                (
-                    pair,
-                    Some(outcomes.next().unwrap_or_else(|| Err(unanswered()))),
-                )
-            }));
-        }
-        Err(error) => {
-            answers.extend(
-                sent_pairs
-                    .into_iter()
-                    .map(|pair| (pair, Some(Err(error.clone())))),
-            );
-        }
-    }
-    answers
+        .await?;
+    Ok(response.stored_up_to)
 }
 
 /// Reads the next batch from `from_pos` on, [`FORWARD_READ_PAGE`] events at a time
 /// (`read_page(from, limit)`): the longest run of at most `events_max` events whose encoded sizes
 /// sum to at most `bytes_max`, and never less than its first event (one event always fits one
-/// proposal: `MESSAGE_CONTENT_BYTES_MAX`) when `first_fits_anyway` (the call's first batch; a
-/// later one gets only the room left). The destination proposes a call as one proposal,
+/// proposal: `MESSAGE_CONTENT_BYTES_MAX`). The destination proposes a batch as one proposal,
 /// which its proposer refuses beyond `PROPOSAL_BYTES_MAX`; a batch cut by count alone was refused
 /// on every retry, and the pair never moved again.
 fn read_fitting<E>(
@@ -499,7 +381,6 @@ fn read_fitting<E>(
     from_pos: u64,
     events_max: usize,
     bytes_max: usize,
-    first_fits_anyway: bool,
 ) -> Result<Vec<(u64, Event)>, E> {
     let mut batch: Vec<(u64, Event)> = Vec::new();
     let mut bytes = 0_usize;
@@ -518,7 +399,7 @@ fn read_fitting<E>(
                 return Ok(batch);
             }
             bytes = bytes.saturating_add(prost::Message::encoded_len(&event));
-            if bytes > bytes_max && (!batch.is_empty() || !first_fits_anyway) {
+            if bytes > bytes_max && !batch.is_empty() {
                 return Ok(batch);
             }
             from = pos.saturating_add(1);
@@ -612,7 +493,7 @@ pub(crate) mod tests {
             *read += page.len();
             Ok(page)
         };
-        let batch = read_fitting(page, 1, FORWARD_BATCH_EVENTS_MAX, bytes_max, true).unwrap();
+        let batch = read_fitting(page, 1, FORWARD_BATCH_EVENTS_MAX, bytes_max).unwrap();
         batch.into_iter().map(|(pos, _)| pos).collect()
     }
 
@@ -710,93 +591,12 @@ pub(crate) mod tests {
                 .map(|pos| (pos, delivered(10)))
                 .collect())
         };
-        let batch = read_fitting(page, 1, FORWARD_BATCH_EVENTS_MAX, usize::MAX, true).unwrap();
+        let batch = read_fitting(page, 1, FORWARD_BATCH_EVENTS_MAX, usize::MAX).unwrap();
         let positions: Vec<u64> = batch.iter().map(|(pos, _)| *pos).collect();
         assert_eq!(
             positions,
             (1..=FORWARD_READ_PAGE as u64).collect::<Vec<_>>()
         );
-    }
-
-    fn candidate(pair: Pair, ready: bool, last_started: Option<Instant>) -> Candidate {
-        Candidate {
-            pair,
-            from: u64::from(pair.0) * 100,
-            ready,
-            last_started,
-            last_served: last_started,
-        }
-    }
-
-    #[test]
-    fn one_call_carries_every_source_shard_for_its_destination() {
-        let now = Instant::now();
-        let long_ago = Some(now - Duration::from_secs(1));
-        let candidates = [
-            candidate((0, 5), true, Some(now)),
-            candidate((1, 3), true, long_ago),
-            // Lingering, but a call to its destination starts anyway: it rides along.
-            candidate((2, 5), false, None),
-            candidate((4, 3), false, Some(now)),
-            // Only lingering pairs for 6: no call yet.
-            candidate((0, 6), false, None),
-        ];
-        // Within a call, the pair given room longest ago (or never) takes the room first.
-        assert_eq!(
-            calls(&candidates, 8),
-            [
-                (3, vec![((1, 3), 100), ((4, 3), 400)]),
-                (5, vec![((2, 5), 200), ((0, 5), 0)]),
-            ]
-        );
-        // One call free: the destination whose ready pair waited longest goes.
-        assert_eq!(
-            calls(&candidates, 1),
-            [(3, vec![((1, 3), 100), ((4, 3), 400)])]
-        );
-        assert!(calls(&candidates, 0).is_empty());
-        // A pair left without room (a long backlog ahead of it) goes first in the next call.
-        let mut starved = candidate((0, 3), true, long_ago);
-        starved.last_served = Some(now - Duration::from_secs(5));
-        let backlog = candidate((1, 3), true, Some(now));
-        assert_eq!(
-            calls(&[backlog, starved], 1),
-            [(3, vec![((0, 3), 0), ((1, 3), 100)])]
-        );
-        // A pair never started goes before all.
-        let first = [
-            candidate((0, 5), true, long_ago),
-            candidate((1, 2), true, None),
-        ];
-        assert_eq!(calls(&first, 1), [(2, vec![((1, 2), 100)])]);
-    }
-
-    #[test]
-    fn a_later_batch_of_a_call_reads_only_into_the_room_left() {
-        let one = prost::Message::encoded_len(&delivered(1000));
-        let queue: Vec<(u64, Event)> = (1..=10).map(|pos| (pos, delivered(1000))).collect();
-        let page = |from: u64, limit: usize| -> Result<Vec<(u64, Event)>, ()> {
-            Ok(queue
-                .iter()
-                .filter(|(pos, _)| *pos >= from)
-                .take(limit)
-                .cloned()
-                .collect())
-        };
-        let read = |bytes_max, first_fits_anyway| {
-            read_fitting(
-                page,
-                1,
-                FORWARD_BATCH_EVENTS_MAX,
-                bytes_max,
-                first_fits_anyway,
-            )
-            .unwrap()
-            .len()
-        };
-        assert_eq!(read(2 * one, false), 2);
-        assert_eq!(read(one / 2, true), 1, "the call's first batch always goes");
-        assert_eq!(read(one / 2, false), 0, "a later one waits for room");
     }
 
     #[test]

@@ -25,13 +25,12 @@ use courier_proto::pb::peer::admin_server::Admin;
 use courier_proto::pb::peer::forward_server::Forward;
 use courier_proto::pb::peer::{
     AddNodeRequest, AddNodeResponse, BackupRequest, BackupResponse, ForwardBatchRequest,
-    ForwardBatchResponse, ForwardBatchesRequest, ForwardBatchesResponse, InitClusterRequest,
-    InitClusterResponse, InspectUserRequest, MarkDrainingRequest, MarkDrainingResponse,
-    MoveShardRequest, MoveShardResponse, PresenceRequest, PresenceResponse, ProposeRequest,
-    ProposeResponse, ReadLogRequest, ReadLogResponse, ReadShardRequest, ReadShardResponse,
-    RebuildProjectionRequest, RemoveNodeRequest, RemoveNodeResponse, StatusRequest, StatusResponse,
-    TransferLeaderRequest, TransferLeaderResponse, TypingRequest, TypingResponse,
-    VerifyProjectionRequest,
+    ForwardBatchResponse, InitClusterRequest, InitClusterResponse, InspectUserRequest,
+    MarkDrainingRequest, MarkDrainingResponse, MoveShardRequest, MoveShardResponse,
+    PresenceRequest, PresenceResponse, ProposeRequest, ProposeResponse, ReadLogRequest,
+    ReadLogResponse, ReadShardRequest, ReadShardResponse, RebuildProjectionRequest,
+    RemoveNodeRequest, RemoveNodeResponse, StatusRequest, StatusResponse, TransferLeaderRequest,
+    TransferLeaderResponse, TypingRequest, TypingResponse, VerifyProjectionRequest,
 };
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
@@ -456,27 +455,6 @@ impl Forward for PeerApi {
                 .instrument(span)
                 .await?,
         ))
-    }
-
-    async fn forward_batches(
-        &self,
-        request: Request<ForwardBatchesRequest>,
-    ) -> Result<Response<ForwardBatchesResponse>, Status> {
-        self.auth.check(&request, Allowed::Nodes)?;
-        let forwarded = was_forwarded(request.metadata());
-        let span = tracing::info_span!("peer.ForwardBatches");
-        crate::telemetry::adopt(&span, request.metadata());
-        let answers = self
-            .cluster
-            .forward_batches(request.into_inner(), forwarded)
-            .instrument(span)
-            .await?;
-        Ok(Response::new(ForwardBatchesResponse {
-            outcomes: answers
-                .into_iter()
-                .map(crate::cluster::forward::outcome_to_wire)
-                .collect(),
-        }))
     }
 }
 

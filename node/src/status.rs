@@ -105,23 +105,6 @@ pub const SHARD_INSTALLING: &str = "COURIER:Shard:Installing";
 pub const UNKNOWN_SHARD: &str = "COURIER:Cluster:UnknownShard";
 
 impl ApiError {
-    /// The stable code this error is answered with (the `courier-code` of its status).
-    #[must_use]
-    pub fn code(&self) -> &'static str {
-        match self {
-            ApiError::Wire(wire) => wire.code(),
-            ApiError::Invalid { code, .. }
-            | ApiError::FailedPrecondition { code, .. }
-            | ApiError::Unauthenticated { code, .. }
-            | ApiError::PermissionDenied { code, .. }
-            | ApiError::ResourceExhausted { code, .. }
-            | ApiError::RateLimited { code, .. }
-            | ApiError::NotFound { code, .. }
-            | ApiError::Unavailable { code, .. }
-            | ApiError::Internal { code, .. } => code,
-        }
-    }
-
     /// Maps a group event refused at apply (`EventOutcome::Rejected`) by its stable code: the one
     /// place a [`GroupRefusalCode`] becomes a status. A code no refusal has is an internal error.
     pub fn group_refusal(code: &str, message: String) -> ApiError {

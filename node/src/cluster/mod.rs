@@ -2,10 +2,10 @@
 //! shard's leader wherever it is.
 //!
 //! ```text
-//!   ForwardBatches(dest shard) ─▶ local raft leads it? ─yes─▶ client_write ─▶ answer after commit
-//!                                     │ no
-//!                                     ├─ leader known ─▶ the same call to the leader's node (one hop)
-//!                                     └─ no leader    ─▶ UNAVAILABLE + retry-after-ms
+//!   ForwardBatch(dest shard) ─▶ local raft leads it? ─yes─▶ client_write ─▶ answer after commit
+//!                                   │ no
+//!                                   ├─ leader known ─▶ ForwardBatch to the leader's node (one hop)
+//!                                   └─ no leader    ─▶ UNAVAILABLE + retry-after-ms
 //! ```
 //!
 //! One [`Cluster`] type, its methods grouped by concern:
@@ -26,7 +26,7 @@
 mod balance;
 mod bootstrap;
 mod edge;
-pub(crate) mod forward;
+mod forward;
 mod membership;
 mod moves;
 mod peer;

@@ -162,7 +162,7 @@ pub struct Limits {
     pub send_burst_per_device: u32,
     /// Frames buffered per device stream.
     pub stream_buffer_frames: u32,
-    /// Outbox forward calls (one per destination shard) in flight at once.
+    /// Outbox batches forwarded at once.
     pub forward_batches_in_flight: u32,
     /// Device and recipient checks remembered per node.
     pub device_cache_entries: u32,

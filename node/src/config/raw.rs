@@ -104,9 +104,8 @@ pub struct LimitsRaw {
     /// Frames buffered per device stream before it falls back to reading the inbox. Default 256.
     #[serde(default = "defaults::stream_buffer")]
     pub stream_buffer_frames: u32,
-    /// Outbox forward calls this node makes at once, one per destination shard, each carrying
-    /// the batches of every source shard this node leads for it. Default 2; 1 forwards to one
-    /// destination at a time.
+    /// Outbox batches this node forwards at once, one per (source, destination) shard pair.
+    /// Default 2; 1 forwards one pair at a time.
     #[serde(default = "defaults::forward_in_flight")]
     pub forward_batches_in_flight: u32,
     /// Devices (and recipients) whose check against this node's replica is remembered until a

@@ -10,8 +10,7 @@ use courier_proto::pb::events::{self, Event, event::Kind};
 use courier_proto::pb::peer::admin_client::AdminClient;
 use courier_proto::pb::peer::forward_client::ForwardClient;
 use courier_proto::pb::peer::{
-    ForwardBatchOutcome, ForwardBatchRequest, ForwardBatchesRequest, InitClusterRequest, NodeInfo,
-    StatusRequest, StatusResponse,
+    ForwardBatchRequest, InitClusterRequest, NodeInfo, StatusRequest, StatusResponse,
 };
 
 use crate::support::{
@@ -235,45 +234,6 @@ pub(crate) async fn forward_events(
         .map(|r| r.into_inner().stored_up_to)
 }
 
-/// A batch of `count` deliveries to `user` on `dest` that `source` queued at positions from
-/// `first` on, with message ids of their own (distinct from [`delivered`]'s).
-fn batch_from(source: u32, dest: u32, user: u64, first: u64, count: u64) -> ForwardBatchRequest {
-    let events = (first..first + count)
-        .map(|pos| {
-            let mut event = delivered(user, dest, pos);
-            if let Some(Kind::MessageDelivered(d)) = event.kind.as_mut() {
-                d.source_shard = source;
-                d.message_id[14] = 0x80 | u8::try_from(source).expect("small");
-            }
-            event
-        })
-        .collect();
-    ForwardBatchRequest {
-        source_shard: source,
-        dest_shard: dest,
-        first_pos: first,
-        events,
-    }
-}
-
-/// Forwards `batches` to `dest` in one grouped call through `peer`: each batch's outcome.
-async fn forward_grouped(
-    peer: &str,
-    dest: u32,
-    batches: Vec<ForwardBatchRequest>,
-) -> Result<Vec<ForwardBatchOutcome>, tonic::Status> {
-    let mut client = ForwardClient::new(connect(peer, peer_tls("node-1")).await);
-    let mut request = tonic::Request::new(ForwardBatchesRequest {
-        dest_shard: dest,
-        batches,
-    });
-    request.set_timeout(Duration::from_secs(5));
-    client
-        .forward_batches(request)
-        .await
-        .map(|r| r.into_inner().outcomes)
-}
-
 /// Waits until every node reports the same applied index and digest for every shard.
 pub(crate) async fn wait_converged(
     peers: &[String],
@@ -425,67 +385,6 @@ async fn three_nodes_elect_commit_and_converge() {
             text.contains(&format!("courier_node_shard_leaders{{}} {leads}")),
             "the node leads {leads}: {text}"
         );
-    }
-    {
-        tracing::info!(
-            "a grouped forward stores two sources' batches in one call; a batch past its \
-             source's watermark is refused alone; a resent batch stores nothing twice"
-        );
-        for shard in 0..SHARDS {
-            let user = 300 + u64::from(shard);
-            let mut sources = (1..SHARDS).filter(|s| *s != shard);
-            let (s1, s2) = (sources.next().expect("two"), sources.next().expect("two"));
-            let stored = |outcomes: Vec<ForwardBatchOutcome>| -> Vec<String> {
-                outcomes
-                    .into_iter()
-                    .map(|o| {
-                        if o.refused.is_empty() {
-                            o.stored_up_to.to_string()
-                        } else {
-                            o.refused
-                        }
-                    })
-                    .collect()
-            };
-            let first = vec![
-                batch_from(s1, shard, user, 1, 10),
-                batch_from(s2, shard, user, 1, 5),
-            ];
-            let outcomes = forward_grouped(&peers[2], shard, first)
-                .await
-                .expect("grouped");
-            assert_eq!(stored(outcomes), ["10", "5"]);
-            // SOURCE stored up to 60 above: a batch from 100 on has a gap.
-            let second = vec![
-                batch_from(s2, shard, user, 6, 5),
-                batch_from(SOURCE, shard, user, 100, 2),
-            ];
-            let outcomes = forward_grouped(&peers[0], shard, second)
-                .await
-                .expect("grouped");
-            assert_eq!(stored(outcomes), ["10", "COURIER:Forward:Gap"]);
-            let again = vec![batch_from(s1, shard, user, 1, 10)];
-            let outcomes = forward_grouped(&peers[1], shard, again)
-                .await
-                .expect("grouped");
-            assert_eq!(stored(outcomes), ["10"]);
-            let leader = &nodes[usize::try_from(leaders[&shard] - 1).expect("small")];
-            let shard_id = courier_proto::ShardId::new(u16::try_from(shard).expect("small"));
-            leader
-                .cluster()
-                .read_barrier(
-                    shard_id,
-                    courier_node::cluster::ReadConsistency::Linearizable,
-                )
-                .await
-                .expect("leader read");
-            assert_eq!(inbox_tail(leader, shard, user), 20, "shard {shard}");
-        }
-        let malformed = vec![batch_from(1, 0, 300, 1, 1), batch_from(1, 0, 300, 2, 1)];
-        let refused = forward_grouped(&peers[0], 0, malformed)
-            .await
-            .expect_err("one source twice");
-        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
     }
     {
         tracing::info!("every message was stored exactly once: 60 per shard on every replica");
