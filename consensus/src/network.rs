@@ -313,6 +313,7 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
             pool: self.pool.clone(),
             addr: node.addr.clone(),
             rpc_timeout: self.rpc_timeout,
+            large_append_warned: None,
         }
     }
 }
@@ -325,6 +326,30 @@ pub struct GroupClient {
     pool: Arc<ChannelPool>,
     addr: String,
     rpc_timeout: Duration,
+    /// When a large append's timeout was last logged ([`LARGE_APPEND_WARN_EVERY`]).
+    large_append_warned: Option<std::time::Instant>,
+}
+
+/// An append-entries request at least this large that times out is logged as a warning:
+/// openraft gives the call one heartbeat interval, and one that carries entries this large may
+/// need longer on this link (or on a starved follower), which only `raft.heartbeat` can give. It
+/// is sent again whole every time, so it may never get through (docs/RUNBOOK.md, "Raft timing").
+pub const LARGE_APPEND_BYTES: usize = 256 * 1024;
+
+/// Shortest time between two warnings of [`LARGE_APPEND_BYTES`] from one group to one peer.
+pub const LARGE_APPEND_WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// Whether a timed-out call of `action` with `bytes` of payload is a large append whose warning
+/// is due at `now` (none logged by this client within [`LARGE_APPEND_WARN_EVERY`]).
+fn large_append_warning_due(
+    action: RPCTypes,
+    bytes: usize,
+    last: Option<std::time::Instant>,
+    now: std::time::Instant,
+) -> bool {
+    matches!(action, RPCTypes::AppendEntries)
+        && bytes >= LARGE_APPEND_BYTES
+        && last.is_none_or(|at| now.saturating_duration_since(at) >= LARGE_APPEND_WARN_EVERY)
 }
 
 /// Consecutive RPC timeouts to one peer after which its pooled channel is replaced. One slow
@@ -374,8 +399,19 @@ impl GroupClient {
     /// After a timeout: once [`RECONNECT_AFTER_TIMEOUTS`] came to this peer with no answer in
     /// between, the pool drops its connection and the next call of every group opens a new one
     /// (see [`ChannelPool::forget`]).
-    fn timed_out(&self) {
+    fn timed_out(&mut self, action: RPCTypes, bytes: usize, timeout: Duration) {
         self.pool.timed_out(&self.addr);
+        let now = std::time::Instant::now();
+        if large_append_warning_due(action, bytes, self.large_append_warned, now) {
+            self.large_append_warned = Some(now);
+            tracing::warn!(
+                group = %self.group,
+                target = self.target,
+                bytes,
+                timeout_ms = timeout.as_millis(),
+                "a large append-entries call timed out; if it keeps doing so, raise raft.heartbeat"
+            );
+        }
     }
 
     async fn call<Resp, E>(
@@ -403,6 +439,7 @@ impl GroupClient {
         // (as openraft asks) makes sure ours fires first, so the timeout is counted towards
         // replacing a wedged connection instead of being cancelled from outside unseen.
         let timeout = option.soft_ttl().min(self.rpc_timeout);
+        let bytes = payload.len();
         let request = RaftRequest {
             group: Some(group_to_wire(self.group)),
             payload,
@@ -428,7 +465,7 @@ impl GroupClient {
         };
         let response = match tokio::time::timeout(timeout, call).await {
             Err(_) => {
-                self.timed_out();
+                self.timed_out(action, bytes, timeout);
                 return Err(RPCError::Timeout(Timeout {
                     action,
                     id: 0,
@@ -444,7 +481,7 @@ impl GroupClient {
                     tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
                 ) =>
             {
-                self.timed_out();
+                self.timed_out(action, bytes, timeout);
                 return Err(RPCError::Timeout(Timeout {
                     action,
                     id: 0,
@@ -847,6 +884,33 @@ mod pipe_tests {
 
     use courier_proto::pb::peer::raft_server::{Raft as RaftRpc, RaftServer};
     use openraft::network::{RPCOption, RaftNetwork as _, RaftNetworkFactory as _};
+
+    #[test]
+    fn a_large_append_that_times_out_is_warned_of_at_most_every_interval() {
+        let now = std::time::Instant::now() + LARGE_APPEND_WARN_EVERY;
+        let due = |action, bytes, last| large_append_warning_due(action, bytes, last, now);
+        assert!(due(RPCTypes::AppendEntries, LARGE_APPEND_BYTES, None));
+        assert!(
+            !due(RPCTypes::AppendEntries, LARGE_APPEND_BYTES - 1, None),
+            "small"
+        );
+        assert!(
+            !due(RPCTypes::Vote, LARGE_APPEND_BYTES, None),
+            "not an append"
+        );
+        let recently = Some(now - LARGE_APPEND_WARN_EVERY / 2);
+        assert!(!due(
+            RPCTypes::AppendEntries,
+            APPEND_PAYLOAD_BYTES_MAX,
+            recently
+        ));
+        let long_ago = Some(now - LARGE_APPEND_WARN_EVERY);
+        assert!(due(
+            RPCTypes::AppendEntries,
+            APPEND_PAYLOAD_BYTES_MAX,
+            long_ago
+        ));
+    }
     use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, VoteRequest, VoteResponse};
     use openraft::{BasicNode, CommittedLeaderId, Entry, EntryPayload, LogId, Vote};
 
