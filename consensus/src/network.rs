@@ -398,7 +398,8 @@ fn entries_within(
 impl GroupClient {
     /// After a timeout: once [`RECONNECT_AFTER_TIMEOUTS`] came to this peer with no answer in
     /// between, the pool drops its connection and the next call of every group opens a new one
-    /// (see [`ChannelPool::forget`]).
+    /// (see [`ChannelPool::forget`]). A large append's timeout is also logged
+    /// ([`LARGE_APPEND_BYTES`]).
     fn timed_out(&mut self, action: RPCTypes, bytes: usize, timeout: Duration) {
         self.pool.timed_out(&self.addr);
         let now = std::time::Instant::now();
@@ -827,6 +828,33 @@ mod tests {
     }
 
     #[test]
+    fn a_large_append_that_times_out_is_warned_of_at_most_every_interval() {
+        let now = std::time::Instant::now() + LARGE_APPEND_WARN_EVERY;
+        let due = |action, bytes, last| large_append_warning_due(action, bytes, last, now);
+        assert!(due(RPCTypes::AppendEntries, LARGE_APPEND_BYTES, None));
+        assert!(
+            !due(RPCTypes::AppendEntries, LARGE_APPEND_BYTES - 1, None),
+            "small"
+        );
+        assert!(
+            !due(RPCTypes::Vote, LARGE_APPEND_BYTES, None),
+            "not an append"
+        );
+        let recently = Some(now - LARGE_APPEND_WARN_EVERY / 2);
+        assert!(!due(
+            RPCTypes::AppendEntries,
+            APPEND_PAYLOAD_BYTES_MAX,
+            recently
+        ));
+        let long_ago = Some(now - LARGE_APPEND_WARN_EVERY);
+        assert!(due(
+            RPCTypes::AppendEntries,
+            APPEND_PAYLOAD_BYTES_MAX,
+            long_ago
+        ));
+    }
+
+    #[test]
     fn a_too_large_append_is_cut_to_the_entries_that_fit() {
         let entries: Vec<_> = (1..=8).map(|index| entry(index, 100_000)).collect();
         let one = postcard::experimental::serialized_size(&entries[0]).expect("size");
@@ -885,32 +913,6 @@ mod pipe_tests {
     use courier_proto::pb::peer::raft_server::{Raft as RaftRpc, RaftServer};
     use openraft::network::{RPCOption, RaftNetwork as _, RaftNetworkFactory as _};
 
-    #[test]
-    fn a_large_append_that_times_out_is_warned_of_at_most_every_interval() {
-        let now = std::time::Instant::now() + LARGE_APPEND_WARN_EVERY;
-        let due = |action, bytes, last| large_append_warning_due(action, bytes, last, now);
-        assert!(due(RPCTypes::AppendEntries, LARGE_APPEND_BYTES, None));
-        assert!(
-            !due(RPCTypes::AppendEntries, LARGE_APPEND_BYTES - 1, None),
-            "small"
-        );
-        assert!(
-            !due(RPCTypes::Vote, LARGE_APPEND_BYTES, None),
-            "not an append"
-        );
-        let recently = Some(now - LARGE_APPEND_WARN_EVERY / 2);
-        assert!(!due(
-            RPCTypes::AppendEntries,
-            APPEND_PAYLOAD_BYTES_MAX,
-            recently
-        ));
-        let long_ago = Some(now - LARGE_APPEND_WARN_EVERY);
-        assert!(due(
-            RPCTypes::AppendEntries,
-            APPEND_PAYLOAD_BYTES_MAX,
-            long_ago
-        ));
-    }
     use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, VoteRequest, VoteResponse};
     use openraft::{BasicNode, CommittedLeaderId, Entry, EntryPayload, LogId, Vote};
 
