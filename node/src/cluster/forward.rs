@@ -76,16 +76,17 @@ impl Cluster {
         // proposal size, as before `FORWARD_STAMP_BYTES_MAX`): store the prefix that fits and
         // answer up to it, so the pair moves on instead of being refused on every retry.
         let kept = fitting_prefix(&fresh);
-        let last = if kept < fresh.len() {
+        let first_new = first_pos.max(applied.saturating_add(1));
+        let mut last = if kept < fresh.len() {
             fresh.truncate(kept);
-            first_pos
-                .max(applied.saturating_add(1))
+            first_new
                 .saturating_add(u64::try_from(kept).unwrap_or(u64::MAX))
                 .saturating_sub(1)
         } else {
             last
         };
         if !fresh.is_empty() {
+            let proposed = fresh.len();
             let landed: Vec<Option<Vec<u8>>> = fresh
                 .iter()
                 .map(|event| match &event.kind {
@@ -104,22 +105,38 @@ impl Cluster {
                 .instrument(tracing::info_span!("raft.commit", shard = %dest))
                 .await
                 .map_err(propose_error)?;
-            for (outcome, message_id) in outcomes.iter().zip(landed) {
-                if let (
-                    EventOutcome::Stored {
-                        user,
-                        duplicate: false,
-                        ..
-                    },
-                    Some(message_id),
-                ) = (outcome, message_id)
-                {
-                    self.push_if_offline(*user, message_id);
-                }
+            self.push_landed(&outcomes, landed);
+            let stored = stored_through(first_new, &outcomes, proposed);
+            if stored < last {
+                tracing::error!(
+                    %dest,
+                    %source,
+                    stored,
+                    last,
+                    "forwarded events refused at apply; answered up to what applied"
+                );
+                last = stored;
             }
         }
         // Everything up to `last` is now committed here (fresh events just now, the rest earlier).
         Ok(ForwardBatchResponse { stored_up_to: last })
+    }
+
+    /// Pushes, to recipients with no live stream, the messages that landed new in their inbox.
+    fn push_landed(&self, outcomes: &[EventOutcome], landed: Vec<Option<Vec<u8>>>) {
+        for (outcome, message_id) in outcomes.iter().zip(landed) {
+            if let (
+                EventOutcome::Stored {
+                    user,
+                    duplicate: false,
+                    ..
+                },
+                Some(message_id),
+            ) = (outcome, message_id)
+            {
+                self.push_if_offline(*user, message_id);
+            }
+        }
     }
 
     async fn forward_to(
@@ -163,6 +180,24 @@ fn check_shape(request: &ForwardBatchRequest) -> Result<(), ApiError> {
         ));
     }
     Ok(())
+}
+
+/// The position a batch is stored up to once the `proposed` new events, at positions from
+/// `first_new` on, came back from apply with `outcomes`: through the last event that applied
+/// with every one before it. An event refused at apply (a forward gap leaves the inbound
+/// watermark where it was) is not stored, nor is anything after it, so the source keeps them and
+/// sends them again instead of trimming them away. Unreachable while every batch starts at or
+/// below the watermark read before it is proposed and the proposer keeps queue order; this
+/// answer must stay truthful if either ever changes (two batches of a pair in flight).
+fn stored_through(first_new: u64, outcomes: &[EventOutcome], proposed: usize) -> u64 {
+    let applied = outcomes
+        .iter()
+        .take(proposed)
+        .take_while(|outcome| !matches!(outcome, EventOutcome::Rejected { .. }))
+        .count();
+    first_new
+        .saturating_sub(1)
+        .saturating_add(u64::try_from(applied).unwrap_or(u64::MAX))
 }
 
 /// How many of `events`, from the first, fit one proposal (never fewer than one: one event always
@@ -230,6 +265,37 @@ mod tests {
 
     fn delivered(body_bytes: usize) -> Event {
         crate::forwarder::tests::stamped(crate::forwarder::tests::delivered(body_bytes))
+    }
+
+    #[test]
+    fn a_batch_is_answered_only_up_to_what_applied() {
+        let stored = EventOutcome::Stored {
+            user: 9,
+            seq: 1,
+            duplicate: false,
+        };
+        let refused = EventOutcome::Rejected {
+            code: "COURIER:Event:Invalid".to_owned(),
+            message: "forwarded position 13 from shard 1; the next is 12".to_owned(),
+        };
+        let all = [
+            stored.clone(),
+            EventOutcome::DuplicateForward,
+            stored.clone(),
+        ];
+        assert_eq!(stored_through(11, &all, 3), 13, "all applied");
+        let gap = [stored.clone(), refused, stored.clone()];
+        assert_eq!(
+            stored_through(11, &gap, 3),
+            11,
+            "not the refused one nor after it"
+        );
+        assert_eq!(
+            stored_through(11, &all[..1], 3),
+            11,
+            "an unanswered event is not stored"
+        );
+        assert_eq!(stored_through(1, &[], 0), 0);
     }
 
     #[test]
