@@ -912,7 +912,6 @@ mod pipe_tests {
 
     use courier_proto::pb::peer::raft_server::{Raft as RaftRpc, RaftServer};
     use openraft::network::{RPCOption, RaftNetwork as _, RaftNetworkFactory as _};
-
     use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, VoteRequest, VoteResponse};
     use openraft::{BasicNode, CommittedLeaderId, Entry, EntryPayload, LogId, Vote};
 

@@ -86,7 +86,6 @@ impl Cluster {
             last
         };
         if !fresh.is_empty() {
-            let proposed = fresh.len();
             let landed: Vec<Option<Vec<u8>>> = fresh
                 .iter()
                 .map(|event| match &event.kind {
@@ -106,7 +105,7 @@ impl Cluster {
                 .await
                 .map_err(propose_error)?;
             self.push_landed(&outcomes, landed);
-            let stored = stored_through(first_new, &outcomes, proposed);
+            let stored = stored_through(first_new, &outcomes);
             if stored < last {
                 tracing::error!(
                     %dest,
@@ -182,17 +181,16 @@ fn check_shape(request: &ForwardBatchRequest) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// The position a batch is stored up to once the `proposed` new events, at positions from
-/// `first_new` on, came back from apply with `outcomes`: through the last event that applied
+/// The position a batch is stored up to once its new events, at positions from `first_new` on,
+/// came back from apply with `outcomes` (one per event; a missing one counts as not stored): through the last event that applied
 /// with every one before it. An event refused at apply (a forward gap leaves the inbound
 /// watermark where it was) is not stored, nor is anything after it, so the source keeps them and
 /// sends them again instead of trimming them away. Unreachable while every batch starts at or
 /// below the watermark read before it is proposed and the proposer keeps queue order; this
 /// answer must stay truthful if either ever changes (two batches of a pair in flight).
-fn stored_through(first_new: u64, outcomes: &[EventOutcome], proposed: usize) -> u64 {
+fn stored_through(first_new: u64, outcomes: &[EventOutcome]) -> u64 {
     let applied = outcomes
         .iter()
-        .take(proposed)
         .take_while(|outcome| !matches!(outcome, EventOutcome::Rejected { .. }))
         .count();
     first_new
@@ -283,19 +281,19 @@ mod tests {
             EventOutcome::DuplicateForward,
             stored.clone(),
         ];
-        assert_eq!(stored_through(11, &all, 3), 13, "all applied");
+        assert_eq!(stored_through(11, &all), 13, "all applied");
         let gap = [stored.clone(), refused, stored.clone()];
         assert_eq!(
-            stored_through(11, &gap, 3),
+            stored_through(11, &gap),
             11,
             "not the refused one nor after it"
         );
         assert_eq!(
-            stored_through(11, &all[..1], 3),
+            stored_through(11, &all[..1]),
             11,
             "an unanswered event is not stored"
         );
-        assert_eq!(stored_through(1, &[], 0), 0);
+        assert_eq!(stored_through(1, &[]), 0);
     }
 
     #[test]
