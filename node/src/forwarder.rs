@@ -88,7 +88,10 @@ type States = HashMap<ShardId, (OutboxEpoch, Instant, Vec<(ShardId, OutboxState)
 pub async fn run(cluster: Cluster, in_flight: usize, shutdown: CancellationToken) {
     let mut backoff = Backoff::new();
     let mut sent = Sent::new();
-    let mut flying: JoinSet<(Pair, Result<u64, crate::status::ApiError>)> = JoinSet::new();
+    let mut flying: JoinSet<Result<u64, crate::status::ApiError>> = JoinSet::new();
+    // The pair each task in `flying` sends for, so that a task that ends without an answer (a
+    // panic in a debug build) still frees its pair instead of leaving it busy for good.
+    let mut flying_pairs = HashMap::<tokio::task::Id, Pair>::new();
     let mut busy = std::collections::BTreeSet::<Pair>::new();
     let mut started = BTreeMap::<Pair, Instant>::new();
     let mut waiting_since = BTreeMap::<Pair, Instant>::new();
@@ -140,8 +143,9 @@ pub async fn run(cluster: Cluster, in_flight: usize, shutdown: CancellationToken
                 started.insert(pair, now);
                 let (source, dest) = (ShardId::new(pair.0), ShardId::new(pair.1));
                 let cluster = cluster.clone();
-                flying
-                    .spawn(async move { (pair, forward_once(&cluster, source, dest, from).await) });
+                let task =
+                    flying.spawn(async move { forward_once(&cluster, source, dest, from).await });
+                flying_pairs.insert(task.id(), pair);
             }
         }
         // Sleep until an outbox changes, a batch comes back, a lingering pair is due, or the
@@ -153,12 +157,31 @@ pub async fn run(cluster: Cluster, in_flight: usize, shutdown: CancellationToken
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = applied => {}
-            Some(done) = flying.join_next() => {
-                let Ok((pair, result)) = done else { continue };
+            Some(done) = flying.join_next_with_id() => {
+                let Some((pair, result)) = finished(&mut flying_pairs, done) else { continue };
                 busy.remove(&pair);
                 note_result(&cluster, &mut backoff, &mut sent, pair, result);
             }
             () = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// The pair a finished forward task sent for, and its answer; a task that panicked (or was
+/// cancelled) answers a fault, so its pair is freed and backs off like any failed batch.
+fn finished(
+    flying_pairs: &mut HashMap<tokio::task::Id, Pair>,
+    done: Result<(tokio::task::Id, Result<u64, crate::status::ApiError>), tokio::task::JoinError>,
+) -> Option<(Pair, Result<u64, crate::status::ApiError>)> {
+    match done {
+        Ok((id, result)) => flying_pairs.remove(&id).map(|pair| (pair, result)),
+        Err(error) => {
+            let pair = flying_pairs.remove(&error.id())?;
+            tracing::error!(source = pair.0, dest = pair.1, %error, "a forward task ended without an answer");
+            Some((
+                pair,
+                Err(crate::status::ApiError::task_ended("forward", &error)),
+            ))
         }
     }
 }
@@ -434,6 +457,27 @@ pub(crate) mod tests {
         backoff.insert((1, 0), (now + Duration::from_millis(30), BACKOFF_MIN));
         assert_eq!(next_wait(&mut backoff, now), Duration::from_millis(30));
         assert_eq!(backoff.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_forward_task_that_panics_frees_its_pair_with_a_fault() {
+        let mut flying: JoinSet<Result<u64, crate::status::ApiError>> = JoinSet::new();
+        let mut flying_pairs = HashMap::new();
+        let answers = flying.spawn(async { Ok(7) });
+        flying_pairs.insert(answers.id(), (0, 1));
+        let panics = flying.spawn(async { panic!("a bug in a forward") });
+        flying_pairs.insert(panics.id(), (2, 1));
+        let mut freed = Vec::new();
+        while let Some(done) = flying.join_next_with_id().await {
+            freed.push(finished(&mut flying_pairs, done).expect("every task's pair is known"));
+        }
+        freed.sort_unstable_by_key(|(pair, _)| *pair);
+        assert!(matches!(freed[0], ((0, 1), Ok(7))), "{freed:?}");
+        let ((2, 1), Err(error)) = &freed[1] else {
+            panic!("the panicked task's pair is not freed with an error: {freed:?}")
+        };
+        assert!(error.to_string().contains("forward task ended"), "{error}");
+        assert!(flying_pairs.is_empty());
     }
 
     fn waiting(now: Instant, events: u64, last_started_ago: Option<Duration>) -> Waiting {
