@@ -107,6 +107,13 @@ pub fn checkpoint_path(shard: ShardId, index: LogIndex) -> ObjectPath {
 }
 
 /// A store failure, as the storage layer reports faults.
+/// fsyncs one file or directory.
+fn sync_path(path: &Path) -> Result<(), StorageError> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| store_fault("fsync", e))
+}
+
 pub fn store_fault(op: &'static str, error: impl std::fmt::Display) -> StorageError {
     StorageError::Disk {
         op,
@@ -158,6 +165,10 @@ impl ArchiveStore {
             Some(s3) => (s3_store(s3)?, None, s3.url()),
             None => {
                 std::fs::create_dir_all(dir).map_err(|e| store_fault("create archive dir", e))?;
+                // The root's own entry in its parent, which `create_dir_all` may just have made.
+                if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    sync_path(parent)?;
+                }
                 let store = LocalFileSystem::new_with_prefix(dir)
                     .map_err(|e| store_fault("open archive", e))?;
                 (
@@ -267,21 +278,29 @@ impl ArchiveStore {
             .map_err(|e| store_fault("delete", e))
     }
 
-    fn sync(&self, path: &ObjectPath) -> Result<(), StorageError> {
-        let Some(dir) = &self.local else {
+    /// Makes the object at `path` durable on a local archive: the file, then every directory from
+    /// its own up to the archive's root, so that a directory the store created for it (a shard's
+    /// first segment) survives a power loss too. An S3 store's answer to the put is its
+    /// durability. Also for an object found already there: the store may have renamed it into
+    /// place and the process died before its fsync.
+    ///
+    /// # Errors
+    /// An fsync failed.
+    pub fn sync(&self, path: &ObjectPath) -> Result<(), StorageError> {
+        let Some(root) = &self.local else {
             return Ok(());
         };
-        let file = dir.join(path.as_ref());
-        let sync = |p: &Path| {
-            std::fs::File::open(p)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| store_fault("fsync", e))
-        };
-        sync(&file)?;
-        match file.parent() {
-            Some(dir) => sync(dir),
-            None => Ok(()),
+        let file = root.join(path.as_ref());
+        sync_path(&file)?;
+        let mut dir = file.parent();
+        while let Some(current) = dir {
+            sync_path(current)?;
+            if current == root.as_path() {
+                break;
+            }
+            dir = current.parent();
         }
+        Ok(())
     }
 
     /// The objects in `shard`'s directory whose names `parse` accepts, parsed and sorted.

@@ -118,6 +118,9 @@ impl Archive {
                     format!("{path} holds other entries than this replica's log"),
                 ));
             }
+            // Found, not written by this call: a put that died between the store's rename and
+            // its fsync leaves such an object; it must be durable before the log is purged.
+            self.store.sync(&path)?;
             self.counters.segments.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }

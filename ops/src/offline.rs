@@ -394,8 +394,15 @@ pub(crate) fn rebuild(
     ))
 }
 
+/// fsyncs one restored file or directory.
+fn fsync(path: &Path) -> anyhow::Result<()> {
+    std::fs::File::open(path)
+        .and_then(|file| file.sync_all())
+        .with_context(|| format!("fsync of {}", path.display()))
+}
+
 /// Copies a checkpoint into `data_dir/db` of a node that has never run (hard links where the
-/// filesystem allows), then verifies every shard of the copy against its own log (and the
+/// filesystem allows) and fsyncs the files and their directories, then verifies every shard of the copy against its own log (and the
 /// archive's entries, when given). Returns whether every shard was verified and matched: a shard
 /// whose log was purged below a snapshot and that the archive does not cover is a failure, not
 /// a skip.
@@ -430,7 +437,12 @@ pub(crate) fn restore(
             std::fs::copy(entry.path(), &target)
                 .with_context(|| format!("copying {}", entry.path().display()))?;
         }
+        // A copy's bytes, or a link's new inode count, are durable before the node counts on
+        // them; then the directory entries, below.
+        fsync(&target)?;
     }
+    fsync(&db_dir)?;
+    fsync(data_dir)?;
     let db = open(data_dir)?;
     let mut ok = true;
     for shard in shards(&db)? {
