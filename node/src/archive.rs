@@ -14,7 +14,8 @@
 //! - **Durable, then verified, then recorded**: a segment is written, fsynced (file and
 //!   directory), read back and decoded (every checksum) before the replica's archived mark
 //!   moves; only then may a purge delete those entries. A failing store stops purging and is
-//!   counted; entries are never lost.
+//!   counted; entries are never lost. A fault of the replica's own log met on the way (a
+//!   checksum mismatch, a RocksDB error) stops the replica, as it would in raft's own reads.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,7 +44,8 @@ pub struct ArchiveCounters {
     pub segments: AtomicU64,
     /// Bytes written.
     pub bytes: AtomicU64,
-    /// Failed attempts (store errors, a segment that did not read back): purging waits.
+    /// Failed attempts (store errors, a segment that did not read back: purging waits; a fault
+    /// of the replica's own log: the replica stopped).
     pub failures: AtomicU64,
     /// Ranges skipped because this replica never held them (installed by a snapshot).
     pub gaps: AtomicU64,
@@ -173,17 +175,18 @@ impl Archive {
         log: &LogStore,
         applied: LogIndex,
         purged: Option<LogIndex>,
-    ) -> Result<(), StorageError> {
+    ) -> Result<(), PassError> {
+        use PassError::Local;
         let shard = log.shard();
         loop {
-            let next = log.archived_up_to()?.next();
+            let next = log.archived_up_to().map_err(Local)?.next();
             let end = self.segment_end(next);
             if end > applied {
                 break;
             }
             // A hole (a snapshot installed above the applied index deleted what lay between)
             // makes the segment not whole: a gap, like entries this replica never held.
-            let records = log.read_run(next, end.next())?;
+            let records = log.read_run(next, end.next()).map_err(Local)?;
             let whole = u64::try_from(records.len()).ok()
                 == Some(end.get().saturating_sub(next.get()).saturating_add(1));
             if records.first().map(|r| r.index) != Some(next) || !whole {
@@ -195,22 +198,35 @@ impl Archive {
                     to = end.get(),
                     "archive gap: this replica never held these entries"
                 );
-                log.set_archived_up_to(end)?;
+                log.set_archived_up_to(end).map_err(Local)?;
                 continue;
             }
-            self.put_segment(shard, &records).await?;
-            log.set_archived_up_to(end)?;
+            self.put_segment(shard, &records)
+                .await
+                .map_err(PassError::Store)?;
+            log.set_archived_up_to(end).map_err(Local)?;
         }
         if let Some(purged) = purged {
-            let up_to = purged.min(log.archived_up_to()?);
-            if let Some(first) = log.first_index()?
+            let up_to = purged.min(log.archived_up_to().map_err(Local)?);
+            if let Some(first) = log.first_index().map_err(Local)?
                 && first <= up_to
             {
-                log.purge_up_to(up_to)?;
+                log.purge_up_to(up_to).map_err(Local)?;
             }
         }
         Ok(())
     }
+}
+
+/// Why an archive pass over one shard's log stopped.
+#[derive(Debug)]
+enum PassError {
+    /// The replica's own log or marks failed: a checksum mismatch, a RocksDB or fsync fault, an
+    /// entry missing inside what it applied. A fault of the replica, which stops it.
+    Local(StorageError),
+    /// The archive store failed, or holds other bytes than this log: retried on the next pass,
+    /// and purging waits (entries are never lost).
+    Store(StorageError),
 }
 
 /// The runs of `[from, to]` (inclusive) that none of `segments` (sorted, inclusive, as the store
@@ -392,12 +408,24 @@ fn archive_pass(groups: &Groups, archive: &Archive) {
         let applied = handle.applied_index();
         let purged = handle.state().purged_index.map(storage_index);
         let log = LogStore::new(groups.db().clone(), shard);
-        if let Err(error) = archive
+        match archive
             .store
             .block_on(archive.archive_log(&log, applied, purged))
         {
-            archive.counters.failures.fetch_add(1, Ordering::Relaxed);
-            warn!(%shard, %error, "archiving failed; purging waits for it");
+            Ok(()) => {}
+            Err(PassError::Store(error)) => {
+                archive.counters.failures.fetch_add(1, Ordering::Relaxed);
+                warn!(%shard, %error, "archiving failed; purging waits for it");
+            }
+            Err(PassError::Local(error)) => {
+                // As a fault met by raft's own reads and writes would: the replica stops (its
+                // group's raft core shuts down), never serving or voting past corrupt data.
+                archive.counters.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(%shard, %error, "the replica's log failed while archiving; the replica stops");
+                if let Err(error) = archive.store.block_on(handle.raft.shutdown()) {
+                    warn!(%shard, %error, "raft group did not stop cleanly");
+                }
+            }
         }
     }
 }
@@ -533,6 +561,49 @@ mod tests {
             log.first_index().expect("first"),
             Some(LogIndex::new(18)),
             "purged up to raft's purge point, past the hole"
+        );
+    }
+    /// A committed entry that fails its checksum while the archiver reads it is a fault of the
+    /// replica (which then stops), not a store failure to retry; nothing is archived past it and
+    /// nothing is purged.
+    #[tokio::test]
+    async fn a_corrupt_entry_in_the_log_is_a_fault_of_the_replica_not_of_the_store() {
+        use courier_storage::kv::Change;
+        use courier_storage::{Cf, ReadKv as _};
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Arc::new(Db::open(&dir.path().join("db"), OpenMode::ReadWrite).expect("opens"));
+        let shard = ShardId::new(1);
+        let log = LogStore::new(db.clone(), shard);
+        log.append(&records(1, 30)).expect("append");
+        let key = courier_storage::keys::log_entry(shard, LogIndex::new(15));
+        let mut value = db.get(Cf::Log, &key).expect("get").expect("stored");
+        let last = value.len().saturating_sub(1);
+        value[last] ^= 0x01;
+        let change: Change = (Cf::Log, key, Some(value));
+        db.commit([change], true).expect("overwrite");
+        let archive = Archive::open(&ArchiveConfig {
+            dir: dir.path().join("archive"),
+            s3: None,
+            segment_entries: 10,
+            interval: Duration::from_millis(250),
+        })
+        .expect("archive");
+
+        let error = archive
+            .archive_log(&log, LogIndex::new(30), Some(LogIndex::new(30)))
+            .await
+            .expect_err("the corrupt entry is met");
+
+        assert!(
+            matches!(error, PassError::Local(StorageError::Checksum { .. })),
+            "{error:?}"
+        );
+        assert_eq!(log.archived_up_to().expect("mark"), LogIndex::new(10));
+        assert_eq!(
+            log.first_index().expect("first"),
+            Some(LogIndex::new(1)),
+            "nothing purged"
         );
     }
 }
