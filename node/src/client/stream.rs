@@ -22,7 +22,7 @@ use courier_proto::pb::events::{self, Event, event::Kind};
 use courier_proto::pb::store::InboxEntry;
 use courier_proto::{InboxSeq, LogIndex, ReceiptFeedPosition, UserId};
 use courier_storage::projection::readstate::{self, ReadTarget};
-use courier_storage::projection::{groups, inbox, receipts};
+use courier_storage::projection::{cursors, groups, inbox, receipts};
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -475,14 +475,24 @@ impl ClientApi {
                 return Ok(());
             }
             StreamCommand::Ack { up_to } => {
-                let tail = self
-                    .read(shard, |view| inbox::tail(view, caller.user))
+                let (tail, acked) = self
+                    .read(shard, |view| {
+                        Ok((
+                            inbox::tail(view, caller.user)?,
+                            cursors::acked(view, caller.user, caller.device)?,
+                        ))
+                    })
                     .await?;
                 if up_to > tail {
                     return Err(ApiError::Invalid {
                         code: "COURIER:Stream:AckPastTail",
                         message: format!("ack {up_to} is past the inbox tail {tail}"),
                     });
+                }
+                if up_to <= acked {
+                    // This device acked that far already (a cursor only moves forward): the event
+                    // would change nothing, so no log entry is written for it.
+                    return Ok(());
                 }
                 Kind::DeliveryAcked(events::DeliveryAcked {
                     user: caller.user.get(),
@@ -498,12 +508,23 @@ impl ClientApi {
                 up_to,
             } => {
                 let wire = events::Conversation::from(conversation);
-                let target = self
+                let (target, state) = self
                     .read(shard, |view| {
-                        readstate::read_target(view, caller.user, up_to)
+                        Ok((
+                            readstate::read_target(view, caller.user, up_to)?,
+                            readstate::get(view, caller.user, conversation)?,
+                        ))
                     })
                     .await?;
                 match target {
+                    // Read that far already (`read_pos` only moves forward): the event would
+                    // change nothing, so no log entry is written for it.
+                    ReadTarget::Position(position)
+                        if position.conversation == Some(wire)
+                            && position.pos <= state.read_pos =>
+                    {
+                        return Ok(());
+                    }
                     ReadTarget::Position(position) if position.conversation == Some(wire) => {}
                     // A message's position leaves only after it was read (and its stub
                     // forgotten after the retention window): read already, nothing to do.

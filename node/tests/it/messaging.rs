@@ -817,6 +817,109 @@ async fn alice_and_bob_on_node0(
     (addr, alice_phone, alice, bob, messaging)
 }
 
+/// An ack at or below the device's cursor and a read at or below the conversation's read
+/// position change nothing, so the node writes no log entry for them: a client repeating its last
+/// ack or read (after a reconnect, or in a loop) cannot fill the shard's log or its proposal
+/// queue. The next real ack is logged as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_or_read_that_moves_nothing_writes_no_log_entry() {
+    let c = cluster().await;
+    let (addr, _, alice, bob, mut messaging) = alice_and_bob_on_node0(&c).await;
+    let bob_id = UserId::new(bob.user).expect("id");
+    let bob_shard = shard_of(bob_id, 4);
+    let send = |id: &str| SendRequest {
+        client_msg_id: id.to_owned(),
+        to_user: bob.user,
+        content: body("hi"),
+    };
+    let read = |up_to_seq: u64| ClientFrame {
+        frame: Some(client_frame::Frame::Read(Read {
+            conversation: Some(events::Conversation {
+                with: Some(events::conversation::With::User(alice.user)),
+            }),
+            up_to_seq,
+        })),
+    };
+    // Every replica applied bob's cursor at `seq` and his read of the conversation up to `read`.
+    let applied_everywhere = |seq: u64, read_seq: u64| {
+        c.nodes.iter().all(|node| {
+            let cursor = on_replica(node, bob_shard, Projection::Cursors, |view| {
+                courier_storage::projection::cursors::acked(
+                    view,
+                    bob_id,
+                    courier_proto::DeviceId::new(bob.device).expect("id"),
+                )
+            });
+            let state = on_replica(node, bob_shard, Projection::ReadState, |view| {
+                courier_storage::projection::readstate::get(
+                    view,
+                    bob_id,
+                    courier_proto::ConversationId::Direct(UserId::new(alice.user).expect("id")),
+                )
+            });
+            cursor.get() == seq && state.read_seq == read_seq
+        })
+    };
+    let wait_applied = |seq: u64, read_seq: u64| async move {
+        let started = Instant::now();
+        while !applied_everywhere(seq, read_seq) {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "ack {seq} and read {read_seq} not applied on every replica"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+
+    messaging
+        .send(authed(&alice, send("m1")))
+        .await
+        .expect("send");
+    let mut stream = open_stream(&addr, &bob, 0).await;
+    collect(&mut stream, Duration::from_secs(10), |f| {
+        !messages(f).is_empty()
+    })
+    .await;
+    ack(&stream, 1).await;
+    stream.out.send(read(1)).await.expect("read");
+    wait_applied(1, 1).await;
+
+    // The same ack and read again: nothing to move.
+    ack(&stream, 1).await;
+    stream.out.send(read(1)).await.expect("read");
+    // Then a message and an ack that do move; frames of one stream are handled in order.
+    messaging
+        .send(authed(&alice, send("m2")))
+        .await
+        .expect("send");
+    collect(&mut stream, Duration::from_secs(10), |f| {
+        !messages(f).is_empty()
+    })
+    .await;
+    ack(&stream, 2).await;
+    wait_applied(2, 1).await;
+
+    let logged = logged_events(&c.nodes[0], bob_shard).await;
+    let acks: Vec<u64> = logged
+        .iter()
+        .filter_map(|kind| match kind {
+            events::event::Kind::DeliveryAcked(acked) if acked.user == bob.user => {
+                Some(acked.up_to_seq)
+            }
+            _ => None,
+        })
+        .collect();
+    let reads: Vec<u64> = logged
+        .iter()
+        .filter_map(|kind| match kind {
+            events::event::Kind::ReadUpTo(read) if read.user == bob.user => Some(read.up_to_seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(acks, vec![1, 2], "the repeated ack is not logged");
+    assert_eq!(reads, vec![1], "the repeated read is not logged");
+}
+
 /// A device that authenticated (so this node remembers its token) and is then revoked by a new
 /// primary registration is refused once the node applied the revocation: the device cache never
 /// outlives a device change.
