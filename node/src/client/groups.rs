@@ -81,13 +81,18 @@ impl ClientApi {
         Ok(shard_of_group(group, self.shard_count()?))
     }
 
-    async fn require_registered(&self, user: UserId) -> Result<(), ApiError> {
+    /// `NOT_FOUND` `UnknownRecipient` when `user` never registered. Each such answer costs the
+    /// caller a token of `limits.unknown-recipients-per-hour-per-device`, as a send to an unknown
+    /// user does, so putting users in groups is no faster oracle of who is registered.
+    async fn require_registered(&self, caller: Caller, user: UserId) -> Result<(), ApiError> {
         let shard = self.shard_of(user)?;
         if self
             .read(shard, |view| devices::devices_registered(view, user))
             .await?
             == 0
         {
+            self.unknown_recipient_limiter
+                .take(&(caller.user.get(), caller.device.get()))?;
             return Err(ApiError::NotFound {
                 code: "COURIER:Messaging:UnknownRecipient",
                 message: format!("{user} is not registered"),
@@ -167,7 +172,7 @@ impl ClientApi {
             });
         }
         for member in &members {
-            self.require_registered(*member).await?;
+            self.require_registered(caller, *member).await?;
         }
         let group = GroupId::new(crate::env::random_range(1..=u64::MAX)).expect("nonzero");
         let shard = self.group_shard(group)?;
@@ -225,8 +230,9 @@ impl ClientApi {
         caller: Caller,
         command: MembershipCommand,
     ) -> Result<GroupInfo, ApiError> {
-        self.require_registered(command.user).await?;
+        // The group first: an unknown group answers the same whoever the user is.
         let current = self.group_info(command.group, 0).await?;
+        self.require_registered(caller, command.user).await?;
         let max = usize::try_from(self.limits.group_members_max).unwrap_or(usize::MAX);
         if current.members.len() >= max {
             return Err(ApiError::ResourceExhausted {

@@ -493,6 +493,72 @@ async fn sends_to_unknown_users_are_rate_limited() {
     }
 }
 
+/// Putting users in groups is no faster oracle of who is registered than sending to them: an
+/// unknown user named in `CreateGroup` or `AddMember` costs the same per-device token as a send
+/// to one, and `AddMember` on a group that does not exist answers `Group:NotFound` whoever the
+/// user is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_changes_naming_unknown_users_are_rate_limited_like_sends() {
+    use crate::messaging::{authed, create_group, register};
+    use courier_proto::pb::client::groups_client::GroupsClient;
+    use courier_proto::pb::client::{AddMemberRequest, CreateGroupRequest};
+
+    let c = cluster_configured(&|text| text).await;
+    let node1 = c.nodes[0].client_addr.to_string();
+    let alice = register(&node1, &c.dirs[0], "+15550003101").await;
+    let bob = register(&node1, &c.dirs[0], "+15550003102").await;
+    let mut groups = GroupsClient::new(crate::support::channel(&node1).await);
+    let status = groups
+        .add_member(authed(
+            &alice,
+            AddMemberRequest {
+                group_id: 0x5eed_0001,
+                user_id: 0x7777_1000,
+            },
+        ))
+        .await
+        .expect_err("no such group");
+    assert_eq!(code_of(&status), "COURIER:Group:NotFound", "{status:?}");
+    let group = create_group(&node1, &alice, vec![bob.user]).await;
+    let mut answers = Vec::new();
+    for n in 0..12_u64 {
+        let status = if n % 2 == 0 {
+            groups
+                .create_group(authed(
+                    &alice,
+                    CreateGroupRequest {
+                        name: format!("probe-{n}"),
+                        members: vec![0x7777_2000 + n],
+                    },
+                ))
+                .await
+                .expect_err("no such user")
+        } else {
+            groups
+                .add_member(authed(
+                    &alice,
+                    AddMemberRequest {
+                        group_id: group,
+                        user_id: 0x7777_3000 + n,
+                    },
+                ))
+                .await
+                .expect_err("no such user")
+        };
+        answers.push(code_of(&status));
+    }
+    assert!(
+        answers[..10]
+            .iter()
+            .all(|code| code == "COURIER:Messaging:UnknownRecipient"),
+        "{answers:?}"
+    );
+    assert_eq!(answers[11], "COURIER:Limits:RateLimited", "{answers:?}");
+    for node in c.nodes {
+        node.stop().await;
+    }
+}
+
 /// A companion cannot link itself: a pairing gives nothing until the user's primary device
 /// approves its code; a companion's token cannot approve; a wrong code approves nothing; the
 /// credential is handed out once.
