@@ -189,8 +189,12 @@ impl TryFrom<pb::CreateGroupRequest> for CreateGroupCommand {
                 max: GROUP_NAME_BYTES_MAX,
             });
         }
+        // A list longer than any group can hold is refused before it is decoded into ids. A list
+        // of exactly the protocol maximum passes: with the creator it is one member too many for
+        // the node's `limits.group-members-max` check, which answers `Group:Full` as documented
+        // (this answered `TooLong` for it before, so one condition had two codes).
         let max = usize::try_from(GROUP_MEMBERS_MAX).unwrap_or(usize::MAX);
-        if wire.members.len() >= max {
+        if wire.members.len() > max {
             return Err(WireError::TooLong {
                 field: "members",
                 len: wire.members.len(),

@@ -317,6 +317,23 @@ fn groups() {
         CreateGroupCommand::try_from(create("g", vec![0])),
         Err(WireError::Zero { field: "members" })
     );
+    let max = usize::try_from(crate::limits::GROUP_MEMBERS_MAX).expect("small");
+    let ids = |n: usize| (1..=u64::try_from(n).expect("small")).collect::<Vec<u64>>();
+    assert_eq!(
+        CreateGroupCommand::try_from(create("g", ids(max)))
+            .expect("the protocol maximum is left to the node's Group:Full check")
+            .members
+            .len(),
+        max
+    );
+    assert_eq!(
+        CreateGroupCommand::try_from(create("g", ids(max + 1))),
+        Err(WireError::TooLong {
+            field: "members",
+            len: max + 1,
+            max
+        })
+    );
 }
 
 /// Every event variant survives an encode/decode round trip unchanged.
