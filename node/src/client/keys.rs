@@ -72,8 +72,6 @@ impl ClientApi {
         caller: Caller,
         request: UploadKeysRequest,
     ) -> Result<UploadKeysResponse, ApiError> {
-        self.key_upload_limiter
-            .take(&(caller.user.get(), caller.device.get()))?;
         let kind = Kind::KeysUploaded(events::KeysUploaded {
             user: caller.user.get(),
             device: caller.device.get(),
@@ -95,6 +93,9 @@ impl ClientApi {
             at_ms: now_ms(),
         });
         decode::decode(&kind).map_err(|error| ApiError::Wire(error.source))?;
+        // After the decode check: a malformed upload costs no token.
+        self.key_upload_limiter
+            .take(&(caller.user.get(), caller.device.get()))?;
         match self.propose_keys(self.shard_of(caller.user)?, kind).await? {
             EventOutcome::KeyStock(stock) => {
                 tracing::info!(

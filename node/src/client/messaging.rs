@@ -94,10 +94,11 @@ impl ClientApi {
         caller: Caller,
         content: courier_proto::convert::events::ValidContent,
     ) -> Result<events::Content, ApiError> {
-        self.send_limiter
-            .take(&(caller.user.get(), caller.device.get()))?;
+        // Invalid input changes nothing, not even the caller's rate bucket.
         let content = content.into_inner();
         self.check_content_limits(&content)?;
+        self.send_limiter
+            .take(&(caller.user.get(), caller.device.get()))?;
         Ok(content)
     }
 
@@ -265,8 +266,6 @@ impl ClientApi {
         caller: Caller,
         request: GetPresenceRequest,
     ) -> Result<GetPresenceResponse, ApiError> {
-        self.presence_limiter
-            .take(&(caller.user.get(), caller.device.get()))?;
         let max = courier_proto::limits::PRESENCE_LOOKUP_USERS_MAX;
         if request.users.is_empty() || request.users.len() > max {
             return Err(ApiError::Wire(courier_proto::WireError::OutOfRange {
@@ -276,6 +275,9 @@ impl ClientApi {
                 max: max as u64,
             }));
         }
+        // After the shape check: a malformed request costs no token.
+        self.presence_limiter
+            .take(&(caller.user.get(), caller.device.get()))?;
         let mut by_shard: std::collections::BTreeMap<u16, Vec<u64>> =
             std::collections::BTreeMap::new();
         let mut caller_groups = None;

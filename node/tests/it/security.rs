@@ -400,6 +400,62 @@ async fn re_registration_closes_streams_and_revokes_companions() {
     }
 }
 
+/// Bad input changes nothing, not even the caller's rate bucket: sends over the configured body
+/// limit (`limits.message-body-max`, checked after the wire's protocol maximum) are refused as
+/// `TooLong` however many come, and a device's valid send after them still has its whole burst.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_sends_cost_no_rate_token() {
+    use crate::messaging::{authed, body, register};
+    use courier_proto::pb::client::SendRequest;
+    use courier_proto::pb::client::messaging_client::MessagingClient;
+    use courier_proto::pb::events;
+
+    let c = cluster_configured(&|text| {
+        format!(
+            "{text}\n[limits]\nsends-per-second-per-device = 1\nsend-burst-per-device = 2\nmessage-body-max = 1024\n"
+        )
+    })
+    .await;
+    let node1 = c.nodes[0].client_addr.to_string();
+    let alice = register(&node1, &c.dirs[0], "+15550003201").await;
+    let bob = register(&node1, &c.dirs[0], "+15550003202").await;
+    let mut messaging = MessagingClient::new(crate::support::channel(&node1).await);
+    let send = |n: u64, content: Option<events::Content>| {
+        authed(
+            &alice,
+            SendRequest {
+                client_msg_id: format!("m-{n}"),
+                to_user: bob.user,
+                content,
+            },
+        )
+    };
+    for n in 0..5_u64 {
+        let oversize = Some(events::Content {
+            body: vec![0; 2048],
+            media: None,
+        });
+        let status = messaging
+            .send(send(n, oversize))
+            .await
+            .expect_err("oversize");
+        assert_eq!(
+            code_of(&status),
+            "COURIER:Wire:TooLong",
+            "send {n}: {status:?}"
+        );
+    }
+    for n in 10..12_u64 {
+        messaging
+            .send(send(n, body("hi")))
+            .await
+            .expect("the burst is whole after refused sends");
+    }
+    for node in c.nodes {
+        node.stop().await;
+    }
+}
+
 /// `GetPresence` tells nothing about a stranger (no shared conversation or group), and is
 /// rate-limited per device (defaults: 2 a second, bursts of 10).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
