@@ -208,7 +208,7 @@ impl ClientApi {
     /// # Errors
     /// A storage fault.
     /// Whether `user` received anything from `from` in their 1:1 conversation.
-    async fn received(&self, user: UserId, from: UserId) -> Result<bool, ApiError> {
+    pub(super) async fn received(&self, user: UserId, from: UserId) -> Result<bool, ApiError> {
         self.read(self.shard_of(user)?, |view| {
             Ok(readstate::get(view, user, ConversationId::Direct(from))?.count > 0)
         })

@@ -553,7 +553,8 @@ impl ClientApi {
 
 impl ClientApi {
     /// Hands a typing update to the other side's live streams on every node, best effort: never
-    /// logged, dropped where nobody is connected. In a group it goes to every other current member
+    /// logged, dropped where nobody is connected. In a 1:1 conversation only once it exists (one
+    /// of the two received a message from the other). In a group it goes to every other current member
     /// (read from this replica of the group's shard); a caller who is not a member is ignored.
     async fn typing(
         &self,
@@ -569,10 +570,19 @@ impl ClientApi {
             return; // over the typing rate: dropped, like any ephemeral update
         }
         let (to_users, shown_as) = match conversation {
-            courier_proto::ConversationId::Direct(to) => (
-                vec![to.get()],
-                courier_proto::ConversationId::Direct(caller.user),
-            ),
+            courier_proto::ConversationId::Direct(to) => {
+                // Only into a conversation that exists (either received a message from the
+                // other): a stranger's typing reaches nobody, as a stranger's presence is not told.
+                let exists = matches!(self.received(to, caller.user).await, Ok(true))
+                    || matches!(self.received(caller.user, to).await, Ok(true));
+                if !exists {
+                    return;
+                }
+                (
+                    vec![to.get()],
+                    courier_proto::ConversationId::Direct(caller.user),
+                )
+            }
             courier_proto::ConversationId::Group(group) => {
                 let Ok(shard) = self.group_shard(group) else {
                     return;

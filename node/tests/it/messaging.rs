@@ -1878,7 +1878,8 @@ async fn a_flooding_device_is_rate_limited_alone() {
 }
 
 /// Typing is ephemeral: Alice's typing frame on node 1 reaches Bob's live stream on node 2 and
-/// appends nothing to any log.
+/// appends nothing to any log. It needs a conversation between the two (here, a message Alice
+/// sent Bob first): a stranger's typing frame reaches nobody, as a stranger's presence is not told.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn typing_reaches_live_streams_and_is_not_logged() {
     let c = cluster().await;
@@ -1886,39 +1887,69 @@ async fn typing_reaches_live_streams_and_is_not_logged() {
     let (alice_phone, bob_phone) = phones_on_different_shards();
     let alice = register(&addr(0), &c.dirs[0], &alice_phone).await;
     let bob = register(&addr(0), &c.dirs[0], &bob_phone).await;
+    let stranger = register(&addr(0), &c.dirs[0], "+15550000999").await;
     // Bob's stream opens on node 1, which authenticates him on its own replica.
     c.wait_converged().await;
     let alice_stream = open_stream(&addr(0), &alice, 0).await;
+    let stranger_stream = open_stream(&addr(0), &stranger, 0).await;
     let mut bob_stream = open_stream(&addr(1), &bob, 0).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    MessagingClient::new(channel(&addr(0)).await)
+        .send(authed(
+            &alice,
+            SendRequest {
+                client_msg_id: "hello".to_owned(),
+                to_user: bob.user,
+                content: body("hello"),
+            },
+        ))
+        .await
+        .expect("send");
+    collect(&mut bob_stream, Duration::from_secs(5), |f| {
+        !messages(f).is_empty()
+    })
+    .await;
+    c.wait_converged().await;
     let peer = c.nodes[0].peer_addr.to_string();
     let before = last_log_indexes(&peer).await;
-    let conversation = Some(events::Conversation {
-        with: Some(events::conversation::With::User(bob.user)),
-    });
+    let typing_to_bob = || ClientFrame {
+        frame: Some(client_frame::Frame::Typing(
+            courier_proto::pb::client::Typing {
+                conversation: Some(events::Conversation {
+                    with: Some(events::conversation::With::User(bob.user)),
+                }),
+                typing: true,
+            },
+        )),
+    };
+    stranger_stream
+        .out
+        .send(typing_to_bob())
+        .await
+        .expect("typing");
+    tokio::time::sleep(Duration::from_millis(500)).await;
     alice_stream
         .out
-        .send(ClientFrame {
-            frame: Some(client_frame::Frame::Typing(
-                courier_proto::pb::client::Typing {
-                    conversation,
-                    typing: true,
-                },
-            )),
-        })
+        .send(typing_to_bob())
         .await
         .expect("typing");
     let frames = collect(&mut bob_stream, Duration::from_secs(5), |f| {
-        f.iter()
-            .any(|x| matches!(x.frame, Some(server_frame::Frame::Typing(_))))
+        f.iter().any(
+            |x| matches!(&x.frame, Some(server_frame::Frame::Typing(t)) if t.user == alice.user),
+        )
     })
     .await;
-    let typing = frames.iter().find_map(|f| match &f.frame {
-        Some(server_frame::Frame::Typing(t)) => Some(*t),
-        _ => None,
-    });
-    let typing = typing.expect("Bob's stream on another node saw Alice typing");
-    assert_eq!((typing.user, typing.typing), (alice.user, true));
+    let typing: Vec<(u64, bool)> = frames
+        .iter()
+        .filter_map(|f| match &f.frame {
+            Some(server_frame::Frame::Typing(t)) => Some((t.user, t.typing)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        typing,
+        vec![(alice.user, true)],
+        "Bob's stream on another node saw Alice typing, and not the stranger"
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         last_log_indexes(&peer).await,
