@@ -398,16 +398,16 @@ impl ClientApi {
         request: RevokeDeviceRequest,
     ) -> Result<(), ApiError> {
         let device = DeviceId::try_from(request)?;
-        if !self
-            .devices(caller.user)
-            .await?
-            .iter()
-            .any(|d| d.device_id == device.get())
-        {
+        let devices = self.devices(caller.user).await?;
+        let Some(found) = devices.iter().find(|d| d.device_id == device.get()) else {
             return Err(ApiError::NotFound {
                 code: "COURIER:Registration:UnknownDevice",
                 message: format!("{device} is not one of your devices"),
             });
+        };
+        if found.revoked {
+            // Revoked already: done, and nothing to log (a repeated call writes no entry).
+            return Ok(());
         }
         let revoked = Kind::DeviceRevoked(events::DeviceRevoked {
             user: caller.user.get(),

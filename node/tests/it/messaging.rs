@@ -817,6 +817,42 @@ async fn alice_and_bob_on_node0(
     (addr, alice_phone, alice, bob, messaging)
 }
 
+/// Revoking a device that is revoked already answers OK and writes nothing: a repeated call
+/// (a retry after a lost answer) cannot append to the user's shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_revoked_device_writes_no_log_entry() {
+    use courier_proto::pb::client::RevokeDeviceRequest;
+    let c = cluster().await;
+    let (addr, _, alice, _, _) = alice_and_bob_on_node0(&c).await;
+    let tablet = link_tablet(&addr, &alice).await;
+    let revoke = || {
+        authed(
+            &alice,
+            RevokeDeviceRequest {
+                device_id: tablet.device,
+            },
+        )
+    };
+    let mut registration = RegistrationClient::new(channel(&addr).await);
+    registration.revoke_device(revoke()).await.expect("revoke");
+    c.wait_converged().await;
+    registration
+        .revoke_device(revoke())
+        .await
+        .expect("a revoked device revoked again is no error");
+    c.wait_converged().await;
+    let alice_shard = shard_of(UserId::new(alice.user).expect("id"), 4);
+    let revocations = logged_events(&c.nodes[0], alice_shard)
+        .await
+        .iter()
+        .filter(|kind| {
+            matches!(kind, events::event::Kind::DeviceRevoked(revoked)
+                if revoked.user == alice.user && revoked.device == tablet.device)
+        })
+        .count();
+    assert_eq!(revocations, 1, "the second revocation is not logged");
+}
+
 /// An ack at or below the device's cursor and a read at or below the conversation's read
 /// position change nothing, so the node writes no log entry for them: a client repeating its last
 /// ack or read (after a reconnect, or in a loop) cannot fill the shard's log or its proposal
