@@ -75,9 +75,11 @@ impl Registration for ClientApi {
         &self,
         request: Request<StartPairingRequest>,
     ) -> Result<Response<StartPairingResponse>, Status> {
+        let address = client_address(&request);
         Ok(Response::new(ClientApi::start_pairing(
             self,
             request.into_inner(),
+            address,
         )?))
     }
 

@@ -81,6 +81,15 @@ impl ClientApi {
         Ok(shard_of_group(group, self.shard_count()?))
     }
 
+    /// A token of `limits.group-changes-per-hour-per-device`, taken once a change is valid and
+    /// before it is proposed: every group change is a log entry on the group's shard, refused
+    /// ones (`NotAdmin`, `AlreadyMember`) included.
+    fn take_group_change(&self, caller: Caller) -> Result<(), ApiError> {
+        self.group_change_limiter
+            .take(&(caller.user.get(), caller.device.get()))?;
+        Ok(())
+    }
+
     /// `NOT_FOUND` `UnknownRecipient` when `user` never registered. Each such answer costs the
     /// caller a token of `limits.unknown-recipients-per-hour-per-device`, as a send to an unknown
     /// user does, so putting users in groups is no faster oracle of who is registered.
@@ -174,6 +183,7 @@ impl ClientApi {
         for member in &members {
             self.require_registered(caller, *member).await?;
         }
+        self.take_group_change(caller)?;
         let group = GroupId::new(crate::env::random_range(1..=u64::MAX)).expect("nonzero");
         let shard = self.group_shard(group)?;
         let at_ms = now_ms();
@@ -210,8 +220,14 @@ impl ClientApi {
         self.group_info(group, epoch).await
     }
 
-    async fn change_membership(&self, group: GroupId, event: Kind) -> Result<GroupInfo, ApiError> {
+    async fn change_membership(
+        &self,
+        caller: Caller,
+        group: GroupId,
+        event: Kind,
+    ) -> Result<GroupInfo, ApiError> {
         let before = self.group_info(group, 0).await?.epoch;
+        self.take_group_change(caller)?;
         let outcomes = self
             .cluster
             .propose(self.group_shard(group)?, vec![Event { kind: Some(event) }])
@@ -241,6 +257,7 @@ impl ClientApi {
             });
         }
         self.change_membership(
+            caller,
             command.group,
             Kind::MemberAdded(events::MemberAdded {
                 group: command.group.get(),
@@ -265,6 +282,7 @@ impl ClientApi {
         command: MembershipCommand,
     ) -> Result<GroupInfo, ApiError> {
         self.change_membership(
+            caller,
             command.group,
             Kind::MemberRemoved(events::MemberRemoved {
                 group: command.group.get(),

@@ -58,6 +58,11 @@ pub struct ClientApi {
     pub(crate) code_limiter: Arc<rate::AddressLimiter>,
     /// Register attempts per client address.
     pub(crate) register_limiter: Arc<rate::AddressLimiter>,
+    /// Group changes per device (each is a log entry on the group's shard).
+    pub(crate) group_change_limiter: Arc<rate::SendLimiter>,
+    /// `StartPairing` calls per client address (a pairing needs no login and holds a slot of
+    /// the node's [`pairing::PAIRINGS_MAX`]).
+    pub(crate) pairing_limiter: Arc<rate::AddressLimiter>,
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
     /// What an ack trims (`retention.keep-delivered`, `retention.companion-history`).
     pub(crate) trimming: Trimming,
@@ -139,6 +144,16 @@ impl ClientApi {
             limits.key_upload_burst_per_device,
             "key uploads from this device",
         ));
+        let group_change_limiter = Arc::new(rate::SendLimiter::per_hour(
+            limits.group_changes_per_hour_per_device,
+            limits.group_change_burst_per_device,
+            "group changes from this device",
+        ));
+        let pairing_limiter = Arc::new(rate::AddressLimiter::per_hour(
+            limits.pairings_per_hour_per_address,
+            limits.pairing_burst_per_address,
+            "pairings started from this address",
+        ));
         let device_cache = Arc::new(auth::DeviceCache::new(
             usize::try_from(limits.device_cache_entries).unwrap_or(usize::MAX),
         ));
@@ -163,6 +178,8 @@ impl ClientApi {
             pairings: Arc::default(),
             code_limiter,
             register_limiter,
+            group_change_limiter,
+            pairing_limiter,
             metrics,
             trimming,
         }

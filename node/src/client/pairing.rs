@@ -130,12 +130,18 @@ impl ClientApi {
     /// `StartPairing`: a companion asks to be linked; nothing is registered yet.
     ///
     /// # Errors
-    /// `INVALID_ARGUMENT` for a bad device name; `RESOURCE_EXHAUSTED` at [`PAIRINGS_MAX`].
+    /// `INVALID_ARGUMENT` for a bad device name; `RESOURCE_EXHAUSTED` at [`PAIRINGS_MAX`], and
+    /// `COURIER:Limits:RateLimited` past `limits.pairings-per-hour-per-address`.
     pub fn start_pairing(
         &self,
         request: StartPairingRequest,
+        address: Option<std::net::IpAddr>,
     ) -> Result<StartPairingResponse, ApiError> {
         device_name(request.device_name)?;
+        // Per address: a pairing needs no login, so one client could otherwise hold every slot.
+        if let Some(address) = address {
+            self.pairing_limiter.take(&address)?;
+        }
         let (pairing_id, code) = self.pairings.start()?;
         Ok(StartPairingResponse {
             pairing_id,

@@ -210,6 +210,14 @@ pub struct Limits {
     pub key_uploads_per_hour_per_device: u32,
     /// Key upload burst per device.
     pub key_upload_burst_per_device: u32,
+    /// Group changes per device per hour.
+    pub group_changes_per_hour_per_device: u32,
+    /// Group change burst per device.
+    pub group_change_burst_per_device: u32,
+    /// `StartPairing` calls per client address per hour (per node).
+    pub pairings_per_hour_per_address: u32,
+    /// `StartPairing` burst per client address.
+    pub pairing_burst_per_address: u32,
 }
 
 /// A validated configuration.

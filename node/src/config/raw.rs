@@ -183,6 +183,19 @@ pub struct LimitsRaw {
     /// Key upload burst per device. Default 10.
     #[serde(default = "defaults::key_upload_burst")]
     pub key_upload_burst_per_device: u32,
+    /// Group changes (`CreateGroup`, `AddMember`, `RemoveMember`, `LeaveGroup`) per device per
+    /// hour. Default 3600.
+    #[serde(default = "defaults::group_change_rate")]
+    pub group_changes_per_hour_per_device: u32,
+    /// Group change burst per device. Default 200.
+    #[serde(default = "defaults::group_change_burst")]
+    pub group_change_burst_per_device: u32,
+    /// `StartPairing` calls per client address per hour, on each node. Default 60.
+    #[serde(default = "defaults::pairing_rate")]
+    pub pairings_per_hour_per_address: u32,
+    /// `StartPairing` burst per client address. Default 20.
+    #[serde(default = "defaults::pairing_burst")]
+    pub pairing_burst_per_address: u32,
 }
 
 /// `[retention]`: how long undelivered messages wait for their recipient, and how long a send's
@@ -598,6 +611,18 @@ mod defaults {
     }
     pub(super) fn key_upload_burst() -> u32 {
         10
+    }
+    pub(super) fn group_change_rate() -> u32 {
+        3600
+    }
+    pub(super) fn group_change_burst() -> u32 {
+        200
+    }
+    pub(super) fn pairing_rate() -> u32 {
+        60
+    }
+    pub(super) fn pairing_burst() -> u32 {
+        20
     }
     pub(super) fn log_format() -> LogFormat {
         LogFormat::Json

@@ -316,6 +316,22 @@ fn nonzero_account_limits(l: &LimitsRaw) -> Result<(), ConfigError> {
             "limits.key-upload-burst-per-device",
             l.key_upload_burst_per_device,
         ),
+        (
+            "limits.group-changes-per-hour-per-device",
+            l.group_changes_per_hour_per_device,
+        ),
+        (
+            "limits.group-change-burst-per-device",
+            l.group_change_burst_per_device,
+        ),
+        (
+            "limits.pairings-per-hour-per-address",
+            l.pairings_per_hour_per_address,
+        ),
+        (
+            "limits.pairing-burst-per-address",
+            l.pairing_burst_per_address,
+        ),
     ] {
         nonzero(name, value)?;
     }
@@ -379,6 +395,10 @@ fn validate_limits(l: &LimitsRaw) -> Result<Limits, ConfigError> {
         prekey_fetch_burst_per_pair: l.prekey_fetch_burst_per_pair,
         key_uploads_per_hour_per_device: l.key_uploads_per_hour_per_device,
         key_upload_burst_per_device: l.key_upload_burst_per_device,
+        group_changes_per_hour_per_device: l.group_changes_per_hour_per_device,
+        group_change_burst_per_device: l.group_change_burst_per_device,
+        pairings_per_hour_per_address: l.pairings_per_hour_per_address,
+        pairing_burst_per_address: l.pairing_burst_per_address,
     })
 }
 

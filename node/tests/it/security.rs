@@ -456,6 +456,90 @@ async fn refused_sends_cost_no_rate_token() {
     }
 }
 
+/// Group changes and pairings are rate-limited like sends: past `group-change-burst-per-device`
+/// a device's group changes are refused as `RateLimited` (a change is a log entry on the group's
+/// shard), and past `pairing-burst-per-address` so are `StartPairing` calls from one address (a
+/// pairing needs no login and holds one of the node's pairing slots).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_changes_and_pairings_are_rate_limited() {
+    use crate::messaging::{authed, register};
+    use courier_proto::pb::client::groups_client::GroupsClient;
+    use courier_proto::pb::client::registration_client::RegistrationClient;
+    use courier_proto::pb::client::{
+        AddMemberRequest, CreateGroupRequest, LeaveGroupRequest, StartPairingRequest,
+    };
+
+    let c = cluster_configured(&|text| {
+        format!(
+            "{text}\n[limits]\ngroup-changes-per-hour-per-device = 1\ngroup-change-burst-per-device = 2\npairings-per-hour-per-address = 1\npairing-burst-per-address = 2\n"
+        )
+    })
+    .await;
+    let node1 = c.nodes[0].client_addr.to_string();
+    let alice = register(&node1, &c.dirs[0], "+15550003301").await;
+    let bob = register(&node1, &c.dirs[0], "+15550003302").await;
+    let carol = register(&node1, &c.dirs[0], "+15550003303").await;
+    let mut groups = GroupsClient::new(crate::support::channel(&node1).await);
+    let group = groups
+        .create_group(authed(
+            &alice,
+            CreateGroupRequest {
+                name: "g".to_owned(),
+                members: vec![bob.user],
+            },
+        ))
+        .await
+        .expect("first change")
+        .into_inner()
+        .group_id;
+    groups
+        .add_member(authed(
+            &alice,
+            AddMemberRequest {
+                group_id: group,
+                user_id: carol.user,
+            },
+        ))
+        .await
+        .expect("second change");
+    let limited = groups
+        .leave_group(authed(&alice, LeaveGroupRequest { group_id: group }))
+        .await
+        .expect_err("the third change is past the burst");
+    assert_eq!(
+        code_of(&limited),
+        "COURIER:Limits:RateLimited",
+        "{limited:?}"
+    );
+    groups
+        .leave_group(authed(&bob, LeaveGroupRequest { group_id: group }))
+        .await
+        .expect("another device has its own bucket");
+
+    let mut registration = RegistrationClient::new(crate::support::channel(&node1).await);
+    let start = || StartPairingRequest {
+        device_name: "tablet".to_owned(),
+    };
+    for n in 0..2 {
+        registration
+            .start_pairing(start())
+            .await
+            .unwrap_or_else(|status| panic!("pairing {n}: {status:?}"));
+    }
+    let limited = registration
+        .start_pairing(start())
+        .await
+        .expect_err("the third pairing from one address is past the burst");
+    assert_eq!(
+        code_of(&limited),
+        "COURIER:Limits:RateLimited",
+        "{limited:?}"
+    );
+    for node in c.nodes {
+        node.stop().await;
+    }
+}
+
 /// `GetPresence` tells nothing about a stranger (no shared conversation or group), and is
 /// rate-limited per device (defaults: 2 a second, bursts of 10).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
