@@ -259,11 +259,15 @@ impl StateMachine {
                 applied = state.applied.get(),
                 "finished a snapshot install that a stop interrupted"
             ),
-            Some(Resumed::Abandoned(error)) => tracing::warn!(
+            // An error, not a warning: the file was fsynced before the install began, so a file
+            // that no longer verifies means the disk lost or changed synced bytes. The replica is
+            // safe (nothing of the shard was written yet), but the disk wants looking at.
+            Some(Resumed::Abandoned(error)) => tracing::error!(
                 group = %group,
                 %error,
-                "dropped a snapshot install that a stop interrupted, as its file no longer \
-                 verifies; the replica is as it was before it, and its leader sends a snapshot again"
+                "dropped a snapshot install that a stop interrupted, as its synced file no longer \
+                 verifies (check this disk); the replica is as it was before it, and its leader \
+                 sends a snapshot again"
             ),
         }
         let state = ShardState::load(db.as_ref(), group.storage_prefix()).map_err(fault)?;
