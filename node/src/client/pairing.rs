@@ -43,6 +43,9 @@ struct Pairing {
     expires: Instant,
     /// The credential, once a primary approved.
     approved: Option<RegisterResponse>,
+    /// An approval is registering the companion now: a second approval of the same code is
+    /// refused instead of registering a second device (whose credential nobody would collect).
+    approving: bool,
 }
 
 /// Outstanding pairings by pairing id.
@@ -90,23 +93,37 @@ impl PairingStore {
                 code: code.clone(),
                 expires: Instant::now() + PAIRING_TTL,
                 approved: None,
+                approving: false,
             },
         );
         Ok((id.to_vec(), code))
     }
 
-    /// The id of the pending pairing showing `code`.
-    fn pending(&self, code: &str) -> Result<Vec<u8>, ApiError> {
-        self.lock()
-            .iter()
-            .find(|(_, pairing)| pairing.approved.is_none() && pairing.code == code)
-            .map(|(id, _)| id.clone())
-            .ok_or_else(unknown)
+    /// Claims the pending pairing showing `code` for one approval: its id. Until it is
+    /// [approved](Self::approve) or [released](Self::release), the code is not pending.
+    fn claim(&self, code: &str) -> Result<Vec<u8>, ApiError> {
+        let mut pairings = self.lock();
+        let (id, pairing) = pairings
+            .iter_mut()
+            .find(|(_, pairing)| {
+                pairing.approved.is_none() && !pairing.approving && pairing.code == code
+            })
+            .ok_or_else(unknown)?;
+        pairing.approving = true;
+        Ok(id.clone())
+    }
+
+    /// An approval that failed (the companion was not registered): the code is pending again.
+    fn release(&self, id: &[u8]) {
+        if let Some(pairing) = self.lock().get_mut(id) {
+            pairing.approving = false;
+        }
     }
 
     fn approve(&self, id: &[u8], credential: RegisterResponse) {
         if let Some(pairing) = self.lock().get_mut(id) {
             pairing.approved = Some(credential);
+            pairing.approving = false;
         }
     }
 
@@ -172,7 +189,11 @@ impl ClientApi {
                 message: "only the primary device approves a pairing".to_owned(),
             });
         }
-        let id = self.pairings.pending(&request.code)?;
+        let claim = Claim {
+            id: self.pairings.claim(&request.code)?,
+            store: &self.pairings,
+            done: false,
+        };
         let credential = self.link_companion(caller).await?;
         let device_id = credential.device_id;
         tracing::info!(
@@ -180,7 +201,7 @@ impl ClientApi {
             device = device_id,
             "pairing approved: companion registered"
         );
-        self.pairings.approve(&id, credential);
+        claim.approve(credential);
         Ok(ApprovePairingResponse { device_id })
     }
 
@@ -194,6 +215,29 @@ impl ClientApi {
         request: &FinishPairingRequest,
     ) -> Result<RegisterResponse, ApiError> {
         self.pairings.finish(&request.pairing_id)
+    }
+}
+
+/// A pairing claimed by one approval: released when the approval ends without registering the
+/// companion (an error, or a caller that went away mid-call), so the code is pending again.
+struct Claim<'s> {
+    id: Vec<u8>,
+    store: &'s PairingStore,
+    done: bool,
+}
+
+impl Claim<'_> {
+    fn approve(mut self, credential: RegisterResponse) {
+        self.store.approve(&self.id, credential);
+        self.done = true;
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.store.release(&self.id);
+        }
     }
 }
 
@@ -212,7 +256,7 @@ mod tests {
             store.finish(&id),
             Err(ApiError::FailedPrecondition { .. })
         ));
-        assert_eq!(store.pending(&code).expect("pending"), id);
+        assert_eq!(store.claim(&code).expect("pending"), id);
         store.approve(
             &id,
             RegisterResponse {
@@ -222,14 +266,34 @@ mod tests {
             },
         );
         assert!(
-            store.pending(&code).is_err(),
+            store.claim(&code).is_err(),
             "an approved code is not pending"
         );
         assert_eq!(store.finish(&id).expect("finished").device_id, 2);
         assert!(matches!(store.finish(&id), Err(ApiError::NotFound { .. })));
         assert!(matches!(
-            store.pending("AAAAAAAA"),
+            store.claim("AAAAAAAA"),
             Err(ApiError::NotFound { .. })
         ));
+    }
+
+    /// Two approvals of one code at once register one companion: the second finds the code
+    /// claimed; an approval that failed hands the code back.
+    #[test]
+    fn a_code_is_claimed_by_one_approval_at_a_time() {
+        let store = PairingStore::default();
+        let (id, code) = store.start().expect("start");
+        assert_eq!(store.claim(&code).expect("first approval"), id);
+        assert!(
+            matches!(store.claim(&code), Err(ApiError::NotFound { .. })),
+            "a second approval of a claimed code is refused"
+        );
+        store.release(&id);
+        assert_eq!(
+            store
+                .claim(&code)
+                .expect("pending again after a failed approval"),
+            id
+        );
     }
 }
