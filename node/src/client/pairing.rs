@@ -295,5 +295,16 @@ mod tests {
                 .expect("pending again after a failed approval"),
             id
         );
+        // An approval that ends without registering (an error, or a caller gone mid-call)
+        // drops its claim, which hands the code back.
+        drop(Claim {
+            id: id.clone(),
+            store: &store,
+            done: false,
+        });
+        assert_eq!(
+            store.claim(&code).expect("pending after a dropped claim"),
+            id
+        );
     }
 }
