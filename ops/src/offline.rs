@@ -394,40 +394,9 @@ pub(crate) fn rebuild(
     ))
 }
 
-/// fsyncs one restored file or directory.
-fn fsync(path: &Path) -> anyhow::Result<()> {
-    std::fs::File::open(path)
-        .and_then(|file| file.sync_all())
-        .with_context(|| format!("fsync of {}", path.display()))
-}
-
-/// Copies a checkpoint into `data_dir/db` of a node that has never run (hard links where the
-/// filesystem allows) and fsyncs the files and their directories, then verifies every shard of the copy against its own log (and the
-/// archive's entries, when given). Returns whether every shard was verified and matched: a shard
-/// whose log was purged below a snapshot and that the archive does not cover is a failure, not
-/// a skip.
-///
-/// # Errors
-/// A checkpoint that is not a database, an existing `data_dir/db`, copy or storage faults.
-pub(crate) fn restore(
-    from: &Path,
-    data_dir: &Path,
-    archive: Option<&dyn SegmentStore>,
-) -> anyhow::Result<bool> {
-    if !from.join("CURRENT").exists() {
-        bail!(
-            "{} is not a checkpoint (no CURRENT file); give the directory `courier-ops backup` wrote",
-            from.display()
-        );
-    }
-    let db_dir = data_dir.join("db");
-    if db_dir.exists() {
-        bail!(
-            "{} exists: restore only into the data directory of a node that has never run",
-            db_dir.display()
-        );
-    }
-    std::fs::create_dir_all(&db_dir).with_context(|| format!("creating {}", db_dir.display()))?;
+/// Hard-links (or copies) the checkpoint's files into `db_dir` and fsyncs them and their
+/// directories.
+fn copy_checkpoint(from: &Path, data_dir: &Path, db_dir: &Path) -> anyhow::Result<()> {
     for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
         let entry = entry?;
         let target = db_dir.join(entry.file_name());
@@ -441,19 +410,25 @@ pub(crate) fn restore(
         // them; then the directory entries, below.
         fsync(&target)?;
     }
-    fsync(&db_dir)?;
-    fsync(data_dir)?;
+    fsync(db_dir)?;
+    fsync(data_dir)
+}
+
+/// Verifies every shard of the restored database against its own log (and the archive): true
+/// when each one matched. A shard that cannot be verified (purged below its snapshot and not in
+/// the archive, or a storage fault such as a checksum mismatch in its log) is reported and makes
+/// the answer false.
+fn verify_restored(data_dir: &Path, archive: Option<&dyn SegmentStore>) -> anyhow::Result<bool> {
     let db = open(data_dir)?;
     let mut ok = true;
     for shard in shards(&db)? {
         let total = ShardState::load(db.as_ref(), shard)?.applied;
         let bar =
             crate::progress::replay_bar(total.get(), &format!("verify shard {}", shard.get()));
-        let segments = archive;
         let result = rebuild::verify(
             &db,
             shard,
-            (segments, rebuild::ReplayFrom::Genesis),
+            (archive, rebuild::ReplayFrom::Genesis),
             &Projection::ALL,
             &mut |done, _| {
                 bar.set_position(done.get());
@@ -488,20 +463,67 @@ pub(crate) fn restore(
                     }
                 );
             }
-            Err(other) => return Err(other.into()),
+            Err(other) => {
+                ok = false;
+                println!("{shard}: NOT VERIFIED: {other}");
+            }
         }
     }
-    drop(db);
-    if !ok {
-        // A restore that did not verify leaves nothing behind, so it can be retried (with
-        // --archive, or from another checkpoint) into the same directory.
-        std::fs::remove_dir_all(&db_dir)
-            .with_context(|| format!("removing the unverified {}", db_dir.display()))?;
-        println!(
-            "restore FAILED: not every shard verified; {} removed, nothing restored",
+    Ok(ok)
+}
+
+/// fsyncs one restored file or directory.
+fn fsync(path: &Path) -> anyhow::Result<()> {
+    std::fs::File::open(path)
+        .and_then(|file| file.sync_all())
+        .with_context(|| format!("fsync of {}", path.display()))
+}
+
+/// Copies a checkpoint into `data_dir/db` of a node that has never run (hard links where the
+/// filesystem allows) and fsyncs the files and their directories, then verifies every shard of
+/// the copy against its own log (and the archive's entries, when given). Returns whether every
+/// shard was verified and matched: a shard whose log was purged below a snapshot and that the
+/// archive does not cover, or whose verify met a storage fault, is a failure, not a skip. A
+/// restore that fails after the copy began removes `data_dir/db` again.
+///
+/// # Errors
+/// A checkpoint that is not a database, an existing `data_dir/db`, copy faults (the copy is
+/// removed).
+pub(crate) fn restore(
+    from: &Path,
+    data_dir: &Path,
+    archive: Option<&dyn SegmentStore>,
+) -> anyhow::Result<bool> {
+    if !from.join("CURRENT").exists() {
+        bail!(
+            "{} is not a checkpoint (no CURRENT file); give the directory `courier-ops backup` wrote",
+            from.display()
+        );
+    }
+    let db_dir = data_dir.join("db");
+    if db_dir.exists() {
+        bail!(
+            "{} exists: restore only into the data directory of a node that has never run",
             db_dir.display()
         );
-        return Ok(false);
+    }
+    std::fs::create_dir_all(&db_dir).with_context(|| format!("creating {}", db_dir.display()))?;
+    // Whatever goes wrong from here (a copy that fails halfway, a shard that does not verify, a
+    // storage fault met while verifying), the restore leaves nothing behind, so it can be
+    // retried (with --archive, or from another checkpoint) into the same directory.
+    let verified =
+        copy_checkpoint(from, data_dir, &db_dir).and_then(|()| verify_restored(data_dir, archive));
+    if !matches!(verified, Ok(true)) {
+        std::fs::remove_dir_all(&db_dir)
+            .with_context(|| format!("removing the unverified {}", db_dir.display()))?;
+        let removed = format!("{} removed, nothing restored", db_dir.display());
+        return match verified {
+            Err(error) => Err(error.context(format!("restore FAILED; {removed}"))),
+            Ok(_) => {
+                println!("restore FAILED: not every shard verified; {removed}");
+                Ok(false)
+            }
+        };
     }
     println!(
         "restored into {}; start the node with a NEW node id, then `courier-ops node add` it",

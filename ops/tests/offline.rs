@@ -193,3 +193,49 @@ fn inspect_shows_earlier_state() {
         "values carry the index that set them:\n{out}"
     );
 }
+
+/// A restore whose checkpoint has a log entry that fails its checksum reports the shard as not
+/// verified, exits 1 and leaves nothing behind, so it can be retried from another checkpoint
+/// into the same directory (before, the fault ended the command with exit 2 and the unverified
+/// copy stayed in place, where the retry was refused and a node could start on it).
+#[test]
+fn a_restore_that_meets_a_corrupt_log_entry_fails_and_leaves_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let checkpoint = dir.path().join("checkpoint");
+    populate(&checkpoint);
+    {
+        let db = Arc::new(Db::open(&checkpoint.join("db"), OpenMode::ReadWrite).expect("open"));
+        // A raft state record, as a node's replica has: what makes the shard one of the
+        // checkpoint's replicas.
+        LogStore::new(db.clone(), SHARD)
+            .save_state(1, b"vote")
+            .expect("vote");
+        let key = courier_storage::keys::log_entry(SHARD, courier_proto::LogIndex::new(7));
+        let mut value = db.get(Cf::Log, &key).expect("get").expect("stored");
+        let last = value.len() - 1;
+        value[last] ^= 0x01;
+        db.commit([(Cf::Log, key, Some(value))], true)
+            .expect("corrupt");
+    }
+    let target = dir.path().join("node4");
+    std::fs::create_dir_all(&target).expect("mkdir");
+    let from = checkpoint.join("db");
+    let args = [
+        "restore",
+        "--from",
+        from.to_str().expect("utf-8"),
+        "--data-dir",
+        target.to_str().expect("utf-8"),
+    ];
+    let (code, out) = ops(&args);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("NOT VERIFIED") && out.contains("checksum"),
+        "{out}"
+    );
+    assert!(out.contains("restore FAILED"), "{out}");
+    assert!(
+        !target.join("db").exists(),
+        "the unverified copy is removed"
+    );
+}
