@@ -310,7 +310,10 @@ pub(crate) async fn verify(
             let projections = projections_named(projection.as_deref())?;
             let db = offline::open(&data_dir)?;
             let shards = match shard {
-                Some(s) => vec![ShardId::new(s)],
+                Some(s) => {
+                    offline::require_held(&db, ShardId::new(s))?;
+                    vec![ShardId::new(s)]
+                }
                 None => offline::shards(&db)?,
             };
             for shard in shards {
@@ -423,6 +426,16 @@ pub(crate) async fn log_dump(
     (from, to): (Option<u64>, Option<u64>),
     as_json: bool,
 ) -> anyhow::Result<()> {
+    // Indexes start at 1; on the wire 0 means "from the first" / "to the last", so a 0 given
+    // here would silently dump the whole log.
+    if from == Some(0) || to == Some(0) {
+        bail!("log indexes start at 1: give --from and --to of 1 or more");
+    }
+    if let (Some(from), Some(to)) = (from, to)
+        && from > to
+    {
+        bail!("--from {from} is after --to {to}");
+    }
     let archive = archive.for_target(&target)?;
     match (target.data_dir, target.addr) {
         (Some(data_dir), _) => {
@@ -450,7 +463,11 @@ pub(crate) async fn log_dump(
                 }
                 let Some(last) = page.entries.last().map(|e| e.index) else {
                     if page.first == 0 {
-                        println!("shard {shard}: empty log");
+                        if as_json {
+                            eprintln!("shard {shard}: empty log");
+                        } else {
+                            println!("shard {shard}: empty log");
+                        }
                     }
                     return Ok(());
                 };

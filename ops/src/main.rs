@@ -340,7 +340,7 @@ enum InspectCommand {
         user: u64,
         /// With --data-dir: the cluster's shard count (to find the user's shard). A running
         /// node knows it.
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
         shards: Option<u16>,
         /// The log index of the user's shard (default: the applied index).
         #[arg(long)]
@@ -406,9 +406,7 @@ fn shard_command(command: ShardCommand) -> anyhow::Result<bool> {
             shard,
             from,
             to,
-        } => runtime()?
-            .block_on(online::shard_move(&addr, shard, from, to))
-            .map(|()| true),
+        } => runtime()?.block_on(online::shard_move(&addr, shard, from, to)),
         ShardCommand::Rebalance { addr, dry_run } => {
             runtime()?.block_on(online::replica_plan(&addr, None, dry_run))
         }

@@ -34,7 +34,12 @@ pub(crate) fn log_dump(
     let shard = ShardId::new(shard);
     let log = log_source(LogStore::new(db, shard), archive)?;
     let Some((first, last)) = log.bounds()? else {
-        println!("{shard}: empty log");
+        // Not on stdout with --json: a reader of JSON lines would choke on it.
+        if json {
+            eprintln!("{shard}: empty log");
+        } else {
+            println!("{shard}: empty log");
+        }
         return Ok(());
     };
     let asked_below = range
@@ -365,6 +370,27 @@ pub(crate) fn shards(db: &Db) -> anyhow::Result<Vec<ShardId>> {
         .collect())
 }
 
+/// Refuses a shard this data directory holds no replica of: verifying it would compare an
+/// empty replay with nothing and report "ok", and a rebuild would write state for it.
+///
+/// # Errors
+/// The shard is not one of the directory's replicas (a usage error, exit 2); storage faults.
+pub(crate) fn require_held(db: &Db, shard: ShardId) -> anyhow::Result<()> {
+    let held = shards(db)?;
+    if !held.contains(&shard) {
+        let list: Vec<String> = held.iter().map(|s| s.get().to_string()).collect();
+        bail!(
+            "{shard} is not a replica in this data directory (it holds shards {})",
+            if list.is_empty() {
+                "none".to_owned()
+            } else {
+                list.join(", ")
+            }
+        );
+    }
+    Ok(())
+}
+
 /// Rebuilds one projection of a stopped node's shard from its log and swaps it in atomically.
 /// Returns the applied index, the rebuilt pairs and the events replayed.
 ///
@@ -383,6 +409,7 @@ pub(crate) fn rebuild(
             path.display()
         )
     })?);
+    require_held(&db, shard)?;
     let (live, rebuilt, _) = replay_to(&db, archive, shard, None)?;
     let swap = rebuild::swap(&live, &rebuilt, projection);
     // One atomic batch: the old projection is cleared and the rebuilt one written together.

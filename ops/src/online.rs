@@ -410,7 +410,7 @@ const MOVE_PROGRESS_EVERY: Duration = Duration::from_secs(1);
 ///
 /// # Errors
 /// Connection errors, an unknown node, or the cluster's refusal.
-pub(crate) async fn shard_move(addr: &str, shard: u32, from: u64, to: u64) -> anyhow::Result<()> {
+pub(crate) async fn shard_move(addr: &str, shard: u32, from: u64, to: u64) -> anyhow::Result<bool> {
     let nodes = gather_status(addr).await?;
     let peer_of = |id: u64| {
         nodes
@@ -474,13 +474,15 @@ pub(crate) async fn shard_move(addr: &str, shard: u32, from: u64, to: u64) -> an
         println!(
             "shard {shard} moved from node {from} to node {to}; node {from} did not answer, so its copy of the shard stays on its disk (wipe the node before it rejoins)"
         );
-        return Ok(());
+        return Ok(true);
     }
     if response.families_left != 0 {
-        bail!(
-            "shard {shard} moved to node {to}, but {} column families on node {from} still hold its keys",
+        // The move ran; its check of the old replica's delete failed: exit 1, not a usage error.
+        println!(
+            "shard {shard} moved to node {to}, but {} column families on node {from} still hold its keys: NOT verified empty",
             response.families_left
         );
+        return Ok(false);
     }
     let done = if response.already_moved {
         "was already moved"
@@ -490,7 +492,7 @@ pub(crate) async fn shard_move(addr: &str, shard: u32, from: u64, to: u64) -> an
     println!(
         "shard {shard} {done} from node {from} to node {to}; its data on node {from} is deleted (verified empty)"
     );
-    Ok(())
+    Ok(true)
 }
 
 /// Plans and carries out replica moves, one at a time: every replica off node `drain`, or (with
@@ -550,10 +552,11 @@ pub(crate) async fn replica_plan(
     if dry_run {
         return Ok(stuck == 0);
     }
+    let mut verified = true;
     for step in &moves {
-        shard_move(addr, step.shard, step.from, step.to).await?;
+        verified &= shard_move(addr, step.shard, step.from, step.to).await?;
     }
-    Ok(stuck == 0)
+    Ok(stuck == 0 && verified)
 }
 
 /// One progress line of a move: the new replica's applied index against the shard's last log

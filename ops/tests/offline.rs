@@ -14,9 +14,12 @@ use courier_storage::{Cf, Db, LogStore, OpenMode, Projection, ReadKv, ShardState
 
 const SHARD: ShardId = ShardId::new(4);
 
+/// A data directory holding one replica of `SHARD`: its log, projections and a raft state record
+/// (a vote), which is what makes a shard one of a directory's replicas.
 fn populate(data_dir: &std::path::Path) {
     let db = Arc::new(Db::open(&data_dir.join("db"), OpenMode::ReadWrite).expect("open"));
     let log = LogStore::new(db.clone(), SHARD);
+    log.save_state(1, b"vote").expect("vote");
     let mut state = ShardState::empty(SHARD);
     let mut generator = EventGen::new(SHARD, 5);
     for _ in 0..20 {
@@ -204,12 +207,7 @@ fn a_restore_that_meets_a_corrupt_log_entry_fails_and_leaves_nothing() {
     let checkpoint = dir.path().join("checkpoint");
     populate(&checkpoint);
     {
-        let db = Arc::new(Db::open(&checkpoint.join("db"), OpenMode::ReadWrite).expect("open"));
-        // A raft state record, as a node's replica has: what makes the shard one of the
-        // checkpoint's replicas.
-        LogStore::new(db.clone(), SHARD)
-            .save_state(1, b"vote")
-            .expect("vote");
+        let db = Db::open(&checkpoint.join("db"), OpenMode::ReadWrite).expect("open");
         let key = courier_storage::keys::log_entry(SHARD, courier_proto::LogIndex::new(7));
         let mut value = db.get(Cf::Log, &key).expect("get").expect("stored");
         let last = value.len() - 1;
@@ -238,4 +236,46 @@ fn a_restore_that_meets_a_corrupt_log_entry_fails_and_leaves_nothing() {
         !target.join("db").exists(),
         "the unverified copy is removed"
     );
+}
+
+/// Asking about what a data directory does not hold, or for a range that names nothing, is a
+/// usage error (exit 2), never an "ok": a shard with no replica here verified as equal before
+/// (an empty replay against nothing), and `log dump --to 0` dumped the whole log.
+#[test]
+fn a_shard_or_range_that_is_not_there_is_a_usage_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    populate(dir.path());
+    let data_dir = dir.path().to_str().expect("utf-8");
+
+    let (code, out) = ops(&["verify", "--data-dir", data_dir, "--shard", "3"]);
+    assert_eq!(code, 2, "shard 3 has no replica here: {out}");
+    let (code, out) = ops(&[
+        "rebuild",
+        "--data-dir",
+        data_dir,
+        "--shard",
+        "3",
+        "--projection",
+        "inbox",
+        "--yes",
+    ]);
+    assert_eq!(code, 2, "nothing to rebuild: {out}");
+    for range in [["--from", "5", "--to", "3"], ["--from", "1", "--to", "0"]] {
+        let mut args = vec!["log", "dump", "--data-dir", data_dir, "--shard", "4"];
+        args.extend(range);
+        let (code, out) = ops(&args);
+        assert_eq!(code, 2, "{range:?}: {out}");
+        assert!(out.is_empty(), "{range:?} printed entries: {out}");
+    }
+    let (code, _) = ops(&[
+        "inspect",
+        "user",
+        "--data-dir",
+        data_dir,
+        "--user",
+        "7",
+        "--shards",
+        "0",
+    ]);
+    assert_eq!(code, 2, "a shard count of 0 is refused, not a panic");
 }
