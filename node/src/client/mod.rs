@@ -30,6 +30,10 @@ use crate::status::ApiError;
 pub const TYPING_PER_SECOND: u32 = 5;
 /// Typing burst per device.
 pub const TYPING_BURST: u32 = 10;
+/// Typing updates being handed to the other nodes at once, node-wide. Each is a task calling
+/// every other node (up to one RPC timeout each, when a node does not answer); past this many an
+/// update is dropped, as typing is best effort, instead of tasks piling up behind a dead peer.
+pub const TYPING_BROADCASTS_MAX: usize = 1024;
 
 /// Shared state of the client services.
 #[derive(Clone)]
@@ -41,6 +45,8 @@ pub struct ClientApi {
     pub(crate) send_limiter: Arc<rate::SendLimiter>,
     pub(crate) live: Arc<live::LiveStreams>,
     pub(crate) typing_limiter: Arc<rate::SendLimiter>,
+    /// Typing broadcasts in flight ([`TYPING_BROADCASTS_MAX`]).
+    pub(crate) typing_broadcasts: Arc<tokio::sync::Semaphore>,
     /// Companion pairings started on this node.
     pub(crate) pairings: Arc<pairing::PairingStore>,
     /// Presence lookups per device.
@@ -170,6 +176,7 @@ impl ClientApi {
                 TYPING_BURST,
                 "typing updates from this device",
             )),
+            typing_broadcasts: Arc::new(tokio::sync::Semaphore::new(TYPING_BROADCASTS_MAX)),
             presence_limiter,
             unknown_recipient_limiter,
             prekey_fetch_limiter,

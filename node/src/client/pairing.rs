@@ -37,7 +37,7 @@ pub const PAIRING_CODE_CHARS: usize = 8;
 /// Letters and digits a person cannot confuse (no 0/O, 1/I).
 const CODE_ALPHABET: &[u8; 32] = b"ABCDEFGHJKLMNPQRSTUVWXYZ23456789";
 
-#[derive(Debug)]
+/// No `Debug`: it holds the pairing code and, once approved, the companion's device token.
 struct Pairing {
     code: String,
     expires: Instant,
@@ -49,9 +49,19 @@ struct Pairing {
 }
 
 /// Outstanding pairings by pairing id.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct PairingStore {
     pairings: Mutex<BTreeMap<Vec<u8>, Pairing>>,
+}
+
+impl std::fmt::Debug for PairingStore {
+    /// How many pairings are outstanding, never their codes or credentials.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let outstanding = self.pairings.lock().map_or(0, |pairings| pairings.len());
+        f.debug_struct("PairingStore")
+            .field("outstanding", &outstanding)
+            .finish_non_exhaustive()
+    }
 }
 
 fn unknown() -> ApiError {
@@ -275,6 +285,16 @@ mod tests {
             store.claim("AAAAAAAA"),
             Err(ApiError::NotFound { .. })
         ));
+    }
+
+    /// The store's Debug tells how many pairings are outstanding, never a code or credential.
+    #[test]
+    fn the_store_debug_shows_no_code() {
+        let store = PairingStore::default();
+        let (_, code) = store.start().expect("start");
+        let shown = format!("{store:?}");
+        assert!(!shown.contains(&code), "{shown}");
+        assert!(shown.contains("outstanding: 1"), "{shown}");
     }
 
     /// Two approvals of one code at once register one companion: the second finds the code

@@ -610,8 +610,16 @@ impl ClientApi {
         for user in &to_users {
             self.live.typing(*user, &update);
         }
+        // Bounded node-wide: with every permit taken (a peer that does not answer holds each
+        // broadcast for an RPC timeout), the update reaches this node's streams only.
+        let Ok(permit) = self.typing_broadcasts.clone().try_acquire_owned() else {
+            return;
+        };
         let cluster = self.cluster.clone();
-        tokio::spawn(async move { cluster.broadcast_typing(to_users, update).await });
+        tokio::spawn(async move {
+            cluster.broadcast_typing(to_users, update).await;
+            drop(permit);
+        });
     }
 }
 

@@ -73,8 +73,8 @@ impl Cluster {
         }
     }
 
-    /// Sends a typing update for `to_users` to every other node (fire and forget, one RPC timeout
-    /// each).
+    /// Sends a typing update for `to_users` to every other node at once (fire and forget, each
+    /// call within one RPC timeout), so a node that does not answer delays no other.
     pub async fn broadcast_typing(
         &self,
         to_users: Vec<u64>,
@@ -83,19 +83,22 @@ impl Cluster {
         let Some(metadata) = self.groups.get(GroupId::Metadata) else {
             return;
         };
-        for (id, addr) in metadata.state().members {
-            if id == self.groups.node_id() {
-                continue;
-            }
-            let Some(mut client) = self.peers.forward(&addr) else {
-                continue;
-            };
-            let request = self.peers.request(peer::TypingRequest {
-                to_users: to_users.clone(),
-                update: Some(update),
+        let calls = metadata
+            .state()
+            .members
+            .into_iter()
+            .filter(|(id, _)| *id != self.groups.node_id())
+            .filter_map(|(_, addr)| self.peers.forward(&addr))
+            .map(|mut client| {
+                let request = self.peers.request(peer::TypingRequest {
+                    to_users: to_users.clone(),
+                    update: Some(update),
+                });
+                async move {
+                    let _ = client.typing(request).await;
+                }
             });
-            let _ = client.typing(request).await;
-        }
+        futures_util::future::join_all(calls).await;
     }
 
     /// On the recipient's shard leader: wakes `user`'s devices when none has a live stream.
