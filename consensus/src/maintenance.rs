@@ -165,7 +165,7 @@ impl Maintenance {
     /// faults.
     pub fn rebuild_blocking(
         &self,
-        archive: Option<&dyn SegmentStore>,
+        (archive, from): (Option<&dyn SegmentStore>, rebuild::ReplayFrom),
         projection: Projection,
         progress: &mut dyn FnMut(LogIndex, u64),
     ) -> Result<RebuildOutcome, StorageError> {
@@ -175,7 +175,7 @@ impl Maintenance {
         )?;
         let (_, first) = rebuild::replay_up_to(
             source.as_ref(),
-            (archive, rebuild::ReplayFrom::Checkpoint),
+            (archive, from),
             self.applied_now(),
             progress,
         )?;

@@ -207,12 +207,13 @@ impl Jobs {
         let projection = projections_named(&request.projection)?[0];
         let (shard, handle) = self.shard(request.shard)?;
         let archive = self.archive.clone();
+        let from = ReplayFrom::genesis_if(request.from_genesis);
         self.spawn(move |tx| {
             let total = handle.maintenance.applied_now();
             let archive = archive.as_deref().map(|a| a.store() as &dyn SegmentStore);
             let outcome: RebuildOutcome = handle
                 .maintenance
-                .rebuild_blocking(archive, projection, &mut |done, events| {
+                .rebuild_blocking((archive, from), projection, &mut |done, events| {
                     let _ = tx.try_send(Ok(progress_update(done, total, events)));
                 })
                 .map_err(|e| storage_error(&e))?;

@@ -45,7 +45,12 @@ pub(crate) fn user(
     let user = UserId::new(user).context("user ids start at 1")?;
     let shard: ShardId = shard_of(user, shards);
     let db = crate::offline::open(data_dir)?;
-    let (live, state, _) = crate::offline::replay_to(&db, archive, shard, at.map(LogIndex::new))?;
+    let (live, state, _) = crate::offline::replay_to(
+        &db,
+        (archive, courier_storage::rebuild::ReplayFrom::Checkpoint),
+        shard,
+        at.map(LogIndex::new),
+    )?;
     print_user(
         &courier_storage::inspect::user_pairs(&state.kv, shard, user),
         (shard, user),

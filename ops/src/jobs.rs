@@ -371,7 +371,7 @@ pub(crate) async fn verify(
 /// Without `yes`; usage and connection errors; a data directory in use; storage faults.
 pub(crate) async fn rebuild(
     target: Target,
-    archive: &ArchiveDir,
+    (archive, from_genesis): (&ArchiveDir, bool),
     shard: u16,
     projection: &str,
     yes: bool,
@@ -386,15 +386,22 @@ pub(crate) async fn rebuild(
     }
     let started = Instant::now();
     let (applied, entries, events) = match (target.data_dir, target.addr) {
-        (Some(data_dir), _) => {
-            offline::rebuild(&data_dir, archive.as_deref(), ShardId::new(shard), named)?
-        }
+        (Some(data_dir), _) => offline::rebuild(
+            &data_dir,
+            (
+                archive.as_deref(),
+                rebuild::ReplayFrom::genesis_if(from_genesis),
+            ),
+            ShardId::new(shard),
+            named,
+        )?,
         (None, Some(addr)) => {
             let stream = admin_at(&addr)
                 .await?
                 .rebuild_projection(RebuildProjectionRequest {
                     shard: u32::from(shard),
                     projection: projection.to_owned(),
+                    from_genesis,
                 })
                 .await
                 .map_err(describe)?

@@ -111,6 +111,10 @@ enum Command {
         /// Confirms the rewrite (refused without it).
         #[arg(long)]
         yes: bool,
+        /// Replay every entry from index 1, ignoring the archive's verify checkpoints (after an
+        /// upgrade that changed how the projection is stored: a checkpoint holds the old form).
+        #[arg(long)]
+        from_genesis: bool,
     },
     /// Dev-mode demo: two users on different shards talk through a running cluster.
     Demo {
@@ -516,8 +520,15 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             shard,
             projection,
             yes,
+            from_genesis,
         } => runtime()?
-            .block_on(jobs::rebuild(target, &archive, shard, &projection, yes))
+            .block_on(jobs::rebuild(
+                target,
+                (&archive, from_genesis),
+                shard,
+                &projection,
+                yes,
+            ))
             .map(|()| true),
         Command::Demo {
             alice_addr,

@@ -324,7 +324,7 @@ pub(crate) fn projection_named(name: &str) -> anyhow::Result<Projection> {
 /// cover, storage faults.
 pub(crate) fn replay_to(
     db: &std::sync::Arc<Db>,
-    archive: Option<&dyn SegmentStore>,
+    (archive, from): (Option<&dyn SegmentStore>, rebuild::ReplayFrom),
     shard: ShardId,
     at: Option<LogIndex>,
 ) -> anyhow::Result<(ShardState, rebuild::Rebuilt, std::time::Duration)> {
@@ -338,12 +338,8 @@ pub(crate) fn replay_to(
     }
     let segments = archive;
     let log = log_source(LogStore::new(db.clone(), shard), segments)?;
-    let base = rebuild::replay_base(
-        log.as_ref(),
-        (segments, rebuild::ReplayFrom::Checkpoint),
-        at,
-    )
-    .with_context(|| format!("{shard}: {}", purged_hint(archive.is_some())))?;
+    let base = rebuild::replay_base(log.as_ref(), (segments, from), at)
+        .with_context(|| format!("{shard}: {}", purged_hint(archive.is_some())))?;
     if base.1.applied > LogIndex::new(0) {
         eprintln!(
             "{shard}: replaying from the verify checkpoint at {}",
@@ -398,7 +394,7 @@ pub(crate) fn require_held(db: &Db, shard: ShardId) -> anyhow::Result<()> {
 /// A data directory in use; storage faults.
 pub(crate) fn rebuild(
     data_dir: &Path,
-    archive: Option<&dyn SegmentStore>,
+    (archive, from): (Option<&dyn SegmentStore>, rebuild::ReplayFrom),
     shard: ShardId,
     projection: Projection,
 ) -> anyhow::Result<(u64, u64, u64)> {
@@ -410,7 +406,7 @@ pub(crate) fn rebuild(
         )
     })?);
     require_held(&db, shard)?;
-    let (live, rebuilt, _) = replay_to(&db, archive, shard, None)?;
+    let (live, rebuilt, _) = replay_to(&db, (archive, from), shard, None)?;
     let swap = rebuild::swap(&live, &rebuilt, projection);
     // One atomic batch: the old projection is cleared and the rebuilt one written together.
     db.replace_ranges(&[swap.clear], swap.changes, true)?;

@@ -270,6 +270,28 @@ async fn verify_and_rebuild_read_purged_entries_from_the_archive() {
         replayed < ENTRIES,
         "the rebuild starts from the verify checkpoint, not index 1: {out}"
     );
+    let (code, out, err) = ops(&[
+        "rebuild",
+        "--addr",
+        &replica,
+        "--shard",
+        "1",
+        "--projection",
+        "inbox",
+        "--yes",
+        "--from-genesis",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let replayed: u64 = out
+        .split(" from ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("events replayed in {out}"));
+    assert!(
+        replayed >= ENTRIES,
+        "--from-genesis replays every event from index 1, the archived ones too: {out}"
+    );
     let (code, out, err) = ops(&["verify", "--addr", &replica, "--shard", "1"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(
@@ -326,6 +348,26 @@ async fn verify_and_rebuild_read_purged_entries_from_the_archive() {
     assert!(err.contains("checkpoint"), "{err}");
     let (code, out, err) = with_archive(&[&offline[..], &["--from-genesis"]].concat());
     assert_eq!(code, 0, "--from-genesis does not read it: {out}{err}");
+    let offline_rebuild = [
+        "rebuild",
+        "--data-dir",
+        data_dir,
+        "--shard",
+        "1",
+        "--projection",
+        "inbox",
+        "--yes",
+    ];
+    let (code, out, err) = with_archive(&offline_rebuild);
+    assert_eq!(
+        code, 2,
+        "a rebuild starts from the damaged checkpoint: {out}{err}"
+    );
+    let (code, out, err) = with_archive(&[&offline_rebuild[..], &["--from-genesis"]].concat());
+    assert_eq!(
+        code, 0,
+        "a rebuild --from-genesis does not read it: {out}{err}"
+    );
 
     let offline_dump = log_events(&["--data-dir", data_dir, "--archive", archive]);
     assert_eq!(
