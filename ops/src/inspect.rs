@@ -207,6 +207,14 @@ fn scan_log(
     f: &mut dyn FnMut(LogIndex, &Kind) -> bool,
 ) -> anyhow::Result<()> {
     let log = log_source(LogStore::new(db.clone(), shard), archive)?;
+    // From index 1 or not at all: a scan from the first stored entry of a purged log would say
+    // "not in any shard log" of a message that is only below the purge.
+    log.require_full().with_context(|| {
+        format!(
+            "{shard}: {}",
+            crate::offline::purged_hint(archive.is_some())
+        )
+    })?;
     let Some((first, last)) = log.bounds()? else {
         return Ok(());
     };

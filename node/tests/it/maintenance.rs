@@ -436,14 +436,21 @@ async fn verify_and_rebuild_read_purged_entries_from_the_archive() {
     );
 
     let first_id = hex(&forwarded_id(1, 1));
-    let (code, out, err) = with_archive(&[
+    let inspect_first = [
         "inspect",
         "message",
         "--data-dir",
         data_dir,
         "--id",
         &first_id,
-    ]);
+    ];
+    let (code, out, err) = ops(&inspect_first);
+    assert_eq!(
+        code, 2,
+        "without the archive a purged log is an error, not \"not found\": {out}{err}"
+    );
+    assert!(err.contains("--archive"), "{err}");
+    let (code, out, err) = with_archive(&inspect_first);
     assert_eq!(code, 0, "{out}{err}");
     let first_at = delivered[0]["index"].as_u64().expect("an index");
     assert!(
