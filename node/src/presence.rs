@@ -26,6 +26,13 @@ pub const REFRESH_INTERVAL: Duration = Duration::from_secs(10);
 pub const STALE_AFTER: Duration = Duration::from_secs(30);
 /// Reports waiting to be sent to leaders, per node.
 pub const REPORT_QUEUE: usize = 4096;
+/// The share of `presence.users-max` one eviction pass frees when the table is full (the
+/// least recently touched offline users): the pass reads every user, so it frees room for many
+/// new ones at once rather than one.
+pub const EVICT_SHARE_PERCENT: usize = 1;
+/// How often a full table is swept at most: while every tracked user is online, a new user's
+/// report is dropped (a refresh repairs) instead of scanning the table again for each one.
+pub const EVICT_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Default, Clone)]
 struct UserPresence {
@@ -42,9 +49,16 @@ struct UserPresence {
 /// The presence this node holds as a shard leader.
 #[derive(Debug)]
 pub struct PresenceTable {
-    users: Mutex<BTreeMap<u64, UserPresence>>,
+    users: Mutex<Users>,
     users_max: usize,
     last_seen_ttl_ms: u64,
+}
+
+/// The users of a [`PresenceTable`], and when a full table was last swept (unix ms).
+#[derive(Debug, Default)]
+struct Users {
+    by_id: BTreeMap<u64, UserPresence>,
+    evicted_ms: Option<u64>,
 }
 
 fn millis(d: Duration) -> u64 {
@@ -61,22 +75,29 @@ impl PresenceTable {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, UserPresence>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Users> {
         self.users.lock().expect("presence lock is never poisoned")
     }
 
     /// Applies reports from node `node`.
     pub fn report(&self, node: u64, reports: &[PresenceReport]) {
         let now = now_ms();
-        let mut users = self.lock();
+        let mut guard = self.lock();
+        let table = &mut *guard;
         for r in reports {
-            if !users.contains_key(&r.user) && users.len() >= self.users_max {
-                Self::evict(&mut users, now, self.last_seen_ttl_ms);
-                if users.len() >= self.users_max {
+            if !table.by_id.contains_key(&r.user) && table.by_id.len() >= self.users_max {
+                if table
+                    .evicted_ms
+                    .is_none_or(|at| now.saturating_sub(at) >= millis(EVICT_EVERY))
+                {
+                    self.evict(&mut table.by_id, now);
+                    table.evicted_ms = Some(now);
+                }
+                if table.by_id.len() >= self.users_max {
                     continue;
                 }
             }
-            let user = users.entry(r.user).or_default();
+            let user = table.by_id.entry(r.user).or_default();
             user.touched_ms = now;
             user.hide_last_seen = r.hide_last_seen;
             if r.online {
@@ -88,18 +109,36 @@ impl PresenceTable {
         }
     }
 
-    /// Drops stale streams and forgotten users; the least recently touched go first when full.
-    fn evict(users: &mut BTreeMap<u64, UserPresence>, now: u64, ttl_ms: u64) {
+    /// Drops stale streams and forgotten users; when that leaves the table nearly full, the
+    /// least recently touched offline users go too, [`EVICT_SHARE_PERCENT`] of the table at once.
+    fn evict(&self, users: &mut BTreeMap<u64, UserPresence>, now: u64) {
+        let ttl_ms = self.last_seen_ttl_ms;
         users.retain(|_, user| {
             expire_streams(user, now);
             !user.streams.is_empty() || now.saturating_sub(user.last_seen_ms) < ttl_ms
         });
-        if let Some((&oldest, _)) = users
+        let room = (self.users_max / 100)
+            .saturating_mul(EVICT_SHARE_PERCENT)
+            .max(1);
+        let target = self.users_max.saturating_sub(room);
+        let excess = users.len().saturating_sub(target);
+        if excess == 0 {
+            return;
+        }
+        let mut offline: Vec<(u64, u64)> = users
             .iter()
             .filter(|(_, u)| u.streams.is_empty())
-            .min_by_key(|(_, u)| u.touched_ms)
-        {
-            users.remove(&oldest);
+            .map(|(id, u)| (u.touched_ms, *id))
+            .collect();
+        let oldest = excess.min(offline.len());
+        if oldest == 0 {
+            return;
+        }
+        if oldest < offline.len() {
+            offline.select_nth_unstable(oldest);
+        }
+        for (_, id) in offline.iter().take(oldest) {
+            users.remove(id);
         }
     }
 
@@ -107,7 +146,7 @@ impl PresenceTable {
     pub fn query(&self, user: u64) -> PresenceUpdate {
         let now = now_ms();
         let mut users = self.lock();
-        let Some(entry) = users.get_mut(&user) else {
+        let Some(entry) = users.by_id.get_mut(&user) else {
             return PresenceUpdate {
                 user,
                 online: false,
@@ -301,5 +340,29 @@ mod tests {
             "an offline user was evicted to make room"
         );
         assert!(table.query(2).online, "online users are kept");
+    }
+
+    /// A full table frees a share of itself at once (the least recently touched offline users),
+    /// so the next new users find room without another pass over the table.
+    #[test]
+    fn a_full_table_frees_the_oldest_share_at_once() {
+        let table = PresenceTable::new(200, Duration::from_secs(3600));
+        let now = now_ms();
+        for user in 1..=200 {
+            table.report(
+                1,
+                &[
+                    report(user, 1, true, false, 0),
+                    report(user, 1, false, false, now),
+                ],
+            );
+        }
+        assert_eq!(table.lock().by_id.len(), 200, "full of offline users");
+        table.report(1, &[report(1000, 1, true, false, 0)]);
+        let users = table.lock().by_id.len();
+        assert_eq!(users, 199, "1 % (2 users) freed, then the new one added");
+        table.report(1, &[report(1001, 1, true, false, 0)]);
+        assert!(table.query(1001).online, "room without a second pass");
+        assert!(table.query(1000).online, "new users stay");
     }
 }
