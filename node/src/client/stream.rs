@@ -116,20 +116,31 @@ impl ClientApi {
         );
         let pusher = self.clone();
         let pusher_tx = tx.clone();
+        // Both tasks end at shutdown wherever they wait: a device that stops reading (its
+        // HTTP/2 layer still answering pings) would otherwise hold its pusher in a send, and
+        // with it the stream's registration and reads of the node's storage, past the drain.
+        let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             let _registration = registration;
-            pusher
-                .push(
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                () = pusher.push(
                     caller,
                     resume_after,
                     receipts_after,
                     hide_last_seen,
                     pusher_tx,
-                )
-                .await
+                ) => {}
+            }
         });
         let reader = self.clone();
-        tokio::spawn(async move { reader.read_frames(caller, frames, tx).await });
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                () = reader.read_frames(caller, frames, tx) => {}
+            }
+        });
         Ok(Box::pin(ReceiverStream::new(rx)))
     }
 
