@@ -439,6 +439,17 @@ mod tests {
     use super::*;
     use courier_storage::testkit::opaque_records as records;
 
+    /// An archive in `dir/archive` with segments of 10 entries.
+    fn test_archive(dir: &std::path::Path) -> Archive {
+        Archive::open(&ArchiveConfig {
+            dir: dir.join("archive"),
+            s3: None,
+            segment_entries: 10,
+            interval: Duration::from_millis(250),
+        })
+        .expect("archive")
+    }
+
     fn at(first: u64, last: u64) -> (LogIndex, LogIndex) {
         (LogIndex::new(first), LogIndex::new(last))
     }
@@ -529,13 +540,7 @@ mod tests {
         // Applied up to 12, then a snapshot at 17 installed: 13..=17 deleted.
         log.delete_between(LogIndex::new(13), LogIndex::new(18))
             .expect("delete");
-        let archive = Archive::open(&ArchiveConfig {
-            dir: dir.path().join("archive"),
-            s3: None,
-            segment_entries: 10,
-            interval: Duration::from_millis(250),
-        })
-        .expect("archive");
+        let archive = test_archive(dir.path());
 
         archive
             .archive_log(&log, LogIndex::new(40), Some(LogIndex::new(17)))
@@ -582,13 +587,7 @@ mod tests {
         value[last] ^= 0x01;
         let change: Change = (Cf::Log, key, Some(value));
         db.commit([change], true).expect("overwrite");
-        let archive = Archive::open(&ArchiveConfig {
-            dir: dir.path().join("archive"),
-            s3: None,
-            segment_entries: 10,
-            interval: Duration::from_millis(250),
-        })
-        .expect("archive");
+        let archive = test_archive(dir.path());
 
         let error = archive
             .archive_log(&log, LogIndex::new(30), Some(LogIndex::new(30)))

@@ -249,45 +249,34 @@ async fn verify_and_rebuild_read_purged_entries_from_the_archive() {
         out.contains("from=genesis") && out.contains("checkpoint written"),
         "the first verify replays everything and leaves a checkpoint: {out}"
     );
-    let (code, out, err) = ops(&[
-        "rebuild",
-        "--addr",
-        &replica,
-        "--shard",
-        "1",
-        "--projection",
-        "inbox",
-        "--yes",
-    ]);
-    assert_eq!(code, 0, "rebuild reads the archive: {out}{err}");
-    let replayed: u64 = out
-        .split(" from ")
-        .nth(1)
-        .and_then(|rest| rest.split(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("events replayed in {out}"));
+    // An online rebuild of shard 1's inbox, with `extra` flags: the events it replayed.
+    let rebuilt = |extra: &[&str]| {
+        let rebuild = [
+            "rebuild",
+            "--addr",
+            &replica,
+            "--shard",
+            "1",
+            "--projection",
+            "inbox",
+            "--yes",
+        ];
+        let (code, out, err) = ops(&[&rebuild[..], extra].concat());
+        assert_eq!(code, 0, "rebuild reads the archive: {out}{err}");
+        let replayed: u64 = out
+            .split(" from ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("events replayed in {out}"));
+        (replayed, out)
+    };
+    let (replayed, out) = rebuilt(&[]);
     assert!(
         replayed < ENTRIES,
         "the rebuild starts from the verify checkpoint, not index 1: {out}"
     );
-    let (code, out, err) = ops(&[
-        "rebuild",
-        "--addr",
-        &replica,
-        "--shard",
-        "1",
-        "--projection",
-        "inbox",
-        "--yes",
-        "--from-genesis",
-    ]);
-    assert_eq!(code, 0, "{out}{err}");
-    let replayed: u64 = out
-        .split(" from ")
-        .nth(1)
-        .and_then(|rest| rest.split(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("events replayed in {out}"));
+    let (replayed, out) = rebuilt(&["--from-genesis"]);
     assert!(
         replayed >= ENTRIES,
         "--from-genesis replays every event from index 1, the archived ones too: {out}"
