@@ -212,8 +212,8 @@ fn fitting_prefix(events: &[Event]) -> usize {
 }
 
 /// Checks a forwarded batch's events on the destination: only deliveries and receipts, from
-/// `source`, at consecutive positions starting at `first_pos`; stamps when deliveries were
-/// stored.
+/// `source`, at consecutive positions starting at `first_pos`, each of which decodes as apply
+/// will decode it; stamps when deliveries were stored.
 fn validate_events(
     mut events: Vec<Event>,
     first_pos: u64,
@@ -253,6 +253,13 @@ fn validate_events(
                 ));
             }
         }
+        // As apply decodes it: an event that fails there is refused without consuming its
+        // position, so every later position of the pair would be refused as a gap for good.
+        // Refused here, the batch is answered INVALID_ARGUMENT and nothing enters the log.
+        if let Some(kind) = &event.kind {
+            courier_storage::projection::decode::decode(kind)
+                .map_err(|error| ApiError::Wire(error.source))?;
+        }
     }
     Ok(events)
 }
@@ -263,6 +270,27 @@ mod tests {
 
     fn delivered(body_bytes: usize) -> Event {
         crate::forwarder::tests::stamped(crate::forwarder::tests::delivered(body_bytes))
+    }
+
+    /// A forwarded event that would not decode at apply is refused before it is proposed (a
+    /// delivery to the sender's own conversation with no recipient conversation, say): at apply
+    /// it would be refused without consuming its position and stall the pair.
+    #[test]
+    fn an_event_apply_would_not_decode_is_refused_before_it_is_proposed() {
+        let mut event = delivered(16);
+        if let Some(Kind::MessageDelivered(delivered)) = event.kind.as_mut() {
+            delivered.source_shard = 0;
+            delivered.source_pos = 1;
+            delivered.conversation = None;
+        }
+        let decodes = event
+            .kind
+            .as_ref()
+            .is_some_and(|kind| courier_storage::projection::decode::decode(kind).is_ok());
+        assert!(!decodes, "the test's event must be one apply refuses");
+        let refused = validate_events(vec![event], 1, ShardId::new(0))
+            .expect_err("refused before it is proposed");
+        assert!(matches!(refused, ApiError::Wire(_)), "{refused:?}");
     }
 
     #[test]
