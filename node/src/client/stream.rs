@@ -353,13 +353,7 @@ impl ClientApi {
             device = caller.device.get(),
             "device revoked: its stream closes"
         );
-        let _ = tx
-            .send(Err(ApiError::Unauthenticated {
-                code: "COURIER:Auth:Revoked",
-                message: "this device was revoked".to_owned(),
-            }
-            .into()))
-            .await;
+        let _ = tx.send(Err(revoked().into())).await;
         false
     }
 
@@ -406,14 +400,9 @@ impl ClientApi {
     /// Whether `caller`'s device is registered and not revoked on this replica (a read fault
     /// counts as active: the stream's next read fails and closes it anyway).
     async fn device_active(&self, shard: courier_proto::ShardId, caller: Caller) -> bool {
-        self.read(shard, |view| {
-            let devices = courier_storage::projection::devices::devices_of(view, caller.user)?;
-            Ok(devices
-                .into_iter()
-                .any(|(id, record)| id == caller.device.get() && !record.revoked))
-        })
-        .await
-        .unwrap_or(true)
+        self.read(shard, |view| active(view, caller))
+            .await
+            .unwrap_or(true)
     }
 
     /// The one stored copy of a group message an inbox entry points at (on the group's shard,
@@ -486,14 +475,18 @@ impl ClientApi {
                 return Ok(());
             }
             StreamCommand::Ack { up_to } => {
-                let (tail, acked) = self
+                let (tail, acked, active) = self
                     .read(shard, |view| {
                         Ok((
                             inbox::tail(view, caller.user)?,
                             cursors::acked(view, caller.user, caller.device)?,
+                            active(view, caller)?,
                         ))
                     })
                     .await?;
+                if !active {
+                    return Err(revoked());
+                }
                 if up_to > tail {
                     return Err(ApiError::Invalid {
                         code: "COURIER:Stream:AckPastTail",
@@ -519,14 +512,18 @@ impl ClientApi {
                 up_to,
             } => {
                 let wire = events::Conversation::from(conversation);
-                let (target, state) = self
+                let (target, state, active) = self
                     .read(shard, |view| {
                         Ok((
                             readstate::read_target(view, caller.user, up_to)?,
                             readstate::get(view, caller.user, conversation)?,
+                            active(view, caller)?,
                         ))
                     })
                     .await?;
+                if !active {
+                    return Err(revoked());
+                }
                 match target {
                     // Read that far already (`read_pos` only moves forward): the event would
                     // change nothing, so no log entry is written for it.
@@ -631,6 +628,27 @@ impl ClientApi {
             cluster.broadcast_typing(to_users, update).await;
             drop(permit);
         });
+    }
+}
+
+/// Whether `caller`'s device is registered and not revoked, as `view`'s replica holds it.
+fn active(
+    view: &courier_storage::projection::View<'_, '_>,
+    caller: Caller,
+) -> courier_storage::Result<bool> {
+    Ok(
+        courier_storage::projection::devices::devices_of(view, caller.user)?
+            .into_iter()
+            .any(|(id, record)| id == caller.device.get() && !record.revoked),
+    )
+}
+
+/// `UNAUTHENTICATED` `COURIER:Auth:Revoked`: the stream's device was revoked (an ack or read it
+/// sends after that is refused, and its stream ends).
+fn revoked() -> ApiError {
+    ApiError::Unauthenticated {
+        code: "COURIER:Auth:Revoked",
+        message: "this device was revoked".to_owned(),
     }
 }
 
