@@ -6,12 +6,8 @@
 //! map lookup).
 //!
 //! The map is bounded: past [`BUCKETS_MAX`] keys, buckets that refilled completely (idle keys)
-//! are dropped, which forgets nothing a full bucket would not grant anyway (at most one such
-//! sweep every [`SWEEP_EVERY`], as it reads every bucket). A bucket still refilling is never
-//! dropped: while the map is full of them, every new key draws from one shared overflow bucket
-//! of the same rate and burst. Dropping the longest-idle key instead (as before) let a caller
-//! with more keys than the map holds (an IPv6 /47 is 131,072 /64s) cycle through them, each one
-//! coming back with a full burst, and made every request of a full map scan it twice.
+//! are dropped, which forgets nothing a full bucket would not grant anyway; if none did, the one
+//! idle longest is dropped.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -24,8 +20,6 @@ pub const RATE_LIMITED: &str = "COURIER:Limits:RateLimited";
 
 /// Keys tracked at most before idle buckets are dropped.
 pub const BUCKETS_MAX: usize = 100_000;
-/// How often a full map is swept for buckets that refilled, at most.
-pub const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
@@ -42,27 +36,7 @@ pub struct RateLimiter<K> {
     what: &'static str,
     /// The refusal's stable code.
     code: &'static str,
-    /// Keys tracked at most ([`BUCKETS_MAX`]).
-    keys_max: usize,
-    buckets: Mutex<Buckets<K>>,
-}
-
-/// A limiter's buckets: one per key, and the one new keys share while the map is full.
-#[derive(Debug)]
-struct Buckets<K> {
-    by_key: BTreeMap<K, Bucket>,
-    overflow: Option<Bucket>,
-    swept: Option<Instant>,
-}
-
-impl<K> Default for Buckets<K> {
-    fn default() -> Self {
-        Self {
-            by_key: BTreeMap::new(),
-            overflow: None,
-            swept: None,
-        }
-    }
+    buckets: Mutex<BTreeMap<K, Bucket>>,
 }
 
 /// Sends (and typing updates) per (user, device).
@@ -103,15 +77,8 @@ impl<K: Ord + Clone> RateLimiter<K> {
             burst: f64::from(burst),
             what,
             code: RATE_LIMITED,
-            keys_max: BUCKETS_MAX,
             buckets: Mutex::default(),
         }
-    }
-
-    /// The same limiter, tracking at most `keys_max` keys (tests use a small map).
-    #[cfg(test)]
-    fn tracking_at_most(self, keys_max: usize) -> Self {
-        Self { keys_max, ..self }
     }
 
     /// The same limiter, refusing with `code` instead of [`RATE_LIMITED`].
@@ -126,40 +93,28 @@ impl<K: Ord + Clone> RateLimiter<K> {
     /// `RESOURCE_EXHAUSTED` (`COURIER:Limits:RateLimited`) with the wait until the next token.
     pub fn take(&self, key: &K) -> Result<(), ApiError> {
         let now = Instant::now();
-        let mut guard = self
+        let mut buckets = self
             .buckets
             .lock()
             .expect("rate limiter lock is never poisoned");
-        let buckets = &mut *guard;
-        let full = |buckets: &Buckets<K>| buckets.by_key.len() >= self.keys_max;
-        if full(buckets) && !buckets.by_key.contains_key(key) {
-            if buckets
-                .swept
-                .is_none_or(|swept| now.duration_since(swept) >= SWEEP_EVERY)
+        if buckets.len() >= BUCKETS_MAX && !buckets.contains_key(key) {
+            let (rate, burst) = (self.rate_per_s, self.burst);
+            buckets.retain(|_, b| b.tokens + now.duration_since(b.at).as_secs_f64() * rate < burst);
+            // Still full of keys that spent tokens (many callers at once): the one idle longest
+            // goes, so memory stays bounded (it gets a fresh bucket if it comes back).
+            if buckets.len() >= BUCKETS_MAX
+                && let Some(idle) = buckets
+                    .iter()
+                    .min_by_key(|(_, b)| b.at)
+                    .map(|(k, _)| k.clone())
             {
-                let (rate, burst) = (self.rate_per_s, self.burst);
-                buckets.by_key.retain(|_, b| {
-                    b.tokens + now.duration_since(b.at).as_secs_f64() * rate < burst
-                });
-                buckets.swept = Some(now);
-            }
-            if full(buckets) {
-                let overflow = buckets.overflow.get_or_insert(Bucket {
-                    tokens: self.burst,
-                    at: now,
-                });
-                return self.spend(overflow, now);
+                buckets.remove(&idle);
             }
         }
-        let bucket = buckets.by_key.entry(key.clone()).or_insert(Bucket {
+        let bucket = buckets.entry(key.clone()).or_insert(Bucket {
             tokens: self.burst,
             at: now,
         });
-        self.spend(bucket, now)
-    }
-
-    /// Refills `bucket` up to `now` and takes one token from it.
-    fn spend(&self, bucket: &mut Bucket, now: Instant) -> Result<(), ApiError> {
         bucket.tokens = (bucket.tokens
             + now.duration_since(bucket.at).as_secs_f64() * self.rate_per_s)
             .min(self.burst);
@@ -203,26 +158,6 @@ mod tests {
         limiter
             .take(&(2, 1))
             .expect("another user has its own bucket");
-    }
-
-    /// A caller with more keys than the map holds gains nothing by cycling through them: while
-    /// the map is full of buckets still refilling, new keys share one overflow bucket, and no
-    /// tracked key loses its bucket (before, each new key evicted one and came back with a full
-    /// burst, so the cycle was never refused).
-    #[test]
-    fn new_keys_share_one_bucket_while_the_map_is_full_of_active_ones() {
-        let limiter = SendLimiter::per_hour(1, 2, "sends").tracking_at_most(4);
-        for user in 1..=4 {
-            limiter.take(&(user, 1)).expect("tracked");
-        }
-        let granted = (100..200_u64)
-            .filter(|user| limiter.take(&(*user, 1)).is_ok())
-            .count();
-        assert_eq!(granted, 2, "one shared burst for every new key");
-        limiter
-            .take(&(1, 1))
-            .expect("a tracked key keeps its own bucket (one token left of its burst)");
-        assert!(limiter.take(&(1, 1)).is_err(), "and is limited by it");
     }
 
     #[test]
