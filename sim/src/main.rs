@@ -148,9 +148,13 @@ fn run_child(args: &Args, seed: u64) -> Option<(i32, String)> {
     let stderr = String::from_utf8_lossy(&output.stderr);
     eprint!("{stderr}");
     let mut stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    if let Some(panic) = stderr.lines().find(|line| line.contains("panicked at ")) {
-        stdout.push_str(panic);
-        stdout.push('\n');
+    // The first panic's line and its message (the line after it).
+    let lines: Vec<&str> = stderr.lines().collect();
+    if let Some(at) = lines.iter().position(|line| line.contains("panicked at ")) {
+        for line in lines.iter().skip(at).take(2) {
+            stdout.push_str(line);
+            stdout.push('\n');
+        }
     }
     Some((output.status.code().unwrap_or(2), stdout))
 }
@@ -165,11 +169,22 @@ fn ticks_of(line: &str) -> u64 {
 }
 
 /// Whether a seed's process ended on a panic inside the storage fold's projections (an invariant
-/// of the applied state, `storage/src/projection/`).
+/// of the applied state, `storage/src/projection/`), or on openraft's own finding that an entry
+/// it committed is gone from the log when it applies it (openraft 0.9.25, pinned:
+/// `apply_to_state_machine` at `src/core/raft_core.rs:761`, "index out of bounds"): the mark of
+/// appends lost after they were acknowledged, which is what the deliberate bug
+/// `unsynced-log-appends` does (SIMULATION.md; sessions 10, 11 and 34 saw it).
 fn stopped_on_an_invariant(output: &str) -> bool {
-    output
-        .lines()
-        .any(|line| line.contains("panicked at storage/src/projection/"))
+    let lines: Vec<&str> = output.lines().collect();
+    let projection = lines
+        .iter()
+        .any(|line| line.contains("panicked at storage/src/projection/"));
+    let entry_gone = lines.windows(2).any(|pair| {
+        pair[0].contains("panicked at")
+            && pair[0].contains("/openraft-0.9.25/src/core/raft_core.rs:761:")
+            && pair[1].starts_with("index out of bounds")
+    });
+    projection || entry_gone
 }
 
 /// Runs seeds `first..first + count`, each in its own process; returns the exit code. With
@@ -196,12 +211,13 @@ fn run_budget(args: &Args, first: u64, count: u64) -> i32 {
             _ if args.expect_failure && stopped_on_an_invariant(&output) => {
                 // With a deliberate bug on, a replica that stopped on a projection's invariant
                 // (the fold asserts that receipts only move forward, that acks never pass the
-                // tail, ...) was stopped by the divergence the bug caused: that is the bug found,
-                // as in production, where such a replica stops. Without `--expect-failure` the
-                // same exit fails the run below.
+                // tail, ...) or on openraft's check that a committed entry is still there was
+                // stopped by the divergence the bug caused: that is the bug found, as in
+                // production, where such a replica stops. Without `--expect-failure` the same
+                // exit fails the run below.
                 print!("{output}");
                 println!(
-                    "seed {seed}: a replica stopped on a projection invariant: the bug is found"
+                    "seed {seed}: a replica stopped on an invariant of its applied state or log: the bug is found"
                 );
                 failed.push(seed);
             }
@@ -261,4 +277,24 @@ fn check_replay(args: &Args, first: u64, count: u64) -> i32 {
     }
     println!("courier-sim: {count} seeds run twice; not replayed: {differ:?}");
     i32::from(!differ.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stopped_on_an_invariant;
+
+    #[test]
+    fn a_replica_stopped_on_its_applied_state_or_a_lost_entry_counts_as_the_bug_found() {
+        let projection = "thread 'main' panicked at storage/src/projection/receipts.rs:90:9:\nreceipts only move forward";
+        assert!(stopped_on_an_invariant(projection));
+        let entry_gone = "thread 'main' (31373) panicked at /root/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/openraft-0.9.25/src/core/raft_core.rs:761:35:\nindex out of bounds: the len is 0 but the index is 18446744073709551615";
+        assert!(stopped_on_an_invariant(entry_gone));
+        let other_openraft = "thread 'main' panicked at /x/openraft-0.9.25/src/core/raft_core.rs:100:5:\nassertion failed: self.is_leader()";
+        assert!(
+            !stopped_on_an_invariant(other_openraft),
+            "another openraft panic is no finding"
+        );
+        let elsewhere = "thread 'main' panicked at sim/src/cluster.rs:10:5:\nindex out of bounds";
+        assert!(!stopped_on_an_invariant(elsewhere));
+    }
 }
