@@ -471,42 +471,13 @@ impl ClientApi {
                 conversation,
                 typing,
             } => {
-                self.typing(caller, conversation, typing).await;
+                self.typing(caller, conversation, typing);
                 return Ok(());
             }
-            StreamCommand::Ack { up_to } => {
-                let (tail, acked, active) = self
-                    .read(shard, |view| {
-                        Ok((
-                            inbox::tail(view, caller.user)?,
-                            cursors::acked(view, caller.user, caller.device)?,
-                            active(view, caller)?,
-                        ))
-                    })
-                    .await?;
-                if !active {
-                    return Err(revoked());
-                }
-                if up_to > tail {
-                    return Err(ApiError::Invalid {
-                        code: "COURIER:Stream:AckPastTail",
-                        message: format!("ack {up_to} is past the inbox tail {tail}"),
-                    });
-                }
-                if up_to <= acked {
-                    // This device acked that far already (a cursor only moves forward): the event
-                    // would change nothing, so no log entry is written for it.
-                    return Ok(());
-                }
-                Kind::DeliveryAcked(events::DeliveryAcked {
-                    user: caller.user.get(),
-                    device: caller.device.get(),
-                    up_to_seq: up_to.get(),
-                    acked_at_ms: now_ms(),
-                    trim_delivered: !self.trimming.keep_delivered,
-                    keep_recent: self.trimming.companion_history,
-                })
-            }
+            StreamCommand::Ack { up_to } => match self.ack_event(shard, caller, up_to).await? {
+                Some(event) => event,
+                None => return Ok(()),
+            },
             StreamCommand::Read {
                 conversation,
                 up_to,
@@ -560,16 +531,70 @@ impl ClientApi {
 }
 
 impl ClientApi {
+    /// The `DeliveryAcked` an `Ack` frame up to `up_to` proposes, checked on this node's replica:
+    /// `None` when it would change nothing.
+    async fn ack_event(
+        &self,
+        shard: courier_proto::ShardId,
+        caller: Caller,
+        up_to: InboxSeq,
+    ) -> Result<Option<Kind>, ApiError> {
+        let (trim_delivered, keep_recent) = (
+            !self.trimming.keep_delivered,
+            self.trimming.companion_history,
+        );
+        let (tail, acked, active, trims) = self
+            .read(shard, |view| {
+                let state = inbox::state(view, caller.user)?;
+                // Whether this ack would clear bodies now: a repeated ack still does
+                // when another device was revoked since, or companion history shrank.
+                let trims = trim_delivered
+                    && inbox::trimmable_up_to(
+                        view,
+                        caller.user,
+                        (caller.device, up_to),
+                        keep_recent,
+                        &state,
+                    )? > state.trimmed_up_to;
+                Ok((
+                    InboxSeq::new(state.tail_seq),
+                    cursors::acked(view, caller.user, caller.device)?,
+                    active(view, caller)?,
+                    trims,
+                ))
+            })
+            .await?;
+        if !active {
+            return Err(revoked());
+        }
+        if up_to > tail {
+            return Err(ApiError::Invalid {
+                code: "COURIER:Stream:AckPastTail",
+                message: format!("ack {up_to} is past the inbox tail {tail}"),
+            });
+        }
+        if up_to <= acked && !trims {
+            // This device acked that far already (a cursor only moves forward) and no
+            // body would be cleared: the event would change nothing, so no log entry is
+            // written for it.
+            return Ok(None);
+        }
+        Ok(Some(Kind::DeliveryAcked(events::DeliveryAcked {
+            user: caller.user.get(),
+            device: caller.device.get(),
+            up_to_seq: up_to.get(),
+            acked_at_ms: now_ms(),
+            trim_delivered,
+            keep_recent,
+        })))
+    }
+
     /// Hands a typing update to the other side's live streams on every node, best effort: never
     /// logged, dropped where nobody is connected. In a 1:1 conversation only once it exists (one
-    /// of the two received a message from the other). In a group it goes to every other current member
-    /// (read from this replica of the group's shard); a caller who is not a member is ignored.
-    async fn typing(
-        &self,
-        caller: Caller,
-        conversation: courier_proto::ConversationId,
-        typing: bool,
-    ) {
+    /// of the two received a message from the other). In a group it goes to every other current
+    /// member (read from this replica of the group's shard); a caller who is not a member is
+    /// ignored. At most [`super::TYPING_BROADCASTS_MAX`] are handled at once on a node.
+    fn typing(&self, caller: Caller, conversation: courier_proto::ConversationId, typing: bool) {
         if self
             .typing_limiter
             .take(&(caller.user.get(), caller.device.get()))
@@ -577,6 +602,34 @@ impl ClientApi {
         {
             return; // over the typing rate: dropped, like any ephemeral update
         }
+        // Bounded node-wide: with every permit taken (a peer that does not answer holds each
+        // broadcast for an RPC timeout), the update is dropped. The checks below read replicas
+        // (another node's, for a shard this node does not hold), so they run in the task, not in
+        // the stream's frame reader, where they would hold up its acks and reads.
+        let Ok(permit) = self.typing_broadcasts.clone().try_acquire_owned() else {
+            return;
+        };
+        let api = self.clone();
+        tokio::spawn(async move {
+            if let Some((to_users, update)) = api.typing_update(caller, conversation, typing).await
+            {
+                for user in &to_users {
+                    api.live.typing(*user, &update);
+                }
+                api.cluster.broadcast_typing(to_users, update).await;
+            }
+            drop(permit);
+        });
+    }
+
+    /// Who a typing frame reaches and what they are shown; `None` when nobody: a 1:1
+    /// conversation that does not exist yet, a group the caller is not a member of.
+    async fn typing_update(
+        &self,
+        caller: Caller,
+        conversation: courier_proto::ConversationId,
+        typing: bool,
+    ) -> Option<(Vec<u64>, courier_proto::pb::client::TypingUpdate)> {
         let (to_users, shown_as) = match conversation {
             courier_proto::ConversationId::Direct(to) => {
                 // Only into a conversation that exists (either received a message from the
@@ -584,7 +637,7 @@ impl ClientApi {
                 let exists = matches!(self.received(to, caller.user).await, Ok(true))
                     || matches!(self.received(caller.user, to).await, Ok(true));
                 if !exists {
-                    return;
+                    return None;
                 }
                 (
                     vec![to.get()],
@@ -592,15 +645,13 @@ impl ClientApi {
                 )
             }
             courier_proto::ConversationId::Group(group) => {
-                let Ok(shard) = self.group_shard(group) else {
-                    return;
-                };
-                let Ok(members) = self.read(shard, |view| groups::members(view, group)).await
-                else {
-                    return;
-                };
+                let shard = self.group_shard(group).ok()?;
+                let members = self
+                    .read(shard, |view| groups::members(view, group))
+                    .await
+                    .ok()?;
                 if !members.iter().any(|(user, _)| *user == caller.user) {
-                    return;
+                    return None;
                 }
                 let others = members
                     .into_iter()
@@ -615,19 +666,7 @@ impl ClientApi {
             conversation: Some(shown_as.into()),
             typing,
         };
-        for user in &to_users {
-            self.live.typing(*user, &update);
-        }
-        // Bounded node-wide: with every permit taken (a peer that does not answer holds each
-        // broadcast for an RPC timeout), the update reaches this node's streams only.
-        let Ok(permit) = self.typing_broadcasts.clone().try_acquire_owned() else {
-            return;
-        };
-        let cluster = self.cluster.clone();
-        tokio::spawn(async move {
-            cluster.broadcast_typing(to_users, update).await;
-            drop(permit);
-        });
+        Some((to_users, update))
     }
 }
 

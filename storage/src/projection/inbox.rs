@@ -154,7 +154,11 @@ pub fn forgettable(
 }
 
 /// The highest seq every active (not revoked) device of `user` acked, counting `acked`.
-fn acked_by_every_device(view: &View<'_, '_>, user: UserId, acked: &Acked<'_>) -> Result<u64> {
+fn acked_by_every_device(
+    view: &View<'_, '_>,
+    user: UserId,
+    (acking, up_to): (courier_proto::DeviceId, InboxSeq),
+) -> Result<u64> {
     let mut lowest = u64::MAX;
     for (device, record) in super::devices::devices_of(view, user)? {
         if record.revoked {
@@ -164,8 +168,8 @@ fn acked_by_every_device(view: &View<'_, '_>, user: UserId, acked: &Acked<'_>) -
             Some(id) => super::cursors::acked(view, user, id)?.get(),
             None => 0,
         };
-        let cursor = if device == acked.device.get() {
-            cursor.max(acked.up_to.get())
+        let cursor = if device == acking.get() {
+            cursor.max(up_to.get())
         } else {
             cursor
         };
@@ -174,16 +178,36 @@ fn acked_by_every_device(view: &View<'_, '_>, user: UserId, acked: &Acked<'_>) -
     Ok(if lowest == u64::MAX { 0 } else { lowest })
 }
 
+/// How far an ack by `acking` up to `up_to` lets `user`'s inbox be trimmed (with
+/// `trim_delivered`): what every active device acked, but for the last `keep_recent` messages.
+/// A trim moves only when this passes `inbox.trimmed_up_to`, so a node can tell a repeated ack
+/// that would change nothing from one that would trim.
+///
+/// # Errors
+/// A storage fault.
+pub fn trimmable_up_to(
+    view: &View<'_, '_>,
+    user: UserId,
+    ack: (courier_proto::DeviceId, InboxSeq),
+    keep_recent: u32,
+    inbox: &InboxState,
+) -> Result<u64> {
+    Ok(acked_by_every_device(view, user, ack)?
+        .min(inbox.tail_seq.saturating_sub(u64::from(keep_recent))))
+}
+
 /// Clears the bodies of the messages every active device of the acking user has now acked, but
 /// for the last `keep_recent` of the inbox (companion history), and indexes their stubs by
 /// time; returns whether `inbox` changed.
 fn trim(view: &mut View<'_, '_>, acked: &Acked<'_>, inbox: &mut InboxState) -> Result<bool> {
     let (shard, user) = (view.shard(), acked.user);
-    let all_acked = acked_by_every_device(view, user, acked)?.min(
-        inbox
-            .tail_seq
-            .saturating_sub(u64::from(acked.event.keep_recent)),
-    );
+    let all_acked = trimmable_up_to(
+        view,
+        user,
+        (acked.device, acked.up_to),
+        acked.event.keep_recent,
+        inbox,
+    )?;
     if all_acked <= inbox.trimmed_up_to {
         return Ok(false);
     }
