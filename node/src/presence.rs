@@ -358,9 +358,21 @@ mod tests {
             );
         }
         assert_eq!(table.lock().by_id.len(), 200, "full of offline users");
+        // User n was last touched at n ms past `now`: users 1 and 2 are the oldest.
+        for (id, user) in &mut table.lock().by_id {
+            user.touched_ms = now.saturating_add(*id);
+        }
         table.report(1, &[report(1000, 1, true, false, 0)]);
         let users = table.lock().by_id.len();
         assert_eq!(users, 199, "1 % (2 users) freed, then the new one added");
+        {
+            let left = table.lock();
+            assert!(
+                !left.by_id.contains_key(&1) && !left.by_id.contains_key(&2),
+                "the two least recently touched users go"
+            );
+            assert!(left.by_id.contains_key(&3), "the next one stays");
+        }
         table.report(1, &[report(1001, 1, true, false, 0)]);
         assert!(table.query(1001).online, "room without a second pass");
         assert!(table.query(1000).online, "new users stay");
