@@ -57,10 +57,12 @@ pub struct PairingStore {
 impl std::fmt::Debug for PairingStore {
     /// How many pairings are outstanding, never their codes or credentials.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let outstanding = self.pairings.lock().map_or(0, |pairings| pairings.len());
-        f.debug_struct("PairingStore")
-            .field("outstanding", &outstanding)
-            .finish_non_exhaustive()
+        // `try_lock`: formatting never waits for (or deadlocks on) a caller holding the lock.
+        let mut shown = f.debug_struct("PairingStore");
+        if let Ok(pairings) = self.pairings.try_lock() {
+            shown.field("outstanding", &pairings.len());
+        }
+        shown.finish_non_exhaustive()
     }
 }
 
@@ -123,7 +125,7 @@ impl PairingStore {
         Ok(id.clone())
     }
 
-    /// An approval that failed (the companion was not registered): the code is pending again.
+    /// An approval refused before it proposed anything: the code is pending again.
     fn release(&self, id: &[u8]) {
         if let Some(pairing) = self.lock().get_mut(id) {
             pairing.approving = false;
@@ -199,19 +201,27 @@ impl ClientApi {
                 message: "only the primary device approves a pairing".to_owned(),
             });
         }
-        let claim = Claim {
-            id: self.pairings.claim(&request.code)?,
-            store: &self.pairings,
-            done: false,
+        let id = self.pairings.claim(&request.code)?;
+        let credential = match self.link_companion(caller).await {
+            Ok(credential) => credential,
+            // Refused before anything was proposed (the companion limit, a full proposal queue):
+            // the code is pending again. After any other error the registration may have
+            // committed, so the claim stays until the pairing expires: an approval retried with
+            // the same code must not register a second companion. A caller that goes away
+            // mid-call leaves it claimed too.
+            Err(error @ ApiError::ResourceExhausted { .. }) => {
+                self.pairings.release(&id);
+                return Err(error);
+            }
+            Err(error) => return Err(error),
         };
-        let credential = self.link_companion(caller).await?;
         let device_id = credential.device_id;
         tracing::info!(
             user = caller.user.get(),
             device = device_id,
             "pairing approved: companion registered"
         );
-        claim.approve(credential);
+        self.pairings.approve(&id, credential);
         Ok(ApprovePairingResponse { device_id })
     }
 
@@ -225,29 +235,6 @@ impl ClientApi {
         request: &FinishPairingRequest,
     ) -> Result<RegisterResponse, ApiError> {
         self.pairings.finish(&request.pairing_id)
-    }
-}
-
-/// A pairing claimed by one approval: released when the approval ends without registering the
-/// companion (an error, or a caller that went away mid-call), so the code is pending again.
-struct Claim<'s> {
-    id: Vec<u8>,
-    store: &'s PairingStore,
-    done: bool,
-}
-
-impl Claim<'_> {
-    fn approve(mut self, credential: RegisterResponse) {
-        self.store.approve(&self.id, credential);
-        self.done = true;
-    }
-}
-
-impl Drop for Claim<'_> {
-    fn drop(&mut self) {
-        if !self.done {
-            self.store.release(&self.id);
-        }
     }
 }
 
@@ -298,7 +285,7 @@ mod tests {
     }
 
     /// Two approvals of one code at once register one companion: the second finds the code
-    /// claimed; an approval that failed hands the code back.
+    /// claimed; an approval refused before it proposed hands the code back.
     #[test]
     fn a_code_is_claimed_by_one_approval_at_a_time() {
         let store = PairingStore::default();
@@ -313,17 +300,6 @@ mod tests {
             store
                 .claim(&code)
                 .expect("pending again after a failed approval"),
-            id
-        );
-        // An approval that ends without registering (an error, or a caller gone mid-call)
-        // drops its claim, which hands the code back.
-        drop(Claim {
-            id: id.clone(),
-            store: &store,
-            done: false,
-        });
-        assert_eq!(
-            store.claim(&code).expect("pending after a dropped claim"),
             id
         );
     }
