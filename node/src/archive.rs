@@ -56,6 +56,9 @@ pub struct Archive {
     store: ArchiveStore,
     segment_entries: u64,
     counters: ArchiveCounters,
+    /// Shards whose replica this archiver stopped over a fault of its log: later passes skip
+    /// them (the replica stays stopped until the node restarts).
+    stopped: std::sync::Mutex<std::collections::BTreeSet<ShardId>>,
 }
 
 impl std::fmt::Debug for Archive {
@@ -77,6 +80,7 @@ impl Archive {
             store: ArchiveStore::open(&config.dir, config.s3.as_ref())?,
             segment_entries: config.segment_entries,
             counters: ArchiveCounters::default(),
+            stopped: std::sync::Mutex::default(),
         })
     }
 
@@ -88,6 +92,14 @@ impl Archive {
     /// Counters for `/metrics`.
     pub fn counters(&self) -> &ArchiveCounters {
         &self.counters
+    }
+
+    /// Whether this archiver stopped `shard`'s replica over a fault of its log.
+    fn is_stopped(&self, shard: ShardId) -> bool {
+        self.stopped
+            .lock()
+            .expect("archive lock is never poisoned")
+            .contains(&shard)
     }
 
     /// The last index of the aligned segment that holds `index`.
@@ -405,6 +417,9 @@ fn archive_pass(groups: &Groups, archive: &Archive) {
         let Some(handle) = groups.get(GroupId::Shard(shard)) else {
             continue;
         };
+        if archive.is_stopped(shard) {
+            continue;
+        }
         let applied = handle.applied_index();
         let purged = handle.state().purged_index.map(storage_index);
         let log = LogStore::new(groups.db().clone(), shard);
@@ -421,7 +436,12 @@ fn archive_pass(groups: &Groups, archive: &Archive) {
                 // As a fault met by raft's own reads and writes would: the replica stops (its
                 // group's raft core shuts down), never serving or voting past corrupt data.
                 archive.counters.failures.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(%shard, %error, "the replica's log failed while archiving; the replica stops");
+                tracing::error!(%shard, %error, "the replica's log failed while archiving; the replica stops (replace it: RUNBOOK, \"The log archive\")");
+                archive
+                    .stopped
+                    .lock()
+                    .expect("archive lock is never poisoned")
+                    .insert(shard);
                 if let Err(error) = archive.store.block_on(handle.raft.shutdown()) {
                     warn!(%shard, %error, "raft group did not stop cleanly");
                 }

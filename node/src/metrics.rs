@@ -396,7 +396,7 @@ impl Collector for ShardCollector {
                 ),
                 (
                     "courier_archive_failures",
-                    "Failed archive passes (purging waits until the archive holds the entries): alert on any",
+                    "Failed archive passes (a store failure: purging waits until the archive holds the entries; a fault of a replica's own log: that replica stopped, see the error log): alert on any",
                     &counters.failures,
                 ),
                 (
