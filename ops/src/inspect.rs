@@ -199,25 +199,26 @@ fn print_devices(kv: &MemKv, shard: ShardId, user: UserId) {
 }
 
 /// Calls `f` with every event of `shard`'s log (the archive's entries first, when given), in
-/// order, with its log index; stops early when `f` returns false.
+/// order, with its log index; stops early when `f` returns false. Returns whether the log read
+/// from index 1: a log purged below a snapshot (without an archive that holds the rest) is
+/// scanned from its first entry, and says so on stderr.
 fn scan_log(
     db: &Arc<Db>,
     archive: Option<&dyn SegmentStore>,
     shard: ShardId,
     f: &mut dyn FnMut(LogIndex, &Kind) -> bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     let log = log_source(LogStore::new(db.clone(), shard), archive)?;
-    // From index 1 or not at all: a scan from the first stored entry of a purged log would say
-    // "not in any shard log" of a message that is only below the purge.
-    log.require_full().with_context(|| {
-        format!(
-            "{shard}: {}",
-            crate::offline::purged_hint(archive.is_some())
-        )
-    })?;
     let Some((first, last)) = log.bounds()? else {
-        return Ok(());
+        return Ok(true);
     };
+    let complete = log.require_full().is_ok();
+    if !complete {
+        eprintln!(
+            "{shard}: entries below {first} are not here ({}); searched from {first}",
+            crate::offline::purged_hint(archive.is_some())
+        );
+    }
     let bar = crate::progress::replay_bar(last.get(), &format!("scan shard {}", shard.get()));
     for_each_entry(log.as_ref(), first, last, &mut |record| {
         let entry = courier_storage::rebuild::decode_entry(shard, record)?;
@@ -233,7 +234,7 @@ fn scan_log(
     })
     .with_context(|| crate::offline::purged_hint(archive.is_some()))?;
     bar.finish_and_clear();
-    Ok(())
+    Ok(complete)
 }
 
 /// Prints the life of one message across the sender's and the recipient's shards. Returns
@@ -293,8 +294,9 @@ fn delivered_only(
     wanted: &[u8],
 ) -> anyhow::Result<bool> {
     let mut found = false;
+    let mut purged = Vec::new();
     for shard in crate::offline::shards(db)? {
-        scan_log(db, archive, shard, &mut |index, kind| match kind {
+        let complete = scan_log(db, archive, shard, &mut |index, kind| match kind {
             Kind::MessageDelivered(e) if e.message_id == wanted => {
                 println!(
                     "delivered  {shard} index {index}: to user {} (forwarded from shard {} outbox position {}; the sender's shard is not on this node)",
@@ -308,6 +310,18 @@ fn delivered_only(
         if found {
             return Ok(true);
         }
+        if !complete {
+            purged.push(shard.to_string());
+        }
+    }
+    // Not found in what this node holds; below a purge it may still be: say so, as an error,
+    // rather than "not here".
+    if !purged.is_empty() {
+        anyhow::bail!(
+            "message {id} is in none of the entries this node's logs hold, but {} are purged below a snapshot: {}",
+            purged.join(", "),
+            crate::offline::purged_hint(archive.is_some())
+        );
     }
     println!("message {id}: not in any shard log of this node");
     Ok(false)
@@ -421,6 +435,7 @@ fn trace_sender(
         }
         true
     })
+    .map(|_complete| ())
 }
 
 fn parse_hex16(text: &str) -> Option<Vec<u8>> {

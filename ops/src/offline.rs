@@ -537,8 +537,17 @@ pub(crate) fn restore(
     let verified =
         copy_checkpoint(from, data_dir, &db_dir).and_then(|()| verify_restored(data_dir, archive));
     if !matches!(verified, Ok(true)) {
-        std::fs::remove_dir_all(&db_dir)
-            .with_context(|| format!("removing the unverified {}", db_dir.display()))?;
+        if let Err(remove) = std::fs::remove_dir_all(&db_dir) {
+            // Both said: why the restore failed, and that its copy is still there.
+            let why = verified.err().map_or_else(
+                || "not every shard verified".to_owned(),
+                |error| format!("{error:#}"),
+            );
+            bail!(
+                "restore FAILED ({why}), and removing the unverified {} failed too: {remove}; remove it before a retry",
+                db_dir.display()
+            );
+        }
         let removed = format!("{} removed, nothing restored", db_dir.display());
         return match verified {
             Err(error) => Err(error.context(format!("restore FAILED; {removed}"))),
