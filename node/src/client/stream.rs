@@ -122,25 +122,21 @@ impl ClientApi {
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             let _registration = registration;
-            tokio::select! {
-                () = shutdown.cancelled() => {}
-                () = pusher.push(
-                    caller,
-                    resume_after,
-                    receipts_after,
-                    hide_last_seen,
-                    pusher_tx,
-                ) => {}
-            }
+            let pushing = pusher.push(
+                caller,
+                resume_after,
+                receipts_after,
+                hide_last_seen,
+                pusher_tx,
+            );
+            shutdown.run_until_cancelled(pushing).await
         });
         let reader = self.clone();
-        let shutdown = self.shutdown.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                () = shutdown.cancelled() => {}
-                () = reader.read_frames(caller, frames, tx) => {}
-            }
-        });
+        let reading = self
+            .shutdown
+            .clone()
+            .run_until_cancelled_owned(async move { reader.read_frames(caller, frames, tx).await });
+        tokio::spawn(reading);
         Ok(Box::pin(ReceiverStream::new(rx)))
     }
 
