@@ -8,7 +8,7 @@
 //! * Last seen is the time the user's last stream closed (or went stale), kept for
 //!   `presence.last-seen-ttl`; a stream opened with `hide_last_seen` hides it from others.
 //! * Bounded: at most `presence.users-max` users per node, the least recently touched dropped
-//!   first; the report queue holds [`REPORT_QUEUE`] reports and drops (a refresh repairs).
+//!   first; the report queue holds `presence.report-queue-max` reports and drops (a refresh repairs).
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -24,8 +24,6 @@ use crate::env::now_ms;
 pub const REFRESH_INTERVAL: Duration = Duration::from_secs(10);
 /// A stream not refreshed for this long counts as closed.
 pub const STALE_AFTER: Duration = Duration::from_secs(30);
-/// Reports waiting to be sent to leaders, per node.
-pub const REPORT_QUEUE: usize = 4096;
 /// The share of `presence.users-max` one eviction pass frees when the table is full (the
 /// least recently touched offline users): the pass reads every user, so it frees room for many
 /// new ones at once rather than one.
@@ -239,9 +237,10 @@ impl Drop for OpenStream<'_> {
 }
 
 impl Reporter {
-    /// A reporter and the receiving end of its queue (drained by `cluster::run_reporter`).
-    pub fn new() -> (Self, mpsc::Receiver<PresenceReport>) {
-        let (queue, reports) = mpsc::channel(REPORT_QUEUE);
+    /// A reporter and the receiving end of its queue of `queue_max` reports (at least 1;
+    /// drained by `cluster::run_reporter`).
+    pub fn new(queue_max: usize) -> (Self, mpsc::Receiver<PresenceReport>) {
+        let (queue, reports) = mpsc::channel(queue_max.max(1));
         (
             Self {
                 open: Mutex::default(),

@@ -85,7 +85,8 @@ impl ClientApi {
     /// before it is proposed: every group change is a log entry on the group's shard, refused
     /// ones (`NotAdmin`, `AlreadyMember`) included.
     fn take_group_change(&self, caller: Caller) -> Result<(), ApiError> {
-        self.group_change_limiter
+        self.limiters
+            .group_change
             .take(&(caller.user.get(), caller.device.get()))?;
         Ok(())
     }
@@ -100,7 +101,8 @@ impl ClientApi {
             .await?
             == 0
         {
-            self.unknown_recipient_limiter
+            self.limiters
+                .unknown_recipient
                 .take(&(caller.user.get(), caller.device.get()))?;
             return Err(ApiError::NotFound {
                 code: "COURIER:Messaging:UnknownRecipient",

@@ -94,7 +94,8 @@ impl ClientApi {
         });
         decode::decode(&kind).map_err(|error| ApiError::Wire(error.source))?;
         // After the decode check: a malformed upload costs no token.
-        self.key_upload_limiter
+        self.limiters
+            .key_upload
             .take(&(caller.user.get(), caller.device.get()))?;
         match self.propose_keys(self.shard_of(caller.user)?, kind).await? {
             EventOutcome::KeyStock(stock) => {
@@ -125,9 +126,11 @@ impl ClientApi {
         request: GetPreKeyBundleRequest,
     ) -> Result<GetPreKeyBundleResponse, ApiError> {
         let user = UserId::from_wire(request.user, "user")?;
-        self.prekey_fetch_limiter
+        self.limiters
+            .prekey_fetch
             .take(&(caller.user.get(), caller.device.get()))?;
-        self.prekey_pair_limiter
+        self.limiters
+            .prekey_pair
             .take(&(caller.user.get(), user.get()))?;
         let shard = self.shard_of(user)?;
         // Nothing published here: answered without a log entry (a key uploaded a moment ago on

@@ -49,7 +49,8 @@ impl ClientApi {
         if !known {
             // Each "no such user" answer costs a token, so that the answer cannot be used to
             // enumerate registered users at the send rate.
-            self.unknown_recipient_limiter
+            self.limiters
+                .unknown_recipient
                 .take(&(caller.user.get(), caller.device.get()))?;
             return Err(ApiError::NotFound {
                 code: "COURIER:Messaging:UnknownRecipient",
@@ -97,7 +98,8 @@ impl ClientApi {
         // Invalid input changes nothing, not even the caller's rate bucket.
         let content = content.into_inner();
         self.check_content_limits(&content)?;
-        self.send_limiter
+        self.limiters
+            .send
             .take(&(caller.user.get(), caller.device.get()))?;
         Ok(content)
     }
@@ -276,7 +278,8 @@ impl ClientApi {
             }));
         }
         // After the shape check: a malformed request costs no token.
-        self.presence_limiter
+        self.limiters
+            .presence
             .take(&(caller.user.get(), caller.device.get()))?;
         let mut by_shard: std::collections::BTreeMap<u16, Vec<u64>> =
             std::collections::BTreeMap::new();

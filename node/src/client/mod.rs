@@ -26,10 +26,6 @@ use crate::cluster::Cluster;
 use crate::config::Limits;
 use crate::status::ApiError;
 
-/// Typing updates a device may broadcast per second; more are dropped (they are ephemeral).
-pub const TYPING_PER_SECOND: u32 = 5;
-/// Typing burst per device.
-pub const TYPING_BURST: u32 = 10;
 /// Typing updates being handed to the other nodes at once, node-wide. Each is a task calling
 /// every other node (up to one RPC timeout each, when a node does not answer); past this many an
 /// update is dropped, as typing is best effort, instead of tasks piling up behind a dead peer.
@@ -42,33 +38,13 @@ pub struct ClientApi {
     pub(crate) limits: Limits,
     pub(crate) sms: Arc<dyn crate::sms::SmsSender>,
     pub(crate) shutdown: CancellationToken,
-    pub(crate) send_limiter: Arc<rate::SendLimiter>,
     pub(crate) live: Arc<live::LiveStreams>,
-    pub(crate) typing_limiter: Arc<rate::SendLimiter>,
     /// Typing broadcasts in flight ([`TYPING_BROADCASTS_MAX`]).
     pub(crate) typing_broadcasts: Arc<tokio::sync::Semaphore>,
     /// Companion pairings started on this node.
     pub(crate) pairings: Arc<pairing::PairingStore>,
-    /// Presence lookups per device.
-    pub(crate) presence_limiter: Arc<rate::SendLimiter>,
-    /// "Unknown recipient" answers per device.
-    pub(crate) unknown_recipient_limiter: Arc<rate::SendLimiter>,
-    /// Prekey bundle fetches per device (each takes a one-time prekey from every device of the
-    /// user fetched: unbounded fetches would drain stocks).
-    pub(crate) prekey_fetch_limiter: Arc<rate::SendLimiter>,
-    /// Fetches of one user's bundle by one other user (fetcher, fetched).
-    pub(crate) prekey_pair_limiter: Arc<rate::RateLimiter<(u64, u64)>>,
-    /// Key uploads per device (each is a log entry of up to ~170 KB).
-    pub(crate) key_upload_limiter: Arc<rate::SendLimiter>,
-    /// Code requests per client address (the per-number limits are in the log).
-    pub(crate) code_limiter: Arc<rate::AddressLimiter>,
-    /// Register attempts per client address.
-    pub(crate) register_limiter: Arc<rate::AddressLimiter>,
-    /// Group changes per device (each is a log entry on the group's shard).
-    pub(crate) group_change_limiter: Arc<rate::SendLimiter>,
-    /// `StartPairing` calls per client address (a pairing needs no login and holds a slot of
-    /// the node's [`pairing::PAIRINGS_MAX`]).
-    pub(crate) pairing_limiter: Arc<rate::AddressLimiter>,
+    /// The token buckets of the node's in-memory rate limits.
+    pub(crate) limiters: Arc<rate::Limiters>,
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
     /// What an ack trims (`retention.keep-delivered`, `retention.companion-history`).
     pub(crate) trimming: Trimming,
@@ -107,86 +83,24 @@ impl ClientApi {
         metrics: Arc<crate::metrics::Metrics>,
         trimming: Trimming,
     ) -> Self {
-        let send_limiter = Arc::new(rate::SendLimiter::new(
-            limits.sends_per_second_per_device,
-            limits.send_burst_per_device,
-            "sends from this device",
-        ));
-        let code_limiter = Arc::new(
-            rate::AddressLimiter::per_hour(
-                limits.code_requests_per_hour_per_address,
-                limits.code_request_burst_per_address,
-                "code requests from this address",
-            )
-            .refusing_with(registration::TOO_MANY_CODES),
-        );
-        let register_limiter = Arc::new(rate::AddressLimiter::per_hour(
-            limits.register_attempts_per_hour_per_address,
-            limits.register_attempt_burst_per_address,
-            "register attempts from this address",
-        ));
-        let presence_limiter = Arc::new(rate::SendLimiter::new(
-            limits.presence_lookups_per_second_per_device,
-            limits.presence_lookup_burst_per_device,
-            "presence lookups from this device",
-        ));
-        let unknown_recipient_limiter = Arc::new(rate::SendLimiter::per_hour(
-            limits.unknown_recipients_per_hour_per_device,
-            limits.unknown_recipient_burst_per_device,
-            "sends to unknown users from this device",
-        ));
-        let prekey_fetch_limiter = Arc::new(rate::SendLimiter::per_hour(
-            limits.prekey_fetches_per_hour_per_device,
-            limits.prekey_fetch_burst_per_device,
-            "prekey bundle fetches from this device",
-        ));
-        let prekey_pair_limiter = Arc::new(rate::RateLimiter::per_hour(
-            limits.prekey_fetches_per_hour_per_pair,
-            limits.prekey_fetch_burst_per_pair,
-            "fetches of this user's prekeys",
-        ));
-        let key_upload_limiter = Arc::new(rate::SendLimiter::per_hour(
-            limits.key_uploads_per_hour_per_device,
-            limits.key_upload_burst_per_device,
-            "key uploads from this device",
-        ));
-        let group_change_limiter = Arc::new(rate::SendLimiter::per_hour(
-            limits.group_changes_per_hour_per_device,
-            limits.group_change_burst_per_device,
-            "group changes from this device",
-        ));
-        let pairing_limiter = Arc::new(rate::AddressLimiter::per_hour(
-            limits.pairings_per_hour_per_address,
-            limits.pairing_burst_per_address,
-            "pairings started from this address",
-        ));
         let device_cache = Arc::new(auth::DeviceCache::new(
             usize::try_from(limits.device_cache_entries).unwrap_or(usize::MAX),
         ));
+        let pairings = Arc::new(pairing::PairingStore::new(
+            usize::try_from(limits.pairings_max).unwrap_or(usize::MAX),
+            limits.pairing_ttl,
+        ));
+        let limiters = Arc::new(rate::Limiters::new(&limits));
         Self {
             cluster,
             limits,
             device_cache,
             sms,
             shutdown,
-            send_limiter,
             live: Arc::default(),
-            typing_limiter: Arc::new(rate::SendLimiter::new(
-                TYPING_PER_SECOND,
-                TYPING_BURST,
-                "typing updates from this device",
-            )),
             typing_broadcasts: Arc::new(tokio::sync::Semaphore::new(TYPING_BROADCASTS_MAX)),
-            presence_limiter,
-            unknown_recipient_limiter,
-            prekey_fetch_limiter,
-            prekey_pair_limiter,
-            key_upload_limiter,
-            pairings: Arc::default(),
-            code_limiter,
-            register_limiter,
-            group_change_limiter,
-            pairing_limiter,
+            pairings,
+            limiters,
             metrics,
             trimming,
         }

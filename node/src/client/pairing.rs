@@ -9,8 +9,8 @@
 //! Nothing about the user reaches the companion before the primary approves, and only a primary
 //! device approves: a token of a companion cannot link further devices, and a token read off
 //! one device links nothing by itself. Pairings live in the memory of the node that started
-//! them for [`PAIRING_TTL`], bounded by [`PAIRINGS_MAX`]; both devices talk to that node (as for
-//! registration codes).
+//! them for `limits.pairing-ttl` (default [`PAIRING_TTL`]), at most `limits.pairings-max` of them
+//! (default [`PAIRINGS_MAX`]); both devices talk to that node (as for registration codes).
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -27,9 +27,10 @@ use super::ClientApi;
 use crate::client::auth::Caller;
 use crate::status::ApiError;
 
-/// How long a pairing waits for its approval and then for the companion to finish.
+/// How long a pairing waits for its approval and then for the companion to finish, by default
+/// (`limits.pairing-ttl`).
 pub const PAIRING_TTL: Duration = Duration::from_secs(120);
-/// Pairings outstanding per node at most.
+/// Pairings outstanding per node at most, by default (`limits.pairings-max`).
 pub const PAIRINGS_MAX: usize = 10_000;
 /// Characters of a pairing code, from an alphabet of 32 letters and digits a person cannot
 /// confuse: 32^8 = 2^40 codes.
@@ -49,9 +50,18 @@ struct Pairing {
 }
 
 /// Outstanding pairings by pairing id.
-#[derive(Default)]
 pub struct PairingStore {
     pairings: Mutex<BTreeMap<Vec<u8>, Pairing>>,
+    /// Pairings outstanding at most.
+    max: usize,
+    /// How long a pairing lives.
+    ttl: Duration,
+}
+
+impl Default for PairingStore {
+    fn default() -> Self {
+        Self::new(PAIRINGS_MAX, PAIRING_TTL)
+    }
 }
 
 impl std::fmt::Debug for PairingStore {
@@ -74,6 +84,15 @@ fn unknown() -> ApiError {
 }
 
 impl PairingStore {
+    /// A store of at most `max` pairings, each living `ttl`.
+    pub fn new(max: usize, ttl: Duration) -> Self {
+        Self {
+            pairings: Mutex::default(),
+            max,
+            ttl,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Vec<u8>, Pairing>> {
         let mut pairings = self
             .pairings
@@ -86,11 +105,12 @@ impl PairingStore {
 
     fn start(&self) -> Result<(Vec<u8>, String), ApiError> {
         let mut pairings = self.lock();
-        if pairings.len() >= PAIRINGS_MAX {
+        if pairings.len() >= self.max {
             return Err(ApiError::ResourceExhausted {
                 code: "COURIER:Pairing:TooMany",
                 message: format!(
-                    "{PAIRINGS_MAX} pairings are outstanding on this node; retry later"
+                    "{} pairings are outstanding on this node; retry later",
+                    self.max
                 ),
             });
         }
@@ -103,7 +123,7 @@ impl PairingStore {
             id.to_vec(),
             Pairing {
                 code: code.clone(),
-                expires: Instant::now() + PAIRING_TTL,
+                expires: Instant::now() + self.ttl,
                 approved: None,
                 approving: false,
             },
@@ -159,7 +179,7 @@ impl ClientApi {
     /// `StartPairing`: a companion asks to be linked; nothing is registered yet.
     ///
     /// # Errors
-    /// `INVALID_ARGUMENT` for a bad device name; `RESOURCE_EXHAUSTED` at [`PAIRINGS_MAX`], and
+    /// `INVALID_ARGUMENT` for a bad device name; `RESOURCE_EXHAUSTED` at `limits.pairings-max`, and
     /// `COURIER:Limits:RateLimited` past `limits.pairings-per-hour-per-address`.
     pub fn start_pairing(
         &self,
@@ -169,13 +189,13 @@ impl ClientApi {
         device_name(request.device_name)?;
         // Per address: a pairing needs no login, so one client could otherwise hold every slot.
         if let Some(address) = address {
-            self.pairing_limiter.take(&address)?;
+            self.limiters.pairing.take(&address)?;
         }
         let (pairing_id, code) = self.pairings.start()?;
         Ok(StartPairingResponse {
             pairing_id,
             code,
-            expires_in_s: u32::try_from(PAIRING_TTL.as_secs()).unwrap_or(u32::MAX),
+            expires_in_s: u32::try_from(self.pairings.ttl.as_secs()).unwrap_or(u32::MAX),
         })
     }
 

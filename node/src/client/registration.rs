@@ -138,7 +138,7 @@ impl ClientApi {
             return Err(sms_failed(crate::sms::NO_SMS_SENDER));
         }
         if let Some(address) = address {
-            self.code_limiter.take(&address)?;
+            self.limiters.code.take(&address)?;
         }
         let hasher = self.phone_hasher()?;
         let phone_hash = hasher.phone_hash(phone.expose());
@@ -315,7 +315,7 @@ impl ClientApi {
     ) -> Result<RegisterResponse, ApiError> {
         let command = RegisterCommand::try_from(request)?;
         if let Some(address) = address {
-            self.register_limiter.take(&address)?;
+            self.limiters.register.take(&address)?;
         }
         let hasher = self.phone_hasher()?;
         let phone_hash = hasher.phone_hash(command.phone.expose());

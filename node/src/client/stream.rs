@@ -592,7 +592,8 @@ impl ClientApi {
     /// ignored. At most [`super::TYPING_BROADCASTS_MAX`] are handled at once on a node.
     fn typing(&self, caller: Caller, conversation: courier_proto::ConversationId, typing: bool) {
         if self
-            .typing_limiter
+            .limiters
+            .typing
             .take(&(caller.user.get(), caller.device.get()))
             .is_err()
         {

@@ -405,3 +405,52 @@ fn each_sms_provider_error_fires() {
         );
     }
 }
+
+/// The in-memory limits of pairing, typing, the rate limiters and presence reports are
+/// configured values: defaults as documented, set from the file, never zero.
+#[test]
+fn node_memory_limits_are_configured() {
+    let defaults = Config::parse(MINIMAL).expect("minimal");
+    assert_eq!(defaults.limits.pairings_max, 10_000);
+    assert_eq!(defaults.limits.pairing_ttl, Duration::from_secs(120));
+    assert_eq!(defaults.limits.typing_per_second_per_device, 5);
+    assert_eq!(defaults.limits.typing_burst_per_device, 10);
+    assert_eq!(defaults.limits.rate_limit_keys_max, 100_000);
+    assert_eq!(defaults.presence.report_queue_max, 4096);
+    let set = with(
+        "[limits]\npairings-max = 7\npairing-ttl = \"30s\"\ntyping-per-second-per-device = 2\n\
+         typing-burst-per-device = 3\nrate-limit-keys-max = 500\n[presence]\nreport-queue-max = 64",
+    )
+    .expect("set");
+    assert_eq!(set.limits.pairings_max, 7);
+    assert_eq!(set.limits.pairing_ttl, Duration::from_secs(30));
+    assert_eq!(set.limits.typing_per_second_per_device, 2);
+    assert_eq!(set.limits.typing_burst_per_device, 3);
+    assert_eq!(set.limits.rate_limit_keys_max, 500);
+    assert_eq!(set.presence.report_queue_max, 64);
+    for (line, name) in [
+        ("[limits]\npairings-max = 0", "limits.pairings-max"),
+        ("[limits]\npairing-ttl = \"0s\"", "limits.pairing-ttl"),
+        (
+            "[limits]\ntyping-per-second-per-device = 0",
+            "limits.typing-per-second-per-device",
+        ),
+        (
+            "[limits]\ntyping-burst-per-device = 0",
+            "limits.typing-burst-per-device",
+        ),
+        (
+            "[limits]\nrate-limit-keys-max = 0",
+            "limits.rate-limit-keys-max",
+        ),
+        (
+            "[presence]\nreport-queue-max = 0",
+            "presence.report-queue-max",
+        ),
+    ] {
+        match with(line) {
+            Err(ConfigError::ZeroLimit { name: got }) => assert_eq!(got, name),
+            other => panic!("{line}: expected ZeroLimit, got {other:?}"),
+        }
+    }
+}

@@ -218,6 +218,16 @@ pub struct Limits {
     pub pairings_per_hour_per_address: u32,
     /// `StartPairing` burst per client address.
     pub pairing_burst_per_address: u32,
+    /// Pairings outstanding on this node at once.
+    pub pairings_max: u32,
+    /// How long a started pairing lives.
+    pub pairing_ttl: std::time::Duration,
+    /// Typing updates per second per device.
+    pub typing_per_second_per_device: u32,
+    /// Typing update burst per device.
+    pub typing_burst_per_device: u32,
+    /// Keys each in-memory rate limiter tracks at most.
+    pub rate_limit_keys_max: u32,
 }
 
 /// A validated configuration.

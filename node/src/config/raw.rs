@@ -196,6 +196,25 @@ pub struct LimitsRaw {
     /// `StartPairing` burst per client address. Default 20.
     #[serde(default = "defaults::pairing_burst")]
     pub pairing_burst_per_address: u32,
+    /// Pairings outstanding on one node at once (started, not yet completed or expired); one
+    /// more is refused with `RESOURCE_EXHAUSTED COURIER:Pairing:TooMany`. Default 10000.
+    #[serde(default = "defaults::pairings_max")]
+    pub pairings_max: u32,
+    /// How long a started pairing waits for its approval and completion. Default `"2m"`.
+    #[serde(default = "defaults::pairing_ttl")]
+    pub pairing_ttl: HumanDuration,
+    /// Typing updates one device may broadcast per second; more are dropped (typing is
+    /// ephemeral). Default 5.
+    #[serde(default = "defaults::typing_rate")]
+    pub typing_per_second_per_device: u32,
+    /// Typing update burst per device. Default 10.
+    #[serde(default = "defaults::typing_burst")]
+    pub typing_burst_per_device: u32,
+    /// Keys (devices, addresses, user pairs) each in-memory rate limiter of a node tracks at
+    /// most; past it, refilled buckets and then the keys idle longest are forgotten, 1 % of the
+    /// map at once. Default 100000.
+    #[serde(default = "defaults::rate_limit_keys")]
+    pub rate_limit_keys_max: u32,
 }
 
 /// `[retention]`: how long undelivered messages wait for their recipient, and how long a send's
@@ -241,6 +260,11 @@ pub struct PresenceRaw {
     /// How long a user's last-seen time is kept after their last stream closed. Default `"7d"`.
     #[serde(default = "defaults::last_seen_ttl")]
     pub last_seen_ttl: HumanDuration,
+    /// Presence reports (a stream opened or closed) waiting to be sent to their users' shard
+    /// leaders; a full queue drops new ones (the leader's staleness deadline corrects the user's
+    /// state). Default 4096.
+    #[serde(default = "defaults::presence_reports")]
+    pub report_queue_max: u32,
 }
 
 /// `[push]`: waking devices of users with no live stream.
@@ -624,6 +648,21 @@ mod defaults {
     pub(super) fn pairing_burst() -> u32 {
         20
     }
+    pub(super) fn pairings_max() -> u32 {
+        10_000
+    }
+    pub(super) fn pairing_ttl() -> HumanDuration {
+        HumanDuration(Duration::from_secs(120))
+    }
+    pub(super) fn typing_rate() -> u32 {
+        5
+    }
+    pub(super) fn typing_burst() -> u32 {
+        10
+    }
+    pub(super) fn rate_limit_keys() -> u32 {
+        100_000
+    }
     pub(super) fn log_format() -> LogFormat {
         LogFormat::Json
     }
@@ -665,6 +704,9 @@ mod defaults {
     }
     pub(super) fn presence_users() -> u32 {
         1_000_000
+    }
+    pub(super) fn presence_reports() -> u32 {
+        4096
     }
     pub(super) fn last_seen_ttl() -> HumanDuration {
         HumanDuration(Duration::from_secs(7 * 86_400))

@@ -86,6 +86,7 @@ impl RawConfig {
     /// parses.
     fn validate_edge(&self) -> Result<(), ConfigError> {
         nonzero("presence.users-max", self.presence.users_max)?;
+        nonzero("presence.report-queue-max", self.presence.report_queue_max)?;
         nonzero("push.queue-max", self.push.queue_max)?;
         nonzero("push.attempts-max", self.push.attempts_max)?;
         if !self.push.url.is_empty() {
@@ -241,6 +242,13 @@ fn nonzero_limits(l: &LimitsRaw) -> Result<(), ConfigError> {
             "limits.presence-lookup-burst-per-device",
             l.presence_lookup_burst_per_device,
         ),
+        ("limits.pairings-max", l.pairings_max),
+        (
+            "limits.typing-per-second-per-device",
+            l.typing_per_second_per_device,
+        ),
+        ("limits.typing-burst-per-device", l.typing_burst_per_device),
+        ("limits.rate-limit-keys-max", l.rate_limit_keys_max),
     ] {
         nonzero(name, value)?;
     }
@@ -249,6 +257,7 @@ fn nonzero_limits(l: &LimitsRaw) -> Result<(), ConfigError> {
         ("limits.tls-handshake-timeout", l.tls_handshake_timeout.0),
         ("limits.keepalive-interval", l.keepalive_interval.0),
         ("limits.keepalive-timeout", l.keepalive_timeout.0),
+        ("limits.pairing-ttl", l.pairing_ttl.0),
     ] {
         if value.is_zero() {
             return Err(ConfigError::ZeroLimit { name });
@@ -399,6 +408,11 @@ fn validate_limits(l: &LimitsRaw) -> Result<Limits, ConfigError> {
         group_change_burst_per_device: l.group_change_burst_per_device,
         pairings_per_hour_per_address: l.pairings_per_hour_per_address,
         pairing_burst_per_address: l.pairing_burst_per_address,
+        pairings_max: l.pairings_max,
+        pairing_ttl: l.pairing_ttl.0,
+        typing_per_second_per_device: l.typing_per_second_per_device,
+        typing_burst_per_device: l.typing_burst_per_device,
+        rate_limit_keys_max: l.rate_limit_keys_max,
     })
 }
 

@@ -364,7 +364,9 @@ fn edge(
     tokio::sync::mpsc::Receiver<courier_proto::pb::peer::PresenceReport>,
     Option<crate::push::PushTask>,
 ) {
-    let (reporter, presence_reports) = crate::presence::Reporter::new();
+    let (reporter, presence_reports) = crate::presence::Reporter::new(
+        usize::try_from(config.presence.report_queue_max).unwrap_or(usize::MAX),
+    );
     let (pusher, push_task) = if config.push.url.is_empty() {
         (crate::push::Pusher::disabled(), None)
     } else {

@@ -459,7 +459,8 @@ async fn refused_sends_cost_no_rate_token() {
 /// Group changes and pairings are rate-limited like sends: past `group-change-burst-per-device`
 /// a device's group changes are refused as `RateLimited` (a change is a log entry on the group's
 /// shard), and past `pairing-burst-per-address` so are `StartPairing` calls from one address (a
-/// pairing needs no login and holds one of the node's pairing slots).
+/// pairing needs no login and holds one of the node's pairing slots). Past `pairings-max`
+/// outstanding pairings a node refuses more (`Pairing:TooMany`); each lives `pairing-ttl`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_changes_and_pairings_are_rate_limited() {
     use crate::messaging::{authed, register};
@@ -471,7 +472,7 @@ async fn group_changes_and_pairings_are_rate_limited() {
 
     let c = cluster_configured(&|text| {
         format!(
-            "{text}\n[limits]\ngroup-changes-per-hour-per-device = 1\ngroup-change-burst-per-device = 2\npairings-per-hour-per-address = 1\npairing-burst-per-address = 2\n"
+            "{text}\n[limits]\ngroup-changes-per-hour-per-device = 1\ngroup-change-burst-per-device = 2\npairings-per-hour-per-address = 1\npairing-burst-per-address = 3\npairings-max = 2\npairing-ttl = \"45s\"\n"
         )
     })
     .await;
@@ -521,15 +522,22 @@ async fn group_changes_and_pairings_are_rate_limited() {
         device_name: "tablet".to_owned(),
     };
     for n in 0..2 {
-        registration
+        let started = registration
             .start_pairing(start())
             .await
-            .unwrap_or_else(|status| panic!("pairing {n}: {status:?}"));
+            .unwrap_or_else(|status| panic!("pairing {n}: {status:?}"))
+            .into_inner();
+        assert_eq!(started.expires_in_s, 45, "pairing-ttl");
     }
+    let full = registration
+        .start_pairing(start())
+        .await
+        .expect_err("two pairings are outstanding: the node holds no more");
+    assert_eq!(code_of(&full), "COURIER:Pairing:TooMany", "{full:?}");
     let limited = registration
         .start_pairing(start())
         .await
-        .expect_err("the third pairing from one address is past the burst");
+        .expect_err("the fourth pairing from one address is past the burst");
     assert_eq!(
         code_of(&limited),
         "COURIER:Limits:RateLimited",
