@@ -229,7 +229,7 @@ impl Messaging for ClientApi {
     ) -> Result<Response<ListConversationsResponse>, Status> {
         let caller = self.authenticate(request.metadata()).await?;
         Ok(Response::new(
-            ClientApi::list_conversations(self, caller).await?,
+            ClientApi::list_conversations(self, caller, request.into_inner()).await?,
         ))
     }
 
@@ -323,7 +323,9 @@ impl Groups for ClientApi {
         request: Request<ListGroupsRequest>,
     ) -> Result<Response<ListGroupsResponse>, Status> {
         let caller = self.authenticate(request.metadata()).await?;
-        Ok(Response::new(ClientApi::list_groups(self, caller).await?))
+        Ok(Response::new(
+            ClientApi::list_groups(self, caller, request.into_inner()).await?,
+        ))
     }
 }
 

@@ -65,10 +65,24 @@ pub const PREKEYS_LOW: u32 = 10;
 /// The most inbox messages per user whose bodies are kept for companions linked later
 /// (`retention.companion-history`).
 pub const COMPANION_HISTORY_MAX: u32 = 1000;
+/// Conversations per `ListConversations` page when the request names no limit.
+pub const CONVERSATIONS_PAGE_DEFAULT: u32 = 1000;
+/// Conversations per `ListConversations` page at most (≈ 40 bytes each).
+pub const CONVERSATIONS_PAGE_MAX: u32 = 10_000;
+/// Groups per `ListGroups` page when the request names no limit.
+pub const GROUPS_PAGE_DEFAULT: u32 = 100;
+/// Groups per `ListGroups` page at most: a group of [`GROUP_MEMBERS_MAX`] members is ≈ 16 KB.
+pub const GROUPS_PAGE_MAX: u32 = 200;
 
 /// Upper bound of one message's encoded content: body, thumbnail, URL, MIME type, framing.
 pub const MESSAGE_CONTENT_BYTES_MAX: usize =
     MESSAGE_BODY_BYTES_MAX + THUMBNAIL_BYTES_MAX + MEDIA_URL_BYTES_MAX + MIME_TYPE_BYTES_MAX + 256;
+
+const _: () = assert!(
+    GROUPS_PAGE_MAX as usize * (GROUP_MEMBERS_MAX as usize * 16 + GROUP_NAME_BYTES_MAX + 64)
+        < GRPC_MESSAGE_BYTES_MAX,
+    "a page of the largest groups fits in one gRPC message"
+);
 
 const _: () = assert!(
     MESSAGE_CONTENT_BYTES_MAX * 4 <= PROPOSAL_BYTES_MAX,

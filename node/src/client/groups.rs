@@ -5,10 +5,12 @@
 //! membership epoch it was accepted under, and reaches each member's inbox as a pointer.
 
 use courier_consensus::types::EventOutcome;
-use courier_proto::convert::messaging::{CreateGroupCommand, GroupSendCommand, MembershipCommand};
+use courier_proto::convert::messaging::{
+    CreateGroupCommand, GroupSendCommand, GroupsPage, MembershipCommand,
+};
 use courier_proto::pb::client::{
-    CreateGroupRequest, GroupInfo, GroupMember, LeaveGroupRequest, ListGroupsResponse,
-    SendResponse, SendToGroupRequest,
+    CreateGroupRequest, GroupInfo, GroupMember, LeaveGroupRequest, ListGroupsRequest,
+    ListGroupsResponse, SendResponse, SendToGroupRequest,
 };
 use courier_proto::pb::events::{self, Event, event::Kind};
 use courier_proto::{ConversationId, GroupId, ShardId, UserId, shard_of_group};
@@ -317,25 +319,40 @@ impl ClientApi {
         .map(|_| ())
     }
 
-    /// `ListGroups`: the caller's groups, as this replica sees them.
+    /// `ListGroups`: one page of the caller's groups by id, as the replicas read see them.
     ///
     /// # Errors
-    /// Storage faults.
-    pub async fn list_groups(&self, caller: Caller) -> Result<ListGroupsResponse, ApiError> {
+    /// `INVALID_ARGUMENT` for a page limit above 200; storage faults.
+    pub async fn list_groups(
+        &self,
+        caller: Caller,
+        request: ListGroupsRequest,
+    ) -> Result<ListGroupsResponse, ApiError> {
+        let page = GroupsPage::try_from(request)?;
+        // Each shard holds the memberships of its own groups: the page is the smallest ids of
+        // every shard's next `limit + 1`, the one past the page telling whether more follow.
         let mut ids = Vec::new();
         for shard in 0..self.shard_count()? {
             ids.extend(
                 self.read(ShardId::new(shard), |view| {
-                    groups::groups_of(view, caller.user)
+                    groups::groups_of_after(
+                        view,
+                        caller.user,
+                        page.after,
+                        page.limit.saturating_add(1),
+                    )
                 })
                 .await?,
             );
         }
+        ids.sort_unstable();
+        let more = ids.len() > page.limit;
+        ids.truncate(page.limit);
         let mut list = Vec::with_capacity(ids.len());
         for group in ids {
             list.push(self.group_info(group, 0).await?);
         }
-        Ok(ListGroupsResponse { groups: list })
+        Ok(ListGroupsResponse { groups: list, more })
     }
 
     /// `SendToGroup`: stored once on the group's shard under the current membership epoch.

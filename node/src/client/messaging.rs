@@ -1,11 +1,11 @@
 //! Sending 1:1 messages, receipt lookups and the conversation list.
 
 use courier_consensus::types::EventOutcome;
-use courier_proto::convert::messaging::{SendCommand, receipt_lookup};
+use courier_proto::convert::messaging::{ConversationsPage, SendCommand, receipt_lookup};
 use courier_proto::pb::client::{
     ConversationSummary, GetPresenceRequest, GetPresenceResponse, GetReceiptsRequest,
-    GetReceiptsResponse, ListConversationsResponse, MessageReceipts, ReceiptUpdate, SendRequest,
-    SendResponse,
+    GetReceiptsResponse, ListConversationsRequest, ListConversationsResponse, MessageReceipts,
+    ReceiptUpdate, SendRequest, SendResponse,
 };
 use courier_proto::pb::events;
 use courier_proto::{ConversationId, GroupId, UserId};
@@ -177,19 +177,24 @@ impl ClientApi {
         Ok(GetReceiptsResponse { receipts })
     }
 
-    /// `ListConversations`: every conversation with exact unread counts.
+    /// `ListConversations`: one page of the caller's conversations with exact unread counts.
     ///
     /// # Errors
-    /// Storage faults.
+    /// `INVALID_ARGUMENT` for a page limit above 10,000 or a malformed `after`; storage faults.
     pub async fn list_conversations(
         &self,
         caller: Caller,
+        request: ListConversationsRequest,
     ) -> Result<ListConversationsResponse, ApiError> {
+        let page = ConversationsPage::try_from(request)?;
         let shard = self.shard_of(caller.user)?;
-        let conversations = self
-            .read(shard, |view| readstate::conversations(view, caller.user))
+        let (conversations, more) = self
+            .read(shard, |view| {
+                readstate::conversations(view, caller.user, page.after, page.limit)
+            })
             .await?;
         Ok(ListConversationsResponse {
+            more,
             conversations: conversations
                 .into_iter()
                 .map(|(conversation, state)| ConversationSummary {

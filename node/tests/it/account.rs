@@ -145,7 +145,7 @@ async fn a_deleted_account_leaves_nothing_and_the_number_registers_again() {
         "COURIER:Messaging:UnknownRecipient",
     );
     let groups = GroupsClient::new(channel(&addr(1)).await)
-        .list_groups(authed(&bob, ListGroupsRequest {}))
+        .list_groups(authed(&bob, ListGroupsRequest::default()))
         .await
         .expect("list")
         .into_inner()
@@ -338,7 +338,7 @@ async fn a_changed_number_keeps_the_groups_and_what_the_phone_had_not_received()
         "COURIER:Messaging:UnknownRecipient",
     );
     let groups = GroupsClient::new(channel(&addr(1)).await)
-        .list_groups(authed(&bob, ListGroupsRequest {}))
+        .list_groups(authed(&bob, ListGroupsRequest::default()))
         .await
         .expect("list")
         .into_inner()
@@ -419,5 +419,120 @@ async fn a_changed_number_keeps_the_groups_and_what_the_phone_had_not_received()
         for shard in [old_shard, new_shard, group_shard] {
             assert_verified_from_genesis(node, shard).await;
         }
+    }
+}
+
+/// `ListConversations` and `ListGroups` answer in pages: `limit` items at most, `more` while
+/// items follow, the next page after the last item of the previous one, every item once and in
+/// order; a limit above the page maximum is `INVALID_ARGUMENT COURIER:Wire:OutOfRange`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conversations_and_groups_are_listed_in_pages() {
+    use courier_proto::pb::client::ListConversationsRequest;
+    use courier_proto::pb::events::Conversation;
+
+    let c = cluster_appending(UNLIMITED_SENDS).await;
+    let addr = c.nodes[0].client_addr.to_string();
+    let bob = register(&addr, &c.dirs[0], "+15550004400").await;
+    let mut senders = Vec::new();
+    for i in 0..5 {
+        let sender = register(&addr, &c.dirs[0], &format!("+1555000441{i}")).await;
+        send(&addr, &sender, bob.user, &format!("hi {i}"))
+            .await
+            .expect("send");
+        senders.push(sender);
+    }
+    let mut groups = Vec::new();
+    for sender in &senders[..3] {
+        groups.push(create_group(&addr, sender, vec![bob.user]).await);
+    }
+    groups.sort_unstable();
+
+    let mut messaging = MessagingClient::new(channel(&addr).await);
+    let everything = messaging
+        .list_conversations(authed(&bob, ListConversationsRequest::default()))
+        .await
+        .expect("one page holds all")
+        .into_inner();
+    assert!(!everything.more);
+    assert_eq!(everything.conversations.len(), 5, "{everything:?}");
+    let (mut paged, mut after, mut pages): (Vec<Conversation>, Option<Conversation>, usize) =
+        (Vec::new(), None, 0);
+    loop {
+        let page = messaging
+            .list_conversations(authed(&bob, ListConversationsRequest { limit: 2, after }))
+            .await
+            .expect("a page")
+            .into_inner();
+        pages += 1;
+        assert!(page.conversations.len() <= 2, "{page:?}");
+        paged.extend(
+            page.conversations
+                .iter()
+                .filter_map(|s| s.conversation),
+        );
+        after = paged.last().copied();
+        if !page.more {
+            break;
+        }
+        assert!(pages < 10, "paging ends");
+    }
+    assert_eq!(pages, 3, "5 conversations in pages of 2");
+    let whole: Vec<Conversation> = everything
+        .conversations
+        .iter()
+        .filter_map(|s| s.conversation)
+        .collect();
+    assert_eq!(paged, whole, "every conversation once, in the same order");
+
+    let mut client = GroupsClient::new(channel(&addr).await);
+    let first = client
+        .list_groups(authed(
+            &bob,
+            ListGroupsRequest {
+                limit: 2,
+                after_group_id: 0,
+            },
+        ))
+        .await
+        .expect("first page")
+        .into_inner();
+    assert!(first.more);
+    let second = client
+        .list_groups(authed(
+            &bob,
+            ListGroupsRequest {
+                limit: 2,
+                after_group_id: first.groups.last().expect("two groups").group_id,
+            },
+        ))
+        .await
+        .expect("second page")
+        .into_inner();
+    assert!(!second.more);
+    let listed: Vec<u64> = first
+        .groups
+        .iter()
+        .chain(&second.groups)
+        .map(|g| g.group_id)
+        .collect();
+    assert_eq!(listed, groups, "every group once, by id");
+
+    let too_big = client
+        .list_groups(authed(
+            &bob,
+            ListGroupsRequest {
+                limit: courier_proto::limits::GROUPS_PAGE_MAX + 1,
+                after_group_id: 0,
+            },
+        ))
+        .await
+        .expect_err("above the page maximum");
+    code_is(
+        &too_big,
+        tonic::Code::InvalidArgument,
+        "COURIER:Wire:OutOfRange",
+    );
+    for node in c.nodes {
+        node.stop().await;
     }
 }

@@ -449,7 +449,7 @@ async fn offline_recipient_gets_everything_in_order_and_receipts_flow_back() {
     {
         tracing::info!("Bob's conversation list shows nothing unread");
         let list = MessagingClient::new(channel(&addr(0)).await)
-            .list_conversations(authed(&bob, ListConversationsRequest {}))
+            .list_conversations(authed(&bob, ListConversationsRequest::default()))
             .await
             .expect("list")
             .into_inner();
@@ -1423,7 +1423,7 @@ async fn delivered_stubs_and_receipts_are_forgotten_after_the_window() {
         assert_verified_from_genesis(node, alice_shard).await;
     }
     let unread = MessagingClient::new(channel(&addr).await)
-        .list_conversations(authed(&bob, ListConversationsRequest {}))
+        .list_conversations(authed(&bob, ListConversationsRequest::default()))
         .await
         .expect("list")
         .into_inner();
@@ -2359,7 +2359,7 @@ async fn group_messages_reach_current_members_once_in_order() {
         let (device, addr) = (users[i].clone(), addr(0));
         async move {
             GroupsClient::new(channel(&addr).await)
-                .list_groups(authed(&device, ListGroupsRequest {}))
+                .list_groups(authed(&device, ListGroupsRequest::default()))
                 .await
                 .expect("list")
                 .into_inner()
@@ -2468,7 +2468,7 @@ async fn bodies_leave_the_inbox_once_every_device_acked() {
     let started = Instant::now();
     loop {
         let receipts = MessagingClient::new(channel(&addr(0)).await)
-            .list_conversations(authed(&bob, ListConversationsRequest {}))
+            .list_conversations(authed(&bob, ListConversationsRequest::default()))
             .await
             .expect("list")
             .into_inner();

@@ -74,7 +74,7 @@ async fn seen_from(addr: &str, device: &Device, sent: &[Vec<u8>]) -> String {
         Some(receipts.expect("receipts").into_inner())
     };
     let conversations = messaging
-        .list_conversations(authed(device, ListConversationsRequest {}))
+        .list_conversations(authed(device, ListConversationsRequest::default()))
         .await
         .expect("conversations")
         .into_inner();

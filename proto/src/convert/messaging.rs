@@ -143,6 +143,70 @@ impl TryFrom<pb::ClientFrame> for StreamCommand {
     }
 }
 
+/// A page size: `0` is `default`; above `max` is refused.
+fn page_limit(limit: u32, default: u32, max: u32) -> Result<usize, WireError> {
+    let limit = if limit == 0 { default } else { limit };
+    if limit > max {
+        return Err(WireError::OutOfRange {
+            field: "limit",
+            value: u64::from(limit),
+            min: 0,
+            max: u64::from(max),
+        });
+    }
+    Ok(usize::try_from(limit).unwrap_or(usize::MAX))
+}
+
+/// A validated `ListConversations` page request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConversationsPage {
+    /// Conversations on the page at most.
+    pub limit: usize,
+    /// The page starts after this conversation (`None`: the first page).
+    pub after: Option<ConversationId>,
+}
+
+impl TryFrom<pb::ListConversationsRequest> for ConversationsPage {
+    type Error = WireError;
+
+    fn try_from(wire: pb::ListConversationsRequest) -> Result<Self, WireError> {
+        use crate::limits::{CONVERSATIONS_PAGE_DEFAULT, CONVERSATIONS_PAGE_MAX};
+        Ok(Self {
+            limit: page_limit(
+                wire.limit,
+                CONVERSATIONS_PAGE_DEFAULT,
+                CONVERSATIONS_PAGE_MAX,
+            )?,
+            after: wire
+                .after
+                .as_ref()
+                .map(ConversationId::try_from)
+                .transpose()?,
+        })
+    }
+}
+
+/// A validated `ListGroups` page request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupsPage {
+    /// Groups on the page at most.
+    pub limit: usize,
+    /// The page starts after this group id (`None`: the first page).
+    pub after: Option<GroupId>,
+}
+
+impl TryFrom<pb::ListGroupsRequest> for GroupsPage {
+    type Error = WireError;
+
+    fn try_from(wire: pb::ListGroupsRequest) -> Result<Self, WireError> {
+        use crate::limits::{GROUPS_PAGE_DEFAULT, GROUPS_PAGE_MAX};
+        Ok(Self {
+            limit: page_limit(wire.limit, GROUPS_PAGE_DEFAULT, GROUPS_PAGE_MAX)?,
+            after: GroupId::new(wire.after_group_id),
+        })
+    }
+}
+
 /// Validates a receipts lookup: 1..=256 message ids of 16 bytes each.
 ///
 /// # Errors

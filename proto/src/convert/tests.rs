@@ -491,3 +491,64 @@ fn events_round_trip_through_prost() {
     let decoded = events::EntryPayload::decode(bytes.as_slice()).expect("decodes");
     assert_eq!(decoded, payload);
 }
+
+#[test]
+fn list_pages_default_and_refuse_an_oversize_limit() {
+    use crate::convert::messaging::{ConversationsPage, GroupsPage};
+    use crate::limits::{CONVERSATIONS_PAGE_MAX, GROUPS_PAGE_DEFAULT, GROUPS_PAGE_MAX};
+    use crate::types::GroupId;
+    let first = ConversationsPage::try_from(client::ListConversationsRequest::default())
+        .expect("an empty request is the first page");
+    assert_eq!(first.limit, 1000);
+    assert_eq!(first.after, None);
+    let next = ConversationsPage::try_from(client::ListConversationsRequest {
+        limit: 5,
+        after: Some(ConversationId::Group(GroupId::new(9).expect("nonzero")).into()),
+    })
+    .expect("a later page");
+    assert_eq!(
+        next,
+        ConversationsPage {
+            limit: 5,
+            after: Some(ConversationId::Group(GroupId::new(9).expect("nonzero"))),
+        }
+    );
+    assert_eq!(
+        ConversationsPage::try_from(client::ListConversationsRequest {
+            limit: CONVERSATIONS_PAGE_MAX + 1,
+            after: None,
+        }),
+        Err(WireError::OutOfRange {
+            field: "limit",
+            value: u64::from(CONVERSATIONS_PAGE_MAX) + 1,
+            min: 0,
+            max: u64::from(CONVERSATIONS_PAGE_MAX),
+        })
+    );
+    assert!(
+        ConversationsPage::try_from(client::ListConversationsRequest {
+            limit: 1,
+            after: Some(events::Conversation { with: None }),
+        })
+        .is_err(),
+        "an `after` naming no conversation is malformed"
+    );
+    let groups = GroupsPage::try_from(client::ListGroupsRequest::default()).expect("first");
+    assert_eq!(
+        (groups.limit, groups.after),
+        (GROUPS_PAGE_DEFAULT as usize, None)
+    );
+    let later = GroupsPage::try_from(client::ListGroupsRequest {
+        limit: GROUPS_PAGE_MAX,
+        after_group_id: 7,
+    })
+    .expect("the largest page");
+    assert_eq!(later.after, GroupId::new(7));
+    assert!(matches!(
+        GroupsPage::try_from(client::ListGroupsRequest {
+            limit: GROUPS_PAGE_MAX + 1,
+            after_group_id: 0,
+        }),
+        Err(WireError::OutOfRange { field: "limit", .. })
+    ));
+}

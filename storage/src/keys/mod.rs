@@ -158,6 +158,12 @@ pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
+/// The first key after `key` itself (for ranges that resume past a key already read).
+pub fn after(mut key: Vec<u8>) -> Vec<u8> {
+    key.push(0);
+    key
+}
+
 /// The shard's whole key range in any family: `[shard, shard + 1)`.
 pub fn shard_range(shard: ShardId) -> (Vec<u8>, Vec<u8>) {
     let start = KeyBuf::shard(shard).done();

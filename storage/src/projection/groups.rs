@@ -79,6 +79,30 @@ pub fn groups_of(view: &View<'_, '_>, user: UserId) -> Result<Vec<GroupId>> {
         .collect())
 }
 
+/// Up to `limit` groups of `user` with a membership on this shard whose ids follow `after`, in
+/// id order.
+///
+/// # Errors
+/// A storage fault or a record that does not decode.
+pub fn groups_of_after(
+    view: &View<'_, '_>,
+    user: UserId,
+    after: Option<GroupId>,
+    limit: usize,
+) -> Result<Vec<GroupId>> {
+    let prefix = keys::user_group_prefix(view.shard(), user);
+    let end = keys::prefix_end(&prefix).expect("membership prefixes end below 0xff..");
+    let from = match after {
+        Some(group) => keys::after(keys::user_group(view.shard(), user, group)),
+        None => prefix,
+    };
+    Ok(view
+        .scan::<MemberRecord>(Projection::Groups, &from, &end, limit)?
+        .into_iter()
+        .filter_map(|(key, _)| keys::user_group_group(&key))
+        .collect())
+}
+
 fn is_admin(view: &View<'_, '_>, group: GroupId, user: Option<UserId>) -> Result<bool> {
     let Some(user) = user else {
         return Ok(false);

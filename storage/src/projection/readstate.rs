@@ -265,21 +265,31 @@ pub fn receipt_target(entry: &courier_proto::pb::store::InboxEntry) -> ReceiptTa
     }
 }
 
-/// Returns every conversation of `user` with its read state.
+/// Up to `limit` conversations of `user` that follow `after` (1:1 ones by the other user's id,
+/// then groups by id), each with its read state, and whether more follow.
 ///
 /// # Errors
 /// A storage fault.
 pub fn conversations(
     view: &View<'_, '_>,
     user: UserId,
-) -> Result<Vec<(ConversationId, ReadState)>> {
+    after: Option<ConversationId>,
+    limit: usize,
+) -> Result<(Vec<(ConversationId, ReadState)>, bool)> {
     let prefix = keys::read_state_user_prefix(view.shard(), user);
     let end = keys::prefix_end(&prefix).expect("read state prefixes end below 0xff..");
-    Ok(view
-        .scan::<ReadState>(Projection::ReadState, &prefix, &end, usize::MAX)?
+    let from = match after {
+        Some(conversation) => keys::after(keys::read_state(view.shard(), user, conversation)),
+        None => prefix,
+    };
+    let mut page: Vec<(ConversationId, ReadState)> = view
+        .scan::<ReadState>(Projection::ReadState, &from, &end, limit.saturating_add(1))?
         .into_iter()
         .filter_map(|(key, state)| Some((keys::read_state_conversation(&key)?, state)))
-        .collect())
+        .collect();
+    let more = page.len() > limit;
+    page.truncate(limit);
+    Ok((page, more))
 }
 
 /// Returns the exact unread count of a read state.
