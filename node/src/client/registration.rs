@@ -25,6 +25,7 @@ use super::{ClientApi, auth, now_ms};
 use crate::client::auth::Caller;
 use crate::status::ApiError;
 use courier_consensus::types::{CodeResult, EventOutcome};
+use courier_storage::projection::devices;
 
 fn duration_ms(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
@@ -259,6 +260,11 @@ impl ClientApi {
                 primary,
                 at_ms: now_ms(),
                 redeemed_phone_hash: redeemed.clone(),
+                companions_max: if primary {
+                    0
+                } else {
+                    self.limits.companion_devices_max
+                },
             })),
         });
         let outcomes = self.cluster.propose(self.shard_of(user)?, events).await?;
@@ -266,6 +272,15 @@ impl ClientApi {
             code_verdict(outcomes.first())?;
         }
         match outcomes.last() {
+            // Another approval linked a companion between this one's check and its commit.
+            Some(EventOutcome::Rejected { code, message })
+                if *code == devices::TOO_MANY_COMPANIONS =>
+            {
+                Err(ApiError::ResourceExhausted {
+                    code: devices::TOO_MANY_COMPANIONS,
+                    message: message.clone(),
+                })
+            }
             Some(EventOutcome::DeviceRegistered { device, .. }) => {
                 tracing::info!(user = user.get(), device, primary, "device registered");
                 self.wait_device_visible(user, *device).await;
@@ -351,7 +366,7 @@ impl ClientApi {
         let max = usize::try_from(self.limits.companion_devices_max).unwrap_or(usize::MAX);
         if companions >= max {
             return Err(ApiError::ResourceExhausted {
-                code: "COURIER:Registration:TooManyCompanions",
+                code: devices::TOO_MANY_COMPANIONS,
                 message: format!("a user links at most {max} companion devices"),
             });
         }
@@ -361,21 +376,19 @@ impl ClientApi {
 
     pub(crate) async fn devices(&self, user: UserId) -> Result<Vec<DeviceInfo>, ApiError> {
         let shard = self.shard_of(user)?;
-        self.read(shard, |view| {
-            courier_storage::projection::devices::devices_of(view, user)
-        })
-        .await
-        .map(|devices| {
-            devices
-                .into_iter()
-                .map(|(id, r)| DeviceInfo {
-                    device_id: id,
-                    primary: r.primary,
-                    revoked: r.revoked,
-                    registered_at_ms: r.registered_at_ms,
-                })
-                .collect()
-        })
+        self.read(shard, |view| devices::devices_of(view, user))
+            .await
+            .map(|devices| {
+                devices
+                    .into_iter()
+                    .map(|(id, r)| DeviceInfo {
+                        device_id: id,
+                        primary: r.primary,
+                        revoked: r.revoked,
+                        registered_at_ms: r.registered_at_ms,
+                    })
+                    .collect()
+            })
     }
 
     /// `ListDevices`.

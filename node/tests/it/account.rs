@@ -465,11 +465,7 @@ async fn conversations_and_groups_are_listed_in_pages() {
             .into_inner();
         pages += 1;
         assert!(page.conversations.len() <= 2, "{page:?}");
-        paged.extend(
-            page.conversations
-                .iter()
-                .filter_map(|s| s.conversation),
-        );
+        paged.extend(page.conversations.iter().filter_map(|s| s.conversation));
         after = paged.last().copied();
         if !page.more {
             break;

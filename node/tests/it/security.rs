@@ -1013,3 +1013,83 @@ async fn phone_numbers_hash_under_a_key_only_the_cluster_holds() {
     let same = register(&node.client_addr.to_string(), &dir, phone).await;
     assert_eq!(same.user, device.user, "the key did not change");
 }
+
+/// Two approvals racing on two nodes cannot pass `companion-devices-max` together: each node
+/// checks before proposing, and the registration is checked again when it applies, so of two
+/// approvals for the last slot one links a companion and the other answers
+/// `RESOURCE_EXHAUSTED COURIER:Registration:TooManyCompanions`, round after round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approvals_racing_on_two_nodes_link_one_companion_past_the_limit() {
+    use crate::messaging::{authed, register};
+    use courier_proto::pb::client::registration_client::RegistrationClient;
+    use courier_proto::pb::client::{
+        ApprovePairingRequest, ListDevicesRequest, RevokeDeviceRequest, StartPairingRequest,
+    };
+
+    let c =
+        cluster_configured(&|text| format!("{text}\n[limits]\ncompanion-devices-max = 1\n")).await;
+    let addrs: Vec<String> = c.nodes[..2]
+        .iter()
+        .map(|node| node.client_addr.to_string())
+        .collect();
+    let owner = register(&addrs[0], &c.dirs[0], "+15550004501").await;
+    let mut clients = Vec::new();
+    for addr in &addrs {
+        clients.push(RegistrationClient::new(crate::support::channel(addr).await));
+    }
+    for round in 0..4 {
+        let mut codes = Vec::new();
+        for client in &mut clients {
+            codes.push(
+                client
+                    .start_pairing(StartPairingRequest {
+                        device_name: "tablet".to_owned(),
+                    })
+                    .await
+                    .expect("start")
+                    .into_inner()
+                    .code,
+            );
+        }
+        let approve = |i: usize| {
+            let mut client = clients[i].clone();
+            let request = authed(
+                &owner,
+                ApprovePairingRequest {
+                    code: codes[i].clone(),
+                },
+            );
+            async move { client.approve_pairing(request).await }
+        };
+        let (first, second) = tokio::join!(approve(0), approve(1));
+        let (linked, refused) = match (first, second) {
+            (Ok(linked), Err(refused)) | (Err(refused), Ok(linked)) => (linked, refused),
+            other => panic!("round {round}: one approval links, one is refused: {other:?}"),
+        };
+        assert_eq!(
+            code_of(&refused),
+            "COURIER:Registration:TooManyCompanions",
+            "round {round}: {refused:?}"
+        );
+        let devices = clients[0]
+            .list_devices(authed(&owner, ListDevicesRequest {}))
+            .await
+            .expect("devices")
+            .into_inner()
+            .devices;
+        let companions = devices.iter().filter(|d| !d.primary && !d.revoked).count();
+        assert_eq!(companions, 1, "round {round}: {devices:?}");
+        clients[0]
+            .revoke_device(authed(
+                &owner,
+                RevokeDeviceRequest {
+                    device_id: linked.into_inner().device_id,
+                },
+            ))
+            .await
+            .expect("the slot is freed for the next round");
+    }
+    for node in c.nodes {
+        node.stop().await;
+    }
+}

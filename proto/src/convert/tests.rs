@@ -412,6 +412,7 @@ fn events_round_trip_through_prost() {
             primary: false,
             at_ms: 6,
             redeemed_phone_hash: Vec::new(),
+            companions_max: 0,
         }),
         Kind::DeviceRevoked(events::DeviceRevoked {
             user: 1,

@@ -10,7 +10,10 @@
 use courier_proto::pb::store::{DeviceRecord, UserRecord};
 use courier_proto::{DeviceId, UserId};
 
-use super::{Decoded, Projection, View, registration};
+use courier_proto::pb::events;
+
+use super::decode::Registered;
+use super::{Applied, Decoded, Projection, View, registration};
 use crate::error::Result;
 use crate::keys;
 
@@ -79,6 +82,35 @@ pub fn devices_of(view: &View<'_, '_>, user: UserId) -> Result<Vec<(u32, DeviceR
         .into_iter()
         .filter_map(|(key, record)| Some((keys::device_record_device(&key)?, record)))
         .collect())
+}
+
+/// The refusal of a companion's `DeviceRegistered` that would pass its `companions_max`.
+pub const TOO_MANY_COMPANIONS: &str = "COURIER:Registration:TooManyCompanions";
+
+/// Whether `registered` may apply: `None`, or its refusal when it links a companion to a user who
+/// already has `companions_max` linked, unrevoked companions.
+///
+/// # Errors
+/// A storage fault.
+pub fn companion_refusal(
+    view: &View<'_, '_>,
+    registered: &Registered<'_, events::DeviceRegistered>,
+) -> Result<Option<Applied>> {
+    let max = registered.event.companions_max;
+    if registered.event.primary || max == 0 {
+        return Ok(None);
+    }
+    let companions = devices_of(view, registered.user)?
+        .iter()
+        .filter(|(_, record)| !record.primary && !record.revoked)
+        .count();
+    if companions < usize::try_from(max).unwrap_or(usize::MAX) {
+        return Ok(None);
+    }
+    Ok(Some(Applied::Rejected {
+        code: TOO_MANY_COMPANIONS,
+        message: format!("a user links at most {max} companion devices"),
+    }))
 }
 
 /// Folds one event into the devices projection.

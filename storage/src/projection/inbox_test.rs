@@ -404,6 +404,7 @@ fn registered(user: u64, device: u32, phone: u8) -> Vec<Kind> {
             primary: true,
             at_ms: 1,
             redeemed_phone_hash: Vec::new(),
+            companions_max: 0,
         }),
     ]
 }

@@ -327,14 +327,8 @@ fn admit(
             }
         }
         Decoded::UserRegistered(_) | Decoded::DeviceRegistered(_) | Decoded::DeviceRevoked(_) => {
-            if let Some(phone_hash) = redeemed_phone_hash(event) {
-                let view = View::new(staged, shard, at, Projection::Devices);
-                if !registration::redeemed_here(&view, phone_hash)? {
-                    return Ok(ControlFlow::Break(Applied::Rejected {
-                        code: registration::NOT_REDEEMED,
-                        message: "the entry did not use the number's code".to_owned(),
-                    }));
-                }
+            if let Some(refusal) = registration_refusal(staged, shard, at, event)? {
+                return Ok(ControlFlow::Break(refusal));
             }
             Applied::Done
         }
@@ -351,6 +345,29 @@ fn admit(
 }
 
 /// The number a registration event depends on (its entry must have used that number's code).
+/// [`admit`] for a registration event: refused when it depends on a code its entry did not use,
+/// or links a companion past its `companions_max`.
+fn registration_refusal(
+    staged: &mut Staged<'_>,
+    shard: ShardId,
+    at: LogIndex,
+    event: &Decoded<'_>,
+) -> Result<Option<Applied>> {
+    let view = View::new(staged, shard, at, Projection::Devices);
+    if let Some(phone_hash) = redeemed_phone_hash(event)
+        && !registration::redeemed_here(&view, phone_hash)?
+    {
+        return Ok(Some(Applied::Rejected {
+            code: registration::NOT_REDEEMED,
+            message: "the entry did not use the number's code".to_owned(),
+        }));
+    }
+    match event {
+        Decoded::DeviceRegistered(registered) => devices::companion_refusal(&view, registered),
+        _ => Ok(None),
+    }
+}
+
 fn redeemed_phone_hash<'e>(event: &Decoded<'e>) -> Option<&'e [u8]> {
     let hash: &[u8] = match event {
         Decoded::UserRegistered(e) => &e.event.redeemed_phone_hash,

@@ -36,6 +36,7 @@ fn register(kv: &mut MemKv, state: &mut ShardState, primary: bool) {
         primary,
         at_ms: 1,
         redeemed_phone_hash: Vec::new(),
+        companions_max: 0,
     }));
     apply_one(kv, state, kinds);
 }

@@ -253,6 +253,7 @@ pub(super) fn device_of(user: u64, primary: bool) -> Kind {
         primary,
         at_ms: 2,
         redeemed_phone_hash: Vec::new(),
+        companions_max: 0,
     })
 }
 

@@ -291,6 +291,7 @@ fn registration_events_apply_only_with_their_code() {
             primary,
             at_ms: 1,
             redeemed_phone_hash: if redeemed { PHONE.to_vec() } else { Vec::new() },
+            companions_max: 0,
         })
     };
     let user_registered = Kind::UserRegistered(events::UserRegistered {
@@ -379,4 +380,108 @@ fn registration_events_apply_only_with_their_code() {
     );
     assert_eq!(outcomes[0], Applied::Code(CodeOutcome::Accepted));
     assert_eq!(devices(&kv), vec![(1, true), (2, true), (3, false)]);
+}
+
+/// A companion's `DeviceRegistered` carrying `companions_max` applies only while the user has
+/// fewer linked, unrevoked companions: two approvals that passed the node's check at once (on
+/// two nodes) cannot both link the last slot. A revoked companion frees its slot; a primary and
+/// an entry without the field (0) are not counted against it.
+#[test]
+fn a_companion_past_the_limit_is_refused_at_apply() {
+    use crate::projection::devices::TOO_MANY_COMPANIONS;
+
+    let mut kv = MemKv::default();
+    let mut state = ShardState::empty(SHARD);
+    let user = 11_u64;
+    let registered = |primary: bool, companions_max: u32| {
+        Kind::DeviceRegistered(events::DeviceRegistered {
+            user,
+            device: 0,
+            token_hash: vec![2; 32],
+            primary,
+            at_ms: 1,
+            redeemed_phone_hash: Vec::new(),
+            companions_max,
+        })
+    };
+    let companions = |kv: &MemKv| -> usize {
+        let mut staged = Staged::new(kv, BTreeMap::new());
+        let view = View::new(&mut staged, SHARD, LogIndex::ZERO, Projection::Devices);
+        crate::projection::devices::devices_of(
+            &view,
+            courier_proto::UserId::new(user).expect("nonzero"),
+        )
+        .expect("memory")
+        .iter()
+        .filter(|(_, record)| !record.primary && !record.revoked)
+        .count()
+    };
+    apply_one(
+        &mut kv,
+        &mut state,
+        vec![
+            Kind::UserRegistered(events::UserRegistered {
+                user,
+                phone_hash: PHONE.to_vec(),
+                at_ms: 1,
+                redeemed_phone_hash: Vec::new(),
+            }),
+            registered(true, 2),
+        ],
+    );
+    // Two approvals in one entry, as two racing commits would land: the second is past 2.
+    let outcomes = apply_one(
+        &mut kv,
+        &mut state,
+        vec![
+            registered(false, 2),
+            registered(false, 2),
+            registered(false, 2),
+        ],
+    );
+    assert!(matches!(
+        outcomes[0],
+        Applied::DeviceRegistered { device: 2, .. }
+    ));
+    assert!(matches!(
+        outcomes[1],
+        Applied::DeviceRegistered { device: 3, .. }
+    ));
+    assert!(
+        matches!(&outcomes[2], Applied::Rejected { code, .. } if *code == TOO_MANY_COMPANIONS),
+        "{:?}",
+        outcomes[2]
+    );
+    assert_eq!(companions(&kv), 2);
+    let outcomes = apply_one(&mut kv, &mut state, vec![registered(false, 0)]);
+    assert!(
+        matches!(outcomes[0], Applied::DeviceRegistered { device: 4, .. }),
+        "an entry written before the field applies as before: {:?}",
+        outcomes[0]
+    );
+    apply_one(
+        &mut kv,
+        &mut state,
+        vec![
+            Kind::DeviceRevoked(events::DeviceRevoked {
+                user,
+                device: 2,
+                at_ms: 2,
+                redeemed_phone_hash: Vec::new(),
+            }),
+            Kind::DeviceRevoked(events::DeviceRevoked {
+                user,
+                device: 3,
+                at_ms: 2,
+                redeemed_phone_hash: Vec::new(),
+            }),
+        ],
+    );
+    let outcomes = apply_one(&mut kv, &mut state, vec![registered(false, 2)]);
+    assert!(
+        matches!(outcomes[0], Applied::DeviceRegistered { device: 5, .. }),
+        "revoked companions free their slots: {:?}",
+        outcomes[0]
+    );
+    assert_eq!(companions(&kv), 2);
 }

@@ -282,6 +282,7 @@ impl Adversary {
                 primary: self.rng.chance(50),
                 at_ms: self.rng.below(100),
                 redeemed_phone_hash,
+                companions_max: u32::try_from(self.rng.below(3)).unwrap_or(0),
             }),
             _ if self.rng.chance(20) => Kind::AccountDeleted(events::AccountDeleted {
                 user: self.user(),

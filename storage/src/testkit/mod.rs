@@ -619,6 +619,7 @@ impl EventGen {
                 primary: device == 1,
                 at_ms: self.now_ms,
                 redeemed_phone_hash: Vec::new(),
+                companions_max: 0,
             });
         }
         // The modelled users (who get messages) register first, so that their devices' acks
