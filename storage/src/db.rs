@@ -97,6 +97,11 @@ impl Db {
         options.create_if_missing(true);
         options.create_missing_column_families(true);
         options.set_paranoid_checks(true);
+        // A torn last record of the write-ahead log (a write that never returned) is dropped; a
+        // damaged record before it refuses the open. RocksDB's default, point-in-time recovery,
+        // would open with everything after the damage gone: appends acknowledged as durable,
+        // votes and raft state among them, silently lost.
+        options.set_wal_recovery_mode(rocksdb::DBRecoveryMode::TolerateCorruptedTailRecords);
         options.set_max_background_jobs(2);
         let families: Vec<_> = Cf::all()
             .map(|cf| ColumnFamilyDescriptor::new(cf.name(), cf.options()))

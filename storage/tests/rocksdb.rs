@@ -417,3 +417,85 @@ fn crash_keeps_every_durable_append() {
         drop(db);
     }
 }
+
+/// Copies the files of a closed database into a fresh directory.
+fn copy_db(from: &std::path::Path) -> tempfile::TempDir {
+    let to = tempfile::tempdir().expect("tempdir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("entry");
+        if entry.file_type().expect("type").is_file() {
+            std::fs::copy(entry.path(), to.path().join(entry.file_name())).expect("copy");
+        }
+    }
+    to
+}
+
+/// The write-ahead log of a closed database (its entries are still there: nothing flushed them
+/// to a table file).
+fn wal_of(dir: &std::path::Path) -> std::path::PathBuf {
+    let mut logs: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+        .expect("read dir")
+        .map(|entry| entry.expect("entry").path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "log"))
+        .filter(|path| std::fs::metadata(path).is_ok_and(|m| m.len() > 0))
+        .collect();
+    logs.sort();
+    logs.pop().expect("a write-ahead log with records")
+}
+
+/// RocksDB's write-ahead log after a crash: a torn last record (a write that never returned)
+/// is dropped and the database opens with every earlier write; a damaged record before the
+/// end refuses the open instead of recovering to the point before it, which would silently
+/// drop appends that were acknowledged as durable (raft entries and votes included).
+#[test]
+fn a_damaged_wal_record_refuses_the_open_and_a_torn_tail_does_not() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let db = open(dir.path());
+        let log = LogStore::new(db.clone(), SHARD);
+        let payloads = EventGen::new(SHARD, 11).payloads(40, 2);
+        // One synced write per entry: one WAL record each.
+        for (n, payload) in payloads.iter().enumerate() {
+            let index = LogIndex::new(u64::try_from(n).expect("small") + 1);
+            log.append(&testkit::records(index, std::slice::from_ref(payload)))
+                .expect("append");
+        }
+    }
+
+    let torn = copy_db(dir.path());
+    let wal = wal_of(torn.path());
+    let len = std::fs::metadata(&wal).expect("wal").len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&wal)
+        .expect("open wal")
+        .set_len(len - 5)
+        .expect("truncate");
+    let db = open(torn.path());
+    let last = LogStore::new(db.clone(), SHARD)
+        .last()
+        .expect("last")
+        .expect("entries")
+        .index;
+    assert_eq!(
+        last,
+        LogIndex::new(39),
+        "the torn last write is dropped, every one before it kept"
+    );
+    drop(db);
+
+    let damaged = copy_db(dir.path());
+    let wal = wal_of(damaged.path());
+    let mut bytes = std::fs::read(&wal).expect("read wal");
+    // Inside the first record's payload (after the 7-byte record header): its checksum fails.
+    bytes[64] ^= 0xff;
+    std::fs::write(&wal, &bytes).expect("write wal");
+    match Db::open(damaged.path(), OpenMode::ReadWrite) {
+        Err(StorageError::Db { .. }) => {}
+        Err(other) => panic!("expected a RocksDB corruption error, got {other:?}"),
+        Ok(db) => {
+            let last = LogStore::new(Arc::new(db), SHARD).last().expect("last");
+            panic!("a damaged record before the end opened, the log now ending at {last:?}");
+        }
+    }
+}
