@@ -542,9 +542,12 @@ impl ClientApi {
         let (tail, acked, active, trims) = self
             .read(shard, |view| {
                 let state = inbox::state(view, caller.user)?;
-                // Whether this ack would clear bodies now: a repeated ack still does
-                // when another device was revoked since, or companion history shrank.
+                let acked = cursors::acked(view, caller.user, caller.device)?;
+                // Whether a repeated ack (at or below the cursor) would clear bodies now: it
+                // still does when another device was revoked since, or companion history
+                // shrank. An ack that moves the cursor is proposed anyway: not computed.
                 let trims = trim_delivered
+                    && up_to <= acked
                     && inbox::trimmable_up_to(
                         view,
                         caller.user,
@@ -554,7 +557,7 @@ impl ClientApi {
                     )? > state.trimmed_up_to;
                 Ok((
                     InboxSeq::new(state.tail_seq),
-                    cursors::acked(view, caller.user, caller.device)?,
+                    acked,
                     active(view, caller)?,
                     trims,
                 ))
