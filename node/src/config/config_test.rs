@@ -410,24 +410,27 @@ fn each_sms_provider_error_fires() {
 /// configured values: defaults as documented, set from the file, never zero.
 #[test]
 fn node_memory_limits_are_configured() {
-    let defaults = Config::parse(MINIMAL).expect("minimal");
-    assert_eq!(defaults.limits.pairings_max, 10_000);
-    assert_eq!(defaults.limits.pairing_ttl, Duration::from_secs(120));
-    assert_eq!(defaults.limits.typing_per_second_per_device, 5);
-    assert_eq!(defaults.limits.typing_burst_per_device, 10);
-    assert_eq!(defaults.limits.rate_limit_keys_max, 100_000);
-    assert_eq!(defaults.presence.report_queue_max, 4096);
+    // (pairings-max, pairing-ttl, typing rate, typing burst, rate-limit keys, report queue)
+    let values = |c: &Config| {
+        (
+            c.limits.pairings_max,
+            c.limits.pairing_ttl,
+            c.limits.typing_per_second_per_device,
+            c.limits.typing_burst_per_device,
+            c.limits.rate_limit_keys_max,
+            c.presence.report_queue_max,
+        )
+    };
+    assert_eq!(
+        values(&Config::parse(MINIMAL).expect("minimal")),
+        (10_000, Duration::from_secs(120), 5, 10, 100_000, 4096)
+    );
     let set = with(
         "[limits]\npairings-max = 7\npairing-ttl = \"30s\"\ntyping-per-second-per-device = 2\n\
          typing-burst-per-device = 3\nrate-limit-keys-max = 500\n[presence]\nreport-queue-max = 64",
     )
     .expect("set");
-    assert_eq!(set.limits.pairings_max, 7);
-    assert_eq!(set.limits.pairing_ttl, Duration::from_secs(30));
-    assert_eq!(set.limits.typing_per_second_per_device, 2);
-    assert_eq!(set.limits.typing_burst_per_device, 3);
-    assert_eq!(set.limits.rate_limit_keys_max, 500);
-    assert_eq!(set.presence.report_queue_max, 64);
+    assert_eq!(values(&set), (7, Duration::from_secs(30), 2, 3, 500, 64));
     for (line, name) in [
         ("[limits]\npairings-max = 0", "limits.pairings-max"),
         ("[limits]\npairing-ttl = \"0s\"", "limits.pairing-ttl"),

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use courier_proto::LogIndex;
 use courier_proto::pb::events::event::Kind;
 use courier_proto::pb::events::{self, RateLimit};
-use courier_proto::pb::store::RegistrationRecord;
+use courier_proto::pb::store::{DeviceRecord, RegistrationRecord};
 
 use super::projection_test::{SHARD, apply_one, tracing_phase};
 use crate::kv::{MemKv, Staged};
@@ -54,6 +54,30 @@ fn stored(kv: &MemKv) -> Option<RegistrationRecord> {
     let mut staged = Staged::new(kv, BTreeMap::new());
     let view = View::new(&mut staged, SHARD, LogIndex::ZERO, Projection::Devices);
     registration::record(&view, &PHONE).expect("memory")
+}
+
+/// A `DeviceRegistered` of `user` (its id assigned at apply).
+fn device_registered(user: u64, primary: bool, redeemed: bool, companions_max: u32) -> Kind {
+    Kind::DeviceRegistered(events::DeviceRegistered {
+        user,
+        device: 0,
+        token_hash: vec![1; 32],
+        primary,
+        at_ms: 1,
+        redeemed_phone_hash: if redeemed { PHONE.to_vec() } else { Vec::new() },
+        companions_max,
+    })
+}
+
+/// `user`'s devices as the devices projection in `kv` holds them.
+fn devices_of(kv: &MemKv, user: u64) -> Vec<(u32, DeviceRecord)> {
+    let mut staged = Staged::new(kv, BTreeMap::new());
+    let view = View::new(&mut staged, SHARD, LogIndex::ZERO, Projection::Devices);
+    crate::projection::devices::devices_of(
+        &view,
+        courier_proto::UserId::new(user).expect("nonzero"),
+    )
+    .expect("memory")
 }
 
 fn index_entries(kv: &MemKv) -> usize {
@@ -278,22 +302,10 @@ fn a_clock_behind_refills_nothing() {
 /// companion stays, no device is added), and no later entry can ride on an earlier redemption.
 #[test]
 fn registration_events_apply_only_with_their_code() {
-    use courier_proto::pb::store::DeviceRecord;
-
     let mut kv = MemKv::default();
     let mut state = ShardState::empty(SHARD);
     let user = 9_u64;
-    let registered = |primary: bool, redeemed: bool| {
-        Kind::DeviceRegistered(events::DeviceRegistered {
-            user,
-            device: 0,
-            token_hash: vec![1; 32],
-            primary,
-            at_ms: 1,
-            redeemed_phone_hash: if redeemed { PHONE.to_vec() } else { Vec::new() },
-            companions_max: 0,
-        })
-    };
+    let registered = |primary: bool, redeemed: bool| device_registered(user, primary, redeemed, 0);
     let user_registered = Kind::UserRegistered(events::UserRegistered {
         user,
         phone_hash: PHONE.to_vec(),
@@ -307,16 +319,10 @@ fn registration_events_apply_only_with_their_code() {
         redeemed_phone_hash: PHONE.to_vec(),
     });
     let devices = |kv: &MemKv| -> Vec<(u32, bool)> {
-        let mut staged = Staged::new(kv, BTreeMap::new());
-        let view = View::new(&mut staged, SHARD, LogIndex::ZERO, Projection::Devices);
-        crate::projection::devices::devices_of(
-            &view,
-            courier_proto::UserId::new(user).expect("nonzero"),
-        )
-        .expect("memory")
-        .into_iter()
-        .map(|(id, record): (u32, DeviceRecord)| (id, record.revoked))
-        .collect()
+        devices_of(kv, user)
+            .into_iter()
+            .map(|(id, record)| (id, record.revoked))
+            .collect()
     };
     tracing_phase("the first registration, with its code");
     apply_one(&mut kv, &mut state, vec![issue(1, 10)]);
@@ -394,27 +400,13 @@ fn a_companion_past_the_limit_is_refused_at_apply() {
     let mut state = ShardState::empty(SHARD);
     let user = 11_u64;
     let registered = |primary: bool, companions_max: u32| {
-        Kind::DeviceRegistered(events::DeviceRegistered {
-            user,
-            device: 0,
-            token_hash: vec![2; 32],
-            primary,
-            at_ms: 1,
-            redeemed_phone_hash: Vec::new(),
-            companions_max,
-        })
+        device_registered(user, primary, false, companions_max)
     };
     let companions = |kv: &MemKv| -> usize {
-        let mut staged = Staged::new(kv, BTreeMap::new());
-        let view = View::new(&mut staged, SHARD, LogIndex::ZERO, Projection::Devices);
-        crate::projection::devices::devices_of(
-            &view,
-            courier_proto::UserId::new(user).expect("nonzero"),
-        )
-        .expect("memory")
-        .iter()
-        .filter(|(_, record)| !record.primary && !record.revoked)
-        .count()
+        devices_of(kv, user)
+            .iter()
+            .filter(|(_, record)| !record.primary && !record.revoked)
+            .count()
     };
     apply_one(
         &mut kv,
