@@ -470,10 +470,7 @@ impl ClientApi {
                 self.typing(caller, conversation, typing);
                 return Ok(());
             }
-            StreamCommand::Ack { up_to } => match self.ack_event(shard, caller, up_to).await? {
-                Some(event) => event,
-                None => return Ok(()),
-            },
+            StreamCommand::Ack { up_to } => return self.ack(shard, caller, up_to).await,
             StreamCommand::Read {
                 conversation,
                 up_to,
@@ -527,14 +524,49 @@ impl ClientApi {
 }
 
 impl ClientApi {
-    /// The `DeliveryAcked` an `Ack` frame up to `up_to` proposes, checked on this node's replica:
-    /// `None` when it would change nothing.
+    /// Proposes what an `Ack` frame up to `up_to` asks: nothing when it would change nothing;
+    /// otherwise `DeliveryAcked` entries in order, each moving the device's cursor by at most
+    /// `limits.ack-span-max` messages, so that no entry's apply (its receipts, the bodies it
+    /// trims) grows with how long the device was away.
+    async fn ack(
+        &self,
+        shard: courier_proto::ShardId,
+        caller: Caller,
+        up_to: InboxSeq,
+    ) -> Result<(), ApiError> {
+        let Some((acked, event)) = self.ack_event(shard, caller, up_to).await? else {
+            return Ok(());
+        };
+        let span = u64::from(self.limits.ack_span_max.max(1));
+        let mut at = acked.get();
+        loop {
+            let step = if event.up_to_seq > at {
+                event.up_to_seq.min(at.saturating_add(span))
+            } else {
+                event.up_to_seq
+            };
+            let entry = Kind::DeliveryAcked(events::DeliveryAcked {
+                up_to_seq: step,
+                ..event
+            });
+            self.cluster
+                .propose(shard, vec![Event { kind: Some(entry) }])
+                .await?;
+            if step >= event.up_to_seq {
+                return Ok(());
+            }
+            at = step;
+        }
+    }
+
+    /// The device's cursor and the `DeliveryAcked` an `Ack` frame up to `up_to` asks for,
+    /// checked on this node's replica: `None` when it would change nothing.
     async fn ack_event(
         &self,
         shard: courier_proto::ShardId,
         caller: Caller,
         up_to: InboxSeq,
-    ) -> Result<Option<Kind>, ApiError> {
+    ) -> Result<Option<(InboxSeq, events::DeliveryAcked)>, ApiError> {
         let (trim_delivered, keep_recent) = (
             !self.trimming.keep_delivered,
             self.trimming.companion_history,
@@ -578,14 +610,17 @@ impl ClientApi {
             // written for it.
             return Ok(None);
         }
-        Ok(Some(Kind::DeliveryAcked(events::DeliveryAcked {
-            user: caller.user.get(),
-            device: caller.device.get(),
-            up_to_seq: up_to.get(),
-            acked_at_ms: now_ms(),
-            trim_delivered,
-            keep_recent,
-        })))
+        Ok(Some((
+            acked,
+            events::DeliveryAcked {
+                user: caller.user.get(),
+                device: caller.device.get(),
+                up_to_seq: up_to.get(),
+                acked_at_ms: now_ms(),
+                trim_delivered,
+                keep_recent,
+            },
+        )))
     }
 
     /// Hands a typing update to the other side's live streams on every node, best effort: never

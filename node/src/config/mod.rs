@@ -162,6 +162,8 @@ pub struct Limits {
     pub send_burst_per_device: u32,
     /// Frames buffered per device stream.
     pub stream_buffer_frames: u32,
+    /// Inbox messages one `DeliveryAcked` entry acks at most.
+    pub ack_span_max: u32,
     /// Outbox batches forwarded at once.
     pub forward_batches_in_flight: u32,
     /// Device and recipient checks remembered per node.

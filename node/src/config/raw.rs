@@ -104,6 +104,11 @@ pub struct LimitsRaw {
     /// Frames buffered per device stream before it falls back to reading the inbox. Default 256.
     #[serde(default = "defaults::stream_buffer")]
     pub stream_buffer_frames: u32,
+    /// Inbox messages one `DeliveryAcked` log entry acks at most: a device's ack of more (a
+    /// phone back after a long time offline) is proposed as several entries, so that no one
+    /// entry's apply (receipts, trimmed bodies) grows with the inbox. Default 256.
+    #[serde(default = "defaults::ack_span")]
+    pub ack_span_max: u32,
     /// Outbox batches this node forwards at once, one per (source, destination) shard pair.
     /// Default 2; 1 forwards one pair at a time.
     #[serde(default = "defaults::forward_in_flight")]
@@ -562,6 +567,9 @@ mod defaults {
         40
     }
     pub(super) fn stream_buffer() -> u32 {
+        256
+    }
+    pub(super) fn ack_span() -> u32 {
         256
     }
     pub(super) fn device_cache() -> u32 {

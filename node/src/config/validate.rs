@@ -220,6 +220,7 @@ fn nonzero_limits(l: &LimitsRaw) -> Result<(), ConfigError> {
         ),
         ("limits.send-burst-per-device", l.send_burst_per_device),
         ("limits.stream-buffer-frames", l.stream_buffer_frames),
+        ("limits.ack-span-max", l.ack_span_max),
         (
             "limits.forward-batches-in-flight",
             l.forward_batches_in_flight,
@@ -380,6 +381,7 @@ fn validate_limits(l: &LimitsRaw) -> Result<Limits, ConfigError> {
         sends_per_second_per_device: l.sends_per_second_per_device,
         send_burst_per_device: l.send_burst_per_device,
         stream_buffer_frames: l.stream_buffer_frames,
+        ack_span_max: l.ack_span_max,
         forward_batches_in_flight: l.forward_batches_in_flight,
         device_cache_entries: l.device_cache_entries,
         streams_per_device_max: l.streams_per_device_max,

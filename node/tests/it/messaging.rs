@@ -2498,3 +2498,82 @@ async fn bodies_leave_the_inbox_once_every_device_acked() {
         "every device acked 3, but it is the last message: it stays for a companion"
     );
 }
+
+/// A device's ack of many messages at once (a phone back after a long time away) is proposed
+/// as several `DeliveryAcked` entries, each moving its cursor by at most `limits.ack-span-max`
+/// messages and in order, so that no single entry's apply grows with the inbox; the cursor
+/// ends where the ack asked, every message delivered once, the replicas equal a rebuild.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_ack_is_logged_in_bounded_steps() {
+    let c = cluster_appending("[limits]\nack-span-max = 3\n").await;
+    let (addr, _, alice, bob, mut messaging) = alice_and_bob_on_node0(&c).await;
+    let bob_shard = shard_of(UserId::new(bob.user).expect("id"), 4);
+    for n in 0..10 {
+        messaging
+            .send(authed(
+                &alice,
+                SendRequest {
+                    client_msg_id: format!("m{n}"),
+                    to_user: bob.user,
+                    content: body("hi"),
+                },
+            ))
+            .await
+            .expect("send");
+    }
+    let mut stream = open_stream(&addr, &bob, 0).await;
+    let frames = collect(&mut stream, Duration::from_secs(10), |frames| {
+        frames
+            .iter()
+            .filter(|f| matches!(f.frame, Some(server_frame::Frame::Message(_))))
+            .count()
+            >= 10
+    })
+    .await;
+    let seqs: Vec<u64> = frames
+        .iter()
+        .filter_map(|f| match &f.frame {
+            Some(server_frame::Frame::Message(m)) => Some(m.seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        seqs,
+        (1..=10).collect::<Vec<u64>>(),
+        "each message once, in order"
+    );
+    ack(&stream, 10).await;
+    let started = Instant::now();
+    while !c
+        .nodes
+        .iter()
+        .all(|node| delivered_up_to(node, bob.user) == 10)
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the ack reached 10 on every replica"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let steps: Vec<u64> = logged_events(&c.nodes[0], bob_shard)
+        .await
+        .into_iter()
+        .filter_map(|kind| match kind {
+            events::event::Kind::DeliveryAcked(acked) if acked.user == bob.user => {
+                Some(acked.up_to_seq)
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        steps,
+        vec![3, 6, 9, 10],
+        "steps of at most 3 messages, in order"
+    );
+    for node in &c.nodes {
+        assert_verified_from_genesis(node, bob_shard).await;
+    }
+    for node in c.nodes {
+        node.stop().await;
+    }
+}
