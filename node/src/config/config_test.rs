@@ -456,4 +456,21 @@ fn node_memory_limits_are_configured() {
             other => panic!("{line}: expected ZeroLimit, got {other:?}"),
         }
     }
+    for (line, name) in [
+        ("[limits]\npairings-max = 100001", "limits.pairings-max"),
+        (
+            "[limits]\npairing-ttl = \"2d\"",
+            "limits.pairing-ttl (seconds)",
+        ),
+        (
+            "[limits]\nrate-limit-keys-max = 10000001",
+            "limits.rate-limit-keys-max",
+        ),
+        ("[limits]\nack-span-max = 4097", "limits.ack-span-max"),
+    ] {
+        match with(line) {
+            Err(ConfigError::AboveProtocolMax { name: got, .. }) => assert_eq!(got, name),
+            other => panic!("{line}: expected AboveProtocolMax, got {other:?}"),
+        }
+    }
 }

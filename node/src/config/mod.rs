@@ -345,6 +345,14 @@ pub use courier_archive::S3Archive;
 
 /// Entries per archive segment unless configured.
 pub const ARCHIVE_SEGMENT_ENTRIES: u64 = 4096;
+/// Largest `limits.pairings-max`: every pairing call walks the node's pairings.
+pub const PAIRINGS_MAX_MAX: u64 = 100_000;
+/// Longest `limits.pairing-ttl`, in seconds (a day).
+pub const PAIRING_TTL_S_MAX: u64 = 86_400;
+/// Largest `limits.rate-limit-keys-max` (each key is a few dozen bytes, per limiter).
+pub const RATE_LIMIT_KEYS_MAX_MAX: u64 = 10_000_000;
+/// Largest `limits.ack-span-max`: one entry's apply reads that many messages.
+pub const ACK_SPAN_MAX_MAX: u64 = 4096;
 /// The smallest segment a node accepts.
 pub const ARCHIVE_SEGMENT_ENTRIES_MIN: u64 = 16;
 

@@ -371,6 +371,32 @@ fn validate_limits(l: &LimitsRaw) -> Result<Limits, ConfigError> {
         u64::from(limits::COMPANION_DEVICES_MAX),
     )?;
     nonzero_limits(l)?;
+    for (name, value, max) in [
+        (
+            "limits.pairings-max",
+            u64::from(l.pairings_max),
+            super::PAIRINGS_MAX_MAX,
+        ),
+        (
+            "limits.pairing-ttl (seconds)",
+            l.pairing_ttl.0.as_secs(),
+            super::PAIRING_TTL_S_MAX,
+        ),
+        (
+            "limits.rate-limit-keys-max",
+            u64::from(l.rate_limit_keys_max),
+            super::RATE_LIMIT_KEYS_MAX_MAX,
+        ),
+        (
+            "limits.ack-span-max",
+            u64::from(l.ack_span_max),
+            super::ACK_SPAN_MAX_MAX,
+        ),
+    ] {
+        if value > max {
+            return Err(ConfigError::AboveProtocolMax { name, value, max });
+        }
+    }
     Ok(Limits {
         message_body_bytes_max: l.message_body_max.bytes(),
         thumbnail_bytes_max: l.thumbnail_max.bytes(),

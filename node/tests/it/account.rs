@@ -445,16 +445,55 @@ async fn conversations_and_groups_are_listed_in_pages() {
     for sender in &senders[..3] {
         groups.push(create_group(&addr, sender, vec![bob.user]).await);
     }
+    let senders_group = groups[0];
     groups.sort_unstable();
 
     let mut messaging = MessagingClient::new(channel(&addr).await);
+    // A group message makes a sixth conversation, so that the pages cross from the 1:1
+    // conversations to the group ones.
+    messaging
+        .send_to_group(authed(
+            &senders[0],
+            courier_proto::pb::client::SendToGroupRequest {
+                client_msg_id: "g".to_owned(),
+                group_id: senders_group,
+                content: body("to the group"),
+            },
+        ))
+        .await
+        .expect("group send");
+    let started = Instant::now();
+    loop {
+        let listed = messaging
+            .list_conversations(authed(&bob, ListConversationsRequest::default()))
+            .await
+            .expect("list")
+            .into_inner();
+        if listed.conversations.len() == 6 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the group message reaches bob: {listed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let everything = messaging
         .list_conversations(authed(&bob, ListConversationsRequest::default()))
         .await
         .expect("one page holds all")
         .into_inner();
     assert!(!everything.more);
-    assert_eq!(everything.conversations.len(), 5, "{everything:?}");
+    assert_eq!(everything.conversations.len(), 6, "{everything:?}");
+    assert!(
+        matches!(
+            everything.conversations[5].conversation,
+            Some(Conversation {
+                with: Some(courier_proto::pb::events::conversation::With::Group(_))
+            })
+        ),
+        "1:1 conversations first, then groups: {everything:?}"
+    );
     let (mut paged, mut after, mut pages): (Vec<Conversation>, Option<Conversation>, usize) =
         (Vec::new(), None, 0);
     loop {
@@ -472,7 +511,7 @@ async fn conversations_and_groups_are_listed_in_pages() {
         }
         assert!(pages < 10, "paging ends");
     }
-    assert_eq!(pages, 3, "5 conversations in pages of 2");
+    assert_eq!(pages, 3, "6 conversations in pages of 2");
     let whole: Vec<Conversation> = everything
         .conversations
         .iter()

@@ -1062,8 +1062,10 @@ async fn approvals_racing_on_two_nodes_link_one_companion_past_the_limit() {
             async move { client.approve_pairing(request).await }
         };
         let (first, second) = tokio::join!(approve(0), approve(1));
-        let (linked, refused) = match (first, second) {
-            (Ok(linked), Err(refused)) | (Err(refused), Ok(linked)) => (linked, refused),
+        // The node that linked shows the companion at once (it waits for its replica).
+        let (on, linked, refused) = match (first, second) {
+            (Ok(linked), Err(refused)) => (0, linked, refused),
+            (Err(refused), Ok(linked)) => (1, linked, refused),
             other => panic!("round {round}: one approval links, one is refused: {other:?}"),
         };
         assert_eq!(
@@ -1071,15 +1073,21 @@ async fn approvals_racing_on_two_nodes_link_one_companion_past_the_limit() {
             "COURIER:Registration:TooManyCompanions",
             "round {round}: {refused:?}"
         );
-        let devices = clients[0]
-            .list_devices(authed(&owner, ListDevicesRequest {}))
-            .await
-            .expect("devices")
-            .into_inner()
-            .devices;
-        let companions = devices.iter().filter(|d| !d.primary && !d.revoked).count();
-        assert_eq!(companions, 1, "round {round}: {devices:?}");
-        clients[0]
+        let companions = |client: &RegistrationClient<Channel>| {
+            let mut client = client.clone();
+            let request = authed(&owner, ListDevicesRequest {});
+            async move {
+                let devices = client
+                    .list_devices(request)
+                    .await
+                    .expect("devices")
+                    .into_inner()
+                    .devices;
+                devices.iter().filter(|d| !d.primary && !d.revoked).count()
+            }
+        };
+        assert_eq!(companions(&clients[on]).await, 1, "round {round}");
+        clients[on]
             .revoke_device(authed(
                 &owner,
                 RevokeDeviceRequest {
@@ -1088,6 +1096,17 @@ async fn approvals_racing_on_two_nodes_link_one_companion_past_the_limit() {
             ))
             .await
             .expect("the slot is freed for the next round");
+        // Both nodes' checks before proposing must see the slot free again.
+        let started = std::time::Instant::now();
+        for client in &clients {
+            while companions(client).await != 0 {
+                assert!(
+                    started.elapsed() < std::time::Duration::from_secs(10),
+                    "round {round}: the revocation reaches both nodes"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
     }
     for node in c.nodes {
         node.stop().await;

@@ -344,7 +344,6 @@ fn admit(
     Ok(ControlFlow::Continue(outcome))
 }
 
-/// The number a registration event depends on (its entry must have used that number's code).
 /// [`admit`] for a registration event: refused when it depends on a code its entry did not use,
 /// or links a companion past its `companions_max`.
 fn registration_refusal(
@@ -368,6 +367,7 @@ fn registration_refusal(
     }
 }
 
+/// The number a registration event depends on (its entry must have used that number's code).
 fn redeemed_phone_hash<'e>(event: &Decoded<'e>) -> Option<&'e [u8]> {
     let hash: &[u8] = match event {
         Decoded::UserRegistered(e) => &e.event.redeemed_phone_hash,
