@@ -1101,10 +1101,10 @@ async fn approvals_racing_on_two_nodes_link_one_companion_past_the_limit() {
         for client in &clients {
             while companions(client).await != 0 {
                 assert!(
-                    started.elapsed() < std::time::Duration::from_secs(10),
+                    started.elapsed() < Duration::from_secs(10),
                     "round {round}: the revocation reaches both nodes"
                 );
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
     }
