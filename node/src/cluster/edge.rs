@@ -140,21 +140,69 @@ pub async fn run_reporter(
         let Some(shard_count) = cluster.groups().shard_count() else {
             continue;
         };
-        let mut by_shard: BTreeMap<u16, Vec<PresenceReport>> = BTreeMap::new();
-        for report in batch {
-            if let Some(user) = courier_proto::UserId::new(report.user) {
-                by_shard
-                    .entry(courier_proto::shard_of(user, shard_count).get())
-                    .or_default()
-                    .push(report);
-            }
-        }
-        for (shard, reports) in by_shard {
-            let shard = ShardId::new(shard);
+        for (shard, reports) in calls(batch, shard_count) {
             if let Err(error) = cluster.presence_exchange(shard, reports, Vec::new()).await {
                 // The next refresh repeats every open stream.
                 tracing::debug!(%shard, %error, "presence report not delivered");
             }
         }
+    }
+}
+
+/// `reports` as presence calls: by the users' shards, at most [`REPORT_BATCH_MAX`] a call (a
+/// refresh repeats every open stream of the node, far more than one message may carry).
+fn calls(reports: Vec<PresenceReport>, shard_count: u16) -> Vec<(ShardId, Vec<PresenceReport>)> {
+    let mut by_shard: BTreeMap<u16, Vec<PresenceReport>> = BTreeMap::new();
+    for report in reports {
+        if let Some(user) = courier_proto::UserId::new(report.user) {
+            by_shard
+                .entry(courier_proto::shard_of(user, shard_count).get())
+                .or_default()
+                .push(report);
+        }
+    }
+    by_shard
+        .into_iter()
+        .flat_map(|(shard, reports)| {
+            reports
+                .chunks(REPORT_BATCH_MAX)
+                .map(|chunk| (ShardId::new(shard), chunk.to_vec()))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refresh_of_many_streams_is_sent_in_bounded_calls() {
+        let reports: Vec<PresenceReport> = (1..=5_000_u64)
+            .map(|user| PresenceReport {
+                user,
+                device: 1,
+                online: true,
+                hide_last_seen: false,
+                at_ms: 1,
+            })
+            .collect();
+        let calls = calls(reports, 2);
+        assert!(calls.iter().all(|(_, call)| call.len() <= REPORT_BATCH_MAX));
+        assert_eq!(
+            calls.iter().map(|(_, call)| call.len()).sum::<usize>(),
+            5_000
+        );
+        for (shard, call) in &calls {
+            for report in call {
+                let user = courier_proto::UserId::new(report.user).expect("nonzero");
+                assert_eq!(courier_proto::shard_of(user, 2), *shard);
+            }
+        }
+        assert!(
+            calls.len() >= 5,
+            "5,000 reports need at least 5 calls: {}",
+            calls.len()
+        );
     }
 }
