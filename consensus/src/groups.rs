@@ -81,6 +81,8 @@ pub struct RaftTiming {
     pub snapshot_chunk_bytes: u64,
     /// Largest number of entries in one append-entries RPC.
     pub append_entries_max: u64,
+    /// What each group's proposer holds waiting at most.
+    pub proposal_queue: crate::proposer::QueueLimits,
 }
 
 impl RaftTiming {
@@ -124,6 +126,7 @@ pub struct Groups {
     pool: Arc<ChannelPool>,
     config: Arc<Config>,
     rpc_timeout: Duration,
+    proposal_queue: crate::proposer::QueueLimits,
     groups: RwLock<BTreeMap<GroupId, GroupHandle>>,
     creating: tokio::sync::Mutex<()>,
     /// Held by the node's log archiver over each shard's pass and by [`Groups::drop_shard`]
@@ -170,6 +173,7 @@ impl Groups {
             pool,
             config: Arc::new(timing.openraft_config()?),
             rpc_timeout: timing.rpc_timeout,
+            proposal_queue: timing.proposal_queue,
             groups: RwLock::default(),
             creating: tokio::sync::Mutex::new(()),
             archiving: tokio::sync::Mutex::new(()),
@@ -354,7 +358,7 @@ impl Groups {
                 reason: e.to_string(),
             })?;
         info!(%group, node_id = self.node_id, "raft group started");
-        let proposer = Proposer::start(raft.clone(), stats.clone());
+        let proposer = Proposer::start(raft.clone(), stats.clone(), self.proposal_queue);
         let handle = GroupHandle {
             raft,
             applied,
@@ -534,6 +538,7 @@ mod tests {
             logs_to_keep: 100,
             snapshot_chunk_bytes: 1 << 20,
             append_entries_max: 64,
+            proposal_queue: crate::proposer::QueueLimits::default(),
         }
     }
 

@@ -29,15 +29,37 @@ use courier_proto::limits::PROPOSAL_BYTES_MAX;
 use courier_proto::pb::events::{EntryPayload, Event};
 use openraft::error::ClientWriteError;
 use prost::Message;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::log_store::AppendStats;
 use crate::types::{EventOutcome, Node, NodeId, Proposal, Raft};
 
 /// Events per raft entry at most.
 pub const BATCH_EVENTS_MAX: usize = 1024;
-/// Proposals waiting per group at most; more is refused as overload.
+/// Proposals waiting per group at most by default (`raft.proposal-queue-max`); more is refused
+/// as overload.
 pub const QUEUE_PROPOSALS_MAX: usize = 4096;
+/// Bytes of proposals waiting per group at most by default (`raft.proposal-queue-bytes-max`).
+pub const QUEUE_BYTES_MAX: usize = 64 << 20;
+
+/// What one group's proposer holds waiting at most: past either, a proposal is refused as
+/// [`ProposeError::Overloaded`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueLimits {
+    /// Proposals.
+    pub proposals: usize,
+    /// Their encoded bytes (at least [`PROPOSAL_BYTES_MAX`], so one maximal proposal fits).
+    pub bytes: usize,
+}
+
+impl Default for QueueLimits {
+    fn default() -> Self {
+        Self {
+            proposals: QUEUE_PROPOSALS_MAX,
+            bytes: QUEUE_BYTES_MAX,
+        }
+    }
+}
 /// Batches replicating at once per group: one committing and the next one filling behind it.
 /// Measured against 8 (BENCHMARKS.md, issue #19): the same throughput and CPU per message with
 /// half the raft entries and fsyncs, and a lower p99.
@@ -64,7 +86,7 @@ pub enum ProposeError {
         leader: Option<NodeId>,
     },
     /// The queue is full: retry later.
-    #[error("proposal queue full ({QUEUE_PROPOSALS_MAX} waiting)")]
+    #[error("proposal queue full")]
     Overloaded,
     /// The proposal alone exceeds one raft entry.
     #[error("proposal of {bytes} bytes exceeds {PROPOSAL_BYTES_MAX}")]
@@ -91,21 +113,39 @@ struct Pending {
     reply: oneshot::Sender<Result<Vec<EventOutcome>, ProposeError>>,
     /// Queued by [`Proposer::submit`]: nobody waits for it.
     detached: bool,
+    /// Its share of the queue's byte budget, given back once it is in a batch.
+    _bytes_held: OwnedSemaphorePermit,
 }
 
 /// The group-commit front of one raft group.
 #[derive(Clone, Debug)]
 pub struct Proposer {
     queue: mpsc::Sender<Pending>,
+    /// The queue's byte budget ([`QueueLimits::bytes`]).
+    bytes: Arc<Semaphore>,
 }
 
 impl Proposer {
     /// Starts the batcher of `raft`, whose log reports its flushes to `log`; it stops when every
     /// `Proposer` clone is dropped.
-    pub fn start(raft: Raft, log: Arc<AppendStats>) -> Self {
-        let (queue, rx) = mpsc::channel(QUEUE_PROPOSALS_MAX);
+    pub fn start(raft: Raft, log: Arc<AppendStats>, limits: QueueLimits) -> Self {
+        let (queue, rx) = mpsc::channel(limits.proposals.max(1));
         tokio::spawn(batcher(raft, log, rx));
-        Self { queue }
+        Self {
+            queue,
+            bytes: Arc::new(Semaphore::new(
+                limits
+                    .bytes
+                    .clamp(PROPOSAL_BYTES_MAX, Semaphore::MAX_PERMITS),
+            )),
+        }
+    }
+
+    /// Takes `bytes` of the queue's byte budget, or `None` when that much is waiting already.
+    fn hold(&self, bytes: usize) -> Option<OwnedSemaphorePermit> {
+        // At most PROPOSAL_BYTES_MAX (checked by the callers), which fits a u32.
+        let permits = u32::try_from(bytes).unwrap_or(u32::MAX);
+        self.bytes.clone().try_acquire_many_owned(permits).ok()
     }
 
     /// Queues `events` to ride in the group's next batch without waiting for their outcome
@@ -117,6 +157,9 @@ impl Proposer {
         if bytes > PROPOSAL_BYTES_MAX {
             return false;
         }
+        let Some(held) = self.hold(bytes) else {
+            return false;
+        };
         // Nobody listens: the batcher's answer to a dropped receiver is ignored.
         let (reply, _) = oneshot::channel();
         self.queue
@@ -125,6 +168,7 @@ impl Proposer {
                 bytes,
                 reply,
                 detached: true,
+                _bytes_held: held,
             })
             .is_ok()
     }
@@ -138,6 +182,7 @@ impl Proposer {
         if bytes > PROPOSAL_BYTES_MAX {
             return Err(ProposeError::TooLarge { bytes });
         }
+        let held = self.hold(bytes).ok_or(ProposeError::Overloaded)?;
         let (reply, answer) = oneshot::channel();
         self.queue
             .try_send(Pending {
@@ -145,6 +190,7 @@ impl Proposer {
                 bytes,
                 reply,
                 detached: false,
+                _bytes_held: held,
             })
             .map_err(|error| match error {
                 mpsc::error::TrySendError::Full(_) => ProposeError::Overloaded,
@@ -339,7 +385,7 @@ impl Leadership {
         self,
         mut answer: F,
         mut metrics: tokio::sync::watch::Receiver<openraft::RaftMetrics<NodeId, Node>>,
-        permit: tokio::sync::OwnedSemaphorePermit,
+        permit: OwnedSemaphorePermit,
     ) -> Result<F::Output, Option<NodeId>> {
         let outcome = self.answer_or_end(&mut answer, &mut metrics).await;
         drop(permit);
@@ -381,6 +427,47 @@ fn split(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An event of about `bytes` encoded bytes.
+    fn event_of(bytes: usize) -> Vec<Event> {
+        use courier_proto::pb::events::{Content, MessageSent, event::Kind};
+        vec![Event {
+            kind: Some(Kind::MessageSent(MessageSent {
+                content: Some(Content {
+                    body: vec![7; bytes],
+                    media: None,
+                }),
+                ..MessageSent::default()
+            })),
+        }]
+    }
+
+    /// Proposals waiting hold the queue's byte budget until the batcher takes them: past it, a
+    /// proposal is refused as overload however few are waiting, and room comes back once the
+    /// waiting one is taken.
+    #[tokio::test]
+    async fn the_queue_holds_at_most_its_bytes() {
+        let (queue, mut waiting) = mpsc::channel(16);
+        let proposer = Proposer {
+            queue,
+            bytes: Arc::new(Semaphore::new(PROPOSAL_BYTES_MAX)),
+        };
+        assert!(proposer.submit(event_of(600_000)), "within the budget");
+        assert!(
+            !proposer.submit(event_of(600_000)),
+            "a second would pass the budget"
+        );
+        assert_eq!(
+            proposer.propose(event_of(600_000)).await,
+            Err(ProposeError::Overloaded)
+        );
+        assert!(proposer.submit(event_of(100_000)), "what fits still goes");
+        drop(waiting.recv().await.expect("the first"));
+        assert!(
+            proposer.submit(event_of(600_000)),
+            "the batcher took the first: its bytes are free"
+        );
+    }
 
     fn metrics(term: u64, state: openraft::ServerState) -> openraft::RaftMetrics<NodeId, Node> {
         let mut metrics = openraft::RaftMetrics::new_initial(1);

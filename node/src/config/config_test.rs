@@ -474,3 +474,30 @@ fn node_memory_limits_are_configured() {
         }
     }
 }
+
+/// Each shard's proposal queue is bounded in proposals and in bytes, both configured; the byte
+/// budget holds at least one maximal proposal.
+#[test]
+fn the_proposal_queue_is_bounded_in_count_and_bytes() {
+    let defaults = Config::parse(MINIMAL).expect("minimal").raft.proposal_queue;
+    assert_eq!((defaults.proposals, defaults.bytes), (4096, 64 << 20));
+    let set = with("[raft]\nproposal-queue-max = 10\nproposal-queue-bytes-max = \"2MiB\"")
+        .expect("set")
+        .raft
+        .proposal_queue;
+    assert_eq!((set.proposals, set.bytes), (10, 2 << 20));
+    assert!(matches!(
+        with("[raft]\nproposal-queue-max = 0"),
+        Err(ConfigError::ZeroLimit {
+            name: "raft.proposal-queue-max"
+        })
+    ));
+    assert!(matches!(
+        with("[raft]\nproposal-queue-bytes-max = \"512KiB\""),
+        Err(ConfigError::BelowMinimum {
+            name: "raft.proposal-queue-bytes-max",
+            min: 1_048_576,
+            ..
+        })
+    ));
+}

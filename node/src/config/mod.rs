@@ -101,6 +101,16 @@ pub enum ConfigError {
         /// The protocol maximum.
         max: u64,
     },
+    /// A limit is below the smallest value that works.
+    #[error("{name} = {value} is below the minimum {min}")]
+    BelowMinimum {
+        /// The key.
+        name: &'static str,
+        /// The configured value.
+        value: u64,
+        /// The minimum.
+        min: u64,
+    },
     /// `archive.segment-entries` is below the minimum.
     #[error("archive.segment-entries = {value} is below the minimum {min}")]
     ArchiveSegmentTooSmall {

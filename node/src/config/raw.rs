@@ -52,6 +52,14 @@ pub struct RaftRaw {
     /// one entry also stops at `courier_consensus::network::APPEND_PAYLOAD_BYTES_MAX` bytes.
     #[serde(default = "defaults::append_entries")]
     pub append_entries_max: u64,
+    /// Proposals waiting per shard for their raft entry at most; one more is refused with
+    /// `UNAVAILABLE COURIER:Shard:Overloaded`. Default 4096.
+    #[serde(default = "defaults::proposal_queue")]
+    pub proposal_queue_max: u32,
+    /// Bytes of proposals waiting per shard at most (at least 1MiB, one maximal proposal); past
+    /// it, `COURIER:Shard:Overloaded` too. Default `"64MiB"`.
+    #[serde(default = "defaults::proposal_queue_bytes")]
+    pub proposal_queue_bytes_max: ByteSize,
 }
 
 /// `[cluster]`: what the nodes do for the cluster as a whole.
@@ -541,6 +549,12 @@ mod defaults {
     }
     pub(super) fn append_entries() -> u64 {
         256
+    }
+    pub(super) fn proposal_queue() -> u32 {
+        4096
+    }
+    pub(super) fn proposal_queue_bytes() -> ByteSize {
+        ByteSize(64 << 20)
     }
     pub(super) fn message_body() -> ByteSize {
         ByteSize(limits::MESSAGE_BODY_BYTES_MAX as u64)

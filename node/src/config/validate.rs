@@ -171,6 +171,15 @@ fn validate_raft(raft: &RaftRaw) -> Result<RaftConfig, ConfigError> {
             name: "raft.rpc-timeout",
         });
     }
+    nonzero("raft.proposal-queue-max", raft.proposal_queue_max)?;
+    let min = limits::PROPOSAL_BYTES_MAX as u64;
+    if raft.proposal_queue_bytes_max.0 < min {
+        return Err(ConfigError::BelowMinimum {
+            name: "raft.proposal-queue-bytes-max",
+            value: raft.proposal_queue_bytes_max.0,
+            min,
+        });
+    }
     Ok(RaftConfig {
         heartbeat: raft.heartbeat.0,
         election_timeout_min: raft.election_timeout_min.0,
@@ -180,6 +189,10 @@ fn validate_raft(raft: &RaftRaw) -> Result<RaftConfig, ConfigError> {
         logs_to_keep: raft.logs_to_keep,
         snapshot_chunk_bytes: raft.snapshot_chunk.0,
         append_entries_max: raft.append_entries_max,
+        proposal_queue: courier_consensus::proposer::QueueLimits {
+            proposals: usize::try_from(raft.proposal_queue_max).unwrap_or(usize::MAX),
+            bytes: usize::try_from(raft.proposal_queue_bytes_max.0).unwrap_or(usize::MAX),
+        },
     })
 }
 
