@@ -467,6 +467,19 @@ fn node_memory_limits_are_configured() {
             "limits.rate-limit-keys-max",
         ),
         ("[limits]\nack-span-max = 4097", "limits.ack-span-max"),
+        (
+            "[limits]\nstream-buffer-frames = 65537",
+            "limits.stream-buffer-frames",
+        ),
+        ("[raft]\nsnapshot-chunk = \"4MiB\"", "raft.snapshot-chunk"),
+        (
+            "[raft]\nappend-entries-max = 4097",
+            "raft.append-entries-max",
+        ),
+        (
+            "[archive]\nsegment-entries = 65537",
+            "archive.segment-entries",
+        ),
     ] {
         match with(line) {
             Err(ConfigError::AboveProtocolMax { name: got, .. }) => assert_eq!(got, name),

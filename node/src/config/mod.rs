@@ -363,6 +363,16 @@ pub const PAIRING_TTL_S_MAX: u64 = 86_400;
 pub const RATE_LIMIT_KEYS_MAX_MAX: u64 = 10_000_000;
 /// Largest `limits.ack-span-max`: one entry's apply reads that many messages.
 pub const ACK_SPAN_MAX_MAX: u64 = 4096;
+/// Largest `raft.snapshot-chunk`: a chunk and its call's framing fit one raft message.
+pub const SNAPSHOT_CHUNK_BYTES_MAX: u64 =
+    (courier_consensus::network::RAFT_MESSAGE_BYTES_MAX - 64 * 1024) as u64;
+/// Largest `raft.append-entries-max`.
+pub const APPEND_ENTRIES_MAX_MAX: u64 = 4096;
+/// Largest `archive.segment-entries`: the archiver holds a segment in memory while it writes
+/// and checks it.
+pub const ARCHIVE_SEGMENT_ENTRIES_MAX: u64 = 65_536;
+/// Largest `limits.stream-buffer-frames`.
+pub const STREAM_BUFFER_FRAMES_MAX: u64 = 65_536;
 /// The smallest segment a node accepts.
 pub const ARCHIVE_SEGMENT_ENTRIES_MIN: u64 = 16;
 

@@ -172,6 +172,16 @@ fn validate_raft(raft: &RaftRaw) -> Result<RaftConfig, ConfigError> {
         });
     }
     nonzero("raft.proposal-queue-max", raft.proposal_queue_max)?;
+    bounded(
+        "raft.snapshot-chunk",
+        raft.snapshot_chunk.0,
+        super::SNAPSHOT_CHUNK_BYTES_MAX,
+    )?;
+    bounded(
+        "raft.append-entries-max",
+        raft.append_entries_max,
+        super::APPEND_ENTRIES_MAX_MAX,
+    )?;
     let min = limits::PROPOSAL_BYTES_MAX as u64;
     if raft.proposal_queue_bytes_max.0 < min {
         return Err(ConfigError::BelowMinimum {
@@ -405,6 +415,11 @@ fn validate_limits(l: &LimitsRaw) -> Result<Limits, ConfigError> {
             u64::from(l.ack_span_max),
             super::ACK_SPAN_MAX_MAX,
         ),
+        (
+            "limits.stream-buffer-frames",
+            u64::from(l.stream_buffer_frames),
+            super::STREAM_BUFFER_FRAMES_MAX,
+        ),
     ] {
         if value > max {
             return Err(ConfigError::AboveProtocolMax { name, value, max });
@@ -471,6 +486,11 @@ fn validate_archive(
             min: super::ARCHIVE_SEGMENT_ENTRIES_MIN,
         });
     }
+    bounded(
+        "archive.segment-entries",
+        segment_entries,
+        super::ARCHIVE_SEGMENT_ENTRIES_MAX,
+    )?;
     let dir = raw.dir.clone().unwrap_or_else(|| {
         data_dir.parent().map_or_else(
             || std::path::PathBuf::from("archive"),
