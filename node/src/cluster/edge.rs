@@ -140,10 +140,18 @@ pub async fn run_reporter(
         let Some(shard_count) = cluster.groups().shard_count() else {
             continue;
         };
+        let mut failed = std::collections::BTreeSet::new();
         for (shard, reports) in calls(batch, shard_count) {
+            // A shard whose leader did not answer one call is not called again in this round:
+            // each call could wait a whole RPC timeout, and the rounds of the other shards (and
+            // the queue of opens and closes) would wait behind them.
+            if failed.contains(&shard) {
+                continue;
+            }
             if let Err(error) = cluster.presence_exchange(shard, reports, Vec::new()).await {
                 // The next refresh repeats every open stream.
                 tracing::debug!(%shard, %error, "presence report not delivered");
+                failed.insert(shard);
             }
         }
     }
