@@ -242,12 +242,8 @@ async fn batcher(raft: Raft, log: Arc<AppendStats>, mut rx: mpsc::Receiver<Pendi
             bytes = bytes.saturating_add(next.bytes);
             batch.push(next);
         }
-        // We never close the semaphore, so acquiring cannot fail.
-        let permit = in_flight
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("semaphore is never closed");
+        // Into one entry: each proposal's share of the queue's byte budget is given back here,
+        // not held while the entry waits for an in-flight slot.
         let counts: Vec<usize> = batch.iter().map(|p| p.events.len()).collect();
         let mut all = Vec::with_capacity(events);
         let mut replies = Vec::with_capacity(batch.len());
@@ -255,6 +251,12 @@ async fn batcher(raft: Raft, log: Arc<AppendStats>, mut rx: mpsc::Receiver<Pendi
             all.extend(pending.events);
             replies.push(pending.reply);
         }
+        // We never close the semaphore, so acquiring cannot fail.
+        let permit = in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore is never closed");
         let payload = EntryPayload {
             format_version: FORMAT_VERSION,
             events: all,
