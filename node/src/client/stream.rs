@@ -456,142 +456,190 @@ impl ClientApi {
 
     async fn handle_frame(&self, caller: Caller, frame: ClientFrame) -> Result<(), ApiError> {
         let shard = self.shard_of(caller.user)?;
-        let event = match StreamCommand::try_from(frame)? {
-            StreamCommand::Open { .. } => {
-                return Err(ApiError::Invalid {
-                    code: "COURIER:Stream:Reopen",
-                    message: "the stream is already open".to_owned(),
-                });
-            }
+        match StreamCommand::try_from(frame)? {
+            StreamCommand::Open { .. } => Err(ApiError::Invalid {
+                code: "COURIER:Stream:Reopen",
+                message: "the stream is already open".to_owned(),
+            }),
             StreamCommand::Typing {
                 conversation,
                 typing,
             } => {
                 self.typing(caller, conversation, typing);
-                return Ok(());
+                Ok(())
             }
-            StreamCommand::Ack { up_to } => return self.ack(shard, caller, up_to).await,
+            StreamCommand::Ack { up_to } => self.ack(shard, caller, up_to).await,
             StreamCommand::Read {
                 conversation,
                 up_to,
-            } => {
-                let wire = events::Conversation::from(conversation);
-                let (target, state, active) = self
-                    .read(shard, |view| {
-                        Ok((
-                            readstate::read_target(view, caller.user, up_to)?,
-                            readstate::get(view, caller.user, conversation)?,
-                            active(view, caller)?,
-                        ))
-                    })
-                    .await?;
-                if !active {
-                    return Err(revoked());
-                }
-                match target {
-                    // Read that far already (`read_pos` only moves forward): the event would
-                    // change nothing, so no log entry is written for it.
-                    ReadTarget::Position(position)
-                        if position.conversation == Some(wire)
-                            && position.pos <= state.read_pos =>
-                    {
-                        return Ok(());
-                    }
-                    ReadTarget::Position(position) if position.conversation == Some(wire) => {}
-                    // A message's position leaves only after it was read (and its stub
-                    // forgotten after the retention window): read already, nothing to do.
-                    ReadTarget::ReadAlready => return Ok(()),
-                    ReadTarget::Position(_) | ReadTarget::Unknown => {
-                        return Err(ApiError::Invalid {
-                            code: "COURIER:Stream:ReadUnknown",
-                            message: format!("seq {up_to} is not a message of that conversation"),
-                        });
-                    }
-                }
-                Kind::ReadUpTo(events::ReadUpTo {
-                    user: caller.user.get(),
-                    conversation: Some(wire),
-                    up_to_seq: up_to.get(),
-                    read_at_ms: now_ms(),
-                })
-            }
-        };
-        self.cluster
-            .propose(shard, vec![Event { kind: Some(event) }])
-            .await?;
-        Ok(())
+            } => self.read_up_to(shard, caller, conversation, up_to).await,
+        }
     }
+}
+
+/// What an `Ack` frame asks for, as this node's replica shows the inbox.
+struct AckPlan {
+    /// The device's cursor.
+    acked: InboxSeq,
+    /// Bodies the ack lets go past the inbox's `trimmed_up_to`.
+    trim_backlog: u64,
+    /// The ack, up to where the frame asked.
+    event: events::DeliveryAcked,
 }
 
 impl ClientApi {
     /// Proposes what an `Ack` frame up to `up_to` asks: nothing when it would change nothing;
     /// otherwise `DeliveryAcked` entries in order, each moving the device's cursor by at most
-    /// `limits.ack-span-max` messages, so that no entry's apply (its receipts, the bodies it
-    /// trims) grows with how long the device was away.
+    /// `limits.ack-span-max` messages and clearing at most that many bodies (`trim_max`), so
+    /// that no entry's apply (its receipts, the bodies it trims) grows with how long the device
+    /// was away or how long another device held trimming back. As many entries as the longer
+    /// of the two needs, as this node's replica shows them.
     async fn ack(
         &self,
         shard: courier_proto::ShardId,
         caller: Caller,
         up_to: InboxSeq,
     ) -> Result<(), ApiError> {
-        let Some((acked, event)) = self.ack_event(shard, caller, up_to).await? else {
+        let Some(ack) = self.ack_event(shard, caller, up_to).await? else {
             return Ok(());
         };
         let span = u64::from(self.limits.ack_span_max.max(1));
-        let mut at = acked.get();
-        loop {
-            let step = if event.up_to_seq > at {
-                event.up_to_seq.min(at.saturating_add(span))
+        let target = ack.event.up_to_seq;
+        let steps = |length: u64| length.div_ceil(span);
+        let entries = steps(target.saturating_sub(ack.acked.get()))
+            .max(steps(ack.trim_backlog))
+            .max(1);
+        let mut at = ack.acked.get();
+        for _ in 0..entries {
+            at = if target > at {
+                target.min(at.saturating_add(span))
             } else {
-                event.up_to_seq
+                target
             };
             let entry = Kind::DeliveryAcked(events::DeliveryAcked {
-                up_to_seq: step,
-                ..event
+                up_to_seq: at,
+                trim_max: u32::try_from(span).unwrap_or(u32::MAX),
+                ..ack.event
             });
             self.cluster
                 .propose(shard, vec![Event { kind: Some(entry) }])
                 .await?;
-            if step >= event.up_to_seq {
-                return Ok(());
-            }
-            at = step;
         }
+        Ok(())
     }
 
-    /// The device's cursor and the `DeliveryAcked` an `Ack` frame up to `up_to` asks for,
-    /// checked on this node's replica: `None` when it would change nothing.
+    /// Proposes what a `Read` frame of `conversation` up to `up_to` asks: nothing when it was
+    /// read that far; otherwise `ReadUpTo` entries in order, each reading at most
+    /// `limits.ack-span-max` messages of the conversation (each a READ receipt, a DELIVERED one
+    /// too when no device acked it), the intermediate ones at messages of the conversation as
+    /// this node's replica shows them.
+    async fn read_up_to(
+        &self,
+        shard: courier_proto::ShardId,
+        caller: Caller,
+        conversation: courier_proto::ConversationId,
+        up_to: InboxSeq,
+    ) -> Result<(), ApiError> {
+        let wire = events::Conversation::from(conversation);
+        let span = usize::try_from(self.limits.ack_span_max.max(1)).unwrap_or(usize::MAX);
+        let (target, state, active, steps) = self
+            .read(shard, |view| {
+                let state = readstate::get(view, caller.user, conversation)?;
+                let steps: Vec<u64> = readstate::positions_between(
+                    view,
+                    caller.user,
+                    conversation,
+                    InboxSeq::new(state.read_seq),
+                    up_to,
+                )?
+                .iter()
+                .skip(span.saturating_sub(1))
+                .step_by(span)
+                .map(|(seq, _)| seq.get())
+                .filter(|seq| *seq < up_to.get())
+                .collect();
+                Ok((
+                    readstate::read_target(view, caller.user, up_to)?,
+                    state,
+                    active(view, caller)?,
+                    steps,
+                ))
+            })
+            .await?;
+        if !active {
+            return Err(revoked());
+        }
+        match target {
+            // Read that far already (`read_pos` only moves forward): the event would change
+            // nothing, so no log entry is written for it.
+            ReadTarget::Position(position)
+                if position.conversation == Some(wire) && position.pos <= state.read_pos =>
+            {
+                return Ok(());
+            }
+            ReadTarget::Position(position) if position.conversation == Some(wire) => {}
+            // A message's position leaves only after it was read (and its stub forgotten after
+            // the retention window): read already, nothing to do.
+            ReadTarget::ReadAlready => return Ok(()),
+            ReadTarget::Position(_) | ReadTarget::Unknown => {
+                return Err(ApiError::Invalid {
+                    code: "COURIER:Stream:ReadUnknown",
+                    message: format!("seq {up_to} is not a message of that conversation"),
+                });
+            }
+        }
+        let read_at_ms = now_ms();
+        for step in steps.into_iter().chain(std::iter::once(up_to.get())) {
+            let entry = Kind::ReadUpTo(events::ReadUpTo {
+                user: caller.user.get(),
+                conversation: Some(wire),
+                up_to_seq: step,
+                read_at_ms,
+            });
+            self.cluster
+                .propose(shard, vec![Event { kind: Some(entry) }])
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// What an `Ack` frame up to `up_to` asks for, checked on this node's replica: `None` when
+    /// it would change nothing.
     async fn ack_event(
         &self,
         shard: courier_proto::ShardId,
         caller: Caller,
         up_to: InboxSeq,
-    ) -> Result<Option<(InboxSeq, events::DeliveryAcked)>, ApiError> {
+    ) -> Result<Option<AckPlan>, ApiError> {
         let (trim_delivered, keep_recent) = (
             !self.trimming.keep_delivered,
             self.trimming.companion_history,
         );
-        let (tail, acked, active, trims) = self
+        let (tail, acked, active, trim_backlog) = self
             .read(shard, |view| {
                 let state = inbox::state(view, caller.user)?;
                 let acked = cursors::acked(view, caller.user, caller.device)?;
-                // Whether a repeated ack (at or below the cursor) would clear bodies now: it
-                // still does when another device was revoked since, or companion history
-                // shrank. An ack that moves the cursor is proposed anyway: not computed.
-                let trims = trim_delivered
-                    && up_to <= acked
-                    && inbox::trimmable_up_to(
+                // The bodies this ack lets go: a repeated ack (at or below the cursor) still
+                // clears some when another device was revoked since, or companion history
+                // shrank; an ack that moves the cursor may clear a backlog longer than its own
+                // step.
+                let trim_backlog = if trim_delivered {
+                    inbox::trimmable_up_to(
                         view,
                         caller.user,
                         (caller.device, up_to),
                         keep_recent,
                         &state,
-                    )? > state.trimmed_up_to;
+                    )?
+                    .saturating_sub(state.trimmed_up_to)
+                } else {
+                    0
+                };
                 Ok((
                     InboxSeq::new(state.tail_seq),
                     acked,
                     active(view, caller)?,
-                    trims,
+                    trim_backlog,
                 ))
             })
             .await?;
@@ -604,23 +652,25 @@ impl ClientApi {
                 message: format!("ack {up_to} is past the inbox tail {tail}"),
             });
         }
-        if up_to <= acked && !trims {
+        if up_to <= acked && trim_backlog == 0 {
             // This device acked that far already (a cursor only moves forward) and no
             // body would be cleared: the event would change nothing, so no log entry is
             // written for it.
             return Ok(None);
         }
-        Ok(Some((
+        Ok(Some(AckPlan {
             acked,
-            events::DeliveryAcked {
+            trim_backlog,
+            event: events::DeliveryAcked {
                 user: caller.user.get(),
                 device: caller.device.get(),
                 up_to_seq: up_to.get(),
                 acked_at_ms: now_ms(),
                 trim_delivered,
                 keep_recent,
+                trim_max: 0,
             },
-        )))
+        }))
     }
 
     /// Hands a typing update to the other side's live streams on every node, best effort: never

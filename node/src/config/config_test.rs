@@ -480,6 +480,14 @@ fn node_memory_limits_are_configured() {
             "[archive]\nsegment-entries = 65537",
             "archive.segment-entries",
         ),
+        (
+            "[raft]\nproposal-queue-max = 65537",
+            "raft.proposal-queue-max",
+        ),
+        (
+            "[raft]\nproposal-queue-bytes-max = \"2GiB\"",
+            "raft.proposal-queue-bytes-max",
+        ),
     ] {
         match with(line) {
             Err(ConfigError::AboveProtocolMax { name: got, .. }) => assert_eq!(got, name),

@@ -172,7 +172,7 @@ pub struct Limits {
     pub send_burst_per_device: u32,
     /// Frames buffered per device stream.
     pub stream_buffer_frames: u32,
-    /// Inbox messages one `DeliveryAcked` entry acks at most.
+    /// Inbox messages one `DeliveryAcked` acks (or clears), or one `ReadUpTo` reads, at most.
     pub ack_span_max: u32,
     /// Outbox batches forwarded at once.
     pub forward_batches_in_flight: u32,
@@ -373,6 +373,10 @@ pub const APPEND_ENTRIES_MAX_MAX: u64 = 4096;
 pub const ARCHIVE_SEGMENT_ENTRIES_MAX: u64 = 65_536;
 /// Largest `limits.stream-buffer-frames`.
 pub const STREAM_BUFFER_FRAMES_MAX: u64 = 65_536;
+/// Largest `raft.proposal-queue-max`.
+pub const PROPOSAL_QUEUE_MAX_MAX: u64 = 65_536;
+/// Largest `raft.proposal-queue-bytes-max` (per shard).
+pub const PROPOSAL_QUEUE_BYTES_MAX_MAX: u64 = 1 << 30;
 /// The smallest segment a node accepts.
 pub const ARCHIVE_SEGMENT_ENTRIES_MIN: u64 = 16;
 

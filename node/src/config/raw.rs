@@ -112,9 +112,10 @@ pub struct LimitsRaw {
     /// Frames buffered per device stream before it falls back to reading the inbox. Default 256.
     #[serde(default = "defaults::stream_buffer")]
     pub stream_buffer_frames: u32,
-    /// Inbox messages one `DeliveryAcked` log entry acks at most: a device's ack of more (a
-    /// phone back after a long time offline) is proposed as several entries, so that no one
-    /// entry's apply (receipts, trimmed bodies) grows with the inbox. Default 256.
+    /// Inbox messages one `DeliveryAcked` log entry acks (and bodies it clears) at most, and
+    /// messages of a conversation one `ReadUpTo` reads: a device's ack or read of more (a phone
+    /// back after a long time offline) is proposed as several entries, so that no one entry's
+    /// apply (receipts, trimmed bodies) grows with the inbox. Default 256.
     #[serde(default = "defaults::ack_span")]
     pub ack_span_max: u32,
     /// Outbox batches this node forwards at once, one per (source, destination) shard pair.

@@ -171,7 +171,16 @@ fn validate_raft(raft: &RaftRaw) -> Result<RaftConfig, ConfigError> {
             name: "raft.rpc-timeout",
         });
     }
-    nonzero("raft.proposal-queue-max", raft.proposal_queue_max)?;
+    bounded(
+        "raft.proposal-queue-max",
+        u64::from(raft.proposal_queue_max),
+        super::PROPOSAL_QUEUE_MAX_MAX,
+    )?;
+    bounded(
+        "raft.proposal-queue-bytes-max",
+        raft.proposal_queue_bytes_max.0,
+        super::PROPOSAL_QUEUE_BYTES_MAX_MAX,
+    )?;
     bounded(
         "raft.snapshot-chunk",
         raft.snapshot_chunk.0,

@@ -2570,6 +2570,171 @@ async fn a_long_ack_is_logged_in_bounded_steps() {
         vec![3, 6, 9, 10],
         "steps of at most 3 messages, in order"
     );
+
+    // A read of the whole conversation is logged in steps of at most 3 messages too, each at a
+    // message of the conversation.
+    stream
+        .out
+        .send(ClientFrame {
+            frame: Some(client_frame::Frame::Read(Read {
+                conversation: Some(events::Conversation {
+                    with: Some(events::conversation::With::User(alice.user)),
+                }),
+                up_to_seq: 10,
+            })),
+        })
+        .await
+        .expect("read");
+    let bob_id = UserId::new(bob.user).expect("id");
+    let read_everywhere = || {
+        c.nodes.iter().all(|node| {
+            on_replica(node, bob_shard, Projection::ReadState, |view| {
+                courier_storage::projection::readstate::get(
+                    view,
+                    bob_id,
+                    courier_proto::ConversationId::Direct(UserId::new(alice.user).expect("id")),
+                )
+            })
+            .read_seq
+                == 10
+        })
+    };
+    let started = Instant::now();
+    while !read_everywhere() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the read reached 10 on every replica"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let reads: Vec<u64> = logged_events(&c.nodes[0], bob_shard)
+        .await
+        .into_iter()
+        .filter_map(|kind| match kind {
+            events::event::Kind::ReadUpTo(read) if read.user == bob.user => Some(read.up_to_seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        reads,
+        vec![3, 6, 9, 10],
+        "read steps of at most 3 messages, in order"
+    );
+    for node in &c.nodes {
+        assert_verified_from_genesis(node, bob_shard).await;
+    }
+    for node in c.nodes {
+        node.stop().await;
+    }
+}
+
+/// A backlog of bodies held back by another device (a tablet that never acked) is cleared in
+/// steps too once that device is revoked: the phone's repeated ack is logged as several
+/// `DeliveryAcked` entries, each clearing at most `limits.ack-span-max` bodies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trim_backlog_is_cleared_in_bounded_steps() {
+    use courier_proto::pb::client::RevokeDeviceRequest;
+    // No companion history: every acked body may go.
+    let c =
+        cluster_appending("[limits]\nack-span-max = 3\n[retention]\ncompanion-history = 0\n").await;
+    let (addr, _, alice, bob, mut messaging) = alice_and_bob_on_node0(&c).await;
+    let bob_id = UserId::new(bob.user).expect("id");
+    let bob_shard = shard_of(bob_id, 4);
+    let tablet = link_tablet(&addr, &bob).await;
+    for n in 0..7 {
+        messaging
+            .send(authed(
+                &alice,
+                SendRequest {
+                    client_msg_id: format!("m{n}"),
+                    to_user: bob.user,
+                    content: body("hi"),
+                },
+            ))
+            .await
+            .expect("send");
+    }
+    let mut stream = open_stream(&addr, &bob, 0).await;
+    let frames = collect(&mut stream, Duration::from_secs(10), |frames| {
+        frames
+            .iter()
+            .filter(|f| matches!(f.frame, Some(server_frame::Frame::Message(_))))
+            .count()
+            >= 7
+    })
+    .await;
+    assert!(frames.len() >= 7, "the seven messages arrive: {frames:?}");
+    ack(&stream, 7).await;
+    let trimmed = |node: &courier_node::NodeHandle| {
+        on_replica(node, bob_shard, Projection::Inbox, |view| {
+            Ok(courier_storage::projection::inbox::state(view, bob_id)?.trimmed_up_to)
+        })
+    };
+    let started = Instant::now();
+    while !c
+        .nodes
+        .iter()
+        .all(|node| delivered_up_to(node, bob.user) == 7)
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the phone's ack applied everywhere"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        c.nodes.iter().all(|node| trimmed(node) == 0),
+        "the tablet has not acked: nothing is trimmed"
+    );
+    let acks_before = logged_events(&c.nodes[0], bob_shard).await.len();
+    RegistrationClient::new(channel(&addr).await)
+        .revoke_device(authed(
+            &bob,
+            RevokeDeviceRequest {
+                device_id: tablet.device,
+            },
+        ))
+        .await
+        .expect("revoke the tablet");
+    // The revocation reaches node 0's replica before the phone's repeated ack is checked there.
+    let tablet_revoked = || {
+        on_replica(&c.nodes[0], bob_shard, Projection::Devices, |view| {
+            courier_storage::projection::devices::devices_of(view, bob_id)
+        })
+        .iter()
+        .any(|(device, record)| *device == tablet.device && record.revoked)
+    };
+    let started = Instant::now();
+    while !tablet_revoked() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the revocation applied on node 0"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ack(&stream, 7).await;
+    let started = Instant::now();
+    while !c.nodes.iter().all(|node| trimmed(node) == 7) {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the backlog cleared everywhere"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let trims: Vec<(u64, u32)> = logged_events(&c.nodes[0], bob_shard)
+        .await
+        .into_iter()
+        .skip(acks_before)
+        .filter_map(|kind| match kind {
+            events::event::Kind::DeliveryAcked(acked) => Some((acked.up_to_seq, acked.trim_max)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        trims,
+        vec![(7, 3), (7, 3), (7, 3)],
+        "seven bodies: three entries of at most 3"
+    );
     for node in &c.nodes {
         assert_verified_from_genesis(node, bob_shard).await;
     }

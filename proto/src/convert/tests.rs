@@ -379,6 +379,7 @@ fn events_round_trip_through_prost() {
             acked_at_ms: 3,
             trim_delivered: false,
             keep_recent: 0,
+            trim_max: 0,
         }),
         Kind::ReadUpTo(events::ReadUpTo {
             user: 2,

@@ -31,6 +31,7 @@ fn ack(device: u32, up_to_seq: u64, trim_delivered: bool) -> Kind {
         acked_at_ms: 90,
         trim_delivered,
         keep_recent: 0,
+        trim_max: 0,
     })
 }
 
@@ -427,6 +428,7 @@ fn a_changed_number_takes_what_the_device_had_not_acked() {
             acked_at_ms: 120,
             trim_delivered: false,
             keep_recent: 0,
+            trim_max: 0,
         })],
     );
     let receipts: Vec<(u8, u64, u64)> = pending(&kv, OTHER, SHARD)

@@ -33,6 +33,7 @@ fn ack(user: u64, device: u32, up_to_seq: u64, keep_recent: u32) -> Kind {
         acked_at_ms: 500,
         trim_delivered: true,
         keep_recent,
+        trim_max: 0,
     })
 }
 

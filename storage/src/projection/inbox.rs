@@ -201,13 +201,20 @@ pub fn trimmable_up_to(
 /// time; returns whether `inbox` changed.
 fn trim(view: &mut View<'_, '_>, acked: &Acked<'_>, inbox: &mut InboxState) -> Result<bool> {
     let (shard, user) = (view.shard(), acked.user);
-    let all_acked = trimmable_up_to(
+    let mut all_acked = trimmable_up_to(
         view,
         user,
         (acked.device, acked.up_to),
         acked.event.keep_recent,
         inbox,
     )?;
+    if acked.event.trim_max > 0 {
+        all_acked = all_acked.min(
+            inbox
+                .trimmed_up_to
+                .saturating_add(u64::from(acked.event.trim_max)),
+        );
+    }
     if all_acked <= inbox.trimmed_up_to {
         return Ok(false);
     }

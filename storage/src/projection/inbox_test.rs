@@ -162,6 +162,7 @@ fn inbox_readstate_and_receipts_table() {
             acked_at_ms: 40,
             trim_delivered: false,
             keep_recent: 0,
+            trim_max: 0,
         })],
     );
     let mut staged = Staged::new(&kv, BTreeMap::new());
@@ -188,6 +189,7 @@ fn ack_past_tail_is_refused() {
             acked_at_ms: 1,
             trim_delivered: false,
             keep_recent: 0,
+            trim_max: 0,
         })],
     );
     assert_refused(&outcome, "past user 1's inbox tail 1");
@@ -470,6 +472,7 @@ fn forgotten_stubs_leave_the_inbox_and_their_receipts_still_go_out() {
                 acked_at_ms: 13,
                 trim_delivered: true,
                 keep_recent: 0,
+                trim_max: 0,
             }),
         ],
     );
@@ -607,6 +610,7 @@ fn a_read_of_a_forgotten_message_under_another_conversation_sends_nothing() {
                     acked_at_ms: 13,
                     trim_delivered: true,
                     keep_recent: 0,
+                    trim_max: 0,
                 }),
             ],
         ]
@@ -637,4 +641,49 @@ fn a_read_of_a_forgotten_message_under_another_conversation_sends_nothing() {
         state.digests, digests,
         "seq 1 (user 3's, unread) gets no READ receipt and its conversation stays unread"
     );
+}
+
+/// A `DeliveryAcked` with `trim_max` clears at most that many bodies past the inbox's
+/// `trimmed_up_to`: a backlog (here five messages acked without trimming) is cleared over
+/// several entries, the repeated acks included, and 0 clears it all at once as before.
+#[test]
+fn an_ack_clears_at_most_trim_max_bodies() {
+    let mut kv = MemKv::default();
+    let mut state = ShardState::empty(SHARD);
+    let user = UserId::new(1).expect("nonzero");
+    apply_one(
+        &mut kv,
+        &mut state,
+        [
+            registered(1, 1, 1),
+            (1..=6).map(|seq| delivered(1, 2, seq)).collect(),
+        ]
+        .concat(),
+    );
+    let ack = |up_to_seq: u64, trim_delivered: bool, trim_max: u32| {
+        Kind::DeliveryAcked(events::DeliveryAcked {
+            user: 1,
+            device: 1,
+            up_to_seq,
+            acked_at_ms: 10,
+            trim_delivered,
+            keep_recent: 0,
+            trim_max,
+        })
+    };
+    let trimmed = |kv: &MemKv| {
+        let mut staged = Staged::new(kv, BTreeMap::new());
+        let view = View::new(&mut staged, SHARD, LogIndex::ZERO, Projection::Inbox);
+        super::inbox::state(&view, user)
+            .expect("memory")
+            .trimmed_up_to
+    };
+    apply_one(&mut kv, &mut state, vec![ack(5, false, 0)]);
+    assert_eq!(trimmed(&kv), 0, "acked, not trimmed (keep-delivered)");
+    apply_one(&mut kv, &mut state, vec![ack(5, true, 2)]);
+    assert_eq!(trimmed(&kv), 2, "a repeated ack clears two of the five");
+    apply_one(&mut kv, &mut state, vec![ack(6, true, 2)]);
+    assert_eq!(trimmed(&kv), 4, "one moving the cursor, two more");
+    apply_one(&mut kv, &mut state, vec![ack(6, true, 0)]);
+    assert_eq!(trimmed(&kv), 6, "no bound: the rest at once");
 }

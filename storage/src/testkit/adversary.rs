@@ -206,6 +206,7 @@ impl Adversary {
                 acked_at_ms: self.rng.below(100),
                 trim_delivered: self.rng.chance(50),
                 keep_recent: self.rng.below(4) as u32,
+                trim_max: self.rng.below(3) as u32,
             }),
             3 => Kind::ReadUpTo(events::ReadUpTo {
                 user: self.user(),

@@ -328,6 +328,9 @@ impl EventGen {
             } else {
                 self.rng.below(4) as u32
             },
+            // Bounded trims (1 or 2 bodies an entry) and unbounded ones (0), without another
+            // draw: the generated histories stay what they were otherwise.
+            trim_max: (up_to % 3) as u32,
         }))
     }
 
