@@ -2499,6 +2499,55 @@ async fn bodies_leave_the_inbox_once_every_device_acked() {
     );
 }
 
+/// Sends `n` messages from `from` to `to` through `messaging`, then opens `to`'s stream on
+/// `addr` and reads until all `n` arrived: their inbox seqs, in the order they came.
+async fn sent_and_received(
+    addr: &str,
+    messaging: &mut MessagingClient<tonic::transport::Channel>,
+    (from, to): (&Device, &Device),
+    n: usize,
+) -> (Stream, Vec<u64>) {
+    for i in 0..n {
+        messaging
+            .send(authed(
+                from,
+                SendRequest {
+                    client_msg_id: format!("m{i}"),
+                    to_user: to.user,
+                    content: body("hi"),
+                },
+            ))
+            .await
+            .expect("send");
+    }
+    let mut stream = open_stream(addr, to, 0).await;
+    let frames = collect(&mut stream, Duration::from_secs(10), |frames| {
+        frames
+            .iter()
+            .filter(|f| matches!(f.frame, Some(server_frame::Frame::Message(_))))
+            .count()
+            >= n
+    })
+    .await;
+    let seqs = frames
+        .iter()
+        .filter_map(|f| match &f.frame {
+            Some(server_frame::Frame::Message(m)) => Some(m.seq),
+            _ => None,
+        })
+        .collect();
+    (stream, seqs)
+}
+
+/// Waits (polling every 20 ms) until `done` holds; fails naming `what` after 10 s.
+async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        assert!(started.elapsed() < Duration::from_secs(10), "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A device's ack of many messages at once (a phone back after a long time away) is proposed
 /// as several `DeliveryAcked` entries, each moving its cursor by at most `limits.ack-span-max`
 /// messages and in order, so that no single entry's apply grows with the inbox; the cursor
@@ -2508,53 +2557,19 @@ async fn a_long_ack_is_logged_in_bounded_steps() {
     let c = cluster_appending("[limits]\nack-span-max = 3\n").await;
     let (addr, _, alice, bob, mut messaging) = alice_and_bob_on_node0(&c).await;
     let bob_shard = shard_of(UserId::new(bob.user).expect("id"), 4);
-    for n in 0..10 {
-        messaging
-            .send(authed(
-                &alice,
-                SendRequest {
-                    client_msg_id: format!("m{n}"),
-                    to_user: bob.user,
-                    content: body("hi"),
-                },
-            ))
-            .await
-            .expect("send");
-    }
-    let mut stream = open_stream(&addr, &bob, 0).await;
-    let frames = collect(&mut stream, Duration::from_secs(10), |frames| {
-        frames
-            .iter()
-            .filter(|f| matches!(f.frame, Some(server_frame::Frame::Message(_))))
-            .count()
-            >= 10
-    })
-    .await;
-    let seqs: Vec<u64> = frames
-        .iter()
-        .filter_map(|f| match &f.frame {
-            Some(server_frame::Frame::Message(m)) => Some(m.seq),
-            _ => None,
-        })
-        .collect();
+    let (stream, seqs) = sent_and_received(&addr, &mut messaging, (&alice, &bob), 10).await;
     assert_eq!(
         seqs,
         (1..=10).collect::<Vec<u64>>(),
         "each message once, in order"
     );
     ack(&stream, 10).await;
-    let started = Instant::now();
-    while !c
-        .nodes
-        .iter()
-        .all(|node| delivered_up_to(node, bob.user) == 10)
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the ack reached 10 on every replica"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("the ack reached 10 on every replica", || {
+        c.nodes
+            .iter()
+            .all(|node| delivered_up_to(node, bob.user) == 10)
+    })
+    .await;
     let steps: Vec<u64> = logged_events(&c.nodes[0], bob_shard)
         .await
         .into_iter()
@@ -2599,14 +2614,7 @@ async fn a_long_ack_is_logged_in_bounded_steps() {
                 == 10
         })
     };
-    let started = Instant::now();
-    while !read_everywhere() {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the read reached 10 on every replica"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("the read reached 10 on every replica", read_everywhere).await;
     let reads: Vec<u64> = logged_events(&c.nodes[0], bob_shard)
         .await
         .into_iter()
@@ -2641,47 +2649,24 @@ async fn a_trim_backlog_is_cleared_in_bounded_steps() {
     let bob_id = UserId::new(bob.user).expect("id");
     let bob_shard = shard_of(bob_id, 4);
     let tablet = link_tablet(&addr, &bob).await;
-    for n in 0..7 {
-        messaging
-            .send(authed(
-                &alice,
-                SendRequest {
-                    client_msg_id: format!("m{n}"),
-                    to_user: bob.user,
-                    content: body("hi"),
-                },
-            ))
-            .await
-            .expect("send");
-    }
-    let mut stream = open_stream(&addr, &bob, 0).await;
-    let frames = collect(&mut stream, Duration::from_secs(10), |frames| {
-        frames
-            .iter()
-            .filter(|f| matches!(f.frame, Some(server_frame::Frame::Message(_))))
-            .count()
-            >= 7
-    })
-    .await;
-    assert!(frames.len() >= 7, "the seven messages arrive: {frames:?}");
+    let (stream, seqs) = sent_and_received(&addr, &mut messaging, (&alice, &bob), 7).await;
+    assert_eq!(
+        seqs,
+        (1..=7).collect::<Vec<u64>>(),
+        "the seven messages arrive"
+    );
     ack(&stream, 7).await;
     let trimmed = |node: &courier_node::NodeHandle| {
         on_replica(node, bob_shard, Projection::Inbox, |view| {
             Ok(courier_storage::projection::inbox::state(view, bob_id)?.trimmed_up_to)
         })
     };
-    let started = Instant::now();
-    while !c
-        .nodes
-        .iter()
-        .all(|node| delivered_up_to(node, bob.user) == 7)
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the phone's ack applied everywhere"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("the phone's ack applied everywhere", || {
+        c.nodes
+            .iter()
+            .all(|node| delivered_up_to(node, bob.user) == 7)
+    })
+    .await;
     assert!(
         c.nodes.iter().all(|node| trimmed(node) == 0),
         "the tablet has not acked: nothing is trimmed"
@@ -2704,23 +2689,12 @@ async fn a_trim_backlog_is_cleared_in_bounded_steps() {
         .iter()
         .any(|(device, record)| *device == tablet.device && record.revoked)
     };
-    let started = Instant::now();
-    while !tablet_revoked() {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the revocation applied on node 0"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("the revocation applied on node 0", tablet_revoked).await;
     ack(&stream, 7).await;
-    let started = Instant::now();
-    while !c.nodes.iter().all(|node| trimmed(node) == 7) {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the backlog cleared everywhere"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("the backlog cleared everywhere", || {
+        c.nodes.iter().all(|node| trimmed(node) == 7)
+    })
+    .await;
     let trims: Vec<(u64, u32)> = logged_events(&c.nodes[0], bob_shard)
         .await
         .into_iter()
