@@ -113,8 +113,9 @@ struct Pending {
     reply: oneshot::Sender<Result<Vec<EventOutcome>, ProposeError>>,
     /// Queued by [`Proposer::submit`]: nobody waits for it.
     detached: bool,
-    /// Its share of the queue's byte budget, given back once it is in a batch.
-    _bytes_held: OwnedSemaphorePermit,
+    /// Its share of the queue's byte budget, given back once it is in a batch, or once it
+    /// is carried to the next batch (it is out of the queue then).
+    _bytes_held: Option<OwnedSemaphorePermit>,
 }
 
 /// The group-commit front of one raft group.
@@ -168,7 +169,7 @@ impl Proposer {
                 bytes,
                 reply,
                 detached: true,
-                _bytes_held: held,
+                _bytes_held: Some(held),
             })
             .is_ok()
     }
@@ -190,7 +191,7 @@ impl Proposer {
                 bytes,
                 reply,
                 detached: false,
-                _bytes_held: held,
+                _bytes_held: Some(held),
             })
             .map_err(|error| match error {
                 mpsc::error::TrySendError::Full(_) => ProposeError::Overloaded,
@@ -235,7 +236,10 @@ async fn batcher(raft: Raft, log: Arc<AppendStats>, mut rx: mpsc::Receiver<Pendi
             if events.saturating_add(next.events.len()) > BATCH_EVENTS_MAX
                 || bytes.saturating_add(next.bytes) > PROPOSAL_BYTES_MAX
             {
-                carry = Some(next);
+                carry = Some(Pending {
+                    _bytes_held: None,
+                    ..next
+                });
                 break;
             }
             events = events.saturating_add(next.events.len());

@@ -545,25 +545,30 @@ impl ClientApi {
         let (target, state, active, steps) = self
             .read(shard, |view| {
                 let state = readstate::get(view, caller.user, conversation)?;
-                let steps: Vec<u64> = readstate::positions_between(
-                    view,
-                    caller.user,
-                    conversation,
-                    InboxSeq::new(state.read_seq),
-                    up_to,
-                )?
-                .iter()
-                .skip(span.saturating_sub(1))
-                .step_by(span)
-                .map(|(seq, _)| seq.get())
-                .filter(|seq| *seq < up_to.get())
-                .collect();
-                Ok((
-                    readstate::read_target(view, caller.user, up_to)?,
-                    state,
-                    active(view, caller)?,
-                    steps,
-                ))
+                let target = readstate::read_target(view, caller.user, up_to)?;
+                // Only for a read that moves: `up_to` is then a message of this conversation
+                // (at most the inbox tail), never the client's raw number.
+                let steps: Vec<u64> = match &target {
+                    ReadTarget::Position(position)
+                        if position.conversation == Some(wire) && position.pos > state.read_pos =>
+                    {
+                        readstate::positions_between(
+                            view,
+                            caller.user,
+                            conversation,
+                            InboxSeq::new(state.read_seq),
+                            up_to,
+                        )?
+                        .iter()
+                        .skip(span.saturating_sub(1))
+                        .step_by(span)
+                        .map(|(seq, _)| seq.get())
+                        .filter(|seq| *seq < up_to.get())
+                        .collect()
+                    }
+                    _ => Vec::new(),
+                };
+                Ok((target, state, active(view, caller)?, steps))
             })
             .await?;
         if !active {

@@ -2557,7 +2557,7 @@ async fn a_long_ack_is_logged_in_bounded_steps() {
     let c = cluster_appending("[limits]\nack-span-max = 3\n").await;
     let (addr, _, alice, bob, mut messaging) = alice_and_bob_on_node0(&c).await;
     let bob_shard = shard_of(UserId::new(bob.user).expect("id"), 4);
-    let (stream, seqs) = sent_and_received(&addr, &mut messaging, (&alice, &bob), 10).await;
+    let (mut stream, seqs) = sent_and_received(&addr, &mut messaging, (&alice, &bob), 10).await;
     assert_eq!(
         seqs,
         (1..=10).collect::<Vec<u64>>(),
@@ -2628,6 +2628,35 @@ async fn a_long_ack_is_logged_in_bounded_steps() {
         vec![3, 6, 9, 10],
         "read steps of at most 3 messages, in order"
     );
+    // A read naming no message (the largest seq there is) is refused, and the node serves on.
+    stream
+        .out
+        .send(ClientFrame {
+            frame: Some(client_frame::Frame::Read(Read {
+                conversation: Some(events::Conversation {
+                    with: Some(events::conversation::With::User(alice.user)),
+                }),
+                up_to_seq: u64::MAX,
+            })),
+        })
+        .await
+        .expect("read");
+    let refused = loop {
+        match tokio::time::timeout(Duration::from_secs(10), stream.frames.message()).await {
+            Ok(Ok(Some(_))) => {}
+            Ok(Err(status)) => break status,
+            other => panic!("expected the read refused, got {other:?}"),
+        }
+    };
+    code_is(
+        &refused,
+        tonic::Code::InvalidArgument,
+        "COURIER:Stream:ReadUnknown",
+    );
+    messaging
+        .list_conversations(authed(&bob, ListConversationsRequest::default()))
+        .await
+        .expect("the node serves on");
     for node in &c.nodes {
         assert_verified_from_genesis(node, bob_shard).await;
     }

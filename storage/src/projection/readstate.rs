@@ -99,7 +99,12 @@ pub fn positions_between(
         return Ok(Vec::new());
     }
     let from = keys::seq_position(view.shard(), user, after.next());
-    let to = keys::seq_position(view.shard(), user, up_to.next());
+    // Saturating: no inbox reaches seq u64::MAX, and a caller's bound must not panic here.
+    let to = keys::seq_position(
+        view.shard(),
+        user,
+        InboxSeq::new(up_to.get().saturating_add(1)),
+    );
     let limit = usize::try_from(up_to.get().saturating_sub(after.get())).unwrap_or(usize::MAX);
     let wire_conv = courier_proto::pb::events::Conversation::from(conv);
     Ok(view
