@@ -96,6 +96,18 @@ pub(crate) async fn ack(stream: &Stream, up_to_seq: u64) {
         .expect("ack");
 }
 
+/// A `Read` frame of the 1:1 conversation with `with_user` up to `up_to_seq`.
+pub(crate) fn read_frame(with_user: u64, up_to_seq: u64) -> ClientFrame {
+    ClientFrame {
+        frame: Some(client_frame::Frame::Read(Read {
+            conversation: Some(events::Conversation {
+                with: Some(events::conversation::With::User(with_user)),
+            }),
+            up_to_seq,
+        })),
+    }
+}
+
 /// Links a companion device ("tablet") for `primary`'s user through the node at `addr`: the
 /// tablet starts a pairing, the primary approves its code, the tablet collects its credential.
 pub(crate) async fn link_tablet(addr: &str, primary: &Device) -> Device {
@@ -868,14 +880,7 @@ async fn an_ack_or_read_that_moves_nothing_writes_no_log_entry() {
         to_user: bob.user,
         content: body("hi"),
     };
-    let read = |up_to_seq: u64| ClientFrame {
-        frame: Some(client_frame::Frame::Read(Read {
-            conversation: Some(events::Conversation {
-                with: Some(events::conversation::With::User(alice.user)),
-            }),
-            up_to_seq,
-        })),
-    };
+    let read = |up_to_seq: u64| read_frame(alice.user, up_to_seq);
     // Every replica applied bob's cursor at `seq` and his read of the conversation up to `read`.
     let applied_everywhere = |seq: u64, read_seq: u64| {
         c.nodes.iter().all(|node| {
@@ -1303,14 +1308,7 @@ async fn delivered_stubs_and_receipts_are_forgotten_after_the_window() {
         messages(f).len() >= 2
     })
     .await;
-    let read = |up_to_seq: u64| ClientFrame {
-        frame: Some(client_frame::Frame::Read(Read {
-            conversation: Some(events::Conversation {
-                with: Some(events::conversation::With::User(alice.user)),
-            }),
-            up_to_seq,
-        })),
-    };
+    let read = |up_to_seq: u64| read_frame(alice.user, up_to_seq);
     for frame in [
         read(1),
         ClientFrame {
@@ -2590,14 +2588,7 @@ async fn a_long_ack_is_logged_in_bounded_steps() {
     // message of the conversation.
     stream
         .out
-        .send(ClientFrame {
-            frame: Some(client_frame::Frame::Read(Read {
-                conversation: Some(events::Conversation {
-                    with: Some(events::conversation::With::User(alice.user)),
-                }),
-                up_to_seq: 10,
-            })),
-        })
+        .send(read_frame(alice.user, 10))
         .await
         .expect("read");
     let bob_id = UserId::new(bob.user).expect("id");
@@ -2631,14 +2622,7 @@ async fn a_long_ack_is_logged_in_bounded_steps() {
     // A read naming no message (the largest seq there is) is refused, and the node serves on.
     stream
         .out
-        .send(ClientFrame {
-            frame: Some(client_frame::Frame::Read(Read {
-                conversation: Some(events::Conversation {
-                    with: Some(events::conversation::With::User(alice.user)),
-                }),
-                up_to_seq: u64::MAX,
-            })),
-        })
+        .send(read_frame(alice.user, u64::MAX))
         .await
         .expect("read");
     let refused = loop {
