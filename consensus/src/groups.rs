@@ -285,6 +285,12 @@ impl Groups {
             .unwrap_or_default()
     }
 
+    /// The event format the cluster's leaders write, as the metadata group applied it here (1
+    /// before it applied a raise).
+    pub fn event_format(&self) -> u32 {
+        self.watch.event_format()
+    }
+
     /// How this cluster hashes phone numbers; `None` before the cluster settings are applied
     /// here. The key never leaves the node through this: callers hash with it.
     pub fn phone_hasher(&self) -> Option<PhoneHasher> {
@@ -358,7 +364,12 @@ impl Groups {
                 reason: e.to_string(),
             })?;
         info!(%group, node_id = self.node_id, "raft group started");
-        let proposer = Proposer::start(raft.clone(), stats.clone(), self.proposal_queue);
+        let proposer = Proposer::start(
+            raft.clone(),
+            stats.clone(),
+            self.proposal_queue,
+            self.watch.clone(),
+        );
         let handle = GroupHandle {
             raft,
             applied,

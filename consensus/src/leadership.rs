@@ -353,6 +353,19 @@ impl GroupHandle {
             .map_err(RaftCallError::from_display)
     }
 
+    /// On the metadata group's leader: records that the cluster's leaders write event format
+    /// `format` from now on (never lowered), and waits until applied.
+    ///
+    /// # Errors
+    /// [`RaftCallError`] when this replica does not lead or the write fails.
+    pub async fn write_event_format(&self, format: u32) -> Result<(), RaftCallError> {
+        self.raft
+            .client_write(Proposal::EventFormat(format))
+            .await
+            .map(|_| ())
+            .map_err(RaftCallError::from_display)
+    }
+
     /// On the leader: adds `id` at `addr` as a learner and waits until it caught up.
     ///
     /// # Errors

@@ -81,6 +81,7 @@ enum RaftPart {
     ClusterPlaced(LogId, ClusterSettings, [u8; PHONE_KEY_BYTES], Placement),
     PlacementMoved(LogId, u16, NodeId, NodeId),
     Draining(LogId, NodeId, bool),
+    EventFormat(LogId, u32),
 }
 
 /// Maps a storage fault to openraft's storage error (which stops the raft group).
@@ -122,6 +123,9 @@ pub fn encode_entry(entry: &Entry<TypeConfig>) -> Result<LogRecord, RaftStorageE
         ),
         EntryPayload::Normal(Proposal::Draining(node, on)) => {
             (RaftPart::Draining(log_id, *node, *on), None)
+        }
+        EntryPayload::Normal(Proposal::EventFormat(format)) => {
+            (RaftPart::EventFormat(log_id, *format), None)
         }
         EntryPayload::Membership(membership) => {
             (RaftPart::Membership(log_id, membership.clone()), None)
@@ -190,6 +194,9 @@ pub fn decode_record(
         ),
         RaftPart::Draining(log_id, node, on) => {
             (log_id, EntryPayload::Normal(Proposal::Draining(node, on)))
+        }
+        RaftPart::EventFormat(log_id, format) => {
+            (log_id, EntryPayload::Normal(Proposal::EventFormat(format)))
         }
         RaftPart::Membership(log_id, membership) => (log_id, EntryPayload::Membership(membership)),
     };

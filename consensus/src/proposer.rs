@@ -24,7 +24,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use courier_proto::FORMAT_VERSION;
 use courier_proto::limits::PROPOSAL_BYTES_MAX;
 use courier_proto::pb::events::{EntryPayload, Event};
 use openraft::error::ClientWriteError;
@@ -33,6 +32,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::log_store::AppendStats;
 use crate::types::{EventOutcome, Node, NodeId, Proposal, Raft};
+use crate::watch::ApplyWatch;
 
 /// Events per raft entry at most.
 pub const BATCH_EVENTS_MAX: usize = 1024;
@@ -127,11 +127,17 @@ pub struct Proposer {
 }
 
 impl Proposer {
-    /// Starts the batcher of `raft`, whose log reports its flushes to `log`; it stops when every
+    /// Starts the batcher of `raft`, whose log reports its flushes to `log`; its entries are
+    /// written in the event format `watch` holds (the cluster's). It stops when every
     /// `Proposer` clone is dropped.
-    pub fn start(raft: Raft, log: Arc<AppendStats>, limits: QueueLimits) -> Self {
+    pub fn start(
+        raft: Raft,
+        log: Arc<AppendStats>,
+        limits: QueueLimits,
+        watch: Arc<ApplyWatch>,
+    ) -> Self {
         let (queue, rx) = mpsc::channel(limits.proposals.max(1));
-        tokio::spawn(batcher(raft, log, rx));
+        tokio::spawn(batcher(raft, log, rx, watch));
         Self {
             queue,
             bytes: Arc::new(Semaphore::new(
@@ -205,7 +211,12 @@ impl Proposer {
     }
 }
 
-async fn batcher(raft: Raft, log: Arc<AppendStats>, mut rx: mpsc::Receiver<Pending>) {
+async fn batcher(
+    raft: Raft,
+    log: Arc<AppendStats>,
+    mut rx: mpsc::Receiver<Pending>,
+    watch: Arc<ApplyWatch>,
+) {
     let in_flight = Arc::new(Semaphore::new(IN_FLIGHT_BATCHES_MAX));
     let mut carry: Option<Pending> = None;
     loop {
@@ -262,7 +273,7 @@ async fn batcher(raft: Raft, log: Arc<AppendStats>, mut rx: mpsc::Receiver<Pendi
             .await
             .expect("semaphore is never closed");
         let payload = EntryPayload {
-            format_version: FORMAT_VERSION,
+            format_version: watch.event_format(),
             events: all,
         };
         // The leadership this batch is handed to: its answer is awaited only while it lasts.

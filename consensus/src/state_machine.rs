@@ -47,6 +47,9 @@ pub struct RaftApplied {
     /// Members marked draining (metadata group only): moves take their replicas away and put
     /// none on them.
     pub draining: BTreeSet<NodeId>,
+    /// The event format the cluster's leaders write (metadata group only; 0 and 1 both mean
+    /// format 1: never raised).
+    pub event_format: u32,
 }
 
 /// The first stored form: postcard of the three fields, no version tag. Its first byte is the
@@ -98,6 +101,22 @@ struct RaftAppliedV4 {
 /// The version tag of [`RaftAppliedV4`]'s stored form.
 const RAFT_APPLIED_V4: u8 = 4;
 
+/// Version 5 (`RAFT_APPLIED_V5` ‖ postcard): adds the event format. Written only once the format
+/// was raised past 1, when every member runs a build that reads this form.
+#[derive(Serialize, Deserialize)]
+struct RaftAppliedV5 {
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+    settings: Option<ClusterSettings>,
+    phone_key: Option<[u8; PHONE_KEY_BYTES]>,
+    placement: Option<Placement>,
+    draining: BTreeSet<NodeId>,
+    event_format: u32,
+}
+
+/// The version tag of [`RaftAppliedV5`]'s stored form.
+const RAFT_APPLIED_V5: u8 = 5;
+
 impl RaftApplied {
     fn decode(bytes: &[u8]) -> Result<Self, RaftStorageError> {
         let corrupt = |e: &dyn std::fmt::Display| -> RaftStorageError {
@@ -117,6 +136,7 @@ impl RaftApplied {
                     phone_key: None,
                     placement: None,
                     draining: BTreeSet::new(),
+                    event_format: 0,
                 })
             }
             Some(&RAFT_APPLIED_V2) => {
@@ -129,6 +149,7 @@ impl RaftApplied {
                     phone_key: v2.phone_key.map(PhoneKey::new),
                     placement: None,
                     draining: BTreeSet::new(),
+                    event_format: 0,
                 })
             }
             Some(&RAFT_APPLIED_V3) => {
@@ -141,6 +162,7 @@ impl RaftApplied {
                     phone_key: v3.phone_key.map(PhoneKey::new),
                     placement: v3.placement.map(Arc::new),
                     draining: BTreeSet::new(),
+                    event_format: 0,
                 })
             }
             Some(&RAFT_APPLIED_V4) => {
@@ -153,6 +175,20 @@ impl RaftApplied {
                     phone_key: v4.phone_key.map(PhoneKey::new),
                     placement: v4.placement.map(Arc::new),
                     draining: v4.draining,
+                    event_format: 0,
+                })
+            }
+            Some(&RAFT_APPLIED_V5) => {
+                let v5: RaftAppliedV5 =
+                    postcard::from_bytes(&bytes[1..]).map_err(|e| corrupt(&e))?;
+                Ok(Self {
+                    last_applied: v5.last_applied,
+                    membership: v5.membership,
+                    settings: v5.settings,
+                    phone_key: v5.phone_key.map(PhoneKey::new),
+                    placement: v5.placement.map(Arc::new),
+                    draining: v5.draining,
+                    event_format: v5.event_format,
                 })
             }
             Some(version) => Err(corrupt(&format!(
@@ -162,6 +198,20 @@ impl RaftApplied {
     }
 
     fn encode(&self) -> Vec<u8> {
+        if self.event_format > 1 {
+            let v5 = RaftAppliedV5 {
+                last_applied: self.last_applied,
+                membership: self.membership.clone(),
+                settings: self.settings,
+                phone_key: self.phone_key.map(|key| *key.expose()),
+                placement: self.placement.as_deref().cloned(),
+                draining: self.draining.clone(),
+                event_format: self.event_format,
+            };
+            let mut bytes = vec![RAFT_APPLIED_V5];
+            bytes.extend(postcard::to_stdvec(&v5).expect("postcard encodes plain data"));
+            return bytes;
+        }
         if self.placement.is_none() && self.draining.is_empty() {
             // Without a table the state is what version 2 holds: written as version 2, so that
             // nodes of a build before placement can still open it (a rolling upgrade's snapshots).
@@ -356,6 +406,7 @@ impl StateMachine {
         machine.state = state;
         machine.raft = raft;
         publish(&self.shared, &machine);
+        self.note_event_format(&machine.raft);
         self.watch.everything();
         Ok(())
     }
@@ -368,7 +419,21 @@ impl StateMachine {
     /// Sets the node's watch that applied batches report to (default: a private one).
     pub fn with_watch(mut self, watch: Arc<ApplyWatch>) -> Self {
         self.watch = watch;
+        let raft = self
+            .shared
+            .read()
+            .expect("applied view lock is never poisoned")
+            .raft
+            .clone();
+        self.note_event_format(&raft);
         self
+    }
+
+    /// The metadata group tells the node's proposers which event format to write.
+    fn note_event_format(&self, raft: &RaftApplied) {
+        if self.group == GroupId::Metadata {
+            self.watch.note_event_format(raft.event_format);
+        }
     }
 
     /// Starts a snapshot of what `machine` applied: returns once the data is pinned at this
@@ -566,6 +631,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     }
                     None
                 }
+                EntryPayload::Normal(Proposal::EventFormat(format)) => {
+                    // Never lowered: a stale or repeated raise changes nothing.
+                    raft.event_format = raft.event_format.max(*format);
+                    None
+                }
                 EntryPayload::Normal(Proposal::ClusterPlaced(settings, key, placement)) => {
                     // As above, the placement with them.
                     if raft.settings.is_none() {
@@ -602,6 +672,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         machine.state = batch.next;
         machine.raft = raft;
         publish(&self.shared, &machine);
+        self.note_event_format(&machine.raft);
         self.mark.applied(machine.raft.last_applied);
         self.watch.applied(machine.state.shard, &batch.touched);
         Ok(batch
@@ -698,13 +769,14 @@ mod tests {
             phone_key,
             placement: None,
             draining: BTreeSet::new(),
+            event_format: 0,
         }
     }
 
     /// A state written before the key existed (postcard of the three fields, no tag) still
     /// opens, as a cluster without a key; one written before placement (version 2) opens
-    /// without a placement; versions 3 (placement) and 4 (draining marks, only while a node is
-    /// marked) round-trip.
+    /// without a placement; versions 3 (placement), 4 (draining marks, only while a node is
+    /// marked) and 5 (the event format, once raised past 1) round-trip.
     #[test]
     fn both_stored_forms_of_the_applied_state_open() {
         let old = sample(None);
@@ -752,6 +824,25 @@ mod tests {
         assert_eq!(
             RaftApplied::decode(&draining.encode()).expect("v4 opens"),
             draining
+        );
+        let first_format = RaftApplied {
+            event_format: 1,
+            ..draining.clone()
+        };
+        assert_eq!(
+            first_format.encode()[0],
+            RAFT_APPLIED_V4,
+            "format 1 is written in the form older builds open"
+        );
+        let raised = RaftApplied {
+            event_format: 2,
+            draining: BTreeSet::new(),
+            ..draining
+        };
+        assert_eq!(raised.encode()[0], RAFT_APPLIED_V5);
+        assert_eq!(
+            RaftApplied::decode(&raised.encode()).expect("v5 opens"),
+            raised
         );
         assert_eq!(
             RaftApplied::decode(&[]).expect("empty"),

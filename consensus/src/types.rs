@@ -108,6 +108,9 @@ pub enum Proposal {
     /// A node is marked draining (`true`: shard moves take its replicas away and put none on it)
     /// or no longer (`false`). Metadata group only.
     Draining(NodeId, bool),
+    /// The event format the cluster's leaders write from now on (`EntryPayload.format_version`;
+    /// never lowered: a lower one changes nothing). Metadata group only.
+    EventFormat(u32),
 }
 
 /// Stored and wire form. Variants are only ever appended (postcard tags them by position).
@@ -119,6 +122,7 @@ enum ProposalWire {
     ClusterPlaced(ClusterSettings, [u8; PHONE_KEY_BYTES], Placement),
     PlacementMoved(u16, NodeId, NodeId),
     Draining(NodeId, bool),
+    EventFormat(u32),
 }
 
 impl From<Proposal> for ProposalWire {
@@ -136,6 +140,7 @@ impl From<Proposal> for ProposalWire {
                 ProposalWire::PlacementMoved(shard.get(), from, to)
             }
             Proposal::Draining(node, on) => ProposalWire::Draining(node, on),
+            Proposal::EventFormat(format) => ProposalWire::EventFormat(format),
         }
     }
 }
@@ -161,6 +166,7 @@ impl TryFrom<ProposalWire> for Proposal {
                 Ok(Proposal::PlacementMoved(ShardId::new(shard), from, to))
             }
             ProposalWire::Draining(node, on) => Ok(Proposal::Draining(node, on)),
+            ProposalWire::EventFormat(format) => Ok(Proposal::EventFormat(format)),
         }
     }
 }

@@ -12,7 +12,7 @@
 //! node; the last [`UserWatch`] of a user removes it, so memory follows the open streams.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use courier_proto::{ShardId, UserId};
@@ -29,6 +29,7 @@ pub struct ApplyWatch {
     wakeups: AtomicU64,
     devices_epoch: AtomicU64,
     keys_epoch: AtomicU64,
+    event_format: AtomicU32,
 }
 
 impl ApplyWatch {
@@ -88,6 +89,20 @@ impl ApplyWatch {
     /// its device's stock made at an earlier epoch may be stale.
     pub fn keys_epoch(&self) -> u64 {
         self.keys_epoch.load(Ordering::Acquire)
+    }
+
+    /// The event format this node's leaders write (`EntryPayload.format_version`): the metadata
+    /// group's, as applied here, and never above what this build writes; 1 until the metadata
+    /// group applied a raise (always safe: every build reads it).
+    pub fn event_format(&self) -> u32 {
+        self.event_format
+            .load(Ordering::Acquire)
+            .clamp(1, courier_proto::FORMAT_VERSION)
+    }
+
+    /// Records the metadata group's applied event format (never lowers it).
+    pub(crate) fn note_event_format(&self, format: u32) {
+        self.event_format.fetch_max(format, Ordering::AcqRel);
     }
 
     /// Wakes the waiters of what one applied batch of `shard` (`None`: the metadata group)

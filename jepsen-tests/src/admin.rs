@@ -296,6 +296,8 @@ pub async fn init_cluster_over(
             replication_factor: 0,
             init_shards: Vec::new(),
             phone_hash_key: Vec::new(),
+            // The newest format every member reads.
+            event_format: 0,
         };
         let error =
             match tokio::time::timeout(Duration::from_secs(10), client.init_cluster(request)).await

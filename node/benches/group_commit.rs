@@ -108,6 +108,7 @@ async fn main() {
             replication_factor: 0,
             init_shards: vec![],
             phone_hash_key: Vec::new(),
+            event_format: 0,
         })
         .await
         .unwrap();

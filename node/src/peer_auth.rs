@@ -7,7 +7,8 @@
 //! ```text
 //!   Raft.*                                   nodes that are members
 //!   Forward.*                                nodes that are members (Presence: as itself)
-//!   Admin.InitCluster, AddNode, RemoveNode   operators, and members delegating an operator's call
+//!   Admin.InitCluster, AddNode, RemoveNode,  operators, and members delegating an operator's call
+//!     MarkDraining, RaiseEventFormat
 //!   every other Admin RPC                    operators
 //! ```
 //!

@@ -24,10 +24,11 @@ use courier_proto::pb::client::{
 use courier_proto::pb::peer::admin_server::Admin;
 use courier_proto::pb::peer::forward_server::Forward;
 use courier_proto::pb::peer::{
-    AddNodeRequest, AddNodeResponse, BackupRequest, BackupResponse, ForwardBatchRequest,
-    ForwardBatchResponse, InitClusterRequest, InitClusterResponse, InspectUserRequest,
-    MarkDrainingRequest, MarkDrainingResponse, MoveShardRequest, MoveShardResponse,
-    PresenceRequest, PresenceResponse, ProposeRequest, ProposeResponse, ReadLogRequest,
+    AddNodeRequest, AddNodeResponse, BackupRequest, BackupResponse, BuildInfoRequest,
+    BuildInfoResponse, ForwardBatchRequest, ForwardBatchResponse, InitClusterRequest,
+    InitClusterResponse, InspectUserRequest, MarkDrainingRequest, MarkDrainingResponse,
+    MoveShardRequest, MoveShardResponse, PresenceRequest, PresenceResponse, ProposeRequest,
+    ProposeResponse, RaiseEventFormatRequest, RaiseEventFormatResponse, ReadLogRequest,
     ReadLogResponse, ReadShardRequest, ReadShardResponse, RebuildProjectionRequest,
     RemoveNodeRequest, RemoveNodeResponse, StatusRequest, StatusResponse, TransferLeaderRequest,
     TransferLeaderResponse, TypingRequest, TypingResponse, VerifyProjectionRequest,
@@ -387,6 +388,17 @@ impl Forward for PeerApi {
         ))
     }
 
+    async fn build_info(
+        &self,
+        request: Request<BuildInfoRequest>,
+    ) -> Result<Response<BuildInfoResponse>, Status> {
+        self.auth.check(&request, Allowed::Nodes)?;
+        Ok(Response::new(BuildInfoResponse {
+            event_format_max: courier_proto::FORMAT_VERSION,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        }))
+    }
+
     async fn typing(
         &self,
         request: Request<TypingRequest>,
@@ -516,6 +528,18 @@ impl Admin for PeerApi {
         self.auth.check(&request, Allowed::NodesAndOperators)?;
         self.cluster.mark_draining(request.into_inner()).await?;
         Ok(Response::new(MarkDrainingResponse {}))
+    }
+
+    async fn raise_event_format(
+        &self,
+        request: Request<RaiseEventFormatRequest>,
+    ) -> Result<Response<RaiseEventFormatResponse>, Status> {
+        self.auth.check(&request, Allowed::NodesAndOperators)?;
+        let event_format = self
+            .cluster
+            .raise_event_format(request.into_inner())
+            .await?;
+        Ok(Response::new(RaiseEventFormatResponse { event_format }))
     }
 
     async fn backup(

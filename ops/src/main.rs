@@ -210,6 +210,21 @@ enum ClusterCommand {
         /// only to compute user ids outside the cluster, as the benchmark does).
         #[arg(long, value_name = "FILE")]
         phone_key_file: Option<PathBuf>,
+        /// The event format the cluster starts at. 0: the newest this build writes, once every
+        /// member reads it (otherwise 1, raised later with `cluster raise-format`).
+        #[arg(long, default_value_t = 0)]
+        event_format: u32,
+    },
+    /// Raises the event format the cluster's leaders write, once every member runs a build that
+    /// reads it (after a rolling upgrade: docs/RUNBOOK.md, "Upgrading a cluster"). Never lowers
+    /// it.
+    RaiseFormat {
+        /// Peer address of any node.
+        #[arg(long)]
+        addr: String,
+        /// The format to raise to. 0: the newest the node at `--addr` writes.
+        #[arg(long, default_value_t = 0)]
+        event_format: u32,
     },
     /// Prints a table of every shard on every node: role, term, leader, applied, lag, outbox.
     Status {
@@ -426,6 +441,7 @@ fn cluster(command: ClusterCommand) -> anyhow::Result<bool> {
             shards,
             replicas,
             phone_key_file,
+            event_format,
         } => runtime()?
             .block_on(online::cluster_init(
                 &addr,
@@ -433,7 +449,11 @@ fn cluster(command: ClusterCommand) -> anyhow::Result<bool> {
                 shards,
                 replicas,
                 phone_key_file.as_deref(),
+                event_format,
             ))
+            .map(|()| true),
+        ClusterCommand::RaiseFormat { addr, event_format } => runtime()?
+            .block_on(online::raise_event_format(&addr, event_format))
             .map(|()| true),
         ClusterCommand::Status { addr, json } => {
             runtime()?.block_on(online::cluster_status(&addr, json))

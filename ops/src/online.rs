@@ -6,7 +6,8 @@ use anyhow::{Context as _, bail};
 use courier_proto::pb::peer::admin_client::AdminClient;
 use courier_proto::pb::peer::{
     AddNodeRequest, InitClusterRequest, MarkDrainingRequest, MoveShardRequest, NodeInfo,
-    RemoveNodeRequest, ShardStatus, StatusRequest, StatusResponse, TransferLeaderRequest,
+    RaiseEventFormatRequest, RemoveNodeRequest, ShardStatus, StatusRequest, StatusResponse,
+    TransferLeaderRequest,
 };
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
@@ -106,6 +107,7 @@ pub(crate) async fn cluster_init(
     shards: u32,
     replicas: u32,
     phone_key_file: Option<&std::path::Path>,
+    event_format: u32,
 ) -> anyhow::Result<()> {
     let phone_hash_key = match phone_key_file {
         Some(path) => read_phone_key(path)?.expose().to_vec(),
@@ -133,6 +135,7 @@ pub(crate) async fn cluster_init(
         replication_factor: replicas,
         init_shards: Vec::new(),
         phone_hash_key,
+        event_format,
     };
     let response = admin(channel(addr).await?)
         .init_cluster(request)
@@ -147,8 +150,33 @@ pub(crate) async fn cluster_init(
         } else {
             replicas.to_string()
         };
-        println!("cluster initialized: {shards} shards, replicas per shard: {per_shard}");
+        println!(
+            "cluster initialized: {shards} shards, replicas per shard: {per_shard}, event format {}",
+            response.event_format
+        );
     }
+    Ok(())
+}
+
+/// Raises the cluster's event format to `event_format` (0: the newest the node at `addr`
+/// writes), through the node at `addr`.
+///
+/// # Errors
+/// Connection errors or the cluster's refusal (a member of an older build, or one that did not
+/// answer).
+pub(crate) async fn raise_event_format(addr: &str, event_format: u32) -> anyhow::Result<()> {
+    let response = admin(channel(addr).await?)
+        .raise_event_format(RaiseEventFormatRequest {
+            event_format,
+            leader_only: false,
+        })
+        .await
+        .map_err(describe)?
+        .into_inner();
+    println!(
+        "the cluster's leaders write event format {}",
+        response.event_format
+    );
     Ok(())
 }
 
@@ -269,7 +297,7 @@ pub(crate) async fn cluster_status(addr: &str, json: bool) -> anyhow::Result<boo
                         .collect();
                     println!(
                         "{}",
-                        serde_json::json!({"node_id": id, "peer": peer, "shards": shards, "moves": moves, "draining": status.draining})
+                        serde_json::json!({"node_id": id, "peer": peer, "shards": shards, "moves": moves, "draining": status.draining, "event_format": status.event_format, "event_format_max": status.event_format_max})
                     );
                     continue;
                 }
@@ -302,8 +330,26 @@ pub(crate) async fn cluster_status(addr: &str, json: bool) -> anyhow::Result<boo
     Ok(healthy)
 }
 
-/// The shard moves the nodes run now, with the step each is at; the nodes marked draining.
+/// The shard moves the nodes run now, with the step each is at; the nodes marked draining; the
+/// event format and what each node's build reads.
 fn print_moves(statuses: &[StatusResponse]) {
+    if let Some(first) = statuses.first() {
+        let reads: Vec<String> = statuses
+            .iter()
+            .map(|status| {
+                format!(
+                    "node {} up to {}",
+                    status.node_id,
+                    status.event_format_max.max(1)
+                )
+            })
+            .collect();
+        println!(
+            "\nevent format: {} (builds read: {})",
+            first.event_format.max(1),
+            reads.join(", ")
+        );
+    }
     if let Some(first) = statuses.first()
         && !first.draining.is_empty()
     {

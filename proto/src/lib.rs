@@ -25,8 +25,12 @@ pub use types::{
     ReceiptFeedPosition, ShardId, UserId,
 };
 
-/// The event format version this build writes and the highest it can read.
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest event format this build writes and the highest it can read (docs/EVENTS.md,
+/// "Entries and format version"): 1, the first; 2, `DeliveryAcked.trim_max` and
+/// `DeviceRegistered.companions_max` take effect (in a format-1 entry they are ignored, as
+/// builds before them did). A leader writes the cluster's format (the metadata group's), which
+/// is raised only once every member reads it.
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Generated protobuf types, one module per proto package (nested as the packages are, so that
 /// cross-package references resolve), re-exported under short names.

@@ -326,7 +326,8 @@ impl ShardState {
             }
             let mut entry_results = Vec::with_capacity(payload.events.len());
             for event in &payload.events {
-                entry_results.push(projection::apply_event(staged, shard, entry.index, event)?);
+                let event = projection::as_written_in(payload.format_version, event);
+                entry_results.push(projection::apply_event(staged, shard, entry.index, &event)?);
             }
             results.push(entry_results);
         }

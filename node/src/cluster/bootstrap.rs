@@ -9,9 +9,9 @@ use courier_consensus::groups::GroupHandle;
 use courier_consensus::placement::Placement;
 use courier_consensus::types::{ClusterSettings, GroupId, NodeId};
 use courier_proto::limits::{REPLICATION_FACTOR_MAX, SHARD_COUNT_MAX};
-use courier_proto::pb::peer::{InitClusterRequest, InitClusterResponse};
+use courier_proto::pb::peer::{self, InitClusterRequest, InitClusterResponse};
 use courier_proto::{PHONE_KEY_BYTES, PhoneKey, ShardId};
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{Cluster, internal, invalid, unavailable};
 use crate::status::ApiError;
@@ -88,6 +88,7 @@ impl Cluster {
     pub async fn init(&self, request: InitClusterRequest) -> Result<InitClusterResponse, ApiError> {
         let members = self.validate_init(&request)?;
         let phone_key = phone_key(&request)?;
+        let format = super::format::wanted_format(request.event_format)?;
         let shard_count = u16::try_from(request.shard_count).expect("validated");
         // The table the cluster holds once it exists (shards may have moved since it was
         // created: a repeated init must not start a group where its shard no longer is).
@@ -110,6 +111,7 @@ impl Cluster {
             }
             return Ok(InitClusterResponse {
                 already_initialized: false,
+                event_format: self.groups.event_format(),
             });
         }
         let metadata = self.group(GroupId::Metadata).await?;
@@ -141,6 +143,7 @@ impl Cluster {
             (view.raft.settings, view.raft.phone_key)
         };
         let supplied_key = !request.phone_hash_key.is_empty();
+        let created = known.is_none();
         match known {
             Some(existing) if existing != settings => {
                 return Err(ApiError::FailedPrecondition {
@@ -173,9 +176,37 @@ impl Cluster {
             .placement()
             .map_or(placement, |held| held.as_ref().clone());
         self.init_shards(&request, &placement, &members).await?;
+        let event_format = if created && format > 1 {
+            self.start_event_format(request.event_format, format)
+                .await?
+        } else {
+            self.groups.event_format()
+        };
         Ok(InitClusterResponse {
             already_initialized: already,
+            event_format,
         })
+    }
+
+    /// A new cluster's event format: `format` once every member reads it. Asked for the newest
+    /// (`requested` 0), a member of an older build leaves the cluster at format 1 (raised later
+    /// with `Admin.RaiseEventFormat`); asked for `format` by name, it is refused.
+    async fn start_event_format(&self, requested: u32, format: u32) -> Result<u32, ApiError> {
+        let raise = peer::RaiseEventFormatRequest {
+            event_format: format,
+            leader_only: false,
+        };
+        match self.raise_event_format(raise).await {
+            Ok(raised) => Ok(raised),
+            Err(error) if requested == 0 => {
+                warn!(
+                    %error,
+                    "the new cluster stays at event format 1 until every member reads a newer                      one (Admin.RaiseEventFormat, courier-ops cluster raise-format)"
+                );
+                Ok(self.groups.event_format())
+            }
+            Err(error) => Err(error),
+        }
     }
 
     /// Starts each shard on its first placed member, which becomes its first leader: leaders

@@ -29,7 +29,10 @@ impl Cluster {
     /// only, holding no replica until moves give it some (`shard rebalance`). Safe to retry.
     ///
     /// # Errors
-    /// `INVALID_ARGUMENT` for a bad node; `UNAVAILABLE` when a group has no leader in time.
+    /// `INVALID_ARGUMENT` for a bad node; `UNAVAILABLE` when a group has no leader in time;
+    /// once the cluster's event format is past 1, `FAILED_PRECONDITION`
+    /// `COURIER:Cluster:MemberTooOld` for a node whose build does not read it and `UNAVAILABLE`
+    /// `COURIER:Cluster:MemberUnreachable` for one that does not answer.
     pub async fn add_node(&self, request: peer::AddNodeRequest) -> Result<(), ApiError> {
         let node = request
             .node
@@ -40,6 +43,12 @@ impl Cluster {
                 "COURIER:Cluster:BadMember",
                 "a node needs an id >= 1 and a host:port peer address".to_owned(),
             ));
+        }
+        // A node of an older build would stop at the first entry of the cluster's format.
+        let format = self.groups.event_format();
+        if request.group.is_none() && format > 1 {
+            self.node_reads(node.node_id, &node.peer_addr, format)
+                .await?;
         }
         let change = Change::Add(node.node_id, node.peer_addr);
         self.change_members(change, request.group.as_ref()).await

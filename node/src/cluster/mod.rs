@@ -26,6 +26,7 @@
 mod balance;
 mod bootstrap;
 mod edge;
+mod format;
 mod forward;
 mod membership;
 mod moves;

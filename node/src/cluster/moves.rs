@@ -409,7 +409,9 @@ impl Cluster {
     ///
     /// # Errors
     /// `UNAVAILABLE` (with the leader it knows) when it does not.
-    async fn leading_metadata(&self) -> Result<courier_consensus::groups::GroupHandle, ApiError> {
+    pub(super) async fn leading_metadata(
+        &self,
+    ) -> Result<courier_consensus::groups::GroupHandle, ApiError> {
         let metadata = self.group(GroupId::Metadata).await?;
         let state = metadata.state();
         if state.current_leader != Some(self.groups.node_id()) {

@@ -154,6 +154,8 @@ impl Cluster {
             placement,
             moves: self.moves.list(),
             draining: self.groups.draining().into_iter().collect(),
+            event_format_max: courier_proto::FORMAT_VERSION,
+            event_format: self.groups.event_format(),
         }
     }
 

@@ -73,6 +73,8 @@ pub(crate) fn init_request(peers: &[String], phone_hash_key: Vec<u8>) -> InitClu
         replication_factor: 0,
         init_shards: Vec::new(),
         phone_hash_key,
+        // By name: a member that does not read it fails the init instead of leaving format 1.
+        event_format: courier_proto::FORMAT_VERSION,
     }
 }
 
@@ -1027,4 +1029,112 @@ async fn backup_is_a_consistent_checkpoint() {
             }
         }
     }
+}
+
+/// The format of the newest entry with events in `shard`'s log on the node at `peer`.
+async fn newest_format(peer: &str, shard: u32) -> u32 {
+    let page = AdminClient::new(peer_channel(peer).await)
+        .read_log(courier_proto::pb::peer::ReadLogRequest {
+            shard,
+            from: 0,
+            to: 0,
+            limit: 0,
+        })
+        .await
+        .expect("read log")
+        .into_inner();
+    assert!(
+        page.last <= page.entries.last().map_or(0, |e| e.index),
+        "one page"
+    );
+    page.entries
+        .iter()
+        .rev()
+        .find_map(|entry| entry.events.as_ref())
+        .expect("an entry with events")
+        .format_version
+}
+
+/// A cluster created at event format 1 (as by a build before format 2) writes format 1 until
+/// the operator raises it, which `cluster raise-format` does once every member answers with a
+/// build that reads format 2; every node's leaders then write format 2. A raise never lowers
+/// the format, refuses one past the build, and stops while a member does not answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_format_is_raised_only_when_every_member_reads_it() {
+    use courier_proto::FORMAT_VERSION;
+    use courier_proto::pb::peer::RaiseEventFormatRequest;
+
+    let mut cluster = Processes::start_uninitialized(3, "");
+    let peers = cluster.peers.clone();
+    let response = AdminClient::new(peer_channel(&peers[0]).await)
+        .init_cluster(InitClusterRequest {
+            event_format: 1,
+            ..init_request(&peers, PHONE_KEY.to_vec())
+        })
+        .await
+        .expect("init")
+        .into_inner();
+    assert_eq!(response.event_format, 1);
+    wait_leaders(&peers, Duration::from_secs(30)).await;
+    for peer in &peers {
+        let status = status(peer).await;
+        assert_eq!(
+            (status.event_format, status.event_format_max),
+            (1, FORMAT_VERSION)
+        );
+    }
+    forward(&peers[0], 0, 1, 1).await.expect("forward");
+    assert_eq!(
+        newest_format(&peers[0], 0).await,
+        1,
+        "written as the cluster's format"
+    );
+
+    let (code, stdout, stderr) =
+        crate::support::ops(&["cluster", "raise-format", "--addr", &peers[1]]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("event format 2"), "{stdout}");
+    for peer in &peers {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while status(peer).await.event_format != FORMAT_VERSION {
+            assert!(Instant::now() < deadline, "{peer} never applied the raise");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    forward(&peers[0], 0, 2, 1).await.expect("forward");
+    assert_eq!(newest_format(&peers[0], 0).await, FORMAT_VERSION);
+
+    let mut admin = AdminClient::new(peer_channel(&peers[2]).await);
+    let lower = admin
+        .raise_event_format(RaiseEventFormatRequest {
+            event_format: 1,
+            leader_only: false,
+        })
+        .await
+        .expect("a lower format changes nothing")
+        .into_inner();
+    assert_eq!(lower.event_format, FORMAT_VERSION, "never lowered");
+    let unknown = admin
+        .raise_event_format(RaiseEventFormatRequest {
+            event_format: FORMAT_VERSION + 1,
+            leader_only: false,
+        })
+        .await
+        .expect_err("past this build");
+    assert_eq!(unknown.code(), tonic::Code::InvalidArgument);
+    assert_eq!(
+        crate::messaging::code_of(&unknown),
+        "COURIER:Cluster:UnknownFormat"
+    );
+
+    cluster.kill(2);
+    let unreachable = AdminClient::new(peer_channel(&peers[0]).await)
+        .raise_event_format(RaiseEventFormatRequest::default())
+        .await
+        .expect_err("a member did not answer");
+    assert_eq!(unreachable.code(), tonic::Code::Unavailable);
+    assert_eq!(
+        crate::messaging::code_of(&unreachable),
+        "COURIER:Cluster:MemberUnreachable"
+    );
 }

@@ -173,9 +173,16 @@ async fn certificates_act_only_within_their_role() {
         "an operator proposes",
     );
     assert_denied(
-        RaftClient::new(operator).vote(vote_from(1)).await,
+        RaftClient::new(operator.clone()).vote(vote_from(1)).await,
         "COURIER:Peer:NodeOnly",
         "an operator votes",
+    );
+    assert_denied(
+        ForwardClient::new(operator)
+            .build_info(courier_proto::pb::peer::BuildInfoRequest {})
+            .await,
+        "COURIER:Peer:NodeOnly",
+        "an operator asks a member's build as a member would",
     );
 
     let node1 = connect(&peer, peer_tls("node-1")).await;

@@ -687,3 +687,38 @@ fn an_ack_clears_at_most_trim_max_bodies() {
     apply_one(&mut kv, &mut state, vec![ack(6, true, 0)]);
     assert_eq!(trimmed(&kv), 6, "no bound: the rest at once");
 }
+
+/// In an entry of event format 1 `trim_max` is ignored, as the builds before it ignored it: a
+/// replica of either build clears the same bodies.
+#[test]
+fn a_format_1_ack_ignores_trim_max() {
+    let mut kv = MemKv::default();
+    let mut state = ShardState::empty(SHARD);
+    let user = UserId::new(1).expect("nonzero");
+    apply_one(
+        &mut kv,
+        &mut state,
+        [
+            registered(1, 1, 1),
+            (1..=6).map(|seq| delivered(1, 2, seq)).collect(),
+        ]
+        .concat(),
+    );
+    let ack = Kind::DeliveryAcked(events::DeliveryAcked {
+        user: 1,
+        device: 1,
+        up_to_seq: 5,
+        acked_at_ms: 10,
+        trim_delivered: true,
+        keep_recent: 0,
+        trim_max: 2,
+    });
+    super::projection_test::apply_one_in(1, &mut kv, &mut state, vec![ack]);
+    let mut staged = Staged::new(&kv, BTreeMap::new());
+    let view = View::new(&mut staged, SHARD, LogIndex::ZERO, Projection::Inbox);
+    let inbox = super::inbox::state(&view, user).expect("memory");
+    assert_eq!(
+        inbox.trimmed_up_to, 5,
+        "every acked body, as format 1 means"
+    );
+}

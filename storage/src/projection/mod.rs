@@ -49,6 +49,7 @@ mod registration_test;
 #[cfg(test)]
 mod remote_test;
 
+use std::borrow::Cow;
 use std::ops::ControlFlow;
 
 use courier_proto::pb::events::event::Kind;
@@ -168,6 +169,33 @@ fn forwarded_position(event: &Decoded<'_>) -> Option<(ShardId, u64)> {
         Decoded::MessageDelivered(delivered) => delivered.forwarded,
         Decoded::ReceiptRecorded(receipt) => Some((receipt.source, receipt.event.source_pos)),
         _ => None,
+    }
+}
+
+/// `event` with the meaning it has in an entry of event format `format`: in format 1, the fields
+/// format 2 added (`DeliveryAcked.trim_max`, `DeviceRegistered.companions_max`) are ignored, as
+/// the builds before them ignored them, so that replicas of both builds apply a format-1 entry
+/// alike (a newer build may have filled them in before the cluster's format was raised).
+pub fn as_written_in(format: u32, event: &Event) -> Cow<'_, Event> {
+    if format >= 2 {
+        return Cow::Borrowed(event);
+    }
+    match &event.kind {
+        Some(Kind::DeliveryAcked(acked)) if acked.trim_max != 0 => Cow::Owned(Event {
+            kind: Some(Kind::DeliveryAcked(events::DeliveryAcked {
+                trim_max: 0,
+                ..*acked
+            })),
+        }),
+        Some(Kind::DeviceRegistered(registered)) if registered.companions_max != 0 => {
+            Cow::Owned(Event {
+                kind: Some(Kind::DeviceRegistered(events::DeviceRegistered {
+                    companions_max: 0,
+                    ..registered.clone()
+                })),
+            })
+        }
+        _ => Cow::Borrowed(event),
     }
 }
 

@@ -60,8 +60,18 @@ fn committed(applied: LogIndex, payloads: &[EntryPayload]) -> Vec<Committed<'_>>
 }
 
 pub(super) fn apply_one(kv: &mut MemKv, state: &mut ShardState, kinds: Vec<Kind>) -> Vec<Applied> {
+    apply_one_in(FORMAT_VERSION, kv, state, kinds)
+}
+
+/// [`apply_one`] in an entry of event format `format`.
+pub(super) fn apply_one_in(
+    format: u32,
+    kv: &mut MemKv,
+    state: &mut ShardState,
+    kinds: Vec<Kind>,
+) -> Vec<Applied> {
     let payload = EntryPayload {
-        format_version: FORMAT_VERSION,
+        format_version: format,
         events: kinds
             .into_iter()
             .map(|kind| Event { kind: Some(kind) })

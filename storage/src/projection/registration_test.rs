@@ -477,3 +477,39 @@ fn a_companion_past_the_limit_is_refused_at_apply() {
     );
     assert_eq!(companions(&kv), 2);
 }
+
+/// In an entry of event format 1 `companions_max` is ignored, as the builds before it ignored
+/// it: a replica of either build links the same companions.
+#[test]
+fn a_format_1_registration_ignores_companions_max() {
+    let mut kv = MemKv::default();
+    let mut state = ShardState::empty(SHARD);
+    let user = 12_u64;
+    apply_one(
+        &mut kv,
+        &mut state,
+        vec![
+            Kind::UserRegistered(events::UserRegistered {
+                user,
+                phone_hash: PHONE.to_vec(),
+                at_ms: 1,
+                redeemed_phone_hash: Vec::new(),
+            }),
+            device_registered(user, true, false, 1),
+        ],
+    );
+    let outcomes = super::projection_test::apply_one_in(
+        1,
+        &mut kv,
+        &mut state,
+        vec![
+            device_registered(user, false, false, 1),
+            device_registered(user, false, false, 1),
+        ],
+    );
+    assert!(
+        matches!(outcomes[1], Applied::DeviceRegistered { device: 3, .. }),
+        "format 1 has no limit at apply: {:?}",
+        outcomes[1]
+    );
+}
