@@ -146,17 +146,9 @@ impl Cluster {
     }
 
     async fn raise_event_format_once(&self, format: u32) -> Result<u32, ApiError> {
-        let state = self.group(GroupId::Metadata).await?.state();
-        if state.current_leader == Some(self.groups.node_id()) {
+        let Some((mut client, leader)) = self.metadata_leader_elsewhere().await? else {
             return self.raise_event_format_here(format).await;
-        }
-        let addr = state
-            .leader_addr()
-            .ok_or_else(|| unavailable("the metadata group has no leader".to_owned(), None))?;
-        let mut client = self
-            .peers
-            .admin(&addr)
-            .ok_or_else(|| super::internal(format!("bad address {addr}")))?;
+        };
         let request = self.peers.request(peer::RaiseEventFormatRequest {
             event_format: format,
             leader_only: true,
@@ -170,7 +162,7 @@ impl Cluster {
                     tonic::Code::InvalidArgument => {
                         invalid("COURIER:Cluster:UnknownFormat", status.message().to_owned())
                     }
-                    _ => unavailable(status.message().to_owned(), state.current_leader),
+                    _ => unavailable(status.message().to_owned(), leader),
                 })?;
         Ok(response.into_inner().event_format)
     }

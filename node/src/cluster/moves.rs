@@ -25,6 +25,12 @@ use super::membership::Change;
 use super::{Cluster, internal, invalid, unavailable};
 use crate::status::ApiError;
 
+/// An Admin client to a group's leader on another node, and the leader's id.
+type LeaderHop = (
+    peer::admin_client::AdminClient<tonic::transport::Channel>,
+    Option<NodeId>,
+);
+
 /// How long a move tries to record itself in the placement table while the metadata group has
 /// no reachable leader (it elects one within an election timeout when a member died).
 const RECORD_WAIT: Duration = Duration::from_secs(30);
@@ -372,17 +378,9 @@ impl Cluster {
     }
 
     async fn mark_draining_once(&self, node: NodeId, on: bool) -> Result<(), ApiError> {
-        let state = self.group(GroupId::Metadata).await?.state();
-        if state.current_leader == Some(self.groups.node_id()) {
+        let Some((mut client, leader)) = self.metadata_leader_elsewhere().await? else {
             return self.mark_draining_here(node, on).await;
-        }
-        let addr = state
-            .leader_addr()
-            .ok_or_else(|| unavailable("the metadata group has no leader".to_owned(), None))?;
-        let mut client = self
-            .peers
-            .admin(&addr)
-            .ok_or_else(|| internal(format!("bad address {addr}")))?;
+        };
         let request = self.peers.request(peer::MarkDrainingRequest {
             node_id: node,
             draining: on,
@@ -400,9 +398,29 @@ impl Cluster {
                 tonic::Code::InvalidArgument => {
                     invalid("COURIER:Cluster:BadMember", status.message().to_owned())
                 }
-                _ => unavailable(status.message().to_owned(), state.current_leader),
+                _ => unavailable(status.message().to_owned(), leader),
             })?;
         Ok(())
+    }
+
+    /// The metadata group's leader, when another node leads it: an Admin client to it and its
+    /// id, for a one-hop call (`leader_only`); `None` when this node leads.
+    ///
+    /// # Errors
+    /// `UNAVAILABLE` when the group has no leader now.
+    pub(super) async fn metadata_leader_elsewhere(&self) -> Result<Option<LeaderHop>, ApiError> {
+        let state = self.group(GroupId::Metadata).await?.state();
+        if state.current_leader == Some(self.groups.node_id()) {
+            return Ok(None);
+        }
+        let addr = state
+            .leader_addr()
+            .ok_or_else(|| unavailable("the metadata group has no leader".to_owned(), None))?;
+        let client = self
+            .peers
+            .admin(&addr)
+            .ok_or_else(|| internal(format!("bad address {addr}")))?;
+        Ok(Some((client, state.current_leader)))
     }
 
     /// The metadata group's replica here, when it leads.

@@ -643,14 +643,10 @@ fn a_read_of_a_forgotten_message_under_another_conversation_sends_nothing() {
     );
 }
 
-/// A `DeliveryAcked` with `trim_max` clears at most that many bodies past the inbox's
-/// `trimmed_up_to`: a backlog (here five messages acked without trimming) is cleared over
-/// several entries, the repeated acks included, and 0 clears it all at once as before.
-#[test]
-fn an_ack_clears_at_most_trim_max_bodies() {
+/// User 1 (device 1) with six messages delivered from user 2, none acked.
+fn six_delivered_to_user_1() -> (MemKv, ShardState) {
     let mut kv = MemKv::default();
     let mut state = ShardState::empty(SHARD);
-    let user = UserId::new(1).expect("nonzero");
     apply_one(
         &mut kv,
         &mut state,
@@ -660,6 +656,16 @@ fn an_ack_clears_at_most_trim_max_bodies() {
         ]
         .concat(),
     );
+    (kv, state)
+}
+
+/// A `DeliveryAcked` with `trim_max` clears at most that many bodies past the inbox's
+/// `trimmed_up_to`: a backlog (here five messages acked without trimming) is cleared over
+/// several entries, the repeated acks included, and 0 clears it all at once as before.
+#[test]
+fn an_ack_clears_at_most_trim_max_bodies() {
+    let (mut kv, mut state) = six_delivered_to_user_1();
+    let user = UserId::new(1).expect("nonzero");
     let ack = |up_to_seq: u64, trim_delivered: bool, trim_max: u32| {
         Kind::DeliveryAcked(events::DeliveryAcked {
             user: 1,
@@ -692,18 +698,8 @@ fn an_ack_clears_at_most_trim_max_bodies() {
 /// replica of either build clears the same bodies.
 #[test]
 fn a_format_1_ack_ignores_trim_max() {
-    let mut kv = MemKv::default();
-    let mut state = ShardState::empty(SHARD);
+    let (mut kv, mut state) = six_delivered_to_user_1();
     let user = UserId::new(1).expect("nonzero");
-    apply_one(
-        &mut kv,
-        &mut state,
-        [
-            registered(1, 1, 1),
-            (1..=6).map(|seq| delivered(1, 2, seq)).collect(),
-        ]
-        .concat(),
-    );
     let ack = Kind::DeliveryAcked(events::DeliveryAcked {
         user: 1,
         device: 1,

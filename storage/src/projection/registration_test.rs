@@ -408,19 +408,7 @@ fn a_companion_past_the_limit_is_refused_at_apply() {
             .filter(|(_, record)| !record.primary && !record.revoked)
             .count()
     };
-    apply_one(
-        &mut kv,
-        &mut state,
-        vec![
-            Kind::UserRegistered(events::UserRegistered {
-                user,
-                phone_hash: PHONE.to_vec(),
-                at_ms: 1,
-                redeemed_phone_hash: Vec::new(),
-            }),
-            registered(true, 2),
-        ],
-    );
+    apply_one(&mut kv, &mut state, with_primary(user, 2));
     // Two approvals in one entry, as two racing commits would land: the second is past 2.
     let outcomes = apply_one(
         &mut kv,
@@ -478,6 +466,19 @@ fn a_companion_past_the_limit_is_refused_at_apply() {
     assert_eq!(companions(&kv), 2);
 }
 
+/// `user` registering with its primary device, under a `companions_max` of `companions_max`.
+fn with_primary(user: u64, companions_max: u32) -> Vec<Kind> {
+    vec![
+        Kind::UserRegistered(events::UserRegistered {
+            user,
+            phone_hash: PHONE.to_vec(),
+            at_ms: 1,
+            redeemed_phone_hash: Vec::new(),
+        }),
+        device_registered(user, true, false, companions_max),
+    ]
+}
+
 /// In an entry of event format 1 `companions_max` is ignored, as the builds before it ignored
 /// it: a replica of either build links the same companions.
 #[test]
@@ -485,19 +486,7 @@ fn a_format_1_registration_ignores_companions_max() {
     let mut kv = MemKv::default();
     let mut state = ShardState::empty(SHARD);
     let user = 12_u64;
-    apply_one(
-        &mut kv,
-        &mut state,
-        vec![
-            Kind::UserRegistered(events::UserRegistered {
-                user,
-                phone_hash: PHONE.to_vec(),
-                at_ms: 1,
-                redeemed_phone_hash: Vec::new(),
-            }),
-            device_registered(user, true, false, 1),
-        ],
-    );
+    apply_one(&mut kv, &mut state, with_primary(user, 1));
     let outcomes = super::projection_test::apply_one_in(
         1,
         &mut kv,
