@@ -406,6 +406,40 @@ fn each_sms_provider_error_fires() {
     }
 }
 
+/// The peer listener's connection and stream caps are configured values: 1,024 each by
+/// default, set from the file, never zero.
+#[test]
+fn peer_listener_limits_are_configured() {
+    let values = |c: &Config| {
+        (
+            c.limits.peer_connections_max,
+            c.limits.peer_streams_per_connection_max,
+        )
+    };
+    assert_eq!(
+        values(&Config::parse(MINIMAL).expect("minimal")),
+        (1024, 1024)
+    );
+    let set = with("[limits]\npeer-connections-max = 16\npeer-streams-per-connection-max = 64")
+        .expect("set");
+    assert_eq!(values(&set), (16, 64));
+    for (line, name) in [
+        (
+            "[limits]\npeer-connections-max = 0",
+            "limits.peer-connections-max",
+        ),
+        (
+            "[limits]\npeer-streams-per-connection-max = 0",
+            "limits.peer-streams-per-connection-max",
+        ),
+    ] {
+        match with(line) {
+            Err(ConfigError::ZeroLimit { name: got }) => assert_eq!(got, name),
+            other => panic!("{line}: expected ZeroLimit, got {other:?}"),
+        }
+    }
+}
+
 /// The in-memory limits of pairing, typing, the rate limiters and presence reports are
 /// configured values: defaults as documented, set from the file, never zero.
 #[test]

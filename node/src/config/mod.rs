@@ -162,6 +162,10 @@ pub struct Limits {
     pub connections_max: u32,
     /// Concurrent streams per connection.
     pub streams_per_connection_max: u32,
+    /// Concurrent connections on the peer listener.
+    pub peer_connections_max: u32,
+    /// Concurrent streams per peer connection.
+    pub peer_streams_per_connection_max: u32,
     /// Members per group.
     pub group_members_max: u32,
     /// Companion devices per user.

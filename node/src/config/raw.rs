@@ -97,6 +97,13 @@ pub struct LimitsRaw {
     /// Concurrent HTTP/2 streams per client connection. Default 128.
     #[serde(default = "defaults::streams")]
     pub streams_per_connection_max: u32,
+    /// Concurrent connections on the peer listener (other nodes and operators). Default 1024.
+    #[serde(default = "defaults::peer_connections")]
+    pub peer_connections_max: u32,
+    /// Concurrent HTTP/2 streams per peer connection (a node's raft pipe, forwards, proposals
+    /// and reads to one other node share one). Default 1024.
+    #[serde(default = "defaults::peer_streams")]
+    pub peer_streams_per_connection_max: u32,
     /// Members per group. Default 1024, at most the protocol's 1024.
     #[serde(default = "defaults::group_members")]
     pub group_members_max: u32,
@@ -568,6 +575,12 @@ mod defaults {
     }
     pub(super) fn streams() -> u32 {
         128
+    }
+    pub(super) fn peer_connections() -> u32 {
+        1024
+    }
+    pub(super) fn peer_streams() -> u32 {
+        1024
     }
     pub(super) fn group_members() -> u32 {
         limits::GROUP_MEMBERS_MAX

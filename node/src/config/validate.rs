@@ -246,6 +246,11 @@ fn nonzero_limits(l: &LimitsRaw) -> Result<(), ConfigError> {
             "limits.streams-per-connection-max",
             l.streams_per_connection_max,
         ),
+        ("limits.peer-connections-max", l.peer_connections_max),
+        (
+            "limits.peer-streams-per-connection-max",
+            l.peer_streams_per_connection_max,
+        ),
         (
             "limits.sends-per-second-per-device",
             l.sends_per_second_per_device,
@@ -439,6 +444,8 @@ fn validate_limits(l: &LimitsRaw) -> Result<Limits, ConfigError> {
         thumbnail_bytes_max: l.thumbnail_max.bytes(),
         connections_max: l.connections_max,
         streams_per_connection_max: l.streams_per_connection_max,
+        peer_connections_max: l.peer_connections_max,
+        peer_streams_per_connection_max: l.peer_streams_per_connection_max,
         group_members_max: l.group_members_max,
         companion_devices_max: l.companion_devices_max,
         sends_per_second_per_device: l.sends_per_second_per_device,

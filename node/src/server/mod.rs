@@ -34,9 +34,6 @@ use crate::cluster::{Cluster, Edge};
 use crate::config::Config;
 use routers::{Bound, Serving, bind_listeners, client_router, peer_router, write_addr_file};
 
-/// Connections the peer listener accepts at once (nodes and operator tools, not phones).
-pub const PEER_CONNECTIONS_MAX: u32 = 1024;
-
 /// How long shutdown waits for in-flight RPCs before giving up on them.
 pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -228,6 +225,7 @@ pub async fn start_in(config: Config, environment: Environment) -> Result<NodeHa
         peer_tls,
         config.backup_root.clone(),
         shutdown.clone(),
+        config.limits.peer_streams_per_connection_max,
     )
     .await?;
     let serving = Serving {

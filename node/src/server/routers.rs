@@ -23,7 +23,7 @@ use tonic::server::NamedService;
 use tonic::service::interceptor::InterceptedService;
 use tracing::info;
 
-use super::{Incoming, PEER_CONNECTIONS_MAX, ServerError};
+use super::{Incoming, ServerError};
 use crate::client::ClientApi;
 use crate::cluster::Cluster;
 use crate::config::Config;
@@ -130,7 +130,7 @@ impl Serving<'_> {
                     peer_router,
                     crate::listener::limited(
                         peer,
-                        PEER_CONNECTIONS_MAX,
+                        config.limits.peer_connections_max,
                         self.metrics.connections_refused("peer"),
                     ),
                 );
@@ -248,6 +248,7 @@ pub(super) async fn peer_router(
     tls: Option<tonic::transport::ServerTlsConfig>,
     backup_root: std::path::PathBuf,
     shutdown: CancellationToken,
+    streams_max: u32,
 ) -> Result<tonic::transport::server::Router, ServerError> {
     let groups = cluster.groups().clone();
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -261,9 +262,12 @@ pub(super) async fn peer_router(
     let raft = RaftService::new(groups).until(shutdown);
     // Pings find peers that vanished without closing their connection (their raft pipes would
     // otherwise be served forever).
+    // A stream past the limit waits on its caller's side (HTTP/2 flow control), so a node's
+    // long-lived raft pipe and its calls share the connection without any of them failing.
     let mut builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(courier_consensus::pipe::KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(courier_consensus::pipe::KEEPALIVE_TIMEOUT));
+        .http2_keepalive_timeout(Some(courier_consensus::pipe::KEEPALIVE_TIMEOUT))
+        .max_concurrent_streams(Some(streams_max));
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }

@@ -171,6 +171,51 @@ async fn three_node_processes_serve_and_stop_on_sigterm() {
     assert!(parsed.get("level").is_some(), "{first}");
 }
 
+/// The peer listener holds at most `limits.peer-connections-max` connections: with one open, a
+/// second operator connection is refused at once, and the refusal is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_connections_are_capped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = format!(
+        "{}\n[limits]\npeer-connections-max = 1\npeer-streams-per-connection-max = 8\n",
+        config_text(1, dir.path())
+    );
+    let node = courier_node::start(courier_node::Config::parse(&text).expect("config"))
+        .await
+        .expect("start");
+    let peer = node.peer_addr.to_string();
+    let health_check = || HealthCheckRequest {
+        service: String::new(),
+    };
+    let mut held = HealthClient::new(peer_channel(&peer).await);
+    held.check(health_check()).await.expect("served");
+    let second = tonic::transport::Channel::from_shared(format!("https://{peer}"))
+        .expect("uri")
+        .tls_config(crate::support::peer_tls(courier_tls::dev::OPERATOR))
+        .expect("tls")
+        .connect_lazy();
+    let waited = tokio::time::timeout(
+        Duration::from_secs(5),
+        HealthClient::new(second).check(health_check()),
+    )
+    .await;
+    assert!(
+        waited.as_ref().is_ok_and(Result::is_err),
+        "the second connection was refused at once: {waited:?}"
+    );
+    let metrics = crate::support::scrape(node.metrics_addr.expect("metrics")).await;
+    assert!(
+        metrics.lines().any(|line| line
+            .starts_with("courier_connections_refused_total{listener=\"peer\"}")
+            && !line.ends_with(" 0")),
+        "the refusal is counted: {metrics}"
+    );
+    held.check(health_check())
+        .await
+        .expect("the first is still served");
+    node.stop().await;
+}
+
 /// The client listener holds at most `limits.connections-max` connections: a third client is
 /// refused at once (not left waiting) while two are open, and is served once one closes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
