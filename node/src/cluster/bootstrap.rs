@@ -9,7 +9,7 @@ use courier_consensus::groups::GroupHandle;
 use courier_consensus::placement::Placement;
 use courier_consensus::types::{ClusterSettings, GroupId, NodeId};
 use courier_proto::limits::{REPLICATION_FACTOR_MAX, SHARD_COUNT_MAX};
-use courier_proto::pb::peer::{self, InitClusterRequest, InitClusterResponse};
+use courier_proto::pb::peer::{InitClusterRequest, InitClusterResponse};
 use courier_proto::{PHONE_KEY_BYTES, PhoneKey, ShardId};
 use tracing::{info, warn};
 
@@ -143,7 +143,6 @@ impl Cluster {
             (view.raft.settings, view.raft.phone_key)
         };
         let supplied_key = !request.phone_hash_key.is_empty();
-        let created = known.is_none();
         match known {
             Some(existing) if existing != settings => {
                 return Err(ApiError::FailedPrecondition {
@@ -162,6 +161,10 @@ impl Cluster {
             }
             Some(_) => {}
             None => {
+                // Checked before anything is written, so that a refusal leaves no cluster.
+                let format = self
+                    .first_event_format(request.event_format, format, &members)
+                    .await?;
                 // A cluster with every shard on every member is written as before placement
                 // existed (nothing to place), so that such clusters keep one stored form.
                 let placed = (replication_factor < members.len()).then(|| placement.clone());
@@ -169,6 +172,12 @@ impl Cluster {
                     .write_settings(settings, phone_key, placed)
                     .await
                     .map_err(|e| unavailable(e.to_string(), None))?;
+                if format > 1 {
+                    metadata
+                        .write_event_format(format)
+                        .await
+                        .map_err(|e| unavailable(e.to_string(), e.leader))?;
+                }
             }
         }
         let placement = self
@@ -176,34 +185,37 @@ impl Cluster {
             .placement()
             .map_or(placement, |held| held.as_ref().clone());
         self.init_shards(&request, &placement, &members).await?;
-        let event_format = if created && format > 1 {
-            self.start_event_format(request.event_format, format)
-                .await?
-        } else {
-            self.groups.event_format()
-        };
         Ok(InitClusterResponse {
             already_initialized: already,
-            event_format,
+            event_format: self.groups.event_format(),
         })
     }
 
-    /// A new cluster's event format: `format` once every member reads it. Asked for the newest
-    /// (`requested` 0), a member of an older build leaves the cluster at format 1 (raised later
-    /// with `Admin.RaiseEventFormat`); asked for `format` by name, it is refused.
-    async fn start_event_format(&self, requested: u32, format: u32) -> Result<u32, ApiError> {
-        let raise = peer::RaiseEventFormatRequest {
-            event_format: format,
-            leader_only: false,
-        };
-        match self.raise_event_format(raise).await {
-            Ok(raised) => Ok(raised),
+    /// A new cluster's event format: `format` when every member reads it. Asked for the newest
+    /// (`requested` 0), a member of an older build or one that does not answer leaves the
+    /// cluster at format 1 (raised later with `Admin.RaiseEventFormat`); asked for `format` by
+    /// name, the init is refused.
+    ///
+    /// # Errors
+    /// As [`Cluster::members_read`], for a format asked for by name.
+    async fn first_event_format(
+        &self,
+        requested: u32,
+        format: u32,
+        members: &BTreeMap<NodeId, String>,
+    ) -> Result<u32, ApiError> {
+        if format == 1 {
+            return Ok(1);
+        }
+        match self.members_read(members.clone(), format).await {
+            Ok(()) => Ok(format),
             Err(error) if requested == 0 => {
                 warn!(
                     %error,
-                    "the new cluster stays at event format 1 until every member reads a newer                      one (Admin.RaiseEventFormat, courier-ops cluster raise-format)"
+                    "the new cluster starts at event format 1: raise it once every member \
+                     reads a newer one (courier-ops cluster raise-format)"
                 );
-                Ok(self.groups.event_format())
+                Ok(1)
             }
             Err(error) => Err(error),
         }

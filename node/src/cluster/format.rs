@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use courier_consensus::types::{GroupId, NodeId};
+use courier_consensus::types::NodeId;
 use courier_proto::FORMAT_VERSION;
 use courier_proto::pb::peer;
 use tracing::info;
@@ -66,30 +66,39 @@ fn member_reads(
         Err(status) if status.code() == tonic::Code::Unimplemented => Err(too_old(
             "runs a build before event formats (it reads format 1 only)",
         )),
-        Err(status) => Err(ApiError::Unavailable {
-            code: "COURIER:Cluster:MemberUnreachable",
-            message: format!(
-                "node {node} did not answer ({}); every member must answer before the event \
-                 format is raised",
-                status.message()
-            ),
-            retry_after_ms: 1_000,
-            leader: None,
-        }),
+        Err(status) => Err(member_unreachable(format!(
+            "node {node} did not answer ({}); every member must answer before the event format \
+             is raised or a node joins a cluster past format 1",
+            status.message()
+        ))),
+    }
+}
+
+/// The code of a member that did not answer a check of its build.
+pub(super) const MEMBER_UNREACHABLE: &str = "COURIER:Cluster:MemberUnreachable";
+
+/// `UNAVAILABLE` [`MEMBER_UNREACHABLE`]: a member did not answer a check of its build.
+pub(super) fn member_unreachable(message: String) -> ApiError {
+    ApiError::Unavailable {
+        code: MEMBER_UNREACHABLE,
+        message,
+        retry_after_ms: 1_000,
+        leader: None,
     }
 }
 
 impl Cluster {
-    /// Serves `Admin.RaiseEventFormat`: checks that every member reads the format, then records
-    /// it in the metadata group, on its leader (here or one hop away; `leader_only` is that hop,
-    /// which records without checking again), tried again while the metadata group elects (up
-    /// to 30 s). Returns the cluster's format once recorded.
+    /// Serves `Admin.RaiseEventFormat`: on the metadata group's leader (here or one hop away;
+    /// `leader_only` is that hop, which goes no further), checks that every member reads the
+    /// format and records it, tried again while the metadata group elects (up to 30 s). A
+    /// format at or below the cluster's changes nothing and writes nothing. Returns the
+    /// cluster's format.
     ///
     /// # Errors
     /// `INVALID_ARGUMENT` `COURIER:Cluster:UnknownFormat` past this build's newest format;
     /// `FAILED_PRECONDITION` `COURIER:Cluster:MemberTooOld` when a member's build does not read
-    /// it; `UNAVAILABLE` `COURIER:Cluster:MemberUnreachable` when a member did not answer, or
-    /// when the metadata group had no reachable leader in time.
+    /// it; `UNAVAILABLE` `COURIER:Cluster:MemberUnreachable` when a member did not answer, and
+    /// `COURIER:Shard:NoLeader` when the metadata group had no reachable leader in time.
     pub async fn raise_event_format(
         &self,
         request: peer::RaiseEventFormatRequest,
@@ -98,11 +107,13 @@ impl Cluster {
         if request.leader_only {
             return self.raise_event_format_here(format).await;
         }
-        self.members_read(format).await?;
         let deadline = tokio::time::Instant::now() + RAISE_WAIT;
         loop {
             match self.raise_event_format_once(format).await {
-                Err(ApiError::Unavailable { .. }) if tokio::time::Instant::now() < deadline => {
+                Err(ApiError::Unavailable {
+                    code: "COURIER:Shard:NoLeader",
+                    ..
+                }) if tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 other => return other,
@@ -110,13 +121,16 @@ impl Cluster {
         }
     }
 
-    /// Checks that every member of the cluster (the metadata group's voters and learners) runs
-    /// a build that reads event format `format`, asking each other member (`BuildInfo`).
+    /// Checks that every node of `members` but this one runs a build that reads event format
+    /// `format`.
     ///
     /// # Errors
     /// As [`member_reads`], for the first member that does not.
-    pub(super) async fn members_read(&self, format: u32) -> Result<(), ApiError> {
-        let members = self.group(GroupId::Metadata).await?.state().members;
+    pub(super) async fn members_read(
+        &self,
+        members: impl IntoIterator<Item = (NodeId, String)>,
+        format: u32,
+    ) -> Result<(), ApiError> {
         for (node, addr) in members {
             if node != self.groups.node_id() {
                 self.node_reads(node, &addr, format).await?;
@@ -153,24 +167,36 @@ impl Cluster {
             event_format: format,
             leader_only: true,
         });
-        let response =
-            client
-                .raise_event_format(request)
-                .await
-                .map_err(|status| match status.code() {
-                    // The leader's refusal stands (not retried as if it had not answered).
-                    tonic::Code::InvalidArgument => {
-                        invalid("COURIER:Cluster:UnknownFormat", status.message().to_owned())
-                    }
-                    _ => unavailable(status.message().to_owned(), leader),
-                })?;
+        let response = client.raise_event_format(request).await.map_err(|status| {
+            // The leader's refusal stands (not retried as if it had not answered).
+            match status.code() {
+                tonic::Code::InvalidArgument => {
+                    invalid("COURIER:Cluster:UnknownFormat", status.message().to_owned())
+                }
+                tonic::Code::FailedPrecondition => ApiError::FailedPrecondition {
+                    code: "COURIER:Cluster:MemberTooOld",
+                    message: status.message().to_owned(),
+                },
+                _ if super::code_is(&status, MEMBER_UNREACHABLE) => {
+                    member_unreachable(status.message().to_owned())
+                }
+                _ => unavailable(status.message().to_owned(), leader),
+            }
+        })?;
         Ok(response.into_inner().event_format)
     }
 
-    /// On the metadata group's leader: records the format and waits until applied here.
+    /// On the metadata group's leader: checks every member (as the leader knows them, changes
+    /// not yet committed included) and records the format, under the format gate.
     async fn raise_event_format_here(&self, format: u32) -> Result<u32, ApiError> {
-        self.leading_metadata()
-            .await?
+        let metadata = self.leading_metadata().await?;
+        let _gate = self.format_gate.lock().await;
+        let current = self.groups.event_format();
+        if format <= current {
+            return Ok(current);
+        }
+        self.members_read(metadata.state().members, format).await?;
+        metadata
             .write_event_format(format)
             .await
             .map_err(|e| unavailable(e.to_string(), e.leader))?;
@@ -181,6 +207,25 @@ impl Cluster {
             "event format raised"
         );
         Ok(now)
+    }
+
+    /// On the metadata group's leader, about to add `node` at `addr` to it: once the cluster's
+    /// format is past 1, checks that the node's build reads it. The returned guard holds the
+    /// format gate until the membership change is done.
+    ///
+    /// # Errors
+    /// As [`member_reads`].
+    pub(super) async fn admit_to_format(
+        &self,
+        node: NodeId,
+        addr: &str,
+    ) -> Result<tokio::sync::OwnedMutexGuard<()>, ApiError> {
+        let gate = self.format_gate.clone().lock_owned().await;
+        let format = self.groups.event_format();
+        if format > 1 {
+            self.node_reads(node, addr, format).await?;
+        }
+        Ok(gate)
     }
 }
 
@@ -206,8 +251,8 @@ mod tests {
     }
 
     /// Only a member that answers with a build reading the format lets it be raised: an older
-    /// build (an answer without the field, or a refusal of `Status` to nodes) and a member that
-    /// does not answer stop the raise.
+    /// build (an answer below the format, or no `BuildInfo` at all) and a member that does not
+    /// answer stop the raise.
     #[test]
     fn every_member_must_read_the_format() {
         assert!(member_reads(2, 2, Ok(2)).is_ok());

@@ -30,9 +30,9 @@ impl Cluster {
     ///
     /// # Errors
     /// `INVALID_ARGUMENT` for a bad node; `UNAVAILABLE` when a group has no leader in time;
-    /// once the cluster's event format is past 1, `FAILED_PRECONDITION`
-    /// `COURIER:Cluster:MemberTooOld` for a node whose build does not read it and `UNAVAILABLE`
-    /// `COURIER:Cluster:MemberUnreachable` for one that does not answer.
+    /// once the cluster's event format is past 1 (checked on the metadata group's leader),
+    /// `FAILED_PRECONDITION` `COURIER:Cluster:MemberTooOld` for a node whose build does not read
+    /// it and `UNAVAILABLE` `COURIER:Cluster:MemberUnreachable` for one that does not answer.
     pub async fn add_node(&self, request: peer::AddNodeRequest) -> Result<(), ApiError> {
         let node = request
             .node
@@ -43,12 +43,6 @@ impl Cluster {
                 "COURIER:Cluster:BadMember",
                 "a node needs an id >= 1 and a host:port peer address".to_owned(),
             ));
-        }
-        // A node of an older build would stop at the first entry of the cluster's format.
-        let format = self.groups.event_format();
-        if request.group.is_none() && format > 1 {
-            self.node_reads(node.node_id, &node.peer_addr, format)
-                .await?;
         }
         let change = Change::Add(node.node_id, node.peer_addr);
         self.change_members(change, request.group.as_ref()).await
@@ -117,6 +111,14 @@ impl Cluster {
                 match change {
                     Change::Add(id, addr) => {
                         if !voters.contains(id) {
+                            // A node of an older build would stop at the first entry of the
+                            // cluster's format: checked on the metadata leader, under the gate
+                            // a raise of the format holds.
+                            let _gate = if group == GroupId::Metadata {
+                                Some(self.admit_to_format(*id, addr).await?)
+                            } else {
+                                None
+                            };
                             handle
                                 .add_learner(*id, addr.clone())
                                 .await
@@ -153,7 +155,13 @@ impl Cluster {
             if let (Some(addr), false) = (leader_addr, scoped) {
                 match self.delegate_change(&addr, group, change).await {
                     Ok(()) => return Ok(()),
-                    Err(error @ ApiError::FailedPrecondition { .. }) => return Err(error),
+                    Err(
+                        error @ (ApiError::FailedPrecondition { .. }
+                        | ApiError::Unavailable {
+                            code: super::format::MEMBER_UNREACHABLE,
+                            ..
+                        }),
+                    ) => return Err(error),
                     Err(_) => {}
                 }
             } else if scoped && state.current_leader.is_some() {
@@ -212,17 +220,18 @@ impl Cluster {
         };
         result.map_err(|status| match status.code() {
             tonic::Code::FailedPrecondition => ApiError::FailedPrecondition {
-                code: if status
-                    .metadata()
-                    .get(courier_proto::CODE_KEY)
-                    .is_some_and(|code| code == "COURIER:Cluster:HoldsReplicas")
-                {
-                    "COURIER:Cluster:HoldsReplicas"
-                } else {
-                    "COURIER:Cluster:TooFewVoters"
-                },
+                code: [
+                    "COURIER:Cluster:HoldsReplicas",
+                    "COURIER:Cluster:MemberTooOld",
+                ]
+                .into_iter()
+                .find(|code| super::code_is(&status, code))
+                .unwrap_or("COURIER:Cluster:TooFewVoters"),
                 message: status.message().to_owned(),
             },
+            _ if super::code_is(&status, super::format::MEMBER_UNREACHABLE) => {
+                super::format::member_unreachable(status.message().to_owned())
+            }
             _ => unavailable(status.message().to_owned(), None),
         })
     }

@@ -78,6 +78,10 @@ pub struct Cluster {
     /// The node's log archive (none on an embedder's disk): a move checks what only this node's
     /// replica holds is kept before it deletes the replica.
     archive: Option<Arc<crate::archive::Archive>>,
+    /// Held by the metadata leader across a raise of the event format (its check of the
+    /// members and its write) and across adding a member (its check of the new node's build
+    /// and the membership change), so neither slips past the other.
+    format_gate: Arc<tokio::sync::Mutex<()>>,
 }
 
 fn unavailable(message: String, leader: Option<NodeId>) -> ApiError {
@@ -87,6 +91,14 @@ fn unavailable(message: String, leader: Option<NodeId>) -> ApiError {
         retry_after_ms: NO_LEADER_RETRY_MS,
         leader,
     }
+}
+
+/// Whether `status` carries the stable `code` (in its `courier-code` metadata).
+fn code_is(status: &tonic::Status, code: &str) -> bool {
+    status
+        .metadata()
+        .get(courier_proto::CODE_KEY)
+        .is_some_and(|value| value == code)
 }
 
 fn internal(message: String) -> ApiError {
@@ -117,6 +129,7 @@ impl Cluster {
             passes: Arc::default(),
             elsewhere: Arc::default(),
             moves: Arc::default(),
+            format_gate: Arc::default(),
         }
     }
 

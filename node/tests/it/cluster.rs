@@ -1056,9 +1056,9 @@ async fn newest_format(peer: &str, shard: u32) -> u32 {
 }
 
 /// A cluster created at event format 1 (as by a build before format 2) writes format 1 until
-/// the operator raises it, which `cluster raise-format` does once every member answers with a
-/// build that reads format 2; every node's leaders then write format 2. A raise never lowers
-/// the format, refuses one past the build, and stops while a member does not answer.
+/// the operator raises it, which `cluster raise-format` does only while every member answers
+/// with a build that reads format 2; every node's leaders then write format 2. A raise never
+/// lowers the format and refuses one past the build.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_event_format_is_raised_only_when_every_member_reads_it() {
     use courier_proto::FORMAT_VERSION;
@@ -1090,9 +1090,32 @@ async fn the_event_format_is_raised_only_when_every_member_reads_it() {
         "written as the cluster's format"
     );
 
-    let (code, stdout, stderr) =
-        crate::support::ops(&["cluster", "raise-format", "--addr", &peers[1]]);
-    assert_eq!(code, 0, "{stdout}{stderr}");
+    cluster.kill(2);
+    let unreachable = AdminClient::new(peer_channel(&peers[0]).await)
+        .raise_event_format(RaiseEventFormatRequest::default())
+        .await
+        .expect_err("a member did not answer");
+    assert_eq!(unreachable.code(), tonic::Code::Unavailable);
+    assert_eq!(
+        crate::messaging::code_of(&unreachable),
+        "COURIER:Cluster:MemberUnreachable"
+    );
+    assert_eq!(status(&peers[1]).await.event_format, 1, "nothing changed");
+    cluster.restart(2);
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let stdout = loop {
+        let (code, stdout, stderr) =
+            crate::support::ops(&["cluster", "raise-format", "--addr", &peers[1]]);
+        if code == 0 {
+            break stdout;
+        }
+        assert!(
+            stderr.contains("MemberUnreachable") && Instant::now() < deadline,
+            "{stdout}{stderr}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     assert!(stdout.contains("event format 2"), "{stdout}");
     for peer in &peers {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -1125,16 +1148,5 @@ async fn the_event_format_is_raised_only_when_every_member_reads_it() {
     assert_eq!(
         crate::messaging::code_of(&unknown),
         "COURIER:Cluster:UnknownFormat"
-    );
-
-    cluster.kill(2);
-    let unreachable = AdminClient::new(peer_channel(&peers[0]).await)
-        .raise_event_format(RaiseEventFormatRequest::default())
-        .await
-        .expect_err("a member did not answer");
-    assert_eq!(unreachable.code(), tonic::Code::Unavailable);
-    assert_eq!(
-        crate::messaging::code_of(&unreachable),
-        "COURIER:Cluster:MemberUnreachable"
     );
 }
