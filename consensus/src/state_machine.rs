@@ -133,10 +133,7 @@ impl RaftApplied {
                     last_applied: v1.last_applied,
                     membership: v1.membership,
                     settings: v1.settings,
-                    phone_key: None,
-                    placement: None,
-                    draining: BTreeSet::new(),
-                    event_format: 0,
+                    ..Self::default()
                 })
             }
             Some(&RAFT_APPLIED_V2) => {
@@ -147,9 +144,7 @@ impl RaftApplied {
                     membership: v2.membership,
                     settings: v2.settings,
                     phone_key: v2.phone_key.map(PhoneKey::new),
-                    placement: None,
-                    draining: BTreeSet::new(),
-                    event_format: 0,
+                    ..Self::default()
                 })
             }
             Some(&RAFT_APPLIED_V3) => {
@@ -161,8 +156,7 @@ impl RaftApplied {
                     settings: v3.settings,
                     phone_key: v3.phone_key.map(PhoneKey::new),
                     placement: v3.placement.map(Arc::new),
-                    draining: BTreeSet::new(),
-                    event_format: 0,
+                    ..Self::default()
                 })
             }
             Some(&RAFT_APPLIED_V4) => {
@@ -175,7 +169,7 @@ impl RaftApplied {
                     phone_key: v4.phone_key.map(PhoneKey::new),
                     placement: v4.placement.map(Arc::new),
                     draining: v4.draining,
-                    event_format: 0,
+                    ..Self::default()
                 })
             }
             Some(&RAFT_APPLIED_V5) => {

@@ -171,6 +171,43 @@ async fn three_node_processes_serve_and_stop_on_sigterm() {
     assert!(parsed.get("level").is_some(), "{first}");
 }
 
+/// A new connection with `tls` to `node`'s `listener` ("client" or "peer") is refused at once,
+/// not served or left waiting, and the refusal is counted.
+async fn assert_refused_at_once(
+    node: &courier_node::NodeHandle,
+    listener: &str,
+    tls: tonic::transport::ClientTlsConfig,
+) {
+    let addr = match listener {
+        "client" => node.client_addr,
+        _ => node.peer_addr,
+    };
+    let extra = tonic::transport::Channel::from_shared(format!("https://{addr}"))
+        .expect("uri")
+        .tls_config(tls)
+        .expect("tls")
+        .connect_lazy();
+    let waited = tokio::time::timeout(
+        Duration::from_secs(5),
+        HealthClient::new(extra).check(HealthCheckRequest {
+            service: String::new(),
+        }),
+    )
+    .await;
+    assert!(
+        waited.as_ref().is_ok_and(Result::is_err),
+        "the {listener} connection was refused at once, not served or left waiting: {waited:?}"
+    );
+    let metrics = crate::support::scrape(node.metrics_addr.expect("metrics")).await;
+    let counter = format!("courier_connections_refused_total{{listener=\"{listener}\"}}");
+    assert!(
+        metrics
+            .lines()
+            .any(|line| line.starts_with(&counter) && !line.ends_with(" 0")),
+        "the refusal is counted: {metrics}"
+    );
+}
+
 /// The peer listener holds at most `limits.peer-connections-max` connections: with one open, a
 /// second operator connection is refused at once, and the refusal is counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,27 +226,12 @@ async fn peer_connections_are_capped() {
     };
     let mut held = HealthClient::new(peer_channel(&peer).await);
     held.check(health_check()).await.expect("served");
-    let second = tonic::transport::Channel::from_shared(format!("https://{peer}"))
-        .expect("uri")
-        .tls_config(crate::support::peer_tls(courier_tls::dev::OPERATOR))
-        .expect("tls")
-        .connect_lazy();
-    let waited = tokio::time::timeout(
-        Duration::from_secs(5),
-        HealthClient::new(second).check(health_check()),
+    assert_refused_at_once(
+        &node,
+        "peer",
+        crate::support::peer_tls(courier_tls::dev::OPERATOR),
     )
     .await;
-    assert!(
-        waited.as_ref().is_ok_and(Result::is_err),
-        "the second connection was refused at once: {waited:?}"
-    );
-    let metrics = crate::support::scrape(node.metrics_addr.expect("metrics")).await;
-    assert!(
-        metrics.lines().any(|line| line
-            .starts_with("courier_connections_refused_total{listener=\"peer\"}")
-            && !line.ends_with(" 0")),
-        "the refusal is counted: {metrics}"
-    );
     held.check(health_check())
         .await
         .expect("the first is still served");
@@ -240,36 +262,13 @@ async fn client_connections_are_capped() {
             .expect("served");
         held.push(health);
     }
-    {
-        tracing::info!("a third connection is refused at once while two are open");
-        let third = tonic::transport::Channel::from_shared(format!("https://{client}"))
-            .expect("uri")
-            .tls_config(
-                courier_tls::phone(&pki().join(courier_tls::dev::CA_FILE), "localhost")
-                    .expect("test CA"),
-            )
-            .expect("tls")
-            .connect_lazy();
-        let mut health = HealthClient::new(third);
-        let waited = tokio::time::timeout(
-            Duration::from_secs(5),
-            health.check(HealthCheckRequest {
-                service: String::new(),
-            }),
-        )
-        .await;
-        assert!(
-            waited.as_ref().is_ok_and(Result::is_err),
-            "the third connection was refused at once, not served or left waiting: {waited:?}"
-        );
-        let metrics = crate::support::scrape(node.metrics_addr.expect("metrics")).await;
-        assert!(
-            metrics.lines().any(|line| line
-                .starts_with("courier_connections_refused_total{listener=\"client\"}")
-                && !line.ends_with(" 0")),
-            "the refusal is counted: {metrics}"
-        );
-    }
+    tracing::info!("a third connection is refused at once while two are open");
+    assert_refused_at_once(
+        &node,
+        "client",
+        courier_tls::phone(&pki().join(courier_tls::dev::CA_FILE), "localhost").expect("test CA"),
+    )
+    .await;
     {
         tracing::info!("once the two close, a new connection is served");
         drop(held);
