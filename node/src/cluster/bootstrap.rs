@@ -9,7 +9,7 @@ use courier_consensus::groups::GroupHandle;
 use courier_consensus::placement::Placement;
 use courier_consensus::types::{ClusterSettings, GroupId, NodeId};
 use courier_proto::limits::{REPLICATION_FACTOR_MAX, SHARD_COUNT_MAX};
-use courier_proto::pb::peer::{InitClusterRequest, InitClusterResponse};
+use courier_proto::pb::peer::{self, InitClusterRequest, InitClusterResponse};
 use courier_proto::{PHONE_KEY_BYTES, PhoneKey, ShardId};
 use tracing::{info, warn};
 
@@ -97,22 +97,9 @@ impl Cluster {
             |held| held.as_ref().clone(),
         );
         if !request.init_shards.is_empty() {
-            // A bootstrapping peer asks this node to start some shards as their first leader.
-            for shard in &request.init_shards {
-                let shard = ShardId::from_wire(*shard, shard_count)?;
-                let replicas = replicas_of(&placement, shard, &members);
-                if !replicas.contains_key(&self.groups.node_id()) {
-                    return Err(invalid(
-                        "COURIER:Cluster:NotAMember",
-                        format!("{shard} is not placed on this node"),
-                    ));
-                }
-                self.init_group(GroupId::Shard(shard), &replicas).await?;
-            }
-            return Ok(InitClusterResponse {
-                already_initialized: false,
-                event_format: self.groups.event_format(),
-            });
+            return self
+                .init_delegated(&request.init_shards, shard_count, &placement, &members)
+                .await;
         }
         let metadata = self.group(GroupId::Metadata).await?;
         let already = metadata
@@ -159,6 +146,15 @@ impl Cluster {
                         .to_owned(),
                 });
             }
+            // A retry of an init that named a format it did not get to record (the settings
+            // written, the format not) raises it now, with the same checks.
+            Some(_) if request.event_format != 0 && format > self.groups.event_format() => {
+                self.raise_event_format(peer::RaiseEventFormatRequest {
+                    event_format: format,
+                    leader_only: false,
+                })
+                .await?;
+            }
             Some(_) => {}
             None => {
                 // Checked before anything is written, so that a refusal leaves no cluster.
@@ -187,6 +183,31 @@ impl Cluster {
         self.init_shards(&request, &placement, &members).await?;
         Ok(InitClusterResponse {
             already_initialized: already,
+            event_format: self.groups.event_format(),
+        })
+    }
+
+    /// A bootstrapping peer asks this node to start `shards` as their first leader.
+    async fn init_delegated(
+        &self,
+        shards: &[u32],
+        shard_count: u16,
+        placement: &Placement,
+        members: &BTreeMap<NodeId, String>,
+    ) -> Result<InitClusterResponse, ApiError> {
+        for shard in shards {
+            let shard = ShardId::from_wire(*shard, shard_count)?;
+            let replicas = replicas_of(placement, shard, members);
+            if !replicas.contains_key(&self.groups.node_id()) {
+                return Err(invalid(
+                    "COURIER:Cluster:NotAMember",
+                    format!("{shard} is not placed on this node"),
+                ));
+            }
+            self.init_group(GroupId::Shard(shard), &replicas).await?;
+        }
+        Ok(InitClusterResponse {
+            already_initialized: false,
             event_format: self.groups.event_format(),
         })
     }

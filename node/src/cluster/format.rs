@@ -12,6 +12,7 @@
 
 use std::time::Duration;
 
+use courier_consensus::groups::GroupHandle;
 use courier_consensus::types::NodeId;
 use courier_proto::FORMAT_VERSION;
 use courier_proto::pb::peer;
@@ -163,10 +164,14 @@ impl Cluster {
         let Some((mut client, leader)) = self.metadata_leader_elsewhere().await? else {
             return self.raise_event_format_here(format).await;
         };
-        let request = self.peers.request(peer::RaiseEventFormatRequest {
-            event_format: format,
-            leader_only: true,
-        });
+        // The leader asks every member's build, each within the RPC timeout.
+        let request = self.peers.request_within(
+            peer::RaiseEventFormatRequest {
+                event_format: format,
+                leader_only: true,
+            },
+            RAISE_WAIT,
+        );
         let response = client.raise_event_format(request).await.map_err(|status| {
             // The leader's refusal stands (not retried as if it had not answered).
             match status.code() {
@@ -176,6 +181,14 @@ impl Cluster {
                 tonic::Code::FailedPrecondition => ApiError::FailedPrecondition {
                     code: "COURIER:Cluster:MemberTooOld",
                     message: status.message().to_owned(),
+                },
+                // A metadata leader of a build before formats.
+                tonic::Code::Unimplemented => ApiError::FailedPrecondition {
+                    code: "COURIER:Cluster:MemberTooOld",
+                    message: format!(
+                        "the metadata leader runs a build before event formats ({})",
+                        status.message()
+                    ),
                 },
                 _ if super::code_is(&status, MEMBER_UNREACHABLE) => {
                     member_unreachable(status.message().to_owned())
@@ -191,7 +204,7 @@ impl Cluster {
     async fn raise_event_format_here(&self, format: u32) -> Result<u32, ApiError> {
         let metadata = self.leading_metadata().await?;
         let _gate = self.format_gate.lock().await;
-        let current = self.groups.event_format();
+        let current = self.applied_event_format(&metadata).await?;
         if format <= current {
             return Ok(current);
         }
@@ -209,23 +222,35 @@ impl Cluster {
         Ok(now)
     }
 
-    /// On the metadata group's leader, about to add `node` at `addr` to it: once the cluster's
-    /// format is past 1, checks that the node's build reads it. The returned guard holds the
-    /// format gate until the membership change is done.
+    /// On the metadata group's leader (`metadata`), holding the format gate, about to add
+    /// `node` at `addr` to it: once the cluster's format is past 1, checks that the node's build
+    /// reads it. The format is read after this leader applied everything committed before its
+    /// term, so a raise its predecessor committed counts.
     ///
     /// # Errors
-    /// As [`member_reads`].
+    /// As [`member_reads`]; `UNAVAILABLE` `COURIER:Shard:NoLeader` when this node no longer
+    /// leads.
     pub(super) async fn admit_to_format(
         &self,
+        metadata: &GroupHandle,
         node: NodeId,
         addr: &str,
-    ) -> Result<tokio::sync::OwnedMutexGuard<()>, ApiError> {
-        let gate = self.format_gate.clone().lock_owned().await;
-        let format = self.groups.event_format();
+    ) -> Result<(), ApiError> {
+        let format = self.applied_event_format(metadata).await?;
         if format > 1 {
             self.node_reads(node, addr, format).await?;
         }
-        Ok(gate)
+        Ok(())
+    }
+
+    /// The cluster's event format as the metadata leader `metadata` knows it once it applied
+    /// every entry committed before it answers (a new leader may not have yet).
+    async fn applied_event_format(&self, metadata: &GroupHandle) -> Result<u32, ApiError> {
+        metadata
+            .ensure_linearizable()
+            .await
+            .map_err(|e| unavailable(e.to_string(), e.leader))?;
+        Ok(self.groups.event_format())
     }
 }
 

@@ -106,19 +106,24 @@ impl Cluster {
         loop {
             let handle = self.group(group).await?;
             let state = handle.state();
-            let mut voters = state.voters.clone();
             if state.current_leader == Some(self.groups.node_id()) {
+                // The metadata group's changes take the format gate one at a time (a raise of
+                // the event format holds it too), and each reads the voters under it: a change
+                // that read them before another one committed would write that one back out.
+                let _gate = if group == GroupId::Metadata {
+                    Some(self.format_gate.clone().lock_owned().await)
+                } else {
+                    None
+                };
+                let mut voters = handle.state().voters;
                 match change {
                     Change::Add(id, addr) => {
                         if !voters.contains(id) {
                             // A node of an older build would stop at the first entry of the
-                            // cluster's format: checked on the metadata leader, under the gate
-                            // a raise of the format holds.
-                            let _gate = if group == GroupId::Metadata {
-                                Some(self.admit_to_format(*id, addr).await?)
-                            } else {
-                                None
-                            };
+                            // cluster's format.
+                            if group == GroupId::Metadata {
+                                self.admit_to_format(&handle, *id, addr).await?;
+                            }
                             handle
                                 .add_learner(*id, addr.clone())
                                 .await

@@ -406,7 +406,7 @@ fn each_sms_provider_error_fires() {
     }
 }
 
-/// The peer listener's connection and stream caps are configured values: 1,024 each by
+/// The peer listener's connection and stream caps are configured values: 1,024 and 4,096 by
 /// default, set from the file, never zero.
 #[test]
 fn peer_listener_limits_are_configured() {
@@ -418,7 +418,7 @@ fn peer_listener_limits_are_configured() {
     };
     assert_eq!(
         values(&Config::parse(MINIMAL).expect("minimal")),
-        (1024, 1024)
+        (1024, 4096)
     );
     let set = with("[limits]\npeer-connections-max = 16\npeer-streams-per-connection-max = 64")
         .expect("set");

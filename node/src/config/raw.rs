@@ -101,7 +101,7 @@ pub struct LimitsRaw {
     #[serde(default = "defaults::peer_connections")]
     pub peer_connections_max: u32,
     /// Concurrent HTTP/2 streams per peer connection (a node's raft pipe, forwards, proposals
-    /// and reads to one other node share one). Default 1024.
+    /// and reads to one other node share one). Default 4096.
     #[serde(default = "defaults::peer_streams")]
     pub peer_streams_per_connection_max: u32,
     /// Members per group. Default 1024, at most the protocol's 1024.
@@ -580,7 +580,7 @@ mod defaults {
         1024
     }
     pub(super) fn peer_streams() -> u32 {
-        1024
+        4096
     }
     pub(super) fn group_members() -> u32 {
         limits::GROUP_MEMBERS_MAX
