@@ -1,13 +1,16 @@
 //! The cluster's event format (`Admin.RaiseEventFormat`): which `EntryPayload.format_version`
-//! the shard leaders write. A format is raised only once every member answers `Forward.BuildInfo`
-//! with a build that reads it, it is recorded in the metadata group (so every node's leaders switch
-//! when their replica applies it), and it is never lowered. Until then the leaders of a cluster
-//! in a rolling upgrade write the format every build of it reads, and replicas of the old and the
-//! new build apply every entry alike (docs/EVENTS.md, "Entries and format version").
+//! the shard leaders write. The metadata group's leader raises a format only once every member
+//! answers `Forward.BuildInfo` with a build that reads it, records it in the metadata group (so
+//! every node's leaders switch when their replica applies it), and never lowers it. Until then
+//! the leaders of a cluster in a rolling upgrade write the format every build of it reads, and
+//! replicas of the old and the new build apply every entry alike (docs/EVENTS.md, "Entries and
+//! format version"). The leader holds one gate across a raise and across each change of the
+//! metadata group's membership, whose adds check the new node's build the same way.
 //!
 //! ```text
-//!   operator ─RaiseEventFormat─▶ any node ──BuildInfo──▶ every member: event_format_max ≥ format?
-//!                                    └──(leader_only)──▶ metadata leader ─▶ Proposal::EventFormat
+//!   operator ─RaiseEventFormat─▶ any node ─(leader_only)─▶ metadata leader, under the gate:
+//!                                  ├─ BuildInfo ─▶ every member: event_format_max ≥ format?
+//!                                  └─ Proposal::EventFormat ─▶ applied on every node ─▶ proposers
 //! ```
 
 use std::time::Duration;
