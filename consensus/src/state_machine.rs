@@ -117,6 +117,13 @@ struct RaftAppliedV5 {
 /// The version tag of [`RaftAppliedV5`]'s stored form.
 const RAFT_APPLIED_V5: u8 = 5;
 
+/// A stored form: its version tag, then its postcard bytes.
+fn tagged(tag: u8, form: &impl Serialize) -> Vec<u8> {
+    let mut bytes = vec![tag];
+    bytes.extend(postcard::to_stdvec(form).expect("postcard encodes plain data"));
+    bytes
+}
+
 impl RaftApplied {
     fn decode(bytes: &[u8]) -> Result<Self, RaftStorageError> {
         let corrupt = |e: &dyn std::fmt::Display| -> RaftStorageError {
@@ -202,9 +209,7 @@ impl RaftApplied {
                 draining: self.draining.clone(),
                 event_format: self.event_format,
             };
-            let mut bytes = vec![RAFT_APPLIED_V5];
-            bytes.extend(postcard::to_stdvec(&v5).expect("postcard encodes plain data"));
-            return bytes;
+            return tagged(RAFT_APPLIED_V5, &v5);
         }
         if self.placement.is_none() && self.draining.is_empty() {
             // Without a table the state is what version 2 holds: written as version 2, so that
@@ -215,9 +220,7 @@ impl RaftApplied {
                 settings: self.settings,
                 phone_key: self.phone_key.map(|key| *key.expose()),
             };
-            let mut bytes = vec![RAFT_APPLIED_V2];
-            bytes.extend(postcard::to_stdvec(&v2).expect("postcard encodes plain data"));
-            return bytes;
+            return tagged(RAFT_APPLIED_V2, &v2);
         }
         if !self.draining.is_empty() {
             let v4 = RaftAppliedV4 {
@@ -228,9 +231,7 @@ impl RaftApplied {
                 placement: self.placement.as_deref().cloned(),
                 draining: self.draining.clone(),
             };
-            let mut bytes = vec![RAFT_APPLIED_V4];
-            bytes.extend(postcard::to_stdvec(&v4).expect("postcard encodes plain data"));
-            return bytes;
+            return tagged(RAFT_APPLIED_V4, &v4);
         }
         let v3 = RaftAppliedV3 {
             last_applied: self.last_applied,
@@ -239,9 +240,7 @@ impl RaftApplied {
             phone_key: self.phone_key.map(|key| *key.expose()),
             placement: self.placement.as_deref().cloned(),
         };
-        let mut bytes = vec![RAFT_APPLIED_V3];
-        bytes.extend(postcard::to_stdvec(&v3).expect("postcard encodes plain data"));
-        bytes
+        tagged(RAFT_APPLIED_V3, &v3)
     }
 }
 

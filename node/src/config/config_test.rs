@@ -406,6 +406,16 @@ fn each_sms_provider_error_fires() {
     }
 }
 
+/// Each `(config line, key)` is refused as a zero limit naming that key.
+fn assert_zero_refused(cases: &[(&str, &str)]) {
+    for (line, name) in cases {
+        match with(line) {
+            Err(ConfigError::ZeroLimit { name: got }) => assert_eq!(got, *name),
+            other => panic!("{line}: expected ZeroLimit, got {other:?}"),
+        }
+    }
+}
+
 /// The peer listener's connection and stream caps are configured values: 1,024 and 4,096 by
 /// default, set from the file, never zero.
 #[test]
@@ -423,7 +433,7 @@ fn peer_listener_limits_are_configured() {
     let set = with("[limits]\npeer-connections-max = 16\npeer-streams-per-connection-max = 64")
         .expect("set");
     assert_eq!(values(&set), (16, 64));
-    for (line, name) in [
+    assert_zero_refused(&[
         (
             "[limits]\npeer-connections-max = 0",
             "limits.peer-connections-max",
@@ -432,12 +442,7 @@ fn peer_listener_limits_are_configured() {
             "[limits]\npeer-streams-per-connection-max = 0",
             "limits.peer-streams-per-connection-max",
         ),
-    ] {
-        match with(line) {
-            Err(ConfigError::ZeroLimit { name: got }) => assert_eq!(got, name),
-            other => panic!("{line}: expected ZeroLimit, got {other:?}"),
-        }
-    }
+    ]);
 }
 
 /// The in-memory limits of pairing, typing, the rate limiters and presence reports are
@@ -465,7 +470,7 @@ fn node_memory_limits_are_configured() {
     )
     .expect("set");
     assert_eq!(values(&set), (7, Duration::from_secs(30), 2, 3, 500, 64));
-    for (line, name) in [
+    assert_zero_refused(&[
         ("[limits]\npairings-max = 0", "limits.pairings-max"),
         ("[limits]\npairing-ttl = \"0s\"", "limits.pairing-ttl"),
         (
@@ -484,12 +489,7 @@ fn node_memory_limits_are_configured() {
             "[presence]\nreport-queue-max = 0",
             "presence.report-queue-max",
         ),
-    ] {
-        match with(line) {
-            Err(ConfigError::ZeroLimit { name: got }) => assert_eq!(got, name),
-            other => panic!("{line}: expected ZeroLimit, got {other:?}"),
-        }
-    }
+    ]);
     for (line, name) in [
         ("[limits]\npairings-max = 100001", "limits.pairings-max"),
         (

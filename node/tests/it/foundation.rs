@@ -171,6 +171,17 @@ async fn three_node_processes_serve_and_stop_on_sigterm() {
     assert!(parsed.get("level").is_some(), "{first}");
 }
 
+/// One node in a fresh directory (returned, to live as long as the node) with `limits` (lines
+/// of the `[limits]` table) added to its configuration.
+async fn start_with_limits(limits: &str) -> (tempfile::TempDir, courier_node::NodeHandle) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = format!("{}\n[limits]\n{limits}\n", config_text(1, dir.path()));
+    let node = courier_node::start(courier_node::Config::parse(&text).expect("config"))
+        .await
+        .expect("start");
+    (dir, node)
+}
+
 /// A new connection with `tls` to `node`'s `listener` ("client" or "peer") is refused at once,
 /// not served or left waiting, and the refusal is counted.
 async fn assert_refused_at_once(
@@ -212,14 +223,8 @@ async fn assert_refused_at_once(
 /// second operator connection is refused at once, and the refusal is counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peer_connections_are_capped() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let text = format!(
-        "{}\n[limits]\npeer-connections-max = 1\npeer-streams-per-connection-max = 8\n",
-        config_text(1, dir.path())
-    );
-    let node = courier_node::start(courier_node::Config::parse(&text).expect("config"))
-        .await
-        .expect("start");
+    let (_dir, node) =
+        start_with_limits("peer-connections-max = 1\npeer-streams-per-connection-max = 8").await;
     let peer = node.peer_addr.to_string();
     let health_check = || HealthCheckRequest {
         service: String::new(),
@@ -242,14 +247,7 @@ async fn peer_connections_are_capped() {
 /// refused at once (not left waiting) while two are open, and is served once one closes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_connections_are_capped() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let text = format!(
-        "{}\n[limits]\nconnections-max = 2\n",
-        config_text(1, dir.path())
-    );
-    let node = courier_node::start(courier_node::Config::parse(&text).expect("config"))
-        .await
-        .expect("start");
+    let (_dir, node) = start_with_limits("connections-max = 2").await;
     let client = node.client_addr.to_string();
     let mut held = Vec::new();
     for _ in 0..2 {
