@@ -229,6 +229,18 @@ fn a_senders_other_devices_get_their_own_copy() {
     apply_one(&mut kv, &mut state, vec![send_by_1(5, 2, SHARD)]);
     assert_eq!(inbox_of(&kv, 1).len(), 2);
     assert_eq!(bodies(&kv, 2).len(), 5, "the recipient still gets it");
+
+    tracing_phase("a third device linked: devices 1 and 3 are active, the copies resume");
+    apply_one(&mut kv, &mut state, vec![device_of(1, false)]);
+    apply_one(&mut kv, &mut state, vec![send_by_1(7, 2, SHARD)]);
+    assert_eq!(
+        inbox_of(&kv, 1)
+            .iter()
+            .map(|(seq, content, ..)| (*seq, content.body.clone()))
+            .collect::<Vec<_>>(),
+        vec![(1, Vec::new()), (2, Vec::new()), (4, vec![7; 3])],
+        "the revoked device 2 between the two active ones is skipped"
+    );
 }
 
 /// A group's fan-out includes the sender's own pointer copy: stored here, on the sender's shard,
