@@ -24,8 +24,6 @@ use tracing::{info, warn};
 use crate::archive::Archive;
 use crate::status::ApiError;
 
-/// Projection jobs (verify, rebuild) running at once on one node: each replays a whole log.
-pub const JOBS_MAX: usize = 1;
 /// Progress updates buffered per job; a slow reader misses intermediate ones, never the result.
 pub const PROGRESS_QUEUE: usize = 16;
 /// Log entries returned by one `ReadLog` call at most.
@@ -50,7 +48,40 @@ pub struct Jobs {
     scratch: PathBuf,
     /// Where purged log entries are read from.
     archive: Option<Arc<Archive>>,
-    slots: Arc<Semaphore>,
+    slots: JobSlots,
+}
+
+/// The jobs that may run at once on a node (`limits.projection-jobs-max`).
+#[derive(Clone)]
+struct JobSlots {
+    permits: Arc<Semaphore>,
+    max: u32,
+}
+
+impl JobSlots {
+    fn new(max: u32) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(usize::try_from(max).unwrap_or(usize::MAX))),
+            max,
+        }
+    }
+
+    /// A slot for one job, held until the job ends.
+    ///
+    /// # Errors
+    /// `RESOURCE_EXHAUSTED` `COURIER:Maintenance:Busy` when every slot is taken.
+    fn take(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        self.permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ApiError::ResourceExhausted {
+                code: "COURIER:Maintenance:Busy",
+                message: format!(
+                    "{} projection job(s) already running on this node (limits.projection-jobs-max); retry when done",
+                    self.max
+                ),
+            })
+    }
 }
 
 impl std::fmt::Debug for Jobs {
@@ -99,15 +130,21 @@ fn progress_update(done: LogIndex, total: LogIndex, events: u64) -> ProjectionJo
 }
 
 impl Jobs {
-    /// Jobs over `groups`, with checkpoints for verify under `scratch` (cleared now: whatever a
-    /// crashed job left there is garbage).
-    pub fn new(groups: Arc<Groups>, scratch: PathBuf, archive: Option<Arc<Archive>>) -> Self {
+    /// Jobs over `groups`, at most `limits.projection-jobs-max` at once, with checkpoints for
+    /// verify under `data-dir/scratch` (cleared now: whatever a crashed job left there is
+    /// garbage).
+    pub fn new(
+        groups: Arc<Groups>,
+        config: &crate::config::Config,
+        archive: Option<Arc<Archive>>,
+    ) -> Self {
+        let scratch = config.data_dir.join("scratch");
         let _ = std::fs::remove_dir_all(&scratch);
         Self {
             groups,
             scratch,
             archive,
-            slots: Arc::new(Semaphore::new(JOBS_MAX)),
+            slots: JobSlots::new(config.limits.projection_jobs_max),
         }
     }
 
@@ -132,16 +169,7 @@ impl Jobs {
             + Send
             + 'static,
     {
-        let permit =
-            self.slots
-                .clone()
-                .try_acquire_owned()
-                .map_err(|_| ApiError::ResourceExhausted {
-                    code: "COURIER:Maintenance:Busy",
-                    message: format!(
-                        "{JOBS_MAX} projection job(s) already running on this node; retry when done"
-                    ),
-                })?;
+        let permit = self.slots.take()?;
         let (tx, rx) = mpsc::channel(PROGRESS_QUEUE);
         tokio::task::spawn_blocking(move || {
             let result = job(&tx).map(|update| ProjectionJobUpdate {
@@ -406,5 +434,28 @@ fn verify_response(verified: &Verified) -> VerifyProjectionResponse {
                     }))
             })
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `limits.projection-jobs-max` jobs run at once; one more is refused with
+    /// `COURIER:Maintenance:Busy` naming the limit, and a slot frees when its job ends.
+    #[test]
+    fn jobs_past_the_limit_are_refused_until_one_ends() {
+        let slots = JobSlots::new(2);
+        let first = slots.take().expect("first slot");
+        let _second = slots.take().expect("second slot");
+        match slots.take() {
+            Err(ApiError::ResourceExhausted { code, message }) => {
+                assert_eq!(code, "COURIER:Maintenance:Busy");
+                assert!(message.starts_with("2 projection job(s)"), "{message}");
+            }
+            other => panic!("expected Busy, got {:?}", other.map(|_| ())),
+        }
+        drop(first);
+        let _third = slots.take().expect("the ended job's slot");
     }
 }

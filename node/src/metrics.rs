@@ -8,7 +8,8 @@
 //!   log's fsync count, entries appended and time spent in synced appends; push hook outcomes.
 //!
 //! The endpoint is deliberately small: one request per connection, at most
-//! [`METRICS_CONNECTIONS_MAX`] at once, requests up to [`REQUEST_BYTES_MAX`], a read deadline.
+//! `limits.metrics-connections-max` at once, requests up to [`REQUEST_BYTES_MAX`], a read
+//! deadline.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -33,8 +34,6 @@ use tokio_util::sync::CancellationToken;
 use crate::cluster::Cluster;
 use crate::status::ApiError;
 
-/// Scrapes served at once.
-pub const METRICS_CONNECTIONS_MAX: usize = 16;
 /// Largest request read, bytes.
 pub const REQUEST_BYTES_MAX: usize = 8 * 1024;
 /// Deadline to read a request.
@@ -532,9 +531,17 @@ impl Collector for ShardCollector {
     }
 }
 
-/// Serves `/metrics` on `listener` until `shutdown`.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: CancellationToken) {
-    let permits = Arc::new(Semaphore::new(METRICS_CONNECTIONS_MAX));
+/// Serves `/metrics` on `listener` until `shutdown`, `connections_max` scrapes at once (further
+/// connections wait in the listen backlog).
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    connections_max: u32,
+) {
+    let permits = Arc::new(Semaphore::new(
+        usize::try_from(connections_max).unwrap_or(usize::MAX),
+    ));
     loop {
         // We never close the semaphore, so acquiring cannot fail.
         let permit = tokio::select! {

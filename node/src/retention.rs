@@ -11,6 +11,12 @@
 //! Registration records (codes and the per-number limits) with nothing left to remember leave
 //! by `RegistrationsForgotten`. An expiry that races an ack, or a second proposal for the same message or send from a new
 //! leader, applies as a no-op.
+//!
+//! Each proposal carries at most `retention.batch-max` of each kind. A round proposes once per
+//! shard it leads; while some kind filled its batch on a shard, another round follows at once
+//! for those shards, up to `retention.batches-per-pass-max` rounds per `scan-interval`. So each
+//! kind leaves at up to `batch-max × batches-per-pass-max` per scan interval per shard (256 × 64
+//! per 10 s by default), and a backlog drains instead of growing with the traffic.
 
 use std::time::Duration;
 
@@ -27,13 +33,6 @@ use tracing::{info, warn};
 use crate::client::now_ms;
 use crate::cluster::Cluster;
 
-/// `MessageExpired` events proposed per shard per pass at most (one proposal).
-pub const EXPIRE_BATCH_MAX: usize = 256;
-
-/// Forgotten sends, inbox stubs and receipts (each) proposed per shard per pass at most (one
-/// proposal).
-pub const FORGET_BATCH_MAX: usize = 256;
-
 /// How long things are kept (`[retention]`), and how often the leader looks.
 #[derive(Clone, Copy, Debug)]
 pub struct Windows {
@@ -47,15 +46,21 @@ pub struct Windows {
     /// Whether stored group message copies leave once older than `undelivered` + `dedup` (not
     /// when delivered messages are kept).
     pub forget_group_copies: bool,
+    /// Expired messages, and forgotten sends, inbox stubs, receipts and group copies (each), in
+    /// one proposal at most (`retention.batch-max`).
+    pub batch_max: usize,
+    /// Rounds of proposals per pass at most (`retention.batches-per-pass-max`).
+    pub rounds_max: u32,
 }
 
-/// The retention windows of one pass, in milliseconds.
+/// The retention windows of one pass, in milliseconds, and the size of its proposals.
 #[derive(Clone, Copy, Debug)]
 struct Millis {
     undelivered: u64,
     dedup: u64,
     /// `None`: group message copies are kept.
     group_copies: Option<u64>,
+    batch_max: usize,
 }
 
 /// Runs the expirer of this node until `shutdown`.
@@ -68,6 +73,7 @@ pub async fn run(cluster: Cluster, windows: Windows, shutdown: CancellationToken
         group_copies: windows
             .forget_group_copies
             .then_some(undelivered.saturating_add(dedup)),
+        batch_max: windows.batch_max,
     };
     loop {
         tokio::select! {
@@ -77,10 +83,31 @@ pub async fn run(cluster: Cluster, windows: Windows, shutdown: CancellationToken
         let Some(shard_count) = cluster.groups().shard_count() else {
             continue;
         };
-        for shard in (0..shard_count).map(ShardId::new) {
-            pass_on(&cluster, shard, windows_ms).await;
+        // Round-robin over the shards with more due, so that one shard's backlog does not hold
+        // back the others.
+        let mut due: Vec<ShardId> = (0..shard_count).map(ShardId::new).collect();
+        for _ in 0..windows.rounds_max {
+            let mut more = Vec::new();
+            for shard in due {
+                if round_on(&cluster, shard, windows_ms).await == Round::More {
+                    more.push(shard);
+                }
+            }
+            if more.is_empty() || shutdown.is_cancelled() {
+                break;
+            }
+            due = more;
         }
     }
+}
+
+/// What a round left on a shard.
+#[derive(Debug, PartialEq, Eq)]
+enum Round {
+    /// Nothing known to be left: the shard waits for the next pass.
+    Done,
+    /// Some kind filled its batch and was committed: more may be due now.
+    More,
 }
 
 /// What one pass found due on a shard, oldest first.
@@ -111,7 +138,7 @@ impl Found {
                 groups::messages_sent_before(
                     &reader.view(Projection::Groups),
                     before_ms,
-                    FORGET_BATCH_MAX,
+                    windows.batch_max,
                 )?
                 .map(|last| (last, before_ms))
             }
@@ -123,22 +150,22 @@ impl Found {
             expired: expiry::due(
                 &reader.view(Projection::Expiry),
                 now.saturating_sub(windows.undelivered),
-                EXPIRE_BATCH_MAX,
+                windows.batch_max,
             )?,
             sends: dedup::sent_before(
                 &reader.view(Projection::Dedup),
                 dedup_cutoff,
-                FORGET_BATCH_MAX,
+                windows.batch_max,
             )?,
             stubs: inbox::stubs_before(
                 &reader.view(Projection::Inbox),
                 dedup_cutoff,
-                FORGET_BATCH_MAX,
+                windows.batch_max,
             )?,
             receipts: receipts::set_before(
                 &reader.view(Projection::Receipts),
                 dedup_cutoff,
-                FORGET_BATCH_MAX,
+                windows.batch_max,
             )?,
         })
     }
@@ -192,21 +219,22 @@ impl Found {
     }
 }
 
-/// One pass over `shard`, if this node leads it: expires the undelivered messages and forgets
-/// the sends, inbox stubs, receipts and group message copies that are due, in one proposal.
-async fn pass_on(cluster: &Cluster, shard: ShardId, windows: Millis) {
+/// One round over `shard`, if this node leads it: expires the undelivered messages and forgets
+/// the sends, inbox stubs, receipts and group message copies that are due, in one proposal of at
+/// most `batch_max` of each.
+async fn round_on(cluster: &Cluster, shard: ShardId, windows: Millis) -> Round {
     let Some(handle) = cluster.groups().get(GroupId::Shard(shard)) else {
-        return;
+        return Round::Done;
     };
     if !handle.is_leader() {
-        return;
+        return Round::Done;
     }
     let now = now_ms();
     let due = match Found::read(cluster, shard, now, windows) {
         Ok(due) => due,
         Err(error) => {
             warn!(%shard, %error, "reading the retention indexes failed");
-            return;
+            return Round::Done;
         }
     };
     let (expired, sends, stubs, receipts, registrations) = (
@@ -217,20 +245,27 @@ async fn pass_on(cluster: &Cluster, shard: ShardId, windows: Millis) {
         due.registrations,
     );
     let group_copies_up_to = due.group_copies.map_or(0, |(last, _)| last.get());
+    let full = [expired, sends, stubs, receipts].contains(&windows.batch_max);
     let events = due.events(now);
     if events.is_empty() {
-        return;
+        return Round::Done;
     }
     match cluster.propose(shard, events).await {
-        Ok(_) => info!(
-            %shard, expired, sends, stubs, receipts, group_copies_up_to, registrations,
-            "retention: messages expired; sends, inbox stubs, receipts, group copies and \
-             registration records forgotten"
-        ),
+        Ok(_) => {
+            info!(
+                %shard, expired, sends, stubs, receipts, group_copies_up_to, registrations,
+                "retention: messages expired; sends, inbox stubs, receipts, group copies and \
+                 registration records forgotten"
+            );
+            if full { Round::More } else { Round::Done }
+        }
         // Lost leadership or quorum: the next leader's pass proposes them again.
-        Err(error) => warn!(
-            %shard, expired, sends, stubs, receipts, %error,
-            "retention proposal failed; retried next pass"
-        ),
+        Err(error) => {
+            warn!(
+                %shard, expired, sends, stubs, receipts, %error,
+                "retention proposal failed; retried next pass"
+            );
+            Round::Done
+        }
     }
 }

@@ -26,11 +26,6 @@ use crate::cluster::Cluster;
 use crate::config::Limits;
 use crate::status::ApiError;
 
-/// Typing updates being handed to the other nodes at once, node-wide. Each is a task calling
-/// every other node (up to one RPC timeout each, when a node does not answer); past this many an
-/// update is dropped, as typing is best effort, instead of tasks piling up behind a dead peer.
-pub const TYPING_BROADCASTS_MAX: usize = 1024;
-
 /// Shared state of the client services.
 #[derive(Clone)]
 pub struct ClientApi {
@@ -39,7 +34,9 @@ pub struct ClientApi {
     pub(crate) sms: Arc<dyn crate::sms::SmsSender>,
     pub(crate) shutdown: CancellationToken,
     pub(crate) live: Arc<live::LiveStreams>,
-    /// Typing broadcasts in flight ([`TYPING_BROADCASTS_MAX`]).
+    /// Typing broadcasts in flight (`limits.typing-broadcasts-max`). Each is a task calling every
+    /// other node (up to one RPC timeout each, when a node does not answer); past the limit an
+    /// update is dropped, as typing is best effort, instead of tasks piling up behind a dead peer.
     pub(crate) typing_broadcasts: Arc<tokio::sync::Semaphore>,
     /// Companion pairings started on this node.
     pub(crate) pairings: Arc<pairing::PairingStore>,
@@ -91,6 +88,9 @@ impl ClientApi {
             limits.pairing_ttl,
         ));
         let limiters = Arc::new(rate::Limiters::new(&limits));
+        let typing_broadcasts = Arc::new(tokio::sync::Semaphore::new(
+            usize::try_from(limits.typing_broadcasts_max).unwrap_or(usize::MAX),
+        ));
         Self {
             cluster,
             limits,
@@ -98,7 +98,7 @@ impl ClientApi {
             sms,
             shutdown,
             live: Arc::default(),
-            typing_broadcasts: Arc::new(tokio::sync::Semaphore::new(TYPING_BROADCASTS_MAX)),
+            typing_broadcasts,
             pairings,
             limiters,
             metrics,

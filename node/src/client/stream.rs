@@ -682,7 +682,7 @@ impl ClientApi {
     /// logged, dropped where nobody is connected. In a 1:1 conversation only once it exists (one
     /// of the two received a message from the other). In a group it goes to every other current
     /// member (read from this replica of the group's shard); a caller who is not a member is
-    /// ignored. At most [`super::TYPING_BROADCASTS_MAX`] are handled at once on a node.
+    /// ignored. At most `limits.typing-broadcasts-max` are handled at once on a node.
     fn typing(&self, caller: Caller, conversation: courier_proto::ConversationId, typing: bool) {
         if self
             .limiters

@@ -445,6 +445,67 @@ fn peer_listener_limits_are_configured() {
     ]);
 }
 
+/// The size of a retention proposal and the proposals in a row per scan are configured values:
+/// 256 and 64 by default, set from the file, never zero, the batch at most 1,000.
+#[test]
+fn retention_batches_are_configured() {
+    let values = |c: &Config| (c.retention.batch_max, c.retention.batches_per_pass_max);
+    assert_eq!(values(&Config::parse(MINIMAL).expect("minimal")), (256, 64));
+    let set = with("[retention]\nbatch-max = 1000\nbatches-per-pass-max = 3").expect("set");
+    assert_eq!(values(&set), (1000, 3));
+    assert_zero_refused(&[
+        ("[retention]\nbatch-max = 0", "retention.batch-max"),
+        (
+            "[retention]\nbatches-per-pass-max = 0",
+            "retention.batches-per-pass-max",
+        ),
+    ]);
+    assert!(matches!(
+        with("[retention]\nbatch-max = 1001"),
+        Err(ConfigError::AboveProtocolMax {
+            name: "retention.batch-max",
+            value: 1001,
+            max: 1000
+        })
+    ));
+}
+
+/// The node's own concurrency limits (typing broadcasts, projection jobs, metrics scrapes) are
+/// configured values: 1,024, 1 and 16 by default, set from the file, never zero.
+#[test]
+fn node_concurrency_limits_are_configured() {
+    let values = |c: &Config| {
+        (
+            c.limits.typing_broadcasts_max,
+            c.limits.projection_jobs_max,
+            c.limits.metrics_connections_max,
+        )
+    };
+    assert_eq!(
+        values(&Config::parse(MINIMAL).expect("minimal")),
+        (1024, 1, 16)
+    );
+    let set = with(
+        "[limits]\ntyping-broadcasts-max = 8\nprojection-jobs-max = 2\nmetrics-connections-max = 4",
+    )
+    .expect("set");
+    assert_eq!(values(&set), (8, 2, 4));
+    assert_zero_refused(&[
+        (
+            "[limits]\ntyping-broadcasts-max = 0",
+            "limits.typing-broadcasts-max",
+        ),
+        (
+            "[limits]\nprojection-jobs-max = 0",
+            "limits.projection-jobs-max",
+        ),
+        (
+            "[limits]\nmetrics-connections-max = 0",
+            "limits.metrics-connections-max",
+        ),
+    ]);
+}
+
 /// The in-memory limits of pairing, typing, the rate limiters and presence reports are
 /// configured values: defaults as documented, set from the file, never zero.
 #[test]

@@ -244,6 +244,12 @@ pub struct Limits {
     pub typing_burst_per_device: u32,
     /// Keys each in-memory rate limiter tracks at most.
     pub rate_limit_keys_max: u32,
+    /// Typing updates being handed to the other nodes at once, node-wide.
+    pub typing_broadcasts_max: u32,
+    /// Projection jobs (verify, rebuild, inspect) running at once on the node.
+    pub projection_jobs_max: u32,
+    /// Scrapes of `/metrics` served at once.
+    pub metrics_connections_max: u32,
 }
 
 /// A validated configuration.
@@ -361,6 +367,9 @@ pub use courier_archive::S3Archive;
 pub const ARCHIVE_SEGMENT_ENTRIES: u64 = 4096;
 /// Largest `limits.pairings-max`: every pairing call walks the node's pairings.
 pub const PAIRINGS_MAX_MAX: u64 = 100_000;
+/// Largest `retention.batch-max`: a proposal of that many of each kind stays under the
+/// proposer's events per entry and the proposal size.
+pub const RETENTION_BATCH_MAX_MAX: u32 = 1000;
 /// Longest `limits.pairing-ttl`, in seconds (a day).
 pub const PAIRING_TTL_S_MAX: u64 = 86_400;
 /// Largest `limits.rate-limit-keys-max` (each key is a few dozen bytes, per limiter).

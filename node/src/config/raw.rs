@@ -236,6 +236,17 @@ pub struct LimitsRaw {
     /// map at once. Default 100000.
     #[serde(default = "defaults::rate_limit_keys")]
     pub rate_limit_keys_max: u32,
+    /// Typing updates being handed to the other nodes at once, node-wide; past it an update is
+    /// dropped (typing is best effort). Default 1024.
+    #[serde(default = "defaults::typing_broadcasts")]
+    pub typing_broadcasts_max: u32,
+    /// Projection jobs (verify, rebuild, inspect) running at once on a node, each replaying a
+    /// whole log on a thread of its own; past it `COURIER:Maintenance:Busy`. Default 1.
+    #[serde(default = "defaults::projection_jobs")]
+    pub projection_jobs_max: u32,
+    /// Scrapes of `/metrics` served at once; further connections wait to be accepted. Default 16.
+    #[serde(default = "defaults::metrics_connections")]
+    pub metrics_connections_max: u32,
 }
 
 /// `[retention]`: how long undelivered messages wait for their recipient, and how long a send's
@@ -269,6 +280,15 @@ pub struct RetentionRaw {
     /// history (0: none). At most 1000. Default 100.
     #[serde(default = "defaults::companion_history")]
     pub companion_history: u32,
+    /// Expired messages, and forgotten sends, inbox stubs, receipts and group message copies
+    /// (each), in one retention proposal at most. At most 1000. Default 256.
+    #[serde(default = "defaults::retention_batch")]
+    pub batch_max: u32,
+    /// Retention proposals in a row per shard per scan at most, while a kind still fills its
+    /// batch: each kind leaves at up to `batch-max × batches-per-pass-max` per `scan-interval`
+    /// per shard. Default 64.
+    #[serde(default = "defaults::retention_batches")]
+    pub batches_per_pass_max: u32,
 }
 
 /// `[presence]`: online and last seen, in memory on each user's shard leader.
@@ -699,6 +719,15 @@ mod defaults {
     pub(super) fn rate_limit_keys() -> u32 {
         100_000
     }
+    pub(super) fn typing_broadcasts() -> u32 {
+        1024
+    }
+    pub(super) fn projection_jobs() -> u32 {
+        1
+    }
+    pub(super) fn metrics_connections() -> u32 {
+        16
+    }
     pub(super) fn log_format() -> LogFormat {
         LogFormat::Json
     }
@@ -761,6 +790,12 @@ mod defaults {
     }
     pub(super) const fn companion_history() -> u32 {
         100
+    }
+    pub(super) const fn retention_batch() -> u32 {
+        256
+    }
+    pub(super) const fn retention_batches() -> u32 {
+        64
     }
     pub(super) fn dedup() -> HumanDuration {
         HumanDuration(Duration::from_secs(7 * 86_400))

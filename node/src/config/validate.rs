@@ -89,6 +89,18 @@ impl RawConfig {
         nonzero("presence.report-queue-max", self.presence.report_queue_max)?;
         nonzero("push.queue-max", self.push.queue_max)?;
         nonzero("push.attempts-max", self.push.attempts_max)?;
+        nonzero("retention.batch-max", self.retention.batch_max)?;
+        nonzero(
+            "retention.batches-per-pass-max",
+            self.retention.batches_per_pass_max,
+        )?;
+        if self.retention.batch_max > super::RETENTION_BATCH_MAX_MAX {
+            return Err(ConfigError::AboveProtocolMax {
+                name: "retention.batch-max",
+                value: u64::from(self.retention.batch_max),
+                max: u64::from(super::RETENTION_BATCH_MAX_MAX),
+            });
+        }
         if !self.push.url.is_empty() {
             crate::push::parse_url(&self.push.url)
                 .map_err(|reason| ConfigError::PushUrl { reason })?;
@@ -287,6 +299,9 @@ fn nonzero_limits(l: &LimitsRaw) -> Result<(), ConfigError> {
         ),
         ("limits.typing-burst-per-device", l.typing_burst_per_device),
         ("limits.rate-limit-keys-max", l.rate_limit_keys_max),
+        ("limits.typing-broadcasts-max", l.typing_broadcasts_max),
+        ("limits.projection-jobs-max", l.projection_jobs_max),
+        ("limits.metrics-connections-max", l.metrics_connections_max),
     ] {
         nonzero(name, value)?;
     }
@@ -385,8 +400,8 @@ fn nonzero_account_limits(l: &LimitsRaw) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// Limits: each within its protocol maximum, none zero.
-fn validate_limits(l: &LimitsRaw) -> Result<Limits, ConfigError> {
+/// Every limit within its bounds: the protocol maxima, and never zero.
+fn check_limits(l: &LimitsRaw) -> Result<(), ConfigError> {
     bounded(
         "limits.message-body-max",
         l.message_body_max.0,
@@ -439,6 +454,12 @@ fn validate_limits(l: &LimitsRaw) -> Result<Limits, ConfigError> {
             return Err(ConfigError::AboveProtocolMax { name, value, max });
         }
     }
+    Ok(())
+}
+
+/// Limits: each within its protocol maximum, none zero.
+fn validate_limits(l: &LimitsRaw) -> Result<Limits, ConfigError> {
+    check_limits(l)?;
     Ok(Limits {
         message_body_bytes_max: l.message_body_max.bytes(),
         thumbnail_bytes_max: l.thumbnail_max.bytes(),
@@ -485,6 +506,9 @@ fn validate_limits(l: &LimitsRaw) -> Result<Limits, ConfigError> {
         typing_per_second_per_device: l.typing_per_second_per_device,
         typing_burst_per_device: l.typing_burst_per_device,
         rate_limit_keys_max: l.rate_limit_keys_max,
+        typing_broadcasts_max: l.typing_broadcasts_max,
+        projection_jobs_max: l.projection_jobs_max,
+        metrics_connections_max: l.metrics_connections_max,
     })
 }
 

@@ -213,11 +213,7 @@ pub async fn start_in(config: Config, environment: Environment) -> Result<NodeHa
     let live = client_api.live();
     let (client_tls, peer_tls) = listener_tls(tls.as_ref(), &config);
     let client_router = client_router(&config, client_api, client_tls).await?;
-    let jobs = crate::maintenance::Jobs::new(
-        groups.clone(),
-        config.data_dir.join("scratch"),
-        archive.clone(),
-    );
+    let jobs = crate::maintenance::Jobs::new(groups.clone(), &config, archive.clone());
     let peer_router = peer_router(
         cluster.clone(),
         live,
@@ -246,7 +242,7 @@ pub async fn start_in(config: Config, environment: Environment) -> Result<NodeHa
         archive,
     );
     let metrics_addr =
-        metrics_listener.and_then(|listener| serve_metrics(&tasks, listener, &metrics, &shutdown));
+        metrics_listener.and_then(|l| serve_metrics(&tasks, l, &metrics, &shutdown, &config));
     Ok(NodeHandle {
         client_addr,
         peer_addr,
@@ -321,17 +317,21 @@ fn load_tls(config: &Config) -> Result<Option<Tls>, ServerError> {
     Ok(Some(tls))
 }
 
-/// The environment's storage, or RocksDB in `data-dir/db`.
-/// Serves `/metrics` on `listener`; returns its address.
+/// Serves `/metrics` on `listener`, `limits.metrics-connections-max` scrapes at once; returns its
+/// address.
 fn serve_metrics(
     tasks: &TaskTracker,
     listener: tokio::net::TcpListener,
     metrics: &Arc<crate::metrics::Metrics>,
     shutdown: &CancellationToken,
+    config: &Config,
 ) -> Option<SocketAddr> {
     let bound = listener.local_addr().ok();
+    let connections_max = config.limits.metrics_connections_max;
     let (metrics, shutdown) = (metrics.clone(), shutdown.clone());
-    tasks.spawn(async move { crate::metrics::serve(listener, metrics, shutdown).await });
+    tasks.spawn(async move {
+        crate::metrics::serve(listener, metrics, shutdown, connections_max).await;
+    });
     info!(bound = ?bound, "metrics endpoint");
     bound
 }
@@ -448,6 +448,8 @@ fn spawn_background(
             dedup: config.retention.dedup.0,
             interval: config.retention.scan_interval.0,
             forget_group_copies: !config.retention.keep_delivered,
+            batch_max: usize::try_from(config.retention.batch_max).unwrap_or(usize::MAX),
+            rounds_max: config.retention.batches_per_pass_max,
         };
         tasks.spawn(async move {
             crate::retention::run(cluster, windows, shutdown).await;

@@ -801,9 +801,14 @@ async fn rejections_change_nothing() {
 /// A cluster whose shard leaders look for retention work every 200 ms, with the `[retention]`
 /// settings `windows` (TOML lines).
 async fn retention_cluster(windows: &str) -> Cluster {
+    retention_cluster_scanning(windows, "200ms").await
+}
+
+/// A cluster whose `[retention]` section holds `windows` and scans every `interval`.
+async fn retention_cluster_scanning(windows: &str, interval: &str) -> Cluster {
     cluster_configured(&|text| {
         format!(
-            "{}\n[retention]\n{windows}scan-interval = \"200ms\"\n",
+            "{}\n[retention]\n{windows}scan-interval = \"{interval}\"\n",
             with_limits(text, 10_000)
         )
     })
@@ -1273,6 +1278,83 @@ async fn a_send_is_forgotten_after_the_dedup_window() {
             forgotten.contains(&"once".to_owned()),
             "the log holds the forget of that send: {forgotten:?}"
         );
+    }
+}
+
+/// A backlog larger than one retention proposal drains within one scan: with `batch-max = 2`
+/// and a scan every 5 s, seven sends past a 1 s dedup window are all forgotten by the first scan
+/// after it (one proposal per scan would take four scans, 15 s more), in proposals of at most two
+/// sends, and every replica still equals a rebuild from its log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retention_backlog_drains_within_one_scan() {
+    const SENDS: usize = 7;
+    let c = retention_cluster_scanning("dedup = \"1s\"\nbatch-max = 2\n", "5s").await;
+    let (_, _, alice, bob, mut messaging) = alice_and_bob_on_node0(&c).await;
+    let ids: Vec<String> = (1..=SENDS).map(|i| format!("backlog-{i}")).collect();
+    for id in &ids {
+        messaging
+            .send(authed(
+                &alice,
+                SendRequest {
+                    client_msg_id: id.clone(),
+                    to_user: bob.user,
+                    content: body(id),
+                },
+            ))
+            .await
+            .expect("send");
+    }
+    let sent = Instant::now();
+    let alice_shard = shard_of(UserId::new(alice.user).expect("id"), 4);
+    let known_on = |node: &courier_node::NodeHandle| {
+        on_replica(node, alice_shard, Projection::Dedup, |view| {
+            let mut known = 0;
+            for id in &ids {
+                if courier_storage::projection::dedup::lookup(
+                    view,
+                    UserId::new(alice.user).expect("id"),
+                    courier_proto::DeviceId::new(alice.device).expect("id"),
+                    id,
+                )?
+                .is_some()
+                {
+                    known += 1;
+                }
+            }
+            Ok(known)
+        })
+    };
+    loop {
+        let known: Vec<usize> = c.nodes.iter().map(known_on).collect();
+        if known.iter().all(|&n| n == 0) {
+            break;
+        }
+        // The window ends 1 s after the sends and the next scan starts within 5 s of that.
+        assert!(
+            sent.elapsed() < Duration::from_secs(12),
+            "sends still remembered per node after one scan past the window: {known:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for node in &c.nodes {
+        assert_verified_from_genesis(node, alice_shard).await;
+        let batches: Vec<Vec<String>> = logged_events(node, alice_shard)
+            .await
+            .into_iter()
+            .filter_map(|kind| match kind {
+                events::event::Kind::SendsForgotten(f) => {
+                    Some(f.sends.into_iter().map(|send| send.client_msg_id).collect())
+                }
+                _ => None,
+            })
+            .collect();
+        assert!(
+            batches.iter().all(|batch| batch.len() <= 2),
+            "each proposal forgets at most batch-max sends: {batches:?}"
+        );
+        let mut forgotten: Vec<String> = batches.concat();
+        forgotten.sort();
+        assert_eq!(forgotten, ids, "every send forgotten once");
     }
 }
 
