@@ -23,12 +23,11 @@ use courier_proto::pb::store::InboxEntry;
 use courier_proto::{InboxSeq, LogIndex, ReceiptFeedPosition, UserId};
 use courier_storage::projection::readstate::{self, ReadTarget};
 use courier_storage::projection::{cursors, groups, inbox, receipts};
-use tokio::sync::mpsc;
 use tokio_stream::Stream;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 use tracing::Instrument as _;
 
+use super::live::FrameSender;
 use super::{ClientApi, auth::Caller, now_ms};
 use crate::bugs;
 use crate::status::{ApiError, SHARD_INSTALLING};
@@ -92,8 +91,10 @@ impl ClientApi {
             },
             _ => return Err(open_first()),
         };
-        let buffer = usize::try_from(self.limits.stream_buffer_frames).unwrap_or(256);
-        let (tx, rx) = mpsc::channel(buffer);
+        let (tx, rx) = super::live::buffer(
+            self.limits.stream_buffer_frames,
+            self.limits.stream_buffer_bytes,
+        );
         // Ephemeral updates reach this stream while it is registered (until the pusher ends).
         let registration = self.live.register(
             caller.user.get(),
@@ -137,7 +138,7 @@ impl ClientApi {
             .clone()
             .run_until_cancelled_owned(async move { reader.read_frames(caller, frames, tx).await });
         tokio::spawn(reading);
-        Ok(Box::pin(ReceiverStream::new(rx)))
+        Ok(Box::pin(rx))
     }
 
     async fn push(
@@ -146,7 +147,7 @@ impl ClientApi {
         mut cursor: InboxSeq,
         mut receipts_after: ReceiptFeedPosition,
         hide_last_seen: bool,
-        tx: mpsc::Sender<Result<ServerFrame, Status>>,
+        tx: FrameSender,
     ) {
         let Ok(shard) = self.shard_of(caller.user) else {
             return;
@@ -302,7 +303,7 @@ impl ClientApi {
         &self,
         error: &ApiError,
         since: &mut Option<tokio::time::Instant>,
-        tx: &mpsc::Sender<Result<ServerFrame, Status>>,
+        tx: &FrameSender,
     ) -> bool {
         if let ApiError::Unavailable {
             code: SHARD_INSTALLING,
@@ -333,7 +334,7 @@ impl ClientApi {
         shard: courier_proto::ShardId,
         caller: Caller,
         checked_at: &mut u64,
-        tx: &mpsc::Sender<Result<ServerFrame, Status>>,
+        tx: &FrameSender,
     ) -> bool {
         let epoch = self.cluster.groups().watch().devices_epoch();
         // Nothing applied here moves the epoch of a shard held elsewhere: check on every pass.
@@ -357,12 +358,7 @@ impl ClientApi {
     /// stream opens with a low stock, and each time it falls further (a fetch took one), once a
     /// change to some device's keys was applied here since the last check. A device that never
     /// published keys is told nothing. `false` when the stream closed.
-    async fn tell_keys_low(
-        &self,
-        caller: Caller,
-        check: &mut KeysCheck,
-        tx: &mpsc::Sender<Result<ServerFrame, Status>>,
-    ) -> bool {
+    async fn tell_keys_low(&self, caller: Caller, check: &mut KeysCheck, tx: &FrameSender) -> bool {
         let epoch = self.cluster.groups().watch().keys_epoch();
         if check.at == Some(epoch) {
             return true;
@@ -436,7 +432,7 @@ impl ClientApi {
         &self,
         caller: Caller,
         mut frames: tonic::Streaming<ClientFrame>,
-        tx: mpsc::Sender<Result<ServerFrame, Status>>,
+        tx: FrameSender,
     ) {
         loop {
             let frame = tokio::select! {
@@ -828,7 +824,7 @@ fn open_first() -> ApiError {
 async fn push_receipts(
     feed: Vec<receipts::FeedItem>,
     receipts_after: &mut ReceiptFeedPosition,
-    tx: &mpsc::Sender<Result<ServerFrame, Status>>,
+    tx: &FrameSender,
 ) -> bool {
     for item in feed {
         *receipts_after = item.position();

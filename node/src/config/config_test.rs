@@ -470,6 +470,29 @@ fn retention_batches_are_configured() {
     ));
 }
 
+/// A device stream's buffer is bounded in bytes as well as frames: 1 MiB by default, set from
+/// the file, never zero, at most 256 MiB.
+#[test]
+fn stream_buffer_bytes_are_configured() {
+    let bytes = |c: &Config| c.limits.stream_buffer_bytes;
+    assert_eq!(bytes(&Config::parse(MINIMAL).expect("minimal")), 1 << 20);
+    assert_eq!(
+        bytes(&with("[limits]\nstream-buffer-bytes = \"64KiB\"").expect("set")),
+        64 << 10
+    );
+    assert_zero_refused(&[(
+        "[limits]\nstream-buffer-bytes = \"0B\"",
+        "limits.stream-buffer-bytes",
+    )]);
+    assert!(matches!(
+        with("[limits]\nstream-buffer-bytes = \"257MiB\""),
+        Err(ConfigError::AboveProtocolMax {
+            name: "limits.stream-buffer-bytes",
+            ..
+        })
+    ));
+}
+
 /// The node's own concurrency limits (typing broadcasts, projection jobs, metrics scrapes) are
 /// configured values: 1,024, 1 and 16 by default, set from the file, never zero.
 #[test]

@@ -176,6 +176,8 @@ pub struct Limits {
     pub send_burst_per_device: u32,
     /// Frames buffered per device stream.
     pub stream_buffer_frames: u32,
+    /// Encoded bytes of the frames buffered per device stream.
+    pub stream_buffer_bytes: u32,
     /// Inbox messages one `DeliveryAcked` acks (or clears), or one `ReadUpTo` reads, at most.
     pub ack_span_max: u32,
     /// Outbox batches forwarded at once.
@@ -386,6 +388,8 @@ pub const APPEND_ENTRIES_MAX_MAX: u64 = 4096;
 pub const ARCHIVE_SEGMENT_ENTRIES_MAX: u64 = 65_536;
 /// Largest `limits.stream-buffer-frames`.
 pub const STREAM_BUFFER_FRAMES_MAX: u64 = 65_536;
+/// Largest `limits.stream-buffer-bytes`.
+pub const STREAM_BUFFER_BYTES_MAX: u64 = 256 << 20;
 /// Largest `raft.proposal-queue-max`.
 pub const PROPOSAL_QUEUE_MAX_MAX: u64 = 65_536;
 /// Largest `raft.proposal-queue-bytes-max` (per shard).

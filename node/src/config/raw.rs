@@ -119,6 +119,10 @@ pub struct LimitsRaw {
     /// Frames buffered per device stream before it falls back to reading the inbox. Default 256.
     #[serde(default = "defaults::stream_buffer")]
     pub stream_buffer_frames: u32,
+    /// Encoded bytes of the frames buffered per device stream at most (a frame larger than this
+    /// waits for an empty buffer). Default `"1MiB"`, at most `"256MiB"`.
+    #[serde(default = "defaults::stream_buffer_bytes")]
+    pub stream_buffer_bytes: ByteSize,
     /// Inbox messages one `DeliveryAcked` log entry acks (and bodies it clears) at most, and
     /// messages of a conversation one `ReadUpTo` reads: a device's ack or read of more (a phone
     /// back after a long time offline) is proposed as several entries, so that no one entry's
@@ -616,6 +620,9 @@ mod defaults {
     }
     pub(super) fn stream_buffer() -> u32 {
         256
+    }
+    pub(super) fn stream_buffer_bytes() -> ByteSize {
+        ByteSize(1 << 20)
     }
     pub(super) fn ack_span() -> u32 {
         256

@@ -418,6 +418,11 @@ fn check_limits(l: &LimitsRaw) -> Result<(), ConfigError> {
         u64::from(limits::GROUP_MEMBERS_MAX),
     )?;
     bounded(
+        "limits.stream-buffer-bytes",
+        l.stream_buffer_bytes.0,
+        super::STREAM_BUFFER_BYTES_MAX,
+    )?;
+    bounded(
         "limits.companion-devices-max",
         u64::from(l.companion_devices_max),
         u64::from(limits::COMPANION_DEVICES_MAX),
@@ -472,6 +477,8 @@ fn validate_limits(l: &LimitsRaw) -> Result<Limits, ConfigError> {
         sends_per_second_per_device: l.sends_per_second_per_device,
         send_burst_per_device: l.send_burst_per_device,
         stream_buffer_frames: l.stream_buffer_frames,
+        stream_buffer_bytes: u32::try_from(l.stream_buffer_bytes.0)
+            .expect("limits.stream-buffer-bytes was checked against its maximum"),
         ack_span_max: l.ack_span_max,
         forward_batches_in_flight: l.forward_batches_in_flight,
         device_cache_entries: l.device_cache_entries,
