@@ -170,6 +170,21 @@ impl Found {
         })
     }
 
+    /// Whether more may be due once these leave: a kind filled its batch. Whether the group
+    /// copies did is not known (their scan stops at the first one not due), so any found count:
+    /// the copies a proposal names leave at apply, and the next round finds the next ones or
+    /// none. Registration records do not: one event forgets them all.
+    fn more_may_be_due(&self, batch_max: usize) -> bool {
+        [
+            self.expired.len(),
+            self.sends.len(),
+            self.stubs.len(),
+            self.receipts.len(),
+        ]
+        .contains(&batch_max)
+            || self.group_copies.is_some()
+    }
+
     /// The proposal: one `MessageExpired` per message, one event per kind of forget.
     fn events(self, now: u64) -> Vec<Event> {
         let mut events: Vec<Event> = self
@@ -245,7 +260,7 @@ async fn round_on(cluster: &Cluster, shard: ShardId, windows: Millis) -> Round {
         due.registrations,
     );
     let group_copies_up_to = due.group_copies.map_or(0, |(last, _)| last.get());
-    let full = [expired, sends, stubs, receipts].contains(&windows.batch_max);
+    let full = due.more_may_be_due(windows.batch_max);
     let events = due.events(now);
     if events.is_empty() {
         return Round::Done;
@@ -267,5 +282,44 @@ async fn round_on(cluster: &Cluster, shard: ShardId, windows: Millis) -> Round {
             );
             Round::Done
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn found() -> Found {
+        Found {
+            expired: Vec::new(),
+            sends: Vec::new(),
+            stubs: Vec::new(),
+            receipts: Vec::new(),
+            group_copies: None,
+            registrations: 0,
+        }
+    }
+
+    /// Another round follows while a kind fills its batch, or any group copies left (their count
+    /// is not known); not for a short batch or for registration records.
+    #[test]
+    fn a_round_is_followed_by_another_while_more_may_be_due() {
+        assert!(!found().more_may_be_due(2), "nothing found");
+        let short = Found {
+            sends: vec![events::ForgottenSend::default()],
+            registrations: 5,
+            ..found()
+        };
+        assert!(!short.more_may_be_due(2), "a batch short of the maximum");
+        let full = Found {
+            stubs: vec![events::ForgottenMessage::default(); 2],
+            ..found()
+        };
+        assert!(full.more_may_be_due(2), "a full batch");
+        let copies = Found {
+            group_copies: Some((LogIndex::new(7), 1_000)),
+            ..found()
+        };
+        assert!(copies.more_may_be_due(2), "group copies found");
     }
 }

@@ -1657,6 +1657,82 @@ async fn group_copies_are_forgotten_after_the_windows() {
     }
 }
 
+/// A backlog of group copies drains within one scan too: with `batch-max = 1` and a scan every
+/// 5 s, the copies of three group messages all leave by the first scan after both windows, one
+/// per `GroupMessagesForgotten`. (The group's shard also remembers the three sends, a full batch
+/// each round, so this does not isolate the group copies' own "more may be due": the retention
+/// unit test does.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_of_group_copies_drains_within_one_scan() {
+    use courier_proto::pb::client::groups_client::GroupsClient;
+    use courier_proto::pb::client::{CreateGroupRequest, SendToGroupRequest};
+    let c = retention_cluster_scanning(
+        "undelivered = \"1s\"\ndedup = \"1s\"\nkeep-delivered = false\nbatch-max = 1\n",
+        "5s",
+    )
+    .await;
+    let (addr, _, alice, bob, mut messaging) = alice_and_bob_on_node0(&c).await;
+    let group = GroupsClient::new(channel(&addr).await)
+        .create_group(authed(
+            &alice,
+            CreateGroupRequest {
+                name: "backlog".to_owned(),
+                members: vec![bob.user],
+            },
+        ))
+        .await
+        .expect("create")
+        .into_inner()
+        .group_id;
+    let group_shard = courier_proto::shard_of_group(
+        courier_proto::GroupId::new(group).expect("nonzero group id"),
+        4,
+    );
+    for text in ["c1", "c2", "c3"] {
+        messaging
+            .send_to_group(authed(
+                &alice,
+                SendToGroupRequest {
+                    client_msg_id: text.to_owned(),
+                    group_id: group,
+                    content: body(text),
+                },
+            ))
+            .await
+            .expect("group send");
+    }
+    let sent = Instant::now();
+    let left_on = |node: &courier_node::NodeHandle| {
+        on_replica(node, group_shard, Projection::Groups, |view| {
+            courier_storage::projection::groups::messages_sent_before(view, u64::MAX, 10)
+        })
+    };
+    loop {
+        let left: Vec<_> = c.nodes.iter().map(left_on).collect();
+        if left.iter().all(Option::is_none) {
+            break;
+        }
+        // Both windows end 2 s after the sends and the next scan starts within 5 s of that.
+        assert!(
+            sent.elapsed() < Duration::from_secs(13),
+            "group copies still stored after one scan past the windows: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for node in &c.nodes {
+        assert_verified_from_genesis(node, group_shard).await;
+        let forgets = logged_events(node, group_shard)
+            .await
+            .into_iter()
+            .filter(|kind| matches!(kind, events::event::Kind::GroupMessagesForgotten(_)))
+            .count();
+        assert!(
+            forgets >= 3,
+            "one copy per proposal, so at least three: {forgets}"
+        );
+    }
+}
+
 /// Every event in `node`'s log of `shard`, in order, read page by page as `ReadLog` returns it.
 async fn logged_events(
     node: &courier_node::NodeHandle,
