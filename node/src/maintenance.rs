@@ -1,6 +1,7 @@
 //! The admin API's projection jobs on this replica: verify, rebuild, and reading the log, all
 //! while the node keeps serving. The work itself is `courier_consensus::maintenance`; this layer
-//! validates requests, runs one job at a time on a blocking thread, and streams progress.
+//! validates requests, runs up to `limits.projection-jobs-max` jobs at once (1 by default), each
+//! on a blocking thread, and streams progress.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -49,6 +50,9 @@ pub struct Jobs {
     /// Where purged log entries are read from.
     archive: Option<Arc<Archive>>,
     slots: JobSlots,
+    /// Numbers the verifies, so that two of one shard at once checkpoint into directories of
+    /// their own.
+    verifies: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// The jobs that may run at once on a node (`limits.projection-jobs-max`).
@@ -145,6 +149,7 @@ impl Jobs {
             scratch,
             archive,
             slots: JobSlots::new(config.limits.projection_jobs_max),
+            verifies: Arc::default(),
         }
     }
 
@@ -189,7 +194,10 @@ impl Jobs {
     pub fn verify(&self, request: &VerifyProjectionRequest) -> Result<JobStream, ApiError> {
         let projections = projections_named(&request.projection)?;
         let (shard, handle) = self.shard(request.shard)?;
-        let scratch = self.scratch.join(format!("verify-{}", shard.get()));
+        let job = self
+            .verifies
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let scratch = self.scratch.join(format!("verify-{}-{job}", shard.get()));
         let archive = self.archive.clone();
         let from = ReplayFrom::genesis_if(request.from_genesis);
         self.spawn(move |tx| {

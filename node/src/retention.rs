@@ -85,11 +85,14 @@ pub async fn run(cluster: Cluster, windows: Windows, shutdown: CancellationToken
         };
         // Round-robin over the shards with more due, so that one shard's backlog does not hold
         // back the others.
+        // One clock reading per pass: its rounds drain what was due when it started, and stop
+        // rather than chase what falls due while they run (the next pass takes that).
+        let now = now_ms();
         let mut due: Vec<ShardId> = (0..shard_count).map(ShardId::new).collect();
         for _ in 0..windows.rounds_max {
             let mut more = Vec::new();
             for shard in due {
-                if round_on(&cluster, shard, windows_ms).await == Round::More {
+                if round_on(&cluster, shard, now, windows_ms).await == Round::More {
                     more.push(shard);
                 }
             }
@@ -170,10 +173,10 @@ impl Found {
         })
     }
 
-    /// Whether more may be due once these leave: a kind filled its batch. Whether the group
-    /// copies did is not known (their scan stops at the first one not due), so any found count:
-    /// the copies a proposal names leave at apply, and the next round finds the next ones or
-    /// none. Registration records do not: one event forgets them all.
+    /// Whether more may be due once these leave: a kind filled its batch (registration records:
+    /// the most one event forgets). Whether the group copies did is not known (their scan stops
+    /// at the first one not due), so any found count: the copies a proposal names leave at
+    /// apply, and the next round, at the same cutoff, finds the next ones or none.
     fn more_may_be_due(&self, batch_max: usize) -> bool {
         [
             self.expired.len(),
@@ -183,6 +186,7 @@ impl Found {
         ]
         .contains(&batch_max)
             || self.group_copies.is_some()
+            || self.registrations >= registration::FORGET_PER_EVENT_MAX
     }
 
     /// The proposal: one `MessageExpired` per message, one event per kind of forget.
@@ -237,14 +241,13 @@ impl Found {
 /// One round over `shard`, if this node leads it: expires the undelivered messages and forgets
 /// the sends, inbox stubs, receipts and group message copies that are due, in one proposal of at
 /// most `batch_max` of each.
-async fn round_on(cluster: &Cluster, shard: ShardId, windows: Millis) -> Round {
+async fn round_on(cluster: &Cluster, shard: ShardId, now: u64, windows: Millis) -> Round {
     let Some(handle) = cluster.groups().get(GroupId::Shard(shard)) else {
         return Round::Done;
     };
     if !handle.is_leader() {
         return Round::Done;
     }
-    let now = now_ms();
     let due = match Found::read(cluster, shard, now, windows) {
         Ok(due) => due,
         Err(error) => {
@@ -300,8 +303,8 @@ mod tests {
         }
     }
 
-    /// Another round follows while a kind fills its batch, or any group copies left (their count
-    /// is not known); not for a short batch or for registration records.
+    /// Another round follows while a kind fills its batch (registration records: one event's
+    /// worth), or any group copies left (their count is not known); not for a short batch.
     #[test]
     fn a_round_is_followed_by_another_while_more_may_be_due() {
         assert!(!found().more_may_be_due(2), "nothing found");
@@ -311,6 +314,14 @@ mod tests {
             ..found()
         };
         assert!(!short.more_may_be_due(2), "a batch short of the maximum");
+        let registrations = Found {
+            registrations: registration::FORGET_PER_EVENT_MAX,
+            ..found()
+        };
+        assert!(
+            registrations.more_may_be_due(2),
+            "as many registration records as one event forgets"
+        );
         let full = Found {
             stubs: vec![events::ForgottenMessage::default(); 2],
             ..found()

@@ -4,8 +4,9 @@
 //!
 //! A stream's buffer (frames waiting for gRPC to take them) is bounded twice: in frames
 //! (`limits.stream-buffer-frames`) and in their encoded bytes (`limits.stream-buffer-bytes`), so
-//! that a device that stops reading holds at most that much of the node's memory whatever the
-//! size of its messages. A frame larger than the byte bound waits for an empty buffer.
+//! that what a device that stops reading holds of the node's memory does not grow with the size
+//! of its messages (its pusher's pages of the inbox end at the same bytes, `stream.rs`). A frame
+//! larger than the byte bound waits for an empty buffer.
 
 use std::collections::BTreeMap;
 use std::pin::Pin;

@@ -23,6 +23,7 @@ use courier_proto::pb::store::InboxEntry;
 use courier_proto::{InboxSeq, LogIndex, ReceiptFeedPosition, UserId};
 use courier_storage::projection::readstate::{self, ReadTarget};
 use courier_storage::projection::{cursors, groups, inbox, receipts};
+use prost::Message as _;
 use tokio_stream::Stream;
 use tonic::Status;
 use tracing::Instrument as _;
@@ -63,6 +64,19 @@ const _: () = assert!(
         <= crate::cluster::READ_ANSWER_BYTES_MAX,
     "a remote page fits one ReadShard answer"
 );
+/// How many of `messages`, from the first, fit `bytes_max` encoded bytes: at least one, so that a
+/// message larger than the bound is still sent (alone).
+fn within_bytes(messages: &[(InboxSeq, InboxEntry)], bytes_max: usize) -> usize {
+    let mut bytes = 0_usize;
+    messages
+        .iter()
+        .position(|(_, entry)| {
+            bytes = bytes.saturating_add(entry.encoded_len());
+            bytes > bytes_max
+        })
+        .map_or(messages.len(), |past| past.max(1))
+}
+
 /// How long the client has to send `Open`.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -285,11 +299,20 @@ impl ClientApi {
         limit: usize,
     ) -> Result<Page, ApiError> {
         let span = u64::try_from(limit).unwrap_or(u64::MAX);
+        let bytes_max = usize::try_from(self.limits.stream_buffer_bytes).unwrap_or(usize::MAX);
         self.read(shard, |view| {
             let tail = inbox::tail(view, user)?;
             let up_to = InboxSeq::new(tail.get().min(cursor.get().saturating_add(span)));
-            let messages = inbox::entries_between(view, user, cursor, up_to)?;
+            let mut messages = inbox::entries_between(view, user, cursor, up_to)?;
             let feed = receipts::feed(view, user, receipts_after, limit)?;
+            // What the pusher holds while it waits for room in the stream's buffer is bounded
+            // like the buffer: a page of large messages ends early and the next one reads on.
+            let kept = within_bytes(&messages, bytes_max);
+            if kept < messages.len() {
+                messages.truncate(kept);
+                let last = messages.last().map_or(cursor, |(seq, _)| *seq);
+                return Ok((last, false, messages, feed));
+            }
             Ok((up_to, up_to == tail, messages, feed))
         })
         .await
@@ -847,4 +870,41 @@ async fn push_receipts(
         }
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(body_bytes: usize) -> (InboxSeq, InboxEntry) {
+        (
+            InboxSeq::new(1),
+            InboxEntry {
+                content: Some(events::Content {
+                    body: vec![1; body_bytes],
+                    media: None,
+                }),
+                ..InboxEntry::default()
+            },
+        )
+    }
+
+    /// A page keeps the messages that fit the stream's buffer in bytes, and at least one.
+    #[test]
+    fn a_page_ends_where_the_buffer_would_be_full() {
+        let page = vec![entry(600), entry(600), entry(600)];
+        assert_eq!(
+            within_bytes(&page, 1000),
+            1,
+            "a second would pass 1000 bytes"
+        );
+        assert_eq!(within_bytes(&page, 1300), 2);
+        assert_eq!(within_bytes(&page, 10_000), 3, "all fit");
+        assert_eq!(
+            within_bytes(&page, 100),
+            1,
+            "one larger than the bound goes alone"
+        );
+        assert_eq!(within_bytes(&[], 100), 0);
+    }
 }

@@ -372,6 +372,14 @@ pub const PAIRINGS_MAX_MAX: u64 = 100_000;
 /// Largest `retention.batch-max`: a proposal of that many of each kind stays under the
 /// proposer's events per entry and the proposal size.
 pub const RETENTION_BATCH_MAX_MAX: u32 = 1000;
+// A retention proposal: one `MessageExpired` per message, plus one event per kind of forget
+// (sends, stubs, receipts, group copies, registrations), each of at most `batch-max` items of
+// well under 200 bytes.
+const _: () = assert!(
+    RETENTION_BATCH_MAX_MAX as usize + 5 <= courier_consensus::proposer::BATCH_EVENTS_MAX
+        && RETENTION_BATCH_MAX_MAX as usize * 4 * 200 <= courier_proto::limits::PROPOSAL_BYTES_MAX,
+    "a retention proposal fits one raft entry"
+);
 /// Longest `limits.pairing-ttl`, in seconds (a day).
 pub const PAIRING_TTL_S_MAX: u64 = 86_400;
 /// Largest `limits.rate-limit-keys-max` (each key is a few dozen bytes, per limiter).

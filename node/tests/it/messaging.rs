@@ -2704,6 +2704,41 @@ async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// With a stream buffer of 1 KiB, a backlog of 300-byte messages is read in pages that end
+/// early (a few messages each, so that the pusher holds no more than the buffer while it waits):
+/// every message still arrives once, in order, and each body whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_larger_than_the_stream_buffer_arrives_in_order() {
+    let c = cluster_appending("[limits]\nstream-buffer-bytes = \"1KiB\"\n").await;
+    let (addr, _, alice, bob, mut messaging) = alice_and_bob_on_node0(&c).await;
+    let sent: Vec<String> = (0..12).map(|i| format!("{i:03}").repeat(100)).collect();
+    for (i, text) in sent.iter().enumerate() {
+        messaging
+            .send(authed(
+                &alice,
+                SendRequest {
+                    client_msg_id: format!("big{i}"),
+                    to_user: bob.user,
+                    content: body(text),
+                },
+            ))
+            .await
+            .expect("send");
+    }
+    let mut stream = open_stream(&addr, &bob, 0).await;
+    let frames = collect(&mut stream, Duration::from_secs(10), |frames| {
+        messages(frames).len() >= sent.len()
+    })
+    .await;
+    let seqs: Vec<u64> = messages(&frames).iter().map(|(seq, _)| *seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=12).collect::<Vec<u64>>(),
+        "each message once, in order"
+    );
+    assert_eq!(bodies(&frames), sent, "every body whole");
+}
+
 /// A device's ack of many messages at once (a phone back after a long time away) is proposed
 /// as several `DeliveryAcked` entries, each moving its cursor by at most `limits.ack-span-max`
 /// messages and in order, so that no single entry's apply grows with the inbox; the cursor
