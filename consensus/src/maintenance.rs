@@ -106,16 +106,17 @@ impl Maintenance {
 
     /// Verifies `projections` at one applied index: checkpoints the database into `scratch`
     /// (removed afterwards), then replays the shard's log there — purged entries from `archive`
-    /// — and compares. Blocking: run it on a blocking thread.
+    /// — into at most `memory_max` bytes, and compares. Blocking: run it on a blocking thread.
     ///
     /// # Errors
-    /// An entry neither the log nor the archive holds ([`StorageError::MissingEntry`]), storage
-    /// faults.
+    /// An entry neither the log nor the archive holds ([`StorageError::MissingEntry`]), a replay
+    /// past `memory_max` ([`StorageError::ReplayTooLarge`]), storage faults.
     pub fn verify_blocking(
         &self,
         scratch: &Path,
         archive: (Option<&dyn SegmentStore>, rebuild::ReplayFrom),
         projections: &[Projection],
+        memory_max: usize,
         progress: &mut dyn FnMut(LogIndex, u64),
     ) -> Result<Verified, StorageError> {
         self.db.checkpoint(scratch)?;
@@ -126,22 +127,25 @@ impl Maintenance {
             self.group.storage_prefix(),
             archive,
             projections,
+            memory_max,
             progress,
         )
     }
 
     /// Every projection as it was at `at` (at most the applied index), replayed into memory
-    /// from the log (purged entries from `archive`) without holding anything up. Returns the
-    /// index the replay started from (the archive's newest verify checkpoint at or below `at`,
-    /// or 0 for index 1) and the replayed state. Blocking: run it on a blocking thread.
+    /// from the log (purged entries from `archive`, at most `memory_max` bytes) without holding
+    /// anything up. Returns the index the replay started from (the archive's newest verify
+    /// checkpoint at or below `at`, or 0 for index 1) and the replayed state. Blocking: run it on
+    /// a blocking thread.
     ///
     /// # Errors
-    /// An entry neither the log nor the archive holds ([`StorageError::MissingEntry`]), storage
-    /// faults.
+    /// An entry neither the log nor the archive holds ([`StorageError::MissingEntry`]), a replay
+    /// past `memory_max` ([`StorageError::ReplayTooLarge`]), storage faults.
     pub fn replay_at_blocking(
         &self,
         archive: Option<&dyn SegmentStore>,
         at: LogIndex,
+        memory_max: usize,
         progress: &mut dyn FnMut(LogIndex, u64),
     ) -> Result<(LogIndex, rebuild::Rebuilt), StorageError> {
         let source = log_source(
@@ -152,21 +156,23 @@ impl Maintenance {
             source.as_ref(),
             (archive, rebuild::ReplayFrom::Checkpoint),
             at.min(self.applied_now()),
+            memory_max,
             progress,
         )
     }
 
-    /// Rebuilds `projection` from the log (purged entries from `archive`) and swaps it in.
-    /// Blocking: run it on a blocking thread. New entries keep being applied during the replay
-    /// and wait only for the swap.
+    /// Rebuilds `projection` from the log (purged entries from `archive`, replayed into at most
+    /// `memory_max` bytes) and swaps it in. Blocking: run it on a blocking thread. New entries
+    /// keep being applied during the replay and wait only for the swap.
     ///
     /// # Errors
-    /// An entry neither the log nor the archive holds ([`StorageError::MissingEntry`]), storage
-    /// faults.
+    /// An entry neither the log nor the archive holds ([`StorageError::MissingEntry`]), a replay
+    /// past `memory_max` ([`StorageError::ReplayTooLarge`]), storage faults.
     pub fn rebuild_blocking(
         &self,
         (archive, from): (Option<&dyn SegmentStore>, rebuild::ReplayFrom),
         projection: Projection,
+        memory_max: usize,
         progress: &mut dyn FnMut(LogIndex, u64),
     ) -> Result<RebuildOutcome, StorageError> {
         let source = log_source(
@@ -177,6 +183,7 @@ impl Maintenance {
             source.as_ref(),
             (archive, from),
             self.applied_now(),
+            memory_max,
             progress,
         )?;
         let mut machine = self.machine.blocking_lock();
@@ -190,6 +197,7 @@ impl Maintenance {
             source.as_ref(),
             (first.kv, first.state),
             machine.state.applied,
+            memory_max,
             progress,
         )?;
         let swap = rebuild::swap(&machine.state, &rebuilt, projection);

@@ -53,6 +53,8 @@ pub struct Jobs {
     /// Numbers the verifies, so that two of one shard at once checkpoint into directories of
     /// their own.
     verifies: Arc<std::sync::atomic::AtomicU64>,
+    /// What one job's replay may hold in memory (`limits.projection-job-memory-max`).
+    memory_max: usize,
 }
 
 /// The jobs that may run at once on a node (`limits.projection-jobs-max`).
@@ -98,6 +100,13 @@ impl std::fmt::Debug for Jobs {
 
 fn storage_error(error: &StorageError) -> ApiError {
     match error {
+        StorageError::ReplayTooLarge { .. } => ApiError::FailedPrecondition {
+            code: "COURIER:Maintenance:TooLarge",
+            message: format!(
+                "{error}; raise limits.projection-job-memory-max if the node has the memory, or \
+                 run the job offline with courier-ops against a stopped replica"
+            ),
+        },
         StorageError::MissingEntry { shard, index } => ApiError::FailedPrecondition {
             code: "COURIER:Log:Purged",
             message: format!(
@@ -150,6 +159,8 @@ impl Jobs {
             archive,
             slots: JobSlots::new(config.limits.projection_jobs_max),
             verifies: Arc::default(),
+            memory_max: usize::try_from(config.limits.projection_job_memory_max)
+                .unwrap_or(usize::MAX),
         }
     }
 
@@ -200,6 +211,7 @@ impl Jobs {
         let scratch = self.scratch.join(format!("verify-{}-{job}", shard.get()));
         let archive = self.archive.clone();
         let from = ReplayFrom::genesis_if(request.from_genesis);
+        let memory_max = self.memory_max;
         self.spawn(move |tx| {
             let total = handle.maintenance.applied_now();
             let _ = std::fs::create_dir_all(scratch.parent().unwrap_or(&scratch));
@@ -210,6 +222,7 @@ impl Jobs {
                     &scratch,
                     (segments, from),
                     &projections,
+                    memory_max,
                     &mut |done, events| {
                         let _ = tx.try_send(Ok(progress_update(done, total, events)));
                     },
@@ -244,12 +257,13 @@ impl Jobs {
         let (shard, handle) = self.shard(request.shard)?;
         let archive = self.archive.clone();
         let from = ReplayFrom::genesis_if(request.from_genesis);
+        let memory_max = self.memory_max;
         self.spawn(move |tx| {
             let total = handle.maintenance.applied_now();
             let archive = archive.as_deref().map(|a| a.store() as &dyn SegmentStore);
             let outcome: RebuildOutcome = handle
                 .maintenance
-                .rebuild_blocking((archive, from), projection, &mut |done, events| {
+                .rebuild_blocking((archive, from), projection, memory_max, &mut |done, events| {
                     let _ = tx.try_send(Ok(progress_update(done, total, events)));
                 })
                 .map_err(|e| storage_error(&e))?;
@@ -292,11 +306,12 @@ impl Jobs {
             });
         }
         let archive = self.archive.clone();
+        let memory_max = self.memory_max;
         self.spawn(move |tx| {
             let segments = archive.as_deref().map(|a| a.store() as &dyn SegmentStore);
             let (from, rebuilt) = handle
                 .maintenance
-                .replay_at_blocking(segments, at, &mut |done, events| {
+                .replay_at_blocking(segments, at, memory_max, &mut |done, events| {
                     let _ = tx.try_send(Ok(progress_update(done, at, events)));
                 })
                 .map_err(|e| storage_error(&e))?;

@@ -320,11 +320,18 @@ pub(crate) async fn verify(
                 let started = Instant::now();
                 let total = courier_storage::ShardState::load(db.as_ref(), shard)?.applied;
                 let bar = replay_bar(total.get(), &format!("verify shard {}", shard.get()));
-                let verified =
-                    rebuild::verify(&db, shard, (archive, from), &projections, &mut |done, _| {
+                // Offline the replay has the tool's process to itself: no bound but the machine's.
+                let verified = rebuild::verify(
+                    &db,
+                    shard,
+                    (archive, from),
+                    &projections,
+                    usize::MAX,
+                    &mut |done, _| {
                         bar.set_position(done.get());
-                    })
-                    .with_context(|| format!("verifying {shard}"))?;
+                    },
+                )
+                .with_context(|| format!("verifying {shard}"))?;
                 bar.finish_and_clear();
                 let report =
                     ShardReport::from_offline(shard, &verified, started.elapsed().as_secs_f64());

@@ -348,7 +348,8 @@ pub(crate) fn replay_to(
     }
     let bar = crate::progress::replay_bar(at.get(), "replay");
     let started = std::time::Instant::now();
-    let rebuilt = rebuild::replay(log.as_ref(), base, at, &mut |index, _| {
+    // Offline the replay has the tool's process to itself: no bound but the machine's.
+    let rebuilt = rebuild::replay(log.as_ref(), base, at, usize::MAX, &mut |index, _| {
         bar.set_position(index.get());
     })?;
     bar.finish_and_clear();
@@ -453,6 +454,7 @@ fn verify_restored(data_dir: &Path, archive: Option<&dyn SegmentStore>) -> anyho
             shard,
             (archive, rebuild::ReplayFrom::Genesis),
             &Projection::ALL,
+            usize::MAX,
             &mut |done, _| {
                 bar.set_position(done.get());
             },

@@ -659,6 +659,7 @@ pub(crate) fn replica_records(world: &World, shards: u16) {
                 &log,
                 (None, rebuild::ReplayFrom::Genesis),
                 &Projection::ALL,
+                usize::MAX,
                 &mut |_, _| {},
             ) {
                 Ok(verified) => {

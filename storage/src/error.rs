@@ -66,6 +66,20 @@ pub enum StorageError {
         /// What is unknown.
         reason: String,
     },
+    /// A replay into memory outgrew the memory it may take.
+    #[error(
+        "replaying {shard} into memory needs more than {max} bytes (about {bytes} reached at log index {index})"
+    )]
+    ReplayTooLarge {
+        /// The shard.
+        shard: ShardId,
+        /// The index the replay had reached.
+        index: LogIndex,
+        /// What the replayed projections took, as `MemKv::bytes` counts it.
+        bytes: usize,
+        /// The bound.
+        max: usize,
+    },
     /// The log does not hold an entry the caller needs (purged or never written).
     #[error("{shard} log has no entry at index {index}")]
     MissingEntry {

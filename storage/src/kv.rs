@@ -11,6 +11,7 @@
 //! gives exactly the state of applying them one by one.
 
 use std::cell::{Cell, RefCell};
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 
@@ -41,24 +42,62 @@ pub trait ReadKv {
 /// A write to be committed: `None` deletes the key.
 pub type Change = (Cf, Vec<u8>, Option<Vec<u8>>);
 
+/// What one stored pair costs in memory beyond its key and value bytes, as [`MemKv::bytes`]
+/// counts it: the two `Vec` headers and about a pair's share of the B-tree's nodes.
+pub const PAIR_OVERHEAD_BYTES: usize = 64;
+
 /// An in-memory store, for unit tests, rebuilds into scratch space and `inspect --at`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MemKv {
     families: BTreeMap<Cf, BTreeMap<Vec<u8>, Vec<u8>>>,
+    /// What the pairs cost in memory ([`MemKv::bytes`]); a function of the contents, so equal
+    /// contents still compare equal.
+    bytes: usize,
+}
+
+/// What `key` and `value` cost in memory as a stored pair.
+fn pair_bytes(key: &[u8], value: &[u8]) -> usize {
+    key.len()
+        .saturating_add(value.len())
+        .saturating_add(PAIR_OVERHEAD_BYTES)
 }
 
 impl MemKv {
     /// Applies committed changes.
     pub fn write(&mut self, changes: impl IntoIterator<Item = Change>) {
         for (cf, key, value) in changes {
-            let family = self.families.entry(cf).or_default();
             match value {
-                Some(value) => family.insert(key, value),
-                None => family.remove(&key),
-            };
+                Some(value) => self.put(cf, key, value, |_, _| {}),
+                None => {
+                    self.remove(cf, &key);
+                }
+            }
         }
-        // Empty families are dropped so that equal contents compare equal.
-        self.families.retain(|_, family| !family.is_empty());
+    }
+
+    /// About how much memory the stored pairs take: their keys and values, and
+    /// [`PAIR_OVERHEAD_BYTES`] each.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Stores `value` under `key` in `cf` (one search of the family); when that replaces a
+    /// value, `replaced` is called with the key and the old value.
+    fn put(&mut self, cf: Cf, key: Vec<u8>, value: Vec<u8>, replaced: impl FnOnce(&[u8], &[u8])) {
+        match self.families.entry(cf).or_default().entry(key) {
+            Entry::Occupied(mut stored) => {
+                self.bytes = self
+                    .bytes
+                    .saturating_sub(stored.get().len())
+                    .saturating_add(value.len());
+                let old = stored.insert(value);
+                replaced(stored.key(), &old);
+            }
+            Entry::Vacant(slot) => {
+                self.bytes = self.bytes.saturating_add(pair_bytes(slot.key(), &value));
+                slot.insert(value);
+            }
+        }
     }
 
     /// Borrows the value of `key` in `cf`.
@@ -66,13 +105,16 @@ impl MemKv {
         self.families.get(&cf).and_then(|family| family.get(key))
     }
 
-    /// Removes `key` from `cf`, returning its value; a family left empty is dropped, as
-    /// [`MemKv::write`] does.
+    /// Removes `key` from `cf`, returning its value; a family left empty is dropped, so that
+    /// equal contents compare equal.
     fn remove(&mut self, cf: Cf, key: &[u8]) -> Option<Vec<u8>> {
         let family = self.families.get_mut(&cf)?;
         let old = family.remove(key);
         if family.is_empty() {
             self.families.remove(&cf);
+        }
+        if let Some(old) = &old {
+            self.bytes = self.bytes.saturating_sub(pair_bytes(key, old));
         }
         old
     }
@@ -80,17 +122,12 @@ impl MemKv {
     /// Clears `ranges`, then applies `changes`.
     pub fn replace_ranges(&mut self, ranges: &[(Cf, Vec<u8>, Vec<u8>)], changes: Vec<Change>) {
         for (cf, from, to) in ranges {
-            if let Some(family) = self.families.get_mut(cf) {
-                let doomed: Vec<Vec<u8>> = family
-                    .range::<[u8], _>((
-                        Bound::Included(from.as_slice()),
-                        Bound::Excluded(to.as_slice()),
-                    ))
-                    .map(|(key, _)| key.clone())
-                    .collect();
-                for key in doomed {
-                    family.remove(&key);
-                }
+            let doomed: Vec<Vec<u8>> = self
+                .range(*cf, from, to)
+                .map(|(key, _)| key.clone())
+                .collect();
+            for key in doomed {
+                self.remove(*cf, &key);
             }
         }
         self.write(changes);
@@ -310,13 +347,7 @@ impl<'a> Staged<'a> {
         let digest = self.digests.entry(projection).or_default();
         digest.add(&key, &value);
         if let Base::Direct(kv) = &mut self.base {
-            let family = kv.families.entry(cf).or_default();
-            if let Some(old) = family.get_mut(&key) {
-                digest.remove(&key, old);
-                *old = value;
-            } else {
-                family.insert(key, value);
-            }
+            kv.put(cf, key, value, |key, old| digest.remove(key, old));
             return Ok(());
         }
         let old = self.get(cf, &key)?;
@@ -349,9 +380,7 @@ impl<'a> Staged<'a> {
             .add(&key, &value);
         self.writes_made = self.writes_made.saturating_add(1);
         match &mut self.base {
-            Base::Direct(kv) => {
-                kv.families.entry(cf).or_default().insert(key, value);
-            }
+            Base::Direct(kv) => kv.put(cf, key, value, |_, _| {}),
             Base::Read(_) => {
                 self.writes.entry(cf).or_default().insert(key, Some(value));
             }
@@ -393,5 +422,59 @@ impl<'a> Staged<'a> {
             .flat_map(|(cf, family)| family.into_iter().map(move |(key, value)| (cf, key, value)))
             .collect();
         (changes, self.digests)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `kv`'s pairs cost, counted from scratch.
+    fn recounted(kv: &MemKv) -> usize {
+        kv.families
+            .values()
+            .flat_map(|family| family.iter())
+            .map(|(key, value)| pair_bytes(key, value))
+            .sum()
+    }
+
+    /// The memory count follows every way of writing: new keys, replaced values, deletes,
+    /// cleared ranges, and a replay's direct puts and deletes.
+    #[test]
+    fn the_memory_count_follows_the_contents() {
+        let cf = Cf::Projection(Projection::Inbox);
+        let mut kv = MemKv::default();
+        kv.write([
+            (cf, b"a".to_vec(), Some(vec![1; 10])),
+            (cf, b"b".to_vec(), Some(vec![2; 20])),
+            (cf, b"c".to_vec(), Some(vec![3; 30])),
+        ]);
+        assert_eq!(kv.bytes(), 63 + 3 * PAIR_OVERHEAD_BYTES);
+        kv.write([
+            (cf, b"a".to_vec(), Some(vec![1; 100])),
+            (cf, b"b".to_vec(), None),
+            (cf, b"z".to_vec(), None),
+        ]);
+        assert_eq!(kv.bytes(), recounted(&kv));
+        kv.replace_ranges(
+            &[(cf, b"a".to_vec(), b"b".to_vec())],
+            vec![(cf, b"d".to_vec(), Some(vec![4; 5]))],
+        );
+        assert_eq!(kv.bytes(), recounted(&kv));
+        assert_eq!(kv.bytes(), 2 + 35 + 2 * PAIR_OVERHEAD_BYTES, "keys c and d");
+
+        let mut staged = Staged::direct(&mut kv, BTreeMap::new());
+        staged
+            .put(Projection::Inbox, b"c".to_vec(), vec![9; 3])
+            .expect("memory");
+        staged.put_new(Projection::Inbox, b"e".to_vec(), vec![9; 7]);
+        staged
+            .delete(Projection::Inbox, b"d".to_vec())
+            .expect("memory");
+        drop(staged);
+        assert_eq!(kv.bytes(), recounted(&kv));
+        assert_eq!(kv.bytes(), 2 + 10 + 2 * PAIR_OVERHEAD_BYTES);
+        kv.write([(cf, b"c".to_vec(), None), (cf, b"e".to_vec(), None)]);
+        assert_eq!(kv, MemKv::default(), "empty again, count included");
     }
 }

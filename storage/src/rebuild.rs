@@ -46,21 +46,35 @@ pub struct Rebuilt {
     pub events: u64,
 }
 
-/// Replays `log` from `base` (a snapshot's projections, or empty) up to and including `up_to`.
+/// Replays `log` from `base` (a snapshot's projections, or empty) up to and including `up_to`,
+/// the replayed projections taking at most `memory_max` bytes (as [`MemKv::bytes`] counts them).
 /// `progress` is called after each step with the index reached.
 ///
 /// # Errors
-/// A storage fault, a checksum mismatch in the log, or a missing entry (the log was purged
-/// below `base`).
+/// A storage fault, a checksum mismatch in the log, a missing entry (the log was purged below
+/// `base`), or [`StorageError::ReplayTooLarge`].
 pub fn replay(
     log: &dyn LogSource,
     base: (MemKv, ShardState),
     up_to: LogIndex,
+    memory_max: usize,
     progress: &mut dyn FnMut(LogIndex, u64),
 ) -> Result<Rebuilt> {
     let shard = log.shard();
     let (mut kv, mut state) = base;
     let mut events = 0_u64;
+    let within = |kv: &MemKv, index: LogIndex| {
+        if kv.bytes() > memory_max {
+            return Err(StorageError::ReplayTooLarge {
+                shard,
+                index,
+                bytes: kv.bytes(),
+                max: memory_max,
+            });
+        }
+        Ok(())
+    };
+    within(&kv, state.applied)?;
     while state.applied < up_to {
         let from = state.applied.next();
         let to = from
@@ -86,6 +100,7 @@ pub fn replay(
         let results = state.apply_in_place(&mut kv, &committed, consensus_state)?;
         let applied_events: usize = results.iter().map(Vec::len).sum();
         events = events.saturating_add(u64::try_from(applied_events).unwrap_or(u64::MAX));
+        within(&kv, state.applied)?;
         progress(state.applied, events);
     }
     Ok(Rebuilt { kv, state, events })
@@ -100,6 +115,7 @@ pub fn replay_from_start(log: &LogStore, up_to: LogIndex) -> Result<Rebuilt> {
         log,
         (MemKv::default(), ShardState::empty(log.shard())),
         up_to,
+        usize::MAX,
         &mut |_, _| {},
     )
 }
@@ -370,10 +386,18 @@ pub fn verify(
     shard: ShardId,
     (archive, from): (Option<&dyn SegmentStore>, ReplayFrom),
     projections: &[Projection],
+    memory_max: usize,
     progress: &mut dyn FnMut(LogIndex, u64),
 ) -> Result<Verified> {
     let source = log_source(LogStore::new(db.clone(), shard), archive)?;
-    verify_over(db, source.as_ref(), (archive, from), projections, progress)
+    verify_over(
+        db,
+        source.as_ref(),
+        (archive, from),
+        projections,
+        memory_max,
+        progress,
+    )
 }
 
 /// [`replay_base`] then [`replay`] up to and including `up_to`: returns where the replay
@@ -385,11 +409,12 @@ pub fn replay_up_to(
     source: &dyn LogSource,
     (archive, from): (Option<&dyn SegmentStore>, ReplayFrom),
     up_to: LogIndex,
+    memory_max: usize,
     progress: &mut dyn FnMut(LogIndex, u64),
 ) -> Result<(LogIndex, Rebuilt)> {
     let base = replay_base(source, (archive, from), up_to)?;
     let start = base.1.applied;
-    Ok((start, replay(source, base, up_to, progress)?))
+    Ok((start, replay(source, base, up_to, memory_max, progress)?))
 }
 
 /// [`verify`] with the log read from `source` rather than the replica's own log and archive:
@@ -403,10 +428,12 @@ pub fn verify_over(
     source: &dyn LogSource,
     (archive, from): (Option<&dyn SegmentStore>, ReplayFrom),
     projections: &[Projection],
+    memory_max: usize,
     progress: &mut dyn FnMut(LogIndex, u64),
 ) -> Result<Verified> {
     let live = ShardState::load(db.as_ref(), source.shard())?;
-    let (start, rebuilt) = replay_up_to(source, (archive, from), live.applied, progress)?;
+    let (start, rebuilt) =
+        replay_up_to(source, (archive, from), live.applied, memory_max, progress)?;
     let from = (start > LogIndex::new(0)).then_some(start);
     let comparisons = compare(
         db.as_ref(),

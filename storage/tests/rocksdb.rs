@@ -96,6 +96,27 @@ fn rocksdb_and_memory_agree() {
     for comparison in comparisons {
         assert!(comparison.is_equal(), "{comparison:?}");
     }
+
+    // A replay may hold at most the memory it is given: bounded below what the projections
+    // take, it stops with ReplayTooLarge instead of growing on.
+    let taken = rebuilt.kv.bytes();
+    assert!(taken > 0);
+    let bounded = |max: usize| {
+        rebuild::replay(
+            &log,
+            (MemKv::default(), ShardState::empty(SHARD)),
+            state.applied,
+            max,
+            &mut |_, _| {},
+        )
+    };
+    match bounded(taken - 1) {
+        Err(StorageError::ReplayTooLarge { bytes, max, .. }) => {
+            assert_eq!(max, taken - 1);
+            assert!(bytes > max, "{bytes} > {max}");
+        }
+        other => panic!("expected ReplayTooLarge, got {:?}", other.map(|r| r.events)),
+    }
 }
 
 #[test]

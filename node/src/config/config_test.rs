@@ -493,6 +493,29 @@ fn stream_buffer_bytes_are_configured() {
     ));
 }
 
+/// What one projection job's replay may hold in memory is configured: 2 GiB by default, set from
+/// the file, never zero, at most 1,024 GiB.
+#[test]
+fn projection_job_memory_is_configured() {
+    let max = |c: &Config| c.limits.projection_job_memory_max;
+    assert_eq!(max(&Config::parse(MINIMAL).expect("minimal")), 2 << 30);
+    assert_eq!(
+        max(&with("[limits]\nprojection-job-memory-max = \"512MiB\"").expect("set")),
+        512 << 20
+    );
+    assert_zero_refused(&[(
+        "[limits]\nprojection-job-memory-max = \"0B\"",
+        "limits.projection-job-memory-max",
+    )]);
+    assert!(matches!(
+        with("[limits]\nprojection-job-memory-max = \"1025GiB\""),
+        Err(ConfigError::AboveProtocolMax {
+            name: "limits.projection-job-memory-max",
+            ..
+        })
+    ));
+}
+
 /// The node's own concurrency limits (typing broadcasts, projection jobs, metrics scrapes) are
 /// configured values: 1,024, 1 and 16 by default, set from the file, never zero.
 #[test]

@@ -250,6 +250,8 @@ pub struct Limits {
     pub typing_broadcasts_max: u32,
     /// Projection jobs (verify, rebuild, inspect) running at once on the node.
     pub projection_jobs_max: u32,
+    /// Bytes one projection job's replay may hold in memory.
+    pub projection_job_memory_max: u64,
     /// Scrapes of `/metrics` served at once.
     pub metrics_connections_max: u32,
 }
@@ -396,6 +398,8 @@ pub const APPEND_ENTRIES_MAX_MAX: u64 = 4096;
 pub const ARCHIVE_SEGMENT_ENTRIES_MAX: u64 = 65_536;
 /// Largest `limits.stream-buffer-frames`.
 pub const STREAM_BUFFER_FRAMES_MAX: u64 = 65_536;
+/// Largest `limits.projection-job-memory-max`.
+pub const PROJECTION_JOB_MEMORY_MAX_MAX: u64 = 1 << 40;
 /// Largest `limits.stream-buffer-bytes`.
 pub const STREAM_BUFFER_BYTES_MAX: u64 = 256 << 20;
 /// Largest `raft.proposal-queue-max`.

@@ -248,6 +248,11 @@ pub struct LimitsRaw {
     /// whole log on a thread of its own; past it `COURIER:Maintenance:Busy`. Default 1.
     #[serde(default = "defaults::projection_jobs")]
     pub projection_jobs_max: u32,
+    /// Memory one projection job's replay may hold (the shard's projections as of the replayed
+    /// index, counted as their keys and values plus 64 bytes a pair); past it the job stops with
+    /// `COURIER:Maintenance:TooLarge`. Default `"2GiB"`, at most `"1024GiB"`.
+    #[serde(default = "defaults::projection_job_memory")]
+    pub projection_job_memory_max: ByteSize,
     /// Scrapes of `/metrics` served at once; further connections wait to be accepted. Default 16.
     #[serde(default = "defaults::metrics_connections")]
     pub metrics_connections_max: u32,
@@ -731,6 +736,9 @@ mod defaults {
     }
     pub(super) fn projection_jobs() -> u32 {
         1
+    }
+    pub(super) fn projection_job_memory() -> ByteSize {
+        ByteSize(2 << 30)
     }
     pub(super) fn metrics_connections() -> u32 {
         16

@@ -418,6 +418,11 @@ fn check_limits(l: &LimitsRaw) -> Result<(), ConfigError> {
         u64::from(limits::GROUP_MEMBERS_MAX),
     )?;
     bounded(
+        "limits.projection-job-memory-max",
+        l.projection_job_memory_max.0,
+        super::PROJECTION_JOB_MEMORY_MAX_MAX,
+    )?;
+    bounded(
         "limits.stream-buffer-bytes",
         l.stream_buffer_bytes.0,
         super::STREAM_BUFFER_BYTES_MAX,
@@ -515,6 +520,7 @@ fn validate_limits(l: &LimitsRaw) -> Result<Limits, ConfigError> {
         rate_limit_keys_max: l.rate_limit_keys_max,
         typing_broadcasts_max: l.typing_broadcasts_max,
         projection_jobs_max: l.projection_jobs_max,
+        projection_job_memory_max: l.projection_job_memory_max.0,
         metrics_connections_max: l.metrics_connections_max,
     })
 }

@@ -1529,6 +1529,72 @@ async fn delivered_stubs_and_receipts_are_forgotten_after_the_window() {
     }
 }
 
+/// A projection job whose replay would hold more than `limits.projection-job-memory-max` stops
+/// with `FAILED_PRECONDITION` `COURIER:Maintenance:TooLarge` instead of growing the serving
+/// node's memory; the node goes on serving and a later send is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projection_job_past_its_memory_is_refused() {
+    let c = cluster_appending("[limits]\nprojection-job-memory-max = \"1KiB\"\n").await;
+    let (addr, _, alice, bob, mut messaging) = alice_and_bob_on_node0(&c).await;
+    for i in 0..5 {
+        messaging
+            .send(authed(
+                &alice,
+                SendRequest {
+                    client_msg_id: format!("m{i}"),
+                    to_user: bob.user,
+                    content: body(&"x".repeat(300)),
+                },
+            ))
+            .await
+            .expect("send");
+    }
+    let bob_shard = shard_of(UserId::new(bob.user).expect("id"), 4);
+    let mut admin = courier_proto::pb::peer::admin_client::AdminClient::new(
+        peer_channel(&c.nodes[0].peer_addr.to_string()).await,
+    );
+    let mut updates = admin
+        .verify_projection(courier_proto::pb::peer::VerifyProjectionRequest {
+            shard: u32::from(bob_shard.get()),
+            projection: String::new(),
+            from_genesis: true,
+        })
+        .await
+        .expect("the job starts")
+        .into_inner();
+    let refused = loop {
+        match updates.message().await {
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the verify finished within 1 KiB"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(code_of(&refused), "COURIER:Maintenance:TooLarge");
+    assert!(
+        refused.message().contains("projection-job-memory-max"),
+        "{}",
+        refused.message()
+    );
+    messaging
+        .send(authed(
+            &alice,
+            SendRequest {
+                client_msg_id: "after".to_owned(),
+                to_user: bob.user,
+                content: body("after"),
+            },
+        ))
+        .await
+        .expect("the node still serves");
+    let mut stream = open_stream(&addr, &bob, 0).await;
+    let frames = collect(&mut stream, Duration::from_secs(10), |f| {
+        messages(f).len() >= 6
+    })
+    .await;
+    assert_eq!(messages(&frames).len(), 6);
+}
+
 /// Asserts that `node`'s projections of `shard` equal a replay of its log from index 1.
 pub(crate) async fn assert_verified_from_genesis(node: &courier_node::NodeHandle, shard: ShardId) {
     let mut admin = courier_proto::pb::peer::admin_client::AdminClient::new(
