@@ -338,7 +338,7 @@ pub(crate) fn replay_to(
     }
     let segments = archive;
     let log = log_source(LogStore::new(db.clone(), shard), segments)?;
-    let base = rebuild::replay_base(log.as_ref(), (segments, from), at)
+    let base = rebuild::replay_base(log.as_ref(), (segments, from), at, usize::MAX)
         .with_context(|| format!("{shard}: {}", purged_hint(archive.is_some())))?;
     if base.1.applied > LogIndex::new(0) {
         eprintln!(

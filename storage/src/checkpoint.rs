@@ -20,11 +20,13 @@ use crate::snapshot;
 /// The newest of `shard`'s checkpoints at or below `up_to`, checked; `None` when there is none.
 ///
 /// # Errors
-/// The store failed, or the checkpoint is damaged (a verify `--from-genesis` does not read it).
+/// The store failed, or the checkpoint is damaged (a verify `--from-genesis` does not read it),
+/// or it is larger than `memory_max` ([`StorageError::ReplayTooLarge`], before decoding it).
 pub fn latest(
     archive: &dyn SegmentStore,
     shard: ShardId,
     up_to: LogIndex,
+    memory_max: usize,
 ) -> Result<Option<(MemKv, ShardState)>> {
     let Some(index) = archive
         .checkpoints(shard)?
@@ -35,6 +37,8 @@ pub fn latest(
         return Ok(None);
     };
     let bytes = archive.read_checkpoint(shard, index)?;
+    // Its pairs take at least their encoded bytes once decoded: refused before the copies.
+    crate::error::within_memory(shard, index, bytes.len(), memory_max)?;
     decode(shard, index, &bytes).map(Some)
 }
 
@@ -96,5 +100,33 @@ mod tests {
         let damaged = decode(shard, LogIndex::new(0), &damaged).expect_err("damaged");
         assert!(damaged.to_string().contains("checksum"), "{damaged}");
         assert!(decode(shard, LogIndex::new(0), &bytes[..3]).is_err());
+    }
+
+    /// A checkpoint larger than the memory a replay may take is refused before it is decoded.
+    #[test]
+    fn a_checkpoint_past_the_memory_bound_is_not_decoded() {
+        let shard = ShardId::new(3);
+        let at = LogIndex::new(0);
+        let bytes = encode(&MemKv::default(), &ShardState::empty(shard)).expect("encode");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(crate::segment::checkpoint_name(shard, at));
+        std::fs::create_dir_all(path.parent().expect("in a shard directory")).expect("mkdir");
+        std::fs::write(&path, &bytes).expect("write");
+        let archive = crate::archive::DirArchive::new(dir.path());
+        match latest(&archive, shard, at, bytes.len() - 1) {
+            Err(StorageError::ReplayTooLarge {
+                bytes: got, max, ..
+            }) => {
+                assert_eq!((got, max), (bytes.len(), bytes.len() - 1));
+            }
+            other => panic!(
+                "expected ReplayTooLarge, got {:?}",
+                other.map(|c| c.map(|c| c.1))
+            ),
+        }
+        let (_, state) = latest(&archive, shard, at, bytes.len())
+            .expect("within the bound")
+            .expect("found");
+        assert_eq!(state.applied, at);
     }
 }

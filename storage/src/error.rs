@@ -117,3 +117,20 @@ pub(crate) fn db_err(
 ) -> impl FnOnce(rocksdb::Error) -> StorageError {
     move |source| StorageError::Db { op, cf, source }
 }
+
+/// [`StorageError::ReplayTooLarge`] when a replay of `shard` that reached `index` holds `bytes`,
+/// more than `max`.
+///
+/// # Errors
+/// As above.
+pub fn within_memory(shard: ShardId, index: LogIndex, bytes: usize, max: usize) -> Result<()> {
+    if bytes > max {
+        return Err(StorageError::ReplayTooLarge {
+            shard,
+            index,
+            bytes,
+            max,
+        });
+    }
+    Ok(())
+}

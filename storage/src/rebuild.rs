@@ -64,15 +64,7 @@ pub fn replay(
     let (mut kv, mut state) = base;
     let mut events = 0_u64;
     let within = |kv: &MemKv, index: LogIndex| {
-        if kv.bytes() > memory_max {
-            return Err(StorageError::ReplayTooLarge {
-                shard,
-                index,
-                bytes: kv.bytes(),
-                max: memory_max,
-            });
-        }
-        Ok(())
+        crate::error::within_memory(shard, index, kv.bytes(), memory_max)
     };
     within(&kv, state.applied)?;
     while state.applied < up_to {
@@ -328,20 +320,22 @@ pub enum ReplayFrom {
 
 /// Where a replay up to `up_to` starts: the archive's newest checkpoint at or below it (with
 /// [`ReplayFrom::Checkpoint`] and an archive), else an empty state at index 0, which needs
-/// `source` to hold every entry from index 1.
+/// `source` to hold every entry from index 1. A checkpoint larger than `memory_max` is not
+/// decoded.
 ///
 /// # Errors
 /// [`StorageError::MissingEntry`] when a replay from index 1 cannot read every entry; a damaged
-/// checkpoint; store faults.
+/// checkpoint; [`StorageError::ReplayTooLarge`]; store faults.
 pub fn replay_base(
     source: &dyn LogSource,
     (archive, from): (Option<&dyn SegmentStore>, ReplayFrom),
     up_to: LogIndex,
+    memory_max: usize,
 ) -> Result<(MemKv, ShardState)> {
     let shard = source.shard();
     if from == ReplayFrom::Checkpoint
         && let Some(archive) = archive
-        && let Some(checkpoint) = crate::checkpoint::latest(archive, shard, up_to)?
+        && let Some(checkpoint) = crate::checkpoint::latest(archive, shard, up_to, memory_max)?
     {
         return Ok(checkpoint);
     }
@@ -412,7 +406,7 @@ pub fn replay_up_to(
     memory_max: usize,
     progress: &mut dyn FnMut(LogIndex, u64),
 ) -> Result<(LogIndex, Rebuilt)> {
-    let base = replay_base(source, (archive, from), up_to)?;
+    let base = replay_base(source, (archive, from), up_to, memory_max)?;
     let start = base.1.applied;
     Ok((start, replay(source, base, up_to, memory_max, progress)?))
 }

@@ -470,50 +470,53 @@ fn retention_batches_are_configured() {
     ));
 }
 
+/// Checks a size limit of `[limits]` named `key`, read back by `pick`: `default` when unset,
+/// `set` (a size and its bytes) when set, refused at zero and at `above`.
+fn assert_size_limit(
+    key: &str,
+    pick: fn(&Config) -> u64,
+    default: u64,
+    set: (&str, u64),
+    above: &str,
+) {
+    let name = format!("limits.{key}");
+    assert_eq!(pick(&Config::parse(MINIMAL).expect("minimal")), default);
+    let line = |size: &str| format!("[limits]\n{key} = \"{size}\"");
+    assert_eq!(pick(&with(&line(set.0)).expect("set")), set.1);
+    match with(&line("0B")) {
+        Err(ConfigError::ZeroLimit { name: got }) => assert_eq!(got, name),
+        other => panic!("{key} = 0: expected ZeroLimit, got {other:?}"),
+    }
+    match with(&line(above)) {
+        Err(ConfigError::AboveProtocolMax { name: got, .. }) => assert_eq!(got, name),
+        other => panic!("{key} = {above}: expected AboveProtocolMax, got {other:?}"),
+    }
+}
+
 /// A device stream's buffer is bounded in bytes as well as frames: 1 MiB by default, set from
 /// the file, never zero, at most 256 MiB.
 #[test]
 fn stream_buffer_bytes_are_configured() {
-    let bytes = |c: &Config| c.limits.stream_buffer_bytes;
-    assert_eq!(bytes(&Config::parse(MINIMAL).expect("minimal")), 1 << 20);
-    assert_eq!(
-        bytes(&with("[limits]\nstream-buffer-bytes = \"64KiB\"").expect("set")),
-        64 << 10
+    assert_size_limit(
+        "stream-buffer-bytes",
+        |c| u64::from(c.limits.stream_buffer_bytes),
+        1 << 20,
+        ("64KiB", 64 << 10),
+        "257MiB",
     );
-    assert_zero_refused(&[(
-        "[limits]\nstream-buffer-bytes = \"0B\"",
-        "limits.stream-buffer-bytes",
-    )]);
-    assert!(matches!(
-        with("[limits]\nstream-buffer-bytes = \"257MiB\""),
-        Err(ConfigError::AboveProtocolMax {
-            name: "limits.stream-buffer-bytes",
-            ..
-        })
-    ));
 }
 
 /// What one projection job's replay may hold in memory is configured: 2 GiB by default, set from
 /// the file, never zero, at most 1,024 GiB.
 #[test]
 fn projection_job_memory_is_configured() {
-    let max = |c: &Config| c.limits.projection_job_memory_max;
-    assert_eq!(max(&Config::parse(MINIMAL).expect("minimal")), 2 << 30);
-    assert_eq!(
-        max(&with("[limits]\nprojection-job-memory-max = \"512MiB\"").expect("set")),
-        512 << 20
+    assert_size_limit(
+        "projection-job-memory-max",
+        |c| c.limits.projection_job_memory_max,
+        2 << 30,
+        ("512MiB", 512 << 20),
+        "1025GiB",
     );
-    assert_zero_refused(&[(
-        "[limits]\nprojection-job-memory-max = \"0B\"",
-        "limits.projection-job-memory-max",
-    )]);
-    assert!(matches!(
-        with("[limits]\nprojection-job-memory-max = \"1025GiB\""),
-        Err(ConfigError::AboveProtocolMax {
-            name: "limits.projection-job-memory-max",
-            ..
-        })
-    ));
 }
 
 /// The node's own concurrency limits (typing broadcasts, projection jobs, metrics scrapes) are

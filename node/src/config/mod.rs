@@ -176,7 +176,8 @@ pub struct Limits {
     pub send_burst_per_device: u32,
     /// Frames buffered per device stream.
     pub stream_buffer_frames: u32,
-    /// Encoded bytes of the frames buffered per device stream.
+    /// Encoded bytes of the frames buffered per device stream, and of one page of the inbox its
+    /// pusher reads.
     pub stream_buffer_bytes: u32,
     /// Inbox messages one `DeliveryAcked` acks (or clears), or one `ReadUpTo` reads, at most.
     pub ack_span_max: u32,

@@ -120,7 +120,8 @@ pub struct LimitsRaw {
     #[serde(default = "defaults::stream_buffer")]
     pub stream_buffer_frames: u32,
     /// Encoded bytes of the frames buffered per device stream at most (a frame larger than this
-    /// waits for an empty buffer). Default `"1MiB"`, at most `"256MiB"`.
+    /// waits for an empty buffer), and of the messages of one page of the inbox its pusher reads
+    /// (at least one message). Default `"1MiB"`, at most `"256MiB"`.
     #[serde(default = "defaults::stream_buffer_bytes")]
     pub stream_buffer_bytes: ByteSize,
     /// Inbox messages one `DeliveryAcked` log entry acks (and bodies it clears) at most, and

@@ -281,6 +281,14 @@ pub(crate) async fn cluster_appending(extra: &str) -> Cluster {
     cluster_configured(&|text| format!("{text}\n{extra}")).await
 }
 
+/// The shard of `group` in the tests' four-shard clusters.
+pub(crate) fn group_shard_of(group: u64) -> ShardId {
+    courier_proto::shard_of_group(
+        courier_proto::GroupId::new(group).expect("nonzero group id"),
+        4,
+    )
+}
+
 /// Creates a group named "two" by `by` with `members` through the node at `addr`; its id.
 pub(crate) async fn create_group(addr: &str, by: &Device, members: Vec<u64>) -> u64 {
     use courier_proto::pb::client::CreateGroupRequest;
@@ -1632,28 +1640,13 @@ pub(crate) async fn assert_verified_from_genesis(node: &courier_node::NodeHandle
 /// past the forgotten one), and verify from genesis passes on every replica.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_copies_are_forgotten_after_the_windows() {
-    use courier_proto::pb::client::groups_client::GroupsClient;
-    use courier_proto::pb::client::{CreateGroupRequest, SendToGroupRequest};
+    use courier_proto::pb::client::SendToGroupRequest;
     let c =
         retention_cluster("undelivered = \"1s\"\ndedup = \"1s\"\nkeep-delivered = false\n").await;
     let (addr, _, alice, bob, mut messaging) = alice_and_bob_on_node0(&c).await;
     c.wait_converged().await;
-    let group = GroupsClient::new(channel(&addr).await)
-        .create_group(authed(
-            &alice,
-            CreateGroupRequest {
-                name: "two".to_owned(),
-                members: vec![bob.user],
-            },
-        ))
-        .await
-        .expect("create")
-        .into_inner()
-        .group_id;
-    let group_shard = courier_proto::shard_of_group(
-        courier_proto::GroupId::new(group).expect("nonzero group id"),
-        4,
-    );
+    let group = create_group(&addr, &alice, vec![bob.user]).await;
+    let group_shard = group_shard_of(group);
     let mut stream = open_stream(&addr, &bob, 0).await;
     let send = |text: &str| SendToGroupRequest {
         client_msg_id: text.to_owned(),
@@ -1730,30 +1723,15 @@ async fn group_copies_are_forgotten_after_the_windows() {
 /// unit test does.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_of_group_copies_drains_within_one_scan() {
-    use courier_proto::pb::client::groups_client::GroupsClient;
-    use courier_proto::pb::client::{CreateGroupRequest, SendToGroupRequest};
+    use courier_proto::pb::client::SendToGroupRequest;
     let c = retention_cluster_scanning(
         "undelivered = \"1s\"\ndedup = \"1s\"\nkeep-delivered = false\nbatch-max = 1\n",
         "5s",
     )
     .await;
     let (addr, _, alice, bob, mut messaging) = alice_and_bob_on_node0(&c).await;
-    let group = GroupsClient::new(channel(&addr).await)
-        .create_group(authed(
-            &alice,
-            CreateGroupRequest {
-                name: "backlog".to_owned(),
-                members: vec![bob.user],
-            },
-        ))
-        .await
-        .expect("create")
-        .into_inner()
-        .group_id;
-    let group_shard = courier_proto::shard_of_group(
-        courier_proto::GroupId::new(group).expect("nonzero group id"),
-        4,
-    );
+    let group = create_group(&addr, &alice, vec![bob.user]).await;
+    let group_shard = group_shard_of(group);
     for text in ["c1", "c2", "c3"] {
         messaging
             .send_to_group(authed(
