@@ -84,9 +84,9 @@ pub async fn run(cluster: Cluster, windows: Windows, shutdown: CancellationToken
             continue;
         };
         // Round-robin over the shards with more due, so that one shard's backlog does not hold
-        // back the others.
-        // One clock reading per pass: its rounds drain what was due when it started, and stop
-        // rather than chase what falls due while they run (the next pass takes that).
+        // back the others. One clock reading per pass: its rounds drain what was due when it
+        // started, and stop rather than chase what falls due while they run (the next pass
+        // takes that).
         let now = now_ms();
         let mut due: Vec<ShardId> = (0..shard_count).map(ShardId::new).collect();
         for _ in 0..windows.rounds_max {
