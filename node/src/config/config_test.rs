@@ -483,10 +483,7 @@ fn assert_size_limit(
     assert_eq!(pick(&Config::parse(MINIMAL).expect("minimal")), default);
     let line = |size: &str| format!("[limits]\n{key} = \"{size}\"");
     assert_eq!(pick(&with(&line(set.0)).expect("set")), set.1);
-    match with(&line("0B")) {
-        Err(ConfigError::ZeroLimit { name: got }) => assert_eq!(got, name),
-        other => panic!("{key} = 0: expected ZeroLimit, got {other:?}"),
-    }
+    assert_zero_refused(&[(&line("0B"), &name)]);
     match with(&line(above)) {
         Err(ConfigError::AboveProtocolMax { name: got, .. }) => assert_eq!(got, name),
         other => panic!("{key} = {above}: expected AboveProtocolMax, got {other:?}"),

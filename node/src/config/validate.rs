@@ -89,18 +89,15 @@ impl RawConfig {
         nonzero("presence.report-queue-max", self.presence.report_queue_max)?;
         nonzero("push.queue-max", self.push.queue_max)?;
         nonzero("push.attempts-max", self.push.attempts_max)?;
-        nonzero("retention.batch-max", self.retention.batch_max)?;
+        bounded(
+            "retention.batch-max",
+            u64::from(self.retention.batch_max),
+            u64::from(super::RETENTION_BATCH_MAX_MAX),
+        )?;
         nonzero(
             "retention.batches-per-pass-max",
             self.retention.batches_per_pass_max,
         )?;
-        if self.retention.batch_max > super::RETENTION_BATCH_MAX_MAX {
-            return Err(ConfigError::AboveProtocolMax {
-                name: "retention.batch-max",
-                value: u64::from(self.retention.batch_max),
-                max: u64::from(super::RETENTION_BATCH_MAX_MAX),
-            });
-        }
         if !self.push.url.is_empty() {
             crate::push::parse_url(&self.push.url)
                 .map_err(|reason| ConfigError::PushUrl { reason })?;

@@ -1332,18 +1332,14 @@ async fn a_retention_backlog_drains_within_one_scan() {
             Ok(known)
         })
     };
-    loop {
-        let known: Vec<usize> = c.nodes.iter().map(known_on).collect();
-        if known.iter().all(|&n| n == 0) {
-            break;
-        }
-        // The window ends 1 s after the sends and the next scan starts within 5 s of that.
-        assert!(
-            sent.elapsed() < Duration::from_secs(12),
-            "sends still remembered per node after one scan past the window: {known:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // The window ends 1 s after the sends and the next scan starts within 5 s of that.
+    until_within(
+        (sent, Duration::from_secs(12)),
+        "sends still remembered per node after one scan past the window",
+        || c.nodes.iter().map(known_on).collect::<Vec<usize>>(),
+        |known| known.iter().all(|&n| n == 0),
+    )
+    .await;
     for node in &c.nodes {
         assert_verified_from_genesis(node, alice_shard).await;
         let batches: Vec<Vec<String>> = logged_events(node, alice_shard)
@@ -1558,18 +1554,7 @@ async fn a_projection_job_past_its_memory_is_refused() {
             .expect("send");
     }
     let bob_shard = shard_of(UserId::new(bob.user).expect("id"), 4);
-    let mut admin = courier_proto::pb::peer::admin_client::AdminClient::new(
-        peer_channel(&c.nodes[0].peer_addr.to_string()).await,
-    );
-    let mut updates = admin
-        .verify_projection(courier_proto::pb::peer::VerifyProjectionRequest {
-            shard: u32::from(bob_shard.get()),
-            projection: String::new(),
-            from_genesis: true,
-        })
-        .await
-        .expect("the job starts")
-        .into_inner();
+    let mut updates = verify_from_genesis(&c.nodes[0], bob_shard).await;
     let refused = loop {
         match updates.message().await {
             Ok(Some(_)) => {}
@@ -1603,20 +1588,27 @@ async fn a_projection_job_past_its_memory_is_refused() {
     assert_eq!(messages(&frames).len(), 6);
 }
 
+/// Starts a verify of every projection of `shard` on `node` from index 1: its stream of updates.
+async fn verify_from_genesis(
+    node: &courier_node::NodeHandle,
+    shard: ShardId,
+) -> tonic::Streaming<courier_proto::pb::peer::ProjectionJobUpdate> {
+    courier_proto::pb::peer::admin_client::AdminClient::new(
+        peer_channel(&node.peer_addr.to_string()).await,
+    )
+    .verify_projection(courier_proto::pb::peer::VerifyProjectionRequest {
+        shard: u32::from(shard.get()),
+        projection: String::new(),
+        from_genesis: true,
+    })
+    .await
+    .expect("the verify starts")
+    .into_inner()
+}
+
 /// Asserts that `node`'s projections of `shard` equal a replay of its log from index 1.
 pub(crate) async fn assert_verified_from_genesis(node: &courier_node::NodeHandle, shard: ShardId) {
-    let mut admin = courier_proto::pb::peer::admin_client::AdminClient::new(
-        peer_channel(&node.peer_addr.to_string()).await,
-    );
-    let mut updates = admin
-        .verify_projection(courier_proto::pb::peer::VerifyProjectionRequest {
-            shard: u32::from(shard.get()),
-            projection: String::new(),
-            from_genesis: true,
-        })
-        .await
-        .expect("verify")
-        .into_inner();
+    let mut updates = verify_from_genesis(node, shard).await;
     let mut result = None;
     while let Some(update) = updates.message().await.expect("stream") {
         if let Some(courier_proto::pb::peer::projection_job_update::Update::Verified(v)) =
@@ -1751,18 +1743,14 @@ async fn a_backlog_of_group_copies_drains_within_one_scan() {
             courier_storage::projection::groups::messages_sent_before(view, u64::MAX, 10)
         })
     };
-    loop {
-        let left: Vec<_> = c.nodes.iter().map(left_on).collect();
-        if left.iter().all(Option::is_none) {
-            break;
-        }
-        // Both windows end 2 s after the sends and the next scan starts within 5 s of that.
-        assert!(
-            sent.elapsed() < Duration::from_secs(13),
-            "group copies still stored after one scan past the windows: {left:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // Both windows end 2 s after the sends and the next scan starts within 5 s of that.
+    until_within(
+        (sent, Duration::from_secs(13)),
+        "group copies still stored after one scan past the windows",
+        || c.nodes.iter().map(left_on).collect::<Vec<_>>(),
+        |left| left.iter().all(Option::is_none),
+    )
+    .await;
     for node in &c.nodes {
         assert_verified_from_genesis(node, group_shard).await;
         let forgets = logged_events(node, group_shard)
@@ -2737,6 +2725,24 @@ async fn sent_and_received(
         })
         .collect();
     (stream, seqs)
+}
+
+/// Probes every 100 ms until `done` holds of what `probe` returns; fails naming `what` and the
+/// last probe once `within` has passed since `since`.
+async fn until_within<T: std::fmt::Debug>(
+    (since, within): (Instant, Duration),
+    what: &str,
+    mut probe: impl FnMut() -> T,
+    done: impl Fn(&T) -> bool,
+) {
+    loop {
+        let found = probe();
+        if done(&found) {
+            return;
+        }
+        assert!(since.elapsed() < within, "{what}: {found:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Waits (polling every 20 ms) until `done` holds; fails naming `what` after 10 s.
