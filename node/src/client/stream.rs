@@ -23,7 +23,6 @@ use courier_proto::pb::store::InboxEntry;
 use courier_proto::{InboxSeq, LogIndex, ReceiptFeedPosition, UserId};
 use courier_storage::projection::readstate::{self, ReadTarget};
 use courier_storage::projection::{cursors, groups, inbox, receipts};
-use prost::Message as _;
 use tokio_stream::Stream;
 use tonic::Status;
 use tracing::Instrument as _;
@@ -60,22 +59,9 @@ pub const PAGE_MESSAGES: usize = 256;
 /// that a page of messages at the content limit fits one `ReadShard` answer.
 pub const REMOTE_PAGE_MESSAGES: usize = 16;
 const _: () = assert!(
-    REMOTE_PAGE_MESSAGES * (courier_proto::limits::MESSAGE_CONTENT_BYTES_MAX + 1024)
-        <= crate::cluster::READ_ANSWER_BYTES_MAX,
+    REMOTE_PAGE_MESSAGES * inbox::ENTRY_BYTES_MAX <= crate::cluster::READ_ANSWER_BYTES_MAX,
     "a remote page fits one ReadShard answer"
 );
-/// How many of `messages`, from the first, fit `bytes_max` encoded bytes: at least one, so that a
-/// message larger than the bound is still sent (alone).
-fn within_bytes(messages: &[(InboxSeq, InboxEntry)], bytes_max: usize) -> usize {
-    let mut bytes = 0_usize;
-    messages
-        .iter()
-        .position(|(_, entry)| {
-            bytes = bytes.saturating_add(entry.encoded_len());
-            bytes > bytes_max
-        })
-        .map_or(messages.len(), |past| past.max(1))
-}
 
 /// How long the client has to send `Open`.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -303,17 +289,12 @@ impl ClientApi {
         self.read(shard, |view| {
             let tail = inbox::tail(view, user)?;
             let up_to = InboxSeq::new(tail.get().min(cursor.get().saturating_add(span)));
-            let mut messages = inbox::entries_between(view, user, cursor, up_to)?;
+            // What the pusher reads, and holds while it waits for room in the stream's buffer,
+            // is bounded like the buffer: a page of large messages ends early and the next one
+            // reads on.
+            let (messages, reached) = inbox::entries_within(view, user, cursor, up_to, bytes_max)?;
             let feed = receipts::feed(view, user, receipts_after, limit)?;
-            // What the pusher holds while it waits for room in the stream's buffer is bounded
-            // like the buffer: a page of large messages ends early and the next one reads on.
-            let kept = within_bytes(&messages, bytes_max);
-            if kept < messages.len() {
-                messages.truncate(kept);
-                let last = messages.last().map_or(cursor, |(seq, _)| *seq);
-                return Ok((last, false, messages, feed));
-            }
-            Ok((up_to, up_to == tail, messages, feed))
+            Ok((reached, reached == tail, messages, feed))
         })
         .await
     }
@@ -870,41 +851,4 @@ async fn push_receipts(
         }
     }
     true
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn entry(body_bytes: usize) -> (InboxSeq, InboxEntry) {
-        (
-            InboxSeq::new(1),
-            InboxEntry {
-                content: Some(events::Content {
-                    body: vec![1; body_bytes],
-                    media: None,
-                }),
-                ..InboxEntry::default()
-            },
-        )
-    }
-
-    /// A page keeps the messages that fit the stream's buffer in bytes, and at least one.
-    #[test]
-    fn a_page_ends_where_the_buffer_would_be_full() {
-        let page = vec![entry(600), entry(600), entry(600)];
-        assert_eq!(
-            within_bytes(&page, 1000),
-            1,
-            "a second would pass 1000 bytes"
-        );
-        assert_eq!(within_bytes(&page, 1300), 2);
-        assert_eq!(within_bytes(&page, 10_000), 3, "all fit");
-        assert_eq!(
-            within_bytes(&page, 100),
-            1,
-            "one larger than the bound goes alone"
-        );
-        assert_eq!(within_bytes(&[], 100), 0);
-    }
 }

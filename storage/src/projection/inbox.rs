@@ -16,6 +16,7 @@
 use courier_proto::pb::events::ForgottenMessage;
 use courier_proto::pb::store::{InboxEntry, InboxState};
 use courier_proto::{InboxSeq, MessageId, ShardId, UserId};
+use prost::Message as _;
 
 use super::decode::{self, Acked};
 use super::{Decoded, Projection, View};
@@ -90,6 +91,50 @@ pub fn entries_between(
             Ok((seq, entry))
         })
         .collect()
+}
+
+/// About the most bytes one inbox entry encodes to: a message's content at its limits, with its
+/// ids, conversation, times and trace context.
+pub const ENTRY_BYTES_MAX: usize = courier_proto::limits::MESSAGE_CONTENT_BYTES_MAX + 1024;
+
+/// The stored messages with `after < seq <= up_to`, in order, up to `bytes_max` encoded bytes (and
+/// at least one message, so that a message larger than the bound is still read, alone); and the
+/// sequence read up to: `up_to`, or the last message returned when the bound ended the read.
+///
+/// The range is read in steps of as many messages as the bytes left would hold at
+/// [`ENTRY_BYTES_MAX`] each, so a read holds at most `bytes_max` plus one step's overshoot of
+/// [`ENTRY_BYTES_MAX`], however large the range and its messages.
+///
+/// # Errors
+/// A storage fault.
+pub fn entries_within(
+    view: &View<'_, '_>,
+    user: UserId,
+    after: InboxSeq,
+    up_to: InboxSeq,
+    bytes_max: usize,
+) -> Result<(Vec<(InboxSeq, InboxEntry)>, InboxSeq)> {
+    let mut messages: Vec<(InboxSeq, InboxEntry)> = Vec::new();
+    let mut bytes = 0_usize;
+    let mut read_to = after;
+    while read_to < up_to {
+        let step = bytes_max.saturating_sub(bytes) / ENTRY_BYTES_MAX;
+        let step = u64::try_from(step.max(1)).unwrap_or(u64::MAX);
+        let step_to = InboxSeq::new(up_to.get().min(read_to.get().saturating_add(step)));
+        for (seq, entry) in entries_between(view, user, read_to, step_to)? {
+            let size = entry.encoded_len();
+            if let Some((last, _)) = messages.last()
+                && bytes.saturating_add(size) > bytes_max
+            {
+                let last = *last;
+                return Ok((messages, last));
+            }
+            bytes = bytes.saturating_add(size);
+            messages.push((seq, entry));
+        }
+        read_to = step_to;
+    }
+    Ok((messages, up_to))
 }
 
 /// Whether message `seq` of `user` can still expire: stored under that id and not delivered.

@@ -718,3 +718,42 @@ fn a_format_1_ack_ignores_trim_max() {
         "every acked body, as format 1 means"
     );
 }
+
+/// A byte-bounded read ends where the bound would be passed, with at least one message, and says
+/// how far it read; within the bound it reads the whole range, however many steps it takes.
+#[test]
+fn a_read_within_bytes_ends_at_the_bound() {
+    use courier_proto::InboxSeq;
+
+    use crate::projection::inbox::{ENTRY_BYTES_MAX, entries_within};
+
+    let (kv, _) = six_delivered_to_user_1();
+    let mut staged = Staged::new(&kv, BTreeMap::new());
+    let view = view_of(&mut staged);
+    let user = UserId::new(1).expect("nonzero");
+    let (zero, six) = (InboxSeq::ZERO, InboxSeq::new(6));
+    let read = |after: u64, bytes_max: usize| {
+        let (messages, reached) =
+            entries_within(&view, user, InboxSeq::new(after), six, bytes_max).expect("memory");
+        let seqs: Vec<u64> = messages.iter().map(|(seq, _)| seq.get()).collect();
+        (seqs, reached.get())
+    };
+    let (all, _) = entries_within(&view, user, zero, six, usize::MAX).expect("memory");
+    let size = prost::Message::encoded_len(&all[0].1);
+    assert_eq!(read(0, usize::MAX), (vec![1, 2, 3, 4, 5, 6], 6), "all fit");
+    assert_eq!(
+        read(0, size * 2 + size / 2),
+        (vec![1, 2], 2),
+        "a third would pass the bound"
+    );
+    assert_eq!(read(2, size * 2), (vec![3, 4], 4), "exactly two fit");
+    assert_eq!(
+        read(0, 1),
+        (vec![1], 1),
+        "one larger than the bound is read alone"
+    );
+    assert_eq!(read(6, 1), (vec![], 6), "nothing after the tail");
+    // Bounds of several entries at their largest read in several steps: the same messages.
+    assert_eq!(read(0, ENTRY_BYTES_MAX * 2), (vec![1, 2, 3, 4, 5, 6], 6));
+    assert_eq!(read(0, ENTRY_BYTES_MAX), (vec![1, 2, 3, 4, 5, 6], 6));
+}
