@@ -282,15 +282,20 @@ impl ClientApi {
                 max: max as u64,
             }));
         }
-        // After the shape check: a malformed request costs no token.
+        let ids = request
+            .users
+            .iter()
+            .map(|&user| UserId::from_wire(user, "users"))
+            .collect::<Result<Vec<UserId>, _>>()?;
+        // After the shape and id checks: a malformed request costs no token.
         self.limiters
             .presence
             .take(&(caller.user.get(), caller.device.get()))?;
         let mut by_shard: std::collections::BTreeMap<u16, Vec<u64>> =
             std::collections::BTreeMap::new();
         let mut caller_groups = None;
-        for &user in &request.users {
-            let id = UserId::from_wire(user, "users")?;
+        for id in ids {
+            let user = id.get();
             if !self
                 .shares_with(caller.user, id, &mut caller_groups)
                 .await?

@@ -410,16 +410,17 @@ async fn re_registration_closes_streams_and_revokes_companions() {
 /// Bad input changes nothing, not even the caller's rate bucket: sends over the configured body
 /// limit (`limits.message-body-max`, checked after the wire's protocol maximum) are refused as
 /// `TooLong` however many come, and a device's valid send after them still has its whole burst.
+/// Likewise presence lookups naming a zero user id are refused as `Zero` and cost no token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_sends_cost_no_rate_token() {
     use crate::messaging::{authed, body, register};
-    use courier_proto::pb::client::SendRequest;
     use courier_proto::pb::client::messaging_client::MessagingClient;
+    use courier_proto::pb::client::{GetPresenceRequest, SendRequest};
     use courier_proto::pb::events;
 
     let c = cluster_configured(&|text| {
         format!(
-            "{text}\n[limits]\nsends-per-second-per-device = 1\nsend-burst-per-device = 2\nmessage-body-max = 1024\n"
+            "{text}\n[limits]\nsends-per-second-per-device = 1\nsend-burst-per-device = 2\nmessage-body-max = 1024\npresence-lookups-per-second-per-device = 1\npresence-lookup-burst-per-device = 2\n"
         )
     })
     .await;
@@ -457,6 +458,24 @@ async fn refused_sends_cost_no_rate_token() {
             .send(send(n, body("hi")))
             .await
             .expect("the burst is whole after refused sends");
+    }
+    let lookup = |users: Vec<u64>| authed(&alice, GetPresenceRequest { users });
+    for n in 0..5 {
+        let status = messaging
+            .get_presence(lookup(vec![alice.user, 0]))
+            .await
+            .expect_err("a zero user id");
+        assert_eq!(
+            code_of(&status),
+            "COURIER:Wire:Zero",
+            "lookup {n}: {status:?}"
+        );
+    }
+    for n in 0..2 {
+        messaging
+            .get_presence(lookup(vec![alice.user]))
+            .await
+            .unwrap_or_else(|status| panic!("lookup {n}: the burst is whole: {status:?}"));
     }
     for node in c.nodes {
         node.stop().await;
