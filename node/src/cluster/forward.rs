@@ -1,6 +1,7 @@
 //! Forwarded batches: deliveries and receipts another shard's forwarder sends, stored on the
 //! destination shard's leader. The batch is routed first and checked only where it is stored.
 
+use courier_consensus::groups::GroupHandle;
 use courier_consensus::types::{EventOutcome, NodeId};
 use courier_proto::ShardId;
 use courier_proto::limits::{FORWARD_BATCH_EVENTS_MAX, PROPOSAL_BYTES_MAX};
@@ -21,7 +22,8 @@ impl Cluster {
     /// stored, so a batch passing through this node on its one hop is not copied to be checked.
     ///
     /// # Errors
-    /// `INVALID_ARGUMENT` for a malformed batch; `UNAVAILABLE` when the shard has no leader.
+    /// `INVALID_ARGUMENT` for a malformed batch; `UNAVAILABLE` when the shard has no leader, or
+    /// when the batch did not commit within `raft.rpc-timeout` (it may still: retry).
     pub async fn forward_batch(
         &self,
         request: ForwardBatchRequest,
@@ -98,12 +100,7 @@ impl Cluster {
                     _ => None,
                 })
                 .collect();
-            let outcomes = handle
-                .proposer
-                .propose(fresh)
-                .instrument(tracing::info_span!("raft.commit", shard = %dest))
-                .await
-                .map_err(propose_error)?;
+            let outcomes = self.commit_forwarded(&handle, dest, fresh).await?;
             self.push_landed(&outcomes, landed);
             let stored = stored_through(first_new, &outcomes);
             if stored < last {
@@ -136,6 +133,37 @@ impl Cluster {
                 self.push_if_offline(*user, message_id);
             }
         }
+    }
+
+    /// Commits a forwarded batch's new events on `dest`, which this node leads, waiting at most
+    /// `raft.rpc-timeout` like the hop to a leader elsewhere: a leader that lost its quorum keeps
+    /// leading (openraft 0.9 does not step down), and a forwarder waiting on it would hold one of
+    /// its pairs' slots until the partition healed. The entry may still commit; the retry's
+    /// positions at or below the watermark are dropped as duplicates.
+    async fn commit_forwarded(
+        &self,
+        handle: &GroupHandle,
+        dest: ShardId,
+        fresh: Vec<Event>,
+    ) -> Result<Vec<EventOutcome>, ApiError> {
+        tokio::time::timeout(
+            self.rpc_timeout,
+            handle
+                .proposer
+                .propose(fresh)
+                .instrument(tracing::info_span!("raft.commit", shard = %dest)),
+        )
+        .await
+        .map_err(|_| {
+            unavailable(
+                format!(
+                    "{dest} did not commit the batch within {:?}; retry",
+                    self.rpc_timeout
+                ),
+                None,
+            )
+        })?
+        .map_err(propose_error)
     }
 
     async fn forward_to(
@@ -182,10 +210,12 @@ fn check_shape(request: &ForwardBatchRequest) -> Result<(), ApiError> {
 }
 
 /// The position a batch is stored up to once its new events, at positions from `first_new` on,
-/// came back from apply with `outcomes` (one per event; a missing one counts as not stored): through the last event that applied
-/// with every one before it. An event refused at apply (a forward gap leaves the inbound
-/// watermark where it was) is not stored, nor is anything after it, so the source keeps them and
-/// sends them again instead of trimming them away. Unreachable while every batch starts at or
+/// came back from apply with `outcomes` (one per event; a missing one counts as not stored):
+/// through the last event that applied with every one before it. An event refused at apply is
+/// not counted, nor is anything after it, so the source keeps them and sends them again instead
+/// of trimming them away. A forward gap leaves the inbound watermark where it was; an event
+/// refused as invalid takes its position (`projection::apply_decoded`), so the retry finds it
+/// below the watermark and the answer moves past it then, one round later. Unreachable while every batch starts at or
 /// below the watermark read before it is proposed and the proposer keeps queue order; this
 /// answer must stay truthful if either ever changes (two batches of a pair in flight).
 fn stored_through(first_new: u64, outcomes: &[EventOutcome]) -> u64 {
