@@ -6,7 +6,8 @@
 //! on first contact (a node learns of a shard when its leader first replicates to it).
 //!
 //! Payloads are openraft's own request and response types in postcard. Every call has the
-//! deadline openraft gives it (`RPCOption::hard_ttl`), bounded by the configured RPC timeout.
+//! deadline openraft asks for (`RPCOption::soft_ttl`, inside its own `hard_ttl`), bounded by the
+//! configured RPC timeout.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -22,7 +22,8 @@
 //! for a frame, [`CALLS_IN_FLIGHT_MAX`] wait for replies. When the stream fails or ends, every
 //! waiting call fails as `UNAVAILABLE` and the pipe closes; the pool opens a new one on the next
 //! call (counted in `pipes_opened`). A peer that does not serve `Pipe` answers `UNIMPLEMENTED`,
-//! and the pool calls it with the unary RPCs from then on (a cluster upgraded one node at a time).
+//! and the pool calls it with the unary RPCs, trying a pipe again after
+//! `network::PIPE_RETRY_AFTER` (a cluster upgraded one node at a time).
 //!
 //! Server side ([`serve`]): calls are dispatched as the unary RPCs dispatch them, at most
 //! [`CALLS_IN_FLIGHT_MAX`] at once per stream (beyond that the stream is not read, and HTTP/2
@@ -73,8 +74,9 @@ const _: () = assert!(
 );
 
 /// Calls of one pipe waiting for their reply at most, on either side. Each group has at most
-/// one AppendEntries and one Vote in flight to one target, so this is never reached by raft
-/// alone.
+/// one AppendEntries and one Vote in flight to one target at a time, but a call its caller gave
+/// up on keeps its slot until the peer answers it, so under a slow peer repeated rounds can
+/// reach this bound; calls then wait in the queue for a slot.
 #[expect(
     clippy::as_conversions,
     reason = "u32 into usize in a const, lossless on the 64-bit targets courier builds for"
@@ -270,15 +272,22 @@ async fn write(
                 let Ok(permit) = permits.clone().acquire_owned().await else {
                     return;
                 };
-                bytes = bytes.saturating_add(size);
-                next_id = next_id.wrapping_add(1);
-                lock(waiting).insert(next_id, (call.reply, permit));
-                frame.calls.push(RaftCall {
-                    id: next_id,
-                    kind: call.kind.into(),
-                    request: Some(call.request),
-                    timeout_ms: u32::try_from(left.as_millis()).unwrap_or(u32::MAX).max(1),
-                });
+                // The wait for a free slot may outlast the caller: look again, and send what is
+                // left of its deadline, not what was left before the wait.
+                let left = call
+                    .deadline
+                    .saturating_duration_since(tokio::time::Instant::now());
+                if !call.reply.is_closed() && !left.is_zero() {
+                    bytes = bytes.saturating_add(size);
+                    next_id = next_id.wrapping_add(1);
+                    lock(waiting).insert(next_id, (call.reply, permit));
+                    frame.calls.push(RaftCall {
+                        id: next_id,
+                        kind: call.kind.into(),
+                        request: Some(call.request),
+                        timeout_ms: u32::try_from(left.as_millis()).unwrap_or(u32::MAX).max(1),
+                    });
+                }
             }
             if frame.calls.len() < FRAME_CALLS_MAX {
                 next = queued.try_recv().ok();
