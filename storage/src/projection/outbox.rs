@@ -91,11 +91,23 @@ pub fn pending(
     let from = keys::outbox_entry(view.shard(), dest, from_pos);
     let prefix = keys::outbox_dest_prefix(view.shard(), dest);
     let to = keys::prefix_end(&prefix).expect("outbox prefixes end below 0xff..");
-    Ok(view
-        .scan::<OutboxEntry>(Projection::Outbox, &from, &to, limit)?
+    // A record that does not decode stops the read: skipped, it would leave a gap that the
+    // destination refuses on every retry, and the pair would stall with nothing reported.
+    view.scan::<OutboxEntry>(Projection::Outbox, &from, &to, limit)?
         .into_iter()
-        .filter_map(|(key, entry)| Some((keys::outbox_entry_pos(&key)?, entry.event?)))
-        .collect())
+        .map(|(key, entry)| {
+            let pos = keys::outbox_entry_pos(&key);
+            match (pos, entry.event) {
+                (Some(pos), Some(event)) => Ok((pos, event)),
+                _ => Err(crate::error::StorageError::Decode {
+                    cf: Projection::Outbox.name(),
+                    shard: view.shard(),
+                    what: format!("key {}", super::hex(&key)),
+                    reason: "no position in its key or no event".to_owned(),
+                }),
+            }
+        })
+        .collect()
 }
 
 /// The `MessageDelivered` a 1:1 `MessageSent` becomes on the recipient's shard (`None` for a

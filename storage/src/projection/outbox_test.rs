@@ -214,3 +214,24 @@ fn receipt_feed_pages_through_one_large_entry() {
     assert_eq!(after.len(), 1);
     assert_eq!(after[0].set_at, LogIndex::new(3));
 }
+
+/// An outbox entry that holds no event stops the forwarder's read with a decode error: skipped,
+/// it would leave a gap the destination refuses on every retry, with nothing reported.
+#[test]
+fn an_outbox_entry_without_its_event_stops_the_read() {
+    use courier_proto::ShardId;
+    use courier_proto::pb::store::OutboxEntry;
+
+    use crate::error::StorageError;
+    use crate::keys;
+    use crate::projection::{Projection, View, outbox};
+
+    let kv = MemKv::default();
+    let mut staged = Staged::new(&kv, BTreeMap::new());
+    let mut view = View::new(&mut staged, SHARD, LogIndex::ZERO, Projection::Outbox);
+    let dest = ShardId::new(2);
+    view.put(keys::outbox_entry(SHARD, dest, 1), &OutboxEntry::default())
+        .expect("memory");
+    let error = outbox::pending(&view, dest, 1, 16).expect_err("an entry without its event");
+    assert!(matches!(error, StorageError::Decode { .. }), "{error:?}");
+}
