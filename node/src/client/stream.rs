@@ -8,8 +8,11 @@
 //! ```
 //!
 //! The pusher re-reads this node's replica of the user's shard when a batch applied on this node
-//! touched the user's inbox or receipt feed (`ApplyWatch`), and at no other time: an idle stream
-//! costs no CPU. Every shard is on every node, so a stream on any node sees the user's inbox.
+//! touched the user's inbox or receipt feed (`ApplyWatch`): an idle stream costs no CPU. Two
+//! exceptions wake it on a timer: a stream on a node without a replica of the user's shard reads
+//! a replica elsewhere every [`REMOTE_STREAM_POLL`] (nothing applied here tells it of a change),
+//! and a stream waiting for a group message's content to reach this replica looks again after
+//! [`GROUP_CONTENT_RETRY`].
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -63,6 +66,22 @@ const _: () = assert!(
     "a remote page fits one ReadShard answer"
 );
 
+/// How long an `Ack` or `Read` naming a message past this replica's inbox tail waits for the
+/// replica to catch up (the device may have received the message from a replica further ahead,
+/// before it reconnected here) before the stream ends with `UNAVAILABLE`
+/// `COURIER:Shard:Lagging`.
+pub const CATCH_UP_WAIT: Duration = Duration::from_secs(2);
+
+/// How the replica a stream reads stands against a message an `Ack` or `Read` names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CaughtUp {
+    /// Its inbox reached the message when first asked, or it is the shard's leader with every
+    /// committed entry applied: what it shows is the answer.
+    Current,
+    /// Its inbox was behind and has reached the message since: read it again.
+    Since,
+}
+
 /// How long the client has to send `Open`.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -73,7 +92,12 @@ impl ClientApi {
     /// Opens a device stream.
     ///
     /// # Errors
-    /// `INVALID_ARGUMENT` when the first frame is not `Open`.
+    /// `INVALID_ARGUMENT` `COURIER:Stream:OpenFirst` when the first frame is not `Open` or none
+    /// came within [`OPEN_TIMEOUT`], and `COURIER:Wire:*` for a malformed `Open`;
+    /// `RESOURCE_EXHAUSTED` `COURIER:Limits:StreamsPerDevice` past the device's streams. Once
+    /// open, the stream can end with `UNAVAILABLE` when no replica of the user's shard can be
+    /// read (`COURIER:Shard:NoReplica`) or this one stays installing a snapshot past
+    /// [`INSTALL_WAIT_MAX`] (`COURIER:Shard:Installing`).
     pub async fn open_stream(
         &self,
         caller: Caller,
@@ -265,8 +289,6 @@ impl ClientApi {
         }
     }
 
-    /// The next page of `user`'s stream after `cursor` and `receipts_after`: the inbox position
-    /// it reaches, whether that is the tail, its messages and its receipt changes.
     /// Messages per page of `shard`: fewer when read from a replica elsewhere.
     fn page_limit(&self, shard: courier_proto::ShardId) -> usize {
         if self.cluster.holds(shard) {
@@ -276,6 +298,8 @@ impl ClientApi {
         }
     }
 
+    /// The next page of `user`'s stream after `cursor` and `receipts_after`: the inbox position
+    /// it reaches, whether that is the tail, its messages and its receipt changes.
     async fn page(
         &self,
         shard: courier_proto::ShardId,
@@ -542,35 +566,40 @@ impl ClientApi {
     ) -> Result<(), ApiError> {
         let wire = events::Conversation::from(conversation);
         let span = usize::try_from(self.limits.ack_span_max.max(1)).unwrap_or(usize::MAX);
-        let (target, state, active, steps) = self
-            .read(shard, |view| {
-                let state = readstate::get(view, caller.user, conversation)?;
-                let target = readstate::read_target(view, caller.user, up_to)?;
-                // Only for a read that moves: `up_to` is then a message of this conversation
-                // (at most the inbox tail), never the client's raw number.
-                let steps: Vec<u64> = match &target {
-                    ReadTarget::Position(position)
-                        if position.conversation == Some(wire) && position.pos > state.read_pos =>
-                    {
-                        readstate::positions_between(
-                            view,
-                            caller.user,
-                            conversation,
-                            InboxSeq::new(state.read_seq),
-                            up_to,
-                        )?
-                        .iter()
-                        .skip(span.saturating_sub(1))
-                        .step_by(span)
-                        .map(|(seq, _)| seq.get())
-                        .filter(|seq| *seq < up_to.get())
-                        .collect()
-                    }
-                    _ => Vec::new(),
-                };
-                Ok((target, state, active(view, caller)?, steps))
-            })
-            .await?;
+        let read = |view: &courier_storage::projection::View<'_, '_>| {
+            let state = readstate::get(view, caller.user, conversation)?;
+            let target = readstate::read_target(view, caller.user, up_to)?;
+            // Only for a read that moves: `up_to` is then a message of this conversation
+            // (at most the inbox tail), never the client's raw number.
+            let steps: Vec<u64> = match &target {
+                ReadTarget::Position(position)
+                    if position.conversation == Some(wire) && position.pos > state.read_pos =>
+                {
+                    readstate::positions_between(
+                        view,
+                        caller.user,
+                        conversation,
+                        InboxSeq::new(state.read_seq),
+                        up_to,
+                    )?
+                    .iter()
+                    .skip(span.saturating_sub(1))
+                    .step_by(span)
+                    .map(|(seq, _)| seq.get())
+                    .filter(|seq| *seq < up_to.get())
+                    .collect()
+                }
+                _ => Vec::new(),
+            };
+            Ok((target, state, active(view, caller)?, steps))
+        };
+        let mut read_state = self.read(shard, read).await?;
+        if read_state.0 == ReadTarget::Unknown
+            && self.caught_up(shard, caller.user, up_to).await? == CaughtUp::Since
+        {
+            read_state = self.read(shard, read).await?;
+        }
+        let (target, state, active, steps) = read_state;
         if !active {
             return Err(revoked());
         }
@@ -620,34 +649,37 @@ impl ClientApi {
             !self.trimming.keep_delivered,
             self.trimming.companion_history,
         );
-        let (tail, acked, active, trim_backlog) = self
-            .read(shard, |view| {
-                let state = inbox::state(view, caller.user)?;
-                let acked = cursors::acked(view, caller.user, caller.device)?;
-                // The bodies this ack lets go: a repeated ack (at or below the cursor) still
-                // clears some when another device was revoked since, or companion history
-                // shrank; an ack that moves the cursor may clear a backlog longer than its own
-                // step.
-                let trim_backlog = if trim_delivered {
-                    inbox::trimmable_up_to(
-                        view,
-                        caller.user,
-                        (caller.device, up_to),
-                        keep_recent,
-                        &state,
-                    )?
-                    .saturating_sub(state.trimmed_up_to)
-                } else {
-                    0
-                };
-                Ok((
-                    InboxSeq::new(state.tail_seq),
-                    acked,
-                    active(view, caller)?,
-                    trim_backlog,
-                ))
-            })
-            .await?;
+        let read = |view: &courier_storage::projection::View<'_, '_>| {
+            let state = inbox::state(view, caller.user)?;
+            let acked = cursors::acked(view, caller.user, caller.device)?;
+            // The bodies this ack lets go: a repeated ack (at or below the cursor) still
+            // clears some when another device was revoked since, or companion history
+            // shrank; an ack that moves the cursor may clear a backlog longer than its own
+            // step.
+            let trim_backlog = if trim_delivered {
+                inbox::trimmable_up_to(
+                    view,
+                    caller.user,
+                    (caller.device, up_to),
+                    keep_recent,
+                    &state,
+                )?
+                .saturating_sub(state.trimmed_up_to)
+            } else {
+                0
+            };
+            Ok((
+                InboxSeq::new(state.tail_seq),
+                acked,
+                active(view, caller)?,
+                trim_backlog,
+            ))
+        };
+        let mut state = self.read(shard, read).await?;
+        if up_to > state.0 && self.caught_up(shard, caller.user, up_to).await? == CaughtUp::Since {
+            state = self.read(shard, read).await?;
+        }
+        let (tail, acked, active, trim_backlog) = state;
         if !active {
             return Err(revoked());
         }
@@ -676,6 +708,56 @@ impl ClientApi {
                 trim_max: 0,
             },
         }))
+    }
+
+    /// Whether the replica a stream reads has caught up with message `seq` of `user`, which an
+    /// `Ack` or `Read` named and the replica's first read did not show: at once when its inbox
+    /// reaches `seq` (another reason stands), or when it is the shard's leader with every
+    /// committed entry applied (raft's read index: what it shows is the answer); otherwise after
+    /// waiting up to [`CATCH_UP_WAIT`] for its inbox to reach `seq`.
+    ///
+    /// # Errors
+    /// `UNAVAILABLE` `COURIER:Shard:Lagging` when the replica did not reach `seq` in time: the
+    /// device reconnects and sends the frame again (`Ack` and `Read` are idempotent).
+    async fn caught_up(
+        &self,
+        shard: courier_proto::ShardId,
+        user: UserId,
+        seq: InboxSeq,
+    ) -> Result<CaughtUp, ApiError> {
+        let reached =
+            |view: &courier_storage::projection::View<'_, '_>| Ok(inbox::tail(view, user)? >= seq);
+        if self.read(shard, reached).await? {
+            return Ok(CaughtUp::Current);
+        }
+        if self.cluster.holds(shard)
+            && self
+                .cluster
+                .read_barrier(shard, crate::cluster::ReadConsistency::Linearizable)
+                .await
+                .is_ok()
+        {
+            return Ok(if self.read(shard, reached).await? {
+                CaughtUp::Since
+            } else {
+                CaughtUp::Current
+            });
+        }
+        let deadline = tokio::time::Instant::now() + CATCH_UP_WAIT;
+        while tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            if self.read(shard, reached).await? {
+                return Ok(CaughtUp::Since);
+            }
+        }
+        Err(ApiError::Unavailable {
+            code: "COURIER:Shard:Lagging",
+            message: format!(
+                "this replica of {shard} has not reached message {seq} yet; send it again"
+            ),
+            retry_after_ms: 100,
+            leader: None,
+        })
     }
 
     /// Hands a typing update to the other side's live streams on every node, best effort: never

@@ -437,3 +437,90 @@ async fn a_client_following_the_advice_gets_through_a_failover_in_election_time(
         "a client following the advice got through {worst:?} after the new leader was known"
     );
 }
+
+/// Goal: an `Ack` a device sends again after reconnecting to a replica that has not caught up
+/// yet is never refused as misuse (`AckPastTail`, which would end the stream for good); at worst
+/// it is answered `UNAVAILABLE` and takes effect when sent again. Method: three `courier-node`
+/// processes; node 3 is SIGKILLed, Alice sends Bob 30 messages, Bob's device receives them on
+/// node 1 without acking, node 3 restarts, and at once Bob's device opens a stream on node 3 and
+/// acks all 30, following `retry-after-ms` on `UNAVAILABLE`; Alice's receipts must then show all
+/// 30 delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_sent_again_to_a_replica_behind_is_not_refused() {
+    const MESSAGES: u64 = 30;
+    let (mut cluster, _) = Processes::start_initialized(3).await;
+    let addrs = cluster.addrs.clone();
+    let data_dir = cluster.procs[0].data_dir.clone();
+    let alice = register(&addrs[0].client, &data_dir, "+15550004401").await;
+    let bob = register(&addrs[0].client, &data_dir, "+15550004402").await;
+    wait_converged(&cluster.peers, Duration::from_secs(30)).await;
+    cluster.kill(2);
+    let mut client = MessagingClient::new(channel(&addrs[0].client).await);
+    for n in 0..MESSAGES {
+        client
+            .send(authed(
+                &alice,
+                SendRequest {
+                    client_msg_id: format!("behind-{n}"),
+                    to_user: bob.user,
+                    content: body("hi"),
+                },
+            ))
+            .await
+            .expect("a send with two of three nodes up");
+    }
+    let mut first = crate::messaging::open_stream(&addrs[0].client, &bob, 0).await;
+    let messages = |frames: &[ServerFrame]| {
+        frames
+            .iter()
+            .filter(|f| matches!(f.frame, Some(server_frame::Frame::Message(_))))
+            .count()
+    };
+    let all = usize::try_from(MESSAGES).expect("small");
+    let got = crate::messaging::collect(&mut first, Duration::from_secs(20), |frames| {
+        messages(frames) >= all
+    })
+    .await;
+    assert_eq!(
+        messages(&got),
+        all,
+        "Bob's device got the messages on node 1"
+    );
+    drop(first);
+    // Alice's stream, open before the ack, is pushed the receipt changes from then on.
+    let mut feed = crate::messaging::open_stream(&addrs[0].client, &alice, 0).await;
+    cluster.restart(2);
+    let ack = ClientFrame {
+        frame: Some(client_frame::Frame::Ack(courier_proto::pb::client::Ack {
+            up_to_seq: MESSAGES,
+        })),
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    // Kept open: the ack may still be in hand when the loop ends.
+    let _open = loop {
+        assert!(Instant::now() < deadline, "the ack never went through");
+        let mut stream = crate::messaging::open_stream(&addrs[2].client, &bob, MESSAGES).await;
+        stream.out.send(ack.clone()).await.expect("ack sent");
+        // A stream the ack ended answers within the wait; one still open took the ack.
+        match tokio::time::timeout(Duration::from_secs(3), stream.frames.message()).await {
+            Err(_) | Ok(Ok(Some(_))) => break stream,
+            Ok(Err(status)) => {
+                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                tokio::time::sleep(Duration::from_millis(
+                    retry_after_ms(&status).expect("UNAVAILABLE advises a retry"),
+                ))
+                .await;
+            }
+            Ok(Ok(None)) => panic!("the stream ended without a status"),
+        }
+    };
+    let delivered = receipts(&mut feed, all, Duration::from_secs(20)).await;
+    assert!(
+        delivered
+            .iter()
+            .filter(|r| r.state == ReceiptState::Delivered as i32)
+            .count()
+            >= all,
+        "every message is delivered: {delivered:?}"
+    );
+}
