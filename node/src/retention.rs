@@ -109,7 +109,9 @@ pub async fn run(cluster: Cluster, windows: Windows, shutdown: CancellationToken
 enum Round {
     /// Nothing known to be left: the shard waits for the next pass.
     Done,
-    /// Some kind filled its batch and was committed: more may be due now.
+    /// The round was committed and more may be due now: some kind filled its batch, or it
+    /// forgot group copies or registration records, whose scans cannot tell a full batch
+    /// (`Found::more_may_be_due`).
     More,
 }
 

@@ -208,12 +208,6 @@ impl ClientApi {
 }
 
 impl ClientApi {
-    /// Whether `caller` may see `other`'s presence: one received a 1:1 message from the other,
-    /// or both are members of one group (`caller_groups`: the caller's groups, read once per
-    /// request). Read on this node's replicas.
-    ///
-    /// # Errors
-    /// A storage fault.
     /// Whether `user` received anything from `from` in their 1:1 conversation.
     pub(super) async fn received(&self, user: UserId, from: UserId) -> Result<bool, ApiError> {
         self.read(self.shard_of(user)?, |view| {
@@ -222,6 +216,12 @@ impl ClientApi {
         .await
     }
 
+    /// Whether `caller` may see `other`'s presence: one received a 1:1 message from the other,
+    /// or both are members of one group (`caller_groups`: the caller's groups, read once per
+    /// request). Read on this node's replicas.
+    ///
+    /// # Errors
+    /// A storage fault.
     async fn shares_with(
         &self,
         caller: UserId,

@@ -9,7 +9,9 @@
 //! Beside each receipt: its entry in the sender's feed (by the log index that set it) and in a
 //! time index (by `at_ms`), from which the shard leader proposes `ReceiptsForgotten` for the
 //! receipts set longer than the exactly-once window ago. All three leave together; a receipt
-//! that arrives after that is stored again, still moving forward from where it was.
+//! that arrives after that is stored again as new (its earlier state is gone, so nothing checks
+//! that it moves forward from there: each copy's receipts arrive in order, DELIVERED before
+//! READ, so a late one is the copy's next state).
 
 use courier_proto::pb::events::{ForgottenReceipt, ReceiptState};
 use courier_proto::pb::store::Receipt;
