@@ -226,6 +226,16 @@ const REPLICA_REFUSALS_PASSED_ON: [&str; 2] = [
     "COURIER:Propose:UnknownEvent",
 ];
 
+/// The `INVALID_ARGUMENT` refusals of a forwarded batch a destination's leader gives the node
+/// that handed it the batch, which that node passes back to the forwarder: a refusal of the
+/// batch itself, not a leader it cannot reach.
+const FORWARD_REFUSALS_PASSED_ON: [&str; 4] = [
+    "COURIER:Forward:BatchSize",
+    "COURIER:Forward:EventKind",
+    "COURIER:Forward:Gap",
+    "COURIER:Forward:Position",
+];
+
 impl ApiError {
     /// `INTERNAL` `COURIER:Node:Fault`: a fault inside this node; the operation may or may not
     /// have happened.
@@ -287,17 +297,29 @@ impl ApiError {
     /// passed on to the client unchanged; `None` for anything else (a transport failure, a
     /// deadline, a node that holds no replica).
     pub fn passed_on_from_replica(status: &Status) -> Option<ApiError> {
-        if status.code() == tonic::Code::InvalidArgument {
-            let sent = status.metadata().get(CODE_KEY)?.to_str().ok()?;
-            let code = REPLICA_REFUSALS_PASSED_ON
-                .into_iter()
-                .find(|known| *known == sent)?;
-            return Some(ApiError::Invalid {
-                code,
-                message: status.message().to_owned(),
-            });
+        Self::coded_invalid(status, &REPLICA_REFUSALS_PASSED_ON)
+            .or_else(|| Self::coded_unavailable(status, &REPLICA_ANSWERS_PASSED_ON))
+    }
+
+    /// The answer a destination's leader gave to a forwarded batch handed to it: its refusals of
+    /// the batch and its "retry later" answers, passed on unchanged; `None` for anything else,
+    /// which the forwarding node treats as a leader it cannot reach.
+    pub fn passed_on_from_forward(status: &Status) -> Option<ApiError> {
+        Self::coded_invalid(status, &FORWARD_REFUSALS_PASSED_ON)
+            .or_else(|| Self::coded_unavailable(status, &LEADER_ANSWERS_PASSED_ON))
+    }
+
+    /// An `INVALID_ARGUMENT` status whose code is one of `codes`.
+    fn coded_invalid(status: &Status, codes: &[&'static str]) -> Option<ApiError> {
+        if status.code() != tonic::Code::InvalidArgument {
+            return None;
         }
-        Self::coded_unavailable(status, &REPLICA_ANSWERS_PASSED_ON)
+        let sent = status.metadata().get(CODE_KEY)?.to_str().ok()?;
+        let code = codes.iter().copied().find(|known| *known == sent)?;
+        Some(ApiError::Invalid {
+            code,
+            message: status.message().to_owned(),
+        })
     }
 
     /// An `UNAVAILABLE` status whose code is one of `codes`, with its retry hint and leader.
@@ -366,6 +388,40 @@ mod tests {
         ] {
             assert!(
                 ApiError::passed_on_from_leader(&status).is_none(),
+                "{status:?}"
+            );
+        }
+    }
+
+    /// A destination leader's refusal of a forwarded batch comes back as that refusal, not as a
+    /// leader the node cannot reach; other refusals and failures do not.
+    #[test]
+    fn forward_refusals_pass_on() {
+        let gap = ApiError::Invalid {
+            code: "COURIER:Forward:Gap",
+            message: "starts past the watermark".to_owned(),
+        };
+        let back = ApiError::passed_on_from_forward(&Status::from(gap));
+        assert!(
+            matches!(
+                back,
+                Some(ApiError::Invalid {
+                    code: "COURIER:Forward:Gap",
+                    ..
+                })
+            ),
+            "{back:?}"
+        );
+        let other = ApiError::Invalid {
+            code: "COURIER:Wire:Zero",
+            message: "zero".to_owned(),
+        };
+        for status in [
+            Status::from(other),
+            Status::unavailable("connection refused"),
+        ] {
+            assert!(
+                ApiError::passed_on_from_forward(&status).is_none(),
                 "{status:?}"
             );
         }

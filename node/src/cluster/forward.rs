@@ -181,10 +181,12 @@ impl Cluster {
             .await
             .map(tonic::Response::into_inner)
             .map_err(|status| {
-                unavailable(
-                    format!("leader {leader:?} at {addr}: {}", status.message()),
-                    leader,
-                )
+                ApiError::passed_on_from_forward(&status).unwrap_or_else(|| {
+                    unavailable(
+                        format!("leader {leader:?} at {addr}: {}", status.message()),
+                        leader,
+                    )
+                })
             })
     }
 }
