@@ -1,9 +1,9 @@
 //! Deleting an account, and moving it to a new number.
 //!
 //! Deleting: the primary device confirms with the account's number; the account leaves every
-//! group (a `MemberRemoved` on each group's shard), then one `AccountDeleted` on the user's shard
-//! removes its devices, inbox, keys and the number's hash (storage `projection/*`, each
-//! projection's `AccountDeleted` arm).
+//! group (a `MemberRemoved` on each group's shard) and forgets its group sends there (a
+//! `SendsForgotten`), then one `AccountDeleted` on the user's shard removes its devices, inbox,
+//! keys and the number's hash (storage `projection/*`, each projection's `AccountDeleted` arm).
 //!
 //! Changing number: the user id is the new number's (`PhoneHasher::user_of_phone`), so the
 //! account moves. The primary device registers the new number with a code sent to it (as
@@ -23,11 +23,14 @@ use courier_proto::pb::client::{
 };
 use courier_proto::pb::events::{self, event::Kind};
 use courier_proto::{GroupId, ShardId, UserId};
-use courier_storage::projection::{devices, groups};
+use courier_storage::projection::{dedup, devices, groups};
 
 use super::{ClientApi, now_ms};
 use crate::client::auth::Caller;
 use crate::status::ApiError;
+
+/// Sends named by one `SendsForgotten` when an account closes (as retention's batches).
+pub const SENDS_FORGOTTEN_PER_PROPOSAL: usize = 256;
 
 /// `PERMISSION_DENIED`: a companion asked to delete the account or change its number.
 pub const NOT_PRIMARY: &str = "COURIER:Account:NotPrimary";
@@ -66,6 +69,7 @@ impl ClientApi {
             });
         }
         let groups_left = self.leave_every_group(caller).await?;
+        self.forget_sends_elsewhere(caller.user).await?;
         self.close_account(caller, token_hash, None).await?;
         tracing::info!(user = caller.user.get(), groups_left, "account deleted");
         Ok(DeleteAccountResponse { groups_left })
@@ -106,6 +110,7 @@ impl ClientApi {
             )
             .await?;
         let groups_moved = self.move_every_group(caller, new_user).await?;
+        self.forget_sends_elsewhere(caller.user).await?;
         self.close_account(caller, token_hash, Some(new_user))
             .await?;
         tracing::info!(
@@ -176,6 +181,48 @@ impl ClientApi {
             }
             // Closed by a request that raced this one: the account is gone all the same.
             tracing::info!(user = caller.user.get(), "account already deleted");
+        }
+        Ok(())
+    }
+
+    /// Forgets `user`'s sends recorded on every shard but its own (its group sends, deduplicated
+    /// on their groups' shards; the records on its own shard leave with `AccountDeleted`). A later
+    /// registration of the number counts its devices from 1 again, and a client id it reused
+    /// within the dedup window would otherwise be answered an old send's result (`duplicate`),
+    /// its message never stored. Run after the account left its groups (no new group send can
+    /// be recorded then) and before it closes (a failure here leaves it open to ask again).
+    ///
+    /// # Errors
+    /// `UNAVAILABLE` when a shard has no leader; `INTERNAL` when a proposal removed nothing.
+    async fn forget_sends_elsewhere(&self, user: UserId) -> Result<(), ApiError> {
+        let own = self.shard_of(user)?;
+        for shard in (0..self.shard_count()?).map(ShardId::new) {
+            if shard == own {
+                continue;
+            }
+            let mut previous = None;
+            loop {
+                let sends = self
+                    .read(shard, |view| {
+                        dedup::sends_of(view, user, SENDS_FORGOTTEN_PER_PROPOSAL)
+                    })
+                    .await?;
+                if sends.is_empty() {
+                    break;
+                }
+                if previous.as_ref() == Some(&sends) {
+                    return Err(ApiError::fault(format!(
+                        "{shard}: forgetting user {}'s sends removed nothing",
+                        user.get()
+                    )));
+                }
+                let forget = Kind::SendsForgotten(events::SendsForgotten {
+                    sends: sends.clone(),
+                    at_ms: now_ms(),
+                });
+                self.propose_one(shard, forget).await?;
+                previous = Some(sends);
+            }
         }
         Ok(())
     }

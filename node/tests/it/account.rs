@@ -11,8 +11,9 @@ use courier_proto::pb::client::keys_client::KeysClient;
 use courier_proto::pb::client::messaging_client::MessagingClient;
 use courier_proto::pb::client::registration_client::RegistrationClient;
 use courier_proto::pb::client::{
-    ChangeNumberRequest, DeleteAccountRequest, GetPreKeyBundleRequest, GetReceiptsRequest,
-    ListDevicesRequest, ListGroupsRequest, SendRequest, ServerFrame, server_frame,
+    AddMemberRequest, ChangeNumberRequest, DeleteAccountRequest, GetPreKeyBundleRequest,
+    GetReceiptsRequest, ListDevicesRequest, ListGroupsRequest, SendRequest, SendToGroupRequest,
+    ServerFrame, server_frame,
 };
 use courier_proto::pb::events::ReceiptState;
 use courier_proto::{GroupId, PhoneHasher, PhoneKey, shard_of, shard_of_group};
@@ -20,10 +21,33 @@ use courier_storage::{Cf, Projection, ReadKv};
 
 use crate::messaging::{
     Device, ack, assert_verified_from_genesis, authed, body, cluster_appending, code_for, code_is,
-    collect, create_group, delivered_up_to, link_tablet, open_stream, phones_on_different_shards,
-    register, user_of,
+    collect, create_group, delivered_up_to, group_shard_of, link_tablet, open_stream,
+    phones_on_different_shards, register, user_of,
 };
 use crate::support::channel;
+
+/// A group send by `from` with client id `client_msg_id`: whether it was answered as a
+/// duplicate, and its message id.
+async fn send_to_group(
+    addr: &str,
+    from: &Device,
+    group: u64,
+    client_msg_id: &str,
+) -> (bool, Vec<u8>) {
+    let answer = MessagingClient::new(channel(addr).await)
+        .send_to_group(authed(
+            from,
+            SendToGroupRequest {
+                client_msg_id: client_msg_id.to_owned(),
+                group_id: group,
+                content: body("to the group"),
+            },
+        ))
+        .await
+        .expect("group send")
+        .into_inner();
+    (answer.duplicate, answer.message_id)
+}
 
 /// Config for tests that send more than the default rate allows.
 const UNLIMITED_SENDS: &str =
@@ -454,7 +478,7 @@ async fn conversations_and_groups_are_listed_in_pages() {
     messaging
         .send_to_group(authed(
             &senders[0],
-            courier_proto::pb::client::SendToGroupRequest {
+            SendToGroupRequest {
                 client_msg_id: "g".to_owned(),
                 group_id: senders_group,
                 content: body("to the group"),
@@ -570,4 +594,54 @@ async fn conversations_and_groups_are_listed_in_pages() {
     for node in c.nodes {
         node.stop().await;
     }
+}
+
+/// A number deleted and registered again starts its devices at 1, and its group sends are
+/// deduplicated on the group's shard, which the account's `AccountDeleted` does not reach: the
+/// deletion forgets them there first, so a client id the new registration reuses is a new send,
+/// not an old send's result with its message never stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_number_registered_again_may_reuse_its_group_client_ids() {
+    let c = cluster_appending(UNLIMITED_SENDS).await;
+    let addr = |i: usize| c.nodes[i].client_addr.to_string();
+    let (alice_phone, bob_phone) = phones_on_different_shards();
+    let alice = register(&addr(0), &c.dirs[0], &alice_phone).await;
+    let bob = register(&addr(1), &c.dirs[1], &bob_phone).await;
+    c.wait_converged().await;
+    let alice_shard = shard_of(
+        user_of(&alice_phone),
+        u16::try_from(crate::cluster::SHARDS).expect("small"),
+    );
+    let mut group = create_group(&addr(1), &bob, vec![alice.user]).await;
+    while group_shard_of(group) == alice_shard {
+        group = create_group(&addr(1), &bob, vec![alice.user]).await;
+    }
+    let (duplicate, first) = send_to_group(&addr(0), &alice, group, "reused").await;
+    assert!(!duplicate);
+    delete(&addr(0), &alice, &alice_phone)
+        .await
+        .expect("delete");
+    let again = register(&addr(0), &c.dirs[0], &alice_phone).await;
+    assert_eq!(
+        (again.user, again.device),
+        (alice.user, alice.device),
+        "the same user and device ids"
+    );
+    c.wait_converged().await;
+    GroupsClient::new(channel(&addr(1)).await)
+        .add_member(authed(
+            &bob,
+            AddMemberRequest {
+                group_id: group,
+                user_id: again.user,
+            },
+        ))
+        .await
+        .expect("added again");
+    c.wait_converged().await;
+    let (duplicate, second) = send_to_group(&addr(0), &again, group, "reused").await;
+    assert!(
+        !duplicate && second != first,
+        "the new registration's send is stored, not answered as the old one"
+    );
 }

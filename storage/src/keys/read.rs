@@ -190,6 +190,14 @@ pub fn user_group_group(key: &[u8]) -> Option<GroupId> {
     key.end(group)
 }
 
+/// Decodes `(user, device, client_msg_id)` from a [`dedup`](super::dedup) key.
+pub fn dedup_parts(key: &[u8]) -> Option<(UserId, DeviceId, &str)> {
+    let mut key = KeyReader::after(key, RECORD_PREFIX_BYTES)?;
+    let user = UserId::new(key.u64()?)?;
+    let device = DeviceId::new(key.u32()?)?;
+    Some((user, device, key.rest_str()?))
+}
+
 /// Decodes `(sent_at_ms, user, device, client_msg_id)` from a
 /// [`dedup_by_time`](super::dedup_by_time) key.
 pub fn dedup_by_time_parts(key: &[u8]) -> Option<(u64, UserId, DeviceId, &str)> {

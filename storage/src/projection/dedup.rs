@@ -60,6 +60,31 @@ pub fn sent_before(
         .collect())
 }
 
+/// Returns up to `limit` of `user`'s sends recorded on this shard, in key order: the ones a
+/// `SendsForgotten` names when the account closes. Its group sends are recorded on their groups'
+/// shards, which its `AccountDeleted` does not reach, and a later registration of the number
+/// counts its devices from 1 again: a client id it reused would be answered an old send's result.
+///
+/// # Errors
+/// A storage fault.
+pub fn sends_of(view: &View<'_, '_>, user: UserId, limit: usize) -> Result<Vec<ForgottenSend>> {
+    let prefix = keys::user_records(view.shard(), keys::tag::PRIMARY, user);
+    let end = keys::prefix_end(&prefix).expect("dedup prefixes end below 0xff..");
+    Ok(view
+        .scan::<SendResult>(Projection::Dedup, &prefix, &end, limit)?
+        .into_iter()
+        .filter_map(|(key, result)| {
+            let (user, device, client_msg_id) = keys::dedup_parts(&key)?;
+            Some(ForgottenSend {
+                sender_user: user.get(),
+                sender_device: device.get(),
+                client_msg_id: client_msg_id.to_owned(),
+                sent_at_ms: result.sent_at_ms,
+            })
+        })
+        .collect())
+}
+
 /// Folds one event into the dedup projection.
 ///
 /// # Errors
@@ -116,8 +141,8 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
             Ok(())
         }
         Decoded::AccountDeleted { user, .. } => {
-            // The user's 1:1 sends (a group send's record lives on the group's shard and leaves
-            // with the dedup window).
+            // The user's sends recorded here (a group send's record lives on the group's shard:
+            // the node closing the account forgets those first, `sends_of`).
             let prefix = keys::user_records(view.shard(), keys::tag::PRIMARY, *user);
             let end = keys::prefix_end(&prefix).expect("dedup prefixes end below 0xff..");
             for (key, result) in

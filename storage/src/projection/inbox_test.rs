@@ -757,3 +757,52 @@ fn a_read_within_bytes_ends_at_the_bound() {
     assert_eq!(read(0, ENTRY_BYTES_MAX * 2), (vec![1, 2, 3, 4, 5, 6], 6));
     assert_eq!(read(0, ENTRY_BYTES_MAX), (vec![1, 2, 3, 4, 5, 6], 6));
 }
+
+/// A user's sends recorded on a shard are found by user, with their send times, and a
+/// `SendsForgotten` naming them removes them with their time index entries: what a node does on
+/// a group's shard before it closes the account.
+#[test]
+fn a_users_sends_are_found_to_be_forgotten() {
+    let mut kv = MemKv::default();
+    let mut state = ShardState::empty(SHARD);
+    let empty = kv.clone();
+    apply_one(
+        &mut kv,
+        &mut state,
+        vec![sent_event(1, "a", 0, 100), sent_event(2, "b", 0, 200)],
+    );
+    let sends_of = |kv: &MemKv, user: u64, limit: usize| {
+        let mut staged = Staged::new(kv, BTreeMap::new());
+        let view = View::new(&mut staged, SHARD, LogIndex::ZERO, Projection::Dedup);
+        super::dedup::sends_of(&view, UserId::new(user).expect("nonzero"), limit).expect("memory")
+    };
+    let found = sends_of(&kv, 1, 10);
+    let named: Vec<(u64, u32, &str, u64)> = found
+        .iter()
+        .map(|s| {
+            (
+                s.sender_user,
+                s.sender_device,
+                s.client_msg_id.as_str(),
+                s.sent_at_ms,
+            )
+        })
+        .collect();
+    assert_eq!(named, vec![(1, 1, "a", 100), (1, 1, "b", 200)]);
+    assert_eq!(sends_of(&kv, 1, 1).len(), 1, "at most the limit");
+    assert!(
+        sends_of(&kv, 2, 10).is_empty(),
+        "another user's sends are not"
+    );
+    let forget = Kind::SendsForgotten(events::SendsForgotten {
+        sends: found,
+        at_ms: 300,
+    });
+    apply_one(&mut kv, &mut state, vec![forget]);
+    assert!(sends_of(&kv, 1, 10).is_empty());
+    let dedup = |kv: &MemKv| {
+        kv.scan(Cf::Projection(Projection::Dedup), &[], &[0xff], usize::MAX)
+            .expect("memory")
+    };
+    assert_eq!(dedup(&kv), dedup(&empty), "records and time index are gone");
+}
