@@ -81,6 +81,9 @@ pub struct RaftTiming {
     pub snapshot_chunk_bytes: u64,
     /// Largest number of entries in one append-entries RPC.
     pub append_entries_max: u64,
+    /// Encoded bytes of recent entries all groups keep in memory at most
+    /// (`log_store::LogCacheBudget`).
+    pub log_cache_bytes_max: usize,
     /// What each group's proposer holds waiting at most.
     pub proposal_queue: crate::proposer::QueueLimits,
 }
@@ -127,6 +130,7 @@ pub struct Groups {
     config: Arc<Config>,
     rpc_timeout: Duration,
     proposal_queue: crate::proposer::QueueLimits,
+    log_cache: Arc<crate::log_store::LogCacheBudget>,
     groups: RwLock<BTreeMap<GroupId, GroupHandle>>,
     creating: tokio::sync::Mutex<()>,
     /// Held by the node's log archiver over each shard's pass and by [`Groups::drop_shard`]
@@ -174,6 +178,9 @@ impl Groups {
             config: Arc::new(timing.openraft_config()?),
             rpc_timeout: timing.rpc_timeout,
             proposal_queue: timing.proposal_queue,
+            log_cache: Arc::new(crate::log_store::LogCacheBudget::new(
+                timing.log_cache_bytes_max,
+            )),
             groups: RwLock::default(),
             creating: tokio::sync::Mutex::new(()),
             archiving: tokio::sync::Mutex::new(()),
@@ -352,7 +359,9 @@ impl Groups {
         let sm = StateMachine::open(self.db.clone(), group)
             .map(|sm| sm.with_watch(self.watch.clone()))
             .map_err(|source| ConsensusError::Storage { group, source })?;
-        let log = LogStore::new(stored).purging_behind(sm.applied_mark());
+        let log = LogStore::new(stored)
+            .purging_behind(sm.applied_mark())
+            .caching_within(self.log_cache.clone());
         let stats = log.stats.clone();
         let applied = sm.shared();
         let maintenance = sm.maintenance();
@@ -549,6 +558,7 @@ mod tests {
             logs_to_keep: 100,
             snapshot_chunk_bytes: 1 << 20,
             append_entries_max: 64,
+            log_cache_bytes_max: 256 << 20,
             proposal_queue: crate::proposer::QueueLimits::default(),
         }
     }

@@ -13,14 +13,15 @@
 //! same time into one fsync.
 //!
 //! The entries appended last are also kept decoded in memory ([`RECENT_ENTRIES_MAX`], at most
-//! [`RECENT_BYTES_MAX`]): replication to the followers and apply read them back within
-//! milliseconds, and take them from there instead of reading, checking and decoding them again.
-//! Truncation and purge drop them from memory as from disk.
+//! [`RECENT_BYTES_MAX`] per group, and all groups of a node together within one
+//! [`LogCacheBudget`], `raft.log-cache-bytes-max`): replication to the followers and apply read
+//! them back within milliseconds, and take them from there instead of reading, checking and
+//! decoding them again. Truncation and purge drop them from memory as from disk.
 
 use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -234,14 +235,78 @@ pub const RECENT_ENTRIES_MAX: usize = 2048;
 /// Encoded bytes of the entries kept in memory per group at most.
 pub const RECENT_BYTES_MAX: usize = 16 << 20;
 
-/// The last entries appended, contiguous, oldest first, with their encoded sizes.
+/// The encoded bytes all groups of a node keep in memory as recent entries at most
+/// (`raft.log-cache-bytes-max`), and how many they keep now.
+#[derive(Debug)]
+pub struct LogCacheBudget {
+    max: usize,
+    used: AtomicUsize,
+}
+
+impl LogCacheBudget {
+    /// A budget of `max` bytes (0: no entry is kept).
+    pub fn new(max: usize) -> Self {
+        Self {
+            max,
+            used: AtomicUsize::new(0),
+        }
+    }
+
+    /// The bytes kept now, over all groups sharing this budget.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn over(&self) -> bool {
+        self.used() > self.max
+    }
+
+    fn take(&self, bytes: usize) {
+        self.used.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn give_back(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
+
+impl Default for LogCacheBudget {
+    /// No bound beyond each group's own ([`RECENT_BYTES_MAX`]): a store used on its own.
+    fn default() -> Self {
+        Self::new(usize::MAX)
+    }
+}
+
+/// The last entries appended, contiguous, oldest first, with their encoded sizes; their bytes
+/// are counted in the node's `budget` until they leave.
 #[derive(Debug, Default)]
 struct Recent {
     entries: VecDeque<(Entry<TypeConfig>, usize)>,
     bytes: usize,
+    budget: Arc<LogCacheBudget>,
+}
+
+impl Drop for Recent {
+    fn drop(&mut self) {
+        self.budget.give_back(self.bytes);
+    }
 }
 
 impl Recent {
+    fn within(budget: Arc<LogCacheBudget>) -> Self {
+        Self {
+            entries: VecDeque::new(),
+            bytes: 0,
+            budget,
+        }
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.budget.give_back(self.bytes);
+        self.bytes = 0;
+    }
+
     fn first_index(&self) -> Option<u64> {
         self.entries.front().map(|(entry, _)| entry.log_id.index)
     }
@@ -253,23 +318,31 @@ impl Recent {
             .map(|(last, _)| last.log_id.index.saturating_add(1));
         if next.is_some_and(|next| next != entry.log_id.index) {
             // Not contiguous with what is cached (cannot happen after a truncate): start over.
-            self.entries.clear();
-            self.bytes = 0;
+            self.clear();
         }
         self.entries.push_back((entry, bytes));
         self.bytes = self.bytes.saturating_add(bytes);
-        while self.entries.len() > RECENT_ENTRIES_MAX || self.bytes > RECENT_BYTES_MAX {
+        self.budget.take(bytes);
+        // Past the node's budget this group gives up its own oldest entries, down to none (the
+        // newest included): the others' stay, and a read of what is not here goes to disk.
+        while self.entries.len() > RECENT_ENTRIES_MAX
+            || self.bytes > RECENT_BYTES_MAX
+            || self.budget.over()
+        {
             let Some((_, dropped)) = self.entries.pop_front() else {
                 break;
             };
             self.bytes = self.bytes.saturating_sub(dropped);
+            self.budget.give_back(dropped);
         }
     }
 
     /// Keeps only entries with an index in `keep`.
     fn retain(&mut self, keep: impl Fn(u64) -> bool) {
         self.entries.retain(|(entry, _)| keep(entry.log_id.index));
-        self.bytes = self.entries.iter().map(|(_, bytes)| bytes).sum();
+        let bytes = self.entries.iter().map(|(_, bytes)| bytes).sum();
+        self.budget.give_back(self.bytes.saturating_sub(bytes));
+        self.bytes = bytes;
     }
 
     /// Entries `[start, end)`, when every one of them is here.
@@ -320,6 +393,13 @@ impl LogStore {
             committed: None,
             commit_calls: 0,
         }
+    }
+
+    /// Recent entries are kept within `budget`, shared by all groups of the node.
+    #[must_use]
+    pub fn caching_within(mut self, budget: Arc<LogCacheBudget>) -> Self {
+        self.recent = Arc::new(Mutex::new(Recent::within(budget)));
+        self
     }
 
     /// Purges wait until the state machine behind `applied` holds what they purge (`purge`
@@ -698,5 +778,39 @@ mod tests {
             RECENT_BYTES_MAX,
         );
         assert!(recent.bytes <= RECENT_BYTES_MAX);
+    }
+
+    /// The groups of a node keep their recent entries within one budget: past it, the group
+    /// appending gives up its own oldest entries (down to none); a truncation, a purge or a
+    /// group that goes away gives its bytes back.
+    #[test]
+    fn the_groups_of_a_node_share_one_budget() {
+        let budget = Arc::new(LogCacheBudget::new(1000));
+        let mut a = Recent::within(budget.clone());
+        let mut b = Recent::within(budget.clone());
+        for index in 0..8 {
+            a.push(entry(index), 100);
+        }
+        assert_eq!(budget.used(), 800);
+        for index in 0..4 {
+            b.push(entry(index), 100);
+        }
+        assert_eq!(budget.used(), 1000, "b kept what fits beside a");
+        assert_eq!((a.bytes, b.bytes), (800, 200));
+        assert_eq!(b.first_index(), Some(2), "b gave up its own oldest");
+        b.push(entry(4), 300);
+        assert!(b.entries.is_empty(), "nothing of b fits: it keeps none");
+        assert_eq!(budget.used(), 800);
+        a.retain(|index| index < 5); // a truncation at 5
+        assert_eq!(budget.used(), 500);
+        drop(a);
+        assert_eq!(budget.used(), 0, "a group gone gives its bytes back");
+        b.push(entry(5), 300);
+        assert_eq!((b.bytes, budget.used()), (300, 300));
+        let off = Arc::new(LogCacheBudget::new(0));
+        let mut none = Recent::within(off.clone());
+        none.push(entry(0), 1);
+        assert!(none.entries.is_empty(), "a budget of 0 keeps nothing");
+        assert_eq!(off.used(), 0);
     }
 }

@@ -305,6 +305,7 @@ pub(crate) fn timing(id: NodeId, rng: &mut StdRng) -> RaftTiming {
         logs_to_keep: 30,
         snapshot_chunk_bytes: 1 << 20,
         append_entries_max: 64,
+        log_cache_bytes_max: 256 << 20,
         proposal_queue: courier_consensus::proposer::QueueLimits::default(),
     }
 }

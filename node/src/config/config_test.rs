@@ -663,3 +663,20 @@ fn the_proposal_queue_is_bounded_in_count_and_bytes() {
         })
     ));
 }
+
+/// The recent log entries all shards of a node keep in memory are bounded by one configured
+/// size: 256 MiB by default, set from the file, 0 to keep none, at most 64 GiB.
+#[test]
+fn the_log_cache_is_configured() {
+    let pick = |config: &Config| config.raft.log_cache_bytes_max;
+    assert_eq!(pick(&Config::parse(MINIMAL).expect("minimal")), 256 << 20);
+    let line = |size: &str| format!("[raft]\nlog-cache-bytes-max = \"{size}\"");
+    assert_eq!(pick(&with(&line("1GiB")).expect("set")), 1 << 30);
+    assert_eq!(pick(&with(&line("0B")).expect("off")), 0);
+    match with(&line("65GiB")) {
+        Err(ConfigError::AboveProtocolMax { name, .. }) => {
+            assert_eq!(name, "raft.log-cache-bytes-max");
+        }
+        other => panic!("expected AboveProtocolMax, got {other:?}"),
+    }
+}

@@ -407,6 +407,8 @@ pub const STREAM_BUFFER_BYTES_MAX: u64 = 256 << 20;
 pub const PROPOSAL_QUEUE_MAX_MAX: u64 = 65_536;
 /// Largest `raft.proposal-queue-bytes-max` (per shard).
 pub const PROPOSAL_QUEUE_BYTES_MAX_MAX: u64 = 1 << 30;
+/// Largest `raft.log-cache-bytes-max` (64 GiB).
+pub const LOG_CACHE_BYTES_MAX_MAX: u64 = 64 << 30;
 /// The smallest segment a node accepts.
 pub const ARCHIVE_SEGMENT_ENTRIES_MIN: u64 = 16;
 

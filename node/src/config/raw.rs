@@ -60,6 +60,11 @@ pub struct RaftRaw {
     /// it, `COURIER:Shard:Overloaded` too. Default `"64MiB"`.
     #[serde(default = "defaults::proposal_queue_bytes")]
     pub proposal_queue_bytes_max: ByteSize,
+    /// Encoded bytes of recent log entries all shards of the node keep decoded in memory at most,
+    /// for replication and apply to read back (0: none kept, every read goes to disk). Default
+    /// `"256MiB"`.
+    #[serde(default = "defaults::log_cache_bytes")]
+    pub log_cache_bytes_max: ByteSize,
 }
 
 /// `[cluster]`: what the nodes do for the cluster as a whole.
@@ -593,6 +598,9 @@ mod defaults {
     }
     pub(super) fn proposal_queue_bytes() -> ByteSize {
         ByteSize(64 << 20)
+    }
+    pub(super) fn log_cache_bytes() -> ByteSize {
+        ByteSize(256 << 20)
     }
     pub(super) fn message_body() -> ByteSize {
         ByteSize(limits::MESSAGE_BODY_BYTES_MAX as u64)

@@ -13,6 +13,11 @@ fn bounded(name: &'static str, value: u64, max: u64) -> Result<(), ConfigError> 
     if value == 0 {
         return Err(ConfigError::ZeroLimit { name });
     }
+    at_most(name, value, max)
+}
+
+/// A limit where 0 means "none" (switched off), refused only above `max`.
+fn at_most(name: &'static str, value: u64, max: u64) -> Result<(), ConfigError> {
     if value > max {
         return Err(ConfigError::AboveProtocolMax { name, value, max });
     }
@@ -200,6 +205,11 @@ fn validate_raft(raft: &RaftRaw) -> Result<RaftConfig, ConfigError> {
         raft.append_entries_max,
         super::APPEND_ENTRIES_MAX_MAX,
     )?;
+    at_most(
+        "raft.log-cache-bytes-max",
+        raft.log_cache_bytes_max.0,
+        super::LOG_CACHE_BYTES_MAX_MAX,
+    )?;
     let min = limits::PROPOSAL_BYTES_MAX as u64;
     if raft.proposal_queue_bytes_max.0 < min {
         return Err(ConfigError::BelowMinimum {
@@ -217,6 +227,7 @@ fn validate_raft(raft: &RaftRaw) -> Result<RaftConfig, ConfigError> {
         logs_to_keep: raft.logs_to_keep,
         snapshot_chunk_bytes: raft.snapshot_chunk.0,
         append_entries_max: raft.append_entries_max,
+        log_cache_bytes_max: usize::try_from(raft.log_cache_bytes_max.0).unwrap_or(usize::MAX),
         proposal_queue: courier_consensus::proposer::QueueLimits {
             proposals: usize::try_from(raft.proposal_queue_max).unwrap_or(usize::MAX),
             bytes: usize::try_from(raft.proposal_queue_bytes_max.0).unwrap_or(usize::MAX),
