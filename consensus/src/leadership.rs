@@ -160,6 +160,17 @@ impl GroupHandle {
         Some(members.any(|(id, _)| *id == node))
     }
 
+    /// Whether this replica follows a leader it knows and applied every entry its log holds: a
+    /// voter that still does so an election timeout after a read began heard from its leader
+    /// within that time, and holds the leader's log as of then.
+    pub fn follows_and_applied_all(&self) -> bool {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
+        metrics.state == openraft::ServerState::Follower
+            && metrics.current_leader.is_some()
+            && metrics.last_applied.map(|id| id.index) == metrics.last_log_index
+    }
+
     /// Whether this replica leads its group now.
     pub fn is_leader(&self) -> bool {
         self.raft.metrics().borrow().state == openraft::ServerState::Leader

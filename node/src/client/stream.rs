@@ -68,8 +68,9 @@ const _: () = assert!(
 
 /// How long an `Ack` or `Read` naming a message past this replica's inbox tail waits for the
 /// replica to catch up (the device may have received the message from a replica further ahead,
-/// before it reconnected here) before the stream ends with `UNAVAILABLE`
-/// `COURIER:Shard:Lagging`.
+/// before it reconnected here), at least the election timeout: then a follower that still
+/// follows its leader answers as it stands, and any other replica ends the stream with
+/// `UNAVAILABLE` `COURIER:Shard:Lagging`.
 pub const CATCH_UP_WAIT: Duration = Duration::from_secs(2);
 
 /// How the replica a stream reads stands against a message an `Ack` or `Read` names.
@@ -713,12 +714,13 @@ impl ClientApi {
     /// Whether the replica a stream reads has caught up with message `seq` of `user`, which an
     /// `Ack` or `Read` named and the replica's first read did not show: at once when its inbox
     /// reaches `seq` (another reason stands), or when it is the shard's leader with every
-    /// committed entry applied (raft's read index: what it shows is the answer); otherwise after
-    /// waiting up to [`CATCH_UP_WAIT`] for its inbox to reach `seq`.
+    /// committed entry applied (raft's read index: what it shows is the answer); otherwise once
+    /// its inbox reaches `seq` within [`CATCH_UP_WAIT`] (or the election timeout, if longer), or
+    /// at its end when it is a follower that still follows a leader and applied all it holds.
     ///
     /// # Errors
-    /// `UNAVAILABLE` `COURIER:Shard:Lagging` when the replica did not reach `seq` in time: the
-    /// device reconnects and sends the frame again (`Ack` and `Read` are idempotent).
+    /// `UNAVAILABLE` `COURIER:Shard:Lagging` when none of that holds: the device reconnects and
+    /// sends the frame again (`Ack` and `Read` are idempotent).
     async fn caught_up(
         &self,
         shard: courier_proto::ShardId,
@@ -743,12 +745,24 @@ impl ClientApi {
                 CaughtUp::Current
             });
         }
-        let deadline = tokio::time::Instant::now() + CATCH_UP_WAIT;
+        let wait = CATCH_UP_WAIT.max(self.cluster.groups().election_timeout_max());
+        let deadline = tokio::time::Instant::now() + wait;
         while tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
             if self.read(shard, reached).await? {
                 return Ok(CaughtUp::Since);
             }
+        }
+        // A follower that still follows a leader after that wait heard from it meanwhile and
+        // holds its log: what it shows is the answer, as on the leader.
+        let settled = self.cluster.holds(shard)
+            && self
+                .cluster
+                .groups()
+                .get(courier_consensus::types::GroupId::Shard(shard))
+                .is_some_and(|handle| handle.follows_and_applied_all());
+        if settled {
+            return Ok(CaughtUp::Current);
         }
         Err(ApiError::Unavailable {
             code: "COURIER:Shard:Lagging",
