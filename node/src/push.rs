@@ -184,16 +184,17 @@ async fn post(url: &str, job: &PushJob) -> std::io::Result<()> {
         "message_id": courier_proto::hex(&job.message_id),
     })
     .to_string();
-    let host = authority.split(':').next().unwrap_or(&authority);
+    // Without the port: `host:port`, or `[v6 address]:port`.
+    let host = authority
+        .rsplit_once(':')
+        .map_or(authority.as_str(), |(host, _)| host);
     let request = format!(
         "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     let mut stream = tokio::net::TcpStream::connect(&authority).await?;
     stream.write_all(request.as_bytes()).await?;
-    let mut response = vec![0_u8; RESPONSE_BYTES_MAX];
-    let read = stream.read(&mut response).await?;
-    let head = String::from_utf8_lossy(&response[..read]);
+    let head = status_line(&mut stream).await?;
     let status = head.split_whitespace().nth(1).unwrap_or("");
     if status.starts_with('2') {
         Ok(())
@@ -204,9 +205,47 @@ async fn post(url: &str, job: &PushJob) -> std::io::Result<()> {
     }
 }
 
+/// Reads the response's status line: up to its line end, the end of the stream or
+/// [`RESPONSE_BYTES_MAX`] bytes, however many reads the peer's segments take.
+async fn status_line(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> std::io::Result<String> {
+    let mut response = vec![0_u8; RESPONSE_BYTES_MAX];
+    let mut read = 0;
+    while read < response.len() && !response[..read].windows(2).any(|w| w == b"\r\n") {
+        let more = stream.read(&mut response[read..]).await?;
+        if more == 0 {
+            break;
+        }
+        read += more;
+    }
+    let head = String::from_utf8_lossy(&response[..read]);
+    Ok(head.lines().next().unwrap_or("").to_owned())
+}
+
 #[cfg(test)]
 mod tests {
-    use super::parse_url;
+    use tokio::io::AsyncWriteExt as _;
+
+    use super::{parse_url, status_line};
+
+    /// A status line that arrives in pieces is read whole.
+    #[tokio::test]
+    async fn a_status_line_in_pieces_is_read_whole() {
+        let (mut client, mut server) = tokio::io::duplex(64);
+        let writer = tokio::spawn(async move {
+            for piece in [
+                &b"HTTP/1.1 2"[..],
+                b"04 No Content\r",
+                b"\nServer: x\r\n\r\n",
+            ] {
+                server.write_all(piece).await.expect("write");
+                server.flush().await.expect("flush");
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        });
+        let line = status_line(&mut client).await.expect("read");
+        assert_eq!(line, "HTTP/1.1 204 No Content");
+        writer.await.expect("writer");
+    }
 
     #[test]
     fn urls() {
