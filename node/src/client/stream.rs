@@ -207,7 +207,7 @@ impl ClientApi {
             {
                 return;
             }
-            if !self.tell_keys_low(caller, &mut keys, &tx).await {
+            if !self.tell_keys_low(shard, caller, &mut keys, &tx).await {
                 return;
             }
             let limit = self.page_limit(shard);
@@ -384,12 +384,20 @@ impl ClientApi {
     }
 
     /// Tells the device when its stock of one-time prekeys is below `PREKEYS_LOW`: when the
-    /// stream opens with a low stock, and each time it falls further (a fetch took one), once a
-    /// change to some device's keys was applied here since the last check. A device that never
-    /// published keys is told nothing. `false` when the stream closed.
-    async fn tell_keys_low(&self, caller: Caller, check: &mut KeysCheck, tx: &FrameSender) -> bool {
+    /// stream opens with a low stock, and each time it falls further (a fetch took one): checked
+    /// once a change to some device's keys was applied here since the last check, or on every
+    /// pass when the user's `shard` is read from another node (nothing applied here tells of a
+    /// change there), as the device check does. A device that never published keys is told
+    /// nothing. `false` when the stream closed.
+    async fn tell_keys_low(
+        &self,
+        shard: courier_proto::ShardId,
+        caller: Caller,
+        check: &mut KeysCheck,
+        tx: &FrameSender,
+    ) -> bool {
         let epoch = self.cluster.groups().watch().keys_epoch();
-        if check.at == Some(epoch) {
+        if check.at == Some(epoch) && self.cluster.holds(shard) {
             return true;
         }
         let stock = match self.key_stock(caller).await {

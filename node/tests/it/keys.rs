@@ -39,7 +39,11 @@ pub(crate) fn upload(ids: std::ops::Range<u32>) -> UploadKeysRequest {
 }
 
 /// The one-time prekey ids one fetch of `user`'s bundle got (one per device).
-async fn fetch(addr: &str, by: &Device, user: u64) -> Result<Vec<Option<u32>>, tonic::Status> {
+pub(crate) async fn fetch(
+    addr: &str,
+    by: &Device,
+    user: u64,
+) -> Result<Vec<Option<u32>>, tonic::Status> {
     let response = keys(addr)
         .await
         .get_pre_key_bundle(authed(by, GetPreKeyBundleRequest { user }))
@@ -55,7 +59,7 @@ async fn fetch(addr: &str, by: &Device, user: u64) -> Result<Vec<Option<u32>>, t
         .collect())
 }
 
-fn keys_low(frames: &[ServerFrame]) -> Vec<u32> {
+pub(crate) fn keys_low(frames: &[ServerFrame]) -> Vec<u32> {
     frames
         .iter()
         .filter_map(|f| match &f.frame {
