@@ -225,12 +225,11 @@ async fn a_node_without_a_replica_answers_clients_from_the_replicas() {
         tracing::info!(
             "Bob's stream through node 4 is told when fetches through node 1 lower his keys"
         );
-        let stored =
-            courier_proto::pb::client::keys_client::KeysClient::new(channel(&addr(0)).await)
-                .upload_keys(authed(&bob, crate::keys::upload(100..111)))
-                .await
-                .expect("upload")
-                .into_inner();
+        let stored = KeysClient::new(channel(&addr(0)).await)
+            .upload_keys(authed(&bob, crate::keys::upload(100..111)))
+            .await
+            .expect("upload")
+            .into_inner();
         assert_eq!(stored.one_time_prekeys, 11, "not low yet");
         wait_converged(&peers[..3], Duration::from_secs(30)).await;
         let mut stream = open_stream(&addr(3), &bob, 0).await;
