@@ -456,34 +456,13 @@ async fn an_ack_sent_again_to_a_replica_behind_is_not_refused() {
     wait_converged(&cluster.peers, Duration::from_secs(30)).await;
     cluster.kill(2);
     let mut client = MessagingClient::new(channel(&addrs[0].client).await);
-    for n in 0..MESSAGES {
-        client
-            .send(authed(
-                &alice,
-                SendRequest {
-                    client_msg_id: format!("behind-{n}"),
-                    to_user: bob.user,
-                    content: body("hi"),
-                },
-            ))
-            .await
-            .expect("a send with two of three nodes up");
-    }
-    let mut first = crate::messaging::open_stream(&addrs[0].client, &bob, 0).await;
-    let messages = |frames: &[ServerFrame]| {
-        frames
-            .iter()
-            .filter(|f| matches!(f.frame, Some(server_frame::Frame::Message(_))))
-            .count()
-    };
     let all = usize::try_from(MESSAGES).expect("small");
-    let got = crate::messaging::collect(&mut first, Duration::from_secs(20), |frames| {
-        messages(frames) >= all
-    })
-    .await;
+    let (first, seqs) =
+        crate::messaging::sent_and_received(&addrs[0].client, &mut client, (&alice, &bob), all)
+            .await;
     assert_eq!(
-        messages(&got),
-        all,
+        seqs,
+        (1..=MESSAGES).collect::<Vec<u64>>(),
         "Bob's device got the messages on node 1"
     );
     drop(first);

@@ -2689,7 +2689,7 @@ async fn bodies_leave_the_inbox_once_every_device_acked() {
 
 /// Sends `n` messages from `from` to `to` through `messaging`, then opens `to`'s stream on
 /// `addr` and reads until all `n` arrived: their inbox seqs, in the order they came.
-async fn sent_and_received(
+pub(crate) async fn sent_and_received(
     addr: &str,
     messaging: &mut MessagingClient<tonic::transport::Channel>,
     (from, to): (&Device, &Device),

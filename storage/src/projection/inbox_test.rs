@@ -248,9 +248,7 @@ fn forgotten_sends_leave_the_dedup_projection() {
         ],
     );
     let due = |kv: &MemKv, before_ms: u64| {
-        let mut staged = Staged::new(kv, BTreeMap::new());
-        let view = View::new(&mut staged, SHARD, LogIndex::ZERO, Projection::Dedup);
-        super::dedup::sent_before(&view, before_ms, 10).expect("memory")
+        in_dedup(kv, |view| super::dedup::sent_before(view, before_ms, 10)).expect("memory")
     };
     let found = due(&kv, 300);
     let ids: Vec<(&str, u64)> = found
@@ -281,13 +279,9 @@ fn forgotten_sends_leave_the_dedup_projection() {
     let before = kv.clone();
     apply_one(&mut kv, &mut state, vec![forget.clone()]);
     let forget_again = forget;
-    let dedup = |kv: &MemKv| {
-        kv.scan(Cf::Projection(Projection::Dedup), &[], &[0xff], usize::MAX)
-            .expect("memory")
-    };
     assert_eq!(
-        dedup(&before),
-        dedup(&kv),
+        dedup_records(&before),
+        dedup_records(&kv),
         "forgetting again changes nothing"
     );
     let retry = apply_one(&mut kv, &mut state, vec![sent_event(4, "a", 0, 500)]);
@@ -306,19 +300,17 @@ fn forgotten_sends_leave_the_dedup_projection() {
     }
     tracing_phase("the first forget applied again spares the new send of the same client id");
     apply_one(&mut kv, &mut state, vec![forget_again]);
-    {
-        let mut staged = Staged::new(&kv, BTreeMap::new());
-        let view = View::new(&mut staged, SHARD, LogIndex::ZERO, Projection::Dedup);
-        let known = super::dedup::lookup(
-            &view,
+    let known = in_dedup(&kv, |view| {
+        super::dedup::lookup(
+            view,
             UserId::new(1).expect("nonzero"),
             courier_proto::DeviceId::new(1).expect("nonzero"),
             "a",
         )
-        .expect("memory")
-        .expect("the new send of a is still known");
-        assert_eq!(known.message_id, vec![4; 16]);
-    }
+    })
+    .expect("memory")
+    .expect("the new send of a is still known");
+    assert_eq!(known.message_id, vec![4; 16]);
     let rest = due(&kv, u64::MAX);
     assert_eq!(rest.len(), 2, "c and the new a");
     let last = apply_one(
@@ -331,8 +323,8 @@ fn forgotten_sends_leave_the_dedup_projection() {
     );
     assert_eq!(last, vec![Applied::Done]);
     assert_eq!(
-        dedup(&kv),
-        dedup(&empty),
+        dedup_records(&kv),
+        dedup_records(&empty),
         "every send forgotten: nothing of dedup left"
     );
 }
@@ -772,9 +764,8 @@ fn a_users_sends_are_found_to_be_forgotten() {
         vec![sent_event(1, "a", 0, 100), sent_event(2, "b", 0, 200)],
     );
     let sends_of = |kv: &MemKv, user: u64, limit: usize| {
-        let mut staged = Staged::new(kv, BTreeMap::new());
-        let view = View::new(&mut staged, SHARD, LogIndex::ZERO, Projection::Dedup);
-        super::dedup::sends_of(&view, UserId::new(user).expect("nonzero"), limit).expect("memory")
+        let user = UserId::new(user).expect("nonzero");
+        in_dedup(kv, |view| super::dedup::sends_of(view, user, limit)).expect("memory")
     };
     let found = sends_of(&kv, 1, 10);
     let named: Vec<(u64, u32, &str, u64)> = found
@@ -800,9 +791,22 @@ fn a_users_sends_are_found_to_be_forgotten() {
     });
     apply_one(&mut kv, &mut state, vec![forget]);
     assert!(sends_of(&kv, 1, 10).is_empty());
-    let dedup = |kv: &MemKv| {
-        kv.scan(Cf::Projection(Projection::Dedup), &[], &[0xff], usize::MAX)
-            .expect("memory")
-    };
-    assert_eq!(dedup(&kv), dedup(&empty), "records and time index are gone");
+    assert_eq!(
+        dedup_records(&kv),
+        dedup_records(&empty),
+        "records and time index are gone"
+    );
+}
+
+/// Runs `read` over the dedup projection of `kv`.
+fn in_dedup<R>(kv: &MemKv, read: impl FnOnce(&View<'_, '_>) -> R) -> R {
+    let mut staged = Staged::new(kv, BTreeMap::new());
+    let view = View::new(&mut staged, SHARD, LogIndex::ZERO, Projection::Dedup);
+    read(&view)
+}
+
+/// Every record of the dedup projection of `kv`, its time index included.
+fn dedup_records(kv: &MemKv) -> Vec<(Vec<u8>, Vec<u8>)> {
+    kv.scan(Cf::Projection(Projection::Dedup), &[], &[0xff], usize::MAX)
+        .expect("memory")
 }
