@@ -226,6 +226,11 @@ impl Groups {
         Duration::from_millis(self.config.election_timeout_min)
     }
 
+    /// How often a leader sends heartbeats to its followers (`raft.heartbeat`).
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.config.heartbeat_interval)
+    }
+
     /// The shared channel pool (also used for forwarding to other nodes).
     pub fn pool(&self) -> Arc<ChannelPool> {
         self.pool.clone()

@@ -160,9 +160,8 @@ impl GroupHandle {
         Some(members.any(|(id, _)| *id == node))
     }
 
-    /// Whether this replica follows a leader it knows and applied every entry its log holds: a
-    /// voter that still does so an election timeout after a read began heard from its leader
-    /// within that time, and holds the leader's log as of then.
+    /// Whether this replica follows a leader it knows and applied every entry its log holds (a
+    /// follower catching up a backlog also does, between two of its leader's appends).
     pub fn follows_and_applied_all(&self) -> bool {
         let metrics = self.raft.metrics();
         let metrics = metrics.borrow();

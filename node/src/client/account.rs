@@ -191,37 +191,44 @@ impl ClientApi {
     /// within the dedup window would otherwise be answered an old send's result (`duplicate`),
     /// its message never stored. Run after the account left its groups (no new group send can
     /// be recorded then) and before it closes (a failure here leaves it open to ask again).
+    /// Each batch is read on this node's replica, which waits to show the batch gone before the
+    /// next is read.
     ///
     /// # Errors
-    /// `UNAVAILABLE` when a shard has no leader; `INTERNAL` when a proposal removed nothing.
+    /// `UNAVAILABLE` when a shard has no leader, or this node's replica did not show a batch
+    /// gone within `READ_WAIT` (`COURIER:Shard:Lagging`; ask again).
     async fn forget_sends_elsewhere(&self, user: UserId) -> Result<(), ApiError> {
         let own = self.shard_of(user)?;
+        let sends_of = |view: &courier_storage::projection::View<'_, '_>| {
+            dedup::sends_of(view, user, SENDS_FORGOTTEN_PER_PROPOSAL)
+        };
         for shard in (0..self.shard_count()?).map(ShardId::new) {
             if shard == own {
                 continue;
             }
-            let mut previous = None;
-            loop {
-                let sends = self
-                    .read(shard, |view| {
-                        dedup::sends_of(view, user, SENDS_FORGOTTEN_PER_PROPOSAL)
-                    })
-                    .await?;
-                if sends.is_empty() {
-                    break;
-                }
-                if previous.as_ref() == Some(&sends) {
-                    return Err(ApiError::fault(format!(
-                        "{shard}: forgetting user {}'s sends removed nothing",
-                        user.get()
-                    )));
-                }
+            let mut sends = self.read(shard, sends_of).await?;
+            while !sends.is_empty() {
                 let forget = Kind::SendsForgotten(events::SendsForgotten {
                     sends: sends.clone(),
                     at_ms: now_ms(),
                 });
                 self.propose_one(shard, forget).await?;
-                previous = Some(sends);
+                let deadline = tokio::time::Instant::now() + crate::cluster::READ_WAIT;
+                sends = loop {
+                    let next = self.read(shard, sends_of).await?;
+                    if !next.iter().any(|send| sends.contains(send)) {
+                        break next;
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(ApiError::Unavailable {
+                            code: "COURIER:Shard:Lagging",
+                            message: format!("this replica of {shard} has not caught up; retry"),
+                            retry_after_ms: 100,
+                            leader: None,
+                        });
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                };
             }
         }
         Ok(())

@@ -311,13 +311,17 @@ impl ClientApi {
     ) -> Result<Page, ApiError> {
         let span = u64::try_from(limit).unwrap_or(u64::MAX);
         let bytes_max = usize::try_from(self.limits.stream_buffer_bytes).unwrap_or(usize::MAX);
+        // A replica elsewhere answers every round all the reads asked before: a remote page
+        // (at most `REMOTE_PAGE_MESSAGES`, which fit one answer) is read in one scan.
+        let stepped = self.cluster.holds(shard);
         self.read(shard, |view| {
             let tail = inbox::tail(view, user)?;
             let up_to = InboxSeq::new(tail.get().min(cursor.get().saturating_add(span)));
             // What the pusher reads, and holds while it waits for room in the stream's buffer,
             // is bounded like the buffer: a page of large messages ends early and the next one
             // reads on.
-            let (messages, reached) = inbox::entries_within(view, user, cursor, up_to, bytes_max)?;
+            let (messages, reached) =
+                inbox::entries_within(view, user, (cursor, up_to), bytes_max, stepped)?;
             let feed = receipts::feed(view, user, receipts_after, limit)?;
             Ok((reached, reached == tail, messages, feed))
         })
@@ -738,14 +742,18 @@ impl ClientApi {
         let reached =
             |view: &courier_storage::projection::View<'_, '_>| Ok(inbox::tail(view, user)? >= seq);
         if self.read(shard, reached).await? {
-            return Ok(CaughtUp::Current);
+            // Reached since the caller's read (or it answered for another reason): read again.
+            return Ok(CaughtUp::Since);
         }
-        if self.cluster.holds(shard)
-            && self
-                .cluster
-                .read_barrier(shard, crate::cluster::ReadConsistency::Linearizable)
-                .await
-                .is_ok()
+        let holds = self.cluster.holds(shard);
+        let barrier = self
+            .cluster
+            .read_barrier(shard, crate::cluster::ReadConsistency::Linearizable);
+        if holds
+            && matches!(
+                tokio::time::timeout(CATCH_UP_WAIT, barrier).await,
+                Ok(Ok(()))
+            )
         {
             return Ok(if self.read(shard, reached).await? {
                 CaughtUp::Since
@@ -753,23 +761,21 @@ impl ClientApi {
                 CaughtUp::Current
             });
         }
+        // A replica elsewhere is read over the network: not as often.
+        let poll = if holds {
+            Duration::from_millis(10)
+        } else {
+            REMOTE_STREAM_POLL / 2
+        };
         let wait = CATCH_UP_WAIT.max(self.cluster.groups().election_timeout_max());
         let deadline = tokio::time::Instant::now() + wait;
         while tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(poll).await;
             if self.read(shard, reached).await? {
                 return Ok(CaughtUp::Since);
             }
         }
-        // A follower that still follows a leader after that wait heard from it meanwhile and
-        // holds its log: what it shows is the answer, as on the leader.
-        let settled = self.cluster.holds(shard)
-            && self
-                .cluster
-                .groups()
-                .get(courier_consensus::types::GroupId::Shard(shard))
-                .is_some_and(|handle| handle.follows_and_applied_all());
-        if settled {
+        if holds && self.settled_follower(shard).await {
             return Ok(CaughtUp::Current);
         }
         Err(ApiError::Unavailable {
@@ -780,6 +786,22 @@ impl ClientApi {
             retry_after_ms: 100,
             leader: None,
         })
+    }
+
+    /// Whether this node's replica of `shard` follows a leader, applied every entry it holds,
+    /// and received none over two heartbeats: a follower catching up a backlog receives its
+    /// leader's appends one after another (between two of them it has applied all it holds),
+    /// while one that is caught up receives only what is new. Asked after the catch-up wait (at
+    /// least an election timeout: a voter still following then has heard from its leader), its
+    /// inbox is then the answer, as on the leader.
+    async fn settled_follower(&self, shard: courier_proto::ShardId) -> bool {
+        let groups = self.cluster.groups();
+        let Some(handle) = groups.get(courier_consensus::types::GroupId::Shard(shard)) else {
+            return false;
+        };
+        let before = handle.state().last_log_index;
+        tokio::time::sleep(groups.heartbeat() * 2).await;
+        handle.follows_and_applied_all() && handle.state().last_log_index == before
     }
 
     /// Hands a typing update to the other side's live streams on every node, best effort: never

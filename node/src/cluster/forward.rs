@@ -100,8 +100,7 @@ impl Cluster {
                     _ => None,
                 })
                 .collect();
-            let outcomes = self.commit_forwarded(&handle, dest, fresh).await?;
-            self.push_landed(&outcomes, landed);
+            let outcomes = self.commit_forwarded(&handle, dest, fresh, landed).await?;
             let stored = stored_through(first_new, &outcomes);
             if stored < last {
                 tracing::error!(
@@ -135,35 +134,42 @@ impl Cluster {
         }
     }
 
-    /// Commits a forwarded batch's new events on `dest`, which this node leads, waiting at most
-    /// `raft.rpc-timeout` like the hop to a leader elsewhere: a leader that lost its quorum keeps
-    /// leading (openraft 0.9 does not step down), and a forwarder waiting on it would hold one of
-    /// its pairs' slots until the partition healed. The entry may still commit; the retry's
-    /// positions at or below the watermark are dropped as duplicates.
+    /// Commits a forwarded batch's new events on `dest`, which this node leads, and pushes the
+    /// messages that `landed` new to offline recipients. Waits at most `raft.rpc-timeout`, like
+    /// the hop to a leader elsewhere: a leader that lost its quorum keeps leading (openraft 0.9
+    /// does not step down), and a forwarder waiting on it would hold one of its pairs' slots
+    /// until the partition healed. The commit goes on in its own task past that, and still
+    /// pushes what it stored: the retry finds those positions at or below the watermark and
+    /// stores (and pushes) nothing again.
     async fn commit_forwarded(
         &self,
         handle: &GroupHandle,
         dest: ShardId,
         fresh: Vec<Event>,
+        landed: Vec<Option<Vec<u8>>>,
     ) -> Result<Vec<EventOutcome>, ApiError> {
-        tokio::time::timeout(
-            self.rpc_timeout,
-            handle
-                .proposer
-                .propose(fresh)
-                .instrument(tracing::info_span!("raft.commit", shard = %dest)),
-        )
-        .await
-        .map_err(|_| {
-            unavailable(
+        let (cluster, proposer) = (self.clone(), handle.proposer.clone());
+        let commit = tokio::spawn(
+            async move {
+                let outcomes = proposer.propose(fresh).await;
+                if let Ok(outcomes) = &outcomes {
+                    cluster.push_landed(outcomes, landed);
+                }
+                outcomes
+            }
+            .instrument(tracing::info_span!("raft.commit", shard = %dest)),
+        );
+        match tokio::time::timeout(self.rpc_timeout, commit).await {
+            Ok(Ok(outcomes)) => outcomes.map_err(propose_error),
+            Ok(Err(ended)) => Err(ApiError::task_ended("forward commit", &ended)),
+            Err(_) => Err(unavailable(
                 format!(
                     "{dest} did not commit the batch within {:?}; retry",
                     self.rpc_timeout
                 ),
                 None,
-            )
-        })?
-        .map_err(propose_error)
+            )),
+        }
     }
 
     async fn forward_to(
@@ -217,9 +223,11 @@ fn check_shape(request: &ForwardBatchRequest) -> Result<(), ApiError> {
 /// not counted, nor is anything after it, so the source keeps them and sends them again instead
 /// of trimming them away. A forward gap leaves the inbound watermark where it was; an event
 /// refused as invalid takes its position (`projection::apply_decoded`), so the retry finds it
-/// below the watermark and the answer moves past it then, one round later. Unreachable while every batch starts at or
-/// below the watermark read before it is proposed and the proposer keeps queue order; this
-/// answer must stay truthful if either ever changes (two batches of a pair in flight).
+/// below the watermark and the answer moves past it then, one round later. A gap is unreachable
+/// while every batch starts at or below the watermark read before it is proposed and the
+/// proposer keeps queue order, also when a batch whose commit outlived its call
+/// (`commit_forwarded`) and its retry are in flight together: the retry's positions already
+/// stored are duplicates at apply. This answer must stay truthful if either ever changes.
 fn stored_through(first_new: u64, outcomes: &[EventOutcome]) -> u64 {
     let applied = outcomes
         .iter()

@@ -250,6 +250,43 @@ async fn a_node_without_a_replica_answers_clients_from_the_replicas() {
     }
 
     {
+        tracing::info!("a backlog of messages at the content limits reaches node 4's stream whole");
+        let mut messaging = MessagingClient::new(channel(&addr(0)).await);
+        let mut large = Vec::new();
+        for i in 0..16 {
+            let content = courier_proto::pb::events::Content {
+                body: vec![7; 64 * 1024],
+                media: Some(courier_proto::pb::events::MediaRef {
+                    url: "https://media.example/x".to_owned(),
+                    thumbnail: vec![8; 32 * 1024],
+                    mime_type: "image/jpeg".to_owned(),
+                    size_bytes: 1,
+                }),
+            };
+            let response = messaging
+                .send(authed(
+                    &alice,
+                    SendRequest {
+                        client_msg_id: format!("large-{i}"),
+                        to_user: bob.user,
+                        content: Some(content),
+                    },
+                ))
+                .await
+                .expect("a send at the content limits")
+                .into_inner();
+            large.push(response.message_id);
+        }
+        wait_converged(&peers[..3], Duration::from_secs(30)).await;
+        let mut stream = open_stream(&addr(3), &bob, 6).await;
+        let frames = collect(&mut stream, Duration::from_secs(20), |frames| {
+            message_ids(frames).len() >= 16
+        })
+        .await;
+        assert_eq!(message_ids(&frames), large, "all 16, in order, once");
+    }
+
+    {
         tracing::info!("a device revoked through node 1 is refused through node 4");
         let tablet = link_tablet(&addr(0), &alice).await;
         wait_converged(&peers[..3], Duration::from_secs(30)).await;

@@ -101,25 +101,31 @@ pub const ENTRY_BYTES_MAX: usize = courier_proto::limits::MESSAGE_CONTENT_BYTES_
 /// at least one message, so that a message larger than the bound is still read, alone); and the
 /// sequence read up to: `up_to`, or the last message returned when the bound ended the read.
 ///
-/// The range is read in steps of as many messages as the bytes left would hold at
-/// [`ENTRY_BYTES_MAX`] each, so a read holds at most `bytes_max` plus one step's overshoot of
-/// [`ENTRY_BYTES_MAX`], however large the range and its messages.
+/// With `stepped`, the range is read in steps of as many messages as the bytes left would hold
+/// at [`ENTRY_BYTES_MAX`] each, so a read holds at most `bytes_max` plus one entry, however large
+/// the range and its messages. Without, it is read in one scan and then cut: for a range small
+/// enough to read whole, over a view whose reads cost per call (a replica on another node, whose
+/// every round asks all of its reads again, so steps would add up).
 ///
 /// # Errors
 /// A storage fault.
 pub fn entries_within(
     view: &View<'_, '_>,
     user: UserId,
-    after: InboxSeq,
-    up_to: InboxSeq,
+    (after, up_to): (InboxSeq, InboxSeq),
     bytes_max: usize,
+    stepped: bool,
 ) -> Result<(Vec<(InboxSeq, InboxEntry)>, InboxSeq)> {
     let mut messages: Vec<(InboxSeq, InboxEntry)> = Vec::new();
     let mut bytes = 0_usize;
     let mut read_to = after;
     while read_to < up_to {
-        let step = bytes_max.saturating_sub(bytes) / ENTRY_BYTES_MAX;
-        let step = u64::try_from(step.max(1)).unwrap_or(u64::MAX);
+        let step = if stepped {
+            u64::try_from((bytes_max.saturating_sub(bytes) / ENTRY_BYTES_MAX).max(1))
+                .unwrap_or(u64::MAX)
+        } else {
+            up_to.get().saturating_sub(read_to.get())
+        };
         let step_to = InboxSeq::new(up_to.get().min(read_to.get().saturating_add(step)));
         for (seq, entry) in entries_between(view, user, read_to, step_to)? {
             let size = entry.encoded_len();

@@ -712,7 +712,8 @@ fn a_format_1_ack_ignores_trim_max() {
 }
 
 /// A byte-bounded read ends where the bound would be passed, with at least one message, and says
-/// how far it read; within the bound it reads the whole range, however many steps it takes.
+/// how far it read; within the bound it reads the whole range, however many steps it takes, and
+/// read in one scan it answers the same.
 #[test]
 fn a_read_within_bytes_ends_at_the_bound() {
     use courier_proto::InboxSeq;
@@ -724,30 +725,35 @@ fn a_read_within_bytes_ends_at_the_bound() {
     let view = view_of(&mut staged);
     let user = UserId::new(1).expect("nonzero");
     let (zero, six) = (InboxSeq::ZERO, InboxSeq::new(6));
-    let read = |after: u64, bytes_max: usize| {
+    let read_as = |stepped: bool, after: u64, bytes_max: usize| {
+        let range = (InboxSeq::new(after), six);
         let (messages, reached) =
-            entries_within(&view, user, InboxSeq::new(after), six, bytes_max).expect("memory");
+            entries_within(&view, user, range, bytes_max, stepped).expect("memory");
         let seqs: Vec<u64> = messages.iter().map(|(seq, _)| seq.get()).collect();
         (seqs, reached.get())
     };
-    let (all, _) = entries_within(&view, user, zero, six, usize::MAX).expect("memory");
+    let (all, _) = entries_within(&view, user, (zero, six), usize::MAX, true).expect("memory");
     let size = prost::Message::encoded_len(&all[0].1);
-    assert_eq!(read(0, usize::MAX), (vec![1, 2, 3, 4, 5, 6], 6), "all fit");
-    assert_eq!(
-        read(0, size * 2 + size / 2),
-        (vec![1, 2], 2),
-        "a third would pass the bound"
-    );
-    assert_eq!(read(2, size * 2), (vec![3, 4], 4), "exactly two fit");
-    assert_eq!(
-        read(0, 1),
-        (vec![1], 1),
-        "one larger than the bound is read alone"
-    );
-    assert_eq!(read(6, 1), (vec![], 6), "nothing after the tail");
-    // Bounds of several entries at their largest read in several steps: the same messages.
-    assert_eq!(read(0, ENTRY_BYTES_MAX * 2), (vec![1, 2, 3, 4, 5, 6], 6));
-    assert_eq!(read(0, ENTRY_BYTES_MAX), (vec![1, 2, 3, 4, 5, 6], 6));
+    // Read in steps or in one scan, the same answers.
+    for stepped in [true, false] {
+        let read = |after: u64, bytes_max: usize| read_as(stepped, after, bytes_max);
+        assert_eq!(read(0, usize::MAX), (vec![1, 2, 3, 4, 5, 6], 6), "all fit");
+        assert_eq!(
+            read(0, size * 2 + size / 2),
+            (vec![1, 2], 2),
+            "a third would pass the bound"
+        );
+        assert_eq!(read(2, size * 2), (vec![3, 4], 4), "exactly two fit");
+        assert_eq!(
+            read(0, 1),
+            (vec![1], 1),
+            "one larger than the bound is read alone"
+        );
+        assert_eq!(read(6, 1), (vec![], 6), "nothing after the tail");
+        // Bounds of a few entries at their largest: several steps, the same messages.
+        assert_eq!(read(0, ENTRY_BYTES_MAX * 2), (vec![1, 2, 3, 4, 5, 6], 6));
+        assert_eq!(read(0, ENTRY_BYTES_MAX), (vec![1, 2, 3, 4, 5, 6], 6));
+    }
 }
 
 /// A user's sends recorded on a shard are found by user, with their send times, and a
