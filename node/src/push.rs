@@ -168,7 +168,13 @@ pub fn parse_url(url: &str) -> Result<(String, String), String> {
     if authority.is_empty() {
         return Err(format!("{url:?} has no host"));
     }
-    let authority = if authority.contains(':') {
+    // A port is what follows the last colon, when that colon is not inside `[v6 address]`.
+    let has_port = authority.rsplit_once(':').is_some_and(|(host, port)| {
+        !port.is_empty()
+            && port.bytes().all(|b| b.is_ascii_digit())
+            && (!host.starts_with('[') || host.ends_with(']'))
+    });
+    let authority = if has_port {
         authority.to_owned()
     } else {
         format!("{authority}:80")
@@ -256,6 +262,14 @@ mod tests {
         assert_eq!(
             parse_url("http://push.example"),
             Ok(("push.example:80".to_owned(), "/".to_owned()))
+        );
+        assert_eq!(
+            parse_url("http://[::1]/push"),
+            Ok(("[::1]:80".to_owned(), "/push".to_owned()))
+        );
+        assert_eq!(
+            parse_url("http://[::1]:9000/"),
+            Ok(("[::1]:9000".to_owned(), "/".to_owned()))
         );
         assert!(parse_url("https://push.example/x").is_err());
         assert!(parse_url("http:///x").is_err());
