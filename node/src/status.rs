@@ -269,6 +269,17 @@ impl ApiError {
         }
     }
 
+    /// `UNAVAILABLE` `COURIER:Shard:Lagging`: this node's replica has not shown a write that
+    /// committed yet (`what` says which); retry, here or elsewhere.
+    pub fn lagging(what: String) -> ApiError {
+        ApiError::Unavailable {
+            code: "COURIER:Shard:Lagging",
+            message: format!("this replica has not caught up: {what}; retry"),
+            retry_after_ms: 100,
+            leader: None,
+        }
+    }
+
     /// `UNAVAILABLE`: this node's replica of `shard` is installing a snapshot (it was far
     /// behind), so its projections are half written until the install ends.
     pub fn installing(shard: courier_proto::ShardId) -> ApiError {

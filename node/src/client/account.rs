@@ -220,12 +220,9 @@ impl ClientApi {
                         break next;
                     }
                     if tokio::time::Instant::now() >= deadline {
-                        return Err(ApiError::Unavailable {
-                            code: "COURIER:Shard:Lagging",
-                            message: format!("this replica of {shard} has not caught up; retry"),
-                            retry_after_ms: 100,
-                            leader: None,
-                        });
+                        return Err(ApiError::lagging(format!(
+                            "{shard} still shows sends it forgot"
+                        )));
                     }
                     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 };

@@ -149,11 +149,8 @@ impl ClientApi {
                     });
                 }
                 other if tokio::time::Instant::now() >= deadline => {
-                    return other.ok_or_else(|| ApiError::Unavailable {
-                        code: "COURIER:Shard:Lagging",
-                        message: "this replica has not caught up yet; retry".to_owned(),
-                        retry_after_ms: 100,
-                        leader: None,
+                    return other.ok_or_else(|| {
+                        ApiError::lagging(format!("group {} is not here yet", group.get()))
                     });
                 }
                 _ => tokio::time::sleep(std::time::Duration::from_millis(10)).await,

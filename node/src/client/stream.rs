@@ -76,10 +76,10 @@ pub const CATCH_UP_WAIT: Duration = Duration::from_secs(2);
 /// How the replica a stream reads stands against a message an `Ack` or `Read` names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum CaughtUp {
-    /// Its inbox reached the message when first asked, or it is the shard's leader with every
-    /// committed entry applied: what it shows is the answer.
+    /// It is the shard's leader with every committed entry applied, or a settled follower: what
+    /// it shows is the answer.
     Current,
-    /// Its inbox was behind and has reached the message since: read it again.
+    /// Its inbox has reached the message since the caller's read: read it again.
     Since,
 }
 
@@ -724,11 +724,11 @@ impl ClientApi {
     }
 
     /// Whether the replica a stream reads has caught up with message `seq` of `user`, which an
-    /// `Ack` or `Read` named and the replica's first read did not show: at once when its inbox
-    /// reaches `seq` (another reason stands), or when it is the shard's leader with every
-    /// committed entry applied (raft's read index: what it shows is the answer); otherwise once
-    /// its inbox reaches `seq` within [`CATCH_UP_WAIT`] (or the election timeout, if longer), or
-    /// at its end when it is a follower that still follows a leader and applied all it holds.
+    /// `Ack` or `Read` named and the replica's first read did not show: `Since` once its inbox
+    /// reaches `seq` (at the first look too: the caller reads again), within [`CATCH_UP_WAIT`]
+    /// (or the election timeout, if longer); `Current` when it is the shard's leader with every
+    /// committed entry applied (raft's read index), or after the wait a settled follower
+    /// ([`ClientApi::settled_follower`]): what it shows is then the answer.
     ///
     /// # Errors
     /// `UNAVAILABLE` `COURIER:Shard:Lagging` when none of that holds: the device reconnects and
@@ -778,14 +778,9 @@ impl ClientApi {
         if holds && self.settled_follower(shard).await {
             return Ok(CaughtUp::Current);
         }
-        Err(ApiError::Unavailable {
-            code: "COURIER:Shard:Lagging",
-            message: format!(
-                "this replica of {shard} has not reached message {seq} yet; send it again"
-            ),
-            retry_after_ms: 100,
-            leader: None,
-        })
+        Err(ApiError::lagging(format!(
+            "{shard} has not reached message {seq}; send the frame again"
+        )))
     }
 
     /// Whether this node's replica of `shard` follows a leader, applied every entry it holds,
