@@ -213,19 +213,17 @@ impl ClientApi {
                     at_ms: now_ms(),
                 });
                 self.propose_one(shard, forget).await?;
-                let deadline = tokio::time::Instant::now() + crate::cluster::READ_WAIT;
-                sends = loop {
-                    let next = self.read(shard, sends_of).await?;
-                    if !next.iter().any(|send| sends.contains(send)) {
-                        break next;
-                    }
-                    if tokio::time::Instant::now() >= deadline {
-                        return Err(ApiError::lagging(format!(
-                            "{shard} still shows sends it forgot"
-                        )));
-                    }
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                let gone = |view: &courier_storage::projection::View<'_, '_>| {
+                    let next = sends_of(view)?;
+                    Ok((!next.iter().any(|send| sends.contains(send))).then_some(next))
                 };
+                let poll = std::time::Duration::from_millis(10);
+                sends = self
+                    .read_until(shard, (crate::cluster::READ_WAIT, poll), gone)
+                    .await?
+                    .ok_or_else(|| {
+                        ApiError::lagging(format!("{shard} still shows sends it forgot"))
+                    })?;
             }
         }
         Ok(())

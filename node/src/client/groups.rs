@@ -17,15 +17,13 @@ use courier_proto::{ConversationId, GroupId, ShardId, UserId, shard_of_group};
 use courier_storage::projection::{devices, groups};
 
 use super::send::Proposed;
-use super::{ClientApi, auth::Caller, now_ms};
+use super::{CATCH_UP_WAIT, ClientApi, auth::Caller, now_ms};
 use crate::status::ApiError;
 
 /// Attempts of a group send whose membership changed between reading the epoch and applying.
 pub const EPOCH_RETRIES_MAX: u32 = 5;
 /// Pause before re-reading the epoch.
 const EPOCH_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(30);
-/// How long a response waits for this replica to show a change it just committed.
-const CATCH_UP_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Maps a refusal at apply to the API.
 fn refused(code: &str, message: String) -> ApiError {

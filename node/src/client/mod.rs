@@ -159,7 +159,32 @@ impl ClientApi {
     ) -> Result<R, ApiError> {
         self.cluster.read(shard, f).await
     }
+
+    /// [`ClientApi::read`]s `f` every `poll` until it answers `Some`, for at most `wait`: `None`
+    /// when it did not in time (this replica has not shown a change that committed).
+    pub(crate) async fn read_until<R>(
+        &self,
+        shard: ShardId,
+        (wait, poll): (std::time::Duration, std::time::Duration),
+        f: impl Fn(&View<'_, '_>) -> courier_storage::Result<Option<R>>,
+    ) -> Result<Option<R>, ApiError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if let Some(found) = self.read(shard, &f).await? {
+                return Ok(Some(found));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(None);
+            }
+            tokio::time::sleep(poll).await;
+        }
+    }
 }
+
+/// How long a response waits for this node's replica to show what committed (a group just
+/// created, the message an `Ack` or `Read` names) before it answers `UNAVAILABLE`
+/// `COURIER:Shard:Lagging`.
+pub const CATCH_UP_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The current time, unix ms: decided here, carried in events (projections never read a clock).
 pub(crate) use crate::env::now_ms;

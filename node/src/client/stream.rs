@@ -31,7 +31,7 @@ use tonic::Status;
 use tracing::Instrument as _;
 
 use super::live::FrameSender;
-use super::{ClientApi, auth::Caller, now_ms};
+use super::{CATCH_UP_WAIT, ClientApi, auth::Caller, now_ms};
 use crate::bugs;
 use crate::status::{ApiError, SHARD_INSTALLING};
 
@@ -65,13 +65,6 @@ const _: () = assert!(
     REMOTE_PAGE_MESSAGES * inbox::ENTRY_BYTES_MAX <= crate::cluster::READ_ANSWER_BYTES_MAX,
     "a remote page fits one ReadShard answer"
 );
-
-/// How long an `Ack` or `Read` naming a message past this replica's inbox tail waits for the
-/// replica to catch up (the device may have received the message from a replica further ahead,
-/// before it reconnected here), at least the election timeout: then a follower that still
-/// follows its leader answers as it stands, and any other replica ends the stream with
-/// `UNAVAILABLE` `COURIER:Shard:Lagging`.
-pub const CATCH_UP_WAIT: Duration = Duration::from_secs(2);
 
 /// How the replica a stream reads stands against a message an `Ack` or `Read` names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -739,12 +732,9 @@ impl ClientApi {
         user: UserId,
         seq: InboxSeq,
     ) -> Result<CaughtUp, ApiError> {
-        let reached =
-            |view: &courier_storage::projection::View<'_, '_>| Ok(inbox::tail(view, user)? >= seq);
-        if self.read(shard, reached).await? {
-            // Reached since the caller's read (or it answered for another reason): read again.
-            return Ok(CaughtUp::Since);
-        }
+        let reached = |view: &courier_storage::projection::View<'_, '_>| {
+            Ok((inbox::tail(view, user)? >= seq).then_some(()))
+        };
         let holds = self.cluster.holds(shard);
         let barrier = self
             .cluster
@@ -755,7 +745,7 @@ impl ClientApi {
                 Ok(Ok(()))
             )
         {
-            return Ok(if self.read(shard, reached).await? {
+            return Ok(if self.read(shard, reached).await?.is_some() {
                 CaughtUp::Since
             } else {
                 CaughtUp::Current
@@ -767,13 +757,14 @@ impl ClientApi {
         } else {
             REMOTE_STREAM_POLL / 2
         };
+        // At least an election timeout: a voter still following then has heard from its leader.
         let wait = CATCH_UP_WAIT.max(self.cluster.groups().election_timeout_max());
-        let deadline = tokio::time::Instant::now() + wait;
-        while tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(poll).await;
-            if self.read(shard, reached).await? {
-                return Ok(CaughtUp::Since);
-            }
+        if self
+            .read_until(shard, (wait, poll), reached)
+            .await?
+            .is_some()
+        {
+            return Ok(CaughtUp::Since);
         }
         if holds && self.settled_follower(shard).await {
             return Ok(CaughtUp::Current);

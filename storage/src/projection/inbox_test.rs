@@ -235,18 +235,11 @@ fn dedup_returns_the_first_result() {
 /// second forget is a no-op, and a retry of a forgotten client id is a new send.
 #[test]
 fn forgotten_sends_leave_the_dedup_projection() {
-    let mut kv = MemKv::default();
-    let mut state = ShardState::empty(SHARD);
-    let empty = kv.clone();
-    apply_one(
-        &mut kv,
-        &mut state,
-        vec![
-            sent_event(1, "a", 0, 100),
-            sent_event(2, "b", 0, 200),
-            sent_event(3, "c", 0, 300),
-        ],
-    );
+    let (mut kv, mut state) = applied(vec![
+        sent_event(1, "a", 0, 100),
+        sent_event(2, "b", 0, 200),
+        sent_event(3, "c", 0, 300),
+    ]);
     let due = |kv: &MemKv, before_ms: u64| {
         in_dedup(kv, |view| super::dedup::sent_before(view, before_ms, 10)).expect("memory")
     };
@@ -324,7 +317,7 @@ fn forgotten_sends_leave_the_dedup_projection() {
     assert_eq!(last, vec![Applied::Done]);
     assert_eq!(
         dedup_records(&kv),
-        dedup_records(&empty),
+        dedup_records(&MemKv::default()),
         "every send forgotten: nothing of dedup left"
     );
 }
@@ -637,18 +630,13 @@ fn a_read_of_a_forgotten_message_under_another_conversation_sends_nothing() {
 
 /// User 1 (device 1) with six messages delivered from user 2, none acked.
 fn six_delivered_to_user_1() -> (MemKv, ShardState) {
-    let mut kv = MemKv::default();
-    let mut state = ShardState::empty(SHARD);
-    apply_one(
-        &mut kv,
-        &mut state,
+    applied(
         [
             registered(1, 1, 1),
             (1..=6).map(|seq| delivered(1, 2, seq)).collect(),
         ]
         .concat(),
-    );
-    (kv, state)
+    )
 }
 
 /// A `DeliveryAcked` with `trim_max` clears at most that many bodies past the inbox's
@@ -761,14 +749,7 @@ fn a_read_within_bytes_ends_at_the_bound() {
 /// a group's shard before it closes the account.
 #[test]
 fn a_users_sends_are_found_to_be_forgotten() {
-    let mut kv = MemKv::default();
-    let mut state = ShardState::empty(SHARD);
-    let empty = kv.clone();
-    apply_one(
-        &mut kv,
-        &mut state,
-        vec![sent_event(1, "a", 0, 100), sent_event(2, "b", 0, 200)],
-    );
+    let (mut kv, mut state) = applied(vec![sent_event(1, "a", 0, 100), sent_event(2, "b", 0, 200)]);
     let sends_of = |kv: &MemKv, user: u64, limit: usize| {
         let user = UserId::new(user).expect("nonzero");
         in_dedup(kv, |view| super::dedup::sends_of(view, user, limit)).expect("memory")
@@ -799,9 +780,17 @@ fn a_users_sends_are_found_to_be_forgotten() {
     assert!(sends_of(&kv, 1, 10).is_empty());
     assert_eq!(
         dedup_records(&kv),
-        dedup_records(&empty),
+        dedup_records(&MemKv::default()),
         "records and time index are gone"
     );
+}
+
+/// A shard's store and state after one entry of `kinds`.
+fn applied(kinds: Vec<Kind>) -> (MemKv, ShardState) {
+    let mut kv = MemKv::default();
+    let mut state = ShardState::empty(SHARD);
+    apply_one(&mut kv, &mut state, kinds);
+    (kv, state)
 }
 
 /// Runs `read` over the dedup projection of `kv`.
