@@ -231,6 +231,11 @@ impl Groups {
         Duration::from_millis(self.config.heartbeat_interval)
     }
 
+    /// The recent log entries all groups of this node keep in memory (`raft.log-cache-bytes-max`).
+    pub fn log_cache(&self) -> &crate::log_store::LogCacheBudget {
+        &self.log_cache
+    }
+
     /// The shared channel pool (also used for forwarding to other nodes).
     pub fn pool(&self) -> Arc<ChannelPool> {
         self.pool.clone()

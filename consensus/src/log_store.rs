@@ -22,7 +22,7 @@ use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use courier_proto::LogIndex;
@@ -237,10 +237,20 @@ pub const RECENT_BYTES_MAX: usize = 16 << 20;
 
 /// The encoded bytes all groups of a node keep in memory as recent entries at most
 /// (`raft.log-cache-bytes-max`), and how many they keep now.
+///
+/// Past the budget, room is made where the entries are least likely to be read again: the
+/// groups that appended least recently give up their oldest entries first, the appending group
+/// its own last ([`LogCacheBudget::make_room`]). So idle groups do not keep the budget from the
+/// busy ones until their next purge.
 #[derive(Debug)]
 pub struct LogCacheBudget {
     max: usize,
     used: AtomicUsize,
+    /// Stamps each append, to tell which group appended least recently (a count, not a clock:
+    /// the same in every run of the simulation).
+    appends: AtomicU64,
+    /// The recent entries of every group caching within this budget.
+    groups: Mutex<Vec<Weak<Mutex<Recent>>>>,
 }
 
 impl LogCacheBudget {
@@ -249,7 +259,14 @@ impl LogCacheBudget {
         Self {
             max,
             used: AtomicUsize::new(0),
+            appends: AtomicU64::new(0),
+            groups: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The budget's bytes in use, at most.
+    pub fn max(&self) -> usize {
+        self.max
     }
 
     /// The bytes kept now, over all groups sharing this budget.
@@ -268,6 +285,51 @@ impl LogCacheBudget {
     fn give_back(&self, bytes: usize) {
         self.used.fetch_sub(bytes, Ordering::Relaxed);
     }
+
+    /// A new group's recent entries, kept within this budget.
+    fn join(self: &Arc<Self>) -> Arc<Mutex<Recent>> {
+        let recent = Arc::new(Mutex::new(Recent::within(self.clone())));
+        let mut groups = self.groups.lock().expect("budget lock is never poisoned");
+        groups.retain(|group| group.strong_count() > 0);
+        groups.push(Arc::downgrade(&recent));
+        recent
+    }
+
+    /// Brings the bytes kept back within the budget after `appending` went past it: the other
+    /// groups give up their oldest entries, the group that appended least recently first, down
+    /// to a sixteenth below the budget (so the next appends need not come here again); then, if
+    /// that is not enough, `appending` gives up its own oldest, down to none.
+    ///
+    /// Called holding no group's lock; the others' are only tried, so two groups making room at
+    /// once never wait for each other (a group busy now is not the idlest one anyway).
+    fn make_room(&self, appending: &Arc<Mutex<Recent>>) {
+        let others: Vec<Arc<Mutex<Recent>>> = self
+            .groups
+            .lock()
+            .expect("budget lock is never poisoned")
+            .iter()
+            .filter_map(Weak::upgrade)
+            .filter(|group| !Arc::ptr_eq(group, appending))
+            .collect();
+        let target = self.max.saturating_sub(self.max / 16);
+        let mut idlest: Vec<(u64, std::sync::MutexGuard<'_, Recent>)> = others
+            .iter()
+            .filter_map(|group| group.try_lock().ok())
+            .filter(|recent| !recent.entries.is_empty())
+            .map(|recent| (recent.appended, recent))
+            .collect();
+        idlest.sort_by_key(|(appended, _)| *appended);
+        for (_, mut recent) in idlest {
+            while self.used() > target && recent.pop_oldest() {}
+            if self.used() <= target {
+                return;
+            }
+        }
+        let mut own = appending
+            .lock()
+            .expect("recent entries lock is never poisoned");
+        while self.over() && own.pop_oldest() {}
+    }
 }
 
 impl Default for LogCacheBudget {
@@ -284,6 +346,8 @@ struct Recent {
     entries: VecDeque<(Entry<TypeConfig>, usize)>,
     bytes: usize,
     budget: Arc<LogCacheBudget>,
+    /// When this group appended last, in the budget's count of appends.
+    appended: u64,
 }
 
 impl Drop for Recent {
@@ -298,6 +362,7 @@ impl Recent {
             entries: VecDeque::new(),
             bytes: 0,
             budget,
+            appended: 0,
         }
     }
 
@@ -311,7 +376,10 @@ impl Recent {
         self.entries.front().map(|(entry, _)| entry.log_id.index)
     }
 
-    fn push(&mut self, entry: Entry<TypeConfig>, bytes: usize) {
+    /// Keeps `entry` (of `bytes` encoded) within this group's own bounds; true when the node's
+    /// budget is now exceeded ([`LogCacheBudget::make_room`] then brings it back).
+    #[must_use]
+    fn push(&mut self, entry: Entry<TypeConfig>, bytes: usize) -> bool {
         let next = self
             .entries
             .back()
@@ -323,18 +391,39 @@ impl Recent {
         self.entries.push_back((entry, bytes));
         self.bytes = self.bytes.saturating_add(bytes);
         self.budget.take(bytes);
-        // Past the node's budget this group gives up its own oldest entries, down to none (the
-        // newest included): the others' stay, and a read of what is not here goes to disk.
-        while self.entries.len() > RECENT_ENTRIES_MAX
-            || self.bytes > RECENT_BYTES_MAX
-            || self.budget.over()
-        {
-            let Some((_, dropped)) = self.entries.pop_front() else {
-                break;
-            };
-            self.bytes = self.bytes.saturating_sub(dropped);
-            self.budget.give_back(dropped);
+        self.appended = self.budget.appends.fetch_add(1, Ordering::Relaxed);
+        while (self.entries.len() > RECENT_ENTRIES_MAX || self.bytes > RECENT_BYTES_MAX)
+            && self.pop_oldest()
+        {}
+        self.budget.over()
+    }
+
+    /// Keeps the entries `group` just appended, with their encoded sizes, and brings the node's
+    /// budget back if they exceed it.
+    fn keep(
+        group: &Arc<Mutex<Self>>,
+        entries: impl IntoIterator<Item = (Entry<TypeConfig>, usize)>,
+    ) {
+        let mut recent = group.lock().expect("recent entries lock is never poisoned");
+        let mut over = false;
+        for (entry, bytes) in entries {
+            over |= recent.push(entry, bytes);
         }
+        let budget = recent.budget.clone();
+        drop(recent);
+        if over {
+            budget.make_room(group);
+        }
+    }
+
+    /// Gives up the oldest entry kept (a read of it then goes to disk); false when none is.
+    fn pop_oldest(&mut self) -> bool {
+        let Some((_, dropped)) = self.entries.pop_front() else {
+            return false;
+        };
+        self.bytes = self.bytes.saturating_sub(dropped);
+        self.budget.give_back(dropped);
+        true
     }
 
     /// Keeps only entries with an index in `keep`.
@@ -398,7 +487,7 @@ impl LogStore {
     /// Recent entries are kept within `budget`, shared by all groups of the node.
     #[must_use]
     pub fn caching_within(mut self, budget: Arc<LogCacheBudget>) -> Self {
-        self.recent = Arc::new(Mutex::new(Recent::within(budget)));
+        self.recent = budget.join();
         self
     }
 
@@ -597,11 +686,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
             self.stats.entries.fetch_add(count, Ordering::Relaxed);
             self.stats.sync_nanos.fetch_add(took, Ordering::Relaxed);
-            let mut recent = self.recent();
-            for (entry, record) in entries.into_iter().zip(&records) {
-                recent.push(entry, record.payload.len());
-            }
-            drop(recent);
+            let sizes = records.iter().map(|record| record.payload.len());
+            Recent::keep(&self.recent, entries.into_iter().zip(sizes));
             self.stats.flushed.notify_waiters();
         }
         callback.log_io_completed(
@@ -745,7 +831,7 @@ mod tests {
     fn recent_entries_answer_only_ranges_they_hold_whole() {
         let mut recent = Recent::default();
         for index in 10..20 {
-            recent.push(entry(index), 100);
+            assert!(!recent.push(entry(index), 100));
         }
         let got = recent.range(12, 15).expect("held");
         assert_eq!(
@@ -757,11 +843,11 @@ mod tests {
         recent.retain(|index| index < 15); // truncate at 15
         assert!(recent.range(14, 16).is_none());
         assert_eq!(recent.bytes, 500);
-        recent.push(entry(15), 100);
+        assert!(!recent.push(entry(15), 100));
         recent.retain(|index| index > 11); // purge up to 11
         assert_eq!(recent.first_index(), Some(12));
         // A gap (not contiguous) starts the cache over instead of answering wrongly.
-        recent.push(entry(30), 100);
+        assert!(!recent.push(entry(30), 100));
         assert!(recent.range(12, 13).is_none());
         assert!(recent.range(30, 31).is_some());
     }
@@ -770,47 +856,64 @@ mod tests {
     fn recent_entries_stay_within_their_bounds() {
         let mut recent = Recent::default();
         for index in 0..u64::try_from(RECENT_ENTRIES_MAX + 10).unwrap_or(u64::MAX) {
-            recent.push(entry(index), 1);
+            assert!(!recent.push(entry(index), 1));
         }
         assert_eq!(recent.entries.len(), RECENT_ENTRIES_MAX);
-        recent.push(
+        assert!(!recent.push(
             entry(u64::try_from(RECENT_ENTRIES_MAX + 10).unwrap_or(0)),
             RECENT_BYTES_MAX,
-        );
+        ));
         assert!(recent.bytes <= RECENT_BYTES_MAX);
     }
 
-    /// The groups of a node keep their recent entries within one budget: past it, the group
-    /// appending gives up its own oldest entries (down to none); a truncation, a purge or a
-    /// group that goes away gives its bytes back.
+    /// The groups of a node keep their recent entries within one budget. Past it, the groups
+    /// that appended least recently give up their oldest entries first (down to a sixteenth
+    /// below the budget), the appending group its own last, down to none; a truncation, a purge
+    /// or a group that goes away gives its bytes back.
     #[test]
     fn the_groups_of_a_node_share_one_budget() {
-        let budget = Arc::new(LogCacheBudget::new(1000));
-        let mut a = Recent::within(budget.clone());
-        let mut b = Recent::within(budget.clone());
-        for index in 0..8 {
-            a.push(entry(index), 100);
-        }
-        assert_eq!(budget.used(), 800);
-        for index in 0..4 {
-            b.push(entry(index), 100);
-        }
-        assert_eq!(budget.used(), 1000, "b kept what fits beside a");
-        assert_eq!((a.bytes, b.bytes), (800, 200));
-        assert_eq!(b.first_index(), Some(2), "b gave up its own oldest");
-        b.push(entry(4), 300);
-        assert!(b.entries.is_empty(), "nothing of b fits: it keeps none");
-        assert_eq!(budget.used(), 800);
-        a.retain(|index| index < 5); // a truncation at 5
-        assert_eq!(budget.used(), 500);
+        let budget = Arc::new(LogCacheBudget::new(1600));
+        let (a, b, c) = (budget.join(), budget.join(), budget.join());
+        let lock = |group: &Arc<Mutex<Recent>>| {
+            let recent = group.lock().expect("not poisoned");
+            (recent.first_index(), recent.bytes)
+        };
+        let keep = |group: &Arc<Mutex<Recent>>, indexes: std::ops::Range<u64>, bytes| {
+            Recent::keep(group, indexes.map(|index| (entry(index), bytes)));
+        };
+        keep(&a, 0..8, 100);
+        keep(&c, 0..4, 100);
+        assert_eq!(budget.used(), 1200);
+        keep(&b, 0..4, 100);
+        assert_eq!(budget.used(), 1600, "up to the budget all is kept");
+        keep(&b, 4..5, 100);
+        assert_eq!(budget.used(), 1500, "room is made down to 1600 - 100");
+        assert_eq!(
+            lock(&a),
+            (Some(2), 600),
+            "a appended least recently: it gave up its oldest"
+        );
+        assert_eq!(lock(&c), (Some(0), 400), "c appended after a: it kept all");
+        assert_eq!(lock(&b), (Some(0), 500), "b, appending, kept all");
+        keep(&b, 5..7, 400);
+        assert_eq!(lock(&a), (None, 0), "a gave up all it had");
+        assert_eq!(lock(&c), (Some(2), 200), "then c, the next idlest");
+        assert_eq!(lock(&b), (Some(0), 1300));
+        assert_eq!(budget.used(), 1500);
+        keep(&c, 4..5, 1700);
+        assert_eq!(lock(&b), (None, 0));
+        assert_eq!(lock(&c), (None, 0), "nothing of c fits: it keeps none");
+        assert_eq!(budget.used(), 0);
+        keep(&a, 8..12, 100);
+        keep(&b, 7..11, 100);
+        b.lock().expect("not poisoned").retain(|index| index < 9); // a truncation at 9
+        assert_eq!(budget.used(), 600);
         drop(a);
-        assert_eq!(budget.used(), 0, "a group gone gives its bytes back");
-        b.push(entry(5), 300);
-        assert_eq!((b.bytes, budget.used()), (300, 300));
+        assert_eq!(budget.used(), 200, "a group gone gives its bytes back");
         let off = Arc::new(LogCacheBudget::new(0));
-        let mut none = Recent::within(off.clone());
-        none.push(entry(0), 1);
-        assert!(none.entries.is_empty(), "a budget of 0 keeps nothing");
+        let none = off.join();
+        Recent::keep(&none, [(entry(0), 1)]);
+        assert!(lock(&none).0.is_none(), "a budget of 0 keeps nothing");
         assert_eq!(off.used(), 0);
     }
 }

@@ -429,6 +429,27 @@ impl Collector for ShardCollector {
             Vec::new(),
             i64::try_from(leads).unwrap_or(i64::MAX),
         );
+        let log_cache = self.cluster.groups().log_cache();
+        for (name, help, value) in [
+            (
+                "courier_node_log_cache_bytes",
+                "Encoded bytes of recent log entries all shards of this node keep in memory for replication and apply",
+                log_cache.used(),
+            ),
+            (
+                "courier_node_log_cache_bytes_max",
+                "The budget of courier_node_log_cache_bytes (raft.log-cache-bytes-max): past it the shards that appended least recently give up their oldest entries",
+                log_cache.max(),
+            ),
+        ] {
+            put(
+                name,
+                help,
+                false,
+                Vec::new(),
+                i64::try_from(value).unwrap_or(i64::MAX),
+            );
+        }
         if let Some(counters) = &status.counters {
             for (name, help, value) in [
                 (

@@ -387,6 +387,19 @@ async fn three_nodes_elect_commit_and_converge() {
             text.contains(&format!("courier_node_shard_leaders{{}} {leads}")),
             "the node leads {leads}: {text}"
         );
+        // The messages just sent are still in the log cache, within its default budget.
+        let value = |name: &str| {
+            text.lines()
+                .find_map(|line| line.strip_prefix(&format!("{name}{{}} ")))
+                .and_then(|value| value.parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("{name} in {text}"))
+        };
+        let (cached, max) = (
+            value("courier_node_log_cache_bytes"),
+            value("courier_node_log_cache_bytes_max"),
+        );
+        assert_eq!(max, 256 << 20, "raft.log-cache-bytes-max's default");
+        assert!(cached > 0 && cached <= max, "{cached} of {max}");
     }
     {
         tracing::info!("every message was stored exactly once: 60 per shard on every replica");
