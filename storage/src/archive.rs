@@ -156,10 +156,14 @@ pub trait SegmentStore: Send + Sync {
 
 /// The archive and the live log of one shard as one log: entries below the live log's first
 /// come from segments, one segment held in memory at a time.
+///
+/// The segments are listed when it is made, and again when an entry is in neither the live log
+/// nor the segments listed: a replay of a busy shard takes long enough for the archiver to write
+/// new segments and purge the live log past where the first listing ended.
 pub struct ArchivedLog<'a> {
     live: LogStore,
     archive: &'a dyn SegmentStore,
-    segments: Vec<(LogIndex, LogIndex)>,
+    segments: RefCell<Vec<(LogIndex, LogIndex)>>,
     held: RefCell<Option<(LogIndex, Vec<LogRecord>)>>,
 }
 
@@ -167,7 +171,7 @@ impl std::fmt::Debug for ArchivedLog<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ArchivedLog")
             .field("shard", &self.live.shard())
-            .field("segments", &self.segments.len())
+            .field("segments", &self.segments.borrow().len())
             .finish_non_exhaustive()
     }
 }
@@ -182,16 +186,28 @@ impl<'a> ArchivedLog<'a> {
         Ok(Self {
             live,
             archive,
-            segments,
+            segments: RefCell::new(segments),
             held: RefCell::new(None),
         })
     }
 
-    /// The segment holding `index`.
-    fn segment_of(&self, index: LogIndex) -> Option<(LogIndex, LogIndex)> {
-        let at = self.segments.partition_point(|(first, _)| *first <= index);
-        let (first, last) = *self.segments.get(at.checked_sub(1)?)?;
-        (index <= last).then_some((first, last))
+    /// The segment holding `index`, listing the archive again when none listed so far does.
+    ///
+    /// # Errors
+    /// Listing the archive failed, or no segment holds `index`.
+    fn segment_of(&self, index: LogIndex) -> Result<(LogIndex, LogIndex)> {
+        let find = |segments: &[(LogIndex, LogIndex)]| {
+            let at = segments.partition_point(|(first, _)| *first <= index);
+            let (first, last) = *segments.get(at.checked_sub(1)?)?;
+            (index <= last).then_some((first, last))
+        };
+        if let Some(segment) = find(&self.segments.borrow()) {
+            return Ok(segment);
+        }
+        let listed = self.archive.segments(self.shard())?;
+        let found = find(&listed);
+        *self.segments.borrow_mut() = listed;
+        found.ok_or_else(|| self.missing(index))
     }
 
     fn missing(&self, index: LogIndex) -> StorageError {
@@ -221,7 +237,7 @@ impl LogSource for ArchivedLog<'_> {
                 return Ok(records);
             }
         }
-        let (first, last) = self.segment_of(from).ok_or_else(|| self.missing(from))?;
+        let (first, last) = self.segment_of(from)?;
         let mut held = self.held.borrow_mut();
         if held.as_ref().is_none_or(|(at, _)| *at != first) {
             let records = self.archive.read_segment(self.shard(), first, last)?;
@@ -236,27 +252,30 @@ impl LogSource for ArchivedLog<'_> {
     fn require_full(&self) -> Result<()> {
         let live_first = self.live.first_index()?;
         let mut next = LogIndex::new(1);
-        for (first, last) in &self.segments {
+        let mut hole = false;
+        for (first, last) in self.segments.borrow().iter() {
             if live_first.is_some_and(|live| live <= next) {
                 return Ok(());
             }
             if *first > next {
+                hole = true;
                 break;
             }
             next = next.max(last.next());
         }
         match live_first {
             Some(live) if live <= next => Ok(()),
-            None => Ok(()),
-            Some(_) => Err(self.missing(next)),
+            // No live log: the segments alone, from index 1 without a hole.
+            None if !hole => Ok(()),
+            _ => Err(self.missing(next)),
         }
     }
 
     fn bounds(&self) -> Result<Option<(LogIndex, LogIndex)>> {
-        let archived = self
-            .segments
+        let segments = self.segments.borrow();
+        let archived = segments
             .first()
-            .zip(self.segments.last())
+            .zip(segments.last())
             .map(|((first, _), (_, last))| (*first, *last));
         Ok(match (archived, self.live.bounds()?) {
             (None, live) => live,
@@ -346,13 +365,19 @@ mod tests {
 
     const SHARD: ShardId = ShardId::new(2);
 
-    /// Segments held in memory.
-    struct MemSegments(Vec<Vec<LogRecord>>);
+    /// Segments held in memory (more may be written while a log reads them).
+    struct MemSegments(std::sync::Mutex<Vec<Vec<LogRecord>>>);
+
+    fn segments(held: Vec<Vec<LogRecord>>) -> MemSegments {
+        MemSegments(std::sync::Mutex::new(held))
+    }
 
     impl SegmentStore for MemSegments {
         fn segments(&self, _: ShardId) -> Result<Vec<(LogIndex, LogIndex)>> {
             Ok(self
                 .0
+                .lock()
+                .expect("not poisoned")
                 .iter()
                 .filter_map(|s| Some((s.first()?.index, s.last()?.index)))
                 .collect())
@@ -360,6 +385,8 @@ mod tests {
 
         fn read_segment(&self, _: ShardId, first: LogIndex, _: LogIndex) -> Result<Vec<LogRecord>> {
             self.0
+                .lock()
+                .expect("not poisoned")
                 .iter()
                 .find(|s| s.first().map(|r| r.index) == Some(first))
                 .cloned()
@@ -411,16 +438,74 @@ mod tests {
             Err(StorageError::MissingEntry { index, .. }) if index == LogIndex::new(11)
         ));
 
-        let archive = MemSegments(vec![records(1, 10), records(11, 20)]);
+        let archive = segments(vec![records(1, 10), records(11, 20)]);
         let log = ArchivedLog::new(live.clone(), &archive).expect("archived log");
         let all: Vec<u64> = (1..=30).collect();
         assert_eq!(indexes(&log, 30).expect("whole log"), all);
 
-        let without = MemSegments(vec![records(1, 10)]);
+        let without = segments(vec![records(1, 10)]);
         let log = ArchivedLog::new(live, &without).expect("archived log");
         assert!(matches!(
             indexes(&log, 30),
             Err(StorageError::MissingEntry { index, .. }) if index == LogIndex::new(11)
         ));
+    }
+
+    /// A replay of a busy shard outlasts the archive listing it started with: the archiver
+    /// writes new segments and purges the live log past them meanwhile. The read lists the
+    /// archive again instead of calling the purged entries missing.
+    #[test]
+    fn segments_written_during_a_read_are_found() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Arc::new(Db::open(dir.path(), OpenMode::ReadWrite).expect("opens"));
+        let live = LogStore::new(db, SHARD);
+        live.append(&records(11, 30)).expect("append");
+        let archive = segments(vec![records(1, 10)]);
+        let log = ArchivedLog::new(live.clone(), &archive).expect("archived log");
+        assert_eq!(
+            log.read_range(LogIndex::new(1), LogIndex::new(3))
+                .expect("read")
+                .len(),
+            2
+        );
+
+        archive
+            .0
+            .lock()
+            .expect("not poisoned")
+            .push(records(11, 20));
+        live.delete_between(LogIndex::new(11), LogIndex::new(21))
+            .expect("purge");
+        let got = log
+            .read_range(LogIndex::new(11), LogIndex::new(21))
+            .expect("listed again");
+        let got: Vec<u64> = got.iter().map(|record| record.index.get()).collect();
+        assert_eq!(got, (11..=20).collect::<Vec<_>>());
+        assert!(matches!(
+            log.read_range(LogIndex::new(31), LogIndex::new(32)),
+            Err(StorageError::MissingEntry { index, .. }) if index == LogIndex::new(31)
+        ));
+    }
+
+    /// With no live log, the log is whole only when the segments run from index 1 without a hole.
+    #[test]
+    fn without_a_live_log_the_segments_alone_must_be_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Arc::new(Db::open(dir.path(), OpenMode::ReadWrite).expect("opens"));
+        let live = LogStore::new(db, SHARD);
+        let whole = segments(vec![records(1, 10), records(11, 20)]);
+        let log = ArchivedLog::new(live.clone(), &whole).expect("archived log");
+        log.require_full().expect("1..=20 from the archive");
+        for (held, missing) in [
+            (vec![records(11, 20)], 1),
+            (vec![records(1, 10), records(21, 30)], 11),
+        ] {
+            let holes = segments(held);
+            let log = ArchivedLog::new(live.clone(), &holes).expect("archived log");
+            assert!(matches!(
+                log.require_full(),
+                Err(StorageError::MissingEntry { index, .. }) if index == LogIndex::new(missing)
+            ));
+        }
     }
 }
