@@ -125,7 +125,8 @@ impl ClientApi {
         })
     }
 
-    /// The token hash of `caller` if it is the user's active primary device, and the user's
+    /// The token hash of `caller` if it is the user's active primary device (with the token it
+    /// authenticated with: not a device of a new registration of the number), and the user's
     /// number hash.
     async fn primary_token(
         &self,
@@ -136,7 +137,7 @@ impl ClientApi {
             .read(shard, |view| {
                 let primary_token = devices::devices_of(view, caller.user)?
                     .into_iter()
-                    .find(|(id, d)| *id == caller.device.get() && d.primary && !d.revoked)
+                    .find(|(id, d)| *id == caller.device.get() && d.primary && caller.holds(d))
                     .map(|(_, d)| d.token_hash);
                 Ok((primary_token, devices::phone_of(view, caller.user)?))
             })

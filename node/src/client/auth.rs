@@ -25,11 +25,27 @@ pub struct Caller {
     pub user: UserId,
     /// The device.
     pub device: DeviceId,
+    /// The SHA-256 of the token it authenticated with: a device record with the same ids but
+    /// another token (the number deleted and registered again, whose device ids start over) is
+    /// not this device.
+    pub token_hash: [u8; 32],
+}
+
+impl Caller {
+    /// Whether `record` is this caller's device and still active: not revoked, and holding the
+    /// token the caller authenticated with.
+    pub fn holds(&self, record: &courier_proto::pb::store::DeviceRecord) -> bool {
+        !record.revoked && constant_time_eq(&record.token_hash, &self.token_hash)
+    }
 }
 
 /// SHA-256 of a device token.
 pub fn token_hash(token: &[u8]) -> Vec<u8> {
     Sha256::digest(token).to_vec()
+}
+
+fn token_hash_of(token: &[u8]) -> [u8; 32] {
+    Sha256::digest(token).into()
 }
 
 pub use courier_proto::hex;
@@ -162,7 +178,12 @@ impl ClientApi {
         let token = unhex(token)
             .filter(|t| t.len() == courier_proto::limits::DEVICE_TOKEN_BYTES)
             .ok_or_else(|| unauthenticated("malformed credential"))?;
-        let hash = token_hash(&token);
+        let hash = token_hash_of(&token);
+        let caller = Caller {
+            user,
+            device,
+            token_hash: hash,
+        };
         // Read before the replica, so a device change applied after it voids what we remember.
         let epoch = self.cluster.groups().watch().devices_epoch();
         let shard = self.shard_of(user)?;
@@ -170,7 +191,7 @@ impl ClientApi {
         // of a shard held elsewhere would never void a remembered token here, so none is kept.
         let cacheable = self.cluster.holds(shard);
         if cacheable && self.device_cache.token_known(user, device, &hash, epoch) {
-            return Ok(Caller { user, device });
+            return Ok(caller);
         }
         let record = self
             .read(shard, |view| {
@@ -181,14 +202,15 @@ impl ClientApi {
                     .map(|(_, record)| record))
             })
             .await?;
-        let valid = record.is_some_and(|r| !r.revoked && constant_time_eq(&r.token_hash, &hash));
+        let valid = record.is_some_and(|r| caller.holds(&r));
         if !valid {
             return Err(unauthenticated("unknown, revoked or wrong device token"));
         }
         if cacheable {
-            self.device_cache.remember_token(user, device, hash, epoch);
+            self.device_cache
+                .remember_token(user, device, hash.to_vec(), epoch);
         }
-        Ok(Caller { user, device })
+        Ok(caller)
     }
 }
 

@@ -872,7 +872,9 @@ impl ClientApi {
     }
 }
 
-/// Whether `caller`'s device is registered and not revoked, as `view`'s replica holds it.
+/// Whether `caller`'s device is registered, not revoked and still holds the token it
+/// authenticated with, as `view`'s replica holds it (after the number was deleted and registered
+/// again, a new device may have the same ids).
 fn active(
     view: &courier_storage::projection::View<'_, '_>,
     caller: Caller,
@@ -880,7 +882,7 @@ fn active(
     Ok(
         courier_storage::projection::devices::devices_of(view, caller.user)?
             .into_iter()
-            .any(|(id, record)| id == caller.device.get() && !record.revoked),
+            .any(|(id, record)| id == caller.device.get() && caller.holds(&record)),
     )
 }
 

@@ -54,11 +54,21 @@ const UNLIMITED_SENDS: &str =
     "[limits]\nsends-per-second-per-device = 10000\nsend-burst-per-device = 10000\n";
 
 async fn send(addr: &str, from: &Device, to: u64, text: &str) -> Result<(), tonic::Status> {
+    send_as(addr, from, to, (text, text)).await
+}
+
+/// A send of `text` with client id `id`.
+async fn send_as(
+    addr: &str,
+    from: &Device,
+    to: u64,
+    (id, text): (&str, &str),
+) -> Result<(), tonic::Status> {
     MessagingClient::new(channel(addr).await)
         .send(authed(
             from,
             SendRequest {
-                client_msg_id: text.to_owned(),
+                client_msg_id: id.to_owned(),
                 to_user: to,
                 content: body(text),
             },
@@ -643,5 +653,85 @@ async fn a_number_registered_again_may_reuse_its_group_client_ids() {
     assert!(
         !duplicate && second != first,
         "the new registration's send is stored, not answered as the old one"
+    );
+}
+
+/// A device stream open across its account's deletion and a new registration of the number is
+/// not a device of the new account, though the new account's devices get the same ids again:
+/// once its pusher runs again it ends with `UNAUTHENTICATED` `COURIER:Auth:Revoked` and pushes
+/// nothing of the new account. The old stream is not read while the account changes hands, so
+/// its pusher waits with a full buffer (one frame, and more than the transport's window of
+/// messages sent before) and sees the change only afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_open_across_a_new_registration_is_not_the_new_accounts_device() {
+    let c = cluster_appending(&format!("{UNLIMITED_SENDS}stream-buffer-frames = 1\n")).await;
+    let addr = |i: usize| c.nodes[i].client_addr.to_string();
+    let (alice_phone, bob_phone) = phones_on_different_shards();
+    let alice = register(&addr(0), &c.dirs[0], &alice_phone).await;
+    let bob = register(&addr(1), &c.dirs[1], &bob_phone).await;
+    let tablet = link_tablet(&addr(2), &alice).await;
+    c.wait_converged().await;
+    let mut old = open_stream(&addr(2), &tablet, 0).await;
+    let large = "x".repeat(60_000);
+    let old_messages = 48;
+    for i in 0..old_messages {
+        send_as(&addr(1), &bob, alice.user, (&format!("old {i}"), &large))
+            .await
+            .expect("send");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    tracing::info!("the account is deleted and the number registered again, with a tablet");
+    delete(&addr(0), &alice, &alice_phone)
+        .await
+        .expect("delete");
+    c.wait_converged().await;
+    let again = register(&addr(1), &c.dirs[1], &alice_phone).await;
+    let new_tablet = link_tablet(&addr(2), &again).await;
+    assert_eq!(
+        (again.user, new_tablet.device),
+        (tablet.user, tablet.device),
+        "the new tablet has the old one's ids"
+    );
+    c.wait_converged().await;
+    eventually("bob can write to the number again", async || {
+        send(&addr(1), &bob, alice.user, "for the new account")
+            .await
+            .is_ok()
+    })
+    .await;
+    for i in 0..old_messages {
+        let id = format!("new {i}");
+        send_as(&addr(1), &bob, alice.user, (&id, "for the new account"))
+            .await
+            .expect("send");
+    }
+
+    tracing::info!("the old tablet's stream is read again: it ends, revoked");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let ended = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, old.frames.message()).await {
+            Ok(Ok(Some(frame))) => {
+                let new = bodies(&[frame])
+                    .into_iter()
+                    .any(|(_, body)| body == "for the new account");
+                assert!(!new, "the old tablet got a message of the new account");
+            }
+            Ok(Ok(None)) => panic!("the stream ended without a status"),
+            Ok(Err(status)) => break status,
+            Err(_) => panic!("the old tablet's stream is still open"),
+        }
+    };
+    code_is(&ended, tonic::Code::Unauthenticated, "COURIER:Auth:Revoked");
+    let mut fresh = open_stream(&addr(2), &new_tablet, 0).await;
+    let frames = collect(&mut fresh, Duration::from_secs(10), |f| {
+        bodies(f).len() > old_messages
+    })
+    .await;
+    assert_eq!(
+        bodies(&frames).len(),
+        old_messages + 1,
+        "the new tablet gets all of the new account's messages"
     );
 }
