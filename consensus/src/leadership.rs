@@ -10,6 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use courier_proto::PhoneKey;
+use openraft::ChangeMembers;
+use openraft::error::{ChangeMembershipError, ClientWriteError};
 
 use crate::groups::GroupHandle;
 use crate::placement::Placement;
@@ -99,6 +101,9 @@ pub struct RaftCallError {
     pub message: String,
     /// The leader the call should go to instead, when openraft knows it.
     pub leader: Option<NodeId>,
+    /// A membership change refused because another one has not committed yet: the same change
+    /// made again after it succeeds.
+    pub busy: bool,
 }
 
 impl RaftCallError {
@@ -106,6 +111,24 @@ impl RaftCallError {
         Self {
             message: error.to_string(),
             leader: None,
+            busy: false,
+        }
+    }
+
+    /// A refused membership change (or learner added), telling whether another change was
+    /// under way.
+    fn of_change(
+        error: &openraft::error::RaftError<NodeId, ClientWriteError<NodeId, Node>>,
+    ) -> Self {
+        let busy = matches!(
+            error.api_error(),
+            Some(ClientWriteError::ChangeMembershipError(
+                ChangeMembershipError::InProgress(_)
+            ))
+        );
+        Self {
+            busy,
+            ..Self::from_display(error)
         }
     }
 }
@@ -385,19 +408,40 @@ impl GroupHandle {
             .add_learner(id, Node::new(addr), true)
             .await
             .map(|_| ())
-            .map_err(RaftCallError::from_display)
+            .map_err(|error| RaftCallError::of_change(&error))
     }
 
-    /// On the leader: makes `voters` the group's voters (members dropped from it leave).
+    /// On the leader: makes learner `id` a voter. The change names only `id`, so the leader
+    /// applies it to the membership as it is when the change runs: two changes at once (two
+    /// moves of one shard) never write each other out, as a whole new voter set read earlier
+    /// would.
     ///
     /// # Errors
     /// [`RaftCallError`] when this replica does not lead or the change fails.
-    pub async fn change_voters(&self, voters: BTreeSet<NodeId>) -> Result<(), RaftCallError> {
+    pub async fn add_voter(&self, id: NodeId) -> Result<(), RaftCallError> {
+        self.change_members(ChangeMembers::AddVoterIds(BTreeSet::from([id])))
+            .await
+    }
+
+    /// On the leader: voter `id` leaves the group (not kept as a learner). Like
+    /// [`GroupHandle::add_voter`], it changes only `id`.
+    ///
+    /// # Errors
+    /// [`RaftCallError`] when this replica does not lead or the change fails.
+    pub async fn remove_voter(&self, id: NodeId) -> Result<(), RaftCallError> {
+        self.change_members(ChangeMembers::RemoveVoters(BTreeSet::from([id])))
+            .await
+    }
+
+    async fn change_members(
+        &self,
+        change: ChangeMembers<NodeId, Node>,
+    ) -> Result<(), RaftCallError> {
         self.raft
-            .change_membership(voters, false)
+            .change_membership(change, false)
             .await
             .map(|_| ())
-            .map_err(RaftCallError::from_display)
+            .map_err(|error| RaftCallError::of_change(&error))
     }
 
     /// Makes this replica stand for election now.
@@ -426,6 +470,7 @@ impl GroupHandle {
             .map_err(|error| RaftCallError {
                 message: error.to_string(),
                 leader: error.forward_to_leader().and_then(|f| f.leader_id),
+                busy: false,
             })
     }
 }

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use courier_consensus::leadership::RaftCallError;
 use courier_consensus::types::{GroupId, NodeId};
 use courier_proto::ShardId;
 use courier_proto::pb::peer;
@@ -13,8 +14,12 @@ use crate::status::ApiError;
 
 /// How long one group's membership change may wait for a leader.
 const MEMBERSHIP_WAIT: Duration = Duration::from_secs(30);
-/// Voters every group keeps: a membership change never leaves fewer.
+/// Voters every group keeps, but a placed shard (which keeps the replicas the placement table
+/// gives it): a membership change never leaves fewer.
 pub const VOTERS_MIN: usize = 3;
+/// How long a removal waits for the leader's state to show it committed, before the next
+/// removal of the group may count the voters.
+const STATE_SHOWN_WAIT: Duration = Duration::from_secs(1);
 
 /// A membership change.
 #[derive(Debug, Clone)]
@@ -52,7 +57,8 @@ impl Cluster {
     /// places shards it leaves the metadata group, once it holds no replica (`node drain`).
     ///
     /// # Errors
-    /// `FAILED_PRECONDITION` when fewer than [`VOTERS_MIN`] voters would remain, or
+    /// `FAILED_PRECONDITION` `COURIER:Cluster:TooFewVoters` when fewer than [`VOTERS_MIN`]
+    /// voters (in a placed shard: its replication factor) would remain, or
     /// `COURIER:Cluster:HoldsReplicas` when the placement table still puts replicas on the node;
     /// `UNAVAILABLE` when a group has no leader in time.
     pub async fn remove_node(&self, request: peer::RemoveNodeRequest) -> Result<(), ApiError> {
@@ -107,54 +113,19 @@ impl Cluster {
             let handle = self.group(group).await?;
             let state = handle.state();
             if state.current_leader == Some(self.groups.node_id()) {
-                // The metadata group's changes take the format gate one at a time (a raise of
-                // the event format holds it too), and each reads the voters under it: a change
-                // that read them before another one committed would write that one back out.
-                let _gate = if group == GroupId::Metadata {
-                    Some(self.format_gate.clone().lock_owned().await)
-                } else {
-                    None
-                };
-                let mut voters = handle.state().voters;
-                match change {
-                    Change::Add(id, addr) => {
-                        if !voters.contains(id) {
-                            // A node of an older build would stop at the first entry of the
-                            // cluster's format.
-                            if group == GroupId::Metadata {
-                                self.admit_to_format(&handle, *id, addr).await?;
-                            }
-                            handle
-                                .add_learner(*id, addr.clone())
-                                .await
-                                .map_err(|e| unavailable(e.to_string(), None))?;
-                            voters.insert(*id);
-                            handle
-                                .change_voters(voters)
-                                .await
-                                .map_err(|e| unavailable(e.to_string(), None))?;
-                        }
+                match self.change_here(&handle, group, change).await? {
+                    Ok(()) => {
+                        info!(%group, ?change, "membership changed");
+                        return Ok(());
                     }
-                    Change::Remove(id) => {
-                        if voters.remove(id) {
-                            if voters.len() < VOTERS_MIN {
-                                return Err(ApiError::FailedPrecondition {
-                                    code: "COURIER:Cluster:TooFewVoters",
-                                    message: format!(
-                                        "removing node {id} from {group} would leave {} voters (minimum {VOTERS_MIN})",
-                                        voters.len()
-                                    ),
-                                });
-                            }
-                            handle
-                                .change_voters(voters)
-                                .await
-                                .map_err(|e| unavailable(e.to_string(), None))?;
-                        }
+                    // Another change of the group (another move of the shard) has not
+                    // committed yet: this one is made once it has.
+                    Err(error) if error.busy && tokio::time::Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
                     }
+                    Err(error) => return Err(unavailable(error.to_string(), None)),
                 }
-                info!(%group, ?change, "membership changed");
-                return Ok(());
             }
             let leader_addr = state.leader_addr();
             if let (Some(addr), false) = (leader_addr, scoped) {
@@ -182,6 +153,80 @@ impl Cluster {
                 ));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Makes `change` of `group` on this node, its leader. The outer error ends the change; the
+    /// inner one is raft's (`busy`: another change is under way).
+    async fn change_here(
+        &self,
+        handle: &courier_consensus::groups::GroupHandle,
+        group: GroupId,
+        change: &Change,
+    ) -> Result<Result<(), RaftCallError>, ApiError> {
+        // The metadata group's changes take the format gate one at a time (a raise of
+        // the event format holds it too). Every group's removals take the voters gate,
+        // so the count of voters a removal checks is not changed by another removal
+        // before it commits. Each change names only its own node (`add_voter`,
+        // `remove_voter`), so two at once never write each other out.
+        let _gate = if group == GroupId::Metadata {
+            Some(self.format_gate.clone().lock_owned().await)
+        } else {
+            None
+        };
+        match change {
+            Change::Add(id, addr) => {
+                if !handle.state().voters.contains(id) {
+                    // A node of an older build would stop at the first entry of the
+                    // cluster's format.
+                    if group == GroupId::Metadata {
+                        self.admit_to_format(handle, *id, addr).await?;
+                    }
+                    if let Err(error) = handle.add_learner(*id, addr.clone()).await {
+                        return Ok(Err(error));
+                    }
+                    if let Err(error) = handle.add_voter(*id).await {
+                        return Ok(Err(error));
+                    }
+                }
+            }
+            Change::Remove(id) => {
+                let _voters_gate = self.voters_gate.lock().await;
+                let mut voters = handle.state().voters;
+                if voters.remove(id) {
+                    let min = self.voters_min(group);
+                    if voters.len() < min {
+                        return Err(ApiError::FailedPrecondition {
+                            code: "COURIER:Cluster:TooFewVoters",
+                            message: format!(
+                                "removing node {id} from {group} would leave {} voters (minimum {min})",
+                                voters.len()
+                            ),
+                        });
+                    }
+                    if let Err(error) = handle.remove_voter(*id).await {
+                        return Ok(Err(error));
+                    }
+                    // The next removal counts the voters from this replica's state:
+                    // not before it shows this one.
+                    let shown = tokio::time::Instant::now() + STATE_SHOWN_WAIT;
+                    while handle.state().voters.contains(id) && tokio::time::Instant::now() < shown
+                    {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    /// The fewest voters a removal may leave in `group`: a placed shard keeps the replicas the
+    /// placement table gives it (a move adds its new replica before its old one leaves, so two
+    /// moves of one shard at once cannot both take one out); every other group [`VOTERS_MIN`].
+    fn voters_min(&self, group: GroupId) -> usize {
+        match (group, self.groups.placement()) {
+            (GroupId::Shard(shard), Some(placement)) => placement.replicas(shard).len(),
+            _ => VOTERS_MIN,
         }
     }
 

@@ -593,6 +593,68 @@ async fn five_processes_with_three_replicas_move_and_drain() {
     .await;
 }
 
+/// Five real `courier-node` processes with three replicas per shard: two moves of one shard
+/// run at once, each sent to the node its replica leaves, to the two nodes without one. Each
+/// membership change names only its own node, so neither writes the other's new voter out, and
+/// a removal counts the voters under the leader's gate: whatever each move answers, the shard's
+/// voters end equal to its replicas in the table, three of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_moves_of_one_shard_at_once_leave_its_voters_as_the_table_says() {
+    let cluster = crate::cluster::Processes::start_uninitialized(5, "");
+    let peers = cluster.peers.clone();
+    let mut request = init_request(&peers, PHONE_KEY.to_vec());
+    request.replication_factor = REPLICAS;
+    AdminClient::new(peer_channel(&peers[0]).await)
+        .init_cluster(request)
+        .await
+        .expect("init with three replicas per shard");
+    let all: BTreeSet<u64> = (1..=5).collect();
+    let placement = Placement::spread(&all, u16::try_from(SHARDS).expect("small"), 3);
+    wait_placed_converged(&peers, &placement, &all).await;
+    let shard = ShardId::new(0);
+    let replicas = placement.replicas(shard).to_vec();
+    let lacking: Vec<u64> = all
+        .iter()
+        .copied()
+        .filter(|node| !placement.holds(*node, shard))
+        .collect();
+    let moves: Vec<(u64, u64)> = replicas.iter().copied().zip(lacking).collect();
+    assert_eq!(moves.len(), 2, "{replicas:?}");
+    let runs = moves.iter().map(|(from, to)| {
+        let addr = peers[usize::try_from(*from - 1).expect("small")].clone();
+        let (shard, from, to) = (shard.get().to_string(), from.to_string(), to.to_string());
+        async move {
+            let args = [
+                "shard", "move", "--addr", &addr, "--shard", &shard, "--from", &from, "--to", &to,
+            ];
+            ops(&args).await
+        }
+    });
+    let answers = futures_util::future::join_all(runs).await;
+    assert!(
+        answers.iter().any(|(code, ..)| *code == 0),
+        "at least one move is made: {answers:?}"
+    );
+
+    let started = Instant::now();
+    loop {
+        let table: BTreeSet<u64> = table_of(&peers[4]).await[&0].iter().copied().collect();
+        let seen = replicas_seen(&peers).await;
+        let voters: BTreeSet<u64> = seen
+            .get(&0)
+            .map(|reports| reports.keys().copied().collect())
+            .unwrap_or_default();
+        if voters == table && table.len() == 3 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "shard 0's voters {voters:?} are not its replicas in the table {table:?} ({answers:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Four real `courier-node` processes with three replicas per shard and the automatic leader
 /// rebalancer on. Node 1 is SIGKILLed, so the shard it led fails over; restarted, it leads
 /// nothing until its rebalancer, whose view of the shards it does not hold comes from their
