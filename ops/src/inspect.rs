@@ -45,6 +45,9 @@ pub(crate) fn user(
     let user = UserId::new(user).context("user ids start at 1")?;
     let shard: ShardId = shard_of(user, shards);
     let db = crate::offline::open(data_dir)?;
+    // A wrong `--shards`, or a user on a shard this node holds no replica of, would otherwise
+    // print an empty user.
+    crate::offline::require_held(&db, shard)?;
     let (live, state, _) = crate::offline::replay_to(
         &db,
         (archive, courier_storage::rebuild::ReplayFrom::Checkpoint),

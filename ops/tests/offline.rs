@@ -278,4 +278,18 @@ fn a_shard_or_range_that_is_not_there_is_a_usage_error() {
         "0",
     ]);
     assert_eq!(code, 2, "a shard count of 0 is refused, not a panic");
+    // With 4 shards every user is on shards 0..=3, none of which has a replica here (shard 4
+    // does): refused, not printed as an empty user.
+    let (code, out) = ops(&[
+        "inspect",
+        "user",
+        "--data-dir",
+        data_dir,
+        "--user",
+        "7",
+        "--shards",
+        "4",
+    ]);
+    assert_eq!(code, 2, "the user's shard has no replica here: {out}");
+    assert!(out.is_empty(), "printed a state: {out}");
 }
