@@ -117,6 +117,29 @@ fn storage_error(error: &StorageError) -> ApiError {
     }
 }
 
+/// Whether `error` shows the replica's own log corrupt: a committed entry that fails its
+/// checksum or cannot be decoded (not the archive, not the job's scratch store).
+fn corrupts_the_log(error: &StorageError) -> bool {
+    matches!(
+        error,
+        StorageError::Checksum { cf, .. } | StorageError::Decode { cf, .. }
+            if *cf == courier_storage::Cf::Log.name()
+    )
+}
+
+/// The answer to a job that failed with `error` on `shard`. A corrupt entry in the replica's own
+/// log stops the replica first, as raft's own reads would and as the archiver does: it never
+/// serves or votes past what it knows is corrupt (replace it: RUNBOOK, "The log archive").
+fn job_failed(shard: ShardId, handle: &GroupHandle, error: &StorageError) -> ApiError {
+    if corrupts_the_log(error) {
+        tracing::error!(%shard, %error, "a job found the replica's log corrupt; the replica stops");
+        if let Err(error) = tokio::runtime::Handle::current().block_on(handle.raft.shutdown()) {
+            warn!(%shard, %error, "raft group did not stop cleanly");
+        }
+    }
+    storage_error(error)
+}
+
 fn projections_named(name: &str) -> Result<Vec<Projection>, ApiError> {
     if name.is_empty() {
         return Ok(Projection::ALL.to_vec());
@@ -227,7 +250,7 @@ impl Jobs {
                         let _ = tx.try_send(Ok(progress_update(done, total, events)));
                     },
                 )
-                .map_err(|e| storage_error(&e))?;
+                .map_err(|e| job_failed(shard, &handle, &e))?;
             let mut response = verify_response(&verified);
             let ok = verified.comparisons.iter().all(|c| c.is_equal());
             let whole = projections.len() == Projection::ALL.len();
@@ -266,7 +289,7 @@ impl Jobs {
                 .rebuild_blocking((archive, from), projection, memory_max, &mut |done, events| {
                     let _ = tx.try_send(Ok(progress_update(done, total, events)));
                 })
-                .map_err(|e| storage_error(&e))?;
+                .map_err(|e| job_failed(shard, &handle, &e))?;
             info!(%shard, projection = projection.name(), applied = %outcome.applied, events = outcome.events, "projection rebuilt and swapped in");
             Ok(Update::Rebuilt(RebuildProjectionResponse {
                 applied_index: outcome.applied.get(),
@@ -314,7 +337,7 @@ impl Jobs {
                 .replay_at_blocking(segments, at, memory_max, &mut |done, events| {
                     let _ = tx.try_send(Ok(progress_update(done, at, events)));
                 })
-                .map_err(|e| storage_error(&e))?;
+                .map_err(|e| job_failed(shard, &handle, &e))?;
             info!(%shard, at = %rebuilt.state.applied, from = %from, events = rebuilt.events, "user inspected");
             Ok(Update::Inspected(InspectUserResponse {
                 shard: u32::from(shard.get()),
@@ -341,14 +364,14 @@ impl Jobs {
     /// Unknown shard; storage faults (a checksum mismatch names the index); a range neither the
     /// live log nor the archive holds.
     pub async fn read_log(&self, request: ReadLogRequest) -> Result<ReadLogResponse, ApiError> {
-        let (shard, _) = self.shard(request.shard)?;
+        let (shard, handle) = self.shard(request.shard)?;
         let db = self.groups.db().clone();
         let archive = self.archive.clone();
         // Segment reads and RocksDB scans block: off the async workers.
         tokio::task::spawn_blocking(move || {
             let archive = archive.as_deref().map(|a| a.store() as &dyn SegmentStore);
             read_log_blocking(LogStore::new(db, shard), archive, &request)
-                .map_err(|e| storage_error(&e))
+                .map_err(|e| job_failed(shard, &handle, &e))
         })
         .await
         .map_err(|e| ApiError::task_ended("log read", &e))?

@@ -683,3 +683,51 @@ async fn the_archive_can_live_in_an_s3_bucket() {
     assert_eq!(code, 2, "plain http refused unless allowed: {out}{err}");
     assert!(err.contains("allow-http"), "{err}");
 }
+
+/// A committed entry of the live log that fails its checksum, met by an operator's online job
+/// (`log dump --addr`), stops the replica, as raft's own reads and the archiver do: it answers
+/// the fault and no longer serves or votes over a log it knows is corrupt. (Three in-process
+/// nodes: the entry is corrupted under the running node, which has no reason to read it again.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_online_job_that_meets_a_corrupt_log_entry_stops_the_replica() {
+    let c = crate::messaging::cluster_appending("").await;
+    c.wait_converged().await;
+    let node = &c.nodes[2];
+    let shard = ShardId::new(1);
+    let db = node.groups().db().clone();
+    let key = keys::log_entry(shard, courier_proto::LogIndex::new(1));
+    let mut value = db.get(Cf::Log, &key).expect("get").expect("stored");
+    let last = value.len().saturating_sub(1);
+    value[last] ^= 0x01;
+    db.commit([(Cf::Log, key, Some(value))], true)
+        .expect("write");
+
+    let peer = node.peer_addr.to_string();
+    let (code, out, err) = ops(&[
+        "log", "dump", "--addr", &peer, "--shard", "1", "--from", "1", "--to", "1",
+    ]);
+    assert_ne!(code, 0, "the corrupt entry is not dumped: {out}");
+    assert!(err.contains("checksum"), "{err}");
+    let handle = node
+        .groups()
+        .get(courier_consensus::types::GroupId::Shard(shard))
+        .expect("the group is still listed");
+    let started = std::time::Instant::now();
+    while handle.state().role != courier_consensus::leadership::Role::Shutdown {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "node 3's replica of shard 1 still runs: {:?}",
+            handle.state().role
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let other = c.nodes[0]
+        .groups()
+        .get(courier_consensus::types::GroupId::Shard(ShardId::new(2)))
+        .expect("shard 2");
+    assert_ne!(
+        other.state().role,
+        courier_consensus::leadership::Role::Shutdown,
+        "only the corrupt replica stops"
+    );
+}
