@@ -518,7 +518,7 @@ pub(crate) async fn shard_move(addr: &str, shard: u32, from: u64, to: u64) -> an
     };
     if !response.deleted {
         println!(
-            "shard {shard} moved from node {from} to node {to}; node {from} did not answer, so its copy of the shard stays on its disk (wipe the node before it rejoins)"
+            "shard {shard} moved from node {from} to node {to}; node {from} did not answer, so its copy of the shard stays on its disk: once node {from} answers, run this move again to delete it there (do not wipe the node: it is still a voter of its other shards)"
         );
         return Ok(true);
     }

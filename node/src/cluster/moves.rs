@@ -19,7 +19,7 @@ use std::time::Duration;
 use courier_consensus::types::{GroupId, NodeId};
 use courier_proto::pb::peer;
 use courier_proto::{LogIndex, ShardId};
-use tracing::info;
+use tracing::{info, warn};
 
 use super::membership::Change;
 use super::{Cluster, internal, invalid, unavailable};
@@ -530,21 +530,32 @@ impl Cluster {
             let Some((first, last)) = only_here else {
                 return Ok(());
             };
+            let mut answers = Vec::new();
             for &voter in voters {
-                if voter != self.groups.node_id()
-                    && self.gives_back(shard, voter, (first, last)).await
-                {
-                    info!(%shard, voter, first = first.get(), last = last.get(), "entries kept by another voter");
-                    return Ok(());
+                if voter == self.groups.node_id() {
+                    continue;
+                }
+                match self.gives_back(shard, voter, (first, last)).await {
+                    Ok(true) => {
+                        info!(%shard, voter, first = first.get(), last = last.get(), "entries kept by another voter");
+                        return Ok(());
+                    }
+                    Ok(false) => answers.push(format!("node {voter}: does not hold them all")),
+                    Err(why) => answers.push(format!("node {voter}: {why}")),
                 }
             }
             if tokio::time::Instant::now() >= deadline {
+                let answers = if answers.is_empty() {
+                    "no other voter".to_owned()
+                } else {
+                    answers.join("; ")
+                };
                 return Err(ApiError::Unavailable {
                     code: "COURIER:Cluster:NotArchived",
                     message: format!(
                         "entries {first}..={last} of {shard} are on this node only (not in its \
-                         archive, not given back by voters {voters:?}): its replica stays until \
-                         they are; send the move again"
+                         archive, not given back by voters {voters:?}: {answers}): its replica \
+                         stays until they are; send the move again"
                     ),
                     retry_after_ms: 1000,
                     leader: None,
@@ -554,11 +565,16 @@ impl Cluster {
         }
     }
 
-    /// Whether `voter` gives back every committed entry of `shard` in `range`; `false` when it
-    /// does not answer.
-    async fn gives_back(&self, shard: ShardId, voter: NodeId, range: (LogIndex, LogIndex)) -> bool {
+    /// Whether `voter` gives back every committed entry of `shard` in `range`; why not, when
+    /// it cannot be asked or its answer is an error (named in the move's refusal).
+    async fn gives_back(
+        &self,
+        shard: ShardId,
+        voter: NodeId,
+        range: (LogIndex, LogIndex),
+    ) -> Result<bool, String> {
         let Some(mut client) = self.peer_forward(voter) else {
-            return false;
+            return Err("not a member with a peer address".to_owned());
         };
         let request = self.peers.request(peer::ReadShardRequest {
             shard: u32::from(shard.get()),
@@ -566,10 +582,13 @@ impl Cluster {
             log_from: range.0.get(),
             log_to: range.1.get(),
         });
-        client
-            .read_shard(request)
-            .await
-            .is_ok_and(|response| response.into_inner().log_held)
+        match client.read_shard(request).await {
+            Ok(response) => Ok(response.into_inner().log_held),
+            Err(status) => {
+                warn!(%shard, voter, code = ?status.code(), message = status.message(), "a voter did not answer whether it holds the entries");
+                Err(format!("{:?}: {}", status.code(), status.message()))
+            }
+        }
     }
 
     /// A client of `node`'s peer `Forward` service, at the address the metadata group has for
