@@ -49,6 +49,9 @@ pub struct ArchiveCounters {
     pub failures: AtomicU64,
     /// Ranges skipped because this replica never held them (installed by a snapshot).
     pub gaps: AtomicU64,
+    /// Damaged segments (failing their checksum, or not segments at all) written again from
+    /// this replica's log.
+    pub repairs: AtomicU64,
 }
 
 /// This node's archive: its store and what the archiver did.
@@ -116,16 +119,44 @@ impl Archive {
         )
     }
 
+    /// The end of the segments a replica whose log (from some index on) starts at `held` never
+    /// holds whole: those wholly below `held`, and `held`'s own unless `held` starts it; at most
+    /// the last whole segment at or below `applied`.
+    fn gap_below(&self, held: LogIndex, applied: LogIndex) -> LogIndex {
+        let n = self.segment_entries.max(1);
+        let own_end = self.segment_end(held).get();
+        let own_start = own_end.saturating_sub(n).saturating_add(1);
+        let gap_end = if held.get() == own_start {
+            own_start.saturating_sub(1)
+        } else {
+            own_end
+        };
+        LogIndex::new(gap_end.min(applied.get() / n * n))
+    }
+
     /// Writes `records` (one whole segment of `shard`) durably and verifies it read back. An
-    /// object already there must hold the same entries.
+    /// object already there must hold the same entries; one that is damaged (it fails its
+    /// checksum or is no segment: bit rot, a copy cut short) is written again from `records`,
+    /// which are the committed entries it held: left as it is, it would stop every replica's
+    /// archiving and purging of the shard for good.
     async fn put_segment(&self, shard: ShardId, records: &[LogRecord]) -> Result<(), StorageError> {
         let (Some(first), Some(last)) = (records.first(), records.last()) else {
             return Ok(());
         };
         let path = segment_path(shard, first.index, last.index);
         let bytes = segment::encode(shard, records);
-        if let Some(existing) = self.store.fetch(&path).await? {
-            let (_, stored) = segment::decode(shard, &existing)?;
+        let existing = match self.store.fetch(&path).await? {
+            Some(existing) => match segment::decode(shard, &existing) {
+                Ok((_, stored)) => Some(stored),
+                Err(error) => {
+                    warn!(%shard, %path, %error, "a damaged archive segment is written again from this replica's log");
+                    self.counters.repairs.fetch_add(1, Ordering::Relaxed);
+                    None
+                }
+            },
+            None => None,
+        };
+        if let Some(stored) = existing {
             if stored != records {
                 return Err(store_fault(
                     "compare",
@@ -202,15 +233,27 @@ impl Archive {
             let whole = u64::try_from(records.len()).ok()
                 == Some(end.get().saturating_sub(next.get()).saturating_add(1));
             if records.first().map(|r| r.index) != Some(next) || !whole {
-                // Not all of it is here: this replica got these entries by a snapshot.
+                // Not all of it is here: this replica got these entries by a snapshot. One gap
+                // reaches to the segment before the first entry held from `next` on (or the
+                // last segment at or below `applied`), not one segment per pass of the loop: a
+                // replica joining at index 10⁸ would otherwise write a mark and a warning for
+                // each of its millions of missing entries' segments.
+                let held = match records.first() {
+                    Some(record) => Some(record.index),
+                    None => log.first_index().map_err(Local)?,
+                };
+                let gap_end = match held {
+                    Some(held) if held > next => self.gap_below(held, applied).max(end),
+                    _ => end,
+                };
                 self.counters.gaps.fetch_add(1, Ordering::Relaxed);
                 warn!(
                     %shard,
                     from = next.get(),
-                    to = end.get(),
+                    to = gap_end.get(),
                     "archive gap: this replica never held these entries"
                 );
-                log.set_archived_up_to(end).map_err(Local)?;
+                log.set_archived_up_to(gap_end).map_err(Local)?;
                 continue;
             }
             self.put_segment(shard, &records)
@@ -588,6 +631,84 @@ mod tests {
             "purged up to raft's purge point, past the hole"
         );
     }
+    /// A replica that joined by a snapshot holds its log from index 95 on: the segments below
+    /// (1..=100, 95 being inside 91..=100) are one gap, marked at once, not ten passes of a mark
+    /// and a warning each; the whole segments from 101 on are archived.
+    #[tokio::test]
+    async fn a_log_that_starts_late_is_one_gap() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Arc::new(Db::open(&dir.path().join("db"), OpenMode::ReadWrite).expect("opens"));
+        let shard = ShardId::new(1);
+        let log = LogStore::new(db, shard);
+        log.append(&records(95, 135)).expect("append");
+        let archive = test_archive(dir.path());
+
+        archive
+            .archive_log(&log, LogIndex::new(135), None)
+            .await
+            .expect("archived");
+
+        assert_eq!(archive.counters().gaps.load(Ordering::Relaxed), 1);
+        assert_eq!(log.archived_up_to().expect("mark"), LogIndex::new(130));
+        let segments = archive
+            .store
+            .list(shard, segment::parse_file_name)
+            .await
+            .expect("list");
+        assert_eq!(segments, vec![at(101, 110), at(111, 120), at(121, 130)]);
+
+        let db2 = Arc::new(Db::open(&dir.path().join("db2"), OpenMode::ReadWrite).expect("opens"));
+        let starts_a_segment = LogStore::new(db2, shard);
+        starts_a_segment.append(&records(101, 112)).expect("append");
+        let other = test_archive(&dir.path().join("other"));
+        other
+            .archive_log(&starts_a_segment, LogIndex::new(112), None)
+            .await
+            .expect("archived");
+        assert_eq!(other.counters().gaps.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            starts_a_segment.archived_up_to().expect("mark"),
+            LogIndex::new(110),
+            "101..=110 is whole: archived, not a gap"
+        );
+    }
+
+    /// A segment object that is damaged (here: not a segment at all) is written again from the
+    /// replica's log, which holds the same committed entries, instead of failing every pass and
+    /// holding back archiving and purging for good.
+    #[tokio::test]
+    async fn a_damaged_segment_is_written_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Arc::new(Db::open(&dir.path().join("db"), OpenMode::ReadWrite).expect("opens"));
+        let shard = ShardId::new(1);
+        let log = LogStore::new(db, shard);
+        log.append(&records(1, 25)).expect("append");
+        let archive = test_archive(dir.path());
+        let path = segment_path(shard, LogIndex::new(1), LogIndex::new(10));
+        archive
+            .store
+            .put(&path, b"not a segment".to_vec())
+            .await
+            .expect("put");
+
+        archive
+            .archive_log(&log, LogIndex::new(25), Some(LogIndex::new(20)))
+            .await
+            .expect("repaired and archived");
+
+        assert_eq!(archive.counters().repairs.load(Ordering::Relaxed), 1);
+        let bytes = archive
+            .store
+            .fetch(&path)
+            .await
+            .expect("fetch")
+            .expect("there");
+        let (_, stored) = segment::decode(shard, &bytes).expect("a segment again");
+        assert_eq!(stored, records(1, 10));
+        assert_eq!(log.archived_up_to().expect("mark"), LogIndex::new(20));
+        assert_eq!(log.first_index().expect("first"), Some(LogIndex::new(21)));
+    }
+
     /// A committed entry that fails its checksum while the archiver reads it is a fault of the
     /// replica (which then stops), not a store failure to retry; nothing is archived past it and
     /// nothing is purged.

@@ -400,8 +400,13 @@ impl Collector for ShardCollector {
                 ),
                 (
                     "courier_archive_gaps",
-                    "Segments skipped because this replica never held their entries (installed by a snapshot)",
+                    "Runs of segments skipped because this replica never held their entries (installed by a snapshot)",
                     &counters.gaps,
+                ),
+                (
+                    "courier_archive_repairs",
+                    "Damaged archive segments (failing their checksum, or not segments) written again from this replica's log",
+                    &counters.repairs,
                 ),
             ] {
                 let value = value.load(Ordering::Relaxed);
