@@ -28,9 +28,11 @@ pub use types::{
 /// The newest event format this build writes and the highest it can read (docs/EVENTS.md,
 /// "Entries and format version"): 1, the first; 2, `DeliveryAcked.trim_max` and
 /// `DeviceRegistered.companions_max` take effect (in a format-1 entry they are ignored, as
-/// builds before them did). A leader writes the cluster's format (the metadata group's), which
-/// is raised only once every member reads it.
-pub const FORMAT_VERSION: u32 = 2;
+/// builds before them did); 3, `DeviceRegistered.approver_token_hash` and
+/// `DeviceRegistered.revokes_companions` take effect (ignored in entries of formats 1 and 2). A
+/// leader writes the cluster's format (the metadata group's), which is raised only once every
+/// member reads it.
+pub const FORMAT_VERSION: u32 = 3;
 
 /// Generated protobuf types, one module per proto package (nested as the packages are, so that
 /// cross-package references resolve), re-exported under short names.

@@ -212,15 +212,19 @@ impl ClientApi {
         }
     }
 
-    /// Registers a device of `user` (a primary with the number's hash `phone`, or a companion),
-    /// revoking `revoke` in the same log entry. With `attempt` (a primary registering with a
-    /// code), the code attempt leads the entry and every other event of it depends on the code
-    /// being used up there, so a wrong code changes nothing but the attempt count, and a right
-    /// one is never used without the registration.
+    /// Registers a device of `user` (a primary with the number's hash `phone`, or a companion
+    /// that the primary `approver` approved), revoking `revoke` in the same log entry. With
+    /// `attempt` (a primary registering with a code), the code attempt leads the entry and every
+    /// other event of it depends on the code being used up there, so a wrong code changes
+    /// nothing but the attempt count, and a right one is never used without the registration.
+    ///
+    /// From event format 3 on, a primary's registration revokes every device of the user at
+    /// apply (`revokes_companions`), and a companion's applies only while `approver` is still
+    /// the user's active primary (`approver_token_hash`): neither can race the other.
     async fn register_device(
         &self,
         user: UserId,
-        phone: Option<Vec<u8>>,
+        (phone, approver): (Option<Vec<u8>>, Option<Caller>),
         primary: bool,
         revoke: &[u32],
         attempt: Option<Event>,
@@ -265,6 +269,10 @@ impl ClientApi {
                 } else {
                     self.limits.companion_devices_max
                 },
+                approver_token_hash: approver
+                    .map(|approver| approver.token_hash.to_vec())
+                    .unwrap_or_default(),
+                revokes_companions: primary,
             })),
         });
         let outcomes = self.cluster.propose(self.shard_of(user)?, events).await?;
@@ -278,6 +286,16 @@ impl ClientApi {
             {
                 Err(ApiError::ResourceExhausted {
                     code: devices::TOO_MANY_COMPANIONS,
+                    message: message.clone(),
+                })
+            }
+            // A new registration of the number replaced the approving primary before the
+            // companion committed: the companion is not linked.
+            Some(EventOutcome::Rejected { code, message })
+                if *code == devices::APPROVER_REVOKED =>
+            {
+                Err(ApiError::Unauthenticated {
+                    code: "COURIER:Auth:Revoked",
                     message: message.clone(),
                 })
             }
@@ -317,8 +335,9 @@ impl ClientApi {
     /// `Register`: a new primary device for the number; the previous primary is revoked (by the
     /// devices projection) and so is every companion linked to it (revocations proposed in the
     /// same entry), so that a new owner of a number inherits no one's linked devices. A companion
-    /// linked while this registration is in flight is not in that list: the primary that linked
-    /// it can revoke it.
+    /// linked while this registration is in flight is not in that list; from event format 3 on
+    /// the registration revokes it at apply all the same (`revokes_companions`), and an approval
+    /// by the replaced primary that commits after it is refused (`approver_token_hash`).
     ///
     /// # Errors
     /// `INVALID_ARGUMENT` for malformed input, `UNAUTHENTICATED` for a wrong or expired code,
@@ -344,7 +363,7 @@ impl ClientApi {
             .filter(|device| !device.primary && !device.revoked)
             .map(|device| device.device_id)
             .collect();
-        self.register_device(user, Some(phone), true, &companions, Some(attempt))
+        self.register_device(user, (Some(phone), None), true, &companions, Some(attempt))
             .await
     }
 
@@ -370,7 +389,7 @@ impl ClientApi {
                 message: format!("a user links at most {max} companion devices"),
             });
         }
-        self.register_device(caller.user, None, false, &[], None)
+        self.register_device(caller.user, (None, Some(caller)), false, &[], None)
             .await
     }
 

@@ -1129,7 +1129,10 @@ async fn the_event_format_is_raised_only_when_every_member_reads_it() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    assert!(stdout.contains("event format 2"), "{stdout}");
+    assert!(
+        stdout.contains(&format!("event format {FORMAT_VERSION}")),
+        "{stdout}"
+    );
     for peer in &peers {
         let deadline = Instant::now() + Duration::from_secs(10);
         while status(peer).await.event_format != FORMAT_VERSION {

@@ -414,6 +414,8 @@ fn events_round_trip_through_prost() {
             at_ms: 6,
             redeemed_phone_hash: Vec::new(),
             companions_max: 0,
+            approver_token_hash: vec![4; 32],
+            revokes_companions: true,
         }),
         Kind::DeviceRevoked(events::DeviceRevoked {
             user: 1,

@@ -87,6 +87,36 @@ pub fn devices_of(view: &View<'_, '_>, user: UserId) -> Result<Vec<(u32, DeviceR
 /// The refusal of a companion's `DeviceRegistered` that would pass its `companions_max`.
 pub const TOO_MANY_COMPANIONS: &str = "COURIER:Registration:TooManyCompanions";
 
+/// The refusal of a companion's `DeviceRegistered` whose approving primary is no longer the
+/// user's active primary.
+pub const APPROVER_REVOKED: &str = "COURIER:Registration:ApproverRevoked";
+
+/// Whether `registered` may apply: `None`, or its refusal when it links a companion
+/// (`approver_token_hash` set: format 3) that a device other than the user's active primary
+/// approved (a primary that a new registration of the number replaced meanwhile).
+///
+/// # Errors
+/// A storage fault.
+pub fn approver_refusal(
+    view: &View<'_, '_>,
+    registered: &Registered<'_, events::DeviceRegistered>,
+) -> Result<Option<Applied>> {
+    let approver = &registered.event.approver_token_hash;
+    if registered.event.primary || approver.is_empty() {
+        return Ok(None);
+    }
+    let approved = devices_of(view, registered.user)?
+        .iter()
+        .any(|(_, record)| record.primary && !record.revoked && record.token_hash == *approver);
+    if approved {
+        return Ok(None);
+    }
+    Ok(Some(Applied::Rejected {
+        code: APPROVER_REVOKED,
+        message: "the device that approved this pairing is no longer the user's primary".to_owned(),
+    }))
+}
+
 /// Whether `registered` may apply: `None`, or its refusal when it links a companion to a user who
 /// already has `companions_max` linked, unrevoked companions.
 ///
@@ -157,9 +187,12 @@ pub fn apply(view: &mut View<'_, '_>, event: &Decoded<'_>) -> Result<()> {
                 "device ids are assigned in order"
             );
             if registered.primary {
-                // A new primary device revokes the previous primary (as WhatsApp does).
+                // A new primary device revokes the previous primary (as WhatsApp does), and with
+                // `revokes_companions` (format 3) every companion too, even one linked while
+                // this registration was in flight: a new owner inherits no linked device.
+                let all = registered.revokes_companions;
                 for (id, mut device) in devices_of(view, user)? {
-                    if device.primary && !device.revoked {
+                    if (device.primary || all) && !device.revoked {
                         device.revoked = true;
                         device.revoked_at_ms = registered.at_ms;
                         view.put(keys::device_record(shard, user, device_id(id)), &device)?;

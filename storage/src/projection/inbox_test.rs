@@ -392,6 +392,8 @@ fn registered(user: u64, device: u32, phone: u8) -> Vec<Kind> {
             at_ms: 1,
             redeemed_phone_hash: Vec::new(),
             companions_max: 0,
+            approver_token_hash: Vec::new(),
+            revokes_companions: false,
         }),
     ]
 }

@@ -172,25 +172,39 @@ fn forwarded_position(event: &Decoded<'_>) -> Option<(ShardId, u64)> {
     }
 }
 
-/// `event` with the meaning it has in an entry of event format `format`: in format 1, the fields
-/// format 2 added (`DeliveryAcked.trim_max`, `DeviceRegistered.companions_max`) are ignored, as
-/// the builds before them ignored them, so that replicas of both builds apply a format-1 entry
-/// alike (a newer build may have filled them in before the cluster's format was raised).
+/// `event` with the meaning it has in an entry of event format `format`: the fields a later
+/// format added are ignored, as the builds before them ignored them, so that replicas of both
+/// builds apply an older entry alike (a newer build may have filled them in before the
+/// cluster's format was raised). Format 2 added `DeliveryAcked.trim_max` and
+/// `DeviceRegistered.companions_max`; format 3 `DeviceRegistered.approver_token_hash` and
+/// `DeviceRegistered.revokes_companions`.
 pub fn as_written_in(format: u32, event: &Event) -> Cow<'_, Event> {
-    if format >= 2 {
+    if format >= 3 {
         return Cow::Borrowed(event);
     }
     match &event.kind {
-        Some(Kind::DeliveryAcked(acked)) if acked.trim_max != 0 => Cow::Owned(Event {
-            kind: Some(Kind::DeliveryAcked(events::DeliveryAcked {
-                trim_max: 0,
-                ..*acked
-            })),
-        }),
-        Some(Kind::DeviceRegistered(registered)) if registered.companions_max != 0 => {
+        Some(Kind::DeliveryAcked(acked)) if format < 2 && acked.trim_max != 0 => {
+            Cow::Owned(Event {
+                kind: Some(Kind::DeliveryAcked(events::DeliveryAcked {
+                    trim_max: 0,
+                    ..*acked
+                })),
+            })
+        }
+        Some(Kind::DeviceRegistered(registered))
+            if (format < 2 && registered.companions_max != 0)
+                || !registered.approver_token_hash.is_empty()
+                || registered.revokes_companions =>
+        {
             Cow::Owned(Event {
                 kind: Some(Kind::DeviceRegistered(events::DeviceRegistered {
-                    companions_max: 0,
+                    companions_max: if format < 2 {
+                        0
+                    } else {
+                        registered.companions_max
+                    },
+                    approver_token_hash: Vec::new(),
+                    revokes_companions: false,
                     ..registered.clone()
                 })),
             })
@@ -390,7 +404,12 @@ fn registration_refusal(
         }));
     }
     match event {
-        Decoded::DeviceRegistered(registered) => devices::companion_refusal(&view, registered),
+        Decoded::DeviceRegistered(registered) => {
+            if let Some(refused) = devices::approver_refusal(&view, registered)? {
+                return Ok(Some(refused));
+            }
+            devices::companion_refusal(&view, registered)
+        }
         _ => Ok(None),
     }
 }

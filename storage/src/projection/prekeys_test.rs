@@ -37,6 +37,8 @@ fn register(kv: &mut MemKv, state: &mut ShardState, primary: bool) {
         at_ms: 1,
         redeemed_phone_hash: Vec::new(),
         companions_max: 0,
+        approver_token_hash: Vec::new(),
+        revokes_companions: false,
     }));
     apply_one(kv, state, kinds);
 }

@@ -264,6 +264,8 @@ pub(super) fn device_of(user: u64, primary: bool) -> Kind {
         at_ms: 2,
         redeemed_phone_hash: Vec::new(),
         companions_max: 0,
+        approver_token_hash: Vec::new(),
+        revokes_companions: false,
     })
 }
 

@@ -66,6 +66,8 @@ fn device_registered(user: u64, primary: bool, redeemed: bool, companions_max: u
         at_ms: 1,
         redeemed_phone_hash: if redeemed { PHONE.to_vec() } else { Vec::new() },
         companions_max,
+        approver_token_hash: Vec::new(),
+        revokes_companions: false,
     })
 }
 
@@ -501,4 +503,105 @@ fn a_format_1_registration_ignores_companions_max() {
         "format 1 has no limit at apply: {:?}",
         outcomes[1]
     );
+}
+
+/// Format 3: a companion applies only while the primary that approved it (`approver_token_hash`)
+/// is the user's active primary, and a primary's registration with `revokes_companions` revokes
+/// every device of the user. So a primary replaced by a new registration of the number cannot
+/// link a companion to the new owner's account by racing that registration, whichever commits
+/// first. In a format-2 entry both fields are ignored, as the builds before them ignored them.
+#[test]
+fn a_new_owner_of_a_number_inherits_no_companion_in_either_order() {
+    use super::projection_test::apply_one_in;
+    use crate::projection::devices::APPROVER_REVOKED;
+
+    let user = 13_u64;
+    let primary = |token: u8| {
+        Kind::DeviceRegistered(events::DeviceRegistered {
+            user,
+            device: 0,
+            token_hash: vec![token; 32],
+            primary: true,
+            at_ms: 1,
+            redeemed_phone_hash: Vec::new(),
+            companions_max: 0,
+            approver_token_hash: Vec::new(),
+            revokes_companions: true,
+        })
+    };
+    let companion = |approver: u8| {
+        Kind::DeviceRegistered(events::DeviceRegistered {
+            user,
+            device: 0,
+            token_hash: vec![9; 32],
+            primary: false,
+            at_ms: 1,
+            redeemed_phone_hash: Vec::new(),
+            companions_max: 4,
+            approver_token_hash: vec![approver; 32],
+            revokes_companions: false,
+        })
+    };
+    let user_registered = Kind::UserRegistered(events::UserRegistered {
+        user,
+        phone_hash: PHONE.to_vec(),
+        at_ms: 1,
+        redeemed_phone_hash: Vec::new(),
+    });
+    let active = |kv: &MemKv| -> Vec<(u32, bool)> {
+        devices_of(kv, user)
+            .into_iter()
+            .filter(|(_, record)| !record.revoked)
+            .map(|(id, record)| (id, record.primary))
+            .collect()
+    };
+    let registered_as = |outcome: &Applied| match outcome {
+        Applied::DeviceRegistered { device, .. } => Some(*device),
+        _ => None,
+    };
+
+    let mut kv = MemKv::default();
+    let mut state = ShardState::empty(SHARD);
+    apply_one(
+        &mut kv,
+        &mut state,
+        vec![user_registered.clone(), primary(1)],
+    );
+    let outcomes = apply_one(&mut kv, &mut state, vec![companion(1)]);
+    assert_eq!(
+        registered_as(&outcomes[0]),
+        Some(2),
+        "its primary approved it"
+    );
+    tracing_phase("the companion commits first: the new owner's registration revokes it too");
+    apply_one(&mut kv, &mut state, vec![primary(2)]);
+    assert_eq!(active(&kv), vec![(3, true)]);
+    tracing_phase("the old primary's approval commits after it: refused, nothing changes");
+    let outcomes = apply_one(&mut kv, &mut state, vec![companion(1)]);
+    assert!(
+        matches!(&outcomes[0], Applied::Rejected { code, .. } if *code == APPROVER_REVOKED),
+        "{:?}",
+        outcomes[0]
+    );
+    assert_eq!(active(&kv), vec![(3, true)]);
+    let outcomes = apply_one(&mut kv, &mut state, vec![companion(2)]);
+    assert_eq!(
+        registered_as(&outcomes[0]),
+        Some(4),
+        "the new primary links one"
+    );
+
+    tracing_phase("in format-2 entries both fields are ignored");
+    let mut kv = MemKv::default();
+    let mut state = ShardState::empty(SHARD);
+    apply_one_in(2, &mut kv, &mut state, vec![user_registered, primary(1)]);
+    apply_one_in(2, &mut kv, &mut state, vec![companion(1)]);
+    apply_one_in(2, &mut kv, &mut state, vec![primary(2)]);
+    assert_eq!(
+        active(&kv),
+        vec![(2, false), (3, true)],
+        "only the primary revoked"
+    );
+    let outcomes = apply_one_in(2, &mut kv, &mut state, vec![companion(1)]);
+    assert_eq!(registered_as(&outcomes[0]), Some(4), "no approver check");
 }

@@ -284,6 +284,13 @@ impl Adversary {
                 at_ms: self.rng.below(100),
                 redeemed_phone_hash,
                 companions_max: u32::try_from(self.rng.below(3)).unwrap_or(0),
+                // The primaries' token (accepted), another one (refused), or none.
+                approver_token_hash: match self.rng.below(3) {
+                    0 => vec![7; 32],
+                    1 => vec![8; 32],
+                    _ => Vec::new(),
+                },
+                revokes_companions: self.rng.chance(50),
             }),
             _ if self.rng.chance(20) => Kind::AccountDeleted(events::AccountDeleted {
                 user: self.user(),

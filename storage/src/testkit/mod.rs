@@ -623,6 +623,8 @@ impl EventGen {
                 at_ms: self.now_ms,
                 redeemed_phone_hash: Vec::new(),
                 companions_max: 0,
+                approver_token_hash: Vec::new(),
+                revokes_companions: false,
             });
         }
         // The modelled users (who get messages) register first, so that their devices' acks
