@@ -312,15 +312,20 @@ impl LogCacheBudget {
             .filter(|group| !Arc::ptr_eq(group, appending))
             .collect();
         let target = self.max.saturating_sub(self.max / 16);
-        let mut idlest: Vec<(u64, std::sync::MutexGuard<'_, Recent>)> = others
+        // Each group's lock is held only to read when it appended, then only while it gives
+        // up entries: one at a time, so the others' reads are not held up meanwhile.
+        let mut idlest: Vec<(u64, &Arc<Mutex<Recent>>)> = others
             .iter()
-            .filter_map(|group| group.try_lock().ok())
-            .filter(|recent| !recent.entries.is_empty())
-            .map(|recent| (recent.appended, recent))
+            .filter_map(|group| {
+                let recent = group.try_lock().ok()?;
+                (!recent.entries.is_empty()).then_some((recent.appended, group))
+            })
             .collect();
         idlest.sort_by_key(|(appended, _)| *appended);
-        for (_, mut recent) in idlest {
-            while self.used() > target && recent.pop_oldest() {}
+        for (_, group) in idlest {
+            if let Ok(mut recent) = group.try_lock() {
+                while self.used() > target && recent.pop_oldest() {}
+            }
             if self.used() <= target {
                 return;
             }

@@ -118,12 +118,12 @@ fn storage_error(error: &StorageError) -> ApiError {
 }
 
 /// Whether `error` shows the replica's own log corrupt: a committed entry that fails its
-/// checksum or cannot be decoded (not the archive, not the job's scratch store).
+/// checksum. (A segment's own checksum, which a bit flipped inside it fails first, names the
+/// archive; a payload that does not decode behind a good checksum is a bug, not a disk fault.)
 fn corrupts_the_log(error: &StorageError) -> bool {
     matches!(
         error,
-        StorageError::Checksum { cf, .. } | StorageError::Decode { cf, .. }
-            if *cf == courier_storage::Cf::Log.name()
+        StorageError::Checksum { cf, .. } if *cf == courier_storage::Cf::Log.name()
     )
 }
 

@@ -191,7 +191,14 @@ impl Cluster {
                 }
             }
             Change::Remove(id) => {
-                let _voters_gate = self.voters_gate.lock().await;
+                let gate = self
+                    .voters_gates
+                    .lock()
+                    .expect("voters gates lock is never poisoned")
+                    .entry(group)
+                    .or_default()
+                    .clone();
+                let _voters_gate = gate.lock().await;
                 let mut voters = handle.state().voters;
                 if voters.remove(id) {
                     let min = self.voters_min(group);
@@ -204,8 +211,16 @@ impl Cluster {
                             ),
                         });
                     }
-                    if let Err(error) = handle.remove_voter(*id).await {
-                        return Ok(Err(error));
+                    // Bounded: a group that lost its quorum would hold its gate for good.
+                    match tokio::time::timeout(MEMBERSHIP_WAIT, handle.remove_voter(*id)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(error)) => return Ok(Err(error)),
+                        Err(_) => {
+                            return Err(unavailable(
+                                format!("removing node {id} from {group} did not commit in time"),
+                                None,
+                            ));
+                        }
                     }
                     // The next removal counts the voters from this replica's state:
                     // not before it shows this one.

@@ -82,9 +82,10 @@ pub struct Cluster {
     /// members and its write) and across adding a member (its check of the new node's build
     /// and the membership change), so neither slips past the other.
     format_gate: Arc<tokio::sync::Mutex<()>>,
-    /// Held by a group's leader while it checks and commits the removal of a voter
-    /// (`membership.rs`), so two removals at once cannot both pass the check.
-    voters_gate: Arc<tokio::sync::Mutex<()>>,
+    /// One per group, held by its leader while it checks and commits the removal of a voter
+    /// (`membership.rs`), so two removals of one group at once cannot both pass the check.
+    voters_gates:
+        Arc<std::sync::Mutex<std::collections::BTreeMap<GroupId, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
 fn unavailable(message: String, leader: Option<NodeId>) -> ApiError {
@@ -133,7 +134,7 @@ impl Cluster {
             elsewhere: Arc::default(),
             moves: Arc::default(),
             format_gate: Arc::default(),
-            voters_gate: Arc::default(),
+            voters_gates: Arc::default(),
         }
     }
 

@@ -474,7 +474,29 @@ impl Cluster {
         self.change_group(group, &Change::Remove(from), false)
             .await?;
         moving.step("recording");
-        self.record_move(shard, from, to).await
+        match self.record_move(shard, from, to).await {
+            Err(
+                refused @ ApiError::FailedPrecondition {
+                    code: "COURIER:Cluster:BadMove",
+                    ..
+                },
+            ) => {
+                // Another move of the shard away from `from` (run on another voter while
+                // `from` was down) removed it and recorded its own: this one's `to` joined a
+                // group the table does not place it in. It leaves again (not below the
+                // table's replicas), so the group stays as the table says.
+                if self
+                    .groups
+                    .placement()
+                    .is_some_and(|placement| !placement.holds(to, shard))
+                {
+                    warn!(%shard, from, to, "another move of the shard was recorded first: the new replica leaves again");
+                    self.change_group(group, &Change::Remove(to), false).await?;
+                }
+                Err(refused)
+            }
+            recorded => recorded,
+        }
     }
 
     /// Has `to` readmit its replica of `shard` if it dropped one when the shard moved away from
