@@ -534,23 +534,34 @@ async fn a_joined_node_is_filled_by_a_rebalance_and_a_drained_node_is_emptied() 
     }
 }
 
-/// Five real `courier-node` processes with three replicas per shard: `courier-ops` moves a
-/// replica of node 1 and drains node 2; the drained node still serves a device stream (from the
-/// replicas), and the user receives what was sent before, between and after, once and in order.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn five_processes_with_three_replicas_move_and_drain() {
-    let cluster = crate::cluster::Processes::start_uninitialized(5, "");
+/// `nodes` real `courier-node` processes (each with `extra_config`) initialized with three
+/// replicas per shard, once every shard's placed replicas agree; the members and the placement.
+async fn start_placed(
+    nodes: u64,
+    extra_config: &str,
+) -> (crate::cluster::Processes, BTreeSet<u64>, Placement) {
+    let cluster = crate::cluster::Processes::start_uninitialized(nodes, extra_config);
     let peers = cluster.peers.clone();
-    let clients: Vec<String> = cluster.addrs.iter().map(|a| a.client.clone()).collect();
     let mut request = init_request(&peers, PHONE_KEY.to_vec());
     request.replication_factor = REPLICAS;
     AdminClient::new(peer_channel(&peers[0]).await)
         .init_cluster(request)
         .await
         .expect("init with three replicas per shard");
-    let all: BTreeSet<u64> = (1..=5).collect();
+    let all: BTreeSet<u64> = (1..=nodes).collect();
     let placement = Placement::spread(&all, u16::try_from(SHARDS).expect("small"), 3);
     wait_placed_converged(&peers, &placement, &all).await;
+    (cluster, all, placement)
+}
+
+/// Five real `courier-node` processes with three replicas per shard: `courier-ops` moves a
+/// replica of node 1 and drains node 2; the drained node still serves a device stream (from the
+/// replicas), and the user receives what was sent before, between and after, once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_processes_with_three_replicas_move_and_drain() {
+    let (cluster, all, placement) = start_placed(5, "").await;
+    let peers = cluster.peers.clone();
+    let clients: Vec<String> = cluster.addrs.iter().map(|a| a.client.clone()).collect();
 
     let (alice_phone, bob_phone) = phones_on_different_shards();
     let data_dir = cluster.procs[0].data_dir.clone();
@@ -600,17 +611,8 @@ async fn five_processes_with_three_replicas_move_and_drain() {
 /// voters end equal to its replicas in the table, three of them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_moves_of_one_shard_at_once_leave_its_voters_as_the_table_says() {
-    let cluster = crate::cluster::Processes::start_uninitialized(5, "");
+    let (cluster, all, placement) = start_placed(5, "").await;
     let peers = cluster.peers.clone();
-    let mut request = init_request(&peers, PHONE_KEY.to_vec());
-    request.replication_factor = REPLICAS;
-    AdminClient::new(peer_channel(&peers[0]).await)
-        .init_cluster(request)
-        .await
-        .expect("init with three replicas per shard");
-    let all: BTreeSet<u64> = (1..=5).collect();
-    let placement = Placement::spread(&all, u16::try_from(SHARDS).expect("small"), 3);
-    wait_placed_converged(&peers, &placement, &all).await;
     let shard = ShardId::new(0);
     let replicas = placement.replicas(shard).to_vec();
     let lacking: Vec<u64> = all
@@ -661,20 +663,9 @@ async fn two_moves_of_one_shard_at_once_leave_its_voters_as_the_table_says() {
 /// replicas, takes its share back: leaders end within one of each other on every node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn placed_leaders_are_rebalanced_after_a_failover() {
-    let mut cluster = crate::cluster::Processes::start_uninitialized(
-        NODES,
-        "[cluster]\nleader-rebalance-interval = \"2s\"",
-    );
+    let (mut cluster, all, _) =
+        start_placed(NODES, "[cluster]\nleader-rebalance-interval = \"2s\"").await;
     let peers = cluster.peers.clone();
-    let mut request = init_request(&peers, PHONE_KEY.to_vec());
-    request.replication_factor = REPLICAS;
-    AdminClient::new(peer_channel(&peers[0]).await)
-        .init_cluster(request)
-        .await
-        .expect("init with three replicas per shard");
-    let all: BTreeSet<u64> = (1..=NODES).collect();
-    let placement = Placement::spread(&all, u16::try_from(SHARDS).expect("small"), 3);
-    wait_placed_converged(&peers, &placement, &all).await;
     // Per shard, the leader its replicas agree on (shards they do not agree on are left out).
     let leaders = |seen: &BTreeMap<u32, BTreeMap<u64, (u64, u64, String)>>| -> BTreeMap<u32, u64> {
         seen.iter()
