@@ -240,7 +240,7 @@ pub const RECENT_BYTES_MAX: usize = 16 << 20;
 ///
 /// Past the budget, room is made where the entries are least likely to be read again: the
 /// groups that appended least recently give up their oldest entries first, the appending group
-/// its own last ([`LogCacheBudget::make_room`]). So idle groups do not keep the budget from the
+/// its own last (`LogCacheBudget::make_room`). So idle groups do not keep the budget from the
 /// busy ones until their next purge.
 #[derive(Debug)]
 pub struct LogCacheBudget {
