@@ -513,6 +513,14 @@ mod tests {
         .expect("archive")
     }
 
+    /// `shard`'s log in a new database at `path`, holding entries `first..=last`.
+    fn log_holding(path: &std::path::Path, shard: ShardId, (first, last): (u64, u64)) -> LogStore {
+        let db = Arc::new(Db::open(path, OpenMode::ReadWrite).expect("opens"));
+        let log = LogStore::new(db, shard);
+        log.append(&records(first, last)).expect("append");
+        log
+    }
+
     fn at(first: u64, last: u64) -> (LogIndex, LogIndex) {
         (LogIndex::new(first), LogIndex::new(last))
     }
@@ -596,10 +604,8 @@ mod tests {
     #[tokio::test]
     async fn a_hole_left_by_a_snapshot_is_a_gap_not_a_failure() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let db = Arc::new(Db::open(&dir.path().join("db"), OpenMode::ReadWrite).expect("opens"));
         let shard = ShardId::new(1);
-        let log = LogStore::new(db, shard);
-        log.append(&records(1, 40)).expect("append");
+        let log = log_holding(&dir.path().join("db"), shard, (1, 40));
         // Applied up to 12, then a snapshot at 17 installed: 13..=17 deleted.
         log.delete_between(LogIndex::new(13), LogIndex::new(18))
             .expect("delete");
@@ -637,10 +643,8 @@ mod tests {
     #[tokio::test]
     async fn a_log_that_starts_late_is_one_gap() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let db = Arc::new(Db::open(&dir.path().join("db"), OpenMode::ReadWrite).expect("opens"));
         let shard = ShardId::new(1);
-        let log = LogStore::new(db, shard);
-        log.append(&records(95, 135)).expect("append");
+        let log = log_holding(&dir.path().join("db"), shard, (95, 135));
         let archive = test_archive(dir.path());
 
         archive
@@ -657,9 +661,7 @@ mod tests {
             .expect("list");
         assert_eq!(segments, vec![at(101, 110), at(111, 120), at(121, 130)]);
 
-        let db2 = Arc::new(Db::open(&dir.path().join("db2"), OpenMode::ReadWrite).expect("opens"));
-        let starts_a_segment = LogStore::new(db2, shard);
-        starts_a_segment.append(&records(101, 112)).expect("append");
+        let starts_a_segment = log_holding(&dir.path().join("db2"), shard, (101, 112));
         let other = test_archive(&dir.path().join("other"));
         other
             .archive_log(&starts_a_segment, LogIndex::new(112), None)
@@ -679,10 +681,8 @@ mod tests {
     #[tokio::test]
     async fn a_damaged_segment_is_written_again() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let db = Arc::new(Db::open(&dir.path().join("db"), OpenMode::ReadWrite).expect("opens"));
         let shard = ShardId::new(1);
-        let log = LogStore::new(db, shard);
-        log.append(&records(1, 25)).expect("append");
+        let log = log_holding(&dir.path().join("db"), shard, (1, 25));
         let archive = test_archive(dir.path());
         let path = segment_path(shard, LogIndex::new(1), LogIndex::new(10));
         archive

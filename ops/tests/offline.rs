@@ -267,29 +267,23 @@ fn a_shard_or_range_that_is_not_there_is_a_usage_error() {
         assert_eq!(code, 2, "{range:?}: {out}");
         assert!(out.is_empty(), "{range:?} printed entries: {out}");
     }
-    let (code, _) = ops(&[
-        "inspect",
-        "user",
-        "--data-dir",
-        data_dir,
-        "--user",
-        "7",
-        "--shards",
-        "0",
-    ]);
+    let inspect_user_7 = |shards: &str| {
+        ops(&[
+            "inspect",
+            "user",
+            "--data-dir",
+            data_dir,
+            "--user",
+            "7",
+            "--shards",
+            shards,
+        ])
+    };
+    let (code, _) = inspect_user_7("0");
     assert_eq!(code, 2, "a shard count of 0 is refused, not a panic");
     // With 4 shards every user is on shards 0..=3, none of which has a replica here (shard 4
     // does): refused, not printed as an empty user.
-    let (code, out) = ops(&[
-        "inspect",
-        "user",
-        "--data-dir",
-        data_dir,
-        "--user",
-        "7",
-        "--shards",
-        "4",
-    ]);
+    let (code, out) = inspect_user_7("4");
     assert_eq!(code, 2, "the user's shard has no replica here: {out}");
     assert!(out.is_empty(), "printed a state: {out}");
 }

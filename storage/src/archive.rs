@@ -408,6 +408,14 @@ mod tests {
         }
     }
 
+    /// An empty log of `SHARD` in a new database in `dir`.
+    fn live_log(dir: &std::path::Path) -> LogStore {
+        LogStore::new(
+            Arc::new(Db::open(dir, OpenMode::ReadWrite).expect("opens")),
+            SHARD,
+        )
+    }
+
     fn indexes(log: &dyn LogSource, to: u64) -> Result<Vec<u64>> {
         let mut seen = Vec::new();
         for_each_entry(log, LogIndex::new(1), LogIndex::new(to), &mut |record| {
@@ -423,8 +431,7 @@ mod tests {
     #[test]
     fn a_hole_in_the_live_log_is_read_from_the_archive() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let db = Arc::new(Db::open(dir.path(), OpenMode::ReadWrite).expect("opens"));
-        let live = LogStore::new(db, SHARD);
+        let live = live_log(dir.path());
         live.append(&records(1, 30)).expect("append");
         live.delete_between(LogIndex::new(11), LogIndex::new(21))
             .expect("delete");
@@ -457,8 +464,7 @@ mod tests {
     #[test]
     fn segments_written_during_a_read_are_found() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let db = Arc::new(Db::open(dir.path(), OpenMode::ReadWrite).expect("opens"));
-        let live = LogStore::new(db, SHARD);
+        let live = live_log(dir.path());
         live.append(&records(11, 30)).expect("append");
         let archive = segments(vec![records(1, 10)]);
         let log = ArchivedLog::new(live.clone(), &archive).expect("archived log");
@@ -491,8 +497,7 @@ mod tests {
     #[test]
     fn without_a_live_log_the_segments_alone_must_be_whole() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let db = Arc::new(Db::open(dir.path(), OpenMode::ReadWrite).expect("opens"));
-        let live = LogStore::new(db, SHARD);
+        let live = live_log(dir.path());
         let whole = segments(vec![records(1, 10), records(11, 20)]);
         let log = ArchivedLog::new(live.clone(), &whole).expect("archived log");
         log.require_full().expect("1..=20 from the archive");

@@ -40,11 +40,7 @@ impl Caller {
 }
 
 /// SHA-256 of a device token.
-pub fn token_hash(token: &[u8]) -> Vec<u8> {
-    Sha256::digest(token).to_vec()
-}
-
-fn token_hash_of(token: &[u8]) -> [u8; 32] {
+pub fn token_hash(token: &[u8]) -> [u8; 32] {
     Sha256::digest(token).into()
 }
 
@@ -71,7 +67,7 @@ pub fn bearer(user: u64, device: u32, token: &[u8]) -> String {
 }
 
 /// A token's hash found valid, and the devices epoch read before the check.
-type KnownToken = (Vec<u8>, u64);
+type KnownToken = ([u8; 32], u64);
 
 /// Device tokens (as their hashes) and recipients found valid on this node's replicas, each with
 /// the devices epoch read before the check. Bounded: when full it starts over.
@@ -101,7 +97,7 @@ impl DeviceCache {
             .is_some_and(|(known, at)| *at == epoch && constant_time_eq(known, hash))
     }
 
-    fn remember_token(&self, user: UserId, device: DeviceId, hash: Vec<u8>, epoch: u64) {
+    fn remember_token(&self, user: UserId, device: DeviceId, hash: [u8; 32], epoch: u64) {
         insert_bounded(&self.tokens, self.max, (user, device), (hash, epoch));
     }
 
@@ -178,7 +174,7 @@ impl ClientApi {
         let token = unhex(token)
             .filter(|t| t.len() == courier_proto::limits::DEVICE_TOKEN_BYTES)
             .ok_or_else(|| unauthenticated("malformed credential"))?;
-        let hash = token_hash_of(&token);
+        let hash = token_hash(&token);
         let caller = Caller {
             user,
             device,
@@ -207,8 +203,7 @@ impl ClientApi {
             return Err(unauthenticated("unknown, revoked or wrong device token"));
         }
         if cacheable {
-            self.device_cache
-                .remember_token(user, device, hash.to_vec(), epoch);
+            self.device_cache.remember_token(user, device, hash, epoch);
         }
         Ok(caller)
     }
@@ -230,7 +225,7 @@ mod tests {
         let cache = DeviceCache::new(16);
         let (user, device) = ids(1, 1);
         let hash = token_hash(b"right");
-        cache.remember_token(user, device, hash.clone(), 7);
+        cache.remember_token(user, device, hash, 7);
         assert!(cache.token_known(user, device, &hash, 7));
         assert!(
             !cache.token_known(user, device, &token_hash(b"wrong"), 7),

@@ -260,7 +260,7 @@ impl ClientApi {
             kind: Some(Kind::DeviceRegistered(events::DeviceRegistered {
                 user: user.get(),
                 device: 0, // assigned at apply
-                token_hash: auth::token_hash(&token),
+                token_hash: auth::token_hash(&token).to_vec(),
                 primary,
                 at_ms: now_ms(),
                 redeemed_phone_hash: redeemed.clone(),

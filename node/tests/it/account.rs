@@ -102,6 +102,15 @@ fn bodies(frames: &[ServerFrame]) -> Vec<(u64, String)> {
         .collect()
 }
 
+/// Sends `text` from `from` to the number registered again as `to` until a send goes through
+/// (every replica the send touches has applied the new registration), within 10 s.
+async fn writable_again(addr: &str, from: &Device, to: u64, text: &str) {
+    eventually("the number can be written to again", async || {
+        send(addr, from, to, text).await.is_ok()
+    })
+    .await;
+}
+
 /// Retries `check` until it holds or 10 s pass (replicas apply at their own pace).
 async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
     let started = Instant::now();
@@ -234,12 +243,7 @@ async fn a_deleted_account_leaves_nothing_and_the_number_registers_again() {
     assert_eq!(again.user, alice.user, "user ids follow the number");
     assert_eq!(again.device, 1, "device ids start again");
     c.wait_converged().await;
-    eventually("bob can write to the number again", async || {
-        send(&addr(1), &bob, alice.user, "welcome back")
-            .await
-            .is_ok()
-    })
-    .await;
+    writable_again(&addr(1), &bob, alice.user, "welcome back").await;
     let mut stream = open_stream(&addr(2), &again, 0).await;
     let frames = collect(&mut stream, Duration::from_secs(10), |f| {
         !bodies(f).is_empty()
@@ -694,12 +698,7 @@ async fn a_stream_open_across_a_new_registration_is_not_the_new_accounts_device(
         "the new tablet has the old one's ids"
     );
     c.wait_converged().await;
-    eventually("bob can write to the number again", async || {
-        send(&addr(1), &bob, alice.user, "for the new account")
-            .await
-            .is_ok()
-    })
-    .await;
+    writable_again(&addr(1), &bob, alice.user, "for the new account").await;
     for i in 0..old_messages {
         let id = format!("new {i}");
         send_as(&addr(1), &bob, alice.user, (&id, "for the new account"))
